@@ -1,0 +1,480 @@
+//! `Stream` and `Listener`: TCP-like sockets whose bytes move over the
+//! transport chosen at negotiation (DESIGN 3.2). The kernel TCP socket is
+//! always real: it carries the handshake and the Hello, and afterwards is
+//! the liveness channel and the fallback.
+
+use crate::session::Session;
+use crate::transport::direct::Direct;
+use crate::transport::kernel::Kernel;
+use crate::transport::queued::Queued;
+use crate::transport::{Ctx, Transport};
+use socket2::{Domain, Socket, Type};
+use ssock_rings::codec::{
+    self, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL, HELLO_LEN,
+};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Environment variable: spin budget in microseconds for blocking calls.
+pub const SPIN_ENV: &str = "SSOCK_SPIN_US";
+
+/// How a connection should be set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// devd session; None: the process-wide one (found by path), if any.
+    pub session: Option<Arc<Session>>,
+    /// Which transport to ask for.
+    pub mode: ModePref,
+    /// Spin budget; None: `SSOCK_SPIN_US`, else devd's config.
+    pub spin: Option<Duration>,
+    /// How long an acceptor waits for a Hello announced by an intent, and
+    /// a connector for the HelloAck.
+    pub hello_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            session: None,
+            mode: ModePref::Auto,
+            spin: None,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Options {
+    /// Options using a given session.
+    pub fn with_session(session: Arc<Session>) -> Options {
+        Options {
+            session: Some(session),
+            ..Options::default()
+        }
+    }
+
+    fn session(&self) -> Option<Arc<Session>> {
+        if self.mode == ModePref::Kernel {
+            return None;
+        }
+        self.session.clone().or_else(Session::global)
+    }
+
+    fn spin(&self, s: Option<&Arc<Session>>) -> Duration {
+        if let Some(d) = self.spin {
+            return d;
+        }
+        if let Some(us) = std::env::var(SPIN_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            return Duration::from_micros(us);
+        }
+        s.map_or(ssock_rings::notify::DEFAULT_SPIN, |s| s.spin)
+    }
+}
+
+/// A connected stream.
+#[derive(Debug)]
+pub struct Stream {
+    // Field order is drop order: the transport closes (end-of-stream mark,
+    // release) before the kernel socket does.
+    transport: Box<dyn Transport>,
+    tcp: TcpStream,
+    fallback: Option<FallbackReason>,
+    nonblocking: bool,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    spin: Duration,
+    read_shut: bool,
+}
+
+fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
+    if let Some(s) = session {
+        let _ = s.request(&Request::Fallback { reason }, &[]);
+    }
+}
+
+fn attach(
+    session: &Arc<Session>,
+    resp: (Response, Vec<std::os::fd::OwnedFd>),
+) -> io::Result<Box<dyn Transport>> {
+    let (Response::Attached(a), fds) = resp else {
+        return Err(io::Error::other("devd answered Attach with something else"));
+    };
+    let s = Some(session.clone());
+    let t: Box<dyn Transport> = match a.mode {
+        Mode::Direct => Box::new(Direct::attach(&a, fds, s).map_err(io::Error::other)?),
+        Mode::Queued => Box::new(Queued::attach(&a, fds, s).map_err(io::Error::other)?),
+        Mode::Kernel => return Err(io::Error::other("devd attached a kernel-mode connection")),
+    };
+    Ok(t)
+}
+
+fn unspecified(dst: &SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// How negotiation ended for a connector.
+#[derive(Debug)]
+pub enum Outcome {
+    /// devd attached this end: the Attached reply and its fds.
+    Attached((Response, Vec<std::os::fd::OwnedFd>)),
+    /// Kernel TCP, with the reason when there is one.
+    Kernel(Option<FallbackReason>),
+}
+
+/// A connected kernel socket after negotiation, before a transport is built.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// The connected kernel socket (the Hello exchange is done).
+    pub tcp: TcpStream,
+    /// The session used, if any.
+    pub session: Option<Arc<Session>>,
+    /// What was agreed.
+    pub outcome: Outcome,
+}
+
+/// Connector side of DESIGN 3.2: bind, announce the intent to devd,
+/// connect, Hello/HelloAck, attach. Tools and tests that drive the rings
+/// themselves call this; applications call [`Stream::connect_with`].
+pub fn negotiate_connect(dst: SocketAddr, opts: &Options) -> io::Result<Negotiated> {
+    let session = opts.session();
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    let plain = |sock: Socket, session, reason: Option<FallbackReason>| -> io::Result<Negotiated> {
+        sock.connect(&dst.into())?;
+        Ok(Negotiated {
+            tcp: sock.into(),
+            session,
+            outcome: Outcome::Kernel(reason),
+        })
+    };
+    let Some(session) = session else {
+        let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
+        return plain(sock, None, reason);
+    };
+    // Bind first so devd can key the intent by our port before the
+    // acceptor can possibly see the connection.
+    sock.bind(&unspecified(&dst).into())?;
+    let token = match session.request(
+        &Request::Intent {
+            dst,
+            pref: opts.mode,
+        },
+        &[sock.as_fd()],
+    ) {
+        Ok((Response::Proceed { token }, _)) => token,
+        Ok((Response::Kernel { reason }, _)) => return plain(sock, Some(session), Some(reason)),
+        Ok(_) | Err(_) => {
+            report(Some(&session), FallbackReason::DevdError);
+            return plain(sock, Some(session), Some(FallbackReason::DevdError));
+        }
+    };
+    sock.connect(&dst.into())?;
+    let mut tcp: TcpStream = sock.into();
+    tcp.write_all(&codec::hello(token))?;
+    tcp.set_read_timeout(Some(opts.hello_timeout))?;
+    let mut ack = [0u8; HELLO_LEN];
+    let read = tcp.read_exact(&mut ack);
+    tcp.set_read_timeout(None)?;
+    read.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("ssock: no HelloAck from the acceptor: {e}"),
+        )
+    })?;
+    let status = codec::parse_hello_ack(&ack).map_err(io::Error::other)?;
+    if status == ACK_KERNEL {
+        return Ok(Negotiated {
+            tcp,
+            session: Some(session),
+            outcome: Outcome::Kernel(Some(FallbackReason::Refused)),
+        });
+    }
+    debug_assert_eq!(status, ACK_ACCEPT);
+    let resp = session
+        .request(&Request::Attach, &[tcp.as_fd()])
+        .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?;
+    Ok(Negotiated {
+        tcp,
+        session: Some(session),
+        outcome: Outcome::Attached(resp),
+    })
+}
+
+impl Stream {
+    /// Connects with default options (the process's devd, devd's default mode).
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Stream> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
+        for a in addr.to_socket_addrs()? {
+            match Stream::connect_with(a, &Options::default()) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Connects to `dst`, accelerated if devd and the peer agree.
+    pub fn connect_with(dst: SocketAddr, opts: &Options) -> io::Result<Stream> {
+        let n = negotiate_connect(dst, opts)?;
+        let spin = opts.spin(n.session.as_ref());
+        match n.outcome {
+            Outcome::Kernel(reason) => Ok(Stream::new(Box::new(Kernel), n.tcp, reason, spin)),
+            Outcome::Attached(resp) => {
+                let session = n.session.as_ref().expect("attached without a session");
+                let t = attach(session, resp)?;
+                Ok(Stream::new(t, n.tcp, None, spin))
+            }
+        }
+    }
+
+    fn new(
+        transport: Box<dyn Transport>,
+        tcp: TcpStream,
+        fallback: Option<FallbackReason>,
+        spin: Duration,
+    ) -> Stream {
+        Stream {
+            transport,
+            tcp,
+            fallback,
+            nonblocking: false,
+            read_timeout: None,
+            write_timeout: None,
+            spin,
+            read_shut: false,
+        }
+    }
+
+    /// Which transport the connection uses.
+    pub fn mode(&self) -> Mode {
+        self.transport.mode()
+    }
+
+    /// devd's connection id, if accelerated.
+    pub fn conn_id(&self) -> Option<u64> {
+        self.transport.conn_id()
+    }
+
+    /// Why the connection is on kernel TCP, when known.
+    pub fn fallback_reason(&self) -> Option<FallbackReason> {
+        self.fallback
+    }
+
+    /// The kernel socket (addresses, options; never read or write it).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Peer address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.peer_addr()
+    }
+
+    /// Nonblocking mode: calls return EWOULDBLOCK instead of waiting.
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        self.tcp.set_nonblocking(on)?;
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// Like SO_RCVTIMEO.
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(t)?;
+        self.read_timeout = t;
+        Ok(())
+    }
+
+    /// Like SO_SNDTIMEO.
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(t)?;
+        self.write_timeout = t;
+        Ok(())
+    }
+
+    /// Sets the spin budget for this stream's blocking calls.
+    pub fn set_spin(&mut self, d: Duration) {
+        self.spin = d;
+    }
+
+    /// Reads without consuming (MSG_PEEK).
+    pub fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read_shut {
+            return Ok(0);
+        }
+        let ctx = ctx(&self.tcp, self.nonblocking, self.read_timeout, self.spin);
+        self.transport.peek(buf, &ctx)
+    }
+
+    /// Shuts down reading, writing or both, like `shutdown(2)`.
+    pub fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {
+        if matches!(how, Shutdown::Read | Shutdown::Both) {
+            self.read_shut = true;
+            if self.mode() == Mode::Kernel {
+                self.tcp.shutdown(Shutdown::Read)?;
+            }
+        }
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            let ctx = ctx(&self.tcp, self.nonblocking, None, self.spin);
+            self.transport.shutdown_write(&ctx)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read_shut {
+            return Ok(0);
+        }
+        let ctx = ctx(&self.tcp, self.nonblocking, self.read_timeout, self.spin);
+        self.transport.read(buf, &ctx)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let ctx = ctx(&self.tcp, self.nonblocking, self.write_timeout, self.spin);
+        self.transport.write(buf, &ctx)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The context a transport call gets: the kernel socket and how to wait.
+fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Duration) -> Ctx<'_> {
+    Ctx {
+        tcp,
+        nonblocking,
+        deadline: timeout.map(|t| Instant::now() + t),
+        spin,
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.transport.close();
+    }
+}
+
+/// A listening socket whose accepted connections are accelerated when the
+/// connecting process announced itself to devd.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    session: Option<Arc<Session>>,
+    opts: Options,
+}
+
+impl Listener {
+    /// Binds with default options.
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Listener> {
+        Listener::bind_with(addr, &Options::default())
+    }
+
+    /// Binds and registers the listener with devd (if reachable).
+    pub fn bind_with(addr: impl ToSocketAddrs, opts: &Options) -> io::Result<Listener> {
+        let tcp = TcpListener::bind(addr)?;
+        let session = opts
+            .session()
+            .filter(|s| s.request(&Request::Listen, &[tcp.as_fd()]).is_ok());
+        Ok(Listener {
+            tcp,
+            session,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Whether devd knows this listener (connections can be accelerated).
+    pub fn registered(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Accepts a connection; negotiates if the connector announced itself.
+    pub fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        loop {
+            let (tcp, peer) = self.tcp.accept()?;
+            if let Some(s) = self.negotiate(tcp)? {
+                return Ok((s, peer));
+            }
+        }
+    }
+
+    /// Negotiates one accepted socket; None if it had to be dropped (an
+    /// announced peer that never sent a valid Hello).
+    fn negotiate(&self, mut tcp: TcpStream) -> io::Result<Option<Stream>> {
+        let spin = self.opts.spin(self.session.as_ref());
+        let kernel = |tcp, r| Ok(Some(Stream::new(Box::new(Kernel), tcp, r, spin)));
+        let Some(session) = &self.session else {
+            return kernel(tcp, None);
+        };
+        let token = match session.request(&Request::Claim, &[tcp.as_fd()]) {
+            Ok((Response::Expect { token }, _)) => token,
+            // No intent: a plain peer, served at once.
+            _ => return kernel(tcp, None),
+        };
+        tcp.set_read_timeout(Some(self.opts.hello_timeout))?;
+        let mut hello = [0u8; HELLO_LEN];
+        let got = tcp.read_exact(&mut hello);
+        tcp.set_read_timeout(None)?;
+        if let Err(e) = got {
+            log::warn!("announced peer sent no Hello ({e}); dropping the connection");
+            report(Some(session), FallbackReason::HelloTimeout);
+            return Ok(None);
+        }
+        match codec::parse_hello(&hello) {
+            Ok(t) if t == token => {}
+            r => {
+                let reason = match r {
+                    Err(codec::DecodeError::Version { .. }) => FallbackReason::Version,
+                    _ => FallbackReason::BadHello,
+                };
+                log::warn!("announced peer sent a bad Hello; dropping the connection");
+                report(Some(session), reason);
+                return Ok(None);
+            }
+        }
+        match session
+            .request(&Request::Pair { token }, &[tcp.as_fd()])
+            .map_err(io::Error::other)
+            .and_then(|r| attach(session, r))
+        {
+            Ok(t) => {
+                tcp.write_all(&codec::hello_ack(ACK_ACCEPT))?;
+                Ok(Some(Stream::new(t, tcp, None, spin)))
+            }
+            Err(e) => {
+                log::warn!("pairing failed ({e}); staying on kernel TCP");
+                report(Some(session), FallbackReason::DevdError);
+                tcp.write_all(&codec::hello_ack(ACK_KERNEL))?;
+                kernel(tcp, Some(FallbackReason::DevdError))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            let _ = s.request(&Request::Unlisten, &[self.tcp.as_fd()]);
+        }
+    }
+}

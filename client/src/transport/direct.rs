@@ -1,0 +1,271 @@
+//! Direct: both ends on this host share one sealed region with a stream
+//! ring per direction. No syscall on a busy path; a blocked call spins for
+//! its budget, then sleeps on its eventfd and the kernel socket (liveness).
+
+use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
+use crate::session::Session;
+use ssock_rings::codec::{Attachment, Mode, Request, Side};
+use ssock_rings::layout::{check_header, DirectLayout, RegionKind};
+use ssock_rings::notify::{sleep, spin_until};
+use ssock_rings::shm::Mapping;
+use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
+use ssock_rings::sys::{check_sealed, EventFd, PollFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+/// Why a Direct attachment was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// devd sent the wrong number of fds.
+    #[error("attachment carries {0} fds, expected 3")]
+    Fds(usize),
+    /// The region is not a sealed memfd of the announced size.
+    #[error("connection region refused")]
+    Region(#[source] io::Error),
+    /// The announced geometry is inconsistent.
+    #[error("connection region layout refused")]
+    Layout(#[source] ssock_rings::layout::LayoutError),
+}
+
+/// One end of a Direct connection.
+#[derive(Debug)]
+pub struct Direct {
+    conn_id: u64,
+    tx: Producer,
+    rx: Consumer,
+    bell: Arc<EventFd>,
+    session: Option<Arc<Session>>,
+    peer_gone: bool,
+    broken: bool,
+    closed: bool,
+}
+
+impl Direct {
+    /// Maps the region devd handed out and takes this side's ring ends.
+    /// fds: [region, own eventfd, peer eventfd].
+    pub fn attach(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+    ) -> Result<Direct, AttachError> {
+        let [region, own, peer]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
+        let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
+        let layout = DirectLayout::announced(size, a.geom_a).map_err(AttachError::Layout)?;
+        check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
+        let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
+        check_header(&map, RegionKind::Direct, a.conn_id, a.geom_a, 0)
+            .map_err(AttachError::Layout)?;
+        let bell = Arc::new(EventFd::from_owned(own));
+        let peer = Arc::new(EventFd::from_owned(peer));
+        let (out, inn) = match a.side {
+            Side::Connector => (0, 1),
+            Side::Acceptor => (1, 0),
+        };
+        Ok(Direct {
+            conn_id: a.conn_id,
+            tx: Producer::new(map.clone(), layout, out, peer.clone()),
+            rx: Consumer::new(map, layout, inn, peer),
+            bell,
+            session,
+            peer_gone: false,
+            broken: false,
+            closed: false,
+        })
+    }
+
+    fn violation(&mut self, v: Violation) -> io::Error {
+        log::warn!("connection {}: {v}; resetting it", self.conn_id);
+        self.break_conn();
+        reset_error()
+    }
+
+    fn break_conn(&mut self) {
+        if !self.broken {
+            self.broken = true;
+            self.tx.reset();
+            self.rx.close();
+        }
+    }
+
+    fn check_peer(&mut self, ctx: &Ctx<'_>) {
+        if self.peer_gone {
+            return;
+        }
+        match liveness(ctx.tcp) {
+            Liveness::Alive => {}
+            Liveness::Gone => self.peer_gone = true,
+            Liveness::Stray => {
+                log::warn!("connection {}: bytes on the kernel socket of a Direct connection; resetting it", self.conn_id);
+                self.peer_gone = true;
+                self.break_conn();
+            }
+        }
+    }
+
+    /// Sleeps until the bell rings, the peer's socket changes, or the
+    /// deadline passes (EWOULDBLOCK).
+    fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let mut fds = [
+            PollFd::new(self.bell.as_raw_fd(), libc::POLLIN),
+            PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
+        ];
+        let n = if self.peer_gone { 1 } else { 2 };
+        let woke = sleep(&mut fds[..n], ctx.deadline)?;
+        if fds[0].revents != 0 {
+            self.bell.drain();
+        }
+        if n == 2 && fds[1].revents != 0 {
+            self.check_peer(ctx);
+        }
+        if woke {
+            Ok(())
+        } else {
+            Err(would_block())
+        }
+    }
+
+    fn wait_readable(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        if ctx.nonblocking {
+            self.check_peer(ctx);
+            return if self.peer_gone {
+                Ok(())
+            } else {
+                Err(would_block())
+            };
+        }
+        let rx = &mut self.rx;
+        if spin_until(ctx.spin, || rx.ready().unwrap_or(true).then_some(())).is_some() {
+            return Ok(());
+        }
+        if !self.rx.arm().map_err(|v| self.violation(v))? {
+            return Ok(());
+        }
+        let r = self.sleep(ctx);
+        self.rx.disarm();
+        r
+    }
+
+    fn wait_writable(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let tx = &mut self.tx;
+        if spin_until(ctx.spin, || {
+            (tx.writable().unwrap_or(1) > 0 || tx.peer_closed()).then_some(())
+        })
+        .is_some()
+        {
+            return Ok(());
+        }
+        if !self.tx.arm().map_err(|v| self.violation(v))? {
+            return Ok(());
+        }
+        let r = self.sleep(ctx);
+        self.tx.disarm();
+        r
+    }
+
+    fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, consume: bool) -> io::Result<usize> {
+        loop {
+            if self.broken {
+                return Err(reset_error());
+            }
+            let r = if consume {
+                self.rx.read(buf)
+            } else {
+                self.rx.peek(buf)
+            };
+            match r.map_err(|v| self.violation(v))? {
+                ReadOutcome::Data(n) => return Ok(n),
+                ReadOutcome::Eos => return Ok(0),
+                ReadOutcome::Reset => {
+                    self.broken = true;
+                    return Err(reset_error());
+                }
+                ReadOutcome::Empty => {}
+            }
+            if self.peer_gone {
+                // The peer's socket closed without an end-of-stream mark:
+                // it died (or aborted) mid-stream.
+                self.break_conn();
+                return Err(reset_error());
+            }
+            self.wait_readable(ctx)?;
+        }
+    }
+}
+
+impl Transport for Direct {
+    fn mode(&self) -> Mode {
+        Mode::Direct
+    }
+
+    fn conn_id(&self) -> Option<u64> {
+        Some(self.conn_id)
+    }
+
+    fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, true)
+    }
+
+    fn peek(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, false)
+    }
+
+    fn write(&mut self, buf: &[u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        let mut off = 0;
+        loop {
+            if self.broken {
+                return Err(reset_error());
+            }
+            if self.tx.is_closed() || self.peer_gone || self.tx.peer_closed() {
+                return if off > 0 { Ok(off) } else { Err(pipe_error()) };
+            }
+            off += self.tx.write(&buf[off..]).map_err(|v| self.violation(v))?;
+            if off == buf.len() {
+                return Ok(off);
+            }
+            if ctx.nonblocking {
+                self.check_peer(ctx);
+                return if off > 0 { Ok(off) } else { Err(would_block()) };
+            }
+            match self.wait_writable(ctx) {
+                Ok(()) => {}
+                Err(e) if off > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(off),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn shutdown_write(&mut self, _ctx: &Ctx<'_>) -> io::Result<()> {
+        if !self.broken {
+            self.tx.close();
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if !self.broken {
+            self.tx.close();
+            self.rx.close();
+        }
+        if let Some(s) = &self.session {
+            let _ = s.request(
+                &Request::Release {
+                    conn_id: self.conn_id,
+                },
+                &[],
+            );
+        }
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,83 @@
+//! Transports: how a connected stream's bytes move. A [`crate::Stream`]
+//! talks to exactly one, chosen at negotiation: [`direct::Direct`] (shared
+//! stream rings with the peer process), [`queued::Queued`] (virtqueues
+//! served by devd) or [`kernel::Kernel`] (plain TCP).
+
+pub mod direct;
+pub mod kernel;
+pub mod queued;
+
+use ssock_rings::codec::Mode;
+use std::io;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// How a call may wait, and the kernel socket underneath (the liveness
+/// channel: the peer's last close or death shows up there as EOF).
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The connection's kernel TCP socket.
+    pub tcp: &'a TcpStream,
+    /// Return EWOULDBLOCK instead of waiting.
+    pub nonblocking: bool,
+    /// Give up (EWOULDBLOCK, like SO_RCVTIMEO) at this instant.
+    pub deadline: Option<Instant>,
+    /// Spin budget before sleeping.
+    pub spin: Duration,
+}
+
+/// One way of moving a stream's bytes.
+pub trait Transport: Send + std::fmt::Debug {
+    /// Which mode this is.
+    fn mode(&self) -> Mode;
+    /// devd's connection id (None for kernel TCP).
+    fn conn_id(&self) -> Option<u64>;
+    /// Reads at least one byte, or 0 at end of stream.
+    fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize>;
+    /// Like `read` without consuming.
+    fn peek(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize>;
+    /// Writes all of `buf` when blocking; at least one byte (or
+    /// EWOULDBLOCK) when nonblocking or past the deadline.
+    fn write(&mut self, buf: &[u8], ctx: &Ctx<'_>) -> io::Result<usize>;
+    /// No more writes: the peer reads what was sent, then end of stream.
+    fn shutdown_write(&mut self, ctx: &Ctx<'_>) -> io::Result<()>;
+    /// Closes this end (orderly unless the connection is broken).
+    fn close(&mut self);
+}
+
+pub(crate) fn reset_error() -> io::Error {
+    io::Error::from_raw_os_error(libc::ECONNRESET)
+}
+
+pub(crate) fn pipe_error() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPIPE)
+}
+
+pub(crate) fn would_block() -> io::Error {
+    io::Error::from(io::ErrorKind::WouldBlock)
+}
+
+/// What the kernel socket says about the peer, without blocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    /// Still open.
+    Alive,
+    /// Closed (FIN) or reset: the peer's last holder closed or died.
+    Gone,
+    /// Bytes arrived on the kernel socket of an accelerated connection.
+    Stray,
+}
+
+pub(crate) fn liveness(tcp: &TcpStream) -> Liveness {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(tcp).recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok(0) => Liveness::Gone,
+        Ok(_) => Liveness::Stray,
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted =>
+        {
+            Liveness::Alive
+        }
+        Err(_) => Liveness::Gone,
+    }
+}

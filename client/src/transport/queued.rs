@@ -1,0 +1,344 @@
+//! Queued: this process drives a TX and an RX split virtqueue in its own
+//! region; devd is the device side and moves the bytes through a backend
+//! to the peer. A blocked call spins on the used ring for its budget, then
+//! sleeps on the call eventfd (devd only rings it when asked: used_event).
+
+use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
+use crate::session::Session;
+use crate::transport::direct::AttachError;
+use ssock_rings::codec::{Attachment, Mode, Request};
+use ssock_rings::layout::{check_header, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET};
+use ssock_rings::notify::{sleep, spin_until};
+use ssock_rings::shm::Mapping;
+use ssock_rings::sys::{check_sealed, EventFd, PollFd};
+use ssock_rings::vq::driver::{DeviceViolation, QueueDriver};
+use ssock_rings::vq::{F_WRITE, RX, TX};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// One end of a Queued connection.
+#[derive(Debug)]
+pub struct Queued {
+    conn_id: u64,
+    map: Arc<Mapping>,
+    layout: QueuedLayout,
+    tx: QueueDriver,
+    rx: QueueDriver,
+    free_tx: Vec<u16>,
+    rx_cur: Option<(u16, usize, usize)>,
+    kick: EventFd,
+    call: EventFd,
+    session: Option<Arc<Session>>,
+    peer_gone: bool,
+    broken: bool,
+    shut_wr: bool,
+    closed: bool,
+    counters: [u64; 4],
+}
+
+impl Queued {
+    /// Maps this process's region and posts every RX buffer.
+    /// fds: [region, kick eventfd, call eventfd].
+    pub fn attach(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+    ) -> Result<Queued, AttachError> {
+        let [region, kick, call]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
+        let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
+        let layout =
+            QueuedLayout::announced(size, a.geom_a, a.geom_b).map_err(AttachError::Layout)?;
+        check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
+        let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
+        check_header(&map, RegionKind::Queued, a.conn_id, a.geom_a, a.geom_b)
+            .map_err(AttachError::Layout)?;
+        let q = layout.qsize;
+        let mut me = Queued {
+            conn_id: a.conn_id,
+            tx: QueueDriver::new(map.clone(), layout.queues[TX], q),
+            rx: QueueDriver::new(map.clone(), layout.queues[RX], q),
+            map,
+            layout,
+            free_tx: (0..q).rev().collect(),
+            rx_cur: None,
+            kick: EventFd::from_owned(kick),
+            call: EventFd::from_owned(call),
+            session,
+            peer_gone: false,
+            broken: false,
+            shut_wr: false,
+            closed: false,
+            counters: [0; 4],
+        };
+        for i in 0..q {
+            me.rx.post(
+                i,
+                me.layout.slot_offset(RX, i) as u64,
+                me.slot_u32(),
+                F_WRITE,
+            );
+        }
+        me.kick();
+        Ok(me)
+    }
+
+    fn slot_u32(&self) -> u32 {
+        u32::try_from(self.layout.slot).unwrap_or(u32::MAX)
+    }
+
+    fn kick(&mut self) {
+        let _ = self.kick.notify();
+        self.counters[2] += 1;
+    }
+
+    fn kick_if_asked(&mut self, q: usize) {
+        let want = if q == TX {
+            self.tx.should_kick()
+        } else {
+            self.rx.should_kick()
+        };
+        if want {
+            self.kick();
+        } else {
+            self.counters[3] += 1;
+        }
+        self.publish_counters();
+    }
+
+    fn publish_counters(&self) {
+        let offs = [
+            qhdr::TX_BYTES,
+            qhdr::RX_BYTES,
+            qhdr::KICKS,
+            qhdr::KICKS_SUPPRESSED,
+        ];
+        for (o, v) in offs.iter().zip(self.counters) {
+            // Relaxed: statistics for ringstat only.
+            self.map.u64_at(*o).store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn violation(&mut self, v: DeviceViolation) -> io::Error {
+        log::warn!("connection {}: {v}; resetting it", self.conn_id);
+        self.broken = true;
+        reset_error()
+    }
+
+    fn rx_flags(&self) -> u32 {
+        // Acquire: pairs with devd's Release when it sets the mark after
+        // its last used entry.
+        self.map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire)
+    }
+
+    fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let mut fds = [
+            PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
+            PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
+        ];
+        let n = if self.peer_gone { 1 } else { 2 };
+        let woke = sleep(&mut fds[..n], ctx.deadline)?;
+        if fds[0].revents != 0 {
+            self.call.drain();
+        }
+        if n == 2 && fds[1].revents != 0 && liveness(ctx.tcp) != Liveness::Alive {
+            self.peer_gone = true;
+        }
+        if woke {
+            Ok(())
+        } else {
+            Err(would_block())
+        }
+    }
+
+    fn repost(&mut self, id: u16) {
+        let addr = self.layout.slot_offset(RX, id) as u64;
+        let len = self.slot_u32();
+        self.rx.post(id, addr, len, F_WRITE);
+        self.kick_if_asked(RX);
+    }
+
+    fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, consume: bool) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.broken {
+                return Err(reset_error());
+            }
+            if let Some((id, len, off)) = self.rx_cur {
+                let n = buf.len().min(len - off);
+                self.map
+                    .read_bytes(self.layout.slot_offset(RX, id) + off, &mut buf[..n]);
+                if consume {
+                    self.counters[1] += n as u64;
+                    if off + n == len {
+                        self.rx_cur = None;
+                        self.repost(id);
+                    } else {
+                        self.rx_cur = Some((id, len, off + n));
+                    }
+                }
+                return Ok(n);
+            }
+            let slot = self.slot_u32();
+            match self.rx.pop_used(slot).map_err(|v| self.violation(v))? {
+                Some((id, 0)) => self.repost(id),
+                Some((id, len)) => self.rx_cur = Some((id, len as usize, 0)),
+                None => {
+                    let f = self.rx_flags();
+                    if f & FLAG_RESET != 0 {
+                        self.broken = true;
+                        return Err(reset_error());
+                    }
+                    if f & FLAG_EOS != 0 && !self.rx.has_used() {
+                        return Ok(0);
+                    }
+                    if f & FLAG_EOS == 0 {
+                        self.wait_rx(ctx)?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn wait_rx(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        if ctx.nonblocking {
+            return Err(would_block());
+        }
+        let map = &self.map;
+        let rx = &self.rx;
+        let ready = || {
+            (rx.has_used() || map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire) != 0).then_some(())
+        };
+        if spin_until(ctx.spin, ready).is_some() {
+            return Ok(());
+        }
+        if !self.rx.arm() || self.rx_flags() != 0 {
+            return Ok(());
+        }
+        self.sleep(ctx)
+    }
+
+    fn wait_tx(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let tx = &self.tx;
+        if spin_until(ctx.spin, || tx.has_used().then_some(())).is_some() {
+            return Ok(());
+        }
+        if !self.tx.arm() {
+            return Ok(());
+        }
+        self.sleep(ctx)
+    }
+}
+
+impl Transport for Queued {
+    fn mode(&self) -> Mode {
+        Mode::Queued
+    }
+
+    fn conn_id(&self) -> Option<u64> {
+        Some(self.conn_id)
+    }
+
+    fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, true)
+    }
+
+    fn peek(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, false)
+    }
+
+    fn write(&mut self, buf: &[u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        let mut off = 0;
+        let slot = self.slot_u32();
+        loop {
+            if self.broken || self.rx_flags() & FLAG_RESET != 0 {
+                self.broken = true;
+                return Err(reset_error());
+            }
+            if self.shut_wr || self.peer_gone {
+                return if off > 0 { Ok(off) } else { Err(pipe_error()) };
+            }
+            while let Some((id, _)) = self.tx.pop_used(slot).map_err(|v| self.violation(v))? {
+                self.free_tx.push(id);
+            }
+            let mut posted = false;
+            while off < buf.len() {
+                let Some(id) = self.free_tx.pop() else { break };
+                let n = (buf.len() - off).min(self.layout.slot);
+                self.map
+                    .write_bytes(self.layout.slot_offset(TX, id), &buf[off..off + n]);
+                self.tx.post(
+                    id,
+                    self.layout.slot_offset(TX, id) as u64,
+                    u32::try_from(n).unwrap_or(slot),
+                    0,
+                );
+                self.counters[0] += n as u64;
+                off += n;
+                posted = true;
+            }
+            if posted {
+                self.kick_if_asked(TX);
+            }
+            if off == buf.len() {
+                return Ok(off);
+            }
+            if ctx.nonblocking {
+                if liveness(ctx.tcp) == Liveness::Gone {
+                    self.peer_gone = true;
+                }
+                return if off > 0 { Ok(off) } else { Err(would_block()) };
+            }
+            match self.wait_tx(ctx) {
+                Ok(()) => {}
+                Err(e) if off > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(off),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn shutdown_write(&mut self, _ctx: &Ctx<'_>) -> io::Result<()> {
+        if !self.shut_wr {
+            self.shut_wr = true;
+            // Release: every post before is visible with the mark.
+            self.map
+                .u32_at(qhdr::TX_FLAGS)
+                .fetch_or(FLAG_EOS, Ordering::Release);
+            self.kick();
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if !self.shut_wr && !self.broken {
+            self.shut_wr = true;
+            self.map
+                .u32_at(qhdr::TX_FLAGS)
+                .fetch_or(FLAG_EOS, Ordering::Release);
+            self.kick();
+        }
+        if let Some(s) = &self.session {
+            let _ = s.request(
+                &Request::Release {
+                    conn_id: self.conn_id,
+                },
+                &[],
+            );
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,340 @@
+//! devd configuration: built from command-line flags and, for the system
+//! service, a TOML file (every key is documented in docs/config.md).
+//! Unknown keys and out-of-range values are errors that name the key.
+
+use serde::Deserialize;
+use ssock_rings::codec::Mode;
+use ssock_rings::layout::{MAX_REGION, MIN_REGION};
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("config file {path} is invalid")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("config key {key}: {why}")]
+    Value {
+        /// Key.
+        key: &'static str,
+        /// Explanation with the value.
+        why: String,
+    },
+}
+
+/// Which mode `Auto` connections get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultMode {
+    /// Shared rings between the two processes.
+    Direct,
+    /// Through devd's engine and backend.
+    Queued,
+    /// No acceleration.
+    Kernel,
+}
+
+impl DefaultMode {
+    /// As a wire mode.
+    pub fn mode(self) -> Mode {
+        match self {
+            DefaultMode::Direct => Mode::Direct,
+            DefaultMode::Queued => Mode::Queued,
+            DefaultMode::Kernel => Mode::Kernel,
+        }
+    }
+}
+
+/// The file format (all keys optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    default_mode: Option<DefaultMode>,
+    region_size: Option<usize>,
+    spin_us: Option<u32>,
+    backend: Option<String>,
+    policy: Option<FilePolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    allow_uids: Option<Vec<u32>>,
+    allow_gids: Option<Vec<u32>>,
+    allow_ports: Option<Vec<String>>,
+    max_connections_per_user: Option<usize>,
+    max_memory_per_user: Option<usize>,
+}
+
+/// Who may accelerate what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Empty: every user.
+    pub allow_uids: Vec<u32>,
+    /// Empty: every group (a user passes if uid or gid is allowed).
+    pub allow_gids: Vec<u32>,
+    /// Inclusive port ranges of the destination; empty: every port.
+    pub allow_ports: Vec<(u16, u16)>,
+    /// Live accelerated connection ends per user.
+    pub max_connections_per_user: usize,
+    /// Region bytes per user.
+    pub max_memory_per_user: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            allow_ports: Vec::new(),
+            max_connections_per_user: 16384,
+            max_memory_per_user: 8 << 30,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether `uid`/`gid` may accelerate a connection to `port`.
+    pub fn allows(&self, uid: u32, gid: u32, port: u16) -> bool {
+        let who = (self.allow_uids.is_empty() && self.allow_gids.is_empty())
+            || self.allow_uids.contains(&uid)
+            || self.allow_gids.contains(&gid);
+        let port_ok = self.allow_ports.is_empty()
+            || self
+                .allow_ports
+                .iter()
+                .any(|(a, b)| (*a..=*b).contains(&port));
+        who && port_ok
+    }
+}
+
+/// The running configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Permission bits of the control socket.
+    pub socket_mode: u32,
+    /// Whether to create the socket's directory (0700) for a user devd.
+    pub user_mode: bool,
+    /// Mode for Auto connections.
+    pub default_mode: DefaultMode,
+    /// Bytes per connection region.
+    pub region_size: usize,
+    /// Spin budget clients use before sleeping.
+    pub spin_us: u32,
+    /// Backend name ("loopback").
+    pub backend: String,
+    /// Access policy.
+    pub policy: Policy,
+}
+
+/// Default region size (512 KiB).
+pub const DEFAULT_REGION: usize = 512 * 1024;
+
+impl Config {
+    /// Defaults for a private per-user devd.
+    pub fn user() -> Config {
+        Config {
+            socket: ssock_rings::paths::user_socket(),
+            socket_mode: 0o600,
+            user_mode: true,
+            default_mode: DefaultMode::Direct,
+            region_size: DEFAULT_REGION,
+            spin_us: 30,
+            backend: "loopback".into(),
+            policy: Policy::default(),
+        }
+    }
+
+    /// Defaults for the system service.
+    pub fn system() -> Config {
+        Config {
+            socket: PathBuf::from(ssock_rings::paths::SYSTEM_SOCKET),
+            socket_mode: 0o666,
+            user_mode: false,
+            ..Config::user()
+        }
+    }
+
+    /// Reads a TOML file on top of the system defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::from_toml(&text, Config::system()).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.into(),
+                source,
+            },
+            e => e,
+        })
+    }
+
+    /// Applies TOML text to `base`.
+    pub fn from_toml(text: &str, base: Config) -> Result<Config, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        let mut c = base;
+        if let Some(s) = f.socket {
+            c.socket = s;
+        }
+        if let Some(m) = f.socket_mode {
+            c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+                ConfigError::Value {
+                    key: "socket_mode",
+                    why: format!("{m:?} is not an octal mode"),
+                }
+            })?;
+        }
+        if let Some(m) = f.default_mode {
+            c.default_mode = m;
+        }
+        if let Some(r) = f.region_size {
+            c.region_size = r;
+        }
+        if let Some(s) = f.spin_us {
+            c.spin_us = s;
+        }
+        if let Some(b) = f.backend {
+            c.backend = b;
+        }
+        if let Some(p) = f.policy {
+            if let Some(v) = p.allow_uids {
+                c.policy.allow_uids = v;
+            }
+            if let Some(v) = p.allow_gids {
+                c.policy.allow_gids = v;
+            }
+            if let Some(v) = p.allow_ports {
+                c.policy.allow_ports =
+                    v.iter().map(|s| parse_range(s)).collect::<Result<_, _>>()?;
+            }
+            if let Some(v) = p.max_connections_per_user {
+                c.policy.max_connections_per_user = v;
+            }
+            if let Some(v) = p.max_memory_per_user {
+                c.policy.max_memory_per_user = v;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_REGION..=MAX_REGION).contains(&self.region_size)
+            || !self.region_size.is_multiple_of(4096)
+        {
+            return Err(ConfigError::Value {
+                key: "region_size",
+                why: format!(
+                    "{} is not a multiple of 4096 in {MIN_REGION}..={MAX_REGION}",
+                    self.region_size
+                ),
+            });
+        }
+        if self.spin_us > 1_000_000 {
+            return Err(ConfigError::Value {
+                key: "spin_us",
+                why: format!("{} exceeds one second", self.spin_us),
+            });
+        }
+        if self.backend != "loopback" {
+            return Err(ConfigError::Value {
+                key: "backend",
+                why: format!(
+                    "{:?} is not available in this build (available: \"loopback\")",
+                    self.backend
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), ConfigError> {
+    let bad = || ConfigError::Value {
+        key: "policy.allow_ports",
+        why: format!("{s:?} is not PORT or LOW-HIGH"),
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        ),
+        None => {
+            let p = s.trim().parse().map_err(|_| bad())?;
+            (p, p)
+        }
+    };
+    if a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            socket = "/tmp/x.sock"
+            socket_mode = "0660"
+            default_mode = "queued"
+            region_size = 1048576
+            spin_us = 50
+            backend = "loopback"
+            [policy]
+            allow_uids = [1000]
+            allow_ports = ["80", "6000-7000"]
+            max_connections_per_user = 10
+            max_memory_per_user = 1000000
+            "#,
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.default_mode, DefaultMode::Queued);
+        assert_eq!(c.socket_mode, 0o660);
+        assert!(c.policy.allows(1000, 5, 6500));
+        assert!(!c.policy.allows(1001, 5, 6500));
+        assert!(!c.policy.allows(1000, 5, 81));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::from_toml("bogus = 1", Config::system()).unwrap_err();
+        assert!(e.to_string().contains("invalid"), "{e}");
+        let e = Config::from_toml("region_size = 1000", Config::system()).unwrap_err();
+        assert!(e.to_string().contains("region_size"), "{e}");
+        let e = Config::from_toml("backend = \"ntb\"", Config::system()).unwrap_err();
+        assert!(e.to_string().contains("backend"), "{e}");
+        let e =
+            Config::from_toml("[policy]\nallow_ports = [\"9-1\"]", Config::system()).unwrap_err();
+        assert!(e.to_string().contains("allow_ports"), "{e}");
+    }
+}

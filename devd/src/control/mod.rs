@@ -1,0 +1,672 @@
+//! devd's control plane: sessions (one per client process, authenticated
+//! with SO_PEERCRED), the listener registry, intents, pairing, creation of
+//! sealed regions, attach by socket fd, release, and statistics.
+//!
+//! Runs on one thread; every request is validated by the codec and then
+//! against the registry; a bad request gets an `Error` reply and harms
+//! nothing else.
+
+pub mod registry;
+pub mod server;
+
+use crate::config::Config;
+use crate::dataplane::engine::{self, Cmd, SideInit};
+use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
+use registry::{canon, Claimed, Conn, DirectRes, End, Intent, QueuedRes, Registry, Res};
+use ssock_rings::codec::{Attachment, FallbackReason, Mode, ModePref, Request, Response, Side};
+use ssock_rings::layout::{self, DirectLayout, QueuedLayout, RegionKind, FLAG_EOS};
+use ssock_rings::shm::Mapping;
+use ssock_rings::stream;
+use ssock_rings::sys::{self, EventFd};
+use ssock_rings::vq::device::DeviceRegion;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A client process's control session.
+#[derive(Debug)]
+pub struct Session {
+    /// The control socket.
+    pub sock: sys::SeqPacket,
+    /// From SO_PEERCRED.
+    pub pid: i32,
+    /// From SO_PEERCRED.
+    pub uid: u32,
+    /// From SO_PEERCRED.
+    pub gid: u32,
+}
+
+/// Why a request failed (sent back as `Response::Error`).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The passed fd is not a usable TCP socket.
+    #[error("the passed fd is not a usable IP stream socket")]
+    NotSocket(#[source] io::Error),
+    /// The socket is not bound to a port yet.
+    #[error("the socket has no local port; bind before announcing an intent")]
+    Unbound,
+    /// No such pending pairing.
+    #[error("no claimed intent with that token for this socket")]
+    NoClaim,
+    /// No connection for this socket.
+    #[error("no accelerated connection for socket inode {0}")]
+    NoConnection(u64),
+    /// A Queued end can be attached once.
+    #[error("queued connection {0} end {1} is already attached")]
+    AlreadyAttached(u64, usize),
+    /// Release of a connection this session does not hold.
+    #[error("connection {0} is not held by this session")]
+    NotHeld(u64),
+    /// Region or eventfd creation failed.
+    #[error("failed to create connection resources")]
+    Resources(#[source] io::Error),
+    /// devd's own region could not be set up for the engine.
+    #[error("failed to set up the queued region")]
+    Device(#[source] ssock_rings::vq::device::DeviceError),
+}
+
+impl RequestError {
+    fn code(&self) -> u32 {
+        let c = match self {
+            RequestError::NotSocket(_) | RequestError::Unbound => libc::EINVAL,
+            RequestError::NoClaim | RequestError::NoConnection(_) => libc::ENOENT,
+            RequestError::AlreadyAttached(..) => libc::EBUSY,
+            RequestError::NotHeld(_) => libc::EPERM,
+            RequestError::Resources(_) | RequestError::Device(_) => libc::ENOMEM,
+        };
+        u32::try_from(c).unwrap_or(0)
+    }
+}
+
+/// The control plane's state.
+pub struct Devd {
+    cfg: Config,
+    reg: Registry,
+    totals: Totals,
+    engine: engine::Handle,
+    sessions: HashMap<u64, Session>,
+    started: Instant,
+    backend: &'static str,
+}
+
+type Reply = (Response, Vec<OwnedFd>);
+
+fn dup(fd: impl AsFd) -> Result<OwnedFd, RequestError> {
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(RequestError::Resources)
+}
+
+impl Devd {
+    /// A control plane over an engine.
+    pub fn new(cfg: Config, engine: engine::Handle, backend: &'static str) -> Devd {
+        Devd {
+            cfg,
+            reg: Registry {
+                next_id: 1,
+                ..Registry::default()
+            },
+            totals: Totals::default(),
+            engine,
+            sessions: HashMap::new(),
+            started: Instant::now(),
+            backend,
+        }
+    }
+
+    /// Handles one decoded request from session `sid`.
+    pub fn handle(&mut self, sid: u64, req: Request, fds: Vec<OwnedFd>) -> Reply {
+        let r = match req {
+            Request::Hello { .. } => Ok((
+                Response::Welcome {
+                    spin_us: self.cfg.spin_us,
+                    default_mode: self.cfg.default_mode.mode(),
+                },
+                vec![],
+            )),
+            Request::Listen => self.listen(sid, &fds[0]),
+            Request::Unlisten => self.unlisten(sid, &fds[0]),
+            Request::Intent { dst, pref } => self.intent(sid, &fds[0], dst, pref),
+            Request::Claim => self.claim(sid, &fds[0]),
+            Request::Pair { token } => self.pair(sid, &fds[0], token),
+            Request::Attach => self.attach(sid, &fds[0]),
+            Request::Release { conn_id } => self.release(sid, conn_id),
+            Request::Fallback { reason } => {
+                self.totals.fallback(reason);
+                Ok((Response::Ok, vec![]))
+            }
+            Request::Stats { after, limit } => Ok(self.stats(after, limit)),
+        };
+        r.unwrap_or_else(|e| {
+            log::debug!("session {sid}: request failed: {e}");
+            (
+                Response::Error {
+                    code: e.code(),
+                    message: error_chain(&e),
+                },
+                vec![],
+            )
+        })
+    }
+
+    fn session(&self, sid: u64) -> &Session {
+        &self.sessions[&sid]
+    }
+
+    fn end(&self, sid: u64, fd: &OwnedFd) -> Result<End, RequestError> {
+        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        if sys::socket_type(fd.as_fd()).map_err(RequestError::NotSocket)? != libc::SOCK_STREAM {
+            return Err(RequestError::NotSocket(io::Error::other("not SOCK_STREAM")));
+        }
+        let addr = sys::local_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        let s = self.session(sid);
+        Ok(End {
+            session: sid,
+            pid: s.pid,
+            uid: s.uid,
+            inode,
+            addr,
+            released: false,
+        })
+    }
+
+    fn listen(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
+        let end = self.end(sid, fd)?;
+        if end.addr.port() == 0 {
+            return Err(RequestError::Unbound);
+        }
+        self.reg.listeners.insert(
+            end.inode,
+            registry::Listener {
+                session: sid,
+                addr: end.addr,
+            },
+        );
+        Ok((Response::Ok, vec![]))
+    }
+
+    fn unlisten(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
+        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        if self
+            .reg
+            .listeners
+            .get(&inode)
+            .is_some_and(|l| l.session == sid)
+        {
+            self.reg.listeners.remove(&inode);
+        }
+        Ok((Response::Ok, vec![]))
+    }
+
+    fn kernel(&mut self, reason: FallbackReason) -> Result<Reply, RequestError> {
+        self.totals.fallback(reason);
+        Ok((Response::Kernel { reason }, vec![]))
+    }
+
+    fn intent(
+        &mut self,
+        sid: u64,
+        fd: &OwnedFd,
+        dst: std::net::SocketAddr,
+        pref: ModePref,
+    ) -> Result<Reply, RequestError> {
+        let end = self.end(sid, fd)?;
+        if end.addr.port() == 0 {
+            return Err(RequestError::Unbound);
+        }
+        let mode = match pref {
+            ModePref::Kernel => return self.kernel(FallbackReason::Requested),
+            ModePref::Direct => Mode::Direct,
+            ModePref::Queued => Mode::Queued,
+            ModePref::Auto => self.cfg.default_mode.mode(),
+        };
+        if mode == Mode::Kernel {
+            return self.kernel(FallbackReason::Requested);
+        }
+        if self.reg.listener_for(dst).is_none() {
+            return self.kernel(FallbackReason::PeerNotEnabled);
+        }
+        let s = self.session(sid);
+        if !self.cfg.policy.allows(s.uid, s.gid, dst.port()) {
+            return self.kernel(FallbackReason::Policy);
+        }
+        let (ends, bytes) = self.reg.usage.get(&s.uid).copied().unwrap_or((0, 0));
+        if ends + 1 > self.cfg.policy.max_connections_per_user
+            || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user
+        {
+            return self.kernel(FallbackReason::Limit);
+        }
+        let mut t = [0u8; 8];
+        sys::random(&mut t).map_err(RequestError::Resources)?;
+        let token = u64::from_le_bytes(t);
+        let key = (end.addr.port(), canon(dst.ip()), dst.port());
+        self.reg.intents.insert(
+            key,
+            Intent {
+                token,
+                mode,
+                end,
+                at: Instant::now(),
+            },
+        );
+        Ok((Response::Proceed { token }, vec![]))
+    }
+
+    fn claim(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
+        let end = self.end(sid, fd)?;
+        let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        let key = (peer.port(), canon(end.addr.ip()), end.addr.port());
+        match self.reg.intents.remove(&key) {
+            Some(intent) => {
+                let token = intent.token;
+                self.reg.claimed.insert(token, Claimed { intent, end });
+                Ok((Response::Expect { token }, vec![]))
+            }
+            // No intent: a plain peer; the acceptor goes on without delay.
+            None => Ok((Response::Ok, vec![])),
+        }
+    }
+
+    fn pair(&mut self, sid: u64, fd: &OwnedFd, token: u64) -> Result<Reply, RequestError> {
+        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        match self.reg.claimed.get(&token) {
+            Some(c) if c.end.inode == inode && c.end.session == sid => {}
+            _ => return Err(RequestError::NoClaim),
+        }
+        let claimed = self
+            .reg
+            .claimed
+            .remove(&token)
+            .ok_or(RequestError::NoClaim)?;
+        let mode = claimed.intent.mode;
+        let id = self.reg.next_id;
+        self.reg.next_id += 1;
+        let res = match mode {
+            Mode::Queued => self.queued_res(id),
+            _ => self.direct_res(id),
+        };
+        let res = match res {
+            Ok(r) => r,
+            Err(e) => {
+                self.totals.fallback(FallbackReason::DevdError);
+                return Err(e);
+            }
+        };
+        let ends = [claimed.intent.end, claimed.end];
+        let bytes = match &res {
+            Res::Direct(_) => self.cfg.region_size / 2,
+            Res::Queued(_) => self.cfg.region_size,
+        };
+        for e in &ends {
+            self.reg
+                .charge(e.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        }
+        self.reg.by_inode.insert(ends[0].inode, (id, 0));
+        self.reg.by_inode.insert(ends[1].inode, (id, 1));
+        let mode = match res {
+            Res::Direct(_) => Mode::Direct,
+            Res::Queued(_) => Mode::Queued,
+        };
+        self.totals.created(mode);
+        self.reg.conns.insert(
+            id,
+            Conn {
+                id,
+                mode,
+                ends,
+                res,
+                bytes,
+            },
+        );
+        self.hand_out(id, 1)
+    }
+
+    fn direct_res(&mut self, id: u64) -> Result<Res, RequestError> {
+        let layout = DirectLayout::for_size(self.cfg.region_size)
+            .map_err(|e| RequestError::Resources(io::Error::other(e)))?;
+        let memfd = sys::memfd_sealed("direct", layout.size).map_err(RequestError::Resources)?;
+        {
+            let m = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, true)
+                .map_err(RequestError::Resources)?;
+            layout::write_header(
+                &m,
+                RegionKind::Direct,
+                layout.size,
+                id,
+                layout.cap as u64,
+                0,
+            );
+        }
+        let header = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, false)
+            .map_err(RequestError::Resources)?;
+        let bells = [
+            EventFd::new().map_err(RequestError::Resources)?,
+            EventFd::new().map_err(RequestError::Resources)?,
+        ];
+        Ok(Res::Direct(DirectRes {
+            memfd,
+            bells,
+            header,
+            layout,
+        }))
+    }
+
+    fn queued_res(&mut self, id: u64) -> Result<Res, RequestError> {
+        let layout = QueuedLayout::for_size(self.cfg.region_size)
+            .map_err(|e| RequestError::Resources(io::Error::other(e)))?;
+        let mut memfds = Vec::new();
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        let mut inits = Vec::new();
+        for _ in 0..2 {
+            let memfd =
+                sys::memfd_sealed("queued", layout.size).map_err(RequestError::Resources)?;
+            {
+                let m = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, true)
+                    .map_err(RequestError::Resources)?;
+                layout::write_header(
+                    &m,
+                    RegionKind::Queued,
+                    layout.size,
+                    id,
+                    u64::from(layout.qsize),
+                    layout.slot as u64,
+                );
+            }
+            let region = DeviceRegion::new(dup(&memfd)?, layout).map_err(RequestError::Device)?;
+            let kick = EventFd::new().map_err(RequestError::Resources)?;
+            let call = EventFd::new().map_err(RequestError::Resources)?;
+            kicks.push(dup(&kick)?);
+            calls.push(dup(&call)?);
+            memfds.push(Some(memfd));
+            inits.push(SideInit { region, kick, call });
+        }
+        let counters = Arc::new(QueuedCounters::default());
+        let [a, b]: [SideInit; 2] = inits.try_into().map_err(|_| RequestError::NoClaim)?;
+        self.engine.send(Cmd::Add {
+            id,
+            sides: Box::new([a, b]),
+            counters: counters.clone(),
+        });
+        let two = |v: Vec<OwnedFd>| -> [OwnedFd; 2] {
+            let mut it = v.into_iter();
+            [it.next().expect("two fds"), it.next().expect("two fds")]
+        };
+        let mut m = memfds.into_iter();
+        Ok(Res::Queued(QueuedRes {
+            memfd: [m.next().flatten(), m.next().flatten()],
+            kick: two(kicks),
+            call: two(calls),
+            layout,
+            counters,
+        }))
+    }
+
+    /// The Attached reply for end `e` of connection `id`.
+    fn hand_out(&mut self, id: u64, e: usize) -> Result<Reply, RequestError> {
+        let conn = self
+            .reg
+            .conns
+            .get_mut(&id)
+            .ok_or(RequestError::NoConnection(0))?;
+        let side = if e == 0 {
+            Side::Connector
+        } else {
+            Side::Acceptor
+        };
+        match &mut conn.res {
+            Res::Direct(d) => {
+                let fds = vec![dup(&d.memfd)?, dup(&d.bells[e])?, dup(&d.bells[1 - e])?];
+                let a = Attachment {
+                    conn_id: id,
+                    mode: Mode::Direct,
+                    side,
+                    region_size: d.layout.size as u64,
+                    geom_a: d.layout.cap as u64,
+                    geom_b: 0,
+                };
+                Ok((Response::Attached(a), fds))
+            }
+            Res::Queued(q) => {
+                let memfd = q.memfd[e]
+                    .take()
+                    .ok_or(RequestError::AlreadyAttached(id, e))?;
+                let fds = vec![memfd, dup(&q.kick[e])?, dup(&q.call[e])?];
+                let a = Attachment {
+                    conn_id: id,
+                    mode: Mode::Queued,
+                    side,
+                    region_size: q.layout.size as u64,
+                    geom_a: u64::from(q.layout.qsize),
+                    geom_b: q.layout.slot as u64,
+                };
+                Ok((Response::Attached(a), fds))
+            }
+        }
+    }
+
+    fn attach(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
+        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        let (id, e) = *self
+            .reg
+            .by_inode
+            .get(&inode)
+            .ok_or(RequestError::NoConnection(inode))?;
+        let reply = self.hand_out(id, e)?;
+        let (pid, local) = (self.session(sid).pid, sys::local_addr(fd.as_fd()).ok());
+        if let Some(conn) = self.reg.conns.get_mut(&id) {
+            let end = &mut conn.ends[e];
+            end.session = sid;
+            end.pid = pid;
+            if let Some(a) = local {
+                end.addr = a;
+            }
+        }
+        Ok(reply)
+    }
+
+    fn release(&mut self, sid: u64, id: u64) -> Result<Reply, RequestError> {
+        let conn = self.reg.conns.get(&id).ok_or(RequestError::NotHeld(id))?;
+        let e = (0..2)
+            .find(|e| conn.ends[*e].session == sid && !conn.ends[*e].released)
+            .ok_or(RequestError::NotHeld(id))?;
+        self.release_end(id, e);
+        Ok((Response::Ok, vec![]))
+    }
+
+    fn release_end(&mut self, id: u64, e: usize) {
+        let Some(conn) = self.reg.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.ends[e].released {
+            return;
+        }
+        conn.ends[e].released = true;
+        let (uid, inode, bytes) = (conn.ends[e].uid, conn.ends[e].inode, conn.bytes);
+        let both = conn.ends.iter().all(|x| x.released);
+        if conn.mode == Mode::Queued {
+            self.engine.send(Cmd::SideGone { id, side: e });
+        }
+        self.reg
+            .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
+        self.reg.by_inode.remove(&inode);
+        if both {
+            self.reg.conns.remove(&id);
+        }
+    }
+
+    /// Forgets everything a session held (its process closed the socket or died).
+    pub fn end_session(&mut self, sid: u64) {
+        self.sessions.remove(&sid);
+        self.reg.listeners.retain(|_, l| l.session != sid);
+        self.reg.intents.retain(|_, i| i.end.session != sid);
+        self.reg
+            .claimed
+            .retain(|_, c| c.end.session != sid && c.intent.end.session != sid);
+        let held: Vec<(u64, usize)> = self
+            .reg
+            .conns
+            .values()
+            .flat_map(|c| {
+                (0..2)
+                    .filter(|e| c.ends[*e].session == sid)
+                    .map(move |e| (c.id, e))
+            })
+            .collect();
+        for (id, e) in held {
+            self.release_end(id, e);
+        }
+    }
+
+    /// Adds a session.
+    pub fn add_session(&mut self, sid: u64, s: Session) {
+        self.totals.sessions += 1;
+        self.sessions.insert(sid, s);
+    }
+
+    /// Counts a malformed control message.
+    pub fn bad_message(&mut self) {
+        self.totals.bad_messages += 1;
+    }
+
+    /// Session by id.
+    pub fn session_sock(&self, sid: u64) -> Option<&sys::SeqPacket> {
+        self.sessions.get(&sid).map(|s| &s.sock)
+    }
+
+    /// Drops stale intents.
+    pub fn expire(&mut self) {
+        self.reg.expire(Instant::now(), 30);
+    }
+
+    fn stats(&self, after: u64, limit: u16) -> Reply {
+        let mut conns = Vec::new();
+        let mut more = false;
+        for c in self
+            .reg
+            .conns
+            .range(after.saturating_add(1)..)
+            .map(|(_, c)| c)
+        {
+            if conns.len() == usize::from(limit) {
+                more = true;
+                break;
+            }
+            conns.push(conn_json(c));
+        }
+        let page = Page {
+            devd: DevdJson {
+                pid: std::process::id(),
+                uptime_s: self.started.elapsed().as_secs(),
+                backend: self.backend,
+                sessions: self.sessions.len(),
+                live_connections: self.reg.conns.len(),
+                listeners: self.reg.listeners.len(),
+            },
+            totals: self.totals.json(),
+            connections: conns,
+        };
+        let json =
+            serde_json::to_string(&page).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        (Response::Stats { json, more }, vec![])
+    }
+}
+
+fn conn_json(c: &Conn) -> ConnJson {
+    let state = if c.ends.iter().any(|e| e.released) {
+        "closing"
+    } else {
+        "open"
+    };
+    let pids = [c.ends[0].pid, c.ends[1].pid];
+    let (local, remote) = (c.ends[0].addr.to_string(), c.ends[1].addr.to_string());
+    match &c.res {
+        Res::Direct(d) => {
+            let snaps = [
+                stream::snapshot(&d.header, d.layout, 0),
+                stream::snapshot(&d.header, d.layout, 1),
+            ];
+            let fill = |s: &stream::DirSnapshot| s.head.saturating_sub(s.tail);
+            let rings = snaps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RingJson {
+                    from: if i == 0 { "connector" } else { "acceptor" },
+                    head: s.head,
+                    tail: s.tail,
+                    fill: fill(s),
+                    cap: d.layout.cap as u64,
+                    flags: flag_names(s.flags),
+                    consumer_asleep: s.cons_wait & 1 == 1,
+                    producer_asleep: s.prod_wait & 1 == 1,
+                    consumer_closed: s.cons_closed,
+                })
+                .collect();
+            let half = snaps.iter().any(|s| s.flags & FLAG_EOS != 0);
+            ConnJson {
+                id: c.id,
+                mode: "direct",
+                state: if state == "open" && half {
+                    "half-closed"
+                } else {
+                    state
+                },
+                pids,
+                local,
+                remote,
+                bytes_c2a: snaps[0].head,
+                bytes_a2c: snaps[1].head,
+                ring_fill: [fill(&snaps[0]), fill(&snaps[1])],
+                notify_sent: snaps[0].notify_sent.wrapping_add(snaps[1].notify_sent),
+                notify_suppressed: snaps[0]
+                    .notify_suppressed
+                    .wrapping_add(snaps[1].notify_suppressed),
+                region_size: d.layout.size as u64,
+                rings,
+            }
+        }
+        Res::Queued(q) => {
+            let k = &q.counters;
+            let g = QueuedCounters::get;
+            ConnJson {
+                id: c.id,
+                mode: "queued",
+                state,
+                pids,
+                local,
+                remote,
+                bytes_c2a: g(&k.bytes[0]),
+                bytes_a2c: g(&k.bytes[1]),
+                ring_fill: [0, 0],
+                notify_sent: g(&k.calls[0]) + g(&k.calls[1]),
+                notify_suppressed: g(&k.calls_suppressed[0]) + g(&k.calls_suppressed[1]),
+                region_size: q.layout.size as u64,
+                rings: Vec::new(),
+            }
+        }
+    }
+}
+
+fn flag_names(f: u32) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if f & layout::FLAG_EOS != 0 {
+        v.push("eos");
+    }
+    if f & layout::FLAG_RESET != 0 {
+        v.push("reset");
+    }
+    v
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}

@@ -1,0 +1,179 @@
+//! Who listens where, who intends to connect where, and the live
+//! connections with their resources. Owned by the control thread only.
+
+use crate::stats::QueuedCounters;
+use ssock_rings::codec::Mode;
+use ssock_rings::layout::{DirectLayout, QueuedLayout};
+use ssock_rings::shm::Mapping;
+use ssock_rings::sys::EventFd;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A registered listening socket.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Session that registered it.
+    pub session: u64,
+    /// Bound address.
+    pub addr: SocketAddr,
+}
+
+/// Key under which an intent waits for its accept: (connector port,
+/// destination ip, destination port), exactly as the acceptor sees it as
+/// (peer port, local ip, local port).
+pub type IntentKey = (u16, IpAddr, u16);
+
+/// Normalizes an address as both ends of a local TCP connection see it.
+pub fn canon(ip: IpAddr) -> IpAddr {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        match ip {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        ip
+    }
+}
+
+/// A connector's announced connection.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// Token the Hello will carry.
+    pub token: u64,
+    /// Mode decided.
+    pub mode: Mode,
+    /// Connector's end.
+    pub end: End,
+    /// When it was made (intents expire).
+    pub at: Instant,
+}
+
+/// One end of a connection.
+#[derive(Debug, Clone)]
+pub struct End {
+    /// Session of the process that set it up.
+    pub session: u64,
+    /// That process.
+    pub pid: i32,
+    /// Its user.
+    pub uid: u32,
+    /// Kernel socket inode.
+    pub inode: u64,
+    /// Local address of this end.
+    pub addr: SocketAddr,
+    /// Whether it was released (closed, or its process ended).
+    pub released: bool,
+}
+
+/// An intent claimed by an acceptor, waiting for Pair.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The intent.
+    pub intent: Intent,
+    /// Acceptor's end.
+    pub end: End,
+}
+
+/// Resources of a Direct connection.
+#[derive(Debug)]
+pub struct DirectRes {
+    /// The region (kept to attach exec'd images and fd receivers).
+    pub memfd: OwnedFd,
+    /// Eventfd per end [connector, acceptor].
+    pub bells: [EventFd; 2],
+    /// Read-only view of the header page, for stats.
+    pub header: Mapping,
+    /// Geometry.
+    pub layout: DirectLayout,
+}
+
+/// Resources of a Queued connection.
+#[derive(Debug)]
+pub struct QueuedRes {
+    /// Each side's region (handed out once at attach).
+    pub memfd: [Option<OwnedFd>; 2],
+    /// Client -> devd doorbells (devd's copies are with the engine).
+    pub kick: [OwnedFd; 2],
+    /// devd -> client interrupts.
+    pub call: [OwnedFd; 2],
+    /// Geometry (same for both sides).
+    pub layout: QueuedLayout,
+    /// Counters shared with the engine.
+    pub counters: Arc<QueuedCounters>,
+}
+
+/// Resources by mode.
+#[derive(Debug)]
+pub enum Res {
+    /// Direct.
+    Direct(DirectRes),
+    /// Queued.
+    Queued(QueuedRes),
+}
+
+/// A live accelerated connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// devd's id.
+    pub id: u64,
+    /// Direct or Queued.
+    pub mode: Mode,
+    /// [connector, acceptor].
+    pub ends: [End; 2],
+    /// Resources.
+    pub res: Res,
+    /// Region bytes charged to each end's user.
+    pub bytes: usize,
+}
+
+/// All control-plane tables.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Listeners by socket inode.
+    pub listeners: HashMap<u64, Listener>,
+    /// Intents awaiting their accept.
+    pub intents: HashMap<IntentKey, Intent>,
+    /// Claimed intents awaiting Pair, by token.
+    pub claimed: HashMap<u64, Claimed>,
+    /// Live connections by id (ordered for paging).
+    pub conns: BTreeMap<u64, Conn>,
+    /// (connection id, end) by socket inode.
+    pub by_inode: HashMap<u64, (u64, usize)>,
+    /// (live ends, region bytes) by uid.
+    pub usage: HashMap<u32, (usize, usize)>,
+    /// Next connection id.
+    pub next_id: u64,
+}
+
+impl Registry {
+    /// Finds a listener that `dst` reaches.
+    pub fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
+        let dip = canon(dst.ip());
+        self.listeners.values().find(|l| {
+            l.addr.port() == dst.port()
+                && (l.addr.ip().is_unspecified() || canon(l.addr.ip()) == dip)
+        })
+    }
+
+    /// Charges or refunds a user's usage.
+    pub fn charge(&mut self, uid: u32, ends: isize, bytes: isize) {
+        let u = self.usage.entry(uid).or_default();
+        u.0 = u.0.saturating_add_signed(ends);
+        u.1 = u.1.saturating_add_signed(bytes);
+        if *u == (0, 0) {
+            self.usage.remove(&uid);
+        }
+    }
+
+    /// Drops intents and claims older than `max_age_s`.
+    pub fn expire(&mut self, now: Instant, max_age_s: u64) {
+        self.intents
+            .retain(|_, i| now.duration_since(i.at).as_secs() < max_age_s);
+        self.claimed
+            .retain(|_, c| now.duration_since(c.intent.at).as_secs() < max_age_s);
+    }
+}

@@ -1,0 +1,158 @@
+//! The control thread's event loop: accepts sessions on the control socket
+//! and serves their requests, all from one epoll set (sessions are
+//! nonblocking; a client that does not read its replies is dropped).
+
+use super::{Devd, Session};
+use crate::sys as dsys;
+use ssock_rings::codec::{Request, Response, MAX_FDS, MAX_FRAME};
+use ssock_rings::sys::SeqPacket;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+const LISTENER: u64 = 0;
+const SIGNALS: u64 = 1;
+const FIRST_SESSION: u64 = 2;
+
+/// Serves the control socket until SIGTERM/SIGINT/SIGHUP.
+pub fn serve(devd: &mut Devd, listener: &SeqPacket, signals: &OwnedFd) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        signals.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, SIGNALS),
+    )?;
+    let mut next = FIRST_SESSION;
+    let mut events = vec![EpollEvent::default(); 64];
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let n = match epoll.wait(5000, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            devd.expire();
+        }
+        for ev in &events[..n] {
+            match ev.data() {
+                LISTENER => loop {
+                    match listener.accept() {
+                        Ok(sock) => {
+                            let Ok((pid, uid, gid)) = sock.peer_cred() else {
+                                continue;
+                            };
+                            let sid = next;
+                            next += 1;
+                            let e = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, sid);
+                            if epoll
+                                .ctl(ControlOperation::Add, sock.as_raw_fd(), e)
+                                .is_ok()
+                            {
+                                log::debug!("session {sid}: pid {pid} uid {uid}");
+                                devd.add_session(
+                                    sid,
+                                    Session {
+                                        sock,
+                                        pid,
+                                        uid,
+                                        gid,
+                                    },
+                                );
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // EMFILE and friends: log, let the backlog wait.
+                            log::warn!("accepting a control session failed: {e}");
+                            break;
+                        }
+                    }
+                },
+                SIGNALS => {
+                    if let Some(sig) = dsys::read_signal(signals.as_raw_fd()) {
+                        log::info!("signal {sig}: shutting down");
+                        return Ok(());
+                    }
+                }
+                sid => {
+                    if !serve_one(devd, sid, &mut buf) {
+                        if let Some(s) = devd.session_sock(sid) {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                s.as_raw_fd(),
+                                EpollEvent::default(),
+                            );
+                        }
+                        devd.end_session(sid);
+                        log::debug!("session {sid} ended");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads and answers the messages waiting on session `sid`; false ends it.
+fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
+    for _ in 0..64 {
+        let Some(sock) = devd.session_sock(sid) else {
+            return false;
+        };
+        let (n, fds) = match sock.recv(buf, MAX_FDS) {
+            Ok((0, _)) => return false,
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                devd.bad_message();
+                let r = Response::Error {
+                    code: 22,
+                    message: format!("control message refused: {e}"),
+                };
+                if !reply(devd, sid, &r, &[]) {
+                    return false;
+                }
+                continue;
+            }
+            Err(_) => return false,
+        };
+        let resp = match Request::decode(&buf[..n], fds.len()) {
+            Ok(req) => devd.handle(sid, req, fds),
+            Err(e) => {
+                devd.bad_message();
+                log::warn!("session {sid}: malformed control message: {e}");
+                (
+                    Response::Error {
+                        code: 22,
+                        message: format!("control message refused: {e}"),
+                    },
+                    vec![],
+                )
+            }
+        };
+        if !reply(devd, sid, &resp.0, &resp.1) {
+            return false;
+        }
+    }
+    true
+}
+
+fn reply(devd: &Devd, sid: u64, r: &Response, fds: &[OwnedFd]) -> bool {
+    let Some(sock) = devd.session_sock(sid) else {
+        return false;
+    };
+    let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    match sock.send(&r.encode(), &b) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("session {sid}: reply failed, dropping it: {e}");
+            false
+        }
+    }
+}

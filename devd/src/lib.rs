@@ -1,0 +1,60 @@
+//! ssock-devd: the device daemon. It owns the interconnect (a backend),
+//! brokers connections between client processes (listener registry,
+//! intents, pairing, sealed regions), serves Queued connections from its
+//! engine thread, and reports statistics.
+//!
+//! Never here: application bytes of Direct connections (devd is not on that
+//! path), trust in anything a client wrote into shared memory.
+
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod stats;
+mod sys;
+
+use anyhow::Context;
+use config::Config;
+use ssock_hwbackends::loopback::Loopback;
+use ssock_hwbackends::Backend;
+use ssock_rings::sys::SeqPacket;
+use std::os::unix::fs::PermissionsExt;
+
+/// Runs devd until it is told to stop.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let _ = ssock_rings::sys::raise_nofile_limit();
+    let signals = sys::termination_signalfd().context("cannot set up signal handling")?;
+    let listener = bind(&cfg)?;
+    let backend: Box<dyn Backend> = Box::new(Loopback::default());
+    let name = backend.capabilities().name;
+    let engine = dataplane::engine::spawn(backend).context("cannot start the engine thread")?;
+    let mut devd = control::Devd::new(cfg.clone(), engine, name);
+    sys::sd_notify_ready();
+    log::info!("devd ready on {}", cfg.socket.display());
+    let r = control::server::serve(&mut devd, &listener, &signals);
+    let _ = std::fs::remove_file(&cfg.socket);
+    r.context("control loop failed")
+}
+
+fn bind(cfg: &Config) -> anyhow::Result<SeqPacket> {
+    let path = &cfg.socket;
+    let dir = path.parent().context("socket path has no directory")?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if cfg.user_mode {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if SeqPacket::connect(path).is_ok() {
+            anyhow::bail!("another devd is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    let l = SeqPacket::listen(path, 128)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}

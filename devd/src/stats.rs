@@ -1,0 +1,201 @@
+//! Statistics: totals since devd started, and the per-connection view that
+//! ringstat shows (see docs/ringstat.md for the JSON fields). Hot-path
+//! counters live in the regions and in [`QueuedCounters`], never in logs.
+
+use serde::Serialize;
+use ssock_rings::codec::{FallbackReason, Mode};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Totals since start.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Accelerated connections created, by mode.
+    pub direct: u64,
+    /// Queued connections created.
+    pub queued: u64,
+    /// Connections that stayed on kernel TCP (sum of fallbacks).
+    pub kernel: u64,
+    /// Fallbacks by reason.
+    pub fallbacks: BTreeMap<FallbackReason, u64>,
+    /// Connections reset because a party broke a ring protocol.
+    pub violations: u64,
+    /// Control messages refused as malformed.
+    pub bad_messages: u64,
+    /// Sessions accepted.
+    pub sessions: u64,
+}
+
+impl Totals {
+    /// Counts one connection that stays on kernel TCP.
+    pub fn fallback(&mut self, r: FallbackReason) {
+        self.kernel += 1;
+        *self.fallbacks.entry(r).or_default() += 1;
+    }
+
+    /// Counts a created accelerated connection.
+    pub fn created(&mut self, m: Mode) {
+        match m {
+            Mode::Direct => self.direct += 1,
+            Mode::Queued => self.queued += 1,
+            Mode::Kernel => self.kernel += 1,
+        }
+    }
+
+    /// JSON view.
+    pub fn json(&self) -> TotalsJson {
+        TotalsJson {
+            connections: ModeCounts {
+                direct: self.direct,
+                queued: self.queued,
+                kernel: self.kernel,
+            },
+            fallbacks: FallbackReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.name().to_string(),
+                        self.fallbacks.get(r).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
+            violations: self.violations,
+            bad_messages: self.bad_messages,
+            sessions: self.sessions,
+        }
+    }
+}
+
+/// Counters the Queued engine keeps for one connection.
+#[derive(Debug, Default)]
+pub struct QueuedCounters {
+    /// Bytes moved from each side's TX (index: side that sent).
+    pub bytes: [AtomicU64; 2],
+    /// Interrupts (call eventfd writes) sent to each side.
+    pub calls: [AtomicU64; 2],
+    /// Interrupts suppressed by used_event.
+    pub calls_suppressed: [AtomicU64; 2],
+    /// Whether a side was reset for a violation.
+    pub violation: [AtomicU64; 2],
+}
+
+impl QueuedCounters {
+    /// Adds to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        // Relaxed: statistics, read by the control thread for display only.
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// JSON: counts by mode.
+#[derive(Debug, Serialize)]
+pub struct ModeCounts {
+    /// Direct.
+    pub direct: u64,
+    /// Queued.
+    pub queued: u64,
+    /// Kernel.
+    pub kernel: u64,
+}
+
+/// JSON: totals.
+#[derive(Debug, Serialize)]
+pub struct TotalsJson {
+    /// Connections by mode since start.
+    pub connections: ModeCounts,
+    /// Fallbacks by reason since start.
+    pub fallbacks: BTreeMap<String, u64>,
+    /// Connections reset for protocol violations.
+    pub violations: u64,
+    /// Malformed control messages.
+    pub bad_messages: u64,
+    /// Sessions accepted.
+    pub sessions: u64,
+}
+
+/// JSON: one ring direction.
+#[derive(Debug, Serialize)]
+pub struct RingJson {
+    /// Producer's end.
+    pub from: &'static str,
+    /// Bytes produced (head) / consumed (tail).
+    pub head: u64,
+    /// Bytes consumed.
+    pub tail: u64,
+    /// Bytes in the ring.
+    pub fill: u64,
+    /// Capacity.
+    pub cap: u64,
+    /// Marks: "eos", "reset".
+    pub flags: Vec<&'static str>,
+    /// Whether the consumer/producer is asleep.
+    pub consumer_asleep: bool,
+    /// Producer asleep waiting for space.
+    pub producer_asleep: bool,
+    /// Consumer closed.
+    pub consumer_closed: bool,
+}
+
+/// JSON: one live connection.
+#[derive(Debug, Serialize)]
+pub struct ConnJson {
+    /// devd's id.
+    pub id: u64,
+    /// "direct" or "queued".
+    pub mode: &'static str,
+    /// "open", "half-closed", "closing".
+    pub state: &'static str,
+    /// Pids [connector, acceptor] (0: not attached).
+    pub pids: [i32; 2],
+    /// Connector's address.
+    pub local: String,
+    /// Acceptor's address.
+    pub remote: String,
+    /// Bytes connector -> acceptor.
+    pub bytes_c2a: u64,
+    /// Bytes acceptor -> connector.
+    pub bytes_a2c: u64,
+    /// Bytes waiting in each direction's ring [c2a, a2c].
+    pub ring_fill: [u64; 2],
+    /// Wake-ups sent.
+    pub notify_sent: u64,
+    /// Wake-ups suppressed.
+    pub notify_suppressed: u64,
+    /// Region bytes (per side for Queued).
+    pub region_size: u64,
+    /// Ring detail (Direct) or queue counters (Queued).
+    pub rings: Vec<RingJson>,
+}
+
+/// JSON: a stats page.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// devd facts.
+    pub devd: DevdJson,
+    /// Totals since start.
+    pub totals: TotalsJson,
+    /// Connections in this page, by id.
+    pub connections: Vec<ConnJson>,
+}
+
+/// JSON: devd facts.
+#[derive(Debug, Serialize)]
+pub struct DevdJson {
+    /// Process id.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Backend name.
+    pub backend: &'static str,
+    /// Live sessions.
+    pub sessions: usize,
+    /// Live accelerated connections.
+    pub live_connections: usize,
+    /// Registered listeners.
+    pub listeners: usize,
+}

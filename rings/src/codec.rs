@@ -1,0 +1,892 @@
+//! The control-message codec (protocol version 1): what clients and devd
+//! say to each other over the SOCK_SEQPACKET control socket.
+//!
+//! Frame: `magic u32 | version u16 | type u16 | body_len u32 | body`, all
+//! little-endian. Every field is read with bounds checks; unknown types,
+//! wrong versions, trailing bytes and out-of-range values are errors, never
+//! panics. File descriptors travel beside the frame (SCM_RIGHTS); each
+//! message type says how many it carries, and the receiver checks that.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// "SSCK".
+pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
+/// Control protocol version.
+pub const CTL_VERSION: u16 = 1;
+/// Largest frame either side sends or accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Largest number of fds one message carries.
+pub const MAX_FDS: usize = 4;
+const HDR: usize = 12;
+
+/// Why a received frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Frame shorter than its header or its declared body.
+    #[error("control frame truncated: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// Wrong magic.
+    #[error("control frame magic {0:#x} is not ssock's")]
+    Magic(u32),
+    /// Peer speaks another protocol version.
+    #[error("control protocol version {got}, expected {want}")]
+    Version {
+        /// Received.
+        got: u16,
+        /// Ours.
+        want: u16,
+    },
+    /// Unknown message type.
+    #[error("unknown control message type {0}")]
+    Type(u16),
+    /// A field had a value outside its domain.
+    #[error("control message field {field} has invalid value {value}")]
+    Field {
+        /// Field name.
+        field: &'static str,
+        /// Offending value.
+        value: u64,
+    },
+    /// Bytes left after the body.
+    #[error("{0} trailing bytes after control message")]
+    Trailing(usize),
+    /// Wrong number of fds for the message.
+    #[error("message {msg} carries {got} fds, expected {want}")]
+    Fds {
+        /// Message name.
+        msg: &'static str,
+        /// Received.
+        got: usize,
+        /// Expected.
+        want: usize,
+    },
+}
+
+/// Transport modes a connection can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Kernel TCP (no acceleration).
+    Kernel = 0,
+    /// Shared stream rings between the two processes.
+    Direct = 1,
+    /// Virtqueues served by devd through a backend.
+    Queued = 2,
+}
+
+impl Mode {
+    /// Lower-case name, as shown by ringstat.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            Mode::Direct => "direct",
+            Mode::Queued => "queued",
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Mode, DecodeError> {
+        Ok(match v {
+            0 => Mode::Kernel,
+            1 => Mode::Direct,
+            2 => Mode::Queued,
+            _ => {
+                return Err(DecodeError::Field {
+                    field: "mode",
+                    value: u64::from(v),
+                })
+            }
+        })
+    }
+}
+
+/// What a client asks for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModePref {
+    /// devd's configured default.
+    Auto = 0,
+    /// Direct if possible.
+    Direct = 1,
+    /// Queued if possible.
+    Queued = 2,
+    /// Never accelerate.
+    Kernel = 3,
+}
+
+impl ModePref {
+    fn from_u8(v: u8) -> Result<ModePref, DecodeError> {
+        Ok(match v {
+            0 => ModePref::Auto,
+            1 => ModePref::Direct,
+            2 => ModePref::Queued,
+            3 => ModePref::Kernel,
+            _ => {
+                return Err(DecodeError::Field {
+                    field: "mode_pref",
+                    value: u64::from(v),
+                })
+            }
+        })
+    }
+}
+
+macro_rules! reasons {
+    ($( $(#[$m:meta])* $name:ident = $code:expr, $text:expr; )*) => {
+        /// Why a connection stayed on (or went back to) kernel TCP.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum FallbackReason { $( $(#[$m])* $name = $code, )* }
+        impl FallbackReason {
+            /// All reasons, for totals.
+            pub const ALL: &'static [FallbackReason] = &[$(FallbackReason::$name,)*];
+            /// Stable snake_case name (ringstat, JSON).
+            pub fn name(self) -> &'static str { match self { $(FallbackReason::$name => $text,)* } }
+            /// From the wire code.
+            pub fn from_u16(v: u16) -> Option<FallbackReason> {
+                match v { $($code => Some(FallbackReason::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The destination is not a registered ssock listener.
+    PeerNotEnabled = 1, "peer_not_enabled";
+    /// Policy does not allow this user/port.
+    Policy = 2, "policy";
+    /// Per-user connection or memory cap reached.
+    Limit = 3, "limit";
+    /// The application or config asked for kernel TCP.
+    Requested = 4, "requested";
+    /// The peer's Hello did not arrive in time.
+    HelloTimeout = 5, "hello_timeout";
+    /// The first bytes were not a valid Hello.
+    BadHello = 6, "bad_hello";
+    /// The peer speaks another protocol version.
+    Version = 7, "version";
+    /// The server side refused in its HelloAck.
+    Refused = 8, "refused";
+    /// devd failed to set the connection up.
+    DevdError = 9, "devd_error";
+    /// The socket uses a feature ssock keeps on the kernel (e.g. MSG_OOB).
+    Unsupported = 10, "unsupported";
+    /// The address is not on this host / not reachable through a backend.
+    NotLocal = 11, "not_local";
+}
+
+/// Which end of a connection a process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The end that called connect().
+    Connector = 0,
+    /// The end that came out of accept().
+    Acceptor = 1,
+}
+
+impl Side {
+    fn from_u8(v: u8) -> Result<Side, DecodeError> {
+        match v {
+            0 => Ok(Side::Connector),
+            1 => Ok(Side::Acceptor),
+            _ => Err(DecodeError::Field {
+                field: "side",
+                value: u64::from(v),
+            }),
+        }
+    }
+}
+
+/// Everything a process needs to use its end of an accelerated connection.
+/// Direct carries fds [region, own eventfd, peer eventfd]; Queued carries
+/// [region, kick eventfd (client -> devd), call eventfd (devd -> client)].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    /// devd's connection id.
+    pub conn_id: u64,
+    /// Direct or Queued.
+    pub mode: Mode,
+    /// Which end this is.
+    pub side: Side,
+    /// Region size in bytes.
+    pub region_size: u64,
+    /// Direct: ring capacity; Queued: queue size.
+    pub geom_a: u64,
+    /// Queued: slot size; Direct: 0.
+    pub geom_b: u64,
+}
+
+/// Client -> devd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First message of a session. No fds.
+    Hello {
+        /// Client's pid as it believes it (devd uses SO_PEERCRED).
+        pid: u32,
+    },
+    /// Register a listening socket. fds: [listening socket].
+    Listen,
+    /// Forget a listener. fds: [listening socket].
+    Unlisten,
+    /// About to connect the bound socket to `dst`. fds: [the socket].
+    Intent {
+        /// Destination address.
+        dst: SocketAddr,
+        /// What the application asked for.
+        pref: ModePref,
+    },
+    /// An accepted socket: is there an intent for it? fds: [accepted socket].
+    Claim,
+    /// Hello verified: create the connection. fds: [accepted socket].
+    Pair {
+        /// Token from the Hello.
+        token: u64,
+    },
+    /// Map this socket's connection (connector after HelloAck, exec'd
+    /// images, fd receivers). fds: [socket].
+    Attach,
+    /// This process is done with the connection (it closed its socket).
+    Release {
+        /// Connection id.
+        conn_id: u64,
+    },
+    /// Record a fallback the client decided on. No fds.
+    Fallback {
+        /// Why.
+        reason: FallbackReason,
+    },
+    /// Statistics page: connections with id > `after`, at most `limit`.
+    Stats {
+        /// Last id of the previous page (0 for the first).
+        after: u64,
+        /// Page size (1..=256).
+        limit: u16,
+    },
+}
+
+/// devd -> client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Session accepted.
+    Welcome {
+        /// Spin budget the config asks clients to use, in microseconds.
+        spin_us: u32,
+        /// devd's default mode for Auto.
+        default_mode: Mode,
+    },
+    /// Done.
+    Ok,
+    /// Intent accepted: send a Hello with `token` after connecting.
+    Proceed {
+        /// Token for the Hello.
+        token: u64,
+    },
+    /// Stay on kernel TCP.
+    Kernel {
+        /// Why.
+        reason: FallbackReason,
+    },
+    /// Claim found an intent: read a Hello carrying `token`.
+    Expect {
+        /// Token to expect.
+        token: u64,
+    },
+    /// The connection's resources (fds beside the frame).
+    Attached(Attachment),
+    /// A statistics page, as JSON text (see docs/ringstat.md).
+    Stats {
+        /// JSON.
+        json: String,
+        /// Whether more pages follow.
+        more: bool,
+    },
+    /// The request failed.
+    Error {
+        /// errno-like code.
+        code: u32,
+        /// Human-readable sentence.
+        message: String,
+    },
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn new(ty: u16) -> W {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&CTL_MAGIC.to_le_bytes());
+        v.extend_from_slice(&CTL_VERSION.to_le_bytes());
+        v.extend_from_slice(&ty.to_le_bytes());
+        v.extend_from_slice(&0u32.to_le_bytes());
+        W(v)
+    }
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        let len = u32::try_from(b.len()).expect("field longer than 4 GiB");
+        self.u32(len);
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn addr(&mut self, a: &SocketAddr) -> &mut Self {
+        match a.ip() {
+            IpAddr::V4(ip) => {
+                self.u8(4);
+                self.0.extend_from_slice(&ip.to_ipv6_mapped().octets());
+            }
+            IpAddr::V6(ip) => {
+                self.u8(6);
+                self.0.extend_from_slice(&ip.octets());
+            }
+        }
+        self.u16(a.port())
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.0.len() - HDR).expect("frame too long");
+        self.0[8..12].copy_from_slice(&len.to_le_bytes());
+        assert!(self.0.len() <= MAX_FRAME, "control frame over MAX_FRAME");
+        self.0
+    }
+}
+
+struct R<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).ok_or(DecodeError::Truncated {
+            need: usize::MAX,
+            have: self.b.len(),
+        })?;
+        let s = self.b.get(self.at..end).ok_or(DecodeError::Truncated {
+            need: end,
+            have: self.b.len(),
+        })?;
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(DecodeError::Field {
+                field,
+                value: u64::from(v),
+            }),
+        }
+    }
+    fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MAX_FRAME {
+            return Err(DecodeError::Field {
+                field,
+                value: n as u64,
+            });
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Field {
+            field,
+            value: n as u64,
+        })
+    }
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
+        let fam = self.u8()?;
+        let raw: [u8; 16] = self.take(16)?.try_into().expect("16 bytes");
+        let port = self.u16()?;
+        let ip6 = Ipv6Addr::from(raw);
+        let ip = match fam {
+            4 => IpAddr::V4(ip6.to_ipv4_mapped().ok_or(DecodeError::Field {
+                field: "addr",
+                value: 4,
+            })?),
+            6 => IpAddr::V6(ip6),
+            v => {
+                return Err(DecodeError::Field {
+                    field: "family",
+                    value: u64::from(v),
+                })
+            }
+        };
+        Ok(SocketAddr::new(ip, port))
+    }
+    fn reason(&mut self) -> Result<FallbackReason, DecodeError> {
+        let v = self.u16()?;
+        FallbackReason::from_u16(v).ok_or(DecodeError::Field {
+            field: "reason",
+            value: u64::from(v),
+        })
+    }
+    fn end(&self) -> Result<(), DecodeError> {
+        match self.b.len() - self.at {
+            0 => Ok(()),
+            n => Err(DecodeError::Trailing(n)),
+        }
+    }
+}
+
+fn open(frame: &[u8]) -> Result<(u16, R<'_>), DecodeError> {
+    let mut r = R { b: frame, at: 0 };
+    let magic = r.u32()?;
+    if magic != CTL_MAGIC {
+        return Err(DecodeError::Magic(magic));
+    }
+    let version = r.u16()?;
+    if version != CTL_VERSION {
+        return Err(DecodeError::Version {
+            got: version,
+            want: CTL_VERSION,
+        });
+    }
+    let ty = r.u16()?;
+    let len = r.u32()? as usize;
+    if frame.len() != HDR + len {
+        return Err(DecodeError::Truncated {
+            need: HDR + len,
+            have: frame.len(),
+        });
+    }
+    Ok((ty, r))
+}
+
+fn check_fds(msg: &'static str, got: usize, want: usize) -> Result<(), DecodeError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(DecodeError::Fds { msg, got, want })
+    }
+}
+
+impl Request {
+    /// Number of fds that must travel with this request.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Request::Listen | Request::Unlisten | Request::Intent { .. } | Request::Claim => 1,
+            Request::Pair { .. } | Request::Attach => 1,
+            _ => 0,
+        }
+    }
+
+    /// Serializes the request.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Hello { pid } => {
+                let mut w = W::new(1);
+                w.u32(*pid);
+                w.finish()
+            }
+            Request::Listen => W::new(2).finish(),
+            Request::Unlisten => W::new(3).finish(),
+            Request::Intent { dst, pref } => {
+                let mut w = W::new(4);
+                w.addr(dst).u8(*pref as u8);
+                w.finish()
+            }
+            Request::Claim => W::new(5).finish(),
+            Request::Pair { token } => {
+                let mut w = W::new(6);
+                w.u64(*token);
+                w.finish()
+            }
+            Request::Attach => W::new(7).finish(),
+            Request::Release { conn_id } => {
+                let mut w = W::new(8);
+                w.u64(*conn_id);
+                w.finish()
+            }
+            Request::Fallback { reason } => {
+                let mut w = W::new(9);
+                w.u16(*reason as u16);
+                w.finish()
+            }
+            Request::Stats { after, limit } => {
+                let mut w = W::new(10);
+                w.u64(*after).u16(*limit);
+                w.finish()
+            }
+        }
+    }
+
+    /// Parses and validates a request that arrived with `fds` descriptors.
+    pub fn decode(frame: &[u8], fds: usize) -> Result<Request, DecodeError> {
+        let (ty, mut r) = open(frame)?;
+        let req = match ty {
+            1 => Request::Hello { pid: r.u32()? },
+            2 => Request::Listen,
+            3 => Request::Unlisten,
+            4 => Request::Intent {
+                dst: r.addr()?,
+                pref: ModePref::from_u8(r.u8()?)?,
+            },
+            5 => Request::Claim,
+            6 => Request::Pair { token: r.u64()? },
+            7 => Request::Attach,
+            8 => Request::Release { conn_id: r.u64()? },
+            9 => Request::Fallback {
+                reason: r.reason()?,
+            },
+            10 => {
+                let after = r.u64()?;
+                let limit = r.u16()?;
+                if !(1..=256).contains(&limit) {
+                    return Err(DecodeError::Field {
+                        field: "limit",
+                        value: u64::from(limit),
+                    });
+                }
+                Request::Stats { after, limit }
+            }
+            t => return Err(DecodeError::Type(t)),
+        };
+        r.end()?;
+        check_fds("request", fds, req.fd_count())?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    /// Number of fds that travel with this response.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Response::Attached(_) => 3,
+            _ => 0,
+        }
+    }
+
+    /// Serializes the response.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Welcome {
+                spin_us,
+                default_mode,
+            } => {
+                let mut w = W::new(101);
+                w.u32(*spin_us).u8(*default_mode as u8);
+                w.finish()
+            }
+            Response::Ok => W::new(102).finish(),
+            Response::Proceed { token } => {
+                let mut w = W::new(103);
+                w.u64(*token);
+                w.finish()
+            }
+            Response::Kernel { reason } => {
+                let mut w = W::new(104);
+                w.u16(*reason as u16);
+                w.finish()
+            }
+            Response::Expect { token } => {
+                let mut w = W::new(105);
+                w.u64(*token);
+                w.finish()
+            }
+            Response::Attached(a) => {
+                let mut w = W::new(106);
+                w.u64(a.conn_id)
+                    .u8(a.mode as u8)
+                    .u8(a.side as u8)
+                    .u64(a.region_size)
+                    .u64(a.geom_a)
+                    .u64(a.geom_b);
+                w.finish()
+            }
+            Response::Stats { json, more } => {
+                let mut w = W::new(107);
+                w.bytes(json.as_bytes()).u8(u8::from(*more));
+                w.finish()
+            }
+            Response::Error { code, message } => {
+                let mut w = W::new(108);
+                w.u32(*code).bytes(message.as_bytes());
+                w.finish()
+            }
+        }
+    }
+
+    /// Parses and validates a response that arrived with `fds` descriptors.
+    pub fn decode(frame: &[u8], fds: usize) -> Result<Response, DecodeError> {
+        let (ty, mut r) = open(frame)?;
+        let resp = match ty {
+            101 => {
+                let spin_us = r.u32()?;
+                let default_mode = Mode::from_u8(r.u8()?)?;
+                Response::Welcome {
+                    spin_us,
+                    default_mode,
+                }
+            }
+            102 => Response::Ok,
+            103 => Response::Proceed { token: r.u64()? },
+            104 => Response::Kernel {
+                reason: r.reason()?,
+            },
+            105 => Response::Expect { token: r.u64()? },
+            106 => {
+                let conn_id = r.u64()?;
+                let mode = Mode::from_u8(r.u8()?)?;
+                if mode == Mode::Kernel {
+                    return Err(DecodeError::Field {
+                        field: "mode",
+                        value: 0,
+                    });
+                }
+                let side = Side::from_u8(r.u8()?)?;
+                Response::Attached(Attachment {
+                    conn_id,
+                    mode,
+                    side,
+                    region_size: r.u64()?,
+                    geom_a: r.u64()?,
+                    geom_b: r.u64()?,
+                })
+            }
+            107 => {
+                let json = r.string("json")?;
+                let more = r.bool("more")?;
+                Response::Stats { json, more }
+            }
+            108 => {
+                let code = r.u32()?;
+                let message = r.string("message")?;
+                Response::Error { code, message }
+            }
+            t => return Err(DecodeError::Type(t)),
+        };
+        r.end()?;
+        check_fds("response", fds, resp.fd_count())?;
+        Ok(resp)
+    }
+}
+
+/// The Hello a connector sends as the first bytes on the TCP stream.
+pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKHI\x01");
+/// The HelloAck an acceptor sends back.
+pub const HELLO_ACK_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKACK");
+/// Size of both Hello and HelloAck on the wire.
+pub const HELLO_LEN: usize = 24;
+
+/// HelloAck status: switch to the attached transport.
+pub const ACK_ACCEPT: u16 = 1;
+/// HelloAck status: stay on kernel TCP.
+pub const ACK_KERNEL: u16 = 2;
+
+/// Encodes a Hello: magic, version, flags (0), pad, token.
+pub fn hello(token: u64) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+    b[8..10].copy_from_slice(&CTL_VERSION.to_le_bytes());
+    b[16..24].copy_from_slice(&token.to_le_bytes());
+    b
+}
+
+/// Decodes a Hello into its token.
+pub fn parse_hello(b: &[u8; HELLO_LEN]) -> Result<u64, DecodeError> {
+    let magic = u64::from_le_bytes(b[..8].try_into().expect("8"));
+    if magic != HELLO_MAGIC {
+        return Err(DecodeError::Magic(
+            u32::try_from(magic & 0xffff_ffff).unwrap_or(0),
+        ));
+    }
+    let v = u16::from_le_bytes([b[8], b[9]]);
+    if v != CTL_VERSION {
+        return Err(DecodeError::Version {
+            got: v,
+            want: CTL_VERSION,
+        });
+    }
+    Ok(u64::from_le_bytes(b[16..24].try_into().expect("8")))
+}
+
+/// Encodes a HelloAck with a status.
+pub fn hello_ack(status: u16) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[..8].copy_from_slice(&HELLO_ACK_MAGIC.to_le_bytes());
+    b[8..10].copy_from_slice(&CTL_VERSION.to_le_bytes());
+    b[10..12].copy_from_slice(&status.to_le_bytes());
+    b
+}
+
+/// Decodes a HelloAck into its status.
+pub fn parse_hello_ack(b: &[u8; HELLO_LEN]) -> Result<u16, DecodeError> {
+    let magic = u64::from_le_bytes(b[..8].try_into().expect("8"));
+    if magic != HELLO_ACK_MAGIC {
+        return Err(DecodeError::Magic(
+            u32::try_from(magic & 0xffff_ffff).unwrap_or(0),
+        ));
+    }
+    let v = u16::from_le_bytes([b[8], b[9]]);
+    if v != CTL_VERSION {
+        return Err(DecodeError::Version {
+            got: v,
+            want: CTL_VERSION,
+        });
+    }
+    match u16::from_le_bytes([b[10], b[11]]) {
+        s @ (ACK_ACCEPT | ACK_KERNEL) => Ok(s),
+        s => Err(DecodeError::Field {
+            field: "ack_status",
+            value: u64::from(s),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Hello { pid: 42 },
+            Request::Listen,
+            Request::Unlisten,
+            Request::Intent {
+                dst: "127.0.0.1:80".parse().unwrap(),
+                pref: ModePref::Queued,
+            },
+            Request::Intent {
+                dst: "[::1]:8080".parse().unwrap(),
+                pref: ModePref::Auto,
+            },
+            Request::Claim,
+            Request::Pair { token: 7 },
+            Request::Attach,
+            Request::Release { conn_id: 9 },
+            Request::Fallback {
+                reason: FallbackReason::HelloTimeout,
+            },
+            Request::Stats {
+                after: 3,
+                limit: 100,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for r in all_requests() {
+            let b = r.encode();
+            assert_eq!(Request::decode(&b, r.fd_count()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        let a = Attachment {
+            conn_id: 1,
+            mode: Mode::Direct,
+            side: Side::Acceptor,
+            region_size: 4096,
+            geom_a: 2,
+            geom_b: 3,
+        };
+        for r in [
+            Response::Welcome {
+                spin_us: 30,
+                default_mode: Mode::Direct,
+            },
+            Response::Ok,
+            Response::Proceed { token: 5 },
+            Response::Kernel {
+                reason: FallbackReason::Policy,
+            },
+            Response::Expect { token: 6 },
+            Response::Attached(a),
+            Response::Stats {
+                json: "{}".into(),
+                more: true,
+            },
+            Response::Error {
+                code: 22,
+                message: "no".into(),
+            },
+        ] {
+            let b = r.encode();
+            assert_eq!(Response::decode(&b, r.fd_count()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_every_request_is_an_error() {
+        for r in all_requests() {
+            let b = r.encode();
+            for cut in 0..b.len() {
+                assert!(Request::decode(&b[..cut], r.fd_count()).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        let mut b = Request::Hello { pid: 1 }.encode();
+        b[4] = 9;
+        assert!(matches!(
+            Request::decode(&b, 0),
+            Err(DecodeError::Version { .. })
+        ));
+        let mut b = Request::Hello { pid: 1 }.encode();
+        b[6] = 200;
+        assert!(matches!(
+            Request::decode(&b, 0),
+            Err(DecodeError::Type(200))
+        ));
+        let mut b = Request::Hello { pid: 1 }.encode();
+        b.push(0);
+        assert!(Request::decode(&b, 0).is_err());
+        let b = Request::Listen.encode();
+        assert!(matches!(
+            Request::decode(&b, 0),
+            Err(DecodeError::Fds { .. })
+        ));
+        let b = Request::Stats { after: 0, limit: 1 }.encode();
+        let mut b2 = b.clone();
+        b2[20] = 0;
+        b2[21] = 0;
+        assert!(Request::decode(&b2, 0).is_err());
+    }
+
+    #[test]
+    fn hello_and_ack_round_trip_and_reject_garbage() {
+        assert_eq!(parse_hello(&hello(77)).unwrap(), 77);
+        assert_eq!(parse_hello_ack(&hello_ack(ACK_KERNEL)).unwrap(), ACK_KERNEL);
+        let mut g = hello(1);
+        g[0] ^= 1;
+        assert!(parse_hello(&g).is_err());
+        let mut a = hello_ack(ACK_ACCEPT);
+        a[10] = 9;
+        assert!(parse_hello_ack(&a).is_err());
+    }
+}

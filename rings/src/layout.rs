@@ -1,0 +1,380 @@
+//! Layout of a per-connection region (version 1). See docs/protocol.md.
+//!
+//! ```text
+//! 0      header: magic, version, kind, region size, connection id, geometry
+//! 64     Direct: per direction d (0: connector->acceptor, 1: the reverse)
+//!          64 + 256*d        producer line: head, flags, prod_wait, counters
+//!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters
+//!        Queued: queue addresses, state flags, client counters
+//! 4096   Direct: ring 0 data (cap bytes), ring 1 data (cap bytes)
+//!        Queued: TX and RX virtqueues, then TX slots and RX slots
+//! ```
+//! Producer- and consumer-written words sit on separate cache lines (128
+//! bytes apart, beyond the adjacent-line prefetcher).
+
+use crate::shm::Mapping;
+use std::sync::atomic::Ordering;
+
+/// "SSOCKRG1" in little-endian.
+pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
+/// Layout version; bumped on any incompatible change.
+pub const REGION_VERSION: u32 = 1;
+/// Bytes reserved for the header page.
+pub const HEADER_SIZE: usize = 4096;
+/// Smallest region devd will create.
+pub const MIN_REGION: usize = 16 * 1024;
+/// Largest region devd will create.
+pub const MAX_REGION: usize = 64 * 1024 * 1024;
+
+/// Header word offsets.
+pub mod hdr {
+    /// u64 magic.
+    pub const MAGIC: usize = 0;
+    /// u32 version.
+    pub const VERSION: usize = 8;
+    /// u32 kind (1 direct, 2 queued).
+    pub const KIND: usize = 12;
+    /// u64 region size in bytes.
+    pub const SIZE: usize = 16;
+    /// u64 connection id (devd's).
+    pub const CONN_ID: usize = 24;
+    /// u64 Direct ring capacity, or Queued queue size.
+    pub const GEOM_A: usize = 32;
+    /// u64 Queued slot size (0 for Direct).
+    pub const GEOM_B: usize = 40;
+}
+
+/// Region kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Two stream rings shared by two endpoints.
+    Direct = 1,
+    /// One client's virtqueue pair, served by devd.
+    Queued = 2,
+}
+
+/// Errors found when checking a region header against what was expected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// Region size outside the allowed range or not page-aligned.
+    #[error("region size {0} is outside {MIN_REGION}..={MAX_REGION} or not a multiple of 4096")]
+    Size(usize),
+    /// Header does not describe the region we were told about.
+    #[error("region header field {field} is {got}, expected {want}")]
+    Header {
+        /// Which field.
+        field: &'static str,
+        /// Value found.
+        got: u64,
+        /// Value expected.
+        want: u64,
+    },
+}
+
+fn check_size(size: usize) -> Result<(), LayoutError> {
+    if !(MIN_REGION..=MAX_REGION).contains(&size) || !size.is_multiple_of(4096) {
+        return Err(LayoutError::Size(size));
+    }
+    Ok(())
+}
+
+/// Writes the common header words (done by devd when it creates a region).
+/// `size` is the whole region's size (the mapping may cover only the header).
+pub fn write_header(
+    m: &Mapping,
+    kind: RegionKind,
+    size: usize,
+    conn_id: u64,
+    geom_a: u64,
+    geom_b: u64,
+) {
+    m.u64_at(hdr::MAGIC).store(REGION_MAGIC, Ordering::Relaxed);
+    m.u32_at(hdr::VERSION)
+        .store(REGION_VERSION, Ordering::Relaxed);
+    m.u32_at(hdr::KIND).store(kind as u32, Ordering::Relaxed);
+    m.u64_at(hdr::SIZE).store(size as u64, Ordering::Relaxed);
+    m.u64_at(hdr::CONN_ID).store(conn_id, Ordering::Relaxed);
+    m.u64_at(hdr::GEOM_A).store(geom_a, Ordering::Relaxed);
+    m.u64_at(hdr::GEOM_B).store(geom_b, Ordering::Relaxed);
+}
+
+/// Checks the header of a mapped region against the values the control
+/// message announced; a mismatch means a broken or hostile region.
+pub fn check_header(
+    m: &Mapping,
+    kind: RegionKind,
+    conn_id: u64,
+    geom_a: u64,
+    geom_b: u64,
+) -> Result<(), LayoutError> {
+    let checks = [
+        (
+            "magic",
+            m.u64_at(hdr::MAGIC).load(Ordering::Acquire),
+            REGION_MAGIC,
+        ),
+        (
+            "version",
+            u64::from(m.u32_at(hdr::VERSION).load(Ordering::Relaxed)),
+            u64::from(REGION_VERSION),
+        ),
+        (
+            "kind",
+            u64::from(m.u32_at(hdr::KIND).load(Ordering::Relaxed)),
+            kind as u64,
+        ),
+        (
+            "size",
+            m.u64_at(hdr::SIZE).load(Ordering::Relaxed),
+            m.len() as u64,
+        ),
+        (
+            "conn_id",
+            m.u64_at(hdr::CONN_ID).load(Ordering::Relaxed),
+            conn_id,
+        ),
+        (
+            "geom_a",
+            m.u64_at(hdr::GEOM_A).load(Ordering::Relaxed),
+            geom_a,
+        ),
+        (
+            "geom_b",
+            m.u64_at(hdr::GEOM_B).load(Ordering::Relaxed),
+            geom_b,
+        ),
+    ];
+    for (field, got, want) in checks {
+        if got != want {
+            return Err(LayoutError::Header { field, got, want });
+        }
+    }
+    Ok(())
+}
+
+/// Geometry of a Direct region: two stream rings of `cap` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectLayout {
+    /// Total region size.
+    pub size: usize,
+    /// Capacity of each ring in bytes (a multiple of 64).
+    pub cap: usize,
+}
+
+/// Offsets of one direction's control words and data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirOffsets {
+    /// u64: bytes ever produced (producer line).
+    pub head: usize,
+    /// u32: EOS/RESET marks (producer line).
+    pub flags: usize,
+    /// u32: producer sleep epoch, odd while asleep waiting for space.
+    pub prod_wait: usize,
+    /// u64: wake-ups the producer sent to the consumer.
+    pub prod_notify_sent: usize,
+    /// u64: publishes whose wake-up was suppressed (consumer awake).
+    pub prod_notify_suppressed: usize,
+    /// u64: bytes ever consumed (consumer line).
+    pub tail: usize,
+    /// u32: non-zero once the consumer closed its end.
+    pub cons_closed: usize,
+    /// u32: consumer sleep epoch, odd while asleep waiting for data.
+    pub cons_wait: usize,
+    /// u64: wake-ups the consumer sent to the producer.
+    pub cons_notify_sent: usize,
+    /// u64: consumptions whose wake-up was suppressed.
+    pub cons_notify_suppressed: usize,
+    /// Start of the ring's data bytes.
+    pub data: usize,
+}
+
+/// Stream flag: the producer will write nothing after `head` (FIN).
+pub const FLAG_EOS: u32 = 1;
+/// Stream flag: the producer reset the connection.
+pub const FLAG_RESET: u32 = 2;
+
+impl DirectLayout {
+    /// Geometry for a region of `size` bytes.
+    pub fn for_size(size: usize) -> Result<DirectLayout, LayoutError> {
+        check_size(size)?;
+        let cap = ((size - HEADER_SIZE) / 2) & !63;
+        Ok(DirectLayout { size, cap })
+    }
+
+    /// Geometry announced by devd: checks it is self-consistent.
+    pub fn announced(size: usize, cap: u64) -> Result<DirectLayout, LayoutError> {
+        let l = DirectLayout::for_size(size)?;
+        if l.cap as u64 != cap {
+            return Err(LayoutError::Header {
+                field: "cap",
+                got: cap,
+                want: l.cap as u64,
+            });
+        }
+        Ok(l)
+    }
+
+    /// Offsets for direction `d` (0 or 1).
+    pub fn dir(&self, d: usize) -> DirOffsets {
+        assert!(d < 2);
+        let p = 64 + 256 * d;
+        let c = p + 128;
+        DirOffsets {
+            head: p,
+            flags: p + 8,
+            prod_wait: p + 12,
+            prod_notify_sent: p + 16,
+            prod_notify_suppressed: p + 24,
+            tail: c,
+            cons_closed: c + 8,
+            cons_wait: c + 12,
+            cons_notify_sent: c + 16,
+            cons_notify_suppressed: c + 24,
+            data: HEADER_SIZE + d * self.cap,
+        }
+    }
+}
+
+/// Geometry of a Queued region: a TX and an RX split virtqueue of `qsize`
+/// entries, each with `qsize` buffer slots of `slot` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedLayout {
+    /// Total region size.
+    pub size: usize,
+    /// Entries per queue (power of two).
+    pub qsize: u16,
+    /// Bytes per buffer slot (multiple of 64).
+    pub slot: usize,
+    /// Per queue (0 TX, 1 RX): descriptor table, avail ring, used ring.
+    pub queues: [QueueOffsets; 2],
+    /// First TX slot; RX slots follow the TX slots.
+    pub slots: usize,
+}
+
+/// Where one split virtqueue lives in the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOffsets {
+    /// Descriptor table (16-byte aligned).
+    pub desc: usize,
+    /// Available ring (flags, idx, ring[qsize], used_event).
+    pub avail: usize,
+    /// Used ring (flags, idx, ring[qsize] of {id, len}, avail_event).
+    pub used: usize,
+}
+
+/// Queued state words in the header.
+pub mod qhdr {
+    /// u32 written by the client: FLAG_EOS/FLAG_RESET after its last TX buffer.
+    pub const TX_FLAGS: usize = 192;
+    /// u32 written by devd: FLAG_EOS/FLAG_RESET after the last RX buffer.
+    pub const RX_FLAGS: usize = 256;
+    /// u64 client counter: bytes queued for TX.
+    pub const TX_BYTES: usize = 320;
+    /// u64 client counter: bytes taken from RX.
+    pub const RX_BYTES: usize = 328;
+    /// u64 client counter: kicks sent to devd.
+    pub const KICKS: usize = 336;
+    /// u64 client counter: kicks suppressed by event index.
+    pub const KICKS_SUPPRESSED: usize = 344;
+}
+
+/// Queue entries per direction for Queued regions.
+pub const QUEUED_QSIZE: u16 = 32;
+
+impl QueuedLayout {
+    /// Geometry for a region of `size` bytes.
+    pub fn for_size(size: usize) -> Result<QueuedLayout, LayoutError> {
+        check_size(size)?;
+        let q = usize::from(QUEUED_QSIZE);
+        let align = |v: usize, a: usize| (v + a - 1) & !(a - 1);
+        let mut off = HEADER_SIZE;
+        let mut queues = [QueueOffsets {
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }; 2];
+        for qo in &mut queues {
+            qo.desc = align(off, 16);
+            off = qo.desc + 16 * q;
+            qo.avail = align(off, 2);
+            off = qo.avail + 6 + 2 * q;
+            qo.used = align(off, 4);
+            off = qo.used + 6 + 8 * q;
+        }
+        let slots = align(off, 4096);
+        let slot = ((size.saturating_sub(slots)) / (2 * q)) & !63;
+        if slot < 1024 {
+            return Err(LayoutError::Size(size));
+        }
+        Ok(QueuedLayout {
+            size,
+            qsize: QUEUED_QSIZE,
+            slot,
+            queues,
+            slots,
+        })
+    }
+
+    /// Geometry announced by devd: checks it is self-consistent.
+    pub fn announced(size: usize, qsize: u64, slot: u64) -> Result<QueuedLayout, LayoutError> {
+        let l = QueuedLayout::for_size(size)?;
+        if u64::from(l.qsize) != qsize {
+            return Err(LayoutError::Header {
+                field: "qsize",
+                got: qsize,
+                want: u64::from(l.qsize),
+            });
+        }
+        if l.slot as u64 != slot {
+            return Err(LayoutError::Header {
+                field: "slot",
+                got: slot,
+                want: l.slot as u64,
+            });
+        }
+        Ok(l)
+    }
+
+    /// Offset of slot `i` of queue `q` (0 TX, 1 RX).
+    pub fn slot_offset(&self, q: usize, i: u16) -> usize {
+        self.slots + (q * usize::from(self.qsize) + usize::from(i)) * self.slot
+    }
+
+    /// Bounds of the slot area of queue `q`: devd only reads TX data from,
+    /// and only writes RX data into, that queue's own slots.
+    pub fn slot_area(&self, q: usize) -> std::ops::Range<usize> {
+        let start = self.slot_offset(q, 0);
+        start..start + usize::from(self.qsize) * self.slot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_direct_region_has_two_rings_that_fit() {
+        let l = DirectLayout::for_size(512 * 1024).unwrap();
+        assert_eq!(l.cap % 64, 0);
+        assert!(HEADER_SIZE + 2 * l.cap <= l.size);
+        let d1 = l.dir(1);
+        assert!(d1.cons_notify_suppressed + 8 <= HEADER_SIZE);
+        assert_eq!(d1.data, HEADER_SIZE + l.cap);
+    }
+
+    #[test]
+    fn queued_layout_does_not_overlap_and_fits() {
+        let l = QueuedLayout::for_size(512 * 1024).unwrap();
+        assert!(l.queues[0].used + 6 + 8 * 32 <= l.queues[1].desc);
+        assert!(l.queues[1].used + 6 + 8 * 32 <= l.slots);
+        assert!(l.slot_area(1).end <= l.size);
+        assert!(l.slot >= 4096);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(DirectLayout::for_size(1000).is_err());
+        assert!(DirectLayout::for_size(MAX_REGION + 4096).is_err());
+        assert!(DirectLayout::announced(65536, 12).is_err());
+    }
+}

@@ -1,0 +1,546 @@
+//! The stream ring: a single-producer single-consumer byte ring in a Direct
+//! region, one per direction, with end-of-stream and reset marks.
+//!
+//! Positions (`head`, `tail`) count bytes since the connection started and
+//! never wrap in practice (u64). Each side keeps its own position privately
+//! and only *publishes* it; the other side's position is read once, checked
+//! (`tail <= head <= tail + cap`, monotonic), and only then used. A check
+//! that fails is a protocol violation: the caller resets this connection.
+//!
+//! Wake-ups: a side about to sleep stores an odd "sleep epoch" in its wait
+//! word, then re-checks the ring; the other side, after publishing, reads
+//! that word and rings the sleeper's eventfd only if it is odd and not yet
+//! rung. A SeqCst fence on both sides between the store and the load makes
+//! this Dekker-style handshake sound: at least one of them sees the other.
+//! A busy connection therefore makes no syscalls at all.
+
+use crate::idx;
+use crate::layout::{DirOffsets, DirectLayout, FLAG_EOS, FLAG_RESET};
+use crate::shm::Mapping;
+use crate::sys::EventFd;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+/// The peer broke the ring protocol; the connection must be reset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer broke the stream ring protocol: {0}")]
+pub struct Violation(pub &'static str);
+
+/// What a read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// This many bytes were copied out.
+    Data(usize),
+    /// The ring is empty and the producer is still open.
+    Empty,
+    /// The producer closed after the last byte (FIN).
+    Eos,
+    /// The producer reset the connection.
+    Reset,
+}
+
+/// Counters a side keeps of its notifications (mirrored into the region for ringstat).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    sent: u64,
+    suppressed: u64,
+}
+
+/// Writing end of one direction.
+#[derive(Debug)]
+pub struct Producer {
+    map: Arc<Mapping>,
+    o: DirOffsets,
+    cap: u64,
+    head: u64,
+    tail_seen: u64,
+    peer_bell: Arc<EventFd>,
+    last_rung: u32,
+    epoch: u32,
+    n: Counters,
+    eos: bool,
+}
+
+/// Reading end of one direction.
+#[derive(Debug)]
+pub struct Consumer {
+    map: Arc<Mapping>,
+    o: DirOffsets,
+    cap: u64,
+    tail: u64,
+    head_seen: u64,
+    peer_bell: Arc<EventFd>,
+    last_rung: u32,
+    epoch: u32,
+    n: Counters,
+}
+
+fn copy_in(map: &Mapping, data: usize, cap: u64, pos: u64, src: &[u8]) {
+    let off = idx(pos % cap);
+    let first = src.len().min(idx(cap) - off);
+    map.write_bytes(data + off, &src[..first]);
+    if first < src.len() {
+        map.write_bytes(data, &src[first..]);
+    }
+}
+
+fn copy_out(map: &Mapping, data: usize, cap: u64, pos: u64, dst: &mut [u8]) {
+    let off = idx(pos % cap);
+    let first = dst.len().min(idx(cap) - off);
+    map.read_bytes(data + off, &mut dst[..first]);
+    if first < dst.len() {
+        map.read_bytes(data, &mut dst[first..]);
+    }
+}
+
+/// Rings `bell` if the peer's wait word says it is asleep and we have not
+/// rung for this sleep yet; counts the outcome.
+fn wake(wait_word: u32, last_rung: &mut u32, bell: &EventFd, n: &mut Counters) {
+    if wait_word & 1 == 1 && wait_word != *last_rung {
+        *last_rung = wait_word;
+        // A failed eventfd write leaves the peer to its liveness fd; nothing to undo here.
+        let _ = bell.notify();
+        n.sent += 1;
+    } else {
+        n.suppressed += 1;
+    }
+}
+
+impl Producer {
+    /// The producer end of direction `d` of a mapped Direct region. Starts
+    /// from the positions currently published (zero for a fresh region).
+    pub fn new(map: Arc<Mapping>, layout: DirectLayout, d: usize, peer_bell: Arc<EventFd>) -> Self {
+        let o = layout.dir(d);
+        // Relaxed: at attach time nobody else writes our own head.
+        let head = map.u64_at(o.head).load(Ordering::Relaxed);
+        Producer {
+            o,
+            cap: layout.cap as u64,
+            head,
+            tail_seen: head,
+            peer_bell,
+            last_rung: 0,
+            epoch: 0,
+            n: Counters::default(),
+            eos: map.u32_at(o.flags).load(Ordering::Relaxed) & FLAG_EOS != 0,
+            map,
+        }
+    }
+
+    /// Reads and checks the consumer's published tail.
+    fn refresh_tail(&mut self) -> Result<(), Violation> {
+        // Acquire: the consumer's copies out of the ring happen before its
+        // tail store (Release); we may overwrite those bytes only after.
+        let t = self.map.u64_at(self.o.tail).load(Ordering::Acquire);
+        if t < self.tail_seen || t > self.head {
+            return Err(Violation("consumer tail moved backwards or past head"));
+        }
+        self.tail_seen = t;
+        Ok(())
+    }
+
+    /// Bytes that can be written now.
+    pub fn writable(&mut self) -> Result<usize, Violation> {
+        self.refresh_tail()?;
+        Ok(idx(self.cap - (self.head - self.tail_seen)))
+    }
+
+    /// Whether the consumer has closed its end (writes would be lost: EPIPE).
+    pub fn peer_closed(&self) -> bool {
+        self.map.u32_at(self.o.cons_closed).load(Ordering::Acquire) != 0
+    }
+
+    /// Copies as much of `buf` as fits; returns the count (0: full).
+    pub fn write(&mut self, buf: &[u8]) -> Result<usize, Violation> {
+        let mut free = self.cap - (self.head - self.tail_seen);
+        if free < buf.len() as u64 {
+            self.refresh_tail()?;
+            free = self.cap - (self.head - self.tail_seen);
+        }
+        let n = buf.len().min(idx(free));
+        if n == 0 {
+            return Ok(0);
+        }
+        copy_in(&self.map, self.o.data, self.cap, self.head, &buf[..n]);
+        self.head += n as u64;
+        // Release: the bytes copied above become visible before the new head.
+        self.map
+            .u64_at(self.o.head)
+            .store(self.head, Ordering::Release);
+        self.wake_consumer();
+        Ok(n)
+    }
+
+    fn wake_consumer(&mut self) {
+        // SeqCst fence: orders our head/flags store before the load of the
+        // consumer's wait word (pairs with the fence in Consumer::arm).
+        fence(Ordering::SeqCst);
+        let w = self.map.u32_at(self.o.cons_wait).load(Ordering::Relaxed);
+        wake(w, &mut self.last_rung, &self.peer_bell, &mut self.n);
+        self.publish_counters();
+    }
+
+    fn publish_counters(&self) {
+        // Relaxed: statistics only; this side is the only writer.
+        self.map
+            .u64_at(self.o.prod_notify_sent)
+            .store(self.n.sent, Ordering::Relaxed);
+        self.map
+            .u64_at(self.o.prod_notify_suppressed)
+            .store(self.n.suppressed, Ordering::Relaxed);
+    }
+
+    /// Marks end of stream after the last byte written (shutdown(SHUT_WR)).
+    pub fn close(&mut self) {
+        self.set_flag(FLAG_EOS);
+        self.eos = true;
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.eos
+    }
+
+    /// Marks the stream reset (abortive close, or a protocol violation seen).
+    pub fn reset(&mut self) {
+        self.set_flag(FLAG_RESET);
+    }
+
+    fn set_flag(&mut self, f: u32) {
+        // Release: everything written before the mark is visible with it.
+        self.map.u32_at(self.o.flags).fetch_or(f, Ordering::Release);
+        self.wake_consumer();
+    }
+
+    /// Announces that this side will sleep until space frees up. Returns
+    /// false (and stays awake) if space is already there.
+    pub fn arm(&mut self) -> Result<bool, Violation> {
+        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.map
+            .u32_at(self.o.prod_wait)
+            .store(self.epoch, Ordering::Relaxed);
+        // SeqCst fence: the wait word store is ordered before re-reading
+        // the tail (pairs with the fence in Consumer::wake_producer).
+        fence(Ordering::SeqCst);
+        if self.writable()? > 0 || self.peer_closed() {
+            self.disarm();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Ends a sleep announced by `arm`.
+    pub fn disarm(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1) & !1;
+        self.map
+            .u32_at(self.o.prod_wait)
+            .store(self.epoch, Ordering::Relaxed);
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
+    /// Bytes written but not yet consumed (as last seen).
+    pub fn unconsumed(&mut self) -> Result<u64, Violation> {
+        self.refresh_tail()?;
+        Ok(self.head - self.tail_seen)
+    }
+}
+
+impl Consumer {
+    /// The consumer end of direction `d` of a mapped Direct region.
+    pub fn new(map: Arc<Mapping>, layout: DirectLayout, d: usize, peer_bell: Arc<EventFd>) -> Self {
+        let o = layout.dir(d);
+        // Relaxed: at attach time nobody else writes our own tail.
+        let tail = map.u64_at(o.tail).load(Ordering::Relaxed);
+        Consumer {
+            o,
+            cap: layout.cap as u64,
+            tail,
+            head_seen: tail,
+            peer_bell,
+            last_rung: 0,
+            epoch: 0,
+            n: Counters::default(),
+            map,
+        }
+    }
+
+    fn refresh_head(&mut self) -> Result<(), Violation> {
+        // Acquire: pairs with the producer's Release head store, so the
+        // bytes up to head are visible before we copy them.
+        let h = self.map.u64_at(self.o.head).load(Ordering::Acquire);
+        if h < self.head_seen || h - self.tail > self.cap {
+            return Err(Violation(
+                "producer head moved backwards or beyond capacity",
+            ));
+        }
+        self.head_seen = h;
+        Ok(())
+    }
+
+    /// Bytes ready to read now.
+    pub fn readable(&mut self) -> Result<usize, Violation> {
+        self.refresh_head()?;
+        Ok(idx(self.head_seen - self.tail))
+    }
+
+    fn flags(&self) -> u32 {
+        // Acquire: pairs with the Release in Producer::set_flag, so a head
+        // published before the mark is visible after seeing it.
+        self.map.u32_at(self.o.flags).load(Ordering::Acquire)
+    }
+
+    /// Copies out up to `buf.len()` bytes, or reports the ring's state.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome, Violation> {
+        self.take(buf, true)
+    }
+
+    /// Like `read` without consuming (MSG_PEEK).
+    pub fn peek(&mut self, buf: &mut [u8]) -> Result<ReadOutcome, Violation> {
+        self.take(buf, false)
+    }
+
+    fn take(&mut self, buf: &mut [u8], consume: bool) -> Result<ReadOutcome, Violation> {
+        if buf.is_empty() {
+            return Ok(ReadOutcome::Data(0));
+        }
+        if self.head_seen == self.tail {
+            self.refresh_head()?;
+            if self.head_seen == self.tail {
+                let f = self.flags();
+                if f & FLAG_RESET != 0 {
+                    return Ok(ReadOutcome::Reset);
+                }
+                if f & FLAG_EOS == 0 {
+                    return Ok(ReadOutcome::Empty);
+                }
+                // The mark was set after the final head: look once more.
+                self.refresh_head()?;
+                if self.head_seen == self.tail {
+                    return Ok(ReadOutcome::Eos);
+                }
+            }
+        }
+        let n = buf.len().min(idx(self.head_seen - self.tail));
+        copy_out(&self.map, self.o.data, self.cap, self.tail, &mut buf[..n]);
+        if consume {
+            self.tail += n as u64;
+            // Release: our copies out complete before the producer may reuse the space.
+            self.map
+                .u64_at(self.o.tail)
+                .store(self.tail, Ordering::Release);
+            self.wake_producer();
+        }
+        Ok(ReadOutcome::Data(n))
+    }
+
+    fn wake_producer(&mut self) {
+        // SeqCst fence: orders the tail store before reading the producer's
+        // wait word (pairs with the fence in Producer::arm).
+        fence(Ordering::SeqCst);
+        let w = self.map.u32_at(self.o.prod_wait).load(Ordering::Relaxed);
+        wake(w, &mut self.last_rung, &self.peer_bell, &mut self.n);
+        // Relaxed: statistics only; this side is the only writer.
+        self.map
+            .u64_at(self.o.cons_notify_sent)
+            .store(self.n.sent, Ordering::Relaxed);
+        self.map
+            .u64_at(self.o.cons_notify_suppressed)
+            .store(self.n.suppressed, Ordering::Relaxed);
+    }
+
+    /// Whether a read would return something other than `Empty` right now.
+    pub fn ready(&mut self) -> Result<bool, Violation> {
+        Ok(self.readable()? > 0 || self.flags() & (FLAG_EOS | FLAG_RESET) != 0)
+    }
+
+    /// Announces that this side will sleep until data or a mark arrives.
+    /// Returns false (and stays awake) if something is already there.
+    pub fn arm(&mut self) -> Result<bool, Violation> {
+        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.map
+            .u32_at(self.o.cons_wait)
+            .store(self.epoch, Ordering::Relaxed);
+        // SeqCst fence: the wait word store is ordered before re-reading
+        // head and flags (pairs with the fence in Producer::wake_consumer).
+        fence(Ordering::SeqCst);
+        if self.ready()? {
+            self.disarm();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Ends a sleep announced by `arm`.
+    pub fn disarm(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1) & !1;
+        self.map
+            .u32_at(self.o.cons_wait)
+            .store(self.epoch, Ordering::Relaxed);
+    }
+
+    /// Closes the reading end: the producer's further writes fail (EPIPE).
+    pub fn close(&mut self) {
+        // Release: pairs with the Acquire in Producer::peer_closed.
+        self.map
+            .u32_at(self.o.cons_closed)
+            .store(1, Ordering::Release);
+        self.wake_producer();
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.tail
+    }
+}
+
+/// A read-only view of one direction, for statistics (devd, ringstat).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirSnapshot {
+    /// Bytes produced.
+    pub head: u64,
+    /// Bytes consumed.
+    pub tail: u64,
+    /// EOS/RESET marks.
+    pub flags: u32,
+    /// Producer sleep epoch (odd: asleep).
+    pub prod_wait: u32,
+    /// Consumer sleep epoch (odd: asleep).
+    pub cons_wait: u32,
+    /// Whether the consumer closed.
+    pub cons_closed: bool,
+    /// Wake-ups sent by the producer / by the consumer.
+    pub notify_sent: u64,
+    /// Wake-ups suppressed by the producer / by the consumer.
+    pub notify_suppressed: u64,
+}
+
+/// Reads one direction's words. Values come from untrusted memory: they are
+/// only displayed, never used to index anything.
+pub fn snapshot(map: &Mapping, layout: DirectLayout, d: usize) -> DirSnapshot {
+    let o = layout.dir(d);
+    let r64 = |off| map.u64_at(off).load(Ordering::Relaxed);
+    let r32 = |off| map.u32_at(off).load(Ordering::Relaxed);
+    DirSnapshot {
+        head: r64(o.head),
+        tail: r64(o.tail),
+        flags: r32(o.flags),
+        prod_wait: r32(o.prod_wait),
+        cons_wait: r32(o.cons_wait),
+        cons_closed: r32(o.cons_closed) != 0,
+        notify_sent: r64(o.prod_notify_sent).wrapping_add(r64(o.cons_notify_sent)),
+        notify_suppressed: r64(o.prod_notify_suppressed)
+            .wrapping_add(r64(o.cons_notify_suppressed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn pair(size: usize) -> (Producer, Consumer, Arc<Mapping>, DirectLayout) {
+        let fd = crate::sys::memfd_sealed("t", size).unwrap();
+        let m = Arc::new(Mapping::map(fd.as_fd(), size, true).unwrap());
+        let l = DirectLayout::for_size(size).unwrap();
+        let bell = Arc::new(EventFd::new().unwrap());
+        let p = Producer::new(m.clone(), l, 0, bell.clone());
+        let c = Consumer::new(m.clone(), l, 0, bell);
+        (p, c, m, l)
+    }
+
+    #[test]
+    fn bytes_wrap_around_in_order() {
+        let (mut p, mut c, _m, l) = pair(16384);
+        let mut next_w = 0u8;
+        let mut next_r = 0u8;
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 5000];
+        while total < 10 * l.cap {
+            let chunk: Vec<u8> = (0..3001)
+                .map(|_| {
+                    next_w = next_w.wrapping_add(1);
+                    next_w
+                })
+                .collect();
+            let mut off = 0;
+            while off < chunk.len() {
+                let n = p.write(&chunk[off..]).unwrap();
+                off += n;
+                if let ReadOutcome::Data(k) = c.read(&mut buf).unwrap() {
+                    for b in &buf[..k] {
+                        next_r = next_r.wrapping_add(1);
+                        assert_eq!(*b, next_r);
+                    }
+                    total += k;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eos_comes_after_all_data() {
+        let (mut p, mut c, _m, _) = pair(16384);
+        p.write(b"abc").unwrap();
+        p.close();
+        let mut b = [0u8; 2];
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(2));
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(1));
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Eos);
+    }
+
+    #[test]
+    fn full_ring_accepts_nothing_more() {
+        let (mut p, _c, _m, l) = pair(16384);
+        let big = vec![1u8; l.cap + 100];
+        assert_eq!(p.write(&big).unwrap(), l.cap);
+        assert_eq!(p.write(b"x").unwrap(), 0);
+    }
+
+    #[test]
+    fn hostile_head_is_a_violation_not_a_read_outside() {
+        let (_p, mut c, m, l) = pair(16384);
+        let o = l.dir(0);
+        m.u64_at(o.head).store(l.cap as u64 + 1, Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        assert!(c.read(&mut b).is_err());
+        m.u64_at(o.head).store(u64::MAX, Ordering::Relaxed);
+        assert!(c.read(&mut b).is_err());
+    }
+
+    #[test]
+    fn hostile_tail_is_a_violation() {
+        let (mut p, _c, m, l) = pair(16384);
+        p.write(b"abcd").unwrap();
+        m.u64_at(l.dir(0).tail).store(99, Ordering::Relaxed);
+        assert!(p.writable().is_err());
+    }
+
+    #[test]
+    fn sleeping_consumer_is_woken_once_and_busy_one_never() {
+        let (mut p, mut c, m, l) = pair(16384);
+        p.write(b"a").unwrap();
+        assert!(!c.arm().unwrap(), "data present: must not sleep");
+        let mut b = [0u8; 4];
+        c.read(&mut b).unwrap();
+        assert!(c.arm().unwrap());
+        p.write(b"b").unwrap();
+        p.write(b"c").unwrap();
+        let s = snapshot(&m, l, 0);
+        assert_eq!(s.notify_sent, 1, "second write must not ring again");
+        c.disarm();
+        p.write(b"d").unwrap();
+        assert_eq!(snapshot(&m, l, 0).notify_sent, 1);
+    }
+
+    #[test]
+    fn writes_after_consumer_close_are_detectable() {
+        let (p, mut c, _m, _) = pair(16384);
+        assert!(!p.peer_closed());
+        c.close();
+        assert!(p.peer_closed());
+    }
+}

@@ -1,0 +1,631 @@
+//! Thin, checked wrappers over the Linux calls the contract needs: sealed
+//! memfds, eventfds, poll, SOCK_SEQPACKET control sockets with SCM_RIGHTS
+//! and SO_PEERCRED, and socket address/inode queries on passed fds.
+//!
+//! Every function here returns owned, typed results; no raw pointer leaves
+//! this module.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::{size_of, zeroed, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = cvt(fd)?;
+    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates a memfd of `size` bytes and seals its size (shrink, grow, and
+/// further sealing), so no holder can make the other side SIGBUS.
+pub fn memfd_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
+    let cname = CString::new(format!("ssock-{name}")).map_err(io::Error::other)?;
+    // SAFETY: cname is a valid NUL-terminated string for the call's duration.
+    let fd = owned(unsafe {
+        libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    let len = libc::off_t::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: plain syscall on an fd we own.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on an fd we own.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
+}
+
+/// Checks that a received region fd is a memfd sealed against shrinking and
+/// growing, of exactly `size` bytes.
+pub fn check_sealed(fd: BorrowedFd<'_>, size: usize) -> io::Result<()> {
+    // SAFETY: plain fcntl on a borrowed, open fd.
+    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals & need != need {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "region is not sealed against resizing",
+        ));
+    }
+    let st = fstat(fd)?;
+    if u64::try_from(st.st_size).ok() != u64::try_from(size).ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("region is {} bytes, expected {size}", st.st_size),
+        ));
+    }
+    Ok(())
+}
+
+/// `fstat` of a borrowed fd.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is a valid out-pointer of the right type.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Inode of a socket fd, verifying that it is a socket.
+pub fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let st = fstat(fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "fd is not a socket",
+        ));
+    }
+    Ok(st.st_ino)
+}
+
+/// An eventfd used as a doorbell between two processes.
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new nonblocking, close-on-exec eventfd.
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall.
+        owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }).map(EventFd)
+    }
+
+    /// Wraps a received fd (it must be an eventfd; a wrong kind only makes
+    /// notifications fail with an error).
+    pub fn from_owned(fd: OwnedFd) -> EventFd {
+        EventFd(fd)
+    }
+
+    /// Adds one to the counter: wakes whoever polls it.
+    pub fn notify(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64.
+        let r = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if r == 8 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // A saturated counter already means "wake up".
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Resets the counter to zero; returns whether it was non-zero.
+    pub fn drain(&self) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64.
+        let r = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        r == 8
+    }
+
+    /// A duplicate of the fd, for passing to another process.
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.0.try_clone()
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// One entry of a [`poll`] set.
+#[derive(Debug, Clone, Copy)]
+pub struct PollFd {
+    /// The fd to watch.
+    pub fd: RawFd,
+    /// `libc::POLL*` events wanted.
+    pub events: i16,
+    /// Events the kernel reported.
+    pub revents: i16,
+}
+
+impl PollFd {
+    /// Watch `fd` for `events`.
+    pub fn new(fd: RawFd, events: i16) -> PollFd {
+        PollFd {
+            fd,
+            events,
+            revents: 0,
+        }
+    }
+}
+
+/// `poll(2)`; `None` waits forever. Returns the number of ready entries
+/// (0 on timeout); `EINTR` is returned as an error for the caller to judge.
+pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        Some(t) => libc::c_int::try_from(t.as_millis().min(i32::MAX as u128))
+            .unwrap_or(i32::MAX)
+            .max(i32::from(
+                t > Duration::ZERO && t < Duration::from_millis(1),
+            )),
+    };
+    let mut raw: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|p| libc::pollfd {
+            fd: p.fd,
+            events: p.events,
+            revents: 0,
+        })
+        .collect();
+    let n = libc::nfds_t::try_from(raw.len()).map_err(io::Error::other)?;
+    // SAFETY: raw is a valid array of `n` pollfd structs for the call.
+    let r = cvt(unsafe { libc::poll(raw.as_mut_ptr(), n, ms) })?;
+    for (p, r) in fds.iter_mut().zip(&raw) {
+        p.revents = r.revents;
+    }
+    Ok(usize::try_from(r).unwrap_or(0))
+}
+
+/// The real user id of this process.
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Fills `buf` with random bytes from the kernel (getrandom).
+pub fn random(buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of buf.
+        let r = unsafe { libc::getrandom(buf[at..].as_mut_ptr().cast(), buf.len() - at, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        at += usize::try_from(r).unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (daemons and tests that
+/// hold thousands of connections need it).
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    rl.rlim_cur = rl.rlim_max;
+    // SAFETY: rl is a valid in-pointer.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;
+    Ok(rl.rlim_cur)
+}
+
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((
+        addr,
+        libc::socklen_t::try_from(len).map_err(io::Error::other)?,
+    ))
+}
+
+/// A SOCK_SEQPACKET unix socket: the control channel between clients and devd.
+#[derive(Debug)]
+pub struct SeqPacket(OwnedFd);
+
+impl SeqPacket {
+    /// Binds and listens at `path` (the caller removes stale files first).
+    pub fn listen(path: &Path, backlog: i32) -> io::Result<SeqPacket> {
+        // SAFETY: plain syscall.
+        let fd = owned(unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
+        })?;
+        let (addr, len) = unix_addr(path)?;
+        // SAFETY: addr/len describe a valid sockaddr_un.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        })?;
+        // SAFETY: plain syscall on our fd.
+        cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+        Ok(SeqPacket(fd))
+    }
+
+    /// Connects to a listening control socket at `path`.
+    pub fn connect(path: &Path) -> io::Result<SeqPacket> {
+        // SAFETY: plain syscall.
+        let fd = owned(unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
+        })?;
+        let (addr, len) = unix_addr(path)?;
+        // SAFETY: addr/len describe a valid sockaddr_un.
+        cvt(unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        })?;
+        Ok(SeqPacket(fd))
+    }
+
+    /// Accepts one client, nonblocking and close-on-exec.
+    pub fn accept(&self) -> io::Result<SeqPacket> {
+        // SAFETY: null address pointers are allowed by accept4.
+        owned(unsafe {
+            libc::accept4(
+                self.0.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        })
+        .map(SeqPacket)
+    }
+
+    /// Sets or clears O_NONBLOCK.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        set_nonblocking(self.0.as_fd(), on)
+    }
+
+    /// Sets a receive timeout (None: block forever).
+    pub fn set_recv_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        let tv = match t {
+            None => libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            Some(t) => libc::timeval {
+                tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_usec: libc::suseconds_t::from(t.subsec_micros()).max(1),
+            },
+        };
+        let len =
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).map_err(io::Error::other)?;
+        // SAFETY: tv is a valid timeval for the given length.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                len,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The connected peer's (pid, uid, gid), from SO_PEERCRED.
+    pub fn peer_cred(&self) -> io::Result<(i32, u32, u32)> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len =
+            libc::socklen_t::try_from(size_of::<libc::ucred>()).map_err(io::Error::other)?;
+        // SAFETY: cred/len are valid out-pointers of the right size.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        })?;
+        Ok((cred.pid, cred.uid, cred.gid))
+    }
+
+    /// Sends one message with `fds` attached (SCM_RIGHTS).
+    pub fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let fd_bytes = u32::try_from(raw.len() * size_of::<RawFd>()).map_err(io::Error::other)?;
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !raw.is_empty() {
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            // SAFETY: msg_control points at `space` writable bytes, enough
+            // for one cmsg header plus the fd array (CMSG_SPACE above); the
+            // copy writes exactly fd_bytes after the header.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+                std::ptr::copy_nonoverlapping(
+                    raw.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(c),
+                    fd_bytes as usize,
+                );
+            }
+        }
+        loop {
+            // SAFETY: msg and everything it points to are live for the call.
+            let r = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            if r >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Receives one message into `buf`, returning its length and the fds
+    /// that came with it (at most `max_fds`; extra fds are closed and make
+    /// the call fail). Length 0 means the peer hung up.
+    pub fn recv(&self, buf: &mut [u8], max_fds: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let fd_bytes =
+            u32::try_from(max_fds.max(1) * size_of::<RawFd>()).map_err(io::Error::other)?;
+        // SAFETY: pure computation.
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let n = loop {
+            // SAFETY: msg points at live buffers of the stated sizes.
+            let r = unsafe { libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if r >= 0 {
+                break usize::try_from(r).unwrap_or(0);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        let mut fds = Vec::new();
+        // SAFETY: the kernel filled msg_control with well-formed cmsgs up to
+        // msg_controllen; the CMSG_* macros stay inside that buffer, and
+        // each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 fds that
+        // are now ours.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let count = payload / size_of::<RawFd>();
+                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                    for i in 0..count {
+                        let fd = std::ptr::read_unaligned(data.add(i));
+                        fds.push(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > max_fds {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many fds attached",
+            ));
+        }
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "control message too long",
+            ));
+        }
+        Ok((n, fds))
+    }
+}
+
+impl AsFd for SeqPacket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for SeqPacket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Sets or clears O_NONBLOCK on any fd.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: plain fcntl on a borrowed fd.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let nfl = if on {
+        fl | libc::O_NONBLOCK
+    } else {
+        fl & !libc::O_NONBLOCK
+    };
+    if nfl != fl {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, nfl) })?;
+    }
+    Ok(())
+}
+
+fn from_storage(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+    match libc::c_int::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: family says this storage holds a sockaddr_in, which fits in it.
+            let a: libc::sockaddr_in = unsafe { *(ss as *const libc::sockaddr_storage).cast() };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family says this storage holds a sockaddr_in6, which fits in it.
+            let a: libc::sockaddr_in6 = unsafe { *(ss as *const libc::sockaddr_storage).cast() };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        f => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("address family {f} is not IP"),
+        )),
+    }
+}
+
+fn name_query(
+    fd: BorrowedFd<'_>,
+    f: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len =
+        libc::socklen_t::try_from(size_of::<libc::sockaddr_storage>()).map_err(io::Error::other)?;
+    // SAFETY: ss/len are a valid out-buffer of the stated size.
+    cvt(unsafe {
+        f(
+            fd.as_raw_fd(),
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    from_storage(&ss)
+}
+
+/// `getsockname` of an IP socket fd.
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    name_query(fd, libc::getsockname)
+}
+
+/// `getpeername` of an IP socket fd.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    name_query(fd, libc::getpeername)
+}
+
+/// The socket type (SOCK_STREAM, ...) of a socket fd.
+pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).map_err(io::Error::other)?;
+    // SAFETY: v/len are valid out-pointers for an int option.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_memfd_passes_its_own_check_and_fails_a_wrong_size() {
+        let fd = memfd_sealed("t", 12288).unwrap();
+        check_sealed(fd.as_fd(), 12288).unwrap();
+        assert!(check_sealed(fd.as_fd(), 4096).is_err());
+    }
+
+    #[test]
+    fn unsealed_memfd_is_refused() {
+        let name = CString::new("x").unwrap();
+        // SAFETY: valid C string.
+        let fd = owned(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) }).unwrap();
+        // SAFETY: plain syscall on our fd.
+        unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) };
+        assert!(check_sealed(fd.as_fd(), 4096).is_err());
+    }
+
+    #[test]
+    fn seqpacket_carries_fds_and_credentials() {
+        let dir = std::env::temp_dir().join(format!("ssock-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = SeqPacket::listen(&path, 4).unwrap();
+        let c = SeqPacket::connect(&path).unwrap();
+        let s = l.accept().unwrap();
+        s.set_nonblocking(false).unwrap();
+        let e = EventFd::new().unwrap();
+        c.send(b"hi", &[e.as_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = s.recv(&mut buf, 4).unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        assert_eq!(fds.len(), 1);
+        let (pid, uid, _) = s.peer_cred().unwrap();
+        assert_eq!(pid, std::process::id() as i32);
+        // SAFETY: plain syscall.
+        assert_eq!(uid, unsafe { libc::getuid() });
+        drop(c);
+        let (n, fds) = s.recv(&mut buf, 4).unwrap();
+        assert_eq!((n, fds.len()), (0, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,264 @@
+//! `ssock-testpeer`: a real client process for the integration tests.
+//!
+//! ```text
+//! ssock-testpeer serve ADDR MODE SCRIPT [N]    prints "PORT p", accepts, runs SCRIPT
+//! ssock-testpeer connect ADDR MODE SCRIPT [N]  connects, runs SCRIPT
+//! MODE: auto | direct | queued | kernel
+//! SCRIPT: exchange N | send N | send-forever | recv | echo | hold N | hostile-direct | hostile-queued
+//! ```
+//! Every accepted/connected stream prints "MODE <mode> <conn id or 0>".
+//! Results are printed as lines starting with OK, RECV or ERR.
+
+use anyhow::{bail, Context, Result};
+use ssock_client::{negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Stream};
+use ssock_rings::codec::Response;
+use ssock_rings::layout::{DirectLayout, QueuedLayout};
+use ssock_rings::shm::Mapping;
+use ssock_rings::sys::EventFd;
+use ssock_tests::pattern::Pattern;
+use std::io::{BufRead, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+
+const CHUNK: usize = 64 * 1024;
+
+fn main() {
+    if let Err(e) = run() {
+        println!("ERR {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn mode(s: &str) -> Result<ModePref> {
+    Ok(match s {
+        "auto" => ModePref::Auto,
+        "direct" => ModePref::Direct,
+        "queued" => ModePref::Queued,
+        "kernel" => ModePref::Kernel,
+        _ => bail!("unknown mode {s}"),
+    })
+}
+
+fn announce(s: &Stream) {
+    println!("MODE {} {}", s.mode().name(), s.conn_id().unwrap_or(0));
+}
+
+fn wait_stdin() {
+    let mut l = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut l);
+}
+
+fn run() -> Result<()> {
+    let _ = ssock_rings::sys::raise_nofile_limit();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [role, addr, m, script, rest @ ..] = args.as_slice() else {
+        bail!("usage: ssock-testpeer serve|connect ADDR MODE SCRIPT [N]");
+    };
+    let addr: SocketAddr = addr.parse()?;
+    let opts = Options {
+        mode: mode(m)?,
+        ..Options::default()
+    };
+    let n: u64 = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(0);
+    match role.as_str() {
+        "serve" => {
+            let l = Listener::bind_with(addr, &opts)?;
+            println!(
+                "PORT {} {}",
+                l.local_addr()?.port(),
+                if l.registered() {
+                    "registered"
+                } else {
+                    "plain"
+                }
+            );
+            if script == "hold" {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(l.accept()?.0);
+                }
+                let direct = held.iter().filter(|s| s.mode() == Mode::Direct).count();
+                println!("OK held {} direct {direct}", held.len());
+                wait_stdin();
+                return Ok(());
+            }
+            let (s, _) = l.accept()?;
+            announce(&s);
+            script_run(s, script, n, 2, 1)
+        }
+        "connect" => match script.as_str() {
+            "hold" => {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(Stream::connect_with(addr, &opts)?);
+                }
+                let direct = held.iter().filter(|s| s.mode() == Mode::Direct).count();
+                println!("OK held {} direct {direct}", held.len());
+                wait_stdin();
+                Ok(())
+            }
+            "hostile-direct" | "hostile-queued" => hostile(addr, &opts, script),
+            _ => {
+                let s = Stream::connect_with(addr, &opts)?;
+                announce(&s);
+                script_run(s, script, n, 1, 2)
+            }
+        },
+        _ => bail!("unknown role {role}"),
+    }
+}
+
+fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64) -> Result<()> {
+    let mine = Pattern::new(my_seed);
+    let theirs = Pattern::new(peer_seed);
+    match script {
+        "exchange" => {
+            // Lockstep: each round both sides write one chunk, then read
+            // one; a chunk always fits the ring, so this cannot deadlock.
+            let mut out = vec![0u8; CHUNK];
+            let mut inb = vec![0u8; CHUNK];
+            let (mut sent, mut got) = (0u64, 0u64);
+            while sent < n {
+                let k = CHUNK.min((n - sent) as usize);
+                mine.fill(sent, &mut out[..k]);
+                s.write_all(&out[..k])?;
+                sent += k as u64;
+                s.read_exact(&mut inb[..k])
+                    .context("reading the peer's chunk")?;
+                if !theirs.check(got, &inb[..k]) {
+                    bail!("corrupt bytes at offset {got}");
+                }
+                got += k as u64;
+            }
+            s.shutdown(Shutdown::Write)?;
+            let tail = s.read(&mut inb)?;
+            if tail != 0 {
+                bail!("{tail} unexpected bytes after the exchange");
+            }
+            println!("OK exchange {sent} {got}");
+            Ok(())
+        }
+        "send" | "send-forever" => {
+            let mut out = vec![0u8; CHUNK];
+            let mut sent = 0u64;
+            while script == "send-forever" || sent < n {
+                let k = if script == "send" {
+                    CHUNK.min((n - sent) as usize)
+                } else {
+                    CHUNK
+                };
+                mine.fill(sent, &mut out[..k]);
+                if let Err(e) = s.write_all(&out[..k]) {
+                    println!("ERR write after {sent}: {e}");
+                    return Ok(());
+                }
+                sent += k as u64;
+                if sent >= 1 << 20 && sent - (k as u64) < 1 << 20 {
+                    println!("SENDING");
+                }
+            }
+            println!("OK send {sent}");
+            Ok(())
+        }
+        "recv" => {
+            let mut inb = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            loop {
+                match s.read(&mut inb) {
+                    Ok(0) => {
+                        println!("RECV {got} EOF");
+                        return Ok(());
+                    }
+                    Ok(k) => {
+                        if !theirs.check(got, &inb[..k]) {
+                            bail!("corrupt bytes at offset {got}");
+                        }
+                        got += k as u64;
+                    }
+                    Err(e) => {
+                        println!(
+                            "RECV {got} ERR {}",
+                            e.raw_os_error().map_or(e.kind().to_string(), errno_name)
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        "echo" => {
+            let mut b = vec![0u8; CHUNK];
+            let mut total = 0u64;
+            loop {
+                let k = s.read(&mut b)?;
+                if k == 0 {
+                    break;
+                }
+                s.write_all(&b[..k])?;
+                total += k as u64;
+            }
+            s.shutdown(Shutdown::Write)?;
+            println!("OK echo {total}");
+            Ok(())
+        }
+        "halfclose" => {
+            // Send n bytes, shut down writing, then read the echo to EOF.
+            let mut out = vec![0u8; n as usize];
+            mine.fill(0, &mut out);
+            s.write_all(&out)?;
+            s.shutdown(Shutdown::Write)?;
+            let mut back = Vec::new();
+            s.read_to_end(&mut back)?;
+            if back != out {
+                bail!("echo differs: {} bytes back of {}", back.len(), out.len());
+            }
+            println!("OK halfclose {}", back.len());
+            Ok(())
+        }
+        _ => bail!("unknown script {script}"),
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EPIPE => "EPIPE".into(),
+        _ => format!("errno {e}"),
+    }
+}
+
+/// Negotiates like a real client, then breaks the ring protocol.
+fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
+    let n = negotiate_connect(addr, opts)?;
+    let Outcome::Attached((Response::Attached(a), fds)) = n.outcome else {
+        bail!("hostile peer was not attached: {:?}", n.outcome);
+    };
+    let size = usize::try_from(a.region_size)?;
+    let map = Mapping::map(fds[0].as_fd(), size, true)?;
+    println!("MODE {} {}", a.mode.name(), a.conn_id);
+    if script == "hostile-direct" {
+        let l = DirectLayout::announced(size, a.geom_a)?;
+        // Claim more bytes than the ring holds, then wake the peer.
+        map.u64_at(l.dir(0).head)
+            .store(l.cap as u64 * 3 + 17, Ordering::Release);
+        let peer_bell = EventFd::from_owned(fds[2].try_clone()?);
+        peer_bell.notify()?;
+    } else {
+        let l = QueuedLayout::announced(size, a.geom_a, a.geom_b)?;
+        let q = l.queues[0];
+        // A descriptor that chains to itself, pointing outside the region.
+        map.u64_at(q.desc).store(u64::MAX - 4096, Ordering::Relaxed);
+        map.u32_at(q.desc + 8).store(4096, Ordering::Relaxed);
+        map.u16_at(q.desc + 12)
+            .store(ssock_rings::vq::F_NEXT, Ordering::Relaxed);
+        map.u16_at(q.desc + 14).store(0, Ordering::Relaxed);
+        map.u16_at(q.avail + 4).store(0, Ordering::Relaxed);
+        map.u16_at(q.avail + 2).store(1, Ordering::Release);
+        let kick = EventFd::from_owned(fds[1].try_clone()?);
+        kick.notify()?;
+    }
+    println!("OK hostile");
+    wait_stdin();
+    drop(n.tcp);
+    Ok(())
+}

@@ -27,8 +27,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind(&cfg)?;
     let backend: Box<dyn Backend> = Box::new(Loopback::default());
     let name = backend.capabilities().name;
-    let engine = dataplane::engine::spawn(backend).context("cannot start the engine thread")?;
-    let mut devd = control::Devd::new(cfg.clone(), engine, name);
+    let violations = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let engine = dataplane::engine::spawn(backend, violations.clone())
+        .context("cannot start the engine thread")?;
+    let mut devd = control::Devd::new(cfg.clone(), engine, name, violations);
     sys::sd_notify_ready();
     log::info!("devd ready on {}", cfg.socket.display());
     let r = control::server::serve(&mut devd, &listener, &signals);

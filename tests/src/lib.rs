@@ -5,8 +5,8 @@
 
 use anyhow::{bail, Context, Result};
 use ssock_client::Session;
-use ssock_rings::codec::{Request, Response};
 use std::io::{BufRead, BufReader, Write};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
@@ -157,31 +157,16 @@ impl Drop for Devd {
 
 /// Merged statistics from the devd at `socket`.
 pub fn stats(socket: &Path) -> Result<serde_json::Value> {
-    let s = Session::connect(socket)?;
-    let mut after = 0;
-    let mut conns = Vec::new();
-    loop {
-        let (resp, _) = s.request(&Request::Stats { after, limit: 256 }, &[])?;
-        let Response::Stats { json, more } = resp else {
-            bail!("unexpected stats reply")
-        };
-        let mut v: serde_json::Value = serde_json::from_str(&json)?;
-        let page = v["connections"].as_array().cloned().unwrap_or_default();
-        if let Some(last) = page.last() {
-            after = last["id"].as_u64().context("id")?;
-        }
-        conns.extend(page);
-        if !more {
-            v["connections"] = serde_json::Value::Array(conns);
-            return Ok(v);
-        }
-    }
+    ssock_tools::fetch_stats(&*Session::connect(socket)?)
 }
+
+/// How long a test waits for any one line from a peer before failing.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running `ssock-testpeer` process with line-oriented stdout.
 pub struct Peer {
     child: Child,
-    out: BufReader<ChildStdout>,
+    lines: std::sync::mpsc::Receiver<String>,
     stdin: Option<ChildStdin>,
 }
 
@@ -194,27 +179,53 @@ impl Peer {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().context("spawn ssock-testpeer")?;
-        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        let out: ChildStdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l.trim().to_string()).is_err() {
+                    break;
+                }
+            }
+        });
         let stdin = child.stdin.take();
-        Ok(Peer { child, out, stdin })
+        Ok(Peer {
+            child,
+            lines,
+            stdin,
+        })
     }
 
-    /// Next stdout line (trimmed); errors at EOF.
+    /// Next stdout line; fails if the peer exits or stays silent for `LINE_TIMEOUT`.
     pub fn line(&mut self) -> Result<String> {
-        let mut l = String::new();
-        if self.out.read_line(&mut l)? == 0 {
-            let st = self.child.wait()?;
-            bail!("peer exited ({st}) without the expected output");
-        }
-        Ok(l.trim().to_string())
+        self.line_within(LINE_TIMEOUT)
     }
 
-    /// Reads lines until one starts with `prefix`; returns it.
+    /// Next stdout line within `t`.
+    pub fn line_within(&mut self, t: Duration) -> Result<String> {
+        match self.lines.recv_timeout(t) {
+            Ok(l) => Ok(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                bail!("peer {} silent for {t:?}", self.pid())
+            }
+            Err(_) => {
+                let st = self.child.wait()?;
+                bail!("peer exited ({st}) without the expected output")
+            }
+        }
+    }
+
+    /// Reads lines until one starts with `prefix`; returns it. A line
+    /// starting with "ERR" fails at once.
     pub fn expect(&mut self, prefix: &str) -> Result<String> {
         loop {
             let l = self.line()?;
             if l.starts_with(prefix) {
                 return Ok(l);
+            }
+            if l.starts_with("ERR") {
+                bail!("peer failed: {l}");
             }
         }
     }
@@ -243,7 +254,7 @@ impl Peer {
         self.child.id()
     }
 
-    /// Waits for exit; true on success.
+    /// Closes stdin and waits for exit; true on success.
     pub fn wait_success(&mut self) -> Result<bool> {
         self.stdin = None;
         Ok(self.child.wait()?.success())

@@ -13,7 +13,9 @@ use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit};
 use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
 use registry::{canon, Claimed, Conn, DirectRes, End, Intent, QueuedRes, Registry, Res};
-use ssock_rings::codec::{Attachment, FallbackReason, Mode, ModePref, Request, Response, Side};
+use ssock_rings::codec::{
+    Attachment, FallbackReason, Mode, ModePref, Request, Response, Side, MAX_FRAME,
+};
 use ssock_rings::layout::{self, DirectLayout, QueuedLayout, RegionKind, FLAG_EOS};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream;
@@ -22,6 +24,7 @@ use ssock_rings::vq::device::DeviceRegion;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,6 +92,7 @@ pub struct Devd {
     sessions: HashMap<u64, Session>,
     started: Instant,
     backend: &'static str,
+    violations: Arc<AtomicU64>,
 }
 
 type Reply = (Response, Vec<OwnedFd>);
@@ -101,7 +105,12 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, RequestError> {
 
 impl Devd {
     /// A control plane over an engine.
-    pub fn new(cfg: Config, engine: engine::Handle, backend: &'static str) -> Devd {
+    pub fn new(
+        cfg: Config,
+        engine: engine::Handle,
+        backend: &'static str,
+        violations: Arc<AtomicU64>,
+    ) -> Devd {
         Devd {
             cfg,
             reg: Registry {
@@ -113,6 +122,7 @@ impl Devd {
             sessions: HashMap::new(),
             started: Instant::now(),
             backend,
+            violations,
         }
     }
 
@@ -542,21 +552,7 @@ impl Devd {
     }
 
     fn stats(&self, after: u64, limit: u16) -> Reply {
-        let mut conns = Vec::new();
-        let mut more = false;
-        for c in self
-            .reg
-            .conns
-            .range(after.saturating_add(1)..)
-            .map(|(_, c)| c)
-        {
-            if conns.len() == usize::from(limit) {
-                more = true;
-                break;
-            }
-            conns.push(conn_json(c));
-        }
-        let page = Page {
+        let mut page = Page {
             devd: DevdJson {
                 pid: std::process::id(),
                 uptime_s: self.started.elapsed().as_secs(),
@@ -565,9 +561,32 @@ impl Devd {
                 live_connections: self.reg.conns.len(),
                 listeners: self.reg.listeners.len(),
             },
-            totals: self.totals.json(),
-            connections: conns,
+            totals: {
+                let mut t = self.totals.json();
+                t.violations += QueuedCounters::get(&self.violations);
+                t
+            },
+            connections: Vec::new(),
         };
+        // A page must fit one control frame: stop adding connections
+        // before the JSON could outgrow it and say there is more.
+        let mut budget = MAX_FRAME - 16 * 1024;
+        let mut more = false;
+        for c in self
+            .reg
+            .conns
+            .range(after.saturating_add(1)..)
+            .map(|(_, c)| c)
+        {
+            let j = conn_json(c);
+            let len = serde_json::to_string(&j).map_or(usize::MAX, |s| s.len() + 1);
+            if page.connections.len() == usize::from(limit) || len > budget {
+                more = true;
+                break;
+            }
+            budget -= len;
+            page.connections.push(j);
+        }
         let json =
             serde_json::to_string(&page).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         (Response::Stats { json, more }, vec![])

@@ -123,7 +123,17 @@ fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
             Err(_) => return false,
         };
         let resp = match Request::decode(&buf[..n], fds.len()) {
-            Ok(req) => devd.handle(sid, req, fds),
+            // A bug in one request's handling must not take devd down:
+            // the session gets an error and is dropped, others go on.
+            Ok(req) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                devd.handle(sid, req, fds)
+            })) {
+                Ok(r) => r,
+                Err(_) => {
+                    log::error!("session {sid}: request handling panicked; dropping the session");
+                    return false;
+                }
+            },
             Err(e) => {
                 devd.bad_message();
                 log::warn!("session {sid}: malformed control message: {e}");

@@ -16,6 +16,7 @@ use ssock_rings::vq::{RX, TX};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::Arc;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -105,7 +106,7 @@ fn chan(id: u64, side: usize) -> ChannelId {
 }
 
 /// Starts the engine thread over `backend`.
-pub fn spawn(backend: Box<dyn Backend>) -> io::Result<Handle> {
+pub fn spawn(backend: Box<dyn Backend>, violations: Arc<AtomicU64>) -> io::Result<Handle> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new()?);
     let epoll = Epoll::new()?;
@@ -124,6 +125,7 @@ pub fn spawn(backend: Box<dyn Backend>) -> io::Result<Handle> {
                 epoll,
                 scratch: vec![0u8; 256 * 1024],
                 busy: VecDeque::new(),
+                violations,
             };
             e.run(&rx, &w);
         })?;
@@ -140,6 +142,7 @@ struct Engine {
     epoll: Epoll,
     scratch: Vec<u8>,
     busy: VecDeque<u64>,
+    violations: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -298,6 +301,7 @@ impl Engine {
         let _ = side.region.set_rx_flags(FLAG_RESET);
         let _ = side.call.notify();
         QueuedCounters::add(&pair.counters.violation[s], 1);
+        QueuedCounters::add(&self.violations, 1);
     }
 
     fn tx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {

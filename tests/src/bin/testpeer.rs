@@ -161,6 +161,20 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
             println!("OK send {sent}");
             Ok(())
         }
+        "trickle" => {
+            // n bytes in 64 KiB chunks, 5 ms apart: slow enough to watch.
+            let mut out = vec![0u8; CHUNK];
+            let mut sent = 0u64;
+            while sent < n {
+                let k = CHUNK.min((n - sent) as usize);
+                mine.fill(sent, &mut out[..k]);
+                s.write_all(&out[..k])?;
+                sent += k as u64;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            println!("OK trickle {sent}");
+            Ok(())
+        }
         "recv" => {
             let mut inb = vec![0u8; CHUNK];
             let mut got = 0u64;

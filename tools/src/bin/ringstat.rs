@@ -1,1 +1,152 @@
-fn main() {}
+//! `ringstat`: live connections and totals of a devd.
+//!
+//! ```text
+//! ringstat [--json]          connections and totals since devd started
+//! ringstat conn ID [--json]  one connection's ring indexes and flags
+//! ```
+//! Finds devd like every ssock program (SSOCK_DEVD_SOCKET, system socket,
+//! per-user socket).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use ssock_client::Session;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ringstat: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let rest: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--json")
+        .collect();
+    let path = ssock_rings::paths::client_socket();
+    let s = Session::connect(&path)
+        .with_context(|| format!("is devd running? (socket {})", path.display()))?;
+    let v = ssock_tools::fetch_stats(&s)?;
+    match rest.as_slice() {
+        [] => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_table(&v);
+            }
+        }
+        ["conn", id] => {
+            let id: u64 = id.parse().context("connection id must be a number")?;
+            let c = v["connections"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["id"].as_u64() == Some(id)))
+                .with_context(|| format!("no live connection {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(c)?);
+            } else {
+                print_conn(c);
+            }
+        }
+        ["-h"] | ["--help"] => println!("usage: ringstat [--json] | ringstat conn ID [--json]"),
+        _ => bail!("usage: ringstat [--json] | ringstat conn ID [--json]"),
+    }
+    Ok(())
+}
+
+fn print_table(v: &Value) {
+    let d = &v["devd"];
+    println!(
+        "devd pid {} up {}s backend {} sessions {} listeners {} live {}",
+        d["pid"],
+        d["uptime_s"],
+        d["backend"].as_str().unwrap_or("?"),
+        d["sessions"],
+        d["listeners"],
+        d["live_connections"]
+    );
+    println!(
+        "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
+        "ID",
+        "MODE",
+        "STATE",
+        "PIDS",
+        "CONNECTOR",
+        "ACCEPTOR",
+        "BYTES C>A",
+        "BYTES A>C",
+        "FILL C>A/A>C",
+        "NOTIFIED",
+        "SUPPRESSED"
+    );
+    for c in v["connections"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
+            c["id"],
+            c["mode"].as_str().unwrap_or("?"),
+            c["state"].as_str().unwrap_or("?"),
+            format!("{}/{}", c["pids"][0], c["pids"][1]),
+            c["local"].as_str().unwrap_or("?"),
+            c["remote"].as_str().unwrap_or("?"),
+            c["bytes_c2a"],
+            c["bytes_a2c"],
+            format!("{}/{}", c["ring_fill"][0], c["ring_fill"][1]),
+            c["notify_sent"],
+            c["notify_suppressed"],
+        );
+    }
+    let t = &v["totals"];
+    println!(
+        "totals: direct {} queued {} kernel {} violations {} bad_messages {} sessions {}",
+        t["connections"]["direct"],
+        t["connections"]["queued"],
+        t["connections"]["kernel"],
+        t["violations"],
+        t["bad_messages"],
+        t["sessions"]
+    );
+    let fb: Vec<String> = t["fallbacks"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64() != Some(0))
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "fallbacks: {}",
+        if fb.is_empty() {
+            "none".to_string()
+        } else {
+            fb.join(", ")
+        }
+    );
+}
+
+fn print_conn(c: &Value) {
+    println!(
+        "connection {} mode {} state {} pids {}/{} {} -> {} region {} bytes",
+        c["id"],
+        c["mode"].as_str().unwrap_or("?"),
+        c["state"].as_str().unwrap_or("?"),
+        c["pids"][0],
+        c["pids"][1],
+        c["local"].as_str().unwrap_or("?"),
+        c["remote"].as_str().unwrap_or("?"),
+        c["region_size"]
+    );
+    for r in c["rings"].as_array().into_iter().flatten() {
+        println!(
+            "  ring from {:<9} head {:>12} tail {:>12} fill {:>8}/{} flags [{}] consumer_asleep {} producer_asleep {} consumer_closed {}",
+            r["from"].as_str().unwrap_or("?"),
+            r["head"], r["tail"], r["fill"], r["cap"],
+            r["flags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+            r["consumer_asleep"], r["producer_asleep"], r["consumer_closed"]
+        );
+    }
+    println!(
+        "  bytes c>a {} a>c {} notifications sent {} suppressed {}",
+        c["bytes_c2a"], c["bytes_a2c"], c["notify_sent"], c["notify_suppressed"]
+    );
+}

@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub mod pattern;
+pub use ssock_tools::pattern;
 
 /// Path of a workspace binary, built (once per test process) with the same
 /// profile as the tests, so a test never runs a stale devd.

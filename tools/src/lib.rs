@@ -1,6 +1,8 @@
 //! ssock-tools: what `ringstat` and `ssock-bench` share: fetching devd's
 //! statistics, and finding or starting a private devd.
 
+pub mod pattern;
+
 use anyhow::{bail, Context, Result};
 use ssock_client::Session;
 use ssock_rings::codec::{Request, Response};

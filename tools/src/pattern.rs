@@ -28,7 +28,7 @@ impl Pattern {
 
     /// Fills `buf` with the stream's bytes starting at offset `at`.
     pub fn fill(&self, at: u64, buf: &mut [u8]) {
-        let mut i = (at % PERIOD as u64) as usize;
+        let mut i = ssock_rings::idx(at % PERIOD as u64);
         let mut o = 0;
         while o < buf.len() {
             let n = (PERIOD - i).min(buf.len() - o);
@@ -40,7 +40,7 @@ impl Pattern {
 
     /// Whether `buf` equals the stream's bytes at offset `at`.
     pub fn check(&self, at: u64, buf: &[u8]) -> bool {
-        let mut i = (at % PERIOD as u64) as usize;
+        let mut i = ssock_rings::idx(at % PERIOD as u64);
         let mut o = 0;
         while o < buf.len() {
             let n = (PERIOD - i).min(buf.len() - o);

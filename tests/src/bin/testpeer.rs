@@ -120,7 +120,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
             let mut inb = vec![0u8; CHUNK];
             let (mut sent, mut got) = (0u64, 0u64);
             while sent < n {
-                let k = CHUNK.min((n - sent) as usize);
+                let k = CHUNK.min(usize::try_from(n - sent).unwrap_or(CHUNK));
                 mine.fill(sent, &mut out[..k]);
                 s.write_all(&out[..k])?;
                 sent += k as u64;
@@ -144,7 +144,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
             let mut sent = 0u64;
             while script == "send-forever" || sent < n {
                 let k = if script == "send" {
-                    CHUNK.min((n - sent) as usize)
+                    CHUNK.min(usize::try_from(n - sent).unwrap_or(CHUNK))
                 } else {
                     CHUNK
                 };
@@ -166,7 +166,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
             let mut out = vec![0u8; CHUNK];
             let mut sent = 0u64;
             while sent < n {
-                let k = CHUNK.min((n - sent) as usize);
+                let k = CHUNK.min(usize::try_from(n - sent).unwrap_or(CHUNK));
                 mine.fill(sent, &mut out[..k]);
                 s.write_all(&out[..k])?;
                 sent += k as u64;
@@ -217,7 +217,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
         }
         "halfclose" => {
             // Send n bytes, shut down writing, then read the echo to EOF.
-            let mut out = vec![0u8; n as usize];
+            let mut out = vec![0u8; usize::try_from(n)?];
             mine.fill(0, &mut out);
             s.write_all(&out)?;
             s.shutdown(Shutdown::Write)?;

@@ -48,7 +48,7 @@ impl Test {
 }
 
 fn human(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} B")
@@ -178,8 +178,8 @@ fn run_one(addr: SocketAddr, kind: &str, pref: ModePref, test: Test, pat: &Patte
             let t0 = Instant::now();
             let mut sent = 0u64;
             while sent < bytes {
-                let off = (sent % PERIOD as u64) as usize;
-                let n = chunk.min((bytes - sent) as usize);
+                let off = ssock_rings::idx(sent % PERIOD as u64);
+                let n = chunk.min(usize::try_from(bytes - sent).unwrap_or(chunk));
                 s.write_all(&src[off..off + n])?;
                 sent += n as u64;
             }

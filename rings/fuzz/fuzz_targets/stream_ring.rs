@@ -1,0 +1,54 @@
+//! A hostile peer controls every word of a Direct region. Whatever it
+//! writes, and in whatever order our side reads and writes, the ring ends
+//! must return data or a violation and never touch memory outside the
+//! region (the mapping's bounds checks would panic).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use ssock_rings::layout::DirectLayout;
+use ssock_rings::shm::Mapping;
+use ssock_rings::stream::{Consumer, Producer};
+use ssock_rings::sys::{memfd_sealed, EventFd};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const SIZE: usize = 16 * 1024;
+
+fuzz_target!(|data: &[u8]| {
+    let fd = memfd_sealed("fuzz", SIZE).unwrap();
+    let map = Arc::new(Mapping::map(fd.as_fd(), SIZE, true).unwrap());
+    let l = DirectLayout::for_size(SIZE).unwrap();
+    let bell = Arc::new(EventFd::new().unwrap());
+    let mut p = Producer::new(map.clone(), l, 0, bell.clone());
+    let mut c = Consumer::new(map.clone(), l, 1, bell);
+    let mut buf = vec![0u8; 4096];
+    for op in data.chunks(9) {
+        let v = op.get(1..9).map(|b| u64::from_le_bytes(b.try_into().unwrap())).unwrap_or(0);
+        match op[0] % 8 {
+            // The peer scribbles over the words it owns (and ours).
+            0 => map.u64_at(l.dir(0).tail).store(v, Ordering::Relaxed),
+            1 => map.u64_at(l.dir(1).head).store(v, Ordering::Relaxed),
+            2 => map.u32_at(l.dir(1).flags).store(v as u32, Ordering::Relaxed),
+            3 => map.u32_at(l.dir(0).cons_closed).store(v as u32, Ordering::Relaxed),
+            // Our side keeps using its ends.
+            4 => {
+                let n = (v as usize) % buf.len();
+                let _ = p.write(&buf[..n]);
+            }
+            5 => {
+                let n = (v as usize) % buf.len();
+                let _ = c.read(&mut buf[..n]);
+            }
+            6 => {
+                let _ = c.peek(&mut buf[..64]);
+                let _ = c.arm();
+                c.disarm();
+            }
+            _ => {
+                let _ = p.arm();
+                p.disarm();
+                let _ = p.writable();
+            }
+        }
+    }
+});

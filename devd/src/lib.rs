@@ -6,10 +6,13 @@
 //! Never here: application bytes of Direct connections (devd is not on that
 //! path), trust in anything a client wrote into shared memory.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod stats;
+#[allow(unsafe_code)]
 mod sys;
 
 use anyhow::Context;

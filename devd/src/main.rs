@@ -1,5 +1,7 @@
 //! `devd`: parse arguments, build a config, run.
 
+#![forbid(unsafe_code)]
+
 use ssock_devd::config::{Config, DefaultMode};
 use std::path::PathBuf;
 

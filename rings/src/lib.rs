@@ -9,12 +9,16 @@
 //! Never here: threads, policy, retries, logging on the data path. The
 //! only unsafe code is [`shm`] (shared memory) and [`sys`] (FFI).
 
+#![deny(unsafe_code)]
+
 pub mod codec;
 pub mod layout;
 pub mod notify;
 pub mod paths;
+#[allow(unsafe_code)]
 pub mod shm;
 pub mod stream;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod vq;
 

@@ -3,6 +3,8 @@
 //! verify byte patterns. Every process started here is killed and every
 //! file removed when its guard drops, also when a test fails.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use ssock_client::Session;
 use std::io::{BufRead, BufReader, Write};
@@ -265,4 +267,14 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" that closes the command name: state is field 3,
+    // utime field 14, stime field 15.
+    let rest = s.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
 }

@@ -328,3 +328,69 @@ fn plain_peers_on_either_side_stay_on_kernel_tcp_and_fallback_is_counted() -> Re
     ensure!(t["connections"]["kernel"].as_u64() == Some(1), "totals {t}");
     Ok(())
 }
+
+#[test]
+fn idle_connected_pairs_and_devd_use_no_cpu_after_the_spin_budget() -> Result<()> {
+    let d = Devd::start(&[])?;
+    let mut procs = Vec::new();
+    for mode in ["direct", "queued"] {
+        let (mut s, addr) = server(&d, mode, &["recv"])?;
+        let mut c = client(&d, &addr, mode, &["hold", "1"])?;
+        c.expect("OK held 1")?;
+        ensure!(mode_line(&mut s)?.0 == mode);
+        procs.push(s);
+        procs.push(c);
+    }
+    // Past every spin budget, everyone must be asleep in the kernel.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pids: Vec<u32> = procs.iter().map(Peer::pid).collect();
+    pids.push(d.pid());
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|p| ssock_tests::cpu_ticks(*p))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after: Vec<u64> = pids
+        .iter()
+        .map(|p| ssock_tests::cpu_ticks(*p))
+        .collect::<Result<_>>()?;
+    for ((pid, b), a) in pids.iter().zip(&before).zip(&after) {
+        // A spinning process burns ~100 ticks per second; allow scheduler noise.
+        ensure!(a - b <= 3, "process {pid} used {} ticks while idle", a - b);
+    }
+    Ok(())
+}
+
+#[test]
+fn devd_default_mode_queued_makes_auto_connections_queued() -> Result<()> {
+    let d = Devd::start(&["--default-mode", "queued"])?;
+    let (mut s, addr) = server(&d, "auto", &["exchange", "1048576"])?;
+    let mut c = client(&d, &addr, "auto", &["exchange", "1048576"])?;
+    ensure!(mode_line(&mut c)?.0 == "queued");
+    ensure!(mode_line(&mut s)?.0 == "queued");
+    c.expect("OK exchange")?;
+    s.expect("OK exchange")?;
+    Ok(())
+}
+
+#[test]
+fn devd_forgets_the_connections_of_processes_that_exit_or_die() -> Result<()> {
+    let d = Devd::start(&[])?;
+    for mode in ["direct", "queued"] {
+        let (mut s, addr) = server(&d, mode, &["recv"])?;
+        let mut c = client(&d, &addr, mode, &["send-forever"])?;
+        c.expect("SENDING")?;
+        c.kill();
+        s.expect("RECV")?;
+        ensure!(s.wait_success()?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = d.stats()?;
+        if v["devd"]["live_connections"] == 0 && v["devd"]["listeners"] == 0 {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "devd still holds: {}", v["devd"]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

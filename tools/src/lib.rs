@@ -1,6 +1,8 @@
 //! ssock-tools: what `ringstat` and `ssock-bench` share: fetching devd's
 //! statistics, and finding or starting a private devd.
 
+#![forbid(unsafe_code)]
+
 pub mod pattern;
 
 use anyhow::{bail, Context, Result};

@@ -258,16 +258,20 @@ impl Engine {
             }
             // Nothing moved: ask for kicks, then look once more (a post
             // that raced with enable_notification is seen here).
+            // TX kicks are wanted while no TX buffer waits on the backend
+            // window; RX kicks only while bytes wait for RX buffers (posted
+            // RX buffers alone are no work: asking then would never sleep).
             let mut more = false;
             for s in 0..2 {
+                let pending = self.backend.pending(chan(id, s)) > 0;
                 let side = &mut pair.sides[s];
                 if side.dead || side.gone {
                     continue;
                 }
-                if !side.mark_sent {
+                if !side.mark_sent && side.tx_pending.is_none() {
                     more |= side.region.enable_notification(TX).unwrap_or(false);
                 }
-                if !side.rx_marked {
+                if !side.rx_marked && pending {
                     more |= side.region.enable_notification(RX).unwrap_or(false);
                 }
             }

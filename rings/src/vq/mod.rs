@@ -25,3 +25,132 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
 pub const TX: usize = 0;
 /// Queue index of RX (devd -> client).
 pub const RX: usize = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::device::{DeviceError, DeviceRegion};
+    use super::driver::QueueDriver;
+    use super::*;
+    use crate::layout::QueuedLayout;
+    use crate::shm::Mapping;
+    use crate::sys::memfd_sealed;
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+
+    fn setup() -> (Arc<Mapping>, QueuedLayout, DeviceRegion) {
+        let l = QueuedLayout::for_size(128 * 1024).unwrap();
+        let fd = memfd_sealed("vq", l.size).unwrap();
+        let m = Arc::new(Mapping::map(fd.as_fd(), l.size, true).unwrap());
+        let dev = DeviceRegion::new(fd.try_clone().unwrap(), l).unwrap();
+        (m, l, dev)
+    }
+
+    #[test]
+    fn driver_posts_device_pops_and_completes_with_data() {
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        m.write_bytes(l.slot_offset(TX, 3), b"hello");
+        tx.post(3, l.slot_offset(TX, 3) as u64, 5, 0);
+        rx.post(0, l.slot_offset(RX, 0) as u64, l.slot as u32, F_WRITE);
+        let b = dev.pop(TX).unwrap().unwrap();
+        assert_eq!((b.head, b.len), (3, 5));
+        let mut data = [0u8; 5];
+        dev.read(b.addr, &mut data).unwrap();
+        assert_eq!(&data, b"hello");
+        dev.add_used(TX, b.head, 0).unwrap();
+        let r = dev.pop(RX).unwrap().unwrap();
+        dev.write(r.addr, b"world!").unwrap();
+        dev.add_used(RX, r.head, 6).unwrap();
+        assert_eq!(tx.pop_used(l.slot as u32).unwrap(), Some((3, 0)));
+        assert_eq!(rx.pop_used(l.slot as u32).unwrap(), Some((0, 6)));
+        let mut got = [0u8; 6];
+        m.read_bytes(l.slot_offset(RX, 0), &mut got);
+        assert_eq!(&got, b"world!");
+        assert!(dev.pop(TX).unwrap().is_none());
+    }
+
+    #[test]
+    fn kicks_are_suppressed_until_the_device_asks() {
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        // The device asks for a kick on the next post.
+        assert!(!dev.enable_notification(TX).unwrap());
+        tx.post(0, l.slot_offset(TX, 0) as u64, 1, 0);
+        assert!(tx.should_kick());
+        // It has not re-armed: further posts need no kick.
+        tx.post(1, l.slot_offset(TX, 1) as u64, 1, 0);
+        assert!(!tx.should_kick());
+    }
+
+    #[test]
+    fn device_interrupts_only_an_armed_driver() {
+        let (m, l, mut dev) = setup();
+        let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        rx.post(0, l.slot_offset(RX, 0) as u64, l.slot as u32, F_WRITE);
+        rx.post(1, l.slot_offset(RX, 1) as u64, l.slot as u32, F_WRITE);
+        assert!(rx.arm(), "nothing used yet: safe to sleep");
+        let b = dev.pop(RX).unwrap().unwrap();
+        dev.add_used(RX, b.head, 0).unwrap();
+        assert!(dev.needs_notification(RX).unwrap());
+        // The driver has not re-armed: no second interrupt.
+        let b = dev.pop(RX).unwrap().unwrap();
+        dev.add_used(RX, b.head, 0).unwrap();
+        assert!(!dev.needs_notification(RX).unwrap());
+    }
+
+    #[test]
+    fn chained_wrong_direction_or_foreign_slot_descriptors_are_violations() {
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_NEXT);
+        assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_WRITE);
+        assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        tx.post(0, l.slot_offset(TX, 1) as u64, 1, 0);
+        assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
+        let (m, l, mut dev) = setup();
+        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        tx.post(0, l.slot_offset(TX, 0) as u64, l.slot as u32 + 1, 0);
+        assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
+    }
+
+    #[test]
+    fn an_avail_index_running_ahead_is_a_violation() {
+        let (m, l, mut dev) = setup();
+        m.u16_at(l.queues[TX].avail + 2)
+            .store(l.qsize + 5, std::sync::atomic::Ordering::Release);
+        assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
+    }
+
+    #[test]
+    fn unsealed_or_wrongly_sized_regions_are_refused() {
+        let l = QueuedLayout::for_size(128 * 1024).unwrap();
+        let fd = memfd_sealed("vq", 64 * 1024).unwrap();
+        assert!(matches!(
+            DeviceRegion::new(fd, l),
+            Err(DeviceError::Region(_))
+        ));
+        let f = std::fs::File::from(std::os::fd::OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(std::env::temp_dir().join(format!("ssock-vq-{}", std::process::id())))
+                .unwrap(),
+        ));
+        f.set_len(l.size as u64).unwrap();
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("ssock-vq-{}", std::process::id())),
+        );
+        assert!(matches!(
+            DeviceRegion::new(f.into(), l),
+            Err(DeviceError::Region(_))
+        ));
+    }
+}

@@ -9,6 +9,8 @@
 //! Every accepted/connected stream prints "MODE <mode> <conn id or 0>".
 //! Results are printed as lines starting with OK, RECV or ERR.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use ssock_client::{negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Stream};
 use ssock_rings::codec::Response;

@@ -7,6 +7,8 @@
 //! Finds devd like every ssock program (SSOCK_DEVD_SOCKET, system socket,
 //! per-user socket).
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use ssock_client::Session;

@@ -10,6 +10,8 @@
 //! connection that did not get the transport asked for is an error: a
 //! silent fallback would make the table lie.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use ssock_client::{Listener, Mode, ModePref, Options, Stream};
@@ -301,6 +303,13 @@ fn bench(args: &[String]) -> Result<()> {
     ) {
         let _ = s.write_all(&[0u8; 16]);
     }
+    // The peer exits on the quit header, or when its connection breaks;
+    // do not wait for it forever.
+    let t = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
     let _ = child.wait();
     result?;
     if json {

@@ -1,0 +1,70 @@
+//! The tools as a user runs them.
+
+use anyhow::{ensure, Context, Result};
+use ssock_tests::bin;
+use std::process::Command;
+
+#[test]
+fn ssock_bench_runs_kernel_direct_and_queued_on_its_own_devd() -> Result<()> {
+    let out = Command::new(bin("ssock-bench"))
+        .args(["--quick", "--rounds", "1", "--json"])
+        .env_remove("SSOCK_DEVD_SOCKET")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ssock-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let results = v["results"].as_array().context("results")?;
+    ensure!(
+        results.len() == 4,
+        "expected 4 tests, got {}",
+        results.len()
+    );
+    for r in results {
+        let names: Vec<&str> = r["transports"]
+            .as_array()
+            .context("transports")?
+            .iter()
+            .filter_map(|t| t["transport"].as_str())
+            .collect();
+        ensure!(
+            names == ["kernel", "direct", "queued"],
+            "transports {names:?}"
+        );
+        for t in r["transports"].as_array().context("transports")? {
+            ensure!(
+                t["median"].as_f64().is_some_and(|m| m > 0.0),
+                "no figure in {t}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ringstat_without_a_devd_says_so_and_fails() -> Result<()> {
+    let out = Command::new(bin("ringstat"))
+        .env("SSOCK_DEVD_SOCKET", "/nonexistent/ssock/devd.sock")
+        .output()?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("is devd running?"), "stderr: {err}");
+    Ok(())
+}
+
+#[test]
+fn devd_refuses_a_bad_config_with_the_key_named() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ssock-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("devd.toml");
+    std::fs::write(&cfg, "region_size = 12345\n")?;
+    let out = Command::new(bin("devd")).arg("--config").arg(&cfg).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("region_size"), "stderr: {err}");
+    Ok(())
+}

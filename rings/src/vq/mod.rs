@@ -37,6 +37,10 @@ mod tests {
     use std::os::fd::AsFd;
     use std::sync::Arc;
 
+    fn slot32(l: &QueuedLayout) -> u32 {
+        u32::try_from(l.slot).unwrap()
+    }
+
     fn setup() -> (Arc<Mapping>, QueuedLayout, DeviceRegion) {
         let l = QueuedLayout::for_size(128 * 1024).unwrap();
         let fd = memfd_sealed("vq", l.size).unwrap();
@@ -52,7 +56,7 @@ mod tests {
         let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
         m.write_bytes(l.slot_offset(TX, 3), b"hello");
         tx.post(3, l.slot_offset(TX, 3) as u64, 5, 0);
-        rx.post(0, l.slot_offset(RX, 0) as u64, l.slot as u32, F_WRITE);
+        rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
         let b = dev.pop(TX).unwrap().unwrap();
         assert_eq!((b.head, b.len), (3, 5));
         let mut data = [0u8; 5];
@@ -62,8 +66,8 @@ mod tests {
         let r = dev.pop(RX).unwrap().unwrap();
         dev.write(r.addr, b"world!").unwrap();
         dev.add_used(RX, r.head, 6).unwrap();
-        assert_eq!(tx.pop_used(l.slot as u32).unwrap(), Some((3, 0)));
-        assert_eq!(rx.pop_used(l.slot as u32).unwrap(), Some((0, 6)));
+        assert_eq!(tx.pop_used(slot32(&l)).unwrap(), Some((3, 0)));
+        assert_eq!(rx.pop_used(slot32(&l)).unwrap(), Some((0, 6)));
         let mut got = [0u8; 6];
         m.read_bytes(l.slot_offset(RX, 0), &mut got);
         assert_eq!(&got, b"world!");
@@ -87,8 +91,8 @@ mod tests {
     fn device_interrupts_only_an_armed_driver() {
         let (m, l, mut dev) = setup();
         let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
-        rx.post(0, l.slot_offset(RX, 0) as u64, l.slot as u32, F_WRITE);
-        rx.post(1, l.slot_offset(RX, 1) as u64, l.slot as u32, F_WRITE);
+        rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
+        rx.post(1, l.slot_offset(RX, 1) as u64, slot32(&l), F_WRITE);
         assert!(rx.arm(), "nothing used yet: safe to sleep");
         let b = dev.pop(RX).unwrap().unwrap();
         dev.add_used(RX, b.head, 0).unwrap();
@@ -115,7 +119,7 @@ mod tests {
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
         let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        tx.post(0, l.slot_offset(TX, 0) as u64, l.slot as u32 + 1, 0);
+        tx.post(0, l.slot_offset(TX, 0) as u64, slot32(&l) + 1, 0);
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
     }
 

@@ -72,7 +72,19 @@ impl Devd {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("devd.sock");
-        let child = Command::new(bin("devd"))
+        // SSOCK_TEST_DEVD_PREFIX runs devd under a tool, e.g. "strace -f -o FILE".
+        let prefix: Vec<String> = std::env::var("SSOCK_TEST_DEVD_PREFIX")
+            .map(|p| p.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match prefix.split_first() {
+            Some((tool, targs)) => {
+                let mut c = Command::new(tool);
+                c.args(targs).arg(bin("devd"));
+                c
+            }
+            None => Command::new(bin("devd")),
+        };
+        let child = cmd
             .arg("--user")
             .arg("--socket")
             .arg(&socket)
@@ -151,6 +163,13 @@ static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 impl Drop for Devd {
     fn drop(&mut self) {
+        // SIGTERM first: devd (or a tool wrapping it) shuts down cleanly;
+        // SIGKILL if it has not after two seconds.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let t = Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

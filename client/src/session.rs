@@ -6,6 +6,7 @@ use ssock_rings::sys::SeqPacket;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -64,6 +65,9 @@ impl SessionError {
 #[derive(Debug)]
 pub struct Session {
     sock: Mutex<SeqPacket>,
+    /// Set once a request failed mid-way: the channel may be out of step
+    /// (a late reply would answer the next request), so it is not used again.
+    broken: AtomicBool,
     /// Spin budget devd's config suggests.
     pub spin: Duration,
     /// devd's default mode.
@@ -82,6 +86,7 @@ impl Session {
             .map_err(SessionError::Io)?;
         let s = Session {
             sock: Mutex::new(sock),
+            broken: AtomicBool::new(false),
             spin: ssock_rings::notify::DEFAULT_SPIN,
             default_mode: Mode::Direct,
             path: path.into(),
@@ -108,16 +113,26 @@ impl Session {
     }
 
     /// The process-wide session to the default devd (see
-    /// `ssock_rings::paths`), connected on first use; None if devd is not
-    /// reachable (then the next call tries again).
+    /// `ssock_rings::paths::client_sockets`), connected on first use and
+    /// again after it broke (devd restarted); None if no devd answers.
     pub fn global() -> Option<Arc<Session>> {
         static GLOBAL: OnceLock<Mutex<Option<Arc<Session>>>> = OnceLock::new();
         let cell = GLOBAL.get_or_init(|| Mutex::new(None));
         let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|s| s.is_broken()) {
+            *g = None;
+        }
         if g.is_none() {
-            *g = Session::connect(&ssock_rings::paths::client_socket()).ok();
+            *g = ssock_rings::paths::client_sockets()
+                .iter()
+                .find_map(|p| Session::connect(p).ok());
         }
         g.clone()
+    }
+
+    /// Whether a request failed mid-way (the session is no longer used).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
     }
 
     /// Socket path this session uses.
@@ -132,14 +147,25 @@ impl Session {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>), SessionError> {
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        sock.send(&req.encode(), fds).map_err(SessionError::Io)?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let (n, got) = sock.recv(&mut buf, MAX_FDS).map_err(SessionError::Io)?;
-        if n == 0 {
+        if self.is_broken() {
             return Err(SessionError::Closed);
         }
-        let resp = Response::decode(&buf[..n], got.len()).map_err(SessionError::Decode)?;
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let broke = |e: SessionError| {
+            self.broken.store(true, Ordering::Relaxed);
+            e
+        };
+        sock.send(&req.encode(), fds)
+            .map_err(|e| broke(SessionError::Io(e)))?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let (n, got) = sock
+            .recv(&mut buf, MAX_FDS)
+            .map_err(|e| broke(SessionError::Io(e)))?;
+        if n == 0 {
+            return Err(broke(SessionError::Closed));
+        }
+        let resp =
+            Response::decode(&buf[..n], got.len()).map_err(|e| broke(SessionError::Decode(e)))?;
         match resp {
             Response::Error { code, message } => Err(SessionError::Refused { code, message }),
             r => Ok((r, got)),

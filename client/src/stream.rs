@@ -30,9 +30,12 @@ pub struct Options {
     pub mode: ModePref,
     /// Spin budget; None: `SSOCK_SPIN_US`, else devd's config.
     pub spin: Option<Duration>,
-    /// How long an acceptor waits for a Hello announced by an intent, and
-    /// a connector for the HelloAck.
+    /// How long an acceptor waits for a Hello announced by an intent (the
+    /// connector sends it right after connecting).
     pub hello_timeout: Duration,
+    /// How long a connector waits for the HelloAck (until the acceptor
+    /// calls accept); past it, connect fails with ETIMEDOUT.
+    pub ack_timeout: Duration,
 }
 
 impl Default for Options {
@@ -41,7 +44,8 @@ impl Default for Options {
             session: None,
             mode: ModePref::Auto,
             spin: None,
-            hello_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -97,6 +101,8 @@ fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
     }
 }
 
+/// Builds the transport devd attached; if this end cannot use it, tells
+/// devd to release it so nothing stays held.
 fn attach(
     session: &Arc<Session>,
     resp: (Response, Vec<std::os::fd::OwnedFd>),
@@ -105,12 +111,25 @@ fn attach(
         return Err(io::Error::other("devd answered Attach with something else"));
     };
     let s = Some(session.clone());
-    let t: Box<dyn Transport> = match a.mode {
-        Mode::Direct => Box::new(Direct::attach(&a, fds, s).map_err(io::Error::other)?),
-        Mode::Queued => Box::new(Queued::attach(&a, fds, s).map_err(io::Error::other)?),
-        Mode::Kernel => return Err(io::Error::other("devd attached a kernel-mode connection")),
+    let t: io::Result<Box<dyn Transport>> = match a.mode {
+        Mode::Direct => Direct::attach(&a, fds, s)
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(io::Error::other),
+        Mode::Queued => Queued::attach(&a, fds, s)
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(io::Error::other),
+        Mode::Kernel => Err(io::Error::other("devd attached a kernel-mode connection")),
     };
-    Ok(t)
+    if t.is_err() {
+        let _ = session.request(
+            &Request::Release {
+                conn_id: a.conn_id,
+                side: a.side,
+            },
+            &[],
+        );
+    }
+    t
 }
 
 fn unspecified(dst: &SocketAddr) -> SocketAddr {
@@ -178,7 +197,7 @@ pub fn negotiate_connect(dst: SocketAddr, opts: &Options) -> io::Result<Negotiat
     sock.connect(&dst.into())?;
     let mut tcp: TcpStream = sock.into();
     tcp.write_all(&codec::hello(token))?;
-    tcp.set_read_timeout(Some(opts.hello_timeout))?;
+    tcp.set_read_timeout(Some(opts.ack_timeout))?;
     let mut ack = [0u8; HELLO_LEN];
     let read = tcp.read_exact(&mut ack);
     tcp.set_read_timeout(None)?;
@@ -452,8 +471,13 @@ impl Listener {
                 return Ok(None);
             }
         }
-        match session
-            .request(&Request::Pair { token }, &[tcp.as_fd()])
+        let paired = session.request(&Request::Pair { token }, &[tcp.as_fd()]);
+        if let Ok((Response::Kernel { reason }, _)) = paired {
+            // devd's policy said no (and counted it): consume-and-refuse.
+            tcp.write_all(&codec::hello_ack(ACK_KERNEL))?;
+            return kernel(tcp, Some(reason));
+        }
+        match paired
             .map_err(io::Error::other)
             .and_then(|r| attach(session, r))
         {

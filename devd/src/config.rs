@@ -255,6 +255,24 @@ impl Config {
                 ),
             });
         }
+        if ssock_rings::layout::QueuedLayout::for_size(self.region_size).is_err() {
+            return Err(ConfigError::Value {
+                key: "region_size",
+                why: format!(
+                    "{} is too small for a Queued region's queues and slots",
+                    self.region_size
+                ),
+            });
+        }
+        if self.socket_mode > 0o777 {
+            return Err(ConfigError::Value {
+                key: "socket_mode",
+                why: format!(
+                    "{:o} is not a permission mode (at most 777)",
+                    self.socket_mode
+                ),
+            });
+        }
         if self.spin_us > 1_000_000 {
             return Err(ConfigError::Value {
                 key: "spin_us",

@@ -20,7 +20,7 @@ use config::Config;
 use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::Backend;
 use ssock_rings::sys::SeqPacket;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 /// Runs devd until it is told to stop.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -49,6 +49,17 @@ fn bind(cfg: &Config) -> anyhow::Result<SeqPacket> {
         if cfg.user_mode {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
+    }
+    // Another user must not be able to replace our socket.
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() != ssock_rings::sys::uid() || meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{} must be a directory owned by uid {} and not writable by others (it is uid {}, mode {:o})",
+            dir.display(),
+            ssock_rings::sys::uid(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
     }
     if path.exists() {
         if SeqPacket::connect(path).is_ok() {

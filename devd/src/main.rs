@@ -57,8 +57,16 @@ fn real_main() -> anyhow::Result<()> {
                     _ => anyhow::bail!("--default-mode {v}: expected direct, queued or kernel"),
                 }
             }
-            "--region-size" => cfg.region_size = v.parse()?,
-            "--spin-us" => cfg.spin_us = v.parse()?,
+            "--region-size" => {
+                cfg.region_size = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--region-size {v}: not a number of bytes"))?
+            }
+            "--spin-us" => {
+                cfg.spin_us = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--spin-us {v}: not a number"))?
+            }
             _ => unreachable!(),
         }
     }

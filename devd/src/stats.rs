@@ -18,7 +18,8 @@ pub struct Totals {
     pub kernel: u64,
     /// Fallbacks by reason.
     pub fallbacks: BTreeMap<FallbackReason, u64>,
-    /// Connections reset because a party broke a ring protocol.
+    /// Connections reset because a party broke a ring protocol (reported
+    /// by the victim for Direct; counted by the engine for Queued).
     pub violations: u64,
     /// Control messages refused as malformed.
     pub bad_messages: u64,
@@ -28,8 +29,16 @@ pub struct Totals {
 
 impl Totals {
     /// Counts one connection that stays on kernel TCP.
+    /// A connection whose announced peer sent no valid Hello is dropped,
+    /// not kept on kernel TCP: it is counted by reason only.
     pub fn fallback(&mut self, r: FallbackReason) {
-        self.kernel += 1;
+        let dropped = matches!(
+            r,
+            FallbackReason::HelloTimeout | FallbackReason::BadHello | FallbackReason::Version
+        );
+        if !dropped {
+            self.kernel += 1;
+        }
         *self.fallbacks.entry(r).or_default() += 1;
     }
 
@@ -150,7 +159,7 @@ pub struct ConnJson {
     pub mode: &'static str,
     /// "open", "half-closed", "closing".
     pub state: &'static str,
-    /// Pids [connector, acceptor] (0: not attached).
+    /// Pids [connector, acceptor]: the processes that last attached each end.
     pub pids: [i32; 2],
     /// Connector's address.
     pub local: String,
@@ -168,7 +177,7 @@ pub struct ConnJson {
     pub notify_suppressed: u64,
     /// Region bytes (per side for Queued).
     pub region_size: u64,
-    /// Ring detail (Direct) or queue counters (Queued).
+    /// Ring detail (Direct; empty for Queued).
     pub rings: Vec<RingJson>,
 }
 

@@ -246,8 +246,15 @@ pub enum Request {
     /// Map this socket's connection (connector after HelloAck, exec'd
     /// images, fd receivers). fds: [socket].
     Attach,
-    /// This process is done with the connection (it closed its socket).
+    /// This process is done with its end of the connection (it closed it).
     Release {
+        /// Connection id.
+        conn_id: u64,
+        /// Which end (one process may hold both ends of a connection).
+        side: Side,
+    },
+    /// The peer broke the ring protocol; this end reset the connection.
+    Violation {
         /// Connection id.
         conn_id: u64,
     },
@@ -523,8 +530,13 @@ impl Request {
                 w.finish()
             }
             Request::Attach => W::new(7).finish(),
-            Request::Release { conn_id } => {
+            Request::Release { conn_id, side } => {
                 let mut w = W::new(8);
+                w.u64(*conn_id).u8(*side as u8);
+                w.finish()
+            }
+            Request::Violation { conn_id } => {
+                let mut w = W::new(11);
                 w.u64(*conn_id);
                 w.finish()
             }
@@ -555,7 +567,11 @@ impl Request {
             5 => Request::Claim,
             6 => Request::Pair { token: r.u64()? },
             7 => Request::Attach,
-            8 => Request::Release { conn_id: r.u64()? },
+            8 => Request::Release {
+                conn_id: r.u64()?,
+                side: Side::from_u8(r.u8()?)?,
+            },
+            11 => Request::Violation { conn_id: r.u64()? },
             9 => Request::Fallback {
                 reason: r.reason()?,
             },
@@ -784,7 +800,11 @@ mod tests {
             Request::Claim,
             Request::Pair { token: 7 },
             Request::Attach,
-            Request::Release { conn_id: 9 },
+            Request::Release {
+                conn_id: 9,
+                side: Side::Acceptor,
+            },
+            Request::Violation { conn_id: 10 },
             Request::Fallback {
                 reason: FallbackReason::HelloTimeout,
             },

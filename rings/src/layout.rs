@@ -5,7 +5,7 @@
 //! 64     Direct: per direction d (0: connector->acceptor, 1: the reverse)
 //!          64 + 256*d        producer line: head, flags, prod_wait, counters
 //!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters
-//!        Queued: queue addresses, state flags, client counters
+//!        Queued: state flags (192, 256), client counters (320..352)
 //! 4096   Direct: ring 0 data (cap bytes), ring 1 data (cap bytes)
 //!        Queued: TX and RX virtqueues, then TX slots and RX slots
 //! ```

@@ -22,14 +22,33 @@ pub fn user_socket() -> PathBuf {
     user_dir().join("devd.sock")
 }
 
-/// The socket a client or tool should use.
-pub fn client_socket() -> PathBuf {
+/// The sockets a client tries, in order: `SSOCK_DEVD_SOCKET` alone if set;
+/// else the system socket, then the per-user one (if its directory is
+/// safe: owned by this user and closed to others).
+pub fn client_sockets() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+        return vec![PathBuf::from(p)];
     }
-    let sys = PathBuf::from(SYSTEM_SOCKET);
-    if sys.exists() {
-        return sys;
+    let mut v = vec![PathBuf::from(SYSTEM_SOCKET)];
+    if user_dir_is_safe(&user_dir()) {
+        v.push(user_socket());
     }
-    user_socket()
+    v
+}
+
+/// Whether `dir` is owned by this user and not writable or searchable by
+/// others (another user must not be able to stand in for our devd).
+pub fn user_dir_is_safe(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == crate::sys::uid() && m.mode() & 0o077 == 0)
+}
+
+/// The socket a tool reports on: the first of [`client_sockets`] that
+/// exists, else the per-user path.
+pub fn client_socket() -> PathBuf {
+    client_sockets()
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(user_socket)
 }

@@ -307,14 +307,15 @@ impl Consumer {
         if buf.is_empty() {
             return Ok(ReadOutcome::Data(0));
         }
+        // A reset discards what was not yet read, like a TCP RST. The flags
+        // share the producer's cache line with head: no extra miss.
+        if self.flags() & FLAG_RESET != 0 {
+            return Ok(ReadOutcome::Reset);
+        }
         if self.head_seen == self.tail {
             self.refresh_head()?;
             if self.head_seen == self.tail {
-                let f = self.flags();
-                if f & FLAG_RESET != 0 {
-                    return Ok(ReadOutcome::Reset);
-                }
-                if f & FLAG_EOS == 0 {
+                if self.flags() & FLAG_EOS == 0 {
                     return Ok(ReadOutcome::Empty);
                 }
                 // The mark was set after the final head: look once more.
@@ -490,6 +491,15 @@ mod tests {
         assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(2));
         assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(1));
         assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Eos);
+    }
+
+    #[test]
+    fn reset_discards_unread_data_like_a_tcp_rst() {
+        let (mut p, mut c, _m, _) = pair(16384);
+        p.write(b"abc").unwrap();
+        p.reset();
+        let mut b = [0u8; 8];
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Reset);
     }
 
     #[test]

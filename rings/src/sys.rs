@@ -567,14 +567,19 @@ pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
 
 /// The socket type (SOCK_STREAM, ...) of a socket fd.
 pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+}
+
+/// An integer socket option (SO_ACCEPTCONN, IPV6_V6ONLY, ...).
+pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).map_err(io::Error::other)?;
     // SAFETY: v/len are valid out-pointers for an int option.
     cvt(unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
+            level,
+            name,
             (&mut v as *mut libc::c_int).cast(),
             &mut len,
         )

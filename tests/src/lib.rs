@@ -71,7 +71,14 @@ impl Devd {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("devd.sock");
+        Devd::start_at(&dir.join("devd.sock"), args)
+    }
+
+    /// Starts `devd --user` on `socket` (its directory is removed on drop).
+    pub fn start_at(socket: &Path, args: &[&str]) -> Result<Devd> {
+        let dir = socket.parent().context("socket dir")?.to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let socket = socket.to_path_buf();
         // SSOCK_TEST_DEVD_PREFIX runs devd under a tool, e.g. "strace -f -o FILE".
         let prefix: Vec<String> = std::env::var("SSOCK_TEST_DEVD_PREFIX")
             .map(|p| p.split_whitespace().map(String::from).collect())
@@ -165,7 +172,10 @@ impl Drop for Devd {
     fn drop(&mut self) {
         // SIGTERM first: devd (or a tool wrapping it) shuts down cleanly;
         // SIGKILL if it has not after two seconds.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let t = Instant::now();
         while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(5));

@@ -115,7 +115,13 @@ fn sigkill(mode: &str) -> Result<()> {
         "receiver said {r}"
     );
     let got: u64 = r.split_whitespace().nth(1).context("count")?.parse()?;
-    ensure!(got >= MIB, "receiver got only {got} bytes before the kill");
+    // Direct: the sender had written 1 MiB into a 254 KiB ring, so the
+    // receiver had taken most of it. Queued buffers up to ~1.2 MiB in flight
+    // (TX slots, backend window, RX slots), which the reset discards.
+    ensure!(
+        mode == "queued" || got >= MIB - 256 * 1024,
+        "receiver got only {got} bytes before the kill"
+    );
     ensure!(d.alive(), "devd died");
     // A third client is served as before.
     let (mut s2, addr2) = server(&d, mode, &["exchange", "4194304"])?;

@@ -32,6 +32,7 @@ pub enum AttachError {
 #[derive(Debug)]
 pub struct Direct {
     conn_id: u64,
+    side: Side,
     tx: Producer,
     rx: Consumer,
     bell: Arc<EventFd>,
@@ -66,6 +67,7 @@ impl Direct {
         };
         Ok(Direct {
             conn_id: a.conn_id,
+            side: a.side,
             tx: Producer::new(map.clone(), layout, out, peer.clone()),
             rx: Consumer::new(map, layout, inn, peer),
             bell,
@@ -79,6 +81,14 @@ impl Direct {
     fn violation(&mut self, v: Violation) -> io::Error {
         log::warn!("connection {}: {v}; resetting it", self.conn_id);
         self.break_conn();
+        if let Some(s) = &self.session {
+            let _ = s.request(
+                &Request::Violation {
+                    conn_id: self.conn_id,
+                },
+                &[],
+            );
+        }
         reset_error()
     }
 
@@ -257,6 +267,7 @@ impl Transport for Direct {
             let _ = s.request(
                 &Request::Release {
                     conn_id: self.conn_id,
+                    side: self.side,
                 },
                 &[],
             );

@@ -6,7 +6,7 @@
 use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
 use crate::session::Session;
 use crate::transport::direct::AttachError;
-use ssock_rings::codec::{Attachment, Mode, Request};
+use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{check_header, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET};
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
@@ -22,6 +22,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct Queued {
     conn_id: u64,
+    side: Side,
     map: Arc<Mapping>,
     layout: QueuedLayout,
     tx: QueueDriver,
@@ -59,6 +60,7 @@ impl Queued {
         let q = layout.qsize;
         let mut me = Queued {
             conn_id: a.conn_id,
+            side: a.side,
             tx: QueueDriver::new(map.clone(), layout.queues[TX], q),
             rx: QueueDriver::new(map.clone(), layout.queues[RX], q),
             map,
@@ -330,6 +332,7 @@ impl Transport for Queued {
             let _ = s.request(
                 &Request::Release {
                     conn_id: self.conn_id,
+                    side: self.side,
                 },
                 &[],
             );

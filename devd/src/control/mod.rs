@@ -47,6 +47,9 @@ pub enum RequestError {
     /// The passed fd is not a usable TCP socket.
     #[error("the passed fd is not a usable IP stream socket")]
     NotSocket(#[source] io::Error),
+    /// Listen with a socket that is not listening.
+    #[error("the passed socket is not listening")]
+    NotListening,
     /// The socket is not bound to a port yet.
     #[error("the socket has no local port; bind before announcing an intent")]
     Unbound,
@@ -73,7 +76,9 @@ pub enum RequestError {
 impl RequestError {
     fn code(&self) -> u32 {
         let c = match self {
-            RequestError::NotSocket(_) | RequestError::Unbound => libc::EINVAL,
+            RequestError::NotSocket(_) | RequestError::Unbound | RequestError::NotListening => {
+                libc::EINVAL
+            }
             RequestError::NoClaim | RequestError::NoConnection(_) => libc::ENOENT,
             RequestError::AlreadyAttached(..) => libc::EBUSY,
             RequestError::NotHeld(_) => libc::EPERM,
@@ -142,12 +147,18 @@ impl Devd {
             Request::Claim => self.claim(sid, &fds[0]),
             Request::Pair { token } => self.pair(sid, &fds[0], token),
             Request::Attach => self.attach(sid, &fds[0]),
-            Request::Release { conn_id } => self.release(sid, conn_id),
+            Request::Release { conn_id, side } => self.release(sid, conn_id, side as usize),
+            Request::Violation { conn_id } => {
+                if self.holds(sid, conn_id) {
+                    self.totals.violations += 1;
+                }
+                Ok((Response::Ok, vec![]))
+            }
             Request::Fallback { reason } => {
                 self.totals.fallback(reason);
                 Ok((Response::Ok, vec![]))
             }
-            Request::Stats { after, limit } => Ok(self.stats(after, limit)),
+            Request::Stats { after, limit } => Ok(self.stats(sid, after, limit)),
         };
         r.unwrap_or_else(|e| {
             log::debug!("session {sid}: request failed: {e}");
@@ -187,13 +198,20 @@ impl Devd {
         if end.addr.port() == 0 {
             return Err(RequestError::Unbound);
         }
-        self.reg.listeners.insert(
-            end.inode,
-            registry::Listener {
-                session: sid,
-                addr: end.addr,
-            },
-        );
+        let listening = sys::sockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+            .map_err(RequestError::NotSocket)?;
+        if listening == 0 {
+            return Err(RequestError::NotListening);
+        }
+        let dual_stack = end.addr.is_ipv6()
+            && sys::sockopt_int(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                .is_ok_and(|v| v == 0);
+        let l = registry::Listener {
+            session: sid,
+            addr: end.addr,
+            dual_stack,
+        };
+        self.reg.listeners.insert(end.inode, l);
         Ok((Response::Ok, vec![]))
     }
 
@@ -252,15 +270,15 @@ impl Devd {
         sys::random(&mut t).map_err(RequestError::Resources)?;
         let token = u64::from_le_bytes(t);
         let key = (end.addr.port(), canon(dst.ip()), dst.port());
-        self.reg.intents.insert(
-            key,
-            Intent {
-                token,
-                mode,
-                end,
-                at: Instant::now(),
-            },
-        );
+        let sock = Arc::new(dup(fd)?);
+        let intent = Intent {
+            token,
+            mode,
+            end,
+            at: Instant::now(),
+            sock,
+        };
+        self.reg.intents.insert(key, intent);
         Ok((Response::Proceed { token }, vec![]))
     }
 
@@ -268,7 +286,17 @@ impl Devd {
         let end = self.end(sid, fd)?;
         let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
         let key = (peer.port(), canon(end.addr.ip()), end.addr.port());
-        match self.reg.intents.remove(&key) {
+        let here = (canon(end.addr.ip()), end.addr.port());
+        let from = (canon(peer.ip()), peer.port());
+        let intent = self.reg.intents.remove(&key).filter(|i| {
+            // The intent's own socket must be connected to this accepted
+            // socket: a stale intent (its connect failed, and another socket
+            // reused the port) never connected here.
+            let canon_addr = |a: std::net::SocketAddr| (canon(a.ip()), a.port());
+            sys::peer_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(here)
+                && sys::local_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(from)
+        });
+        match intent {
             Some(intent) => {
                 let token = intent.token;
                 self.reg.claimed.insert(token, Claimed { intent, end });
@@ -290,6 +318,18 @@ impl Devd {
             .claimed
             .remove(&token)
             .ok_or(RequestError::NoClaim)?;
+        // The acceptor's user is held to the same policy and caps.
+        let s = self.session(sid);
+        let (uid, gid) = (s.uid, s.gid);
+        if !self.cfg.policy.allows(uid, gid, claimed.end.addr.port()) {
+            return self.kernel(FallbackReason::Policy);
+        }
+        let (ends, bytes) = self.reg.usage.get(&uid).copied().unwrap_or((0, 0));
+        if ends + 1 > self.cfg.policy.max_connections_per_user
+            || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user
+        {
+            return self.kernel(FallbackReason::Limit);
+        }
         let mode = claimed.intent.mode;
         let id = self.reg.next_id;
         self.reg.next_id += 1;
@@ -297,13 +337,8 @@ impl Devd {
             Mode::Queued => self.queued_res(id),
             _ => self.direct_res(id),
         };
-        let res = match res {
-            Ok(r) => r,
-            Err(e) => {
-                self.totals.fallback(FallbackReason::DevdError);
-                return Err(e);
-            }
-        };
+        // On failure the acceptor reports the fallback (devd_error).
+        let res = res?;
         let ends = [claimed.intent.end, claimed.end];
         let bytes = match &res {
             Res::Direct(_) => self.cfg.region_size / 2,
@@ -477,11 +512,18 @@ impl Devd {
         Ok(reply)
     }
 
-    fn release(&mut self, sid: u64, id: u64) -> Result<Reply, RequestError> {
+    fn holds(&self, sid: u64, id: u64) -> bool {
+        self.reg
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.ends.iter().any(|e| e.session == sid))
+    }
+
+    fn release(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
         let conn = self.reg.conns.get(&id).ok_or(RequestError::NotHeld(id))?;
-        let e = (0..2)
-            .find(|e| conn.ends[*e].session == sid && !conn.ends[*e].released)
-            .ok_or(RequestError::NotHeld(id))?;
+        if conn.ends[e].session != sid || conn.ends[e].released {
+            return Err(RequestError::NotHeld(id));
+        }
         self.release_end(id, e);
         Ok((Response::Ok, vec![]))
     }
@@ -551,7 +593,12 @@ impl Devd {
         self.reg.expire(Instant::now(), 30);
     }
 
-    fn stats(&self, after: u64, limit: u16) -> Reply {
+    /// A statistics page. A devd serving several users (as root) shows a
+    /// non-root session only the connections one of whose ends is theirs.
+    fn stats(&self, sid: u64, after: u64, limit: u16) -> Reply {
+        let uid = self.session(sid).uid;
+        let sees_all = uid == 0 || uid == sys::uid();
+        let visible = |c: &&Conn| sees_all || c.ends.iter().any(|e| e.uid == uid);
         let mut page = Page {
             devd: DevdJson {
                 pid: std::process::id(),
@@ -577,6 +624,7 @@ impl Devd {
             .conns
             .range(after.saturating_add(1)..)
             .map(|(_, c)| c)
+            .filter(visible)
         {
             let j = conn_json(c);
             let len = serde_json::to_string(&j).map_or(usize::MAX, |s| s.len() + 1);

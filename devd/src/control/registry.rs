@@ -19,6 +19,8 @@ pub struct Listener {
     pub session: u64,
     /// Bound address.
     pub addr: SocketAddr,
+    /// An IPv6 wildcard listener that also takes IPv4 (IPV6_V6ONLY off).
+    pub dual_stack: bool,
 }
 
 /// Key under which an intent waits for its accept: (connector port,
@@ -50,6 +52,11 @@ pub struct Intent {
     pub end: End,
     /// When it was made (intents expire).
     pub at: Instant,
+    /// devd's duplicate of the connector's socket: at Claim, its peer must
+    /// be the accepted socket (a stale intent's socket never connected
+    /// there), and holding it keeps the port from being reused by another
+    /// socket until the intent is claimed or expires.
+    pub sock: Arc<OwnedFd>,
 }
 
 /// One end of a connection.

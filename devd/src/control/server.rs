@@ -30,14 +30,16 @@ pub fn serve(devd: &mut Devd, listener: &SeqPacket, signals: &OwnedFd) -> io::Re
     let mut next = FIRST_SESSION;
     let mut events = vec![EpollEvent::default(); 64];
     let mut buf = vec![0u8; MAX_FRAME];
+    let mut last_expiry = std::time::Instant::now();
     loop {
         let n = match epoll.wait(5000, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        if n == 0 {
+        if last_expiry.elapsed() >= std::time::Duration::from_secs(5) {
             devd.expire();
+            last_expiry = std::time::Instant::now();
         }
         for ev in &events[..n] {
             match ev.data() {

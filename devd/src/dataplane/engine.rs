@@ -240,6 +240,31 @@ impl Engine {
         let Some(mut pair) = self.pairs.remove(&id) else {
             return false;
         };
+        // A bug in one connection's handling must not stop the engine for
+        // everyone: that connection is dropped and its clients are reset.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pump_pair(id, &mut pair)
+        }));
+        match r {
+            Ok(Some(again)) => {
+                self.pairs.insert(id, pair);
+                again
+            }
+            Ok(None) => false,
+            Err(_) => {
+                log::error!("connection {id}: the engine panicked serving it; resetting it");
+                for side in &pair.sides {
+                    let _ = side.region.set_rx_flags(FLAG_RESET);
+                    let _ = side.call.notify();
+                }
+                self.forget(id, &pair);
+                false
+            }
+        }
+    }
+
+    /// One turn of pumping; None when the connection is finished and forgotten.
+    fn pump_pair(&mut self, id: u64, pair: &mut Pair) -> Option<bool> {
         let mut again = false;
         for round in 0.. {
             if round == BUDGET {
@@ -248,10 +273,10 @@ impl Engine {
             }
             let mut progress = false;
             for s in 0..2 {
-                progress |= self.tx(id, &mut pair, s);
+                progress |= self.tx(id, pair, s);
             }
             for s in 0..2 {
-                progress |= self.rx(id, &mut pair, s);
+                progress |= self.rx(id, pair, s);
             }
             if progress {
                 continue;
@@ -281,18 +306,21 @@ impl Engine {
         }
         let finished = pair.sides.iter().all(|s| s.gone || s.dead);
         if finished {
-            for s in 0..2 {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    pair.sides[s].kick.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-                self.backend.close(chan(id, s));
-            }
-            return false;
+            self.forget(id, pair);
+            return None;
         }
-        self.pairs.insert(id, pair);
-        again
+        Some(again)
+    }
+
+    /// Stops watching a connection and closes its backend channels.
+    fn forget(&mut self, id: u64, pair: &Pair) {
+        for (s, side) in pair.sides.iter().enumerate() {
+            let fd = side.kick.as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            self.backend.close(chan(id, s));
+        }
     }
 
     fn violation(&mut self, id: u64, pair: &mut Pair, s: usize, what: &dyn std::fmt::Display) {
@@ -329,6 +357,9 @@ impl Engine {
                 },
             };
             let len = buf.len as usize;
+            if self.scratch.len() < len {
+                self.scratch.resize(len, 0);
+            }
             let chunk = &mut self.scratch[..len - off];
             if let Err(e) = side.region.read(buf.addr + off as u64, chunk) {
                 self.violation(id, pair, s, &e);
@@ -440,6 +471,9 @@ impl Engine {
                 }
             };
             let want = buf.len as usize;
+            if self.scratch.len() < want {
+                self.scratch.resize(want, 0);
+            }
             let n = match self.backend.recv(ch, &mut self.scratch[..want]) {
                 Ok(Recv::Data(n)) => n,
                 _ => 0,

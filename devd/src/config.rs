@@ -145,6 +145,8 @@ pub struct Config {
     pub backend: String,
     /// Access policy.
     pub policy: Policy,
+    /// The seccomp filters' mode; None only for debugging (`--no-sandbox`).
+    pub sandbox: Option<crate::sandbox::Mode>,
 }
 
 /// Default region size (512 KiB).
@@ -162,6 +164,7 @@ impl Config {
             spin_us: 30,
             backend: "loopback".into(),
             policy: Policy::default(),
+            sandbox: Some(crate::sandbox::Mode::Enforce),
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod sandbox;
 pub mod stats;
 #[allow(unsafe_code)]
 mod sys;
@@ -31,12 +32,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let backend: Box<dyn Backend> = Box::new(Loopback::default());
     let name = backend.capabilities().name;
     let violations = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let engine = dataplane::engine::spawn(backend, violations.clone())
+    let engine = dataplane::engine::spawn(backend, violations.clone(), cfg.sandbox)
         .context("cannot start the engine thread")?;
     let mut devd = control::Devd::new(cfg.clone(), engine, name, violations);
-    sys::sd_notify_ready();
+    if cfg.sandbox.is_none() {
+        log::warn!("running without the seccomp sandbox (--no-sandbox)");
+    }
     log::info!("devd ready on {}", cfg.socket.display());
-    let r = control::server::serve(&mut devd, &listener, &signals);
+    // serve() installs the control thread's filter once its epoll set exists,
+    // then reports readiness.
+    let r = control::server::serve(&mut devd, &listener, &signals, cfg.sandbox);
     let _ = std::fs::remove_file(&cfg.socket);
     r.context("control loop failed")
 }

@@ -5,7 +5,7 @@
 use ssock_devd::config::{Config, DefaultMode};
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: devd (--user | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--log error|warn|info|debug]";
+const USAGE: &str = "usage: devd (--user | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--no-sandbox | --seccomp-log] [--log error|warn|info|debug]";
 
 fn main() {
     if let Err(e) = real_main() {
@@ -30,6 +30,7 @@ fn real_main() -> anyhow::Result<()> {
             "--socket" | "--default-mode" | "--region-size" | "--spin-us" => {
                 overrides.push((a.clone(), val()?))
             }
+            "--no-sandbox" | "--seccomp-log" => overrides.push((a.clone(), String::new())),
             "--log" => {
                 level = val()?
                     .parse()
@@ -67,7 +68,9 @@ fn real_main() -> anyhow::Result<()> {
                     .parse()
                     .map_err(|_| anyhow::anyhow!("--spin-us {v}: not a number"))?
             }
-            _ => unreachable!(),
+            "--no-sandbox" => cfg.sandbox = None,
+            "--seccomp-log" => cfg.sandbox = Some(ssock_devd::sandbox::Mode::Log),
+            _ => unreachable!("every flag pushed above is handled here"),
         }
     }
     stderr_logger(level);

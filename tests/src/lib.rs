@@ -93,6 +93,11 @@ impl Devd {
         };
         let child = cmd
             .arg("--user")
+            .args(
+                std::env::var("SSOCK_TEST_DEVD_ARGS")
+                    .map(|a| a.split_whitespace().map(String::from).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
             .arg("--socket")
             .arg(&socket)
             .args(args)

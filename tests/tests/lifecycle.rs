@@ -123,29 +123,53 @@ fn d_peer(socket: &std::path::Path, args: &[&str]) -> Result<ssock_tests::Peer> 
 }
 
 #[test]
-fn a_failed_connect_leaves_no_intent_that_could_catch_a_later_plain_connection() -> Result<()> {
+fn an_unused_intent_holds_its_port_so_no_plain_connection_can_be_mistaken_for_it() -> Result<()> {
+    use socket2::{Domain, Socket, Type};
+    use ssock_rings::codec::{Request, Response};
+    use std::os::fd::AsFd;
     let d = Devd::start(&[])?;
     let o = opts(&d, ModePref::Direct)?;
     let l = Listener::bind_with("127.0.0.1:0", &o)?;
+    // A connector announces itself, then never connects (its connect
+    // failed, or it died) and closes its socket.
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = s.local_addr()?.as_socket().context("inet")?.port();
+    let sess = Session::connect(&d.socket)?;
+    let (r, _) = sess.request(
+        &Request::Intent {
+            dst: l.local_addr()?,
+            pref: ModePref::Direct,
+        },
+        &[s.as_fd()],
+    )?;
+    ensure!(
+        matches!(r, Response::Proceed { .. }),
+        "intent refused: {r:?}"
+    );
+    drop(s);
+    // devd still holds that socket: no other socket can take the port, so
+    // no plain connection can ever arrive from it and match the intent.
+    let t = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let e = t
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .err();
+    ensure!(
+        e.as_ref().map(std::io::Error::kind) == Some(std::io::ErrorKind::AddrInUse),
+        "port {port} was free again: {e:?}"
+    );
+    // Plain connections meanwhile are served untouched.
     let addr = l.local_addr()?;
-    // A connector that announces itself and then never sends a Hello
-    // (it stands for one whose process died right after connect): the
-    // acceptor drops that connection after its Hello timeout and goes on.
-    let n = ssock_client::negotiate_connect;
-    let _ = n; // the public negotiation is exercised by the hostile peers
     let plain = std::thread::spawn(move || -> Result<Vec<u8>> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.write_all(b"plain hello")?;
-        s.shutdown(std::net::Shutdown::Write)?;
+        let mut c = std::net::TcpStream::connect(addr)?;
+        c.write_all(b"plain hello")?;
+        c.shutdown(std::net::Shutdown::Write)?;
         let mut v = Vec::new();
-        s.read_to_end(&mut v)?;
+        c.read_to_end(&mut v)?;
         Ok(v)
     });
     let (mut acc, _) = l.accept()?;
-    ensure!(
-        acc.mode() == Mode::Kernel,
-        "a plain peer must stay on kernel TCP"
-    );
+    ensure!(acc.mode() == Mode::Kernel);
     acc.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut got = Vec::new();
     acc.read_to_end(&mut got)?;
@@ -153,5 +177,34 @@ fn a_failed_connect_leaves_no_intent_that_could_catch_a_later_plain_connection()
     acc.write_all(b"ok")?;
     drop(acc);
     ensure!(plain.join().expect("thread")? == b"ok");
+    Ok(())
+}
+
+#[test]
+fn every_devd_thread_runs_under_its_seccomp_filters() -> Result<()> {
+    let d = Devd::start(&[])?;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.pid()))?;
+    let mut n = 0;
+    for t in tasks {
+        let status = std::fs::read_to_string(t?.path().join("status"))?;
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(String::from)
+        };
+        ensure!(
+            field("Seccomp:").as_deref() == Some("2"),
+            "a devd thread is not filtered:\n{status}"
+        );
+        ensure!(
+            field("Seccomp_filters:").as_deref() == Some("3"),
+            "filters: {:?}",
+            field("Seccomp_filters:")
+        );
+        n += 1;
+    }
+    ensure!(n == 2, "devd has {n} threads, expected control and engine");
     Ok(())
 }

@@ -578,6 +578,11 @@ impl Devd {
         self.sessions.insert(sid, s);
     }
 
+    /// Whether the engine thread still runs.
+    pub fn engine_alive(&self) -> bool {
+        self.engine.alive()
+    }
+
     /// Counts a malformed control message.
     pub fn bad_message(&mut self) {
         self.totals.bad_messages += 1;

@@ -15,7 +15,12 @@ const SIGNALS: u64 = 1;
 const FIRST_SESSION: u64 = 2;
 
 /// Serves the control socket until SIGTERM/SIGINT/SIGHUP.
-pub fn serve(devd: &mut Devd, listener: &SeqPacket, signals: &OwnedFd) -> io::Result<()> {
+pub fn serve(
+    devd: &mut Devd,
+    listener: &SeqPacket,
+    signals: &OwnedFd,
+    sandbox: Option<crate::sandbox::Mode>,
+) -> io::Result<()> {
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -27,6 +32,11 @@ pub fn serve(devd: &mut Devd, listener: &SeqPacket, signals: &OwnedFd) -> io::Re
         signals.as_raw_fd(),
         EpollEvent::new(EventSet::IN, SIGNALS),
     )?;
+    if let Some(mode) = sandbox {
+        crate::sandbox::apply(crate::sandbox::ThreadKind::Control, mode)
+            .map_err(io::Error::other)?;
+    }
+    dsys::sd_notify_ready();
     let mut next = FIRST_SESSION;
     let mut events = vec![EpollEvent::default(); 64];
     let mut buf = vec![0u8; MAX_FRAME];
@@ -37,6 +47,9 @@ pub fn serve(devd: &mut Devd, listener: &SeqPacket, signals: &OwnedFd) -> io::Re
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if !devd.engine_alive() {
+            return Err(io::Error::other("the engine thread died"));
+        }
         if last_expiry.elapsed() >= std::time::Duration::from_secs(5) {
             devd.expire();
             last_expiry = std::time::Instant::now();

@@ -7,6 +7,7 @@
 //! A side that breaks the queue protocol is reset (its peer sees a reset,
 //! it sees a reset) and never touched again; other connections go on.
 
+use crate::sandbox::ThreadKind;
 use crate::stats::QueuedCounters;
 use ssock_hwbackends::{Backend, BackendError, ChannelId, Mark, Peer, Recv};
 use ssock_rings::layout::{FLAG_EOS, FLAG_RESET};
@@ -64,6 +65,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Whether the engine thread is still running.
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Sends a command and wakes the engine.
     pub fn send(&self, cmd: Cmd) {
         if self.tx.send(cmd).is_ok() {
@@ -106,7 +112,11 @@ fn chan(id: u64, side: usize) -> ChannelId {
 }
 
 /// Starts the engine thread over `backend`.
-pub fn spawn(backend: Box<dyn Backend>, violations: Arc<AtomicU64>) -> io::Result<Handle> {
+pub fn spawn(
+    backend: Box<dyn Backend>,
+    violations: Arc<AtomicU64>,
+    sandbox: Option<crate::sandbox::Mode>,
+) -> io::Result<Handle> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new()?);
     let epoll = Epoll::new()?;
@@ -116,9 +126,8 @@ pub fn spawn(backend: Box<dyn Backend>, violations: Arc<AtomicU64>) -> io::Resul
         EpollEvent::new(EventSet::IN, WAKE),
     )?;
     let w = wake.clone();
-    let thread = std::thread::Builder::new()
-        .name("ssock-engine".into())
-        .spawn(move || {
+    let thread =
+        crate::sandbox::spawn_sandboxed(ThreadKind::Engine, "ssock-engine", sandbox, move || {
             let mut e = Engine {
                 backend,
                 pairs: HashMap::new(),

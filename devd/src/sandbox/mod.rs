@@ -1,0 +1,264 @@
+//! devd's sandbox: a seccomp filter per thread kind, built with
+//! `seccompiler`, installed after setup (sockets bound, signal fd and
+//! epoll created, engine started). Every rule names its caller. A syscall
+//! outside the list kills devd (the service manager restarts it): a
+//! compromised devd must not get further, and a missing rule shows up at
+//! once in the integration tests, which run devd sandboxed.
+//!
+//! Not here yet: dropping privileges (devd opens no device today; the
+//! loopback backend needs none).
+
+use seccompiler::{
+    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+/// The kinds of devd threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Control thread: sessions, pairing, regions, stats.
+    Control,
+    /// Engine thread: Queued virtqueues and the backend.
+    Engine,
+}
+
+/// Why the sandbox could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// seccompiler refused the rules (a bug in this file).
+    #[error("invalid seccomp rules for the {0:?} thread")]
+    Rules(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter for the {0:?} thread")]
+    Install(ThreadKind, #[source] seccompiler::Error),
+}
+
+fn arg_eq(i: u8, v: u64) -> SeccompRule {
+    SeccompRule::new(vec![SeccompCondition::new(
+        i,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        v,
+    )
+    .expect("valid condition")])
+    .expect("valid rule")
+}
+
+fn arg_mask_zero(i: u8, mask: u64) -> SeccompRule {
+    SeccompRule::new(vec![SeccompCondition::new(
+        i,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        0,
+    )
+    .expect("valid condition")])
+    .expect("valid rule")
+}
+
+/// Rules shared by every thread: memory, futexes, eventfd/signalfd reads
+/// and writes, logging to stderr, closing fds, thread exit.
+fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut r: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let any = Vec::new;
+    // read: eventfds (engine wake, kicks), the signalfd.
+    r.insert(libc::SYS_read, any());
+    // write: eventfd doorbells and log lines on stderr.
+    r.insert(libc::SYS_write, any());
+    // close: fds of ended sessions and connections.
+    r.insert(libc::SYS_close, any());
+    // epoll_wait/epoll_pwait, epoll_ctl: each thread's event loop.
+    r.insert(libc::SYS_epoll_wait, any());
+    r.insert(libc::SYS_epoll_pwait, any());
+    r.insert(libc::SYS_epoll_ctl, any());
+    // futex: std's Mutex, mpsc channel and thread join.
+    r.insert(libc::SYS_futex, any());
+    // The allocator: brk/mmap/mremap/munmap/madvise/mprotect. mmap and
+    // mprotect never with PROT_EXEC (arg 2): devd maps data only.
+    r.insert(libc::SYS_brk, any());
+    r.insert(
+        libc::SYS_mmap,
+        vec![arg_mask_zero(2, libc::PROT_EXEC as u64)],
+    );
+    r.insert(
+        libc::SYS_mprotect,
+        vec![arg_mask_zero(2, libc::PROT_EXEC as u64)],
+    );
+    r.insert(libc::SYS_mremap, any());
+    r.insert(libc::SYS_munmap, any());
+    r.insert(libc::SYS_madvise, any());
+    // sched_yield: std's spinning locks.
+    r.insert(libc::SYS_sched_yield, any());
+    // Thread and process exit (std tears down the alternate signal stack).
+    r.insert(libc::SYS_sigaltstack, any());
+    r.insert(libc::SYS_rt_sigprocmask, any());
+    r.insert(libc::SYS_exit, any());
+    r.insert(libc::SYS_exit_group, any());
+    // clock_gettime when the vDSO is not used.
+    r.insert(libc::SYS_clock_gettime, any());
+    // getrandom: std seeds each thread's HashMap keys (and control's pairing tokens).
+    r.insert(libc::SYS_getrandom, any());
+    // fcntl F_GETFD: std checks an fd is open before closing it (debug builds).
+    // The control thread widens this below.
+    r.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
+    // getpid: log lines carry devd's pid.
+    r.insert(libc::SYS_getpid, any());
+    // clone3, open, openat: let through here only so that the deny filters
+    // below answer them (ENOSYS, EACCES) instead of killing devd. glibc's
+    // malloc reads /proc/sys/vm/overcommit_memory when it trims a thread
+    // arena, and a panic's backtrace reads /proc/self/maps; both cope with
+    // the error. clone stays out: no thread is started after the filter.
+    r.insert(libc::SYS_clone3, any());
+    r.insert(libc::SYS_open, any());
+    r.insert(libc::SYS_openat, any());
+    r
+}
+
+fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut r = common();
+    let any = Vec::new;
+    if kind == ThreadKind::Control {
+        // accept4: client sessions, flags SOCK_CLOEXEC|SOCK_NONBLOCK (arg 3).
+        r.insert(
+            libc::SYS_accept4,
+            vec![arg_eq(3, (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64)],
+        );
+        // recvmsg/sendmsg: control messages with SCM_RIGHTS.
+        r.insert(libc::SYS_recvmsg, any());
+        r.insert(libc::SYS_sendmsg, any());
+        // getsockopt: SO_PEERCRED, SO_TYPE, SO_ACCEPTCONN, IPV6_V6ONLY of passed sockets.
+        r.insert(libc::SYS_getsockopt, any());
+        // getsockname/getpeername: addresses of passed sockets.
+        r.insert(libc::SYS_getsockname, any());
+        r.insert(libc::SYS_getpeername, any());
+        // fstat (newfstatat with AT_EMPTY_PATH, or statx): inode and size of passed fds.
+        r.insert(libc::SYS_newfstatat, any());
+        r.insert(libc::SYS_fstat, any());
+        r.insert(libc::SYS_statx, any());
+        // fcntl: F_DUPFD_CLOEXEC (try_clone), F_ADD_SEALS / F_GET_SEALS (regions),
+        // F_GETFL / F_SETFL (nonblocking). Nothing else.
+        r.insert(
+            libc::SYS_fcntl,
+            [
+                libc::F_GETFD,
+                libc::F_DUPFD_CLOEXEC,
+                libc::F_ADD_SEALS,
+                libc::F_GET_SEALS,
+                libc::F_GETFL,
+                libc::F_SETFL,
+            ]
+            .iter()
+            .map(|c| arg_eq(1, *c as u64))
+            .collect(),
+        );
+        // memfd_create + ftruncate: connection regions (MFD_CLOEXEC|MFD_ALLOW_SEALING).
+        r.insert(
+            libc::SYS_memfd_create,
+            vec![arg_eq(
+                1,
+                u64::from(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING),
+            )],
+        );
+        r.insert(libc::SYS_ftruncate, any());
+        // eventfd2: connection doorbells.
+        r.insert(libc::SYS_eventfd2, any());
+        // getuid: statistics visibility.
+        r.insert(libc::SYS_getuid, any());
+        // unlink: removing the control socket at shutdown.
+        r.insert(libc::SYS_unlink, any());
+        r.insert(libc::SYS_unlinkat, any());
+    }
+    r
+}
+
+/// What a syscall outside the list does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Kill devd (the default).
+    Enforce,
+    /// Allow it and have the kernel log it (`--seccomp-log`, to find a
+    /// missing rule: see `dmesg | grep 'type=1326'`).
+    Log,
+}
+
+/// A filter that answers `syscalls` with `errno` and allows everything else.
+fn deny(kind: ThreadKind, syscalls: &[i64], errno: i32) -> Result<BpfProgram, SandboxError> {
+    let rules = syscalls.iter().map(|n| (*n, Vec::new())).collect();
+    let errno = u32::try_from(errno).unwrap_or(1);
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SandboxError::Rules(kind, e))?;
+    f.try_into().map_err(|e| SandboxError::Rules(kind, e))
+}
+
+/// The thread's filters, in installation order: the deny filters first
+/// (installing a filter takes prctl and seccomp, which the allow-list
+/// rightly lacks), the allow-list last. The kernel runs them all and the
+/// strictest answer wins.
+fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError> {
+    let miss = match mode {
+        Mode::Enforce => SeccompAction::KillProcess,
+        Mode::Log => SeccompAction::Log,
+    };
+    let allow = SeccompFilter::new(rules(kind), miss, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SandboxError::Rules(kind, e))?;
+    Ok(vec![
+        // clone3 answers ENOSYS, so glibc would fall back to clone (absent).
+        deny(kind, &[libc::SYS_clone3], libc::ENOSYS)?,
+        // No file is opened after setup.
+        deny(kind, &[libc::SYS_open, libc::SYS_openat], libc::EACCES)?,
+        allow.try_into().map_err(|e| SandboxError::Rules(kind, e))?,
+    ])
+}
+
+/// Installs the filters of `kind` on the calling thread (threads it starts
+/// later inherit them).
+pub fn apply(kind: ThreadKind, mode: Mode) -> Result<(), SandboxError> {
+    for f in compile(kind, mode)? {
+        apply_filter(&f).map_err(|e| SandboxError::Install(kind, e))?;
+    }
+    Ok(())
+}
+
+/// Spawns a thread of `kind` that installs its filter (when `sandbox` is
+/// on), then runs `f` inside `catch_unwind`. The returned handle tells
+/// whether the thread is still alive (`is_finished`): devd checks it and
+/// exits when an engine died, so the service manager restarts it.
+pub fn spawn_sandboxed<F>(
+    kind: ThreadKind,
+    name: &str,
+    sandbox: Option<Mode>,
+    f: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Some(mode) = sandbox {
+                if let Err(e) = apply(kind, mode) {
+                    log::error!("{e}; the {kind:?} thread stops");
+                    return;
+                }
+            }
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                log::error!("the {kind:?} thread panicked");
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_filters_compile() {
+        compile(ThreadKind::Control, Mode::Enforce).unwrap();
+        compile(ThreadKind::Engine, Mode::Log).unwrap();
+    }
+}

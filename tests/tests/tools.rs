@@ -68,3 +68,22 @@ fn devd_refuses_a_bad_config_with_the_key_named() -> Result<()> {
     ensure!(err.contains("region_size"), "stderr: {err}");
     Ok(())
 }
+
+#[test]
+fn the_packaged_example_config_is_accepted_by_devd() -> Result<()> {
+    // devd --config parses and validates the file, then binds its socket:
+    // point the socket at a private directory and stop devd at once.
+    let dir = std::env::temp_dir().join(format!("ssock-pkg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/devd.toml"))?;
+    let cfg = dir.join("devd.toml");
+    std::fs::write(&cfg, text.replace("/run/ssock/devd.sock", &dir.join("devd.sock").to_string_lossy()))?;
+    let mut child = Command::new(bin("devd")).arg("--config").arg(&cfg).spawn()?;
+    let up = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(10));
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let st = child.wait()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    up?;
+    ensure!(st.success(), "devd exited with {st} after SIGTERM");
+    Ok(())
+}

@@ -75,12 +75,27 @@ fn the_packaged_example_config_is_accepted_by_devd() -> Result<()> {
     // point the socket at a private directory and stop devd at once.
     let dir = std::env::temp_dir().join(format!("ssock-pkg-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/devd.toml"))?;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/devd.toml"
+    ))?;
     let cfg = dir.join("devd.toml");
-    std::fs::write(&cfg, text.replace("/run/ssock/devd.sock", &dir.join("devd.sock").to_string_lossy()))?;
-    let mut child = Command::new(bin("devd")).arg("--config").arg(&cfg).spawn()?;
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "/run/ssock/devd.sock",
+            &dir.join("devd.sock").to_string_lossy(),
+        ),
+    )?;
+    let mut child = Command::new(bin("devd"))
+        .arg("--config")
+        .arg(&cfg)
+        .spawn()?;
     let up = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(10));
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let st = child.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
     up?;

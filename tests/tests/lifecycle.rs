@@ -14,15 +14,21 @@ fn opts(d: &Devd, mode: ModePref) -> Result<Options> {
     })
 }
 
-fn one_process_both_ends(mode: ModePref, want: Mode) -> Result<()> {
-    let d = Devd::start(&[])?;
-    let o = opts(&d, mode)?;
-    let l = Listener::bind_with("127.0.0.1:0", &o)?;
+/// An accepted and a connected stream of one connection, both in this process.
+fn connected_pair(o: &Options) -> Result<(Stream, Stream)> {
+    let l = Listener::bind_with("127.0.0.1:0", o)?;
     let addr = l.local_addr()?;
     let o2 = o.clone();
     let t = std::thread::spawn(move || Stream::connect_with(addr, &o2));
-    let (mut acc, _) = l.accept()?;
-    let mut con = t.join().expect("connector thread")?;
+    let (acc, _) = l.accept()?;
+    let con = t.join().expect("connector thread")?;
+    Ok((acc, con))
+}
+
+fn one_process_both_ends(mode: ModePref, want: Mode) -> Result<()> {
+    let d = Devd::start(&[])?;
+    let o = opts(&d, mode)?;
+    let (mut acc, mut con) = connected_pair(&o)?;
     ensure!(
         acc.mode() == want && con.mode() == want,
         "modes {:?} {:?}",
@@ -61,12 +67,7 @@ fn a_direct_connection_survives_a_devd_restart() -> Result<()> {
     let d = Devd::start(&[])?;
     let socket = d.socket.clone();
     let o = opts(&d, ModePref::Direct)?;
-    let l = Listener::bind_with("127.0.0.1:0", &o)?;
-    let addr = l.local_addr()?;
-    let o2 = o.clone();
-    let t = std::thread::spawn(move || Stream::connect_with(addr, &o2));
-    let (mut acc, _) = l.accept()?;
-    let mut con = t.join().expect("connector thread")?;
+    let (mut acc, mut con) = connected_pair(&o)?;
     ensure!(con.mode() == Mode::Direct);
     drop(d); // devd stops (SIGTERM)
     con.write_all(b"still here")?;
@@ -80,11 +81,8 @@ fn a_direct_connection_survives_a_devd_restart() -> Result<()> {
     // A new devd on the same socket serves new connections.
     let d2 = Devd::start_at(&socket, &[])?;
     let o = opts(&d2, ModePref::Direct)?;
-    let l = Listener::bind_with("127.0.0.1:0", &o)?;
-    let addr = l.local_addr()?;
-    let t = std::thread::spawn(move || Stream::connect_with(addr, &o));
-    let (acc, _) = l.accept()?;
-    ensure!(acc.mode() == Mode::Direct && t.join().expect("thread")?.mode() == Mode::Direct);
+    let (acc, con) = connected_pair(&o)?;
+    ensure!(acc.mode() == Mode::Direct && con.mode() == Mode::Direct);
     Ok(())
 }
 

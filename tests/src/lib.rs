@@ -146,13 +146,17 @@ impl Devd {
 
     /// Starts a test peer talking to this devd.
     pub fn peer(&self, args: &[&str]) -> Result<Peer> {
-        Peer::spawn(
-            args,
-            &[(
-                "SSOCK_DEVD_SOCKET",
-                self.socket.to_str().context("utf8 path")?,
-            )],
-        )
+        self.peer_env(args, &[])
+    }
+
+    /// Starts a test peer talking to this devd, with extra environment.
+    pub fn peer_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Peer> {
+        let mut e = vec![(
+            "SSOCK_DEVD_SOCKET",
+            self.socket.to_str().context("utf8 path")?,
+        )];
+        e.extend_from_slice(env);
+        Peer::spawn(args, &e)
     }
 
     /// Runs `ringstat` against this devd and returns its stdout.

@@ -400,3 +400,42 @@ fn devd_forgets_the_connections_of_processes_that_exit_or_die() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+fn sleepy_stream(mode: &str, region: &str) -> Result<()> {
+    // A tiny region and no spinning: nearly every write waits for space and
+    // every read waits for data, so both wake-up directions are exercised
+    // thousands of times; a lost wake-up hangs, and the bounded line read
+    // turns that into a failure.
+    let d = Devd::start(&["--region-size", region])?;
+    let no_spin = [("SSOCK_SPIN_US", "0")];
+    let mut s = d.peer_env(&["serve", "127.0.0.1:0", mode, "recv"], &no_spin)?;
+    let port = s
+        .expect("PORT")?
+        .split_whitespace()
+        .nth(1)
+        .context("port")?
+        .to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let n = (64 * MIB).to_string();
+    let mut c = d.peer_env(&["connect", &addr, mode, "send", &n], &no_spin)?;
+    ensure!(mode_line(&mut c)?.0 == mode);
+    c.expect(&format!("OK send {n}"))?;
+    s.expect(&format!("RECV {n} EOF"))?;
+    let v = d.stats()?;
+    ensure!(
+        v["totals"]["connections"][mode].as_u64() == Some(1),
+        "totals {}",
+        v["totals"]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_tiny_direct_ring_without_spinning_never_loses_a_wake_up() -> Result<()> {
+    sleepy_stream("direct", "81920")
+}
+
+#[test]
+fn a_tiny_queued_region_without_spinning_never_loses_a_wake_up() -> Result<()> {
+    sleepy_stream("queued", "81920")
+}

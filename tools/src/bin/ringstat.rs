@@ -84,19 +84,21 @@ fn print_table(v: &Value) {
         "SUPPRESSED"
     );
     for c in v["connections"].as_array().into_iter().flatten() {
+        // serde_json values ignore width: format each cell as a string.
+        let n = |k: &str| c[k].to_string();
         println!(
             "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
-            c["id"],
+            n("id"),
             c["mode"].as_str().unwrap_or("?"),
             c["state"].as_str().unwrap_or("?"),
             format!("{}/{}", c["pids"][0], c["pids"][1]),
             c["local"].as_str().unwrap_or("?"),
             c["remote"].as_str().unwrap_or("?"),
-            c["bytes_c2a"],
-            c["bytes_a2c"],
+            n("bytes_c2a"),
+            n("bytes_a2c"),
             format!("{}/{}", c["ring_fill"][0], c["ring_fill"][1]),
-            c["notify_sent"],
-            c["notify_suppressed"],
+            n("notify_sent"),
+            n("notify_suppressed"),
         );
     }
     let t = &v["totals"];

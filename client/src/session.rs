@@ -68,6 +68,8 @@ pub struct Session {
     /// Set once a request failed mid-way: the channel may be out of step
     /// (a late reply would answer the next request), so it is not used again.
     broken: AtomicBool,
+    /// The socket's fd number (stable for the session's life; read without the lock).
+    fd: std::os::fd::RawFd,
     /// Spin budget devd's config suggests.
     pub spin: Duration,
     /// devd's default mode.
@@ -84,7 +86,9 @@ impl Session {
         })?;
         sock.set_recv_timeout(Some(Duration::from_secs(10)))
             .map_err(SessionError::Io)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
         let s = Session {
+            fd,
             sock: Mutex::new(sock),
             broken: AtomicBool::new(false),
             spin: ssock_rings::notify::DEFAULT_SPIN,
@@ -133,6 +137,12 @@ impl Session {
     /// Whether a request failed mid-way (the session is no longer used).
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
+    }
+
+    /// The control socket's fd, for waits that must notice devd hanging
+    /// up (poll it with events 0). Valid as long as the session lives.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd
     }
 
     /// Socket path this session uses.

@@ -115,6 +115,12 @@ impl Devd {
         Ok(d)
     }
 
+    /// SIGKILL: devd dies without cleaning up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// devd's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -439,3 +439,17 @@ fn a_tiny_direct_ring_without_spinning_never_loses_a_wake_up() -> Result<()> {
 fn a_tiny_queued_region_without_spinning_never_loses_a_wake_up() -> Result<()> {
     sleepy_stream("queued", "81920")
 }
+
+#[test]
+fn queued_readers_are_reset_not_left_hanging_when_devd_dies() -> Result<()> {
+    let mut d = Devd::start(&[])?;
+    let (mut s, addr) = server(&d, "queued", &["recv"])?;
+    let mut c = client(&d, &addr, "queued", &["hold", "1"])?;
+    c.expect("OK held 1")?;
+    ensure!(mode_line(&mut s)?.0 == "queued");
+    std::thread::sleep(Duration::from_millis(100));
+    d.kill();
+    let r = s.line_within(Duration::from_secs(10))?;
+    ensure!(r == "RECV 0 ERR ECONNRESET", "reader said {r}");
+    Ok(())
+}

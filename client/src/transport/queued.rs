@@ -136,17 +136,28 @@ impl Queued {
         self.map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire)
     }
 
+    /// Sleeps until devd rings, the peer's socket changes, devd's session
+    /// hangs up (devd died: a Queued connection cannot go on without it,
+    /// so it is reset rather than left hanging), or the deadline passes.
     fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
         let mut fds = [
             PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
+            // Events 0: only POLLHUP/POLLERR, never another thread's reply.
+            PollFd::new(devd, 0),
             PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
         ];
-        let n = if self.peer_gone { 1 } else { 2 };
+        let n = if self.peer_gone { 2 } else { 3 };
         let woke = sleep(&mut fds[..n], ctx.deadline)?;
         if fds[0].revents != 0 {
             self.call.drain();
         }
-        if n == 2 && fds[1].revents != 0 && liveness(ctx.tcp) != Liveness::Alive {
+        if fds[1].revents != 0 {
+            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
+            self.broken = true;
+            return Err(reset_error());
+        }
+        if n == 3 && fds[2].revents != 0 && liveness(ctx.tcp) != Liveness::Alive {
             self.peer_gone = true;
         }
         if woke {

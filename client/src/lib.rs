@@ -9,10 +9,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod negotiate;
 pub mod session;
 pub mod stream;
 pub mod transport;
 
+pub use negotiate::{negotiate_connect, Negotiated, Outcome};
 pub use session::{Session, SessionError};
 pub use ssock_rings::codec::{FallbackReason, Mode, ModePref};
-pub use stream::{negotiate_connect, Listener, Negotiated, Options, Outcome, Stream};
+pub use stream::{Listener, Options, Stream};

@@ -3,17 +3,15 @@
 //! always real: it carries the handshake and the Hello, and afterwards is
 //! the liveness channel and the fallback.
 
-use crate::session::Session;
-use crate::transport::direct::Direct;
-use crate::transport::kernel::Kernel;
-use crate::transport::queued::Queued;
-use crate::transport::{Ctx, Transport};
-use socket2::{Domain, Socket, Type};
-use ssock_rings::codec::{
-    self, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL, HELLO_LEN,
+use crate::negotiate::{
+    accept_on, attach, negotiate_connect, register_listener, Accepted, Outcome,
 };
+use crate::session::Session;
+use crate::transport::kernel::Kernel;
+use crate::transport::{Ctx, Transport};
+use ssock_rings::codec::{FallbackReason, Mode, ModePref, Request};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,14 +57,14 @@ impl Options {
         }
     }
 
-    fn session(&self) -> Option<Arc<Session>> {
+    pub(crate) fn session(&self) -> Option<Arc<Session>> {
         if self.mode == ModePref::Kernel {
             return None;
         }
         self.session.clone().or_else(Session::global)
     }
 
-    fn spin(&self, s: Option<&Arc<Session>>) -> Duration {
+    pub(crate) fn spin(&self, s: Option<&Arc<Session>>) -> Duration {
         if let Some(d) = self.spin {
             return d;
         }
@@ -95,137 +93,6 @@ pub struct Stream {
     read_shut: bool,
 }
 
-fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
-    if let Some(s) = session {
-        let _ = s.request(&Request::Fallback { reason }, &[]);
-    }
-}
-
-/// Builds the transport devd attached; if this end cannot use it, tells
-/// devd to release it so nothing stays held.
-fn attach(
-    session: &Arc<Session>,
-    resp: (Response, Vec<std::os::fd::OwnedFd>),
-) -> io::Result<Box<dyn Transport>> {
-    let (Response::Attached(a), fds) = resp else {
-        return Err(io::Error::other("devd answered Attach with something else"));
-    };
-    let s = Some(session.clone());
-    let t: io::Result<Box<dyn Transport>> = match a.mode {
-        Mode::Direct => Direct::attach(&a, fds, s)
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(io::Error::other),
-        Mode::Queued => Queued::attach(&a, fds, s)
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(io::Error::other),
-        Mode::Kernel => Err(io::Error::other("devd attached a kernel-mode connection")),
-    };
-    if t.is_err() {
-        let _ = session.request(
-            &Request::Release {
-                conn_id: a.conn_id,
-                side: a.side,
-            },
-            &[],
-        );
-    }
-    t
-}
-
-fn unspecified(dst: &SocketAddr) -> SocketAddr {
-    match dst {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-    }
-}
-
-/// How negotiation ended for a connector.
-#[derive(Debug)]
-pub enum Outcome {
-    /// devd attached this end: the Attached reply and its fds.
-    Attached((Response, Vec<std::os::fd::OwnedFd>)),
-    /// Kernel TCP, with the reason when there is one.
-    Kernel(Option<FallbackReason>),
-}
-
-/// A connected kernel socket after negotiation, before a transport is built.
-#[derive(Debug)]
-pub struct Negotiated {
-    /// The connected kernel socket (the Hello exchange is done).
-    pub tcp: TcpStream,
-    /// The session used, if any.
-    pub session: Option<Arc<Session>>,
-    /// What was agreed.
-    pub outcome: Outcome,
-}
-
-/// Connector side of DESIGN 3.2: bind, announce the intent to devd,
-/// connect, Hello/HelloAck, attach. Tools and tests that drive the rings
-/// themselves call this; applications call [`Stream::connect_with`].
-pub fn negotiate_connect(dst: SocketAddr, opts: &Options) -> io::Result<Negotiated> {
-    let session = opts.session();
-    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    let plain = |sock: Socket, session, reason: Option<FallbackReason>| -> io::Result<Negotiated> {
-        sock.connect(&dst.into())?;
-        Ok(Negotiated {
-            tcp: sock.into(),
-            session,
-            outcome: Outcome::Kernel(reason),
-        })
-    };
-    let Some(session) = session else {
-        let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
-        return plain(sock, None, reason);
-    };
-    // Bind first so devd can key the intent by our port before the
-    // acceptor can possibly see the connection.
-    sock.bind(&unspecified(&dst).into())?;
-    let token = match session.request(
-        &Request::Intent {
-            dst,
-            pref: opts.mode,
-        },
-        &[sock.as_fd()],
-    ) {
-        Ok((Response::Proceed { token }, _)) => token,
-        Ok((Response::Kernel { reason }, _)) => return plain(sock, Some(session), Some(reason)),
-        Ok(_) | Err(_) => {
-            report(Some(&session), FallbackReason::DevdError);
-            return plain(sock, Some(session), Some(FallbackReason::DevdError));
-        }
-    };
-    sock.connect(&dst.into())?;
-    let mut tcp: TcpStream = sock.into();
-    tcp.write_all(&codec::hello(token))?;
-    tcp.set_read_timeout(Some(opts.ack_timeout))?;
-    let mut ack = [0u8; HELLO_LEN];
-    let read = tcp.read_exact(&mut ack);
-    tcp.set_read_timeout(None)?;
-    read.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("ssock: no HelloAck from the acceptor: {e}"),
-        )
-    })?;
-    let status = codec::parse_hello_ack(&ack).map_err(io::Error::other)?;
-    if status == ACK_KERNEL {
-        return Ok(Negotiated {
-            tcp,
-            session: Some(session),
-            outcome: Outcome::Kernel(Some(FallbackReason::Refused)),
-        });
-    }
-    debug_assert_eq!(status, ACK_ACCEPT);
-    let resp = session
-        .request(&Request::Attach, &[tcp.as_fd()])
-        .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?;
-    Ok(Negotiated {
-        tcp,
-        session: Some(session),
-        outcome: Outcome::Attached(resp),
-    })
-}
-
 impl Stream {
     /// Connects with default options (the process's devd, devd's default mode).
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<Stream> {
@@ -244,13 +111,21 @@ impl Stream {
         let n = negotiate_connect(dst, opts)?;
         let spin = opts.spin(n.session.as_ref());
         match n.outcome {
-            Outcome::Kernel(reason) => Ok(Stream::new(Box::new(Kernel), n.tcp, reason, spin)),
+            Outcome::Kernel(reason) => Stream::kernel(n.tcp, reason, spin),
             Outcome::Attached(resp) => {
                 let session = n.session.as_ref().expect("attached without a session");
                 let t = attach(session, resp)?;
                 Ok(Stream::new(t, n.tcp, None, spin))
             }
         }
+    }
+
+    fn kernel(
+        tcp: TcpStream,
+        reason: Option<FallbackReason>,
+        spin: Duration,
+    ) -> io::Result<Stream> {
+        Ok(Stream::new(Box::new(Kernel::new(&tcp)?), tcp, reason, spin))
     }
 
     fn new(
@@ -375,6 +250,7 @@ impl Write for Stream {
 
 /// The context a transport call gets: the kernel socket and how to wait.
 fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Duration) -> Ctx<'_> {
+    let tcp = tcp.as_fd();
     Ctx {
         tcp,
         nonblocking,
@@ -407,9 +283,7 @@ impl Listener {
     /// Binds and registers the listener with devd (if reachable).
     pub fn bind_with(addr: impl ToSocketAddrs, opts: &Options) -> io::Result<Listener> {
         let tcp = TcpListener::bind(addr)?;
-        let session = opts
-            .session()
-            .filter(|s| s.request(&Request::Listen, &[tcp.as_fd()]).is_ok());
+        let session = opts.session().filter(|s| register_listener(s, tcp.as_fd()));
         Ok(Listener {
             tcp,
             session,
@@ -439,58 +313,15 @@ impl Listener {
 
     /// Negotiates one accepted socket; None if it had to be dropped (an
     /// announced peer that never sent a valid Hello).
-    fn negotiate(&self, mut tcp: TcpStream) -> io::Result<Option<Stream>> {
+    fn negotiate(&self, tcp: TcpStream) -> io::Result<Option<Stream>> {
         let spin = self.opts.spin(self.session.as_ref());
-        let kernel = |tcp, r| Ok(Some(Stream::new(Box::new(Kernel), tcp, r, spin)));
         let Some(session) = &self.session else {
-            return kernel(tcp, None);
+            return Stream::kernel(tcp, None, spin).map(Some);
         };
-        let token = match session.request(&Request::Claim, &[tcp.as_fd()]) {
-            Ok((Response::Expect { token }, _)) => token,
-            // No intent: a plain peer, served at once.
-            _ => return kernel(tcp, None),
-        };
-        tcp.set_read_timeout(Some(self.opts.hello_timeout))?;
-        let mut hello = [0u8; HELLO_LEN];
-        let got = tcp.read_exact(&mut hello);
-        tcp.set_read_timeout(None)?;
-        if let Err(e) = got {
-            log::warn!("announced peer sent no Hello ({e}); dropping the connection");
-            report(Some(session), FallbackReason::HelloTimeout);
-            return Ok(None);
-        }
-        match codec::parse_hello(&hello) {
-            Ok(t) if t == token => {}
-            r => {
-                let reason = match r {
-                    Err(codec::DecodeError::Version { .. }) => FallbackReason::Version,
-                    _ => FallbackReason::BadHello,
-                };
-                log::warn!("announced peer sent a bad Hello; dropping the connection");
-                report(Some(session), reason);
-                return Ok(None);
-            }
-        }
-        let paired = session.request(&Request::Pair { token }, &[tcp.as_fd()]);
-        if let Ok((Response::Kernel { reason }, _)) = paired {
-            // devd's policy said no (and counted it): consume-and-refuse.
-            tcp.write_all(&codec::hello_ack(ACK_KERNEL))?;
-            return kernel(tcp, Some(reason));
-        }
-        match paired
-            .map_err(io::Error::other)
-            .and_then(|r| attach(session, r))
-        {
-            Ok(t) => {
-                tcp.write_all(&codec::hello_ack(ACK_ACCEPT))?;
-                Ok(Some(Stream::new(t, tcp, None, spin)))
-            }
-            Err(e) => {
-                log::warn!("pairing failed ({e}); staying on kernel TCP");
-                report(Some(session), FallbackReason::DevdError);
-                tcp.write_all(&codec::hello_ack(ACK_KERNEL))?;
-                kernel(tcp, Some(FallbackReason::DevdError))
-            }
+        match accept_on(session, tcp.as_fd(), &self.opts)? {
+            Accepted::Attached(t) => Ok(Some(Stream::new(t, tcp, None, spin))),
+            Accepted::Kernel(reason) => Stream::kernel(tcp, reason, spin).map(Some),
+            Accepted::Dropped => Ok(None),
         }
     }
 }

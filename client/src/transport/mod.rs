@@ -9,15 +9,16 @@ pub mod queued;
 
 use ssock_rings::codec::Mode;
 use std::io;
-use std::net::TcpStream;
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 /// How a call may wait, and the kernel socket underneath (the liveness
 /// channel: the peer's last close or death shows up there as EOF).
 #[derive(Debug)]
 pub struct Ctx<'a> {
-    /// The connection's kernel TCP socket.
-    pub tcp: &'a TcpStream,
+    /// The connection's kernel TCP socket (the application's own fd under
+    /// the preload shim; a `TcpStream`'s for the Rust API).
+    pub tcp: BorrowedFd<'a>,
     /// Return EWOULDBLOCK instead of waiting.
     pub nonblocking: bool,
     /// Give up (EWOULDBLOCK, like SO_RCVTIMEO) at this instant.
@@ -68,9 +69,10 @@ pub(crate) enum Liveness {
     Stray,
 }
 
-pub(crate) fn liveness(tcp: &TcpStream) -> Liveness {
+pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
     let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(tcp).recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+    match socket2::SockRef::from(&tcp).recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
         Ok(0) => Liveness::Gone,
         Ok(_) => Liveness::Stray,
         Err(e)

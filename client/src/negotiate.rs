@@ -1,0 +1,243 @@
+//! Negotiation (DESIGN 3.2) on a kernel socket the caller owns: the Rust
+//! API's `TcpStream`s, or an application's own fd under the preload shim.
+//! No application byte moves before the decision, and a peer that did not
+//! announce itself never sees a Hello.
+
+use crate::session::Session;
+use crate::stream::Options;
+use crate::transport::direct::Direct;
+use crate::transport::queued::Queued;
+use crate::transport::Transport;
+use socket2::{SockRef, Socket};
+use ssock_rings::codec::{
+    self, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL, HELLO_LEN,
+};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How negotiation ended for a connector.
+#[derive(Debug)]
+pub enum Outcome {
+    /// devd attached this end: the Attached reply and its fds.
+    Attached((Response, Vec<OwnedFd>)),
+    /// Kernel TCP, with the reason when there is one.
+    Kernel(Option<FallbackReason>),
+}
+
+/// How negotiation ended for an accepted socket.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Accelerated: the transport to use.
+    Attached(Box<dyn Transport>),
+    /// Kernel TCP (a plain peer, or a refusal), with the reason if any.
+    Kernel(Option<FallbackReason>),
+    /// The peer announced itself but sent no valid Hello: drop it (its
+    /// stream position is unknown, so it cannot be served as plain TCP).
+    Dropped,
+}
+
+/// Records a fallback decided on this side in devd's totals.
+pub(crate) fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
+    if let Some(s) = session {
+        let _ = s.request(&Request::Fallback { reason }, &[]);
+    }
+}
+
+/// Builds the transport devd attached; if this end cannot use it, tells
+/// devd to release it so nothing stays held.
+pub fn attach(
+    session: &Arc<Session>,
+    resp: (Response, Vec<OwnedFd>),
+) -> io::Result<Box<dyn Transport>> {
+    let (Response::Attached(a), fds) = resp else {
+        return Err(io::Error::other("devd answered Attach with something else"));
+    };
+    let s = Some(session.clone());
+    let t: io::Result<Box<dyn Transport>> = match a.mode {
+        Mode::Direct => Direct::attach(&a, fds, s)
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(io::Error::other),
+        Mode::Queued => Queued::attach(&a, fds, s)
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(io::Error::other),
+        Mode::Kernel => Err(io::Error::other("devd attached a kernel-mode connection")),
+    };
+    if t.is_err() {
+        let _ = session.request(
+            &Request::Release {
+                conn_id: a.conn_id,
+                side: a.side,
+            },
+            &[],
+        );
+    }
+    t
+}
+
+fn unspecified(dst: &SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// Reads exactly `buf.len()` bytes within `timeout`, restoring the
+/// socket's own receive timeout afterwards (it may be the application's).
+fn read_exact_within(sock: &Socket, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    let saved = sock.read_timeout()?;
+    sock.set_read_timeout(Some(timeout))?;
+    let mut r: &Socket = sock;
+    let got = r.read_exact(buf);
+    sock.set_read_timeout(saved)?;
+    got
+}
+
+/// Connector side on `fd`, an unconnected blocking TCP socket: bind (if
+/// unbound) so devd can key the intent by our port before the acceptor can
+/// see the connection, announce the intent, connect, send the Hello, wait
+/// for the HelloAck, attach.
+pub fn connect_on(
+    fd: BorrowedFd<'_>,
+    dst: SocketAddr,
+    opts: &Options,
+    session: Option<&Arc<Session>>,
+) -> io::Result<Outcome> {
+    let sock = SockRef::from(&fd);
+    let plain = |reason: Option<FallbackReason>| -> io::Result<Outcome> {
+        sock.connect(&dst.into())?;
+        Ok(Outcome::Kernel(reason))
+    };
+    let Some(session) = session else {
+        return plain((opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested));
+    };
+    let bound = sock
+        .local_addr()?
+        .as_socket()
+        .is_some_and(|a| a.port() != 0);
+    if !bound {
+        sock.bind(&unspecified(&dst).into())?;
+    }
+    let token = match session.request(
+        &Request::Intent {
+            dst,
+            pref: opts.mode,
+        },
+        &[fd],
+    ) {
+        Ok((Response::Proceed { token }, _)) => token,
+        Ok((Response::Kernel { reason }, _)) => return plain(Some(reason)),
+        Ok(_) | Err(_) => {
+            report(Some(session), FallbackReason::DevdError);
+            return plain(Some(FallbackReason::DevdError));
+        }
+    };
+    sock.connect(&dst.into())?;
+    let mut w: &Socket = &sock;
+    w.write_all(&codec::hello(token))?;
+    let mut ack = [0u8; HELLO_LEN];
+    read_exact_within(&sock, &mut ack, opts.ack_timeout).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("ssock: no HelloAck from the acceptor: {e}"),
+        )
+    })?;
+    if codec::parse_hello_ack(&ack).map_err(io::Error::other)? == ACK_KERNEL {
+        return Ok(Outcome::Kernel(Some(FallbackReason::Refused)));
+    }
+    let resp = session
+        .request(&Request::Attach, &[fd])
+        .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?;
+    Ok(Outcome::Attached(resp))
+}
+
+/// Acceptor side on `fd`, a freshly accepted blocking socket of a listener
+/// registered with `session`: claim the intent (none: a plain peer, served
+/// at once), read the Hello (bounded), pair, answer with the HelloAck.
+pub fn accept_on(
+    session: &Arc<Session>,
+    fd: BorrowedFd<'_>,
+    opts: &Options,
+) -> io::Result<Accepted> {
+    let sock = SockRef::from(&fd);
+    let token = match session.request(&Request::Claim, &[fd]) {
+        Ok((Response::Expect { token }, _)) => token,
+        _ => return Ok(Accepted::Kernel(None)),
+    };
+    let mut hello = [0u8; HELLO_LEN];
+    if let Err(e) = read_exact_within(&sock, &mut hello, opts.hello_timeout) {
+        log::warn!("announced peer sent no Hello ({e}); dropping the connection");
+        report(Some(session), FallbackReason::HelloTimeout);
+        return Ok(Accepted::Dropped);
+    }
+    match codec::parse_hello(&hello) {
+        Ok(t) if t == token => {}
+        r => {
+            let reason = match r {
+                Err(codec::DecodeError::Version { .. }) => FallbackReason::Version,
+                _ => FallbackReason::BadHello,
+            };
+            log::warn!("announced peer sent a bad Hello; dropping the connection");
+            report(Some(session), reason);
+            return Ok(Accepted::Dropped);
+        }
+    }
+    let mut w: &Socket = &sock;
+    let paired = session.request(&Request::Pair { token }, &[fd]);
+    if let Ok((Response::Kernel { reason }, _)) = paired {
+        // devd's policy said no (and counted it): the Hello is consumed,
+        // the connector is told to stay on kernel TCP.
+        w.write_all(&codec::hello_ack(ACK_KERNEL))?;
+        return Ok(Accepted::Kernel(Some(reason)));
+    }
+    match paired
+        .map_err(io::Error::other)
+        .and_then(|r| attach(session, r))
+    {
+        Ok(t) => {
+            w.write_all(&codec::hello_ack(ACK_ACCEPT))?;
+            Ok(Accepted::Attached(t))
+        }
+        Err(e) => {
+            log::warn!("pairing failed ({e}); staying on kernel TCP");
+            report(Some(session), FallbackReason::DevdError);
+            w.write_all(&codec::hello_ack(ACK_KERNEL))?;
+            Ok(Accepted::Kernel(Some(FallbackReason::DevdError)))
+        }
+    }
+}
+
+/// Registers a listening socket with devd; false if devd is unreachable or
+/// refused (its connections then stay plain).
+pub fn register_listener(session: &Arc<Session>, fd: BorrowedFd<'_>) -> bool {
+    session.request(&Request::Listen, &[fd]).is_ok()
+}
+
+/// Connector side for the Rust API: a new socket for `dst`, negotiated.
+pub fn negotiate_connect(dst: SocketAddr, opts: &Options) -> io::Result<Negotiated> {
+    let session = opts.session();
+    let sock = Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    let outcome = connect_on(sock.as_fd(), dst, opts, session.as_ref())?;
+    Ok(Negotiated {
+        tcp: sock.into(),
+        session,
+        outcome,
+    })
+}
+
+/// A connected kernel socket after negotiation, before a transport is built.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// The connected kernel socket (the Hello exchange is done).
+    pub tcp: std::net::TcpStream,
+    /// The session used, if any.
+    pub session: Option<Arc<Session>>,
+    /// What was agreed.
+    pub outcome: Outcome,
+}

@@ -32,7 +32,8 @@ pub struct Options {
     /// connector sends it right after connecting).
     pub hello_timeout: Duration,
     /// How long a connector waits for the HelloAck (until the acceptor
-    /// calls accept); past it, connect fails with ETIMEDOUT.
+    /// calls accept); past it, connect fails with EAGAIN (the socket's
+    /// receive timeout expired). devd keeps intents longer than this.
     pub ack_timeout: Duration,
 }
 
@@ -64,7 +65,8 @@ impl Options {
         self.session.clone().or_else(Session::global)
     }
 
-    pub(crate) fn spin(&self, s: Option<&Arc<Session>>) -> Duration {
+    /// The spin budget: the explicit one, else `SSOCK_SPIN_US`, else devd's.
+    pub fn spin(&self, s: Option<&Arc<Session>>) -> Duration {
         if let Some(d) = self.spin {
             return d;
         }

@@ -14,7 +14,8 @@ pub struct Totals {
     pub direct: u64,
     /// Queued connections created.
     pub queued: u64,
-    /// Connections that stayed on kernel TCP (sum of fallbacks).
+    /// Connections that stayed on kernel TCP (fallbacks that kept the
+    /// connection; dropped negotiations are counted by reason only).
     pub kernel: u64,
     /// Fallbacks by reason.
     pub fallbacks: BTreeMap<FallbackReason, u64>,

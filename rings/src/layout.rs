@@ -18,10 +18,11 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 1;
+pub const REGION_VERSION: u32 = 2;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
-/// Smallest region devd will create.
+/// Smallest region the layouts accept (devd's config also requires the
+/// Queued minimum, see `QueuedLayout::for_size`).
 pub const MIN_REGION: usize = 16 * 1024;
 /// Largest region devd will create.
 pub const MAX_REGION: usize = 64 * 1024 * 1024;

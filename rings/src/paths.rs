@@ -1,6 +1,5 @@
-//! Where devd's control socket is, as every ssock program finds it:
-//! `SSOCK_DEVD_SOCKET` if set; else the system socket if it exists; else the
-//! per-user socket under `$XDG_RUNTIME_DIR/ssock/` or `/tmp/ssock-$UID/`.
+//! Where devd's control socket is, as every ssock program finds it: see
+//! [`client_sockets`] for the order clients try.
 
 use std::path::PathBuf;
 
@@ -24,7 +23,7 @@ pub fn user_socket() -> PathBuf {
 
 /// The sockets a client tries, in order: `SSOCK_DEVD_SOCKET` alone if set;
 /// else the system socket, then the per-user one (if its directory is
-/// safe: owned by this user and closed to others).
+/// safe: owned by this user, not writable by others).
 pub fn client_sockets() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
         return vec![PathBuf::from(p)];
@@ -36,12 +35,13 @@ pub fn client_sockets() -> Vec<PathBuf> {
     v
 }
 
-/// Whether `dir` is owned by this user and not writable or searchable by
-/// others (another user must not be able to stand in for our devd).
+/// Whether `dir` is owned by this user and not writable by group or others
+/// (another user must not be able to put a socket of theirs in its place);
+/// devd applies the same rule to its socket directory.
 pub fn user_dir_is_safe(dir: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(dir)
-        .is_ok_and(|m| m.is_dir() && m.uid() == crate::sys::uid() && m.mode() & 0o077 == 0)
+        .is_ok_and(|m| m.is_dir() && m.uid() == crate::sys::uid() && m.mode() & 0o022 == 0)
 }
 
 /// The socket a tool reports on: the first of [`client_sockets`] that

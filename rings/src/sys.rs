@@ -493,6 +493,22 @@ impl AsRawFd for SeqPacket {
     }
 }
 
+/// Whether O_NONBLOCK is set on an fd.
+pub fn get_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: plain fcntl on a borrowed fd.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(fl & libc::O_NONBLOCK != 0)
+}
+
+/// Raises SIGPIPE in the calling thread, as the kernel does for a send on
+/// a closed connection without MSG_NOSIGNAL.
+pub fn raise_sigpipe() {
+    // SAFETY: raise has no memory preconditions.
+    unsafe {
+        libc::raise(libc::SIGPIPE);
+    }
+}
+
 /// Sets or clears O_NONBLOCK on any fd.
 pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // SAFETY: plain fcntl on a borrowed fd.

@@ -30,17 +30,16 @@ pub fn bin(name: &str) -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
+        cmd.args(["build", "--quiet", "--bins", "--lib"]);
+        for p in [
             "ssock-devd",
-            "-p",
             "ssock-tools",
-            "-p",
             "ssock-tests",
-        ]);
+            "ssock-client",
+            "ssock-preload",
+        ] {
+            cmd.args(["-p", p]);
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -220,11 +219,17 @@ impl Peer {
     /// Spawns `ssock-testpeer ARGS` with extra environment.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Result<Peer> {
         let mut cmd = Command::new(bin("ssock-testpeer"));
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("spawn ssock-testpeer")?;
+        Peer::command(cmd)
+    }
+
+    /// Spawns any program, with stdin and stdout piped.
+    pub fn command(mut cmd: Command) -> Result<Peer> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
         let out: ChildStdout = child.stdout.take().context("stdout")?;
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -321,4 +326,19 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let rest = s.rsplit_once(')').context("stat format")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+/// Whether a program needed by a test is installed. Missing: the test says
+/// SKIP and passes, unless `SSOCK_REQUIRE_APPS=1` (CI), where it fails.
+pub fn have_app(name: &str) -> Result<bool> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+    if found {
+        return Ok(true);
+    }
+    if std::env::var_os("SSOCK_REQUIRE_APPS").is_some_and(|v| v == "1") {
+        bail!("{name} is required (SSOCK_REQUIRE_APPS=1) but not installed");
+    }
+    eprintln!("SKIP: {name} is not installed");
+    Ok(false)
 }

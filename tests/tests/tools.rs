@@ -102,3 +102,32 @@ fn the_packaged_example_config_is_accepted_by_devd() -> Result<()> {
     ensure!(st.success(), "devd exited with {st} after SIGTERM");
     Ok(())
 }
+
+#[test]
+fn sandboxed_devd_tells_systemd_it_is_ready_and_stays_up() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ssock-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let notify = dir.join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify)?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut child = Command::new(bin("devd"))
+        .args(["--user", "--socket"])
+        .arg(dir.join("devd.sock"))
+        .env("NOTIFY_SOCKET", &notify)
+        .spawn()?;
+    let mut b = [0u8; 64];
+    let got = sock.recv(&mut b);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let alive = child.try_wait()?.is_none();
+    let served = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(5));
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let st = child.wait()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = got?;
+    ensure!(&b[..n] == b"READY=1", "devd sent {:?}", String::from_utf8_lossy(&b[..n]));
+    ensure!(alive, "devd died after readiness: {st}");
+    served?;
+    ensure!(st.success(), "devd exit {st}");
+    Ok(())
+}

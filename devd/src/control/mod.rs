@@ -102,6 +102,13 @@ pub struct Devd {
 
 type Reply = (Response, Vec<OwnedFd>);
 
+/// Seconds an intent (or a claimed intent) lives. It must outlast the
+/// connector's wait for the HelloAck (`Options::ack_timeout`, 60 s by
+/// default): an intent that expired before the acceptor's accept() would
+/// make the acceptor treat the connection as plain and hand the Hello to
+/// the application.
+pub const INTENT_TTL_S: u64 = 120;
+
 fn dup(fd: impl AsFd) -> Result<OwnedFd, RequestError> {
     fd.as_fd()
         .try_clone_to_owned()
@@ -149,7 +156,15 @@ impl Devd {
             Request::Attach => self.attach(sid, &fds[0]),
             Request::Release { conn_id, side } => self.release(sid, conn_id, side as usize),
             Request::Violation { conn_id } => {
-                if self.holds(sid, conn_id) {
+                // Counted once per connection, and only from a live end.
+                let held = self.holds(sid, conn_id);
+                if let Some(c) = self
+                    .reg
+                    .conns
+                    .get_mut(&conn_id)
+                    .filter(|c| held && !c.violated)
+                {
+                    c.violated = true;
                     self.totals.violations += 1;
                 }
                 Ok((Response::Ok, vec![]))
@@ -363,6 +378,7 @@ impl Devd {
                 ends,
                 res,
                 bytes,
+                violated: false,
             },
         );
         self.hand_out(id, 1)
@@ -516,7 +532,7 @@ impl Devd {
         self.reg
             .conns
             .get(&id)
-            .is_some_and(|c| c.ends.iter().any(|e| e.session == sid))
+            .is_some_and(|c| c.ends.iter().any(|e| e.session == sid && !e.released))
     }
 
     fn release(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
@@ -595,7 +611,7 @@ impl Devd {
 
     /// Drops stale intents.
     pub fn expire(&mut self) {
-        self.reg.expire(Instant::now(), 30);
+        self.reg.expire(Instant::now(), INTENT_TTL_S);
     }
 
     /// A statistics page. A devd serving several users (as root) shows a

@@ -135,6 +135,8 @@ pub struct Conn {
     pub res: Res,
     /// Region bytes charged to each end's user.
     pub bytes: usize,
+    /// Whether an end already reported a protocol violation.
+    pub violated: bool,
 }
 
 /// All control-plane tables.
@@ -157,12 +159,21 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Finds a listener that `dst` reaches.
+    /// A connection to `dst` reaches a registered listener only if the
+    /// kernel would deliver it there: same port, and the listener's address
+    /// is `dst` or the wildcard of `dst`'s family (an IPv6 wildcard also
+    /// takes IPv4 when it is dual-stack). A wrong match would send a Hello
+    /// to whatever plain process really accepts the connection.
     pub fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
         let dip = canon(dst.ip());
         self.listeners.values().find(|l| {
-            l.addr.port() == dst.port()
-                && (l.addr.ip().is_unspecified() || canon(l.addr.ip()) == dip)
+            let lip = l.addr.ip().to_canonical();
+            let addr_ok = if lip.is_unspecified() {
+                lip.is_ipv4() == dip.is_ipv4() || (l.dual_stack && dip.is_ipv4())
+            } else {
+                canon(lip) == dip
+            };
+            l.addr.port() == dst.port() && addr_ok
         })
     }
 
@@ -182,5 +193,47 @@ impl Registry {
             .retain(|_, i| now.duration_since(i.at).as_secs() < max_age_s);
         self.claimed
             .retain(|_, c| now.duration_since(c.intent.at).as_secs() < max_age_s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(addr: &str, dual_stack: bool) -> Registry {
+        let mut r = Registry::default();
+        r.listeners.insert(
+            1,
+            Listener {
+                session: 1,
+                addr: addr.parse().unwrap(),
+                dual_stack,
+            },
+        );
+        r
+    }
+
+    #[test]
+    fn listeners_match_only_what_the_kernel_would_deliver_to_them() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(reg("0.0.0.0:80", false)
+            .listener_for(a("127.0.0.1:80"))
+            .is_some());
+        assert!(reg("0.0.0.0:80", false)
+            .listener_for(a("127.0.0.1:81"))
+            .is_none());
+        assert!(reg("0.0.0.0:80", false)
+            .listener_for(a("[::1]:80"))
+            .is_none());
+        assert!(reg("127.0.0.1:80", false)
+            .listener_for(a("127.0.0.2:80"))
+            .is_none());
+        assert!(reg("[::]:80", false)
+            .listener_for(a("127.0.0.1:80"))
+            .is_none());
+        assert!(reg("[::]:80", true)
+            .listener_for(a("127.0.0.1:80"))
+            .is_some());
+        assert!(reg("[::]:80", false).listener_for(a("[::1]:80")).is_some());
     }
 }

@@ -32,11 +32,13 @@ pub fn serve(
         signals.as_raw_fd(),
         EpollEvent::new(EventSet::IN, SIGNALS),
     )?;
+    // Readiness first: sd_notify needs socket/sendto, which the control
+    // filter (rightly) does not allow.
+    dsys::sd_notify_ready();
     if let Some(mode) = sandbox {
         crate::sandbox::apply(crate::sandbox::ThreadKind::Control, mode)
             .map_err(io::Error::other)?;
     }
-    dsys::sd_notify_ready();
     let mut next = FIRST_SESSION;
     let mut events = vec![EpollEvent::default(); 64];
     let mut buf = vec![0u8; MAX_FRAME];

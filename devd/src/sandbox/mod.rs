@@ -14,6 +14,11 @@ use seccompiler::{
 };
 use std::collections::BTreeMap;
 
+// The syscall lists below name x86_64 syscalls (open, fstat, ...); another
+// architecture needs its own lists, not a silently wrong filter.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("devd's seccomp lists are written for x86_64");
+
 /// The kinds of devd threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {

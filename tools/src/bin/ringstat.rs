@@ -28,6 +28,10 @@ fn run() -> Result<()> {
         .map(String::as_str)
         .filter(|a| *a != "--json")
         .collect();
+    if matches!(rest.as_slice(), ["-h"] | ["--help"]) {
+        println!("usage: ringstat [--json] | ringstat conn ID [--json]");
+        return Ok(());
+    }
     let path = ssock_rings::paths::client_socket();
     let s = Session::connect(&path)
         .with_context(|| format!("is devd running? (socket {})", path.display()))?;

@@ -1,0 +1,114 @@
+//! The boundary between C callers and the shim's Rust code: a panic never
+//! crosses into C (it becomes -1 with errno EIO), and calls the shim makes
+//! itself (through libc functions it also interposes) go straight to libc.
+
+use std::cell::Cell;
+
+thread_local! {
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `shim` for a call from the application, or `direct` for a call the
+/// shim itself made (re-entry) or when the thread is being torn down.
+pub fn enter<T: From<i8>>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) -> T {
+    let Ok(nested) = INSIDE.try_with(|c| c.replace(true)) else {
+        return direct();
+    };
+    if nested {
+        return direct();
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(shim));
+    INSIDE.with(|c| c.set(false));
+    match r {
+        Ok(v) => v,
+        Err(_) => {
+            set_errno(libc::EIO);
+            T::from(-1)
+        }
+    }
+}
+
+/// Sets the calling thread's errno.
+pub fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns this thread's errno slot, valid for
+    // the thread's life.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// A C buffer as a mutable byte slice.
+///
+/// # Safety
+/// `p` must be valid for writes of `len` bytes for the returned lifetime
+/// (the caller's own buffer, as read(2) and recv(2) require) or `len` 0.
+pub unsafe fn buf_mut<'a>(p: *mut libc::c_void, len: usize) -> &'a mut [u8] {
+    if len == 0 || p.is_null() {
+        return &mut [];
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) }
+}
+
+/// A C buffer as a byte slice.
+///
+/// # Safety
+/// `p` must be valid for reads of `len` bytes for the returned lifetime or `len` 0.
+pub unsafe fn buf<'a>(p: *const libc::c_void, len: usize) -> &'a [u8] {
+    if len == 0 || p.is_null() {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }
+}
+
+/// An fd number the application passed, as a borrowed fd for this call.
+///
+/// # Safety
+/// `fd` must stay open for the returned lifetime (true within one call the
+/// application made on it, unless it closes the fd concurrently, which the
+/// kernel's own calls do not protect against either).
+pub unsafe fn borrow<'a>(fd: libc::c_int) -> std::os::fd::BorrowedFd<'a> {
+    // SAFETY: guaranteed by the caller (see above); fd is not -1 here
+    // because callers only borrow fds they found in the table or the
+    // application just passed to a socket call that needs a valid fd.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// The socket address at `p`, if it is IPv4 or IPv6.
+///
+/// # Safety
+/// `p` must be valid for reads of `len` bytes (connect(2)'s contract).
+pub unsafe fn sockaddr(
+    p: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> Option<std::net::SocketAddr> {
+    if p.is_null() {
+        return None;
+    }
+    let len = usize::try_from(len).ok()?;
+    // SAFETY: p is readable for len bytes (caller); we read sa_family only
+    // after checking it fits, then the full struct only if len covers it.
+    unsafe {
+        if len < std::mem::size_of::<libc::sa_family_t>() {
+            return None;
+        }
+        match i32::from((*p).sa_family) {
+            libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+                let a = std::ptr::read_unaligned(p.cast::<libc::sockaddr_in>());
+                Some(std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )))
+            }
+            libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                let a = std::ptr::read_unaligned(p.cast::<libc::sockaddr_in6>());
+                Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                    std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! libssock.so: the LD_PRELOAD shim. Each exported libc symbol looks the fd
+//! up and dispatches to the accelerated socket or to the real libc
+//! function; negotiation and socket semantics live in `sock` (on top of
+//! ssock-client), never in these functions.
+//!
+//! This first version intercepts the blocking TCP calls: connect, listen,
+//! accept, accept4, read, recv, recvfrom, write, send, sendto, shutdown,
+//! close. A socket that is nonblocking at connect time stays on kernel TCP.
+//! Not yet intercepted (issue 3 goes on): poll/select/epoll, readv/writev,
+//! recvmsg/sendmsg, dup/fcntl/ioctl, fork/exec, fd passing; a program that
+//! uses those on an accelerated socket is not supported yet.
+
+mod boundary;
+mod real;
+mod sock;
+mod table;
+
+use boundary::{borrow, buf, buf_mut, enter, set_errno, sockaddr};
+use libc::{c_int, c_void, size_t, sockaddr as SockAddr, socklen_t, ssize_t};
+
+fn fail<T: From<i8>>(e: i32) -> T {
+    set_errno(e);
+    T::from(-1)
+}
+
+fn done(r: Result<usize, i32>) -> ssize_t {
+    match r {
+        Ok(n) => ssize_t::try_from(n).unwrap_or(ssize_t::MAX),
+        Err(e) => fail(e),
+    }
+}
+
+/// connect(2).
+///
+/// # Safety
+/// The C contract of connect(2).
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().connect)(fd, addr, len) };
+    enter(
+        || {
+            // SAFETY: addr/len are the caller's connect(2) arguments; fd is
+            // the socket the caller is connecting, open during this call.
+            let (dst, b) = unsafe { (sockaddr(addr, len), borrow(fd)) };
+            let Some(dst) = dst else { return real() };
+            match sock::connect(b, dst) {
+                None => real(),
+                Some(Ok(Some(s))) => {
+                    table::insert(fd, s);
+                    0
+                }
+                Some(Ok(None)) => 0,
+                Some(Err(e)) => fail(e),
+            }
+        },
+        real,
+    )
+}
+
+/// listen(2).
+///
+/// # Safety
+/// The C contract of listen(2).
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().listen)(fd, backlog) };
+    enter(
+        || {
+            let r = real();
+            // SAFETY: fd is the caller's listening socket, open during this call.
+            if r == 0 && sock::listened(unsafe { borrow(fd) }) {
+                table::add_listener(fd);
+            }
+            r
+        },
+        real,
+    )
+}
+
+/// accept4(2).
+///
+/// # Safety
+/// The C contract of accept4(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut SockAddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().accept4)(fd, addr, len, flags) };
+    enter(
+        || loop {
+            let m = real();
+            if m < 0 || !table::is_listener(fd) {
+                return m;
+            }
+            // SAFETY: m was just returned by accept4 and is open.
+            match sock::accepted(unsafe { borrow(m) }) {
+                Ok(Some(s)) => {
+                    table::insert(m, s);
+                    return m;
+                }
+                Ok(None) => return m,
+                Err(()) => {
+                    // An announced peer that sent no valid Hello cannot be
+                    // served: drop it and take the next connection.
+                    // SAFETY: m is ours to close; the application never saw it.
+                    unsafe { (real::get().close)(m) };
+                }
+            }
+        },
+        real,
+    )
+}
+
+/// accept(2).
+///
+/// # Safety
+/// The C contract of accept(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: same contract as accept4 with no flags.
+    unsafe { accept4(fd, addr, len, 0) }
+}
+
+/// recvfrom(2); the peer address of a connected TCP socket is not filled.
+///
+/// # Safety
+/// The C contract of recvfrom(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    b: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut SockAddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().recvfrom)(fd, b, n, flags, addr, alen) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: b/n is the caller's receive buffer; fd is open.
+            Some(s) => done(lock(&s).recv(unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, flags)),
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// recv(2).
+///
+/// # Safety
+/// The C contract of recv(2).
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, b: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: same contract as recvfrom without an address.
+    unsafe { recvfrom(fd, b, n, flags, std::ptr::null_mut(), std::ptr::null_mut()) }
+}
+
+/// read(2).
+///
+/// # Safety
+/// The C contract of read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().read)(fd, b, n) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: b/n is the caller's buffer; fd is open.
+            Some(s) => done(lock(&s).recv(unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0)),
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// sendto(2); the address of a connected TCP socket is ignored, as by the kernel.
+///
+/// # Safety
+/// The C contract of sendto(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    b: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const SockAddr,
+    alen: socklen_t,
+) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().sendto)(fd, b, n, flags, addr, alen) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: b/n is the caller's data; fd is open.
+            Some(s) => done(lock(&s).send(unsafe { borrow(fd) }, unsafe { buf(b, n) }, flags)),
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// send(2).
+///
+/// # Safety
+/// The C contract of send(2).
+#[no_mangle]
+pub unsafe extern "C" fn send(fd: c_int, b: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: same contract as sendto without an address.
+    unsafe { sendto(fd, b, n, flags, std::ptr::null(), 0) }
+}
+
+/// write(2).
+///
+/// # Safety
+/// The C contract of write(2).
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().write)(fd, b, n) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: b/n is the caller's data; fd is open.
+            Some(s) => done(lock(&s).send(unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)),
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// shutdown(2).
+///
+/// # Safety
+/// The C contract of shutdown(2).
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().shutdown)(fd, how) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: fd is open during this call.
+            Some(s) => match lock(&s).shutdown(unsafe { borrow(fd) }, how) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            },
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// close(2): an accelerated socket first ends its transport (end-of-stream
+/// mark, release), then the kernel socket closes.
+///
+/// # Safety
+/// The C contract of close(2).
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().close)(fd) };
+    enter(
+        || {
+            if table::remove_listener(fd) {
+                // SAFETY: fd is still open: it is closed just below.
+                sock::unlisten(unsafe { borrow(fd) });
+            }
+            drop(table::remove(fd));
+            real()
+        },
+        real,
+    )
+}
+
+fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,83 @@
+//! The real libc functions, resolved once with `dlsym(RTLD_NEXT, ...)`.
+//! A constructor resolves them at load time; a call that arrives earlier
+//! (another library's constructor) resolves them itself. The state is an
+//! atomic, never a plain flag.
+
+use libc::{c_int, c_void, size_t, sockaddr, socklen_t, ssize_t};
+use std::sync::OnceLock;
+
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
+type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t;
+type WriteFn = unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t;
+type RecvFromFn = unsafe extern "C" fn(
+    c_int,
+    *mut c_void,
+    size_t,
+    c_int,
+    *mut sockaddr,
+    *mut socklen_t,
+) -> ssize_t;
+type SendToFn = unsafe extern "C" fn(
+    c_int,
+    *const c_void,
+    size_t,
+    c_int,
+    *const sockaddr,
+    socklen_t,
+) -> ssize_t;
+type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+
+/// The resolved functions.
+pub struct Real {
+    pub connect: ConnectFn,
+    pub listen: ListenFn,
+    pub accept4: Accept4Fn,
+    pub read: ReadFn,
+    pub write: WriteFn,
+    pub recvfrom: RecvFromFn,
+    pub sendto: SendToFn,
+    pub shutdown: ShutdownFn,
+    pub close: CloseFn,
+}
+
+static REAL: OnceLock<Real> = OnceLock::new();
+
+fn sym(name: &std::ffi::CStr) -> *mut c_void {
+    // SAFETY: RTLD_NEXT with a NUL-terminated name is dlsym's documented use.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    assert!(!p.is_null(), "libssock: libc has no {name:?}");
+    p
+}
+
+/// Resolves every function (at most once).
+pub fn get() -> &'static Real {
+    REAL.get_or_init(|| {
+        // SAFETY: each pointer comes from dlsym for the libc function of
+        // that name, whose C signature is exactly the type it is cast to.
+        unsafe {
+            Real {
+                connect: std::mem::transmute::<*mut c_void, ConnectFn>(sym(c"connect")),
+                listen: std::mem::transmute::<*mut c_void, ListenFn>(sym(c"listen")),
+                accept4: std::mem::transmute::<*mut c_void, Accept4Fn>(sym(c"accept4")),
+                read: std::mem::transmute::<*mut c_void, ReadFn>(sym(c"read")),
+                write: std::mem::transmute::<*mut c_void, WriteFn>(sym(c"write")),
+                recvfrom: std::mem::transmute::<*mut c_void, RecvFromFn>(sym(c"recvfrom")),
+                sendto: std::mem::transmute::<*mut c_void, SendToFn>(sym(c"sendto")),
+                shutdown: std::mem::transmute::<*mut c_void, ShutdownFn>(sym(c"shutdown")),
+                close: std::mem::transmute::<*mut c_void, CloseFn>(sym(c"close")),
+            }
+        }
+    })
+}
+
+extern "C" fn init() {
+    get();
+}
+
+/// Runs `init` when the library is loaded.
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;

@@ -1,0 +1,67 @@
+//! Which fds are accelerated sockets and which are registered listeners.
+//! First version: a read-mostly lock around a vector indexed by fd (part 3
+//! replaces it with a lock-free table).
+
+use crate::sock::Sock;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+type Entry = Arc<Mutex<Sock>>;
+
+static ANY: AtomicBool = AtomicBool::new(false);
+static SOCKS: RwLock<Vec<Option<Entry>>> = RwLock::new(Vec::new());
+static LISTENERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+fn slot(fd: i32) -> Option<usize> {
+    usize::try_from(fd).ok()
+}
+
+/// The accelerated socket behind `fd`, if any.
+pub fn get(fd: i32) -> Option<Entry> {
+    // Relaxed: a stale false only means "not accelerated yet", which is
+    // what any call racing with the fd's own connect/accept sees anyway.
+    if !ANY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let t = SOCKS.read().unwrap_or_else(|p| p.into_inner());
+    t.get(slot(fd)?).cloned().flatten()
+}
+
+/// Records `fd` as an accelerated socket.
+pub fn insert(fd: i32, s: Sock) {
+    let Some(i) = slot(fd) else { return };
+    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
+    if t.len() <= i {
+        t.resize(i + 1, None);
+    }
+    t[i] = Some(Arc::new(Mutex::new(s)));
+    ANY.store(true, Ordering::Relaxed);
+}
+
+/// Forgets `fd` (it is being closed); returns its socket.
+pub fn remove(fd: i32) -> Option<Entry> {
+    if !ANY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
+    t.get_mut(slot(fd)?).and_then(Option::take)
+}
+
+/// Records `fd` as a listener registered with devd.
+pub fn add_listener(fd: i32) {
+    let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    l.get_or_insert_with(HashSet::new).insert(fd);
+}
+
+/// Whether `fd` is a registered listener.
+pub fn is_listener(fd: i32) -> bool {
+    let l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    l.as_ref().is_some_and(|s| s.contains(&fd))
+}
+
+/// Forgets a listener; true if it was one.
+pub fn remove_listener(fd: i32) -> bool {
+    let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    l.as_mut().is_some_and(|s| s.remove(&fd))
+}

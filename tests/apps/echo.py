@@ -1,0 +1,71 @@
+"""Blocking TCP echo for the shim tests (unmodified socket program).
+
+server PORTFILE: accepts one connection, echoes until EOF, prints the byte count.
+client PORT N: sends N pattern bytes in chunks while reading the echo back,
+verifies every byte, prints "OK echo N", then waits for a line on stdin
+before closing (so the test can inspect ringstat while it is connected).
+"""
+import socket
+import sys
+
+
+def pattern(n, start=0):
+    return bytes(((i * 131 + 7) & 0xFF) for i in range(start, start + n))
+
+
+def server(portfile):
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    with open(portfile + ".tmp", "w") as f:
+        f.write(str(ls.getsockname()[1]))
+    import os
+    os.rename(portfile + ".tmp", portfile)
+    c, _ = ls.accept()
+    total = 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        c.sendall(b)
+        total += len(b)
+    c.close()
+    ls.close()
+    print(f"OK served {total}", flush=True)
+
+
+def client(port, n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect(("127.0.0.1", port))
+    chunk = 16384
+    sent = got = 0
+    block = pattern(chunk * 251)  # period 251*chunk bytes of the pattern
+    while got < n:
+        if sent < n:
+            k = min(chunk, n - sent)
+            off = sent % len(block)
+            data = (block + block)[off:off + k]
+            s.sendall(data)
+            sent += k
+        b = s.recv(65536)
+        if not b:
+            raise SystemExit(f"EOF after {got} bytes")
+        off = got % len(block)
+        want = (block + block)[off:off + len(b)]
+        if b != want:
+            raise SystemExit(f"corrupt echo at {got}")
+        got += len(b)
+    print(f"OK echo {got}", flush=True)
+    sys.stdin.readline()
+    s.shutdown(socket.SHUT_WR)
+    if s.recv(1) != b"":
+        raise SystemExit("data after EOF")
+    s.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "server":
+        server(sys.argv[2])
+    else:
+        client(int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,128 @@
+//! Unmodified programs under `ssock-run` (part 2, first slice): a blocking
+//! Python echo server and client. Acceleration is checked through devd's
+//! statistics while the connection is open: a silent fallback fails.
+
+use anyhow::{ensure, Context, Result};
+use ssock_tests::{bin, have_app, Devd, Peer};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn echo_py() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/echo.py"))
+}
+
+/// python3 echo.py ARGS, under ssock-run unless `plain`.
+fn python(d: &Devd, plain: bool, args: &[&str], env: &[(&str, &str)]) -> Result<Peer> {
+    let mut cmd = if plain {
+        Command::new("python3")
+    } else {
+        let mut c = Command::new(bin("ssock-run"));
+        c.args([
+            "--devd",
+            d.socket.to_str().context("path")?,
+            "--",
+            "python3",
+        ]);
+        c
+    };
+    cmd.arg(echo_py()).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Peer::command(cmd)
+}
+
+/// Runs the echo pair; returns devd's view of the connection while open.
+fn echo_pair(
+    d: &Devd,
+    plain_server: bool,
+    plain_client: bool,
+    env: &[(&str, &str)],
+) -> Result<Option<serde_json::Value>> {
+    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let mut s = python(
+        d,
+        plain_server,
+        &["server", portfile.to_str().context("path")?],
+        env,
+    )?;
+    let t = Instant::now();
+    while !portfile.exists() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let port = std::fs::read_to_string(&portfile)?;
+    let n = "1000000";
+    let mut c = python(d, plain_client, &["client", port.trim(), n], env)?;
+    c.expect(&format!("OK echo {n}"))?;
+    let conn = d.stats()?["connections"]
+        .as_array()
+        .and_then(|a| a.first().cloned());
+    c.say("")?;
+    s.expect(&format!("OK served {n}"))?;
+    ensure!(
+        c.wait_success()? && s.wait_success()?,
+        "a python process failed"
+    );
+    Ok(conn)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
+}
+
+#[test]
+fn unmodified_python_echo_goes_direct_under_ssock_run() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let conn =
+        echo_pair(&d, false, false, &[])?.context("no accelerated connection in devd's stats")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
+}
+
+#[test]
+fn plain_python_peers_on_either_side_stay_on_kernel_tcp() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    // Plain client, accelerated server: the echo is verified byte for byte,
+    // so no ssock byte reached the plain side.
+    ensure!(echo_pair(&d, false, true, &[])?.is_none());
+    // Accelerated client, plain server.
+    ensure!(echo_pair(&d, true, false, &[])?.is_none());
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 0, "totals {t}");
+    ensure!(t["fallbacks"]["peer_not_enabled"] == 1, "totals {t}");
+    Ok(())
+}
+
+#[test]
+fn ssock_disable_makes_the_shim_a_pass_through() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    ensure!(echo_pair(&d, false, false, &[("SSOCK_DISABLE", "1")])?.is_none());
+    let t = d.stats()?["totals"].clone();
+    // No negotiation at all: nothing accelerated, no fallback recorded.
+    ensure!(
+        t["connections"]["direct"] == 0 && t["connections"]["kernel"] == 0,
+        "totals {t}"
+    );
+    ensure!(d.stats()?["devd"]["listeners"] == 0);
+    Ok(())
+}

@@ -121,11 +121,18 @@ fn sandboxed_devd_tells_systemd_it_is_ready_and_stays_up() -> Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let alive = child.try_wait()?.is_none();
     let served = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(5));
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let st = child.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
     let n = got?;
-    ensure!(&b[..n] == b"READY=1", "devd sent {:?}", String::from_utf8_lossy(&b[..n]));
+    ensure!(
+        &b[..n] == b"READY=1",
+        "devd sent {:?}",
+        String::from_utf8_lossy(&b[..n])
+    );
     ensure!(alive, "devd died after readiness: {st}");
     served?;
     ensure!(st.success(), "devd exit {st}");

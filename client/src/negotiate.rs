@@ -161,6 +161,27 @@ pub fn accept_on(
     fd: BorrowedFd<'_>,
     opts: &Options,
 ) -> io::Result<Accepted> {
+    accept_inner(session, fd, opts, None)
+}
+
+/// Like [`accept_on`], but an announced peer is told to stay on kernel TCP
+/// (its Hello consumed, a HelloAck KERNEL sent, `reason` counted): for
+/// sockets this side cannot serve accelerated yet.
+pub fn refuse_on(
+    session: &Arc<Session>,
+    fd: BorrowedFd<'_>,
+    opts: &Options,
+    reason: FallbackReason,
+) -> io::Result<Accepted> {
+    accept_inner(session, fd, opts, Some(reason))
+}
+
+fn accept_inner(
+    session: &Arc<Session>,
+    fd: BorrowedFd<'_>,
+    opts: &Options,
+    refuse: Option<FallbackReason>,
+) -> io::Result<Accepted> {
     let sock = SockRef::from(&fd);
     let token = match session.request(&Request::Claim, &[fd]) {
         Ok((Response::Expect { token }, _)) => token,
@@ -185,6 +206,11 @@ pub fn accept_on(
         }
     }
     let mut w: &Socket = &sock;
+    if let Some(reason) = refuse {
+        w.write_all(&codec::hello_ack(ACK_KERNEL))?;
+        report(Some(session), reason);
+        return Ok(Accepted::Kernel(Some(reason)));
+    }
     let paired = session.request(&Request::Pair { token }, &[fd]);
     if let Ok((Response::Kernel { reason }, _)) = paired {
         // devd's policy said no (and counted it): the Hello is consumed,

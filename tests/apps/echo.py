@@ -35,6 +35,40 @@ def server(portfile):
     print(f"OK served {total}", flush=True)
 
 
+def aserver(portfile):
+    """The same echo as an asyncio (epoll, nonblocking) server."""
+    import asyncio
+    import os
+
+    done = {}
+
+    async def handle(reader, writer):
+        total = 0
+        while True:
+            b = await reader.read(65536)
+            if not b:
+                break
+            writer.write(b)
+            await writer.drain()
+            total += len(b)
+        writer.close()
+        done["total"] = total
+        done["event"].set()
+
+    async def main():
+        done["event"] = asyncio.Event()
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        with open(portfile + ".tmp", "w") as f:
+            f.write(str(port))
+        os.rename(portfile + ".tmp", portfile)
+        await done["event"].wait()
+        srv.close()
+        print(f"OK served {done['total']}", flush=True)
+
+    asyncio.run(main())
+
+
 def client(port, n):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect(("127.0.0.1", port))
@@ -67,5 +101,7 @@ def client(port, n):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         server(sys.argv[2])
+    elif sys.argv[1] == "aserver":
+        aserver(sys.argv[2])
     else:
         client(int(sys.argv[2]), int(sys.argv[3]))

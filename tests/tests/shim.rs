@@ -40,11 +40,22 @@ fn echo_pair(
     plain_client: bool,
     env: &[(&str, &str)],
 ) -> Result<Option<serde_json::Value>> {
+    echo_with(d, "server", plain_server, plain_client, env)
+}
+
+/// Like `echo_pair` with the given server mode of echo.py.
+fn echo_with(
+    d: &Devd,
+    server: &str,
+    plain_server: bool,
+    plain_client: bool,
+    env: &[(&str, &str)],
+) -> Result<Option<serde_json::Value>> {
     let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
     let mut s = python(
         d,
         plain_server,
-        &["server", portfile.to_str().context("path")?],
+        &[server, portfile.to_str().context("path")?],
         env,
     )?;
     let t = Instant::now();
@@ -124,5 +135,22 @@ fn ssock_disable_makes_the_shim_a_pass_through() -> Result<()> {
         "totals {t}"
     );
     ensure!(d.stats()?["devd"]["listeners"] == 0);
+    Ok(())
+}
+
+#[test]
+fn an_event_loop_server_stays_on_kernel_tcp_until_epoll_is_intercepted() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    // asyncio: a nonblocking listener served through epoll. The shim does
+    // not intercept epoll yet, so it must refuse acceleration (consuming
+    // the client's Hello) rather than hand the server a socket its epoll
+    // would never see readable: the echo must complete, on kernel TCP.
+    let d = Devd::start(&[])?;
+    ensure!(echo_with(&d, "aserver", false, false, &[])?.is_none());
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 0, "totals {t}");
+    ensure!(t["fallbacks"]["unsupported"] == 1, "totals {t}");
     Ok(())
 }

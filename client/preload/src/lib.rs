@@ -98,8 +98,9 @@ pub unsafe extern "C" fn accept4(
             if m < 0 || !table::is_listener(fd) {
                 return m;
             }
-            // SAFETY: m was just returned by accept4 and is open.
-            match sock::accepted(unsafe { borrow(m) }) {
+            // SAFETY: m was just returned by accept4 and is open; fd is the
+            // caller's listener, open during this call.
+            match sock::accepted(unsafe { borrow(fd) }, unsafe { borrow(m) }) {
                 Ok(Some(s)) => {
                     table::insert(m, s);
                     return m;

@@ -4,9 +4,10 @@
 //! functions in lib.rs only look fds up and dispatch.
 
 use ssock_client::negotiate::{
-    accept_on, attach, connect_on, register_listener, Accepted, Outcome,
+    accept_on, attach, connect_on, refuse_on, register_listener, Accepted, Outcome,
 };
 use ssock_client::transport::{Ctx, Transport};
+use ssock_client::FallbackReason;
 use ssock_client::{Options, Session};
 use std::io;
 use std::net::SocketAddr;
@@ -86,9 +87,15 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
     session().is_some_and(|s| register_listener(&s, fd))
 }
 
-/// A socket accepted from a registered listener: negotiate. Ok(None):
+/// A socket accepted from a registered listener (`listener`): negotiate.
+///
+/// Until poll/select/epoll are intercepted, a nonblocking listener or
+/// accepted socket (an event-loop server) is served on kernel TCP: the
+/// announced peer is told so (reason `unsupported`) instead of getting an
+/// accelerated socket that the server's epoll would never see readable.
+/// Ok(None):
 /// plain; Err(()) : the announced peer sent no valid Hello, drop it.
-pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
+pub fn accepted(listener: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     let Some(session) = session() else {
         return Ok(None);
     };
@@ -100,7 +107,11 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     if nb {
         let _ = ssock_rings::sys::set_nonblocking(fd, false);
     }
-    let r = accept_on(&session, fd, &opts);
+    let r = if nb || is_nonblocking(listener) {
+        refuse_on(&session, fd, &opts, FallbackReason::Unsupported)
+    } else {
+        accept_on(&session, fd, &opts)
+    };
     if nb {
         let _ = ssock_rings::sys::set_nonblocking(fd, true);
     }

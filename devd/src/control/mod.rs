@@ -285,7 +285,7 @@ impl Devd {
         sys::random(&mut t).map_err(RequestError::Resources)?;
         let token = u64::from_le_bytes(t);
         let key = (end.addr.port(), canon(dst.ip()), dst.port());
-        let sock = Arc::new(dup(fd)?);
+        let sock = Some(Arc::new(dup(fd)?));
         let intent = Intent {
             token,
             mode,
@@ -308,12 +308,19 @@ impl Devd {
             // socket: a stale intent (its connect failed, and another socket
             // reused the port) never connected here.
             let canon_addr = |a: std::net::SocketAddr| (canon(a.ip()), a.port());
-            sys::peer_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(here)
-                && sys::local_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(from)
+            let Some(sock) = &i.sock else { return false };
+            sys::peer_addr(sock.as_fd()).ok().map(canon_addr) == Some(here)
+                && sys::local_addr(sock.as_fd()).ok().map(canon_addr) == Some(from)
         });
         match intent {
             Some(intent) => {
                 let token = intent.token;
+                // Claimed: the connection exists; holding the connector's
+                // socket longer would only delay its close.
+                let intent = Intent {
+                    sock: None,
+                    ..intent
+                };
                 self.reg.claimed.insert(token, Claimed { intent, end });
                 Ok((Response::Expect { token }, vec![]))
             }

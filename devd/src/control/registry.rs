@@ -56,7 +56,8 @@ pub struct Intent {
     /// be the accepted socket (a stale intent's socket never connected
     /// there), and holding it keeps the port from being reused by another
     /// socket until the intent is claimed or expires.
-    pub sock: Arc<OwnedFd>,
+    /// None once claimed: the connection exists, the hold is over.
+    pub sock: Option<Arc<OwnedFd>>,
 }
 
 /// One end of a connection.

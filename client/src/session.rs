@@ -7,7 +7,9 @@ use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+
+static GLOBAL: Mutex<Option<Arc<Session>>> = Mutex::new(None);
 use std::time::Duration;
 
 /// Why talking to devd failed. Every variant means "this connection stays
@@ -120,9 +122,7 @@ impl Session {
     /// `ssock_rings::paths::client_sockets`), connected on first use and
     /// again after it broke (devd restarted); None if no devd answers.
     pub fn global() -> Option<Arc<Session>> {
-        static GLOBAL: OnceLock<Mutex<Option<Arc<Session>>>> = OnceLock::new();
-        let cell = GLOBAL.get_or_init(|| Mutex::new(None));
-        let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_some_and(|s| s.is_broken()) {
             *g = None;
         }
@@ -132,6 +132,18 @@ impl Session {
                 .find_map(|p| Session::connect(p).ok());
         }
         g.clone()
+    }
+
+    /// In a child after fork: the inherited control socket is the parent's
+    /// (a request from here could read the parent's reply), so this process
+    /// stops using it; the next `global()` connects anew. Uses try_lock: a
+    /// lock held by a parent thread at fork time is never released here.
+    pub fn after_fork_in_child() {
+        if let Ok(mut g) = GLOBAL.try_lock() {
+            if let Some(s) = g.take() {
+                s.broken.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether a request failed mid-way (the session is no longer used).

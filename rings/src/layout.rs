@@ -43,6 +43,15 @@ pub mod hdr {
     pub const GEOM_A: usize = 32;
     /// u64 Queued slot size (0 for Direct).
     pub const GEOM_B: usize = 40;
+    /// u32 per end (48: connector, 52: acceptor): processes holding that
+    /// end (attach and fork add one, close takes one; the last close ends
+    /// the stream). A Queued region uses its own end's word.
+    pub const HOLDERS: usize = 48;
+}
+
+/// The holder count of end `side` (0 connector, 1 acceptor).
+pub fn holders(m: &Mapping, side: usize) -> &std::sync::atomic::AtomicU32 {
+    m.u32_at(hdr::HOLDERS + 4 * (side & 1))
 }
 
 /// Region kinds.

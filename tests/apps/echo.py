@@ -35,6 +35,37 @@ def server(portfile):
     print(f"OK served {total}", flush=True)
 
 
+def fserver(portfile):
+    """The same echo, fork-per-connection: the parent accepts, forks and
+    closes its copy at once; the child serves the connection."""
+    import os
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    with open(portfile + ".tmp", "w") as f:
+        f.write(str(ls.getsockname()[1]))
+    os.rename(portfile + ".tmp", portfile)
+    c, _ = ls.accept()
+    pid = os.fork()
+    if pid == 0:
+        ls.close()
+        total = 0
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            c.sendall(b)
+            total += len(b)
+        c.close()
+        print(f"OK served {total}", flush=True)
+        os._exit(0)
+    c.close()
+    _, status = os.waitpid(pid, 0)
+    ls.close()
+    raise SystemExit(0 if status == 0 else 1)
+
+
 def aserver(portfile):
     """The same echo as an asyncio (epoll, nonblocking) server."""
     import asyncio
@@ -101,6 +132,8 @@ def client(port, n):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         server(sys.argv[2])
+    elif sys.argv[1] == "fserver":
+        fserver(sys.argv[2])
     elif sys.argv[1] == "aserver":
         aserver(sys.argv[2])
     else:

@@ -154,3 +154,22 @@ fn an_event_loop_server_stays_on_kernel_tcp_until_epoll_is_intercepted() -> Resu
     ensure!(t["fallbacks"]["unsupported"] == 1, "totals {t}");
     Ok(())
 }
+
+#[test]
+fn a_forking_server_keeps_the_connection_after_the_parent_closes_its_copy() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    // Fork per connection (PostgreSQL's shape): the parent closes its copy
+    // right after fork. Only the last holder's close may end the stream,
+    // so the child's echo must complete and the client must see EOF after
+    // everything, on a Direct connection.
+    let d = Devd::start(&[])?;
+    let conn = echo_with(&d, "fserver", false, false, &[])?.context("no accelerated connection")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
+}

@@ -6,9 +6,11 @@
 //! This first version intercepts the blocking TCP calls: connect, listen,
 //! accept, accept4, read, recv, recvfrom, write, send, sendto, shutdown,
 //! close. A socket that is nonblocking at connect time stays on kernel TCP.
+//! After fork, both processes hold the accelerated socket (a holder count
+//! in the region): only the last close ends the stream.
 //! Not yet intercepted (issue 3 goes on): poll/select/epoll, readv/writev,
-//! recvmsg/sendmsg, dup/fcntl/ioctl, fork/exec, fd passing; a program that
-//! uses those on an accelerated socket is not supported yet.
+//! recvmsg/sendmsg, dup/fcntl/ioctl, exec, fd passing; a program that uses
+//! those on an accelerated socket is not supported yet.
 
 mod boundary;
 mod real;
@@ -275,6 +277,17 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         },
         real,
     )
+}
+
+/// pthread_atfork prepare handler (registered by `real`'s constructor).
+extern "C" fn before_fork() {
+    table::before_fork();
+}
+
+/// pthread_atfork child handler: the child stops using the parent's devd
+/// session.
+extern "C" fn after_fork_in_child() {
+    ssock_client::Session::after_fork_in_child();
 }
 
 fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {

@@ -75,6 +75,15 @@ pub fn get() -> &'static Real {
 
 extern "C" fn init() {
     get();
+    // SAFETY: registering a handler that lives for the whole program (a
+    // plain function); pthread_atfork has no other preconditions.
+    unsafe {
+        libc::pthread_atfork(
+            Some(crate::before_fork),
+            None,
+            Some(crate::after_fork_in_child),
+        );
+    }
 }
 
 /// Runs `init` when the library is loaded.

@@ -184,6 +184,11 @@ impl Sock {
         }
     }
 
+    /// The process forked; this is the child, which holds the socket too.
+    pub fn fork_hold(&mut self) {
+        self.transport.fork_hold();
+    }
+
     /// shutdown(2).
     pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Result<(), i32> {
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {

@@ -48,6 +48,22 @@ pub fn remove(fd: i32) -> Option<Entry> {
     t.get_mut(slot(fd)?).and_then(Option::take)
 }
 
+/// Just before fork, in the parent: every accelerated socket gets one more
+/// holder (the child-to-be), so neither process's close ends the other's
+/// stream. It must happen before fork returns anywhere: done in the child,
+/// it would race with the parent closing its copy right away. try-locks
+/// only: a socket another thread is using at that instant is skipped. (If
+/// fork fails, the extra hold stays: the last close then leaves the end to
+/// the peer's liveness check, which reports a reset instead of EOF.)
+pub fn before_fork() {
+    let Ok(t) = SOCKS.try_read() else { return };
+    for s in t.iter().flatten() {
+        if let Ok(mut s) = s.try_lock() {
+            s.fork_hold();
+        }
+    }
+}
+
 /// Records `fd` as a listener registered with devd.
 pub fn add_listener(fd: i32) {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());

@@ -5,13 +5,14 @@
 use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
-use ssock_rings::layout::{check_header, DirectLayout, RegionKind};
+use ssock_rings::layout::{check_header, holders, DirectLayout, RegionKind};
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Why a Direct attachment was refused.
@@ -32,6 +33,7 @@ pub enum AttachError {
 #[derive(Debug)]
 pub struct Direct {
     conn_id: u64,
+    map: Arc<Mapping>,
     side: Side,
     tx: Producer,
     rx: Consumer,
@@ -59,6 +61,8 @@ impl Direct {
         let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
         check_header(&map, RegionKind::Direct, a.conn_id, a.geom_a, 0)
             .map_err(AttachError::Layout)?;
+        // Relaxed: a count only (see `close`).
+        holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
         let bell = Arc::new(EventFd::from_owned(own));
         let peer = Arc::new(EventFd::from_owned(peer));
         let (out, inn) = match a.side {
@@ -68,6 +72,7 @@ impl Direct {
         Ok(Direct {
             conn_id: a.conn_id,
             side: a.side,
+            map: map.clone(),
             tx: Producer::new(map.clone(), layout, out, peer.clone()),
             rx: Consumer::new(map, layout, inn, peer),
             bell,
@@ -214,6 +219,13 @@ impl Transport for Direct {
         Some(self.conn_id)
     }
 
+    fn fork_hold(&mut self) {
+        if !self.closed {
+            // Relaxed: a count only; the fork itself orders the processes.
+            holders(&self.map, self.side as usize).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
         self.take(buf, ctx, true)
     }
@@ -259,6 +271,11 @@ impl Transport for Direct {
             return;
         }
         self.closed = true;
+        // AcqRel: this process's ring writes happen before a later holder's
+        // end-of-stream mark, and the last holder sees all of them.
+        if holders(&self.map, self.side as usize).fetch_sub(1, Ordering::AcqRel) > 1 {
+            return; // another process (after fork) still holds this end
+        }
         if !self.broken {
             self.tx.close();
             self.rx.close();

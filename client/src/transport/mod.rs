@@ -42,8 +42,13 @@ pub trait Transport: Send + std::fmt::Debug {
     fn write(&mut self, buf: &[u8], ctx: &Ctx<'_>) -> io::Result<usize>;
     /// No more writes: the peer reads what was sent, then end of stream.
     fn shutdown_write(&mut self, ctx: &Ctx<'_>) -> io::Result<()>;
-    /// Closes this end (orderly unless the connection is broken).
+    /// Closes this process's hold on this end. The last holder's close ends
+    /// the stream (orderly unless the connection is broken); an earlier one
+    /// only lets go.
     fn close(&mut self);
+    /// This process is about to fork: the child will hold this end too
+    /// (called in the parent, before fork).
+    fn fork_hold(&mut self) {}
 }
 
 pub(crate) fn reset_error() -> io::Error {

@@ -7,7 +7,9 @@ use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Trans
 use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
-use ssock_rings::layout::{check_header, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET};
+use ssock_rings::layout::{
+    check_header, holders, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET,
+};
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
@@ -57,6 +59,8 @@ impl Queued {
         let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
         check_header(&map, RegionKind::Queued, a.conn_id, a.geom_a, a.geom_b)
             .map_err(AttachError::Layout)?;
+        // Relaxed: a count only (see `close`).
+        holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
         let q = layout.qsize;
         let mut me = Queued {
             conn_id: a.conn_id,
@@ -257,6 +261,13 @@ impl Transport for Queued {
         Some(self.conn_id)
     }
 
+    fn fork_hold(&mut self) {
+        if !self.closed {
+            // Relaxed: a count only.
+            holders(&self.map, self.side as usize).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
         self.take(buf, ctx, true)
     }
@@ -332,6 +343,10 @@ impl Transport for Queued {
             return;
         }
         self.closed = true;
+        // AcqRel: see Direct::close.
+        if holders(&self.map, self.side as usize).fetch_sub(1, Ordering::AcqRel) > 1 {
+            return; // another process (after fork) still holds this end
+        }
         if !self.shut_wr && !self.broken {
             self.shut_wr = true;
             self.map

@@ -100,9 +100,36 @@ def aserver(portfile):
     asyncio.run(main())
 
 
-def client(port, n):
+def client(port, n, vec=False):
+    """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns."""
+    import os
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect(("127.0.0.1", port))
+    turn = 0
+
+    def send_all(data):
+        nonlocal turn
+        if not vec:
+            s.sendall(data)
+            return
+        while data:
+            half = len(data) // 2
+            parts = [data[:half], data[half:]]
+            turn += 1
+            k = s.sendmsg(parts) if turn % 2 else os.writev(s.fileno(), parts)
+            data = data[k:]
+
+    def recv_some():
+        nonlocal turn
+        if not vec:
+            return s.recv(65536)
+        turn += 1
+        if turn % 2:
+            return s.recvmsg(65536)[0]
+        a, b = bytearray(1000), bytearray(64536)
+        k = os.readv(s.fileno(), [a, b])
+        return (bytes(a) + bytes(b))[:k]
+
     chunk = 16384
     sent = got = 0
     block = pattern(chunk * 251)  # period 251*chunk bytes of the pattern
@@ -111,9 +138,9 @@ def client(port, n):
             k = min(chunk, n - sent)
             off = sent % len(block)
             data = (block + block)[off:off + k]
-            s.sendall(data)
+            send_all(data)
             sent += k
-        b = s.recv(65536)
+        b = recv_some()
         if not b:
             raise SystemExit(f"EOF after {got} bytes")
         off = got % len(block)
@@ -137,4 +164,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "aserver":
         aserver(sys.argv[2])
     else:
-        client(int(sys.argv[2]), int(sys.argv[3]))
+        client(int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "vec")

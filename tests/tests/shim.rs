@@ -68,7 +68,11 @@ fn echo_with(
     }
     let port = std::fs::read_to_string(&portfile)?;
     let n = "1000000";
-    let mut c = python(d, plain_client, &["client", port.trim(), n], env)?;
+    let mut cargs = vec!["client", port.trim(), n];
+    if env.iter().any(|(k, v)| *k == "ECHO_VEC" && *v == "1") {
+        cargs.push("vec");
+    }
+    let mut c = python(d, plain_client, &cargs, env)?;
     c.expect(&format!("OK echo {n}"))?;
     let conn = d.stats()?["connections"]
         .as_array()
@@ -166,6 +170,24 @@ fn a_forking_server_keeps_the_connection_after_the_parent_closes_its_copy() -> R
     // everything, on a Direct connection.
     let d = Devd::start(&[])?;
     let conn = echo_with(&d, "fserver", false, false, &[])?.context("no accelerated connection")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
+}
+
+#[test]
+fn vectored_calls_sendmsg_writev_recvmsg_readv_go_through_the_shim() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    // The client sends with sendmsg and writev and receives with recvmsg
+    // and readv, in turns; every echoed byte is verified, over Direct.
+    let d = Devd::start(&[])?;
+    let conn =
+        echo_pair(&d, false, false, &[("ECHO_VEC", "1")])?.context("no accelerated connection")?;
     ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
     ensure!(
         conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,

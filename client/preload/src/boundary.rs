@@ -60,6 +60,47 @@ pub unsafe fn buf<'a>(p: *const libc::c_void, len: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }
 }
 
+/// The buffers of an iovec array, as mutable slices (for readv/recvmsg).
+///
+/// # Safety
+/// `iov` must point at `n` iovecs, each valid for writes of its length
+/// (readv(2)'s contract), for the returned lifetime.
+pub unsafe fn iov_mut<'a>(iov: *const libc::iovec, n: libc::c_int) -> Vec<&'a mut [u8]> {
+    let n = usize::try_from(n).unwrap_or(0);
+    if iov.is_null() || n == 0 {
+        return Vec::new();
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts(iov, n) }
+        .iter()
+        // SAFETY: each iovec is the caller's writable buffer.
+        .map(|v| unsafe { buf_mut(v.iov_base, v.iov_len) })
+        .collect()
+}
+
+/// The buffers of an iovec array, as slices (for writev/sendmsg).
+///
+/// # Safety
+/// `iov` must point at `n` iovecs, each valid for reads of its length.
+pub unsafe fn iov<'a>(iov: *const libc::iovec, n: libc::c_int) -> Vec<&'a [u8]> {
+    let n = usize::try_from(n).unwrap_or(0);
+    if iov.is_null() || n == 0 {
+        return Vec::new();
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts(iov, n) }
+        .iter()
+        // SAFETY: each iovec is the caller's readable buffer.
+        .map(|v| unsafe { buf(v.iov_base, v.iov_len) })
+        .collect()
+}
+
+/// Aborts like glibc's fortify check when a `_chk` caller's length exceeds
+/// its buffer.
+pub fn chk_fail() -> ! {
+    std::process::abort()
+}
+
 /// An fd number the application passed, as a borrowed fd for this call.
 ///
 /// # Safety

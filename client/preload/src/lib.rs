@@ -4,12 +4,14 @@
 //! ssock-client), never in these functions.
 //!
 //! This first version intercepts the blocking TCP calls: connect, listen,
-//! accept, accept4, read, recv, recvfrom, write, send, sendto, shutdown,
-//! close. A socket that is nonblocking at connect time stays on kernel TCP.
+//! accept, accept4, read, recv, recvfrom, readv, recvmsg, write, send,
+//! sendto, writev, sendmsg, shutdown, close, and the fortified __read_chk,
+//! __recv_chk and __recvfrom_chk (all receives funnel into one path, all
+//! sends into another). A socket that is nonblocking at connect time stays on kernel TCP.
 //! After fork, both processes hold the accelerated socket (a holder count
 //! in the region): only the last close ends the stream.
-//! Not yet intercepted (issue 3 goes on): poll/select/epoll, readv/writev,
-//! recvmsg/sendmsg, dup/fcntl/ioctl, exec, fd passing; a program that uses
+//! Not yet intercepted (issue 3 goes on): poll/select/epoll, recvmmsg/
+//! sendmmsg, sendfile, dup/fcntl/ioctl, exec, fd passing; a program that uses
 //! those on an accelerated socket is not supported yet.
 
 mod boundary;
@@ -17,7 +19,7 @@ mod real;
 mod sock;
 mod table;
 
-use boundary::{borrow, buf, buf_mut, enter, set_errno, sockaddr};
+use boundary::{borrow, buf, buf_mut, chk_fail, enter, iov, iov_mut, set_errno, sockaddr};
 use libc::{c_int, c_void, size_t, sockaddr as SockAddr, socklen_t, ssize_t};
 
 fn fail<T: From<i8>>(e: i32) -> T {
@@ -178,6 +180,161 @@ pub unsafe extern "C" fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
             // SAFETY: b/n is the caller's buffer; fd is open.
             Some(s) => done(lock(&s).recv(unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0)),
             None => real(),
+        },
+        real,
+    )
+}
+
+/// readv(2).
+///
+/// # Safety
+/// The C contract of readv(2).
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().readv)(fd, v, n) };
+    enter(
+        || match table::get(fd) {
+            Some(s) => {
+                // SAFETY: v/n are the caller's iovecs (readv(2)); fd is open
+                // during this call.
+                let (fd_b, mut bufs) = unsafe { (borrow(fd), iov_mut(v, n)) };
+                done(lock(&s).recv_vec(fd_b, &mut bufs, 0))
+            }
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// recvmsg(2): no address and no ancillary data on a TCP stream.
+///
+/// # Safety
+/// The C contract of recvmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().recvmsg)(fd, msg, flags) };
+    enter(
+        || match (table::get(fd), msg.is_null()) {
+            (Some(_), true) => fail(libc::EFAULT),
+            (Some(s), false) => {
+                // SAFETY: msg is the caller's valid msghdr (recvmsg(2)).
+                let m = unsafe { &mut *msg };
+                let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                // SAFETY: its iovecs are the caller's buffers; fd is open.
+                let r = lock(&s).recv_vec(
+                    unsafe { borrow(fd) },
+                    &mut unsafe { iov_mut(m.msg_iov, n) },
+                    flags,
+                );
+                m.msg_namelen = 0;
+                m.msg_controllen = 0;
+                m.msg_flags = 0;
+                done(r)
+            }
+            (None, _) => real(),
+        },
+        real,
+    )
+}
+
+/// __read_chk: read(2) from fortified code.
+///
+/// # Safety
+/// The C contract of read(2); `buflen` is the buffer's real size.
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    b: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
+    if n > buflen {
+        chk_fail();
+    }
+    // SAFETY: same contract as read.
+    unsafe { read(fd, b, n) }
+}
+
+/// __recv_chk: recv(2) from fortified code.
+///
+/// # Safety
+/// The C contract of recv(2); `buflen` is the buffer's real size.
+#[no_mangle]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    b: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
+    if n > buflen {
+        chk_fail();
+    }
+    // SAFETY: same contract as recv.
+    unsafe { recv(fd, b, n, flags) }
+}
+
+/// __recvfrom_chk: recvfrom(2) from fortified code.
+///
+/// # Safety
+/// The C contract of recvfrom(2); `buflen` is the buffer's real size.
+#[no_mangle]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    b: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+    addr: *mut SockAddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    if n > buflen {
+        chk_fail();
+    }
+    // SAFETY: same contract as recvfrom.
+    unsafe { recvfrom(fd, b, n, flags, addr, alen) }
+}
+
+/// writev(2).
+///
+/// # Safety
+/// The C contract of writev(2).
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().writev)(fd, v, n) };
+    enter(
+        || match table::get(fd) {
+            // SAFETY: v/n are the caller's iovecs; fd is open.
+            Some(s) => done(lock(&s).send_vec(unsafe { borrow(fd) }, &unsafe { iov(v, n) }, 0)),
+            None => real(),
+        },
+        real,
+    )
+}
+
+/// sendmsg(2): the address and ancillary data are ignored on a connected
+/// TCP stream.
+///
+/// # Safety
+/// The C contract of sendmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().sendmsg)(fd, msg, flags) };
+    enter(
+        || match (table::get(fd), msg.is_null()) {
+            (Some(_), true) => fail(libc::EFAULT),
+            (Some(s), false) => {
+                // SAFETY: msg is the caller's valid msghdr (sendmsg(2)).
+                let m = unsafe { &*msg };
+                let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                // SAFETY: its iovecs are the caller's buffers; fd is open.
+                done(lock(&s).send_vec(unsafe { borrow(fd) }, &unsafe { iov(m.msg_iov, n) }, flags))
+            }
+            (None, _) => real(),
         },
         real,
     )

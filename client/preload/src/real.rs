@@ -28,6 +28,9 @@ type SendToFn = unsafe extern "C" fn(
     socklen_t,
 ) -> ssize_t;
 type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
+type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
+type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
 
 /// The resolved functions.
@@ -40,6 +43,10 @@ pub struct Real {
     pub recvfrom: RecvFromFn,
     pub sendto: SendToFn,
     pub shutdown: ShutdownFn,
+    pub readv: ReadvFn,
+    pub writev: ReadvFn,
+    pub recvmsg: RecvMsgFn,
+    pub sendmsg: SendMsgFn,
     pub close: CloseFn,
 }
 
@@ -67,6 +74,10 @@ pub fn get() -> &'static Real {
                 recvfrom: std::mem::transmute::<*mut c_void, RecvFromFn>(sym(c"recvfrom")),
                 sendto: std::mem::transmute::<*mut c_void, SendToFn>(sym(c"sendto")),
                 shutdown: std::mem::transmute::<*mut c_void, ShutdownFn>(sym(c"shutdown")),
+                readv: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"readv")),
+                writev: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"writev")),
+                recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),
+                sendmsg: std::mem::transmute::<*mut c_void, SendMsgFn>(sym(c"sendmsg")),
                 close: std::mem::transmute::<*mut c_void, CloseFn>(sym(c"close")),
             }
         }

@@ -169,6 +169,51 @@ impl Sock {
         }
     }
 
+    /// Receive into several buffers (readv, recvmsg): fills them in order,
+    /// like one recv into their concatenation.
+    pub fn recv_vec(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &mut [&mut [u8]],
+        flags: i32,
+    ) -> Result<usize, i32> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if bufs.len() == 1 || total == 0 {
+            return match bufs.first_mut() {
+                Some(b) => self.recv(fd, b, flags),
+                None => Ok(0),
+            };
+        }
+        // One receive into a bounce buffer keeps the semantics of a single
+        // call (one wait, MSG_PEEK, MSG_WAITALL) across the pieces.
+        let mut tmp = vec![0u8; total];
+        let n = self.recv(fd, &mut tmp, flags)?;
+        let mut off = 0;
+        for b in bufs.iter_mut() {
+            if off == n {
+                break;
+            }
+            let k = b.len().min(n - off);
+            b[..k].copy_from_slice(&tmp[off..off + k]);
+            off += k;
+        }
+        Ok(n)
+    }
+
+    /// Send several buffers (writev, sendmsg) as one stream write.
+    pub fn send_vec(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bufs: &[&[u8]],
+        flags: i32,
+    ) -> Result<usize, i32> {
+        match bufs {
+            [] => Ok(0),
+            [b] => self.send(fd, b, flags),
+            _ => self.send(fd, &bufs.concat(), flags),
+        }
+    }
+
     /// send(2) semantics; EPIPE raises SIGPIPE unless MSG_NOSIGNAL.
     pub fn send(&mut self, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
         let ctx = self.ctx(fd, flags & libc::MSG_DONTWAIT != 0);

@@ -353,6 +353,12 @@ impl Consumer {
             .store(self.n.suppressed, Ordering::Relaxed);
     }
 
+    /// The producer's marks as last published: (end of stream, reset).
+    pub fn marks(&self) -> (bool, bool) {
+        let f = self.flags();
+        (f & FLAG_EOS != 0, f & FLAG_RESET != 0)
+    }
+
     /// Whether a read would return something other than `Empty` right now.
     pub fn ready(&mut self) -> Result<bool, Violation> {
         Ok(self.readable()? > 0 || self.flags() & (FLAG_EOS | FLAG_RESET) != 0)

@@ -100,15 +100,28 @@ def aserver(portfile):
     asyncio.run(main())
 
 
-def client(port, n, vec=False):
-    """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns."""
+def client(port, n, vec=False, use_poll=False):
+    """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
+    use_poll: wait with poll(2) for POLLOUT before each send and POLLIN
+    before each receive (10 s timeout each)."""
     import os
+    import select
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect(("127.0.0.1", port))
     turn = 0
 
+    def wait(ev):
+        if not use_poll:
+            return
+        p = select.poll()
+        p.register(s.fileno(), ev)
+        got = p.poll(10000)
+        if not got or not got[0][1] & ev:
+            raise SystemExit(f"poll({ev}) timed out or failed: {got}")
+
     def send_all(data):
         nonlocal turn
+        wait(select.POLLOUT)
         if not vec:
             s.sendall(data)
             return
@@ -121,6 +134,7 @@ def client(port, n, vec=False):
 
     def recv_some():
         nonlocal turn
+        wait(select.POLLIN)
         if not vec:
             return s.recv(65536)
         turn += 1
@@ -164,4 +178,5 @@ if __name__ == "__main__":
     elif sys.argv[1] == "aserver":
         aserver(sys.argv[2])
     else:
-        client(int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "vec")
+        mode = sys.argv[4] if len(sys.argv) > 4 else ""
+        client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode == "poll")

@@ -72,6 +72,9 @@ fn echo_with(
     if env.iter().any(|(k, v)| *k == "ECHO_VEC" && *v == "1") {
         cargs.push("vec");
     }
+    if env.iter().any(|(k, v)| *k == "ECHO_POLL" && *v == "1") {
+        cargs.push("poll");
+    }
     let mut c = python(d, plain_client, &cargs, env)?;
     c.expect(&format!("OK echo {n}"))?;
     let conn = d.stats()?["connections"]
@@ -192,6 +195,45 @@ fn vectored_calls_sendmsg_writev_recvmsg_readv_go_through_the_shim() -> Result<(
     ensure!(
         conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
         "bytes {conn}"
+    );
+    Ok(())
+}
+
+#[test]
+fn poll_reports_ring_readiness_of_accelerated_sockets() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    // The client waits in poll(2) for POLLOUT before each send and POLLIN
+    // before each receive: on an accelerated socket only the shim can say
+    // so (the kernel socket carries no data), and a miss is a 10 s timeout
+    // that fails the client.
+    let d = Devd::start(&[])?;
+    let conn =
+        echo_pair(&d, false, false, &[("ECHO_POLL", "1")])?.context("no accelerated connection")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
+}
+
+#[test]
+fn poll_with_spinning_off_sleeps_and_is_woken_by_the_peer() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let env = [("ECHO_POLL", "1"), ("SSOCK_SPIN_US", "0")];
+    let conn = echo_pair(&d, false, false, &env)?.context("no accelerated connection")?;
+    ensure!(
+        conn["mode"] == "direct" && conn["bytes_a2c"] == 1_000_000,
+        "conn {conn}"
+    );
+    ensure!(
+        conn["notify_sent"].as_u64().unwrap_or(0) > 0,
+        "no wake-up was ever needed: {conn}"
     );
     Ok(())
 }

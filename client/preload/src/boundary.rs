@@ -95,6 +95,19 @@ pub unsafe fn iov<'a>(iov: *const libc::iovec, n: libc::c_int) -> Vec<&'a [u8]> 
         .collect()
 }
 
+/// The caller's pollfd array.
+///
+/// # Safety
+/// `p` must point at `n` pollfds valid for reads and writes (poll(2)).
+pub unsafe fn pollfds<'a>(p: *mut libc::pollfd, n: libc::nfds_t) -> &'a mut [libc::pollfd] {
+    let n = usize::try_from(n).unwrap_or(0);
+    if p.is_null() || n == 0 {
+        return &mut [];
+    }
+    // SAFETY: guaranteed by the caller (see above).
+    unsafe { std::slice::from_raw_parts_mut(p, n) }
+}
+
 /// Aborts like glibc's fortify check when a `_chk` caller's length exceeds
 /// its buffer.
 pub fn chk_fail() -> ! {

@@ -5,12 +5,12 @@
 //!
 //! This first version intercepts the blocking TCP calls: connect, listen,
 //! accept, accept4, read, recv, recvfrom, readv, recvmsg, write, send,
-//! sendto, writev, sendmsg, shutdown, close, and the fortified __read_chk,
+//! sendto, writev, sendmsg, shutdown, close, the fortified __read_chk,
 //! __recv_chk and __recvfrom_chk (all receives funnel into one path, all
-//! sends into another). A socket that is nonblocking at connect time stays on kernel TCP.
+//! sends into another), and poll/ppoll (wait.rs). A socket that is nonblocking at connect time stays on kernel TCP.
 //! After fork, both processes hold the accelerated socket (a holder count
 //! in the region): only the last close ends the stream.
-//! Not yet intercepted (issue 3 goes on): poll/select/epoll, recvmmsg/
+//! Not yet intercepted (issue 3 goes on): select/pselect, epoll, recvmmsg/
 //! sendmmsg, sendfile, dup/fcntl/ioctl, exec, fd passing; a program that uses
 //! those on an accelerated socket is not supported yet.
 
@@ -18,9 +18,11 @@ mod boundary;
 mod real;
 mod sock;
 mod table;
+mod wait;
 
-use boundary::{borrow, buf, buf_mut, chk_fail, enter, iov, iov_mut, set_errno, sockaddr};
+use boundary::{borrow, buf, buf_mut, chk_fail, enter, iov, iov_mut, pollfds, set_errno, sockaddr};
 use libc::{c_int, c_void, size_t, sockaddr as SockAddr, socklen_t, ssize_t};
+use std::time::Duration;
 
 fn fail<T: From<i8>>(e: i32) -> T {
     set_errno(e);
@@ -388,6 +390,91 @@ pub unsafe extern "C" fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_
             // SAFETY: b/n is the caller's data; fd is open.
             Some(s) => done(lock(&s).send(unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)),
             None => real(),
+        },
+        real,
+    )
+}
+
+/// libc's poll over a Rust slice.
+fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
+    let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+    // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
+    unsafe { (real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
+}
+
+/// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
+fn millis(d: Option<Duration>) -> c_int {
+    match d {
+        None => -1,
+        Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
+    }
+}
+
+/// poll(2).
+///
+/// # Safety
+/// The C contract of poll(2).
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().poll)(fds, n, timeout) };
+    enter(
+        || {
+            // SAFETY: fds/n is the caller's pollfd array (poll(2)).
+            let pfds = unsafe { pollfds(fds, n) };
+            let Some(socks) = wait::accelerated(pfds) else {
+                return real();
+            };
+            let t = u64::try_from(timeout).ok().map(Duration::from_millis);
+            wait::poll(pfds, &socks, t, &real_poll, &|set, rem| {
+                real_poll(set, millis(rem))
+            })
+        },
+        real,
+    )
+}
+
+/// ppoll(2).
+///
+/// # Safety
+/// The C contract of ppoll(2).
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    tmo: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().ppoll)(fds, n, tmo, mask) };
+    enter(
+        || {
+            // SAFETY: fds/n is the caller's pollfd array (ppoll(2)).
+            let pfds = unsafe { pollfds(fds, n) };
+            let Some(socks) = wait::accelerated(pfds) else {
+                return real();
+            };
+            // SAFETY: tmo is null or the caller's timespec (ppoll(2)).
+            let t = unsafe { tmo.as_ref() }.map(|t| {
+                Duration::new(
+                    u64::try_from(t.tv_sec).unwrap_or(0),
+                    u32::try_from(t.tv_nsec).unwrap_or(0),
+                )
+            });
+            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
+                let ts = rem.map(|d| libc::timespec {
+                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
+                });
+                let tp = ts
+                    .as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+                // SAFETY: set is a valid pollfd array of k entries; tp is
+                // null or a live timespec; mask is the caller's own.
+                unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+            };
+            wait::poll(pfds, &socks, t, &real_poll, &sleep)
         },
         real,
     )

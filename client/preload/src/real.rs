@@ -28,6 +28,13 @@ type SendToFn = unsafe extern "C" fn(
     socklen_t,
 ) -> ssize_t;
 type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type PollFn = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
+type PpollFn = unsafe extern "C" fn(
+    *mut libc::pollfd,
+    libc::nfds_t,
+    *const libc::timespec,
+    *const libc::sigset_t,
+) -> c_int;
 type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
 type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
 type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
@@ -43,6 +50,8 @@ pub struct Real {
     pub recvfrom: RecvFromFn,
     pub sendto: SendToFn,
     pub shutdown: ShutdownFn,
+    pub poll: PollFn,
+    pub ppoll: PpollFn,
     pub readv: ReadvFn,
     pub writev: ReadvFn,
     pub recvmsg: RecvMsgFn,
@@ -74,6 +83,8 @@ pub fn get() -> &'static Real {
                 recvfrom: std::mem::transmute::<*mut c_void, RecvFromFn>(sym(c"recvfrom")),
                 sendto: std::mem::transmute::<*mut c_void, SendToFn>(sym(c"sendto")),
                 shutdown: std::mem::transmute::<*mut c_void, ShutdownFn>(sym(c"shutdown")),
+                poll: std::mem::transmute::<*mut c_void, PollFn>(sym(c"poll")),
+                ppoll: std::mem::transmute::<*mut c_void, PpollFn>(sym(c"ppoll")),
                 readv: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"readv")),
                 writev: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"writev")),
                 recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),

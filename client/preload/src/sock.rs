@@ -6,7 +6,7 @@
 use ssock_client::negotiate::{
     accept_on, attach, connect_on, refuse_on, register_listener, Accepted, Outcome,
 };
-use ssock_client::transport::{Ctx, Transport};
+use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::FallbackReason;
 use ssock_client::{Options, Session};
 use std::io;
@@ -89,7 +89,7 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
 
 /// A socket accepted from a registered listener (`listener`): negotiate.
 ///
-/// Until poll/select/epoll are intercepted, a nonblocking listener or
+/// Until select and epoll are intercepted, a nonblocking listener or
 /// accepted socket (an event-loop server) is served on kernel TCP: the
 /// announced peer is told so (reason `unsupported`) instead of getting an
 /// accelerated socket that the server's epoll would never see readable.
@@ -232,6 +232,28 @@ impl Sock {
     /// The process forked; this is the child, which holds the socket too.
     pub fn fork_hold(&mut self) {
         self.transport.fork_hold();
+    }
+
+    /// The spin budget for waits on this socket.
+    pub fn spin(&self) -> Duration {
+        self.spin
+    }
+
+    /// Readiness for poll and friends.
+    pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
+        let ctx = self.ctx(fd, true);
+        self.transport.readiness(&ctx, check_peer)
+    }
+
+    /// Arms for a sleep; the fds to sleep on, or None if already ready.
+    pub fn arm(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(i32, i16)>> {
+        let ctx = self.ctx(fd, true);
+        self.transport.arm(&ctx, read, write)
+    }
+
+    /// Ends a sleep prepared by `arm`.
+    pub fn disarm(&mut self) {
+        self.transport.disarm();
     }
 
     /// shutdown(2).

@@ -2,7 +2,7 @@
 //! ring per direction. No syscall on a busy path; a blocked call spins for
 //! its budget, then sleeps on its eventfd and the kernel socket (liveness).
 
-use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
+use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{check_header, holders, DirectLayout, RegionKind};
@@ -217,6 +217,65 @@ impl Transport for Direct {
 
     fn conn_id(&self) -> Option<u64> {
         Some(self.conn_id)
+    }
+
+    fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
+        if check_peer {
+            self.check_peer(ctx);
+        }
+        if self.broken {
+            return Ready {
+                readable: true,
+                writable: true,
+                rdhup: true,
+                hup: true,
+                err: true,
+            };
+        }
+        let rx_ready = self.rx.ready().unwrap_or(true);
+        let (eos, reset) = self.rx.marks();
+        let data = self.rx.readable().unwrap_or(0) > 0;
+        let reader_gone = self.tx.peer_closed();
+        let writable = self.tx.is_closed()
+            || self.peer_gone
+            || reader_gone
+            || self.tx.writable().unwrap_or(1) > 0;
+        Ready {
+            readable: rx_ready || self.peer_gone,
+            writable,
+            rdhup: (eos && !data) || self.peer_gone,
+            hup: self.peer_gone || reset || (eos && reader_gone),
+            err: reset,
+        }
+    }
+
+    fn arm(
+        &mut self,
+        ctx: &Ctx<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<Vec<(std::os::fd::RawFd, i16)>> {
+        if self.broken {
+            return None;
+        }
+        if read && !self.rx.arm().unwrap_or(false) {
+            return None;
+        }
+        if write && !self.tx.arm().unwrap_or(false) {
+            self.rx.disarm();
+            return None;
+        }
+        let mut fds = vec![(self.bell.as_raw_fd(), libc::POLLIN)];
+        if !self.peer_gone {
+            fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
+        }
+        Some(fds)
+    }
+
+    fn disarm(&mut self) {
+        self.rx.disarm();
+        self.tx.disarm();
+        self.bell.drain();
     }
 
     fn fork_hold(&mut self) {

@@ -27,6 +27,49 @@ pub struct Ctx<'a> {
     pub spin: Duration,
 }
 
+/// Readiness of a connection in poll(2) terms.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// A read would not block (data, end of stream, or an error to report).
+    pub readable: bool,
+    /// A write would not block (room, or an error to report).
+    pub writable: bool,
+    /// The peer shut down its writing side (POLLRDHUP).
+    pub rdhup: bool,
+    /// The connection is over in both directions (POLLHUP).
+    pub hup: bool,
+    /// The connection was reset (POLLERR).
+    pub err: bool,
+}
+
+impl Ready {
+    /// poll(2) revents for a request of `events`.
+    pub fn revents(self, events: i16) -> i16 {
+        let mut r = 0;
+        if self.readable {
+            r |= events & (libc::POLLIN | libc::POLLRDNORM);
+        }
+        if self.writable {
+            r |= events & (libc::POLLOUT | libc::POLLWRNORM);
+        }
+        if self.rdhup {
+            r |= events & libc::POLLRDHUP;
+        }
+        if self.hup {
+            r |= libc::POLLHUP;
+        }
+        if self.err {
+            r |= libc::POLLERR;
+        }
+        r
+    }
+
+    /// Whether anything is reported for `events`.
+    pub fn any(self, events: i16) -> bool {
+        self.revents(events) != 0
+    }
+}
+
 /// One way of moving a stream's bytes.
 pub trait Transport: Send + std::fmt::Debug {
     /// Which mode this is.
@@ -49,6 +92,32 @@ pub trait Transport: Send + std::fmt::Debug {
     /// This process is about to fork: the child will hold this end too
     /// (called in the parent, before fork).
     fn fork_hold(&mut self) {}
+    /// Readiness now, from the rings alone (no syscall): what poll and
+    /// friends report. `check_peer` also asks the kernel socket, without
+    /// blocking, whether the peer is gone (one syscall).
+    fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
+        let _ = (ctx, check_peer);
+        Ready {
+            readable: true,
+            writable: true,
+            ..Ready::default()
+        }
+    }
+    /// Prepares to sleep until the wanted readiness may have changed: arms
+    /// the rings' wait words and returns the fds (and poll events) whose
+    /// readiness wakes this side. None: something became ready meanwhile,
+    /// do not sleep (and nothing stays armed).
+    fn arm(
+        &mut self,
+        ctx: &Ctx<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<Vec<(std::os::fd::RawFd, i16)>> {
+        let _ = (ctx, read, write);
+        None
+    }
+    /// Ends a sleep prepared by `arm` (idempotent).
+    fn disarm(&mut self) {}
 }
 
 pub(crate) fn reset_error() -> io::Error {

@@ -3,7 +3,7 @@
 //! to the peer. A blocked call spins on the used ring for its budget, then
 //! sleeps on the call eventfd (devd only rings it when asked: used_event).
 
-use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Transport};
+use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
 use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
@@ -259,6 +259,61 @@ impl Transport for Queued {
 
     fn conn_id(&self) -> Option<u64> {
         Some(self.conn_id)
+    }
+
+    fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
+        if check_peer && !self.peer_gone && liveness(ctx.tcp) == Liveness::Gone {
+            self.peer_gone = true;
+        }
+        let f = self.rx_flags();
+        if self.broken || f & FLAG_RESET != 0 {
+            return Ready {
+                readable: true,
+                writable: true,
+                rdhup: true,
+                hup: true,
+                err: true,
+            };
+        }
+        let data = self.rx_cur.is_some() || self.rx.has_used();
+        let eos = f & FLAG_EOS != 0;
+        Ready {
+            readable: data || eos,
+            writable: self.shut_wr
+                || self.peer_gone
+                || !self.free_tx.is_empty()
+                || self.tx.has_used(),
+            rdhup: eos && !data,
+            hup: self.peer_gone && eos && !data,
+            err: false,
+        }
+    }
+
+    fn arm(
+        &mut self,
+        ctx: &Ctx<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<Vec<(std::os::fd::RawFd, i16)>> {
+        if self.broken {
+            return None;
+        }
+        if read && (!self.rx.arm() || self.rx_flags() != 0 || self.rx_cur.is_some()) {
+            return None;
+        }
+        if write && (!self.tx.arm() || !self.free_tx.is_empty()) {
+            return None;
+        }
+        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
+        let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (devd, 0)];
+        if !self.peer_gone {
+            fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
+        }
+        Some(fds)
+    }
+
+    fn disarm(&mut self) {
+        self.call.drain();
     }
 
     fn fork_hold(&mut self) {

@@ -1,0 +1,162 @@
+//! poll(2)/ppoll(2) over a mix of kernel fds and accelerated sockets:
+//! accelerated sockets report ring readiness; a blocked call scans, spins
+//! for the sockets' budget, then arms their rings and sleeps in the real
+//! poll on their doorbell and liveness fds plus the kernel fds, and scans
+//! again when woken. Kernel semantics: a count of ready entries, 0 on
+//! timeout, -1/EINTR when a signal interrupts the sleep.
+
+use crate::boundary::borrow;
+use crate::sock::Sock;
+use crate::table;
+use libc::{c_int, pollfd};
+use ssock_rings::notify::spin_until;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+type Entry = Arc<Mutex<Sock>>;
+
+fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The accelerated sockets among `pfds` (None: kernel fd), or None if
+/// there is none (the caller then hands the whole call to libc).
+pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Entry>>> {
+    let socks: Vec<Option<Entry>> = pfds.iter().map(|p| table::get(p.fd)).collect();
+    socks.iter().any(Option::is_some).then_some(socks)
+}
+
+/// Fills revents; returns the number of entries with something to report.
+fn scan(
+    pfds: &mut [pollfd],
+    socks: &[Option<Entry>],
+    check_peer: bool,
+    real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
+) -> c_int {
+    let mut kernel: Vec<pollfd> = Vec::new();
+    let mut n = 0;
+    for (p, s) in pfds.iter_mut().zip(socks) {
+        p.revents = 0;
+        match s {
+            Some(s) => {
+                // SAFETY: p.fd is an fd the application is polling, open for
+                // the duration of its poll call.
+                let r = lock(s).readiness(unsafe { borrow(p.fd) }, check_peer);
+                p.revents = r.revents(p.events);
+                if p.revents != 0 {
+                    n += 1;
+                }
+            }
+            None if p.fd >= 0 => kernel.push(pollfd {
+                fd: p.fd,
+                events: p.events,
+                revents: 0,
+            }),
+            None => {}
+        }
+    }
+    if !kernel.is_empty() && real_poll(&mut kernel, 0) > 0 {
+        let mut k = kernel.iter();
+        for (p, s) in pfds.iter_mut().zip(socks) {
+            if s.is_none() && p.fd >= 0 {
+                if let Some(kp) = k.next() {
+                    p.revents = kp.revents;
+                    if kp.revents != 0 {
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    n
+}
+
+/// Runs a poll over `pfds`, whose accelerated sockets are `socks`.
+/// `real_poll(set, timeout_ms)` is libc's poll; `sleep(set, remaining)` is
+/// the blocking call (poll or ppoll with the caller's signal mask).
+pub fn poll(
+    pfds: &mut [pollfd],
+    socks: &[Option<Entry>],
+    timeout: Option<Duration>,
+    real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
+    sleep: &dyn Fn(&mut [pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let spin = socks
+        .iter()
+        .flatten()
+        .next()
+        .map(|s| lock(s).spin())
+        .unwrap_or_default();
+    let mut spun = false;
+    loop {
+        let n = scan(pfds, socks, true, real_poll);
+        if n > 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+            return n;
+        }
+        if !spun {
+            spun = true;
+            let ready = || {
+                let any = pfds.iter().zip(socks).any(|(p, s)| {
+                    s.as_ref().is_some_and(|s| {
+                        // SAFETY: as in `scan`.
+                        let fd = unsafe { borrow(p.fd) };
+                        lock(s).readiness(fd, false).any(p.events)
+                    })
+                });
+                any.then_some(())
+            };
+            if spin_until(spin, ready).is_some() {
+                continue;
+            }
+        }
+        let mut set: Vec<pollfd> = Vec::new();
+        let mut armed: Vec<&Entry> = Vec::new();
+        let mut ready_meanwhile = false;
+        for (p, s) in pfds.iter().zip(socks) {
+            match s {
+                None if p.fd >= 0 => set.push(pollfd {
+                    fd: p.fd,
+                    events: p.events,
+                    revents: 0,
+                }),
+                None => {}
+                Some(s) => {
+                    let read = p.events & (libc::POLLIN | libc::POLLRDNORM | libc::POLLRDHUP) != 0;
+                    let write = p.events & (libc::POLLOUT | libc::POLLWRNORM) != 0;
+                    // SAFETY: as in `scan`.
+                    match lock(s).arm(unsafe { borrow(p.fd) }, read, write) {
+                        Some(fds) => {
+                            armed.push(s);
+                            set.extend(fds.into_iter().map(|(fd, events)| pollfd {
+                                fd,
+                                events,
+                                revents: 0,
+                            }));
+                        }
+                        None => {
+                            ready_meanwhile = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let r = if ready_meanwhile {
+            0
+        } else {
+            sleep(
+                &mut set,
+                deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            )
+        };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        for s in armed {
+            lock(s).disarm();
+        }
+        if r < 0 {
+            crate::boundary::set_errno(errno);
+            return -1;
+        }
+    }
+}

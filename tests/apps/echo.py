@@ -100,7 +100,7 @@ def aserver(portfile):
     asyncio.run(main())
 
 
-def client(port, n, vec=False, use_poll=False):
+def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False):
     """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
     use_poll: wait with poll(2) for POLLOUT before each send and POLLIN
     before each receive (10 s timeout each)."""
@@ -108,9 +108,20 @@ def client(port, n, vec=False, use_poll=False):
     import select
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect(("127.0.0.1", port))
+    if use_dup:
+        # Go on with a duplicate; closing the original must not end the stream.
+        d = s.dup()
+        s.close()
+        s = d
     turn = 0
 
     def wait(ev):
+        if use_select:
+            want_r = ev == select.POLLIN
+            r, w, _ = select.select([s] if want_r else [], [] if want_r else [s], [], 10)
+            if not (r or w):
+                raise SystemExit(f"select({ev}) timed out")
+            return
         if not use_poll:
             return
         p = select.poll()
@@ -179,4 +190,5 @@ if __name__ == "__main__":
         aserver(sys.argv[2])
     else:
         mode = sys.argv[4] if len(sys.argv) > 4 else ""
-        client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode == "poll")
+        client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode == "poll",
+               mode == "select", mode == "dup")

@@ -72,6 +72,9 @@ fn echo_with(
     if env.iter().any(|(k, v)| *k == "ECHO_VEC" && *v == "1") {
         cargs.push("vec");
     }
+    if let Some((_, mode)) = env.iter().find(|(k, _)| *k == "ECHO_MODE") {
+        cargs.push(mode);
+    }
     if env.iter().any(|(k, v)| *k == "ECHO_POLL" && *v == "1") {
         cargs.push("poll");
     }
@@ -236,4 +239,32 @@ fn poll_with_spinning_off_sleeps_and_is_woken_by_the_peer() -> Result<()> {
         "no wake-up was ever needed: {conn}"
     );
     Ok(())
+}
+
+fn echo_mode_is_direct(mode: &str) -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let conn = echo_pair(&d, false, false, &[("ECHO_MODE", mode)])?
+        .context("no accelerated connection")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
+}
+
+#[test]
+fn select_reports_ring_readiness_of_accelerated_sockets() -> Result<()> {
+    // select.select before every send and receive; a miss times out (10 s).
+    echo_mode_is_direct("select")
+}
+
+#[test]
+fn a_dup_names_the_same_socket_and_closing_the_original_keeps_it() -> Result<()> {
+    // The client dups its socket, closes the original, and runs the whole
+    // echo on the duplicate.
+    echo_mode_is_direct("dup")
 }

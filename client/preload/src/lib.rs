@@ -7,11 +7,12 @@
 //! accept, accept4, read, recv, recvfrom, readv, recvmsg, write, send,
 //! sendto, writev, sendmsg, shutdown, close, the fortified __read_chk,
 //! __recv_chk and __recvfrom_chk (all receives funnel into one path, all
-//! sends into another), and poll/ppoll (wait.rs). A socket that is nonblocking at connect time stays on kernel TCP.
+//! sends into another), poll/ppoll/select/pselect (wait.rs), and
+//! dup/dup2/dup3/fcntl(F_DUPFD) (a duplicate names the same socket). A socket that is nonblocking at connect time stays on kernel TCP.
 //! After fork, both processes hold the accelerated socket (a holder count
 //! in the region): only the last close ends the stream.
-//! Not yet intercepted (issue 3 goes on): select/pselect, epoll, recvmmsg/
-//! sendmmsg, sendfile, dup/fcntl/ioctl, exec, fd passing; a program that uses
+//! Not yet intercepted (issue 3 goes on): epoll, recvmmsg/
+//! sendmmsg, sendfile, ioctl, exec, fd passing; a program that uses
 //! those on an accelerated socket is not supported yet.
 
 mod boundary;
@@ -478,6 +479,233 @@ pub unsafe extern "C" fn ppoll(
         },
         real,
     )
+}
+
+/// Runs select/pselect through the poll path when an accelerated socket is
+/// among the sets; None: hand the call to libc.
+///
+/// # Safety
+/// The fd_set pointers are null or the caller's sets, valid for `nfds` fds.
+unsafe fn select_via_poll(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: Option<Duration>,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> Option<c_int> {
+    let nfds = nfds.clamp(0, c_int::try_from(libc::FD_SETSIZE).unwrap_or(1024));
+    // SAFETY: each set is null or valid for nfds fds (caller).
+    let isset =
+        |set: *mut libc::fd_set, fd: c_int| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
+    let mut pfds = Vec::new();
+    for fd in 0..nfds {
+        let mut ev = 0;
+        if isset(r, fd) {
+            ev |= libc::POLLIN;
+        }
+        if isset(w, fd) {
+            ev |= libc::POLLOUT;
+        }
+        if isset(e, fd) {
+            ev |= libc::POLLPRI;
+        }
+        if ev != 0 {
+            pfds.push(libc::pollfd {
+                fd,
+                events: ev,
+                revents: 0,
+            });
+        }
+    }
+    let socks = wait::accelerated(&pfds)?;
+    let n = wait::poll(&mut pfds, &socks, timeout, &real_poll, sleep);
+    if n < 0 {
+        return Some(-1);
+    }
+    for set in [r, w, e] {
+        if !set.is_null() {
+            // SAFETY: set is the caller's fd_set.
+            unsafe { libc::FD_ZERO(set) };
+        }
+    }
+    let mut count = 0;
+    for p in &pfds {
+        let bits = [
+            (
+                r,
+                p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+            ),
+            (w, p.revents & (libc::POLLOUT | libc::POLLERR) != 0),
+            (e, p.revents & libc::POLLPRI != 0),
+        ];
+        for (set, on) in bits {
+            if on && !set.is_null() {
+                // SAFETY: set is the caller's fd_set and p.fd < nfds <= FD_SETSIZE.
+                unsafe { libc::FD_SET(p.fd, set) };
+                count += 1;
+            }
+        }
+    }
+    Some(count)
+}
+
+/// select(2). The timeout is left as the caller passed it.
+///
+/// # Safety
+/// The C contract of select(2).
+#[no_mangle]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tv: *mut libc::timeval,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().select)(nfds, r, w, e, tv) };
+    enter(
+        || {
+            // SAFETY: tv is null or the caller's timeval (select(2)).
+            let t = unsafe { tv.as_ref() }.map(|t| {
+                Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+            });
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| real_poll(set, millis(rem));
+            // SAFETY: the sets are the caller's (select(2)).
+            unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// pselect(2).
+///
+/// # Safety
+/// The C contract of pselect(2).
+#[no_mangle]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tmo: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().pselect)(nfds, r, w, e, tmo, mask) };
+    enter(
+        || {
+            // SAFETY: tmo is null or the caller's timespec (pselect(2)).
+            let t = unsafe { tmo.as_ref() }.map(|t| {
+                Duration::new(
+                    u64::try_from(t.tv_sec).unwrap_or(0),
+                    u32::try_from(t.tv_nsec).unwrap_or(0),
+                )
+            });
+            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
+                let ts = rem.map(|d| libc::timespec {
+                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
+                });
+                let tp = ts
+                    .as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+                // SAFETY: set is a valid pollfd array of k entries; tp is
+                // null or a live timespec; mask is the caller's own.
+                unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+            };
+            // SAFETY: the sets are the caller's (pselect(2)).
+            unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// After a successful dup onto `new`: `new` names `old`'s socket, or, if
+/// `old` is not accelerated, no longer names the socket it may have named.
+fn duplicated(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && new != old {
+        match table::get(old) {
+            Some(_) => table::duplicate(old, new),
+            None => drop(table::remove(new)),
+        }
+    }
+    new
+}
+
+/// dup(2).
+///
+/// # Safety
+/// The C contract of dup(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().dup)(fd) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// dup2(2).
+///
+/// # Safety
+/// The C contract of dup2(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().dup2)(fd, new) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// dup3(2).
+///
+/// # Safety
+/// The C contract of dup3(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().dup3)(fd, new, flags) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// fcntl(2): F_DUPFD and F_DUPFD_CLOEXEC duplicate an accelerated socket;
+/// every other command goes to the kernel socket (O_NONBLOCK set there is
+/// what the shim reads).
+///
+/// fcntl is variadic and stable Rust cannot define variadic functions.
+/// Its optional argument is one int or pointer, which the x86_64 SysV ABI
+/// passes in the same register for variadic and fixed calls (devd and the
+/// rings are x86_64-only too), so `arg` receives it; for commands without
+/// one it holds whatever the register held and is passed on unused.
+///
+/// # Safety
+/// The C contract of fcntl(2).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc's fcntl.
+    let real = || unsafe { (real::get().fcntl)(fd, cmd, arg) };
+    enter(
+        || {
+            let r = real();
+            if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+                duplicated(fd, r)
+            } else {
+                r
+            }
+        },
+        real,
+    )
+}
+
+/// fcntl64: glibc's large-file name for fcntl.
+///
+/// # Safety
+/// The C contract of fcntl(2).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
+    // SAFETY: same contract as fcntl.
+    unsafe { fcntl(fd, cmd, arg) }
 }
 
 /// shutdown(2).

@@ -35,6 +35,25 @@ type PpollFn = unsafe extern "C" fn(
     *const libc::timespec,
     *const libc::sigset_t,
 ) -> c_int;
+type SelectFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::timeval,
+) -> c_int;
+type PselectFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *const libc::timespec,
+    *const libc::sigset_t,
+) -> c_int;
+type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
 type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
 type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
@@ -52,6 +71,12 @@ pub struct Real {
     pub shutdown: ShutdownFn,
     pub poll: PollFn,
     pub ppoll: PpollFn,
+    pub select: SelectFn,
+    pub pselect: PselectFn,
+    pub dup: DupFn,
+    pub dup2: Dup2Fn,
+    pub dup3: Dup3Fn,
+    pub fcntl: FcntlFn,
     pub readv: ReadvFn,
     pub writev: ReadvFn,
     pub recvmsg: RecvMsgFn,
@@ -85,6 +110,12 @@ pub fn get() -> &'static Real {
                 shutdown: std::mem::transmute::<*mut c_void, ShutdownFn>(sym(c"shutdown")),
                 poll: std::mem::transmute::<*mut c_void, PollFn>(sym(c"poll")),
                 ppoll: std::mem::transmute::<*mut c_void, PpollFn>(sym(c"ppoll")),
+                select: std::mem::transmute::<*mut c_void, SelectFn>(sym(c"select")),
+                pselect: std::mem::transmute::<*mut c_void, PselectFn>(sym(c"pselect")),
+                dup: std::mem::transmute::<*mut c_void, DupFn>(sym(c"dup")),
+                dup2: std::mem::transmute::<*mut c_void, Dup2Fn>(sym(c"dup2")),
+                dup3: std::mem::transmute::<*mut c_void, Dup3Fn>(sym(c"dup3")),
+                fcntl: std::mem::transmute::<*mut c_void, FcntlFn>(sym(c"fcntl")),
                 readv: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"readv")),
                 writev: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"writev")),
                 recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),
@@ -112,3 +143,6 @@ extern "C" fn init() {
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("libssock's fixed-argument fcntl relies on the x86_64 SysV calling convention");

@@ -89,7 +89,7 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
 
 /// A socket accepted from a registered listener (`listener`): negotiate.
 ///
-/// Until select and epoll are intercepted, a nonblocking listener or
+/// Until epoll is intercepted, a nonblocking listener or
 /// accepted socket (an event-loop server) is served on kernel TCP: the
 /// announced peer is told so (reason `unsupported`) instead of getting an
 /// accelerated socket that the server's epoll would never see readable.

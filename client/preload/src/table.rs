@@ -39,6 +39,19 @@ pub fn insert(fd: i32, s: Sock) {
     ANY.store(true, Ordering::Relaxed);
 }
 
+/// `new` is a duplicate of `old` (dup, dup2, dup3, F_DUPFD): both name the
+/// same socket, which lets go when the last of its fds closes.
+pub fn duplicate(old: i32, new: i32) {
+    if let Some(e) = get(old) {
+        let Some(i) = slot(new) else { return };
+        let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
+        if t.len() <= i {
+            t.resize(i + 1, None);
+        }
+        t[i] = Some(e);
+    }
+}
+
 /// Forgets `fd` (it is being closed); returns its socket.
 pub fn remove(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {

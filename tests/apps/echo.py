@@ -100,7 +100,7 @@ def aserver(portfile):
     asyncio.run(main())
 
 
-def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False):
+def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, fionread=False):
     """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
     use_poll: wait with poll(2) for POLLOUT before each send and POLLIN
     before each receive (10 s timeout each)."""
@@ -146,6 +146,18 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False):
     def recv_some():
         nonlocal turn
         wait(select.POLLIN)
+        if fionread:
+            import array
+            import fcntl
+            import termios
+            cnt = array.array("i", [0])
+            fcntl.ioctl(s.fileno(), termios.FIONREAD, cnt, True)
+            if cnt[0] <= 0:
+                raise SystemExit(f"FIONREAD says {cnt[0]} after POLLIN")
+            b = s.recv(cnt[0])
+            if len(b) != cnt[0]:
+                raise SystemExit(f"recv gave {len(b)} of {cnt[0]} announced bytes")
+            return b
         if not vec:
             return s.recv(65536)
         turn += 1
@@ -190,5 +202,5 @@ if __name__ == "__main__":
         aserver(sys.argv[2])
     else:
         mode = sys.argv[4] if len(sys.argv) > 4 else ""
-        client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode == "poll",
-               mode == "select", mode == "dup")
+        client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode in ("poll", "fionread"),
+               mode == "select", mode == "dup", mode == "fionread")

@@ -268,3 +268,10 @@ fn a_dup_names_the_same_socket_and_closing_the_original_keeps_it() -> Result<()>
     // echo on the duplicate.
     echo_mode_is_direct("dup")
 }
+
+#[test]
+fn fionread_reports_the_bytes_waiting_in_the_ring() -> Result<()> {
+    // After POLLIN, FIONREAD must count the ring's bytes (the kernel socket
+    // holds none) and a recv of that many must return them.
+    echo_mode_is_direct("fionread")
+}

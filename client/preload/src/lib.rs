@@ -11,8 +11,9 @@
 //! dup/dup2/dup3/fcntl(F_DUPFD) (a duplicate names the same socket). A socket that is nonblocking at connect time stays on kernel TCP.
 //! After fork, both processes hold the accelerated socket (a holder count
 //! in the region): only the last close ends the stream.
+//! ioctl answers FIONREAD and SIOCOUTQ from the rings.
 //! Not yet intercepted (issue 3 goes on): epoll, recvmmsg/
-//! sendmmsg, sendfile, ioctl, exec, fd passing; a program that uses
+//! sendmmsg, sendfile, exec, fd passing; a program that uses
 //! those on an accelerated socket is not supported yet.
 
 mod boundary;
@@ -693,6 +694,40 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_in
             } else {
                 r
             }
+        },
+        real,
+    )
+}
+
+/// ioctl(2): FIONREAD and SIOCOUTQ report an accelerated socket's ring;
+/// everything else (FIONBIO included: it sets O_NONBLOCK on the kernel
+/// socket, which is what the shim reads) goes to the kernel socket. Same
+/// fixed-argument convention as `fcntl`.
+///
+/// # Safety
+/// The C contract of ioctl(2).
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc's ioctl.
+    let real = || unsafe { (real::get().ioctl)(fd, req, arg) };
+    enter(
+        || {
+            let which = match req {
+                libc::FIONREAD => 0,
+                libc::TIOCOUTQ => 1,
+                _ => return real(),
+            };
+            let Some(s) = table::get(fd) else {
+                return real();
+            };
+            if arg.is_null() {
+                return fail(libc::EFAULT);
+            }
+            let (unread, unsent) = lock(&s).pending();
+            let v = if which == 0 { unread } else { unsent };
+            // SAFETY: for FIONREAD/SIOCOUTQ, arg is the caller's int* (ioctl(2)).
+            unsafe { *arg.cast::<c_int>() = c_int::try_from(v).unwrap_or(c_int::MAX) };
+            0
         },
         real,
     )

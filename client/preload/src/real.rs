@@ -54,6 +54,7 @@ type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+type IoctlFn = unsafe extern "C" fn(c_int, libc::c_ulong, ...) -> c_int;
 type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
 type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
 type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
@@ -77,6 +78,7 @@ pub struct Real {
     pub dup2: Dup2Fn,
     pub dup3: Dup3Fn,
     pub fcntl: FcntlFn,
+    pub ioctl: IoctlFn,
     pub readv: ReadvFn,
     pub writev: ReadvFn,
     pub recvmsg: RecvMsgFn,
@@ -116,6 +118,7 @@ pub fn get() -> &'static Real {
                 dup2: std::mem::transmute::<*mut c_void, Dup2Fn>(sym(c"dup2")),
                 dup3: std::mem::transmute::<*mut c_void, Dup3Fn>(sym(c"dup3")),
                 fcntl: std::mem::transmute::<*mut c_void, FcntlFn>(sym(c"fcntl")),
+                ioctl: std::mem::transmute::<*mut c_void, IoctlFn>(sym(c"ioctl")),
                 readv: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"readv")),
                 writev: std::mem::transmute::<*mut c_void, ReadvFn>(sym(c"writev")),
                 recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),

@@ -234,6 +234,11 @@ impl Sock {
         self.transport.fork_hold();
     }
 
+    /// (unread, unsent) bytes, for FIONREAD and SIOCOUTQ.
+    pub fn pending(&mut self) -> (usize, usize) {
+        self.transport.pending()
+    }
+
     /// The spin budget for waits on this socket.
     pub fn spin(&self) -> Duration {
         self.spin

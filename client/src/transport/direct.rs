@@ -272,6 +272,12 @@ impl Transport for Direct {
         Some(fds)
     }
 
+    fn pending(&mut self) -> (usize, usize) {
+        let unread = self.rx.readable().unwrap_or(0);
+        let unsent = self.tx.unconsumed().map_or(0, ssock_rings::idx);
+        (unread, unsent)
+    }
+
     fn disarm(&mut self) {
         self.rx.disarm();
         self.tx.disarm();

@@ -118,6 +118,11 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Ends a sleep prepared by `arm` (idempotent).
     fn disarm(&mut self) {}
+    /// (bytes ready to read, bytes written but not yet taken by the peer),
+    /// as far as this side can tell: FIONREAD and SIOCOUTQ.
+    fn pending(&mut self) -> (usize, usize) {
+        (0, 0)
+    }
 }
 
 pub(crate) fn reset_error() -> io::Error {

@@ -30,6 +30,9 @@ pub struct Queued {
     tx: QueueDriver,
     rx: QueueDriver,
     free_tx: Vec<u16>,
+    /// Bytes posted in each TX slot, and their sum while in flight.
+    tx_len: Vec<usize>,
+    tx_inflight: usize,
     rx_cur: Option<(u16, usize, usize)>,
     kick: EventFd,
     call: EventFd,
@@ -70,6 +73,8 @@ impl Queued {
             map,
             layout,
             free_tx: (0..q).rev().collect(),
+            tx_len: vec![0; usize::from(q)],
+            tx_inflight: 0,
             rx_cur: None,
             kick: EventFd::from_owned(kick),
             call: EventFd::from_owned(call),
@@ -316,6 +321,18 @@ impl Transport for Queued {
         self.call.drain();
     }
 
+    fn pending(&mut self) -> (usize, usize) {
+        // Only the RX buffer being read is known without popping the used
+        // ring; bytes in devd's engine are not visible from here.
+        let unread = self.rx_cur.map_or(0, |(_, len, off)| len - off);
+        let slot = self.slot_u32();
+        while let Ok(Some((id, _))) = self.tx.pop_used(slot) {
+            self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
+            self.free_tx.push(id);
+        }
+        (unread, self.tx_inflight)
+    }
+
     fn fork_hold(&mut self) {
         if !self.closed {
             // Relaxed: a count only.
@@ -343,6 +360,7 @@ impl Transport for Queued {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };
             }
             while let Some((id, _)) = self.tx.pop_used(slot).map_err(|v| self.violation(v))? {
+                self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
                 self.free_tx.push(id);
             }
             let mut posted = false;
@@ -358,6 +376,8 @@ impl Transport for Queued {
                     0,
                 );
                 self.counters[0] += n as u64;
+                self.tx_len[usize::from(id)] = n;
+                self.tx_inflight += n;
                 off += n;
                 posted = true;
             }

@@ -258,6 +258,7 @@ fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Dura
         nonblocking,
         deadline: timeout.map(|t| Instant::now() + t),
         spin,
+        check_peer: true,
     }
 }
 

@@ -66,6 +66,49 @@ def fserver(portfile):
     raise SystemExit(0 if status == 0 else 1)
 
 
+def threaded_client(port, n):
+    """A writer thread sends while the main thread reads the echo (full
+    duplex on one socket), then a reader thread blocked in recv must be
+    woken by the main thread's shutdown(SHUT_RD), as the kernel does."""
+    import threading
+    import time
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect(("127.0.0.1", port))
+    data = pattern(n)
+
+    def writer():
+        for off in range(0, n, 65536):
+            s.sendall(data[off:off + 65536])
+
+    w = threading.Thread(target=writer)
+    w.start()
+    got = bytearray()
+    while len(got) < n:
+        b = s.recv(65536)
+        if not b:
+            raise SystemExit(f"EOF after {len(got)} bytes")
+        got += b
+    w.join()
+    if bytes(got) != data:
+        raise SystemExit("corrupt echo")
+    print(f"OK echo {len(got)}", flush=True)
+    result = {}
+
+    def blocked_reader():
+        result["b"] = s.recv(1)
+
+    r = threading.Thread(target=blocked_reader)
+    r.start()
+    time.sleep(0.3)
+    s.shutdown(socket.SHUT_RD)
+    r.join(5)
+    if r.is_alive() or result.get("b") != b"":
+        raise SystemExit(f"shutdown(SHUT_RD) did not wake the blocked reader: {result}")
+    sys.stdin.readline()
+    s.shutdown(socket.SHUT_WR)
+    s.close()
+
+
 def aserver(portfile):
     """The same echo as an asyncio (epoll, nonblocking) server."""
     import asyncio
@@ -202,5 +245,8 @@ if __name__ == "__main__":
         aserver(sys.argv[2])
     else:
         mode = sys.argv[4] if len(sys.argv) > 4 else ""
+        if mode == "threads":
+            threaded_client(int(sys.argv[2]), int(sys.argv[3]))
+            raise SystemExit(0)
         client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode in ("poll", "fionread"),
                mode == "select", mode == "dup", mode == "fionread")

@@ -17,6 +17,7 @@
 //! those on an accelerated socket is not supported yet.
 
 mod boundary;
+mod io;
 mod real;
 mod sock;
 mod table;
@@ -58,7 +59,11 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_
                     table::insert(fd, s);
                     0
                 }
-                Some(Ok(None)) => 0,
+                Some(Ok(None)) => {
+                    // A plain connection: no stale entry may name this fd.
+                    drop(table::remove(fd));
+                    0
+                }
                 Some(Err(e)) => fail(e),
             }
         },
@@ -103,7 +108,13 @@ pub unsafe extern "C" fn accept4(
     enter(
         || loop {
             let m = real();
-            if m < 0 || !table::is_listener(fd) {
+            if m < 0 {
+                return m;
+            }
+            if !table::is_listener(fd) {
+                // A new fd: an entry under its number is stale (its socket
+                // was closed by a path the shim does not see).
+                drop(table::remove(m));
                 return m;
             }
             // SAFETY: m was just returned by accept4 and is open; fd is the
@@ -113,7 +124,10 @@ pub unsafe extern "C" fn accept4(
                     table::insert(m, s);
                     return m;
                 }
-                Ok(None) => return m,
+                Ok(None) => {
+                    drop(table::remove(m));
+                    return m;
+                }
                 Err(()) => {
                     // An announced peer that sent no valid Hello cannot be
                     // served: drop it and take the next connection.
@@ -154,7 +168,12 @@ pub unsafe extern "C" fn recvfrom(
     enter(
         || match table::get(fd) {
             // SAFETY: b/n is the caller's receive buffer; fd is open.
-            Some(s) => done(lock(&s).recv(unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, flags)),
+            Some(s) => done(io::recv(
+                &s,
+                unsafe { borrow(fd) },
+                unsafe { buf_mut(b, n) },
+                flags,
+            )),
             None => real(),
         },
         real,
@@ -182,7 +201,12 @@ pub unsafe extern "C" fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
     enter(
         || match table::get(fd) {
             // SAFETY: b/n is the caller's buffer; fd is open.
-            Some(s) => done(lock(&s).recv(unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0)),
+            Some(s) => done(io::recv(
+                &s,
+                unsafe { borrow(fd) },
+                unsafe { buf_mut(b, n) },
+                0,
+            )),
             None => real(),
         },
         real,
@@ -199,11 +223,12 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
     let real = || unsafe { (real::get().readv)(fd, v, n) };
     enter(
         || match table::get(fd) {
+            Some(_) if n < 0 => fail(libc::EINVAL),
             Some(s) => {
                 // SAFETY: v/n are the caller's iovecs (readv(2)); fd is open
                 // during this call.
                 let (fd_b, mut bufs) = unsafe { (borrow(fd), iov_mut(v, n)) };
-                done(lock(&s).recv_vec(fd_b, &mut bufs, 0))
+                done(io::recv_vec(&s, fd_b, &mut bufs, 0))
             }
             None => real(),
         },
@@ -227,7 +252,8 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
                 let m = unsafe { &mut *msg };
                 let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
                 // SAFETY: its iovecs are the caller's buffers; fd is open.
-                let r = lock(&s).recv_vec(
+                let r = io::recv_vec(
+                    &s,
                     unsafe { borrow(fd) },
                     &mut unsafe { iov_mut(m.msg_iov, n) },
                     flags,
@@ -311,8 +337,14 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
     let real = || unsafe { (real::get().writev)(fd, v, n) };
     enter(
         || match table::get(fd) {
+            Some(_) if n < 0 => fail(libc::EINVAL),
             // SAFETY: v/n are the caller's iovecs; fd is open.
-            Some(s) => done(lock(&s).send_vec(unsafe { borrow(fd) }, &unsafe { iov(v, n) }, 0)),
+            Some(s) => done(io::send_vec(
+                &s,
+                unsafe { borrow(fd) },
+                &unsafe { iov(v, n) },
+                0,
+            )),
             None => real(),
         },
         real,
@@ -336,7 +368,12 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
                 let m = unsafe { &*msg };
                 let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
                 // SAFETY: its iovecs are the caller's buffers; fd is open.
-                done(lock(&s).send_vec(unsafe { borrow(fd) }, &unsafe { iov(m.msg_iov, n) }, flags))
+                done(io::send_vec(
+                    &s,
+                    unsafe { borrow(fd) },
+                    &unsafe { iov(m.msg_iov, n) },
+                    flags,
+                ))
             }
             (None, _) => real(),
         },
@@ -362,7 +399,12 @@ pub unsafe extern "C" fn sendto(
     enter(
         || match table::get(fd) {
             // SAFETY: b/n is the caller's data; fd is open.
-            Some(s) => done(lock(&s).send(unsafe { borrow(fd) }, unsafe { buf(b, n) }, flags)),
+            Some(s) => done(io::send(
+                &s,
+                unsafe { borrow(fd) },
+                unsafe { buf(b, n) },
+                flags,
+            )),
             None => real(),
         },
         real,
@@ -390,26 +432,11 @@ pub unsafe extern "C" fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_
     enter(
         || match table::get(fd) {
             // SAFETY: b/n is the caller's data; fd is open.
-            Some(s) => done(lock(&s).send(unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)),
+            Some(s) => done(io::send(&s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)),
             None => real(),
         },
         real,
     )
-}
-
-/// libc's poll over a Rust slice.
-fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
-    let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
-    // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
-    unsafe { (real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
-}
-
-/// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
-fn millis(d: Option<Duration>) -> c_int {
-    match d {
-        None => -1,
-        Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
-    }
 }
 
 /// poll(2).
@@ -428,12 +455,55 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
                 return real();
             };
             let t = u64::try_from(timeout).ok().map(Duration::from_millis);
-            wait::poll(pfds, &socks, t, &real_poll, &|set, rem| {
-                real_poll(set, millis(rem))
+            wait::poll(pfds, &socks, t, &wait::real_poll, &|set, rem| {
+                wait::real_poll(set, wait::millis(rem))
             })
         },
         real,
     )
+}
+
+/// __poll_chk: poll(2) from fortified code.
+///
+/// # Safety
+/// The C contract of poll(2); `fdslen` is the array's real size in bytes.
+#[no_mangle]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    timeout: c_int,
+    fdslen: size_t,
+) -> c_int {
+    let need = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(std::mem::size_of::<libc::pollfd>());
+    if need > fdslen {
+        chk_fail();
+    }
+    // SAFETY: same contract as poll.
+    unsafe { poll(fds, n, timeout) }
+}
+
+/// __ppoll_chk: ppoll(2) from fortified code.
+///
+/// # Safety
+/// The C contract of ppoll(2); `fdslen` is the array's real size in bytes.
+#[no_mangle]
+pub unsafe extern "C" fn __ppoll_chk(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    tmo: *const libc::timespec,
+    mask: *const libc::sigset_t,
+    fdslen: size_t,
+) -> c_int {
+    let need = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(std::mem::size_of::<libc::pollfd>());
+    if need > fdslen {
+        chk_fail();
+    }
+    // SAFETY: same contract as ppoll.
+    unsafe { ppoll(fds, n, tmo, mask) }
 }
 
 /// ppoll(2).
@@ -476,7 +546,7 @@ pub unsafe extern "C" fn ppoll(
                 // null or a live timespec; mask is the caller's own.
                 unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
             };
-            wait::poll(pfds, &socks, t, &real_poll, &sleep)
+            wait::poll(pfds, &socks, t, &wait::real_poll, &sleep)
         },
         real,
     )
@@ -520,25 +590,41 @@ unsafe fn select_via_poll(
         }
     }
     let socks = wait::accelerated(&pfds)?;
-    let n = wait::poll(&mut pfds, &socks, timeout, &real_poll, sleep);
+    let n = wait::poll(&mut pfds, &socks, timeout, &wait::real_poll, sleep);
     if n < 0 {
         return Some(-1);
     }
+    // Clear the caller's bits below nfds only: its fd_set may be sized for
+    // nfds, not for FD_SETSIZE.
     for set in [r, w, e] {
-        if !set.is_null() {
-            // SAFETY: set is the caller's fd_set.
-            unsafe { libc::FD_ZERO(set) };
+        if set.is_null() {
+            continue;
+        }
+        for fd in 0..nfds {
+            // SAFETY: set is the caller's fd_set, valid for nfds fds.
+            unsafe { libc::FD_CLR(fd, set) };
         }
     }
     let mut count = 0;
+    if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
+        set_errno(libc::EBADF);
+        return Some(-1);
+    }
     for p in &pfds {
+        // Only in the sets the fd was asked for (its events say which).
+        let asked_r = p.events & libc::POLLIN != 0;
+        let asked_w = p.events & libc::POLLOUT != 0;
+        let asked_e = p.events & libc::POLLPRI != 0;
         let bits = [
             (
                 r,
-                p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+                asked_r && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
             ),
-            (w, p.revents & (libc::POLLOUT | libc::POLLERR) != 0),
-            (e, p.revents & libc::POLLPRI != 0),
+            (
+                w,
+                asked_w && p.revents & (libc::POLLOUT | libc::POLLERR) != 0,
+            ),
+            (e, asked_e && p.revents & libc::POLLPRI != 0),
         ];
         for (set, on) in bits {
             if on && !set.is_null() {
@@ -572,8 +658,9 @@ pub unsafe extern "C" fn select(
                 Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
                     + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
             });
-            let sleep =
-                |set: &mut [libc::pollfd], rem: Option<Duration>| real_poll(set, millis(rem));
+            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
+                wait::real_poll(set, wait::millis(rem))
+            };
             // SAFETY: the sets are the caller's (select(2)).
             unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
         },

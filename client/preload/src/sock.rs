@@ -45,7 +45,7 @@ fn session() -> Option<Arc<Session>> {
     }
 }
 
-fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
     ssock_rings::sys::get_nonblocking(fd).unwrap_or(false)
 }
 
@@ -134,102 +134,62 @@ pub fn unlisten(fd: BorrowedFd<'_>) {
 }
 
 impl Sock {
-    fn ctx<'a>(&self, fd: BorrowedFd<'a>, dontwait: bool) -> Ctx<'a> {
+    /// A context for one non-blocking transport call: blocking waits
+    /// happen in `io`, outside the socket's lock.
+    fn ctx<'a>(&self, fd: BorrowedFd<'a>) -> Ctx<'a> {
         Ctx {
             tcp: fd,
-            nonblocking: dontwait || is_nonblocking(fd),
+            nonblocking: true,
             deadline: None,
             spin: self.spin,
+            check_peer: false,
         }
     }
 
-    /// recv(2) semantics: MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
+    /// One non-blocking receive (MSG_PEEK honoured): Ok(0) is end of
+    /// stream, Err(EAGAIN) means nothing yet.
+    pub fn recv_now(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+        peek: bool,
+    ) -> Result<usize, i32> {
         if self.read_shut || buf.is_empty() {
             return Ok(0);
         }
-        let ctx = self.ctx(fd, flags & libc::MSG_DONTWAIT != 0);
-        if flags & libc::MSG_PEEK != 0 {
-            return self.transport.peek(buf, &ctx).map_err(|e| errno(&e));
-        }
-        let mut got = 0;
-        loop {
-            match self.transport.read(&mut buf[got..], &ctx) {
-                Ok(0) => return Ok(got),
-                Ok(n) => got += n,
-                Err(e) if got > 0 => {
-                    let _ = e;
-                    return Ok(got);
-                }
-                Err(e) => return Err(errno(&e)),
-            }
-            if flags & libc::MSG_WAITALL == 0 || got == buf.len() {
-                return Ok(got);
-            }
-        }
+        let ctx = self.ctx(fd);
+        let r = if peek {
+            self.transport.peek(buf, &ctx)
+        } else {
+            self.transport.read(buf, &ctx)
+        };
+        r.map_err(|e| errno(&e))
     }
 
-    /// Receive into several buffers (readv, recvmsg): fills them in order,
-    /// like one recv into their concatenation.
-    pub fn recv_vec(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        bufs: &mut [&mut [u8]],
-        flags: i32,
-    ) -> Result<usize, i32> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if bufs.len() == 1 || total == 0 {
-            return match bufs.first_mut() {
-                Some(b) => self.recv(fd, b, flags),
-                None => Ok(0),
-            };
-        }
-        // One receive into a bounce buffer keeps the semantics of a single
-        // call (one wait, MSG_PEEK, MSG_WAITALL) across the pieces.
-        let mut tmp = vec![0u8; total];
-        let n = self.recv(fd, &mut tmp, flags)?;
-        let mut off = 0;
-        for b in bufs.iter_mut() {
-            if off == n {
-                break;
-            }
-            let k = b.len().min(n - off);
-            b[..k].copy_from_slice(&tmp[off..off + k]);
-            off += k;
-        }
-        Ok(n)
+    /// One non-blocking send: how much went, or Err(EAGAIN) if none could.
+    pub fn send_now(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, i32> {
+        let ctx = self.ctx(fd);
+        self.transport.write(buf, &ctx).map_err(|e| errno(&e))
     }
 
-    /// Send several buffers (writev, sendmsg) as one stream write.
-    pub fn send_vec(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        bufs: &[&[u8]],
-        flags: i32,
-    ) -> Result<usize, i32> {
-        match bufs {
-            [] => Ok(0),
-            [b] => self.send(fd, b, flags),
-            _ => self.send(fd, &bufs.concat(), flags),
+    /// shutdown(2) on the transport.
+    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Result<(), i32> {
+        if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
+            return Err(libc::EINVAL);
         }
+        if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
+            self.read_shut = true;
+        }
+        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+            let ctx = self.ctx(fd);
+            self.transport.shutdown_write(&ctx).map_err(|e| errno(&e))?;
+        }
+        // A thread blocked on this socket re-checks, and sees the change.
+        self.transport.wake_self();
+        Ok(())
     }
 
-    /// send(2) semantics; EPIPE raises SIGPIPE unless MSG_NOSIGNAL.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
-        let ctx = self.ctx(fd, flags & libc::MSG_DONTWAIT != 0);
-        match self.transport.write(buf, &ctx) {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                let n = errno(&e);
-                if n == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
-                    ssock_rings::sys::raise_sigpipe();
-                }
-                Err(n)
-            }
-        }
-    }
-
-    /// The process forked; this is the child, which holds the socket too.
+    /// The process is about to fork; the child will hold the socket too.
     pub fn fork_hold(&mut self) {
         self.transport.fork_hold();
     }
@@ -246,30 +206,23 @@ impl Sock {
 
     /// Readiness for poll and friends.
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
-        let ctx = self.ctx(fd, true);
-        self.transport.readiness(&ctx, check_peer)
+        let ctx = self.ctx(fd);
+        let mut r = self.transport.readiness(&ctx, check_peer);
+        if self.read_shut {
+            // After SHUT_RD a read returns 0 at once.
+            r.readable = true;
+        }
+        r
     }
 
     /// Arms for a sleep; the fds to sleep on, or None if already ready.
     pub fn arm(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(i32, i16)>> {
-        let ctx = self.ctx(fd, true);
+        let ctx = self.ctx(fd);
         self.transport.arm(&ctx, read, write)
     }
 
     /// Ends a sleep prepared by `arm`.
     pub fn disarm(&mut self) {
         self.transport.disarm();
-    }
-
-    /// shutdown(2).
-    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Result<(), i32> {
-        if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
-            self.read_shut = true;
-        }
-        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-            let ctx = self.ctx(fd, false);
-            self.transport.shutdown_write(&ctx).map_err(|e| errno(&e))?;
-        }
-        Ok(())
     }
 }

@@ -15,6 +15,21 @@ use std::time::{Duration, Instant};
 
 type Entry = Arc<Mutex<Sock>>;
 
+/// libc's poll over a Rust slice.
+pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
+    let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+    // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
+    unsafe { (crate::real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
+}
+
+/// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
+pub fn millis(d: Option<Duration>) -> c_int {
+    match d {
+        None => -1,
+        Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
+    }
+}
+
 fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -144,7 +144,9 @@ impl Direct {
 
     fn wait_readable(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         if ctx.nonblocking {
-            self.check_peer(ctx);
+            if ctx.check_peer {
+                self.check_peer(ctx);
+            }
             return if self.peer_gone {
                 Ok(())
             } else {
@@ -272,6 +274,10 @@ impl Transport for Direct {
         Some(fds)
     }
 
+    fn wake_self(&self) {
+        let _ = self.bell.notify();
+    }
+
     fn pending(&mut self) -> (usize, usize) {
         let unread = self.rx.readable().unwrap_or(0);
         let unsent = self.tx.unconsumed().map_or(0, ssock_rings::idx);
@@ -313,12 +319,16 @@ impl Transport for Direct {
                 return Ok(off);
             }
             if ctx.nonblocking {
-                self.check_peer(ctx);
+                if ctx.check_peer {
+                    self.check_peer(ctx);
+                }
                 return if off > 0 { Ok(off) } else { Err(would_block()) };
             }
             match self.wait_writable(ctx) {
                 Ok(()) => {}
-                Err(e) if off > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(off),
+                // Like the kernel: a call that moved bytes reports them, even
+                // when a signal or a timeout ends it.
+                Err(_) if off > 0 => return Ok(off),
                 Err(e) => return Err(e),
             }
         }

@@ -25,6 +25,10 @@ pub struct Ctx<'a> {
     pub deadline: Option<Instant>,
     /// Spin budget before sleeping.
     pub spin: Duration,
+    /// Whether a nonblocking call that finds nothing asks the kernel socket
+    /// (one syscall) whether the peer is gone. Off for callers that wait
+    /// through `readiness(.., true)` next anyway (the preload shim).
+    pub check_peer: bool,
 }
 
 /// Readiness of a connection in poll(2) terms.
@@ -118,6 +122,8 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Ends a sleep prepared by `arm` (idempotent).
     fn disarm(&mut self) {}
+    /// Wakes this end's own sleepers (another thread shut the socket down).
+    fn wake_self(&self) {}
     /// (bytes ready to read, bytes written but not yet taken by the peer),
     /// as far as this side can tell: FIONREAD and SIOCOUTQ.
     fn pending(&mut self) -> (usize, usize) {

@@ -321,6 +321,10 @@ impl Transport for Queued {
         self.call.drain();
     }
 
+    fn wake_self(&self) {
+        let _ = self.call.notify();
+    }
+
     fn pending(&mut self) -> (usize, usize) {
         // Only the RX buffer being read is known without popping the used
         // ring; bytes in devd's engine are not visible from here.
@@ -388,14 +392,15 @@ impl Transport for Queued {
                 return Ok(off);
             }
             if ctx.nonblocking {
-                if liveness(ctx.tcp) == Liveness::Gone {
+                if ctx.check_peer && liveness(ctx.tcp) == Liveness::Gone {
                     self.peer_gone = true;
                 }
                 return if off > 0 { Ok(off) } else { Err(would_block()) };
             }
             match self.wait_tx(ctx) {
                 Ok(()) => {}
-                Err(e) if off > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok(off),
+                // A call that moved bytes reports them (EINTR, timeout).
+                Err(_) if off > 0 => return Ok(off),
                 Err(e) => return Err(e),
             }
         }

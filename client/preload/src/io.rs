@@ -1,0 +1,144 @@
+//! Blocking receive and send with the kernel's semantics, built from
+//! non-blocking transport calls made under the socket's lock and waits
+//! made outside it (through the poll path, on this one fd). Holding the
+//! lock only for a non-blocking call lets a reader thread and a writer
+//! thread share a socket, and lets another thread's shutdown reach a
+//! blocked reader.
+
+use crate::sock::{is_nonblocking, Sock};
+use crate::wait;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+type Entry = Arc<Mutex<Sock>>;
+
+fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits until `fd` reports `events` (or an error/hangup); Err(errno) if a
+/// signal interrupts the wait.
+fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16) -> Result<(), i32> {
+    let mut p = [libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }];
+    let socks = [Some(e.clone())];
+    let r = wait::poll(&mut p, &socks, None, &wait::real_poll, &|set, rem| {
+        wait::real_poll(set, wait::millis(rem))
+    });
+    if r < 0 {
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINTR))
+    } else {
+        Ok(())
+    }
+}
+
+/// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL.
+pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
+    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
+    let peek = flags & libc::MSG_PEEK != 0;
+    let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+    let mut got = 0;
+    loop {
+        let r = lock(e).recv_now(fd, &mut buf[got..], peek);
+        match r {
+            Ok(0) => return Ok(got),
+            Ok(n) => {
+                got += n;
+                if !waitall || got == buf.len() {
+                    return Ok(got);
+                }
+            }
+            Err(libc::EAGAIN) => {}
+            Err(x) => return if got > 0 { Ok(got) } else { Err(x) },
+        }
+        if nonblocking {
+            // An application polling without poll(2) must still learn that
+            // the peer is gone: ask the kernel socket once.
+            let ready = lock(e).readiness(fd, true);
+            if ready.readable {
+                continue;
+            }
+            return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
+        }
+        if let Err(x) = wait_for(e, fd, libc::POLLIN) {
+            return if got > 0 { Ok(got) } else { Err(x) };
+        }
+    }
+}
+
+/// send(2): all of `buf` when blocking; EPIPE raises SIGPIPE unless
+/// MSG_NOSIGNAL; a call that moved bytes reports them.
+pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
+    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
+    let mut off = 0;
+    loop {
+        let r = lock(e).send_now(fd, &buf[off..]);
+        match r {
+            Ok(n) => {
+                off += n;
+                if off == buf.len() {
+                    return Ok(off);
+                }
+            }
+            Err(libc::EAGAIN) => {}
+            Err(x) => {
+                if off > 0 {
+                    return Ok(off);
+                }
+                if x == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
+                    ssock_rings::sys::raise_sigpipe();
+                }
+                return Err(x);
+            }
+        }
+        if nonblocking {
+            return if off > 0 { Ok(off) } else { Err(libc::EAGAIN) };
+        }
+        if let Err(x) = wait_for(e, fd, libc::POLLOUT) {
+            return if off > 0 { Ok(off) } else { Err(x) };
+        }
+    }
+}
+
+/// Receive into several buffers (readv, recvmsg): like one recv into their
+/// concatenation (one wait, one MSG_PEEK or MSG_WAITALL across them).
+pub fn recv_vec(
+    e: &Entry,
+    fd: BorrowedFd<'_>,
+    bufs: &mut [&mut [u8]],
+    flags: i32,
+) -> Result<usize, i32> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if let [b] = bufs {
+        return recv(e, fd, b, flags);
+    }
+    if total == 0 {
+        return Ok(0);
+    }
+    let mut tmp = vec![0u8; total];
+    let n = recv(e, fd, &mut tmp, flags)?;
+    let mut off = 0;
+    for b in bufs.iter_mut() {
+        if off == n {
+            break;
+        }
+        let k = b.len().min(n - off);
+        b[..k].copy_from_slice(&tmp[off..off + k]);
+        off += k;
+    }
+    Ok(n)
+}
+
+/// Send several buffers (writev, sendmsg) as one stream write.
+pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Result<usize, i32> {
+    match bufs {
+        [] => Ok(0),
+        [b] => send(e, fd, b, flags),
+        _ => send(e, fd, &bufs.concat(), flags),
+    }
+}

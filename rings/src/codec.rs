@@ -16,7 +16,7 @@ pub const CTL_VERSION: u16 = 2;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 6;
 const HDR: usize = 12;
 
 /// Why a received frame was refused.
@@ -199,7 +199,9 @@ impl Side {
 }
 
 /// Everything a process needs to use its end of an accelerated connection.
-/// Direct carries fds [region, own eventfd, peer eventfd]; Queued carries
+/// Direct carries fds [region, own read doorbell, own write doorbell, peer
+/// read doorbell, peer write doorbell] (a producer rings the consumer's read
+/// doorbell, a consumer the producer's write doorbell); Queued carries
 /// [region, kick eventfd (client -> devd), call eventfd (devd -> client)].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attachment {
@@ -598,6 +600,7 @@ impl Response {
     /// Number of fds that travel with this response.
     pub fn fd_count(&self) -> usize {
         match self {
+            Response::Attached(a) if a.mode == Mode::Direct => 5,
             Response::Attached(_) => 3,
             _ => 0,
         }

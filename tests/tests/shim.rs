@@ -275,3 +275,13 @@ fn fionread_reports_the_bytes_waiting_in_the_ring() -> Result<()> {
     // holds none) and a recv of that many must return them.
     echo_mode_is_direct("fionread")
 }
+
+#[test]
+fn two_threads_share_a_socket_full_duplex_and_shutdown_wakes_a_blocked_reader() -> Result<()> {
+    // A writer thread and a reading thread on one accelerated socket must
+    // not block each other (the shim holds a socket's lock only for
+    // non-blocking steps, and readers and writers sleep on separate
+    // doorbells), and shutdown(SHUT_RD) from another thread must wake a
+    // reader blocked in recv, as on kernel TCP.
+    echo_mode_is_direct("threads")
+}

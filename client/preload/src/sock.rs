@@ -221,8 +221,8 @@ impl Sock {
         self.transport.arm(&ctx, read, write)
     }
 
-    /// Ends a sleep prepared by `arm`.
-    pub fn disarm(&mut self) {
-        self.transport.disarm();
+    /// Ends a sleep prepared by `arm(read, write)`.
+    pub fn disarm(&mut self, read: bool, write: bool) {
+        self.transport.disarm(read, write);
     }
 }

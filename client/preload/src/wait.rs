@@ -126,7 +126,7 @@ pub fn poll(
             }
         }
         let mut set: Vec<pollfd> = Vec::new();
-        let mut armed: Vec<&Entry> = Vec::new();
+        let mut armed: Vec<(&Entry, bool, bool)> = Vec::new();
         let mut ready_meanwhile = false;
         for (p, s) in pfds.iter().zip(socks) {
             match s {
@@ -142,7 +142,7 @@ pub fn poll(
                     // SAFETY: as in `scan`.
                     match lock(s).arm(unsafe { borrow(p.fd) }, read, write) {
                         Some(fds) => {
-                            armed.push(s);
+                            armed.push((s, read, write));
                             set.extend(fds.into_iter().map(|(fd, events)| pollfd {
                                 fd,
                                 events,
@@ -166,8 +166,8 @@ pub fn poll(
             )
         };
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        for s in armed {
-            lock(s).disarm();
+        for (s, read, write) in armed {
+            lock(s).disarm(read, write);
         }
         if r < 0 {
             crate::boundary::set_errno(errno);

@@ -37,7 +37,10 @@ pub struct Direct {
     side: Side,
     tx: Producer,
     rx: Consumer,
-    bell: Arc<EventFd>,
+    /// Own doorbells: rung when data arrives (readers sleep on it) and when
+    /// space frees up (writers sleep on it).
+    rbell: Arc<EventFd>,
+    wbell: Arc<EventFd>,
     session: Option<Arc<Session>>,
     peer_gone: bool,
     broken: bool,
@@ -52,7 +55,7 @@ impl Direct {
         fds: Vec<OwnedFd>,
         session: Option<Arc<Session>>,
     ) -> Result<Direct, AttachError> {
-        let [region, own, peer]: [OwnedFd; 3] = fds
+        let [region, own_r, own_w, peer_r, peer_w]: [OwnedFd; 5] = fds
             .try_into()
             .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
         let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
@@ -63,8 +66,11 @@ impl Direct {
             .map_err(AttachError::Layout)?;
         // Relaxed: a count only (see `close`).
         holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
-        let bell = Arc::new(EventFd::from_owned(own));
-        let peer = Arc::new(EventFd::from_owned(peer));
+        let rbell = Arc::new(EventFd::from_owned(own_r));
+        let wbell = Arc::new(EventFd::from_owned(own_w));
+        // Our producer wakes the peer's readers, our consumer its writers.
+        let peer_r = Arc::new(EventFd::from_owned(peer_r));
+        let peer_w = Arc::new(EventFd::from_owned(peer_w));
         let (out, inn) = match a.side {
             Side::Connector => (0, 1),
             Side::Acceptor => (1, 0),
@@ -73,9 +79,10 @@ impl Direct {
             conn_id: a.conn_id,
             side: a.side,
             map: map.clone(),
-            tx: Producer::new(map.clone(), layout, out, peer.clone()),
-            rx: Consumer::new(map, layout, inn, peer),
-            bell,
+            tx: Producer::new(map.clone(), layout, out, peer_r),
+            rx: Consumer::new(map, layout, inn, peer_w),
+            rbell,
+            wbell,
             session,
             peer_gone: false,
             broken: false,
@@ -122,15 +129,20 @@ impl Direct {
 
     /// Sleeps until the bell rings, the peer's socket changes, or the
     /// deadline passes (EWOULDBLOCK).
-    fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+    fn sleep(&mut self, ctx: &Ctx<'_>, write: bool) -> io::Result<()> {
+        let bell = if write {
+            self.wbell.clone()
+        } else {
+            self.rbell.clone()
+        };
         let mut fds = [
-            PollFd::new(self.bell.as_raw_fd(), libc::POLLIN),
+            PollFd::new(bell.as_raw_fd(), libc::POLLIN),
             PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
         ];
         let n = if self.peer_gone { 1 } else { 2 };
         let woke = sleep(&mut fds[..n], ctx.deadline)?;
         if fds[0].revents != 0 {
-            self.bell.drain();
+            bell.drain();
         }
         if n == 2 && fds[1].revents != 0 {
             self.check_peer(ctx);
@@ -160,7 +172,7 @@ impl Direct {
         if !self.rx.arm().map_err(|v| self.violation(v))? {
             return Ok(());
         }
-        let r = self.sleep(ctx);
+        let r = self.sleep(ctx, false);
         self.rx.disarm();
         r
     }
@@ -177,7 +189,7 @@ impl Direct {
         if !self.tx.arm().map_err(|v| self.violation(v))? {
             return Ok(());
         }
-        let r = self.sleep(ctx);
+        let r = self.sleep(ctx, true);
         self.tx.disarm();
         r
     }
@@ -267,7 +279,13 @@ impl Transport for Direct {
             self.rx.disarm();
             return None;
         }
-        let mut fds = vec![(self.bell.as_raw_fd(), libc::POLLIN)];
+        let mut fds = Vec::with_capacity(3);
+        if read {
+            fds.push((self.rbell.as_raw_fd(), libc::POLLIN));
+        }
+        if write {
+            fds.push((self.wbell.as_raw_fd(), libc::POLLIN));
+        }
         if !self.peer_gone {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
         }
@@ -275,7 +293,8 @@ impl Transport for Direct {
     }
 
     fn wake_self(&self) {
-        let _ = self.bell.notify();
+        let _ = self.rbell.notify();
+        let _ = self.wbell.notify();
     }
 
     fn pending(&mut self) -> (usize, usize) {
@@ -284,10 +303,15 @@ impl Transport for Direct {
         (unread, unsent)
     }
 
-    fn disarm(&mut self) {
-        self.rx.disarm();
-        self.tx.disarm();
-        self.bell.drain();
+    fn disarm(&mut self, read: bool, write: bool) {
+        if read {
+            self.rx.disarm();
+            self.rbell.drain();
+        }
+        if write {
+            self.tx.disarm();
+            self.wbell.drain();
+        }
     }
 
     fn fork_hold(&mut self) {

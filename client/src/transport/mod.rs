@@ -120,8 +120,11 @@ pub trait Transport: Send + std::fmt::Debug {
         let _ = (ctx, read, write);
         None
     }
-    /// Ends a sleep prepared by `arm` (idempotent).
-    fn disarm(&mut self) {}
+    /// Ends a sleep prepared by `arm(read, write)`: only those directions
+    /// (another thread may be asleep on the other one). Idempotent.
+    fn disarm(&mut self, read: bool, write: bool) {
+        let _ = (read, write);
+    }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
     /// (bytes ready to read, bytes written but not yet taken by the peer),

@@ -409,10 +409,8 @@ impl Devd {
         }
         let header = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, false)
             .map_err(RequestError::Resources)?;
-        let bells = [
-            EventFd::new().map_err(RequestError::Resources)?,
-            EventFd::new().map_err(RequestError::Resources)?,
-        ];
+        let bell = || EventFd::new().map_err(RequestError::Resources);
+        let bells = [[bell()?, bell()?], [bell()?, bell()?]];
         Ok(Res::Direct(DirectRes {
             memfd,
             bells,
@@ -486,7 +484,14 @@ impl Devd {
         };
         match &mut conn.res {
             Res::Direct(d) => {
-                let fds = vec![dup(&d.memfd)?, dup(&d.bells[e])?, dup(&d.bells[1 - e])?];
+                let (own, peer) = (&d.bells[e], &d.bells[1 - e]);
+                let fds = vec![
+                    dup(&d.memfd)?,
+                    dup(&own[0])?,
+                    dup(&own[1])?,
+                    dup(&peer[0])?,
+                    dup(&peer[1])?,
+                ];
                 let a = Attachment {
                     conn_id: id,
                     mode: Mode::Direct,

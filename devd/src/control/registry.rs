@@ -92,7 +92,9 @@ pub struct DirectRes {
     /// The region (kept to attach exec'd images and fd receivers).
     pub memfd: OwnedFd,
     /// Eventfd per end [connector, acceptor].
-    pub bells: [EventFd; 2],
+    /// Doorbells per end [connector, acceptor], each [read, write]: data
+    /// arrived / space freed, so a reader and a writer never share one.
+    pub bells: [[EventFd; 2]; 2],
     /// Read-only view of the header page, for stats.
     pub header: Mapping,
     /// Geometry.

@@ -257,7 +257,8 @@ fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
         // Claim more bytes than the ring holds, then wake the peer.
         map.u64_at(l.dir(0).head)
             .store(l.cap as u64 * 3 + 17, Ordering::Release);
-        let peer_bell = EventFd::from_owned(fds[2].try_clone()?);
+        // fds: region, own read/write doorbells, peer read/write doorbells.
+        let peer_bell = EventFd::from_owned(fds[3].try_clone()?);
         peer_bell.notify()?;
     } else {
         let l = QueuedLayout::announced(size, a.geom_a, a.geom_b)?;

@@ -105,9 +105,16 @@ pub fn poll(
         .unwrap_or_default();
     let mut spun = false;
     loop {
-        let n = scan(pfds, socks, true, real_poll);
-        if n > 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+        // The rings first: no syscall on the path where data is there or
+        // arrives while spinning. The kernel socket is asked whether a peer
+        // is gone (one syscall per socket) only before sleeping, or at
+        // once when the caller will not wait.
+        let n = scan(pfds, socks, false, real_poll);
+        if n > 0 {
             return n;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return scan(pfds, socks, true, real_poll);
         }
         if !spun {
             spun = true;
@@ -124,6 +131,10 @@ pub fn poll(
             if spin_until(spin, ready).is_some() {
                 continue;
             }
+        }
+        let n = scan(pfds, socks, true, real_poll);
+        if n > 0 {
+            return n;
         }
         let mut set: Vec<pollfd> = Vec::new();
         let mut armed: Vec<(&Entry, bool, bool)> = Vec::new();

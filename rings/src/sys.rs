@@ -586,6 +586,30 @@ pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<i32> {
     sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
 }
 
+/// A timeval socket option (SO_RCVTIMEO, SO_SNDTIMEO); None when zero
+/// (no timeout).
+pub fn sockopt_timeout(fd: BorrowedFd<'_>, name: i32) -> io::Result<Option<Duration>> {
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len =
+        libc::socklen_t::try_from(size_of::<libc::timeval>()).map_err(io::Error::other)?;
+    // SAFETY: tv/len are a valid out-buffer for a timeval option.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    })?;
+    let d = Duration::from_secs(u64::try_from(tv.tv_sec).unwrap_or(0))
+        + Duration::from_micros(u64::try_from(tv.tv_usec).unwrap_or(0));
+    Ok((!d.is_zero()).then_some(d))
+}
+
 /// An integer socket option (SO_ACCEPTCONN, IPV6_V6ONLY, ...).
 pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;

@@ -143,7 +143,8 @@ def aserver(portfile):
     asyncio.run(main())
 
 
-def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, fionread=False):
+def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, fionread=False,
+           rcvtimeo=False):
     """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
     use_poll: wait with poll(2) for POLLOUT before each send and POLLIN
     before each receive (10 s timeout each)."""
@@ -228,6 +229,20 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
         if b != want:
             raise SystemExit(f"corrupt echo at {got}")
         got += len(b)
+    if rcvtimeo:
+        import struct
+        import time
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 500000))
+        t = time.monotonic()
+        try:
+            s.recv(1)
+            raise SystemExit("recv returned although nothing was sent")
+        except BlockingIOError:
+            pass
+        took = time.monotonic() - t
+        if not 0.4 <= took <= 3.0:
+            raise SystemExit(f"SO_RCVTIMEO of 0.5 s ended the recv after {took:.2f} s")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
     print(f"OK echo {got}", flush=True)
     sys.stdin.readline()
     s.shutdown(socket.SHUT_WR)
@@ -249,4 +264,4 @@ if __name__ == "__main__":
             threaded_client(int(sys.argv[2]), int(sys.argv[3]))
             raise SystemExit(0)
         client(int(sys.argv[2]), int(sys.argv[3]), mode == "vec", mode in ("poll", "fionread"),
-               mode == "select", mode == "dup", mode == "fionread")
+               mode == "select", mode == "dup", mode == "fionread", mode == "rcvtimeo")

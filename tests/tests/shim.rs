@@ -285,3 +285,10 @@ fn two_threads_share_a_socket_full_duplex_and_shutdown_wakes_a_blocked_reader() 
     // reader blocked in recv, as on kernel TCP.
     echo_mode_is_direct("threads")
 }
+
+#[test]
+fn so_rcvtimeo_ends_a_blocking_recv_with_eagain() -> Result<()> {
+    // After the echo, the client sets SO_RCVTIMEO to 0.5 s and receives
+    // with nothing coming: EAGAIN after about 0.5 s, not a hang.
+    echo_mode_is_direct("rcvtimeo")
+}

@@ -3,7 +3,7 @@
 //! made outside it (through the poll path, on this one fd). Holding the
 //! lock only for a non-blocking call lets a reader thread and a writer
 //! thread share a socket, and lets another thread's shutdown reach a
-//! blocked reader.
+//! blocked reader. SO_RCVTIMEO and SO_SNDTIMEO bound the waits (EAGAIN).
 
 use crate::sock::{is_nonblocking, Sock};
 use crate::wait;
@@ -16,24 +16,38 @@ fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Waits until `fd` reports `events` (or an error/hangup); Err(errno) if a
-/// signal interrupts the wait.
-fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16) -> Result<(), i32> {
-    let mut p = [libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    }];
+/// Waits until `fd` reports `events` (or an error/hangup). First for the
+/// spin budget alone (no syscall while the peer answers quickly); then
+/// for the socket's SO_RCVTIMEO/SO_SNDTIMEO (`opt`), read only on this slow
+/// path. Err(EAGAIN) when that timeout passes, Err(EINTR) on a signal.
+fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), i32> {
     let socks = [Some(e.clone())];
-    let r = wait::poll(&mut p, &socks, None, &wait::real_poll, &|set, rem| {
-        wait::real_poll(set, wait::millis(rem))
-    });
-    if r < 0 {
-        Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINTR))
-    } else {
+    let once = |t: Option<std::time::Duration>| {
+        let mut p = [libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        }];
+        let r = wait::poll(&mut p, &socks, t, &wait::real_poll, &|set, rem| {
+            wait::real_poll(set, wait::millis(rem))
+        });
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINTR))
+        } else {
+            Ok(r > 0)
+        }
+    };
+    let spin = lock(e).spin();
+    if once(Some(spin))? {
+        return Ok(());
+    }
+    let limit = ssock_rings::sys::sockopt_timeout(fd, opt).unwrap_or(None);
+    if once(limit)? {
         Ok(())
+    } else {
+        Err(libc::EAGAIN)
     }
 }
 
@@ -65,7 +79,7 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result
             }
             return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
         }
-        if let Err(x) = wait_for(e, fd, libc::POLLIN) {
+        if let Err(x) = wait_for(e, fd, libc::POLLIN, libc::SO_RCVTIMEO) {
             return if got > 0 { Ok(got) } else { Err(x) };
         }
     }
@@ -99,7 +113,7 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
         if nonblocking {
             return if off > 0 { Ok(off) } else { Err(libc::EAGAIN) };
         }
-        if let Err(x) = wait_for(e, fd, libc::POLLOUT) {
+        if let Err(x) = wait_for(e, fd, libc::POLLOUT, libc::SO_SNDTIMEO) {
             return if off > 0 { Ok(off) } else { Err(x) };
         }
     }

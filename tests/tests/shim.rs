@@ -69,14 +69,8 @@ fn echo_with(
     let port = std::fs::read_to_string(&portfile)?;
     let n = "1000000";
     let mut cargs = vec!["client", port.trim(), n];
-    if env.iter().any(|(k, v)| *k == "ECHO_VEC" && *v == "1") {
-        cargs.push("vec");
-    }
     if let Some((_, mode)) = env.iter().find(|(k, _)| *k == "ECHO_MODE") {
         cargs.push(mode);
-    }
-    if env.iter().any(|(k, v)| *k == "ECHO_POLL" && *v == "1") {
-        cargs.push("poll");
     }
     let mut c = python(d, plain_client, &cargs, env)?;
     c.expect(&format!("OK echo {n}"))?;
@@ -90,6 +84,16 @@ fn echo_with(
         "a python process failed"
     );
     Ok(conn)
+}
+
+/// The connection went Direct and carried the echo's 1,000,000 bytes each way.
+fn direct_with_every_byte(conn: &serde_json::Value) -> Result<()> {
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
+        "bytes {conn}"
+    );
+    Ok(())
 }
 
 fn rand_suffix() -> u64 {
@@ -106,12 +110,7 @@ fn unmodified_python_echo_goes_direct_under_ssock_run() -> Result<()> {
     let d = Devd::start(&[])?;
     let conn =
         echo_pair(&d, false, false, &[])?.context("no accelerated connection in devd's stats")?;
-    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
-    ensure!(
-        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
-        "bytes {conn}"
-    );
-    Ok(())
+    direct_with_every_byte(&conn)
 }
 
 #[test]
@@ -176,50 +175,23 @@ fn a_forking_server_keeps_the_connection_after_the_parent_closes_its_copy() -> R
     // everything, on a Direct connection.
     let d = Devd::start(&[])?;
     let conn = echo_with(&d, "fserver", false, false, &[])?.context("no accelerated connection")?;
-    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
-    ensure!(
-        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
-        "bytes {conn}"
-    );
-    Ok(())
+    direct_with_every_byte(&conn)
 }
 
 #[test]
 fn vectored_calls_sendmsg_writev_recvmsg_readv_go_through_the_shim() -> Result<()> {
-    if !have_app("python3")? {
-        return Ok(());
-    }
     // The client sends with sendmsg and writev and receives with recvmsg
     // and readv, in turns; every echoed byte is verified, over Direct.
-    let d = Devd::start(&[])?;
-    let conn =
-        echo_pair(&d, false, false, &[("ECHO_VEC", "1")])?.context("no accelerated connection")?;
-    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
-    ensure!(
-        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
-        "bytes {conn}"
-    );
-    Ok(())
+    echo_mode_is_direct("vec")
 }
 
 #[test]
 fn poll_reports_ring_readiness_of_accelerated_sockets() -> Result<()> {
-    if !have_app("python3")? {
-        return Ok(());
-    }
     // The client waits in poll(2) for POLLOUT before each send and POLLIN
     // before each receive: on an accelerated socket only the shim can say
     // so (the kernel socket carries no data), and a miss is a 10 s timeout
     // that fails the client.
-    let d = Devd::start(&[])?;
-    let conn =
-        echo_pair(&d, false, false, &[("ECHO_POLL", "1")])?.context("no accelerated connection")?;
-    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
-    ensure!(
-        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
-        "bytes {conn}"
-    );
-    Ok(())
+    echo_mode_is_direct("poll")
 }
 
 #[test]
@@ -228,7 +200,7 @@ fn poll_with_spinning_off_sleeps_and_is_woken_by_the_peer() -> Result<()> {
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let env = [("ECHO_POLL", "1"), ("SSOCK_SPIN_US", "0")];
+    let env = [("ECHO_MODE", "poll"), ("SSOCK_SPIN_US", "0")];
     let conn = echo_pair(&d, false, false, &env)?.context("no accelerated connection")?;
     ensure!(
         conn["mode"] == "direct" && conn["bytes_a2c"] == 1_000_000,
@@ -248,12 +220,7 @@ fn echo_mode_is_direct(mode: &str) -> Result<()> {
     let d = Devd::start(&[])?;
     let conn = echo_pair(&d, false, false, &[("ECHO_MODE", mode)])?
         .context("no accelerated connection")?;
-    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
-    ensure!(
-        conn["bytes_c2a"] == 1_000_000 && conn["bytes_a2c"] == 1_000_000,
-        "bytes {conn}"
-    );
-    Ok(())
+    direct_with_every_byte(&conn)
 }
 
 #[test]

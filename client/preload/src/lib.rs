@@ -463,6 +463,26 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
     )
 }
 
+/// libc's ppoll over a Rust slice, with `rem` as its timeout (None: forever)
+/// and the caller's signal mask.
+fn real_ppoll(
+    set: &mut [libc::pollfd],
+    rem: Option<Duration>,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    let ts = rem.map(|d| libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    });
+    let tp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+    // SAFETY: set is a valid pollfd array of k entries; tp is null or a
+    // live timespec; mask is null or the caller's sigset (ppoll/pselect).
+    unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+}
+
 /// __poll_chk: poll(2) from fortified code.
 ///
 /// # Safety
@@ -533,19 +553,8 @@ pub unsafe extern "C" fn ppoll(
                     u32::try_from(t.tv_nsec).unwrap_or(0),
                 )
             });
-            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
-                let ts = rem.map(|d| libc::timespec {
-                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
-                });
-                let tp = ts
-                    .as_ref()
-                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-                let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
-                // SAFETY: set is a valid pollfd array of k entries; tp is
-                // null or a live timespec; mask is the caller's own.
-                unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
-            };
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             wait::poll(pfds, &socks, t, &wait::real_poll, &sleep)
         },
         real,
@@ -692,19 +701,8 @@ pub unsafe extern "C" fn pselect(
                     u32::try_from(t.tv_nsec).unwrap_or(0),
                 )
             });
-            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
-                let ts = rem.map(|d| libc::timespec {
-                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
-                });
-                let tp = ts
-                    .as_ref()
-                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-                let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
-                // SAFETY: set is a valid pollfd array of k entries; tp is
-                // null or a live timespec; mask is the caller's own.
-                unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
-            };
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             // SAFETY: the sets are the caller's (pselect(2)).
             unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
         },

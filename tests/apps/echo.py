@@ -13,16 +13,21 @@ def pattern(n, start=0):
     return bytes(((i * 131 + 7) & 0xFF) for i in range(start, start + n))
 
 
-def server(portfile):
+def listen_and_publish(portfile):
+    """A listening socket on an ephemeral port, written (atomically) to portfile."""
+    import os
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
     with open(portfile + ".tmp", "w") as f:
         f.write(str(ls.getsockname()[1]))
-    import os
     os.rename(portfile + ".tmp", portfile)
-    c, _ = ls.accept()
+    return ls
+
+
+def echo(c):
+    """Echoes until EOF, closes, reports the byte count."""
     total = 0
     while True:
         b = c.recv(65536)
@@ -31,34 +36,26 @@ def server(portfile):
         c.sendall(b)
         total += len(b)
     c.close()
-    ls.close()
     print(f"OK served {total}", flush=True)
+
+
+def server(portfile):
+    ls = listen_and_publish(portfile)
+    c, _ = ls.accept()
+    echo(c)
+    ls.close()
 
 
 def fserver(portfile):
     """The same echo, fork-per-connection: the parent accepts, forks and
     closes its copy at once; the child serves the connection."""
     import os
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(8)
-    with open(portfile + ".tmp", "w") as f:
-        f.write(str(ls.getsockname()[1]))
-    os.rename(portfile + ".tmp", portfile)
+    ls = listen_and_publish(portfile)
     c, _ = ls.accept()
     pid = os.fork()
     if pid == 0:
         ls.close()
-        total = 0
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            c.sendall(b)
-            total += len(b)
-        c.close()
-        print(f"OK served {total}", flush=True)
+        echo(c)
         os._exit(0)
     c.close()
     _, status = os.waitpid(pid, 0)

@@ -238,13 +238,7 @@ impl Transport for Direct {
             self.check_peer(ctx);
         }
         if self.broken {
-            return Ready {
-                readable: true,
-                writable: true,
-                rdhup: true,
-                hup: true,
-                err: true,
-            };
+            return Ready::BROKEN;
         }
         let rx_ready = self.rx.ready().unwrap_or(true);
         let (eos, reset) = self.rx.marks();

@@ -47,6 +47,15 @@ pub struct Ready {
 }
 
 impl Ready {
+    /// A reset or broken connection: every call returns at once (with the error).
+    pub const BROKEN: Ready = Ready {
+        readable: true,
+        writable: true,
+        rdhup: true,
+        hup: true,
+        err: true,
+    };
+
     /// poll(2) revents for a request of `events`.
     pub fn revents(self, events: i16) -> i16 {
         let mut r = 0;

@@ -272,13 +272,7 @@ impl Transport for Queued {
         }
         let f = self.rx_flags();
         if self.broken || f & FLAG_RESET != 0 {
-            return Ready {
-                readable: true,
-                writable: true,
-                rdhup: true,
-                hup: true,
-                err: true,
-            };
+            return Ready::BROKEN;
         }
         let data = self.rx_cur.is_some() || self.rx.has_used();
         let eos = f & FLAG_EOS != 0;

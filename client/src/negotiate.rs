@@ -105,10 +105,43 @@ pub fn connect_on(
     opts: &Options,
     session: Option<&Arc<Session>>,
 ) -> io::Result<Outcome> {
+    match connect_start(fd, dst, opts, session)? {
+        Started::Kernel(reason) => Ok(Outcome::Kernel(reason)),
+        Started::HelloSent => {
+            let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
+            connect_finish(fd, session, Some(opts.ack_timeout))?
+                .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))
+        }
+    }
+}
+
+/// How the first half of a connector's negotiation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// Kernel TCP: the socket is connected (or, if nonblocking, its kernel
+    /// connect is under way), with the reason when there is one.
+    Kernel(Option<FallbackReason>),
+    /// Connected and the Hello sent: [`connect_finish`] reads the HelloAck.
+    HelloSent,
+}
+
+/// First half of the connector side: bind if unbound, announce the intent,
+/// connect, send the Hello. A nonblocking socket that devd sends down the
+/// plain path gets the kernel's own nonblocking connect (EINPROGRESS); one
+/// with an intent is connected and greeted blocking (its acceptor is a
+/// registered local listener), then made nonblocking again. The HelloAck
+/// is left to [`connect_finish`], so a program that accepts its own
+/// connection after connect() returns does not deadlock.
+pub fn connect_start(
+    fd: BorrowedFd<'_>,
+    dst: SocketAddr,
+    opts: &Options,
+    session: Option<&Arc<Session>>,
+) -> io::Result<Started> {
     let sock = SockRef::from(&fd);
-    let plain = |reason: Option<FallbackReason>| -> io::Result<Outcome> {
+    let plain = |reason: Option<FallbackReason>| -> io::Result<Started> {
         sock.connect(&dst.into())?;
-        Ok(Outcome::Kernel(reason))
+        Ok(Started::Kernel(reason))
     };
     let Some(session) = session else {
         return plain((opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested));
@@ -134,23 +167,58 @@ pub fn connect_on(
             return plain(Some(FallbackReason::DevdError));
         }
     };
-    sock.connect(&dst.into())?;
-    let mut w: &Socket = &sock;
-    w.write_all(&codec::hello(token))?;
+    let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
+    if nonblocking {
+        ssock_rings::sys::set_nonblocking(fd, false)?;
+    }
+    let greeted = sock.connect(&dst.into()).and_then(|()| {
+        let mut w: &Socket = &sock;
+        w.write_all(&codec::hello(token))
+    });
+    if nonblocking {
+        ssock_rings::sys::set_nonblocking(fd, true)?;
+    }
+    greeted?;
+    Ok(Started::HelloSent)
+}
+
+/// Second half of the connector side: reads the HelloAck (waiting up to
+/// `wait`; None: only if it is there already) and attaches. Ok(None): no
+/// HelloAck yet.
+pub fn connect_finish(
+    fd: BorrowedFd<'_>,
+    session: &Arc<Session>,
+    wait: Option<Duration>,
+) -> io::Result<Option<Outcome>> {
+    let sock = SockRef::from(&fd);
     let mut ack = [0u8; HELLO_LEN];
-    read_exact_within(&sock, &mut ack, opts.ack_timeout).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("ssock: no HelloAck from the acceptor: {e}"),
-        )
-    })?;
+    match wait {
+        Some(t) => read_exact_within(&sock, &mut ack, t).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("ssock: no HelloAck from the acceptor: {e}"),
+            )
+        })?,
+        None => {
+            // Only a whole HelloAck is taken: peek first.
+            let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+            match ssock_rings::sys::recv(fd, &mut ack, peek) {
+                Ok(n) if n == HELLO_LEN => {}
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::ECONNRESET)),
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            ssock_rings::sys::recv(fd, &mut ack, libc::MSG_DONTWAIT)?;
+        }
+    }
     if codec::parse_hello_ack(&ack).map_err(io::Error::other)? == ACK_KERNEL {
-        return Ok(Outcome::Kernel(Some(FallbackReason::Refused)));
+        return Ok(Some(Outcome::Kernel(Some(FallbackReason::Refused))));
     }
     let resp = session
         .request(&Request::Attach, &[fd])
         .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?;
-    Ok(Outcome::Attached(resp))
+    Ok(Some(Outcome::Attached(resp)))
 }
 
 /// Acceptor side on `fd`, a freshly accepted blocking socket of a listener

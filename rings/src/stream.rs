@@ -242,6 +242,11 @@ impl Producer {
         self.head
     }
 
+    /// Bytes the consumer had taken when last looked at.
+    pub fn consumed_seen(&self) -> u64 {
+        self.tail_seen
+    }
+
     /// Bytes written but not yet consumed (as last seen).
     pub fn unconsumed(&mut self) -> Result<u64, Violation> {
         self.refresh_tail()?;
@@ -401,6 +406,11 @@ impl Consumer {
     /// Bytes consumed so far.
     pub fn position(&self) -> u64 {
         self.tail
+    }
+
+    /// Bytes the producer had published when last looked at.
+    pub fn produced_seen(&self) -> u64 {
+        self.head_seen
     }
 }
 

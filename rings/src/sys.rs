@@ -500,6 +500,16 @@ pub fn get_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(fl & libc::O_NONBLOCK != 0)
 }
 
+/// recv(2) on a borrowed socket with `flags` (MSG_PEEK, MSG_DONTWAIT...).
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+    // SAFETY: buf is a valid, exclusively borrowed buffer of buf.len() bytes.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.unsigned_abs())
+}
+
 /// Raises SIGPIPE in the calling thread, as the kernel does for a send on
 /// a closed connection without MSG_NOSIGNAL.
 pub fn raise_sigpipe() {

@@ -140,6 +140,40 @@ def aserver(portfile):
     asyncio.run(main())
 
 
+def aclient(port, n):
+    """The echo client on asyncio: nonblocking connect, epoll."""
+    import asyncio
+
+    async def main():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        chunk = 16384
+        block = pattern(chunk * 251)
+        sent = got = 0
+        while got < n:
+            if sent < n:
+                k = min(chunk, n - sent)
+                off = sent % len(block)
+                writer.write((block + block)[off:off + k])
+                await writer.drain()
+                sent += k
+            b = await reader.read(65536)
+            if not b:
+                raise SystemExit(f"EOF after {got} bytes")
+            off = got % len(block)
+            if b != (block + block)[off:off + len(b)]:
+                raise SystemExit(f"corrupt echo at {got}")
+            got += len(b)
+        print(f"OK echo {got}", flush=True)
+        sys.stdin.readline()
+        writer.write_eof()
+        if await reader.read(1) != b"":
+            raise SystemExit("data after EOF")
+        writer.close()
+        await writer.wait_closed()
+
+    asyncio.run(main())
+
+
 def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, fionread=False,
            rcvtimeo=False):
     """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
@@ -257,6 +291,9 @@ if __name__ == "__main__":
         aserver(sys.argv[2])
     else:
         mode = sys.argv[4] if len(sys.argv) > 4 else ""
+        if mode == "asyncio":
+            aclient(int(sys.argv[2]), int(sys.argv[3]))
+            raise SystemExit(0)
         if mode == "threads":
             threaded_client(int(sys.argv[2]), int(sys.argv[3]))
             raise SystemExit(0)

@@ -148,20 +148,17 @@ fn ssock_disable_makes_the_shim_a_pass_through() -> Result<()> {
 }
 
 #[test]
-fn an_event_loop_server_stays_on_kernel_tcp_until_epoll_is_intercepted() -> Result<()> {
+fn asyncio_server_and_client_go_direct_through_epoll_and_nonblocking_connect() -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
     }
-    // asyncio: a nonblocking listener served through epoll. The shim does
-    // not intercept epoll yet, so it must refuse acceleration (consuming
-    // the client's Hello) rather than hand the server a socket its epoll
-    // would never see readable: the echo must complete, on kernel TCP.
+    // asyncio on both sides: a nonblocking listener and accept4, a
+    // nonblocking connect (EINPROGRESS, then writable), and epoll waits
+    // that must see the rings: the echo goes Direct with every byte.
     let d = Devd::start(&[])?;
-    ensure!(echo_with(&d, "aserver", false, false, &[])?.is_none());
-    let t = d.stats()?["totals"].clone();
-    ensure!(t["connections"]["direct"] == 0, "totals {t}");
-    ensure!(t["fallbacks"]["unsupported"] == 1, "totals {t}");
-    Ok(())
+    let conn = echo_with(&d, "aserver", false, false, &[("ECHO_MODE", "asyncio")])?
+        .context("no accelerated connection")?;
+    direct_with_every_byte(&conn)
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
 /// for the socket's SO_RCVTIMEO/SO_SNDTIMEO (`opt`), read only on this slow
 /// path. Err(EAGAIN) when that timeout passes, Err(EINTR) on a signal.
 fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), i32> {
-    let socks = [Some(e.clone())];
+    let socks = [Some(wait::Obj::Sock(e.clone()))];
     let once = |t: Option<std::time::Duration>| {
         let mut p = [libc::pollfd {
             fd: fd.as_raw_fd(),

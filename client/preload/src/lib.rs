@@ -17,6 +17,7 @@
 //! those on an accelerated socket is not supported yet.
 
 mod boundary;
+mod epoll;
 mod io;
 mod real;
 mod sock;
@@ -32,11 +33,39 @@ fn fail<T: From<i8>>(e: i32) -> T {
     T::from(-1)
 }
 
-fn done(r: Result<usize, i32>) -> ssize_t {
-    match r {
-        Ok(n) => ssize_t::try_from(n).unwrap_or(ssize_t::MAX),
+type Entry = std::sync::Arc<std::sync::Mutex<sock::Sock>>;
+
+/// Runs `accel` on `fd`'s accelerated socket, or `real` if it has none or
+/// its negotiation ended on kernel TCP (then the fd is forgotten first).
+fn dispatch<R: From<i8>>(
+    fd: c_int,
+    accel: impl FnOnce(&Entry) -> Result<R, i32>,
+    real: impl FnOnce() -> R,
+) -> R {
+    let Some(s) = table::get(fd) else {
+        return real();
+    };
+    match accel(&s) {
+        Ok(r) => r,
+        Err(sock::FALLBACK) => {
+            table::forget_kernel(fd, &s);
+            real()
+        }
         Err(e) => fail(e),
     }
+}
+
+/// `dispatch` for calls returning a byte count.
+fn dispatch_n(
+    fd: c_int,
+    accel: impl FnOnce(&Entry) -> Result<usize, i32>,
+    real: impl FnOnce() -> ssize_t,
+) -> ssize_t {
+    dispatch(
+        fd,
+        |s| accel(s).map(|n| ssize_t::try_from(n).unwrap_or(ssize_t::MAX)),
+        real,
+    )
 }
 
 /// connect(2).
@@ -57,14 +86,22 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_
                 None => real(),
                 Some(Ok(Some(s))) => {
                     table::insert(fd, s);
-                    0
+                    epoll::became_accelerated(fd);
+                    // The kernel's answer for a nonblocking connect.
+                    if sock::is_nonblocking(b) {
+                        fail(libc::EINPROGRESS)
+                    } else {
+                        0
+                    }
                 }
-                Some(Ok(None)) => {
+                r => {
                     // A plain connection: no stale entry may name this fd.
                     drop(table::remove(fd));
-                    0
+                    match r {
+                        Some(Err(e)) => fail(e),
+                        _ => 0,
+                    }
                 }
-                Some(Err(e)) => fail(e),
             }
         },
         real,
@@ -119,7 +156,7 @@ pub unsafe extern "C" fn accept4(
             }
             // SAFETY: m was just returned by accept4 and is open; fd is the
             // caller's listener, open during this call.
-            match sock::accepted(unsafe { borrow(fd) }, unsafe { borrow(m) }) {
+            match sock::accepted(unsafe { borrow(m) }) {
                 Ok(Some(s)) => {
                     table::insert(m, s);
                     return m;
@@ -166,15 +203,13 @@ pub unsafe extern "C" fn recvfrom(
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvfrom)(fd, b, n, flags, addr, alen) };
     enter(
-        || match table::get(fd) {
-            // SAFETY: b/n is the caller's receive buffer; fd is open.
-            Some(s) => done(io::recv(
-                &s,
-                unsafe { borrow(fd) },
-                unsafe { buf_mut(b, n) },
-                flags,
-            )),
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                // SAFETY: b/n is the caller's receive buffer; fd is open.
+                |s| io::recv(s, unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, flags),
+                real,
+            )
         },
         real,
     )
@@ -199,15 +234,13 @@ pub unsafe extern "C" fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().read)(fd, b, n) };
     enter(
-        || match table::get(fd) {
-            // SAFETY: b/n is the caller's buffer; fd is open.
-            Some(s) => done(io::recv(
-                &s,
-                unsafe { borrow(fd) },
-                unsafe { buf_mut(b, n) },
-                0,
-            )),
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                // SAFETY: b/n is the caller's buffer; fd is open.
+                |s| io::recv(s, unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0),
+                real,
+            )
         },
         real,
     )
@@ -222,15 +255,20 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().readv)(fd, v, n) };
     enter(
-        || match table::get(fd) {
-            Some(_) if n < 0 => fail(libc::EINVAL),
-            Some(s) => {
-                // SAFETY: v/n are the caller's iovecs (readv(2)); fd is open
-                // during this call.
-                let (fd_b, mut bufs) = unsafe { (borrow(fd), iov_mut(v, n)) };
-                done(io::recv_vec(&s, fd_b, &mut bufs, 0))
-            }
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                |s| {
+                    if n < 0 {
+                        return Err(libc::EINVAL);
+                    }
+                    // SAFETY: v/n are the caller's iovecs (readv(2)); fd is
+                    // open during this call.
+                    let (fd_b, mut bufs) = unsafe { (borrow(fd), iov_mut(v, n)) };
+                    io::recv_vec(s, fd_b, &mut bufs, 0)
+                },
+                real,
+            )
         },
         real,
     )
@@ -245,25 +283,32 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvmsg)(fd, msg, flags) };
     enter(
-        || match (table::get(fd), msg.is_null()) {
-            (Some(_), true) => fail(libc::EFAULT),
-            (Some(s), false) => {
-                // SAFETY: msg is the caller's valid msghdr (recvmsg(2)).
-                let m = unsafe { &mut *msg };
-                let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
-                // SAFETY: its iovecs are the caller's buffers; fd is open.
-                let r = io::recv_vec(
-                    &s,
-                    unsafe { borrow(fd) },
-                    &mut unsafe { iov_mut(m.msg_iov, n) },
-                    flags,
-                );
-                m.msg_namelen = 0;
-                m.msg_controllen = 0;
-                m.msg_flags = 0;
-                done(r)
-            }
-            (None, _) => real(),
+        || {
+            dispatch_n(
+                fd,
+                |s| {
+                    if msg.is_null() {
+                        return Err(libc::EFAULT);
+                    }
+                    // SAFETY: msg is the caller's valid msghdr (recvmsg(2)).
+                    let m = unsafe { &mut *msg };
+                    let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                    // SAFETY: its iovecs are the caller's buffers; fd is open.
+                    let r = io::recv_vec(
+                        s,
+                        unsafe { borrow(fd) },
+                        &mut unsafe { iov_mut(m.msg_iov, n) },
+                        flags,
+                    );
+                    if r != Err(sock::FALLBACK) {
+                        m.msg_namelen = 0;
+                        m.msg_controllen = 0;
+                        m.msg_flags = 0;
+                    }
+                    r
+                },
+                real,
+            )
         },
         real,
     )
@@ -336,16 +381,18 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().writev)(fd, v, n) };
     enter(
-        || match table::get(fd) {
-            Some(_) if n < 0 => fail(libc::EINVAL),
-            // SAFETY: v/n are the caller's iovecs; fd is open.
-            Some(s) => done(io::send_vec(
-                &s,
-                unsafe { borrow(fd) },
-                &unsafe { iov(v, n) },
-                0,
-            )),
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                |s| {
+                    if n < 0 {
+                        return Err(libc::EINVAL);
+                    }
+                    // SAFETY: v/n are the caller's iovecs; fd is open.
+                    io::send_vec(s, unsafe { borrow(fd) }, &unsafe { iov(v, n) }, 0)
+                },
+                real,
+            )
         },
         real,
     )
@@ -361,21 +408,26 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().sendmsg)(fd, msg, flags) };
     enter(
-        || match (table::get(fd), msg.is_null()) {
-            (Some(_), true) => fail(libc::EFAULT),
-            (Some(s), false) => {
-                // SAFETY: msg is the caller's valid msghdr (sendmsg(2)).
-                let m = unsafe { &*msg };
-                let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
-                // SAFETY: its iovecs are the caller's buffers; fd is open.
-                done(io::send_vec(
-                    &s,
-                    unsafe { borrow(fd) },
-                    &unsafe { iov(m.msg_iov, n) },
-                    flags,
-                ))
-            }
-            (None, _) => real(),
+        || {
+            dispatch_n(
+                fd,
+                |s| {
+                    if msg.is_null() {
+                        return Err(libc::EFAULT);
+                    }
+                    // SAFETY: msg is the caller's valid msghdr (sendmsg(2)).
+                    let m = unsafe { &*msg };
+                    let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                    // SAFETY: its iovecs are the caller's buffers; fd is open.
+                    io::send_vec(
+                        s,
+                        unsafe { borrow(fd) },
+                        &unsafe { iov(m.msg_iov, n) },
+                        flags,
+                    )
+                },
+                real,
+            )
         },
         real,
     )
@@ -397,15 +449,13 @@ pub unsafe extern "C" fn sendto(
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().sendto)(fd, b, n, flags, addr, alen) };
     enter(
-        || match table::get(fd) {
-            // SAFETY: b/n is the caller's data; fd is open.
-            Some(s) => done(io::send(
-                &s,
-                unsafe { borrow(fd) },
-                unsafe { buf(b, n) },
-                flags,
-            )),
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                // SAFETY: b/n is the caller's data; fd is open.
+                |s| io::send(s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, flags),
+                real,
+            )
         },
         real,
     )
@@ -430,10 +480,13 @@ pub unsafe extern "C" fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().write)(fd, b, n) };
     enter(
-        || match table::get(fd) {
-            // SAFETY: b/n is the caller's data; fd is open.
-            Some(s) => done(io::send(&s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)),
-            None => real(),
+        || {
+            dispatch_n(
+                fd,
+                // SAFETY: b/n is the caller's data; fd is open.
+                |s| io::send(s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0),
+                real,
+            )
         },
         real,
     )
@@ -718,6 +771,7 @@ fn duplicated(old: c_int, new: c_int) -> c_int {
             Some(_) => table::duplicate(old, new),
             None => drop(table::remove(new)),
         }
+        epoll::duplicated(old, new);
     }
     new
 }
@@ -802,17 +856,21 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) 
                 libc::TIOCOUTQ => 1,
                 _ => return real(),
             };
-            let Some(s) = table::get(fd) else {
-                return real();
-            };
-            if arg.is_null() {
-                return fail(libc::EFAULT);
-            }
-            let (unread, unsent) = lock(&s).pending();
-            let v = if which == 0 { unread } else { unsent };
-            // SAFETY: for FIONREAD/SIOCOUTQ, arg is the caller's int* (ioctl(2)).
-            unsafe { *arg.cast::<c_int>() = c_int::try_from(v).unwrap_or(c_int::MAX) };
-            0
+            dispatch(
+                fd,
+                |s| {
+                    if arg.is_null() {
+                        return Err(libc::EFAULT);
+                    }
+                    // SAFETY: fd is open during this call.
+                    let (unread, unsent) = lock(s).pending(unsafe { borrow(fd) })?;
+                    let v = if which == 0 { unread } else { unsent };
+                    // SAFETY: for FIONREAD/SIOCOUTQ, arg is the caller's int* (ioctl(2)).
+                    unsafe { *arg.cast::<c_int>() = c_int::try_from(v).unwrap_or(c_int::MAX) };
+                    Ok(0)
+                },
+                real,
+            )
         },
         real,
     )
@@ -837,13 +895,13 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().shutdown)(fd, how) };
     enter(
-        || match table::get(fd) {
-            // SAFETY: fd is open during this call.
-            Some(s) => match lock(&s).shutdown(unsafe { borrow(fd) }, how) {
-                Ok(()) => 0,
-                Err(e) => fail(e),
-            },
-            None => real(),
+        || {
+            dispatch(
+                fd,
+                // SAFETY: fd is open during this call.
+                |s| lock(s).shutdown(unsafe { borrow(fd) }, how).map(|()| 0),
+                real,
+            )
         },
         real,
     )
@@ -865,6 +923,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
                 sock::unlisten(unsafe { borrow(fd) });
             }
             drop(table::remove(fd));
+            epoll::closed(fd);
             real()
         },
         real,
@@ -884,4 +943,181 @@ extern "C" fn after_fork_in_child() {
 
 fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {
     s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// epoll_create(2).
+///
+/// # Safety
+/// The C contract of epoll_create(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().epoll_create)(size) };
+    enter(
+        || {
+            let r = real();
+            epoll::created(r);
+            r
+        },
+        real,
+    )
+}
+
+/// epoll_create1(2).
+///
+/// # Safety
+/// The C contract of epoll_create1(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().epoll_create1)(flags) };
+    enter(
+        || {
+            let r = real();
+            epoll::created(r);
+            r
+        },
+        real,
+    )
+}
+
+/// epoll_ctl(2): accelerated sockets and nested shim instances are kept by
+/// the shim, everything else by the kernel.
+///
+/// # Safety
+/// The C contract of epoll_ctl(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut libc::epoll_event,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().epoll_ctl)(epfd, op, fd, ev) };
+    enter(
+        || match epoll::ctl(epfd, op, fd, ev, &real) {
+            Ok(r) => r,
+            Err(e) => fail(e),
+        },
+        real,
+    )
+}
+
+/// The shared part of the epoll_wait family: Some(result) if `epfd` has
+/// shim members, None to hand the call to libc.
+///
+/// # Safety
+/// `events`/`max` are the caller's epoll_wait(2) arguments.
+unsafe fn epoll_wait_via_shim(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> Option<c_int> {
+    let set = epoll::get(epfd).filter(|s| s.has_members())?;
+    let Ok(n) = usize::try_from(max) else {
+        return Some(fail(libc::EINVAL));
+    };
+    if n == 0 {
+        return Some(fail(libc::EINVAL));
+    }
+    if events.is_null() {
+        return Some(fail(libc::EFAULT));
+    }
+    // SAFETY: the caller's array of `max` epoll_event (epoll_wait(2)).
+    let out = unsafe { std::slice::from_raw_parts_mut(events, n) };
+    Some(epoll::wait(epfd, &set, out, timeout, sleep))
+}
+
+fn ms_timeout(timeout: c_int) -> Option<Duration> {
+    u64::try_from(timeout).ok().map(Duration::from_millis)
+}
+
+/// epoll_wait(2).
+///
+/// # Safety
+/// The C contract of epoll_wait(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().epoll_wait)(epfd, events, max, timeout) };
+    enter(
+        || {
+            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
+                wait::real_poll(set, wait::millis(rem))
+            };
+            // SAFETY: the caller's epoll_wait arguments.
+            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &sleep) }
+                .unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// epoll_pwait(2).
+///
+/// # Safety
+/// The C contract of epoll_pwait(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().epoll_pwait)(epfd, events, max, timeout, mask) };
+    enter(
+        || {
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
+            // SAFETY: the caller's epoll_pwait arguments.
+            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &sleep) }
+                .unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// epoll_pwait2(2).
+///
+/// # Safety
+/// The C contract of epoll_pwait2(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    tmo: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    let real = || match real::get().epoll_pwait2 {
+        // SAFETY: forwarding the caller's own arguments to libc.
+        Some(f) => unsafe { f(epfd, events, max, tmo, mask) },
+        None => fail(libc::ENOSYS),
+    };
+    enter(
+        || {
+            // SAFETY: tmo is null or the caller's timespec (epoll_pwait2(2)).
+            let t = unsafe { tmo.as_ref() }.map(|t| {
+                Duration::new(
+                    u64::try_from(t.tv_sec).unwrap_or(0),
+                    u32::try_from(t.tv_nsec).unwrap_or(0),
+                )
+            });
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
+            // SAFETY: the caller's epoll_pwait2 arguments.
+            unsafe { epoll_wait_via_shim(epfd, events, max, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
 }

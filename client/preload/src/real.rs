@@ -59,6 +59,23 @@ type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t
 type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
 type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
+type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
+type EpollPwaitFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::epoll_event,
+    c_int,
+    c_int,
+    *const libc::sigset_t,
+) -> c_int;
+type EpollPwait2Fn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::epoll_event,
+    c_int,
+    *const libc::timespec,
+    *const libc::sigset_t,
+) -> c_int;
 
 /// The resolved functions.
 pub struct Real {
@@ -84,13 +101,24 @@ pub struct Real {
     pub recvmsg: RecvMsgFn,
     pub sendmsg: SendMsgFn,
     pub close: CloseFn,
+    pub epoll_create: EpollCreate1Fn,
+    pub epoll_create1: EpollCreate1Fn,
+    pub epoll_ctl: EpollCtlFn,
+    pub epoll_wait: EpollWaitFn,
+    pub epoll_pwait: EpollPwaitFn,
+    /// None with a libc older than 2.35.
+    pub epoll_pwait2: Option<EpollPwait2Fn>,
 }
 
 static REAL: OnceLock<Real> = OnceLock::new();
 
-fn sym(name: &std::ffi::CStr) -> *mut c_void {
+fn sym_opt(name: &std::ffi::CStr) -> *mut c_void {
     // SAFETY: RTLD_NEXT with a NUL-terminated name is dlsym's documented use.
-    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) }
+}
+
+fn sym(name: &std::ffi::CStr) -> *mut c_void {
+    let p = sym_opt(name);
     assert!(!p.is_null(), "libssock: libc has no {name:?}");
     p
 }
@@ -124,6 +152,18 @@ pub fn get() -> &'static Real {
                 recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),
                 sendmsg: std::mem::transmute::<*mut c_void, SendMsgFn>(sym(c"sendmsg")),
                 close: std::mem::transmute::<*mut c_void, CloseFn>(sym(c"close")),
+                epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
+                    c"epoll_create",
+                )),
+                epoll_create1: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
+                    c"epoll_create1",
+                )),
+                epoll_ctl: std::mem::transmute::<*mut c_void, EpollCtlFn>(sym(c"epoll_ctl")),
+                epoll_wait: std::mem::transmute::<*mut c_void, EpollWaitFn>(sym(c"epoll_wait")),
+                epoll_pwait: std::mem::transmute::<*mut c_void, EpollPwaitFn>(sym(c"epoll_pwait")),
+                epoll_pwait2: Some(sym_opt(c"epoll_pwait2"))
+                    .filter(|p| !p.is_null())
+                    .map(|p| std::mem::transmute::<*mut c_void, EpollPwait2Fn>(p)),
             }
         }
     })

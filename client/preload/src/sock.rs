@@ -4,10 +4,9 @@
 //! functions in lib.rs only look fds up and dispatch.
 
 use ssock_client::negotiate::{
-    accept_on, attach, connect_on, refuse_on, register_listener, Accepted, Outcome,
+    accept_on, attach, connect_finish, connect_start, register_listener, Accepted, Outcome, Started,
 };
 use ssock_client::transport::{Ctx, Ready, Transport};
-use ssock_client::FallbackReason;
 use ssock_client::{Options, Session};
 use std::io;
 use std::net::SocketAddr;
@@ -15,11 +14,30 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// An accelerated socket.
+/// errno-like code some `Sock` calls return when negotiation ended on
+/// kernel TCP after all: the caller forgets the socket and hands the call
+/// to libc. Never a real errno.
+pub const FALLBACK: i32 = -1;
+
+/// Where a socket's negotiation stands.
+enum State {
+    /// connect() sent the Hello; the HelloAck is read at first use (so a
+    /// program that accepts its own connection after connect() works).
+    AwaitAck(Arc<Session>),
+    /// Accelerated.
+    Up(Box<dyn Transport>),
+    /// The acceptor said kernel TCP (or the HelloAck never came): the kernel
+    /// socket is the connection.
+    Kernel,
+}
+
+/// An accelerated socket (or one whose negotiation is under way).
 pub struct Sock {
-    transport: Box<dyn Transport>,
+    state: State,
     spin: Duration,
     read_shut: bool,
+    /// shutdown(SHUT_WR) before the HelloAck: applied once it is known.
+    write_shut: bool,
 }
 
 /// errno for an io::Error.
@@ -55,26 +73,25 @@ fn is_tcp(fd: BorrowedFd<'_>) -> bool {
         && ssock_rings::sys::local_addr(fd).is_ok()
 }
 
-/// connect(2) on a blocking TCP socket: negotiate; returns Some(result)
-/// if the shim handled it, None to let libc do it (not TCP, nonblocking,
-/// no devd).
+/// connect(2) on a TCP socket: negotiate; returns Some(result) if the
+/// shim handled it, None to let libc do it (not TCP, no devd). Ok(Some):
+/// the Hello is sent and the socket is tracked; a nonblocking caller is
+/// then told EINPROGRESS, as by the kernel.
 pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock>, i32>> {
-    if !is_tcp(fd) || is_nonblocking(fd) {
+    if !is_tcp(fd) {
         return None;
     }
     let session = session()?;
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    Some(match connect_on(fd, dst, &opts, Some(&session)) {
-        Ok(Outcome::Kernel(_)) => Ok(None),
-        Ok(Outcome::Attached(resp)) => match attach(&session, resp) {
-            Ok(t) => Ok(Some(Sock {
-                transport: t,
-                spin,
-                read_shut: false,
-            })),
-            Err(e) => Err(errno(&e)),
-        },
+    Some(match connect_start(fd, dst, &opts, Some(&session)) {
+        Ok(Started::Kernel(_)) => Ok(None),
+        Ok(Started::HelloSent) => Ok(Some(Sock {
+            state: State::AwaitAck(session),
+            spin,
+            read_shut: false,
+            write_shut: false,
+        })),
         Err(e) => Err(errno(&e)),
     })
 }
@@ -87,15 +104,9 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
     session().is_some_and(|s| register_listener(&s, fd))
 }
 
-/// A socket accepted from a registered listener (`listener`): negotiate.
-///
-/// Until epoll is intercepted, a nonblocking listener or
-/// accepted socket (an event-loop server) is served on kernel TCP: the
-/// announced peer is told so (reason `unsupported`) instead of getting an
-/// accelerated socket that the server's epoll would never see readable.
-/// Ok(None):
+/// A socket accepted from a registered listener: negotiate. Ok(None):
 /// plain; Err(()) : the announced peer sent no valid Hello, drop it.
-pub fn accepted(listener: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
+pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     let Some(session) = session() else {
         return Ok(None);
     };
@@ -107,19 +118,16 @@ pub fn accepted(listener: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Result<Option<S
     if nb {
         let _ = ssock_rings::sys::set_nonblocking(fd, false);
     }
-    let r = if nb || is_nonblocking(listener) {
-        refuse_on(&session, fd, &opts, FallbackReason::Unsupported)
-    } else {
-        accept_on(&session, fd, &opts)
-    };
+    let r = accept_on(&session, fd, &opts);
     if nb {
         let _ = ssock_rings::sys::set_nonblocking(fd, true);
     }
     match r {
         Ok(Accepted::Attached(t)) => Ok(Some(Sock {
-            transport: t,
+            state: State::Up(t),
             spin,
             read_shut: false,
+            write_shut: false,
         })),
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
         Ok(Accepted::Dropped) => Err(()),
@@ -133,7 +141,77 @@ pub fn unlisten(fd: BorrowedFd<'_>) {
     }
 }
 
+/// poll(2) on the kernel socket alone, without waiting, as a `Ready`.
+fn kernel_readiness(fd: BorrowedFd<'_>) -> Ready {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let mut p = [ssock_rings::sys::PollFd::new(
+        raw,
+        libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP,
+    )];
+    if ssock_rings::sys::poll(&mut p, Some(Duration::ZERO)).is_err() {
+        return Ready::BROKEN;
+    }
+    let r = p[0].revents;
+    Ready {
+        readable: r & libc::POLLIN != 0,
+        writable: r & libc::POLLOUT != 0,
+        rdhup: r & libc::POLLRDHUP != 0,
+        hup: r & libc::POLLHUP != 0,
+        err: r & libc::POLLERR != 0,
+        seq: [0; 2],
+    }
+}
+
 impl Sock {
+    /// The transport, once negotiation is over. Err(EAGAIN): the HelloAck
+    /// has not come yet; Err(FALLBACK): kernel TCP.
+    fn up(&mut self, fd: BorrowedFd<'_>) -> Result<&mut Box<dyn Transport>, i32> {
+        if let State::AwaitAck(session) = &self.state {
+            let next = match connect_finish(fd, session, None) {
+                Ok(None) => return Err(libc::EAGAIN),
+                Ok(Some(Outcome::Attached(resp))) => match attach(session, resp) {
+                    Ok(t) => State::Up(t),
+                    Err(e) => {
+                        // The acceptor is attached and waits on the rings:
+                        // ending the kernel connection tells it (a reset).
+                        log::warn!("attach failed after the HelloAck: {e}");
+                        let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                        State::Kernel
+                    }
+                },
+                Ok(Some(Outcome::Kernel(_))) => State::Kernel,
+                Err(e) => {
+                    // No valid HelloAck (the acceptor dropped us): what is
+                    // left is the kernel connection, and the kernel's answer.
+                    log::warn!("negotiation failed after connect: {e}");
+                    State::Kernel
+                }
+            };
+            self.state = next;
+            let ctx = self.ctx(fd);
+            match &mut self.state {
+                State::Up(t) if self.write_shut => {
+                    let _ = t.shutdown_write(&ctx);
+                }
+                State::Kernel if self.write_shut => {
+                    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write);
+                }
+                _ => {}
+            }
+        }
+        match &mut self.state {
+            State::Up(t) => Ok(t),
+            State::Kernel => Err(FALLBACK),
+            State::AwaitAck(_) => Err(libc::EAGAIN),
+        }
+    }
+
+    /// Whether negotiation ended on kernel TCP (the caller should forget
+    /// this socket and give the fd back to the kernel).
+    pub fn is_kernel(&self) -> bool {
+        matches!(self.state, State::Kernel)
+    }
+
     /// A context for one non-blocking transport call: blocking waits
     /// happen in `io`, outside the socket's lock.
     fn ctx<'a>(&self, fd: BorrowedFd<'a>) -> Ctx<'a> {
@@ -154,14 +232,16 @@ impl Sock {
         buf: &mut [u8],
         peek: bool,
     ) -> Result<usize, i32> {
-        if self.read_shut || buf.is_empty() {
+        let ctx = self.ctx(fd);
+        let read_shut = self.read_shut;
+        let t = self.up(fd)?;
+        if read_shut || buf.is_empty() {
             return Ok(0);
         }
-        let ctx = self.ctx(fd);
         let r = if peek {
-            self.transport.peek(buf, &ctx)
+            t.peek(buf, &ctx)
         } else {
-            self.transport.read(buf, &ctx)
+            t.read(buf, &ctx)
         };
         r.map_err(|e| errno(&e))
     }
@@ -169,34 +249,49 @@ impl Sock {
     /// One non-blocking send: how much went, or Err(EAGAIN) if none could.
     pub fn send_now(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, i32> {
         let ctx = self.ctx(fd);
-        self.transport.write(buf, &ctx).map_err(|e| errno(&e))
+        self.up(fd)?.write(buf, &ctx).map_err(|e| errno(&e))
     }
 
-    /// shutdown(2) on the transport.
+    /// shutdown(2): Err(FALLBACK) once the socket turned out plain.
     pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Result<(), i32> {
         if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
             return Err(libc::EINVAL);
         }
+        let ctx = self.ctx(fd);
+        let t = match self.up(fd) {
+            Err(libc::EAGAIN) => {
+                // Before the HelloAck: remembered, applied when it comes.
+                self.read_shut |= how != libc::SHUT_WR;
+                self.write_shut |= how != libc::SHUT_RD;
+                return Ok(());
+            }
+            r => r?,
+        };
+        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+            t.shutdown_write(&ctx).map_err(|e| errno(&e))?;
+        }
+        // A thread blocked on this socket re-checks, and sees the change.
+        t.wake_self();
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
             self.read_shut = true;
         }
-        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-            let ctx = self.ctx(fd);
-            self.transport.shutdown_write(&ctx).map_err(|e| errno(&e))?;
-        }
-        // A thread blocked on this socket re-checks, and sees the change.
-        self.transport.wake_self();
         Ok(())
     }
 
     /// The process is about to fork; the child will hold the socket too.
     pub fn fork_hold(&mut self) {
-        self.transport.fork_hold();
+        if let State::Up(t) = &mut self.state {
+            t.fork_hold();
+        }
     }
 
     /// (unread, unsent) bytes, for FIONREAD and SIOCOUTQ.
-    pub fn pending(&mut self) -> (usize, usize) {
-        self.transport.pending()
+    pub fn pending(&mut self, fd: BorrowedFd<'_>) -> Result<(usize, usize), i32> {
+        match self.up(fd) {
+            Ok(t) => Ok(t.pending()),
+            Err(libc::EAGAIN) => Ok((0, 0)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The spin budget for waits on this socket.
@@ -204,25 +299,50 @@ impl Sock {
         self.spin
     }
 
-    /// Readiness for poll and friends.
+    /// Readiness for poll and friends (the kernel socket's, once the
+    /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
-        let mut r = self.transport.readiness(&ctx, check_peer);
-        if self.read_shut {
-            // After SHUT_RD a read returns 0 at once.
-            r.readable = true;
+        let read_shut = self.read_shut;
+        match self.up(fd) {
+            Ok(t) => {
+                let mut r = t.readiness(&ctx, check_peer);
+                if read_shut {
+                    // After SHUT_RD a read returns 0 at once.
+                    r.readable = true;
+                }
+                r
+            }
+            Err(libc::EAGAIN) => Ready::default(),
+            Err(_) => kernel_readiness(fd),
         }
-        r
     }
 
     /// Arms for a sleep; the fds to sleep on, or None if already ready.
     pub fn arm(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(i32, i16)>> {
         let ctx = self.ctx(fd);
-        self.transport.arm(&ctx, read, write)
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        match self.up(fd) {
+            Ok(t) => t.arm(&ctx, read, write),
+            // The HelloAck arrives on the kernel socket.
+            Err(libc::EAGAIN) => Some(vec![(raw, libc::POLLIN | libc::POLLRDHUP)]),
+            Err(_) => {
+                let mut ev = 0;
+                if read {
+                    ev |= libc::POLLIN | libc::POLLRDHUP;
+                }
+                if write {
+                    ev |= libc::POLLOUT;
+                }
+                Some(vec![(raw, ev)])
+            }
+        }
     }
 
     /// Ends a sleep prepared by `arm(read, write)`.
     pub fn disarm(&mut self, read: bool, write: bool) {
-        self.transport.disarm(read, write);
+        if let State::Up(t) = &mut self.state {
+            t.disarm(read, write);
+        }
     }
 }

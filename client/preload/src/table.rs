@@ -52,6 +52,17 @@ pub fn duplicate(old: i32, new: i32) {
     }
 }
 
+/// Forgets `fd`'s socket `s` (its negotiation ended on kernel TCP), if the
+/// fd still names it.
+pub fn forget_kernel(fd: i32, s: &Entry) {
+    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = t.get_mut(slot(fd).unwrap_or(usize::MAX)) {
+        if e.as_ref().is_some_and(|e| Arc::ptr_eq(e, s)) {
+            *e = None;
+        }
+    }
+}
+
 /// Forgets `fd` (it is being closed); returns its socket.
 pub fn remove(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {

@@ -6,14 +6,77 @@
 //! timeout, -1/EINTR when a signal interrupts the sleep.
 
 use crate::boundary::borrow;
+use crate::epoll;
 use crate::sock::Sock;
 use crate::table;
 use libc::{c_int, pollfd};
+use ssock_client::transport::Ready;
 use ssock_rings::notify::spin_until;
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 type Entry = Arc<Mutex<Sock>>;
+
+/// Something whose readiness the kernel cannot see: an accelerated socket,
+/// or an epoll instance (with its fd) that has such sockets among its
+/// members (nested in poll or in another epoll).
+#[derive(Clone)]
+pub enum Obj {
+    Sock(Entry),
+    Set(c_int, Arc<epoll::Set>),
+}
+
+impl Obj {
+    /// The shim's object behind `fd`, if any.
+    pub fn lookup(fd: c_int) -> Option<Obj> {
+        if let Some(s) = table::get(fd) {
+            return Some(Obj::Sock(s));
+        }
+        epoll::get(fd)
+            .filter(|s| s.has_members())
+            .map(|s| Obj::Set(fd, s))
+    }
+
+    pub fn readiness(&self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
+        match self {
+            Obj::Sock(s) => lock(s).readiness(fd, check_peer),
+            Obj::Set(epfd, s) => s.readiness(*epfd, check_peer),
+        }
+    }
+
+    pub fn arm(&self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(c_int, i16)>> {
+        match self {
+            Obj::Sock(s) => lock(s).arm(fd, read, write),
+            Obj::Set(epfd, s) if read => s.arm(*epfd),
+            // An epoll instance is never writable: nothing to wait for.
+            Obj::Set(..) => Some(Vec::new()),
+        }
+    }
+
+    pub fn disarm(&self, read: bool, write: bool) {
+        match self {
+            Obj::Sock(s) => lock(s).disarm(read, write),
+            Obj::Set(_, s) if read => s.disarm(),
+            Obj::Set(..) => {}
+        }
+    }
+
+    pub fn spin(&self) -> Duration {
+        match self {
+            Obj::Sock(s) => lock(s).spin(),
+            Obj::Set(..) => ssock_rings::notify::DEFAULT_SPIN,
+        }
+    }
+
+    /// Whether negotiation ended on kernel TCP (an accelerated socket only).
+    pub fn is_kernel(&self) -> bool {
+        match self {
+            Obj::Sock(s) => lock(s).is_kernel(),
+            Obj::Set(..) => false,
+        }
+    }
+}
 
 /// libc's poll over a Rust slice.
 pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
@@ -36,15 +99,15 @@ fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
 
 /// The accelerated sockets among `pfds` (None: kernel fd), or None if
 /// there is none (the caller then hands the whole call to libc).
-pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Entry>>> {
-    let socks: Vec<Option<Entry>> = pfds.iter().map(|p| table::get(p.fd)).collect();
+pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Obj>>> {
+    let socks: Vec<Option<Obj>> = pfds.iter().map(|p| Obj::lookup(p.fd)).collect();
     socks.iter().any(Option::is_some).then_some(socks)
 }
 
 /// Fills revents; returns the number of entries with something to report.
 fn scan(
     pfds: &mut [pollfd],
-    socks: &[Option<Entry>],
+    socks: &[Option<Obj>],
     check_peer: bool,
     real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
 ) -> c_int {
@@ -56,7 +119,7 @@ fn scan(
             Some(s) => {
                 // SAFETY: p.fd is an fd the application is polling, open for
                 // the duration of its poll call.
-                let r = lock(s).readiness(unsafe { borrow(p.fd) }, check_peer);
+                let r = s.readiness(unsafe { borrow(p.fd) }, check_peer);
                 p.revents = r.revents(p.events);
                 if p.revents != 0 {
                     n += 1;
@@ -91,7 +154,7 @@ fn scan(
 /// the blocking call (poll or ppoll with the caller's signal mask).
 pub fn poll(
     pfds: &mut [pollfd],
-    socks: &[Option<Entry>],
+    socks: &[Option<Obj>],
     timeout: Option<Duration>,
     real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
     sleep: &dyn Fn(&mut [pollfd], Option<Duration>) -> c_int,
@@ -101,7 +164,7 @@ pub fn poll(
         .iter()
         .flatten()
         .next()
-        .map(|s| lock(s).spin())
+        .map(Obj::spin)
         .unwrap_or_default();
     let mut spun = false;
     loop {
@@ -123,7 +186,7 @@ pub fn poll(
                     s.as_ref().is_some_and(|s| {
                         // SAFETY: as in `scan`.
                         let fd = unsafe { borrow(p.fd) };
-                        lock(s).readiness(fd, false).any(p.events)
+                        s.readiness(fd, false).any(p.events)
                     })
                 });
                 any.then_some(())
@@ -137,7 +200,7 @@ pub fn poll(
             return n;
         }
         let mut set: Vec<pollfd> = Vec::new();
-        let mut armed: Vec<(&Entry, bool, bool)> = Vec::new();
+        let mut armed: Vec<(&Obj, bool, bool)> = Vec::new();
         let mut ready_meanwhile = false;
         for (p, s) in pfds.iter().zip(socks) {
             match s {
@@ -151,7 +214,7 @@ pub fn poll(
                     let read = p.events & (libc::POLLIN | libc::POLLRDNORM | libc::POLLRDHUP) != 0;
                     let write = p.events & (libc::POLLOUT | libc::POLLWRNORM) != 0;
                     // SAFETY: as in `scan`.
-                    match lock(s).arm(unsafe { borrow(p.fd) }, read, write) {
+                    match s.arm(unsafe { borrow(p.fd) }, read, write) {
                         Some(fds) => {
                             armed.push((s, read, write));
                             set.extend(fds.into_iter().map(|(fd, events)| pollfd {
@@ -178,7 +241,7 @@ pub fn poll(
         };
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         for (s, read, write) in armed {
-            lock(s).disarm(read, write);
+            s.disarm(read, write);
         }
         if r < 0 {
             crate::boundary::set_errno(errno);

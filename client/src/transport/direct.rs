@@ -45,6 +45,10 @@ pub struct Direct {
     peer_gone: bool,
     broken: bool,
     closed: bool,
+    /// Threads asleep through `arm` on each direction (several threads may
+    /// poll one socket): the wait word is cleared and the doorbell drained
+    /// only when the last one leaves, so nobody's wake-up is taken away.
+    sleepers: [u32; 2],
 }
 
 impl Direct {
@@ -87,6 +91,7 @@ impl Direct {
             peer_gone: false,
             broken: false,
             closed: false,
+            sleepers: [0; 2],
         })
     }
 
@@ -248,12 +253,19 @@ impl Transport for Direct {
             || self.peer_gone
             || reader_gone
             || self.tx.writable().unwrap_or(1) > 0;
+        let marks = u64::from(eos) + u64::from(reset) + u64::from(self.peer_gone);
+        let tx_marks = u64::from(reader_gone) + u64::from(self.peer_gone);
         Ready {
             readable: rx_ready || self.peer_gone,
             writable,
             rdhup: (eos && !data) || self.peer_gone,
             hup: self.peer_gone || reset || (eos && reader_gone),
             err: reset,
+            // Sums of counters that only grow: they change when any does.
+            seq: [
+                self.rx.produced_seen() + marks,
+                self.tx.consumed_seen() + tx_marks,
+            ],
         }
     }
 
@@ -266,13 +278,31 @@ impl Transport for Direct {
         if self.broken {
             return None;
         }
-        if read && !self.rx.arm().unwrap_or(false) {
+        // A direction already armed by another sleeper stays armed; this
+        // one only checks that there is nothing to take yet.
+        let rx_ok = !read
+            || if self.sleepers[0] == 0 {
+                self.rx.arm().unwrap_or(false)
+            } else {
+                !self.rx.ready().unwrap_or(true)
+            };
+        if !rx_ok {
             return None;
         }
-        if write && !self.tx.arm().unwrap_or(false) {
-            self.rx.disarm();
+        let tx_ok = !write
+            || if self.sleepers[1] == 0 {
+                self.tx.arm().unwrap_or(false)
+            } else {
+                self.tx.writable().unwrap_or(1) == 0 && !self.tx.peer_closed()
+            };
+        if !tx_ok {
+            if read && self.sleepers[0] == 0 {
+                self.rx.disarm();
+            }
             return None;
         }
+        self.sleepers[0] += u32::from(read);
+        self.sleepers[1] += u32::from(write);
         let mut fds = Vec::with_capacity(3);
         if read {
             fds.push((self.rbell.as_raw_fd(), libc::POLLIN));
@@ -298,13 +328,19 @@ impl Transport for Direct {
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
-        if read {
-            self.rx.disarm();
-            self.rbell.drain();
+        if read && self.sleepers[0] > 0 {
+            self.sleepers[0] -= 1;
+            if self.sleepers[0] == 0 {
+                self.rx.disarm();
+                self.rbell.drain();
+            }
         }
-        if write {
-            self.tx.disarm();
-            self.wbell.drain();
+        if write && self.sleepers[1] > 0 {
+            self.sleepers[1] -= 1;
+            if self.sleepers[1] == 0 {
+                self.tx.disarm();
+                self.wbell.drain();
+            }
         }
     }
 

@@ -44,6 +44,11 @@ pub struct Ready {
     pub hup: bool,
     /// The connection was reset (POLLERR).
     pub err: bool,
+    /// Progress counters (received, sent): they change whenever data or a
+    /// mark arrives, and whenever the peer takes what we sent. Edge-
+    /// triggered epoll reports a direction again only after its counter
+    /// moved, like the kernel's wake-up on each arrival.
+    pub seq: [u64; 2],
 }
 
 impl Ready {
@@ -54,6 +59,7 @@ impl Ready {
         rdhup: true,
         hup: true,
         err: true,
+        seq: [0; 2],
     };
 
     /// poll(2) revents for a request of `events`.
@@ -130,7 +136,10 @@ pub trait Transport: Send + std::fmt::Debug {
         None
     }
     /// Ends a sleep prepared by `arm(read, write)`: only those directions
-    /// (another thread may be asleep on the other one). Idempotent.
+    /// (another thread may be asleep on the other one). Sleepers are
+    /// counted: a direction's wait word and doorbell are reset only when
+    /// its last sleeper leaves, so one thread's wake-up never swallows
+    /// another's.
     fn disarm(&mut self, read: bool, write: bool) {
         let _ = (read, write);
     }

@@ -36,6 +36,8 @@ pub struct Queued {
     rx_cur: Option<(u16, usize, usize)>,
     kick: EventFd,
     call: EventFd,
+    /// Threads asleep through `arm` (see `disarm`).
+    sleepers: u32,
     session: Option<Arc<Session>>,
     peer_gone: bool,
     broken: bool,
@@ -78,6 +80,7 @@ impl Queued {
             rx_cur: None,
             kick: EventFd::from_owned(kick),
             call: EventFd::from_owned(call),
+            sleepers: 0,
             session,
             peer_gone: false,
             broken: false,
@@ -285,6 +288,10 @@ impl Transport for Queued {
             rdhup: eos && !data,
             hup: self.peer_gone && eos && !data,
             err: false,
+            seq: [
+                u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),
+                u64::from(self.tx.used_idx()) + u64::from(self.peer_gone),
+            ],
         }
     }
 
@@ -303,6 +310,9 @@ impl Transport for Queued {
         if write && (!self.tx.arm() || !self.free_tx.is_empty()) {
             return None;
         }
+        if read || write {
+            self.sleepers += 1;
+        }
         let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
         let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (devd, 0)];
         if !self.peer_gone {
@@ -312,10 +322,14 @@ impl Transport for Queued {
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
-        // One interrupt fd serves both directions here (see docs: two
-        // threads sleeping on one Queued socket can steal a wake-up).
-        let _ = (read, write);
-        self.call.drain();
+        // One interrupt fd serves both directions: it is drained when the
+        // last sleeper leaves, so no sleeper's wake-up is taken away.
+        if read || write {
+            self.sleepers = self.sleepers.saturating_sub(1);
+            if self.sleepers == 0 {
+                self.call.drain();
+            }
+        }
     }
 
     fn wake_self(&self) {

@@ -111,6 +111,12 @@ impl QueueDriver {
         self.map.u16_at(self.o.used + 2).load(Ordering::Acquire) != self.used_seen
     }
 
+    /// The device's used index: it moves with every entry returned.
+    pub fn used_idx(&self) -> u16 {
+        // Acquire: as in pop_used.
+        self.map.u16_at(self.o.used + 2).load(Ordering::Acquire)
+    }
+
     /// Entries posted but not yet returned.
     pub fn in_flight(&self) -> u16 {
         self.next_avail.wrapping_sub(self.used_seen)

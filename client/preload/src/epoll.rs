@@ -1,0 +1,563 @@
+//! epoll under the shim. The kernel's epoll instance keeps the kernel fds;
+//! the shim keeps, per instance, the registrations of accelerated sockets
+//! (their readiness lives in the rings, which the kernel cannot see) and
+//! of nested shim epoll instances. epoll_wait reports ring readiness with
+//! the kernel's rules (level-triggered, EPOLLET, EPOLLONESHOT, EPOLLRDHUP,
+//! EPOLLHUP and EPOLLERR always), takes the kernel fds' events from the
+//! real epoll_wait, and sleeps in one real poll over the epoll fd itself,
+//! the members' doorbells and a control bell (so epoll_ctl from another
+//! thread wakes a sleeper).
+//!
+//! A socket registered before it turned accelerated (nonblocking connect)
+//! moves from the kernel instance to the shim's when it does, and back if
+//! its negotiation ends on kernel TCP.
+
+use crate::boundary::borrow;
+use crate::table;
+use crate::wait::{self, Obj};
+use libc::{c_int, epoll_event};
+use ssock_client::transport::Ready;
+use ssock_rings::sys::EventFd;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+const EPOLLIN: u32 = libc::EPOLLIN as u32;
+const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
+const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+const EPOLLERR: u32 = libc::EPOLLERR as u32;
+const EPOLLET: u32 = libc::EPOLLET as u32;
+const EPOLLONESHOT: u32 = libc::EPOLLONESHOT as u32;
+const EPOLLEXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
+
+/// One registration the shim keeps.
+struct Member {
+    fd: c_int,
+    obj: Obj,
+    events: u32,
+    data: u64,
+    /// Edge-triggered: the progress counters when last reported (None:
+    /// report the current state once, as after ADD or MOD).
+    seen: Option<[u64; 2]>,
+    /// EPOLLONESHOT fired: nothing more until EPOLL_CTL_MOD.
+    disabled: bool,
+}
+
+impl Member {
+    fn read(&self) -> bool {
+        self.events & (EPOLLIN | EPOLLRDHUP) != 0
+    }
+    fn write(&self) -> bool {
+        self.events & EPOLLOUT != 0
+    }
+
+    /// What this member reports for readiness `r` (0: nothing).
+    fn report(&self, r: Ready) -> u32 {
+        if self.disabled {
+            return 0;
+        }
+        let mut ev = 0;
+        if r.readable {
+            ev |= self.events & EPOLLIN;
+        }
+        if r.writable {
+            ev |= self.events & EPOLLOUT;
+        }
+        if r.rdhup {
+            ev |= self.events & EPOLLRDHUP;
+        }
+        if r.hup {
+            ev |= EPOLLHUP;
+        }
+        if r.err {
+            ev |= EPOLLERR;
+        }
+        if self.events & EPOLLET != 0 && self.seen == Some(r.seq) {
+            return 0;
+        }
+        ev
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    members: Vec<Member>,
+    /// What the kernel instance holds (fd -> events, data), kept so a
+    /// socket can move between the two when it turns accelerated or plain.
+    kernel: HashMap<c_int, (u32, u64)>,
+    /// Round-robin start, so a busy member cannot starve the others.
+    next: usize,
+    /// Waits that found ring events; the kernel's are fetched too every
+    /// few of them, so kernel fds are not starved either.
+    calls: u32,
+}
+
+/// The shim's side of one epoll instance.
+pub struct Set {
+    inner: Mutex<Inner>,
+    /// Rung by epoll_ctl while someone sleeps in this instance.
+    bell: EventFd,
+    sleepers: AtomicU32,
+    /// Whether any member is the shim's (else epoll_wait goes to libc).
+    any: AtomicBool,
+}
+
+static ANY: AtomicBool = AtomicBool::new(false);
+static SETS: RwLock<Option<HashMap<c_int, Arc<Set>>>> = RwLock::new(None);
+
+/// The shim's state of epoll instance `epfd`, if it knows it.
+pub fn get(epfd: c_int) -> Option<Arc<Set>> {
+    if !ANY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let t = SETS.read().unwrap_or_else(|p| p.into_inner());
+    t.as_ref()?.get(&epfd).cloned()
+}
+
+fn all() -> Vec<(c_int, Arc<Set>)> {
+    if !ANY.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let t = SETS.read().unwrap_or_else(|p| p.into_inner());
+    t.as_ref()
+        .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn put(epfd: c_int, s: Option<Arc<Set>>) {
+    let mut t = SETS.write().unwrap_or_else(|p| p.into_inner());
+    let m = t.get_or_insert_with(HashMap::new);
+    match s {
+        Some(s) => {
+            m.insert(epfd, s);
+            ANY.store(true, Ordering::Relaxed);
+        }
+        None => {
+            m.remove(&epfd);
+        }
+    }
+}
+
+/// A new epoll instance `epfd` (epoll_create, epoll_create1).
+pub fn created(epfd: c_int) {
+    if epfd < 0 {
+        return;
+    }
+    match EventFd::new() {
+        Ok(bell) => put(
+            epfd,
+            Some(Arc::new(Set {
+                inner: Mutex::new(Inner::default()),
+                bell,
+                sleepers: AtomicU32::new(0),
+                any: AtomicBool::new(false),
+            })),
+        ),
+        // Without a bell the instance stays the kernel's alone: its
+        // accelerated members would never be seen, so say so.
+        Err(e) => log::warn!("epoll instance {epfd} not tracked: {e}"),
+    }
+}
+
+/// `new` names the same epoll instance as `old` (dup).
+pub fn duplicated(old: c_int, new: c_int) {
+    if let Some(s) = get(old) {
+        put(new, Some(s));
+    } else if get(new).is_some() {
+        put(new, None);
+    }
+}
+
+/// `fd` is being closed: an epoll instance is forgotten, and a member is
+/// dropped from every instance (the kernel does that for its own).
+pub fn closed(fd: c_int) {
+    if !ANY.load(Ordering::Relaxed) {
+        return;
+    }
+    put(fd, None);
+    for (_, s) in all() {
+        let mut i = s.lock();
+        i.kernel.remove(&fd);
+        let before = i.members.len();
+        i.members.retain(|m| m.fd != fd);
+        if i.members.len() != before {
+            s.any.store(!i.members.is_empty(), Ordering::Relaxed);
+            drop(i);
+            s.ring();
+        }
+    }
+}
+
+/// `fd` just became an accelerated socket: registrations the kernel
+/// instances hold for it move to the shim.
+pub fn became_accelerated(fd: c_int) {
+    let Some(sock) = table::get(fd) else { return };
+    for (epfd, s) in all() {
+        let mut i = s.lock();
+        let Some((events, data)) = i.kernel.remove(&fd) else {
+            continue;
+        };
+        let mut ev = epoll_event { events, u64: data };
+        // SAFETY: plain epoll_ctl on the application's instance; ev is live.
+        unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+        i.members.push(Member {
+            fd,
+            obj: Obj::Sock(sock.clone()),
+            events,
+            data,
+            seen: None,
+            disabled: false,
+        });
+        s.any.store(true, Ordering::Relaxed);
+        drop(i);
+        s.ring();
+    }
+}
+
+impl Set {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes sleepers so they see a changed registration.
+    fn ring(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _ = self.bell.notify();
+        }
+    }
+
+    /// Whether the shim has members here (else the kernel does it all).
+    pub fn has_members(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    /// Members whose negotiation ended on kernel TCP go back to the kernel
+    /// instance `epfd` (and out of the socket table).
+    fn return_plain(&self, epfd: c_int, i: &mut Inner) {
+        let mut k = 0;
+        while k < i.members.len() {
+            let m = &i.members[k];
+            if !m.obj.is_kernel() {
+                k += 1;
+                continue;
+            }
+            let m = i.members.remove(k);
+            if let Obj::Sock(s) = &m.obj {
+                table::forget_kernel(m.fd, s);
+            }
+            let mut ev = epoll_event {
+                events: m.events,
+                u64: m.data,
+            };
+            // SAFETY: plain epoll_ctl on the application's instance and fd.
+            let r =
+                unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, m.fd, &mut ev) };
+            if r == 0 {
+                i.kernel.insert(m.fd, (m.events, m.data));
+            }
+        }
+        self.any.store(!i.members.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Fills `out` with the shim's members' events (updating edge and
+    /// one-shot state); returns how many.
+    fn collect(&self, epfd: c_int, out: &mut [epoll_event], check_peer: bool) -> usize {
+        let mut i = self.lock();
+        self.return_plain(epfd, &mut i);
+        let len = i.members.len();
+        let mut n = 0;
+        let start = if len == 0 { 0 } else { i.next % len };
+        for k in 0..len {
+            if n == out.len() {
+                break;
+            }
+            let j = (start + k) % len;
+            let m = &mut i.members[j];
+            if m.disabled {
+                continue;
+            }
+            // SAFETY: m.fd is registered in this instance and still open
+            // (close() drops it from every instance first).
+            let r = m.obj.readiness(unsafe { borrow(m.fd) }, check_peer);
+            let ev = m.report(r);
+            if ev == 0 {
+                continue;
+            }
+            out[n] = epoll_event {
+                events: ev,
+                u64: m.data,
+            };
+            n += 1;
+            m.seen = Some(r.seq);
+            if m.events & EPOLLONESHOT != 0 {
+                m.disabled = true;
+            }
+            i.next = j + 1;
+        }
+        n
+    }
+
+    /// Whether some member would report something now (no state change).
+    fn any_ready(&self, check_peer: bool) -> bool {
+        let i = self.lock();
+        i.members.iter().any(|m| {
+            // SAFETY: as in `collect`.
+            m.report(m.obj.readiness(unsafe { borrow(m.fd) }, check_peer)) != 0
+        })
+    }
+
+    /// Readiness of the instance itself (for poll, or a nested epoll):
+    /// readable when a wait would report something.
+    pub fn readiness(&self, epfd: c_int, check_peer: bool) -> Ready {
+        let mut readable = self.any_ready(check_peer);
+        if !readable && check_peer {
+            let mut p = [libc::pollfd {
+                fd: epfd,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            readable = wait::real_poll(&mut p, 0) > 0;
+        }
+        Ready {
+            readable,
+            ..Ready::default()
+        }
+    }
+
+    /// Arms every member for a sleep; the fds to sleep on (the epoll fd
+    /// and the control bell first), or None if something became ready.
+    pub fn arm(&self, epfd: c_int) -> Option<Vec<(c_int, i16)>> {
+        let i = self.lock();
+        let mut fds = vec![
+            (epfd, libc::POLLIN),
+            (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
+        ];
+        for (k, m) in i.members.iter().enumerate() {
+            if m.disabled {
+                continue;
+            }
+            // SAFETY: as in `collect`.
+            match m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
+                Some(f) => fds.extend(f),
+                None => {
+                    for m in &i.members[..k] {
+                        if !m.disabled {
+                            m.obj.disarm(m.read(), m.write());
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        Some(fds)
+    }
+
+    /// Ends a sleep prepared by `arm`.
+    pub fn disarm(&self) {
+        let i = self.lock();
+        for m in &i.members {
+            if !m.disabled {
+                m.obj.disarm(m.read(), m.write());
+            }
+        }
+        if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.bell.drain();
+        }
+    }
+
+    /// The spin budget of the first member (the instance's budget).
+    fn spin(&self) -> Duration {
+        let i = self.lock();
+        i.members.first().map(|m| m.obj.spin()).unwrap_or_default()
+    }
+}
+
+/// Whether `target` can be reached from `from` through nested members
+/// (or the nesting is too deep, as the kernel's limit of 5 levels).
+fn reaches(from: &Arc<Set>, target: &Arc<Set>, depth: usize) -> bool {
+    if Arc::ptr_eq(from, target) || depth > 4 {
+        return true;
+    }
+    let nested: Vec<Arc<Set>> = from
+        .lock()
+        .members
+        .iter()
+        .filter_map(|m| match &m.obj {
+            Obj::Set(_, s) => Some(s.clone()),
+            Obj::Sock(_) => None,
+        })
+        .collect();
+    nested.iter().any(|s| reaches(s, target, depth + 1))
+}
+
+/// Whether `fd` is an epoll instance (for one created before the shim saw it).
+fn is_epoll(fd: c_int) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventpoll]")
+}
+
+/// epoll_ctl(2). `real` performs the call on the kernel instance.
+pub fn ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut epoll_event,
+    real: &dyn Fn() -> c_int,
+) -> Result<c_int, i32> {
+    let obj = table::get(fd)
+        .map(Obj::Sock)
+        .or_else(|| get(fd).map(|s| Obj::Set(fd, s)));
+    let set = match get(epfd) {
+        Some(s) => s,
+        None if obj.is_some() && is_epoll(epfd) => {
+            created(epfd);
+            get(epfd).ok_or(libc::ENOMEM)?
+        }
+        None => return Ok(real()),
+    };
+    let mut i = set.lock();
+    let shim_member = i.members.iter().position(|m| m.fd == fd);
+    let Some(obj) = obj else {
+        // A kernel fd: the kernel decides; the shim remembers.
+        let r = real();
+        if r == 0 {
+            // SAFETY: for ADD/MOD, ev is the caller's valid epoll_event.
+            let e = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
+            match (op, e) {
+                (libc::EPOLL_CTL_DEL, _) => {
+                    i.kernel.remove(&fd);
+                }
+                (_, Some(e)) => {
+                    i.kernel.insert(fd, e);
+                }
+                _ => {}
+            }
+        }
+        return Ok(r);
+    };
+    if fd == epfd {
+        return Err(libc::EINVAL);
+    }
+    if let Obj::Set(_, inner) = &obj {
+        if op == libc::EPOLL_CTL_ADD && reaches(inner, &set, 0) {
+            return Err(libc::ELOOP);
+        }
+    }
+    // SAFETY: for ADD/MOD, ev is the caller's epoll_event (epoll_ctl(2)).
+    let want = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
+    match op {
+        libc::EPOLL_CTL_ADD => {
+            let (events, data) = want.ok_or(libc::EFAULT)?;
+            if shim_member.is_some() || i.kernel.contains_key(&fd) {
+                return Err(libc::EEXIST);
+            }
+            i.members.push(Member {
+                fd,
+                obj,
+                events,
+                data,
+                seen: None,
+                disabled: false,
+            });
+        }
+        libc::EPOLL_CTL_MOD => {
+            let (events, data) = want.ok_or(libc::EFAULT)?;
+            let k = shim_member.ok_or(libc::ENOENT)?;
+            if events & EPOLLEXCLUSIVE != 0 || i.members[k].events & EPOLLEXCLUSIVE != 0 {
+                return Err(libc::EINVAL);
+            }
+            let m = &mut i.members[k];
+            m.events = events;
+            m.data = data;
+            m.seen = None;
+            m.disabled = false;
+        }
+        libc::EPOLL_CTL_DEL => {
+            let k = shim_member.ok_or(libc::ENOENT)?;
+            i.members.remove(k);
+        }
+        _ => return Err(libc::EINVAL),
+    }
+    set.any.store(!i.members.is_empty(), Ordering::Relaxed);
+    drop(i);
+    set.ring();
+    Ok(0)
+}
+
+/// epoll_wait and friends on an instance with shim members. `sleep(set,
+/// remaining)` is the blocking poll (with the caller's signal mask).
+pub fn wait(
+    epfd: c_int,
+    set: &Set,
+    out: &mut [epoll_event],
+    timeout: Option<Duration>,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let kernel = |out: &mut [epoll_event]| -> usize {
+        if out.is_empty() {
+            return 0;
+        }
+        let max = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
+        // SAFETY: out is a valid, exclusively borrowed array of max events.
+        let r = unsafe { (crate::real::get().epoll_wait)(epfd, out.as_mut_ptr(), max, 0) };
+        usize::try_from(r).unwrap_or(0)
+    };
+    let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
+    let spin = set.spin();
+    let mut spun = false;
+    loop {
+        // The rings first, without a syscall; the kernel's events when the
+        // rings have none, and every fourth time anyway.
+        let mut n = set.collect(epfd, out, false);
+        let tick = {
+            let mut i = set.lock();
+            i.calls = i.calls.wrapping_add(1);
+            i.calls.is_multiple_of(4)
+        };
+        if n == 0 || tick {
+            n += kernel(&mut out[n..]);
+        }
+        if n > 0 {
+            return count(n);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let n = set.collect(epfd, out, true);
+            return count(n + kernel(&mut out[n..]));
+        }
+        if !spun {
+            spun = true;
+            if ssock_rings::notify::spin_until(spin, || set.any_ready(false).then_some(()))
+                .is_some()
+            {
+                continue;
+            }
+        }
+        let n = set.collect(epfd, out, true);
+        if n > 0 {
+            return count(n);
+        }
+        let Some(fds) = set.arm(epfd) else { continue };
+        let mut pfds: Vec<libc::pollfd> = fds
+            .into_iter()
+            .map(|(fd, events)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            })
+            .collect();
+        let r = sleep(
+            &mut pfds,
+            deadline.map(|d| d.saturating_duration_since(Instant::now())),
+        );
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        set.disarm();
+        if r < 0 {
+            crate::boundary::set_errno(errno);
+            return -1;
+        }
+    }
+}

@@ -82,6 +82,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_
             // the socket the caller is connecting, open during this call.
             let (dst, b) = unsafe { (sockaddr(addr, len), borrow(fd)) };
             let Some(dst) = dst else { return real() };
+            if table::get(fd).is_some() {
+                return dispatch(fd, |s| lock(s).reconnect(b), real);
+            }
             match sock::connect(b, dst) {
                 None => real(),
                 Some(Ok(Some(s))) => {

@@ -38,6 +38,10 @@ pub struct Sock {
     read_shut: bool,
     /// shutdown(SHUT_WR) before the HelloAck: applied once it is known.
     write_shut: bool,
+    /// connect() has reported success (0). A nonblocking connect reported
+    /// EINPROGRESS: the next connect() on the socket says 0, later ones
+    /// EISCONN, as the kernel's do.
+    connect_reported: bool,
 }
 
 /// errno for an io::Error.
@@ -91,6 +95,7 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             spin,
             read_shut: false,
             write_shut: false,
+            connect_reported: !is_nonblocking(fd),
         })),
         Err(e) => Err(errno(&e)),
     })
@@ -128,6 +133,7 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
             spin,
             read_shut: false,
             write_shut: false,
+            connect_reported: true,
         })),
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
         Ok(Accepted::Dropped) => Err(()),
@@ -203,6 +209,21 @@ impl Sock {
             State::Up(t) => Ok(t),
             State::Kernel => Err(FALLBACK),
             State::AwaitAck(_) => Err(libc::EAGAIN),
+        }
+    }
+
+    /// connect(2) again on a socket the shim tracks (programs check a
+    /// nonblocking connect that way): EALREADY while the HelloAck is
+    /// awaited, then 0 once, then EISCONN.
+    pub fn reconnect(&mut self, fd: BorrowedFd<'_>) -> Result<i32, i32> {
+        match self.up(fd).map(|_| ()) {
+            Err(libc::EAGAIN) => Err(libc::EALREADY),
+            Err(e) => Err(e),
+            Ok(()) if !self.connect_reported => {
+                self.connect_reported = true;
+                Ok(0)
+            }
+            Ok(()) => Err(libc::EISCONN),
         }
     }
 

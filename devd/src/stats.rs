@@ -26,6 +26,9 @@ pub struct Totals {
     pub bad_messages: u64,
     /// Sessions accepted.
     pub sessions: u64,
+    /// Bytes carried (both directions) by accelerated connections that
+    /// are gone: [direct, queued].
+    pub bytes_closed: [u64; 2],
 }
 
 impl Totals {
@@ -72,6 +75,10 @@ impl Totals {
             violations: self.violations,
             bad_messages: self.bad_messages,
             sessions: self.sessions,
+            bytes: BytesByMode {
+                direct: self.bytes_closed[0],
+                queued: self.bytes_closed[1],
+            },
         }
     }
 }
@@ -126,6 +133,17 @@ pub struct TotalsJson {
     pub bad_messages: u64,
     /// Sessions accepted.
     pub sessions: u64,
+    /// Bytes carried (both directions, live and closed connections) by mode.
+    pub bytes: BytesByMode,
+}
+
+/// JSON: bytes by accelerated mode.
+#[derive(Debug, Serialize)]
+pub struct BytesByMode {
+    /// Direct.
+    pub direct: u64,
+    /// Queued.
+    pub queued: u64,
 }
 
 /// JSON: one ring direction.

@@ -305,6 +305,11 @@ impl Peer {
         self.child.id()
     }
 
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Closes stdin and waits for exit; true on success.
     pub fn wait_success(&mut self) -> Result<bool> {
         self.stdin = None;

@@ -573,7 +573,11 @@ impl Devd {
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
         self.reg.by_inode.remove(&inode);
         if both {
-            self.reg.conns.remove(&id);
+            if let Some(c) = self.reg.conns.remove(&id) {
+                let j = conn_json(&c);
+                let k = usize::from(c.mode == Mode::Queued);
+                self.totals.bytes_closed[k] += j.bytes_c2a + j.bytes_a2c;
+            }
         }
     }
 
@@ -644,6 +648,13 @@ impl Devd {
             totals: {
                 let mut t = self.totals.json();
                 t.violations += QueuedCounters::get(&self.violations);
+                for c in self.reg.conns.values() {
+                    let j = conn_json(c);
+                    match c.mode {
+                        Mode::Queued => t.bytes.queued += j.bytes_c2a + j.bytes_a2c,
+                        _ => t.bytes.direct += j.bytes_c2a + j.bytes_a2c,
+                    }
+                }
                 t
             },
             connections: Vec::new(),

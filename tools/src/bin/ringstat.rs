@@ -107,10 +107,12 @@ fn print_table(v: &Value) {
     }
     let t = &v["totals"];
     println!(
-        "totals: direct {} queued {} kernel {} violations {} bad_messages {} sessions {}",
+        "totals: direct {} queued {} kernel {} bytes direct {} queued {} violations {} bad_messages {} sessions {}",
         t["connections"]["direct"],
         t["connections"]["queued"],
         t["connections"]["kernel"],
+        t["bytes"]["direct"],
+        t["bytes"]["queued"],
         t["violations"],
         t["bad_messages"],
         t["sessions"]

@@ -1,0 +1,275 @@
+//! Real programs from Debian, unmodified, with server and client both under
+//! `ssock-run` (issue 3, item 5): redis-server with redis-benchmark,
+//! iperf3, and sockperf. Each test checks the program's own success
+//! output, and through devd's statistics that its connections went Direct
+//! (none fell back to kernel TCP) and carried at least the program's own
+//! bytes. The asyncio echo server and client are in shim.rs.
+
+use anyhow::{bail, ensure, Context, Result};
+use ssock_tests::{bin, have_app, Devd, Peer};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one client program may run before the test fails.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+/// `ssock-run --devd SOCKET -- PROGRAM ARGS`.
+fn under_ssock(d: &Devd, program: &str, args: &[&str]) -> Result<Command> {
+    let mut c = Command::new(bin("ssock-run"));
+    c.args(["--devd", d.socket.to_str().context("path")?, "--", program])
+        .args(args);
+    Ok(c)
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs `cmd` to its end (killed after `RUN_LIMIT`); fails unless it exits
+/// with success. Returns stdout followed by stderr.
+fn run(mut cmd: Command) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {desc}"))?;
+    let readers: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    })
+    .collect();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{desc} still running after {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out: String = readers
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .collect();
+    ensure!(status.success(), "{desc} failed ({status}):\n{out}");
+    Ok(out)
+}
+
+/// Waits until something listens on `port` (read from /proc/net/tcp and
+/// tcp6, so that no probe connection is counted by devd), and
+/// fails if the server exits first.
+fn wait_listening(server: &mut Peer, port: &str) -> Result<()> {
+    let hex = format!(":{:04X}", port.parse::<u16>()?);
+    let t = Instant::now();
+    loop {
+        let tab = std::fs::read_to_string("/proc/net/tcp")?
+            + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+        let listening = tab.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&hex) && f[3] == "0A"
+        });
+        if listening {
+            return Ok(());
+        }
+        ensure!(server.alive(), "the server exited before listening");
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "nothing listens on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// devd's totals: (direct connections, kernel fallbacks, Direct bytes).
+fn totals(d: &Devd) -> Result<(u64, u64, u64)> {
+    let t = d.stats()?["totals"].clone();
+    let n = |v: &serde_json::Value| v.as_u64().with_context(|| format!("totals {t}"));
+    Ok((
+        n(&t["connections"]["direct"])?,
+        n(&t["connections"]["kernel"])?,
+        n(&t["bytes"]["direct"])?,
+    ))
+}
+
+/// The "TEST: N requests per second" figures of `redis-benchmark -q`.
+fn rps(out: &str, test: &str) -> Result<f64> {
+    // -q rewrites a progress line with \r; the final figure follows the last one.
+    let line = out
+        .split(['\r', '\n'])
+        .rfind(|l| l.starts_with(&format!("{test}: ")) && l.contains("requests per second"))
+        .with_context(|| format!("no {test} result in:\n{out}"))?;
+    let v = line
+        .split_whitespace()
+        .nth(1)
+        .context("format")?
+        .parse::<f64>()?;
+    ensure!(v > 0.0, "{line}");
+    Ok(v)
+}
+
+#[test]
+fn redis_benchmark_against_redis_server_goes_direct() -> Result<()> {
+    if !have_app("redis-server")? || !have_app("redis-benchmark")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(
+        &d,
+        "redis-server",
+        &[
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    let n = 20_000u64;
+    let mut requests = 0;
+    for extra in [&["-c", "1"][..], &["-c", "50", "-P", "16"][..]] {
+        let mut args = vec!["-p", &port, "-t", "ping,set,get", "-q"];
+        let ns = n.to_string();
+        args.extend(["-n", &ns]);
+        args.extend(extra);
+        let out = run(under_ssock(&d, "redis-benchmark", &args)?)?;
+        for test in ["PING_INLINE", "PING_MBULK", "SET", "GET"] {
+            rps(&out, test)?;
+            requests += n;
+        }
+    }
+    let (direct, kernel, bytes) = totals(&d)?;
+    // 4 tests with 1 client, 4 with 50, plus redis-benchmark's own
+    // CONFIG connections: at least 204, every one Direct.
+    ensure!(direct >= 204, "only {direct} Direct connections");
+    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    // The smallest exchange is "PING\r\n" and "+PONG\r\n": 13 bytes.
+    ensure!(
+        bytes >= 13 * requests,
+        "{bytes} bytes over Direct for {requests} requests"
+    );
+    Ok(())
+}
+
+#[test]
+fn iperf3_goes_direct_and_carries_its_bytes() -> Result<()> {
+    if !have_app("iperf3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(&d, "iperf3", &["-s", "-1", "-p", &port])?)?;
+    wait_listening(&mut server, &port)?;
+    let out = run(under_ssock(
+        &d,
+        "iperf3",
+        &["-c", "127.0.0.1", "-p", &port, "-t", "3", "-J"],
+    )?)?;
+    let j: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("iperf3 -J output:\n{out}"))?;
+    ensure!(j["error"].is_null(), "iperf3 error: {}", j["error"]);
+    let received = j["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .context("sum_received.bytes")?;
+    ensure!(received > 0, "iperf3 received nothing");
+    ensure!(server.wait_success()?, "iperf3 server failed");
+    let (direct, kernel, bytes) = totals(&d)?;
+    // The control connection and the data stream.
+    ensure!(direct >= 2, "only {direct} Direct connections");
+    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    ensure!(
+        bytes >= received,
+        "{bytes} bytes over Direct, iperf3 received {received}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sockperf_tcp_ping_pong_goes_direct() -> Result<()> {
+    if !have_app("sockperf")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(
+        &d,
+        "sockperf",
+        &["server", "--tcp", "-i", "127.0.0.1", "-p", &port],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    // sockperf sizes its table of samples from --mps (its own default
+    // stops at 600,000 round trips a second, below what Direct does).
+    let out = run(under_ssock(
+        &d,
+        "sockperf",
+        &[
+            "ping-pong",
+            "--tcp",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "2",
+            "-m",
+            "14",
+            "--mps",
+            "1500000",
+        ],
+    )?)?;
+    ensure!(
+        out.contains("Summary: Latency is"),
+        "no sockperf summary:\n{out}"
+    );
+    ensure!(
+        out.contains(
+            "# dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0"
+        ),
+        "sockperf saw loss or reordering:\n{out}"
+    );
+    // "[Total Run] ... ReceivedMessages=N": the replies the client got.
+    let observations: u64 = out
+        .split("ReceivedMessages=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no message count in:\n{out}"))?;
+    ensure!(observations > 0);
+    let (direct, kernel, bytes) = totals(&d)?;
+    ensure!(direct >= 1, "no Direct connection");
+    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    // Each observation is a 14-byte message and its 14-byte reply.
+    ensure!(
+        bytes >= 28 * observations,
+        "{bytes} bytes over Direct for {observations} round trips"
+    );
+    Ok(())
+}

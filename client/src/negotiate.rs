@@ -77,6 +77,43 @@ pub fn attach(
     t
 }
 
+/// Takes over the accelerated connection behind `fd`, a TCP socket this
+/// process got without negotiating it: inherited across exec, or received
+/// over a Unix socket. Ok(None): devd knows no connection on that socket
+/// (a plain one), or cannot be asked. Only Direct ends can be taken over
+/// (a Queued end's state lives partly in the process that had it): an
+/// accelerated end that cannot be used here is an error.
+pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Box<dyn Transport>>> {
+    let (a, fds) = match session.request(&Request::Attach, &[fd]) {
+        Ok((Response::Attached(a), fds)) => (a, fds),
+        Ok(_) => return Err(io::Error::other("devd answered Attach with something else")),
+        Err(crate::session::SessionError::Refused { .. }) => return Ok(None),
+        Err(e) => {
+            // Without devd nothing can be known: the socket is left as it is.
+            log::warn!("devd unreachable, an inherited socket stays as it is: {e}");
+            return Ok(None);
+        }
+    };
+    let t: io::Result<Box<dyn Transport>> = match a.mode {
+        Mode::Direct => Direct::adopt(&a, fds, Some(session.clone()))
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(io::Error::other),
+        _ => Err(io::Error::other(
+            "only a Direct connection can be taken over",
+        )),
+    };
+    if t.is_err() {
+        let _ = session.request(
+            &Request::Release {
+                conn_id: a.conn_id,
+                side: a.side,
+            },
+            &[],
+        );
+    }
+    t.map(Some)
+}
+
 fn unspecified(dst: &SocketAddr) -> SocketAddr {
     match dst {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),

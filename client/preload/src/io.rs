@@ -53,6 +53,10 @@ fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), 
 
 /// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL.
 pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
+    if flags & libc::MSG_OOB != 0 {
+        // Urgent data has no place in a ring (see the README's limits).
+        return Err(libc::EOPNOTSUPP);
+    }
     let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
     let peek = flags & libc::MSG_PEEK != 0;
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
@@ -88,7 +92,13 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result
 /// send(2): all of `buf` when blocking; EPIPE raises SIGPIPE unless
 /// MSG_NOSIGNAL; a call that moved bytes reports them.
 pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
+    if flags & libc::MSG_OOB != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
     let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
+    // One send at a time on this socket, for its whole length.
+    let sending = lock(e).sending.clone();
+    let _turn = sending.lock().unwrap_or_else(|p| p.into_inner());
     let mut off = 0;
     loop {
         let r = lock(e).send_now(fd, &buf[off..]);

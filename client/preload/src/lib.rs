@@ -285,6 +285,14 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvmsg)(fd, msg, flags) };
+    let real_then_adopt = || {
+        let r = real();
+        if r >= 0 {
+            // SAFETY: recvmsg succeeded on the caller's msghdr.
+            unsafe { adopt_passed(msg) };
+        }
+        r
+    };
     enter(
         || {
             dispatch_n(
@@ -310,7 +318,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
                     }
                     r
                 },
-                real,
+                real_then_adopt,
             )
         },
         real,
@@ -410,6 +418,22 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().sendmsg)(fd, msg, flags) };
+    let real_passing = || {
+        // SAFETY: msg is null or the caller's valid msghdr.
+        let passed = unsafe { passed_socks(msg) };
+        for s in &passed {
+            lock(s).fork_hold();
+        }
+        let r = real();
+        if r < 0 {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            for s in &passed {
+                lock(s).drop_hold();
+            }
+            set_errno(e);
+        }
+        r
+    };
     enter(
         || {
             dispatch_n(
@@ -429,7 +453,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
                         flags,
                     )
                 },
-                real,
+                real_passing,
             )
         },
         real,
@@ -925,12 +949,118 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
                 // SAFETY: fd is still open: it is closed just below.
                 sock::unlisten(unsafe { borrow(fd) });
             }
-            drop(table::remove(fd));
+            // Out of the epoll sets first: they hold references too.
             epoll::closed(fd);
+            if let Some(s) = table::remove(fd) {
+                if std::sync::Arc::strong_count(&s) == 1 {
+                    // The last fd of this socket in this process.
+                    // SAFETY: fd is still open: it is closed just below.
+                    lock(&s).closing(unsafe { borrow(fd) });
+                }
+            }
             real()
         },
         real,
     )
+}
+
+/// The fds an SCM_RIGHTS message carries.
+///
+/// # Safety
+/// `msg` is null or a valid msghdr whose control buffer holds
+/// `msg_controllen` initialised bytes.
+unsafe fn rights(msg: *const libc::msghdr) -> Vec<c_int> {
+    let mut fds = Vec::new();
+    if msg.is_null() {
+        return fds;
+    }
+    // SAFETY: msg is valid (caller).
+    let m = unsafe { &*msg };
+    if m.msg_control.is_null() || m.msg_controllen == 0 {
+        return fds;
+    }
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the caller's control buffer
+    // within msg_controllen; CMSG_DATA of an SCM_RIGHTS header points at
+    // its ints, read unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let head = data.offset_from(c.cast::<u8>()).unsigned_abs();
+                let n = h.cmsg_len.saturating_sub(head) / std::mem::size_of::<c_int>();
+                for i in 0..n {
+                    fds.push(data.cast::<c_int>().add(i).read_unaligned());
+                }
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    fds
+}
+
+/// The accelerated sockets an outgoing message passes (SCM_RIGHTS).
+///
+/// # Safety
+/// As for `rights`.
+unsafe fn passed_socks(msg: *const libc::msghdr) -> Vec<Entry> {
+    // SAFETY: guaranteed by the caller.
+    let fds = unsafe { rights(msg) };
+    fds.into_iter().filter_map(table::get).collect()
+}
+
+/// Takes over the accelerated sockets a received message passed.
+///
+/// # Safety
+/// As for `rights`, after a successful recvmsg.
+unsafe fn adopt_passed(msg: *const libc::msghdr) {
+    // SAFETY: guaranteed by the caller.
+    for fd in unsafe { rights(msg) } {
+        adopt(fd);
+    }
+}
+
+/// `fd` arrived without negotiation: take it over if it is accelerated.
+fn adopt(fd: c_int) {
+    // SAFETY: fd was just received or inherited, and is open.
+    if let Some(s) = sock::inherited(unsafe { borrow(fd) }) {
+        table::insert(fd, s);
+    } else {
+        drop(table::remove(fd));
+    }
+}
+
+/// At load time (the library's constructor): sockets inherited across
+/// exec are taken over.
+pub(crate) fn inherit_at_load() {
+    enter(
+        || {
+            if sock::disabled() {
+                return 0;
+            }
+            let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+                return 0;
+            };
+            let fds: Vec<c_int> = dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            for fd in fds {
+                // The directory's own fd is in the list, closed by now.
+                // SAFETY: F_GETFD on any number only reads its flags.
+                if unsafe { (real::get().fcntl)(fd, libc::F_GETFD) } < 0 {
+                    continue;
+                }
+                // SAFETY: fd is open (just checked) and stays so: nothing
+                // else runs in this process yet.
+                if ssock_rings::sys::socket_type(unsafe { borrow(fd) }).is_ok() {
+                    adopt(fd);
+                }
+            }
+            0
+        },
+        || 0,
+    );
 }
 
 /// pthread_atfork prepare handler (registered by `real`'s constructor).
@@ -1120,6 +1250,243 @@ pub unsafe extern "C" fn epoll_pwait2(
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             // SAFETY: the caller's epoll_pwait2 arguments.
             unsafe { epoll_wait_via_shim(epfd, events, max, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// sendfile(2) onto an accelerated socket: the file's bytes are read and
+/// sent through the ring (a copy; the kernel's page-cache splice cannot
+/// reach the ring). Partial sends put the file position back as the
+/// kernel's would be.
+fn sendfile_via_ring(
+    s: &Entry,
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: usize,
+) -> Result<usize, i32> {
+    let mut buf = vec![0u8; count.min(256 * 1024)];
+    let mut total = 0;
+    // SAFETY: offset is null or the caller's off_t (sendfile(2)).
+    let mut pos = unsafe { offset.as_ref() }.copied();
+    while total < count {
+        let want = buf.len().min(count - total);
+        // SAFETY: buf is ours with `want` bytes of room; input is the
+        // caller's fd (read/pread on a bad one fail with EBADF).
+        let k = unsafe {
+            match pos {
+                Some(p) => libc::pread(input, buf.as_mut_ptr().cast(), want, p),
+                None => (real::get().read)(input, buf.as_mut_ptr().cast(), want),
+            }
+        };
+        let Ok(k) = usize::try_from(k) else {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            return if total > 0 { Ok(total) } else { Err(e) };
+        };
+        if k == 0 {
+            break;
+        }
+        // SAFETY: out is the caller's socket, open during this call.
+        let sent = match io::send(s, unsafe { borrow(out) }, &buf[..k], 0) {
+            Ok(n) => n,
+            Err(e) => {
+                if pos.is_none() {
+                    // Give back what was read and not sent.
+                    let back = libc::off_t::try_from(k).unwrap_or(0);
+                    // SAFETY: plain lseek on the caller's fd.
+                    unsafe { libc::lseek(input, -back, libc::SEEK_CUR) };
+                }
+                return if total > 0 { Ok(total) } else { Err(e) };
+            }
+        };
+        total += sent;
+        if let Some(p) = &mut pos {
+            *p += libc::off_t::try_from(sent).unwrap_or(0);
+        }
+        if sent < k {
+            if pos.is_none() {
+                let back = libc::off_t::try_from(k - sent).unwrap_or(0);
+                // SAFETY: plain lseek on the caller's fd.
+                unsafe { libc::lseek(input, -back, libc::SEEK_CUR) };
+            }
+            break;
+        }
+    }
+    if let (Some(p), false) = (pos, offset.is_null()) {
+        // SAFETY: offset is the caller's off_t (checked non-null).
+        unsafe { *offset = p };
+    }
+    Ok(total)
+}
+
+/// sendfile(2).
+///
+/// # Safety
+/// The C contract of sendfile(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: size_t,
+) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().sendfile)(out, input, offset, count) };
+    enter(
+        || {
+            dispatch_n(
+                out,
+                |s| sendfile_via_ring(s, out, input, offset, count),
+                real,
+            )
+        },
+        real,
+    )
+}
+
+/// sendfile64: the same as sendfile on x86_64.
+///
+/// # Safety
+/// The C contract of sendfile(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: size_t,
+) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().sendfile64)(out, input, offset, count) };
+    enter(
+        || {
+            dispatch_n(
+                out,
+                |s| sendfile_via_ring(s, out, input, offset, count),
+                real,
+            )
+        },
+        real,
+    )
+}
+
+/// The caller's mmsghdr array.
+///
+/// # Safety
+/// `v` is null or valid for `n` entries.
+unsafe fn mmsgs<'a>(v: *mut libc::mmsghdr, n: libc::c_uint) -> &'a mut [libc::mmsghdr] {
+    if v.is_null() || n == 0 {
+        return &mut [];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts_mut(v, usize::try_from(n).unwrap_or(0)) }
+}
+
+/// sendmmsg(2): each message is one stream write; stops at the first
+/// message that does not go whole.
+///
+/// # Safety
+/// The C contract of sendmmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    v: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().sendmmsg)(fd, v, n, flags) };
+    enter(
+        || {
+            dispatch(
+                fd,
+                |s| {
+                    // SAFETY: v/n is the caller's array (sendmmsg(2)).
+                    let msgs = unsafe { mmsgs(v, n) };
+                    let mut done: c_int = 0;
+                    for m in msgs.iter_mut() {
+                        let k = c_int::try_from(m.msg_hdr.msg_iovlen).unwrap_or(c_int::MAX);
+                        // SAFETY: the message's iovecs are the caller's buffers.
+                        let bufs = unsafe { iov(m.msg_hdr.msg_iov, k) };
+                        let want: usize = bufs.iter().map(|b| b.len()).sum();
+                        // SAFETY: fd is open during this call.
+                        match io::send_vec(s, unsafe { borrow(fd) }, &bufs, flags) {
+                            Ok(sent) => {
+                                m.msg_len = libc::c_uint::try_from(sent).unwrap_or(0);
+                                done += 1;
+                                if sent < want {
+                                    break;
+                                }
+                            }
+                            Err(e) if done == 0 => return Err(e),
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(done)
+                },
+                real,
+            )
+        },
+        real,
+    )
+}
+
+/// recvmmsg(2): the first message waits as recvmsg would (unless
+/// nonblocking); with MSG_WAITFORONE the others take only what is there.
+/// The timeout argument is not applied to accelerated sockets.
+///
+/// # Safety
+/// The C contract of recvmmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    v: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    flags: c_int,
+    tmo: *mut libc::timespec,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().recvmmsg)(fd, v, n, flags, tmo) };
+    enter(
+        || {
+            dispatch(
+                fd,
+                |s| {
+                    // SAFETY: v/n is the caller's array (recvmmsg(2)).
+                    let msgs = unsafe { mmsgs(v, n) };
+                    let mut done: c_int = 0;
+                    let base = flags & !libc::MSG_WAITFORONE;
+                    for m in msgs.iter_mut() {
+                        let f = if done > 0 && flags & libc::MSG_WAITFORONE != 0 {
+                            base | libc::MSG_DONTWAIT
+                        } else {
+                            base
+                        };
+                        let k = c_int::try_from(m.msg_hdr.msg_iovlen).unwrap_or(c_int::MAX);
+                        // SAFETY: the message's iovecs are the caller's buffers.
+                        let mut bufs = unsafe { iov_mut(m.msg_hdr.msg_iov, k) };
+                        // SAFETY: fd is open during this call.
+                        match io::recv_vec(s, unsafe { borrow(fd) }, &mut bufs, f) {
+                            Ok(got) => {
+                                m.msg_len = libc::c_uint::try_from(got).unwrap_or(0);
+                                m.msg_hdr.msg_namelen = 0;
+                                m.msg_hdr.msg_controllen = 0;
+                                m.msg_hdr.msg_flags = 0;
+                                done += 1;
+                                if got == 0 {
+                                    break;
+                                }
+                            }
+                            Err(e) if done == 0 => return Err(e),
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(done)
+                },
+                real,
+            )
         },
         real,
     )

@@ -59,6 +59,15 @@ type ReadvFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t
 type RecvMsgFn = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> ssize_t;
 type SendMsgFn = unsafe extern "C" fn(c_int, *const libc::msghdr, c_int) -> ssize_t;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+type SendfileFn = unsafe extern "C" fn(c_int, c_int, *mut libc::off_t, size_t) -> ssize_t;
+type RecvMmsgFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::mmsghdr,
+    libc::c_uint,
+    c_int,
+    *mut libc::timespec,
+) -> c_int;
+type SendMmsgFn = unsafe extern "C" fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
 type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
@@ -101,6 +110,10 @@ pub struct Real {
     pub recvmsg: RecvMsgFn,
     pub sendmsg: SendMsgFn,
     pub close: CloseFn,
+    pub sendfile: SendfileFn,
+    pub sendfile64: SendfileFn,
+    pub recvmmsg: RecvMmsgFn,
+    pub sendmmsg: SendMmsgFn,
     pub epoll_create: EpollCreate1Fn,
     pub epoll_create1: EpollCreate1Fn,
     pub epoll_ctl: EpollCtlFn,
@@ -152,6 +165,10 @@ pub fn get() -> &'static Real {
                 recvmsg: std::mem::transmute::<*mut c_void, RecvMsgFn>(sym(c"recvmsg")),
                 sendmsg: std::mem::transmute::<*mut c_void, SendMsgFn>(sym(c"sendmsg")),
                 close: std::mem::transmute::<*mut c_void, CloseFn>(sym(c"close")),
+                sendfile: std::mem::transmute::<*mut c_void, SendfileFn>(sym(c"sendfile")),
+                sendfile64: std::mem::transmute::<*mut c_void, SendfileFn>(sym(c"sendfile64")),
+                recvmmsg: std::mem::transmute::<*mut c_void, RecvMmsgFn>(sym(c"recvmmsg")),
+                sendmmsg: std::mem::transmute::<*mut c_void, SendMmsgFn>(sym(c"sendmmsg")),
                 epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
                     c"epoll_create",
                 )),
@@ -171,6 +188,7 @@ pub fn get() -> &'static Real {
 
 extern "C" fn init() {
     get();
+    crate::inherit_at_load();
     // SAFETY: registering a handler that lives for the whole program (a
     // plain function); pthread_atfork has no other preconditions.
     unsafe {

@@ -38,6 +38,9 @@ pub struct Sock {
     read_shut: bool,
     /// shutdown(SHUT_WR) before the HelloAck: applied once it is known.
     write_shut: bool,
+    /// Held for the whole of one send: concurrent sends on the socket land
+    /// whole, one after the other, never interleaved.
+    pub sending: Arc<std::sync::Mutex<()>>,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
@@ -96,6 +99,7 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             read_shut: false,
             write_shut: false,
             connect_reported: !is_nonblocking(fd),
+            sending: Arc::default(),
         })),
         Err(e) => Err(errno(&e)),
     })
@@ -134,9 +138,53 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
             read_shut: false,
             write_shut: false,
             connect_reported: true,
+            sending: Arc::default(),
         })),
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
         Ok(Accepted::Dropped) => Err(()),
+    }
+}
+
+/// A TCP socket this process got without negotiating it (inherited across
+/// exec, or received over a Unix socket): an accelerated connection is
+/// taken over, a listener registered again. Some: the accelerated socket.
+pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
+    if !is_tcp(fd) {
+        return None;
+    }
+    if ssock_rings::sys::peer_addr(fd).is_err() {
+        // Not connected: a listener (registered again if it is one).
+        if ssock_rings::sys::sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+            .is_ok_and(|v| v == 1)
+        {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            if listened(fd) {
+                crate::table::add_listener(raw);
+            }
+        }
+        return None;
+    }
+    let session = session()?;
+    let spin = Options::with_session(session.clone()).spin(Some(&session));
+    match ssock_client::negotiate::adopt(&session, fd) {
+        Ok(Some(t)) => Some(Sock {
+            state: State::Up(t),
+            spin,
+            read_shut: false,
+            write_shut: false,
+            connect_reported: true,
+            sending: Arc::default(),
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            // Accelerated, but not usable here: its bytes would never
+            // arrive on the kernel socket. End it, so the peer sees it.
+            log::warn!(
+                "an inherited accelerated socket cannot be taken over ({e}); shutting it down"
+            );
+            let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+            None
+        }
     }
 }
 
@@ -299,10 +347,29 @@ impl Sock {
         Ok(())
     }
 
-    /// The process is about to fork; the child will hold the socket too.
+    /// Another process will hold the socket too (fork, or fd passing).
     pub fn fork_hold(&mut self) {
         if let State::Up(t) = &mut self.state {
             t.fork_hold();
+        }
+    }
+
+    /// The fd is being closed with SO_LINGER 0 (then the last holder's close
+    /// resets the connection, as the kernel's RST).
+    pub fn closing(&mut self, fd: BorrowedFd<'_>) {
+        let State::Up(t) = &mut self.state else {
+            return;
+        };
+        let l = socket2::SockRef::from(&fd).linger();
+        if matches!(l, Ok(Some(d)) if d.is_zero()) {
+            t.abort_on_close();
+        }
+    }
+
+    /// Takes back a `fork_hold` (the fd passing failed).
+    pub fn drop_hold(&mut self) {
+        if let State::Up(t) = &mut self.state {
+            t.drop_hold();
         }
     }
 

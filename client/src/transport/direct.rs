@@ -45,6 +45,8 @@ pub struct Direct {
     peer_gone: bool,
     broken: bool,
     closed: bool,
+    /// Close with a reset (SO_LINGER 0).
+    abort: bool,
     /// Threads asleep through `arm` on each direction (several threads may
     /// poll one socket): the wait word is cleared and the doorbell drained
     /// only when the last one leaves, so nobody's wake-up is taken away.
@@ -53,11 +55,33 @@ pub struct Direct {
 
 impl Direct {
     /// Maps the region devd handed out and takes this side's ring ends.
-    /// fds: [region, own eventfd, peer eventfd].
+    /// fds: [region, own read bell, own write bell, peer read bell, peer
+    /// write bell].
     pub fn attach(
         a: &Attachment,
         fds: Vec<OwnedFd>,
         session: Option<Arc<Session>>,
+    ) -> Result<Direct, AttachError> {
+        Direct::attach_inner(a, fds, session, true)
+    }
+
+    /// Like `attach` for an end this process got without negotiating it
+    /// (inherited across exec, or received over a Unix socket): the hold
+    /// it takes over was counted already (by the exec'd image, or by the
+    /// sender's `fork_hold`), so none is added.
+    pub fn adopt(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+    ) -> Result<Direct, AttachError> {
+        Direct::attach_inner(a, fds, session, false)
+    }
+
+    fn attach_inner(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+        hold: bool,
     ) -> Result<Direct, AttachError> {
         let [region, own_r, own_w, peer_r, peer_w]: [OwnedFd; 5] = fds
             .try_into()
@@ -68,8 +92,10 @@ impl Direct {
         let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
         check_header(&map, RegionKind::Direct, a.conn_id, a.geom_a, 0)
             .map_err(AttachError::Layout)?;
-        // Relaxed: a count only (see `close`).
-        holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
+        if hold {
+            // Relaxed: a count only (see `close`).
+            holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
+        }
         let rbell = Arc::new(EventFd::from_owned(own_r));
         let wbell = Arc::new(EventFd::from_owned(own_w));
         // Our producer wakes the peer's readers, our consumer its writers.
@@ -92,6 +118,7 @@ impl Direct {
             broken: false,
             closed: false,
             sleepers: [0; 2],
+            abort: false,
         })
     }
 
@@ -351,6 +378,17 @@ impl Transport for Direct {
         }
     }
 
+    fn abort_on_close(&mut self) {
+        self.abort = true;
+    }
+
+    fn drop_hold(&mut self) {
+        if !self.closed {
+            // Relaxed: a count only.
+            holders(&self.map, self.side as usize).fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
         self.take(buf, ctx, true)
     }
@@ -406,7 +444,13 @@ impl Transport for Direct {
             return; // another process (after fork) still holds this end
         }
         if !self.broken {
-            self.tx.close();
+            // Like the kernel's close: a reset instead of end-of-stream
+            // after SO_LINGER 0, or when received bytes were left unread.
+            if self.abort || self.rx.readable().unwrap_or(0) > 0 {
+                self.tx.reset();
+            } else {
+                self.tx.close();
+            }
             self.rx.close();
         }
         if let Some(s) = &self.session {

@@ -108,9 +108,15 @@ pub trait Transport: Send + std::fmt::Debug {
     /// the stream (orderly unless the connection is broken); an earlier one
     /// only lets go.
     fn close(&mut self);
-    /// This process is about to fork: the child will hold this end too
-    /// (called in the parent, before fork).
+    /// Another process will hold this end too: this one is about to fork
+    /// (called in the parent, before fork), or is passing the socket over
+    /// a Unix socket (the receiver adopts the hold).
     fn fork_hold(&mut self) {}
+    /// Takes back a `fork_hold` whose fork or passing failed.
+    fn drop_hold(&mut self) {}
+    /// The last holder's close will reset the connection instead of ending
+    /// the stream (SO_LINGER with a zero timeout).
+    fn abort_on_close(&mut self) {}
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).

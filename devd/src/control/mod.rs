@@ -107,6 +107,9 @@ type Reply = (Response, Vec<OwnedFd>);
 /// default): an intent that expired before the acceptor's accept() would
 /// make the acceptor treat the connection as plain and hand the Hello to
 /// the application.
+/// How long an end whose session ended stays attachable by its socket.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub const INTENT_TTL_S: u64 = 120;
 
 fn dup(fd: impl AsFd) -> Result<OwnedFd, RequestError> {
@@ -205,6 +208,7 @@ impl Devd {
             inode,
             addr,
             released: false,
+            orphaned: None,
         })
     }
 
@@ -533,6 +537,7 @@ impl Devd {
             let end = &mut conn.ends[e];
             end.session = sid;
             end.pid = pid;
+            end.orphaned = None;
             if let Some(a) = local {
                 end.addr = a;
             }
@@ -599,8 +604,16 @@ impl Devd {
                     .map(move |e| (c.id, e))
             })
             .collect();
+        let now = Instant::now();
         for (id, e) in held {
-            self.release_end(id, e);
+            // A Direct end may live on in an exec'd image (or a process the
+            // socket was passed to): it stays attachable for a grace period.
+            match self.reg.conns.get_mut(&id) {
+                Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
+                    c.ends[e].orphaned = Some(now);
+                }
+                _ => self.release_end(id, e),
+            }
         }
     }
 
@@ -628,6 +641,41 @@ impl Devd {
     /// Drops stale intents.
     pub fn expire(&mut self) {
         self.reg.expire(Instant::now(), INTENT_TTL_S);
+    }
+
+    /// Whether some end waits out its orphan grace (the control loop then
+    /// wakes often enough to release it on time).
+    pub fn has_orphans(&self) -> bool {
+        self.reg
+            .conns
+            .values()
+            .any(|c| c.ends.iter().any(|e| e.orphaned.is_some()))
+    }
+
+    /// Releases the ends whose orphan grace is over.
+    pub fn release_orphans(&mut self) {
+        let now = Instant::now();
+        let over: Vec<(u64, usize)> = self
+            .reg
+            .conns
+            .values()
+            .flat_map(|c| {
+                c.ends
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| {
+                        e.orphaned
+                            .is_some_and(|t| now.duration_since(t) >= ORPHAN_GRACE)
+                    })
+                    .map(move |(i, _)| (c.id, i))
+            })
+            .collect();
+        for (id, e) in over {
+            if let Some(c) = self.reg.conns.get_mut(&id) {
+                c.ends[e].orphaned = None;
+            }
+            self.release_end(id, e);
+        }
     }
 
     /// A statistics page. A devd serving several users (as root) shows a

@@ -75,6 +75,11 @@ pub struct End {
     pub addr: SocketAddr,
     /// Whether it was released (closed, or its process ended).
     pub released: bool,
+    /// Its session ended without releasing it (the process exited, died or
+    /// called exec): when. A Direct end stays attachable by its socket for
+    /// `ORPHAN_GRACE`, so a program exec'd with the socket inherited can
+    /// take it over; then it is released.
+    pub orphaned: Option<Instant>,
 }
 
 /// An intent claimed by an acceptor, waiting for Pair.

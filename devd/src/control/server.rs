@@ -44,7 +44,9 @@ pub fn serve(
     let mut buf = vec![0u8; MAX_FRAME];
     let mut last_expiry = std::time::Instant::now();
     loop {
-        let n = match epoll.wait(5000, &mut events) {
+        // Orphaned ends are released on time: wake every 500 ms while any waits.
+        let timeout = if devd.has_orphans() { 500 } else { 5000 };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -52,6 +54,7 @@ pub fn serve(
         if !devd.engine_alive() {
             return Err(io::Error::other("the engine thread died"));
         }
+        devd.release_orphans();
         if last_expiry.elapsed() >= std::time::Duration::from_secs(5) {
             devd.expire();
             last_expiry = std::time::Instant::now();

@@ -141,6 +141,7 @@ impl Producer {
 
     /// Bytes that can be written now.
     pub fn writable(&mut self) -> Result<usize, Violation> {
+        self.resync()?;
         self.refresh_tail()?;
         Ok(idx(self.cap - (self.head - self.tail_seen)))
     }
@@ -150,8 +151,32 @@ impl Producer {
         self.map.u32_at(self.o.cons_closed).load(Ordering::Acquire) != 0
     }
 
+    /// Catches up with writes another process holding this end (after
+    /// fork or fd passing) made since our last call: our own head in the
+    /// region is the truth, the cached copy only a shortcut.
+    fn resync(&mut self) -> Result<(), Violation> {
+        // Relaxed: only our side's processes store this word, and they
+        // hand the end over through fork, exec or a socket, which order it.
+        let h = self.map.u64_at(self.o.head).load(Ordering::Relaxed);
+        if h != self.head {
+            self.refresh_tail_upto(h)?;
+            self.head = h;
+        }
+        Ok(())
+    }
+
+    fn refresh_tail_upto(&mut self, head: u64) -> Result<(), Violation> {
+        let t = self.map.u64_at(self.o.tail).load(Ordering::Acquire);
+        if t > head || head - t > self.cap {
+            return Err(Violation("own head out of the ring's bounds"));
+        }
+        self.tail_seen = t;
+        Ok(())
+    }
+
     /// Copies as much of `buf` as fits; returns the count (0: full).
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, Violation> {
+        self.resync()?;
         let mut free = self.cap - (self.head - self.tail_seen);
         if free < buf.len() as u64 {
             self.refresh_tail()?;
@@ -288,6 +313,7 @@ impl Consumer {
 
     /// Bytes ready to read now.
     pub fn readable(&mut self) -> Result<usize, Violation> {
+        self.resync()?;
         self.refresh_head()?;
         Ok(idx(self.head_seen - self.tail))
     }
@@ -308,10 +334,27 @@ impl Consumer {
         self.take(buf, false)
     }
 
+    /// Catches up with reads another process holding this end made (see
+    /// `Producer::resync`).
+    fn resync(&mut self) -> Result<(), Violation> {
+        // Relaxed: as in Producer::resync.
+        let t = self.map.u64_at(self.o.tail).load(Ordering::Relaxed);
+        if t != self.tail {
+            let h = self.map.u64_at(self.o.head).load(Ordering::Acquire);
+            if t > h || h - t > self.cap {
+                return Err(Violation("own tail out of the ring's bounds"));
+            }
+            self.tail = t;
+            self.head_seen = h;
+        }
+        Ok(())
+    }
+
     fn take(&mut self, buf: &mut [u8], consume: bool) -> Result<ReadOutcome, Violation> {
         if buf.is_empty() {
             return Ok(ReadOutcome::Data(0));
         }
+        self.resync()?;
         // A reset discards what was not yet read, like a TCP RST. The flags
         // share the producer's cache line with head: no extra miss.
         if self.flags() & FLAG_RESET != 0 {

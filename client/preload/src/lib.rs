@@ -1491,3 +1491,15 @@ pub unsafe extern "C" fn recvmmsg(
         real,
     )
 }
+
+/// vfork(2), served as fork(2): the fork handlers must run so that the
+/// child's hold on each accelerated socket is counted (a vfork child that
+/// execs inherits the sockets). Costs a page-table copy, nothing else.
+///
+/// # Safety
+/// The C contract of vfork(2) (which fork(2) satisfies).
+#[no_mangle]
+pub unsafe extern "C" fn vfork() -> libc::pid_t {
+    // SAFETY: fork has no memory preconditions; its handlers are ours.
+    unsafe { libc::fork() }
+}

@@ -274,7 +274,6 @@ impl Transport for Direct {
         }
         let rx_ready = self.rx.ready().unwrap_or(true);
         let (eos, reset) = self.rx.marks();
-        let data = self.rx.readable().unwrap_or(0) > 0;
         let reader_gone = self.tx.peer_closed();
         let writable = self.tx.is_closed()
             || self.peer_gone
@@ -285,8 +284,11 @@ impl Transport for Direct {
         Ready {
             readable: rx_ready || self.peer_gone,
             writable,
-            rdhup: (eos && !data) || self.peer_gone,
-            hup: self.peer_gone || reset || (eos && reader_gone),
+            // As the kernel's tcp_poll: RDHUP once the peer's FIN is in
+            // (even with bytes still to read), HUP once both directions
+            // are shut (its FIN and our shutdown) or the connection reset.
+            rdhup: eos || self.peer_gone,
+            hup: reset || ((eos || self.peer_gone) && self.tx.is_closed()),
             err: reset,
             // Sums of counters that only grow: they change when any does.
             seq: [

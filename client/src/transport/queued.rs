@@ -285,8 +285,8 @@ impl Transport for Queued {
                 || self.peer_gone
                 || !self.free_tx.is_empty()
                 || self.tx.has_used(),
-            rdhup: eos && !data,
-            hup: self.peer_gone && eos && !data,
+            rdhup: eos || self.peer_gone,
+            hup: (eos || self.peer_gone) && self.shut_wr,
             err: false,
             seq: [
                 u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),

@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Walks through the socket semantics the shim must keep, printing one line
+per observation. tests/tests/semantics.rs runs it on kernel TCP and under
+ssock-run and requires identical output. Nothing here knows about ssock.
+
+The last line counts the connections that should be accelerated (every one
+but the refused connect)."""
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CONNS = 0
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def err_name(e):
+    return errno.errorcode.get(e.errno, str(e.errno)) if isinstance(e, OSError) else type(e).__name__
+
+
+def listener(family=socket.AF_INET, host="127.0.0.1"):
+    ls = socket.socket(family, socket.SOCK_STREAM)
+    ls.bind((host, 0))
+    ls.listen(16)
+    return ls
+
+
+def pair(family=socket.AF_INET, host="127.0.0.1"):
+    """A connected pair in one thread: connect, then accept."""
+    global CONNS
+    ls = listener(family, host)
+    c = socket.socket(family, socket.SOCK_STREAM)
+    c.connect(ls.getsockname()[:2])
+    a, _ = ls.accept()
+    ls.close()
+    CONNS += 1
+    return c, a
+
+
+def recv_exactly(s, n):
+    b = b""
+    while len(b) < n:
+        k = s.recv(n - len(b))
+        if not k:
+            break
+        b += k
+    return b
+
+
+def ev_names(mask):
+    names = [("IN", select.EPOLLIN), ("OUT", select.EPOLLOUT), ("RDHUP", select.EPOLLRDHUP),
+             ("HUP", select.EPOLLHUP), ("ERR", select.EPOLLERR)]
+    return "|".join(n for n, m in names if mask & m) or "-"
+
+
+def events(ep, t=0.2):
+    return ",".join(ev_names(m) for _, m in ep.poll(t)) or "none"
+
+
+def case_peek_and_basics():
+    c, a = pair()
+    say("peername matches:", c.getpeername() == a.getsockname())
+    c.sendall(b"hello world")
+    say("peek:", a.recv(5, socket.MSG_PEEK))
+    say("recv after peek:", recv_exactly(a, 11))
+    c.close()
+    say("eof:", a.recv(10))
+    a.close()
+
+
+def case_waitall():
+    c, a = pair()
+
+    def trickle():
+        for _ in range(4):
+            c.sendall(b"w" * 250)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    say("waitall got:", len(a.recv(1000, socket.MSG_WAITALL)))
+    t.join()
+    c.close()
+    a.close()
+
+
+def case_half_close():
+    c, a = pair()
+    c.sendall(b"request")
+    c.shutdown(socket.SHUT_WR)
+    say("half-close server reads:", recv_exactly(a, 100))
+    a.sendall(b"reply")
+    a.close()
+    say("half-close client reads:", recv_exactly(c, 100), "then", c.recv(10))
+    c.close()
+
+
+def case_rcvtimeo():
+    c, a = pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200000))
+    try:
+        a.recv(10)
+        say("rcvtimeo: returned")
+    except OSError as e:
+        say("rcvtimeo:", err_name(e))
+    c.close()
+    a.close()
+
+
+def case_nonblocking_connect():
+    global CONNS
+    ls = listener()
+    s = socket.socket()
+    s.setblocking(False)
+    say("nonblocking connect:", errno.errorcode.get(s.connect_ex(ls.getsockname()), "0"))
+    a, _ = ls.accept()
+    ls.close()
+    CONNS += 1
+    _, w, _ = select.select([], [s], [], 10)
+    say("writable:", bool(w), "SO_ERROR:", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    try:
+        s.recv(10)
+        say("nonblocking recv: returned")
+    except OSError as e:
+        say("nonblocking recv:", err_name(e))
+    s.send(b"nb")
+    say("server got:", recv_exactly(a, 2))
+    a.sendall(b"back")
+    r, _, _ = select.select([s], [], [], 10)
+    say("readable:", bool(r), s.recv(10))
+    s.close()
+    a.close()
+
+
+def case_refused():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    s = socket.socket()
+    s.setblocking(False)
+    say("refused connect:", errno.errorcode.get(s.connect_ex(("127.0.0.1", port)), "0"))
+    select.select([], [s], [], 10)
+    say("SO_ERROR:", errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
+    s.close()
+
+
+def case_epoll_edges():
+    c, a = pair()
+    a.setblocking(False)
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN | select.EPOLLET)
+    say("et idle:", events(ep, 0.05))
+    c.sendall(b"0123456789")
+    say("et data:", events(ep, 5))
+    say("et again:", events(ep, 0.1))
+    say("et partial read:", a.recv(5))
+    say("et after partial read:", events(ep, 0.1))
+    c.sendall(b"more")
+    say("et new data:", events(ep, 5))
+    say("et read:", recv_exactly(a, 9))
+    ep.modify(a.fileno(), select.EPOLLIN)
+    say("lt idle:", events(ep, 0.05))
+    c.sendall(b"x")
+    say("lt data:", events(ep, 5))
+    say("lt again:", events(ep, 0.1))
+    say("lt read:", a.recv(10))
+    ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    c.sendall(b"y")
+    say("oneshot data:", events(ep, 5))
+    say("oneshot again:", events(ep, 0.1))
+    ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    say("oneshot rearmed:", events(ep, 5))
+    say("oneshot read:", a.recv(10))
+    ep.register(c.fileno(), select.EPOLLOUT)
+    say("out:", events(ep, 5))
+    ep.unregister(c.fileno())
+    ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    c.shutdown(socket.SHUT_WR)
+    say("rdhup:", events(ep, 5))
+    say("rdhup read:", a.recv(10))
+    a.shutdown(socket.SHUT_WR)
+    say("both shut:", events(ep, 5))
+    ep.close()
+    c.close()
+    a.close()
+
+
+def case_nested_epoll():
+    c, a = pair()
+    inner = select.epoll()
+    inner.register(a.fileno(), select.EPOLLIN)
+    outer = select.epoll()
+    outer.register(inner.fileno(), select.EPOLLIN)
+    say("nested idle:", events(outer, 0.05))
+    c.sendall(b"n")
+    got = outer.poll(5)
+    say("nested outer:", [fd == inner.fileno() for fd, _ in got], ev_names(got[0][1]) if got else "")
+    p = select.poll()
+    p.register(inner.fileno(), select.POLLIN)
+    say("inner in poll:", [(fd == inner.fileno(), m & select.POLLIN != 0) for fd, m in p.poll(5000)])
+    say("inner:", events(inner, 5))
+    say("nested read:", a.recv(10))
+    outer.close()
+    inner.close()
+    c.close()
+    a.close()
+
+
+def case_threads():
+    c, a = pair()
+    msg = 4096
+    count = 200
+
+    def writer(ch):
+        for _ in range(count):
+            c.sendall(ch * msg)
+
+    ts = [threading.Thread(target=writer, args=(ch,)) for ch in (b"A", b"B")]
+    for t in ts:
+        t.start()
+    data = recv_exactly(a, 2 * msg * count)
+    for t in ts:
+        t.join()
+    whole = all(data[i:i + msg] in (b"A" * msg, b"B" * msg) for i in range(0, len(data), msg))
+    say("threads: bytes", len(data), "every send whole:", whole)
+    c.close()
+    a.close()
+
+
+def case_fork():
+    c, a = pair()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.sendall(b"from child;")
+        a.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    a.sendall(b"from parent")
+    a.close()
+    say("fork: client reads", recv_exactly(c, 22), "then", c.recv(10))
+    c.close()
+
+
+def case_exec():
+    c, a = pair()
+    child = subprocess.Popen([sys.executable, __file__, "exec-child", str(a.fileno())],
+                             pass_fds=[a.fileno()])
+    a.close()
+    say("exec: client reads", recv_exactly(c, 9))
+    c.sendall(b"ping")
+    say("exec: reply", recv_exactly(c, 4), "then", c.recv(10))
+    say("exec: child status", child.wait())
+    c.close()
+
+
+def exec_child(fd):
+    s = socket.socket(fileno=fd)
+    s.sendall(b"from exec")
+    if recv_exactly(s, 4) == b"ping":
+        s.sendall(b"pong")
+    s.close()
+
+
+def case_fd_passing():
+    c, a = pair()
+    left, right = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.close()
+        left.close()
+        _, fds, _, _ = socket.recv_fds(right, 10, 1)
+        s = socket.socket(fileno=fds[0])
+        s.sendall(b"passed")
+        if recv_exactly(s, 4) == b"ping":
+            s.sendall(b"pong")
+        s.close()
+        os._exit(0)
+    right.close()
+    socket.send_fds(left, [b"x"], [a.fileno()])
+    a.close()
+    left.close()
+    say("fd passing: client reads", recv_exactly(c, 6))
+    c.sendall(b"ping")
+    say("fd passing: reply", recv_exactly(c, 4), "then", c.recv(10))
+    os.waitpid(pid, 0)
+    c.close()
+
+
+def case_ipv6():
+    c, a = pair(socket.AF_INET6, "::1")
+    c.sendall(b"six")
+    say("ipv6:", recv_exactly(a, 3), a.family == socket.AF_INET6)
+    c.close()
+    a.close()
+
+
+def case_sendfile():
+    c, a = pair()
+    data = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        got = []
+
+        def reader():
+            got.append(recv_exactly(a, len(data)))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        off = 0
+        while off < len(data):
+            off += os.sendfile(c.fileno(), f.fileno(), off, len(data) - off)
+        t.join()
+    say("sendfile: bytes", len(got[0]), "same:", got[0] == data)
+    c.close()
+    a.close()
+
+
+def case_reset():
+    c, a = pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+    try:
+        say("reset: recv returned", c.recv(10))
+    except OSError as e:
+        say("reset:", err_name(e))
+    c.close()
+
+
+def case_fionread():
+    import array
+    import fcntl
+    import termios
+    c, a = pair()
+    c.sendall(b"12345")
+    select.select([a], [], [], 5)
+    time.sleep(0.05)
+    n = array.array("i", [0])
+    fcntl.ioctl(a.fileno(), termios.FIONREAD, n, True)
+    say("fionread:", n[0])
+    c.close()
+    a.close()
+
+
+CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
+         case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
+         case_threads, case_fork, case_exec, case_fd_passing, case_ipv6, case_sendfile,
+         case_reset, case_fionread]
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "exec-child":
+        exec_child(int(sys.argv[2]))
+        sys.exit(0)
+    only = sys.argv[1:]
+    for case in CASES:
+        if only and case.__name__ not in only:
+            continue
+        say(f"== {case.__name__[5:]}")
+        case()
+    say("connections", CONNS)

@@ -1,0 +1,97 @@
+//! The differential semantics test (issue 3, item 4): tests/apps/semantics.py
+//! walks through fork, exec, fd passing, epoll (edge-triggered, one-shot,
+//! RDHUP/HUP, nested), nonblocking connect, half-close, MSG_PEEK,
+//! MSG_WAITALL, SO_RCVTIMEO, threads, IPv6, sendfile, a reset and FIONREAD,
+//! printing what it observes. Run on kernel TCP and under ssock-run, the
+//! two outputs must be identical, and devd must have made every one of its
+//! connections Direct (all but the refused connect, which stays plain).
+
+use anyhow::{ensure, Context, Result};
+use ssock_tests::{bin, have_app, Devd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn script() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/semantics.py"))
+}
+
+/// Runs the script (under ssock-run with `d`'s devd if given); its stdout.
+fn run(d: Option<&Devd>, env: &[(&str, &str)]) -> Result<String> {
+    let mut cmd = match d {
+        None => Command::new("python3"),
+        Some(d) => {
+            let mut c = Command::new(bin("ssock-run"));
+            c.args([
+                "--devd",
+                d.socket.to_str().context("path")?,
+                "--",
+                "python3",
+            ]);
+            c
+        }
+    };
+    cmd.arg(script())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // The script bounds its own waits; a hang is caught by the test harness.
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "semantics.py failed ({}):\n{text}",
+        out.status
+    );
+    Ok(text)
+}
+
+fn differential(env: &[(&str, &str)]) -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let plain = run(None, env)?;
+    let d = Devd::start(&[])?;
+    let accelerated = run(Some(&d), env)?;
+    if plain != accelerated {
+        let diff: Vec<String> = plain
+            .lines()
+            .zip(accelerated.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("kernel: {a}\nssock:  {b}"))
+            .collect();
+        anyhow::bail!(
+            "outputs differ:\n{}\n--- kernel:\n{plain}\n--- under ssock-run:\n{accelerated}",
+            diff.join("\n")
+        );
+    }
+    let n: u64 = plain
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("connections "))
+        .context("no connection count")?
+        .parse()?;
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["connections"]["direct"] == n,
+        "{n} connections expected Direct: {t}"
+    );
+    // The refused connect only asked devd, which said no listener.
+    ensure!(
+        t["connections"]["kernel"] == 1 && t["fallbacks"]["peer_not_enabled"] == 1,
+        "totals {t}"
+    );
+    ensure!(t["violations"] == 0, "totals {t}");
+    Ok(())
+}
+
+#[test]
+fn kernel_and_ssock_observe_the_same_socket_semantics() -> Result<()> {
+    differential(&[])
+}
+
+#[test]
+fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
+    differential(&[("SSOCK_SPIN_US", "0")])
+}

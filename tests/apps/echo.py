@@ -46,6 +46,52 @@ def server(portfile):
     ls.close()
 
 
+def gserver(portfile):
+    """Server speaks first (SMTP, PostgreSQL, ...): a greeting at accept,
+    then one line echoed back, then close."""
+    ls = listen_and_publish(portfile)
+    c, _ = ls.accept()
+    c.sendall(b"220 ready\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        b = c.recv(100)
+        if not b:
+            raise SystemExit("EOF before the client's line")
+        line += b
+    c.sendall(line)
+    print(f"OK served {len(line)}", flush=True)
+    sys.stdin.readline()
+    c.close()
+    ls.close()
+
+
+def greeted(port):
+    """Client of gserver: reads the greeting (reporting how long it took
+    from connect), sends a line, reads it back."""
+    import time
+    s = socket.socket()
+    t = time.monotonic()
+    s.connect(("127.0.0.1", port))
+    g = b""
+    while not g.endswith(b"\n"):
+        b = s.recv(100)
+        if not b:
+            raise SystemExit("EOF before the greeting")
+        g += b
+    took = (time.monotonic() - t) * 1000
+    if g != b"220 ready\n":
+        raise SystemExit(f"greeting {g!r}")
+    s.sendall(b"HELO test\n")
+    back = b""
+    while len(back) < 10:
+        back += s.recv(100)
+    if back != b"HELO test\n":
+        raise SystemExit(f"echo {back!r}")
+    print(f"OK greeted in {took:.0f} ms", flush=True)
+    sys.stdin.readline()
+    s.close()
+
+
 def fserver(portfile):
     """The same echo, fork-per-connection: the parent accepts, forks and
     closes its copy at once; the child serves the connection."""
@@ -287,10 +333,15 @@ if __name__ == "__main__":
         server(sys.argv[2])
     elif sys.argv[1] == "fserver":
         fserver(sys.argv[2])
+    elif sys.argv[1] == "gserver":
+        gserver(sys.argv[2])
     elif sys.argv[1] == "aserver":
         aserver(sys.argv[2])
     else:
         mode = sys.argv[4] if len(sys.argv) > 4 else ""
+        if mode == "greeted":
+            greeted(int(sys.argv[2]))
+            raise SystemExit(0)
         if mode == "asyncio":
             aclient(int(sys.argv[2]), int(sys.argv[3]))
             raise SystemExit(0)

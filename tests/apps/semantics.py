@@ -254,6 +254,36 @@ def case_fork():
     c.close()
 
 
+def case_exit_without_close():
+    c, a = pair()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.sendall(b"bye")
+        os._exit(0)  # no close(): the kernel closes the socket
+    a.close()
+    os.waitpid(pid, 0)
+    say("exit without close: client reads", recv_exactly(c, 3), "then", c.recv(10))
+    c.close()
+
+
+def case_peer_killed():
+    import signal
+    c, a = pair()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.sendall(b"last words")
+        time.sleep(60)
+        os._exit(0)
+    a.close()
+    say("killed peer: client reads", recv_exactly(c, 10))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    say("killed peer: then", c.recv(10))
+    c.close()
+
+
 def case_exec():
     c, a = pair()
     child = subprocess.Popen([sys.executable, __file__, "exec-child", str(a.fileno())],
@@ -358,7 +388,7 @@ def case_fionread():
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
-         case_threads, case_fork, case_exec, case_fd_passing, case_ipv6, case_sendfile,
+         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_fionread]
 
 if __name__ == "__main__":

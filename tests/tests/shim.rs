@@ -256,3 +256,85 @@ fn so_rcvtimeo_ends_a_blocking_recv_with_eagain() -> Result<()> {
     // with nothing coming: EAGAIN after about 0.5 s, not a hang.
     echo_mode_is_direct("rcvtimeo")
 }
+
+/// A server-speaks-first exchange (echo.py gserver/greeted): returns the
+/// client's greeting delay in milliseconds and devd's view of the
+/// connection while it was open.
+fn greeting(
+    d: &Devd,
+    plain_server: bool,
+    plain_client: bool,
+) -> Result<(f64, Option<serde_json::Value>)> {
+    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let mut s = python(
+        d,
+        plain_server,
+        &["gserver", portfile.to_str().context("path")?],
+        &[],
+    )?;
+    let t = Instant::now();
+    while !portfile.exists() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let port = std::fs::read_to_string(&portfile)?;
+    let mut c = python(
+        d,
+        plain_client,
+        &["client", port.trim(), "0", "greeted"],
+        &[],
+    )?;
+    let line = c.expect("OK greeted in ")?;
+    let ms: f64 = line
+        .trim_start_matches("OK greeted in ")
+        .trim_end_matches(" ms")
+        .parse()?;
+    s.expect("OK served 10")?;
+    let conn = d.stats()?["connections"]
+        .as_array()
+        .and_then(|a| a.first().cloned());
+    c.say("")?;
+    s.say("")?;
+    ensure!(
+        c.wait_success()? && s.wait_success()?,
+        "a python process failed"
+    );
+    Ok((ms, conn))
+}
+
+#[test]
+fn server_speaks_first_protocols_work_with_plain_and_accelerated_peers() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    // A greeting (SMTP, PostgreSQL) with a plain peer on either side: the
+    // plain side gets exactly the greeting, and at once: an acceptor that
+    // waited for a Hello that never comes would stall it for the 2 s hello
+    // timeout, so the bound is a protocol check, not a speed measurement.
+    let d = Devd::start(&[])?;
+    for (plain_server, plain_client) in [(false, true), (true, false)] {
+        let (ms, conn) = greeting(&d, plain_server, plain_client)?;
+        ensure!(conn.is_none(), "a plain pair was accelerated: {conn:?}");
+        ensure!(
+            ms < 1000.0,
+            "greeting took {ms} ms (plain server {plain_server}, plain client {plain_client})"
+        );
+    }
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 0, "totals {t}");
+    // Only the accelerated connector asks devd (a plain connector's
+    // acceptor finds no intent and is not counted).
+    ensure!(t["fallbacks"]["peer_not_enabled"] == 1, "totals {t}");
+    // Both accelerated: the greeting travels over Direct.
+    let (_, conn) = greeting(&d, false, false)?;
+    let conn = conn.context("no accelerated connection")?;
+    ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
+    ensure!(
+        conn["bytes_a2c"] == 20 && conn["bytes_c2a"] == 10,
+        "bytes {conn}"
+    );
+    Ok(())
+}

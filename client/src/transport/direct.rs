@@ -43,6 +43,8 @@ pub struct Direct {
     wbell: Arc<EventFd>,
     session: Option<Arc<Session>>,
     peer_gone: bool,
+    /// The kernel socket was reset (not closed with a FIN).
+    peer_reset: bool,
     broken: bool,
     closed: bool,
     /// Close with a reset (SO_LINGER 0).
@@ -115,6 +117,7 @@ impl Direct {
             wbell,
             session,
             peer_gone: false,
+            peer_reset: false,
             broken: false,
             closed: false,
             sleepers: [0; 2],
@@ -151,6 +154,10 @@ impl Direct {
         match liveness(ctx.tcp) {
             Liveness::Alive => {}
             Liveness::Gone => self.peer_gone = true,
+            Liveness::Reset => {
+                self.peer_gone = true;
+                self.peer_reset = true;
+            }
             Liveness::Stray => {
                 log::warn!("connection {}: bytes on the kernel socket of a Direct connection; resetting it", self.conn_id);
                 self.peer_gone = true;
@@ -247,7 +254,12 @@ impl Direct {
             }
             if self.peer_gone {
                 // The peer's socket closed without an end-of-stream mark:
-                // it died (or aborted) mid-stream.
+                // its last holder exited or died without close(). The
+                // kernel's FIN means end of stream there too; a reset is
+                // a reset.
+                if !self.peer_reset {
+                    return Ok(0);
+                }
                 self.break_conn();
                 return Err(reset_error());
             }
@@ -288,8 +300,8 @@ impl Transport for Direct {
             // (even with bytes still to read), HUP once both directions
             // are shut (its FIN and our shutdown) or the connection reset.
             rdhup: eos || self.peer_gone,
-            hup: reset || ((eos || self.peer_gone) && self.tx.is_closed()),
-            err: reset,
+            hup: reset || self.peer_reset || ((eos || self.peer_gone) && self.tx.is_closed()),
+            err: reset || self.peer_reset,
             // Sums of counters that only grow: they change when any does.
             seq: [
                 self.rx.produced_seen() + marks,

@@ -175,8 +175,11 @@ pub(crate) fn would_block() -> io::Error {
 pub(crate) enum Liveness {
     /// Still open.
     Alive,
-    /// Closed (FIN) or reset: the peer's last holder closed or died.
+    /// Closed (FIN): the peer's last holder closed or exited (or died: the
+    /// kernel closes a dead process's sockets with a FIN too).
     Gone,
+    /// Reset (RST).
+    Reset,
     /// Bytes arrived on the kernel socket of an accelerated connection.
     Stray,
 }
@@ -192,6 +195,6 @@ pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
         {
             Liveness::Alive
         }
-        Err(_) => Liveness::Gone,
+        Err(_) => Liveness::Reset,
     }
 }

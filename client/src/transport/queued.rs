@@ -270,7 +270,10 @@ impl Transport for Queued {
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
-        if check_peer && !self.peer_gone && liveness(ctx.tcp) == Liveness::Gone {
+        if check_peer
+            && !self.peer_gone
+            && matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset)
+        {
             self.peer_gone = true;
         }
         let f = self.rx_flags();
@@ -403,7 +406,7 @@ impl Transport for Queued {
                 return Ok(off);
             }
             if ctx.nonblocking {
-                if ctx.check_peer && liveness(ctx.tcp) == Liveness::Gone {
+                if ctx.check_peer && matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset) {
                     self.peer_gone = true;
                 }
                 return if off > 0 { Ok(off) } else { Err(would_block()) };

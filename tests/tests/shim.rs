@@ -338,3 +338,80 @@ fn server_speaks_first_protocols_work_with_plain_and_accelerated_peers() -> Resu
     );
     Ok(())
 }
+
+#[test]
+fn ssock_run_warns_when_a_program_cannot_be_intercepted() -> Result<()> {
+    // ldconfig is a static-pie binary on Debian (package libc-bin).
+    let run = |prog: &str, args: &[&str]| -> Result<String> {
+        let out = Command::new(bin("ssock-run"))
+            .args(["--devd", "none", "--", prog])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let err = run("/sbin/ldconfig", &["--version"])?;
+    ensure!(
+        err.contains("cannot be accelerated: it is statically linked"),
+        "stderr: {err}"
+    );
+    // A setuid program, where the system has one.
+    if let Some(su) = ["/usr/bin/passwd", "/bin/su", "/usr/bin/su"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    {
+        let err = run(su, &["--help"])?;
+        ensure!(err.contains("it is setuid/setgid"), "stderr: {err}");
+    }
+    if have_app("python3")? {
+        let err = run("python3", &["-c", "pass"])?;
+        ensure!(!err.contains("warning"), "stderr: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn ssock_run_log_records_what_the_shim_decided() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let log = d
+        .socket
+        .with_file_name(format!("shim-{}.log", rand_suffix()));
+    let log_s = log.to_str().context("path")?;
+    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let mut srv = Command::new(bin("ssock-run"));
+    srv.args([
+        "--devd",
+        d.socket.to_str().context("path")?,
+        "--log",
+        log_s,
+        "--",
+        "python3",
+    ])
+    .arg(echo_py())
+    .args(["server", portfile.to_str().context("path")?]);
+    let mut s = Peer::command(srv)?;
+    let t = Instant::now();
+    while !portfile.exists() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let port = std::fs::read_to_string(&portfile)?;
+    let mut c = python(&d, false, &["client", port.trim(), "1000"], &[])?;
+    c.expect("OK echo 1000")?;
+    c.say("")?;
+    s.expect("OK served 1000")?;
+    ensure!(c.wait_success()? && s.wait_success()?);
+    let text = std::fs::read_to_string(&log)?;
+    let _ = std::fs::remove_file(&log);
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("ssock[") && l.contains("accept: Direct, connection")),
+        "log: {text}"
+    );
+    Ok(())
+}

@@ -19,6 +19,7 @@
 mod boundary;
 mod epoll;
 mod io;
+mod logging;
 mod real;
 mod sock;
 mod table;
@@ -1036,6 +1037,7 @@ fn adopt(fd: c_int) {
 pub(crate) fn inherit_at_load() {
     enter(
         || {
+            logging::init();
             if sock::disabled() {
                 return 0;
             }

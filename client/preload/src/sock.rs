@@ -92,7 +92,10 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
     Some(match connect_start(fd, dst, &opts, Some(&session)) {
-        Ok(Started::Kernel(_)) => Ok(None),
+        Ok(Started::Kernel(r)) => {
+            log::info!("connect to {dst}: kernel TCP ({r:?})");
+            Ok(None)
+        }
         Ok(Started::HelloSent) => Ok(Some(Sock {
             state: State::AwaitAck(session),
             spin,
@@ -133,7 +136,14 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     }
     match r {
         Ok(Accepted::Attached(t)) => Ok(Some(Sock {
-            state: State::Up(t),
+            state: {
+                log::info!(
+                    "accept: {:?}, connection {}",
+                    t.mode(),
+                    t.conn_id().unwrap_or(0)
+                );
+                State::Up(t)
+            },
             spin,
             read_shut: false,
             write_shut: false,
@@ -224,7 +234,14 @@ impl Sock {
             let next = match connect_finish(fd, session, None) {
                 Ok(None) => return Err(libc::EAGAIN),
                 Ok(Some(Outcome::Attached(resp))) => match attach(session, resp) {
-                    Ok(t) => State::Up(t),
+                    Ok(t) => {
+                        log::info!(
+                            "connect: {:?}, connection {}",
+                            t.mode(),
+                            t.conn_id().unwrap_or(0)
+                        );
+                        State::Up(t)
+                    }
                     Err(e) => {
                         // The acceptor is attached and waits on the rings:
                         // ending the kernel connection tells it (a reset).
@@ -233,7 +250,10 @@ impl Sock {
                         State::Kernel
                     }
                 },
-                Ok(Some(Outcome::Kernel(_))) => State::Kernel,
+                Ok(Some(Outcome::Kernel(r))) => {
+                    log::info!("connect: kernel TCP ({r:?})");
+                    State::Kernel
+                }
                 Err(e) => {
                     // No valid HelloAck (the acceptor dropped us): what is
                     // left is the kernel connection, and the kernel's answer.

@@ -53,6 +53,45 @@ fn start_user_devd() -> Result<PathBuf, String> {
     Ok(socket)
 }
 
+/// PROGRAM as exec would find it (PATH search for a bare name).
+fn resolve(prog: &str) -> Option<PathBuf> {
+    if prog.contains('/') {
+        return Some(PathBuf::from(prog));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// Why the preload cannot reach `path`, if it cannot: a setuid/setgid
+/// program (the loader ignores LD_PRELOAD there), a static or 32-bit ELF.
+fn not_interceptable(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    if mode & 0o6000 != 0 {
+        return Some("it is setuid/setgid: the loader ignores LD_PRELOAD".into());
+    }
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut elf = Vec::new();
+    f.by_ref().take(64 * 1024).read_to_end(&mut elf).ok()?;
+    if elf.get(..4)? != b"\x7fELF" {
+        return None; // a script: its interpreter is what runs
+    }
+    if elf.get(4) != Some(&2) {
+        return Some("it is a 32-bit program (libssock.so is 64-bit)".into());
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let (size, count) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    let interp = (0..count).any(|i| {
+        let o = phoff + i * size;
+        elf.get(o..o + 4) == Some(&3u32.to_le_bytes()[..]) // PT_INTERP
+    });
+    (!interp).then(|| "it is statically linked: there is no loader to preload into".into())
+}
+
 fn run() -> String {
     let mut args = std::env::args().skip(1);
     let mut devd = "auto".to_string();
@@ -85,6 +124,9 @@ fn run() -> String {
     let Some(lib) = beside_me("libssock.so") else {
         return "libssock.so is not next to ssock-run (build the workspace: cargo build)".into();
     };
+    if let Some(why) = resolve(prog).as_deref().and_then(not_interceptable) {
+        eprintln!("ssock-run: warning: {prog} cannot be accelerated: {why}; it runs on kernel TCP");
+    }
     let mut cmd = Command::new(prog);
     cmd.args(rest);
     match devd.as_str() {

@@ -296,6 +296,19 @@ def case_exec():
     c.close()
 
 
+def case_posix_spawn():
+    c, a = pair()
+    a.set_inheritable(True)
+    pid = os.posix_spawn(sys.executable, [sys.executable, __file__, "exec-child",
+                                          str(a.fileno())], os.environ)
+    a.close()
+    say("posix_spawn: client reads", recv_exactly(c, 9))
+    c.sendall(b"ping")
+    say("posix_spawn: reply", recv_exactly(c, 4), "then", c.recv(10))
+    say("posix_spawn: child status", os.waitpid(pid, 0)[1])
+    c.close()
+
+
 def exec_child(fd):
     s = socket.socket(fileno=fd)
     s.sendall(b"from exec")
@@ -388,7 +401,8 @@ def case_fionread():
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
-         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_fd_passing, case_ipv6, case_sendfile,
+         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec,
+         case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_fionread]
 
 if __name__ == "__main__":

@@ -1505,3 +1505,58 @@ pub unsafe extern "C" fn vfork() -> libc::pid_t {
     // SAFETY: fork has no memory preconditions; its handlers are ours.
     unsafe { libc::fork() }
 }
+
+/// posix_spawn and posix_spawnp: the new program inherits the accelerated
+/// sockets without FD_CLOEXEC (and takes them over when it loads the
+/// shim), so each gets a hold first, as at fork; taken back if the spawn
+/// fails. (A file action that closes one leaves an extra hold: the stream
+/// then ends through the kernel socket's FIN, still an end of stream.)
+fn spawn_holding(spawn: impl FnOnce() -> c_int) -> c_int {
+    let held = table::inheritable();
+    for s in &held {
+        lock(s).fork_hold();
+    }
+    let r = spawn();
+    if r != 0 {
+        for s in &held {
+            lock(s).drop_hold();
+        }
+    }
+    r
+}
+
+/// posix_spawn(3).
+///
+/// # Safety
+/// The C contract of posix_spawn(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    acts: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().posix_spawn)(pid, path, acts, attr, argv, envp) };
+    enter(|| spawn_holding(real), real)
+}
+
+/// posix_spawnp(3).
+///
+/// # Safety
+/// The C contract of posix_spawnp(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const libc::c_char,
+    acts: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().posix_spawnp)(pid, file, acts, attr, argv, envp) };
+    enter(|| spawn_holding(real), real)
+}

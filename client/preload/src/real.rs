@@ -68,6 +68,14 @@ type RecvMmsgFn = unsafe extern "C" fn(
     *mut libc::timespec,
 ) -> c_int;
 type SendMmsgFn = unsafe extern "C" fn(c_int, *mut libc::mmsghdr, libc::c_uint, c_int) -> c_int;
+type PosixSpawnFn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const libc::c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    *const *mut libc::c_char,
+    *const *mut libc::c_char,
+) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
 type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
@@ -114,6 +122,8 @@ pub struct Real {
     pub sendfile64: SendfileFn,
     pub recvmmsg: RecvMmsgFn,
     pub sendmmsg: SendMmsgFn,
+    pub posix_spawn: PosixSpawnFn,
+    pub posix_spawnp: PosixSpawnFn,
     pub epoll_create: EpollCreate1Fn,
     pub epoll_create1: EpollCreate1Fn,
     pub epoll_ctl: EpollCtlFn,
@@ -169,6 +179,10 @@ pub fn get() -> &'static Real {
                 sendfile64: std::mem::transmute::<*mut c_void, SendfileFn>(sym(c"sendfile64")),
                 recvmmsg: std::mem::transmute::<*mut c_void, RecvMmsgFn>(sym(c"recvmmsg")),
                 sendmmsg: std::mem::transmute::<*mut c_void, SendMmsgFn>(sym(c"sendmmsg")),
+                posix_spawn: std::mem::transmute::<*mut c_void, PosixSpawnFn>(sym(c"posix_spawn")),
+                posix_spawnp: std::mem::transmute::<*mut c_void, PosixSpawnFn>(sym(
+                    c"posix_spawnp",
+                )),
                 epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
                     c"epoll_create",
                 )),

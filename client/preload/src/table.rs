@@ -88,6 +88,25 @@ pub fn before_fork() {
     }
 }
 
+/// The accelerated sockets whose fds survive exec (no FD_CLOEXEC): a
+/// spawned program inherits them.
+pub fn inheritable() -> Vec<Entry> {
+    if !ANY.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let t = SOCKS.read().unwrap_or_else(|p| p.into_inner());
+    t.iter()
+        .enumerate()
+        .filter_map(|(fd, e)| Some((i32::try_from(fd).ok()?, e.as_ref()?)))
+        .filter(|(fd, _)| {
+            // SAFETY: F_GETFD on a number only reads its flags.
+            let fl = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+            fl >= 0 && fl & libc::FD_CLOEXEC == 0
+        })
+        .map(|(_, e)| e.clone())
+        .collect()
+}
+
 /// Records `fd` as a listener registered with devd.
 pub fn add_listener(fd: i32) {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());

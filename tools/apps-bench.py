@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Real programs with and without ssock, interleaved in one run.
+
+usage: tools/apps-bench.py [--rounds N] [--markdown]   (after cargo build --release)
+
+Each round runs every benchmark twice, once as plain programs on kernel TCP
+and once with server and client both under ssock-run (a private devd), and
+records the programs' own figures:
+
+  redis-benchmark GET -n 100000 -c 1          requests per second
+  redis-benchmark GET -n 200000 -c 50 -P 16   requests per second
+  sockperf ping-pong --tcp -m 14 -t 3         average half round trip, us
+  iperf3 -t 3                                 receiver Gbit/s
+
+and checks through devd's statistics that the ssock runs went Direct (a run
+that fell back to kernel TCP aborts the benchmark). Prints medians with
+[min-max] and the ratio ssock/kernel."""
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def listening(port):
+    hexport = ":%04X" % port
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in open(f).read().splitlines()[1:]:
+                p = line.split()
+                if p[1].endswith(hexport) and p[3] == "0A":
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+class Devd:
+    def __init__(self, d):
+        self.sock = os.path.join(d, "devd.sock")
+        self.p = subprocess.Popen([os.path.join(REL, "devd"), "--user", "--socket", self.sock],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t = time.time()
+        while not os.path.exists(self.sock):
+            if time.time() - t > 10:
+                raise SystemExit("devd did not start")
+            time.sleep(0.01)
+
+    def totals(self):
+        out = subprocess.run([os.path.join(REL, "ringstat"), "--json"], check=True,
+                             capture_output=True, text=True,
+                             env=dict(os.environ, SSOCK_DEVD_SOCKET=self.sock)).stdout
+        return json.loads(out)["totals"]
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def wrap(devd, argv):
+    if devd is None:
+        return argv
+    return [os.path.join(REL, "ssock-run"), "--devd", devd.sock, "--"] + argv
+
+
+def serve(devd, argv, port):
+    p = subprocess.Popen(wrap(devd, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.time()
+    while not listening(port):
+        if p.poll() is not None or time.time() - t > 20:
+            p.kill()
+            raise SystemExit(f"server {argv[0]} did not start")
+        time.sleep(0.01)
+    return p
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run(devd, argv):
+    r = subprocess.run(wrap(devd, argv), capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def redis(devd):
+    port = free_port()
+    srv = serve(devd, ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                       "--save", "", "--appendonly", "no"], port)
+    try:
+        out = {}
+        for key, extra in (("redis GET -c 1 (req/s)", ["-n", "100000", "-c", "1"]),
+                           ("redis GET -c 50 -P 16 (req/s)",
+                            ["-n", "200000", "-c", "50", "-P", "16"])):
+            text = run(devd, ["redis-benchmark", "-p", str(port), "-t", "get", "-q"] + extra)
+            line = [x for x in text.replace("\r", "\n").splitlines()
+                    if x.startswith("GET: ") and "requests per second" in x][-1]
+            out[key] = float(line.split()[1])
+        return out
+    finally:
+        stop(srv)
+
+
+def sockperf(devd):
+    port = free_port()
+    srv = serve(devd, ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)], port)
+    try:
+        text = run(devd, ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
+                          "-t", "3", "-m", "14", "--mps", "1500000"])
+        line = [x for x in text.splitlines() if "Summary: Latency is" in x][-1]
+        return {"sockperf ping-pong 14 B (us)": float(line.split("Latency is")[1].split()[0])}
+    finally:
+        stop(srv)
+
+
+def iperf3(devd):
+    port = free_port()
+    srv = serve(devd, ["iperf3", "-s", "-1", "-p", str(port)], port)
+    try:
+        j = json.loads(run(devd, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "3", "-J"]))
+        return {"iperf3 -t 3 (Gbit/s)": j["end"]["sum_received"]["bits_per_second"] / 1e9}
+    finally:
+        stop(srv)
+
+
+def main():
+    rounds = 3
+    markdown = "--markdown" in sys.argv
+    if "--rounds" in sys.argv:
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1])
+    for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3"):
+        if shutil.which(prog) is None:
+            raise SystemExit(f"{prog} is not installed (apt-get install redis-server "
+                             "redis-tools sockperf iperf3)")
+    d = tempfile.mkdtemp(prefix="ssock-apps-bench-")
+    devd = Devd(d)
+    results = {}
+    try:
+        for r in range(rounds):
+            for bench in (redis, sockperf, iperf3):
+                for mode in ("kernel", "ssock"):
+                    before = devd.totals()
+                    got = bench(devd if mode == "ssock" else None)
+                    after = devd.totals()
+                    if mode == "ssock":
+                        fell = after["connections"]["kernel"] - before["connections"]["kernel"]
+                        direct = after["connections"]["direct"] - before["connections"]["direct"]
+                        if fell or not direct:
+                            raise SystemExit(f"{bench.__name__}: {fell} connections fell back "
+                                             f"to kernel TCP, {direct} Direct")
+                    for k, v in got.items():
+                        results.setdefault(k, {}).setdefault(mode, []).append(v)
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    finally:
+        devd.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    rows = []
+    for k, by in results.items():
+        kern, ss = by["kernel"], by["ssock"]
+        mk, ms = statistics.median(kern), statistics.median(ss)
+        fmt = (lambda v: f"{v:,.0f}") if "req/s" in k else (lambda v: f"{v:.2f}")
+        ratio = ms / mk
+        rows.append((k, f"{fmt(mk)} [{fmt(min(kern))}-{fmt(max(kern))}]",
+                     f"{fmt(ms)} [{fmt(min(ss))}-{fmt(max(ss))}]", f"{ratio:.2f}x"))
+    if markdown:
+        print("| program | kernel TCP | under ssock-run | ssock/kernel |")
+        print("|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in rows:
+            print(f"{row[0]:32} kernel {row[1]:28} ssock {row[2]:28} {row[3]}")
+    print(f"({rounds} rounds, medians [min-max], kernel and ssock interleaved)")
+
+
+if __name__ == "__main__":
+    main()

@@ -45,10 +45,14 @@ pub fn user_dir_is_safe(dir: &std::path::Path) -> bool {
 }
 
 /// The socket a tool reports on: the first of [`client_sockets`] that
-/// exists, else the per-user path.
+/// exists, else `SSOCK_DEVD_SOCKET` if set, else the per-user path.
 pub fn client_socket() -> PathBuf {
     client_sockets()
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(user_socket)
+        .unwrap_or_else(|| match std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+            // The override is the only place to look, even when absent.
+            Some(p) => PathBuf::from(p),
+            None => user_socket(),
+        })
 }

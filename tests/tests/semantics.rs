@@ -95,3 +95,50 @@ fn kernel_and_ssock_observe_the_same_socket_semantics() -> Result<()> {
 fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
     differential(&[("SSOCK_SPIN_US", "0")])
 }
+
+#[test]
+fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
+    // A C program (Python retries EINTR itself, hiding the difference): a
+    // blocking recv hit by SIGALRM is restarted when the handler has
+    // SA_RESTART and fails with EINTR when it has not.
+    if !have_app("gcc")? {
+        return Ok(());
+    }
+    // Built into devd's directory, which goes when the test ends.
+    let d = Devd::start(&[])?;
+    let exe = d.socket.with_file_name("sarestart");
+    let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/sarestart.c"));
+    let st = Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()?;
+    ensure!(st.success(), "gcc failed");
+    let go = |d: Option<&Devd>| -> Result<String> {
+        let mut cmd = match d {
+            None => Command::new(&exe),
+            Some(d) => {
+                let mut c = Command::new(bin("ssock-run"));
+                c.args(["--devd", d.socket.to_str().context("path")?, "--"])
+                    .arg(&exe);
+                c
+            }
+        };
+        let out = cmd.stdin(Stdio::null()).output()?;
+        ensure!(out.status.success(), "sarestart failed");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let plain = go(None)?;
+    ensure!(
+        plain == "SA_RESTART=1: recv=1 \nSA_RESTART=0: recv=-1 EINTR\n",
+        "kernel: {plain}"
+    );
+    let accelerated = go(Some(&d))?;
+    ensure!(
+        plain == accelerated,
+        "kernel:\n{plain}\nssock:\n{accelerated}"
+    );
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 2, "totals {t}");
+    Ok(())
+}

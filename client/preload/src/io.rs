@@ -40,15 +40,44 @@ fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), 
         }
     };
     let spin = lock(e).spin();
-    if once(Some(spin))? {
-        return Ok(());
+    let limit = || ssock_rings::sys::sockopt_timeout(fd, opt).unwrap_or(None);
+    match once(Some(spin)) {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        // As the kernel: a signal whose handler has SA_RESTART restarts
+        // the call, unless a timeout is set on the socket.
+        Err(libc::EINTR) if limit().is_none() && restartable() => return Ok(()),
+        Err(x) => return Err(x),
     }
-    let limit = ssock_rings::sys::sockopt_timeout(fd, opt).unwrap_or(None);
-    if once(limit)? {
-        Ok(())
-    } else {
-        Err(libc::EAGAIN)
+    let limit = limit();
+    loop {
+        match once(limit) {
+            Ok(true) => return Ok(()),
+            Ok(false) => return Err(libc::EAGAIN),
+            Err(libc::EINTR) if limit.is_none() && restartable() => {}
+            Err(x) => return Err(x),
+        }
     }
+}
+
+/// Whether a call interrupted by a signal would be restarted by the
+/// kernel: the handler that ran had SA_RESTART. Which signal it was is not
+/// known here, so every signal with a handler must have SA_RESTART (as
+/// glibc's signal() installs them); otherwise the call ends with EINTR.
+/// Only on the interrupted path: up to 64 sigaction calls.
+fn restartable() -> bool {
+    (1..=libc::SIGRTMAX()).all(|sig| {
+        // SAFETY: a zeroed sigaction is a valid out-parameter; sigaction
+        // with a null new action only reads the current one.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `old` is a live, exclusively borrowed struct.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            return true; // not a valid signal number
+        }
+        old.sa_sigaction == libc::SIG_DFL
+            || old.sa_sigaction == libc::SIG_IGN
+            || old.sa_flags & libc::SA_RESTART != 0
+    })
 }
 
 /// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL.

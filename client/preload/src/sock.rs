@@ -231,6 +231,22 @@ impl Sock {
     /// has not come yet; Err(FALLBACK): kernel TCP.
     fn up(&mut self, fd: BorrowedFd<'_>) -> Result<&mut Box<dyn Transport>, i32> {
         if let State::AwaitAck(session) = &self.state {
+            // After fork the child's copy of the session is marked broken
+            // (it is the parent's socket): use this process's own.
+            let session = if session.is_broken() {
+                Session::global()
+            } else {
+                Some(session.clone())
+            };
+            let Some(session) = session else {
+                // No devd to attach through: the acceptor waits on rings
+                // this side can never reach. End the connection.
+                log::warn!("connect: devd unreachable before the HelloAck; shutting down");
+                let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                self.state = State::Kernel;
+                return Err(FALLBACK);
+            };
+            let session = &session;
             let next = match connect_finish(fd, session, None) {
                 Ok(None) => return Err(libc::EAGAIN),
                 Ok(Some(Outcome::Attached(resp))) => match attach(session, resp) {

@@ -50,9 +50,11 @@ pub fn client_socket() -> PathBuf {
     client_sockets()
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| match std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
-            // The override is the only place to look, even when absent.
-            Some(p) => PathBuf::from(p),
-            None => user_socket(),
-        })
+        .unwrap_or_else(
+            || match std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+                // The override is the only place to look, even when absent.
+                Some(p) => PathBuf::from(p),
+                None => user_socket(),
+            },
+        )
 }

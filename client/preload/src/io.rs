@@ -5,7 +5,7 @@
 //! thread share a socket, and lets another thread's shutdown reach a
 //! blocked reader. SO_RCVTIMEO and SO_SNDTIMEO bound the waits (EAGAIN).
 
-use crate::sock::{is_nonblocking, Sock};
+use crate::sock::Sock;
 use crate::wait;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -80,18 +80,23 @@ fn restartable() -> bool {
     })
 }
 
-/// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL.
+/// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL. One lock per step and no
+/// syscall while data is there.
 pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
     if flags & libc::MSG_OOB != 0 {
         // Urgent data has no place in a ring (see the README's limits).
         return Err(libc::EOPNOTSUPP);
     }
-    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
+    let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
     let mut got = 0;
     loop {
-        let r = lock(e).recv_now(fd, &mut buf[got..], peek);
+        let r = {
+            let mut s = lock(e);
+            nonblocking |= s.nonblocking;
+            s.recv_now(fd, &mut buf[got..], peek)
+        };
         match r {
             Ok(0) => return Ok(got),
             Ok(n) => {
@@ -118,19 +123,44 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result
     }
 }
 
+/// Marks a socket's send as under way across waits, so that concurrent
+/// sends land whole; cleared when the send ends, however it ends.
+struct SendTurn<'a>(&'a Entry, bool);
+
+impl Drop for SendTurn<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            lock(self.0).send_busy = false;
+        }
+    }
+}
+
 /// send(2): all of `buf` when blocking; EPIPE raises SIGPIPE unless
-/// MSG_NOSIGNAL; a call that moved bytes reports them.
+/// MSG_NOSIGNAL; a call that moved bytes reports them. A send that has to
+/// wait keeps the socket's turn until it is done (others wait, or get
+/// EAGAIN when nonblocking): sends from several threads land whole.
 pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
     if flags & libc::MSG_OOB != 0 {
         return Err(libc::EOPNOTSUPP);
     }
-    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
-    // One send at a time on this socket, for its whole length.
-    let sending = lock(e).sending.clone();
-    let _turn = sending.lock().unwrap_or_else(|p| p.into_inner());
+    let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
+    let mut turn = SendTurn(e, false);
     let mut off = 0;
     loop {
-        let r = lock(e).send_now(fd, &buf[off..]);
+        let r = {
+            let mut s = lock(e);
+            nonblocking |= s.nonblocking;
+            if s.send_busy && !turn.1 {
+                // Another thread's send is waiting half done.
+                drop(s);
+                if nonblocking {
+                    return Err(libc::EAGAIN);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+                continue;
+            }
+            s.send_now(fd, &buf[off..])
+        };
         match r {
             Ok(n) => {
                 off += n;
@@ -151,6 +181,10 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
         }
         if nonblocking {
             return if off > 0 { Ok(off) } else { Err(libc::EAGAIN) };
+        }
+        if !turn.1 {
+            lock(e).send_busy = true;
+            turn.1 = true;
         }
         if let Err(x) = wait_for(e, fd, libc::POLLOUT, libc::SO_SNDTIMEO) {
             return if off > 0 { Ok(off) } else { Err(x) };

@@ -859,6 +859,12 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_in
             if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
                 duplicated(fd, r)
             } else {
+                if cmd == libc::F_SETFL && r == 0 {
+                    if let Some(s) = table::get(fd) {
+                        lock(&s).nonblocking =
+                            libc::c_int::try_from(arg).is_ok_and(|fl| fl & libc::O_NONBLOCK != 0);
+                    }
+                }
                 r
             }
         },
@@ -882,6 +888,17 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) 
             let which = match req {
                 libc::FIONREAD => 0,
                 libc::TIOCOUTQ => 1,
+                libc::FIONBIO => {
+                    let r = real();
+                    if r == 0 && !arg.is_null() {
+                        if let Some(s) = table::get(fd) {
+                            // SAFETY: for FIONBIO, arg is the caller's int*,
+                            // which the kernel just read.
+                            lock(&s).nonblocking = unsafe { *arg.cast::<c_int>() } != 0;
+                        }
+                    }
+                    return r;
+                }
                 _ => return real(),
             };
             dispatch(

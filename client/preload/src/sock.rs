@@ -38,9 +38,13 @@ pub struct Sock {
     read_shut: bool,
     /// shutdown(SHUT_WR) before the HelloAck: applied once it is known.
     write_shut: bool,
-    /// Held for the whole of one send: concurrent sends on the socket land
-    /// whole, one after the other, never interleaved.
-    pub sending: Arc<std::sync::Mutex<()>>,
+    /// A send is waiting half done (see `io::send`): other sends wait.
+    pub send_busy: bool,
+    /// O_NONBLOCK of the socket, kept here so that no call needs F_GETFL:
+    /// read at creation, updated by the shim's fcntl(F_SETFL) and
+    /// ioctl(FIONBIO). (The flag belongs to the open file: a change made
+    /// by another process sharing it after fork is not seen.)
+    pub nonblocking: bool,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
@@ -102,7 +106,8 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             read_shut: false,
             write_shut: false,
             connect_reported: !is_nonblocking(fd),
-            sending: Arc::default(),
+            send_busy: false,
+            nonblocking: is_nonblocking(fd),
         })),
         Err(e) => Err(errno(&e)),
     })
@@ -148,7 +153,8 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
             read_shut: false,
             write_shut: false,
             connect_reported: true,
-            sending: Arc::default(),
+            send_busy: false,
+            nonblocking: nb,
         })),
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
         Ok(Accepted::Dropped) => Err(()),
@@ -183,7 +189,8 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
             read_shut: false,
             write_shut: false,
             connect_reported: true,
-            sending: Arc::default(),
+            send_busy: false,
+            nonblocking: is_nonblocking(fd),
         }),
         Ok(None) => None,
         Err(e) => {

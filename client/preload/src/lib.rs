@@ -1087,9 +1087,15 @@ extern "C" fn before_fork() {
     table::before_fork();
 }
 
-/// pthread_atfork child handler: the child stops using the parent's devd
-/// session.
+/// pthread_atfork parent handler: unlocks what the prepare handler locked.
+extern "C" fn after_fork_in_parent() {
+    table::after_fork();
+}
+
+/// pthread_atfork child handler: unlocks what the prepare handler locked;
+/// the child stops using the parent's devd session.
 extern "C" fn after_fork_in_child() {
+    table::after_fork();
     ssock_client::Session::after_fork_in_child();
 }
 

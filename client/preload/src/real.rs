@@ -208,7 +208,7 @@ extern "C" fn init() {
     unsafe {
         libc::pthread_atfork(
             Some(crate::before_fork),
-            None,
+            Some(crate::after_fork_in_parent),
             Some(crate::after_fork_in_child),
         );
     }

@@ -1,20 +1,53 @@
 //! Which fds are accelerated sockets and which are registered listeners.
-//! First version: a read-mostly lock around a vector indexed by fd (part 3
-//! replaces it with a lock-free table).
+//! The fd table is lock-free: chunks of 4096 slots, allocated once and
+//! never freed, each slot an `ArcSwapOption` (a lookup is a few atomic
+//! loads and one reference count, no lock; arc-swap keeps a slot's old
+//! socket alive while a concurrent lookup still uses it).
 
 use crate::sock::Sock;
+use arc_swap::ArcSwapOption;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 type Entry = Arc<Mutex<Sock>>;
 
+const CHUNK: usize = 4096;
+/// 256 chunks of 4096: fds up to 1,048,575 (the usual hard limit).
+const CHUNKS: usize = 256;
+
 static ANY: AtomicBool = AtomicBool::new(false);
-static SOCKS: RwLock<Vec<Option<Entry>>> = RwLock::new(Vec::new());
+/// One chunk of slots.
+type Chunk = Box<[ArcSwapOption<Mutex<Sock>>]>;
+
+static SOCKS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
 static LISTENERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 
-fn slot(fd: i32) -> Option<usize> {
-    usize::try_from(fd).ok()
+/// The slot of `fd`, allocating its chunk if `create`.
+fn slot(fd: i32, create: bool) -> Option<&'static ArcSwapOption<Mutex<Sock>>> {
+    let i = usize::try_from(fd).ok()?;
+    let chunk = SOCKS.get(i / CHUNK)?;
+    let c = if create {
+        chunk.get_or_init(|| (0..CHUNK).map(|_| ArcSwapOption::empty()).collect())
+    } else {
+        chunk.get()?
+    };
+    c.get(i % CHUNK)
+}
+
+/// Every slot in use, with its fd.
+fn all() -> impl Iterator<Item = (i32, Entry)> {
+    SOCKS
+        .iter()
+        .enumerate()
+        .filter_map(|(k, c)| Some((k, c.get()?)))
+        .flat_map(|(k, c)| {
+            c.iter().enumerate().filter_map(move |(j, s)| {
+                let fd = i32::try_from(k * CHUNK + j).ok()?;
+                Some((fd, s.load_full()?))
+            })
+        })
 }
 
 /// The accelerated socket behind `fd`, if any.
@@ -24,42 +57,33 @@ pub fn get(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    let t = SOCKS.read().unwrap_or_else(|p| p.into_inner());
-    t.get(slot(fd)?).cloned().flatten()
+    slot(fd, false)?.load_full()
 }
 
 /// Records `fd` as an accelerated socket.
 pub fn insert(fd: i32, s: Sock) {
-    let Some(i) = slot(fd) else { return };
-    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
-    if t.len() <= i {
-        t.resize(i + 1, None);
+    if let Some(slot) = slot(fd, true) {
+        slot.store(Some(Arc::new(Mutex::new(s))));
+        ANY.store(true, Ordering::Relaxed);
     }
-    t[i] = Some(Arc::new(Mutex::new(s)));
-    ANY.store(true, Ordering::Relaxed);
 }
 
 /// `new` is a duplicate of `old` (dup, dup2, dup3, F_DUPFD): both name the
 /// same socket, which lets go when the last of its fds closes.
 pub fn duplicate(old: i32, new: i32) {
-    if let Some(e) = get(old) {
-        let Some(i) = slot(new) else { return };
-        let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
-        if t.len() <= i {
-            t.resize(i + 1, None);
-        }
-        t[i] = Some(e);
+    if let (Some(e), Some(slot)) = (get(old), slot(new, true)) {
+        slot.store(Some(e));
     }
 }
 
 /// Forgets `fd`'s socket `s` (its negotiation ended on kernel TCP), if the
 /// fd still names it.
 pub fn forget_kernel(fd: i32, s: &Entry) {
-    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(e) = t.get_mut(slot(fd).unwrap_or(usize::MAX)) {
-        if e.as_ref().is_some_and(|e| Arc::ptr_eq(e, s)) {
-            *e = None;
-        }
+    if let Some(slot) = slot(fd, false) {
+        slot.rcu(|cur| match cur {
+            Some(e) if Arc::ptr_eq(e, s) => None,
+            other => other.clone(),
+        });
     }
 }
 
@@ -68,24 +92,59 @@ pub fn remove(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    let mut t = SOCKS.write().unwrap_or_else(|p| p.into_inner());
-    t.get_mut(slot(fd)?).and_then(Option::take)
+    slot(fd, false)?.swap(None)
+}
+
+thread_local! {
+    /// The sockets locked across a fork (in the forking thread), with the
+    /// references that keep their mutexes alive until unlocked.
+    static FORK_HELD: RefCell<(Vec<MutexGuard<'static, Sock>>, Vec<Entry>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Just before fork, in the parent: every accelerated socket gets one more
 /// holder (the child-to-be), so neither process's close ends the other's
 /// stream. It must happen before fork returns anywhere: done in the child,
-/// it would race with the parent closing its copy right away. try-locks
-/// only: a socket another thread is using at that instant is skipped. (If
-/// fork fails, the extra hold stays: the last close then leaves the end to
-/// the peer's liveness check, which reports a reset instead of EOF.)
+/// it would race with the parent closing its copy right away. Each socket
+/// is locked (a lock is only ever held for a non-blocking step) and stays
+/// locked across the fork, so that the child inherits no lock held by a
+/// thread that does not exist there; `after_fork` unlocks, in both
+/// processes. (If fork fails, the extra hold stays: the stream then ends
+/// through the kernel socket's FIN, still an end of stream.)
 pub fn before_fork() {
-    let Ok(t) = SOCKS.try_read() else { return };
-    for s in t.iter().flatten() {
-        if let Ok(mut s) = s.try_lock() {
-            s.fork_hold();
-        }
+    if !ANY.load(Ordering::Relaxed) {
+        return;
     }
+    let mut seen: Vec<*const Mutex<Sock>> = Vec::new();
+    FORK_HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        for (_, e) in all() {
+            let p = Arc::as_ptr(&e);
+            if seen.contains(&p) {
+                continue; // a duplicate fd of a socket already held
+            }
+            seen.push(p);
+            // SAFETY: the mutex lives inside `e`, which is kept in the
+            // same thread-local until after its guard is dropped
+            // (`after_fork` drops the guards first).
+            let m: &'static Mutex<Sock> = unsafe { &*p };
+            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            g.fork_hold();
+            h.0.push(g);
+            h.1.push(e);
+        }
+    });
+}
+
+/// After fork, in the parent and in the child: unlocks what `before_fork`
+/// locked.
+pub fn after_fork() {
+    // try_with: a fork from a thread being torn down holds nothing.
+    let _ = FORK_HELD.try_with(|h| {
+        let mut h = h.borrow_mut();
+        h.0.clear();
+        h.1.clear();
+    });
 }
 
 /// The accelerated sockets whose fds survive exec (no FD_CLOEXEC): a
@@ -94,16 +153,13 @@ pub fn inheritable() -> Vec<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    let t = SOCKS.read().unwrap_or_else(|p| p.into_inner());
-    t.iter()
-        .enumerate()
-        .filter_map(|(fd, e)| Some((i32::try_from(fd).ok()?, e.as_ref()?)))
+    all()
         .filter(|(fd, _)| {
             // SAFETY: F_GETFD on a number only reads its flags.
             let fl = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
             fl >= 0 && fl & libc::FD_CLOEXEC == 0
         })
-        .map(|(_, e)| e.clone())
+        .map(|(_, e)| e)
         .collect()
 }
 

@@ -149,8 +149,11 @@ pub struct Config {
     pub sandbox: Option<crate::sandbox::Mode>,
 }
 
-/// Default region size (512 KiB).
-pub const DEFAULT_REGION: usize = 512 * 1024;
+/// Default region size (2 MiB): a Direct ring of about 1 MiB per
+/// direction. Streaming throughput grows steeply with the ring (measured:
+/// 512 KiB regions 8.5 GB/s, 2 MiB 14.7 GB/s, 4 MiB 18.6 GB/s, 64 KiB
+/// writes); a connection's pages are only allocated as data reaches them.
+pub const DEFAULT_REGION: usize = 2 * 1024 * 1024;
 
 impl Config {
     /// Defaults for a private per-user devd.

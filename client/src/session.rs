@@ -66,7 +66,7 @@ impl SessionError {
 /// A control session.
 #[derive(Debug)]
 pub struct Session {
-    sock: Mutex<SeqPacket>,
+    sock: Mutex<Chan>,
     /// Set once a request failed mid-way: the channel may be out of step
     /// (a late reply would answer the next request), so it is not used again.
     broken: AtomicBool,
@@ -77,6 +77,18 @@ pub struct Session {
     /// devd's default mode.
     pub default_mode: Mode,
     path: PathBuf,
+}
+
+/// Posted requests whose replies may wait unread (see `Session::post`).
+const MAX_UNREAD: usize = 8;
+
+/// The control channel: the socket, a reply buffer kept between requests,
+/// and how many replies to `post`ed requests are still to be read.
+#[derive(Debug)]
+struct Chan {
+    sock: SeqPacket,
+    buf: Vec<u8>,
+    unread: usize,
 }
 
 impl Session {
@@ -91,7 +103,11 @@ impl Session {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
         let s = Session {
             fd,
-            sock: Mutex::new(sock),
+            sock: Mutex::new(Chan {
+                sock,
+                buf: vec![0u8; MAX_FRAME],
+                unread: 0,
+            }),
             broken: AtomicBool::new(false),
             spin: ssock_rings::notify::DEFAULT_SPIN,
             default_mode: Mode::Direct,
@@ -172,25 +188,57 @@ impl Session {
         if self.is_broken() {
             return Err(SessionError::Closed);
         }
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let chan = &mut *guard;
         let broke = |e: SessionError| {
             self.broken.store(true, Ordering::Relaxed);
             e
         };
-        sock.send(&req.encode(), fds)
+        chan.sock
+            .send(&req.encode(), fds)
             .map_err(|e| broke(SessionError::Io(e)))?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let (n, got) = sock
-            .recv(&mut buf, MAX_FDS)
-            .map_err(|e| broke(SessionError::Io(e)))?;
-        if n == 0 {
-            return Err(broke(SessionError::Closed));
+        // Replies to posted requests come first, in order: read past them.
+        loop {
+            let (n, got) = chan
+                .sock
+                .recv(&mut chan.buf, MAX_FDS)
+                .map_err(|e| broke(SessionError::Io(e)))?;
+            if n == 0 {
+                return Err(broke(SessionError::Closed));
+            }
+            if chan.unread > 0 {
+                chan.unread -= 1;
+                continue;
+            }
+            let resp = Response::decode(&chan.buf[..n], got.len())
+                .map_err(|e| broke(SessionError::Decode(e)))?;
+            return match resp {
+                Response::Error { code, message } => Err(SessionError::Refused { code, message }),
+                r => Ok((r, got)),
+            };
         }
-        let resp =
-            Response::decode(&buf[..n], got.len()).map_err(|e| broke(SessionError::Decode(e)))?;
-        match resp {
-            Response::Error { code, message } => Err(SessionError::Refused { code, message }),
-            r => Ok((r, got)),
+    }
+
+    /// Sends a request whose reply nobody waits for (Release at close):
+    /// the reply is read, and dropped, before the next request's. Saves a
+    /// round trip to devd on the path that closes a connection.
+    pub fn post(&self, req: &Request) -> Result<(), SessionError> {
+        if self.is_broken() {
+            return Err(SessionError::Closed);
         }
+        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let chan = &mut *guard;
+        let broke = |e: std::io::Error| {
+            self.broken.store(true, Ordering::Relaxed);
+            SessionError::Io(e)
+        };
+        // devd drops a session whose replies pile up: keep a few at most.
+        while chan.unread >= MAX_UNREAD {
+            chan.sock.recv(&mut chan.buf, MAX_FDS).map_err(broke)?;
+            chan.unread -= 1;
+        }
+        chan.sock.send(&req.encode(), &[]).map_err(broke)?;
+        chan.unread += 1;
+        Ok(())
     }
 }

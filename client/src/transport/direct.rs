@@ -468,13 +468,10 @@ impl Transport for Direct {
             self.rx.close();
         }
         if let Some(s) = &self.session {
-            let _ = s.request(
-                &Request::Release {
-                    conn_id: self.conn_id,
-                    side: self.side,
-                },
-                &[],
-            );
+            let _ = s.post(&Request::Release {
+                conn_id: self.conn_id,
+                side: self.side,
+            });
         }
     }
 }

@@ -449,13 +449,10 @@ impl Transport for Queued {
             self.kick();
         }
         if let Some(s) = &self.session {
-            let _ = s.request(
-                &Request::Release {
-                    conn_id: self.conn_id,
-                    side: self.side,
-                },
-                &[],
-            );
+            let _ = s.post(&Request::Release {
+                conn_id: self.conn_id,
+                side: self.side,
+            });
         }
     }
 }

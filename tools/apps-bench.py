@@ -10,6 +10,7 @@ records the programs' own figures:
   redis-benchmark GET -n 100000 -c 1          requests per second
   redis-benchmark GET -n 200000 -c 50 -P 16   requests per second
   sockperf ping-pong --tcp -m 14 -t 3         average half round trip, us
+  the same with SSOCK_SPIN_US=0 on both sides (every wait sleeps at once)
   iperf3 -t 3                                 receiver Gbit/s
 
 and checks through devd's statistics that the ssock runs went Direct (a run
@@ -73,14 +74,22 @@ class Devd:
         self.p.wait()
 
 
+SPIN_OFF = {"SSOCK_SPIN_US": "0"}
+
+
 def wrap(devd, argv):
     if devd is None:
         return argv
     return [os.path.join(REL, "ssock-run"), "--devd", devd.sock, "--"] + argv
 
 
-def serve(devd, argv, port):
-    p = subprocess.Popen(wrap(devd, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def env_for(extra):
+    return dict(os.environ, **extra) if extra else None
+
+
+def serve(devd, argv, port, extra=None):
+    p = subprocess.Popen(wrap(devd, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=env_for(extra))
     t = time.time()
     while not listening(port):
         if p.poll() is not None or time.time() - t > 20:
@@ -99,8 +108,9 @@ def stop(p):
         p.wait()
 
 
-def run(devd, argv):
-    r = subprocess.run(wrap(devd, argv), capture_output=True, text=True, timeout=300)
+def run(devd, argv, extra=None):
+    r = subprocess.run(wrap(devd, argv), capture_output=True, text=True, timeout=300,
+                       env=env_for(extra))
     if r.returncode != 0:
         raise SystemExit(f"{argv[0]} failed: {r.stdout}{r.stderr}")
     return r.stdout
@@ -124,16 +134,28 @@ def redis(devd):
         stop(srv)
 
 
-def sockperf(devd):
+def sockperf_with(devd, extra, name):
     port = free_port()
-    srv = serve(devd, ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)], port)
+    srv = serve(devd, ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)], port,
+                extra)
     try:
         text = run(devd, ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
-                          "-t", "3", "-m", "14", "--mps", "1500000"])
+                          "-t", "3", "-m", "14", "--mps", "1500000"], extra)
         line = [x for x in text.splitlines() if "Summary: Latency is" in x][-1]
-        return {"sockperf ping-pong 14 B (us)": float(line.split("Latency is")[1].split()[0])}
+        return {name: float(line.split("Latency is")[1].split()[0])}
     finally:
         stop(srv)
+
+
+def sockperf(devd):
+    return sockperf_with(devd, None, "sockperf ping-pong 14 B (us)")
+
+
+def sockperf_nospin(devd):
+    """Both sides with SSOCK_SPIN_US=0: no spinning, a wait sleeps at once
+    (the kernel run is the same plain sockperf)."""
+    return sockperf_with(devd, SPIN_OFF if devd else None,
+                         "sockperf 14 B, SSOCK_SPIN_US=0 (us)")
 
 
 def iperf3(devd):
@@ -160,7 +182,7 @@ def main():
     results = {}
     try:
         for r in range(rounds):
-            for bench in (redis, sockperf, iperf3):
+            for bench in (redis, sockperf, sockperf_nospin, iperf3):
                 for mode in ("kernel", "ssock"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)

@@ -384,6 +384,23 @@ def case_reset():
     c.close()
 
 
+def case_reset_so_error():
+    c, a = pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+    time.sleep(0.05)
+    e = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    say("reset SO_ERROR:", errno.errorcode.get(e, e),
+        "again:", c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    say("then recv:", c.recv(10))
+    try:
+        c.send(b"x")
+        say("then send: sent")
+    except OSError as e:
+        say("then send:", err_name(e))
+    c.close()
+
+
 def case_fionread():
     import array
     import fcntl
@@ -403,7 +420,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
          case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
-         case_reset, case_fionread]
+         case_reset, case_reset_so_error, case_fionread]
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "exec-child":

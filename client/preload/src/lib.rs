@@ -1583,3 +1583,47 @@ pub unsafe extern "C" fn posix_spawnp(
     let real = || unsafe { (real::get().posix_spawnp)(pid, file, acts, attr, argv, envp) };
     enter(|| spawn_holding(real), real)
 }
+
+/// getsockopt(2): SO_ERROR of an accelerated socket reports a reset of
+/// its rings (once, as the kernel's pending error); everything else is
+/// the kernel socket's (SO_RCVBUF, TCP_NODELAY, TCP_INFO...).
+///
+/// # Safety
+/// The C contract of getsockopt(2).
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().getsockopt)(fd, level, name, val, len) };
+    enter(
+        || {
+            if level != libc::SOL_SOCKET || name != libc::SO_ERROR {
+                return real();
+            }
+            let Some(s) = table::get(fd) else {
+                return real();
+            };
+            // SAFETY: fd is open during this call.
+            let Some(e) = lock(&s).so_error(unsafe { borrow(fd) }) else {
+                return real();
+            };
+            // SAFETY: len is null or the caller's socklen_t (getsockopt(2)).
+            let room = unsafe { len.as_ref() }.copied().unwrap_or(0);
+            if val.is_null() || usize::try_from(room).unwrap_or(0) < std::mem::size_of::<c_int>() {
+                return fail(libc::EINVAL);
+            }
+            // SAFETY: val has room for an int (checked); len is valid.
+            unsafe {
+                *val.cast::<c_int>() = e;
+                *len = socklen_t::try_from(std::mem::size_of::<c_int>()).unwrap_or(4);
+            }
+            0
+        },
+        real,
+    )
+}

@@ -76,6 +76,7 @@ type PosixSpawnFn = unsafe extern "C" fn(
     *const *mut libc::c_char,
     *const *mut libc::c_char,
 ) -> c_int;
+type GetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
 type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
@@ -124,6 +125,7 @@ pub struct Real {
     pub sendmmsg: SendMmsgFn,
     pub posix_spawn: PosixSpawnFn,
     pub posix_spawnp: PosixSpawnFn,
+    pub getsockopt: GetsockoptFn,
     pub epoll_create: EpollCreate1Fn,
     pub epoll_create1: EpollCreate1Fn,
     pub epoll_ctl: EpollCtlFn,
@@ -183,6 +185,7 @@ pub fn get() -> &'static Real {
                 posix_spawnp: std::mem::transmute::<*mut c_void, PosixSpawnFn>(sym(
                     c"posix_spawnp",
                 )),
+                getsockopt: std::mem::transmute::<*mut c_void, GetsockoptFn>(sym(c"getsockopt")),
                 epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
                     c"epoll_create",
                 )),

@@ -45,6 +45,8 @@ pub struct Sock {
     /// ioctl(FIONBIO). (The flag belongs to the open file: a change made
     /// by another process sharing it after fork is not seen.)
     pub nonblocking: bool,
+    /// SO_ERROR already reported the reset.
+    error_reported: bool,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
@@ -107,6 +109,7 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             write_shut: false,
             connect_reported: !is_nonblocking(fd),
             send_busy: false,
+            error_reported: false,
             nonblocking: is_nonblocking(fd),
         })),
         Err(e) => Err(errno(&e)),
@@ -154,6 +157,7 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
             write_shut: false,
             connect_reported: true,
             send_busy: false,
+            error_reported: false,
             nonblocking: nb,
         })),
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
@@ -190,6 +194,7 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
             write_shut: false,
             connect_reported: true,
             send_busy: false,
+            error_reported: false,
             nonblocking: is_nonblocking(fd),
         }),
         Ok(None) => None,
@@ -318,6 +323,24 @@ impl Sock {
         }
     }
 
+    /// SO_ERROR: the pending error of the connection, reported once (then
+    /// 0), as the kernel's sk_err: ECONNRESET after a reset. None: ask the
+    /// kernel socket (no error here).
+    pub fn so_error(&mut self, fd: BorrowedFd<'_>) -> Option<i32> {
+        if self.error_reported {
+            return None;
+        }
+        let r = self.readiness(fd, true);
+        if r.err {
+            // As the kernel once its error is taken: reads see the end,
+            // writes EPIPE.
+            self.error_reported = true;
+            self.read_shut = true;
+            return Some(libc::ECONNRESET);
+        }
+        None
+    }
+
     /// Whether negotiation ended on kernel TCP (the caller should forget
     /// this socket and give the fd back to the kernel).
     pub fn is_kernel(&self) -> bool {
@@ -360,6 +383,9 @@ impl Sock {
 
     /// One non-blocking send: how much went, or Err(EAGAIN) if none could.
     pub fn send_now(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, i32> {
+        if self.error_reported {
+            return Err(libc::EPIPE);
+        }
         let ctx = self.ctx(fd);
         self.up(fd)?.write(buf, &ctx).map_err(|e| errno(&e))
     }

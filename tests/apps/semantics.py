@@ -401,6 +401,19 @@ def case_reset_so_error():
     c.close()
 
 
+def case_urgent():
+    c, a = pair()
+    c.send(b"ab", socket.MSG_OOB)
+    _, _, x = select.select([], [], [a], 5)
+    say("urgent: exceptional", bool(x))
+    say("urgent: oob byte", a.recv(1, socket.MSG_OOB))
+    say("urgent: normal data", recv_exactly(a, 1))
+    c.sendall(b"after")
+    say("urgent: then", recv_exactly(a, 5))
+    c.close()
+    a.close()
+
+
 def case_fionread():
     import array
     import fcntl
@@ -420,7 +433,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
          case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
-         case_reset, case_reset_so_error, case_fionread]
+         case_reset, case_reset_so_error, case_urgent, case_fionread]
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "exec-child":

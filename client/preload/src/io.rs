@@ -84,8 +84,9 @@ fn restartable() -> bool {
 /// syscall while data is there.
 pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
     if flags & libc::MSG_OOB != 0 {
-        // Urgent data has no place in a ring (see the README's limits).
-        return Err(libc::EOPNOTSUPP);
+        // Urgent data travels on the kernel socket (see `send`).
+        return ssock_rings::sys::recv(fd, buf, flags)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
     }
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
@@ -141,7 +142,7 @@ impl Drop for SendTurn<'_> {
 /// EAGAIN when nonblocking): sends from several threads land whole.
 pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
     if flags & libc::MSG_OOB != 0 {
-        return Err(libc::EOPNOTSUPP);
+        return send_urgent(e, fd, buf, flags);
     }
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let mut turn = SendTurn(e, false);
@@ -189,6 +190,37 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
         if let Err(x) = wait_for(e, fd, libc::POLLOUT, libc::SO_SNDTIMEO) {
             return if off > 0 { Ok(off) } else { Err(x) };
         }
+    }
+}
+
+/// send(MSG_OOB): TCP makes only the last byte urgent. The bytes before it
+/// go through the ring like any others; the urgent byte goes on the kernel
+/// socket, out of band, where the peer's recv(MSG_OOB), SIGURG and POLLPRI
+/// find it (a lone urgent byte is not in the kernel stream's normal data,
+/// so the peer's liveness check does not see it as stray bytes).
+fn send_urgent(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
+    let Some((last, head)) = buf.split_last() else {
+        return Ok(0);
+    };
+    let sent = if head.is_empty() {
+        0
+    } else {
+        send(e, fd, head, flags & !libc::MSG_OOB)?
+    };
+    if sent < head.len() {
+        return Ok(sent);
+    }
+    let f = libc::MSG_OOB | (flags & (libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT));
+    // SAFETY: `last` is one readable byte; fd is the caller's socket.
+    let r = unsafe { libc::send(fd.as_raw_fd(), std::ptr::from_ref(last).cast(), 1, f) };
+    if r == 1 {
+        Ok(sent + 1)
+    } else if sent > 0 {
+        Ok(sent)
+    } else {
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
     }
 }
 

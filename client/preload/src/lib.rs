@@ -1627,3 +1627,32 @@ pub unsafe extern "C" fn getsockopt(
         real,
     )
 }
+
+/// splice(2): an accelerated socket has no kernel buffer to splice from or
+/// to, so it is refused with EINVAL (the kernel's answer for an fd that
+/// does not support splicing), which programs take as "use read/write".
+///
+/// # Safety
+/// The C contract of splice(2).
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().splice)(fd_in, off_in, fd_out, off_out, len, flags) };
+    enter(
+        || {
+            if table::get(fd_in).is_some() || table::get(fd_out).is_some() {
+                fail(libc::EINVAL)
+            } else {
+                real()
+            }
+        },
+        real,
+    )
+}

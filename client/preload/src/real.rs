@@ -77,6 +77,14 @@ type PosixSpawnFn = unsafe extern "C" fn(
     *const *mut libc::c_char,
 ) -> c_int;
 type GetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
+type SpliceFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::loff_t,
+    c_int,
+    *mut libc::loff_t,
+    size_t,
+    libc::c_uint,
+) -> ssize_t;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
 type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
@@ -126,6 +134,7 @@ pub struct Real {
     pub posix_spawn: PosixSpawnFn,
     pub posix_spawnp: PosixSpawnFn,
     pub getsockopt: GetsockoptFn,
+    pub splice: SpliceFn,
     pub epoll_create: EpollCreate1Fn,
     pub epoll_create1: EpollCreate1Fn,
     pub epoll_ctl: EpollCtlFn,
@@ -186,6 +195,7 @@ pub fn get() -> &'static Real {
                     c"posix_spawnp",
                 )),
                 getsockopt: std::mem::transmute::<*mut c_void, GetsockoptFn>(sym(c"getsockopt")),
+                splice: std::mem::transmute::<*mut c_void, SpliceFn>(sym(c"splice")),
                 epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
                     c"epoll_create",
                 )),

@@ -121,6 +121,17 @@ fn scan(
                 // the duration of its poll call.
                 let r = s.readiness(unsafe { borrow(p.fd) }, check_peer);
                 p.revents = r.revents(p.events);
+                if p.events & libc::POLLPRI != 0 && check_peer && matches!(s, Obj::Sock(_)) {
+                    // Urgent data travels on the kernel socket (io::send).
+                    let mut k = [pollfd {
+                        fd: p.fd,
+                        events: libc::POLLPRI,
+                        revents: 0,
+                    }];
+                    if real_poll(&mut k, 0) > 0 {
+                        p.revents |= k[0].revents & libc::POLLPRI;
+                    }
+                }
                 if p.revents != 0 {
                     n += 1;
                 }
@@ -222,6 +233,13 @@ pub fn poll(
                                 events,
                                 revents: 0,
                             }));
+                            if p.events & libc::POLLPRI != 0 {
+                                set.push(pollfd {
+                                    fd: p.fd,
+                                    events: libc::POLLPRI,
+                                    revents: 0,
+                                });
+                            }
                         }
                         None => {
                             ready_meanwhile = true;

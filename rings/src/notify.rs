@@ -12,8 +12,56 @@ use std::time::{Duration, Instant};
 /// Default spin budget before sleeping (Dolphin SuperSockets uses 30 us).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 
-/// Spins calling `ready` until it returns Some or `budget` passes.
+/// Whether more threads are runnable than there are CPUs: spinning then
+/// only takes a core from the thread we wait for (a third spinner on two
+/// cores costs milliseconds). Read from /proc/loadavg's running count at
+/// most every 10 ms per thread (three syscalls), so a hot path pays
+/// nothing.
+fn overloaded() -> bool {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<Option<(Instant, bool)>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    LAST.try_with(|c| match c.get() {
+        Some((t, v)) if now.duration_since(t) < Duration::from_millis(10) => v,
+        _ => {
+            let v = runnable_exceeds_cpus();
+            c.set(Some((now, v)));
+            v
+        }
+    })
+    .unwrap_or(false)
+}
+
+fn runnable_exceeds_cpus() -> bool {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    // Fourth field: "running/total", the running count including us.
+    let running = std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| {
+        s.split_whitespace()
+            .nth(3)?
+            .split('/')
+            .next()?
+            .parse::<usize>()
+            .ok()
+    });
+    running.is_some_and(|r| r > cpus)
+}
+
+/// Spins calling `ready` until it returns Some or `budget` passes. No
+/// spinning at all while more threads are runnable than there are CPUs.
 pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
+    if let Some(v) = ready() {
+        return Some(v);
+    }
+    if overloaded() {
+        return None;
+    }
+    spin_for(budget, ready)
+}
+
+/// Spins calling `ready` until it returns Some or `budget` passes.
+fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     if let Some(v) = ready() {
         return Some(v);
     }
@@ -58,14 +106,14 @@ mod tests {
     fn spin_returns_value_or_gives_up_after_budget() {
         let mut n = 0;
         assert_eq!(
-            spin_until(Duration::from_millis(50), || {
+            spin_for(Duration::from_millis(50), || {
                 n += 1;
                 (n > 10).then_some(n)
             }),
             Some(11)
         );
         let t = Instant::now();
-        assert_eq!(spin_until(Duration::from_micros(200), || None::<()>), None);
+        assert_eq!(spin_for(Duration::from_micros(200), || None::<()>), None);
         assert!(t.elapsed() >= Duration::from_micros(200));
     }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 2;
+pub const REGION_VERSION: u32 = 3;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -184,6 +184,10 @@ pub struct DirOffsets {
     pub prod_notify_sent: usize,
     /// u64: publishes whose wake-up was suppressed (consumer awake).
     pub prod_notify_suppressed: usize,
+    /// u64: stream position stored at ring offset 0 (producer line). The
+    /// producer moves it up to `head` when it finds the ring empty, so
+    /// that small messages keep reusing the ring's first, cache-hot bytes.
+    pub base: usize,
     /// u64: bytes ever consumed (consumer line).
     pub tail: usize,
     /// u32: non-zero once the consumer closed its end.
@@ -235,6 +239,7 @@ impl DirectLayout {
             prod_wait: p + 12,
             prod_notify_sent: p + 16,
             prod_notify_suppressed: p + 24,
+            base: p + 32,
             tail: c,
             cons_closed: c + 8,
             cons_wait: c + 12,

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 /// Default spin budget before sleeping (Dolphin SuperSockets uses 30 us).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 
-/// Whether more threads are runnable than there are CPUs: spinning then
-/// only takes a core from the thread we wait for (a third spinner on two
-/// cores costs milliseconds). Read from /proc/loadavg's running count at
-/// most every 10 ms per thread (three syscalls), so a hot path pays
-/// nothing.
+/// Whether this process has more runnable threads than there are CPUs:
+/// spinning then only takes a core from a thread of ours that has work (a
+/// third spinner on two cores costs milliseconds). Looked at most every
+/// 10 ms per thread: /proc/self/stat's thread count (one small read), and
+/// only when that exceeds the CPUs, each thread's state.
 fn overloaded() -> bool {
     use std::cell::Cell;
     thread_local! {
@@ -26,7 +26,7 @@ fn overloaded() -> bool {
     LAST.try_with(|c| match c.get() {
         Some((t, v)) if now.duration_since(t) < Duration::from_millis(10) => v,
         _ => {
-            let v = runnable_exceeds_cpus();
+            let v = runnable_threads_exceed_cpus();
             c.set(Some((now, v)));
             v
         }
@@ -34,22 +34,38 @@ fn overloaded() -> bool {
     .unwrap_or(false)
 }
 
-fn runnable_exceeds_cpus() -> bool {
+/// The fields of a /proc stat line after the command name: [0] is the
+/// state, [17] the number of threads.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn runnable_threads_exceed_cpus() -> bool {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // Fourth field: "running/total", the running count including us.
-    let running = std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| {
-        s.split_whitespace()
-            .nth(3)?
-            .split('/')
-            .next()?
-            .parse::<usize>()
-            .ok()
-    });
-    running.is_some_and(|r| r > cpus)
+    let threads = stat_fields("/proc/self/stat")
+        .and_then(|f| f.get(17)?.parse::<usize>().ok())
+        .unwrap_or(1);
+    if threads <= cpus {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    let running = dir
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let p = e.path().join("stat");
+            stat_fields(&p.to_string_lossy()).is_some_and(|f| f.first().is_some_and(|s| s == "R"))
+        })
+        .count();
+    running > cpus
 }
 
 /// Spins calling `ready` until it returns Some or `budget` passes. No
-/// spinning at all while more threads are runnable than there are CPUs.
+/// spinning at all while this process has more runnable threads than
+/// there are CPUs.
 pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     if let Some(v) = ready() {
         return Some(v);

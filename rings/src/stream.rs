@@ -54,6 +54,10 @@ pub struct Producer {
     cap: u64,
     head: u64,
     tail_seen: u64,
+    /// The stream position at ring offset 0 (see `DirOffsets::base`).
+    base: u64,
+    /// Next head at which to look whether the ring is empty (to move base).
+    rebase_at: u64,
     peer_bell: Arc<EventFd>,
     last_rung: u32,
     epoch: u32,
@@ -74,6 +78,13 @@ pub struct Consumer {
     epoch: u32,
     n: Counters,
 }
+
+/// Bytes written past `base` before the producer looks (once) whether the
+/// ring is empty, to start again at offset 0: small messages then stay
+/// within the first few KiB of the ring, in the caches of both cores,
+/// instead of walking a ring larger than L2 (measured: a 1 KiB ping-pong
+/// on a 1 MiB ring took 2.3 us instead of 0.3).
+const REBASE_SPAN: u64 = 16 * 1024;
 
 fn copy_in(map: &Mapping, data: usize, cap: u64, pos: u64, src: &[u8]) {
     let off = idx(pos % cap);
@@ -113,11 +124,14 @@ impl Producer {
         let o = layout.dir(d);
         // Relaxed: at attach time nobody else writes our own head.
         let head = map.u64_at(o.head).load(Ordering::Relaxed);
+        let base = map.u64_at(o.base).load(Ordering::Relaxed);
         Producer {
             o,
             cap: layout.cap as u64,
             head,
             tail_seen: head,
+            base,
+            rebase_at: head,
             peer_bell,
             last_rung: 0,
             epoch: 0,
@@ -161,6 +175,8 @@ impl Producer {
         if h != self.head {
             self.refresh_tail_upto(h)?;
             self.head = h;
+            self.base = self.map.u64_at(self.o.base).load(Ordering::Relaxed);
+            self.rebase_at = h;
         }
         Ok(())
     }
@@ -186,7 +202,25 @@ impl Producer {
         if n == 0 {
             return Ok(0);
         }
-        copy_in(&self.map, self.o.data, self.cap, self.head, &buf[..n]);
+        if self.head >= self.rebase_at && self.head != self.base {
+            self.rebase_at = self.head + REBASE_SPAN;
+            self.refresh_tail()?;
+            if self.tail_seen == self.head {
+                // Empty: the consumer reads nothing until the head store
+                // below, which (Release) publishes this base with it.
+                self.base = self.head;
+                self.map
+                    .u64_at(self.o.base)
+                    .store(self.base, Ordering::Relaxed);
+            }
+        }
+        copy_in(
+            &self.map,
+            self.o.data,
+            self.cap,
+            self.head.wrapping_sub(self.base),
+            &buf[..n],
+        );
         self.head += n as u64;
         // Release: the bytes copied above become visible before the new head.
         self.map
@@ -374,7 +408,16 @@ impl Consumer {
             }
         }
         let n = buf.len().min(idx(self.head_seen - self.tail));
-        copy_out(&self.map, self.o.data, self.cap, self.tail, &mut buf[..n]);
+        // Relaxed: base is stored before the head this side loaded with
+        // Acquire (Producer::write), and only moves while the ring is empty.
+        let base = self.map.u64_at(self.o.base).load(Ordering::Relaxed);
+        copy_out(
+            &self.map,
+            self.o.data,
+            self.cap,
+            self.tail.wrapping_sub(base),
+            &mut buf[..n],
+        );
         if consume {
             self.tail += n as u64;
             // Release: our copies out complete before the producer may reuse the space.

@@ -2,14 +2,26 @@
 
 use anyhow::{ensure, Context, Result};
 use ssock_tests::bin;
+use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn ssock_bench_runs_kernel_direct_and_queued_on_its_own_devd() -> Result<()> {
-    let out = Command::new(bin("ssock-bench"))
-        .args(["--quick", "--rounds", "1", "--json"])
-        .env_remove("SSOCK_DEVD_SOCKET")
-        .output()?;
+    // --plot needs a font (Debian: fonts-dejavu-core); without it the rest
+    // still runs.
+    let font = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file();
+    let png = std::env::temp_dir().join(format!("ssock-bench-test-{}.png", std::process::id()));
+    let mut cmd = Command::new(bin("ssock-bench"));
+    cmd.args(["--quick", "--rounds", "1", "--json"])
+        .env_remove("SSOCK_DEVD_SOCKET");
+    if font {
+        cmd.arg("--plot").arg(&png);
+    } else {
+        eprintln!("SKIP --plot: no DejaVuSans.ttf (Debian package fonts-dejavu-core)");
+    }
+    let out = cmd.output()?;
+    let plotted = std::fs::read(&png);
+    let _ = std::fs::remove_file(&png);
     ensure!(
         out.status.success(),
         "ssock-bench failed: {}",
@@ -17,28 +29,50 @@ fn ssock_bench_runs_kernel_direct_and_queued_on_its_own_devd() -> Result<()> {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let results = v["results"].as_array().context("results")?;
-    ensure!(
-        results.len() == 4,
-        "expected 4 tests, got {}",
-        results.len()
-    );
+    let count = |f: &str| results.iter().filter(|r| r["family"] == f).count();
+    // 1 B to 64 KiB; 1 KiB to 64 KiB writes; a CPU row per ping-pong size
+    // and the hot spot; hot spot, multi-stream, setup.
+    for (family, n) in [
+        ("ping-pong", 17),
+        ("stream", 7),
+        ("cpu", 18),
+        ("connections", 3),
+    ] {
+        ensure!(
+            count(family) == n,
+            "expected {n} {family} tests, got {}",
+            count(family)
+        );
+    }
     for r in results {
-        let names: Vec<&str> = r["transports"]
-            .as_array()
-            .context("transports")?
+        let transports = r["transports"].as_array().context("transports")?;
+        let names: Vec<&str> = transports
             .iter()
             .filter_map(|t| t["transport"].as_str())
             .collect();
         ensure!(
-            names == ["kernel", "direct", "queued"],
+            names == ["kernel", "unix", "direct", "queued"],
             "transports {names:?}"
         );
-        for t in r["transports"].as_array().context("transports")? {
+        for t in transports {
             ensure!(
                 t["median"].as_f64().is_some_and(|m| m > 0.0),
-                "no figure in {t}"
+                "no figure in {} {t}",
+                r["test"]
             );
+            if r["family"] == "ping-pong" {
+                ensure!(
+                    t["p99"].as_f64().is_some_and(|p| p > 0.0)
+                        && t["messages"].as_u64().is_some_and(|n| n > 0),
+                    "no per-message samples in {} {t}",
+                    r["test"]
+                );
+            }
         }
+    }
+    if font {
+        let png = plotted.context("--plot wrote no file")?;
+        ensure!(png.starts_with(b"\x89PNG"), "--plot did not write a PNG");
     }
     Ok(())
 }

@@ -1,50 +1,115 @@
-//! `ssock-bench`: kernel TCP, Direct and Queued side by side, measured in
-//! one run with the transports interleaved round by round.
+//! `ssock-bench`: kernel TCP, AF_UNIX, Direct and Queued side by side,
+//! measured in one run with the transports interleaved round by round.
 //!
 //! ```text
-//! ssock-bench [--rounds N] [--quick] [--json] [--devd private|existing]
+//! ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
+//!             [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
 //! ```
-//! Ping-pong half round trip (1 B, 1 KiB, 64 KiB) and 64 KiB streaming
-//! throughput. A child process (this binary, `serve` role) is the peer; it
-//! verifies every byte it receives, and so does the measuring side. A
-//! connection that did not get the transport asked for is an error: a
-//! silent fallback would make the table lie.
+//! - ping-pong, 1 B to 64 KiB in powers of two: the half round trip of
+//!   every message (one clock read per round trip, warm-up excluded), as
+//!   median, p99 and the spread of the round medians;
+//! - streaming throughput for writes of 1 KiB to 64 KiB;
+//! - many connections: N clients, each on its own connection and thread,
+//!   ping-ponging 1 B against one server (aggregate messages/s), and N
+//!   concurrent 64 KiB streams (aggregate GB/s);
+//! - CPU per message: CPU time of the client's and the server's threads
+//!   and of devd over the timed ping-pong iterations;
+//! - connection setup: connect, 1 byte each way, close, in a loop.
+//!
+//! By default the single-connection tests pin the measuring thread and the
+//! serving thread to two different CPUs (`--no-pin`: the scheduler's
+//! choice), as two hosts would have them; the many-connection tests never
+//! pin.
+//!
+//! A child process (this binary, `serve` role) is the server: one thread per
+//! connection, behind a TCP listener registered with devd and a Unix
+//! listener (AF_UNIX is a reference only). Both processes verify every byte
+//! they receive. A connection that did not get the transport asked for is
+//! an error: a silent fallback would make the table lie.
 
 #![forbid(unsafe_code)]
 
-use anyhow::{bail, ensure, Context, Result};
-use serde::Serialize;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::time::{clock_getcpuclockid, ClockId};
+use nix::unistd::Pid;
+use serde_json::json;
 use ssock_client::{Listener, Mode, ModePref, Options, Stream};
+use ssock_rings::idx;
 use ssock_tools::pattern::{Pattern, PERIOD};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-const KINDS: [(&str, ModePref); 3] = [
-    ("kernel", ModePref::Kernel),
-    ("direct", ModePref::Direct),
-    ("queued", ModePref::Queued),
-];
+const USAGE: &str =
+    "usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
+                   [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
+  --rounds N      rounds, each runs every test on every transport (default 5)
+  --quick         about 1/20 of the work per test (CI)
+  --clients N     connections of the hot-spot and multi-stream tests (default 8)
+  --json          print JSON (per-round values, medians, p99, min, max, ratios)
+  --csv           print CSV, one row per test, size and transport
+  --markdown      print the report as Markdown tables (docs/performance.md)
+  --raw           with --json: also every per-message latency sample
+  --plot FILE     also draw latency and throughput against size into FILE (PNG)
+  --no-pin        do not pin the two ends of single-connection tests to two CPUs
+  --devd WHICH    private (default): start a devd of our own; existing: use the running one";
 
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Test {
-    PingPong { size: usize, iters: u64 },
-    Stream { chunk: usize, bytes: u64 },
+/// The font `--plot` draws its labels with (Debian: fonts-dejavu-core).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Seed of the byte pattern both sides generate and verify.
+const SEED: u64 = 7;
+
+/// The transports, in table order; kernel TCP first: ratios are to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Kernel,
+    Unix,
+    Direct,
+    Queued,
 }
 
-impl Test {
-    fn name(&self) -> String {
+const TRANSPORTS: [Transport; 4] = [
+    Transport::Kernel,
+    Transport::Unix,
+    Transport::Direct,
+    Transport::Queued,
+];
+
+impl Transport {
+    /// Name in JSON and CSV.
+    fn name(self) -> &'static str {
         match self {
-            Test::PingPong { size, .. } => format!("ping-pong {}", human(*size)),
-            Test::Stream { chunk, .. } => format!("stream {} writes", human(*chunk)),
+            Transport::Kernel => "kernel",
+            Transport::Unix => "unix",
+            Transport::Direct => "direct",
+            Transport::Queued => "queued",
         }
     }
-    fn unit(&self) -> &'static str {
+
+    /// Name in the table and the plot.
+    fn title(self) -> &'static str {
         match self {
-            Test::PingPong { .. } => "us",
-            Test::Stream { .. } => "GB/s",
+            Transport::Kernel => "kernel TCP",
+            Transport::Unix => "AF_UNIX",
+            Transport::Direct => "direct",
+            Transport::Queued => "queued",
+        }
+    }
+
+    /// What to ask ssock for and what the connection must then be; None
+    /// for AF_UNIX, which is a plain `UnixStream`.
+    fn mode(self) -> Option<(ModePref, Mode)> {
+        match self {
+            Transport::Kernel => Some((ModePref::Kernel, Mode::Kernel)),
+            Transport::Direct => Some((ModePref::Direct, Mode::Direct)),
+            Transport::Queued => Some((ModePref::Queued, Mode::Queued)),
+            Transport::Unix => None,
         }
     }
 }
@@ -70,165 +135,934 @@ fn main() {
     }
 }
 
-/// The peer: accepts one connection at a time and runs what its header asks.
+// ---------------------------------------------------------------------------
+// Wire protocol between the measuring process and the server.
+//
+// The first byte of a connection says what it is for. QUIT and PROBE are
+// that byte alone; PING and STREAM are followed by the rest of a 16-byte
+// header: flags, a CPU number, 1 byte of padding, the size (u32 LE), the
+// count (u64 LE). The server answers a header with READY once the
+// connection has its thread (pinned to the CPU if the flags say PIN). After
+// the last pong of a PING it sends the CPU time of that thread over the
+// timed (non-warm-up) iterations, in ns (u64 LE).
+
+/// Make the server process exit.
+const QUIT: u8 = 0;
+/// `count` round trips of `size`-byte messages, echoed.
+const PING: u8 = 1;
+/// `count` bytes read with `size`-byte reads, then one ACK byte back.
+const STREAM: u8 = 2;
+/// Connection setup: the server answers PROBE_REPLY and closes.
+const PROBE: u8 = 3;
+const PROBE_REPLY: u8 = 0x5a;
+const READY: u8 = 0xa5;
+const ACK: u8 = 1;
+/// Header flag: pin the serving thread to the header's CPU.
+const PIN: u8 = 1;
+
+/// The warm-up part of `iters` ping-pong round trips, excluded from every
+/// figure; the server uses the same split for its CPU time.
+fn warm_up(iters: u64) -> u64 {
+    iters / 10
+}
+
+fn header(kind: u8, pin: Option<u8>, size: usize, count: u64) -> Result<[u8; 16]> {
+    let mut h = [0u8; 16];
+    h[0] = kind;
+    if let Some(cpu) = pin {
+        h[1] = PIN;
+        h[2] = cpu;
+    }
+    h[4..8].copy_from_slice(&u32::try_from(size)?.to_le_bytes());
+    h[8..16].copy_from_slice(&count.to_le_bytes());
+    Ok(h)
+}
+
+/// The server: prints "PORT UNIX_PATH", then serves both listeners, one
+/// thread per measured connection, until a QUIT arrives. A failure in any
+/// connection (a corrupt byte above all) ends the process with status 1,
+/// which breaks the measuring side's connections and fails the run.
 fn serve() -> Result<()> {
     let l = Listener::bind_with("127.0.0.1:0", &Options::default())?;
     ensure!(
         l.registered(),
         "the bench peer could not register its listener with devd"
     );
-    println!("{}", l.local_addr()?.port());
+    let path = std::env::temp_dir().join(format!("ssock-bench-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let u = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    println!("{} {}", l.local_addr()?.port(), path.display());
     std::io::stdout().flush()?;
-    let pat = Pattern::new(7);
+    let pat = Arc::new(Pattern::new(SEED));
+    let upat = Arc::clone(&pat);
+    std::thread::spawn(move || loop {
+        let r = u
+            .accept()
+            .context("AF_UNIX accept")
+            .and_then(|(s, _)| dispatch(s, &upat));
+        if let Err(e) = r {
+            die(&e);
+        }
+    });
     loop {
-        let (mut s, _) = l.accept()?;
+        let (s, _) = l.accept().context("accept")?;
         s.tcp().set_nodelay(true)?;
-        let mut h = [0u8; 16];
-        s.read_exact(&mut h)?;
-        let kind = h[0];
-        let size = u32::from_le_bytes(h[4..8].try_into()?) as usize;
-        let count = u64::from_le_bytes(h[8..16].try_into()?);
-        match kind {
-            0 => return Ok(()),
-            1 => {
-                let mut b = vec![0u8; size];
-                for i in 0..count {
-                    s.read_exact(&mut b)?;
-                    ensure!(pat.check(i * size as u64, &b), "ping {i} corrupt");
-                    s.write_all(&b)?;
+        dispatch(s, &pat)?;
+    }
+}
+
+fn die(e: &anyhow::Error) -> ! {
+    eprintln!("ssock-bench serve: {e:#}");
+    std::process::exit(1)
+}
+
+/// Reads what a new connection is for; answers a probe at once, gives a
+/// test connection its own thread.
+fn dispatch<S: Read + Write + Send + 'static>(mut s: S, pat: &Arc<Pattern>) -> Result<()> {
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).context("reading the test kind")?;
+    match k[0] {
+        QUIT => std::process::exit(0),
+        PROBE => s.write_all(&[PROBE_REPLY]).context("probe reply")?,
+        PING | STREAM => {
+            let mut h = [0u8; 15];
+            s.read_exact(&mut h).context("reading the test header")?;
+            let size = usize::try_from(u32::from_le_bytes(h[3..7].try_into()?))?;
+            let count = u64::from_le_bytes(h[7..15].try_into()?);
+            let pin = (h[0] & PIN != 0).then_some(usize::from(h[1]));
+            let pat = Arc::clone(pat);
+            let kind = k[0];
+            std::thread::spawn(move || {
+                let r = pin
+                    .map_or(Ok(()), pin_to)
+                    .and_then(|()| handle(&mut s, kind, size, count, &pat));
+                if let Err(e) = r {
+                    die(&e);
                 }
+            });
+        }
+        other => bail!("unknown test kind {other}"),
+    }
+    Ok(())
+}
+
+fn handle(
+    s: &mut (impl Read + Write),
+    kind: u8,
+    size: usize,
+    count: u64,
+    pat: &Pattern,
+) -> Result<()> {
+    ensure!(size > 0, "zero-sized messages");
+    s.write_all(&[READY])?;
+    let mut b = vec![0u8; size];
+    if kind == PING {
+        let warm = warm_up(count);
+        let mut cpu0 = thread_cpu()?;
+        for i in 0..count {
+            if i == warm {
+                cpu0 = thread_cpu()?;
             }
-            2 => {
-                let mut b = vec![0u8; size];
-                let mut got = 0u64;
-                while got < count {
-                    let n = s.read(&mut b)?;
-                    ensure!(n > 0, "stream ended early at {got}");
-                    ensure!(pat.check(got, &b[..n]), "stream corrupt at {got}");
-                    got += n as u64;
-                }
-                s.write_all(&[1])?;
-            }
-            k => bail!("unknown test kind {k}"),
+            s.read_exact(&mut b)
+                .with_context(|| format!("ping {i} of {size} B"))?;
+            ensure!(
+                pat.check(i * size as u64, &b),
+                "ping {i} of {size} B corrupt"
+            );
+            s.write_all(&b)?;
+        }
+        let cpu = thread_cpu()?.saturating_sub(cpu0);
+        s.write_all(&u64::try_from(cpu.as_nanos())?.to_le_bytes())?;
+    } else {
+        let mut got = 0u64;
+        while got < count {
+            let n = s.read(&mut b)?;
+            ensure!(n > 0, "stream ended early at byte {got} of {count}");
+            ensure!(pat.check(got, &b[..n]), "stream corrupt at byte {got}");
+            got += n as u64;
+        }
+        s.write_all(&[ACK])?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The measuring side.
+
+/// Where the server listens.
+struct Peer {
+    tcp: SocketAddr,
+    unix: PathBuf,
+}
+
+/// A client connection of any transport.
+enum Conn {
+    Ssock(Stream),
+    Unix(UnixStream),
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Ssock(s) => s.read(b),
+            Conn::Unix(u) => u.read(b),
         }
     }
 }
 
-fn connect(addr: SocketAddr, kind: &str, pref: ModePref, test: &Test) -> Result<Stream> {
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Ssock(s) => s.write(b),
+            Conn::Unix(u) => u.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects over `t`; an ssock connection on another mode is an error.
+fn connect(peer: &Peer, t: Transport) -> Result<Conn> {
+    let Some((pref, want)) = t.mode() else {
+        let u = UnixStream::connect(&peer.unix)
+            .with_context(|| format!("connecting to {}", peer.unix.display()))?;
+        return Ok(Conn::Unix(u));
+    };
     let s = Stream::connect_with(
-        addr,
+        peer.tcp,
         &Options {
             mode: pref,
             ..Options::default()
         },
     )?;
-    let want = match pref {
-        ModePref::Kernel => Mode::Kernel,
-        ModePref::Queued => Mode::Queued,
-        _ => Mode::Direct,
-    };
     ensure!(
         s.mode() == want,
-        "{kind}: asked for {} but the connection is {} (fallback: {:?})",
+        "asked for {} but the connection is {} (fallback: {:?})",
         want.name(),
         s.mode().name(),
         s.fallback_reason()
     );
     s.tcp().set_nodelay(true)?;
-    let _ = test;
-    Ok(s)
+    Ok(Conn::Ssock(s))
 }
 
-/// Runs one test on a fresh connection; returns half round trip in us or GB/s.
-fn run_one(addr: SocketAddr, kind: &str, pref: ModePref, test: Test, pat: &Pattern) -> Result<f64> {
-    let mut s = connect(addr, kind, pref, &test)?;
-    let mut h = [0u8; 16];
-    match test {
-        Test::PingPong { size, iters } => {
-            h[0] = 1;
-            h[4..8].copy_from_slice(&u32::try_from(size)?.to_le_bytes());
-            h[8..16].copy_from_slice(&iters.to_le_bytes());
-            s.write_all(&h)?;
-            let mut out = vec![0u8; size];
-            let mut inb = vec![0u8; size];
-            // Warm-up excluded: the first 1/10 of the iterations.
-            let warm = iters / 10;
-            let mut t0 = Instant::now();
-            for i in 0..iters {
-                if i == warm {
-                    t0 = Instant::now();
-                }
-                pat.fill(i * size as u64, &mut out);
-                s.write_all(&out)?;
-                s.read_exact(&mut inb)?;
-                ensure!(inb == out, "pong {i} differs");
-            }
-            let dt = t0.elapsed();
-            Ok(dt.as_secs_f64() * 1e6 / ((iters - warm) as f64 * 2.0))
+/// Connects, sends a test header and waits until the server is ready.
+fn open(
+    peer: &Peer,
+    t: Transport,
+    kind: u8,
+    pin: Option<u8>,
+    size: usize,
+    count: u64,
+) -> Result<Conn> {
+    let mut c = connect(peer, t)?;
+    c.write_all(&header(kind, pin, size, count)?)?;
+    let mut r = [0u8; 1];
+    c.read_exact(&mut r).context("waiting for the server")?;
+    ensure!(r[0] == READY, "the server answered {} to a header", r[0]);
+    Ok(c)
+}
+
+/// CPU time of the calling thread. Exact: the kernel brings the running
+/// thread's count up to date when it reads it. A process clock read from
+/// another process is not: a thread that spins without sleeping is counted
+/// at the next scheduler tick, which is why each side reads its own
+/// threads' clocks (no other thread of either process works during a test).
+fn thread_cpu() -> Result<Duration> {
+    Ok(Duration::from(
+        ClockId::CLOCK_THREAD_CPUTIME_ID
+            .now()
+            .context("reading the thread CPU clock")?,
+    ))
+}
+
+/// devd's process CPU clock, read from here. Its threads sleep whenever
+/// they are idle (they never spin), so the count is up to date within one
+/// wake-up's work.
+struct DevdCpu(ClockId);
+
+impl DevdCpu {
+    fn new(devd: Pid) -> Result<DevdCpu> {
+        Ok(DevdCpu(
+            clock_getcpuclockid(devd).context("devd's CPU clock")?,
+        ))
+    }
+
+    fn read(&self) -> Result<Duration> {
+        Ok(Duration::from(
+            self.0.now().context("reading devd's CPU clock")?,
+        ))
+    }
+}
+
+/// Reads the 8-byte CPU time the server sends after the last pong.
+fn server_cpu(c: &mut Conn) -> Result<Duration> {
+    let mut b = [0u8; 8];
+    c.read_exact(&mut b)
+        .context("reading the server's CPU time")?;
+    Ok(Duration::from_nanos(u64::from_le_bytes(b)))
+}
+
+/// CPU us per message of client, server and devd.
+fn per_message(cpu: [Duration; 3], messages: u64) -> [f64; 3] {
+    cpu.map(|d| d.as_secs_f64() * 1e6 / messages as f64)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+/// Where the single-connection tests run: unless `--no-pin`, the measuring
+/// thread on the first CPU this process may use, the serving thread on the
+/// second. Threads of the many-connection tests may use every CPU.
+#[derive(Clone, Copy)]
+struct Placement {
+    all: CpuSet,
+    pair: Option<(usize, u8)>,
+}
+
+impl Placement {
+    fn new(pin: bool) -> Result<Placement> {
+        let all = sched_getaffinity(Pid::from_raw(0))?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| all.is_set(c).unwrap_or(false))
+            .collect();
+        let pair = match (pin, cpus.as_slice()) {
+            (true, [a, b, ..]) => Some((*a, u8::try_from(*b)?)),
+            (true, _) => bail!("--pin needs two CPUs"),
+            (false, _) => None,
+        };
+        Ok(Placement { all, pair })
+    }
+
+    /// The serving thread's CPU, for the header.
+    fn server(&self) -> Option<u8> {
+        self.pair.map(|(_, b)| b)
+    }
+
+    /// Lets the calling thread use every CPU again.
+    fn unpin(&self) -> Result<()> {
+        sched_setaffinity(Pid::from_raw(0), &self.all).context("unpinning")
+    }
+}
+
+/// The pid of the devd answering at `socket` (SO_PEERCRED), for its CPU
+/// clock. devd sees a control session that closes without a word.
+fn devd_pid(socket: &Path) -> Result<Pid> {
+    use nix::sys::socket::{
+        connect, getsockopt, socket as new_socket, sockopt, AddressFamily, SockFlag, SockType,
+        UnixAddr,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = new_socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(socket)?)
+        .with_context(|| format!("connecting to devd at {}", socket.display()))?;
+    let cred = getsockopt(&fd, sockopt::PeerCredentials)?;
+    Ok(Pid::from_raw(cred.pid()))
+}
+
+/// What every test needs.
+struct Ctx {
+    peer: Peer,
+    pat: Pattern,
+    devd: DevdCpu,
+    place: Placement,
+    clients: usize,
+}
+
+/// One measurement on one transport.
+#[derive(Debug, Default)]
+struct Measured {
+    /// The round's figure in the row's unit.
+    value: f64,
+    /// Per-message half round trips in us (latency tests).
+    samples: Vec<f64>,
+    /// CPU us per message of client, server and devd (ping-pong tests).
+    cpu: Option<[f64; 3]>,
+}
+
+/// One side of a ping-pong: `iters` round trips of `size` bytes, the
+/// first `warm_up(iters)` untimed. `each` is called after every timed
+/// round trip with its end time. Returns the client's and the server's
+/// CPU time over the timed round trips.
+fn ping_loop(
+    c: &mut Conn,
+    pat: &Pattern,
+    size: usize,
+    iters: u64,
+    mut each: impl FnMut(Instant),
+    mut at_warm: impl FnMut() -> Result<()>,
+) -> Result<(Duration, Duration)> {
+    let mut out = vec![0u8; size];
+    let mut inb = vec![0u8; size];
+    let warm = warm_up(iters);
+    let mut cpu0 = thread_cpu()?;
+    for i in 0..iters {
+        if i == warm {
+            at_warm()?;
+            cpu0 = thread_cpu()?;
+            each(Instant::now());
         }
-        Test::Stream { chunk, bytes } => {
-            h[0] = 2;
-            h[4..8].copy_from_slice(&u32::try_from(chunk)?.to_le_bytes());
-            h[8..16].copy_from_slice(&bytes.to_le_bytes());
-            s.write_all(&h)?;
-            // The payload is generated before the clock starts: byte `o` of
-            // the stream is the pattern's byte `o % PERIOD`, so one period
-            // plus one chunk holds every chunk the stream can need. The
-            // receiver verifies every byte.
-            let mut src = vec![0u8; PERIOD + chunk];
-            pat.fill(0, &mut src);
-            let t0 = Instant::now();
-            let mut sent = 0u64;
-            while sent < bytes {
-                let off = ssock_rings::idx(sent % PERIOD as u64);
-                let n = chunk.min(usize::try_from(bytes - sent).unwrap_or(chunk));
-                s.write_all(&src[off..off + n])?;
-                sent += n as u64;
+        pat.fill(i * size as u64, &mut out);
+        c.write_all(&out)?;
+        c.read_exact(&mut inb)
+            .with_context(|| format!("pong {i}"))?;
+        if i >= warm {
+            each(Instant::now());
+        }
+        ensure!(inb == out, "pong {i} differs");
+    }
+    let client = thread_cpu()?.saturating_sub(cpu0);
+    Ok((client, server_cpu(c)?))
+}
+
+/// Ping-pong on one connection; half round trips in us.
+fn ping_pong(x: &Ctx, t: Transport, size: usize, iters: u64) -> Result<Measured> {
+    let mut c = open(&x.peer, t, PING, x.place.server(), size, iters)?;
+    let mut samples = Vec::with_capacity(idx(iters - warm_up(iters)));
+    // One clock read per round trip: each sample is the time since the
+    // previous one, the fill and the check included (an application
+    // producing and consuming its data pays them too). The first call
+    // only starts the clock.
+    let mut prev: Option<Instant> = None;
+    let each = |now: Instant| {
+        if let Some(p) = prev {
+            samples.push((now - p).as_secs_f64() * 1e6 / 2.0);
+        }
+        prev = Some(now);
+    };
+    let mut devd0 = Duration::ZERO;
+    let at_warm = || -> Result<()> {
+        devd0 = x.devd.read()?;
+        Ok(())
+    };
+    let (client, server) = ping_loop(&mut c, &x.pat, size, iters, each, at_warm)?;
+    let devd = x.devd.read()?.saturating_sub(devd0);
+    let messages = 2 * (iters - warm_up(iters));
+    Ok(Measured {
+        value: percentile(&samples, 50),
+        cpu: Some(per_message([client, server, devd], messages)),
+        samples,
+    })
+}
+
+/// Writes `bytes` of the pattern in `chunk`-byte writes and waits for the
+/// receiver's ACK. `src` holds one pattern period plus one chunk, so every
+/// chunk is a slice of it (byte `o` of the stream is pattern byte
+/// `o % PERIOD`); it is generated before any clock starts.
+fn send_stream(c: &mut Conn, src: &[u8], chunk: usize, bytes: u64) -> Result<()> {
+    let mut sent = 0u64;
+    while sent < bytes {
+        let off = idx(sent % PERIOD as u64);
+        let n = chunk.min(usize::try_from(bytes - sent).unwrap_or(chunk));
+        c.write_all(&src[off..off + n])?;
+        sent += n as u64;
+    }
+    let mut ack = [0u8; 1];
+    c.read_exact(&mut ack).context("waiting for the ACK")?;
+    ensure!(ack[0] == ACK, "the receiver answered {}", ack[0]);
+    Ok(())
+}
+
+fn stream_source(pat: &Pattern, chunk: usize) -> Vec<u8> {
+    let mut src = vec![0u8; PERIOD + chunk];
+    pat.fill(0, &mut src);
+    src
+}
+
+/// Streams `bytes` in `chunk`-byte writes; GB/s.
+fn stream(x: &Ctx, t: Transport, chunk: usize, bytes: u64) -> Result<Measured> {
+    let mut c = open(&x.peer, t, STREAM, x.place.server(), chunk, bytes)?;
+    let src = stream_source(&x.pat, chunk);
+    let t0 = Instant::now();
+    send_stream(&mut c, &src, chunk, bytes)?;
+    Ok(Measured {
+        value: bytes as f64 / t0.elapsed().as_secs_f64() / 1e9,
+        ..Measured::default()
+    })
+}
+
+/// What one worker of `in_parallel` measured.
+struct Timed {
+    start: Instant,
+    end: Instant,
+    /// Client and server thread CPU over the timed part.
+    cpu: (Duration, Duration),
+}
+
+/// What `in_parallel` measured: the span from the first timed start to the
+/// last end, the sum of the workers' CPU times, devd's CPU time.
+struct Parallel {
+    span: Duration,
+    cpu: [Duration; 3],
+}
+
+/// Runs `work` on every connection, each in its own thread free to use
+/// every CPU. A worker calls `start.wait()` exactly once, when it is ready
+/// to be timed (also when it failed before, so that the others are not
+/// left waiting).
+fn in_parallel<F>(x: &Ctx, conns: Vec<Conn>, work: F) -> Result<Parallel>
+where
+    F: Fn(Conn, &Barrier) -> Result<Timed> + Sync,
+{
+    let start = Barrier::new(conns.len() + 1);
+    let (work, startr, place) = (&work, &start, &x.place);
+    std::thread::scope(|sc| {
+        let threads: Vec<_> = conns
+            .into_iter()
+            .map(|c| {
+                sc.spawn(move || match place.unpin() {
+                    Ok(()) => work(c, startr),
+                    Err(e) => {
+                        startr.wait();
+                        Err(e)
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let devd0 = x.devd.read();
+        let mut span: Option<(Instant, Instant)> = None;
+        let mut cpu = [Duration::ZERO; 3];
+        let mut failed = None;
+        for th in threads {
+            match th.join() {
+                Ok(Ok(t)) => {
+                    span = Some(
+                        span.map_or((t.start, t.end), |(a, b)| (a.min(t.start), b.max(t.end))),
+                    );
+                    cpu[0] += t.cpu.0;
+                    cpu[1] += t.cpu.1;
+                }
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(anyhow!("a client thread panicked"));
+                }
             }
-            let mut ack = [0u8; 1];
-            s.read_exact(&mut ack)?;
-            Ok(bytes as f64 / t0.elapsed().as_secs_f64() / 1e9)
+        }
+        let devd1 = x.devd.read()?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (a, b) = span.context("no connections")?;
+        cpu[2] = devd1.saturating_sub(devd0?);
+        Ok(Parallel { span: b - a, cpu })
+    })
+}
+
+/// Hot spot: `x.clients` connections, each ping-ponging from its own
+/// thread against the one server; thousands of messages/s.
+fn hot_spot(x: &Ctx, t: Transport, size: usize, iters: u64) -> Result<Measured> {
+    let conns = (0..x.clients)
+        .map(|_| open(&x.peer, t, PING, None, size, iters))
+        .collect::<Result<Vec<_>>>()?;
+    let p = in_parallel(x, conns, |mut c, start| {
+        let mut t0 = None;
+        let mut t1 = None;
+        let mut waited = false;
+        let r = ping_loop(
+            &mut c,
+            &x.pat,
+            size,
+            iters,
+            |now| {
+                t0.get_or_insert(now);
+                t1 = Some(now);
+            },
+            || {
+                waited = true;
+                start.wait();
+                Ok(())
+            },
+        );
+        if !waited {
+            start.wait();
+        }
+        let (client, server) = r?;
+        Ok(Timed {
+            start: t0.context("no timed round trip")?,
+            end: t1.context("no timed round trip")?,
+            cpu: (client, server),
+        })
+    })?;
+    let messages = 2 * x.clients as u64 * (iters - warm_up(iters));
+    Ok(Measured {
+        value: messages as f64 / p.span.as_secs_f64() / 1e3,
+        cpu: Some(per_message(p.cpu, messages)),
+        ..Measured::default()
+    })
+}
+
+/// Multi-stream: `x.clients` connections streaming `bytes` each at once;
+/// aggregate GB/s.
+fn multi_stream(x: &Ctx, t: Transport, chunk: usize, bytes: u64) -> Result<Measured> {
+    let conns = (0..x.clients)
+        .map(|_| open(&x.peer, t, STREAM, None, chunk, bytes))
+        .collect::<Result<Vec<_>>>()?;
+    let src = stream_source(&x.pat, chunk);
+    let p = in_parallel(x, conns, |mut c, start| {
+        start.wait();
+        let t0 = Instant::now();
+        send_stream(&mut c, &src, chunk, bytes)?;
+        Ok(Timed {
+            start: t0,
+            end: Instant::now(),
+            cpu: (Duration::ZERO, Duration::ZERO),
+        })
+    })?;
+    Ok(Measured {
+        value: (x.clients as u64 * bytes) as f64 / p.span.as_secs_f64() / 1e9,
+        ..Measured::default()
+    })
+}
+
+/// Connection setup rate: connect, one byte each way, close; thousands of
+/// connections/s, the first tenth excluded as warm-up.
+fn setup(x: &Ctx, t: Transport, count: u64) -> Result<Measured> {
+    let warm = warm_up(count);
+    let mut t0 = Instant::now();
+    for i in 0..count {
+        if i == warm {
+            t0 = Instant::now();
+        }
+        let mut c = connect(&x.peer, t).with_context(|| format!("connection {i}"))?;
+        c.write_all(&[PROBE])?;
+        let mut r = [0u8; 1];
+        c.read_exact(&mut r)
+            .with_context(|| format!("probe reply {i}"))?;
+        ensure!(r[0] == PROBE_REPLY, "probe {i} answered {}", r[0]);
+    }
+    Ok(Measured {
+        value: (count - warm) as f64 / t0.elapsed().as_secs_f64() / 1e3,
+        ..Measured::default()
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Results.
+
+/// The `per_cent` percentile (nearest rank) of `v`; NaN if empty.
+fn percentile(v: &[f64], per_cent: usize) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[(per_cent * s.len()).div_ceil(100).saturating_sub(1)]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    PingPong,
+    Cpu,
+    Stream,
+    Connections,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::PingPong => "ping-pong",
+            Family::Cpu => "cpu",
+            Family::Stream => "stream",
+            Family::Connections => "connections",
         }
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Row {
-    test: String,
-    unit: &'static str,
-    /// Per transport: samples of every round.
-    samples: Vec<(String, Vec<f64>)>,
+/// The figures of one transport in one row.
+#[derive(Debug, Default)]
+struct Cell {
+    /// One figure per round.
+    rounds: Vec<f64>,
+    /// Latency rows: the p99 of each round.
+    round_p99: Vec<f64>,
+    /// Latency rows: every per-message sample of every round.
+    samples: Vec<f64>,
+    /// CPU rows: client, server, devd us per message, per round.
+    parts: Vec<[f64; 3]>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[s.len() / 2]
+impl Cell {
+    fn median(&self) -> f64 {
+        percentile(&self.rounds, 50)
+    }
+    fn min(&self) -> f64 {
+        self.rounds.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.rounds
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+    /// Over the per-message samples of all rounds; None for other rows.
+    fn p99(&self) -> Option<f64> {
+        (!self.samples.is_empty()).then(|| percentile(&self.samples, 99))
+    }
+    fn part_median(&self, i: usize) -> f64 {
+        percentile(&self.parts.iter().map(|p| p[i]).collect::<Vec<_>>(), 50)
+    }
+}
+
+/// One test: a row of the table, one cell per transport.
+#[derive(Debug)]
+struct Row {
+    family: Family,
+    test: String,
+    /// Message or write size, 0 where none applies.
+    size: usize,
+    unit: &'static str,
+    higher_is_better: bool,
+    cells: Vec<Cell>,
+}
+
+impl Row {
+    fn new(family: Family, test: String, size: usize, unit: &'static str) -> Row {
+        Row {
+            family,
+            test,
+            size,
+            unit,
+            higher_is_better: matches!(family, Family::Stream | Family::Connections),
+            cells: TRANSPORTS.iter().map(|_| Cell::default()).collect(),
+        }
+    }
+    fn ratio(&self, ti: usize) -> f64 {
+        self.cells[ti].median() / self.cells[0].median()
+    }
+}
+
+/// A test of the schedule and the rows it fills.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    PingPong { size: usize, iters: u64 },
+    Stream { chunk: usize, bytes: u64 },
+    HotSpot { size: usize, iters: u64 },
+    MultiStream { chunk: usize, bytes: u64 },
+    Setup { count: u64 },
+}
+
+struct Scheduled {
+    job: Job,
+    row: usize,
+    cpu_row: Option<usize>,
+}
+
+/// How much work each test does (per transport and round).
+struct Plan {
+    clients: usize,
+    /// Ping-pong round trips for small messages; fewer for large ones.
+    ping_iters: u64,
+    stream_bytes: u64,
+    hot_iters: u64,
+    multi_bytes: u64,
+    setup_count: u64,
+}
+
+impl Plan {
+    fn new(quick: bool, clients: usize) -> Plan {
+        let div = if quick { 20 } else { 1 };
+        Plan {
+            clients,
+            ping_iters: 5000 / div,
+            stream_bytes: (256 << 20) / div,
+            hot_iters: 2000 / div,
+            multi_bytes: (64 << 20) / div,
+            setup_count: 1000 / div,
+        }
+    }
+
+    /// Round trips for `size`: at most 64 MiB each way (in full runs).
+    fn ping_iters(&self, size: usize) -> u64 {
+        let full_budget = (64u64 << 20) / size as u64;
+        self.ping_iters
+            .min(full_budget * self.ping_iters / 5000)
+            .max(20)
+    }
+
+    /// The rows and the order the tests run in (every round).
+    fn schedule(&self) -> (Vec<Row>, Vec<Scheduled>) {
+        let mut rows = Vec::new();
+        let mut jobs = Vec::new();
+        let sizes: Vec<usize> = (0..=16).map(|k| 1usize << k).collect();
+        for &size in &sizes {
+            let name = format!("ping-pong {}", human(size));
+            let row = push(
+                &mut rows,
+                Row::new(Family::PingPong, name.clone(), size, "us"),
+            );
+            let cpu_row = push(&mut rows, Row::new(Family::Cpu, name, size, "us CPU/msg"));
+            jobs.push(Scheduled {
+                job: Job::PingPong {
+                    size,
+                    iters: self.ping_iters(size),
+                },
+                row,
+                cpu_row: Some(cpu_row),
+            });
+        }
+        for &chunk in &sizes[10..] {
+            let name = format!("stream {} writes", human(chunk));
+            let row = push(&mut rows, Row::new(Family::Stream, name, chunk, "GB/s"));
+            jobs.push(Scheduled {
+                job: Job::Stream {
+                    chunk,
+                    bytes: self.stream_bytes,
+                },
+                row,
+                cpu_row: None,
+            });
+        }
+        let n = self.clients;
+        let name = format!("hot spot {n} x 1 B");
+        let row = push(
+            &mut rows,
+            Row::new(Family::Connections, name.clone(), 1, "k msg/s"),
+        );
+        let cpu_row = push(&mut rows, Row::new(Family::Cpu, name, 1, "us CPU/msg"));
+        jobs.push(Scheduled {
+            job: Job::HotSpot {
+                size: 1,
+                iters: self.hot_iters,
+            },
+            row,
+            cpu_row: Some(cpu_row),
+        });
+        let name = format!("{n} streams, 64 KiB writes");
+        let row = push(
+            &mut rows,
+            Row::new(Family::Connections, name, 65536, "GB/s"),
+        );
+        jobs.push(Scheduled {
+            job: Job::MultiStream {
+                chunk: 65536,
+                bytes: self.multi_bytes,
+            },
+            row,
+            cpu_row: None,
+        });
+        let name = "setup: connect, 1 B each way, close".to_string();
+        let row = push(
+            &mut rows,
+            Row::new(Family::Connections, name, 1, "k conn/s"),
+        );
+        jobs.push(Scheduled {
+            job: Job::Setup {
+                count: self.setup_count,
+            },
+            row,
+            cpu_row: None,
+        });
+        (rows, jobs)
+    }
+}
+
+fn push(rows: &mut Vec<Row>, r: Row) -> usize {
+    rows.push(r);
+    rows.len() - 1
+}
+
+fn run_job(x: &Ctx, job: Job, t: Transport) -> Result<Measured> {
+    match job {
+        Job::PingPong { size, iters } => ping_pong(x, t, size, iters),
+        Job::Stream { chunk, bytes } => stream(x, t, chunk, bytes),
+        Job::HotSpot { size, iters } => hot_spot(x, t, size, iters),
+        Job::MultiStream { chunk, bytes } => multi_stream(x, t, chunk, bytes),
+        Job::Setup { count } => setup(x, t, count),
+    }
+}
+
+/// The clock read cost in ns (one per ping-pong sample).
+fn clock_read_ns() -> f64 {
+    let n = 100_000u32;
+    let t0 = Instant::now();
+    let mut last = t0;
+    for _ in 0..n {
+        last = std::hint::black_box(Instant::now());
+    }
+    (last - t0).as_secs_f64() * 1e9 / f64::from(n)
+}
+
+// ---------------------------------------------------------------------------
+// The run.
+
+struct Args {
+    rounds: usize,
+    quick: bool,
+    clients: usize,
+    json: bool,
+    csv: bool,
+    markdown: bool,
+    raw: bool,
+    plot: Option<PathBuf>,
+    pin: bool,
+    devd: String,
+}
+
+fn parse(args: &[String]) -> Result<Option<Args>> {
+    let mut a = Args {
+        rounds: 5,
+        quick: false,
+        clients: 8,
+        json: false,
+        csv: false,
+        markdown: false,
+        raw: false,
+        plot: None,
+        pin: true,
+        devd: "private".into(),
+    };
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--rounds" => a.rounds = it.next().context("--rounds N")?.parse()?,
+            "--clients" => a.clients = it.next().context("--clients N")?.parse()?,
+            "--quick" => a.quick = true,
+            "--json" => a.json = true,
+            "--csv" => a.csv = true,
+            "--markdown" => a.markdown = true,
+            "--raw" => a.raw = true,
+            "--no-pin" => a.pin = false,
+            "--plot" => a.plot = Some(it.next().context("--plot FILE.png")?.into()),
+            "--devd" => a.devd = it.next().context("--devd private|existing")?.clone(),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            _ => bail!("unknown argument {x}\n{USAGE}"),
+        }
+    }
+    ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    ensure!(a.clients >= 1, "--clients must be at least 1");
+    ensure!(
+        [a.json, a.csv, a.markdown].iter().filter(|&&f| f).count() <= 1,
+        "--json, --csv and --markdown are exclusive"
+    );
+    ensure!(!a.raw || a.json, "--raw needs --json");
+    Ok(Some(a))
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let mut rounds = 5;
-    let mut quick = false;
-    let mut json = false;
-    let mut devd_choice = "private".to_string();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
-            "--quick" => quick = true,
-            "--json" => json = true,
-            "--devd" => devd_choice = it.next().context("--devd private|existing")?.clone(),
-            "-h" | "--help" => {
-                println!(
-                    "usage: ssock-bench [--rounds N] [--quick] [--json] [--devd private|existing]"
-                );
-                return Ok(());
-            }
-            _ => bail!("unknown argument {a}"),
-        }
+    let Some(a) = parse(args)? else {
+        return Ok(());
+    };
+    if a.plot.is_some() {
+        // Before the run: a missing font must not cost a whole run.
+        load_font()?;
     }
-    ensure!(rounds >= 1, "--rounds must be at least 1");
-    let _private = match devd_choice.as_str() {
+    let _private = match a.devd.as_str() {
         "private" => {
             let d = ssock_tools::start_private_devd(&[])?;
             // Set before this process starts any thread; the peer inherits it.
@@ -240,6 +1074,8 @@ fn bench(args: &[String]) -> Result<()> {
     };
     let socket = ssock_rings::paths::client_socket();
     ssock_tools::wait_for(&socket, Duration::from_secs(5))?;
+    let devd = devd_pid(&socket)?;
+    let clock_ns = clock_read_ns();
     let mut child = Command::new(std::env::current_exe()?)
         .arg("serve")
         .env(ssock_rings::paths::SOCKET_ENV, &socket)
@@ -248,124 +1084,528 @@ fn bench(args: &[String]) -> Result<()> {
         .context("cannot start the bench peer")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("peer stdout")?).read_line(&mut line)?;
-    let port: u16 = line
-        .trim()
-        .parse()
-        .context("peer did not report its port")?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let scale = if quick { 20 } else { 1 };
-    let tests = [
-        Test::PingPong {
-            size: 1,
-            iters: 20_000 / scale,
-        },
-        Test::PingPong {
-            size: 1024,
-            iters: 20_000 / scale,
-        },
-        Test::PingPong {
-            size: 65536,
-            iters: 2_000 / scale,
-        },
-        Test::Stream {
-            chunk: 65536,
-            bytes: (1024 / scale) << 20,
-        },
-    ];
-    let pat = Pattern::new(7);
-    let mut rows: Vec<Row> = tests
-        .iter()
-        .map(|t| Row {
-            test: t.name(),
-            unit: t.unit(),
-            samples: KINDS.iter().map(|(k, _)| (k.to_string(), vec![])).collect(),
-        })
-        .collect();
-    let result = (|| -> Result<()> {
-        for _ in 0..rounds {
-            for (ti, t) in tests.iter().enumerate() {
-                for (ki, (k, pref)) in KINDS.iter().enumerate() {
-                    let v = run_one(addr, k, *pref, *t, &pat)
-                        .with_context(|| format!("{k} {}", t.name()))?;
-                    rows[ti].samples[ki].1.push(v);
+    let result = (|| -> Result<Run> {
+        let (port, path) = line
+            .trim_end()
+            .split_once(' ')
+            .context("the bench peer did not report its addresses")?;
+        let peer = Peer {
+            tcp: ([127, 0, 0, 1], port.parse::<u16>()?).into(),
+            unix: path.into(),
+        };
+        let _unix = RemoveOnDrop(peer.unix.clone());
+        // After spawning the peer: it must not inherit the pinning.
+        let place = Placement::new(a.pin)?;
+        if let Some((cpu, _)) = place.pair {
+            pin_to(cpu)?;
+        }
+        let x = Ctx {
+            peer,
+            pat: Pattern::new(SEED),
+            devd: DevdCpu::new(devd)?,
+            place,
+            clients: a.clients,
+        };
+        let plan = Plan::new(a.quick, a.clients);
+        let (mut rows, jobs) = plan.schedule();
+        let t_run = Instant::now();
+        let r = (|| -> Result<()> {
+            for _ in 0..a.rounds {
+                for s in &jobs {
+                    for (ti, &t) in TRANSPORTS.iter().enumerate() {
+                        let m = run_job(&x, s.job, t)
+                            .with_context(|| format!("{} {}", t.name(), rows[s.row].test))?;
+                        record(&mut rows, s, ti, m);
+                    }
                 }
             }
+            Ok(())
+        })();
+        // Tell the peer to exit (plain kernel connection, kind QUIT).
+        if let Ok(mut c) = connect(&x.peer, Transport::Kernel) {
+            let _ = c.write_all(&[QUIT]);
         }
-        Ok(())
+        r?;
+        Ok(Run {
+            command: std::iter::once("ssock-bench")
+                .chain(args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            rounds: a.rounds,
+            clients: a.clients,
+            quick: a.quick,
+            pinned: place.pair,
+            clock_ns,
+            seconds: t_run.elapsed().as_secs_f64(),
+            rows,
+        })
     })();
-    // Tell the peer to exit (plain connection, header kind 0).
-    if let Ok(mut s) = Stream::connect_with(
-        addr,
-        &Options {
-            mode: ModePref::Kernel,
-            ..Options::default()
-        },
-    ) {
-        let _ = s.write_all(&[0u8; 16]);
-    }
-    // The peer exits on the quit header, or when its connection breaks;
-    // do not wait for it forever.
+    // The peer exits on QUIT, or when a connection breaks; do not wait
+    // for it forever.
     let t = Instant::now();
     while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
     let _ = child.wait();
-    result?;
-    if json {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                let k = median(&r.samples[0].1);
-                serde_json::json!({
-                    "test": r.test,
-                    "unit": r.unit,
-                    "transports": r.samples.iter().map(|(name, s)| {
-                        let m = median(s);
-                        serde_json::json!({
-                            "transport": name,
-                            "median": m,
-                            "min": s.iter().copied().fold(f64::INFINITY, f64::min),
-                            "max": s.iter().copied().fold(0.0, f64::max),
-                            "samples": s,
-                            "ratio_to_kernel": m / k,
-                        })
-                    }).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "rounds": rounds, "results": out }))?
-        );
+    let run = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&run, a.raw))?);
+    } else if a.csv {
+        print!("{}", to_csv(&run));
     } else {
-        println!("ssock-bench: {rounds} rounds, transports interleaved; median [min-max], ratio = median / kernel median");
-        println!(
-            "{:<22} {:>26} {:>34} {:>34}",
-            "test", "kernel TCP", "direct", "queued"
-        );
-        for r in &rows {
-            let k = median(&r.samples[0].1);
-            let cell = |s: &Vec<f64>| {
-                let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = s.iter().copied().fold(0.0, f64::max);
-                (median(s), lo, hi)
-            };
-            let (km, klo, khi) = cell(&r.samples[0].1);
-            let mut line = format!(
-                "{:<22} {:>26}",
-                format!("{} ({})", r.test, r.unit),
-                format!("{km:.2} [{klo:.2}-{khi:.2}]")
-            );
-            for (_, s) in &r.samples[1..] {
-                let (m, lo, hi) = cell(s);
-                line.push_str(&format!(
-                    " {:>34}",
-                    format!("{m:.2} [{lo:.2}-{hi:.2}] {:.3}x", m / k)
-                ));
-            }
-            println!("{line}");
+        print!("{}", to_report(&run, a.markdown));
+    }
+    if let Some(p) = &a.plot {
+        plot(p, &run)?;
+        eprintln!("ssock-bench: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn record(rows: &mut [Row], s: &Scheduled, ti: usize, m: Measured) {
+    let cell = &mut rows[s.row].cells[ti];
+    cell.rounds.push(m.value);
+    if !m.samples.is_empty() {
+        cell.round_p99.push(percentile(&m.samples, 99));
+        cell.samples.extend_from_slice(&m.samples);
+    }
+    if let (Some(r), Some(parts)) = (s.cpu_row, m.cpu) {
+        let cell = &mut rows[r].cells[ti];
+        cell.rounds.push(parts.iter().sum());
+        cell.parts.push(parts);
+    }
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A finished run.
+struct Run {
+    command: String,
+    rounds: usize,
+    clients: usize,
+    quick: bool,
+    /// Measuring and serving CPU of the single-connection tests.
+    pinned: Option<(usize, u8)>,
+    clock_ns: f64,
+    seconds: f64,
+    rows: Vec<Row>,
+}
+
+// ---------------------------------------------------------------------------
+// Output.
+
+fn to_json(run: &Run, raw: bool) -> serde_json::Value {
+    let results: Vec<_> = run
+        .rows
+        .iter()
+        .map(|r| {
+            let transports: Vec<_> = TRANSPORTS
+                .iter()
+                .zip(&r.cells)
+                .enumerate()
+                .map(|(ti, (t, c))| {
+                    let mut v = json!({
+                        "transport": t.name(),
+                        "median": c.median(),
+                        "p99": c.p99(),
+                        "min": c.min(),
+                        "max": c.max(),
+                        "ratio_to_kernel": r.ratio(ti),
+                        "samples": c.rounds,
+                    });
+                    if !c.round_p99.is_empty() {
+                        v["round_p99"] = json!(c.round_p99);
+                        v["messages"] = json!(c.samples.len());
+                    }
+                    if !c.parts.is_empty() {
+                        v["client"] = json!(c.part_median(0));
+                        v["server"] = json!(c.part_median(1));
+                        v["devd"] = json!(c.part_median(2));
+                    }
+                    if raw && !c.samples.is_empty() {
+                        v["raw"] = json!(c.samples);
+                    }
+                    v
+                })
+                .collect();
+            json!({
+                "family": r.family.name(),
+                "test": r.test,
+                "size": r.size,
+                "unit": r.unit,
+                "higher_is_better": r.higher_is_better,
+                "transports": transports,
+            })
+        })
+        .collect();
+    json!({
+        "command": run.command,
+        "rounds": run.rounds,
+        "clients": run.clients,
+        "quick": run.quick,
+        "pinned": run.pinned.map(|(c, s)| json!({ "client_cpu": c, "server_cpu": s })),
+        "clock_read_ns": run.clock_ns,
+        "seconds": run.seconds,
+        "notes": "samples, per round: ping-pong the median half round trip of the round (us); \
+                    cpu: client + server + devd CPU us per message; other rows their unit",
+        "results": results,
+    })
+}
+
+fn to_csv(run: &Run) -> String {
+    let mut s =
+        String::from("family,test,size,transport,unit,median,p99,min,max,ratio_to_kernel,rounds\n");
+    for r in &run.rows {
+        for (ti, (t, c)) in TRANSPORTS.iter().zip(&r.cells).enumerate() {
+            s.push_str(&format!(
+                "{},\"{}\",{},{},{},{},{},{},{},{},{}\n",
+                r.family.name(),
+                r.test,
+                r.size,
+                t.name(),
+                r.unit,
+                c.median(),
+                c.p99().map(|p| p.to_string()).unwrap_or_default(),
+                c.min(),
+                c.max(),
+                r.ratio(ti),
+                c.rounds.len()
+            ));
         }
     }
+    s
+}
+
+/// Three significant digits, about.
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// median [min-max], and the ratio to kernel TCP for the other transports.
+fn spread_cell(r: &Row, ti: usize) -> String {
+    let c = &r.cells[ti];
+    let mut s = format!("{} [{}-{}]", num(c.median()), num(c.min()), num(c.max()));
+    if ti > 0 {
+        s.push_str(&format!(" {}x", num(r.ratio(ti))));
+    }
+    s
+}
+
+/// The human report, as plain text or as Markdown.
+struct Report {
+    out: String,
+    markdown: bool,
+}
+
+impl Report {
+    fn para(&mut self, text: &str) {
+        self.out.push_str(text);
+        self.out.push_str(if self.markdown { "\n\n" } else { "\n" });
+    }
+
+    /// A section: a heading and what its cells are.
+    fn section(&mut self, heading: &str, what: &str) {
+        if self.markdown {
+            let mut chars = what.chars();
+            let first = chars.next().map(|c| c.to_uppercase().to_string());
+            let what = first.unwrap_or_default() + chars.as_str();
+            self.out.push_str(&format!("## {heading}\n\n{what}.\n\n"));
+        } else {
+            self.out.push_str(&format!("\n{heading}: {what}\n"));
+        }
+    }
+
+    /// A table with a column per transport. Plain: first column
+    /// left-aligned, the others right-aligned.
+    fn grid(&mut self, head: &str, rows: Vec<(String, Vec<String>)>) {
+        let mut all = vec![(
+            head.to_string(),
+            TRANSPORTS.iter().map(|t| t.title().to_string()).collect(),
+        )];
+        all.extend(rows);
+        if self.markdown {
+            for (n, (label, cells)) in all.iter().enumerate() {
+                self.out
+                    .push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
+                if n == 0 {
+                    self.out
+                        .push_str(&format!("|---|{}\n", "---:|".repeat(cells.len())));
+                }
+            }
+            self.out.push('\n');
+            return;
+        }
+        let w0 = all.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+        let ws: Vec<usize> = (0..TRANSPORTS.len())
+            .map(|i| all.iter().map(|(_, c)| c[i].len()).max().unwrap_or(0))
+            .collect();
+        for (label, cells) in &all {
+            let mut line = format!("{label:<w0$}");
+            for (c, w) in cells.iter().zip(&ws) {
+                line.push_str(&format!("   {c:>w$}"));
+            }
+            self.out.push_str(line.trim_end());
+            self.out.push('\n');
+        }
+    }
+}
+
+fn to_report(run: &Run, markdown: bool) -> String {
+    let mut o = Report {
+        out: String::new(),
+        markdown,
+    };
+    let family = |f: Family| run.rows.iter().filter(move |r| r.family == f);
+    let spread_rows = |f: Family, label: &dyn Fn(&Row) -> String| -> Vec<(String, Vec<String>)> {
+        family(f)
+            .map(|r| {
+                let cells = (0..TRANSPORTS.len()).map(|ti| spread_cell(r, ti)).collect();
+                (label(r), cells)
+            })
+            .collect()
+    };
+    let code = |t: &str| {
+        if markdown {
+            format!("`{t}`")
+        } else {
+            t.to_string()
+        }
+    };
+    o.para(&format!(
+        "{}: {} round{}, the transports interleaved round by round; every byte verified by both \
+         processes.",
+        code(&run.command),
+        run.rounds,
+        if run.rounds == 1 { "" } else { "s" },
+    ));
+    o.para(
+        "Cells: median [min-max of the round medians], then the ratio median / kernel TCP median \
+         of this run.",
+    );
+    o.para(&match run.pinned {
+        Some((c, s)) => format!(
+            "Single-connection tests pinned: client thread on CPU {c}, server thread on CPU {s} \
+             ({} lets the scheduler place them); many-connection tests not pinned.",
+            code("--no-pin")
+        ),
+        None => "No thread pinned: the scheduler places them.".to_string(),
+    });
+
+    o.section(
+        "Ping-pong latency",
+        "half round trip per message in us, 1 B to 64 KiB (lower is better)",
+    );
+    o.grid("size", spread_rows(Family::PingPong, &|r| human(r.size)));
+
+    o.section(
+        "Ping-pong p99",
+        &format!(
+            "99th percentile of the half round trip in us, over every message of every round, \
+             warm-up excluded; each sample includes one clock read ({:.0} ns)",
+            run.clock_ns
+        ),
+    );
+    let rows = family(Family::PingPong)
+        .map(|r| {
+            let cells = r
+                .cells
+                .iter()
+                .map(|c| c.p99().map_or_else(String::new, num))
+                .collect();
+            (human(r.size), cells)
+        })
+        .collect();
+    o.grid("size", rows);
+
+    o.section(
+        "CPU per message",
+        &format!(
+            "us of CPU time per message (a round trip is two): the client's and the server's \
+             threads plus devd, over the timed messages; lower is better; every size in {}",
+            code("--json/--csv")
+        ),
+    );
+    let shown = [1, 64, 1024, 16384, 65536];
+    let rows = spread_rows(Family::Cpu, &|r| r.test.clone())
+        .into_iter()
+        .filter(|(label, _)| {
+            label.starts_with("hot spot")
+                || shown
+                    .iter()
+                    .any(|&n| *label == format!("ping-pong {}", human(n)))
+        })
+        .collect();
+    o.grid("test", rows);
+
+    o.section("Streaming", "GB/s by write size (higher is better)");
+    o.grid(
+        "write size",
+        spread_rows(Family::Stream, &|r| human(r.size)),
+    );
+
+    o.section(
+        "Many connections and connection setup",
+        &format!(
+            "higher is better. Hot spot: {n} client threads, each on its own connection, \
+             ping-pong 1 B at once against one server process, messages/s counting both \
+             directions; streams: {n} connections streaming at once, aggregate; setup: connect, \
+             1 byte each way, close, one connection after another",
+            n = run.clients
+        ),
+    );
+    o.grid(
+        "test",
+        spread_rows(Family::Connections, &|r| format!("{} ({})", r.test, r.unit)),
+    );
+    o.out.push_str(if markdown { "" } else { "\n" });
+    o.para(&format!("Run time {:.0} s.", run.seconds));
+    o.out
+}
+
+/// Registers the plot font with plotters.
+fn load_font() -> Result<()> {
+    let bytes = std::fs::read(FONT).with_context(|| {
+        format!("--plot needs the font {FONT}: install the Debian package fonts-dejavu-core")
+    })?;
+    // plotters keeps the font for the life of the process.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("{FONT} is not a usable TrueType font"))
+}
+
+/// Latency against message size (log-log) and throughput against write
+/// size (log x), one line per transport, medians.
+fn plot(path: &Path, run: &Run) -> Result<()> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let rows = |f: Family| -> Vec<&Row> { run.rows.iter().filter(|r| r.family == f).collect() };
+    let (ping, streams) = (rows(Family::PingPong), rows(Family::Stream));
+    let (lo, hi) = y_extent(&ping)?;
+    panel(
+        &panels[0],
+        &ping,
+        "ping-pong, half round trip (median of the rounds)",
+        "message size",
+        "us (log scale)",
+        (lo / 1.5..hi * 1.5).log_scale(),
+        SeriesLabelPosition::LowerRight,
+    )?;
+    let (_, hi) = y_extent(&streams)?;
+    panel(
+        &panels[1],
+        &streams,
+        "streaming throughput (median of the rounds)",
+        "write size",
+        "GB/s",
+        0.0..hi * 1.1,
+        SeriesLabelPosition::UpperLeft,
+    )?;
+    root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+/// The smallest and largest positive median of `rows`.
+fn y_extent(rows: &[&Row]) -> Result<(f64, f64)> {
+    let (lo, hi) = rows
+        .iter()
+        .flat_map(|r| r.cells.iter().map(Cell::median))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    ensure!(hi > 0.0, "nothing to plot");
+    Ok((lo, hi))
+}
+
+/// One chart: x is log2 of the size (a tick per power of two), y as given.
+fn panel<DB, Y>(
+    area: &plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[&Row],
+    caption: &str,
+    xdesc: &str,
+    ydesc: &str,
+    y: Y,
+    legend: plotters::chart::SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: plotters::prelude::DrawingBackend,
+    DB::ErrorType: 'static,
+    Y: plotters::coord::ranged1d::AsRangedCoord<Value = f64>,
+    Y::CoordDescType: plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    use plotters::prelude::*;
+    let colors = [BLACK, RGBColor(0, 150, 70), RED, BLUE];
+    let xs: Vec<f64> = rows.iter().map(|r| (r.size as f64).log2()).collect();
+    let (x0, x1) = (xs[0], xs[xs.len() - 1]);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0 - 0.3..x1 + 0.3, y)
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_labels(xs.len())
+        .x_desc(xdesc)
+        .y_desc(ydesc)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .x_label_formatter(&|k| {
+            let v = 2f64.powf(*k);
+            if v >= 1024.0 {
+                format!("{:.0}K", v / 1024.0)
+            } else {
+                format!("{v:.0}")
+            }
+        })
+        // Shortest decimal form of the tick, to 3 decimals.
+        .y_label_formatter(&|v| format!("{}", (v * 1000.0).round() / 1000.0))
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    for (ti, t) in TRANSPORTS.iter().enumerate() {
+        let color = colors[ti];
+        let pts: Vec<(f64, f64)> = xs
+            .iter()
+            .zip(rows)
+            .map(|(&x, r)| (x, r.cells[ti].median()))
+            .filter(|(_, y)| y.is_finite() && *y > 0.0)
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow!("plot: {e}"))?
+            .label(t.title())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))?;
     Ok(())
 }

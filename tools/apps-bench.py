@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Real programs with and without ssock, interleaved in one run.
 
-usage: tools/apps-bench.py [--rounds N] [--markdown]   (after cargo build --release)
+usage: tools/apps-bench.py [--rounds N] [--markdown] [--json-out FILE]
+       (after cargo build --release)
 
 Each round runs every benchmark twice, once as plain programs on kernel TCP
 and once with server and client both under ssock-run (a private devd), and
@@ -13,7 +14,8 @@ records the programs' own figures:
   the same with SSOCK_SPIN_US=0 on both sides (every wait sleeps at once)
   iperf3 -t 3                                 receiver Gbit/s
 
-and checks through devd's statistics that the ssock runs went Direct (a run
+plus an idle connected pair's CPU time over 2 s, and checks through
+devd's statistics that the ssock runs went Direct (a run
 that fell back to kernel TCP aborts the benchmark). Prints medians with
 [min-max] and the ratio ssock/kernel."""
 
@@ -28,7 +30,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REL = os.path.join(ROOT, "target", "release")
+REL = os.path.join(os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
+                   if not os.path.isabs(os.environ.get("CARGO_TARGET_DIR", "target"))
+                   else os.environ["CARGO_TARGET_DIR"], "release")
 
 
 def free_port():
@@ -168,11 +172,52 @@ def iperf3(devd):
         stop(srv)
 
 
+IDLE_PY = r"""
+import resource, socket, sys, time
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+if sys.argv[1] == "server":
+    ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+    print(ls.getsockname()[1], flush=True)
+    a, _ = ls.accept(); a.sendall(a.recv(1))
+    t0 = cpu(); b = a.recv(1); t1 = cpu()
+    print(f"{(t1 - t0) * 1000:.3f}", flush=True)
+else:
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    c.sendall(b"x"); c.recv(1)
+    t0 = cpu(); time.sleep(float(sys.argv[3])); t1 = cpu()
+    c.sendall(b"y")
+    print(f"{(t1 - t0) * 1000:.3f}", flush=True)
+"""
+
+
+def idle(devd):
+    """An idle connected pair: CPU milliseconds both processes used while
+    the client slept 2 s and the server waited in recv (after the spin
+    budget, a wait must sleep)."""
+    srv = subprocess.Popen(wrap(devd, [sys.executable, "-c", IDLE_PY, "server"]),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        port = srv.stdout.readline().strip()
+        cli = run(devd, [sys.executable, "-c", IDLE_PY, "client", port, "2"])
+        server_ms = float(srv.stdout.readline().strip())
+        srv.wait(10)
+        return {"idle pair, CPU ms in 2 s": server_ms + float(cli.strip())}
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+
+
 def main():
     rounds = 3
     markdown = "--markdown" in sys.argv
     if "--rounds" in sys.argv:
         rounds = int(sys.argv[sys.argv.index("--rounds") + 1])
+    json_out = None
+    if "--json-out" in sys.argv:
+        json_out = sys.argv[sys.argv.index("--json-out") + 1]
     for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3"):
         if shutil.which(prog) is None:
             raise SystemExit(f"{prog} is not installed (apt-get install redis-server "
@@ -182,7 +227,7 @@ def main():
     results = {}
     try:
         for r in range(rounds):
-            for bench in (redis, sockperf, sockperf_nospin, iperf3):
+            for bench in (redis, sockperf, sockperf_nospin, iperf3, idle):
                 for mode in ("kernel", "ssock"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)
@@ -199,12 +244,15 @@ def main():
     finally:
         devd.stop()
         shutil.rmtree(d, ignore_errors=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"rounds": rounds, "results": results}, f, indent=1)
     rows = []
     for k, by in results.items():
         kern, ss = by["kernel"], by["ssock"]
         mk, ms = statistics.median(kern), statistics.median(ss)
         fmt = (lambda v: f"{v:,.0f}") if "req/s" in k else (lambda v: f"{v:.2f}")
-        ratio = ms / mk
+        ratio = ms / mk if mk else float("nan")
         rows.append((k, f"{fmt(mk)} [{fmt(min(kern))}-{fmt(max(kern))}]",
                      f"{fmt(ms)} [{fmt(min(ss))}-{fmt(max(ss))}]", f"{ratio:.2f}x"))
     if markdown:

@@ -47,11 +47,13 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str =
     "usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
-                   [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
+                   [--raw] [--json-out FILE] [--plot FILE.png] [--no-pin]
+                   [--devd private|existing]
   --rounds N      rounds, each runs every test on every transport (default 5)
   --quick         about 1/20 of the work per test (CI)
   --clients N     connections of the hot-spot and multi-stream tests (default 8)
   --json          print JSON (per-round values, medians, p99, min, max, ratios)
+  --json-out FILE also write that JSON to FILE, whatever is printed
   --csv           print CSV, one row per test, size and transport
   --markdown      print the report as Markdown tables (docs/performance.md)
   --raw           with --json: also every per-message latency sample
@@ -1007,6 +1009,8 @@ struct Args {
     markdown: bool,
     raw: bool,
     plot: Option<PathBuf>,
+    /// Also write the JSON report (without raw samples) to this file.
+    json_out: Option<PathBuf>,
     pin: bool,
     devd: String,
 }
@@ -1022,6 +1026,7 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         raw: false,
         plot: None,
         pin: true,
+        json_out: None,
         devd: "private".into(),
     };
     let mut it = args.iter();
@@ -1036,6 +1041,7 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
             "--raw" => a.raw = true,
             "--no-pin" => a.pin = false,
             "--plot" => a.plot = Some(it.next().context("--plot FILE.png")?.into()),
+            "--json-out" => a.json_out = Some(it.next().context("--json-out FILE")?.into()),
             "--devd" => a.devd = it.next().context("--devd private|existing")?.clone(),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -1155,6 +1161,10 @@ fn bench(args: &[String]) -> Result<()> {
         print!("{}", to_csv(&run));
     } else {
         print!("{}", to_report(&run, a.markdown));
+    }
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&to_json(&run, false))?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.plot {
         plot(p, &run)?;

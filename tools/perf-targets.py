@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""The part-3 targets table, computed from one run's JSON files.
+
+usage: tools/perf-targets.py BENCH.json APPS.json
+
+BENCH.json is `ssock-bench --json-out`, APPS.json `tools/apps-bench.py
+--json-out`, both from the same run (tools/perf-report.sh makes them).
+Prints a Markdown table: each target, the kernel's figure, ssock's, the
+ratio, and whether the target is met. Nothing here is typed in by hand but
+the targets themselves."""
+
+import json
+import statistics
+import sys
+
+
+def bench_cell(bench, test, transport="direct"):
+    for r in bench["results"]:
+        if r["test"] == test and r["family"] != "cpu":
+            by = {t["transport"]: t for t in r["transports"]}
+            return by["kernel"]["median"], by[transport]["median"]
+    raise SystemExit(f"{test} is not in the ssock-bench JSON")
+
+
+def apps_cell(apps, key):
+    by = apps["results"][key]
+    return statistics.median(by["kernel"]), statistics.median(by["ssock"])
+
+
+def main():
+    bench = json.load(open(sys.argv[1]))
+    apps = json.load(open(sys.argv[2]))
+    rows = []
+
+    def add(what, target, unit, kernel, ssock, ratio, met):
+        rows.append((what, target, f"{kernel:,.2f} {unit}", f"{ssock:,.2f} {unit}", ratio,
+                     "yes" if met else "**no**"))
+
+    k, s = apps_cell(apps, "sockperf ping-pong 14 B (us)")
+    add("sockperf TCP ping-pong 14 B, half round trip", "at least 20x lower", "us", k, s,
+        f"{k / s:.1f}x lower", k / s >= 20)
+    k, s = apps_cell(apps, "sockperf 14 B, SSOCK_SPIN_US=0 (us)")
+    add("the same with SSOCK_SPIN_US=0 on both sides", "at most 0.7x kernel", "us", k, s,
+        f"{s / k:.2f}x", s / k <= 0.7)
+    k, s = apps_cell(apps, "iperf3 -t 3 (Gbit/s)")
+    add("iperf3 -t 3 throughput", "at least 2.5x", "Gbit/s", k, s, f"{s / k:.2f}x", s / k >= 2.5)
+    k, s = bench_cell(bench, "stream 64 KiB writes")
+    add("ssock-bench streaming, 64 KiB writes", "at least 2.5x", "GB/s", k, s, f"{s / k:.2f}x",
+        s / k >= 2.5)
+    k, s = apps_cell(apps, "redis GET -c 1 (req/s)")
+    add("redis-benchmark GET -c 1", "at least 2x", "req/s", k, s, f"{s / k:.2f}x", s / k >= 2)
+    k, s = apps_cell(apps, "redis GET -c 50 -P 16 (req/s)")
+    add("redis-benchmark GET -c 50 -P 16", "at least 1.3x", "req/s", k, s, f"{s / k:.2f}x",
+        s / k >= 1.3)
+    k, s = apps_cell(apps, "idle pair, CPU ms in 2 s")
+    # "No CPU at all": under 1% of one core over the 2 s (20 ms), which is
+    # what process start-up noise and the spin budget can leave.
+    add("idle connected pair (CPU of both processes over 2 s)", "no busy loop (< 20 ms)", "ms",
+        k, s, "-", s < 20)
+    k, s = bench_cell(bench, "setup: connect, 1 B each way, close")
+    add("connection setup: connect, 1 B exchange, close", "at least 0.5x", "k conn/s", k, s,
+        f"{s / k:.2f}x", s / k >= 0.5)
+    print("| what | target | kernel TCP | ssock | ratio | met |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

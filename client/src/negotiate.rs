@@ -40,7 +40,7 @@ pub enum Accepted {
 }
 
 /// Records a fallback decided on this side in devd's totals.
-pub(crate) fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
+pub fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
     if let Some(s) = session {
         let _ = s.request(&Request::Fallback { reason }, &[]);
     }

@@ -221,6 +221,22 @@ fn echo_mode_is_direct(mode: &str) -> Result<()> {
 }
 
 #[test]
+fn splice_on_an_accelerated_socket_is_refused_and_counted() -> Result<()> {
+    // EINVAL (programs fall back to read/write), the stream intact (the
+    // echo after it is verified), and the refusal counted as unsupported.
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let conn = echo_pair(&d, false, false, &[("ECHO_MODE", "splice")])?
+        .context("no accelerated connection")?;
+    direct_with_every_byte(&conn)?;
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["fallbacks"]["unsupported"] == 1, "totals {t}");
+    Ok(())
+}
+
+#[test]
 fn select_reports_ring_readiness_of_accelerated_sockets() -> Result<()> {
     // select.select before every send and receive; a miss times out (10 s).
     echo_mode_is_direct("select")

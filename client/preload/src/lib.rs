@@ -1648,6 +1648,11 @@ pub unsafe extern "C" fn splice(
     enter(
         || {
             if table::get(fd_in).is_some() || table::get(fd_out).is_some() {
+                // Counted in devd's totals (ringstat: unsupported).
+                ssock_client::negotiate::report(
+                    ssock_client::Session::global().as_ref(),
+                    ssock_client::FallbackReason::Unsupported,
+                );
                 fail(libc::EINVAL)
             } else {
                 real()

@@ -451,14 +451,25 @@ impl Sock {
         }
     }
 
-    /// The spin budget for waits on this socket.
+    /// The spin budget for waits on this socket (none while the HelloAck
+    /// is awaited: it arrives on the kernel socket, which a waiter sleeps on).
     pub fn spin(&self) -> Duration {
-        self.spin
+        if matches!(self.state, State::AwaitAck(_)) {
+            Duration::ZERO
+        } else {
+            self.spin
+        }
     }
 
     /// Readiness for poll and friends (the kernel socket's, once the
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
+        if !check_peer && matches!(self.state, State::AwaitAck(_)) {
+            // The HelloAck arrives on the kernel socket: looking costs a
+            // syscall, so not in a spin loop (only when a waiter is about
+            // to sleep, or was woken by that socket).
+            return Ready::default();
+        }
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
         match self.up(fd) {

@@ -86,6 +86,11 @@ pub struct Consumer {
 /// on a 1 MiB ring took 2.3 us instead of 0.3).
 const REBASE_SPAN: u64 = 16 * 1024;
 
+/// No stream reaches this position (4 EiB): a larger own position read back
+/// from the region was written by somebody else, and adding to it could
+/// overflow.
+const MAX_POSITION: u64 = 1 << 62;
+
 fn copy_in(map: &Mapping, data: usize, cap: u64, pos: u64, src: &[u8]) {
     let off = idx(pos % cap);
     let first = src.len().min(idx(cap) - off);
@@ -173,6 +178,9 @@ impl Producer {
         // hand the end over through fork, exec or a socket, which order it.
         let h = self.map.u64_at(self.o.head).load(Ordering::Relaxed);
         if h != self.head {
+            if h >= MAX_POSITION {
+                return Err(Violation("own head beyond any stream's length"));
+            }
             self.refresh_tail_upto(h)?;
             self.head = h;
             self.base = self.map.u64_at(self.o.base).load(Ordering::Relaxed);
@@ -203,7 +211,7 @@ impl Producer {
             return Ok(0);
         }
         if self.head >= self.rebase_at && self.head != self.base {
-            self.rebase_at = self.head + REBASE_SPAN;
+            self.rebase_at = self.head.saturating_add(REBASE_SPAN);
             self.refresh_tail()?;
             if self.tail_seen == self.head {
                 // Empty: the consumer reads nothing until the head store
@@ -374,6 +382,9 @@ impl Consumer {
         // Relaxed: as in Producer::resync.
         let t = self.map.u64_at(self.o.tail).load(Ordering::Relaxed);
         if t != self.tail {
+            if t >= MAX_POSITION {
+                return Err(Violation("own tail beyond any stream's length"));
+            }
             let h = self.map.u64_at(self.o.head).load(Ordering::Acquire);
             if t > h || h - t > self.cap {
                 return Err(Violation("own tail out of the ring's bounds"));

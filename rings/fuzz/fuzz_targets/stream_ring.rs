@@ -24,8 +24,12 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; 4096];
     for op in data.chunks(9) {
         let v = op.get(1..9).map(|b| u64::from_le_bytes(b.try_into().unwrap())).unwrap_or(0);
-        match op[0] % 8 {
-            // The peer scribbles over the words it owns (and ours).
+        match op[0] % 11 {
+            // The peer scribbles over the words it owns (and ours, which
+            // our ends re-read to follow a sibling process).
+            8 => map.u64_at(l.dir(1).base).store(v, Ordering::Relaxed),
+            9 => map.u64_at(l.dir(0).head).store(v, Ordering::Relaxed),
+            10 => map.u64_at(l.dir(1).tail).store(v, Ordering::Relaxed),
             0 => map.u64_at(l.dir(0).tail).store(v, Ordering::Relaxed),
             1 => map.u64_at(l.dir(1).head).store(v, Ordering::Relaxed),
             2 => map.u32_at(l.dir(1).flags).store(v as u32, Ordering::Relaxed),

@@ -15,23 +15,35 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 /// Whether this process has more runnable threads than there are CPUs:
 /// spinning then only takes a core from a thread of ours that has work (a
 /// third spinner on two cores costs milliseconds). Looked at most every
-/// 10 ms per thread: /proc/self/stat's thread count (one small read), and
+/// 10 ms per process: /proc/self/stat's thread count (one small read), and
 /// only when that exceeds the CPUs, each thread's state.
 fn overloaded() -> bool {
-    use std::cell::Cell;
-    thread_local! {
-        static LAST: Cell<Option<(Instant, bool)>> = const { Cell::new(None) };
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    // One sample for the whole process (a per-thread one would make every
+    // thread of a busy many-threaded process scan all threads' states).
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    static SAMPLED_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+    static VALUE: AtomicBool = AtomicBool::new(false);
+    let now_ms = u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis())
+        .unwrap_or(u64::MAX - 1);
+    let last = SAMPLED_MS.load(Ordering::Relaxed);
+    if last != u64::MAX && now_ms.saturating_sub(last) < 10 {
+        return VALUE.load(Ordering::Relaxed);
     }
-    let now = Instant::now();
-    LAST.try_with(|c| match c.get() {
-        Some((t, v)) if now.duration_since(t) < Duration::from_millis(10) => v,
-        _ => {
-            let v = runnable_threads_exceed_cpus();
-            c.set(Some((now, v)));
-            v
-        }
-    })
-    .unwrap_or(false)
+    // One thread refreshes; the others use the previous value meanwhile.
+    if SAMPLED_MS
+        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+    {
+        VALUE.store(runnable_threads_exceed_cpus(), Ordering::Relaxed);
+    }
+    VALUE.load(Ordering::Relaxed)
+}
+
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// The fields of a /proc stat line after the command name: [0] is the
@@ -43,7 +55,7 @@ fn stat_fields(path: &str) -> Option<Vec<String>> {
 }
 
 fn runnable_threads_exceed_cpus() -> bool {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let cpus = cpus();
     let threads = stat_fields("/proc/self/stat")
         .and_then(|f| f.get(17)?.parse::<usize>().ok())
         .unwrap_or(1);

@@ -281,6 +281,17 @@ impl Producer {
 
     /// Announces that this side will sleep until space frees up. Returns
     /// false (and stays awake) if space is already there.
+    /// Announces a sleep until the consumer takes bytes, whatever the ring
+    /// holds now (the caller re-checks what it waits for afterwards).
+    pub fn arm_always(&mut self) {
+        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.map
+            .u32_at(self.o.prod_wait)
+            .store(self.epoch, Ordering::Relaxed);
+        // SeqCst fence: as in `arm`.
+        fence(Ordering::SeqCst);
+    }
+
     pub fn arm(&mut self) -> Result<bool, Violation> {
         self.epoch = self.epoch.wrapping_add(2) | 1;
         self.map
@@ -468,6 +479,17 @@ impl Consumer {
 
     /// Announces that this side will sleep until data or a mark arrives.
     /// Returns false (and stays awake) if something is already there.
+    /// Announces a sleep until more data or a mark arrives, whatever the
+    /// ring holds now (the caller re-checks what it waits for afterwards).
+    pub fn arm_always(&mut self) {
+        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.map
+            .u32_at(self.o.cons_wait)
+            .store(self.epoch, Ordering::Relaxed);
+        // SeqCst fence: as in `arm`.
+        fence(Ordering::SeqCst);
+    }
+
     pub fn arm(&mut self) -> Result<bool, Violation> {
         self.epoch = self.epoch.wrapping_add(2) | 1;
         self.map

@@ -197,6 +197,34 @@ def case_epoll_edges():
     a.close()
 
 
+def cpu_seconds():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def case_epoll_waits_sleep():
+    """An edge-triggered wait with nothing new to report, and a poll for
+    RDHUP alone with unread data, must sleep through their timeout, not
+    spin: printed as whether the wait used under a fifth of its time."""
+    c, a = pair()
+    a.setblocking(False)
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+    c.sendall(b"unread")
+    say("et first:", events(ep, 5))
+    t = cpu_seconds()
+    say("et idle wait:", events(ep, 1.0), "slept:", cpu_seconds() - t < 0.2)
+    p = select.poll()
+    p.register(a.fileno(), select.POLLRDHUP)
+    t = cpu_seconds()
+    say("rdhup-only poll:", p.poll(1000), "slept:", cpu_seconds() - t < 0.2)
+    say("then read:", a.recv(10))
+    ep.close()
+    c.close()
+    a.close()
+
+
 def case_nested_epoll():
     c, a = pair()
     inner = select.epoll()
@@ -430,7 +458,7 @@ def case_fionread():
 
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
-         case_nonblocking_connect, case_refused, case_epoll_edges, case_nested_epoll,
+         case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
          case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread]

@@ -14,7 +14,7 @@
 
 use crate::boundary::borrow;
 use crate::table;
-use crate::wait::{self, Obj};
+use crate::wait::{self, Armed, Obj};
 use libc::{c_int, epoll_event};
 use ssock_client::transport::Ready;
 use ssock_rings::sys::EventFd;
@@ -326,42 +326,35 @@ impl Set {
         }
     }
 
-    /// Arms every member for a sleep; the fds to sleep on (the epoll fd
-    /// and the control bell first), or None if something became ready.
-    pub fn arm(&self, epfd: c_int) -> Option<Vec<(c_int, i16)>> {
+    /// Arms every member for a sleep: the fds to sleep on (the epoll fd
+    /// and the control bell first) and what was armed, for `disarm`. The
+    /// caller re-checks what would be reported after arming, before
+    /// sleeping.
+    pub fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
         let i = self.lock();
         let mut fds = vec![
             (epfd, libc::POLLIN),
             (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
         ];
-        for (k, m) in i.members.iter().enumerate() {
-            if m.disabled {
-                continue;
-            }
+        let mut armed = Vec::with_capacity(i.members.len());
+        for m in i.members.iter().filter(|m| !m.disabled) {
             // SAFETY: as in `collect`.
-            match m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
-                Some(f) => fds.extend(f),
-                None => {
-                    for m in &i.members[..k] {
-                        if !m.disabled {
-                            m.obj.disarm(m.read(), m.write());
-                        }
-                    }
-                    return None;
-                }
+            // None: broken for good; nothing will change there, and what it
+            // reports was (or is being) collected.
+            if let Some((f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
+                fds.extend(f);
+                armed.push(undo);
             }
         }
         self.sleepers.fetch_add(1, Ordering::SeqCst);
-        Some(fds)
+        (fds, armed)
     }
 
-    /// Ends a sleep prepared by `arm`.
-    pub fn disarm(&self) {
-        let i = self.lock();
-        for m in &i.members {
-            if !m.disabled {
-                m.obj.disarm(m.read(), m.write());
-            }
+    /// Ends a sleep prepared by `arm`: undoes exactly what it armed (the
+    /// registrations may have changed meanwhile).
+    pub fn disarm(&self, armed: Vec<Armed>) {
+        for a in armed {
+            a.disarm();
         }
         if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.bell.drain();
@@ -418,6 +411,13 @@ pub fn ctl(
         }
         None => return Ok(real()),
     };
+    // Loop check first, without holding this set's lock (it locks the
+    // nested sets; holding ours meanwhile could deadlock against a waiter).
+    if let Some(Obj::Set(_, inner)) = &obj {
+        if op == libc::EPOLL_CTL_ADD && fd != epfd && reaches(inner, &set, 0) {
+            return Err(libc::ELOOP);
+        }
+    }
     let mut i = set.lock();
     let shim_member = i.members.iter().position(|m| m.fd == fd);
     let Some(obj) = obj else {
@@ -441,11 +441,7 @@ pub fn ctl(
     if fd == epfd {
         return Err(libc::EINVAL);
     }
-    if let Obj::Set(_, inner) = &obj {
-        if op == libc::EPOLL_CTL_ADD && reaches(inner, &set, 0) {
-            return Err(libc::ELOOP);
-        }
-    }
+
     // SAFETY: for ADD/MOD, ev is the caller's epoll_event (epoll_ctl(2)).
     let want = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
     match op {
@@ -540,7 +536,13 @@ pub fn wait(
         if n > 0 {
             return count(n);
         }
-        let Some(fds) = set.arm(epfd) else { continue };
+        let (fds, armed) = set.arm(epfd);
+        // Armed: anything reportable that was there already, or arrived
+        // before the wait words were set, is seen here (no syscall).
+        if set.any_ready(false) {
+            set.disarm(armed);
+            continue;
+        }
         let mut pfds: Vec<libc::pollfd> = fds
             .into_iter()
             .map(|(fd, events)| libc::pollfd {
@@ -554,7 +556,7 @@ pub fn wait(
             deadline.map(|d| d.saturating_duration_since(Instant::now())),
         );
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        set.disarm();
+        set.disarm(armed);
         if r < 0 {
             crate::boundary::set_errno(errno);
             return -1;

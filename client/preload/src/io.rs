@@ -160,7 +160,15 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
                 std::thread::sleep(std::time::Duration::from_micros(20));
                 continue;
             }
-            s.send_now(fd, &buf[off..])
+            let r = s.send_now(fd, &buf[off..]);
+            // A send that will have to wait takes the turn in the same
+            // critical section as its partial write: nobody slips in.
+            let partial = matches!(r, Ok(n) if off + n < buf.len()) || r == Err(libc::EAGAIN);
+            if partial && !nonblocking && !turn.1 {
+                s.send_busy = true;
+                turn.1 = true;
+            }
+            r
         };
         match r {
             Ok(n) => {
@@ -182,10 +190,6 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
         }
         if nonblocking {
             return if off > 0 { Ok(off) } else { Err(libc::EAGAIN) };
-        }
-        if !turn.1 {
-            lock(e).send_busy = true;
-            turn.1 = true;
         }
         if let Err(x) = wait_for(e, fd, libc::POLLOUT, libc::SO_SNDTIMEO) {
             return if off > 0 { Ok(off) } else { Err(x) };

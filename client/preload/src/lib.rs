@@ -1007,7 +1007,13 @@ unsafe fn rights(msg: *const libc::msghdr) -> Vec<c_int> {
             if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c);
                 let head = data.offset_from(c.cast::<u8>()).unsigned_abs();
-                let n = h.cmsg_len.saturating_sub(head) / std::mem::size_of::<c_int>();
+                // Within the control buffer, whatever cmsg_len claims.
+                let start = c
+                    .cast::<u8>()
+                    .offset_from(m.msg_control.cast::<u8>())
+                    .unsigned_abs();
+                let len = h.cmsg_len.min(m.msg_controllen.saturating_sub(start));
+                let n = len.saturating_sub(head) / std::mem::size_of::<c_int>();
                 for i in 0..n {
                     fds.push(data.cast::<c_int>().add(i).read_unaligned());
                 }
@@ -1295,6 +1301,14 @@ fn sendfile_via_ring(
     let mut total = 0;
     // SAFETY: offset is null or the caller's off_t (sendfile(2)).
     let mut pos = unsafe { offset.as_ref() }.copied();
+    // Whatever ends the call, the caller's offset says what was sent.
+    let done = |pos: Option<libc::off_t>, r: Result<usize, i32>| {
+        if let (Some(p), false, Ok(_)) = (pos, offset.is_null(), &r) {
+            // SAFETY: offset is the caller's off_t (checked non-null).
+            unsafe { *offset = p };
+        }
+        r
+    };
     while total < count {
         let want = buf.len().min(count - total);
         // SAFETY: buf is ours with `want` bytes of room; input is the
@@ -1309,7 +1323,7 @@ fn sendfile_via_ring(
             let e = std::io::Error::last_os_error()
                 .raw_os_error()
                 .unwrap_or(libc::EIO);
-            return if total > 0 { Ok(total) } else { Err(e) };
+            return done(pos, if total > 0 { Ok(total) } else { Err(e) });
         };
         if k == 0 {
             break;
@@ -1324,7 +1338,7 @@ fn sendfile_via_ring(
                     // SAFETY: plain lseek on the caller's fd.
                     unsafe { libc::lseek(input, -back, libc::SEEK_CUR) };
                 }
-                return if total > 0 { Ok(total) } else { Err(e) };
+                return done(pos, if total > 0 { Ok(total) } else { Err(e) });
             }
         };
         total += sent;
@@ -1340,11 +1354,7 @@ fn sendfile_via_ring(
             break;
         }
     }
-    if let (Some(p), false) = (pos, offset.is_null()) {
-        // SAFETY: offset is the caller's off_t (checked non-null).
-        unsafe { *offset = p };
-    }
-    Ok(total)
+    done(pos, Ok(total))
 }
 
 /// sendfile(2).

@@ -486,14 +486,21 @@ impl Sock {
         }
     }
 
-    /// Arms for a sleep; the fds to sleep on, or None if already ready.
-    pub fn arm(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(i32, i16)>> {
+    /// Arms for a sleep: the fds to sleep on, and whether the transport's
+    /// rings were armed (then `disarm` must follow); None if broken (ready).
+    /// The caller re-checks readiness after arming, before sleeping.
+    pub fn arm(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<(Vec<(i32, i16)>, bool)> {
         let ctx = self.ctx(fd);
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         match self.up(fd) {
-            Ok(t) => t.arm(&ctx, read, write),
+            Ok(t) => t.arm(&ctx, read, write).map(|f| (f, true)),
             // The HelloAck arrives on the kernel socket.
-            Err(libc::EAGAIN) => Some(vec![(raw, libc::POLLIN | libc::POLLRDHUP)]),
+            Err(libc::EAGAIN) => Some((vec![(raw, libc::POLLIN | libc::POLLRDHUP)], false)),
             Err(_) => {
                 let mut ev = 0;
                 if read {
@@ -502,7 +509,7 @@ impl Sock {
                 if write {
                     ev |= libc::POLLOUT;
                 }
-                Some(vec![(raw, ev)])
+                Some((vec![(raw, ev)], false))
             }
         }
     }

@@ -27,6 +27,25 @@ pub enum Obj {
     Set(c_int, Arc<epoll::Set>),
 }
 
+/// What one `Obj::arm` armed, to be undone exactly (another thread may have
+/// changed the registrations meanwhile).
+pub enum Armed {
+    Nothing,
+    Sock(Entry, bool, bool),
+    Set(Arc<epoll::Set>, Vec<Armed>),
+}
+
+impl Armed {
+    /// Ends the sleep this arming prepared.
+    pub fn disarm(self) {
+        match self {
+            Armed::Nothing => {}
+            Armed::Sock(s, read, write) => lock(&s).disarm(read, write),
+            Armed::Set(s, members) => s.disarm(members),
+        }
+    }
+}
+
 impl Obj {
     /// The shim's object behind `fd`, if any.
     pub fn lookup(fd: c_int) -> Option<Obj> {
@@ -45,20 +64,30 @@ impl Obj {
         }
     }
 
-    pub fn arm(&self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Vec<(c_int, i16)>> {
+    /// Arms for a sleep (see `Sock::arm`): the fds to sleep on and what to
+    /// undo afterwards (exactly what was armed); None: ready now.
+    pub fn arm(
+        &self,
+        fd: BorrowedFd<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<(Vec<(c_int, i16)>, Armed)> {
         match self {
-            Obj::Sock(s) => lock(s).arm(fd, read, write),
-            Obj::Set(epfd, s) if read => s.arm(*epfd),
+            Obj::Sock(s) => {
+                let (fds, armed) = lock(s).arm(fd, read, write)?;
+                let undo = if armed {
+                    Armed::Sock(s.clone(), read, write)
+                } else {
+                    Armed::Nothing
+                };
+                Some((fds, undo))
+            }
+            Obj::Set(epfd, s) if read => {
+                let (fds, members) = s.arm(*epfd);
+                Some((fds, Armed::Set(s.clone(), members)))
+            }
             // An epoll instance is never writable: nothing to wait for.
-            Obj::Set(..) => Some(Vec::new()),
-        }
-    }
-
-    pub fn disarm(&self, read: bool, write: bool) {
-        match self {
-            Obj::Sock(s) => lock(s).disarm(read, write),
-            Obj::Set(_, s) if read => s.disarm(),
-            Obj::Set(..) => {}
+            Obj::Set(..) => Some((Vec::new(), Armed::Nothing)),
         }
     }
 
@@ -211,7 +240,7 @@ pub fn poll(
             return n;
         }
         let mut set: Vec<pollfd> = Vec::new();
-        let mut armed: Vec<(&Obj, bool, bool)> = Vec::new();
+        let mut armed: Vec<Armed> = Vec::new();
         let mut ready_meanwhile = false;
         for (p, s) in pfds.iter().zip(socks) {
             match s {
@@ -226,8 +255,8 @@ pub fn poll(
                     let write = p.events & (libc::POLLOUT | libc::POLLWRNORM) != 0;
                     // SAFETY: as in `scan`.
                     match s.arm(unsafe { borrow(p.fd) }, read, write) {
-                        Some(fds) => {
-                            armed.push((s, read, write));
+                        Some((fds, undo)) => {
+                            armed.push(undo);
                             set.extend(fds.into_iter().map(|(fd, events)| pollfd {
                                 fd,
                                 events,
@@ -249,7 +278,9 @@ pub fn poll(
                 }
             }
         }
-        let r = if ready_meanwhile {
+        // Armed: what was reportable already, or arrived before the wait
+        // words were set, is seen here (the ring side is no syscall).
+        let r = if ready_meanwhile || scan(pfds, socks, false, real_poll) > 0 {
             0
         } else {
             sleep(
@@ -258,8 +289,8 @@ pub fn poll(
             )
         };
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        for (s, read, write) in armed {
-            s.disarm(read, write);
+        for a in armed {
+            a.disarm();
         }
         if r < 0 {
             crate::boundary::set_errno(errno);

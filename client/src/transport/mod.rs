@@ -128,10 +128,12 @@ pub trait Transport: Send + std::fmt::Debug {
             ..Ready::default()
         }
     }
-    /// Prepares to sleep until the wanted readiness may have changed: arms
-    /// the rings' wait words and returns the fds (and poll events) whose
-    /// readiness wakes this side. None: something became ready meanwhile,
-    /// do not sleep (and nothing stays armed).
+    /// Prepares to sleep until the wanted readiness may change: arms the
+    /// rings' wait words, whatever they hold now (an edge-triggered waiter
+    /// sleeps on data it has been told about), and returns the fds (and
+    /// poll events) whose readiness wakes this side. The caller re-checks
+    /// what it waits for after arming, before sleeping. None: broken,
+    /// nothing to sleep on (and nothing stays armed).
     fn arm(
         &mut self,
         ctx: &Ctx<'_>,

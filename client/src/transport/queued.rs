@@ -307,11 +307,13 @@ impl Transport for Queued {
         if self.broken {
             return None;
         }
-        if read && (!self.rx.arm() || self.rx_flags() != 0 || self.rx_cur.is_some()) {
-            return None;
+        // used_event set in both queues; what is there already is the
+        // caller's to re-check.
+        if read {
+            self.rx.arm();
         }
-        if write && (!self.tx.arm() || !self.free_tx.is_empty()) {
-            return None;
+        if write {
+            self.tx.arm();
         }
         if read || write {
             self.sleepers += 1;

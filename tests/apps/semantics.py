@@ -324,6 +324,22 @@ def case_exec():
     c.close()
 
 
+def case_exec_two_fds():
+    """inetd style: the new program gets the socket on two fds, closes one
+    and goes on with the other."""
+    c, a = pair()
+    d = os.dup(a.fileno())
+    child = subprocess.Popen([sys.executable, __file__, "exec-two", str(a.fileno()), str(d)],
+                             pass_fds=[a.fileno(), d])
+    a.close()
+    os.close(d)
+    say("exec two fds: client reads", recv_exactly(c, 9))
+    c.sendall(b"ping")
+    say("exec two fds: reply", recv_exactly(c, 4), "then", c.recv(10))
+    say("exec two fds: child status", child.wait())
+    c.close()
+
+
 def case_posix_spawn():
     c, a = pair()
     a.set_inheritable(True)
@@ -459,11 +475,15 @@ def case_fionread():
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
-         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec,
+         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread]
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3 and sys.argv[1] == "exec-two":
+        os.close(int(sys.argv[2]))
+        exec_child(int(sys.argv[3]))
+        sys.exit(0)
     if len(sys.argv) > 2 and sys.argv[1] == "exec-child":
         exec_child(int(sys.argv[2]))
         sys.exit(0)

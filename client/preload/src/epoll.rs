@@ -18,9 +18,10 @@ use crate::wait::{self, Armed, Obj};
 use libc::{c_int, epoll_event};
 use ssock_client::transport::Ready;
 use ssock_rings::sys::EventFd;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 const EPOLLIN: u32 = libc::EPOLLIN as u32;
@@ -105,7 +106,60 @@ pub struct Set {
 }
 
 static ANY: AtomicBool = AtomicBool::new(false);
-static SETS: RwLock<Option<HashMap<c_int, Arc<Set>>>> = RwLock::new(None);
+static SETS: RwLock<Sets> = RwLock::new(None);
+
+type Sets = Option<HashMap<c_int, Arc<Set>>>;
+
+/// The locks held across a fork (see `before_fork`).
+type ForkHeld = (
+    Option<RwLockWriteGuard<'static, Sets>>,
+    Vec<MutexGuard<'static, Inner>>,
+    Vec<Arc<Set>>,
+);
+
+thread_local! {
+    static FORK_HELD: RefCell<ForkHeld> = const { RefCell::new((None, Vec::new(), Vec::new())) };
+}
+
+/// In the prepare handler, before the sockets are locked (the order every
+/// path takes: sets table, a set, its sockets): the table of sets and
+/// every set stay locked across the fork, so the child inherits none of
+/// them held by a thread it does not have.
+pub fn before_fork() {
+    let table = SETS.write().unwrap_or_else(|p| p.into_inner());
+    let mut sets: Vec<Arc<Set>> = Vec::new();
+    for s in table.as_ref().into_iter().flat_map(HashMap::values) {
+        if !sets.iter().any(|x| Arc::ptr_eq(x, s)) {
+            sets.push(s.clone());
+        }
+    }
+    let guards = sets
+        .iter()
+        .map(|s| {
+            // SAFETY: the set lives in `sets`, kept in the same thread-local
+            // until after its guard is dropped (`after_fork`).
+            let m: &'static Mutex<Inner> = unsafe { &*std::ptr::from_ref(&s.inner) };
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        })
+        .collect();
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = (Some(table), guards, sets));
+}
+
+/// After fork, in both processes: unlocks what `before_fork` locked. In the
+/// child the set references are let go of without dropping (dropping the
+/// last one could close a socket the parent still uses).
+pub fn after_fork(child: bool) {
+    let _ = FORK_HELD.try_with(|h| {
+        let (table, guards, sets) = std::mem::take(&mut *h.borrow_mut());
+        drop(guards);
+        if child {
+            std::mem::forget(sets);
+        } else {
+            drop(sets);
+        }
+        drop(table);
+    });
+}
 
 /// The shim's state of epoll instance `epfd`, if it knows it.
 pub fn get(epfd: c_int) -> Option<Arc<Set>> {

@@ -1070,6 +1070,7 @@ pub(crate) fn inherit_at_load() {
             let fds: Vec<c_int> = dir
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                 .collect();
+            let mut seen: Vec<(Option<u64>, c_int)> = Vec::new();
             for fd in fds {
                 // The directory's own fd is in the list, closed by now.
                 // SAFETY: F_GETFD on any number only reads its flags.
@@ -1078,8 +1079,19 @@ pub(crate) fn inherit_at_load() {
                 }
                 // SAFETY: fd is open (just checked) and stays so: nothing
                 // else runs in this process yet.
-                if ssock_rings::sys::socket_type(unsafe { borrow(fd) }).is_ok() {
-                    adopt(fd);
+                let b = unsafe { borrow(fd) };
+                if ssock_rings::sys::socket_type(b).is_err() {
+                    continue;
+                }
+                // Several fds of one socket (dup2 onto 0 and 1, inetd
+                // style) are one socket here too: taken over once.
+                let inode = ssock_rings::sys::socket_inode(b).ok();
+                match seen.iter().find(|(i, _)| inode.is_some() && *i == inode) {
+                    Some((_, first)) => table::duplicate(*first, fd),
+                    None => {
+                        adopt(fd);
+                        seen.push((inode, fd));
+                    }
                 }
             }
             0
@@ -1090,19 +1102,23 @@ pub(crate) fn inherit_at_load() {
 
 /// pthread_atfork prepare handler (registered by `real`'s constructor).
 extern "C" fn before_fork() {
+    epoll::before_fork();
     table::before_fork();
 }
 
 /// pthread_atfork parent handler: unlocks what the prepare handler locked.
 extern "C" fn after_fork_in_parent() {
-    table::after_fork();
+    table::after_fork(false);
+    epoll::after_fork(false);
 }
 
-/// pthread_atfork child handler: unlocks what the prepare handler locked;
-/// the child stops using the parent's devd session.
+/// pthread_atfork child handler: the child stops using the parent's devd
+/// session (first: nothing below may talk to devd on it), then unlocks
+/// what the prepare handler locked.
 extern "C" fn after_fork_in_child() {
-    table::after_fork();
     ssock_client::Session::after_fork_in_child();
+    table::after_fork(true);
+    epoll::after_fork(true);
 }
 
 fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {
@@ -1670,4 +1686,80 @@ pub unsafe extern "C" fn splice(
         },
         real,
     )
+}
+
+/// Runs an exec: the holds of accelerated sockets whose every fd closes at
+/// exec (FD_CLOEXEC) go with this image (the new one will not have them),
+/// and come back if the exec fails. Sockets that survive exec keep their
+/// hold: the new image takes them over without adding one.
+fn exec_releasing(exec: impl FnOnce() -> c_int) -> c_int {
+    let closing = table::closing_at_exec();
+    for s in &closing {
+        lock(s).drop_hold();
+    }
+    let r = exec();
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    for s in &closing {
+        lock(s).fork_hold();
+    }
+    set_errno(e);
+    r
+}
+
+/// execve(2).
+///
+/// # Safety
+/// The C contract of execve(2).
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().execve)(path, argv, envp) };
+    enter(|| exec_releasing(real), real)
+}
+
+/// execv(3).
+///
+/// # Safety
+/// The C contract of execv(3).
+#[no_mangle]
+pub unsafe extern "C" fn execv(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().execv)(path, argv) };
+    enter(|| exec_releasing(real), real)
+}
+
+/// execvp(3).
+///
+/// # Safety
+/// The C contract of execvp(3).
+#[no_mangle]
+pub unsafe extern "C" fn execvp(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().execvp)(file, argv) };
+    enter(|| exec_releasing(real), real)
+}
+
+/// execvpe(3).
+///
+/// # Safety
+/// The C contract of execvpe(3).
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().execvpe)(file, argv, envp) };
+    enter(|| exec_releasing(real), real)
 }

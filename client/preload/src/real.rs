@@ -85,6 +85,12 @@ type SpliceFn = unsafe extern "C" fn(
     size_t,
     libc::c_uint,
 ) -> ssize_t;
+type ExecveFn = unsafe extern "C" fn(
+    *const libc::c_char,
+    *const *const libc::c_char,
+    *const *const libc::c_char,
+) -> c_int;
+type ExecvFn = unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
 type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
@@ -135,6 +141,10 @@ pub struct Real {
     pub posix_spawnp: PosixSpawnFn,
     pub getsockopt: GetsockoptFn,
     pub splice: SpliceFn,
+    pub execve: ExecveFn,
+    pub execv: ExecvFn,
+    pub execvp: ExecvFn,
+    pub execvpe: ExecveFn,
     pub epoll_create: EpollCreate1Fn,
     pub epoll_create1: EpollCreate1Fn,
     pub epoll_ctl: EpollCtlFn,
@@ -196,6 +206,10 @@ pub fn get() -> &'static Real {
                 )),
                 getsockopt: std::mem::transmute::<*mut c_void, GetsockoptFn>(sym(c"getsockopt")),
                 splice: std::mem::transmute::<*mut c_void, SpliceFn>(sym(c"splice")),
+                execve: std::mem::transmute::<*mut c_void, ExecveFn>(sym(c"execve")),
+                execv: std::mem::transmute::<*mut c_void, ExecvFn>(sym(c"execv")),
+                execvp: std::mem::transmute::<*mut c_void, ExecvFn>(sym(c"execvp")),
+                execvpe: std::mem::transmute::<*mut c_void, ExecveFn>(sym(c"execvpe")),
                 epoll_create: std::mem::transmute::<*mut c_void, EpollCreate1Fn>(sym(
                     c"epoll_create",
                 )),

@@ -108,10 +108,12 @@ thread_local! {
 /// it would race with the parent closing its copy right away. Each socket
 /// is locked (a lock is only ever held for a non-blocking step) and stays
 /// locked across the fork, so that the child inherits no lock held by a
-/// thread that does not exist there; `after_fork` unlocks, in both
+/// thread that does not exist there (so are the listener set and, first,
+/// the epoll sets: `epoll::before_fork`); `after_fork` unlocks, in both
 /// processes. (If fork fails, the extra hold stays: the stream then ends
 /// through the kernel socket's FIN, still an end of stream.)
 pub fn before_fork() {
+    lock_listeners_for_fork();
     if !ANY.load(Ordering::Relaxed) {
         return;
     }
@@ -138,13 +140,61 @@ pub fn before_fork() {
 
 /// After fork, in the parent and in the child: unlocks what `before_fork`
 /// locked.
-pub fn after_fork() {
+pub fn after_fork(child: bool) {
     // try_with: a fork from a thread being torn down holds nothing.
     let _ = FORK_HELD.try_with(|h| {
         let mut h = h.borrow_mut();
         h.0.clear();
-        h.1.clear();
+        let held = std::mem::take(&mut h.1);
+        if child {
+            // A socket another thread closed meanwhile may be held only
+            // here: dropping it in the child would close it for the
+            // parent too (end of stream, a Release on the parent's
+            // session). The child never had it: let go of nothing.
+            std::mem::forget(held);
+        }
     });
+    let _ = LISTENERS_HELD.try_with(|h| h.borrow_mut().take());
+}
+
+thread_local! {
+    static LISTENERS_HELD: RefCell<Option<MutexGuard<'static, Option<HashSet<i32>>>>> =
+        const { RefCell::new(None) };
+}
+
+/// Part of `before_fork` (taken after epoll's locks, before the sockets'):
+/// the listener set, so the child does not inherit it locked.
+fn lock_listeners_for_fork() {
+    let g = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = LISTENERS_HELD.try_with(|h| *h.borrow_mut() = Some(g));
+}
+
+/// The accelerated sockets whose fds close at exec (FD_CLOEXEC): their
+/// holds go with this image.
+pub fn closing_at_exec() -> Vec<Entry> {
+    if !ANY.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let mut seen: Vec<*const Mutex<Sock>> = Vec::new();
+    let mut out = Vec::new();
+    // One hold per socket, and only if none of its fds survives exec.
+    let all: Vec<(i32, Entry)> = all().collect();
+    for (_, e) in &all {
+        let p = Arc::as_ptr(e);
+        if seen.contains(&p) {
+            continue;
+        }
+        seen.push(p);
+        let survives = all.iter().any(|(fd, x)| {
+            // SAFETY: F_GETFD on a number only reads its flags.
+            let fl = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+            Arc::ptr_eq(x, e) && fl >= 0 && fl & libc::FD_CLOEXEC == 0
+        });
+        if !survives {
+            out.push(e.clone());
+        }
+    }
+    out
 }
 
 /// The accelerated sockets whose fds survive exec (no FD_CLOEXEC): a

@@ -1031,7 +1031,14 @@ unsafe fn rights(msg: *const libc::msghdr) -> Vec<c_int> {
 unsafe fn passed_socks(msg: *const libc::msghdr) -> Vec<Entry> {
     // SAFETY: guaranteed by the caller.
     let fds = unsafe { rights(msg) };
-    fds.into_iter().filter_map(table::get).collect()
+    fds.into_iter()
+        .filter_map(|fd| {
+            let s = table::get(fd)?;
+            // SAFETY: the caller passes fd in its message: it is open.
+            lock(&s).settle(unsafe { borrow(fd) });
+            Some(s)
+        })
+        .collect()
 }
 
 /// Takes over the accelerated sockets a received message passed.

@@ -416,6 +416,16 @@ impl Sock {
         Ok(())
     }
 
+    /// Before the socket is passed to another process: if the HelloAck is
+    /// there, attach now, so that the hold and the rings are shared rather
+    /// than both processes racing for the HelloAck later. (One still in
+    /// flight, or a fork or exec before the first use, stays a known limit.)
+    pub fn settle(&mut self, fd: BorrowedFd<'_>) {
+        if matches!(self.state, State::AwaitAck(_)) {
+            let _ = self.up(fd);
+        }
+    }
+
     /// Another process will hold the socket too (fork, or fd passing).
     pub fn fork_hold(&mut self) {
         if let State::Up(t) = &mut self.state {

@@ -237,24 +237,53 @@ pub fn recv_vec(
     flags: i32,
 ) -> Result<usize, i32> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if let [b] = bufs {
-        return recv(e, fd, b, flags);
+    let mut nonempty = bufs.iter_mut().filter(|b| !b.is_empty());
+    match (nonempty.next(), nonempty.next()) {
+        (None, _) => return Ok(0),
+        (Some(b), None) => return recv(e, fd, b, flags),
+        _ => {}
     }
-    if total == 0 {
-        return Ok(0);
-    }
-    let mut tmp = vec![0u8; total];
-    let n = recv(e, fd, &mut tmp, flags)?;
-    let mut off = 0;
-    for b in bufs.iter_mut() {
-        if off == n {
-            break;
+    with_scratch(total, |tmp| {
+        let n = recv(e, fd, tmp, flags)?;
+        let mut off = 0;
+        for b in bufs.iter_mut() {
+            if off == n {
+                break;
+            }
+            let k = b.len().min(n - off);
+            b[..k].copy_from_slice(&tmp[off..off + k]);
+            off += k;
         }
-        let k = b.len().min(n - off);
-        b[..k].copy_from_slice(&tmp[off..off + k]);
-        off += k;
+        Ok(n)
+    })
+}
+
+/// Runs `f` on a staging buffer of `len` bytes: this thread's reused one
+/// (no allocation per call once it has grown; at most 1 MiB is kept), or a
+/// fresh one if it is in use (a signal handler calling in).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    use std::cell::RefCell;
+    const KEEP: usize = 1 << 20;
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    Ok(n)
+    let mut f = Some(f);
+    let reused = SCRATCH.try_with(|s| {
+        let mut s = s.try_borrow_mut().ok()?;
+        if s.len() < len {
+            s.resize(len, 0);
+        }
+        let r = f.take().map(|f| f(&mut s[..len]));
+        if s.len() > KEEP {
+            *s = Vec::new();
+        }
+        r
+    });
+    match (reused, f) {
+        (Ok(Some(r)), _) => r,
+        (_, Some(f)) => f(&mut vec![0u8; len]),
+        (_, None) => unreachable!("the closure ran, so it returned"),
+    }
 }
 
 /// Send several buffers (writev, sendmsg) as one stream write.
@@ -262,6 +291,16 @@ pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Re
     match bufs {
         [] => Ok(0),
         [b] => send(e, fd, b, flags),
-        _ => send(e, fd, &bufs.concat(), flags),
+        _ => {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            with_scratch(total, |tmp| {
+                let mut off = 0;
+                for b in bufs {
+                    tmp[off..off + b.len()].copy_from_slice(b);
+                    off += b.len();
+                }
+                send(e, fd, tmp, flags)
+            })
+        }
     }
 }

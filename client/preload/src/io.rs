@@ -146,18 +146,36 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
     }
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let mut turn = SendTurn(e, false);
+    let mut turn_deadline: Option<Option<std::time::Instant>> = None;
     let mut off = 0;
     loop {
         let r = {
             let mut s = lock(e);
             nonblocking |= s.nonblocking;
             if s.send_busy && !turn.1 {
-                // Another thread's send is waiting half done.
+                // Another thread's send is waiting half done: wait for the
+                // turn in short sleeps, bounded by SO_SNDTIMEO, and
+                // interrupted by signals like any blocking send.
                 drop(s);
                 if nonblocking {
                     return Err(libc::EAGAIN);
                 }
-                std::thread::sleep(std::time::Duration::from_micros(20));
+                let limit = *turn_deadline.get_or_insert_with(|| {
+                    ssock_rings::sys::sockopt_timeout(fd, libc::SO_SNDTIMEO)
+                        .unwrap_or(None)
+                        .map(|t| std::time::Instant::now() + t)
+                });
+                if limit.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Err(libc::EAGAIN);
+                }
+                if wait::real_poll(&mut [], 1) < 0 {
+                    let e = std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EINTR);
+                    if e != libc::EINTR || !restartable() {
+                        return Err(e);
+                    }
+                }
                 continue;
             }
             let r = s.send_now(fd, &buf[off..]);

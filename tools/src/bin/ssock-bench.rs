@@ -435,7 +435,9 @@ impl Placement {
             .collect();
         let pair = match (pin, cpus.as_slice()) {
             (true, [a, b, ..]) => Some((*a, u8::try_from(*b)?)),
-            (true, _) => bail!("--pin needs two CPUs"),
+            // One CPU: nothing to pin apart (the report says no thread
+            // was pinned).
+            (true, _) => None,
             (false, _) => None,
         };
         Ok(Placement { all, pair })

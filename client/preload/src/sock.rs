@@ -14,6 +14,10 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a blocking connect waits for the HelloAck before returning
+/// (the rest of the wait, if any, happens at the socket's first use).
+const ACK_GRACE: Duration = Duration::from_millis(1);
+
 /// errno-like code some `Sock` calls return when negotiation ended on
 /// kernel TCP after all: the caller forgets the socket and hands the call
 /// to libc. Never a real errno.
@@ -102,16 +106,32 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             log::info!("connect to {dst}: kernel TCP ({r:?})");
             Ok(None)
         }
-        Ok(Started::HelloSent) => Ok(Some(Sock {
-            state: State::AwaitAck(session),
-            spin,
-            read_shut: false,
-            write_shut: false,
-            connect_reported: !is_nonblocking(fd),
-            send_busy: false,
-            error_reported: false,
-            nonblocking: is_nonblocking(fd),
-        })),
+        Ok(Started::HelloSent) => {
+            let nonblocking = is_nonblocking(fd);
+            let mut s = Sock {
+                state: State::AwaitAck(session),
+                spin,
+                read_shut: false,
+                write_shut: false,
+                connect_reported: !nonblocking,
+                send_busy: false,
+                error_reported: false,
+                nonblocking,
+            };
+            if !nonblocking {
+                // A blocking connect waits a little for the HelloAck (a
+                // local acceptor usually answers within a few hundred us),
+                // so that the socket is attached before the program can
+                // fork or exec it. An acceptor that only accepts after
+                // connect() returns (same thread) leaves it for first use.
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                let mut p = [ssock_rings::sys::PollFd::new(raw, libc::POLLIN)];
+                if ssock_rings::sys::poll(&mut p, Some(ACK_GRACE)).is_ok_and(|n| n > 0) {
+                    s.settle(fd);
+                }
+            }
+            Ok(Some(s))
+        }
         Err(e) => Err(errno(&e)),
     })
 }
@@ -416,10 +436,10 @@ impl Sock {
         Ok(())
     }
 
-    /// Before the socket is passed to another process: if the HelloAck is
-    /// there, attach now, so that the hold and the rings are shared rather
-    /// than both processes racing for the HelloAck later. (One still in
-    /// flight, or a fork or exec before the first use, stays a known limit.)
+    /// If the HelloAck is there, attach now (before the socket is passed
+    /// to another process, or at the end of a blocking connect), so that
+    /// the hold and the rings are shared rather than several processes
+    /// racing for the HelloAck later.
     pub fn settle(&mut self, fd: BorrowedFd<'_>) {
         if matches!(self.state, State::AwaitAck(_)) {
             let _ = self.up(fd);

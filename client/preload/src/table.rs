@@ -60,8 +60,14 @@ pub fn get(fd: i32) -> Option<Entry> {
     slot(fd, false)?.load_full()
 }
 
+/// Taken (shared) by every insertion and (exclusive) across a fork, so that
+/// no socket enters the table between the prepare handler's holds and the
+/// fork (it would reach the child without a hold).
+static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Records `fd` as an accelerated socket.
 pub fn insert(fd: i32, s: Sock) {
+    let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let Some(slot) = slot(fd, true) {
         slot.store(Some(Arc::new(Mutex::new(s))));
         ANY.store(true, Ordering::Relaxed);
@@ -71,6 +77,7 @@ pub fn insert(fd: i32, s: Sock) {
 /// `new` is a duplicate of `old` (dup, dup2, dup3, F_DUPFD): both name the
 /// same socket, which lets go when the last of its fds closes.
 pub fn duplicate(old: i32, new: i32) {
+    let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let (Some(e), Some(slot)) = (get(old), slot(new, true)) {
         slot.store(Some(e));
     }
@@ -113,6 +120,8 @@ thread_local! {
 /// processes. (If fork fails, the extra hold stays: the stream then ends
 /// through the kernel socket's FIN, still an end of stream.)
 pub fn before_fork() {
+    let gate = FORK_GATE.write().unwrap_or_else(|p| p.into_inner());
+    let _ = GATE_HELD.try_with(|h| *h.borrow_mut() = Some(gate));
     lock_listeners_for_fork();
     if !ANY.load(Ordering::Relaxed) {
         return;
@@ -155,9 +164,12 @@ pub fn after_fork(child: bool) {
         }
     });
     let _ = LISTENERS_HELD.try_with(|h| h.borrow_mut().take());
+    let _ = GATE_HELD.try_with(|h| h.borrow_mut().take());
 }
 
 thread_local! {
+    static GATE_HELD: RefCell<Option<std::sync::RwLockWriteGuard<'static, ()>>> =
+        const { RefCell::new(None) };
     static LISTENERS_HELD: RefCell<Option<MutexGuard<'static, Option<HashSet<i32>>>>> =
         const { RefCell::new(None) };
 }

@@ -316,8 +316,10 @@ impl Set {
     }
 
     /// Fills `out` with the shim's members' events (updating edge and
-    /// one-shot state); returns how many.
-    fn collect(&self, epfd: c_int, out: &mut [epoll_event], check_peer: bool) -> usize {
+    /// one-shot state); returns how many, and whether this call is one of
+    /// the every fourth where the kernel's events are fetched even though
+    /// the rings had some.
+    fn collect(&self, epfd: c_int, out: &mut [epoll_event], check_peer: bool) -> (usize, bool) {
         let mut i = self.lock();
         self.return_plain(epfd, &mut i);
         let len = i.members.len();
@@ -350,7 +352,8 @@ impl Set {
             }
             i.next = j + 1;
         }
-        n
+        i.calls = i.calls.wrapping_add(1);
+        (n, i.calls.is_multiple_of(4))
     }
 
     /// Whether some member would report something now (no state change).
@@ -562,12 +565,7 @@ pub fn wait(
     loop {
         // The rings first, without a syscall; the kernel's events when the
         // rings have none, and every fourth time anyway.
-        let mut n = set.collect(epfd, out, false);
-        let tick = {
-            let mut i = set.lock();
-            i.calls = i.calls.wrapping_add(1);
-            i.calls.is_multiple_of(4)
-        };
+        let (mut n, tick) = set.collect(epfd, out, false);
         if n == 0 || tick {
             n += kernel(&mut out[n..]);
         }
@@ -575,7 +573,7 @@ pub fn wait(
             return count(n);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let n = set.collect(epfd, out, true);
+            let (n, _) = set.collect(epfd, out, true);
             return count(n + kernel(&mut out[n..]));
         }
         if !spun {
@@ -586,7 +584,7 @@ pub fn wait(
                 continue;
             }
         }
-        let n = set.collect(epfd, out, true);
+        let (n, _) = set.collect(epfd, out, true);
         if n > 0 {
             return count(n);
         }

@@ -535,10 +535,13 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
             let Some(socks) = wait::accelerated(pfds) else {
                 return real();
             };
-            let t = u64::try_from(timeout).ok().map(Duration::from_millis);
-            wait::poll(pfds, &socks, t, &wait::real_poll, &|set, rem| {
-                wait::real_poll(set, wait::millis(rem))
-            })
+            wait::poll(
+                pfds,
+                &socks,
+                ms_timeout(timeout),
+                &wait::real_poll,
+                &|set, rem| wait::real_poll(set, wait::millis(rem)),
+            )
         },
         real,
     )
@@ -628,12 +631,7 @@ pub unsafe extern "C" fn ppoll(
                 return real();
             };
             // SAFETY: tmo is null or the caller's timespec (ppoll(2)).
-            let t = unsafe { tmo.as_ref() }.map(|t| {
-                Duration::new(
-                    u64::try_from(t.tv_sec).unwrap_or(0),
-                    u32::try_from(t.tv_nsec).unwrap_or(0),
-                )
-            });
+            let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             wait::poll(pfds, &socks, t, &wait::real_poll, &sleep)
@@ -776,12 +774,7 @@ pub unsafe extern "C" fn pselect(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (pselect(2)).
-            let t = unsafe { tmo.as_ref() }.map(|t| {
-                Duration::new(
-                    u64::try_from(t.tv_sec).unwrap_or(0),
-                    u32::try_from(t.tv_nsec).unwrap_or(0),
-                )
-            });
+            let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             // SAFETY: the sets are the caller's (pselect(2)).
@@ -1218,8 +1211,23 @@ unsafe fn epoll_wait_via_shim(
     Some(epoll::wait(epfd, &set, out, timeout, sleep))
 }
 
+/// A millisecond timeout argument (negative: none).
 fn ms_timeout(timeout: c_int) -> Option<Duration> {
     u64::try_from(timeout).ok().map(Duration::from_millis)
+}
+
+/// A timespec timeout argument (null: none).
+///
+/// # Safety
+/// `tmo` is null or points to a valid timespec.
+unsafe fn timespec_timeout(tmo: *const libc::timespec) -> Option<Duration> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { tmo.as_ref() }.map(|t| {
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        )
+    })
 }
 
 /// epoll_wait(2).
@@ -1294,12 +1302,7 @@ pub unsafe extern "C" fn epoll_pwait2(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (epoll_pwait2(2)).
-            let t = unsafe { tmo.as_ref() }.map(|t| {
-                Duration::new(
-                    u64::try_from(t.tv_sec).unwrap_or(0),
-                    u32::try_from(t.tv_nsec).unwrap_or(0),
-                )
-            });
+            let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             // SAFETY: the caller's epoll_pwait2 arguments.

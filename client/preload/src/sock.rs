@@ -108,16 +108,9 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
         }
         Ok(Started::HelloSent) => {
             let nonblocking = is_nonblocking(fd);
-            let mut s = Sock {
-                state: State::AwaitAck(session),
-                spin,
-                read_shut: false,
-                write_shut: false,
-                connect_reported: !nonblocking,
-                send_busy: false,
-                error_reported: false,
-                nonblocking,
-            };
+            // A nonblocking connect reported EINPROGRESS, not success.
+            let mut s = Sock::new(State::AwaitAck(session), spin, nonblocking);
+            s.connect_reported = !nonblocking;
             if !nonblocking {
                 // A blocking connect waits a little for the HelloAck (a
                 // local acceptor usually answers within a few hundred us),
@@ -163,23 +156,14 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
         let _ = ssock_rings::sys::set_nonblocking(fd, true);
     }
     match r {
-        Ok(Accepted::Attached(t)) => Ok(Some(Sock {
-            state: {
-                log::info!(
-                    "accept: {:?}, connection {}",
-                    t.mode(),
-                    t.conn_id().unwrap_or(0)
-                );
-                State::Up(t)
-            },
-            spin,
-            read_shut: false,
-            write_shut: false,
-            connect_reported: true,
-            send_busy: false,
-            error_reported: false,
-            nonblocking: nb,
-        })),
+        Ok(Accepted::Attached(t)) => {
+            log::info!(
+                "accept: {:?}, connection {}",
+                t.mode(),
+                t.conn_id().unwrap_or(0)
+            );
+            Ok(Some(Sock::new(State::Up(t), spin, nb)))
+        }
         Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
         Ok(Accepted::Dropped) => Err(()),
     }
@@ -207,16 +191,7 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
     let session = session()?;
     let spin = Options::with_session(session.clone()).spin(Some(&session));
     match ssock_client::negotiate::adopt(&session, fd) {
-        Ok(Some(t)) => Some(Sock {
-            state: State::Up(t),
-            spin,
-            read_shut: false,
-            write_shut: false,
-            connect_reported: true,
-            send_busy: false,
-            error_reported: false,
-            nonblocking: is_nonblocking(fd),
-        }),
+        Ok(Some(t)) => Some(Sock::new(State::Up(t), spin, is_nonblocking(fd))),
         Ok(None) => None,
         Err(e) => {
             // Accelerated, but not usable here: its bytes would never
@@ -259,6 +234,19 @@ fn kernel_readiness(fd: BorrowedFd<'_>) -> Ready {
 }
 
 impl Sock {
+    fn new(state: State, spin: Duration, nonblocking: bool) -> Sock {
+        Sock {
+            state,
+            spin,
+            read_shut: false,
+            write_shut: false,
+            send_busy: false,
+            nonblocking,
+            error_reported: false,
+            connect_reported: true,
+        }
+    }
+
     /// The transport, once negotiation is over. Err(EAGAIN): the HelloAck
     /// has not come yet; Err(FALLBACK): kernel TCP.
     fn up(&mut self, fd: BorrowedFd<'_>) -> Result<&mut Box<dyn Transport>, i32> {

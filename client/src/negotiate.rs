@@ -52,20 +52,36 @@ pub fn attach(
     session: &Arc<Session>,
     resp: (Response, Vec<OwnedFd>),
 ) -> io::Result<Box<dyn Transport>> {
+    build(session, resp, false)
+}
+
+/// The transport of an Attached reply: attached (a new holder), or taken
+/// over (`adopt`: the hold was counted elsewhere; Direct only). An end this
+/// side cannot use is released at once.
+fn build(
+    session: &Arc<Session>,
+    resp: (Response, Vec<OwnedFd>),
+    adopt: bool,
+) -> io::Result<Box<dyn Transport>> {
     let (Response::Attached(a), fds) = resp else {
         return Err(io::Error::other("devd answered Attach with something else"));
     };
     let s = Some(session.clone());
-    let t: io::Result<Box<dyn Transport>> = match a.mode {
-        Mode::Direct => Direct::attach(&a, fds, s)
+    let t: Result<Box<dyn Transport>, String> = match (a.mode, adopt) {
+        (Mode::Direct, false) => Direct::attach(&a, fds, s)
             .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(io::Error::other),
-        Mode::Queued => Queued::attach(&a, fds, s)
+            .map_err(|e| e.to_string()),
+        (Mode::Direct, true) => Direct::adopt(&a, fds, s)
             .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(io::Error::other),
-        Mode::Kernel => Err(io::Error::other("devd attached a kernel-mode connection")),
+            .map_err(|e| e.to_string()),
+        (Mode::Queued, false) => Queued::attach(&a, fds, s)
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(|e| e.to_string()),
+        (Mode::Queued, true) => Err("only a Direct connection can be taken over".into()),
+        (Mode::Kernel, _) => Err("devd attached a kernel-mode connection".into()),
     };
-    if t.is_err() {
+    t.map_err(|why| {
+        // This end will not be used: devd releases it at once.
         let _ = session.request(
             &Request::Release {
                 conn_id: a.conn_id,
@@ -73,8 +89,8 @@ pub fn attach(
             },
             &[],
         );
-    }
-    t
+        io::Error::other(why)
+    })
 }
 
 /// Takes over the accelerated connection behind `fd`, a TCP socket this
@@ -84,34 +100,15 @@ pub fn attach(
 /// (a Queued end's state lives partly in the process that had it): an
 /// accelerated end that cannot be used here is an error.
 pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Box<dyn Transport>>> {
-    let (a, fds) = match session.request(&Request::Attach, &[fd]) {
-        Ok((Response::Attached(a), fds)) => (a, fds),
-        Ok(_) => return Err(io::Error::other("devd answered Attach with something else")),
-        Err(crate::session::SessionError::Refused { .. }) => return Ok(None),
+    match session.request(&Request::Attach, &[fd]) {
+        Ok(resp) => build(session, resp, true).map(Some),
+        Err(crate::session::SessionError::Refused { .. }) => Ok(None),
         Err(e) => {
             // Without devd nothing can be known: the socket is left as it is.
             log::warn!("devd unreachable, an inherited socket stays as it is: {e}");
-            return Ok(None);
+            Ok(None)
         }
-    };
-    let t: io::Result<Box<dyn Transport>> = match a.mode {
-        Mode::Direct => Direct::adopt(&a, fds, Some(session.clone()))
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(io::Error::other),
-        _ => Err(io::Error::other(
-            "only a Direct connection can be taken over",
-        )),
-    };
-    if t.is_err() {
-        let _ = session.request(
-            &Request::Release {
-                conn_id: a.conn_id,
-                side: a.side,
-            },
-            &[],
-        );
     }
-    t.map(Some)
 }
 
 fn unspecified(dst: &SocketAddr) -> SocketAddr {
@@ -266,26 +263,13 @@ pub fn accept_on(
     fd: BorrowedFd<'_>,
     opts: &Options,
 ) -> io::Result<Accepted> {
-    accept_inner(session, fd, opts, None)
-}
-
-/// Like [`accept_on`], but an announced peer is told to stay on kernel TCP
-/// (its Hello consumed, a HelloAck KERNEL sent, `reason` counted): for
-/// sockets this side cannot serve accelerated yet.
-pub fn refuse_on(
-    session: &Arc<Session>,
-    fd: BorrowedFd<'_>,
-    opts: &Options,
-    reason: FallbackReason,
-) -> io::Result<Accepted> {
-    accept_inner(session, fd, opts, Some(reason))
+    accept_inner(session, fd, opts)
 }
 
 fn accept_inner(
     session: &Arc<Session>,
     fd: BorrowedFd<'_>,
     opts: &Options,
-    refuse: Option<FallbackReason>,
 ) -> io::Result<Accepted> {
     let sock = SockRef::from(&fd);
     let token = match session.request(&Request::Claim, &[fd]) {
@@ -311,11 +295,6 @@ fn accept_inner(
         }
     }
     let mut w: &Socket = &sock;
-    if let Some(reason) = refuse {
-        w.write_all(&codec::hello_ack(ACK_KERNEL))?;
-        report(Some(session), reason);
-        return Ok(Accepted::Kernel(Some(reason)));
-    }
     let paired = session.request(&Request::Pair { token }, &[fd]);
     if let Ok((Response::Kernel { reason }, _)) = paired {
         // devd's policy said no (and counted it): the Hello is consumed,

@@ -90,8 +90,8 @@ struct Inner {
     kernel: HashMap<c_int, (u32, u64)>,
     /// Round-robin start, so a busy member cannot starve the others.
     next: usize,
-    /// Waits that found ring events; the kernel's are fetched too every
-    /// few of them, so kernel fds are not starved either.
+    /// Collections so far: every fourth wait fetches the kernel's events
+    /// even when the rings had some, so kernel fds are not starved.
     calls: u32,
 }
 

@@ -46,18 +46,24 @@ def server(portfile):
     ls.close()
 
 
+def read_line(sock, what):
+    """Bytes up to and including a newline; EOF before it ends the program."""
+    line = b""
+    while not line.endswith(b"\n"):
+        b = sock.recv(100)
+        if not b:
+            raise SystemExit(f"EOF before {what}")
+        line += b
+    return line
+
+
 def gserver(portfile):
     """Server speaks first (SMTP, PostgreSQL, ...): a greeting at accept,
     then one line echoed back, then close."""
     ls = listen_and_publish(portfile)
     c, _ = ls.accept()
     c.sendall(b"220 ready\n")
-    line = b""
-    while not line.endswith(b"\n"):
-        b = c.recv(100)
-        if not b:
-            raise SystemExit("EOF before the client's line")
-        line += b
+    line = read_line(c, "the client's line")
     c.sendall(line)
     print(f"OK served {len(line)}", flush=True)
     sys.stdin.readline()
@@ -72,12 +78,7 @@ def greeted(port):
     s = socket.socket()
     t = time.monotonic()
     s.connect(("127.0.0.1", port))
-    g = b""
-    while not g.endswith(b"\n"):
-        b = s.recv(100)
-        if not b:
-            raise SystemExit("EOF before the greeting")
-        g += b
+    g = read_line(s, "the greeting")
     took = (time.monotonic() - t) * 1000
     if g != b"220 ready\n":
         raise SystemExit(f"greeting {g!r}")

@@ -317,9 +317,7 @@ def case_exec():
     child = subprocess.Popen([sys.executable, __file__, "exec-child", str(a.fileno())],
                              pass_fds=[a.fileno()])
     a.close()
-    say("exec: client reads", recv_exactly(c, 9))
-    c.sendall(b"ping")
-    say("exec: reply", recv_exactly(c, 4), "then", c.recv(10))
+    talk_to_child(c, "exec", 9)
     say("exec: child status", child.wait())
     c.close()
 
@@ -333,9 +331,7 @@ def case_exec_two_fds():
                              pass_fds=[a.fileno(), d])
     a.close()
     os.close(d)
-    say("exec two fds: client reads", recv_exactly(c, 9))
-    c.sendall(b"ping")
-    say("exec two fds: reply", recv_exactly(c, 4), "then", c.recv(10))
+    talk_to_child(c, "exec two fds", 9)
     say("exec two fds: child status", child.wait())
     c.close()
 
@@ -346,19 +342,29 @@ def case_posix_spawn():
     pid = os.posix_spawn(sys.executable, [sys.executable, __file__, "exec-child",
                                           str(a.fileno())], os.environ)
     a.close()
-    say("posix_spawn: client reads", recv_exactly(c, 9))
-    c.sendall(b"ping")
-    say("posix_spawn: reply", recv_exactly(c, 4), "then", c.recv(10))
+    talk_to_child(c, "posix_spawn", 9)
     say("posix_spawn: child status", os.waitpid(pid, 0)[1])
     c.close()
 
 
-def exec_child(fd):
-    s = socket.socket(fileno=fd)
-    s.sendall(b"from exec")
+def talk_to_child(c, label, n):
+    """The parent's side of a child's exchange: its n-byte greeting, then
+    ping and pong, then the end of the stream."""
+    say(f"{label}: client reads", recv_exactly(c, n))
+    c.sendall(b"ping")
+    say(f"{label}: reply", recv_exactly(c, 4), "then", c.recv(10))
+
+
+def child_side(s, greeting):
+    """The child's side: a greeting, pong for ping, close."""
+    s.sendall(greeting)
     if recv_exactly(s, 4) == b"ping":
         s.sendall(b"pong")
     s.close()
+
+
+def exec_child(fd):
+    child_side(socket.socket(fileno=fd), b"from exec")
 
 
 def case_fd_passing():
@@ -370,19 +376,13 @@ def case_fd_passing():
         a.close()
         left.close()
         _, fds, _, _ = socket.recv_fds(right, 10, 1)
-        s = socket.socket(fileno=fds[0])
-        s.sendall(b"passed")
-        if recv_exactly(s, 4) == b"ping":
-            s.sendall(b"pong")
-        s.close()
+        child_side(socket.socket(fileno=fds[0]), b"passed")
         os._exit(0)
     right.close()
     socket.send_fds(left, [b"x"], [a.fileno()])
     a.close()
     left.close()
-    say("fd passing: client reads", recv_exactly(c, 6))
-    c.sendall(b"ping")
-    say("fd passing: reply", recv_exactly(c, 4), "then", c.recv(10))
+    talk_to_child(c, "fd passing", 6)
     os.waitpid(pid, 0)
     c.close()
 

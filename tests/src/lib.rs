@@ -164,6 +164,14 @@ impl Devd {
         Peer::spawn(args, &e)
     }
 
+    /// `ssock-run --devd <this devd's socket> -- PROGRAM`: add the
+    /// program's arguments to it.
+    pub fn ssock_run(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(bin("ssock-run"));
+        c.arg("--devd").arg(&self.socket).arg("--").arg(program);
+        c
+    }
+
     /// Runs `ringstat` against this devd and returns its stdout.
     pub fn ringstat(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(bin("ringstat"))

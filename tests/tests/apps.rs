@@ -6,7 +6,7 @@
 //! bytes. The asyncio echo server and client are in shim.rs.
 
 use anyhow::{bail, ensure, Context, Result};
-use ssock_tests::{bin, have_app, Devd, Peer};
+use ssock_tests::{have_app, Devd, Peer};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,9 +16,8 @@ const RUN_LIMIT: Duration = Duration::from_secs(180);
 
 /// `ssock-run --devd SOCKET -- PROGRAM ARGS`.
 fn under_ssock(d: &Devd, program: &str, args: &[&str]) -> Result<Command> {
-    let mut c = Command::new(bin("ssock-run"));
-    c.args(["--devd", d.socket.to_str().context("path")?, "--", program])
-        .args(args);
+    let mut c = d.ssock_run(program);
+    c.args(args);
     Ok(c)
 }
 

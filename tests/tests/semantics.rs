@@ -7,7 +7,7 @@
 //! connections Direct (all but the refused connect, which stays plain).
 
 use anyhow::{ensure, Context, Result};
-use ssock_tests::{bin, have_app, Devd};
+use ssock_tests::{have_app, Devd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -19,16 +19,7 @@ fn script() -> PathBuf {
 fn run(d: Option<&Devd>, env: &[(&str, &str)]) -> Result<String> {
     let mut cmd = match d {
         None => Command::new("python3"),
-        Some(d) => {
-            let mut c = Command::new(bin("ssock-run"));
-            c.args([
-                "--devd",
-                d.socket.to_str().context("path")?,
-                "--",
-                "python3",
-            ]);
-            c
-        }
+        Some(d) => d.ssock_run("python3"),
     };
     cmd.arg(script())
         .stdin(Stdio::null())
@@ -117,12 +108,7 @@ fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
     let go = |d: Option<&Devd>| -> Result<String> {
         let mut cmd = match d {
             None => Command::new(&exe),
-            Some(d) => {
-                let mut c = Command::new(bin("ssock-run"));
-                c.args(["--devd", d.socket.to_str().context("path")?, "--"])
-                    .arg(&exe);
-                c
-            }
+            Some(d) => d.ssock_run(&exe),
         };
         let out = cmd.stdin(Stdio::null()).output()?;
         ensure!(out.status.success(), "sarestart failed");

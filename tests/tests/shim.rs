@@ -17,14 +17,7 @@ fn python(d: &Devd, plain: bool, args: &[&str], env: &[(&str, &str)]) -> Result<
     let mut cmd = if plain {
         Command::new("python3")
     } else {
-        let mut c = Command::new(bin("ssock-run"));
-        c.args([
-            "--devd",
-            d.socket.to_str().context("path")?,
-            "--",
-            "python3",
-        ]);
-        c
+        d.ssock_run("python3")
     };
     cmd.arg(echo_py()).args(args);
     for (k, v) in env {
@@ -58,15 +51,7 @@ fn echo_with(
         &[server, portfile.to_str().context("path")?],
         env,
     )?;
-    let t = Instant::now();
-    while !portfile.exists() {
-        ensure!(
-            t.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let port = std::fs::read_to_string(&portfile)?;
+    let port = published_port(&portfile)?;
     let n = "1000000";
     let mut cargs = vec!["client", port.trim(), n];
     if let Some((_, mode)) = env.iter().find(|(k, _)| *k == "ECHO_MODE") {
@@ -94,6 +79,19 @@ fn direct_with_every_byte(conn: &serde_json::Value) -> Result<()> {
         "bytes {conn}"
     );
     Ok(())
+}
+
+/// The port an echo.py server wrote to `portfile` (waits up to 20 s).
+fn published_port(portfile: &std::path::Path) -> Result<String> {
+    let t = Instant::now();
+    while !portfile.exists() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(std::fs::read_to_string(portfile)?)
 }
 
 fn rand_suffix() -> u64 {
@@ -288,15 +286,7 @@ fn greeting(
         &["gserver", portfile.to_str().context("path")?],
         &[],
     )?;
-    let t = Instant::now();
-    while !portfile.exists() {
-        ensure!(
-            t.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let port = std::fs::read_to_string(&portfile)?;
+    let port = published_port(&portfile)?;
     let mut c = python(
         d,
         plain_client,
@@ -408,15 +398,7 @@ fn ssock_run_log_records_what_the_shim_decided() -> Result<()> {
     .arg(echo_py())
     .args(["server", portfile.to_str().context("path")?]);
     let mut s = Peer::command(srv)?;
-    let t = Instant::now();
-    while !portfile.exists() {
-        ensure!(
-            t.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let port = std::fs::read_to_string(&portfile)?;
+    let port = published_port(&portfile)?;
     let mut c = python(&d, false, &["client", port.trim(), "1000"], &[])?;
     c.expect("OK echo 1000")?;
     c.say("")?;

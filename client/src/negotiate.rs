@@ -12,8 +12,8 @@ use socket2::{SockRef, Socket};
 use ssock_rings::codec::{
     self, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL, HELLO_LEN,
 };
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,28 +111,57 @@ pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Bo
     }
 }
 
-fn unspecified(dst: &SocketAddr) -> SocketAddr {
-    match dst {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+/// Reads exactly `buf.len()` bytes from `fd` within `timeout`, blocking
+/// or not: what is there already costs one recv, and the socket's own
+/// receive timeout (it may be the application's) is left alone. A timeout
+/// is a WouldBlock error, the end of the stream an UnexpectedEof one.
+fn read_exact_within(fd: BorrowedFd<'_>, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = 0;
+    while got < buf.len() {
+        match ssock_rings::sys::recv(fd, &mut buf[got..], libc::MSG_DONTWAIT) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out"));
+                }
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                let mut p = [ssock_rings::sys::PollFd::new(raw, libc::POLLIN)];
+                match ssock_rings::sys::poll(&mut p, Some(left)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An end devd created but this side has not started using: an Attached
+/// reply and its fds, for [`attach`].
+pub type Pending = (Response, Vec<OwnedFd>);
+
+/// Tells devd this side will not use `pending` (posted: nothing waits).
+pub fn release(session: &Arc<Session>, pending: &Pending) {
+    if let (Response::Attached(a), _) = pending {
+        let _ = session.post(&Request::Release {
+            conn_id: a.conn_id,
+            side: a.side,
+        });
     }
 }
 
-/// Reads exactly `buf.len()` bytes within `timeout`, restoring the
-/// socket's own receive timeout afterwards (it may be the application's).
-fn read_exact_within(sock: &Socket, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
-    let saved = sock.read_timeout()?;
-    sock.set_read_timeout(Some(timeout))?;
-    let mut r: &Socket = sock;
-    let got = r.read_exact(buf);
-    sock.set_read_timeout(saved)?;
-    got
-}
-
-/// Connector side on `fd`, an unconnected blocking TCP socket: bind (if
-/// unbound) so devd can key the intent by our port before the acceptor can
-/// see the connection, announce the intent, connect, send the Hello, wait
-/// for the HelloAck, attach.
+/// Connector side on `fd`, an unconnected blocking TCP socket: announce the
+/// intent (devd creates the connection and hands this end over; it keeps a
+/// duplicate of the socket and learns its port from it once it has
+/// connected), connect, send the Hello, wait for the HelloAck. The socket
+/// is not bound first: an explicit bind to port 0 costs a search of the
+/// kernel's bind table, slow with many TIME_WAIT sockets.
 pub fn connect_on(
     fd: BorrowedFd<'_>,
     dst: SocketAddr,
@@ -141,26 +170,27 @@ pub fn connect_on(
 ) -> io::Result<Outcome> {
     match connect_start(fd, dst, opts, session)? {
         Started::Kernel(reason) => Ok(Outcome::Kernel(reason)),
-        Started::HelloSent => {
+        Started::HelloSent(pending) => {
             let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
-            connect_finish(fd, session, Some(opts.ack_timeout))?
+            connect_finish(fd, session, Some(opts.ack_timeout), &mut Some(pending))?
                 .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))
         }
     }
 }
 
 /// How the first half of a connector's negotiation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Started {
     /// Kernel TCP: the socket is connected (or, if nonblocking, its kernel
     /// connect is under way), with the reason when there is one.
     Kernel(Option<FallbackReason>),
     /// Connected and the Hello sent: [`connect_finish`] reads the HelloAck.
-    HelloSent,
+    /// This end (devd created the connection at the intent) waits for it.
+    HelloSent(Pending),
 }
 
-/// First half of the connector side: bind if unbound, announce the intent,
-/// connect, send the Hello. A nonblocking socket that devd sends down the
+/// First half of the connector side: announce the intent, connect, send the
+/// Hello. A nonblocking socket that devd sends down the
 /// plain path gets the kernel's own nonblocking connect (EINPROGRESS); one
 /// with an intent is connected and greeted blocking (its acceptor is a
 /// registered local listener), then made nonblocking again. The HelloAck
@@ -180,54 +210,86 @@ pub fn connect_start(
     let Some(session) = session else {
         return plain((opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested));
     };
-    let bound = sock
-        .local_addr()?
-        .as_socket()
-        .is_some_and(|a| a.port() != 0);
-    if !bound {
-        sock.bind(&unspecified(&dst).into())?;
-    }
-    let token = match session.request(
+    let (token, pending) = match session.request(
         &Request::Intent {
             dst,
             pref: opts.mode,
         },
         &[fd],
     ) {
-        Ok((Response::Proceed { token }, _)) => token,
+        Ok((Response::Proceed { token, attachment }, fds)) => {
+            (token, (Response::Attached(attachment), fds))
+        }
         Ok((Response::Kernel { reason }, _)) => return plain(Some(reason)),
         Ok(_) | Err(_) => {
             report(Some(session), FallbackReason::DevdError);
             return plain(Some(FallbackReason::DevdError));
         }
     };
-    let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
-    if nonblocking {
-        ssock_rings::sys::set_nonblocking(fd, false)?;
+    let greeted = (|| {
+        let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
+        if nonblocking {
+            ssock_rings::sys::set_nonblocking(fd, false)?;
+        }
+        let greeted = sock.connect(&dst.into()).and_then(|()| {
+            let mut w: &Socket = &sock;
+            w.write_all(&codec::hello(token))
+        });
+        if nonblocking {
+            ssock_rings::sys::set_nonblocking(fd, true)?;
+        }
+        greeted
+    })();
+    if let Err(e) = greeted {
+        release(session, &pending);
+        return Err(e);
     }
-    let greeted = sock.connect(&dst.into()).and_then(|()| {
-        let mut w: &Socket = &sock;
-        w.write_all(&codec::hello(token))
-    });
-    if nonblocking {
-        ssock_rings::sys::set_nonblocking(fd, true)?;
-    }
-    greeted?;
-    Ok(Started::HelloSent)
+    Ok(Started::HelloSent(pending))
 }
 
 /// Second half of the connector side: reads the HelloAck (waiting up to
-/// `wait`; None: only if it is there already) and attaches. Ok(None): no
-/// HelloAck yet.
+/// `wait`; None: only if it is there already). Ok(None): no HelloAck yet.
+/// Once it is decided, `pending` (this end, from the intent) is taken: the
+/// outcome carries it, or devd is told it will not be used. Without it (a
+/// process forked before the HelloAck, whose own session must ask), the
+/// end is attached by its socket.
 pub fn connect_finish(
     fd: BorrowedFd<'_>,
     session: &Arc<Session>,
     wait: Option<Duration>,
+    pending: &mut Option<Pending>,
 ) -> io::Result<Option<Outcome>> {
-    let sock = SockRef::from(&fd);
+    let accepted = match read_ack(fd, wait) {
+        Ok(None) => return Ok(None),
+        Ok(Some(a)) => a,
+        Err(e) => {
+            if let Some(p) = pending.take() {
+                release(session, &p);
+            }
+            return Err(e);
+        }
+    };
+    if !accepted {
+        if let Some(p) = pending.take() {
+            release(session, &p);
+        }
+        return Ok(Some(Outcome::Kernel(Some(FallbackReason::Refused))));
+    }
+    let resp = match pending.take() {
+        Some(p) => p,
+        None => session
+            .request(&Request::Attach, &[fd])
+            .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?,
+    };
+    Ok(Some(Outcome::Attached(resp)))
+}
+
+/// Reads the HelloAck: Some(true) ACCEPT, Some(false) KERNEL, None (only
+/// without `wait`) not all there yet.
+fn read_ack(fd: BorrowedFd<'_>, wait: Option<Duration>) -> io::Result<Option<bool>> {
     let mut ack = [0u8; HELLO_LEN];
     match wait {
-        Some(t) => read_exact_within(&sock, &mut ack, t).map_err(|e| {
+        Some(t) => read_exact_within(fd, &mut ack, t).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("ssock: no HelloAck from the acceptor: {e}"),
@@ -246,18 +308,15 @@ pub fn connect_finish(
             ssock_rings::sys::recv(fd, &mut ack, libc::MSG_DONTWAIT)?;
         }
     }
-    if codec::parse_hello_ack(&ack).map_err(io::Error::other)? == ACK_KERNEL {
-        return Ok(Some(Outcome::Kernel(Some(FallbackReason::Refused))));
-    }
-    let resp = session
-        .request(&Request::Attach, &[fd])
-        .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?;
-    Ok(Some(Outcome::Attached(resp)))
+    Ok(Some(
+        codec::parse_hello_ack(&ack).map_err(io::Error::other)? != ACK_KERNEL,
+    ))
 }
 
 /// Acceptor side on `fd`, a freshly accepted blocking socket of a listener
 /// registered with `session`: claim the intent (none: a plain peer, served
-/// at once), read the Hello (bounded), pair, answer with the HelloAck.
+/// at once; devd hands this end over with the claim), read the Hello
+/// (bounded), answer with the HelloAck.
 pub fn accept_on(
     session: &Arc<Session>,
     fd: BorrowedFd<'_>,
@@ -271,16 +330,25 @@ fn accept_inner(
     fd: BorrowedFd<'_>,
     opts: &Options,
 ) -> io::Result<Accepted> {
-    let sock = SockRef::from(&fd);
-    let token = match session.request(&Request::Claim, &[fd]) {
-        Ok((Response::Expect { token }, _)) => token,
+    // Ok: this side's end; Err: devd said kernel TCP (and counted why).
+    let (token, end) = match session.request(&Request::Claim, &[fd]) {
+        Ok((Response::Expect { token, attachment }, fds)) => {
+            (token, Ok((Response::Attached(attachment), fds)))
+        }
+        Ok((Response::ExpectKernel { token, reason }, _)) => (token, Err(reason)),
         _ => return Ok(Accepted::Kernel(None)),
     };
+    let drop_end = |why: FallbackReason| {
+        if let Ok(p) = &end {
+            release(session, p);
+        }
+        report(Some(session), why);
+        Ok(Accepted::Dropped)
+    };
     let mut hello = [0u8; HELLO_LEN];
-    if let Err(e) = read_exact_within(&sock, &mut hello, opts.hello_timeout) {
+    if let Err(e) = read_exact_within(fd, &mut hello, opts.hello_timeout) {
         log::warn!("announced peer sent no Hello ({e}); dropping the connection");
-        report(Some(session), FallbackReason::HelloTimeout);
-        return Ok(Accepted::Dropped);
+        return drop_end(FallbackReason::HelloTimeout);
     }
     match codec::parse_hello(&hello) {
         Ok(t) if t == token => {}
@@ -290,28 +358,27 @@ fn accept_inner(
                 _ => FallbackReason::BadHello,
             };
             log::warn!("announced peer sent a bad Hello; dropping the connection");
-            report(Some(session), reason);
-            return Ok(Accepted::Dropped);
+            return drop_end(reason);
         }
     }
+    let sock = SockRef::from(&fd);
     let mut w: &Socket = &sock;
-    let paired = session.request(&Request::Pair { token }, &[fd]);
-    if let Ok((Response::Kernel { reason }, _)) = paired {
-        // devd's policy said no (and counted it): the Hello is consumed,
-        // the connector is told to stay on kernel TCP.
-        w.write_all(&codec::hello_ack(ACK_KERNEL))?;
-        return Ok(Accepted::Kernel(Some(reason)));
-    }
-    match paired
-        .map_err(io::Error::other)
-        .and_then(|r| attach(session, r))
-    {
+    let end = match end {
+        Ok(end) => end,
+        Err(reason) => {
+            // devd's policy said no: the Hello is consumed, the connector
+            // is told to stay on kernel TCP.
+            w.write_all(&codec::hello_ack(ACK_KERNEL))?;
+            return Ok(Accepted::Kernel(Some(reason)));
+        }
+    };
+    match attach(session, end) {
         Ok(t) => {
             w.write_all(&codec::hello_ack(ACK_ACCEPT))?;
             Ok(Accepted::Attached(t))
         }
         Err(e) => {
-            log::warn!("pairing failed ({e}); staying on kernel TCP");
+            log::warn!("attaching failed ({e}); staying on kernel TCP");
             report(Some(session), FallbackReason::DevdError);
             w.write_all(&codec::hello_ack(ACK_KERNEL))?;
             Ok(Accepted::Kernel(Some(FallbackReason::DevdError)))

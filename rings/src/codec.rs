@@ -1,4 +1,4 @@
-//! The control-message codec (protocol version 1): what clients and devd
+//! The control-message codec (protocol version [`CTL_VERSION`]): what clients and devd
 //! say to each other over the SOCK_SEQPACKET control socket.
 //!
 //! Frame: `magic u32 | version u16 | type u16 | body_len u32 | body`, all
@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 2;
+pub const CTL_VERSION: u16 = 3;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -219,6 +219,16 @@ pub struct Attachment {
     pub geom_b: u64,
 }
 
+impl Attachment {
+    /// Number of fds that travel with it.
+    pub fn fd_count(&self) -> usize {
+        match self.mode {
+            Mode::Direct => 5,
+            _ => 3,
+        }
+    }
+}
+
 /// Client -> devd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -231,7 +241,7 @@ pub enum Request {
     Listen,
     /// Forget a listener. fds: [listening socket].
     Unlisten,
-    /// About to connect the bound socket to `dst`. fds: [the socket].
+    /// About to connect the socket to `dst`. fds: [the socket].
     Intent {
         /// Destination address.
         dst: SocketAddr,
@@ -240,13 +250,8 @@ pub enum Request {
     },
     /// An accepted socket: is there an intent for it? fds: [accepted socket].
     Claim,
-    /// Hello verified: create the connection. fds: [accepted socket].
-    Pair {
-        /// Token from the Hello.
-        token: u64,
-    },
-    /// Map this socket's connection (connector after HelloAck, exec'd
-    /// images, fd receivers). fds: [socket].
+    /// Map this socket's connection (exec'd images, fd receivers, a
+    /// connector forked before its HelloAck). fds: [socket].
     Attach,
     /// This process is done with its end of the connection (it closed it).
     Release {
@@ -286,20 +291,36 @@ pub enum Response {
     },
     /// Done.
     Ok,
-    /// Intent accepted: send a Hello with `token` after connecting.
+    /// Intent accepted, the connection created: send a Hello with `token`
+    /// after connecting; on HelloAck ACCEPT use `attachment` (fds beside
+    /// the frame), on KERNEL release it.
     Proceed {
         /// Token for the Hello.
         token: u64,
+        /// The connector's end.
+        attachment: Attachment,
     },
     /// Stay on kernel TCP.
     Kernel {
         /// Why.
         reason: FallbackReason,
     },
-    /// Claim found an intent: read a Hello carrying `token`.
+    /// Claim found an intent: read a Hello carrying `token`, answer
+    /// HelloAck ACCEPT and use `attachment` (fds beside the frame).
     Expect {
         /// Token to expect.
         token: u64,
+        /// The acceptor's end.
+        attachment: Attachment,
+    },
+    /// Claim found an intent but this side may not accelerate it (policy,
+    /// caps, resources): read the Hello carrying `token` and answer
+    /// HelloAck KERNEL. devd counted the fallback.
+    ExpectKernel {
+        /// Token to expect.
+        token: u64,
+        /// Why.
+        reason: FallbackReason,
     },
     /// The connection's resources (fds beside the frame).
     Attached(Attachment),
@@ -364,6 +385,14 @@ impl W {
             }
         }
         self.u16(a.port())
+    }
+    fn attachment(&mut self, a: &Attachment) -> &mut Self {
+        self.u64(a.conn_id)
+            .u8(a.mode as u8)
+            .u8(a.side as u8)
+            .u64(a.region_size)
+            .u64(a.geom_a)
+            .u64(a.geom_b)
     }
     fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.0.len() - HDR).expect("frame too long");
@@ -460,6 +489,24 @@ impl<'a> R<'a> {
             value: u64::from(v),
         })
     }
+    fn attachment(&mut self) -> Result<Attachment, DecodeError> {
+        let conn_id = self.u64()?;
+        let mode = Mode::from_u8(self.u8()?)?;
+        if mode == Mode::Kernel {
+            return Err(DecodeError::Field {
+                field: "mode",
+                value: 0,
+            });
+        }
+        Ok(Attachment {
+            conn_id,
+            mode,
+            side: Side::from_u8(self.u8()?)?,
+            region_size: self.u64()?,
+            geom_a: self.u64()?,
+            geom_b: self.u64()?,
+        })
+    }
     fn end(&self) -> Result<(), DecodeError> {
         match self.b.len() - self.at {
             0 => Ok(()),
@@ -505,7 +552,7 @@ impl Request {
     pub fn fd_count(&self) -> usize {
         match self {
             Request::Listen | Request::Unlisten | Request::Intent { .. } | Request::Claim => 1,
-            Request::Pair { .. } | Request::Attach => 1,
+            Request::Attach => 1,
             _ => 0,
         }
     }
@@ -526,11 +573,6 @@ impl Request {
                 w.finish()
             }
             Request::Claim => W::new(5).finish(),
-            Request::Pair { token } => {
-                let mut w = W::new(6);
-                w.u64(*token);
-                w.finish()
-            }
             Request::Attach => W::new(7).finish(),
             Request::Release { conn_id, side } => {
                 let mut w = W::new(8);
@@ -567,7 +609,7 @@ impl Request {
                 pref: ModePref::from_u8(r.u8()?)?,
             },
             5 => Request::Claim,
-            6 => Request::Pair { token: r.u64()? },
+            // 6 was Pair (protocol 2).
             7 => Request::Attach,
             8 => Request::Release {
                 conn_id: r.u64()?,
@@ -600,8 +642,9 @@ impl Response {
     /// Number of fds that travel with this response.
     pub fn fd_count(&self) -> usize {
         match self {
-            Response::Attached(a) if a.mode == Mode::Direct => 5,
-            Response::Attached(_) => 3,
+            Response::Attached(a)
+            | Response::Proceed { attachment: a, .. }
+            | Response::Expect { attachment: a, .. } => a.fd_count(),
             _ => 0,
         }
     }
@@ -618,9 +661,9 @@ impl Response {
                 w.finish()
             }
             Response::Ok => W::new(102).finish(),
-            Response::Proceed { token } => {
+            Response::Proceed { token, attachment } => {
                 let mut w = W::new(103);
-                w.u64(*token);
+                w.u64(*token).attachment(attachment);
                 w.finish()
             }
             Response::Kernel { reason } => {
@@ -628,19 +671,19 @@ impl Response {
                 w.u16(*reason as u16);
                 w.finish()
             }
-            Response::Expect { token } => {
+            Response::Expect { token, attachment } => {
                 let mut w = W::new(105);
-                w.u64(*token);
+                w.u64(*token).attachment(attachment);
+                w.finish()
+            }
+            Response::ExpectKernel { token, reason } => {
+                let mut w = W::new(109);
+                w.u64(*token).u16(*reason as u16);
                 w.finish()
             }
             Response::Attached(a) => {
                 let mut w = W::new(106);
-                w.u64(a.conn_id)
-                    .u8(a.mode as u8)
-                    .u8(a.side as u8)
-                    .u64(a.region_size)
-                    .u64(a.geom_a)
-                    .u64(a.geom_b);
+                w.attachment(a);
                 w.finish()
             }
             Response::Stats { json, more } => {
@@ -669,30 +712,22 @@ impl Response {
                 }
             }
             102 => Response::Ok,
-            103 => Response::Proceed { token: r.u64()? },
+            103 => Response::Proceed {
+                token: r.u64()?,
+                attachment: r.attachment()?,
+            },
             104 => Response::Kernel {
                 reason: r.reason()?,
             },
-            105 => Response::Expect { token: r.u64()? },
-            106 => {
-                let conn_id = r.u64()?;
-                let mode = Mode::from_u8(r.u8()?)?;
-                if mode == Mode::Kernel {
-                    return Err(DecodeError::Field {
-                        field: "mode",
-                        value: 0,
-                    });
-                }
-                let side = Side::from_u8(r.u8()?)?;
-                Response::Attached(Attachment {
-                    conn_id,
-                    mode,
-                    side,
-                    region_size: r.u64()?,
-                    geom_a: r.u64()?,
-                    geom_b: r.u64()?,
-                })
-            }
+            105 => Response::Expect {
+                token: r.u64()?,
+                attachment: r.attachment()?,
+            },
+            109 => Response::ExpectKernel {
+                token: r.u64()?,
+                reason: r.reason()?,
+            },
+            106 => Response::Attached(r.attachment()?),
             107 => {
                 let json = r.string("json")?;
                 let more = r.bool("more")?;
@@ -801,7 +836,6 @@ mod tests {
                 pref: ModePref::Auto,
             },
             Request::Claim,
-            Request::Pair { token: 7 },
             Request::Attach,
             Request::Release {
                 conn_id: 9,
@@ -842,11 +876,21 @@ mod tests {
                 default_mode: Mode::Direct,
             },
             Response::Ok,
-            Response::Proceed { token: 5 },
+            Response::Proceed {
+                token: 5,
+                attachment: a,
+            },
             Response::Kernel {
                 reason: FallbackReason::Policy,
             },
-            Response::Expect { token: 6 },
+            Response::Expect {
+                token: 6,
+                attachment: a,
+            },
+            Response::ExpectKernel {
+                token: 7,
+                reason: FallbackReason::Limit,
+            },
             Response::Attached(a),
             Response::Stats {
                 json: "{}".into(),

@@ -88,6 +88,27 @@ fn check_size(size: usize) -> Result<(), LayoutError> {
     Ok(())
 }
 
+/// The common header words as bytes, for devd to write at offset 0 of a
+/// new region without mapping it (the holder counts after them stay 0).
+pub fn header_bytes(
+    kind: RegionKind,
+    size: usize,
+    conn_id: u64,
+    geom_a: u64,
+    geom_b: u64,
+) -> [u8; hdr::HOLDERS] {
+    let mut b = [0u8; hdr::HOLDERS];
+    let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+    put(hdr::MAGIC, &REGION_MAGIC.to_le_bytes());
+    put(hdr::VERSION, &REGION_VERSION.to_le_bytes());
+    put(hdr::KIND, &(kind as u32).to_le_bytes());
+    put(hdr::SIZE, &(size as u64).to_le_bytes());
+    put(hdr::CONN_ID, &conn_id.to_le_bytes());
+    put(hdr::GEOM_A, &geom_a.to_le_bytes());
+    put(hdr::GEOM_B, &geom_b.to_le_bytes());
+    b
+}
+
 /// Writes the common header words (done by devd when it creates a region).
 /// `size` is the whole region's size (the mapping may cover only the header).
 pub fn write_header(

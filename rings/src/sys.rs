@@ -45,6 +45,52 @@ pub fn memfd_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Writes all of `buf` at offset `off` of a file (a region devd has not
+/// mapped: its header).
+pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = libc::off_t::try_from(off + done).map_err(io::Error::other)?;
+        let rest = &buf[done..];
+        // SAFETY: rest is a valid readable buffer of rest.len() bytes.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), at) };
+        match n {
+            n if n > 0 => done += n.unsigned_abs(),
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from offset `off` of a file (devd reading a region's header
+/// words without mapping it).
+pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = libc::off_t::try_from(off + done).map_err(io::Error::other)?;
+        let rest = &mut buf[done..];
+        // SAFETY: rest is a valid writable buffer of rest.len() bytes.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        match n {
+            n if n > 0 => done += n.unsigned_abs(),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks that a received region fd is a memfd sealed against shrinking and
 /// growing, of exactly `size` bytes.
 pub fn check_sealed(fd: BorrowedFd<'_>, size: usize) -> io::Result<()> {
@@ -133,6 +179,12 @@ impl EventFd {
     /// A duplicate of the fd, for passing to another process.
     pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         self.0.try_clone()
+    }
+}
+
+impl From<EventFd> for OwnedFd {
+    fn from(e: EventFd) -> OwnedFd {
+        e.0
     }
 }
 
@@ -299,6 +351,25 @@ impl SeqPacket {
             )
         })?;
         Ok(SeqPacket(fd))
+    }
+
+    /// A connected pair, close-on-exec (for tests of both ends in one
+    /// process).
+    pub fn pair() -> io::Result<(SeqPacket, SeqPacket)> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid out-array of two ints.
+        cvt(unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        })?;
+        // SAFETY: the kernel just returned these two fds to us and nobody
+        // else owns them.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((SeqPacket(a), SeqPacket(b)))
     }
 
     /// Accepts one client, nonblocking and close-on-exec.

@@ -191,7 +191,13 @@ fn garbage_control_messages_get_errors_and_harm_nothing() -> Result<()> {
             v
         },
         Request::Listen.encode(), // needs an fd, carries none
-        Request::Pair { token: 42 }.encode(),
+        Request::Attach.encode(), // the same
+        {
+            // Type 6 was Pair in protocol 2: unknown now.
+            let mut v = Request::Attach.encode();
+            v[6] = 6;
+            v
+        },
     ];
     let mut buf = vec![0u8; 65536];
     for g in &garbage {
@@ -206,12 +212,9 @@ fn garbage_control_messages_get_errors_and_harm_nothing() -> Result<()> {
             "garbage {g:?} got {r:?}"
         );
     }
-    // A Pair for a token nobody claimed, with a real socket: refused.
+    // An Attach for a socket with no connection: refused.
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    sock.send(
-        &Request::Pair { token: 7 }.encode(),
-        &[std::os::fd::AsFd::as_fd(&l)],
-    )?;
+    sock.send(&Request::Attach.encode(), &[std::os::fd::AsFd::as_fd(&l)])?;
     let (n, fds) = sock.recv(&mut buf, 4)?;
     ensure!(matches!(
         Response::decode(&buf[..n], fds.len())?,

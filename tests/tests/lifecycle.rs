@@ -214,3 +214,55 @@ fn every_devd_thread_runs_under_its_seccomp_filters() -> Result<()> {
     ensure!(n == 2, "devd has {n} threads, expected control and engine");
     Ok(())
 }
+
+#[test]
+fn an_acceptor_over_its_cap_answers_kernel_and_both_ends_carry_on_over_tcp() -> Result<()> {
+    // One accelerated end per user: the connector's intent takes it, so the
+    // acceptor (the same user) is over its cap when it claims.
+    let dir = std::env::temp_dir().join(format!("ssock-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("devd.toml");
+    let r = (|| -> Result<()> {
+        std::fs::write(&cfg, "[policy]\nmax_connections_per_user = 1\n")?;
+        let d = Devd::start(&["--config", cfg.to_str().context("path")?])?;
+        let o = opts(&d, ModePref::Direct)?;
+        let (mut acc, mut con) = connected_pair(&o)?;
+        ensure!(
+            acc.mode() == Mode::Kernel && con.mode() == Mode::Kernel,
+            "modes {:?} {:?}",
+            acc.mode(),
+            con.mode()
+        );
+        ensure!(
+            acc.fallback_reason() == Some(ssock_client::FallbackReason::Limit)
+                && con.fallback_reason() == Some(ssock_client::FallbackReason::Refused),
+            "reasons {:?} {:?}",
+            acc.fallback_reason(),
+            con.fallback_reason()
+        );
+        // The Hello and HelloAck were consumed: the application's bytes
+        // are exactly its own, both ways.
+        con.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        acc.read_exact(&mut b)?;
+        ensure!(&b == b"ping", "acceptor read {b:?}");
+        acc.write_all(b"pong")?;
+        con.read_exact(&mut b)?;
+        ensure!(&b == b"pong", "connector read {b:?}");
+        // Nothing stays held: the connector's end went with the refusal,
+        // so the next connection's intent fits the cap again (and is
+        // refused again at its claim, counted as before).
+        let (a2, c2) = connected_pair(&o)?;
+        ensure!(a2.mode() == Mode::Kernel && c2.mode() == Mode::Kernel);
+        let v = d.stats()?;
+        ensure!(v["devd"]["live_connections"] == 0, "{}", v["devd"]);
+        ensure!(
+            v["totals"]["fallbacks"]["limit"] == 2,
+            "totals: {}",
+            v["totals"]
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}

@@ -4,7 +4,8 @@
 //! functions in lib.rs only look fds up and dispatch.
 
 use ssock_client::negotiate::{
-    accept_on, attach, connect_finish, connect_start, register_listener, Accepted, Outcome, Started,
+    accept_on, attach, connect_finish, connect_start, register_listener, Accepted, Outcome,
+    Pending, Started,
 };
 use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::{Options, Session};
@@ -27,7 +28,10 @@ pub const FALLBACK: i32 = -1;
 enum State {
     /// connect() sent the Hello; the HelloAck is read at first use (so a
     /// program that accepts its own connection after connect() works).
-    AwaitAck(Arc<Session>),
+    /// Holds the session and this end, created at the intent (None in a
+    /// process forked before the HelloAck: it attaches through its own
+    /// session instead).
+    AwaitAck(Arc<Session>, Option<Pending>),
     /// Accelerated.
     Up(Box<dyn Transport>),
     /// The acceptor said kernel TCP (or the HelloAck never came): the kernel
@@ -51,10 +55,26 @@ pub struct Sock {
     pub nonblocking: bool,
     /// SO_ERROR already reported the reset.
     error_reported: bool,
+    /// Another process got the socket (fork, exec, fd passing) before the
+    /// HelloAck was read: its end is not ours alone to release.
+    shared: bool,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
     connect_reported: bool,
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        // Closed before the HelloAck was read, and never shared with another
+        // process (which attaches the end by its socket later): devd holds
+        // this end for us until told.
+        if let State::AwaitAck(session, Some(p)) = &self.state {
+            if !self.shared && !session.is_broken() {
+                ssock_client::negotiate::release(session, p);
+            }
+        }
+    }
 }
 
 /// errno for an io::Error.
@@ -106,10 +126,10 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             log::info!("connect to {dst}: kernel TCP ({r:?})");
             Ok(None)
         }
-        Ok(Started::HelloSent) => {
+        Ok(Started::HelloSent(pending)) => {
             let nonblocking = is_nonblocking(fd);
             // A nonblocking connect reported EINPROGRESS, not success.
-            let mut s = Sock::new(State::AwaitAck(session), spin, nonblocking);
+            let mut s = Sock::new(State::AwaitAck(session, Some(pending)), spin, nonblocking);
             s.connect_reported = !nonblocking;
             if !nonblocking {
                 // A blocking connect waits a little for the HelloAck (a
@@ -243,6 +263,7 @@ impl Sock {
             send_busy: false,
             nonblocking,
             error_reported: false,
+            shared: false,
             connect_reported: true,
         }
     }
@@ -250,10 +271,12 @@ impl Sock {
     /// The transport, once negotiation is over. Err(EAGAIN): the HelloAck
     /// has not come yet; Err(FALLBACK): kernel TCP.
     fn up(&mut self, fd: BorrowedFd<'_>) -> Result<&mut Box<dyn Transport>, i32> {
-        if let State::AwaitAck(session) = &self.state {
+        if let State::AwaitAck(session, pending) = &mut self.state {
             // After fork the child's copy of the session is marked broken
-            // (it is the parent's socket): use this process's own.
+            // (it is the parent's socket): use this process's own, and
+            // attach through it (the end from the intent is the parent's).
             let session = if session.is_broken() {
+                *pending = None;
                 Session::global()
             } else {
                 Some(session.clone())
@@ -267,7 +290,7 @@ impl Sock {
                 return Err(FALLBACK);
             };
             let session = &session;
-            let next = match connect_finish(fd, session, None) {
+            let next = match connect_finish(fd, session, None, pending) {
                 Ok(None) => return Err(libc::EAGAIN),
                 Ok(Some(Outcome::Attached(resp))) => match attach(session, resp) {
                     Ok(t) => {
@@ -312,7 +335,7 @@ impl Sock {
         match &mut self.state {
             State::Up(t) => Ok(t),
             State::Kernel => Err(FALLBACK),
-            State::AwaitAck(_) => Err(libc::EAGAIN),
+            State::AwaitAck(..) => Err(libc::EAGAIN),
         }
     }
 
@@ -429,15 +452,17 @@ impl Sock {
     /// the hold and the rings are shared rather than several processes
     /// racing for the HelloAck later.
     pub fn settle(&mut self, fd: BorrowedFd<'_>) {
-        if matches!(self.state, State::AwaitAck(_)) {
+        if matches!(self.state, State::AwaitAck(..)) {
             let _ = self.up(fd);
         }
     }
 
     /// Another process will hold the socket too (fork, or fd passing).
     pub fn fork_hold(&mut self) {
-        if let State::Up(t) = &mut self.state {
-            t.fork_hold();
+        match &mut self.state {
+            State::Up(t) => t.fork_hold(),
+            State::AwaitAck(..) => self.shared = true,
+            State::Kernel => {}
         }
     }
 
@@ -472,7 +497,7 @@ impl Sock {
     /// The spin budget for waits on this socket (none while the HelloAck
     /// is awaited: it arrives on the kernel socket, which a waiter sleeps on).
     pub fn spin(&self) -> Duration {
-        if matches!(self.state, State::AwaitAck(_)) {
+        if matches!(self.state, State::AwaitAck(..)) {
             Duration::ZERO
         } else {
             self.spin
@@ -482,7 +507,7 @@ impl Sock {
     /// Readiness for poll and friends (the kernel socket's, once the
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
-        if !check_peer && matches!(self.state, State::AwaitAck(_)) {
+        if !check_peer && matches!(self.state, State::AwaitAck(..)) {
             // The HelloAck arrives on the kernel socket: looking costs a
             // syscall, so not in a spin loop (only when a waiter is about
             // to sleep, or was woken by that socket).

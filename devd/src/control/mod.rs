@@ -12,12 +12,11 @@ pub mod server;
 use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit};
 use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
-use registry::{canon, Claimed, Conn, DirectRes, End, Intent, QueuedRes, Registry, Res};
+use registry::{canon, Conn, DirectRes, End, Fd, Intent, QueuedRes, Registry, Res};
 use ssock_rings::codec::{
     Attachment, FallbackReason, Mode, ModePref, Request, Response, Side, MAX_FRAME,
 };
 use ssock_rings::layout::{self, DirectLayout, QueuedLayout, RegionKind, FLAG_EOS};
-use ssock_rings::shm::Mapping;
 use ssock_rings::stream;
 use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
@@ -51,11 +50,8 @@ pub enum RequestError {
     #[error("the passed socket is not listening")]
     NotListening,
     /// The socket is not bound to a port yet.
-    #[error("the socket has no local port; bind before announcing an intent")]
+    #[error("the listening socket has no local port")]
     Unbound,
-    /// No such pending pairing.
-    #[error("no claimed intent with that token for this socket")]
-    NoClaim,
     /// No connection for this socket.
     #[error("no accelerated connection for socket inode {0}")]
     NoConnection(u64),
@@ -79,7 +75,7 @@ impl RequestError {
             RequestError::NotSocket(_) | RequestError::Unbound | RequestError::NotListening => {
                 libc::EINVAL
             }
-            RequestError::NoClaim | RequestError::NoConnection(_) => libc::ENOENT,
+            RequestError::NoConnection(_) => libc::ENOENT,
             RequestError::AlreadyAttached(..) => libc::EBUSY,
             RequestError::NotHeld(_) => libc::EPERM,
             RequestError::Resources(_) | RequestError::Device(_) => libc::ENOMEM,
@@ -100,7 +96,8 @@ pub struct Devd {
     violations: Arc<AtomicU64>,
 }
 
-type Reply = (Response, Vec<OwnedFd>);
+/// A reply and the fds that travel with it (devd's own, borrowed for the send).
+type Reply = (Response, Vec<Fd>);
 
 /// Seconds an intent (or a claimed intent) lives. It must outlast the
 /// connector's wait for the HelloAck (`Options::ack_timeout`, 60 s by
@@ -142,7 +139,7 @@ impl Devd {
     }
 
     /// Handles one decoded request from session `sid`.
-    pub fn handle(&mut self, sid: u64, req: Request, fds: Vec<OwnedFd>) -> Reply {
+    pub fn handle(&mut self, sid: u64, req: Request, mut fds: Vec<OwnedFd>) -> Reply {
         let r = match req {
             Request::Hello { .. } => Ok((
                 Response::Welcome {
@@ -153,9 +150,8 @@ impl Devd {
             )),
             Request::Listen => self.listen(sid, &fds[0]),
             Request::Unlisten => self.unlisten(sid, &fds[0]),
-            Request::Intent { dst, pref } => self.intent(sid, &fds[0], dst, pref),
+            Request::Intent { dst, pref } => self.intent(sid, fds.swap_remove(0), dst, pref),
             Request::Claim => self.claim(sid, &fds[0]),
-            Request::Pair { token } => self.pair(sid, &fds[0], token),
             Request::Attach => self.attach(sid, &fds[0]),
             Request::Release { conn_id, side } => self.release(sid, conn_id, side as usize),
             Request::Violation { conn_id } => {
@@ -255,14 +251,11 @@ impl Devd {
     fn intent(
         &mut self,
         sid: u64,
-        fd: &OwnedFd,
+        fd: OwnedFd,
         dst: std::net::SocketAddr,
         pref: ModePref,
     ) -> Result<Reply, RequestError> {
-        let end = self.end(sid, fd)?;
-        if end.addr.port() == 0 {
-            return Err(RequestError::Unbound);
-        }
+        let end = self.end(sid, &fd)?;
         let mode = match pref {
             ModePref::Kernel => return self.kernel(FallbackReason::Requested),
             ModePref::Direct => Mode::Direct,
@@ -275,150 +268,169 @@ impl Devd {
         if self.reg.listener_for(dst).is_none() {
             return self.kernel(FallbackReason::PeerNotEnabled);
         }
-        let s = self.session(sid);
-        if !self.cfg.policy.allows(s.uid, s.gid, dst.port()) {
-            return self.kernel(FallbackReason::Policy);
+        if let Some(reason) = self.refusal(sid, dst.port()) {
+            return self.kernel(reason);
         }
-        let (ends, bytes) = self.reg.usage.get(&s.uid).copied().unwrap_or((0, 0));
-        if ends + 1 > self.cfg.policy.max_connections_per_user
-            || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user
-        {
+        if !self.reg.may_add_intent(sid) {
             return self.kernel(FallbackReason::Limit);
         }
         let mut t = [0u8; 8];
         sys::random(&mut t).map_err(RequestError::Resources)?;
         let token = u64::from_le_bytes(t);
-        let key = (end.addr.port(), canon(dst.ip()), dst.port());
-        let sock = Some(Arc::new(dup(fd)?));
+        // The connection is created now, so that neither the acceptor's
+        // Claim nor the connector after its HelloAck needs another request.
+        let id = self.reg.next_id;
+        self.reg.next_id += 1;
+        let mut res = match mode {
+            Mode::Queued => self.queued_res(id)?,
+            _ => self.direct_res(id)?,
+        };
+        let bytes = match &res {
+            Res::Direct(_) => self.cfg.region_size / 2,
+            Res::Queued(_) => self.cfg.region_size,
+        };
+        let (attachment, fds) = match attachment(&mut res, id, 0) {
+            Ok(a) => a,
+            Err(e) => {
+                self.free_res(id, &res);
+                return Err(e);
+            }
+        };
+        self.reg
+            .charge(end.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
         let intent = Intent {
             token,
             mode,
             end,
             at: Instant::now(),
-            sock,
+            sock: fd,
+            id,
+            res,
+            bytes,
         };
-        self.reg.intents.insert(key, intent);
-        Ok((Response::Proceed { token }, vec![]))
+        for old in self.reg.add_intent((canon(dst.ip()), dst.port()), intent) {
+            self.discard_intent(old);
+        }
+        Ok((Response::Proceed { token, attachment }, fds))
+    }
+
+    /// Why session `sid`'s user may not have one more accelerated end on
+    /// `port`, if it may not (policy, then the user's caps).
+    fn refusal(&self, sid: u64, port: u16) -> Option<FallbackReason> {
+        let s = self.session(sid);
+        if !self.cfg.policy.allows(s.uid, s.gid, port) {
+            return Some(FallbackReason::Policy);
+        }
+        let (ends, bytes) = self.reg.usage.get(&s.uid).copied().unwrap_or((0, 0));
+        (ends + 1 > self.cfg.policy.max_connections_per_user
+            || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user)
+            .then_some(FallbackReason::Limit)
+    }
+
+    /// Frees an intent nobody will claim: refunds its connector's charge
+    /// and drops its resources (their fds close with it).
+    fn discard_intent(&mut self, i: Intent) {
+        self.reg.charge(
+            i.end.uid,
+            -1,
+            -isize::try_from(i.bytes).unwrap_or(isize::MAX),
+        );
+        self.free_res(i.id, &i.res);
+    }
+
+    /// Tells the engine to forget a Queued connection's resources.
+    fn free_res(&self, id: u64, res: &Res) {
+        if let Res::Queued(_) = res {
+            for side in 0..2 {
+                self.engine.send(Cmd::SideGone { id, side });
+            }
+        }
     }
 
     fn claim(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let end = self.end(sid, fd)?;
         let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        let key = (peer.port(), canon(end.addr.ip()), end.addr.port());
-        let here = (canon(end.addr.ip()), end.addr.port());
-        let from = (canon(peer.ip()), peer.port());
-        let intent = self.reg.intents.remove(&key).filter(|i| {
-            // The intent's own socket must be connected to this accepted
-            // socket: a stale intent (its connect failed, and another socket
-            // reused the port) never connected here.
-            let canon_addr = |a: std::net::SocketAddr| (canon(a.ip()), a.port());
-            let Some(sock) = &i.sock else { return false };
-            sys::peer_addr(sock.as_fd()).ok().map(canon_addr) == Some(here)
-                && sys::local_addr(sock.as_fd()).ok().map(canon_addr) == Some(from)
-        });
-        match intent {
-            Some(intent) => {
-                let token = intent.token;
-                // Claimed: the connection exists; holding the connector's
-                // socket longer would only delay its close.
-                let intent = Intent {
-                    sock: None,
-                    ..intent
-                };
-                self.reg.claimed.insert(token, Claimed { intent, end });
-                Ok((Response::Expect { token }, vec![]))
+        let canon_addr = |a: std::net::SocketAddr| (canon(a.ip()), a.port());
+        let here = canon_addr(end.addr);
+        let from = canon_addr(peer);
+        // The intent's own socket must be this accepted socket's peer: its
+        // local address (known now that it has connected) is our peer, and
+        // its peer is our local address. A stale intent (its connect failed,
+        // or went elsewhere) never connected here.
+        let mut local = None;
+        let intent = self.reg.take_intent(here, |i| {
+            let Ok(l) = sys::local_addr(i.sock.as_fd()) else {
+                return false;
+            };
+            let ok = canon_addr(l) == from
+                && sys::peer_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(here);
+            if ok {
+                local = Some(l);
             }
-            // No intent: a plain peer; the acceptor goes on without delay.
-            None => Ok((Response::Ok, vec![])),
-        }
-    }
-
-    fn pair(&mut self, sid: u64, fd: &OwnedFd, token: u64) -> Result<Reply, RequestError> {
-        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        match self.reg.claimed.get(&token) {
-            Some(c) if c.end.inode == inode && c.end.session == sid => {}
-            _ => return Err(RequestError::NoClaim),
-        }
-        let claimed = self
-            .reg
-            .claimed
-            .remove(&token)
-            .ok_or(RequestError::NoClaim)?;
-        // The acceptor's user is held to the same policy and caps.
-        let s = self.session(sid);
-        let (uid, gid) = (s.uid, s.gid);
-        if !self.cfg.policy.allows(uid, gid, claimed.end.addr.port()) {
-            return self.kernel(FallbackReason::Policy);
-        }
-        let (ends, bytes) = self.reg.usage.get(&uid).copied().unwrap_or((0, 0));
-        if ends + 1 > self.cfg.policy.max_connections_per_user
-            || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user
-        {
-            return self.kernel(FallbackReason::Limit);
-        }
-        let mode = claimed.intent.mode;
-        let id = self.reg.next_id;
-        self.reg.next_id += 1;
-        let res = match mode {
-            Mode::Queued => self.queued_res(id),
-            _ => self.direct_res(id),
+            ok
+        });
+        // No intent: a plain peer; the acceptor goes on without delay.
+        let Some(mut intent) = intent else {
+            return Ok((Response::Ok, vec![]));
         };
-        // On failure the acceptor reports the fallback (devd_error).
-        let res = res?;
-        let ends = [claimed.intent.end, claimed.end];
-        let bytes = match &res {
-            Res::Direct(_) => self.cfg.region_size / 2,
-            Res::Queued(_) => self.cfg.region_size,
-        };
-        for e in &ends {
-            self.reg
-                .charge(e.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        let token = intent.token;
+        // The acceptor's user is held to the same policy and caps. Refused,
+        // the acceptor still reads the Hello and answers KERNEL.
+        if let Some(reason) = self.refusal(sid, end.addr.port()) {
+            self.discard_intent(intent);
+            self.totals.fallback(reason);
+            return Ok((Response::ExpectKernel { token, reason }, vec![]));
         }
-        self.reg.by_inode.insert(ends[0].inode, (id, 0));
-        self.reg.by_inode.insert(ends[1].inode, (id, 1));
-        let mode = match res {
-            Res::Direct(_) => Mode::Direct,
-            Res::Queued(_) => Mode::Queued,
+        let (attachment, fds) = match attachment(&mut intent.res, intent.id, 1) {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("connection {}: acceptor's end: {e}", intent.id);
+                self.discard_intent(intent);
+                let reason = FallbackReason::DevdError;
+                self.totals.fallback(reason);
+                return Ok((Response::ExpectKernel { token, reason }, vec![]));
+            }
         };
+        if let Some(l) = local {
+            intent.end.addr = l;
+        }
+        let (id, mode, bytes) = (intent.id, intent.mode, intent.bytes);
+        self.reg
+            .charge(end.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        self.reg.by_inode.insert(intent.end.inode, (id, 0));
+        self.reg.by_inode.insert(end.inode, (id, 1));
         self.totals.created(mode);
+        // Dropping the intent's duplicate of the connector's socket: the
+        // connection exists; holding it longer would only delay its close.
         self.reg.conns.insert(
             id,
             Conn {
                 id,
                 mode,
-                ends,
-                res,
+                ends: [intent.end, end],
+                res: intent.res,
                 bytes,
                 violated: false,
             },
         );
-        self.hand_out(id, 1)
+        Ok((Response::Expect { token, attachment }, fds))
     }
 
     fn direct_res(&mut self, id: u64) -> Result<Res, RequestError> {
         let layout = DirectLayout::for_size(self.cfg.region_size)
             .map_err(|e| RequestError::Resources(io::Error::other(e)))?;
         let memfd = sys::memfd_sealed("direct", layout.size).map_err(RequestError::Resources)?;
-        {
-            let m = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, true)
-                .map_err(RequestError::Resources)?;
-            layout::write_header(
-                &m,
-                RegionKind::Direct,
-                layout.size,
-                id,
-                layout.cap as u64,
-                0,
-            );
-        }
-        let header = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, false)
-            .map_err(RequestError::Resources)?;
-        let bell = || EventFd::new().map_err(RequestError::Resources);
+        let header =
+            layout::header_bytes(RegionKind::Direct, layout.size, id, layout.cap as u64, 0);
+        sys::pwrite_all(memfd.as_fd(), &header, 0).map_err(RequestError::Resources)?;
+        let bell = || -> Result<Fd, RequestError> {
+            let e = EventFd::new().map_err(RequestError::Resources)?;
+            Ok(Arc::new(e.into()))
+        };
         let bells = [[bell()?, bell()?], [bell()?, bell()?]];
         Ok(Res::Direct(DirectRes {
-            memfd,
+            memfd: Arc::new(memfd),
             bells,
-            header,
             layout,
         }))
     }
@@ -433,34 +445,32 @@ impl Devd {
         for _ in 0..2 {
             let memfd =
                 sys::memfd_sealed("queued", layout.size).map_err(RequestError::Resources)?;
-            {
-                let m = Mapping::map(memfd.as_fd(), layout::HEADER_SIZE, true)
-                    .map_err(RequestError::Resources)?;
-                layout::write_header(
-                    &m,
-                    RegionKind::Queued,
-                    layout.size,
-                    id,
-                    u64::from(layout.qsize),
-                    layout.slot as u64,
-                );
-            }
+            let header = layout::header_bytes(
+                RegionKind::Queued,
+                layout.size,
+                id,
+                u64::from(layout.qsize),
+                layout.slot as u64,
+            );
+            sys::pwrite_all(memfd.as_fd(), &header, 0).map_err(RequestError::Resources)?;
             let region = DeviceRegion::new(dup(&memfd)?, layout).map_err(RequestError::Device)?;
             let kick = EventFd::new().map_err(RequestError::Resources)?;
             let call = EventFd::new().map_err(RequestError::Resources)?;
-            kicks.push(dup(&kick)?);
-            calls.push(dup(&call)?);
+            kicks.push(Arc::new(dup(&kick)?));
+            calls.push(Arc::new(dup(&call)?));
             memfds.push(Some(memfd));
             inits.push(SideInit { region, kick, call });
         }
         let counters = Arc::new(QueuedCounters::default());
-        let [a, b]: [SideInit; 2] = inits.try_into().map_err(|_| RequestError::NoClaim)?;
+        let [a, b]: [SideInit; 2] = inits
+            .try_into()
+            .map_err(|_| RequestError::Resources(io::Error::other("queued sides")))?;
         self.engine.send(Cmd::Add {
             id,
             sides: Box::new([a, b]),
             counters: counters.clone(),
         });
-        let two = |v: Vec<OwnedFd>| -> [OwnedFd; 2] {
+        let two = |v: Vec<Fd>| -> [Fd; 2] {
             let mut it = v.into_iter();
             [it.next().expect("two fds"), it.next().expect("two fds")]
         };
@@ -481,47 +491,8 @@ impl Devd {
             .conns
             .get_mut(&id)
             .ok_or(RequestError::NoConnection(0))?;
-        let side = if e == 0 {
-            Side::Connector
-        } else {
-            Side::Acceptor
-        };
-        match &mut conn.res {
-            Res::Direct(d) => {
-                let (own, peer) = (&d.bells[e], &d.bells[1 - e]);
-                let fds = vec![
-                    dup(&d.memfd)?,
-                    dup(&own[0])?,
-                    dup(&own[1])?,
-                    dup(&peer[0])?,
-                    dup(&peer[1])?,
-                ];
-                let a = Attachment {
-                    conn_id: id,
-                    mode: Mode::Direct,
-                    side,
-                    region_size: d.layout.size as u64,
-                    geom_a: d.layout.cap as u64,
-                    geom_b: 0,
-                };
-                Ok((Response::Attached(a), fds))
-            }
-            Res::Queued(q) => {
-                let memfd = q.memfd[e]
-                    .take()
-                    .ok_or(RequestError::AlreadyAttached(id, e))?;
-                let fds = vec![memfd, dup(&q.kick[e])?, dup(&q.call[e])?];
-                let a = Attachment {
-                    conn_id: id,
-                    mode: Mode::Queued,
-                    side,
-                    region_size: q.layout.size as u64,
-                    geom_a: u64::from(q.layout.qsize),
-                    geom_b: q.layout.slot as u64,
-                };
-                Ok((Response::Attached(a), fds))
-            }
-        }
+        let (a, fds) = attachment(&mut conn.res, id, e)?;
+        Ok((Response::Attached(a), fds))
     }
 
     fn attach(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
@@ -553,6 +524,20 @@ impl Devd {
     }
 
     fn release(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
+        if e == 0 && !self.reg.conns.contains_key(&id) {
+            // A connector letting go of an intent nobody claimed (its
+            // connect failed, or the acceptor answered KERNEL).
+            let gone = self
+                .reg
+                .retain_intents(|i| i.id != id || i.end.session != sid);
+            if gone.is_empty() {
+                return Err(RequestError::NotHeld(id));
+            }
+            for i in gone {
+                self.discard_intent(i);
+            }
+            return Ok((Response::Ok, vec![]));
+        }
         let conn = self.reg.conns.get(&id).ok_or(RequestError::NotHeld(id))?;
         if conn.ends[e].session != sid || conn.ends[e].released {
             return Err(RequestError::NotHeld(id));
@@ -590,10 +575,9 @@ impl Devd {
     pub fn end_session(&mut self, sid: u64) {
         self.sessions.remove(&sid);
         self.reg.listeners.retain(|_, l| l.session != sid);
-        self.reg.intents.retain(|_, i| i.end.session != sid);
-        self.reg
-            .claimed
-            .retain(|_, c| c.end.session != sid && c.intent.end.session != sid);
+        for i in self.reg.retain_intents(|i| i.end.session != sid) {
+            self.discard_intent(i);
+        }
         let held: Vec<(u64, usize)> = self
             .reg
             .conns
@@ -640,7 +624,9 @@ impl Devd {
 
     /// Drops stale intents.
     pub fn expire(&mut self) {
-        self.reg.expire(Instant::now(), INTENT_TTL_S);
+        for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
+            self.discard_intent(i);
+        }
     }
 
     /// Whether some end waits out its orphan grace (the control loop then
@@ -733,6 +719,51 @@ impl Devd {
     }
 }
 
+/// End `e`'s attachment of connection `id` and the fds that go with it.
+fn attachment(res: &mut Res, id: u64, e: usize) -> Result<(Attachment, Vec<Fd>), RequestError> {
+    let side = if e == 0 {
+        Side::Connector
+    } else {
+        Side::Acceptor
+    };
+    match res {
+        Res::Direct(d) => {
+            let (own, peer) = (&d.bells[e], &d.bells[1 - e]);
+            let fds = vec![
+                d.memfd.clone(),
+                own[0].clone(),
+                own[1].clone(),
+                peer[0].clone(),
+                peer[1].clone(),
+            ];
+            let a = Attachment {
+                conn_id: id,
+                mode: Mode::Direct,
+                side,
+                region_size: d.layout.size as u64,
+                geom_a: d.layout.cap as u64,
+                geom_b: 0,
+            };
+            Ok((a, fds))
+        }
+        Res::Queued(q) => {
+            let memfd = q.memfd[e]
+                .take()
+                .ok_or(RequestError::AlreadyAttached(id, e))?;
+            let fds = vec![Arc::new(memfd), q.kick[e].clone(), q.call[e].clone()];
+            let a = Attachment {
+                conn_id: id,
+                mode: Mode::Queued,
+                side,
+                region_size: q.layout.size as u64,
+                geom_a: u64::from(q.layout.qsize),
+                geom_b: q.layout.slot as u64,
+            };
+            Ok((a, fds))
+        }
+    }
+}
+
 fn conn_json(c: &Conn) -> ConnJson {
     let state = if c.ends.iter().any(|e| e.released) {
         "closing"
@@ -743,9 +774,13 @@ fn conn_json(c: &Conn) -> ConnJson {
     let (local, remote) = (c.ends[0].addr.to_string(), c.ends[1].addr.to_string());
     match &c.res {
         Res::Direct(d) => {
+            // A region that cannot be read shows zeros (never happens: devd
+            // owns the memfd).
+            let mut header = vec![0u8; layout::HEADER_SIZE];
+            let _ = sys::pread_exact(d.memfd.as_fd(), &mut header, 0);
             let snaps = [
-                stream::snapshot(&d.header, d.layout, 0),
-                stream::snapshot(&d.header, d.layout, 1),
+                stream::snapshot(&header, d.layout, 0),
+                stream::snapshot(&header, d.layout, 1),
             ];
             let fill = |s: &stream::DirSnapshot| s.head.saturating_sub(s.tail);
             let rings = snaps
@@ -828,4 +863,174 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssock_hwbackends::loopback::Loopback;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    /// A control plane with `policy` (TOML lines of the [policy] table)
+    /// and one session (id 1) for this process.
+    fn devd(policy: &str) -> Devd {
+        let cfg = Config::from_toml(&format!("[policy]\n{policy}"), Config::user()).unwrap();
+        let violations = Arc::new(AtomicU64::new(0));
+        let engine =
+            engine::spawn(Box::new(Loopback::default()), violations.clone(), None).unwrap();
+        let mut d = Devd::new(cfg, engine, "loopback", violations);
+        let (sock, _peer) = sys::SeqPacket::pair().unwrap();
+        d.add_session(
+            1,
+            Session {
+                sock,
+                pid: std::process::id() as i32,
+                uid: sys::uid(),
+                gid: 0,
+            },
+        );
+        d
+    }
+
+    fn listener(d: &mut Devd) -> TcpListener {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let r = d.handle(
+            1,
+            Request::Listen,
+            vec![l.as_fd().try_clone_to_owned().unwrap()],
+        );
+        assert_eq!(r.0, Response::Ok);
+        l
+    }
+
+    fn socket() -> socket2::Socket {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap()
+    }
+
+    fn intent(d: &mut Devd, s: &socket2::Socket, dst: SocketAddr) -> Reply {
+        let fd = s.as_fd().try_clone_to_owned().unwrap();
+        d.handle(
+            1,
+            Request::Intent {
+                dst,
+                pref: ModePref::Direct,
+            },
+            vec![fd],
+        )
+    }
+
+    fn claim(d: &mut Devd, accepted: &TcpStream) -> Reply {
+        let fd = accepted.as_fd().try_clone_to_owned().unwrap();
+        d.handle(1, Request::Claim, vec![fd])
+    }
+
+    #[test]
+    fn an_intent_creates_the_connection_and_its_claim_hands_out_the_other_end() {
+        let mut d = devd("");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        // Two connectors announce themselves to the same listener; only
+        // the second connects. The claim must find the second's intent by
+        // its socket, not take the first.
+        let (s1, s2) = (socket(), socket());
+        let (r1, f1) = intent(&mut d, &s1, dst);
+        let (r2, f2) = intent(&mut d, &s2, dst);
+        let (
+            Response::Proceed { token: t1, .. },
+            Response::Proceed {
+                token: t2,
+                attachment,
+            },
+        ) = (&r1, &r2)
+        else {
+            panic!("intents refused: {r1:?} {r2:?}");
+        };
+        assert_ne!(t1, t2);
+        assert_eq!((f1.len(), f2.len()), (5, 5));
+        assert_eq!(attachment.side, Side::Connector);
+        s2.connect(&dst.into()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let (r, fds) = claim(&mut d, &a);
+        match r {
+            Response::Expect {
+                token,
+                attachment: b,
+            } => {
+                assert_eq!(token, *t2);
+                assert_eq!(b.conn_id, attachment.conn_id);
+                assert_eq!(b.side, Side::Acceptor);
+                // The same region for both ends.
+                let ino = |f: &Fd| sys::fstat(f.as_fd()).unwrap().st_ino;
+                assert_eq!(ino(&fds[0]), ino(&f2[0]));
+            }
+            r => panic!("claim: {r:?}"),
+        }
+        assert_eq!(d.reg.conns.len(), 1);
+        // The first intent still waits; a second claim of the same socket
+        // finds nothing (plain).
+        assert_eq!(d.reg.intents_of.get(&1), Some(&1));
+        assert_eq!(claim(&mut d, &a).0, Response::Ok);
+    }
+
+    #[test]
+    fn unclaimed_intents_give_back_what_they_held() {
+        let mut d = devd("max_connections_per_user = 2");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        let s: Vec<_> = (0..3).map(|_| socket()).collect();
+        let id = |r: &Reply| match r.0 {
+            Response::Proceed { attachment, .. } => attachment.conn_id,
+            ref r => panic!("refused: {r:?}"),
+        };
+        let first = id(&intent(&mut d, &s[0], dst));
+        id(&intent(&mut d, &s[1], dst));
+        // The cap counts the connectors' ends of unclaimed intents.
+        assert_eq!(
+            intent(&mut d, &s[2], dst).0,
+            Response::Kernel {
+                reason: FallbackReason::Limit
+            }
+        );
+        // Its connect failed: the connector releases its end.
+        let r = d.handle(
+            1,
+            Request::Release {
+                conn_id: first,
+                side: Side::Connector,
+            },
+            vec![],
+        );
+        assert_eq!(r.0, Response::Ok);
+        id(&intent(&mut d, &s[2], dst));
+        // A session that ends gives back all of its intents.
+        d.end_session(1);
+        assert!(d.reg.intents.is_empty() && d.reg.intents_of.is_empty());
+        assert!(d.reg.usage.is_empty(), "usage left: {:?}", d.reg.usage);
+    }
+
+    #[test]
+    fn an_acceptor_over_its_cap_is_told_to_answer_kernel_and_the_end_is_freed() {
+        // One end per user: the connector's intent takes it, so the
+        // acceptor (the same user here) is over its cap at the claim.
+        let mut d = devd("max_connections_per_user = 1");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let Response::Proceed { token, .. } = intent(&mut d, &s, dst).0 else {
+            panic!("intent refused");
+        };
+        s.connect(&dst.into()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let (r, fds) = claim(&mut d, &a);
+        assert_eq!(
+            r,
+            Response::ExpectKernel {
+                token,
+                reason: FallbackReason::Limit
+            }
+        );
+        assert!(fds.is_empty());
+        assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
+        assert_eq!(d.totals.fallbacks.get(&FallbackReason::Limit), Some(&1));
+    }
 }

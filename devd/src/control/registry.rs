@@ -4,8 +4,6 @@
 use crate::stats::QueuedCounters;
 use ssock_rings::codec::Mode;
 use ssock_rings::layout::{DirectLayout, QueuedLayout};
-use ssock_rings::shm::Mapping;
-use ssock_rings::sys::EventFd;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -23,10 +21,16 @@ pub struct Listener {
     pub dual_stack: bool,
 }
 
-/// Key under which an intent waits for its accept: (connector port,
-/// destination ip, destination port), exactly as the acceptor sees it as
-/// (peer port, local ip, local port).
-pub type IntentKey = (u16, IpAddr, u16);
+/// Key under which intents wait for their accept: the destination (ip
+/// after [`canon`], port), as the acceptor sees its local address. The
+/// connector's port is not part of it: the connector does not bind before
+/// connecting (an explicit bind to port 0 searches the bind table, which
+/// thousands of TIME_WAIT sockets make slow), so its port is known only
+/// once it has connected, and Claim reads it from devd's duplicate then.
+pub type IntentKey = (IpAddr, u16);
+
+/// Pending intents one session may have; more are refused (limit).
+pub const MAX_INTENTS_PER_SESSION: usize = 4096;
 
 /// Normalizes an address as both ends of a local TCP connection see it.
 pub fn canon(ip: IpAddr) -> IpAddr {
@@ -41,8 +45,9 @@ pub fn canon(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// A connector's announced connection.
-#[derive(Debug, Clone)]
+/// A connector's announced connection, created (its region and doorbells
+/// exist, the connector holds its end) but not yet claimed by an acceptor.
+#[derive(Debug)]
 pub struct Intent {
     /// Token the Hello will carry.
     pub token: u64,
@@ -56,8 +61,13 @@ pub struct Intent {
     /// be the accepted socket (a stale intent's socket never connected
     /// there), and holding it keeps the port from being reused by another
     /// socket until the intent is claimed or expires.
-    /// None once claimed: the connection exists, the hold is over.
-    pub sock: Option<Arc<OwnedFd>>,
+    pub sock: OwnedFd,
+    /// The connection's id.
+    pub id: u64,
+    /// Its resources.
+    pub res: Res,
+    /// Region bytes charged to each end's user.
+    pub bytes: usize,
 }
 
 /// One end of a connection.
@@ -82,26 +92,19 @@ pub struct End {
     pub orphaned: Option<Instant>,
 }
 
-/// An intent claimed by an acceptor, waiting for Pair.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// The intent.
-    pub intent: Intent,
-    /// Acceptor's end.
-    pub end: End,
-}
+/// An fd devd keeps and also sends (replies borrow it: no duplicate).
+pub type Fd = Arc<OwnedFd>;
 
-/// Resources of a Direct connection.
+/// Resources of a Direct connection. devd does not map the region: it
+/// wrote the header with pwrite and reads the ring words with pread.
 #[derive(Debug)]
 pub struct DirectRes {
     /// The region (kept to attach exec'd images and fd receivers).
-    pub memfd: OwnedFd,
-    /// Eventfd per end [connector, acceptor].
-    /// Doorbells per end [connector, acceptor], each [read, write]: data
-    /// arrived / space freed, so a reader and a writer never share one.
-    pub bells: [[EventFd; 2]; 2],
-    /// Read-only view of the header page, for stats.
-    pub header: Mapping,
+    pub memfd: Fd,
+    /// Doorbells (eventfds) per end [connector, acceptor], each [read,
+    /// write]: data arrived / space freed, so a reader and a writer never
+    /// share one.
+    pub bells: [[Fd; 2]; 2],
     /// Geometry.
     pub layout: DirectLayout,
 }
@@ -112,9 +115,9 @@ pub struct QueuedRes {
     /// Each side's region (handed out once at attach).
     pub memfd: [Option<OwnedFd>; 2],
     /// Client -> devd doorbells (devd's copies are with the engine).
-    pub kick: [OwnedFd; 2],
+    pub kick: [Fd; 2],
     /// devd -> client interrupts.
-    pub call: [OwnedFd; 2],
+    pub call: [Fd; 2],
     /// Geometry (same for both sides).
     pub layout: QueuedLayout,
     /// Counters shared with the engine.
@@ -152,10 +155,11 @@ pub struct Conn {
 pub struct Registry {
     /// Listeners by socket inode.
     pub listeners: HashMap<u64, Listener>,
-    /// Intents awaiting their accept.
-    pub intents: HashMap<IntentKey, Intent>,
-    /// Claimed intents awaiting Pair, by token.
-    pub claimed: HashMap<u64, Claimed>,
+    /// Intents awaiting their accept (use the `*_intent*` methods, which
+    /// keep `intents_of` in step).
+    pub intents: HashMap<IntentKey, Vec<Intent>>,
+    /// Number of pending intents by session.
+    pub intents_of: HashMap<u64, usize>,
     /// Live connections by id (ordered for paging).
     pub conns: BTreeMap<u64, Conn>,
     /// (connection id, end) by socket inode.
@@ -195,12 +199,72 @@ impl Registry {
         }
     }
 
-    /// Drops intents and claims older than `max_age_s`.
-    pub fn expire(&mut self, now: Instant, max_age_s: u64) {
-        self.intents
-            .retain(|_, i| now.duration_since(i.at).as_secs() < max_age_s);
-        self.claimed
-            .retain(|_, c| now.duration_since(c.intent.at).as_secs() < max_age_s);
+    /// Whether session `sid` may announce one more intent.
+    pub fn may_add_intent(&self, sid: u64) -> bool {
+        self.intents_of.get(&sid).copied().unwrap_or(0) < MAX_INTENTS_PER_SESSION
+    }
+
+    /// Stores an intent under `key`; returns the earlier intent of the same
+    /// socket it replaces, if any (the caller frees it).
+    pub fn add_intent(&mut self, key: IntentKey, intent: Intent) -> Vec<Intent> {
+        let inode = intent.end.inode;
+        let replaced = self.retain_intents(|i| i.end.inode != inode);
+        *self.intents_of.entry(intent.end.session).or_default() += 1;
+        self.intents.entry(key).or_default().push(intent);
+        replaced
+    }
+
+    /// Removes and returns the first intent under `key` that `ok` accepts.
+    pub fn take_intent(
+        &mut self,
+        key: IntentKey,
+        ok: impl FnMut(&Intent) -> bool,
+    ) -> Option<Intent> {
+        let list = self.intents.get_mut(&key)?;
+        let i = list.iter().position(ok)?;
+        let intent = list.swap_remove(i);
+        if list.is_empty() {
+            self.intents.remove(&key);
+        }
+        self.uncount(intent.end.session, 1);
+        Some(intent)
+    }
+
+    /// Keeps only the intents `keep` accepts; returns the others (the
+    /// caller frees them).
+    #[must_use]
+    pub fn retain_intents(&mut self, keep: impl Fn(&Intent) -> bool) -> Vec<Intent> {
+        let mut gone = Vec::new();
+        for list in self.intents.values_mut() {
+            let mut i = 0;
+            while i < list.len() {
+                if keep(&list[i]) {
+                    i += 1;
+                } else {
+                    gone.push(list.swap_remove(i));
+                }
+            }
+        }
+        self.intents.retain(|_, list| !list.is_empty());
+        for i in &gone {
+            self.uncount(i.end.session, 1);
+        }
+        gone
+    }
+
+    fn uncount(&mut self, sid: u64, n: usize) {
+        if let Some(c) = self.intents_of.get_mut(&sid) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.intents_of.remove(&sid);
+            }
+        }
+    }
+
+    /// Removes and returns the intents older than `max_age_s`.
+    #[must_use]
+    pub fn expire(&mut self, now: Instant, max_age_s: u64) -> Vec<Intent> {
+        self.retain_intents(|i| now.duration_since(i.at).as_secs() < max_age_s)
     }
 }
 

@@ -173,7 +173,7 @@ fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
     true
 }
 
-fn reply(devd: &Devd, sid: u64, r: &Response, fds: &[OwnedFd]) -> bool {
+fn reply(devd: &Devd, sid: u64, r: &Response, fds: &[std::sync::Arc<OwnedFd>]) -> bool {
     let Some(sock) = devd.session_sock(sid) else {
         return false;
     };

@@ -4,6 +4,7 @@
 //! ```text
 //! ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
 //!             [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
+//!             [--only TEXT] [--transports LIST]
 //! ```
 //! - ping-pong, 1 B to 64 KiB in powers of two: the half round trip of
 //!   every message (one clock read per round trip, warm-up excluded), as
@@ -48,7 +49,7 @@ use std::time::{Duration, Instant};
 const USAGE: &str =
     "usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
                    [--raw] [--json-out FILE] [--plot FILE.png] [--no-pin]
-                   [--devd private|existing]
+                   [--devd private|existing] [--only TEXT] [--transports LIST]
   --rounds N      rounds, each runs every test on every transport (default 5)
   --quick         about 1/20 of the work per test (CI)
   --clients N     connections of the hot-spot and multi-stream tests (default 8)
@@ -973,6 +974,29 @@ impl Plan {
     }
 }
 
+/// The tests whose name contains `text`, their rows renumbered.
+fn only(rows: Vec<Row>, jobs: Vec<Scheduled>, text: &str) -> (Vec<Row>, Vec<Scheduled>) {
+    let wanted: Vec<Scheduled> = jobs
+        .into_iter()
+        .filter(|s| rows[s.row].test.contains(text))
+        .collect();
+    let mut slot: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+    let mut kept = Vec::new();
+    let mut take = |i: usize| {
+        let r = slot[i].take().expect("a row belongs to one test");
+        push(&mut kept, r)
+    };
+    let jobs = wanted
+        .into_iter()
+        .map(|s| Scheduled {
+            row: take(s.row),
+            cpu_row: s.cpu_row.map(&mut take),
+            ..s
+        })
+        .collect();
+    (kept, jobs)
+}
+
 fn push(rows: &mut Vec<Row>, r: Row) -> usize {
     rows.push(r);
     rows.len() - 1
@@ -1015,6 +1039,8 @@ struct Args {
     json_out: Option<PathBuf>,
     pin: bool,
     devd: String,
+    only: Option<String>,
+    transports: Vec<Transport>,
 }
 
 fn parse(args: &[String]) -> Result<Option<Args>> {
@@ -1030,6 +1056,8 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         pin: true,
         json_out: None,
         devd: "private".into(),
+        only: None,
+        transports: TRANSPORTS.to_vec(),
     };
     let mut it = args.iter();
     while let Some(x) = it.next() {
@@ -1045,6 +1073,19 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
             "--plot" => a.plot = Some(it.next().context("--plot FILE.png")?.into()),
             "--json-out" => a.json_out = Some(it.next().context("--json-out FILE")?.into()),
             "--devd" => a.devd = it.next().context("--devd private|existing")?.clone(),
+            "--only" => a.only = Some(it.next().context("--only TEXT")?.clone()),
+            "--transports" => {
+                let list = it.next().context("--transports LIST")?;
+                a.transports = list
+                    .split(',')
+                    .map(|n| {
+                        TRANSPORTS
+                            .into_iter()
+                            .find(|t| t.name() == n)
+                            .with_context(|| format!("--transports: unknown transport {n}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -1115,12 +1156,22 @@ fn bench(args: &[String]) -> Result<()> {
             clients: a.clients,
         };
         let plan = Plan::new(a.quick, a.clients);
-        let (mut rows, jobs) = plan.schedule();
+        let (mut rows, mut jobs) = plan.schedule();
+        if let Some(text) = &a.only {
+            (rows, jobs) = only(rows, jobs, text);
+            ensure!(
+                !jobs.is_empty(),
+                "--only {text}: no test has that in its name"
+            );
+        }
         let t_run = Instant::now();
         let r = (|| -> Result<()> {
             for _ in 0..a.rounds {
                 for s in &jobs {
                     for (ti, &t) in TRANSPORTS.iter().enumerate() {
+                        if !a.transports.contains(&t) {
+                            continue;
+                        }
                         let m = run_job(&x, s.job, t)
                             .with_context(|| format!("{} {}", t.name(), rows[s.row].test))?;
                         record(&mut rows, s, ti, m);

@@ -82,13 +82,10 @@ fn build(
     };
     t.map_err(|why| {
         // This end will not be used: devd releases it at once.
-        let _ = session.request(
-            &Request::Release {
-                conn_id: a.conn_id,
-                side: a.side,
-            },
-            &[],
-        );
+        let _ = session.post(&Request::Release {
+            conn_id: a.conn_id,
+            side: a.side,
+        });
         io::Error::other(why)
     })
 }
@@ -113,10 +110,19 @@ pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Bo
 
 /// Reads exactly `buf.len()` bytes from `fd` within `timeout`, blocking
 /// or not: what is there already costs one recv, and the socket's own
-/// receive timeout (it may be the application's) is left alone. A timeout
-/// is a WouldBlock error, the end of the stream an UnexpectedEof one.
-fn read_exact_within(fd: BorrowedFd<'_>, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
+/// receive timeout (it may be the application's) is left alone. For the
+/// first `spin` it polls with recv (a local peer usually answers within
+/// tens of microseconds, and a sleep and wake-up costs more than that),
+/// then sleeps in poll. A timeout is a WouldBlock error, the end of the
+/// stream an UnexpectedEof one.
+fn read_exact_within(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    timeout: Duration,
+    spin: Duration,
+) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    let deadline = start + timeout;
     let mut got = 0;
     while got < buf.len() {
         match ssock_rings::sys::recv(fd, &mut buf[got..], libc::MSG_DONTWAIT) {
@@ -124,6 +130,10 @@ fn read_exact_within(fd: BorrowedFd<'_>, buf: &mut [u8], timeout: Duration) -> i
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if start.elapsed() < spin {
+                    std::hint::spin_loop();
+                    continue;
+                }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     return Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out"));
@@ -141,6 +151,10 @@ fn read_exact_within(fd: BorrowedFd<'_>, buf: &mut [u8], timeout: Duration) -> i
     }
     Ok(())
 }
+
+/// How long a connector waiting for its HelloAck polls before it sleeps:
+/// about what the acceptor's claim takes (measured: 35-60 us here).
+const ACK_SPIN: Duration = Duration::from_micros(100);
 
 /// An end devd created but this side has not started using: an Attached
 /// reply and its fds, for [`attach`].
@@ -175,6 +189,35 @@ pub fn connect_on(
             connect_finish(fd, session, Some(opts.ack_timeout), &mut Some(pending))?
                 .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))
         }
+    }
+}
+
+/// Connector side for a blocking caller that uses the transport at once
+/// (`Stream::connect_with`), on a fresh socket: like [`connect_on`], but
+/// this end is mapped while the acceptor claims its own, before the
+/// HelloAck is read (mapping is on the connector's critical path
+/// otherwise). Ok(Err(reason)): kernel TCP. A HelloAck KERNEL, or none,
+/// drops the mapped end, which releases it.
+pub fn connect_mapped(
+    fd: BorrowedFd<'_>,
+    dst: SocketAddr,
+    opts: &Options,
+    session: Option<&Arc<Session>>,
+) -> io::Result<Result<Box<dyn Transport>, Option<FallbackReason>>> {
+    let pending = match connect_start(fd, dst, opts, session)? {
+        Started::Kernel(reason) => return Ok(Err(reason)),
+        Started::HelloSent(pending) => pending,
+    };
+    let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
+    let t = attach(session, pending).inspect_err(|_| {
+        // The end is released; the acceptor, if it answers ACCEPT, maps
+        // its own and would wait on rings nobody serves: end the kernel
+        // connection, which it watches.
+        let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+    })?;
+    match read_ack(fd, Some(opts.ack_timeout))? {
+        Some(true) => Ok(Ok(t)),
+        _ => Ok(Err(Some(FallbackReason::Refused))),
     }
 }
 
@@ -284,12 +327,47 @@ pub fn connect_finish(
     Ok(Some(Outcome::Attached(resp)))
 }
 
+/// Waits up to `grace` for a whole HelloAck to be readable on `fd`,
+/// polling with recv for the first [`ACK_SPIN`] of it (the preload
+/// shim's blocking connect, which then reads it with [`connect_finish`]).
+pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut b = [0u8; HELLO_LEN];
+    let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    loop {
+        match ssock_rings::sys::recv(fd, &mut b, peek) {
+            Ok(n) if n == HELLO_LEN => return true,
+            // The end of the stream, or an error: let the reader see it.
+            Ok(0) => return true,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return true,
+            _ => {}
+        }
+        let spent = start.elapsed();
+        if spent >= grace {
+            return false;
+        }
+        if spent < ACK_SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let mut p = [ssock_rings::sys::PollFd::new(raw, libc::POLLIN)];
+        if !matches!(ssock_rings::sys::poll(&mut p, Some(grace - spent)), Ok(n) if n > 0) {
+            return false;
+        }
+        // Readable: go round once more to see whether it is all there.
+        if start.elapsed() >= grace {
+            return ssock_rings::sys::recv(fd, &mut b, peek).is_ok_and(|n| n == HELLO_LEN);
+        }
+    }
+}
+
 /// Reads the HelloAck: Some(true) ACCEPT, Some(false) KERNEL, None (only
 /// without `wait`) not all there yet.
 fn read_ack(fd: BorrowedFd<'_>, wait: Option<Duration>) -> io::Result<Option<bool>> {
     let mut ack = [0u8; HELLO_LEN];
     match wait {
-        Some(t) => read_exact_within(fd, &mut ack, t).map_err(|e| {
+        Some(t) => read_exact_within(fd, &mut ack, t, ACK_SPIN).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("ssock: no HelloAck from the acceptor: {e}"),
@@ -346,7 +424,7 @@ fn accept_inner(
         Ok(Accepted::Dropped)
     };
     let mut hello = [0u8; HELLO_LEN];
-    if let Err(e) = read_exact_within(fd, &mut hello, opts.hello_timeout) {
+    if let Err(e) = read_exact_within(fd, &mut hello, opts.hello_timeout, Duration::ZERO) {
         log::warn!("announced peer sent no Hello ({e}); dropping the connection");
         return drop_end(FallbackReason::HelloTimeout);
     }
@@ -372,16 +450,20 @@ fn accept_inner(
             return Ok(Accepted::Kernel(Some(reason)));
         }
     };
+    // The HelloAck first: the connector maps its end while this side maps
+    // its own. Should this side then fail to map (it never has), the
+    // connector is already on the rings: the connection is ended, as an
+    // announced peer with a bad Hello is.
+    if let Err(e) = w.write_all(&codec::hello_ack(ACK_ACCEPT)) {
+        release(session, &end);
+        return Err(e);
+    }
     match attach(session, end) {
-        Ok(t) => {
-            w.write_all(&codec::hello_ack(ACK_ACCEPT))?;
-            Ok(Accepted::Attached(t))
-        }
+        Ok(t) => Ok(Accepted::Attached(t)),
         Err(e) => {
-            log::warn!("attaching failed ({e}); staying on kernel TCP");
+            log::warn!("attaching failed after the HelloAck ({e}); dropping the connection");
             report(Some(session), FallbackReason::DevdError);
-            w.write_all(&codec::hello_ack(ACK_KERNEL))?;
-            Ok(Accepted::Kernel(Some(FallbackReason::DevdError)))
+            Ok(Accepted::Dropped)
         }
     }
 }

@@ -79,16 +79,12 @@ pub struct Session {
     path: PathBuf,
 }
 
-/// Posted requests whose replies may wait unread (see `Session::post`).
-const MAX_UNREAD: usize = 8;
-
 /// The control channel: the socket, a reply buffer kept between requests,
 /// and how many replies to `post`ed requests are still to be read.
 #[derive(Debug)]
 struct Chan {
     sock: SeqPacket,
     buf: Vec<u8>,
-    unread: usize,
 }
 
 impl Session {
@@ -106,7 +102,6 @@ impl Session {
             sock: Mutex::new(Chan {
                 sock,
                 buf: vec![0u8; MAX_FRAME],
-                unread: 0,
             }),
             broken: AtomicBool::new(false),
             spin: ssock_rings::notify::DEFAULT_SPIN,
@@ -197,48 +192,33 @@ impl Session {
         chan.sock
             .send(&req.encode(), fds)
             .map_err(|e| broke(SessionError::Io(e)))?;
-        // Replies to posted requests come first, in order: read past them.
-        loop {
-            let (n, got) = chan
-                .sock
-                .recv(&mut chan.buf, MAX_FDS)
-                .map_err(|e| broke(SessionError::Io(e)))?;
-            if n == 0 {
-                return Err(broke(SessionError::Closed));
-            }
-            if chan.unread > 0 {
-                chan.unread -= 1;
-                continue;
-            }
-            let resp = Response::decode(&chan.buf[..n], got.len())
-                .map_err(|e| broke(SessionError::Decode(e)))?;
-            return match resp {
-                Response::Error { code, message } => Err(SessionError::Refused { code, message }),
-                r => Ok((r, got)),
-            };
+        let (n, got) = chan
+            .sock
+            .recv(&mut chan.buf, MAX_FDS)
+            .map_err(|e| broke(SessionError::Io(e)))?;
+        if n == 0 {
+            return Err(broke(SessionError::Closed));
+        }
+        let resp = Response::decode(&chan.buf[..n], got.len())
+            .map_err(|e| broke(SessionError::Decode(e)))?;
+        match resp {
+            Response::Error { code, message } => Err(SessionError::Refused { code, message }),
+            r => Ok((r, got)),
         }
     }
 
-    /// Sends a request whose reply nobody waits for (Release at close):
-    /// the reply is read, and dropped, before the next request's. Saves a
-    /// round trip to devd on the path that closes a connection.
+    /// Sends a request devd does not answer (Release, see
+    /// [`Request::expects_reply`]): nothing waits, on the path that closes
+    /// a connection.
     pub fn post(&self, req: &Request) -> Result<(), SessionError> {
+        debug_assert!(!req.expects_reply());
         if self.is_broken() {
             return Err(SessionError::Closed);
         }
-        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        let chan = &mut *guard;
-        let broke = |e: std::io::Error| {
+        let chan = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        chan.sock.send(&req.encode(), &[]).map_err(|e| {
             self.broken.store(true, Ordering::Relaxed);
             SessionError::Io(e)
-        };
-        // devd drops a session whose replies pile up: keep a few at most.
-        while chan.unread >= MAX_UNREAD {
-            chan.sock.recv(&mut chan.buf, MAX_FDS).map_err(broke)?;
-            chan.unread -= 1;
-        }
-        chan.sock.send(&req.encode(), &[]).map_err(broke)?;
-        chan.unread += 1;
-        Ok(())
+        })
     }
 }

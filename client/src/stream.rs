@@ -3,9 +3,7 @@
 //! always real: it carries the handshake and the Hello, and afterwards is
 //! the liveness channel and the fallback.
 
-use crate::negotiate::{
-    accept_on, attach, negotiate_connect, register_listener, Accepted, Outcome,
-};
+use crate::negotiate::{accept_on, connect_mapped, register_listener, Accepted};
 use crate::session::Session;
 use crate::transport::kernel::Kernel;
 use crate::transport::{Ctx, Transport};
@@ -110,15 +108,18 @@ impl Stream {
 
     /// Connects to `dst`, accelerated if devd and the peer agree.
     pub fn connect_with(dst: SocketAddr, opts: &Options) -> io::Result<Stream> {
-        let n = negotiate_connect(dst, opts)?;
-        let spin = opts.spin(n.session.as_ref());
-        match n.outcome {
-            Outcome::Kernel(reason) => Stream::kernel(n.tcp, reason, spin),
-            Outcome::Attached(resp) => {
-                let session = n.session.as_ref().expect("attached without a session");
-                let t = attach(session, resp)?;
-                Ok(Stream::new(t, n.tcp, None, spin))
-            }
+        let session = opts.session();
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        let spin = opts.spin(session.as_ref());
+        let r = connect_mapped(sock.as_fd(), dst, opts, session.as_ref())?;
+        let tcp: TcpStream = sock.into();
+        match r {
+            Ok(t) => Ok(Stream::new(t, tcp, None, spin)),
+            Err(reason) => Stream::kernel(tcp, reason, spin),
         }
     }
 

@@ -254,6 +254,7 @@ pub enum Request {
     /// connector forked before its HelloAck). fds: [socket].
     Attach,
     /// This process is done with its end of the connection (it closed it).
+    /// devd sends no reply (see [`Request::expects_reply`]).
     Release {
         /// Connection id.
         conn_id: u64,
@@ -548,6 +549,13 @@ fn check_fds(msg: &'static str, got: usize, want: usize) -> Result<(), DecodeErr
 }
 
 impl Request {
+    /// Whether devd answers this request. Release goes unanswered: a
+    /// process closing a connection waits for nothing, and its next
+    /// request's reply is the next message it reads.
+    pub fn expects_reply(&self) -> bool {
+        !matches!(self, Request::Release { .. })
+    }
+
     /// Number of fds that must travel with this request.
     pub fn fd_count(&self) -> usize {
         match self {

@@ -490,6 +490,17 @@ impl SeqPacket {
     /// that came with it (at most `max_fds`; extra fds are closed and make
     /// the call fail). Length 0 means the peer hung up.
     pub fn recv(&self, buf: &mut [u8], max_fds: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
+        self.recv_flags(buf, max_fds, 0)
+    }
+
+    /// [`SeqPacket::recv`] with recvmsg flags (MSG_DONTWAIT: WouldBlock
+    /// when no message is there).
+    pub fn recv_flags(
+        &self,
+        buf: &mut [u8],
+        max_fds: usize,
+        flags: i32,
+    ) -> io::Result<(usize, Vec<OwnedFd>)> {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -507,7 +518,9 @@ impl SeqPacket {
         msg.msg_controllen = space;
         let n = loop {
             // SAFETY: msg points at live buffers of the stated sizes.
-            let r = unsafe { libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            let r = unsafe {
+                libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags)
+            };
             if r >= 0 {
                 break usize::try_from(r).unwrap_or(0);
             }

@@ -137,9 +137,7 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
                 // so that the socket is attached before the program can
                 // fork or exec it. An acceptor that only accepts after
                 // connect() returns (same thread) leaves it for first use.
-                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-                let mut p = [ssock_rings::sys::PollFd::new(raw, libc::POLLIN)];
-                if ssock_rings::sys::poll(&mut p, Some(ACK_GRACE)).is_ok_and(|n| n > 0) {
+                if ssock_client::negotiate::await_ack(fd, ACK_GRACE) {
                     s.settle(fd);
                 }
             }

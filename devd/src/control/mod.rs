@@ -84,10 +84,24 @@ impl RequestError {
     }
 }
 
+/// Fresh Direct connections kept ready (region and doorbells), so that an
+/// Intent need not create them while its connector waits.
+const POOL: usize = 4;
+
 /// The control plane's state.
 pub struct Devd {
     cfg: Config,
     reg: Registry,
+    /// Fresh Direct resources, with the connection id written in their
+    /// header (refilled between requests, see [`Devd::chore`]).
+    pool: Vec<(u64, Res)>,
+    /// Closed connections whose resources are still to be freed (and
+    /// their bytes counted), between requests.
+    trash: Vec<Conn>,
+    /// Intent tokens drawn from getrandom in batches.
+    tokens: Vec<u64>,
+    /// After a failed refill, when to try again.
+    pool_retry: Option<Instant>,
     totals: Totals,
     engine: engine::Handle,
     sessions: HashMap<u64, Session>,
@@ -129,6 +143,10 @@ impl Devd {
                 next_id: 1,
                 ..Registry::default()
             },
+            pool: Vec::new(),
+            trash: Vec::new(),
+            tokens: Vec::new(),
+            pool_retry: None,
             totals: Totals::default(),
             engine,
             sessions: HashMap::new(),
@@ -172,7 +190,13 @@ impl Devd {
                 self.totals.fallback(reason);
                 Ok((Response::Ok, vec![]))
             }
-            Request::Stats { after, limit } => Ok(self.stats(sid, after, limit)),
+            Request::Stats { after, limit } => {
+                // Closed connections' bytes count before they are shown.
+                while let Some(c) = self.trash.pop() {
+                    self.count_closed(&c);
+                }
+                Ok(self.stats(sid, after, limit))
+            }
         };
         r.unwrap_or_else(|e| {
             log::debug!("session {sid}: request failed: {e}");
@@ -274,16 +298,22 @@ impl Devd {
         if !self.reg.may_add_intent(sid) {
             return self.kernel(FallbackReason::Limit);
         }
-        let mut t = [0u8; 8];
-        sys::random(&mut t).map_err(RequestError::Resources)?;
-        let token = u64::from_le_bytes(t);
-        // The connection is created now, so that neither the acceptor's
-        // Claim nor the connector after its HelloAck needs another request.
-        let id = self.reg.next_id;
-        self.reg.next_id += 1;
-        let mut res = match mode {
-            Mode::Queued => self.queued_res(id)?,
-            _ => self.direct_res(id)?,
+        let token = self.token()?;
+        // The connection is created now (or was, in the pool), so that
+        // neither the acceptor's Claim nor the connector after its HelloAck
+        // needs another request.
+        let (id, mut res) = match mode {
+            Mode::Queued => {
+                let id = self.new_id();
+                (id, self.queued_res(id)?)
+            }
+            _ => match self.pool.pop() {
+                Some(p) => p,
+                None => {
+                    let id = self.new_id();
+                    (id, self.direct_res(id)?)
+                }
+            },
         };
         let bytes = match &res {
             Res::Direct(_) => self.cfg.region_size / 2,
@@ -312,6 +342,65 @@ impl Devd {
             self.discard_intent(old);
         }
         Ok((Response::Proceed { token, attachment }, fds))
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.reg.next_id;
+        self.reg.next_id += 1;
+        id
+    }
+
+    /// An unpredictable token (64 drawn per getrandom call).
+    fn token(&mut self) -> Result<u64, RequestError> {
+        if self.tokens.is_empty() {
+            let mut b = [0u8; 512];
+            sys::random(&mut b).map_err(RequestError::Resources)?;
+            self.tokens = b
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+        }
+        self.tokens
+            .pop()
+            .ok_or(RequestError::Resources(io::Error::other("no token")))
+    }
+
+    /// Whether work waits for a quiet moment ([`Devd::chore`]).
+    pub fn has_chores(&self) -> bool {
+        !self.trash.is_empty() || self.pool_wanted()
+    }
+
+    fn pool_wanted(&self) -> bool {
+        self.pool.len() < POOL && self.pool_retry.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Does one piece of work that no client waits for: frees a closed
+    /// connection (counting its bytes), or adds fresh resources to the
+    /// pool. The control loop calls it when no request is waiting.
+    pub fn chore(&mut self) {
+        if let Some(c) = self.trash.pop() {
+            self.count_closed(&c);
+            return;
+        }
+        if self.pool_wanted() {
+            self.pool_retry = None;
+            let id = self.new_id();
+            match self.direct_res(id) {
+                Ok(r) => self.pool.push((id, r)),
+                // Out of fds or memory: the pool stays short for a while;
+                // an Intent creates its own (and reports its error) instead.
+                Err(e) => {
+                    log::debug!("pool refill failed: {e}");
+                    self.pool_retry = Some(Instant::now() + std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn count_closed(&mut self, c: &Conn) {
+        let j = conn_json(c);
+        let k = usize::from(c.mode == Mode::Queued);
+        self.totals.bytes_closed[k] += j.bytes_c2a + j.bytes_a2c;
     }
 
     /// Why session `sid`'s user may not have one more accelerated end on
@@ -563,10 +652,9 @@ impl Devd {
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
         self.reg.by_inode.remove(&inode);
         if both {
+            // Freed (and its bytes counted) between requests.
             if let Some(c) = self.reg.conns.remove(&id) {
-                let j = conn_json(&c);
-                let k = usize::from(c.mode == Mode::Queued);
-                self.totals.bytes_closed[k] += j.bytes_c2a + j.bytes_a2c;
+                self.trash.push(c);
             }
         }
     }

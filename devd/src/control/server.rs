@@ -44,13 +44,25 @@ pub fn serve(
     let mut buf = vec![0u8; MAX_FRAME];
     let mut last_expiry = std::time::Instant::now();
     loop {
-        // Orphaned ends are released on time: wake every 500 ms while any waits.
-        let timeout = if devd.has_orphans() { 500 } else { 5000 };
+        // Chores (freeing closed connections, refilling the pool) wait
+        // for a moment when no request does. Orphaned ends are released on
+        // time: wake every 500 ms while any waits.
+        let timeout = if devd.has_chores() {
+            0
+        } else if devd.has_orphans() {
+            500
+        } else {
+            5000
+        };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if n == 0 && devd.has_chores() {
+            devd.chore();
+            continue;
+        }
         if !devd.engine_alive() {
             return Err(io::Error::other("the engine thread died"));
         }
@@ -146,9 +158,12 @@ fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
             // A bug in one request's handling must not take devd down:
             // the session gets an error and is dropped, others go on.
             Ok(req) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                devd.handle(sid, req, fds)
+                let answer = req.expects_reply();
+                (answer, devd.handle(sid, req, fds))
             })) {
-                Ok(r) => r,
+                // Release is not answered (its failure is logged by handle).
+                Ok((false, _)) => continue,
+                Ok((true, r)) => r,
                 Err(_) => {
                     log::error!("session {sid}: request handling panicked; dropping the session");
                     return false;

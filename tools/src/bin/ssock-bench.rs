@@ -39,7 +39,7 @@ use ssock_client::{Listener, Mode, ModePref, Options, Stream};
 use ssock_rings::idx;
 use ssock_tools::pattern::{Pattern, PERIOD};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -106,13 +106,14 @@ impl Transport {
     }
 
     /// What to ask ssock for and what the connection must then be; None
-    /// for AF_UNIX, which is a plain `UnixStream`.
+    /// for kernel TCP and AF_UNIX, which are a plain `TcpStream` to a
+    /// plain listener and a plain `UnixStream`: the baselines involve
+    /// neither the ssock library nor devd.
     fn mode(self) -> Option<(ModePref, Mode)> {
         match self {
-            Transport::Kernel => Some((ModePref::Kernel, Mode::Kernel)),
             Transport::Direct => Some((ModePref::Direct, Mode::Direct)),
             Transport::Queued => Some((ModePref::Queued, Mode::Queued)),
-            Transport::Unix => None,
+            Transport::Kernel | Transport::Unix => None,
         }
     }
 }
@@ -181,7 +182,8 @@ fn header(kind: u8, pin: Option<u8>, size: usize, count: u64) -> Result<[u8; 16]
     Ok(h)
 }
 
-/// The server: prints "PORT UNIX_PATH", then serves both listeners, one
+/// The server: prints "PORT UNIX_PATH PLAIN_PORT", then serves its three
+/// listeners (ssock, AF_UNIX, plain kernel TCP), one
 /// thread per measured connection, until a QUIT arrives. A failure in any
 /// connection (a corrupt byte above all) ends the process with status 1,
 /// which breaks the measuring side's connections and fails the run.
@@ -194,7 +196,13 @@ fn serve() -> Result<()> {
     let path = std::env::temp_dir().join(format!("ssock-bench-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let u = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
-    println!("{} {}", l.local_addr()?.port(), path.display());
+    let plain = TcpListener::bind("127.0.0.1:0").context("plain TCP listener")?;
+    println!(
+        "{} {} {}",
+        l.local_addr()?.port(),
+        path.display(),
+        plain.local_addr()?.port()
+    );
     std::io::stdout().flush()?;
     let pat = Arc::new(Pattern::new(SEED));
     let upat = Arc::clone(&pat);
@@ -203,6 +211,19 @@ fn serve() -> Result<()> {
             .accept()
             .context("AF_UNIX accept")
             .and_then(|(s, _)| dispatch(s, &upat));
+        if let Err(e) = r {
+            die(&e);
+        }
+    });
+    let ppat = Arc::clone(&pat);
+    std::thread::spawn(move || loop {
+        let r = plain
+            .accept()
+            .context("plain TCP accept")
+            .and_then(|(s, _)| {
+                s.set_nodelay(true)?;
+                dispatch(s, &ppat)
+            });
         if let Err(e) = r {
             die(&e);
         }
@@ -294,13 +315,17 @@ fn handle(
 
 /// Where the server listens.
 struct Peer {
+    /// The ssock listener (registered with devd).
     tcp: SocketAddr,
+    /// A plain kernel TCP listener, for the kernel TCP baseline.
+    plain: SocketAddr,
     unix: PathBuf,
 }
 
 /// A client connection of any transport.
 enum Conn {
     Ssock(Stream),
+    Tcp(TcpStream),
     Unix(UnixStream),
 }
 
@@ -308,6 +333,7 @@ impl Read for Conn {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Conn::Ssock(s) => s.read(b),
+            Conn::Tcp(t) => t.read(b),
             Conn::Unix(u) => u.read(b),
         }
     }
@@ -317,6 +343,7 @@ impl Write for Conn {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         match self {
             Conn::Ssock(s) => s.write(b),
+            Conn::Tcp(t) => t.write(b),
             Conn::Unix(u) => u.write(b),
         }
     }
@@ -328,6 +355,12 @@ impl Write for Conn {
 /// Connects over `t`; an ssock connection on another mode is an error.
 fn connect(peer: &Peer, t: Transport) -> Result<Conn> {
     let Some((pref, want)) = t.mode() else {
+        if t == Transport::Kernel {
+            let c = TcpStream::connect(peer.plain)
+                .with_context(|| format!("connecting to {}", peer.plain))?;
+            c.set_nodelay(true)?;
+            return Ok(Conn::Tcp(c));
+        }
         let u = UnixStream::connect(&peer.unix)
             .with_context(|| format!("connecting to {}", peer.unix.display()))?;
         return Ok(Conn::Unix(u));
@@ -1134,12 +1167,16 @@ fn bench(args: &[String]) -> Result<()> {
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("peer stdout")?).read_line(&mut line)?;
     let result = (|| -> Result<Run> {
-        let (port, path) = line
-            .trim_end()
-            .split_once(' ')
-            .context("the bench peer did not report its addresses")?;
+        let mut words = line.split_whitespace();
+        let mut next = || {
+            words
+                .next()
+                .context("the bench peer did not report its addresses")
+        };
+        let (port, path, plain) = (next()?, next()?, next()?);
         let peer = Peer {
             tcp: ([127, 0, 0, 1], port.parse::<u16>()?).into(),
+            plain: ([127, 0, 0, 1], plain.parse::<u16>()?).into(),
             unix: path.into(),
         };
         let _unix = RemoveOnDrop(peer.unix.clone());

@@ -253,36 +253,59 @@ pub fn connect_start(
     let Some(session) = session else {
         return plain((opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested));
     };
-    let (token, pending) = match session.request(
-        &Request::Intent {
-            dst,
-            pref: opts.mode,
-        },
-        &[fd],
-    ) {
+    let intent = Request::Intent {
+        dst,
+        pref: opts.mode,
+    };
+    let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
+    // A blocking socket connects while devd handles the intent (the reply
+    // is read after connect() returns). A nonblocking one asks first: on
+    // the plain path it must get the kernel's own nonblocking connect.
+    let (reply, connected) = if nonblocking {
+        (session.request(&intent, &[fd]), None)
+    } else {
+        match session.begin(&intent, &[fd]) {
+            Ok(inflight) => {
+                let c = sock.connect(&dst.into());
+                (inflight.finish(), Some(c))
+            }
+            Err(e) => (Err(e), None),
+        }
+    };
+    let (token, pending) = match reply {
         Ok((Response::Proceed { token, attachment }, fds)) => {
             (token, (Response::Attached(attachment), fds))
         }
-        Ok((Response::Kernel { reason }, _)) => return plain(Some(reason)),
-        Ok(_) | Err(_) => {
-            report(Some(session), FallbackReason::DevdError);
-            return plain(Some(FallbackReason::DevdError));
+        r => {
+            let reason = match r {
+                Ok((Response::Kernel { reason }, _)) => reason,
+                _ => {
+                    report(Some(session), FallbackReason::DevdError);
+                    FallbackReason::DevdError
+                }
+            };
+            match connected {
+                Some(c) => c?,
+                None => sock.connect(&dst.into())?,
+            }
+            return Ok(Started::Kernel(Some(reason)));
         }
     };
-    let greeted = (|| {
-        let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
-        if nonblocking {
-            ssock_rings::sys::set_nonblocking(fd, false)?;
-        }
-        let greeted = sock.connect(&dst.into()).and_then(|()| {
+    let greeted = match connected {
+        Some(c) => c.and_then(|()| {
             let mut w: &Socket = &sock;
             w.write_all(&codec::hello(token))
-        });
-        if nonblocking {
+        }),
+        None => (|| {
+            ssock_rings::sys::set_nonblocking(fd, false)?;
+            let greeted = sock.connect(&dst.into()).and_then(|()| {
+                let mut w: &Socket = &sock;
+                w.write_all(&codec::hello(token))
+            });
             ssock_rings::sys::set_nonblocking(fd, true)?;
-        }
-        greeted
-    })();
+            greeted
+        })(),
+    };
     if let Err(e) = greeted {
         release(session, &pending);
         return Err(e);

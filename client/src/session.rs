@@ -79,8 +79,7 @@ pub struct Session {
     path: PathBuf,
 }
 
-/// The control channel: the socket, a reply buffer kept between requests,
-/// and how many replies to `post`ed requests are still to be read.
+/// The control channel: the socket and a reply buffer kept between requests.
 #[derive(Debug)]
 struct Chan {
     sock: SeqPacket,
@@ -180,31 +179,31 @@ impl Session {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>), SessionError> {
+        self.begin(req, fds)?.finish()
+    }
+
+    /// Sends a request and returns without waiting for its reply, which
+    /// [`InFlight::finish`] reads: the caller works meanwhile (a connector
+    /// connects while devd handles its Intent). The session is this
+    /// caller's until then; other threads' requests wait.
+    pub fn begin(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<InFlight<'_>, SessionError> {
         if self.is_broken() {
             return Err(SessionError::Closed);
         }
-        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        let chan = &mut *guard;
-        let broke = |e: SessionError| {
+        let chan = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        chan.sock.send(&req.encode(), fds).map_err(|e| {
             self.broken.store(true, Ordering::Relaxed);
-            e
-        };
-        chan.sock
-            .send(&req.encode(), fds)
-            .map_err(|e| broke(SessionError::Io(e)))?;
-        let (n, got) = chan
-            .sock
-            .recv(&mut chan.buf, MAX_FDS)
-            .map_err(|e| broke(SessionError::Io(e)))?;
-        if n == 0 {
-            return Err(broke(SessionError::Closed));
-        }
-        let resp = Response::decode(&chan.buf[..n], got.len())
-            .map_err(|e| broke(SessionError::Decode(e)))?;
-        match resp {
-            Response::Error { code, message } => Err(SessionError::Refused { code, message }),
-            r => Ok((r, got)),
-        }
+            SessionError::Io(e)
+        })?;
+        Ok(InFlight {
+            session: self,
+            chan,
+            done: false,
+        })
     }
 
     /// Sends a request devd does not answer (Release, see
@@ -220,5 +219,52 @@ impl Session {
             self.broken.store(true, Ordering::Relaxed);
             SessionError::Io(e)
         })
+    }
+}
+
+/// A request sent on a session whose reply is still to be read. Dropped
+/// unfinished, it reads and drops the reply, so that the next request
+/// reads its own.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    session: &'a Session,
+    chan: std::sync::MutexGuard<'a, Chan>,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done && !self.session.is_broken() {
+            let chan = &mut *self.chan;
+            if chan.sock.recv(&mut chan.buf, MAX_FDS).is_err() {
+                self.session.broken.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl InFlight<'_> {
+    /// Waits for the reply. A `Response::Error` becomes
+    /// `SessionError::Refused`.
+    pub fn finish(mut self) -> Result<(Response, Vec<OwnedFd>), SessionError> {
+        self.done = true;
+        let broke = |e: SessionError| {
+            self.session.broken.store(true, Ordering::Relaxed);
+            e
+        };
+        let chan = &mut *self.chan;
+        let (n, got) = chan
+            .sock
+            .recv(&mut chan.buf, MAX_FDS)
+            .map_err(|e| broke(SessionError::Io(e)))?;
+        if n == 0 {
+            return Err(broke(SessionError::Closed));
+        }
+        let resp = Response::decode(&chan.buf[..n], got.len())
+            .map_err(|e| broke(SessionError::Decode(e)))?;
+        match resp {
+            Response::Error { code, message } => Err(SessionError::Refused { code, message }),
+            r => Ok((r, got)),
+        }
     }
 }

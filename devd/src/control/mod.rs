@@ -705,6 +705,11 @@ impl Devd {
         self.totals.bad_messages += 1;
     }
 
+    /// Number of sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// Session by id.
     pub fn session_sock(&self, sid: u64) -> Option<&sys::SeqPacket> {
         self.sessions.get(&sid).map(|s| &s.sock)

@@ -43,6 +43,7 @@ pub fn serve(
     let mut events = vec![EpollEvent::default(); 64];
     let mut buf = vec![0u8; MAX_FRAME];
     let mut last_expiry = std::time::Instant::now();
+    let mut claims: Vec<Held> = Vec::new();
     loop {
         // Chores (freeing closed connections, refilling the pool) wait
         // for a moment when no request does. Orphaned ends are released on
@@ -113,27 +114,104 @@ pub fn serve(
                         return Ok(());
                     }
                 }
-                sid => {
-                    if !serve_one(devd, sid, &mut buf) {
-                        if let Some(s) = devd.session_sock(sid) {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                s.as_raw_fd(),
-                                EpollEvent::default(),
-                            );
-                        }
-                        devd.end_session(sid);
-                        log::debug!("session {sid} ended");
-                    }
-                }
+                sid => serve_session(devd, &epoll, sid, &mut buf, &mut claims, 64),
             }
+        }
+        if !claims.is_empty() {
+            answer_claims(devd, &epoll, &mut buf, &mut claims)?;
         }
     }
 }
 
-/// Reads and answers the messages waiting on session `sid`; false ends it.
-fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
-    for _ in 0..64 {
+/// Serves session `sid` (at most `max` messages); ends it if it is gone.
+fn serve_session(
+    devd: &mut Devd,
+    epoll: &Epoll,
+    sid: u64,
+    buf: &mut [u8],
+    claims: &mut Vec<Held>,
+    max: usize,
+) {
+    if !serve_one(devd, sid, buf, claims, max) {
+        if let Some(s) = devd.session_sock(sid) {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                s.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        devd.end_session(sid);
+        log::debug!("session {sid} ended");
+    }
+}
+
+/// A reply and the fds devd sends with it.
+type Reply = (Response, Vec<std::sync::Arc<OwnedFd>>);
+
+/// A Claim read but not answered yet: (session, the request, its fds).
+type Held = (u64, Request, Vec<OwnedFd>);
+
+/// Answers the Claims read in this round, after reading every message
+/// that was waiting in any session when they were read. A connector sends
+/// its Intent before it connects (and may connect before devd has read
+/// it), so an Intent that precedes a Claim causally is in its session's
+/// queue by the time the Claim is read: one pass over all readable
+/// sessions handles it, and the Claim then finds its intent.
+fn answer_claims(
+    devd: &mut Devd,
+    epoll: &Epoll,
+    buf: &mut [u8],
+    claims: &mut Vec<Held>,
+) -> io::Result<()> {
+    let mut events = vec![EpollEvent::default(); devd.session_count() + 2];
+    let n = loop {
+        match epoll.wait(0, &mut events) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    for ev in &events[..n] {
+        let sid = ev.data();
+        if sid >= FIRST_SESSION {
+            // The socket buffer holds a few hundred messages at most.
+            serve_session(devd, epoll, sid, buf, claims, DRAIN_MAX);
+        }
+    }
+    for (sid, req, fds) in std::mem::take(claims) {
+        // The session may have ended meanwhile (then nobody waits).
+        let Some(sock) = devd.session_sock(sid).map(AsRawFd::as_raw_fd) else {
+            continue;
+        };
+        let sent = match answer(devd, sid, req, fds) {
+            Ok(Some(r)) => reply(devd, sid, &r.0, &r.1),
+            Ok(None) => true,
+            Err(()) => false,
+        };
+        if !sent {
+            let _ = epoll.ctl(ControlOperation::Delete, sock, EpollEvent::default());
+            devd.end_session(sid);
+            log::debug!("session {sid} ended");
+        }
+    }
+    Ok(())
+}
+
+/// Messages read from one session when draining before Claims are
+/// answered: more than its socket buffer can hold.
+const DRAIN_MAX: usize = 4096;
+
+/// Reads and answers the messages waiting on session `sid` (at most
+/// `max`); Claims are held in `claims`, answered by [`answer_claims`].
+/// false ends the session.
+fn serve_one(
+    devd: &mut Devd,
+    sid: u64,
+    buf: &mut [u8],
+    claims: &mut Vec<Held>,
+    max: usize,
+) -> bool {
+    for _ in 0..max {
         let Some(sock) = devd.session_sock(sid) else {
             return false;
         };
@@ -157,17 +235,15 @@ fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
         let resp = match Request::decode(&buf[..n], fds.len()) {
             // A bug in one request's handling must not take devd down:
             // the session gets an error and is dropped, others go on.
-            Ok(req) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let answer = req.expects_reply();
-                (answer, devd.handle(sid, req, fds))
-            })) {
+            Ok(req @ Request::Claim) => {
+                claims.push((sid, req, fds));
+                continue;
+            }
+            Ok(req) => match answer(devd, sid, req, fds) {
                 // Release is not answered (its failure is logged by handle).
-                Ok((false, _)) => continue,
-                Ok((true, r)) => r,
-                Err(_) => {
-                    log::error!("session {sid}: request handling panicked; dropping the session");
-                    return false;
-                }
+                Ok(None) => continue,
+                Ok(Some(r)) => r,
+                Err(()) => return false,
             },
             Err(e) => {
                 devd.bad_message();
@@ -186,6 +262,23 @@ fn serve_one(devd: &mut Devd, sid: u64, buf: &mut [u8]) -> bool {
         }
     }
     true
+}
+
+/// Handles one request: Ok(None) when it gets no reply, Err when its
+/// handling panicked (a bug in one request's handling must not take devd
+/// down: the session is dropped, others go on).
+fn answer(
+    devd: &mut Devd,
+    sid: u64,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<Option<Reply>, ()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let wanted = req.expects_reply();
+        let r = devd.handle(sid, req, fds);
+        wanted.then_some(r)
+    }))
+    .map_err(|_| log::error!("session {sid}: request handling panicked; dropping the session"))
 }
 
 fn reply(devd: &Devd, sid: u64, r: &Response, fds: &[std::sync::Arc<OwnedFd>]) -> bool {

@@ -266,3 +266,56 @@ fn an_acceptor_over_its_cap_answers_kernel_and_both_ends_carry_on_over_tcp() -> 
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
+
+#[test]
+fn a_claim_read_before_its_intent_still_finds_it() -> Result<()> {
+    use ssock_rings::codec::{Request, Response};
+    use ssock_rings::sys::SeqPacket;
+    use std::os::fd::AsFd;
+    let d = Devd::start(&[])?;
+    // Raw control sockets: A for the acceptor, C for the connector.
+    let a = SeqPacket::connect(&d.socket)?;
+    let c = SeqPacket::connect(&d.socket)?;
+    let mut buf = vec![0u8; 65536];
+    let mut recv = |s: &SeqPacket| -> Result<(Response, usize)> {
+        let (n, fds) = s.recv(&mut buf, 6)?;
+        Ok((Response::decode(&buf[..n], fds.len())?, fds.len()))
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let dst = l.local_addr()?;
+    a.send(&Request::Listen.encode(), &[l.as_fd()])?;
+    ensure!(recv(&a)?.0 == Response::Ok);
+    // With devd stopped, A's socket becomes readable first (a Stats
+    // request), then C announces and connects (the kernel completes the
+    // handshake without devd), then A claims. devd, continued, reads A's
+    // Claim before C's Intent: it must still pair them.
+    let stop = |sig| {
+        // SAFETY: kill on devd's pid, a child of this test.
+        unsafe { libc::kill(d.pid() as i32, sig) }
+    };
+    ensure!(stop(libc::SIGSTOP) == 0);
+    let r = (|| -> Result<()> {
+        a.send(&Request::Stats { after: 0, limit: 1 }.encode(), &[])?;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let intent = Request::Intent {
+            dst,
+            pref: ModePref::Direct,
+        };
+        c.send(&intent.encode(), &[s.as_fd()])?;
+        s.connect(&dst.into())?;
+        let (acc, _) = l.accept()?;
+        a.send(&Request::Claim.encode(), &[acc.as_fd()])?;
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(())
+    })();
+    ensure!(stop(libc::SIGCONT) == 0);
+    r?;
+    ensure!(matches!(recv(&a)?.0, Response::Stats { .. }));
+    let (Response::Proceed { token, .. }, 5) = recv(&c)? else {
+        anyhow::bail!("the intent was not accepted");
+    };
+    match recv(&a)? {
+        (Response::Expect { token: t, .. }, 5) if t == token => Ok(()),
+        r => anyhow::bail!("claim answered {r:?}, expected Expect with token {token}"),
+    }
+}

@@ -267,12 +267,7 @@ fn serve_one(
 /// Handles one request: Ok(None) when it gets no reply, Err when its
 /// handling panicked (a bug in one request's handling must not take devd
 /// down: the session is dropped, others go on).
-fn answer(
-    devd: &mut Devd,
-    sid: u64,
-    req: Request,
-    fds: Vec<OwnedFd>,
-) -> Result<Option<Reply>, ()> {
+fn answer(devd: &mut Devd, sid: u64, req: Request, fds: Vec<OwnedFd>) -> Result<Option<Reply>, ()> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let wanted = req.expects_reply();
         let r = devd.handle(sid, req, fds);

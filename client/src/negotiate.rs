@@ -343,9 +343,12 @@ pub fn connect_finish(
     }
     let resp = match pending.take() {
         Some(p) => p,
-        None => session
-            .request(&Request::Attach, &[fd])
-            .map_err(|e| io::Error::other(format!("ssock: attach failed after HelloAck: {e}")))?,
+        None => session.request(&Request::Attach, &[fd]).map_err(|e| {
+            // The acceptor is on the rings, which this side cannot reach:
+            // end the kernel connection, which it watches.
+            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+            io::Error::other(format!("ssock: attach failed after HelloAck: {e}"))
+        })?,
     };
     Ok(Some(Outcome::Attached(resp)))
 }

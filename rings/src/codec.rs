@@ -174,6 +174,9 @@ reasons! {
     Unsupported = 10, "unsupported";
     /// The address is not on this host / not reachable through a backend.
     NotLocal = 11, "not_local";
+    /// The connector let go of the connection (closed, exited, failed)
+    /// before the acceptor claimed it: the acceptor consumed its Hello.
+    ConnectorGone = 12, "connector_gone";
 }
 
 /// Which end of a connection a process holds.

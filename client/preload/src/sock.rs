@@ -55,9 +55,10 @@ pub struct Sock {
     pub nonblocking: bool,
     /// SO_ERROR already reported the reset.
     error_reported: bool,
-    /// Another process got the socket (fork, exec, fd passing) before the
-    /// HelloAck was read: its end is not ours alone to release.
-    shared: bool,
+    /// Other processes that got the socket (fork, exec, fd passing) before
+    /// the HelloAck was read (taken back when that failed): while any may
+    /// use it, its end is not ours alone to release.
+    shared: u32,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
@@ -70,7 +71,7 @@ impl Drop for Sock {
         // process (which attaches the end by its socket later): devd holds
         // this end for us until told.
         if let State::AwaitAck(session, Some(p)) = &self.state {
-            if !self.shared && !session.is_broken() {
+            if self.shared == 0 && !session.is_broken() {
                 ssock_client::negotiate::release(session, p);
             }
         }
@@ -261,7 +262,7 @@ impl Sock {
             send_busy: false,
             nonblocking,
             error_reported: false,
-            shared: false,
+            shared: 0,
             connect_reported: true,
         }
     }
@@ -459,7 +460,7 @@ impl Sock {
     pub fn fork_hold(&mut self) {
         match &mut self.state {
             State::Up(t) => t.fork_hold(),
-            State::AwaitAck(..) => self.shared = true,
+            State::AwaitAck(..) => self.shared += 1,
             State::Kernel => {}
         }
     }
@@ -478,8 +479,10 @@ impl Sock {
 
     /// Takes back a `fork_hold` (the fd passing failed).
     pub fn drop_hold(&mut self) {
-        if let State::Up(t) = &mut self.state {
-            t.drop_hold();
+        match &mut self.state {
+            State::Up(t) => t.drop_hold(),
+            State::AwaitAck(..) => self.shared = self.shared.saturating_sub(1),
+            State::Kernel => {}
         }
     }
 

@@ -88,6 +88,10 @@ impl RequestError {
 /// Intent need not create them while its connector waits.
 const POOL: usize = 4;
 
+/// Closed connections waiting to be freed at most; past that they are
+/// freed at once (a steady stream of requests leaves no quiet moment).
+const MAX_TRASH: usize = 16;
+
 /// The control plane's state.
 pub struct Devd {
     cfg: Config,
@@ -295,7 +299,7 @@ impl Devd {
         if let Some(reason) = self.refusal(sid, dst.port()) {
             return self.kernel(reason);
         }
-        if !self.reg.may_add_intent(sid) {
+        if !self.reg.may_add_intent(end.uid) {
             return self.kernel(FallbackReason::Limit);
         }
         let token = self.token()?;
@@ -328,7 +332,9 @@ impl Devd {
         };
         self.reg
             .charge(end.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        let key = (canon(dst.ip()), dst.port());
         let intent = Intent {
+            key,
             token,
             mode,
             end,
@@ -337,8 +343,9 @@ impl Devd {
             id,
             res,
             bytes,
+            port: std::cell::Cell::new(0),
         };
-        for old in self.reg.add_intent((canon(dst.ip()), dst.port()), intent) {
+        for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
         }
         Ok((Response::Proceed { token, attachment }, fds))
@@ -400,7 +407,9 @@ impl Devd {
     fn count_closed(&mut self, c: &Conn) {
         let j = conn_json(c);
         let k = usize::from(c.mode == Mode::Queued);
-        self.totals.bytes_closed[k] += j.bytes_c2a + j.bytes_a2c;
+        // Head words come from client-writable memory: never overflow.
+        let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
+        self.totals.bytes_closed[k] = self.totals.bytes_closed[k].saturating_add(b);
     }
 
     /// Why session `sid`'s user may not have one more accelerated end on
@@ -419,12 +428,33 @@ impl Devd {
     /// Frees an intent nobody will claim: refunds its connector's charge
     /// and drops its resources (their fds close with it).
     fn discard_intent(&mut self, i: Intent) {
+        self.unclaim(&i);
+    }
+
+    /// Refunds an unclaimed intent's charge and frees its engine state
+    /// (its fds close when it is dropped).
+    fn unclaim(&mut self, i: &Intent) {
         self.reg.charge(
             i.end.uid,
             -1,
             -isize::try_from(i.bytes).unwrap_or(isize::MAX),
         );
         self.free_res(i.id, &i.res);
+    }
+
+    /// Frees an intent whose connector let go of it before any Claim, and
+    /// remembers it (see [`registry::Gone`]): its Hello may already be on
+    /// the way to the acceptor.
+    fn bury(&mut self, i: Intent) {
+        self.unclaim(&i);
+        let Intent {
+            key,
+            token,
+            sock,
+            at,
+            ..
+        } = i;
+        self.reg.bury(key, token, sock, at);
     }
 
     /// Tells the engine to forget a Queued connection's resources.
@@ -448,9 +478,16 @@ impl Devd {
         // or went elsewhere) never connected here.
         let mut local = None;
         let intent = self.reg.take_intent(here, |i| {
+            // A port seen before says no without a syscall (a connected
+            // socket keeps its port).
+            let known = i.port.get();
+            if known != 0 && known != from.1 {
+                return false;
+            }
             let Ok(l) = sys::local_addr(i.sock.as_fd()) else {
                 return false;
             };
+            i.port.set(l.port());
             let ok = canon_addr(l) == from
                 && sys::peer_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(here);
             if ok {
@@ -458,8 +495,21 @@ impl Devd {
             }
             ok
         });
-        // No intent: a plain peer; the acceptor goes on without delay.
         let Some(mut intent) = intent else {
+            // An intent given up before this Claim: its Hello may be here;
+            // the acceptor consumes it and stays on kernel TCP.
+            let gone = self.reg.gone.iter().position(|g| {
+                g.key == here
+                    && sys::local_addr(g.sock.as_fd()).ok().map(canon_addr) == Some(from)
+                    && sys::peer_addr(g.sock.as_fd()).ok().map(canon_addr) == Some(here)
+            });
+            if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
+                let reason = FallbackReason::ConnectorGone;
+                self.totals.fallback(reason);
+                let token = g.token;
+                return Ok((Response::ExpectKernel { token, reason }, vec![]));
+            }
+            // No intent: a plain peer; the acceptor goes on without delay.
             return Ok((Response::Ok, vec![]));
         };
         let token = intent.token;
@@ -623,7 +673,7 @@ impl Devd {
                 return Err(RequestError::NotHeld(id));
             }
             for i in gone {
-                self.discard_intent(i);
+                self.bury(i);
             }
             return Ok((Response::Ok, vec![]));
         }
@@ -652,9 +702,14 @@ impl Devd {
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
         self.reg.by_inode.remove(&inode);
         if both {
-            // Freed (and its bytes counted) between requests.
+            // Freed (and its bytes counted) between requests, or at once
+            // when requests never leave a moment for it.
             if let Some(c) = self.reg.conns.remove(&id) {
                 self.trash.push(c);
+            }
+            if self.trash.len() > MAX_TRASH {
+                let c = self.trash.remove(0);
+                self.count_closed(&c);
             }
         }
     }
@@ -664,7 +719,7 @@ impl Devd {
         self.sessions.remove(&sid);
         self.reg.listeners.retain(|_, l| l.session != sid);
         for i in self.reg.retain_intents(|i| i.end.session != sid) {
-            self.discard_intent(i);
+            self.bury(i);
         }
         let held: Vec<(u64, usize)> = self
             .reg
@@ -775,11 +830,14 @@ impl Devd {
             totals: {
                 let mut t = self.totals.json();
                 t.violations += QueuedCounters::get(&self.violations);
+                let b = |j: &ConnJson| j.bytes_c2a.saturating_add(j.bytes_a2c);
                 for c in self.reg.conns.values() {
                     let j = conn_json(c);
                     match c.mode {
-                        Mode::Queued => t.bytes.queued += j.bytes_c2a + j.bytes_a2c,
-                        _ => t.bytes.direct += j.bytes_c2a + j.bytes_a2c,
+                        Mode::Queued => {
+                            t.bytes.queued = t.bytes.queued.saturating_add(b(&j));
+                        }
+                        _ => t.bytes.direct = t.bytes.direct.saturating_add(b(&j)),
                     }
                 }
                 t
@@ -1061,7 +1119,7 @@ mod tests {
         assert_eq!(d.reg.conns.len(), 1);
         // The first intent still waits; a second claim of the same socket
         // finds nothing (plain).
-        assert_eq!(d.reg.intents_of.get(&1), Some(&1));
+        assert_eq!(d.reg.intents_of.get(&sys::uid()), Some(&1));
         assert_eq!(claim(&mut d, &a).0, Response::Ok);
     }
 
@@ -1099,6 +1157,73 @@ mod tests {
         d.end_session(1);
         assert!(d.reg.intents.is_empty() && d.reg.intents_of.is_empty());
         assert!(d.reg.usage.is_empty(), "usage left: {:?}", d.reg.usage);
+    }
+
+    #[test]
+    fn a_claim_after_its_connector_let_go_consumes_the_hello_and_stays_plain() {
+        let mut d = devd("");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let Response::Proceed { token, attachment } = intent(&mut d, &s, dst).0 else {
+            panic!("intent refused");
+        };
+        s.connect(&dst.into()).unwrap();
+        // The connector sent its Hello and closed before the acceptor's
+        // accept: its Release frees the intent's resources and charge.
+        let r = d.handle(
+            1,
+            Request::Release {
+                conn_id: attachment.conn_id,
+                side: Side::Connector,
+            },
+            vec![],
+        );
+        assert_eq!(r.0, Response::Ok);
+        assert!(d.reg.usage.is_empty() && d.reg.intents.is_empty());
+        // The acceptor is still told a Hello comes (and to answer KERNEL),
+        // so that the Hello never reaches its application as data.
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(
+            claim(&mut d, &a).0,
+            Response::ExpectKernel {
+                token,
+                reason: FallbackReason::ConnectorGone
+            }
+        );
+        assert!(d.reg.gone.is_empty());
+        // A later plain connection is plain.
+        let p = TcpStream::connect(dst).unwrap();
+        let (b, _) = l.accept().unwrap();
+        assert_eq!(claim(&mut d, &b).0, Response::Ok);
+        drop(p);
+    }
+
+    #[test]
+    fn closed_connections_wait_for_a_quiet_moment_but_not_without_bound() {
+        let mut d = devd("");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        for n in 0..(MAX_TRASH + 8) {
+            let s = socket();
+            let Response::Proceed { attachment, .. } = intent(&mut d, &s, dst).0 else {
+                panic!("intent refused");
+            };
+            s.connect(&dst.into()).unwrap();
+            let (a, _) = l.accept().unwrap();
+            assert!(matches!(claim(&mut d, &a).0, Response::Expect { .. }));
+            for side in [Side::Connector, Side::Acceptor] {
+                let conn_id = attachment.conn_id;
+                d.handle(1, Request::Release { conn_id, side }, vec![]);
+            }
+            // No chore ran (no quiet moment): freed at once past the bound.
+            assert_eq!(d.trash.len(), (n + 1).min(MAX_TRASH));
+        }
+        assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
+        while d.has_chores() {
+            d.chore();
+        }
+        assert!(d.trash.is_empty() && d.pool.len() == POOL);
     }
 
     #[test]

@@ -29,8 +29,14 @@ pub struct Listener {
 /// once it has connected, and Claim reads it from devd's duplicate then.
 pub type IntentKey = (IpAddr, u16);
 
-/// Pending intents one session may have; more are refused (limit).
-pub const MAX_INTENTS_PER_SESSION: usize = 4096;
+/// Unclaimed intents one user may have (over all its sessions); more are
+/// refused (limit). Each holds a created connection, and every Claim to
+/// the same destination looks at it.
+pub const MAX_INTENTS_PER_USER: usize = 1024;
+
+/// Intents whose connector let go before any Claim that devd remembers
+/// (oldest forgotten first).
+pub const MAX_GONE: usize = 4096;
 
 /// Normalizes an address as both ends of a local TCP connection see it.
 pub fn canon(ip: IpAddr) -> IpAddr {
@@ -49,6 +55,8 @@ pub fn canon(ip: IpAddr) -> IpAddr {
 /// exist, the connector holds its end) but not yet claimed by an acceptor.
 #[derive(Debug)]
 pub struct Intent {
+    /// Where it waits (its destination).
+    pub key: IntentKey,
     /// Token the Hello will carry.
     pub token: u64,
     /// Mode decided.
@@ -68,6 +76,25 @@ pub struct Intent {
     pub res: Res,
     /// Region bytes charged to each end's user.
     pub bytes: usize,
+    /// The socket's local port once seen non-zero (0: not yet): a Claim
+    /// skips intents whose port is not its peer's without a syscall.
+    pub port: std::cell::Cell<u16>,
+}
+
+/// An intent whose connector let go of it (Release, or its session ended)
+/// before an acceptor claimed it: its resources are freed, but its Hello
+/// may be on the way to an acceptor, which must consume it (ExpectKernel,
+/// connector_gone) rather than hand it to the application as data.
+#[derive(Debug)]
+pub struct Gone {
+    /// Where it was announced to.
+    pub key: IntentKey,
+    /// The token its Hello carries.
+    pub token: u64,
+    /// devd's duplicate of the connector's socket, to match the Claim.
+    pub sock: OwnedFd,
+    /// When it was made (it expires like an intent).
+    pub at: Instant,
 }
 
 /// One end of a connection.
@@ -158,8 +185,10 @@ pub struct Registry {
     /// Intents awaiting their accept (use the `*_intent*` methods, which
     /// keep `intents_of` in step).
     pub intents: HashMap<IntentKey, Vec<Intent>>,
-    /// Number of pending intents by session.
-    pub intents_of: HashMap<u64, usize>,
+    /// Number of pending intents by user.
+    pub intents_of: HashMap<u32, usize>,
+    /// Intents given up before their Claim, oldest first.
+    pub gone: std::collections::VecDeque<Gone>,
     /// Live connections by id (ordered for paging).
     pub conns: BTreeMap<u64, Conn>,
     /// (connection id, end) by socket inode.
@@ -199,9 +228,22 @@ impl Registry {
         }
     }
 
-    /// Whether session `sid` may announce one more intent.
-    pub fn may_add_intent(&self, sid: u64) -> bool {
-        self.intents_of.get(&sid).copied().unwrap_or(0) < MAX_INTENTS_PER_SESSION
+    /// Whether user `uid` may announce one more intent.
+    pub fn may_add_intent(&self, uid: u32) -> bool {
+        self.intents_of.get(&uid).copied().unwrap_or(0) < MAX_INTENTS_PER_USER
+    }
+
+    /// Remembers an intent given up before its Claim (see [`Gone`]).
+    pub fn bury(&mut self, key: IntentKey, token: u64, sock: OwnedFd, at: Instant) {
+        if self.gone.len() >= MAX_GONE {
+            self.gone.pop_front();
+        }
+        self.gone.push_back(Gone {
+            key,
+            token,
+            sock,
+            at,
+        });
     }
 
     /// Stores an intent under `key`; returns the earlier intent of the same
@@ -209,7 +251,7 @@ impl Registry {
     pub fn add_intent(&mut self, key: IntentKey, intent: Intent) -> Vec<Intent> {
         let inode = intent.end.inode;
         let replaced = self.retain_intents(|i| i.end.inode != inode);
-        *self.intents_of.entry(intent.end.session).or_default() += 1;
+        *self.intents_of.entry(intent.end.uid).or_default() += 1;
         self.intents.entry(key).or_default().push(intent);
         replaced
     }
@@ -226,7 +268,7 @@ impl Registry {
         if list.is_empty() {
             self.intents.remove(&key);
         }
-        self.uncount(intent.end.session, 1);
+        self.uncount(intent.end.uid, 1);
         Some(intent)
     }
 
@@ -247,16 +289,16 @@ impl Registry {
         }
         self.intents.retain(|_, list| !list.is_empty());
         for i in &gone {
-            self.uncount(i.end.session, 1);
+            self.uncount(i.end.uid, 1);
         }
         gone
     }
 
-    fn uncount(&mut self, sid: u64, n: usize) {
-        if let Some(c) = self.intents_of.get_mut(&sid) {
+    fn uncount(&mut self, uid: u32, n: usize) {
+        if let Some(c) = self.intents_of.get_mut(&uid) {
             *c = c.saturating_sub(n);
             if *c == 0 {
-                self.intents_of.remove(&sid);
+                self.intents_of.remove(&uid);
             }
         }
     }
@@ -264,6 +306,8 @@ impl Registry {
     /// Removes and returns the intents older than `max_age_s`.
     #[must_use]
     pub fn expire(&mut self, now: Instant, max_age_s: u64) -> Vec<Intent> {
+        self.gone
+            .retain(|g| now.duration_since(g.at).as_secs() < max_age_s);
         self.retain_intents(|i| now.duration_since(i.at).as_secs() < max_age_s)
     }
 }

@@ -60,7 +60,8 @@ fi
   echo
   echo "How it is measured:"
   echo
-  echo "- Transports: kernel TCP (ssock's Stream in Kernel mode), AF_UNIX (a plain Unix stream socket, a"
+  echo "- Transports: kernel TCP (a plain TcpStream to a plain listener: neither the ssock library nor devd"
+  echo "  is involved), AF_UNIX (a plain Unix stream socket, a"
   echo "  reference only), Direct and Queued. A connection that did not get the mode asked for fails the run."
   echo "  They run interleaved: every round runs every test on every transport in turn."
   echo "- Ping-pong: one clock read per round trip; each sample is the time since the previous one, halved,"

@@ -56,9 +56,10 @@ pub struct Sock {
     /// SO_ERROR already reported the reset.
     error_reported: bool,
     /// Other processes that got the socket (fork, exec, fd passing) before
-    /// the HelloAck was read (taken back when that failed): while any may
-    /// use it, its end is not ours alone to release.
-    shared: u32,
+    /// the HelloAck was read, as fork_hold minus drop_hold (an exec takes
+    /// one back before it runs and gives it again if it fails, so this may
+    /// dip below zero): above zero, its end is not ours alone to release.
+    shared: i32,
     /// connect() has reported success (0). A nonblocking connect reported
     /// EINPROGRESS: the next connect() on the socket says 0, later ones
     /// EISCONN, as the kernel's do.
@@ -71,7 +72,7 @@ impl Drop for Sock {
         // process (which attaches the end by its socket later): devd holds
         // this end for us until told.
         if let State::AwaitAck(session, Some(p)) = &self.state {
-            if self.shared == 0 && !session.is_broken() {
+            if self.shared <= 0 && !session.is_broken() {
                 ssock_client::negotiate::release(session, p);
             }
         }
@@ -460,7 +461,7 @@ impl Sock {
     pub fn fork_hold(&mut self) {
         match &mut self.state {
             State::Up(t) => t.fork_hold(),
-            State::AwaitAck(..) => self.shared += 1,
+            State::AwaitAck(..) => self.shared = self.shared.saturating_add(1),
             State::Kernel => {}
         }
     }

@@ -23,9 +23,10 @@
 //! pin.
 //!
 //! A child process (this binary, `serve` role) is the server: one thread per
-//! connection, behind a TCP listener registered with devd and a Unix
-//! listener (AF_UNIX is a reference only). Both processes verify every byte
-//! they receive. A connection that did not get the transport asked for is
+//! connection, behind a TCP listener registered with devd, a plain TCP
+//! listener (the kernel TCP baseline: neither the ssock library nor devd
+//! is involved) and a Unix listener (AF_UNIX is a reference only). Both
+//! processes verify every byte they receive. A connection that did not get the transport asked for is
 //! an error: a silent fallback would make the table lie.
 
 #![forbid(unsafe_code)]

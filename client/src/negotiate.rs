@@ -156,6 +156,13 @@ fn read_exact_within(
 /// about what the acceptor's claim takes (measured: 35-60 us here).
 const ACK_SPIN: Duration = Duration::from_micros(100);
 
+/// How long an acceptor told to expect a Hello polls for it before it
+/// sleeps: a blocking connector connects while devd handles its Intent and
+/// writes the Hello once devd has answered it, just before devd answers
+/// the acceptor's Claim (measured: 5.6-5.7 k connections/s without, 5.7-6.2 k
+/// with 30-60 us).
+const HELLO_SPIN: Duration = Duration::from_micros(30);
+
 /// An end devd created but this side has not started using: an Attached
 /// reply and its fds, for [`attach`].
 pub type Pending = (Response, Vec<OwnedFd>);
@@ -450,7 +457,7 @@ fn accept_inner(
         Ok(Accepted::Dropped)
     };
     let mut hello = [0u8; HELLO_LEN];
-    if let Err(e) = read_exact_within(fd, &mut hello, opts.hello_timeout, Duration::ZERO) {
+    if let Err(e) = read_exact_within(fd, &mut hello, opts.hello_timeout, HELLO_SPIN) {
         log::warn!("announced peer sent no Hello ({e}); dropping the connection");
         return drop_end(FallbackReason::HelloTimeout);
     }

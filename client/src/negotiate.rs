@@ -265,10 +265,14 @@ pub fn connect_start(
         pref: opts.mode,
     };
     let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
-    // A blocking socket connects while devd handles the intent (the reply
-    // is read after connect() returns). A nonblocking one asks first: on
-    // the plain path it must get the kernel's own nonblocking connect.
-    let (reply, connected) = if nonblocking {
+    // A blocking socket to a loopback address connects while devd handles
+    // the intent (the reply is read after connect() returns; the session
+    // is this thread's meanwhile, which a loopback connect keeps short).
+    // Others ask first: a nonblocking socket on the plain path must get
+    // the kernel's own nonblocking connect, and a connect to another
+    // address may take seconds, which would hold the session that long.
+    let overlap = !nonblocking && dst.ip().to_canonical().is_loopback();
+    let (reply, connected) = if !overlap {
         (session.request(&intent, &[fd]), None)
     } else {
         match session.begin(&intent, &[fd]) {
@@ -303,13 +307,19 @@ pub fn connect_start(
             let mut w: &Socket = &sock;
             w.write_all(&codec::hello(token))
         }),
+        // Connected and greeted blocking (its acceptor is a registered
+        // local listener), then made nonblocking again if it was.
         None => (|| {
-            ssock_rings::sys::set_nonblocking(fd, false)?;
+            if nonblocking {
+                ssock_rings::sys::set_nonblocking(fd, false)?;
+            }
             let greeted = sock.connect(&dst.into()).and_then(|()| {
                 let mut w: &Socket = &sock;
                 w.write_all(&codec::hello(token))
             });
-            ssock_rings::sys::set_nonblocking(fd, true)?;
+            if nonblocking {
+                ssock_rings::sys::set_nonblocking(fd, true)?;
+            }
             greeted
         })(),
     };

@@ -319,3 +319,44 @@ fn a_claim_read_before_its_intent_still_finds_it() -> Result<()> {
         r => anyhow::bail!("claim answered {r:?}, expected Expect with token {token}"),
     }
 }
+
+#[test]
+fn a_blocking_connect_to_a_local_non_loopback_address_goes_direct_and_stays_blocking() -> Result<()>
+{
+    // The host's address on its default route (no packet is sent).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let ip = match probe
+        .connect("192.0.2.1:9")
+        .and_then(|()| probe.local_addr())
+    {
+        Ok(a) if !a.ip().is_loopback() && !a.ip().is_unspecified() => a.ip(),
+        _ => {
+            eprintln!("skipped: this host has no non-loopback IPv4 address");
+            return Ok(());
+        }
+    };
+    let d = Devd::start(&[])?;
+    let o = opts(&d, ModePref::Direct)?;
+    let l = Listener::bind_with("0.0.0.0:0", &o)?;
+    let dst = std::net::SocketAddr::new(ip, l.local_addr()?.port());
+    let o2 = o.clone();
+    let t = std::thread::spawn(move || Stream::connect_with(dst, &o2));
+    let (mut acc, _) = l.accept()?;
+    let mut con = t.join().expect("connector thread")?;
+    ensure!(
+        acc.mode() == Mode::Direct && con.mode() == Mode::Direct,
+        "modes {:?} {:?}",
+        acc.mode(),
+        con.mode()
+    );
+    // That path asks devd before connecting (no overlap) and must leave
+    // the socket as it found it: blocking.
+    // SAFETY: F_GETFL on an open socket only reads its flags.
+    let fl = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(con.tcp()), libc::F_GETFL) };
+    ensure!(fl >= 0 && fl & libc::O_NONBLOCK == 0, "flags {fl:#x}");
+    con.write_all(b"hi")?;
+    let mut b = [0u8; 2];
+    acc.read_exact(&mut b)?;
+    ensure!(&b == b"hi");
+    Ok(())
+}

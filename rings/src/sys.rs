@@ -47,48 +47,21 @@ pub fn memfd_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
 
 /// Writes all of `buf` at offset `off` of a file (a region devd has not
 /// mapped: its header).
-pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let at = libc::off_t::try_from(off + done).map_err(io::Error::other)?;
-        let rest = &buf[done..];
-        // SAFETY: rest is a valid readable buffer of rest.len() bytes.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), at) };
-        match n {
-            n if n > 0 => done += n.unsigned_abs(),
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
+pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(&*file_view(fd), buf, off)
 }
 
 /// Fills `buf` from offset `off` of a file (devd reading a region's header
 /// words without mapping it).
-pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let at = libc::off_t::try_from(off + done).map_err(io::Error::other)?;
-        let rest = &mut buf[done..];
-        // SAFETY: rest is a valid writable buffer of rest.len() bytes.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
-        match n {
-            n if n > 0 => done += n.unsigned_abs(),
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
+pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(&*file_view(fd), buf, off)
+}
+
+/// A `File` over a borrowed fd, for std's positional I/O; never closes it.
+fn file_view(fd: BorrowedFd<'_>) -> std::mem::ManuallyDrop<std::fs::File> {
+    // SAFETY: the fd stays open for the borrow, and ManuallyDrop keeps the
+    // File from closing it; the view does not outlive its caller's borrow.
+    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) })
 }
 
 /// Checks that a received region fd is a memfd sealed against shrinking and

@@ -289,6 +289,13 @@ impl Peer {
         }
     }
 
+    /// A serving peer's "PORT N ..." line: the port, and the whole line.
+    pub fn expect_port(&mut self) -> Result<(String, String)> {
+        let l = self.expect("PORT")?;
+        let port = l.split_whitespace().nth(1).context("port")?.to_string();
+        Ok((port, l))
+    }
+
     /// Writes a line to the peer's stdin.
     pub fn say(&mut self, s: &str) -> Result<()> {
         let w = self.stdin.as_mut().context("stdin closed")?;

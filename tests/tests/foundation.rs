@@ -14,8 +14,7 @@ fn server(d: &Devd, mode: &str, script: &[&str]) -> Result<(Peer, String)> {
     let mut args = vec!["serve", "127.0.0.1:0", mode];
     args.extend_from_slice(script);
     let mut p = d.peer(&args)?;
-    let l = p.expect("PORT")?;
-    let port = l.split_whitespace().nth(1).context("port")?.to_string();
+    let (port, l) = p.expect_port()?;
     ensure!(
         l.ends_with("registered") || mode == "kernel",
         "listener not registered: {l}"
@@ -421,13 +420,7 @@ fn sleepy_stream(mode: &str, region: &str) -> Result<()> {
     let d = Devd::start(&["--region-size", region])?;
     let no_spin = [("SSOCK_SPIN_US", "0")];
     let mut s = d.peer_env(&["serve", "127.0.0.1:0", mode, "recv"], &no_spin)?;
-    let port = s
-        .expect("PORT")?
-        .split_whitespace()
-        .nth(1)
-        .context("port")?
-        .to_string();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", s.expect_port()?.0);
     let n = (64 * MIB).to_string();
     let mut c = d.peer_env(&["connect", &addr, mode, "send", &n], &no_spin)?;
     ensure!(mode_line(&mut c)?.0 == mode);

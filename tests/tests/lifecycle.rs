@@ -100,12 +100,7 @@ fn peers_reconnect_to_a_restarted_devd_and_accelerate_again() -> Result<()> {
     let socket = d.socket.clone();
     let run = |addr: &str| -> Result<String> {
         let mut s = d_peer(&socket, &["serve", addr, "auto", "hold", "1"])?;
-        let port = s
-            .expect("PORT")?
-            .split_whitespace()
-            .nth(1)
-            .context("port")?
-            .to_string();
+        let port = s.expect_port()?.0;
         let mut c = d_peer(
             &socket,
             &["connect", &format!("127.0.0.1:{port}"), "auto", "hold", "1"],

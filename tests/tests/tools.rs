@@ -126,11 +126,7 @@ fn the_packaged_example_config_is_accepted_by_devd() -> Result<()> {
         .arg(&cfg)
         .spawn()?;
     let up = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(10));
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let st = child.wait()?;
+    let st = terminate(&mut child)?;
     let _ = std::fs::remove_dir_all(&dir);
     up?;
     ensure!(st.success(), "devd exited with {st} after SIGTERM");
@@ -155,11 +151,7 @@ fn sandboxed_devd_tells_systemd_it_is_ready_and_stays_up() -> Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let alive = child.try_wait()?.is_none();
     let served = ssock_tools::wait_for(&dir.join("devd.sock"), std::time::Duration::from_secs(5));
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let st = child.wait()?;
+    let st = terminate(&mut child)?;
     let _ = std::fs::remove_dir_all(&dir);
     let n = got?;
     ensure!(
@@ -171,4 +163,13 @@ fn sandboxed_devd_tells_systemd_it_is_ready_and_stays_up() -> Result<()> {
     served?;
     ensure!(st.success(), "devd exit {st}");
     Ok(())
+}
+
+/// Sends SIGTERM to `child` and waits for it.
+fn terminate(child: &mut std::process::Child) -> Result<std::process::ExitStatus> {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    Ok(child.wait()?)
 }

@@ -432,7 +432,7 @@ impl Devd {
     }
 
     /// Refunds an unclaimed intent's charge and frees its engine state
-    /// (its fds close when it is dropped).
+    /// (its fds close when it is dropped; `bury` keeps its socket).
     fn unclaim(&mut self, i: &Intent) {
         self.reg.charge(
             i.end.uid,
@@ -469,13 +469,11 @@ impl Devd {
     fn claim(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let end = self.end(sid, fd)?;
         let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        let canon_addr = |a: std::net::SocketAddr| (canon(a.ip()), a.port());
         let here = canon_addr(end.addr);
         let from = canon_addr(peer);
-        // The intent's own socket must be this accepted socket's peer: its
-        // local address (known now that it has connected) is our peer, and
-        // its peer is our local address. A stale intent (its connect failed,
-        // or went elsewhere) never connected here.
+        // The intent's own socket must be this accepted socket's peer (see
+        // `peer_of`): a stale intent (its connect failed, or went
+        // elsewhere) never connected here.
         let mut local = None;
         let intent = self.reg.take_intent(here, |i| {
             // A port seen before says no without a syscall (a connected
@@ -488,20 +486,16 @@ impl Devd {
                 return false;
             };
             i.port.set(l.port());
-            let ok = canon_addr(l) == from
-                && sys::peer_addr(i.sock.as_fd()).ok().map(canon_addr) == Some(here);
-            if ok {
-                local = Some(l);
-            }
-            ok
+            local = peer_of(&i.sock, l, here, from).then_some(l);
+            local.is_some()
         });
         let Some(mut intent) = intent else {
             // An intent given up before this Claim: its Hello may be here;
             // the acceptor consumes it and stays on kernel TCP.
             let gone = self.reg.gone.iter().position(|g| {
                 g.key == here
-                    && sys::local_addr(g.sock.as_fd()).ok().map(canon_addr) == Some(from)
-                    && sys::peer_addr(g.sock.as_fd()).ok().map(canon_addr) == Some(here)
+                    && sys::local_addr(g.sock.as_fd())
+                        .is_ok_and(|l| peer_of(&g.sock, l, here, from))
             });
             if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
                 let reason = FallbackReason::ConnectorGone;
@@ -868,6 +862,23 @@ impl Devd {
             serde_json::to_string(&page).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         (Response::Stats { json, more }, vec![])
     }
+}
+
+/// An address as both ends of a local TCP connection see it (see `canon`).
+fn canon_addr(a: std::net::SocketAddr) -> (std::net::IpAddr, u16) {
+    (canon(a.ip()), a.port())
+}
+
+/// Whether `sock` (a connector's socket devd holds, whose local address is
+/// `local`) is connected to the accepted socket whose local address is
+/// `here` and peer `from`: `local` is `from` and its peer is `here`.
+fn peer_of(
+    sock: &OwnedFd,
+    local: std::net::SocketAddr,
+    here: (std::net::IpAddr, u16),
+    from: (std::net::IpAddr, u16),
+) -> bool {
+    canon_addr(local) == from && sys::peer_addr(sock.as_fd()).ok().map(canon_addr) == Some(here)
 }
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.

@@ -133,16 +133,21 @@ fn serve_session(
     max: usize,
 ) {
     if !serve_one(devd, sid, buf, claims, max) {
-        if let Some(s) = devd.session_sock(sid) {
-            let _ = epoll.ctl(
-                ControlOperation::Delete,
-                s.as_raw_fd(),
-                EpollEvent::default(),
-            );
-        }
-        devd.end_session(sid);
-        log::debug!("session {sid} ended");
+        end_session(devd, epoll, sid);
     }
+}
+
+/// Drops session `sid` (its socket leaves the epoll set first).
+fn end_session(devd: &mut Devd, epoll: &Epoll, sid: u64) {
+    if let Some(s) = devd.session_sock(sid) {
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            s.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+    devd.end_session(sid);
+    log::debug!("session {sid} ended");
 }
 
 /// A reply and the fds devd sends with it.
@@ -180,18 +185,16 @@ fn answer_claims(
     }
     for (sid, req, fds) in std::mem::take(claims) {
         // The session may have ended meanwhile (then nobody waits).
-        let Some(sock) = devd.session_sock(sid).map(AsRawFd::as_raw_fd) else {
+        if devd.session_sock(sid).is_none() {
             continue;
-        };
+        }
         let sent = match answer(devd, sid, req, fds) {
             Ok(Some(r)) => reply(devd, sid, &r.0, &r.1),
             Ok(None) => true,
             Err(()) => false,
         };
         if !sent {
-            let _ = epoll.ctl(ControlOperation::Delete, sock, EpollEvent::default());
-            devd.end_session(sid);
-            log::debug!("session {sid} ended");
+            end_session(devd, epoll, sid);
         }
     }
     Ok(())

@@ -67,16 +67,16 @@ fn build(
         return Err(io::Error::other("devd answered Attach with something else"));
     };
     let s = Some(session.clone());
-    let t: Result<Box<dyn Transport>, String> = match (a.mode, adopt) {
-        (Mode::Direct, false) => Direct::attach(&a, fds, s)
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(|e| e.to_string()),
-        (Mode::Direct, true) => Direct::adopt(&a, fds, s)
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(|e| e.to_string()),
-        (Mode::Queued, false) => Queued::attach(&a, fds, s)
-            .map(|t| Box::new(t) as Box<dyn Transport>)
-            .map_err(|e| e.to_string()),
+    fn boxed<T: Transport + 'static>(
+        r: Result<T, impl std::fmt::Display>,
+    ) -> Result<Box<dyn Transport>, String> {
+        r.map(|t| Box::new(t) as Box<dyn Transport>)
+            .map_err(|e| e.to_string())
+    }
+    let t = match (a.mode, adopt) {
+        (Mode::Direct, false) => boxed(Direct::attach(&a, fds, s)),
+        (Mode::Direct, true) => boxed(Direct::adopt(&a, fds, s)),
+        (Mode::Queued, false) => boxed(Queued::attach(&a, fds, s)),
         (Mode::Queued, true) => Err("only a Direct connection can be taken over".into()),
         (Mode::Kernel, _) => Err("devd attached a kernel-mode connection".into()),
     };
@@ -191,7 +191,7 @@ pub fn connect_on(
 ) -> io::Result<Outcome> {
     match connect_start(fd, dst, opts, session)? {
         Started::Kernel(reason) => Ok(Outcome::Kernel(reason)),
-        Started::HelloSent(pending) => {
+        Started::HelloSent { pending, .. } => {
             let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
             connect_finish(fd, session, Some(opts.ack_timeout), &mut Some(pending))?
                 .ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))
@@ -213,7 +213,7 @@ pub fn connect_mapped(
 ) -> io::Result<Result<Box<dyn Transport>, Option<FallbackReason>>> {
     let pending = match connect_start(fd, dst, opts, session)? {
         Started::Kernel(reason) => return Ok(Err(reason)),
-        Started::HelloSent(pending) => pending,
+        Started::HelloSent { pending, .. } => pending,
     };
     let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
     let t = attach(session, pending).inspect_err(|_| {
@@ -236,7 +236,12 @@ pub enum Started {
     Kernel(Option<FallbackReason>),
     /// Connected and the Hello sent: [`connect_finish`] reads the HelloAck.
     /// This end (devd created the connection at the intent) waits for it.
-    HelloSent(Pending),
+    HelloSent {
+        /// This end.
+        pending: Pending,
+        /// Whether the socket is nonblocking (as the caller found it).
+        nonblocking: bool,
+    },
 }
 
 /// First half of the connector side: announce the intent, connect, send the
@@ -327,7 +332,10 @@ pub fn connect_start(
         release(session, &pending);
         return Err(e);
     }
-    Ok(Started::HelloSent(pending))
+    Ok(Started::HelloSent {
+        pending,
+        nonblocking,
+    })
 }
 
 /// Second half of the connector side: reads the HelloAck (waiting up to
@@ -439,14 +447,6 @@ fn read_ack(fd: BorrowedFd<'_>, wait: Option<Duration>) -> io::Result<Option<boo
 /// at once; devd hands this end over with the claim), read the Hello
 /// (bounded), answer with the HelloAck.
 pub fn accept_on(
-    session: &Arc<Session>,
-    fd: BorrowedFd<'_>,
-    opts: &Options,
-) -> io::Result<Accepted> {
-    accept_inner(session, fd, opts)
-}
-
-fn accept_inner(
     session: &Arc<Session>,
     fd: BorrowedFd<'_>,
     opts: &Options,

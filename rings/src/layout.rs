@@ -54,6 +54,24 @@ pub fn holders(m: &Mapping, side: usize) -> &std::sync::atomic::AtomicU32 {
     m.u32_at(hdr::HOLDERS + 4 * (side & 1))
 }
 
+/// One more process holds end `side` (attach, fork, fd passing).
+/// Relaxed: a count only; attach, fork and passing order the processes.
+pub fn hold(m: &Mapping, side: usize) {
+    holders(m, side).fetch_add(1, Ordering::Relaxed);
+}
+
+/// Takes back a [`hold`] whose fork or passing failed.
+pub fn unhold(m: &Mapping, side: usize) {
+    holders(m, side).fetch_sub(1, Ordering::Relaxed);
+}
+
+/// This process lets go of end `side`; true if it was the last holder.
+/// AcqRel: this process's ring writes happen before a later holder's
+/// end-of-stream mark, and the last holder sees all of them.
+pub fn let_go(m: &Mapping, side: usize) -> bool {
+    holders(m, side).fetch_sub(1, Ordering::AcqRel) <= 1
+}
+
 /// Region kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionKind {

@@ -93,6 +93,9 @@ struct Inner {
     /// Collections so far: every fourth wait fetches the kernel's events
     /// even when the rings had some, so kernel fds are not starved.
     calls: u32,
+    /// `sock::turned_plain()` when members were last checked for sockets
+    /// that turned plain (None: a member came in since, check again).
+    plain_seen: Option<u64>,
 }
 
 /// The shim's side of one epoll instance.
@@ -256,6 +259,7 @@ pub fn became_accelerated(fd: c_int) {
         let mut ev = epoll_event { events, u64: data };
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+        i.plain_seen = None;
         i.members.push(Member {
             fd,
             obj: Obj::Sock(sock.clone()),
@@ -290,6 +294,13 @@ impl Set {
     /// Members whose negotiation ended on kernel TCP go back to the kernel
     /// instance `epfd` (and out of the socket table).
     fn return_plain(&self, epfd: c_int, i: &mut Inner) {
+        // Only when some socket turned plain (or a member came in) since
+        // the last look: otherwise each wait would lock every member twice.
+        let now = crate::sock::turned_plain();
+        if i.plain_seen == Some(now) {
+            return;
+        }
+        i.plain_seen = Some(now);
         let mut k = 0;
         while k < i.members.len() {
             let m = &i.members[k];
@@ -507,6 +518,7 @@ pub fn ctl(
             if shim_member.is_some() || i.kernel.contains_key(&fd) {
                 return Err(libc::EEXIST);
             }
+            i.plain_seen = None;
             i.members.push(Member {
                 fd,
                 obj,
@@ -560,7 +572,6 @@ pub fn wait(
         usize::try_from(r).unwrap_or(0)
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
-    let spin = set.spin();
     let mut spun = false;
     loop {
         // The rings first, without a syscall; the kernel's events when the
@@ -578,6 +589,9 @@ pub fn wait(
         }
         if !spun {
             spun = true;
+            // Looked up only here: a wait answered by the first collect
+            // takes no further lock for it.
+            let spin = set.spin();
             if ssock_rings::notify::spin_until(spin, || set.any_ready(false).then_some(()))
                 .is_some()
             {

@@ -17,18 +17,19 @@ fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
 }
 
 /// Waits until `fd` reports `events` (or an error/hangup). First for the
-/// spin budget alone (no syscall while the peer answers quickly); then
-/// for the socket's SO_RCVTIMEO/SO_SNDTIMEO (`opt`), read only on this slow
-/// path. Err(EAGAIN) when that timeout passes, Err(EINTR) on a signal.
+/// spin budget alone (no syscall while the peer answers quickly); then,
+/// without spinning again, for the socket's SO_RCVTIMEO/SO_SNDTIMEO
+/// (`opt`), read only on this slow path. Err(EAGAIN) when that timeout
+/// passes, Err(EINTR) on a signal.
 fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), i32> {
     let socks = [Some(wait::Obj::Sock(e.clone()))];
-    let once = |t: Option<std::time::Duration>| {
+    let once = |t: Option<std::time::Duration>, spin: bool| {
         let mut p = [libc::pollfd {
             fd: fd.as_raw_fd(),
             events,
             revents: 0,
         }];
-        let r = wait::poll(&mut p, &socks, t, &wait::real_poll, &|set, rem| {
+        let r = wait::poll(&mut p, &socks, t, spin, &wait::real_poll, &|set, rem| {
             wait::real_poll(set, wait::millis(rem))
         });
         if r < 0 {
@@ -41,7 +42,7 @@ fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), 
     };
     let spin = lock(e).spin();
     let limit = || ssock_rings::sys::sockopt_timeout(fd, opt).unwrap_or(None);
-    match once(Some(spin)) {
+    match once(Some(spin), true) {
         Ok(true) => return Ok(()),
         Ok(false) => {}
         // As the kernel: a signal whose handler has SA_RESTART restarts
@@ -51,7 +52,8 @@ fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), 
     }
     let limit = limit();
     loop {
-        match once(limit) {
+        // The budget was spent above: straight to sleep.
+        match once(limit, false) {
             Ok(true) => return Ok(()),
             Ok(false) => return Err(libc::EAGAIN),
             Err(libc::EINTR) if limit.is_none() && restartable() => {}

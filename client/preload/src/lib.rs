@@ -89,10 +89,11 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_
             match sock::connect(b, dst) {
                 None => real(),
                 Some(Ok(Some(s))) => {
+                    let nonblocking = s.nonblocking;
                     table::insert(fd, s);
                     epoll::became_accelerated(fd);
                     // The kernel's answer for a nonblocking connect.
-                    if sock::is_nonblocking(b) {
+                    if nonblocking {
                         fail(libc::EINPROGRESS)
                     } else {
                         0
@@ -539,6 +540,7 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
                 pfds,
                 &socks,
                 ms_timeout(timeout),
+                true,
                 &wait::real_poll,
                 &|set, rem| wait::real_poll(set, wait::millis(rem)),
             )
@@ -634,7 +636,7 @@ pub unsafe extern "C" fn ppoll(
             let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
-            wait::poll(pfds, &socks, t, &wait::real_poll, &sleep)
+            wait::poll(pfds, &socks, t, true, &wait::real_poll, &sleep)
         },
         real,
     )
@@ -678,7 +680,7 @@ unsafe fn select_via_poll(
         }
     }
     let socks = wait::accelerated(&pfds)?;
-    let n = wait::poll(&mut pfds, &socks, timeout, &wait::real_poll, sleep);
+    let n = wait::poll(&mut pfds, &socks, timeout, true, &wait::real_poll, sleep);
     if n < 0 {
         return Some(-1);
     }

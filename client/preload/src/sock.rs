@@ -79,6 +79,15 @@ impl Drop for Sock {
     }
 }
 
+/// Sockets that turned plain after connect (negotiation ended on kernel
+/// TCP): epoll sets look for such members only when this changed.
+static TURNED_PLAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`TURNED_PLAIN`].
+pub fn turned_plain() -> u64 {
+    TURNED_PLAIN.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// errno for an io::Error.
 pub fn errno(e: &io::Error) -> i32 {
     match e.raw_os_error() {
@@ -128,8 +137,10 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             log::info!("connect to {dst}: kernel TCP ({r:?})");
             Ok(None)
         }
-        Ok(Started::HelloSent(pending)) => {
-            let nonblocking = is_nonblocking(fd);
+        Ok(Started::HelloSent {
+            pending,
+            nonblocking,
+        }) => {
             // A nonblocking connect reported EINPROGRESS, not success.
             let mut s = Sock::new(State::AwaitAck(session, Some(pending)), spin, nonblocking);
             s.connect_reported = !nonblocking;
@@ -165,17 +176,10 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     };
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    // Negotiation reads the Hello with a bounded blocking read: an
-    // accept4(SOCK_NONBLOCK) socket is made blocking for that and back.
+    // Negotiation reads the Hello with recv(MSG_DONTWAIT) and poll, so an
+    // accept4(SOCK_NONBLOCK) socket needs no change.
     let nb = is_nonblocking(fd);
-    if nb {
-        let _ = ssock_rings::sys::set_nonblocking(fd, false);
-    }
-    let r = accept_on(&session, fd, &opts);
-    if nb {
-        let _ = ssock_rings::sys::set_nonblocking(fd, true);
-    }
-    match r {
+    match accept_on(&session, fd, &opts) {
         Ok(Accepted::Attached(t)) => {
             log::info!(
                 "accept: {:?}, connection {}",
@@ -286,6 +290,7 @@ impl Sock {
                 // this side can never reach. End the connection.
                 log::warn!("connect: devd unreachable before the HelloAck; shutting down");
                 let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                TURNED_PLAIN.fetch_add(1, std::sync::atomic::Ordering::Release);
                 self.state = State::Kernel;
                 return Err(FALLBACK);
             };
@@ -320,6 +325,9 @@ impl Sock {
                     State::Kernel
                 }
             };
+            if matches!(next, State::Kernel) {
+                TURNED_PLAIN.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
             self.state = next;
             let ctx = self.ctx(fd);
             match &mut self.state {

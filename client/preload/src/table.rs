@@ -189,24 +189,27 @@ pub fn closing_at_exec() -> Vec<Entry> {
     }
     let mut seen: Vec<*const Mutex<Sock>> = Vec::new();
     let mut out = Vec::new();
-    // One hold per socket, and only if none of its fds survives exec.
-    let all: Vec<(i32, Entry)> = all().collect();
+    // One hold per socket, and only if none of its fds survives exec (each
+    // fd's flags are read once).
+    let all: Vec<(bool, Entry)> = all().map(|(fd, e)| (survives_exec(fd), e)).collect();
     for (_, e) in &all {
         let p = Arc::as_ptr(e);
         if seen.contains(&p) {
             continue;
         }
         seen.push(p);
-        let survives = all.iter().any(|(fd, x)| {
-            // SAFETY: F_GETFD on a number only reads its flags.
-            let fl = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
-            Arc::ptr_eq(x, e) && fl >= 0 && fl & libc::FD_CLOEXEC == 0
-        });
-        if !survives {
+        if !all.iter().any(|(s, x)| *s && Arc::ptr_eq(x, e)) {
             out.push(e.clone());
         }
     }
     out
+}
+
+/// Whether `fd` stays open across exec (no FD_CLOEXEC).
+fn survives_exec(fd: i32) -> bool {
+    // SAFETY: F_GETFD on a number only reads its flags.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    fl >= 0 && fl & libc::FD_CLOEXEC == 0
 }
 
 /// The accelerated sockets whose fds survive exec (no FD_CLOEXEC): a
@@ -216,11 +219,7 @@ pub fn inheritable() -> Vec<Entry> {
         return Vec::new();
     }
     all()
-        .filter(|(fd, _)| {
-            // SAFETY: F_GETFD on a number only reads its flags.
-            let fl = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
-            fl >= 0 && fl & libc::FD_CLOEXEC == 0
-        })
+        .filter(|(fd, _)| survives_exec(*fd))
         .map(|(_, e)| e)
         .collect()
 }

@@ -192,21 +192,18 @@ fn scan(
 /// Runs a poll over `pfds`, whose accelerated sockets are `socks`.
 /// `real_poll(set, timeout_ms)` is libc's poll; `sleep(set, remaining)` is
 /// the blocking call (poll or ppoll with the caller's signal mask).
+/// `spin`: spin for the first socket's budget before sleeping (false when
+/// the caller has just done so).
 pub fn poll(
     pfds: &mut [pollfd],
     socks: &[Option<Obj>],
     timeout: Option<Duration>,
+    spin: bool,
     real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
     sleep: &dyn Fn(&mut [pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
     let deadline = timeout.map(|t| Instant::now() + t);
-    let spin = socks
-        .iter()
-        .flatten()
-        .next()
-        .map(Obj::spin)
-        .unwrap_or_default();
-    let mut spun = false;
+    let mut spun = !spin;
     loop {
         // The rings first: no syscall on the path where data is there or
         // arrives while spinning. The kernel socket is asked whether a peer
@@ -221,6 +218,14 @@ pub fn poll(
         }
         if !spun {
             spun = true;
+            // The budget is looked up only here: a poll that finds its
+            // answer in the first scan takes no socket's lock for it.
+            let spin = socks
+                .iter()
+                .flatten()
+                .next()
+                .map(Obj::spin)
+                .unwrap_or_default();
             let ready = || {
                 let any = pfds.iter().zip(socks).any(|(p, s)| {
                     s.as_ref().is_some_and(|s| {

@@ -5,14 +5,13 @@
 use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
-use ssock_rings::layout::{check_header, holders, DirectLayout, RegionKind};
+use ssock_rings::layout::{self, check_header, DirectLayout, RegionKind};
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Why a Direct attachment was refused.
@@ -95,8 +94,7 @@ impl Direct {
         check_header(&map, RegionKind::Direct, a.conn_id, a.geom_a, 0)
             .map_err(AttachError::Layout)?;
         if hold {
-            // Relaxed: a count only (see `close`).
-            holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
+            layout::hold(&map, a.side as usize);
         }
         let rbell = Arc::new(EventFd::from_owned(own_r));
         let wbell = Arc::new(EventFd::from_owned(own_w));
@@ -371,8 +369,7 @@ impl Transport for Direct {
 
     fn fork_hold(&mut self) {
         if !self.closed {
-            // Relaxed: a count only; the fork itself orders the processes.
-            holders(&self.map, self.side as usize).fetch_add(1, Ordering::Relaxed);
+            layout::hold(&self.map, self.side as usize);
         }
     }
 
@@ -382,8 +379,7 @@ impl Transport for Direct {
 
     fn drop_hold(&mut self) {
         if !self.closed {
-            // Relaxed: a count only.
-            holders(&self.map, self.side as usize).fetch_sub(1, Ordering::Relaxed);
+            layout::unhold(&self.map, self.side as usize);
         }
     }
 
@@ -436,9 +432,7 @@ impl Transport for Direct {
             return;
         }
         self.closed = true;
-        // AcqRel: this process's ring writes happen before a later holder's
-        // end-of-stream mark, and the last holder sees all of them.
-        if holders(&self.map, self.side as usize).fetch_sub(1, Ordering::AcqRel) > 1 {
+        if !layout::let_go(&self.map, self.side as usize) {
             return; // another process (after fork) still holds this end
         }
         if !self.broken {

@@ -8,7 +8,7 @@ use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{
-    check_header, holders, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET,
+    self, check_header, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET,
 };
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
@@ -64,8 +64,7 @@ impl Queued {
         let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
         check_header(&map, RegionKind::Queued, a.conn_id, a.geom_a, a.geom_b)
             .map_err(AttachError::Layout)?;
-        // Relaxed: a count only (see `close`).
-        holders(&map, a.side as usize).fetch_add(1, Ordering::Relaxed);
+        layout::hold(&map, a.side as usize);
         let q = layout.qsize;
         let mut me = Queued {
             conn_id: a.conn_id,
@@ -355,8 +354,7 @@ impl Transport for Queued {
 
     fn fork_hold(&mut self) {
         if !self.closed {
-            // Relaxed: a count only.
-            holders(&self.map, self.side as usize).fetch_add(1, Ordering::Relaxed);
+            layout::hold(&self.map, self.side as usize);
         }
     }
 
@@ -439,8 +437,7 @@ impl Transport for Queued {
             return;
         }
         self.closed = true;
-        // AcqRel: see Direct::close.
-        if holders(&self.map, self.side as usize).fetch_sub(1, Ordering::AcqRel) > 1 {
+        if !layout::let_go(&self.map, self.side as usize) {
             return; // another process (after fork) still holds this end
         }
         if !self.shut_wr && !self.broken {

@@ -115,7 +115,7 @@ pub struct Devd {
 }
 
 /// A reply and the fds that travel with it (devd's own, borrowed for the send).
-type Reply = (Response, Vec<Fd>);
+pub(crate) type Reply = (Response, Vec<Fd>);
 
 /// Seconds an intent (or a claimed intent) lives. It must outlast the
 /// connector's wait for the HelloAck (`Options::ack_timeout`, 60 s by
@@ -642,6 +642,7 @@ impl Devd {
             end.session = sid;
             end.pid = pid;
             end.orphaned = None;
+            self.reg.orphans.remove(&(id, e));
             if let Some(a) = local {
                 end.addr = a;
             }
@@ -732,6 +733,7 @@ impl Devd {
             match self.reg.conns.get_mut(&id) {
                 Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
                     c.ends[e].orphaned = Some(now);
+                    self.reg.orphans.insert((id, e));
                 }
                 _ => self.release_end(id, e),
             }
@@ -774,30 +776,28 @@ impl Devd {
     /// Whether some end waits out its orphan grace (the control loop then
     /// wakes often enough to release it on time).
     pub fn has_orphans(&self) -> bool {
-        self.reg
-            .conns
-            .values()
-            .any(|c| c.ends.iter().any(|e| e.orphaned.is_some()))
+        !self.reg.orphans.is_empty()
     }
 
-    /// Releases the ends whose orphan grace is over.
+    /// Releases the ends whose orphan grace is over (only the orphans are
+    /// looked at: this runs on every wake of the control loop).
     pub fn release_orphans(&mut self) {
+        if self.reg.orphans.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        let over: Vec<(u64, usize)> = self
-            .reg
-            .conns
-            .values()
-            .flat_map(|c| {
-                c.ends
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| {
-                        e.orphaned
-                            .is_some_and(|t| now.duration_since(t) >= ORPHAN_GRACE)
-                    })
-                    .map(move |(i, _)| (c.id, i))
-            })
-            .collect();
+        let mut over = Vec::new();
+        self.reg.orphans.retain(|&(id, e)| {
+            let since = self.reg.conns.get(&id).and_then(|c| c.ends[e].orphaned);
+            match since {
+                None => false,
+                Some(t) if now.duration_since(t) >= ORPHAN_GRACE => {
+                    over.push((id, e));
+                    false
+                }
+                Some(_) => true,
+            }
+        });
         for (id, e) in over {
             if let Some(c) = self.reg.conns.get_mut(&id) {
                 c.ends[e].orphaned = None;

@@ -187,6 +187,10 @@ pub struct Registry {
     pub intents: HashMap<IntentKey, Vec<Intent>>,
     /// Number of pending intents by user.
     pub intents_of: HashMap<u32, usize>,
+    /// Ends waiting out their orphan grace, (connection id, end): a subset
+    /// of the ends whose `orphaned` is set (entries of connections gone
+    /// since are dropped when found).
+    pub orphans: std::collections::BTreeSet<(u64, usize)>,
     /// Intents given up before their Claim, oldest first.
     pub gone: std::collections::VecDeque<Gone>,
     /// Live connections by id (ordered for paging).

@@ -2,7 +2,7 @@
 //! and serves their requests, all from one epoll set (sessions are
 //! nonblocking; a client that does not read its replies is dropped).
 
-use super::{Devd, Session};
+use super::{Devd, Reply, Session};
 use crate::sys as dsys;
 use ssock_rings::codec::{Request, Response, MAX_FDS, MAX_FRAME};
 use ssock_rings::sys::SeqPacket;
@@ -149,9 +149,6 @@ fn end_session(devd: &mut Devd, epoll: &Epoll, sid: u64) {
     devd.end_session(sid);
     log::debug!("session {sid} ended");
 }
-
-/// A reply and the fds devd sends with it.
-type Reply = (Response, Vec<std::sync::Arc<OwnedFd>>);
 
 /// A Claim read but not answered yet: (session, the request, its fds).
 type Held = (u64, Request, Vec<OwnedFd>);

@@ -341,7 +341,36 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
     s.close()
 
 
+def failed_pass():
+    """A connection whose socket a failed fd passing tried to send away:
+    the hold taken for the passing is given back, so closing the socket
+    still ends the stream for the peer. Prints "eof" or "no eof"."""
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(1)
+    c = socket.create_connection(l.getsockname())
+    a, _ = l.accept()
+    c.sendall(b"x")  # both ends settled before the passing
+    assert a.recv(1) == b"x"
+    x, y = socket.socketpair()
+    y.close()
+    try:
+        socket.send_fds(x, [b"fd"], [c.fileno()])
+        print("sent?", flush=True)
+    except OSError:
+        pass
+    c.close()
+    a.settimeout(5)
+    try:
+        print("eof" if a.recv(1) == b"" else "data", flush=True)
+    except socket.timeout:
+        print("no eof", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "failed-pass":
+        failed_pass()
+        raise SystemExit(0)
     if sys.argv[1] == "server":
         server(sys.argv[2])
     elif sys.argv[1] == "fserver":

@@ -413,3 +413,28 @@ fn ssock_run_log_records_what_the_shim_decided() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_failed_fd_passing_gives_its_hold_back_so_close_still_ends_the_stream() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    for mode in ["direct", "queued"] {
+        let d = Devd::start(&["--default-mode", mode])?;
+        let out = d
+            .ssock_run("python3")
+            .arg(echo_py())
+            .arg("failed-pass")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && text.trim() == "eof",
+            "{mode}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // And the connection was accelerated in that mode.
+        let t = d.stats()?["totals"].clone();
+        ensure!(t["connections"][mode] == 1, "{mode}: totals {t}");
+    }
+    Ok(())
+}

@@ -358,6 +358,12 @@ impl Transport for Queued {
         }
     }
 
+    fn drop_hold(&mut self) {
+        if !self.closed {
+            layout::unhold(&self.map, self.side as usize);
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
         self.take(buf, ctx, true)
     }

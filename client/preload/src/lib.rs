@@ -1116,9 +1116,16 @@ extern "C" fn after_fork_in_parent() {
 
 /// pthread_atfork child handler: the child stops using the parent's devd
 /// session (first: nothing below may talk to devd on it), then unlocks
-/// what the prepare handler locked.
+/// what the prepare handler locked. The session is dropped as the shim
+/// (`boundary::enter`): closing its socket must go to libc, not to the
+/// shim's close, which would wait for the listener set still locked here
+/// (a child forked when nothing but the shim held the session hung).
 extern "C" fn after_fork_in_child() {
-    ssock_client::Session::after_fork_in_child();
+    fn forget_session() -> i8 {
+        ssock_client::Session::after_fork_in_child();
+        0
+    }
+    boundary::enter(forget_session, forget_session);
     table::after_fork(true);
     epoll::after_fork(true);
 }

@@ -159,8 +159,21 @@ pub fn after_fork(child: bool) {
             // A socket another thread closed meanwhile may be held only
             // here: dropping it in the child would close it for the
             // parent too (end of stream, a Release on the parent's
-            // session). The child never had it: let go of nothing.
-            std::mem::forget(held);
+            // session). The child never had it: let go of nothing. The
+            // others are in the child's table: dropping this reference
+            // leaves the child's close of its copy its usual effect
+            // (forgetting them too kept every socket alive in the child,
+            // so its close never gave back the hold taken for it).
+            let live: HashSet<*const Mutex<Sock>> = if ANY.load(Ordering::Relaxed) {
+                all().map(|(_, e)| Arc::as_ptr(&e)).collect()
+            } else {
+                HashSet::new()
+            };
+            for e in held {
+                if !live.contains(&Arc::as_ptr(&e)) {
+                    std::mem::forget(e);
+                }
+            }
         }
     });
     let _ = LISTENERS_HELD.try_with(|h| h.borrow_mut().take());

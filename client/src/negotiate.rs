@@ -5,12 +5,13 @@
 
 use crate::session::Session;
 use crate::stream::Options;
-use crate::transport::direct::Direct;
+use crate::transport::direct::{self, Direct, Parked, Source};
 use crate::transport::queued::Queued;
 use crate::transport::Transport;
 use socket2::{SockRef, Socket};
 use ssock_rings::codec::{
-    self, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL, HELLO_LEN,
+    self, Attachment, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL,
+    HELLO_LEN,
 };
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -21,8 +22,8 @@ use std::time::Duration;
 /// How negotiation ended for a connector.
 #[derive(Debug)]
 pub enum Outcome {
-    /// devd attached this end: the Attached reply and its fds.
-    Attached((Response, Vec<OwnedFd>)),
+    /// devd attached this end.
+    Attached(Pending),
     /// Kernel TCP, with the reason when there is one.
     Kernel(Option<FallbackReason>),
 }
@@ -48,24 +49,20 @@ pub fn report(session: Option<&Arc<Session>>, reason: FallbackReason) {
 
 /// Builds the transport devd attached; if this end cannot use it, tells
 /// devd to release it so nothing stays held.
-pub fn attach(
-    session: &Arc<Session>,
-    resp: (Response, Vec<OwnedFd>),
-) -> io::Result<Box<dyn Transport>> {
-    build(session, resp, false)
+pub fn attach(session: &Arc<Session>, pending: Pending) -> io::Result<Box<dyn Transport>> {
+    build(session, pending, false)
 }
 
 /// The transport of an Attached reply: attached (a new holder), or taken
 /// over (`adopt`: the hold was counted elsewhere; Direct only). An end this
 /// side cannot use is released at once.
-fn build(
-    session: &Arc<Session>,
-    resp: (Response, Vec<OwnedFd>),
-    adopt: bool,
-) -> io::Result<Box<dyn Transport>> {
-    let (Response::Attached(a), fds) = resp else {
-        return Err(io::Error::other("devd answered Attach with something else"));
-    };
+fn build(session: &Arc<Session>, p: Pending, adopt: bool) -> io::Result<Box<dyn Transport>> {
+    let Pending {
+        attachment: a,
+        fds,
+        parked,
+        keep,
+    } = p;
     let s = Some(session.clone());
     fn boxed<T: Transport + 'static>(
         r: Result<T, impl std::fmt::Display>,
@@ -73,18 +70,24 @@ fn build(
         r.map(|t| Box::new(t) as Box<dyn Transport>)
             .map_err(|e| e.to_string())
     }
-    let t = match (a.mode, adopt) {
-        (Mode::Direct, false) => boxed(Direct::attach(&a, fds, s)),
-        (Mode::Direct, true) => boxed(Direct::adopt(&a, fds, s)),
-        (Mode::Queued, false) => boxed(Queued::attach(&a, fds, s)),
-        (Mode::Queued, true) => Err("only a Direct connection can be taken over".into()),
-        (Mode::Kernel, _) => Err("devd attached a kernel-mode connection".into()),
+    let src = match parked {
+        Some(p) => Source::Parked(p),
+        None => Source::Fds(fds),
+    };
+    let t = match (a.mode, adopt, src) {
+        (Mode::Direct, false, src) => boxed(Direct::attach(&a, src, s, keep)),
+        (Mode::Direct, true, src) => boxed(Direct::adopt(&a, src, s)),
+        (Mode::Queued, false, Source::Fds(fds)) => boxed(Queued::attach(&a, fds, s)),
+        (Mode::Queued, false, Source::Parked(_)) => Err("a Queued end reuses no region".into()),
+        (Mode::Queued, true, _) => Err("only a Direct connection can be taken over".into()),
+        (Mode::Kernel, ..) => Err("devd attached a kernel-mode connection".into()),
     };
     t.map_err(|why| {
         // This end will not be used: devd releases it at once.
         let _ = session.post(&Request::Release {
             conn_id: a.conn_id,
             side: a.side,
+            park: false,
         });
         io::Error::other(why)
     })
@@ -98,7 +101,7 @@ fn build(
 /// accelerated end that cannot be used here is an error.
 pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Box<dyn Transport>>> {
     match session.request(&Request::Attach, &[fd]) {
-        Ok(resp) => build(session, resp, true).map(Some),
+        Ok(resp) => build(session, Pending::from_reply(resp)?, true).map(Some),
         Err(crate::session::SessionError::Refused { .. }) => Ok(None),
         Err(e) => {
             // Without devd nothing can be known: the socket is left as it is.
@@ -163,18 +166,72 @@ const ACK_SPIN: Duration = Duration::from_micros(100);
 /// with 30-60 us).
 const HELLO_SPIN: Duration = Duration::from_micros(30);
 
-/// An end devd created but this side has not started using: an Attached
-/// reply and its fds, for [`attach`].
-pub type Pending = (Response, Vec<OwnedFd>);
+/// An end devd created but this side has not started using, for
+/// [`attach`]: the attachment and its fds, or the kept region it reuses.
+#[derive(Debug)]
+pub struct Pending {
+    /// What devd attached.
+    pub attachment: Attachment,
+    /// Its fds (none when it reuses a kept region).
+    pub fds: Vec<OwnedFd>,
+    /// The kept region a reusing attachment names, taken off this
+    /// process's shelf when the reply came (None: not kept here).
+    parked: Option<Parked>,
+    /// The fork count when it came (see `Direct`'s field of that name);
+    /// None for an end attached by its socket.
+    keep: Option<u64>,
+}
+
+impl Pending {
+    /// An end devd handed out, with its fds; a reused region is taken off
+    /// the shelf now, so that nothing pushes it out before it is used.
+    pub fn new(attachment: Attachment, fds: Vec<OwnedFd>) -> Pending {
+        ssock_rings::sys::watch_forks();
+        let keep = ssock_rings::sys::forks();
+        let parked = if attachment.reuse {
+            direct::unpark(attachment.region, attachment.side)
+        } else {
+            None
+        };
+        Pending {
+            attachment,
+            fds,
+            parked,
+            keep,
+        }
+    }
+
+    /// The end in an Attached reply (never kept: devd keeps no region
+    /// attached by socket).
+    fn from_reply((resp, fds): (Response, Vec<OwnedFd>)) -> io::Result<Pending> {
+        match resp {
+            Response::Attached(attachment) => Ok(Pending {
+                attachment,
+                fds,
+                parked: None,
+                keep: None,
+            }),
+            _ => Err(io::Error::other("devd answered Attach with something else")),
+        }
+    }
+
+    /// Whether this process can use it: devd may name a kept region this
+    /// process no longer has (pushed off its shelf, or kept by the parent
+    /// of a forked child); that end is then attached by its socket, once
+    /// the connection is accepted (the region itself is the same).
+    pub fn usable(&self) -> bool {
+        !self.attachment.reuse || self.parked.is_some()
+    }
+}
 
 /// Tells devd this side will not use `pending` (posted: nothing waits).
 pub fn release(session: &Arc<Session>, pending: &Pending) {
-    if let (Response::Attached(a), _) = pending {
-        let _ = session.post(&Request::Release {
-            conn_id: a.conn_id,
-            side: a.side,
-        });
-    }
+    let a = &pending.attachment;
+    let _ = session.post(&Request::Release {
+        conn_id: a.conn_id,
+        side: a.side,
+        park: false,
+    });
 }
 
 /// Connector side on `fd`, an unconnected blocking TCP socket: announce the
@@ -216,15 +273,35 @@ pub fn connect_mapped(
         Started::HelloSent { pending, .. } => pending,
     };
     let session = session.ok_or_else(|| io::Error::other("no devd session"))?;
+    if !pending.usable() {
+        // Attached by its socket once the acceptor has claimed it.
+        return match connect_finish(fd, session, Some(opts.ack_timeout), &mut Some(pending))? {
+            Some(Outcome::Attached(p)) => attach(session, p)
+                .inspect_err(|_| {
+                    // The acceptor waits on the rings: end the kernel
+                    // connection, which it watches.
+                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                })
+                .map(Ok),
+            Some(Outcome::Kernel(r)) => Ok(Err(r)),
+            None => Err(io::ErrorKind::TimedOut.into()),
+        };
+    }
     let t = attach(session, pending).inspect_err(|_| {
         // The end is released; the acceptor, if it answers ACCEPT, maps
         // its own and would wait on rings nobody serves: end the kernel
         // connection, which it watches.
         let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
     })?;
-    match read_ack(fd, Some(opts.ack_timeout))? {
-        Some(true) => Ok(Ok(t)),
-        _ => Ok(Err(Some(FallbackReason::Refused))),
+    let mut t = t;
+    match read_ack(fd, Some(opts.ack_timeout)) {
+        Ok(Some(true)) => Ok(Ok(t)),
+        r => {
+            // Never used (devd freed it, or will): not kept.
+            t.discard_region();
+            r?;
+            Ok(Err(Some(FallbackReason::Refused)))
+        }
     }
 }
 
@@ -290,7 +367,7 @@ pub fn connect_start(
     };
     let (token, pending) = match reply {
         Ok((Response::Proceed { token, attachment }, fds)) => {
-            (token, (Response::Attached(attachment), fds))
+            (token, Pending::new(attachment, fds))
         }
         r => {
             let reason = match r {
@@ -342,8 +419,9 @@ pub fn connect_start(
 /// `wait`; None: only if it is there already). Ok(None): no HelloAck yet.
 /// Once it is decided, `pending` (this end, from the intent) is taken: the
 /// outcome carries it, or devd is told it will not be used. Without it (a
-/// process forked before the HelloAck, whose own session must ask), the
-/// end is attached by its socket.
+/// process forked before the HelloAck, whose own session must ask), or
+/// when it reuses a kept region this process does not have, the end is
+/// attached by its socket.
 pub fn connect_finish(
     fd: BorrowedFd<'_>,
     session: &Arc<Session>,
@@ -367,13 +445,19 @@ pub fn connect_finish(
         return Ok(Some(Outcome::Kernel(Some(FallbackReason::Refused))));
     }
     let resp = match pending.take() {
-        Some(p) => p,
-        None => session.request(&Request::Attach, &[fd]).map_err(|e| {
-            // The acceptor is on the rings, which this side cannot reach:
-            // end the kernel connection, which it watches.
-            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-            io::Error::other(format!("ssock: attach failed after HelloAck: {e}"))
-        })?,
+        Some(p) if p.usable() => p,
+        // Attached by its socket: a process forked before the HelloAck,
+        // or a reused region this process does not have.
+        _ => session
+            .request(&Request::Attach, &[fd])
+            .map_err(io::Error::other)
+            .and_then(Pending::from_reply)
+            .map_err(|e| {
+                // The acceptor is on the rings, which this side cannot
+                // reach: end the kernel connection, which it watches.
+                let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+                io::Error::other(format!("ssock: attach failed after HelloAck: {e}"))
+            })?,
     };
     Ok(Some(Outcome::Attached(resp)))
 }
@@ -454,10 +538,29 @@ pub fn accept_on(
     // Ok: this side's end; Err: devd said kernel TCP (and counted why).
     let (token, end) = match session.request(&Request::Claim, &[fd]) {
         Ok((Response::Expect { token, attachment }, fds)) => {
-            (token, Ok((Response::Attached(attachment), fds)))
+            (token, Ok(Pending::new(attachment, fds)))
         }
         Ok((Response::ExpectKernel { token, reason }, _)) => (token, Err(reason)),
         _ => return Ok(Accepted::Kernel(None)),
+    };
+    let end = match end {
+        // A reused region this process does not have: the same end, with
+        // its fds, attached by the accepted socket (failing that, the
+        // connection stays on kernel TCP).
+        Ok(p) if !p.usable() => match session
+            .request(&Request::Attach, &[fd])
+            .map_err(io::Error::other)
+            .and_then(Pending::from_reply)
+        {
+            Ok(fresh) => Ok(fresh),
+            Err(e) => {
+                log::warn!("attaching a reused region failed ({e}); kernel TCP");
+                release(session, &p);
+                report(Some(session), FallbackReason::DevdError);
+                Err(FallbackReason::DevdError)
+            }
+        },
+        other => other,
     };
     let drop_end = |why: FallbackReason| {
         if let Ok(p) = &end {

@@ -29,6 +29,8 @@ pub struct Totals {
     /// Bytes carried (both directions) by accelerated connections that
     /// are gone: [direct, queued].
     pub bytes_closed: [u64; 2],
+    /// Direct connections that reused a parked region instead of a new one.
+    pub reused: u64,
 }
 
 impl Totals {
@@ -75,6 +77,7 @@ impl Totals {
             violations: self.violations,
             bad_messages: self.bad_messages,
             sessions: self.sessions,
+            regions_reused: self.reused,
             bytes: BytesByMode {
                 direct: self.bytes_closed[0],
                 queued: self.bytes_closed[1],
@@ -133,6 +136,9 @@ pub struct TotalsJson {
     pub bad_messages: u64,
     /// Sessions accepted.
     pub sessions: u64,
+    /// Direct connections that reused a region kept from an earlier
+    /// connection between the same two processes.
+    pub regions_reused: u64,
     /// Bytes carried (both directions, live and closed connections) by mode.
     pub bytes: BytesByMode,
 }
@@ -226,4 +232,6 @@ pub struct DevdJson {
     pub live_connections: usize,
     /// Registered listeners.
     pub listeners: usize,
+    /// Regions kept for a next connection between two processes.
+    pub parked_regions: usize,
 }

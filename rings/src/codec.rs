@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 3;
+pub const CTL_VERSION: u16 = 4;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -177,6 +177,9 @@ reasons! {
     /// The connector let go of the connection (closed, exited, failed)
     /// before the acceptor claimed it: the acceptor consumed its Hello.
     ConnectorGone = 12, "connector_gone";
+    /// The connection was to reuse a region kept by the listener's process
+    /// (see [`Attachment::reuse`]) and another process accepted it.
+    OtherAcceptor = 13, "other_acceptor";
 }
 
 /// Which end of a connection a process holds.
@@ -206,6 +209,9 @@ impl Side {
 /// read doorbell, peer write doorbell] (a producer rings the consumer's read
 /// doorbell, a consumer the producer's write doorbell); Queued carries
 /// [region, kick eventfd (client -> devd), call eventfd (devd -> client)].
+/// A Direct attachment with `reuse` carries no fds: the region and its
+/// doorbells are the ones this process kept from an earlier connection to
+/// the same peer process (it asked devd to, with Release `park`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attachment {
     /// devd's connection id.
@@ -220,12 +226,19 @@ pub struct Attachment {
     pub geom_a: u64,
     /// Queued: slot size; Direct: 0.
     pub geom_b: u64,
+    /// devd's id of the region (Direct: random, it outlives the connection
+    /// when reused; Queued: the connection id).
+    pub region: u64,
+    /// Direct only: the region is one this process kept (parked) after an
+    /// earlier connection; no fds travel, and devd reset its header.
+    pub reuse: bool,
 }
 
 impl Attachment {
     /// Number of fds that travel with it.
     pub fn fd_count(&self) -> usize {
         match self.mode {
+            _ if self.reuse => 0,
             Mode::Direct => 5,
             _ => 3,
         }
@@ -263,6 +276,9 @@ pub enum Request {
         conn_id: u64,
         /// Which end (one process may hold both ends of a connection).
         side: Side,
+        /// Direct: this process keeps the region mapped (and its doorbells
+        /// open) for a next connection between the same two processes.
+        park: bool,
     },
     /// The peer broke the ring protocol; this end reset the connection.
     Violation {
@@ -397,6 +413,8 @@ impl W {
             .u64(a.region_size)
             .u64(a.geom_a)
             .u64(a.geom_b)
+            .u64(a.region)
+            .u8(u8::from(a.reuse))
     }
     fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.0.len() - HDR).expect("frame too long");
@@ -502,14 +520,34 @@ impl<'a> R<'a> {
                 value: 0,
             });
         }
-        Ok(Attachment {
+        let a = Attachment {
             conn_id,
             mode,
             side: Side::from_u8(self.u8()?)?,
             region_size: self.u64()?,
             geom_a: self.u64()?,
             geom_b: self.u64()?,
-        })
+            region: self.u64()?,
+            reuse: self.flag("reuse")?,
+        };
+        if a.reuse && a.mode != Mode::Direct {
+            return Err(DecodeError::Field {
+                field: "reuse",
+                value: 1,
+            });
+        }
+        Ok(a)
+    }
+    /// A boolean byte: 0 or 1, anything else an error.
+    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(DecodeError::Field {
+                field,
+                value: u64::from(v),
+            }),
+        }
     }
     fn end(&self) -> Result<(), DecodeError> {
         match self.b.len() - self.at {
@@ -585,9 +623,13 @@ impl Request {
             }
             Request::Claim => W::new(5).finish(),
             Request::Attach => W::new(7).finish(),
-            Request::Release { conn_id, side } => {
+            Request::Release {
+                conn_id,
+                side,
+                park,
+            } => {
                 let mut w = W::new(8);
-                w.u64(*conn_id).u8(*side as u8);
+                w.u64(*conn_id).u8(*side as u8).u8(u8::from(*park));
                 w.finish()
             }
             Request::Violation { conn_id } => {
@@ -625,6 +667,7 @@ impl Request {
             8 => Request::Release {
                 conn_id: r.u64()?,
                 side: Side::from_u8(r.u8()?)?,
+                park: r.flag("park")?,
             },
             11 => Request::Violation { conn_id: r.u64()? },
             9 => Request::Fallback {
@@ -851,6 +894,7 @@ mod tests {
             Request::Release {
                 conn_id: 9,
                 side: Side::Acceptor,
+                park: true,
             },
             Request::Violation { conn_id: 10 },
             Request::Fallback {
@@ -880,8 +924,13 @@ mod tests {
             region_size: 4096,
             geom_a: 2,
             geom_b: 3,
+            region: 4,
+            reuse: false,
         };
+        let parked = Attachment { reuse: true, ..a };
+        assert_eq!(parked.fd_count(), 0);
         for r in [
+            Response::Attached(parked),
             Response::Welcome {
                 spin_us: 30,
                 default_mode: Mode::Direct,

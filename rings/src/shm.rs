@@ -65,6 +65,24 @@ impl Mapping {
         Ok(Mapping { ptr, len, writable })
     }
 
+    /// Whether a child forked from now on inherits the mapping
+    /// (`MADV_DOFORK`, the default) or not (`MADV_DONTFORK`): a region kept
+    /// for a later connection must not reach children forked meanwhile.
+    pub fn set_inherited(&self, inherited: bool) -> io::Result<()> {
+        let advice = if inherited {
+            libc::MADV_DOFORK
+        } else {
+            libc::MADV_DONTFORK
+        };
+        // SAFETY: ptr/len are exactly this mapping, which lives as long as
+        // `self`; fork inheritance advice changes no memory contents and
+        // invalidates no reference in this process.
+        if unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, advice) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Length of the mapping in bytes.
     pub fn len(&self) -> usize {
         self.len

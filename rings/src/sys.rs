@@ -694,6 +694,51 @@ pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32>
     Ok(v)
 }
 
+/// Forks since [`watch_forks`] was first called: counted in the parent just
+/// before each fork (a pthread_atfork prepare handler), so parent and
+/// child both see a new value once the fork can have copied anything.
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Forks this process is a child of since [`watch_forks`] (the child
+/// handler counts it): changes in a child only, never in its parent.
+static CHILD_OF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The handlers are registered.
+static WATCHING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn count_fork() {
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+extern "C" fn count_child() {
+    CHILD_OF.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Starts counting forks (once per process; later calls cost a load).
+/// Memory that must not reach children forked after a point records
+/// [`forks`] then, and compares it later.
+pub fn watch_forks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers two handlers that only touch atomics (async-
+        // signal-safe, as a handler running between fork and the child's
+        // return must be); they stay valid for the process's life.
+        let r = unsafe { libc::pthread_atfork(Some(count_fork), None, Some(count_child)) };
+        WATCHING.store(r == 0, std::sync::atomic::Ordering::SeqCst);
+    });
+}
+
+/// Forks so far (see [`FORKS`]); None if they are not counted (before
+/// [`watch_forks`], or if registering its handlers failed).
+pub fn forks() -> Option<u64> {
+    WATCHING
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then(|| FORKS.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Forks this process is a child of (see [`CHILD_OF`]).
+pub fn child_of() -> u64 {
+    CHILD_OF.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,9 @@ server PORTFILE: accepts one connection, echoes until EOF, prints the byte count
 client PORT N: sends N pattern bytes in chunks while reading the echo back,
 verifies every byte, prints "OK echo N", then waits for a line on stdin
 before closing (so the test can inspect ringstat while it is connected).
+reuse N: N connections within this process, one after another (see reuse).
 """
+import os
 import socket
 import sys
 
@@ -367,9 +369,98 @@ def failed_pass():
         print("no eof", flush=True)
 
 
+def recv_exact(sock, n):
+    got = b""
+    while len(got) < n:
+        b = sock.recv(n - len(got))
+        if not b:
+            raise SystemExit(f"EOF after {len(got)} of {n} bytes")
+        got += b
+    return got
+
+
+def maps_of_regions():
+    """How many connection regions (memfd "ssock-direct") this process maps."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:ssock-direct" in line)
+
+
+def reuse(n):
+    """n connections one after another between a listener and a client of
+    this process, each carrying its own bytes both ways and closed before
+    the next (their regions are kept and reused). Then a child forked now
+    must map no region (kept ones are not inherited), while this process
+    still keeps some. Prints "OK reuse N kept=K child=M"."""
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    for i in range(n):
+        c = socket.create_connection(l.getsockname())
+        a, _ = l.accept()
+        data = pattern(1000 + 37 * i, i)
+        c.sendall(data)
+        if recv_exact(a, len(data)) != data:
+            raise SystemExit(f"connection {i}: bytes differ")
+        a.sendall(data[::-1])
+        if recv_exact(c, len(data)) != data[::-1]:
+            raise SystemExit(f"connection {i}: bytes back differ")
+        c.close()
+        if a.recv(1) != b"":
+            raise SystemExit(f"connection {i}: data after close")
+        a.close()
+    kept = maps_of_regions()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, str(maps_of_regions()).encode())
+        os._exit(0)
+    os.close(w)
+    child = int(os.read(r, 100))
+    os.waitpid(pid, 0)
+    print(f"OK reuse {n} kept={kept} child={child}", flush=True)
+
+
+def fork_live():
+    """A connection live when this process forks (the child closes its
+    copies and exits; the region may be in it), then a second one. Prints
+    "OK fork-live"; the test checks that the first region was not reused."""
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    c = socket.create_connection(l.getsockname())
+    a, _ = l.accept()
+    c.sendall(b"x")
+    if recv_exact(a, 1) != b"x":
+        raise SystemExit("bytes differ")
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    c.close()
+    if a.recv(1) != b"":
+        raise SystemExit("data after close")
+    a.close()
+    c = socket.create_connection(l.getsockname())
+    a, _ = l.accept()
+    c.sendall(b"y")
+    if recv_exact(a, 1) != b"y":
+        raise SystemExit("bytes differ")
+    c.close()
+    a.close()
+    print("OK fork-live", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "fork-live":
+        fork_live()
+        raise SystemExit(0)
     if sys.argv[1] == "failed-pass":
         failed_pass()
+        raise SystemExit(0)
+    if sys.argv[1] == "reuse":
+        reuse(int(sys.argv[2]))
         raise SystemExit(0)
     if sys.argv[1] == "server":
         server(sys.argv[2])

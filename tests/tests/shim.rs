@@ -438,3 +438,66 @@ fn a_failed_fd_passing_gives_its_hold_back_so_close_still_ends_the_stream() -> R
     }
     Ok(())
 }
+
+#[test]
+fn connections_between_the_same_processes_reuse_a_kept_region_that_no_child_inherits() -> Result<()>
+{
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let n = 20;
+    let out = d
+        .ssock_run("python3")
+        .arg(echo_py())
+        .args(["reuse", &n.to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each connection's bytes were checked both ways by the program; the
+    // first one made a region, every later one reused it (both ends of
+    // each are in this one process, so both sides of the region are kept).
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == n, "totals {t}");
+    ensure!(t["regions_reused"] == n - 1, "totals {t}");
+    // This process still maps the region it keeps (one mapping per
+    // side); a child forked meanwhile maps none.
+    ensure!(
+        text.trim() == format!("OK reuse {n} kept=2 child=0"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_region_a_forked_child_may_have_is_not_kept() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let out = d
+        .ssock_run("python3")
+        .arg(echo_py())
+        .arg("fork-live")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.trim() == "OK fork-live",
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both connections Direct; the first was live at the fork, so its
+    // region went with it instead of to the second.
+    let st = d.stats()?;
+    let t = &st["totals"];
+    ensure!(t["connections"]["direct"] == 2, "totals {t}");
+    ensure!(t["regions_reused"] == 0, "totals {t}");
+    // The child's close gave its hold back: the parent's close ended the
+    // first connection (released, not left to the orphan grace).
+    ensure!(st["devd"]["live_connections"] == 0, "devd {}", st["devd"]);
+    Ok(())
+}

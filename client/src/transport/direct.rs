@@ -10,9 +10,11 @@ use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 
 /// Why a Direct attachment was refused.
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +28,133 @@ pub enum AttachError {
     /// The announced geometry is inconsistent.
     #[error("connection region layout refused")]
     Layout(#[source] ssock_rings::layout::LayoutError),
+    /// devd named a kept region this process does not have.
+    #[error("region {0} is not kept in this process")]
+    NotKept(u64),
+}
+
+/// A region this process kept mapped after its Direct connection closed
+/// (it said so in its Release, `park`), with the doorbells: devd hands it
+/// to the next connection between the same two devd sessions (processes)
+/// in the same roles (Attachment `reuse`), which then needs no new region,
+/// no fds, no mapping and no page faults.
+#[derive(Debug)]
+pub struct Parked {
+    region: u64,
+    /// The end it was (a process connected to itself keeps both).
+    side: Side,
+    map: Arc<Mapping>,
+    /// [own read, own write, peer read, peer write], as attached.
+    bells: [Arc<EventFd>; 4],
+}
+
+/// Regions a process keeps at most, and their total size at most (devd
+/// keeps fewer per process, see its `PARKED_PER_SESSION`; one devd let go
+/// of stays here until pushed out, oldest first).
+const SHELF_MAX: usize = 8;
+/// See [`SHELF_MAX`].
+const SHELF_MAX_BYTES: usize = 32 << 20;
+
+/// The kept regions, oldest first, with the value of
+/// [`ssock_rings::sys::child_of`] they were kept under.
+static SHELF: Mutex<(u64, VecDeque<Parked>)> = Mutex::new((0, VecDeque::new()));
+
+/// Set in a child whose copy of the shelf stayed locked (the fork came
+/// while another thread held it): such a process keeps nothing.
+static SHELF_LOST: AtomicBool = AtomicBool::new(false);
+
+/// Runs `f` on this process's kept regions; None if it has none to offer
+/// (its shelf stayed locked across a fork).
+fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
+    if SHELF_LOST.load(Ordering::Relaxed) {
+        return None;
+    }
+    let gen = ssock_rings::sys::child_of();
+    let Some(mut g) = (0..100).find_map(|_| match SHELF.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => {
+            std::thread::yield_now();
+            None
+        }
+    }) else {
+        // Held for microseconds at a time: still held, in a child, means
+        // by a thread that does not exist here.
+        if gen != 0 {
+            SHELF_LOST.store(true, Ordering::Relaxed);
+        }
+        return None;
+    };
+    if g.0 != gen {
+        // A child after fork: the kept regions were not inherited
+        // (MADV_DONTFORK) and their doorbell fds may have been closed and
+        // their numbers reused: all forgotten, nothing unmapped or closed.
+        for p in g.1.drain(..) {
+            std::mem::forget(p);
+        }
+        g.0 = gen;
+    }
+    Some(f(&mut g.1))
+}
+
+/// Keeps a region for reuse (it no longer reaches children forked from
+/// now on); false if it cannot be kept.
+fn park(p: Parked) -> bool {
+    if p.map.len() > SHELF_MAX_BYTES {
+        return false;
+    }
+    with_shelf(|s| {
+        let mut bytes = p.map.len();
+        for q in s.iter() {
+            bytes += q.map.len();
+        }
+        while s.len() >= SHELF_MAX || bytes > SHELF_MAX_BYTES {
+            match s.pop_front() {
+                Some(q) => bytes -= q.map.len(),
+                None => break,
+            }
+        }
+        s.push_back(p);
+    })
+    .is_some()
+}
+
+/// Takes kept region `region`'s end `side` off the shelf, if this
+/// process has it.
+pub fn unpark(region: u64, side: Side) -> Option<Parked> {
+    let p = with_shelf(|s| {
+        let i = s
+            .iter()
+            .position(|p| p.region == region && p.side == side)?;
+        s.remove(i)
+    })??;
+    // Live again: a child forked from now on inherits it, as any live
+    // connection's region.
+    p.map.set_inherited(true).ok()?;
+    Some(p)
+}
+
+/// Where an attached end's region and doorbells come from.
+#[derive(Debug)]
+pub enum Source {
+    /// The fds devd sent: [region, own read bell, own write bell, peer read
+    /// bell, peer write bell].
+    Fds(Vec<OwnedFd>),
+    /// A region this process kept (the attachment says `reuse`).
+    Parked(Parked),
 }
 
 /// One end of a Direct connection.
 #[derive(Debug)]
 pub struct Direct {
     conn_id: u64,
+    /// devd's id of the region, and the doorbells, kept with it on close.
+    region: u64,
+    bells: [Arc<EventFd>; 4],
+    /// The region may be kept on close ([`Parked`]) if no fork happened
+    /// since it came into this process: the fork count then (None: an end
+    /// attached by its socket or taken over, never kept).
+    keep: Option<u64>,
     map: Arc<Mapping>,
     side: Side,
     tx: Producer,
@@ -55,15 +178,15 @@ pub struct Direct {
 }
 
 impl Direct {
-    /// Maps the region devd handed out and takes this side's ring ends.
-    /// fds: [region, own read bell, own write bell, peer read bell, peer
-    /// write bell].
+    /// Maps the region devd handed out (or takes the kept one it names)
+    /// and takes this side's ring ends. `keep`: see the field of that name.
     pub fn attach(
         a: &Attachment,
-        fds: Vec<OwnedFd>,
+        src: Source,
         session: Option<Arc<Session>>,
+        keep: Option<u64>,
     ) -> Result<Direct, AttachError> {
-        Direct::attach_inner(a, fds, session, true)
+        Direct::attach_inner(a, src, session, true, keep)
     }
 
     /// Like `attach` for an end this process got without negotiating it
@@ -72,41 +195,57 @@ impl Direct {
     /// sender's `fork_hold`), so none is added.
     pub fn adopt(
         a: &Attachment,
-        fds: Vec<OwnedFd>,
+        src: Source,
         session: Option<Arc<Session>>,
     ) -> Result<Direct, AttachError> {
-        Direct::attach_inner(a, fds, session, false)
+        Direct::attach_inner(a, src, session, false, None)
     }
 
     fn attach_inner(
         a: &Attachment,
-        fds: Vec<OwnedFd>,
+        src: Source,
         session: Option<Arc<Session>>,
         hold: bool,
+        keep: Option<u64>,
     ) -> Result<Direct, AttachError> {
-        let [region, own_r, own_w, peer_r, peer_w]: [OwnedFd; 5] = fds
-            .try_into()
-            .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
         let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
         let layout = DirectLayout::announced(size, a.geom_a).map_err(AttachError::Layout)?;
-        check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
-        let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
+        let (map, bells) = match src {
+            Source::Fds(fds) => {
+                let [region, own_r, own_w, peer_r, peer_w]: [OwnedFd; 5] = fds
+                    .try_into()
+                    .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
+                check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
+                let map = Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?;
+                let bells =
+                    [own_r, own_w, peer_r, peer_w].map(|f| Arc::new(EventFd::from_owned(f)));
+                (Arc::new(map), bells)
+            }
+            // devd reset the header for this connection; it is checked below
+            // like a new region's.
+            Source::Parked(p)
+                if p.region == a.region && p.side == a.side && p.map.len() == size =>
+            {
+                (p.map, p.bells)
+            }
+            Source::Parked(_) => return Err(AttachError::NotKept(a.region)),
+        };
         check_header(&map, RegionKind::Direct, a.conn_id, a.geom_a, 0)
             .map_err(AttachError::Layout)?;
         if hold {
             layout::hold(&map, a.side as usize);
         }
-        let rbell = Arc::new(EventFd::from_owned(own_r));
-        let wbell = Arc::new(EventFd::from_owned(own_w));
+        let [rbell, wbell, peer_r, peer_w] = bells.clone();
         // Our producer wakes the peer's readers, our consumer its writers.
-        let peer_r = Arc::new(EventFd::from_owned(peer_r));
-        let peer_w = Arc::new(EventFd::from_owned(peer_w));
         let (out, inn) = match a.side {
             Side::Connector => (0, 1),
             Side::Acceptor => (1, 0),
         };
         Ok(Direct {
             conn_id: a.conn_id,
+            region: a.region,
+            bells,
+            keep,
             side: a.side,
             map: map.clone(),
             tx: Producer::new(map.clone(), layout, out, peer_r),
@@ -377,6 +516,10 @@ impl Transport for Direct {
         self.abort = true;
     }
 
+    fn discard_region(&mut self) {
+        self.keep = None;
+    }
+
     fn drop_hold(&mut self) {
         if !self.closed {
             layout::unhold(&self.map, self.side as usize);
@@ -446,10 +589,36 @@ impl Transport for Direct {
             self.rx.close();
         }
         if let Some(s) = &self.session {
+            // Kept before devd hears of it: a reply reusing it may come
+            // to another thread as soon as devd has.
+            let park = self.keepable()
+                && self::park(Parked {
+                    region: self.region,
+                    side: self.side,
+                    map: self.map.clone(),
+                    bells: self.bells.clone(),
+                });
             let _ = s.post(&Request::Release {
                 conn_id: self.conn_id,
                 side: self.side,
+                park,
             });
+        }
+    }
+}
+
+impl Direct {
+    /// Whether this end's region may be kept for a next connection: it
+    /// was not broken, came with Proceed or Expect, and no child forked
+    /// since it came into this process can have it. Children forked from
+    /// now on will not get it: a fork that raced with this shows up in the
+    /// count read after the advice.
+    fn keepable(&self) -> bool {
+        match self.keep {
+            Some(at) if !self.broken => {
+                self.map.set_inherited(false).is_ok() && ssock_rings::sys::forks() == Some(at)
+            }
+            _ => false,
         }
     }
 }

@@ -117,6 +117,9 @@ pub trait Transport: Send + std::fmt::Debug {
     /// The last holder's close will reset the connection instead of ending
     /// the stream (SO_LINGER with a zero timeout).
     fn abort_on_close(&mut self) {}
+    /// Its region is not to be kept for a next connection on close (the
+    /// connection was never used: devd freed it).
+    fn discard_region(&mut self) {}
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).

@@ -457,6 +457,7 @@ impl Transport for Queued {
             let _ = s.post(&Request::Release {
                 conn_id: self.conn_id,
                 side: self.side,
+                park: false,
             });
         }
     }

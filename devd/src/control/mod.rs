@@ -12,7 +12,7 @@ pub mod server;
 use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit};
 use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
-use registry::{canon, Conn, DirectRes, End, Fd, Intent, QueuedRes, Registry, Res};
+use registry::{canon, Conn, DirectRes, End, Fd, Intent, Parked, QueuedRes, Registry, Res};
 use ssock_rings::codec::{
     Attachment, FallbackReason, Mode, ModePref, Request, Response, Side, MAX_FRAME,
 };
@@ -175,7 +175,11 @@ impl Devd {
             Request::Intent { dst, pref } => self.intent(sid, fds.swap_remove(0), dst, pref),
             Request::Claim => self.claim(sid, &fds[0]),
             Request::Attach => self.attach(sid, &fds[0]),
-            Request::Release { conn_id, side } => self.release(sid, conn_id, side as usize),
+            Request::Release {
+                conn_id,
+                side,
+                park,
+            } => self.release(sid, conn_id, side as usize, park),
             Request::Violation { conn_id } => {
                 // Counted once per connection, and only from a live end.
                 let held = self.holds(sid, conn_id);
@@ -293,9 +297,13 @@ impl Devd {
         if mode == Mode::Kernel {
             return self.kernel(FallbackReason::Requested);
         }
-        if self.reg.listener_for(dst).is_none() {
+        let Some(listener) = self.reg.listener_for(dst).map(|l| l.session) else {
             return self.kernel(FallbackReason::PeerNotEnabled);
-        }
+        };
+        // Several listeners (SO_REUSEPORT): which one accepts is the
+        // kernel's choice, so no region kept with one of them is reused.
+        let sole = self.reg.listeners_for(dst).nth(1).is_none();
+        self.make_room(end.uid);
         if let Some(reason) = self.refusal(sid, dst.port()) {
             return self.kernel(reason);
         }
@@ -306,8 +314,14 @@ impl Devd {
         // The connection is created now (or was, in the pool), so that
         // neither the acceptor's Claim nor the connector after its HelloAck
         // needs another request.
-        let (id, mut res) = match mode {
-            Mode::Queued => {
+        let reused = match mode {
+            Mode::Direct if sole => self.reuse(sid, listener),
+            _ => None,
+        };
+        let reuse_by = reused.is_some().then_some(listener);
+        let (id, mut res) = match (mode, reused) {
+            (_, Some(p)) => p,
+            (Mode::Queued, _) => {
                 let id = self.new_id();
                 (id, self.queued_res(id)?)
             }
@@ -323,7 +337,7 @@ impl Devd {
             Res::Direct(_) => self.cfg.region_size / 2,
             Res::Queued(_) => self.cfg.region_size,
         };
-        let (attachment, fds) = match attachment(&mut res, id, 0) {
+        let (attachment, fds) = match attachment(&mut res, id, 0, reuse_by.is_some()) {
             Ok(a) => a,
             Err(e) => {
                 self.free_res(id, &res);
@@ -344,11 +358,35 @@ impl Devd {
             res,
             bytes,
             port: std::cell::Cell::new(0),
+            reuse_by,
         };
         for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
         }
         Ok((Response::Proceed { token, attachment }, fds))
+    }
+
+    /// A region parked by session `sid` (connector) and `acceptor` for the
+    /// next connection between them, as a new connection: its header reset
+    /// (ring words, holders and marks zero, the new id), with pwrite: no
+    /// process uses it while it is parked.
+    fn reuse(&mut self, sid: u64, acceptor: u64) -> Option<(u64, Res)> {
+        let d = self.reg.unpark(sid, acceptor)?;
+        let id = self.new_id();
+        let mut page = vec![0u8; layout::HEADER_SIZE];
+        let h = layout::header_bytes(
+            RegionKind::Direct,
+            d.layout.size,
+            id,
+            d.layout.cap as u64,
+            0,
+        );
+        page[..h.len()].copy_from_slice(&h);
+        if let Err(e) = sys::pwrite_all(d.memfd.as_fd(), &page, 0) {
+            log::warn!("region {}: header reset failed ({e}); not reused", d.region);
+            return None;
+        }
+        Some((id, Res::Direct(d)))
     }
 
     fn new_id(&mut self) -> u64 {
@@ -423,6 +461,19 @@ impl Devd {
         (ends + 1 > self.cfg.policy.max_connections_per_user
             || bytes + self.cfg.region_size > self.cfg.policy.max_memory_per_user)
             .then_some(FallbackReason::Limit)
+    }
+
+    /// Frees user `uid`'s parked regions, oldest first, while they keep it
+    /// from one more connection's region (the live one matters more).
+    fn make_room(&mut self, uid: u32) {
+        let max = self.cfg.policy.max_memory_per_user;
+        while self
+            .reg
+            .usage
+            .get(&uid)
+            .is_some_and(|u| u.1 + self.cfg.region_size > max)
+            && self.reg.evict_one_of(uid)
+        {}
     }
 
     /// Frees an intent nobody will claim: refunds its connector's charge
@@ -507,14 +558,24 @@ impl Devd {
             return Ok((Response::Ok, vec![]));
         };
         let token = intent.token;
+        // A reused region is mapped in the process it was parked by; no
+        // other acceptor may have it.
+        let reuse = intent.reuse_by.is_some();
+        let refused = match intent.reuse_by {
+            Some(s) if s != sid => Some(FallbackReason::OtherAcceptor),
+            _ => {
+                self.make_room(end.uid);
+                self.refusal(sid, end.addr.port())
+            }
+        };
         // The acceptor's user is held to the same policy and caps. Refused,
         // the acceptor still reads the Hello and answers KERNEL.
-        if let Some(reason) = self.refusal(sid, end.addr.port()) {
+        if let Some(reason) = refused {
             self.discard_intent(intent);
             self.totals.fallback(reason);
             return Ok((Response::ExpectKernel { token, reason }, vec![]));
         }
-        let (attachment, fds) = match attachment(&mut intent.res, intent.id, 1) {
+        let (attachment, fds) = match attachment(&mut intent.res, intent.id, 1, reuse) {
             Ok(a) => a,
             Err(e) => {
                 log::warn!("connection {}: acceptor's end: {e}", intent.id);
@@ -533,6 +594,7 @@ impl Devd {
         self.reg.by_inode.insert(intent.end.inode, (id, 0));
         self.reg.by_inode.insert(end.inode, (id, 1));
         self.totals.created(mode);
+        self.totals.reused += u64::from(reuse);
         // Dropping the intent's duplicate of the connector's socket: the
         // connection exists; holding it longer would only delay its close.
         self.reg.conns.insert(
@@ -544,6 +606,8 @@ impl Devd {
                 res: intent.res,
                 bytes,
                 violated: false,
+                parkable: true,
+                park: [false; 2],
             },
         );
         Ok((Response::Expect { token, attachment }, fds))
@@ -565,6 +629,9 @@ impl Devd {
             memfd: Arc::new(memfd),
             bells,
             layout,
+            // Unpredictable and unique across devd restarts: a client may
+            // still keep a region of an earlier devd.
+            region: self.token()?,
         }))
     }
 
@@ -624,7 +691,9 @@ impl Devd {
             .conns
             .get_mut(&id)
             .ok_or(RequestError::NoConnection(0))?;
-        let (a, fds) = attachment(&mut conn.res, id, e)?;
+        let (a, fds) = attachment(&mut conn.res, id, e, false)?;
+        // Mapped by one more process: never parked.
+        conn.parkable = false;
         Ok((Response::Attached(a), fds))
     }
 
@@ -657,7 +726,7 @@ impl Devd {
             .is_some_and(|c| c.ends.iter().any(|e| e.session == sid && !e.released))
     }
 
-    fn release(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
+    fn release(&mut self, sid: u64, id: u64, e: usize, park: bool) -> Result<Reply, RequestError> {
         if e == 0 && !self.reg.conns.contains_key(&id) {
             // A connector letting go of an intent nobody claimed (its
             // connect failed, or the acceptor answered KERNEL).
@@ -672,10 +741,15 @@ impl Devd {
             }
             return Ok((Response::Ok, vec![]));
         }
-        let conn = self.reg.conns.get(&id).ok_or(RequestError::NotHeld(id))?;
+        let conn = self
+            .reg
+            .conns
+            .get_mut(&id)
+            .ok_or(RequestError::NotHeld(id))?;
         if conn.ends[e].session != sid || conn.ends[e].released {
             return Err(RequestError::NotHeld(id));
         }
+        conn.park[e] = park;
         self.release_end(id, e);
         Ok((Response::Ok, vec![]))
     }
@@ -697,11 +771,16 @@ impl Devd {
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
         self.reg.by_inode.remove(&inode);
         if both {
+            let Some(c) = self.reg.conns.remove(&id) else {
+                return;
+            };
+            if self.parkable(&c) {
+                self.park(c);
+                return;
+            }
             // Freed (and its bytes counted) between requests, or at once
             // when requests never leave a moment for it.
-            if let Some(c) = self.reg.conns.remove(&id) {
-                self.trash.push(c);
-            }
+            self.trash.push(c);
             if self.trash.len() > MAX_TRASH {
                 let c = self.trash.remove(0);
                 self.count_closed(&c);
@@ -709,11 +788,43 @@ impl Devd {
         }
     }
 
+    /// Whether a closed connection's region may be kept for the next
+    /// connection between its two sessions ([`Parked`]): both ends asked
+    /// for it, nobody else ever attached, neither end broke the protocol,
+    /// both sessions still live, and it is Direct.
+    fn parkable(&self, c: &Conn) -> bool {
+        let live = |e: &End| self.sessions.contains_key(&e.session);
+        c.parkable
+            && c.park == [true; 2]
+            && !c.violated
+            && c.ends.iter().all(live)
+            && matches!(c.res, Res::Direct(_))
+    }
+
+    /// Keeps a closed connection's region (see [`Devd::parkable`]).
+    fn park(&mut self, c: Conn) {
+        // Its bytes count now: reuse resets the ring words.
+        self.count_closed(&c);
+        if let Res::Direct(res) = c.res {
+            self.reg.park(Parked {
+                sessions: [c.ends[0].session, c.ends[1].session],
+                uids: [c.ends[0].uid, c.ends[1].uid],
+                bytes: c.bytes,
+                res,
+            });
+        }
+    }
+
     /// Forgets everything a session held (its process closed the socket or died).
     pub fn end_session(&mut self, sid: u64) {
         self.sessions.remove(&sid);
+        self.reg.unpark_session(sid);
         self.reg.listeners.retain(|_, l| l.session != sid);
-        for i in self.reg.retain_intents(|i| i.end.session != sid) {
+        // Its own intents, and those reusing a region only it could claim.
+        for i in self
+            .reg
+            .retain_intents(|i| i.end.session != sid && i.reuse_by != Some(sid))
+        {
             self.bury(i);
         }
         let held: Vec<(u64, usize)> = self
@@ -820,6 +931,7 @@ impl Devd {
                 sessions: self.sessions.len(),
                 live_connections: self.reg.conns.len(),
                 listeners: self.reg.listeners.len(),
+                parked_regions: self.reg.parked.len(),
             },
             totals: {
                 let mut t = self.totals.json();
@@ -882,7 +994,13 @@ fn peer_of(
 }
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.
-fn attachment(res: &mut Res, id: u64, e: usize) -> Result<(Attachment, Vec<Fd>), RequestError> {
+/// With `reuse` (Direct), no fds: the process kept the region parked.
+fn attachment(
+    res: &mut Res,
+    id: u64,
+    e: usize,
+    reuse: bool,
+) -> Result<(Attachment, Vec<Fd>), RequestError> {
     let side = if e == 0 {
         Side::Connector
     } else {
@@ -891,13 +1009,17 @@ fn attachment(res: &mut Res, id: u64, e: usize) -> Result<(Attachment, Vec<Fd>),
     match res {
         Res::Direct(d) => {
             let (own, peer) = (&d.bells[e], &d.bells[1 - e]);
-            let fds = vec![
-                d.memfd.clone(),
-                own[0].clone(),
-                own[1].clone(),
-                peer[0].clone(),
-                peer[1].clone(),
-            ];
+            let fds = if reuse {
+                vec![]
+            } else {
+                vec![
+                    d.memfd.clone(),
+                    own[0].clone(),
+                    own[1].clone(),
+                    peer[0].clone(),
+                    peer[1].clone(),
+                ]
+            };
             let a = Attachment {
                 conn_id: id,
                 mode: Mode::Direct,
@@ -905,6 +1027,8 @@ fn attachment(res: &mut Res, id: u64, e: usize) -> Result<(Attachment, Vec<Fd>),
                 region_size: d.layout.size as u64,
                 geom_a: d.layout.cap as u64,
                 geom_b: 0,
+                region: d.region,
+                reuse,
             };
             Ok((a, fds))
         }
@@ -920,6 +1044,8 @@ fn attachment(res: &mut Res, id: u64, e: usize) -> Result<(Attachment, Vec<Fd>),
                 region_size: q.layout.size as u64,
                 geom_a: u64::from(q.layout.qsize),
                 geom_b: q.layout.slot as u64,
+                region: id,
+                reuse: false,
             };
             Ok((a, fds))
         }
@@ -1159,6 +1285,7 @@ mod tests {
             Request::Release {
                 conn_id: first,
                 side: Side::Connector,
+                park: false,
             },
             vec![],
         );
@@ -1187,6 +1314,7 @@ mod tests {
             Request::Release {
                 conn_id: attachment.conn_id,
                 side: Side::Connector,
+                park: false,
             },
             vec![],
         );
@@ -1225,7 +1353,15 @@ mod tests {
             assert!(matches!(claim(&mut d, &a).0, Response::Expect { .. }));
             for side in [Side::Connector, Side::Acceptor] {
                 let conn_id = attachment.conn_id;
-                d.handle(1, Request::Release { conn_id, side }, vec![]);
+                d.handle(
+                    1,
+                    Request::Release {
+                        conn_id,
+                        side,
+                        park: false,
+                    },
+                    vec![],
+                );
             }
             // No chore ran (no quiet moment): freed at once past the bound.
             assert_eq!(d.trash.len(), (n + 1).min(MAX_TRASH));
@@ -1261,5 +1397,203 @@ mod tests {
         assert!(fds.is_empty());
         assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
         assert_eq!(d.totals.fallbacks.get(&FallbackReason::Limit), Some(&1));
+    }
+
+    /// Adds session `sid` (another process of this user).
+    fn session(d: &mut Devd, sid: u64) {
+        let (sock, _peer) = sys::SeqPacket::pair().unwrap();
+        d.add_session(
+            sid,
+            Session {
+                sock,
+                pid: std::process::id() as i32,
+                uid: sys::uid(),
+                gid: 0,
+            },
+        );
+    }
+
+    /// A connection from session `from` to `l` (listened on by the
+    /// acceptor session `by`): its two attachments and their fd counts.
+    fn connect_as(
+        d: &mut Devd,
+        from: u64,
+        by: u64,
+        l: &TcpListener,
+    ) -> ((Attachment, usize), (Attachment, usize), TcpStream) {
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let fd = s.as_fd().try_clone_to_owned().unwrap();
+        let pref = ModePref::Direct;
+        let (r, fds) = d.handle(from, Request::Intent { dst, pref }, vec![fd]);
+        let Response::Proceed { attachment: c, .. } = r else {
+            panic!("intent: {r:?}");
+        };
+        s.connect(&dst.into()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let fd = a.as_fd().try_clone_to_owned().unwrap();
+        let (r, afds) = d.handle(by, Request::Claim, vec![fd]);
+        let Response::Expect { attachment: b, .. } = r else {
+            panic!("claim: {r:?}");
+        };
+        ((c, fds.len()), (b, afds.len()), a)
+    }
+
+    fn release(d: &mut Devd, sid: u64, a: &Attachment, park: bool) {
+        let req = Request::Release {
+            conn_id: a.conn_id,
+            side: a.side,
+            park,
+        };
+        assert_eq!(d.handle(sid, req, vec![]).0, Response::Ok);
+    }
+
+    #[test]
+    fn a_region_both_ends_kept_goes_to_the_next_connection_of_the_same_two_sessions_only() {
+        let mut d = devd("");
+        session(&mut d, 2);
+        session(&mut d, 3);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_fd().try_clone_to_owned().unwrap();
+        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        // 1 connects to 2's listener: a new region, fds for both ends.
+        let ((c, nc), (a, na), _s1) = connect_as(&mut d, 1, 2, &l);
+        assert_eq!((nc, na, c.reuse, a.reuse), (5, 5, false, false));
+        let memfd = match &d.reg.conns[&c.conn_id].res {
+            Res::Direct(r) => r.memfd.clone(),
+            Res::Queued(_) => panic!("queued"),
+        };
+        // The connection is used: ring words, holders and a mark set.
+        let dl = DirectLayout::for_size(d.cfg.region_size).unwrap();
+        let used = 12345u64.to_le_bytes();
+        sys::pwrite_all(memfd.as_fd(), &used, dl.dir(0).head as u64).unwrap();
+        sys::pwrite_all(memfd.as_fd(), &used, dl.dir(1).tail as u64).unwrap();
+        sys::pwrite_all(memfd.as_fd(), &[1, 0, 0, 0], layout::hdr::HOLDERS as u64).unwrap();
+        release(&mut d, 1, &c, true);
+        release(&mut d, 2, &a, true);
+        assert!(d.reg.conns.is_empty());
+        assert_eq!(d.reg.parked.len(), 1);
+        // Kept, its memory stays charged (no end).
+        let region = d.cfg.region_size;
+        assert_eq!(d.reg.usage.get(&sys::uid()), Some(&(0, region)));
+        // Another process connecting to the same listener gets a new one.
+        let ((c3, n3), (a3, _), _s3) = connect_as(&mut d, 3, 2, &l);
+        assert!(!c3.reuse && n3 == 5 && c3.region != c.region);
+        release(&mut d, 3, &c3, false);
+        release(&mut d, 2, &a3, true);
+        assert_eq!(d.reg.parked.len(), 1, "one end did not keep it");
+        // 1 to 2 again: the kept region, no fds, its header reset.
+        let ((c2, n2), (a2, m2), _s2) = connect_as(&mut d, 1, 2, &l);
+        assert_eq!((n2, m2), (0, 0));
+        assert!(c2.reuse && a2.reuse && c2.region == c.region && a2.region == c.region);
+        assert_ne!(c2.conn_id, c.conn_id);
+        let mut page = vec![0u8; layout::HEADER_SIZE];
+        sys::pread_exact(memfd.as_fd(), &mut page, 0).unwrap();
+        let word = |off: usize| u64::from_le_bytes(page[off..off + 8].try_into().unwrap());
+        assert_eq!(word(layout::hdr::CONN_ID), c2.conn_id);
+        assert_eq!(word(dl.dir(0).head), 0);
+        assert_eq!(word(dl.dir(1).tail), 0);
+        assert_eq!(word(layout::hdr::HOLDERS), 0);
+        assert!(d.reg.parked.is_empty());
+        assert_eq!(d.totals.reused, 1);
+        // Charged as any connection again: two ends, one region.
+        assert_eq!(d.reg.usage.get(&sys::uid()), Some(&(2, region)));
+    }
+
+    #[test]
+    fn a_kept_region_gives_way_to_a_live_connection_at_the_memory_cap() {
+        // Room for a connection and a half (a Claim checks for a whole
+        // region more than the connector's half).
+        let mut d = devd(&format!("max_memory_per_user = {}", 4 << 20));
+        assert_eq!(d.cfg.region_size, 2 << 20);
+        session(&mut d, 2);
+        session(&mut d, 3);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_fd().try_clone_to_owned().unwrap();
+        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
+        release(&mut d, 1, &c, true);
+        release(&mut d, 2, &a, true);
+        assert_eq!(d.reg.parked.len(), 1);
+        // Session 3's connection needs that memory: the kept one goes.
+        let ((c3, n3), _, _s3) = connect_as(&mut d, 3, 2, &l);
+        assert!(!c3.reuse && n3 == 5);
+        assert!(d.reg.parked.is_empty());
+        assert_eq!(d.reg.usage.get(&sys::uid()), Some(&(2, 2 << 20)));
+    }
+
+    #[test]
+    fn a_region_another_process_attached_to_is_not_kept_and_kept_ones_end_with_their_session() {
+        let mut d = devd("");
+        session(&mut d, 2);
+        session(&mut d, 3);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_fd().try_clone_to_owned().unwrap();
+        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        // Session 3 takes the acceptor's end over (fd passing): mapped by
+        // a third process, the region is never kept.
+        let ((c, _), (a, _), s) = connect_as(&mut d, 1, 2, &l);
+        let fd = s.as_fd().try_clone_to_owned().unwrap();
+        assert!(matches!(
+            d.handle(3, Request::Attach, vec![fd]).0,
+            Response::Attached(_)
+        ));
+        release(&mut d, 1, &c, true);
+        release(&mut d, 3, &a, true);
+        assert!(d.reg.parked.is_empty() && d.reg.conns.is_empty());
+        // Kept, then claimed by another session than the one that kept
+        // it: kernel TCP (the region is mapped in the keeper).
+        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
+        release(&mut d, 1, &c, true);
+        release(&mut d, 2, &a, true);
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let fd = s.as_fd().try_clone_to_owned().unwrap();
+        let pref = ModePref::Direct;
+        let (r, fds) = d.handle(1, Request::Intent { dst, pref }, vec![fd]);
+        assert!(matches!(r, Response::Proceed { attachment, .. } if attachment.reuse));
+        assert!(fds.is_empty());
+        s.connect(&dst.into()).unwrap();
+        let (acc, _) = l.accept().unwrap();
+        let fd = acc.as_fd().try_clone_to_owned().unwrap();
+        let (r, _) = d.handle(3, Request::Claim, vec![fd]);
+        assert!(
+            matches!(
+                r,
+                Response::ExpectKernel {
+                    reason: FallbackReason::OtherAcceptor,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert!(d.reg.conns.is_empty() && d.reg.intents.is_empty());
+        // A kept region goes when either session ends.
+        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
+        release(&mut d, 1, &c, true);
+        release(&mut d, 2, &a, true);
+        assert_eq!(d.reg.parked.len(), 1);
+        d.end_session(2);
+        assert!(d.reg.parked.is_empty());
+    }
+
+    #[test]
+    fn kept_regions_are_bounded_per_pair_of_sessions() {
+        let mut d = devd("");
+        session(&mut d, 2);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_fd().try_clone_to_owned().unwrap();
+        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        let live: Vec<_> = (0..registry::PARKED_PER_PAIR + 2)
+            .map(|_| connect_as(&mut d, 1, 2, &l))
+            .collect();
+        for ((c, _), (a, _), _) in &live {
+            release(&mut d, 1, c, true);
+            release(&mut d, 2, a, true);
+        }
+        assert_eq!(d.reg.parked.len(), registry::PARKED_PER_PAIR);
+        // The newest are kept.
+        let last = &live[live.len() - 1].0 .0;
+        assert!(d.reg.parked.iter().any(|p| p.res.region == last.region));
     }
 }

@@ -38,6 +38,16 @@ pub const MAX_INTENTS_PER_USER: usize = 1024;
 /// (oldest forgotten first).
 pub const MAX_GONE: usize = 4096;
 
+/// Parked regions (see [`Parked`]) kept per pair of sessions, per session
+/// and per user at most; past that the oldest concerned is freed.
+pub const PARKED_PER_PAIR: usize = 2;
+/// See [`PARKED_PER_PAIR`].
+pub const PARKED_PER_SESSION: usize = 4;
+/// See [`PARKED_PER_PAIR`].
+pub const PARKED_PER_USER: usize = 16;
+/// See [`PARKED_PER_PAIR`]: parked regions in all.
+pub const PARKED_MAX: usize = 256;
+
 /// Normalizes an address as both ends of a local TCP connection see it.
 pub fn canon(ip: IpAddr) -> IpAddr {
     let ip = ip.to_canonical();
@@ -79,6 +89,10 @@ pub struct Intent {
     /// The socket's local port once seen non-zero (0: not yet): a Claim
     /// skips intents whose port is not its peer's without a syscall.
     pub port: std::cell::Cell<u16>,
+    /// The connection reuses a region parked by this session and the
+    /// listener's: only that session may claim it (another gets
+    /// ExpectKernel, `other_acceptor`: the region is mapped in the first).
+    pub reuse_by: Option<u64>,
 }
 
 /// An intent whose connector let go of it (Release, or its session ended)
@@ -134,6 +148,26 @@ pub struct DirectRes {
     pub bells: [[Fd; 2]; 2],
     /// Geometry.
     pub layout: DirectLayout,
+    /// The region's id (random: clients may keep regions of an earlier
+    /// devd, whose ids must not match).
+    pub region: u64,
+}
+
+/// A Direct region whose connection both processes closed, each keeping it
+/// mapped (Release `park`), for the next connection between the same two
+/// sessions in the same roles. Only a connection no other process ever
+/// attached to is parked, so the region is mapped in these two processes
+/// alone (and in children forked while it was live, which are theirs).
+#[derive(Debug)]
+pub struct Parked {
+    /// Sessions [connector, acceptor].
+    pub sessions: [u64; 2],
+    /// Their users.
+    pub uids: [u32; 2],
+    /// Region bytes it stays charged to each user, as the connection was.
+    pub bytes: usize,
+    /// The region and its doorbells.
+    pub res: DirectRes,
 }
 
 /// Resources of a Queued connection.
@@ -175,6 +209,11 @@ pub struct Conn {
     pub bytes: usize,
     /// Whether an end already reported a protocol violation.
     pub violated: bool,
+    /// No process but the two that set it up ever attached to it (Attach by
+    /// socket clears it): its region may be parked.
+    pub parkable: bool,
+    /// Each end asked in its Release to keep the region ([`Parked`]).
+    pub park: [bool; 2],
 }
 
 /// All control-plane tables.
@@ -199,6 +238,8 @@ pub struct Registry {
     pub by_inode: HashMap<u64, (u64, usize)>,
     /// (live ends, region bytes) by uid.
     pub usage: HashMap<u32, (usize, usize)>,
+    /// Parked Direct regions, oldest first.
+    pub parked: Vec<Parked>,
     /// Next connection id.
     pub next_id: u64,
 }
@@ -210,8 +251,14 @@ impl Registry {
     /// takes IPv4 when it is dual-stack). A wrong match would send a Hello
     /// to whatever plain process really accepts the connection.
     pub fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
+        self.listeners_for(dst).next()
+    }
+
+    /// Every registered listener a connection to `dst` may reach (several
+    /// with SO_REUSEPORT; see [`Registry::listener_for`]).
+    pub fn listeners_for(&self, dst: SocketAddr) -> impl Iterator<Item = &Listener> {
         let dip = canon(dst.ip());
-        self.listeners.values().find(|l| {
+        self.listeners.values().filter(move |l| {
             let lip = l.addr.ip().to_canonical();
             let addr_ok = if lip.is_unspecified() {
                 lip.is_ipv4() == dip.is_ipv4() || (l.dual_stack && dip.is_ipv4())
@@ -229,6 +276,74 @@ impl Registry {
         u.1 = u.1.saturating_add_signed(bytes);
         if *u == (0, 0) {
             self.usage.remove(&uid);
+        }
+    }
+
+    /// Takes the newest region parked for connections from session
+    /// `connector` to session `acceptor`.
+    pub fn unpark(&mut self, connector: u64, acceptor: u64) -> Option<DirectRes> {
+        let i = self
+            .parked
+            .iter()
+            .rposition(|p| p.sessions == [connector, acceptor])?;
+        Some(self.take_parked(i).res)
+    }
+
+    /// Parks a region (its users stay charged its bytes), first freeing
+    /// the oldest parked ones its pair, either session, either user or
+    /// everyone already has the most of.
+    pub fn park(&mut self, p: Parked) {
+        let ([s0, s1], [u0, u1], pair) = (p.sessions, p.uids, p.sessions);
+        self.evict_over(PARKED_PER_PAIR, |q| q.sessions == pair);
+        self.evict_over(PARKED_PER_SESSION, |q| q.sessions.contains(&s0));
+        self.evict_over(PARKED_PER_SESSION, |q| q.sessions.contains(&s1));
+        self.evict_over(PARKED_PER_USER, |q| q.uids.contains(&u0));
+        self.evict_over(PARKED_PER_USER, |q| q.uids.contains(&u1));
+        self.evict_over(PARKED_MAX, |_| true);
+        let b = isize::try_from(p.bytes).unwrap_or(isize::MAX);
+        for uid in p.uids {
+            self.charge(uid, 0, b);
+        }
+        self.parked.push(p);
+    }
+
+    /// Removes parked region `i`, refunding its users.
+    fn take_parked(&mut self, i: usize) -> Parked {
+        let p = self.parked.remove(i);
+        let b = isize::try_from(p.bytes).unwrap_or(isize::MAX);
+        for uid in p.uids {
+            self.charge(uid, 0, -b);
+        }
+        p
+    }
+
+    /// Frees the oldest parked regions `concerned` accepts until fewer
+    /// than `max` are left.
+    fn evict_over(&mut self, max: usize, concerned: impl Fn(&Parked) -> bool) {
+        while self.parked.iter().filter(|q| concerned(q)).count() >= max {
+            match self.parked.iter().position(&concerned) {
+                Some(i) => drop(self.take_parked(i)),
+                None => break,
+            }
+        }
+    }
+
+    /// Frees user `uid`'s oldest parked region, if it has one (its memory
+    /// is wanted for a live connection).
+    pub fn evict_one_of(&mut self, uid: u32) -> bool {
+        match self.parked.iter().position(|q| q.uids.contains(&uid)) {
+            Some(i) => {
+                drop(self.take_parked(i));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frees the regions parked with session `sid` as either end.
+    pub fn unpark_session(&mut self, sid: u64) {
+        while let Some(i) = self.parked.iter().position(|p| p.sessions.contains(&sid)) {
+            drop(self.take_parked(i));
         }
     }
 

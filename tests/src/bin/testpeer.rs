@@ -13,7 +13,6 @@
 
 use anyhow::{bail, Context, Result};
 use ssock_client::{negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Stream};
-use ssock_rings::codec::Response;
 use ssock_rings::layout::{DirectLayout, QueuedLayout};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::EventFd;
@@ -246,7 +245,11 @@ fn errno_name(e: i32) -> String {
 /// Negotiates like a real client, then breaks the ring protocol.
 fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
     let n = negotiate_connect(addr, opts)?;
-    let Outcome::Attached((Response::Attached(a), fds)) = n.outcome else {
+    // A fresh process: its first connection gets a new region with fds.
+    let Outcome::Attached(ssock_client::negotiate::Pending {
+        attachment: a, fds, ..
+    }) = n.outcome
+    else {
         bail!("hostile peer was not attached: {:?}", n.outcome);
     };
     let size = usize::try_from(a.region_size)?;

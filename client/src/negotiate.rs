@@ -186,7 +186,7 @@ impl Pending {
     /// An end devd handed out, with its fds; a reused region is taken off
     /// the shelf now, so that nothing pushes it out before it is used.
     pub fn new(attachment: Attachment, fds: Vec<OwnedFd>) -> Pending {
-        ssock_rings::sys::watch_forks();
+        ssock_rings::sys::watch_forks(direct::before_fork);
         let keep = ssock_rings::sys::forks();
         let parked = if attachment.reuse {
             direct::unpark(attachment.region, attachment.side)

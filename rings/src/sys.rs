@@ -703,24 +703,33 @@ static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0
 static CHILD_OF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The handlers are registered.
 static WATCHING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Run in the parent just before each fork, after [`FORKS`] counted it.
+static BEFORE_FORK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
 extern "C" fn count_fork() {
     FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    if let Some(f) = BEFORE_FORK.get() {
+        f();
+    }
 }
 
 extern "C" fn count_child() {
     CHILD_OF.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Starts counting forks (once per process; later calls cost a load).
-/// Memory that must not reach children forked after a point records
-/// [`forks`] then, and compares it later.
-pub fn watch_forks() {
+/// Starts counting forks (once per process; later calls cost a load),
+/// with `before_fork` run in the parent just before each fork, after the
+/// count (the first caller's hook is the one kept). Memory that must not
+/// reach children forked after a point records [`forks`] then, and
+/// compares it later.
+pub fn watch_forks(before_fork: fn()) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: registers two handlers that only touch atomics (async-
-        // signal-safe, as a handler running between fork and the child's
-        // return must be); they stay valid for the process's life.
+        let _ = BEFORE_FORK.set(before_fork);
+        // SAFETY: registers two handlers that stay valid for the process's
+        // life: the prepare handler runs in the forking thread before the
+        // fork (the hook is ordinary code there); the child handler only
+        // touches an atomic.
         let r = unsafe { libc::pthread_atfork(Some(count_fork), None, Some(count_child)) };
         WATCHING.store(r == 0, std::sync::atomic::Ordering::SeqCst);
     });

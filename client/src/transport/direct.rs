@@ -46,6 +46,8 @@ pub struct Parked {
     map: Arc<Mapping>,
     /// [own read, own write, peer read, peer write], as attached.
     bells: [Arc<EventFd>; 4],
+    /// Marked MADV_DONTFORK (by [`before_fork`]).
+    dontfork: bool,
 }
 
 /// Regions a process keeps at most, and their total size at most (devd
@@ -97,9 +99,11 @@ fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
     Some(f(&mut g.1))
 }
 
-/// Keeps a region for reuse (it no longer reaches children forked from
-/// now on); false if it cannot be kept.
-fn park(p: Parked) -> bool {
+/// Keeps a region for reuse if no fork happened since `at` (the fork
+/// count when it came into this process); false if it is not kept. The
+/// count is read under the shelf's lock after the push: a fork counted
+/// later marks it in [`before_fork`], which waits for that lock.
+fn park(p: Parked, at: u64) -> bool {
     if p.map.len() > SHELF_MAX_BYTES {
         return false;
     }
@@ -115,8 +119,35 @@ fn park(p: Parked) -> bool {
             }
         }
         s.push_back(p);
+        if ssock_rings::sys::forks() == Some(at) {
+            return true;
+        }
+        s.pop_back();
+        false
     })
-    .is_some()
+    .unwrap_or(false)
+}
+
+/// Run just before every fork (registered with `watch_forks`): the kept
+/// regions do not go to the child (MADV_DONTFORK), so only the two
+/// processes of a connection that reuses one ever map it. No system call
+/// when nothing forks.
+pub fn before_fork() {
+    let mark = |s: &mut VecDeque<Parked>| {
+        for p in s.iter_mut().filter(|p| !p.dontfork) {
+            p.dontfork = p.map.set_inherited(false).is_ok();
+        }
+        // One that cannot be marked is not kept.
+        s.retain(|p| p.dontfork);
+    };
+    if with_shelf(mark).is_none()
+        && ssock_rings::sys::child_of() == 0
+        && !SHELF_LOST.load(Ordering::Relaxed)
+    {
+        // This process's own shelf, busy for a moment: wait for it.
+        let mut g = SHELF.lock().unwrap_or_else(|p| p.into_inner());
+        mark(&mut g.1);
+    }
 }
 
 /// Takes kept region `region`'s end `side` off the shelf, if this
@@ -130,7 +161,9 @@ pub fn unpark(region: u64, side: Side) -> Option<Parked> {
     })??;
     // Live again: a child forked from now on inherits it, as any live
     // connection's region.
-    p.map.set_inherited(true).ok()?;
+    if p.dontfork {
+        p.map.set_inherited(true).ok()?;
+    }
     Some(p)
 }
 
@@ -589,36 +622,27 @@ impl Transport for Direct {
             self.rx.close();
         }
         if let Some(s) = &self.session {
-            // Kept before devd hears of it: a reply reusing it may come
-            // to another thread as soon as devd has.
-            let park = self.keepable()
-                && self::park(Parked {
-                    region: self.region,
-                    side: self.side,
-                    map: self.map.clone(),
-                    bells: self.bells.clone(),
-                });
+            // Kept (if no fork since it came into this process: a child
+            // may map it) before devd hears of it: a reply reusing it may
+            // come to another thread as soon as devd has.
+            let park = match self.keep {
+                Some(at) if !self.broken => self::park(
+                    Parked {
+                        region: self.region,
+                        side: self.side,
+                        map: self.map.clone(),
+                        bells: self.bells.clone(),
+                        dontfork: false,
+                    },
+                    at,
+                ),
+                _ => false,
+            };
             let _ = s.post(&Request::Release {
                 conn_id: self.conn_id,
                 side: self.side,
                 park,
             });
-        }
-    }
-}
-
-impl Direct {
-    /// Whether this end's region may be kept for a next connection: it
-    /// was not broken, came with Proceed or Expect, and no child forked
-    /// since it came into this process can have it. Children forked from
-    /// now on will not get it: a fork that raced with this shows up in the
-    /// count read after the advice.
-    fn keepable(&self) -> bool {
-        match self.keep {
-            Some(at) if !self.broken => {
-                self.map.set_inherited(false).is_ok() && ssock_rings::sys::forks() == Some(at)
-            }
-            _ => false,
         }
     }
 }

@@ -223,11 +223,22 @@ impl Devd {
     }
 
     fn end(&self, sid: u64, fd: &OwnedFd) -> Result<End, RequestError> {
+        let addr = sys::local_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        self.end_at(sid, fd, addr)
+    }
+
+    /// Like [`Devd::end`] with the local address given (a connector's
+    /// socket is not bound yet: its address is read at the Claim).
+    fn end_at(
+        &self,
+        sid: u64,
+        fd: &OwnedFd,
+        addr: std::net::SocketAddr,
+    ) -> Result<End, RequestError> {
         let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
         if sys::socket_type(fd.as_fd()).map_err(RequestError::NotSocket)? != libc::SOCK_STREAM {
             return Err(RequestError::NotSocket(io::Error::other("not SOCK_STREAM")));
         }
-        let addr = sys::local_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
         let s = self.session(sid);
         Ok(End {
             session: sid,
@@ -287,7 +298,21 @@ impl Devd {
         dst: std::net::SocketAddr,
         pref: ModePref,
     ) -> Result<Reply, RequestError> {
-        let end = self.end(sid, &fd)?;
+        // No getsockname: it would wait for the socket's lock while the
+        // connector's connect() holds it.
+        let unbound = std::net::SocketAddr::new(
+            match dst {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            0,
+        );
+        let domain = sys::sockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+            .map_err(RequestError::NotSocket)?;
+        if domain != libc::AF_INET && domain != libc::AF_INET6 {
+            return Err(RequestError::NotSocket(io::Error::other("not an IP socket")));
+        }
+        let end = self.end_at(sid, &fd, unbound)?;
         let mode = match pref {
             ModePref::Kernel => return self.kernel(FallbackReason::Requested),
             ModePref::Direct => Mode::Direct,

@@ -166,6 +166,15 @@ const ACK_SPIN: Duration = Duration::from_micros(100);
 /// with 30-60 us).
 const HELLO_SPIN: Duration = Duration::from_micros(30);
 
+/// Starts counting forks and keeping kept regions from children (see
+/// `transport::direct::before_fork`); called before the first end comes.
+/// The preload shim calls it before registering its own fork handlers:
+/// prepare handlers run in reverse order, so the shelf is then locked
+/// after the shim's sockets, the order every other path takes them in.
+pub fn watch_forks() {
+    ssock_rings::sys::watch_forks(direct::before_fork, direct::after_fork);
+}
+
 /// An end devd created but this side has not started using, for
 /// [`attach`]: the attachment and its fds, or the kept region it reuses.
 #[derive(Debug)]
@@ -186,7 +195,7 @@ impl Pending {
     /// An end devd handed out, with its fds; a reused region is taken off
     /// the shelf now, so that nothing pushes it out before it is used.
     pub fn new(attachment: Attachment, fds: Vec<OwnedFd>) -> Pending {
-        ssock_rings::sys::watch_forks(direct::before_fork);
+        watch_forks();
         let keep = ssock_rings::sys::forks();
         let parked = if attachment.reuse {
             direct::unpark(attachment.region, attachment.side)

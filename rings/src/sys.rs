@@ -703,34 +703,50 @@ static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0
 static CHILD_OF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The handlers are registered.
 static WATCHING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// Run in the parent just before each fork, after [`FORKS`] counted it.
-static BEFORE_FORK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+/// The hooks [`watch_forks`] was given: run in the parent just before
+/// each fork (after [`FORKS`] counted it), and after it in both processes
+/// (in the child after [`CHILD_OF`] counted it).
+static HOOKS: std::sync::OnceLock<ForkHooks> = std::sync::OnceLock::new();
+
+/// (before fork, after fork) hooks.
+type ForkHooks = (fn(), fn());
 
 extern "C" fn count_fork() {
     FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    if let Some(f) = BEFORE_FORK.get() {
-        f();
+    if let Some((before, _)) = HOOKS.get() {
+        before();
+    }
+}
+
+extern "C" fn after_in_parent() {
+    if let Some((_, after)) = HOOKS.get() {
+        after();
     }
 }
 
 extern "C" fn count_child() {
     CHILD_OF.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    if let Some((_, after)) = HOOKS.get() {
+        after();
+    }
 }
 
 /// Starts counting forks (once per process; later calls cost a load),
 /// with `before_fork` run in the parent just before each fork, after the
-/// count (the first caller's hook is the one kept). Memory that must not
-/// reach children forked after a point records [`forks`] then, and
+/// count, and `after_fork` in both processes after it, in the forking
+/// thread (the first caller's hooks are the ones kept). Memory that must
+/// not reach children forked after a point records [`forks`] then, and
 /// compares it later.
-pub fn watch_forks(before_fork: fn()) {
+pub fn watch_forks(before_fork: fn(), after_fork: fn()) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = BEFORE_FORK.set(before_fork);
-        // SAFETY: registers two handlers that stay valid for the process's
-        // life: the prepare handler runs in the forking thread before the
-        // fork (the hook is ordinary code there); the child handler only
-        // touches an atomic.
-        let r = unsafe { libc::pthread_atfork(Some(count_fork), None, Some(count_child)) };
+        let _ = HOOKS.set((before_fork, after_fork));
+        // SAFETY: registers three handlers that stay valid for the
+        // process's life; they run in the forking thread around fork (the
+        // hooks are ordinary code there) and touch only atomics besides.
+        let r = unsafe {
+            libc::pthread_atfork(Some(count_fork), Some(after_in_parent), Some(count_child))
+        };
         WATCHING.store(r == 0, std::sync::atomic::Ordering::SeqCst);
     });
 }

@@ -228,6 +228,9 @@ pub fn get() -> &'static Real {
 }
 
 extern "C" fn init() {
+    // First: its fork handlers must be registered before the shim's (see
+    // `watch_forks`).
+    ssock_client::negotiate::watch_forks();
     get();
     crate::inherit_at_load();
     // SAFETY: registering a handler that lives for the whole program (a

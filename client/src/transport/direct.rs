@@ -10,11 +10,11 @@ use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Why a Direct attachment was refused.
 #[derive(Debug, thiserror::Error)]
@@ -61,32 +61,22 @@ const SHELF_MAX_BYTES: usize = 32 << 20;
 /// [`ssock_rings::sys::child_of`] they were kept under.
 static SHELF: Mutex<(u64, VecDeque<Parked>)> = Mutex::new((0, VecDeque::new()));
 
-/// Set in a child whose copy of the shelf stayed locked (the fork came
-/// while another thread held it): such a process keeps nothing.
-static SHELF_LOST: AtomicBool = AtomicBool::new(false);
+type ShelfGuard = MutexGuard<'static, (u64, VecDeque<Parked>)>;
 
-/// Runs `f` on this process's kept regions; None if it has none to offer
-/// (its shelf stayed locked across a fork).
-fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
-    if SHELF_LOST.load(Ordering::Relaxed) {
-        return None;
-    }
+thread_local! {
+    /// The shelf, locked across a fork by the forking thread (so that no
+    /// child inherits it locked by a thread it does not have).
+    static FORK_HELD: RefCell<Option<ShelfGuard>> = const { RefCell::new(None) };
+}
+
+fn lock_shelf() -> ShelfGuard {
+    SHELF.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` on this process's kept regions.
+fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> R {
     let gen = ssock_rings::sys::child_of();
-    let Some(mut g) = (0..100).find_map(|_| match SHELF.try_lock() {
-        Ok(g) => Some(g),
-        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(TryLockError::WouldBlock) => {
-            std::thread::yield_now();
-            None
-        }
-    }) else {
-        // Held for microseconds at a time: still held, in a child, means
-        // by a thread that does not exist here.
-        if gen != 0 {
-            SHELF_LOST.store(true, Ordering::Relaxed);
-        }
-        return None;
-    };
+    let mut g = lock_shelf();
     if g.0 != gen {
         // A child after fork: the kept regions were not inherited
         // (MADV_DONTFORK) and their doorbell fds may have been closed and
@@ -96,7 +86,7 @@ fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
         }
         g.0 = gen;
     }
-    Some(f(&mut g.1))
+    f(&mut g.1)
 }
 
 /// Keeps a region for reuse if no fork happened since `at` (the fork
@@ -125,29 +115,28 @@ fn park(p: Parked, at: u64) -> bool {
         s.pop_back();
         false
     })
-    .unwrap_or(false)
 }
 
 /// Run just before every fork (registered with `watch_forks`): the kept
 /// regions do not go to the child (MADV_DONTFORK), so only the two
 /// processes of a connection that reuses one ever map it. No system call
-/// when nothing forks.
+/// when nothing forks. The shelf stays locked until [`after_fork`].
 pub fn before_fork() {
-    let mark = |s: &mut VecDeque<Parked>| {
-        for p in s.iter_mut().filter(|p| !p.dontfork) {
+    let mut g = lock_shelf();
+    // Only this process's own (a child's inherited ones are not mapped).
+    if g.0 == ssock_rings::sys::child_of() {
+        for p in g.1.iter_mut().filter(|p| !p.dontfork) {
             p.dontfork = p.map.set_inherited(false).is_ok();
         }
         // One that cannot be marked is not kept.
-        s.retain(|p| p.dontfork);
-    };
-    if with_shelf(mark).is_none()
-        && ssock_rings::sys::child_of() == 0
-        && !SHELF_LOST.load(Ordering::Relaxed)
-    {
-        // This process's own shelf, busy for a moment: wait for it.
-        let mut g = SHELF.lock().unwrap_or_else(|p| p.into_inner());
-        mark(&mut g.1);
+        g.1.retain(|p| p.dontfork);
     }
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(g));
+}
+
+/// Run after every fork, in parent and child: unlocks the shelf.
+pub fn after_fork() {
+    let _ = FORK_HELD.try_with(|h| h.borrow_mut().take());
 }
 
 /// Takes kept region `region`'s end `side` off the shelf, if this
@@ -158,7 +147,7 @@ pub fn unpark(region: u64, side: Side) -> Option<Parked> {
             .iter()
             .position(|p| p.region == region && p.side == side)?;
         s.remove(i)
-    })??;
+    })?;
     // Live again: a child forked from now on inherits it, as any live
     // connection's region.
     if p.dontfork {

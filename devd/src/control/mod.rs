@@ -310,7 +310,9 @@ impl Devd {
         let domain = sys::sockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
             .map_err(RequestError::NotSocket)?;
         if domain != libc::AF_INET && domain != libc::AF_INET6 {
-            return Err(RequestError::NotSocket(io::Error::other("not an IP socket")));
+            return Err(RequestError::NotSocket(io::Error::other(
+                "not an IP socket",
+            )));
         }
         let end = self.end_at(sid, &fd, unbound)?;
         let mode = match pref {

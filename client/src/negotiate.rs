@@ -134,7 +134,8 @@ fn read_exact_within(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if start.elapsed() < spin {
-                    std::hint::spin_loop();
+                    // The peer may share this CPU: let it run.
+                    std::thread::yield_now();
                     continue;
                 }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -491,7 +492,8 @@ pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
             return false;
         }
         if spent < ACK_SPIN {
-            std::hint::spin_loop();
+            // The acceptor may share this CPU: let it run.
+            std::thread::yield_now();
             continue;
         }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);

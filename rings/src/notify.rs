@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 /// Default spin budget before sleeping (Dolphin SuperSockets uses 30 us).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 
+/// How long a spin goes between yields of the CPU (sched_yield, one system
+/// call): a peer that shares this CPU waits at most that long.
+pub const YIELD_EVERY: Duration = Duration::from_micros(4);
+
 /// Whether this process has more runnable threads than there are CPUs:
 /// spinning then only takes a core from a thread of ours that has work (a
 /// third spinner on two cores costs milliseconds). Looked at most every
@@ -97,6 +101,7 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
         return None;
     }
     let start = Instant::now();
+    let mut next_yield = YIELD_EVERY;
     loop {
         for _ in 0..32 {
             std::hint::spin_loop();
@@ -104,8 +109,15 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
                 return Some(v);
             }
         }
-        if start.elapsed() >= budget {
+        let spent = start.elapsed();
+        if spent >= budget {
             return None;
+        }
+        if spent >= next_yield {
+            // The peer may be waiting for this very CPU (the scheduler put
+            // both on it): let it run rather than spin the budget out.
+            std::thread::yield_now();
+            next_yield = spent + YIELD_EVERY;
         }
     }
 }

@@ -126,6 +126,8 @@ fn read_exact_within(
 ) -> io::Result<()> {
     let start = std::time::Instant::now();
     let deadline = start + timeout;
+    let mut spin = spin;
+    let mut next_yield = ssock_rings::notify::YIELD_EVERY;
     let mut got = 0;
     while got < buf.len() {
         match ssock_rings::sys::recv(fd, &mut buf[got..], libc::MSG_DONTWAIT) {
@@ -133,9 +135,16 @@ fn read_exact_within(
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if start.elapsed() < spin {
-                    // The peer may share this CPU: let it run.
-                    std::thread::yield_now();
+                let spent = start.elapsed();
+                if spent < spin {
+                    if spent >= next_yield {
+                        // The peer may share this CPU: let it run (and stop
+                        // polling if other work kept this thread off it).
+                        if !ssock_rings::notify::yield_cpu() {
+                            spin = Duration::ZERO;
+                        }
+                        next_yield = start.elapsed() + ssock_rings::notify::YIELD_EVERY;
+                    }
                     continue;
                 }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -167,13 +176,11 @@ const ACK_SPIN: Duration = Duration::from_micros(100);
 /// with 30-60 us).
 const HELLO_SPIN: Duration = Duration::from_micros(30);
 
-/// Starts counting forks and keeping kept regions from children (see
-/// `transport::direct::before_fork`); called before the first end comes.
-/// The preload shim calls it before registering its own fork handlers:
-/// prepare handlers run in reverse order, so the shelf is then locked
-/// after the shim's sockets, the order every other path takes them in.
+/// Starts counting forks (see `ssock_rings::sys::watch_forks`): an end is
+/// kept for reuse only if no fork happened since it came. Called before
+/// the first end comes; the preload shim calls it at load.
 pub fn watch_forks() {
-    ssock_rings::sys::watch_forks(direct::before_fork, direct::after_fork);
+    ssock_rings::sys::watch_forks();
 }
 
 /// An end devd created but this side has not started using, for
@@ -479,6 +486,8 @@ pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
     let start = std::time::Instant::now();
     let mut b = [0u8; HELLO_LEN];
     let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    let mut spin = ACK_SPIN;
+    let mut next_yield = ssock_rings::notify::YIELD_EVERY;
     loop {
         match ssock_rings::sys::recv(fd, &mut b, peek) {
             Ok(n) if n == HELLO_LEN => return true,
@@ -491,9 +500,15 @@ pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
         if spent >= grace {
             return false;
         }
-        if spent < ACK_SPIN {
-            // The acceptor may share this CPU: let it run.
-            std::thread::yield_now();
+        if spent < spin {
+            if spent >= next_yield {
+                // The acceptor may share this CPU: let it run (and stop
+                // polling if other work kept this thread off it).
+                if !ssock_rings::notify::yield_cpu() {
+                    spin = Duration::ZERO;
+                }
+                next_yield = start.elapsed() + ssock_rings::notify::YIELD_EVERY;
+            }
             continue;
         }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);

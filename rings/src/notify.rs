@@ -16,6 +16,18 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 /// call): a peer that shares this CPU waits at most that long.
 pub const YIELD_EVERY: Duration = Duration::from_micros(4);
 
+/// A yield that kept this thread off the CPU longer than this means other
+/// work wants the CPU (not only the peer): the waiter stops spinning.
+const YIELD_LONG: Duration = Duration::from_micros(10);
+
+/// Yields the CPU once (sched_yield); false if it came back only after
+/// [`YIELD_LONG`], when spinning on would take the CPU from others.
+pub fn yield_cpu() -> bool {
+    let t = Instant::now();
+    std::thread::yield_now();
+    t.elapsed() < YIELD_LONG
+}
+
 /// Whether this process has more runnable threads than there are CPUs:
 /// spinning then only takes a core from a thread of ours that has work (a
 /// third spinner on two cores costs milliseconds). Looked at most every
@@ -116,8 +128,11 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
         if spent >= next_yield {
             // The peer may be waiting for this very CPU (the scheduler put
             // both on it): let it run rather than spin the budget out.
-            std::thread::yield_now();
-            next_yield = spent + YIELD_EVERY;
+            if !yield_cpu() {
+                // Another task had the CPU for a while: sleep instead.
+                return ready();
+            }
+            next_yield = start.elapsed() + YIELD_EVERY;
         }
     }
 }

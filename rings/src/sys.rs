@@ -694,69 +694,59 @@ pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32>
     Ok(v)
 }
 
-/// Forks since [`watch_forks`] was first called: counted in the parent just
-/// before each fork (a pthread_atfork prepare handler), so parent and
-/// child both see a new value once the fork can have copied anything.
+/// Fork count since [`watch_forks`] was first called, two per fork: the
+/// prepare handler adds one before the fork (odd: a fork is under way),
+/// the parent and child handlers one more after it. Parent and child both
+/// see a new value once the fork can have copied anything.
 static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Forks this process is a child of since [`watch_forks`] (the child
 /// handler counts it): changes in a child only, never in its parent.
 static CHILD_OF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The handlers are registered.
 static WATCHING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// The hooks [`watch_forks`] was given: run in the parent just before
-/// each fork (after [`FORKS`] counted it), and after it in both processes
-/// (in the child after [`CHILD_OF`] counted it).
-static HOOKS: std::sync::OnceLock<ForkHooks> = std::sync::OnceLock::new();
 
-/// (before fork, after fork) hooks.
-type ForkHooks = (fn(), fn());
-
-extern "C" fn count_fork() {
+extern "C" fn fork_begins() {
     FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    if let Some((before, _)) = HOOKS.get() {
-        before();
-    }
 }
 
-extern "C" fn after_in_parent() {
-    if let Some((_, after)) = HOOKS.get() {
-        after();
-    }
+extern "C" fn fork_ended_in_parent() {
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-extern "C" fn count_child() {
+extern "C" fn fork_ended_in_child() {
     CHILD_OF.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    if let Some((_, after)) = HOOKS.get() {
-        after();
-    }
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Starts counting forks (once per process; later calls cost a load),
-/// with `before_fork` run in the parent just before each fork, after the
-/// count, and `after_fork` in both processes after it, in the forking
-/// thread (the first caller's hooks are the ones kept). Memory that must
-/// not reach children forked after a point records [`forks`] then, and
-/// compares it later.
-pub fn watch_forks(before_fork: fn(), after_fork: fn()) {
+/// Starts counting forks (once per process; later calls cost a load).
+/// Memory that must not reach children forked after a point records
+/// [`forks`] then, and compares it later.
+pub fn watch_forks() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = HOOKS.set((before_fork, after_fork));
         // SAFETY: registers three handlers that stay valid for the
-        // process's life; they run in the forking thread around fork (the
-        // hooks are ordinary code there) and touch only atomics besides.
+        // process's life and only touch atomics (safe in any context a
+        // fork handler runs in, a signal handler's included).
         let r = unsafe {
-            libc::pthread_atfork(Some(count_fork), Some(after_in_parent), Some(count_child))
+            libc::pthread_atfork(
+                Some(fork_begins),
+                Some(fork_ended_in_parent),
+                Some(fork_ended_in_child),
+            )
         };
         WATCHING.store(r == 0, std::sync::atomic::Ordering::SeqCst);
     });
 }
 
-/// Forks so far (see [`FORKS`]); None if they are not counted (before
-/// [`watch_forks`], or if registering its handlers failed).
+/// The fork count (see [`FORKS`]); None if forks are not counted (before
+/// [`watch_forks`], or if registering its handlers failed) or one is
+/// under way: a value read then is never taken as "no fork since".
 pub fn forks() -> Option<u64> {
-    WATCHING
-        .load(std::sync::atomic::Ordering::SeqCst)
-        .then(|| FORKS.load(std::sync::atomic::Ordering::SeqCst))
+    if !WATCHING.load(std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    let n = FORKS.load(std::sync::atomic::Ordering::SeqCst);
+    n.is_multiple_of(2).then_some(n)
 }
 
 /// Forks this process is a child of (see [`CHILD_OF`]).

@@ -1110,8 +1110,23 @@ extern "C" fn before_fork() {
 
 /// pthread_atfork parent handler: unlocks what the prepare handler locked.
 extern "C" fn after_fork_in_parent() {
-    table::after_fork(false);
+    let held = table::after_fork(false);
     epoll::after_fork(false);
+    drop_as_shim(held);
+}
+
+/// Drops the references the prepare handler took, once every lock is
+/// released, as the shim (the fds a last reference closes go to libc).
+fn drop_as_shim(held: Vec<table::Entry>) {
+    let mut held = Some(held);
+    boundary::enter(
+        || {
+            drop(held.take());
+            0i8
+        },
+        || 0,
+    );
+    drop(held);
 }
 
 /// pthread_atfork child handler: the child stops using the parent's devd
@@ -1126,8 +1141,9 @@ extern "C" fn after_fork_in_child() {
         0
     }
     boundary::enter(forget_session, forget_session);
-    table::after_fork(true);
+    let held = table::after_fork(true);
     epoll::after_fork(true);
+    drop_as_shim(held);
 }
 
 fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {

@@ -228,8 +228,7 @@ pub fn get() -> &'static Real {
 }
 
 extern "C" fn init() {
-    // First: its fork handlers must be registered before the shim's (see
-    // `watch_forks`).
+    // Fork counting from the start (see `watch_forks`).
     ssock_client::negotiate::watch_forks();
     get();
     crate::inherit_at_load();

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-type Entry = Arc<Mutex<Sock>>;
+pub type Entry = Arc<Mutex<Sock>>;
 
 const CHUNK: usize = 4096;
 /// 256 chunks of 4096: fds up to 1,048,575 (the usual hard limit).
@@ -149,13 +149,17 @@ pub fn before_fork() {
 
 /// After fork, in the parent and in the child: unlocks what `before_fork`
 /// locked.
-pub fn after_fork(child: bool) {
+#[must_use = "the references are dropped once every lock is released"]
+pub fn after_fork(child: bool) -> Vec<Entry> {
     // try_with: a fork from a thread being torn down holds nothing.
+    let mut keep = Vec::new();
     let _ = FORK_HELD.try_with(|h| {
         let mut h = h.borrow_mut();
         h.0.clear();
         let held = std::mem::take(&mut h.1);
-        if child {
+        if !child {
+            keep = held;
+        } else {
             // A socket another thread closed meanwhile may be held only
             // here: dropping it in the child would close it for the
             // parent too (end of stream, a Release on the parent's
@@ -170,7 +174,9 @@ pub fn after_fork(child: bool) {
                 HashSet::new()
             };
             for e in held {
-                if !live.contains(&Arc::as_ptr(&e)) {
+                if live.contains(&Arc::as_ptr(&e)) {
+                    keep.push(e);
+                } else {
                     std::mem::forget(e);
                 }
             }
@@ -178,6 +184,10 @@ pub fn after_fork(child: bool) {
     });
     let _ = LISTENERS_HELD.try_with(|h| h.borrow_mut().take());
     let _ = GATE_HELD.try_with(|h| h.borrow_mut().take());
+    // Returned, not dropped here: in the parent one may be the last
+    // reference (another thread closed the socket during the fork), whose
+    // drop closes fds, and the shim's close takes locks still held here.
+    keep
 }
 
 thread_local! {

@@ -10,11 +10,11 @@ use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 
 /// Why a Direct attachment was refused.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +46,6 @@ pub struct Parked {
     map: Arc<Mapping>,
     /// [own read, own write, peer read, peer write], as attached.
     bells: [Arc<EventFd>; 4],
-    /// Marked MADV_DONTFORK (by [`before_fork`]).
-    dontfork: bool,
 }
 
 /// Regions a process keeps at most, and their total size at most (devd
@@ -61,40 +59,54 @@ const SHELF_MAX_BYTES: usize = 32 << 20;
 /// [`ssock_rings::sys::child_of`] they were kept under.
 static SHELF: Mutex<(u64, VecDeque<Parked>)> = Mutex::new((0, VecDeque::new()));
 
-type ShelfGuard = MutexGuard<'static, (u64, VecDeque<Parked>)>;
+/// The value of [`ssock_rings::sys::child_of`] of the process that uses
+/// the shelf: another one here means a child that has not used it yet.
+static SHELF_OWNER: AtomicU64 = AtomicU64::new(0);
 
-thread_local! {
-    /// The shelf, locked across a fork by the forking thread (so that no
-    /// child inherits it locked by a thread it does not have).
-    static FORK_HELD: RefCell<Option<ShelfGuard>> = const { RefCell::new(None) };
-}
-
-fn lock_shelf() -> ShelfGuard {
-    SHELF.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs `f` on this process's kept regions.
-fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> R {
+/// Runs `f` on this process's kept regions; None in a child whose copy of
+/// the shelf stayed locked (the fork came while another thread held it):
+/// that process keeps nothing.
+fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
     let gen = ssock_rings::sys::child_of();
-    let mut g = lock_shelf();
+    let mut g = if SHELF_OWNER.load(Ordering::Acquire) == gen {
+        SHELF.lock().unwrap_or_else(|p| p.into_inner())
+    } else {
+        // A child after fork, first use: the lock may be held by a thread
+        // that does not exist here. Held for microseconds at a time by a
+        // live one, so a while of trying tells.
+        let g = (0..100).find_map(|_| match SHELF.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                std::thread::yield_now();
+                None
+            }
+        })?;
+        SHELF_OWNER.store(gen, Ordering::Release);
+        g
+    };
     if g.0 != gen {
-        // A child after fork: the kept regions were not inherited
-        // (MADV_DONTFORK) and their doorbell fds may have been closed and
-        // their numbers reused: all forgotten, nothing unmapped or closed.
+        // The kept regions were not inherited (MADV_DONTFORK) and their
+        // doorbell fds may have been closed and their numbers reused: all
+        // forgotten, nothing unmapped or closed.
         for p in g.1.drain(..) {
             std::mem::forget(p);
         }
         g.0 = gen;
     }
-    f(&mut g.1)
+    Some(f(&mut g.1))
 }
 
 /// Keeps a region for reuse if no fork happened since `at` (the fork
-/// count when it came into this process); false if it is not kept. The
-/// count is read under the shelf's lock after the push: a fork counted
-/// later marks it in [`before_fork`], which waits for that lock.
+/// count when it came into this process); false if it is not kept. It is
+/// marked MADV_DONTFORK first, so no child forked from then on gets it
+/// (also one forked without the atfork handlers); a fork counted before
+/// that shows in the count read after it.
 fn park(p: Parked, at: u64) -> bool {
-    if p.map.len() > SHELF_MAX_BYTES {
+    if p.map.len() > SHELF_MAX_BYTES || p.map.set_inherited(false).is_err() {
+        return false;
+    }
+    if ssock_rings::sys::forks() != Some(at) {
         return false;
     }
     with_shelf(|s| {
@@ -109,34 +121,8 @@ fn park(p: Parked, at: u64) -> bool {
             }
         }
         s.push_back(p);
-        if ssock_rings::sys::forks() == Some(at) {
-            return true;
-        }
-        s.pop_back();
-        false
     })
-}
-
-/// Run just before every fork (registered with `watch_forks`): the kept
-/// regions do not go to the child (MADV_DONTFORK), so only the two
-/// processes of a connection that reuses one ever map it. No system call
-/// when nothing forks. The shelf stays locked until [`after_fork`].
-pub fn before_fork() {
-    let mut g = lock_shelf();
-    // Only this process's own (a child's inherited ones are not mapped).
-    if g.0 == ssock_rings::sys::child_of() {
-        for p in g.1.iter_mut().filter(|p| !p.dontfork) {
-            p.dontfork = p.map.set_inherited(false).is_ok();
-        }
-        // One that cannot be marked is not kept.
-        g.1.retain(|p| p.dontfork);
-    }
-    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(g));
-}
-
-/// Run after every fork, in parent and child: unlocks the shelf.
-pub fn after_fork() {
-    let _ = FORK_HELD.try_with(|h| h.borrow_mut().take());
+    .is_some()
 }
 
 /// Takes kept region `region`'s end `side` off the shelf, if this
@@ -147,12 +133,10 @@ pub fn unpark(region: u64, side: Side) -> Option<Parked> {
             .iter()
             .position(|p| p.region == region && p.side == side)?;
         s.remove(i)
-    })?;
+    })??;
     // Live again: a child forked from now on inherits it, as any live
     // connection's region.
-    if p.dontfork {
-        p.map.set_inherited(true).ok()?;
-    }
+    p.map.set_inherited(true).ok()?;
     Some(p)
 }
 
@@ -621,7 +605,6 @@ impl Transport for Direct {
                         side: self.side,
                         map: self.map.clone(),
                         bells: self.bells.clone(),
-                        dontfork: false,
                     },
                     at,
                 ),

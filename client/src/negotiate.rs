@@ -13,6 +13,7 @@ use ssock_rings::codec::{
     self, Attachment, FallbackReason, Mode, ModePref, Request, Response, ACK_ACCEPT, ACK_KERNEL,
     HELLO_LEN,
 };
+use ssock_rings::notify::Spin;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -124,10 +125,8 @@ fn read_exact_within(
     timeout: Duration,
     spin: Duration,
 ) -> io::Result<()> {
-    let start = std::time::Instant::now();
-    let deadline = start + timeout;
-    let mut spin = spin;
-    let mut next_yield = ssock_rings::notify::YIELD_EVERY;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut spin = Spin::new(spin);
     let mut got = 0;
     while got < buf.len() {
         match ssock_rings::sys::recv(fd, &mut buf[got..], libc::MSG_DONTWAIT) {
@@ -135,16 +134,7 @@ fn read_exact_within(
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let spent = start.elapsed();
-                if spent < spin {
-                    if spent >= next_yield {
-                        // The peer may share this CPU: let it run (and stop
-                        // polling if other work kept this thread off it).
-                        if !ssock_rings::notify::yield_cpu() {
-                            spin = Duration::ZERO;
-                        }
-                        next_yield = start.elapsed() + ssock_rings::notify::YIELD_EVERY;
-                    }
+                if spin.again() {
                     continue;
                 }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -239,6 +229,15 @@ impl Pending {
     pub fn usable(&self) -> bool {
         !self.attachment.reuse || self.parked.is_some()
     }
+}
+
+/// This side's end of the connection on `fd`, with its fds, asked for by
+/// the socket (Attach).
+fn attach_by_socket(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Pending> {
+    session
+        .request(&Request::Attach, &[fd])
+        .map_err(io::Error::other)
+        .and_then(Pending::from_reply)
 }
 
 /// Tells devd this side will not use `pending` (posted: nothing waits).
@@ -465,16 +464,12 @@ pub fn connect_finish(
         Some(p) if p.usable() => p,
         // Attached by its socket: a process forked before the HelloAck,
         // or a reused region this process does not have.
-        _ => session
-            .request(&Request::Attach, &[fd])
-            .map_err(io::Error::other)
-            .and_then(Pending::from_reply)
-            .map_err(|e| {
-                // The acceptor is on the rings, which this side cannot
-                // reach: end the kernel connection, which it watches.
-                let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-                io::Error::other(format!("ssock: attach failed after HelloAck: {e}"))
-            })?,
+        _ => attach_by_socket(session, fd).map_err(|e| {
+            // The acceptor is on the rings, which this side cannot
+            // reach: end the kernel connection, which it watches.
+            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+            io::Error::other(format!("ssock: attach failed after HelloAck: {e}"))
+        })?,
     };
     Ok(Some(Outcome::Attached(resp)))
 }
@@ -486,8 +481,7 @@ pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
     let start = std::time::Instant::now();
     let mut b = [0u8; HELLO_LEN];
     let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-    let mut spin = ACK_SPIN;
-    let mut next_yield = ssock_rings::notify::YIELD_EVERY;
+    let mut spin = Spin::new(ACK_SPIN);
     loop {
         match ssock_rings::sys::recv(fd, &mut b, peek) {
             Ok(n) if n == HELLO_LEN => return true,
@@ -500,15 +494,7 @@ pub fn await_ack(fd: BorrowedFd<'_>, grace: Duration) -> bool {
         if spent >= grace {
             return false;
         }
-        if spent < spin {
-            if spent >= next_yield {
-                // The acceptor may share this CPU: let it run (and stop
-                // polling if other work kept this thread off it).
-                if !ssock_rings::notify::yield_cpu() {
-                    spin = Duration::ZERO;
-                }
-                next_yield = start.elapsed() + ssock_rings::notify::YIELD_EVERY;
-            }
+        if spin.again() {
             continue;
         }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
@@ -573,11 +559,7 @@ pub fn accept_on(
         // A reused region this process does not have: the same end, with
         // its fds, attached by the accepted socket (failing that, the
         // connection stays on kernel TCP).
-        Ok(p) if !p.usable() => match session
-            .request(&Request::Attach, &[fd])
-            .map_err(io::Error::other)
-            .and_then(Pending::from_reply)
-        {
+        Ok(p) if !p.usable() => match attach_by_socket(session, fd) {
             Ok(fresh) => Ok(fresh),
             Err(e) => {
                 log::warn!("attaching a reused region failed ({e}); kernel TCP");

@@ -528,7 +528,7 @@ impl<'a> R<'a> {
             geom_a: self.u64()?,
             geom_b: self.u64()?,
             region: self.u64()?,
-            reuse: self.flag("reuse")?,
+            reuse: self.bool("reuse")?,
         };
         if a.reuse && a.mode != Mode::Direct {
             return Err(DecodeError::Field {
@@ -537,17 +537,6 @@ impl<'a> R<'a> {
             });
         }
         Ok(a)
-    }
-    /// A boolean byte: 0 or 1, anything else an error.
-    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(DecodeError::Field {
-                field,
-                value: u64::from(v),
-            }),
-        }
     }
     fn end(&self) -> Result<(), DecodeError> {
         match self.b.len() - self.at {
@@ -667,7 +656,7 @@ impl Request {
             8 => Request::Release {
                 conn_id: r.u64()?,
                 side: Side::from_u8(r.u8()?)?,
-                park: r.flag("park")?,
+                park: r.bool("park")?,
             },
             11 => Request::Violation { conn_id: r.u64()? },
             9 => Request::Fallback {

@@ -22,10 +22,48 @@ const YIELD_LONG: Duration = Duration::from_micros(10);
 
 /// Yields the CPU once (sched_yield); false if it came back only after
 /// [`YIELD_LONG`], when spinning on would take the CPU from others.
-pub fn yield_cpu() -> bool {
+fn yield_cpu() -> bool {
     let t = Instant::now();
     std::thread::yield_now();
     t.elapsed() < YIELD_LONG
+}
+
+/// A polling loop's spin budget. The peer may be waiting for this very
+/// CPU (the scheduler put both on it), so the spin yields the CPU every
+/// [`YIELD_EVERY`]; a yield that kept it off the CPU a while (other work
+/// wants it) ends the spin, and the caller sleeps.
+#[derive(Debug)]
+pub struct Spin {
+    start: Instant,
+    budget: Duration,
+    next_yield: Duration,
+}
+
+impl Spin {
+    /// A spin of `budget`, starting now.
+    pub fn new(budget: Duration) -> Spin {
+        Spin {
+            start: Instant::now(),
+            budget,
+            next_yield: YIELD_EVERY,
+        }
+    }
+
+    /// Whether to poll once more (yielding the CPU first when it is time).
+    pub fn again(&mut self) -> bool {
+        let spent = self.start.elapsed();
+        if spent >= self.budget {
+            return false;
+        }
+        if spent >= self.next_yield {
+            if !yield_cpu() {
+                self.budget = Duration::ZERO;
+                return false;
+            }
+            self.next_yield = self.start.elapsed() + YIELD_EVERY;
+        }
+        true
+    }
 }
 
 /// Whether this process has more runnable threads than there are CPUs:
@@ -112,8 +150,7 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
     if budget.is_zero() {
         return None;
     }
-    let start = Instant::now();
-    let mut next_yield = YIELD_EVERY;
+    let mut spin = Spin::new(budget);
     loop {
         for _ in 0..32 {
             std::hint::spin_loop();
@@ -121,18 +158,8 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
                 return Some(v);
             }
         }
-        let spent = start.elapsed();
-        if spent >= budget {
+        if !spin.again() {
             return None;
-        }
-        if spent >= next_yield {
-            // The peer may be waiting for this very CPU (the scheduler put
-            // both on it): let it run rather than spin the budget out.
-            if !yield_cpu() {
-                // Another task had the CPU for a while: sleep instead.
-                return ready();
-            }
-            next_yield = start.elapsed() + YIELD_EVERY;
         }
     }
 }

@@ -12,6 +12,19 @@ fn echo_py() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/echo.py"))
 }
 
+/// python3 echo.py ARGS under ssock-run, to its end: its output (trimmed),
+/// if it succeeded.
+fn echo_run(d: &Devd, args: &[&str]) -> Result<String> {
+    let out = d.ssock_run("python3").arg(echo_py()).args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success(),
+        "echo.py {args:?} failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text)
+}
+
 /// python3 echo.py ARGS, under ssock-run unless `plain`.
 fn python(d: &Devd, plain: bool, args: &[&str], env: &[(&str, &str)]) -> Result<Peer> {
     let mut cmd = if plain {
@@ -421,17 +434,8 @@ fn a_failed_fd_passing_gives_its_hold_back_so_close_still_ends_the_stream() -> R
     }
     for mode in ["direct", "queued"] {
         let d = Devd::start(&["--default-mode", mode])?;
-        let out = d
-            .ssock_run("python3")
-            .arg(echo_py())
-            .arg("failed-pass")
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success() && text.trim() == "eof",
-            "{mode}: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = echo_run(&d, &["failed-pass"]).context(mode)?;
+        ensure!(text == "eof", "{mode}: {text}");
         // And the connection was accelerated in that mode.
         let t = d.stats()?["totals"].clone();
         ensure!(t["connections"][mode] == 1, "{mode}: totals {t}");
@@ -447,17 +451,7 @@ fn connections_between_the_same_processes_reuse_a_kept_region_that_no_child_inhe
     }
     let d = Devd::start(&[])?;
     let n = 20;
-    let out = d
-        .ssock_run("python3")
-        .arg(echo_py())
-        .args(["reuse", &n.to_string()])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = echo_run(&d, &["reuse", &n.to_string()])?;
     // Each connection's bytes were checked both ways by the program; the
     // first one made a region, every later one reused it (both ends of
     // each are in this one process, so both sides of the region are kept).
@@ -466,10 +460,7 @@ fn connections_between_the_same_processes_reuse_a_kept_region_that_no_child_inhe
     ensure!(t["regions_reused"] == n - 1, "totals {t}");
     // This process still maps the region it keeps (one mapping per
     // side); a child forked meanwhile maps none.
-    ensure!(
-        text.trim() == format!("OK reuse {n} kept=2 child=0"),
-        "{text}"
-    );
+    ensure!(text == format!("OK reuse {n} kept=2 child=0"), "{text}");
     Ok(())
 }
 
@@ -479,17 +470,8 @@ fn a_region_a_forked_child_may_have_is_not_kept() -> Result<()> {
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let out = d
-        .ssock_run("python3")
-        .arg(echo_py())
-        .arg("fork-live")
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success() && text.trim() == "OK fork-live",
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = echo_run(&d, &["fork-live"])?;
+    ensure!(text == "OK fork-live", "{text}");
     // Both connections Direct; the first was live at the fork, so its
     // region went with it instead of to the second.
     let st = d.stats()?;

@@ -154,8 +154,11 @@ pub enum Source {
 #[derive(Debug)]
 pub struct Direct {
     conn_id: u64,
-    /// devd's id of the region, and the doorbells, kept with it on close.
+    /// devd's id of the region, kept with the doorbells on close.
     region: u64,
+    /// [own read, own write, peer read, peer write]. The own ones are rung
+    /// when data arrives (readers sleep on it) and when space frees up
+    /// (writers sleep on it); the peer's travel with `tx` and `rx`.
     bells: [Arc<EventFd>; 4],
     /// The region may be kept on close ([`Parked`]) if no fork happened
     /// since it came into this process: the fork count then (None: an end
@@ -165,10 +168,6 @@ pub struct Direct {
     side: Side,
     tx: Producer,
     rx: Consumer,
-    /// Own doorbells: rung when data arrives (readers sleep on it) and when
-    /// space frees up (writers sleep on it).
-    rbell: Arc<EventFd>,
-    wbell: Arc<EventFd>,
     session: Option<Arc<Session>>,
     peer_gone: bool,
     /// The kernel socket was reset (not closed with a FIN).
@@ -241,7 +240,7 @@ impl Direct {
         if hold {
             layout::hold(&map, a.side as usize);
         }
-        let [rbell, wbell, peer_r, peer_w] = bells.clone();
+        let [_, _, peer_r, peer_w] = bells.clone();
         // Our producer wakes the peer's readers, our consumer its writers.
         let (out, inn) = match a.side {
             Side::Connector => (0, 1),
@@ -256,8 +255,6 @@ impl Direct {
             map: map.clone(),
             tx: Producer::new(map.clone(), layout, out, peer_r),
             rx: Consumer::new(map, layout, inn, peer_w),
-            rbell,
-            wbell,
             session,
             peer_gone: false,
             peer_reset: false,
@@ -266,6 +263,16 @@ impl Direct {
             sleepers: [0; 2],
             abort: false,
         })
+    }
+
+    /// Own read doorbell (readers sleep on it).
+    fn rbell(&self) -> &Arc<EventFd> {
+        &self.bells[0]
+    }
+
+    /// Own write doorbell (writers sleep on it).
+    fn wbell(&self) -> &Arc<EventFd> {
+        &self.bells[1]
     }
 
     fn violation(&mut self, v: Violation) -> io::Error {
@@ -313,9 +320,9 @@ impl Direct {
     /// deadline passes (EWOULDBLOCK).
     fn sleep(&mut self, ctx: &Ctx<'_>, write: bool) -> io::Result<()> {
         let bell = if write {
-            self.wbell.clone()
+            self.wbell().clone()
         } else {
-            self.rbell.clone()
+            self.rbell().clone()
         };
         let mut fds = [
             PollFd::new(bell.as_raw_fd(), libc::POLLIN),
@@ -473,10 +480,10 @@ impl Transport for Direct {
         self.sleepers[1] += u32::from(write);
         let mut fds = Vec::with_capacity(3);
         if read {
-            fds.push((self.rbell.as_raw_fd(), libc::POLLIN));
+            fds.push((self.rbell().as_raw_fd(), libc::POLLIN));
         }
         if write {
-            fds.push((self.wbell.as_raw_fd(), libc::POLLIN));
+            fds.push((self.wbell().as_raw_fd(), libc::POLLIN));
         }
         if !self.peer_gone {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
@@ -485,8 +492,8 @@ impl Transport for Direct {
     }
 
     fn wake_self(&self) {
-        let _ = self.rbell.notify();
-        let _ = self.wbell.notify();
+        let _ = self.rbell().notify();
+        let _ = self.wbell().notify();
     }
 
     fn pending(&mut self) -> (usize, usize) {
@@ -500,14 +507,14 @@ impl Transport for Direct {
             self.sleepers[0] -= 1;
             if self.sleepers[0] == 0 {
                 self.rx.disarm();
-                self.rbell.drain();
+                self.rbell().drain();
             }
         }
         if write && self.sleepers[1] > 0 {
             self.sleepers[1] -= 1;
             if self.sleepers[1] == 0 {
                 self.tx.disarm();
-                self.wbell.drain();
+                self.wbell().drain();
             }
         }
     }

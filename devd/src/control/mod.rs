@@ -400,7 +400,7 @@ impl Devd {
     fn reuse(&mut self, sid: u64, acceptor: u64) -> Option<(u64, Res)> {
         let d = self.reg.unpark(sid, acceptor)?;
         let id = self.new_id();
-        let mut page = vec![0u8; layout::HEADER_SIZE];
+        let mut page = [0u8; layout::HEADER_SIZE];
         let h = layout::header_bytes(
             RegionKind::Direct,
             d.layout.size,
@@ -1208,9 +1208,14 @@ mod tests {
     }
 
     fn listener(d: &mut Devd) -> TcpListener {
+        listener_of(d, 1)
+    }
+
+    /// A listener registered by session `sid`.
+    fn listener_of(d: &mut Devd, sid: u64) -> TcpListener {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let r = d.handle(
-            1,
+            sid,
             Request::Listen,
             vec![l.as_fd().try_clone_to_owned().unwrap()],
         );
@@ -1475,14 +1480,20 @@ mod tests {
         assert_eq!(d.handle(sid, req, vec![]).0, Response::Ok);
     }
 
+    /// A connection from session 1 to `l` (session 2's), closed with
+    /// both ends asking to keep the region.
+    fn keep_one(d: &mut Devd, l: &TcpListener) {
+        let ((c, _), (a, _), _s) = connect_as(d, 1, 2, l);
+        release(d, 1, &c, true);
+        release(d, 2, &a, true);
+    }
+
     #[test]
     fn a_region_both_ends_kept_goes_to_the_next_connection_of_the_same_two_sessions_only() {
         let mut d = devd("");
         session(&mut d, 2);
         session(&mut d, 3);
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let fd = l.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        let l = listener_of(&mut d, 2);
         // 1 connects to 2's listener: a new region, fds for both ends.
         let ((c, nc), (a, na), _s1) = connect_as(&mut d, 1, 2, &l);
         assert_eq!((nc, na, c.reuse, a.reuse), (5, 5, false, false));
@@ -1535,12 +1546,8 @@ mod tests {
         assert_eq!(d.cfg.region_size, 2 << 20);
         session(&mut d, 2);
         session(&mut d, 3);
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let fd = l.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
-        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
-        release(&mut d, 1, &c, true);
-        release(&mut d, 2, &a, true);
+        let l = listener_of(&mut d, 2);
+        keep_one(&mut d, &l);
         assert_eq!(d.reg.parked.len(), 1);
         // Session 3's connection needs that memory: the kept one goes.
         let ((c3, n3), _, _s3) = connect_as(&mut d, 3, 2, &l);
@@ -1554,9 +1561,7 @@ mod tests {
         let mut d = devd("");
         session(&mut d, 2);
         session(&mut d, 3);
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let fd = l.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        let l = listener_of(&mut d, 2);
         // Session 3 takes the acceptor's end over (fd passing): mapped by
         // a third process, the region is never kept.
         let ((c, _), (a, _), s) = connect_as(&mut d, 1, 2, &l);
@@ -1570,9 +1575,7 @@ mod tests {
         assert!(d.reg.parked.is_empty() && d.reg.conns.is_empty());
         // Kept, then claimed by another session than the one that kept
         // it: kernel TCP (the region is mapped in the keeper).
-        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
-        release(&mut d, 1, &c, true);
-        release(&mut d, 2, &a, true);
+        keep_one(&mut d, &l);
         let dst = l.local_addr().unwrap();
         let s = socket();
         let fd = s.as_fd().try_clone_to_owned().unwrap();
@@ -1596,9 +1599,7 @@ mod tests {
         );
         assert!(d.reg.conns.is_empty() && d.reg.intents.is_empty());
         // A kept region goes when either session ends.
-        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 2, &l);
-        release(&mut d, 1, &c, true);
-        release(&mut d, 2, &a, true);
+        keep_one(&mut d, &l);
         assert_eq!(d.reg.parked.len(), 1);
         d.end_session(2);
         assert!(d.reg.parked.is_empty());
@@ -1608,9 +1609,7 @@ mod tests {
     fn kept_regions_are_bounded_per_pair_of_sessions() {
         let mut d = devd("");
         session(&mut d, 2);
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let fd = l.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(d.handle(2, Request::Listen, vec![fd]).0, Response::Ok);
+        let l = listener_of(&mut d, 2);
         let live: Vec<_> = (0..registry::PARKED_PER_PAIR + 2)
             .map(|_| connect_as(&mut d, 1, 2, &l))
             .collect();

@@ -234,9 +234,11 @@ pub fn apply(kind: ThreadKind, mode: Mode) -> Result<(), SandboxError> {
 }
 
 /// Spawns a thread of `kind` that installs its filter (when `sandbox` is
-/// on), then runs `f` inside `catch_unwind`. The returned handle tells
-/// whether the thread is still alive (`is_finished`): devd checks it and
-/// exits when an engine died, so the service manager restarts it.
+/// on), then runs `f` inside `catch_unwind`. Returns once the filter is in
+/// place (an error if it could not be installed), so devd never serves
+/// with an unfiltered thread. The returned handle tells whether the
+/// thread is still alive (`is_finished`): devd checks it and exits when an
+/// engine died, so the service manager restarts it.
 pub fn spawn_sandboxed<F>(
     kind: ThreadKind,
     name: &str,
@@ -246,19 +248,29 @@ pub fn spawn_sandboxed<F>(
 where
     F: FnOnce() + Send + 'static,
 {
-    std::thread::Builder::new()
+    let (ready, filtered) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let thread = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
             if let Some(mode) = sandbox {
                 if let Err(e) = apply(kind, mode) {
                     log::error!("{e}; the {kind:?} thread stops");
+                    let _ = ready.send(Err(e.to_string()));
                     return;
                 }
             }
+            let _ = ready.send(Ok(()));
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
                 log::error!("the {kind:?} thread panicked");
             }
-        })
+        })?;
+    match filtered.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other(format!(
+            "the {kind:?} thread ended before its filter was in place"
+        ))),
+    }
 }
 
 #[cfg(test)]

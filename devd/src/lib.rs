@@ -21,14 +21,18 @@ use config::Config;
 use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::Backend;
 use ssock_rings::sys::SeqPacket;
+use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Runs devd until it is told to stop.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     let _ = ssock_rings::sys::raise_nofile_limit();
     let signals = sys::termination_signalfd().context("cannot set up signal handling")?;
-    let listener = bind(&cfg)?;
+    let (listener, _lock) = bind(&cfg)?;
     let backend: Box<dyn Backend> = Box::new(Loopback::default());
     let name = backend.capabilities().name;
     let violations = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -46,16 +50,85 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     r.context("control loop failed")
 }
 
-fn bind(cfg: &Config) -> anyhow::Result<SeqPacket> {
-    let path = &cfg.socket;
-    let dir = path.parent().context("socket path has no directory")?;
+/// The file a detached devd (`--detach`) logs to, beside its socket.
+pub const LOG_FILE: &str = "devd.log";
+
+/// How long `--detach` waits for the detached devd to answer.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
+
+/// `devd --detach`: starts this program again with `args` plus
+/// `--detached`, as a daemon of its own: a new session (it calls
+/// [`ssock_rings::detach::setsid`] first), stdin from /dev/null, stdout
+/// and stderr appended to [`LOG_FILE`] beside the socket, and no other
+/// descriptor of this process (every one from 3 up is marked close-on-exec
+/// first: a pipe the caller reads to EOF is not held by devd). Returns
+/// once a devd answers on the socket (this one, or another that won a
+/// race to it), or fails if the daemon exits first or does not answer
+/// within 10 s (then it is killed). This process exits afterwards, so the
+/// daemon is nobody's child but init's (or a subreaper's).
+pub fn detach(cfg: &Config, args: &[OsString]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    cfg.validate()?;
+    if SeqPacket::connect(&cfg.socket).is_ok() {
+        anyhow::bail!("another devd is already serving {}", cfg.socket.display());
+    }
+    let dir = socket_dir(cfg)?;
+    let log_path = dir.join(LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    ssock_rings::detach::cloexec_from(3).context("cannot mark inherited descriptors")?;
+    let exe = std::env::current_exe().context("cannot find devd's own executable")?;
+    let mut child = Command::new(&exe)
+        .args(args)
+        .arg("--detached")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let t = Instant::now();
+    loop {
+        if SeqPacket::connect(&cfg.socket).is_ok() {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!(
+                "devd exited ({st}) before serving {}; see {}",
+                cfg.socket.display(),
+                log_path.display()
+            );
+        }
+        if t.elapsed() > DETACH_WAIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "devd did not answer on {} within {DETACH_WAIT:?}; see {}",
+                cfg.socket.display(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The socket's directory, created if missing (0700 for a user devd,
+/// 0755 otherwise, whatever the umask: other users must reach a system
+/// socket), and checked: another user must not be able to replace the
+/// socket.
+fn socket_dir(cfg: &Config) -> anyhow::Result<&Path> {
+    let dir = cfg
+        .socket
+        .parent()
+        .context("socket path has no directory")?;
     if !dir.exists() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        if cfg.user_mode {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
+        let mode = if cfg.user_mode { 0o700 } else { 0o755 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
     }
-    // Another user must not be able to replace our socket.
     let meta = std::fs::symlink_metadata(dir)?;
     if meta.uid() != ssock_rings::sys::uid() || meta.mode() & 0o022 != 0 {
         anyhow::bail!(
@@ -65,6 +138,37 @@ fn bind(cfg: &Config) -> anyhow::Result<SeqPacket> {
             meta.uid(),
             meta.mode() & 0o7777
         );
+    }
+    Ok(dir)
+}
+
+/// Binds the control socket. The returned file holds an exclusive lock on
+/// `SOCKET.lock` for as long as it is open: two devds started on one path
+/// at the same moment cannot both take it (the second could otherwise see
+/// the first's socket before it listens, remove it as stale, and leave the
+/// first serving nobody).
+fn bind(cfg: &Config) -> anyhow::Result<(SeqPacket, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = &cfg.socket;
+    socket_dir(cfg)?;
+    let mut lock_path = path.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", Path::new(&lock_path).display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("another devd is already serving {}", path.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e)
+                .with_context(|| format!("cannot lock {}", Path::new(&lock_path).display()))
+        }
     }
     if path.exists() {
         if SeqPacket::connect(path).is_ok() {
@@ -77,5 +181,5 @@ fn bind(cfg: &Config) -> anyhow::Result<SeqPacket> {
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))?;
     l.set_nonblocking(true)?;
-    Ok(l)
+    Ok((l, lock))
 }

@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod codec;
+pub mod detach;
 pub mod layout;
 pub mod notify;
 pub mod paths;

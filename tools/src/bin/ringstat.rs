@@ -20,17 +20,50 @@ fn main() {
     }
 }
 
+const USAGE: &str = "usage: ringstat [--json] | ringstat conn ID [--json]";
+
+const HELP: &str = "ringstat: what a running devd is doing: its live accelerated connections
+(mode, state, processes, addresses, bytes, ring fill, notifications) and
+its totals since it started (connections per mode, bytes, fallbacks and
+their reasons, violations). Fields: docs/ringstat.md.
+
+usage: ringstat [--json]          every live connection and the totals
+       ringstat conn ID [--json]  one connection, with each ring's indexes
+                                  and flags
+
+options:
+  --json         print the JSON document instead of the table
+  -h, --help     print this help
+  -V, --version  print the version
+
+The devd asked is the first of these whose socket exists: SSOCK_DEVD_SOCKET
+alone if set; else /run/ssock/devd.sock; else the per-user socket.
+Run as another user than devd's, ringstat lists only that user's
+connections.
+
+environment:
+  SSOCK_DEVD_SOCKET  the control socket
+  XDG_RUNTIME_DIR    per-user socket $XDG_RUNTIME_DIR/ssock/devd.sock
+                     (unset: /tmp/ssock-$UID/devd.sock)";
+
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print_out(HELP);
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "-V" || a == "--version") {
+        print_out(&format!("ringstat {}", env!("CARGO_PKG_VERSION")));
+        return Ok(());
+    }
     let json = args.iter().any(|a| a == "--json");
     let rest: Vec<&str> = args
         .iter()
         .map(String::as_str)
         .filter(|a| *a != "--json")
         .collect();
-    if matches!(rest.as_slice(), ["-h"] | ["--help"]) {
-        println!("usage: ringstat [--json] | ringstat conn ID [--json]");
-        return Ok(());
+    if !matches!(rest.as_slice(), [] | ["conn", _]) {
+        bail!("{USAGE}");
     }
     let path = ssock_rings::paths::client_socket();
     let s = Session::connect(&path)
@@ -56,8 +89,7 @@ fn run() -> Result<()> {
                 print_conn(c);
             }
         }
-        ["-h"] | ["--help"] => println!("usage: ringstat [--json] | ringstat conn ID [--json]"),
-        _ => bail!("usage: ringstat [--json] | ringstat conn ID [--json]"),
+        _ => bail!("{USAGE}"),
     }
     Ok(())
 }
@@ -159,4 +191,10 @@ fn print_conn(c: &Value) {
         "  bytes c>a {} a>c {} notifications sent {} suppressed {}",
         c["bytes_c2a"], c["bytes_a2c"], c["notify_sent"], c["notify_suppressed"]
     );
+}
+
+/// Prints help or version text; a closed stdout (`| head`) is no error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }

@@ -47,8 +47,13 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-const USAGE: &str =
-    "usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
+const USAGE: &str = "ssock-bench: measures ssock against kernel TCP and AF_UNIX on this host:
+ping-pong latency 1 B to 64 KiB (median, p99), streaming throughput by
+write size, many connections at once, CPU per message and connection
+setup rate, over kernel TCP, AF_UNIX, Direct and Queued interleaved round
+by round, every byte verified. A child process of this binary serves.
+
+usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
                    [--raw] [--json-out FILE] [--plot FILE.png] [--no-pin]
                    [--devd private|existing] [--only TEXT] [--transports LIST]
   --rounds N      rounds, each runs every test on every transport (default 5)
@@ -61,7 +66,19 @@ const USAGE: &str =
   --raw           with --json: also every per-message latency sample
   --plot FILE     also draw latency and throughput against size into FILE (PNG)
   --no-pin        do not pin the two ends of single-connection tests to two CPUs
-  --devd WHICH    private (default): start a devd of our own; existing: use the running one";
+  --devd WHICH    private (default): start a devd of our own; existing: use the running one
+  --only TEXT     run only the tests whose name contains TEXT
+  --transports L  only these transports, comma-separated: kernel,unix,direct,queued
+  -h, --help      print this help
+  -V, --version   print the version
+
+environment:
+  SSOCK_DEVD_SOCKET  with --devd existing: the devd to use (else
+                     /run/ssock/devd.sock, else the per-user socket)
+  XDG_RUNTIME_DIR    per-user socket $XDG_RUNTIME_DIR/ssock/devd.sock
+                     (unset: /tmp/ssock-$UID/devd.sock)
+  SSOCK_SPIN_US      spin budget of the Direct and Queued ends, microseconds
+                     (default: devd's spin_us)";
 
 /// The font `--plot` draws its labels with (Debian: fonts-dejavu-core).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -1121,7 +1138,11 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
                     .collect::<Result<_>>()?;
             }
             "-h" | "--help" => {
-                println!("{USAGE}");
+                print_out(USAGE);
+                return Ok(None);
+            }
+            "-V" | "--version" => {
+                print_out(&format!("ssock-bench {}", env!("CARGO_PKG_VERSION")));
                 return Ok(None);
             }
             _ => bail!("unknown argument {x}\n{USAGE}"),
@@ -1135,6 +1156,11 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
     );
     ensure!(!a.raw || a.json, "--raw needs --json");
     Ok(Some(a))
+}
+
+/// Prints help or version text; a closed stdout (`| head`) is no error.
+fn print_out(text: &str) {
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 fn bench(args: &[String]) -> Result<()> {

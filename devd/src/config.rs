@@ -82,6 +82,7 @@ struct FilePolicy {
     allow_ports: Option<Vec<String>>,
     max_connections_per_user: Option<usize>,
     max_memory_per_user: Option<usize>,
+    max_sessions_per_user: Option<usize>,
 }
 
 /// Who may accelerate what.
@@ -97,6 +98,9 @@ pub struct Policy {
     pub max_connections_per_user: usize,
     /// Region bytes per user.
     pub max_memory_per_user: usize,
+    /// Open control sessions per user (one per client process); more are
+    /// closed at once.
+    pub max_sessions_per_user: usize,
 }
 
 impl Default for Policy {
@@ -107,6 +111,7 @@ impl Default for Policy {
             allow_ports: Vec::new(),
             max_connections_per_user: 16384,
             max_memory_per_user: 8 << 30,
+            max_sessions_per_user: 1024,
         }
     }
 }
@@ -243,6 +248,9 @@ impl Config {
             if let Some(v) = p.max_memory_per_user {
                 c.policy.max_memory_per_user = v;
             }
+            if let Some(v) = p.max_sessions_per_user {
+                c.policy.max_sessions_per_user = v;
+            }
         }
         c.validate()?;
         Ok(c)
@@ -283,6 +291,12 @@ impl Config {
             return Err(ConfigError::Value {
                 key: "spin_us",
                 why: format!("{} exceeds one second", self.spin_us),
+            });
+        }
+        if self.policy.max_sessions_per_user == 0 {
+            return Err(ConfigError::Value {
+                key: "policy.max_sessions_per_user",
+                why: "0 would refuse every client (at least 1)".into(),
             });
         }
         if self.backend != "loopback" {

@@ -14,8 +14,11 @@ pub struct Totals {
     pub direct: u64,
     /// Queued connections created.
     pub queued: u64,
-    /// Connections that stayed on kernel TCP (fallbacks that kept the
-    /// connection; dropped negotiations are counted by reason only).
+    /// Connections on kernel TCP that devd saw exist: a Claim answered
+    /// ExpectKernel (the acceptor has the connection), or the socket of an
+    /// Intent answered Kernel (or refused with an error) seen connected
+    /// ([`crate::control::watch`]). A connect that fails, and a second
+    /// Intent with the same socket, add nothing.
     pub kernel: u64,
     /// Fallbacks by reason.
     pub fallbacks: BTreeMap<FallbackReason, u64>,
@@ -31,21 +34,24 @@ pub struct Totals {
     pub bytes_closed: [u64; 2],
     /// Direct connections that reused a parked region instead of a new one.
     pub reused: u64,
+    /// Sessions closed at once because their user had
+    /// `max_sessions_per_user` open.
+    pub sessions_refused: u64,
+    /// Failed accepts on the control socket (out of fds or memory).
+    pub accept_failures: u64,
 }
 
 impl Totals {
-    /// Counts one connection that stays on kernel TCP.
-    /// A connection whose announced peer sent no valid Hello is dropped,
-    /// not kept on kernel TCP: it is counted by reason only.
+    /// Counts a fallback decision by its reason. Whether a connection came
+    /// of it is counted apart ([`Totals::kernel_connection`]): a connector
+    /// told to stay on kernel TCP may fail to connect, or retry.
     pub fn fallback(&mut self, r: FallbackReason) {
-        let dropped = matches!(
-            r,
-            FallbackReason::HelloTimeout | FallbackReason::BadHello | FallbackReason::Version
-        );
-        if !dropped {
-            self.kernel += 1;
-        }
         *self.fallbacks.entry(r).or_default() += 1;
+    }
+
+    /// Counts a connection known to exist on kernel TCP.
+    pub fn kernel_connection(&mut self) {
+        self.kernel += 1;
     }
 
     /// Counts a created accelerated connection.
@@ -78,6 +84,8 @@ impl Totals {
             bad_messages: self.bad_messages,
             sessions: self.sessions,
             regions_reused: self.reused,
+            sessions_refused: self.sessions_refused,
+            accept_failures: self.accept_failures,
             bytes: BytesByMode {
                 direct: self.bytes_closed[0],
                 queued: self.bytes_closed[1],
@@ -139,6 +147,10 @@ pub struct TotalsJson {
     /// Direct connections that reused a region kept from an earlier
     /// connection between the same two processes.
     pub regions_reused: u64,
+    /// Sessions closed at once: their user had `max_sessions_per_user`.
+    pub sessions_refused: u64,
+    /// Failed accepts on the control socket (devd out of fds or memory).
+    pub accept_failures: u64,
     /// Bytes carried (both directions, live and closed connections) by mode.
     pub bytes: BytesByMode,
 }

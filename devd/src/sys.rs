@@ -1,7 +1,8 @@
-//! FFI devd needs beyond ssock-rings::sys: signals as an fd, and sd_notify.
+//! FFI devd needs beyond ssock-rings::sys: signals as an fd, sd_notify,
+//! and sock_diag lookups of TCP sockets.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and threads spawned
 /// after) and returns a signalfd that reports them.
@@ -60,4 +61,188 @@ pub fn sd_notify_ready() {
     if let Err(e) = r {
         log::warn!("sd_notify failed: {e}");
     }
+}
+
+/// A `NETLINK_SOCK_DIAG` socket, to ask the kernel about TCP sockets devd
+/// holds no fd of ([`tcp_lookup`]). Made before the control thread's
+/// seccomp filter, which does not allow `socket`.
+pub fn sock_diag_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call with constant arguments; the result is
+    // checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A TCP socket as `sock_diag` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSeen {
+    /// TCP state (`TCP_ESTABLISHED` = 1 ... `TCP_LISTEN` = 10; a
+    /// TIME_WAIT socket reports 6).
+    pub state: u8,
+    /// Inode of the socket's file: 0 once no process holds it (closed
+    /// everywhere, the kernel finishing the connection alone).
+    pub inode: u32,
+}
+
+/// `TCP_LISTEN` in `TcpSeen::state`.
+pub const TCP_LISTEN: u8 = 10;
+
+// Netlink and inet_diag wire constants (linux/netlink.h, linux/sock_diag.h,
+// linux/inet_diag.h).
+const NLMSG_HDR: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 1;
+/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states u32, then
+/// the 48-byte `inet_diag_sockid`.
+const REQ_V2: usize = 56;
+/// `struct inet_diag_msg`: state at 1, inode (u32) at 68.
+const DIAG_MSG: usize = 72;
+
+/// Looks up the TCP socket whose local address is `local` and remote
+/// address `remote` in devd's network namespace (an exact lookup, as
+/// `ss` does for one socket): Ok(None) when the kernel knows none. The
+/// lookup ignores sockets bound to a device, and one in another network
+/// namespace is never found, so None alone does not prove a socket gone.
+/// If no connected socket matches, the kernel may answer with a listener
+/// on `local` instead (state `TCP_LISTEN`).
+pub fn tcp_lookup(
+    diag: BorrowedFd<'_>,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    seq: u32,
+) -> io::Result<Option<TcpSeen>> {
+    use std::net::{IpAddr, SocketAddr};
+    // Both addresses in the family of the socket's own (local) address.
+    let (family, l, r) = match (local, remote) {
+        (SocketAddr::V4(l), SocketAddr::V4(r)) => (
+            libc::AF_INET,
+            l.ip().octets().to_vec(),
+            r.ip().octets().to_vec(),
+        ),
+        (SocketAddr::V4(l), SocketAddr::V6(r)) => match r.ip().to_ipv4_mapped() {
+            Some(r4) => (
+                libc::AF_INET,
+                l.ip().octets().to_vec(),
+                r4.octets().to_vec(),
+            ),
+            None => return Err(io::Error::other("an IPv4 socket with an IPv6 peer")),
+        },
+        (SocketAddr::V6(l), r) => {
+            let r6 = match r.ip() {
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+                IpAddr::V6(a) => a,
+            };
+            (
+                libc::AF_INET6,
+                l.ip().octets().to_vec(),
+                r6.octets().to_vec(),
+            )
+        }
+    };
+    let mut req = [0u8; NLMSG_HDR + REQ_V2];
+    let len = u32::try_from(req.len()).unwrap_or(u32::MAX);
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // pid 12..16: 0 (the kernel assigns ours).
+    let b = &mut req[NLMSG_HDR..];
+    b[0] = u8::try_from(family).unwrap_or(0);
+    b[1] = u8::try_from(libc::IPPROTO_TCP).unwrap_or(0);
+    // idiag_ext 0, pad 0; every state.
+    b[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_sockid: ports big-endian, addresses as on the wire,
+    // interface 0, cookie INET_DIAG_NOCOOKIE (all ones).
+    b[8..10].copy_from_slice(&local.port().to_be_bytes());
+    b[10..12].copy_from_slice(&remote.port().to_be_bytes());
+    b[12..12 + l.len()].copy_from_slice(&l);
+    b[28..28 + r.len()].copy_from_slice(&r);
+    b[48..56].copy_from_slice(&[0xff; 8]);
+    nl_send(diag, &req)?;
+    let mut buf = [0u8; 512];
+    loop {
+        let n = nl_recv(diag, &mut buf)?;
+        let msg = &buf[..n];
+        if msg.len() < NLMSG_HDR {
+            return Err(io::Error::other("short netlink message"));
+        }
+        let word = |o: usize| u32::from_ne_bytes([msg[o], msg[o + 1], msg[o + 2], msg[o + 3]]);
+        let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+        if word(8) != seq {
+            continue; // an answer to an earlier request that was given up
+        }
+        return match kind {
+            NLMSG_ERROR if msg.len() >= NLMSG_HDR + 4 => {
+                let err = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
+                if err == -libc::ENOENT {
+                    Ok(None)
+                } else {
+                    Err(io::Error::from_raw_os_error(-err))
+                }
+            }
+            SOCK_DIAG_BY_FAMILY if msg.len() >= NLMSG_HDR + DIAG_MSG => Ok(Some(TcpSeen {
+                state: msg[NLMSG_HDR + 1],
+                inode: word(NLMSG_HDR + 68),
+            })),
+            _ => Err(io::Error::other("unexpected sock_diag answer")),
+        };
+    }
+}
+
+/// Sends one netlink message to the kernel.
+fn nl_send(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: sockaddr_nl is plain data; all-zero (pid 0, groups 0) is the
+    // kernel's address once the family is set.
+    let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    to.nl_family = libc::sa_family_t::try_from(libc::AF_NETLINK).unwrap_or(0);
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr().cast_mut().cast(),
+        iov_len: msg.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is "no name, no iov, no control".
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&mut to as *mut libc::sockaddr_nl).cast();
+    h.msg_namelen =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or(0);
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    // SAFETY: h points at `to` and at one iovec over `msg`, all alive for
+    // the call; the kernel only reads them (sendmsg does not write the
+    // buffer).
+    let r = unsafe { libc::sendmsg(fd.as_raw_fd(), &h, libc::MSG_DONTWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one netlink message without waiting (the kernel answers a
+/// sock_diag request before its sendmsg returns); its length (truncated
+/// to `buf`).
+fn nl_recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is "no name, no iov, no control".
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    // SAFETY: h points at one iovec over `buf`, which lives for the call
+    // and is writable for its whole length; no control buffer is given.
+    let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut h, libc::MSG_DONTWAIT) };
+    usize::try_from(r)
+        .map_err(|_| io::Error::last_os_error())
+        .map(|n| n.min(buf.len()))
 }

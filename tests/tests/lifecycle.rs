@@ -1,5 +1,6 @@
 //! Connection and devd lifetimes: devd restarts, one process holding both
-//! ends of a connection.
+//! ends of a connection, devd at its fd limit and at its per-user session
+//! cap, ends of killed processes, which kernel connections devd counts.
 
 use anyhow::{ensure, Context, Result};
 use ssock_client::{Listener, Mode, ModePref, Options, Session, Stream};
@@ -353,5 +354,329 @@ fn a_blocking_connect_to_a_local_non_loopback_address_goes_direct_and_stays_bloc
     let mut b = [0u8; 2];
     acc.read_exact(&mut b)?;
     ensure!(&b == b"hi");
+    Ok(())
+}
+
+/// A devd started by this file with its log (stderr) in a file, for the
+/// tests that read it. Killed, and its directory removed, on drop.
+struct LoggedDevd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl LoggedDevd {
+    /// `devd --user --socket DIR/devd.sock ARGS`, stderr to DIR/devd.log.
+    fn start(name: &str, args: &[&str]) -> Result<LoggedDevd> {
+        let dir = std::env::temp_dir().join(format!("ssock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("devd.sock");
+        let log = dir.join("devd.log");
+        let child = std::process::Command::new(ssock_tests::bin("devd"))
+            .arg("--user")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn devd")?;
+        let d = LoggedDevd {
+            child,
+            dir,
+            socket,
+            log,
+        };
+        let t = std::time::Instant::now();
+        while Session::connect(&d.socket).is_err() {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "devd did not come up: {}",
+                std::fs::read_to_string(&d.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(d)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines devd has logged so far.
+    fn log_lines(&self) -> Result<usize> {
+        Ok(std::fs::read_to_string(&self.log)?.lines().count())
+    }
+
+    /// The start of its log, for failure messages.
+    fn log_head(&self) -> String {
+        let l = std::fs::read_to_string(&self.log).unwrap_or_default();
+        l.lines().take(5).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for LoggedDevd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Options with a session of its own on the devd at `socket`.
+fn opts_at(socket: &std::path::Path, mode: ModePref) -> Result<Options> {
+    Ok(Options {
+        mode,
+        ..Options::with_session(Session::connect(socket)?)
+    })
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks() -> Result<u64> {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
+/// Open fds of process `pid`.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[test]
+fn devd_out_of_fds_stops_accepting_for_a_while_quietly_and_serves_again_afterwards() -> Result<()> {
+    let d = LoggedDevd::start("fdlimit", &[])?;
+    let pid = d.pid();
+    let existing = Session::connect(&d.socket)?;
+    // Its pool prepared and its first sessions gone, devd may open 16
+    // more fds: set as its soft and hard limit (so it cannot raise it).
+    std::thread::sleep(Duration::from_millis(300));
+    let limit = open_fds(pid)? + 16;
+    let st = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .context("prlimit (util-linux)")?;
+    ensure!(st.success(), "prlimit failed: {st}");
+    // Any local user can open sessions: more than devd has fds for. The
+    // rest wait in the control socket's backlog (128), so no connect here
+    // blocks.
+    let mut flood = Vec::new();
+    for _ in 0..64 {
+        flood.push(ssock_rings::sys::SeqPacket::connect(&d.socket)?);
+    }
+    let t = std::time::Instant::now();
+    while open_fds(pid)? < limit - 1 {
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "devd never reached its fd limit {limit} ({} open)",
+            open_fds(pid)?
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // At the limit: no spinning on the readable control socket, no flood
+    // of log lines.
+    let (t0, c0) = (std::time::Instant::now(), ssock_tests::cpu_ticks(pid)?);
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu = (ssock_tests::cpu_ticks(pid)? - c0) as f64 / clock_ticks()? as f64;
+    let wall = t0.elapsed().as_secs_f64();
+    let lines = d.log_lines()?;
+    eprintln!("at its fd limit: {cpu:.2} s of CPU in {wall:.2} s, {lines} log lines");
+    ensure!(
+        cpu < 0.2 * wall && lines < 100,
+        "at its fd limit devd used {cpu:.2} s of CPU in {wall:.2} s and logged {lines} \
+         lines: {}",
+        d.log_head()
+    );
+    // A session opened before is served meanwhile.
+    let v = ssock_tools::fetch_stats(&existing)?;
+    ensure!(
+        v["totals"]["accept_failures"].as_u64() >= Some(1),
+        "totals {}",
+        v["totals"]
+    );
+    // The flood goes: devd accepts again, and a new client is served as
+    // usual, Direct.
+    drop(flood);
+    let o = opts_at(&d.socket, ModePref::Direct)?;
+    let (mut acc, mut con) = connected_pair(&o)?;
+    ensure!(
+        acc.mode() == Mode::Direct && con.mode() == Mode::Direct,
+        "modes {:?} {:?}",
+        acc.mode(),
+        con.mode()
+    );
+    con.write_all(b"ping")?;
+    let mut b = [0u8; 4];
+    acc.read_exact(&mut b)?;
+    ensure!(&b == b"ping");
+    let v = ssock_tests::stats(&d.socket)?;
+    ensure!(
+        v["totals"]["connections"]["direct"] == 1 && v["devd"]["live_connections"] == 1,
+        "stats {v}"
+    );
+    ensure!(d.log_lines()? < 100, "log: {}", d.log_head());
+    Ok(())
+}
+
+#[test]
+fn a_session_over_the_per_user_cap_is_closed_at_once_and_open_ones_keep_working() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ssock-scap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("devd.toml");
+    let r = (|| -> Result<()> {
+        std::fs::write(&cfg, "[policy]\nmax_sessions_per_user = 3\n")?;
+        let d = Devd::start(&["--config", cfg.to_str().context("path")?])?;
+        // The session that saw devd come up has ended (this user has none).
+        std::thread::sleep(Duration::from_millis(300));
+        let held: Vec<_> = (0..3)
+            .map(|_| Session::connect(&d.socket))
+            .collect::<Result<_, _>>()?;
+        // The 4th is closed at once: the client gets no Welcome.
+        let e = Session::connect(&d.socket).err();
+        ensure!(e.is_some(), "a 4th session was admitted");
+        // The open ones are served: a Direct connection on one of them,
+        // statistics on another.
+        let o = Options {
+            mode: ModePref::Direct,
+            ..Options::with_session(held[0].clone())
+        };
+        let (mut acc, mut con) = connected_pair(&o)?;
+        ensure!(
+            acc.mode() == Mode::Direct && con.mode() == Mode::Direct,
+            "modes {:?} {:?}",
+            acc.mode(),
+            con.mode()
+        );
+        acc.write_all(b"pong")?;
+        let mut b = [0u8; 4];
+        con.read_exact(&mut b)?;
+        ensure!(&b == b"pong");
+        let v = ssock_tools::fetch_stats(&held[1])?;
+        ensure!(
+            v["totals"]["sessions_refused"] == 1 && v["devd"]["sessions"] == 3,
+            "stats {v}"
+        );
+        // One goes: a new one is admitted.
+        drop(held);
+        drop(o);
+        let t = std::time::Instant::now();
+        while Session::connect(&d.socket).is_err() {
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "no session admitted after the others closed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// devd's totals, once `connections.kernel` has reached `want` (waiting up
+/// to 5 s) and stayed there a moment (a later count would show).
+fn totals_at_kernel(d: &Devd, want: u64) -> Result<serde_json::Value> {
+    let t = std::time::Instant::now();
+    loop {
+        let v = d.stats()?["totals"].clone();
+        if v["connections"]["kernel"].as_u64() >= Some(want) || t.elapsed() > Duration::from_secs(5)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(d.stats()?["totals"].clone())
+}
+
+#[test]
+fn refused_and_repeated_connects_are_not_counted_as_kernel_connections() -> Result<()> {
+    use ssock_rings::codec::{FallbackReason, Request, Response};
+    use std::os::fd::AsFd;
+    let d = Devd::start(&[])?;
+    let o = opts(&d, ModePref::Direct)?;
+    // Refused three times (nothing listens there; devd knows no listener).
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    for _ in 0..3 {
+        ensure!(Stream::connect_with(refused, &o).is_err());
+    }
+    // A registered listener closed without Unlisten: devd still knows it.
+    let sess = Session::connect(&d.socket)?;
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let (r, _) = sess.request(&Request::Listen, &[l.as_fd()])?;
+        ensure!(r == Response::Ok, "listen: {r:?}");
+        l.local_addr()?
+    };
+    ensure!(Stream::connect_with(gone, &o).is_err());
+    // A plain server: one connection whose socket devd is asked about
+    // twice (a nonblocking connect() called again, as the shim passes it
+    // on), and one more through the library.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let dst = plain.local_addr()?;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let intent = Request::Intent {
+        dst,
+        pref: ModePref::Direct,
+    };
+    let not_enabled = Response::Kernel {
+        reason: FallbackReason::PeerNotEnabled,
+    };
+    ensure!(sess.request(&intent, &[s.as_fd()])?.0 == not_enabled);
+    s.connect(&dst.into())?;
+    ensure!(sess.request(&intent, &[s.as_fd()])?.0 == not_enabled);
+    let c = Stream::connect_with(dst, &o)?;
+    ensure!(c.mode() == Mode::Kernel);
+    let _accepted = (plain.accept()?, plain.accept()?);
+    let t = totals_at_kernel(&d, 2)?;
+    ensure!(t["connections"]["kernel"] == 2, "totals {t}");
+    // Every decision counts by its reason, a socket's second Intent not.
+    ensure!(t["fallbacks"]["peer_not_enabled"] == 5, "totals {t}");
+    Ok(())
+}
+
+#[test]
+fn ends_of_processes_killed_without_closing_are_released_at_once() -> Result<()> {
+    let d = Devd::start(&[])?;
+    let mut s = d.peer(&["serve", "127.0.0.1:0", "direct", "hold", "1"])?;
+    let port = s.expect_port()?.0;
+    let mut c = d.peer(&[
+        "connect",
+        &format!("127.0.0.1:{port}"),
+        "direct",
+        "hold",
+        "1",
+    ])?;
+    ensure!(c.expect("OK held")? == "OK held 1 direct 1");
+    s.expect("OK held")?;
+    ensure!(d.stats()?["devd"]["live_connections"] == 1);
+    // Both processes die holding their ends: their sockets close with
+    // them, so nobody can attach to those ends again.
+    c.kill();
+    s.kill();
+    let t = std::time::Instant::now();
+    loop {
+        let v = d.stats()?;
+        if v["devd"]["live_connections"] == 0 {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "devd still holds {}",
+            v["devd"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Well within the 3 s an end whose socket may live on stays attachable.
+    let took = t.elapsed();
+    ensure!(
+        took < Duration::from_millis(1500),
+        "the ends were released after {took:?}"
+    );
     Ok(())
 }

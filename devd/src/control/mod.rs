@@ -8,6 +8,7 @@
 
 pub mod registry;
 pub mod server;
+pub mod watch;
 
 use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit};
@@ -112,20 +113,52 @@ pub struct Devd {
     started: Instant,
     backend: &'static str,
     violations: Arc<AtomicU64>,
+    /// Open sessions by uid (`max_sessions_per_user`).
+    sessions_of: HashMap<u32, usize>,
+    /// Sockets of Kernel answers, watched until they connect (None if
+    /// epoll could not be set up: such connections are not counted).
+    watch: Option<watch::Watch>,
+    /// sock_diag socket: is an orphaned end's TCP socket still held by
+    /// anyone (None if it could not be made: orphans wait out their grace).
+    diag: Option<OwnedFd>,
+    /// Sequence number of the last sock_diag request.
+    diag_seq: u32,
+    /// When orphans were last looked up with sock_diag.
+    diag_at: Option<Instant>,
 }
 
 /// A reply and the fds that travel with it (devd's own, borrowed for the send).
 pub(crate) type Reply = (Response, Vec<Fd>);
+
+/// How long an end whose session ended stays attachable by its socket,
+/// unless its TCP socket is seen closed everywhere before
+/// ([`Devd::release_orphans`]).
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How often orphaned ends' TCP sockets are looked up (sock_diag) while
+/// any waits.
+pub const ORPHAN_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Seconds an intent (or a claimed intent) lives. It must outlast the
 /// connector's wait for the HelloAck (`Options::ack_timeout`, 60 s by
 /// default): an intent that expired before the acceptor's accept() would
 /// make the acceptor treat the connection as plain and hand the Hello to
 /// the application.
-/// How long an end whose session ended stays attachable by its socket.
-pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
-
 pub const INTENT_TTL_S: u64 = 120;
+
+/// A connection created for an Intent ([`Devd::create`]).
+struct Created {
+    token: u64,
+    id: u64,
+    res: Res,
+    /// Region bytes charged to each end's user.
+    bytes: usize,
+    /// The connector's end.
+    attachment: Attachment,
+    fds: Vec<Fd>,
+    /// See [`Intent::reuse_by`].
+    reuse_by: Option<u64>,
+}
 
 fn dup(fd: impl AsFd) -> Result<OwnedFd, RequestError> {
     fd.as_fd()
@@ -157,6 +190,15 @@ impl Devd {
             started: Instant::now(),
             backend,
             violations,
+            sessions_of: HashMap::new(),
+            watch: watch::Watch::new()
+                .map_err(|e| log::warn!("kernel connections will not be counted: {e}"))
+                .ok(),
+            diag: crate::sys::sock_diag_socket()
+                .map_err(|e| log::info!("no sock_diag ({e}): orphaned ends wait out their grace"))
+                .ok(),
+            diag_seq: 0,
+            diag_at: None,
         }
     }
 
@@ -195,6 +237,11 @@ impl Devd {
                 Ok((Response::Ok, vec![]))
             }
             Request::Fallback { reason } => {
+                // The reason only: the connection it concerns is counted
+                // where devd sees it (a connector's plain connect by the
+                // watch), was dropped (hello_timeout, bad_hello, version,
+                // an acceptor's devd_error) or stays accelerated
+                // (unsupported).
                 self.totals.fallback(reason);
                 Ok((Response::Ok, vec![]))
             }
@@ -286,9 +333,42 @@ impl Devd {
         Ok((Response::Ok, vec![]))
     }
 
-    fn kernel(&mut self, reason: FallbackReason) -> Result<Reply, RequestError> {
-        self.totals.fallback(reason);
+    /// Answers an Intent with Kernel: counts the reason (not again for a
+    /// socket already answered so: a nonblocking connect() called again)
+    /// and watches the socket, to count its connection once it is seen
+    /// connected ([`watch`]).
+    fn kernel(
+        &mut self,
+        reason: FallbackReason,
+        sock: &OwnedFd,
+        inode: u64,
+    ) -> Result<Reply, RequestError> {
+        if self.watch_kernel(sock, inode) != watch::Added::Again {
+            self.totals.fallback(reason);
+        }
         Ok((Response::Kernel { reason }, vec![]))
+    }
+
+    /// Watches the socket of an Intent that goes on kernel TCP.
+    fn watch_kernel(&mut self, sock: &OwnedFd, inode: u64) -> watch::Added {
+        match &mut self.watch {
+            Some(w) => w.add(sock.as_fd(), inode, Instant::now()),
+            None => watch::Added::NotWatched,
+        }
+    }
+
+    /// Counts the connections the watch saw connected since last asked.
+    pub fn watch_events(&mut self) {
+        if let Some(w) = &mut self.watch {
+            for _ in 0..w.poll() {
+                self.totals.kernel_connection();
+            }
+        }
+    }
+
+    /// The fd the control loop waits on for [`Devd::watch_events`].
+    pub fn watch_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.watch.as_ref().map(watch::Watch::fd)
     }
 
     fn intent(
@@ -315,32 +395,81 @@ impl Devd {
             )));
         }
         let end = self.end_at(sid, &fd, unbound)?;
+        let inode = end.inode;
         let mode = match pref {
-            ModePref::Kernel => return self.kernel(FallbackReason::Requested),
+            ModePref::Kernel => return self.kernel(FallbackReason::Requested, &fd, inode),
             ModePref::Direct => Mode::Direct,
             ModePref::Queued => Mode::Queued,
             ModePref::Auto => self.cfg.default_mode.mode(),
         };
         if mode == Mode::Kernel {
-            return self.kernel(FallbackReason::Requested);
+            return self.kernel(FallbackReason::Requested, &fd, inode);
         }
         let Some(listener) = self.reg.listener_for(dst).map(|l| l.session) else {
-            return self.kernel(FallbackReason::PeerNotEnabled);
+            return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode);
         };
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
         let sole = self.reg.listeners_for(dst).nth(1).is_none();
         self.make_room(end.uid);
         if let Some(reason) = self.refusal(sid, dst.port()) {
-            return self.kernel(reason);
+            return self.kernel(reason, &fd, inode);
         }
         if !self.reg.may_add_intent(end.uid) {
-            return self.kernel(FallbackReason::Limit);
+            return self.kernel(FallbackReason::Limit, &fd, inode);
         }
+        let c = match self.create(sid, mode, listener, sole) {
+            Ok(c) => c,
+            Err(e) => {
+                // The connector reports devd_error and connects plainly.
+                self.watch_kernel(&fd, inode);
+                return Err(e);
+            }
+        };
+        if let Some(w) = &mut self.watch {
+            w.forget(inode);
+        }
+        self.reg
+            .charge(end.uid, 1, isize::try_from(c.bytes).unwrap_or(isize::MAX));
+        let key = (canon(dst.ip()), dst.port());
+        let token = c.token;
+        let intent = Intent {
+            key,
+            token,
+            mode,
+            end,
+            at: Instant::now(),
+            sock: fd,
+            id: c.id,
+            res: c.res,
+            bytes: c.bytes,
+            port: std::cell::Cell::new(0),
+            reuse_by: c.reuse_by,
+        };
+        for old in self.reg.add_intent(key, intent) {
+            self.discard_intent(old);
+        }
+        Ok((
+            Response::Proceed {
+                token,
+                attachment: c.attachment,
+            },
+            c.fds,
+        ))
+    }
+
+    /// An Intent's connection: its token, resources and the connector's
+    /// end. It is created now (or was, in the pool), so that neither the
+    /// acceptor's Claim nor the connector after its HelloAck needs another
+    /// request.
+    fn create(
+        &mut self,
+        sid: u64,
+        mode: Mode,
+        listener: u64,
+        sole: bool,
+    ) -> Result<Created, RequestError> {
         let token = self.token()?;
-        // The connection is created now (or was, in the pool), so that
-        // neither the acceptor's Claim nor the connector after its HelloAck
-        // needs another request.
         let reused = match mode {
             Mode::Direct if sole => self.reuse(sid, listener),
             _ => None,
@@ -371,26 +500,15 @@ impl Devd {
                 return Err(e);
             }
         };
-        self.reg
-            .charge(end.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
-        let key = (canon(dst.ip()), dst.port());
-        let intent = Intent {
-            key,
+        Ok(Created {
             token,
-            mode,
-            end,
-            at: Instant::now(),
-            sock: fd,
             id,
             res,
             bytes,
-            port: std::cell::Cell::new(0),
+            attachment,
+            fds,
             reuse_by,
-        };
-        for old in self.reg.add_intent(key, intent) {
-            self.discard_intent(old);
-        }
-        Ok((Response::Proceed { token, attachment }, fds))
+        })
     }
 
     /// A region parked by session `sid` (connector) and `acceptor` for the
@@ -544,6 +662,14 @@ impl Devd {
         }
     }
 
+    /// Answers a Claim with ExpectKernel: the acceptor has the connection,
+    /// which stays on kernel TCP (counted here, once).
+    fn expect_kernel(&mut self, token: u64, reason: FallbackReason) -> Reply {
+        self.totals.fallback(reason);
+        self.totals.kernel_connection();
+        (Response::ExpectKernel { token, reason }, vec![])
+    }
+
     fn claim(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let end = self.end(sid, fd)?;
         let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
@@ -576,10 +702,7 @@ impl Devd {
                         .is_ok_and(|l| peer_of(&g.sock, l, here, from))
             });
             if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
-                let reason = FallbackReason::ConnectorGone;
-                self.totals.fallback(reason);
-                let token = g.token;
-                return Ok((Response::ExpectKernel { token, reason }, vec![]));
+                return Ok(self.expect_kernel(g.token, FallbackReason::ConnectorGone));
             }
             // No intent: a plain peer; the acceptor goes on without delay.
             return Ok((Response::Ok, vec![]));
@@ -599,17 +722,14 @@ impl Devd {
         // the acceptor still reads the Hello and answers KERNEL.
         if let Some(reason) = refused {
             self.discard_intent(intent);
-            self.totals.fallback(reason);
-            return Ok((Response::ExpectKernel { token, reason }, vec![]));
+            return Ok(self.expect_kernel(token, reason));
         }
         let (attachment, fds) = match attachment(&mut intent.res, intent.id, 1, reuse) {
             Ok(a) => a,
             Err(e) => {
                 log::warn!("connection {}: acceptor's end: {e}", intent.id);
                 self.discard_intent(intent);
-                let reason = FallbackReason::DevdError;
-                self.totals.fallback(reason);
-                return Ok((Response::ExpectKernel { token, reason }, vec![]));
+                return Ok(self.expect_kernel(token, FallbackReason::DevdError));
             }
         };
         if let Some(l) = local {
@@ -844,7 +964,14 @@ impl Devd {
 
     /// Forgets everything a session held (its process closed the socket or died).
     pub fn end_session(&mut self, sid: u64) {
-        self.sessions.remove(&sid);
+        if let Some(s) = self.sessions.remove(&sid) {
+            if let Some(n) = self.sessions_of.get_mut(&s.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.sessions_of.remove(&s.uid);
+                }
+            }
+        }
         self.reg.unpark_session(sid);
         self.reg.listeners.retain(|_, l| l.session != sid);
         // Its own intents, and those reusing a region only it could claim.
@@ -867,20 +994,43 @@ impl Devd {
         let now = Instant::now();
         for (id, e) in held {
             // A Direct end may live on in an exec'd image (or a process the
-            // socket was passed to): it stays attachable for a grace period.
+            // socket was passed to): it stays attachable for a grace period,
+            // unless its TCP socket is gone already.
             match self.reg.conns.get_mut(&id) {
                 Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
                     c.ends[e].orphaned = Some(now);
                     self.reg.orphans.insert((id, e));
+                    if self.orphan_gone(id, e) {
+                        self.release_orphan(id, e);
+                    }
                 }
                 _ => self.release_end(id, e),
             }
         }
     }
 
+    /// Whether a session of user `uid` may be added: fewer than
+    /// `max_sessions_per_user` are open (root included: the cap is what
+    /// keeps one user's processes from taking every fd devd has, and a
+    /// client refused goes on kernel TCP). A refusal is counted.
+    pub fn admit(&mut self, uid: u32) -> bool {
+        let open = self.sessions_of.get(&uid).copied().unwrap_or(0);
+        if open >= self.cfg.policy.max_sessions_per_user {
+            self.totals.sessions_refused += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Counts a failed accept on the control socket.
+    pub fn accept_failed(&mut self) {
+        self.totals.accept_failures += 1;
+    }
+
     /// Adds a session.
     pub fn add_session(&mut self, sid: u64, s: Session) {
         self.totals.sessions += 1;
+        *self.sessions_of.entry(s.uid).or_default() += 1;
         self.sessions.insert(sid, s);
     }
 
@@ -911,20 +1061,54 @@ impl Devd {
         }
     }
 
-    /// Whether some end waits out its orphan grace (the control loop then
-    /// wakes often enough to release it on time).
-    pub fn has_orphans(&self) -> bool {
-        !self.reg.orphans.is_empty()
+    /// How long the control loop may sleep before [`Devd::timers`] has
+    /// work: orphaned ends are looked up every `ORPHAN_CHECK` (without
+    /// sock_diag they wait out their grace, checked every 500 ms); the
+    /// kernel-connection watch ends its generations on time.
+    pub fn wake_in(&self, now: Instant) -> Option<std::time::Duration> {
+        let orphans = (!self.reg.orphans.is_empty()).then_some(if self.diag.is_some() {
+            ORPHAN_CHECK
+        } else {
+            std::time::Duration::from_millis(500)
+        });
+        let watch = self
+            .watch
+            .as_ref()
+            .and_then(watch::Watch::next_retire)
+            .map(|t| t.saturating_duration_since(now));
+        match (orphans, watch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Releases the ends whose orphan grace is over (only the orphans are
-    /// looked at: this runs on every wake of the control loop).
+    /// Work due on time, whatever woke the control loop: orphaned ends to
+    /// release, watch generations to end.
+    pub fn timers(&mut self) {
+        self.release_orphans();
+        if let Some(w) = &mut self.watch {
+            w.retire(Instant::now());
+        }
+    }
+
+    /// Releases the orphaned ends whose grace is over, and, every
+    /// `ORPHAN_CHECK`, those whose TCP socket no process holds any more
+    /// (only the orphans are looked at: this runs on every wake of the
+    /// control loop).
     pub fn release_orphans(&mut self) {
         if self.reg.orphans.is_empty() {
             return;
         }
         let now = Instant::now();
+        let look = self.diag.is_some()
+            && self
+                .diag_at
+                .is_none_or(|t| now.duration_since(t) >= ORPHAN_CHECK);
+        if look {
+            self.diag_at = Some(now);
+        }
         let mut over = Vec::new();
+        let mut waiting = Vec::new();
         self.reg.orphans.retain(|&(id, e)| {
             let since = self.reg.conns.get(&id).and_then(|c| c.ends[e].orphaned);
             match since {
@@ -933,14 +1117,63 @@ impl Devd {
                     over.push((id, e));
                     false
                 }
-                Some(_) => true,
+                Some(_) => {
+                    waiting.push((id, e));
+                    true
+                }
             }
         });
+        if look {
+            over.extend(
+                waiting
+                    .into_iter()
+                    .filter(|&(id, e)| self.orphan_gone(id, e)),
+            );
+        }
         for (id, e) in over {
-            if let Some(c) = self.reg.conns.get_mut(&id) {
-                c.ends[e].orphaned = None;
+            self.release_orphan(id, e);
+        }
+    }
+
+    /// Releases orphaned end `e` of connection `id`.
+    fn release_orphan(&mut self, id: u64, e: usize) {
+        self.reg.orphans.remove(&(id, e));
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            c.ends[e].orphaned = None;
+        }
+        self.release_end(id, e);
+    }
+
+    /// Whether orphaned end `e` of connection `id` can never be attached
+    /// again: no process holds its TCP socket (an exec'd image that
+    /// inherited it, a process it was passed to, a message carrying it
+    /// still queued on a unix socket would). sock_diag tells: the
+    /// connection's socket on this end's side has another inode (0 once
+    /// closed everywhere while the kernel finishes the connection, or a
+    /// new socket on the same addresses), or none is left, but only when
+    /// the kernel shows devd this connection at all (the peer's side is
+    /// found: not another network namespace, not bound to a device).
+    /// Unsure: false (the end waits out its grace).
+    fn orphan_gone(&mut self, id: u64, e: usize) -> bool {
+        let Some(c) = self.reg.conns.get(&id) else {
+            return false;
+        };
+        let (mine, inode, peer) = (c.ends[e].addr, c.ends[e].inode, c.ends[1 - e].addr);
+        let Some(diag) = &self.diag else {
+            return false;
+        };
+        let mut look = |local, remote| {
+            self.diag_seq = self.diag_seq.wrapping_add(1);
+            crate::sys::tcp_lookup(diag.as_fd(), local, remote, self.diag_seq)
+        };
+        let connected = |s: &crate::sys::TcpSeen| s.state != crate::sys::TCP_LISTEN;
+        match look(mine, peer) {
+            Ok(Some(s)) if connected(&s) => u64::from(s.inode) != inode,
+            Ok(_) => matches!(look(peer, mine), Ok(Some(s)) if connected(&s)),
+            Err(e) => {
+                log::debug!("connection {id}: sock_diag: {e}");
+                false
             }
-            self.release_end(id, e);
         }
     }
 
@@ -1603,6 +1836,65 @@ mod tests {
         assert_eq!(d.reg.parked.len(), 1);
         d.end_session(2);
         assert!(d.reg.parked.is_empty());
+    }
+
+    #[test]
+    fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
+        let mut d = devd("");
+        if d.diag.is_none() {
+            eprintln!("SKIP: no sock_diag socket here");
+            return;
+        }
+        session(&mut d, 2);
+        let l = listener_of(&mut d, 2);
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let fd = s.as_fd().try_clone_to_owned().unwrap();
+        let pref = ModePref::Direct;
+        let (r, _) = d.handle(1, Request::Intent { dst, pref }, vec![fd]);
+        assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+        s.connect(&dst.into()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let fd = a.as_fd().try_clone_to_owned().unwrap();
+        let (r, _) = d.handle(2, Request::Claim, vec![fd]);
+        assert!(matches!(r, Response::Expect { .. }), "{r:?}");
+        assert_eq!(d.reg.usage.get(&sys::uid()).map(|u| u.0), Some(2));
+        // The connector's session ends while its socket lives on (an
+        // exec'd image, a process it was passed to): still attachable.
+        d.end_session(1);
+        assert_eq!(d.reg.orphans.len(), 1);
+        d.diag_at = None;
+        d.release_orphans();
+        assert_eq!(d.reg.orphans.len(), 1, "released while its socket is open");
+        // Closed everywhere: released at the next look, long before the
+        // grace, and its charge with it.
+        drop(s);
+        d.diag_at = None;
+        d.release_orphans();
+        assert!(d.reg.orphans.is_empty(), "still orphaned after its close");
+        assert_eq!(d.reg.usage.get(&sys::uid()).map(|u| u.0), Some(1));
+        // The acceptor's side: its peer is gone, its own socket still
+        // open (this process): it stays until its own close.
+        d.end_session(2);
+        assert_eq!(d.reg.orphans.len(), 1);
+        drop(a);
+        d.diag_at = None;
+        d.release_orphans();
+        assert!(d.reg.orphans.is_empty() && d.reg.conns.is_empty());
+        assert!(d.reg.usage.is_empty(), "usage left: {:?}", d.reg.usage);
+    }
+
+    #[test]
+    fn sessions_over_the_per_user_cap_are_refused_and_counted() {
+        let mut d = devd("max_sessions_per_user = 2");
+        // Session 1 is open (this user's first).
+        assert!(d.admit(sys::uid()));
+        session(&mut d, 2);
+        assert!(!d.admit(sys::uid()));
+        assert!(d.admit(sys::uid() + 1), "another user is not held to it");
+        assert_eq!(d.totals.sessions_refused, 1);
+        d.end_session(2);
+        assert!(d.admit(sys::uid()));
     }
 
     #[test]

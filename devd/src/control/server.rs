@@ -1,6 +1,10 @@
 //! The control thread's event loop: accepts sessions on the control socket
 //! and serves their requests, all from one epoll set (sessions are
-//! nonblocking; a client that does not read its replies is dropped).
+//! nonblocking; a client that does not read its replies is dropped). A
+//! user at `max_sessions_per_user` has a new session closed at once; an
+//! accept that fails (devd out of fds or memory) stops accepting for a
+//! while ([`ACCEPT_PAUSE`]) instead of retrying at full speed; both are
+//! logged at most once per [`LOG_EVERY`].
 
 use super::{Devd, Reply, Session};
 use crate::sys as dsys;
@@ -8,11 +12,65 @@ use ssock_rings::codec::{Request, Response, MAX_FDS, MAX_FRAME};
 use ssock_rings::sys::SeqPacket;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
-const FIRST_SESSION: u64 = 2;
+const WATCH: u64 = 2;
+const FIRST_SESSION: u64 = 3;
+
+/// How long devd stops accepting sessions after an accept failed (out of
+/// fds or memory), at first: the control socket stays readable while
+/// clients wait in its backlog, so accepting again at once would only
+/// fail again, at full speed. The pause doubles while accepts keep
+/// failing, up to [`ACCEPT_PAUSE_MAX`]; sessions already open are served
+/// meanwhile.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// See [`ACCEPT_PAUSE`].
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// A trouble that may repeat (failed accepts, refused sessions) is logged
+/// at most once per this, with the count since the last line.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The longest sleep of the control loop: intents expire on time.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
+
+/// A warning that may repeat many times a second: the first is logged,
+/// then at most one line per [`LOG_EVERY`], with how many there were.
+#[derive(Default)]
+struct Throttled {
+    count: u64,
+    last: Option<Instant>,
+}
+
+impl Throttled {
+    /// Counts one; logs `what` if the last line is old enough.
+    fn note(&mut self, now: Instant, what: std::fmt::Arguments<'_>) {
+        self.count += 1;
+        match self.last {
+            None => log::warn!("{what} (repeats are logged once per {LOG_EVERY:?})"),
+            Some(t) if now.duration_since(t) >= LOG_EVERY => {
+                let (n, s) = (self.count, now.duration_since(t).as_secs());
+                log::warn!("{what} ({n} times in the last {s} s)");
+            }
+            Some(_) => return,
+        }
+        self.count = 0;
+        self.last = Some(now);
+    }
+}
+
+/// Accepting sessions: paused after a failure, and the throttled logs.
+struct Acceptor {
+    /// Not watching the control socket until then.
+    paused_until: Option<Instant>,
+    /// The next pause.
+    pause: Duration,
+    failed: Throttled,
+    refused: Throttled,
+    next_sid: u64,
+}
 
 /// Serves the control socket until SIGTERM/SIGINT/SIGHUP.
 pub fn serve(
@@ -22,16 +80,19 @@ pub fn serve(
     sandbox: Option<crate::sandbox::Mode>,
 ) -> io::Result<()> {
     let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        listener.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, LISTENER),
-    )?;
+    watch_listener(&epoll, listener)?;
     epoll.ctl(
         ControlOperation::Add,
         signals.as_raw_fd(),
         EpollEvent::new(EventSet::IN, SIGNALS),
     )?;
+    if let Some(fd) = devd.watch_fd() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, WATCH),
+        )?;
+    }
     // Readiness first: sd_notify needs socket/sendto, which the control
     // filter (rightly) does not allow.
     dsys::sd_notify_ready();
@@ -39,22 +100,46 @@ pub fn serve(
         crate::sandbox::apply(crate::sandbox::ThreadKind::Control, mode)
             .map_err(io::Error::other)?;
     }
-    let mut next = FIRST_SESSION;
+    let mut acceptor = Acceptor {
+        paused_until: None,
+        pause: ACCEPT_PAUSE,
+        failed: Throttled::default(),
+        refused: Throttled::default(),
+        next_sid: FIRST_SESSION,
+    };
     let mut events = vec![EpollEvent::default(); 64];
     let mut buf = vec![0u8; MAX_FRAME];
-    let mut last_expiry = std::time::Instant::now();
+    let mut last_expiry = Instant::now();
     let mut claims: Vec<Held> = Vec::new();
     loop {
+        let now = Instant::now();
+        if acceptor.paused_until.is_some_and(|t| now >= t) {
+            // Accepting again: a client still waiting is taken now, or
+            // the accept fails again and pauses longer.
+            match watch_listener(&epoll, listener) {
+                Ok(()) => acceptor.paused_until = None,
+                Err(_) => acceptor.paused_until = Some(now + acceptor.pause),
+            }
+        }
         // Chores (freeing closed connections, refilling the pool) wait
-        // for a moment when no request does. Orphaned ends are released on
-        // time: wake every 500 ms while any waits.
-        let timeout = if devd.has_chores() {
-            0
-        } else if devd.has_orphans() {
-            500
+        // for a moment when no request does. Timers (orphaned ends, the
+        // watch's generations, the accept pause) are kept.
+        let sleep = if devd.has_chores() {
+            Duration::ZERO
         } else {
-            5000
+            [
+                devd.wake_in(now),
+                acceptor
+                    .paused_until
+                    .map(|t| t.saturating_duration_since(now)),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(MAX_SLEEP, Duration::min)
         };
+        // Rounded up: a wake-up a little early would find nothing due
+        // and sleep 0 ms, again and again.
+        let timeout = i32::try_from(sleep.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -67,58 +152,107 @@ pub fn serve(
         if !devd.engine_alive() {
             return Err(io::Error::other("the engine thread died"));
         }
-        devd.release_orphans();
-        if last_expiry.elapsed() >= std::time::Duration::from_secs(5) {
+        devd.timers();
+        if last_expiry.elapsed() >= MAX_SLEEP {
             devd.expire();
-            last_expiry = std::time::Instant::now();
+            last_expiry = Instant::now();
         }
         for ev in &events[..n] {
             match ev.data() {
-                LISTENER => loop {
-                    match listener.accept() {
-                        Ok(sock) => {
-                            let Ok((pid, uid, gid)) = sock.peer_cred() else {
-                                continue;
-                            };
-                            let sid = next;
-                            next += 1;
-                            let e = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, sid);
-                            if epoll
-                                .ctl(ControlOperation::Add, sock.as_raw_fd(), e)
-                                .is_ok()
-                            {
-                                log::debug!("session {sid}: pid {pid} uid {uid}");
-                                devd.add_session(
-                                    sid,
-                                    Session {
-                                        sock,
-                                        pid,
-                                        uid,
-                                        gid,
-                                    },
-                                );
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            // EMFILE and friends: log, let the backlog wait.
-                            log::warn!("accepting a control session failed: {e}");
-                            break;
-                        }
-                    }
-                },
+                LISTENER => accept_sessions(devd, &epoll, listener, &mut acceptor),
                 SIGNALS => {
                     if let Some(sig) = dsys::read_signal(signals.as_raw_fd()) {
                         log::info!("signal {sig}: shutting down");
                         return Ok(());
                     }
                 }
+                WATCH => devd.watch_events(),
                 sid => serve_session(devd, &epoll, sid, &mut buf, &mut claims, 64),
             }
         }
         if !claims.is_empty() {
             answer_claims(devd, &epoll, &mut buf, &mut claims)?;
+        }
+    }
+}
+
+/// Puts the control socket in the epoll set (again).
+fn watch_listener(epoll: &Epoll, listener: &SeqPacket) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER),
+    )
+}
+
+/// Accepts the sessions waiting on the control socket. A user with
+/// `max_sessions_per_user` open has the new one closed at once. A failed
+/// accept (out of fds or memory) stops accepting for a while: the socket
+/// leaves the epoll set until `paused_until`.
+fn accept_sessions(devd: &mut Devd, epoll: &Epoll, listener: &SeqPacket, a: &mut Acceptor) {
+    loop {
+        match listener.accept() {
+            Ok(sock) => {
+                a.pause = ACCEPT_PAUSE;
+                let Ok((pid, uid, gid)) = sock.peer_cred() else {
+                    continue;
+                };
+                if !devd.admit(uid) {
+                    // Dropped: the client reads EOF and stays on kernel TCP.
+                    a.refused.note(
+                        Instant::now(),
+                        format_args!(
+                            "refused a control session of pid {pid}: uid {uid} has \
+                             max_sessions_per_user open"
+                        ),
+                    );
+                    continue;
+                }
+                let sid = a.next_sid;
+                a.next_sid += 1;
+                let e = EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, sid);
+                if epoll
+                    .ctl(ControlOperation::Add, sock.as_raw_fd(), e)
+                    .is_ok()
+                {
+                    log::debug!("session {sid}: pid {pid} uid {uid}");
+                    devd.add_session(
+                        sid,
+                        Session {
+                            sock,
+                            pid,
+                            uid,
+                            gid,
+                        },
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // That client gave up while waiting: the next one.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM (or anything else that
+                // would fail again at once): the clients wait in the
+                // backlog meanwhile.
+                devd.accept_failed();
+                let now = Instant::now();
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    listener.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                a.paused_until = Some(now + a.pause);
+                a.failed.note(
+                    now,
+                    format_args!(
+                        "accepting a control session failed: {e}; not accepting for {:?}",
+                        a.pause
+                    ),
+                );
+                a.pause = (a.pause * 2).min(ACCEPT_PAUSE_MAX);
+                return;
+            }
         }
     }
 }
@@ -165,7 +299,7 @@ fn answer_claims(
     buf: &mut [u8],
     claims: &mut Vec<Held>,
 ) -> io::Result<()> {
-    let mut events = vec![EpollEvent::default(); devd.session_count() + 2];
+    let mut events = vec![EpollEvent::default(); devd.session_count() + 3];
     let n = loop {
         match epoll.wait(0, &mut events) {
             Ok(n) => break n,

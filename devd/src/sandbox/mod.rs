@@ -128,7 +128,8 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             libc::SYS_accept4,
             vec![arg_eq(3, (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64)],
         );
-        // recvmsg/sendmsg: control messages with SCM_RIGHTS.
+        // recvmsg/sendmsg: control messages with SCM_RIGHTS; sock_diag
+        // lookups on devd's netlink socket (made before the filter).
         r.insert(libc::SYS_recvmsg, any());
         r.insert(libc::SYS_sendmsg, any());
         // getsockopt: SO_PEERCRED, SO_TYPE, SO_ACCEPTCONN, IPV6_V6ONLY of passed sockets.
@@ -173,6 +174,9 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         r.insert(libc::SYS_eventfd2, any());
         // getuid: statistics visibility.
         r.insert(libc::SYS_getuid, any());
+        // epoll_create1: a set per generation of the sockets devd watches
+        // after answering their Intent with Kernel (control/watch.rs).
+        r.insert(libc::SYS_epoll_create1, any());
         // unlink: removing the control socket at shutdown.
         r.insert(libc::SYS_unlink, any());
         r.insert(libc::SYS_unlinkat, any());

@@ -89,10 +89,12 @@ struct Chan {
 impl Session {
     /// Connects to devd at `path` and says Hello.
     pub fn connect(path: &Path) -> Result<Arc<Session>, SessionError> {
-        let sock = SeqPacket::connect(path).map_err(|source| SessionError::Connect {
-            path: path.into(),
-            source,
-        })?;
+        let sock = SeqPacket::connect(path)
+            .map_err(|source| SessionError::Connect {
+                path: path.into(),
+                source,
+            })?
+            .into_high();
         sock.set_recv_timeout(Some(Duration::from_secs(10)))
             .map_err(SessionError::Io)?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);

@@ -68,10 +68,7 @@ impl Options {
         if let Some(d) = self.spin {
             return d;
         }
-        if let Some(us) = std::env::var(SPIN_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(us) = ssock_rings::env::var(SPIN_ENV).and_then(|v| v.parse::<u64>().ok()) {
             return Duration::from_micros(us);
         }
         s.map_or(ssock_rings::notify::DEFAULT_SPIN, |s| s.spin)

@@ -13,8 +13,10 @@
 
 pub mod codec;
 pub mod detach;
+pub mod env;
 pub mod layout;
 pub mod notify;
+pub mod ownfds;
 pub mod paths;
 #[allow(unsafe_code)]
 pub mod shm;

@@ -7,45 +7,67 @@
 
 use crate::sys::{poll, PollFd};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Default spin budget before sleeping (Dolphin SuperSockets uses 30 us).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
 
-/// How long a spin goes between yields of the CPU (sched_yield, one system
-/// call): a peer that shares this CPU waits at most that long.
+/// How long a yielding spin goes between yields of the CPU (sched_yield,
+/// one system call): a peer that shares this CPU waits at most that long.
 pub const YIELD_EVERY: Duration = Duration::from_micros(4);
 
-/// A yield that kept this thread off the CPU longer than this means other
-/// work wants the CPU (not only the peer): the waiter stops spinning.
-const YIELD_LONG: Duration = Duration::from_micros(10);
+/// A yield, or a gap between two looks at the clock, that kept this
+/// thread off the CPU longer than this means other work wants the CPU
+/// (not only the peer): the waiter stops spinning.
+const OFF_CPU: Duration = Duration::from_micros(10);
 
 /// Yields the CPU once (sched_yield); false if it came back only after
-/// [`YIELD_LONG`], when spinning on would take the CPU from others.
+/// [`OFF_CPU`], when spinning on would take the CPU from others.
 fn yield_cpu() -> bool {
     let t = Instant::now();
     std::thread::yield_now();
-    t.elapsed() < YIELD_LONG
+    t.elapsed() < OFF_CPU
 }
 
-/// A polling loop's spin budget. The peer may be waiting for this very
-/// CPU (the scheduler put both on it), so the spin yields the CPU every
-/// [`YIELD_EVERY`]; a yield that kept it off the CPU a while (other work
-/// wants it) ends the spin, and the caller sleeps.
+/// A polling loop's spin budget, in one of two kinds:
+/// - [`Spin::new`] (the negotiation's polls, inside connect and accept):
+///   the peer may be waiting for this very CPU (the scheduler put both on
+///   it), so the spin yields the CPU every [`YIELD_EVERY`]; a yield that
+///   kept it off the CPU a while (other work wants it) ends the spin.
+/// - [`Spin::quiet`] (the data path: receive, send, poll and epoll waits):
+///   no system call at all, since the application may run under a seccomp
+///   filter that allows only the calls its own socket calls make (sshd's
+///   privilege-separated child dies on anything else). Reading the clock
+///   is the vDSO. The spin ends when two looks at the clock are more than
+///   [`OFF_CPU`] apart: this thread was preempted, so another thread wants
+///   the CPU, and the caller sleeps instead.
 #[derive(Debug)]
 pub struct Spin {
     start: Instant,
     budget: Duration,
-    next_yield: Duration,
+    /// When to yield next; None for a quiet spin.
+    next_yield: Option<Duration>,
+    /// The time spent at the last look (quiet spins).
+    last: Duration,
 }
 
 impl Spin {
-    /// A spin of `budget`, starting now.
+    /// A yielding spin of `budget`, starting now.
     pub fn new(budget: Duration) -> Spin {
         Spin {
             start: Instant::now(),
             budget,
-            next_yield: YIELD_EVERY,
+            next_yield: Some(YIELD_EVERY),
+            last: Duration::ZERO,
+        }
+    }
+
+    /// A spin of `budget` that makes no system call, starting now.
+    pub fn quiet(budget: Duration) -> Spin {
+        Spin {
+            next_yield: None,
+            ..Spin::new(budget)
         }
     }
 
@@ -55,44 +77,36 @@ impl Spin {
         if spent >= self.budget {
             return false;
         }
-        if spent >= self.next_yield {
-            if !yield_cpu() {
-                self.budget = Duration::ZERO;
-                return false;
+        match self.next_yield {
+            Some(at) if spent >= at => {
+                if !yield_cpu() {
+                    self.budget = Duration::ZERO;
+                    return false;
+                }
+                self.next_yield = Some(self.start.elapsed() + YIELD_EVERY);
             }
-            self.next_yield = self.start.elapsed() + YIELD_EVERY;
+            Some(_) => {}
+            None => {
+                if spent.saturating_sub(self.last) > OFF_CPU {
+                    self.budget = Duration::ZERO;
+                    return false;
+                }
+                self.last = spent;
+            }
         }
         true
     }
 }
 
-/// Whether this process has more runnable threads than there are CPUs:
-/// spinning then only takes a core from a thread of ours that has work (a
-/// third spinner on two cores costs milliseconds). Looked at most every
-/// 10 ms per process: /proc/self/stat's thread count (one small read), and
-/// only when that exceeds the CPUs, each thread's state.
-fn overloaded() -> bool {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    // One sample for the whole process (a per-thread one would make every
-    // thread of a busy many-threaded process scan all threads' states).
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    static SAMPLED_MS: AtomicU64 = AtomicU64::new(u64::MAX);
-    static VALUE: AtomicBool = AtomicBool::new(false);
-    let now_ms = u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis())
-        .unwrap_or(u64::MAX - 1);
-    let last = SAMPLED_MS.load(Ordering::Relaxed);
-    if last != u64::MAX && now_ms.saturating_sub(last) < 10 {
-        return VALUE.load(Ordering::Relaxed);
-    }
-    // One thread refreshes; the others use the previous value meanwhile.
-    if SAMPLED_MS
-        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-        .is_ok()
-    {
-        VALUE.store(runnable_threads_exceed_cpus(), Ordering::Relaxed);
-    }
-    VALUE.load(Ordering::Relaxed)
+/// This process's threads spinning in [`spin_until`] now.
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes what the waits need from the system once: the CPUs this process
+/// may run on (sched_getaffinity). The preload shim calls it at load,
+/// before the application can have installed a seccomp filter; otherwise
+/// it happens at the first wait.
+pub fn init() {
+    cpus();
 }
 
 fn cpus() -> usize {
@@ -100,45 +114,52 @@ fn cpus() -> usize {
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
-/// The fields of a /proc stat line after the command name: [0] is the
-/// state, [17] the number of threads.
-fn stat_fields(path: &str) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let rest = s.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
+/// A place among the spinners, given back on drop.
+struct SpinSlot;
 
-fn runnable_threads_exceed_cpus() -> bool {
-    let cpus = cpus();
-    let threads = stat_fields("/proc/self/stat")
-        .and_then(|f| f.get(17)?.parse::<usize>().ok())
-        .unwrap_or(1);
-    if threads <= cpus {
-        return false;
+impl SpinSlot {
+    /// One more spinner, unless as many threads of this process as there
+    /// are CPUs spin already: spinning then only takes a core from a
+    /// thread that has work (a third spinner on two cores costs
+    /// milliseconds). A counter, not a look at /proc: no system call.
+    fn take() -> Option<SpinSlot> {
+        let cap = cpus();
+        if cap < 2 {
+            // The peer can only run once this thread lets go of the CPU,
+            // and a quiet spin never yields it.
+            return None;
+        }
+        SPINNERS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SpinSlot)
     }
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return false;
-    };
-    let running = dir
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let p = e.path().join("stat");
-            stat_fields(&p.to_string_lossy()).is_some_and(|f| f.first().is_some_and(|s| s == "R"))
-        })
-        .count();
-    running > cpus
 }
 
-/// Spins calling `ready` until it returns Some or `budget` passes. No
-/// spinning at all while this process has more runnable threads than
-/// there are CPUs.
+/// In a child after fork: the threads that were spinning are not there.
+pub(crate) fn forget_spinners() {
+    SPINNERS.store(0, Ordering::Relaxed);
+}
+
+impl Drop for SpinSlot {
+    fn drop(&mut self) {
+        SPINNERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Spins calling `ready` until it returns Some or `budget` passes, with
+/// no system call ([`Spin::quiet`]). No spinning at all while as many
+/// threads of this process as there are CPUs spin already.
 pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     if let Some(v) = ready() {
         return Some(v);
     }
-    if overloaded() {
+    if budget.is_zero() {
         return None;
     }
+    let _slot = SpinSlot::take()?;
     spin_for(budget, ready)
 }
 
@@ -150,7 +171,7 @@ fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
     if budget.is_zero() {
         return None;
     }
-    let mut spin = Spin::new(budget);
+    let mut spin = Spin::quiet(budget);
     loop {
         for _ in 0..32 {
             std::hint::spin_loop();

@@ -10,7 +10,7 @@ pub const SYSTEM_SOCKET: &str = "/run/ssock/devd.sock";
 
 /// The per-user runtime directory for a private devd.
 pub fn user_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
+    match crate::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("ssock"),
         _ => PathBuf::from(format!("/tmp/ssock-{}", crate::sys::uid())),
     }
@@ -25,7 +25,7 @@ pub fn user_socket() -> PathBuf {
 /// else the system socket, then the per-user one (if its directory is
 /// safe: owned by this user, not writable by others).
 pub fn client_sockets() -> Vec<PathBuf> {
-    if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+    if let Some(p) = crate::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
         return vec![PathBuf::from(p)];
     }
     let mut v = vec![PathBuf::from(SYSTEM_SOCKET)];
@@ -51,7 +51,7 @@ pub fn client_socket() -> PathBuf {
         .into_iter()
         .find(|p| p.exists())
         .unwrap_or_else(
-            || match std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+            || match crate::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
                 // The override is the only place to look, even when absent.
                 Some(p) => PathBuf::from(p),
                 None => user_socket(),

@@ -25,7 +25,61 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     let fd = cvt(fd)?;
     // SAFETY: the kernel just returned this fd to us and nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(keep_off_std(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// An fd ssock just got (created or received): recorded as ssock's
+/// ([`crate::ownfds`]), and moved to 3 or above if it landed on 0, 1 or 2
+/// (the program had closed them): a daemon reopens those with dup2.
+fn keep_off_std(fd: OwnedFd) -> OwnedFd {
+    let fd = if fd.as_raw_fd() < 3 {
+        move_to(fd, 3)
+    } else {
+        fd
+    };
+    crate::ownfds::own(fd.as_raw_fd());
+    fd
+}
+
+/// `fd` at the lowest free number at or above `min` (the same fd if that
+/// fails, e.g. above the fd limit); the old number is closed.
+fn move_to(fd: OwnedFd, min: RawFd) -> OwnedFd {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the result, if any, is a new
+    // fd nobody else owns.
+    match cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) }) {
+        Ok(n) => {
+            crate::ownfds::disown(fd.as_raw_fd());
+            drop(fd);
+            // SAFETY: see above.
+            unsafe { OwnedFd::from_raw_fd(n) }
+        }
+        Err(_) => fd,
+    }
+}
+
+/// Moves a long-lived fd of ssock's (the devd session, the shim's log)
+/// above the numbers a program uses (near 1000, or below a lower fd
+/// limit), where a program's dup2 onto a fixed number or its loop closing
+/// 3..N does not meet it; recorded as ssock's.
+pub fn move_high(fd: OwnedFd) -> OwnedFd {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-parameter for the call's duration.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+        rl.rlim_cur
+    } else {
+        0
+    };
+    let min = RawFd::try_from(soft.saturating_sub(32).min(1000)).unwrap_or(3);
+    let fd = if min > fd.as_raw_fd() {
+        move_to(fd, min)
+    } else {
+        fd
+    };
+    crate::ownfds::own(fd.as_raw_fd());
+    fd
 }
 
 /// Creates a memfd of `size` bytes and seals its size (shrink, grow, and
@@ -308,6 +362,11 @@ impl SeqPacket {
         Ok(SeqPacket(fd))
     }
 
+    /// The same socket at a high fd number (see [`move_high`]).
+    pub fn into_high(self) -> SeqPacket {
+        SeqPacket(move_high(self.0))
+    }
+
     /// Connects to a listening control socket at `path`.
     pub fn connect(path: &Path) -> io::Result<SeqPacket> {
         // SAFETY: plain syscall.
@@ -342,6 +401,7 @@ impl SeqPacket {
         // SAFETY: the kernel just returned these two fds to us and nobody
         // else owns them.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (a, b) = (keep_off_std(a), keep_off_std(b));
         Ok((SeqPacket(a), SeqPacket(b)))
     }
 
@@ -516,7 +576,7 @@ impl SeqPacket {
                     let data = libc::CMSG_DATA(c).cast::<RawFd>();
                     for i in 0..count {
                         let fd = std::ptr::read_unaligned(data.add(i));
-                        fds.push(OwnedFd::from_raw_fd(fd));
+                        fds.push(keep_off_std(OwnedFd::from_raw_fd(fd)));
                     }
                 }
                 c = libc::CMSG_NXTHDR(&msg, c);
@@ -714,6 +774,7 @@ extern "C" fn fork_ended_in_parent() {
 }
 
 extern "C" fn fork_ended_in_child() {
+    crate::notify::forget_spinners();
     CHILD_OF.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     FORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }

@@ -5,6 +5,7 @@ client PORT N: sends N pattern bytes in chunks while reading the echo back,
 verifies every byte, prints "OK echo N", then waits for a line on stdin
 before closing (so the test can inspect ringstat while it is connected).
 reuse N: N connections within this process, one after another (see reuse).
+close-all FILE: closes every fd it does not know, as daemons do (see close_all).
 """
 import os
 import socket
@@ -452,7 +453,62 @@ def fork_live():
     print("OK fork-live", flush=True)
 
 
+def close_all(path):
+    """A connection within this process; then every fd it does not know is
+    closed, with os.closerange (close_range) around its three sockets and
+    a loop of os.close up to 1100, as daemons and sshd do; then a file is
+    opened (it gets the lowest free number), more bytes go both ways on the
+    first connection and on a second one, and the file must hold exactly
+    what this program wrote to it. Prints "OK close-all"."""
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    c = socket.create_connection(l.getsockname())
+    a, _ = l.accept()
+    c.sendall(b"x")
+    if recv_exact(a, 1) != b"x":
+        raise SystemExit("bytes differ")
+    mine = sorted(s.fileno() for s in (l, c, a))
+    low = 3
+    for fd in mine:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+    for fd in range(3, 1100):
+        if fd not in mine:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for i in range(20):
+        data = pattern(70000, i)
+        c.sendall(data)
+        if recv_exact(a, len(data)) != data:
+            raise SystemExit(f"round {i}: bytes differ")
+        a.sendall(data[:100])
+        if recv_exact(c, 100) != data[:100]:
+            raise SystemExit(f"round {i}: bytes back differ")
+    c2 = socket.create_connection(l.getsockname())
+    a2, _ = l.accept()
+    c2.sendall(b"second")
+    if recv_exact(a2, 6) != b"second":
+        raise SystemExit("second connection: bytes differ")
+    for s in (c2, a2, c, a, l):
+        s.close()
+    os.write(f, b"the program's own bytes\n")
+    os.close(f)
+    with open(path, "rb") as g:
+        got = g.read()
+    if got != b"the program's own bytes\n":
+        raise SystemExit(f"the program's file holds {got!r}")
+    print("OK close-all", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "close-all":
+        close_all(sys.argv[2])
+        raise SystemExit(0)
     if sys.argv[1] == "fork-live":
         fork_live()
         raise SystemExit(0)

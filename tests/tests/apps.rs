@@ -8,6 +8,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use ssock_tests::{have_app, Devd, Peer};
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -270,5 +271,138 @@ fn sockperf_tcp_ping_pong_goes_direct() -> Result<()> {
         bytes >= 28 * observations,
         "{bytes} bytes over Direct for {observations} round trips"
     );
+    Ok(())
+}
+
+/// A test that cannot run here: SKIP, or a failure under
+/// `SSOCK_REQUIRE_APPS=1` (CI).
+fn skip_unless_required(why: &str) -> Result<()> {
+    ensure!(
+        std::env::var_os("SSOCK_REQUIRE_APPS").is_none_or(|v| v != "1"),
+        "{why} (SSOCK_REQUIRE_APPS=1)"
+    );
+    eprintln!("SKIP: {why}");
+    Ok(())
+}
+
+/// A directory of the test's own, removed at the end.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Result<TempDir> {
+        let d = std::env::temp_dir().join(format!("ssock-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+        Ok(TempDir(d))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until devd holds no live connection (the programs' last closes
+/// reach it asynchronously), failing after 10 s.
+fn wait_none_live(d: &Devd) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let v = d.stats()?;
+        if v["devd"]["live_connections"] == 0 {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "connections still live in devd: {}",
+            v["devd"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// OpenSSH's sshd, started as a user starts it (it re-execs itself per
+/// connection, closes every fd it does not know with close_range, and its
+/// privilege-separated child runs under a seccomp filter with a file limit
+/// of 1 while it talks to the client): `ssh HOST echo ok` and scp of 10 MiB
+/// with a checksum, every connection Direct.
+#[test]
+fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
+    if !have_app("ssh")? || !have_app("scp")? || !have_app("ssh-keygen")? {
+        return Ok(());
+    }
+    let sshd = std::path::Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        return skip_unless_required("/usr/sbin/sshd is not installed");
+    }
+    // sshd's privilege separation needs root.
+    if std::fs::metadata("/proc/self")?.uid() != 0 {
+        return skip_unless_required("sshd needs root");
+    }
+    std::fs::create_dir_all("/run/sshd")?;
+    let dir = TempDir::new("sshd")?;
+    let p = |n: &str| dir.0.join(n).display().to_string();
+    for key in ["hostkey", "userkey"] {
+        run({
+            let mut c = Command::new("ssh-keygen");
+            c.args(["-q", "-t", "ed25519", "-N", "", "-f", &p(key)]);
+            c
+        })?;
+    }
+    let port = free_port()?.to_string();
+    std::fs::write(
+        p("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n\
+             PidFile {}\nSubsystem sftp /usr/lib/openssh/sftp-server\n",
+            p("hostkey"),
+            p("userkey.pub"),
+            p("sshd.pid")
+        ),
+    )?;
+    let d = Devd::start(&[])?;
+    let mut server = Peer::command(under_ssock(
+        &d,
+        "/usr/sbin/sshd",
+        &["-D", "-e", "-f", &p("sshd_config")],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    let client_opts = |c: &mut Command| {
+        c.args(["-i", &p("userkey"), "-o", "BatchMode=yes"]);
+        c.args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ]);
+    };
+    let mut ssh = under_ssock(&d, "ssh", &["-p", &port])?;
+    client_opts(&mut ssh);
+    ssh.args(["root@127.0.0.1", "echo", "ok"]);
+    let out = run(ssh)?;
+    ensure!(
+        out.lines().next() == Some("ok"),
+        "ssh echo ok printed:\n{out}"
+    );
+    let mut payload = vec![0u8; 10 << 20];
+    ssock_tools::pattern::Pattern::new(7).fill(0, &mut payload);
+    std::fs::write(p("payload"), &payload)?;
+    let mut scp = under_ssock(&d, "scp", &["-P", &port])?;
+    client_opts(&mut scp);
+    scp.args([p("payload"), format!("root@127.0.0.1:{}", p("copy"))]);
+    run(scp)?;
+    ensure!(
+        std::fs::read(p("copy"))? == payload,
+        "scp's copy differs from the 10 MiB it sent"
+    );
+    let (direct, kernel, bytes) = totals(&d)?;
+    ensure!(direct >= 2, "only {direct} Direct connections");
+    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    ensure!(
+        bytes >= 10 << 20,
+        "{bytes} bytes over Direct for a 10 MiB copy"
+    );
+    wait_none_live(&d)?;
     Ok(())
 }

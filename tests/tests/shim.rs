@@ -483,3 +483,95 @@ fn a_region_a_forked_child_may_have_is_not_kept() -> Result<()> {
     ensure!(st["devd"]["live_connections"] == 0, "devd {}", st["devd"]);
     Ok(())
 }
+
+#[test]
+fn closing_every_unknown_fd_leaves_the_shim_its_session_doorbells_and_log() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let log = d
+        .socket
+        .with_file_name(format!("shim-{}.log", rand_suffix()));
+    let file = d
+        .socket
+        .with_file_name(format!("app-{}.txt", rand_suffix()));
+    let mut cmd = Command::new(bin("ssock-run"));
+    cmd.args(["--devd", d.socket.to_str().context("path")?])
+        .args(["--log", log.to_str().context("path")?, "--", "python3"])
+        .arg(echo_py())
+        .args(["close-all", file.to_str().context("path")?])
+        // Every wait sleeps on its doorbell: closed doorbells would show.
+        .env("SSOCK_SPIN_US", "0")
+        .env("SSOCK_LOG_LEVEL", "debug");
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success() && text == "OK close-all",
+        "close-all: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both connections Direct: the second needed the devd session that
+    // the close-all code did not close.
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 2, "totals {t}");
+    ensure!(t["connections"]["kernel"] == 0, "totals {t}");
+    // The log still went to the log (the second connection's lines).
+    let logged = std::fs::read_to_string(&log)?;
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&file);
+    ensure!(
+        logged
+            .lines()
+            .filter(|l| l.contains("Direct, connection"))
+            .count()
+            >= 4,
+        "log: {logged}"
+    );
+    Ok(())
+}
+
+/// Waits up to `limit` for `p` to exit; false if it is still running.
+fn exits_within(p: &mut Peer, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if !p.alive() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn queued_peers_under_the_shim_are_reset_not_left_spinning_when_devd_dies() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let env = [("SSOCK_SPIN_US", "0")];
+    let mut s = python(
+        &d,
+        false,
+        &["server", portfile.to_str().context("path")?],
+        &env,
+    )?;
+    let port = published_port(&portfile)?;
+    let mut c = python(&d, false, &["client", port.trim(), "1000"], &env)?;
+    c.expect("OK echo 1000")?;
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["queued"] == 1, "totals {t}");
+    // The server now sleeps in recv; the client waits on its stdin.
+    d.kill();
+    ensure!(
+        exits_within(&mut s, Duration::from_secs(10)),
+        "the server's recv neither returned nor failed after devd died"
+    );
+    c.say("")?;
+    ensure!(
+        exits_within(&mut c, Duration::from_secs(10)),
+        "the client's close hung after devd died"
+    );
+    Ok(())
+}

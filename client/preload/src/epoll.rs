@@ -197,6 +197,11 @@ fn put(epfd: c_int, s: Option<Arc<Set>>) {
     }
 }
 
+/// The fds of the epoll instances the shim tracks.
+pub fn instances() -> Vec<c_int> {
+    all().into_iter().map(|(fd, _)| fd).collect()
+}
+
 /// A new epoll instance `epfd` (epoll_create, epoll_create1).
 pub fn created(epfd: c_int) {
     if epfd < 0 {

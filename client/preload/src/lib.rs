@@ -18,6 +18,7 @@
 
 mod boundary;
 mod epoll;
+mod fds;
 mod io;
 mod logging;
 mod real;
@@ -26,7 +27,7 @@ mod table;
 mod wait;
 
 use boundary::{borrow, buf, buf_mut, chk_fail, enter, iov, iov_mut, pollfds, set_errno, sockaddr};
-use libc::{c_int, c_void, size_t, sockaddr as SockAddr, socklen_t, ssize_t};
+use libc::{c_int, c_uint, c_void, size_t, sockaddr as SockAddr, socklen_t, ssize_t};
 use std::time::Duration;
 
 fn fail<T: From<i8>>(e: i32) -> T {
@@ -818,7 +819,16 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup2)(fd, new) };
-    enter(|| duplicated(fd, real()), real)
+    enter(
+        || {
+            let r = real();
+            if r >= 0 && new != fd {
+                fds::duplicated_onto(new);
+            }
+            duplicated(fd, r)
+        },
+        real,
+    )
 }
 
 /// dup3(2).
@@ -829,7 +839,16 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup3)(fd, new, flags) };
-    enter(|| duplicated(fd, real()), real)
+    enter(
+        || {
+            let r = real();
+            if r >= 0 && new != fd {
+                fds::duplicated_onto(new);
+            }
+            duplicated(fd, r)
+        },
+        real,
+    )
 }
 
 /// fcntl(2): F_DUPFD and F_DUPFD_CLOEXEC duplicate an accelerated socket;
@@ -956,25 +975,36 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: forwarding the caller's own argument to libc.
     let real = || unsafe { (real::get().close)(fd) };
+    enter(|| fds::close(fd, &real), || fds::close_own(fd, &real))
+}
+
+/// close_range(2): the shim's own fds stay open (see `fds`).
+///
+/// # Safety
+/// The C contract of close_range(2).
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's arguments (or a part of its range) to libc.
+    let real = |a, b, f| unsafe { real::close_range(a, b, f) };
     enter(
-        || {
-            if table::remove_listener(fd) {
-                // SAFETY: fd is still open: it is closed just below.
-                sock::unlisten(unsafe { borrow(fd) });
-            }
-            // Out of the epoll sets first: they hold references too.
-            epoll::closed(fd);
-            if let Some(s) = table::remove(fd) {
-                if std::sync::Arc::strong_count(&s) == 1 {
-                    // The last fd of this socket in this process.
-                    // SAFETY: fd is still open: it is closed just below.
-                    lock(&s).closing(unsafe { borrow(fd) });
-                }
-            }
-            real()
-        },
-        real,
+        || fds::close_range(first, last, flags, &real),
+        || fds::close_range_own(first, last, flags, &real),
     )
+}
+
+/// closefrom(3): close_range(lowfd, ~0U, 0), the shim's own fds staying open.
+///
+/// # Safety
+/// The C contract of closefrom(3).
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(lowfd: c_int) {
+    let first = c_uint::try_from(lowfd).unwrap_or(0);
+    // SAFETY: forwarding a part of the caller's range to libc.
+    let real = |a, b, f| unsafe { real::close_range(a, b, f) };
+    enter(
+        || fds::close_range(first, c_uint::MAX, 0, &real),
+        || fds::close_range_own(first, c_uint::MAX, 0, &real),
+    );
 }
 
 /// The fds an SCM_RIGHTS message carries.

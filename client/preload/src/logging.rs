@@ -2,6 +2,9 @@
 //! (fallbacks it decides, protocol violations, inherited sockets it could
 //! not take over) are appended to FILE, one line each, with the pid.
 //! `SSOCK_LOG_LEVEL` (error, warn, info, debug; default info) filters them.
+//! Both are read at load. Each line is one `write` (lines of processes
+//! sharing the file do not interleave), to an fd the program cannot close
+//! by accident ([`ssock_rings::ownfds`]).
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -15,16 +18,18 @@ impl log::Log for FileLog {
 
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
-            let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            // A log line that cannot be written is dropped: never an error
-            // in the application's call.
-            let _ = writeln!(
-                f,
-                "ssock[{}] {}: {}",
+            // The whole line in one write: O_APPEND makes it land whole
+            // even when other processes share the file.
+            let line = format!(
+                "ssock[{}] {}: {}\n",
                 std::process::id(),
                 r.level(),
                 r.args()
             );
+            let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            // A log line that cannot be written is dropped: never an error
+            // in the application's call.
+            let _ = f.write(line.as_bytes());
         }
     }
 
@@ -33,7 +38,7 @@ impl log::Log for FileLog {
 
 /// Installs the file logger if `SSOCK_LOG` names a file.
 pub fn init() {
-    let Some(path) = std::env::var_os("SSOCK_LOG").filter(|p| !p.is_empty()) else {
+    let Some(path) = ssock_rings::env::var_os("SSOCK_LOG").filter(|p| !p.is_empty()) else {
         return;
     };
     let Ok(f) = std::fs::OpenOptions::new()
@@ -43,10 +48,12 @@ pub fn init() {
     else {
         return;
     };
-    let level = match std::env::var("SSOCK_LOG_LEVEL").as_deref() {
-        Ok("error") => log::LevelFilter::Error,
-        Ok("warn") => log::LevelFilter::Warn,
-        Ok("debug") => log::LevelFilter::Debug,
+    // Above the program's fd numbers and kept from its close-all code.
+    let f = std::fs::File::from(ssock_rings::sys::move_high(f.into()));
+    let level = match ssock_rings::env::var("SSOCK_LOG_LEVEL").as_deref() {
+        Some("error") => log::LevelFilter::Error,
+        Some("warn") => log::LevelFilter::Warn,
+        Some("debug") => log::LevelFilter::Debug,
         _ => log::LevelFilter::Info,
     };
     if log::set_logger(Box::leak(Box::new(FileLog(Mutex::new(f))))).is_ok() {

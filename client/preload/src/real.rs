@@ -227,7 +227,24 @@ pub fn get() -> &'static Real {
     })
 }
 
+/// close_range(2), as the system call (libc's wrapper is the one the
+/// shim interposes).
+///
+/// # Safety
+/// The C contract of close_range(2): the caller may close any fd in the
+/// range.
+pub unsafe fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    // SAFETY: guaranteed by the caller; the arguments are close_range's own.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
+    c_int::try_from(r).unwrap_or(-1)
+}
+
 extern "C" fn init() {
+    // What the shim needs from the environment and the system, taken now:
+    // the program may clear its environment or install a seccomp filter
+    // later.
+    ssock_rings::env::remember();
+    ssock_rings::notify::init();
     // Fork counting from the start (see `watch_forks`).
     ssock_client::negotiate::watch_forks();
     get();

@@ -100,7 +100,7 @@ pub fn errno(e: &io::Error) -> i32 {
 
 /// Whether the shim should leave this process alone (`SSOCK_DISABLE=1`).
 pub fn disabled() -> bool {
-    std::env::var_os("SSOCK_DISABLE").is_some_and(|v| v == "1")
+    ssock_rings::env::var_os("SSOCK_DISABLE").is_some_and(|v| v == "1")
 }
 
 fn session() -> Option<Arc<Session>> {
@@ -367,7 +367,10 @@ impl Sock {
     /// kernel socket (no error here).
     pub fn so_error(&mut self, fd: BorrowedFd<'_>) -> Option<i32> {
         if self.error_reported {
-            return None;
+            // Taken already. The kernel socket may still hold the same
+            // reset as its own pending error (the liveness check polls
+            // and does not take it): it is not reported twice.
+            return Some(0);
         }
         let r = self.readiness(fd, true);
         if r.err {

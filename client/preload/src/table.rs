@@ -247,6 +247,17 @@ pub fn inheritable() -> Vec<Entry> {
         .collect()
 }
 
+/// The fds of accelerated sockets.
+pub fn fds() -> Vec<i32> {
+    all().map(|(fd, _)| fd).collect()
+}
+
+/// The fds of registered listeners.
+pub fn listeners() -> Vec<i32> {
+    let l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    l.iter().flatten().copied().collect()
+}
+
 /// Records `fd` as a listener registered with devd.
 pub fn add_listener(fd: i32) {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());

@@ -189,6 +189,58 @@ fn scan(
     n
 }
 
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// How often a sleep that cannot watch the kernel sockets of accelerated
+/// connections (see `sleep_within_limit`) wakes to ask them.
+const LIVENESS_EVERY: Duration = Duration::from_millis(250);
+
+/// The sleep after poll said EINVAL: its set is larger than RLIMIT_NOFILE
+/// allows (sshd's sandboxed child has a limit of 1, and an accelerated
+/// socket adds its doorbell to the kernel socket). Sleeps on the program's
+/// kernel fds and the doorbells only (no larger than the program's own
+/// set), for at most [`LIVENESS_EVERY`]: the caller's next round asks the
+/// kernel sockets whether a peer is gone. The peer's writes and closes
+/// ring the doorbell; only its death is seen that late.
+fn sleep_within_limit(
+    pfds: &[pollfd],
+    socks: &[Option<Obj>],
+    set: &mut Vec<pollfd>,
+    left: Option<Duration>,
+    sleep: &dyn Fn(&mut [pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let accelerated: Vec<c_int> = pfds
+        .iter()
+        .zip(socks)
+        .filter(|(_, s)| matches!(s, Some(Obj::Sock(_))))
+        .map(|(p, _)| p.fd)
+        .collect();
+    let before = set.len();
+    // Out: the kernel sockets of accelerated connections and devd's
+    // session (watched for hangups only, events 0).
+    set.retain(|p| !accelerated.contains(&p.fd) && p.events != 0);
+    if set.len() == before {
+        crate::boundary::set_errno(libc::EINVAL);
+        return -1;
+    }
+    let t = left.map_or(LIVENESS_EVERY, |l| l.min(LIVENESS_EVERY));
+    if set.len() > pfds.len() {
+        // Still more than the program's own set (a socket waiting to read
+        // and to write has two doorbells): short sleeps on nothing, each
+        // followed by the caller's scan, rather than an EINVAL the
+        // program did not cause.
+        set.clear();
+        return sleep(set, Some(t.min(SHORT_NAP)));
+    }
+    sleep(set, Some(t))
+}
+
+/// A wait that can watch nothing (see `sleep_within_limit`) looks again
+/// this often.
+const SHORT_NAP: Duration = Duration::from_millis(1);
+
 /// Runs a poll over `pfds`, whose accelerated sockets are `socks`.
 /// `real_poll(set, timeout_ms)` is libc's poll; `sleep(set, remaining)` is
 /// the blocking call (poll or ppoll with the caller's signal mask).
@@ -288,12 +340,15 @@ pub fn poll(
         let r = if ready_meanwhile || scan(pfds, socks, false, real_poll) > 0 {
             0
         } else {
-            sleep(
-                &mut set,
-                deadline.map(|d| d.saturating_duration_since(Instant::now())),
-            )
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let r = sleep(&mut set, left);
+            if r < 0 && errno() == libc::EINVAL {
+                sleep_within_limit(pfds, socks, &mut set, left, sleep)
+            } else {
+                r
+            }
         };
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let errno = errno();
         for a in armed {
             a.disarm();
         }

@@ -63,6 +63,9 @@ static SHELF: Mutex<(u64, VecDeque<Parked>)> = Mutex::new((0, VecDeque::new()));
 /// the shelf: another one here means a child that has not used it yet.
 static SHELF_OWNER: AtomicU64 = AtomicU64::new(0);
 
+/// How long a child tries the shelf's lock on its first use.
+const SHELF_PATIENCE: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Runs `f` on this process's kept regions; None in a child whose copy of
 /// the shelf stayed locked (the fork came while another thread held it):
 /// that process keeps nothing.
@@ -73,23 +76,30 @@ fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
     } else {
         // A child after fork, first use: the lock may be held by a thread
         // that does not exist here. Held for microseconds at a time by a
-        // live one, so a while of trying tells.
-        let g = (0..100).find_map(|_| match SHELF.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        // live one, so a while of trying tells (spinning, no system call:
+        // the child may be sandboxed already).
+        let start = std::time::Instant::now();
+        let g = std::iter::repeat(()).find_map(|()| match SHELF.try_lock() {
+            Ok(g) => Some(Some(g)),
+            Err(TryLockError::Poisoned(p)) => Some(Some(p.into_inner())),
+            Err(TryLockError::WouldBlock) if start.elapsed() > SHELF_PATIENCE => Some(None),
             Err(TryLockError::WouldBlock) => {
-                std::thread::yield_now();
+                std::hint::spin_loop();
                 None
             }
-        })?;
+        })??;
         SHELF_OWNER.store(gen, Ordering::Release);
         g
     };
     if g.0 != gen {
         // The kept regions were not inherited (MADV_DONTFORK) and their
         // doorbell fds may have been closed and their numbers reused: all
-        // forgotten, nothing unmapped or closed.
+        // forgotten, nothing unmapped or closed. The fds are the
+        // program's to close now (close-all code in the child may).
         for p in g.1.drain(..) {
+            for b in &p.bells {
+                ssock_rings::ownfds::disown(std::os::fd::AsRawFd::as_raw_fd(&**b));
+            }
             std::mem::forget(p);
         }
         g.0 = gen;

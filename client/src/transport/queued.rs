@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One end of a Queued connection.
 #[derive(Debug)]
@@ -178,6 +179,19 @@ impl Queued {
         }
     }
 
+    /// Whether devd's session hung up (devd died: a Queued connection
+    /// cannot go on without it). One poll with a zero timeout.
+    fn devd_gone(&self) -> bool {
+        let Some(s) = self.session.as_ref() else {
+            return false;
+        };
+        let mut fds = [PollFd::new(s.raw_fd(), 0)];
+        matches!(
+            ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)),
+            Ok(1)
+        ) && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     fn repost(&mut self, id: u16) {
         let addr = self.layout.slot_offset(RX, id) as u64;
         let len = self.slot_u32();
@@ -274,6 +288,12 @@ impl Transport for Queued {
             && matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset)
         {
             self.peer_gone = true;
+        }
+        if check_peer && !self.broken && self.devd_gone() {
+            // A sleep through `arm` wakes on the session's hangup; without
+            // this the waiter would arm and wake again at once, forever.
+            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
+            self.broken = true;
         }
         let f = self.rx_flags();
         if self.broken || f & FLAG_RESET != 0 {

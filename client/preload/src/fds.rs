@@ -1,0 +1,139 @@
+//! The application's close calls, and the shim's own fds kept out of
+//! their reach. A program that closes every fd it does not know
+//! (`close_range`, `closefrom`, a loop of `close`: sshd and many daemons)
+//! must not close the devd session, the log or a connection's doorbells:
+//! those fds stay open and the call reports success, as if the program
+//! had never had them (it never did). Sockets, listeners and epoll
+//! instances the shim tracks are let go of as on `close`.
+//!
+//! Never here: closing an fd of ssock's on the application's behalf.
+
+use crate::{borrow, epoll, lock, sock, table};
+use libc::{c_int, c_uint};
+use ssock_rings::ownfds;
+
+/// close(2) from the application: `real` closes `fd`.
+pub fn close(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
+    if ownfds::owned(fd) {
+        return 0;
+    }
+    let_go(fd);
+    real()
+}
+
+/// close(2) from ssock itself (the shim's own code, through libc).
+pub fn close_own(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
+    ownfds::disown(fd);
+    real()
+}
+
+/// The shim's part of closing `fd`, which is still open: a registered
+/// listener is unregistered, an epoll instance or member forgotten, and
+/// the last fd of an accelerated socket in this process ends its
+/// transport.
+fn let_go(fd: c_int) {
+    if table::remove_listener(fd) {
+        // SAFETY: fd is still open: the caller closes it after this.
+        sock::unlisten(unsafe { borrow(fd) });
+    }
+    // Out of the epoll sets first: they hold references too.
+    epoll::closed(fd);
+    if let Some(s) = table::remove(fd) {
+        if std::sync::Arc::strong_count(&s) == 1 {
+            // The last fd of this socket in this process.
+            // SAFETY: fd is still open: the caller closes it after this.
+            lock(&s).closing(unsafe { borrow(fd) });
+        }
+    }
+}
+
+/// close_range(2) from the application: `real(first, last, flags)` is
+/// the kernel's. The shim's own fds in the range are skipped (the range is
+/// split around them); each fd the shim tracks is let go of first, then
+/// closed with the rest. With CLOSE_RANGE_CLOEXEC nothing closes: the
+/// shim's fds (close-on-exec already) are skipped all the same.
+pub fn close_range(
+    first: c_uint,
+    last: c_uint,
+    flags: c_int,
+    real: &dyn Fn(c_uint, c_uint, c_int) -> c_int,
+) -> c_int {
+    if first > last {
+        return real(first, last, flags);
+    }
+    let cloexec = flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0;
+    let skip = ownfds::owned_in(first, last);
+    if !cloexec {
+        for fd in tracked_in(first, last) {
+            if !skip.contains(&fd) {
+                let_go(fd);
+            }
+        }
+    }
+    // u64: the range may end at c_uint::MAX, and a skipped fd's next one
+    // must not wrap.
+    let mut from = u64::from(first);
+    let mut result = 0;
+    for fd in skip.iter().filter_map(|&fd| u64::try_from(fd).ok()) {
+        if fd > from && part(from, fd - 1, flags, real) != 0 {
+            result = -1;
+        }
+        from = fd + 1;
+    }
+    if from <= u64::from(last) && part(from, u64::from(last), flags, real) != 0 {
+        result = -1;
+    }
+    result
+}
+
+/// `real` on the part from `a` to `b` of a range checked to fit c_uint.
+fn part(a: u64, b: u64, flags: c_int, real: &dyn Fn(c_uint, c_uint, c_int) -> c_int) -> c_int {
+    match (c_uint::try_from(a), c_uint::try_from(b)) {
+        (Ok(a), Ok(b)) => real(a, b, flags),
+        _ => 0,
+    }
+}
+
+/// The fds from `first` to `last` the shim tracks: accelerated sockets,
+/// registered listeners, epoll instances.
+fn tracked_in(first: c_uint, last: c_uint) -> Vec<c_int> {
+    let in_range = |fd: &c_int| c_uint::try_from(*fd).is_ok_and(|u| (first..=last).contains(&u));
+    let mut v: Vec<c_int> = table::fds()
+        .into_iter()
+        .chain(table::listeners())
+        .chain(epoll::instances())
+        .filter(in_range)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// close_range(2) or closefrom(3) made by ssock itself, or re-entering
+/// from a signal handler while the thread was in the shim: the fds it
+/// closes are no longer ssock's.
+pub fn close_range_own(
+    first: c_uint,
+    last: c_uint,
+    flags: c_int,
+    real: &dyn Fn(c_uint, c_uint, c_int) -> c_int,
+) -> c_int {
+    let r = real(first, last, flags);
+    if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        for fd in ownfds::owned_in(first, last) {
+            ownfds::disown(fd);
+        }
+    }
+    r
+}
+
+/// After the application's successful dup2/dup3 onto `new`: if `new` was
+/// one of the shim's fds, the program's call won (it cannot know the
+/// number was taken), and the shim's object there is lost to it. Said in
+/// the log.
+pub fn duplicated_onto(new: c_int) {
+    if ownfds::owned(new) {
+        ownfds::disown(new);
+        log::warn!("the program duplicated an fd onto {new}, one of ssock's: ssock lost it");
+    }
+}

@@ -7,7 +7,8 @@
 //! ([`codec`]) with their SOCK_SEQPACKET channel ([`sys::SeqPacket`]).
 //!
 //! Never here: threads, policy, retries, logging on the data path. The
-//! only unsafe code is [`shm`] (shared memory) and [`sys`] (FFI).
+//! only unsafe code is [`shm`] (shared memory), [`sys`] (FFI) and
+//! [`detach`] (setsid, close-on-exec of inherited fds).
 
 #![deny(unsafe_code)]
 

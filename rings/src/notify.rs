@@ -215,9 +215,14 @@ mod tests {
             }),
             Some(11)
         );
-        let t = Instant::now();
-        assert_eq!(spin_for(Duration::from_micros(200), || None::<()>), None);
-        assert!(t.elapsed() >= Duration::from_micros(200));
+        // A quiet spin ends early when this thread was preempted (other
+        // work wants the CPU): of a few tries, one runs its whole budget.
+        let full = (0..5).any(|_| {
+            let t = Instant::now();
+            assert_eq!(spin_for(Duration::from_micros(200), || None::<()>), None);
+            t.elapsed() >= Duration::from_micros(200)
+        });
+        assert!(full, "no spin ran its budget");
     }
 
     #[test]

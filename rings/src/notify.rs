@@ -101,17 +101,19 @@ impl Spin {
 /// This process's threads spinning in [`spin_until`] now.
 static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
-/// Takes what the waits need from the system once: the CPUs this process
-/// may run on (sched_getaffinity). The preload shim calls it at load,
+/// Takes what the waits need from the system once: the CPUs online
+/// (sysconf, which reads /sys). The preload shim calls it at load,
 /// before the application can have installed a seccomp filter; otherwise
 /// it happens at the first wait.
 pub fn init() {
     cpus();
 }
 
+/// The machine's online CPUs, not this thread's affinity: a waiter pinned
+/// to one CPU still has a peer spinning or working on another.
 fn cpus() -> usize {
     static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
+    *CPUS.get_or_init(crate::sys::online_cpus)
 }
 
 /// A place among the spinners, given back on drop.
@@ -150,7 +152,9 @@ impl Drop for SpinSlot {
 }
 
 /// Spins calling `ready` until it returns Some or `budget` passes, with
-/// no system call ([`Spin::quiet`]).
+/// no system call ([`Spin::quiet`]). No spinning at all while as many
+/// threads of this process as there are CPUs spin already, or on a
+/// machine with one CPU.
 pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     if let Some(v) = ready() {
         return Some(v);
@@ -158,10 +162,7 @@ pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> 
     if budget.is_zero() {
         return None;
     }
-    // Counted, but not yet a gate: refusing the spin at the cap cost
-    // Direct ping-pong 4-30x in ssock-bench (0.46 us became 1.9-15 us),
-    // so the cause is to be found before the cap applies.
-    let _slot = SpinSlot::take();
+    let _slot = SpinSlot::take()?;
     spin_for(budget, ready)
 }
 

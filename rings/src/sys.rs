@@ -57,6 +57,14 @@ fn move_to(fd: OwnedFd, min: RawFd) -> OwnedFd {
     }
 }
 
+/// The CPUs online on this machine (not only those this thread may run
+/// on: a peer process may run on the others); at least 1.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf reads a system value; no memory of ours is involved.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
+}
+
 /// Moves a long-lived fd of ssock's (the devd session, the shim's log)
 /// above the numbers a program uses (near 1000, or below a lower fd
 /// limit), where a program's dup2 onto a fixed number or its loop closing

@@ -380,6 +380,20 @@ def recv_exact(sock, n):
     return got
 
 
+def local_pair():
+    """A listener of this process and a connection to it, both ends
+    settled by one byte: (listener, connector, acceptor)."""
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    c = socket.create_connection(l.getsockname())
+    a, _ = l.accept()
+    c.sendall(b"x")
+    if recv_exact(a, 1) != b"x":
+        raise SystemExit("bytes differ")
+    return l, c, a
+
+
 def maps_of_regions():
     """How many connection regions (memfd "ssock-direct") this process maps."""
     with open("/proc/self/maps") as f:
@@ -425,14 +439,7 @@ def fork_live():
     """A connection live when this process forks (the child closes its
     copies and exits; the region may be in it), then a second one. Prints
     "OK fork-live"; the test checks that the first region was not reused."""
-    l = socket.socket()
-    l.bind(("127.0.0.1", 0))
-    l.listen(8)
-    c = socket.create_connection(l.getsockname())
-    a, _ = l.accept()
-    c.sendall(b"x")
-    if recv_exact(a, 1) != b"x":
-        raise SystemExit("bytes differ")
+    l, c, a = local_pair()
     pid = os.fork()
     if pid == 0:
         c.close()
@@ -460,14 +467,7 @@ def close_all(path):
     opened (it gets the lowest free number), more bytes go both ways on the
     first connection and on a second one, and the file must hold exactly
     what this program wrote to it. Prints "OK close-all"."""
-    l = socket.socket()
-    l.bind(("127.0.0.1", 0))
-    l.listen(8)
-    c = socket.create_connection(l.getsockname())
-    a, _ = l.accept()
-    c.sendall(b"x")
-    if recv_exact(a, 1) != b"x":
-        raise SystemExit("bytes differ")
+    l, c, a = local_pair()
     mine = sorted(s.fileno() for s in (l, c, a))
     low = 3
     for fd in mine:

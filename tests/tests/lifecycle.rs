@@ -26,16 +26,22 @@ fn connected_pair(o: &Options) -> Result<(Stream, Stream)> {
     Ok((acc, con))
 }
 
-fn one_process_both_ends(mode: ModePref, want: Mode) -> Result<()> {
-    let d = Devd::start(&[])?;
-    let o = opts(&d, mode)?;
-    let (mut acc, mut con) = connected_pair(&o)?;
+/// A connected pair whose two ends are both in mode `want`.
+fn pair_in(o: &Options, want: Mode) -> Result<(Stream, Stream)> {
+    let (acc, con) = connected_pair(o)?;
     ensure!(
         acc.mode() == want && con.mode() == want,
         "modes {:?} {:?}",
         acc.mode(),
         con.mode()
     );
+    Ok((acc, con))
+}
+
+fn one_process_both_ends(mode: ModePref, want: Mode) -> Result<()> {
+    let d = Devd::start(&[])?;
+    let o = opts(&d, mode)?;
+    let (mut acc, mut con) = pair_in(&o, want)?;
     // The acceptor says goodbye and closes first: devd must release the
     // acceptor's end, not the first end this session happens to hold.
     acc.write_all(b"bye")?;
@@ -222,13 +228,7 @@ fn an_acceptor_over_its_cap_answers_kernel_and_both_ends_carry_on_over_tcp() -> 
         std::fs::write(&cfg, "[policy]\nmax_connections_per_user = 1\n")?;
         let d = Devd::start(&["--config", cfg.to_str().context("path")?])?;
         let o = opts(&d, ModePref::Direct)?;
-        let (mut acc, mut con) = connected_pair(&o)?;
-        ensure!(
-            acc.mode() == Mode::Kernel && con.mode() == Mode::Kernel,
-            "modes {:?} {:?}",
-            acc.mode(),
-            con.mode()
-        );
+        let (mut acc, mut con) = pair_in(&o, Mode::Kernel)?;
         ensure!(
             acc.fallback_reason() == Some(ssock_client::FallbackReason::Limit)
                 && con.fallback_reason() == Some(ssock_client::FallbackReason::Refused),
@@ -503,13 +503,7 @@ fn devd_out_of_fds_stops_accepting_for_a_while_quietly_and_serves_again_afterwar
     // usual, Direct.
     drop(flood);
     let o = opts_at(&d.socket, ModePref::Direct)?;
-    let (mut acc, mut con) = connected_pair(&o)?;
-    ensure!(
-        acc.mode() == Mode::Direct && con.mode() == Mode::Direct,
-        "modes {:?} {:?}",
-        acc.mode(),
-        con.mode()
-    );
+    let (mut acc, mut con) = pair_in(&o, Mode::Direct)?;
     con.write_all(b"ping")?;
     let mut b = [0u8; 4];
     acc.read_exact(&mut b)?;
@@ -545,13 +539,7 @@ fn a_session_over_the_per_user_cap_is_closed_at_once_and_open_ones_keep_working(
             mode: ModePref::Direct,
             ..Options::with_session(held[0].clone())
         };
-        let (mut acc, mut con) = connected_pair(&o)?;
-        ensure!(
-            acc.mode() == Mode::Direct && con.mode() == Mode::Direct,
-            "modes {:?} {:?}",
-            acc.mode(),
-            con.mode()
-        );
+        let (mut acc, mut con) = pair_in(&o, Mode::Direct)?;
         acc.write_all(b"pong")?;
         let mut b = [0u8; 4];
         con.read_exact(&mut b)?;

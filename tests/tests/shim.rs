@@ -57,7 +57,7 @@ fn echo_with(
     plain_client: bool,
     env: &[(&str, &str)],
 ) -> Result<Option<serde_json::Value>> {
-    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let portfile = scratch(d, "port");
     let mut s = python(
         d,
         plain_server,
@@ -105,6 +105,11 @@ fn published_port(portfile: &std::path::Path) -> Result<String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(std::fs::read_to_string(portfile)?)
+}
+
+/// A path of this test's own beside devd's socket, `NAME` after a random part.
+fn scratch(d: &Devd, name: &str) -> PathBuf {
+    d.socket.with_file_name(format!("{}-{name}", rand_suffix()))
 }
 
 fn rand_suffix() -> u64 {
@@ -292,7 +297,7 @@ fn greeting(
     plain_server: bool,
     plain_client: bool,
 ) -> Result<(f64, Option<serde_json::Value>)> {
-    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let portfile = scratch(d, "port");
     let mut s = python(
         d,
         plain_server,
@@ -394,11 +399,9 @@ fn ssock_run_log_records_what_the_shim_decided() -> Result<()> {
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let log = d
-        .socket
-        .with_file_name(format!("shim-{}.log", rand_suffix()));
+    let log = scratch(&d, "shim.log");
     let log_s = log.to_str().context("path")?;
-    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let portfile = scratch(&d, "port");
     let mut srv = Command::new(bin("ssock-run"));
     srv.args([
         "--devd",
@@ -490,12 +493,8 @@ fn closing_every_unknown_fd_leaves_the_shim_its_session_doorbells_and_log() -> R
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let log = d
-        .socket
-        .with_file_name(format!("shim-{}.log", rand_suffix()));
-    let file = d
-        .socket
-        .with_file_name(format!("app-{}.txt", rand_suffix()));
+    let log = scratch(&d, "shim.log");
+    let file = scratch(&d, "app.txt");
     let mut cmd = Command::new(bin("ssock-run"));
     cmd.args(["--devd", d.socket.to_str().context("path")?])
         .args(["--log", log.to_str().context("path")?, "--", "python3"])
@@ -549,7 +548,7 @@ fn queued_peers_under_the_shim_are_reset_not_left_spinning_when_devd_dies() -> R
         return Ok(());
     }
     let mut d = Devd::start(&["--default-mode", "queued"])?;
-    let portfile = d.socket.with_file_name(format!("port-{}", rand_suffix()));
+    let portfile = scratch(&d, "port");
     let env = [("SSOCK_SPIN_US", "0")];
     let mut s = python(
         &d,

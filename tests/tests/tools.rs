@@ -186,6 +186,17 @@ struct Marked {
 }
 
 impl Marked {
+    /// No devd came up and no process of this test is left.
+    fn started_nothing(&self) -> Result<()> {
+        ensure!(!self.socket().exists(), "a devd was started");
+        ensure!(
+            self.processes().is_empty(),
+            "processes left: {:?}",
+            self.processes()
+        );
+        Ok(())
+    }
+
     fn new(tag: &str) -> Result<Marked> {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ssock-{tag}-{}", std::process::id()));
@@ -346,13 +357,7 @@ fn ssock_run_version_help_and_usage_start_no_devd() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    ensure!(!m.socket().exists(), "a devd was started");
-    ensure!(
-        m.processes().is_empty(),
-        "processes left: {:?}",
-        m.processes()
-    );
-    Ok(())
+    m.started_nothing()
 }
 
 #[test]
@@ -380,13 +385,7 @@ fn ssock_run_missing_program_starts_no_devd_and_exits_127() -> Result<()> {
             "stderr: {err}"
         );
     }
-    ensure!(!m.socket().exists(), "a devd was started");
-    ensure!(
-        m.processes().is_empty(),
-        "processes left: {:?}",
-        m.processes()
-    );
-    Ok(())
+    m.started_nothing()
 }
 
 #[test]

@@ -127,7 +127,7 @@ pub fn close_range_own(
     r
 }
 
-/// After the application's successful dup2/dup3 onto `new`: if `new` was
+/// After the application duplicated an fd onto `new` (dup2, dup3, F_DUPFD...): if `new` was
 /// one of the shim's fds, the program's call won (it cannot know the
 /// number was taken), and the shim's object there is lost to it. Said in
 /// the log.

@@ -791,6 +791,7 @@ pub unsafe extern "C" fn pselect(
 /// `old` is not accelerated, no longer names the socket it may have named.
 fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 && new != old {
+        fds::duplicated_onto(new);
         match table::get(old) {
             Some(_) => table::duplicate(old, new),
             None => drop(table::remove(new)),
@@ -819,16 +820,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup2)(fd, new) };
-    enter(
-        || {
-            let r = real();
-            if r >= 0 && new != fd {
-                fds::duplicated_onto(new);
-            }
-            duplicated(fd, r)
-        },
-        real,
-    )
+    enter(|| duplicated(fd, real()), real)
 }
 
 /// dup3(2).
@@ -839,16 +831,7 @@ pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup3)(fd, new, flags) };
-    enter(
-        || {
-            let r = real();
-            if r >= 0 && new != fd {
-                fds::duplicated_onto(new);
-            }
-            duplicated(fd, r)
-        },
-        real,
-    )
+    enter(|| duplicated(fd, real()), real)
 }
 
 /// fcntl(2): F_DUPFD and F_DUPFD_CLOEXEC duplicate an accelerated socket;

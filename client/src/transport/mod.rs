@@ -196,23 +196,28 @@ pub(crate) enum Liveness {
 /// Bytes followed by the end of the stream read as Gone, not Stray.
 pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
     use std::os::fd::AsRawFd;
-    let mut fds = [ssock_rings::sys::PollFd::new(
-        tcp.as_raw_fd(),
-        libc::POLLIN | libc::POLLRDHUP,
-    )];
+    let mut fds = [liveness_poll(tcp.as_raw_fd())];
     match ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)) {
         Ok(0) | Err(_) => Liveness::Alive,
-        Ok(_) => {
-            let r = fds[0].revents;
-            if r & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                Liveness::Reset
-            } else if r & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
-                Liveness::Gone
-            } else if r & libc::POLLIN != 0 {
-                Liveness::Stray
-            } else {
-                Liveness::Alive
-            }
-        }
+        Ok(_) => judge(fds[0].revents),
+    }
+}
+
+/// The poll entry [`liveness`] asks the kernel socket `tcp` with (for a
+/// caller that polls it together with other fds, then [`judge`]s it).
+pub(crate) fn liveness_poll(tcp: std::os::fd::RawFd) -> ssock_rings::sys::PollFd {
+    ssock_rings::sys::PollFd::new(tcp, libc::POLLIN | libc::POLLRDHUP)
+}
+
+/// What the revents of a [`liveness_poll`] entry say.
+pub(crate) fn judge(revents: i16) -> Liveness {
+    if revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        Liveness::Reset
+    } else if revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+        Liveness::Gone
+    } else if revents & libc::POLLIN != 0 {
+        Liveness::Stray
+    } else {
+        Liveness::Alive
     }
 }

@@ -3,7 +3,10 @@
 //! to the peer. A blocked call spins on the used ring for its budget, then
 //! sleeps on the call eventfd (devd only rings it when asked: used_event).
 
-use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
+use super::{
+    judge, liveness, liveness_poll, pipe_error, reset_error, would_block, Ctx, Liveness, Ready,
+    Transport,
+};
 use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
@@ -157,7 +160,7 @@ impl Queued {
             PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
             // Events 0: only POLLHUP/POLLERR, never another thread's reply.
             PollFd::new(devd, 0),
-            PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
+            liveness_poll(ctx.tcp.as_raw_fd()),
         ];
         let n = if self.peer_gone { 2 } else { 3 };
         let woke = sleep(&mut fds[..n], ctx.deadline)?;
@@ -169,7 +172,7 @@ impl Queued {
             self.broken = true;
             return Err(reset_error());
         }
-        if n == 3 && fds[2].revents != 0 && liveness(ctx.tcp) != Liveness::Alive {
+        if n == 3 && judge(fds[2].revents) != Liveness::Alive {
             self.peer_gone = true;
         }
         if woke {
@@ -179,17 +182,31 @@ impl Queued {
         }
     }
 
-    /// Whether devd's session hung up (devd died: a Queued connection
-    /// cannot go on without it). One poll with a zero timeout.
-    fn devd_gone(&self) -> bool {
-        let Some(s) = self.session.as_ref() else {
-            return false;
+    /// Asks, with one zero-timeout poll, whether the peer is gone (its
+    /// kernel socket, unless known already) and whether devd's session
+    /// hung up (devd died: a Queued connection cannot go on without it,
+    /// so it is reset).
+    fn check_peer_and_devd(&mut self, ctx: &Ctx<'_>) {
+        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
+        let tcp = if self.peer_gone {
+            -1
+        } else {
+            ctx.tcp.as_raw_fd()
         };
-        let mut fds = [PollFd::new(s.raw_fd(), 0)];
-        matches!(
-            ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)),
-            Ok(1)
-        ) && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0
+        // Events 0 on the session: only POLLHUP/POLLERR, never a reply.
+        let mut fds = [liveness_poll(tcp), PollFd::new(devd, 0)];
+        if !matches!(ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)), Ok(n) if n > 0) {
+            return;
+        }
+        if matches!(judge(fds[0].revents), Liveness::Gone | Liveness::Reset) {
+            self.peer_gone = true;
+        }
+        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 && !self.broken {
+            // A sleep through `arm` wakes on the session's hangup; without
+            // this the waiter would arm and wake again at once, forever.
+            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
+            self.broken = true;
+        }
     }
 
     fn repost(&mut self, id: u16) {
@@ -283,17 +300,8 @@ impl Transport for Queued {
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
-        if check_peer
-            && !self.peer_gone
-            && matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset)
-        {
-            self.peer_gone = true;
-        }
-        if check_peer && !self.broken && self.devd_gone() {
-            // A sleep through `arm` wakes on the session's hangup; without
-            // this the waiter would arm and wake again at once, forever.
-            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
-            self.broken = true;
+        if check_peer {
+            self.check_peer_and_devd(ctx);
         }
         let f = self.rx_flags();
         if self.broken || f & FLAG_RESET != 0 {

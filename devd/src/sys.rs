@@ -94,6 +94,9 @@ pub struct TcpSeen {
     pub inode: u32,
 }
 
+/// `TCP_TIME_WAIT` in `TcpSeen::state`.
+pub const TCP_TIME_WAIT: u8 = 6;
+
 /// `TCP_LISTEN` in `TcpSeen::state`.
 pub const TCP_LISTEN: u8 = 10;
 

@@ -90,7 +90,10 @@ fn start_devd(base: &str, socket: &Path) -> Result<(), String> {
     // devd --detach leaves none of our descriptors to the daemon (so this
     // pipe is closed once it returns); in a process group of its own, a
     // Ctrl-C meant for us does not reach it while it starts.
+    // Without LD_PRELOAD: a devd started from a program already under
+    // ssock-run must not load the shim under its own seccomp filters.
     let out = Command::new(&devd)
+        .env_remove("LD_PRELOAD")
         .arg(base)
         .arg("--socket")
         .arg(socket)

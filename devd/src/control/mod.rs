@@ -1118,7 +1118,10 @@ impl Devd {
                     false
                 }
                 Some(_) => {
-                    waiting.push((id, e));
+                    // Only on a wake that asks sock_diag.
+                    if look {
+                        waiting.push((id, e));
+                    }
                     true
                 }
             }
@@ -1150,10 +1153,10 @@ impl Devd {
     /// still queued on a unix socket would). sock_diag tells: the
     /// connection's socket on this end's side has another inode (0 once
     /// closed everywhere while the kernel finishes the connection, or a
-    /// new socket on the same addresses), or none is left, but only when
-    /// the kernel shows devd this connection at all (the peer's side is
-    /// found: not another network namespace, not bound to a device).
-    /// Unsure: false (the end waits out its grace).
+    /// new socket on the same addresses), or none is left while the peer's
+    /// side is in TIME_WAIT (the connection closed both ways; a passive
+    /// closer's socket is gone by then). Otherwise, or unsure: false (the
+    /// end waits out its grace).
     fn orphan_gone(&mut self, id: u64, e: usize) -> bool {
         let Some(c) = self.reg.conns.get(&id) else {
             return false;
@@ -1169,7 +1172,12 @@ impl Devd {
         let connected = |s: &crate::sys::TcpSeen| s.state != crate::sys::TCP_LISTEN;
         match look(mine, peer) {
             Ok(Some(s)) if connected(&s) => u64::from(s.inode) != inode,
-            Ok(_) => matches!(look(peer, mine), Ok(Some(s)) if connected(&s)),
+            // Not found is no proof alone (a socket bound to a device or a
+            // VRF is never found by this lookup): only with the peer in
+            // TIME_WAIT, after both sides' FINs, is the connection over.
+            Ok(_) => {
+                matches!(look(peer, mine), Ok(Some(s)) if s.state == crate::sys::TCP_TIME_WAIT)
+            }
             Err(e) => {
                 log::debug!("connection {id}: sock_diag: {e}");
                 false

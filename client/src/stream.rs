@@ -1,9 +1,10 @@
 //! `Stream` and `Listener`: TCP-like sockets whose bytes move over the
 //! transport chosen at negotiation (DESIGN 3.2). The kernel TCP socket is
-//! always real: it carries the handshake and the Hello, and afterwards is
-//! the liveness channel and the fallback.
+//! always real: it carries the handshake and, until each direction moves to
+//! the region, that direction's bytes; afterwards it is the liveness
+//! channel.
 
-use crate::negotiate::{accept_on, connect_mapped, register_listener, Accepted};
+use crate::negotiate::{accept_on, connect_start, register_listener, Accepted, Started};
 use crate::session::Session;
 use crate::transport::kernel::Kernel;
 use crate::transport::{Ctx, Transport};
@@ -26,13 +27,6 @@ pub struct Options {
     pub mode: ModePref,
     /// Spin budget; None: `SSOCK_SPIN_US`, else devd's config.
     pub spin: Option<Duration>,
-    /// How long an acceptor waits for a Hello announced by an intent (the
-    /// connector sends it right after connecting).
-    pub hello_timeout: Duration,
-    /// How long a connector waits for the HelloAck (until the acceptor
-    /// calls accept); past it, connect fails with EAGAIN (the socket's
-    /// receive timeout expired). devd keeps intents longer than this.
-    pub ack_timeout: Duration,
 }
 
 impl Default for Options {
@@ -41,8 +35,6 @@ impl Default for Options {
             session: None,
             mode: ModePref::Auto,
             spin: None,
-            hello_timeout: Duration::from_secs(2),
-            ack_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -83,6 +75,8 @@ pub struct Stream {
     transport: Box<dyn Transport>,
     tcp: TcpStream,
     fallback: Option<FallbackReason>,
+    /// devd paired the connection (a kernel mode later means refused).
+    paired: bool,
     nonblocking: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
@@ -112,11 +106,17 @@ impl Stream {
             None,
         )?;
         let spin = opts.spin(session.as_ref());
-        let r = connect_mapped(sock.as_fd(), dst, opts, session.as_ref())?;
+        let r = connect_start(sock.as_fd(), dst, opts, session.as_ref())?;
         let tcp: TcpStream = sock.into();
         match r {
-            Ok(t) => Ok(Stream::new(t, tcp, None, spin)),
-            Err(reason) => Stream::kernel(tcp, reason, spin),
+            Started::Up {
+                transport,
+                under_way: None,
+            } => Ok(Stream::new(transport, tcp, None, spin)),
+            Started::Up {
+                under_way: Some(e), ..
+            } => Err(e),
+            Started::Kernel(reason) => Stream::kernel(tcp, reason, spin),
         }
     }
 
@@ -135,6 +135,8 @@ impl Stream {
         spin: Duration,
     ) -> Stream {
         Stream {
+            // Paired by devd: not a kernel stream from the start.
+            paired: fallback.is_none() && transport.handover_words().is_some(),
             transport,
             tcp,
             fallback,
@@ -158,7 +160,11 @@ impl Stream {
 
     /// Why the connection is on kernel TCP, when known.
     pub fn fallback_reason(&self) -> Option<FallbackReason> {
-        self.fallback
+        match self.fallback {
+            // devd paired it, and said kernel TCP after the connect.
+            None if self.paired && self.mode() == Mode::Kernel => Some(FallbackReason::Refused),
+            r => r,
+        }
     }
 
     /// The kernel socket (addresses, options; never read or write it).

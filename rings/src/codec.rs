@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 4;
+pub const CTL_VERSION: u16 = 5;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -160,13 +160,13 @@ reasons! {
     Limit = 3, "limit";
     /// The application or config asked for kernel TCP.
     Requested = 4, "requested";
-    /// The peer's Hello did not arrive in time.
+    /// Not sent since version 5 (was: no Hello in time); kept so codes stay.
     HelloTimeout = 5, "hello_timeout";
-    /// The first bytes were not a valid Hello.
+    /// Not sent since version 5 (was: a bad Hello); kept so codes stay.
     BadHello = 6, "bad_hello";
-    /// The peer speaks another protocol version.
+    /// Not sent since version 5 (was: a Hello of another version).
     Version = 7, "version";
-    /// The server side refused in its HelloAck.
+    /// Not sent since version 5 (was: HelloAck KERNEL).
     Refused = 8, "refused";
     /// devd failed to set the connection up.
     DevdError = 9, "devd_error";
@@ -175,7 +175,7 @@ reasons! {
     /// The address is not on this host / not reachable through a backend.
     NotLocal = 11, "not_local";
     /// The connector let go of the connection (closed, exited, failed)
-    /// before the acceptor claimed it: the acceptor consumed its Hello.
+    /// before the acceptor claimed it: the acceptor stays on kernel TCP.
     ConnectorGone = 12, "connector_gone";
     /// The connection was to reuse a region kept by the listener's process
     /// (see [`Attachment::reuse`]) and another process accepted it.
@@ -266,8 +266,8 @@ pub enum Request {
     },
     /// An accepted socket: is there an intent for it? fds: [accepted socket].
     Claim,
-    /// Map this socket's connection (exec'd images, fd receivers, a
-    /// connector forked before its HelloAck). fds: [socket].
+    /// Map this socket's connection (exec'd images, fd receivers, an end
+    /// reusing a region this process no longer keeps). fds: [socket].
     Attach,
     /// This process is done with its end of the connection (it closed it).
     /// devd sends no reply (see [`Request::expects_reply`]).
@@ -311,11 +311,10 @@ pub enum Response {
     },
     /// Done.
     Ok,
-    /// Intent accepted, the connection created: send a Hello with `token`
-    /// after connecting; on HelloAck ACCEPT use `attachment` (fds beside
-    /// the frame), on KERNEL release it.
+    /// Intent accepted, the connection created: connect, map `attachment`
+    /// (fds beside the frame) and move to it once its CLAIM word says so.
     Proceed {
-        /// Token for the Hello.
+        /// devd's token of the intent.
         token: u64,
         /// The connector's end.
         attachment: Attachment,
@@ -325,8 +324,9 @@ pub enum Response {
         /// Why.
         reason: FallbackReason,
     },
-    /// Claim found an intent: read a Hello carrying `token`, answer
-    /// HelloAck ACCEPT and use `attachment` (fds beside the frame).
+    /// Claim found an intent and paired it: use `attachment` (fds beside
+    /// the frame); the kernel socket carries the connector's first bytes
+    /// up to its published switch.
     Expect {
         /// Token to expect.
         token: u64,
@@ -334,8 +334,8 @@ pub enum Response {
         attachment: Attachment,
     },
     /// Claim found an intent but this side may not accelerate it (policy,
-    /// caps, resources): read the Hello carrying `token` and answer
-    /// HelloAck KERNEL. devd counted the fallback.
+    /// caps, resources, or its connector let go of it): plain TCP; devd
+    /// told the connector (its CLAIM word) and counted the fallback.
     ExpectKernel {
         /// Token to expect.
         token: u64,
@@ -789,78 +789,6 @@ impl Response {
     }
 }
 
-/// The Hello a connector sends as the first bytes on the TCP stream.
-pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKHI\x01");
-/// The HelloAck an acceptor sends back.
-pub const HELLO_ACK_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKACK");
-/// Size of both Hello and HelloAck on the wire.
-pub const HELLO_LEN: usize = 24;
-
-/// HelloAck status: switch to the attached transport.
-pub const ACK_ACCEPT: u16 = 1;
-/// HelloAck status: stay on kernel TCP.
-pub const ACK_KERNEL: u16 = 2;
-
-/// Encodes a Hello: magic, version, flags (0), pad, token.
-pub fn hello(token: u64) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-    b[8..10].copy_from_slice(&CTL_VERSION.to_le_bytes());
-    b[16..24].copy_from_slice(&token.to_le_bytes());
-    b
-}
-
-/// Decodes a Hello into its token.
-pub fn parse_hello(b: &[u8; HELLO_LEN]) -> Result<u64, DecodeError> {
-    let magic = u64::from_le_bytes(b[..8].try_into().expect("8"));
-    if magic != HELLO_MAGIC {
-        return Err(DecodeError::Magic(
-            u32::try_from(magic & 0xffff_ffff).unwrap_or(0),
-        ));
-    }
-    let v = u16::from_le_bytes([b[8], b[9]]);
-    if v != CTL_VERSION {
-        return Err(DecodeError::Version {
-            got: v,
-            want: CTL_VERSION,
-        });
-    }
-    Ok(u64::from_le_bytes(b[16..24].try_into().expect("8")))
-}
-
-/// Encodes a HelloAck with a status.
-pub fn hello_ack(status: u16) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[..8].copy_from_slice(&HELLO_ACK_MAGIC.to_le_bytes());
-    b[8..10].copy_from_slice(&CTL_VERSION.to_le_bytes());
-    b[10..12].copy_from_slice(&status.to_le_bytes());
-    b
-}
-
-/// Decodes a HelloAck into its status.
-pub fn parse_hello_ack(b: &[u8; HELLO_LEN]) -> Result<u16, DecodeError> {
-    let magic = u64::from_le_bytes(b[..8].try_into().expect("8"));
-    if magic != HELLO_ACK_MAGIC {
-        return Err(DecodeError::Magic(
-            u32::try_from(magic & 0xffff_ffff).unwrap_or(0),
-        ));
-    }
-    let v = u16::from_le_bytes([b[8], b[9]]);
-    if v != CTL_VERSION {
-        return Err(DecodeError::Version {
-            got: v,
-            want: CTL_VERSION,
-        });
-    }
-    match u16::from_le_bytes([b[10], b[11]]) {
-        s @ (ACK_ACCEPT | ACK_KERNEL) => Ok(s),
-        s => Err(DecodeError::Field {
-            field: "ack_status",
-            value: u64::from(s),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -992,17 +920,5 @@ mod tests {
         b2[20] = 0;
         b2[21] = 0;
         assert!(Request::decode(&b2, 0).is_err());
-    }
-
-    #[test]
-    fn hello_and_ack_round_trip_and_reject_garbage() {
-        assert_eq!(parse_hello(&hello(77)).unwrap(), 77);
-        assert_eq!(parse_hello_ack(&hello_ack(ACK_KERNEL)).unwrap(), ACK_KERNEL);
-        let mut g = hello(1);
-        g[0] ^= 1;
-        assert!(parse_hello(&g).is_err());
-        let mut a = hello_ack(ACK_ACCEPT);
-        a[10] = 9;
-        assert!(parse_hello_ack(&a).is_err());
     }
 }

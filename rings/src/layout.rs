@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 3;
+pub const REGION_VERSION: u32 = 4;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -47,6 +47,127 @@ pub mod hdr {
     /// end (attach and fork add one, close takes one; the last close ends
     /// the stream). A Queued region uses its own end's word.
     pub const HOLDERS: usize = 48;
+}
+
+/// Hand-over words: where each direction moves from the kernel socket to
+/// the region (docs/protocol.md section 2.3). Each on a cache line of its
+/// own, away from the ring words; the same offsets in Direct and Queued
+/// regions (a Queued region is one end's: devd relays what the peer's
+/// region says).
+pub mod hov {
+    /// u32 written by devd: what became of the connection's intent
+    /// (`CLAIM_*`). Read by the connector.
+    pub const CLAIM: usize = 1024;
+    /// u64 per direction d (0: connector->acceptor, 1: the reverse) at
+    /// `SWITCH + 8 d`: 0 while that direction's writer is still on the
+    /// kernel socket; S + 1 once it moved to the region after writing S
+    /// bytes on the kernel socket; [`super::SWITCH_NEVER`]: it stays on
+    /// the kernel socket.
+    pub const SWITCH: usize = 1088;
+    /// u64 per side s at `TCP_READ + 8 s`: bytes that side's holders have
+    /// read from the kernel socket before its peer's switch (the holders
+    /// of one end may be several processes).
+    pub const TCP_READ: usize = 1152;
+}
+
+/// CLAIM: no acceptor has claimed the connection yet.
+pub const CLAIM_PENDING: u32 = 0;
+/// CLAIM: the acceptor took its end; the connector moves when it likes.
+pub const CLAIM_ACCEPTED: u32 = 1;
+/// CLAIM: the connection stays on the kernel socket (the acceptor was
+/// refused, or the intent expired); the connector lets its end go.
+pub const CLAIM_KERNEL: u32 = 2;
+/// SWITCH value: this direction stays on the kernel socket for good (its
+/// writer was shared by several processes before it could move).
+pub const SWITCH_NEVER: u64 = u64::MAX;
+
+/// What a direction's SWITCH word says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// Its writer is still on the kernel socket and may move later.
+    NotYet,
+    /// Its writer moved to the region after this many kernel bytes.
+    After(u64),
+    /// It stays on the kernel socket.
+    Never,
+}
+
+impl Switch {
+    fn word(self) -> u64 {
+        match self {
+            Switch::NotYet => 0,
+            Switch::After(n) => n.saturating_add(1).min(SWITCH_NEVER - 1),
+            Switch::Never => SWITCH_NEVER,
+        }
+    }
+
+    fn from_word(w: u64) -> Switch {
+        match w {
+            0 => Switch::NotYet,
+            SWITCH_NEVER => Switch::Never,
+            n => Switch::After(n - 1),
+        }
+    }
+}
+
+/// The CLAIM word (Acquire: what devd wrote before it is visible too).
+pub fn claim(m: &Mapping) -> u32 {
+    m.u32_at(hov::CLAIM).load(Ordering::Acquire)
+}
+
+/// The SWITCH word of direction `d`, read once.
+pub fn switch_at(m: &Mapping, d: usize) -> Switch {
+    Switch::from_word(m.u64_at(hov::SWITCH + 8 * (d & 1)).load(Ordering::Acquire))
+}
+
+/// Publishes direction `d`'s switch if none was published yet; returns
+/// what the word says afterwards (another holder may have been first).
+/// Release: the kernel bytes were sent before, the ring bytes follow.
+pub fn publish_switch(m: &Mapping, d: usize, s: Switch) -> Switch {
+    let w = m.u64_at(hov::SWITCH + 8 * (d & 1));
+    match w.compare_exchange(0, s.word(), Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => s,
+        Err(cur) => Switch::from_word(cur),
+    }
+}
+
+/// Bytes side `side`'s holders read from the kernel socket so far.
+pub fn tcp_read(m: &Mapping, side: usize) -> &std::sync::atomic::AtomicU64 {
+    m.u64_at(hov::TCP_READ + 8 * (side & 1))
+}
+
+/// The bytes devd writes with pwrite at `offset` when a claim is decided:
+/// first [`claim_switch_bytes`] (the acceptor moves at once), then this.
+pub fn claim_bytes(state: u32) -> (u64, [u8; 4]) {
+    (hov::CLAIM as u64, state.to_le_bytes())
+}
+
+/// The acceptor->connector SWITCH word devd writes at a claim: the
+/// acceptor writes into the region from its first byte on.
+pub fn claim_switch_bytes() -> (u64, [u8; 8]) {
+    (
+        (hov::SWITCH + 8) as u64,
+        Switch::After(0).word().to_le_bytes(),
+    )
+}
+
+/// Copies direction `d`'s SWITCH word from one end's Queued region to the
+/// other's (devd's engine: each end sees only its own region). Returns
+/// whether the source had one to copy.
+pub fn relay_switch(from: &Mapping, to: &Mapping, d: usize) -> bool {
+    let w = from
+        .u64_at(hov::SWITCH + 8 * (d & 1))
+        .load(Ordering::Acquire);
+    if w == 0 {
+        return false;
+    }
+    let _ = to.u64_at(hov::SWITCH + 8 * (d & 1)).compare_exchange(
+        0,
+        w,
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    );
+    true
 }
 
 /// The holder count of end `side` (0 connector, 1 acceptor).

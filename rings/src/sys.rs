@@ -635,6 +635,33 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<usize>
     Ok(n.unsigned_abs())
 }
 
+/// send(2) on a borrowed socket with `flags` (MSG_DONTWAIT, MSG_NOSIGNAL...).
+pub fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> io::Result<usize> {
+    // SAFETY: buf is a valid borrowed buffer of buf.len() bytes, only read.
+    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.unsigned_abs())
+}
+
+/// (bytes waiting to be read, bytes sent but not yet acknowledged) on a
+/// TCP socket: FIONREAD and SIOCOUTQ; 0 where the kernel says no.
+pub fn socket_queues(fd: BorrowedFd<'_>) -> (usize, usize) {
+    let q = |req: libc::c_ulong| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: both requests write one int through the pointer, which
+        // points at a live local.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut n as *mut libc::c_int) };
+        if r < 0 {
+            0
+        } else {
+            usize::try_from(n).unwrap_or(0)
+        }
+    };
+    (q(libc::FIONREAD), q(libc::TIOCOUTQ))
+}
+
 /// Raises SIGPIPE in the calling thread, as the kernel does for a send on
 /// a closed connection without MSG_NOSIGNAL.
 pub fn raise_sigpipe() {

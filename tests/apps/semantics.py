@@ -473,16 +473,140 @@ def case_fionread():
     a.close()
 
 
+def case_self_connect_before_accept():
+    """libevent-style: a nonblocking connect to its own listener, writable
+    and bytes sent before the accept; then a second connection."""
+    global CONNS
+    ls = listener()
+    for n in (1, 2):
+        s = socket.socket()
+        s.setblocking(False)
+        say("self connect:", errno.errorcode.get(s.connect_ex(ls.getsockname()), "0"))
+        _, w, _ = select.select([], [s], [], 10)
+        say("writable before accept:", bool(w),
+            "SO_ERROR:", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        s.setblocking(True)
+        s.sendall(b"early%d" % n)
+        a, _ = ls.accept()
+        CONNS += 1
+        say("accepted reads:", recv_exactly(a, 6))
+        a.sendall(b"reply")
+        say("connector reads:", recv_exactly(s, 5))
+        s.sendall(b"later")
+        say("accepted reads:", recv_exactly(a, 5))
+        s.close()
+        say("then:", a.recv(10))
+        a.close()
+    ls.close()
+
+
+def case_bytes_before_accept():
+    """The connector writes 300 KiB before its peer accepts, then more
+    after the reply: one stream, in order, whatever carried each part."""
+    global CONNS
+    ls = listener()
+    c = socket.socket()
+    c.connect(ls.getsockname())
+    first = bytes(range(256)) * 1200
+    c.sendall(first)
+    a, _ = ls.accept()
+    ls.close()
+    CONNS += 1
+    got = recv_exactly(a, len(first))
+    say("before accept:", len(got), got == first)
+    a.sendall(b"ok")
+    say("reply:", recv_exactly(c, 2))
+    second = bytes(reversed(range(256))) * 900
+    c.sendall(second)
+    c.shutdown(socket.SHUT_WR)
+    rest = recv_exactly(a, len(second) + 1)
+    say("after the reply:", len(rest), rest == second)
+    a.close()
+    c.close()
+
+
+def case_nonblocking_connect_to_a_full_queue():
+    """The listener's accept queue is full: a nonblocking connect returns
+    at once, not yet connected (the kernel retransmits its SYN later)."""
+    global CONNS
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    queued = []
+    for _ in range(2):
+        q = socket.socket()
+        q.connect(ls.getsockname())
+        queued.append(q)
+    s = socket.socket()
+    s.setblocking(False)
+    say("full queue, nonblocking connect:",
+        errno.errorcode.get(s.connect_ex(ls.getsockname()), "0"))
+    _, w, _ = select.select([], [s], [], 0)
+    say("connected at once:", bool(w))
+    accepted = [ls.accept()[0] for _ in range(3)]
+    CONNS += 3
+    _, w, _ = select.select([], [s], [], 10)
+    say("connected later:", bool(w), "SO_ERROR:", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    s.setblocking(True)
+    for i, c in enumerate(queued + [s]):
+        c.sendall(b"n%d" % i)
+    say("accepted read:", sorted(recv_exactly(a, 2) for a in accepted))
+    for c in queued + [s] + accepted:
+        c.close()
+    ls.close()
+
+
+def case_plain_acceptor_by_exec():
+    """The listener was registered by this process; a plain program (no
+    preload, an empty environment) got it by exec and accepts: it reads
+    exactly what the connector wrote."""
+    ls = listener()
+    ls.set_inheritable(True)
+    child = subprocess.Popen([sys.executable, __file__, "plain-echo", str(ls.fileno())],
+                             pass_fds=[ls.fileno()], env={})
+    c = socket.socket()
+    c.connect(ls.getsockname())
+    ls.close()
+    c.sendall(b"first words")
+    say("plain acceptor echoes:", recv_exactly(c, 11))
+    c.sendall(b"and more")
+    say("plain acceptor echoes:", recv_exactly(c, 8))
+    c.shutdown(socket.SHUT_WR)
+    say("then:", c.recv(10))
+    c.close()
+    say("plain acceptor status:", child.wait())
+
+
+def plain_echo(fd):
+    ls = socket.socket(fileno=fd)
+    a, _ = ls.accept()
+    ls.close()
+    first = recv_exactly(a, 11)
+    say("plain acceptor reads:", first)
+    a.sendall(first)
+    while True:
+        b = a.recv(65536)
+        if not b:
+            break
+        a.sendall(b)
+    a.close()
+
+
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
          case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
-         case_reset, case_reset_so_error, case_urgent, case_fionread]
+         case_reset, case_reset_so_error, case_urgent, case_fionread,
+         case_self_connect_before_accept, case_bytes_before_accept,
+         case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "exec-two":
         os.close(int(sys.argv[2]))
         exec_child(int(sys.argv[3]))
+        sys.exit(0)
+    if len(sys.argv) > 2 and sys.argv[1] == "plain-echo":
+        plain_echo(int(sys.argv[2]))
         sys.exit(0)
     if len(sys.argv) > 2 and sys.argv[1] == "exec-child":
         exec_child(int(sys.argv[2]))

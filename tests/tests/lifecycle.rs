@@ -236,8 +236,8 @@ fn an_acceptor_over_its_cap_answers_kernel_and_both_ends_carry_on_over_tcp() -> 
             acc.fallback_reason(),
             con.fallback_reason()
         );
-        // The Hello and HelloAck were consumed: the application's bytes
-        // are exactly its own, both ways.
+        // Nothing of ssock's is on the kernel socket: the application's
+        // bytes are exactly its own, both ways.
         con.write_all(b"ping")?;
         let mut b = [0u8; 4];
         acc.read_exact(&mut b)?;

@@ -85,17 +85,18 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const SockAddr, len: socklen_
             let (dst, b) = unsafe { (sockaddr(addr, len), borrow(fd)) };
             let Some(dst) = dst else { return real() };
             if table::get(fd).is_some() {
-                return dispatch(fd, |s| lock(s).reconnect(b), real);
+                // The kernel's connect is the connection's: it says
+                // EALREADY, 0, EISCONN or the connect's error.
+                return real();
             }
             match sock::connect(b, dst) {
                 None => real(),
-                Some(Ok(Some(s))) => {
-                    let nonblocking = s.nonblocking;
+                Some(Ok(Some((s, said)))) => {
                     table::insert(fd, s);
                     epoll::became_accelerated(fd);
-                    // The kernel's answer for a nonblocking connect.
-                    if nonblocking {
-                        fail(libc::EINPROGRESS)
+                    // What the kernel's connect said (EINPROGRESS...).
+                    if said != 0 {
+                        fail(said)
                     } else {
                         0
                     }
@@ -1039,14 +1040,7 @@ unsafe fn rights(msg: *const libc::msghdr) -> Vec<c_int> {
 unsafe fn passed_socks(msg: *const libc::msghdr) -> Vec<Entry> {
     // SAFETY: guaranteed by the caller.
     let fds = unsafe { rights(msg) };
-    fds.into_iter()
-        .filter_map(|fd| {
-            let s = table::get(fd)?;
-            // SAFETY: the caller passes fd in its message: it is open.
-            lock(&s).settle(unsafe { borrow(fd) });
-            Some(s)
-        })
-        .collect()
+    fds.into_iter().filter_map(table::get).collect()
 }
 
 /// Takes over the accelerated sockets a received message passed.

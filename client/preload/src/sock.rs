@@ -3,49 +3,34 @@
 //! semantics. Negotiation for connect/accept lives here too; the exported
 //! functions in lib.rs only look fds up and dispatch.
 
-use ssock_client::negotiate::{
-    accept_on, attach, connect_finish, connect_start, register_listener, Accepted, Outcome,
-    Pending, Started,
-};
+use ssock_client::negotiate::{accept_on, connect_start, register_listener, Accepted, Started};
 use ssock_client::transport::{Ctx, Ready, Transport};
-use ssock_client::{Options, Session};
+use ssock_client::{Mode, Options, Session};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a blocking connect waits for the HelloAck before returning
-/// (the rest of the wait, if any, happens at the socket's first use).
-const ACK_GRACE: Duration = Duration::from_millis(1);
-
 /// errno-like code some `Sock` calls return when negotiation ended on
 /// kernel TCP after all: the caller forgets the socket and hands the call
 /// to libc. Never a real errno.
 pub const FALLBACK: i32 = -1;
 
-/// Where a socket's negotiation stands.
+/// Where a socket stands.
 enum State {
-    /// connect() sent the Hello; the HelloAck is read at first use (so a
-    /// program that accepts its own connection after connect() works).
-    /// Holds the session and this end, created at the intent (None in a
-    /// process forked before the HelloAck: it attaches through its own
-    /// session instead).
-    AwaitAck(Arc<Session>, Option<Pending>),
-    /// Accelerated.
+    /// Accelerated (its directions may still be on the kernel socket,
+    /// `transport::handover`).
     Up(Box<dyn Transport>),
-    /// The acceptor said kernel TCP (or the HelloAck never came): the kernel
-    /// socket is the connection.
+    /// devd said kernel TCP after all: the kernel socket is the connection.
     Kernel,
 }
 
-/// An accelerated socket (or one whose negotiation is under way).
+/// An accelerated socket.
 pub struct Sock {
     state: State,
     spin: Duration,
     read_shut: bool,
-    /// shutdown(SHUT_WR) before the HelloAck: applied once it is known.
-    write_shut: bool,
     /// A send is waiting half done (see `io::send`): other sends wait.
     pub send_busy: bool,
     /// O_NONBLOCK of the socket, kept here so that no call needs F_GETFL:
@@ -55,28 +40,6 @@ pub struct Sock {
     pub nonblocking: bool,
     /// SO_ERROR already reported the reset.
     error_reported: bool,
-    /// Other processes that got the socket (fork, exec, fd passing) before
-    /// the HelloAck was read, as fork_hold minus drop_hold (an exec takes
-    /// one back before it runs and gives it again if it fails, so this may
-    /// dip below zero): above zero, its end is not ours alone to release.
-    shared: i32,
-    /// connect() has reported success (0). A nonblocking connect reported
-    /// EINPROGRESS: the next connect() on the socket says 0, later ones
-    /// EISCONN, as the kernel's do.
-    connect_reported: bool,
-}
-
-impl Drop for Sock {
-    fn drop(&mut self) {
-        // Closed before the HelloAck was read, and never shared with another
-        // process (which attaches the end by its socket later): devd holds
-        // this end for us until told.
-        if let State::AwaitAck(session, Some(p)) = &self.state {
-            if self.shared <= 0 && !session.is_broken() {
-                ssock_client::negotiate::release(session, p);
-            }
-        }
-    }
 }
 
 /// Sockets that turned plain after connect (negotiation ended on kernel
@@ -123,9 +86,9 @@ fn is_tcp(fd: BorrowedFd<'_>) -> bool {
 
 /// connect(2) on a TCP socket: negotiate; returns Some(result) if the
 /// shim handled it, None to let libc do it (not TCP, no devd). Ok(Some):
-/// the Hello is sent and the socket is tracked; a nonblocking caller is
-/// then told EINPROGRESS, as by the kernel.
-pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock>, i32>> {
+/// the socket is tracked, with what the kernel's connect said (0, or
+/// EINPROGRESS/EINTR while it goes on).
+pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Sock, i32)>, i32>> {
     if !is_tcp(fd) {
         return None;
     }
@@ -137,26 +100,25 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<Sock
             log::info!("connect to {dst}: kernel TCP ({r:?})");
             Ok(None)
         }
-        Ok(Started::HelloSent {
-            pending,
-            nonblocking,
+        Ok(Started::Up {
+            transport,
+            under_way,
         }) => {
-            // A nonblocking connect reported EINPROGRESS, not success.
-            let mut s = Sock::new(State::AwaitAck(session, Some(pending)), spin, nonblocking);
-            s.connect_reported = !nonblocking;
-            if !nonblocking {
-                // A blocking connect waits a little for the HelloAck (a
-                // local acceptor usually answers within a few hundred us),
-                // so that the socket is attached before the program can
-                // fork or exec it. An acceptor that only accepts after
-                // connect() returns (same thread) leaves it for first use.
-                if ssock_client::negotiate::await_ack(fd, ACK_GRACE) {
-                    s.settle(fd);
-                }
-            }
-            Ok(Some(s))
+            log::info!(
+                "connect to {dst}: {:?}, connection {}",
+                transport.mode(),
+                transport.conn_id().unwrap_or(0)
+            );
+            let said = under_way.as_ref().map_or(0, errno);
+            Ok(Some((
+                Sock::new(State::Up(transport), spin, is_nonblocking(fd)),
+                said,
+            )))
         }
-        Err(e) => Err(errno(&e)),
+        Err(e) => {
+            log::info!("connect to {dst}: {e}");
+            Err(errno(&e))
+        }
     })
 }
 
@@ -169,15 +131,14 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// A socket accepted from a registered listener: negotiate. Ok(None):
-/// plain; Err(()) : the announced peer sent no valid Hello, drop it.
+/// plain; Err(()): devd paired it but this side cannot use its end (it
+/// was shut down): drop it.
 pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     let Some(session) = session() else {
         return Ok(None);
     };
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    // Negotiation reads the Hello with recv(MSG_DONTWAIT) and poll, so an
-    // accept4(SOCK_NONBLOCK) socket needs no change.
     let nb = is_nonblocking(fd);
     match accept_on(&session, fd, &opts) {
         Ok(Accepted::Attached(t)) => {
@@ -263,102 +224,25 @@ impl Sock {
             state,
             spin,
             read_shut: false,
-            write_shut: false,
             send_busy: false,
             nonblocking,
             error_reported: false,
-            shared: 0,
-            connect_reported: true,
         }
     }
 
-    /// The transport, once negotiation is over. Err(EAGAIN): the HelloAck
-    /// has not come yet; Err(FALLBACK): kernel TCP.
-    fn up(&mut self, fd: BorrowedFd<'_>) -> Result<&mut Box<dyn Transport>, i32> {
-        if let State::AwaitAck(session, pending) = &mut self.state {
-            // After fork the child's copy of the session is marked broken
-            // (it is the parent's socket): use this process's own, and
-            // attach through it (the end from the intent is the parent's).
-            let session = if session.is_broken() {
-                *pending = None;
-                Session::global()
-            } else {
-                Some(session.clone())
-            };
-            let Some(session) = session else {
-                // No devd to attach through: the acceptor waits on rings
-                // this side can never reach. End the connection.
-                log::warn!("connect: devd unreachable before the HelloAck; shutting down");
-                let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+    /// The transport. Err(FALLBACK): kernel TCP (devd said so after the
+    /// connect: the transport let its end go).
+    fn up(&mut self) -> Result<&mut Box<dyn Transport>, i32> {
+        if let State::Up(t) = &self.state {
+            if t.mode() == Mode::Kernel {
+                log::info!("connection turned out plain: kernel TCP");
                 TURNED_PLAIN.fetch_add(1, std::sync::atomic::Ordering::Release);
                 self.state = State::Kernel;
-                return Err(FALLBACK);
-            };
-            let session = &session;
-            let next = match connect_finish(fd, session, None, pending) {
-                Ok(None) => return Err(libc::EAGAIN),
-                Ok(Some(Outcome::Attached(resp))) => match attach(session, resp) {
-                    Ok(t) => {
-                        log::info!(
-                            "connect: {:?}, connection {}",
-                            t.mode(),
-                            t.conn_id().unwrap_or(0)
-                        );
-                        State::Up(t)
-                    }
-                    Err(e) => {
-                        // The acceptor is attached and waits on the rings:
-                        // ending the kernel connection tells it (a reset).
-                        log::warn!("attach failed after the HelloAck: {e}");
-                        let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-                        State::Kernel
-                    }
-                },
-                Ok(Some(Outcome::Kernel(r))) => {
-                    log::info!("connect: kernel TCP ({r:?})");
-                    State::Kernel
-                }
-                Err(e) => {
-                    // No valid HelloAck (the acceptor dropped us): what is
-                    // left is the kernel connection, and the kernel's answer.
-                    log::warn!("negotiation failed after connect: {e}");
-                    State::Kernel
-                }
-            };
-            if matches!(next, State::Kernel) {
-                TURNED_PLAIN.fetch_add(1, std::sync::atomic::Ordering::Release);
-            }
-            self.state = next;
-            let ctx = self.ctx(fd);
-            match &mut self.state {
-                State::Up(t) if self.write_shut => {
-                    let _ = t.shutdown_write(&ctx);
-                }
-                State::Kernel if self.write_shut => {
-                    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write);
-                }
-                _ => {}
             }
         }
         match &mut self.state {
             State::Up(t) => Ok(t),
             State::Kernel => Err(FALLBACK),
-            State::AwaitAck(..) => Err(libc::EAGAIN),
-        }
-    }
-
-    /// connect(2) again on a socket the shim tracks (programs check a
-    /// nonblocking connect that way): EALREADY while the HelloAck is
-    /// awaited, then 0 once, then EISCONN.
-    pub fn reconnect(&mut self, fd: BorrowedFd<'_>) -> Result<i32, i32> {
-        match self.up(fd).map(|_| ()) {
-            Err(libc::EAGAIN) => Err(libc::EALREADY),
-            Err(e) => Err(e),
-            Ok(()) if !self.connect_reported => {
-                self.connect_reported = true;
-                Ok(0)
-            }
-            Ok(()) => Err(libc::EISCONN),
         }
     }
 
@@ -373,6 +257,11 @@ impl Sock {
             return Some(0);
         }
         let r = self.readiness(fd, true);
+        if !matches!(&self.state, State::Up(t) if t.settled()) {
+            // Still on the kernel socket (a connect under way, or refused):
+            // its own error is the connection's.
+            return None;
+        }
         if r.err {
             // As the kernel once its error is taken: reads see the end,
             // writes EPIPE.
@@ -411,7 +300,7 @@ impl Sock {
     ) -> Result<usize, i32> {
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
-        let t = self.up(fd)?;
+        let t = self.up()?;
         if read_shut || buf.is_empty() {
             return Ok(0);
         }
@@ -429,7 +318,7 @@ impl Sock {
             return Err(libc::EPIPE);
         }
         let ctx = self.ctx(fd);
-        self.up(fd)?.write(buf, &ctx).map_err(|e| errno(&e))
+        self.up()?.write(buf, &ctx).map_err(|e| errno(&e))
     }
 
     /// shutdown(2): Err(FALLBACK) once the socket turned out plain.
@@ -438,15 +327,7 @@ impl Sock {
             return Err(libc::EINVAL);
         }
         let ctx = self.ctx(fd);
-        let t = match self.up(fd) {
-            Err(libc::EAGAIN) => {
-                // Before the HelloAck: remembered, applied when it comes.
-                self.read_shut |= how != libc::SHUT_WR;
-                self.write_shut |= how != libc::SHUT_RD;
-                return Ok(());
-            }
-            r => r?,
-        };
+        let t = self.up()?;
         if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
             t.shutdown_write(&ctx).map_err(|e| errno(&e))?;
         }
@@ -458,22 +339,10 @@ impl Sock {
         Ok(())
     }
 
-    /// If the HelloAck is there, attach now (before the socket is passed
-    /// to another process, or at the end of a blocking connect), so that
-    /// the hold and the rings are shared rather than several processes
-    /// racing for the HelloAck later.
-    pub fn settle(&mut self, fd: BorrowedFd<'_>) {
-        if matches!(self.state, State::AwaitAck(..)) {
-            let _ = self.up(fd);
-        }
-    }
-
     /// Another process will hold the socket too (fork, or fd passing).
     pub fn fork_hold(&mut self) {
-        match &mut self.state {
-            State::Up(t) => t.fork_hold(),
-            State::AwaitAck(..) => self.shared = self.shared.saturating_add(1),
-            State::Kernel => {}
+        if let State::Up(t) = &mut self.state {
+            t.fork_hold();
         }
     }
 
@@ -491,44 +360,33 @@ impl Sock {
 
     /// Takes back a `fork_hold` (the fd passing failed).
     pub fn drop_hold(&mut self) {
-        match &mut self.state {
-            State::Up(t) => t.drop_hold(),
-            State::AwaitAck(..) => self.shared = self.shared.saturating_sub(1),
-            State::Kernel => {}
+        if let State::Up(t) = &mut self.state {
+            t.drop_hold();
         }
     }
 
     /// (unread, unsent) bytes, for FIONREAD and SIOCOUTQ.
     pub fn pending(&mut self, fd: BorrowedFd<'_>) -> Result<(usize, usize), i32> {
-        match self.up(fd) {
-            Ok(t) => Ok(t.pending()),
-            Err(libc::EAGAIN) => Ok((0, 0)),
-            Err(e) => Err(e),
-        }
+        let ctx = self.ctx(fd);
+        Ok(self.up()?.pending(&ctx))
     }
 
-    /// The spin budget for waits on this socket (none while the HelloAck
-    /// is awaited: it arrives on the kernel socket, which a waiter sleeps on).
+    /// The spin budget for waits on this socket (none while a direction is
+    /// still on the kernel socket: looking there costs a system call, and
+    /// a waiter sleeps on it).
     pub fn spin(&self) -> Duration {
-        if matches!(self.state, State::AwaitAck(..)) {
-            Duration::ZERO
-        } else {
-            self.spin
+        match &self.state {
+            State::Up(t) if t.settled() => self.spin,
+            _ => Duration::ZERO,
         }
     }
 
     /// Readiness for poll and friends (the kernel socket's, once the
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
-        if !check_peer && matches!(self.state, State::AwaitAck(..)) {
-            // The HelloAck arrives on the kernel socket: looking costs a
-            // syscall, so not in a spin loop (only when a waiter is about
-            // to sleep, or was woken by that socket).
-            return Ready::default();
-        }
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
-        match self.up(fd) {
+        match self.up() {
             Ok(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
                 if read_shut {
@@ -537,7 +395,6 @@ impl Sock {
                 }
                 r
             }
-            Err(libc::EAGAIN) => Ready::default(),
             Err(_) => kernel_readiness(fd),
         }
     }
@@ -553,10 +410,8 @@ impl Sock {
     ) -> Option<(Vec<(i32, i16)>, bool)> {
         let ctx = self.ctx(fd);
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        match self.up(fd) {
+        match self.up() {
             Ok(t) => t.arm(&ctx, read, write).map(|f| (f, true)),
-            // The HelloAck arrives on the kernel socket.
-            Err(libc::EAGAIN) => Some((vec![(raw, libc::POLLIN | libc::POLLRDHUP)], false)),
             Err(_) => {
                 let mut ev = 0;
                 if read {

@@ -437,6 +437,10 @@ impl Transport for Direct {
         Some(self.conn_id)
     }
 
+    fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
+        Some((self.map.clone(), self.side as usize))
+    }
+
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
         if check_peer {
             self.check_peer(ctx);
@@ -506,7 +510,7 @@ impl Transport for Direct {
         let _ = self.wbell().notify();
     }
 
-    fn pending(&mut self) -> (usize, usize) {
+    fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
         let unread = self.rx.readable().unwrap_or(0);
         let unsent = self.tx.unconsumed().map_or(0, ssock_rings::idx);
         (unread, unsent)

@@ -4,12 +4,15 @@
 //! served by devd) or [`kernel::Kernel`] (plain TCP).
 
 pub mod direct;
+pub mod handover;
 pub mod kernel;
 pub mod queued;
 
 use ssock_rings::codec::Mode;
+use ssock_rings::shm::Mapping;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a call may wait, and the kernel socket underneath (the liveness
@@ -156,9 +159,25 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
+    /// The region whose hand-over words this end uses, and its side
+    /// (0 connector, 1 acceptor): Direct's shared region, Queued's own.
+    /// None for kernel TCP.
+    fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
+        None
+    }
+    /// Looks (one zero-timeout poll) at what the transport depends on
+    /// beside its peer, without judging the kernel socket: Queued resets
+    /// itself when devd's session hung up. For a waiter whose kernel
+    /// socket still carries the peer's bytes.
+    fn check_devd(&mut self) {}
+    /// Whether calls may spin on this transport without system calls (a
+    /// [`handover::Handover`] still on the kernel socket may not).
+    fn settled(&self) -> bool {
+        true
+    }
     /// (bytes ready to read, bytes written but not yet taken by the peer),
     /// as far as this side can tell: FIONREAD and SIOCOUTQ.
-    fn pending(&mut self) -> (usize, usize) {
+    fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
         (0, 0)
     }
 }

@@ -187,12 +187,17 @@ impl Queued {
     /// hung up (devd died: a Queued connection cannot go on without it,
     /// so it is reset).
     fn check_peer_and_devd(&mut self, ctx: &Ctx<'_>) {
-        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
         let tcp = if self.peer_gone {
             -1
         } else {
             ctx.tcp.as_raw_fd()
         };
+        self.check_socket_and_devd(tcp);
+    }
+
+    /// [`Queued::check_peer_and_devd`] on kernel socket `tcp` (-1: none).
+    fn check_socket_and_devd(&mut self, tcp: std::os::fd::RawFd) {
+        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
         // Events 0 on the session: only POLLHUP/POLLERR, never a reply.
         let mut fds = [liveness_poll(tcp), PollFd::new(devd, 0)];
         if !matches!(ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)), Ok(n) if n > 0) {
@@ -299,6 +304,14 @@ impl Transport for Queued {
         Some(self.conn_id)
     }
 
+    fn check_devd(&mut self) {
+        self.check_socket_and_devd(-1);
+    }
+
+    fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
+        Some((self.map.clone(), self.side as usize))
+    }
+
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
         if check_peer {
             self.check_peer_and_devd(ctx);
@@ -368,7 +381,7 @@ impl Transport for Queued {
         let _ = self.call.notify();
     }
 
-    fn pending(&mut self) -> (usize, usize) {
+    fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
         // Only the RX buffer being read is known without popping the used
         // ring; bytes in devd's engine are not visible from here.
         let unread = self.rx_cur.map_or(0, |(_, len, off)| len - off);

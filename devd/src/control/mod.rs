@@ -23,7 +23,7 @@ use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -624,6 +624,11 @@ impl Devd {
     /// Frees an intent nobody will claim: refunds its connector's charge
     /// and drops its resources (their fds close with it).
     fn discard_intent(&mut self, i: Intent) {
+        // Its connector writes on the kernel socket until told: it stays
+        // there and lets its end go.
+        if let Err(e) = decide(&i.res, None) {
+            log::debug!("connection {}: CLAIM word: {e}", i.id);
+        }
         self.unclaim(&i);
     }
 
@@ -724,7 +729,14 @@ impl Devd {
             self.discard_intent(intent);
             return Ok(self.expect_kernel(token, reason));
         }
-        let (attachment, fds) = match attachment(&mut intent.res, intent.id, 1, reuse) {
+        let given = attachment(&mut intent.res, intent.id, 1, reuse).and_then(|(a, fds)| {
+            // The acceptor writes into the region from its first byte on;
+            // then the connector may move (docs/protocol.md section 2.3).
+            decide(&intent.res, Some(fds.first().map(|f| f.as_fd())))
+                .map_err(RequestError::Resources)?;
+            Ok((a, fds))
+        });
+        let (attachment, fds) = match given {
             Ok(a) => a,
             Err(e) => {
                 log::warn!("connection {}: acceptor's end: {e}", intent.id);
@@ -821,8 +833,13 @@ impl Devd {
             let mut it = v.into_iter();
             [it.next().expect("two fds"), it.next().expect("two fds")]
         };
+        let hdr = match &memfds[0] {
+            Some(f) => Arc::new(dup(f)?),
+            None => return Err(RequestError::Resources(io::Error::other("queued region"))),
+        };
         let mut m = memfds.into_iter();
         Ok(Res::Queued(QueuedRes {
+            hdr,
             memfd: [m.next().flatten(), m.next().flatten()],
             kick: two(kicks),
             call: two(calls),
@@ -846,11 +863,20 @@ impl Devd {
 
     fn attach(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        let (id, e) = *self
-            .reg
-            .by_inode
-            .get(&inode)
-            .ok_or(RequestError::NoConnection(inode))?;
+        let Some(&(id, e)) = self.reg.by_inode.get(&inode) else {
+            // Not paired yet: the connector's own intent, asked for again
+            // by the session that made it (its Proceed named a reused
+            // region this process no longer keeps). The same end, with fds.
+            let intent = self
+                .reg
+                .intents
+                .values_mut()
+                .flatten()
+                .find(|i| i.end.inode == inode && i.end.session == sid)
+                .ok_or(RequestError::NoConnection(inode))?;
+            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false)?;
+            return Ok((Response::Attached(a), fds));
+        };
         let reply = self.hand_out(id, e)?;
         let (pid, local) = (self.session(sid).pid, sys::local_addr(fd.as_fd()).ok());
         if let Some(conn) = self.reg.conns.get_mut(&id) {
@@ -1263,6 +1289,32 @@ fn peer_of(
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.
 /// With `reuse` (Direct), no fds: the process kept the region parked.
+/// Writes what became of an intent into its region(s) with pwrite:
+/// accepted (`Some(the acceptor's own region fd, if it has one)`): first the
+/// acceptor->connector SWITCH word (the acceptor writes into the region
+/// from its first byte), then CLAIM = accepted, which lets the connector
+/// move; refused (None): CLAIM = kernel. The values change a single byte
+/// of a zero word, so a reader never sees a torn one.
+fn decide(res: &Res, accepted: Option<Option<BorrowedFd<'_>>>) -> io::Result<()> {
+    let (connector, acceptor) = match res {
+        Res::Direct(d) => (d.memfd.as_fd(), None),
+        Res::Queued(q) => (q.hdr.as_fd(), accepted.flatten()),
+    };
+    let state = match accepted {
+        Some(_) => {
+            let (off, b) = layout::claim_switch_bytes();
+            sys::pwrite_all(connector, &b, off)?;
+            if let Some(fd) = acceptor {
+                sys::pwrite_all(fd, &b, off)?;
+            }
+            layout::CLAIM_ACCEPTED
+        }
+        None => layout::CLAIM_KERNEL,
+    };
+    let (off, b) = layout::claim_bytes(state);
+    sys::pwrite_all(connector, &b, off)
+}
+
 fn attachment(
     res: &mut Res,
     id: u64,

@@ -13,7 +13,7 @@
 
 use anyhow::{bail, Context, Result};
 use ssock_client::{negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Stream};
-use ssock_rings::layout::{DirectLayout, QueuedLayout};
+use ssock_rings::layout::{self, DirectLayout, QueuedLayout};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::EventFd;
 use ssock_tests::pattern::Pattern;
@@ -255,6 +255,17 @@ fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
     let size = usize::try_from(a.region_size)?;
     let map = Mapping::map(fds[0].as_fd(), size, true)?;
     println!("MODE {} {}", a.mode.name(), a.conn_id);
+    // Like a real connector: once devd says the acceptor claimed the
+    // connection, this side's writes move to the region (after 0 bytes on
+    // the kernel socket), where the acceptor then reads.
+    let start = std::time::Instant::now();
+    while layout::claim(&map) != layout::CLAIM_ACCEPTED {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            bail!("the acceptor never claimed the connection");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    layout::publish_switch(&map, 0, layout::Switch::After(0));
     if script == "hostile-direct" {
         let l = DirectLayout::announced(size, a.geom_a)?;
         // Claim more bytes than the ring holds, then wake the peer.

@@ -1,0 +1,656 @@
+//! The hand-over between the kernel socket and the region, per direction
+//! (docs/protocol.md section 2.3). Until a direction's writer moves, its
+//! bytes travel on the kernel socket, so nothing of ssock's is ever on it:
+//! an acceptor that never claims the connection, or is refused, reads
+//! exactly what its peer wrote. The acceptor writes into the region from
+//! its first byte on (devd publishes that at the claim); the connector
+//! moves its writes once devd's CLAIM word says the acceptor claimed the
+//! connection, publishing how many bytes it wrote on the kernel socket
+//! before; each reader reads the kernel socket up to that offset, then the
+//! region.
+//!
+//! Must never: read past a published offset on the kernel socket, move a
+//! direction whose end several processes hold, or let the wrapped
+//! transport judge the kernel socket (liveness) while that socket still
+//! carries the peer's bytes.
+
+use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
+use ssock_rings::codec::Mode;
+use ssock_rings::layout::{self, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL};
+use ssock_rings::shm::Mapping;
+use ssock_rings::sys::PollFd;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Where this end's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tx {
+    /// The kernel socket, this many bytes so far; moves once claimed.
+    Tcp(u64),
+    /// The kernel socket for good (the end was shared before it moved).
+    Pinned,
+    /// Shut down (SHUT_WR) on the kernel socket before it moved.
+    Shut,
+    /// The region.
+    Ring,
+}
+
+/// Where this end's reads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rx {
+    /// The kernel socket, up to the offset its writer published (once it has).
+    Tcp(Option<u64>),
+    /// The kernel socket for good (its writer never moves).
+    Forever,
+    /// The region.
+    Ring,
+}
+
+/// A Direct or Queued end whose directions may still be on the kernel
+/// socket.
+#[derive(Debug)]
+pub struct Handover {
+    inner: Box<dyn Transport>,
+    map: Arc<Mapping>,
+    /// 0 connector, 1 acceptor: this end writes direction `side`.
+    side: usize,
+    tx: Tx,
+    rx: Rx,
+    /// devd said the connection stays on the kernel socket: the wrapped
+    /// end was let go of, every call is the kernel socket's.
+    kernel: bool,
+    /// The kernel socket's end of stream (or the peer's SHUT_WR) was seen
+    /// while it carried the peer's bytes: it no longer wakes writers.
+    tcp_eof: bool,
+    broken: bool,
+    closed: bool,
+}
+
+impl Handover {
+    /// Wraps a fresh end (from connect or accept). A transport without
+    /// hand-over words (kernel TCP) is returned as it is.
+    pub fn wrap(inner: Box<dyn Transport>) -> Box<dyn Transport> {
+        Handover::make(inner, false)
+    }
+
+    /// Wraps an end taken over from another process (exec, fd passing):
+    /// the bytes it wrote on the kernel socket are not known here, so a
+    /// direction of this end that has not moved yet never will.
+    pub fn adopt(inner: Box<dyn Transport>) -> Box<dyn Transport> {
+        Handover::make(inner, true)
+    }
+
+    fn make(inner: Box<dyn Transport>, adopted: bool) -> Box<dyn Transport> {
+        let Some((map, side)) = inner.handover_words() else {
+            return inner;
+        };
+        let mut sw = layout::switch_at(&map, side);
+        if adopted && sw == Switch::NotYet {
+            sw = layout::publish_switch(&map, side, Switch::Never);
+        }
+        let tx = match sw {
+            Switch::After(_) => Tx::Ring,
+            Switch::Never => Tx::Pinned,
+            Switch::NotYet => Tx::Tcp(0),
+        };
+        let mut h = Handover {
+            inner,
+            map,
+            side,
+            tx,
+            rx: Rx::Tcp(None),
+            kernel: false,
+            tcp_eof: false,
+            broken: false,
+            closed: false,
+        };
+        h.step();
+        Box::new(h)
+    }
+
+    /// Whether the connection stays on the kernel socket: known, or said
+    /// by devd and not acted on yet (the next call lets the end go).
+    fn turned_kernel(&self) -> bool {
+        self.kernel || (matches!(self.tx, Tx::Tcp(_)) && layout::claim(&self.map) == CLAIM_KERNEL)
+    }
+
+    /// Bytes this end's holders read from the kernel socket so far.
+    fn done(&self) -> u64 {
+        layout::tcp_read(&self.map, self.side).load(Ordering::Acquire)
+    }
+
+    /// Both directions in the region: every call is the wrapped end's.
+    fn on_rings(&self) -> bool {
+        !self.kernel && self.rx == Rx::Ring && self.tx == Tx::Ring
+    }
+
+    /// Looks at the hand-over words (loads only, and a compare-exchange
+    /// when this end moves): what devd decided, and where the peer moved.
+    fn step(&mut self) {
+        if self.kernel || self.broken {
+            return;
+        }
+        if let Tx::Tcp(written) = self.tx {
+            match layout::claim(&self.map) {
+                CLAIM_ACCEPTED => {
+                    self.tx = match layout::publish_switch(
+                        &self.map,
+                        self.side,
+                        Switch::After(written),
+                    ) {
+                        Switch::After(n) if n == written => Tx::Ring,
+                        // Only a broken region says otherwise: the kernel
+                        // socket stays this direction's.
+                        _ => Tx::Pinned,
+                    };
+                }
+                CLAIM_KERNEL => {
+                    self.stay_on_kernel();
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if let Rx::Tcp(known) = self.rx {
+            let until = match known {
+                Some(u) => u,
+                None => match layout::switch_at(&self.map, 1 - self.side) {
+                    Switch::After(u) => u,
+                    Switch::Never => {
+                        self.rx = Rx::Forever;
+                        return;
+                    }
+                    Switch::NotYet => return,
+                },
+            };
+            self.rx = Rx::Tcp(Some(until));
+            let done = self.done();
+            if done == until {
+                self.rx = Rx::Ring;
+            } else if done > until {
+                log::warn!(
+                    "connection {}: more bytes read from the kernel socket than its peer sent there; resetting it",
+                    self.inner.conn_id().unwrap_or(0)
+                );
+                self.broken = true;
+            }
+        }
+    }
+
+    /// devd said the connection stays on the kernel socket (the acceptor
+    /// was refused, or the intent expired): the end is let go of.
+    fn stay_on_kernel(&mut self) {
+        self.kernel = true;
+        self.inner.discard_region();
+        self.inner.close();
+    }
+
+    /// The same call context, without waiting or asking the kernel socket.
+    fn quiet<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
+        Ctx {
+            tcp: ctx.tcp,
+            nonblocking: true,
+            deadline: None,
+            spin: ctx.spin,
+            check_peer: false,
+        }
+    }
+
+    /// Poll events of the kernel socket a waiter for `read`/`write` sleeps on.
+    fn tcp_events(&self, read: bool, write: bool) -> i16 {
+        let mut ev = 0;
+        if self.kernel {
+            if read {
+                ev |= libc::POLLIN | libc::POLLRDHUP;
+            }
+            if write {
+                ev |= libc::POLLOUT;
+            }
+            return ev;
+        }
+        if read {
+            // The peer's bytes, or (once they come through the region) its
+            // last close.
+            ev |= libc::POLLIN | libc::POLLRDHUP;
+        } else if write && self.tx == Tx::Ring && !self.tcp_eof {
+            // A writer into the region learns of the peer's close here;
+            // the peer's bytes on the socket must not wake it.
+            ev |= libc::POLLRDHUP;
+        }
+        if write && matches!(self.tx, Tx::Tcp(_) | Tx::Pinned) {
+            ev |= libc::POLLOUT;
+        }
+        ev
+    }
+
+    /// Whether what a waiter for `read`/`write` waits for is there in the
+    /// region already.
+    fn ring_ready(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> bool {
+        if self.kernel {
+            return false;
+        }
+        let r = self.inner.readiness(&Handover::quiet(ctx), false);
+        (read && self.rx == Rx::Ring && r.readable) || (write && self.tx == Tx::Ring && r.writable)
+    }
+
+    /// Sleeps until the kernel socket or the region may let a `read` or
+    /// `write` go on, or the deadline (WouldBlock).
+    fn wait(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> io::Result<()> {
+        let tcp = ctx.tcp.as_raw_fd();
+        let mut fds: Vec<PollFd> = Vec::with_capacity(4);
+        let armed = !self.kernel;
+        if armed {
+            match self.inner.arm(&Handover::quiet(ctx), read, write) {
+                Some(v) => fds.extend(
+                    v.into_iter()
+                        .filter(|&(fd, _)| fd != tcp)
+                        .map(|(fd, ev)| PollFd::new(fd, ev)),
+                ),
+                // Broken (reset, or devd gone under a Queued end).
+                None => {
+                    self.broken = true;
+                    return Err(reset_error());
+                }
+            }
+        }
+        let ev = self.tcp_events(read, write);
+        if ev != 0 {
+            fds.push(PollFd::new(tcp, ev));
+        }
+        let before = (self.tx, self.rx, self.kernel);
+        self.step();
+        let r = if (self.tx, self.rx, self.kernel) != before || self.ring_ready(ctx, read, write) {
+            Ok(true)
+        } else {
+            ssock_rings::notify::sleep(&mut fds, ctx.deadline)
+        };
+        if armed && !self.kernel {
+            self.inner.disarm(read, write);
+            // What woke it may be the transport's own (devd's session).
+            self.inner.check_devd();
+        }
+        if let Some(p) = fds.last() {
+            if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {
+                self.tcp_eof = true;
+            }
+        }
+        match r {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(would_block()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, peek: bool) -> io::Result<usize> {
+        loop {
+            self.step();
+            if self.broken {
+                return Err(reset_error());
+            }
+            let max = match (self.kernel, self.rx) {
+                (false, Rx::Ring) => {
+                    return if peek {
+                        self.inner.peek(buf, ctx)
+                    } else {
+                        self.inner.read(buf, ctx)
+                    };
+                }
+                (false, Rx::Tcp(Some(u))) => {
+                    usize::try_from(u.saturating_sub(self.done())).unwrap_or(usize::MAX)
+                }
+                _ => buf.len(),
+            };
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let max = max.min(buf.len());
+            let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+            match ssock_rings::sys::recv(ctx.tcp, &mut buf[..max], flags) {
+                Ok(0) => {
+                    if self.kernel {
+                        return Ok(0);
+                    }
+                    // The writer may have moved just before it closed.
+                    self.step();
+                    match self.rx {
+                        Rx::Ring => continue,
+                        Rx::Tcp(Some(_)) => {
+                            // Fewer bytes on the socket than it announced.
+                            self.broken = true;
+                            return Err(reset_error());
+                        }
+                        _ => {
+                            self.tcp_eof = true;
+                            return Ok(0);
+                        }
+                    }
+                }
+                Ok(n) => {
+                    if !peek && !self.kernel {
+                        layout::tcp_read(&self.map, self.side)
+                            .fetch_add(n as u64, Ordering::AcqRel);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ctx.nonblocking {
+                        return Err(would_block());
+                    }
+                    self.wait(ctx, true, false)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A partial count wins over an error, as in the kernel.
+fn partial(off: usize, e: io::Error) -> io::Result<usize> {
+    if off > 0 {
+        Ok(off)
+    } else {
+        Err(e)
+    }
+}
+
+impl Transport for Handover {
+    fn mode(&self) -> Mode {
+        if self.turned_kernel() {
+            Mode::Kernel
+        } else {
+            self.inner.mode()
+        }
+    }
+
+    fn conn_id(&self) -> Option<u64> {
+        if self.turned_kernel() {
+            None
+        } else {
+            self.inner.conn_id()
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, false)
+    }
+
+    fn peek(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        self.take(buf, ctx, true)
+    }
+
+    fn write(&mut self, buf: &[u8], ctx: &Ctx<'_>) -> io::Result<usize> {
+        let mut off = 0;
+        loop {
+            self.step();
+            if self.broken {
+                return partial(off, reset_error());
+            }
+            if off == buf.len() {
+                return Ok(off);
+            }
+            match (self.kernel, self.tx) {
+                (false, Tx::Ring) if self.rx == Rx::Ring || ctx.nonblocking => {
+                    return match self.inner.write(&buf[off..], ctx) {
+                        Ok(n) => Ok(off + n),
+                        Err(e) => partial(off, e),
+                    };
+                }
+                (false, Tx::Ring) => {
+                    // Blocking while the kernel socket still carries the
+                    // peer's bytes: the region's writes, this side's waits.
+                    match self.inner.write(&buf[off..], &Handover::quiet(ctx)) {
+                        Ok(n) => off += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return partial(off, e),
+                    }
+                    if off < buf.len() {
+                        if let Err(e) = self.wait(ctx, false, true) {
+                            return partial(off, e);
+                        }
+                    }
+                }
+                (false, Tx::Shut) => return partial(off, pipe_error()),
+                _ => {
+                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                    match ssock_rings::sys::send(ctx.tcp, &buf[off..], flags) {
+                        Ok(n) => {
+                            off += n;
+                            if let Tx::Tcp(w) = &mut self.tx {
+                                *w += n as u64;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if ctx.nonblocking {
+                                return partial(off, would_block());
+                            }
+                            if let Err(e) = self.wait(ctx, false, true) {
+                                return partial(off, e);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return partial(off, e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn shutdown_write(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        self.step();
+        match (self.kernel, self.tx) {
+            (false, Tx::Ring) => self.inner.shutdown_write(ctx),
+            (false, Tx::Shut) => Ok(()),
+            (kernel, _) => {
+                let r = socket2::SockRef::from(&ctx.tcp).shutdown(std::net::Shutdown::Write);
+                if !kernel {
+                    self.tx = Tx::Shut;
+                }
+                r
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if self.kernel || self.closed {
+            return;
+        }
+        self.closed = true;
+        self.step();
+        if self.kernel {
+            return;
+        }
+        if let Tx::Tcp(w) = self.tx {
+            // Nothing more comes: a claim that comes later knows where the
+            // kernel bytes end. The region never carried anything.
+            layout::publish_switch(&self.map, self.side, Switch::After(w));
+            self.inner.discard_region();
+        }
+        if self.broken {
+            self.inner.abort_on_close();
+        }
+        self.inner.close();
+    }
+
+    fn fork_hold(&mut self) {
+        self.step();
+        if let Tx::Tcp(_) = self.tx {
+            // Two processes' kernel byte counts cannot be added up: this
+            // direction stays on the kernel socket.
+            self.tx = match layout::publish_switch(&self.map, self.side, Switch::Never) {
+                Switch::Never => Tx::Pinned,
+                _ => Tx::Ring,
+            };
+        }
+        if !self.kernel {
+            self.inner.fork_hold();
+        }
+    }
+
+    fn drop_hold(&mut self) {
+        if !self.kernel {
+            self.inner.drop_hold();
+        }
+    }
+
+    fn abort_on_close(&mut self) {
+        if !self.kernel {
+            self.inner.abort_on_close();
+        }
+    }
+
+    fn discard_region(&mut self) {
+        if !self.kernel {
+            self.inner.discard_region();
+        }
+    }
+
+    fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
+        self.step();
+        if self.broken {
+            return Ready::BROKEN;
+        }
+        if self.on_rings() {
+            return self.inner.readiness(ctx, check_peer);
+        }
+        // Once the peer's bytes come through the region, the kernel socket
+        // tells of its close, as for a settled end.
+        let r = if self.kernel {
+            Ready::default()
+        } else {
+            let judge = check_peer && self.rx == Rx::Ring;
+            if check_peer && !judge {
+                self.inner.check_devd();
+            }
+            self.inner.readiness(&Handover::quiet(ctx), judge)
+        };
+        if r.err {
+            // The region was reset (by the peer, or devd went away under a
+            // Queued end): the connection is.
+            self.broken = true;
+            return Ready::BROKEN;
+        }
+        let mut p = [PollFd::new(
+            ctx.tcp.as_raw_fd(),
+            libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP,
+        )];
+        let k = match ssock_rings::sys::poll(&mut p, Some(std::time::Duration::ZERO)) {
+            Ok(_) => p[0].revents,
+            Err(_) => libc::POLLERR,
+        };
+        let rx_ring = !self.kernel && self.rx == Rx::Ring;
+        let tx_ring = !self.kernel && self.tx == Tx::Ring;
+        let tcp_in = k & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        let tcp_out = k & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
+        // The socket's end: the stream's end only if its writer never moved.
+        let tcp_end = k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_)));
+        if !rx_ring && k & libc::POLLRDHUP != 0 {
+            self.tcp_eof = true;
+        }
+        let written = match self.tx {
+            Tx::Tcp(w) => w,
+            _ => 0,
+        };
+        Ready {
+            readable: if rx_ring { r.readable } else { tcp_in },
+            writable: if tx_ring {
+                r.writable
+            } else {
+                tcp_out || (!self.kernel && self.tx == Tx::Shut)
+            },
+            rdhup: if rx_ring { r.rdhup } else { tcp_end },
+            hup: if rx_ring {
+                r.hup
+            } else {
+                k & libc::POLLHUP != 0
+            },
+            err: r.err || k & libc::POLLERR != 0,
+            seq: [
+                r.seq[0]
+                    .wrapping_add(if self.kernel { 0 } else { self.done() })
+                    .wrapping_add(u64::from(tcp_in)),
+                r.seq[1]
+                    .wrapping_add(written)
+                    .wrapping_add(u64::from(tcp_out)),
+            ],
+        }
+    }
+
+    fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
+        self.step();
+        if self.broken {
+            return None;
+        }
+        if self.on_rings() {
+            return self.inner.arm(ctx, read, write);
+        }
+        let tcp = ctx.tcp.as_raw_fd();
+        let mut fds: Vec<(RawFd, i16)> = if self.kernel {
+            Vec::new()
+        } else {
+            self.inner
+                .arm(ctx, read, write)?
+                .into_iter()
+                .filter(|&(fd, _)| fd != tcp)
+                .collect()
+        };
+        let ev = self.tcp_events(read, write);
+        if ev != 0 {
+            fds.push((tcp, ev));
+        }
+        Some(fds)
+    }
+
+    fn disarm(&mut self, read: bool, write: bool) {
+        if !self.kernel {
+            self.inner.disarm(read, write);
+        }
+    }
+
+    fn wake_self(&self) {
+        if !self.kernel {
+            self.inner.wake_self();
+        }
+    }
+
+    fn pending(&mut self, ctx: &Ctx<'_>) -> (usize, usize) {
+        self.step();
+        if self.on_rings() {
+            return self.inner.pending(ctx);
+        }
+        let (unread, unsent) = ssock_rings::sys::socket_queues(ctx.tcp);
+        if self.kernel {
+            return (unread, unsent);
+        }
+        let (ring_unread, ring_unsent) = self.inner.pending(ctx);
+        (
+            if self.rx == Rx::Ring {
+                ring_unread
+            } else {
+                unread
+            },
+            if self.tx == Tx::Ring {
+                ring_unsent
+            } else {
+                unsent
+            },
+        )
+    }
+
+    fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
+        Some((self.map.clone(), self.side))
+    }
+
+    fn settled(&self) -> bool {
+        self.on_rings()
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

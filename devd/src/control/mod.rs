@@ -139,11 +139,9 @@ pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// any waits.
 pub const ORPHAN_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Seconds an intent (or a claimed intent) lives. It must outlast the
-/// connector's wait for the HelloAck (`Options::ack_timeout`, 60 s by
-/// default): an intent that expired before the acceptor's accept() would
-/// make the acceptor treat the connection as plain and hand the Hello to
-/// the application.
+/// Seconds an intent (or a buried intent) lives. Its connector uses the
+/// kernel socket meanwhile; an acceptor that accepts later gets a plain
+/// connection (its connector is told with CLAIM = kernel).
 pub const INTENT_TTL_S: u64 = 120;
 
 /// A connection created for an Intent ([`Devd::create`]).
@@ -239,8 +237,8 @@ impl Devd {
             Request::Fallback { reason } => {
                 // The reason only: the connection it concerns is counted
                 // where devd sees it (a connector's plain connect by the
-                // watch), was dropped (hello_timeout, bad_hello, version,
-                // an acceptor's devd_error) or stays accelerated
+                // watch), was dropped (an acceptor's devd_error), or
+                // stays accelerated
                 // (unsupported).
                 self.totals.fallback(reason);
                 Ok((Response::Ok, vec![]))
@@ -460,7 +458,7 @@ impl Devd {
 
     /// An Intent's connection: its token, resources and the connector's
     /// end. It is created now (or was, in the pool), so that neither the
-    /// acceptor's Claim nor the connector after its HelloAck needs another
+    /// acceptor's Claim nor the connector once claimed needs another
     /// request.
     fn create(
         &mut self,
@@ -644,8 +642,8 @@ impl Devd {
     }
 
     /// Frees an intent whose connector let go of it before any Claim, and
-    /// remembers it (see [`registry::Gone`]): its Hello may already be on
-    /// the way to the acceptor.
+    /// remembers it (see [`registry::Gone`]): a later Claim of it is
+    /// answered ExpectKernel `connector_gone`.
     fn bury(&mut self, i: Intent) {
         self.unclaim(&i);
         let Intent {
@@ -699,8 +697,8 @@ impl Devd {
             local.is_some()
         });
         let Some(mut intent) = intent else {
-            // An intent given up before this Claim: its Hello may be here;
-            // the acceptor consumes it and stays on kernel TCP.
+            // An intent given up before this Claim: the acceptor stays on
+            // kernel TCP (counted).
             let gone = self.reg.gone.iter().position(|g| {
                 g.key == here
                     && sys::local_addr(g.sock.as_fd())
@@ -724,7 +722,7 @@ impl Devd {
             }
         };
         // The acceptor's user is held to the same policy and caps. Refused,
-        // the acceptor still reads the Hello and answers KERNEL.
+        // the connector is told (CLAIM = kernel) and both stay on TCP.
         if let Some(reason) = refused {
             self.discard_intent(intent);
             return Ok(self.expect_kernel(token, reason));
@@ -1632,7 +1630,7 @@ mod tests {
             panic!("intent refused");
         };
         s.connect(&dst.into()).unwrap();
-        // The connector sent its Hello and closed before the acceptor's
+        // The connector wrote its bytes and closed before the acceptor's
         // accept: its Release frees the intent's resources and charge.
         let r = d.handle(
             1,
@@ -1645,8 +1643,7 @@ mod tests {
         );
         assert_eq!(r.0, Response::Ok);
         assert!(d.reg.usage.is_empty() && d.reg.intents.is_empty());
-        // The acceptor is still told a Hello comes (and to answer KERNEL),
-        // so that the Hello never reaches its application as data.
+        // The acceptor is told kernel TCP, with the reason counted.
         let (a, _) = l.accept().unwrap();
         assert_eq!(
             claim(&mut d, &a).0,

@@ -67,7 +67,7 @@ pub fn canon(ip: IpAddr) -> IpAddr {
 pub struct Intent {
     /// Where it waits (its destination).
     pub key: IntentKey,
-    /// Token the Hello will carry.
+    /// devd's token of the intent (in Proceed and Expect).
     pub token: u64,
     /// Mode decided.
     pub mode: Mode,
@@ -96,14 +96,13 @@ pub struct Intent {
 }
 
 /// An intent whose connector let go of it (Release, or its session ended)
-/// before an acceptor claimed it: its resources are freed, but its Hello
-/// may be on the way to an acceptor, which must consume it (ExpectKernel,
-/// connector_gone) rather than hand it to the application as data.
+/// before an acceptor claimed it: its resources are freed, but a later
+/// Claim of it is recognized (ExpectKernel, connector_gone, counted).
 #[derive(Debug)]
 pub struct Gone {
     /// Where it was announced to.
     pub key: IntentKey,
-    /// The token its Hello carries.
+    /// Its token.
     pub token: u64,
     /// devd's duplicate of the connector's socket, to match the Claim.
     pub sock: OwnedFd,

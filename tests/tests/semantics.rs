@@ -15,13 +15,15 @@ fn script() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/semantics.py"))
 }
 
-/// Runs the script (under ssock-run with `d`'s devd if given); its stdout.
-fn run(d: Option<&Devd>, env: &[(&str, &str)]) -> Result<String> {
+/// Runs the script (under ssock-run with `d`'s devd if given) on `cases`
+/// (all when empty); its stdout.
+fn run(d: Option<&Devd>, env: &[(&str, &str)], cases: &[&str]) -> Result<String> {
     let mut cmd = match d {
         None => Command::new("python3"),
         Some(d) => d.ssock_run("python3"),
     };
     cmd.arg(script())
+        .args(cases)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -39,12 +41,18 @@ fn run(d: Option<&Devd>, env: &[(&str, &str)]) -> Result<String> {
 }
 
 fn differential(env: &[(&str, &str)]) -> Result<()> {
+    differential_in(env, &[], &[], "direct")
+}
+
+/// The differential test on `cases` with devd started with `args`: every
+/// connection devd counts must be of `mode`.
+fn differential_in(env: &[(&str, &str)], args: &[&str], cases: &[&str], mode: &str) -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
     }
-    let plain = run(None, env)?;
-    let d = Devd::start(&[])?;
-    let accelerated = run(Some(&d), env)?;
+    let plain = run(None, env, cases)?;
+    let d = Devd::start(args)?;
+    let accelerated = run(Some(&d), env, cases)?;
     if plain != accelerated {
         let diff: Vec<String> = plain
             .lines()
@@ -65,13 +73,14 @@ fn differential(env: &[(&str, &str)]) -> Result<()> {
         .parse()?;
     let t = d.stats()?["totals"].clone();
     ensure!(
-        t["connections"]["direct"] == n,
-        "{n} connections expected Direct: {t}"
+        t["connections"][mode] == n,
+        "{n} connections expected {mode}: {t}"
     );
     // The refused connect only asked devd, which said no listener: a
     // reason counted, no connection (none came to exist).
+    let refused = u64::from(cases.is_empty() || cases.contains(&"case_refused"));
     ensure!(
-        t["connections"]["kernel"] == 0 && t["fallbacks"]["peer_not_enabled"] == 1,
+        t["connections"]["kernel"] == 0 && t["fallbacks"]["peer_not_enabled"] == refused,
         "totals {t}"
     );
     ensure!(t["violations"] == 0, "totals {t}");
@@ -86,6 +95,30 @@ fn kernel_and_ssock_observe_the_same_socket_semantics() -> Result<()> {
 #[test]
 fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
     differential(&[("SSOCK_SPIN_US", "0")])
+}
+
+/// The hand-over cases with Queued connections, where devd's engine
+/// relays each side's offset: bytes before the accept, a self-connect, a
+/// full accept queue, a plain acceptor, half-close and a reset.
+#[test]
+fn queued_connections_hand_over_as_direct_ones_do() -> Result<()> {
+    let cases = [
+        "case_peek_and_basics",
+        "case_half_close",
+        "case_nonblocking_connect",
+        "case_refused",
+        "case_self_connect_before_accept",
+        "case_bytes_before_accept",
+        "case_nonblocking_connect_to_a_full_queue",
+        "case_plain_acceptor_by_exec",
+    ];
+    differential_in(&[], &["--default-mode", "queued"], &cases, "queued")?;
+    differential_in(
+        &[("SSOCK_SPIN_US", "0")],
+        &["--default-mode", "queued"],
+        &cases,
+        "queued",
+    )
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub struct Handover {
     /// The kernel socket's end of stream (or the peer's SHUT_WR) was seen
     /// while it carried the peer's bytes: it no longer wakes writers.
     tcp_eof: bool,
+    /// Direct: the peer's socket ended before its writes moved and without
+    /// it publishing anything (it died): writes into the region fail.
+    peer_closed: bool,
     broken: bool,
     closed: bool,
 }
@@ -103,6 +106,7 @@ impl Handover {
             rx: Rx::Tcp(None),
             kernel: false,
             tcp_eof: false,
+            peer_closed: false,
             broken: false,
             closed: false,
         };
@@ -179,6 +183,64 @@ impl Handover {
         }
     }
 
+    /// The wrapped end broke (reset, violation, or devd gone under a Queued
+    /// end). A connector whose acceptor never claimed the connection is
+    /// still a plain connection on the kernel socket: it stays there.
+    fn inner_broke(&mut self) {
+        if self.side == 0
+            && matches!(self.tx, Tx::Tcp(_))
+            && layout::claim(&self.map) != CLAIM_ACCEPTED
+        {
+            self.stay_on_kernel();
+        } else {
+            self.broken = true;
+        }
+    }
+
+    /// The kernel socket's end was seen while no offset was published:
+    /// whether it ends the stream. Direct: yes (a writer that closes
+    /// publishes its offset first, one that shuts down publishes NEVER,
+    /// so the peer died: its writes are over too). Queued: only once the
+    /// wrapped end has a mark (devd's engine relays the peer's offset to
+    /// this region later than the kernel delivers the FIN).
+    fn kernel_end_ends(&mut self, ctx: &Ctx<'_>) -> bool {
+        self.tcp_eof = true;
+        // (The connector's reads need no such wait: devd writes the
+        // acceptor's offset into the connector's own region.)
+        if self.side == 1 && self.inner.mode() == Mode::Queued {
+            let r = self.inner.readiness(&Handover::quiet(ctx), false);
+            return r.rdhup || r.hup || r.err;
+        }
+        if matches!(self.rx, Rx::Tcp(None)) {
+            self.peer_closed = true;
+        }
+        true
+    }
+
+    /// The kernel socket's entry for a sleep on `ev`: events already
+    /// asserted are left out (they are reported by readiness, and an
+    /// edge-triggered waiter wants a change, not a level), and none at all
+    /// when it is hung up or in error. None: nothing to sleep on there.
+    /// Also says whether one of `wanted` is asserted now.
+    fn tcp_entry(fd: RawFd, ev: i16, wanted: i16) -> (Option<PollFd>, bool) {
+        if ev == 0 {
+            return (None, false);
+        }
+        let mut p = [PollFd::new(fd, ev)];
+        let now = match ssock_rings::sys::poll(&mut p, Some(std::time::Duration::ZERO)) {
+            Ok(_) => p[0].revents,
+            Err(_) => 0,
+        };
+        if now & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            return (None, true);
+        }
+        let left = ev & !now;
+        (
+            (left != 0).then(|| PollFd::new(fd, left)),
+            now & wanted != 0,
+        )
+    }
+
     /// devd said the connection stays on the kernel socket (the acceptor
     /// was refused, or the intent expired): the end is let go of.
     fn stay_on_kernel(&mut self) {
@@ -210,7 +272,10 @@ impl Handover {
             }
             return ev;
         }
-        if read {
+        if read && self.tcp_eof && self.side == 1 && matches!(self.rx, Rx::Tcp(None)) {
+            // Queued, the socket ended, the peer's offset not relayed yet:
+            // the region's wake-up tells.
+        } else if read {
             // The peer's bytes, or (once they come through the region) its
             // last close.
             ev |= libc::POLLIN | libc::POLLRDHUP;
@@ -250,18 +315,27 @@ impl Handover {
                 ),
                 // Broken (reset, or devd gone under a Queued end).
                 None => {
-                    self.broken = true;
-                    return Err(reset_error());
+                    self.inner_broke();
+                    return if self.kernel {
+                        Ok(())
+                    } else {
+                        Err(reset_error())
+                    };
                 }
             }
         }
         let ev = self.tcp_events(read, write);
-        if ev != 0 {
-            fds.push(PollFd::new(tcp, ev));
+        let wanted = ev & (libc::POLLIN | libc::POLLOUT);
+        let (entry, now) = Handover::tcp_entry(tcp, ev, wanted);
+        if let Some(e) = entry {
+            fds.push(e);
         }
         let before = (self.tx, self.rx, self.kernel);
         self.step();
-        let r = if (self.tx, self.rx, self.kernel) != before || self.ring_ready(ctx, read, write) {
+        let r = if now
+            || (self.tx, self.rx, self.kernel) != before
+            || self.ring_ready(ctx, read, write)
+        {
             Ok(true)
         } else {
             ssock_rings::notify::sleep(&mut fds, ctx.deadline)
@@ -273,7 +347,10 @@ impl Handover {
         }
         if let Some(p) = fds.last() {
             if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {
-                self.tcp_eof = true;
+                self.step();
+                if self.rx != Rx::Ring {
+                    self.kernel_end_ends(ctx);
+                }
             }
         }
         match r {
@@ -323,8 +400,15 @@ impl Handover {
                             return Err(reset_error());
                         }
                         _ => {
-                            self.tcp_eof = true;
-                            return Ok(0);
+                            if self.kernel_end_ends(ctx) {
+                                return Ok(0);
+                            }
+                            // Queued: the peer's offset may still come
+                            // through devd; its bytes or its mark wake us.
+                            if ctx.nonblocking {
+                                return Err(would_block());
+                            }
+                            self.wait(ctx, true, false)?;
                         }
                     }
                 }
@@ -393,8 +477,18 @@ impl Transport for Handover {
                 return Ok(off);
             }
             match (self.kernel, self.tx) {
+                (false, Tx::Ring) if self.peer_closed => return partial(off, pipe_error()),
                 (false, Tx::Ring) if self.rx == Rx::Ring || ctx.nonblocking => {
-                    return match self.inner.write(&buf[off..], ctx) {
+                    // The kernel socket is judged only once it no longer
+                    // carries the peer's bytes.
+                    let c = Ctx {
+                        tcp: ctx.tcp,
+                        nonblocking: ctx.nonblocking,
+                        deadline: ctx.deadline,
+                        spin: ctx.spin,
+                        check_peer: ctx.check_peer && self.rx == Rx::Ring,
+                    };
+                    return match self.inner.write(&buf[off..], &c) {
                         Ok(n) => Ok(off + n),
                         Err(e) => partial(off, e),
                     };
@@ -444,7 +538,12 @@ impl Transport for Handover {
         match (self.kernel, self.tx) {
             (false, Tx::Ring) => self.inner.shutdown_write(ctx),
             (false, Tx::Shut) => Ok(()),
-            (kernel, _) => {
+            (kernel, tx) => {
+                if !kernel && matches!(tx, Tx::Tcp(_)) {
+                    // Its reader learns that this direction never moves:
+                    // the socket's end is the stream's.
+                    layout::publish_switch(&self.map, self.side, Switch::Never);
+                }
                 let r = socket2::SockRef::from(&ctx.tcp).shutdown(std::net::Shutdown::Write);
                 if !kernel {
                     self.tx = Tx::Shut;
@@ -529,9 +628,13 @@ impl Transport for Handover {
         };
         if r.err {
             // The region was reset (by the peer, or devd went away under a
-            // Queued end): the connection is.
-            self.broken = true;
-            return Ready::BROKEN;
+            // Queued end): the connection is (unless it never left the
+            // kernel socket).
+            self.inner_broke();
+            if self.broken {
+                return Ready::BROKEN;
+            }
+            return self.readiness(ctx, check_peer);
         }
         let mut p = [PollFd::new(
             ctx.tcp.as_raw_fd(),
@@ -547,8 +650,15 @@ impl Transport for Handover {
         let tcp_out = k & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
         // The socket's end: the stream's end only if its writer never moved.
         let tcp_end = k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_)));
-        if !rx_ring && k & libc::POLLRDHUP != 0 {
-            self.tcp_eof = true;
+        let mut tcp_in = tcp_in;
+        let mut tcp_end = tcp_end;
+        if !rx_ring && !self.kernel && k & libc::POLLRDHUP != 0 {
+            self.step();
+            if matches!(self.rx, Rx::Tcp(None)) && !self.kernel_end_ends(ctx) {
+                // Queued: the end of the socket is not the stream's yet.
+                tcp_in = false;
+                tcp_end = false;
+            }
         }
         let written = match self.tx {
             Tx::Tcp(w) => w,
@@ -557,7 +667,7 @@ impl Transport for Handover {
         Ready {
             readable: if rx_ring { r.readable } else { tcp_in },
             writable: if tx_ring {
-                r.writable
+                r.writable || self.peer_closed
             } else {
                 tcp_out || (!self.kernel && self.tx == Tx::Shut)
             },
@@ -588,18 +698,22 @@ impl Transport for Handover {
             return self.inner.arm(ctx, read, write);
         }
         let tcp = ctx.tcp.as_raw_fd();
-        let mut fds: Vec<(RawFd, i16)> = if self.kernel {
-            Vec::new()
-        } else {
-            self.inner
-                .arm(ctx, read, write)?
-                .into_iter()
-                .filter(|&(fd, _)| fd != tcp)
-                .collect()
-        };
-        let ev = self.tcp_events(read, write);
-        if ev != 0 {
-            fds.push((tcp, ev));
+        let mut fds: Vec<(RawFd, i16)> = Vec::new();
+        if !self.kernel {
+            match self.inner.arm(ctx, read, write) {
+                Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),
+                None => {
+                    self.inner_broke();
+                    if !self.kernel {
+                        return None;
+                    }
+                }
+            }
+        }
+        // What is asserted now the caller's look after arming reports.
+        let (entry, _) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
+        if let Some(e) = entry {
+            fds.push((e.fd, e.events));
         }
         Some(fds)
     }

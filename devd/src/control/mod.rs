@@ -1285,8 +1285,6 @@ fn peer_of(
     canon_addr(local) == from && sys::peer_addr(sock.as_fd()).ok().map(canon_addr) == Some(here)
 }
 
-/// End `e`'s attachment of connection `id` and the fds that go with it.
-/// With `reuse` (Direct), no fds: the process kept the region parked.
 /// Writes what became of an intent into its region(s) with pwrite:
 /// accepted (`Some(the acceptor's own region fd, if it has one)`): first the
 /// acceptor->connector SWITCH word (the acceptor writes into the region
@@ -1313,6 +1311,8 @@ fn decide(res: &Res, accepted: Option<Option<BorrowedFd<'_>>>) -> io::Result<()>
     sys::pwrite_all(connector, &b, off)
 }
 
+/// End `e`'s attachment of connection `id` and the fds that go with it.
+/// With `reuse` (Direct), no fds: the process kept the region parked.
 fn attachment(
     res: &mut Res,
     id: u64,

@@ -24,6 +24,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// First bound of a blocking wait's sleep while a direction is on the
+/// kernel socket (see `Handover::recheck`).
+const RECHECK_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+/// Its largest bound.
+const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where this end's writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tx {
@@ -67,6 +73,10 @@ pub struct Handover {
     /// Direct: the peer's socket ended before its writes moved and without
     /// it publishing anything (it died): writes into the region fail.
     peer_closed: bool,
+    /// How long a blocking wait here sleeps at most before it looks at the
+    /// hand-over words again (doubling up to a second, back to 1 ms when
+    /// a direction moves): a safety net, not the wake-up path.
+    recheck: std::time::Duration,
     broken: bool,
     closed: bool,
 }
@@ -107,6 +117,7 @@ impl Handover {
             kernel: false,
             tcp_eof: false,
             peer_closed: false,
+            recheck: RECHECK_MIN,
             broken: false,
             closed: false,
         };
@@ -336,9 +347,21 @@ impl Handover {
             || (self.tx, self.rx, self.kernel) != before
             || self.ring_ready(ctx, read, write)
         {
+            self.recheck = RECHECK_MIN;
             Ok(true)
         } else {
-            ssock_rings::notify::sleep(&mut fds, ctx.deadline)
+            let cap = std::time::Instant::now() + self.recheck;
+            match ctx.deadline {
+                Some(d) if d <= cap => ssock_rings::notify::sleep(&mut fds, ctx.deadline),
+                _ => {
+                    let r = ssock_rings::notify::sleep(&mut fds, Some(cap));
+                    if matches!(r, Ok(false)) {
+                        self.recheck = (self.recheck * 2).min(RECHECK_MAX);
+                    }
+                    // The caller looks again either way.
+                    r.map(|_| true)
+                }
+            }
         };
         if armed && !self.kernel {
             self.inner.disarm(read, write);

@@ -30,6 +30,10 @@ const RECHECK_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 /// Its largest bound.
 const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a blocking wait looks before it sleeps while a direction is
+/// on the kernel socket (at most the caller's spin budget).
+const PHASE_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Where this end's writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tx {
@@ -337,6 +341,23 @@ impl Handover {
         }
         let ev = self.tcp_events(read, write);
         let wanted = ev & (libc::POLLIN | libc::POLLOUT);
+        // A peer on this host answers within tens of microseconds, less
+        // than a sleep and a wake-up cost: look for a while first (each
+        // look at the kernel socket is a system call; this phase is short).
+        let mut spin = ssock_rings::notify::Spin::new(ctx.spin.min(PHASE_SPIN));
+        let before = (self.tx, self.rx, self.kernel);
+        while spin.again() {
+            self.step();
+            if (self.tx, self.rx, self.kernel) != before
+                || self.ring_ready(ctx, read, write)
+                || Handover::tcp_entry(tcp, wanted, wanted).1
+            {
+                if armed {
+                    self.inner.disarm(read, write);
+                }
+                return Ok(());
+            }
+        }
         let (entry, now) = Handover::tcp_entry(tcp, ev, wanted);
         if let Some(e) = entry {
             fds.push(e);

@@ -75,8 +75,6 @@ pub struct Stream {
     transport: Box<dyn Transport>,
     tcp: TcpStream,
     fallback: Option<FallbackReason>,
-    /// devd paired the connection (a kernel mode later means refused).
-    paired: bool,
     nonblocking: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
@@ -136,7 +134,6 @@ impl Stream {
     ) -> Stream {
         Stream {
             // Paired by devd: not a kernel stream from the start.
-            paired: fallback.is_none() && transport.handover_words().is_some(),
             transport,
             tcp,
             fallback,
@@ -161,8 +158,11 @@ impl Stream {
     /// Why the connection is on kernel TCP, when known.
     pub fn fallback_reason(&self) -> Option<FallbackReason> {
         match self.fallback {
-            // devd paired it, and said kernel TCP after the connect.
-            None if self.paired && self.mode() == Mode::Kernel => Some(FallbackReason::Refused),
+            // devd paired it (a hand-over end, also once it turned
+            // plain), and said kernel TCP after the connect.
+            None if self.transport.handover_words().is_some() && self.mode() == Mode::Kernel => {
+                Some(FallbackReason::Refused)
+            }
             r => r,
         }
     }

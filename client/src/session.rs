@@ -208,15 +208,25 @@ impl Session {
         })
     }
 
-    /// Sends a request devd does not answer (Release, see
+    /// Sends a request devd does not answer (Release, Leave, see
     /// [`Request::expects_reply`]): nothing waits, on the path that closes
-    /// a connection.
+    /// a connection. Also on a session this process stopped using (a
+    /// child's inherited one, see [`Session::after_fork_in_child`]): a
+    /// message with no reply cannot take a reply meant for another process,
+    /// and a child that closes the last copy of an end it inherited
+    /// releases it on the session that holds it in devd. The lock is only
+    /// tried then (a parent thread may have held it at the fork).
     pub fn post(&self, req: &Request) -> Result<(), SessionError> {
         debug_assert!(!req.expects_reply());
-        if self.is_broken() {
-            return Err(SessionError::Closed);
-        }
-        let chan = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let chan = if self.is_broken() {
+            match self.sock.try_lock() {
+                Ok(c) => c,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Err(SessionError::Closed),
+            }
+        } else {
+            self.sock.lock().unwrap_or_else(|p| p.into_inner())
+        };
         chan.sock.send(&req.encode(), &[]).map_err(|e| {
             self.broken.store(true, Ordering::Relaxed);
             SessionError::Io(e)

@@ -203,6 +203,68 @@ pub fn tcp_lookup(
     }
 }
 
+/// The inodes of every listening TCP socket (IPv4 and IPv6) in devd's
+/// network namespace that some process holds: a dump of the sockets in
+/// state LISTEN, as `ss -lt` makes.
+pub fn tcp_listeners(diag: BorrowedFd<'_>, seq: u32) -> io::Result<std::collections::HashSet<u64>> {
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    let mut inodes = std::collections::HashSet::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let mut req = [0u8; NLMSG_HDR + REQ_V2];
+        let len = u32::try_from(req.len()).unwrap_or(u32::MAX);
+        req[0..4].copy_from_slice(&len.to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        req[8..12].copy_from_slice(&seq.to_ne_bytes());
+        let b = &mut req[NLMSG_HDR..];
+        b[0] = u8::try_from(family).unwrap_or(0);
+        b[1] = u8::try_from(libc::IPPROTO_TCP).unwrap_or(0);
+        b[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        b[48..56].copy_from_slice(&[0xff; 8]);
+        nl_send(diag, &req)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        'parts: loop {
+            let n = nl_recv(diag, &mut buf)?;
+            let mut rest = &buf[..n];
+            if rest.is_empty() {
+                return Err(io::Error::other("empty netlink message"));
+            }
+            // Several messages per datagram, each 4-aligned.
+            while rest.len() >= NLMSG_HDR {
+                let word =
+                    |o: usize| u32::from_ne_bytes([rest[o], rest[o + 1], rest[o + 2], rest[o + 3]]);
+                let len = usize::try_from(word(0)).unwrap_or(usize::MAX);
+                if len < NLMSG_HDR || len > rest.len() {
+                    return Err(io::Error::other("malformed netlink message"));
+                }
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let msg = &rest[..len];
+                if word(8) == seq {
+                    match kind {
+                        NLMSG_DONE => break 'parts,
+                        NLMSG_ERROR if len >= NLMSG_HDR + 4 => {
+                            let err = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
+                            return Err(io::Error::from_raw_os_error(-err));
+                        }
+                        SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + DIAG_MSG => {
+                            let o = NLMSG_HDR + 68;
+                            let inode =
+                                u32::from_ne_bytes([msg[o], msg[o + 1], msg[o + 2], msg[o + 3]]);
+                            if msg[NLMSG_HDR + 1] == TCP_LISTEN && inode != 0 {
+                                inodes.insert(u64::from(inode));
+                            }
+                        }
+                        _ => return Err(io::Error::other("unexpected sock_diag answer")),
+                    }
+                }
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+            }
+        }
+    }
+    Ok(inodes)
+}
+
 /// Sends one netlink message to the kernel.
 fn nl_send(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
     // SAFETY: sockaddr_nl is plain data; all-zero (pid 0, groups 0) is the

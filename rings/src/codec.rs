@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 5;
+pub const CTL_VERSION: u16 = 6;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -279,6 +279,17 @@ pub enum Request {
         /// Direct: this process keeps the region mapped (and its doorbells
         /// open) for a next connection between the same two processes.
         park: bool,
+    },
+    /// This process closed its end while other processes still hold its
+    /// socket (a child it forked, a process it passed the socket to): devd
+    /// keeps the end while any process holds the socket, and lets go of it
+    /// once none does (whichever closes last, or exits without closing).
+    /// No reply, like Release.
+    Leave {
+        /// Connection id.
+        conn_id: u64,
+        /// Which end.
+        side: Side,
     },
     /// The peer broke the ring protocol; this end reset the connection.
     Violation {
@@ -579,11 +590,11 @@ fn check_fds(msg: &'static str, got: usize, want: usize) -> Result<(), DecodeErr
 }
 
 impl Request {
-    /// Whether devd answers this request. Release goes unanswered: a
+    /// Whether devd answers this request. Release and Leave go unanswered: a
     /// process closing a connection waits for nothing, and its next
     /// request's reply is the next message it reads.
     pub fn expects_reply(&self) -> bool {
-        !matches!(self, Request::Release { .. })
+        !matches!(self, Request::Release { .. } | Request::Leave { .. })
     }
 
     /// Number of fds that must travel with this request.
@@ -619,6 +630,11 @@ impl Request {
             } => {
                 let mut w = W::new(8);
                 w.u64(*conn_id).u8(*side as u8).u8(u8::from(*park));
+                w.finish()
+            }
+            Request::Leave { conn_id, side } => {
+                let mut w = W::new(12);
+                w.u64(*conn_id).u8(*side as u8);
                 w.finish()
             }
             Request::Violation { conn_id } => {
@@ -659,6 +675,10 @@ impl Request {
                 park: r.bool("park")?,
             },
             11 => Request::Violation { conn_id: r.u64()? },
+            12 => Request::Leave {
+                conn_id: r.u64()?,
+                side: Side::from_u8(r.u8()?)?,
+            },
             9 => Request::Fallback {
                 reason: r.reason()?,
             },
@@ -814,6 +834,10 @@ mod tests {
                 park: true,
             },
             Request::Violation { conn_id: 10 },
+            Request::Leave {
+                conn_id: 11,
+                side: Side::Connector,
+            },
             Request::Fallback {
                 reason: FallbackReason::HelloTimeout,
             },

@@ -6,6 +6,7 @@ verifies every byte, prints "OK echo N", then waits for a line on stdin
 before closing (so the test can inspect ringstat while it is connected).
 reuse N: N connections within this process, one after another (see reuse).
 close-all FILE: closes every fd it does not know, as daemons do (see close_all).
+pserver PORTFILE [daemon]: a server that stays up (see pserver).
 """
 import os
 import socket
@@ -47,6 +48,49 @@ def server(portfile):
     c, _ = ls.accept()
     echo(c)
     ls.close()
+
+
+def pserver(portfile, daemon):
+    """Fork per connection, as PostgreSQL and sshd do, and running until
+    killed: the parent accepts, forks and closes its copy; the child
+    echoes until EOF and exits with os._exit, never calling close (the
+    kernel closes the socket at exit). With `daemon`, the listener is made
+    first and the process then daemonizes (fork, the parent exits, setsid),
+    as servers started the packaged way do: the listener's registration
+    must outlive the process that made it. The pid of the process that
+    serves is written to PORTFILE.pid before the port is published."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    if daemon:
+        if os.fork() != 0:
+            os._exit(0)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+    with open(portfile + ".pid", "w") as f:
+        f.write(str(os.getpid()))
+    with open(portfile + ".tmp", "w") as f:
+        f.write(str(ls.getsockname()[1]))
+    os.rename(portfile + ".tmp", portfile)
+    while True:
+        c, _ = ls.accept()
+        if os.fork() == 0:
+            ls.close()
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                c.sendall(b)
+            os._exit(0)
+        c.close()
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:
+                pass
+        except ChildProcessError:
+            pass
 
 
 def read_line(sock, what):
@@ -518,6 +562,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "reuse":
         reuse(int(sys.argv[2]))
         raise SystemExit(0)
+    if sys.argv[1] == "pserver":
+        pserver(sys.argv[2], sys.argv[3:] == ["daemon"])
     if sys.argv[1] == "server":
         server(sys.argv[2])
     elif sys.argv[1] == "fserver":

@@ -191,6 +191,79 @@ fn a_forking_server_keeps_the_connection_after_the_parent_closes_its_copy() -> R
     direct_with_every_byte(&conn)
 }
 
+/// A pserver (echo.py) under ssock-run, `daemon` or not: three echo
+/// clients one after another, each Direct with every byte; then, with the
+/// server still up, devd must let go of every connection once the children
+/// that held them have exited (they never close: the kernel does at exit),
+/// as it would on kernel TCP: nothing stays charged to the server.
+fn pserver_serves_and_lets_go(daemon: bool) -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let portfile = scratch(&d, "port");
+    let mut args = vec!["pserver", portfile.to_str().context("path")?];
+    if daemon {
+        args.push("daemon");
+    }
+    let mut s = python(&d, false, &args, &[])?;
+    if daemon {
+        // The process that listened has exited; its child serves.
+        ensure!(s.wait_success()?, "the daemonizing server failed");
+    }
+    let port = published_port(&portfile)?;
+    let pidfile = portfile.with_extension("pid");
+    let server_pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    let result = (|| -> Result<()> {
+        let n = "100000";
+        for _ in 0..3 {
+            let mut c = python(&d, false, &["client", port.trim(), n], &[])?;
+            c.expect(&format!("OK echo {n}"))?;
+            c.say("")?;
+            ensure!(c.wait_success()?, "a client failed");
+        }
+        let v = d.stats()?;
+        ensure!(
+            v["totals"]["connections"]["direct"] == 3 && v["totals"]["connections"]["kernel"] == 0,
+            "not every connection went Direct: {}",
+            v["totals"]
+        );
+        let t = Instant::now();
+        loop {
+            let v = d.stats()?;
+            if v["devd"]["live_connections"] == 0 {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "connections whose holders all exited are still live in devd: {}",
+                v["devd"]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ensure!(
+            std::path::Path::new(&format!("/proc/{server_pid}")).exists(),
+            "the server exited"
+        );
+        Ok(())
+    })();
+    let _ = Command::new("kill")
+        .args(["-KILL", &server_pid.to_string()])
+        .status();
+    s.kill();
+    result
+}
+
+#[test]
+fn connections_handed_to_forked_children_end_in_devd_when_the_children_do() -> Result<()> {
+    pserver_serves_and_lets_go(false)
+}
+
+#[test]
+fn a_server_that_daemonizes_after_listen_stays_accelerated() -> Result<()> {
+    pserver_serves_and_lets_go(true)
+}
+
 #[test]
 fn vectored_calls_sendmsg_writev_recvmsg_readv_go_through_the_shim() -> Result<()> {
     // The client sends with sendmsg and writev and receives with recvmsg

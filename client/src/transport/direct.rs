@@ -603,7 +603,16 @@ impl Transport for Direct {
         }
         self.closed = true;
         if !layout::let_go(&self.map, self.side as usize) {
-            return; // another process (after fork) still holds this end
+            // Another process (a child, a process it was passed to) still
+            // holds this end: devd keeps it while any process holds the
+            // socket.
+            if let Some(s) = &self.session {
+                let _ = s.post(&Request::Leave {
+                    conn_id: self.conn_id,
+                    side: self.side,
+                });
+            }
+            return;
         }
         if !self.broken {
             // Like the kernel's close: a reset instead of end-of-stream

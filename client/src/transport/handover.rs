@@ -104,8 +104,10 @@ impl Handover {
             return inner;
         };
         let mut sw = layout::switch_at(&map, side);
+        let mut inner = inner;
         if adopted && sw == Switch::NotYet {
             sw = layout::publish_switch(&map, side, Switch::Never);
+            inner.switch_published();
         }
         let tx = match sw {
             Switch::After(_) => Tx::Ring,
@@ -154,11 +156,7 @@ impl Handover {
         if let Tx::Tcp(written) = self.tx {
             match layout::claim(&self.map) {
                 CLAIM_ACCEPTED => {
-                    self.tx = match layout::publish_switch(
-                        &self.map,
-                        self.side,
-                        Switch::After(written),
-                    ) {
+                    self.tx = match self.publish(Switch::After(written)) {
                         Switch::After(n) if n == written => Tx::Ring,
                         // Only a broken region says otherwise: the kernel
                         // socket stays this direction's.
@@ -198,6 +196,14 @@ impl Handover {
         }
     }
 
+    /// Publishes where this end's writes move (see
+    /// [`layout::publish_switch`]) and lets the wrapped end pass it on.
+    fn publish(&mut self, sw: Switch) -> Switch {
+        let r = layout::publish_switch(&self.map, self.side, sw);
+        self.inner.switch_published();
+        r
+    }
+
     /// The wrapped end broke (reset, violation, or devd gone under a Queued
     /// end). A connector whose acceptor never claimed the connection is
     /// still a plain connection on the kernel socket: it stays there.
@@ -215,14 +221,15 @@ impl Handover {
     /// The kernel socket's end was seen while no offset was published:
     /// whether it ends the stream. Direct: yes (a writer that closes
     /// publishes its offset first, one that shuts down publishes NEVER,
-    /// so the peer died: its writes are over too). Queued: only once the
-    /// wrapped end has a mark (devd's engine relays the peer's offset to
-    /// this region later than the kernel delivers the FIN).
+    /// so the peer died: its writes are over too). Queued, the peer's word
+    /// not relayed yet: only once the wrapped end has a mark (devd's engine
+    /// relays the peer's offset to this region later than the kernel
+    /// delivers the FIN); once NEVER is relayed, yes.
     fn kernel_end_ends(&mut self, ctx: &Ctx<'_>) -> bool {
         self.tcp_eof = true;
         // (The connector's reads need no such wait: devd writes the
         // acceptor's offset into the connector's own region.)
-        if self.side == 1 && self.inner.mode() == Mode::Queued {
+        if self.side == 1 && self.inner.mode() == Mode::Queued && matches!(self.rx, Rx::Tcp(None)) {
             let r = self.inner.readiness(&Handover::quiet(ctx), false);
             return r.rdhup || r.hup || r.err;
         }
@@ -586,7 +593,7 @@ impl Transport for Handover {
                 if !kernel && matches!(tx, Tx::Tcp(_)) {
                     // Its reader learns that this direction never moves:
                     // the socket's end is the stream's.
-                    layout::publish_switch(&self.map, self.side, Switch::Never);
+                    self.publish(Switch::Never);
                 }
                 let r = socket2::SockRef::from(&ctx.tcp).shutdown(std::net::Shutdown::Write);
                 if !kernel {
@@ -609,7 +616,7 @@ impl Transport for Handover {
         if let Tx::Tcp(w) = self.tx {
             // Nothing more comes: a claim that comes later knows where the
             // kernel bytes end. The region never carried anything.
-            layout::publish_switch(&self.map, self.side, Switch::After(w));
+            self.publish(Switch::After(w));
             self.inner.discard_region();
         }
         if self.broken {
@@ -623,7 +630,7 @@ impl Transport for Handover {
         if let Tx::Tcp(_) = self.tx {
             // Two processes' kernel byte counts cannot be added up: this
             // direction stays on the kernel socket.
-            self.tx = match layout::publish_switch(&self.map, self.side, Switch::Never) {
+            self.tx = match self.publish(Switch::Never) {
                 Switch::Never => Tx::Pinned,
                 _ => Tx::Ring,
             };

@@ -123,6 +123,12 @@ pub trait Transport: Send + std::fmt::Debug {
     /// Its region is not to be kept for a next connection on close (the
     /// connection was never used: devd freed it).
     fn discard_region(&mut self) {}
+    /// This end just published in its region where one of its directions
+    /// moves (or that it never does): a Queued end kicks devd's engine,
+    /// which relays the word to the peer's region only when it runs (a
+    /// peer waiting for it would otherwise wait for a next kick that may
+    /// never come).
+    fn switch_published(&mut self) {}
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).

@@ -393,6 +393,12 @@ impl Transport for Queued {
         (unread, self.tx_inflight)
     }
 
+    fn switch_published(&mut self) {
+        if !self.broken {
+            self.kick();
+        }
+    }
+
     fn fork_hold(&mut self) {
         if !self.closed {
             layout::hold(&self.map, self.side as usize);
@@ -485,7 +491,16 @@ impl Transport for Queued {
         }
         self.closed = true;
         if !layout::let_go(&self.map, self.side as usize) {
-            return; // another process (after fork) still holds this end
+            // Another process (a child, a process it was passed to) still
+            // holds this end: devd keeps it while any process holds the
+            // socket.
+            if let Some(s) = &self.session {
+                let _ = s.post(&Request::Leave {
+                    conn_id: self.conn_id,
+                    side: self.side,
+                });
+            }
+            return;
         }
         if !self.shut_wr && !self.broken {
             self.shut_wr = true;

@@ -123,8 +123,16 @@ pub struct Devd {
     diag: Option<OwnedFd>,
     /// Sequence number of the last sock_diag request.
     diag_seq: u32,
-    /// When orphans were last looked up with sock_diag.
-    diag_at: Option<Instant>,
+}
+
+/// What sock_diag says of an orphaned end's socket ([`Devd::orphan_seen`]).
+enum Seen {
+    /// Some process holds it.
+    Held,
+    /// No process does.
+    Gone,
+    /// The look-up cannot tell.
+    Unsure,
 }
 
 /// A reply and the fds that travel with it (devd's own, borrowed for the send).
@@ -135,9 +143,20 @@ pub(crate) type Reply = (Response, Vec<Fd>);
 /// ([`Devd::release_orphans`]).
 pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// How often orphaned ends' TCP sockets are looked up (sock_diag) while
-/// any waits.
+/// How soon an orphaned end's TCP socket is first looked up (sock_diag),
+/// and how often while the look-up cannot tell.
 pub const ORPHAN_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest interval between look-ups of an orphaned end's socket:
+/// the interval doubles from `ORPHAN_CHECK` while the socket is seen held
+/// (a connection a forked child serves for hours costs devd a look-up
+/// every few seconds, and is released at most this long after its last
+/// holder let go).
+pub const ORPHAN_CHECK_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How old the last sighting of a sessionless listener may be when an
+/// Intent to its address arrives; an older one is looked up again first.
+pub const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Seconds an intent (or a buried intent) lives. Its connector uses the
 /// kernel socket meanwhile; an acceptor that accepts later gets a plain
@@ -196,7 +215,6 @@ impl Devd {
                 .map_err(|e| log::info!("no sock_diag ({e}): orphaned ends wait out their grace"))
                 .ok(),
             diag_seq: 0,
-            diag_at: None,
         }
     }
 
@@ -220,6 +238,7 @@ impl Devd {
                 side,
                 park,
             } => self.release(sid, conn_id, side as usize, park),
+            Request::Leave { conn_id, side } => self.leave(sid, conn_id, side as usize),
             Request::Violation { conn_id } => {
                 // Counted once per connection, and only from a live end.
                 let held = self.holds(sid, conn_id);
@@ -310,25 +329,76 @@ impl Devd {
             && sys::sockopt_int(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
                 .is_ok_and(|v| v == 0);
         let l = registry::Listener {
-            session: sid,
+            session: Some(sid),
             addr: end.addr,
             dual_stack,
+            seen: None,
         };
         self.reg.listeners.insert(end.inode, l);
         Ok((Response::Ok, vec![]))
     }
 
-    fn unlisten(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
+    /// A process closes its listener (the fd it sends proves it holds
+    /// it). Others may hold it still (pre-fork workers, a daemon's child):
+    /// the registration stays with the socket, looked up with sock_diag at
+    /// the next Intent to its address ([`Devd::check_listeners`]).
+    fn unlisten(&mut self, _sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        if self
+        self.let_go_of_listener(inode);
+        Ok((Response::Ok, vec![]))
+    }
+
+    /// The registration of listener `inode` no longer has a session:
+    /// it belongs to the socket alone, or, without sock_diag to tell
+    /// whether anyone holds the socket, it is dropped.
+    fn let_go_of_listener(&mut self, inode: u64) {
+        if self.diag.is_none() {
+            self.reg.listeners.remove(&inode);
+        } else if let Some(l) = self.reg.listeners.get_mut(&inode) {
+            l.session = None;
+            l.seen = None;
+        }
+    }
+
+    /// Looks up, with one sock_diag dump, the sessionless listeners that
+    /// `stale` selects, and drops those no process holds any more (on a
+    /// failed look-up, all of them: a connection to them stays on kernel
+    /// TCP, which is never wrong).
+    fn check_listeners(&mut self, stale: impl Fn(&registry::Listener) -> bool) {
+        let now = Instant::now();
+        let concerned: Vec<u64> = self
             .reg
             .listeners
-            .get(&inode)
-            .is_some_and(|l| l.session == sid)
-        {
-            self.reg.listeners.remove(&inode);
+            .iter()
+            .filter(|(_, l)| l.session.is_none() && stale(l))
+            .map(|(&inode, _)| inode)
+            .collect();
+        if concerned.is_empty() {
+            return;
         }
-        Ok((Response::Ok, vec![]))
+        let held = match &self.diag {
+            Some(diag) => {
+                self.diag_seq = self.diag_seq.wrapping_add(1);
+                crate::sys::tcp_listeners(diag.as_fd(), self.diag_seq)
+            }
+            None => Err(io::Error::other("no sock_diag")),
+        };
+        for inode in concerned {
+            match &held {
+                Ok(set) if set.contains(&inode) => {
+                    if let Some(l) = self.reg.listeners.get_mut(&inode) {
+                        l.seen = Some(now);
+                    }
+                }
+                Ok(_) => {
+                    self.reg.listeners.remove(&inode);
+                }
+                Err(e) => {
+                    log::debug!("listener {inode}: sock_diag: {e}");
+                    self.reg.listeners.remove(&inode);
+                }
+            }
+        }
     }
 
     /// Answers an Intent with Kernel: counts the reason (not again for a
@@ -403,6 +473,17 @@ impl Devd {
         if mode == Mode::Kernel {
             return self.kernel(FallbackReason::Requested, &fd, inode);
         }
+        // A sessionless registration not looked at lately may be of a
+        // socket closed everywhere since.
+        let now = Instant::now();
+        let old = |l: &registry::Listener| l.seen.is_none_or(|t| now - t >= LISTENER_CHECK);
+        if self
+            .reg
+            .listeners_for(dst)
+            .any(|l| l.session.is_none() && old(l))
+        {
+            self.check_listeners(|l| old(l) && l.addr.port() == dst.port());
+        }
         let Some(listener) = self.reg.listener_for(dst).map(|l| l.session) else {
             return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode);
         };
@@ -464,15 +545,15 @@ impl Devd {
         &mut self,
         sid: u64,
         mode: Mode,
-        listener: u64,
+        listener: Option<u64>,
         sole: bool,
     ) -> Result<Created, RequestError> {
         let token = self.token()?;
-        let reused = match mode {
-            Mode::Direct if sole => self.reuse(sid, listener),
+        let reused = match (mode, listener) {
+            (Mode::Direct, Some(l)) if sole => self.reuse(sid, l),
             _ => None,
         };
-        let reuse_by = reused.is_some().then_some(listener);
+        let reuse_by = if reused.is_some() { listener } else { None };
         let (id, mut res) = match (mode, reused) {
             (_, Some(p)) => p,
             (Mode::Queued, _) => {
@@ -997,7 +1078,16 @@ impl Devd {
             }
         }
         self.reg.unpark_session(sid);
-        self.reg.listeners.retain(|_, l| l.session != sid);
+        let listened: Vec<u64> = self
+            .reg
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.session == Some(sid))
+            .map(|(&inode, _)| inode)
+            .collect();
+        for inode in listened {
+            self.let_go_of_listener(inode);
+        }
         // Its own intents, and those reusing a region only it could claim.
         for i in self
             .reg
@@ -1017,19 +1107,43 @@ impl Devd {
             .collect();
         let now = Instant::now();
         for (id, e) in held {
-            // A Direct end may live on in an exec'd image (or a process the
-            // socket was passed to): it stays attachable for a grace period,
-            // unless its TCP socket is gone already.
-            match self.reg.conns.get_mut(&id) {
+            // A Direct end may live on in an exec'd image, a child or a
+            // process the socket was passed to: it stays while its TCP
+            // socket is held anywhere, attachable by it.
+            match self.reg.conns.get(&id) {
                 Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
-                    c.ends[e].orphaned = Some(now);
-                    self.reg.orphans.insert((id, e));
-                    if self.orphan_gone(id, e) {
-                        self.release_orphan(id, e);
-                    }
+                    self.orphan(id, e, now);
+                    self.look_at_orphan(id, e, now);
                 }
                 _ => self.release_end(id, e),
             }
+        }
+    }
+
+    /// Leave: the process of session `sid` closed end `e` of connection
+    /// `id` while others still hold its socket (see [`Request::Leave`]).
+    fn leave(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
+        let held = self
+            .reg
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.ends[e].session == sid && !c.ends[e].released);
+        if !held {
+            return Err(RequestError::NotHeld(id));
+        }
+        self.orphan(id, e, Instant::now());
+        Ok((Response::Ok, vec![]))
+    }
+
+    /// End `e` of connection `id` is held by no session any more (see
+    /// [`registry::End::orphaned`]): its socket is looked up from now on.
+    fn orphan(&mut self, id: u64, e: usize, now: Instant) {
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            c.ends[e].orphaned.get_or_insert(now);
+            self.reg.orphans.entry((id, e)).or_insert(registry::Look {
+                next: now + ORPHAN_CHECK,
+                every: ORPHAN_CHECK,
+            });
         }
     }
 
@@ -1083,18 +1197,19 @@ impl Devd {
         for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
             self.discard_intent(i);
         }
+        self.check_listeners(|_| true);
     }
 
     /// How long the control loop may sleep before [`Devd::timers`] has
-    /// work: orphaned ends are looked up every `ORPHAN_CHECK` (without
-    /// sock_diag they wait out their grace, checked every 500 ms); the
-    /// kernel-connection watch ends its generations on time.
+    /// work: the next look-up of an orphaned end; the kernel-connection
+    /// watch ends its generations on time.
     pub fn wake_in(&self, now: Instant) -> Option<std::time::Duration> {
-        let orphans = (!self.reg.orphans.is_empty()).then_some(if self.diag.is_some() {
-            ORPHAN_CHECK
-        } else {
-            std::time::Duration::from_millis(500)
-        });
+        let orphans = self
+            .reg
+            .orphans
+            .values()
+            .map(|l| l.next.saturating_duration_since(now))
+            .min();
         let watch = self
             .watch
             .as_ref()
@@ -1115,50 +1230,54 @@ impl Devd {
         }
     }
 
-    /// Releases the orphaned ends whose grace is over, and, every
-    /// `ORPHAN_CHECK`, those whose TCP socket no process holds any more
-    /// (only the orphans are looked at: this runs on every wake of the
-    /// control loop).
+    /// Looks up the orphaned ends that are due: released once no process
+    /// holds their socket (or, when sock_diag cannot tell, after
+    /// `ORPHAN_GRACE`); looked up again later otherwise.
     pub fn release_orphans(&mut self) {
-        if self.reg.orphans.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let look = self.diag.is_some()
-            && self
-                .diag_at
-                .is_none_or(|t| now.duration_since(t) >= ORPHAN_CHECK);
-        if look {
-            self.diag_at = Some(now);
+        let due: Vec<(u64, usize)> = self
+            .reg
+            .orphans
+            .iter()
+            .filter(|(_, l)| l.next <= now)
+            .map(|(&k, _)| k)
+            .collect();
+        for (id, e) in due {
+            self.look_at_orphan(id, e, now);
         }
-        let mut over = Vec::new();
-        let mut waiting = Vec::new();
-        self.reg.orphans.retain(|&(id, e)| {
-            let since = self.reg.conns.get(&id).and_then(|c| c.ends[e].orphaned);
-            match since {
-                None => false,
-                Some(t) if now.duration_since(t) >= ORPHAN_GRACE => {
-                    over.push((id, e));
-                    false
-                }
-                Some(_) => {
-                    // Only on a wake that asks sock_diag.
-                    if look {
-                        waiting.push((id, e));
-                    }
-                    true
+    }
+
+    /// Looks up orphaned end `e` of connection `id` now (see
+    /// [`Devd::release_orphans`]).
+    fn look_at_orphan(&mut self, id: u64, e: usize, now: Instant) {
+        let Some(since) = self.reg.conns.get(&id).and_then(|c| c.ends[e].orphaned) else {
+            self.reg.orphans.remove(&(id, e));
+            return;
+        };
+        let seen = self.orphan_seen(id, e);
+        let Some(look) = self.reg.orphans.get_mut(&(id, e)) else {
+            return;
+        };
+        match seen {
+            Seen::Gone => self.release_orphan(id, e),
+            Seen::Held => {
+                look.every = (look.every * 2).min(ORPHAN_CHECK_MAX);
+                look.next = now + look.every;
+                if let Some(c) = self.reg.conns.get_mut(&id) {
+                    c.ends[e].orphaned = Some(now);
                 }
             }
-        });
-        if look {
-            over.extend(
-                waiting
-                    .into_iter()
-                    .filter(|&(id, e)| self.orphan_gone(id, e)),
-            );
-        }
-        for (id, e) in over {
-            self.release_orphan(id, e);
+            Seen::Unsure if now.duration_since(since) >= ORPHAN_GRACE => {
+                self.release_orphan(id, e);
+            }
+            Seen::Unsure => {
+                look.every = if self.diag.is_some() {
+                    ORPHAN_CHECK
+                } else {
+                    ORPHAN_GRACE
+                };
+                look.next = (now + look.every).min(since + ORPHAN_GRACE);
+            }
         }
     }
 
@@ -1171,23 +1290,23 @@ impl Devd {
         self.release_end(id, e);
     }
 
-    /// Whether orphaned end `e` of connection `id` can never be attached
-    /// again: no process holds its TCP socket (an exec'd image that
-    /// inherited it, a process it was passed to, a message carrying it
-    /// still queued on a unix socket would). sock_diag tells: the
-    /// connection's socket on this end's side has another inode (0 once
-    /// closed everywhere while the kernel finishes the connection, or a
-    /// new socket on the same addresses), or none is left while the peer's
-    /// side is in TIME_WAIT (the connection closed both ways; a passive
-    /// closer's socket is gone by then). Otherwise, or unsure: false (the
-    /// end waits out its grace).
-    fn orphan_gone(&mut self, id: u64, e: usize) -> bool {
+    /// Whether some process holds the TCP socket of orphaned end `e` of
+    /// connection `id` (an exec'd image that inherited it, a child, a
+    /// process it was passed to; a message carrying it still queued on a
+    /// unix socket would too). sock_diag tells: the connection's socket on
+    /// this end's side has our inode (held), another one (0 once closed
+    /// everywhere while the kernel finishes the connection, or a new
+    /// socket on the same addresses: gone), or none is left while the
+    /// peer's side is in TIME_WAIT (the connection closed both ways; a
+    /// passive closer's socket is gone by then: gone). Otherwise, or
+    /// without sock_diag: unsure.
+    fn orphan_seen(&mut self, id: u64, e: usize) -> Seen {
         let Some(c) = self.reg.conns.get(&id) else {
-            return false;
+            return Seen::Unsure;
         };
         let (mine, inode, peer) = (c.ends[e].addr, c.ends[e].inode, c.ends[1 - e].addr);
         let Some(diag) = &self.diag else {
-            return false;
+            return Seen::Unsure;
         };
         let mut look = |local, remote| {
             self.diag_seq = self.diag_seq.wrapping_add(1);
@@ -1195,16 +1314,18 @@ impl Devd {
         };
         let connected = |s: &crate::sys::TcpSeen| s.state != crate::sys::TCP_LISTEN;
         match look(mine, peer) {
-            Ok(Some(s)) if connected(&s) => u64::from(s.inode) != inode,
+            Ok(Some(s)) if connected(&s) && u64::from(s.inode) == inode => Seen::Held,
+            Ok(Some(s)) if connected(&s) => Seen::Gone,
             // Not found is no proof alone (a socket bound to a device or a
             // VRF is never found by this lookup): only with the peer in
             // TIME_WAIT, after both sides' FINs, is the connection over.
-            Ok(_) => {
-                matches!(look(peer, mine), Ok(Some(s)) if s.state == crate::sys::TCP_TIME_WAIT)
-            }
-            Err(e) => {
-                log::debug!("connection {id}: sock_diag: {e}");
-                false
+            Ok(_) => match look(peer, mine) {
+                Ok(Some(s)) if s.state == crate::sys::TCP_TIME_WAIT => Seen::Gone,
+                _ => Seen::Unsure,
+            },
+            Err(err) => {
+                log::debug!("connection {id}: sock_diag: {err}");
+                Seen::Unsure
             }
         }
     }
@@ -1920,14 +2041,12 @@ mod tests {
         // exec'd image, a process it was passed to): still attachable.
         d.end_session(1);
         assert_eq!(d.reg.orphans.len(), 1);
-        d.diag_at = None;
-        d.release_orphans();
+        look_now(&mut d);
         assert_eq!(d.reg.orphans.len(), 1, "released while its socket is open");
         // Closed everywhere: released at the next look, long before the
         // grace, and its charge with it.
         drop(s);
-        d.diag_at = None;
-        d.release_orphans();
+        look_now(&mut d);
         assert!(d.reg.orphans.is_empty(), "still orphaned after its close");
         assert_eq!(d.reg.usage.get(&sys::uid()).map(|u| u.0), Some(1));
         // The acceptor's side: its peer is gone, its own socket still
@@ -1935,10 +2054,109 @@ mod tests {
         d.end_session(2);
         assert_eq!(d.reg.orphans.len(), 1);
         drop(a);
-        d.diag_at = None;
-        d.release_orphans();
+        look_now(&mut d);
         assert!(d.reg.orphans.is_empty() && d.reg.conns.is_empty());
         assert!(d.reg.usage.is_empty(), "usage left: {:?}", d.reg.usage);
+    }
+
+    /// Makes every orphaned end due for a look-up, and looks.
+    fn look_now(d: &mut Devd) {
+        for l in d.reg.orphans.values_mut() {
+            l.next = Instant::now();
+        }
+        d.release_orphans();
+    }
+
+    #[test]
+    fn an_end_left_to_other_holders_lives_until_the_last_one_lets_go() {
+        let mut d = devd("");
+        if d.diag.is_none() {
+            eprintln!("SKIP: no sock_diag socket here");
+            return;
+        }
+        session(&mut d, 2);
+        let l = listener_of(&mut d, 2);
+        let dst = l.local_addr().unwrap();
+        let s = socket();
+        let (r, _) = intent(&mut d, &s, dst);
+        let Response::Proceed { attachment, .. } = r else {
+            panic!("{r:?}")
+        };
+        s.connect(&dst.into()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let fd = a.as_fd().try_clone_to_owned().unwrap();
+        let (r, _) = d.handle(2, Request::Claim, vec![fd]);
+        assert!(matches!(r, Response::Expect { .. }), "{r:?}");
+        // The acceptor forks a child to serve it and closes its copy:
+        // Leave. The child (here: a duplicate of the socket) holds it.
+        let child = a.try_clone().unwrap();
+        drop(a);
+        let id = attachment.conn_id;
+        let leave = Request::Leave {
+            conn_id: id,
+            side: Side::Acceptor,
+        };
+        // Only the session that holds the end may leave it.
+        let (r, _) = d.handle(1, leave.clone(), vec![]);
+        assert!(matches!(r, Response::Error { .. }), "{r:?}");
+        let (r, _) = d.handle(2, leave, vec![]);
+        assert!(matches!(r, Response::Ok), "{r:?}");
+        for _ in 0..3 {
+            look_now(&mut d);
+            assert!(
+                d.reg.conns.get(&id).is_some_and(|c| !c.ends[1].released),
+                "released while a child holds it"
+            );
+        }
+        // The interval grows while it is seen held.
+        assert!(d.reg.orphans[&(id, 1)].every > ORPHAN_CHECK);
+        // The child exits without closing (the kernel closes it).
+        drop(child);
+        look_now(&mut d);
+        assert!(d.reg.orphans.is_empty(), "still held after the last close");
+        assert!(d.reg.conns.get(&id).is_none_or(|c| c.ends[1].released));
+        // The same from a session that ends: the connector's end, whose
+        // socket lives on, is released at its last close only.
+        d.end_session(1);
+        look_now(&mut d);
+        assert_eq!(d.reg.orphans.len(), 1);
+        drop(s);
+        look_now(&mut d);
+        assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
+    }
+
+    #[test]
+    fn a_listener_stays_registered_while_any_process_holds_it() {
+        let mut d = devd("");
+        if d.diag.is_none() {
+            eprintln!("SKIP: no sock_diag socket here");
+            return;
+        }
+        session(&mut d, 2);
+        let l = listener_of(&mut d, 2);
+        let dst = l.local_addr().unwrap();
+        // The process that listened daemonizes: its child holds the
+        // listener (a duplicate here), the parent's session ends.
+        let child = l.try_clone().unwrap();
+        d.end_session(2);
+        let s = socket();
+        let (r, _) = intent(&mut d, &s, dst);
+        assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+        // The child closes it too (Unlisten from a new session, then the
+        // close): gone at the next Intent to its address.
+        session(&mut d, 3);
+        let fd = child.as_fd().try_clone_to_owned().unwrap();
+        let (r, _) = d.handle(3, Request::Unlisten, vec![fd]);
+        assert!(matches!(r, Response::Ok), "{r:?}");
+        assert_eq!(d.reg.listeners.len(), 1, "dropped while still open");
+        drop((l, child));
+        let s2 = socket();
+        let (r, _) = intent(&mut d, &s2, dst);
+        assert!(
+            matches!(r, Response::Kernel { .. }),
+            "a closed listener still matched: {r:?}"
+        );
+        assert!(d.reg.listeners.is_empty());
     }
 
     #[test]

@@ -10,15 +10,31 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// When to look up an orphaned end's socket next, and the interval, which
+/// doubles (to a bound) while the socket is seen held.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    /// Next look-up.
+    pub next: Instant,
+    /// Interval since the last.
+    pub every: std::time::Duration,
+}
+
 /// A registered listening socket.
 #[derive(Debug, Clone)]
 pub struct Listener {
-    /// Session that registered it.
-    pub session: u64,
+    /// Session that registered it, while that session lives and has not
+    /// closed it. None: the registration belongs to the socket alone (the
+    /// process that listened exited, daemonized or closed its copy) and
+    /// lasts while any process holds the socket, as sock_diag shows.
+    pub session: Option<u64>,
     /// Bound address.
     pub addr: SocketAddr,
     /// An IPv6 wildcard listener that also takes IPv4 (IPV6_V6ONLY off).
     pub dual_stack: bool,
+    /// With no session: when sock_diag last showed the socket listening
+    /// (None: not looked at since its session let go of it).
+    pub seen: Option<Instant>,
 }
 
 /// Key under which intents wait for their accept: the destination (ip
@@ -125,10 +141,14 @@ pub struct End {
     pub addr: SocketAddr,
     /// Whether it was released (closed, or its process ended).
     pub released: bool,
-    /// Its session ended without releasing it (the process exited, died or
-    /// called exec): when. A Direct end stays attachable by its socket for
-    /// `ORPHAN_GRACE`, so a program exec'd with the socket inherited can
-    /// take it over; then it is released.
+    /// No session holds it any more: its session ended without releasing
+    /// it (the process exited, died or called exec), or its process closed
+    /// it while others still held the socket (Leave: a child it forked, a
+    /// process it passed the socket to). When that happened, or when its
+    /// socket was last seen held. It lives while any process holds its
+    /// TCP socket (sock_diag), stays attachable by that socket meanwhile
+    /// (an exec'd image takes it over), and is released once none does;
+    /// `ORPHAN_GRACE` after this time when sock_diag cannot tell.
     pub orphaned: Option<Instant>,
 }
 
@@ -228,10 +248,10 @@ pub struct Registry {
     pub intents: HashMap<IntentKey, Vec<Intent>>,
     /// Number of pending intents by user.
     pub intents_of: HashMap<u32, usize>,
-    /// Ends waiting out their orphan grace, (connection id, end): a subset
-    /// of the ends whose `orphaned` is set (entries of connections gone
-    /// since are dropped when found).
-    pub orphans: std::collections::BTreeSet<(u64, usize)>,
+    /// Ends no session holds, (connection id, end), with when to look
+    /// at their socket next: a subset of the ends whose `orphaned` is set
+    /// (entries of connections gone since are dropped when found).
+    pub orphans: BTreeMap<(u64, usize), Look>,
     /// Intents given up before their Claim, oldest first.
     pub gone: std::collections::VecDeque<Gone>,
     /// Live connections by id (ordered for paging).
@@ -252,8 +272,9 @@ impl Registry {
     /// is `dst` or the wildcard of `dst`'s family (an IPv6 wildcard also
     /// takes IPv4 when it is dual-stack). A wrong match would send a Hello
     /// to whatever plain process really accepts the connection.
+    /// One held by a session is preferred (its session matters for reuse).
     pub fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
-        self.listeners_for(dst).next()
+        self.listeners_for(dst).min_by_key(|l| l.session.is_none())
     }
 
     /// Every registered listener a connection to `dst` may reach (several
@@ -442,9 +463,10 @@ mod tests {
         r.listeners.insert(
             1,
             Listener {
-                session: 1,
+                session: Some(1),
                 addr: addr.parse().unwrap(),
                 dual_stack,
+                seen: None,
             },
         );
         r

@@ -246,6 +246,36 @@ def case_nested_epoll():
     a.close()
 
 
+def case_epoll_member_added_by_another_thread():
+    """A thread sleeps in epoll_wait on a set with no connection in it yet
+    (an event loop's idle wait); another thread adds a connected socket
+    whose bytes are waiting: the sleeper wakes with it at once, as apache
+    mpm_event's listener thread does when a worker hands a keep-alive
+    connection back, well before its 5 s timeout."""
+    c, a = pair()
+    ep = select.epoll()
+    got = []
+
+    def waiter():
+        t = time.monotonic()
+        r = ep.poll(5)
+        got.append((r, time.monotonic() - t))
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    time.sleep(0.2)
+    c.sendall(b"x")
+    ep.register(a.fileno(), select.EPOLLIN)
+    th.join()
+    r, took = got[0]
+    say("added by another thread:", [(fd == a.fileno(), ev_names(m)) for fd, m in r],
+        "woke early:", took < 4)
+    say("then read:", a.recv(10))
+    ep.close()
+    c.close()
+    a.close()
+
+
 def case_threads():
     c, a = pair()
     msg = 4096
@@ -594,7 +624,7 @@ def plain_echo(fd):
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
-         case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
+         case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -6,7 +6,11 @@
 //! EPOLLHUP and EPOLLERR always), takes the kernel fds' events from the
 //! real epoll_wait, and sleeps in one real poll over the epoll fd itself,
 //! the members' doorbells and a control bell (so epoll_ctl from another
-//! thread wakes a sleeper).
+//! thread wakes a sleeper). The bell is also registered in the kernel
+//! instance, under a random data word that the shim takes out of what the
+//! kernel reports: a thread asleep in the kernel's own epoll_wait (no
+//! accelerated member yet) wakes when another thread adds one, and goes on
+//! through the shim.
 //!
 //! A socket registered before it turned accelerated (nonblocking connect)
 //! moves from the kernel instance to the shim's when it does, and back if
@@ -101,8 +105,12 @@ struct Inner {
 /// The shim's side of one epoll instance.
 pub struct Set {
     inner: Mutex<Inner>,
-    /// Rung by epoll_ctl while someone sleeps in this instance.
+    /// Rung by epoll_ctl while someone sleeps in this instance; also in
+    /// the kernel instance, with event data `tag`.
     bell: EventFd,
+    /// The bell's event data in the kernel instance: random, so that no
+    /// registration of the application's carries it (one chance in 2^64).
+    tag: u64,
     sleepers: AtomicU32,
     /// Whether any member is the shim's (else epoll_wait goes to libc).
     any: AtomicBool,
@@ -207,12 +215,28 @@ pub fn created(epfd: c_int) {
     if epfd < 0 {
         return;
     }
-    match EventFd::new() {
-        Ok(bell) => put(
+    let made = EventFd::new().and_then(|bell| {
+        let tag = bell_tag(epfd);
+        let mut ev = epoll_event {
+            events: EPOLLIN,
+            u64: tag,
+        };
+        let bfd = std::os::fd::AsRawFd::as_raw_fd(&bell);
+        // SAFETY: epfd is the instance just created; bfd is the bell, open;
+        // ev is a valid event for the call.
+        let r = unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, bfd, &mut ev) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((bell, tag))
+    });
+    match made {
+        Ok((bell, tag)) => put(
             epfd,
             Some(Arc::new(Set {
                 inner: Mutex::new(Inner::default()),
                 bell,
+                tag,
                 sleepers: AtomicU32::new(0),
                 any: AtomicBool::new(false),
             })),
@@ -221,6 +245,26 @@ pub fn created(epfd: c_int) {
         // accelerated members would never be seen, so say so.
         Err(e) => log::warn!("epoll instance {epfd} not tracked: {e}"),
     }
+}
+
+/// A data word for an instance's bell that no application registration
+/// carries by accident (pointers, fd numbers and small counters are what
+/// applications put there): a mix of the clock, an address and a counter,
+/// without a system call (epoll_create may come inside a sandbox).
+fn bell_tag(epfd: c_int) -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(30));
+    let addr = u64::try_from(std::ptr::addr_of!(COUNT) as usize).unwrap_or(0);
+    let mut z = nanos
+        ^ addr.rotate_left(32)
+        ^ u64::from(epfd.unsigned_abs()).rotate_left(17)
+        ^ COUNT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    // splitmix64's finalizer.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// `new` names the same epoll instance as `old` (dup).
@@ -245,7 +289,7 @@ pub fn closed(fd: c_int) {
         let before = i.members.len();
         i.members.retain(|m| m.fd != fd);
         if i.members.len() != before {
-            s.any.store(!i.members.is_empty(), Ordering::Relaxed);
+            s.any.store(!i.members.is_empty(), Ordering::SeqCst);
             drop(i);
             s.ring();
         }
@@ -273,7 +317,7 @@ pub fn became_accelerated(fd: c_int) {
             seen: None,
             disabled: false,
         });
-        s.any.store(true, Ordering::Relaxed);
+        s.any.store(true, Ordering::SeqCst);
         drop(i);
         s.ring();
     }
@@ -293,7 +337,23 @@ impl Set {
 
     /// Whether the shim has members here (else the kernel does it all).
     pub fn has_members(&self) -> bool {
-        self.any.load(Ordering::Relaxed)
+        self.any.load(Ordering::SeqCst)
+    }
+
+    /// Takes the bell's events out of the `n` events the kernel instance
+    /// reported in `out` (keeping the others' order); returns how many are
+    /// left and whether the bell was among them.
+    fn strip_bell(&self, out: &mut [epoll_event], n: usize) -> (usize, bool) {
+        let n = n.min(out.len());
+        let mut kept = 0;
+        for k in 0..n {
+            let ev = out[k];
+            if ev.u64 != self.tag {
+                out[kept] = ev;
+                kept += 1;
+            }
+        }
+        (kept, kept < n)
     }
 
     /// Members whose negotiation ended on kernel TCP go back to the kernel
@@ -328,7 +388,7 @@ impl Set {
                 i.kernel.insert(m.fd, (m.events, m.data));
             }
         }
-        self.any.store(!i.members.is_empty(), Ordering::Relaxed);
+        self.any.store(!i.members.is_empty(), Ordering::SeqCst);
     }
 
     /// Fills `out` with the shim's members' events (updating edge and
@@ -429,6 +489,12 @@ impl Set {
         for a in armed {
             a.disarm();
         }
+        self.done_sleeping();
+    }
+
+    /// One sleeper less; the last one drains the bell (earlier, a sleeper
+    /// not yet back from its wait could miss the ring).
+    fn done_sleeping(&self) {
         if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.bell.drain();
         }
@@ -551,10 +617,49 @@ pub fn ctl(
         }
         _ => return Err(libc::EINVAL),
     }
-    set.any.store(!i.members.is_empty(), Ordering::Relaxed);
+    set.any.store(!i.members.is_empty(), Ordering::SeqCst);
     drop(i);
     set.ring();
     Ok(0)
+}
+
+/// epoll_wait and friends on an instance with no shim member yet: the
+/// kernel's own wait (`kernel_wait(out, remaining)`, with the caller's
+/// signal mask), counted as a sleeper, so that an epoll_ctl adding an
+/// accelerated socket from another thread rings the bell, which the kernel
+/// instance holds; the wait then goes on through the shim ([`wait`]).
+/// Costs the kernel's wait two atomic operations and a look at what it
+/// returned.
+pub fn wait_direct(
+    epfd: c_int,
+    set: &Set,
+    out: &mut [epoll_event],
+    timeout: Option<Duration>,
+    kernel_wait: &dyn Fn(&mut [epoll_event], Option<Duration>) -> c_int,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    loop {
+        // A member added before this count is seen below; one added after
+        // it rings the bell (both SeqCst).
+        set.sleepers.fetch_add(1, Ordering::SeqCst);
+        if set.has_members() {
+            set.done_sleeping();
+            return wait(epfd, set, out, left(), sleep);
+        }
+        let r = kernel_wait(out, left());
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
+        set.done_sleeping();
+        if r < 0 {
+            crate::boundary::set_errno(errno);
+            return -1;
+        }
+        if n > 0 || !rung || deadline.is_some_and(|d| Instant::now() >= d) {
+            return c_int::try_from(n).unwrap_or(c_int::MAX);
+        }
+    }
 }
 
 /// epoll_wait and friends on an instance with shim members. `sleep(set,
@@ -574,7 +679,7 @@ pub fn wait(
         let max = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
         // SAFETY: out is a valid, exclusively borrowed array of max events.
         let r = unsafe { (crate::real::get().epoll_wait)(epfd, out.as_mut_ptr(), max, 0) };
-        usize::try_from(r).unwrap_or(0)
+        set.strip_bell(out, usize::try_from(r).unwrap_or(0)).0
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;

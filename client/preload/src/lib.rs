@@ -1226,9 +1226,10 @@ unsafe fn epoll_wait_via_shim(
     events: *mut libc::epoll_event,
     max: c_int,
     timeout: Option<Duration>,
+    kernel_wait: &dyn Fn(&mut [libc::epoll_event], Option<Duration>) -> c_int,
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> Option<c_int> {
-    let set = epoll::get(epfd).filter(|s| s.has_members())?;
+    let set = epoll::get(epfd)?;
     let Ok(n) = usize::try_from(max) else {
         return Some(fail(libc::EINVAL));
     };
@@ -1240,7 +1241,18 @@ unsafe fn epoll_wait_via_shim(
     }
     // SAFETY: the caller's array of `max` epoll_event (epoll_wait(2)).
     let out = unsafe { std::slice::from_raw_parts_mut(events, n) };
-    Some(epoll::wait(epfd, &set, out, timeout, sleep))
+    if set.has_members() {
+        Some(epoll::wait(epfd, &set, out, timeout, sleep))
+    } else {
+        Some(epoll::wait_direct(
+            epfd,
+            &set,
+            out,
+            timeout,
+            kernel_wait,
+            sleep,
+        ))
+    }
 }
 
 /// A millisecond timeout argument (negative: none).
@@ -1280,8 +1292,13 @@ pub unsafe extern "C" fn epoll_wait(
             let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
                 wait::real_poll(set, wait::millis(rem))
             };
+            let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
+                let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
+                // SAFETY: out is the caller's event array (at most its max).
+                unsafe { (real::get().epoll_wait)(epfd, out.as_mut_ptr(), n, wait::millis(rem)) }
+            };
             // SAFETY: the caller's epoll_wait arguments.
-            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &sleep) }
+            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &kernel, &sleep) }
                 .unwrap_or_else(real)
         },
         real,
@@ -1306,8 +1323,15 @@ pub unsafe extern "C" fn epoll_pwait(
         || {
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
+            let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
+                let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
+                let ms = wait::millis(rem);
+                // SAFETY: out is the caller's event array (at most its max);
+                // mask is the caller's.
+                unsafe { (real::get().epoll_pwait)(epfd, out.as_mut_ptr(), n, ms, mask) }
+            };
             // SAFETY: the caller's epoll_pwait arguments.
-            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &sleep) }
+            unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &kernel, &sleep) }
                 .unwrap_or_else(real)
         },
         real,
@@ -1337,8 +1361,26 @@ pub unsafe extern "C" fn epoll_pwait2(
             let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
+            let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
+                let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
+                let ts = rem.map(|d| libc::timespec {
+                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
+                });
+                let tp = ts
+                    .as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                match real::get().epoll_pwait2 {
+                    // SAFETY: out is the caller's event array (at most its
+                    // max); tp is null or a timespec alive for the call;
+                    // mask is the caller's.
+                    Some(f) => unsafe { f(epfd, out.as_mut_ptr(), n, tp, mask) },
+                    None => fail(libc::ENOSYS),
+                }
+            };
             // SAFETY: the caller's epoll_pwait2 arguments.
-            unsafe { epoll_wait_via_shim(epfd, events, max, t, &sleep) }.unwrap_or_else(real)
+            unsafe { epoll_wait_via_shim(epfd, events, max, t, &kernel, &sleep) }
+                .unwrap_or_else(real)
         },
         real,
     )

@@ -372,12 +372,28 @@ pub fn accept_on(
     fd: BorrowedFd<'_>,
     _opts: &Options,
 ) -> io::Result<Accepted> {
-    let end = match session.request(&Request::Claim, &[fd]) {
+    // A Claim that devd may have handled but whose answer never came
+    // (timeout, devd gone mid-way) leaves the connection in doubt: devd may
+    // have told its connector to move into the region. It is dropped (the
+    // peer sees a reset), never served plain with the peer's bytes going
+    // elsewhere. A Claim that was never sent, or refused, is plain.
+    let sent = match session.begin(&Request::Claim, &[fd]) {
+        Ok(f) => f,
+        Err(_) => return Ok(Accepted::Kernel(None)),
+    };
+    let end = match sent.finish() {
         Ok((Response::Expect { attachment, .. }, fds)) => Pending::new(attachment, fds),
         Ok((Response::ExpectKernel { reason, .. }, _)) => {
             return Ok(Accepted::Kernel(Some(reason)))
         }
-        _ => return Ok(Accepted::Kernel(None)),
+        Ok(_) | Err(crate::session::SessionError::Refused { .. }) => {
+            return Ok(Accepted::Kernel(None))
+        }
+        Err(e) => {
+            log::warn!("no answer to a Claim ({e}); dropping the connection");
+            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+            return Ok(Accepted::Dropped);
+        }
     };
     let drop_it = |e: io::Error| {
         // devd recorded the connection: its connector moves to the region.

@@ -158,6 +158,18 @@ impl Session {
         }
     }
 
+    /// A request failed mid-way (no reply within the timeout, a send or
+    /// receive error, an undecodable reply): the session is broken, and its
+    /// socket shut down both ways, so that devd ends it at once whoever
+    /// else still holds it (a kept connection's `Arc`): a request devd had
+    /// not answered yet (an Intent, a Claim) then finds its session ended,
+    /// the intent buried, and both ends stay on kernel TCP, rather than
+    /// devd pairing a connection this process has given up on.
+    fn fail(&self, chan: &Chan) {
+        self.broken.store(true, Ordering::Relaxed);
+        let _ = socket2::SockRef::from(&chan.sock).shutdown(std::net::Shutdown::Both);
+    }
+
     /// Whether a request failed mid-way (the session is no longer used).
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
@@ -198,7 +210,7 @@ impl Session {
         }
         let chan = self.sock.lock().unwrap_or_else(|p| p.into_inner());
         chan.sock.send(&req.encode(), fds).map_err(|e| {
-            self.broken.store(true, Ordering::Relaxed);
+            Session::fail(self, &chan);
             SessionError::Io(e)
         })?;
         Ok(InFlight {
@@ -249,7 +261,7 @@ impl Drop for InFlight<'_> {
         if !self.done && !self.session.is_broken() {
             let chan = &mut *self.chan;
             if chan.sock.recv(&mut chan.buf, MAX_FDS).is_err() {
-                self.session.broken.store(true, Ordering::Relaxed);
+                self.session.fail(chan);
             }
         }
     }
@@ -260,20 +272,16 @@ impl InFlight<'_> {
     /// `SessionError::Refused`.
     pub fn finish(mut self) -> Result<(Response, Vec<OwnedFd>), SessionError> {
         self.done = true;
-        let broke = |e: SessionError| {
-            self.session.broken.store(true, Ordering::Relaxed);
-            e
-        };
+        let session = self.session;
         let chan = &mut *self.chan;
-        let (n, got) = chan
-            .sock
-            .recv(&mut chan.buf, MAX_FDS)
-            .map_err(|e| broke(SessionError::Io(e)))?;
-        if n == 0 {
-            return Err(broke(SessionError::Closed));
-        }
-        let resp = Response::decode(&chan.buf[..n], got.len())
-            .map_err(|e| broke(SessionError::Decode(e)))?;
+        let got = match chan.sock.recv(&mut chan.buf, MAX_FDS) {
+            Ok((0, _)) => Err(SessionError::Closed),
+            Ok((n, got)) => Response::decode(&chan.buf[..n], got.len())
+                .map(|r| (r, got))
+                .map_err(SessionError::Decode),
+            Err(e) => Err(SessionError::Io(e)),
+        };
+        let (resp, got) = got.inspect_err(|_| session.fail(chan))?;
         match resp {
             Response::Error { code, message } => Err(SessionError::Refused { code, message }),
             r => Ok((r, got)),

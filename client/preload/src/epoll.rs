@@ -255,7 +255,9 @@ fn bell_tag(epfd: c_int) -> u64 {
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(30));
+        .map_or(0, |d| {
+            u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(30)
+        });
     let addr = u64::try_from(std::ptr::addr_of!(COUNT) as usize).unwrap_or(0);
     let mut z = nanos
         ^ addr.rotate_left(32)

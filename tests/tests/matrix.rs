@@ -15,8 +15,8 @@
 //! (PostgreSQL through `runuser`) get copies of `ssock-run` and
 //! `libssock.so` in the test's own world-readable directory.
 //!
-//! Tests of what does not work yet are `#[ignore]`d with the class of the
-//! problem; `cargo test -p ssock-tests --test matrix -- --ignored` runs them
+//! A test of what does not work yet is `#[ignore]`d with the issue that
+//! fixes it; `cargo test -p ssock-tests --test matrix -- --ignored` runs it
 //! and shows the symptom, the shims' logs and ringstat's table.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -836,9 +836,6 @@ fn wrk_requests(out: &str) -> Result<u64> {
 }
 
 #[test]
-#[ignore = "issue 10: (a) listener of a daemonizing process: nginx's listener is registered by \
-            the process that forks the master and exits; devd drops it with that session, so \
-            every connection falls back (peer_not_enabled)"]
 fn nginx_packaged_daemon_with_two_www_data_workers_serves_curl_and_wrk_direct() -> Result<()> {
     nginx(true, 1, 2)
 }
@@ -849,9 +846,9 @@ fn nginx_foreground_master_with_two_www_data_workers_serves_curl_and_wrk_direct(
 }
 
 #[test]
-#[ignore = "issue 10: (d) fd numbers: the shim keeps 4 eventfds per Direct connection at the \
-            lowest free numbers, so wrk's sockets get numbers beyond its event loop's table \
-            (10 + 3 x connections) and it counts connect errors"]
+#[ignore = "issue 11 (one fd per connection): the shim keeps 4 eventfds per Direct \
+            connection at the lowest free numbers, so wrk's sockets get numbers beyond its event \
+            loop's table (10 + 3 x connections) and it counts connect errors"]
 fn wrk_with_eight_connections_against_nginx_has_no_socket_errors() -> Result<()> {
     nginx(false, 2, 8)
 }
@@ -918,9 +915,6 @@ fn apache(mpm: &str, packaged: bool) -> Result<()> {
 }
 
 #[test]
-#[ignore = "issue 10: (a) listener of a daemonizing process: apache2 -k start registers its \
-            listener in the process that detaches and exits; devd drops it with that session, \
-            so every connection falls back (peer_not_enabled)"]
 fn apache2_prefork_packaged_daemon_serves_ab_with_and_without_keepalive_direct() -> Result<()> {
     apache("mpm_prefork", true)
 }
@@ -931,18 +925,11 @@ fn apache2_prefork_foreground_serves_ab_with_and_without_keepalive_direct() -> R
 }
 
 #[test]
-#[ignore = "issue 10: (a) listener of a daemonizing process (as the prefork case), and (c) \
-            epoll wake-up: see apache2_event_foreground_..."]
 fn apache2_event_packaged_daemon_serves_ab_with_and_without_keepalive_direct() -> Result<()> {
     apache("mpm_event", true)
 }
 
 #[test]
-#[ignore = "issue 10: (c) epoll wake-up: a worker thread hands a kept-alive connection, or one \
-            whose response filled the ring, to the listener thread asleep in epoll_wait on a set \
-            with no accelerated socket; the shim does not wake it, so the next request or the \
-            rest of the response waits for a timer or for ever (ab -s 10 times out; a curl of \
-            2 MiB can hang)"]
 fn apache2_event_foreground_serves_ab_with_and_without_keepalive_direct() -> Result<()> {
     apache("mpm_event", false)
 }
@@ -1114,11 +1101,6 @@ fn haproxy(packaged: bool) -> Result<()> {
 }
 
 #[test]
-#[ignore = "issue 10: (a) listener of a re-executing process: haproxy -Ws registers its listener, \
-            forks the worker and re-executes the master, whose old session devd drops with the \
-            listener (clients: peer_not_enabled); and (f) chroot: the forked worker needs a \
-            session of its own but cannot reach devd's socket from inside its chroot (its \
-            backend connections stay on kernel TCP with nothing recorded)"]
 fn haproxy_packaged_master_worker_in_chroot_proxies_direct() -> Result<()> {
     haproxy(true)
 }
@@ -1238,10 +1220,6 @@ fn postgres_bin() -> Option<PathBuf> {
 /// pgbench -i, pgbench with 4 clients, and psql moving 2 MiB out (compared)
 /// and 1 MiB in (md5 computed by the server, compared).
 #[test]
-#[ignore = "issue 10: (b) connection handed to a forked child: the postmaster accepts (its \
-            session holds the connection's acceptor end) and forks the backend that serves it; \
-            when the backend exits the connection stays live in devd (state closing, acceptor \
-            pid = postmaster) until the postmaster exits"]
 fn postgresql_serves_pgbench_and_psql_direct() -> Result<()> {
     if !have_all(&["runuser", "md5sum"])? || !root_or_skip("postgres runs as the postgres user")? {
         return Ok(());
@@ -1434,19 +1412,11 @@ fn node(cluster: bool) -> Result<()> {
 }
 
 #[test]
-#[ignore = "issue 10: (e) raw close system call: libuv closes sockets with syscall(SYS_close), \
-            which the shim does not see; the server's ends are never released, so its \
-            connections stay live in devd until it exits (and the fd numbers stay in the \
-            shim's table: see node_reads_a_file_on_the_number_of_a_socket_libuv_closed)"]
 fn node_http_server_and_client_go_direct() -> Result<()> {
     node(false)
 }
 
 #[test]
-#[ignore = "issue 10: (e) raw close system call (as node_http_server_and_client_go_direct), \
-            and (b) a connection accepted by one process and served by another: the cluster \
-            primary accepts each connection and hands it to a worker (SCM_RIGHTS); connections \
-            stay live in devd after the client is done"]
 fn node_cluster_with_two_workers_goes_direct() -> Result<()> {
     node(true)
 }
@@ -1454,9 +1424,6 @@ fn node_cluster_with_two_workers_goes_direct() -> Result<()> {
 /// A node client whose socket libuv closed (a raw close system call) opens
 /// a file that gets the socket's fd number and reads it.
 #[test]
-#[ignore = "issue 10: (e) raw close system call: the shim still maps the number of a socket \
-            libuv closed with syscall(SYS_close) to that connection, so a file opened later on \
-            the same number reads 0 bytes (the closed connection's EOF) instead of its contents"]
 fn node_reads_a_file_on_the_number_of_a_socket_libuv_closed() -> Result<()> {
     if !have_all(&["node"])? {
         return Ok(());
@@ -1495,9 +1462,6 @@ fn node_reads_a_file_on_the_number_of_a_socket_libuv_closed() -> Result<()> {
 /// connection. Three clients (`socat - TCP:...`) upload 2 MiB and get back
 /// its SHA-256 and a 2 MiB file (compared).
 #[test]
-#[ignore = "issue 10: (b) connection handed to a forked child: socat's listening process accepts \
-            and forks a child per connection; after the child is done the connection stays live \
-            in devd (state closing, acceptor pid = the listening socat) until that process exits"]
 fn socat_fork_serves_each_connection_in_a_child_direct() -> Result<()> {
     if !have_all(&["socat", "sha256sum"])? {
         return Ok(());

@@ -21,6 +21,7 @@ mod epoll;
 mod fds;
 mod io;
 mod logging;
+mod rawcalls;
 mod real;
 mod sock;
 mod table;

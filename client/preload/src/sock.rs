@@ -66,6 +66,12 @@ pub fn disabled() -> bool {
     ssock_rings::env::var_os("SSOCK_DISABLE").is_some_and(|v| v == "1")
 }
 
+/// Makes the process's devd session now if it has none (see
+/// `rawcalls::chroot`).
+pub fn connect_session() {
+    let _ = session();
+}
+
 fn session() -> Option<Arc<Session>> {
     if disabled() {
         None

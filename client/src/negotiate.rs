@@ -322,7 +322,12 @@ pub fn connect_start(
         (Ok(p), Some(s)) => (p, s),
         (Err(reason), _) => {
             return match under_way {
-                Some(e) => Err(e),
+                Some(e) => {
+                    log::info!(
+                        "connect to {dst}: kernel TCP ({reason:?}); the kernel's connect: {e}"
+                    );
+                    Err(e)
+                }
                 None => Ok(Started::Kernel(reason)),
             };
         }

@@ -155,8 +155,21 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
             );
             Ok(Some(Sock::new(State::Up(t), spin, nb)))
         }
-        Ok(Accepted::Kernel(_)) | Err(_) => Ok(None),
-        Ok(Accepted::Dropped) => Err(()),
+        Ok(Accepted::Kernel(r)) => {
+            log::info!(
+                "accept: kernel TCP ({})",
+                r.map_or("no answer", |r| r.name())
+            );
+            Ok(None)
+        }
+        Err(e) => {
+            log::info!("accept: kernel TCP ({e})");
+            Ok(None)
+        }
+        Ok(Accepted::Dropped) => {
+            log::info!("accept: dropped (devd paired it; this end cannot be used)");
+            Err(())
+        }
     }
 }
 

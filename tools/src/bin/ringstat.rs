@@ -13,6 +13,25 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use ssock_client::Session;
 
+/// println!, where a reader that went away (`ringstat | head -1`) ends
+/// ringstat quietly instead of a panic.
+macro_rules! out {
+    ($($t:tt)*) => {
+        emit(format_args!($($t)*))
+    };
+}
+
+fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout(), "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ringstat: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("ringstat: {e:#}");
@@ -72,7 +91,7 @@ fn run() -> Result<()> {
     match rest.as_slice() {
         [] => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_table(&v);
             }
@@ -84,7 +103,7 @@ fn run() -> Result<()> {
                 .and_then(|a| a.iter().find(|c| c["id"].as_u64() == Some(id)))
                 .with_context(|| format!("no live connection {id}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(c)?);
+                out!("{}", serde_json::to_string_pretty(c)?);
             } else {
                 print_conn(c);
             }
@@ -96,7 +115,7 @@ fn run() -> Result<()> {
 
 fn print_table(v: &Value) {
     let d = &v["devd"];
-    println!(
+    out!(
         "devd pid {} up {}s backend {} sessions {} listeners {} live {}",
         d["pid"],
         d["uptime_s"],
@@ -105,7 +124,7 @@ fn print_table(v: &Value) {
         d["listeners"],
         d["live_connections"]
     );
-    println!(
+    out!(
         "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
         "ID",
         "MODE",
@@ -122,7 +141,7 @@ fn print_table(v: &Value) {
     for c in v["connections"].as_array().into_iter().flatten() {
         // serde_json values ignore width: format each cell as a string.
         let n = |k: &str| c[k].to_string();
-        println!(
+        out!(
             "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
             n("id"),
             c["mode"].as_str().unwrap_or("?"),
@@ -138,7 +157,7 @@ fn print_table(v: &Value) {
         );
     }
     let t = &v["totals"];
-    println!(
+    out!(
         "totals: direct {} queued {} kernel {} bytes direct {} queued {} violations {} bad_messages {} sessions {}",
         t["connections"]["direct"],
         t["connections"]["queued"],
@@ -156,7 +175,7 @@ fn print_table(v: &Value) {
         .filter(|(_, n)| n.as_u64() != Some(0))
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
-    println!(
+    out!(
         "fallbacks: {}",
         if fb.is_empty() {
             "none".to_string()
@@ -167,7 +186,7 @@ fn print_table(v: &Value) {
 }
 
 fn print_conn(c: &Value) {
-    println!(
+    out!(
         "connection {} mode {} state {} pids {}/{} {} -> {} region {} bytes",
         c["id"],
         c["mode"].as_str().unwrap_or("?"),
@@ -179,7 +198,7 @@ fn print_conn(c: &Value) {
         c["region_size"]
     );
     for r in c["rings"].as_array().into_iter().flatten() {
-        println!(
+        out!(
             "  ring from {:<9} head {:>12} tail {:>12} fill {:>8}/{} flags [{}] consumer_asleep {} producer_asleep {} consumer_closed {}",
             r["from"].as_str().unwrap_or("?"),
             r["head"], r["tail"], r["fill"], r["cap"],
@@ -187,9 +206,12 @@ fn print_conn(c: &Value) {
             r["consumer_asleep"], r["producer_asleep"], r["consumer_closed"]
         );
     }
-    println!(
+    out!(
         "  bytes c>a {} a>c {} notifications sent {} suppressed {}",
-        c["bytes_c2a"], c["bytes_a2c"], c["notify_sent"], c["notify_suppressed"]
+        c["bytes_c2a"],
+        c["bytes_a2c"],
+        c["notify_sent"],
+        c["notify_suppressed"]
     );
 }
 

@@ -1311,7 +1311,20 @@ fn postgresql_serves_pgbench_and_psql_direct() -> Result<()> {
     let pgbench = pg.join("pgbench");
     let mut args = conn.to_vec();
     args.extend(["-i", "-s", "1", "postgres"]);
-    let out = run_in(&d, &logs, ssock(&d, &clog, &pgbench, &args))?;
+    // The postmaster listens before it accepts sessions ("the database
+    // system is starting up"): pgbench -i is tried again meanwhile.
+    let t = Instant::now();
+    let out = loop {
+        match run_in(&d, &logs, ssock(&d, &clog, &pgbench, &args)) {
+            Err(e)
+                if format!("{e:#}").contains("starting up")
+                    && t.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => break r?,
+        }
+    };
     ensure!(out.contains("done in"), "pgbench -i:\n{out}");
     let mut args = conn.to_vec();
     args.extend(["-c", "4", "-j", "2", "-t", "200", "postgres"]);

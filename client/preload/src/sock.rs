@@ -158,7 +158,7 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
         Ok(Accepted::Kernel(r)) => {
             log::info!(
                 "accept: kernel TCP ({})",
-                r.map_or("no answer", |r| r.name())
+                r.map_or("not announced by an accelerated connector", |r| r.name())
             );
             Ok(None)
         }

@@ -10,11 +10,13 @@
 #![forbid(unsafe_code)]
 
 pub mod negotiate;
+pub mod options;
 pub mod session;
 pub mod stream;
 pub mod transport;
 
 pub use negotiate::{negotiate_connect, Negotiated, Outcome};
+pub use options::Options;
 pub use session::{Session, SessionError};
 pub use ssock_rings::codec::{FallbackReason, Mode, ModePref};
-pub use stream::{Listener, Options, Stream};
+pub use stream::{Listener, Stream};

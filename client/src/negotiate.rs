@@ -6,8 +6,8 @@
 //! at a published offset (`transport::handover`). A connect is the
 //! kernel's own connect, blocking or not.
 
+use crate::options::Options;
 use crate::session::Session;
-use crate::stream::Options;
 use crate::transport::direct::{self, Direct, Parked, Source};
 use crate::transport::handover::Handover;
 use crate::transport::queued::Queued;

@@ -5,16 +5,10 @@
 //! thread share a socket, and lets another thread's shutdown reach a
 //! blocked reader. SO_RCVTIMEO and SO_SNDTIMEO bound the waits (EAGAIN).
 
-use crate::sock::Sock;
+use crate::outcome::Outcome;
+use crate::sock::{lock, Entry};
 use crate::wait;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-type Entry = Arc<Mutex<Sock>>;
-
-fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Waits until `fd` reports `events` (or an error/hangup). First for the
 /// spin budget alone (no syscall while the peer answers quickly); then,
@@ -83,12 +77,14 @@ fn restartable() -> bool {
 }
 
 /// recv(2): MSG_PEEK, MSG_DONTWAIT, MSG_WAITALL. One lock per step and no
-/// syscall while data is there.
-pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
+/// syscall while data is there. Kernel: the socket turned out plain and
+/// nothing was received (the call goes to libc).
+pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Outcome<usize> {
     if flags & libc::MSG_OOB != 0 {
         // Urgent data travels on the kernel socket (see `send`).
         return ssock_rings::sys::recv(fd, buf, flags)
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+            .into();
     }
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
@@ -101,15 +97,15 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result
             s.recv_now(fd, &mut buf[got..], peek)
         };
         match r {
-            Ok(0) => return Ok(got),
-            Ok(n) => {
+            Outcome::Done(0) => return Outcome::Done(got),
+            Outcome::Done(n) => {
                 got += n;
                 if !waitall || got == buf.len() {
-                    return Ok(got);
+                    return Outcome::Done(got);
                 }
             }
-            Err(libc::EAGAIN) => {}
-            Err(x) => return if got > 0 { Ok(got) } else { Err(x) },
+            Outcome::Errno(libc::EAGAIN) => {}
+            other => return if got > 0 { Outcome::Done(got) } else { other },
         }
         if nonblocking {
             // An application polling without poll(2) must still learn that
@@ -118,10 +114,18 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Result
             if ready.readable {
                 continue;
             }
-            return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
+            return if got > 0 {
+                Outcome::Done(got)
+            } else {
+                Outcome::Errno(libc::EAGAIN)
+            };
         }
         if let Err(x) = wait_for(e, fd, libc::POLLIN, libc::SO_RCVTIMEO) {
-            return if got > 0 { Ok(got) } else { Err(x) };
+            return if got > 0 {
+                Outcome::Done(got)
+            } else {
+                Outcome::Errno(x)
+            };
         }
     }
 }
@@ -142,7 +146,8 @@ impl Drop for SendTurn<'_> {
 /// MSG_NOSIGNAL; a call that moved bytes reports them. A send that has to
 /// wait keeps the socket's turn until it is done (others wait, or get
 /// EAGAIN when nonblocking): sends from several threads land whole.
-pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
+/// Kernel: the socket turned out plain and nothing was sent.
+pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<usize> {
     if flags & libc::MSG_OOB != 0 {
         return send_urgent(e, fd, buf, flags);
     }
@@ -160,7 +165,7 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
                 // interrupted by signals like any blocking send.
                 drop(s);
                 if nonblocking {
-                    return Err(libc::EAGAIN);
+                    return Outcome::Errno(libc::EAGAIN);
                 }
                 let limit = *turn_deadline.get_or_insert_with(|| {
                     ssock_rings::sys::sockopt_timeout(fd, libc::SO_SNDTIMEO)
@@ -168,14 +173,14 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
                         .map(|t| std::time::Instant::now() + t)
                 });
                 if limit.is_some_and(|d| std::time::Instant::now() >= d) {
-                    return Err(libc::EAGAIN);
+                    return Outcome::Errno(libc::EAGAIN);
                 }
                 if wait::real_poll(&mut [], 1) < 0 {
                     let e = std::io::Error::last_os_error()
                         .raw_os_error()
                         .unwrap_or(libc::EINTR);
                     if e != libc::EINTR || !restartable() {
-                        return Err(e);
+                        return Outcome::Errno(e);
                     }
                 }
                 continue;
@@ -183,7 +188,8 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
             let r = s.send_now(fd, &buf[off..]);
             // A send that will have to wait takes the turn in the same
             // critical section as its partial write: nobody slips in.
-            let partial = matches!(r, Ok(n) if off + n < buf.len()) || r == Err(libc::EAGAIN);
+            let partial = matches!(r, Outcome::Done(n) if off + n < buf.len())
+                || r == Outcome::Errno(libc::EAGAIN);
             if partial && !nonblocking && !turn.1 {
                 s.send_busy = true;
                 turn.1 = true;
@@ -191,28 +197,36 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
             r
         };
         match r {
-            Ok(n) => {
+            Outcome::Done(n) => {
                 off += n;
                 if off == buf.len() {
-                    return Ok(off);
+                    return Outcome::Done(off);
                 }
             }
-            Err(libc::EAGAIN) => {}
-            Err(x) => {
+            Outcome::Errno(libc::EAGAIN) => {}
+            other => {
                 if off > 0 {
-                    return Ok(off);
+                    return Outcome::Done(off);
                 }
-                if x == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
+                if other == Outcome::Errno(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {
                     ssock_rings::sys::raise_sigpipe();
                 }
-                return Err(x);
+                return other;
             }
         }
         if nonblocking {
-            return if off > 0 { Ok(off) } else { Err(libc::EAGAIN) };
+            return if off > 0 {
+                Outcome::Done(off)
+            } else {
+                Outcome::Errno(libc::EAGAIN)
+            };
         }
         if let Err(x) = wait_for(e, fd, libc::POLLOUT, libc::SO_SNDTIMEO) {
-            return if off > 0 { Ok(off) } else { Err(x) };
+            return if off > 0 {
+                Outcome::Done(off)
+            } else {
+                Outcome::Errno(x)
+            };
         }
     }
 }
@@ -222,29 +236,34 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usi
 /// socket, out of band, where the peer's recv(MSG_OOB), SIGURG and POLLPRI
 /// find it (a lone urgent byte is not in the kernel stream's normal data,
 /// so the peer's liveness check does not see it as stray bytes).
-fn send_urgent(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Result<usize, i32> {
+fn send_urgent(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<usize> {
     let Some((last, head)) = buf.split_last() else {
-        return Ok(0);
+        return Outcome::Done(0);
     };
     let sent = if head.is_empty() {
         0
     } else {
-        send(e, fd, head, flags & !libc::MSG_OOB)?
+        match send(e, fd, head, flags & !libc::MSG_OOB) {
+            Outcome::Done(n) => n,
+            other => return other,
+        }
     };
     if sent < head.len() {
-        return Ok(sent);
+        return Outcome::Done(sent);
     }
     let f = libc::MSG_OOB | (flags & (libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT));
     // SAFETY: `last` is one readable byte; fd is the caller's socket.
     let r = unsafe { libc::send(fd.as_raw_fd(), std::ptr::from_ref(last).cast(), 1, f) };
     if r == 1 {
-        Ok(sent + 1)
+        Outcome::Done(sent + 1)
     } else if sent > 0 {
-        Ok(sent)
+        Outcome::Done(sent)
     } else {
-        Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO))
+        Outcome::Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 }
 
@@ -255,16 +274,19 @@ pub fn recv_vec(
     fd: BorrowedFd<'_>,
     bufs: &mut [&mut [u8]],
     flags: i32,
-) -> Result<usize, i32> {
+) -> Outcome<usize> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut nonempty = bufs.iter_mut().filter(|b| !b.is_empty());
     match (nonempty.next(), nonempty.next()) {
-        (None, _) => return Ok(0),
+        (None, _) => return Outcome::Done(0),
         (Some(b), None) => return recv(e, fd, b, flags),
         _ => {}
     }
     with_scratch(total, |tmp| {
-        let n = recv(e, fd, tmp, flags)?;
+        let n = match recv(e, fd, tmp, flags) {
+            Outcome::Done(n) => n,
+            other => return other,
+        };
         let mut off = 0;
         for b in bufs.iter_mut() {
             if off == n {
@@ -274,7 +296,7 @@ pub fn recv_vec(
             b[..k].copy_from_slice(&tmp[off..off + k]);
             off += k;
         }
-        Ok(n)
+        Outcome::Done(n)
     })
 }
 
@@ -307,9 +329,9 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 }
 
 /// Send several buffers (writev, sendmsg) as one stream write.
-pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Result<usize, i32> {
+pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outcome<usize> {
     match bufs {
-        [] => Ok(0),
+        [] => Outcome::Done(0),
         [b] => send(e, fd, b, flags),
         _ => {
             let total: usize = bufs.iter().map(|b| b.len()).sum();

@@ -21,6 +21,7 @@ mod epoll;
 mod fds;
 mod io;
 mod logging;
+mod outcome;
 mod rawcalls;
 mod real;
 mod sock;
@@ -36,32 +37,33 @@ fn fail<T: From<i8>>(e: i32) -> T {
     T::from(-1)
 }
 
-type Entry = std::sync::Arc<std::sync::Mutex<sock::Sock>>;
+use outcome::Outcome;
+use sock::{lock, Entry};
 
 /// Runs `accel` on `fd`'s accelerated socket, or `real` if it has none or
 /// its negotiation ended on kernel TCP (then the fd is forgotten first).
 fn dispatch<R: From<i8>>(
     fd: c_int,
-    accel: impl FnOnce(&Entry) -> Result<R, i32>,
+    accel: impl FnOnce(&Entry) -> Outcome<R>,
     real: impl FnOnce() -> R,
 ) -> R {
     let Some(s) = table::get(fd) else {
         return real();
     };
     match accel(&s) {
-        Ok(r) => r,
-        Err(sock::FALLBACK) => {
+        Outcome::Done(r) => r,
+        Outcome::Kernel => {
             table::forget_kernel(fd, &s);
             real()
         }
-        Err(e) => fail(e),
+        Outcome::Errno(e) => fail(e),
     }
 }
 
 /// `dispatch` for calls returning a byte count.
 fn dispatch_n(
     fd: c_int,
-    accel: impl FnOnce(&Entry) -> Result<usize, i32>,
+    accel: impl FnOnce(&Entry) -> Outcome<usize>,
     real: impl FnOnce() -> ssize_t,
 ) -> ssize_t {
     dispatch(
@@ -268,7 +270,7 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
                 fd,
                 |s| {
                     if n < 0 {
-                        return Err(libc::EINVAL);
+                        return Outcome::Errno(libc::EINVAL);
                     }
                     // SAFETY: v/n are the caller's iovecs (readv(2)); fd is
                     // open during this call.
@@ -304,7 +306,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
                 fd,
                 |s| {
                     if msg.is_null() {
-                        return Err(libc::EFAULT);
+                        return Outcome::Errno(libc::EFAULT);
                     }
                     // SAFETY: msg is the caller's valid msghdr (recvmsg(2)).
                     let m = unsafe { &mut *msg };
@@ -316,7 +318,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
                         &mut unsafe { iov_mut(m.msg_iov, n) },
                         flags,
                     );
-                    if r != Err(sock::FALLBACK) {
+                    if r != Outcome::Kernel {
                         m.msg_namelen = 0;
                         m.msg_controllen = 0;
                         m.msg_flags = 0;
@@ -402,7 +404,7 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
                 fd,
                 |s| {
                     if n < 0 {
-                        return Err(libc::EINVAL);
+                        return Outcome::Errno(libc::EINVAL);
                     }
                     // SAFETY: v/n are the caller's iovecs; fd is open.
                     io::send_vec(s, unsafe { borrow(fd) }, &unsafe { iov(v, n) }, 0)
@@ -445,7 +447,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_i
                 fd,
                 |s| {
                     if msg.is_null() {
-                        return Err(libc::EFAULT);
+                        return Outcome::Errno(libc::EFAULT);
                     }
                     // SAFETY: msg is the caller's valid msghdr (sendmsg(2)).
                     let m = unsafe { &*msg };
@@ -904,14 +906,16 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) 
                 fd,
                 |s| {
                     if arg.is_null() {
-                        return Err(libc::EFAULT);
+                        return Outcome::Errno(libc::EFAULT);
                     }
                     // SAFETY: fd is open during this call.
-                    let (unread, unsent) = lock(s).pending(unsafe { borrow(fd) })?;
-                    let v = if which == 0 { unread } else { unsent };
-                    // SAFETY: for FIONREAD/SIOCOUTQ, arg is the caller's int* (ioctl(2)).
-                    unsafe { *arg.cast::<c_int>() = c_int::try_from(v).unwrap_or(c_int::MAX) };
-                    Ok(0)
+                    let pending = lock(s).pending(unsafe { borrow(fd) });
+                    pending.map(|(unread, unsent)| {
+                        let v = if which == 0 { unread } else { unsent };
+                        // SAFETY: for FIONREAD/SIOCOUTQ, arg is the caller's int* (ioctl(2)).
+                        unsafe { *arg.cast::<c_int>() = c_int::try_from(v).unwrap_or(c_int::MAX) };
+                        0
+                    })
                 },
                 real,
             )
@@ -1058,10 +1062,13 @@ unsafe fn adopt_passed(msg: *const libc::msghdr) {
 /// `fd` arrived without negotiation: take it over if it is accelerated.
 fn adopt(fd: c_int) {
     // SAFETY: fd was just received or inherited, and is open.
-    if let Some(s) = sock::inherited(unsafe { borrow(fd) }) {
-        table::insert(fd, s);
-    } else {
-        drop(table::remove(fd));
+    match sock::inherited(unsafe { borrow(fd) }) {
+        sock::Inherited::Conn(s) => table::insert(fd, s),
+        sock::Inherited::Listener => {
+            table::add_listener(fd);
+            drop(table::remove(fd));
+        }
+        sock::Inherited::Plain => drop(table::remove(fd)),
     }
 }
 
@@ -1125,7 +1132,7 @@ extern "C" fn after_fork_in_parent() {
 
 /// Drops the references the prepare handler took, once every lock is
 /// released, as the shim (the fds a last reference closes go to libc).
-fn drop_as_shim(held: Vec<table::Entry>) {
+fn drop_as_shim(held: Vec<sock::Entry>) {
     let mut held = Some(held);
     boundary::enter(
         || {
@@ -1152,10 +1159,6 @@ extern "C" fn after_fork_in_child() {
     let held = table::after_fork(true);
     epoll::after_fork(true);
     drop_as_shim(held);
-}
-
-fn lock(s: &std::sync::Mutex<sock::Sock>) -> std::sync::MutexGuard<'_, sock::Sock> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// epoll_create(2).
@@ -1397,14 +1400,14 @@ fn sendfile_via_ring(
     input: c_int,
     offset: *mut libc::off_t,
     count: usize,
-) -> Result<usize, i32> {
+) -> Outcome<usize> {
     let mut buf = vec![0u8; count.min(256 * 1024)];
     let mut total = 0;
     // SAFETY: offset is null or the caller's off_t (sendfile(2)).
     let mut pos = unsafe { offset.as_ref() }.copied();
     // Whatever ends the call, the caller's offset says what was sent.
-    let done = |pos: Option<libc::off_t>, r: Result<usize, i32>| {
-        if let (Some(p), false, Ok(_)) = (pos, offset.is_null(), &r) {
+    let done = |pos: Option<libc::off_t>, r: Outcome<usize>| {
+        if let (Some(p), false, Outcome::Done(_)) = (pos, offset.is_null(), &r) {
             // SAFETY: offset is the caller's off_t (checked non-null).
             unsafe { *offset = p };
         }
@@ -1424,22 +1427,32 @@ fn sendfile_via_ring(
             let e = std::io::Error::last_os_error()
                 .raw_os_error()
                 .unwrap_or(libc::EIO);
-            return done(pos, if total > 0 { Ok(total) } else { Err(e) });
+            let r = if total > 0 {
+                Outcome::Done(total)
+            } else {
+                Outcome::Errno(e)
+            };
+            return done(pos, r);
         };
         if k == 0 {
             break;
         }
         // SAFETY: out is the caller's socket, open during this call.
         let sent = match io::send(s, unsafe { borrow(out) }, &buf[..k], 0) {
-            Ok(n) => n,
-            Err(e) => {
+            Outcome::Done(n) => n,
+            not_sent => {
                 if pos.is_none() {
                     // Give back what was read and not sent.
                     let back = libc::off_t::try_from(k).unwrap_or(0);
                     // SAFETY: plain lseek on the caller's fd.
                     unsafe { libc::lseek(input, -back, libc::SEEK_CUR) };
                 }
-                return done(pos, if total > 0 { Ok(total) } else { Err(e) });
+                let r = if total > 0 {
+                    Outcome::Done(total)
+                } else {
+                    not_sent
+                };
+                return done(pos, r);
             }
         };
         total += sent;
@@ -1455,7 +1468,7 @@ fn sendfile_via_ring(
             break;
         }
     }
-    done(pos, Ok(total))
+    done(pos, Outcome::Done(total))
 }
 
 /// sendfile(2).
@@ -1549,18 +1562,19 @@ pub unsafe extern "C" fn sendmmsg(
                         let want: usize = bufs.iter().map(|b| b.len()).sum();
                         // SAFETY: fd is open during this call.
                         match io::send_vec(s, unsafe { borrow(fd) }, &bufs, flags) {
-                            Ok(sent) => {
+                            Outcome::Done(sent) => {
                                 m.msg_len = libc::c_uint::try_from(sent).unwrap_or(0);
                                 done += 1;
                                 if sent < want {
                                     break;
                                 }
                             }
-                            Err(e) if done == 0 => return Err(e),
-                            Err(_) => break,
+                            Outcome::Kernel if done == 0 => return Outcome::Kernel,
+                            Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),
+                            Outcome::Kernel | Outcome::Errno(_) => break,
                         }
                     }
-                    Ok(done)
+                    Outcome::Done(done)
                 },
                 real,
             )
@@ -1605,7 +1619,7 @@ pub unsafe extern "C" fn recvmmsg(
                         let mut bufs = unsafe { iov_mut(m.msg_hdr.msg_iov, k) };
                         // SAFETY: fd is open during this call.
                         match io::recv_vec(s, unsafe { borrow(fd) }, &mut bufs, f) {
-                            Ok(got) => {
+                            Outcome::Done(got) => {
                                 m.msg_len = libc::c_uint::try_from(got).unwrap_or(0);
                                 m.msg_hdr.msg_namelen = 0;
                                 m.msg_hdr.msg_controllen = 0;
@@ -1615,11 +1629,12 @@ pub unsafe extern "C" fn recvmmsg(
                                     break;
                                 }
                             }
-                            Err(e) if done == 0 => return Err(e),
-                            Err(_) => break,
+                            Outcome::Kernel if done == 0 => return Outcome::Kernel,
+                            Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),
+                            Outcome::Kernel | Outcome::Errno(_) => break,
                         }
                     }
-                    Ok(done)
+                    Outcome::Done(done)
                 },
                 real,
             )

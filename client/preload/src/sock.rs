@@ -3,19 +3,25 @@
 //! semantics. Negotiation for connect/accept lives here too; the exported
 //! functions in lib.rs only look fds up and dispatch.
 
+use crate::outcome::Outcome;
 use ssock_client::negotiate::{accept_on, connect_start, register_listener, Accepted, Started};
 use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::{Mode, Options, Session};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// errno-like code some `Sock` calls return when negotiation ended on
-/// kernel TCP after all: the caller forgets the socket and hands the call
-/// to libc. Never a real errno.
-pub const FALLBACK: i32 = -1;
+/// An accelerated socket as the fd table, the epoll sets and the waits
+/// hold it: shared by every fd that names it, locked for each step.
+pub type Entry = Arc<Mutex<Sock>>;
+
+/// Locks a socket; a lock poisoned by a panic (caught at the C boundary)
+/// is taken all the same: each step leaves the socket consistent.
+pub fn lock(s: &Mutex<Sock>) -> MutexGuard<'_, Sock> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Where a socket stands.
 enum State {
@@ -173,30 +179,40 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
     }
 }
 
+/// What a socket this process got without negotiating it turned out to be.
+pub enum Inherited {
+    /// An accelerated connection, taken over.
+    Conn(Sock),
+    /// A listener, registered with devd again: the caller records it.
+    Listener,
+    /// Anything else: not the shim's.
+    Plain,
+}
+
 /// A TCP socket this process got without negotiating it (inherited across
 /// exec, or received over a Unix socket): an accelerated connection is
-/// taken over, a listener registered again. Some: the accelerated socket.
-pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
+/// taken over, a listener registered again.
+pub fn inherited(fd: BorrowedFd<'_>) -> Inherited {
     if !is_tcp(fd) {
-        return None;
+        return Inherited::Plain;
     }
     if ssock_rings::sys::peer_addr(fd).is_err() {
         // Not connected: a listener (registered again if it is one).
         if ssock_rings::sys::sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
             .is_ok_and(|v| v == 1)
+            && listened(fd)
         {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-            if listened(fd) {
-                crate::table::add_listener(raw);
-            }
+            return Inherited::Listener;
         }
-        return None;
+        return Inherited::Plain;
     }
-    let session = session()?;
+    let Some(session) = session() else {
+        return Inherited::Plain;
+    };
     let spin = Options::with_session(session.clone()).spin(Some(&session));
     match ssock_client::negotiate::adopt(&session, fd) {
-        Ok(Some(t)) => Some(Sock::new(State::Up(t), spin, is_nonblocking(fd))),
-        Ok(None) => None,
+        Ok(Some(t)) => Inherited::Conn(Sock::new(State::Up(t), spin, is_nonblocking(fd))),
+        Ok(None) => Inherited::Plain,
         Err(e) => {
             // Accelerated, but not usable here: its bytes would never
             // arrive on the kernel socket. End it, so the peer sees it.
@@ -204,7 +220,7 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Option<Sock> {
                 "an inherited accelerated socket cannot be taken over ({e}); shutting it down"
             );
             let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-            None
+            Inherited::Plain
         }
     }
 }
@@ -249,9 +265,9 @@ impl Sock {
         }
     }
 
-    /// The transport. Err(FALLBACK): kernel TCP (devd said so after the
-    /// connect: the transport let its end go).
-    fn up(&mut self) -> Result<&mut Box<dyn Transport>, i32> {
+    /// The transport; None: kernel TCP (devd said so after the connect:
+    /// the transport let its end go).
+    fn up(&mut self) -> Option<&mut Box<dyn Transport>> {
         if let State::Up(t) = &self.state {
             if t.mode() == Mode::Kernel {
                 log::info!("connection turned out plain: kernel TCP");
@@ -260,8 +276,8 @@ impl Sock {
             }
         }
         match &mut self.state {
-            State::Up(t) => Ok(t),
-            State::Kernel => Err(FALLBACK),
+            State::Up(t) => Some(t),
+            State::Kernel => None,
         }
     }
 
@@ -309,53 +325,59 @@ impl Sock {
         }
     }
 
-    /// One non-blocking receive (MSG_PEEK honoured): Ok(0) is end of
-    /// stream, Err(EAGAIN) means nothing yet.
-    pub fn recv_now(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        buf: &mut [u8],
-        peek: bool,
-    ) -> Result<usize, i32> {
+    /// One non-blocking receive (MSG_PEEK honoured): Done(0) is end of
+    /// stream, Errno(EAGAIN) means nothing yet; Kernel once the socket
+    /// turned out plain.
+    pub fn recv_now(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], peek: bool) -> Outcome<usize> {
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
-        let t = self.up()?;
+        let Some(t) = self.up() else {
+            return Outcome::Kernel;
+        };
         if read_shut || buf.is_empty() {
-            return Ok(0);
+            return Outcome::Done(0);
         }
         let r = if peek {
             t.peek(buf, &ctx)
         } else {
             t.read(buf, &ctx)
         };
-        r.map_err(|e| errno(&e))
+        r.map_err(|e| errno(&e)).into()
     }
 
-    /// One non-blocking send: how much went, or Err(EAGAIN) if none could.
-    pub fn send_now(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, i32> {
+    /// One non-blocking send: how much went, or Errno(EAGAIN) if none
+    /// could; Kernel once the socket turned out plain.
+    pub fn send_now(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> Outcome<usize> {
         if self.error_reported {
-            return Err(libc::EPIPE);
+            return Outcome::Errno(libc::EPIPE);
         }
         let ctx = self.ctx(fd);
-        self.up()?.write(buf, &ctx).map_err(|e| errno(&e))
+        let Some(t) = self.up() else {
+            return Outcome::Kernel;
+        };
+        t.write(buf, &ctx).map_err(|e| errno(&e)).into()
     }
 
-    /// shutdown(2): Err(FALLBACK) once the socket turned out plain.
-    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Result<(), i32> {
+    /// shutdown(2): Kernel once the socket turned out plain.
+    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32) -> Outcome<()> {
         if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
-            return Err(libc::EINVAL);
+            return Outcome::Errno(libc::EINVAL);
         }
         let ctx = self.ctx(fd);
-        let t = self.up()?;
+        let Some(t) = self.up() else {
+            return Outcome::Kernel;
+        };
         if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-            t.shutdown_write(&ctx).map_err(|e| errno(&e))?;
+            if let Err(e) = t.shutdown_write(&ctx) {
+                return Outcome::Errno(errno(&e));
+            }
         }
         // A thread blocked on this socket re-checks, and sees the change.
         t.wake_self();
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
             self.read_shut = true;
         }
-        Ok(())
+        Outcome::Done(())
     }
 
     /// Another process will hold the socket too (fork, or fd passing).
@@ -384,10 +406,14 @@ impl Sock {
         }
     }
 
-    /// (unread, unsent) bytes, for FIONREAD and SIOCOUTQ.
-    pub fn pending(&mut self, fd: BorrowedFd<'_>) -> Result<(usize, usize), i32> {
+    /// (unread, unsent) bytes, for FIONREAD and SIOCOUTQ; Kernel once the
+    /// socket turned out plain.
+    pub fn pending(&mut self, fd: BorrowedFd<'_>) -> Outcome<(usize, usize)> {
         let ctx = self.ctx(fd);
-        Ok(self.up()?.pending(&ctx))
+        match self.up() {
+            Some(t) => Outcome::Done(t.pending(&ctx)),
+            None => Outcome::Kernel,
+        }
     }
 
     /// The spin budget for waits on this socket (none while a direction is
@@ -406,7 +432,7 @@ impl Sock {
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
         match self.up() {
-            Ok(t) => {
+            Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
                 if read_shut {
                     // After SHUT_RD a read returns 0 at once.
@@ -414,7 +440,7 @@ impl Sock {
                 }
                 r
             }
-            Err(_) => kernel_readiness(fd),
+            None => kernel_readiness(fd),
         }
     }
 
@@ -430,8 +456,8 @@ impl Sock {
         let ctx = self.ctx(fd);
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         match self.up() {
-            Ok(t) => t.arm(&ctx, read, write).map(|f| (f, true)),
-            Err(_) => {
+            Some(t) => t.arm(&ctx, read, write).map(|f| (f, true)),
+            None => {
                 let mut ev = 0;
                 if read {
                     ev |= libc::POLLIN | libc::POLLRDHUP;

@@ -4,14 +4,12 @@
 //! loads and one reference count, no lock; arc-swap keeps a slot's old
 //! socket alive while a concurrent lookup still uses it).
 
-use crate::sock::Sock;
+use crate::sock::{Entry, Sock};
 use arc_swap::ArcSwapOption;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-pub type Entry = Arc<Mutex<Sock>>;
 
 const CHUNK: usize = 4096;
 /// 256 chunks of 4096: fds up to 1,048,575 (the usual hard limit).

@@ -7,16 +7,14 @@
 
 use crate::boundary::borrow;
 use crate::epoll;
-use crate::sock::Sock;
+use crate::sock::{lock, Entry};
 use crate::table;
 use libc::{c_int, pollfd};
 use ssock_client::transport::Ready;
 use ssock_rings::notify::spin_until;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-type Entry = Arc<Mutex<Sock>>;
 
 /// Something whose readiness the kernel cannot see: an accelerated socket,
 /// or an epoll instance (with its fd) that has such sockets among its
@@ -120,10 +118,6 @@ pub fn millis(d: Option<Duration>) -> c_int {
         None => -1,
         Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
     }
-}
-
-fn lock(s: &Entry) -> MutexGuard<'_, Sock> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The accelerated sockets among `pfds` (None: kernel fd), or None if

@@ -17,8 +17,9 @@
 //! its negotiation ends on kernel TCP.
 
 use crate::boundary::borrow;
+use crate::obj::{Armed, Nested, Obj};
+use crate::sleep;
 use crate::table;
-use crate::wait::{self, Armed, Obj};
 use libc::{c_int, epoll_event};
 use ssock_client::transport::Ready;
 use ssock_rings::sys::EventFd;
@@ -443,9 +444,27 @@ impl Set {
         })
     }
 
+    /// One sleeper less; the last one drains the bell (earlier, a sleeper
+    /// not yet back from its wait could miss the ring).
+    fn done_sleeping(&self) {
+        if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.bell.drain();
+        }
+    }
+
+    /// The spin budget of the first member (the instance's budget).
+    fn spin(&self) -> Duration {
+        let i = self.lock();
+        i.members.first().map(|m| m.obj.spin()).unwrap_or_default()
+    }
+}
+
+/// The instance as a member of a wait: in poll, or nested in another
+/// instance.
+impl Nested for Set {
     /// Readiness of the instance itself (for poll, or a nested epoll):
     /// readable when a wait would report something.
-    pub fn readiness(&self, epfd: c_int, check_peer: bool) -> Ready {
+    fn readiness(&self, epfd: c_int, check_peer: bool) -> Ready {
         let mut readable = self.any_ready(check_peer);
         if !readable && check_peer {
             let mut p = [libc::pollfd {
@@ -453,7 +472,7 @@ impl Set {
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            readable = wait::real_poll(&mut p, 0) > 0;
+            readable = sleep::real_poll(&mut p, 0) > 0;
         }
         Ready {
             readable,
@@ -465,7 +484,7 @@ impl Set {
     /// and the control bell first) and what was armed, for `disarm`. The
     /// caller re-checks what would be reported after arming, before
     /// sleeping.
-    pub fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
+    fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
         let i = self.lock();
         let mut fds = vec![
             (epfd, libc::POLLIN),
@@ -487,44 +506,37 @@ impl Set {
 
     /// Ends a sleep prepared by `arm`: undoes exactly what it armed (the
     /// registrations may have changed meanwhile).
-    pub fn disarm(&self, armed: Vec<Armed>) {
+    fn disarm(&self, armed: Vec<Armed>) {
         for a in armed {
             a.disarm();
         }
         self.done_sleeping();
     }
 
-    /// One sleeper less; the last one drains the bell (earlier, a sleeper
-    /// not yet back from its wait could miss the ring).
-    fn done_sleeping(&self) {
-        if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.bell.drain();
-        }
-    }
-
-    /// The spin budget of the first member (the instance's budget).
-    fn spin(&self) -> Duration {
-        let i = self.lock();
-        i.members.first().map(|m| m.obj.spin()).unwrap_or_default()
+    /// The instances among the members (taken under the lock, which is
+    /// released before anyone looks into them).
+    fn nested(&self) -> Vec<Arc<dyn Nested>> {
+        self.lock()
+            .members
+            .iter()
+            .filter_map(|m| match &m.obj {
+                Obj::Set(_, s) => Some(s.clone()),
+                Obj::Sock(_) => None,
+            })
+            .collect()
     }
 }
 
 /// Whether `target` can be reached from `from` through nested members
 /// (or the nesting is too deep, as the kernel's limit of 5 levels).
-fn reaches(from: &Arc<Set>, target: &Arc<Set>, depth: usize) -> bool {
-    if Arc::ptr_eq(from, target) || depth > 4 {
+fn reaches(from: &dyn Nested, target: &Set, depth: usize) -> bool {
+    if std::ptr::addr_eq(from, target) || depth > 4 {
         return true;
     }
-    let nested: Vec<Arc<Set>> = from
-        .lock()
-        .members
+    let nested = from.nested();
+    nested
         .iter()
-        .filter_map(|m| match &m.obj {
-            Obj::Set(_, s) => Some(s.clone()),
-            Obj::Sock(_) => None,
-        })
-        .collect();
-    nested.iter().any(|s| reaches(s, target, depth + 1))
+        .any(|s| reaches(s.as_ref(), target, depth + 1))
 }
 
 /// Whether `fd` is an epoll instance (for one created before the shim saw it).
@@ -555,7 +567,7 @@ pub fn ctl(
     // Loop check first, without holding this set's lock (it locks the
     // nested sets; holding ours meanwhile could deadlock against a waiter).
     if let Some(Obj::Set(_, inner)) = &obj {
-        if op == libc::EPOLL_CTL_ADD && fd != epfd && reaches(inner, &set, 0) {
+        if op == libc::EPOLL_CTL_ADD && fd != epfd && reaches(inner.as_ref(), &set, 0) {
             return Err(libc::ELOOP);
         }
     }

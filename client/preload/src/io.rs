@@ -5,7 +5,9 @@
 //! thread share a socket, and lets another thread's shutdown reach a
 //! blocked reader. SO_RCVTIMEO and SO_SNDTIMEO bound the waits (EAGAIN).
 
+use crate::obj::Obj;
 use crate::outcome::Outcome;
+use crate::sleep;
 use crate::sock::{lock, Entry};
 use crate::wait;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -16,15 +18,15 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// (`opt`), read only on this slow path. Err(EAGAIN) when that timeout
 /// passes, Err(EINTR) on a signal.
 fn wait_for(e: &Entry, fd: BorrowedFd<'_>, events: i16, opt: i32) -> Result<(), i32> {
-    let socks = [Some(wait::Obj::Sock(e.clone()))];
+    let socks = [Some(Obj::Sock(e.clone()))];
     let once = |t: Option<std::time::Duration>, spin: bool| {
         let mut p = [libc::pollfd {
             fd: fd.as_raw_fd(),
             events,
             revents: 0,
         }];
-        let r = wait::poll(&mut p, &socks, t, spin, &wait::real_poll, &|set, rem| {
-            wait::real_poll(set, wait::millis(rem))
+        let r = wait::poll(&mut p, &socks, t, spin, &sleep::real_poll, &|set, rem| {
+            sleep::real_poll(set, sleep::millis(rem))
         });
         if r < 0 {
             Err(std::io::Error::last_os_error()
@@ -175,7 +177,7 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
                 if limit.is_some_and(|d| std::time::Instant::now() >= d) {
                     return Outcome::Errno(libc::EAGAIN);
                 }
-                if wait::real_poll(&mut [], 1) < 0 {
+                if sleep::real_poll(&mut [], 1) < 0 {
                     let e = std::io::Error::last_os_error()
                         .raw_os_error()
                         .unwrap_or(libc::EINTR);

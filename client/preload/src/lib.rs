@@ -21,9 +21,11 @@ mod epoll;
 mod fds;
 mod io;
 mod logging;
+mod obj;
 mod outcome;
 mod rawcalls;
 mod real;
+mod sleep;
 mod sock;
 mod table;
 mod wait;
@@ -546,8 +548,8 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
                 &socks,
                 ms_timeout(timeout),
                 true,
-                &wait::real_poll,
-                &|set, rem| wait::real_poll(set, wait::millis(rem)),
+                &sleep::real_poll,
+                &|set, rem| sleep::real_poll(set, sleep::millis(rem)),
             )
         },
         real,
@@ -641,7 +643,7 @@ pub unsafe extern "C" fn ppoll(
             let t = unsafe { timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
-            wait::poll(pfds, &socks, t, true, &wait::real_poll, &sleep)
+            wait::poll(pfds, &socks, t, true, &sleep::real_poll, &sleep)
         },
         real,
     )
@@ -685,7 +687,7 @@ unsafe fn select_via_poll(
         }
     }
     let socks = wait::accelerated(&pfds)?;
-    let n = wait::poll(&mut pfds, &socks, timeout, true, &wait::real_poll, sleep);
+    let n = wait::poll(&mut pfds, &socks, timeout, true, &sleep::real_poll, sleep);
     if n < 0 {
         return Some(-1);
     }
@@ -754,7 +756,7 @@ pub unsafe extern "C" fn select(
                     + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
             });
             let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
-                wait::real_poll(set, wait::millis(rem))
+                sleep::real_poll(set, sleep::millis(rem))
             };
             // SAFETY: the sets are the caller's (select(2)).
             unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
@@ -1294,12 +1296,12 @@ pub unsafe extern "C" fn epoll_wait(
     enter(
         || {
             let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
-                wait::real_poll(set, wait::millis(rem))
+                sleep::real_poll(set, sleep::millis(rem))
             };
             let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
                 let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
                 // SAFETY: out is the caller's event array (at most its max).
-                unsafe { (real::get().epoll_wait)(epfd, out.as_mut_ptr(), n, wait::millis(rem)) }
+                unsafe { (real::get().epoll_wait)(epfd, out.as_mut_ptr(), n, sleep::millis(rem)) }
             };
             // SAFETY: the caller's epoll_wait arguments.
             unsafe { epoll_wait_via_shim(epfd, events, max, ms_timeout(timeout), &kernel, &sleep) }
@@ -1329,7 +1331,7 @@ pub unsafe extern "C" fn epoll_pwait(
                 |set: &mut [libc::pollfd], rem: Option<Duration>| real_ppoll(set, rem, mask);
             let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
                 let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
-                let ms = wait::millis(rem);
+                let ms = sleep::millis(rem);
                 // SAFETY: out is the caller's event array (at most its max);
                 // mask is the caller's.
                 unsafe { (real::get().epoll_pwait)(epfd, out.as_mut_ptr(), n, ms, mask) }

@@ -7,123 +7,27 @@
 
 use crate::boundary::borrow;
 use crate::epoll;
-use crate::sock::{lock, Entry};
+use crate::obj::{Armed, Obj};
 use crate::table;
 use libc::{c_int, pollfd};
-use ssock_client::transport::Ready;
 use ssock_rings::notify::spin_until;
-use std::os::fd::BorrowedFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Something whose readiness the kernel cannot see: an accelerated socket,
-/// or an epoll instance (with its fd) that has such sockets among its
-/// members (nested in poll or in another epoll).
-#[derive(Clone)]
-pub enum Obj {
-    Sock(Entry),
-    Set(c_int, Arc<epoll::Set>),
-}
-
-/// What one `Obj::arm` armed, to be undone exactly (another thread may have
-/// changed the registrations meanwhile).
-pub enum Armed {
-    Nothing,
-    Sock(Entry, bool, bool),
-    Set(Arc<epoll::Set>, Vec<Armed>),
-}
-
-impl Armed {
-    /// Ends the sleep this arming prepared.
-    pub fn disarm(self) {
-        match self {
-            Armed::Nothing => {}
-            Armed::Sock(s, read, write) => lock(&s).disarm(read, write),
-            Armed::Set(s, members) => s.disarm(members),
-        }
+/// The shim's object behind `fd`, if any: an accelerated socket, or an
+/// epoll instance with shim members.
+pub fn lookup(fd: c_int) -> Option<Obj> {
+    if let Some(s) = table::get(fd) {
+        return Some(Obj::Sock(s));
     }
-}
-
-impl Obj {
-    /// The shim's object behind `fd`, if any.
-    pub fn lookup(fd: c_int) -> Option<Obj> {
-        if let Some(s) = table::get(fd) {
-            return Some(Obj::Sock(s));
-        }
-        epoll::get(fd)
-            .filter(|s| s.has_members())
-            .map(|s| Obj::Set(fd, s))
-    }
-
-    pub fn readiness(&self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
-        match self {
-            Obj::Sock(s) => lock(s).readiness(fd, check_peer),
-            Obj::Set(epfd, s) => s.readiness(*epfd, check_peer),
-        }
-    }
-
-    /// Arms for a sleep (see `Sock::arm`): the fds to sleep on and what to
-    /// undo afterwards (exactly what was armed); None: ready now.
-    pub fn arm(
-        &self,
-        fd: BorrowedFd<'_>,
-        read: bool,
-        write: bool,
-    ) -> Option<(Vec<(c_int, i16)>, Armed)> {
-        match self {
-            Obj::Sock(s) => {
-                let (fds, armed) = lock(s).arm(fd, read, write)?;
-                let undo = if armed {
-                    Armed::Sock(s.clone(), read, write)
-                } else {
-                    Armed::Nothing
-                };
-                Some((fds, undo))
-            }
-            Obj::Set(epfd, s) if read => {
-                let (fds, members) = s.arm(*epfd);
-                Some((fds, Armed::Set(s.clone(), members)))
-            }
-            // An epoll instance is never writable: nothing to wait for.
-            Obj::Set(..) => Some((Vec::new(), Armed::Nothing)),
-        }
-    }
-
-    pub fn spin(&self) -> Duration {
-        match self {
-            Obj::Sock(s) => lock(s).spin(),
-            Obj::Set(..) => ssock_rings::notify::DEFAULT_SPIN,
-        }
-    }
-
-    /// Whether negotiation ended on kernel TCP (an accelerated socket only).
-    pub fn is_kernel(&self) -> bool {
-        match self {
-            Obj::Sock(s) => lock(s).is_kernel(),
-            Obj::Set(..) => false,
-        }
-    }
-}
-
-/// libc's poll over a Rust slice.
-pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
-    let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
-    // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
-    unsafe { (crate::real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
-}
-
-/// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
-pub fn millis(d: Option<Duration>) -> c_int {
-    match d {
-        None => -1,
-        Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
-    }
+    epoll::get(fd)
+        .filter(|s| s.has_members())
+        .map(|s| Obj::Set(fd, s))
 }
 
 /// The accelerated sockets among `pfds` (None: kernel fd), or None if
 /// there is none (the caller then hands the whole call to libc).
 pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Obj>>> {
-    let socks: Vec<Option<Obj>> = pfds.iter().map(|p| Obj::lookup(p.fd)).collect();
+    let socks: Vec<Option<Obj>> = pfds.iter().map(|p| lookup(p.fd)).collect();
     socks.iter().any(Option::is_some).then_some(socks)
 }
 

@@ -1,0 +1,109 @@
+//! What a wait watches that the kernel cannot see: an accelerated socket,
+//! or a shim epoll instance that has such sockets among its members (nested
+//! in poll or in another epoll instance), and what arming one for a sleep
+//! did, to be undone exactly. Below both the poll path (`wait`) and epoll
+//! (`epoll`): an epoll instance enters here as a [`Nested`], which `epoll`
+//! implements.
+//!
+//! Never here: looking an fd up, sleeping, or any epoll bookkeeping.
+
+use crate::sock::{lock, Entry};
+use libc::c_int;
+use ssock_client::transport::Ready;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A shim epoll instance as a member of a wait (poll, or another epoll
+/// instance): `epoll::Set`.
+pub trait Nested: Send + Sync {
+    /// Readiness of the instance itself: readable when a wait on it would
+    /// report something.
+    fn readiness(&self, epfd: c_int, check_peer: bool) -> Ready;
+    /// Arms every member for a sleep: the fds to sleep on, and what was
+    /// armed, for `disarm`.
+    fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>);
+    /// Ends a sleep prepared by `arm`.
+    fn disarm(&self, armed: Vec<Armed>);
+    /// The instances among its members (for the nesting loop check).
+    fn nested(&self) -> Vec<Arc<dyn Nested>>;
+}
+
+/// Something whose readiness the kernel cannot see: an accelerated socket,
+/// or an epoll instance (with its fd) that has such sockets among its
+/// members (nested in poll or in another epoll).
+#[derive(Clone)]
+pub enum Obj {
+    Sock(Entry),
+    Set(c_int, Arc<dyn Nested>),
+}
+
+/// What one `Obj::arm` armed, to be undone exactly (another thread may have
+/// changed the registrations meanwhile).
+pub enum Armed {
+    Nothing,
+    Sock(Entry, bool, bool),
+    Set(Arc<dyn Nested>, Vec<Armed>),
+}
+
+impl Armed {
+    /// Ends the sleep this arming prepared.
+    pub fn disarm(self) {
+        match self {
+            Armed::Nothing => {}
+            Armed::Sock(s, read, write) => lock(&s).disarm(read, write),
+            Armed::Set(s, members) => s.disarm(members),
+        }
+    }
+}
+
+impl Obj {
+    pub fn readiness(&self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
+        match self {
+            Obj::Sock(s) => lock(s).readiness(fd, check_peer),
+            Obj::Set(epfd, s) => s.readiness(*epfd, check_peer),
+        }
+    }
+
+    /// Arms for a sleep (see `Sock::arm`): the fds to sleep on and what to
+    /// undo afterwards (exactly what was armed); None: ready now.
+    pub fn arm(
+        &self,
+        fd: BorrowedFd<'_>,
+        read: bool,
+        write: bool,
+    ) -> Option<(Vec<(c_int, i16)>, Armed)> {
+        match self {
+            Obj::Sock(s) => {
+                let (fds, armed) = lock(s).arm(fd, read, write)?;
+                let undo = if armed {
+                    Armed::Sock(s.clone(), read, write)
+                } else {
+                    Armed::Nothing
+                };
+                Some((fds, undo))
+            }
+            Obj::Set(epfd, s) if read => {
+                let (fds, members) = s.arm(*epfd);
+                Some((fds, Armed::Set(s.clone(), members)))
+            }
+            // An epoll instance is never writable: nothing to wait for.
+            Obj::Set(..) => Some((Vec::new(), Armed::Nothing)),
+        }
+    }
+
+    pub fn spin(&self) -> Duration {
+        match self {
+            Obj::Sock(s) => lock(s).spin(),
+            Obj::Set(..) => ssock_rings::notify::DEFAULT_SPIN,
+        }
+    }
+
+    /// Whether negotiation ended on kernel TCP (an accelerated socket only).
+    pub fn is_kernel(&self) -> bool {
+        match self {
+            Obj::Sock(s) => lock(s).is_kernel(),
+            Obj::Set(..) => false,
+        }
+    }
+}

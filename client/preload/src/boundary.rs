@@ -1,6 +1,11 @@
 //! The boundary between C callers and the shim's Rust code: a panic never
 //! crosses into C (it becomes -1 with errno EIO), and calls the shim makes
 //! itself (through libc functions it also interposes) go straight to libc.
+//! Also the C arguments turned into Rust values (buffers, iovecs, pollfds,
+//! a borrowed fd, a socket address) and errno.
+//!
+//! Never here: a decision about a call, or a Rust value that outlives the
+//! C call whose arguments it borrows.
 
 use std::cell::Cell;
 

@@ -15,6 +15,9 @@
 //! A socket registered before it turned accelerated (nonblocking connect)
 //! moves from the kernel instance to the shim's when it does, and back if
 //! its negotiation ends on kernel TCP.
+//!
+//! Never here: the C arguments of the epoll calls (`epoll_calls`), or a
+//! sleep with a set's lock held.
 
 use crate::boundary::borrow;
 use crate::obj::{Armed, Nested, Obj};

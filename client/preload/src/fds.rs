@@ -1,5 +1,7 @@
-//! The application's close calls, and the shim's own fds kept out of
-//! their reach. A program that closes every fd it does not know
+//! The calls on fd numbers: close, close_range and closefrom, with the
+//! shim's own fds kept out of their reach, and dup, dup2, dup3 (a
+//! duplicate names the same accelerated socket or epoll instance). A
+//! program that closes every fd it does not know
 //! (`close_range`, `closefrom`, a loop of `close`: sshd and many daemons)
 //! must not close the devd session, the log or a connection's doorbells:
 //! those fds stay open and the call reports success, as if the program
@@ -8,12 +10,14 @@
 //!
 //! Never here: closing an fd of ssock's on the application's behalf.
 
-use crate::{borrow, epoll, lock, sock, table};
+use crate::boundary::{borrow, enter};
+use crate::sock::{self, lock};
+use crate::{epoll, real, table};
 use libc::{c_int, c_uint};
 use ssock_rings::ownfds;
 
 /// close(2) from the application: `real` closes `fd`.
-pub fn close(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
+pub fn close_app(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
     if ownfds::owned(fd) {
         return 0;
     }
@@ -52,7 +56,7 @@ fn let_go(fd: c_int) {
 /// split around them); each fd the shim tracks is let go of first, then
 /// closed with the rest. With CLOSE_RANGE_CLOEXEC nothing closes: the
 /// shim's fds (close-on-exec already) are skipped all the same.
-pub fn close_range(
+pub fn close_range_app(
     first: c_uint,
     last: c_uint,
     flags: c_int,
@@ -131,9 +135,91 @@ pub fn close_range_own(
 /// one of the shim's fds, the program's call won (it cannot know the
 /// number was taken), and the shim's object there is lost to it. Said in
 /// the log.
-pub fn duplicated_onto(new: c_int) {
+fn duplicated_onto(new: c_int) {
     if ownfds::owned(new) {
         ownfds::disown(new);
         log::warn!("the program duplicated an fd onto {new}, one of ssock's: ssock lost it");
     }
+}
+
+/// After a successful dup onto `new`: `new` names `old`'s socket, or, if
+/// `old` is not accelerated, no longer names the socket it may have named.
+pub fn duplicated(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && new != old {
+        duplicated_onto(new);
+        match table::get(old) {
+            Some(_) => table::duplicate(old, new),
+            None => drop(table::remove(new)),
+        }
+        epoll::duplicated(old, new);
+    }
+    new
+}
+
+/// dup(2).
+///
+/// # Safety
+/// The C contract of dup(2).
+pub unsafe fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().dup)(fd) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// dup2(2).
+///
+/// # Safety
+/// The C contract of dup2(2).
+pub unsafe fn dup2(fd: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().dup2)(fd, new) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// dup3(2).
+///
+/// # Safety
+/// The C contract of dup3(2).
+pub unsafe fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().dup3)(fd, new, flags) };
+    enter(|| duplicated(fd, real()), real)
+}
+
+/// close(2): an accelerated socket first ends its transport (end-of-stream
+/// mark, release), then the kernel socket closes.
+///
+/// # Safety
+/// The C contract of close(2).
+pub unsafe fn close(fd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().close)(fd) };
+    enter(|| close_app(fd, &real), || close_own(fd, &real))
+}
+
+/// close_range(2): the shim's own fds stay open (see `fds`).
+///
+/// # Safety
+/// The C contract of close_range(2).
+pub unsafe fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's arguments (or a part of its range) to libc.
+    let real = |a, b, f| unsafe { real::close_range(a, b, f) };
+    enter(
+        || close_range_app(first, last, flags, &real),
+        || close_range_own(first, last, flags, &real),
+    )
+}
+
+/// closefrom(3): close_range(lowfd, ~0U, 0), the shim's own fds staying open.
+///
+/// # Safety
+/// The C contract of closefrom(3).
+pub unsafe fn closefrom(lowfd: c_int) {
+    let first = c_uint::try_from(lowfd).unwrap_or(0);
+    // SAFETY: forwarding a part of the caller's range to libc.
+    let real = |a, b, f| unsafe { real::close_range(a, b, f) };
+    enter(
+        || close_range_app(first, c_uint::MAX, 0, &real),
+        || close_range_own(first, c_uint::MAX, 0, &real),
+    );
 }

@@ -4,6 +4,9 @@
 //! lock only for a non-blocking call lets a reader thread and a writer
 //! thread share a socket, and lets another thread's shutdown reach a
 //! blocked reader. SO_RCVTIMEO and SO_SNDTIMEO bound the waits (EAGAIN).
+//!
+//! Never here: a wait with the socket's lock held, or a send that
+//! interleaves with another thread's (sends land whole).
 
 use crate::obj::Obj;
 use crate::outcome::Outcome;

@@ -5,6 +5,9 @@
 //! Both are read at load. Each line is one `write` (lines of processes
 //! sharing the file do not interleave), to an fd the program cannot close
 //! by accident ([`ssock_rings::ownfds`]).
+//!
+//! Never here: a write to the program's stdout or stderr, or a log line
+//! that fails the program's call.
 
 use std::io::Write;
 use std::sync::Mutex;

@@ -9,18 +9,20 @@
 //! straight to libc's `syscall`, taking no lock and no thread-local (the
 //! shim's own futex waits, through std, come here too).
 //!
+//! libc's `syscall` is not in the table of real functions (`real::get`,
+//! a `OnceLock` whose first use may wait in a futex, which comes through
+//! `syscall`): it is looked up here, once, lock-free.
+//!
 //! Never here: a system call the application did not make, on its path.
 
 use crate::boundary::enter;
-use crate::fds;
+use crate::{fds, real};
 use libc::{c_char, c_int, c_long, c_uint, c_void};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 type SyscallFn = unsafe extern "C" fn(c_long, ...) -> c_long;
-type ChrootFn = unsafe extern "C" fn(*const c_char) -> c_int;
 
 static REAL_SYSCALL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-static REAL_CHROOT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
 /// libc's function `name`, looked up once (dlsym takes no lock of ours).
 fn next(slot: &AtomicPtr<c_void>, name: &std::ffi::CStr) -> *mut c_void {
@@ -67,8 +69,7 @@ fn as_int(v: c_uint) -> c_int {
 ///
 /// # Safety
 /// The C contract of syscall(2) for system call `n`.
-#[no_mangle]
-pub unsafe extern "C" fn syscall(
+pub unsafe fn syscall(
     n: c_long,
     a1: c_long,
     a2: c_long,
@@ -85,7 +86,7 @@ pub unsafe extern "C" fn syscall(
             // SAFETY: the caller's own system call.
             let real = || c_int::try_from(unsafe { real_syscall(n, args) }).unwrap_or(-1);
             c_long::from(enter(
-                || fds::close(fd, &real),
+                || fds::close_app(fd, &real),
                 || fds::close_own(fd, &real),
             ))
         }
@@ -97,7 +98,7 @@ pub unsafe extern "C" fn syscall(
                 c_int::try_from(unsafe { real_syscall(n, part) }).unwrap_or(-1)
             };
             c_long::from(enter(
-                || fds::close_range(first, last, flags, &real),
+                || fds::close_range_app(first, last, flags, &real),
                 || fds::close_range_own(first, last, flags, &real),
             ))
         }
@@ -112,13 +113,9 @@ pub unsafe extern "C" fn syscall(
 ///
 /// # Safety
 /// The C contract of chroot(2).
-#[no_mangle]
-pub unsafe extern "C" fn chroot(path: *const c_char) -> c_int {
-    let real = || {
-        // SAFETY: the pointer is libc's `chroot`, of exactly this type; the
-        // argument is the caller's.
-        unsafe { std::mem::transmute::<*mut c_void, ChrootFn>(next(&REAL_CHROOT, c"chroot"))(path) }
-    };
+pub unsafe fn chroot(path: *const c_char) -> c_int {
+    // SAFETY: forwarding the caller's own argument to libc.
+    let real = || unsafe { (real::get().chroot)(path) };
     enter(
         || {
             crate::sock::connect_session();

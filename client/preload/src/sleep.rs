@@ -5,6 +5,7 @@
 //! Never here: accelerated sockets, spinning, or any decision about what
 //! to wait for.
 
+use crate::real;
 use libc::c_int;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
     let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
     // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
-    unsafe { (crate::real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
+    unsafe { (real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
 }
 
 /// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
@@ -21,4 +22,43 @@ pub fn millis(d: Option<Duration>) -> c_int {
         None => -1,
         Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
     }
+}
+
+/// libc's ppoll over a Rust slice, with `rem` as its timeout (None: forever)
+/// and the caller's signal mask.
+pub fn real_ppoll(
+    set: &mut [libc::pollfd],
+    rem: Option<Duration>,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    let ts = rem.map(|d| libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    });
+    let tp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
+    // SAFETY: set is a valid pollfd array of k entries; tp is null or a
+    // live timespec; mask is null or the caller's sigset (ppoll/pselect).
+    unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+}
+
+/// A millisecond timeout argument (negative: none).
+pub fn ms_timeout(timeout: c_int) -> Option<Duration> {
+    u64::try_from(timeout).ok().map(Duration::from_millis)
+}
+
+/// A timespec timeout argument (null: none).
+///
+/// # Safety
+/// `tmo` is null or points to a valid timespec.
+pub unsafe fn timespec_timeout(tmo: *const libc::timespec) -> Option<Duration> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { tmo.as_ref() }.map(|t| {
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        )
+    })
 }

@@ -1,7 +1,10 @@
 //! One accelerated socket of the application: its transport, and the
 //! socket calls translated into transport calls with the kernel's errno
-//! semantics. Negotiation for connect/accept lives here too; the exported
-//! functions in lib.rs only look fds up and dispatch.
+//! semantics. Negotiation for connect/accept lives here too; the
+//! interposed functions' handlers only look fds up and dispatch.
+//!
+//! Never here: a blocking wait (a `Sock` call is one non-blocking step,
+//! made under the socket's lock: `io` waits outside it), or the fd table.
 
 use crate::outcome::Outcome;
 use ssock_client::negotiate::{accept_on, connect_start, register_listener, Accepted, Started};

@@ -2,7 +2,11 @@
 //! The fd table is lock-free: chunks of 4096 slots, allocated once and
 //! never freed, each slot an `ArcSwapOption` (a lookup is a few atomic
 //! loads and one reference count, no lock; arc-swap keeps a slot's old
-//! socket alive while a concurrent lookup still uses it).
+//! socket alive while a concurrent lookup still uses it). Around fork:
+//! every socket held and locked, then released in both processes.
+//!
+//! Never here: a call on a socket's transport beyond its fork holds, or a
+//! lock held past the call that took it (except across a fork).
 
 use crate::sock::{Entry, Sock};
 use arc_swap::ArcSwapOption;

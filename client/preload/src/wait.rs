@@ -4,6 +4,9 @@
 //! poll on their doorbell and liveness fds plus the kernel fds, and scans
 //! again when woken. Kernel semantics: a count of ready entries, 0 on
 //! timeout, -1/EINTR when a signal interrupts the sleep.
+//!
+//! Never here: a sleep with a socket armed and not disarmed afterwards, or
+//! a socket's lock held across the sleep.
 
 use crate::boundary::borrow;
 use crate::epoll;

@@ -1,0 +1,128 @@
+//! Where a connection becomes accelerated: connect (the Intent, then the
+//! kernel's own connect), listen (the registration with devd) and accept
+//! (the Claim). Each negotiates through `sock` on the application's fd and
+//! records the result in the socket table; the kernel's calls are always
+//! made, and what they say is what the application gets.
+//!
+//! Never here: reading or writing the socket's bytes, or a connect or
+//! accept the application did not ask for.
+
+use crate::boundary::{borrow, enter, sockaddr};
+use crate::dispatch::fail;
+use crate::{epoll, real, sock, table};
+use libc::{c_int, sockaddr as SockAddr, socklen_t};
+
+/// connect(2).
+///
+/// # Safety
+/// The C contract of connect(2).
+pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().connect)(fd, addr, len) };
+    enter(
+        || {
+            // SAFETY: addr/len are the caller's connect(2) arguments; fd is
+            // the socket the caller is connecting, open during this call.
+            let (dst, b) = unsafe { (sockaddr(addr, len), borrow(fd)) };
+            let Some(dst) = dst else { return real() };
+            if table::get(fd).is_some() {
+                // The kernel's connect is the connection's: it says
+                // EALREADY, 0, EISCONN or the connect's error.
+                return real();
+            }
+            match sock::connect(b, dst) {
+                None => real(),
+                Some(Ok(Some((s, said)))) => {
+                    table::insert(fd, s);
+                    epoll::became_accelerated(fd);
+                    // What the kernel's connect said (EINPROGRESS...).
+                    if said != 0 {
+                        fail(said)
+                    } else {
+                        0
+                    }
+                }
+                r => {
+                    // A plain connection: no stale entry may name this fd.
+                    drop(table::remove(fd));
+                    match r {
+                        Some(Err(e)) => fail(e),
+                        _ => 0,
+                    }
+                }
+            }
+        },
+        real,
+    )
+}
+
+/// listen(2).
+///
+/// # Safety
+/// The C contract of listen(2).
+pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().listen)(fd, backlog) };
+    enter(
+        || {
+            let r = real();
+            // SAFETY: fd is the caller's listening socket, open during this call.
+            if r == 0 && sock::listened(unsafe { borrow(fd) }) {
+                table::add_listener(fd);
+            }
+            r
+        },
+        real,
+    )
+}
+
+/// accept4(2).
+///
+/// # Safety
+/// The C contract of accept4(2).
+pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().accept4)(fd, addr, len, flags) };
+    enter(
+        || loop {
+            let m = real();
+            if m < 0 {
+                return m;
+            }
+            if !table::is_listener(fd) {
+                // A new fd: an entry under its number is stale (its socket
+                // was closed by a path the shim does not see).
+                drop(table::remove(m));
+                return m;
+            }
+            // SAFETY: m was just returned by accept4 and is open; fd is the
+            // caller's listener, open during this call.
+            match sock::accepted(unsafe { borrow(m) }) {
+                Ok(Some(s)) => {
+                    table::insert(m, s);
+                    return m;
+                }
+                Ok(None) => {
+                    drop(table::remove(m));
+                    return m;
+                }
+                Err(()) => {
+                    // An announced peer that sent no valid Hello cannot be
+                    // served: drop it and take the next connection.
+                    // SAFETY: m is ours to close; the application never saw it.
+                    unsafe { (real::get().close)(m) };
+                }
+            }
+        },
+        real,
+    )
+}
+
+/// accept(2).
+///
+/// # Safety
+/// The C contract of accept(2).
+pub unsafe fn accept(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: same contract as accept4 with no flags.
+    unsafe { accept4(fd, addr, len, 0) }
+}

@@ -1,0 +1,155 @@
+//! select and pselect translated to poll: when an accelerated socket is
+//! among the sets, the sets become a pollfd array for the poll path
+//! (`wait`) and its answer becomes the sets again (each fd only in the
+//! sets it was asked in; POLLNVAL is EBADF); otherwise libc's select runs
+//! the call.
+//!
+//! Never here: touching the caller's fd_sets beyond `nfds`, or changing
+//! the caller's timeout.
+
+use crate::boundary::{enter, set_errno};
+use crate::{real, sleep, wait};
+use libc::c_int;
+use std::time::Duration;
+
+/// Runs select/pselect through the poll path when an accelerated socket is
+/// among the sets; None: hand the call to libc.
+///
+/// # Safety
+/// The fd_set pointers are null or the caller's sets, valid for `nfds` fds.
+unsafe fn select_via_poll(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: Option<Duration>,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> Option<c_int> {
+    let nfds = nfds.clamp(0, c_int::try_from(libc::FD_SETSIZE).unwrap_or(1024));
+    // SAFETY: each set is null or valid for nfds fds (caller).
+    let isset =
+        |set: *mut libc::fd_set, fd: c_int| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
+    let mut pfds = Vec::new();
+    for fd in 0..nfds {
+        let mut ev = 0;
+        if isset(r, fd) {
+            ev |= libc::POLLIN;
+        }
+        if isset(w, fd) {
+            ev |= libc::POLLOUT;
+        }
+        if isset(e, fd) {
+            ev |= libc::POLLPRI;
+        }
+        if ev != 0 {
+            pfds.push(libc::pollfd {
+                fd,
+                events: ev,
+                revents: 0,
+            });
+        }
+    }
+    let socks = wait::accelerated(&pfds)?;
+    let n = wait::poll(&mut pfds, &socks, timeout, true, &sleep::real_poll, sleep);
+    if n < 0 {
+        return Some(-1);
+    }
+    // Clear the caller's bits below nfds only: its fd_set may be sized for
+    // nfds, not for FD_SETSIZE.
+    for set in [r, w, e] {
+        if set.is_null() {
+            continue;
+        }
+        for fd in 0..nfds {
+            // SAFETY: set is the caller's fd_set, valid for nfds fds.
+            unsafe { libc::FD_CLR(fd, set) };
+        }
+    }
+    let mut count = 0;
+    if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
+        set_errno(libc::EBADF);
+        return Some(-1);
+    }
+    for p in &pfds {
+        // Only in the sets the fd was asked for (its events say which).
+        let asked_r = p.events & libc::POLLIN != 0;
+        let asked_w = p.events & libc::POLLOUT != 0;
+        let asked_e = p.events & libc::POLLPRI != 0;
+        let bits = [
+            (
+                r,
+                asked_r && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+            ),
+            (
+                w,
+                asked_w && p.revents & (libc::POLLOUT | libc::POLLERR) != 0,
+            ),
+            (e, asked_e && p.revents & libc::POLLPRI != 0),
+        ];
+        for (set, on) in bits {
+            if on && !set.is_null() {
+                // SAFETY: set is the caller's fd_set and p.fd < nfds <= FD_SETSIZE.
+                unsafe { libc::FD_SET(p.fd, set) };
+                count += 1;
+            }
+        }
+    }
+    Some(count)
+}
+
+/// select(2). The timeout is left as the caller passed it.
+///
+/// # Safety
+/// The C contract of select(2).
+pub unsafe fn select(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tv: *mut libc::timeval,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().select)(nfds, r, w, e, tv) };
+    enter(
+        || {
+            // SAFETY: tv is null or the caller's timeval (select(2)).
+            let t = unsafe { tv.as_ref() }.map(|t| {
+                Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+            });
+            let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
+                sleep::real_poll(set, sleep::millis(rem))
+            };
+            // SAFETY: the sets are the caller's (select(2)).
+            unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
+}
+
+/// pselect(2).
+///
+/// # Safety
+/// The C contract of pselect(2).
+pub unsafe fn pselect(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tmo: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().pselect)(nfds, r, w, e, tmo, mask) };
+    enter(
+        || {
+            // SAFETY: tmo is null or the caller's timespec (pselect(2)).
+            let t = unsafe { sleep::timespec_timeout(tmo) };
+            let sleep =
+                |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);
+            // SAFETY: the sets are the caller's (pselect(2)).
+            unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
+        },
+        real,
+    )
+}

@@ -107,8 +107,10 @@ pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags
                     return m;
                 }
                 Err(()) => {
-                    // An announced peer that sent no valid Hello cannot be
-                    // served: drop it and take the next connection.
+                    // devd paired it but this end cannot be used (or the
+                    // Claim got no answer): its connector may write into
+                    // the region, so it is not served plain: drop it and
+                    // take the next connection.
                     // SAFETY: m is ours to close; the application never saw it.
                     unsafe { (real::get().close)(m) };
                 }

@@ -36,8 +36,11 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
             } else {
                 if cmd == libc::F_SETFL && r == 0 {
                     if let Some(s) = table::get(fd) {
-                        lock(&s).nonblocking =
-                            libc::c_int::try_from(arg).is_ok_and(|fl| fl & libc::O_NONBLOCK != 0);
+                        // The kernel reads the low 32 bits of the
+                        // register (a variadic int's upper half is
+                        // unspecified).
+                        let fl = arg & 0xffff_ffff;
+                        lock(&s).nonblocking = fl & libc::c_long::from(libc::O_NONBLOCK) != 0;
                     }
                 }
                 r

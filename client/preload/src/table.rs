@@ -243,10 +243,15 @@ pub fn inheritable() -> Vec<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    all()
-        .filter(|(fd, _)| survives_exec(*fd))
-        .map(|(_, e)| e)
-        .collect()
+    // One entry per socket, however many of its fds survive (a hold is
+    // per process and socket, as fork's and exec's are).
+    let mut held: Vec<Entry> = Vec::new();
+    for (_, e) in all().filter(|(fd, _)| survives_exec(*fd)) {
+        if !held.iter().any(|h| std::sync::Arc::ptr_eq(h, &e)) {
+            held.push(e);
+        }
+    }
+    held
 }
 
 /// The fds of accelerated sockets.

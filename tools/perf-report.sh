@@ -20,7 +20,7 @@ target="${CARGO_TARGET_DIR:-target}"
 case "$target" in /*) ;; *) target="./$target" ;; esac
 bench="$target/release/ssock-bench"
 mkdir -p "$out"
-cargo build --release --quiet --bins
+cargo build --release --quiet --workspace --bins --lib
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # The png next to the page, named as the page links it.

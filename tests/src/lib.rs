@@ -75,14 +75,11 @@ impl Devd {
 
     /// Starts `devd --user` on `socket` (its directory is removed on drop).
     pub fn start_at(socket: &Path, args: &[&str]) -> Result<Devd> {
-        let dir = socket.parent().context("socket dir")?.to_path_buf();
-        std::fs::create_dir_all(&dir)?;
-        let socket = socket.to_path_buf();
         // SSOCK_TEST_DEVD_PREFIX runs devd under a tool, e.g. "strace -f -o FILE".
         let prefix: Vec<String> = std::env::var("SSOCK_TEST_DEVD_PREFIX")
             .map(|p| p.split_whitespace().map(String::from).collect())
             .unwrap_or_default();
-        let mut cmd = match prefix.split_first() {
+        let cmd = match prefix.split_first() {
             Some((tool, targs)) => {
                 let mut c = Command::new(tool);
                 c.args(targs).arg(bin("devd"));
@@ -90,6 +87,20 @@ impl Devd {
             }
             None => Command::new(bin("devd")),
         };
+        Devd::launch(cmd, socket, args)
+    }
+
+    /// Starts the devd binary at `devd` (an installed one), as `start_at`
+    /// does the workspace's.
+    pub fn start_binary(devd: &Path, socket: &Path, args: &[&str]) -> Result<Devd> {
+        Devd::launch(Command::new(devd), socket, args)
+    }
+
+    /// `cmd --user [SSOCK_TEST_DEVD_ARGS] --socket SOCKET ARGS`, once it answers.
+    fn launch(mut cmd: Command, socket: &Path, args: &[&str]) -> Result<Devd> {
+        let dir = socket.parent().context("socket dir")?.to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let socket = socket.to_path_buf();
         let child = cmd
             .arg("--user")
             .args(
@@ -147,6 +158,25 @@ impl Devd {
     /// All statistics pages merged: {devd, totals, connections: [...]}.
     pub fn stats(&self) -> Result<serde_json::Value> {
         stats(&self.socket)
+    }
+
+    /// Waits until devd holds no live connection (the programs' last
+    /// closes, or sock_diag's look-ups, reach it asynchronously), failing
+    /// after `within`; returns how long it took.
+    pub fn wait_none_live(&self, within: Duration) -> Result<Duration> {
+        let t = Instant::now();
+        loop {
+            let v = self.stats()?;
+            if v["devd"]["live_connections"] == 0 {
+                return Ok(t.elapsed());
+            }
+            anyhow::ensure!(
+                t.elapsed() < within,
+                "connections still live in devd after {within:?}: {}",
+                v["devd"]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts a test peer talking to this devd.

@@ -303,24 +303,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Waits until devd holds no live connection (the programs' last closes
-/// reach it asynchronously), failing after 10 s.
-fn wait_none_live(d: &Devd) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        let v = d.stats()?;
-        if v["devd"]["live_connections"] == 0 {
-            return Ok(());
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "connections still live in devd: {}",
-            v["devd"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// OpenSSH's sshd, started as a user starts it (it re-execs itself per
 /// connection, closes every fd it does not know with close_range, and its
 /// privilege-separated child runs under a seccomp filter with a file limit
@@ -403,6 +385,6 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
         bytes >= 10 << 20,
         "{bytes} bytes over Direct for a 10 MiB copy"
     );
-    wait_none_live(&d)?;
+    d.wait_none_live(Duration::from_secs(10))?;
     Ok(())
 }

@@ -9,11 +9,11 @@
 //! `dpkg -i`).
 
 use anyhow::{bail, ensure, Context, Result};
-use ssock_tests::{bin, have_app, Peer};
+use ssock_tests::{bin, have_app, Devd, Peer};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long one program (make, build-deb.sh, redis-benchmark) may run.
@@ -78,47 +78,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// An installed devd (`devd --user --socket SOCKET`), stopped on drop.
-struct InstalledDevd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl InstalledDevd {
-    fn start(devd: &Path, socket: &Path) -> Result<InstalledDevd> {
-        std::fs::create_dir_all(socket.parent().context("socket directory")?)?;
-        let child = Command::new(devd)
-            .arg("--user")
-            .arg("--socket")
-            .arg(socket)
-            .env_remove("LD_PRELOAD")
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawn {}", devd.display()))?;
-        let d = InstalledDevd {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        ssock_tools::wait_for(socket, Duration::from_secs(10))?;
-        Ok(d)
-    }
-}
-
-impl Drop for InstalledDevd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let t = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -249,8 +208,8 @@ fn check_files(root: &Path, files: &[String]) -> Result<()> {
 /// server loaded `shim` (the libssock.so that ssock-run found there).
 fn redis_pair_goes_direct(bindir: &Path, shim: &Path, dir: &Path) -> Result<()> {
     let socket = dir.join("devd").join("devd.sock");
-    let devd = InstalledDevd::start(&bindir.join("devd"), &socket)?;
-    let exe = std::fs::read_link(format!("/proc/{}/exe", devd.child.id()))?;
+    let devd = Devd::start_binary(&bindir.join("devd"), &socket, &[])?;
+    let exe = std::fs::read_link(format!("/proc/{}/exe", devd.pid()))?;
     ensure!(
         exe == std::fs::canonicalize(bindir.join("devd"))?,
         "devd runs {}",
@@ -328,7 +287,7 @@ fn redis_pair_goes_direct(bindir: &Path, shim: &Path, dir: &Path) -> Result<()> 
         std::thread::sleep(Duration::from_millis(50));
     };
     ensure!(
-        v["devd"]["pid"] == devd.child.id(),
+        v["devd"]["pid"] == devd.pid(),
         "ringstat asked another devd: {}",
         v["devd"]
     );

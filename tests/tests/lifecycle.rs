@@ -52,19 +52,8 @@ fn one_process_both_ends(mode: ModePref, want: Mode) -> Result<()> {
     drop(con);
     // Release is posted at close (its reply read later): devd handles it
     // soon after, not necessarily before another session's next request.
-    let t = std::time::Instant::now();
-    loop {
-        let v = d.stats()?;
-        if v["devd"]["live_connections"] == 0 {
-            return Ok(());
-        }
-        ensure!(
-            t.elapsed() < std::time::Duration::from_secs(5),
-            "devd still holds {}",
-            v["devd"]
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    d.wait_none_live(std::time::Duration::from_secs(5))?;
+    Ok(())
 }
 
 #[test]
@@ -647,21 +636,8 @@ fn ends_of_processes_killed_without_closing_are_released_at_once() -> Result<()>
     // them, so nobody can attach to those ends again.
     c.kill();
     s.kill();
-    let t = std::time::Instant::now();
-    loop {
-        let v = d.stats()?;
-        if v["devd"]["live_connections"] == 0 {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "devd still holds {}",
-            v["devd"]
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let took = d.wait_none_live(Duration::from_secs(10))?;
     // Well within the 3 s an end whose socket may live on stays attachable.
-    let took = t.elapsed();
     ensure!(
         took < Duration::from_millis(1500),
         "the ends were released after {took:?}"

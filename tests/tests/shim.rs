@@ -228,19 +228,8 @@ fn pserver_serves_and_lets_go(daemon: bool) -> Result<()> {
             "not every connection went Direct: {}",
             v["totals"]
         );
-        let t = Instant::now();
-        loop {
-            let v = d.stats()?;
-            if v["devd"]["live_connections"] == 0 {
-                break;
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(10),
-                "connections whose holders all exited are still live in devd: {}",
-                v["devd"]
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Their holders all exited.
+        d.wait_none_live(Duration::from_secs(10))?;
         ensure!(
             std::path::Path::new(&format!("/proc/{server_pid}")).exists(),
             "the server exited"

@@ -208,10 +208,7 @@ pub unsafe fn epoll_pwait2(
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);
             let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {
                 let n = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
-                let ts = rem.map(|d| libc::timespec {
-                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
-                });
+                let ts = rem.map(sleep::timespec);
                 let tp = ts
                     .as_ref()
                     .map_or(std::ptr::null(), |t| t as *const libc::timespec);

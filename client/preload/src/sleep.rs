@@ -31,10 +31,7 @@ pub fn real_ppoll(
     rem: Option<Duration>,
     mask: *const libc::sigset_t,
 ) -> c_int {
-    let ts = rem.map(|d| libc::timespec {
-        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(d.subsec_nanos()),
-    });
+    let ts = rem.map(timespec);
     let tp = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
@@ -42,6 +39,14 @@ pub fn real_ppoll(
     // SAFETY: set is a valid pollfd array of k entries; tp is null or a
     // live timespec; mask is null or the caller's sigset (ppoll/pselect).
     unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+}
+
+/// A remaining wait as a timespec (ppoll, epoll_pwait2).
+pub fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    }
 }
 
 /// A millisecond timeout argument (negative: none).

@@ -33,12 +33,9 @@ pub enum Outcome {
 pub enum Accepted {
     /// Accelerated: the transport to use.
     Attached(Box<dyn Transport>),
-    /// Kernel TCP (a plain peer, or a refusal), with the reason if any.
+    /// Kernel TCP (a plain peer, a refusal, an end this side cannot
+    /// use), with the reason if any.
     Kernel(Option<FallbackReason>),
-    /// devd recorded the connection as accelerated but this side cannot
-    /// use its end: the connection was shut down (the connector moves to
-    /// the region, which nobody here would read).
-    Dropped,
 }
 
 /// Records a fallback decided on this side in devd's totals.
@@ -377,11 +374,10 @@ pub fn accept_on(
     fd: BorrowedFd<'_>,
     _opts: &Options,
 ) -> io::Result<Accepted> {
-    // A Claim that devd may have handled but whose answer never came
-    // (timeout, devd gone mid-way) leaves the connection in doubt: devd may
-    // have told its connector to move into the region. It is dropped (the
-    // peer sees a reset), never served plain with the peer's bytes going
-    // elsewhere. A Claim that was never sent, or refused, is plain.
+    // Whatever goes wrong, the connection is plain: its connector moves
+    // only once this end, in hand, says accepted in the hand-over words
+    // (`Handover::wrap`), so a Claim devd answered too late, or an end
+    // that cannot be used, leaves it on the kernel socket.
     let sent = match session.begin(&Request::Claim, &[fd]) {
         Ok(f) => f,
         Err(_) => return Ok(Accepted::Kernel(None)),
@@ -395,17 +391,14 @@ pub fn accept_on(
             return Ok(Accepted::Kernel(None))
         }
         Err(e) => {
-            log::warn!("no answer to a Claim ({e}); dropping the connection");
-            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-            return Ok(Accepted::Dropped);
+            log::warn!("no answer to a Claim ({e}); the connection stays plain");
+            return Ok(Accepted::Kernel(Some(FallbackReason::DevdError)));
         }
     };
-    let drop_it = |e: io::Error| {
-        // devd recorded the connection: its connector moves to the region.
-        log::warn!("the acceptor's end cannot be used ({e}); dropping the connection");
+    let plain = |e: io::Error| {
+        log::warn!("the acceptor's end cannot be used ({e}); the connection stays plain");
         report(Some(session), FallbackReason::DevdError);
-        let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
-        Ok(Accepted::Dropped)
+        Ok(Accepted::Kernel(Some(FallbackReason::DevdError)))
     };
     let end = if end.usable() {
         end
@@ -416,13 +409,13 @@ pub fn accept_on(
             Ok(fresh) => fresh,
             Err(e) => {
                 release(session, &end);
-                return drop_it(e);
+                return plain(e);
             }
         }
     };
     match attach(session, end) {
         Ok(t) => Ok(Accepted::Attached(t)),
-        Err(e) => drop_it(e),
+        Err(e) => plain(e),
     }
 }
 

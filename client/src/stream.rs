@@ -259,25 +259,19 @@ impl Listener {
 
     /// Accepts a connection; negotiates if the connector announced itself.
     pub fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
-        loop {
-            let (tcp, peer) = self.tcp.accept()?;
-            if let Some(s) = self.negotiate(tcp)? {
-                return Ok((s, peer));
-            }
-        }
+        let (tcp, peer) = self.tcp.accept()?;
+        Ok((self.negotiate(tcp)?, peer))
     }
 
-    /// Negotiates one accepted socket; None if it had to be dropped (an
-    /// announced peer that never sent a valid Hello).
-    fn negotiate(&self, tcp: TcpStream) -> io::Result<Option<Stream>> {
+    /// Negotiates one accepted socket.
+    fn negotiate(&self, tcp: TcpStream) -> io::Result<Stream> {
         let spin = self.opts.spin(self.session.as_ref());
         let Some(session) = &self.session else {
-            return Stream::kernel(tcp, None, spin).map(Some);
+            return Stream::kernel(tcp, None, spin);
         };
         match accept_on(session, tcp.as_fd(), &self.opts)? {
-            Accepted::Attached(t) => Ok(Some(Stream::new(t, tcp, None, spin))),
-            Accepted::Kernel(reason) => Stream::kernel(tcp, reason, spin).map(Some),
-            Accepted::Dropped => Ok(None),
+            Accepted::Attached(t) => Ok(Stream::new(t, tcp, None, spin)),
+            Accepted::Kernel(reason) => Stream::kernel(tcp, reason, spin),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 6;
+pub const CTL_VERSION: u16 = 7;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -240,7 +240,7 @@ impl Attachment {
         match self.mode {
             _ if self.reuse => 0,
             Mode::Direct => 5,
-            _ => 3,
+            _ => 4,
         }
     }
 }

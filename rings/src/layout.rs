@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 4;
+pub const REGION_VERSION: u32 = 5;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -50,13 +50,15 @@ pub mod hdr {
 }
 
 /// Hand-over words: where each direction moves from the kernel socket to
-/// the region (docs/protocol.md section 2.3). Each on a cache line of its
-/// own, away from the ring words; the same offsets in Direct and Queued
-/// regions (a Queued region is one end's: devd relays what the peer's
-/// region says).
+/// the region and back (docs/protocol.md sections 2.3 and 2.4). Each on a
+/// cache line of its own, away from the ring words. A Direct connection
+/// keeps them in its region's header page; a Queued one in a hand-over
+/// page of their own that both ends map ([`HOV_PAGE`] bytes, kind
+/// [`RegionKind::Handover`]): each end's Queued region is its own.
 pub mod hov {
-    /// u32 written by devd: what became of the connection's intent
-    /// (`CLAIM_*`). Read by the connector.
+    /// u32: what became of the connection's intent (`CLAIM_*`): accepted
+    /// by the acceptor once it holds its end, kernel by devd. Read by the
+    /// connector.
     pub const CLAIM: usize = 1024;
     /// u64 per direction d (0: connector->acceptor, 1: the reverse) at
     /// `SWITCH + 8 d`: 0 while that direction's writer is still on the
@@ -68,11 +70,28 @@ pub mod hov {
     /// read from the kernel socket before its peer's switch (the holders
     /// of one end may be several processes).
     pub const TCP_READ: usize = 1152;
+    /// u64 per direction d at `TAKEN + 8 d` (Queued): the region bytes of
+    /// direction d its reader's holders took (low 63 bits), and
+    /// [`super::TAKEN_CLOSED`] once the region part of that direction is
+    /// closed at that offset: the reader takes no more from the region,
+    /// the writer writes the rest on the kernel socket.
+    pub const TAKEN: usize = 1216;
+    /// u64 per direction d at `END + 8 d` (Queued): 0 while its writer may
+    /// still write; E + 1 once it ended its writes (shutdown, close) after
+    /// E bytes since it moved to the region.
+    pub const END: usize = 1280;
 }
+
+/// Size of a Queued connection's hand-over page.
+pub const HOV_PAGE: usize = 4096;
+
+/// TAKEN flag: the direction's region part is closed.
+pub const TAKEN_CLOSED: u64 = 1 << 63;
 
 /// CLAIM: no acceptor has claimed the connection yet.
 pub const CLAIM_PENDING: u32 = 0;
-/// CLAIM: the acceptor took its end; the connector moves when it likes.
+/// CLAIM: the acceptor took its end (written by the acceptor,
+/// [`accept_claim`]); the connector moves when it likes.
 pub const CLAIM_ACCEPTED: u32 = 1;
 /// CLAIM: the connection stays on the kernel socket (the acceptor was
 /// refused, or the intent expired); the connector lets its end go.
@@ -136,38 +155,112 @@ pub fn tcp_read(m: &Mapping, side: usize) -> &std::sync::atomic::AtomicU64 {
     m.u64_at(hov::TCP_READ + 8 * (side & 1))
 }
 
-/// The bytes devd writes with pwrite at `offset` when a claim is decided:
-/// first [`claim_switch_bytes`] (the acceptor moves at once), then this.
-pub fn claim_bytes(state: u32) -> (u64, [u8; 4]) {
-    (hov::CLAIM as u64, state.to_le_bytes())
+/// The bytes devd writes with pwrite when it refuses a claim or drops an
+/// intent (CLAIM = kernel: the connector lets its end go). Changes one
+/// byte of a zero word, so a reader never sees a torn one.
+pub fn claim_kernel_bytes() -> (u64, [u8; 4]) {
+    (hov::CLAIM as u64, CLAIM_KERNEL.to_le_bytes())
 }
 
-/// The acceptor->connector SWITCH word devd writes at a claim: the
-/// acceptor writes into the region from its first byte on.
-pub fn claim_switch_bytes() -> (u64, [u8; 8]) {
-    (
-        (hov::SWITCH + 8) as u64,
-        Switch::After(0).word().to_le_bytes(),
-    )
-}
-
-/// Copies direction `d`'s SWITCH word from one end's Queued region to the
-/// other's (devd's engine: each end sees only its own region). Returns
-/// whether the source had one to copy.
-pub fn relay_switch(from: &Mapping, to: &Mapping, d: usize) -> bool {
-    let w = from
-        .u64_at(hov::SWITCH + 8 * (d & 1))
-        .load(Ordering::Acquire);
-    if w == 0 {
-        return false;
+/// The acceptor took its end (it mapped it and will read the region):
+/// its writes move to the region from its first byte (SWITCH = 0 + 1),
+/// then CLAIM says accepted, which lets the connector move. Only a
+/// process that has the end in hand says so, so a Claim whose answer came
+/// too late (the acceptor gave up and serves the connection plain) never
+/// moves the connector. False if CLAIM said otherwise already.
+pub fn accept_claim(m: &Mapping) -> bool {
+    let _ = publish_switch(m, 1, Switch::After(0));
+    match m.u32_at(hov::CLAIM).compare_exchange(
+        CLAIM_PENDING,
+        CLAIM_ACCEPTED,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => true,
+        Err(cur) => cur == CLAIM_ACCEPTED,
     }
-    let _ = to.u64_at(hov::SWITCH + 8 * (d & 1)).compare_exchange(
+}
+
+/// What a direction's TAKEN word says (Queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Its reader took this many region bytes and may take more.
+    Open(u64),
+    /// The region part is closed at this offset.
+    Closed(u64),
+}
+
+fn taken_word(m: &Mapping, d: usize) -> &std::sync::atomic::AtomicU64 {
+    m.u64_at(hov::TAKEN + 8 * (d & 1))
+}
+
+fn taken_of(w: u64) -> Taken {
+    if w & TAKEN_CLOSED != 0 {
+        Taken::Closed(w & !TAKEN_CLOSED)
+    } else {
+        Taken::Open(w)
+    }
+}
+
+/// Direction `d`'s TAKEN word, read once (Acquire: pairs with the
+/// compare-exchanges below).
+pub fn taken(m: &Mapping, d: usize) -> Taken {
+    taken_of(taken_word(m, d).load(Ordering::Acquire))
+}
+
+/// The reader of direction `d` takes `n` more region bytes, unless the
+/// region part is closed: Ok(the new total) or Err(where it is closed).
+pub fn add_taken(m: &Mapping, d: usize, n: u64) -> Result<u64, u64> {
+    let w = taken_word(m, d);
+    let mut cur = w.load(Ordering::Acquire);
+    loop {
+        if cur & TAKEN_CLOSED != 0 {
+            return Err(cur & !TAKEN_CLOSED);
+        }
+        let next = cur.saturating_add(n).min(TAKEN_CLOSED - 1);
+        match w.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(next),
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Closes direction `d`'s region part at what its reader took plus
+/// `more` (the reader: bytes it holds and will still take from the
+/// region; the writer: 0). Ok(where) if this call closed it, Err(where)
+/// if another end had closed it first.
+pub fn close_taken(m: &Mapping, d: usize, more: u64) -> Result<u64, u64> {
+    let w = taken_word(m, d);
+    let mut cur = w.load(Ordering::Acquire);
+    loop {
+        if cur & TAKEN_CLOSED != 0 {
+            return Err(cur & !TAKEN_CLOSED);
+        }
+        let at = cur.saturating_add(more).min(TAKEN_CLOSED - 1);
+        match w.compare_exchange_weak(cur, at | TAKEN_CLOSED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(at),
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Where direction `d`'s writer ended its writes (region-relative), if it did.
+pub fn end_at(m: &Mapping, d: usize) -> Option<u64> {
+    match m.u64_at(hov::END + 8 * (d & 1)).load(Ordering::Acquire) {
+        0 => None,
+        e => Some(e - 1),
+    }
+}
+
+/// Direction `d`'s writer ends its writes after `e` bytes since it moved
+/// to the region (the first value published stays).
+pub fn publish_end(m: &Mapping, d: usize, e: u64) {
+    let _ = m.u64_at(hov::END + 8 * (d & 1)).compare_exchange(
         0,
-        w,
+        e.saturating_add(1),
         Ordering::AcqRel,
         Ordering::Relaxed,
     );
-    true
 }
 
 /// The holder count of end `side` (0 connector, 1 acceptor).
@@ -200,6 +293,8 @@ pub enum RegionKind {
     Direct = 1,
     /// One client's virtqueue pair, served by devd.
     Queued = 2,
+    /// A Queued connection's hand-over words, shared by its two ends.
+    Handover = 3,
 }
 
 /// Errors found when checking a region header against what was expected.
@@ -544,6 +639,46 @@ mod tests {
         assert!(l.queues[1].used + 6 + 8 * 32 <= l.slots);
         assert!(l.slot_area(1).end <= l.size);
         assert!(l.slot >= 4096);
+    }
+
+    fn page() -> Mapping {
+        let fd = crate::sys::memfd_sealed("t", HOV_PAGE).unwrap();
+        Mapping::map(std::os::fd::AsFd::as_fd(&fd), HOV_PAGE, true).unwrap()
+    }
+
+    #[test]
+    fn a_reader_takes_until_its_writer_closes_the_region_part() {
+        let m = page();
+        assert_eq!(add_taken(&m, 0, 100), Ok(100));
+        // The writer closes at what was taken; the reader takes no more.
+        assert_eq!(close_taken(&m, 0, 0), Ok(100));
+        assert_eq!(add_taken(&m, 0, 5), Err(100));
+        assert_eq!(taken(&m, 0), Taken::Closed(100));
+        // A later close (the reader's) learns where, and changes nothing.
+        assert_eq!(close_taken(&m, 0, 40), Err(100));
+        // The other direction is untouched.
+        assert_eq!(taken(&m, 1), Taken::Open(0));
+    }
+
+    #[test]
+    fn a_reader_that_closes_first_keeps_what_it_holds() {
+        let m = page();
+        assert_eq!(add_taken(&m, 1, 10), Ok(10));
+        assert_eq!(close_taken(&m, 1, 30), Ok(40));
+        assert_eq!(close_taken(&m, 1, 0), Err(40));
+        assert_eq!(add_taken(&m, 1, 1), Err(40));
+    }
+
+    #[test]
+    fn the_first_end_published_stays() {
+        let m = page();
+        assert_eq!(end_at(&m, 0), None);
+        publish_end(&m, 0, 0);
+        publish_end(&m, 0, 7);
+        assert_eq!(end_at(&m, 0), Some(0));
+        // A count beyond the word saturates (a hostile or broken writer).
+        publish_end(&m, 1, u64::MAX);
+        assert_eq!(end_at(&m, 1), Some(u64::MAX - 1));
     }
 
     #[test]

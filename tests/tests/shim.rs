@@ -604,35 +604,96 @@ fn exits_within(p: &mut Peer, limit: Duration) -> bool {
     false
 }
 
+/// A Queued connection between two programs under ssock-run outlives
+/// devd: once devd is SIGKILLed, the next round of the echo (and its
+/// end) goes over the kernel socket, every byte checked by the client.
 #[test]
-fn queued_peers_under_the_shim_are_reset_not_left_spinning_when_devd_dies() -> Result<()> {
+fn queued_peers_under_the_shim_move_to_the_kernel_socket_when_devd_dies() -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
     }
-    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    for spin in ["0", "50"] {
+        let mut d = Devd::start(&["--default-mode", "queued"])?;
+        let portfile = scratch(&d, "port");
+        let env = [("SSOCK_SPIN_US", spin), ("ECHO_AGAIN", "1")];
+        let mut s = python(
+            &d,
+            false,
+            &["server", portfile.to_str().context("path")?],
+            &env,
+        )?;
+        let port = published_port(&portfile)?;
+        let mut c = python(&d, false, &["client", port.trim(), "1000000"], &env)?;
+        c.expect("OK echo 1000000")?;
+        let t = d.stats()?["totals"].clone();
+        ensure!(
+            t["connections"]["queued"] == 1 && t["bytes"]["queued"].as_u64() >= Some(2_000_000),
+            "totals {t}"
+        );
+        // The server now sleeps in recv; the client waits on its stdin.
+        d.kill();
+        c.say("")?;
+        c.expect("OK echo 2000000")?;
+        c.say("")?;
+        for (p, who) in [(&mut c, "client"), (&mut s, "server")] {
+            ensure!(
+                exits_within(p, Duration::from_secs(10)),
+                "the {who} did not end after devd died"
+            );
+            ensure!(p.wait_success()?, "the {who} failed after devd died");
+        }
+    }
+    Ok(())
+}
+
+/// devd stopped for longer than a request may wait for its answer (10 s):
+/// the connection set up meanwhile stays on kernel TCP, every byte checked,
+/// and neither end waits beyond that bound; once devd runs again, the
+/// processes' next connection goes Direct.
+#[test]
+fn a_stalled_devd_leaves_a_connection_on_kernel_tcp_and_the_next_one_goes_direct() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
     let portfile = scratch(&d, "port");
-    let env = [("SSOCK_SPIN_US", "0")];
     let mut s = python(
         &d,
         false,
-        &["server", portfile.to_str().context("path")?],
-        &env,
+        &["pserver", portfile.to_str().context("path")?],
+        &[],
     )?;
     let port = published_port(&portfile)?;
-    let mut c = python(&d, false, &["client", port.trim(), "1000"], &env)?;
-    c.expect("OK echo 1000")?;
-    let t = d.stats()?["totals"].clone();
-    ensure!(t["connections"]["queued"] == 1, "totals {t}");
-    // The server now sleeps in recv; the client waits on its stdin.
-    d.kill();
+    let signal = |sig| {
+        // SAFETY: kill on devd's pid, a child of this test.
+        unsafe { libc::kill(d.pid() as i32, sig) }
+    };
+    ensure!(signal(libc::SIGSTOP) == 0);
+    let t = Instant::now();
+    let mut c = python(&d, false, &["client", port.trim(), "100000"], &[])?;
+    let r = c.line_within(Duration::from_secs(40));
+    ensure!(signal(libc::SIGCONT) == 0);
+    ensure!(r? == "OK echo 100000");
+    let took = t.elapsed();
     ensure!(
-        exits_within(&mut s, Duration::from_secs(10)),
-        "the server's recv neither returned nor failed after devd died"
+        took >= Duration::from_secs(9),
+        "the request did not wait: {took:?}"
     );
     c.say("")?;
+    ensure!(c.wait_success()?, "the client failed");
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 0, "totals {t}");
+    // devd runs again: the same server's next connection, a new client.
+    let mut c = python(&d, false, &["client", port.trim(), "100000"], &[])?;
+    c.expect("OK echo 100000")?;
+    let t = d.stats()?["totals"].clone();
     ensure!(
-        exits_within(&mut c, Duration::from_secs(10)),
-        "the client's close hung after devd died"
+        t["connections"]["direct"] == 1 && t["bytes"]["direct"].as_u64() >= Some(200_000),
+        "totals {t}"
     );
+    c.say("")?;
+    ensure!(c.wait_success()?, "the second client failed");
+    ensure!(s.alive(), "the server died");
+    d.wait_none_live(Duration::from_secs(10))?;
     Ok(())
 }

@@ -84,37 +84,22 @@ pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().accept4)(fd, addr, len, flags) };
     enter(
-        || loop {
+        || {
             let m = real();
             if m < 0 {
                 return m;
             }
-            if !table::is_listener(fd) {
-                // A new fd: an entry under its number is stale (its socket
-                // was closed by a path the shim does not see).
-                drop(table::remove(m));
-                return m;
-            }
-            // SAFETY: m was just returned by accept4 and is open; fd is the
-            // caller's listener, open during this call.
-            match sock::accepted(unsafe { borrow(m) }) {
-                Ok(Some(s)) => {
+            // A new fd: an entry under its number is stale (its socket was
+            // closed by a path the shim does not see).
+            drop(table::remove(m));
+            if table::is_listener(fd) {
+                // SAFETY: m was just returned by accept4 and is open; fd is
+                // the caller's listener, open during this call.
+                if let Some(s) = sock::accepted(unsafe { borrow(m) }) {
                     table::insert(m, s);
-                    return m;
-                }
-                Ok(None) => {
-                    drop(table::remove(m));
-                    return m;
-                }
-                Err(()) => {
-                    // devd paired it but this end cannot be used (or the
-                    // Claim got no answer): its connector may write into
-                    // the region, so it is not served plain: drop it and
-                    // take the next connection.
-                    // SAFETY: m is ours to close; the application never saw it.
-                    unsafe { (real::get().close)(m) };
                 }
             }
+            m
         },
         real,
     )

@@ -145,13 +145,9 @@ pub fn listened(fd: BorrowedFd<'_>) -> bool {
     session().is_some_and(|s| register_listener(&s, fd))
 }
 
-/// A socket accepted from a registered listener: negotiate. Ok(None):
-/// plain; Err(()): devd paired it but this side cannot use its end (it
-/// was shut down): drop it.
-pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
-    let Some(session) = session() else {
-        return Ok(None);
-    };
+/// A socket accepted from a registered listener: negotiate. None: plain.
+pub fn accepted(fd: BorrowedFd<'_>) -> Option<Sock> {
+    let session = session()?;
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
     let nb = is_nonblocking(fd);
@@ -162,22 +158,18 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Result<Option<Sock>, ()> {
                 t.mode(),
                 t.conn_id().unwrap_or(0)
             );
-            Ok(Some(Sock::new(State::Up(t), spin, nb)))
+            Some(Sock::new(State::Up(t), spin, nb))
         }
         Ok(Accepted::Kernel(r)) => {
             log::info!(
                 "accept: kernel TCP ({})",
                 r.map_or("not announced by an accelerated connector", |r| r.name())
             );
-            Ok(None)
+            None
         }
         Err(e) => {
             log::info!("accept: kernel TCP ({e})");
-            Ok(None)
-        }
-        Ok(Accepted::Dropped) => {
-            log::info!("accept: dropped (devd paired it; this end cannot be used)");
-            Err(())
+            None
         }
     }
 }

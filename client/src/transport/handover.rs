@@ -9,6 +9,13 @@
 //! before; each reader reads the kernel socket up to that offset, then the
 //! region.
 //!
+//!
+//! When the region stops carrying bytes (a Queued end whose devd is gone),
+//! both directions move back to the kernel socket (section 2.4): a reader
+//! closes its direction's region part at what it took plus what it holds,
+//! or its writer closes it at what was taken; the writer writes what it
+//! kept from there on on the kernel socket, then the rest of its writes.
+//!
 //! Must never: read past a published offset on the kernel socket, move a
 //! direction whose end several processes hold, or let the wrapped
 //! transport judge the kernel socket (liveness) while that socket still
@@ -45,6 +52,9 @@ enum Tx {
     Shut,
     /// The region.
     Ring,
+    /// The kernel socket again, for good (the region stopped carrying
+    /// bytes): first `Handover::resend`, then the rest.
+    Back,
 }
 
 /// Where this end's reads come from.
@@ -54,8 +64,11 @@ enum Rx {
     Tcp(Option<u64>),
     /// The kernel socket for good (its writer never moves).
     Forever,
-    /// The region.
+    /// The region (once its region part is closed, only up to there).
     Ring,
+    /// The kernel socket again, for good: the region part closed at region
+    /// offset `at`; `after` bytes read here since.
+    Back { at: u64, after: u64 },
 }
 
 /// A Direct or Queued end whose directions may still be on the kernel
@@ -81,6 +94,24 @@ pub struct Handover {
     /// hand-over words again (doubling up to a second, back to 1 ms when
     /// a direction moves): a safety net, not the wake-up path.
     recheck: std::time::Duration,
+    /// The region stopped carrying bytes: both directions went back to the
+    /// kernel socket (or are on their way there).
+    lost: bool,
+    /// Where this end's reads from the region end (its direction's region
+    /// part closed there), once closed.
+    reads_closed: Option<u64>,
+    /// Written into the region and not taken by the reader: the first
+    /// bytes of `Tx::Back`, sent from `resend[resent..]`.
+    resend: Vec<u8>,
+    resent: usize,
+    /// `Tx::Back`: bytes this end wrote since its writes moved to the
+    /// region (in the region, then on the kernel socket): its END.
+    tail: u64,
+    /// shutdown(SHUT_WR) was asked for: once `resend` is out, the kernel
+    /// socket is shut down.
+    wr_shut: bool,
+    /// `Tx::Back`: the kernel socket was shut down for writing.
+    back_shut: bool,
     broken: bool,
     closed: bool,
 }
@@ -103,11 +134,12 @@ impl Handover {
         let Some((map, side)) = inner.handover_words() else {
             return inner;
         };
+        // A fresh acceptor end says accepted itself, now that it holds it;
+        // false if devd said kernel already.
+        let refused = side == 1 && !adopted && !layout::accept_claim(&map);
         let mut sw = layout::switch_at(&map, side);
-        let mut inner = inner;
         if adopted && sw == Switch::NotYet {
             sw = layout::publish_switch(&map, side, Switch::Never);
-            inner.switch_published();
         }
         let tx = match sw {
             Switch::After(_) => Tx::Ring,
@@ -124,9 +156,19 @@ impl Handover {
             tcp_eof: false,
             peer_closed: false,
             recheck: RECHECK_MIN,
+            lost: false,
+            reads_closed: None,
+            resend: Vec::new(),
+            resent: 0,
+            tail: 0,
+            wr_shut: false,
+            back_shut: false,
             broken: false,
             closed: false,
         };
+        if refused {
+            h.stay_on_kernel();
+        }
         h.step();
         Box::new(h)
     }
@@ -144,7 +186,7 @@ impl Handover {
 
     /// Both directions in the region: every call is the wrapped end's.
     fn on_rings(&self) -> bool {
-        !self.kernel && self.rx == Rx::Ring && self.tx == Tx::Ring
+        !self.kernel && !self.lost && self.rx == Rx::Ring && self.tx == Tx::Ring
     }
 
     /// Looks at the hand-over words (loads only, and a compare-exchange
@@ -152,6 +194,12 @@ impl Handover {
     fn step(&mut self) {
         if self.kernel || self.broken {
             return;
+        }
+        if !self.lost && self.inner.path_lost() {
+            self.fail_back();
+            if self.kernel || self.broken {
+                return;
+            }
         }
         if let Tx::Tcp(written) = self.tx {
             match layout::claim(&self.map) {
@@ -183,6 +231,10 @@ impl Handover {
                 },
             };
             self.rx = Rx::Tcp(Some(until));
+            if self.lost && self.reads_closed.is_none() {
+                // The peer moved into a region that carries nothing more.
+                self.close_reads();
+            }
             let done = self.done();
             if done == until {
                 self.rx = Rx::Ring;
@@ -194,14 +246,127 @@ impl Handover {
                 self.broken = true;
             }
         }
+        if self.rx == Rx::Ring && self.inner.reads_left() == Some(0) {
+            if let Some(at) = self.reads_closed {
+                self.rx = Rx::Back { at, after: 0 };
+            }
+        }
+    }
+
+    /// The region stopped carrying bytes (devd is gone under a Queued end,
+    /// or the peer found that first): each direction goes back to the
+    /// kernel socket at the offset where its region part closes.
+    fn fail_back(&mut self) {
+        self.lost = true;
+        match self.tx {
+            Tx::Tcp(_) if self.side == 0 && layout::claim(&self.map) != CLAIM_ACCEPTED => {
+                // Never claimed: a plain connection on the kernel socket.
+                self.stay_on_kernel();
+                return;
+            }
+            Tx::Tcp(_) => {
+                // Not moved yet: it never will (the region is dead).
+                self.tx = match self.publish(Switch::Never) {
+                    Switch::Never => Tx::Pinned,
+                    _ => Tx::Ring,
+                };
+            }
+            _ => {}
+        }
+        if self.tx == Tx::Ring {
+            match self.inner.close_writes() {
+                Ok((at, rest)) => {
+                    log::info!(
+                        "connection {}: writes back on the kernel socket at region offset {at} ({} bytes again)",
+                        self.inner.conn_id().unwrap_or(0),
+                        rest.len()
+                    );
+                    self.resend = rest;
+                    self.resent = 0;
+                    self.tail = self.inner.region_written();
+                    self.tx = Tx::Back;
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        if matches!(self.rx, Rx::Tcp(Some(_)) | Rx::Ring) {
+            self.close_reads();
+        }
+    }
+
+    /// Closes this end's reads from the region (see [`Handover::fail_back`]).
+    fn close_reads(&mut self) {
+        match self.inner.close_reads() {
+            Ok(at) => {
+                log::info!(
+                    "connection {}: reads back on the kernel socket after region offset {at}",
+                    self.inner.conn_id().unwrap_or(0)
+                );
+                self.reads_closed = Some(at);
+            }
+            Err(_) => self.broken = true,
+        }
+    }
+
+    /// Whether the region stopped carrying bytes (looked at again, and
+    /// acted on: `step`).
+    fn lost_now(&mut self) -> bool {
+        self.step();
+        self.lost
+    }
+
+    /// Sends what `resend` still holds; Ok(true) once it is all out (and the
+    /// kernel socket shut down if that was asked meanwhile). `block`: waits
+    /// for room until the deadline.
+    fn flush(&mut self, ctx: &Ctx<'_>, block: bool) -> io::Result<bool> {
+        while self.resent < self.resend.len() {
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            match ssock_rings::sys::send(ctx.tcp, &self.resend[self.resent..], flags) {
+                Ok(n) => self.resent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !block {
+                        return Ok(false);
+                    }
+                    let mut p = [PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLOUT)];
+                    if !ssock_rings::notify::sleep(&mut p, ctx.deadline)? {
+                        return Err(would_block());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.resend.is_empty() {
+            self.resend = Vec::new();
+            self.resent = 0;
+        }
+        if self.wr_shut && self.tx == Tx::Back && !self.back_shut {
+            self.back_shut = true;
+            self.end_back_writes(ctx)?;
+        }
+        Ok(true)
+    }
+
+    /// Whether `flush` has something to do: bytes to send again, or a
+    /// shutdown asked for before they were out.
+    fn owed(&self) -> bool {
+        self.resent < self.resend.len() || (self.wr_shut && self.tx == Tx::Back && !self.back_shut)
+    }
+
+    /// `Tx::Back` writes end: END says how many there were, then the
+    /// kernel socket is shut down.
+    fn end_back_writes(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        layout::publish_end(&self.map, self.side, self.tail);
+        socket2::SockRef::from(&ctx.tcp).shutdown(std::net::Shutdown::Write)
     }
 
     /// Publishes where this end's writes move (see
-    /// [`layout::publish_switch`]) and lets the wrapped end pass it on.
+    /// [`layout::publish_switch`]).
     fn publish(&mut self, sw: Switch) -> Switch {
-        let r = layout::publish_switch(&self.map, self.side, sw);
-        self.inner.switch_published();
-        r
+        layout::publish_switch(&self.map, self.side, sw)
     }
 
     /// The wrapped end broke (reset, violation, or devd gone under a Queued
@@ -218,25 +383,15 @@ impl Handover {
         }
     }
 
-    /// The kernel socket's end was seen while no offset was published:
-    /// whether it ends the stream. Direct: yes (a writer that closes
-    /// publishes its offset first, one that shuts down publishes NEVER,
-    /// so the peer died: its writes are over too). Queued, the peer's word
-    /// not relayed yet: only once the wrapped end has a mark (devd's engine
-    /// relays the peer's offset to this region later than the kernel
-    /// delivers the FIN); once NEVER is relayed, yes.
-    fn kernel_end_ends(&mut self, ctx: &Ctx<'_>) -> bool {
+    /// The kernel socket's end was seen while no offset was published: it
+    /// ends the stream (a writer that closes publishes its offset first,
+    /// one that shuts down publishes NEVER, so the peer died: its writes
+    /// are over too).
+    fn kernel_end_ends(&mut self) {
         self.tcp_eof = true;
-        // (The connector's reads need no such wait: devd writes the
-        // acceptor's offset into the connector's own region.)
-        if self.side == 1 && self.inner.mode() == Mode::Queued && matches!(self.rx, Rx::Tcp(None)) {
-            let r = self.inner.readiness(&Handover::quiet(ctx), false);
-            return r.rdhup || r.hup || r.err;
-        }
         if matches!(self.rx, Rx::Tcp(None)) {
             self.peer_closed = true;
         }
-        true
     }
 
     /// The kernel socket's entry for a sleep on `ev`: events already
@@ -294,10 +449,7 @@ impl Handover {
             }
             return ev;
         }
-        if read && self.tcp_eof && self.side == 1 && matches!(self.rx, Rx::Tcp(None)) {
-            // Queued, the socket ended, the peer's offset not relayed yet:
-            // the region's wake-up tells.
-        } else if read {
+        if read {
             // The peer's bytes, or (once they come through the region) its
             // last close.
             ev |= libc::POLLIN | libc::POLLRDHUP;
@@ -306,7 +458,8 @@ impl Handover {
             // the peer's bytes on the socket must not wake it.
             ev |= libc::POLLRDHUP;
         }
-        if write && matches!(self.tx, Tx::Tcp(_) | Tx::Pinned) {
+        if (write && matches!(self.tx, Tx::Tcp(_) | Tx::Pinned | Tx::Back)) || self.owed() {
+            // (Bytes to send again go out whatever the caller waits for.)
             ev |= libc::POLLOUT;
         }
         ev
@@ -327,7 +480,8 @@ impl Handover {
     fn wait(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> io::Result<()> {
         let tcp = ctx.tcp.as_raw_fd();
         let mut fds: Vec<PollFd> = Vec::with_capacity(4);
-        let armed = !self.kernel;
+        self.step();
+        let armed = !self.kernel && !self.lost;
         if armed {
             match self.inner.arm(&Handover::quiet(ctx), read, write) {
                 Some(v) => fds.extend(
@@ -335,7 +489,9 @@ impl Handover {
                         .filter(|&(fd, _)| fd != tcp)
                         .map(|(fd, ev)| PollFd::new(fd, ev)),
                 ),
-                // Broken (reset, or devd gone under a Queued end).
+                // The region stopped carrying bytes: the caller looks again.
+                None if self.inner.path_lost() => return Ok(()),
+                // Broken (reset).
                 None => {
                     self.inner_broke();
                     return if self.kernel {
@@ -396,11 +552,14 @@ impl Handover {
             // What woke it may be the transport's own (devd's session).
             self.inner.check_devd();
         }
+        if self.owed() {
+            self.flush(ctx, false)?;
+        }
         if let Some(p) = fds.last() {
             if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {
                 self.step();
-                if self.rx != Rx::Ring {
-                    self.kernel_end_ends(ctx);
+                if matches!(self.rx, Rx::Tcp(_) | Rx::Forever) {
+                    self.kernel_end_ends();
                 }
             }
         }
@@ -418,13 +577,34 @@ impl Handover {
             if self.broken {
                 return Err(reset_error());
             }
+            if self.owed() {
+                // Bytes the peer waits for before it answers.
+                self.flush(ctx, false)?;
+            }
             let max = match (self.kernel, self.rx) {
                 (false, Rx::Ring) => {
-                    return if peek {
+                    let r = if peek {
                         self.inner.peek(buf, ctx)
                     } else {
                         self.inner.read(buf, ctx)
                     };
+                    match r {
+                        // The region stopped carrying bytes: the next look
+                        // moves the reads (`fail_back`, `step`).
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let was = self.lost;
+                            if !self.lost_now() {
+                                return Err(e);
+                            }
+                            if was && self.rx == Rx::Ring {
+                                // Closed with bytes left, and none there.
+                                self.broken = true;
+                                return Err(reset_error());
+                            }
+                        }
+                        r => return r,
+                    }
+                    continue;
                 }
                 (false, Rx::Tcp(Some(u))) => {
                     usize::try_from(u.saturating_sub(self.done())).unwrap_or(usize::MAX)
@@ -450,21 +630,34 @@ impl Handover {
                             self.broken = true;
                             return Err(reset_error());
                         }
+                        Rx::Back { at, after } => {
+                            // The stream ends where its writer said it does
+                            // (a writer that died, or a resend cut short,
+                            // leaves bytes missing).
+                            let end = layout::end_at(&self.map, 1 - self.side);
+                            if end != Some(at.saturating_add(after)) {
+                                log::warn!(
+                                    "connection {}: the kernel socket ended at region offset {} of {end:?}; resetting it",
+                                    self.inner.conn_id().unwrap_or(0),
+                                    at.saturating_add(after)
+                                );
+                                self.broken = true;
+                                return Err(reset_error());
+                            }
+                            return Ok(0);
+                        }
                         _ => {
-                            if self.kernel_end_ends(ctx) {
-                                return Ok(0);
-                            }
-                            // Queued: the peer's offset may still come
-                            // through devd; its bytes or its mark wake us.
-                            if ctx.nonblocking {
-                                return Err(would_block());
-                            }
-                            self.wait(ctx, true, false)?;
+                            self.kernel_end_ends();
+                            return Ok(0);
                         }
                     }
                 }
                 Ok(n) => {
-                    if !peek && !self.kernel {
+                    if let Rx::Back { after, .. } = &mut self.rx {
+                        if !peek {
+                            *after += n as u64;
+                        }
+                    } else if !peek && !self.kernel {
                         layout::tcp_read(&self.map, self.side)
                             .fetch_add(n as u64, Ordering::AcqRel);
                     }
@@ -494,7 +687,7 @@ fn partial(off: usize, e: io::Error) -> io::Result<usize> {
 
 impl Transport for Handover {
     fn mode(&self) -> Mode {
-        if self.turned_kernel() {
+        if self.turned_kernel() || self.lost {
             Mode::Kernel
         } else {
             self.inner.mode()
@@ -539,10 +732,18 @@ impl Transport for Handover {
                         spin: ctx.spin,
                         check_peer: ctx.check_peer && self.rx == Rx::Ring,
                     };
-                    return match self.inner.write(&buf[off..], &c) {
-                        Ok(n) => Ok(off + n),
-                        Err(e) => partial(off, e),
-                    };
+                    match self.inner.write(&buf[off..], &c) {
+                        Ok(n) => {
+                            off += n;
+                            // A part went in before the region stopped
+                            // carrying bytes: the rest goes on the socket.
+                            if off == buf.len() || !self.lost_now() {
+                                return Ok(off);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.lost_now() => {}
+                        Err(e) => return partial(off, e),
+                    }
                 }
                 (false, Tx::Ring) => {
                     // Blocking while the kernel socket still carries the
@@ -559,13 +760,24 @@ impl Transport for Handover {
                     }
                 }
                 (false, Tx::Shut) => return partial(off, pipe_error()),
+                (false, Tx::Back) if self.wr_shut => return partial(off, pipe_error()),
+                (false, Tx::Back) if self.owed() => {
+                    // What the region did not deliver goes first.
+                    match self.flush(ctx, !ctx.nonblocking) {
+                        Ok(true) => {}
+                        Ok(false) => return partial(off, would_block()),
+                        Err(e) => return partial(off, e),
+                    }
+                }
                 _ => {
                     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
                     match ssock_rings::sys::send(ctx.tcp, &buf[off..], flags) {
                         Ok(n) => {
                             off += n;
-                            if let Tx::Tcp(w) = &mut self.tx {
-                                *w += n as u64;
+                            match &mut self.tx {
+                                Tx::Tcp(w) => *w += n as u64,
+                                Tx::Back => self.tail += n as u64,
+                                _ => {}
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -587,8 +799,16 @@ impl Transport for Handover {
     fn shutdown_write(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         self.step();
         match (self.kernel, self.tx) {
-            (false, Tx::Ring) => self.inner.shutdown_write(ctx),
+            (false, Tx::Ring) => {
+                self.wr_shut = true;
+                self.inner.shutdown_write(ctx)
+            }
             (false, Tx::Shut) => Ok(()),
+            (false, Tx::Back) => {
+                // After the bytes to send again (`flush` ends the writes).
+                self.wr_shut = true;
+                self.flush(ctx, false).map(|_| ())
+            }
             (kernel, tx) => {
                 if !kernel && matches!(tx, Tx::Tcp(_)) {
                     // Its reader learns that this direction never moves:
@@ -618,6 +838,11 @@ impl Transport for Handover {
             // kernel bytes end. The region never carried anything.
             self.publish(Switch::After(w));
             self.inner.discard_region();
+        }
+        if self.tx == Tx::Back {
+            // Where its reader's stream ends (bytes still owed then are
+            // missing there: the reader is reset rather than ended).
+            layout::publish_end(&self.map, self.side, self.tail);
         }
         if self.broken {
             self.inner.abort_on_close();
@@ -664,14 +889,23 @@ impl Transport for Handover {
             return Ready::BROKEN;
         }
         if self.on_rings() {
-            return self.inner.readiness(ctx, check_peer);
+            let r = self.inner.readiness(ctx, check_peer);
+            if !self.inner.path_lost() {
+                return r;
+            }
+            // Found just now: the region stopped carrying bytes.
+            self.step();
+        }
+        if self.owed() {
+            // A failed send shows in the socket's state below.
+            let _ = self.flush(ctx, false);
         }
         // Once the peer's bytes come through the region, the kernel socket
         // tells of its close, as for a settled end.
         let r = if self.kernel {
             Ready::default()
         } else {
-            let judge = check_peer && self.rx == Rx::Ring;
+            let judge = check_peer && self.rx == Rx::Ring && !self.lost;
             if check_peer && !judge {
                 self.inner.check_devd();
             }
@@ -701,14 +935,10 @@ impl Transport for Handover {
         let tcp_out = k & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
         // The socket's end: the stream's end only if its writer never moved.
         let tcp_end = k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_)));
-        let mut tcp_in = tcp_in;
-        let mut tcp_end = tcp_end;
         if !rx_ring && !self.kernel && k & libc::POLLRDHUP != 0 {
             self.step();
-            if matches!(self.rx, Rx::Tcp(None)) && !self.kernel_end_ends(ctx) {
-                // Queued: the end of the socket is not the stream's yet.
-                tcp_in = false;
-                tcp_end = false;
+            if matches!(self.rx, Rx::Tcp(None)) {
+                self.kernel_end_ends();
             }
         }
         let written = match self.tx {
@@ -750,9 +980,11 @@ impl Transport for Handover {
         }
         let tcp = ctx.tcp.as_raw_fd();
         let mut fds: Vec<(RawFd, i16)> = Vec::new();
-        if !self.kernel {
+        if !self.kernel && !self.lost {
             match self.inner.arm(ctx, read, write) {
                 Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),
+                // The region stopped carrying bytes: the kernel socket alone.
+                None if self.inner.path_lost() => self.step(),
                 None => {
                     self.inner_broke();
                     if !self.kernel {

@@ -123,12 +123,6 @@ pub trait Transport: Send + std::fmt::Debug {
     /// Its region is not to be kept for a next connection on close (the
     /// connection was never used: devd freed it).
     fn discard_region(&mut self) {}
-    /// This end just published in its region where one of its directions
-    /// moves (or that it never does): a Queued end kicks devd's engine,
-    /// which relays the word to the peer's region only when it runs (a
-    /// peer waiting for it would otherwise wait for a next kick that may
-    /// never come).
-    fn switch_published(&mut self) {}
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).
@@ -165,15 +159,44 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
-    /// The region whose hand-over words this end uses, and its side
-    /// (0 connector, 1 acceptor): Direct's shared region, Queued's own.
-    /// None for kernel TCP.
+    /// The mapping whose hand-over words this end uses, and its side
+    /// (0 connector, 1 acceptor): Direct's shared region, Queued's shared
+    /// hand-over page. None for kernel TCP.
     fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
         None
     }
+    /// Whether the region no longer carries bytes (Queued: devd is gone,
+    /// or the peer closed a direction's region part): the hand-over then
+    /// moves both directions back to the kernel socket (docs/protocol.md
+    /// section 2.4).
+    fn path_lost(&mut self) -> bool {
+        false
+    }
+    /// Closes this end's reads from the region (after [`Transport::path_lost`]):
+    /// the region offset where the peer's writes continue on the kernel
+    /// socket. Reads then return the region bytes up to there, and
+    /// WouldBlock after them.
+    fn close_reads(&mut self) -> io::Result<u64> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Closes this end's writes into the region: the region offset where
+    /// its reader stopped taking, and the bytes written from there on,
+    /// which the hand-over writes on the kernel socket.
+    fn close_writes(&mut self) -> io::Result<(u64, Vec<u8>)> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Bytes this end wrote into the region.
+    fn region_written(&self) -> u64 {
+        0
+    }
+    /// Once [`Transport::close_reads`] was called: the region bytes still
+    /// to read.
+    fn reads_left(&self) -> Option<u64> {
+        None
+    }
     /// Looks (one zero-timeout poll) at what the transport depends on
-    /// beside its peer, without judging the kernel socket: Queued resets
-    /// itself when devd's session hung up. For a waiter whose kernel
+    /// beside its peer, without judging the kernel socket: Queued learns
+    /// that devd's session hung up. For a waiter whose kernel
     /// socket still carries the peer's bytes.
     fn check_devd(&mut self) {}
     /// Whether calls may spin on this transport without system calls (a

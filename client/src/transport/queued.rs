@@ -2,6 +2,15 @@
 //! region; devd is the device side and moves the bytes through a backend
 //! to the peer. A blocked call spins on the used ring for its budget, then
 //! sleeps on the call eventfd (devd only rings it when asked: used_event).
+//!
+//! The bytes in flight depend on devd: this end keeps a copy of what it
+//! wrote until its reader took it (the TAKEN word of the hand-over page),
+//! so that when devd is gone the hand-over (`handover.rs`) moves both
+//! directions back to the kernel socket at the offset where the region
+//! part was closed (docs/protocol.md section 2.4).
+//!
+//! Must never: take a region byte without counting it in TAKEN first, or
+//! take one past the offset where its direction's region part is closed.
 
 use super::{
     judge, liveness, liveness_poll, pipe_error, reset_error, would_block, Ctx, Liveness, Ready,
@@ -11,18 +20,23 @@ use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{
-    self, check_header, qhdr, QueuedLayout, RegionKind, FLAG_EOS, FLAG_RESET,
+    self, check_header, qhdr, QueuedLayout, RegionKind, Taken, FLAG_EOS, FLAG_RESET,
 };
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
 use ssock_rings::vq::driver::{DeviceViolation, QueueDriver};
 use ssock_rings::vq::{F_WRITE, RX, TX};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often a nonblocking call that found nothing to do asks whether
+/// devd is still there (`Queued::look_now_and_then`).
+const LOOK_EVERY: Duration = Duration::from_millis(1);
 
 /// One end of a Queued connection.
 #[derive(Debug)]
@@ -30,6 +44,8 @@ pub struct Queued {
     conn_id: u64,
     side: Side,
     map: Arc<Mapping>,
+    /// The hand-over page both ends map (`layout::hov`).
+    hov: Arc<Mapping>,
     layout: QueuedLayout,
     tx: QueueDriver,
     rx: QueueDriver,
@@ -38,6 +54,23 @@ pub struct Queued {
     tx_len: Vec<usize>,
     tx_inflight: usize,
     rx_cur: Option<(u16, usize, usize)>,
+    /// Region bytes this end wrote since its writes moved to the region.
+    posted: u64,
+    /// Copies of the bytes written and not yet known taken by the reader:
+    /// region offsets `posted - retained.len() .. posted`.
+    retained: VecDeque<u8>,
+    /// Used RX entries taken off the ring when this end's reads were
+    /// closed; read before anything else.
+    ready: VecDeque<(u16, usize)>,
+    /// The region carries no more bytes: devd is gone (its session hung
+    /// up), or the peer closed a direction's region part.
+    lost: bool,
+    /// Once reads are closed: the region bytes still to read here.
+    left: Option<u64>,
+    /// Writes were closed (`close_writes`): END is the hand-over's.
+    writes_closed: bool,
+    /// When a nonblocking call last asked whether devd is there.
+    looked: Option<std::time::Instant>,
     kick: EventFd,
     call: EventFd,
     /// Threads asleep through `arm` (see `disarm`).
@@ -51,16 +84,21 @@ pub struct Queued {
 }
 
 impl Queued {
-    /// Maps this process's region and posts every RX buffer.
-    /// fds: [region, kick eventfd, call eventfd].
+    /// Maps this process's region and the hand-over page, and posts every
+    /// RX buffer. fds: [region, kick eventfd, call eventfd, hand-over page].
     pub fn attach(
         a: &Attachment,
         fds: Vec<OwnedFd>,
         session: Option<Arc<Session>>,
     ) -> Result<Queued, AttachError> {
-        let [region, kick, call]: [OwnedFd; 3] = fds
+        let [region, kick, call, hov]: [OwnedFd; 4] = fds
             .try_into()
             .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
+        check_sealed(hov.as_fd(), layout::HOV_PAGE).map_err(AttachError::Region)?;
+        let hov = Arc::new(
+            Mapping::map(hov.as_fd(), layout::HOV_PAGE, true).map_err(AttachError::Region)?,
+        );
+        check_header(&hov, RegionKind::Handover, a.conn_id, 0, 0).map_err(AttachError::Layout)?;
         let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
         let layout =
             QueuedLayout::announced(size, a.geom_a, a.geom_b).map_err(AttachError::Layout)?;
@@ -76,11 +114,19 @@ impl Queued {
             tx: QueueDriver::new(map.clone(), layout.queues[TX], q),
             rx: QueueDriver::new(map.clone(), layout.queues[RX], q),
             map,
+            hov,
             layout,
             free_tx: (0..q).rev().collect(),
             tx_len: vec![0; usize::from(q)],
             tx_inflight: 0,
             rx_cur: None,
+            posted: 0,
+            retained: VecDeque::new(),
+            ready: VecDeque::new(),
+            lost: false,
+            left: None,
+            writes_closed: false,
+            looked: None,
             kick: EventFd::from_owned(kick),
             call: EventFd::from_owned(call),
             sleepers: 0,
@@ -151,11 +197,55 @@ impl Queued {
         self.map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire)
     }
 
+    /// devd's session hung up: the region carries no more bytes. The
+    /// hand-over moves the connection back to the kernel socket, unless
+    /// several processes hold this end (each has its own copy of what it
+    /// wrote and its own queue state): then it is reset.
+    fn devd_gone(&mut self) {
+        if self.lost || self.broken {
+            return;
+        }
+        if layout::holders(&self.map, self.side as usize).load(Ordering::Relaxed) > 1 {
+            log::warn!(
+                "connection {}: devd is gone and the end is shared; resetting it",
+                self.conn_id
+            );
+            self.broken = true;
+        } else {
+            log::warn!(
+                "connection {}: devd is gone; handing it over to the kernel socket",
+                self.conn_id
+            );
+            self.lost = true;
+        }
+    }
+
+    /// The session fd a wait polls for devd's hangup (-1 once known).
+    fn devd_fd(&self) -> std::os::fd::RawFd {
+        if self.lost {
+            -1
+        } else {
+            self.session.as_ref().map_or(-1, |s| s.raw_fd())
+        }
+    }
+
+    /// Whether the peer closed a direction's region part (it found devd
+    /// gone first): this end then hands over too.
+    fn peer_closed_region(&mut self) {
+        let side = self.side as usize;
+        if !self.lost
+            && (matches!(layout::taken(&self.hov, side), Taken::Closed(_))
+                || matches!(layout::taken(&self.hov, 1 - side), Taken::Closed(_)))
+        {
+            self.lost = true;
+        }
+    }
+
     /// Sleeps until devd rings, the peer's socket changes, devd's session
-    /// hangs up (devd died: a Queued connection cannot go on without it,
-    /// so it is reset rather than left hanging), or the deadline passes.
+    /// hangs up (devd died: the region carries no more bytes, see
+    /// [`Queued::devd_gone`]), or the deadline passes.
     fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
-        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
+        let devd = self.devd_fd();
         let mut fds = [
             PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
             // Events 0: only POLLHUP/POLLERR, never another thread's reply.
@@ -168,9 +258,12 @@ impl Queued {
             self.call.drain();
         }
         if fds[1].revents != 0 {
-            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
-            self.broken = true;
-            return Err(reset_error());
+            self.devd_gone();
+            return if self.broken {
+                Err(reset_error())
+            } else {
+                Ok(())
+            };
         }
         if n == 3 && judge(fds[2].revents) != Liveness::Alive {
             self.peer_gone = true;
@@ -184,8 +277,7 @@ impl Queued {
 
     /// Asks, with one zero-timeout poll, whether the peer is gone (its
     /// kernel socket, unless known already) and whether devd's session
-    /// hung up (devd died: a Queued connection cannot go on without it,
-    /// so it is reset).
+    /// hung up ([`Queued::devd_gone`]).
     fn check_peer_and_devd(&mut self, ctx: &Ctx<'_>) {
         let tcp = if self.peer_gone {
             -1
@@ -197,7 +289,7 @@ impl Queued {
 
     /// [`Queued::check_peer_and_devd`] on kernel socket `tcp` (-1: none).
     fn check_socket_and_devd(&mut self, tcp: std::os::fd::RawFd) {
-        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
+        let devd = self.devd_fd();
         // Events 0 on the session: only POLLHUP/POLLERR, never a reply.
         let mut fds = [liveness_poll(tcp), PollFd::new(devd, 0)];
         if !matches!(ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)), Ok(n) if n > 0) {
@@ -206,11 +298,10 @@ impl Queued {
         if matches!(judge(fds[0].revents), Liveness::Gone | Liveness::Reset) {
             self.peer_gone = true;
         }
-        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 && !self.broken {
+        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
             // A sleep through `arm` wakes on the session's hangup; without
             // this the waiter would arm and wake again at once, forever.
-            log::warn!("connection {}: devd is gone; resetting it", self.conn_id);
-            self.broken = true;
+            self.devd_gone();
         }
     }
 
@@ -229,8 +320,31 @@ impl Queued {
             if self.broken {
                 return Err(reset_error());
             }
+            if self.left == Some(0) {
+                // The region part is over: the hand-over reads the socket.
+                return Err(would_block());
+            }
             if let Some((id, len, off)) = self.rx_cur {
-                let n = buf.len().min(len - off);
+                let mut n = buf.len().min(len - off);
+                if let Some(l) = self.left {
+                    n = n.min(usize::try_from(l).unwrap_or(usize::MAX));
+                }
+                if consume {
+                    // Counted before it is taken: a writer that closes the
+                    // region part meanwhile resends from what TAKEN says.
+                    match self.left {
+                        Some(l) => self.left = Some(l - n as u64),
+                        None => {
+                            if layout::add_taken(&self.hov, 1 - self.side as usize, n as u64)
+                                .is_err()
+                            {
+                                self.lost = true;
+                                self.left = Some(0);
+                                return Err(would_block());
+                            }
+                        }
+                    }
+                }
                 self.map
                     .read_bytes(self.layout.slot_offset(RX, id) + off, &mut buf[..n]);
                 if consume {
@@ -243,6 +357,13 @@ impl Queued {
                     }
                 }
                 return Ok(n);
+            }
+            if let Some((id, len)) = self.ready.pop_front() {
+                self.rx_cur = Some((id, len, 0));
+                continue;
+            }
+            if self.lost {
+                return Err(would_block());
             }
             let slot = self.slot_u32();
             match self.rx.pop_used(slot).map_err(|v| self.violation(v))? {
@@ -258,15 +379,78 @@ impl Queued {
                         return Ok(0);
                     }
                     if f & FLAG_EOS == 0 {
-                        self.wait_rx(ctx)?;
+                        self.peer_closed_region();
+                        if !self.lost {
+                            self.wait_rx(ctx)?;
+                        }
                     }
                 }
             }
         }
     }
 
+    /// Region bytes still to read here once the peer's writes came back to
+    /// the kernel socket: the entry being read, and the used entries
+    /// waiting (taken off the ring into `ready`; none is taken later).
+    fn delivered(&mut self) -> io::Result<u64> {
+        let slot = self.slot_u32();
+        while let Some((id, len)) = self.rx.pop_used(slot).map_err(|v| self.violation(v))? {
+            if len == 0 {
+                self.repost(id);
+            } else {
+                self.ready.push_back((id, len as usize));
+            }
+        }
+        let cur = self.rx_cur.map_or(0, |(_, len, off)| len - off);
+        Ok(self.ready.iter().map(|&(_, l)| l as u64).sum::<u64>() + cur as u64)
+    }
+
+    /// Drops the copies of written bytes the reader has taken; false if the
+    /// region part of this end's direction was closed (the bytes go to the
+    /// kernel socket from there).
+    fn trim(&mut self) -> bool {
+        match layout::taken(&self.hov, self.side as usize) {
+            Taken::Open(t) => {
+                let base = self.posted - self.retained.len() as u64;
+                if t > base {
+                    let k =
+                        usize::try_from((t - base).min(self.retained.len() as u64)).unwrap_or(0);
+                    self.retained.drain(..k);
+                }
+                true
+            }
+            Taken::Closed(_) => {
+                self.lost = true;
+                false
+            }
+        }
+    }
+
+    /// Publishes where this end's writes into the region end (END), unless
+    /// they went back to the kernel socket (the hand-over publishes it then).
+    fn end_writes(&mut self) {
+        if !self.writes_closed {
+            layout::publish_end(&self.hov, self.side as usize, self.posted);
+        }
+    }
+
+    /// A nonblocking call found nothing to do: whether devd is still
+    /// there is asked at most once per millisecond (a program that only
+    /// polls by calling must notice too, at the cost of one system call).
+    fn look_now_and_then(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .looked
+            .is_none_or(|t| now.duration_since(t) >= LOOK_EVERY)
+        {
+            self.looked = Some(now);
+            self.check_socket_and_devd(-1);
+        }
+    }
+
     fn wait_rx(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         if ctx.nonblocking {
+            self.look_now_and_then();
             return Err(would_block());
         }
         let map = &self.map;
@@ -309,7 +493,62 @@ impl Transport for Queued {
     }
 
     fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
-        Some((self.map.clone(), self.side as usize))
+        Some((self.hov.clone(), self.side as usize))
+    }
+
+    fn path_lost(&mut self) -> bool {
+        self.peer_closed_region();
+        self.lost
+    }
+
+    fn close_reads(&mut self) -> io::Result<u64> {
+        let more = self.delivered()?;
+        if self.rx_flags() & FLAG_RESET != 0 {
+            self.broken = true;
+            return Err(reset_error());
+        }
+        self.lost = true;
+        let at = match layout::close_taken(&self.hov, 1 - self.side as usize, more) {
+            Ok(at) => {
+                self.left = Some(more);
+                at
+            }
+            // The peer closed it first, at what this end had taken.
+            Err(at) => {
+                self.left = Some(0);
+                at
+            }
+        };
+        Ok(at)
+    }
+
+    fn close_writes(&mut self) -> io::Result<(u64, Vec<u8>)> {
+        self.lost = true;
+        self.writes_closed = true;
+        let at = match layout::close_taken(&self.hov, self.side as usize, 0) {
+            Ok(at) | Err(at) => at,
+        };
+        let base = self.posted - self.retained.len() as u64;
+        if at < base || at > self.posted {
+            log::warn!(
+                "connection {}: its reader says it took {at} bytes, this end kept {base}..{}; resetting it",
+                self.conn_id,
+                self.posted
+            );
+            self.broken = true;
+            return Err(reset_error());
+        }
+        let skip = usize::try_from(at - base).unwrap_or(0);
+        let rest = self.retained.drain(..).skip(skip).collect();
+        Ok((at, rest))
+    }
+
+    fn region_written(&self) -> u64 {
+        self.posted
+    }
+
+    fn reads_left(&self) -> Option<u64> {
+        self.left
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
@@ -320,7 +559,11 @@ impl Transport for Queued {
         if self.broken || f & FLAG_RESET != 0 {
             return Ready::BROKEN;
         }
-        let data = self.rx_cur.is_some() || self.rx.has_used();
+        self.peer_closed_region();
+        let data = self.left != Some(0)
+            && (self.rx_cur.is_some()
+                || !self.ready.is_empty()
+                || (!self.lost && self.rx.has_used()));
         let eos = f & FLAG_EOS != 0;
         Ready {
             readable: data || eos,
@@ -344,7 +587,7 @@ impl Transport for Queued {
         read: bool,
         write: bool,
     ) -> Option<Vec<(std::os::fd::RawFd, i16)>> {
-        if self.broken {
+        if self.broken || self.lost {
             return None;
         }
         // used_event set in both queues; what is there already is the
@@ -358,8 +601,7 @@ impl Transport for Queued {
         if read || write {
             self.sleepers += 1;
         }
-        let devd = self.session.as_ref().map_or(-1, |s| s.raw_fd());
-        let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (devd, 0)];
+        let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (self.devd_fd(), 0)];
         if !self.peer_gone {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
         }
@@ -393,12 +635,6 @@ impl Transport for Queued {
         (unread, self.tx_inflight)
     }
 
-    fn switch_published(&mut self) {
-        if !self.broken {
-            self.kick();
-        }
-    }
-
     fn fork_hold(&mut self) {
         if !self.closed {
             layout::hold(&self.map, self.side as usize);
@@ -430,6 +666,10 @@ impl Transport for Queued {
             if self.shut_wr || self.peer_gone {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };
             }
+            if self.lost || !self.trim() {
+                // The hand-over takes the writes to the kernel socket.
+                return if off > 0 { Ok(off) } else { Err(would_block()) };
+            }
             while let Some((id, _)) = self.tx.pop_used(slot).map_err(|v| self.violation(v))? {
                 self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
                 self.free_tx.push(id);
@@ -447,6 +687,8 @@ impl Transport for Queued {
                     0,
                 );
                 self.counters[0] += n as u64;
+                self.retained.extend(&buf[off..off + n]);
+                self.posted += n as u64;
                 self.tx_len[usize::from(id)] = n;
                 self.tx_inflight += n;
                 off += n;
@@ -462,6 +704,7 @@ impl Transport for Queued {
                 if ctx.check_peer && matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset) {
                     self.peer_gone = true;
                 }
+                self.look_now_and_then();
                 return if off > 0 { Ok(off) } else { Err(would_block()) };
             }
             match self.wait_tx(ctx) {
@@ -476,6 +719,7 @@ impl Transport for Queued {
     fn shutdown_write(&mut self, _ctx: &Ctx<'_>) -> io::Result<()> {
         if !self.shut_wr {
             self.shut_wr = true;
+            self.end_writes();
             // Release: every post before is visible with the mark.
             self.map
                 .u32_at(qhdr::TX_FLAGS)
@@ -504,6 +748,7 @@ impl Transport for Queued {
         }
         if !self.shut_wr && !self.broken {
             self.shut_wr = true;
+            self.end_writes();
             self.map
                 .u32_at(qhdr::TX_FLAGS)
                 .fetch_or(FLAG_EOS, Ordering::Release);

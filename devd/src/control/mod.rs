@@ -23,7 +23,7 @@ use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -705,7 +705,7 @@ impl Devd {
     fn discard_intent(&mut self, i: Intent) {
         // Its connector writes on the kernel socket until told: it stays
         // there and lets its end go.
-        if let Err(e) = decide(&i.res, None) {
+        if let Err(e) = refuse(&i.res) {
             log::debug!("connection {}: CLAIM word: {e}", i.id);
         }
         self.unclaim(&i);
@@ -808,13 +808,9 @@ impl Devd {
             self.discard_intent(intent);
             return Ok(self.expect_kernel(token, reason));
         }
-        let given = attachment(&mut intent.res, intent.id, 1, reuse).and_then(|(a, fds)| {
-            // The acceptor writes into the region from its first byte on;
-            // then the connector may move (docs/protocol.md section 2.3).
-            decide(&intent.res, Some(fds.first().map(|f| f.as_fd())))
-                .map_err(RequestError::Resources)?;
-            Ok((a, fds))
-        });
+        // The acceptor says accepted in the hand-over words itself, once
+        // it holds its end (docs/protocol.md section 2.3).
+        let given = attachment(&mut intent.res, intent.id, 1, reuse);
         let (attachment, fds) = match given {
             Ok(a) => a,
             Err(e) => {
@@ -899,6 +895,11 @@ impl Devd {
             memfds.push(Some(memfd));
             inits.push(SideInit { region, kick, call });
         }
+        // The hand-over words both ends map (the regions are each end's own).
+        let hov =
+            sys::memfd_sealed("handover", layout::HOV_PAGE).map_err(RequestError::Resources)?;
+        let header = layout::header_bytes(RegionKind::Handover, layout::HOV_PAGE, id, 0, 0);
+        sys::pwrite_all(hov.as_fd(), &header, 0).map_err(RequestError::Resources)?;
         let counters = Arc::new(QueuedCounters::default());
         let [a, b]: [SideInit; 2] = inits
             .try_into()
@@ -912,13 +913,9 @@ impl Devd {
             let mut it = v.into_iter();
             [it.next().expect("two fds"), it.next().expect("two fds")]
         };
-        let hdr = match &memfds[0] {
-            Some(f) => Arc::new(dup(f)?),
-            None => return Err(RequestError::Resources(io::Error::other("queued region"))),
-        };
         let mut m = memfds.into_iter();
         Ok(Res::Queued(QueuedRes {
-            hdr,
+            hov: Arc::new(hov),
             memfd: [m.next().flatten(), m.next().flatten()],
             kick: two(kicks),
             call: two(calls),
@@ -1406,30 +1403,16 @@ fn peer_of(
     canon_addr(local) == from && sys::peer_addr(sock.as_fd()).ok().map(canon_addr) == Some(here)
 }
 
-/// Writes what became of an intent into its region(s) with pwrite:
-/// accepted (`Some(the acceptor's own region fd, if it has one)`): first the
-/// acceptor->connector SWITCH word (the acceptor writes into the region
-/// from its first byte), then CLAIM = accepted, which lets the connector
-/// move; refused (None): CLAIM = kernel. The values change a single byte
-/// of a zero word, so a reader never sees a torn one.
-fn decide(res: &Res, accepted: Option<Option<BorrowedFd<'_>>>) -> io::Result<()> {
-    let (connector, acceptor) = match res {
-        Res::Direct(d) => (d.memfd.as_fd(), None),
-        Res::Queued(q) => (q.hdr.as_fd(), accepted.flatten()),
+/// Writes CLAIM = kernel into an intent's hand-over words with pwrite (the
+/// Direct region's header, or the Queued hand-over page): nobody claimed
+/// it, or the acceptor was refused; its connector lets its end go.
+fn refuse(res: &Res) -> io::Result<()> {
+    let words = match res {
+        Res::Direct(d) => d.memfd.as_fd(),
+        Res::Queued(q) => q.hov.as_fd(),
     };
-    let state = match accepted {
-        Some(_) => {
-            let (off, b) = layout::claim_switch_bytes();
-            sys::pwrite_all(connector, &b, off)?;
-            if let Some(fd) = acceptor {
-                sys::pwrite_all(fd, &b, off)?;
-            }
-            layout::CLAIM_ACCEPTED
-        }
-        None => layout::CLAIM_KERNEL,
-    };
-    let (off, b) = layout::claim_bytes(state);
-    sys::pwrite_all(connector, &b, off)
+    let (off, b) = layout::claim_kernel_bytes();
+    sys::pwrite_all(words, &b, off)
 }
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.
@@ -1475,7 +1458,12 @@ fn attachment(
             let memfd = q.memfd[e]
                 .take()
                 .ok_or(RequestError::AlreadyAttached(id, e))?;
-            let fds = vec![Arc::new(memfd), q.kick[e].clone(), q.call[e].clone()];
+            let fds = vec![
+                Arc::new(memfd),
+                q.kick[e].clone(),
+                q.call[e].clone(),
+                q.hov.clone(),
+            ];
             let a = Attachment {
                 conn_id: id,
                 mode: Mode::Queued,

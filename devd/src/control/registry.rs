@@ -194,9 +194,9 @@ pub struct Parked {
 pub struct QueuedRes {
     /// Each side's region (handed out once at attach).
     pub memfd: [Option<OwnedFd>; 2],
-    /// The connector's region, kept to write its CLAIM word after its
-    /// region was handed out (`layout::hov`).
-    pub hdr: Fd,
+    /// The hand-over page both ends map (`layout::hov`): devd writes the
+    /// CLAIM word there.
+    pub hov: Fd,
     /// Client -> devd doorbells (devd's copies are with the engine).
     pub kick: [Fd; 2],
     /// devd -> client interrupts.

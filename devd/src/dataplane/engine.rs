@@ -349,15 +349,6 @@ impl Engine {
         if pair.sides[s].dead || pair.sides[s].mark_sent {
             return false;
         }
-        // Side s's writes move from the kernel socket to its queue at the
-        // offset it published in its own region: its peer reads that in
-        // its region, before any of those bytes reach it. Relayed once.
-        if pair.sides[1 - s].region.switch_word(s) == 0 {
-            let w = pair.sides[s].region.switch_word(s);
-            if w != 0 {
-                let _ = pair.sides[1 - s].region.set_switch_word(s, w);
-            }
-        }
         let ch = chan(id, s);
         let mut progress = false;
         let mut used = false;

@@ -189,21 +189,6 @@ impl DeviceRegion {
             .map_err(DeviceError::Memory)
     }
 
-    /// Direction `d`'s SWITCH hand-over word in this region
-    /// (`layout::hov`); 0 if it cannot be read.
-    pub fn switch_word(&self, d: usize) -> u64 {
-        let a = GuestAddress((crate::layout::hov::SWITCH + 8 * (d & 1)) as u64);
-        self.mem.load::<u64>(a, Ordering::Acquire).unwrap_or(0)
-    }
-
-    /// Sets direction `d`'s SWITCH word (the engine relays the peer's).
-    pub fn set_switch_word(&self, d: usize, w: u64) -> Result<(), DeviceError> {
-        let a = GuestAddress((crate::layout::hov::SWITCH + 8 * (d & 1)) as u64);
-        self.mem
-            .store(w, a, Ordering::Release)
-            .map_err(DeviceError::Memory)
-    }
-
     /// Reads a client counter word (statistics only).
     pub fn counter(&self, off: usize) -> u64 {
         self.mem

@@ -110,6 +110,18 @@ fn run() -> Result<()> {
     }
 }
 
+/// `SSOCK_TEST_PACE_US`: a pause after each chunk read (exchange, recv),
+/// so that a test can act while bytes are in flight.
+fn pace() {
+    let us: u64 = std::env::var("SSOCK_TEST_PACE_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if us > 0 {
+        std::thread::sleep(std::time::Duration::from_micros(us));
+    }
+}
+
 fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64) -> Result<()> {
     let mine = Pattern::new(my_seed);
     let theirs = Pattern::new(peer_seed);
@@ -131,6 +143,10 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                     bail!("corrupt bytes at offset {got}");
                 }
                 got += k as u64;
+                if got >= 1 << 20 && got - (k as u64) < 1 << 20 {
+                    println!("EXCHANGING");
+                }
+                pace();
             }
             s.shutdown(Shutdown::Write)?;
             let tail = s.read(&mut inb)?;
@@ -138,6 +154,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 bail!("{tail} unexpected bytes after the exchange");
             }
             println!("OK exchange {sent} {got}");
+            println!("MODE-AFTER {}", s.mode().name());
             Ok(())
         }
         "send" | "send-forever" => {
@@ -160,6 +177,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 }
             }
             println!("OK send {sent}");
+            println!("MODE-AFTER {}", s.mode().name());
             Ok(())
         }
         "trickle" => {
@@ -183,6 +201,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 match s.read(&mut inb) {
                     Ok(0) => {
                         println!("RECV {got} EOF");
+                        println!("MODE-AFTER {}", s.mode().name());
                         return Ok(());
                     }
                     Ok(k) => {
@@ -190,6 +209,7 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                             bail!("corrupt bytes at offset {got}");
                         }
                         got += k as u64;
+                        pace();
                     }
                     Err(e) => {
                         println!(
@@ -258,14 +278,21 @@ fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
     // Like a real connector: once devd says the acceptor claimed the
     // connection, this side's writes move to the region (after 0 bytes on
     // the kernel socket), where the acceptor then reads.
+    // The hand-over words: Direct's region, or Queued's shared page.
+    let words = if script == "hostile-direct" {
+        None
+    } else {
+        Some(Mapping::map(fds[3].as_fd(), layout::HOV_PAGE, true)?)
+    };
+    let words = words.as_ref().unwrap_or(&map);
     let start = std::time::Instant::now();
-    while layout::claim(&map) != layout::CLAIM_ACCEPTED {
+    while layout::claim(words) != layout::CLAIM_ACCEPTED {
         if start.elapsed() > std::time::Duration::from_secs(10) {
             bail!("the acceptor never claimed the connection");
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    layout::publish_switch(&map, 0, layout::Switch::After(0));
+    layout::publish_switch(words, 0, layout::Switch::After(0));
     if script == "hostile-direct" {
         let l = DirectLayout::announced(size, a.geom_a)?;
         // Claim more bytes than the ring holds, then wake the peer.

@@ -12,6 +12,8 @@ records the programs' own figures:
   redis-benchmark GET -n 200000 -c 50 -P 16   requests per second
   sockperf ping-pong --tcp -m 14 -t 3         average half round trip, us
   the same with SSOCK_SPIN_US=0 on both sides (every wait sleeps at once)
+  the same with both sides busy-polling (--nonblocked --timeout 0: the
+    kernel's own best case, no sleep and no wake-up)
   iperf3 -t 3                                 receiver Gbit/s
 
 plus an idle connected pair's CPU time over 2 s, and checks through
@@ -138,13 +140,13 @@ def redis(devd):
         stop(srv)
 
 
-def sockperf_with(devd, extra, name):
+def sockperf_with(devd, extra, name, flags=()):
     port = free_port()
-    srv = serve(devd, ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)], port,
-                extra)
+    srv = serve(devd, ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port),
+                       *flags], port, extra)
     try:
         text = run(devd, ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
-                          "-t", "3", "-m", "14", "--mps", "1500000"], extra)
+                          "-t", "3", "-m", "14", "--mps", "1500000", *flags], extra)
         line = [x for x in text.splitlines() if "Summary: Latency is" in x][-1]
         return {name: float(line.split("Latency is")[1].split()[0])}
     finally:
@@ -160,6 +162,14 @@ def sockperf_nospin(devd):
     (the kernel run is the same plain sockperf)."""
     return sockperf_with(devd, SPIN_OFF if devd else None,
                          "sockperf 14 B, SSOCK_SPIN_US=0 (us)")
+
+
+def sockperf_busy(devd):
+    """Both sides busy-poll: nonblocking sockets and epoll_wait with a zero
+    timeout in a loop (the kernel's best case on this machine: no sleep,
+    no wake-up; what a faster kernel path would approach)."""
+    return sockperf_with(devd, None, "sockperf 14 B, both busy-polling (us)",
+                         ("--nonblocked", "--timeout", "0"))
 
 
 def iperf3(devd):
@@ -227,7 +237,7 @@ def main():
     results = {}
     try:
         for r in range(rounds):
-            for bench in (redis, sockperf, sockperf_nospin, iperf3, idle):
+            for bench in (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle):
                 for mode in ("kernel", "ssock"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)

@@ -99,6 +99,13 @@ impl Stream {
         self.transport.mode()
     }
 
+    /// Whether the connection moved back to its kernel socket after its
+    /// region stopped carrying bytes (a Queued connection whose devd is
+    /// gone), and how many bytes this end sent again there.
+    pub fn moved_back(&self) -> Option<u64> {
+        self.transport.moved_back()
+    }
+
     /// devd's connection id, if accelerated.
     pub fn conn_id(&self) -> Option<u64> {
         self.transport.conn_id()

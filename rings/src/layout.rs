@@ -244,11 +244,28 @@ pub fn close_taken(m: &Mapping, d: usize, more: u64) -> Result<u64, u64> {
     }
 }
 
-/// Where direction `d`'s writer ended its writes (region-relative), if it did.
-pub fn end_at(m: &Mapping, d: usize) -> Option<u64> {
+/// What a direction's END word says (Queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Its writer may still write.
+    Open,
+    /// Its writer ended its writes after this many bytes since it moved to
+    /// the region.
+    At(u64),
+    /// Its writes end where the kernel socket's stream ends (several
+    /// processes write it: nobody can count them).
+    AtFin,
+}
+
+/// END word value for [`End::AtFin`].
+const END_AT_FIN: u64 = u64::MAX;
+
+/// Direction `d`'s END word, read once.
+pub fn end_at(m: &Mapping, d: usize) -> End {
     match m.u64_at(hov::END + 8 * (d & 1)).load(Ordering::Acquire) {
-        0 => None,
-        e => Some(e - 1),
+        0 => End::Open,
+        END_AT_FIN => End::AtFin,
+        e => End::At(e - 1),
     }
 }
 
@@ -257,10 +274,17 @@ pub fn end_at(m: &Mapping, d: usize) -> Option<u64> {
 pub fn publish_end(m: &Mapping, d: usize, e: u64) {
     let _ = m.u64_at(hov::END + 8 * (d & 1)).compare_exchange(
         0,
-        e.saturating_add(1),
+        e.saturating_add(1).min(END_AT_FIN - 1),
         Ordering::AcqRel,
         Ordering::Relaxed,
     );
+}
+
+/// Direction `d`'s writes end where the kernel socket's stream ends: a
+/// count is no longer possible (the end is shared by several processes).
+pub fn publish_end_at_fin(m: &Mapping, d: usize) {
+    m.u64_at(hov::END + 8 * (d & 1))
+        .store(END_AT_FIN, Ordering::Release);
 }
 
 /// The holder count of end `side` (0 connector, 1 acceptor).
@@ -672,13 +696,15 @@ mod tests {
     #[test]
     fn the_first_end_published_stays() {
         let m = page();
-        assert_eq!(end_at(&m, 0), None);
+        assert_eq!(end_at(&m, 0), End::Open);
         publish_end(&m, 0, 0);
         publish_end(&m, 0, 7);
-        assert_eq!(end_at(&m, 0), Some(0));
-        // A count beyond the word saturates (a hostile or broken writer).
+        assert_eq!(end_at(&m, 0), End::At(0));
+        // A count beyond the word saturates short of "at the FIN".
         publish_end(&m, 1, u64::MAX);
-        assert_eq!(end_at(&m, 1), Some(u64::MAX - 1));
+        assert_eq!(end_at(&m, 1), End::At(u64::MAX - 2));
+        publish_end_at_fin(&m, 1);
+        assert_eq!(end_at(&m, 1), End::AtFin);
     }
 
     #[test]

@@ -7,6 +7,8 @@ before closing (so the test can inspect ringstat while it is connected).
 reuse N: N connections within this process, one after another (see reuse).
 close-all FILE: closes every fd it does not know, as daemons do (see close_all).
 pserver PORTFILE [daemon]: a server that stays up (see pserver).
+sink PORTFILE PACE_US / source PORT N [PAUSE_AT]: N pattern bytes one way,
+read slowly.
 """
 import os
 import socket
@@ -15,6 +17,67 @@ import sys
 
 def pattern(n, start=0):
     return bytes(((i * 131 + 7) & 0xFF) for i in range(start, start + n))
+
+
+BIG = None
+
+
+def expected(off, n):
+    """The pattern's bytes at stream offset off (n <= 65536)."""
+    global BIG
+    if BIG is None:
+        BIG = pattern(65536 + 256)  # the pattern's period is 256
+    return BIG[off % 256:off % 256 + n]
+
+
+def sink(portfile, pace_us):
+    """Accepts one connection and reads it to EOF, slowly (a pause of
+    pace_us after each read: the writer's bytes pile up in flight), checking
+    every byte against the pattern; prints "OK sink N"."""
+    import select
+    import time
+    ls = listen_and_publish(portfile)
+    c, _ = ls.accept()
+    got = 0
+    p = select.poll()
+    p.register(c.fileno(), select.POLLIN)
+    while True:
+        # poll first: under the shim its readiness check is where a reader
+        # with bytes waiting learns that devd is gone.
+        if not p.poll(30000):
+            raise SystemExit(f"nothing to read for 30 s after {got} bytes")
+        b = c.recv(65536)
+        if not b:
+            break
+        if b != expected(got, len(b)):
+            raise SystemExit(f"corrupt bytes at {got}")
+        got += len(b)
+        time.sleep(pace_us / 1e6)
+    print(f"OK sink {got}", flush=True)
+    c.close()
+
+
+def source(port, n, pause_at=None):
+    """Sends n pattern bytes as fast as the connection takes them (prints
+    "SENDING" after the first MiB; with pause_at, "PAUSED" after that many
+    bytes, and then waits for a line on stdin), shuts down writing, waits
+    for the peer's close; prints "OK source N"."""
+    s = socket.create_connection(("127.0.0.1", port))
+    sent = 0
+    while sent < n:
+        k = min(65536, n - sent)
+        s.sendall(expected(sent, k))
+        sent += k
+        if sent >= 1 << 20 and sent - k < 1 << 20:
+            print("SENDING", flush=True)
+        if pause_at is not None and sent >= pause_at and sent - k < pause_at:
+            print("PAUSED", flush=True)
+            sys.stdin.readline()
+    s.shutdown(socket.SHUT_WR)
+    if s.recv(1) != b"":
+        raise SystemExit("data from a sink")
+    s.close()
+    print(f"OK source {sent}", flush=True)
 
 
 def listen_and_publish(portfile):
@@ -571,6 +634,13 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if sys.argv[1] == "reuse":
         reuse(int(sys.argv[2]))
+        raise SystemExit(0)
+    if sys.argv[1] == "sink":
+        sink(sys.argv[2], int(sys.argv[3]))
+        raise SystemExit(0)
+    if sys.argv[1] == "source":
+        source(int(sys.argv[2]), int(sys.argv[3]),
+               int(sys.argv[4]) if len(sys.argv) > 4 else None)
         raise SystemExit(0)
     if sys.argv[1] == "pserver":
         pserver(sys.argv[2], sys.argv[3:] == ["daemon"])

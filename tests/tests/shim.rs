@@ -646,6 +646,103 @@ fn queued_peers_under_the_shim_move_to_the_kernel_socket_when_devd_dies() -> Res
     Ok(())
 }
 
+/// The same with bytes in flight everywhere: a Python source writes 16 MiB
+/// as fast as it can to a sink that reads a chunk per millisecond, and devd
+/// is SIGKILLed on the way: the sink checks every byte, the source ends.
+#[test]
+fn queued_bytes_in_flight_under_the_shim_all_arrive_when_devd_dies() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    let portfile = scratch(&d, "port");
+    let mut s = python(
+        &d,
+        false,
+        &["sink", portfile.to_str().context("path")?, "1000"],
+        &[],
+    )?;
+    let port = published_port(&portfile)?;
+    let n = (16u64 << 20).to_string();
+    let mut c = python(&d, false, &["source", port.trim(), &n], &[])?;
+    c.expect("SENDING")?;
+    let t = Instant::now();
+    loop {
+        let tot = d.stats()?["totals"].clone();
+        ensure!(tot["connections"]["queued"] == 1, "totals {tot}");
+        if live_queued_bytes(&d)? > 0 {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "no byte through the region: {tot}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    d.kill();
+    ensure!(s.line_within(Duration::from_secs(60))? == format!("OK sink {n}"));
+    ensure!(c.line_within(Duration::from_secs(10))? == format!("OK source {n}"));
+    for (p, who) in [(&mut c, "source"), (&mut s, "sink")] {
+        ensure!(
+            exits_within(p, Duration::from_secs(10)),
+            "the {who} did not end"
+        );
+        ensure!(p.wait_success()?, "the {who} failed");
+    }
+    Ok(())
+}
+
+/// Now the reader finds devd gone first, with bytes devd delivered to it
+/// still unread: the source stops (outside any socket call) after 3 MiB,
+/// devd is SIGKILLed, the sink's poll notices, closes its reads after what
+/// it holds and reads that from the region; the source, told to go on,
+/// sends again from there. Every byte checked by the sink.
+#[test]
+fn a_queued_reader_that_finds_devd_gone_first_reads_what_it_holds_then_the_socket() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    let portfile = scratch(&d, "port");
+    let mut s = python(
+        &d,
+        false,
+        &["sink", portfile.to_str().context("path")?, "1000"],
+        &[],
+    )?;
+    let port = published_port(&portfile)?;
+    let n = (8u64 << 20).to_string();
+    let pause = (3u64 << 20).to_string();
+    let mut c = python(&d, false, &["source", port.trim(), &n, &pause], &[])?;
+    c.expect("PAUSED")?;
+    ensure!(live_queued_bytes(&d)? > 0, "no byte through the region");
+    d.kill();
+    // The sink reads on meanwhile (what it holds comes from the region).
+    std::thread::sleep(Duration::from_millis(300));
+    c.say("")?;
+    ensure!(s.line_within(Duration::from_secs(60))? == format!("OK sink {n}"));
+    ensure!(c.line_within(Duration::from_secs(10))? == format!("OK source {n}"));
+    for (p, who) in [(&mut c, "source"), (&mut s, "sink")] {
+        ensure!(
+            exits_within(p, Duration::from_secs(10)),
+            "the {who} did not end"
+        );
+        ensure!(p.wait_success()?, "the {who} failed");
+    }
+    Ok(())
+}
+
+/// Bytes the live connections in devd's statistics carried through their
+/// regions.
+fn live_queued_bytes(d: &Devd) -> Result<u64> {
+    let v = d.stats()?;
+    let conns = v["connections"].as_array().context("connections")?;
+    Ok(conns
+        .iter()
+        .map(|c| c["bytes_c2a"].as_u64().unwrap_or(0) + c["bytes_a2c"].as_u64().unwrap_or(0))
+        .sum())
+}
+
 /// devd stopped for longer than a request may wait for its answer (10 s):
 /// the connection set up meanwhile stays on kernel TCP, every byte checked,
 /// and neither end waits beyond that bound; once devd runs again, the

@@ -2,10 +2,10 @@
 //! (docs/protocol.md section 2.3). Until a direction's writer moves, its
 //! bytes travel on the kernel socket, so nothing of ssock's is ever on it:
 //! an acceptor that never claims the connection, or is refused, reads
-//! exactly what its peer wrote. The acceptor writes into the region from
-//! its first byte on (devd publishes that at the claim); the connector
-//! moves its writes once devd's CLAIM word says the acceptor claimed the
-//! connection, publishing how many bytes it wrote on the kernel socket
+//! exactly what its peer wrote. The acceptor, once it holds its end, says
+//! so (SWITCH at 0, then CLAIM accepted) and writes into the region from
+//! its first byte on; the connector moves its writes once CLAIM says
+//! accepted, publishing how many bytes it wrote on the kernel socket
 //! before; each reader reads the kernel socket up to that offset, then the
 //! region.
 //!
@@ -23,7 +23,7 @@
 
 use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
 use ssock_rings::codec::Mode;
-use ssock_rings::layout::{self, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL};
+use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::PollFd;
 use std::io;
@@ -36,6 +36,10 @@ use std::sync::Arc;
 const RECHECK_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 /// Its largest bound.
 const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the last close of an end that moved back waits for room to
+/// send what it still owes its reader (then it resets the connection).
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a blocking wait looks before it sleeps while a direction is
 /// on the kernel socket (at most the caller's spin budget).
@@ -104,6 +108,12 @@ pub struct Handover {
     /// bytes of `Tx::Back`, sent from `resend[resent..]`.
     resend: Vec<u8>,
     resent: usize,
+    /// How many bytes were sent again in all (for tests and logs).
+    resend_total: u64,
+    /// Once moved back: a duplicate of the kernel socket, taken at the
+    /// first call after the move, so that a close can still send what is
+    /// owed (or reset the connection if it cannot).
+    back_sock: Option<std::os::fd::OwnedFd>,
     /// `Tx::Back`: bytes this end wrote since its writes moved to the
     /// region (in the region, then on the kernel socket): its END.
     tail: u64,
@@ -160,6 +170,8 @@ impl Handover {
             reads_closed: None,
             resend: Vec::new(),
             resent: 0,
+            resend_total: 0,
+            back_sock: None,
             tail: 0,
             wr_shut: false,
             back_shut: false,
@@ -281,6 +293,7 @@ impl Handover {
                         self.inner.conn_id().unwrap_or(0),
                         rest.len()
                     );
+                    self.resend_total = rest.len() as u64;
                     self.resend = rest;
                     self.resent = 0;
                     self.tail = self.inner.region_written();
@@ -302,8 +315,9 @@ impl Handover {
         match self.inner.close_reads() {
             Ok(at) => {
                 log::info!(
-                    "connection {}: reads back on the kernel socket after region offset {at}",
-                    self.inner.conn_id().unwrap_or(0)
+                    "connection {}: reads back on the kernel socket after region offset {at} ({} bytes still to read from the region)",
+                    self.inner.conn_id().unwrap_or(0),
+                    self.inner.reads_left().unwrap_or(0)
                 );
                 self.reads_closed = Some(at);
             }
@@ -322,6 +336,7 @@ impl Handover {
     /// kernel socket shut down if that was asked meanwhile). `block`: waits
     /// for room until the deadline.
     fn flush(&mut self, ctx: &Ctx<'_>, block: bool) -> io::Result<bool> {
+        self.keep_socket(ctx);
         while self.resent < self.resend.len() {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             match ssock_rings::sys::send(ctx.tcp, &self.resend[self.resent..], flags) {
@@ -348,6 +363,49 @@ impl Handover {
             self.end_back_writes(ctx)?;
         }
         Ok(true)
+    }
+
+    /// The last close of an end whose writes moved back: what is still owed
+    /// goes out (waiting for room up to `CLOSE_FLUSH`), then END says where
+    /// the stream ends. If it cannot all go, the connection is reset (the
+    /// kernel socket closes with SO_LINGER 0) rather than ended short.
+    fn close_back(&mut self) {
+        if self.owed() {
+            let sent = match self.back_sock.take() {
+                Some(sock) => {
+                    let ctx = Ctx {
+                        tcp: std::os::fd::AsFd::as_fd(&sock),
+                        nonblocking: false,
+                        deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
+                        spin: std::time::Duration::ZERO,
+                        check_peer: false,
+                    };
+                    let done = matches!(self.flush(&ctx, true), Ok(true));
+                    if !done {
+                        let _ = socket2::SockRef::from(&sock)
+                            .set_linger(Some(std::time::Duration::ZERO));
+                    }
+                    done
+                }
+                None => false,
+            };
+            if !sent {
+                log::warn!(
+                    "connection {}: closed with {} bytes owed since devd went; resetting it",
+                    self.inner.conn_id().unwrap_or(0),
+                    self.resend.len() - self.resent
+                );
+                return;
+            }
+        }
+        layout::publish_end(&self.map, self.side, self.tail);
+    }
+
+    /// Once moved back, keeps a duplicate of the kernel socket for `close`.
+    fn keep_socket(&mut self, ctx: &Ctx<'_>) {
+        if self.lost && self.back_sock.is_none() {
+            self.back_sock = ctx.tcp.try_clone_to_owned().ok();
+        }
     }
 
     /// Whether `flush` has something to do: bytes to send again, or a
@@ -553,7 +611,7 @@ impl Handover {
             self.inner.check_devd();
         }
         if self.owed() {
-            self.flush(ctx, false)?;
+            let _ = self.flush(ctx, false);
         }
         if let Some(p) = fds.last() {
             if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {
@@ -578,8 +636,18 @@ impl Handover {
                 return Err(reset_error());
             }
             if self.owed() {
-                // Bytes the peer waits for before it answers.
-                self.flush(ctx, false)?;
+                // Bytes the peer waits for before it answers (a failure
+                // is the writes' to report).
+                let _ = self.flush(ctx, false);
+            }
+            if let Rx::Back { at, after } = self.rx {
+                if !self.kernel
+                    && layout::end_at(&self.map, 1 - self.side) == End::At(at.saturating_add(after))
+                {
+                    // Its writer said its writes end here: the stream's end,
+                    // whenever the socket's FIN comes.
+                    return Ok(0);
+                }
             }
             let max = match (self.kernel, self.rx) {
                 (false, Rx::Ring) => {
@@ -635,7 +703,7 @@ impl Handover {
                             // (a writer that died, or a resend cut short,
                             // leaves bytes missing).
                             let end = layout::end_at(&self.map, 1 - self.side);
-                            if end != Some(at.saturating_add(after)) {
+                            if end != End::At(at.saturating_add(after)) && end != End::AtFin {
                                 log::warn!(
                                     "connection {}: the kernel socket ended at region offset {} of {end:?}; resetting it",
                                     self.inner.conn_id().unwrap_or(0),
@@ -687,7 +755,9 @@ fn partial(off: usize, e: io::Error) -> io::Result<usize> {
 
 impl Transport for Handover {
     fn mode(&self) -> Mode {
-        if self.turned_kernel() || self.lost {
+        // (A connection moved back stays this transport's: its reads and
+        // writes still go through the hand-over until it closes.)
+        if self.turned_kernel() {
             Mode::Kernel
         } else {
             self.inner.mode()
@@ -839,10 +909,8 @@ impl Transport for Handover {
             self.publish(Switch::After(w));
             self.inner.discard_region();
         }
-        if self.tx == Tx::Back {
-            // Where its reader's stream ends (bytes still owed then are
-            // missing there: the reader is reset rather than ended).
-            layout::publish_end(&self.map, self.side, self.tail);
+        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+            self.close_back();
         }
         if self.broken {
             self.inner.abort_on_close();
@@ -852,6 +920,16 @@ impl Transport for Handover {
 
     fn fork_hold(&mut self) {
         self.step();
+        if self.lost {
+            if self.owed() {
+                // Two processes would send the same bytes again.
+                self.broken = true;
+            } else {
+                // Two processes' writes cannot be counted: the socket's
+                // end is the stream's.
+                layout::publish_end_at_fin(&self.map, self.side);
+            }
+        }
         if let Tx::Tcp(_) = self.tx {
             // Two processes' kernel byte counts cannot be added up: this
             // direction stays on the kernel socket.
@@ -1039,6 +1117,14 @@ impl Transport for Handover {
 
     fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
         Some((self.map.clone(), self.side))
+    }
+
+    fn moved_back(&self) -> Option<u64> {
+        self.lost.then_some(self.resend_total)
+    }
+
+    fn holders(&self) -> u32 {
+        self.inner.holders()
     }
 
     fn settled(&self) -> bool {

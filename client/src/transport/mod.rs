@@ -194,6 +194,16 @@ pub trait Transport: Send + std::fmt::Debug {
     fn reads_left(&self) -> Option<u64> {
         None
     }
+    /// Processes holding this end (only the last one's close ends it).
+    fn holders(&self) -> u32 {
+        1
+    }
+    /// Whether the connection moved back to the kernel socket after its
+    /// region stopped carrying bytes, and how many bytes this end sent
+    /// again there (docs/protocol.md section 2.4).
+    fn moved_back(&self) -> Option<u64> {
+        None
+    }
     /// Looks (one zero-timeout poll) at what the transport depends on
     /// beside its peer, without judging the kernel socket: Queued learns
     /// that devd's session hung up. For a waiter whose kernel

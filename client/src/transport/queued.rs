@@ -38,6 +38,9 @@ use std::time::Duration;
 /// devd is still there (`Queued::look_now_and_then`).
 const LOOK_EVERY: Duration = Duration::from_millis(1);
 
+/// Capacity of the copy of written bytes kept once it is empty again.
+const RETAIN_KEEP: usize = 256 * 1024;
+
 /// One end of a Queued connection.
 #[derive(Debug)]
 pub struct Queued {
@@ -197,23 +200,24 @@ impl Queued {
         self.map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire)
     }
 
-    /// devd's session hung up: the region carries no more bytes. The
-    /// hand-over moves the connection back to the kernel socket, unless
-    /// several processes hold this end (each has its own copy of what it
-    /// wrote and its own queue state): then it is reset.
-    fn devd_gone(&mut self) {
+    /// The region carries no more bytes (devd's session hung up, or the
+    /// peer closed a direction's region part). The hand-over moves the
+    /// connection back to the kernel socket, unless several processes hold
+    /// this end (each has its own copy of what it wrote and its own queue
+    /// state): then it is reset.
+    fn lose(&mut self, why: &str) {
         if self.lost || self.broken {
             return;
         }
         if layout::holders(&self.map, self.side as usize).load(Ordering::Relaxed) > 1 {
             log::warn!(
-                "connection {}: devd is gone and the end is shared; resetting it",
+                "connection {}: {why} and the end is shared; resetting it",
                 self.conn_id
             );
             self.broken = true;
         } else {
             log::warn!(
-                "connection {}: devd is gone; handing it over to the kernel socket",
+                "connection {}: {why}; handing it over to the kernel socket",
                 self.conn_id
             );
             self.lost = true;
@@ -237,7 +241,7 @@ impl Queued {
             && (matches!(layout::taken(&self.hov, side), Taken::Closed(_))
                 || matches!(layout::taken(&self.hov, 1 - side), Taken::Closed(_)))
         {
-            self.lost = true;
+            self.lose("the peer found devd gone");
         }
     }
 
@@ -258,7 +262,7 @@ impl Queued {
             self.call.drain();
         }
         if fds[1].revents != 0 {
-            self.devd_gone();
+            self.lose("devd is gone");
             return if self.broken {
                 Err(reset_error())
             } else {
@@ -301,7 +305,7 @@ impl Queued {
         if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
             // A sleep through `arm` wakes on the session's hangup; without
             // this the waiter would arm and wake again at once, forever.
-            self.devd_gone();
+            self.lose("devd is gone");
         }
     }
 
@@ -315,6 +319,10 @@ impl Queued {
     fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, consume: bool) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
+        }
+        if !self.retained.is_empty() && !self.lost {
+            // A writer that now only reads lets go of what was taken.
+            self.trim();
         }
         loop {
             if self.broken {
@@ -338,7 +346,10 @@ impl Queued {
                             if layout::add_taken(&self.hov, 1 - self.side as usize, n as u64)
                                 .is_err()
                             {
-                                self.lost = true;
+                                self.lose("the peer found devd gone");
+                                if self.broken {
+                                    return Err(reset_error());
+                                }
                                 self.left = Some(0);
                                 return Err(would_block());
                             }
@@ -416,11 +427,15 @@ impl Queued {
                     let k =
                         usize::try_from((t - base).min(self.retained.len() as u64)).unwrap_or(0);
                     self.retained.drain(..k);
+                    if self.retained.is_empty() && self.retained.capacity() > RETAIN_KEEP {
+                        // A burst's worth is not kept for the connection's life.
+                        self.retained = VecDeque::new();
+                    }
                 }
                 true
             }
             Taken::Closed(_) => {
-                self.lost = true;
+                self.lose("the peer found devd gone");
                 false
             }
         }
@@ -549,6 +564,10 @@ impl Transport for Queued {
 
     fn reads_left(&self) -> Option<u64> {
         self.left
+    }
+
+    fn holders(&self) -> u32 {
+        layout::holders(&self.map, self.side as usize).load(Ordering::Relaxed)
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {

@@ -154,7 +154,10 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 bail!("{tail} unexpected bytes after the exchange");
             }
             println!("OK exchange {sent} {got}");
-            println!("MODE-AFTER {}", s.mode().name());
+            match s.moved_back() {
+                Some(again) => println!("MOVED-BACK {again}"),
+                None => println!("MOVED-BACK no"),
+            }
             Ok(())
         }
         "send" | "send-forever" => {
@@ -177,7 +180,10 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 }
             }
             println!("OK send {sent}");
-            println!("MODE-AFTER {}", s.mode().name());
+            match s.moved_back() {
+                Some(again) => println!("MOVED-BACK {again}"),
+                None => println!("MOVED-BACK no"),
+            }
             Ok(())
         }
         "trickle" => {
@@ -201,7 +207,10 @@ fn script_run(mut s: Stream, script: &str, n: u64, my_seed: u64, peer_seed: u64)
                 match s.read(&mut inb) {
                     Ok(0) => {
                         println!("RECV {got} EOF");
-                        println!("MODE-AFTER {}", s.mode().name());
+                        match s.moved_back() {
+                            Some(again) => println!("MOVED-BACK {again}"),
+                            None => println!("MOVED-BACK no"),
+                        }
                         return Ok(());
                     }
                     Ok(k) => {

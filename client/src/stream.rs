@@ -224,7 +224,8 @@ fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Dura
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.transport.close();
+        let c = ctx(&self.tcp, false, None, Duration::ZERO);
+        self.transport.close_on(&c);
     }
 }
 

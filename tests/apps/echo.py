@@ -61,7 +61,8 @@ def source(port, n, pause_at=None):
     """Sends n pattern bytes as fast as the connection takes them (prints
     "SENDING" after the first MiB; with pause_at, "PAUSED" after that many
     bytes, and then waits for a line on stdin), shuts down writing, waits
-    for the peer's close; prints "OK source N"."""
+    for the peer's close; prints "OK source N". With pause_at = n it closes
+    right after the pause instead."""
     s = socket.create_connection(("127.0.0.1", port))
     sent = 0
     while sent < n:
@@ -73,6 +74,12 @@ def source(port, n, pause_at=None):
         if pause_at is not None and sent >= pause_at and sent - k < pause_at:
             print("PAUSED", flush=True)
             sys.stdin.readline()
+    if pause_at == n:
+        # Closes at once (no shutdown, no wait): what it still owes its
+        # reader is the close's to deliver.
+        s.close()
+        print(f"OK source {sent} closed", flush=True)
+        return
     s.shutdown(socket.SHUT_WR)
     if s.recv(1) != b"":
         raise SystemExit("data from a sink")

@@ -692,36 +692,44 @@ fn queued_bytes_in_flight_under_the_shim_all_arrive_when_devd_dies() -> Result<(
     Ok(())
 }
 
-/// Now the reader finds devd gone first, with bytes devd delivered to it
-/// still unread: the source stops (outside any socket call) after 3 MiB,
-/// devd is SIGKILLed, the sink's poll notices, closes its reads after what
-/// it holds and reads that from the region; the source, told to go on,
-/// sends again from there. Every byte checked by the sink.
-#[test]
-fn a_queued_reader_that_finds_devd_gone_first_reads_what_it_holds_then_the_socket() -> Result<()> {
+/// Now the reader finds devd gone first: the source stops (outside any
+/// socket call) after 3 MiB, devd is SIGKILLed, the sink (which polls
+/// before each read) notices when its queue runs dry and closes the region
+/// part; the source, told to go on, learns it from TAKEN and sends again
+/// from there. Every byte checked by the sink; the shim's log shows who
+/// did what. `close`: the source closes right after the pause instead, so
+/// what it owes goes out in its close.
+fn reader_first(close: bool) -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
     }
     let mut d = Devd::start(&["--default-mode", "queued"])?;
     let portfile = scratch(&d, "port");
+    let log = scratch(&d, "log");
+    let env = [("SSOCK_LOG", log.to_str().context("path")?)];
     let mut s = python(
         &d,
         false,
         &["sink", portfile.to_str().context("path")?, "1000"],
-        &[],
+        &env,
     )?;
     let port = published_port(&portfile)?;
-    let n = (8u64 << 20).to_string();
-    let pause = (3u64 << 20).to_string();
-    let mut c = python(&d, false, &["source", port.trim(), &n, &pause], &[])?;
+    let pause = 3u64 << 20;
+    let n = if close { pause } else { 8u64 << 20 };
+    let (n, pause) = (n.to_string(), pause.to_string());
+    let mut c = python(&d, false, &["source", port.trim(), &n, &pause], &env)?;
     c.expect("PAUSED")?;
     ensure!(live_queued_bytes(&d)? > 0, "no byte through the region");
     d.kill();
-    // The sink reads on meanwhile (what it holds comes from the region).
+    // The sink reads on and finds its queue empty.
     std::thread::sleep(Duration::from_millis(300));
     c.say("")?;
     ensure!(s.line_within(Duration::from_secs(60))? == format!("OK sink {n}"));
-    ensure!(c.line_within(Duration::from_secs(10))? == format!("OK source {n}"));
+    let done = c.line_within(Duration::from_secs(10))?;
+    ensure!(
+        done.starts_with(&format!("OK source {n}")),
+        "source said {done}"
+    );
     for (p, who) in [(&mut c, "source"), (&mut s, "sink")] {
         ensure!(
             exits_within(p, Duration::from_secs(10)),
@@ -729,7 +737,33 @@ fn a_queued_reader_that_finds_devd_gone_first_reads_what_it_holds_then_the_socke
         );
         ensure!(p.wait_success()?, "the {who} failed");
     }
+    let text = std::fs::read_to_string(&log)?;
+    let sink_pid = format!("ssock[{}]", s.pid());
+    let source_pid = format!("ssock[{}]", c.pid());
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with(&sink_pid) && l.contains("reads back on the kernel socket")),
+        "the sink did not move back first:\n{text}"
+    );
+    let again = text
+        .lines()
+        .filter(|l| l.starts_with(&source_pid) && l.contains("bytes again"))
+        .filter_map(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .next()
+        .with_context(|| format!("the source did not move back:\n{text}"))?;
+    ensure!(again > 0, "the source sent nothing again:\n{text}");
     Ok(())
+}
+
+#[test]
+fn a_queued_reader_that_finds_devd_gone_first_closes_the_region_and_its_writer_follows(
+) -> Result<()> {
+    reader_first(false)
+}
+
+#[test]
+fn a_queued_writer_that_closes_after_devd_died_still_delivers_what_it_owed() -> Result<()> {
+    reader_first(true)
 }
 
 /// Bytes the live connections in devd's statistics carried through their

@@ -385,6 +385,7 @@ impl Sock {
     /// The fd is being closed with SO_LINGER 0 (then the last holder's close
     /// resets the connection, as the kernel's RST).
     pub fn closing(&mut self, fd: BorrowedFd<'_>) {
+        let ctx = self.ctx(fd);
         let State::Up(t) = &mut self.state else {
             return;
         };
@@ -392,6 +393,7 @@ impl Sock {
         if matches!(l, Ok(Some(d)) if d.is_zero()) {
             t.abort_on_close();
         }
+        t.close_on(&ctx);
     }
 
     /// Takes back a `fork_hold` (the fd passing failed).

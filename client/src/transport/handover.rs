@@ -110,10 +110,6 @@ pub struct Handover {
     resent: usize,
     /// How many bytes were sent again in all (for tests and logs).
     resend_total: u64,
-    /// Once moved back: a duplicate of the kernel socket, taken at the
-    /// first call after the move, so that a close can still send what is
-    /// owed (or reset the connection if it cannot).
-    back_sock: Option<std::os::fd::OwnedFd>,
     /// `Tx::Back`: bytes this end wrote since its writes moved to the
     /// region (in the region, then on the kernel socket): its END.
     tail: u64,
@@ -171,7 +167,6 @@ impl Handover {
             resend: Vec::new(),
             resent: 0,
             resend_total: 0,
-            back_sock: None,
             tail: 0,
             wr_shut: false,
             back_shut: false,
@@ -336,7 +331,6 @@ impl Handover {
     /// kernel socket shut down if that was asked meanwhile). `block`: waits
     /// for room until the deadline.
     fn flush(&mut self, ctx: &Ctx<'_>, block: bool) -> io::Result<bool> {
-        self.keep_socket(ctx);
         while self.resent < self.resend.len() {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             match ssock_rings::sys::send(ctx.tcp, &self.resend[self.resent..], flags) {
@@ -346,8 +340,12 @@ impl Handover {
                         return Ok(false);
                     }
                     let mut p = [PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLOUT)];
-                    if !ssock_rings::notify::sleep(&mut p, ctx.deadline)? {
-                        return Err(would_block());
+                    match ssock_rings::notify::sleep(&mut p, ctx.deadline) {
+                        Ok(true) => {}
+                        Ok(false) => return Err(would_block()),
+                        // A signal: look again until the deadline.
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -365,24 +363,25 @@ impl Handover {
         Ok(true)
     }
 
-    /// The last close of an end whose writes moved back: what is still owed
-    /// goes out (waiting for room up to `CLOSE_FLUSH`), then END says where
-    /// the stream ends. If it cannot all go, the connection is reset (the
-    /// kernel socket closes with SO_LINGER 0) rather than ended short.
-    fn close_back(&mut self) {
+    /// The last close of an end whose writes moved back, its kernel socket
+    /// still open (`ctx`; None: not known here): what is still owed goes
+    /// out (waiting for room up to `CLOSE_FLUSH`), then END says where the
+    /// stream ends. If it cannot all go, the connection is reset (SO_LINGER
+    /// 0 on the socket) rather than ended short.
+    fn close_back(&mut self, ctx: Option<&Ctx<'_>>) {
         if self.owed() {
-            let sent = match self.back_sock.take() {
-                Some(sock) => {
-                    let ctx = Ctx {
-                        tcp: std::os::fd::AsFd::as_fd(&sock),
+            let sent = match ctx {
+                Some(c) => {
+                    let c = Ctx {
+                        tcp: c.tcp,
                         nonblocking: false,
                         deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
                         spin: std::time::Duration::ZERO,
                         check_peer: false,
                     };
-                    let done = matches!(self.flush(&ctx, true), Ok(true));
+                    let done = matches!(self.flush(&c, true), Ok(true));
                     if !done {
-                        let _ = socket2::SockRef::from(&sock)
+                        let _ = socket2::SockRef::from(&c.tcp)
                             .set_linger(Some(std::time::Duration::ZERO));
                     }
                     done
@@ -401,10 +400,40 @@ impl Handover {
         layout::publish_end(&self.map, self.side, self.tail);
     }
 
-    /// Once moved back, keeps a duplicate of the kernel socket for `close`.
-    fn keep_socket(&mut self, ctx: &Ctx<'_>) {
-        if self.lost && self.back_sock.is_none() {
-            self.back_sock = ctx.tcp.try_clone_to_owned().ok();
+    /// The close of this process's hold (see [`Transport::close`]); `ctx`
+    /// while the kernel socket is still open.
+    fn close_with(&mut self, ctx: Option<&Ctx<'_>>) {
+        if self.kernel || self.closed {
+            return;
+        }
+        self.closed = true;
+        self.step();
+        if self.kernel {
+            return;
+        }
+        if let Tx::Tcp(w) = self.tx {
+            // Nothing more comes: a claim that comes later knows where the
+            // kernel bytes end. The region never carried anything.
+            self.publish(Switch::After(w));
+            self.inner.discard_region();
+        }
+        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+            self.close_back(ctx);
+        }
+        if self.broken {
+            self.inner.abort_on_close();
+        }
+        self.inner.close();
+    }
+
+    /// Reads moved back and reached where the writer's END says its
+    /// writes end.
+    fn back_at_end(&self) -> bool {
+        match self.rx {
+            Rx::Back { at, after } if !self.kernel => {
+                layout::end_at(&self.map, 1 - self.side) == End::At(at.saturating_add(after))
+            }
+            _ => false,
         }
     }
 
@@ -640,14 +669,10 @@ impl Handover {
                 // is the writes' to report).
                 let _ = self.flush(ctx, false);
             }
-            if let Rx::Back { at, after } = self.rx {
-                if !self.kernel
-                    && layout::end_at(&self.map, 1 - self.side) == End::At(at.saturating_add(after))
-                {
-                    // Its writer said its writes end here: the stream's end,
-                    // whenever the socket's FIN comes.
-                    return Ok(0);
-                }
+            if self.back_at_end() {
+                // Its writer said its writes end here: the stream's end,
+                // whenever the socket's FIN comes.
+                return Ok(0);
             }
             let max = match (self.kernel, self.rx) {
                 (false, Rx::Ring) => {
@@ -895,27 +920,16 @@ impl Transport for Handover {
     }
 
     fn close(&mut self) {
-        if self.kernel || self.closed {
-            return;
+        self.close_with(None);
+    }
+
+    fn close_on(&mut self, ctx: &Ctx<'_>) {
+        if !self.kernel && !self.closed {
+            // devd may have gone since this end last looked: the bytes it
+            // held are this close's to send again.
+            self.inner.check_devd();
         }
-        self.closed = true;
-        self.step();
-        if self.kernel {
-            return;
-        }
-        if let Tx::Tcp(w) = self.tx {
-            // Nothing more comes: a claim that comes later knows where the
-            // kernel bytes end. The region never carried anything.
-            self.publish(Switch::After(w));
-            self.inner.discard_region();
-        }
-        if self.tx == Tx::Back && self.inner.holders() <= 1 {
-            self.close_back();
-        }
-        if self.broken {
-            self.inner.abort_on_close();
-        }
-        self.inner.close();
+        self.close_with(Some(ctx));
     }
 
     fn fork_hold(&mut self) {
@@ -1012,7 +1026,11 @@ impl Transport for Handover {
         let tcp_in = k & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
         let tcp_out = k & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
         // The socket's end: the stream's end only if its writer never moved.
-        let tcp_end = k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_)));
+        // A reader that moved back and has read up to its writer's END is
+        // at the stream's end, whenever the socket's FIN comes.
+        let at_end = self.back_at_end();
+        let tcp_in = tcp_in || at_end;
+        let tcp_end = at_end || (k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_))));
         if !rx_ring && !self.kernel && k & libc::POLLRDHUP != 0 {
             self.step();
             if matches!(self.rx, Rx::Tcp(None)) {

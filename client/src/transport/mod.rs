@@ -111,6 +111,12 @@ pub trait Transport: Send + std::fmt::Debug {
     /// the stream (orderly unless the connection is broken); an earlier one
     /// only lets go.
     fn close(&mut self);
+    /// [`Transport::close`] while the kernel socket is still open (the
+    /// last fd of it in this process is about to close): a hand-over end
+    /// that moved back sends what it still owes there first.
+    fn close_on(&mut self, _ctx: &Ctx<'_>) {
+        self.close();
+    }
     /// Another process will hold this end too: this one is about to fork
     /// (called in the parent, before fork), or is passing the socket over
     /// a Unix socket (the receiver adopts the hold).

@@ -429,7 +429,7 @@ impl Queued {
                     self.retained.drain(..k);
                     if self.retained.is_empty() && self.retained.capacity() > RETAIN_KEEP {
                         // A burst's worth is not kept for the connection's life.
-                        self.retained = VecDeque::new();
+                        self.retained.shrink_to(RETAIN_KEEP);
                     }
                 }
                 true
@@ -554,7 +554,10 @@ impl Transport for Queued {
             return Err(reset_error());
         }
         let skip = usize::try_from(at - base).unwrap_or(0);
-        let rest = self.retained.drain(..).skip(skip).collect();
+        let rest = std::mem::take(&mut self.retained)
+            .into_iter()
+            .skip(skip)
+            .collect();
         Ok((at, rest))
     }
 

@@ -65,9 +65,16 @@ fn run(mut cmd: Command) -> Result<String> {
             break st;
         }
         if t.elapsed() > RUN_LIMIT {
+            // What each of its threads waits in, then its output: enough to
+            // tell a hang of the program from one of the shim.
+            let waits = thread_waits(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{desc} still running after {RUN_LIMIT:?}");
+            let out: String = readers
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect();
+            bail!("{desc} still running after {RUN_LIMIT:?}; its threads wait in:\n{waits}\nits output:\n{out}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -77,6 +84,38 @@ fn run(mut cmd: Command) -> Result<String> {
         .collect();
     ensure!(status.success(), "{desc} failed ({status}):\n{out}");
     Ok(out)
+}
+
+/// One line per thread of process `pid`: its name, state and the kernel
+/// function it waits in.
+fn thread_waits(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{} {} {} {}",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                state,
+                read("wchan")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Waits until something listens on `port` (read from /proc/net/tcp and

@@ -604,6 +604,16 @@ fn exits_within(p: &mut Peer, limit: Duration) -> bool {
     false
 }
 
+/// `who` exits within 10 s, successfully.
+fn ends_well(p: &mut Peer, who: &str) -> Result<()> {
+    ensure!(
+        exits_within(p, Duration::from_secs(10)),
+        "the {who} did not end"
+    );
+    ensure!(p.wait_success()?, "the {who} failed");
+    Ok(())
+}
+
 /// A Queued connection between two programs under ssock-run outlives
 /// devd: once devd is SIGKILLed, the next round of the echo (and its
 /// end) goes over the kernel socket, every byte checked by the client.
@@ -635,13 +645,8 @@ fn queued_peers_under_the_shim_move_to_the_kernel_socket_when_devd_dies() -> Res
         c.say("")?;
         c.expect("OK echo 2000000")?;
         c.say("")?;
-        for (p, who) in [(&mut c, "client"), (&mut s, "server")] {
-            ensure!(
-                exits_within(p, Duration::from_secs(10)),
-                "the {who} did not end after devd died"
-            );
-            ensure!(p.wait_success()?, "the {who} failed after devd died");
-        }
+        ends_well(&mut c, "client")?;
+        ends_well(&mut s, "server")?;
     }
     Ok(())
 }
@@ -682,13 +687,8 @@ fn queued_bytes_in_flight_under_the_shim_all_arrive_when_devd_dies() -> Result<(
     d.kill();
     ensure!(s.line_within(Duration::from_secs(60))? == format!("OK sink {n}"));
     ensure!(c.line_within(Duration::from_secs(10))? == format!("OK source {n}"));
-    for (p, who) in [(&mut c, "source"), (&mut s, "sink")] {
-        ensure!(
-            exits_within(p, Duration::from_secs(10)),
-            "the {who} did not end"
-        );
-        ensure!(p.wait_success()?, "the {who} failed");
-    }
+    ends_well(&mut c, "source")?;
+    ends_well(&mut s, "sink")?;
     Ok(())
 }
 
@@ -730,13 +730,8 @@ fn reader_first(close: bool) -> Result<()> {
         done.starts_with(&format!("OK source {n}")),
         "source said {done}"
     );
-    for (p, who) in [(&mut c, "source"), (&mut s, "sink")] {
-        ensure!(
-            exits_within(p, Duration::from_secs(10)),
-            "the {who} did not end"
-        );
-        ensure!(p.wait_success()?, "the {who} failed");
-    }
+    ends_well(&mut c, "source")?;
+    ends_well(&mut s, "sink")?;
     let text = std::fs::read_to_string(&log)?;
     let sink_pid = format!("ssock[{}]", s.pid());
     let source_pid = format!("ssock[{}]", c.pid());

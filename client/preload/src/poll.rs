@@ -47,12 +47,7 @@ pub unsafe fn __poll_chk(
     timeout: c_int,
     fdslen: size_t,
 ) -> c_int {
-    let need = usize::try_from(n)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(std::mem::size_of::<libc::pollfd>());
-    if need > fdslen {
-        chk_fail();
-    }
+    check_fdslen(n, fdslen);
     // SAFETY: same contract as poll.
     unsafe { poll(fds, n, timeout) }
 }
@@ -68,12 +63,7 @@ pub unsafe fn __ppoll_chk(
     mask: *const libc::sigset_t,
     fdslen: size_t,
 ) -> c_int {
-    let need = usize::try_from(n)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(std::mem::size_of::<libc::pollfd>());
-    if need > fdslen {
-        chk_fail();
-    }
+    check_fdslen(n, fdslen);
     // SAFETY: same contract as ppoll.
     unsafe { ppoll(fds, n, tmo, mask) }
 }
@@ -105,4 +95,15 @@ pub unsafe fn ppoll(
         },
         real,
     )
+}
+
+/// Fortified poll/ppoll: `n` entries must fit in the `fdslen` bytes the
+/// compiler knew the array has (glibc aborts otherwise, and so does this).
+fn check_fdslen(n: libc::nfds_t, fdslen: size_t) {
+    let need = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(std::mem::size_of::<libc::pollfd>());
+    if need > fdslen {
+        chk_fail();
+    }
 }

@@ -106,8 +106,23 @@ pub unsafe fn sendfile(
     offset: *mut libc::off_t,
     count: size_t,
 ) -> ssize_t {
+    // SAFETY: the caller's own arguments, and libc's sendfile.
+    unsafe { sendfile_or(real::get().sendfile, out, input, offset, count) }
+}
+
+/// The accelerated socket's sendfile, or `real`'s for any other fd.
+///
+/// # Safety
+/// The C contract of sendfile(2); `real` is libc's sendfile or sendfile64.
+unsafe fn sendfile_or(
+    real: unsafe extern "C" fn(c_int, c_int, *mut libc::off_t, size_t) -> ssize_t,
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: size_t,
+) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
-    let real = || unsafe { (real::get().sendfile)(out, input, offset, count) };
+    let real = || unsafe { real(out, input, offset, count) };
     enter(
         || {
             dispatch_n(
@@ -130,16 +145,6 @@ pub unsafe fn sendfile64(
     offset: *mut libc::off_t,
     count: size_t,
 ) -> ssize_t {
-    // SAFETY: forwarding the caller's own arguments to libc.
-    let real = || unsafe { (real::get().sendfile64)(out, input, offset, count) };
-    enter(
-        || {
-            dispatch_n(
-                out,
-                |s| sendfile_via_ring(s, out, input, offset, count),
-                real,
-            )
-        },
-        real,
-    )
+    // SAFETY: the caller's own arguments, and libc's sendfile64.
+    unsafe { sendfile_or(real::get().sendfile64, out, input, offset, count) }
 }

@@ -13,6 +13,7 @@ use crate::transport::handover::Handover;
 use crate::transport::queued::Queued;
 use crate::transport::Transport;
 use socket2::{SockRef, Socket};
+use ssock_rings::board::{self, Found};
 use ssock_rings::codec::{Attachment, FallbackReason, Mode, ModePref, Request, Response};
 use std::io;
 use std::net::SocketAddr;
@@ -231,6 +232,18 @@ fn intent_and_connect(
         let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
         return Ok((Err(reason), connect()?));
     };
+    if let Some(reason) = plain_by_board(session, dst) {
+        let c = connect()?;
+        // Counted once per connection: not for a nonblocking connect
+        // called again (EALREADY; EISCONN is an error here).
+        let fresh = c
+            .as_ref()
+            .is_none_or(|e| e.raw_os_error() != Some(libc::EALREADY));
+        if reason == FallbackReason::ShortLived && fresh {
+            session.skipped();
+        }
+        return Ok((Err(Some(reason)), c));
+    }
     let intent = Request::Intent {
         dst,
         pref: opts.mode,
@@ -270,6 +283,35 @@ fn intent_and_connect(
             Err(e)
         }
     }
+}
+
+/// Whether devd's listener board says a connection to `dst` stays on
+/// kernel TCP without asking devd: no registered listener serves it
+/// (`peer_not_enabled`, not counted: not ssock's connection), or the
+/// `short_lived` policy keeps that listener's connections there for now.
+/// None: ask devd (the board cannot tell, or the listener is accelerated).
+pub fn plain_by_board(session: &Session, dst: SocketAddr) -> Option<FallbackReason> {
+    match board::lookup(session.board()?, dst) {
+        Found::Nothing => Some(FallbackReason::PeerNotEnabled),
+        Found::Served { plain_until } if plain_until > board::now_ns() => {
+            Some(FallbackReason::ShortLived)
+        }
+        _ => None,
+    }
+}
+
+/// Whether the board keeps the connection of `fd`, an accepted socket,
+/// on kernel TCP (`short_lived`): its connector did not ask devd either.
+/// Looks at the socket's address only while some listener is kept so.
+fn kept_plain(session: &Session, fd: BorrowedFd<'_>) -> bool {
+    let Some(b) = session.board() else {
+        return false;
+    };
+    let now = board::now_ns();
+    board::any_plain(b, now)
+        && ssock_rings::sys::local_addr(fd).is_ok_and(|here| {
+            matches!(board::lookup(b, here), Found::Served { plain_until } if plain_until > now)
+        })
 }
 
 /// Connector side for a test peer that handles its end itself: the
@@ -374,6 +416,9 @@ pub fn accept_on(
     fd: BorrowedFd<'_>,
     _opts: &Options,
 ) -> io::Result<Accepted> {
+    if kept_plain(session, fd) {
+        return Ok(Accepted::Kernel(Some(FallbackReason::ShortLived)));
+    }
     // Whatever goes wrong, the connection is plain: its connector moves
     // only once this end, in hand, says accepted in the hand-over words
     // (`Handover::wrap`), so a Claim devd answered too late, or an end

@@ -1,10 +1,13 @@
 //! A process's control session with devd: one SOCK_SEQPACKET connection,
 //! request/response, shared by all threads of the process.
 
+use ssock_rings::board::BOARD_SIZE;
+use ssock_rings::codec::FallbackReason;
 use ssock_rings::codec::{DecodeError, Mode, Request, Response, MAX_FDS, MAX_FRAME};
+use ssock_rings::shm::Mapping;
 use ssock_rings::sys::SeqPacket;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +80,25 @@ pub struct Session {
     /// devd's default mode.
     pub default_mode: Mode,
     path: PathBuf,
+    /// devd's listener board (`ssock_rings::board`), mapped read-only;
+    /// None if devd gave none or it failed its checks.
+    board: Option<Mapping>,
+    /// Connections left on kernel TCP by the board, not yet reported.
+    skips: Mutex<Skips>,
 }
+
+/// The `short_lived` connections a process has not reported yet (see
+/// [`Session::skipped`]).
+#[derive(Debug, Default)]
+struct Skips {
+    count: u32,
+    last: Option<std::time::Instant>,
+}
+
+/// A batch of skipped connections goes to devd once it holds this many ...
+const SKIPS_BATCH: u32 = 64;
+/// ... or at the next one this long after the last report.
+const SKIPS_EVERY: Duration = Duration::from_millis(50);
 
 /// The control channel: the socket and a reply buffer kept between requests.
 #[derive(Debug)]
@@ -108,6 +129,8 @@ impl Session {
             spin: ssock_rings::notify::DEFAULT_SPIN,
             default_mode: Mode::Direct,
             path: path.into(),
+            board: None,
+            skips: Mutex::new(Skips::default()),
         };
         match s.request(
             &Request::Hello {
@@ -119,11 +142,13 @@ impl Session {
                 Response::Welcome {
                     spin_us,
                     default_mode,
+                    ..
                 },
-                _,
+                fds,
             ) => Ok(Arc::new(Session {
                 spin: Duration::from_micros(u64::from(spin_us)),
                 default_mode,
+                board: fds.first().and_then(|fd| map_board(fd.as_fd())),
                 ..s
             })),
             _ => Err(SessionError::Unexpected("a non-Welcome")),
@@ -179,6 +204,30 @@ impl Session {
     /// up (poll it with events 0). Valid as long as the session lives.
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
         self.fd
+    }
+
+    /// devd's listener board, if it gave one.
+    pub fn board(&self) -> Option<&Mapping> {
+        self.board.as_ref()
+    }
+
+    /// Counts a connection this process left on kernel TCP because the
+    /// board said its listener's connections stay there (`short_lived`):
+    /// devd hears of them in batches (posted, no reply), at the next one
+    /// after `SKIPS_EVERY` or once `SKIPS_BATCH` wait; the last batch of a
+    /// process that connects no more is not reported.
+    pub fn skipped(&self) {
+        let mut s = self.skips.lock().unwrap_or_else(|p| p.into_inner());
+        s.count += 1;
+        let due = s.count >= SKIPS_BATCH || s.last.is_none_or(|t| t.elapsed() >= SKIPS_EVERY);
+        if due {
+            let count = std::mem::take(&mut s.count);
+            s.last = Some(std::time::Instant::now());
+            let _ = self.post(&Request::Skipped {
+                reason: FallbackReason::ShortLived,
+                count,
+            });
+        }
     }
 
     /// Socket path this session uses.
@@ -244,6 +293,18 @@ impl Session {
             SessionError::Io(e)
         })
     }
+}
+
+/// Maps the board devd sent with Welcome, read-only, once it is checked
+/// to be sealed so (nobody can write it but devd) and large enough.
+fn map_board(fd: BorrowedFd<'_>) -> Option<Mapping> {
+    let checked = ssock_rings::sys::check_read_only(fd, BOARD_SIZE)
+        .and_then(|()| Mapping::map(fd, BOARD_SIZE, false));
+    checked
+        .map_err(|e| {
+            log::warn!("devd's listener board is not usable ({e}): every connection asks devd")
+        })
+        .ok()
 }
 
 /// A request sent on a session whose reply is still to be read. Dropped

@@ -83,6 +83,9 @@ struct FilePolicy {
     max_connections_per_user: Option<usize>,
     max_memory_per_user: Option<usize>,
     max_sessions_per_user: Option<usize>,
+    short_lived_ms: Option<u64>,
+    short_lived_streak: Option<u32>,
+    short_lived_hold_ms: Option<u64>,
 }
 
 /// Who may accelerate what.
@@ -101,6 +104,17 @@ pub struct Policy {
     /// Open control sessions per user (one per client process); more are
     /// closed at once.
     pub max_sessions_per_user: usize,
+    /// The `short_lived` policy (docs/config.md): a connection that ended
+    /// within this many milliseconds (and carried under
+    /// `SHORT_LIVED_BYTES`) was short; 0 turns the policy off.
+    pub short_lived_ms: u64,
+    /// After this many short connections in a row, the listener's
+    /// connections stay on kernel TCP ...
+    pub short_lived_streak: u32,
+    /// ... for this many milliseconds, then one is accelerated again to
+    /// see (a short one puts the listener back at once, a long one ends
+    /// the streak).
+    pub short_lived_hold_ms: u64,
 }
 
 impl Default for Policy {
@@ -112,6 +126,9 @@ impl Default for Policy {
             max_connections_per_user: 16384,
             max_memory_per_user: 8 << 30,
             max_sessions_per_user: 1024,
+            short_lived_ms: 10,
+            short_lived_streak: 8,
+            short_lived_hold_ms: 1000,
         }
     }
 }
@@ -251,6 +268,15 @@ impl Config {
             if let Some(v) = p.max_sessions_per_user {
                 c.policy.max_sessions_per_user = v;
             }
+            if let Some(v) = p.short_lived_ms {
+                c.policy.short_lived_ms = v;
+            }
+            if let Some(v) = p.short_lived_streak {
+                c.policy.short_lived_streak = v;
+            }
+            if let Some(v) = p.short_lived_hold_ms {
+                c.policy.short_lived_hold_ms = v;
+            }
         }
         c.validate()?;
         Ok(c)
@@ -284,6 +310,27 @@ impl Config {
                 why: format!(
                     "{:o} is not a permission mode (at most 777)",
                     self.socket_mode
+                ),
+            });
+        }
+        if self.policy.short_lived_ms > 60_000 {
+            return Err(ConfigError::Value {
+                key: "policy.short_lived_ms",
+                why: format!("{} exceeds a minute", self.policy.short_lived_ms),
+            });
+        }
+        if !(1..=4096).contains(&self.policy.short_lived_streak) {
+            return Err(ConfigError::Value {
+                key: "policy.short_lived_streak",
+                why: format!("{} is not within 1..=4096", self.policy.short_lived_streak),
+            });
+        }
+        if !(1..=3_600_000).contains(&self.policy.short_lived_hold_ms) {
+            return Err(ConfigError::Value {
+                key: "policy.short_lived_hold_ms",
+                why: format!(
+                    "{} is not within 1..=3600000",
+                    self.policy.short_lived_hold_ms
                 ),
             });
         }
@@ -352,6 +399,9 @@ mod tests {
             allow_ports = ["80", "6000-7000"]
             max_connections_per_user = 10
             max_memory_per_user = 1000000
+            short_lived_ms = 0
+            short_lived_streak = 3
+            short_lived_hold_ms = 50
             "#,
             Config::system(),
         )
@@ -361,6 +411,14 @@ mod tests {
         assert!(c.policy.allows(1000, 5, 6500));
         assert!(!c.policy.allows(1001, 5, 6500));
         assert!(!c.policy.allows(1000, 5, 81));
+        assert_eq!(
+            (
+                c.policy.short_lived_ms,
+                c.policy.short_lived_streak,
+                c.policy.short_lived_hold_ms
+            ),
+            (0, 3, 50)
+        );
     }
 
     #[test]
@@ -374,5 +432,8 @@ mod tests {
         let e =
             Config::from_toml("[policy]\nallow_ports = [\"9-1\"]", Config::system()).unwrap_err();
         assert!(e.to_string().contains("allow_ports"), "{e}");
+        let e =
+            Config::from_toml("[policy]\nshort_lived_streak = 0", Config::system()).unwrap_err();
+        assert!(e.to_string().contains("short_lived_streak"), "{e}");
     }
 }

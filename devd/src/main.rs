@@ -7,7 +7,7 @@ use ssock_devd::config::{Config, DefaultMode};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: devd (--user | --system | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--no-sandbox | --seccomp-log] [--log error|warn|info|debug] [--detach]";
+const USAGE: &str = "usage: devd (--user | --system | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--short-lived-ms N] [--no-sandbox | --seccomp-log] [--log error|warn|info|debug] [--detach]";
 
 const HELP: &str = "devd: the ssock daemon. It brokers accelerated TCP connections between
 processes of this host (Direct: shared-memory rings between the two
@@ -32,6 +32,9 @@ options:
                        for Auto get (default direct)
   --region-size BYTES  bytes per connection region (default 2097152)
   --spin-us N          spin budget sent to clients, microseconds (default 30)
+  --short-lived-ms N   connections that end within N ms are short: after a
+                       streak of them a listener's stay on kernel TCP for a
+                       while (default 10; 0 turns the policy off)
   --no-sandbox         no seccomp filters (debugging only)
   --seccomp-log        seccomp filters that log a denied call instead of
                        killing devd
@@ -88,7 +91,7 @@ fn real_main() -> anyhow::Result<()> {
             "--user" => cfg = Some(Config::user()),
             "--system" => cfg = Some(Config::system()),
             "--config" => cfg = Some(Config::from_file(&PathBuf::from(val()?))?),
-            "--socket" | "--default-mode" | "--region-size" | "--spin-us" => {
+            "--socket" | "--default-mode" | "--region-size" | "--spin-us" | "--short-lived-ms" => {
                 overrides.push((a.clone(), val()?))
             }
             "--no-sandbox" | "--seccomp-log" => overrides.push((a.clone(), String::new())),
@@ -136,6 +139,11 @@ fn real_main() -> anyhow::Result<()> {
                 cfg.spin_us = v
                     .parse()
                     .map_err(|_| anyhow::anyhow!("--spin-us {v}: not a number"))?
+            }
+            "--short-lived-ms" => {
+                cfg.policy.short_lived_ms = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--short-lived-ms {v}: not a number"))?
             }
             "--no-sandbox" => cfg.sandbox = None,
             "--seccomp-log" => cfg.sandbox = Some(ssock_devd::sandbox::Mode::Log),

@@ -39,9 +39,20 @@ pub struct Totals {
     pub sessions_refused: u64,
     /// Failed accepts on the control socket (out of fds or memory).
     pub accept_failures: u64,
+    /// Times the `short_lived` policy put a listener's connections on
+    /// kernel TCP for its hold.
+    pub short_lived_periods: u64,
 }
 
 impl Totals {
+    /// Counts `n` connections a client left on kernel TCP without asking
+    /// devd (the listener board said so), with their reason.
+    pub fn skipped(&mut self, r: FallbackReason, n: u32) {
+        let e = self.fallbacks.entry(r).or_default();
+        *e = e.saturating_add(u64::from(n));
+        self.kernel = self.kernel.saturating_add(u64::from(n));
+    }
+
     /// Counts a fallback decision by its reason. Whether a connection came
     /// of it is counted apart ([`Totals::kernel_connection`]): a connector
     /// told to stay on kernel TCP may fail to connect, or retry.
@@ -86,6 +97,7 @@ impl Totals {
             regions_reused: self.reused,
             sessions_refused: self.sessions_refused,
             accept_failures: self.accept_failures,
+            short_lived_periods: self.short_lived_periods,
             bytes: BytesByMode {
                 direct: self.bytes_closed[0],
                 queued: self.bytes_closed[1],
@@ -151,6 +163,10 @@ pub struct TotalsJson {
     pub sessions_refused: u64,
     /// Failed accepts on the control socket (devd out of fds or memory).
     pub accept_failures: u64,
+    /// Times the `short_lived` policy put a listener's connections on
+    /// kernel TCP for a while (`fallbacks.short_lived` counts the
+    /// connections that stayed there, as their connectors reported them).
+    pub short_lived_periods: u64,
     /// Bytes carried (both directions, live and closed connections) by mode.
     pub bytes: BytesByMode,
 }

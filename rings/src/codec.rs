@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 7;
+pub const CTL_VERSION: u16 = 8;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -180,6 +180,11 @@ reasons! {
     /// The connection was to reuse a region kept by the listener's process
     /// (see [`Attachment::reuse`]) and another process accepted it.
     OtherAcceptor = 13, "other_acceptor";
+    /// The listener's recent connections were too short to repay their
+    /// setup: the `short_lived` policy keeps its connections on kernel TCP
+    /// for a while (decided by the connector from devd's listener board,
+    /// reported in batches).
+    ShortLived = 14, "short_lived";
 }
 
 /// Which end of a connection a process holds.
@@ -301,6 +306,15 @@ pub enum Request {
         /// Why.
         reason: FallbackReason,
     },
+    /// Connections this process left on kernel TCP without asking devd
+    /// (the listener board said so), since its last report. No fds, no
+    /// reply, like Release.
+    Skipped {
+        /// Why (`peer_not_enabled` or `short_lived`).
+        reason: FallbackReason,
+        /// How many.
+        count: u32,
+    },
     /// Statistics page: connections with id > `after`, at most `limit`.
     Stats {
         /// Last id of the previous page (0 for the first).
@@ -319,6 +333,8 @@ pub enum Response {
         spin_us: u32,
         /// devd's default mode for Auto.
         default_mode: Mode,
+        /// The listener board's fd travels with it (`board`).
+        board: bool,
     },
     /// Done.
     Ok,
@@ -594,7 +610,10 @@ impl Request {
     /// process closing a connection waits for nothing, and its next
     /// request's reply is the next message it reads.
     pub fn expects_reply(&self) -> bool {
-        !matches!(self, Request::Release { .. } | Request::Leave { .. })
+        !matches!(
+            self,
+            Request::Release { .. } | Request::Leave { .. } | Request::Skipped { .. }
+        )
     }
 
     /// Number of fds that must travel with this request.
@@ -647,6 +666,11 @@ impl Request {
                 w.u16(*reason as u16);
                 w.finish()
             }
+            Request::Skipped { reason, count } => {
+                let mut w = W::new(13);
+                w.u16(*reason as u16).u32(*count);
+                w.finish()
+            }
             Request::Stats { after, limit } => {
                 let mut w = W::new(10);
                 w.u64(*after).u16(*limit);
@@ -682,6 +706,10 @@ impl Request {
             9 => Request::Fallback {
                 reason: r.reason()?,
             },
+            13 => Request::Skipped {
+                reason: r.reason()?,
+                count: r.u32()?,
+            },
             10 => {
                 let after = r.u64()?;
                 let limit = r.u16()?;
@@ -708,6 +736,7 @@ impl Response {
             Response::Attached(a)
             | Response::Proceed { attachment: a, .. }
             | Response::Expect { attachment: a, .. } => a.fd_count(),
+            Response::Welcome { board, .. } => usize::from(*board),
             _ => 0,
         }
     }
@@ -718,9 +747,10 @@ impl Response {
             Response::Welcome {
                 spin_us,
                 default_mode,
+                board,
             } => {
                 let mut w = W::new(101);
-                w.u32(*spin_us).u8(*default_mode as u8);
+                w.u32(*spin_us).u8(*default_mode as u8).u8(u8::from(*board));
                 w.finish()
             }
             Response::Ok => W::new(102).finish(),
@@ -769,9 +799,11 @@ impl Response {
             101 => {
                 let spin_us = r.u32()?;
                 let default_mode = Mode::from_u8(r.u8()?)?;
+                let board = r.bool("board")?;
                 Response::Welcome {
                     spin_us,
                     default_mode,
+                    board,
                 }
             }
             102 => Response::Ok,
@@ -841,6 +873,10 @@ mod tests {
             Request::Fallback {
                 reason: FallbackReason::HelloTimeout,
             },
+            Request::Skipped {
+                reason: FallbackReason::ShortLived,
+                count: 64,
+            },
             Request::Stats {
                 after: 3,
                 limit: 100,
@@ -875,6 +911,7 @@ mod tests {
             Response::Welcome {
                 spin_us: 30,
                 default_mode: Mode::Direct,
+                board: true,
             },
             Response::Ok,
             Response::Proceed {

@@ -12,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod board;
 pub mod codec;
 pub mod detach;
 pub mod env;

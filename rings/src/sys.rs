@@ -107,6 +107,59 @@ pub fn memfd_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A memfd of `size` bytes that its creator maps writable, then seals
+/// with [`seal_read_only`] before giving it out (devd's listener board).
+pub fn memfd_unsealed(name: &str, size: usize) -> io::Result<OwnedFd> {
+    let cname = CString::new(format!("ssock-{name}")).map_err(io::Error::other)?;
+    // SAFETY: cname is a valid NUL-terminated string for the call's duration.
+    let fd = owned(unsafe {
+        libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    let len = libc::off_t::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: plain syscall on an fd we own.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    Ok(fd)
+}
+
+/// Seals a memfd so that nobody given it can write it or change its size
+/// (F_SEAL_FUTURE_WRITE: mappings made before, the creator's, still write).
+pub fn seal_read_only(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals =
+        libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on a borrowed, open fd.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(())
+}
+
+/// Checks that a received memfd is sealed read-only, of `size` bytes or more.
+pub fn check_read_only(fd: BorrowedFd<'_>, size: usize) -> io::Result<()> {
+    // SAFETY: plain fcntl on a borrowed, open fd.
+    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    let need = libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals & need != need {
+        return Err(io::Error::other("the board is not sealed read-only"));
+    }
+    let st = fstat(fd)?;
+    if usize::try_from(st.st_size).map_or(true, |n| n < size) {
+        return Err(io::Error::other("the board is too small"));
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
 /// Writes all of `buf` at offset `off` of a file (a region devd has not
 /// mapped: its header).
 pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {

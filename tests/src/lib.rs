@@ -96,13 +96,17 @@ impl Devd {
         Devd::launch(Command::new(devd), socket, args)
     }
 
-    /// `cmd --user [SSOCK_TEST_DEVD_ARGS] --socket SOCKET ARGS`, once it answers.
+    /// `cmd --user --short-lived-ms 0 [SSOCK_TEST_DEVD_ARGS] --socket SOCKET
+    /// ARGS`, once it answers. The `short_lived` policy is off unless a
+    /// test turns it on (ARGS come later and win): most tests prove the
+    /// accelerated path, and make short connections to do so.
     fn launch(mut cmd: Command, socket: &Path, args: &[&str]) -> Result<Devd> {
         let dir = socket.parent().context("socket dir")?.to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let socket = socket.to_path_buf();
         let child = cmd
             .arg("--user")
+            .args(["--short-lived-ms", "0"])
             .args(
                 std::env::var("SSOCK_TEST_DEVD_ARGS")
                     .map(|a| a.split_whitespace().map(String::from).collect::<Vec<_>>())

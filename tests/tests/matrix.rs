@@ -854,6 +854,100 @@ fn nginx_foreground_master_with_two_www_data_workers_serves_curl_and_wrk_direct(
     nginx(false, 1, 2)
 }
 
+/// ab without keep-alive against nginx (a new connection per request, the
+/// way web servers are measured) under devd's default `short_lived` policy:
+/// the first connections go Direct, then the policy keeps the listener's
+/// connections on kernel TCP, decided from devd's listener board without a
+/// request (ab reports them in batches); every request succeeds. Once the
+/// policy's hold is over, wrk's persistent connections go Direct again.
+#[test]
+fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_then_goes_direct(
+) -> Result<()> {
+    if !have_all(&["nginx", "ab", "wrk"])? || !root_or_skip("nginx's workers run as www-data")? {
+        return Ok(());
+    }
+    let s = Scratch::new("nginx-ab")?;
+    let port = free_port()?;
+    s.mkdir("www", 0o755)?;
+    s.mkdir("tmp", 0o755)?;
+    s.payload("www/small", 100, 11)?;
+    let conf = s.template(
+        "nginx.conf",
+        &[("@DIR@", s.dir()?), ("@PORT@", &port.to_string())],
+    )?;
+    let dir = s.mkdir("devd", 0o755)?;
+    // devd's defaults: connections that end within 10 ms are short; 8 in a
+    // row keep the listener's on kernel TCP for 1 s.
+    let d = Devd::start_at(
+        &dir.join("devd.sock"),
+        &["--system", "--short-lived-ms", "10"],
+    )?;
+    let slog = s.log("nginx.shim.log")?;
+    let clog = s.log("clients.shim.log")?;
+    let logs = [slog.as_path(), clog.as_path()];
+    let conf = path_str(&conf)?;
+    let mut server = Server::start(
+        "nginx",
+        ssock(&d, &slog, "nginx", &["-c", conf, "-g", "daemon off;"]),
+        s.path("nginx.out"),
+    )?;
+    server.wait_listening(port)?;
+    server.wait_children_as(2, "www-data")?;
+    let url = format!("http://127.0.0.1:{port}/small");
+    let n = 2000u64;
+    let out = run_in(
+        &d,
+        &logs,
+        ssock(&d, &clog, "ab", &["-c", "4", "-n", &n.to_string(), &url]),
+    )?;
+    let field = |name: &str| -> Result<u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {name:?} in ab's output:\n{out}"))
+    };
+    ensure!(field("Complete requests:")? == n, "ab:\n{out}");
+    ensure!(field("Failed requests:")? == 0, "ab:\n{out}");
+    expect_none_live(&d, &logs)?;
+    let t = d.stats()?["totals"].clone();
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let (direct, kept) = (
+        num(&t["connections"]["direct"]),
+        num(&t["fallbacks"]["short_lived"]),
+    );
+    // At least one hold began, a streak of Direct connections before it;
+    // ab reported all the others but its last batch (under 64).
+    ensure!(
+        num(&t["short_lived_periods"]) >= 1 && direct >= 8 && direct + kept + 64 > n,
+        "short_lived: direct {direct}, kept {kept} of {n}: totals {t}{}",
+        diagnosis(&d, &logs)
+    );
+    ensure!(
+        kept > n / 2,
+        "most connections stay on kernel TCP: totals {t}"
+    );
+    // After the hold, persistent connections are accelerated again.
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = run_in(
+        &d,
+        &logs,
+        ssock(&d, &clog, "wrk", &["-t", "1", "-c", "2", "-d", "1s", &url]),
+    )?;
+    let requests = wrk_requests(&out)?;
+    ensure!(
+        requests > 0 && !out.contains("Socket errors") && !out.contains("Non-2xx"),
+        "wrk:\n{out}"
+    );
+    expect_none_live(&d, &logs)?;
+    let t = d.stats()?["totals"].clone();
+    let bytes = num(&t["bytes"]["direct"]);
+    ensure!(
+        num(&t["connections"]["direct"]) >= direct + 2 && bytes > requests * 100,
+        "wrk's connections went Direct: before {direct}, totals {t}"
+    );
+    server.stop()
+}
+
 #[test]
 #[ignore = "issue 11 (one fd per connection): the shim keeps 4 eventfds per Direct \
             connection at the lowest free numbers, so wrk's sockets get numbers beyond its event \
@@ -1536,7 +1630,7 @@ fn socat_fork_serves_each_connection_in_a_child_direct() -> Result<()> {
 /// A process connected to its own listener 5 times (writing before it
 /// accepts, then 2 MiB each way at once), all Direct; then a socket
 /// connected to itself (TCP simultaneous open, no listener) keeps its bytes
-/// right on kernel TCP, counted by devd as one `peer_not_enabled`.
+/// right on kernel TCP without asking devd (no listener on its board).
 #[test]
 fn a_process_connected_to_itself_goes_direct() -> Result<()> {
     if !have_all(&["python3"])? {
@@ -1565,7 +1659,9 @@ fn a_process_connected_to_itself_goes_direct() -> Result<()> {
     ensure!(out.starts_with("OK simultaneous 1048576"), "{out}");
     let t = d.stats()?["totals"].clone();
     ensure!(
-        t["fallbacks"]["peer_not_enabled"] == 1 && t["connections"]["direct"] == 5,
+        t["fallbacks"]["peer_not_enabled"] == 0
+            && t["connections"]["kernel"] == 0
+            && t["connections"]["direct"] == 5,
         "a self-connected socket: totals {t}"
     );
     expect_none_live(&d, &logs)

@@ -7,9 +7,12 @@
 //! made under the socket's lock: `io` waits outside it), or the fd table.
 
 use crate::outcome::Outcome;
-use ssock_client::negotiate::{accept_on, connect_start, register_listener, Accepted, Started};
+use ssock_client::negotiate::{
+    accept_on, connect_start, plain_by_board, register_listener, Accepted, Started,
+};
 use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::{Mode, Options, Session};
+use ssock_rings::codec::FallbackReason;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -104,10 +107,12 @@ fn is_tcp(fd: BorrowedFd<'_>) -> bool {
 /// the socket is tracked, with what the kernel's connect said (0, or
 /// EINPROGRESS/EINTR while it goes on).
 pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Sock, i32)>, i32>> {
-    if !is_tcp(fd) {
+    let session = session()?;
+    // No registered listener serves dst: not ssock's connection, and no
+    // system call spent finding out what kind of socket it is.
+    if plain_by_board(&session, dst) == Some(FallbackReason::PeerNotEnabled) || !is_tcp(fd) {
         return None;
     }
-    let session = session()?;
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
     Some(match connect_start(fd, dst, &opts, Some(&session)) {
@@ -150,9 +155,9 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Option<Sock> {
     let session = session()?;
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    let nb = is_nonblocking(fd);
     match accept_on(&session, fd, &opts) {
         Ok(Accepted::Attached(t)) => {
+            let nb = is_nonblocking(fd);
             log::info!(
                 "accept: {:?}, connection {}",
                 t.mode(),

@@ -6,6 +6,7 @@
 //! against the registry; a bad request gets an `Error` reply and harms
 //! nothing else.
 
+pub mod board;
 pub mod registry;
 pub mod server;
 pub mod watch;
@@ -123,6 +124,8 @@ pub struct Devd {
     diag: Option<OwnedFd>,
     /// Sequence number of the last sock_diag request.
     diag_seq: u32,
+    /// The listener board every Welcome hands out.
+    board: board::Board,
 }
 
 /// What sock_diag says of an orphaned end's socket ([`Devd::orphan_seen`]).
@@ -215,19 +218,24 @@ impl Devd {
                 .map_err(|e| log::info!("no sock_diag ({e}): orphaned ends wait out their grace"))
                 .ok(),
             diag_seq: 0,
+            board: board::Board::new(),
         }
     }
 
     /// Handles one decoded request from session `sid`.
     pub fn handle(&mut self, sid: u64, req: Request, mut fds: Vec<OwnedFd>) -> Reply {
         let r = match req {
-            Request::Hello { .. } => Ok((
-                Response::Welcome {
-                    spin_us: self.cfg.spin_us,
-                    default_mode: self.cfg.default_mode.mode(),
-                },
-                vec![],
-            )),
+            Request::Hello { .. } => {
+                let board = self.board.fd();
+                Ok((
+                    Response::Welcome {
+                        spin_us: self.cfg.spin_us,
+                        default_mode: self.cfg.default_mode.mode(),
+                        board: board.is_some(),
+                    },
+                    board.into_iter().collect(),
+                ))
+            }
             Request::Listen => self.listen(sid, &fds[0]),
             Request::Unlisten => self.unlisten(sid, &fds[0]),
             Request::Intent { dst, pref } => self.intent(sid, fds.swap_remove(0), dst, pref),
@@ -260,6 +268,18 @@ impl Devd {
                 // stays accelerated
                 // (unsupported).
                 self.totals.fallback(reason);
+                Ok((Response::Ok, vec![]))
+            }
+            Request::Skipped { reason, count } => {
+                // Connections a client left on kernel TCP without asking
+                // (the board said so): counted as such, never trusted
+                // for more (a client can only inflate its own counts).
+                if matches!(
+                    reason,
+                    FallbackReason::PeerNotEnabled | FallbackReason::ShortLived
+                ) {
+                    self.totals.skipped(reason, count);
+                }
                 Ok((Response::Ok, vec![]))
             }
             Request::Stats { after, limit } => {
@@ -333,8 +353,10 @@ impl Devd {
             addr: end.addr,
             dual_stack,
             seen: None,
+            short: Default::default(),
         };
         self.reg.listeners.insert(end.inode, l);
+        self.board.publish(&self.reg.listeners);
         Ok((Response::Ok, vec![]))
     }
 
@@ -354,6 +376,7 @@ impl Devd {
     fn let_go_of_listener(&mut self, inode: u64) {
         if self.diag.is_none() {
             self.reg.listeners.remove(&inode);
+            self.board.publish(&self.reg.listeners);
         } else if let Some(l) = self.reg.listeners.get_mut(&inode) {
             l.session = None;
             l.seen = None;
@@ -399,6 +422,7 @@ impl Devd {
                 }
             }
         }
+        self.board.publish(&self.reg.listeners);
     }
 
     /// Answers an Intent with Kernel: counts the reason (not again for a
@@ -484,9 +508,10 @@ impl Devd {
         {
             self.check_listeners(|l| old(l) && l.addr.port() == dst.port());
         }
-        let Some(listener) = self.reg.listener_for(dst).map(|l| l.session) else {
+        let Some(linode) = self.reg.listener_inode_for(dst) else {
             return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode);
         };
+        let listener = self.reg.listeners[&linode].session;
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
         let sole = self.reg.listeners_for(dst).nth(1).is_none();
@@ -524,6 +549,7 @@ impl Devd {
             bytes: c.bytes,
             port: std::cell::Cell::new(0),
             reuse_by: c.reuse_by,
+            listener: Some(linode),
         };
         for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
@@ -842,6 +868,8 @@ impl Devd {
                 violated: false,
                 parkable: true,
                 park: [false; 2],
+                listener: intent.listener,
+                born: intent.at,
             },
         );
         Ok((Response::Expect { token, attachment }, fds))
@@ -1023,6 +1051,7 @@ impl Devd {
             let Some(c) = self.reg.conns.remove(&id) else {
                 return;
             };
+            self.judge(&c);
             if self.parkable(&c) {
                 self.park(c);
                 return;
@@ -1034,6 +1063,36 @@ impl Devd {
                 let c = self.trash.remove(0);
                 self.count_closed(&c);
             }
+        }
+    }
+
+    /// The `short_lived` policy's look at a connection both ends closed:
+    /// its listener's streak, and the board if the listener goes on
+    /// kernel TCP now.
+    fn judge(&mut self, c: &Conn) {
+        let policy = &self.cfg.policy;
+        let Some(inode) = c.listener else { return };
+        if policy.short_lived_ms == 0 || !self.reg.listeners.contains_key(&inode) {
+            return;
+        }
+        let lived = c.born.elapsed();
+        let short = lived < std::time::Duration::from_millis(policy.short_lived_ms) && {
+            let j = conn_json(c);
+            board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
+        };
+        let now = sys::monotonic_ns();
+        let Some(l) = self.reg.listeners.get_mut(&inode) else {
+            return;
+        };
+        if board::judge(policy, &mut l.short, short, now) {
+            log::info!(
+                "listener {}: {} short connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
+                l.addr,
+                policy.short_lived_streak,
+                policy.short_lived_hold_ms
+            );
+            self.totals.short_lived_periods += 1;
+            self.board.publish(&self.reg.listeners);
         }
     }
 

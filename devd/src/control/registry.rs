@@ -35,6 +35,8 @@ pub struct Listener {
     /// With no session: when sock_diag last showed the socket listening
     /// (None: not looked at since its session let go of it).
     pub seen: Option<Instant>,
+    /// Its `short_lived` state (what the listener board says of it).
+    pub short: super::board::Short,
 }
 
 /// Key under which intents wait for their accept: the destination (ip
@@ -64,18 +66,9 @@ pub const PARKED_PER_USER: usize = 16;
 /// See [`PARKED_PER_PAIR`]: parked regions in all.
 pub const PARKED_MAX: usize = 256;
 
-/// Normalizes an address as both ends of a local TCP connection see it.
-pub fn canon(ip: IpAddr) -> IpAddr {
-    let ip = ip.to_canonical();
-    if ip.is_unspecified() {
-        match ip {
-            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-        }
-    } else {
-        ip
-    }
-}
+/// Normalizes an address as both ends of a local TCP connection see it
+/// (the listener board's rule, which clients apply too).
+pub use ssock_rings::board::canon;
 
 /// A connector's announced connection, created (its region and doorbells
 /// exist, the connector holds its end) but not yet claimed by an acceptor.
@@ -109,6 +102,8 @@ pub struct Intent {
     /// listener's: only that session may claim it (another gets
     /// ExpectKernel, `other_acceptor`: the region is mapped in the first).
     pub reuse_by: Option<u64>,
+    /// The listener it is for (socket inode), for the `short_lived` policy.
+    pub listener: Option<u64>,
 }
 
 /// An intent whose connector let go of it (Release, or its session ended)
@@ -236,6 +231,11 @@ pub struct Conn {
     pub parkable: bool,
     /// Each end asked in its Release to keep the region ([`Parked`]).
     pub park: [bool; 2],
+    /// The listener it came through (socket inode) and when its Intent
+    /// came: the `short_lived` policy judges it when it closes.
+    pub listener: Option<u64>,
+    /// See `listener`.
+    pub born: Instant,
 }
 
 /// All control-plane tables.
@@ -274,22 +274,24 @@ impl Registry {
     /// to whatever plain process really accepts the connection.
     /// One held by a session is preferred (its session matters for reuse).
     pub fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
-        self.listeners_for(dst).min_by_key(|l| l.session.is_none())
+        self.listener_inode_for(dst).map(|i| &self.listeners[&i])
+    }
+
+    /// The socket inode of [`Registry::listener_for`]'s listener.
+    pub fn listener_inode_for(&self, dst: SocketAddr) -> Option<u64> {
+        self.listeners
+            .iter()
+            .filter(|(_, l)| ssock_rings::board::reaches(l.addr, l.dual_stack, dst))
+            .min_by_key(|(_, l)| l.session.is_none())
+            .map(|(&i, _)| i)
     }
 
     /// Every registered listener a connection to `dst` may reach (several
     /// with SO_REUSEPORT; see [`Registry::listener_for`]).
     pub fn listeners_for(&self, dst: SocketAddr) -> impl Iterator<Item = &Listener> {
-        let dip = canon(dst.ip());
-        self.listeners.values().filter(move |l| {
-            let lip = l.addr.ip().to_canonical();
-            let addr_ok = if lip.is_unspecified() {
-                lip.is_ipv4() == dip.is_ipv4() || (l.dual_stack && dip.is_ipv4())
-            } else {
-                canon(lip) == dip
-            };
-            l.addr.port() == dst.port() && addr_ok
-        })
+        self.listeners
+            .values()
+            .filter(move |l| ssock_rings::board::reaches(l.addr, l.dual_stack, dst))
     }
 
     /// Charges or refunds a user's usage.
@@ -467,6 +469,7 @@ mod tests {
                 addr: addr.parse().unwrap(),
                 dual_stack,
                 seen: None,
+                short: Default::default(),
             },
         );
         r

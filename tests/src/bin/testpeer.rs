@@ -6,7 +6,8 @@
 //! MODE: auto | direct | queued | kernel
 //! SCRIPT: exchange N | send N | send-forever | recv | echo | hold N | hostile-direct | hostile-queued
 //! ```
-//! Every accepted/connected stream prints "MODE <mode> <conn id or 0>".
+//! Every accepted/connected stream prints "MODE <mode> <conn id or 0> [reason]"
+//! (the reason: why it stayed on kernel TCP, when there is one).
 //! Results are printed as lines starting with OK, RECV or ERR.
 
 #![forbid(unsafe_code)]
@@ -42,7 +43,12 @@ fn mode(s: &str) -> Result<ModePref> {
 }
 
 fn announce(s: &Stream) {
-    println!("MODE {} {}", s.mode().name(), s.conn_id().unwrap_or(0));
+    let why = s.fallback_reason().map_or("", |r| r.name());
+    println!(
+        "MODE {} {} {why}",
+        s.mode().name(),
+        s.conn_id().unwrap_or(0)
+    );
 }
 
 fn wait_stdin() {

@@ -183,6 +183,13 @@ fn print_table(v: &Value) {
             fb.join(", ")
         }
     );
+    if t["short_lived_periods"].as_u64().is_some_and(|n| n > 0) {
+        out!(
+            "policy short_lived: listeners put on kernel TCP {} times, connections kept there {}",
+            t["short_lived_periods"],
+            t["fallbacks"]["short_lived"]
+        );
+    }
 }
 
 fn print_conn(c: &Value) {

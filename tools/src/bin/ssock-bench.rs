@@ -66,7 +66,7 @@ usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --mark
   --raw           with --json: also every per-message latency sample
   --plot FILE     also draw latency and throughput against size into FILE (PNG)
   --no-pin        do not pin the two ends of single-connection tests to two CPUs
-  --devd WHICH    private (default): start a devd of our own; existing: use the running one
+  --devd WHICH    private (default): start a devd of our own (its short_lived policy off); existing: use the running one
   --only TEXT     run only the tests whose name contains TEXT
   --transports L  only these transports, comma-separated: kernel,unix,direct,queued
   -h, --help      print this help
@@ -1173,7 +1173,10 @@ fn bench(args: &[String]) -> Result<()> {
     }
     let _private = match a.devd.as_str() {
         "private" => {
-            let d = ssock_tools::start_private_devd(&[])?;
+            // The Direct and Queued rows measure those transports: the
+            // short_lived policy, which would keep the setup test's
+            // connections on kernel TCP, is off.
+            let d = ssock_tools::start_private_devd(&["--short-lived-ms", "0"])?;
             // Set before this process starts any thread; the peer inherits it.
             std::env::set_var(ssock_rings::paths::SOCKET_ENV, &d.socket);
             Some(d)

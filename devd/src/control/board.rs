@@ -1,0 +1,169 @@
+//! The listener board devd publishes to its clients (`ssock_rings::board`:
+//! the registered listeners, and until when each one's connections stay on
+//! kernel TCP), and the `short_lived` policy that decides the latter from
+//! how long the listener's accelerated connections lived.
+//!
+//! Never here: a decision that pairs a connection (the board only lets
+//! clients skip asking; devd still answers whatever they ask), or a write
+//! to the board outside [`Board::publish`].
+
+use super::registry::{Fd, Listener};
+use crate::config::Policy;
+use ssock_rings::board::{self, Entry, BOARD_SIZE};
+use ssock_rings::shm::Mapping;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connection that carried this many bytes or more was worth its setup,
+/// however short it lived.
+pub const SHORT_LIVED_BYTES: u64 = 1 << 20;
+
+/// The board: devd's writable mapping of it, the read-only fd every
+/// Welcome carries, and what was last published (to write only changes).
+pub struct Board {
+    map: Option<(Mapping, Fd)>,
+    last: Vec<Entry>,
+}
+
+impl Default for Board {
+    fn default() -> Board {
+        Board::new()
+    }
+}
+
+impl Board {
+    /// A fresh, empty board; without one (memfd or mapping refused),
+    /// clients ask devd about every connection, as before the board.
+    pub fn new() -> Board {
+        let made = (|| -> std::io::Result<(Mapping, Fd)> {
+            let fd = ssock_rings::sys::memfd_unsealed("board", BOARD_SIZE)?;
+            let map = Mapping::map(fd.as_fd(), BOARD_SIZE, true)?;
+            board::init(&map);
+            ssock_rings::sys::seal_read_only(fd.as_fd())?;
+            Ok((map, Arc::new(fd)))
+        })();
+        Board {
+            map: made
+                .map_err(|e| {
+                    log::warn!("no listener board ({e}): clients ask about every connection")
+                })
+                .ok(),
+            last: Vec::new(),
+        }
+    }
+
+    /// The fd a Welcome carries, if there is a board.
+    pub fn fd(&self) -> Option<Fd> {
+        self.map.as_ref().map(|(_, fd)| fd.clone())
+    }
+
+    /// Publishes the listeners as they are now, if that changed anything.
+    pub fn publish(&mut self, listeners: &HashMap<u64, Listener>) {
+        let Some((map, _)) = &self.map else { return };
+        let mut keyed: Vec<(u64, Entry)> = listeners
+            .iter()
+            .map(|(&inode, l)| {
+                (
+                    inode,
+                    Entry {
+                        addr: l.addr,
+                        dual_stack: l.dual_stack,
+                        plain_until: l.short.plain_until,
+                    },
+                )
+            })
+            .collect();
+        keyed.sort_unstable_by_key(|(inode, _)| *inode);
+        let now: Vec<Entry> = keyed.into_iter().map(|(_, e)| e).collect();
+        if now != self.last {
+            board::publish(map, &now);
+            self.last = now;
+        }
+    }
+}
+
+/// A listener's `short_lived` state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Short {
+    /// Short connections in a row (capped at the policy's streak).
+    pub streak: u32,
+    /// CLOCK_MONOTONIC ns until which its connections stay on kernel TCP
+    /// (0: never put there).
+    pub plain_until: u64,
+    /// How many times the policy put it on kernel TCP.
+    pub periods: u64,
+}
+
+/// Whether a closed accelerated connection that lived `lived` and carried
+/// `bytes` (both directions) was short under `policy`.
+pub fn was_short(policy: &Policy, lived: Duration, bytes: u64) -> bool {
+    policy.short_lived_ms != 0
+        && lived < Duration::from_millis(policy.short_lived_ms)
+        && bytes < SHORT_LIVED_BYTES
+}
+
+/// Counts one closed connection of a listener; true if the listener's
+/// connections now stay on kernel TCP for the policy's hold (its board
+/// entry changed).
+pub fn judge(policy: &Policy, s: &mut Short, short: bool, now_ns: u64) -> bool {
+    if !short {
+        s.streak = 0;
+        return false;
+    }
+    s.streak = s.streak.saturating_add(1).min(policy.short_lived_streak);
+    if s.streak < policy.short_lived_streak || s.plain_until > now_ns {
+        return false;
+    }
+    let hold = policy.short_lived_hold_ms.saturating_mul(1_000_000);
+    s.plain_until = now_ns.saturating_add(hold);
+    s.periods += 1;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            short_lived_ms: 10,
+            short_lived_streak: 3,
+            short_lived_hold_ms: 1000,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn a_streak_of_short_connections_puts_the_listener_on_kernel_tcp_for_the_hold() {
+        let p = policy();
+        let mut s = Short::default();
+        assert!(!judge(&p, &mut s, true, 0));
+        assert!(!judge(&p, &mut s, true, 0));
+        assert!(judge(&p, &mut s, true, 5));
+        assert_eq!((s.plain_until, s.periods), (5 + 1_000_000_000, 1));
+        // Connections that were under way when it flipped change nothing.
+        assert!(!judge(&p, &mut s, true, 6));
+        // After the hold, one more short connection is enough ...
+        assert!(judge(&p, &mut s, true, 2_000_000_000));
+        assert_eq!(s.periods, 2);
+        // ... and a long one ends the streak.
+        assert!(!judge(&p, &mut s, false, 4_000_000_000));
+        assert!(!judge(&p, &mut s, true, 4_000_000_001));
+        assert_eq!(s.streak, 1);
+    }
+
+    #[test]
+    fn short_means_quick_and_small_and_zero_turns_it_off() {
+        let p = policy();
+        assert!(was_short(&p, Duration::from_millis(9), 100));
+        assert!(!was_short(&p, Duration::from_millis(10), 100));
+        assert!(!was_short(&p, Duration::from_millis(1), SHORT_LIVED_BYTES));
+        let off = Policy {
+            short_lived_ms: 0,
+            ..p
+        };
+        assert!(!was_short(&off, Duration::ZERO, 0));
+    }
+}

@@ -234,12 +234,14 @@ fn intent_and_connect(
     };
     if let Some(reason) = plain_by_board(session, dst) {
         let c = connect()?;
-        // Counted once per connection: not for a nonblocking connect
-        // called again (EALREADY; EISCONN is an error here).
-        let fresh = c
-            .as_ref()
-            .is_none_or(|e| e.raw_os_error() != Some(libc::EALREADY));
-        if reason == FallbackReason::ShortLived && fresh {
+        // Counted once per connection, not for a nonblocking connect()
+        // called again: it says EALREADY while the handshake goes on and
+        // 0 once it is done (the first call said EINPROGRESS).
+        let fresh = || match &c {
+            Some(e) => e.raw_os_error() != Some(libc::EALREADY),
+            None => !ssock_rings::sys::get_nonblocking(fd).unwrap_or(true),
+        };
+        if reason == FallbackReason::ShortLived && fresh() {
             session.skipped();
         }
         return Ok((Err(Some(reason)), c));

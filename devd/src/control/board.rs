@@ -104,20 +104,28 @@ pub fn was_short(policy: &Policy, lived: Duration, bytes: u64) -> bool {
         && bytes < SHORT_LIVED_BYTES
 }
 
-/// Counts one closed connection of a listener; true if the listener's
-/// connections now stay on kernel TCP for the policy's hold (its board
-/// entry changed).
-pub fn judge(policy: &Policy, s: &mut Short, short: bool, now_ns: u64) -> bool {
+/// Counts one closed connection of a listener, set up (its Intent) at
+/// `born_ns`; true if the listener's connections now stay on kernel TCP
+/// for the policy's hold (its board entry changed). Only connections set
+/// up after the last hold ended count: each hold is followed by a full
+/// streak of accelerated ones, so that persistent connections made then
+/// (a client that probes the address first, then connects for good) are
+/// accelerated, at the price of a streak's setups per hold.
+pub fn judge(policy: &Policy, s: &mut Short, short: bool, born_ns: u64, now_ns: u64) -> bool {
+    if born_ns < s.plain_until {
+        return false;
+    }
     if !short {
         s.streak = 0;
         return false;
     }
-    s.streak = s.streak.saturating_add(1).min(policy.short_lived_streak);
-    if s.streak < policy.short_lived_streak || s.plain_until > now_ns {
+    s.streak = s.streak.saturating_add(1);
+    if s.streak < policy.short_lived_streak {
         return false;
     }
     let hold = policy.short_lived_hold_ms.saturating_mul(1_000_000);
     s.plain_until = now_ns.saturating_add(hold);
+    s.streak = 0;
     s.periods += 1;
     true
 }
@@ -139,18 +147,25 @@ mod tests {
     fn a_streak_of_short_connections_puts_the_listener_on_kernel_tcp_for_the_hold() {
         let p = policy();
         let mut s = Short::default();
-        assert!(!judge(&p, &mut s, true, 0));
-        assert!(!judge(&p, &mut s, true, 0));
-        assert!(judge(&p, &mut s, true, 5));
+        assert!(!judge(&p, &mut s, true, 0, 1));
+        assert!(!judge(&p, &mut s, true, 0, 2));
+        assert!(judge(&p, &mut s, true, 1, 5));
         assert_eq!((s.plain_until, s.periods), (5 + 1_000_000_000, 1));
-        // Connections that were under way when it flipped change nothing.
-        assert!(!judge(&p, &mut s, true, 6));
-        // After the hold, one more short connection is enough ...
-        assert!(judge(&p, &mut s, true, 2_000_000_000));
+        // Connections set up before the hold ended change nothing ...
+        for _ in 0..5 {
+            assert!(!judge(&p, &mut s, true, 4, 6));
+            assert!(!judge(&p, &mut s, true, 900_000_000, 1_100_000_000));
+        }
+        // ... a full streak set up after it is needed again ...
+        assert!(!judge(&p, &mut s, true, 1_000_000_005, 1_200_000_000));
+        assert!(!judge(&p, &mut s, true, 1_000_000_006, 1_200_000_001));
+        assert!(judge(&p, &mut s, true, 1_000_000_007, 1_200_000_002));
         assert_eq!(s.periods, 2);
-        // ... and a long one ends the streak.
-        assert!(!judge(&p, &mut s, false, 4_000_000_000));
-        assert!(!judge(&p, &mut s, true, 4_000_000_001));
+        // ... and a long one ends a streak.
+        let after = s.plain_until;
+        assert!(!judge(&p, &mut s, true, after, after + 1));
+        assert!(!judge(&p, &mut s, false, after, after + 2));
+        assert!(!judge(&p, &mut s, true, after, after + 3));
         assert_eq!(s.streak, 1);
     }
 

@@ -1081,10 +1081,11 @@ impl Devd {
             board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
         };
         let now = sys::monotonic_ns();
+        let born = now.saturating_sub(u64::try_from(lived.as_nanos()).unwrap_or(u64::MAX));
         let Some(l) = self.reg.listeners.get_mut(&inode) else {
             return;
         };
-        if board::judge(policy, &mut l.short, short, now) {
+        if board::judge(policy, &mut l.short, short, born, now) {
             log::info!(
                 "listener {}: {} short connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
                 l.addr,

@@ -232,16 +232,17 @@ fn intent_and_connect(
         let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
         return Ok((Err(reason), connect()?));
     };
+    // A socket already connecting or connected (a nonblocking connect()
+    // called again, which says EALREADY during the handshake and 0 once it
+    // is done; a retry after EINTR) was decided at its first call: never
+    // paired now (the bytes it may have carried are not in any offset),
+    // nor counted again. Not a TCP socket: not ssock's.
+    if ssock_rings::sys::tcp_state(fd).ok() != Some(ssock_rings::sys::TCP_STATE_CLOSE) {
+        return Ok((Err(None), connect()?));
+    }
     if let Some(reason) = plain_by_board(session, dst) {
         let c = connect()?;
-        // Counted once per connection, not for a nonblocking connect()
-        // called again: it says EALREADY while the handshake goes on and
-        // 0 once it is done (the first call said EINPROGRESS).
-        let fresh = || match &c {
-            Some(e) => e.raw_os_error() != Some(libc::EALREADY),
-            None => !ssock_rings::sys::get_nonblocking(fd).unwrap_or(true),
-        };
-        if reason == FallbackReason::ShortLived && fresh() {
+        if reason == FallbackReason::ShortLived {
             session.skipped();
         }
         return Ok((Err(Some(reason)), c));

@@ -9,7 +9,7 @@ use ssock_rings::sys::SeqPacket;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 static GLOBAL: Mutex<Option<Arc<Session>>> = Mutex::new(None);
@@ -83,16 +83,11 @@ pub struct Session {
     /// devd's listener board (`ssock_rings::board`), mapped read-only;
     /// None if devd gave none or it failed its checks.
     board: Option<Mapping>,
-    /// Connections left on kernel TCP by the board, not yet reported.
-    skips: Mutex<Skips>,
-}
-
-/// The `short_lived` connections a process has not reported yet (see
-/// [`Session::skipped`]).
-#[derive(Debug, Default)]
-struct Skips {
-    count: u32,
-    last: Option<std::time::Instant>,
+    /// Connections left on kernel TCP by the board, not yet reported,
+    /// and when (CLOCK_MONOTONIC ns) the last report went (0: none yet).
+    /// Atomics, not a lock: a fork may come at any moment.
+    skips: AtomicU32,
+    skips_sent: AtomicU64,
 }
 
 /// A batch of skipped connections goes to devd once it holds this many ...
@@ -130,7 +125,8 @@ impl Session {
             default_mode: Mode::Direct,
             path: path.into(),
             board: None,
-            skips: Mutex::new(Skips::default()),
+            skips: AtomicU32::new(0),
+            skips_sent: AtomicU64::new(0),
         };
         match s.request(
             &Request::Hello {
@@ -217,12 +213,16 @@ impl Session {
     /// after `SKIPS_EVERY` or once `SKIPS_BATCH` wait; the last batch of a
     /// process that connects no more is not reported.
     pub fn skipped(&self) {
-        let mut s = self.skips.lock().unwrap_or_else(|p| p.into_inner());
-        s.count += 1;
-        let due = s.count >= SKIPS_BATCH || s.last.is_none_or(|t| t.elapsed() >= SKIPS_EVERY);
-        if due {
-            let count = std::mem::take(&mut s.count);
-            s.last = Some(std::time::Instant::now());
+        let waiting = self.skips.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = ssock_rings::sys::monotonic_ns();
+        let last = self.skips_sent.load(Ordering::Relaxed);
+        let every = u64::try_from(SKIPS_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        if waiting < SKIPS_BATCH && last != 0 && now.saturating_sub(last) < every {
+            return;
+        }
+        self.skips_sent.store(now, Ordering::Relaxed);
+        let count = self.skips.swap(0, Ordering::Relaxed);
+        if count > 0 {
             let _ = self.post(&Request::Skipped {
                 reason: FallbackReason::ShortLived,
                 count,

@@ -5,17 +5,19 @@
 //! no ssock listener serves, or to a listener kept on kernel TCP, connects
 //! plainly without asking devd, and such an acceptor does not claim: a
 //! connection ssock does not accelerate costs it nothing
-//! (docs/protocol.md section 1.3).
+//! (docs/protocol.md section 2.5).
 //!
 //! devd writes it under a sequence word (odd while it writes, the usual
 //! seqlock); readers copy what they need, check the word again and
 //! validate every field. A reader that cannot get a steady copy, or finds
 //! the board malformed or full, answers [`Found::Unknown`] and its caller
 //! asks devd as before: the board only ever saves a request, and both ends
-//! stay correct whatever it says (a connector that skipped devd leaves its
-//! acceptor's Claim unanswered, which keeps the connection plain; an
+//! stay correct whatever it says (a connector that skipped devd makes its
+//! acceptor's Claim find no intent, which keeps the connection plain; an
 //! acceptor that skipped its Claim leaves its connector on the kernel
-//! socket).
+//! socket). devd renews a deadline in it while it runs and clears it when
+//! it stops: a board whose devd died says unknown within [`ALIVE_FOR`], so
+//! that its clients ask (and find the new devd).
 //!
 //! Never here: a value used before it was validated, or a wait.
 
@@ -41,10 +43,16 @@ const OFF_COUNT: usize = 24;
 /// The latest `plain_until` of any entry: an acceptor looks further only
 /// while the clock is below it.
 const OFF_PLAIN_MAX: usize = 32;
+/// CLOCK_MONOTONIC ns after which the board is stale (devd renews it).
+const OFF_ALIVE: usize = 40;
 const FLAG_OVERFLOW: u64 = 1 << 32;
 
 const F_V6: u64 = 1 << 16;
 const F_DUAL: u64 = 1 << 17;
+
+/// How far ahead devd sets the board's deadline each time it renews it
+/// (at least every 5 s, its control loop's longest sleep).
+pub const ALIVE_FOR: u64 = 30_000_000_000;
 
 /// How often a reader tries for a steady copy before it gives up.
 const TRIES: usize = 16;
@@ -118,7 +126,19 @@ pub fn init(map: &Mapping) {
     );
     map.u64_at(OFF_COUNT).store(0, Ordering::Relaxed);
     map.u64_at(OFF_PLAIN_MAX).store(0, Ordering::Relaxed);
+    beat(map, now_ns());
     map.u64_at(OFF_MAGIC).store(MAGIC, Ordering::Release);
+}
+
+/// devd is alive at `now`: the board holds until `now + ALIVE_FOR`.
+pub fn beat(map: &Mapping, now: u64) {
+    map.u64_at(OFF_ALIVE)
+        .store(now.saturating_add(ALIVE_FOR), Ordering::Relaxed);
+}
+
+/// devd stops: readers say unknown from now on.
+pub fn retire(map: &Mapping) {
+    map.u64_at(OFF_MAGIC).store(0, Ordering::Release);
 }
 
 /// Publishes `entries` (devd, the only writer): the sequence word odd
@@ -199,6 +219,9 @@ fn steady<T>(map: &Mapping, f: impl Fn(&mut dyn Iterator<Item = Option<Entry>>) 
     }
     let v = map.u64_at(OFF_VERSION).load(Ordering::Relaxed);
     if v != u64::from(BOARD_VERSION) | ((CAPACITY as u64) << 32) {
+        return None;
+    }
+    if map.u64_at(OFF_ALIVE).load(Ordering::Relaxed) < now_ns() {
         return None;
     }
     let seq = map.u64_at(OFF_SEQ);
@@ -331,6 +354,19 @@ mod tests {
         assert_eq!(lookup(&m, dst), Found::Unknown);
         m.u64_at(OFF_MAGIC).store(0, Ordering::Relaxed);
         publish(&m, &[]);
+        assert_eq!(lookup(&m, dst), Found::Unknown);
+    }
+
+    #[test]
+    fn a_board_its_devd_stopped_renewing_or_retired_is_unknown() {
+        let m = board();
+        let dst = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(lookup(&m, dst), Found::Nothing);
+        beat(&m, now_ns() - ALIVE_FOR - 1);
+        assert_eq!(lookup(&m, dst), Found::Unknown);
+        beat(&m, now_ns());
+        assert_eq!(lookup(&m, dst), Found::Nothing);
+        retire(&m);
         assert_eq!(lookup(&m, dst), Found::Unknown);
     }
 }

@@ -825,6 +825,33 @@ pub fn sockopt_timeout(fd: BorrowedFd<'_>, name: i32) -> io::Result<Option<Durat
     Ok((!d.is_zero()).then_some(d))
 }
 
+/// The kernel's TCP state of a socket that has not started connecting
+/// (`TCP_CLOSE` in include/net/tcp_states.h).
+pub const TCP_STATE_CLOSE: u8 = 7;
+
+/// A TCP socket's state (`tcpi_state` of TCP_INFO: [`TCP_STATE_CLOSE`]
+/// for one not connecting yet); an error for a socket that is not TCP.
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    // TCP_INFO copies as much of `struct tcp_info` as asked for; its
+    // first byte is the state.
+    let mut v = [0u8; 8];
+    let mut len = libc::socklen_t::try_from(v.len()).map_err(io::Error::other)?;
+    // SAFETY: v/len describe a valid 8-byte out-buffer for the call.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            v.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    if len < 1 {
+        return Err(io::Error::other("TCP_INFO gave no state"));
+    }
+    Ok(v[0])
+}
+
 /// An integer socket option (SO_ACCEPTCONN, IPV6_V6ONLY, ...).
 pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;

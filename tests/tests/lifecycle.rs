@@ -647,3 +647,48 @@ fn ends_of_processes_killed_without_closing_are_released_at_once() -> Result<()>
     );
     Ok(())
 }
+
+/// A registered listener whose acceptor never claims (a worker that cannot
+/// reach devd's socket accepts plainly): each connector's intent is let go
+/// of unclaimed, which the `short_lived` policy counts as short; after a
+/// streak of 8 the listener's connections stay on kernel TCP without a
+/// request, every byte still right.
+#[test]
+fn a_listener_whose_acceptor_never_claims_goes_on_kernel_tcp_after_a_streak() -> Result<()> {
+    use ssock_rings::codec::{FallbackReason, Request, Response};
+    use std::os::fd::AsFd;
+    let d = Devd::start(&["--short-lived-ms", "10"])?;
+    let o = opts(&d, ModePref::Auto)?;
+    let sess = Session::connect(&d.socket)?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    ensure!(sess.request(&Request::Listen, &[l.as_fd()])?.0 == Response::Ok);
+    let addr = l.local_addr()?;
+    let mut reasons = Vec::new();
+    for k in 0..12u8 {
+        let mut c = Stream::connect_with(addr, &o)?;
+        let (mut a, _) = l.accept()?;
+        let mut b = [0u8; 1];
+        c.write_all(&[k])?;
+        a.read_exact(&mut b)?;
+        ensure!(b == [k], "connection {k}: acceptor read {b:?}");
+        a.write_all(&[k + 100])?;
+        c.read_exact(&mut b)?;
+        ensure!(b == [k + 100], "connection {k}: connector read {b:?}");
+        reasons.push(c.fallback_reason());
+    }
+    ensure!(
+        reasons[..8]
+            .iter()
+            .all(|r| *r != Some(FallbackReason::ShortLived))
+            && reasons[8..]
+                .iter()
+                .all(|r| *r == Some(FallbackReason::ShortLived)),
+        "reasons {reasons:?}"
+    );
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["short_lived_periods"] == 1 && t["connections"]["direct"] == 0,
+        "totals {t}"
+    );
+    Ok(())
+}

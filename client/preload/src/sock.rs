@@ -107,10 +107,15 @@ fn is_tcp(fd: BorrowedFd<'_>) -> bool {
 /// the socket is tracked, with what the kernel's connect said (0, or
 /// EINPROGRESS/EINTR while it goes on).
 pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Sock, i32)>, i32>> {
+    // A datagram socket never opens a devd session.
+    if ssock_rings::sys::socket_type(fd).ok() != Some(libc::SOCK_STREAM) {
+        return None;
+    }
     let session = session()?;
-    // No registered listener serves dst: not ssock's connection, and no
-    // system call spent finding out what kind of socket it is.
-    if plain_by_board(&session, dst) == Some(FallbackReason::PeerNotEnabled) || !is_tcp(fd) {
+    // No registered listener serves dst: not ssock's connection (the
+    // kernel's connect as it is, nothing more asked of the socket). A
+    // socket that is not TCP, or not fresh, stays plain in connect_start.
+    if plain_by_board(&session, dst) == Some(FallbackReason::PeerNotEnabled) {
         return None;
     }
     let opts = Options::with_session(session.clone());

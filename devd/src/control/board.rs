@@ -54,6 +54,13 @@ impl Board {
         }
     }
 
+    /// devd is alive: renews the board's deadline (`board::ALIVE_FOR`).
+    pub fn beat(&self) {
+        if let Some((map, _)) = &self.map {
+            board::beat(map, board::now_ns());
+        }
+    }
+
     /// The fd a Welcome carries, if there is a board.
     pub fn fd(&self) -> Option<Fd> {
         self.map.as_ref().map(|(_, fd)| fd.clone())
@@ -80,6 +87,15 @@ impl Board {
         if now != self.last {
             board::publish(map, &now);
             self.last = now;
+        }
+    }
+}
+
+impl Drop for Board {
+    /// devd stops: its clients' boards say unknown at once.
+    fn drop(&mut self) {
+        if let Some((map, _)) = &self.map {
+            board::retire(map);
         }
     }
 }

@@ -90,6 +90,10 @@ impl RequestError {
 /// Intent need not create them while its connector waits.
 const POOL: usize = 4;
 
+/// The largest batch a client reports in one Skipped (its batches hold
+/// 64 connections at most).
+const SKIPS_BATCH_MAX: u32 = 64;
+
 /// Closed connections waiting to be freed at most; past that they are
 /// freed at once (a steady stream of requests leaves no quiet moment).
 const MAX_TRASH: usize = 16;
@@ -272,13 +276,11 @@ impl Devd {
             }
             Request::Skipped { reason, count } => {
                 // Connections a client left on kernel TCP without asking
-                // (the board said so): counted as such, never trusted
-                // for more (a client can only inflate its own counts).
-                if matches!(
-                    reason,
-                    FallbackReason::PeerNotEnabled | FallbackReason::ShortLived
-                ) {
-                    self.totals.skipped(reason, count);
+                // (the board said so). Only statistics: a session could
+                // inflate them (by at most a batch per message), never
+                // change a decision.
+                if reason == FallbackReason::ShortLived {
+                    self.totals.skipped(reason, count.min(SKIPS_BATCH_MAX));
                 }
                 Ok((Response::Ok, vec![]))
             }
@@ -512,6 +514,12 @@ impl Devd {
             return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode);
         };
         let listener = self.reg.listeners[&linode].session;
+        // Its acceptor will not claim while the short_lived policy keeps
+        // the listener's connections on kernel TCP (a connector whose
+        // board could not tell asks anyway).
+        if self.reg.listeners[&linode].short.plain_until > sys::monotonic_ns() {
+            return self.kernel(FallbackReason::ShortLived, &fd, inode);
+        }
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
         let sole = self.reg.listeners_for(dst).nth(1).is_none();
@@ -1014,6 +1022,7 @@ impl Devd {
                 return Err(RequestError::NotHeld(id));
             }
             for i in gone {
+                self.judge_unclaimed(&i);
                 self.bury(i);
             }
             return Ok((Response::Ok, vec![]));
@@ -1071,8 +1080,7 @@ impl Devd {
     /// kernel TCP now.
     fn judge(&mut self, c: &Conn) {
         let policy = &self.cfg.policy;
-        let Some(inode) = c.listener else { return };
-        if policy.short_lived_ms == 0 || !self.reg.listeners.contains_key(&inode) {
+        if policy.short_lived_ms == 0 || c.listener.is_none() {
             return;
         }
         let lived = c.born.elapsed();
@@ -1080,6 +1088,25 @@ impl Devd {
             let j = conn_json(c);
             board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
         };
+        self.judge_listener(c.listener, lived, short);
+    }
+
+    /// The policy's look at an intent its connector let go of unclaimed:
+    /// its setup bought nothing (the acceptor could not or would not
+    /// claim it: a process without access to devd, a plain program on
+    /// the listening socket), so it counts as short.
+    fn judge_unclaimed(&mut self, i: &Intent) {
+        if self.cfg.policy.short_lived_ms != 0 {
+            self.judge_listener(i.listener, i.at.elapsed(), true);
+        }
+    }
+
+    /// Counts a judged connection that `lived` towards its listener's
+    /// streak (`board::judge`), and republishes the board if that puts
+    /// the listener's connections on kernel TCP.
+    fn judge_listener(&mut self, listener: Option<u64>, lived: std::time::Duration, short: bool) {
+        let policy = &self.cfg.policy;
+        let Some(inode) = listener else { return };
         let now = sys::monotonic_ns();
         let born = now.saturating_sub(u64::try_from(lived.as_nanos()).unwrap_or(u64::MAX));
         let Some(l) = self.reg.listeners.get_mut(&inode) else {
@@ -1087,13 +1114,33 @@ impl Devd {
         };
         if board::judge(policy, &mut l.short, short, born, now) {
             log::info!(
-                "listener {}: {} short connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
+                "listener {}: {} short or unclaimed connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
                 l.addr,
                 policy.short_lived_streak,
                 policy.short_lived_hold_ms
             );
             self.totals.short_lived_periods += 1;
+            // Every listener on that address (SO_REUSEPORT) is held alike:
+            // the board answers for the address.
+            let (addr, until) = (l.addr, l.short.plain_until);
+            let mut same = Vec::new();
+            for (&i, other) in &mut self.reg.listeners {
+                if other.addr == addr {
+                    other.short.plain_until = other.short.plain_until.max(until);
+                    same.push(i);
+                }
+            }
             self.board.publish(&self.reg.listeners);
+            // Acceptors that read the board from now on do not claim:
+            // pending intents to it end now (their connectors stay on the
+            // kernel socket, as CLAIM = kernel tells them).
+            let pending = self
+                .reg
+                .retain_intents(|i| !i.listener.is_some_and(|x| same.contains(&x)));
+            for i in pending {
+                self.totals.fallback(FallbackReason::ShortLived);
+                self.discard_intent(i);
+            }
         }
     }
 
@@ -1251,6 +1298,7 @@ impl Devd {
 
     /// Drops stale intents.
     pub fn expire(&mut self) {
+        self.board.beat();
         for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
             self.discard_intent(i);
         }

@@ -1695,9 +1695,16 @@ mod tests {
     use std::net::{SocketAddr, TcpListener, TcpStream};
 
     /// A control plane with `policy` (TOML lines of the [policy] table)
-    /// and one session (id 1) for this process.
+    /// and one session (id 1) for this process; the short_lived policy
+    /// off (these tests make many short connections to one listener).
     fn devd(policy: &str) -> Devd {
-        let cfg = Config::from_toml(&format!("[policy]\n{policy}"), Config::user()).unwrap();
+        let off = if policy.contains("short_lived_ms") {
+            ""
+        } else {
+            "short_lived_ms = 0\n"
+        };
+        let toml = format!("[policy]\n{off}{policy}");
+        let cfg = Config::from_toml(&toml, Config::user()).unwrap();
         let violations = Arc::new(AtomicU64::new(0));
         let engine =
             engine::spawn(Box::new(Loopback::default()), violations.clone(), None).unwrap();
@@ -1976,6 +1983,46 @@ mod tests {
             panic!("claim: {r:?}");
         };
         ((c, fds.len()), (b, afds.len()), a)
+    }
+
+    #[test]
+    fn a_hold_ends_the_listeners_pending_intents_and_answers_new_ones_kernel() {
+        let mut d = devd("short_lived_ms = 60000\nshort_lived_streak = 1");
+        let l = listener(&mut d);
+        let dst = l.local_addr().unwrap();
+        let s1 = socket();
+        let (r, pending) = intent(&mut d, &s1, dst);
+        assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+        // One short connection is a streak here: the hold begins when both
+        // its ends are released.
+        let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 1, &l);
+        release(&mut d, 1, &c, false);
+        release(&mut d, 1, &a, false);
+        assert_eq!(d.totals.short_lived_periods, 1);
+        // The pending intent ended, its connector told with CLAIM = kernel.
+        assert!(d.reg.intents.is_empty());
+        let (off, kernel) = layout::claim_kernel_bytes();
+        let mut word = vec![0u8; kernel.len()];
+        sys::pread_exact(pending[0].as_fd(), &mut word, off).unwrap();
+        assert_eq!(word, kernel);
+        // A connector whose board could not tell is answered Kernel.
+        let (r, _) = intent(&mut d, &socket(), dst);
+        assert_eq!(
+            r,
+            Response::Kernel {
+                reason: FallbackReason::ShortLived
+            }
+        );
+        assert_eq!(d.totals.fallbacks[&FallbackReason::ShortLived], 2);
+        // The board says so to every client.
+        let fd = d.board.fd().unwrap();
+        let map = ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false)
+            .unwrap();
+        let found = ssock_rings::board::lookup(&map, dst);
+        assert!(
+            matches!(found, ssock_rings::board::Found::Served { plain_until } if plain_until > sys::monotonic_ns()),
+            "{found:?}"
+        );
     }
 
     fn release(d: &mut Devd, sid: u64, a: &Attachment, park: bool) {

@@ -318,16 +318,17 @@ def main():
                         fell = after["connections"]["kernel"] - before["connections"]["kernel"]
                         direct = after["connections"]["direct"] - before["connections"]["direct"]
                         if bench.__name__ in BY_POLICY:
-                            kept = (after["fallbacks"]["short_lived"]
-                                    - before["fallbacks"]["short_lived"])
+                            delta = {k: after["fallbacks"][k] - before["fallbacks"][k]
+                                     for k in after["fallbacks"]}
+                            kept = delta.pop("short_lived")
                             print(f"{bench.__name__}: {direct} connections Direct, {kept} kept "
-                                  f"on kernel TCP by short_lived, {fell - kept} other kernel",
-                                  file=sys.stderr, flush=True)
+                                  "on kernel TCP by short_lived", file=sys.stderr, flush=True)
                             policy.setdefault("direct", []).append(direct)
                             policy.setdefault("short_lived", []).append(kept)
-                            if fell != kept:
-                                raise SystemExit(f"{bench.__name__}: {fell - kept} connections "
-                                                 "on kernel TCP for another reason")
+                            other = {k: v for k, v in delta.items() if v}
+                            if other:
+                                raise SystemExit(f"{bench.__name__}: connections on kernel TCP "
+                                                 f"for other reasons: {other}")
                         elif fell or not direct:
                             raise SystemExit(f"{bench.__name__}: {fell} connections fell back "
                                              f"to kernel TCP, {direct} Direct")

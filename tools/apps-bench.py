@@ -329,6 +329,11 @@ def main():
                             if other:
                                 raise SystemExit(f"{bench.__name__}: connections on kernel TCP "
                                                  f"for other reasons: {other}")
+                            # ab reached ssock: a streak went Direct, then the
+                            # policy kept most of its 20000 connections plain.
+                            if direct < 8 or kept < 10000:
+                                raise SystemExit(f"{bench.__name__}: {direct} Direct, {kept} "
+                                                 "kept by short_lived: not the policy's work")
                         elif fell or not direct:
                             raise SystemExit(f"{bench.__name__}: {fell} connections fell back "
                                              f"to kernel TCP, {direct} Direct")

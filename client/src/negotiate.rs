@@ -180,10 +180,16 @@ impl Pending {
 /// This side's end of the connection on `fd`, with its fds, asked for by
 /// the socket (Attach).
 fn attach_by_socket(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Pending> {
-    session
-        .request(&Request::Attach, &[fd])
-        .map_err(io::Error::other)
-        .and_then(Pending::from_reply)
+    match session.request(&Request::Attach, &[fd]) {
+        Ok(r) => Pending::from_reply(r),
+        // ENOENT keeps its code: devd knows no end on this socket.
+        Err(crate::session::SessionError::Refused { code, .. })
+            if i32::try_from(code) == Ok(libc::ENOENT) =>
+        {
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+        Err(e) => Err(io::Error::other(e)),
+    }
 }
 
 /// Tells devd this side will not use `pending` (posted: nothing waits).
@@ -388,6 +394,17 @@ pub fn connect_start(
         // its fds, by the socket.
         match attach_by_socket(session, fd) {
             Ok(fresh) => fresh,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // devd knows neither an intent nor a connection on this
+                // socket any more (it ended the intent: a short_lived hold
+                // began, or it expired): nothing can pair it, the
+                // connection is plain.
+                log::info!("connect to {dst}: devd ended its intent; kernel TCP");
+                return match under_way {
+                    Some(e) => Err(e),
+                    None => Ok(Started::Kernel(Some(FallbackReason::Refused))),
+                };
+            }
             Err(e) => {
                 release(session, &p);
                 shut();

@@ -42,6 +42,8 @@ pub struct Totals {
     /// Times the `short_lived` policy put a listener's connections on
     /// kernel TCP for its hold.
     pub short_lived_periods: u64,
+    /// Control requests handled (decoded ones, of every kind).
+    pub requests: u64,
 }
 
 impl Totals {
@@ -98,6 +100,7 @@ impl Totals {
             sessions_refused: self.sessions_refused,
             accept_failures: self.accept_failures,
             short_lived_periods: self.short_lived_periods,
+            requests: self.requests,
             bytes: BytesByMode {
                 direct: self.bytes_closed[0],
                 queued: self.bytes_closed[1],
@@ -167,6 +170,10 @@ pub struct TotalsJson {
     /// kernel TCP for a while (`fallbacks.short_lived` counts the
     /// connections that stayed there, as their connectors reported them).
     pub short_lived_periods: u64,
+    /// Control requests handled: what connections cost devd (one
+    /// accelerated connection: an Intent, a Claim and two Releases; one
+    /// the listener board kept plain: none, but a share of a Skipped).
+    pub requests: u64,
     /// Bytes carried (both directions, live and closed connections) by mode.
     pub bytes: BytesByMode,
 }

@@ -228,6 +228,7 @@ impl Devd {
 
     /// Handles one decoded request from session `sid`.
     pub fn handle(&mut self, sid: u64, req: Request, mut fds: Vec<OwnedFd>) -> Reply {
+        self.totals.requests += 1;
         let r = match req {
             Request::Hello { .. } => {
                 let board = self.board.fd();
@@ -1991,8 +1992,11 @@ mod tests {
         let l = listener(&mut d);
         let dst = l.local_addr().unwrap();
         let s1 = socket();
-        let (r, pending) = intent(&mut d, &s1, dst);
-        assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+        let (r_pending, pending) = intent(&mut d, &s1, dst);
+        assert!(
+            matches!(r_pending, Response::Proceed { .. }),
+            "{r_pending:?}"
+        );
         // One short connection is a streak here: the hold begins when both
         // its ends are released.
         let ((c, _), (a, _), _s) = connect_as(&mut d, 1, 1, &l);
@@ -2014,6 +2018,22 @@ mod tests {
             }
         );
         assert_eq!(d.totals.fallbacks[&FallbackReason::ShortLived], 2);
+        // Nothing stays charged; the ended intent's connection, accepted
+        // now, is plain; its connector's Release of it changes nothing.
+        assert!(d.reg.usage.is_empty(), "{:?}", d.reg.usage);
+        s1.connect(&dst.into()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert_eq!(claim(&mut d, &accepted).0, Response::Ok);
+        let Response::Proceed { attachment: a1, .. } = r_pending else {
+            unreachable!()
+        };
+        let req = Request::Release {
+            conn_id: a1.conn_id,
+            side: a1.side,
+            park: false,
+        };
+        assert!(matches!(d.handle(1, req, vec![]).0, Response::Error { .. }));
+        assert!(d.reg.usage.is_empty() && d.reg.conns.is_empty());
         // The board says so to every client.
         let fd = d.board.fd().unwrap();
         let map = ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false)

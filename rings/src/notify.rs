@@ -7,7 +7,7 @@
 
 use crate::sys::{poll, PollFd};
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Default spin budget before sleeping (Dolphin SuperSockets uses 30 us).
@@ -159,11 +159,65 @@ pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> 
     if let Some(v) = ready() {
         return Some(v);
     }
-    if budget.is_zero() {
+    if budget.is_zero() || !GATE.pays() {
         return None;
     }
     let _slot = SpinSlot::take()?;
-    spin_for(budget, ready)
+    let r = spin_for(budget, ready);
+    GATE.scored(r.is_some());
+    r
+}
+
+/// Whether spinning paid in this process lately (one [`Gate`] for all
+/// its waits).
+static GATE: Gate = Gate::new();
+
+/// Whether spinning pays: one point for a spin that ended with the peer's
+/// answer, two off for one that ran out (its caller slept anyway), within
+/// `-SCORE_MAX..=SCORE_MAX`. When more processes wait than there are CPUs
+/// (four database backends and their client on two cores), spins run out
+/// while taking the CPU from the very peer they wait for: the score goes
+/// below zero and waits sleep at once, but one in `PROBE_EVERY` spins
+/// still, to see whether it pays again. A ping-pong between two processes
+/// answers within a spin and keeps spinning.
+struct Gate {
+    score: AtomicI32,
+    /// Waits that asked while the score was below zero (for the probes).
+    skipped: AtomicU32,
+}
+
+const SCORE_MAX: i32 = 16;
+const PROBE_EVERY: u32 = 16;
+
+impl Gate {
+    const fn new() -> Gate {
+        Gate {
+            score: AtomicI32::new(0),
+            skipped: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether this wait spins.
+    fn pays(&self) -> bool {
+        self.score.load(Ordering::Relaxed) >= 0
+            || self
+                .skipped
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(PROBE_EVERY)
+    }
+
+    /// Counts how a spin ended.
+    fn scored(&self, answered: bool) {
+        let _ = self
+            .score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(if answered {
+                    (s + 1).min(SCORE_MAX)
+                } else {
+                    (s - 2).max(-SCORE_MAX)
+                })
+            });
+    }
 }
 
 /// Spins calling `ready` until it returns Some or `budget` passes.
@@ -206,6 +260,32 @@ pub fn sleep(fds: &mut [PollFd], deadline: Option<Instant>) -> io::Result<bool> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn spins_that_run_out_stop_spinning_but_for_probes_and_answered_ones_resume() {
+        let g = Gate::new();
+        assert!(g.pays());
+        // One answered spin; then two that ran out push it below zero.
+        g.scored(true);
+        g.scored(false);
+        g.scored(false);
+        assert_eq!(g.score.load(Ordering::Relaxed), -3);
+        // Waits sleep at once then, but for one probe in 16.
+        let asked: Vec<bool> = (0..32).map(|_| g.pays()).collect();
+        assert_eq!(asked.iter().filter(|&&p| p).count(), 2, "{asked:?}");
+        assert!(asked[0] && asked[16]);
+        // The score is bounded: as many answered probes as the floor is
+        // deep bring spinning back.
+        for _ in 0..20 {
+            g.scored(false);
+        }
+        assert_eq!(g.score.load(Ordering::Relaxed), -SCORE_MAX);
+        for _ in 0..SCORE_MAX {
+            g.scored(true);
+        }
+        assert!(g.pays());
+    }
+
     use super::*;
 
     #[test]

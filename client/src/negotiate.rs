@@ -214,8 +214,8 @@ fn under_way(e: &io::Error) -> bool {
     )
 }
 
-/// The connector's half of the pairing on `fd`, an unconnected TCP
-/// socket: the Intent (devd creates the connection and keeps a duplicate
+/// The connector's half of the pairing on `fd`, a TCP socket that has not
+/// started connecting (see [`fresh_tcp`]): the Intent (devd creates the connection and keeps a duplicate
 /// of the socket, to pair it with the acceptor's by address), then the
 /// kernel's own connect, blocking or not. The socket is not bound first:
 /// an explicit bind to port 0 costs a search of the kernel's bind table,
@@ -238,14 +238,6 @@ fn intent_and_connect(
         let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
         return Ok((Err(reason), connect()?));
     };
-    // A socket already connecting or connected (a nonblocking connect()
-    // called again, which says EALREADY during the handshake and 0 once it
-    // is done; a retry after EINTR) was decided at its first call: never
-    // paired now (the bytes it may have carried are not in any offset),
-    // nor counted again. Not a TCP socket: not ssock's.
-    if ssock_rings::sys::tcp_state(fd).ok() != Some(ssock_rings::sys::TCP_STATE_CLOSE) {
-        return Ok((Err(None), connect()?));
-    }
     if let Some(reason) = plain_by_board(session, dst) {
         let c = connect()?;
         if reason == FallbackReason::ShortLived {
@@ -292,6 +284,19 @@ fn intent_and_connect(
             Err(e)
         }
     }
+}
+
+/// Whether `fd` is a TCP socket that has not started connecting (TCP_INFO
+/// state `TCP_CLOSE`), the only kind a connect may pair or count. Not one:
+/// a socket already connecting or connected (a nonblocking connect()
+/// called again, which says EALREADY during the handshake and 0 once it is
+/// done; a retry after EINTR) was decided at its first call and is never
+/// paired now (the bytes it may have carried are in no offset) nor counted
+/// again; and a socket that is not TCP is not ssock's. The library's own
+/// sockets are fresh; the preload shim asks before anything else (one
+/// system call, which also keeps a datagram socket from opening a session).
+pub fn fresh_tcp(fd: BorrowedFd<'_>) -> bool {
+    ssock_rings::sys::tcp_state(fd).ok() == Some(ssock_rings::sys::TCP_STATE_CLOSE)
 }
 
 /// Whether devd's listener board says a connection to `dst` stays on

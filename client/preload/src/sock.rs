@@ -8,7 +8,7 @@
 
 use crate::outcome::Outcome;
 use ssock_client::negotiate::{
-    accept_on, connect_start, plain_by_board, register_listener, Accepted, Started,
+    accept_on, connect_start, fresh_tcp, plain_by_board, register_listener, Accepted, Started,
 };
 use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::{Mode, Options, Session};
@@ -107,14 +107,14 @@ fn is_tcp(fd: BorrowedFd<'_>) -> bool {
 /// the socket is tracked, with what the kernel's connect said (0, or
 /// EINPROGRESS/EINTR while it goes on).
 pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Sock, i32)>, i32>> {
-    // A datagram socket never opens a devd session.
-    if ssock_rings::sys::socket_type(fd).ok() != Some(libc::SOCK_STREAM) {
+    // Only a fresh TCP socket is ssock's; a datagram socket never opens a
+    // devd session, and a connect() called again is the kernel's alone.
+    if !fresh_tcp(fd) {
         return None;
     }
     let session = session()?;
     // No registered listener serves dst: not ssock's connection (the
-    // kernel's connect as it is, nothing more asked of the socket). A
-    // socket that is not TCP, or not fresh, stays plain in connect_start.
+    // kernel's connect as it is, nothing more asked of the socket).
     if plain_by_board(&session, dst) == Some(FallbackReason::PeerNotEnabled) {
         return None;
     }

@@ -93,14 +93,7 @@ pub fn move_high(fd: OwnedFd) -> OwnedFd {
 /// Creates a memfd of `size` bytes and seals its size (shrink, grow, and
 /// further sealing), so no holder can make the other side SIGBUS.
 pub fn memfd_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
-    let cname = CString::new(format!("ssock-{name}")).map_err(io::Error::other)?;
-    // SAFETY: cname is a valid NUL-terminated string for the call's duration.
-    let fd = owned(unsafe {
-        libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    })?;
-    let len = libc::off_t::try_from(size).map_err(io::Error::other)?;
-    // SAFETY: plain syscall on an fd we own.
-    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    let fd = memfd_unsealed(name, size)?;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: plain fcntl on an fd we own.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;

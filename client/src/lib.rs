@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bells;
 pub mod negotiate;
 pub mod options;
 pub mod session;

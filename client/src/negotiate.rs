@@ -245,6 +245,8 @@ fn intent_and_connect(
         }
         return Ok((Err(Some(reason)), c));
     }
+    // A spare doorbell for the next child, if the last went to one.
+    crate::bells::refill(session);
     let intent = Request::Intent {
         dst,
         pref: opts.mode,
@@ -448,6 +450,7 @@ pub fn accept_on(
     // only once this end, in hand, says accepted in the hand-over words
     // (`Handover::wrap`), so a Claim devd answered too late, or an end
     // that cannot be used, leaves it on the kernel socket.
+    crate::bells::refill(session);
     let sent = match session.begin(&Request::Claim, &[fd]) {
         Ok(f) => f,
         Err(_) => return Ok(Accepted::Kernel(None)),

@@ -103,8 +103,15 @@ struct Chan {
 }
 
 impl Session {
-    /// Connects to devd at `path` and says Hello.
+    /// Connects to devd at `path` and says Hello. The doorbells of its
+    /// Welcome become this process's only if it has none yet.
     pub fn connect(path: &Path) -> Result<Arc<Session>, SessionError> {
+        Session::connect_as(path, false)
+    }
+
+    /// `connect`; `process_wide`: the process-wide session, whose doorbells
+    /// become this process's (`crate::bells::welcome`).
+    fn connect_as(path: &Path, process_wide: bool) -> Result<Arc<Session>, SessionError> {
         let sock = SeqPacket::connect(path)
             .map_err(|source| SessionError::Connect {
                 path: path.into(),
@@ -138,15 +145,28 @@ impl Session {
                 Response::Welcome {
                     spin_us,
                     default_mode,
-                    ..
+                    board,
+                    bell,
+                    spare,
                 },
                 fds,
-            ) => Ok(Arc::new(Session {
-                spin: Duration::from_micros(u64::from(spin_us)),
-                default_mode,
-                board: fds.first().and_then(|fd| map_board(fd.as_fd())),
-                ..s
-            })),
+            ) => {
+                let mut fds = fds.into_iter();
+                let board = if board { fds.next() } else { None };
+                let mut pipe = |id: u32| match (id, fds.next(), fds.next()) {
+                    (0, ..) => None,
+                    (id, Some(r), Some(w)) => Some((id, r, w)),
+                    _ => None,
+                };
+                let (own, spare) = (pipe(bell), pipe(spare));
+                crate::bells::welcome(own, spare, process_wide);
+                Ok(Arc::new(Session {
+                    spin: Duration::from_micros(u64::from(spin_us)),
+                    default_mode,
+                    board: board.and_then(|fd| map_board(fd.as_fd())),
+                    ..s
+                }))
+            }
             _ => Err(SessionError::Unexpected("a non-Welcome")),
         }
     }
@@ -162,9 +182,15 @@ impl Session {
         if g.is_none() {
             *g = ssock_rings::paths::client_sockets()
                 .iter()
-                .find_map(|p| Session::connect(p).ok());
+                .find_map(|p| Session::connect_as(p, true).ok());
         }
         g.clone()
+    }
+
+    /// The process-wide session if there is one that works; never connects.
+    pub fn existing() -> Option<Arc<Session>> {
+        let g = GLOBAL.try_lock().ok()?;
+        g.as_ref().filter(|s| !s.is_broken()).cloned()
     }
 
     /// In a child after fork: the inherited control socket is the parent's

@@ -263,6 +263,8 @@ pub struct DevdJson {
     pub backend: &'static str,
     /// Live sessions.
     pub sessions: usize,
+    /// Doorbells devd keeps (each session's own and its recent spares).
+    pub doorbells: usize,
     /// Live accelerated connections.
     pub live_connections: usize,
     /// Registered listeners.

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 8;
+pub const CTL_VERSION: u16 = 9;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -237,6 +237,10 @@ pub struct Attachment {
     /// Direct only: the region is one this process kept (parked) after an
     /// earlier connection; no fds travel, and devd reset its header.
     pub reuse: bool,
+    /// Direct only: the doorbell of the peer's process when devd knows it
+    /// (0: not yet, as for a connector before its acceptor claims). Its
+    /// write end travels after the region's unless `reuse`.
+    pub peer_bell: u32,
 }
 
 impl Attachment {
@@ -244,7 +248,7 @@ impl Attachment {
     pub fn fd_count(&self) -> usize {
         match self.mode {
             _ if self.reuse => 0,
-            Mode::Direct => 5,
+            Mode::Direct => 1 + usize::from(self.peer_bell != 0),
             _ => 4,
         }
     }
@@ -315,6 +319,14 @@ pub enum Request {
         /// How many.
         count: u32,
     },
+    /// The doorbell with this id (a sleeping peer named it in its wait
+    /// word), or with id 0 a new spare doorbell of this session (the last
+    /// one went to a forked child): answered with `Response::Bell` and its
+    /// eventfd. No fds.
+    Bell {
+        /// devd's id of the doorbell (0: a new spare).
+        id: u32,
+    },
     /// Statistics page: connections with id > `after`, at most `limit`.
     Stats {
         /// Last id of the previous page (0 for the first).
@@ -335,6 +347,14 @@ pub enum Response {
         default_mode: Mode,
         /// The listener board's fd travels with it (`board`).
         board: bool,
+        /// The id of this session's doorbell (0: none), a pipe whose read
+        /// and write ends travel after the board's: the process's sleepers
+        /// wait on it, and its peers ring it by this id (holding only its
+        /// write end).
+        bell: u32,
+        /// A second doorbell of this session (0: none), its two ends last:
+        /// the next child this process forks takes it as its own.
+        spare: u32,
     },
     /// Done.
     Ok,
@@ -371,6 +391,15 @@ pub enum Response {
     },
     /// The connection's resources (fds beside the frame).
     Attached(Attachment),
+    /// The doorbell asked for with `Request::Bell`: its write end beside
+    /// the frame, or for a new spare (`both`) its read end, then its
+    /// write end.
+    Bell {
+        /// Its id.
+        id: u32,
+        /// Both ends travel (a spare of the asker's own).
+        both: bool,
+    },
     /// A statistics page, as JSON text (see docs/ringstat.md).
     Stats {
         /// JSON.
@@ -442,6 +471,7 @@ impl W {
             .u64(a.geom_b)
             .u64(a.region)
             .u8(u8::from(a.reuse))
+            .u32(a.peer_bell)
     }
     fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.0.len() - HDR).expect("frame too long");
@@ -556,11 +586,18 @@ impl<'a> R<'a> {
             geom_b: self.u64()?,
             region: self.u64()?,
             reuse: self.bool("reuse")?,
+            peer_bell: self.u32()?,
         };
         if a.reuse && a.mode != Mode::Direct {
             return Err(DecodeError::Field {
                 field: "reuse",
                 value: 1,
+            });
+        }
+        if a.peer_bell != 0 && a.mode != Mode::Direct {
+            return Err(DecodeError::Field {
+                field: "peer_bell",
+                value: u64::from(a.peer_bell),
             });
         }
         Ok(a)
@@ -671,6 +708,11 @@ impl Request {
                 w.u16(*reason as u16).u32(*count);
                 w.finish()
             }
+            Request::Bell { id } => {
+                let mut w = W::new(14);
+                w.u32(*id);
+                w.finish()
+            }
             Request::Stats { after, limit } => {
                 let mut w = W::new(10);
                 w.u64(*after).u16(*limit);
@@ -706,6 +748,7 @@ impl Request {
             9 => Request::Fallback {
                 reason: r.reason()?,
             },
+            14 => Request::Bell { id: r.u32()? },
             13 => Request::Skipped {
                 reason: r.reason()?,
                 count: r.u32()?,
@@ -736,7 +779,10 @@ impl Response {
             Response::Attached(a)
             | Response::Proceed { attachment: a, .. }
             | Response::Expect { attachment: a, .. } => a.fd_count(),
-            Response::Welcome { board, .. } => usize::from(*board),
+            Response::Welcome {
+                board, bell, spare, ..
+            } => usize::from(*board) + 2 * usize::from(*bell != 0) + 2 * usize::from(*spare != 0),
+            Response::Bell { both, .. } => 1 + usize::from(*both),
             _ => 0,
         }
     }
@@ -748,9 +794,20 @@ impl Response {
                 spin_us,
                 default_mode,
                 board,
+                bell,
+                spare,
             } => {
                 let mut w = W::new(101);
-                w.u32(*spin_us).u8(*default_mode as u8).u8(u8::from(*board));
+                w.u32(*spin_us)
+                    .u8(*default_mode as u8)
+                    .u8(u8::from(*board))
+                    .u32(*bell)
+                    .u32(*spare);
+                w.finish()
+            }
+            Response::Bell { id, both } => {
+                let mut w = W::new(110);
+                w.u32(*id).u8(u8::from(*both));
                 w.finish()
             }
             Response::Ok => W::new(102).finish(),
@@ -804,8 +861,14 @@ impl Response {
                     spin_us,
                     default_mode,
                     board,
+                    bell: r.u32()?,
+                    spare: r.u32()?,
                 }
             }
+            110 => Response::Bell {
+                id: r.u32()?,
+                both: r.bool("both")?,
+            },
             102 => Response::Ok,
             103 => Response::Proceed {
                 token: r.u64()?,
@@ -877,6 +940,7 @@ mod tests {
                 reason: FallbackReason::ShortLived,
                 count: 64,
             },
+            Request::Bell { id: 77 },
             Request::Stats {
                 after: 3,
                 limit: 100,
@@ -903,16 +967,29 @@ mod tests {
             geom_b: 3,
             region: 4,
             reuse: false,
+            peer_bell: 0,
         };
-        let parked = Attachment { reuse: true, ..a };
+        let parked = Attachment {
+            reuse: true,
+            peer_bell: 9,
+            ..a
+        };
         assert_eq!(parked.fd_count(), 0);
+        let with_bell = Attachment { peer_bell: 9, ..a };
+        assert_eq!(with_bell.fd_count(), 2);
+        assert_eq!(a.fd_count(), 1);
         for r in [
             Response::Attached(parked),
             Response::Welcome {
                 spin_us: 30,
                 default_mode: Mode::Direct,
                 board: true,
+                bell: 3,
+                spare: 4,
             },
+            Response::Bell { id: 3, both: false },
+            Response::Bell { id: 4, both: true },
+            Response::Attached(with_bell),
             Response::Ok,
             Response::Proceed {
                 token: 5,
@@ -957,7 +1034,7 @@ mod tests {
     #[test]
     fn garbage_is_refused_with_a_reason() {
         let mut b = Request::Hello { pid: 1 }.encode();
-        b[4] = 9;
+        b[4] = 7;
         assert!(matches!(
             Request::decode(&b, 0),
             Err(DecodeError::Version { .. })

@@ -3,8 +3,10 @@
 //! ```text
 //! 0      header: magic, version, kind, region size, connection id, geometry
 //! 64     Direct: per direction d (0: connector->acceptor, 1: the reverse)
-//!          64 + 256*d        producer line: head, flags, prod_wait, counters
-//!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters
+//!          64 + 256*d        producer line: head, flags, prod_wait, counters,
+//!                            base, prod_bell
+//!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters,
+//!                            cons_bell
 //!        Queued: state flags (192, 256), client counters (320..352)
 //! 4096   Direct: ring 0 data (cap bytes), ring 1 data (cap bytes)
 //!        Queued: TX and RX virtqueues, then TX slots and RX slots
@@ -18,7 +20,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 5;
+pub const REGION_VERSION: u32 = 6;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -80,6 +82,13 @@ pub mod hov {
     /// still write; E + 1 once it ended its writes (shutdown, close) after
     /// E bytes since it moved to the region.
     pub const END: usize = 1280;
+    /// u32: 1 once the connector holds its end (mapped, or kept): the
+    /// acceptor's writes may move to the region. Written by the connector.
+    pub const READY: usize = 1344;
+    /// u32 (Direct): the doorbell of the acceptor's process, written by
+    /// devd at the Claim, before the acceptor says accepted: the connector
+    /// gets it when it moves, before a child it forks may need to ring it.
+    pub const ACCEPTOR_BELL: usize = 1348;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -163,13 +172,13 @@ pub fn claim_kernel_bytes() -> (u64, [u8; 4]) {
 }
 
 /// The acceptor took its end (it mapped it and will read the region):
-/// its writes move to the region from its first byte (SWITCH = 0 + 1),
-/// then CLAIM says accepted, which lets the connector move. Only a
-/// process that has the end in hand says so, so a Claim whose answer came
-/// too late (the acceptor gave up and serves the connection plain) never
-/// moves the connector. False if CLAIM said otherwise already.
+/// CLAIM says accepted, which lets the connector move. Only a process that
+/// has the end in hand says so, so a Claim whose answer came too late (the
+/// acceptor gave up and serves the connection plain) never moves the
+/// connector. False if CLAIM said otherwise already. The acceptor's own
+/// writes move once the connector says it holds its end
+/// ([`connector_ready`]).
 pub fn accept_claim(m: &Mapping) -> bool {
-    let _ = publish_switch(m, 1, Switch::After(0));
     match m.u32_at(hov::CLAIM).compare_exchange(
         CLAIM_PENDING,
         CLAIM_ACCEPTED,
@@ -179,6 +188,27 @@ pub fn accept_claim(m: &Mapping) -> bool {
         Ok(_) => true,
         Err(cur) => cur == CLAIM_ACCEPTED,
     }
+}
+
+/// The connector holds its end (it will read the region once the
+/// acceptor's writes move there).
+pub fn mark_ready(m: &Mapping) {
+    // Release: after the mapping and attach that make the end usable.
+    m.u32_at(hov::READY).store(1, Ordering::Release);
+}
+
+/// Whether the connector said it holds its end ([`mark_ready`]). A
+/// connector that could not take its end (its fds did not arrive, its
+/// mapping failed) never says so, and reads the kernel socket only: the
+/// acceptor's writes must stay there.
+pub fn connector_ready(m: &Mapping) -> bool {
+    m.u32_at(hov::READY).load(Ordering::Acquire) == 1
+}
+
+/// The acceptor's doorbell devd wrote at the Claim (0: none). Untrusted:
+/// a wrong id only rings somebody else's doorbell, or nobody's.
+pub fn acceptor_bell(m: &Mapping) -> u32 {
+    m.u32_at(hov::ACCEPTOR_BELL).load(Ordering::Acquire)
 }
 
 /// What a direction's TAKEN word says (Queued).
@@ -459,6 +489,9 @@ pub struct DirOffsets {
     pub flags: usize,
     /// u32: producer sleep epoch, odd while asleep waiting for space.
     pub prod_wait: usize,
+    /// u32: the doorbell the producer sleeps on (devd's bell id), written
+    /// before `prod_wait` turns odd.
+    pub prod_bell: usize,
     /// u64: wake-ups the producer sent to the consumer.
     pub prod_notify_sent: usize,
     /// u64: publishes whose wake-up was suppressed (consumer awake).
@@ -473,6 +506,9 @@ pub struct DirOffsets {
     pub cons_closed: usize,
     /// u32: consumer sleep epoch, odd while asleep waiting for data.
     pub cons_wait: usize,
+    /// u32: the doorbell the consumer sleeps on, written before
+    /// `cons_wait` turns odd.
+    pub cons_bell: usize,
     /// u64: wake-ups the consumer sent to the producer.
     pub cons_notify_sent: usize,
     /// u64: consumptions whose wake-up was suppressed.
@@ -519,11 +555,13 @@ impl DirectLayout {
             prod_notify_sent: p + 16,
             prod_notify_suppressed: p + 24,
             base: p + 32,
+            prod_bell: p + 40,
             tail: c,
             cons_closed: c + 8,
             cons_wait: c + 12,
             cons_notify_sent: c + 16,
             cons_notify_suppressed: c + 24,
+            cons_bell: c + 32,
             data: HEADER_SIZE + d * self.cap,
         }
     }
@@ -652,7 +690,7 @@ mod tests {
         assert_eq!(l.cap % 64, 0);
         assert!(HEADER_SIZE + 2 * l.cap <= l.size);
         let d1 = l.dir(1);
-        assert!(d1.cons_notify_suppressed + 8 <= HEADER_SIZE);
+        assert!(d1.cons_bell + 4 <= HEADER_SIZE);
         assert_eq!(d1.data, HEADER_SIZE + l.cap);
     }
 

@@ -7,17 +7,17 @@
 //! (`tail <= head <= tail + cap`, monotonic), and only then used. A check
 //! that fails is a protocol violation: the caller resets this connection.
 //!
-//! Wake-ups: a side about to sleep stores an odd "sleep epoch" in its wait
-//! word, then re-checks the ring; the other side, after publishing, reads
-//! that word and rings the sleeper's eventfd only if it is odd and not yet
-//! rung. A SeqCst fence on both sides between the store and the load makes
+//! Wake-ups: a side about to sleep stores the id of the doorbell it sleeps
+//! on (its process's, see [`Doorbells`]) and then an odd "sleep epoch" in
+//! its wait word, then re-checks the ring; the other side, after
+//! publishing, reads that word and rings the doorbell it names only if it
+//! is odd and not yet rung. A SeqCst fence on both sides between the store and the load makes
 //! this Dekker-style handshake sound: at least one of them sees the other.
 //! A busy connection therefore makes no syscalls at all.
 
 use crate::idx;
 use crate::layout::{DirOffsets, DirectLayout, FLAG_EOS, FLAG_RESET};
 use crate::shm::Mapping;
-use crate::sys::EventFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
@@ -39,6 +39,14 @@ pub enum ReadOutcome {
     Reset,
 }
 
+/// How a ring end rings a sleeping peer's doorbell by the id the peer
+/// wrote (untrusted: a wrong one only wakes somebody for nothing, or
+/// nobody).
+pub trait Doorbells: Send + Sync + std::fmt::Debug {
+    /// Rings doorbell `id`; false if there is no such doorbell here.
+    fn ring(&self, id: u32) -> bool;
+}
+
 /// Counters a side keeps of its notifications (mirrored into the region for ringstat).
 #[derive(Debug, Default, Clone, Copy)]
 struct Counters {
@@ -58,7 +66,7 @@ pub struct Producer {
     base: u64,
     /// Next head at which to look whether the ring is empty (to move base).
     rebase_at: u64,
-    peer_bell: Arc<EventFd>,
+    bells: Arc<dyn Doorbells>,
     last_rung: u32,
     epoch: u32,
     n: Counters,
@@ -73,7 +81,7 @@ pub struct Consumer {
     cap: u64,
     tail: u64,
     head_seen: u64,
-    peer_bell: Arc<EventFd>,
+    bells: Arc<dyn Doorbells>,
     last_rung: u32,
     epoch: u32,
     n: Counters,
@@ -90,6 +98,15 @@ const REBASE_SPAN: u64 = 16 * 1024;
 /// from the region was written by somebody else, and adding to it could
 /// overflow.
 const MAX_POSITION: u64 = 1 << 62;
+
+/// Publishes a sleep: the doorbell to ring, then the odd epoch (Release:
+/// a waker that sees the epoch sees the id). The caller's SeqCst fence
+/// follows.
+fn sleep_on(map: &Mapping, wait_word: usize, bell_word: usize, epoch: u32, bell: u32) {
+    // Relaxed: ordered before the epoch by its Release store.
+    map.u32_at(bell_word).store(bell, Ordering::Relaxed);
+    map.u32_at(wait_word).store(epoch, Ordering::Release);
+}
 
 fn copy_in(map: &Mapping, data: usize, cap: u64, pos: u64, src: &[u8]) {
     let off = idx(pos % cap);
@@ -109,13 +126,27 @@ fn copy_out(map: &Mapping, data: usize, cap: u64, pos: u64, dst: &mut [u8]) {
     }
 }
 
-/// Rings `bell` if the peer's wait word says it is asleep and we have not
-/// rung for this sleep yet; counts the outcome.
-fn wake(wait_word: u32, last_rung: &mut u32, bell: &EventFd, n: &mut Counters) {
-    if wait_word & 1 == 1 && wait_word != *last_rung {
-        *last_rung = wait_word;
-        // A failed eventfd write leaves the peer to its liveness fd; nothing to undo here.
-        let _ = bell.notify();
+/// Rings the doorbell named at `bell_word` if the peer's wait word at
+/// `wait_word` says it is asleep and we have not rung for this sleep yet;
+/// counts the outcome. Call after a SeqCst fence that follows the publish.
+fn wake(
+    map: &Mapping,
+    wait_word: usize,
+    bell_word: usize,
+    last_rung: &mut u32,
+    bells: &dyn Doorbells,
+    n: &mut Counters,
+) {
+    // Acquire: pairs with the Release store of the odd epoch in `sleep_on`,
+    // so the bell id written before it is the one read here.
+    let w = map.u32_at(wait_word).load(Ordering::Acquire);
+    if w & 1 == 1 && w != *last_rung {
+        // A doorbell that could not be rung is tried again at the next
+        // publish; meanwhile the peer has its bounded sleep and its
+        // liveness fd.
+        if bells.ring(map.u32_at(bell_word).load(Ordering::Relaxed)) {
+            *last_rung = w;
+        }
         n.sent += 1;
     } else {
         n.suppressed += 1;
@@ -125,7 +156,12 @@ fn wake(wait_word: u32, last_rung: &mut u32, bell: &EventFd, n: &mut Counters) {
 impl Producer {
     /// The producer end of direction `d` of a mapped Direct region. Starts
     /// from the positions currently published (zero for a fresh region).
-    pub fn new(map: Arc<Mapping>, layout: DirectLayout, d: usize, peer_bell: Arc<EventFd>) -> Self {
+    pub fn new(
+        map: Arc<Mapping>,
+        layout: DirectLayout,
+        d: usize,
+        bells: Arc<dyn Doorbells>,
+    ) -> Self {
         let o = layout.dir(d);
         // Relaxed: at attach time nobody else writes our own head.
         let head = map.u64_at(o.head).load(Ordering::Relaxed);
@@ -137,7 +173,7 @@ impl Producer {
             tail_seen: head,
             base,
             rebase_at: head,
-            peer_bell,
+            bells,
             last_rung: 0,
             epoch: 0,
             n: Counters::default(),
@@ -242,8 +278,14 @@ impl Producer {
         // SeqCst fence: orders our head/flags store before the load of the
         // consumer's wait word (pairs with the fence in Consumer::arm).
         fence(Ordering::SeqCst);
-        let w = self.map.u32_at(self.o.cons_wait).load(Ordering::Relaxed);
-        wake(w, &mut self.last_rung, &self.peer_bell, &mut self.n);
+        wake(
+            &self.map,
+            self.o.cons_wait,
+            self.o.cons_bell,
+            &mut self.last_rung,
+            &*self.bells,
+            &mut self.n,
+        );
         self.publish_counters();
     }
 
@@ -279,24 +321,33 @@ impl Producer {
         self.wake_consumer();
     }
 
-    /// Announces that this side will sleep until space frees up. Returns
-    /// false (and stays awake) if space is already there.
-    /// Announces a sleep until the consumer takes bytes, whatever the ring
-    /// holds now (the caller re-checks what it waits for afterwards).
-    pub fn arm_always(&mut self) {
+    /// Announces a sleep on doorbell `bell` until the consumer takes bytes,
+    /// whatever the ring holds now (the caller re-checks what it waits for
+    /// afterwards).
+    pub fn arm_always(&mut self, bell: u32) {
         self.epoch = self.epoch.wrapping_add(2) | 1;
-        self.map
-            .u32_at(self.o.prod_wait)
-            .store(self.epoch, Ordering::Relaxed);
+        sleep_on(
+            &self.map,
+            self.o.prod_wait,
+            self.o.prod_bell,
+            self.epoch,
+            bell,
+        );
         // SeqCst fence: as in `arm`.
         fence(Ordering::SeqCst);
     }
 
-    pub fn arm(&mut self) -> Result<bool, Violation> {
+    /// Announces that this side will sleep on doorbell `bell` until space
+    /// frees up. Returns false (and stays awake) if space is already there.
+    pub fn arm(&mut self, bell: u32) -> Result<bool, Violation> {
         self.epoch = self.epoch.wrapping_add(2) | 1;
-        self.map
-            .u32_at(self.o.prod_wait)
-            .store(self.epoch, Ordering::Relaxed);
+        sleep_on(
+            &self.map,
+            self.o.prod_wait,
+            self.o.prod_bell,
+            self.epoch,
+            bell,
+        );
         // SeqCst fence: the wait word store is ordered before re-reading
         // the tail (pairs with the fence in Consumer::wake_producer).
         fence(Ordering::SeqCst);
@@ -334,7 +385,12 @@ impl Producer {
 
 impl Consumer {
     /// The consumer end of direction `d` of a mapped Direct region.
-    pub fn new(map: Arc<Mapping>, layout: DirectLayout, d: usize, peer_bell: Arc<EventFd>) -> Self {
+    pub fn new(
+        map: Arc<Mapping>,
+        layout: DirectLayout,
+        d: usize,
+        bells: Arc<dyn Doorbells>,
+    ) -> Self {
         let o = layout.dir(d);
         // Relaxed: at attach time nobody else writes our own tail.
         let tail = map.u64_at(o.tail).load(Ordering::Relaxed);
@@ -343,7 +399,7 @@ impl Consumer {
             cap: layout.cap as u64,
             tail,
             head_seen: tail,
-            peer_bell,
+            bells,
             last_rung: 0,
             epoch: 0,
             n: Counters::default(),
@@ -455,8 +511,14 @@ impl Consumer {
         // SeqCst fence: orders the tail store before reading the producer's
         // wait word (pairs with the fence in Producer::arm).
         fence(Ordering::SeqCst);
-        let w = self.map.u32_at(self.o.prod_wait).load(Ordering::Relaxed);
-        wake(w, &mut self.last_rung, &self.peer_bell, &mut self.n);
+        wake(
+            &self.map,
+            self.o.prod_wait,
+            self.o.prod_bell,
+            &mut self.last_rung,
+            &*self.bells,
+            &mut self.n,
+        );
         // Relaxed: statistics only; this side is the only writer.
         self.map
             .u64_at(self.o.cons_notify_sent)
@@ -477,24 +539,34 @@ impl Consumer {
         Ok(self.readable()? > 0 || self.flags() & (FLAG_EOS | FLAG_RESET) != 0)
     }
 
-    /// Announces that this side will sleep until data or a mark arrives.
-    /// Returns false (and stays awake) if something is already there.
-    /// Announces a sleep until more data or a mark arrives, whatever the
-    /// ring holds now (the caller re-checks what it waits for afterwards).
-    pub fn arm_always(&mut self) {
+    /// Announces a sleep on doorbell `bell` until more data or a mark
+    /// arrives, whatever the ring holds now (the caller re-checks what it
+    /// waits for afterwards).
+    pub fn arm_always(&mut self, bell: u32) {
         self.epoch = self.epoch.wrapping_add(2) | 1;
-        self.map
-            .u32_at(self.o.cons_wait)
-            .store(self.epoch, Ordering::Relaxed);
+        sleep_on(
+            &self.map,
+            self.o.cons_wait,
+            self.o.cons_bell,
+            self.epoch,
+            bell,
+        );
         // SeqCst fence: as in `arm`.
         fence(Ordering::SeqCst);
     }
 
-    pub fn arm(&mut self) -> Result<bool, Violation> {
+    /// Announces that this side will sleep on doorbell `bell` until data
+    /// or a mark arrives. Returns false (and stays awake) if something is
+    /// already there.
+    pub fn arm(&mut self, bell: u32) -> Result<bool, Violation> {
         self.epoch = self.epoch.wrapping_add(2) | 1;
-        self.map
-            .u32_at(self.o.cons_wait)
-            .store(self.epoch, Ordering::Relaxed);
+        sleep_on(
+            &self.map,
+            self.o.cons_wait,
+            self.o.cons_bell,
+            self.epoch,
+            bell,
+        );
         // SeqCst fence: the wait word store is ordered before re-reading
         // head and flags (pairs with the fence in Producer::wake_consumer).
         fence(Ordering::SeqCst);
@@ -587,13 +659,27 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    /// One doorbell, id 7, counting its rings.
+    #[derive(Debug, Default)]
+    struct OneBell(std::sync::atomic::AtomicU32);
+
+    impl Doorbells for OneBell {
+        fn ring(&self, id: u32) -> bool {
+            if id != 7 {
+                return false;
+            }
+            self.0.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+    }
+
     fn pair(size: usize) -> (Producer, Consumer, Arc<Mapping>, DirectLayout) {
         let fd = crate::sys::memfd_sealed("t", size).unwrap();
         let m = Arc::new(Mapping::map(fd.as_fd(), size, true).unwrap());
         let l = DirectLayout::for_size(size).unwrap();
-        let bell = Arc::new(EventFd::new().unwrap());
-        let p = Producer::new(m.clone(), l, 0, bell.clone());
-        let c = Consumer::new(m.clone(), l, 0, bell);
+        let bells: Arc<dyn Doorbells> = Arc::new(OneBell::default());
+        let p = Producer::new(m.clone(), l, 0, bells.clone());
+        let c = Consumer::new(m.clone(), l, 0, bells);
         (p, c, m, l)
     }
 
@@ -677,10 +763,10 @@ mod tests {
     fn sleeping_consumer_is_woken_once_and_busy_one_never() {
         let (mut p, mut c, m, l) = pair(16384);
         p.write(b"a").unwrap();
-        assert!(!c.arm().unwrap(), "data present: must not sleep");
+        assert!(!c.arm(7).unwrap(), "data present: must not sleep");
         let mut b = [0u8; 4];
         c.read(&mut b).unwrap();
-        assert!(c.arm().unwrap());
+        assert!(c.arm(7).unwrap());
         p.write(b"b").unwrap();
         p.write(b"c").unwrap();
         let header = |m: &Mapping| {
@@ -690,6 +776,7 @@ mod tests {
         };
         let s = snapshot(&header(&m), l, 0);
         assert_eq!(s.notify_sent, 1, "second write must not ring again");
+        assert_eq!(m.u32_at(l.dir(0).cons_bell).load(Ordering::Relaxed), 7);
         c.disarm();
         p.write(b"d").unwrap();
         assert_eq!(snapshot(&header(&m), l, 0).notify_sent, 1);

@@ -281,6 +281,68 @@ impl AsRawFd for EventFd {
     }
 }
 
+/// A doorbell: a pair of connected unix datagram sockets, both
+/// nonblocking and close-on-exec: (the owner's end, the ringers' end). Its
+/// owner sleeps on its end; whoever holds the other can wake it, but
+/// cannot take a wake-up away (the owner's queue is not readable from the
+/// other end), and ringing a doorbell whose owner is gone fails quietly
+/// (`ECONNREFUSED`, no SIGPIPE: a datagram socket).
+pub fn doorbell_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a valid array of two ints for the call.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: the kernel just returned these two fds to us; nobody else
+    // owns them.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((keep_off_std(a), keep_off_std(b)))
+}
+
+/// Rings a doorbell through its ringers' end (`write`, which every sandbox
+/// that lets a program write allows): false if that failed for another
+/// reason than a full queue (which already means "wake up").
+pub fn ring_bell(w: BorrowedFd<'_>) -> bool {
+    let one = [1u8];
+    // SAFETY: writes 1 byte from a valid buffer.
+    let r = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), 1) };
+    r == 1 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// Rings a doorbell queue holds at most this many at a time for a drain
+/// (a peer ringing faster only keeps its owner awake).
+const DRAIN_MAX: usize = 64;
+
+/// Takes one ring off a doorbell through its owner's end (one system
+/// call): true if it held one. Rings left behind only wake the next sleep
+/// at once, which takes the next.
+pub fn take_ring(r: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most buf.len() bytes into a valid buffer.
+    unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) >= 0 }
+}
+
+/// Empties a doorbell through its owner's end (at most [`DRAIN_MAX`]
+/// rings); true if it held any.
+pub fn drain_bell(r: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 8];
+    let mut any = false;
+    for _ in 0..DRAIN_MAX {
+        // SAFETY: reads at most buf.len() bytes into a valid buffer.
+        let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            break;
+        }
+        any = true;
+    }
+    any
+}
+
 /// One entry of a [`poll`] set.
 #[derive(Debug, Clone, Copy)]
 pub struct PollFd {

@@ -30,14 +30,17 @@ def expected(off, n):
     return BIG[off % 256:off % 256 + n]
 
 
-def sink(portfile, pace_us):
+def sink(portfile, pace_us, announce=False):
     """Accepts one connection and reads it to EOF, slowly (a pause of
     pace_us after each read: the writer's bytes pile up in flight), checking
-    every byte against the pattern; prints "OK sink N"."""
+    every byte against the pattern; prints "OK sink N". With announce, it
+    prints "ACCEPTED" once it holds the connection."""
     import select
     import time
     ls = listen_and_publish(portfile)
     c, _ = ls.accept()
+    if announce:
+        print("ACCEPTED", flush=True)
     got = 0
     p = select.poll()
     p.register(c.fileno(), select.POLLIN)
@@ -57,13 +60,17 @@ def sink(portfile, pace_us):
     c.close()
 
 
-def source(port, n, pause_at=None):
+def source(port, n, pause_at=None, hold=False):
     """Sends n pattern bytes as fast as the connection takes them (prints
     "SENDING" after the first MiB; with pause_at, "PAUSED" after that many
     bytes, and then waits for a line on stdin), shuts down writing, waits
     for the peer's close; prints "OK source N". With pause_at = n it closes
-    right after the pause instead."""
+    right after the pause instead. With hold, it prints "CONNECTED" once
+    connected and waits for a line on stdin before sending."""
     s = socket.create_connection(("127.0.0.1", port))
+    if hold:
+        print("CONNECTED", flush=True)
+        sys.stdin.readline()
     sent = 0
     while sent < n:
         k = min(65536, n - sent)
@@ -643,11 +650,12 @@ if __name__ == "__main__":
         reuse(int(sys.argv[2]))
         raise SystemExit(0)
     if sys.argv[1] == "sink":
-        sink(sys.argv[2], int(sys.argv[3]))
+        sink(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["announce"])
         raise SystemExit(0)
     if sys.argv[1] == "source":
         source(int(sys.argv[2]), int(sys.argv[3]),
-               int(sys.argv[4]) if len(sys.argv) > 4 else None)
+               int(sys.argv[4]) if len(sys.argv) > 4 else None,
+               sys.argv[5:] == ["hold"])
         raise SystemExit(0)
     if sys.argv[1] == "pserver":
         pserver(sys.argv[2], sys.argv[3:] == ["daemon"])

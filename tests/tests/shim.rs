@@ -715,14 +715,25 @@ fn reader_first(close: bool) -> Result<()> {
     let mut s = python(
         &d,
         false,
-        &["sink", portfile.to_str().context("path")?, "1000"],
+        &[
+            "sink",
+            portfile.to_str().context("path")?,
+            "1000",
+            "announce",
+        ],
         &env,
     )?;
     let port = published_port(&portfile)?;
     let pause = 3u64 << 20;
     let n = if close { pause } else { 8u64 << 20 };
     let (n, pause) = (n.to_string(), pause.to_string());
-    let mut c = python(&d, false, &["source", port.trim(), &n, &pause], &env)?;
+    let args = ["source", port.trim(), &n, &pause, "hold"];
+    let mut c = python(&d, false, &args, &env)?;
+    // The source sends only once the sink holds its end: its writes move
+    // to the region at once, not after 3 MiB that kernel buffers took.
+    c.expect("CONNECTED")?;
+    s.expect("ACCEPTED")?;
+    c.say("")?;
     c.expect("PAUSED")?;
     ensure!(live_queued_bytes(&d)? > 0, "no byte through the region");
     d.kill();
@@ -830,11 +841,12 @@ fn a_stalled_devd_leaves_a_connection_on_kernel_tcp_and_the_next_one_goes_direct
 }
 
 /// Issue 11, item 1: a program limited to 1024 descriptors (Debian's
-/// default) holds at least half as many accelerated connections as it
-/// holds on kernel TCP. Today each Direct connection costs it 5 fds (its
-/// socket and 4 doorbells): about 200 against about 1000.
+/// default) holds about as many accelerated connections as it holds on
+/// kernel TCP: a Direct connection costs it its socket, the doorbells are
+/// one per process (1016 against 1019 here; with 5 fds per connection it
+/// was 205). The last, whose region could not arrive, stays on kernel TCP
+/// and still gets its greeting.
 #[test]
-#[ignore = "issue 11: fds per connection (5 today, the target is at most 2)"]
 fn a_program_with_1024_fds_holds_at_least_half_as_many_accelerated_connections() -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
@@ -863,8 +875,15 @@ fn a_program_with_1024_fds_holds_at_least_half_as_many_accelerated_connections()
     // The accelerated ones among those the program held.
     let t = d.stats()?["totals"].clone();
     let direct = t["connections"]["direct"].as_u64().context("direct")?;
+    eprintln!(
+        "kernel TCP: {} held; under ssock-run: {} held, {direct} of them Direct",
+        held[0], held[1]
+    );
+    // Every one it held went Direct but those the fd limit kept on kernel
+    // TCP (a region that could not be received), and a doorbell per
+    // process (not per connection) leaves it a few fds short of kernel TCP.
     ensure!(
-        direct * 2 >= held[0],
+        direct + 2 >= held[1] && held[1] + 8 >= held[0],
         "kernel TCP: {} held; under ssock-run: {} held, {direct} of them Direct",
         held[0],
         held[1]

@@ -494,12 +494,14 @@ impl Nested for Set {
             (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
         ];
         let mut armed = Vec::with_capacity(i.members.len());
+        // Accelerated members share their process's doorbell: once in the set.
+        let mut seen = std::collections::HashSet::new();
         for m in i.members.iter().filter(|m| !m.disabled) {
             // SAFETY: as in `collect`.
             // None: broken for good; nothing will change there, and what it
             // reports was (or is being) collected.
             if let Some((f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
-                fds.extend(f);
+                fds.extend(f.into_iter().filter(|p| seen.insert(*p)));
                 armed.push(undo);
             }
         }
@@ -744,10 +746,9 @@ pub fn wait(
                 revents: 0,
             })
             .collect();
-        let r = sleep(
-            &mut pfds,
-            deadline.map(|d| d.saturating_duration_since(Instant::now())),
-        );
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let left = crate::sleep::capped(left, &pfds);
+        let r = sleep(&mut pfds, left);
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         set.disarm(armed);
         if r < 0 {

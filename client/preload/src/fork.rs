@@ -20,10 +20,17 @@ use libc::c_int;
 pub extern "C" fn before_fork() {
     epoll::before_fork();
     table::before_fork();
+    ssock_client::bells::before_fork();
 }
 
 /// pthread_atfork parent handler: unlocks what the prepare handler locked.
 pub extern "C" fn after_fork_in_parent() {
+    // As the shim: the spare's fds it closes go to libc.
+    fn bells() -> i8 {
+        ssock_client::bells::after_fork(false);
+        0
+    }
+    boundary::enter(bells, bells);
     let held = table::after_fork(false);
     epoll::after_fork(false);
     drop_as_shim(held);
@@ -55,6 +62,11 @@ pub extern "C" fn after_fork_in_child() {
         0
     }
     boundary::enter(forget_session, forget_session);
+    fn bells() -> i8 {
+        ssock_client::bells::after_fork(true);
+        0
+    }
+    boundary::enter(bells, bells);
     let held = table::after_fork(true);
     epoll::after_fork(true);
     drop_as_shim(held);

@@ -13,7 +13,19 @@ use std::time::Duration;
 pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
     let n = libc::nfds_t::try_from(set.len()).unwrap_or(0);
     // SAFETY: set is a valid, exclusively borrowed pollfd array of n entries.
-    unsafe { (real::get().poll)(set.as_mut_ptr(), n, timeout_ms) }
+    let r = unsafe { (real::get().poll)(set.as_mut_ptr(), n, timeout_ms) };
+    reported(set, r);
+    r
+}
+
+/// Tells `ssock_client::bells` what a poll found (the common doorbell),
+/// keeping errno.
+fn reported(set: &[libc::pollfd], r: c_int) {
+    if r > 0 {
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        ssock_client::bells::polled(set.iter().map(|p| (p.fd, p.revents)));
+        crate::boundary::set_errno(e);
+    }
 }
 
 /// A remaining wait as poll's millisecond timeout (rounded up; -1: forever).
@@ -38,7 +50,9 @@ pub fn real_ppoll(
     let k = libc::nfds_t::try_from(set.len()).unwrap_or(0);
     // SAFETY: set is a valid pollfd array of k entries; tp is null or a
     // live timespec; mask is null or the caller's sigset (ppoll/pselect).
-    unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) }
+    let r = unsafe { (real::get().ppoll)(set.as_mut_ptr(), k, tp, mask) };
+    reported(set, r);
+    r
 }
 
 /// A remaining wait as a timespec (ppoll, epoll_pwait2).
@@ -47,6 +61,19 @@ pub fn timespec(d: Duration) -> libc::timespec {
         tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(d.subsec_nanos()),
     }
+}
+
+/// A sleep's timeout when `set` holds this process's doorbell (a Direct
+/// end is armed): no longer than `ssock_client::bells::cap`, after which
+/// the caller looks again (a wake-up that could not be rung costs that
+/// long, no more).
+pub fn capped(left: Option<Duration>, set: &[libc::pollfd]) -> Option<Duration> {
+    let bell = ssock_client::bells::doorbell_fd();
+    if !set.iter().any(|p| Some(p.fd) == bell) {
+        return left;
+    }
+    let cap = ssock_client::bells::cap();
+    Some(left.map_or(cap, |l| l.min(cap)))
 }
 
 /// A millisecond timeout argument (negative: none).

@@ -200,6 +200,8 @@ pub fn poll(
         let mut set: Vec<pollfd> = Vec::new();
         let mut armed: Vec<Armed> = Vec::new();
         let mut ready_meanwhile = false;
+        // Accelerated sockets share their process's doorbell: once in the set.
+        let mut seen = std::collections::HashSet::new();
         for (p, s) in pfds.iter().zip(socks) {
             match s {
                 None if p.fd >= 0 => set.push(pollfd {
@@ -215,11 +217,13 @@ pub fn poll(
                     match s.arm(unsafe { borrow(p.fd) }, read, write) {
                         Some((fds, undo)) => {
                             armed.push(undo);
-                            set.extend(fds.into_iter().map(|(fd, events)| pollfd {
-                                fd,
-                                events,
-                                revents: 0,
-                            }));
+                            set.extend(fds.into_iter().filter(|p| seen.insert(*p)).map(
+                                |(fd, events)| pollfd {
+                                    fd,
+                                    events,
+                                    revents: 0,
+                                },
+                            ));
                             if p.events & libc::POLLPRI != 0 {
                                 set.push(pollfd {
                                     fd: p.fd,
@@ -242,6 +246,7 @@ pub fn poll(
             0
         } else {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let left = crate::sleep::capped(left, &set);
             let r = sleep(&mut set, left);
             if r < 0 && errno() == libc::EINVAL {
                 sleep_within_limit(pfds, socks, &mut set, left, sleep)

@@ -1,15 +1,17 @@
 //! Direct: both ends on this host share one sealed region with a stream
 //! ring per direction. No syscall on a busy path; a blocked call spins for
-//! its budget, then sleeps on its eventfd and the kernel socket (liveness).
+//! its budget, then sleeps on its process's doorbell (`crate::bells`) and
+//! the kernel socket (liveness).
 
 use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
+use crate::bells;
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{self, check_header, DirectLayout, RegionKind};
 use ssock_rings::notify::{sleep, spin_until};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
-use ssock_rings::sys::{check_sealed, EventFd, PollFd};
+use ssock_rings::sys::{check_sealed, PollFd};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -20,8 +22,11 @@ use std::sync::{Arc, Mutex, TryLockError};
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// devd sent the wrong number of fds.
-    #[error("attachment carries {0} fds, expected 3")]
+    #[error("attachment carries {0} fds, expected 1 or 2")]
     Fds(usize),
+    /// This process has no doorbell to sleep on.
+    #[error("no doorbell in this process")]
+    NoBell,
     /// The region is not a sealed memfd of the announced size.
     #[error("connection region refused")]
     Region(#[source] io::Error),
@@ -34,7 +39,7 @@ pub enum AttachError {
 }
 
 /// A region this process kept mapped after its Direct connection closed
-/// (it said so in its Release, `park`), with the doorbells: devd hands it
+/// (it said so in its Release, `park`): devd hands it
 /// to the next connection between the same two devd sessions (processes)
 /// in the same roles (Attachment `reuse`), which then needs no new region,
 /// no fds, no mapping and no page faults.
@@ -44,8 +49,6 @@ pub struct Parked {
     /// The end it was (a process connected to itself keeps both).
     side: Side,
     map: Arc<Mapping>,
-    /// [own read, own write, peer read, peer write], as attached.
-    bells: [Arc<EventFd>; 4],
 }
 
 /// Regions a process keeps at most, and their total size at most (devd
@@ -92,14 +95,9 @@ fn with_shelf<R>(f: impl FnOnce(&mut VecDeque<Parked>) -> R) -> Option<R> {
         g
     };
     if g.0 != gen {
-        // The kept regions were not inherited (MADV_DONTFORK) and their
-        // doorbell fds may have been closed and their numbers reused: all
-        // forgotten, nothing unmapped or closed. The fds are the
-        // program's to close now (close-all code in the child may).
+        // The kept regions were not inherited (MADV_DONTFORK): all
+        // forgotten, nothing unmapped.
         for p in g.1.drain(..) {
-            for b in &p.bells {
-                ssock_rings::ownfds::disown(std::os::fd::AsRawFd::as_raw_fd(&**b));
-            }
             std::mem::forget(p);
         }
         g.0 = gen;
@@ -150,11 +148,11 @@ pub fn unpark(region: u64, side: Side) -> Option<Parked> {
     Some(p)
 }
 
-/// Where an attached end's region and doorbells come from.
+/// Where an attached end's region comes from.
 #[derive(Debug)]
 pub enum Source {
-    /// The fds devd sent: [region, own read bell, own write bell, peer read
-    /// bell, peer write bell].
+    /// The fds devd sent: [region], then the peer's doorbell if the
+    /// attachment names one.
     Fds(Vec<OwnedFd>),
     /// A region this process kept (the attachment says `reuse`).
     Parked(Parked),
@@ -164,12 +162,12 @@ pub enum Source {
 #[derive(Debug)]
 pub struct Direct {
     conn_id: u64,
-    /// devd's id of the region, kept with the doorbells on close.
+    /// devd's id of the region, kept on close.
     region: u64,
-    /// [own read, own write, peer read, peer write]. The own ones are rung
-    /// when data arrives (readers sleep on it) and when space frees up
-    /// (writers sleep on it); the peer's travel with `tx` and `rx`.
-    bells: [Arc<EventFd>; 4],
+    /// Sleeps of `Transport::arm` under way (ended by `disarm`).
+    sleeps: Vec<bells::Sleep>,
+    /// How this end rings its peer's doorbells.
+    rings: Arc<bells::ProcessBells>,
     /// The region may be kept on close ([`Parked`]) if no fork happened
     /// since it came into this process: the fork count then (None: an end
     /// attached by its socket or taken over, never kept).
@@ -187,8 +185,8 @@ pub struct Direct {
     /// Close with a reset (SO_LINGER 0).
     abort: bool,
     /// Threads asleep through `arm` on each direction (several threads may
-    /// poll one socket): the wait word is cleared and the doorbell drained
-    /// only when the last one leaves, so nobody's wake-up is taken away.
+    /// poll one socket): the wait word is cleared only when the last one
+    /// leaves, so nobody's wake-up is taken away.
     sleepers: [u32; 2],
 }
 
@@ -225,23 +223,29 @@ impl Direct {
     ) -> Result<Direct, AttachError> {
         let size = usize::try_from(a.region_size).unwrap_or(usize::MAX);
         let layout = DirectLayout::announced(size, a.geom_a).map_err(AttachError::Layout)?;
-        let (map, bells) = match src {
+        if !bells::usable() {
+            return Err(AttachError::NoBell);
+        }
+        let map = match src {
             Source::Fds(fds) => {
-                let [region, own_r, own_w, peer_r, peer_w]: [OwnedFd; 5] = fds
-                    .try_into()
-                    .map_err(|v: Vec<_>| AttachError::Fds(v.len()))?;
+                if fds.len() != a.fd_count() {
+                    return Err(AttachError::Fds(fds.len()));
+                }
+                let mut fds = fds.into_iter();
+                let region = fds.next().ok_or(AttachError::Fds(0))?;
+                if let Some(peer) = fds.next() {
+                    bells::learn(a.peer_bell, peer);
+                }
                 check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
                 let map = Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?;
-                let bells =
-                    [own_r, own_w, peer_r, peer_w].map(|f| Arc::new(EventFd::from_owned(f)));
-                (Arc::new(map), bells)
+                Arc::new(map)
             }
             // devd reset the header for this connection; it is checked below
             // like a new region's.
             Source::Parked(p)
                 if p.region == a.region && p.side == a.side && p.map.len() == size =>
             {
-                (p.map, p.bells)
+                p.map
             }
             Source::Parked(_) => return Err(AttachError::NotKept(a.region)),
         };
@@ -250,8 +254,9 @@ impl Direct {
         if hold {
             layout::hold(&map, a.side as usize);
         }
-        let [_, _, peer_r, peer_w] = bells.clone();
-        // Our producer wakes the peer's readers, our consumer its writers.
+        // Our producer wakes the peer's readers, our consumer its writers,
+        // by the doorbell each names in its wait word.
+        let rings = Arc::new(bells::ProcessBells::new(session.clone(), a.peer_bell));
         let (out, inn) = match a.side {
             Side::Connector => (0, 1),
             Side::Acceptor => (1, 0),
@@ -259,12 +264,13 @@ impl Direct {
         Ok(Direct {
             conn_id: a.conn_id,
             region: a.region,
-            bells,
+            sleeps: Vec::new(),
             keep,
             side: a.side,
             map: map.clone(),
-            tx: Producer::new(map.clone(), layout, out, peer_r),
-            rx: Consumer::new(map, layout, inn, peer_w),
+            tx: Producer::new(map.clone(), layout, out, rings.clone()),
+            rx: Consumer::new(map, layout, inn, rings.clone()),
+            rings,
             session,
             peer_gone: false,
             peer_reset: false,
@@ -273,16 +279,6 @@ impl Direct {
             sleepers: [0; 2],
             abort: false,
         })
-    }
-
-    /// Own read doorbell (readers sleep on it).
-    fn rbell(&self) -> &Arc<EventFd> {
-        &self.bells[0]
-    }
-
-    /// Own write doorbell (writers sleep on it).
-    fn wbell(&self) -> &Arc<EventFd> {
-        &self.bells[1]
     }
 
     fn violation(&mut self, v: Violation) -> io::Error {
@@ -326,27 +322,29 @@ impl Direct {
         }
     }
 
-    /// Sleeps until the bell rings, the peer's socket changes, or the
-    /// deadline passes (EWOULDBLOCK).
-    fn sleep(&mut self, ctx: &Ctx<'_>, write: bool) -> io::Result<()> {
-        let bell = if write {
-            self.wbell().clone()
-        } else {
-            self.rbell().clone()
-        };
-        let mut fds = [
-            PollFd::new(bell.as_raw_fd(), libc::POLLIN),
-            PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP),
-        ];
-        let n = if self.peer_gone { 1 } else { 2 };
-        let woke = sleep(&mut fds[..n], ctx.deadline)?;
-        if fds[0].revents != 0 {
-            bell.drain();
+    /// Sleeps (`bell`, started before the wait word was armed) until the
+    /// doorbell rings, the peer's socket changes, `bells::cap` passes (a
+    /// spurious wake-up: the caller looks again), or the deadline passes
+    /// (EWOULDBLOCK).
+    fn sleep(&mut self, ctx: &Ctx<'_>, bell: bells::Sleep) -> io::Result<()> {
+        let mut fds: Vec<PollFd> = bell.fds().map(|fd| PollFd::new(fd, libc::POLLIN)).collect();
+        let bells_n = fds.len();
+        if !self.peer_gone {
+            fds.push(PollFd::new(
+                ctx.tcp.as_raw_fd(),
+                libc::POLLIN | libc::POLLRDHUP,
+            ));
         }
-        if n == 2 && fds[1].revents != 0 {
+        let cap = std::time::Instant::now() + bells::cap();
+        let until = ctx.deadline.map_or(cap, |d| d.min(cap));
+        let woke = sleep(&mut fds, Some(until));
+        bells::polled(fds.iter().map(|p| (p.fd, p.revents)));
+        drop(bell);
+        let woke = woke?;
+        if fds.get(bells_n).is_some_and(|p| p.revents != 0) {
             self.check_peer(ctx);
         }
-        if woke {
+        if woke || ctx.deadline.is_none_or(|d| d > until) {
             Ok(())
         } else {
             Err(would_block())
@@ -368,10 +366,14 @@ impl Direct {
         if spin_until(ctx.spin, || rx.ready().unwrap_or(true).then_some(())).is_some() {
             return Ok(());
         }
-        if !self.rx.arm().map_err(|v| self.violation(v))? {
-            return Ok(());
+        // Counted as a sleeper before the wait word names the doorbell.
+        let bell = bells::enter(self.session.as_deref()).ok_or_else(would_block)?;
+        match self.rx.arm(bell.id()) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(v) => return Err(self.violation(v)),
         }
-        let r = self.sleep(ctx, false);
+        let r = self.sleep(ctx, bell);
         self.rx.disarm();
         r
     }
@@ -385,10 +387,13 @@ impl Direct {
         {
             return Ok(());
         }
-        if !self.tx.arm().map_err(|v| self.violation(v))? {
-            return Ok(());
+        let bell = bells::enter(self.session.as_deref()).ok_or_else(would_block)?;
+        match self.tx.arm(bell.id()) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(v) => return Err(self.violation(v)),
         }
-        let r = self.sleep(ctx, true);
+        let r = self.sleep(ctx, bell);
         self.tx.disarm();
         r
     }
@@ -483,21 +488,26 @@ impl Transport for Direct {
         if self.broken {
             return None;
         }
+        // Counted as a sleeper before the wait words name the doorbell.
+        let bell = if read || write {
+            Some(bells::enter(self.session.as_deref())?)
+        } else {
+            None
+        };
+        let id = bell.as_ref().map_or(0, bells::Sleep::id);
         // A direction already armed by another sleeper stays armed.
         if read && self.sleepers[0] == 0 {
-            self.rx.arm_always();
+            self.rx.arm_always(id);
         }
         if write && self.sleepers[1] == 0 {
-            self.tx.arm_always();
+            self.tx.arm_always(id);
         }
         self.sleepers[0] += u32::from(read);
         self.sleepers[1] += u32::from(write);
         let mut fds = Vec::with_capacity(3);
-        if read {
-            fds.push((self.rbell().as_raw_fd(), libc::POLLIN));
-        }
-        if write {
-            fds.push((self.wbell().as_raw_fd(), libc::POLLIN));
+        if let Some(bell) = bell {
+            fds.extend(bell.fds().map(|fd| (fd, libc::POLLIN)));
+            self.sleeps.push(bell);
         }
         if !self.peer_gone {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
@@ -506,8 +516,15 @@ impl Transport for Direct {
     }
 
     fn wake_self(&self) {
-        let _ = self.rbell().notify();
-        let _ = self.wbell().notify();
+        for s in &self.sleeps {
+            s.ring();
+        }
+    }
+
+    fn peer_claimed(&mut self) {
+        let id = layout::acceptor_bell(&self.map);
+        self.rings.set_common(id);
+        bells::know(id, self.session.as_deref());
     }
 
     fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
@@ -521,14 +538,33 @@ impl Transport for Direct {
             self.sleepers[0] -= 1;
             if self.sleepers[0] == 0 {
                 self.rx.disarm();
-                self.rbell().drain();
             }
         }
         if write && self.sleepers[1] > 0 {
             self.sleepers[1] -= 1;
             if self.sleepers[1] == 0 {
                 self.tx.disarm();
-                self.wbell().drain();
+            }
+        }
+        if read || write {
+            // Ends one of this thread's sleeps (another thread's stays).
+            if let Some(i) = self.sleeps.iter().rposition(bells::Sleep::on_this_thread) {
+                self.sleeps.remove(i);
+            }
+            // Other threads asleep on this end: the wait words named the
+            // first one's doorbell; name one of theirs now, and wake them
+            // all to look (what woke this thread may be theirs too).
+            if let Some(other) = self.sleeps.first() {
+                let id = other.id();
+                if self.sleepers[0] > 0 {
+                    self.rx.arm_always(id);
+                }
+                if self.sleepers[1] > 0 {
+                    self.tx.arm_always(id);
+                }
+                for s in &self.sleeps {
+                    s.ring();
+                }
             }
         }
     }
@@ -634,7 +670,6 @@ impl Transport for Direct {
                         region: self.region,
                         side: self.side,
                         map: self.map.clone(),
-                        bells: self.bells.clone(),
                     },
                     at,
                 ),

@@ -3,11 +3,13 @@
 //! bytes travel on the kernel socket, so nothing of ssock's is ever on it:
 //! an acceptor that never claims the connection, or is refused, reads
 //! exactly what its peer wrote. The acceptor, once it holds its end, says
-//! so (SWITCH at 0, then CLAIM accepted) and writes into the region from
-//! its first byte on; the connector moves its writes once CLAIM says
-//! accepted, publishing how many bytes it wrote on the kernel socket
-//! before; each reader reads the kernel socket up to that offset, then the
-//! region.
+//! so (CLAIM accepted); the connector, once it holds its end, says so too
+//! (READY). Each moves its writes once the other said so (the acceptor
+//! waits a moment for READY first, so that its writes usually move from
+//! the first byte), publishing how many bytes it wrote on the kernel
+//! socket before; each reader reads the kernel socket up to that offset,
+//! then the region. A connector that could not take its end (its fds did
+//! not arrive) never says READY, and reads only the kernel socket.
 //!
 //!
 //! When the region stops carrying bytes (a Queued end whose devd is gone),
@@ -120,6 +122,22 @@ pub struct Handover {
     back_shut: bool,
     broken: bool,
     closed: bool,
+    /// In a fork's prepare handler: no request to devd from here.
+    forking: bool,
+}
+
+/// How long a fresh acceptor end waits for its connector's READY: the
+/// connector maps its end as soon as its Proceed arrives, which devd sent
+/// before this end's Expect, so this is microseconds but for a preempted
+/// connector; meanwhile a fork of this process would pin its writes.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Waits (spinning, yielding the CPU) up to [`READY_WAIT`] for READY.
+fn wait_ready(map: &Mapping) {
+    let start = std::time::Instant::now();
+    while !layout::connector_ready(map) && start.elapsed() < READY_WAIT {
+        std::thread::yield_now();
+    }
 }
 
 impl Handover {
@@ -143,6 +161,14 @@ impl Handover {
         // A fresh acceptor end says accepted itself, now that it holds it;
         // false if devd said kernel already.
         let refused = side == 1 && !adopted && !layout::accept_claim(&map);
+        // Only the end's first holder says READY: a process that received
+        // or inherited a connector end its first holder never took (it
+        // stayed plain there) must not move the acceptor's writes.
+        if side == 0 && !adopted {
+            layout::mark_ready(&map);
+        } else if side == 1 && !refused && !adopted {
+            wait_ready(&map);
+        }
         let mut sw = layout::switch_at(&map, side);
         if adopted && sw == Switch::NotYet {
             sw = layout::publish_switch(&map, side, Switch::Never);
@@ -172,6 +198,7 @@ impl Handover {
             back_shut: false,
             broken: false,
             closed: false,
+            forking: false,
         };
         if refused {
             h.stay_on_kernel();
@@ -209,20 +236,30 @@ impl Handover {
             }
         }
         if let Tx::Tcp(written) = self.tx {
-            match layout::claim(&self.map) {
-                CLAIM_ACCEPTED => {
-                    self.tx = match self.publish(Switch::After(written)) {
-                        Switch::After(n) if n == written => Tx::Ring,
-                        // Only a broken region says otherwise: the kernel
-                        // socket stays this direction's.
-                        _ => Tx::Pinned,
-                    };
+            // The acceptor moves once its connector holds its end; the
+            // connector once CLAIM says the acceptor holds its own.
+            let go = if self.side == 1 {
+                layout::connector_ready(&self.map)
+            } else {
+                match layout::claim(&self.map) {
+                    CLAIM_ACCEPTED => true,
+                    CLAIM_KERNEL => {
+                        self.stay_on_kernel();
+                        return;
+                    }
+                    _ => false,
                 }
-                CLAIM_KERNEL => {
-                    self.stay_on_kernel();
-                    return;
+            };
+            if go {
+                self.tx = match self.publish(Switch::After(written)) {
+                    Switch::After(n) if n == written => Tx::Ring,
+                    // Only a broken region says otherwise: the kernel
+                    // socket stays this direction's.
+                    _ => Tx::Pinned,
+                };
+                if self.side == 0 && !self.forking {
+                    self.inner.peer_claimed();
                 }
-                _ => {}
             }
         }
         if let Rx::Tcp(known) = self.rx {
@@ -933,7 +970,9 @@ impl Transport for Handover {
     }
 
     fn fork_hold(&mut self) {
+        self.forking = true;
         self.step();
+        self.forking = false;
         if self.lost {
             if self.owed() {
                 // Two processes would send the same bytes again.
@@ -943,6 +982,13 @@ impl Transport for Handover {
                 // end is the stream's.
                 layout::publish_end_at_fin(&self.map, self.side);
             }
+        }
+        if self.side == 1 && self.tx == Tx::Tcp(0) && !self.kernel {
+            // An acceptor forked right after accept (a forking server):
+            // its connector is about to say READY, let its writes move
+            // first rather than pin them.
+            wait_ready(&self.map);
+            self.step();
         }
         if let Tx::Tcp(_) = self.tx {
             // Two processes' kernel byte counts cannot be added up: this

@@ -165,6 +165,10 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
+    /// The connector's writes move to the region: its acceptor holds its
+    /// end (Direct: this process gets the acceptor's doorbell now, while it
+    /// has a session, rather than when a child may need to ring it).
+    fn peer_claimed(&mut self) {}
     /// The mapping whose hand-over words this end uses, and its side
     /// (0 connector, 1 acceptor): Direct's shared region, Queued's shared
     /// hand-over page. None for kernel TCP.

@@ -6,6 +6,7 @@
 //! against the registry; a bad request gets an `Error` reply and harms
 //! nothing else.
 
+pub mod bells;
 pub mod board;
 pub mod registry;
 pub mod server;
@@ -57,6 +58,9 @@ pub enum RequestError {
     /// No connection for this socket.
     #[error("no accelerated connection for socket inode {0}")]
     NoConnection(u64),
+    /// No doorbell with this id that this session may ring.
+    #[error("no doorbell {0} for this session")]
+    NoBell(u32),
     /// A Queued end can be attached once.
     #[error("queued connection {0} end {1} is already attached")]
     AlreadyAttached(u64, usize),
@@ -77,7 +81,7 @@ impl RequestError {
             RequestError::NotSocket(_) | RequestError::Unbound | RequestError::NotListening => {
                 libc::EINVAL
             }
-            RequestError::NoConnection(_) => libc::ENOENT,
+            RequestError::NoConnection(_) | RequestError::NoBell(_) => libc::ENOENT,
             RequestError::AlreadyAttached(..) => libc::EBUSY,
             RequestError::NotHeld(_) => libc::EPERM,
             RequestError::Resources(_) | RequestError::Device(_) => libc::ENOMEM,
@@ -130,6 +134,8 @@ pub struct Devd {
     diag_seq: u32,
     /// The listener board every Welcome hands out.
     board: board::Board,
+    /// Each session's doorbell.
+    bells: bells::Bells,
 }
 
 /// What sock_diag says of an orphaned end's socket ([`Devd::orphan_seen`]).
@@ -223,6 +229,13 @@ impl Devd {
                 .ok(),
             diag_seq: 0,
             board: board::Board::new(),
+            bells: bells::Bells::new({
+                let mut b = [0u8; 4];
+                // A failed getrandom leaves ids starting at 1: only an
+                // earlier devd's clients could mistake them.
+                let _ = sys::random(&mut b);
+                u32::from_le_bytes(b)
+            }),
         }
     }
 
@@ -232,15 +245,42 @@ impl Devd {
         let r = match req {
             Request::Hello { .. } => {
                 let board = self.board.fd();
+                // Without a doorbell this session's Direct ends cannot
+                // sleep: it gets none, and its connections stay on TCP.
+                // Without a doorbell this session's Direct ends cannot
+                // sleep: it gets none, and its connections stay on TCP.
+                let fresh = self.bells.of(sid).is_none();
+                let bell = if fresh {
+                    self.bells
+                        .make_for(sid)
+                        .map_err(|e| log::warn!("no doorbell for session {sid}: {e}"))
+                        .ok()
+                } else {
+                    None
+                };
+                let spare = bell.as_ref().and_then(|_| self.bells.make_for(sid).ok());
+                let (bell_id, spare_id) = (
+                    bell.as_ref().map_or(0, |b| b.0),
+                    spare.as_ref().map_or(0, |b| b.0),
+                );
+                let mut fds: Vec<Fd> = board.into_iter().collect();
+                let board = !fds.is_empty();
+                for (_, r, w) in bell.into_iter().chain(spare) {
+                    fds.push(Arc::new(r));
+                    fds.push(w);
+                }
                 Ok((
                     Response::Welcome {
                         spin_us: self.cfg.spin_us,
                         default_mode: self.cfg.default_mode.mode(),
-                        board: board.is_some(),
+                        board,
+                        bell: bell_id,
+                        spare: spare_id,
                     },
-                    board.into_iter().collect(),
+                    fds,
                 ))
             }
+            Request::Bell { id } => self.bell(sid, id),
             Request::Listen => self.listen(sid, &fds[0]),
             Request::Unlisten => self.unlisten(sid, &fds[0]),
             Request::Intent { dst, pref } => self.intent(sid, fds.swap_remove(0), dst, pref),
@@ -607,7 +647,7 @@ impl Devd {
             Res::Direct(_) => self.cfg.region_size / 2,
             Res::Queued(_) => self.cfg.region_size,
         };
-        let (attachment, fds) = match attachment(&mut res, id, 0, reuse_by.is_some()) {
+        let (attachment, fds) = match attachment(&mut res, id, 0, reuse_by.is_some(), None) {
             Ok(a) => a,
             Err(e) => {
                 self.free_res(id, &res);
@@ -652,6 +692,41 @@ impl Devd {
         let id = self.reg.next_id;
         self.reg.next_id += 1;
         id
+    }
+
+    /// `Request::Bell`: with id 0 a new spare doorbell of this session;
+    /// else the doorbell `id`, to a session that may ring it: one of the
+    /// same user, root, or one that shares a connection with a session of
+    /// the doorbell's user (a forked child sleeps on its parent's spare,
+    /// an exec'd image on its own session's). Anybody else learns nothing
+    /// (the same error as for an unknown id).
+    fn bell(&mut self, sid: u64, id: u32) -> Result<Reply, RequestError> {
+        if id == 0 {
+            if self.bells.of(sid).is_none() {
+                return Err(RequestError::NoBell(0));
+            }
+            let (id, r, w) = self.bells.make_for(sid).map_err(RequestError::Resources)?;
+            return Ok((Response::Bell { id, both: true }, vec![Arc::new(r), w]));
+        }
+        let unknown = || RequestError::NoBell(id);
+        let (owner, fd) = self.bells.get(id).ok_or_else(unknown)?;
+        let uid = |s: u64| self.sessions.get(&s).map(|s| s.uid);
+        let (me, them) = match (uid(sid), uid(owner)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err(unknown()),
+        };
+        let pair = |a: &End, b: &End| a.session == sid && b.uid == them;
+        let linked = me == them
+            || me == 0
+            || self
+                .reg
+                .conns
+                .values()
+                .any(|c| pair(&c.ends[0], &c.ends[1]) || pair(&c.ends[1], &c.ends[0]));
+        if !linked {
+            return Err(unknown());
+        }
+        Ok((Response::Bell { id, both: false }, vec![fd]))
     }
 
     /// An unpredictable token (64 drawn per getrandom call).
@@ -845,7 +920,19 @@ impl Devd {
         }
         // The acceptor says accepted in the hand-over words itself, once
         // it holds its end (docs/protocol.md section 2.3).
-        let given = attachment(&mut intent.res, intent.id, 1, reuse);
+        let peer_bell = self.bells.of(intent.end.session);
+        if let (Res::Direct(d), Some((own, _))) = (&intent.res, self.bells.of(sid)) {
+            // The connector learns the acceptor's doorbell when it moves
+            // (docs/protocol.md section 3.2); without it, it asks later.
+            let at = layout::hov::ACCEPTOR_BELL as u64;
+            if let Err(e) = sys::pwrite_all(d.memfd.as_fd(), &own.to_le_bytes(), at) {
+                log::warn!(
+                    "connection {}: acceptor's doorbell not written: {e}",
+                    intent.id
+                );
+            }
+        }
+        let given = attachment(&mut intent.res, intent.id, 1, reuse, peer_bell);
         let (attachment, fds) = match given {
             Ok(a) => a,
             Err(e) => {
@@ -891,14 +978,8 @@ impl Devd {
         let header =
             layout::header_bytes(RegionKind::Direct, layout.size, id, layout.cap as u64, 0);
         sys::pwrite_all(memfd.as_fd(), &header, 0).map_err(RequestError::Resources)?;
-        let bell = || -> Result<Fd, RequestError> {
-            let e = EventFd::new().map_err(RequestError::Resources)?;
-            Ok(Arc::new(e.into()))
-        };
-        let bells = [[bell()?, bell()?], [bell()?, bell()?]];
         Ok(Res::Direct(DirectRes {
             memfd: Arc::new(memfd),
-            bells,
             layout,
             // Unpredictable and unique across devd restarts: a client may
             // still keep a region of an earlier devd.
@@ -968,7 +1049,8 @@ impl Devd {
             .conns
             .get_mut(&id)
             .ok_or(RequestError::NoConnection(0))?;
-        let (a, fds) = attachment(&mut conn.res, id, e, false)?;
+        let peer_bell = self.bells.of(conn.ends[1 - e].session);
+        let (a, fds) = attachment(&mut conn.res, id, e, false, peer_bell)?;
         // Mapped by one more process: never parked.
         conn.parkable = false;
         Ok((Response::Attached(a), fds))
@@ -987,7 +1069,7 @@ impl Devd {
                 .flatten()
                 .find(|i| i.end.inode == inode && i.end.session == sid)
                 .ok_or(RequestError::NoConnection(inode))?;
-            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false)?;
+            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false, None)?;
             return Ok((Response::Attached(a), fds));
         };
         let reply = self.hand_out(id, e)?;
@@ -1174,6 +1256,7 @@ impl Devd {
 
     /// Forgets everything a session held (its process closed the socket or died).
     pub fn end_session(&mut self, sid: u64) {
+        self.bells.forget(sid);
         if let Some(s) = self.sessions.remove(&sid) {
             if let Some(n) = self.sessions_of.get_mut(&s.uid) {
                 *n = n.saturating_sub(1);
@@ -1448,6 +1531,7 @@ impl Devd {
                 uptime_s: self.started.elapsed().as_secs(),
                 backend: self.backend,
                 sessions: self.sessions.len(),
+                doorbells: self.bells.count(),
                 live_connections: self.reg.conns.len(),
                 listeners: self.reg.listeners.len(),
                 parked_regions: self.reg.parked.len(),
@@ -1526,11 +1610,13 @@ fn refuse(res: &Res) -> io::Result<()> {
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.
 /// With `reuse` (Direct), no fds: the process kept the region parked.
+/// `peer_bell`: the doorbell of the other end's session, if known (Direct).
 fn attachment(
     res: &mut Res,
     id: u64,
     e: usize,
     reuse: bool,
+    peer_bell: Option<(u32, Fd)>,
 ) -> Result<(Attachment, Vec<Fd>), RequestError> {
     let side = if e == 0 {
         Side::Connector
@@ -1539,17 +1625,12 @@ fn attachment(
     };
     match res {
         Res::Direct(d) => {
-            let (own, peer) = (&d.bells[e], &d.bells[1 - e]);
             let fds = if reuse {
                 vec![]
             } else {
-                vec![
-                    d.memfd.clone(),
-                    own[0].clone(),
-                    own[1].clone(),
-                    peer[0].clone(),
-                    peer[1].clone(),
-                ]
+                std::iter::once(d.memfd.clone())
+                    .chain(peer_bell.iter().map(|(_, fd)| fd.clone()))
+                    .collect()
             };
             let a = Attachment {
                 conn_id: id,
@@ -1560,6 +1641,7 @@ fn attachment(
                 geom_b: 0,
                 region: d.region,
                 reuse,
+                peer_bell: peer_bell.map_or(0, |(id, _)| id),
             };
             Ok((a, fds))
         }
@@ -1582,6 +1664,7 @@ fn attachment(
                 geom_b: q.layout.slot as u64,
                 region: id,
                 reuse: false,
+                peer_bell: 0,
             };
             Ok((a, fds))
         }
@@ -1710,16 +1793,7 @@ mod tests {
         let engine =
             engine::spawn(Box::new(Loopback::default()), violations.clone(), None).unwrap();
         let mut d = Devd::new(cfg, engine, "loopback", violations);
-        let (sock, _peer) = sys::SeqPacket::pair().unwrap();
-        d.add_session(
-            1,
-            Session {
-                sock,
-                pid: std::process::id() as i32,
-                uid: sys::uid(),
-                gid: 0,
-            },
-        );
+        session(&mut d, 1);
         d
     }
 
@@ -1782,7 +1856,11 @@ mod tests {
             panic!("intents refused: {r1:?} {r2:?}");
         };
         assert_ne!(t1, t2);
-        assert_eq!((f1.len(), f2.len()), (5, 5));
+        assert_eq!(
+            (f1.len(), f2.len()),
+            (1, 1),
+            "a connector's end: its region"
+        );
         assert_eq!(attachment.side, Side::Connector);
         s2.connect(&dst.into()).unwrap();
         let (a, _) = l.accept().unwrap();
@@ -1946,6 +2024,48 @@ mod tests {
         assert_eq!(d.totals.fallbacks.get(&FallbackReason::Limit), Some(&1));
     }
 
+    #[test]
+    fn a_doorbell_goes_to_its_user_and_to_peers_only_and_spares_on_request() {
+        let mut d = devd("");
+        session(&mut d, 2);
+        let (own1, _) = d.bells.of(1).unwrap();
+        // Same user: given.
+        let (r, fds) = d.handle(2, Request::Bell { id: own1 }, vec![]);
+        let both = false;
+        assert_eq!((r, fds.len()), (Response::Bell { id: own1, both }, 1));
+        // Another user with no connection to this one: the same answer as
+        // for an id that does not exist.
+        let (sock, _peer) = sys::SeqPacket::pair().unwrap();
+        let other = if sys::uid() == 0 {
+            65534
+        } else {
+            sys::uid() + 1
+        };
+        d.add_session(
+            7,
+            Session {
+                sock,
+                pid: 1,
+                uid: other,
+                gid: 0,
+            },
+        );
+        let (r, fds) = d.handle(7, Request::Bell { id: own1 }, vec![]);
+        assert!(matches!(r, Response::Error { code, .. } if code == libc::ENOENT as u32));
+        assert!(fds.is_empty());
+        let (r2, _) = d.handle(7, Request::Bell { id: own1 ^ 0x5555 }, vec![]);
+        assert!(matches!(r2, Response::Error { code, .. } if code == libc::ENOENT as u32));
+        // Id 0: a new spare of the asker's own.
+        let (r, fds) = d.handle(2, Request::Bell { id: 0 }, vec![]);
+        let Response::Bell { id, both: true } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((fds.len(), d.bells.get(id).map(|(s, _)| s)), (2, Some(2)));
+        // A session's doorbells go with it.
+        d.end_session(2);
+        assert!(d.bells.get(id).is_none());
+    }
+
     /// Adds session `sid` (another process of this user).
     fn session(d: &mut Devd, sid: u64) {
         let (sock, _peer) = sys::SeqPacket::pair().unwrap();
@@ -1958,6 +2078,10 @@ mod tests {
                 gid: 0,
             },
         );
+        // Its Welcome: its doorbells, sent to the peers of its ends.
+        let (r, fds) = d.handle(sid, Request::Hello { pid: 1 }, vec![]);
+        assert!(matches!(r, Response::Welcome { bell, spare, .. } if bell != 0 && spare != 0));
+        assert_eq!(fds.len(), r.fd_count());
     }
 
     /// A connection from session `from` to `l` (listened on by the
@@ -2068,9 +2192,11 @@ mod tests {
         session(&mut d, 2);
         session(&mut d, 3);
         let l = listener_of(&mut d, 2);
-        // 1 connects to 2's listener: a new region, fds for both ends.
+        // 1 connects to 2's listener: a new region, fds for both ends (the
+        // acceptor's with the connector's doorbell).
         let ((c, nc), (a, na), _s1) = connect_as(&mut d, 1, 2, &l);
-        assert_eq!((nc, na, c.reuse, a.reuse), (5, 5, false, false));
+        assert_eq!((nc, na, c.reuse, a.reuse), (1, 2, false, false));
+        assert_eq!(a.peer_bell, d.bells.of(1).unwrap().0);
         let memfd = match &d.reg.conns[&c.conn_id].res {
             Res::Direct(r) => r.memfd.clone(),
             Res::Queued(_) => panic!("queued"),
@@ -2090,7 +2216,7 @@ mod tests {
         assert_eq!(d.reg.usage.get(&sys::uid()), Some(&(0, region)));
         // Another process connecting to the same listener gets a new one.
         let ((c3, n3), (a3, _), _s3) = connect_as(&mut d, 3, 2, &l);
-        assert!(!c3.reuse && n3 == 5 && c3.region != c.region);
+        assert!(!c3.reuse && n3 == 1 && c3.region != c.region);
         release(&mut d, 3, &c3, false);
         release(&mut d, 2, &a3, true);
         assert_eq!(d.reg.parked.len(), 1, "one end did not keep it");
@@ -2125,7 +2251,7 @@ mod tests {
         assert_eq!(d.reg.parked.len(), 1);
         // Session 3's connection needs that memory: the kept one goes.
         let ((c3, n3), _, _s3) = connect_as(&mut d, 3, 2, &l);
-        assert!(!c3.reuse && n3 == 5);
+        assert!(!c3.reuse && n3 == 1);
         assert!(d.reg.parked.is_empty());
         assert_eq!(d.reg.usage.get(&sys::uid()), Some(&(2, 2 << 20)));
     }

@@ -156,10 +156,6 @@ pub type Fd = Arc<OwnedFd>;
 pub struct DirectRes {
     /// The region (kept to attach exec'd images and fd receivers).
     pub memfd: Fd,
-    /// Doorbells (eventfds) per end [connector, acceptor], each [read,
-    /// write]: data arrived / space freed, so a reader and a writer never
-    /// share one.
-    pub bells: [[Fd; 2]; 2],
     /// Geometry.
     pub layout: DirectLayout,
     /// The region's id (random: clients may keep regions of an earlier
@@ -180,7 +176,7 @@ pub struct Parked {
     pub uids: [u32; 2],
     /// Region bytes it stays charged to each user, as the connection was.
     pub bytes: usize,
-    /// The region and its doorbells.
+    /// The region.
     pub res: DirectRes,
 }
 

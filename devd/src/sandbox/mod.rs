@@ -170,8 +170,10 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         // statistics (devd does not map regions).
         r.insert(libc::SYS_pwrite64, any());
         r.insert(libc::SYS_pread64, any());
-        // eventfd2: connection doorbells.
+        // eventfd2: Queued connections' kick and call.
         r.insert(libc::SYS_eventfd2, any());
+        // socketpair: the sessions' doorbells (docs/protocol.md section 3.2).
+        r.insert(libc::SYS_socketpair, any());
         // getuid: statistics visibility.
         r.insert(libc::SYS_getuid, any());
         // epoll_create1: a set per generation of the sockets devd watches

@@ -12,8 +12,11 @@
 
 #![forbid(unsafe_code)]
 
-use anyhow::{bail, Context, Result};
-use ssock_client::{negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Stream};
+use anyhow::{bail, ensure, Context, Result};
+use ssock_client::{
+    negotiate_connect, Listener, Mode, ModePref, Options, Outcome, Session, Stream,
+};
+use ssock_rings::codec::Request;
 use ssock_rings::layout::{self, DirectLayout, QueuedLayout};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::EventFd;
@@ -313,9 +316,27 @@ fn hostile(addr: SocketAddr, opts: &Options, script: &str) -> Result<()> {
         // Claim more bytes than the ring holds, then wake the peer.
         map.u64_at(l.dir(0).head)
             .store(l.cap as u64 * 3 + 17, Ordering::Release);
-        // fds: region, own read/write doorbells, peer read/write doorbells.
-        let peer_bell = EventFd::from_owned(fds[3].try_clone()?);
-        peer_bell.notify()?;
+        // Then wake the acceptor if it sleeps, as a real connector would:
+        // by the doorbell its wait word names, asked of devd.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(2) {
+            if map.u32_at(l.dir(0).cons_wait).load(Ordering::Acquire) & 1 == 1 {
+                let id = map.u32_at(l.dir(0).cons_bell).load(Ordering::Relaxed);
+                let s = opts
+                    .session
+                    .clone()
+                    .or_else(Session::global)
+                    .context("no session")?;
+                let (_, bell) = s.request(&Request::Bell { id }, &[])?;
+                let bell = bell.into_iter().next().context("no doorbell")?;
+                ensure!(
+                    ssock_rings::sys::ring_bell(bell.as_fd()),
+                    "the doorbell did not ring"
+                );
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     } else {
         let l = QueuedLayout::announced(size, a.geom_a, a.geom_b)?;
         let q = l.queues[0];

@@ -1,0 +1,696 @@
+//! This process's doorbells (docs/protocol.md section 3.2). A Direct end
+//! sleeps on its thread's doorbell and names it by id in its ring's wait
+//! word; a peer rings whatever doorbell the word names. So a connection
+//! costs the application no descriptor beside its socket: doorbells are
+//! per thread that sleeps (kept for the next thread when it ends), plus
+//! the ringers' ends of the peer processes' doorbells it rang.
+//!
+//! A doorbell is a pair of datagram sockets: this process holds both ends,
+//! its peers only the ringers' end, so a peer can wake a thread here but
+//! never take a wake-up away, and ringing one whose owner is gone fails
+//! quietly. A thread's doorbell is its own: it empties it after its sleep
+//! without taking anybody's wake-up. New threads and forked children take
+//! doorbells from a pool (Welcome gives a spare; more are asked for before
+//! the next Intent or Claim, or when a thread needs one and the pool is
+//! empty).
+//!
+//! The Welcome's first doorbell is the process's **common** one: devd
+//! hands it to the peers with their attachments, and every sleeping thread
+//! polls it beside its own. A peer that cannot get a thread's doorbell (a
+//! forked child without a session of its own asks nobody) rings the
+//! common one instead; the thread that empties it wakes every other
+//! sleeping thread through its own doorbell, so the one it was meant for
+//! looks again. A thread that cannot get a doorbell of its own sleeps on
+//! the common one alone: its sleeps are cut at 20 ms (a wake-up another
+//! thread took costs that much); every sleep is cut at 1 s anyway, the
+//! net under a doorbell that could not be rung.
+//!
+//! Never here: a connection to devd of its own (a doorbell is asked for
+//! only on a session the process already has: a forked child, maybe
+//! sandboxed, asks nothing), or a sleep.
+
+use crate::session::{Session, SessionError};
+use ssock_rings::codec::{Request, Response};
+use ssock_rings::stream::Doorbells;
+use ssock_rings::sys;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Peer doorbells kept (the oldest learnt is closed first).
+const KNOWN_MAX: usize = 256;
+/// Doorbells devd would not give, remembered (the oldest forgotten first).
+const REFUSED_MAX: usize = 64;
+/// A doorbell devd would not give is not asked for again this soon.
+const REFUSED_FOR: Duration = Duration::from_secs(1);
+/// The longest Direct sleep: the net under a wake-up that could not be
+/// rung (a doorbell devd would not or could not give).
+const CAP: Duration = Duration::from_secs(1);
+/// The longest Direct sleep of a thread sharing a doorbell.
+const CAP_SHARED: Duration = Duration::from_millis(20);
+
+/// One doorbell of this process: both ends.
+#[derive(Debug, Clone)]
+struct Bell {
+    id: u32,
+    own: Arc<OwnedFd>,
+    ring: Arc<OwnedFd>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    /// The process's common doorbell (the Welcome's first). Never closed
+    /// (sleeps refer to it without counting; one replaced by a new
+    /// session's stays open).
+    first: Option<&'static Bell>,
+    /// Doorbells for new threads and forked children.
+    pool: Vec<Bell>,
+    /// Doorbells threads of this process hold, by thread key.
+    held: HashMap<u64, Bell>,
+    /// Ringers' ends of every doorbell this process may ring, by id (its
+    /// own ones included).
+    known: HashMap<u32, Arc<OwnedFd>>,
+    /// Peers' ones, in the order learnt (the oldest closed first).
+    order: VecDeque<u32>,
+    refused: VecDeque<(u32, Instant)>,
+    /// The pool ran dry: ask for a doorbell at the next Intent or Claim.
+    need: bool,
+}
+
+static BOOK: Mutex<Option<Book>> = Mutex::new(None);
+/// Threads with a doorbell of their own: its ringers' end (a lock of its
+/// own, taken when a thread takes or gives back its doorbell).
+static SLEEPING: Mutex<Option<Threads>> = Mutex::new(None);
+
+/// Threads with a doorbell of their own, by key: its ringers' end.
+type Threads = HashMap<u64, Arc<OwnedFd>>;
+/// The common doorbell's fd (-1: none), for `polled`.
+static COMMON_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+fn sleeping() -> MutexGuard<'static, Option<Threads>> {
+    SLEEPING.lock().unwrap_or_else(|p| p.into_inner())
+}
+static NEXT_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// This thread's doorbell; given back to the pool when the thread ends.
+#[derive(Debug)]
+struct Mine {
+    bell: Bell,
+    /// The common doorbell, polled beside `bell` (None when shared).
+    common: Option<&'static Bell>,
+    /// `sys::child_of` when taken: another value means a fork since.
+    gen: u64,
+    /// The process's first doorbell, shared (not this thread's own).
+    shared: bool,
+    key: u64,
+}
+
+impl Drop for Mine {
+    fn drop(&mut self) {
+        if self.shared || self.gen != sys::child_of() {
+            return;
+        }
+        // The thread ends: its doorbell, emptied, serves the next one.
+        sys::drain_bell(self.bell.own.as_fd());
+        let bell = self.bell.clone();
+        let key = self.key;
+        if let Some(s) = sleeping().as_mut() {
+            s.remove(&key);
+        }
+        with(|b| {
+            b.held.remove(&key);
+            b.pool.push(bell);
+        });
+    }
+}
+
+thread_local! {
+    static MINE: RefCell<Option<Mine>> = const { RefCell::new(None) };
+    /// Sleeps under way on this thread (an epoll wait counts one per member).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// A poll of this thread found the common doorbell rung (`polled`).
+    static COMMON_RUNG: Cell<bool> = const { Cell::new(false) };
+    /// The book, locked by `before_fork` until `after_fork`.
+    static FORK_GUARD: RefCell<Option<MutexGuard<'static, Option<Book>>>> =
+        const { RefCell::new(None) };
+    /// The registry of threads, the same way.
+    static FORK_GUARD_SLEEPING: RefCell<Option<MutexGuard<'static, Option<Threads>>>> =
+        const { RefCell::new(None) };
+    static KEY: u64 = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn lock() -> MutexGuard<'static, Option<Book>> {
+    BOOK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn with<R>(f: impl FnOnce(&mut Book) -> R) -> R {
+    f(lock().get_or_insert_with(Book::default))
+}
+
+impl Book {
+    fn remember(&mut self, id: u32, ring: Arc<OwnedFd>, peer: bool) {
+        if self.known.insert(id, ring).is_some() || !peer {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > KNOWN_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.known.remove(&old);
+            }
+        }
+    }
+
+    fn refused_lately(&self, id: u32) -> bool {
+        self.refused
+            .iter()
+            .any(|(r, t)| *r == id && t.elapsed() < REFUSED_FOR)
+    }
+
+    fn add_own(&mut self, b: &Bell) {
+        self.remember(b.id, b.ring.clone(), false);
+    }
+}
+
+/// A doorbell from devd: (id, owner's end, ringers' end), its fds moved out
+/// of the low numbers a program may `dup2` onto.
+fn bell(id: u32, own: OwnedFd, ring: OwnedFd) -> Bell {
+    Bell {
+        id,
+        own: Arc::new(sys::move_high(own)),
+        ring: Arc::new(sys::move_high(ring)),
+    }
+}
+
+/// The doorbells a Welcome gave, each (id, owner's end, ringers' end).
+/// `replace`: the process-wide session connected (again): they become the
+/// process's first and pool even if it has doorbells; else they are used
+/// only if it has none (another session of the same process: they are
+/// closed again).
+pub fn welcome(
+    own: Option<(u32, OwnedFd, OwnedFd)>,
+    spare: Option<(u32, OwnedFd, OwnedFd)>,
+    replace: bool,
+) {
+    with(|b| {
+        if b.first.is_some() && !replace {
+            return;
+        }
+        let Some((id, o, r)) = own else { return };
+        let first = bell(id, o, r);
+        let spare = spare.map(|(id, o, r)| bell(id, o, r));
+        b.add_own(&first);
+        b.pool.clear();
+        if let Some(s) = &spare {
+            b.add_own(s);
+            b.pool.push(s.clone());
+        }
+        COMMON_FD.store(first.own.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+        b.first = Some(Box::leak(Box::new(first)));
+        b.need = spare.is_none();
+    });
+}
+
+/// A peer's doorbell (ringers' end) that came with an attachment (kept
+/// unless known).
+pub fn learn(id: u32, ring: OwnedFd) {
+    if id != 0 {
+        with(|b| {
+            if !b.known.contains_key(&id) {
+                b.remember(id, Arc::new(sys::move_high(ring)), true);
+            }
+        });
+    }
+}
+
+/// Whether this process has a doorbell to sleep on.
+pub fn usable() -> bool {
+    with(|b| b.first.is_some())
+}
+
+/// Asks devd for a doorbell for the pool on `session`.
+fn more(session: &Session) -> Option<Bell> {
+    match session.request(&Request::Bell { id: 0 }, &[]) {
+        Ok((Response::Bell { id, both: true }, fds)) if id != 0 && fds.len() == 2 => {
+            let mut fds = fds.into_iter();
+            let (o, r) = (fds.next()?, fds.next()?);
+            let b = bell(id, o, r);
+            with(|k| k.add_own(&b));
+            Some(b)
+        }
+        other => {
+            log::debug!("no doorbell from devd: {other:?}");
+            None
+        }
+    }
+}
+
+/// Fills the pool (one doorbell) if it ran dry, on `session`.
+pub fn refill(session: &Session) {
+    if with(|b| b.first.is_some() && std::mem::take(&mut b.need)) {
+        if let Some(b) = more(session) {
+            with(|k| k.pool.push(b));
+        }
+    }
+}
+
+/// This thread's doorbell: its own (taken from the pool, or asked of devd
+/// on `session` when the pool is empty), else the process's first, shared.
+fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
+    let gen = sys::child_of();
+    let have = MINE
+        .try_with(|m| {
+            m.borrow()
+                .as_ref()
+                .filter(|m| m.gen == gen)
+                .map(|m| (m.bell.clone(), m.common))
+        })
+        .ok()
+        .flatten();
+    if let Some(h) = have {
+        return Some(h);
+    }
+    let key = KEY.try_with(|k| *k).unwrap_or(0);
+    let taken = with(|b| {
+        let t = b.pool.pop();
+        if b.pool.is_empty() {
+            b.need = true;
+        }
+        t
+    });
+    let taken = taken.or_else(|| more(session?));
+    let (bell, shared) = match taken {
+        Some(t) => (t, false),
+        None => (with(|b| b.first.cloned())?, true),
+    };
+    let common = if shared {
+        None
+    } else {
+        with(|b| {
+            b.held.insert(key, bell.clone());
+            b.first
+        })
+    };
+    if !shared {
+        // Registered for the thread's life, before any wait word names its
+        // doorbell: a drain of the common one wakes this thread.
+        sleeping()
+            .get_or_insert_with(HashMap::new)
+            .insert(key, bell.ring.clone());
+    }
+    let m = Mine {
+        bell: bell.clone(),
+        common,
+        gen,
+        shared,
+        key,
+    };
+    let _ = MINE.try_with(|c| *c.borrow_mut() = Some(m));
+    Some((bell, common))
+}
+
+/// A sleep under way on this thread's doorbell (and the common one); the
+/// thread's last one ends by emptying them.
+#[derive(Debug)]
+pub struct Sleep {
+    bell: Bell,
+    /// The common doorbell, unless `bell` is it.
+    common: Option<&'static Bell>,
+    gen: u64,
+    key: u64,
+}
+
+/// Starts a sleep of the calling thread (`session`: where to ask for a
+/// doorbell if it needs one). None only if this process has no doorbell.
+pub fn enter(session: Option<&Session>) -> Option<Sleep> {
+    let (bell, common) = mine(session)?;
+    let key = KEY.try_with(|k| *k).unwrap_or(0);
+    let _ = DEPTH.try_with(|d| d.set(d.get() + 1));
+    Some(Sleep {
+        bell,
+        common,
+        gen: sys::child_of(),
+        key,
+    })
+}
+
+impl Sleep {
+    /// The doorbell's id, for the wait words.
+    pub fn id(&self) -> u32 {
+        self.bell.id
+    }
+
+    /// The fds to poll (POLLIN): the thread's doorbell, and the common one.
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        std::iter::once(self.bell.own.as_raw_fd())
+            .chain(self.common.as_ref().map(|c| c.own.as_raw_fd()))
+    }
+
+    /// Whether the calling thread started this sleep.
+    pub fn on_this_thread(&self) -> bool {
+        self.key == KEY.try_with(|k| *k).unwrap_or(0) && self.gen == sys::child_of()
+    }
+
+    /// Rings this sleep's doorbell (another thread of this process wakes
+    /// it).
+    pub fn ring(&self) {
+        let _ = sys::ring_bell(self.bell.ring.as_fd());
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        // A sleep a forked child inherited from a parent thread: not this
+        // process's to count or empty.
+        if !self.on_this_thread() {
+            return;
+        }
+        let last = DEPTH
+            .try_with(|d| {
+                d.set(d.get().saturating_sub(1));
+                d.get() == 0
+            })
+            .unwrap_or(true);
+        if !last {
+            return;
+        }
+        // One ring, one read: this thread was woken by one (a ring more
+        // wakes its next sleep at once, which takes it).
+        sys::take_ring(self.bell.own.as_fd());
+        let Some(common) = &self.common else { return };
+        // Emptied only when a poll of this thread saw it rung (`polled`):
+        // no system call and no lock for it otherwise.
+        let rung = COMMON_RUNG.try_with(|c| c.replace(false)).unwrap_or(true);
+        if rung && sys::drain_bell(common.own.as_fd()) {
+            // Rung for a thread a peer could not name: every other thread
+            // with a doorbell looks again (asleep or not: a spare wake-up).
+            if let Some(others) = sleeping().as_ref() {
+                for (k, w) in others {
+                    if *k != self.key {
+                        let _ = sys::ring_bell(w.as_fd());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// After every poll a sleeper made: whether it found the common doorbell
+/// rung (the end of its sleep then empties it). Every poll of a set that
+/// holds a `Sleep`'s fds must be reported here, or the common doorbell
+/// stays full.
+pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
+    let common = COMMON_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if common >= 0 && fds.into_iter().any(|(fd, rev)| fd == common && rev != 0) {
+        let _ = COMMON_RUNG.try_with(|c| c.set(true));
+    }
+}
+
+/// The fd of the calling thread's doorbell, if it has one.
+pub fn doorbell_fd() -> Option<RawFd> {
+    MINE.try_with(|m| m.borrow().as_ref().map(|m| m.bell.own.as_raw_fd()))
+        .ok()
+        .flatten()
+}
+
+/// The longest a Direct sleep of the calling thread may last before
+/// looking again.
+pub fn cap() -> Duration {
+    let shared = MINE
+        .try_with(|m| m.borrow().as_ref().is_none_or(|m| m.shared))
+        .unwrap_or(true);
+    if shared {
+        CAP_SHARED
+    } else {
+        CAP
+    }
+}
+
+/// Before fork (the shim's prepare handler): the book is locked until the
+/// parent and child handlers (`after_fork`) are done with it.
+pub fn before_fork() {
+    let g = lock();
+    let _ = FORK_GUARD.try_with(|f| *f.borrow_mut() = Some(g));
+    let s = sleeping();
+    let _ = FORK_GUARD_SLEEPING.try_with(|f| *f.borrow_mut() = Some(s));
+}
+
+/// After fork, in the forking thread. Both take the pool's last doorbell
+/// out: the child makes it the thread's own (no system call, no request:
+/// the child may be sandboxed already) and closes its copies of the other
+/// threads' doorbells; the parent closes its copy. Closes fds: call it
+/// where closes go to libc.
+pub fn after_fork(child: bool) {
+    let mut threads = FORK_GUARD_SLEEPING
+        .try_with(|f| f.borrow_mut().take())
+        .ok()
+        .flatten()
+        .or_else(|| SLEEPING.try_lock().ok());
+    let held = FORK_GUARD
+        .try_with(|f| f.borrow_mut().take())
+        .ok()
+        .flatten();
+    let Some(mut g) = held.or_else(|| BOOK.try_lock().ok()) else {
+        return;
+    };
+    let Some(b) = g.as_mut() else { return };
+    let taken = b.pool.pop();
+    if b.pool.is_empty() {
+        b.need = true;
+    }
+    if !child {
+        return;
+    }
+    // The parent's threads are not here: their doorbells are not ours.
+    b.held.clear();
+    if let Some(t) = threads.as_mut() {
+        **t = None;
+    }
+    let key = KEY.try_with(|k| *k).unwrap_or(0);
+    let (bell, shared) = match taken {
+        Some(t) => {
+            b.held.insert(key, t.clone());
+            (t, false)
+        }
+        None => match b.first.cloned() {
+            Some(f) => (f, true),
+            None => return,
+        },
+    };
+    let g2_first = b.first;
+    drop(g);
+    // The parent thread's doorbell, copied here, is closed, not pooled.
+    if let Ok(Some(mut old)) = MINE.try_with(|c| c.borrow_mut().take()) {
+        old.shared = true;
+    }
+    let common = if shared { None } else { g2_first };
+    if !shared {
+        if let Some(t) = threads.as_mut() {
+            t.get_or_insert_with(HashMap::new)
+                .insert(key, bell.ring.clone());
+        }
+    }
+    drop(threads);
+    let m = Mine {
+        bell,
+        common,
+        gen: sys::child_of(),
+        shared,
+        key,
+    };
+    let _ = MINE.try_with(|c| *c.borrow_mut() = Some(m));
+}
+
+/// Makes sure this process holds doorbell `id` (asked of devd on
+/// `session` if not, and not refused lately), so that a later ring needs
+/// no request.
+pub fn know(id: u32, session: Option<&Session>) {
+    if id != 0 && !with(|b| b.known.contains_key(&id) || b.refused_lately(id)) {
+        let _ = fetch(id, session);
+    }
+}
+
+/// The doorbells of this process as a ring end sees them: rings by id,
+/// asking devd (on the end's session, else the process-wide one) for one
+/// it does not hold, and else the peer's common doorbell.
+#[derive(Debug, Default)]
+pub struct ProcessBells {
+    session: Option<Arc<Session>>,
+    /// The peer process's common doorbell, once known (0: not yet).
+    common: std::sync::atomic::AtomicU32,
+    /// The doorbell rung last, kept here (a peer thread sleeps on the same
+    /// one again and again: no look into the book).
+    last: Mutex<Option<(u32, Arc<OwnedFd>)>>,
+}
+
+impl ProcessBells {
+    /// Rings through `session` (None: the process-wide session); `common`:
+    /// the peer's common doorbell if known (0: not yet).
+    pub fn new(session: Option<Arc<Session>>, common: u32) -> ProcessBells {
+        ProcessBells {
+            session,
+            common: common.into(),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The peer's common doorbell, learnt later (the acceptor's, written
+    /// by devd at the Claim).
+    pub fn set_common(&self, id: u32) {
+        if id != 0 {
+            self.common.store(id, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn ring_known(&self, id: u32) -> Option<bool> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((l, w)) = last.as_ref() {
+            if *l == id {
+                return Some(sys::ring_bell(w.as_fd()));
+            }
+        }
+        let w = with(|b| b.known.get(&id).cloned())?;
+        let rung = sys::ring_bell(w.as_fd());
+        *last = Some((id, w));
+        Some(rung)
+    }
+}
+
+impl Doorbells for ProcessBells {
+    fn ring(&self, id: u32) -> bool {
+        if id == 0 {
+            return false;
+        }
+        if let Some(rung) = self.ring_known(id) {
+            return rung;
+        }
+        if !with(|b| b.refused_lately(id)) {
+            if let Some(w) = fetch(id, self.session.as_deref()) {
+                return sys::ring_bell(w.as_fd());
+            }
+        }
+        // Not to be had: the peer's common doorbell wakes all its threads.
+        let common = self.common.load(std::sync::atomic::Ordering::Relaxed);
+        common != 0 && common != id && self.ring_known(common).unwrap_or(false)
+    }
+}
+
+/// Asks devd for doorbell `id` on `session`, else on the process's
+/// existing one (never a new one).
+fn fetch(id: u32, session: Option<&Session>) -> Option<Arc<OwnedFd>> {
+    let global;
+    let s = match session.filter(|s| !s.is_broken()) {
+        Some(s) => s,
+        None => {
+            // None at hand (a child, or another thread holds it): nothing
+            // is remembered, the next ring asks again.
+            global = Session::existing()?;
+            &global
+        }
+    };
+    let reply = s.request(&Request::Bell { id }, &[]);
+    with(|b| match reply {
+        Ok((
+            Response::Bell {
+                id: got,
+                both: false,
+            },
+            fds,
+        )) if got == id && fds.len() == 1 => {
+            let w = Arc::new(sys::move_high(fds.into_iter().next()?));
+            b.remember(id, w.clone(), true);
+            Some(w)
+        }
+        Err(SessionError::Refused { .. }) => {
+            if b.refused.len() >= REFUSED_MAX {
+                b.refused.pop_front();
+            }
+            b.refused.push_back((id, Instant::now()));
+            None
+        }
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(id: u32) -> (u32, OwnedFd, OwnedFd) {
+        let (o, r) = sys::doorbell_pair().unwrap();
+        (id, o, r)
+    }
+
+    fn readable(fd: RawFd) -> bool {
+        let mut p = [sys::PollFd::new(fd, libc::POLLIN)];
+        sys::poll(&mut p, Some(Duration::ZERO)).unwrap() == 1
+    }
+
+    /// One process's book, driven through its public calls (the book is
+    /// process-wide: everything about it is in this one test).
+    #[test]
+    fn threads_sleep_on_doorbells_of_their_own_and_the_common_one_wakes_them_all() {
+        welcome(Some(pair(11)), Some(pair(12)), false);
+        welcome(Some(pair(13)), None, false);
+        assert!(usable());
+        let none = ProcessBells::default();
+        assert!(!none.ring(13), "a second session's doorbells are not kept");
+
+        // This thread takes the spare; another thread finds the pool
+        // empty and no session to ask: it sleeps on the common one alone.
+        let a = enter(None).unwrap();
+        let fds: Vec<RawFd> = a.fds().collect();
+        assert_eq!((a.id(), fds.len(), cap()), (12, 2, CAP));
+        let other = std::thread::spawn(|| (enter(None).unwrap().id(), cap()));
+        assert_eq!(other.join().unwrap(), (11, CAP_SHARED));
+        // A ring wakes the sleeper it names; its end empties its doorbell.
+        assert!(none.ring(12));
+        assert!(readable(fds[0]) && !readable(fds[1]));
+        drop(a);
+        assert!(!readable(fds[0]));
+
+        // A peer's doorbell learnt with an attachment rings; an unknown
+        // one falls back to the peer's common doorbell, if known.
+        let (_, po, pr) = pair(21);
+        learn(21, pr);
+        assert!(none.ring(21));
+        assert!(sys::drain_bell(po.as_fd()));
+        assert!(!none.ring(22));
+        assert!(ProcessBells::new(None, 21).ring(22));
+        assert!(sys::drain_bell(po.as_fd()));
+
+        // The common doorbell rung: the thread that empties it wakes the
+        // other sleeping threads through their own.
+        let (_, o2, r2) = pair(31);
+        let theirs = bell(31, o2, r2);
+        let their_fd = theirs.own.as_raw_fd();
+        sleeping()
+            .get_or_insert_with(HashMap::new)
+            .insert(999, theirs.ring.clone());
+        let a = enter(None).unwrap();
+        assert!(ProcessBells::new(None, 11).ring(777));
+        let mut set: Vec<sys::PollFd> = a
+            .fds()
+            .map(|fd| sys::PollFd::new(fd, libc::POLLIN))
+            .collect();
+        sys::poll(&mut set, Some(Duration::ZERO)).unwrap();
+        polled(set.iter().map(|p| (p.fd, p.revents)));
+        drop(a);
+        assert!(readable(their_fd), "the other sleeper was woken");
+        sleeping().get_or_insert_with(HashMap::new).remove(&999);
+
+        // Fork: the child takes the pool's doorbell as its thread's own;
+        // with the pool empty, it shares the common one.
+        let given = with(|b| b.pool.last().map(|p| p.id));
+        before_fork();
+        after_fork(true);
+        match given {
+            Some(id) => assert_eq!((enter(None).unwrap().id(), cap()), (id, CAP)),
+            None => assert_eq!(cap(), CAP_SHARED),
+        }
+        before_fork();
+        after_fork(true);
+        assert_eq!(cap(), CAP_SHARED, "no doorbell left: shared");
+    }
+}

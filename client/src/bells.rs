@@ -33,7 +33,7 @@ use crate::session::{Session, SessionError};
 use ssock_rings::codec::{Request, Response};
 use ssock_rings::stream::Doorbells;
 use ssock_rings::sys;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,7 +86,7 @@ static SLEEPING: Mutex<Option<Threads>> = Mutex::new(None);
 
 /// Threads with a doorbell of their own, by key: its ringers' end.
 type Threads = HashMap<u64, Arc<OwnedFd>>;
-/// The common doorbell's fd (-1: none), for `polled`.
+/// The common doorbell's fd (-1: none), for `doorbell_fds`.
 static COMMON_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 fn sleeping() -> MutexGuard<'static, Option<Threads>> {
@@ -128,10 +128,6 @@ impl Drop for Mine {
 
 thread_local! {
     static MINE: RefCell<Option<Mine>> = const { RefCell::new(None) };
-    /// Sleeps under way on this thread (an epoll wait counts one per member).
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// A poll of this thread found the common doorbell rung (`polled`).
-    static COMMON_RUNG: Cell<bool> = const { Cell::new(false) };
     /// The book, locked by `before_fork` until `after_fork`.
     static FORK_GUARD: RefCell<Option<MutexGuard<'static, Option<Book>>>> =
         const { RefCell::new(None) };
@@ -259,17 +255,23 @@ pub fn refill(session: &Session) {
 /// on `session` when the pool is empty), else the process's first, shared.
 fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
     let gen = sys::child_of();
-    let have = MINE
-        .try_with(|m| {
-            m.borrow()
-                .as_ref()
-                .filter(|m| m.gen == gen)
-                .map(|m| (m.bell.clone(), m.common))
-        })
-        .ok()
-        .flatten();
-    if let Some(h) = have {
-        return Some(h);
+    let have = match MINE.try_with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|m| m.gen == gen)
+            .map(|m| ((m.bell.clone(), m.common), m.shared))
+    }) {
+        Ok(h) => h,
+        // The thread's storage is going away: the common doorbell, shared,
+        // and nothing taken from the pool for it.
+        Err(_) => return with(|b| b.first.cloned()).map(|f| (f, None)),
+    };
+    // A thread sharing the common doorbell takes one of its own as soon
+    // as the pool has one.
+    match have {
+        Some((h, false)) => return Some(h),
+        Some((h, true)) if with(|b| b.pool.is_empty()) => return Some(h),
+        _ => {}
     }
     let key = KEY.try_with(|k| *k).unwrap_or(0);
     let taken = with(|b| {
@@ -326,7 +328,6 @@ pub struct Sleep {
 pub fn enter(session: Option<&Session>) -> Option<Sleep> {
     let (bell, common) = mine(session)?;
     let key = KEY.try_with(|k| *k).unwrap_or(0);
-    let _ = DEPTH.try_with(|d| d.set(d.get() + 1));
     Some(Sleep {
         bell,
         common,
@@ -359,35 +360,37 @@ impl Sleep {
     }
 }
 
-impl Drop for Sleep {
-    fn drop(&mut self) {
-        // A sleep a forked child inherited from a parent thread: not this
-        // process's to count or empty.
-        if !self.on_this_thread() {
-            return;
+/// After every poll of a set that holds a `Sleep`'s fds (every one: a
+/// doorbell left full would wake each later poll at once): takes one ring
+/// off this thread's doorbell if the poll found it rung, and empties the
+/// common one if it did (rung for a thread a peer could not name: every
+/// other thread with a doorbell of its own then looks again).
+pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
+    let Ok(Some((own, common, key))) = MINE.try_with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|m| m.gen == sys::child_of())
+            .map(|m| (m.bell.own.clone(), m.common, m.key))
+    }) else {
+        return;
+    };
+    let (mut mine, mut theirs) = (false, false);
+    for (fd, rev) in fds {
+        if rev != 0 {
+            mine |= fd == own.as_raw_fd();
+            theirs |= common.is_some_and(|c| c.own.as_raw_fd() == fd);
         }
-        let last = DEPTH
-            .try_with(|d| {
-                d.set(d.get().saturating_sub(1));
-                d.get() == 0
-            })
-            .unwrap_or(true);
-        if !last {
-            return;
-        }
-        // One ring, one read: this thread was woken by one (a ring more
-        // wakes its next sleep at once, which takes it).
-        sys::take_ring(self.bell.own.as_fd());
-        let Some(common) = &self.common else { return };
-        // Emptied only when a poll of this thread saw it rung (`polled`):
-        // no system call and no lock for it otherwise.
-        let rung = COMMON_RUNG.try_with(|c| c.replace(false)).unwrap_or(true);
-        if rung && sys::drain_bell(common.own.as_fd()) {
-            // Rung for a thread a peer could not name: every other thread
-            // with a doorbell looks again (asleep or not: a spare wake-up).
+    }
+    if mine {
+        // One ring, one read (a ring more wakes the next poll at once,
+        // which takes it).
+        sys::take_ring(own.as_fd());
+    }
+    if let Some(c) = common.filter(|_| theirs) {
+        if sys::drain_bell(c.own.as_fd()) {
             if let Some(others) = sleeping().as_ref() {
                 for (k, w) in others {
-                    if *k != self.key {
+                    if *k != key {
                         let _ = sys::ring_bell(w.as_fd());
                     }
                 }
@@ -396,22 +399,16 @@ impl Drop for Sleep {
     }
 }
 
-/// After every poll a sleeper made: whether it found the common doorbell
-/// rung (the end of its sleep then empties it). Every poll of a set that
-/// holds a `Sleep`'s fds must be reported here, or the common doorbell
-/// stays full.
-pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
+/// The fds of the doorbells the calling thread sleeps on (its own and the
+/// common one; -1 for none), for caps on the sleeps that poll them.
+pub fn doorbell_fds() -> [RawFd; 2] {
     let common = COMMON_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if common >= 0 && fds.into_iter().any(|(fd, rev)| fd == common && rev != 0) {
-        let _ = COMMON_RUNG.try_with(|c| c.set(true));
-    }
-}
-
-/// The fd of the calling thread's doorbell, if it has one.
-pub fn doorbell_fd() -> Option<RawFd> {
-    MINE.try_with(|m| m.borrow().as_ref().map(|m| m.bell.own.as_raw_fd()))
+    let own = MINE
+        .try_with(|m| m.borrow().as_ref().map(|m| m.bell.own.as_raw_fd()))
         .ok()
         .flatten()
+        .unwrap_or(-1);
+    [own, common]
 }
 
 /// The longest a Direct sleep of the calling thread may last before
@@ -546,14 +543,15 @@ impl ProcessBells {
     fn ring_known(&self, id: u32) -> Option<bool> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((l, w)) = last.as_ref() {
-            if *l == id {
-                return Some(sys::ring_bell(w.as_fd()));
+            if *l == id && sys::ring_bell(w.as_fd()) {
+                return Some(true);
             }
         }
         let w = with(|b| b.known.get(&id).cloned())?;
         let rung = sys::ring_bell(w.as_fd());
         *last = Some((id, w));
-        Some(rung)
+        // A doorbell that fails: the caller tries devd and the common one.
+        rung.then_some(true)
     }
 }
 
@@ -644,9 +642,15 @@ mod tests {
         assert_eq!((a.id(), fds.len(), cap()), (12, 2, CAP));
         let other = std::thread::spawn(|| (enter(None).unwrap().id(), cap()));
         assert_eq!(other.join().unwrap(), (11, CAP_SHARED));
-        // A ring wakes the sleeper it names; its end empties its doorbell.
+        // A ring wakes the sleeper it names; what its poll found takes it.
         assert!(none.ring(12));
-        assert!(readable(fds[0]) && !readable(fds[1]));
+        let mut set: Vec<sys::PollFd> = fds
+            .iter()
+            .map(|&fd| sys::PollFd::new(fd, libc::POLLIN))
+            .collect();
+        assert_eq!(sys::poll(&mut set, Some(Duration::ZERO)).unwrap(), 1);
+        assert!(set[0].revents != 0 && set[1].revents == 0);
+        polled(set.iter().map(|p| (p.fd, p.revents)));
         drop(a);
         assert!(!readable(fds[0]));
 

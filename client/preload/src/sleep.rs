@@ -68,8 +68,8 @@ pub fn timespec(d: Duration) -> libc::timespec {
 /// the caller looks again (a wake-up that could not be rung costs that
 /// long, no more).
 pub fn capped(left: Option<Duration>, set: &[libc::pollfd]) -> Option<Duration> {
-    let bell = ssock_client::bells::doorbell_fd();
-    if !set.iter().any(|p| Some(p.fd) == bell) {
+    let bells = ssock_client::bells::doorbell_fds();
+    if !set.iter().any(|p| p.fd >= 0 && bells.contains(&p.fd)) {
         return left;
     }
     let cap = ssock_client::bells::cap();

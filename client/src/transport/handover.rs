@@ -659,7 +659,7 @@ impl Handover {
             Ok(true)
         } else {
             let cap = std::time::Instant::now() + self.recheck;
-            match ctx.deadline {
+            let r = match ctx.deadline {
                 Some(d) if d <= cap => ssock_rings::notify::sleep(&mut fds, ctx.deadline),
                 _ => {
                     let r = ssock_rings::notify::sleep(&mut fds, Some(cap));
@@ -669,7 +669,10 @@ impl Handover {
                     // The caller looks again either way.
                     r.map(|_| true)
                 }
-            }
+            };
+            // What the doorbells among them found (a ring taken off).
+            crate::bells::polled(fds.iter().map(|p| (p.fd, p.revents)));
+            r
         };
         if armed && !self.kernel {
             self.inner.disarm(read, write);

@@ -5,10 +5,11 @@
 //! per thread that sleeps (kept for the next thread when it ends), plus
 //! the ringers' ends of the peer processes' doorbells it rang.
 //!
-//! A doorbell is a pair of datagram sockets: this process holds both ends,
-//! its peers only the ringers' end, so a peer can wake a thread here but
-//! never take a wake-up away, and ringing one whose owner is gone fails
-//! quietly. A thread's doorbell is its own: it empties it after its sleep
+//! A doorbell is a datagram socket at an abstract address: this process
+//! holds it, and everybody who rings it (this process too) a socket of
+//! its own connected to it, so a peer can wake a thread here but never
+//! take a wake-up away nor change where another's rings go, and ringing
+//! one whose owner is gone fails quietly. A thread's doorbell is its own: it empties it after its sleep
 //! without taking anybody's wake-up. New threads and forked children take
 //! doorbells from a pool (Welcome gives a spare; more are asked for before
 //! the next Intent or Claim, or when a thread needs one and the pool is
@@ -616,8 +617,8 @@ mod tests {
     use super::*;
 
     fn pair(id: u32) -> (u32, OwnedFd, OwnedFd) {
-        let (o, r) = sys::doorbell_pair().unwrap();
-        (id, o, r)
+        let (o, name) = sys::doorbell_owner().unwrap();
+        (id, o, sys::doorbell_ringer(&name).unwrap())
     }
 
     fn readable(fd: RawFd) -> bool {

@@ -281,27 +281,71 @@ impl AsRawFd for EventFd {
     }
 }
 
-/// A doorbell: a pair of connected unix datagram sockets, both
-/// nonblocking and close-on-exec: (the owner's end, the ringers' end). Its
-/// owner sleeps on its end; whoever holds the other can wake it, but
-/// cannot take a wake-up away (the owner's queue is not readable from the
-/// other end), and ringing a doorbell whose owner is gone fails quietly
-/// (`ECONNREFUSED`, no SIGPIPE: a datagram socket).
-pub fn doorbell_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds is a valid array of two ints for the call.
-    cvt(unsafe {
-        libc::socketpair(
+/// The name of a doorbell: an abstract unix address (16 random bytes).
+pub type BellName = [u8; 16];
+
+fn bell_addr(name: &BellName) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
+    // sun_path[0] stays 0: the abstract namespace, no file.
+    for (d, s) in addr.sun_path[1..].iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    let len = size_of::<libc::sa_family_t>() + 1 + name.len();
+    Ok((
+        addr,
+        libc::socklen_t::try_from(len).map_err(io::Error::other)?,
+    ))
+}
+
+fn dgram_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    owned(unsafe {
+        libc::socket(
             libc::AF_UNIX,
             libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
-            fds.as_mut_ptr(),
+        )
+    })
+}
+
+/// A doorbell's owner end: a unix datagram socket (nonblocking,
+/// close-on-exec) bound to an abstract address of random name. Only its
+/// owner reads it; every ringer gets a socket of its own connected to it
+/// ([`doorbell_ringer`]), so no ringer can change what another's rings
+/// reach, and ringing a doorbell whose owner is gone fails quietly
+/// (`ECONNREFUSED`, no SIGPIPE: a datagram socket).
+pub fn doorbell_owner() -> io::Result<(OwnedFd, BellName)> {
+    let fd = dgram_socket()?;
+    let mut name = [0u8; 16];
+    random(&mut name)?;
+    let (addr, len) = bell_addr(&name)?;
+    // SAFETY: addr/len describe a valid sockaddr_un.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
         )
     })?;
-    // SAFETY: the kernel just returned these two fds to us; nobody else
-    // owns them.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((keep_off_std(a), keep_off_std(b)))
+    Ok((fd, name))
+}
+
+/// A new ringers' end of the doorbell `name`: a datagram socket connected
+/// to its owner end.
+pub fn doorbell_ringer(name: &BellName) -> io::Result<OwnedFd> {
+    let fd = dgram_socket()?;
+    let (addr, len) = bell_addr(name)?;
+    // SAFETY: addr/len describe a valid sockaddr_un.
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    Ok(fd)
 }
 
 /// Rings a doorbell through its ringers' end (`write`, which every sandbox
@@ -987,6 +1031,31 @@ pub fn child_of() -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_ringer_that_disconnects_its_end_changes_nobody_elses_rings() {
+        let (own, name) = doorbell_owner().unwrap();
+        let (a, b) = (
+            doorbell_ringer(&name).unwrap(),
+            doorbell_ringer(&name).unwrap(),
+        );
+        // A hostile holder of `a` disconnects it (connect with AF_UNSPEC).
+        let sa = libc::sockaddr {
+            sa_family: libc::sa_family_t::try_from(libc::AF_UNSPEC).unwrap(),
+            sa_data: [0; 14],
+        };
+        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr>()).unwrap();
+        // SAFETY: a is open; sa/len describe a valid sockaddr.
+        unsafe { libc::connect(a.as_raw_fd(), &sa, len) };
+        assert!(!ring_bell(a.as_fd()), "its own end no longer rings");
+        assert!(ring_bell(b.as_fd()), "another ringer's still does");
+        assert!(take_ring(own.as_fd()));
+        assert!(!take_ring(own.as_fd()));
+        // The owner gone, a ring fails quietly (no SIGPIPE).
+        drop(own);
+        assert!(!ring_bell(b.as_fd()));
+    }
+
     use super::*;
 
     #[test]

@@ -1,8 +1,10 @@
-//! Doorbells: the socket pairs client processes' sleepers wait on
-//! (docs/protocol.md section 3.2). Each session gets one at Welcome (both
-//! ends) and a spare, and more when it asks: each thread of the process
-//! that sleeps, and each child it forks, takes one as its own; devd keeps
-//! only the ringers' ends (the "write ends"), and hands one to
+//! Doorbells: the datagram sockets client processes' sleepers wait on
+//! (docs/protocol.md section 3.2). Each session gets one at Welcome (its
+//! owner's end, bound to an abstract address, and a ringers' end) and a
+//! spare, and more when it asks: each thread of the process that sleeps,
+//! and each child it forks, takes one as its own; devd keeps only each
+//! one's address, and hands a new ringers' end (a socket of its own,
+//! connected to the doorbell) to
 //! the peers of that process's Direct connections with their attachments,
 //! and to a session that asks for it by id (`Request::Bell`, when a
 //! sleeping peer named one the asker lacks). Of the spares a session was
@@ -23,16 +25,15 @@ use std::sync::Arc;
 /// keep them, only new peers cannot ask for them).
 pub const SPARES_KEPT: usize = 64;
 
-/// A new doorbell: its id, the read end (for its owner only) and the
-/// write end (devd keeps a copy).
+/// A new doorbell: its id, the owner's end and a ringers' end for it.
 pub type NewBell = (u32, OwnedFd, Fd);
 
-/// The sessions' doorbells (their write ends) and their ids.
+/// The sessions' doorbells (their addresses) and their ids.
 #[derive(Debug, Default)]
 pub struct Bells {
     /// Per session: its own doorbell, then the spares it was given.
-    by_session: HashMap<u64, VecDeque<(u32, Fd)>>,
-    owner: HashMap<u32, (u64, Fd)>,
+    by_session: HashMap<u64, VecDeque<(u32, sys::BellName)>>,
+    owner: HashMap<u32, (u64, sys::BellName)>,
     next: u32,
 }
 
@@ -47,15 +48,15 @@ impl Bells {
     }
 
     fn make(&mut self, sid: u64) -> io::Result<NewBell> {
-        let (r, w) = sys::doorbell_pair()?;
-        let w: Fd = Arc::new(w);
+        let (r, name) = sys::doorbell_owner()?;
+        let w: Fd = Arc::new(sys::doorbell_ringer(&name)?);
         let id = loop {
             self.next = self.next.wrapping_add(1);
             if self.next != 0 && !self.owner.contains_key(&self.next) {
                 break self.next;
             }
         };
-        self.owner.insert(id, (sid, w.clone()));
+        self.owner.insert(id, (sid, name));
         Ok((id, r, w))
     }
 
@@ -64,8 +65,9 @@ impl Bells {
     /// forgotten).
     pub fn make_for(&mut self, sid: u64) -> io::Result<NewBell> {
         let made = self.make(sid)?;
+        let name = self.owner[&made.0].1;
         let v = self.by_session.entry(sid).or_default();
-        v.push_back((made.0, made.2.clone()));
+        v.push_back((made.0, name));
         if v.len() > 1 + SPARES_KEPT {
             if let Some((old, _)) = v.remove(1) {
                 self.owner.remove(&old);
@@ -74,17 +76,24 @@ impl Bells {
         Ok(made)
     }
 
-    /// Session `sid`'s own doorbell, if it has one.
+    /// A new ringers' end of session `sid`'s own (common) doorbell, if it
+    /// has one (and a socket could be made).
     pub fn of(&self, sid: u64) -> Option<(u32, Fd)> {
-        self.by_session
-            .get(&sid)
-            .and_then(|v| v.front())
-            .map(|(id, fd)| (*id, fd.clone()))
+        let (id, name) = self.by_session.get(&sid)?.front()?;
+        let w = sys::doorbell_ringer(name)
+            .map_err(|e| log::warn!("doorbell {id}: no ringers' end: {e}"))
+            .ok()?;
+        Some((*id, Arc::new(w)))
     }
 
-    /// The doorbell (write end) with this id and the session it belongs to.
+    /// The session the doorbell with this id belongs to, and a new
+    /// ringers' end of it.
     pub fn get(&self, id: u32) -> Option<(u64, Fd)> {
-        self.owner.get(&id).cloned()
+        let (sid, name) = self.owner.get(&id)?;
+        let w = sys::doorbell_ringer(name)
+            .map_err(|e| log::warn!("doorbell {id}: no ringers' end: {e}"))
+            .ok()?;
+        Some((*sid, Arc::new(w)))
     }
 
     /// Forgets an ended session's doorbells (their holders keep their fds).
@@ -108,12 +117,12 @@ mod tests {
     #[test]
     fn one_doorbell_per_session_with_a_unique_nonzero_id_then_spares() {
         let mut b = Bells::new(u32::MAX - 1);
-        let (a, _, wa) = b.make_for(1).unwrap();
-        assert_eq!(
-            b.of(1).map(|(id, w)| (id, w.as_raw_fd())),
-            Some((a, wa.as_raw_fd()))
-        );
-        let (c, _, _) = b.make_for(2).unwrap();
+        let (a, _own_a, wa) = b.make_for(1).unwrap();
+        // Every ringer gets a socket of its own.
+        let (id, w) = b.of(1).unwrap();
+        assert_eq!(id, a);
+        assert_ne!(w.as_raw_fd(), wa.as_raw_fd());
+        let (c, _own_c, _) = b.make_for(2).unwrap();
         assert!(
             a != 0 && c != 0 && a != c,
             "ids {a} {c} skip 0 when wrapping"
@@ -128,10 +137,16 @@ mod tests {
     #[test]
     fn spares_belong_to_their_session_and_the_oldest_are_forgotten() {
         let mut b = Bells::new(0);
-        let (own, _, _) = b.make_for(1).unwrap();
-        let first = b.make_for(1).unwrap().0;
+        // The owners' ends stay open (a doorbell without one has no
+        // address to connect a ringer to).
+        let mut owners = Vec::new();
+        let (own, o, _) = b.make_for(1).unwrap();
+        owners.push(o);
+        let (first, o, _) = b.make_for(1).unwrap();
+        owners.push(o);
         for _ in 0..SPARES_KEPT {
-            let (id, _, _) = b.make_for(1).unwrap();
+            let (id, o, _) = b.make_for(1).unwrap();
+            owners.push(o);
             assert_eq!(b.get(id).map(|(s, _)| s), Some(1));
         }
         assert!(b.get(first).is_none(), "the oldest spare is forgotten");

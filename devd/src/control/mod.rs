@@ -2082,6 +2082,9 @@ mod tests {
         let (r, fds) = d.handle(sid, Request::Hello { pid: 1 }, vec![]);
         assert!(matches!(r, Response::Welcome { bell, spare, .. } if bell != 0 && spare != 0));
         assert_eq!(fds.len(), r.fd_count());
+        // The process keeps its doorbells' ends (a doorbell whose owner's
+        // end is closed has no address to connect a ringer to).
+        std::mem::forget(fds);
     }
 
     /// A connection from session `from` to `l` (listened on by the

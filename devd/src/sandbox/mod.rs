@@ -172,8 +172,31 @@ fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         r.insert(libc::SYS_pread64, any());
         // eventfd2: Queued connections' kick and call.
         r.insert(libc::SYS_eventfd2, any());
-        // socketpair: the sessions' doorbells (docs/protocol.md section 3.2).
-        r.insert(libc::SYS_socketpair, any());
+        // socket (unix datagram only), bind, connect: the sessions'
+        // doorbells, an abstract address each, and their ringers' ends
+        // (docs/protocol.md section 3.2).
+        r.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![
+                SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::AF_UNIX as u64,
+                )
+                .expect("socket domain condition"),
+                SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    (libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64,
+                )
+                .expect("socket type condition"),
+            ])
+            .expect("socket rule")],
+        );
+        r.insert(libc::SYS_bind, any());
+        r.insert(libc::SYS_connect, any());
         // getuid: statistics visibility.
         r.insert(libc::SYS_getuid, any());
         // epoll_create1: a set per generation of the sockets devd watches

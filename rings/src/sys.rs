@@ -284,19 +284,27 @@ impl AsRawFd for EventFd {
 /// The name of a doorbell: an abstract unix address (16 random bytes).
 pub type BellName = [u8; 16];
 
-fn bell_addr(name: &BellName) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { zeroed() };
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
-    // sun_path[0] stays 0: the abstract namespace, no file.
-    for (d, s) in addr.sun_path[1..].iter_mut().zip(name) {
-        *d = *s as libc::c_char;
-    }
-    let len = size_of::<libc::sa_family_t>() + 1 + name.len();
-    Ok((
-        addr,
-        libc::socklen_t::try_from(len).map_err(io::Error::other)?,
-    ))
+/// A doorbell's address: its name in the abstract namespace (a leading
+/// NUL byte: no file).
+fn bell_path(name: &BellName) -> std::path::PathBuf {
+    let mut b = vec![0u8];
+    b.extend_from_slice(name);
+    std::ffi::OsStr::from_bytes(&b).into()
+}
+
+/// `bind` (true) or `connect` a unix socket to `path`.
+fn unix_call(fd: BorrowedFd<'_>, path: &Path, bind: bool) -> io::Result<()> {
+    let (addr, len) = unix_addr(path)?;
+    let addr = (&addr as *const libc::sockaddr_un).cast();
+    // SAFETY: addr/len describe a valid sockaddr_un that outlives the call.
+    cvt(unsafe {
+        if bind {
+            libc::bind(fd.as_raw_fd(), addr, len)
+        } else {
+            libc::connect(fd.as_raw_fd(), addr, len)
+        }
+    })
+    .map(drop)
 }
 
 fn dgram_socket() -> io::Result<OwnedFd> {
@@ -320,15 +328,7 @@ pub fn doorbell_owner() -> io::Result<(OwnedFd, BellName)> {
     let fd = dgram_socket()?;
     let mut name = [0u8; 16];
     random(&mut name)?;
-    let (addr, len) = bell_addr(&name)?;
-    // SAFETY: addr/len describe a valid sockaddr_un.
-    cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
+    unix_call(fd.as_fd(), &bell_path(&name), true)?;
     Ok((fd, name))
 }
 
@@ -336,15 +336,7 @@ pub fn doorbell_owner() -> io::Result<(OwnedFd, BellName)> {
 /// to its owner end.
 pub fn doorbell_ringer(name: &BellName) -> io::Result<OwnedFd> {
     let fd = dgram_socket()?;
-    let (addr, len) = bell_addr(name)?;
-    // SAFETY: addr/len describe a valid sockaddr_un.
-    cvt(unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
+    unix_call(fd.as_fd(), &bell_path(name), false)?;
     Ok(fd)
 }
 
@@ -508,15 +500,7 @@ impl SeqPacket {
         let fd = owned(unsafe {
             libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
         })?;
-        let (addr, len) = unix_addr(path)?;
-        // SAFETY: addr/len describe a valid sockaddr_un.
-        cvt(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                len,
-            )
-        })?;
+        unix_call(fd.as_fd(), path, true)?;
         // SAFETY: plain syscall on our fd.
         cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
         Ok(SeqPacket(fd))
@@ -533,15 +517,7 @@ impl SeqPacket {
         let fd = owned(unsafe {
             libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
         })?;
-        let (addr, len) = unix_addr(path)?;
-        // SAFETY: addr/len describe a valid sockaddr_un.
-        cvt(unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                len,
-            )
-        })?;
+        unix_call(fd.as_fd(), path, false)?;
         Ok(SeqPacket(fd))
     }
 

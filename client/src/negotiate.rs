@@ -316,18 +316,27 @@ pub fn plain_by_board(session: &Session, dst: SocketAddr) -> Option<FallbackReas
     }
 }
 
-/// Whether the board keeps the connection of `fd`, an accepted socket,
-/// on kernel TCP (`short_lived`): its connector did not ask devd either.
-/// Looks at the socket's address only while some listener is kept so.
-fn kept_plain(session: &Session, fd: BorrowedFd<'_>) -> bool {
+/// Whether the board keeps the connection of `fd`, an accepted socket of
+/// the listener bound to `listener` (if known), on kernel TCP
+/// (`short_lived`): its connector did not ask devd either. Only while some
+/// listener is kept so; the accepted socket's address is the listener's
+/// when that is not a wildcard, and is asked of the kernel only when the
+/// listener is a wildcard and not every listener on its port is kept.
+fn kept_plain(session: &Session, fd: BorrowedFd<'_>, listener: Option<SocketAddr>) -> bool {
     let Some(b) = session.board() else {
         return false;
     };
     let now = board::now_ns();
-    board::any_plain(b, now)
-        && ssock_rings::sys::local_addr(fd).is_ok_and(|here| {
-            matches!(board::lookup(b, here), Found::Served { plain_until } if plain_until > now)
-        })
+    if !board::any_plain(b, now) {
+        return false;
+    }
+    let kept =
+        |here| matches!(board::lookup(b, here), Found::Served { plain_until } if plain_until > now);
+    match listener {
+        Some(l) if !l.ip().is_unspecified() => kept(l),
+        Some(l) if board::port_plain(b, l.port(), now) => true,
+        _ => ssock_rings::sys::local_addr(fd).is_ok_and(kept),
+    }
 }
 
 /// Connector side for a test peer that handles its end itself: the
@@ -435,15 +444,16 @@ pub fn connect_start(
 }
 
 /// Acceptor side on `fd`, a freshly accepted socket of a listener
-/// registered with `session`: the Claim (devd pairs it with the
-/// connector's Intent by address and hands this end over, or says kernel
-/// TCP). Nothing is read from or written to the socket.
+/// registered with `session` and bound to `listener` (None: not known):
+/// the Claim (devd pairs it with the connector's Intent by address and
+/// hands this end over, or says kernel TCP). Nothing is read from or
+/// written to the socket.
 pub fn accept_on(
     session: &Arc<Session>,
     fd: BorrowedFd<'_>,
-    _opts: &Options,
+    listener: Option<SocketAddr>,
 ) -> io::Result<Accepted> {
-    if kept_plain(session, fd) {
+    if kept_plain(session, fd, listener) {
         return Ok(Accepted::Kernel(Some(FallbackReason::ShortLived)));
     }
     // Whatever goes wrong, the connection is plain: its connector moves

@@ -234,6 +234,8 @@ impl Drop for Stream {
 #[derive(Debug)]
 pub struct Listener {
     tcp: TcpListener,
+    /// The address it is bound to (an accepted socket's, unless a wildcard).
+    at: Option<SocketAddr>,
     session: Option<Arc<Session>>,
     opts: Options,
 }
@@ -249,6 +251,7 @@ impl Listener {
         let tcp = TcpListener::bind(addr)?;
         let session = opts.session().filter(|s| register_listener(s, tcp.as_fd()));
         Ok(Listener {
+            at: tcp.local_addr().ok(),
             tcp,
             session,
             opts: opts.clone(),
@@ -277,7 +280,7 @@ impl Listener {
         let Some(session) = &self.session else {
             return Stream::kernel(tcp, None, spin);
         };
-        match accept_on(session, tcp.as_fd(), &self.opts)? {
+        match accept_on(session, tcp.as_fd(), self.at)? {
             Accepted::Attached(t) => Ok(Stream::new(t, tcp, None, spin)),
             Accepted::Kernel(reason) => Stream::kernel(tcp, reason, spin),
         }

@@ -267,6 +267,29 @@ pub fn lookup(map: &Mapping, dst: SocketAddr) -> Found {
     r.unwrap_or(Found::Unknown)
 }
 
+/// Whether every listener on `port` (and at least one) is kept on kernel
+/// TCP at `now`: then so is a connection to any address on that port, and
+/// an acceptor of a wildcard listener need not ask its socket's address.
+/// False when the board cannot tell.
+pub fn port_plain(map: &Mapping, port: u16, now: u64) -> bool {
+    let r = steady(map, |entries| {
+        let mut any = false;
+        for e in entries {
+            let Some(e) = e else {
+                return false;
+            };
+            if e.addr.port() == port {
+                if e.plain_until <= now {
+                    return false;
+                }
+                any = true;
+            }
+        }
+        any
+    });
+    r.unwrap_or(false)
+}
+
 /// Whether any listener is kept on kernel TCP at `now` (a cheap look, so
 /// that an acceptor asks for its socket's address only then).
 pub fn any_plain(map: &Mapping, now: u64) -> bool {

@@ -16,6 +16,7 @@ pub mod board;
 pub mod codec;
 pub mod detach;
 pub mod env;
+pub mod fdbits;
 pub mod layout;
 pub mod notify;
 pub mod ownfds;

@@ -5,67 +5,37 @@
 //! would otherwise close them, and the next fd it opens would get the
 //! number while ssock still writes to it.
 //!
-//! One bit per fd number below [`LIMIT`], set when an fd is created or
+//! An [`FdBits`] set, a bit set when an fd is created or
 //! received through [`crate::sys`] and cleared when ssock closes it (the
-//! shim's `close` sees its own calls). Lock-free: the bits are atomics, so
-//! a look-up costs one load and may run in any thread, in fork handlers
-//! and in signal handlers.
+//! shim's `close` sees its own calls).
 //!
 //! Never here: closing, duplicating or moving an fd (see
 //! [`crate::sys::move_high`]).
 
+use crate::fdbits::FdBits;
+pub use crate::fdbits::LIMIT;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// fds at or above this number are not tracked (the usual hard limit of
-/// open files is 1,048,576).
-pub const LIMIT: usize = 1 << 20;
-
-static BITS: [AtomicU64; LIMIT / 64] = [const { AtomicU64::new(0) }; LIMIT / 64];
-
-fn at(fd: RawFd) -> Option<(&'static AtomicU64, u64)> {
-    let i = usize::try_from(fd).ok().filter(|&i| i < LIMIT)?;
-    Some((&BITS[i / 64], 1u64 << (i % 64)))
-}
+static OWN: FdBits = FdBits::new();
 
 /// `fd` is ssock's from now on.
 pub fn own(fd: RawFd) {
-    if let Some((w, b)) = at(fd) {
-        w.fetch_or(b, Ordering::Relaxed);
-    }
+    OWN.insert(fd);
 }
 
 /// `fd` is no longer ssock's (it is being closed, or was taken over).
 pub fn disown(fd: RawFd) {
-    if let Some((w, b)) = at(fd) {
-        w.fetch_and(!b, Ordering::Relaxed);
-    }
+    OWN.remove(fd);
 }
 
 /// Whether `fd` is ssock's.
 pub fn owned(fd: RawFd) -> bool {
-    at(fd).is_some_and(|(w, b)| w.load(Ordering::Relaxed) & b != 0)
+    OWN.contains(fd)
 }
 
 /// ssock's fds from `first` to `last` (both included), in order.
 pub fn owned_in(first: u32, last: u32) -> Vec<RawFd> {
-    let mut v = Vec::new();
-    let (lo, hi) = (first as usize, (last as usize).min(LIMIT - 1));
-    if lo > hi {
-        return v;
-    }
-    for (wi, w) in BITS.iter().enumerate().take(hi / 64 + 1).skip(lo / 64) {
-        let mut word = w.load(Ordering::Relaxed);
-        while word != 0 {
-            let bit = word.trailing_zeros() as usize;
-            word &= word - 1;
-            let fd = wi * 64 + bit;
-            if (lo..=hi).contains(&fd) {
-                v.extend(RawFd::try_from(fd).ok());
-            }
-        }
-    }
-    v
+    OWN.within(first, last)
 }
 
 #[cfg(test)]

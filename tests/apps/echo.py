@@ -345,6 +345,27 @@ def aclient(port, n):
     asyncio.run(main())
 
 
+def reused_number_socket(port):
+    """A TCP socket on an fd number that earlier named other sockets the
+    shim had judged: a connected UDP socket freed with close_range, then a
+    connected UDP socket a fresh TCP socket was dup2'ed onto. What the shim
+    knew of the number must not outlive what it named."""
+    import os
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.connect(("127.0.0.1", port))
+    fd = u.detach()
+    os.closerange(fd, fd + 1)
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if t.fileno() != fd:
+        raise SystemExit(f"the TCP socket got fd {t.fileno()}, not {fd}")
+    u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u2.connect(("127.0.0.1", port))
+    fd2 = u2.detach()
+    os.dup2(t.fileno(), fd2)
+    t.close()
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fd2)
+
+
 def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, fionread=False,
            rcvtimeo=False):
     """vec: send with sendmsg/writev and receive with recvmsg/readv, in turns.
@@ -352,7 +373,10 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
     before each receive (10 s timeout each)."""
     import os
     import select
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if os.environ.get("ECHO_MODE") == "reused":
+        s = reused_number_socket(port)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.connect(("127.0.0.1", port))
     if use_dup:
         # Go on with a duplicate; closing the original must not end the stream.

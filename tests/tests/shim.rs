@@ -332,6 +332,14 @@ fn a_dup_names_the_same_socket_and_closing_the_original_keeps_it() -> Result<()>
 }
 
 #[test]
+fn a_socket_on_a_number_that_named_a_plain_socket_before_is_accelerated() -> Result<()> {
+    // The client's TCP socket lives on fd numbers that held connected UDP
+    // sockets (which the shim leaves to the kernel and remembers so):
+    // one freed with close_range, one a fresh socket was dup2'ed onto.
+    echo_mode_is_direct("reused")
+}
+
+#[test]
 fn fionread_reports_the_bytes_waiting_in_the_ring() -> Result<()> {
     // After POLLIN, FIONREAD must count the ring's bytes (the kernel socket
     // holds none) and a recv of that many must return them.

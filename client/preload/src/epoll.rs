@@ -116,6 +116,9 @@ pub struct Set {
     /// registration of the application's carries it (one chance in 2^64).
     tag: u64,
     sleepers: AtomicU32,
+    /// Set after each ring, taken by the last sleeper, who then drains the
+    /// bell: a wait that nobody rang makes no system call for it.
+    rung: AtomicBool,
     /// Whether any member is the shim's (else epoll_wait goes to libc).
     any: AtomicBool,
 }
@@ -242,6 +245,7 @@ pub fn created(epfd: c_int) {
                 bell,
                 tag,
                 sleepers: AtomicU32::new(0),
+                rung: AtomicBool::new(false),
                 any: AtomicBool::new(false),
             })),
         ),
@@ -338,6 +342,10 @@ impl Set {
     fn ring(&self) {
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _ = self.bell.notify();
+            // After the ring: a last sleeper that took the flag before it
+            // was set leaves the bell rung and the flag set, and the next
+            // wait, woken by the bell at once, drains it.
+            self.rung.store(true, Ordering::SeqCst);
         }
     }
 
@@ -447,10 +455,12 @@ impl Set {
         })
     }
 
-    /// One sleeper less; the last one drains the bell (earlier, a sleeper
-    /// not yet back from its wait could miss the ring).
+    /// One sleeper less; the last one drains the bell if it was rung
+    /// (earlier, a sleeper not yet back from its wait could miss the ring).
     fn done_sleeping(&self) {
-        if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.rung.swap(false, Ordering::SeqCst)
+        {
             self.bell.drain();
         }
     }

@@ -9,8 +9,51 @@
 
 use crate::boundary::{borrow, enter, sockaddr};
 use crate::dispatch::fail;
-use crate::{epoll, real, sock, table};
+use crate::{epoll, known, real, sock, table};
 use libc::{c_int, sockaddr as SockAddr, socklen_t};
+
+/// socket(2): an IPv4 or IPv6 TCP socket is remembered as fresh (`known`),
+/// so that its connect need not ask the kernel what it is.
+///
+/// # Safety
+/// The C contract of socket(2).
+pub unsafe fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().socket)(domain, ty, protocol) };
+    enter(
+        || {
+            let fd = real();
+            if fd >= 0 {
+                known::made(fd, domain, ty, protocol);
+            }
+            fd
+        },
+        || {
+            let fd = real();
+            known::forget(fd);
+            fd
+        },
+    )
+}
+
+/// Whether what a connect said leaves the socket connecting or connected
+/// (a later connect() on it is the kernel's alone), not failed.
+fn under_way(said: c_int) -> bool {
+    matches!(
+        said,
+        0 | libc::EINPROGRESS | libc::EALREADY | libc::EINTR | libc::EISCONN
+    )
+}
+
+/// The kernel's connect, for a socket the shim leaves alone from now on
+/// if it is connecting or connected.
+fn connect_plain(fd: c_int, real: impl FnOnce() -> c_int) -> c_int {
+    let r = real();
+    if r == 0 || under_way(crate::boundary::errno()) {
+        known::set_plain(fd);
+    }
+    r
+}
 
 /// connect(2).
 ///
@@ -25,13 +68,14 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
             // the socket the caller is connecting, open during this call.
             let (dst, b) = unsafe { (sockaddr(addr, len), borrow(fd)) };
             let Some(dst) = dst else { return real() };
-            if table::get(fd).is_some() {
+            if known::plain(fd) || table::get(fd).is_some() {
                 // The kernel's connect is the connection's: it says
                 // EALREADY, 0, EISCONN or the connect's error.
                 return real();
             }
-            match sock::connect(b, dst) {
-                None => real(),
+            let fresh = known::take_fresh(fd);
+            match sock::connect(b, dst, fresh) {
+                None => connect_plain(fd, real),
                 Some(Ok(Some((s, said)))) => {
                     table::insert(fd, s);
                     epoll::became_accelerated(fd);
@@ -45,9 +89,17 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
                 r => {
                     // A plain connection: no stale entry may name this fd.
                     drop(table::remove(fd));
-                    match r {
-                        Some(Err(e)) => fail(e),
+                    let said = match r {
+                        Some(Err(e)) => e,
                         _ => 0,
+                    };
+                    if under_way(said) {
+                        known::set_plain(fd);
+                    }
+                    if said != 0 {
+                        fail(said)
+                    } else {
+                        0
                     }
                 }
             }
@@ -66,9 +118,11 @@ pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
     enter(
         || {
             let r = real();
-            // SAFETY: fd is the caller's listening socket, open during this call.
-            if r == 0 && sock::listened(unsafe { borrow(fd) }) {
-                table::add_listener(fd);
+            if r == 0 {
+                // SAFETY: fd is the caller's listening socket, open during this call.
+                if let Some(at) = sock::listened(unsafe { borrow(fd) }) {
+                    table::add_listener(fd, at);
+                }
             }
             r
         },
@@ -92,10 +146,11 @@ pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags
             // A new fd: an entry under its number is stale (its socket was
             // closed by a path the shim does not see).
             drop(table::remove(m));
-            if table::is_listener(fd) {
+            known::forget(m);
+            if let Some(at) = table::listener(fd) {
                 // SAFETY: m was just returned by accept4 and is open; fd is
                 // the caller's listener, open during this call.
-                if let Some(s) = sock::accepted(unsafe { borrow(m) }) {
+                if let Some(s) = sock::accepted(unsafe { borrow(m) }, at) {
                     table::insert(m, s);
                 }
             }

@@ -115,11 +115,12 @@ unsafe fn adopt_passed(msg: *const libc::msghdr) {
 
 /// `fd` arrived without negotiation: take it over if it is accelerated.
 pub fn adopt(fd: c_int) {
+    crate::known::forget(fd);
     // SAFETY: fd was just received or inherited, and is open.
     match sock::inherited(unsafe { borrow(fd) }) {
         sock::Inherited::Conn(s) => table::insert(fd, s),
-        sock::Inherited::Listener => {
-            table::add_listener(fd);
+        sock::Inherited::Listener(at) => {
+            table::add_listener(fd, at);
             drop(table::remove(fd));
         }
         sock::Inherited::Plain => drop(table::remove(fd)),

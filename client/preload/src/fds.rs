@@ -12,7 +12,7 @@
 
 use crate::boundary::{borrow, enter};
 use crate::sock::{self, lock};
-use crate::{epoll, real, table};
+use crate::{epoll, known, real, table};
 use libc::{c_int, c_uint};
 use ssock_rings::ownfds;
 
@@ -22,12 +22,14 @@ pub fn close_app(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
         return 0;
     }
     let_go(fd);
+    known::forget(fd);
     real()
 }
 
 /// close(2) from ssock itself (the shim's own code, through libc).
 pub fn close_own(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
     ownfds::disown(fd);
+    known::forget(fd);
     real()
 }
 
@@ -73,6 +75,7 @@ pub fn close_range_app(
                 let_go(fd);
             }
         }
+        known::forget_within(first, last);
     }
     // u64: the range may end at c_uint::MAX, and a skipped fd's next one
     // must not wrap.
@@ -127,6 +130,7 @@ pub fn close_range_own(
         for fd in ownfds::owned_in(first, last) {
             ownfds::disown(fd);
         }
+        known::forget_within(first, last);
     }
     r
 }
@@ -147,6 +151,7 @@ fn duplicated_onto(new: c_int) {
 pub fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 && new != old {
         duplicated_onto(new);
+        known::forget(new);
         match table::get(old) {
             Some(_) => table::duplicate(old, new),
             None => drop(table::remove(new)),

@@ -25,6 +25,7 @@ mod fds;
 mod fork;
 mod inherit;
 mod io;
+mod known;
 mod load;
 mod logging;
 mod obj;
@@ -48,6 +49,7 @@ use libc::{
 
 interpose! {
     // Where a connection becomes accelerated.
+    socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int => establish::socket;
     connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => establish::connect;
     listen(fd: c_int, backlog: c_int) -> c_int => establish::listen;
     accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int

@@ -96,20 +96,28 @@ pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
     ssock_rings::sys::get_nonblocking(fd).unwrap_or(false)
 }
 
-/// Whether `fd` is a TCP socket the shim handles (IPv4/IPv6 stream).
-fn is_tcp(fd: BorrowedFd<'_>) -> bool {
-    ssock_rings::sys::socket_type(fd).is_ok_and(|t| t == libc::SOCK_STREAM)
-        && ssock_rings::sys::local_addr(fd).is_ok()
+/// The address of `fd` if it is a TCP socket the shim handles (IPv4/IPv6
+/// stream).
+fn tcp_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    ssock_rings::sys::socket_type(fd)
+        .is_ok_and(|t| t == libc::SOCK_STREAM)
+        .then(|| ssock_rings::sys::local_addr(fd).ok())
+        .flatten()
 }
 
 /// connect(2) on a TCP socket: negotiate; returns Some(result) if the
 /// shim handled it, None to let libc do it (not TCP, no devd). Ok(Some):
 /// the socket is tracked, with what the kernel's connect said (0, or
 /// EINPROGRESS/EINTR while it goes on).
-pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Sock, i32)>, i32>> {
+pub fn connect(
+    fd: BorrowedFd<'_>,
+    dst: SocketAddr,
+    fresh: bool,
+) -> Option<Result<Option<(Sock, i32)>, i32>> {
     // Only a fresh TCP socket is ssock's; a datagram socket never opens a
     // devd session, and a connect() called again is the kernel's alone.
-    if !fresh_tcp(fd) {
+    // `fresh`: socket(2) made it so (`known`), nothing to ask.
+    if !fresh && !fresh_tcp(fd) {
         return None;
     }
     let session = session()?;
@@ -147,20 +155,22 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr) -> Option<Result<Option<(Soc
     })
 }
 
-/// listen(2) succeeded on `fd`: register it; true if devd knows it now.
-pub fn listened(fd: BorrowedFd<'_>) -> bool {
-    if !is_tcp(fd) {
-        return false;
-    }
-    session().is_some_and(|s| register_listener(&s, fd))
+/// listen(2) succeeded on `fd`: register it; its address if devd knows
+/// it now.
+pub fn listened(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    let at = tcp_addr(fd)?;
+    session()
+        .is_some_and(|s| register_listener(&s, fd))
+        .then_some(at)
 }
 
-/// A socket accepted from a registered listener: negotiate. None: plain.
-pub fn accepted(fd: BorrowedFd<'_>) -> Option<Sock> {
+/// A socket accepted from a registered listener bound to `at`: negotiate.
+/// None: plain.
+pub fn accepted(fd: BorrowedFd<'_>, at: SocketAddr) -> Option<Sock> {
     let session = session()?;
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    match accept_on(&session, fd, &opts) {
+    match accept_on(&session, fd, Some(at)) {
         Ok(Accepted::Attached(t)) => {
             let nb = is_nonblocking(fd);
             log::info!(
@@ -188,8 +198,9 @@ pub fn accepted(fd: BorrowedFd<'_>) -> Option<Sock> {
 pub enum Inherited {
     /// An accelerated connection, taken over.
     Conn(Sock),
-    /// A listener, registered with devd again: the caller records it.
-    Listener,
+    /// A listener (at this address), registered with devd again: the
+    /// caller records it.
+    Listener(SocketAddr),
     /// Anything else: not the shim's.
     Plain,
 }
@@ -198,16 +209,17 @@ pub enum Inherited {
 /// exec, or received over a Unix socket): an accelerated connection is
 /// taken over, a listener registered again.
 pub fn inherited(fd: BorrowedFd<'_>) -> Inherited {
-    if !is_tcp(fd) {
+    if tcp_addr(fd).is_none() {
         return Inherited::Plain;
     }
     if ssock_rings::sys::peer_addr(fd).is_err() {
         // Not connected: a listener (registered again if it is one).
         if ssock_rings::sys::sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
             .is_ok_and(|v| v == 1)
-            && listened(fd)
         {
-            return Inherited::Listener;
+            if let Some(at) = listened(fd) {
+                return Inherited::Listener(at);
+            }
         }
         return Inherited::Plain;
     }

@@ -11,7 +11,8 @@
 use crate::sock::{Entry, Sock};
 use arc_swap::ArcSwapOption;
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -24,7 +25,10 @@ static ANY: AtomicBool = AtomicBool::new(false);
 type Chunk = Box<[ArcSwapOption<Mutex<Sock>>]>;
 
 static SOCKS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
-static LISTENERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+/// Registered listeners by fd, with the address each is bound to.
+type Listeners = Option<HashMap<i32, SocketAddr>>;
+
+static LISTENERS: Mutex<Listeners> = Mutex::new(None);
 
 /// The slot of `fd`, allocating its chunk if `create`.
 fn slot(fd: i32, create: bool) -> Option<&'static ArcSwapOption<Mutex<Sock>>> {
@@ -195,7 +199,7 @@ pub fn after_fork(child: bool) -> Vec<Entry> {
 thread_local! {
     static GATE_HELD: RefCell<Option<std::sync::RwLockWriteGuard<'static, ()>>> =
         const { RefCell::new(None) };
-    static LISTENERS_HELD: RefCell<Option<MutexGuard<'static, Option<HashSet<i32>>>>> =
+    static LISTENERS_HELD: RefCell<Option<MutexGuard<'static, Listeners>>> =
         const { RefCell::new(None) };
 }
 
@@ -262,23 +266,23 @@ pub fn fds() -> Vec<i32> {
 /// The fds of registered listeners.
 pub fn listeners() -> Vec<i32> {
     let l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
-    l.iter().flatten().copied().collect()
+    l.iter().flat_map(|m| m.keys()).copied().collect()
 }
 
-/// Records `fd` as a listener registered with devd.
-pub fn add_listener(fd: i32) {
+/// Records `fd` as a listener registered with devd, bound to `at`.
+pub fn add_listener(fd: i32, at: SocketAddr) {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
-    l.get_or_insert_with(HashSet::new).insert(fd);
+    l.get_or_insert_with(HashMap::new).insert(fd, at);
 }
 
-/// Whether `fd` is a registered listener.
-pub fn is_listener(fd: i32) -> bool {
+/// The address `fd` is bound to if it is a registered listener.
+pub fn listener(fd: i32) -> Option<SocketAddr> {
     let l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
-    l.as_ref().is_some_and(|s| s.contains(&fd))
+    l.as_ref().and_then(|s| s.get(&fd).copied())
 }
 
 /// Forgets a listener; true if it was one.
 pub fn remove_listener(fd: i32) -> bool {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
-    l.as_mut().is_some_and(|s| s.remove(&fd))
+    l.as_mut().is_some_and(|s| s.remove(&fd).is_some())
 }

@@ -8,7 +8,7 @@
 //! Never here: a sleep with a socket armed and not disarmed afterwards, or
 //! a socket's lock held across the sleep.
 
-use crate::boundary::borrow;
+use crate::boundary::{borrow, errno};
 use crate::epoll;
 use crate::obj::{Armed, Obj};
 use crate::table;
@@ -88,10 +88,6 @@ fn scan(
         }
     }
     n
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 /// How often a sleep that cannot watch the kernel sockets of accelerated

@@ -19,6 +19,8 @@ records the programs' own figures:
                                               requests per second
   ab -k -c 20 -n 100000 against nginx (keep-alive)
                                               requests per second
+  wrk -t 2 -c 50 -d 3s against nginx (keep-alive; a socket error or a
+    response other than 2xx aborts the run)   requests per second
 
 plus an idle connected pair's CPU time over 2 s, and checks through
 devd's statistics that the ssock runs went Direct (a run
@@ -211,8 +213,9 @@ http {{
 """
 
 
-def ab_with(devd, name, flags, n):
-    """ab against nginx (2 workers) serving a 100-byte file."""
+def nginx_with(devd, client):
+    """`client(port)` against nginx (2 workers) serving a 100-byte file
+    at /small: what it returns."""
     d = tempfile.mkdtemp(prefix="ssock-apps-nginx-")
     try:
         os.chmod(d, 0o755)
@@ -226,17 +229,36 @@ def ab_with(devd, name, flags, n):
             f.write(NGINX_CONF.format(dir=d, port=port))
         srv = serve(devd, ["nginx", "-c", conf], port)
         try:
-            text = run(devd, ["ab", "-q", *flags, "-c", "20", "-n", str(n),
-                              f"http://127.0.0.1:{port}/small"])
-            failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
-            if not failed or int(failed[0].split()[-1]) != 0:
-                raise SystemExit(f"ab {flags}: failed requests:\n{text}")
-            line = [x for x in text.splitlines() if x.startswith("Requests per second:")][-1]
-            return {name: float(line.split()[3])}
+            return client(port)
         finally:
             stop(srv)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def ab_with(devd, name, flags, n):
+    """ab against nginx (2 workers) serving a 100-byte file."""
+    def ab(port):
+        text = run(devd, ["ab", "-q", *flags, "-c", "20", "-n", str(n),
+                          f"http://127.0.0.1:{port}/small"])
+        failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
+        if not failed or int(failed[0].split()[-1]) != 0:
+            raise SystemExit(f"ab {flags}: failed requests:\n{text}")
+        line = [x for x in text.splitlines() if x.startswith("Requests per second:")][-1]
+        return {name: float(line.split()[3])}
+    return nginx_with(devd, ab)
+
+
+def wrk50(devd):
+    """wrk with 50 keep-alive connections against nginx (2 workers)."""
+    def wrk(port):
+        text = run(devd, ["wrk", "-t", "2", "-c", "50", "-d", "3s",
+                          f"http://127.0.0.1:{port}/small"])
+        if "Socket errors" in text or "Non-2xx" in text:
+            raise SystemExit(f"wrk -c 50: errors:\n{text}")
+        line = [x for x in text.splitlines() if x.startswith("Requests/sec:")][-1]
+        return {"wrk -t 2 -c 50 keep-alive, nginx (req/s)": float(line.split()[1])}
+    return nginx_with(devd, wrk)
 
 
 def ab_close(devd):
@@ -298,10 +320,10 @@ def main():
     json_out = None
     if "--json-out" in sys.argv:
         json_out = sys.argv[sys.argv.index("--json-out") + 1]
-    for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3", "nginx", "ab"):
+    for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3", "nginx", "ab", "wrk"):
         if shutil.which(prog) is None:
             raise SystemExit(f"{prog} is not installed (apt-get install redis-server "
-                             "redis-tools sockperf iperf3 nginx apache2-utils)")
+                             "redis-tools sockperf iperf3 nginx apache2-utils wrk)")
     d = tempfile.mkdtemp(prefix="ssock-apps-bench-")
     devd = Devd(d)
     results = {}
@@ -309,7 +331,7 @@ def main():
     try:
         for r in range(rounds):
             for bench in (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle,
-                          ab_close, ab_keepalive):
+                          ab_close, ab_keepalive, wrk50):
                 for mode in ("kernel", "ssock"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)

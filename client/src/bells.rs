@@ -46,6 +46,10 @@ const KNOWN_MAX: usize = 256;
 const REFUSED_MAX: usize = 64;
 /// A doorbell devd would not give is not asked for again this soon.
 const REFUSED_FOR: Duration = Duration::from_secs(1);
+/// An end asks devd for a doorbell at most this often: the ids come from
+/// the peer, who could name a new one before every ring (the peer's
+/// common doorbell serves meanwhile).
+const FETCH_EVERY: Duration = Duration::from_secs(1);
 /// The longest Direct sleep: the net under a wake-up that could not be
 /// rung (a doorbell devd would not or could not give).
 const CAP: Duration = Duration::from_secs(1);
@@ -89,6 +93,11 @@ static SLEEPING: Mutex<Option<Threads>> = Mutex::new(None);
 type Threads = HashMap<u64, Arc<OwnedFd>>;
 /// The common doorbell's fd (-1: none), for `doorbell_fds`.
 static COMMON_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// Counts the process-wide sessions' Welcomes that replaced the common
+/// doorbell and the pool: a thread that took its doorbell before polls
+/// the new common one from its next sleep (its peers ring that one when
+/// devd will not give them the thread's own).
+static FIRST_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn sleeping() -> MutexGuard<'static, Option<Threads>> {
     SLEEPING.lock().unwrap_or_else(|p| p.into_inner())
@@ -106,6 +115,8 @@ struct Mine {
     /// The process's first doorbell, shared (not this thread's own).
     shared: bool,
     key: u64,
+    /// `FIRST_GEN` when taken.
+    first_gen: u64,
 }
 
 impl Drop for Mine {
@@ -168,6 +179,18 @@ impl Book {
     fn add_own(&mut self, b: &Bell) {
         self.remember(b.id, b.ring.clone(), false);
     }
+
+    /// One of this process's doorbells leaves it (or was never its own
+    /// thread's here): its ringers' end is closed with it.
+    fn drop_own(&mut self, b: &Bell) {
+        if self
+            .known
+            .get(&b.id)
+            .is_some_and(|r| Arc::ptr_eq(r, &b.ring))
+        {
+            self.known.remove(&b.id);
+        }
+    }
 }
 
 /// A doorbell from devd: (id, owner's end, ringers' end), its fds moved out
@@ -198,7 +221,9 @@ pub fn welcome(
         let first = bell(id, o, r);
         let spare = spare.map(|(id, o, r)| bell(id, o, r));
         b.add_own(&first);
-        b.pool.clear();
+        for old in std::mem::take(&mut b.pool) {
+            b.drop_own(&old);
+        }
         if let Some(s) = &spare {
             b.add_own(s);
             b.pool.push(s.clone());
@@ -206,6 +231,7 @@ pub fn welcome(
         COMMON_FD.store(first.own.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
         b.first = Some(Box::leak(Box::new(first)));
         b.need = spare.is_none();
+        FIRST_GEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     });
 }
 
@@ -256,6 +282,33 @@ pub fn refill(session: &Session) {
 /// on `session` when the pool is empty), else the process's first, shared.
 fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
     let gen = sys::child_of();
+    let first_gen = FIRST_GEN.load(std::sync::atomic::Ordering::SeqCst);
+    // The process-wide session was replaced since this thread took its
+    // doorbell: the thread polls the new common doorbell from now on (the
+    // new session's peers ring it when devd will not give them the
+    // thread's own, which an earlier session owns). Nothing is asked of
+    // devd for it: the thread may be in a sandbox by now (sshd's preauth
+    // child).
+    let _ = MINE.try_with(|m| {
+        let mut m = m.borrow_mut();
+        let Some(cur) = m
+            .as_mut()
+            .filter(|m| m.gen == gen && m.first_gen != first_gen)
+        else {
+            return;
+        };
+        cur.first_gen = first_gen;
+        let first = with(|b| b.first);
+        if cur.shared {
+            // The new common doorbell, shared (the pool's next one is
+            // taken below if there is one).
+            if let Some(f) = first {
+                cur.bell = f.clone();
+            }
+            return;
+        }
+        cur.common = first.filter(|f| f.id != cur.bell.id);
+    });
     let have = match MINE.try_with(|m| {
         m.borrow()
             .as_ref()
@@ -308,6 +361,7 @@ fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
         gen,
         shared,
         key,
+        first_gen,
     };
     let _ = MINE.try_with(|c| *c.borrow_mut() = Some(m));
     Some((bell, common))
@@ -367,11 +421,11 @@ impl Sleep {
 /// common one if it did (rung for a thread a peer could not name: every
 /// other thread with a doorbell of its own then looks again).
 pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
-    let Ok(Some((own, common, key))) = MINE.try_with(|m| {
+    let Ok(Some((own, common, key, shared))) = MINE.try_with(|m| {
         m.borrow()
             .as_ref()
             .filter(|m| m.gen == sys::child_of())
-            .map(|m| (m.bell.own.clone(), m.common, m.key))
+            .map(|m| (m.bell.own.clone(), m.common, m.key, m.shared))
     }) else {
         return;
     };
@@ -382,18 +436,26 @@ pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
             theirs |= common.is_some_and(|c| c.own.as_raw_fd() == fd);
         }
     }
-    if mine {
-        // One ring, one read (a ring more wakes the next poll at once,
-        // which takes it).
-        sys::take_ring(own.as_fd());
-    }
-    if let Some(c) = common.filter(|_| theirs) {
-        if sys::drain_bell(c.own.as_fd()) {
-            if let Some(others) = sleeping().as_ref() {
-                for (k, w) in others {
-                    if *k != key {
-                        let _ = sys::ring_bell(w.as_fd());
-                    }
+    // A thread sleeping on the common doorbell alone empties it as any
+    // other thread empties the common one: the ring may have been meant
+    // for a thread with a doorbell of its own.
+    let drained = if shared {
+        mine && sys::drain_bell(own.as_fd())
+    } else {
+        if mine {
+            // One ring, one read (a ring more wakes the next poll at once,
+            // which takes it).
+            sys::take_ring(own.as_fd());
+        }
+        common
+            .filter(|_| theirs)
+            .is_some_and(|c| sys::drain_bell(c.own.as_fd()))
+    };
+    if drained {
+        if let Some(others) = sleeping().as_ref() {
+            for (k, w) in others {
+                if *k != key {
+                    let _ = sys::ring_bell(w.as_fd());
                 }
             }
         }
@@ -458,10 +520,16 @@ pub fn after_fork(child: bool) {
         b.need = true;
     }
     if !child {
+        // The child's now: its ringers' end goes with it.
+        if let Some(t) = &taken {
+            b.drop_own(t);
+        }
         return;
     }
     // The parent's threads are not here: their doorbells are not ours.
-    b.held.clear();
+    for (_, h) in std::mem::take(&mut b.held) {
+        b.drop_own(&h);
+    }
     if let Some(t) = threads.as_mut() {
         **t = None;
     }
@@ -496,6 +564,7 @@ pub fn after_fork(child: bool) {
         gen: sys::child_of(),
         shared,
         key,
+        first_gen: FIRST_GEN.load(std::sync::atomic::Ordering::SeqCst),
     };
     let _ = MINE.try_with(|c| *c.borrow_mut() = Some(m));
 }
@@ -520,6 +589,8 @@ pub struct ProcessBells {
     /// The doorbell rung last, kept here (a peer thread sleeps on the same
     /// one again and again: no look into the book).
     last: Mutex<Option<(u32, Arc<OwnedFd>)>>,
+    /// When this end last asked devd for a doorbell.
+    fetched: Mutex<Option<Instant>>,
 }
 
 impl ProcessBells {
@@ -530,7 +601,18 @@ impl ProcessBells {
             session,
             common: common.into(),
             last: Mutex::new(None),
+            fetched: Mutex::new(None),
         }
+    }
+
+    /// Whether this end may ask devd for a doorbell now (counted as asked).
+    fn may_fetch(&self) -> bool {
+        let mut f = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_some_and(|t| t.elapsed() < FETCH_EVERY) {
+            return false;
+        }
+        *f = Some(Instant::now());
+        true
     }
 
     /// The peer's common doorbell, learnt later (the acceptor's, written
@@ -564,7 +646,7 @@ impl Doorbells for ProcessBells {
         if let Some(rung) = self.ring_known(id) {
             return rung;
         }
-        if !with(|b| b.refused_lately(id)) {
+        if !with(|b| b.refused_lately(id)) && self.may_fetch() {
             if let Some(w) = fetch(id, self.session.as_deref()) {
                 return sys::ring_bell(w.as_fd());
             }

@@ -234,6 +234,80 @@ def fserver(portfile):
     raise SystemExit(0 if status == 0 else 1)
 
 
+def kserver(portfile, k):
+    """k connections, each served by a forked child (4 bytes echoed); the
+    parent's open fds after the 5th and after the last: a fork must not
+    leave the parent an fd."""
+    import os
+    ls = listen_and_publish(portfile)
+    counts = []
+    for i in range(k):
+        c, _ = ls.accept()
+        pid = os.fork()
+        if pid == 0:
+            ls.close()
+            c.sendall(c.recv(4))
+            c.close()
+            os._exit(0)
+        c.close()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise SystemExit(f"child {i} failed")
+        if i in (4, k - 1):
+            counts.append(len(os.listdir("/proc/self/fd")))
+    print(f"FDS {counts[0]} {counts[1]}", flush=True)
+    ls.close()
+
+
+def kclient(port, k):
+    """k connections to kserver, 4 bytes each way."""
+    for i in range(k):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            b = s.recv(4 - len(got))
+            if not b:
+                raise SystemExit(f"EOF on connection {i}")
+            got += b
+        if got != b"ping":
+            raise SystemExit(f"connection {i} echoed {got!r}")
+        s.close()
+    print(f"OK kclient {k}", flush=True)
+
+
+def idle_pollers(s):
+    """Two threads poll the connected, idle socket s for input for 2.5 s
+    (nothing comes): the process must sleep meanwhile, not spin (over
+    0.3 s of CPU fails)."""
+    import resource
+    import select
+    import threading
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def poller(out):
+        p = select.poll()
+        p.register(s.fileno(), select.POLLIN)
+        out.append(p.poll(2500))
+
+    before = cpu()
+    results = [[], []]
+    ts = [threading.Thread(target=poller, args=(r,)) for r in results]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    used = cpu() - before
+    if any(r != [[]] for r in results):
+        raise SystemExit(f"an idle poll reported {results}")
+    if used > 0.3:
+        raise SystemExit(f"two idle pollers used {used:.2f} s of CPU in 2.5 s")
+
+
 def threaded_client(port, n):
     """A writer thread sends while the main thread reads the echo (full
     duplex on one socket), then a reader thread blocked in recv must be
@@ -472,6 +546,9 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
             got += len(b)
 
     echo_until(n)
+    if os.environ.get("ECHO_MODE") == "idlepoll":
+        # Both directions carried bytes: they are on the rings now.
+        idle_pollers(s)
     if os.environ.get("ECHO_AGAIN"):
         # A second round once told to (the test changes something between).
         print(f"OK echo {got}", flush=True)
@@ -687,6 +764,8 @@ if __name__ == "__main__":
         server(sys.argv[2])
     elif sys.argv[1] == "fserver":
         fserver(sys.argv[2])
+    elif sys.argv[1] == "kserver":
+        kserver(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "gserver":
         gserver(sys.argv[2])
     elif sys.argv[1] == "aserver":
@@ -698,6 +777,9 @@ if __name__ == "__main__":
             raise SystemExit(0)
         if mode == "asyncio":
             aclient(int(sys.argv[2]), int(sys.argv[3]))
+            raise SystemExit(0)
+        if mode == "kclient":
+            kclient(int(sys.argv[2]), int(sys.argv[3]))
             raise SystemExit(0)
         if mode == "threads":
             threaded_client(int(sys.argv[2]), int(sys.argv[3]))

@@ -340,6 +340,54 @@ fn a_socket_on_a_number_that_named_a_plain_socket_before_is_accelerated() -> Res
 }
 
 #[test]
+fn two_threads_polling_one_idle_accelerated_socket_sleep() -> Result<()> {
+    // Past the 1 s cap on a Direct sleep, each poller's wake-up used to
+    // ring the other: two cores busy for nothing. After the echo (both
+    // directions on the rings), echo.py fails over 0.3 s of CPU in the
+    // 2.5 s its two threads poll.
+    echo_mode_is_direct("idlepoll")
+}
+
+#[test]
+fn a_fork_per_connection_server_keeps_no_fd_per_connection() -> Result<()> {
+    // Each fork gives the child a doorbell of the parent's pool: the
+    // parent used to keep that doorbell's ringers' end for good.
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let portfile = scratch(&d, "port");
+    let k = "40";
+    let mut s = python(
+        &d,
+        false,
+        &["kserver", portfile.to_str().context("path")?, k],
+        &[],
+    )?;
+    let port = published_port(&portfile)?;
+    let out = echo_run(&d, &["client", port.trim(), k, "kclient"])?;
+    ensure!(out.contains("OK kclient 40"), "client: {out}");
+    let line = s.expect("FDS")?;
+    let fds: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(s.wait_success()?, "the server failed");
+    let direct = d.stats()?["totals"]["connections"]["direct"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(direct >= 40, "{direct} of 40 connections Direct");
+    ensure!(
+        fds.len() == 2 && fds[1] <= fds[0] + 2,
+        "the parent's fds grew from {} to {} over 35 forks",
+        fds[0],
+        fds.get(1).copied().unwrap_or(0)
+    );
+    Ok(())
+}
+
+#[test]
 fn fionread_reports_the_bytes_waiting_in_the_ring() -> Result<()> {
     // After POLLIN, FIONREAD must count the ring's bytes (the kernel socket
     // holds none) and a recv of that many must return them.

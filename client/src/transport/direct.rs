@@ -164,8 +164,14 @@ pub struct Direct {
     conn_id: u64,
     /// devd's id of the region, kept on close.
     region: u64,
-    /// Sleeps of `Transport::arm` under way (ended by `disarm`).
-    sleeps: Vec<bells::Sleep>,
+    /// Sleeps of `Transport::arm` under way (ended by `disarm`), each
+    /// with the directions it waits on.
+    sleeps: Vec<(bells::Sleep, [bool; 2])>,
+    /// The doorbell each direction's wait word names (0: not armed).
+    named: [u32; 2],
+    /// `sys::child_of` when `sleeps` and `sleepers` were last right: a
+    /// forked child has none of the parent's sleeping threads.
+    sleeps_gen: u64,
     /// How this end rings its peer's doorbells.
     rings: Arc<bells::ProcessBells>,
     /// The region may be kept on close ([`Parked`]) if no fork happened
@@ -265,6 +271,8 @@ impl Direct {
             conn_id: a.conn_id,
             region: a.region,
             sleeps: Vec::new(),
+            named: [0; 2],
+            sleeps_gen: ssock_rings::sys::child_of(),
             keep,
             side: a.side,
             map: map.clone(),
@@ -433,6 +441,23 @@ impl Direct {
     }
 }
 
+impl Direct {
+    /// In a forked child, the sleeps this end knew are the parent's
+    /// threads' (none of them is here): forgotten, and the wait words left
+    /// to the parent's sleepers. True if there were any.
+    fn forget_parents_sleeps(&mut self) -> bool {
+        let gen = ssock_rings::sys::child_of();
+        if self.sleeps_gen == gen {
+            return false;
+        }
+        self.sleeps_gen = gen;
+        self.sleeps.clear();
+        self.sleepers = [0; 2];
+        self.named = [0; 2];
+        true
+    }
+}
+
 impl Transport for Direct {
     fn mode(&self) -> Mode {
         Mode::Direct
@@ -488,6 +513,7 @@ impl Transport for Direct {
         if self.broken {
             return None;
         }
+        self.forget_parents_sleeps();
         // Counted as a sleeper before the wait words name the doorbell.
         let bell = if read || write {
             Some(bells::enter(self.session.as_deref())?)
@@ -498,16 +524,18 @@ impl Transport for Direct {
         // A direction already armed by another sleeper stays armed.
         if read && self.sleepers[0] == 0 {
             self.rx.arm_always(id);
+            self.named[0] = id;
         }
         if write && self.sleepers[1] == 0 {
             self.tx.arm_always(id);
+            self.named[1] = id;
         }
         self.sleepers[0] += u32::from(read);
         self.sleepers[1] += u32::from(write);
         let mut fds = Vec::with_capacity(3);
         if let Some(bell) = bell {
             fds.extend(bell.fds().map(|fd| (fd, libc::POLLIN)));
-            self.sleeps.push(bell);
+            self.sleeps.push((bell, [read, write]));
         }
         if !self.peer_gone {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
@@ -516,7 +544,7 @@ impl Transport for Direct {
     }
 
     fn wake_self(&self) {
-        for s in &self.sleeps {
+        for (s, _) in &self.sleeps {
             s.ring();
         }
     }
@@ -534,35 +562,58 @@ impl Transport for Direct {
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
-        if read && self.sleepers[0] > 0 {
-            self.sleepers[0] -= 1;
-            if self.sleepers[0] == 0 {
-                self.rx.disarm();
+        if self.forget_parents_sleeps() {
+            return;
+        }
+        // Ends one of this thread's sleeps (another thread's stays).
+        let gone = self
+            .sleeps
+            .iter()
+            .rposition(|(s, _)| s.on_this_thread())
+            .map(|i| self.sleeps.remove(i).0.id());
+        let mut renamed = false;
+        for (d, on) in [read, write].into_iter().enumerate() {
+            if !on || self.sleepers[d] == 0 {
+                continue;
+            }
+            self.sleepers[d] -= 1;
+            if self.sleepers[d] == 0 {
+                if d == 0 {
+                    self.rx.disarm();
+                } else {
+                    self.tx.disarm();
+                }
+                self.named[d] = 0;
+            } else if gone.is_some_and(|g| g == self.named[d]) {
+                // The word named this thread's doorbell: name another
+                // sleeper of this direction (any other, if none says so).
+                let next = self
+                    .sleeps
+                    .iter()
+                    .find(|(_, dirs)| dirs[d])
+                    .or(self.sleeps.first())
+                    .map_or(0, |(s, _)| s.id());
+                if d == 0 {
+                    self.rx.arm_always(next);
+                } else {
+                    self.tx.arm_always(next);
+                }
+                self.named[d] = next;
+                renamed = true;
             }
         }
-        if write && self.sleepers[1] > 0 {
-            self.sleepers[1] -= 1;
-            if self.sleepers[1] == 0 {
-                self.tx.disarm();
-            }
-        }
-        if read || write {
-            // Ends one of this thread's sleeps (another thread's stays).
-            if let Some(i) = self.sleeps.iter().rposition(bells::Sleep::on_this_thread) {
-                self.sleeps.remove(i);
-            }
-            // Other threads asleep on this end: the wait words named the
-            // first one's doorbell; name one of theirs now, and wake them
-            // all to look (what woke this thread may be theirs too).
-            if let Some(other) = self.sleeps.first() {
-                let id = other.id();
-                if self.sleepers[0] > 0 {
-                    self.rx.arm_always(id);
-                }
-                if self.sleepers[1] > 0 {
-                    self.tx.arm_always(id);
-                }
-                for s in &self.sleeps {
+        // A ring meant for every sleeper here may have gone to this
+        // thread's doorbell alone: after the new name is out (arm_always
+        // ends with a SeqCst fence, so a peer publishing now rings the new
+        // name), the others are woken, but only if what they wait for is
+        // there. Never for a timeout or a wake-up from elsewhere: two
+        // sleepers would wake each other for ever.
+        if renamed {
+            let readable = self.sleepers[0] > 0 && self.rx.ready().unwrap_or(true);
+            let writable = self.sleepers[1] > 0
+                && (self.tx.peer_closed() || self.tx.writable().unwrap_or(1) > 0);
+            if readable || writable {
+                for (s, _) in &self.sleeps {
                     s.ring();
                 }
             }

@@ -68,6 +68,10 @@ def main():
     k, s = apps_cell(apps, "ab -c 20 without keep-alive, nginx (req/s)")
     add("ab -c 20 without keep-alive against nginx (short_lived policy on, devd's default)",
         "at least 1.0x", "req/s", k, s, f"{s / k:.2f}x", s / k >= 1.0)
+    for server in ("apache2 prefork", "gunicorn -w 2", "node"):
+        k, s = apps_cell(apps, f"ab -c 20 without keep-alive, {server} (req/s)")
+        add(f"ab -c 20 without keep-alive against {server} (short_lived policy on)",
+            "at least 1.0x", "req/s", k, s, f"{s / k:.2f}x", s / k >= 1.0)
     k, s = apps_cell(apps, "ab -k -c 20, nginx (req/s)")
     add("ab -k -c 20 against nginx (keep-alive)", "at least 1.0x", "req/s", k, s,
         f"{s / k:.2f}x", s / k >= 1.0)

@@ -37,6 +37,7 @@ use ssock_rings::sys;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -89,8 +90,19 @@ static BOOK: Mutex<Option<Book>> = Mutex::new(None);
 /// own, taken when a thread takes or gives back its doorbell).
 static SLEEPING: Mutex<Option<Threads>> = Mutex::new(None);
 
-/// Threads with a doorbell of their own, by key: its ringers' end.
-type Threads = HashMap<u64, Arc<OwnedFd>>;
+/// Threads with a doorbell of their own, by key: its ringers' end, and
+/// how many sleeps the thread has under way (a drain of the common
+/// doorbell rings only threads inside a sleep: one outside looks at its
+/// ends itself before it sleeps again).
+type Threads = HashMap<u64, (Arc<OwnedFd>, Arc<AtomicU32>)>;
+
+/// The calling thread's count of sleeps under way (always 1 for a thread
+/// whose storage is gone: it is rung).
+fn asleep() -> Arc<AtomicU32> {
+    ASLEEP
+        .try_with(Arc::clone)
+        .unwrap_or_else(|_| Arc::new(AtomicU32::new(1)))
+}
 /// The common doorbell's fd (-1: none), for `doorbell_fds`.
 static COMMON_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 /// Counts the process-wide sessions' Welcomes that replaced the common
@@ -147,6 +159,7 @@ thread_local! {
     static FORK_GUARD_SLEEPING: RefCell<Option<MutexGuard<'static, Option<Threads>>>> =
         const { RefCell::new(None) };
     static KEY: u64 = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static ASLEEP: Arc<AtomicU32> = Arc::new(AtomicU32::new(0));
 }
 
 fn lock() -> MutexGuard<'static, Option<Book>> {
@@ -353,7 +366,7 @@ fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
         // doorbell: a drain of the common one wakes this thread.
         sleeping()
             .get_or_insert_with(HashMap::new)
-            .insert(key, bell.ring.clone());
+            .insert(key, (bell.ring.clone(), asleep()));
     }
     let m = Mine {
         bell: bell.clone(),
@@ -376,6 +389,8 @@ pub struct Sleep {
     common: Option<&'static Bell>,
     gen: u64,
     key: u64,
+    /// The thread's count of sleeps under way, one of them this.
+    asleep: Arc<AtomicU32>,
 }
 
 /// Starts a sleep of the calling thread (`session`: where to ask for a
@@ -383,12 +398,24 @@ pub struct Sleep {
 pub fn enter(session: Option<&Session>) -> Option<Sleep> {
     let (bell, common) = mine(session)?;
     let key = KEY.try_with(|k| *k).unwrap_or(0);
+    // Counted before any wait word names the doorbell: a drain of the
+    // common one from now on rings this thread.
+    let asleep = asleep();
+    asleep.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Some(Sleep {
         bell,
         common,
         gen: sys::child_of(),
         key,
+        asleep,
     })
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        self.asleep
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Sleep {
@@ -453,8 +480,8 @@ pub fn polled(fds: impl IntoIterator<Item = (RawFd, i16)>) {
     };
     if drained {
         if let Some(others) = sleeping().as_ref() {
-            for (k, w) in others {
-                if *k != key {
+            for (k, (w, n)) in others {
+                if *k != key && n.load(std::sync::atomic::Ordering::SeqCst) > 0 {
                     let _ = sys::ring_bell(w.as_fd());
                 }
             }
@@ -554,7 +581,7 @@ pub fn after_fork(child: bool) {
     if !shared {
         if let Some(t) = threads.as_mut() {
             t.get_or_insert_with(HashMap::new)
-                .insert(key, bell.ring.clone());
+                .insert(key, (bell.ring.clone(), asleep()));
         }
     }
     drop(threads);
@@ -754,7 +781,7 @@ mod tests {
         let their_fd = theirs.own.as_raw_fd();
         sleeping()
             .get_or_insert_with(HashMap::new)
-            .insert(999, theirs.ring.clone());
+            .insert(999, (theirs.ring.clone(), Arc::new(AtomicU32::new(1))));
         let a = enter(None).unwrap();
         assert!(ProcessBells::new(None, 11).ring(777));
         let mut set: Vec<sys::PollFd> = a

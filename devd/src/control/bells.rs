@@ -76,24 +76,50 @@ impl Bells {
         Ok(made)
     }
 
+    /// Whether session `sid` has its own (common) doorbell.
+    pub fn has(&self, sid: u64) -> bool {
+        self.by_session.get(&sid).is_some_and(|v| !v.is_empty())
+    }
+
+    /// The id of session `sid`'s own (common) doorbell.
+    pub fn common_id(&self, sid: u64) -> Option<u32> {
+        Some(self.by_session.get(&sid)?.front()?.0)
+    }
+
     /// A new ringers' end of session `sid`'s own (common) doorbell, if it
-    /// has one (and a socket could be made).
+    /// has one and its owner still holds it (a session that is not its
+    /// process's first closes the one it was given).
     pub fn of(&self, sid: u64) -> Option<(u32, Fd)> {
         let (id, name) = self.by_session.get(&sid)?.front()?;
         let w = sys::doorbell_ringer(name)
-            .map_err(|e| log::warn!("doorbell {id}: no ringers' end: {e}"))
+            .map_err(|e| log::debug!("doorbell {id}: no ringers' end: {e}"))
             .ok()?;
         Some((*id, Arc::new(w)))
     }
 
     /// The session the doorbell with this id belongs to, and a new
-    /// ringers' end of it.
-    pub fn get(&self, id: u32) -> Option<(u64, Fd)> {
+    /// ringers' end of it. A doorbell whose owner closed it is forgotten:
+    /// its address is free, and whoever binds it next must not receive
+    /// the rings meant for it.
+    pub fn get(&mut self, id: u32) -> Option<(u64, Fd)> {
         let (sid, name) = self.owner.get(&id)?;
-        let w = sys::doorbell_ringer(name)
-            .map_err(|e| log::warn!("doorbell {id}: no ringers' end: {e}"))
-            .ok()?;
-        Some((*sid, Arc::new(w)))
+        match sys::doorbell_ringer(name) {
+            Ok(w) => Some((*sid, Arc::new(w))),
+            Err(e) => {
+                log::debug!("doorbell {id}: no ringers' end ({e}); forgotten");
+                if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    let sid = *sid;
+                    self.owner.remove(&id);
+                    if let Some(v) = self.by_session.get_mut(&sid) {
+                        // The session's own stays first (`of` says it is gone).
+                        if let Some(i) = v.iter().skip(1).position(|(b, _)| *b == id) {
+                            v.remove(i + 1);
+                        }
+                    }
+                }
+                None
+            }
+        }
     }
 
     /// Forgets an ended session's doorbells (their holders keep their fds).
@@ -154,6 +180,21 @@ mod tests {
         assert_eq!(b.count(), 1 + SPARES_KEPT);
         b.forget(1);
         assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn a_doorbell_its_owner_closed_is_forgotten_so_its_address_reaches_nobody() {
+        let mut b = Bells::new(0);
+        let (own, _own_end, _) = b.make_for(1).unwrap();
+        let (spare, spare_end, _) = b.make_for(1).unwrap();
+        assert!(b.get(spare).is_some());
+        drop(spare_end);
+        assert!(b.get(spare).is_none());
+        // Forgotten: a socket bound to the freed address later gets no
+        // ringer from devd.
+        assert_eq!(b.count(), 1);
+        assert!(!b.owner.contains_key(&spare));
+        assert_eq!((b.has(1), b.common_id(1)), (true, Some(own)));
     }
 
     #[test]

@@ -247,9 +247,7 @@ impl Devd {
                 let board = self.board.fd();
                 // Without a doorbell this session's Direct ends cannot
                 // sleep: it gets none, and its connections stay on TCP.
-                // Without a doorbell this session's Direct ends cannot
-                // sleep: it gets none, and its connections stay on TCP.
-                let fresh = self.bells.of(sid).is_none();
+                let fresh = !self.bells.has(sid);
                 let bell = if fresh {
                     self.bells
                         .make_for(sid)
@@ -702,7 +700,7 @@ impl Devd {
     /// (the same error as for an unknown id).
     fn bell(&mut self, sid: u64, id: u32) -> Result<Reply, RequestError> {
         if id == 0 {
-            if self.bells.of(sid).is_none() {
+            if !self.bells.has(sid) {
                 return Err(RequestError::NoBell(0));
             }
             let (id, r, w) = self.bells.make_for(sid).map_err(RequestError::Resources)?;
@@ -921,7 +919,7 @@ impl Devd {
         // The acceptor says accepted in the hand-over words itself, once
         // it holds its end (docs/protocol.md section 2.3).
         let peer_bell = self.bells.of(intent.end.session);
-        if let (Res::Direct(d), Some((own, _))) = (&intent.res, self.bells.of(sid)) {
+        if let (Res::Direct(d), Some(own)) = (&intent.res, self.bells.common_id(sid)) {
             // The connector learns the acceptor's doorbell when it moves
             // (docs/protocol.md section 3.2); without it, it asks later.
             let at = layout::hov::ACCEPTOR_BELL as u64;

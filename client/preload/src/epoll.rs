@@ -20,14 +20,15 @@
 //! sleep with a set's lock held.
 
 use crate::boundary::borrow;
+use crate::fdmap::FdMap;
 use crate::obj::{Armed, Nested, Obj};
 use crate::sleep;
 use crate::table;
 use libc::{c_int, epoll_event};
 use ssock_client::transport::Ready;
+use ssock_rings::fdbits::FdBits;
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -95,7 +96,7 @@ struct Inner {
     members: Vec<Member>,
     /// What the kernel instance holds (fd -> events, data), kept so a
     /// socket can move between the two when it turns accelerated or plain.
-    kernel: HashMap<c_int, (u32, u64)>,
+    kernel: FdMap<(u32, u64)>,
     /// Round-robin start, so a busy member cannot starve the others.
     next: usize,
     /// Collections so far: every fourth wait fetches the kernel's events
@@ -126,7 +127,14 @@ pub struct Set {
 static ANY: AtomicBool = AtomicBool::new(false);
 static SETS: RwLock<Sets> = RwLock::new(None);
 
-type Sets = Option<HashMap<c_int, Arc<Set>>>;
+type Sets = Option<FdMap<Arc<Set>>>;
+
+/// The fds of the instances in `SETS`: a look-up of any other fd (every
+/// epoll_ctl asks of its fd) takes no lock.
+static SET_FDS: FdBits = FdBits::new();
+/// fds ever added to an instance the shim tracks, until closed: a close of
+/// any other fd (most of them) looks into no instance.
+static REGISTERED: FdBits = FdBits::new();
 
 /// The locks held across a fork (see `before_fork`).
 type ForkHeld = (
@@ -146,7 +154,7 @@ thread_local! {
 pub fn before_fork() {
     let table = SETS.write().unwrap_or_else(|p| p.into_inner());
     let mut sets: Vec<Arc<Set>> = Vec::new();
-    for s in table.as_ref().into_iter().flat_map(HashMap::values) {
+    for s in table.as_ref().into_iter().flat_map(FdMap::values) {
         if !sets.iter().any(|x| Arc::ptr_eq(x, s)) {
             sets.push(s.clone());
         }
@@ -181,7 +189,7 @@ pub fn after_fork(child: bool) {
 
 /// The shim's state of epoll instance `epfd`, if it knows it.
 pub fn get(epfd: c_int) -> Option<Arc<Set>> {
-    if !ANY.load(Ordering::Relaxed) {
+    if !ANY.load(Ordering::Relaxed) || !SET_FDS.contains(epfd) {
         return None;
     }
     let t = SETS.read().unwrap_or_else(|p| p.into_inner());
@@ -200,14 +208,16 @@ fn all() -> Vec<(c_int, Arc<Set>)> {
 
 fn put(epfd: c_int, s: Option<Arc<Set>>) {
     let mut t = SETS.write().unwrap_or_else(|p| p.into_inner());
-    let m = t.get_or_insert_with(HashMap::new);
+    let m = t.get_or_insert_with(FdMap::default);
     match s {
         Some(s) => {
             m.insert(epfd, s);
+            SET_FDS.insert(epfd);
             ANY.store(true, Ordering::Relaxed);
         }
         None => {
             m.remove(&epfd);
+            SET_FDS.remove(epfd);
         }
     }
 }
@@ -292,7 +302,12 @@ pub fn closed(fd: c_int) {
     if !ANY.load(Ordering::Relaxed) {
         return;
     }
-    put(fd, None);
+    if SET_FDS.contains(fd) {
+        put(fd, None);
+    }
+    if !REGISTERED.take(fd) {
+        return;
+    }
     for (_, s) in all() {
         let mut i = s.lock();
         i.kernel.remove(&fd);
@@ -592,6 +607,7 @@ pub fn ctl(
         // A kernel fd: the kernel decides; the shim remembers.
         let r = real();
         if r == 0 {
+            REGISTERED.insert(fd);
             // SAFETY: for ADD/MOD, ev is the caller's valid epoll_event.
             let e = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
             match (op, e) {
@@ -619,6 +635,7 @@ pub fn ctl(
                 return Err(libc::EEXIST);
             }
             i.plain_seen = None;
+            REGISTERED.insert(fd);
             i.members.push(Member {
                 fd,
                 obj,

@@ -20,6 +20,7 @@ mod dispatch;
 mod epoll;
 mod epoll_calls;
 mod establish;
+mod fdmap;
 mod fdpass;
 mod fds;
 mod fork;

@@ -29,6 +29,9 @@ static SOCKS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
 type Listeners = Option<HashMap<i32, SocketAddr>>;
 
 static LISTENERS: Mutex<Listeners> = Mutex::new(None);
+/// The keys of `LISTENERS`, so that the look-up of any other fd (every
+/// accept and close asks) takes no lock.
+static LISTENING: ssock_rings::fdbits::FdBits = ssock_rings::fdbits::FdBits::new();
 
 /// The slot of `fd`, allocating its chunk if `create`.
 fn slot(fd: i32, create: bool) -> Option<&'static ArcSwapOption<Mutex<Sock>>> {
@@ -100,12 +103,18 @@ pub fn forget_kernel(fd: i32, s: &Entry) {
     }
 }
 
-/// Forgets `fd` (it is being closed); returns its socket.
+/// Forgets `fd` (it is being closed, or its number was just made again);
+/// returns its socket.
 pub fn remove(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    slot(fd, false)?.swap(None)
+    let slot = slot(fd, false)?;
+    // Most fds were never accelerated: a look costs less than a swap.
+    if slot.load().is_none() {
+        return None;
+    }
+    slot.swap(None)
 }
 
 thread_local! {
@@ -273,16 +282,24 @@ pub fn listeners() -> Vec<i32> {
 pub fn add_listener(fd: i32, at: SocketAddr) {
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
     l.get_or_insert_with(HashMap::new).insert(fd, at);
+    LISTENING.insert(fd);
 }
 
 /// The address `fd` is bound to if it is a registered listener.
 pub fn listener(fd: i32) -> Option<SocketAddr> {
+    if !LISTENING.contains(fd) {
+        return None;
+    }
     let l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
     l.as_ref().and_then(|s| s.get(&fd).copied())
 }
 
 /// Forgets a listener; true if it was one.
 pub fn remove_listener(fd: i32) -> bool {
+    if !LISTENING.contains(fd) {
+        return false;
+    }
     let mut l = LISTENERS.lock().unwrap_or_else(|p| p.into_inner());
+    LISTENING.remove(fd);
     l.as_mut().is_some_and(|s| s.remove(&fd).is_some())
 }

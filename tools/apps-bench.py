@@ -24,6 +24,9 @@ records the programs' own figures:
   ab -c 20 without keep-alive against apache2 (prefork MPM, workers as
     www-data: needs root), gunicorn -w 2 and a node http server, 100-byte
     responses                                 requests per second
+  pgbench -S -c 4 -T 3 against PostgreSQL (as the postgres user: needs
+    root), over persistent connections and with -C (a connection per
+    transaction)                              transactions per second
 
 plus an idle connected pair's CPU time over 2 s, and checks through
 devd's statistics that the ssock runs went Direct (a run
@@ -32,9 +35,12 @@ keep-alive (against nginx, apache2, gunicorn and node): their connections
 are what devd's default `short_lived` policy keeps on kernel TCP, and the
 run prints how many it kept and how many went Direct. Prints medians with [min-max] and the ratio ssock/kernel."""
 
+import glob
 import json
 import os
+import pwd
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -347,6 +353,71 @@ def node_close(devd):
         stop(srv)
 
 
+def pg_bin():
+    """The newest installed PostgreSQL's bin directory, or None."""
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(d, "postgres")):
+            return d
+    return None
+
+
+def pgbench(devd):
+    """PostgreSQL as packaged (postmaster and backends as the postgres
+    user, a backend forked per connection): pgbench -S (select only) with
+    4 clients for 3 s over persistent connections, then with a new
+    connection per transaction (-C)."""
+    pg = pg_bin()
+    d = tempfile.mkdtemp(prefix="ssock-apps-pg-")
+    try:
+        os.chmod(d, 0o755)
+        data, sockd = os.path.join(d, "data"), os.path.join(d, "run")
+        os.mkdir(data, 0o700)
+        os.mkdir(sockd, 0o755)
+        pw = pwd.getpwnam("postgres")
+        for x in (data, sockd):
+            os.chown(x, pw.pw_uid, pw.pw_gid)
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{pg}/initdb", "-D", data, "-A",
+                        "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True)
+        port = free_port()
+        srv = serve(None, ["runuser", "-u", "postgres", "--"]
+                    + wrap(devd, [f"{pg}/postgres", "-D", data, "-k", sockd, "-h", "127.0.0.1",
+                                  "-p", str(port), "-c", "fsync=off",
+                                  "-c", "max_connections=20"]), port)
+        try:
+            conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+            t = time.time()
+            while True:
+                r = subprocess.run([f"{pg}/pgbench", *conn, "-i", "-s", "1", "postgres"],
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                if "starting up" not in r.stderr or time.time() - t > 30:
+                    raise SystemExit(f"pgbench -i failed: {r.stdout}{r.stderr}")
+                time.sleep(0.2)
+            out = {}
+            for name, flags in (("pgbench -S -c 4 (tps)", []),
+                                ("pgbench -C -S -c 4, a connection per transaction (tps)",
+                                 ["-C"])):
+                text = run(devd, [f"{pg}/pgbench", *conn, *flags, "-S", "-c", "4", "-j", "2",
+                                  "-T", "3", "postgres"])
+                if "number of failed transactions: 0" not in text:
+                    raise SystemExit(f"{name}: failed transactions:\n{text}")
+                line = [x for x in text.splitlines() if x.startswith("tps = ")][-1]
+                out[name] = float(line.split()[2])
+            return out
+        finally:
+            # The postmaster (runuser's child) stops on SIGINT (fast shutdown).
+            try:
+                with open(os.path.join(data, "postmaster.pid")) as f:
+                    os.kill(int(f.readline()), signal.SIGINT)
+                srv.wait(10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                stop(srv)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def wrk50(devd):
     """wrk with 50 keep-alive connections against nginx (2 workers)."""
     def wrk(port):
@@ -375,7 +446,7 @@ PROBES = {"wrk50": 1}
 # short_lived policy's work (reported, not an error), with how many of
 # their connections it must have kept at least.
 BY_POLICY = {"ab_close": 10000, "apache2_close": 2500, "gunicorn_close": 2500,
-             "node_close": 5000}
+             "node_close": 5000, "pgbench": 1000}
 
 
 IDLE_PY = r"""
@@ -424,6 +495,8 @@ def main():
     json_out = None
     if "--json-out" in sys.argv:
         json_out = sys.argv[sys.argv.index("--json-out") + 1]
+    if pg_bin() is None or shutil.which("runuser") is None:
+        raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
     for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3", "nginx", "ab", "wrk",
                  "apache2", "gunicorn", "node"):
         if shutil.which(prog) is None:
@@ -438,7 +511,7 @@ def main():
         for r in range(rounds):
             for bench in (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle,
                           ab_close, ab_keepalive, wrk50, apache2_close, gunicorn_close,
-                          node_close):
+                          node_close, pgbench):
                 for mode in ("kernel", "ssock"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)

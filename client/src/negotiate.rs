@@ -245,8 +245,6 @@ fn intent_and_connect(
         }
         return Ok((Err(Some(reason)), c));
     }
-    // A spare doorbell for the next child, if the last went to one.
-    crate::bells::refill(session);
     let intent = Request::Intent {
         dst,
         pref: opts.mode,
@@ -270,7 +268,13 @@ fn intent_and_connect(
         (r, connect())
     };
     let end = match reply {
-        Ok((Response::Proceed { attachment, .. }, fds)) => Ok(Pending::new(attachment, fds)),
+        Ok((Response::Proceed { attachment, .. }, fds)) => {
+            // A spare doorbell for the next child, if the last went to
+            // one: only for an accelerated end, which a child may sleep on
+            // (a plain connection asks devd nothing more).
+            crate::bells::refill(session);
+            Ok(Pending::new(attachment, fds))
+        }
         Ok((Response::Kernel { reason }, _)) => Err(Some(reason)),
         _ => {
             report(Some(session), FallbackReason::DevdError);
@@ -460,13 +464,18 @@ pub fn accept_on(
     // only once this end, in hand, says accepted in the hand-over words
     // (`Handover::wrap`), so a Claim devd answered too late, or an end
     // that cannot be used, leaves it on the kernel socket.
-    crate::bells::refill(session);
     let sent = match session.begin(&Request::Claim, &[fd]) {
         Ok(f) => f,
         Err(_) => return Ok(Accepted::Kernel(None)),
     };
     let end = match sent.finish() {
-        Ok((Response::Expect { attachment, .. }, fds)) => Pending::new(attachment, fds),
+        Ok((Response::Expect { attachment, .. }, fds)) => {
+            // A spare doorbell for the next child (a forking server hands
+            // this end to one), if the last went to one: only for an
+            // accelerated end (a plain one asks devd nothing more).
+            crate::bells::refill(session);
+            Pending::new(attachment, fds)
+        }
         Ok((Response::ExpectKernel { reason, .. }, _)) => {
             return Ok(Accepted::Kernel(Some(reason)))
         }

@@ -126,7 +126,7 @@ impl Default for Policy {
             max_connections_per_user: 16384,
             max_memory_per_user: 8 << 30,
             max_sessions_per_user: 1024,
-            short_lived_ms: 10,
+            short_lived_ms: 50,
             short_lived_streak: 8,
             short_lived_hold_ms: 1000,
         }

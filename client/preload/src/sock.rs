@@ -242,9 +242,17 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Inherited {
     }
 }
 
-/// Unregisters a listener that is being closed.
+/// Unregisters a listener that is being closed, through the session this
+/// process already has: never a new one for it. A forked child closing
+/// its copy of its parent's listener (PostgreSQL's backends, each
+/// connection's) would otherwise connect to devd only to say so, while
+/// the parent still listens; devd finds a listening socket nobody holds
+/// by itself (sock_diag, within seconds).
 pub fn unlisten(fd: BorrowedFd<'_>) {
-    if let Some(s) = session() {
+    if disabled() {
+        return;
+    }
+    if let Some(s) = Session::existing() {
         let _ = s.request(&ssock_rings::codec::Request::Unlisten, &[fd]);
     }
 }

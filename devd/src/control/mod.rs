@@ -964,6 +964,7 @@ impl Devd {
                 park: [false; 2],
                 listener: intent.listener,
                 born: intent.at,
+                ended: None,
             },
         );
         Ok((Response::Expect { token, attachment }, fds))
@@ -1129,6 +1130,8 @@ impl Devd {
             return;
         }
         conn.ends[e].released = true;
+        let first = conn.ended.is_none();
+        conn.ended.get_or_insert_with(Instant::now);
         let (uid, inode, bytes) = (conn.ends[e].uid, conn.ends[e].inode, conn.bytes);
         let both = conn.ends.iter().all(|x| x.released);
         if conn.mode == Mode::Queued {
@@ -1137,11 +1140,23 @@ impl Devd {
         self.reg
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
         self.reg.by_inode.remove(&inode);
+        if first {
+            // Judged when its first end goes: the other may linger (a
+            // forked child that exits without a close is found gone only
+            // later), and a streak must not wait for it.
+            if let Some((listener, lived, short)) = self
+                .reg
+                .conns
+                .get(&id)
+                .and_then(|c| verdict(&self.cfg.policy, c))
+            {
+                self.judge_listener(listener, lived, short);
+            }
+        }
         if both {
             let Some(c) = self.reg.conns.remove(&id) else {
                 return;
             };
-            self.judge(&c);
             if self.parkable(&c) {
                 self.park(c);
                 return;
@@ -1154,22 +1169,6 @@ impl Devd {
                 self.count_closed(&c);
             }
         }
-    }
-
-    /// The `short_lived` policy's look at a connection both ends closed:
-    /// its listener's streak, and the board if the listener goes on
-    /// kernel TCP now.
-    fn judge(&mut self, c: &Conn) {
-        let policy = &self.cfg.policy;
-        if policy.short_lived_ms == 0 || c.listener.is_none() {
-            return;
-        }
-        let lived = c.born.elapsed();
-        let short = lived < std::time::Duration::from_millis(policy.short_lived_ms) && {
-            let j = conn_json(c);
-            board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
-        };
-        self.judge_listener(c.listener, lived, short);
     }
 
     /// The policy's look at an intent its connector let go of unclaimed:
@@ -1667,6 +1666,26 @@ fn attachment(
             Ok((a, fds))
         }
     }
+}
+
+/// The `short_lived` policy's look at connection `c` when its first end
+/// closed: its listener, how long it lived from its Intent to then, and
+/// whether that was short (None: the policy is off, or no listener).
+fn verdict(
+    policy: &crate::config::Policy,
+    c: &Conn,
+) -> Option<(Option<u64>, std::time::Duration, bool)> {
+    if policy.short_lived_ms == 0 || c.listener.is_none() {
+        return None;
+    }
+    let lived = c
+        .ended
+        .map_or_else(|| c.born.elapsed(), |t| t.duration_since(c.born));
+    let short = lived < std::time::Duration::from_millis(policy.short_lived_ms) && {
+        let j = conn_json(c);
+        board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
+    };
+    Some((c.listener, lived, short))
 }
 
 fn conn_json(c: &Conn) -> ConnJson {

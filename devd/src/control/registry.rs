@@ -232,6 +232,11 @@ pub struct Conn {
     pub listener: Option<u64>,
     /// See `listener`.
     pub born: Instant,
+    /// When the first of its ends was released: the connection's life, as
+    /// the policy sees it, ends there (the other end of a forked server's
+    /// child that exits without a close is released only once devd finds
+    /// its socket gone, up to seconds later).
+    pub ended: Option<Instant>,
 }
 
 /// All control-plane tables.

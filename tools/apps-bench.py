@@ -133,7 +133,11 @@ def stop(p):
     try:
         p.wait(5)
     except subprocess.TimeoutExpired:
-        p.kill()
+        # Its session's every process (servers run in one of their own).
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            p.kill()
         p.wait()
 
 
@@ -253,7 +257,7 @@ def ab_with(devd, name, flags, n):
         text = run(devd, ["ab", "-q", *flags, "-c", "20", "-n", str(n),
                           f"http://127.0.0.1:{port}/small"])
         failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
-        if not failed or int(failed[0].split()[-1]) != 0:
+        if not failed or int(failed[0].split()[-1]) != 0 or "Non-2xx responses:" in text:
             raise SystemExit(f"ab {flags}: failed requests:\n{text}")
         line = [x for x in text.splitlines() if x.startswith("Requests per second:")][-1]
         return {name: float(line.split()[3])}
@@ -265,7 +269,7 @@ def ab_close_against(devd, name, port, n):
     requests per second under `name` (a failed request aborts the run)."""
     text = run(devd, ["ab", "-q", "-c", "20", "-n", str(n), f"http://127.0.0.1:{port}/small"])
     failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
-    if not failed or int(failed[0].split()[-1]) != 0:
+    if not failed or int(failed[0].split()[-1]) != 0 or "Non-2xx responses:" in text:
         raise SystemExit(f"{name}: failed requests:\n{text}")
     line = [x for x in text.splitlines() if x.startswith("Requests per second:")][-1]
     return {name: float(line.split()[3])}

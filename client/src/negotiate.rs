@@ -208,10 +208,10 @@ type Paired = Result<Pending, Option<FallbackReason>>;
 /// Whether a connect error means the kernel's connect goes on without
 /// the caller (nonblocking, or interrupted by a signal): the end stays.
 fn under_way(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINPROGRESS | libc::EINTR | libc::EALREADY)
-    )
+    // Not EALREADY: a socket that has not started connecting never says
+    // it, and one that has (its number's `fresh` mark gone stale: another
+    // fd of the same socket connected it) is the kernel's alone.
+    matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR))
 }
 
 /// The connector's half of the pairing on `fd`, a TCP socket that has not
@@ -337,7 +337,7 @@ fn kept_plain(session: &Session, fd: BorrowedFd<'_>, listener: Option<SocketAddr
     let kept =
         |here| matches!(board::lookup(b, here), Found::Served { plain_until } if plain_until > now);
     match listener {
-        Some(l) if !l.ip().is_unspecified() => kept(l),
+        Some(l) if !l.ip().to_canonical().is_unspecified() => kept(l),
         Some(l) if board::port_plain(b, l.port(), now) => true,
         _ => ssock_rings::sys::local_addr(fd).is_ok_and(kept),
     }

@@ -307,6 +307,34 @@ def idle_pollers(s):
     if used > 0.3:
         raise SystemExit(f"two idle pollers used {used:.2f} s of CPU in 2.5 s")
 
+    # Then one byte echoed and left unread under an edge-triggered epoll
+    # set, whose event is taken once: two threads waiting on the set must
+    # sleep too (the ring is readable, but nothing is new for them).
+    s.sendall(b"x")
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLET)
+    if not ep.poll(10):
+        raise SystemExit("the echoed byte was not reported")
+    results = [[], []]
+
+    def waiter(out):
+        out.append(ep.poll(2.5))
+
+    before = cpu()
+    ts = [threading.Thread(target=waiter, args=(r,)) for r in results]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    used = cpu() - before
+    if any(r != [[]] for r in results):
+        raise SystemExit(f"an edge-triggered wait reported again: {results}")
+    if used > 0.3:
+        raise SystemExit(f"two edge-triggered waiters used {used:.2f} s of CPU in 2.5 s")
+    if s.recv(1) != b"x":
+        raise SystemExit("the echoed byte was not x")
+    ep.close()
+
 
 def threaded_client(port, n):
     """A writer thread sends while the main thread reads the echo (full
@@ -420,10 +448,11 @@ def aclient(port, n):
 
 
 def reused_number_socket(port):
-    """A TCP socket on an fd number that earlier named other sockets the
-    shim had judged: a connected UDP socket freed with close_range, then a
-    connected UDP socket a fresh TCP socket was dup2'ed onto. What the shim
-    knew of the number must not outlive what it named."""
+    """A TCP socket on an fd number that earlier named a socket the shim
+    left to the kernel: a connected UDP socket a fresh TCP socket was
+    dup2'ed onto. What the shim knew of the number must not outlive what
+    it named. (Before that, a connected UDP socket freed with close_range
+    and its number made again by socket(), which forgets by itself.)"""
     import os
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.connect(("127.0.0.1", port))

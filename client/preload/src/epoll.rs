@@ -42,6 +42,10 @@ const EPOLLET: u32 = libc::EPOLLET as u32;
 const EPOLLONESHOT: u32 = libc::EPOLLONESHOT as u32;
 const EPOLLEXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
 
+/// The longest a wait in the kernel's epoll_wait lasts, in a process with
+/// accelerated sockets, before it looks whether the shim has members now.
+const KERNEL_WAIT_CAP: Duration = Duration::from_secs(1);
+
 /// One registration the shim keeps.
 struct Member {
     fd: c_int,
@@ -220,6 +224,15 @@ fn put(epfd: c_int, s: Option<Arc<Set>>) {
             SET_FDS.remove(epfd);
         }
     }
+}
+
+/// The fds from `first` to `last` ever added to an instance the shim
+/// tracks and not closed since (a close of one drops it from them).
+pub fn registered_within(first: u32, last: u32) -> Vec<c_int> {
+    if !ANY.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    REGISTERED.within(first, last)
 }
 
 /// The fds of the epoll instances the shim tracks.
@@ -470,11 +483,23 @@ impl Set {
         })
     }
 
-    /// One sleeper less; the last one drains the bell if it was rung
-    /// (earlier, a sleeper not yet back from its wait could miss the ring).
-    fn done_sleeping(&self) {
+    /// `disarm`, for a wait that may have found the bell rung (`saw`).
+    fn end_sleep(&self, armed: Vec<Armed>, saw: bool) {
+        for a in armed {
+            a.disarm();
+        }
+        self.done_sleeping(saw);
+    }
+
+    /// One sleeper less; the last one drains the bell if it was rung, or
+    /// if its own wait `saw` it (a ring whose flag is not set yet: the
+    /// bell must not stay readable under every later wait). Earlier, a
+    /// sleeper not yet back from its wait could miss the ring. (A sleeper
+    /// that came in just before the drain may lose the ring meant for it:
+    /// `wait_direct` looks again within `KERNEL_WAIT_CAP`.)
+    fn done_sleeping(&self, saw: bool) {
         if self.sleepers.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.rung.swap(false, Ordering::SeqCst)
+            && (self.rung.swap(false, Ordering::SeqCst) | saw)
         {
             self.bell.drain();
         }
@@ -537,10 +562,7 @@ impl Nested for Set {
     /// Ends a sleep prepared by `arm`: undoes exactly what it armed (the
     /// registrations may have changed meanwhile).
     fn disarm(&self, armed: Vec<Armed>) {
-        for a in armed {
-            a.disarm();
-        }
-        self.done_sleeping();
+        self.end_sleep(armed, false);
     }
 
     /// The instances among the members (taken under the lock, which is
@@ -691,18 +713,27 @@ pub fn wait_direct(
         // it rings the bell (both SeqCst).
         set.sleepers.fetch_add(1, Ordering::SeqCst);
         if set.has_members() {
-            set.done_sleeping();
+            set.done_sleeping(false);
             return wait(epfd, set, out, left(), sleep);
         }
-        let r = kernel_wait(out, left());
+        // Cut while this process has accelerated sockets: a member added
+        // while another sleeper drained the bell is seen at the latest then.
+        let cap = table::any().then_some(KERNEL_WAIT_CAP);
+        let (cut, ours) = match (left(), cap) {
+            (Some(l), Some(c)) if c < l => (Some(c), true),
+            (None, Some(c)) => (Some(c), true),
+            (l, _) => (l, false),
+        };
+        let r = kernel_wait(out, cut);
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
-        set.done_sleeping();
+        set.done_sleeping(rung);
         if r < 0 {
             crate::boundary::set_errno(errno);
             return -1;
         }
-        if n > 0 || !rung || deadline.is_some_and(|d| Instant::now() >= d) {
+        let capped = ours && r == 0;
+        if n > 0 || (!rung && !capped) || deadline.is_some_and(|d| Instant::now() >= d) {
             return c_int::try_from(n).unwrap_or(c_int::MAX);
         }
     }
@@ -718,6 +749,9 @@ pub fn wait(
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
     let deadline = timeout.map(|t| Instant::now() + t);
+    // Whether a look at the kernel's events found the bell since the last
+    // sleep (the sleep's end drains it then, as `done_sleeping` says).
+    let saw = std::cell::Cell::new(false);
     let kernel = |out: &mut [epoll_event]| -> usize {
         if out.is_empty() {
             return 0;
@@ -725,7 +759,9 @@ pub fn wait(
         let max = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
         // SAFETY: out is a valid, exclusively borrowed array of max events.
         let r = unsafe { (crate::real::get().epoll_wait)(epfd, out.as_mut_ptr(), max, 0) };
-        set.strip_bell(out, usize::try_from(r).unwrap_or(0)).0
+        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
+        saw.set(saw.get() | rung);
+        n
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;
@@ -762,7 +798,7 @@ pub fn wait(
         // Armed: anything reportable that was there already, or arrived
         // before the wait words were set, is seen here (no syscall).
         if set.any_ready(false) {
-            set.disarm(armed);
+            set.end_sleep(armed, saw.take());
             continue;
         }
         let mut pfds: Vec<libc::pollfd> = fds
@@ -777,7 +813,7 @@ pub fn wait(
         let left = crate::sleep::capped(left, &pfds);
         let r = sleep(&mut pfds, left);
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        set.disarm(armed);
+        set.end_sleep(armed, saw.take());
         if r < 0 {
             crate::boundary::set_errno(errno);
             return -1;

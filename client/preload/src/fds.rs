@@ -109,6 +109,7 @@ fn tracked_in(first: c_uint, last: c_uint) -> Vec<c_int> {
         .into_iter()
         .chain(table::listeners())
         .chain(epoll::instances())
+        .chain(epoll::registered_within(first, last))
         .filter(in_range)
         .collect();
     v.sort_unstable();
@@ -151,7 +152,10 @@ fn duplicated_onto(new: c_int) {
 pub fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 && new != old {
         duplicated_onto(new);
+        // Two numbers for one socket now: a connect through either makes
+        // a `fresh` mark on the other wrong.
         known::forget(new);
+        known::forget(old);
         match table::get(old) {
             Some(_) => table::duplicate(old, new),
             None => drop(table::remove(new)),

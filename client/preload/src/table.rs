@@ -74,6 +74,11 @@ pub fn get(fd: i32) -> Option<Entry> {
 /// fork (it would reach the child without a hold).
 static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
+/// Whether this process has had an accelerated socket.
+pub fn any() -> bool {
+    ANY.load(Ordering::Relaxed)
+}
+
 /// Records `fd` as an accelerated socket.
 pub fn insert(fd: i32, s: Sock) {
     let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());

@@ -167,8 +167,10 @@ pub struct Direct {
     /// Sleeps of `Transport::arm` under way (ended by `disarm`), each
     /// with the directions it waits on.
     sleeps: Vec<(bells::Sleep, [bool; 2])>,
-    /// The doorbell each direction's wait word names (0: not armed).
+    /// The doorbell each direction's wait word names (0: not armed), and
+    /// the direction's progress (`progress`) when it was named.
     named: [u32; 2],
+    named_at: [u64; 2],
     /// `sys::child_of` when `sleeps` and `sleepers` were last right: a
     /// forked child has none of the parent's sleeping threads.
     sleeps_gen: u64,
@@ -272,6 +274,7 @@ impl Direct {
             region: a.region,
             sleeps: Vec::new(),
             named: [0; 2],
+            named_at: [0; 2],
             sleeps_gen: ssock_rings::sys::child_of(),
             keep,
             side: a.side,
@@ -442,6 +445,20 @@ impl Direct {
 }
 
 impl Direct {
+    /// How far direction `d` (0: what this end reads, 1: what it writes)
+    /// has come, read fresh from the ring: bytes moved plus marks. It
+    /// changes whenever a sleeper on it may have something new to see.
+    fn progress(&mut self, d: usize) -> u64 {
+        if d == 0 {
+            let _ = self.rx.readable();
+            let (eos, reset) = self.rx.marks();
+            self.rx.produced_seen() + u64::from(eos) + u64::from(reset)
+        } else {
+            let _ = self.tx.writable();
+            self.tx.consumed_seen() + u64::from(self.tx.peer_closed())
+        }
+    }
+
     /// In a forked child, the sleeps this end knew are the parent's
     /// threads' (none of them is here): forgotten, and the wait words left
     /// to the parent's sleepers. True if there were any.
@@ -525,10 +542,12 @@ impl Transport for Direct {
         if read && self.sleepers[0] == 0 {
             self.rx.arm_always(id);
             self.named[0] = id;
+            self.named_at[0] = self.progress(0);
         }
         if write && self.sleepers[1] == 0 {
             self.tx.arm_always(id);
             self.named[1] = id;
+            self.named_at[1] = self.progress(1);
         }
         self.sleepers[0] += u32::from(read);
         self.sleepers[1] += u32::from(write);
@@ -565,13 +584,16 @@ impl Transport for Direct {
         if self.forget_parents_sleeps() {
             return;
         }
+        if !read && !write {
+            return;
+        }
         // Ends one of this thread's sleeps (another thread's stays).
         let gone = self
             .sleeps
             .iter()
             .rposition(|(s, _)| s.on_this_thread())
             .map(|i| self.sleeps.remove(i).0.id());
-        let mut renamed = false;
+        let mut moved = false;
         for (d, on) in [read, write].into_iter().enumerate() {
             if !on || self.sleepers[d] == 0 {
                 continue;
@@ -599,23 +621,22 @@ impl Transport for Direct {
                     self.tx.arm_always(next);
                 }
                 self.named[d] = next;
-                renamed = true;
+                // A ring meant for every sleeper here may have gone to this
+                // thread's doorbell alone. After the new name is out
+                // (arm_always ends with a SeqCst fence: a peer publishing
+                // from now on rings the new name), the others are woken if
+                // the direction moved since its named sleeper armed; never
+                // for a timeout, a wake-up from elsewhere, or readiness a
+                // sleeper does not want (EPOLLET, RDHUP only): two sleepers
+                // would wake each other for ever.
+                let now = self.progress(d);
+                moved |= now != self.named_at[d];
+                self.named_at[d] = now;
             }
         }
-        // A ring meant for every sleeper here may have gone to this
-        // thread's doorbell alone: after the new name is out (arm_always
-        // ends with a SeqCst fence, so a peer publishing now rings the new
-        // name), the others are woken, but only if what they wait for is
-        // there. Never for a timeout or a wake-up from elsewhere: two
-        // sleepers would wake each other for ever.
-        if renamed {
-            let readable = self.sleepers[0] > 0 && self.rx.ready().unwrap_or(true);
-            let writable = self.sleepers[1] > 0
-                && (self.tx.peer_closed() || self.tx.writable().unwrap_or(1) > 0);
-            if readable || writable {
-                for (s, _) in &self.sleeps {
-                    s.ring();
-                }
+        if moved {
+            for (s, _) in &self.sleeps {
+                s.ring();
             }
         }
     }

@@ -72,6 +72,15 @@ def main():
         k, s = apps_cell(apps, f"ab -c 20 without keep-alive, {server} (req/s)")
         add(f"ab -c 20 without keep-alive against {server} (short_lived policy on)",
             "at least 1.0x", "req/s", k, s, f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "pgbench -C -S -c 4, a connection per transaction (tps)")
+    add("pgbench -C -S -c 4 against PostgreSQL (a connection per transaction)",
+        "at least 1.0x", "tps", k, s, f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "pgbench -S -c 4 (tps)")
+    add("pgbench -S -c 4 against PostgreSQL (persistent connections)", "at least 1.0x", "tps",
+        k, s, f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "memaslap -T 2 -c 16, memcached (ops/s)")
+    add("memaslap -T 2 -c 16 against memcached", "at least 1.0x", "ops/s", k, s,
+        f"{s / k:.2f}x", s / k >= 1.0)
     k, s = apps_cell(apps, "ab -k -c 20, nginx (req/s)")
     add("ab -k -c 20 against nginx (keep-alive)", "at least 1.0x", "req/s", k, s,
         f"{s / k:.2f}x", s / k >= 1.0)

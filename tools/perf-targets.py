@@ -81,6 +81,12 @@ def main():
     k, s = apps_cell(apps, "memaslap -T 2 -c 16, memcached (ops/s)")
     add("memaslap -T 2 -c 16 against memcached", "at least 1.0x", "ops/s", k, s,
         f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "OpenMPI TCP 1 MiB messages (MB/s)")
+    add("OpenMPI TCP (2 ranks, no shared memory), 1 MiB messages", "at least 1.0x", "MB/s", k,
+        s, f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "OpenMPI TCP 1 B half round trip (us)")
+    add("OpenMPI TCP, 1 B half round trip", "not worse (at most 1.0x)", "us", k, s,
+        f"{s / k:.2f}x", s / k <= 1.0)
     k, s = apps_cell(apps, "ab -k -c 20, nginx (req/s)")
     add("ab -k -c 20 against nginx (keep-alive)", "at least 1.0x", "req/s", k, s,
         f"{s / k:.2f}x", s / k >= 1.0)

@@ -1504,6 +1504,65 @@ fn postgresql_serves_pgbench_and_psql_direct() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// OpenMPI
+
+/// Two OpenMPI ranks over its TCP transport (`--mca btl tcp,self`: no
+/// shared-memory transport) under one `ssock-run mpirun`: tools/mpibench.c,
+/// 1 B ping-pongs and 2 x 400 MiB from rank 0 to rank 1, the stamps of
+/// every message and every byte of one in 16 checked by rank 1. The
+/// ranks' connections (and mpirun's own to them) go Direct: devd counts
+/// the 800 MiB among its Direct bytes.
+#[test]
+fn openmpi_ranks_move_their_messages_direct() -> Result<()> {
+    if !have_all(&["mpirun", "mpicc"])? {
+        return Ok(());
+    }
+    let s = Scratch::new("mpi")?;
+    let exe = s.path("mpibench");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/mpibench.c");
+    let mut cc = Command::new("mpicc");
+    cc.args(["-O2", "-o"]).arg(&exe).arg(&src);
+    run(cc)?;
+    let d = shared_devd(&s)?;
+    let log = s.log("mpi.shim.log")?;
+    let logs = [log.as_path()];
+    let out = run_in(
+        &d,
+        &logs,
+        ssock(
+            &d,
+            &log,
+            "mpirun",
+            &[
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                "2",
+                "--mca",
+                "btl",
+                "tcp,self",
+                "--mca",
+                "btl_tcp_if_include",
+                "lo",
+                "--mca",
+                "oob_tcp_if_include",
+                "lo",
+                path_str(&exe)?,
+            ],
+        ),
+    )?;
+    ensure!(out.contains("LAT1B_US"), "mpibench:\n{out}");
+    let v = d.stats()?;
+    let direct = v["totals"]["bytes"]["direct"].as_u64().unwrap_or(0);
+    ensure!(
+        direct >= 800 << 20,
+        "{direct} bytes Direct, not the ranks' 800 MiB:{}",
+        diagnosis(&d, &logs)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // node.js
 
 /// `node http.js server PORT [cluster 2]` and its client: 40 requests over a

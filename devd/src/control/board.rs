@@ -110,7 +110,15 @@ pub struct Short {
     pub plain_until: u64,
     /// How many times the policy put it on kernel TCP.
     pub periods: u64,
+    /// Holds in a row with no long connection between them: each doubles
+    /// the next (up to `MAX_HOLD_DOUBLINGS` times), so a listener whose
+    /// connections are all short pays a probe streak of accelerated setups
+    /// ever more rarely.
+    pub doublings: u32,
 }
+
+/// A hold is at most the policy's `short_lived_hold_ms` times 2^this.
+pub const MAX_HOLD_DOUBLINGS: u32 = 5;
 
 /// Whether a closed accelerated connection that lived `lived` and carried
 /// `bytes` (both directions) was short under `policy`.
@@ -133,16 +141,21 @@ pub fn judge(policy: &Policy, s: &mut Short, short: bool, born_ns: u64, now_ns: 
     }
     if !short {
         s.streak = 0;
+        s.doublings = 0;
         return false;
     }
     s.streak = s.streak.saturating_add(1);
     if s.streak < policy.short_lived_streak {
         return false;
     }
-    let hold = policy.short_lived_hold_ms.saturating_mul(1_000_000);
+    let hold = policy
+        .short_lived_hold_ms
+        .saturating_mul(1_000_000)
+        .saturating_mul(1 << s.doublings.min(MAX_HOLD_DOUBLINGS));
     s.plain_until = now_ns.saturating_add(hold);
     s.streak = 0;
     s.periods += 1;
+    s.doublings = s.doublings.saturating_add(1);
     true
 }
 
@@ -176,13 +189,35 @@ mod tests {
         assert!(!judge(&p, &mut s, true, 1_000_000_005, 1_200_000_000));
         assert!(!judge(&p, &mut s, true, 1_000_000_006, 1_200_000_001));
         assert!(judge(&p, &mut s, true, 1_000_000_007, 1_200_000_002));
-        assert_eq!(s.periods, 2);
-        // ... and a long one ends a streak.
+        // ... and this hold, the second in a row, lasts twice as long ...
+        assert_eq!(
+            (s.periods, s.plain_until),
+            (2, 1_200_000_002 + 2_000_000_000)
+        );
+        // ... and a long one ends a streak, and the doubling.
         let after = s.plain_until;
         assert!(!judge(&p, &mut s, true, after, after + 1));
         assert!(!judge(&p, &mut s, false, after, after + 2));
         assert!(!judge(&p, &mut s, true, after, after + 3));
-        assert_eq!(s.streak, 1);
+        assert_eq!((s.streak, s.doublings), (1, 0));
+        assert!(!judge(&p, &mut s, true, after, after + 4));
+        assert!(judge(&p, &mut s, true, after, after + 5));
+        assert_eq!(s.plain_until, after + 5 + 1_000_000_000);
+    }
+
+    #[test]
+    fn holds_in_a_row_double_up_to_a_bound() {
+        let p = policy();
+        let mut s = Short::default();
+        let mut holds = Vec::new();
+        for _ in 0..8 {
+            // A streak of 3 set up after the last hold ended.
+            let born = s.plain_until;
+            let held = (0..3).any(|k| judge(&p, &mut s, true, born, born + k + 1));
+            assert!(held);
+            holds.push((s.plain_until - (born + 3)) / 1_000_000_000);
+        }
+        assert_eq!(holds, [1, 2, 4, 8, 16, 32, 32, 32]);
     }
 
     #[test]

@@ -3,12 +3,15 @@
  * messages from rank 0 to rank 1 with an acknowledgement every 16
  * (MB/s). Each 1 MiB message carries a fixed pattern with its number
  * stamped at both ends: the receiver checks the stamps of every message
- * and every byte of every 16th (a check of each would bound the rate).
+ * and every byte of every 16th, received into a buffer overwritten first
+ * (a check of each would bound the rate). The 1 B messages carry a
+ * counter, checked both ways.
  * Prints "LAT1B_US x BW1MIB_MBS y" from rank 0 (the second of two
  * passes; the first warms up). Exit status 1 on a wrong byte. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static unsigned char at(size_t i) {
     return (unsigned char)(i * 31 + (i >> 12));
@@ -47,13 +50,16 @@ int main(int argc, char **argv) {
         MPI_Barrier(MPI_COMM_WORLD);
         double t = MPI_Wtime();
         for (int i = 0; i < n1; i++) {
+            char want = (char)(i * 7 + pass);
             if (rank == 0) {
+                b1 = want;
                 MPI_Send(&b1, 1, MPI_CHAR, 1, 0, MPI_COMM_WORLD);
                 MPI_Recv(&b1, 1, MPI_CHAR, 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             } else {
                 MPI_Recv(&b1, 1, MPI_CHAR, 0, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
                 MPI_Send(&b1, 1, MPI_CHAR, 0, 0, MPI_COMM_WORLD);
             }
+            bad |= b1 != want;
         }
         double lat = (MPI_Wtime() - t) / n1 / 2 * 1e6;
         MPI_Barrier(MPI_COMM_WORLD);
@@ -63,6 +69,8 @@ int main(int argc, char **argv) {
                 stamp(buf, big, pass * nb + i);
                 MPI_Send(buf, (int)big, MPI_CHAR, 1, 1, MPI_COMM_WORLD);
             } else {
+                if (i % 16 == 0)
+                    memset(buf, 0xA5, big);
                 MPI_Recv(buf, (int)big, MPI_CHAR, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
                 bad |= !check(buf, big, pass * nb + i, i % 16 == 0);
             }
@@ -83,8 +91,8 @@ int main(int argc, char **argv) {
     }
     int any = 0;
     MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_LOR, MPI_COMM_WORLD);
-    if (rank == 1 && bad)
-        fprintf(stderr, "rank 1 received a wrong byte\n");
+    if (bad)
+        fprintf(stderr, "rank %d received a wrong byte\n", rank);
     MPI_Finalize();
     free(buf);
     return any ? 1 : 0;

@@ -242,17 +242,19 @@ pub fn inherited(fd: BorrowedFd<'_>) -> Inherited {
     }
 }
 
-/// Unregisters a listener that is being closed, through the session this
-/// process already has: never a new one for it. A forked child closing
-/// its copy of its parent's listener (PostgreSQL's backends, each
-/// connection's) would otherwise connect to devd only to say so, while
+/// Unregisters a listener that is being closed. A forked child does it
+/// only through a session it already has, never a new one: closing its
+/// copy of its parent's listener (PostgreSQL's backends, each
+/// connection's) it would otherwise connect to devd only to say so, while
 /// the parent still listens; devd finds a listening socket nobody holds
 /// by itself (sock_diag, within seconds).
 pub fn unlisten(fd: BorrowedFd<'_>) {
-    if disabled() {
-        return;
-    }
-    if let Some(s) = Session::existing() {
+    let s = if ssock_rings::sys::child_of() == 0 {
+        session()
+    } else {
+        Session::existing()
+    };
+    if let Some(s) = s.filter(|_| !disabled()) {
         let _ = s.request(&ssock_rings::codec::Request::Unlisten, &[fd]);
     }
 }

@@ -257,21 +257,15 @@ def nginx_with(devd, client):
 
 def ab_with(devd, name, flags, n):
     """ab against nginx (2 workers) serving a 100-byte file."""
-    def ab(port):
-        text = run(devd, ["ab", "-q", *flags, "-c", "20", "-n", str(n),
-                          f"http://127.0.0.1:{port}/small"])
-        failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
-        if not failed or int(failed[0].split()[-1]) != 0 or "Non-2xx responses:" in text:
-            raise SystemExit(f"ab {flags}: failed requests:\n{text}")
-        line = [x for x in text.splitlines() if x.startswith("Requests per second:")][-1]
-        return {name: float(line.split()[3])}
-    return nginx_with(devd, ab)
+    return nginx_with(devd, lambda port: ab_close_against(devd, name, port, n, flags))
 
 
-def ab_close_against(devd, name, port, n):
-    """ab -c 20 -n N without keep-alive against a server on `port`, /small:
-    requests per second under `name` (a failed request aborts the run)."""
-    text = run(devd, ["ab", "-q", "-c", "20", "-n", str(n), f"http://127.0.0.1:{port}/small"])
+def ab_close_against(devd, name, port, n, flags=()):
+    """ab -c 20 -n N (and `flags`: -k for keep-alive) against a server on
+    `port`, /small: requests per second under `name` (a failed request or
+    a non-2xx answer aborts the run)."""
+    text = run(devd, ["ab", "-q", *flags, "-c", "20", "-n", str(n),
+                      f"http://127.0.0.1:{port}/small"])
     failed = [x for x in text.splitlines() if x.startswith("Failed requests:")]
     if not failed or int(failed[0].split()[-1]) != 0 or "Non-2xx responses:" in text:
         raise SystemExit(f"{name}: failed requests:\n{text}")

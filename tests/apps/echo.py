@@ -289,19 +289,24 @@ def idle_pollers(s):
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    def poller(out):
+    def two_threads(wait):
+        """wait() in two threads at once: what each returned, and the
+        process's CPU seconds meanwhile."""
+        before = cpu()
+        results = [[], []]
+        ts = [threading.Thread(target=lambda out=r: out.append(wait())) for r in results]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return results, cpu() - before
+
+    def poll_in():
         p = select.poll()
         p.register(s.fileno(), select.POLLIN)
-        out.append(p.poll(2500))
+        return p.poll(2500)
 
-    before = cpu()
-    results = [[], []]
-    ts = [threading.Thread(target=poller, args=(r,)) for r in results]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    used = cpu() - before
+    results, used = two_threads(poll_in)
     if any(r != [[]] for r in results):
         raise SystemExit(f"an idle poll reported {results}")
     if used > 0.3:
@@ -315,18 +320,7 @@ def idle_pollers(s):
     ep.register(s.fileno(), select.EPOLLIN | select.EPOLLET)
     if not ep.poll(10):
         raise SystemExit("the echoed byte was not reported")
-    results = [[], []]
-
-    def waiter(out):
-        out.append(ep.poll(2.5))
-
-    before = cpu()
-    ts = [threading.Thread(target=waiter, args=(r,)) for r in results]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    used = cpu() - before
+    results, used = two_threads(lambda: ep.poll(2.5))
     if any(r != [[]] for r in results):
         raise SystemExit(f"an edge-triggered wait reported again: {results}")
     if used > 0.3:

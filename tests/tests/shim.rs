@@ -57,6 +57,18 @@ fn echo_with(
     plain_client: bool,
     env: &[(&str, &str)],
 ) -> Result<Option<serde_json::Value>> {
+    echo_served(d, server, plain_server, plain_client, env, 0)
+}
+
+/// `echo_with`, the server having echoed `extra` bytes beyond the echo's.
+fn echo_served(
+    d: &Devd,
+    server: &str,
+    plain_server: bool,
+    plain_client: bool,
+    env: &[(&str, &str)],
+    extra: u64,
+) -> Result<Option<serde_json::Value>> {
     let portfile = scratch(d, "port");
     let mut s = python(
         d,
@@ -76,7 +88,7 @@ fn echo_with(
         .as_array()
         .and_then(|a| a.first().cloned());
     c.say("")?;
-    s.expect(&format!("OK served {n}"))?;
+    s.expect(&format!("OK served {}", 1_000_000 + extra))?;
     ensure!(
         c.wait_success()? && s.wait_success()?,
         "a python process failed"
@@ -351,33 +363,9 @@ fn two_threads_polling_one_idle_accelerated_socket_sleep() -> Result<()> {
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let env = [("ECHO_MODE", "idlepoll")];
-    let portfile = scratch(&d, "port");
-    let mut s = python(
-        &d,
-        false,
-        &["server", portfile.to_str().context("path")?],
-        &env,
-    )?;
-    let port = published_port(&portfile)?;
-    let mut c = python(
-        &d,
-        false,
-        &["client", port.trim(), "1000000", "idlepoll"],
-        &env,
-    )?;
     // The echo's bytes and the one echoed while its event is not read.
-    c.expect("OK echo 1000000")?;
-    let conn = d.stats()?["connections"]
-        .as_array()
-        .and_then(|a| a.first().cloned())
+    let conn = echo_served(&d, "server", false, false, &[("ECHO_MODE", "idlepoll")], 1)?
         .context("no accelerated connection")?;
-    c.say("")?;
-    s.expect("OK served 1000001")?;
-    ensure!(
-        c.wait_success()? && s.wait_success()?,
-        "a python process failed"
-    );
     ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
     ensure!(
         conn["bytes_c2a"] == 1_000_001 && conn["bytes_a2c"] == 1_000_001,

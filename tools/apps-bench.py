@@ -5,8 +5,9 @@ usage: tools/apps-bench.py [--rounds N] [--markdown] [--json-out FILE]
        (after cargo build --release)
 
 Each round runs every benchmark twice, once as plain programs on kernel TCP
-and once with server and client both under ssock-run (a private devd), and
-records the programs' own figures:
+and once with server and client both under ssock-run (a private devd),
+kernel first in odd rounds and ssock first in even ones, and records the
+programs' own figures:
 
   redis-benchmark GET -n 100000 -c 1          requests per second
   redis-benchmark GET -n 200000 -c 50 -P 16   requests per second
@@ -19,8 +20,9 @@ records the programs' own figures:
                                               requests per second
   ab -k -c 20 -n 100000 against nginx (keep-alive)
                                               requests per second
-  wrk -t 2 -c 50 -d 3s against nginx (keep-alive; a socket error or a
-    response other than 2xx aborts the run)   requests per second
+  wrk -t 2 -c 50 -d 3s and -c 500 against nginx (keep-alive; a socket
+    error or a response other than 2xx aborts the run)
+                                              requests per second
   ab -c 20 without keep-alive against apache2 (prefork MPM, workers as
     www-data: needs root), gunicorn -w 2 and a node http server, 100-byte
     responses                                 requests per second
@@ -31,6 +33,8 @@ records the programs' own figures:
                                               operations per second
   two OpenMPI ranks over TCP (tools/mpibench.c): 1 B half round trip, us;
     1 MiB messages one way, MB/s
+  tests/apps/fdcap.py: connections a Python client holds with 1024 fds
+    (and with 512: the fds one connection costs, 512 / the difference)
 
 plus an idle connected pair's CPU time over 2 s, and checks through
 devd's statistics that the ssock runs went Direct (a run
@@ -457,16 +461,69 @@ def openmpi(devd):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def wrk50(devd):
-    """wrk with 50 keep-alive connections against nginx (2 workers)."""
+def wrk_with(devd, conns):
+    """wrk with `conns` keep-alive connections against nginx (2 workers);
+    a socket error or a non-2xx answer aborts the run."""
     def wrk(port):
-        text = run(devd, ["wrk", "-t", "2", "-c", "50", "-d", "3s",
+        text = run(devd, ["wrk", "-t", "2", "-c", str(conns), "-d", "3s",
                           f"http://127.0.0.1:{port}/small"])
         if "Socket errors" in text or "Non-2xx" in text:
-            raise SystemExit(f"wrk -c 50: errors:\n{text}")
+            raise SystemExit(f"wrk -c {conns}: errors:\n{text}")
         line = [x for x in text.splitlines() if x.startswith("Requests/sec:")][-1]
-        return {"wrk -t 2 -c 50 keep-alive, nginx (req/s)": float(line.split()[1])}
+        return {f"wrk -t 2 -c {conns} keep-alive, nginx (req/s)": float(line.split()[1])}
     return nginx_with(devd, wrk)
+
+
+def wrk50(devd):
+    return wrk_with(devd, 50)
+
+
+def wrk500(devd):
+    return wrk_with(devd, 500)
+
+
+FDCAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "apps",
+                     "fdcap.py")
+
+
+def fds(devd):
+    """What one connection costs a program in descriptors: a Python client
+    limited to 512 and then 1024 fds connects until EMFILE (tests/apps/
+    fdcap.py, each connection greeted, so in use); the 512 more fds hold
+    512 / (held at 1024 - held at 512) connections' worth each."""
+    held = {}
+    for limit in (512, 1024):
+        d = tempfile.mkdtemp(prefix="ssock-apps-fds-")
+        portfile = os.path.join(d, "port")
+        srv = subprocess.Popen(wrap(devd, ["python3", FDCAP, "server", portfile]),
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            t = time.time()
+            while not os.path.exists(portfile):
+                if srv.poll() is not None or time.time() - t > 20:
+                    raise SystemExit("the fdcap server did not start")
+                time.sleep(0.01)
+            port = open(portfile).read().strip()
+            cli = subprocess.Popen(wrap(devd, ["python3", FDCAP, "client", port, "2000",
+                                               str(limit)]),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            line = cli.stdout.readline()
+            cli.stdin.close()
+            cli.wait(60)
+            if not line.startswith("HELD "):
+                raise SystemExit(f"fdcap client said {line!r}")
+            held[limit] = int(line.split()[1])
+        finally:
+            srv.stdin.close()
+            stop(srv)
+            shutil.rmtree(d, ignore_errors=True)
+    if held[1024] <= held[512]:
+        raise SystemExit(f"fdcap held {held}")
+    return {"connections held with 512 fds": float(held[512]),
+            "connections held with 1024 fds": float(held[1024]),
+            "fds per connection (512 more fds / connections more held)":
+                512 / (held[1024] - held[512])}
 
 
 def ab_close(devd):
@@ -481,7 +538,7 @@ def ab_keepalive(devd):
 # server's accept finds their connector gone): at most this many (wrk
 # checks the address first; OpenMPI's ranks may race to connect to each
 # other and drop one).
-PROBES = {"wrk50": 1, "openmpi": 1}
+PROBES = {"wrk50": 1, "wrk500": 1, "openmpi": 1}
 
 # Benchmarks whose ssock runs may leave connections on kernel TCP: the
 # short_lived policy's work (reported, not an error), with how many of
@@ -552,9 +609,12 @@ def main():
     try:
         for r in range(rounds):
             for bench in (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle,
-                          ab_close, ab_keepalive, wrk50, apache2_close, gunicorn_close,
-                          node_close, pgbench, memaslap, openmpi):
-                for mode in ("kernel", "ssock"):
+                          ab_close, ab_keepalive, wrk50, wrk500, apache2_close,
+                          gunicorn_close, node_close, pgbench, memaslap, openmpi, fds):
+                # Which goes first alternates by round: whatever one run
+                # leaves behind (TIME_WAIT sockets, warm caches) weighs on
+                # both sides alike.
+                for mode in ("kernel", "ssock") if r % 2 == 0 else ("ssock", "kernel"):
                     before = devd.totals()
                     got = bench(devd if mode == "ssock" else None)
                     after = devd.totals()
@@ -579,6 +639,14 @@ def main():
                             if direct < 8 or kept < BY_POLICY[bench.__name__]:
                                 raise SystemExit(f"{bench.__name__}: {direct} Direct, {kept} "
                                                  "kept by short_lived: not the policy's work")
+                        elif bench.__name__ == "fds":
+                            # At the fd limit the last connection's region
+                            # cannot arrive (EMFILE): it stays on kernel
+                            # TCP; every other one the client held is Direct.
+                            least = sum(int(v) for k, v in got.items() if "held" in k)
+                            if fell > 4 or direct + 4 < least:
+                                raise SystemExit(f"fds: {direct} Direct, {fell} on kernel "
+                                                 f"TCP, {got}")
                         elif fell and fell <= PROBES.get(bench.__name__, 0):
                             # wrk connects once and closes before it starts:
                             # devd counts that probe `connector_gone`.
@@ -617,7 +685,7 @@ def main():
     else:
         for row in rows:
             print(f"{row[0]:32} kernel {row[1]:28} ssock {row[2]:28} {row[3]}")
-    print(f"({rounds} rounds, medians [min-max], kernel and ssock interleaved)")
+    print(f"({rounds} rounds, medians [min-max], kernel and ssock interleaved, which first alternating by round)")
     for name, by in policy.items():
         print()
         print(f"{name} under ssock-run, per round: Direct {by['direct']}, kept on kernel TCP "

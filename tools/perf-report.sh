@@ -26,7 +26,7 @@ trap 'rm -rf "$tmp"' EXIT
 # The png next to the page, named as the page links it.
 cmd=("$bench" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown --plot "$out/performance.png" --json-out "$tmp/bench.json")
 report="$("${cmd[@]}")"
-apps_rounds=3
+apps_rounds=5
 apps_cmd=(tools/apps-bench.py --rounds "$apps_rounds" --markdown --json-out "$tmp/apps.json")
 if apps="$(CARGO_TARGET_DIR="$target" "${apps_cmd[@]}")"; then
   targets="$(tools/perf-targets.py "$tmp/bench.json" "$tmp/apps.json")"

@@ -93,6 +93,12 @@ def main():
     k, s = apps_cell(apps, "wrk -t 2 -c 50 keep-alive, nginx (req/s)")
     add("wrk -t 2 -c 50 against nginx (keep-alive, no socket errors)", "at least 1.5x", "req/s",
         k, s, f"{s / k:.2f}x", s / k >= 1.5)
+    k, s = apps_cell(apps, "wrk -t 2 -c 500 keep-alive, nginx (req/s)")
+    add("wrk -t 2 -c 500 against nginx (keep-alive, no socket errors)", "at least 1.0x",
+        "req/s", k, s, f"{s / k:.2f}x", s / k >= 1.0)
+    k, s = apps_cell(apps, "fds per connection (512 more fds / connections more held)")
+    add("fds per accelerated connection (a client limited to 512, then 1024 fds)",
+        "at most 2 (the socket included)", "fds", k, s, f"{s / k:.2f}x", s <= 2)
     k, s = bench_cell(bench, "setup: connect, 1 B each way, close")
     add("ssock-bench setup, Direct forced (policy off): connect, 1 B exchange, close",
         "at least 1.0x", "k conn/s", k, s, f"{s / k:.2f}x", s / k >= 1.0)

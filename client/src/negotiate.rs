@@ -249,12 +249,12 @@ fn intent_and_connect(
         dst,
         pref: opts.mode,
     };
-    let nonblocking = ssock_rings::sys::get_nonblocking(fd)?;
-    // A connect that returns at once (nonblocking, or to a loopback
-    // address) runs while devd handles the intent: the reply is read
-    // after it (the session is this thread's meanwhile). A blocking
-    // connect to another address may take seconds: the reply first.
-    let overlap = nonblocking || dst.ip().to_canonical().is_loopback();
+    // A connect that returns at once (to a loopback address, or
+    // nonblocking: asked of the kernel only for other addresses) runs
+    // while devd handles the intent: the reply is read after it (the
+    // session is this thread's meanwhile). A blocking connect to another
+    // address may take seconds: the reply first.
+    let overlap = dst.ip().to_canonical().is_loopback() || ssock_rings::sys::get_nonblocking(fd)?;
     let (reply, connected) = if overlap {
         match session.begin(&intent, &[fd]) {
             Ok(inflight) => {

@@ -1,8 +1,8 @@
 """How many TCP connections a program with 1024 descriptors can hold.
 
 server PORTFILE: raises its own fd limit, accepts and holds connections
-until stdin closes. client PORT N: lowers its fd limit to 1024 (Debian's
-default), connects up to N times (each connection waits for one byte from
+until stdin closes. client PORT N [LIMIT]: lowers its fd limit to LIMIT
+(1024 unless given: Debian's default), connects up to N times (each connection waits for one byte from
 the server, so it is in use), holding every socket, until a connect fails
 with EMFILE; prints "HELD K"."""
 import errno
@@ -34,8 +34,8 @@ def server(portfile):
     sys.stdin.read()
 
 
-def client(port, n):
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+def client(port, n, limit):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     held = []
     for _ in range(n):
         try:
@@ -55,4 +55,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         server(sys.argv[2])
     else:
-        client(int(sys.argv[2]), int(sys.argv[3]))
+        client(int(sys.argv[2]), int(sys.argv[3]),
+               int(sys.argv[4]) if len(sys.argv) > 4 else 1024)

@@ -605,6 +605,12 @@ pub fn ctl(
     ev: *mut epoll_event,
     real: &dyn Fn() -> c_int,
 ) -> Result<c_int, i32> {
+    if crate::known::plain(fd) && !REGISTERED.contains(fd) {
+        // A socket the shim left to the kernel for good, in no instance
+        // the shim knows of: it never moves to the shim, so the kernel's
+        // registration is all there is (no lock, no record).
+        return Ok(real());
+    }
     let obj = table::get(fd)
         .map(Obj::Sock)
         .or_else(|| get(fd).map(|s| Obj::Set(fd, s)));

@@ -150,9 +150,12 @@ pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags
             if let Some(at) = table::listener(fd) {
                 // SAFETY: m was just returned by accept4 and is open; fd is
                 // the caller's listener, open during this call.
-                if let Some(s) = sock::accepted(unsafe { borrow(m) }, at) {
-                    table::insert(m, s);
+                match sock::accepted(unsafe { borrow(m) }, at) {
+                    Some(s) => table::insert(m, s),
+                    None => known::set_plain(m),
                 }
+            } else {
+                known::set_plain(m);
             }
             m
         },

@@ -2,9 +2,10 @@
 //! a connection the shim leaves alone costs it no system call: a TCP
 //! socket the program made with socket(2) and has not connected yet
 //! (`fresh`: its connect needs no TCP_INFO question), and a socket whose
-//! connect the shim already left to the kernel (`plain`: a connect()
-//! called again, as nonblocking programs do to learn how the first one
-//! ended, goes straight to libc).
+//! connect or accept the shim already left to the kernel (`plain`: a
+//! connect() called again, as nonblocking programs do to learn how the
+//! first one ended, goes straight to libc, and so does its epoll_ctl: it
+//! never turns accelerated while its number names it).
 //!
 //! Each bit lives from the call that set it to the next call the shim sees
 //! that makes or frees the number (socket, accept, close, close_range,
@@ -54,7 +55,7 @@ pub fn take_fresh(fd: c_int) -> bool {
     FRESH.take(fd)
 }
 
-/// The shim left `fd`'s connection to the kernel.
+/// The shim left `fd`'s connection to the kernel (at connect or accept).
 pub fn set_plain(fd: c_int) {
     FRESH.remove(fd);
     PLAIN.insert(fd);

@@ -918,7 +918,17 @@ impl Devd {
         }
         // The acceptor says accepted in the hand-over words itself, once
         // it holds its end (docs/protocol.md section 2.3).
-        let peer_bell = self.bells.of(intent.end.session);
+        // A reused region carries no fds: the acceptor rings the doorbell
+        // it already knows by its id, and no ringers' end is made for it.
+        let peer_bell = if reuse {
+            self.bells
+                .common_id(intent.end.session)
+                .map(|id| (id, None))
+        } else {
+            self.bells
+                .of(intent.end.session)
+                .map(|(id, fd)| (id, Some(fd)))
+        };
         if let (Res::Direct(d), Some(own)) = (&intent.res, self.bells.common_id(sid)) {
             // The connector learns the acceptor's doorbell when it moves
             // (docs/protocol.md section 3.2); without it, it asks later.
@@ -1049,6 +1059,7 @@ impl Devd {
             .get_mut(&id)
             .ok_or(RequestError::NoConnection(0))?;
         let peer_bell = self.bells.of(conn.ends[1 - e].session);
+        let peer_bell = peer_bell.map(|(id, fd)| (id, Some(fd)));
         let (a, fds) = attachment(&mut conn.res, id, e, false, peer_bell)?;
         // Mapped by one more process: never parked.
         conn.parkable = false;
@@ -1607,13 +1618,14 @@ fn refuse(res: &Res) -> io::Result<()> {
 
 /// End `e`'s attachment of connection `id` and the fds that go with it.
 /// With `reuse` (Direct), no fds: the process kept the region parked.
-/// `peer_bell`: the doorbell of the other end's session, if known (Direct).
+/// `peer_bell`: the doorbell of the other end's session, if known (Direct),
+/// with a ringers' end to send unless the attachment reuses a region.
 fn attachment(
     res: &mut Res,
     id: u64,
     e: usize,
     reuse: bool,
-    peer_bell: Option<(u32, Fd)>,
+    peer_bell: Option<(u32, Option<Fd>)>,
 ) -> Result<(Attachment, Vec<Fd>), RequestError> {
     let side = if e == 0 {
         Side::Connector
@@ -1626,7 +1638,7 @@ fn attachment(
                 vec![]
             } else {
                 std::iter::once(d.memfd.clone())
-                    .chain(peer_bell.iter().map(|(_, fd)| fd.clone()))
+                    .chain(peer_bell.iter().filter_map(|(_, fd)| fd.clone()))
                     .collect()
             };
             let a = Attachment {
@@ -2244,6 +2256,9 @@ mod tests {
         let ((c2, n2), (a2, m2), _s2) = connect_as(&mut d, 1, 2, &l);
         assert_eq!((n2, m2), (0, 0));
         assert!(c2.reuse && a2.reuse && c2.region == c.region && a2.region == c.region);
+        // The acceptor still learns which doorbell rings the connector
+        // (its ringers' end it kept from the first connection).
+        assert_eq!(a2.peer_bell, a.peer_bell);
         assert_ne!(c2.conn_id, c.conn_id);
         let mut page = vec![0u8; layout::HEADER_SIZE];
         sys::pread_exact(memfd.as_fd(), &mut page, 0).unwrap();

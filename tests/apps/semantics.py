@@ -246,6 +246,28 @@ def case_nested_epoll():
     a.close()
 
 
+def case_dup2_onto_a_member():
+    """dup2 onto a connection's fd closes that connection (its peer reads
+    the end) and its epoll registration goes with it."""
+    c, a = pair()
+    c.settimeout(5)
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    r, w = os.pipe()
+    os.dup2(r, a.fileno())
+    try:
+        say("peer after dup2:", c.recv(10))
+    except OSError as e:
+        say("peer after dup2:", err_name(e))
+    os.write(w, b"p")
+    say("epoll after dup2:", events(ep, 0.05))
+    os.close(a.detach())
+    for fd in (r, w):
+        os.close(fd)
+    ep.close()
+    c.close()
+
+
 def case_epoll_member_added_by_another_thread():
     """A thread sleeps in epoll_wait on a set with no connection in it yet
     (an event loop's idle wait); another thread adds a connected socket
@@ -624,7 +646,7 @@ def plain_echo(fd):
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
-         case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
+         case_dup2_onto_a_member, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

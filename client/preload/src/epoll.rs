@@ -605,9 +605,10 @@ pub fn ctl(
     ev: *mut epoll_event,
     real: &dyn Fn() -> c_int,
 ) -> Result<c_int, i32> {
-    if crate::known::plain(fd) && !REGISTERED.contains(fd) {
+    if crate::known::plain(fd) && !REGISTERED.contains(fd) && !SET_FDS.contains(fd) {
         // A socket the shim left to the kernel for good, in no instance
-        // the shim knows of: it never moves to the shim, so the kernel's
+        // the shim knows of (and not an instance itself, whatever a stale
+        // bit says): it never moves to the shim, so the kernel's
         // registration is all there is (no lock, no record).
         return Ok(real());
     }

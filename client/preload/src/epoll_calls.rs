@@ -10,7 +10,7 @@
 
 use crate::boundary::enter;
 use crate::dispatch::fail;
-use crate::{epoll, real, sleep};
+use crate::{epoll, known, real, sleep};
 use libc::c_int;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ pub unsafe fn epoll_create(size: c_int) -> c_int {
     enter(
         || {
             let r = real();
+            known::forget(r);
             epoll::created(r);
             r
         },
@@ -41,6 +42,7 @@ pub unsafe fn epoll_create1(flags: c_int) -> c_int {
     enter(
         || {
             let r = real();
+            known::forget(r);
             epoll::created(r);
             r
         },

@@ -149,6 +149,10 @@ fn duplicated_onto(new: c_int) {
 
 /// After a successful dup onto `new`: `new` names `old`'s socket, or, if
 /// `old` is not accelerated, no longer names the socket it may have named.
+/// What `new` named before was closed by the kernel: it leaves the epoll
+/// sets and the listeners as on close (its registrations went with its
+/// file), and its socket, once its last reference here is gone, ends its
+/// transport (its kernel socket is closed already: nothing owed is sent).
 pub fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 && new != old {
         duplicated_onto(new);
@@ -156,6 +160,9 @@ pub fn duplicated(old: c_int, new: c_int) -> c_int {
         // a `fresh` mark on the other wrong.
         known::forget(new);
         known::forget(old);
+        // (A listener nobody holds any more is found by devd itself.)
+        table::remove_listener(new);
+        epoll::closed(new);
         match table::get(old) {
             Some(_) => table::duplicate(old, new),
             None => drop(table::remove(new)),

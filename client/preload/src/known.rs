@@ -11,7 +11,10 @@
 //! that makes or frees the number (socket, accept, close, close_range,
 //! dup onto it, an fd received). A number freed and made again by a path
 //! the shim does not see (a raw system call, io_uring) may keep a stale
-//! bit. A stale `plain` only leaves a connection on kernel TCP. A stale
+//! bit. A stale `plain` only leaves a connection on kernel TCP, and its
+//! epoll_ctl to the kernel unrecorded (no path makes an accelerated
+//! socket on a number without clearing the bit first, and epoll
+//! instances clear it when made and are looked up besides). A stale
 //! `fresh` sends an Intent for a socket whose kernel connect then fails
 //! (EISCONN...), and the shim releases it.
 //!

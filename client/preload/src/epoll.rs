@@ -772,6 +772,10 @@ pub fn wait(
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;
+    // Whether this call slept already: the members' kernel sockets are
+    // asked whether a peer is gone only after a sleep, which watches them
+    // (as in `wait::poll`).
+    let mut slept = false;
     loop {
         // The rings first, without a syscall; the kernel's events when the
         // rings have none, and every fourth time anyway.
@@ -797,9 +801,11 @@ pub fn wait(
                 continue;
             }
         }
-        let (n, _) = set.collect(epfd, out, true);
-        if n > 0 {
-            return count(n);
+        if slept {
+            let (n, _) = set.collect(epfd, out, true);
+            if n > 0 {
+                return count(n);
+            }
         }
         let (fds, armed) = set.arm(epfd);
         // Armed: anything reportable that was there already, or arrived
@@ -819,6 +825,7 @@ pub fn wait(
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let left = crate::sleep::capped(left, &pfds);
         let r = sleep(&mut pfds, left);
+        slept = true;
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         set.end_sleep(armed, saw.take());
         if r < 0 {

@@ -153,6 +153,12 @@ pub fn poll(
 ) -> c_int {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut spun = !spin;
+    // Whether this call slept already. The kernel sockets are asked
+    // whether a peer is gone (one syscall each) only after a sleep: the
+    // sleep watches them (a gone peer, or bytes where none belong, end it
+    // at once), so the first sleep needs no look before it, and one that
+    // a doorbell ended finds its answer in the rings without any.
+    let mut slept = false;
     loop {
         // The rings first: no syscall on the path where data is there or
         // arrives while spinning. The kernel socket is asked whether a peer
@@ -189,9 +195,11 @@ pub fn poll(
                 continue;
             }
         }
-        let n = scan(pfds, socks, true, real_poll);
-        if n > 0 {
-            return n;
+        if slept {
+            let n = scan(pfds, socks, true, real_poll);
+            if n > 0 {
+                return n;
+            }
         }
         let mut set: Vec<pollfd> = Vec::new();
         let mut armed: Vec<Armed> = Vec::new();
@@ -244,6 +252,7 @@ pub fn poll(
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let left = crate::sleep::capped(left, &set);
             let r = sleep(&mut set, left);
+            slept = true;
             if r < 0 && errno() == libc::EINVAL {
                 sleep_within_limit(pfds, socks, &mut set, left, sleep)
             } else {

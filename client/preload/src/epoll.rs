@@ -505,6 +505,16 @@ impl Set {
         }
     }
 
+    /// Whether a sleep watches all a peer check of the members would find
+    /// (`Obj::watched_by_sleep`).
+    fn watched_by_sleep(&self) -> bool {
+        let i = self.lock();
+        i.members
+            .iter()
+            .filter(|m| !m.disabled)
+            .all(|m| m.obj.watched_by_sleep())
+    }
+
     /// The spin budget of the first member (the instance's budget).
     fn spin(&self) -> Duration {
         let i = self.lock();
@@ -772,9 +782,9 @@ pub fn wait(
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;
-    // Whether this call slept already: the members' kernel sockets are
-    // asked whether a peer is gone only after a sleep, which watches them
-    // (as in `wait::poll`).
+    // Whether this call slept already: the kernel sockets of members that
+    // are Direct ends in the region are asked whether a peer is gone only
+    // after a sleep, which watches them (as in `wait::poll`).
     let mut slept = false;
     loop {
         // The rings first, without a syscall; the kernel's events when the
@@ -801,7 +811,7 @@ pub fn wait(
                 continue;
             }
         }
-        if slept {
+        if slept || !set.watched_by_sleep() {
             let (n, _) = set.collect(epfd, out, true);
             if n > 0 {
                 return count(n);

@@ -99,6 +99,15 @@ impl Obj {
         }
     }
 
+    /// Whether a sleep that arms it watches all a peer check would find
+    /// (see `Sock::watched_by_sleep`; never a nested epoll instance).
+    pub fn watched_by_sleep(&self) -> bool {
+        match self {
+            Obj::Sock(s) => lock(s).watched_by_sleep(),
+            Obj::Set(..) => false,
+        }
+    }
+
     /// Whether negotiation ended on kernel TCP (an accelerated socket only).
     pub fn is_kernel(&self) -> bool {
         match self {

@@ -455,6 +455,15 @@ impl Sock {
         }
     }
 
+    /// Whether a sleep that arms this socket also watches everything a
+    /// look at its kernel socket would find (a gone peer, stray bytes): a
+    /// Direct end with both directions in the region, whose `arm` puts the
+    /// kernel socket in the sleep. Else (a direction still on the kernel
+    /// socket, Queued, plain) waiters look before they sleep.
+    pub fn watched_by_sleep(&mut self) -> bool {
+        matches!(self.up(), Some(t) if t.settled() && t.mode() == Mode::Direct)
+    }
+
     /// Readiness for poll and friends (the kernel socket's, once the
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {

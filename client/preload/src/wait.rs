@@ -153,11 +153,13 @@ pub fn poll(
 ) -> c_int {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut spun = !spin;
-    // Whether this call slept already. The kernel sockets are asked
-    // whether a peer is gone (one syscall each) only after a sleep: the
-    // sleep watches them (a gone peer, or bytes where none belong, end it
-    // at once), so the first sleep needs no look before it, and one that
-    // a doorbell ended finds its answer in the rings without any.
+    // Whether this call slept already. The kernel sockets of Direct ends
+    // in the region are asked whether a peer is gone (one syscall each)
+    // only after a sleep: the sleep watches them (a gone peer, or bytes
+    // where none belong, end it at once), so the first sleep needs no
+    // look before it, and one that a doorbell ended finds its answer in
+    // the rings without any. Other members are looked at before every
+    // sleep (their sleep leaves out what is already asserted).
     let mut slept = false;
     loop {
         // The rings first: no syscall on the path where data is there or
@@ -195,7 +197,7 @@ pub fn poll(
                 continue;
             }
         }
-        if slept {
+        if slept || !socks.iter().flatten().all(Obj::watched_by_sleep) {
             let n = scan(pfds, socks, true, real_poll);
             if n > 0 {
                 return n;

@@ -268,6 +268,48 @@ def case_dup2_onto_a_member():
     c.close()
 
 
+def case_select_from_c():
+    """libc's select itself (through ctypes, as a C program calls it): a
+    bad fd is EBADF with the sets untouched, and the timeout is updated to
+    the time not slept."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Timeval(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+    def fdset(*fds):
+        b = (ctypes.c_ulong * 16)()
+        for fd in fds:
+            b[fd // 64] |= 1 << (fd % 64)
+        return b
+
+    def isset(b, fd):
+        return bool(b[fd // 64] & (1 << (fd % 64)))
+
+    c, a = pair()
+    bad = os.open("/dev/null", os.O_RDONLY)
+    os.close(bad)
+    r = fdset(a.fileno(), bad)
+    tv = Timeval(0, 100000)
+    n = libc.select(max(a.fileno(), bad) + 1, ctypes.byref(r), None, None, ctypes.byref(tv))
+    say("select with a closed fd:", n, errno.errorcode.get(ctypes.get_errno()),
+        "sets kept:", isset(r, a.fileno()) and isset(r, bad))
+    r = fdset(a.fileno())
+    tv = Timeval(0, 200000)
+    n = libc.select(a.fileno() + 1, ctypes.byref(r), None, None, ctypes.byref(tv))
+    say("select timed out:", n, "timeout left:", (tv.tv_sec, tv.tv_usec))
+    c.sendall(b"s")
+    r = fdset(a.fileno())
+    tv = Timeval(5, 0)
+    n = libc.select(a.fileno() + 1, ctypes.byref(r), None, None, ctypes.byref(tv))
+    say("select ready:", n, isset(r, a.fileno()), "timeout left over 4 s:",
+        tv.tv_sec * 1000000 + tv.tv_usec > 4000000)
+    say("read:", a.recv(10))
+    c.close()
+    a.close()
+
+
 def case_epoll_member_added_by_another_thread():
     """A thread sleeps in epoll_wait on a set with no connection in it yet
     (an event loop's idle wait); another thread adds a connected socket
@@ -646,7 +688,7 @@ def plain_echo(fd):
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
-         case_dup2_onto_a_member, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
+         case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -4,8 +4,8 @@
 //! sets it was asked in; POLLNVAL is EBADF); otherwise libc's select runs
 //! the call.
 //!
-//! Never here: touching the caller's fd_sets beyond `nfds`, or changing
-//! the caller's timeout.
+//! Never here: touching the caller's fd_sets beyond `nfds`, or the
+//! caller's timeout but as Linux's select does (pselect leaves it).
 
 use crate::boundary::{enter, set_errno};
 use crate::{real, sleep, wait};
@@ -54,6 +54,11 @@ unsafe fn select_via_poll(
     if n < 0 {
         return Some(-1);
     }
+    if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
+        // As the kernel: EBADF, and the sets as the caller left them.
+        set_errno(libc::EBADF);
+        return Some(-1);
+    }
     // Clear the caller's bits below nfds only: its fd_set may be sized for
     // nfds, not for FD_SETSIZE.
     for set in [r, w, e] {
@@ -66,10 +71,6 @@ unsafe fn select_via_poll(
         }
     }
     let mut count = 0;
-    if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
-        set_errno(libc::EBADF);
-        return Some(-1);
-    }
     for p in &pfds {
         // Only in the sets the fd was asked for (its events say which).
         let asked_r = p.events & libc::POLLIN != 0;
@@ -97,7 +98,8 @@ unsafe fn select_via_poll(
     Some(count)
 }
 
-/// select(2). The timeout is left as the caller passed it.
+/// select(2). As Linux's, the timeout is updated to the time not slept
+/// when the call goes through the poll path.
 ///
 /// # Safety
 /// The C contract of select(2).
@@ -120,8 +122,20 @@ pub unsafe fn select(
             let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
                 sleep::real_poll(set, sleep::millis(rem))
             };
+            let until = t.map(|t| std::time::Instant::now() + t);
             // SAFETY: the sets are the caller's (select(2)).
-            unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }.unwrap_or_else(real)
+            let Some(n) = (unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }) else {
+                return real();
+            };
+            if let Some(until) = until {
+                // SAFETY: tv is the caller's timeval (non-null: `t` is Some).
+                if let Some(tv) = unsafe { tv.as_mut() } {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    tv.tv_sec = libc::time_t::try_from(left.as_secs()).unwrap_or(0);
+                    tv.tv_usec = libc::suseconds_t::from(left.subsec_micros());
+                }
+            }
+            n
         },
         real,
     )

@@ -262,10 +262,21 @@ def case_dup2_onto_a_member():
     os.write(w, b"p")
     say("epoll after dup2:", events(ep, 0.05))
     os.close(a.detach())
+    # With SO_LINGER 0 the close that dup2 makes is a reset.
+    c2, a2 = pair()
+    c2.settimeout(5)
+    a2.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    os.dup2(r, a2.fileno())
+    try:
+        say("peer after dup2 with SO_LINGER 0:", c2.recv(10))
+    except OSError as e:
+        say("peer after dup2 with SO_LINGER 0:", err_name(e))
+    os.close(a2.detach())
     for fd in (r, w):
         os.close(fd)
     ep.close()
     c.close()
+    c2.close()
 
 
 def case_select_from_c():

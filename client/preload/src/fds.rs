@@ -182,6 +182,20 @@ pub unsafe fn dup(fd: c_int) -> c_int {
     enter(|| duplicated(fd, real()), real)
 }
 
+/// Before a dup onto `new`: an accelerated socket there is about to be
+/// closed by the kernel, so it is let go of now, as on close, while the
+/// number still names it (what it still owes is sent, SO_LINGER 0 resets
+/// it). Only when `old` is open: otherwise the dup fails and `new` stays.
+fn before_dup_onto(old: c_int, new: c_int) {
+    if new < 0 || old < 0 || new == old || table::get(new).is_none() {
+        return;
+    }
+    // SAFETY: old is an fd number the application passed, only asked about.
+    if ssock_rings::sys::get_nonblocking(unsafe { borrow(old) }).is_ok() {
+        let_go(new);
+    }
+}
+
 /// dup2(2).
 ///
 /// # Safety
@@ -189,7 +203,13 @@ pub unsafe fn dup(fd: c_int) -> c_int {
 pub unsafe fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup2)(fd, new) };
-    enter(|| duplicated(fd, real()), real)
+    enter(
+        || {
+            before_dup_onto(fd, new);
+            duplicated(fd, real())
+        },
+        real,
+    )
 }
 
 /// dup3(2).
@@ -199,7 +219,15 @@ pub unsafe fn dup2(fd: c_int, new: c_int) -> c_int {
 pub unsafe fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup3)(fd, new, flags) };
-    enter(|| duplicated(fd, real()), real)
+    enter(
+        || {
+            if flags & !libc::O_CLOEXEC == 0 {
+                before_dup_onto(fd, new);
+            }
+            duplicated(fd, real())
+        },
+        real,
+    )
 }
 
 /// close(2): an accelerated socket first ends its transport (end-of-stream

@@ -57,6 +57,13 @@ fn move_to(fd: OwnedFd, min: RawFd) -> OwnedFd {
     }
 }
 
+/// A close-on-exec duplicate of `fd` (ssock's, at 3 or above).
+pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a borrowed, open fd; the result, if any,
+    // is a new fd nobody else owns (`owned` takes it).
+    owned(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })
+}
+
 /// The CPUs online on this machine (not only those this thread may run
 /// on: a peer process may run on the others); at least 1.
 pub fn online_cpus() -> usize {

@@ -316,7 +316,15 @@ def case_select_from_c():
     n = libc.select(a.fileno() + 1, ctypes.byref(r), None, None, ctypes.byref(tv))
     say("select ready:", n, isset(r, a.fileno()), "timeout left over 4 s:",
         tv.tv_sec * 1000000 + tv.tv_usec > 4000000)
-    say("read:", a.recv(10))
+    c.sendall(b"t")
+    for sec, usec in ((2**62, 0), (-1, 0), (0, -5)):
+        r = fdset(a.fileno())
+        tv = Timeval(sec, usec)
+        n = libc.select(a.fileno() + 1, ctypes.byref(r), None, None, ctypes.byref(tv))
+        say(f"select with a timeout of ({sec}, {usec}):", n,
+            errno.errorcode.get(ctypes.get_errno()) if n < 0 else "",
+            (tv.tv_sec, tv.tv_usec) if n < 0 else "")
+    say("read:", recv_exactly(a, 2))
     c.close()
     a.close()
 

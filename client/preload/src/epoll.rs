@@ -723,7 +723,7 @@ pub fn wait_direct(
     kernel_wait: &dyn Fn(&mut [epoll_event], Option<Duration>) -> c_int,
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = crate::sleep::deadline(timeout);
     let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
     loop {
         // A member added before this count is seen below; one added after
@@ -765,7 +765,7 @@ pub fn wait(
     timeout: Option<Duration>,
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = crate::sleep::deadline(timeout);
     // Whether a look at the kernel's events found the bell since the last
     // sleep (the sleep's end drains it then, as `done_sleeping` says).
     let saw = std::cell::Cell::new(false);

@@ -205,6 +205,10 @@ pub unsafe fn epoll_pwait2(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (epoll_pwait2(2)).
+            if unsafe { sleep::timespec_invalid(tmo) } {
+                return real();
+            }
+            // SAFETY: as above.
             let t = unsafe { sleep::timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);

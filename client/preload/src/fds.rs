@@ -182,18 +182,51 @@ pub unsafe fn dup(fd: c_int) -> c_int {
     enter(|| duplicated(fd, real()), real)
 }
 
-/// Before a dup onto `new`: an accelerated socket there is about to be
-/// closed by the kernel, so it is let go of now, as on close, while the
-/// number still names it (what it still owes is sent, SO_LINGER 0 resets
-/// it). Only when `old` is open: otherwise the dup fails and `new` stays.
-fn before_dup_onto(old: c_int, new: c_int) {
-    if new < 0 || old < 0 || new == old || table::get(new).is_none() {
-        return;
+/// Before a dup onto `new`, where the kernel's dup will close an
+/// accelerated socket that `old` does not name: a duplicate of its kernel
+/// socket, held by the shim across the dup (None: nothing to hold, or no
+/// fd left for it).
+fn hold_before_dup(old: c_int, new: c_int) -> Option<std::os::fd::OwnedFd> {
+    if new < 0 || new == old {
+        return None;
     }
-    // SAFETY: old is an fd number the application passed, only asked about.
-    if ssock_rings::sys::get_nonblocking(unsafe { borrow(old) }).is_ok() {
-        let_go(new);
+    let s = table::get(new)?;
+    if old >= 0 && table::get(old).is_some_and(|o| std::sync::Arc::ptr_eq(&o, &s)) {
+        // The same socket: it stays open through `old`.
+        return None;
     }
+    // SAFETY: new names an open socket (the table says so); only duplicated.
+    ssock_rings::sys::dup_cloexec(unsafe { borrow(new) }).ok()
+}
+
+/// After a successful dup onto `new`: the socket it named is let go of as
+/// on close, through the duplicate held across the dup (what it still owes
+/// is sent; its last close, the duplicate's, resets it under SO_LINGER 0).
+/// A failed dup changed nothing: the duplicate is only closed.
+fn let_go_held(new: c_int, held: std::os::fd::OwnedFd) {
+    use std::os::fd::AsFd;
+    if table::remove_listener(new) {
+        sock::unlisten(held.as_fd());
+    }
+    epoll::closed(new);
+    if let Some(s) = table::remove(new) {
+        if std::sync::Arc::strong_count(&s) == 1 {
+            lock(&s).closing(held.as_fd());
+        }
+    }
+    drop(held);
+}
+
+/// A dup onto `new` (`real` is the kernel's dup2 or dup3 of `old`).
+fn dup_onto(old: c_int, new: c_int, real: &dyn Fn() -> c_int) -> c_int {
+    let held = hold_before_dup(old, new);
+    let r = real();
+    if let Some(h) = held {
+        if r >= 0 {
+            let_go_held(new, h);
+        }
+    }
+    duplicated(old, r)
 }
 
 /// dup2(2).
@@ -203,13 +236,7 @@ fn before_dup_onto(old: c_int, new: c_int) {
 pub unsafe fn dup2(fd: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup2)(fd, new) };
-    enter(
-        || {
-            before_dup_onto(fd, new);
-            duplicated(fd, real())
-        },
-        real,
-    )
+    enter(|| dup_onto(fd, new, &real), real)
 }
 
 /// dup3(2).
@@ -219,15 +246,7 @@ pub unsafe fn dup2(fd: c_int, new: c_int) -> c_int {
 pub unsafe fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().dup3)(fd, new, flags) };
-    enter(
-        || {
-            if flags & !libc::O_CLOEXEC == 0 {
-                before_dup_onto(fd, new);
-            }
-            duplicated(fd, real())
-        },
-        real,
-    )
+    enter(|| dup_onto(fd, new, &real), real)
 }
 
 /// close(2): an accelerated socket first ends its transport (end-of-stream

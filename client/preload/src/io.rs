@@ -173,9 +173,9 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
                     return Outcome::Errno(libc::EAGAIN);
                 }
                 let limit = *turn_deadline.get_or_insert_with(|| {
-                    ssock_rings::sys::sockopt_timeout(fd, libc::SO_SNDTIMEO)
-                        .unwrap_or(None)
-                        .map(|t| std::time::Instant::now() + t)
+                    sleep::deadline(
+                        ssock_rings::sys::sockopt_timeout(fd, libc::SO_SNDTIMEO).unwrap_or(None),
+                    )
                 });
                 if limit.is_some_and(|d| std::time::Instant::now() >= d) {
                     return Outcome::Errno(libc::EAGAIN);

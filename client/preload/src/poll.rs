@@ -82,6 +82,10 @@ pub unsafe fn ppoll(
     let real = || unsafe { (real::get().ppoll)(fds, n, tmo, mask) };
     enter(
         || {
+            // SAFETY: tmo is null or the caller's timespec (ppoll(2)).
+            if unsafe { sleep::timespec_invalid(tmo) } {
+                return real();
+            }
             // SAFETY: fds/n is the caller's pollfd array (ppoll(2)).
             let pfds = unsafe { pollfds(fds, n) };
             let Some(socks) = wait::accelerated(pfds) else {

@@ -115,23 +115,28 @@ pub unsafe fn select(
     enter(
         || {
             // SAFETY: tv is null or the caller's timeval (select(2)).
-            let t = unsafe { tv.as_ref() }.map(|t| {
-                Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+            let tval = unsafe { tv.as_ref() };
+            if tval.is_some_and(|t| t.tv_sec < 0 || t.tv_usec < 0) {
+                // EINVAL, from libc, the timeout untouched.
+                return real();
+            }
+            let t = tval.map(|t| {
+                Duration::from_secs(t.tv_sec.unsigned_abs())
+                    .saturating_add(Duration::from_micros(t.tv_usec.unsigned_abs()))
             });
             let sleep = |set: &mut [libc::pollfd], rem: Option<Duration>| {
                 sleep::real_poll(set, sleep::millis(rem))
             };
-            let until = t.map(|t| std::time::Instant::now() + t);
+            let start = std::time::Instant::now();
             // SAFETY: the sets are the caller's (select(2)).
             let Some(n) = (unsafe { select_via_poll(nfds, r, w, e, t, &sleep) }) else {
                 return real();
             };
-            if let Some(until) = until {
+            if let Some(t) = t {
                 // SAFETY: tv is the caller's timeval (non-null: `t` is Some).
                 if let Some(tv) = unsafe { tv.as_mut() } {
-                    let left = until.saturating_duration_since(std::time::Instant::now());
-                    tv.tv_sec = libc::time_t::try_from(left.as_secs()).unwrap_or(0);
+                    let left = t.saturating_sub(start.elapsed());
+                    tv.tv_sec = libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX);
                     tv.tv_usec = libc::suseconds_t::from(left.subsec_micros());
                 }
             }
@@ -158,6 +163,10 @@ pub unsafe fn pselect(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (pselect(2)).
+            if unsafe { sleep::timespec_invalid(tmo) } {
+                return real();
+            }
+            // SAFETY: as above.
             let t = unsafe { sleep::timespec_timeout(tmo) };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);

@@ -81,6 +81,24 @@ pub fn ms_timeout(timeout: c_int) -> Option<Duration> {
     u64::try_from(timeout).ok().map(Duration::from_millis)
 }
 
+/// When a wait of `t` from now ends (None: never, also for a timeout too
+/// large for the clock, which a program may pass to mean "for ever").
+pub fn deadline(t: Option<Duration>) -> Option<std::time::Instant> {
+    t.and_then(|t| std::time::Instant::now().checked_add(t))
+}
+
+/// Whether a timespec timeout argument is one the kernel refuses with
+/// EINVAL (negative, or nanoseconds of a second or more): the caller then
+/// hands the call to libc, which says so.
+///
+/// # Safety
+/// `tmo` is null or points to a valid timespec.
+pub unsafe fn timespec_invalid(tmo: *const libc::timespec) -> bool {
+    // SAFETY: guaranteed by the caller.
+    unsafe { tmo.as_ref() }
+        .is_some_and(|t| t.tv_sec < 0 || t.tv_nsec < 0 || t.tv_nsec >= 1_000_000_000)
+}
+
 /// A timespec timeout argument (null: none).
 ///
 /// # Safety

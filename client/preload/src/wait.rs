@@ -151,7 +151,7 @@ pub fn poll(
     real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
     sleep: &dyn Fn(&mut [pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = crate::sleep::deadline(timeout);
     let mut spun = !spin;
     // Whether this call slept already. The kernel sockets of Direct ends
     // in the region are asked whether a peer is gone (one syscall each)

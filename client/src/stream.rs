@@ -216,7 +216,8 @@ fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Dura
     Ctx {
         tcp,
         nonblocking,
-        deadline: timeout.map(|t| Instant::now() + t),
+        // A timeout too large for the clock waits for ever.
+        deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
         spin,
         check_peer: true,
     }

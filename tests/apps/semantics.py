@@ -272,11 +272,34 @@ def case_dup2_onto_a_member():
     except OSError as e:
         say("peer after dup2 with SO_LINGER 0:", err_name(e))
     os.close(a2.detach())
+    # The same with no fd left to spare.
+    c3, a3 = pair()
+    c3.settimeout(5)
+    a3.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    import resource
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, limits[1]))
+    fillers = []
+    try:
+        while True:
+            fillers.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as e:
+        say("filled up to:", err_name(e))
+    os.dup2(r, a3.fileno())
+    for fd in fillers:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    try:
+        say("peer after dup2 at the fd limit:", c3.recv(10))
+    except OSError as e:
+        say("peer after dup2 at the fd limit:", err_name(e))
+    os.close(a3.detach())
     for fd in (r, w):
         os.close(fd)
     ep.close()
     c.close()
     c2.close()
+    c3.close()
 
 
 def case_select_from_c():

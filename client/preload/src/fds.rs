@@ -10,7 +10,7 @@
 //!
 //! Never here: closing an fd of ssock's on the application's behalf.
 
-use crate::boundary::{borrow, enter};
+use crate::boundary::{self, borrow, enter};
 use crate::sock::{self, lock};
 use crate::{epoll, known, real, table};
 use libc::{c_int, c_uint};
@@ -187,16 +187,14 @@ pub unsafe fn dup(fd: c_int) -> c_int {
 /// socket, held by the shim across the dup (None: nothing to hold, or no
 /// fd left for it).
 fn hold_before_dup(old: c_int, new: c_int) -> Option<std::os::fd::OwnedFd> {
-    if new < 0 || new == old {
-        return None;
-    }
-    let s = table::get(new)?;
-    if old >= 0 && table::get(old).is_some_and(|o| std::sync::Arc::ptr_eq(&o, &s)) {
-        // The same socket: it stays open through `old`.
+    if !needs_hold(old, new) {
+        // Nothing there, or the same socket: it stays open through `old`.
         return None;
     }
     // SAFETY: new names an open socket (the table says so); only duplicated.
-    ssock_rings::sys::dup_cloexec(unsafe { borrow(new) }).ok()
+    let held = ssock_rings::sys::dup_cloexec(unsafe { borrow(new) }).ok()?;
+    // Above the numbers a program dup2s onto itself.
+    Some(ssock_rings::sys::move_high(held))
 }
 
 /// After a successful dup onto `new`: the socket it named is let go of as
@@ -219,7 +217,19 @@ fn let_go_held(new: c_int, held: std::os::fd::OwnedFd) {
 
 /// A dup onto `new` (`real` is the kernel's dup2 or dup3 of `old`).
 fn dup_onto(old: c_int, new: c_int, real: &dyn Fn() -> c_int) -> c_int {
+    let caller_errno = boundary::errno();
     let held = hold_before_dup(old, new);
+    if held.is_none() && needs_hold(old, new) {
+        // No fd left to hold it by (EMFILE): let go of it now, through
+        // `new` itself, if the dup can succeed (`old` is open).
+        // SAFETY: old is an fd number the application passed, only asked about.
+        if old >= 0 && ssock_rings::sys::get_nonblocking(unsafe { borrow(old) }).is_ok() {
+            let_go(new);
+        }
+    }
+    // As the program left it: the shim's own calls failing (EMFILE) are not
+    // the dup's.
+    boundary::set_errno(caller_errno);
     let r = real();
     if let Some(h) = held {
         if r >= 0 {
@@ -227,6 +237,16 @@ fn dup_onto(old: c_int, new: c_int, real: &dyn Fn() -> c_int) -> c_int {
         }
     }
     duplicated(old, r)
+}
+
+/// Whether a dup onto `new` closes an accelerated socket that `old` does
+/// not also name.
+fn needs_hold(old: c_int, new: c_int) -> bool {
+    new >= 0
+        && new != old
+        && table::get(new).is_some_and(|s| {
+            old < 0 || !table::get(old).is_some_and(|o| std::sync::Arc::ptr_eq(&o, &s))
+        })
 }
 
 /// dup2(2).

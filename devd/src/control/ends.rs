@@ -1,0 +1,387 @@
+//! The ends' lifetimes: Release (and parking a region both ends kept),
+//! Leave, a session's end, orphaned ends watched through sock_diag, and
+//! the `short_lived` policy's verdict when a connection's first end goes.
+//!
+//! Never here: freeing a region an end still maps, or judging a listener
+//! by a connection that was never paired.
+
+use super::*;
+
+impl Devd {
+    pub(super) fn holds(&self, sid: u64, id: u64) -> bool {
+        self.reg
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.ends.iter().any(|e| e.session == sid && !e.released))
+    }
+
+    pub(super) fn release(
+        &mut self,
+        sid: u64,
+        id: u64,
+        e: usize,
+        park: bool,
+    ) -> Result<Reply, RequestError> {
+        if e == 0 && !self.reg.conns.contains_key(&id) {
+            // A connector letting go of an intent nobody claimed (its
+            // connect failed, or the acceptor answered KERNEL).
+            let gone = self
+                .reg
+                .retain_intents(|i| i.id != id || i.end.session != sid);
+            if gone.is_empty() {
+                return Err(RequestError::NotHeld(id));
+            }
+            for i in gone {
+                self.judge_unclaimed(&i);
+                self.bury(i);
+            }
+            return Ok((Response::Ok, vec![]));
+        }
+        let conn = self
+            .reg
+            .conns
+            .get_mut(&id)
+            .ok_or(RequestError::NotHeld(id))?;
+        if conn.ends[e].session != sid || conn.ends[e].released {
+            return Err(RequestError::NotHeld(id));
+        }
+        conn.park[e] = park;
+        self.release_end(id, e);
+        Ok((Response::Ok, vec![]))
+    }
+
+    pub(super) fn release_end(&mut self, id: u64, e: usize) {
+        let Some(conn) = self.reg.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.ends[e].released {
+            return;
+        }
+        conn.ends[e].released = true;
+        let first = conn.ended.is_none();
+        conn.ended.get_or_insert_with(Instant::now);
+        let (uid, inode, bytes) = (conn.ends[e].uid, conn.ends[e].inode, conn.bytes);
+        let both = conn.ends.iter().all(|x| x.released);
+        if conn.mode == Mode::Queued {
+            self.engine.send(Cmd::SideGone { id, side: e });
+        }
+        self.reg
+            .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
+        self.reg.by_inode.remove(&inode);
+        if first {
+            // Judged when its first end goes: the other may linger (a
+            // forked child that exits without a close is found gone only
+            // later), and a streak must not wait for it.
+            if let Some((listener, lived, short)) = self
+                .reg
+                .conns
+                .get(&id)
+                .and_then(|c| verdict(&self.cfg.policy, c))
+            {
+                self.judge_listener(listener, lived, short);
+            }
+        }
+        if both {
+            let Some(c) = self.reg.conns.remove(&id) else {
+                return;
+            };
+            if self.parkable(&c) {
+                self.park(c);
+                return;
+            }
+            // Freed (and its bytes counted) between requests, or at once
+            // when requests never leave a moment for it.
+            self.trash.push(c);
+            if self.trash.len() > MAX_TRASH {
+                let c = self.trash.remove(0);
+                self.count_closed(&c);
+            }
+        }
+    }
+
+    /// The policy's look at an intent its connector let go of unclaimed:
+    /// its setup bought nothing (the acceptor could not or would not
+    /// claim it: a process without access to devd, a plain program on
+    /// the listening socket), so it counts as short.
+    pub(super) fn judge_unclaimed(&mut self, i: &Intent) {
+        if self.cfg.policy.short_lived_ms != 0 {
+            self.judge_listener(i.listener, i.at.elapsed(), true);
+        }
+    }
+
+    /// Counts a judged connection that `lived` towards its listener's
+    /// streak (`board::judge`), and republishes the board if that puts
+    /// the listener's connections on kernel TCP.
+    pub(super) fn judge_listener(
+        &mut self,
+        listener: Option<u64>,
+        lived: std::time::Duration,
+        short: bool,
+    ) {
+        let policy = &self.cfg.policy;
+        let Some(inode) = listener else { return };
+        let now = sys::monotonic_ns();
+        let born = now.saturating_sub(u64::try_from(lived.as_nanos()).unwrap_or(u64::MAX));
+        let Some(l) = self.reg.listeners.get_mut(&inode) else {
+            return;
+        };
+        if board::judge(policy, &mut l.short, short, born, now) {
+            log::info!(
+                "listener {}: {} short or unclaimed connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
+                l.addr,
+                policy.short_lived_streak,
+                policy.short_lived_hold_ms
+            );
+            self.totals.short_lived_periods += 1;
+            // Every listener on that address (SO_REUSEPORT) is held alike:
+            // the board answers for the address.
+            let (addr, until) = (l.addr, l.short.plain_until);
+            let mut same = Vec::new();
+            for (&i, other) in &mut self.reg.listeners {
+                if other.addr == addr {
+                    other.short.plain_until = other.short.plain_until.max(until);
+                    same.push(i);
+                }
+            }
+            self.board.publish(&self.reg.listeners);
+            // Acceptors that read the board from now on do not claim:
+            // pending intents to it end now (their connectors stay on the
+            // kernel socket, as CLAIM = kernel tells them).
+            let pending = self
+                .reg
+                .retain_intents(|i| !i.listener.is_some_and(|x| same.contains(&x)));
+            for i in pending {
+                self.totals.fallback(FallbackReason::ShortLived);
+                self.discard_intent(i);
+            }
+        }
+    }
+
+    /// Whether a closed connection's region may be kept for the next
+    /// connection between its two sessions ([`Parked`]): both ends asked
+    /// for it, nobody else ever attached, neither end broke the protocol,
+    /// both sessions still live, and it is Direct.
+    pub(super) fn parkable(&self, c: &Conn) -> bool {
+        let live = |e: &End| self.sessions.contains_key(&e.session);
+        c.parkable
+            && c.park == [true; 2]
+            && !c.violated
+            && c.ends.iter().all(live)
+            && matches!(c.res, Res::Direct(_))
+    }
+
+    /// Keeps a closed connection's region (see [`Devd::parkable`]).
+    pub(super) fn park(&mut self, c: Conn) {
+        // Its bytes count now: reuse resets the ring words.
+        self.count_closed(&c);
+        if let Res::Direct(res) = c.res {
+            self.reg.park(Parked {
+                sessions: [c.ends[0].session, c.ends[1].session],
+                uids: [c.ends[0].uid, c.ends[1].uid],
+                bytes: c.bytes,
+                res,
+            });
+        }
+    }
+
+    /// Forgets everything a session held (its process closed the socket or died).
+    pub fn end_session(&mut self, sid: u64) {
+        self.bells.forget(sid);
+        if let Some(s) = self.sessions.remove(&sid) {
+            if let Some(n) = self.sessions_of.get_mut(&s.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.sessions_of.remove(&s.uid);
+                }
+            }
+        }
+        self.reg.unpark_session(sid);
+        let listened: Vec<u64> = self
+            .reg
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.session == Some(sid))
+            .map(|(&inode, _)| inode)
+            .collect();
+        for inode in listened {
+            self.let_go_of_listener(inode);
+        }
+        // Its own intents, and those reusing a region only it could claim.
+        for i in self
+            .reg
+            .retain_intents(|i| i.end.session != sid && i.reuse_by != Some(sid))
+        {
+            self.bury(i);
+        }
+        let held: Vec<(u64, usize)> = self
+            .reg
+            .conns
+            .values()
+            .flat_map(|c| {
+                (0..2)
+                    .filter(|e| c.ends[*e].session == sid)
+                    .map(move |e| (c.id, e))
+            })
+            .collect();
+        let now = Instant::now();
+        for (id, e) in held {
+            // A Direct end may live on in an exec'd image, a child or a
+            // process the socket was passed to: it stays while its TCP
+            // socket is held anywhere, attachable by it.
+            match self.reg.conns.get(&id) {
+                Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
+                    self.orphan(id, e, now);
+                    self.look_at_orphan(id, e, now);
+                }
+                _ => self.release_end(id, e),
+            }
+        }
+    }
+
+    /// Leave: the process of session `sid` closed end `e` of connection
+    /// `id` while others still hold its socket (see [`Request::Leave`]).
+    pub(super) fn leave(&mut self, sid: u64, id: u64, e: usize) -> Result<Reply, RequestError> {
+        let held = self
+            .reg
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.ends[e].session == sid && !c.ends[e].released);
+        if !held {
+            return Err(RequestError::NotHeld(id));
+        }
+        self.orphan(id, e, Instant::now());
+        Ok((Response::Ok, vec![]))
+    }
+
+    /// End `e` of connection `id` is held by no session any more (see
+    /// [`registry::End::orphaned`]): its socket is looked up from now on.
+    pub(super) fn orphan(&mut self, id: u64, e: usize, now: Instant) {
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            c.ends[e].orphaned.get_or_insert(now);
+            self.reg.orphans.entry((id, e)).or_insert(registry::Look {
+                next: now + ORPHAN_CHECK,
+                every: ORPHAN_CHECK,
+            });
+        }
+    }
+
+    /// Looks up the orphaned ends that are due: released once no process
+    /// holds their socket (or, when sock_diag cannot tell, after
+    /// `ORPHAN_GRACE`); looked up again later otherwise.
+    pub fn release_orphans(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(u64, usize)> = self
+            .reg
+            .orphans
+            .iter()
+            .filter(|(_, l)| l.next <= now)
+            .map(|(&k, _)| k)
+            .collect();
+        for (id, e) in due {
+            self.look_at_orphan(id, e, now);
+        }
+    }
+
+    /// Looks up orphaned end `e` of connection `id` now (see
+    /// [`Devd::release_orphans`]).
+    pub(super) fn look_at_orphan(&mut self, id: u64, e: usize, now: Instant) {
+        let Some(since) = self.reg.conns.get(&id).and_then(|c| c.ends[e].orphaned) else {
+            self.reg.orphans.remove(&(id, e));
+            return;
+        };
+        let seen = self.orphan_seen(id, e);
+        let Some(look) = self.reg.orphans.get_mut(&(id, e)) else {
+            return;
+        };
+        match seen {
+            Seen::Gone => self.release_orphan(id, e),
+            Seen::Held => {
+                look.every = (look.every * 2).min(ORPHAN_CHECK_MAX);
+                look.next = now + look.every;
+                if let Some(c) = self.reg.conns.get_mut(&id) {
+                    c.ends[e].orphaned = Some(now);
+                }
+            }
+            Seen::Unsure if now.duration_since(since) >= ORPHAN_GRACE => {
+                self.release_orphan(id, e);
+            }
+            Seen::Unsure => {
+                look.every = if self.diag.is_some() {
+                    ORPHAN_CHECK
+                } else {
+                    ORPHAN_GRACE
+                };
+                look.next = (now + look.every).min(since + ORPHAN_GRACE);
+            }
+        }
+    }
+
+    /// Releases orphaned end `e` of connection `id`.
+    pub(super) fn release_orphan(&mut self, id: u64, e: usize) {
+        self.reg.orphans.remove(&(id, e));
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            c.ends[e].orphaned = None;
+        }
+        self.release_end(id, e);
+    }
+
+    /// Whether some process holds the TCP socket of orphaned end `e` of
+    /// connection `id` (an exec'd image that inherited it, a child, a
+    /// process it was passed to; a message carrying it still queued on a
+    /// unix socket would too). sock_diag tells: the connection's socket on
+    /// this end's side has our inode (held), another one (0 once closed
+    /// everywhere while the kernel finishes the connection, or a new
+    /// socket on the same addresses: gone), or none is left while the
+    /// peer's side is in TIME_WAIT (the connection closed both ways; a
+    /// passive closer's socket is gone by then: gone). Otherwise, or
+    /// without sock_diag: unsure.
+    pub(super) fn orphan_seen(&mut self, id: u64, e: usize) -> Seen {
+        let Some(c) = self.reg.conns.get(&id) else {
+            return Seen::Unsure;
+        };
+        let (mine, inode, peer) = (c.ends[e].addr, c.ends[e].inode, c.ends[1 - e].addr);
+        let Some(diag) = &self.diag else {
+            return Seen::Unsure;
+        };
+        let mut look = |local, remote| {
+            self.diag_seq = self.diag_seq.wrapping_add(1);
+            crate::sys::tcp_lookup(diag.as_fd(), local, remote, self.diag_seq)
+        };
+        let connected = |s: &crate::sys::TcpSeen| s.state != crate::sys::TCP_LISTEN;
+        match look(mine, peer) {
+            Ok(Some(s)) if connected(&s) && u64::from(s.inode) == inode => Seen::Held,
+            Ok(Some(s)) if connected(&s) => Seen::Gone,
+            // Not found is no proof alone (a socket bound to a device or a
+            // VRF is never found by this lookup): only with the peer in
+            // TIME_WAIT, after both sides' FINs, is the connection over.
+            Ok(_) => match look(peer, mine) {
+                Ok(Some(s)) if s.state == crate::sys::TCP_TIME_WAIT => Seen::Gone,
+                _ => Seen::Unsure,
+            },
+            Err(err) => {
+                log::debug!("connection {id}: sock_diag: {err}");
+                Seen::Unsure
+            }
+        }
+    }
+}
+
+/// The `short_lived` policy's look at connection `c` when its first end
+/// closed: its listener, how long it lived from its Intent to then, and
+/// whether that was short (None: the policy is off, or no listener).
+pub(super) fn verdict(
+    policy: &crate::config::Policy,
+    c: &Conn,
+) -> Option<(Option<u64>, std::time::Duration, bool)> {
+    if policy.short_lived_ms == 0 || c.listener.is_none() {
+        return None;
+    }
+    let lived = c
+        .ended
+        .map_or_else(|| c.born.elapsed(), |t| t.duration_since(c.born));
+    let short = lived < std::time::Duration::from_millis(policy.short_lived_ms) && {
+        let j = conn_json(c);
+        board::was_short(policy, lived, j.bytes_c2a.saturating_add(j.bytes_a2c))
+    };
+    Some((c.listener, lived, short))
+}

@@ -1,0 +1,157 @@
+//! Statistics: the Stats reply (totals and one page of connections, each
+//! user seeing its own) and a connection's JSON.
+//!
+//! Never here: changing state.
+
+use super::*;
+
+impl Devd {
+    /// A statistics page. A devd serving several users (as root) shows a
+    /// non-root session only the connections one of whose ends is theirs.
+    pub(super) fn stats(&self, sid: u64, after: u64, limit: u16) -> Reply {
+        let uid = self.session(sid).uid;
+        let sees_all = uid == 0 || uid == sys::uid();
+        let visible = |c: &&Conn| sees_all || c.ends.iter().any(|e| e.uid == uid);
+        let mut page = Page {
+            devd: DevdJson {
+                pid: std::process::id(),
+                uptime_s: self.started.elapsed().as_secs(),
+                backend: self.backend,
+                sessions: self.sessions.len(),
+                doorbells: self.bells.count(),
+                live_connections: self.reg.conns.len(),
+                listeners: self.reg.listeners.len(),
+                parked_regions: self.reg.parked.len(),
+            },
+            totals: {
+                let mut t = self.totals.json();
+                t.violations += QueuedCounters::get(&self.violations);
+                let b = |j: &ConnJson| j.bytes_c2a.saturating_add(j.bytes_a2c);
+                for c in self.reg.conns.values() {
+                    let j = conn_json(c);
+                    match c.mode {
+                        Mode::Queued => {
+                            t.bytes.queued = t.bytes.queued.saturating_add(b(&j));
+                        }
+                        _ => t.bytes.direct = t.bytes.direct.saturating_add(b(&j)),
+                    }
+                }
+                t
+            },
+            connections: Vec::new(),
+        };
+        // A page must fit one control frame: stop adding connections
+        // before the JSON could outgrow it and say there is more.
+        let mut budget = MAX_FRAME - 16 * 1024;
+        let mut more = false;
+        for c in self
+            .reg
+            .conns
+            .range(after.saturating_add(1)..)
+            .map(|(_, c)| c)
+            .filter(visible)
+        {
+            let j = conn_json(c);
+            let len = serde_json::to_string(&j).map_or(usize::MAX, |s| s.len() + 1);
+            if page.connections.len() == usize::from(limit) || len > budget {
+                more = true;
+                break;
+            }
+            budget -= len;
+            page.connections.push(j);
+        }
+        let json =
+            serde_json::to_string(&page).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        (Response::Stats { json, more }, vec![])
+    }
+}
+
+pub(super) fn conn_json(c: &Conn) -> ConnJson {
+    let state = if c.ends.iter().any(|e| e.released) {
+        "closing"
+    } else {
+        "open"
+    };
+    let pids = [c.ends[0].pid, c.ends[1].pid];
+    let (local, remote) = (c.ends[0].addr.to_string(), c.ends[1].addr.to_string());
+    match &c.res {
+        Res::Direct(d) => {
+            // A region that cannot be read shows zeros (never happens: devd
+            // owns the memfd).
+            let mut header = vec![0u8; layout::HEADER_SIZE];
+            let _ = sys::pread_exact(d.memfd.as_fd(), &mut header, 0);
+            let snaps = [
+                stream::snapshot(&header, d.layout, 0),
+                stream::snapshot(&header, d.layout, 1),
+            ];
+            let fill = |s: &stream::DirSnapshot| s.head.saturating_sub(s.tail);
+            let rings = snaps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RingJson {
+                    from: if i == 0 { "connector" } else { "acceptor" },
+                    head: s.head,
+                    tail: s.tail,
+                    fill: fill(s),
+                    cap: d.layout.cap as u64,
+                    flags: flag_names(s.flags),
+                    consumer_asleep: s.cons_wait & 1 == 1,
+                    producer_asleep: s.prod_wait & 1 == 1,
+                    consumer_closed: s.cons_closed,
+                })
+                .collect();
+            let half = snaps.iter().any(|s| s.flags & FLAG_EOS != 0);
+            ConnJson {
+                id: c.id,
+                mode: "direct",
+                state: if state == "open" && half {
+                    "half-closed"
+                } else {
+                    state
+                },
+                pids,
+                local,
+                remote,
+                bytes_c2a: snaps[0].head,
+                bytes_a2c: snaps[1].head,
+                ring_fill: [fill(&snaps[0]), fill(&snaps[1])],
+                notify_sent: snaps[0].notify_sent.wrapping_add(snaps[1].notify_sent),
+                notify_suppressed: snaps[0]
+                    .notify_suppressed
+                    .wrapping_add(snaps[1].notify_suppressed),
+                region_size: d.layout.size as u64,
+                rings,
+            }
+        }
+        Res::Queued(q) => {
+            let k = &q.counters;
+            let g = QueuedCounters::get;
+            ConnJson {
+                id: c.id,
+                mode: "queued",
+                state,
+                pids,
+                local,
+                remote,
+                bytes_c2a: g(&k.bytes[0]),
+                bytes_a2c: g(&k.bytes[1]),
+                ring_fill: [0, 0],
+                notify_sent: g(&k.calls[0]) + g(&k.calls[1]),
+                notify_suppressed: g(&k.calls_suppressed[0]) + g(&k.calls_suppressed[1]),
+                region_size: q.layout.size as u64,
+                rings: Vec::new(),
+            }
+        }
+    }
+}
+
+pub(super) fn flag_names(f: u32) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if f & layout::FLAG_EOS != 0 {
+        v.push("eos");
+    }
+    if f & layout::FLAG_RESET != 0 {
+        v.push("reset");
+    }
+    v
+}

@@ -1,0 +1,201 @@
+//! Moving back (docs/protocol.md section 2.4): when the region stops
+//! carrying bytes (a Queued end whose devd is gone), each direction goes
+//! back to the kernel socket at the offset its reader took, and what the
+//! writer still holds is sent there again, then the rest of its writes.
+//!
+//! Never here: a byte sent twice or skipped at the offset where a
+//! direction moved back.
+
+use super::*;
+
+impl Handover {
+    /// The region stopped carrying bytes (devd is gone under a Queued end,
+    /// or the peer found that first): each direction goes back to the
+    /// kernel socket at the offset where its region part closes.
+    pub(super) fn fail_back(&mut self) {
+        self.lost = true;
+        match self.tx {
+            Tx::Tcp(_) if self.side == 0 && layout::claim(&self.map) != CLAIM_ACCEPTED => {
+                // Never claimed: a plain connection on the kernel socket.
+                self.stay_on_kernel();
+                return;
+            }
+            Tx::Tcp(_) => {
+                // Not moved yet: it never will (the region is dead).
+                self.tx = match self.publish(Switch::Never) {
+                    Switch::Never => Tx::Pinned,
+                    _ => Tx::Ring,
+                };
+            }
+            _ => {}
+        }
+        if self.tx == Tx::Ring {
+            match self.inner.close_writes() {
+                Ok((at, rest)) => {
+                    log::info!(
+                        "connection {}: writes back on the kernel socket at region offset {at} ({} bytes again)",
+                        self.inner.conn_id().unwrap_or(0),
+                        rest.len()
+                    );
+                    self.resend_total = rest.len() as u64;
+                    self.resend = rest;
+                    self.resent = 0;
+                    self.tail = self.inner.region_written();
+                    self.tx = Tx::Back;
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        if matches!(self.rx, Rx::Tcp(Some(_)) | Rx::Ring) {
+            self.close_reads();
+        }
+    }
+
+    /// Closes this end's reads from the region (see [`Handover::fail_back`]).
+    pub(super) fn close_reads(&mut self) {
+        match self.inner.close_reads() {
+            Ok(at) => {
+                log::info!(
+                    "connection {}: reads back on the kernel socket after region offset {at} ({} bytes still to read from the region)",
+                    self.inner.conn_id().unwrap_or(0),
+                    self.inner.reads_left().unwrap_or(0)
+                );
+                self.reads_closed = Some(at);
+            }
+            Err(_) => self.broken = true,
+        }
+    }
+
+    /// Whether the region stopped carrying bytes (looked at again, and
+    /// acted on: `step`).
+    pub(super) fn lost_now(&mut self) -> bool {
+        self.step();
+        self.lost
+    }
+
+    /// Sends what `resend` still holds; Ok(true) once it is all out (and the
+    /// kernel socket shut down if that was asked meanwhile). `block`: waits
+    /// for room until the deadline.
+    pub(super) fn flush(&mut self, ctx: &Ctx<'_>, block: bool) -> io::Result<bool> {
+        while self.resent < self.resend.len() {
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            match ssock_rings::sys::send(ctx.tcp, &self.resend[self.resent..], flags) {
+                Ok(n) => self.resent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !block {
+                        return Ok(false);
+                    }
+                    let mut p = [PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLOUT)];
+                    match ssock_rings::notify::sleep(&mut p, ctx.deadline) {
+                        Ok(true) => {}
+                        Ok(false) => return Err(would_block()),
+                        // A signal: look again until the deadline.
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.resend.is_empty() {
+            self.resend = Vec::new();
+            self.resent = 0;
+        }
+        if self.wr_shut && self.tx == Tx::Back && !self.back_shut {
+            self.back_shut = true;
+            self.end_back_writes(ctx)?;
+        }
+        Ok(true)
+    }
+
+    /// The last close of an end whose writes moved back, its kernel socket
+    /// still open (`ctx`; None: not known here): what is still owed goes
+    /// out (waiting for room up to `CLOSE_FLUSH`), then END says where the
+    /// stream ends. If it cannot all go, the connection is reset (SO_LINGER
+    /// 0 on the socket) rather than ended short.
+    pub(super) fn close_back(&mut self, ctx: Option<&Ctx<'_>>) {
+        if self.owed() {
+            let sent = match ctx {
+                Some(c) => {
+                    let c = Ctx {
+                        tcp: c.tcp,
+                        nonblocking: false,
+                        deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
+                        spin: std::time::Duration::ZERO,
+                        check_peer: false,
+                    };
+                    let done = matches!(self.flush(&c, true), Ok(true));
+                    if !done {
+                        let _ = socket2::SockRef::from(&c.tcp)
+                            .set_linger(Some(std::time::Duration::ZERO));
+                    }
+                    done
+                }
+                None => false,
+            };
+            if !sent {
+                log::warn!(
+                    "connection {}: closed with {} bytes owed since devd went; resetting it",
+                    self.inner.conn_id().unwrap_or(0),
+                    self.resend.len() - self.resent
+                );
+                return;
+            }
+        }
+        layout::publish_end(&self.map, self.side, self.tail);
+    }
+
+    /// The close of this process's hold (see [`Transport::close`]); `ctx`
+    /// while the kernel socket is still open.
+    pub(super) fn close_with(&mut self, ctx: Option<&Ctx<'_>>) {
+        if self.kernel || self.closed {
+            return;
+        }
+        self.closed = true;
+        self.step();
+        if self.kernel {
+            return;
+        }
+        if let Tx::Tcp(w) = self.tx {
+            // Nothing more comes: a claim that comes later knows where the
+            // kernel bytes end. The region never carried anything.
+            self.publish(Switch::After(w));
+            self.inner.discard_region();
+        }
+        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+            self.close_back(ctx);
+        }
+        if self.broken {
+            self.inner.abort_on_close();
+        }
+        self.inner.close();
+    }
+
+    /// Reads moved back and reached where the writer's END says its
+    /// writes end.
+    pub(super) fn back_at_end(&self) -> bool {
+        match self.rx {
+            Rx::Back { at, after } if !self.kernel => {
+                layout::end_at(&self.map, 1 - self.side) == End::At(at.saturating_add(after))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `flush` has something to do: bytes to send again, or a
+    /// shutdown asked for before they were out.
+    pub(super) fn owed(&self) -> bool {
+        self.resent < self.resend.len() || (self.wr_shut && self.tx == Tx::Back && !self.back_shut)
+    }
+
+    /// `Tx::Back` writes end: END says how many there were, then the
+    /// kernel socket is shut down.
+    pub(super) fn end_back_writes(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        layout::publish_end(&self.map, self.side, self.tail);
+        socket2::SockRef::from(&ctx.tcp).shutdown(std::net::Shutdown::Write)
+    }
+}

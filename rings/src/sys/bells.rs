@@ -1,0 +1,104 @@
+//! Doorbells: unix datagram sockets bound to abstract addresses. The
+//! owner's end reads rings, a ringers' end (connected) writes one byte.
+//!
+//! Never here: who may hold which doorbell (devd decides).
+
+use super::*;
+
+/// The name of a doorbell: an abstract unix address (16 random bytes).
+pub type BellName = [u8; 16];
+
+/// A doorbell's address: its name in the abstract namespace (a leading
+/// NUL byte: no file).
+pub(super) fn bell_path(name: &BellName) -> std::path::PathBuf {
+    let mut b = vec![0u8];
+    b.extend_from_slice(name);
+    std::ffi::OsStr::from_bytes(&b).into()
+}
+
+/// `bind` (true) or `connect` a unix socket to `path`.
+pub(super) fn unix_call(fd: BorrowedFd<'_>, path: &Path, bind: bool) -> io::Result<()> {
+    let (addr, len) = unix_addr(path)?;
+    let addr = (&addr as *const libc::sockaddr_un).cast();
+    // SAFETY: addr/len describe a valid sockaddr_un that outlives the call.
+    cvt(unsafe {
+        if bind {
+            libc::bind(fd.as_raw_fd(), addr, len)
+        } else {
+            libc::connect(fd.as_raw_fd(), addr, len)
+        }
+    })
+    .map(drop)
+}
+
+pub(super) fn dgram_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    owned(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })
+}
+
+/// A doorbell's owner end: a unix datagram socket (nonblocking,
+/// close-on-exec) bound to an abstract address of random name. Only its
+/// owner reads it; every ringer gets a socket of its own connected to it
+/// ([`doorbell_ringer`]), so no ringer can change what another's rings
+/// reach, and ringing a doorbell whose owner is gone fails quietly
+/// (`ECONNREFUSED`, no SIGPIPE: a datagram socket).
+pub fn doorbell_owner() -> io::Result<(OwnedFd, BellName)> {
+    let fd = dgram_socket()?;
+    let mut name = [0u8; 16];
+    random(&mut name)?;
+    unix_call(fd.as_fd(), &bell_path(&name), true)?;
+    Ok((fd, name))
+}
+
+/// A new ringers' end of the doorbell `name`: a datagram socket connected
+/// to its owner end.
+pub fn doorbell_ringer(name: &BellName) -> io::Result<OwnedFd> {
+    let fd = dgram_socket()?;
+    unix_call(fd.as_fd(), &bell_path(name), false)?;
+    Ok(fd)
+}
+
+/// Rings a doorbell through its ringers' end (`write`, which every sandbox
+/// that lets a program write allows): false if that failed for another
+/// reason than a full queue (which already means "wake up").
+pub fn ring_bell(w: BorrowedFd<'_>) -> bool {
+    let one = [1u8];
+    // SAFETY: writes 1 byte from a valid buffer.
+    let r = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), 1) };
+    r == 1 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// Rings a doorbell queue holds at most this many at a time for a drain
+/// (a peer ringing faster only keeps its owner awake).
+pub(super) const DRAIN_MAX: usize = 64;
+
+/// Takes one ring off a doorbell through its owner's end (one system
+/// call): true if it held one. Rings left behind only wake the next sleep
+/// at once, which takes the next.
+pub fn take_ring(r: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most buf.len() bytes into a valid buffer.
+    unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) >= 0 }
+}
+
+/// Empties a doorbell through its owner's end (at most [`DRAIN_MAX`]
+/// rings); true if it held any.
+pub fn drain_bell(r: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 8];
+    let mut any = false;
+    for _ in 0..DRAIN_MAX {
+        // SAFETY: reads at most buf.len() bytes into a valid buffer.
+        let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            break;
+        }
+        any = true;
+    }
+    any
+}

@@ -184,6 +184,12 @@ impl Devd {
             0,
         );
         page[..h.len()].copy_from_slice(&h);
+        // Only `acceptor` may claim it: its doorbell goes in with the
+        // header, so that its Claim writes nothing.
+        if let Some(bell) = self.bells.common_id(acceptor) {
+            let at = layout::hov::ACCEPTOR_BELL;
+            page[at..at + 4].copy_from_slice(&bell.to_le_bytes());
+        }
         if let Err(e) = sys::pwrite_all(d.memfd.as_fd(), &page, 0) {
             log::warn!("region {}: header reset failed ({e}); not reused", d.region);
             return None;
@@ -344,9 +350,12 @@ impl Devd {
                 .of(intent.end.session)
                 .map(|(id, fd)| (id, Some(fd)))
         };
-        if let (Res::Direct(d), Some(own)) = (&intent.res, self.bells.common_id(sid)) {
+        let own = self.bells.common_id(sid);
+        if let (Res::Direct(d), Some(own), false) = (&intent.res, own, reuse) {
             // The connector learns the acceptor's doorbell when it moves
-            // (docs/protocol.md section 3.2); without it, it asks later.
+            // (docs/protocol.md section 3.2); without it, it asks later. A
+            // reused region has it from the Intent (`reuse`: only this
+            // session may claim it).
             let at = layout::hov::ACCEPTOR_BELL as u64;
             if let Err(e) = sys::pwrite_all(d.memfd.as_fd(), &own.to_le_bytes(), at) {
                 log::warn!(

@@ -464,6 +464,10 @@ fn a_region_both_ends_kept_goes_to_the_next_connection_of_the_same_two_sessions_
     assert_eq!(word(dl.dir(0).head), 0);
     assert_eq!(word(dl.dir(1).tail), 0);
     assert_eq!(word(layout::hdr::HOLDERS), 0);
+    // The acceptor's doorbell is in the reused region's header.
+    let at = layout::hov::ACCEPTOR_BELL;
+    let bell = u32::from_le_bytes(page[at..at + 4].try_into().unwrap());
+    assert_eq!(Some(bell), d.bells.common_id(2));
     assert!(d.reg.parked.is_empty());
     assert_eq!(d.totals.reused, 1);
     // Charged as any connection again: two ends, one region.

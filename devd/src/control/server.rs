@@ -367,18 +367,27 @@ fn serve_one(
             Err(_) => return false,
         };
         let resp = match Request::decode(&buf[..n], fds.len()) {
-            // A bug in one request's handling must not take devd down:
-            // the session gets an error and is dropped, others go on.
+            // A client sends nothing more on its session until a request
+            // that expects a reply has its reply (`Session::begin` holds
+            // the session until then): nothing more to read here now. (A
+            // message that came anyway is read in the next round: the
+            // socket stays readable.)
             Ok(req @ Request::Claim) => {
                 claims.push((sid, req, fds));
-                continue;
+                return true;
             }
-            Ok(req) => match answer(devd, sid, req, fds) {
-                // Release is not answered (its failure is logged by handle).
-                Ok(None) => continue,
-                Ok(Some(r)) => r,
-                Err(()) => return false,
-            },
+            // A bug in one request's handling must not take devd down:
+            // the session gets an error and is dropped, others go on.
+            Ok(req) => {
+                let last = req.expects_reply();
+                match answer(devd, sid, req, fds) {
+                    // Release is not answered (its failure is logged by handle).
+                    Ok(None) => continue,
+                    Ok(Some(r)) if last => return reply(devd, sid, &r.0, &r.1),
+                    Ok(Some(r)) => r,
+                    Err(()) => return false,
+                }
+            }
             Err(e) => {
                 devd.bad_message();
                 log::warn!("session {sid}: malformed control message: {e}");

@@ -86,8 +86,10 @@ pub mod hov {
     /// acceptor's writes may move to the region. Written by the connector.
     pub const READY: usize = 1344;
     /// u32 (Direct): the doorbell of the acceptor's process, written by
-    /// devd at the Claim, before the acceptor says accepted: the connector
-    /// gets it when it moves, before a child it forks may need to ring it.
+    /// devd at the Claim (for a reused region, at the Intent, with the
+    /// header: only that acceptor may claim it), before the acceptor says
+    /// accepted: the connector gets it when it moves, before a child it
+    /// forks may need to ring it.
     pub const ACCEPTOR_BELL: usize = 1348;
 }
 
@@ -205,7 +207,7 @@ pub fn connector_ready(m: &Mapping) -> bool {
     m.u32_at(hov::READY).load(Ordering::Acquire) == 1
 }
 
-/// The acceptor's doorbell devd wrote at the Claim (0: none). Untrusted:
+/// The acceptor's doorbell devd wrote (0: none). Untrusted:
 /// a wrong id only rings somebody else's doorbell, or nobody's.
 pub fn acceptor_bell(m: &Mapping) -> u32 {
     m.u32_at(hov::ACCEPTOR_BELL).load(Ordering::Acquire)

@@ -287,12 +287,14 @@ fn end_session(devd: &mut Devd, epoll: &Epoll, sid: u64) {
 /// A Claim read but not answered yet: (session, the request, its fds).
 type Held = (u64, Request, Vec<OwnedFd>);
 
-/// Answers the Claims read in this round, after reading every message
-/// that was waiting in any session when they were read. A connector sends
-/// its Intent before it connects (and may connect before devd has read
-/// it), so an Intent that precedes a Claim causally is in its session's
-/// queue by the time the Claim is read: one pass over all readable
-/// sessions handles it, and the Claim then finds its intent.
+/// Answers the Claims read in this round, after reading what was waiting
+/// in any session when they were read (each up to a request that expects
+/// a reply: nothing follows one before its reply). A connector sends its
+/// Intent before it connects (and may connect before devd has read it),
+/// so an Intent that precedes a Claim causally is in its session's queue
+/// by the time the Claim is read, behind nothing that awaits a reply: one
+/// pass over all readable sessions handles it, and the Claim then finds
+/// its intent.
 fn answer_claims(
     devd: &mut Devd,
     epoll: &Epoll,

@@ -205,11 +205,9 @@ pub unsafe fn epoll_pwait2(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (epoll_pwait2(2)).
-            if unsafe { sleep::timespec_invalid(tmo) } {
+            let Ok(t) = (unsafe { sleep::timespec_timeout(tmo) }) else {
                 return real();
-            }
-            // SAFETY: as above.
-            let t = unsafe { sleep::timespec_timeout(tmo) };
+            };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);
             let kernel = |out: &mut [libc::epoll_event], rem: Option<Duration>| {

@@ -38,17 +38,23 @@ pub fn close_own(fd: c_int, real: &dyn Fn() -> c_int) -> c_int {
 /// the last fd of an accelerated socket in this process ends its
 /// transport.
 fn let_go(fd: c_int) {
+    // SAFETY: fd is still open: the caller closes it after this.
+    let_go_through(fd, unsafe { borrow(fd) });
+}
+
+/// `let_go` of number `fd`, whose socket is reached through `sock` (`fd`
+/// itself, or a duplicate of it when the number is about to name another
+/// file).
+fn let_go_through(fd: c_int, sock: std::os::fd::BorrowedFd<'_>) {
     if table::remove_listener(fd) {
-        // SAFETY: fd is still open: the caller closes it after this.
-        sock::unlisten(unsafe { borrow(fd) });
+        sock::unlisten(sock);
     }
     // Out of the epoll sets first: they hold references too.
     epoll::closed(fd);
     if let Some(s) = table::remove(fd) {
         if std::sync::Arc::strong_count(&s) == 1 {
             // The last fd of this socket in this process.
-            // SAFETY: fd is still open: the caller closes it after this.
-            lock(&s).closing(unsafe { borrow(fd) });
+            lock(&s).closing(sock);
         }
     }
 }
@@ -182,59 +188,37 @@ pub unsafe fn dup(fd: c_int) -> c_int {
     enter(|| duplicated(fd, real()), real)
 }
 
-/// Before a dup onto `new`, where the kernel's dup will close an
-/// accelerated socket that `old` does not name: a duplicate of its kernel
-/// socket, held by the shim across the dup (None: nothing to hold, or no
-/// fd left for it).
-fn hold_before_dup(old: c_int, new: c_int) -> Option<std::os::fd::OwnedFd> {
-    if !needs_hold(old, new) {
-        // Nothing there, or the same socket: it stays open through `old`.
-        return None;
-    }
-    // SAFETY: new names an open socket (the table says so); only duplicated.
-    let held = ssock_rings::sys::dup_cloexec(unsafe { borrow(new) }).ok()?;
-    // Above the numbers a program dup2s onto itself.
-    Some(ssock_rings::sys::move_high(held))
-}
-
-/// After a successful dup onto `new`: the socket it named is let go of as
-/// on close, through the duplicate held across the dup (what it still owes
-/// is sent; its last close, the duplicate's, resets it under SO_LINGER 0).
-/// A failed dup changed nothing: the duplicate is only closed.
-fn let_go_held(new: c_int, held: std::os::fd::OwnedFd) {
-    use std::os::fd::AsFd;
-    if table::remove_listener(new) {
-        sock::unlisten(held.as_fd());
-    }
-    epoll::closed(new);
-    if let Some(s) = table::remove(new) {
-        if std::sync::Arc::strong_count(&s) == 1 {
-            lock(&s).closing(held.as_fd());
-        }
-    }
-    drop(held);
-}
-
-/// A dup onto `new` (`real` is the kernel's dup2 or dup3 of `old`).
+/// A dup onto `new` (`real` is the kernel's dup2 or dup3 of `old`). When
+/// it closes an accelerated socket that `old` does not name, that socket
+/// is let go of as on close (what it still owes is sent; SO_LINGER 0
+/// resets it): through a duplicate the shim holds across the dup, only if
+/// the dup succeeded; with no fd left for one (EMFILE), through `new`
+/// itself before the dup, if the dup can succeed (`old` is open).
 fn dup_onto(old: c_int, new: c_int, real: &dyn Fn() -> c_int) -> c_int {
     let caller_errno = boundary::errno();
-    let held = hold_before_dup(old, new);
-    if held.is_none() && needs_hold(old, new) {
-        // No fd left to hold it by (EMFILE): let go of it now, through
-        // `new` itself, if the dup can succeed (`old` is open).
-        // SAFETY: old is an fd number the application passed, only asked about.
-        if old >= 0 && ssock_rings::sys::get_nonblocking(unsafe { borrow(old) }).is_ok() {
-            let_go(new);
-        }
-    }
+    let held = needs_hold(old, new)
+        .then(|| {
+            // SAFETY: new names an open socket (the table says so); only
+            // duplicated, above the numbers a program dup2s onto itself.
+            let h = ssock_rings::sys::dup_cloexec(unsafe { borrow(new) });
+            let h = h.map(ssock_rings::sys::move_high);
+            if h.is_err() && old >= 0 {
+                // SAFETY: old is an fd number the application passed, only
+                // asked about.
+                let old_open = ssock_rings::sys::get_nonblocking(unsafe { borrow(old) }).is_ok();
+                if old_open {
+                    let_go(new);
+                }
+            }
+            h.ok()
+        })
+        .flatten();
     // As the program left it: the shim's own calls failing (EMFILE) are not
     // the dup's.
     boundary::set_errno(caller_errno);
     let r = real();
-    if let Some(h) = held {
-        if r >= 0 {
-            let_go_held(new, h);
-        }
+    if let (Some(h), true) = (held, r >= 0) {
+        let_go_through(new, std::os::fd::AsFd::as_fd(&h));
     }
     duplicated(old, r)
 }

@@ -82,17 +82,15 @@ pub unsafe fn ppoll(
     let real = || unsafe { (real::get().ppoll)(fds, n, tmo, mask) };
     enter(
         || {
-            // SAFETY: tmo is null or the caller's timespec (ppoll(2)).
-            if unsafe { sleep::timespec_invalid(tmo) } {
-                return real();
-            }
             // SAFETY: fds/n is the caller's pollfd array (ppoll(2)).
             let pfds = unsafe { pollfds(fds, n) };
             let Some(socks) = wait::accelerated(pfds) else {
                 return real();
             };
             // SAFETY: tmo is null or the caller's timespec (ppoll(2)).
-            let t = unsafe { sleep::timespec_timeout(tmo) };
+            let Ok(t) = (unsafe { sleep::timespec_timeout(tmo) }) else {
+                return real();
+            };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);
             wait::poll(pfds, &socks, t, true, &sleep::real_poll, &sleep)

@@ -163,11 +163,9 @@ pub unsafe fn pselect(
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (pselect(2)).
-            if unsafe { sleep::timespec_invalid(tmo) } {
+            let Ok(t) = (unsafe { sleep::timespec_timeout(tmo) }) else {
                 return real();
-            }
-            // SAFETY: as above.
-            let t = unsafe { sleep::timespec_timeout(tmo) };
+            };
             let sleep =
                 |set: &mut [libc::pollfd], rem: Option<Duration>| sleep::real_ppoll(set, rem, mask);
             // SAFETY: the sets are the caller's (pselect(2)).

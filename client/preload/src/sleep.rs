@@ -87,28 +87,19 @@ pub fn deadline(t: Option<Duration>) -> Option<std::time::Instant> {
     t.and_then(|t| std::time::Instant::now().checked_add(t))
 }
 
-/// Whether a timespec timeout argument is one the kernel refuses with
-/// EINVAL (negative, or nanoseconds of a second or more): the caller then
-/// hands the call to libc, which says so.
+/// A timespec timeout argument (Ok(None): null, no timeout); Err for one
+/// the kernel refuses with EINVAL (negative, or nanoseconds of a second or
+/// more): the caller then hands the call to libc, which says so.
 ///
 /// # Safety
 /// `tmo` is null or points to a valid timespec.
-pub unsafe fn timespec_invalid(tmo: *const libc::timespec) -> bool {
+pub unsafe fn timespec_timeout(tmo: *const libc::timespec) -> Result<Option<Duration>, ()> {
     // SAFETY: guaranteed by the caller.
-    unsafe { tmo.as_ref() }
-        .is_some_and(|t| t.tv_sec < 0 || t.tv_nsec < 0 || t.tv_nsec >= 1_000_000_000)
-}
-
-/// A timespec timeout argument (null: none).
-///
-/// # Safety
-/// `tmo` is null or points to a valid timespec.
-pub unsafe fn timespec_timeout(tmo: *const libc::timespec) -> Option<Duration> {
-    // SAFETY: guaranteed by the caller.
-    unsafe { tmo.as_ref() }.map(|t| {
-        Duration::new(
-            u64::try_from(t.tv_sec).unwrap_or(0),
-            u32::try_from(t.tv_nsec).unwrap_or(0),
-        )
-    })
+    let Some(t) = (unsafe { tmo.as_ref() }) else {
+        return Ok(None);
+    };
+    match (u64::try_from(t.tv_sec), u32::try_from(t.tv_nsec)) {
+        (Ok(s), Ok(n)) if n < 1_000_000_000 => Ok(Some(Duration::new(s, n))),
+        _ => Err(()),
+    }
 }

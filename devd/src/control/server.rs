@@ -380,16 +380,13 @@ fn serve_one(
             }
             // A bug in one request's handling must not take devd down:
             // the session gets an error and is dropped, others go on.
-            Ok(req) => {
-                let last = req.expects_reply();
-                match answer(devd, sid, req, fds) {
-                    // Release is not answered (its failure is logged by handle).
-                    Ok(None) => continue,
-                    Ok(Some(r)) if last => return reply(devd, sid, &r.0, &r.1),
-                    Ok(Some(r)) => r,
-                    Err(()) => return false,
-                }
-            }
+            Ok(req) => match answer(devd, sid, req, fds) {
+                // Release is not answered (its failure is logged by handle).
+                Ok(None) => continue,
+                // An answered request is one that expected its reply.
+                Ok(Some(r)) => return reply(devd, sid, &r.0, &r.1),
+                Err(()) => return false,
+            },
             Err(e) => {
                 devd.bad_message();
                 log::warn!("session {sid}: malformed control message: {e}");

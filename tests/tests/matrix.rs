@@ -871,6 +871,8 @@ fn nginx_foreground_master_with_two_www_data_workers_serves_curl_and_wrk_direct(
 /// connections on kernel TCP, decided from devd's listener board without a
 /// request (ab reports them in batches); every request succeeds. Once the
 /// policy's hold is over, wrk's persistent connections go Direct again.
+/// Then ab not under ssock-run: a streak of Claims that find no Intent
+/// holds the listener too, and nginx stops asking devd.
 #[test]
 fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_then_goes_direct(
 ) -> Result<()> {
@@ -968,6 +970,25 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
     ensure!(
         num(&t["connections"]["direct"]) >= direct + 2 && bytes > requests * 100,
         "wrk's connections went Direct: before {direct}, totals {t}"
+    );
+    // ab not under ssock-run: nginx's Claims find no Intent, and after a
+    // streak of them nginx stops asking devd at every accept (without the
+    // hold, each connection would be one request).
+    let (asked, periods) = (num(&t["requests"]), num(&t["short_lived_periods"]));
+    let mut plain = Command::new("ab");
+    plain.args(["-c", "4", "-n", &n.to_string(), &url]);
+    let out = run_in(&d, &logs, plain)?;
+    ensure!(
+        out.contains(&format!("Complete requests:      {n}\n"))
+            && out.contains("Failed requests:        0\n"),
+        "plain ab:\n{out}"
+    );
+    let t = d.stats()?["totals"].clone();
+    let asked = num(&t["requests"]) - asked;
+    ensure!(
+        num(&t["short_lived_periods"]) > periods && asked < n / 8,
+        "{asked} requests for {n} connections from a plain ab: totals {t}{}",
+        diagnosis(&d, &logs)
     );
     server.stop()
 }

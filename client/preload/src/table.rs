@@ -2,8 +2,10 @@
 //! The fd table is lock-free: chunks of 4096 slots, allocated once and
 //! never freed, each slot an `ArcSwapOption` (a lookup is a few atomic
 //! loads and one reference count, no lock; arc-swap keeps a slot's old
-//! socket alive while a concurrent lookup still uses it). Around fork:
-//! every socket held and locked, then released in both processes.
+//! socket alive while a concurrent lookup still uses it), with a count of
+//! the sockets in each group of 64 slots (a scan of the table, at every
+//! fork, skips the empty groups). Around fork: every socket held and
+//! locked, then released in both processes.
 //!
 //! Never here: a call on a socket's transport beyond its fork holds, or a
 //! lock held past the call that took it (except across a fork).
@@ -13,16 +15,29 @@ use arc_swap::ArcSwapOption;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 const CHUNK: usize = 4096;
 /// 256 chunks of 4096: fds up to 1,048,575 (the usual hard limit).
 const CHUNKS: usize = 256;
+/// Slots per occupancy count: a scan (every fork) looks only into groups
+/// whose count is not 0.
+const GROUP: usize = 64;
 
 static ANY: AtomicBool = AtomicBool::new(false);
-/// One chunk of slots.
-type Chunk = Box<[ArcSwapOption<Mutex<Sock>>]>;
+type Slot = ArcSwapOption<Mutex<Sock>>;
+
+/// One chunk of slots, with how many slots of each group hold a socket.
+/// A count changes after the swap that filled or emptied a slot (each swap
+/// sees exactly which it did): it runs ahead of the slots while a removal
+/// is under way, and behind only while an insertion is, which holds
+/// `FORK_GATE` throughout, so a scan under the gate's write side misses no
+/// socket.
+struct Chunk {
+    slots: Box<[Slot]>,
+    used: Box<[AtomicIsize]>,
+}
 
 static SOCKS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
 /// Registered listeners by fd, with the address each is bound to.
@@ -33,29 +48,47 @@ static LISTENERS: Mutex<Listeners> = Mutex::new(None);
 /// accept and close asks) takes no lock.
 static LISTENING: ssock_rings::fdbits::FdBits = ssock_rings::fdbits::FdBits::new();
 
-/// The slot of `fd`, allocating its chunk if `create`.
-fn slot(fd: i32, create: bool) -> Option<&'static ArcSwapOption<Mutex<Sock>>> {
+/// The slot of `fd` and its group's count, allocating its chunk if
+/// `create`.
+fn slot(fd: i32, create: bool) -> Option<(&'static Slot, &'static AtomicIsize)> {
     let i = usize::try_from(fd).ok()?;
     let chunk = SOCKS.get(i / CHUNK)?;
     let c = if create {
-        chunk.get_or_init(|| (0..CHUNK).map(|_| ArcSwapOption::empty()).collect())
+        chunk.get_or_init(|| Chunk {
+            slots: (0..CHUNK).map(|_| ArcSwapOption::empty()).collect(),
+            used: (0..CHUNK / GROUP).map(|_| AtomicIsize::new(0)).collect(),
+        })
     } else {
         chunk.get()?
     };
-    c.get(i % CHUNK)
+    Some((c.slots.get(i % CHUNK)?, c.used.get(i % CHUNK / GROUP)?))
 }
 
-/// Every slot in use, with its fd.
+/// Puts `e` in `slot`, counting it if the slot was empty.
+fn fill(slot: (&Slot, &AtomicIsize), e: Entry) {
+    if slot.0.swap(Some(e)).is_none() {
+        slot.1.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Every slot in use, with its fd (only the groups whose count says so).
 fn all() -> impl Iterator<Item = (i32, Entry)> {
     SOCKS
         .iter()
         .enumerate()
         .filter_map(|(k, c)| Some((k, c.get()?)))
         .flat_map(|(k, c)| {
-            c.iter().enumerate().filter_map(move |(j, s)| {
-                let fd = i32::try_from(k * CHUNK + j).ok()?;
-                Some((fd, s.load_full()?))
-            })
+            c.used
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.load(Ordering::Relaxed) > 0)
+                .flat_map(move |(g, _)| {
+                    let slots = c.slots.get(g * GROUP..(g + 1) * GROUP).unwrap_or(&[]);
+                    slots.iter().enumerate().filter_map(move |(j, s)| {
+                        let fd = i32::try_from(k * CHUNK + g * GROUP + j).ok()?;
+                        Some((fd, s.load_full()?))
+                    })
+                })
         })
 }
 
@@ -66,7 +99,7 @@ pub fn get(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    slot(fd, false)?.load_full()
+    slot(fd, false)?.0.load_full()
 }
 
 /// Taken (shared) by every insertion and (exclusive) across a fork, so that
@@ -83,7 +116,7 @@ pub fn any() -> bool {
 pub fn insert(fd: i32, s: Sock) {
     let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let Some(slot) = slot(fd, true) {
-        slot.store(Some(Arc::new(Mutex::new(s))));
+        fill(slot, Arc::new(Mutex::new(s)));
         ANY.store(true, Ordering::Relaxed);
     }
 }
@@ -93,18 +126,21 @@ pub fn insert(fd: i32, s: Sock) {
 pub fn duplicate(old: i32, new: i32) {
     let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let (Some(e), Some(slot)) = (get(old), slot(new, true)) {
-        slot.store(Some(e));
+        fill(slot, e);
     }
 }
 
 /// Forgets `fd`'s socket `s` (its negotiation ended on kernel TCP), if the
 /// fd still names it.
 pub fn forget_kernel(fd: i32, s: &Entry) {
-    if let Some(slot) = slot(fd, false) {
-        slot.rcu(|cur| match cur {
+    if let Some((slot, used)) = slot(fd, false) {
+        let was = slot.rcu(|cur| match cur {
             Some(e) if Arc::ptr_eq(e, s) => None,
             other => other.clone(),
         });
+        if was.is_some_and(|e| Arc::ptr_eq(&e, s)) {
+            used.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -114,12 +150,16 @@ pub fn remove(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    let slot = slot(fd, false)?;
+    let (slot, used) = slot(fd, false)?;
     // Most fds were never accelerated: a look costs less than a swap.
     if slot.load().is_none() {
         return None;
     }
-    slot.swap(None)
+    let was = slot.swap(None);
+    if was.is_some() {
+        used.fetch_sub(1, Ordering::Relaxed);
+    }
+    was
 }
 
 thread_local! {

@@ -115,7 +115,18 @@ pub struct Short {
     /// connections are all short pays a probe streak of accelerated setups
     /// ever more rarely.
     pub doublings: u32,
+    /// Claims in a row that found no Intent: connections from programs
+    /// not under ssock, each of which cost its acceptor a request.
+    pub plain_peers: u32,
 }
+
+/// Claims in a row that found no Intent (`Short::plain_peers`) after which
+/// a listener's connections stay on kernel TCP for a hold, as after a
+/// streak of short ones: a server under ssock whose clients are not stops
+/// asking devd at every accept. Longer than a streak of short ones, since
+/// each costs only a request, and a hold also keeps plain the accelerated
+/// clients that connect during it.
+pub const PLAIN_PEER_STREAK: u32 = 16;
 
 /// A hold is at most the policy's `short_lived_hold_ms` times 2^this.
 pub const MAX_HOLD_DOUBLINGS: u32 = 5;
@@ -148,15 +159,39 @@ pub fn judge(policy: &Policy, s: &mut Short, short: bool, born_ns: u64, now_ns: 
     if s.streak < policy.short_lived_streak {
         return false;
     }
+    s.streak = 0;
+    hold(policy, s, now_ns);
+    true
+}
+
+/// Counts one Claim through a listener that found no Intent at `now_ns`;
+/// true if the listener's connections now stay on kernel TCP for the
+/// policy's hold. A Claim that found one ends the streak
+/// (`Short::plain_peers = 0`); one made during a hold (by an acceptor
+/// whose board could not tell) does not count.
+pub fn judge_plain_peer(policy: &Policy, s: &mut Short, now_ns: u64) -> bool {
+    if policy.short_lived_ms == 0 || now_ns < s.plain_until {
+        return false;
+    }
+    s.plain_peers = s.plain_peers.saturating_add(1);
+    if s.plain_peers < PLAIN_PEER_STREAK {
+        return false;
+    }
+    s.plain_peers = 0;
+    hold(policy, s, now_ns);
+    true
+}
+
+/// Starts a hold at `now_ns`: twice the last if it follows one with no
+/// long connection between them.
+fn hold(policy: &Policy, s: &mut Short, now_ns: u64) {
     let hold = policy
         .short_lived_hold_ms
         .saturating_mul(1_000_000)
         .saturating_mul(1 << s.doublings.min(MAX_HOLD_DOUBLINGS));
     s.plain_until = now_ns.saturating_add(hold);
-    s.streak = 0;
     s.periods += 1;
     s.doublings = s.doublings.saturating_add(1);
-    true
 }
 
 #[cfg(test)]
@@ -218,6 +253,44 @@ mod tests {
             holds.push((s.plain_until - (born + 3)) / 1_000_000_000);
         }
         assert_eq!(holds, [1, 2, 4, 8, 16, 32, 32, 32]);
+    }
+
+    #[test]
+    fn a_streak_of_claims_with_no_intent_holds_the_listener_too() {
+        let p = policy();
+        let mut s = Short::default();
+        for k in 1..PLAIN_PEER_STREAK {
+            assert!(!judge_plain_peer(&p, &mut s, u64::from(k)));
+        }
+        // A Claim that found an Intent between them starts the count again.
+        s.plain_peers = 0;
+        for k in 1..PLAIN_PEER_STREAK {
+            assert!(!judge_plain_peer(&p, &mut s, u64::from(k)));
+        }
+        assert!(judge_plain_peer(&p, &mut s, 100));
+        assert_eq!(
+            (s.plain_until, s.periods, s.plain_peers),
+            (100 + 1_000_000_000, 1, 0)
+        );
+        // Claims during the hold do not count; after it, the next hold is
+        // twice as long.
+        for _ in 0..2 * PLAIN_PEER_STREAK {
+            assert!(!judge_plain_peer(&p, &mut s, 200));
+        }
+        let after = s.plain_until;
+        let held =
+            (0..PLAIN_PEER_STREAK).filter(|&k| judge_plain_peer(&p, &mut s, after + u64::from(k)));
+        assert_eq!(held.count(), 1);
+        assert_eq!(
+            s.plain_until,
+            after + u64::from(PLAIN_PEER_STREAK) - 1 + 2_000_000_000
+        );
+        let off = Policy {
+            short_lived_ms: 0,
+            ..p
+        };
+        let mut s = Short::default();
+        assert!((0..100).all(|k| !judge_plain_peer(&off, &mut s, k)));
     }
 
     #[test]

@@ -132,28 +132,55 @@ impl Devd {
                 policy.short_lived_streak,
                 policy.short_lived_hold_ms
             );
-            self.totals.short_lived_periods += 1;
-            // Every listener on that address (SO_REUSEPORT) is held alike:
-            // the board answers for the address.
-            let (addr, until) = (l.addr, l.short.plain_until);
-            let mut same = Vec::new();
-            for (&i, other) in &mut self.reg.listeners {
-                if other.addr == addr {
-                    other.short.plain_until = other.short.plain_until.max(until);
-                    same.push(i);
-                }
+            self.hold_began(inode);
+        }
+    }
+
+    /// The policy's look at a Claim through listener `inode` that found no
+    /// Intent: its connector is a plain program, and the Claim a cost.
+    pub(super) fn judge_plain_peer(&mut self, inode: u64) {
+        let policy = &self.cfg.policy;
+        let Some(l) = self.reg.listeners.get_mut(&inode) else {
+            return;
+        };
+        if board::judge_plain_peer(policy, &mut l.short, sys::monotonic_ns()) {
+            log::info!(
+                "listener {}: {} connections in a row from programs not under ssock: its connections stay on kernel TCP for {} ms (short_lived)",
+                l.addr,
+                board::PLAIN_PEER_STREAK,
+                policy.short_lived_hold_ms
+            );
+            self.hold_began(inode);
+        }
+    }
+
+    /// A hold of listener `inode` began: every listener on its address
+    /// is held alike, the board republished, pending intents to it ended.
+    fn hold_began(&mut self, inode: u64) {
+        let Some(l) = self.reg.listeners.get(&inode) else {
+            return;
+        };
+        self.totals.short_lived_periods += 1;
+        // Every listener on that address (SO_REUSEPORT) is held alike:
+        // the board answers for the address.
+        let (addr, until) = (l.addr, l.short.plain_until);
+        let mut same = Vec::new();
+        for (&i, other) in &mut self.reg.listeners {
+            if other.addr == addr {
+                other.short.plain_until = other.short.plain_until.max(until);
+                same.push(i);
             }
-            self.board.publish(&self.reg.listeners);
-            // Acceptors that read the board from now on do not claim:
-            // pending intents to it end now (their connectors stay on the
-            // kernel socket, as CLAIM = kernel tells them).
-            let pending = self
-                .reg
-                .retain_intents(|i| !i.listener.is_some_and(|x| same.contains(&x)));
-            for i in pending {
-                self.totals.fallback(FallbackReason::ShortLived);
-                self.discard_intent(i);
-            }
+        }
+        self.board.publish(&self.reg.listeners);
+        // Acceptors that read the board from now on do not claim:
+        // pending intents to it end now (their connectors stay on the
+        // kernel socket, as CLAIM = kernel tells them).
+        let pending = self
+            .reg
+            .retain_intents(|i| !i.listener.is_some_and(|x| same.contains(&x)));
+        for i in pending {
+            self.totals.fallback(FallbackReason::ShortLived);
+            self.discard_intent(i);
         }
     }
 

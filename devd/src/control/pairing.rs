@@ -317,9 +317,16 @@ impl Devd {
             if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
                 return Ok(self.expect_kernel(g.token, FallbackReason::ConnectorGone));
             }
-            // No intent: a plain peer; the acceptor goes on without delay.
+            // No intent: a plain peer; the acceptor goes on without delay
+            // (and a streak of them stops its Claims for a while).
+            if let Some(l) = self.reg.listener_inode_for(end.addr) {
+                self.judge_plain_peer(l);
+            }
             return Ok((Response::Ok, vec![]));
         };
+        if let Some(l) = intent.listener.and_then(|l| self.reg.listeners.get_mut(&l)) {
+            l.short.plain_peers = 0;
+        }
         let token = intent.token;
         // A reused region is mapped in the process it was parked by; no
         // other acceptor may have it.

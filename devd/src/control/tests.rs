@@ -398,6 +398,56 @@ fn a_hold_ends_the_listeners_pending_intents_and_answers_new_ones_kernel() {
     );
 }
 
+#[test]
+fn a_streak_of_claims_from_plain_connectors_holds_the_listener() {
+    let mut d = devd("short_lived_ms = 50");
+    let l = listener(&mut d);
+    let dst = l.local_addr().unwrap();
+    let plain = |d: &mut Devd| {
+        let _c = TcpStream::connect(dst).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(claim(d, &a).0, Response::Ok);
+    };
+    for _ in 1..board::PLAIN_PEER_STREAK {
+        plain(&mut d);
+    }
+    // A connector under ssock between them starts the count again.
+    let (_, _, _s) = connect_as(&mut d, 1, 1, &l);
+    for _ in 1..board::PLAIN_PEER_STREAK {
+        plain(&mut d);
+    }
+    assert_eq!(d.totals.short_lived_periods, 0);
+    plain(&mut d);
+    assert_eq!(d.totals.short_lived_periods, 1);
+    // The board says so, and a connector whose board could not tell is
+    // answered Kernel.
+    let fd = d.board.fd().unwrap();
+    let map =
+        ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false).unwrap();
+    let found = ssock_rings::board::lookup(&map, dst);
+    assert!(
+        matches!(found, ssock_rings::board::Found::Served { plain_until } if plain_until > sys::monotonic_ns()),
+        "{found:?}"
+    );
+    let (r, _) = intent(&mut d, &socket(), dst);
+    assert_eq!(
+        r,
+        Response::Kernel {
+            reason: FallbackReason::ShortLived
+        }
+    );
+    // Off, the policy never holds.
+    let mut d = devd("short_lived_ms = 0");
+    let l2 = listener(&mut d);
+    let dst = l2.local_addr().unwrap();
+    for _ in 0..2 * board::PLAIN_PEER_STREAK {
+        let _c = TcpStream::connect(dst).unwrap();
+        let (a, _) = l2.accept().unwrap();
+        assert_eq!(claim(&mut d, &a).0, Response::Ok);
+    }
+    assert_eq!(d.totals.short_lived_periods, 0);
+}
+
 fn release(d: &mut Devd, sid: u64, a: &Attachment, park: bool) {
     let req = Request::Release {
         conn_id: a.conn_id,

@@ -43,7 +43,9 @@ fi
   echo
   echo "Every figure below is from this one run; ratios are to kernel TCP over 127.0.0.1 measured in the"
   echo "same run, interleaved. Sources: the real-program rows are \`${apps_cmd[*]}\` (medians of"
-  echo "$apps_rounds rounds), streaming and setup come from the ssock-bench run further down."
+  echo "$apps_rounds rounds), streaming and setup come from the ssock-bench run further down. A ratio is of the"
+  echo "medians; \"(rounds a-b)\" after it is the range of each round's own ratio (kernel and ssock ran one after"
+  echo "the other in a round): how far the machine's noise moves it."
   echo
   echo "$targets"
   echo

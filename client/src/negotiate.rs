@@ -238,7 +238,8 @@ fn intent_and_connect(
         let reason = (opts.mode == ModePref::Kernel).then_some(FallbackReason::Requested);
         return Ok((Err(reason), connect()?));
     };
-    if let Some(reason) = plain_by_board(session, dst) {
+    let (plain, ends_a_hold) = by_board(session, dst);
+    if let Some(reason) = plain {
         let c = connect()?;
         if reason == FallbackReason::ShortLived {
             session.skipped();
@@ -253,8 +254,10 @@ fn intent_and_connect(
     // nonblocking: asked of the kernel only for other addresses) runs
     // while devd handles the intent: the reply is read after it (the
     // session is this thread's meanwhile). A blocking connect to another
-    // address may take seconds: the reply first.
-    let overlap = dst.ip().to_canonical().is_loopback() || ssock_rings::sys::get_nonblocking(fd)?;
+    // address may take seconds: the reply first. So is it for an Intent
+    // that ends its listener's hold (`by_board`).
+    let overlap = !ends_a_hold
+        && (dst.ip().to_canonical().is_loopback() || ssock_rings::sys::get_nonblocking(fd)?);
     let (reply, connected) = if overlap {
         match session.begin(&intent, &[fd]) {
             Ok(inflight) => {
@@ -309,14 +312,33 @@ pub fn fresh_tcp(fd: BorrowedFd<'_>) -> bool {
 /// kernel TCP without asking devd: no registered listener serves it
 /// (`peer_not_enabled`, not counted: not ssock's connection), or the
 /// `short_lived` policy keeps that listener's connections there for now.
-/// None: ask devd (the board cannot tell, or the listener is accelerated).
+/// None: ask devd (the board cannot tell, or the listener is accelerated,
+/// or held only for connectors not under ssock).
 pub fn plain_by_board(session: &Session, dst: SocketAddr) -> Option<FallbackReason> {
-    match board::lookup(session.board()?, dst) {
-        Found::Nothing => Some(FallbackReason::PeerNotEnabled),
-        Found::Served { plain_until } if plain_until > board::now_ns() => {
-            Some(FallbackReason::ShortLived)
+    by_board(session, dst).0
+}
+
+/// [`plain_by_board`], and whether the listener is held only for
+/// connectors not under ssock: this connector's Intent ends that hold, and
+/// its answer must come before the connect, so that the acceptor, which
+/// claims nothing while the board says held, reads it ended.
+fn by_board(session: &Session, dst: SocketAddr) -> (Option<FallbackReason>, bool) {
+    let Some(b) = session.board() else {
+        return (None, false);
+    };
+    match board::lookup(b, dst) {
+        Found::Nothing => (Some(FallbackReason::PeerNotEnabled), false),
+        Found::Served {
+            plain_until,
+            peers_only,
+        } if plain_until > board::now_ns() => {
+            if peers_only {
+                (None, true)
+            } else {
+                (Some(FallbackReason::ShortLived), false)
+            }
         }
-        _ => None,
+        _ => (None, false),
     }
 }
 
@@ -334,8 +356,7 @@ fn kept_plain(session: &Session, fd: BorrowedFd<'_>, listener: Option<SocketAddr
     if !board::any_plain(b, now) {
         return false;
     }
-    let kept =
-        |here| matches!(board::lookup(b, here), Found::Served { plain_until } if plain_until > now);
+    let kept = |here| matches!(board::lookup(b, here), Found::Served { plain_until, .. } if plain_until > now);
     match listener {
         Some(l) if !l.ip().to_canonical().is_unspecified() => kept(l),
         Some(l) if board::port_plain(b, l.port(), now) => true,

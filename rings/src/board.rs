@@ -49,6 +49,7 @@ const FLAG_OVERFLOW: u64 = 1 << 32;
 
 const F_V6: u64 = 1 << 16;
 const F_DUAL: u64 = 1 << 17;
+const F_PEERS: u64 = 1 << 18;
 
 /// How far ahead devd sets the board's deadline each time it renews it
 /// (every 5-10 s: its control loop's expiry round).
@@ -67,6 +68,11 @@ pub struct Entry {
     /// CLOCK_MONOTONIC nanoseconds until which its connections stay on
     /// kernel TCP (`short_lived` policy); 0: accelerated.
     pub plain_until: u64,
+    /// The hold is for its connectors not under ssock (a streak of Claims
+    /// that found no Intent): a connector under ssock asks devd anyway,
+    /// waiting for the answer before it connects, and its Intent ends the
+    /// hold; an acceptor does not claim while it lasts.
+    pub peers_only: bool,
 }
 
 /// What the board says about a destination.
@@ -82,6 +88,9 @@ pub enum Found {
     Served {
         /// See above.
         plain_until: u64,
+        /// That hold is for connectors not under ssock only
+        /// ([`Entry::peers_only`]).
+        peers_only: bool,
     },
 }
 
@@ -158,6 +167,9 @@ pub fn publish(map: &Mapping, entries: &[Entry]) {
         if e.dual_stack {
             flags |= F_DUAL;
         }
+        if e.peers_only {
+            flags |= F_PEERS;
+        }
         let b = ip.octets();
         let (hi, lo) = b.split_at(8);
         map.u64_at(at).store(
@@ -191,7 +203,7 @@ fn entry_at(map: &Mapping, k: usize) -> Option<Entry> {
     let lo = map.u64_at(at + 8).load(Ordering::Relaxed).to_le_bytes();
     let w = map.u64_at(at + 16).load(Ordering::Relaxed);
     let plain_until = map.u64_at(at + 24).load(Ordering::Relaxed);
-    if w >> 18 != 0 {
+    if w >> 19 != 0 {
         return None;
     }
     let mut b = [0u8; 16];
@@ -208,6 +220,7 @@ fn entry_at(map: &Mapping, k: usize) -> Option<Entry> {
         addr,
         dual_stack: w & F_DUAL != 0,
         plain_until,
+        peers_only: w & F_PEERS != 0,
     })
 }
 
@@ -252,13 +265,14 @@ pub fn lookup(map: &Mapping, dst: SocketAddr) -> Found {
                 return Found::Unknown;
             };
             if reaches(e.addr, e.dual_stack, dst) {
+                // The earliest hold's end, and its kind.
+                let this = Found::Served {
+                    plain_until: e.plain_until,
+                    peers_only: e.peers_only,
+                };
                 found = match found {
-                    Found::Served { plain_until } => Found::Served {
-                        plain_until: plain_until.min(e.plain_until),
-                    },
-                    _ => Found::Served {
-                        plain_until: e.plain_until,
-                    },
+                    Found::Served { plain_until, .. } if plain_until <= e.plain_until => found,
+                    _ => this,
                 };
             }
         }
@@ -317,6 +331,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             dual_stack,
             plain_until,
+            peers_only: false,
         }
     }
 
@@ -334,17 +349,58 @@ mod tests {
             e("[::]:81", true, 7),
             e("0.0.0.0:82", false, 0),
             e("[::1]:83", false, 0),
+            Entry {
+                peers_only: true,
+                ..e("127.0.0.1:84", false, 5)
+            },
         ];
         publish(&m, &all);
         assert_eq!(entries(&m).unwrap(), all);
         let at = |s: &str| lookup(&m, s.parse().unwrap());
-        assert_eq!(at("127.0.0.1:80"), Found::Served { plain_until: 0 });
+        assert_eq!(
+            at("127.0.0.1:80"),
+            Found::Served {
+                plain_until: 0,
+                peers_only: false
+            }
+        );
         assert_eq!(at("127.0.0.2:80"), Found::Nothing);
-        assert_eq!(at("127.0.0.1:81"), Found::Served { plain_until: 7 });
-        assert_eq!(at("[::1]:81"), Found::Served { plain_until: 7 });
-        assert_eq!(at("10.1.2.3:82"), Found::Served { plain_until: 0 });
+        assert_eq!(
+            at("127.0.0.1:81"),
+            Found::Served {
+                plain_until: 7,
+                peers_only: false
+            }
+        );
+        assert_eq!(
+            at("[::1]:81"),
+            Found::Served {
+                plain_until: 7,
+                peers_only: false
+            }
+        );
+        assert_eq!(
+            at("10.1.2.3:82"),
+            Found::Served {
+                plain_until: 0,
+                peers_only: false
+            }
+        );
         assert_eq!(at("[::1]:82"), Found::Nothing);
-        assert_eq!(at("[::1]:83"), Found::Served { plain_until: 0 });
+        assert_eq!(
+            at("[::1]:83"),
+            Found::Served {
+                plain_until: 0,
+                peers_only: false
+            }
+        );
+        assert_eq!(
+            at("127.0.0.1:84"),
+            Found::Served {
+                plain_until: 5,
+                peers_only: true
+            }
+        );
         assert!(any_plain(&m, 6) && !any_plain(&m, 7));
     }
 
@@ -354,7 +410,10 @@ mod tests {
         publish(&m, &[e("0.0.0.0:80", false, 9), e("0.0.0.0:80", false, 0)]);
         assert_eq!(
             lookup(&m, "127.0.0.1:80".parse().unwrap()),
-            Found::Served { plain_until: 0 }
+            Found::Served {
+                plain_until: 0,
+                peers_only: false
+            }
         );
     }
 

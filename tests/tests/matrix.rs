@@ -872,7 +872,8 @@ fn nginx_foreground_master_with_two_www_data_workers_serves_curl_and_wrk_direct(
 /// request (ab reports them in batches); every request succeeds. Once the
 /// policy's hold is over, wrk's persistent connections go Direct again.
 /// Then ab not under ssock-run: a streak of Claims that find no Intent
-/// holds the listener too, and nginx stops asking devd.
+/// holds the listener too, and nginx stops asking devd; wrk under
+/// ssock-run then ends that hold at once and goes Direct.
 #[test]
 fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_then_goes_direct(
 ) -> Result<()> {
@@ -978,9 +979,13 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
     let mut plain = Command::new("ab");
     plain.args(["-c", "4", "-n", &n.to_string(), &url]);
     let out = run_in(&d, &logs, plain)?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
     ensure!(
-        out.contains(&format!("Complete requests:      {n}\n"))
-            && out.contains("Failed requests:        0\n"),
+        field("Complete requests:") == Some(n) && field("Failed requests:") == Some(0),
         "plain ab:\n{out}"
     );
     let t = d.stats()?["totals"].clone();
@@ -988,6 +993,24 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
     ensure!(
         num(&t["short_lived_periods"]) > periods && asked < n / 8,
         "{asked} requests for {n} connections from a plain ab: totals {t}{}",
+        diagnosis(&d, &logs)
+    );
+    // That hold is for connectors not under ssock only: wrk under
+    // ssock-run, at once, ends it and goes Direct.
+    let direct = num(&t["connections"]["direct"]);
+    let out = run_in(
+        &d,
+        &logs,
+        ssock(&d, &clog, "wrk", &["-t", "1", "-c", "2", "-d", "1s", &url]),
+    )?;
+    ensure!(
+        wrk_requests(&out)? > 0 && !out.contains("Socket errors"),
+        "wrk:\n{out}"
+    );
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        num(&t["connections"]["direct"]) >= direct + 2,
+        "wrk after the plain ab went Direct: before {direct}, totals {t}{}",
         diagnosis(&d, &logs)
     );
     server.stop()

@@ -29,11 +29,11 @@ static ANY: AtomicBool = AtomicBool::new(false);
 type Slot = ArcSwapOption<Mutex<Sock>>;
 
 /// One chunk of slots, with how many slots of each group hold a socket.
-/// A count changes after the swap that filled or emptied a slot (each swap
-/// sees exactly which it did): it runs ahead of the slots while a removal
-/// is under way, and behind only while an insertion is, which holds
-/// `FORK_GATE` throughout, so a scan under the gate's write side misses no
-/// socket.
+/// A count goes up before the swap that may fill a slot (and back down if
+/// the slot was full already), and down after the swap that emptied one
+/// (each swap sees exactly which it did): it may run ahead of the slots
+/// while an insertion or a removal is under way, never behind, so a scan
+/// misses no socket that is not changing meanwhile.
 struct Chunk {
     slots: Box<[Slot]>,
     used: Box<[AtomicIsize]>,
@@ -64,10 +64,11 @@ fn slot(fd: i32, create: bool) -> Option<(&'static Slot, &'static AtomicIsize)> 
     Some((c.slots.get(i % CHUNK)?, c.used.get(i % CHUNK / GROUP)?))
 }
 
-/// Puts `e` in `slot`, counting it if the slot was empty.
+/// Puts `e` in `slot`, counted first (given back if the slot was full).
 fn fill(slot: (&Slot, &AtomicIsize), e: Entry) {
-    if slot.0.swap(Some(e)).is_none() {
-        slot.1.fetch_add(1, Ordering::Relaxed);
+    slot.1.fetch_add(1, Ordering::Relaxed);
+    if slot.0.swap(Some(e)).is_some() {
+        slot.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -78,6 +78,7 @@ impl Board {
                         addr: l.addr,
                         dual_stack: l.dual_stack,
                         plain_until: l.short.plain_until,
+                        peers_only: l.short.peers_only,
                     },
                 )
             })
@@ -118,6 +119,9 @@ pub struct Short {
     /// Claims in a row that found no Intent: connections from programs
     /// not under ssock, each of which cost its acceptor a request.
     pub plain_peers: u32,
+    /// The hold is for connectors not under ssock (it began after a
+    /// streak of `plain_peers`): an Intent ends it.
+    pub peers_only: bool,
 }
 
 /// Claims in a row that found no Intent (`Short::plain_peers`) after which
@@ -159,8 +163,7 @@ pub fn judge(policy: &Policy, s: &mut Short, short: bool, born_ns: u64, now_ns: 
     if s.streak < policy.short_lived_streak {
         return false;
     }
-    s.streak = 0;
-    hold(policy, s, now_ns);
+    hold(policy, s, now_ns, false);
     true
 }
 
@@ -177,14 +180,17 @@ pub fn judge_plain_peer(policy: &Policy, s: &mut Short, now_ns: u64) -> bool {
     if s.plain_peers < PLAIN_PEER_STREAK {
         return false;
     }
-    s.plain_peers = 0;
-    hold(policy, s, now_ns);
+    hold(policy, s, now_ns, true);
     true
 }
 
-/// Starts a hold at `now_ns`: twice the last if it follows one with no
-/// long connection between them.
-fn hold(policy: &Policy, s: &mut Short, now_ns: u64) {
+/// Starts a hold at `now_ns` (`peers_only`: for connectors not under
+/// ssock), twice the last if it follows one with no long connection
+/// between them; both streaks start again after it.
+fn hold(policy: &Policy, s: &mut Short, now_ns: u64, peers_only: bool) {
+    s.streak = 0;
+    s.plain_peers = 0;
+    s.peers_only = peers_only;
     let hold = policy
         .short_lived_hold_ms
         .saturating_mul(1_000_000)
@@ -267,10 +273,18 @@ mod tests {
         for k in 1..PLAIN_PEER_STREAK {
             assert!(!judge_plain_peer(&p, &mut s, u64::from(k)));
         }
+        // Short connections before it count no more after it.
+        s.streak = 2;
         assert!(judge_plain_peer(&p, &mut s, 100));
         assert_eq!(
-            (s.plain_until, s.periods, s.plain_peers),
-            (100 + 1_000_000_000, 1, 0)
+            (
+                s.plain_until,
+                s.periods,
+                s.plain_peers,
+                s.streak,
+                s.peers_only
+            ),
+            (100 + 1_000_000_000, 1, 0, 0, true)
         );
         // Claims during the hold do not count; after it, the next hold is
         // twice as long.
@@ -285,6 +299,12 @@ mod tests {
             s.plain_until,
             after + u64::from(PLAIN_PEER_STREAK) - 1 + 2_000_000_000
         );
+        // A streak of short connections ends a count of Claims with no
+        // Intent, and its hold is not for connectors not under ssock only.
+        s.plain_peers = PLAIN_PEER_STREAK - 1;
+        let at = s.plain_until;
+        assert!((1..=3).any(|k| judge(&p, &mut s, true, at, at + k)));
+        assert_eq!((s.plain_peers, s.peers_only), (0, false));
         let off = Policy {
             short_lived_ms: 0,
             ..p

@@ -130,7 +130,7 @@ impl Devd {
                 "listener {}: {} short or unclaimed connections in a row: its connections stay on kernel TCP for {} ms (short_lived)",
                 l.addr,
                 policy.short_lived_streak,
-                policy.short_lived_hold_ms
+                l.short.plain_until.saturating_sub(now) / 1_000_000
             );
             self.hold_began(inode);
         }
@@ -143,12 +143,13 @@ impl Devd {
         let Some(l) = self.reg.listeners.get_mut(&inode) else {
             return;
         };
-        if board::judge_plain_peer(policy, &mut l.short, sys::monotonic_ns()) {
+        let now = sys::monotonic_ns();
+        if board::judge_plain_peer(policy, &mut l.short, now) {
             log::info!(
-                "listener {}: {} connections in a row from programs not under ssock: its connections stay on kernel TCP for {} ms (short_lived)",
+                "listener {}: {} connections in a row from programs not under ssock: its acceptors stop asking devd for {} ms, or until a connector under ssock asks (short_lived)",
                 l.addr,
                 board::PLAIN_PEER_STREAK,
-                policy.short_lived_hold_ms
+                l.short.plain_until.saturating_sub(now) / 1_000_000
             );
             self.hold_began(inode);
         }
@@ -157,20 +158,14 @@ impl Devd {
     /// A hold of listener `inode` began: every listener on its address
     /// is held alike, the board republished, pending intents to it ended.
     fn hold_began(&mut self, inode: u64) {
-        let Some(l) = self.reg.listeners.get(&inode) else {
+        let Some(held) = self.reg.listeners.get(&inode).map(|l| l.short) else {
             return;
         };
         self.totals.short_lived_periods += 1;
-        // Every listener on that address (SO_REUSEPORT) is held alike:
-        // the board answers for the address.
-        let (addr, until) = (l.addr, l.short.plain_until);
-        let mut same = Vec::new();
-        for (&i, other) in &mut self.reg.listeners {
-            if other.addr == addr {
-                other.short.plain_until = other.short.plain_until.max(until);
-                same.push(i);
-            }
-        }
+        let same = self.reg.same_address(inode, |s| {
+            s.plain_until = s.plain_until.max(held.plain_until);
+            s.peers_only = held.peers_only;
+        });
         self.board.publish(&self.reg.listeners);
         // Acceptors that read the board from now on do not claim:
         // pending intents to it end now (their connectors stay on the
@@ -181,6 +176,26 @@ impl Devd {
         for i in pending {
             self.totals.fallback(FallbackReason::ShortLived);
             self.discard_intent(i);
+        }
+    }
+
+    /// An Intent to listener `inode`, held for connectors not under ssock,
+    /// ends that hold: its connections are accelerated again (and the
+    /// next hold is not doubled), the board republished before the
+    /// Intent's answer.
+    pub(super) fn end_peers_hold(&mut self, inode: u64) {
+        self.reg.same_address(inode, |s| {
+            s.plain_until = 0;
+            s.peers_only = false;
+            s.plain_peers = 0;
+            s.doublings = 0;
+        });
+        self.board.publish(&self.reg.listeners);
+        if let Some(l) = self.reg.listeners.get(&inode) {
+            log::info!(
+                "listener {}: a connector under ssock ended its hold for connectors not under ssock",
+                l.addr
+            );
         }
     }
 

@@ -61,8 +61,15 @@ impl Devd {
         // Its acceptor will not claim while the short_lived policy keeps
         // the listener's connections on kernel TCP (a connector whose
         // board could not tell asks anyway).
-        if self.reg.listeners[&linode].short.plain_until > sys::monotonic_ns() {
-            return self.kernel(FallbackReason::ShortLived, &fd, inode);
+        // A hold for connectors not under ssock ends at this Intent (its
+        // connector waits for this answer before it connects, so its
+        // acceptor reads the board after).
+        let short = self.reg.listeners[&linode].short;
+        if short.plain_until > sys::monotonic_ns() {
+            if !short.peers_only {
+                return self.kernel(FallbackReason::ShortLived, &fd, inode);
+            }
+            self.end_peers_hold(linode);
         }
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
@@ -324,8 +331,8 @@ impl Devd {
             }
             return Ok((Response::Ok, vec![]));
         };
-        if let Some(l) = intent.listener.and_then(|l| self.reg.listeners.get_mut(&l)) {
-            l.short.plain_peers = 0;
+        if let Some(l) = intent.listener {
+            self.reg.same_address(l, |s| s.plain_peers = 0);
         }
         let token = intent.token;
         // A reused region is mapped in the process it was parked by; no

@@ -417,6 +417,27 @@ impl Registry {
         Some(intent)
     }
 
+    /// Applies `f` to the `short_lived` state of listener `inode` and of
+    /// every other listener bound to its address (SO_REUSEPORT: the board
+    /// answers for the address, so they are held alike); their inodes.
+    pub fn same_address(
+        &mut self,
+        inode: u64,
+        mut f: impl FnMut(&mut super::board::Short),
+    ) -> Vec<u64> {
+        let Some(addr) = self.listeners.get(&inode).map(|l| l.addr) else {
+            return Vec::new();
+        };
+        let mut same = Vec::new();
+        for (&i, l) in &mut self.listeners {
+            if l.addr == addr {
+                f(&mut l.short);
+                same.push(i);
+            }
+        }
+        same
+    }
+
     /// Keeps only the intents `keep` accepts; returns the others (the
     /// caller frees them).
     #[must_use]

@@ -393,14 +393,14 @@ fn a_hold_ends_the_listeners_pending_intents_and_answers_new_ones_kernel() {
         ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false).unwrap();
     let found = ssock_rings::board::lookup(&map, dst);
     assert!(
-        matches!(found, ssock_rings::board::Found::Served { plain_until } if plain_until > sys::monotonic_ns()),
+        matches!(found, ssock_rings::board::Found::Served { plain_until, .. } if plain_until > sys::monotonic_ns()),
         "{found:?}"
     );
 }
 
 #[test]
-fn a_streak_of_claims_from_plain_connectors_holds_the_listener() {
-    let mut d = devd("short_lived_ms = 50");
+fn a_streak_of_claims_from_plain_connectors_holds_the_listener_until_an_intent() {
+    let mut d = devd("short_lived_ms = 50\nshort_lived_hold_ms = 60000");
     let l = listener(&mut d);
     let dst = l.local_addr().unwrap();
     let plain = |d: &mut Devd| {
@@ -426,16 +426,24 @@ fn a_streak_of_claims_from_plain_connectors_holds_the_listener() {
         ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false).unwrap();
     let found = ssock_rings::board::lookup(&map, dst);
     assert!(
-        matches!(found, ssock_rings::board::Found::Served { plain_until } if plain_until > sys::monotonic_ns()),
+        matches!(found, ssock_rings::board::Found::Served { plain_until, peers_only: true } if plain_until > sys::monotonic_ns()),
         "{found:?}"
     );
-    let (r, _) = intent(&mut d, &socket(), dst);
+    // A connector under ssock's Intent ends the hold (the board says so
+    // before the answer) and is accelerated.
+    let s = socket();
+    let (r, _) = intent(&mut d, &s, dst);
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
     assert_eq!(
-        r,
-        Response::Kernel {
-            reason: FallbackReason::ShortLived
+        ssock_rings::board::lookup(&map, dst),
+        ssock_rings::board::Found::Served {
+            plain_until: 0,
+            peers_only: false
         }
     );
+    s.connect(&dst.into()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    assert!(matches!(claim(&mut d, &a).0, Response::Expect { .. }));
     // Off, the policy never holds.
     let mut d = devd("short_lived_ms = 0");
     let l2 = listener(&mut d);

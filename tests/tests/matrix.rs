@@ -995,22 +995,36 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
         "{asked} requests for {n} connections from a plain ab: totals {t}{}",
         diagnosis(&d, &logs)
     );
-    // That hold is for connectors not under ssock only: wrk under
-    // ssock-run, at once, ends it and goes Direct.
-    let direct = num(&t["connections"]["direct"]);
+    // That hold is for connectors not under ssock only (the board says
+    // so now): wrk under ssock-run, at once, ends it and goes Direct.
+    let session = ssock_client::Session::connect(&d.socket)?;
+    let board = session.board().context("no listener board")?;
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let found = ssock_rings::board::lookup(board, dst);
+    ensure!(
+        matches!(found, ssock_rings::board::Found::Served { plain_until, peers_only: true }
+            if plain_until > ssock_rings::board::now_ns()),
+        "after the plain ab the board says {found:?}: totals {t}"
+    );
+    let (direct, kept) = (
+        num(&t["connections"]["direct"]),
+        num(&t["fallbacks"]["short_lived"]),
+    );
     let out = run_in(
         &d,
         &logs,
         ssock(&d, &clog, "wrk", &["-t", "1", "-c", "2", "-d", "1s", &url]),
     )?;
     ensure!(
-        wrk_requests(&out)? > 0 && !out.contains("Socket errors"),
+        wrk_requests(&out)? > 0 && !out.contains("Socket errors") && !out.contains("Non-2xx"),
         "wrk:\n{out}"
     );
+    expect_none_live(&d, &logs)?;
     let t = d.stats()?["totals"].clone();
     ensure!(
-        num(&t["connections"]["direct"]) >= direct + 2,
-        "wrk after the plain ab went Direct: before {direct}, totals {t}{}",
+        num(&t["connections"]["direct"]) >= direct + 2
+            && num(&t["fallbacks"]["short_lived"]) == kept,
+        "wrk after the plain ab went Direct: before {direct} ({kept} kept), totals {t}{}",
         diagnosis(&d, &logs)
     );
     server.stop()

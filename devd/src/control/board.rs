@@ -69,6 +69,7 @@ impl Board {
     /// Publishes the listeners as they are now, if that changed anything.
     pub fn publish(&mut self, listeners: &HashMap<u64, Listener>) {
         let Some((map, _)) = &self.map else { return };
+        let now = board::now_ns();
         let mut keyed: Vec<(u64, Entry)> = listeners
             .iter()
             .map(|(&inode, l)| {
@@ -78,7 +79,7 @@ impl Board {
                         addr: l.addr,
                         dual_stack: l.dual_stack,
                         plain_until: l.short.plain_until,
-                        peers_only: l.short.peers_only,
+                        peers_only: l.short.peers_only && l.short.plain_until > now,
                     },
                 )
             })

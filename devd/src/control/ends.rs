@@ -163,8 +163,11 @@ impl Devd {
         };
         self.totals.short_lived_periods += 1;
         let same = self.reg.same_address(inode, |s| {
-            s.plain_until = s.plain_until.max(held.plain_until);
-            s.peers_only = held.peers_only;
+            // The kind of whichever hold ends last.
+            if held.plain_until >= s.plain_until {
+                s.plain_until = held.plain_until;
+                s.peers_only = held.peers_only;
+            }
         });
         self.board.publish(&self.reg.listeners);
         // Acceptors that read the board from now on do not claim:
@@ -184,8 +187,11 @@ impl Devd {
     /// next hold is not doubled), the board republished before the
     /// Intent's answer.
     pub(super) fn end_peers_hold(&mut self, inode: u64) {
+        // Ended now, not never set: only connections set up from now on
+        // count towards the next streak (`board::judge`).
+        let now = sys::monotonic_ns();
         self.reg.same_address(inode, |s| {
-            s.plain_until = 0;
+            s.plain_until = s.plain_until.min(now);
             s.peers_only = false;
             s.plain_peers = 0;
             s.doublings = 0;

@@ -60,16 +60,12 @@ impl Devd {
         let listener = self.reg.listeners[&linode].session;
         // Its acceptor will not claim while the short_lived policy keeps
         // the listener's connections on kernel TCP (a connector whose
-        // board could not tell asks anyway).
-        // A hold for connectors not under ssock ends at this Intent (its
-        // connector waits for this answer before it connects, so its
-        // acceptor reads the board after).
+        // board could not tell asks anyway). A hold for connectors not
+        // under ssock ends once this Intent is accepted (below).
         let short = self.reg.listeners[&linode].short;
-        if short.plain_until > sys::monotonic_ns() {
-            if !short.peers_only {
-                return self.kernel(FallbackReason::ShortLived, &fd, inode);
-            }
-            self.end_peers_hold(linode);
+        let peers_hold = short.plain_until > sys::monotonic_ns();
+        if peers_hold && !short.peers_only {
+            return self.kernel(FallbackReason::ShortLived, &fd, inode);
         }
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
@@ -91,6 +87,11 @@ impl Devd {
         };
         if let Some(w) = &mut self.watch {
             w.forget(inode);
+        }
+        if peers_hold {
+            // Its connector waits for this answer before it connects, so
+            // its acceptor reads the board without the hold, and claims.
+            self.end_peers_hold(linode);
         }
         self.reg
             .charge(end.uid, 1, isize::try_from(c.bytes).unwrap_or(isize::MAX));

@@ -419,8 +419,8 @@ fn a_streak_of_claims_from_plain_connectors_holds_the_listener_until_an_intent()
     assert_eq!(d.totals.short_lived_periods, 0);
     plain(&mut d);
     assert_eq!(d.totals.short_lived_periods, 1);
-    // The board says so, and a connector whose board could not tell is
-    // answered Kernel.
+    // The board says so, and that the hold is for connectors not under
+    // ssock only.
     let fd = d.board.fd().unwrap();
     let map =
         ssock_rings::shm::Mapping::map(fd.as_fd(), ssock_rings::board::BOARD_SIZE, false).unwrap();
@@ -434,16 +434,43 @@ fn a_streak_of_claims_from_plain_connectors_holds_the_listener_until_an_intent()
     let s = socket();
     let (r, _) = intent(&mut d, &s, dst);
     assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
-    assert_eq!(
-        ssock_rings::board::lookup(&map, dst),
-        ssock_rings::board::Found::Served {
-            plain_until: 0,
-            peers_only: false
-        }
+    assert!(
+        matches!(ssock_rings::board::lookup(&map, dst), ssock_rings::board::Found::Served { plain_until, peers_only: false } if plain_until <= sys::monotonic_ns()),
+        "{:?}",
+        ssock_rings::board::lookup(&map, dst)
     );
     s.connect(&dst.into()).unwrap();
     let (a, _) = l.accept().unwrap();
     assert!(matches!(claim(&mut d, &a).0, Response::Expect { .. }));
+    // An Intent devd refuses (here its user is not allowed) leaves the
+    // hold as it is.
+    let mut d = devd("short_lived_ms = 50\nshort_lived_hold_ms = 60000\nallow_uids = [4294967294]");
+    let l3 = listener(&mut d);
+    let dst = l3.local_addr().unwrap();
+    for _ in 0..board::PLAIN_PEER_STREAK {
+        let _c = TcpStream::connect(dst).unwrap();
+        let (a, _) = l3.accept().unwrap();
+        assert_eq!(claim(&mut d, &a).0, Response::Ok);
+    }
+    assert_eq!(d.totals.short_lived_periods, 1);
+    let (r, _) = intent(&mut d, &socket(), dst);
+    assert_eq!(
+        r,
+        Response::Kernel {
+            reason: FallbackReason::Policy
+        }
+    );
+    let map = ssock_rings::shm::Mapping::map(
+        d.board.fd().unwrap().as_fd(),
+        ssock_rings::board::BOARD_SIZE,
+        false,
+    )
+    .unwrap();
+    let found = ssock_rings::board::lookup(&map, dst);
+    assert!(
+        matches!(found, ssock_rings::board::Found::Served { plain_until, peers_only: true } if plain_until > sys::monotonic_ns()),
+        "{found:?}"
+    );
     // Off, the policy never holds.
     let mut d = devd("short_lived_ms = 0");
     let l2 = listener(&mut d);

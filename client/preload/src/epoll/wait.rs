@@ -1,0 +1,152 @@
+//! The blocking part of epoll_wait on an instance the shim knows: with
+//! no accelerated member yet, the kernel's own wait, counted as a sleeper
+//! (`wait_direct`); with members, the rings first, then a bounded spin,
+//! then one real poll over the epoll fd, the members' doorbells and the
+//! instance's bell (`wait`).
+//!
+//! Never here: a sleep with the set's lock held, or a look at the
+//! kernel's events that keeps the bell's event.
+
+use super::{Set, KERNEL_WAIT_CAP};
+use crate::obj::Nested;
+use crate::table;
+use libc::{c_int, epoll_event};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// epoll_wait and friends on an instance with no shim member yet: the
+/// kernel's own wait (`kernel_wait(out, remaining)`, with the caller's
+/// signal mask), counted as a sleeper, so that an epoll_ctl adding an
+/// accelerated socket from another thread rings the bell, which the kernel
+/// instance holds; the wait then goes on through the shim ([`wait`]).
+/// Costs the kernel's wait two atomic operations and a look at what it
+/// returned.
+pub fn wait_direct(
+    epfd: c_int,
+    set: &Set,
+    out: &mut [epoll_event],
+    timeout: Option<Duration>,
+    kernel_wait: &dyn Fn(&mut [epoll_event], Option<Duration>) -> c_int,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let deadline = crate::sleep::deadline(timeout);
+    let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    loop {
+        // A member added before this count is seen below; one added after
+        // it rings the bell (both SeqCst).
+        set.sleepers.fetch_add(1, Ordering::SeqCst);
+        if set.has_members() {
+            set.done_sleeping(false);
+            return wait(epfd, set, out, left(), sleep);
+        }
+        // Cut while this process has accelerated sockets: a member added
+        // while another sleeper drained the bell is seen at the latest then.
+        let cap = table::any().then_some(KERNEL_WAIT_CAP);
+        let (cut, ours) = match (left(), cap) {
+            (Some(l), Some(c)) if c < l => (Some(c), true),
+            (None, Some(c)) => (Some(c), true),
+            (l, _) => (l, false),
+        };
+        let r = kernel_wait(out, cut);
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
+        set.done_sleeping(rung);
+        if r < 0 {
+            crate::boundary::set_errno(errno);
+            return -1;
+        }
+        let capped = ours && r == 0;
+        if n > 0 || (!rung && !capped) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return c_int::try_from(n).unwrap_or(c_int::MAX);
+        }
+    }
+}
+
+/// epoll_wait and friends on an instance with shim members. `sleep(set,
+/// remaining)` is the blocking poll (with the caller's signal mask).
+pub fn wait(
+    epfd: c_int,
+    set: &Set,
+    out: &mut [epoll_event],
+    timeout: Option<Duration>,
+    sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
+) -> c_int {
+    let deadline = crate::sleep::deadline(timeout);
+    // Whether a look at the kernel's events found the bell since the last
+    // sleep (the sleep's end drains it then, as `done_sleeping` says).
+    let saw = std::cell::Cell::new(false);
+    let kernel = |out: &mut [epoll_event]| -> usize {
+        if out.is_empty() {
+            return 0;
+        }
+        let max = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
+        // SAFETY: out is a valid, exclusively borrowed array of max events.
+        let r = unsafe { (crate::real::get().epoll_wait)(epfd, out.as_mut_ptr(), max, 0) };
+        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
+        saw.set(saw.get() | rung);
+        n
+    };
+    let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
+    let mut spun = false;
+    // Whether this call slept already: the kernel sockets of members that
+    // are Direct ends in the region are asked whether a peer is gone only
+    // after a sleep, which watches them (as in `wait::poll`).
+    let mut slept = false;
+    loop {
+        // The rings first, without a syscall; the kernel's events when the
+        // rings have none, and every fourth time anyway.
+        let (mut n, tick) = set.collect(epfd, out, false);
+        if n == 0 || tick {
+            n += kernel(&mut out[n..]);
+        }
+        if n > 0 {
+            return count(n);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let (n, _) = set.collect(epfd, out, true);
+            return count(n + kernel(&mut out[n..]));
+        }
+        if !spun {
+            spun = true;
+            // Looked up only here: a wait answered by the first collect
+            // takes no further lock for it.
+            let spin = set.spin();
+            if ssock_rings::notify::spin_until(spin, || set.any_ready(false).then_some(()))
+                .is_some()
+            {
+                continue;
+            }
+        }
+        if slept || !set.watched_by_sleep() {
+            let (n, _) = set.collect(epfd, out, true);
+            if n > 0 {
+                return count(n);
+            }
+        }
+        let (fds, armed) = set.arm(epfd);
+        // Armed: anything reportable that was there already, or arrived
+        // before the wait words were set, is seen here (no syscall).
+        if set.any_ready(false) {
+            set.end_sleep(armed, saw.take());
+            continue;
+        }
+        let mut pfds: Vec<libc::pollfd> = fds
+            .into_iter()
+            .map(|(fd, events)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            })
+            .collect();
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let left = crate::sleep::capped(left, &pfds);
+        let r = sleep(&mut pfds, left);
+        slept = true;
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        set.end_sleep(armed, saw.take());
+        if r < 0 {
+            crate::boundary::set_errno(errno);
+            return -1;
+        }
+    }
+}

@@ -559,21 +559,11 @@ impl Devd {
     }
 
     /// Drops stale intents; a hold for connectors not under ssock that
-    /// ran out leaves the board (`peers_only` is published only while
-    /// held: a republish drops it).
+    /// ran out leaves the board (`Board::publish` writes F_PEERS only
+    /// while a hold lasts, and only what changed).
     pub fn expire(&mut self) {
         self.board.beat();
-        let now = sys::monotonic_ns();
-        let mut stale = false;
-        for l in self.reg.listeners.values_mut() {
-            if l.short.peers_only && l.short.plain_until <= now {
-                l.short.peers_only = false;
-                stale = true;
-            }
-        }
-        if stale {
-            self.board.publish(&self.reg.listeners);
-        }
+        self.board.publish(&self.reg.listeners);
         for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
             self.discard_intent(i);
         }

@@ -63,8 +63,8 @@ impl Devd {
         // board could not tell asks anyway). A hold for connectors not
         // under ssock ends once this Intent is accepted (below).
         let short = self.reg.listeners[&linode].short;
-        let peers_hold = short.plain_until > sys::monotonic_ns();
-        if peers_hold && !short.peers_only {
+        let held = short.plain_until > sys::monotonic_ns();
+        if held && !short.peers_only {
             return self.kernel(FallbackReason::ShortLived, &fd, inode);
         }
         // Several listeners (SO_REUSEPORT): which one accepts is the
@@ -88,7 +88,7 @@ impl Devd {
         if let Some(w) = &mut self.watch {
             w.forget(inode);
         }
-        if peers_hold {
+        if held {
             // Its connector waits for this answer before it connects, so
             // its acceptor reads the board without the hold, and claims.
             self.end_peers_hold(linode);

@@ -63,6 +63,25 @@ pub struct Devd {
 impl Devd {
     /// Starts `devd --user` with its socket in a fresh directory, plus `args`.
     pub fn start(args: &[&str]) -> Result<Devd> {
+        Devd::start_at(&Devd::fresh_dir()?.join("devd.sock"), args)
+    }
+
+    /// `start` for a test that stops devd (SIGSTOP): devd gets a process
+    /// group of its own. In the test's group it could be hung up: when that
+    /// group is orphaned (the test run's parent exited, as under `nohup
+    /// ... &`), the kernel sends SIGHUP and SIGCONT to the whole group as
+    /// soon as any member exits while one is stopped, and devd shuts down
+    /// on SIGHUP, every other test's devd with it.
+    pub fn start_stoppable(args: &[&str]) -> Result<Devd> {
+        use std::os::unix::process::CommandExt;
+        let dir = Devd::fresh_dir()?;
+        let mut cmd = Command::new(bin("devd"));
+        cmd.process_group(0);
+        Devd::launch(cmd, &dir.join("devd.sock"), args)
+    }
+
+    /// A new, empty directory for a devd's socket.
+    fn fresh_dir() -> Result<PathBuf> {
         let dir = std::env::temp_dir().join(format!(
             "ssock-test-{}-{}",
             std::process::id(),
@@ -70,7 +89,7 @@ impl Devd {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        Devd::start_at(&dir.join("devd.sock"), args)
+        Ok(dir)
     }
 
     /// Starts `devd --user` on `socket` (its directory is removed on drop).

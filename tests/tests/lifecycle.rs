@@ -257,7 +257,7 @@ fn a_claim_read_before_its_intent_still_finds_it() -> Result<()> {
     use ssock_rings::codec::{Request, Response};
     use ssock_rings::sys::SeqPacket;
     use std::os::fd::AsFd;
-    let d = Devd::start(&[])?;
+    let d = Devd::start_stoppable(&[])?;
     // Raw control sockets: A for the acceptor, C for the connector.
     let a = SeqPacket::connect(&d.socket)?;
     let c = SeqPacket::connect(&d.socket)?;

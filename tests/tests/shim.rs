@@ -879,7 +879,7 @@ fn a_stalled_devd_leaves_a_connection_on_kernel_tcp_and_the_next_one_goes_direct
     if !have_app("python3")? {
         return Ok(());
     }
-    let d = Devd::start(&[])?;
+    let d = Devd::start_stoppable(&[])?;
     let portfile = scratch(&d, "port");
     let mut s = python(
         &d,

@@ -100,7 +100,13 @@ pub fn get(fd: i32) -> Option<Entry> {
     if !ANY.load(Ordering::Relaxed) {
         return None;
     }
-    slot(fd, false)?.0.load_full()
+    let (slot, used) = slot(fd, false)?;
+    // A group with no socket has nothing to load (the common case: most
+    // fds were never accelerated). A count is never behind its slots.
+    if used.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    slot.load_full()
 }
 
 /// Taken (shared) by every insertion and (exclusive) across a fork, so that
@@ -152,8 +158,9 @@ pub fn remove(fd: i32) -> Option<Entry> {
         return None;
     }
     let (slot, used) = slot(fd, false)?;
-    // Most fds were never accelerated: a look costs less than a swap.
-    if slot.load().is_none() {
+    // Most fds were never accelerated: a count or a look costs less than a
+    // swap.
+    if used.load(Ordering::Relaxed) == 0 || slot.load().is_none() {
         return None;
     }
     let was = slot.swap(None);

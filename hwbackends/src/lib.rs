@@ -1,22 +1,46 @@
 //! ssock-hwbackends: the interconnects devd moves Queued data through.
 //!
-//! [`Backend`] says what devd needs from an interconnect (capabilities,
-//! channels to a peer, moving bytes with flow control, end-of-stream and
-//! reset marks, link events), not how a device is opened: devd opens
-//! devices before dropping privileges and hands them to a backend's
-//! constructor. Every backend has the same file shape: `mod.rs`-level type,
-//! `Backend` impl, tests. Today: [`loopback`] (software, the CI reference).
-//! `ntb` (memory windows and doorbells) and `verbs` (RDMA write with
-//! immediate) implement the same trait in later parts.
+//! [`Backend`] says what devd's engine needs from an interconnect, not how
+//! a device is opened (devd opens devices before it drops privileges and
+//! hands them to a backend's constructor):
+//! - channels towards a peer on this host ([`Peer::Local`]) or on another
+//!   node ([`Peer::Remote`]), each an ordered byte stream with flow control
+//!   (a window of bytes in flight) and an end mark ([`Mark`]) after its
+//!   last byte;
+//! - per channel, how far its outgoing stream went ([`Offsets`]): bytes
+//!   the backend took (`sent`) and bytes the peer side has taken out of it
+//!   (`acked`). The engine gives a client's TX buffer back only once its
+//!   bytes are acknowledged, so a link that fails loses nothing the client
+//!   does not still hold;
+//! - readiness: an fd the engine's epoll waits on for news that arrives on
+//!   its own (a doorbell, a completion channel), and [`Backend::poll`],
+//!   which names the channels that changed;
+//! - link events that name the peer node;
+//! - the system calls the backend makes in the engine thread, which devd
+//!   adds to that thread's seccomp filter ([`Syscall`]).
+//!
+//! Every backend lives in its own folder with the same files: `mod.rs`
+//! (what it is, its constants), `backend.rs` (the type and its `Backend`
+//! impl), `tests.rs` (the [`conformance`] suite on it, then its own
+//! tests). Today: [`loopback`] (software, the CI reference). `ntb` (memory
+//! windows and doorbells) and `verbs` (RDMA write with immediate) come as
+//! siblings.
 //!
 //! Never here: control-plane policy, client memory, sockets.
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod conformance;
 pub mod loopback;
+
+use std::os::fd::BorrowedFd;
 
 /// devd's name for one end of a backend channel (one Queued endpoint).
 pub type ChannelId = u64;
+
+/// A peer devd's node id, as devd's config names it.
+pub type NodeId = u32;
 
 /// What a backend can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +54,17 @@ pub struct Capabilities {
 }
 
 /// Where the other end of a channel is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Another channel of this same backend instance (same host).
     Local(ChannelId),
+    /// A channel of the backend of the devd on node `node`.
+    Remote {
+        /// The peer devd's node id.
+        node: NodeId,
+        /// Its channel id (the peer devd's name for its end).
+        channel: ChannelId,
+    },
 }
 
 /// A mark that ends a channel's stream, in order after its bytes.
@@ -41,7 +72,7 @@ pub enum Peer {
 pub enum Mark {
     /// Orderly end of stream (FIN).
     Eos,
-    /// Abortive end (RST).
+    /// Abortive end (RST): bytes not yet received are discarded.
     Reset,
 }
 
@@ -56,13 +87,46 @@ pub enum Recv {
     Mark(Mark),
 }
 
-/// Link state changes devd reacts to (fail-over in later parts).
+/// How far a channel's outgoing stream went, in bytes from its start.
+/// `acked <= sent` always; both only grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offsets {
+    /// Bytes `send` accepted.
+    pub sent: u64,
+    /// Bytes the peer side took out of the channel (its `recv` returned
+    /// them): they no longer depend on the link.
+    pub acked: u64,
+}
+
+/// Whether the link to a peer node carries data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkEvent {
-    /// The link to the peer went down.
-    Down,
-    /// The link came back.
+pub enum LinkState {
+    /// The link came up (or back).
     Up,
+    /// The link went down: channels to the node move nothing more.
+    Down,
+}
+
+/// A change of the link to one peer node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkEvent {
+    /// The peer devd's node.
+    pub node: NodeId,
+    /// What the link does now.
+    pub state: LinkState,
+}
+
+/// A system call a backend makes in the engine thread beyond devd's own
+/// list, with why; devd's sandbox adds it to that thread's filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Syscall {
+    /// The syscall number (x86_64).
+    pub nr: i64,
+    /// Allowed only when argument `.0` equals one of `.1` (an ioctl's
+    /// request, a descriptor); `None`: any arguments.
+    pub arg: Option<(u8, Vec<u64>)>,
+    /// What the backend uses it for.
+    pub why: &'static str,
 }
 
 /// Backend failures.
@@ -80,24 +144,44 @@ pub enum BackendError {
     /// The channel already ended; no more bytes may be sent.
     #[error("channel {0} already sent its end mark")]
     Ended(ChannelId),
+    /// The channel's peer is of a kind this backend cannot reach (a remote
+    /// node on a local-only backend, an unknown node, a link that is down).
+    #[error("channel {0}: its peer cannot be reached through this backend")]
+    Unreachable(ChannelId),
 }
 
-/// An interconnect as devd's engine sees it.
+/// An interconnect as devd's engine sees it. No call blocks.
 pub trait Backend: Send {
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
+    /// An fd that becomes readable when news arrives that no call of the
+    /// engine made (bytes or acknowledgements from a remote peer, a link
+    /// event): the engine waits on it and calls [`Backend::poll`]. `None`:
+    /// every change happens inside the engine's own calls.
+    fn readiness(&self) -> Option<BorrowedFd<'_>>;
+    /// Takes in what arrived (drains the readiness fd) and appends to
+    /// `ready` every channel whose state changed since the last poll:
+    /// bytes or a mark to receive, room in its window, acknowledged bytes,
+    /// its peer gone. The engine polls after every turn and whenever the
+    /// readiness fd fires. A channel may be named more than once.
+    fn poll(&mut self, ready: &mut Vec<ChannelId>);
     /// Opens channel `ch` towards `peer`.
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError>;
     /// Queues bytes on `ch`; returns how many were accepted (0: window full).
     fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError>;
     /// Ends `ch`'s stream after the bytes sent so far.
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError>;
-    /// Takes bytes that arrived for `ch`.
+    /// Takes bytes that arrived for `ch` (which acknowledges them).
     fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError>;
     /// Bytes waiting to be received on `ch` (0 if none or closed).
     fn pending(&self, ch: ChannelId) -> usize;
+    /// How far `ch`'s outgoing stream went; `None` if it is not open.
+    fn offsets(&self, ch: ChannelId) -> Option<Offsets>;
     /// Closes `ch`; a peer still open sees Reset if no mark was sent.
     fn close(&mut self, ch: ChannelId);
     /// Link events since the last call.
     fn link_events(&mut self) -> Vec<LinkEvent>;
+    /// The system calls this backend makes in the engine thread that
+    /// devd's own list (memory, eventfds, epoll) lacks.
+    fn syscalls(&self) -> Vec<Syscall>;
 }

@@ -20,7 +20,7 @@ pub mod server;
 pub mod watch;
 
 use crate::config::Config;
-use crate::dataplane::engine::{self, Cmd, SideInit};
+use crate::dataplane::engine::{self, Cmd, SideInit, SideSpec};
 use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
 use registry::{canon, Conn, DirectRes, End, Fd, Intent, Parked, QueuedRes, Registry, Res};
 use ssock_rings::codec::{

@@ -472,7 +472,7 @@ impl Devd {
             .map_err(|_| RequestError::Resources(io::Error::other("queued sides")))?;
         self.engine.send(Cmd::Add {
             id,
-            sides: Box::new([a, b]),
+            sides: SideSpec::local_pair(id, a, b),
             counters: counters.clone(),
         });
         let two = |v: Vec<Fd>| -> [Fd; 2] {

@@ -97,7 +97,7 @@ pub fn serve(
     // filter (rightly) does not allow.
     dsys::sd_notify_ready();
     if let Some(mode) = sandbox {
-        crate::sandbox::apply(crate::sandbox::ThreadKind::Control, mode)
+        crate::sandbox::apply(crate::sandbox::ThreadKind::Control, mode, &[])
             .map_err(io::Error::other)?;
     }
     let mut acceptor = Acceptor {

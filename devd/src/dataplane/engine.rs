@@ -1,15 +1,21 @@
 //! The Queued engine: one thread, the device side of every Queued client's
-//! virtqueues. It moves bytes from one side's TX queue into the backend and
-//! from the backend into the other side's RX queue, and sleeps in
-//! `epoll_wait` on the clients' kick eventfds when there is nothing to do
-//! (a spinning third process on a 2-core machine costs milliseconds).
+//! virtqueues. It moves bytes from each side's TX queue into its backend
+//! channel and from the channel into the side's RX queue, and sleeps in
+//! `epoll_wait` on the clients' kick eventfds and the backend's readiness
+//! fd when there is nothing to do (a spinning third process on a 2-core
+//! machine costs milliseconds). After every turn it asks the backend which
+//! channels changed (`Backend::poll`) and serves their connections.
+//!
+//! A TX buffer goes back to its client only once the backend says the
+//! peer side took its bytes (`Offsets::acked`): until then the client
+//! still holds them, whatever happens to the link.
 //!
 //! A side that breaks the queue protocol is reset (its peer sees a reset,
 //! it sees a reset) and never touched again; other connections go on.
 
 use crate::sandbox::ThreadKind;
 use crate::stats::QueuedCounters;
-use ssock_hwbackends::{Backend, BackendError, ChannelId, Mark, Peer, Recv};
+use ssock_hwbackends::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv};
 use ssock_rings::layout::{FLAG_EOS, FLAG_RESET};
 use ssock_rings::sys::EventFd;
 use ssock_rings::vq::device::{Buf, DeviceRegion};
@@ -33,6 +39,37 @@ pub struct SideInit {
     pub call: EventFd,
 }
 
+/// A side with its backend channel and where that channel's other end is.
+#[derive(Debug)]
+pub struct SideSpec {
+    /// The client's end.
+    pub init: SideInit,
+    /// Its backend channel.
+    pub ch: ChannelId,
+    /// The channel's peer: the other side's channel for a local pair.
+    pub peer: Peer,
+}
+
+impl SideSpec {
+    /// Both sides of a connection between two local clients, on channels
+    /// `2 id` (connector) and `2 id + 1` (acceptor).
+    pub fn local_pair(id: u64, connector: SideInit, acceptor: SideInit) -> Vec<SideSpec> {
+        let (a, b) = (chan(id, 0), chan(id, 1));
+        vec![
+            SideSpec {
+                init: connector,
+                ch: a,
+                peer: Peer::Local(b),
+            },
+            SideSpec {
+                init: acceptor,
+                ch: b,
+                peer: Peer::Local(a),
+            },
+        ]
+    }
+}
+
 /// Commands from the control thread.
 #[derive(Debug)]
 pub enum Cmd {
@@ -40,8 +77,9 @@ pub enum Cmd {
     Add {
         /// Connection id.
         id: u64,
-        /// [connector, acceptor].
-        sides: Box<[SideInit; 2]>,
+        /// Its sides here: [connector, acceptor] for a local pair, the
+        /// one end on this host when the peer is remote.
+        sides: Vec<SideSpec>,
         /// Shared counters.
         counters: Arc<QueuedCounters>,
     },
@@ -49,7 +87,7 @@ pub enum Cmd {
     SideGone {
         /// Connection id.
         id: u64,
-        /// 0 connector, 1 acceptor.
+        /// The side's index in `Add::sides`.
         side: usize,
     },
     /// Stop the thread.
@@ -91,7 +129,15 @@ struct Side {
     region: DeviceRegion,
     kick: EventFd,
     call: EventFd,
+    /// Its backend channel, and where that channel's other end is.
+    ch: ChannelId,
+    peer: Peer,
     tx_pending: Option<(Buf, usize)>,
+    /// TX buffers whose bytes the backend took, with the stream offset
+    /// each ends at, given back once acknowledged up to there.
+    unacked: VecDeque<(u16, u64)>,
+    /// Bytes of this side's stream the backend took.
+    sent: u64,
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
@@ -99,14 +145,17 @@ struct Side {
 }
 
 struct Pair {
-    sides: [Side; 2],
+    sides: Vec<Side>,
     counters: Arc<QueuedCounters>,
 }
 
 const WAKE: u64 = u64::MAX;
+/// The backend's readiness fd.
+const BACKEND: u64 = u64::MAX - 1;
 /// Rounds of pumping one connection gets per turn before others run.
 const BUDGET: usize = 64;
 
+/// The channel of side `side` of local connection `id`.
 fn chan(id: u64, side: usize) -> ChannelId {
     id * 2 + side as u64
 }
@@ -125,19 +174,34 @@ pub fn spawn(
         wake.as_raw_fd(),
         EpollEvent::new(EventSet::IN, WAKE),
     )?;
+    if let Some(fd) = backend.readiness() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, BACKEND),
+        )?;
+    }
+    let extra = backend.syscalls();
     let w = wake.clone();
-    let thread =
-        crate::sandbox::spawn_sandboxed(ThreadKind::Engine, "ssock-engine", sandbox, move || {
+    let thread = crate::sandbox::spawn_sandboxed(
+        ThreadKind::Engine,
+        "ssock-engine",
+        sandbox,
+        extra,
+        move || {
             let mut e = Engine {
                 backend,
                 pairs: HashMap::new(),
+                by_chan: HashMap::new(),
                 epoll,
                 scratch: vec![0u8; 256 * 1024],
                 busy: VecDeque::new(),
+                ready: Vec::new(),
                 violations,
             };
             e.run(&rx, &w);
-        })?;
+        },
+    )?;
     Ok(Handle {
         tx,
         wake,
@@ -148,9 +212,13 @@ pub fn spawn(
 struct Engine {
     backend: Box<dyn Backend>,
     pairs: HashMap<u64, Pair>,
+    /// The connection each open backend channel serves.
+    by_chan: HashMap<ChannelId, u64>,
     epoll: Epoll,
     scratch: Vec<u8>,
     busy: VecDeque<u64>,
+    /// Channels `Backend::poll` named (reused buffer).
+    ready: Vec<ChannelId>,
     violations: Arc<AtomicU64>,
 }
 
@@ -176,6 +244,8 @@ impl Engine {
                             return;
                         }
                     }
+                } else if data == BACKEND {
+                    // poll below takes it in.
                 } else {
                     let id = data >> 1;
                     if let Some(p) = self.pairs.get(&id) {
@@ -194,6 +264,33 @@ impl Engine {
                     self.busy.push_back(id);
                 }
             }
+            self.backend_news();
+        }
+    }
+
+    /// What the backend says changed: the connections of the channels it
+    /// names are served next; link events are logged with the channels
+    /// they touch.
+    fn backend_news(&mut self) {
+        self.backend.poll(&mut self.ready);
+        for ch in self.ready.drain(..) {
+            if let Some(&id) = self.by_chan.get(&ch) {
+                if !self.busy.contains(&id) {
+                    self.busy.push_back(id);
+                }
+            }
+        }
+        for ev in self.backend.link_events() {
+            let on = self
+                .pairs
+                .values()
+                .flat_map(|p| &p.sides)
+                .filter(|s| matches!(s.peer, Peer::Remote { node, .. } if node == ev.node))
+                .count();
+            match ev.state {
+                LinkState::Up => log::info!("link to node {} up ({on} channels)", ev.node),
+                LinkState::Down => log::warn!("link to node {} down ({on} channels)", ev.node),
+            }
         }
     }
 
@@ -205,34 +302,62 @@ impl Engine {
                 sides,
                 counters,
             } => {
-                let [a, b] = *sides;
-                let mk = |s: SideInit| Side {
-                    region: s.region,
-                    kick: s.kick,
-                    call: s.call,
+                let mk = |s: SideSpec| Side {
+                    region: s.init.region,
+                    kick: s.init.kick,
+                    call: s.init.call,
+                    ch: s.ch,
+                    peer: s.peer,
                     tx_pending: None,
+                    unacked: VecDeque::new(),
+                    sent: 0,
                     mark_sent: false,
                     rx_marked: false,
                     gone: false,
                     dead: false,
                 };
+                if sides.is_empty() || sides.len() > 2 {
+                    log::error!("connection {id}: {} sides", sides.len());
+                    return true;
+                }
                 let pair = Pair {
-                    sides: [mk(a), mk(b)],
+                    sides: sides.into_iter().map(mk).collect(),
                     counters,
                 };
-                for s in 0..2 {
-                    let fd = pair.sides[s].kick.as_raw_fd();
+                let mut opened = Vec::new();
+                for side in &pair.sides {
+                    match self.backend.open(side.ch, side.peer) {
+                        Ok(()) => opened.push(side.ch),
+                        Err(e) => {
+                            // Bytes must never go where no channel is: the
+                            // connection ends at once, both sides reset.
+                            log::error!(
+                                "connection {id}: the backend cannot open its channel: {e}"
+                            );
+                            for ch in opened {
+                                self.backend.close(ch);
+                            }
+                            for side in &pair.sides {
+                                let _ = side.region.set_rx_flags(FLAG_RESET);
+                                let _ = side.call.notify();
+                            }
+                            return true;
+                        }
+                    }
+                }
+                for (s, side) in pair.sides.iter().enumerate() {
+                    let fd = side.kick.as_raw_fd();
                     let ev = EpollEvent::new(EventSet::IN, (id << 1) | s as u64);
                     if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
                         log::error!("connection {id}: cannot watch kick fd: {e}");
                     }
-                    let _ = self.backend.open(chan(id, s), Peer::Local(chan(id, 1 - s)));
+                    self.by_chan.insert(side.ch, id);
                 }
                 self.pairs.insert(id, pair);
                 self.busy.push_back(id);
             }
             Cmd::SideGone { id, side } => {
-                if let Some(p) = self.pairs.get_mut(&id) {
+                if let Some(p) = self.pairs.get_mut(&id).filter(|p| side < p.sides.len()) {
                     p.sides[side].gone = true;
                     if !self.busy.contains(&id) {
                         self.busy.push_back(id);
@@ -281,10 +406,10 @@ impl Engine {
                 break;
             }
             let mut progress = false;
-            for s in 0..2 {
+            for s in 0..pair.sides.len() {
                 progress |= self.tx(id, pair, s);
             }
-            for s in 0..2 {
+            for s in 0..pair.sides.len() {
                 progress |= self.rx(id, pair, s);
             }
             if progress {
@@ -296,8 +421,8 @@ impl Engine {
             // window; RX kicks only while bytes wait for RX buffers (posted
             // RX buffers alone are no work: asking then would never sleep).
             let mut more = false;
-            for s in 0..2 {
-                let pending = self.backend.pending(chan(id, s)) > 0;
+            for s in 0..pair.sides.len() {
+                let pending = self.backend.pending(pair.sides[s].ch) > 0;
                 let side = &mut pair.sides[s];
                 if side.dead || side.gone {
                     continue;
@@ -322,13 +447,14 @@ impl Engine {
     }
 
     /// Stops watching a connection and closes its backend channels.
-    fn forget(&mut self, id: u64, pair: &Pair) {
-        for (s, side) in pair.sides.iter().enumerate() {
+    fn forget(&mut self, _id: u64, pair: &Pair) {
+        for side in &pair.sides {
             let fd = side.kick.as_raw_fd();
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-            self.backend.close(chan(id, s));
+            self.backend.close(side.ch);
+            self.by_chan.remove(&side.ch);
         }
     }
 
@@ -337,7 +463,8 @@ impl Engine {
         let side = &mut pair.sides[s];
         side.dead = true;
         side.tx_pending = None;
-        let _ = self.backend.send_mark(chan(id, s), Mark::Reset);
+        let _ = self.backend.send_mark(side.ch, Mark::Reset);
+        side.unacked.clear();
         side.mark_sent = true;
         let _ = side.region.set_rx_flags(FLAG_RESET);
         let _ = side.call.notify();
@@ -345,13 +472,45 @@ impl Engine {
         QueuedCounters::add(&self.violations, 1);
     }
 
+    /// Gives back side `s`'s TX buffers whose bytes the peer side took
+    /// (all of them when `all`: their bytes went nowhere, as to a closed
+    /// TCP peer); returns whether any went back.
+    fn give_back(&mut self, id: u64, pair: &mut Pair, s: usize, all: bool) -> bool {
+        let acked = match self.backend.offsets(pair.sides[s].ch) {
+            _ if all => u64::MAX,
+            Some(o) => o.acked,
+            None => u64::MAX,
+        };
+        let mut back = false;
+        while let Some(&(head, end)) = pair.sides[s].unacked.front() {
+            if end > acked {
+                break;
+            }
+            pair.sides[s].unacked.pop_front();
+            if let Err(e) = pair.sides[s].region.add_used(TX, head, 0) {
+                self.violation(id, pair, s, &e);
+                return true;
+            }
+            back = true;
+        }
+        back
+    }
+
     fn tx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
-        if pair.sides[s].dead || pair.sides[s].mark_sent {
+        if pair.sides[s].dead {
             return false;
         }
-        let ch = chan(id, s);
-        let mut progress = false;
-        let mut used = false;
+        let mut used = self.give_back(id, pair, s, false);
+        if pair.sides[s].dead {
+            return true;
+        }
+        let mut progress = used;
+        if pair.sides[s].mark_sent {
+            self.notify_tx(pair, s, used);
+            return progress;
+        }
+        let ch = pair.sides[s].ch;
+        let mut dropped = false;
         loop {
             let side = &mut pair.sides[s];
             let (buf, off) = match side.tx_pending.take() {
@@ -380,8 +539,14 @@ impl Engine {
                 // writing to a closed TCP peer; the writer learns of it
                 // from its control socket.
                 Err(
-                    BackendError::PeerGone(_) | BackendError::Ended(_) | BackendError::NoChannel(_),
-                ) => len - off,
+                    BackendError::PeerGone(_)
+                    | BackendError::Ended(_)
+                    | BackendError::NoChannel(_)
+                    | BackendError::Unreachable(_),
+                ) => {
+                    dropped = true;
+                    len - off
+                }
                 Err(BackendError::Busy(_)) => 0,
             };
             QueuedCounters::add(&pair.counters.bytes[s], n as u64);
@@ -389,24 +554,25 @@ impl Engine {
                 progress = true;
             }
             let side = &mut pair.sides[s];
+            side.sent += n as u64;
             if off + n < len {
                 side.tx_pending = Some((buf, off + n));
                 break;
             }
-            if let Err(e) = side.region.add_used(TX, buf.head, 0) {
-                self.violation(id, pair, s, &e);
-                return true;
-            }
-            used = true;
+            side.unacked.push_back((buf.head, side.sent));
             progress = true;
         }
-        let side = &mut pair.sides[s];
-        if used && side.region.needs_notification(TX).unwrap_or(true) {
-            let _ = side.call.notify();
-            QueuedCounters::add(&pair.counters.calls[s], 1);
-        } else if used {
-            QueuedCounters::add(&pair.counters.calls_suppressed[s], 1);
+        // A local peer's bytes need no holding here: the client keeps a
+        // copy of what it wrote until its reader took it (TAKEN), which
+        // covers devd itself going away; between hosts only the
+        // acknowledgement tells that the bytes crossed.
+        let local = matches!(pair.sides[s].peer, Peer::Local(_));
+        used |= self.give_back(id, pair, s, dropped || local);
+        if pair.sides[s].dead {
+            return true;
         }
+        self.notify_tx(pair, s, used);
+        let side = &mut pair.sides[s];
         if side.tx_pending.is_none() {
             let flags = side.region.tx_flags();
             let mark = if flags & FLAG_RESET != 0 {
@@ -441,8 +607,20 @@ impl Engine {
         progress
     }
 
+    /// Tells side `s` its TX buffers came back (`used`), unless it asked
+    /// not to be told.
+    fn notify_tx(&mut self, pair: &mut Pair, s: usize, used: bool) {
+        let side = &mut pair.sides[s];
+        if used && side.region.needs_notification(TX).unwrap_or(true) {
+            let _ = side.call.notify();
+            QueuedCounters::add(&pair.counters.calls[s], 1);
+        } else if used {
+            QueuedCounters::add(&pair.counters.calls_suppressed[s], 1);
+        }
+    }
+
     fn rx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
-        let ch = chan(id, s);
+        let ch = pair.sides[s].ch;
         let side = &mut pair.sides[s];
         if side.dead || side.rx_marked {
             return false;

@@ -2,3 +2,6 @@
 //! Direct connections never pass through here (devd is not on their path).
 
 pub mod engine;
+
+#[cfg(test)]
+mod tests;

@@ -3,7 +3,9 @@
 //! epoll created, engine started). Every rule names its caller. A syscall
 //! outside the list kills devd (the service manager restarts it): a
 //! compromised devd must not get further, and a missing rule shows up at
-//! once in the integration tests, which run devd sandboxed.
+//! once in the integration tests, which run devd sandboxed. The engine
+//! thread's list also has what its backend says it calls
+//! (`Backend::syscalls`), and nothing else of the backend's.
 //!
 //! Not here yet: dropping privileges (devd opens no device today; the
 //! loopback backend needs none).
@@ -12,6 +14,7 @@ use seccompiler::{
     apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
+use ssock_hwbackends::Syscall;
 use std::collections::BTreeMap;
 
 // The syscall lists below name x86_64 syscalls (open, fstat, ...); another
@@ -47,6 +50,35 @@ fn arg_eq(i: u8, v: u64) -> SeccompRule {
         v,
     )
     .expect("valid condition")])
+    .expect("valid rule")
+}
+
+/// A backend's system calls (`Backend::syscalls`), added to the rules:
+/// one with an argument condition gets a rule per allowed value; one a
+/// thread already allows without condition stays so.
+fn add_backend(r: &mut BTreeMap<i64, Vec<SeccompRule>>, extra: &[Syscall]) {
+    for s in extra {
+        let fresh = !r.contains_key(&s.nr);
+        let rules = r.entry(s.nr).or_default();
+        match &s.arg {
+            // An empty rule list allows any arguments.
+            None => rules.clear(),
+            Some(_) if !fresh && rules.is_empty() => {}
+            Some((i, values)) => rules.extend(values.iter().map(|&v| arg_is(*i, v))),
+        }
+    }
+}
+
+/// Argument `i` equals `v` (compared on 64 bits when `v` needs them).
+fn arg_is(i: u8, v: u64) -> SeccompRule {
+    let len = if u32::try_from(v).is_ok() {
+        SeccompCmpArgLen::Dword
+    } else {
+        SeccompCmpArgLen::Qword
+    };
+    SeccompRule::new(vec![
+        SeccompCondition::new(i, len, SeccompCmpOp::Eq, v).expect("valid condition")
+    ])
     .expect("valid rule")
 }
 
@@ -119,8 +151,9 @@ fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
     r
 }
 
-fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+fn rules(kind: ThreadKind, extra: &[Syscall]) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut r = common();
+    add_backend(&mut r, extra);
     let any = Vec::new;
     if kind == ThreadKind::Control {
         // accept4: client sessions, flags SOCK_CLOEXEC|SOCK_NONBLOCK (arg 3).
@@ -237,13 +270,22 @@ fn deny(kind: ThreadKind, syscalls: &[i64], errno: i32) -> Result<BpfProgram, Sa
 /// (installing a filter takes prctl and seccomp, which the allow-list
 /// rightly lacks), the allow-list last. The kernel runs them all and the
 /// strictest answer wins.
-fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError> {
+fn compile(
+    kind: ThreadKind,
+    mode: Mode,
+    extra: &[Syscall],
+) -> Result<Vec<BpfProgram>, SandboxError> {
     let miss = match mode {
         Mode::Enforce => SeccompAction::KillProcess,
         Mode::Log => SeccompAction::Log,
     };
-    let allow = SeccompFilter::new(rules(kind), miss, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| SandboxError::Rules(kind, e))?;
+    let allow = SeccompFilter::new(
+        rules(kind, extra),
+        miss,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SandboxError::Rules(kind, e))?;
     Ok(vec![
         // clone3 answers ENOSYS, so glibc would fall back to clone (absent).
         deny(kind, &[libc::SYS_clone3], libc::ENOSYS)?,
@@ -254,9 +296,9 @@ fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError
 }
 
 /// Installs the filters of `kind` on the calling thread (threads it starts
-/// later inherit them).
-pub fn apply(kind: ThreadKind, mode: Mode) -> Result<(), SandboxError> {
-    for f in compile(kind, mode)? {
+/// later inherit them), with a backend's `extra` system calls.
+pub fn apply(kind: ThreadKind, mode: Mode, extra: &[Syscall]) -> Result<(), SandboxError> {
+    for f in compile(kind, mode, extra)? {
         apply_filter(&f).map_err(|e| SandboxError::Install(kind, e))?;
     }
     Ok(())
@@ -272,6 +314,7 @@ pub fn spawn_sandboxed<F>(
     kind: ThreadKind,
     name: &str,
     sandbox: Option<Mode>,
+    extra: Vec<Syscall>,
     f: F,
 ) -> std::io::Result<std::thread::JoinHandle<()>>
 where
@@ -282,7 +325,7 @@ where
         .name(name.into())
         .spawn(move || {
             if let Some(mode) = sandbox {
-                if let Err(e) = apply(kind, mode) {
+                if let Err(e) = apply(kind, mode, &extra) {
                     log::error!("{e}; the {kind:?} thread stops");
                     let _ = ready.send(Err(e.to_string()));
                     return;
@@ -308,7 +351,37 @@ mod tests {
 
     #[test]
     fn both_filters_compile() {
-        compile(ThreadKind::Control, Mode::Enforce).unwrap();
-        compile(ThreadKind::Engine, Mode::Log).unwrap();
+        compile(ThreadKind::Control, Mode::Enforce, &[]).unwrap();
+        compile(ThreadKind::Engine, Mode::Log, &[]).unwrap();
+    }
+
+    #[test]
+    fn a_backends_system_calls_join_its_threads_rules() {
+        let extra = [
+            Syscall {
+                nr: libc::SYS_ioctl,
+                arg: Some((1, vec![0x3b71, 0x1_0000_0000])),
+                why: "test: two requests",
+            },
+            Syscall {
+                nr: libc::SYS_pwrite64,
+                arg: None,
+                why: "test: any",
+            },
+            Syscall {
+                nr: libc::SYS_write,
+                arg: Some((0, vec![9])),
+                why: "test: already allowed for any fd",
+            },
+        ];
+        let r = rules(ThreadKind::Engine, &extra);
+        assert_eq!(r[&libc::SYS_ioctl].len(), 2);
+        assert!(r[&libc::SYS_pwrite64].is_empty());
+        assert!(
+            r[&libc::SYS_write].is_empty(),
+            "a condition narrows nothing already allowed"
+        );
+        assert!(!rules(ThreadKind::Engine, &[]).contains_key(&libc::SYS_ioctl));
+        compile(ThreadKind::Engine, Mode::Enforce, &extra).unwrap();
     }
 }

@@ -1,13 +1,12 @@
-//! The software loopback backend: both channel ends live in this devd, and
-//! a bounded in-memory queue per direction stands in for the wire. It
-//! models the hardware path's flow control (a window of bytes in flight)
-//! and ordered end marks, and is what CI runs.
+//! [`Loopback`]: channels paired inside one instance, each direction a
+//! bounded queue.
 
-use crate::{Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Peer, Recv};
+use super::DEFAULT_WINDOW;
+use crate::{
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
+};
 use std::collections::{HashMap, VecDeque};
-
-/// Default bytes in flight per direction.
-pub const DEFAULT_WINDOW: usize = 256 * 1024;
+use std::os::fd::BorrowedFd;
 
 #[derive(Debug)]
 struct Channel {
@@ -18,6 +17,8 @@ struct Channel {
     inbox_mark: Option<Mark>,
     /// Whether this end already sent its mark.
     ended: bool,
+    /// This channel's outgoing stream.
+    out: Offsets,
 }
 
 /// In-process loopback interconnect.
@@ -25,6 +26,8 @@ struct Channel {
 pub struct Loopback {
     window: usize,
     chans: HashMap<ChannelId, Channel>,
+    /// Channels whose state changed since the last poll.
+    ready: Vec<ChannelId>,
 }
 
 impl Loopback {
@@ -33,6 +36,16 @@ impl Loopback {
         Loopback {
             window: window.max(1),
             chans: HashMap::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// `ch`'s bytes no longer wait for anyone (its peer reset or went
+    /// away): all of them count as acknowledged.
+    fn settle(&mut self, ch: ChannelId) {
+        if let Some(c) = self.chans.get_mut(&ch) {
+            c.out.acked = c.out.sent;
+            self.ready.push(ch);
         }
     }
 }
@@ -52,8 +65,18 @@ impl Backend for Loopback {
         }
     }
 
+    fn readiness(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn poll(&mut self, ready: &mut Vec<ChannelId>) {
+        ready.append(&mut self.ready);
+    }
+
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
-        let Peer::Local(peer) = peer;
+        let Peer::Local(peer) = peer else {
+            return Err(BackendError::Unreachable(ch));
+        };
         if self.chans.contains_key(&ch) {
             return Err(BackendError::Busy(ch));
         }
@@ -64,6 +87,7 @@ impl Backend for Loopback {
                 inbox: VecDeque::new(),
                 inbox_mark: None,
                 ended: false,
+                out: Offsets::default(),
             },
         );
         Ok(())
@@ -78,10 +102,17 @@ impl Backend for Loopback {
         let p = self
             .chans
             .get_mut(&peer)
+            .filter(|p| p.peer == ch)
             .ok_or(BackendError::PeerGone(ch))?;
         let room = self.window.saturating_sub(p.inbox.len());
         let n = room.min(data.len());
-        p.inbox.extend(&data[..n]);
+        if n > 0 {
+            p.inbox.extend(&data[..n]);
+            self.ready.push(peer);
+            if let Some(me) = self.chans.get_mut(&ch) {
+                me.out.sent += n as u64;
+            }
+        }
         Ok(n)
     }
 
@@ -92,11 +123,15 @@ impl Backend for Loopback {
         }
         me.ended = true;
         let peer = me.peer;
-        if let Some(p) = self.chans.get_mut(&peer) {
-            if mark == Mark::Reset {
-                p.inbox.clear();
-            }
-            p.inbox_mark.get_or_insert(mark);
+        let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) else {
+            return Ok(());
+        };
+        p.inbox_mark.get_or_insert(mark);
+        self.ready.push(peer);
+        if mark == Mark::Reset {
+            // What the peer had not taken is discarded, never to be taken.
+            p.inbox.clear();
+            self.settle(ch);
         }
         Ok(())
     }
@@ -115,6 +150,13 @@ impl Backend for Loopback {
         buf[..first].copy_from_slice(&a[..first]);
         buf[first..n].copy_from_slice(&b[..n - first]);
         me.inbox.drain(..n);
+        let peer = me.peer;
+        if n > 0 {
+            if let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) {
+                p.out.acked += n as u64;
+                self.ready.push(peer);
+            }
+        }
         Ok(Recv::Data(n))
     }
 
@@ -122,64 +164,31 @@ impl Backend for Loopback {
         self.chans.get(&ch).map_or(0, |c| c.inbox.len())
     }
 
+    fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
+        self.chans.get(&ch).map(|c| c.out)
+    }
+
     fn close(&mut self, ch: ChannelId) {
-        if let Some(me) = self.chans.remove(&ch) {
-            if let Some(p) = self.chans.get_mut(&me.peer) {
-                if !me.ended {
-                    p.inbox.clear();
-                    p.inbox_mark = Some(Mark::Reset);
-                }
-            }
+        let Some(me) = self.chans.remove(&ch) else {
+            return;
+        };
+        let Some(p) = self.chans.get_mut(&me.peer).filter(|p| p.peer == ch) else {
+            return;
+        };
+        if !me.ended {
+            p.inbox.clear();
+            p.inbox_mark = Some(Mark::Reset);
         }
+        // Whatever the peer sent here is dropped with this end, as a
+        // write to a closed TCP peer is.
+        self.settle(me.peer);
     }
 
     fn link_events(&mut self) -> Vec<LinkEvent> {
         Vec::new()
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pair(window: usize) -> Loopback {
-        let mut l = Loopback::new(window);
-        l.open(1, Peer::Local(2)).unwrap();
-        l.open(2, Peer::Local(1)).unwrap();
-        l
-    }
-
-    #[test]
-    fn bytes_arrive_in_order_then_the_mark() {
-        let mut l = pair(1024);
-        assert_eq!(l.send(1, b"hello ").unwrap(), 6);
-        assert_eq!(l.send(1, b"world").unwrap(), 5);
-        l.send_mark(1, Mark::Eos).unwrap();
-        let mut b = [0u8; 8];
-        assert_eq!(l.recv(2, &mut b).unwrap(), Recv::Data(8));
-        assert_eq!(&b, b"hello wo");
-        assert_eq!(l.recv(2, &mut b).unwrap(), Recv::Data(3));
-        assert_eq!(l.recv(2, &mut b).unwrap(), Recv::Mark(Mark::Eos));
-        assert!(l.send(1, b"x").is_err());
-    }
-
-    #[test]
-    fn window_limits_bytes_in_flight() {
-        let mut l = pair(10);
-        assert_eq!(l.send(1, &[0u8; 25]).unwrap(), 10);
-        assert_eq!(l.send(1, &[0u8; 5]).unwrap(), 0);
-        let mut b = [0u8; 4];
-        l.recv(2, &mut b).unwrap();
-        assert_eq!(l.send(1, &[0u8; 5]).unwrap(), 4);
-    }
-
-    #[test]
-    fn closing_without_a_mark_resets_the_peer() {
-        let mut l = pair(100);
-        l.send(1, b"abc").unwrap();
-        l.close(1);
-        let mut b = [0u8; 4];
-        assert_eq!(l.recv(2, &mut b).unwrap(), Recv::Mark(Mark::Reset));
-        assert!(l.send(2, b"x").is_err());
+    fn syscalls(&self) -> Vec<Syscall> {
+        Vec::new()
     }
 }

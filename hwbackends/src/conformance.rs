@@ -1,0 +1,374 @@
+//! The conformance suite every backend passes (each backend's `tests.rs`
+//! runs [`run_all`] on a [`Lab`] of its own): ordered bytes then the end
+//! mark, the window, sent and acknowledged offsets, resets, what `poll`
+//! names, errors, many channels at once, a long stream checked byte by
+//! byte.
+//!
+//! A lab is one backend instance for a local-only backend, or two (two
+//! "nodes") joined by a link for a remote one; `settle` lets what is in
+//! flight arrive. The suite asserts only what the `Backend` trait
+//! promises, so that the engine can rely on exactly that.
+//!
+//! Never here: a backend's private behaviour, timing.
+
+use crate::{Backend, BackendError, ChannelId, Mark, Recv};
+
+/// One end of a channel pair: which of the lab's backends, which channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct End {
+    /// Index of the backend in the lab.
+    pub at: usize,
+    /// The channel id on that backend.
+    pub ch: ChannelId,
+}
+
+/// What the suite drives.
+pub trait Lab {
+    /// Opens a fresh pair of connected channels.
+    fn pair(&mut self) -> [End; 2];
+    /// The backend at `i`.
+    fn backend(&mut self, i: usize) -> &mut dyn Backend;
+    /// Lets what is in flight between the backends arrive (remote
+    /// backends: poll every side until nothing moves).
+    fn settle(&mut self);
+}
+
+/// One case of the suite.
+type Case = fn(&mut dyn Lab);
+
+/// Runs every case, each on a fresh lab from `make`; a failure names its
+/// case.
+pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
+    let cases: [(&str, Case); 9] = [
+        ("bytes_in_order_then_the_mark", bytes_in_order_then_the_mark),
+        (
+            "the_window_limits_bytes_in_flight",
+            the_window_limits_bytes_in_flight,
+        ),
+        (
+            "offsets_count_sent_and_acknowledged",
+            offsets_count_sent_and_acknowledged,
+        ),
+        (
+            "closing_without_a_mark_resets_the_peer",
+            closing_without_a_mark_resets_the_peer,
+        ),
+        (
+            "a_reset_discards_unread_bytes",
+            a_reset_discards_unread_bytes,
+        ),
+        (
+            "poll_names_the_channels_that_changed",
+            poll_names_the_channels_that_changed,
+        ),
+        ("misuse_gets_errors", misuse_gets_errors),
+        ("many_channels_stay_apart", many_channels_stay_apart),
+        (
+            "a_long_stream_arrives_exactly",
+            a_long_stream_arrives_exactly,
+        ),
+    ];
+    let w = make().backend(0).capabilities().window;
+    assert!(
+        w >= 4096,
+        "the suite needs a window of at least 4 KiB, not {w}"
+    );
+    for (name, case) in cases {
+        let mut lab = make();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(lab.as_mut())));
+        if let Err(e) = r {
+            let what = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("conformance case {name} failed: {what}");
+        }
+    }
+    let mut lab = make();
+    let b = lab.backend(0);
+    for s in b.syscalls() {
+        assert!(
+            s.nr >= 0 && !s.why.is_empty(),
+            "syscall without a reason: {s:?}"
+        );
+    }
+}
+
+fn send(lab: &mut dyn Lab, e: End, data: &[u8]) -> Result<usize, BackendError> {
+    lab.backend(e.at).send(e.ch, data)
+}
+
+fn recv(lab: &mut dyn Lab, e: End, buf: &mut [u8]) -> Recv {
+    lab.backend(e.at)
+        .recv(e.ch, buf)
+        .expect("recv on an open channel")
+}
+
+/// Receives everything that arrived on `e` (until Empty or a mark).
+fn drain(lab: &mut dyn Lab, e: End) -> (Vec<u8>, Option<Mark>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match recv(lab, e, &mut buf) {
+            Recv::Data(0) | Recv::Empty => return (got, None),
+            Recv::Data(n) => got.extend_from_slice(&buf[..n]),
+            Recv::Mark(m) => return (got, Some(m)),
+        }
+    }
+}
+
+fn window(lab: &mut dyn Lab, e: End) -> usize {
+    lab.backend(e.at).capabilities().window
+}
+
+fn bytes_in_order_then_the_mark(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    assert_eq!(send(lab, a, b"hello ").unwrap(), 6);
+    assert_eq!(send(lab, a, b"world").unwrap(), 5);
+    lab.backend(a.at).send_mark(a.ch, Mark::Eos).unwrap();
+    lab.settle();
+    let mut buf = [0u8; 8];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Data(8));
+    assert_eq!(&buf, b"hello wo");
+    assert_eq!(recv(lab, b, &mut buf), Recv::Data(3));
+    assert_eq!(&buf[..3], b"rld");
+    assert_eq!(recv(lab, b, &mut buf), Recv::Mark(Mark::Eos));
+    assert_eq!(
+        recv(lab, b, &mut buf),
+        Recv::Mark(Mark::Eos),
+        "a mark stays"
+    );
+    assert_eq!(send(lab, a, b"x"), Err(BackendError::Ended(a.ch)));
+    // The other direction is still open.
+    assert_eq!(send(lab, b, b"back").unwrap(), 4);
+    lab.settle();
+    assert_eq!(drain(lab, a), (b"back".to_vec(), None));
+}
+
+fn the_window_limits_bytes_in_flight(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let w = window(lab, a);
+    let big = vec![7u8; w + 100];
+    let mut took = 0;
+    for _ in 0..4 {
+        took += send(lab, a, &big[took..]).unwrap();
+        lab.settle();
+    }
+    assert_eq!(took, w, "a full window takes exactly {w} bytes");
+    assert_eq!(
+        send(lab, a, b"more").unwrap(),
+        0,
+        "no room while the window is full"
+    );
+    let mut buf = vec![0u8; 100];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Data(100));
+    lab.settle();
+    let mut more = 0;
+    for _ in 0..4 {
+        more += send(lab, a, &big[..100 - more]).unwrap();
+        lab.settle();
+    }
+    assert_eq!(more, 100, "room comes back as the peer receives");
+    assert_eq!(lab.backend(b.at).pending(b.ch), w);
+}
+
+fn offsets_count_sent_and_acknowledged(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!((o.sent, o.acked), (0, 0));
+    assert_eq!(send(lab, a, &[1u8; 1000]).unwrap(), 1000);
+    lab.settle();
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!((o.sent, o.acked), (1000, 0), "nothing taken yet");
+    let mut buf = [0u8; 300];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Data(300));
+    lab.settle();
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!(o.sent, 1000);
+    assert!(o.acked <= 300, "acknowledged beyond what was taken: {o:?}");
+    drain(lab, b);
+    lab.settle();
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!((o.sent, o.acked), (1000, 1000));
+    let o = lab.backend(b.at).offsets(b.ch).unwrap();
+    assert_eq!((o.sent, o.acked), (0, 0), "the other direction is its own");
+}
+
+fn closing_without_a_mark_resets_the_peer(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    send(lab, a, b"abc").unwrap();
+    send(lab, b, b"unread by a").unwrap();
+    lab.backend(a.at).close(a.ch);
+    lab.settle();
+    let mut buf = [0u8; 4];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Mark(Mark::Reset));
+    assert!(
+        send(lab, b, b"x").is_err(),
+        "sending to a closed peer fails"
+    );
+    let o = lab.backend(b.at).offsets(b.ch).unwrap();
+    assert_eq!(
+        o.acked, o.sent,
+        "bytes a closed peer never takes wait for nobody"
+    );
+    assert_eq!(lab.backend(a.at).offsets(a.ch), None);
+}
+
+fn a_reset_discards_unread_bytes(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    send(lab, a, &[9u8; 500]).unwrap();
+    lab.backend(a.at).send_mark(a.ch, Mark::Reset).unwrap();
+    lab.settle();
+    let mut buf = [0u8; 64];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Mark(Mark::Reset));
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!(
+        (o.sent, o.acked),
+        (500, 500),
+        "discarded bytes wait for nobody"
+    );
+    // An orderly end, by contrast, keeps them.
+    let [c, d] = lab.pair();
+    send(lab, c, &[3u8; 500]).unwrap();
+    lab.backend(c.at).send_mark(c.ch, Mark::Eos).unwrap();
+    lab.backend(c.at).close(c.ch);
+    lab.settle();
+    assert_eq!(drain(lab, d), (vec![3u8; 500], Some(Mark::Eos)));
+}
+
+fn poll_names_the_channels_that_changed(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let [c, _] = lab.pair();
+    let polled = |lab: &mut dyn Lab, at: usize| {
+        lab.settle();
+        let mut r = Vec::new();
+        lab.backend(at).poll(&mut r);
+        r
+    };
+    polled(lab, a.at);
+    polled(lab, b.at);
+    send(lab, a, b"ping").unwrap();
+    let r = polled(lab, b.at);
+    assert!(
+        r.contains(&b.ch),
+        "bytes arrived for {}: poll said {r:?}",
+        b.ch
+    );
+    assert!(!r.contains(&c.ch), "an idle channel named: {r:?}");
+    let mut buf = [0u8; 4];
+    assert_eq!(recv(lab, b, &mut buf), Recv::Data(4));
+    let r = polled(lab, a.at);
+    assert!(r.contains(&a.ch), "a's bytes were taken: poll said {r:?}");
+    lab.backend(b.at).send_mark(b.ch, Mark::Eos).unwrap();
+    let r = polled(lab, a.at);
+    assert!(r.contains(&a.ch), "a mark arrived for a: poll said {r:?}");
+}
+
+fn misuse_gets_errors(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let peer = crate::Peer::Local(b.ch);
+    let be = lab.backend(a.at);
+    assert!(matches!(
+        be.open(a.ch, peer),
+        Err(BackendError::Busy(_) | BackendError::Unreachable(_))
+    ));
+    let none: ChannelId = 0xdead_beef_0000;
+    assert_eq!(be.send(none, b"x"), Err(BackendError::NoChannel(none)));
+    assert_eq!(
+        be.recv(none, &mut [0u8; 4]),
+        Err(BackendError::NoChannel(none))
+    );
+    assert_eq!(
+        be.send_mark(none, Mark::Eos),
+        Err(BackendError::NoChannel(none))
+    );
+    assert_eq!(be.pending(none), 0);
+    assert_eq!(be.offsets(none), None);
+    be.close(none);
+    // A mark twice is one mark.
+    be.send_mark(a.ch, Mark::Eos).unwrap();
+    be.send_mark(a.ch, Mark::Reset).unwrap();
+    lab.settle();
+    assert_eq!(recv(lab, b, &mut [0u8; 4]), Recv::Mark(Mark::Eos));
+    // An empty send moves nothing.
+    assert_eq!(send(lab, b, &[]).unwrap(), 0);
+}
+
+/// A small deterministic generator (xorshift64*): the suite needs varied
+/// sizes, not randomness.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
+    }
+}
+
+/// Byte `i` of stream `s`: every stream and offset differs.
+fn byte(s: usize, i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ s.wrapping_mul(131) ^ (i >> 8)).to_le_bytes()[0]
+}
+
+/// Streams `len` bytes each way over every pair at once, in chunks of
+/// varied size and interleaved, and checks each byte where it lands.
+fn streams(lab: &mut dyn Lab, pairs: &[[End; 2]], len: usize, seed: u64) {
+    let ends: Vec<End> = pairs.iter().flatten().copied().collect();
+    let mut sent = vec![0usize; ends.len()];
+    let mut got = vec![0usize; ends.len()];
+    let mut g = Gen(seed);
+    let mut buf = vec![0u8; 70_000];
+    let mut idle = 0;
+    while got.iter().any(|&n| n < len) {
+        let mut moved = false;
+        for (k, &end) in ends.iter().enumerate() {
+            // End k sends stream k; its peer (k ^ 1) receives it.
+            if sent[k] < len {
+                let n = (1 + g.below(65_536)).min(len - sent[k]);
+                let chunk: Vec<u8> = (sent[k]..sent[k] + n).map(|i| byte(k, i)).collect();
+                let took = send(lab, end, &chunk).unwrap();
+                sent[k] += took;
+                moved |= took > 0;
+            }
+        }
+        lab.settle();
+        for (k, &end) in ends.iter().enumerate() {
+            let from = k ^ 1;
+            let want = 1 + g.below(buf.len());
+            match recv(lab, end, &mut buf[..want]) {
+                Recv::Data(n) => {
+                    for (j, &b) in buf[..n].iter().enumerate() {
+                        let i = got[from] + j;
+                        assert_eq!(b, byte(from, i), "stream {from}, byte {i}");
+                    }
+                    got[from] += n;
+                    moved |= n > 0;
+                }
+                Recv::Empty => {}
+                Recv::Mark(m) => panic!("stream {from} ended ({m:?}) at {}", got[from]),
+            }
+            assert!(got[from] <= len, "stream {from} longer than sent");
+        }
+        idle = if moved { 0 } else { idle + 1 };
+        assert!(idle < 1000, "nothing moved: sent {sent:?}, got {got:?}");
+    }
+}
+
+fn many_channels_stay_apart(lab: &mut dyn Lab) {
+    let pairs: Vec<[End; 2]> = (0..8).map(|_| lab.pair()).collect();
+    streams(lab, &pairs, 300_000, 0x5eed);
+}
+
+fn a_long_stream_arrives_exactly(lab: &mut dyn Lab) {
+    let p = lab.pair();
+    streams(lab, &[p], 4 << 20, 0xfeed);
+    let o = lab.backend(p[0].at).offsets(p[0].ch).unwrap();
+    assert_eq!((o.sent, o.acked), (4 << 20, 4 << 20));
+}

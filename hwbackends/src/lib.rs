@@ -13,8 +13,9 @@
 //!   bytes are acknowledged, so a link that fails loses nothing the client
 //!   does not still hold;
 //! - readiness: an fd the engine's epoll waits on for news that arrives on
-//!   its own (a doorbell, a completion channel), and [`Backend::poll`],
-//!   which names the channels that changed;
+//!   its own (a doorbell, a completion channel), a deadline for the next
+//!   poll (heartbeats), and [`Backend::poll`], which names the channels
+//!   that changed;
 //! - link events that name the peer node;
 //! - the system calls the backend makes in the engine thread, which devd
 //!   adds to that thread's seccomp filter ([`Syscall`]).
@@ -33,6 +34,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod loopback;
+pub mod ntb;
 
 use std::os::fd::BorrowedFd;
 
@@ -165,6 +167,10 @@ pub trait Backend: Send {
     /// its peer gone. The engine polls after every turn and whenever the
     /// readiness fd fires. A channel may be named more than once.
     fn poll(&mut self, ready: &mut Vec<ChannelId>);
+    /// How long the engine may sleep before it must poll again even if
+    /// nothing wakes it (a heartbeat to send, a peer's to check); `None`:
+    /// as long as it likes.
+    fn deadline(&self) -> Option<std::time::Duration>;
     /// Opens channel `ch` towards `peer`.
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError>;
     /// Queues bytes on `ch`; returns how many were accepted (0: window full).

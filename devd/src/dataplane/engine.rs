@@ -226,7 +226,15 @@ impl Engine {
     fn run(&mut self, rx: &mpsc::Receiver<Cmd>, wake: &EventFd) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let timeout = if self.busy.is_empty() { -1 } else { 0 };
+            let timeout = if !self.busy.is_empty() {
+                0
+            } else {
+                // The backend's next chore (a heartbeat), rounded up to
+                // a millisecond; none: sleep until woken.
+                self.backend.deadline().map_or(-1, |d| {
+                    i32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+                })
+            };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

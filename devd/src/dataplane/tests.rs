@@ -37,6 +37,9 @@ impl Backend for AsRemote {
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
         self.0.poll(ready)
     }
+    fn deadline(&self) -> Option<Duration> {
+        None
+    }
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
         match peer {
             Peer::Remote { node: 7, channel } => self.0.open(ch, Peer::Local(channel)),

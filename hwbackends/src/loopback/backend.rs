@@ -73,6 +73,10 @@ impl Backend for Loopback {
         ready.append(&mut self.ready);
     }
 
+    fn deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
         let Peer::Local(peer) = peer else {
             return Err(BackendError::Unreachable(ch));

@@ -1,0 +1,579 @@
+//! [`Ntb`]: channels to one peer node through a [`Window`]. Frames go
+//! into the peer's inbox and are published with its producer word and a
+//! doorbell at the end of the engine's turn (`poll`); small payloads are
+//! copied at `send` (PIO), larger ones reserved then and copied in one
+//! batch before publishing (the stand-in for a DMA engine). What arrives
+//! in this node's inbox is checked, copied into per-channel queues (at
+//! most a window each, which the peer may not exceed) and its room given
+//! back through the peer's consumer word; a channel's receiver
+//! acknowledges what its `recv` took with an Ack frame.
+//!
+//! Link state comes from the heartbeat words; a hostile inbox (a value
+//! that breaks the layout's rules) takes the link down for good: every
+//! channel ends with Reset and nothing more is read.
+
+use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING};
+use super::window::Window;
+use super::{BEAT, DEAD, DMA_MIN};
+use crate::{
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkState, Mark, NodeId, Offsets,
+    Peer, Recv, Syscall,
+};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+struct Chan {
+    /// The peer node's channel.
+    dst: ChannelId,
+    /// Bytes that arrived, not yet received.
+    rxq: VecDeque<u8>,
+    rx_mark: Option<Mark>,
+    /// Bytes `recv` took (what an Ack says).
+    taken: u64,
+    ack_due: bool,
+    out: Offsets,
+    ended: bool,
+    peer_gone: bool,
+    /// A send found no room in the ring: named when room comes back.
+    starved: bool,
+}
+
+/// What the backend counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Data frames copied at `send`.
+    pub pio: u64,
+    /// Data frames copied in a batch at the end of a turn.
+    pub dma: u64,
+    /// Doorbells rung.
+    pub doorbells: u64,
+    /// Frames for a channel that is not (or no longer) open here.
+    pub stale: u64,
+}
+
+/// An ntb link to one peer node.
+pub struct Ntb {
+    peer: NodeId,
+    win: Box<dyn Window>,
+    ring: u64,
+    window: usize,
+    chans: HashMap<ChannelId, Chan>,
+    ready: Vec<ChannelId>,
+    /// Ring bytes reserved in the peer's inbox, and published.
+    prod: u64,
+    published: u64,
+    /// How far the peer read its inbox (from this node's inbox, checked).
+    peer_cons: u64,
+    /// Reserved frames waiting for the batch copy.
+    dma: Vec<(u64, Vec<u8>)>,
+    /// Frames that found no room yet (marks, acks, closes), in order.
+    ctl: VecDeque<(Header, u64)>,
+    /// This node's read position in its inbox.
+    cons: u64,
+    beat: u64,
+    beat_at: Instant,
+    peer_beat: u64,
+    peer_seen: Instant,
+    up: bool,
+    hostile: bool,
+    events: Vec<LinkEvent>,
+    counters: Counters,
+    scratch: Vec<u8>,
+}
+
+impl Ntb {
+    /// The link to node `peer` through `win`, each channel with `window`
+    /// bytes in flight at most (the ring must hold more).
+    pub fn new(peer: NodeId, win: Box<dyn Window>, window: usize) -> Ntb {
+        let ring = u64::try_from(win.size().saturating_sub(RING)).unwrap_or(0);
+        win.store(inbox::OFF_VERSION, inbox::VERSION);
+        win.store(inbox::OFF_MAGIC, inbox::MAGIC);
+        let now = Instant::now();
+        Ntb {
+            peer,
+            win,
+            ring,
+            window: window.max(1),
+            chans: HashMap::new(),
+            ready: Vec::new(),
+            prod: 0,
+            published: 0,
+            peer_cons: 0,
+            dma: Vec::new(),
+            ctl: VecDeque::new(),
+            cons: 0,
+            beat: 0,
+            beat_at: now.checked_sub(BEAT).unwrap_or(now),
+            peer_beat: 0,
+            peer_seen: now,
+            up: false,
+            hostile: false,
+            events: Vec::new(),
+            counters: Counters::default(),
+            scratch: vec![0u8; MAX_PAYLOAD],
+        }
+    }
+
+    /// What was counted so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Whether the peer's heartbeat is current.
+    pub fn link_up(&self) -> bool {
+        self.up && !self.hostile
+    }
+
+    fn room(&self) -> u64 {
+        self.ring.saturating_sub(self.prod - self.peer_cons)
+    }
+
+    /// Copies `b` into the peer's ring at position `pos`, wrapping.
+    fn ring_write(&self, pos: u64, b: &[u8]) {
+        let at = usize::try_from(pos % self.ring).unwrap_or(0);
+        let ring = usize::try_from(self.ring).unwrap_or(0);
+        let first = b.len().min(ring - at);
+        self.win.write(RING + at, &b[..first]);
+        if first < b.len() {
+            self.win.write(RING, &b[first..]);
+        }
+    }
+
+    /// Copies from this node's ring at position `pos`, wrapping.
+    fn ring_read(&self, pos: u64, b: &mut [u8]) {
+        let at = usize::try_from(pos % self.ring).unwrap_or(0);
+        let ring = usize::try_from(self.ring).unwrap_or(0);
+        let first = b.len().min(ring - at);
+        self.win.read(RING + at, &mut b[..first]);
+        if first < b.len() {
+            self.win.read(RING, &mut b[first..]);
+        }
+    }
+
+    /// Reserves and writes a frame now if the ring has room.
+    fn put(&mut self, h: &Header, payload: &[u8]) -> bool {
+        let size = inbox::frame_size(h.len) as u64;
+        if size > self.room() {
+            return false;
+        }
+        let pos = self.prod;
+        self.prod += size;
+        self.ring_write(pos, &inbox::encode(h));
+        if !payload.is_empty() {
+            self.ring_write(pos + HDR as u64, payload);
+        }
+        true
+    }
+
+    /// A control frame (mark, ack, close; `word` is an ack's payload),
+    /// after every frame before it.
+    fn put_ctl(&mut self, h: Header, word: u64) {
+        if !self.ctl.is_empty() || !self.put(&h, &word.to_le_bytes()[..h.len]) {
+            self.ctl.push_back((h, word));
+        }
+    }
+
+    /// The batch copy, the control frames that wait, the acks due; then
+    /// the producer word and one doorbell.
+    fn flush(&mut self) {
+        for (pos, frame) in std::mem::take(&mut self.dma) {
+            self.ring_write(pos, &frame);
+            self.counters.dma += 1;
+        }
+        while let Some(&(h, word)) = self.ctl.front() {
+            if !self.put(&h, &word.to_le_bytes()[..h.len]) {
+                break;
+            }
+            self.ctl.pop_front();
+        }
+        let due: Vec<(ChannelId, ChannelId, u64)> = self
+            .chans
+            .iter_mut()
+            .filter(|(_, c)| c.ack_due && !c.peer_gone)
+            .map(|(&ch, c)| {
+                c.ack_due = false;
+                (ch, c.dst, c.taken)
+            })
+            .collect();
+        for (ch, dst, taken) in due {
+            let h = Header {
+                kind: Kind::Ack,
+                len: 8,
+                dst,
+                src: ch,
+            };
+            self.put_ctl(h, taken);
+        }
+        if self.prod != self.published {
+            self.published = self.prod;
+            self.win.store(inbox::OFF_PROD, self.published);
+            self.ring_bell();
+        }
+    }
+
+    fn ring_bell(&mut self) {
+        self.win.ring();
+        self.counters.doorbells += 1;
+    }
+
+    /// Heartbeats out and in; link events.
+    fn link(&mut self, now: Instant) {
+        if now.duration_since(self.beat_at) >= BEAT {
+            self.beat += 1;
+            self.beat_at = now;
+            self.win.store(inbox::OFF_BEAT, self.beat);
+        }
+        let ok = self.win.load(inbox::OFF_MAGIC) == inbox::MAGIC
+            && self.win.load(inbox::OFF_VERSION) == inbox::VERSION;
+        let beat = self.win.load(inbox::OFF_BEAT);
+        if ok && beat != self.peer_beat {
+            self.peer_beat = beat;
+            self.peer_seen = now;
+            if !self.up && !self.hostile {
+                self.up = true;
+                self.events.push(LinkEvent {
+                    node: self.peer,
+                    state: LinkState::Up,
+                });
+            }
+        } else if self.up && now.duration_since(self.peer_seen) > DEAD {
+            self.up = false;
+            self.events.push(LinkEvent {
+                node: self.peer,
+                state: LinkState::Down,
+            });
+        }
+    }
+
+    /// The peer broke the inbox's rules: the link is down for good, every
+    /// channel ends with Reset.
+    fn hostile(&mut self, why: &dyn std::fmt::Display) {
+        log::warn!(
+            "ntb link to node {}: hostile inbox ({why}); the link is down",
+            self.peer
+        );
+        self.hostile = true;
+        if self.up {
+            self.up = false;
+            self.events.push(LinkEvent {
+                node: self.peer,
+                state: LinkState::Down,
+            });
+        }
+        for (&ch, c) in &mut self.chans {
+            c.rxq.clear();
+            c.rx_mark.get_or_insert(Mark::Reset);
+            c.peer_gone = true;
+            c.out.acked = c.out.sent;
+            self.ready.push(ch);
+        }
+    }
+
+    /// Reads what the peer published in this node's inbox.
+    fn take_in(&mut self) {
+        if self.hostile || self.ring == 0 {
+            return;
+        }
+        if self.win.load(inbox::OFF_MAGIC) != inbox::MAGIC {
+            return; // the peer has not started
+        }
+        // Room the peer gave back.
+        let pc = self.win.load(inbox::OFF_CONS);
+        if pc < self.peer_cons || pc > self.published {
+            let why = format!(
+                "consumer word {pc} outside {}..={}",
+                self.peer_cons, self.published
+            );
+            return self.hostile(&why);
+        }
+        if pc > self.peer_cons {
+            self.peer_cons = pc;
+            // Channels whose sends found no room may go on.
+            for (&ch, c) in &mut self.chans {
+                if std::mem::take(&mut c.starved) {
+                    self.ready.push(ch);
+                }
+            }
+        }
+        let prod = self.win.load(inbox::OFF_PROD);
+        if prod < self.cons || prod - self.cons > self.ring {
+            let why = format!(
+                "producer word {prod} outside {}..={}",
+                self.cons,
+                self.cons + self.ring
+            );
+            return self.hostile(&why);
+        }
+        let start = self.cons;
+        while self.cons < prod {
+            let avail = usize::try_from(prod - self.cons).unwrap_or(usize::MAX);
+            let mut hb = [0u8; HDR];
+            self.ring_read(self.cons, &mut hb);
+            let h = match inbox::decode(&hb, avail) {
+                Ok(h) => h,
+                Err(e) => return self.hostile(&e),
+            };
+            let at = self.cons + HDR as u64;
+            self.cons += inbox::frame_size(h.len) as u64;
+            if let Err(why) = self.frame(&h, at) {
+                return self.hostile(&why);
+            }
+        }
+        if self.cons != start {
+            self.win.store(inbox::OFF_CONS, self.cons);
+            self.ring_bell();
+        }
+    }
+
+    /// One checked frame whose payload starts at ring position `at`.
+    fn frame(&mut self, h: &Header, at: u64) -> Result<(), String> {
+        let Some(c) = self.chans.get_mut(&h.dst).filter(|c| c.dst == h.src) else {
+            // Sent before this end opened, or after it closed.
+            self.counters.stale += 1;
+            return Ok(());
+        };
+        match h.kind {
+            Kind::Data => {
+                if c.rx_mark.is_some() {
+                    return Ok(()); // after a mark: discarded, as after a reset
+                }
+                if c.rxq.len() + h.len > self.window {
+                    return Err(format!(
+                        "channel {}: {} bytes beyond its window",
+                        h.dst,
+                        c.rxq.len() + h.len - self.window
+                    ));
+                }
+                let mut buf = std::mem::take(&mut self.scratch);
+                self.ring_read(at, &mut buf[..h.len]);
+                if let Some(c) = self.chans.get_mut(&h.dst) {
+                    c.rxq.extend(&buf[..h.len]);
+                }
+                self.scratch = buf;
+            }
+            Kind::Eos | Kind::Reset => {
+                let m = if h.kind == Kind::Eos {
+                    Mark::Eos
+                } else {
+                    c.rxq.clear();
+                    Mark::Reset
+                };
+                c.rx_mark.get_or_insert(m);
+            }
+            Kind::Ack => {
+                let mut w = [0u8; 8];
+                self.ring_read(at, &mut w);
+                let off = u64::from_le_bytes(w);
+                let c = self.chans.get_mut(&h.dst).ok_or("channel gone")?;
+                if off < c.out.acked || off > c.out.sent {
+                    return Err(format!(
+                        "channel {}: ack {off} outside {}..={}",
+                        h.dst, c.out.acked, c.out.sent
+                    ));
+                }
+                c.out.acked = off;
+            }
+            Kind::Gone => {
+                c.peer_gone = true;
+                if c.rx_mark.is_none() {
+                    c.rxq.clear();
+                    c.rx_mark = Some(Mark::Reset);
+                }
+                c.out.acked = c.out.sent;
+            }
+        }
+        self.ready.push(h.dst);
+        Ok(())
+    }
+}
+
+impl Backend for Ntb {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "ntb",
+            remote: true,
+            window: self.window,
+        }
+    }
+
+    fn readiness(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.win.bell())
+    }
+
+    fn poll(&mut self, ready: &mut Vec<ChannelId>) {
+        self.win.drain();
+        self.link(Instant::now());
+        self.take_in();
+        self.flush();
+        ready.append(&mut self.ready);
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        Some(BEAT.saturating_sub(self.beat_at.elapsed()))
+    }
+
+    fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
+        let Peer::Remote { node, channel } = peer else {
+            return Err(BackendError::Unreachable(ch));
+        };
+        if node != self.peer || self.hostile {
+            return Err(BackendError::Unreachable(ch));
+        }
+        if self.chans.contains_key(&ch) {
+            return Err(BackendError::Busy(ch));
+        }
+        self.chans.insert(
+            ch,
+            Chan {
+                dst: channel,
+                rxq: VecDeque::new(),
+                rx_mark: None,
+                taken: 0,
+                ack_due: false,
+                out: Offsets::default(),
+                ended: false,
+                peer_gone: false,
+                starved: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
+        let c = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
+        if c.ended {
+            return Err(BackendError::Ended(ch));
+        }
+        if c.peer_gone {
+            return Err(BackendError::PeerGone(ch));
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let in_flight = usize::try_from(c.out.sent - c.out.acked).unwrap_or(usize::MAX);
+        let credit = self.window.saturating_sub(in_flight);
+        if credit == 0 {
+            return Ok(0); // the peer's ack names this channel
+        }
+        let room = usize::try_from(self.room()).unwrap_or(usize::MAX);
+        // Frames before this one wait for room: nothing overtakes them.
+        let n = if self.ctl.is_empty() {
+            data.len()
+                .min(credit)
+                .min(MAX_PAYLOAD)
+                .min(room.saturating_sub(HDR) & !7)
+        } else {
+            0
+        };
+        if n == 0 {
+            if let Some(c) = self.chans.get_mut(&ch) {
+                c.starved = true;
+            }
+            return Ok(0);
+        }
+        let h = Header {
+            kind: Kind::Data,
+            len: n,
+            dst: c.dst,
+            src: ch,
+        };
+        if n < DMA_MIN {
+            self.put(&h, &data[..n]);
+            self.counters.pio += 1;
+        } else {
+            let pos = self.prod;
+            self.prod += inbox::frame_size(n) as u64;
+            let mut frame = Vec::with_capacity(HDR + n);
+            frame.extend_from_slice(&inbox::encode(&h));
+            frame.extend_from_slice(&data[..n]);
+            self.dma.push((pos, frame));
+        }
+        if let Some(c) = self.chans.get_mut(&ch) {
+            c.out.sent += n as u64;
+        }
+        Ok(n)
+    }
+
+    fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError> {
+        let c = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
+        if c.ended {
+            return Ok(());
+        }
+        c.ended = true;
+        let dst = c.dst;
+        if c.peer_gone {
+            return Ok(());
+        }
+        let kind = if mark == Mark::Eos {
+            Kind::Eos
+        } else {
+            // What the peer had not taken is discarded there.
+            c.out.acked = c.out.sent;
+            self.ready.push(ch);
+            Kind::Reset
+        };
+        let h = Header {
+            kind,
+            len: 0,
+            dst,
+            src: ch,
+        };
+        self.put_ctl(h, 0);
+        Ok(())
+    }
+
+    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
+        let c = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
+        if c.rxq.is_empty() {
+            return Ok(match c.rx_mark {
+                Some(m) => Recv::Mark(m),
+                None => Recv::Empty,
+            });
+        }
+        let n = buf.len().min(c.rxq.len());
+        let (a, b) = c.rxq.as_slices();
+        let first = n.min(a.len());
+        buf[..first].copy_from_slice(&a[..first]);
+        buf[first..n].copy_from_slice(&b[..n - first]);
+        c.rxq.drain(..n);
+        if n > 0 {
+            c.taken += n as u64;
+            c.ack_due = true;
+        }
+        Ok(Recv::Data(n))
+    }
+
+    fn pending(&self, ch: ChannelId) -> usize {
+        self.chans.get(&ch).map_or(0, |c| c.rxq.len())
+    }
+
+    fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
+        self.chans.get(&ch).map(|c| c.out)
+    }
+
+    fn close(&mut self, ch: ChannelId) {
+        let Some(c) = self.chans.remove(&ch) else {
+            return;
+        };
+        if !c.peer_gone {
+            let h = Header {
+                kind: Kind::Gone,
+                len: 0,
+                dst: c.dst,
+                src: ch,
+            };
+            self.put_ctl(h, 0);
+        }
+    }
+
+    fn link_events(&mut self) -> Vec<LinkEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn syscalls(&self) -> Vec<Syscall> {
+        // Doorbells are eventfd reads and writes, which devd's engine
+        // already makes.
+        Vec::new()
+    }
+}

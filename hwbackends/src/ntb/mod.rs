@@ -1,0 +1,32 @@
+//! The ntb backend, on the Linux NTB model: a link to one peer node made
+//! of memory windows and doorbells. Each side writes only into the peer's
+//! inbox and reads only its own (ntb_transport's rule), checks every value
+//! it reads there (the other host is not trusted: `inbox.rs`), copies
+//! small payloads itself (PIO) and large ones in a batch per turn (the
+//! stand-in for a DMA engine), and learns the link's state from a
+//! heartbeat word plus the doorbells. Windows come from a provider
+//! (`window.rs`): a shared memory file with eventfd doorbells today, a
+//! VFIO-mapped PCI BAR with MSI-X doorbells later.
+//!
+//! Never here: a read of the peer's inbox, a value from the inbox used
+//! before it was checked, a blocking call.
+
+mod backend;
+pub mod inbox;
+#[cfg(test)]
+mod tests;
+pub mod window;
+
+pub use backend::{Counters, Ntb};
+pub use window::{MemWindow, Window};
+
+use std::time::Duration;
+
+/// How often a side bumps its heartbeat word.
+pub const BEAT: Duration = Duration::from_millis(250);
+/// A peer whose heartbeat has not moved for this long is down.
+pub const DEAD: Duration = Duration::from_secs(2);
+/// Payloads from this size on go through the batched copy.
+pub const DMA_MIN: usize = 1024;
+/// Bytes a channel may have in flight each way, by default.
+pub const DEFAULT_WINDOW: usize = 256 * 1024;

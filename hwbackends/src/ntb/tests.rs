@@ -1,0 +1,287 @@
+//! The conformance suite on two ntb nodes joined by an emulated window,
+//! then what only a link between hosts does: heartbeats and link events,
+//! a hostile inbox, both copy paths.
+
+use super::inbox::{self, RING};
+use super::{MemWindow, Ntb, Window, DEAD};
+use crate::conformance::{self, End, Lab};
+use crate::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv};
+use std::time::{Duration, Instant};
+
+/// Two nodes (1 and 2), each an `Ntb` over one end of a `MemWindow`.
+struct TwoNodes {
+    b: [Ntb; 2],
+    named: [Vec<ChannelId>; 2],
+    next: ChannelId,
+}
+
+impl TwoNodes {
+    fn new(half: usize, window: usize) -> TwoNodes {
+        let (w1, w2) = MemWindow::pair(half).unwrap();
+        TwoNodes {
+            b: [
+                Ntb::new(2, Box::new(w1), window),
+                Ntb::new(1, Box::new(w2), window),
+            ],
+            named: [Vec::new(), Vec::new()],
+            next: 10,
+        }
+    }
+}
+
+impl Lab for TwoNodes {
+    fn pair(&mut self) -> [End; 2] {
+        // The same channel id on both nodes: the suite must not care.
+        let ch = self.next;
+        self.next += 1;
+        self.b[0]
+            .open(
+                ch,
+                Peer::Remote {
+                    node: 2,
+                    channel: ch,
+                },
+            )
+            .unwrap();
+        self.b[1]
+            .open(
+                ch,
+                Peer::Remote {
+                    node: 1,
+                    channel: ch,
+                },
+            )
+            .unwrap();
+        [End { at: 0, ch }, End { at: 1, ch }]
+    }
+
+    fn backend(&mut self, i: usize) -> &mut dyn Backend {
+        &mut self.b[i]
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..6 {
+            for i in 0..2 {
+                self.b[i].poll(&mut self.named[i]);
+            }
+        }
+    }
+
+    fn poll(&mut self, at: usize) -> Vec<ChannelId> {
+        self.b[at].poll(&mut self.named[at]);
+        std::mem::take(&mut self.named[at])
+    }
+}
+
+#[test]
+fn two_ntb_nodes_pass_the_conformance_suite() {
+    for (half, window) in [
+        (1 << 20, 64 * 1024),
+        (256 * 1024, 128 * 1024),
+        (64 * 1024, 16384),
+    ] {
+        conformance::run_all(&mut || Box::new(TwoNodes::new(half, window)));
+    }
+}
+
+#[test]
+fn small_payloads_are_copied_at_once_and_large_ones_in_a_batch() {
+    let mut lab = TwoNodes::new(1 << 20, 256 * 1024);
+    let [a, b] = lab.pair();
+    assert_eq!(lab.b[0].send(a.ch, &[1u8; 100]).unwrap(), 100);
+    assert_eq!(lab.b[0].send(a.ch, &[2u8; 5000]).unwrap(), 5000);
+    let c = lab.b[0].counters();
+    assert_eq!((c.pio, c.dma), (1, 0), "the batch waits for the turn's end");
+    lab.settle();
+    let c = lab.b[0].counters();
+    assert_eq!((c.pio, c.dma), (1, 1));
+    assert!(c.doorbells >= 1);
+    let mut buf = vec![0u8; 6000];
+    assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(5100));
+    assert!(buf[..100].iter().all(|&x| x == 1) && buf[100..5100].iter().all(|&x| x == 2));
+}
+
+#[test]
+fn the_backend_wakes_through_its_doorbell_and_has_a_deadline() {
+    let mut lab = TwoNodes::new(1 << 20, 64 * 1024);
+    let [a, _] = lab.pair();
+    lab.settle();
+    let fd = lab.b[1].readiness().expect("a doorbell fd");
+    assert!(!readable(fd), "quiet before anything was sent");
+    lab.b[0].send(a.ch, b"ring").unwrap();
+    let mut r = Vec::new();
+    lab.b[0].poll(&mut r);
+    let fd = lab.b[1].readiness().expect("a doorbell fd");
+    assert!(readable(fd), "the peer's publish rang the doorbell");
+    assert!(lab.b[0].deadline().is_some_and(|d| d <= super::BEAT));
+}
+
+/// Whether a zero-timeout poll finds `fd` readable.
+fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = [ssock_rings::sys::PollFd::new(fd.as_raw_fd(), libc::POLLIN)];
+    ssock_rings::sys::poll(&mut p, Some(Duration::ZERO)).unwrap_or(0) > 0
+}
+
+#[test]
+fn the_link_comes_up_with_the_peers_heartbeat_and_goes_down_without_it() {
+    let mut lab = TwoNodes::new(64 * 1024, 16384);
+    lab.settle();
+    // Both wrote a beat at start; each saw the other's.
+    let ev = lab.b[0].link_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].node, ev[0].state), (2, LinkState::Up));
+    assert!(lab.b[0].link_up());
+    // Node 2 stops polling (its devd is stopped): node 1 says Down after
+    // DEAD, and only once.
+    let t = Instant::now();
+    let mut down = Vec::new();
+    while down.is_empty() {
+        assert!(t.elapsed() < DEAD * 3, "no Down event");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut r = Vec::new();
+        lab.b[0].poll(&mut r);
+        down = lab.b[0].link_events();
+    }
+    assert!(t.elapsed() >= DEAD - Duration::from_millis(300));
+    assert_eq!((down[0].node, down[0].state), (2, LinkState::Down));
+    assert!(!lab.b[0].link_up());
+    // Node 2 beats again: Up.
+    std::thread::sleep(super::BEAT);
+    lab.settle();
+    let ev = lab.b[0].link_events();
+    assert_eq!(
+        ev.iter().map(|e| e.state).collect::<Vec<_>>(),
+        [LinkState::Up]
+    );
+}
+
+/// A window end that lets a test write into node 1's own inbox, as a
+/// hostile node 2 would.
+fn hostile_lab() -> (Ntb, MemWindow, ChannelId) {
+    let (w1, evil) = MemWindow::pair(64 * 1024).unwrap();
+    let mut n1 = Ntb::new(2, Box::new(w1), 16384);
+    n1.open(
+        5,
+        Peer::Remote {
+            node: 2,
+            channel: 6,
+        },
+    )
+    .unwrap();
+    evil.store(inbox::OFF_VERSION, inbox::VERSION);
+    evil.store(inbox::OFF_MAGIC, inbox::MAGIC);
+    evil.store(inbox::OFF_BEAT, 1);
+    (n1, evil, 5)
+}
+
+fn ends_reset(n1: &mut Ntb, ch: ChannelId) {
+    let mut r = Vec::new();
+    n1.poll(&mut r);
+    assert!(r.contains(&ch), "the channel was not named: {r:?}");
+    assert_eq!(n1.recv(ch, &mut [0u8; 8]).unwrap(), Recv::Mark(Mark::Reset));
+    assert_eq!(n1.send(ch, b"x"), Err(BackendError::PeerGone(ch)));
+    assert!(!n1.link_up());
+    assert!(n1.link_events().iter().any(|e| e.state == LinkState::Down));
+    assert_eq!(
+        n1.open(
+            9,
+            Peer::Remote {
+                node: 2,
+                channel: 9
+            }
+        ),
+        Err(BackendError::Unreachable(9)),
+        "a hostile link opens nothing more"
+    );
+}
+
+#[test]
+fn a_producer_word_beyond_the_ring_takes_the_link_down() {
+    let (mut n1, evil, ch) = hostile_lab();
+    let mut r = Vec::new();
+    n1.poll(&mut r);
+    assert!(n1.link_up());
+    evil.store(inbox::OFF_PROD, 10 << 20);
+    ends_reset(&mut n1, ch);
+}
+
+#[test]
+fn a_garbage_frame_takes_the_link_down() {
+    let (mut n1, evil, ch) = hostile_lab();
+    evil.write(RING, &[0xff; 24]);
+    evil.store(inbox::OFF_PROD, 24);
+    ends_reset(&mut n1, ch);
+}
+
+#[test]
+fn bytes_beyond_a_channels_window_take_the_link_down() {
+    let (mut n1, evil, ch) = hostile_lab();
+    // Three 8 KiB data frames for channel 5 (from 6): 24 KiB > 16 KiB.
+    let mut pos = 0;
+    for _ in 0..3 {
+        let h = inbox::Header {
+            kind: inbox::Kind::Data,
+            len: 8192,
+            dst: ch,
+            src: 6,
+        };
+        evil.write(RING + pos, &inbox::encode(&h));
+        evil.write(RING + pos + inbox::HDR, &[7u8; 8192]);
+        pos += inbox::frame_size(8192);
+    }
+    evil.store(inbox::OFF_PROD, pos as u64);
+    ends_reset(&mut n1, ch);
+}
+
+#[test]
+fn an_ack_beyond_what_was_sent_takes_the_link_down() {
+    let (mut n1, evil, ch) = hostile_lab();
+    let h = inbox::Header {
+        kind: inbox::Kind::Ack,
+        len: 8,
+        dst: ch,
+        src: 6,
+    };
+    evil.write(RING, &inbox::encode(&h));
+    evil.write(RING + inbox::HDR, &1000u64.to_le_bytes());
+    evil.store(inbox::OFF_PROD, inbox::frame_size(8) as u64);
+    ends_reset(&mut n1, ch);
+}
+
+#[test]
+fn a_frame_for_a_channel_not_open_here_is_counted_and_dropped() {
+    let (mut n1, evil, ch) = hostile_lab();
+    let h = inbox::Header {
+        kind: inbox::Kind::Data,
+        len: 8,
+        dst: 77,
+        src: 6,
+    };
+    evil.write(RING, &inbox::encode(&h));
+    evil.store(inbox::OFF_PROD, inbox::frame_size(8) as u64);
+    let mut r = Vec::new();
+    n1.poll(&mut r);
+    assert_eq!(n1.counters().stale, 1);
+    assert!(n1.link_up(), "a late frame is no hostility");
+    assert_eq!(n1.recv(ch, &mut [0u8; 8]).unwrap(), Recv::Empty);
+}
+
+#[test]
+fn a_local_peer_or_another_node_is_unreachable() {
+    let mut lab = TwoNodes::new(64 * 1024, 16384);
+    let b = &mut lab.b[0];
+    assert_eq!(b.open(1, Peer::Local(2)), Err(BackendError::Unreachable(1)));
+    assert_eq!(
+        b.open(
+            1,
+            Peer::Remote {
+                node: 3,
+                channel: 1
+            }
+        ),
+        Err(BackendError::Unreachable(1))
+    );
+    assert!(b.capabilities().remote);
+    assert!(b.syscalls().is_empty());
+}

@@ -5,19 +5,23 @@
 //! small payloads itself (PIO) and large ones in a batch per turn (the
 //! stand-in for a DMA engine), and learns the link's state from a
 //! heartbeat word plus the doorbells. Windows come from a provider
-//! (`window.rs`): a shared memory file with eventfd doorbells today, a
-//! VFIO-mapped PCI BAR with MSI-X doorbells later.
+//! (`window.rs`): a shared memory file with eventfd doorbells, in one
+//! process (`MemWindow`) or handed out by an ivshmem server as QEMU's
+//! ivshmem-doorbell device gets them (`ivshmem.rs`); a VFIO-mapped PCI BAR
+//! with MSI-X doorbells later.
 //!
 //! Never here: a read of the peer's inbox, a value from the inbox used
 //! before it was checked, a blocking call.
 
 mod backend;
 pub mod inbox;
+pub mod ivshmem;
 #[cfg(test)]
 mod tests;
 pub mod window;
 
 pub use backend::{Counters, Ntb};
+pub use ivshmem::IvshmemWindow;
 pub use window::{MemWindow, Window};
 
 use std::time::Duration;

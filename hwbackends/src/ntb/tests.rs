@@ -285,3 +285,195 @@ fn a_local_peer_or_another_node_is_unreachable() {
     assert!(b.capabilities().remote);
     assert!(b.syscalls().is_empty());
 }
+
+/// An ivshmem server on a fresh socket, in a thread, stopped on drop.
+struct IvServer {
+    path: std::path::PathBuf,
+    stop: ssock_rings::sys::EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IvServer {
+    fn start(bytes: usize) -> IvServer {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ssock-ivshmem-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let shm = ssock_rings::sys::memfd_sealed("ivshmem-test", bytes).unwrap();
+        let stop = ssock_rings::sys::EventFd::new().unwrap();
+        let s = stop.try_clone_fd().unwrap();
+        let mut server = super::ivshmem::Server::new(l, shm, 1).unwrap();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            server.run(s.as_fd()).unwrap();
+        });
+        IvServer {
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn window(&self, half: usize) -> super::IvshmemWindow {
+        super::IvshmemWindow::connect(&self.path, half, 0, Duration::from_secs(5)).unwrap()
+    }
+}
+
+impl Drop for IvServer {
+    fn drop(&mut self) {
+        let _ = self.stop.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Two nodes over windows from an ivshmem server.
+struct IvNodes {
+    nodes: TwoNodes,
+    _server: IvServer,
+}
+
+impl Lab for IvNodes {
+    fn pair(&mut self) -> [End; 2] {
+        self.nodes.pair()
+    }
+    fn backend(&mut self, i: usize) -> &mut dyn Backend {
+        self.nodes.backend(i)
+    }
+    fn settle(&mut self) {
+        self.nodes.settle()
+    }
+    fn poll(&mut self, at: usize) -> Vec<ChannelId> {
+        self.nodes.poll(at)
+    }
+}
+
+fn iv_nodes(bytes: usize, window: usize) -> IvNodes {
+    let server = IvServer::start(bytes);
+    let w1 = server.window(0);
+    let w2 = server.window(1);
+    IvNodes {
+        nodes: TwoNodes {
+            b: [
+                Ntb::new(2, Box::new(w1), window),
+                Ntb::new(1, Box::new(w2), window),
+            ],
+            named: [Vec::new(), Vec::new()],
+            next: 10,
+        },
+        _server: server,
+    }
+}
+
+#[test]
+fn two_nodes_over_an_ivshmem_servers_window_pass_the_conformance_suite() {
+    conformance::run_all(&mut || Box::new(iv_nodes(2 << 20, 64 * 1024)));
+}
+
+#[test]
+fn ivshmem_clients_learn_of_each_other_and_ring_only_present_peers() {
+    let server = IvServer::start(1 << 20);
+    let mut w1 = server.window(0);
+    assert!(w1.peers().is_empty(), "alone at first");
+    let mut w2 = server.window(1);
+    assert_eq!(
+        w2.peers(),
+        vec![w1.id()],
+        "the second learns of the first at once"
+    );
+    let t = Instant::now();
+    while w1.peers().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "never told of the second client"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        w1.drain();
+    }
+    assert_eq!(w1.peers(), vec![w2.id()]);
+    w1.ring();
+    assert!(readable(w2.bell()), "rung through the server's eventfd");
+    w2.drain();
+    assert!(!readable(w2.bell()));
+    // The memory is one: what node 1 writes into its peer's inbox is in
+    // node 2's own.
+    w1.store(inbox::OFF_BEAT, 42);
+    assert_eq!(w2.load(inbox::OFF_BEAT), 42);
+    let id2 = w2.id();
+    drop(w2);
+    let t = Instant::now();
+    while w1.peers().contains(&id2) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "never told the second left"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        w1.drain();
+    }
+    w1.ring(); // to nobody: dropped, as ivshmem drops it
+}
+
+/// A fake server that says `msgs` (value, with the shared memory fd?) and
+/// then hangs up.
+fn fake_server(msgs: Vec<(i64, bool)>, bytes: usize) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ssock-ivshmem-fake-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let shm = ssock_rings::sys::memfd_sealed("ivshmem-fake", bytes).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let (c, _) = l.accept().unwrap();
+        for (v, with_fd) in msgs {
+            let fds: Vec<_> = if with_fd { vec![shm.as_fd()] } else { vec![] };
+            let _ = ssock_rings::sys::send_with_fds(c.as_fd(), &v.to_le_bytes(), &fds);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    path
+}
+
+#[test]
+fn a_server_that_breaks_the_protocol_gets_a_clear_error() {
+    /// What the server says, its memory's size, what the error must say.
+    type Case = (Vec<(i64, bool)>, usize, &'static str);
+    let cases: Vec<Case> = vec![
+        (vec![(1, false)], 1 << 20, "protocol version 1"),
+        (vec![(0, false), (1 << 20, false)], 1 << 20, "client id"),
+        (
+            vec![(0, false), (3, false), (-1, false)],
+            1 << 20,
+            "no shared memory",
+        ),
+        (
+            vec![(0, false), (3, false), (-1, true)],
+            12288,
+            "shared memory of 12288 bytes",
+        ),
+        (
+            vec![(0, false), (3, false), (-1, true), (-7, true)],
+            1 << 20,
+            "client id -7",
+        ),
+        (vec![(0, false), (3, false), (-1, true)], 1 << 20, "hung up"),
+    ];
+    for (msgs, bytes, want) in cases {
+        let path = fake_server(msgs, bytes);
+        let r = super::IvshmemWindow::connect(&path, 0, 0, Duration::from_secs(2));
+        let e = r.err().expect("a broken server accepted");
+        assert!(e.to_string().contains(want), "{e} does not say {want}");
+        let _ = std::fs::remove_file(&path);
+    }
+}

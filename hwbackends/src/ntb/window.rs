@@ -31,8 +31,9 @@ pub trait Window: Send {
     fn ring(&self);
     /// This node's doorbell: readable once the peer rang.
     fn bell(&self) -> BorrowedFd<'_>;
-    /// Takes the rings that came (makes the bell quiet).
-    fn drain(&self);
+    /// Takes the rings that came (makes the bell quiet), and whatever
+    /// else the provider was told (a peer that came or went).
+    fn drain(&mut self);
 }
 
 /// An emulated link: one shared memory file, this node's inbox at one
@@ -111,7 +112,7 @@ impl Window for MemWindow {
         self.bell.as_fd()
     }
 
-    fn drain(&self) {
+    fn drain(&mut self) {
         self.bell.drain();
     }
 }

@@ -1,6 +1,8 @@
 //! `SeqPacket`: the SOCK_SEQPACKET control socket between clients and
 //! devd, with SCM_RIGHTS (passed fds, parsed within the control buffer)
-//! and SO_PEERCRED.
+//! and SO_PEERCRED; the same SCM_RIGHTS sending and receiving on any
+//! unix socket (`send_with_fds`, `recv_with_fds`: the ivshmem protocol's
+//! stream socket).
 //!
 //! Never here: what the messages mean (`codec`).
 
@@ -149,48 +151,7 @@ impl SeqPacket {
 
     /// Sends one message with `fds` attached (SCM_RIGHTS).
     pub fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let fd_bytes = u32::try_from(raw.len() * size_of::<RawFd>()).map_err(io::Error::other)?;
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
-        // SAFETY: msghdr is plain data; all-zero is valid.
-        let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !raw.is_empty() {
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            // SAFETY: msg_control points at `space` writable bytes, enough
-            // for one cmsg header plus the fd array (CMSG_SPACE above); the
-            // copy writes exactly fd_bytes after the header.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&msg);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
-                std::ptr::copy_nonoverlapping(
-                    raw.as_ptr().cast::<u8>(),
-                    libc::CMSG_DATA(c),
-                    fd_bytes as usize,
-                );
-            }
-        }
-        loop {
-            // SAFETY: msg and everything it points to are live for the call.
-            let r = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-            if r >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        send_with_fds(self.0.as_fd(), data, fds).map(|_| ())
     }
 
     /// Receives one message into `buf`, returning its length and the fds
@@ -208,67 +169,7 @@ impl SeqPacket {
         max_fds: usize,
         flags: i32,
     ) -> io::Result<(usize, Vec<OwnedFd>)> {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let fd_bytes =
-            u32::try_from(max_fds.max(1) * size_of::<RawFd>()).map_err(io::Error::other)?;
-        // SAFETY: pure computation.
-        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        // SAFETY: msghdr is plain data; all-zero is valid.
-        let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        let n = loop {
-            // SAFETY: msg points at live buffers of the stated sizes.
-            let r = unsafe {
-                libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags)
-            };
-            if r >= 0 {
-                break usize::try_from(r).unwrap_or(0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        };
-        let mut fds = Vec::new();
-        // SAFETY: the kernel filled msg_control with well-formed cmsgs up to
-        // msg_controllen; the CMSG_* macros stay inside that buffer, and
-        // each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 fds that
-        // are now ours.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    let count = payload / size_of::<RawFd>();
-                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                    for i in 0..count {
-                        let fd = std::ptr::read_unaligned(data.add(i));
-                        fds.push(keep_off_std(OwnedFd::from_raw_fd(fd)));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > max_fds {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "too many fds attached",
-            ));
-        }
-        if msg.msg_flags & libc::MSG_TRUNC != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "control message too long",
-            ));
-        }
-        Ok((n, fds))
+        recv_with_fds(self.0.as_fd(), buf, max_fds, flags)
     }
 }
 
@@ -282,4 +183,125 @@ impl AsRawFd for SeqPacket {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// Sends `data` with `fds` attached (SCM_RIGHTS) on the unix socket
+/// `sock` (datagram-like or stream); returns the bytes sent.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let fd_bytes = u32::try_from(raw.len() * size_of::<RawFd>()).map_err(io::Error::other)?;
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at `space` writable bytes, enough
+        // for one cmsg header plus the fd array (CMSG_SPACE above); the
+        // copy writes exactly fd_bytes after the header.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(c),
+                fd_bytes as usize,
+            );
+        }
+    }
+    loop {
+        // SAFETY: msg and everything it points to are live for the call.
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Ok(usize::try_from(r).unwrap_or(0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives into `buf` from the unix socket `sock`, with the fds that came
+/// with those bytes (at most `max_fds`; more, or a truncated control
+/// message, fail), with recvmsg `flags`. Length 0: the peer hung up.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    flags: i32,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let fd_bytes = u32::try_from(max_fds.max(1) * size_of::<RawFd>()).map_err(io::Error::other)?;
+    // SAFETY: pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    let n = loop {
+        // SAFETY: msg points at live buffers of the stated sizes.
+        let r =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
+        if r >= 0 {
+            break usize::try_from(r).unwrap_or(0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control with well-formed cmsgs up to
+    // msg_controllen; the CMSG_* macros stay inside that buffer, and
+    // each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 fds that
+    // are now ours.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let count = payload / size_of::<RawFd>();
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    fds.push(keep_off_std(OwnedFd::from_raw_fd(fd)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > max_fds {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many fds attached",
+        ));
+    }
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control message too long",
+        ));
+    }
+    Ok((n, fds))
 }

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use ssock_rings::codec::Mode;
 use ssock_rings::layout::{MAX_REGION, MIN_REGION};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Why a configuration was refused.
@@ -72,6 +73,39 @@ struct FileConfig {
     spin_us: Option<u32>,
     backend: Option<String>,
     policy: Option<FilePolicy>,
+    node: Option<u32>,
+    peer_listen: Option<String>,
+    peer: Option<Vec<FilePeer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    node: u32,
+    address: String,
+    key_file: PathBuf,
+}
+
+/// A peer devd: its node id, its control address, the key both prove
+/// they hold (docs/config.md, `[[peer]]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub node: u32,
+    /// Its control address on the management network.
+    pub address: SocketAddr,
+    /// The link's key (from `key_file`).
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("node", &self.node)
+            .field("address", &self.address)
+            .field("key", &format_args!("({} bytes)", self.key.len()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +203,12 @@ pub struct Config {
     pub policy: Policy,
     /// The seccomp filters' mode; None only for debugging (`--no-sandbox`).
     pub sandbox: Option<crate::sandbox::Mode>,
+    /// This devd's node id among its peers (0: it has none).
+    pub node: u32,
+    /// Where peers with a lower node id dial this devd.
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer devds.
+    pub peers: Vec<PeerConfig>,
 }
 
 /// Default region size (2 MiB): a Direct ring of about 1 MiB per
@@ -190,6 +230,9 @@ impl Config {
             backend: "loopback".into(),
             policy: Policy::default(),
             sandbox: Some(crate::sandbox::Mode::Enforce),
+            node: 0,
+            peer_listen: None,
+            peers: Vec::new(),
         }
     }
 
@@ -247,6 +290,26 @@ impl Config {
         }
         if let Some(b) = f.backend {
             c.backend = b;
+        }
+        if let Some(n) = f.node {
+            c.node = n;
+        }
+        if let Some(a) = f.peer_listen {
+            c.peer_listen = Some(a.parse().map_err(|_| ConfigError::Value {
+                key: "peer_listen",
+                why: format!("{a:?} is not an IP address and port"),
+            })?);
+        }
+        for p in f.peer.unwrap_or_default() {
+            let address = p.address.parse().map_err(|_| ConfigError::Value {
+                key: "peer.address",
+                why: format!("{:?} is not an IP address and port", p.address),
+            })?;
+            c.peers.push(PeerConfig {
+                node: p.node,
+                address,
+                key: read_key(&p.key_file)?,
+            });
         }
         if let Some(p) = f.policy {
             if let Some(v) = p.allow_uids {
@@ -346,6 +409,38 @@ impl Config {
                 why: "0 would refuse every client (at least 1)".into(),
             });
         }
+        if !self.peers.is_empty() && !(1..=65535).contains(&self.node) {
+            return Err(ConfigError::Value {
+                key: "node",
+                why: format!(
+                    "{} is not within 1..=65535 (required with peers)",
+                    self.node
+                ),
+            });
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.node == self.node || !(1..=65535).contains(&p.node) {
+                return Err(ConfigError::Value {
+                    key: "peer.node",
+                    why: format!("{} is not another node within 1..=65535", p.node),
+                });
+            }
+            if self.peers[..i].iter().any(|q| q.node == p.node) {
+                return Err(ConfigError::Value {
+                    key: "peer.node",
+                    why: format!("node {} is listed twice", p.node),
+                });
+            }
+            if p.node < self.node && self.peer_listen.is_none() {
+                return Err(ConfigError::Value {
+                    key: "peer_listen",
+                    why: format!(
+                        "node {} dials this node (a lower id dials): say where",
+                        p.node
+                    ),
+                });
+            }
+        }
         if self.backend != "loopback" {
             return Err(ConfigError::Value {
                 key: "backend",
@@ -357,6 +452,30 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A link's key: the file's bytes, surrounding whitespace trimmed, at
+/// least `MIN_KEY`; the file readable by its owner only.
+fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| ConfigError::Value {
+        key: "peer.key_file",
+        why: format!("{}: {why}", path.display()),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(bad("readable by group or others (chmod 600)".into()));
+    }
+    let raw = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let key = raw.trim_ascii().to_vec();
+    if key.len() < crate::peers::wire::MIN_KEY {
+        return Err(bad(format!(
+            "{} bytes, at least {} needed",
+            key.len(),
+            crate::peers::wire::MIN_KEY
+        )));
+    }
+    Ok(key)
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), ConfigError> {
@@ -435,5 +554,52 @@ mod tests {
         let e =
             Config::from_toml("[policy]\nshort_lived_streak = 0", Config::system()).unwrap_err();
         assert!(e.to_string().contains("short_lived_streak"), "{e}");
+    }
+
+    #[test]
+    fn peers_need_a_node_a_private_key_and_a_listener_for_lower_nodes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ssock-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k");
+        std::fs::write(&key, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let peer = |node: u32| {
+            format!(
+                "[[peer]]\nnode = {node}\naddress = \"10.0.0.{node}:7455\"\nkey_file = \"{}\"\n",
+                key.display()
+            )
+        };
+        let c = Config::from_toml(&format!("node = 1\n{}", peer(2)), Config::system()).unwrap();
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].key, b"0123456789abcdef0123");
+        assert!(
+            !format!("{:?}", c.peers[0]).contains("0123"),
+            "the key stays out of logs"
+        );
+        let err = |text: String| {
+            Config::from_toml(&text, Config::system())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(peer(2)).contains("node"),
+            "a node id is required with peers"
+        );
+        assert!(err(format!("node = 3\n{}", peer(2))).contains("peer_listen"));
+        let c = Config::from_toml(
+            &format!("node = 3\npeer_listen = \"10.0.0.3:7455\"\n{}", peer(2)),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peer_listen, Some("10.0.0.3:7455".parse().unwrap()));
+        assert!(err(format!("node = 1\n{}{}", peer(2), peer(2))).contains("twice"));
+        assert!(err(format!("node = 2\n{}", peer(2))).contains("peer.node"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(err(format!("node = 1\n{}", peer(2))).contains("chmod 600"));
+        std::fs::write(&key, "short").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(err(format!("node = 1\n{}", peer(2))).contains("at least 16"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod peers;
 pub mod sandbox;
 pub mod stats;
 #[allow(unsafe_code)]
@@ -39,6 +40,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let engine = dataplane::engine::spawn(backend, violations.clone(), cfg.sandbox)
         .context("cannot start the engine thread")?;
     let mut devd = control::Devd::new(cfg.clone(), engine, name, violations);
+    if !cfg.peers.is_empty() {
+        let listener = match cfg.peer_listen {
+            Some(a) => Some(
+                std::net::TcpListener::bind(a)
+                    .with_context(|| format!("cannot listen for peers on {a}"))?,
+            ),
+            None => None,
+        };
+        let peers = peers::spawn(cfg.node, cfg.peers.clone(), listener, cfg.sandbox)
+            .context("cannot start the peer thread")?;
+        devd.set_peers(peers);
+        log::info!("node {}: {} peers", cfg.node, cfg.peers.len());
+    }
     if cfg.sandbox.is_none() {
         log::warn!("running without the seccomp sandbox (--no-sandbox)");
     }

@@ -250,6 +250,12 @@ pub struct Page {
     pub totals: TotalsJson,
     /// Connections in this page, by id.
     pub connections: Vec<ConnJson>,
+    /// Peer devds (none without `[[peer]]` in the config).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<crate::peers::PeerJson>,
+    /// Peer connections refused, by reason.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub peers_refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// JSON: devd facts.

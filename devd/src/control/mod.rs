@@ -131,6 +131,8 @@ pub struct Devd {
     started: Instant,
     backend: &'static str,
     violations: Arc<AtomicU64>,
+    /// The peer thread, when the config lists peers.
+    peers: Option<crate::peers::Handle>,
     /// Open sessions by uid (`max_sessions_per_user`).
     sessions_of: HashMap<u32, usize>,
     /// Sockets of Kernel answers, watched until they connect (None if
@@ -245,7 +247,13 @@ impl Devd {
                 let _ = sys::random(&mut b);
                 u32::from_le_bytes(b)
             }),
+            peers: None,
         }
+    }
+
+    /// The peer thread whose state the statistics show.
+    pub fn set_peers(&mut self, peers: crate::peers::Handle) {
+        self.peers = Some(peers);
     }
 
     /// Handles one decoded request from session `sid`.

@@ -39,7 +39,12 @@ impl Devd {
                 t
             },
             connections: Vec::new(),
+            peers: Vec::new(),
+            peers_refused: Default::default(),
         };
+        if let Some(p) = &self.peers {
+            (page.peers, page.peers_refused) = p.status();
+        }
         // A page must fit one control frame: stop adding connections
         // before the JSON could outgrow it and say there is more.
         let mut budget = MAX_FRAME - 16 * 1024;

@@ -29,6 +29,8 @@ pub enum ThreadKind {
     Control,
     /// Engine thread: Queued virtqueues and the backend.
     Engine,
+    /// Peer thread: TCP control connections to peer devds.
+    Peers,
 }
 
 /// Why the sandbox could not be installed.
@@ -154,6 +156,54 @@ fn common() -> BTreeMap<i64, Vec<SeccompRule>> {
 fn rules(kind: ThreadKind, extra: &[Syscall]) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut r = common();
     add_backend(&mut r, extra);
+    if kind == ThreadKind::Peers {
+        let any = Vec::new;
+        // socket: dialling a peer devd, TCP over IPv4 or IPv6 only (arg 0
+        // the family, arg 1 the type with SOCK_CLOEXEC, as std makes it).
+        let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+        r.insert(
+            libc::SYS_socket,
+            vec![
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        libc::AF_INET as u64,
+                    )
+                    .expect("valid condition"),
+                    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, stream)
+                        .expect("valid condition"),
+                ])
+                .expect("valid rule"),
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        libc::AF_INET6 as u64,
+                    )
+                    .expect("valid condition"),
+                    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, stream)
+                        .expect("valid condition"),
+                ])
+                .expect("valid rule"),
+            ],
+        );
+        // connect (with a timeout: poll for its end, getsockopt SO_ERROR).
+        r.insert(libc::SYS_connect, any());
+        r.insert(libc::SYS_poll, any());
+        r.insert(libc::SYS_getsockopt, any());
+        // accept4: peers dialling this devd (std: SOCK_CLOEXEC).
+        r.insert(libc::SYS_accept4, any());
+        // ioctl FIONBIO (std's set_nonblocking), setsockopt TCP_NODELAY.
+        r.insert(libc::SYS_ioctl, vec![arg_eq(1, libc::FIONBIO)]);
+        r.insert(libc::SYS_setsockopt, any());
+        // recvfrom/sendto: std's TcpStream read and write; shutdown.
+        r.insert(libc::SYS_recvfrom, any());
+        r.insert(libc::SYS_sendto, any());
+        r.insert(libc::SYS_shutdown, any());
+    }
     let any = Vec::new;
     if kind == ThreadKind::Control {
         // accept4: client sessions, flags SOCK_CLOEXEC|SOCK_NONBLOCK (arg 3).
@@ -353,6 +403,7 @@ mod tests {
     fn both_filters_compile() {
         compile(ThreadKind::Control, Mode::Enforce, &[]).unwrap();
         compile(ThreadKind::Engine, Mode::Log, &[]).unwrap();
+        compile(ThreadKind::Peers, Mode::Enforce, &[]).unwrap();
     }
 
     #[test]

@@ -190,6 +190,45 @@ fn print_table(v: &Value) {
             t["fallbacks"]["short_lived"]
         );
     }
+    print_peers(v);
+}
+
+/// The peer devds (only when devd has some).
+fn print_peers(v: &Value) {
+    let Some(peers) = v["peers"].as_array() else {
+        return;
+    };
+    out!(
+        "{:>6} {:<22} {:<10} {:>10} {:>5}  LAST ERROR",
+        "PEER",
+        "ADDRESS",
+        "STATE",
+        "HEARD",
+        "UPS"
+    );
+    for p in peers {
+        let heard = p["heard_ms_ago"]
+            .as_u64()
+            .map_or("never".to_string(), |ms| format!("{ms} ms"));
+        out!(
+            "{:>6} {:<22} {:<10} {:>10} {:>5}  {}",
+            p["node"].to_string(),
+            p["address"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            heard,
+            p["ups"].to_string(),
+            p["last_error"].as_str().unwrap_or("")
+        );
+    }
+    let refused: Vec<String> = v["peers_refused"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !refused.is_empty() {
+        out!("peer connections refused: {}", refused.join(", "));
+    }
 }
 
 fn print_conn(c: &Value) {

@@ -1,0 +1,615 @@
+//! Peer devds: one authenticated TCP control connection to each peer the
+//! config lists, kept by a thread of its own (its own seccomp filter: a
+//! hostile host reaches this thread first). The devd with the lower node
+//! id dials, the other listens (`peer_listen`); both prove they hold the
+//! link's key (`wire.rs`), then ping each other every second; a peer
+//! silent for 3 s is down and dialled again, backing off from 100 ms to
+//! 5 s. A connection that fails the handshake (unknown node, wrong key or
+//! version, garbage, too slow) is closed and counted by reason.
+//!
+//! Never here: client sessions, regions, anything a peer says acted on
+//! before its connection proved the key.
+
+#[cfg(test)]
+mod tests;
+pub mod wire;
+
+use crate::config::PeerConfig;
+use crate::sandbox::ThreadKind;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use wire::{Msg, NONCE};
+
+/// How often an up connection pings.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// A peer not heard from for this long is down.
+pub const SILENT: Duration = Duration::from_secs(3);
+/// How long a handshake may take.
+pub const HANDSHAKE: Duration = Duration::from_secs(5);
+/// How long a dial may take.
+const DIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Connections not yet known to be a peer's, at most.
+const MAX_PENDING: usize = 16;
+
+/// One configured peer as the stats show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerJson {
+    /// Its node id.
+    pub node: u32,
+    /// Its control address.
+    pub address: String,
+    /// "up", "handshake" or "down".
+    pub state: &'static str,
+    /// Milliseconds since it was last heard from (none: never).
+    pub heard_ms_ago: Option<u64>,
+    /// Times its connection came up.
+    pub ups: u64,
+    /// The last reason it went down or could not be reached.
+    pub last_error: String,
+}
+
+/// What the thread shares with the control thread's statistics.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Per configured peer.
+    pub peers: Vec<PeerJson>,
+    /// Connections refused, by reason.
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+/// The control thread's handle on the peer thread.
+pub struct Handle {
+    status: Arc<Mutex<Status>>,
+    stop: Arc<vmm_sys_util::eventfd::EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// A copy of the status.
+    pub fn status(&self) -> (Vec<PeerJson>, BTreeMap<&'static str, u64>) {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        (s.peers.clone(), s.refused.clone())
+    }
+
+    /// Whether the thread still runs.
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the peer thread for `peers` as node `node`, accepting on
+/// `listener` (bound before the sandbox).
+pub fn spawn(
+    node: u32,
+    peers: Vec<PeerConfig>,
+    listener: Option<TcpListener>,
+    sandbox: Option<crate::sandbox::Mode>,
+) -> io::Result<Handle> {
+    let status = Arc::new(Mutex::new(Status {
+        peers: peers
+            .iter()
+            .map(|p| PeerJson {
+                node: p.node,
+                address: p.address.to_string(),
+                state: "down",
+                heard_ms_ago: None,
+                ups: 0,
+                last_error: String::new(),
+            })
+            .collect(),
+        refused: BTreeMap::new(),
+    }));
+    let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP),
+    )?;
+    if let Some(l) = &listener {
+        l.set_nonblocking(true)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            l.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTEN),
+        )?;
+    }
+    let (st, sp) = (status.clone(), stop.clone());
+    let thread = crate::sandbox::spawn_sandboxed(
+        ThreadKind::Peers,
+        "ssock-peers",
+        sandbox,
+        Vec::new(),
+        move || {
+            let now = Instant::now();
+            let mut t = Thread {
+                node,
+                slots: peers
+                    .into_iter()
+                    .map(|cfg| Slot {
+                        cfg,
+                        conn: None,
+                        next_dial: now,
+                        backoff: BACKOFF_MIN,
+                        heard: None,
+                    })
+                    .collect(),
+                pending: Vec::new(),
+                listener,
+                epoll,
+                status: st,
+                next_token: FIRST_CONN,
+            };
+            t.run(&sp);
+        },
+    )?;
+    Ok(Handle {
+        status,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+const STOP: u64 = 0;
+const LISTEN: u64 = 1;
+const FIRST_CONN: u64 = 16;
+
+/// One TCP connection, before and after its handshake.
+struct Conn {
+    stream: TcpStream,
+    token: u64,
+    buf: Vec<u8>,
+    mine: [u8; NONCE],
+    /// The peer's node and nonce, once its Hello came.
+    theirs: Option<(u32, [u8; NONCE])>,
+    verified: bool,
+    began: Instant,
+    heard: Instant,
+    pinged: Instant,
+}
+
+struct Slot {
+    cfg: PeerConfig,
+    conn: Option<Conn>,
+    next_dial: Instant,
+    backoff: Duration,
+    heard: Option<Instant>,
+}
+
+struct Thread {
+    node: u32,
+    slots: Vec<Slot>,
+    /// Accepted connections whose Hello has not named a peer yet.
+    pending: Vec<Conn>,
+    listener: Option<TcpListener>,
+    epoll: Epoll,
+    status: Arc<Mutex<Status>>,
+    next_token: u64,
+}
+
+/// How a connection ended.
+enum End {
+    /// Refused during the handshake, counted under this reason.
+    Refused(&'static str, String),
+    /// Closed, hung up or silent after it was up (or while dialling).
+    Lost(String),
+}
+
+impl Thread {
+    fn run(&mut self, stop: &vmm_sys_util::eventfd::EventFd) {
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            self.timers();
+            self.publish();
+            let wait = self.next_wake().saturating_duration_since(Instant::now());
+            let ms = i32::try_from(wait.as_millis().clamp(1, 1000)).unwrap_or(1000);
+            let n = match self.epoll.wait(ms, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("peer thread: epoll_wait failed, peers stop: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP => {
+                        let _ = stop.read();
+                        return;
+                    }
+                    LISTEN => self.accept(),
+                    token => self.readable(token),
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut t = now + Duration::from_secs(1);
+        for s in &self.slots {
+            match &s.conn {
+                None if self.dials(s) => t = t.min(s.next_dial),
+                Some(c) if c.verified => t = t.min(c.pinged + PING_EVERY),
+                Some(c) => t = t.min(c.began + HANDSHAKE),
+                None => {}
+            }
+        }
+        t
+    }
+
+    /// Whether this devd dials `s` (the lower node id dials).
+    fn dials(&self, s: &Slot) -> bool {
+        self.node < s.cfg.node
+    }
+
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    fn new_conn(&mut self, stream: TcpStream) -> io::Result<Conn> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let mut mine = [0u8; NONCE];
+        ssock_rings::sys::random(&mut mine)?;
+        let token = self.token();
+        self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+        let now = Instant::now();
+        let mut c = Conn {
+            stream,
+            token,
+            buf: Vec::new(),
+            mine,
+            theirs: None,
+            verified: false,
+            began: now,
+            heard: now,
+            pinged: now,
+        };
+        send(
+            &mut c,
+            &Msg::Hello {
+                version: wire::VERSION,
+                node: self.node,
+                nonce: mine,
+            },
+        )?;
+        Ok(c)
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(l) = &self.listener else { return };
+            let (stream, from) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("peer thread: accept failed: {e}");
+                    return;
+                }
+            };
+            if self.pending.len() >= MAX_PENDING {
+                self.count("too_many_pending", &format!("from {from}"));
+                continue;
+            }
+            match self.new_conn(stream) {
+                Ok(c) => self.pending.push(c),
+                Err(e) => log::warn!("peer thread: connection from {from}: {e}"),
+            }
+        }
+    }
+
+    fn timers(&mut self) {
+        enum Due {
+            Dial,
+            Silent,
+            Late,
+            Ping,
+        }
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let due = match &s.conn {
+                None if self.dials(s) && now >= s.next_dial => Due::Dial,
+                Some(c) if c.verified && now.duration_since(c.heard) > SILENT => Due::Silent,
+                Some(c) if !c.verified && now.duration_since(c.began) > HANDSHAKE => Due::Late,
+                Some(c) if c.verified && now.duration_since(c.pinged) >= PING_EVERY => Due::Ping,
+                _ => continue,
+            };
+            match due {
+                Due::Dial => self.dial(i),
+                Due::Silent => self.lose(i, End::Lost(format!("silent for {SILENT:?}"))),
+                Due::Late => self.lose(i, End::Refused("timeout", "no handshake in time".into())),
+                Due::Ping => {
+                    let Some(c) = self.slots[i].conn.as_mut() else {
+                        continue;
+                    };
+                    c.pinged = now;
+                    if let Err(e) = send(c, &Msg::Ping) {
+                        self.lose(i, End::Lost(format!("ping: {e}")));
+                    }
+                }
+            }
+        }
+        let (late, keep): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|c| now.duration_since(c.began) > HANDSHAKE);
+        self.pending = keep;
+        for c in late {
+            self.close(c);
+            self.count("timeout", "an accepted connection sent no Hello");
+        }
+    }
+
+    fn dial(&mut self, i: usize) {
+        let addr: SocketAddr = self.slots[i].cfg.address;
+        let r = TcpStream::connect_timeout(&addr, DIAL).and_then(|s| self.new_conn(s));
+        let s = &mut self.slots[i];
+        match r {
+            Ok(c) => s.conn = Some(c),
+            Err(e) => {
+                s.next_dial = Instant::now() + s.backoff;
+                s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+                self.set_error(i, format!("dial {addr}: {e}"));
+            }
+        }
+    }
+
+    fn readable(&mut self, token: u64) {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.conn.as_ref().is_some_and(|c| c.token == token))
+        {
+            let mut c = self.slots[i].conn.take().expect("found above");
+            match self.serve(&mut c, Some(i)) {
+                Ok(_) => self.slots[i].conn = Some(c),
+                Err(end) => {
+                    self.slots[i].conn = Some(c);
+                    self.lose(i, end);
+                }
+            }
+            return;
+        }
+        let Some(k) = self.pending.iter().position(|c| c.token == token) else {
+            return;
+        };
+        let mut c = self.pending.swap_remove(k);
+        match self.serve(&mut c, None) {
+            Ok(Some(i)) => {
+                // Its Hello named peer i: the connection is that slot's
+                // (an older one is replaced: the peer restarted).
+                if let Some(old) = self.slots[i].conn.take() {
+                    self.close(old);
+                }
+                self.slots[i].conn = Some(c);
+                if self.slots[i].conn.as_ref().is_some_and(|c| c.verified) {
+                    self.came_up(i);
+                }
+            }
+            Ok(None) => self.pending.push(c),
+            Err(End::Refused(why, what)) => {
+                self.close(c);
+                self.count(why, &what);
+            }
+            Err(End::Lost(_)) => self.close(c),
+        }
+    }
+
+    /// Reads what arrived on `c` (slot `slot`, or pending) and answers it;
+    /// returns the slot its Hello named.
+    fn serve(&mut self, c: &mut Conn, slot: Option<usize>) -> Result<Option<usize>, End> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => return Err(End::Lost("hung up".into())),
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Lost(e.to_string())),
+            }
+            if c.buf.len() > wire::MAX_FRAME + 8 {
+                break;
+            }
+        }
+        let mut named = slot;
+        let was_verified = c.verified;
+        loop {
+            let m = match wire::decode(&mut c.buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => return Err(End::Refused("malformed", e.to_string())),
+            };
+            c.heard = Instant::now();
+            match m {
+                Msg::Hello {
+                    version,
+                    node,
+                    nonce,
+                } => {
+                    if c.theirs.is_some() {
+                        return Err(End::Refused("malformed", "a second Hello".into()));
+                    }
+                    if version != wire::VERSION {
+                        return Err(End::Refused(
+                            "version",
+                            format!(
+                                "node {node} speaks version {version}, not {}",
+                                wire::VERSION
+                            ),
+                        ));
+                    }
+                    let Some(i) = self.slots.iter().position(|s| s.cfg.node == node) else {
+                        return Err(End::Refused("unknown_node", format!("node {node}")));
+                    };
+                    // A dialled connection must reach the node dialled; an
+                    // accepted one must come from a node that dials us.
+                    let right = match slot {
+                        Some(k) => k == i,
+                        None => !self.dials(&self.slots[i]),
+                    };
+                    if !right || node == self.node {
+                        return Err(End::Refused(
+                            "unknown_node",
+                            format!("node {node} on this connection"),
+                        ));
+                    }
+                    c.theirs = Some((node, nonce));
+                    named = Some(i);
+                    let key = &self.slots[i].cfg.key;
+                    let proof = wire::prove(key, self.node, node, &nonce, &c.mine);
+                    send(c, &Msg::Proof(proof)).map_err(|e| End::Lost(e.to_string()))?;
+                }
+                Msg::Proof(p) => {
+                    let (Some((node, theirs)), Some(i)) = (c.theirs, named) else {
+                        return Err(End::Refused("malformed", "a Proof before a Hello".into()));
+                    };
+                    if c.verified {
+                        return Err(End::Refused("malformed", "a second Proof".into()));
+                    }
+                    let key = &self.slots[i].cfg.key;
+                    if !wire::check(key, node, self.node, &c.mine, &theirs, &p) {
+                        return Err(End::Refused("bad_proof", format!("node {node}")));
+                    }
+                    c.verified = true;
+                }
+                Msg::Ping if c.verified => {}
+                Msg::Ping => {
+                    return Err(End::Refused(
+                        "malformed",
+                        "a Ping before the handshake".into(),
+                    ));
+                }
+            }
+        }
+        if c.buf.len() > wire::MAX_FRAME + 8 {
+            return Err(End::Refused("malformed", "an oversized frame".into()));
+        }
+        if let Some(i) = named {
+            if c.verified && !was_verified && slot.is_some() {
+                self.slots[i].heard = Some(c.heard);
+                self.came_up_later(i);
+            }
+            if c.verified {
+                self.slots[i].heard = Some(c.heard);
+            }
+        }
+        Ok(named)
+    }
+
+    /// Slot `i`'s dialled connection just proved itself (marked after
+    /// `serve` gives the connection back).
+    fn came_up_later(&mut self, i: usize) {
+        self.slots[i].backoff = BACKOFF_MIN;
+        log::info!(
+            "peer node {} up ({})",
+            self.slots[i].cfg.node,
+            self.slots[i].cfg.address
+        );
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = st.peers.get_mut(i) {
+            p.ups += 1;
+        }
+    }
+
+    fn came_up(&mut self, i: usize) {
+        self.slots[i].heard = Some(Instant::now());
+        self.came_up_later(i);
+    }
+
+    fn lose(&mut self, i: usize, end: End) {
+        let was_up = self.slots[i].conn.as_ref().is_some_and(|c| c.verified);
+        if let Some(c) = self.slots[i].conn.take() {
+            self.close(c);
+        }
+        let s = &mut self.slots[i];
+        s.next_dial = Instant::now() + s.backoff;
+        s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+        let node = s.cfg.node;
+        let what = match end {
+            End::Refused(why, what) => {
+                self.count(why, &what);
+                format!("refused ({why}): {what}")
+            }
+            End::Lost(what) => what,
+        };
+        if was_up {
+            log::warn!("peer node {node} down: {what}");
+        }
+        self.set_error(i, what);
+    }
+
+    fn close(&mut self, c: Conn) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            c.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn count(&mut self, why: &'static str, what: &str) {
+        log::warn!("peer connection refused ({why}): {what}");
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        *st.refused.entry(why).or_default() += 1;
+    }
+
+    fn set_error(&mut self, i: usize, what: String) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = st.peers.get_mut(i) {
+            p.last_error = what;
+        }
+    }
+
+    /// Copies each slot's state into the shared status.
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        for (p, s) in st.peers.iter_mut().zip(&self.slots) {
+            p.state = match &s.conn {
+                Some(c) if c.verified => "up",
+                Some(_) => "handshake",
+                None => "down",
+            };
+            p.heard_ms_ago = s
+                .heard
+                .map(|h| u64::try_from(now.duration_since(h).as_millis()).unwrap_or(u64::MAX));
+        }
+    }
+}
+
+/// Writes one message whole (a small frame; a socket that cannot take it
+/// at once is a peer that stopped reading).
+fn send(c: &mut Conn, m: &Msg) -> io::Result<()> {
+    let f = wire::encode(m);
+    match c.stream.write(&f) {
+        Ok(n) if n == f.len() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short write to a peer",
+        )),
+        Err(e) => Err(e),
+    }
+}

@@ -84,6 +84,7 @@ struct FilePeer {
     node: u32,
     address: String,
     key_file: PathBuf,
+    ivshmem: Option<PathBuf>,
 }
 
 /// A peer devd: its node id, its control address, the key both prove
@@ -96,6 +97,9 @@ pub struct PeerConfig {
     pub address: SocketAddr,
     /// The link's key (from `key_file`).
     pub key: Vec<u8>,
+    /// The ivshmem server that hands out the ntb link's window (none: no
+    /// interconnect to this peer yet, the control connection only).
+    pub ivshmem: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -104,6 +108,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("node", &self.node)
             .field("address", &self.address)
             .field("key", &format_args!("({} bytes)", self.key.len()))
+            .field("ivshmem", &self.ivshmem)
             .finish()
     }
 }
@@ -309,6 +314,7 @@ impl Config {
                 node: p.node,
                 address,
                 key: read_key(&p.key_file)?,
+                ivshmem: p.ivshmem,
             });
         }
         if let Some(p) = f.policy {

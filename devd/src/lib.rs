@@ -20,6 +20,8 @@ mod sys;
 use anyhow::Context;
 use config::Config;
 use ssock_hwbackends::loopback::Loopback;
+use ssock_hwbackends::ntb::{self, IvshmemWindow, Ntb};
+use ssock_hwbackends::router::Router;
 use ssock_hwbackends::Backend;
 use ssock_rings::sys::SeqPacket;
 use std::ffi::OsString;
@@ -34,7 +36,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = ssock_rings::sys::raise_nofile_limit();
     let signals = sys::termination_signalfd().context("cannot set up signal handling")?;
     let (listener, _lock) = bind(&cfg)?;
-    let backend: Box<dyn Backend> = Box::new(Loopback::default());
+    let backend = backends(&cfg)?;
     let name = backend.capabilities().name;
     let violations = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let engine = dataplane::engine::spawn(backend, violations.clone(), cfg.sandbox)
@@ -62,6 +64,37 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let r = control::server::serve(&mut devd, &listener, &signals, cfg.sandbox);
     let _ = std::fs::remove_file(&cfg.socket);
     r.context("control loop failed")
+}
+
+/// The engine's backend: the loopback for local pairs, and an ntb link to
+/// each peer whose window an ivshmem server hands out (this devd's inbox
+/// is the window's first half when its node id is the lower).
+fn backends(cfg: &Config) -> anyhow::Result<Box<dyn Backend>> {
+    let mut all: Vec<Box<dyn Backend>> = vec![Box::new(Loopback::default())];
+    for p in &cfg.peers {
+        let Some(path) = &p.ivshmem else { continue };
+        let half = usize::from(cfg.node > p.node);
+        let w =
+            IvshmemWindow::connect(path, half, 0, Duration::from_secs(5)).with_context(|| {
+                format!(
+                    "peer node {}: no window from the ivshmem server at {}",
+                    p.node,
+                    path.display()
+                )
+            })?;
+        log::info!(
+            "peer node {}: ntb link over {} (inbox half {half}, ivshmem id {})",
+            p.node,
+            path.display(),
+            w.id()
+        );
+        all.push(Box::new(Ntb::new(p.node, Box::new(w), ntb::DEFAULT_WINDOW)));
+    }
+    Ok(if all.len() == 1 {
+        all.remove(0)
+    } else {
+        Box::new(Router::new(all))
+    })
 }
 
 /// The file a detached devd (`--detach`) logs to, beside its socket.

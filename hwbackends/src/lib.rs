@@ -35,6 +35,7 @@
 mod conformance;
 pub mod loopback;
 pub mod ntb;
+pub mod router;
 
 use std::os::fd::BorrowedFd;
 
@@ -156,11 +157,12 @@ pub enum BackendError {
 pub trait Backend: Send {
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
-    /// An fd that becomes readable when news arrives that no call of the
+    /// The fds that become readable when news arrives that no call of the
     /// engine made (bytes or acknowledgements from a remote peer, a link
-    /// event): the engine waits on it and calls [`Backend::poll`]. `None`:
-    /// every change happens inside the engine's own calls.
-    fn readiness(&self) -> Option<BorrowedFd<'_>>;
+    /// event): the engine waits on them and calls [`Backend::poll`]. None:
+    /// every change happens inside the engine's own calls. They stay the
+    /// same for the backend's life.
+    fn readiness(&self) -> Vec<BorrowedFd<'_>>;
     /// Takes in what arrived (drains the readiness fd) and appends to
     /// `ready` every channel whose state changed since the last poll:
     /// bytes or a mark to receive, room in its window, acknowledged bytes,

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use ssock_tools::pattern;
 
+pub mod lab;
+
 /// Path of a workspace binary, built (once per test process) with the same
 /// profile as the tests, so a test never runs a stale devd.
 pub fn bin(name: &str) -> PathBuf {

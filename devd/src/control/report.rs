@@ -44,6 +44,14 @@ impl Devd {
         };
         if let Some(p) = &self.peers {
             (page.peers, page.peers_refused) = p.status();
+            let links = self.engine.links();
+            for (peer, cfg) in page.peers.iter_mut().zip(&self.cfg.peers) {
+                if cfg.ivshmem.is_some() {
+                    let (up, changes) = links.get(&peer.node).copied().unwrap_or((false, 0));
+                    peer.link = Some(if up { "up" } else { "down" });
+                    peer.link_changes = changes;
+                }
+            }
         }
         // A page must fit one control frame: stop adding connections
         // before the JSON could outgrow it and say there is more.

@@ -100,9 +100,19 @@ pub struct Handle {
     tx: mpsc::Sender<Cmd>,
     wake: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    links: Links,
 }
 
+/// Each peer node's link as the backend last said: up or not, and how
+/// many times it changed.
+pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (bool, u64)>>>;
+
 impl Handle {
+    /// The links' states (for the statistics).
+    pub fn links(&self) -> std::collections::BTreeMap<u32, (bool, u64)> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Whether the engine thread is still running.
     pub fn alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
@@ -174,7 +184,7 @@ pub fn spawn(
         wake.as_raw_fd(),
         EpollEvent::new(EventSet::IN, WAKE),
     )?;
-    if let Some(fd) = backend.readiness() {
+    for fd in backend.readiness() {
         epoll.ctl(
             ControlOperation::Add,
             fd.as_raw_fd(),
@@ -183,6 +193,8 @@ pub fn spawn(
     }
     let extra = backend.syscalls();
     let w = wake.clone();
+    let links = Links::default();
+    let l = links.clone();
     let thread = crate::sandbox::spawn_sandboxed(
         ThreadKind::Engine,
         "ssock-engine",
@@ -198,6 +210,7 @@ pub fn spawn(
                 busy: VecDeque::new(),
                 ready: Vec::new(),
                 violations,
+                links: l,
             };
             e.run(&rx, &w);
         },
@@ -206,6 +219,7 @@ pub fn spawn(
         tx,
         wake,
         thread: Some(thread),
+        links,
     })
 }
 
@@ -220,6 +234,7 @@ struct Engine {
     /// Channels `Backend::poll` named (reused buffer).
     ready: Vec<ChannelId>,
     violations: Arc<AtomicU64>,
+    links: Links,
 }
 
 impl Engine {
@@ -299,6 +314,9 @@ impl Engine {
                 LinkState::Up => log::info!("link to node {} up ({on} channels)", ev.node),
                 LinkState::Down => log::warn!("link to node {} down ({on} channels)", ev.node),
             }
+            let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            let e = l.entry(ev.node).or_insert((false, 0));
+            *e = (ev.state == LinkState::Up, e.1 + 1);
         }
     }
 

@@ -31,8 +31,8 @@ impl Backend for AsRemote {
             ..self.0.capabilities()
         }
     }
-    fn readiness(&self) -> Option<BorrowedFd<'_>> {
-        None
+    fn readiness(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
     }
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
         self.0.poll(ready)

@@ -53,6 +53,11 @@ pub struct PeerJson {
     pub ups: u64,
     /// The last reason it went down or could not be reached.
     pub last_error: String,
+    /// Its interconnect link (ntb): "up", "down", or none configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<&'static str>,
+    /// Times that link came up or went down.
+    pub link_changes: u64,
 }
 
 /// What the thread shares with the control thread's statistics.
@@ -111,6 +116,8 @@ pub fn spawn(
                 heard_ms_ago: None,
                 ups: 0,
                 last_error: String::new(),
+                link: None,
+                link_changes: 0,
             })
             .collect(),
         refused: BTreeMap::new(),

@@ -65,8 +65,8 @@ impl Backend for Loopback {
         }
     }
 
-    fn readiness(&self) -> Option<BorrowedFd<'_>> {
-        None
+    fn readiness(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
     }
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {

@@ -57,7 +57,7 @@ fn a_remote_peer_is_unreachable_and_nothing_is_asked_of_the_sandbox() {
     );
     assert_eq!(r, Err(BackendError::Unreachable(1)));
     assert_eq!(l.send(1, b"x"), Err(BackendError::NoChannel(1)));
-    assert!(l.readiness().is_none());
+    assert!(l.readiness().is_empty());
     assert!(l.deadline().is_none());
     assert!(l.syscalls().is_empty());
     assert!(!l.capabilities().remote);

@@ -397,8 +397,8 @@ impl Backend for Ntb {
         }
     }
 
-    fn readiness(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.win.bell())
+    fn readiness(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.win.bell()]
     }
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
@@ -573,7 +573,7 @@ impl Backend for Ntb {
 
     fn syscalls(&self) -> Vec<Syscall> {
         // Doorbells are eventfd reads and writes, which devd's engine
-        // already makes.
-        Vec::new()
+        // already makes; the window may need more.
+        self.win.syscalls()
     }
 }

@@ -244,6 +244,15 @@ impl Window for IvshmemWindow {
         self.own[self.vector].drain();
         self.refresh();
     }
+
+    fn syscalls(&self) -> Vec<crate::Syscall> {
+        let fd = u64::try_from(self.sock.as_raw_fd()).unwrap_or(u64::MAX);
+        vec![crate::Syscall {
+            nr: libc::SYS_recvmsg,
+            arg: Some((0, vec![fd])),
+            why: "ivshmem: the server's news of peers that come and go, on its socket only",
+        }]
+    }
 }
 
 /// An ivshmem server: hands each client the shared memory and the

@@ -106,12 +106,12 @@ fn the_backend_wakes_through_its_doorbell_and_has_a_deadline() {
     let mut lab = TwoNodes::new(1 << 20, 64 * 1024);
     let [a, _] = lab.pair();
     lab.settle();
-    let fd = lab.b[1].readiness().expect("a doorbell fd");
+    let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(!readable(fd), "quiet before anything was sent");
     lab.b[0].send(a.ch, b"ring").unwrap();
     let mut r = Vec::new();
     lab.b[0].poll(&mut r);
-    let fd = lab.b[1].readiness().expect("a doorbell fd");
+    let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(readable(fd), "the peer's publish rang the doorbell");
     assert!(lab.b[0].deadline().is_some_and(|d| d <= super::BEAT));
 }
@@ -398,6 +398,17 @@ fn ivshmem_clients_learn_of_each_other_and_ring_only_present_peers() {
         w1.drain();
     }
     assert_eq!(w1.peers(), vec![w2.id()]);
+    let sc = w1.syscalls();
+    assert_eq!(sc.len(), 1);
+    assert_eq!(
+        sc[0].nr,
+        libc::SYS_recvmsg,
+        "the server's news, on its socket only"
+    );
+    assert!(sc[0]
+        .arg
+        .as_ref()
+        .is_some_and(|(i, v)| *i == 0 && v.len() == 1));
     w1.ring();
     assert!(readable(w2.bell()), "rung through the server's eventfd");
     w2.drain();

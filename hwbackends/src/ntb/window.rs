@@ -34,6 +34,11 @@ pub trait Window: Send {
     /// Takes the rings that came (makes the bell quiet), and whatever
     /// else the provider was told (a peer that came or went).
     fn drain(&mut self);
+    /// System calls the provider makes in the engine thread beyond
+    /// eventfd reads and writes.
+    fn syscalls(&self) -> Vec<crate::Syscall> {
+        Vec::new()
+    }
 }
 
 /// An emulated link: one shared memory file, this node's inbox at one

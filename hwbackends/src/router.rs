@@ -1,0 +1,234 @@
+//! [`Router`]: several backends as one, for devd's engine: a channel is
+//! opened on the first backend that reaches its peer (the loopback for a
+//! local peer, the link to that node for a remote one) and every later
+//! call on it goes there. Readiness fds, deadlines, polls, link events and
+//! system calls are the union of the backends'.
+//!
+//! Never here: an interconnect of its own, a channel on two backends.
+
+use crate::{
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
+};
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+/// Backends behind one `Backend`.
+pub struct Router {
+    backends: Vec<Box<dyn Backend>>,
+    /// Which backend each open channel is on.
+    on: HashMap<ChannelId, usize>,
+    name: &'static str,
+}
+
+impl Router {
+    /// Routes over `backends`, tried in this order at each open.
+    pub fn new(backends: Vec<Box<dyn Backend>>) -> Router {
+        let names: Vec<&str> = backends.iter().map(|b| b.capabilities().name).collect();
+        // One name for devd's life, made once at start.
+        let name: &'static str = Box::leak(names.join("+").into_boxed_str());
+        Router {
+            backends,
+            on: HashMap::new(),
+            name,
+        }
+    }
+
+    fn at(&self, ch: ChannelId) -> Result<&dyn Backend, BackendError> {
+        let i = *self.on.get(&ch).ok_or(BackendError::NoChannel(ch))?;
+        Ok(self.backends[i].as_ref())
+    }
+
+    fn at_mut(&mut self, ch: ChannelId) -> Result<&mut Box<dyn Backend>, BackendError> {
+        let i = *self.on.get(&ch).ok_or(BackendError::NoChannel(ch))?;
+        Ok(&mut self.backends[i])
+    }
+}
+
+impl Backend for Router {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: self.name,
+            remote: self.backends.iter().any(|b| b.capabilities().remote),
+            window: self
+                .backends
+                .iter()
+                .map(|b| b.capabilities().window)
+                .min()
+                .unwrap_or(0),
+        }
+    }
+
+    fn readiness(&self) -> Vec<BorrowedFd<'_>> {
+        self.backends.iter().flat_map(|b| b.readiness()).collect()
+    }
+
+    fn poll(&mut self, ready: &mut Vec<ChannelId>) {
+        for b in &mut self.backends {
+            b.poll(ready);
+        }
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        self.backends.iter().filter_map(|b| b.deadline()).min()
+    }
+
+    fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
+        if self.on.contains_key(&ch) {
+            return Err(BackendError::Busy(ch));
+        }
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            match b.open(ch, peer) {
+                Ok(()) => {
+                    self.on.insert(ch, i);
+                    return Ok(());
+                }
+                Err(BackendError::Unreachable(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BackendError::Unreachable(ch))
+    }
+
+    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
+        self.at_mut(ch)?.send(ch, data)
+    }
+
+    fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError> {
+        self.at_mut(ch)?.send_mark(ch, mark)
+    }
+
+    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
+        self.at_mut(ch)?.recv(ch, buf)
+    }
+
+    fn pending(&self, ch: ChannelId) -> usize {
+        self.at(ch).map_or(0, |b| b.pending(ch))
+    }
+
+    fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
+        self.at(ch).ok()?.offsets(ch)
+    }
+
+    fn close(&mut self, ch: ChannelId) {
+        if let Some(i) = self.on.remove(&ch) {
+            self.backends[i].close(ch);
+        }
+    }
+
+    fn link_events(&mut self) -> Vec<LinkEvent> {
+        self.backends
+            .iter_mut()
+            .flat_map(|b| b.link_events())
+            .collect()
+    }
+
+    fn syscalls(&self) -> Vec<Syscall> {
+        self.backends.iter().flat_map(|b| b.syscalls()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{self, End, Lab};
+    use crate::loopback::Loopback;
+    use crate::ntb::{MemWindow, Ntb};
+
+    /// Two nodes, each a router over a loopback and its ntb link to the
+    /// other; pairs alternate between local (on node 0) and remote ones.
+    struct Routed {
+        r: [Router; 2],
+        named: [Vec<ChannelId>; 2],
+        next: ChannelId,
+    }
+
+    impl Lab for Routed {
+        fn pair(&mut self) -> [End; 2] {
+            let ch = self.next;
+            self.next += 2;
+            if ch.is_multiple_of(4) {
+                self.r[0].open(ch, Peer::Local(ch + 1)).unwrap();
+                self.r[0].open(ch + 1, Peer::Local(ch)).unwrap();
+                [End { at: 0, ch }, End { at: 0, ch: ch + 1 }]
+            } else {
+                self.r[0]
+                    .open(
+                        ch,
+                        Peer::Remote {
+                            node: 2,
+                            channel: ch,
+                        },
+                    )
+                    .unwrap();
+                self.r[1]
+                    .open(
+                        ch,
+                        Peer::Remote {
+                            node: 1,
+                            channel: ch,
+                        },
+                    )
+                    .unwrap();
+                [End { at: 0, ch }, End { at: 1, ch }]
+            }
+        }
+        fn backend(&mut self, i: usize) -> &mut dyn Backend {
+            &mut self.r[i]
+        }
+        fn settle(&mut self) {
+            for _ in 0..6 {
+                for i in 0..2 {
+                    self.r[i].poll(&mut self.named[i]);
+                }
+            }
+        }
+        fn poll(&mut self, at: usize) -> Vec<ChannelId> {
+            self.r[at].poll(&mut self.named[at]);
+            std::mem::take(&mut self.named[at])
+        }
+    }
+
+    fn routed() -> Routed {
+        let (w1, w2) = MemWindow::pair(1 << 20).unwrap();
+        let node = |peer, w: MemWindow| -> Router {
+            Router::new(vec![
+                Box::new(Loopback::new(64 * 1024)),
+                Box::new(Ntb::new(peer, Box::new(w), 64 * 1024)),
+            ])
+        };
+        Routed {
+            r: [node(2, w1), node(1, w2)],
+            named: [Vec::new(), Vec::new()],
+            next: 100,
+        }
+    }
+
+    #[test]
+    fn a_router_over_a_loopback_and_a_link_passes_the_conformance_suite() {
+        conformance::run_all(&mut || Box::new(routed()));
+    }
+
+    #[test]
+    fn channels_go_where_their_peer_is_reached() {
+        let mut n = routed();
+        assert_eq!(n.r[0].capabilities().name, "loopback+ntb");
+        assert!(n.r[0].capabilities().remote);
+        assert_eq!(n.r[0].readiness().len(), 1, "the link's doorbell");
+        assert!(n.r[0].deadline().is_some(), "the link's heartbeat");
+        assert_eq!(
+            n.r[0].open(
+                1,
+                Peer::Remote {
+                    node: 9,
+                    channel: 1
+                }
+            ),
+            Err(BackendError::Unreachable(1))
+        );
+        n.r[0].open(1, Peer::Local(2)).unwrap();
+        assert_eq!(n.r[0].open(1, Peer::Local(3)), Err(BackendError::Busy(1)));
+        n.r[0].close(1);
+        assert_eq!(n.r[0].send(1, b"x"), Err(BackendError::NoChannel(1)));
+    }
+}

@@ -1,0 +1,137 @@
+//! The two-host lab (`tools/two-host-lab.sh`) for tests: set up on
+//! `TwoHosts::up`, torn down on drop, whatever the test did.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Two network namespaces, an ntb window between them and a devd in each.
+pub struct TwoHosts {
+    /// The lab's state directory.
+    pub dir: PathBuf,
+    /// Host a's and host b's addresses on the veth pair.
+    pub addr: [String; 2],
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/two-host-lab.sh")
+}
+
+/// Whether the lab can run here (root, iproute2); if not, says SKIP, or
+/// fails under SSOCK_REQUIRE_APPS=1.
+pub fn available() -> Result<bool> {
+    let root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)?;
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && ip {
+        return Ok(true);
+    }
+    let why = if root {
+        "iproute2 (ip) is not installed"
+    } else {
+        "the two-host lab needs root"
+    };
+    if std::env::var_os("SSOCK_REQUIRE_APPS").is_some_and(|v| v == "1") {
+        bail!("{why} (SSOCK_REQUIRE_APPS=1)");
+    }
+    eprintln!("SKIP: {why}");
+    Ok(false)
+}
+
+impl TwoHosts {
+    /// Sets the lab up in a fresh directory named after `name`.
+    pub fn up(name: &str) -> Result<TwoHosts> {
+        let dir = std::env::temp_dir().join(format!("ssock-lab-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut lab = TwoHosts {
+            dir,
+            addr: [String::new(), String::new()],
+        };
+        let out = Command::new(script())
+            .arg("up")
+            .arg(&lab.dir)
+            .arg(crate::bin("devd").parent().context("bin dir")?)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "two-host-lab up failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let a = std::fs::read_to_string(lab.dir.join("addresses"))?;
+        let mut it = a.split_whitespace().map(String::from);
+        lab.addr = [
+            it.next().context("address a")?,
+            it.next().context("address b")?,
+        ];
+        Ok(lab)
+    }
+
+    /// Host `h`'s (0: a, 1: b) devd control socket.
+    pub fn socket(&self, h: usize) -> PathBuf {
+        self.dir.join(["a", "b"][h]).join("devd.sock")
+    }
+
+    /// Host `h`'s devd statistics.
+    pub fn stats(&self, h: usize) -> Result<serde_json::Value> {
+        crate::stats(&self.socket(h))
+    }
+
+    /// Host `h`'s devd pid.
+    pub fn devd_pid(&self, h: usize) -> Result<i32> {
+        let p = self.dir.join(["a", "b"][h]).join("devd.pid");
+        Ok(std::fs::read_to_string(&p)?.trim().parse()?)
+    }
+
+    /// Host `h`'s devd log.
+    pub fn log(&self, h: usize) -> String {
+        std::fs::read_to_string(self.dir.join(["a", "b"][h]).join("devd.log")).unwrap_or_default()
+    }
+
+    /// A command run on host `h` (in its namespace, `SSOCK_DEVD_SOCKET`
+    /// set to its devd).
+    pub fn on(&self, h: usize, program: &str) -> Command {
+        let mut c = Command::new(script());
+        c.arg("exec").arg(&self.dir).arg(["a", "b"][h]).arg(program);
+        c
+    }
+
+    /// Waits until host `h`'s first peer satisfies `f`, failing after
+    /// `within` with the stats and devd's log.
+    pub fn wait_peer(
+        &self,
+        h: usize,
+        within: Duration,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let t = Instant::now();
+        loop {
+            let v = self.stats(h)?;
+            if f(&v["peers"][0]) {
+                return Ok(v);
+            }
+            if t.elapsed() > within {
+                bail!(
+                    "host {h}'s peer never {what}: {}\ndevd's log:\n{}",
+                    v["peers"],
+                    self.log(h)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("down").arg(&self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,111 @@
+#!/bin/bash
+# The two-host lab: two network namespaces ("hosts" a and b) joined by a
+# veth pair, an ivshmem server handing both an ntb window (an emulated
+# PCIe link), and one devd per namespace, each with its own control socket
+# and config, peers of each other.
+#
+#   tools/two-host-lab.sh up DIR [BIN]   set it up; state and logs in DIR
+#   tools/two-host-lab.sh down DIR       tear it down (whatever is left)
+#   tools/two-host-lab.sh exec DIR a|b CMD...   run CMD on host a or b,
+#                                        SSOCK_DEVD_SOCKET set to its devd
+#
+# BIN is where devd and ssock-ivshmem-server are (default: target/release
+# beside this script). Needs root (namespaces) and iproute2. Addresses come
+# from 10.77.0.0/16 (a per-lab /24 from DIR's name), only inside the
+# namespaces: host a is .1, host b is .2; devd's peer port is 7455.
+set -euo pipefail
+
+cmd=${1:-}; dir=${2:-}
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+
+# The lab's /24 and namespace names start from a number made of DIR.
+tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
+
+case "$cmd" in
+up)
+  bin=${3:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
+  for b in devd ssock-ivshmem-server; do
+    [ -x "$bin/$b" ] || { echo "two-host-lab: no $bin/$b (cargo build --release)" >&2; exit 2; }
+  done
+  [ "$(id -u)" = 0 ] || { echo "two-host-lab: needs root (network namespaces)" >&2; exit 3; }
+  command -v ip >/dev/null || { echo "two-host-lab: needs iproute2 (ip)" >&2; exit 3; }
+  mkdir -p "$dir/a" "$dir/b"
+  # A free /24: the first of DIR's number on whose namespace name
+  # `ip netns add` succeeds (labs set up at once take different ones).
+  t=$(tag)
+  for i in $(seq 250); do
+    ip netns add "ssock-lab$t-a" 2>/dev/null && break
+    t=$((t % 250 + 1))
+  done
+  na=ssock-lab$t-a; nb=ssock-lab$t-b
+  echo "$na $nb" > "$dir/netns"
+  echo "$t" > "$dir/tag"
+  ip netns add "$nb"
+  ip link add name "sl$t-a" type veth peer name "sl$t-b"
+  ip link set "sl$t-a" netns "$na"; ip link set "sl$t-b" netns "$nb"
+  ip -n "$na" addr add "10.77.$t.1/24" dev "sl$t-a"
+  ip -n "$nb" addr add "10.77.$t.2/24" dev "sl$t-b"
+  for n in "$na" "$nb"; do ip -n "$n" link set lo up; done
+  ip -n "$na" link set "sl$t-a" up; ip -n "$nb" link set "sl$t-b" up
+  echo "10.77.$t.1 10.77.$t.2" > "$dir/addresses"
+  # The link's key, the same file for both hosts, owner-only.
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/link.key"
+  chmod 600 "$dir/link.key"
+  # The window: one shared memory, each devd's inbox a half of it.
+  setsid "$bin/ssock-ivshmem-server" --socket "$dir/ivshmem.sock" --size 8388608 \
+    > "$dir/ivshmem.log" 2>&1 < /dev/null &
+  echo $! > "$dir/ivshmem.pid"
+  for i in $(seq 100); do [ -S "$dir/ivshmem.sock" ] && break; sleep 0.05; done
+  for h in a b; do
+    if [ $h = a ]; then me=1; other=2; ns=$na; oip=10.77.$t.2; myip=10.77.$t.1
+    else me=2; other=1; ns=$nb; oip=10.77.$t.1; myip=10.77.$t.2; fi
+    {
+      echo "socket = \"$dir/$h/devd.sock\""
+      echo "node = $me"
+      # The lower node dials: only node 2 listens for its peer.
+      [ $me = 2 ] && echo "peer_listen = \"$myip:7455\""
+      echo "[policy]"
+      echo "short_lived_ms = 0"
+      echo "[[peer]]"
+      echo "node = $other"
+      echo "address = \"$oip:7455\""
+      echo "key_file = \"$dir/link.key\""
+      echo "ivshmem = \"$dir/ivshmem.sock\""
+    } > "$dir/$h/devd.toml"
+    setsid ip netns exec "$ns" "$bin/devd" --config "$dir/$h/devd.toml" --log info \
+      > "$dir/$h/devd.log" 2>&1 < /dev/null &
+    echo $! > "$dir/$h/devd.pid"
+  done
+  for h in a b; do
+    for i in $(seq 200); do [ -S "$dir/$h/devd.sock" ] && break; sleep 0.05; done
+    [ -S "$dir/$h/devd.sock" ] || { echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" >&2; exit 1; }
+  done
+  echo "two-host-lab: up in $dir (hosts 10.77.$t.1 and 10.77.$t.2)"
+  ;;
+down)
+  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir/ivshmem.pid"; do
+    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  done
+  sleep 0.2
+  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir/ivshmem.pid"; do
+    [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+    rm -f "$f"
+  done
+  if [ -f "$dir/netns" ]; then
+    for n in $(cat "$dir/netns"); do
+      # Whatever still runs in the namespace goes with it.
+      for p in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+      ip netns del "$n" 2>/dev/null || true
+    done
+    rm -f "$dir/netns"
+  fi
+  ;;
+exec)
+  h=${3:-}; shift 3 || true
+  t=$(cat "$dir/tag")
+  [ "$h" = a ] || [ "$h" = b ] || { echo "two-host-lab: host a or b" >&2; exit 2; }
+  SSOCK_DEVD_SOCKET="$dir/$h/devd.sock" exec ip netns exec "ssock-lab$t-$h" "$@"
+  ;;
+*)
+  sed -n '2,15p' "$0" >&2; exit 2 ;;
+esac

@@ -42,7 +42,7 @@ type Case = fn(&mut dyn Lab);
 /// Runs every case, each on a fresh lab from `make`; a failure names its
 /// case.
 pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
-    let cases: [(&str, Case); 9] = [
+    let cases: [(&str, Case); 10] = [
         ("bytes_in_order_then_the_mark", bytes_in_order_then_the_mark),
         (
             "the_window_limits_bytes_in_flight",
@@ -59,6 +59,10 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
         (
             "a_reset_discards_unread_bytes",
             a_reset_discards_unread_bytes,
+        ),
+        (
+            "a_reset_after_a_partial_receive_harms_nothing_else",
+            a_reset_after_a_partial_receive_harms_nothing_else,
         ),
         (
             "poll_names_the_channels_that_changed",
@@ -164,9 +168,13 @@ fn the_window_limits_bytes_in_flight(lab: &mut dyn Lab) {
         0,
         "no room while the window is full"
     );
+    lab.settle();
+    lab.poll(a.at);
     let mut buf = vec![0u8; 100];
     assert_eq!(recv(lab, b, &mut buf), Recv::Data(100));
     lab.settle();
+    let named = lab.poll(a.at);
+    assert!(named.contains(&a.ch), "room came back: poll said {named:?}");
     let mut more = 0;
     for _ in 0..4 {
         more += send(lab, a, &big[..100 - more]).unwrap();
@@ -202,8 +210,12 @@ fn closing_without_a_mark_resets_the_peer(lab: &mut dyn Lab) {
     let [a, b] = lab.pair();
     send(lab, a, b"abc").unwrap();
     send(lab, b, b"unread by a").unwrap();
+    lab.settle();
+    lab.poll(b.at);
     lab.backend(a.at).close(a.ch);
     lab.settle();
+    let named = lab.poll(b.at);
+    assert!(named.contains(&b.ch), "the peer went: poll said {named:?}");
     let mut buf = [0u8; 4];
     assert_eq!(recv(lab, b, &mut buf), Recv::Mark(Mark::Reset));
     assert!(
@@ -238,6 +250,26 @@ fn a_reset_discards_unread_bytes(lab: &mut dyn Lab) {
     lab.backend(c.at).close(c.ch);
     lab.settle();
     assert_eq!(drain(lab, d), (vec![3u8; 500], Some(Mark::Eos)));
+}
+
+fn a_reset_after_a_partial_receive_harms_nothing_else(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let [c, d] = lab.pair();
+    send(lab, a, &[4u8; 1000]).unwrap();
+    lab.settle();
+    // b takes some (its acknowledgement not sent yet), then a resets.
+    assert_eq!(recv(lab, b, &mut [0u8; 100]), Recv::Data(100));
+    lab.backend(a.at).send_mark(a.ch, Mark::Reset).unwrap();
+    lab.settle();
+    assert_eq!(recv(lab, b, &mut [0u8; 100]), Recv::Mark(Mark::Reset));
+    let o = lab.backend(a.at).offsets(a.ch).unwrap();
+    assert_eq!(o.acked, o.sent, "{o:?}");
+    // Another connection is unharmed, both ways.
+    assert_eq!(send(lab, c, b"still here").unwrap(), 10);
+    assert_eq!(send(lab, d, b"and back").unwrap(), 8);
+    lab.settle();
+    assert_eq!(drain(lab, d), (b"still here".to_vec(), None));
+    assert_eq!(drain(lab, c), (b"and back".to_vec(), None));
 }
 
 fn poll_names_the_channels_that_changed(lab: &mut dyn Lab) {

@@ -197,11 +197,14 @@ mod tests {
                 Box::new(Ntb::new(peer, Box::new(w), 64 * 1024)),
             ])
         };
-        Routed {
+        let mut n = Routed {
             r: [node(2, w1), node(1, w2)],
             named: [Vec::new(), Vec::new()],
             next: 100,
-        }
+        };
+        n.settle(); // both epochs seen: frames flow
+        n.named = [Vec::new(), Vec::new()];
+        n
     }
 
     #[test]

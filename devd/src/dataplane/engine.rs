@@ -314,9 +314,14 @@ impl Engine {
                 LinkState::Up => log::info!("link to node {} up ({on} channels)", ev.node),
                 LinkState::Down => log::warn!("link to node {} down ({on} channels)", ev.node),
             }
-            let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            let e = l.entry(ev.node).or_insert((false, 0));
-            *e = (ev.state == LinkState::Up, e.1 + 1);
+            {
+                let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+                let e = l.entry(ev.node).or_insert((false, 0));
+                *e = (ev.state == LinkState::Up, e.1 + 1);
+            }
+            if ev.state == LinkState::Down {
+                self.link_lost(ev.node);
+            }
         }
     }
 
@@ -464,12 +469,51 @@ impl Engine {
                 break;
             }
         }
-        let finished = pair.sides.iter().all(|s| s.gone || s.dead);
+        // A local pair ends when both sides went; a side alone here (its
+        // peer on another host) only once its last bytes and its mark left.
+        let alone = pair.sides.len() == 1;
+        let finished = pair
+            .sides
+            .iter()
+            .all(|s| s.dead || (s.gone && (!alone || (s.mark_sent && s.tx_pending.is_none()))));
         if finished {
             self.forget(id, pair);
             return None;
         }
         Some(again)
+    }
+
+    /// The link to `node` went down: every side whose channel crossed it
+    /// ends with a reset (its client sees ECONNRESET, nothing hangs; moving
+    /// such connections to TCP instead is the fail-over work).
+    fn link_lost(&mut self, node: u32) {
+        let mut touched = Vec::new();
+        for (&id, pair) in &mut self.pairs {
+            for side in &mut pair.sides {
+                if side.dead || !matches!(side.peer, Peer::Remote { node: n, .. } if n == node) {
+                    continue;
+                }
+                side.dead = true;
+                side.tx_pending = None;
+                side.unacked.clear();
+                let _ = self.backend.send_mark(side.ch, Mark::Reset);
+                side.mark_sent = true;
+                let _ = side.region.set_rx_flags(FLAG_RESET);
+                let _ = side.call.notify();
+                touched.push(id);
+            }
+        }
+        if !touched.is_empty() {
+            log::warn!(
+                "link to node {node} lost: {} connections reset",
+                touched.len()
+            );
+        }
+        for id in touched {
+            if !self.busy.contains(&id) {
+                self.busy.push_back(id);
+            }
+        }
     }
 
     /// Stops watching a connection and closes its backend channels.

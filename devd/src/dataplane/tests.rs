@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A loopback whose channels call each other remote (node 7): what a
-/// backend between hosts looks like to the engine, without a second host.
-struct AsRemote(Loopback);
+/// backend between hosts looks like to the engine, without a second host;
+/// the test hands it link events to report.
+struct AsRemote(Loopback, Arc<std::sync::Mutex<Vec<LinkEvent>>>);
 
 impl Backend for AsRemote {
     fn capabilities(&self) -> Capabilities {
@@ -65,11 +66,15 @@ impl Backend for AsRemote {
         self.0.close(ch)
     }
     fn link_events(&mut self) -> Vec<LinkEvent> {
-        Vec::new()
+        std::mem::take(&mut *self.1.lock().unwrap())
     }
     fn syscalls(&self) -> Vec<Syscall> {
         Vec::new()
     }
+}
+
+fn as_remote() -> AsRemote {
+    AsRemote(Loopback::default(), Arc::default())
 }
 
 /// A client's view of one Queued region: its two queues and doorbells.
@@ -199,7 +204,7 @@ fn a_local_peers_tx_buffer_goes_back_once_the_backend_has_its_bytes() {
 
 #[test]
 fn a_remote_peers_tx_buffer_goes_back_only_once_the_peer_took_its_bytes() {
-    let e = start(Box::new(AsRemote(Loopback::default())));
+    let e = start(Box::new(as_remote()));
     let (a, mut ca) = region(2);
     let (b, mut cb) = region(3);
     // Two connections, each the one end on "this host" of a remote pair.
@@ -269,6 +274,48 @@ fn a_channel_the_backend_cannot_open_resets_both_sides() {
     let t = Instant::now();
     while ca.rx_flags() & FLAG_RESET == 0 {
         assert!(t.elapsed() < Duration::from_secs(5), "no reset");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
+    let backend = as_remote();
+    let events = backend.1.clone();
+    let e = start(Box::new(backend));
+    let (a, mut ca) = region(5);
+    let (b, cb) = region(6);
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    add(
+        &e,
+        5,
+        vec![SideSpec {
+            init: a,
+            ch: 50,
+            peer: remote(60),
+        }],
+    );
+    add(
+        &e,
+        6,
+        vec![SideSpec {
+            init: b,
+            ch: 60,
+            peer: remote(50),
+        }],
+    );
+    ca.send(0, b"in flight when the link goes");
+    events.lock().unwrap().push(LinkEvent {
+        node: 7,
+        state: ssock_hwbackends::LinkState::Down,
+    });
+    ca.kick.notify().unwrap(); // wakes the engine, which then hears of it
+    let t = Instant::now();
+    while ca.rx_flags() & FLAG_RESET == 0 || cb.rx_flags() & FLAG_RESET == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no reset after the link went down"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }

@@ -162,6 +162,7 @@ pub fn spawn(
                 epoll,
                 status: st,
                 next_token: FIRST_CONN,
+                accept_paused: None,
             };
             t.run(&sp);
         },
@@ -181,6 +182,9 @@ const FIRST_CONN: u64 = 16;
 struct Conn {
     stream: TcpStream,
     token: u64,
+    /// The slot it serves: the one dialled, or (accepted) the one its
+    /// Hello named; it becomes that slot's connection only once verified.
+    slot: Option<usize>,
     buf: Vec<u8>,
     mine: [u8; NONCE],
     /// The peer's node and nonce, once its Hello came.
@@ -208,6 +212,8 @@ struct Thread {
     epoll: Epoll,
     status: Arc<Mutex<Status>>,
     next_token: u64,
+    /// Accepting stopped until then (an accept failed).
+    accept_paused: Option<Instant>,
 }
 
 /// How a connection ended.
@@ -287,6 +293,7 @@ impl Thread {
         let mut c = Conn {
             stream,
             token,
+            slot: None,
             buf: Vec::new(),
             mine,
             theirs: None,
@@ -313,10 +320,29 @@ impl Thread {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log::warn!("peer thread: accept failed: {e}");
+                    // EMFILE and the like: the listener stays readable; stop
+                    // looking at it for a second instead of spinning.
+                    log::warn!("peer thread: accept failed ({e}); pausing for 1 s");
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        l.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    self.accept_paused = Some(Instant::now() + Duration::from_secs(1));
                     return;
                 }
             };
+            // Only the addresses of peers that dial this devd get as far as
+            // a handshake.
+            let known = self
+                .slots
+                .iter()
+                .any(|s| !self.dials(s) && s.cfg.address.ip() == from.ip());
+            if !known {
+                drop(stream);
+                self.count("unknown_address", &format!("from {from}"));
+                continue;
+            }
             if self.pending.len() >= MAX_PENDING {
                 self.count("too_many_pending", &format!("from {from}"));
                 continue;
@@ -336,6 +362,16 @@ impl Thread {
             Ping,
         }
         let now = Instant::now();
+        if self.accept_paused.is_some_and(|t| now >= t) {
+            self.accept_paused = None;
+            if let Some(l) = &self.listener {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Add,
+                    l.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, LISTEN),
+                );
+            }
+        }
         for i in 0..self.slots.len() {
             let s = &self.slots[i];
             let due = match &s.conn {
@@ -375,7 +411,10 @@ impl Thread {
         let r = TcpStream::connect_timeout(&addr, DIAL).and_then(|s| self.new_conn(s));
         let s = &mut self.slots[i];
         match r {
-            Ok(c) => s.conn = Some(c),
+            Ok(mut c) => {
+                c.slot = Some(i);
+                s.conn = Some(c);
+            }
             Err(e) => {
                 s.next_dial = Instant::now() + s.backoff;
                 s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
@@ -391,12 +430,12 @@ impl Thread {
             .position(|s| s.conn.as_ref().is_some_and(|c| c.token == token))
         {
             let mut c = self.slots[i].conn.take().expect("found above");
-            match self.serve(&mut c, Some(i)) {
-                Ok(_) => self.slots[i].conn = Some(c),
-                Err(end) => {
-                    self.slots[i].conn = Some(c);
-                    self.lose(i, end);
-                }
+            let r = self.serve(&mut c);
+            self.slots[i].conn = Some(c);
+            match r {
+                Ok(true) => self.came_up(i),
+                Ok(false) => {}
+                Err(end) => self.lose(i, end),
             }
             return;
         }
@@ -404,19 +443,21 @@ impl Thread {
             return;
         };
         let mut c = self.pending.swap_remove(k);
-        match self.serve(&mut c, None) {
-            Ok(Some(i)) => {
-                // Its Hello named peer i: the connection is that slot's
-                // (an older one is replaced: the peer restarted).
+        match self.serve(&mut c) {
+            Ok(true) => {
+                // It proved the key of the peer its Hello named: it is that
+                // slot's connection now (an older one is replaced: the
+                // peer started again). Before its proof it replaces nothing.
+                let Some(i) = c.slot else {
+                    return self.close(c);
+                };
                 if let Some(old) = self.slots[i].conn.take() {
                     self.close(old);
                 }
                 self.slots[i].conn = Some(c);
-                if self.slots[i].conn.as_ref().is_some_and(|c| c.verified) {
-                    self.came_up(i);
-                }
+                self.came_up(i);
             }
-            Ok(None) => self.pending.push(c),
+            Ok(false) => self.pending.push(c),
             Err(End::Refused(why, what)) => {
                 self.close(c);
                 self.count(why, &what);
@@ -425,13 +466,19 @@ impl Thread {
         }
     }
 
-    /// Reads what arrived on `c` (slot `slot`, or pending) and answers it;
-    /// returns the slot its Hello named.
-    fn serve(&mut self, c: &mut Conn, slot: Option<usize>) -> Result<Option<usize>, End> {
+    /// Reads what arrived on `c` and answers it; whether it proved itself
+    /// just now.
+    fn serve(&mut self, c: &mut Conn) -> Result<bool, End> {
         let mut chunk = [0u8; 4096];
+        // What came before a hang-up is still read (a refusal's reason, a
+        // proof), then the hang-up counts.
+        let mut eof = false;
         loop {
             match c.stream.read(&mut chunk) {
-                Ok(0) => return Err(End::Lost("hung up".into())),
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
                 Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -441,7 +488,6 @@ impl Thread {
                 break;
             }
         }
-        let mut named = slot;
         let was_verified = c.verified;
         loop {
             let m = match wire::decode(&mut c.buf) {
@@ -473,7 +519,7 @@ impl Thread {
                     };
                     // A dialled connection must reach the node dialled; an
                     // accepted one must come from a node that dials us.
-                    let right = match slot {
+                    let right = match c.slot {
                         Some(k) => k == i,
                         None => !self.dials(&self.slots[i]),
                     };
@@ -484,13 +530,13 @@ impl Thread {
                         ));
                     }
                     c.theirs = Some((node, nonce));
-                    named = Some(i);
+                    c.slot = Some(i);
                     let key = &self.slots[i].cfg.key;
                     let proof = wire::prove(key, self.node, node, &nonce, &c.mine);
                     send(c, &Msg::Proof(proof)).map_err(|e| End::Lost(e.to_string()))?;
                 }
                 Msg::Proof(p) => {
-                    let (Some((node, theirs)), Some(i)) = (c.theirs, named) else {
+                    let (Some((node, theirs)), Some(i)) = (c.theirs, c.slot) else {
                         return Err(End::Refused("malformed", "a Proof before a Hello".into()));
                     };
                     if c.verified {
@@ -514,21 +560,18 @@ impl Thread {
         if c.buf.len() > wire::MAX_FRAME + 8 {
             return Err(End::Refused("malformed", "an oversized frame".into()));
         }
-        if let Some(i) = named {
-            if c.verified && !was_verified && slot.is_some() {
-                self.slots[i].heard = Some(c.heard);
-                self.came_up_later(i);
-            }
-            if c.verified {
-                self.slots[i].heard = Some(c.heard);
-            }
+        if eof {
+            return Err(End::Lost("hung up".into()));
         }
-        Ok(named)
+        if let Some(i) = c.slot.filter(|_| c.verified) {
+            self.slots[i].heard = Some(c.heard);
+        }
+        Ok(c.verified && !was_verified)
     }
 
-    /// Slot `i`'s dialled connection just proved itself (marked after
-    /// `serve` gives the connection back).
-    fn came_up_later(&mut self, i: usize) {
+    /// Slot `i`'s connection just proved itself.
+    fn came_up(&mut self, i: usize) {
+        self.slots[i].heard = Some(Instant::now());
         self.slots[i].backoff = BACKOFF_MIN;
         log::info!(
             "peer node {} up ({})",
@@ -539,11 +582,6 @@ impl Thread {
         if let Some(p) = st.peers.get_mut(i) {
             p.ups += 1;
         }
-    }
-
-    fn came_up(&mut self, i: usize) {
-        self.slots[i].heard = Some(Instant::now());
-        self.came_up_later(i);
     }
 
     fn lose(&mut self, i: usize, end: End) {

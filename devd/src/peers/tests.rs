@@ -155,13 +155,23 @@ fn until_refused(h: &Handle, why: &str) {
     }
 }
 
-/// Whether node 2 closed `s` (EOF or reset within 5 s).
+/// Whether node 2 closed `s` (EOF or reset within the 5 s read timeout;
+/// still open after it: false).
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 256];
     loop {
         match s.read(&mut b) {
-            Ok(0) | Err(_) => return true,
+            Ok(0) => return true,
             Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
         }
     }
 }
@@ -237,4 +247,47 @@ fn a_stranger_that_says_nothing_is_dropped_after_the_handshake_time() {
     until_refused(&h, "timeout");
     assert!(t.elapsed() >= super::HANDSHAKE - Duration::from_millis(500));
     assert!(closed(&mut s));
+}
+
+#[test]
+fn a_hello_without_its_proof_replaces_no_live_connection() {
+    let (l2, a2) = listener();
+    let n1 = spawn(1, vec![peer(2, a2, KEY)], None, None).unwrap();
+    let n2 = spawn(
+        2,
+        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
+        Some(l2),
+        None,
+    )
+    .unwrap();
+    until(&n2, 1, "came up", |p| p.state == "up");
+    // A stranger says it is node 1, and proves nothing.
+    let mut s = TcpStream::connect(a2).unwrap();
+    let m = Msg::Hello {
+        version: wire::VERSION,
+        node: 1,
+        nonce: [8; NONCE],
+    };
+    s.write_all(&wire::encode(&m)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let p = until(&n2, 1, "stayed up", |p| p.state == "up");
+    assert_eq!(p.ups, 1, "the live connection was replaced: {p:?}");
+    until(&n1, 2, "stayed up", |p| p.state == "up" && p.ups == 1);
+    drop(s);
+}
+
+#[test]
+fn a_connection_from_an_address_no_peer_has_is_refused_before_any_handshake() {
+    let (l2, a2) = listener();
+    let h = spawn(
+        2,
+        vec![peer(1, "10.9.9.9:1".parse().unwrap(), KEY)],
+        Some(l2),
+        None,
+    )
+    .unwrap();
+    let mut s = TcpStream::connect(a2).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    until_refused(&h, "unknown_address");
+    assert!(closed(&mut s), "no Hello for a stranger: closed at once");
 }

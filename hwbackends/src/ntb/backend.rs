@@ -8,9 +8,13 @@
 //! back through the peer's consumer word; a channel's receiver
 //! acknowledges what its `recv` took with an Ack frame.
 //!
-//! Link state comes from the heartbeat words; a hostile inbox (a value
-//! that breaks the layout's rules) takes the link down for good: every
-//! channel ends with Reset and nothing more is read.
+//! Each start is a new epoch: a side reads its inbox only once the peer
+//! started over for its epoch (reset its words there), and a peer seen with
+//! a new epoch (it restarted) ends every channel with Reset and both sides
+//! start their positions from 0. Link state comes from the heartbeat words;
+//! a hostile inbox (a value that breaks the layout's rules) takes the link
+//! down for good: every channel ends with Reset, nothing more is read and
+//! the heartbeat stops, so that the peer sees the link down too.
 
 use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING};
 use super::window::Window;
@@ -58,6 +62,13 @@ pub struct Ntb {
     win: Box<dyn Window>,
     ring: u64,
     window: usize,
+    /// This incarnation's epoch, and the peer's (0: none seen yet).
+    epoch: u64,
+    peer_epoch: u64,
+    /// The window the peer declared (what it may send per channel).
+    peer_window: usize,
+    /// The peer started over for this epoch: frames flow.
+    synced: bool,
     chans: HashMap<ChannelId, Chan>,
     ready: Vec<ChannelId>,
     /// Ring bytes reserved in the peer's inbox, and published.
@@ -87,6 +98,19 @@ impl Ntb {
     /// bytes in flight at most (the ring must hold more).
     pub fn new(peer: NodeId, win: Box<dyn Window>, window: usize) -> Ntb {
         let ring = u64::try_from(win.size().saturating_sub(RING)).unwrap_or(0);
+        let mut e = [0u8; 8];
+        let _ = ssock_rings::sys::random(&mut e);
+        let epoch = u64::from_le_bytes(e).max(1);
+        // The peer stops reading its inbox first (what this side wrote
+        // there before is of an old epoch), then the words start over.
+        win.store(inbox::OFF_SEEN, 0);
+        win.store(inbox::OFF_PROD, 0);
+        win.store(inbox::OFF_CONS, 0);
+        win.store(
+            inbox::OFF_WINDOW,
+            u64::try_from(window.max(1)).unwrap_or(u64::MAX),
+        );
+        win.store(inbox::OFF_EPOCH, epoch);
         win.store(inbox::OFF_VERSION, inbox::VERSION);
         win.store(inbox::OFF_MAGIC, inbox::MAGIC);
         let now = Instant::now();
@@ -95,6 +119,10 @@ impl Ntb {
             win,
             ring,
             window: window.max(1),
+            epoch,
+            peer_epoch: 0,
+            peer_window: 0,
+            synced: false,
             chans: HashMap::new(),
             ready: Vec::new(),
             prod: 0,
@@ -123,6 +151,67 @@ impl Ntb {
     /// Whether the peer's heartbeat is current.
     pub fn link_up(&self) -> bool {
         self.up && !self.hostile
+    }
+
+    /// Looks at the peer's epoch: a new one (a first start, or a restart)
+    /// means both directions start over: channels reset (after a restart),
+    /// positions 0, this side's words in the peer's inbox reset, then
+    /// `seen` set to the peer's epoch. Frames flow once the peer did the
+    /// same for this side's epoch.
+    fn sync(&mut self) {
+        if self.hostile || self.win.load(inbox::OFF_MAGIC) != inbox::MAGIC {
+            return;
+        }
+        let v = self.win.load(inbox::OFF_VERSION);
+        if v != inbox::VERSION {
+            return self.hostile(&format_args!("layout version {v}, not {}", inbox::VERSION));
+        }
+        let e = self.win.load(inbox::OFF_EPOCH);
+        if e != 0 && e != self.peer_epoch {
+            let w = self.win.load(inbox::OFF_WINDOW);
+            if !(1..=inbox::MAX_WINDOW).contains(&w) {
+                return self.hostile(&format_args!("a window of {w} bytes"));
+            }
+            if self.peer_epoch != 0 {
+                log::info!("ntb link to node {}: the peer started again", self.peer);
+                self.reset_all();
+                // What waited was for the old epoch's channels.
+                self.ctl.clear();
+            }
+            self.peer_window = usize::try_from(w).unwrap_or(usize::MAX);
+            self.prod = 0;
+            self.published = 0;
+            self.peer_cons = 0;
+            self.cons = 0;
+            self.dma.clear();
+            self.win.store(inbox::OFF_PROD, 0);
+            self.win.store(inbox::OFF_CONS, 0);
+            self.win.store(inbox::OFF_SEEN, e);
+            self.peer_epoch = e;
+            self.ring_bell();
+        }
+        let was = self.synced;
+        self.synced = self.peer_epoch != 0 && self.win.load(inbox::OFF_SEEN) == self.epoch;
+        if self.synced && !was {
+            // Sends that found the link not started may go on.
+            for (&ch, c) in &mut self.chans {
+                if std::mem::take(&mut c.starved) {
+                    self.ready.push(ch);
+                }
+            }
+        }
+    }
+
+    /// Every channel ends with Reset (its peer went away with the link).
+    fn reset_all(&mut self) {
+        for (&ch, c) in &mut self.chans {
+            c.rxq.clear();
+            c.rx_mark.get_or_insert(Mark::Reset);
+            c.peer_gone = true;
+            c.out.acked = c.out.sent;
+            c.ack_due = false;
+            self.ready.push(ch);
+        }
     }
 
     fn room(&self) -> u64 {
@@ -169,7 +258,7 @@ impl Ntb {
     /// A control frame (mark, ack, close; `word` is an ack's payload),
     /// after every frame before it.
     fn put_ctl(&mut self, h: Header, word: u64) {
-        if !self.ctl.is_empty() || !self.put(&h, &word.to_le_bytes()[..h.len]) {
+        if !self.synced || !self.ctl.is_empty() || !self.put(&h, &word.to_le_bytes()[..h.len]) {
             self.ctl.push_back((h, word));
         }
     }
@@ -177,6 +266,9 @@ impl Ntb {
     /// The batch copy, the control frames that wait, the acks due; then
     /// the producer word and one doorbell.
     fn flush(&mut self) {
+        if !self.synced {
+            return;
+        }
         for (pos, frame) in std::mem::take(&mut self.dma) {
             self.ring_write(pos, &frame);
             self.counters.dma += 1;
@@ -187,9 +279,12 @@ impl Ntb {
             }
             self.ctl.pop_front();
         }
+        // Acks wait (still due) while older frames do: the queue holds at
+        // most one frame per channel mark and close.
         let due: Vec<(ChannelId, ChannelId, u64)> = self
             .chans
             .iter_mut()
+            .filter(|_| self.ctl.is_empty())
             .filter(|(_, c)| c.ack_due && !c.peer_gone)
             .map(|(&ch, c)| {
                 c.ack_due = false;
@@ -219,13 +314,15 @@ impl Ntb {
 
     /// Heartbeats out and in; link events.
     fn link(&mut self, now: Instant) {
+        if self.hostile {
+            return; // silent: the peer sees the link down too
+        }
         if now.duration_since(self.beat_at) >= BEAT {
             self.beat += 1;
             self.beat_at = now;
             self.win.store(inbox::OFF_BEAT, self.beat);
         }
-        let ok = self.win.load(inbox::OFF_MAGIC) == inbox::MAGIC
-            && self.win.load(inbox::OFF_VERSION) == inbox::VERSION;
+        let ok = self.synced;
         let beat = self.win.load(inbox::OFF_BEAT);
         if ok && beat != self.peer_beat {
             self.peer_beat = beat;
@@ -261,25 +358,23 @@ impl Ntb {
                 state: LinkState::Down,
             });
         }
-        for (&ch, c) in &mut self.chans {
-            c.rxq.clear();
-            c.rx_mark.get_or_insert(Mark::Reset);
-            c.peer_gone = true;
-            c.out.acked = c.out.sent;
-            self.ready.push(ch);
-        }
+        self.reset_all();
     }
 
     /// Reads what the peer published in this node's inbox.
     fn take_in(&mut self) {
-        if self.hostile || self.ring == 0 {
+        if self.hostile || self.ring == 0 || !self.synced {
             return;
         }
-        if self.win.load(inbox::OFF_MAGIC) != inbox::MAGIC {
-            return; // the peer has not started
-        }
-        // Room the peer gave back.
+        // Both words read between two looks at `seen`: a peer that starts
+        // again clears `seen` before it rewinds them, so a rewound word is
+        // never judged against this epoch's positions.
         let pc = self.win.load(inbox::OFF_CONS);
+        let prod = self.win.load(inbox::OFF_PROD);
+        if self.win.load(inbox::OFF_SEEN) != self.epoch {
+            self.synced = false;
+            return;
+        }
         if pc < self.peer_cons || pc > self.published {
             let why = format!(
                 "consumer word {pc} outside {}..={}",
@@ -296,7 +391,6 @@ impl Ntb {
                 }
             }
         }
-        let prod = self.win.load(inbox::OFF_PROD);
         if prod < self.cons || prod - self.cons > self.ring {
             let why = format!(
                 "producer word {prod} outside {}..={}",
@@ -338,11 +432,11 @@ impl Ntb {
                 if c.rx_mark.is_some() {
                     return Ok(()); // after a mark: discarded, as after a reset
                 }
-                if c.rxq.len() + h.len > self.window {
+                if c.rxq.len() + h.len > self.peer_window {
                     return Err(format!(
-                        "channel {}: {} bytes beyond its window",
+                        "channel {}: {} bytes beyond the window it declared",
                         h.dst,
-                        c.rxq.len() + h.len - self.window
+                        c.rxq.len() + h.len - self.peer_window
                     ));
                 }
                 let mut buf = std::mem::take(&mut self.scratch);
@@ -366,13 +460,15 @@ impl Ntb {
                 self.ring_read(at, &mut w);
                 let off = u64::from_le_bytes(w);
                 let c = self.chans.get_mut(&h.dst).ok_or("channel gone")?;
-                if off < c.out.acked || off > c.out.sent {
+                if off > c.out.sent {
                     return Err(format!(
-                        "channel {}: ack {off} outside {}..={}",
-                        h.dst, c.out.acked, c.out.sent
+                        "channel {}: ack {off} beyond the {} bytes sent",
+                        h.dst, c.out.sent
                     ));
                 }
-                c.out.acked = off;
+                // One below what is acknowledged already is stale (sent
+                // before this side's Reset counted everything), not wrong.
+                c.out.acked = c.out.acked.max(off);
             }
             Kind::Gone => {
                 c.peer_gone = true;
@@ -403,6 +499,7 @@ impl Backend for Ntb {
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
         self.win.drain();
+        self.sync();
         self.link(Instant::now());
         self.take_in();
         self.flush();
@@ -449,6 +546,12 @@ impl Backend for Ntb {
             return Err(BackendError::PeerGone(ch));
         }
         if data.is_empty() {
+            return Ok(0);
+        }
+        if !self.synced {
+            if let Some(c) = self.chans.get_mut(&ch) {
+                c.starved = true;
+            }
             return Ok(0);
         }
         let in_flight = usize::try_from(c.out.sent - c.out.acked).unwrap_or(usize::MAX);

@@ -6,6 +6,11 @@
 //!
 //! Layout (offsets in bytes; words little-endian u64):
 //! - 0 `MAGIC`, 8 `VERSION`: written once by the peer;
+//! - 16 epoch: the peer's incarnation (random, not 0), new at each start;
+//! - 24 seen: the owner's epoch the peer has started over for (its
+//!   producer and consumer words reset); the owner reads its ring only
+//!   while this is its own epoch;
+//! - 32 window: the bytes per channel the peer sends at most in flight;
 //! - 64 heartbeat: the peer's counter, bumped every `BEAT`;
 //! - 128 producer: how many ring bytes the peer has published;
 //! - 192 consumer: how many bytes of *its own* inbox the peer has read
@@ -24,9 +29,12 @@ use crate::ChannelId;
 /// "SSOCKNTB".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SSOCKNTB");
 /// This layout's version.
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 pub const OFF_MAGIC: usize = 0;
 pub const OFF_VERSION: usize = 8;
+pub const OFF_EPOCH: usize = 16;
+pub const OFF_SEEN: usize = 24;
+pub const OFF_WINDOW: usize = 32;
 pub const OFF_BEAT: usize = 64;
 pub const OFF_PROD: usize = 128;
 pub const OFF_CONS: usize = 192;
@@ -36,6 +44,9 @@ pub const RING: usize = 4096;
 pub const HDR: usize = 24;
 /// The largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// The largest window a peer may declare (what one channel may make this
+/// node hold).
+pub const MAX_WINDOW: u64 = 16 << 20;
 
 /// What a frame says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -115,7 +115,13 @@ impl IvshmemWindow {
         if !(2 * 8192..=MAX_SHM).contains(&len) || !len.is_multiple_of(8192) {
             return Err(bad(format!("shared memory of {len} bytes")));
         }
-        let size = usize::try_from(len / 2).map_err(|e| bad(e.to_string()))?;
+        // Another client of the server holds the same memory: unless it is
+        // sealed against shrinking, one could truncate it under this
+        // mapping (SIGBUS).
+        let full = usize::try_from(len).map_err(|e| bad(e.to_string()))?;
+        sys::check_sealed(shm.as_fd(), full)
+            .map_err(|e| bad(format!("shared memory not sealed against resizing ({e})")))?;
+        let size = full / 2;
         let map = Mapping::map(shm.as_fd(), 2 * size, true)?;
         let mut w = IvshmemWindow {
             sock,
@@ -157,6 +163,11 @@ impl IvshmemWindow {
     fn take(&mut self, peer: i64, fd: Option<OwnedFd>) -> io::Result<()> {
         if !(0..=0xffff).contains(&peer) {
             return Err(bad(format!("client id {peer}")));
+        }
+        // A doorbell is read and written in the engine's turn: whatever the
+        // fd is, it must never block there.
+        if let Some(f) = &fd {
+            sys::set_nonblocking(f.as_fd(), true)?;
         }
         match fd {
             Some(fd) if peer == self.id => {
@@ -247,11 +258,18 @@ impl Window for IvshmemWindow {
 
     fn syscalls(&self) -> Vec<crate::Syscall> {
         let fd = u64::try_from(self.sock.as_raw_fd()).unwrap_or(u64::MAX);
-        vec![crate::Syscall {
-            nr: libc::SYS_recvmsg,
-            arg: Some((0, vec![fd])),
-            why: "ivshmem: the server's news of peers that come and go, on its socket only",
-        }]
+        vec![
+            crate::Syscall {
+                nr: libc::SYS_recvmsg,
+                arg: Some((0, vec![fd])),
+                why: "ivshmem: the server's news of peers that come and go, on its socket only",
+            },
+            crate::Syscall {
+                nr: libc::SYS_fcntl,
+                arg: Some((1, vec![libc::F_GETFL as u64, libc::F_SETFL as u64])),
+                why: "ivshmem: a new peer's doorbell made nonblocking",
+            },
+        ]
     }
 }
 

@@ -18,14 +18,17 @@ struct TwoNodes {
 impl TwoNodes {
     fn new(half: usize, window: usize) -> TwoNodes {
         let (w1, w2) = MemWindow::pair(half).unwrap();
-        TwoNodes {
+        let mut n = TwoNodes {
             b: [
                 Ntb::new(2, Box::new(w1), window),
                 Ntb::new(1, Box::new(w2), window),
             ],
             named: [Vec::new(), Vec::new()],
             next: 10,
-        }
+        };
+        n.settle(); // both epochs seen: frames flow
+        n.named = [Vec::new(), Vec::new()];
+        n
     }
 }
 
@@ -169,9 +172,17 @@ fn hostile_lab() -> (Ntb, MemWindow, ChannelId) {
         },
     )
     .unwrap();
+    // A peer that follows the start-up protocol (its epoch, its window,
+    // node 1's epoch seen), then misbehaves.
+    evil.store(inbox::OFF_WINDOW, 16384);
+    evil.store(inbox::OFF_EPOCH, 77);
     evil.store(inbox::OFF_VERSION, inbox::VERSION);
     evil.store(inbox::OFF_MAGIC, inbox::MAGIC);
+    evil.store(inbox::OFF_SEEN, evil.load(inbox::OFF_EPOCH));
     evil.store(inbox::OFF_BEAT, 1);
+    let mut r = Vec::new();
+    n1.poll(&mut r);
+    assert!(n1.link_up(), "the evil peer started properly");
     (n1, evil, 5)
 }
 
@@ -359,15 +370,18 @@ fn iv_nodes(bytes: usize, window: usize) -> IvNodes {
     let server = IvServer::start(bytes);
     let w1 = server.window(0);
     let w2 = server.window(1);
+    let mut nodes = TwoNodes {
+        b: [
+            Ntb::new(2, Box::new(w1), window),
+            Ntb::new(1, Box::new(w2), window),
+        ],
+        named: [Vec::new(), Vec::new()],
+        next: 10,
+    };
+    nodes.settle(); // both epochs seen: frames flow
+    nodes.named = [Vec::new(), Vec::new()];
     IvNodes {
-        nodes: TwoNodes {
-            b: [
-                Ntb::new(2, Box::new(w1), window),
-                Ntb::new(1, Box::new(w2), window),
-            ],
-            named: [Vec::new(), Vec::new()],
-            next: 10,
-        },
+        nodes,
         _server: server,
     }
 }
@@ -399,12 +413,13 @@ fn ivshmem_clients_learn_of_each_other_and_ring_only_present_peers() {
     }
     assert_eq!(w1.peers(), vec![w2.id()]);
     let sc = w1.syscalls();
-    assert_eq!(sc.len(), 1);
+    assert_eq!(sc.len(), 2);
     assert_eq!(
         sc[0].nr,
         libc::SYS_recvmsg,
         "the server's news, on its socket only"
     );
+    assert_eq!(sc[1].nr, libc::SYS_fcntl, "its doorbells made nonblocking");
     assert!(sc[0]
         .arg
         .as_ref()
@@ -443,7 +458,12 @@ fn fake_server(msgs: Vec<(i64, bool)>, bytes: usize) -> std::path::PathBuf {
     ));
     let _ = std::fs::remove_file(&path);
     let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let shm = ssock_rings::sys::memfd_sealed("ivshmem-fake", bytes).unwrap();
+    // usize::MAX: a memory of 1 MiB that anyone could truncate.
+    let shm = if bytes == usize::MAX {
+        ssock_rings::sys::memfd_unsealed("ivshmem-fake", 1 << 20).unwrap()
+    } else {
+        ssock_rings::sys::memfd_sealed("ivshmem-fake", bytes).unwrap()
+    };
     std::thread::spawn(move || {
         use std::os::fd::AsFd;
         let (c, _) = l.accept().unwrap();
@@ -474,6 +494,11 @@ fn a_server_that_breaks_the_protocol_gets_a_clear_error() {
             "shared memory of 12288 bytes",
         ),
         (
+            vec![(0, false), (3, false), (-1, true)],
+            usize::MAX,
+            "not sealed",
+        ),
+        (
             vec![(0, false), (3, false), (-1, true), (-7, true)],
             1 << 20,
             "client id -7",
@@ -487,4 +512,74 @@ fn a_server_that_breaks_the_protocol_gets_a_clear_error() {
         assert!(e.to_string().contains(want), "{e} does not say {want}");
         let _ = std::fs::remove_file(&path);
     }
+}
+
+#[test]
+fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_goes_on() {
+    let server = IvServer::start(1 << 20);
+    let mut n1 = Ntb::new(2, Box::new(server.window(0)), 16384);
+    let mut n2 = Ntb::new(1, Box::new(server.window(1)), 16384);
+    let settle = |a: &mut Ntb, b: &mut Ntb| {
+        let mut r = Vec::new();
+        for _ in 0..6 {
+            a.poll(&mut r);
+            b.poll(&mut r);
+        }
+    };
+    settle(&mut n1, &mut n2);
+    let to = |node, channel| Peer::Remote { node, channel };
+    n1.open(7, to(2, 7)).unwrap();
+    n2.open(7, to(1, 7)).unwrap();
+    assert_eq!(n1.send(7, &[1u8; 5000]).unwrap(), 5000);
+    settle(&mut n1, &mut n2);
+    assert_eq!(n2.recv(7, &mut [0u8; 10]).unwrap(), Recv::Data(10));
+    // Node 2's devd dies and starts again: the same memory, its words
+    // still of the old epoch, positions far along.
+    drop(n2);
+    let mut n2 = Ntb::new(1, Box::new(server.window(1)), 16384);
+    settle(&mut n1, &mut n2);
+    assert_eq!(
+        n1.recv(7, &mut [0u8; 8]).unwrap(),
+        Recv::Mark(Mark::Reset),
+        "the old channel ended"
+    );
+    assert!(
+        n1.link_up() && n2.link_up(),
+        "no hostility: a restart is not an attack"
+    );
+    // New channels flow both ways from position 0.
+    n1.open(8, to(2, 8)).unwrap();
+    n2.open(8, to(1, 8)).unwrap();
+    assert_eq!(n1.send(8, b"again").unwrap(), 5);
+    assert_eq!(n2.send(8, b"back").unwrap(), 4);
+    settle(&mut n1, &mut n2);
+    let mut b = [0u8; 8];
+    assert_eq!(n2.recv(8, &mut b).unwrap(), Recv::Data(5));
+    assert_eq!(&b[..5], b"again");
+    assert_eq!(n1.recv(8, &mut b).unwrap(), Recv::Data(4));
+    assert_eq!(&b[..4], b"back");
+    assert_eq!(n2.counters().stale, 0, "nothing of the old epoch was read");
+}
+
+#[test]
+fn a_hostile_inbox_silences_the_heartbeat_so_the_peer_sees_the_link_down() {
+    let (mut n1, evil, _) = hostile_lab();
+    evil.store(inbox::OFF_PROD, 10 << 20);
+    let mut r = Vec::new();
+    n1.poll(&mut r);
+    let beat = evil.load(inbox::OFF_BEAT);
+    std::thread::sleep(super::BEAT * 2);
+    n1.poll(&mut r);
+    assert_eq!(
+        evil.load(inbox::OFF_BEAT),
+        beat,
+        "a hostile link is not kept alive"
+    );
+}
+
+#[test]
+fn a_consumer_word_beyond_what_was_published_takes_the_link_down() {
+    let (mut n1, evil, ch) = hostile_lab();
+    evil.store(inbox::OFF_CONS, 4096);
+    ends_reset(&mut n1, ch);
 }

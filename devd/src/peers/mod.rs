@@ -31,8 +31,6 @@ pub const PING_EVERY: Duration = Duration::from_secs(1);
 pub const SILENT: Duration = Duration::from_secs(3);
 /// How long a handshake may take.
 pub const HANDSHAKE: Duration = Duration::from_secs(5);
-/// How long a dial may take.
-const DIAL: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Connections not yet known to be a peer's, at most.
@@ -185,6 +183,8 @@ struct Conn {
     /// The slot it serves: the one dialled, or (accepted) the one its
     /// Hello named; it becomes that slot's connection only once verified.
     slot: Option<usize>,
+    /// A dial not answered yet (watched for EPOLLOUT; no Hello sent).
+    connecting: bool,
     buf: Vec<u8>,
     mine: [u8; NONCE],
     /// The peer's node and nonce, once its Hello came.
@@ -278,22 +278,29 @@ impl Thread {
         t
     }
 
-    fn new_conn(&mut self, stream: TcpStream) -> io::Result<Conn> {
+    /// A connection accepted (`connecting` false: it says Hello at once)
+    /// or being dialled (watched for its connect to end).
+    fn new_conn(&mut self, stream: TcpStream, connecting: bool) -> io::Result<Conn> {
         stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
         let mut mine = [0u8; NONCE];
         ssock_rings::sys::random(&mut mine)?;
         let token = self.token();
+        let events = if connecting {
+            EventSet::OUT
+        } else {
+            EventSet::IN
+        };
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
+            EpollEvent::new(events, token),
         )?;
         let now = Instant::now();
         let mut c = Conn {
             stream,
             token,
             slot: None,
+            connecting,
             buf: Vec::new(),
             mine,
             theirs: None,
@@ -302,15 +309,29 @@ impl Thread {
             heard: now,
             pinged: now,
         };
+        if !connecting {
+            self.start(&mut c)?;
+        }
+        Ok(c)
+    }
+
+    /// A connection that is open: it says Hello.
+    fn start(&mut self, c: &mut Conn) -> io::Result<()> {
+        c.connecting = false;
+        c.stream.set_nodelay(true)?;
+        self.epoll.ctl(
+            ControlOperation::Modify,
+            c.stream.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, c.token),
+        )?;
         send(
-            &mut c,
+            c,
             &Msg::Hello {
                 version: wire::VERSION,
                 node: self.node,
-                nonce: mine,
+                nonce: c.mine,
             },
-        )?;
-        Ok(c)
+        )
     }
 
     fn accept(&mut self) {
@@ -347,7 +368,7 @@ impl Thread {
                 self.count("too_many_pending", &format!("from {from}"));
                 continue;
             }
-            match self.new_conn(stream) {
+            match self.new_conn(stream, false) {
                 Ok(c) => self.pending.push(c),
                 Err(e) => log::warn!("peer thread: connection from {from}: {e}"),
             }
@@ -358,6 +379,7 @@ impl Thread {
         enum Due {
             Dial,
             Silent,
+            Unanswered,
             Late,
             Ping,
         }
@@ -377,6 +399,9 @@ impl Thread {
             let due = match &s.conn {
                 None if self.dials(s) && now >= s.next_dial => Due::Dial,
                 Some(c) if c.verified && now.duration_since(c.heard) > SILENT => Due::Silent,
+                Some(c) if c.connecting && now.duration_since(c.began) > HANDSHAKE => {
+                    Due::Unanswered
+                }
                 Some(c) if !c.verified && now.duration_since(c.began) > HANDSHAKE => Due::Late,
                 Some(c) if c.verified && now.duration_since(c.pinged) >= PING_EVERY => Due::Ping,
                 _ => continue,
@@ -384,6 +409,13 @@ impl Thread {
             match due {
                 Due::Dial => self.dial(i),
                 Due::Silent => self.lose(i, End::Lost(format!("silent for {SILENT:?}"))),
+                Due::Unanswered => {
+                    let addr = self.slots[i].cfg.address;
+                    self.lose(
+                        i,
+                        End::Lost(format!("dial {addr}: no answer in {HANDSHAKE:?}")),
+                    );
+                }
                 Due::Late => self.lose(i, End::Refused("timeout", "no handshake in time".into())),
                 Due::Ping => {
                     let Some(c) = self.slots[i].conn.as_mut() else {
@@ -406,9 +438,20 @@ impl Thread {
         }
     }
 
+    /// Starts a connect to slot `i`'s peer without waiting for it: its end
+    /// comes as EPOLLOUT (`readable`), or the handshake time runs out.
     fn dial(&mut self, i: usize) {
         let addr: SocketAddr = self.slots[i].cfg.address;
-        let r = TcpStream::connect_timeout(&addr, DIAL).and_then(|s| self.new_conn(s));
+        let r = (|| {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+            match s.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            self.new_conn(TcpStream::from(s), true)
+        })();
         let s = &mut self.slots[i];
         match r {
             Ok(mut c) => {
@@ -430,6 +473,19 @@ impl Thread {
             .position(|s| s.conn.as_ref().is_some_and(|c| c.token == token))
         {
             let mut c = self.slots[i].conn.take().expect("found above");
+            if c.connecting {
+                // The connect ended: an error, or open (say Hello).
+                let r = match c.stream.take_error() {
+                    Ok(None) => self.start(&mut c),
+                    Ok(Some(e)) | Err(e) => Err(e),
+                };
+                self.slots[i].conn = Some(c);
+                if let Err(e) = r {
+                    let addr = self.slots[i].cfg.address;
+                    self.lose(i, End::Lost(format!("dial {addr}: {e}")));
+                }
+                return;
+            }
             let r = self.serve(&mut c);
             self.slots[i].conn = Some(c);
             match r {

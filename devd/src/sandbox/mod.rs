@@ -159,8 +159,8 @@ fn rules(kind: ThreadKind, extra: &[Syscall]) -> BTreeMap<i64, Vec<SeccompRule>>
     if kind == ThreadKind::Peers {
         let any = Vec::new;
         // socket: dialling a peer devd, TCP over IPv4 or IPv6 only (arg 0
-        // the family, arg 1 the type with SOCK_CLOEXEC, as std makes it).
-        let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+        // the family, arg 1 the type: nonblocking, close-on-exec).
+        let stream = (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
         r.insert(
             libc::SYS_socket,
             vec![
@@ -190,9 +190,9 @@ fn rules(kind: ThreadKind, extra: &[Syscall]) -> BTreeMap<i64, Vec<SeccompRule>>
                 .expect("valid rule"),
             ],
         );
-        // connect (with a timeout: poll for its end, getsockopt SO_ERROR).
+        // connect, nonblocking; its end seen by epoll, its error read with
+        // getsockopt SO_ERROR.
         r.insert(libc::SYS_connect, any());
-        r.insert(libc::SYS_poll, any());
         r.insert(libc::SYS_getsockopt, any());
         // accept4: peers dialling this devd (std: SOCK_CLOEXEC).
         r.insert(libc::SYS_accept4, any());

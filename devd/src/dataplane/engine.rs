@@ -192,6 +192,7 @@ pub fn spawn(
         )?;
     }
     let extra = backend.syscalls();
+    let quiet_backend = backend.readiness().is_empty() && backend.deadline().is_none();
     let w = wake.clone();
     let links = Links::default();
     let l = links.clone();
@@ -209,6 +210,7 @@ pub fn spawn(
                 scratch: vec![0u8; 256 * 1024],
                 busy: VecDeque::new(),
                 ready: Vec::new(),
+                quiet_backend,
                 violations,
                 links: l,
             };
@@ -233,6 +235,9 @@ struct Engine {
     busy: VecDeque<u64>,
     /// Channels `Backend::poll` named (reused buffer).
     ready: Vec<ChannelId>,
+    /// The backend has no readiness fd and no deadline: nothing changes
+    /// in it but through the engine's calls.
+    quiet_backend: bool,
     violations: Arc<AtomicU64>,
     links: Links,
 }
@@ -285,6 +290,13 @@ impl Engine {
                 };
                 if self.pump(id) {
                     self.busy.push_back(id);
+                } else if self.quiet_backend {
+                    // All this backend's news come from the engine's own
+                    // calls: what pumping `id` to a standstill caused about
+                    // `id` itself is no news.
+                    self.backend.poll(&mut self.ready);
+                    let by_chan = &self.by_chan;
+                    self.ready.retain(|ch| by_chan.get(ch) != Some(&id));
                 }
             }
             self.backend_news();

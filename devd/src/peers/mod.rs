@@ -190,6 +190,8 @@ struct Conn {
     /// The peer's node and nonce, once its Hello came.
     theirs: Option<(u32, [u8; NONCE])>,
     verified: bool,
+    /// Its frames' sealing, once both proofs were exchanged.
+    session: Option<wire::Session>,
     began: Instant,
     heard: Instant,
     pinged: Instant,
@@ -305,6 +307,7 @@ impl Thread {
             mine,
             theirs: None,
             verified: false,
+            session: None,
             began: now,
             heard: now,
             pinged: now,
@@ -546,10 +549,29 @@ impl Thread {
         }
         let was_verified = c.verified;
         loop {
-            let m = match wire::decode(&mut c.buf) {
-                Ok(Some(m)) => m,
+            let body = match wire::take(&mut c.buf) {
+                Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => return Err(End::Refused("malformed", e.to_string())),
+            };
+            // After the proofs every frame is sealed; a frame that does not
+            // open is an intruder's (or damage): the connection ends.
+            let m = match &mut c.session {
+                Some(s) => s
+                    .open(&body)
+                    .map_err(|e| End::Refused("bad_seal", e.to_string()))?,
+                None => {
+                    let mut whole = u32::try_from(body.len())
+                        .unwrap_or(u32::MAX)
+                        .to_le_bytes()
+                        .to_vec();
+                    whole.extend_from_slice(&body);
+                    match wire::decode(&mut whole) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => return Err(End::Refused("malformed", e.to_string())),
+                    }
+                }
             };
             c.heard = Instant::now();
             match m {
@@ -603,6 +625,9 @@ impl Thread {
                         return Err(End::Refused("bad_proof", format!("node {node}")));
                     }
                     c.verified = true;
+                    // Both proofs are out (this side's went at the Hello):
+                    // from here on both seal.
+                    c.session = Some(wire::Session::new(key, self.node, node, &c.mine, &theirs));
                 }
                 Msg::Ping if c.verified => {}
                 Msg::Ping => {
@@ -701,10 +726,14 @@ impl Thread {
     }
 }
 
-/// Writes one message whole (a small frame; a socket that cannot take it
-/// at once is a peer that stopped reading).
+/// Writes one message whole, sealed once the connection is up (a small
+/// frame; a socket that cannot take it at once is a peer that stopped
+/// reading).
 fn send(c: &mut Conn, m: &Msg) -> io::Result<()> {
-    let f = wire::encode(m);
+    let f = match &mut c.session {
+        Some(s) => s.seal(m),
+        None => wire::encode(m),
+    };
     match c.stream.write(&f) {
         Ok(n) if n == f.len() => Ok(()),
         Ok(_) => Err(io::Error::new(

@@ -241,6 +241,33 @@ fn a_replayed_or_forged_proof_is_refused() {
 }
 
 #[test]
+fn after_the_proofs_an_unsealed_or_replayed_frame_ends_the_connection() {
+    for replay in [false, true] {
+        let (h, mut s) = stranger(|s, nonce2| {
+            let mine = [7u8; NONCE];
+            let m = Msg::Hello {
+                version: wire::VERSION,
+                node: 1,
+                nonce: mine,
+            };
+            s.write_all(&wire::encode(&m)).unwrap();
+            let p = wire::prove(KEY, 1, 2, &nonce2, &mine);
+            s.write_all(&wire::encode(&Msg::Proof(p))).unwrap();
+            let mut sealed = wire::Session::new(KEY, 1, 2, &mine, &nonce2);
+            let ping = sealed.seal(&Msg::Ping);
+            s.write_all(&ping).unwrap();
+            if replay {
+                s.write_all(&ping).unwrap(); // the same frame again
+            } else {
+                s.write_all(&wire::encode(&Msg::Ping)).unwrap();
+            }
+        });
+        until_refused(&h, "bad_seal");
+        assert!(closed(&mut s));
+    }
+}
+
+#[test]
 fn a_stranger_that_says_nothing_is_dropped_after_the_handshake_time() {
     let (h, mut s) = stranger(|_, _| {});
     let t = Instant::now();

@@ -9,6 +9,11 @@
 //! HMAC-SHA256 under the key of `"ssock peer proof" | sender node |
 //! receiver node | receiver's nonce | sender's nonce`. A side is up once
 //! it checked the other's Proof (in constant time) and sent its own.
+//! Every frame after a side's Proof is sealed ([`Session`]): its body ends
+//! with 16 bytes of HMAC-SHA256, under a key both derive from the link's
+//! key and both nonces, over the sender's node, the frame's number in its
+//! direction (counted, not sent) and the body; a frame changed, dropped,
+//! replayed or reordered on the way does not check.
 //!
 //! Never here: a socket, a clock, what a message leads to.
 
@@ -97,6 +102,14 @@ pub fn encode(m: &Msg) -> Vec<u8> {
 /// `Ok(None)` while more bytes are needed. A version other than ours is
 /// not refused here (the caller says so to the operator).
 pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Msg>, WireError> {
+    match take(buf)? {
+        Some(body) => parse(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// One whole frame's body off the front of `buf`, if there.
+pub fn take(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, WireError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -108,7 +121,11 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Msg>, WireError> {
     if buf.len() < 4 + len {
         return Ok(None);
     }
-    let body: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
+    Ok(Some(buf.drain(..4 + len).skip(4).collect()))
+}
+
+/// A frame body's message.
+fn parse(body: &[u8]) -> Result<Msg, WireError> {
     let (t, p) = (body[0], &body[1..]);
     let m = match t {
         HELLO => {
@@ -131,7 +148,86 @@ pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Msg>, WireError> {
         PING => return Err(WireError::Malformed("Ping")),
         t => return Err(WireError::Type(t)),
     };
-    Ok(Some(m))
+    Ok(m)
+}
+
+/// Bytes of a sealed frame's tag.
+pub const TAG: usize = 16;
+
+/// The sealing of an up connection's frames, both directions.
+pub struct Session {
+    key: [u8; 32],
+    me: u32,
+    them: u32,
+    sent: u64,
+    got: u64,
+}
+
+impl Session {
+    /// Node `me` (whose Hello carried `mine`) and node `them` (`theirs`)
+    /// derive the same key from the link's.
+    pub fn new(
+        link: &[u8],
+        me: u32,
+        them: u32,
+        mine: &[u8; NONCE],
+        theirs: &[u8; NONCE],
+    ) -> Session {
+        let (lo, hi) = if me < them {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(link).expect("HMAC takes any key length");
+        m.update(b"ssock peer session");
+        m.update(&me.min(them).to_le_bytes());
+        m.update(&me.max(them).to_le_bytes());
+        m.update(lo);
+        m.update(hi);
+        Session {
+            key: m.finalize().into_bytes().into(),
+            me,
+            them,
+            sent: 0,
+            got: 0,
+        }
+    }
+
+    fn tag(&self, from: u32, n: u64, body: &[u8]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("any key length");
+        m.update(&from.to_le_bytes());
+        m.update(&n.to_le_bytes());
+        m.update(body);
+        m.finalize().into_bytes().into()
+    }
+
+    /// The frame that carries `m`, sealed as this side's next.
+    pub fn seal(&mut self, m: &Msg) -> Vec<u8> {
+        let mut f = encode(m);
+        let tag = self.tag(self.me, self.sent, &f[4..]);
+        self.sent += 1;
+        f.extend_from_slice(&tag[..TAG]);
+        let len = u32::try_from(f.len() - 4).unwrap_or(u32::MAX);
+        f[..4].copy_from_slice(&len.to_le_bytes());
+        f
+    }
+
+    /// The message in `body`, the other side's next sealed frame, if its
+    /// tag checks (in constant time).
+    pub fn open(&mut self, body: &[u8]) -> Result<Msg, WireError> {
+        if body.len() < 1 + TAG {
+            return Err(WireError::Malformed("sealed frame"));
+        }
+        let (inner, tag) = body.split_at(body.len() - TAG);
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("any key length");
+        m.update(&self.them.to_le_bytes());
+        m.update(&self.got.to_le_bytes());
+        m.update(inner);
+        m.verify_truncated_left(tag)
+            .map_err(|_| WireError::Malformed("sealed frame (its tag)"))?;
+        self.got += 1;
+        parse(inner)
+    }
 }
 
 fn mac(key: &[u8], from: u32, to: u32, their: &[u8; NONCE], mine: &[u8; NONCE]) -> Hmac<Sha256> {
@@ -215,6 +311,40 @@ mod tests {
         assert_eq!(decode(&mut h), Err(WireError::Malformed("Hello")));
         let mut p = vec![4, 0, 0, 0, PROOF_T, 1, 2, 3];
         assert_eq!(decode(&mut p), Err(WireError::Malformed("Proof")));
+    }
+
+    #[test]
+    fn sealed_frames_open_only_in_order_unchanged_and_from_the_other_side() {
+        let (a, b) = ([1u8; NONCE], [2u8; NONCE]);
+        let key = b"0123456789abcdef";
+        let mut n1 = Session::new(key, 1, 2, &a, &b);
+        let mut n2 = Session::new(key, 2, 1, &b, &a);
+        let body = |f: Vec<u8>| {
+            let mut f = f;
+            take(&mut f).unwrap().unwrap()
+        };
+        let f1 = body(n1.seal(&Msg::Ping));
+        let f2 = body(n1.seal(&Msg::Ping));
+        assert_eq!(n2.open(&f1), Ok(Msg::Ping));
+        assert!(n2.open(&f1).is_err(), "a replay");
+        assert_eq!(n2.open(&f2), Ok(Msg::Ping));
+        let f3 = body(n1.seal(&Msg::Ping));
+        let mut bad = f3.clone();
+        bad[0] ^= 1;
+        assert!(n2.open(&bad).is_err(), "a changed frame");
+        // A frame node 2 sealed does not pass as node 1's.
+        let mut n2b = Session::new(key, 2, 1, &b, &a);
+        let own = body(n2b.seal(&Msg::Ping));
+        let mut n2c = Session::new(key, 2, 1, &b, &a);
+        assert!(n2c.open(&own).is_err(), "reflected back");
+        // Another link key or other nonces: no.
+        let mut other = Session::new(b"0123456789abcdeX", 2, 1, &b, &a);
+        assert!(other.open(&f3).is_err());
+        assert!(n2.open(&f3).is_ok());
+        assert!(
+            n2.open(&body(encode(&Msg::Ping))).is_err(),
+            "an unsealed Ping"
+        );
     }
 
     #[test]

@@ -115,3 +115,50 @@ fn a_killed_devd_leaves_the_other_serving() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_listener_on_one_host_is_advertised_to_the_other_while_it_lives() -> Result<()> {
+    if !lab::available()? || !ssock_tests::have_app("python3")? {
+        return Ok(());
+    }
+    let lab = TwoHosts::up("adverts")?;
+    lab.wait_peer(0, UP, "up", |p| p["state"] == "up")?;
+    // A program under ssock-run on host b listens (devd b registers it).
+    let run = ssock_tests::bin("ssock-run");
+    let mut srv = lab
+        .on(1, &run.to_string_lossy())
+        .arg("--devd")
+        .arg(lab.socket(1))
+        .args([
+            "--",
+            "python3",
+            "-c",
+            "import socket,sys,time\n\
+             s=socket.socket(); s.bind(('0.0.0.0',0)); s.listen()\n\
+             print(s.getsockname()[1], flush=True); sys.stdin.read()",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(srv.stdout.take().expect("stdout")),
+        &mut line,
+    )?;
+    let want = format!("0.0.0.0:{}", line.trim());
+    let seen = lab.wait_peer(0, UP, "heard of the listener", |p| {
+        p["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|a| a == want.as_str()))
+    });
+    // The program ends: its listener leaves host a's list too.
+    drop(srv.stdin.take());
+    let _ = srv.wait();
+    seen?;
+    lab.wait_peer(0, Duration::from_secs(20), "forgot the listener", |p| {
+        p["listeners"]
+            .as_array()
+            .is_some_and(|l| !l.iter().any(|a| a == want.as_str()))
+    })?;
+    Ok(())
+}

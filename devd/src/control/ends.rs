@@ -169,7 +169,7 @@ impl Devd {
                 s.peers_only = held.peers_only;
             }
         });
-        self.board.publish(&self.reg.listeners);
+        self.listeners_changed();
         // Acceptors that read the board from now on do not claim:
         // pending intents to it end now (their connectors stay on the
         // kernel socket, as CLAIM = kernel tells them).
@@ -196,7 +196,7 @@ impl Devd {
             s.plain_peers = 0;
             s.doublings = 0;
         });
-        self.board.publish(&self.reg.listeners);
+        self.listeners_changed();
         if let Some(l) = self.reg.listeners.get(&inode) {
             log::info!(
                 "listener {}: a connector under ssock ended its hold for connectors not under ssock",

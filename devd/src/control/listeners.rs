@@ -28,7 +28,7 @@ impl Devd {
             short: Default::default(),
         };
         self.reg.listeners.insert(end.inode, l);
-        self.board.publish(&self.reg.listeners);
+        self.listeners_changed();
         Ok((Response::Ok, vec![]))
     }
 
@@ -48,7 +48,7 @@ impl Devd {
     pub(super) fn let_go_of_listener(&mut self, inode: u64) {
         if self.diag.is_none() {
             self.reg.listeners.remove(&inode);
-            self.board.publish(&self.reg.listeners);
+            self.listeners_changed();
         } else if let Some(l) = self.reg.listeners.get_mut(&inode) {
             l.session = None;
             l.seen = None;
@@ -94,6 +94,6 @@ impl Devd {
                 }
             }
         }
-        self.board.publish(&self.reg.listeners);
+        self.listeners_changed();
     }
 }

@@ -133,6 +133,8 @@ pub struct Devd {
     violations: Arc<AtomicU64>,
     /// The peer thread, when the config lists peers.
     peers: Option<crate::peers::Handle>,
+    /// The listeners the peers were last told of.
+    advertised: Vec<std::net::SocketAddr>,
     /// Open sessions by uid (`max_sessions_per_user`).
     sessions_of: HashMap<u32, usize>,
     /// Sockets of Kernel answers, watched until they connect (None if
@@ -248,12 +250,29 @@ impl Devd {
                 u32::from_le_bytes(b)
             }),
             peers: None,
+            advertised: Vec::new(),
         }
     }
 
     /// The peer thread whose state the statistics show.
     pub fn set_peers(&mut self, peers: crate::peers::Handle) {
         self.peers = Some(peers);
+        self.listeners_changed();
+    }
+
+    /// The listeners (or their policy) changed: the board shows them, and
+    /// the peer devds hear of the set when it is new.
+    fn listeners_changed(&mut self) {
+        self.board.publish(&self.reg.listeners);
+        let Some(p) = &self.peers else { return };
+        let mut now: Vec<std::net::SocketAddr> =
+            self.reg.listeners.values().map(|l| l.addr).collect();
+        now.sort_unstable();
+        now.dedup();
+        if now != self.advertised {
+            p.advertise(now.clone());
+            self.advertised = now;
+        }
     }
 
     /// Handles one decoded request from session `sid`.
@@ -571,7 +590,7 @@ impl Devd {
     /// while a hold lasts, and only what changed).
     pub fn expire(&mut self) {
         self.board.beat();
-        self.board.publish(&self.reg.listeners);
+        self.listeners_changed();
         for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
             self.discard_intent(i);
         }

@@ -56,6 +56,8 @@ pub struct PeerJson {
     pub link: Option<&'static str>,
     /// Times that link came up or went down.
     pub link_changes: u64,
+    /// The listeners its devd advertised (while up).
+    pub listeners: Vec<String>,
 }
 
 /// What the thread shares with the control thread's statistics.
@@ -71,6 +73,9 @@ pub struct Status {
 pub struct Handle {
     status: Arc<Mutex<Status>>,
     stop: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// This devd's listeners to advertise, and the thread's wake-up.
+    ours: Arc<Mutex<Vec<SocketAddr>>>,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -79,6 +84,12 @@ impl Handle {
     pub fn status(&self) -> (Vec<PeerJson>, BTreeMap<&'static str, u64>) {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         (s.peers.clone(), s.refused.clone())
+    }
+
+    /// This devd's listeners are now `l`: the peers hear of it.
+    pub fn advertise(&self, l: Vec<SocketAddr>) {
+        *self.ours.lock().unwrap_or_else(|p| p.into_inner()) = l;
+        let _ = self.wake.write(1);
     }
 
     /// Whether the thread still runs.
@@ -116,16 +127,24 @@ pub fn spawn(
                 last_error: String::new(),
                 link: None,
                 link_changes: 0,
+                listeners: Vec::new(),
             })
             .collect(),
         refused: BTreeMap::new(),
     }));
     let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+    let wake = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+    let ours: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         stop.as_raw_fd(),
         EpollEvent::new(EventSet::IN, STOP),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
     )?;
     if let Some(l) = &listener {
         l.set_nonblocking(true)?;
@@ -135,7 +154,7 @@ pub fn spawn(
             EpollEvent::new(EventSet::IN, LISTEN),
         )?;
     }
-    let (st, sp) = (status.clone(), stop.clone());
+    let (st, sp, wk, ou) = (status.clone(), stop.clone(), wake.clone(), ours.clone());
     let thread = crate::sandbox::spawn_sandboxed(
         ThreadKind::Peers,
         "ssock-peers",
@@ -161,19 +180,24 @@ pub fn spawn(
                 status: st,
                 next_token: FIRST_CONN,
                 accept_paused: None,
+                ours: ou,
+                told: Vec::new(),
             };
-            t.run(&sp);
+            t.run(&sp, &wk);
         },
     )?;
     Ok(Handle {
         status,
         stop,
+        ours,
+        wake,
         thread: Some(thread),
     })
 }
 
 const STOP: u64 = 0;
 const LISTEN: u64 = 1;
+const WAKE: u64 = 2;
 const FIRST_CONN: u64 = 16;
 
 /// One TCP connection, before and after its handshake.
@@ -216,6 +240,10 @@ struct Thread {
     next_token: u64,
     /// Accepting stopped until then (an accept failed).
     accept_paused: Option<Instant>,
+    /// This devd's listeners (set by the control thread), and what the
+    /// up peers were last told.
+    ours: Arc<Mutex<Vec<SocketAddr>>>,
+    told: Vec<SocketAddr>,
 }
 
 /// How a connection ended.
@@ -227,7 +255,11 @@ enum End {
 }
 
 impl Thread {
-    fn run(&mut self, stop: &vmm_sys_util::eventfd::EventFd) {
+    fn run(
+        &mut self,
+        stop: &vmm_sys_util::eventfd::EventFd,
+        wake: &vmm_sys_util::eventfd::EventFd,
+    ) {
         let mut events = vec![EpollEvent::default(); 32];
         loop {
             self.timers();
@@ -249,6 +281,10 @@ impl Thread {
                         return;
                     }
                     LISTEN => self.accept(),
+                    WAKE => {
+                        let _ = wake.read();
+                        self.tell_listeners();
+                    }
                     token => self.readable(token),
                 }
             }
@@ -630,6 +666,20 @@ impl Thread {
                     c.session = Some(wire::Session::new(key, self.node, node, &c.mine, &theirs));
                 }
                 Msg::Ping if c.verified => {}
+                Msg::Listeners(l) if c.verified => {
+                    if let Some(i) = c.slot {
+                        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(p) = st.peers.get_mut(i) {
+                            p.listeners = l.iter().map(ToString::to_string).collect();
+                        }
+                    }
+                }
+                Msg::Listeners(_) => {
+                    return Err(End::Refused(
+                        "malformed",
+                        "Listeners before the handshake".into(),
+                    ));
+                }
                 Msg::Ping => {
                     return Err(End::Refused(
                         "malformed",
@@ -650,6 +700,29 @@ impl Thread {
         Ok(c.verified && !was_verified)
     }
 
+    /// Tells every up peer this devd's listeners, if they changed since.
+    fn tell_listeners(&mut self) {
+        let now = self.ours.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if now == self.told {
+            return;
+        }
+        self.told = now.clone();
+        for i in 0..self.slots.len() {
+            self.tell(i, &now);
+        }
+    }
+
+    /// Tells peer `i` (if up) that this devd's listeners are `l`.
+    fn tell(&mut self, i: usize, l: &[SocketAddr]) {
+        let m = Msg::Listeners(l.to_vec());
+        let Some(c) = self.slots[i].conn.as_mut().filter(|c| c.verified) else {
+            return;
+        };
+        if let Err(e) = send(c, &m) {
+            self.lose(i, End::Lost(format!("listeners: {e}")));
+        }
+    }
+
     /// Slot `i`'s connection just proved itself.
     fn came_up(&mut self, i: usize) {
         self.slots[i].heard = Some(Instant::now());
@@ -659,10 +732,16 @@ impl Thread {
             self.slots[i].cfg.node,
             self.slots[i].cfg.address
         );
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = st.peers.get_mut(i) {
-            p.ups += 1;
+        {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = st.peers.get_mut(i) {
+                p.ups += 1;
+            }
         }
+        // The newest set (a change not told the others yet reaches them at
+        // the wake-up that is on its way).
+        let now = self.ours.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.tell(i, &now);
     }
 
     fn lose(&mut self, i: usize, end: End) {
@@ -683,6 +762,12 @@ impl Thread {
         };
         if was_up {
             log::warn!("peer node {node} down: {what}");
+        }
+        {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = st.peers.get_mut(i) {
+                p.listeners.clear();
+            }
         }
         self.set_error(i, what);
     }

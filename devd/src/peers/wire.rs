@@ -49,7 +49,13 @@ pub enum Msg {
     Proof([u8; PROOF]),
     /// Still here (sent every `PING_EVERY`).
     Ping,
+    /// Every listener the sender's devd has registered now (the whole
+    /// set each time it changes, and when the connection comes up).
+    Listeners(Vec<std::net::SocketAddr>),
 }
+
+/// Most listeners one Listeners message carries (it fits a frame).
+pub const MAX_LISTENERS: usize = 3000;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +74,7 @@ pub enum WireError {
 const HELLO: u8 = 1;
 const PROOF_T: u8 = 2;
 const PING: u8 = 3;
+const LISTENERS: u8 = 4;
 
 /// The frame that carries `m`.
 pub fn encode(m: &Msg) -> Vec<u8> {
@@ -89,6 +96,24 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             body.extend_from_slice(p);
         }
         Msg::Ping => body.push(PING),
+        Msg::Listeners(l) => {
+            body.push(LISTENERS);
+            let n = l.len().min(MAX_LISTENERS);
+            body.extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_le_bytes());
+            for a in &l[..n] {
+                match a {
+                    std::net::SocketAddr::V4(v) => {
+                        body.push(4);
+                        body.extend_from_slice(&v.ip().octets());
+                    }
+                    std::net::SocketAddr::V6(v) => {
+                        body.push(6);
+                        body.extend_from_slice(&v.ip().octets());
+                    }
+                }
+                body.extend_from_slice(&a.port().to_le_bytes());
+            }
+        }
     }
     let mut f = u32::try_from(body.len())
         .unwrap_or(u32::MAX)
@@ -146,9 +171,40 @@ fn parse(body: &[u8]) -> Result<Msg, WireError> {
         }
         PING if p.is_empty() => Msg::Ping,
         PING => return Err(WireError::Malformed("Ping")),
+        LISTENERS => Msg::Listeners(listeners(p).ok_or(WireError::Malformed("Listeners"))?),
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
+}
+
+/// A Listeners payload's addresses: a u16 count, then each a family byte
+/// (4 or 6), its address bytes and a u16 port; nothing after them.
+fn listeners(p: &[u8]) -> Option<Vec<std::net::SocketAddr>> {
+    let n = usize::from(u16::from_le_bytes([*p.first()?, *p.get(1)?]));
+    if n > MAX_LISTENERS {
+        return None;
+    }
+    let mut at = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fam = *p.get(at)?;
+        let len = match fam {
+            4 => 4,
+            6 => 16,
+            _ => return None,
+        };
+        let ip = p.get(at + 1..at + 1 + len)?;
+        let port = p.get(at + 1 + len..at + 3 + len)?;
+        let port = u16::from_le_bytes([port[0], port[1]]);
+        let ip: std::net::IpAddr = if fam == 4 {
+            <[u8; 4]>::try_from(ip).ok()?.into()
+        } else {
+            <[u8; 16]>::try_from(ip).ok()?.into()
+        };
+        out.push(std::net::SocketAddr::new(ip, port));
+        at += 3 + len;
+    }
+    (at == p.len()).then_some(out)
 }
 
 /// Bytes of a sealed frame's tag.
@@ -345,6 +401,29 @@ mod tests {
             n2.open(&body(encode(&Msg::Ping))).is_err(),
             "an unsealed Ping"
         );
+    }
+
+    #[test]
+    fn listeners_round_trip_and_bad_lists_are_refused() {
+        let l = vec![
+            "0.0.0.0:80".parse().unwrap(),
+            "[::1]:6379".parse().unwrap(),
+            "10.77.3.2:5432".parse().unwrap(),
+        ];
+        let mut f = encode(&Msg::Listeners(l.clone()));
+        assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(l))));
+        let mut f = encode(&Msg::Listeners(vec![]));
+        assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(vec![]))));
+        for bad in [
+            vec![LISTENERS, 1, 0],
+            vec![LISTENERS, 1, 0, 5, 1, 2, 3, 4, 0, 80],
+            vec![LISTENERS, 0, 0, 9],
+            vec![LISTENERS, 0xff, 0xff],
+        ] {
+            let mut f = u32::try_from(bad.len()).unwrap().to_le_bytes().to_vec();
+            f.extend(bad);
+            assert_eq!(decode(&mut f), Err(WireError::Malformed("Listeners")));
+        }
     }
 
     #[test]

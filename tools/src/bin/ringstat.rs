@@ -199,26 +199,28 @@ fn print_peers(v: &Value) {
         return;
     };
     out!(
-        "{:>6} {:<22} {:<10} {:>10} {:>5} {:<6}  LAST ERROR",
+        "{:>6} {:<22} {:<10} {:>10} {:>5} {:<6} {:>9}  LAST ERROR",
         "PEER",
         "ADDRESS",
         "STATE",
         "HEARD",
         "UPS",
-        "LINK"
+        "LINK",
+        "LISTENERS"
     );
     for p in peers {
         let heard = p["heard_ms_ago"]
             .as_u64()
             .map_or("never".to_string(), |ms| format!("{ms} ms"));
         out!(
-            "{:>6} {:<22} {:<10} {:>10} {:>5} {:<6}  {}",
+            "{:>6} {:<22} {:<10} {:>10} {:>5} {:<6} {:>9}  {}",
             p["node"].to_string(),
             p["address"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             heard,
             p["ups"].to_string(),
             p["link"].as_str().unwrap_or("-"),
+            p["listeners"].as_array().map_or(0, Vec::len),
             p["last_error"].as_str().unwrap_or("")
         );
     }

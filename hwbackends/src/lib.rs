@@ -37,7 +37,20 @@ pub mod loopback;
 pub mod ntb;
 pub mod router;
 
+use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
+
+/// Moves up to `buf.len()` bytes from the front of `q` into `buf`; how
+/// many (a backend's `recv` from its per-channel queue).
+pub(crate) fn copy_out(q: &mut VecDeque<u8>, buf: &mut [u8]) -> usize {
+    let n = buf.len().min(q.len());
+    let (a, b) = q.as_slices();
+    let first = n.min(a.len());
+    buf[..first].copy_from_slice(&a[..first]);
+    buf[first..n].copy_from_slice(&b[..n - first]);
+    q.drain(..n);
+    n
+}
 
 /// devd's name for one end of a backend channel (one Queued endpoint).
 pub type ChannelId = u64;

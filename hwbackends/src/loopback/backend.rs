@@ -148,12 +148,7 @@ impl Backend for Loopback {
                 None => Recv::Empty,
             });
         }
-        let n = buf.len().min(me.inbox.len());
-        let (a, b) = me.inbox.as_slices();
-        let first = n.min(a.len());
-        buf[..first].copy_from_slice(&a[..first]);
-        buf[first..n].copy_from_slice(&b[..n - first]);
-        me.inbox.drain(..n);
+        let n = crate::copy_out(&mut me.inbox, buf);
         let peer = me.peer;
         if n > 0 {
             if let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) {

@@ -634,12 +634,7 @@ impl Backend for Ntb {
                 None => Recv::Empty,
             });
         }
-        let n = buf.len().min(c.rxq.len());
-        let (a, b) = c.rxq.as_slices();
-        let first = n.min(a.len());
-        buf[..first].copy_from_slice(&a[..first]);
-        buf[first..n].copy_from_slice(&b[..n - first]);
-        c.rxq.drain(..n);
+        let n = crate::copy_out(&mut c.rxq, buf);
         if n > 0 {
             c.taken += n as u64;
             c.ack_due = true;

@@ -18,7 +18,7 @@
 //!
 //! Never here: a read of the peer's inbox, a write to this node's own.
 
-use super::window::Window;
+use super::window::{Halves, Window};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{self, recv_with_fds, send_with_fds, EventFd, PollFd};
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +26,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The protocol version this speaks.
@@ -75,10 +74,7 @@ fn read_msg(s: &UnixStream, flags: i32) -> io::Result<(i64, Option<OwnedFd>)> {
 pub struct IvshmemWindow {
     sock: UnixStream,
     id: i64,
-    map: Mapping,
-    mine: usize,
-    theirs: usize,
-    size: usize,
+    halves: Halves,
     vector: usize,
     own: Vec<EventFd>,
     peers: BTreeMap<i64, Vec<EventFd>>,
@@ -126,10 +122,7 @@ impl IvshmemWindow {
         let mut w = IvshmemWindow {
             sock,
             id,
-            map,
-            mine: half * size,
-            theirs: (1 - half) * size,
-            size,
+            halves: Halves::new(map, half, size)?,
             vector,
             own: Vec::new(),
             peers: BTreeMap::new(),
@@ -209,33 +202,8 @@ impl IvshmemWindow {
 }
 
 impl Window for IvshmemWindow {
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn read(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.size, "read beyond the inbox");
-        self.map.read_bytes(self.mine + off, dst);
-    }
-
-    fn load(&self, off: usize) -> u64 {
-        assert!(off + 8 <= self.size, "load beyond the inbox");
-        self.map.u64_at(self.mine + off).load(Ordering::Acquire)
-    }
-
-    fn write(&self, off: usize, src: &[u8]) {
-        assert!(
-            off + src.len() <= self.size,
-            "write beyond the peer's inbox"
-        );
-        self.map.write_bytes(self.theirs + off, src);
-    }
-
-    fn store(&self, off: usize, v: u64) {
-        assert!(off + 8 <= self.size, "store beyond the peer's inbox");
-        self.map
-            .u64_at(self.theirs + off)
-            .store(v, Ordering::Release);
+    fn halves(&self) -> &Halves {
+        &self.halves
     }
 
     fn ring(&self) {

@@ -18,11 +18,13 @@ struct TwoNodes {
 impl TwoNodes {
     fn new(half: usize, window: usize) -> TwoNodes {
         let (w1, w2) = MemWindow::pair(half).unwrap();
+        TwoNodes::over(Box::new(w1), Box::new(w2), window)
+    }
+
+    /// Nodes 1 and 2 over the two ends of a window, started.
+    fn over(w1: Box<dyn Window>, w2: Box<dyn Window>, window: usize) -> TwoNodes {
         let mut n = TwoNodes {
-            b: [
-                Ntb::new(2, Box::new(w1), window),
-                Ntb::new(1, Box::new(w2), window),
-            ],
+            b: [Ntb::new(2, w1, window), Ntb::new(1, w2, window)],
             named: [Vec::new(), Vec::new()],
             next: 10,
         };
@@ -368,18 +370,11 @@ impl Lab for IvNodes {
 
 fn iv_nodes(bytes: usize, window: usize) -> IvNodes {
     let server = IvServer::start(bytes);
-    let w1 = server.window(0);
-    let w2 = server.window(1);
-    let mut nodes = TwoNodes {
-        b: [
-            Ntb::new(2, Box::new(w1), window),
-            Ntb::new(1, Box::new(w2), window),
-        ],
-        named: [Vec::new(), Vec::new()],
-        next: 10,
-    };
-    nodes.settle(); // both epochs seen: frames flow
-    nodes.named = [Vec::new(), Vec::new()];
+    let nodes = TwoNodes::over(
+        Box::new(server.window(0)),
+        Box::new(server.window(1)),
+        window,
+    );
     IvNodes {
         nodes,
         _server: server,

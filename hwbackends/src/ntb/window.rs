@@ -15,18 +15,39 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
+/// A link's memory as one side sees it: two inboxes of `size` bytes in
+/// one mapping, this node's at `mine` (only read here) and the peer's at
+/// `theirs` (only written here). Every access is checked against `size`.
+pub struct Halves {
+    map: Mapping,
+    mine: usize,
+    theirs: usize,
+    size: usize,
+}
+
+impl Halves {
+    /// `map` holds two inboxes of `size` bytes; this node's is `half`
+    /// (0: the first).
+    pub fn new(map: Mapping, half: usize, size: usize) -> io::Result<Halves> {
+        if half > 1 || map.len() < 2 * size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no two inboxes there",
+            ));
+        }
+        Ok(Halves {
+            map,
+            mine: half * size,
+            theirs: (1 - half) * size,
+            size,
+        })
+    }
+}
+
 /// What the ntb backend needs from a link's memory and doorbells.
 pub trait Window: Send {
-    /// Bytes in each inbox.
-    fn size(&self) -> usize;
-    /// Copies from this node's inbox at `off`.
-    fn read(&self, off: usize, dst: &mut [u8]);
-    /// The 64-bit word at `off` of this node's inbox (acquire).
-    fn load(&self, off: usize) -> u64;
-    /// Copies `src` into the peer's inbox at `off`.
-    fn write(&self, off: usize, src: &[u8]);
-    /// Stores the 64-bit word at `off` of the peer's inbox (release).
-    fn store(&self, off: usize, v: u64);
+    /// The two inboxes.
+    fn halves(&self) -> &Halves;
     /// Rings the peer's doorbell.
     fn ring(&self);
     /// This node's doorbell: readable once the peer rang.
@@ -39,15 +60,45 @@ pub trait Window: Send {
     fn syscalls(&self) -> Vec<crate::Syscall> {
         Vec::new()
     }
+
+    /// Bytes in each inbox.
+    fn size(&self) -> usize {
+        self.halves().size
+    }
+
+    /// Copies from this node's inbox at `off`.
+    fn read(&self, off: usize, dst: &mut [u8]) {
+        let h = self.halves();
+        assert!(off + dst.len() <= h.size, "read beyond the inbox");
+        h.map.read_bytes(h.mine + off, dst);
+    }
+
+    /// The 64-bit word at `off` of this node's inbox (acquire).
+    fn load(&self, off: usize) -> u64 {
+        let h = self.halves();
+        assert!(off + 8 <= h.size, "load beyond the inbox");
+        h.map.u64_at(h.mine + off).load(Ordering::Acquire)
+    }
+
+    /// Copies `src` into the peer's inbox at `off`.
+    fn write(&self, off: usize, src: &[u8]) {
+        let h = self.halves();
+        assert!(off + src.len() <= h.size, "write beyond the peer's inbox");
+        h.map.write_bytes(h.theirs + off, src);
+    }
+
+    /// Stores the 64-bit word at `off` of the peer's inbox (release).
+    fn store(&self, off: usize, v: u64) {
+        let h = self.halves();
+        assert!(off + 8 <= h.size, "store beyond the peer's inbox");
+        h.map.u64_at(h.theirs + off).store(v, Ordering::Release);
+    }
 }
 
 /// An emulated link: one shared memory file, this node's inbox at one
 /// half and the peer's at the other, and an eventfd doorbell each way.
 pub struct MemWindow {
-    map: Mapping,
-    mine: usize,
-    theirs: usize,
-    half: usize,
+    halves: Halves,
     bell: EventFd,
     peer_bell: EventFd,
 }
@@ -60,18 +111,12 @@ impl MemWindow {
         let fd = sys::memfd_sealed("ntb-window", 2 * half)?;
         let (a_bell, b_bell) = (EventFd::new()?, EventFd::new()?);
         let a = MemWindow {
-            map: Mapping::map(fd.as_fd(), 2 * half, true)?,
-            mine: 0,
-            theirs: half,
-            half,
+            halves: Halves::new(Mapping::map(fd.as_fd(), 2 * half, true)?, 0, half)?,
             bell: EventFd::from_owned(a_bell.try_clone_fd()?),
             peer_bell: EventFd::from_owned(b_bell.try_clone_fd()?),
         };
         let b = MemWindow {
-            map: Mapping::map(fd.as_fd(), 2 * half, true)?,
-            mine: half,
-            theirs: 0,
-            half,
+            halves: Halves::new(Mapping::map(fd.as_fd(), 2 * half, true)?, 1, half)?,
             bell: b_bell,
             peer_bell: a_bell,
         };
@@ -80,33 +125,8 @@ impl MemWindow {
 }
 
 impl Window for MemWindow {
-    fn size(&self) -> usize {
-        self.half
-    }
-
-    fn read(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.half, "read beyond the inbox");
-        self.map.read_bytes(self.mine + off, dst);
-    }
-
-    fn load(&self, off: usize) -> u64 {
-        assert!(off + 8 <= self.half, "load beyond the inbox");
-        self.map.u64_at(self.mine + off).load(Ordering::Acquire)
-    }
-
-    fn write(&self, off: usize, src: &[u8]) {
-        assert!(
-            off + src.len() <= self.half,
-            "write beyond the peer's inbox"
-        );
-        self.map.write_bytes(self.theirs + off, src);
-    }
-
-    fn store(&self, off: usize, v: u64) {
-        assert!(off + 8 <= self.half, "store beyond the peer's inbox");
-        self.map
-            .u64_at(self.theirs + off)
-            .store(v, Ordering::Release);
+    fn halves(&self) -> &Halves {
+        &self.halves
     }
 
     fn ring(&self) {

@@ -94,6 +94,12 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
     }
     let mut lab = make();
     let b = lab.backend(0);
+    if b.capabilities().passive {
+        assert!(
+            b.readiness().is_empty() && b.deadline().is_none(),
+            "a passive backend has no news of its own"
+        );
+    }
     for s in b.syscalls() {
         assert!(
             s.nr >= 0 && !s.why.is_empty(),

@@ -67,6 +67,10 @@ pub struct Capabilities {
     pub remote: bool,
     /// Bytes a channel buffers in flight before `send` accepts less.
     pub window: usize,
+    /// Nothing changes in the backend but through the engine's own calls,
+    /// and `poll` only reports (no readiness fd, no deadline): the engine
+    /// may take what pumping a connection caused about itself as no news.
+    pub passive: bool,
 }
 
 /// Where the other end of a channel is.

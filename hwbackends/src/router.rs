@@ -56,6 +56,7 @@ impl Backend for Router {
                 .map(|b| b.capabilities().window)
                 .min()
                 .unwrap_or(0),
+            passive: self.backends.iter().all(|b| b.capabilities().passive),
         }
     }
 
@@ -217,6 +218,10 @@ mod tests {
         let mut n = routed();
         assert_eq!(n.r[0].capabilities().name, "loopback+ntb");
         assert!(n.r[0].capabilities().remote);
+        assert!(
+            !n.r[0].capabilities().passive,
+            "the link's news come by themselves"
+        );
         assert_eq!(n.r[0].readiness().len(), 1, "the link's doorbell");
         assert!(n.r[0].deadline().is_some(), "the link's heartbeat");
         assert_eq!(

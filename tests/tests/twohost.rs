@@ -5,7 +5,7 @@
 //! window (heartbeats); a stopped devd takes both down and they return.
 //! Remote connections are the next part of the "Two hosts" issue.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use ssock_tests::lab::{self, TwoHosts};
 use std::time::Duration;
 
@@ -145,7 +145,11 @@ fn a_listener_on_one_host_is_advertised_to_the_other_while_it_lives() -> Result<
         &mut std::io::BufReader::new(srv.stdout.take().expect("stdout")),
         &mut line,
     )?;
-    let want = format!("0.0.0.0:{}", line.trim());
+    let port: u16 = line
+        .trim()
+        .parse()
+        .with_context(|| format!("the listener on host b printed {line:?}, not its port"))?;
+    let want = format!("0.0.0.0:{port}");
     let seen = lab.wait_peer(0, UP, "heard of the listener", |p| {
         p["listeners"]
             .as_array()
@@ -155,10 +159,11 @@ fn a_listener_on_one_host_is_advertised_to_the_other_while_it_lives() -> Result<
     drop(srv.stdin.take());
     let _ = srv.wait();
     seen?;
-    lab.wait_peer(0, Duration::from_secs(20), "forgot the listener", |p| {
-        p["listeners"]
-            .as_array()
-            .is_some_and(|l| !l.iter().any(|a| a == want.as_str()))
+    lab.wait_peer(0, Duration::from_secs(30), "forgot the listener", |p| {
+        p["state"] == "up"
+            && p["listeners"]
+                .as_array()
+                .is_some_and(|l| !l.iter().any(|a| a == want.as_str()))
     })?;
     Ok(())
 }

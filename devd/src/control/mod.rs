@@ -265,8 +265,14 @@ impl Devd {
     fn listeners_changed(&mut self) {
         self.board.publish(&self.reg.listeners);
         let Some(p) = &self.peers else { return };
-        let mut now: Vec<std::net::SocketAddr> =
-            self.reg.listeners.values().map(|l| l.addr).collect();
+        // A loopback listener means nothing to another host.
+        let mut now: Vec<std::net::SocketAddr> = self
+            .reg
+            .listeners
+            .values()
+            .map(|l| l.addr)
+            .filter(|a| !a.ip().to_canonical().is_loopback())
+            .collect();
         now.sort_unstable();
         now.dedup();
         if now != self.advertised {

@@ -54,8 +54,10 @@ impl Devd {
             }
         }
         // A page must fit one control frame: stop adding connections
-        // before the JSON could outgrow it and say there is more.
-        let mut budget = MAX_FRAME - 16 * 1024;
+        // before the JSON could outgrow it and say there is more (what is
+        // not a connection counted first, with room to spare).
+        let base = serde_json::to_string(&page).map_or(MAX_FRAME, |s| s.len());
+        let mut budget = MAX_FRAME.saturating_sub(16 * 1024 + base);
         let mut more = false;
         for c in self
             .reg

@@ -192,7 +192,7 @@ pub fn spawn(
         )?;
     }
     let extra = backend.syscalls();
-    let quiet_backend = backend.readiness().is_empty() && backend.deadline().is_none();
+    let quiet_backend = backend.capabilities().passive;
     let w = wake.clone();
     let links = Links::default();
     let l = links.clone();
@@ -235,7 +235,7 @@ struct Engine {
     busy: VecDeque<u64>,
     /// Channels `Backend::poll` named (reused buffer).
     ready: Vec<ChannelId>,
-    /// The backend has no readiness fd and no deadline: nothing changes
+    /// The backend is passive (`Capabilities::passive`): nothing changes
     /// in it but through the engine's calls.
     quiet_backend: bool,
     violations: Arc<AtomicU64>,

@@ -56,15 +56,28 @@ pub struct PeerJson {
     pub link: Option<&'static str>,
     /// Times that link came up or went down.
     pub link_changes: u64,
-    /// The listeners its devd advertised (while up).
+    /// The listeners its devd advertised (while up): the first
+    /// `SHOWN_LISTENERS` of them ...
     pub listeners: Vec<String>,
+    /// ... and how many there are.
+    pub listeners_total: usize,
 }
+
+/// Listeners of a peer the statistics list by address (a Stats reply must
+/// fit one control frame).
+pub const SHOWN_LISTENERS: usize = 16;
+/// How often at most the peers hear of a change of this devd's listeners.
+const TELL_EVERY: Duration = Duration::from_millis(200);
+/// Bytes waiting to go to a peer, at most (more: it stopped reading).
+const MAX_OUTBOX: usize = 1 << 20;
 
 /// What the thread shares with the control thread's statistics.
 #[derive(Debug, Default)]
 pub struct Status {
     /// Per configured peer.
     pub peers: Vec<PeerJson>,
+    /// Per configured peer, the listeners it advertised.
+    pub lists: Vec<Vec<SocketAddr>>,
     /// Connections refused, by reason.
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -83,7 +96,16 @@ impl Handle {
     /// A copy of the status.
     pub fn status(&self) -> (Vec<PeerJson>, BTreeMap<&'static str, u64>) {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        (s.peers.clone(), s.refused.clone())
+        let mut peers = s.peers.clone();
+        for (p, l) in peers.iter_mut().zip(&s.lists) {
+            p.listeners = l
+                .iter()
+                .take(SHOWN_LISTENERS)
+                .map(ToString::to_string)
+                .collect();
+            p.listeners_total = l.len();
+        }
+        (peers, s.refused.clone())
     }
 
     /// This devd's listeners are now `l`: the peers hear of it.
@@ -128,8 +150,10 @@ pub fn spawn(
                 link: None,
                 link_changes: 0,
                 listeners: Vec::new(),
+                listeners_total: 0,
             })
             .collect(),
+        lists: vec![Vec::new(); peers.len()],
         refused: BTreeMap::new(),
     }));
     let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
@@ -182,6 +206,8 @@ pub fn spawn(
                 accept_paused: None,
                 ours: ou,
                 told: Vec::new(),
+                dirty: false,
+                told_at: None,
             };
             t.run(&sp, &wk);
         },
@@ -216,6 +242,10 @@ struct Conn {
     verified: bool,
     /// Its frames' sealing, once both proofs were exchanged.
     session: Option<wire::Session>,
+    /// Bytes not written yet (the socket was full).
+    out: Vec<u8>,
+    /// The listeners it advertised, kept until it is its slot's.
+    listeners: Option<Vec<SocketAddr>>,
     began: Instant,
     heard: Instant,
     pinged: Instant,
@@ -244,6 +274,9 @@ struct Thread {
     /// up peers were last told.
     ours: Arc<Mutex<Vec<SocketAddr>>>,
     told: Vec<SocketAddr>,
+    /// A change not told yet, and when the peers were last told one.
+    dirty: bool,
+    told_at: Option<Instant>,
 }
 
 /// How a connection ended.
@@ -283,7 +316,7 @@ impl Thread {
                     LISTEN => self.accept(),
                     WAKE => {
                         let _ = wake.read();
-                        self.tell_listeners();
+                        self.dirty = true;
                     }
                     token => self.readable(token),
                 }
@@ -294,6 +327,9 @@ impl Thread {
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
         let mut t = now + Duration::from_secs(1);
+        if self.dirty {
+            t = t.min(self.told_at.map_or(now, |x| x + TELL_EVERY));
+        }
         for s in &self.slots {
             match &s.conn {
                 None if self.dials(s) => t = t.min(s.next_dial),
@@ -326,7 +362,7 @@ impl Thread {
         let events = if connecting {
             EventSet::OUT
         } else {
-            EventSet::IN
+            open_events()
         };
         self.epoll.ctl(
             ControlOperation::Add,
@@ -344,6 +380,8 @@ impl Thread {
             theirs: None,
             verified: false,
             session: None,
+            out: Vec::new(),
+            listeners: None,
             began: now,
             heard: now,
             pinged: now,
@@ -361,7 +399,7 @@ impl Thread {
         self.epoll.ctl(
             ControlOperation::Modify,
             c.stream.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, c.token),
+            EpollEvent::new(open_events(), c.token),
         )?;
         send(
             c,
@@ -423,6 +461,15 @@ impl Thread {
             Ping,
         }
         let now = Instant::now();
+        if self.dirty
+            && self
+                .told_at
+                .is_none_or(|t| now.duration_since(t) >= TELL_EVERY)
+        {
+            self.dirty = false;
+            self.told_at = Some(now);
+            self.tell_listeners();
+        }
         if self.accept_paused.is_some_and(|t| now >= t) {
             self.accept_paused = None;
             if let Some(l) = &self.listener {
@@ -525,7 +572,11 @@ impl Thread {
                 }
                 return;
             }
-            let r = self.serve(&mut c);
+            let r = flush(&mut c).map_err(|e| End::Lost(format!("write: {e}")));
+            let r = r.and_then(|()| self.serve(&mut c));
+            if let Some(l) = c.listeners.take() {
+                self.set_listeners(i, l);
+            }
             self.slots[i].conn = Some(c);
             match r {
                 Ok(true) => self.came_up(i),
@@ -549,7 +600,9 @@ impl Thread {
                 if let Some(old) = self.slots[i].conn.take() {
                     self.close(old);
                 }
+                let l = c.listeners.take().unwrap_or_default();
                 self.slots[i].conn = Some(c);
+                self.set_listeners(i, l);
                 self.came_up(i);
             }
             Ok(false) => self.pending.push(c),
@@ -568,128 +621,131 @@ impl Thread {
         // What came before a hang-up is still read (a refusal's reason, a
         // proof), then the hang-up counts.
         let mut eof = false;
+        let was_verified = c.verified;
+        // Edge-triggered: read until the socket is empty, a frame's worth
+        // at a time, each taken in before more is read.
         loop {
-            match c.stream.read(&mut chunk) {
-                Ok(0) => {
-                    eof = true;
+            let mut full = false;
+            loop {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(End::Lost(e.to_string())),
+                }
+                if c.buf.len() > wire::MAX_FRAME + 8 {
+                    full = true;
                     break;
                 }
-                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(End::Lost(e.to_string())),
             }
-            if c.buf.len() > wire::MAX_FRAME + 8 {
-                break;
-            }
-        }
-        let was_verified = c.verified;
-        loop {
-            let body = match wire::take(&mut c.buf) {
-                Ok(Some(b)) => b,
-                Ok(None) => break,
-                Err(e) => return Err(End::Refused("malformed", e.to_string())),
-            };
-            // After the proofs every frame is sealed; a frame that does not
-            // open is an intruder's (or damage): the connection ends.
-            let m = match &mut c.session {
-                Some(s) => s
-                    .open(&body)
-                    .map_err(|e| End::Refused("bad_seal", e.to_string()))?,
-                None => {
-                    let mut whole = u32::try_from(body.len())
-                        .unwrap_or(u32::MAX)
-                        .to_le_bytes()
-                        .to_vec();
-                    whole.extend_from_slice(&body);
-                    match wire::decode(&mut whole) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break,
-                        Err(e) => return Err(End::Refused("malformed", e.to_string())),
-                    }
-                }
-            };
-            c.heard = Instant::now();
-            match m {
-                Msg::Hello {
-                    version,
-                    node,
-                    nonce,
-                } => {
-                    if c.theirs.is_some() {
-                        return Err(End::Refused("malformed", "a second Hello".into()));
-                    }
-                    if version != wire::VERSION {
-                        return Err(End::Refused(
-                            "version",
-                            format!(
-                                "node {node} speaks version {version}, not {}",
-                                wire::VERSION
-                            ),
-                        ));
-                    }
-                    let Some(i) = self.slots.iter().position(|s| s.cfg.node == node) else {
-                        return Err(End::Refused("unknown_node", format!("node {node}")));
-                    };
-                    // A dialled connection must reach the node dialled; an
-                    // accepted one must come from a node that dials us.
-                    let right = match c.slot {
-                        Some(k) => k == i,
-                        None => !self.dials(&self.slots[i]),
-                    };
-                    if !right || node == self.node {
-                        return Err(End::Refused(
-                            "unknown_node",
-                            format!("node {node} on this connection"),
-                        ));
-                    }
-                    c.theirs = Some((node, nonce));
-                    c.slot = Some(i);
-                    let key = &self.slots[i].cfg.key;
-                    let proof = wire::prove(key, self.node, node, &nonce, &c.mine);
-                    send(c, &Msg::Proof(proof)).map_err(|e| End::Lost(e.to_string()))?;
-                }
-                Msg::Proof(p) => {
-                    let (Some((node, theirs)), Some(i)) = (c.theirs, c.slot) else {
-                        return Err(End::Refused("malformed", "a Proof before a Hello".into()));
-                    };
-                    if c.verified {
-                        return Err(End::Refused("malformed", "a second Proof".into()));
-                    }
-                    let key = &self.slots[i].cfg.key;
-                    if !wire::check(key, node, self.node, &c.mine, &theirs, &p) {
-                        return Err(End::Refused("bad_proof", format!("node {node}")));
-                    }
-                    c.verified = true;
-                    // Both proofs are out (this side's went at the Hello):
-                    // from here on both seal.
-                    c.session = Some(wire::Session::new(key, self.node, node, &c.mine, &theirs));
-                }
-                Msg::Ping if c.verified => {}
-                Msg::Listeners(l) if c.verified => {
-                    if let Some(i) = c.slot {
-                        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(p) = st.peers.get_mut(i) {
-                            p.listeners = l.iter().map(ToString::to_string).collect();
+            loop {
+                let body = match wire::take(&mut c.buf) {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => return Err(End::Refused("malformed", e.to_string())),
+                };
+                // After the proofs every frame is sealed; a frame that does not
+                // open is an intruder's (or damage): the connection ends.
+                let m = match &mut c.session {
+                    Some(s) => s
+                        .open(&body)
+                        .map_err(|e| End::Refused("bad_seal", e.to_string()))?,
+                    None => {
+                        let mut whole = u32::try_from(body.len())
+                            .unwrap_or(u32::MAX)
+                            .to_le_bytes()
+                            .to_vec();
+                        whole.extend_from_slice(&body);
+                        match wire::decode(&mut whole) {
+                            Ok(Some(m)) => m,
+                            Ok(None) => break,
+                            Err(e) => return Err(End::Refused("malformed", e.to_string())),
                         }
                     }
-                }
-                Msg::Listeners(_) => {
-                    return Err(End::Refused(
-                        "malformed",
-                        "Listeners before the handshake".into(),
-                    ));
-                }
-                Msg::Ping => {
-                    return Err(End::Refused(
-                        "malformed",
-                        "a Ping before the handshake".into(),
-                    ));
+                };
+                c.heard = Instant::now();
+                match m {
+                    Msg::Hello {
+                        version,
+                        node,
+                        nonce,
+                    } => {
+                        if c.theirs.is_some() {
+                            return Err(End::Refused("malformed", "a second Hello".into()));
+                        }
+                        if version != wire::VERSION {
+                            return Err(End::Refused(
+                                "version",
+                                format!(
+                                    "node {node} speaks version {version}, not {}",
+                                    wire::VERSION
+                                ),
+                            ));
+                        }
+                        let Some(i) = self.slots.iter().position(|s| s.cfg.node == node) else {
+                            return Err(End::Refused("unknown_node", format!("node {node}")));
+                        };
+                        // A dialled connection must reach the node dialled; an
+                        // accepted one must come from a node that dials us.
+                        let right = match c.slot {
+                            Some(k) => k == i,
+                            None => !self.dials(&self.slots[i]),
+                        };
+                        if !right || node == self.node {
+                            return Err(End::Refused(
+                                "unknown_node",
+                                format!("node {node} on this connection"),
+                            ));
+                        }
+                        c.theirs = Some((node, nonce));
+                        c.slot = Some(i);
+                        let key = &self.slots[i].cfg.key;
+                        let proof = wire::prove(key, self.node, node, &nonce, &c.mine);
+                        send(c, &Msg::Proof(proof)).map_err(|e| End::Lost(e.to_string()))?;
+                    }
+                    Msg::Proof(p) => {
+                        let (Some((node, theirs)), Some(i)) = (c.theirs, c.slot) else {
+                            return Err(End::Refused("malformed", "a Proof before a Hello".into()));
+                        };
+                        if c.verified {
+                            return Err(End::Refused("malformed", "a second Proof".into()));
+                        }
+                        let key = &self.slots[i].cfg.key;
+                        if !wire::check(key, node, self.node, &c.mine, &theirs, &p) {
+                            return Err(End::Refused("bad_proof", format!("node {node}")));
+                        }
+                        c.verified = true;
+                        // Both proofs are out (this side's went at the Hello):
+                        // from here on both seal.
+                        c.session =
+                            Some(wire::Session::new(key, self.node, node, &c.mine, &theirs));
+                    }
+                    Msg::Ping if c.verified => {}
+                    Msg::Listeners(l) if c.verified => c.listeners = Some(l),
+                    Msg::Listeners(_) => {
+                        return Err(End::Refused(
+                            "malformed",
+                            "Listeners before the handshake".into(),
+                        ));
+                    }
+                    Msg::Ping => {
+                        return Err(End::Refused(
+                            "malformed",
+                            "a Ping before the handshake".into(),
+                        ));
+                    }
                 }
             }
-        }
-        if c.buf.len() > wire::MAX_FRAME + 8 {
-            return Err(End::Refused("malformed", "an oversized frame".into()));
+            if c.buf.len() > wire::MAX_FRAME + 8 {
+                return Err(End::Refused("malformed", "an oversized frame".into()));
+            }
+            if !full {
+                break;
+            }
         }
         if eof {
             return Err(End::Lost("hung up".into()));
@@ -714,6 +770,13 @@ impl Thread {
 
     /// Tells peer `i` (if up) that this devd's listeners are `l`.
     fn tell(&mut self, i: usize, l: &[SocketAddr]) {
+        if l.len() > wire::MAX_LISTENERS {
+            log::warn!(
+                "{} listeners: the peers hear of the first {}",
+                l.len(),
+                wire::MAX_LISTENERS
+            );
+        }
         let m = Msg::Listeners(l.to_vec());
         let Some(c) = self.slots[i].conn.as_mut().filter(|c| c.verified) else {
             return;
@@ -763,12 +826,7 @@ impl Thread {
         if was_up {
             log::warn!("peer node {node} down: {what}");
         }
-        {
-            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(p) = st.peers.get_mut(i) {
-                p.listeners.clear();
-            }
-        }
+        self.set_listeners(i, Vec::new());
         self.set_error(i, what);
     }
 
@@ -779,6 +837,14 @@ impl Thread {
             EpollEvent::default(),
         );
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Peer `i`'s devd advertised `l` (on the slot's own connection).
+    fn set_listeners(&mut self, i: usize, l: Vec<SocketAddr>) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = st.lists.get_mut(i) {
+            *x = l;
+        }
     }
 
     fn count(&mut self, why: &'static str, what: &str) {
@@ -811,20 +877,39 @@ impl Thread {
     }
 }
 
-/// Writes one message whole, sealed once the connection is up (a small
-/// frame; a socket that cannot take it at once is a peer that stopped
-/// reading).
+/// An open connection's epoll events: readable and writable, edge
+/// triggered (`serve` reads until the socket is empty, `flush` writes
+/// until it is full).
+fn open_events() -> EventSet {
+    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED
+}
+
+/// Queues one message, sealed once the connection is up, and writes what
+/// the socket takes; the rest goes when it is writable again.
 fn send(c: &mut Conn, m: &Msg) -> io::Result<()> {
     let f = match &mut c.session {
         Some(s) => s.seal(m),
         None => wire::encode(m),
     };
-    match c.stream.write(&f) {
-        Ok(n) if n == f.len() => Ok(()),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "short write to a peer",
-        )),
-        Err(e) => Err(e),
+    c.out.extend_from_slice(&f);
+    if c.out.len() > MAX_OUTBOX {
+        return Err(io::Error::other("the peer stopped reading"));
     }
+    flush(c)
+}
+
+/// Writes what waits for `c` until the socket is full.
+fn flush(c: &mut Conn) -> io::Result<()> {
+    while !c.out.is_empty() {
+        match c.stream.write(&c.out) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer gone")),
+            Ok(n) => {
+                c.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

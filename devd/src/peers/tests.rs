@@ -256,6 +256,9 @@ fn after_the_proofs_an_unsealed_or_replayed_frame_ends_the_connection() {
             let mut sealed = wire::Session::new(KEY, 1, 2, &mine, &nonce2);
             let ping = sealed.seal(&Msg::Ping);
             s.write_all(&ping).unwrap();
+            // The sealed Ping was taken (the stranger holds the key): only
+            // then the bad frame.
+            std::thread::sleep(Duration::from_millis(300));
             if replay {
                 s.write_all(&ping).unwrap(); // the same frame again
             } else {
@@ -263,6 +266,11 @@ fn after_the_proofs_an_unsealed_or_replayed_frame_ends_the_connection() {
             }
         });
         until_refused(&h, "bad_seal");
+        assert_eq!(
+            h.status().0[0].ups,
+            1,
+            "the sealed Ping before it was taken: up once"
+        );
         assert!(closed(&mut s));
     }
 }
@@ -317,4 +325,57 @@ fn a_connection_from_an_address_no_peer_has_is_refused_before_any_handshake() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     until_refused(&h, "unknown_address");
     assert!(closed(&mut s), "no Hello for a stranger: closed at once");
+}
+
+#[test]
+fn listeners_are_told_when_up_and_when_they_change_and_forgotten_with_the_peer() {
+    let (l2, a2) = listener();
+    let n1 = spawn(1, vec![peer(2, a2, KEY)], None, None).unwrap();
+    let one: SocketAddr = "10.0.0.2:80".parse().unwrap();
+    let two: SocketAddr = "[fd00::2]:81".parse().unwrap();
+    let n2 = spawn(
+        2,
+        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
+        Some(l2),
+        None,
+    )
+    .unwrap();
+    // Before the connection is up: told when it comes up.
+    n2.advertise(vec![one]);
+    until(&n1, 2, "heard of one listener", |p| {
+        p.listeners == ["10.0.0.2:80"]
+    });
+    // A change: told (coalesced, at most every 200 ms).
+    n2.advertise(vec![one, two]);
+    let p = until(&n1, 2, "heard of two", |p| p.listeners_total == 2);
+    assert_eq!(p.listeners, ["10.0.0.2:80", "[fd00::2]:81"]);
+    // Node 1 tells node 2 too.
+    n1.advertise(vec!["10.0.0.1:443".parse().unwrap()]);
+    until(&n2, 1, "heard of node 1's", |p| {
+        p.listeners == ["10.0.0.1:443"]
+    });
+    // Node 2 goes: its listeners are forgotten; back, it tells them again.
+    drop(n2);
+    until(&n1, 2, "forgot them", |p| {
+        p.state != "up" && p.listeners_total == 0
+    });
+    let l2 = TcpListener::bind(a2).unwrap();
+    let n2 = spawn(
+        2,
+        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
+        Some(l2),
+        None,
+    )
+    .unwrap();
+    n2.advertise(vec![two]);
+    until(&n1, 2, "heard again", |p| {
+        p.state == "up" && p.listeners == ["[fd00::2]:81"]
+    });
+    // Many: the statistics list the first few and the count.
+    let many: Vec<SocketAddr> = (1..=2000u16)
+        .map(|p| SocketAddr::from(([10, 0, 0, 2], p)))
+        .collect();
+    n2.advertise(many);
+    let p = until(&n1, 2, "heard of 2000", |p| p.listeners_total == 2000);
+    assert_eq!(p.listeners.len(), super::SHOWN_LISTENERS);
 }

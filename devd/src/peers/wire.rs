@@ -393,10 +393,20 @@ mod tests {
         let own = body(n2b.seal(&Msg::Ping));
         let mut n2c = Session::new(key, 2, 1, &b, &a);
         assert!(n2c.open(&own).is_err(), "reflected back");
-        // Another link key or other nonces: no.
-        let mut other = Session::new(b"0123456789abcdeX", 2, 1, &b, &a);
-        assert!(other.open(&f3).is_err());
         assert!(n2.open(&f3).is_ok());
+        // Frame 0 of a fresh session opens only under the same key and
+        // nonces.
+        let first = body(Session::new(key, 1, 2, &a, &b).seal(&Msg::Ping));
+        assert!(Session::new(key, 2, 1, &b, &a).open(&first).is_ok());
+        let other_key = b"0123456789abcdeX";
+        assert!(Session::new(other_key, 2, 1, &b, &a).open(&first).is_err());
+        assert!(Session::new(key, 2, 1, &[3u8; NONCE], &a)
+            .open(&first)
+            .is_err());
+        assert!(
+            Session::new(key, 2, 1, &a, &b).open(&first).is_err(),
+            "nonces swapped"
+        );
         assert!(
             n2.open(&body(encode(&Msg::Ping))).is_err(),
             "an unsealed Ping"

@@ -62,6 +62,7 @@ impl Backend for Loopback {
             name: "loopback",
             remote: false,
             window: self.window,
+            passive: true,
         }
     }
 

@@ -61,4 +61,5 @@ fn a_remote_peer_is_unreachable_and_nothing_is_asked_of_the_sandbox() {
     assert!(l.deadline().is_none());
     assert!(l.syscalls().is_empty());
     assert!(!l.capabilities().remote);
+    assert!(l.capabilities().passive);
 }

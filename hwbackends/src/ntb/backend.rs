@@ -490,6 +490,7 @@ impl Backend for Ntb {
             name: "ntb",
             remote: true,
             window: self.window,
+            passive: false,
         }
     }
 

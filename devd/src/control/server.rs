@@ -423,7 +423,13 @@ fn reply(devd: &Devd, sid: u64, r: &Response, fds: &[std::sync::Arc<OwnedFd>]) -
         return false;
     };
     let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    match sock.send(&r.encode(), &b) {
+    // A reply that cannot be encoded (over a frame: a bug in a page's
+    // budget) drops this session, not devd.
+    let Ok(frame) = std::panic::catch_unwind(|| r.encode()) else {
+        log::error!("session {sid}: a reply could not be encoded; dropping the session");
+        return false;
+    };
+    match sock.send(&frame, &b) {
         Ok(()) => true,
         Err(e) => {
             log::debug!("session {sid}: reply failed, dropping it: {e}");

@@ -78,6 +78,11 @@ pub struct IvshmemWindow {
     vector: usize,
     own: Vec<EventFd>,
     peers: BTreeMap<i64, Vec<EventFd>>,
+    /// A message begun at a nonblocking read and not whole yet: its bytes
+    /// so far, how many, and the fd that came with its first byte.
+    part: ([u8; 8], usize, Option<OwnedFd>),
+    /// The server broke the protocol: nothing more is read from it.
+    broken: bool,
 }
 
 impl IvshmemWindow {
@@ -125,6 +130,8 @@ impl IvshmemWindow {
             halves: Halves::new(map, half, size)?,
             vector,
             own: Vec::new(),
+            part: ([0; 8], 0, None),
+            broken: false,
             peers: BTreeMap::new(),
         };
         while w.own.len() <= vector {
@@ -186,16 +193,33 @@ impl IvshmemWindow {
 
     /// Takes what the server sent since (new or departed clients).
     fn refresh(&mut self) {
-        loop {
-            match read_msg(&self.sock, libc::MSG_DONTWAIT) {
-                Ok((peer, fd)) => {
-                    if let Err(e) = self.take(peer, fd) {
+        while !self.broken {
+            let (mut b, got) = (self.part.0, self.part.1);
+            match recv_with_fds(self.sock.as_fd(), &mut b[got..], 1, libc::MSG_DONTWAIT) {
+                Ok((0, _)) => return, // the server went away: the doorbells stay
+                Ok((n, mut fds)) => {
+                    if let Some(f) = fds.pop() {
+                        if got > 0 || self.part.2.is_some() {
+                            log::warn!("ivshmem-server: an fd in the middle of a message; later messages ignored");
+                            self.broken = true;
+                            return;
+                        }
+                        self.part.2 = Some(f);
+                    }
+                    self.part.0 = b;
+                    self.part.1 = got + n;
+                    if self.part.1 < 8 {
+                        continue; // the rest of the message is on its way
+                    }
+                    let fd = self.part.2.take();
+                    self.part.1 = 0;
+                    if let Err(e) = self.take(i64::from_le_bytes(b), fd) {
                         log::warn!("{e}; later messages of the ivshmem server ignored");
+                        self.broken = true;
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return, // the server went away: the doorbells stay
+                Err(_) => return, // nothing now (WouldBlock), or the server is gone
             }
         }
     }

@@ -578,3 +578,58 @@ fn a_consumer_word_beyond_what_was_published_takes_the_link_down() {
     evil.store(inbox::OFF_CONS, 4096);
     ends_reset(&mut n1, ch);
 }
+
+#[test]
+fn an_ivshmem_message_split_across_reads_is_put_back_together() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ssock-ivshmem-split-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let shm = ssock_rings::sys::memfd_sealed("ivshmem-split", 1 << 20).unwrap();
+        let own = ssock_rings::sys::EventFd::new().unwrap();
+        let peer = ssock_rings::sys::EventFd::new().unwrap();
+        let (c, _) = l.accept().unwrap();
+        let say = |v: i64, fd: Option<std::os::fd::BorrowedFd<'_>>| {
+            let fds: Vec<_> = fd.into_iter().collect();
+            ssock_rings::sys::send_with_fds(c.as_fd(), &v.to_le_bytes(), &fds).unwrap();
+        };
+        say(0, None);
+        say(3, None);
+        say(-1, Some(shm.as_fd()));
+        say(3, Some(own.as_fd()));
+        wait.recv().unwrap();
+        // Peer 5's doorbell, its 8 bytes in two writes.
+        let b = 5i64.to_le_bytes();
+        ssock_rings::sys::send_with_fds(c.as_fd(), &b[..3], &[peer.as_fd()]).unwrap();
+        wait.recv().unwrap();
+        ssock_rings::sys::send_with_fds(c.as_fd(), &b[3..], &[]).unwrap();
+        wait.recv().unwrap();
+    });
+    let mut w = super::IvshmemWindow::connect(&path, 0, 0, Duration::from_secs(5)).unwrap();
+    go.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    w.drain();
+    assert!(w.peers().is_empty(), "half a message is no peer yet");
+    go.send(()).unwrap();
+    let t = Instant::now();
+    while w.peers().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the split message never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        w.drain();
+    }
+    assert_eq!(w.peers(), vec![5]);
+    go.send(()).unwrap();
+    server.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+}

@@ -633,3 +633,70 @@ fn an_ivshmem_message_split_across_reads_is_put_back_together() {
     server.join().unwrap();
     let _ = std::fs::remove_file(&path);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Whatever a hostile peer writes into node 1's inbox (ring bytes,
+    /// frames of every kind and length for its channel or another, the
+    /// producer and consumer words), node 1 neither panics nor passes on
+    /// more than the window: its channel either stays open with what came,
+    /// or the link is down and the channel ended with Reset.
+    #[test]
+    fn whatever_the_inbox_holds_node_1_stays_sound(
+        ring in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        frames in proptest::collection::vec((1u32..6, 0u32..24_000, proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>()), 0..6),
+        prod in proptest::prelude::any::<u64>(),
+        cons in 0u64..64,
+        exact in proptest::prelude::any::<bool>(),
+        cons_zero in proptest::prelude::any::<bool>(),
+    ) {
+        let (mut n1, evil, ch) = hostile_lab();
+        // Garbage, then some well-formed headers with wild values over it.
+        evil.write(RING, &ring);
+        // Headers back to back, each as long as it says (so that the
+        // reader takes their payloads), for channel 5 from 6 or not.
+        let mut pos = 0usize;
+        for (kind, len, to_5, from_6) in frames {
+            let len = if kind == 4 { 8 } else if kind == 1 { len.max(1) } else { len % 2 };
+            let size = inbox::frame_size(usize::try_from(len).unwrap());
+            if pos + size > 60_000 {
+                break;
+            }
+            let mut h = [0u8; inbox::HDR];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[4..8].copy_from_slice(&len.to_le_bytes());
+            h[8..16].copy_from_slice(&(if to_5 { ch } else { 77 }).to_le_bytes());
+            h[16..24].copy_from_slice(&(if from_6 { 6u64 } else { 9 }).to_le_bytes());
+            evil.write(RING + pos, &h);
+            pos += size;
+        }
+        let p = if exact { u64::try_from(pos).unwrap() } else { prod };
+        evil.store(inbox::OFF_PROD, p);
+        // Node 1 published nothing: a consumer word above 0 is hostile.
+        evil.store(inbox::OFF_CONS, if cons_zero { 0 } else { cons });
+        let mut r = Vec::new();
+        n1.poll(&mut r);
+        n1.poll(&mut r);
+        let mut got = 0usize;
+        let mut buf = [0u8; 4096];
+        loop {
+            match n1.recv(ch, &mut buf).unwrap() {
+                Recv::Data(n) if n > 0 => got += n,
+                Recv::Mark(_) => break,
+                _ => break,
+            }
+        }
+        proptest::prop_assert!(got <= 16384, "{got} bytes passed on, over the window");
+        if !n1.link_up() {
+            // Ended: by Reset, or by an Eos that came before the garbage.
+            let end = n1.recv(ch, &mut buf).unwrap();
+            proptest::prop_assert!(matches!(end, Recv::Mark(_)), "{end:?}");
+            proptest::prop_assert!(n1.send(ch, b"x").is_err());
+        }
+    }
+}

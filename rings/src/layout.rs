@@ -649,6 +649,18 @@ impl QueuedLayout {
         })
     }
 
+    /// The header devd writes into a Queued region of this geometry for
+    /// connection `conn_id`.
+    pub fn header(&self, conn_id: u64) -> [u8; hdr::HOLDERS] {
+        header_bytes(
+            RegionKind::Queued,
+            self.size,
+            conn_id,
+            u64::from(self.qsize),
+            self.slot as u64,
+        )
+    }
+
     /// Geometry announced by devd: checks it is self-consistent.
     pub fn announced(size: usize, qsize: u64, slot: u64) -> Result<QueuedLayout, LayoutError> {
         let l = QueuedLayout::for_size(size)?;

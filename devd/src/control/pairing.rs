@@ -445,13 +445,7 @@ impl Devd {
         for _ in 0..2 {
             let memfd =
                 sys::memfd_sealed("queued", layout.size).map_err(RequestError::Resources)?;
-            let header = layout::header_bytes(
-                RegionKind::Queued,
-                layout.size,
-                id,
-                u64::from(layout.qsize),
-                layout.slot as u64,
-            );
+            let header = layout.header(id);
             sys::pwrite_all(memfd.as_fd(), &header, 0).map_err(RequestError::Resources)?;
             let region = DeviceRegion::new(dup(&memfd)?, layout).map_err(RequestError::Device)?;
             let kick = EventFd::new().map_err(RequestError::Resources)?;

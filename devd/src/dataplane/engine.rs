@@ -434,7 +434,7 @@ impl Engine {
                     let _ = side.region.set_rx_flags(FLAG_RESET);
                     let _ = side.call.notify();
                 }
-                self.forget(id, &pair);
+                self.forget(&pair);
                 false
             }
         }
@@ -489,7 +489,7 @@ impl Engine {
             .iter()
             .all(|s| s.dead || (s.gone && (!alone || (s.mark_sent && s.tx_pending.is_none()))));
         if finished {
-            self.forget(id, pair);
+            self.forget(pair);
             return None;
         }
         Some(again)
@@ -529,7 +529,7 @@ impl Engine {
     }
 
     /// Stops watching a connection and closes its backend channels.
-    fn forget(&mut self, _id: u64, pair: &Pair) {
+    fn forget(&mut self, pair: &Pair) {
         for side in &pair.sides {
             let fd = side.kick.as_raw_fd();
             let _ = self

@@ -9,7 +9,7 @@ use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
 };
-use ssock_rings::layout::{self, QueuedLayout, RegionKind, FLAG_RESET};
+use ssock_rings::layout::{self, QueuedLayout, FLAG_RESET};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
@@ -91,13 +91,7 @@ struct Client {
 fn region(id: u64) -> (SideInit, Client) {
     let layout = QueuedLayout::for_size(256 * 1024).unwrap();
     let memfd = sys::memfd_sealed("engine-test", layout.size).unwrap();
-    let header = layout::header_bytes(
-        RegionKind::Queued,
-        layout.size,
-        id,
-        u64::from(layout.qsize),
-        layout.slot as u64,
-    );
+    let header = layout.header(id);
     sys::pwrite_all(memfd.as_fd(), &header, 0).unwrap();
     let device = DeviceRegion::new(memfd.try_clone().unwrap(), layout).unwrap();
     let map = Arc::new(Mapping::map(memfd.as_fd(), layout.size, true).unwrap());

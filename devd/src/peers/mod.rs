@@ -655,16 +655,7 @@ impl Thread {
                         .open(&body)
                         .map_err(|e| End::Refused("bad_seal", e.to_string()))?,
                     None => {
-                        let mut whole = u32::try_from(body.len())
-                            .unwrap_or(u32::MAX)
-                            .to_le_bytes()
-                            .to_vec();
-                        whole.extend_from_slice(&body);
-                        match wire::decode(&mut whole) {
-                            Ok(Some(m)) => m,
-                            Ok(None) => break,
-                            Err(e) => return Err(End::Refused("malformed", e.to_string())),
-                        }
+                        wire::parse(&body).map_err(|e| End::Refused("malformed", e.to_string()))?
                     }
                 };
                 c.heard = Instant::now();

@@ -46,6 +46,17 @@ fn until(h: &Handle, node: u32, what: &str, f: impl Fn(&PeerJson) -> bool) -> Pe
     }
 }
 
+/// Node 2, listening on `l`, whose peer node 1 dials it with `KEY`.
+fn node_2(l: TcpListener) -> Handle {
+    spawn(
+        2,
+        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
+        Some(l),
+        None,
+    )
+    .unwrap()
+}
+
 fn refused(h: &Handle, why: &str) -> u64 {
     h.status().1.get(why).copied().unwrap_or(0)
 }
@@ -55,13 +66,7 @@ fn two_nodes_with_the_same_key_come_up_and_stay_up() {
     let (l2, a2) = listener();
     // Node 1 dials node 2, which listens.
     let n1 = spawn(1, vec![peer(2, a2, KEY)], None, None).unwrap();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     until(&n1, 2, "came up", |p| p.state == "up");
     until(&n2, 1, "came up", |p| p.state == "up");
     // Pings keep it up past SILENT.
@@ -73,13 +78,7 @@ fn two_nodes_with_the_same_key_come_up_and_stay_up() {
     drop(n2);
     until(&n1, 2, "went down", |p| p.state != "up");
     let l2 = TcpListener::bind(a2).unwrap();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     until(&n1, 2, "came back", |p| p.state == "up" && p.ups == 2);
     assert_eq!(refused(&n1, "bad_proof") + refused(&n2, "bad_proof"), 0);
 }
@@ -117,13 +116,7 @@ fn a_peer_with_another_key_is_refused_both_ways() {
 /// `act`; returns what node 2 counted.
 fn stranger(act: impl FnOnce(&mut TcpStream, [u8; NONCE])) -> (Handle, TcpStream) {
     let (l2, a2) = listener();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     let mut s = TcpStream::connect(a2).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = Vec::new();
@@ -288,13 +281,7 @@ fn a_stranger_that_says_nothing_is_dropped_after_the_handshake_time() {
 fn a_hello_without_its_proof_replaces_no_live_connection() {
     let (l2, a2) = listener();
     let n1 = spawn(1, vec![peer(2, a2, KEY)], None, None).unwrap();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     until(&n2, 1, "came up", |p| p.state == "up");
     // A stranger says it is node 1, and proves nothing.
     let mut s = TcpStream::connect(a2).unwrap();
@@ -333,13 +320,7 @@ fn listeners_are_told_when_up_and_when_they_change_and_forgotten_with_the_peer()
     let n1 = spawn(1, vec![peer(2, a2, KEY)], None, None).unwrap();
     let one: SocketAddr = "10.0.0.2:80".parse().unwrap();
     let two: SocketAddr = "[fd00::2]:81".parse().unwrap();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     // Before the connection is up: told when it comes up.
     n2.advertise(vec![one]);
     until(&n1, 2, "heard of one listener", |p| {
@@ -360,13 +341,7 @@ fn listeners_are_told_when_up_and_when_they_change_and_forgotten_with_the_peer()
         p.state != "up" && p.listeners_total == 0
     });
     let l2 = TcpListener::bind(a2).unwrap();
-    let n2 = spawn(
-        2,
-        vec![peer(1, "127.0.0.1:1".parse().unwrap(), KEY)],
-        Some(l2),
-        None,
-    )
-    .unwrap();
+    let n2 = node_2(l2);
     n2.advertise(vec![two]);
     until(&n1, 2, "heard again", |p| {
         p.state == "up" && p.listeners == ["[fd00::2]:81"]

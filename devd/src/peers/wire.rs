@@ -150,7 +150,7 @@ pub fn take(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, WireError> {
 }
 
 /// A frame body's message.
-fn parse(body: &[u8]) -> Result<Msg, WireError> {
+pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
     let (t, p) = (body[0], &body[1..]);
     let m = match t {
         HELLO => {

@@ -44,6 +44,11 @@ pub struct Totals {
     pub short_lived_periods: u64,
     /// Control requests handled (decoded ones, of every kind).
     pub requests: u64,
+    /// Queued connections with their other end on a peer host (counted
+    /// in `queued` too), and Claims of this host's acceptors that the
+    /// peer found no intent for (a connector not under ssock there).
+    pub remote: u64,
+    pub remote_unmatched: u64,
 }
 
 impl Totals {
@@ -101,6 +106,10 @@ impl Totals {
             accept_failures: self.accept_failures,
             short_lived_periods: self.short_lived_periods,
             requests: self.requests,
+            remote: RemoteCounts {
+                connections: self.remote,
+                unmatched: self.remote_unmatched,
+            },
             bytes: BytesByMode {
                 direct: self.bytes_closed[0],
                 queued: self.bytes_closed[1],
@@ -174,8 +183,21 @@ pub struct TotalsJson {
     /// accelerated connection: an Intent, a Claim and two Releases; one
     /// the listener board kept plain: none, but a share of a Skipped).
     pub requests: u64,
+    /// Connections whose other end is on a peer host.
+    pub remote: RemoteCounts,
     /// Bytes carried (both directions, live and closed connections) by mode.
     pub bytes: BytesByMode,
+}
+
+/// JSON: connections between this host and its peers.
+#[derive(Debug, Serialize)]
+pub struct RemoteCounts {
+    /// Queued connections with one end on a peer host (also in
+    /// `connections.queued`).
+    pub connections: u64,
+    /// Claims of this host's acceptors no intent on the peer matched:
+    /// those connections stayed on kernel TCP.
+    pub unmatched: u64,
 }
 
 /// JSON: bytes by accelerated mode.
@@ -239,6 +261,14 @@ pub struct ConnJson {
     pub region_size: u64,
     /// Ring detail (Direct; empty for Queued).
     pub rings: Vec<RingJson>,
+    /// The backend that carries it ("loopback", "ntb"; none for Direct).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'static str>,
+    /// The peer node its other end is on, and its channel on that link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_node: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u64>,
 }
 
 /// JSON: a stats page.

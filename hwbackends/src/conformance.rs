@@ -42,8 +42,9 @@ type Case = fn(&mut dyn Lab);
 /// Runs every case, each on a fresh lab from `make`; a failure names its
 /// case.
 pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
-    let cases: [(&str, Case); 10] = [
+    let cases: [(&str, Case); 11] = [
         ("bytes_in_order_then_the_mark", bytes_in_order_then_the_mark),
+        ("words_arrive_latest_first", words_arrive_latest_first),
         (
             "the_window_limits_bytes_in_flight",
             the_window_limits_bytes_in_flight,
@@ -157,6 +158,31 @@ fn bytes_in_order_then_the_mark(lab: &mut dyn Lab) {
     assert_eq!(send(lab, b, b"back").unwrap(), 4);
     lab.settle();
     assert_eq!(drain(lab, a), (b"back".to_vec(), None));
+}
+
+/// Words go beside the bytes, to the peer channel only; the latest one
+/// sent is what arrives last, and each is taken once.
+fn words_arrive_latest_first(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let [c, d] = lab.pair();
+    assert_eq!(lab.backend(b.at).recv_words(b.ch), None);
+    lab.backend(a.at).send_words(a.ch, [1, 2, 3, 4]).unwrap();
+    send(lab, a, b"between").unwrap();
+    lab.backend(a.at).send_words(a.ch, [5, 6, 7, 8]).unwrap();
+    lab.backend(d.at).send_words(d.ch, [9, 9, 9, 9]).unwrap();
+    lab.settle();
+    assert!(lab.poll(b.at).contains(&b.ch), "poll names the channel");
+    assert_eq!(lab.backend(b.at).recv_words(b.ch), Some([5, 6, 7, 8]));
+    assert_eq!(lab.backend(b.at).recv_words(b.ch), None);
+    assert_eq!(lab.backend(c.at).recv_words(c.ch), Some([9, 9, 9, 9]));
+    assert_eq!(lab.backend(d.at).recv_words(d.ch), None);
+    assert_eq!(lab.backend(a.at).recv_words(a.ch), None);
+    let (got, _) = drain(lab, b);
+    assert_eq!(got, b"between");
+    assert!(matches!(
+        lab.backend(a.at).send_words(99_999, [0; 4]),
+        Err(BackendError::NoChannel(_))
+    ));
 }
 
 fn the_window_limits_bytes_in_flight(lab: &mut dyn Lab) {

@@ -58,6 +58,9 @@ pub type ChannelId = u64;
 /// A peer devd's node id, as devd's config names it.
 pub type NodeId = u32;
 
+/// Words sent beside a channel's bytes ([`Backend::send_words`]).
+pub type Words = [u64; 4];
+
 /// What a backend can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -204,6 +207,14 @@ pub trait Backend: Send {
     fn offsets(&self, ch: ChannelId) -> Option<Offsets>;
     /// Closes `ch`; a peer still open sees Reset if no mark was sent.
     fn close(&mut self, ch: ChannelId);
+    /// Sends `words` on `ch` beside its bytes: the hand-over words the
+    /// engine relays between two hosts, opaque here. Each arrives whole;
+    /// one not delivered yet may be replaced by a later one (only the
+    /// latest matters).
+    fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError>;
+    /// The latest words that arrived on `ch` since the last call, if any
+    /// (`poll` names the channel when they arrive).
+    fn recv_words(&mut self, ch: ChannelId) -> Option<Words>;
     /// Link events since the last call.
     fn link_events(&mut self) -> Vec<LinkEvent>;
     /// The system calls this backend makes in the engine thread that

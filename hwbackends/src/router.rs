@@ -8,6 +8,7 @@
 
 use crate::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
+    Words,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -109,6 +110,14 @@ impl Backend for Router {
 
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.at(ch).ok()?.offsets(ch)
+    }
+
+    fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
+        self.at_mut(ch)?.send_words(ch, words)
+    }
+
+    fn recv_words(&mut self, ch: ChannelId) -> Option<Words> {
+        self.at_mut(ch).ok()?.recv_words(ch)
     }
 
     fn close(&mut self, ch: ChannelId) {

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 6;
+pub const REGION_VERSION: u32 = 7;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -91,6 +91,12 @@ pub mod hov {
     /// accepted: the connector gets it when it moves, before a child it
     /// forks may need to ring it.
     pub const ACCEPTOR_BELL: usize = 1348;
+    /// u32 (Queued): 1 when the other end is on another host (written by
+    /// devd before the end is handed out): the words of this page are
+    /// relayed between the two hosts' devds (`relay`), and an end whose
+    /// region stops carrying bytes is reset, not moved back to the kernel
+    /// socket (what the other host's end took is not known here).
+    pub const REMOTE: usize = 1352;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -317,6 +323,11 @@ pub fn publish_end(m: &Mapping, d: usize, e: u64) {
 pub fn publish_end_at_fin(m: &Mapping, d: usize) {
     m.u64_at(hov::END + 8 * (d & 1))
         .store(END_AT_FIN, Ordering::Release);
+}
+
+/// Whether the other end is on another host ([`hov::REMOTE`]).
+pub fn is_remote(m: &Mapping) -> bool {
+    m.u32_at(hov::REMOTE).load(Ordering::Acquire) == 1
 }
 
 /// The holder count of end `side` (0 connector, 1 acceptor).

@@ -21,6 +21,7 @@ pub mod layout;
 pub mod notify;
 pub mod ownfds;
 pub mod paths;
+pub mod relay;
 #[allow(unsafe_code)]
 pub mod shm;
 pub mod stream;

@@ -102,6 +102,31 @@ impl TwoHosts {
         c
     }
 
+    /// `args` run on host `h` under `ssock-run` with its devd (none
+    /// started for it).
+    pub fn under_ssock(&self, h: usize, args: &[&str]) -> Command {
+        let mut c = self.on(h, &crate::bin("ssock-run").to_string_lossy());
+        c.arg("--devd").arg(self.socket(h)).arg("--").args(args);
+        c
+    }
+
+    /// `args` run on host `h` as they are (kernel TCP).
+    pub fn plain(&self, h: usize, args: &[&str]) -> Command {
+        let mut c = self.on(h, "env");
+        c.arg("-u").arg("SSOCK_DEVD_SOCKET").args(args);
+        c
+    }
+
+    /// Waits until the two devds are peers with their link up.
+    pub fn wait_linked(&self, within: Duration) -> Result<()> {
+        for h in 0..2 {
+            self.wait_peer(h, within, "up with its link", |p| {
+                p["state"] == "up" && p["link"] == "up"
+            })?;
+        }
+        Ok(())
+    }
+
     /// Waits until host `h`'s first peer satisfies `f`, failing after
     /// `within` with the stats and devd's log.
     pub fn wait_peer(

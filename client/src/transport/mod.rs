@@ -169,6 +169,9 @@ pub trait Transport: Send + std::fmt::Debug {
     /// end (Direct: this process gets the acceptor's doorbell now, while it
     /// has a session, rather than when a child may need to ring it).
     fn peer_claimed(&mut self) {}
+    /// This end wrote a hand-over word (READY, CLAIM, SWITCH, END) that
+    /// devd relays when the other end is on another host.
+    fn words_changed(&mut self) {}
     /// The mapping whose hand-over words this end uses, and its side
     /// (0 connector, 1 acceptor): Direct's shared region, Queued's shared
     /// hand-over page. None for kernel TCP.

@@ -79,6 +79,9 @@ pub struct Queued {
     /// Threads asleep through `arm` (see `disarm`).
     sleepers: u32,
     session: Option<Arc<Session>>,
+    /// The other end is on another host (`layout::hov::REMOTE`): devd
+    /// relays the hand-over words, and a lost region resets the end.
+    remote: bool,
     peer_gone: bool,
     broken: bool,
     shut_wr: bool,
@@ -110,6 +113,7 @@ impl Queued {
         check_header(&map, RegionKind::Queued, a.conn_id, a.geom_a, a.geom_b)
             .map_err(AttachError::Layout)?;
         layout::hold(&map, a.side as usize);
+        let remote = layout::is_remote(&hov);
         let q = layout.qsize;
         let mut me = Queued {
             conn_id: a.conn_id,
@@ -134,6 +138,7 @@ impl Queued {
             call: EventFd::from_owned(call),
             sleepers: 0,
             session,
+            remote,
             peer_gone: false,
             broken: false,
             shut_wr: false,
@@ -209,7 +214,14 @@ impl Queued {
         if self.lost || self.broken {
             return;
         }
-        if layout::holders(&self.map, self.side as usize).load(Ordering::Relaxed) > 1 {
+        if self.remote {
+            // What the other host's end took is known to its devd only.
+            log::warn!(
+                "connection {}: {why} and the other end is on another host; resetting it",
+                self.conn_id
+            );
+            self.broken = true;
+        } else if layout::holders(&self.map, self.side as usize).load(Ordering::Relaxed) > 1 {
             log::warn!(
                 "connection {}: {why} and the end is shared; resetting it",
                 self.conn_id
@@ -446,6 +458,7 @@ impl Queued {
     fn end_writes(&mut self) {
         if !self.writes_closed {
             layout::publish_end(&self.hov, self.side as usize, self.posted);
+            self.words_changed();
         }
     }
 
@@ -643,6 +656,13 @@ impl Transport for Queued {
 
     fn wake_self(&self) {
         let _ = self.call.notify();
+    }
+
+    fn words_changed(&mut self) {
+        // devd relays them to the other host when its engine runs.
+        if self.remote {
+            self.kick();
+        }
     }
 
     fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {

@@ -12,6 +12,7 @@ use crate::config::Policy;
 use ssock_rings::board::{self, Entry, BOARD_SIZE};
 use ssock_rings::shm::Mapping;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,8 +67,9 @@ impl Board {
         self.map.as_ref().map(|(_, fd)| fd.clone())
     }
 
-    /// Publishes the listeners as they are now, if that changed anything.
-    pub fn publish(&mut self, listeners: &HashMap<u64, Listener>) {
+    /// Publishes the listeners as they are now (this devd's, then those
+    /// its peers advertised), if that changed anything.
+    pub fn publish(&mut self, listeners: &HashMap<u64, Listener>, remote: &[SocketAddr]) {
         let Some((map, _)) = &self.map else { return };
         let now = board::now_ns();
         let mut keyed: Vec<(u64, Entry)> = listeners
@@ -85,7 +87,17 @@ impl Board {
             })
             .collect();
         keyed.sort_unstable_by_key(|(inode, _)| *inode);
-        let now: Vec<Entry> = keyed.into_iter().map(|(_, e)| e).collect();
+        // Then the peers' (accelerated: their policy is their devd's).
+        let now: Vec<Entry> = keyed
+            .into_iter()
+            .map(|(_, e)| e)
+            .chain(remote.iter().map(|&addr| Entry {
+                addr,
+                dual_stack: false,
+                plain_until: 0,
+                peers_only: false,
+            }))
+            .collect();
         if now != self.last {
             board::publish(map, &now);
             self.last = now;

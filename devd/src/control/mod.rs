@@ -15,6 +15,7 @@ mod ends;
 mod listeners;
 mod pairing;
 pub mod registry;
+mod remote;
 mod report;
 pub mod server;
 pub mod watch;
@@ -135,6 +136,8 @@ pub struct Devd {
     peers: Option<crate::peers::Handle>,
     /// The listeners the peers were last told of.
     advertised: Vec<std::net::SocketAddr>,
+    /// The peers' listeners, links and Claims.
+    remote: remote::RemoteState,
     /// Open sessions by uid (`max_sessions_per_user`).
     sessions_of: HashMap<u32, usize>,
     /// Sockets of Kernel answers, watched until they connect (None if
@@ -251,6 +254,7 @@ impl Devd {
             }),
             peers: None,
             advertised: Vec::new(),
+            remote: remote::RemoteState::default(),
         }
     }
 
@@ -263,7 +267,8 @@ impl Devd {
     /// The listeners (or their policy) changed: the board shows them, and
     /// the peer devds hear of the set when it is new.
     fn listeners_changed(&mut self) {
-        self.board.publish(&self.reg.listeners);
+        let remote = self.remote_listeners();
+        self.board.publish(&self.reg.listeners, &remote);
         let Some(p) = &self.peers else { return };
         // A loopback listener means nothing to another host.
         let mut now: Vec<std::net::SocketAddr> = self

@@ -54,22 +54,36 @@ impl Devd {
         {
             self.check_listeners(|l| old(l) && l.addr.port() == dst.port());
         }
-        let Some(linode) = self.reg.listener_inode_for(dst) else {
-            return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode);
+        // A listener here, or one a peer host advertised (the connection
+        // is Queued then: the engine carries it over the link).
+        let local = self.reg.listener_inode_for(dst);
+        let remote = match local {
+            Some(_) => None,
+            None => match self.remote_for(dst) {
+                Some(node) => Some(node),
+                None => return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode),
+            },
         };
-        let listener = self.reg.listeners[&linode].session;
+        let mode = if remote.is_some() { Mode::Queued } else { mode };
+        let listener = local.and_then(|l| self.reg.listeners[&l].session);
         // Its acceptor will not claim while the short_lived policy keeps
         // the listener's connections on kernel TCP (a connector whose
         // board could not tell asks anyway). A hold for connectors not
         // under ssock ends once this Intent is accepted (below).
-        let short = self.reg.listeners[&linode].short;
-        let held = short.plain_until > sys::monotonic_ns();
-        if held && !short.peers_only {
-            return self.kernel(FallbackReason::ShortLived, &fd, inode);
-        }
+        let held = match local {
+            Some(linode) => {
+                let short = self.reg.listeners[&linode].short;
+                let held = short.plain_until > sys::monotonic_ns();
+                if held && !short.peers_only {
+                    return self.kernel(FallbackReason::ShortLived, &fd, inode);
+                }
+                held.then_some(linode)
+            }
+            None => None,
+        };
         // Several listeners (SO_REUSEPORT): which one accepts is the
         // kernel's choice, so no region kept with one of them is reused.
-        let sole = self.reg.listeners_for(dst).nth(1).is_none();
+        let sole = local.is_some() && self.reg.listeners_for(dst).nth(1).is_none();
         self.make_room(end.uid);
         if let Some(reason) = self.refusal(sid, dst.port()) {
             return self.kernel(reason, &fd, inode);
@@ -77,7 +91,7 @@ impl Devd {
         if !self.reg.may_add_intent(end.uid) {
             return self.kernel(FallbackReason::Limit, &fd, inode);
         }
-        let c = match self.create(sid, mode, listener, sole) {
+        let c = match self.create(sid, mode, listener, sole, remote) {
             Ok(c) => c,
             Err(e) => {
                 // The connector reports devd_error and connects plainly.
@@ -88,7 +102,7 @@ impl Devd {
         if let Some(w) = &mut self.watch {
             w.forget(inode);
         }
-        if held {
+        if let Some(linode) = held {
             // Its connector waits for this answer before it connects, so
             // its acceptor reads the board without the hold, and claims.
             self.end_peers_hold(linode);
@@ -109,7 +123,8 @@ impl Devd {
             bytes: c.bytes,
             port: std::cell::Cell::new(0),
             reuse_by: c.reuse_by,
-            listener: Some(linode),
+            listener: local,
+            remote,
         };
         for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
@@ -126,13 +141,14 @@ impl Devd {
     /// An Intent's connection: its token, resources and the connector's
     /// end. It is created now (or was, in the pool), so that neither the
     /// acceptor's Claim nor the connector once claimed needs another
-    /// request.
+    /// request. `remote`: the acceptor is on that peer host (Queued).
     pub(super) fn create(
         &mut self,
         sid: u64,
         mode: Mode,
         listener: Option<u64>,
         sole: bool,
+        remote: Option<u32>,
     ) -> Result<Created, RequestError> {
         let token = self.token()?;
         let reused = match (mode, listener) {
@@ -144,7 +160,10 @@ impl Devd {
             (_, Some(p)) => p,
             (Mode::Queued, _) => {
                 let id = self.new_id();
-                (id, self.queued_res(id)?)
+                match remote {
+                    Some(_) => (id, self.remote_res(id, None)?),
+                    None => (id, self.queued_res(id)?),
+                }
             }
             _ => match self.pool.pop() {
                 Some(p) => p,
@@ -325,6 +344,10 @@ impl Devd {
             if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
                 return Ok(self.expect_kernel(g.token, FallbackReason::ConnectorGone));
             }
+            // No intent here: from a peer host, its devd may hold one.
+            if let Some(node) = self.peer_at(peer.ip()) {
+                return self.remote_claim(sid, end, peer, node);
+            }
             // No intent: a plain peer; the acceptor goes on without delay
             // (and a streak of them stops its Claims for a while).
             if let Some(l) = self.reg.listener_inode_for(end.addr) {
@@ -414,6 +437,7 @@ impl Devd {
                 listener: intent.listener,
                 born: intent.at,
                 ended: None,
+                remote: None,
             },
         );
         Ok((Response::Expect { token, attachment }, fds))
@@ -435,7 +459,25 @@ impl Devd {
         }))
     }
 
+    /// A Queued connection between two local ends, served by the engine
+    /// from now on.
     pub(super) fn queued_res(&mut self, id: u64) -> Result<Res, RequestError> {
+        let (res, [a, b]) = self.queued_parts(id)?;
+        let Res::Queued(q) = &res else {
+            unreachable!("queued_parts makes Queued resources")
+        };
+        self.engine.send(Cmd::Add {
+            id,
+            sides: SideSpec::local_pair(id, a, b),
+            counters: q.counters.clone(),
+        });
+        Ok(res)
+    }
+
+    /// A Queued connection's resources (both ends' regions, doorbells and
+    /// the hand-over page) and both ends' engine sides, not yet given to
+    /// the engine.
+    pub(super) fn queued_parts(&mut self, id: u64) -> Result<(Res, [SideInit; 2]), RequestError> {
         let layout = QueuedLayout::for_size(self.cfg.region_size)
             .map_err(|e| RequestError::Resources(io::Error::other(e)))?;
         let mut memfds = Vec::new();
@@ -461,27 +503,24 @@ impl Devd {
         let header = layout::header_bytes(RegionKind::Handover, layout::HOV_PAGE, id, 0, 0);
         sys::pwrite_all(hov.as_fd(), &header, 0).map_err(RequestError::Resources)?;
         let counters = Arc::new(QueuedCounters::default());
-        let [a, b]: [SideInit; 2] = inits
+        let inits: [SideInit; 2] = inits
             .try_into()
             .map_err(|_| RequestError::Resources(io::Error::other("queued sides")))?;
-        self.engine.send(Cmd::Add {
-            id,
-            sides: SideSpec::local_pair(id, a, b),
-            counters: counters.clone(),
-        });
         let two = |v: Vec<Fd>| -> [Fd; 2] {
             let mut it = v.into_iter();
             [it.next().expect("two fds"), it.next().expect("two fds")]
         };
         let mut m = memfds.into_iter();
-        Ok(Res::Queued(QueuedRes {
+        let res = Res::Queued(QueuedRes {
             hov: Arc::new(hov),
             memfd: [m.next().flatten(), m.next().flatten()],
             kick: two(kicks),
             call: two(calls),
             layout,
             counters,
-        }))
+            held: None,
+        });
+        Ok((res, inits))
     }
 
     /// The Attached reply for end `e` of connection `id`.

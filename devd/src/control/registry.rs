@@ -104,6 +104,9 @@ pub struct Intent {
     pub reuse_by: Option<u64>,
     /// The listener it is for (socket inode), for the `short_lived` policy.
     pub listener: Option<u64>,
+    /// The peer node whose listener it is for, when that is on another
+    /// host (its Claim comes from that peer's devd).
+    pub remote: Option<u32>,
 }
 
 /// An intent whose connector let go of it (Release, or its session ended)
@@ -196,7 +199,18 @@ pub struct QueuedRes {
     pub layout: QueuedLayout,
     /// Counters shared with the engine.
     pub counters: Arc<QueuedCounters>,
+    /// A connector's end whose acceptor is on another host: its engine
+    /// side and the hand-over page's mapping, held until the peer's Claim
+    /// names the channel.
+    pub held: Option<Box<HeldSide>>,
 }
+
+/// A connector's engine side and its hand-over page's mapping, waiting
+/// for the channel its peer host names ([`QueuedRes::held`]).
+pub type HeldSide = (
+    crate::dataplane::engine::SideInit,
+    Arc<ssock_rings::Mapping>,
+);
 
 /// Resources by mode.
 #[derive(Debug)]
@@ -232,6 +246,10 @@ pub struct Conn {
     pub listener: Option<u64>,
     /// See `listener`.
     pub born: Instant,
+    /// Its other end's peer node and their channel, when that end is on
+    /// another host (the local `ends` entry for it is a stand-in, released
+    /// from the start).
+    pub remote: Option<(u32, u64)>,
     /// When the first of its ends was released: the connection's life, as
     /// the policy sees it, ends there (the other end of a forked server's
     /// child that exits without a close is released only once devd finds

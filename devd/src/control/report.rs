@@ -82,7 +82,9 @@ impl Devd {
 }
 
 pub(super) fn conn_json(c: &Conn) -> ConnJson {
-    let state = if c.ends.iter().any(|e| e.released) {
+    // The stand-in for an end on another host is released from the start.
+    let here = |i: &usize| c.remote.is_none() || c.ends[*i].session != 0;
+    let state = if (0..2).filter(here).any(|i| c.ends[i].released) {
         "closing"
     } else {
         "open"
@@ -136,6 +138,9 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                     .wrapping_add(snaps[1].notify_suppressed),
                 region_size: d.layout.size as u64,
                 rings,
+                backend: None,
+                peer_node: None,
+                channel: None,
             }
         }
         Res::Queued(q) => {
@@ -155,6 +160,13 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 notify_suppressed: g(&k.calls_suppressed[0]) + g(&k.calls_suppressed[1]),
                 region_size: q.layout.size as u64,
                 rings: Vec::new(),
+                backend: Some(if c.remote.is_some() {
+                    "ntb"
+                } else {
+                    "loopback"
+                }),
+                peer_node: c.remote.map(|r| r.0),
+                channel: c.remote.map(|r| r.1),
             }
         }
     }

@@ -18,7 +18,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 const LISTENER: u64 = 0;
 const SIGNALS: u64 = 1;
 const WATCH: u64 = 2;
-const FIRST_SESSION: u64 = 3;
+/// The peer thread's news (`Devd::peer_events`).
+const PEERS: u64 = 3;
+const FIRST_SESSION: u64 = 4;
 
 /// How long devd stops accepting sessions after an accept failed (out of
 /// fds or memory), at first: the control socket stays readable while
@@ -91,6 +93,13 @@ pub fn serve(
             ControlOperation::Add,
             fd,
             EpollEvent::new(EventSet::IN, WATCH),
+        )?;
+    }
+    if let Some(fd) = devd.peers_news_fd() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, PEERS),
         )?;
     }
     // Readiness first: sd_notify needs socket/sendto, which the control
@@ -167,10 +176,11 @@ pub fn serve(
                     }
                 }
                 WATCH => devd.watch_events(),
+                PEERS => devd.peer_events(),
                 sid => serve_session(devd, &epoll, sid, &mut buf, &mut claims, 64),
             }
         }
-        if !claims.is_empty() {
+        if !claims.is_empty() || devd.has_peer_claims() {
             answer_claims(devd, &epoll, &mut buf, &mut claims)?;
         }
     }
@@ -301,7 +311,7 @@ fn answer_claims(
     buf: &mut [u8],
     claims: &mut Vec<Held>,
 ) -> io::Result<()> {
-    let mut events = vec![EpollEvent::default(); devd.session_count() + 3];
+    let mut events = vec![EpollEvent::default(); devd.session_count() + 4];
     let n = loop {
         match epoll.wait(0, &mut events) {
             Ok(n) => break n,
@@ -316,6 +326,9 @@ fn answer_claims(
             serve_session(devd, epoll, sid, buf, claims, DRAIN_MAX);
         }
     }
+    // A peer's Claim: its connector's Intent was sent here before its
+    // connect left the host.
+    devd.answer_peer_claims();
     for (sid, req, fds) in std::mem::take(claims) {
         // The session may have ended meanwhile (then nobody waits).
         if devd.session_sock(sid).is_none() {

@@ -15,8 +15,9 @@
 
 use crate::sandbox::ThreadKind;
 use crate::stats::QueuedCounters;
-use ssock_hwbackends::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv};
-use ssock_rings::layout::{FLAG_EOS, FLAG_RESET};
+use ssock_hwbackends::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv, Words};
+use ssock_rings::layout::{self, FLAG_EOS, FLAG_RESET};
+use ssock_rings::relay;
 use ssock_rings::sys::EventFd;
 use ssock_rings::vq::device::{Buf, DeviceRegion};
 use ssock_rings::vq::{RX, TX};
@@ -24,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -48,6 +50,11 @@ pub struct SideSpec {
     pub ch: ChannelId,
     /// The channel's peer: the other side's channel for a local pair.
     pub peer: Peer,
+    /// Which end of the connection it is (0 connector, 1 acceptor).
+    pub end: usize,
+    /// With a remote peer: the connection's hand-over page on this host,
+    /// whose words the engine relays to and from the other host's devd.
+    pub hov: Option<Arc<ssock_rings::Mapping>>,
 }
 
 impl SideSpec {
@@ -60,11 +67,15 @@ impl SideSpec {
                 init: connector,
                 ch: a,
                 peer: Peer::Local(b),
+                end: 0,
+                hov: None,
             },
             SideSpec {
                 init: acceptor,
                 ch: b,
                 peer: Peer::Local(a),
+                end: 1,
+                hov: None,
             },
         ]
     }
@@ -87,7 +98,7 @@ pub enum Cmd {
     SideGone {
         /// Connection id.
         id: u64,
-        /// The side's index in `Add::sides`.
+        /// The side's end (`SideSpec::end`).
         side: usize,
     },
     /// Stop the thread.
@@ -142,6 +153,12 @@ struct Side {
     /// Its backend channel, and where that channel's other end is.
     ch: ChannelId,
     peer: Peer,
+    end: usize,
+    /// Remote peers: the hand-over page, the words last sent from it, and
+    /// whether the other host's words came yet.
+    hov: Option<Arc<ssock_rings::Mapping>>,
+    words_sent: Option<Words>,
+    heard: bool,
     tx_pending: Option<(Buf, usize)>,
     /// TX buffers whose bytes the backend took, with the stream offset
     /// each ends at, given back once acknowledged up to there.
@@ -351,6 +368,10 @@ impl Engine {
                     call: s.init.call,
                     ch: s.ch,
                     peer: s.peer,
+                    end: s.end,
+                    hov: s.hov,
+                    words_sent: None,
+                    heard: false,
                     tx_pending: None,
                     unacked: VecDeque::new(),
                     sent: 0,
@@ -381,7 +402,17 @@ impl Engine {
                                 self.backend.close(ch);
                             }
                             for side in &pair.sides {
-                                let _ = side.region.set_rx_flags(FLAG_RESET);
+                                match &side.hov {
+                                    // Nothing moved yet: the connection
+                                    // stays on kernel TCP (the other host
+                                    // never hears this end's words).
+                                    Some(h) => h
+                                        .u32_at(layout::hov::CLAIM)
+                                        .store(layout::CLAIM_KERNEL, Ordering::Release),
+                                    None => {
+                                        let _ = side.region.set_rx_flags(FLAG_RESET);
+                                    }
+                                }
                                 let _ = side.call.notify();
                             }
                             return true;
@@ -400,8 +431,10 @@ impl Engine {
                 self.busy.push_back(id);
             }
             Cmd::SideGone { id, side } => {
-                if let Some(p) = self.pairs.get_mut(&id).filter(|p| side < p.sides.len()) {
-                    p.sides[side].gone = true;
+                if let Some(p) = self.pairs.get_mut(&id) {
+                    for s in p.sides.iter_mut().filter(|s| s.end == side) {
+                        s.gone = true;
+                    }
                     if !self.busy.contains(&id) {
                         self.busy.push_back(id);
                     }
@@ -442,6 +475,7 @@ impl Engine {
 
     /// One turn of pumping; None when the connection is finished and forgotten.
     fn pump_pair(&mut self, id: u64, pair: &mut Pair) -> Option<bool> {
+        self.words_in(id, pair);
         let mut again = false;
         for round in 0.. {
             if round == BUDGET {
@@ -481,6 +515,7 @@ impl Engine {
                 break;
             }
         }
+        self.words_out(pair);
         // A local pair ends when both sides went; a side alone here (its
         // peer on another host) only once its last bytes and its mark left.
         let alone = pair.sides.len() == 1;
@@ -493,6 +528,65 @@ impl Engine {
             return None;
         }
         Some(again)
+    }
+
+    /// Applies the words the other host's devd sent for the remote sides
+    /// of `pair` to their hand-over pages, waking the client when one
+    /// changed. Words that break the page's rules reset that side.
+    fn words_in(&mut self, id: u64, pair: &mut Pair) {
+        for s in 0..pair.sides.len() {
+            let side = &mut pair.sides[s];
+            let Some(hov) = side.hov.clone().filter(|_| !side.dead) else {
+                continue;
+            };
+            let Some(w) = self.backend.recv_words(side.ch) else {
+                continue;
+            };
+            if !side.heard {
+                // The other side's first words: its channel is open, so
+                // what this side said before may have found it closed.
+                side.heard = true;
+                side.words_sent = None;
+            }
+            match relay::apply(&hov, side.end, &w, side.sent) {
+                Ok(true) => {
+                    let _ = side.call.notify();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!(
+                        "connection {id}: the other host's hand-over words: {e}; resetting it"
+                    );
+                    self.reset_side(pair, s);
+                }
+            }
+        }
+    }
+
+    /// Sends the other host's devd the words each remote side's client
+    /// wrote, when they changed.
+    fn words_out(&mut self, pair: &mut Pair) {
+        for side in &mut pair.sides {
+            let Some(hov) = side.hov.as_ref().filter(|_| !side.dead) else {
+                continue;
+            };
+            let w = relay::ours(hov, side.end);
+            if side.words_sent != Some(w) && self.backend.send_words(side.ch, w).is_ok() {
+                side.words_sent = Some(w);
+            }
+        }
+    }
+
+    /// Side `s` ends with a reset both ways (its client and the peer).
+    fn reset_side(&mut self, pair: &mut Pair, s: usize) {
+        let side = &mut pair.sides[s];
+        side.dead = true;
+        side.tx_pending = None;
+        side.unacked.clear();
+        let _ = self.backend.send_mark(side.ch, Mark::Reset);
+        side.mark_sent = true;
+        let _ = side.region.set_rx_flags(FLAG_RESET);
+        let _ = side.call.notify();
     }
 
     /// The link to `node` went down: every side whose channel crossed it
@@ -542,15 +636,8 @@ impl Engine {
 
     fn violation(&mut self, id: u64, pair: &mut Pair, s: usize, what: &dyn std::fmt::Display) {
         log::warn!("connection {id}: side {s} broke the queue protocol ({what}); resetting it");
-        let side = &mut pair.sides[s];
-        side.dead = true;
-        side.tx_pending = None;
-        let _ = self.backend.send_mark(side.ch, Mark::Reset);
-        side.unacked.clear();
-        side.mark_sent = true;
-        let _ = side.region.set_rx_flags(FLAG_RESET);
-        let _ = side.call.notify();
-        QueuedCounters::add(&pair.counters.violation[s], 1);
+        self.reset_side(pair, s);
+        QueuedCounters::add(&pair.counters.violation[pair.sides[s].end & 1], 1);
         QueuedCounters::add(&self.violations, 1);
     }
 
@@ -631,7 +718,7 @@ impl Engine {
                 }
                 Err(BackendError::Busy(_)) => 0,
             };
-            QueuedCounters::add(&pair.counters.bytes[s], n as u64);
+            QueuedCounters::add(&pair.counters.bytes[pair.sides[s].end & 1], n as u64);
             if n > 0 {
                 progress = true;
             }
@@ -695,9 +782,9 @@ impl Engine {
         let side = &mut pair.sides[s];
         if used && side.region.needs_notification(TX).unwrap_or(true) {
             let _ = side.call.notify();
-            QueuedCounters::add(&pair.counters.calls[s], 1);
+            QueuedCounters::add(&pair.counters.calls[pair.sides[s].end & 1], 1);
         } else if used {
-            QueuedCounters::add(&pair.counters.calls_suppressed[s], 1);
+            QueuedCounters::add(&pair.counters.calls_suppressed[pair.sides[s].end & 1], 1);
         }
     }
 
@@ -761,9 +848,9 @@ impl Engine {
         let side = &mut pair.sides[s];
         if used && side.region.needs_notification(RX).unwrap_or(true) {
             let _ = side.call.notify();
-            QueuedCounters::add(&pair.counters.calls[s], 1);
+            QueuedCounters::add(&pair.counters.calls[pair.sides[s].end & 1], 1);
         } else if used {
-            QueuedCounters::add(&pair.counters.calls_suppressed[s], 1);
+            QueuedCounters::add(&pair.counters.calls_suppressed[pair.sides[s].end & 1], 1);
         }
         progress
     }

@@ -8,6 +8,7 @@ use crate::stats::QueuedCounters;
 use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
+    Words,
 };
 use ssock_rings::layout::{self, QueuedLayout, FLAG_RESET};
 use ssock_rings::shm::Mapping;
@@ -64,6 +65,12 @@ impl Backend for AsRemote {
     }
     fn close(&mut self, ch: ChannelId) {
         self.0.close(ch)
+    }
+    fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
+        self.0.send_words(ch, words)
+    }
+    fn recv_words(&mut self, ch: ChannelId) -> Option<Words> {
+        self.0.recv_words(ch)
     }
     fn link_events(&mut self) -> Vec<LinkEvent> {
         std::mem::take(&mut *self.1.lock().unwrap())
@@ -210,6 +217,8 @@ fn a_remote_peers_tx_buffer_goes_back_only_once_the_peer_took_its_bytes() {
             init: a,
             ch: 20,
             peer: remote(30),
+            end: 0,
+            hov: None,
         }],
     );
     add(
@@ -219,6 +228,8 @@ fn a_remote_peers_tx_buffer_goes_back_only_once_the_peer_took_its_bytes() {
             init: b,
             ch: 30,
             peer: remote(20),
+            end: 1,
+            hov: None,
         }],
     );
     ca.send(0, b"first");
@@ -263,6 +274,8 @@ fn a_channel_the_backend_cannot_open_resets_both_sides() {
                 node: 7,
                 channel: 50,
             },
+            end: 0,
+            hov: None,
         }],
     );
     let t = Instant::now();
@@ -287,6 +300,8 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
             init: a,
             ch: 50,
             peer: remote(60),
+            end: 0,
+            hov: None,
         }],
     );
     add(
@@ -296,6 +311,8 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
             init: b,
             ch: 60,
             peer: remote(50),
+            end: 1,
+            hov: None,
         }],
     );
     ca.send(0, b"in flight when the link goes");
@@ -312,4 +329,89 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+fn hov_page() -> Arc<Mapping> {
+    let fd = sys::memfd_sealed("hov-test", layout::HOV_PAGE).unwrap();
+    Arc::new(Mapping::map(fd.as_fd(), layout::HOV_PAGE, true).unwrap())
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_hand_over_words_of_a_remote_pair_are_relayed_both_ways() {
+    let e = start(Box::new(as_remote()));
+    let (a, ca) = region(7);
+    let (b, cb) = region(8);
+    let (ha, hb) = (hov_page(), hov_page());
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    add(
+        &e,
+        7,
+        vec![SideSpec {
+            init: a,
+            ch: 70,
+            peer: remote(80),
+            end: 0,
+            hov: Some(ha.clone()),
+        }],
+    );
+    add(
+        &e,
+        8,
+        vec![SideSpec {
+            init: b,
+            ch: 80,
+            peer: remote(70),
+            end: 1,
+            hov: Some(hb.clone()),
+        }],
+    );
+    // The acceptor says accepted on its host's page, then kicks.
+    assert!(layout::accept_claim(&hb));
+    cb.kick.notify().unwrap();
+    wait_for("CLAIM relayed to the connector's page", || {
+        layout::claim(&ha) == layout::CLAIM_ACCEPTED
+    });
+    assert!(ca.call.drain(), "the connector was not woken");
+    layout::mark_ready(&ha);
+    layout::publish_switch(&ha, 0, layout::Switch::After(3));
+    ca.kick.notify().unwrap();
+    wait_for("READY and SWITCH relayed to the acceptor's page", || {
+        layout::connector_ready(&hb) && layout::switch_at(&hb, 0) == layout::Switch::After(3)
+    });
+    // The acceptor's own direction stays its own.
+    assert_eq!(layout::switch_at(&hb, 1), layout::Switch::NotYet);
+    assert_eq!(layout::switch_at(&ha, 1), layout::Switch::NotYet);
+}
+
+#[test]
+fn a_remote_channel_that_cannot_open_leaves_the_connection_on_kernel_tcp() {
+    let e = start(Box::new(Loopback::default()));
+    let (a, ca) = region(9);
+    let h = hov_page();
+    add(
+        &e,
+        9,
+        vec![SideSpec {
+            init: a,
+            ch: 90,
+            peer: Peer::Remote {
+                node: 7,
+                channel: 91,
+            },
+            end: 1,
+            hov: Some(h.clone()),
+        }],
+    );
+    wait_for("no CLAIM = kernel", || {
+        layout::claim(&h) == layout::CLAIM_KERNEL
+    });
+    assert_eq!(ca.rx_flags() & FLAG_RESET, 0, "reset instead");
 }

@@ -82,9 +82,53 @@ pub struct Status {
     pub refused: BTreeMap<&'static str, u64>,
 }
 
+/// What a peer said that the control thread acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Peer `node`'s devd advertised these listeners (none: it is down).
+    Listeners {
+        /// The peer.
+        node: u32,
+        /// Its listeners, as it registered them.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Peer `node`'s control connection came up or went down.
+    Link {
+        /// The peer.
+        node: u32,
+        /// Up now.
+        up: bool,
+    },
+    /// An acceptor on peer `node` claimed a connection from this host.
+    Claim {
+        /// The peer.
+        node: u32,
+        /// The connector's address.
+        from: SocketAddr,
+        /// The acceptor's address.
+        to: SocketAddr,
+        /// The connection's channel.
+        channel: u64,
+    },
+    /// Peer `node` answered this devd's Claim on `channel`.
+    Claimed {
+        /// The peer.
+        node: u32,
+        /// The Claim's channel.
+        channel: u64,
+        /// Its connector's intent matched.
+        ok: bool,
+    },
+}
+
 /// The control thread's handle on the peer thread.
 pub struct Handle {
     status: Arc<Mutex<Status>>,
+    /// What peers said, for the control thread, and its wake-up.
+    events: Arc<Mutex<Vec<Event>>>,
+    news: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// Messages for peers, by node.
+    outbox: Arc<Mutex<Vec<(u32, Msg)>>>,
     stop: Arc<vmm_sys_util::eventfd::EventFd>,
     /// This devd's listeners to advertise, and the thread's wake-up.
     ours: Arc<Mutex<Vec<SocketAddr>>>,
@@ -112,6 +156,27 @@ impl Handle {
     pub fn advertise(&self, l: Vec<SocketAddr>) {
         *self.ours.lock().unwrap_or_else(|p| p.into_inner()) = l;
         let _ = self.wake.write(1);
+    }
+
+    /// Sends `m` to peer `node` if it is up (dropped otherwise).
+    pub fn send(&self, node: u32, m: Msg) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((node, m));
+        let _ = self.wake.write(1);
+    }
+
+    /// The fd that becomes readable when peers said something
+    /// (`take_events`).
+    pub fn news_fd(&self) -> std::os::fd::RawFd {
+        self.news.as_raw_fd()
+    }
+
+    /// What peers said since the last call.
+    pub fn take_events(&self) -> Vec<Event> {
+        let _ = self.news.read();
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether the thread still runs.
@@ -159,6 +224,9 @@ pub fn spawn(
     let stop = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
     let wake = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
     let ours: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let news = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+    let outbox: Arc<Mutex<Vec<(u32, Msg)>>> = Arc::default();
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -179,6 +247,7 @@ pub fn spawn(
         )?;
     }
     let (st, sp, wk, ou) = (status.clone(), stop.clone(), wake.clone(), ours.clone());
+    let (ev, nw, ob) = (events.clone(), news.clone(), outbox.clone());
     let thread = crate::sandbox::spawn_sandboxed(
         ThreadKind::Peers,
         "ssock-peers",
@@ -208,12 +277,18 @@ pub fn spawn(
                 told: Vec::new(),
                 dirty: false,
                 told_at: None,
+                events: ev,
+                news: nw,
+                outbox: ob,
             };
             t.run(&sp, &wk);
         },
     )?;
     Ok(Handle {
         status,
+        events,
+        news,
+        outbox,
         stop,
         ours,
         wake,
@@ -246,6 +321,8 @@ struct Conn {
     out: Vec<u8>,
     /// The listeners it advertised, kept until it is its slot's.
     listeners: Option<Vec<SocketAddr>>,
+    /// Claims and answers it sent, for the control thread.
+    got: Vec<Msg>,
     began: Instant,
     heard: Instant,
     pinged: Instant,
@@ -277,6 +354,10 @@ struct Thread {
     /// A change not told yet, and when the peers were last told one.
     dirty: bool,
     told_at: Option<Instant>,
+    /// See `Handle`.
+    events: Arc<Mutex<Vec<Event>>>,
+    news: Arc<vmm_sys_util::eventfd::EventFd>,
+    outbox: Arc<Mutex<Vec<(u32, Msg)>>>,
 }
 
 /// How a connection ended.
@@ -317,6 +398,7 @@ impl Thread {
                     WAKE => {
                         let _ = wake.read();
                         self.dirty = true;
+                        self.send_outbox();
                     }
                     token => self.readable(token),
                 }
@@ -382,6 +464,7 @@ impl Thread {
             session: None,
             out: Vec::new(),
             listeners: None,
+            got: Vec::new(),
             began: now,
             heard: now,
             pinged: now,
@@ -577,7 +660,9 @@ impl Thread {
             if let Some(l) = c.listeners.take() {
                 self.set_listeners(i, l);
             }
+            let got = std::mem::take(&mut c.got);
             self.slots[i].conn = Some(c);
+            self.tell_control(i, got);
             match r {
                 Ok(true) => self.came_up(i),
                 Ok(false) => {}
@@ -601,9 +686,11 @@ impl Thread {
                     self.close(old);
                 }
                 let l = c.listeners.take().unwrap_or_default();
+                let got = std::mem::take(&mut c.got);
                 self.slots[i].conn = Some(c);
                 self.set_listeners(i, l);
                 self.came_up(i);
+                self.tell_control(i, got);
             }
             Ok(false) => self.pending.push(c),
             Err(End::Refused(why, what)) => {
@@ -717,6 +804,13 @@ impl Thread {
                     }
                     Msg::Ping if c.verified => {}
                     Msg::Listeners(l) if c.verified => c.listeners = Some(l),
+                    m @ (Msg::Claim { .. } | Msg::Claimed { .. }) if c.verified => c.got.push(m),
+                    Msg::Claim { .. } | Msg::Claimed { .. } => {
+                        return Err(End::Refused(
+                            "malformed",
+                            "a Claim before the handshake".into(),
+                        ));
+                    }
                     Msg::Listeners(_) => {
                         return Err(End::Refused(
                             "malformed",
@@ -792,6 +886,8 @@ impl Thread {
                 p.ups += 1;
             }
         }
+        let node = self.slots[i].cfg.node;
+        self.post(vec![Event::Link { node, up: true }]);
         // The newest set (a change not told the others yet reaches them at
         // the wake-up that is on its way).
         let now = self.ours.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -816,6 +912,7 @@ impl Thread {
         };
         if was_up {
             log::warn!("peer node {node} down: {what}");
+            self.post(vec![Event::Link { node, up: false }]);
         }
         self.set_listeners(i, Vec::new());
         self.set_error(i, what);
@@ -832,9 +929,68 @@ impl Thread {
 
     /// Peer `i`'s devd advertised `l` (on the slot's own connection).
     fn set_listeners(&mut self, i: usize, l: Vec<SocketAddr>) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(x) = st.lists.get_mut(i) {
-            *x = l;
+        let changed = {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            match st.lists.get_mut(i) {
+                Some(x) if *x != l => {
+                    x.clone_from(&l);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            let node = self.slots[i].cfg.node;
+            self.post(vec![Event::Listeners { node, addrs: l }]);
+        }
+    }
+
+    /// Hands the control thread the Claims and answers peer `i` sent.
+    fn tell_control(&mut self, i: usize, got: Vec<Msg>) {
+        let node = self.slots[i].cfg.node;
+        let events: Vec<Event> = got
+            .into_iter()
+            .filter_map(|m| match m {
+                Msg::Claim { from, to, channel } => Some(Event::Claim {
+                    node,
+                    from,
+                    to,
+                    channel,
+                }),
+                Msg::Claimed { channel, ok } => Some(Event::Claimed { node, channel, ok }),
+                _ => None,
+            })
+            .collect();
+        self.post(events);
+    }
+
+    fn post(&mut self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(events);
+        let _ = self.news.write(1);
+    }
+
+    /// Sends what the control thread queued for up peers; a message for a
+    /// peer that is not up is dropped (its sender's end waits for nothing
+    /// that matters: the connection stays on kernel TCP).
+    fn send_outbox(&mut self) {
+        let out = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for (node, m) in out {
+            let Some(i) = self.slots.iter().position(|s| s.cfg.node == node) else {
+                continue;
+            };
+            let Some(c) = self.slots[i].conn.as_mut().filter(|c| c.verified) else {
+                log::debug!("peer node {node} is not up: {m:?} dropped");
+                continue;
+            };
+            if let Err(e) = send(c, &m) {
+                self.lose(i, End::Lost(format!("send: {e}")));
+            }
         }
     }
 

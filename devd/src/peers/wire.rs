@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -52,6 +52,27 @@ pub enum Msg {
     /// Every listener the sender's devd has registered now (the whole
     /// set each time it changes, and when the connection comes up).
     Listeners(Vec<std::net::SocketAddr>),
+    /// An acceptor on the sender's host claimed a connection that came
+    /// from the receiver's host: `from` is its connector's address and
+    /// `to` the acceptor's, as the acceptor's socket sees them. The
+    /// sender's end already listens on `channel`; the receiver's end uses
+    /// the same id.
+    Claim {
+        /// The connector's address.
+        from: std::net::SocketAddr,
+        /// The acceptor's address.
+        to: std::net::SocketAddr,
+        /// The connection's channel on the link, both ends.
+        channel: u64,
+    },
+    /// The answer to a Claim: whether a connector's intent matched it (its
+    /// end is open on the channel then).
+    Claimed {
+        /// The Claim's channel.
+        channel: u64,
+        /// Matched.
+        ok: bool,
+    },
 }
 
 /// Most listeners one Listeners message carries (it fits a frame).
@@ -75,6 +96,44 @@ const HELLO: u8 = 1;
 const PROOF_T: u8 = 2;
 const PING: u8 = 3;
 const LISTENERS: u8 = 4;
+const CLAIM: u8 = 5;
+const CLAIMED: u8 = 6;
+
+/// Appends address `a`: a family byte (4 or 6), its address bytes and a
+/// u16 port.
+fn put_addr(body: &mut Vec<u8>, a: &std::net::SocketAddr) {
+    match a {
+        std::net::SocketAddr::V4(v) => {
+            body.push(4);
+            body.extend_from_slice(&v.ip().octets());
+        }
+        std::net::SocketAddr::V6(v) => {
+            body.push(6);
+            body.extend_from_slice(&v.ip().octets());
+        }
+    }
+    body.extend_from_slice(&a.port().to_le_bytes());
+}
+
+/// The address at `p[*at..]` (see `put_addr`), moving `at` past it.
+fn get_addr(p: &[u8], at: &mut usize) -> Option<std::net::SocketAddr> {
+    let fam = *p.get(*at)?;
+    let len = match fam {
+        4 => 4,
+        6 => 16,
+        _ => return None,
+    };
+    let ip = p.get(*at + 1..*at + 1 + len)?;
+    let port = p.get(*at + 1 + len..*at + 3 + len)?;
+    let port = u16::from_le_bytes([port[0], port[1]]);
+    let ip: std::net::IpAddr = if fam == 4 {
+        <[u8; 4]>::try_from(ip).ok()?.into()
+    } else {
+        <[u8; 16]>::try_from(ip).ok()?.into()
+    };
+    *at += 3 + len;
+    Some(std::net::SocketAddr::new(ip, port))
+}
 
 /// The frame that carries `m`.
 pub fn encode(m: &Msg) -> Vec<u8> {
@@ -101,18 +160,19 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             let n = l.len().min(MAX_LISTENERS);
             body.extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_le_bytes());
             for a in &l[..n] {
-                match a {
-                    std::net::SocketAddr::V4(v) => {
-                        body.push(4);
-                        body.extend_from_slice(&v.ip().octets());
-                    }
-                    std::net::SocketAddr::V6(v) => {
-                        body.push(6);
-                        body.extend_from_slice(&v.ip().octets());
-                    }
-                }
-                body.extend_from_slice(&a.port().to_le_bytes());
+                put_addr(&mut body, a);
             }
+        }
+        Msg::Claim { from, to, channel } => {
+            body.push(CLAIM);
+            put_addr(&mut body, from);
+            put_addr(&mut body, to);
+            body.extend_from_slice(&channel.to_le_bytes());
+        }
+        Msg::Claimed { channel, ok } => {
+            body.push(CLAIMED);
+            body.extend_from_slice(&channel.to_le_bytes());
+            body.push(u8::from(*ok));
         }
     }
     let mut f = u32::try_from(body.len())
@@ -172,6 +232,14 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
         PING if p.is_empty() => Msg::Ping,
         PING => return Err(WireError::Malformed("Ping")),
         LISTENERS => Msg::Listeners(listeners(p).ok_or(WireError::Malformed("Listeners"))?),
+        CLAIM => claim(p).ok_or(WireError::Malformed("Claim"))?,
+        CLAIMED => match *p {
+            [c0, c1, c2, c3, c4, c5, c6, c7, ok @ (0 | 1)] => Msg::Claimed {
+                channel: u64::from_le_bytes([c0, c1, c2, c3, c4, c5, c6, c7]),
+                ok: ok == 1,
+            },
+            _ => return Err(WireError::Malformed("Claimed")),
+        },
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -187,24 +255,22 @@ fn listeners(p: &[u8]) -> Option<Vec<std::net::SocketAddr>> {
     let mut at = 2;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let fam = *p.get(at)?;
-        let len = match fam {
-            4 => 4,
-            6 => 16,
-            _ => return None,
-        };
-        let ip = p.get(at + 1..at + 1 + len)?;
-        let port = p.get(at + 1 + len..at + 3 + len)?;
-        let port = u16::from_le_bytes([port[0], port[1]]);
-        let ip: std::net::IpAddr = if fam == 4 {
-            <[u8; 4]>::try_from(ip).ok()?.into()
-        } else {
-            <[u8; 16]>::try_from(ip).ok()?.into()
-        };
-        out.push(std::net::SocketAddr::new(ip, port));
-        at += 3 + len;
+        out.push(get_addr(p, &mut at)?);
     }
     (at == p.len()).then_some(out)
+}
+
+/// A Claim payload: two addresses and the channel; nothing after them.
+fn claim(p: &[u8]) -> Option<Msg> {
+    let mut at = 0;
+    let from = get_addr(p, &mut at)?;
+    let to = get_addr(p, &mut at)?;
+    let c: [u8; 8] = p.get(at..at + 8)?.try_into().ok()?;
+    (at + 8 == p.len()).then_some(Msg::Claim {
+        from,
+        to,
+        channel: u64::from_le_bytes(c),
+    })
 }
 
 /// Bytes of a sealed frame's tag.
@@ -422,6 +488,39 @@ mod tests {
         ];
         let mut f = encode(&Msg::Listeners(l.clone()));
         assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(l))));
+        for m in [
+            Msg::Claim {
+                from: "10.0.0.1:40000".parse().unwrap(),
+                to: "[fd00::2]:6379".parse().unwrap(),
+                channel: 1 << 63 | 77,
+            },
+            Msg::Claimed {
+                channel: 5,
+                ok: true,
+            },
+            Msg::Claimed {
+                channel: 6,
+                ok: false,
+            },
+        ] {
+            let mut f = encode(&m);
+            assert_eq!(decode(&mut f), Ok(Some(m.clone())));
+            // Cut short or with a byte too many, it is malformed.
+            let mut short = encode(&m);
+            short.pop();
+            short[0] -= 1;
+            assert!(matches!(decode(&mut short), Err(WireError::Malformed(_))));
+            let mut long = encode(&m);
+            long.push(0);
+            long[0] += 1;
+            assert!(matches!(decode(&mut long), Err(WireError::Malformed(_))));
+        }
+        let mut bad = encode(&Msg::Claimed {
+            channel: 1,
+            ok: true,
+        });
+        *bad.last_mut().unwrap() = 2;
+        assert!(matches!(decode(&mut bad), Err(WireError::Malformed(_))));
         let mut f = encode(&Msg::Listeners(vec![]));
         assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(vec![]))));
         for bad in [

@@ -4,6 +4,7 @@
 use super::DEFAULT_WINDOW;
 use crate::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
+    Words,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
@@ -19,6 +20,8 @@ struct Channel {
     ended: bool,
     /// This channel's outgoing stream.
     out: Offsets,
+    /// The latest words sent to this channel, not yet taken.
+    words: Option<Words>,
 }
 
 /// In-process loopback interconnect.
@@ -93,6 +96,7 @@ impl Backend for Loopback {
                 inbox_mark: None,
                 ended: false,
                 out: Offsets::default(),
+                words: None,
             },
         );
         Ok(())
@@ -182,6 +186,20 @@ impl Backend for Loopback {
         // Whatever the peer sent here is dropped with this end, as a
         // write to a closed TCP peer is.
         self.settle(me.peer);
+    }
+
+    fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
+        let me = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
+        let peer = me.peer;
+        if let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) {
+            p.words = Some(words);
+            self.ready.push(peer);
+        }
+        Ok(())
+    }
+
+    fn recv_words(&mut self, ch: ChannelId) -> Option<Words> {
+        self.chans.get_mut(&ch)?.words.take()
     }
 
     fn link_events(&mut self) -> Vec<LinkEvent> {

@@ -16,12 +16,12 @@
 //! down for good: every channel ends with Reset, nothing more is read and
 //! the heartbeat stops, so that the peer sees the link down too.
 
-use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING};
+use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING, WORDS};
 use super::window::Window;
 use super::{BEAT, DEAD, DMA_MIN};
 use crate::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkState, Mark, NodeId, Offsets,
-    Peer, Recv, Syscall,
+    Peer, Recv, Syscall, Words,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
@@ -41,6 +41,8 @@ struct Chan {
     peer_gone: bool,
     /// A send found no room in the ring: named when room comes back.
     starved: bool,
+    /// The latest words that arrived, not yet taken.
+    words: Option<Words>,
 }
 
 /// What the backend counted.
@@ -78,8 +80,9 @@ pub struct Ntb {
     peer_cons: u64,
     /// Reserved frames waiting for the batch copy.
     dma: Vec<(u64, Vec<u8>)>,
-    /// Frames that found no room yet (marks, acks, closes), in order.
-    ctl: VecDeque<(Header, u64)>,
+    /// Frames that found no room yet (marks, acks, closes, words), in
+    /// order, with their payload.
+    ctl: VecDeque<(Header, [u8; WORDS])>,
     /// This node's read position in its inbox.
     cons: u64,
     beat: u64,
@@ -255,11 +258,22 @@ impl Ntb {
         true
     }
 
-    /// A control frame (mark, ack, close; `word` is an ack's payload),
-    /// after every frame before it.
-    fn put_ctl(&mut self, h: Header, word: u64) {
-        if !self.synced || !self.ctl.is_empty() || !self.put(&h, &word.to_le_bytes()[..h.len]) {
-            self.ctl.push_back((h, word));
+    /// A control frame (mark, ack, close, words: `payload`, of which the
+    /// header says how much), after every frame before it. Words waiting
+    /// for room replace the channel's words already waiting.
+    fn put_ctl(&mut self, h: Header, payload: [u8; WORDS]) {
+        if h.kind == Kind::Words {
+            if let Some(w) = self
+                .ctl
+                .iter_mut()
+                .find(|(q, _)| q.kind == Kind::Words && q.src == h.src && q.dst == h.dst)
+            {
+                w.1 = payload;
+                return;
+            }
+        }
+        if !self.synced || !self.ctl.is_empty() || !self.put(&h, &payload[..h.len]) {
+            self.ctl.push_back((h, payload));
         }
     }
 
@@ -273,8 +287,8 @@ impl Ntb {
             self.ring_write(pos, &frame);
             self.counters.dma += 1;
         }
-        while let Some(&(h, word)) = self.ctl.front() {
-            if !self.put(&h, &word.to_le_bytes()[..h.len]) {
+        while let Some(&(h, payload)) = self.ctl.front() {
+            if !self.put(&h, &payload[..h.len]) {
                 break;
             }
             self.ctl.pop_front();
@@ -298,7 +312,7 @@ impl Ntb {
                 dst,
                 src: ch,
             };
-            self.put_ctl(h, taken);
+            self.put_ctl(h, payload(&[taken]));
         }
         if self.prod != self.published {
             self.published = self.prod;
@@ -470,6 +484,19 @@ impl Ntb {
                 // before this side's Reset counted everything), not wrong.
                 c.out.acked = c.out.acked.max(off);
             }
+            Kind::Words => {
+                let mut b = [0u8; WORDS];
+                self.ring_read(at, &mut b);
+                let mut w: Words = [0; 4];
+                for (i, x) in w.iter_mut().enumerate() {
+                    let mut q = [0u8; 8];
+                    q.copy_from_slice(&b[8 * i..8 * i + 8]);
+                    *x = u64::from_le_bytes(q);
+                }
+                if let Some(c) = self.chans.get_mut(&h.dst) {
+                    c.words = Some(w);
+                }
+            }
             Kind::Gone => {
                 c.peer_gone = true;
                 if c.rx_mark.is_none() {
@@ -533,6 +560,7 @@ impl Backend for Ntb {
                 ended: false,
                 peer_gone: false,
                 starved: false,
+                words: None,
             },
         );
         Ok(())
@@ -623,7 +651,7 @@ impl Backend for Ntb {
             dst,
             src: ch,
         };
-        self.put_ctl(h, 0);
+        self.put_ctl(h, [0; WORDS]);
         Ok(())
     }
 
@@ -662,8 +690,27 @@ impl Backend for Ntb {
                 dst: c.dst,
                 src: ch,
             };
-            self.put_ctl(h, 0);
+            self.put_ctl(h, [0; WORDS]);
         }
+    }
+
+    fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
+        let c = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
+        if c.peer_gone {
+            return Err(BackendError::PeerGone(ch));
+        }
+        let h = Header {
+            kind: Kind::Words,
+            len: WORDS,
+            dst: c.dst,
+            src: ch,
+        };
+        self.put_ctl(h, payload(&words));
+        Ok(())
+    }
+
+    fn recv_words(&mut self, ch: ChannelId) -> Option<Words> {
+        self.chans.get_mut(&ch)?.words.take()
     }
 
     fn link_events(&mut self) -> Vec<LinkEvent> {
@@ -675,4 +722,13 @@ impl Backend for Ntb {
         // already makes; the window may need more.
         self.win.syscalls()
     }
+}
+
+/// A control frame's payload bytes: `words` little-endian, then zeros.
+fn payload(words: &[u64]) -> [u8; WORDS] {
+    let mut b = [0u8; WORDS];
+    for (i, w) in words.iter().take(WORDS / 8).enumerate() {
+        b[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    b
 }

@@ -20,7 +20,8 @@
 //!
 //! A frame is a 24-byte header (kind u32, payload length u32, the
 //! receiver's channel u64, the sender's channel u64), then the payload,
-//! padded to 8 bytes.
+//! padded to 8 bytes: Data (1 to 64 KiB), Eos, Reset and Gone (none), Ack
+//! (a u64 offset), Words (four u64).
 //!
 //! Never here: a read of a shared value after it was checked.
 
@@ -29,7 +30,7 @@ use crate::ChannelId;
 /// "SSOCKNTB".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SSOCKNTB");
 /// This layout's version.
-pub const VERSION: u64 = 2;
+pub const VERSION: u64 = 3;
 pub const OFF_MAGIC: usize = 0;
 pub const OFF_VERSION: usize = 8;
 pub const OFF_EPOCH: usize = 16;
@@ -42,6 +43,8 @@ pub const OFF_CONS: usize = 192;
 pub const RING: usize = 4096;
 /// A frame's header.
 pub const HDR: usize = 24;
+/// A Words frame's payload.
+pub const WORDS: usize = 32;
 /// The largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// The largest window a peer may declare (what one channel may make this
@@ -61,6 +64,9 @@ pub enum Kind {
     Ack,
     /// The sender's channel is closed.
     Gone,
+    /// Words relayed beside the stream (four u64: the engine's hand-over
+    /// words, opaque here); only the latest matters.
+    Words,
 }
 
 impl Kind {
@@ -71,6 +77,7 @@ impl Kind {
             Kind::Reset => 3,
             Kind::Ack => 4,
             Kind::Gone => 5,
+            Kind::Words => 6,
         }
     }
 
@@ -81,6 +88,7 @@ impl Kind {
             3 => Kind::Reset,
             4 => Kind::Ack,
             5 => Kind::Gone,
+            6 => Kind::Words,
             _ => return None,
         })
     }
@@ -137,6 +145,7 @@ pub fn decode(b: &[u8; HDR], avail: usize) -> Result<Header, Bad> {
     let ok = match kind {
         Kind::Data => (1..=MAX_PAYLOAD).contains(&len),
         Kind::Ack => len == 8,
+        Kind::Words => len == WORDS,
         Kind::Eos | Kind::Reset | Kind::Gone => len == 0,
     };
     if !ok {

@@ -205,6 +205,8 @@ impl Handover {
         };
         if refused {
             h.stay_on_kernel();
+        } else {
+            h.inner.words_changed();
         }
         h.step();
         Box::new(h)
@@ -303,7 +305,9 @@ impl Handover {
     /// Publishes where this end's writes move (see
     /// [`layout::publish_switch`]).
     fn publish(&mut self, sw: Switch) -> Switch {
-        layout::publish_switch(&self.map, self.side, sw)
+        let now = layout::publish_switch(&self.map, self.side, sw);
+        self.inner.words_changed();
+        now
     }
 
     /// The wrapped end broke (reset, violation, or devd gone under a Queued
@@ -625,6 +629,7 @@ impl Transport for Handover {
                 // Two processes' writes cannot be counted: the socket's
                 // end is the stream's.
                 layout::publish_end_at_fin(&self.map, self.side);
+                self.inner.words_changed();
             }
         }
         if self.side == 1 && self.tx == Tx::Tcp(0) && !self.kernel {

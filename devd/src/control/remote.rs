@@ -1,0 +1,402 @@
+//! Connections whose other end is on a peer host (docs/protocol.md
+//! section 8.4): the listeners peers advertised (on the board, and for an
+//! Intent to one of them), the connector's end held until the peer's
+//! Claim names the channel, the acceptor's end made at a Claim from a
+//! peer's address (its Claim sent to that peer's devd), and the peers'
+//! Claims and answers.
+//!
+//! Never here: a channel opened towards a peer that is not up, a peer's
+//! Claim matched to an intent made for another peer or to a socket that
+//! is not connected to the address it names, a channel id a peer picked
+//! that is not of its own range.
+
+use super::pairing::{attachment, canon_addr, peer_of, refuse};
+use super::*;
+use crate::peers::wire::Msg;
+use crate::peers::Event;
+use ssock_hwbackends::Peer;
+use std::net::{IpAddr, SocketAddr};
+
+/// The link channel of the connection `id` whose acceptor is on node
+/// `node`: the acceptor's devd picks it from its own range (the top bit,
+/// its node id, then the connection id), so that both ends use one id
+/// and no two devds pick the same.
+pub(super) fn channel_of(node: u32, id: u64) -> u64 {
+    1 << 63 | u64::from(node & 0xFFFF) << 40 | (id & ((1 << 40) - 1))
+}
+
+/// Whether `ch` is of node `node`'s range (see [`channel_of`]).
+fn in_range(node: u32, ch: u64) -> bool {
+    ch >> 63 == 1 && (ch >> 40) & 0x7F_FFFF == u64::from(node)
+}
+
+/// What a peer advertised, as this host reaches it: a wildcard listener
+/// is reached at the peer's own address.
+fn as_reached(l: SocketAddr, peer: IpAddr) -> SocketAddr {
+    if l.ip().is_unspecified() {
+        SocketAddr::new(peer, l.port())
+    } else {
+        l
+    }
+}
+
+impl Devd {
+    /// The fd that says the peers said something.
+    pub fn peers_news_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.peers.as_ref().map(|p| p.news_fd())
+    }
+
+    /// Whether peer `node` can carry a connection now: its control
+    /// connection is up, and so is its ntb link.
+    fn peer_ready(&self, node: u32) -> bool {
+        self.remote.up.contains(&node) && self.engine.links().get(&node).is_some_and(|l| l.0)
+    }
+
+    /// The listeners peers advertised, as the board shows them.
+    pub(super) fn remote_listeners(&self) -> Vec<SocketAddr> {
+        self.remote.listeners.values().flatten().copied().collect()
+    }
+
+    /// The ready peer whose advertised listener serves `dst`, if any.
+    pub(super) fn remote_for(&self, dst: SocketAddr) -> Option<u32> {
+        self.remote
+            .listeners
+            .iter()
+            .find(|(_, l)| {
+                l.iter()
+                    .any(|a| ssock_rings::board::reaches(*a, false, dst))
+            })
+            .map(|(&n, _)| n)
+            .filter(|&n| self.peer_ready(n))
+    }
+
+    /// The ready peer whose control address is `ip` (where its host's
+    /// connections come from).
+    pub(super) fn peer_at(&self, ip: IpAddr) -> Option<u32> {
+        let ip = canon(ip);
+        self.cfg
+            .peers
+            .iter()
+            .find(|p| canon(p.address.ip()) == ip)
+            .map(|p| p.node)
+            .filter(|&n| self.peer_ready(n))
+    }
+
+    /// The resources of a Queued connection with one end here: the
+    /// other's region is never handed out. `to`: this is the acceptor's
+    /// end, whose channel towards (node, channel) the engine opens now;
+    /// none: the connector's, held until the peer's Claim.
+    pub(super) fn remote_res(
+        &mut self,
+        id: u64,
+        to: Option<(u32, u64)>,
+    ) -> Result<Res, RequestError> {
+        let (mut res, [connector, acceptor]) = self.queued_parts(id)?;
+        let Res::Queued(q) = &mut res else {
+            unreachable!("queued_parts makes Queued resources")
+        };
+        let one = 1u32.to_le_bytes();
+        sys::pwrite_all(q.hov.as_fd(), &one, layout::hov::REMOTE as u64)
+            .map_err(RequestError::Resources)?;
+        let hov = Arc::new(
+            ssock_rings::Mapping::map(q.hov.as_fd(), layout::HOV_PAGE, true)
+                .map_err(RequestError::Resources)?,
+        );
+        match to {
+            None => q.held = Some(Box::new((connector, hov))),
+            Some((node, channel)) => self.engine.send(Cmd::Add {
+                id,
+                sides: vec![SideSpec {
+                    init: acceptor,
+                    ch: channel,
+                    peer: Peer::Remote { node, channel },
+                    end: 1,
+                    hov: Some(hov),
+                }],
+                counters: q.counters.clone(),
+            }),
+        }
+        Ok(res)
+    }
+
+    /// The acceptor's end of a connection from peer `node`'s host (no
+    /// intent here: its devd may hold one): made now and answered
+    /// Expect, its Claim sent to the peer. Until the peer's devd says its
+    /// connector holds the other end (its words, relayed), the acceptor
+    /// stays on the kernel socket; if the peer finds no intent, CLAIM says
+    /// kernel here.
+    pub(super) fn remote_claim(
+        &mut self,
+        sid: u64,
+        end: End,
+        from: SocketAddr,
+        node: u32,
+    ) -> Result<Reply, RequestError> {
+        let listener = self.reg.listener_inode_for(end.addr);
+        self.make_room(end.uid);
+        if self.refusal(sid, end.addr.port()).is_some() {
+            // Its connector is told nothing: it stays on the kernel socket.
+            return Ok((Response::Ok, vec![]));
+        }
+        let id = self.new_id();
+        let channel = channel_of(self.cfg.node, id);
+        let mut res = self.remote_res(id, Some((node, channel)))?;
+        let (attachment, fds) = match attachment(&mut res, id, 1, false, None) {
+            Ok(a) => a,
+            Err(e) => {
+                self.free_res(id, &res);
+                return Err(e);
+            }
+        };
+        let bytes = self.cfg.region_size;
+        self.reg
+            .charge(end.uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        self.reg.by_inode.insert(end.inode, (id, 1));
+        let to = end.addr;
+        let stand_in = End {
+            session: 0,
+            pid: 0,
+            uid: end.uid,
+            inode: 0,
+            addr: from,
+            released: true,
+            orphaned: None,
+        };
+        self.reg.conns.insert(
+            id,
+            Conn {
+                id,
+                mode: Mode::Queued,
+                ends: [stand_in, end],
+                res,
+                bytes,
+                violated: false,
+                parkable: false,
+                park: [false; 2],
+                listener,
+                born: Instant::now(),
+                ended: None,
+                remote: Some((node, channel)),
+            },
+        );
+        self.remote.claims.insert(channel, id);
+        if let Some(p) = &self.peers {
+            p.send(node, Msg::Claim { from, to, channel });
+        }
+        // Counted once the peer answers (`claimed`).
+        Ok((
+            Response::Expect {
+                token: channel,
+                attachment,
+            },
+            fds,
+        ))
+    }
+
+    /// Takes in what the peers said: their listeners and links now,
+    /// their answers; their Claims wait for [`Devd::answer_peer_claims`].
+    pub fn peer_events(&mut self) {
+        let Some(p) = &self.peers else { return };
+        let mut board = false;
+        for ev in p.take_events() {
+            match ev {
+                Event::Listeners { node, addrs } => {
+                    let Some(ip) = self.cfg.peers.iter().find(|p| p.node == node) else {
+                        continue;
+                    };
+                    let ip = ip.address.ip();
+                    let l: Vec<SocketAddr> = addrs.into_iter().map(|a| as_reached(a, ip)).collect();
+                    if l.is_empty() {
+                        self.remote.listeners.remove(&node);
+                    } else {
+                        self.remote.listeners.insert(node, l);
+                    }
+                    board = true;
+                }
+                Event::Link { node, up } => {
+                    if up {
+                        self.remote.up.insert(node);
+                    } else {
+                        self.remote.up.remove(&node);
+                    }
+                }
+                Event::Claim {
+                    node,
+                    from,
+                    to,
+                    channel,
+                } => self.remote.pending.push((node, from, to, channel)),
+                Event::Claimed { node, channel, ok } => self.claimed(node, channel, ok),
+            }
+        }
+        if board {
+            self.listeners_changed();
+        }
+    }
+
+    /// Peer `node` answered this host's Claim on `channel`: its connector
+    /// holds the other end (`ok`), or there was no intent for it: CLAIM
+    /// says kernel here and the acceptor stays on the kernel socket.
+    fn claimed(&mut self, node: u32, channel: u64, ok: bool) {
+        let Some(&id) = self.remote.claims.get(&channel) else {
+            return;
+        };
+        let Some(c) = self.reg.conns.get(&id) else {
+            self.remote.claims.remove(&channel);
+            return;
+        };
+        if c.remote.map(|r| r.0) != Some(node) {
+            log::warn!("peer node {node} answered a Claim that was not its own");
+            return;
+        }
+        self.remote.claims.remove(&channel);
+        if ok {
+            self.totals.created(Mode::Queued);
+            self.totals.remote += 1;
+            return;
+        }
+        self.totals.kernel_connection();
+        if let Err(e) = refuse(&c.res) {
+            log::warn!("connection {id}: CLAIM word: {e}");
+        }
+        self.totals.remote_unmatched += 1;
+        if let Some(l) = c.listener {
+            self.judge_plain_peer(l);
+        }
+    }
+
+    /// Whether peers' Claims wait.
+    pub fn has_peer_claims(&self) -> bool {
+        !self.remote.pending.is_empty()
+    }
+
+    /// Answers the peers' Claims, each matched to an intent made for that
+    /// peer whose socket is connected from `from` to `to` (answered after
+    /// every message waiting in any session was read: a connector's Intent
+    /// went to this devd before its connect left the host).
+    pub fn answer_peer_claims(&mut self) {
+        for (node, from, to, channel) in std::mem::take(&mut self.remote.pending) {
+            let ok = self.peer_claim(node, from, to, channel);
+            if let Some(p) = &self.peers {
+                p.send(node, Msg::Claimed { channel, ok });
+            }
+        }
+    }
+
+    fn peer_claim(&mut self, node: u32, from: SocketAddr, to: SocketAddr, channel: u64) -> bool {
+        if !in_range(node, channel) {
+            log::warn!("peer node {node} claimed on channel {channel:#x}, not of its range");
+            return false;
+        }
+        let here = canon_addr(to);
+        let from = canon_addr(from);
+        let mut local = None;
+        let intent = self.reg.take_intent(here, |i| {
+            if i.remote != Some(node) {
+                return false;
+            }
+            let Ok(l) = sys::local_addr(i.sock.as_fd()) else {
+                return false;
+            };
+            local = peer_of(&i.sock, l, here, from).then_some(l);
+            local.is_some()
+        });
+        let Some(mut intent) = intent else {
+            return false;
+        };
+        let held = match &mut intent.res {
+            Res::Queued(q) => q.held.take().map(|h| (*h, q.counters.clone())),
+            Res::Direct(_) => None,
+        };
+        let Some(((init, hov), counters)) = held else {
+            self.discard_intent(intent);
+            return false;
+        };
+        self.engine.send(Cmd::Add {
+            id: intent.id,
+            sides: vec![SideSpec {
+                init,
+                ch: channel,
+                peer: Peer::Remote { node, channel },
+                end: 0,
+                hov: Some(hov),
+            }],
+            counters,
+        });
+        if let Some(l) = local {
+            intent.end.addr = l;
+        }
+        let stand_in = End {
+            session: 0,
+            pid: 0,
+            uid: intent.end.uid,
+            inode: 0,
+            addr: to,
+            released: true,
+            orphaned: None,
+        };
+        let id = intent.id;
+        self.reg.by_inode.insert(intent.end.inode, (id, 0));
+        self.reg.conns.insert(
+            id,
+            Conn {
+                id,
+                mode: Mode::Queued,
+                ends: [intent.end, stand_in],
+                res: intent.res,
+                bytes: intent.bytes,
+                violated: false,
+                parkable: false,
+                park: [false; 2],
+                listener: None,
+                born: intent.at,
+                ended: None,
+                remote: Some((node, channel)),
+            },
+        );
+        self.totals.created(Mode::Queued);
+        self.totals.remote += 1;
+        true
+    }
+}
+
+/// What this devd knows of its peers' side of connections.
+#[derive(Debug, Default)]
+pub struct RemoteState {
+    /// Each peer's listeners, as this host reaches them.
+    pub listeners: std::collections::BTreeMap<u32, Vec<SocketAddr>>,
+    /// Peers whose control connection is up.
+    pub up: std::collections::BTreeSet<u32>,
+    /// This host's Claims not answered yet: channel -> connection.
+    pub claims: HashMap<u64, u64>,
+    /// Peers' Claims waiting for the sessions to be read.
+    pub pending: Vec<(u32, SocketAddr, SocketAddr, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_are_of_the_acceptors_range() {
+        let c = channel_of(7, 12345);
+        assert!(in_range(7, c));
+        assert!(!in_range(8, c));
+        assert!(!in_range(7, 12345), "a local channel");
+        assert_ne!(channel_of(7, 1), channel_of(8, 1));
+        assert_eq!(channel_of(65535, (1 << 40) + 5), channel_of(65535, 5));
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_reached_at_the_peers_address() {
+        let peer: IpAddr = "10.77.0.2".parse().unwrap();
+        assert_eq!(
+            as_reached("0.0.0.0:6379".parse().unwrap(), peer),
+            "10.77.0.2:6379".parse().unwrap()
+        );
+        assert_eq!(
+            as_reached("10.77.0.9:80".parse().unwrap(), peer),
+            "10.77.0.9:80".parse().unwrap()
+        );
+    }
+}

@@ -1,0 +1,404 @@
+//! Connections between the two hosts of the lab (`tools/two-host-lab.sh`):
+//! unmodified programs under `ssock-run` on host a talking to programs on
+//! host b, their bytes carried by the two devds' engines over the ntb
+//! window. Each test checks through both devds' statistics that its
+//! connections crossed as remote Queued connections (`remote.connections`,
+//! which only a channel opened to the peer node counts), or, for plain
+//! peers, that they stayed on kernel TCP.
+
+use anyhow::{bail, ensure, Context, Result};
+use ssock_tests::lab::{self, TwoHosts};
+use std::io::BufRead;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const UP: Duration = Duration::from_secs(15);
+
+fn remote_py() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py").to_string()
+}
+
+/// A program whose output lines are read as they come.
+struct Prog {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Prog {
+    fn start(mut c: std::process::Command) -> Result<Prog> {
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().context("stderr")?),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Prog {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits up to `within` for a line that starts with one of `want`.
+    fn expect(&mut self, want: &[&str], within: Duration) -> Result<String> {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if want.iter().any(|w| l.starts_with(w)) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => bail!(
+                    "no line starting with {want:?} within {within:?}; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits up to `within` for the program to end; its exit status.
+    fn wait(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                bail!(
+                    "still running after {within:?}; it printed:\n{}",
+                    self.all()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it printed so far.
+    fn all(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Prog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Host `h`'s `totals` section.
+fn totals(lab: &TwoHosts, h: usize) -> Result<serde_json::Value> {
+    Ok(lab.stats(h)?["totals"].clone())
+}
+
+fn remote_count(t: &serde_json::Value) -> u64 {
+    t["remote"]["connections"].as_u64().unwrap_or(0)
+}
+
+fn queued_bytes(t: &serde_json::Value) -> u64 {
+    t["bytes"]["queued"].as_u64().unwrap_or(0)
+}
+
+fn ready(name: &str) -> Result<Option<TwoHosts>> {
+    if !lab::available()? || !ssock_tests::have_app("python3")? {
+        return Ok(None);
+    }
+    let lab = TwoHosts::up(name)?;
+    lab.wait_linked(UP)?;
+    Ok(Some(lab))
+}
+
+/// An echo server on host `srv`, under ssock-run or not, listening.
+fn echo_server(lab: &TwoHosts, srv: usize, port: u16, ssock: bool) -> Result<Prog> {
+    let py = remote_py();
+    let port = port.to_string();
+    let args = ["python3", py.as_str(), "serve", port.as_str()];
+    let mut p = Prog::start(if ssock {
+        lab.under_ssock(srv, &args)
+    } else {
+        lab.plain(srv, &args)
+    })?;
+    p.expect(&["LISTENING"], Duration::from_secs(10))?;
+    if ssock {
+        heard(lab, 1 - srv, port.parse()?)?;
+    }
+    Ok(p)
+}
+
+/// Waits until host `h`'s devd heard its peer advertise a listener on
+/// every address (IPv4 or IPv6) at `port` (within 200 ms of its
+/// registration).
+fn heard(lab: &TwoHosts, h: usize, port: u16) -> Result<()> {
+    let want = [format!("0.0.0.0:{port}"), format!("[::]:{port}")];
+    lab.wait_peer(h, UP, "heard of the listener", |p| {
+        p["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|a| want.iter().any(|w| a == w.as_str())))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn echo_of_256_mib_each_way_crosses_the_ntb_link_both_ways_round() -> Result<()> {
+    let Some(lab) = ready("echo")? else {
+        return Ok(());
+    };
+    // Host a connects to host b, then host b to host a (the other end of
+    // the link picks the channel then).
+    for (cli, srv, port) in [(0, 1, 6100), (1, 0, 6101)] {
+        let before = [totals(&lab, 0)?, totals(&lab, 1)?];
+        let mut server = echo_server(&lab, srv, port, true)?;
+        let py = remote_py();
+        let (dst, port) = (lab.addr[srv].clone(), port.to_string());
+        let mut c =
+            Prog::start(lab.under_ssock(cli, &["python3", &py, "stream", &dst, &port, "256"]))?;
+        c.expect(&["OK 268435456"], Duration::from_secs(120))?;
+        ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+        server.expect(&["ECHOED 268435456"], Duration::from_secs(10))?;
+        for (h, before) in before.iter().enumerate() {
+            let t = totals(&lab, h)?;
+            ensure!(
+                remote_count(&t) == remote_count(before) + 1,
+                "host {h}: one more remote connection: {t}"
+            );
+            // Each devd's engine moved its own end's bytes: 256 MiB but
+            // the first ones, written on the kernel socket before the
+            // writer moved.
+            ensure!(
+                queued_bytes(&t) - queued_bytes(before) >= 250 << 20,
+                "host {h}: the bytes did not go through its engine: {t}"
+            );
+            ensure!(t["violations"] == 0, "host {h}: {t}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn plain_peers_on_either_host_stay_on_kernel_tcp_with_their_bytes_unchanged() -> Result<()> {
+    let Some(lab) = ready("plain")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let dst = lab.addr[1].clone();
+    // A plain client on host a, a server under ssock-run on host b: b's
+    // Claim finds no intent on a, the connection stays on kernel TCP.
+    let mut server = echo_server(&lab, 1, 6200, true)?;
+    let mut c = Prog::start(lab.plain(0, &["python3", &py, "stream", &dst, "6200", "8"]))?;
+    c.expect(&["OK 8388608"], Duration::from_secs(60))?;
+    server.expect(&["ECHOED 8388608"], Duration::from_secs(10))?;
+    let b = totals(&lab, 1)?;
+    ensure!(
+        b["remote"]["unmatched"] == 1 && remote_count(&b) == 0 && queued_bytes(&b) == 0,
+        "host b: {b}"
+    );
+    // A client under ssock-run on host a, a plain server on host b: no
+    // listener of b is advertised, a does not ask.
+    let mut plain = echo_server(&lab, 1, 6201, false)?;
+    let mut c = Prog::start(lab.under_ssock(0, &["python3", &py, "stream", &dst, "6201", "8"]))?;
+    c.expect(&["OK 8388608"], Duration::from_secs(60))?;
+    plain.expect(&["ECHOED 8388608"], Duration::from_secs(10))?;
+    let a = totals(&lab, 0)?;
+    ensure!(
+        remote_count(&a) == 0 && queued_bytes(&a) == 0 && a["connections"]["queued"] == 0,
+        "host a: {a}"
+    );
+    Ok(())
+}
+
+#[test]
+fn redis_benchmark_on_one_host_against_redis_on_the_other() -> Result<()> {
+    if !ssock_tests::have_app("redis-server")? || !ssock_tests::have_app("redis-benchmark")? {
+        return Ok(());
+    }
+    let Some(lab) = ready("redis")? else {
+        return Ok(());
+    };
+    let _srv = Prog::start(lab.under_ssock(
+        1,
+        &[
+            "redis-server",
+            "--port",
+            "6390",
+            "--bind",
+            "0.0.0.0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    ))?;
+    heard(&lab, 0, 6390)?;
+    let out = lab
+        .under_ssock(
+            0,
+            &[
+                "redis-benchmark",
+                "-h",
+                &lab.addr[1],
+                "-p",
+                "6390",
+                "-n",
+                "5000",
+                "-c",
+                "4",
+                "-t",
+                "ping,set,get",
+                "-q",
+            ],
+        )
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    ensure!(out.status.success(), "redis-benchmark: {text}");
+    for t in ["PING_INLINE: ", "SET: ", "GET: "] {
+        ensure!(
+            text.lines()
+                .any(|l| l.starts_with(t) && l.contains("requests per second")),
+            "no {t} result:\n{text}"
+        );
+    }
+    for h in 0..2 {
+        let t = totals(&lab, h)?;
+        ensure!(
+            remote_count(&t) >= 4 && t["violations"] == 0,
+            "host {h}: redis-benchmark's 4 connections did not cross as remote ones: {t}"
+        );
+    }
+    ensure!(totals(&lab, 1)?["remote"]["unmatched"] == 0);
+    Ok(())
+}
+
+#[test]
+fn iperf3_and_sockperf_between_the_hosts() -> Result<()> {
+    if !ssock_tests::have_app("iperf3")? || !ssock_tests::have_app("sockperf")? {
+        return Ok(());
+    }
+    let Some(lab) = ready("iperf")? else {
+        return Ok(());
+    };
+    let dst = lab.addr[1].clone();
+    let before = totals(&lab, 0)?;
+    let _s = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5211"]))?;
+    heard(&lab, 0, 5211)?;
+    let out = lab
+        .under_ssock(0, &["iperf3", "-c", &dst, "-p", "5211", "-t", "2"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("receiver"),
+        "iperf3: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = totals(&lab, 0)?;
+    // iperf3's control connection and its data connection.
+    ensure!(
+        remote_count(&t) == remote_count(&before) + 2
+            && queued_bytes(&t) - queued_bytes(&before) > 100 << 20,
+        "host a after iperf3: {t}"
+    );
+    let _s = Prog::start(lab.under_ssock(
+        1,
+        &["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11211"],
+    ))?;
+    heard(&lab, 0, 11211)?;
+    let out = lab
+        .under_ssock(
+            0,
+            &[
+                "sockperf", "pp", "--tcp", "-i", &dst, "-p", "11211", "-t", "2", "-m", "14",
+            ],
+        )
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("Summary: Latency is"),
+        "sockperf: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t2 = totals(&lab, 0)?;
+    ensure!(
+        remote_count(&t2) == remote_count(&t) + 1,
+        "host a after sockperf: {t2}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_killed_client_gives_its_peer_on_the_other_host_an_end_not_a_hang() -> Result<()> {
+    let Some(lab) = ready("killc")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let mut w = Prog::start(lab.under_ssock(1, &["python3", &py, "wait", "6300"]))?;
+    w.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6300)?;
+    let mut c = Prog::start(lab.under_ssock(0, &["python3", &py, "hang", &lab.addr[1], "6300"]))?;
+    c.expect(&["HANGING"], Duration::from_secs(20))?;
+    let live = lab.stats(0)?;
+    ensure!(
+        live["connections"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|c| c["backend"] == "ntb" && c["peer_node"] == 2)),
+        "no live connection over the ntb link on host a: {live}"
+    );
+    c.child.kill()?;
+    let end = w.expect(&["EOF", "RESET", "TIMEOUT"], Duration::from_secs(40))?;
+    ensure!(!end.starts_with("TIMEOUT"), "the peer hung: {end}");
+    Ok(())
+}
+
+#[test]
+fn a_killed_devd_ends_its_remote_connections_without_a_hang_or_a_wrong_byte() -> Result<()> {
+    let Some(lab) = ready("killd")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let mut server = echo_server(&lab, 1, 6400, true)?;
+    let mut c = Prog::start(lab.under_ssock(
+        0,
+        &["python3", &py, "stream", &lab.addr[1], "6400", "100000"],
+    ))?;
+    // Bytes flow through both engines ...
+    let t = Instant::now();
+    while queued_bytes(&totals(&lab, 0)?) < 64 << 20 {
+        ensure!(t.elapsed() < Duration::from_secs(30), "no bytes moved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... when host b's devd dies.
+    let b = lab.devd_pid(1)?;
+    // SAFETY: kill on the lab's devd of host b, which this test started.
+    ensure!(unsafe { libc::kill(b, libc::SIGKILL) } == 0);
+    c.wait(Duration::from_secs(30))?;
+    let out = c.all();
+    ensure!(
+        !out.contains("OK ") && !out.contains("CORRUPT") && out.contains("Error"),
+        "the client on host a should end with an error, no wrong byte:\n{out}"
+    );
+    server.expect(&["RESET", "ECHOED"], Duration::from_secs(30))?;
+    // Host a's devd serves on.
+    ensure!(lab.stats(0)?["devd"]["pid"] == lab.devd_pid(0)?);
+    Ok(())
+}

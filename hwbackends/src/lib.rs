@@ -189,6 +189,13 @@ pub trait Backend: Send {
     /// its peer gone. The engine polls after every turn and whenever the
     /// readiness fd fires. A channel may be named more than once.
     fn poll(&mut self, ready: &mut Vec<ChannelId>);
+    /// Whether news waits that `poll` would take in, looked at without a
+    /// system call (words in shared memory): the engine spins on it for a
+    /// moment before it sleeps. False when the backend cannot tell so
+    /// cheaply (its news come through the readiness fds only).
+    fn news_waiting(&self) -> bool {
+        false
+    }
     /// How long the engine may sleep before it must poll again even if
     /// nothing wakes it (a heartbeat to send, a peer's to check); `None`:
     /// as long as it likes.

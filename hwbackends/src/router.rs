@@ -112,6 +112,10 @@ impl Backend for Router {
         self.at(ch).ok()?.offsets(ch)
     }
 
+    fn news_waiting(&self) -> bool {
+        self.backends.iter().any(|b| b.news_waiting())
+    }
+
     fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
         self.at_mut(ch)?.send_words(ch, words)
     }

@@ -538,6 +538,15 @@ impl Backend for Ntb {
         Some(BEAT.saturating_sub(self.beat_at.elapsed()))
     }
 
+    fn news_waiting(&self) -> bool {
+        // Frames published in this node's inbox, or room given back in
+        // the peer's (only looked at: `poll` checks them).
+        self.synced
+            && !self.hostile
+            && (self.win.load(inbox::OFF_PROD) != self.cons
+                || self.win.load(inbox::OFF_CONS) != self.peer_cons)
+    }
+
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError> {
         let Peer::Remote { node, channel } = peer else {
             return Err(BackendError::Unreachable(ch));

@@ -130,6 +130,15 @@ impl DeviceRegion {
         }))
     }
 
+    /// Whether the driver made buffers of queue `q` available that `pop`
+    /// has not taken yet (one read of the avail index: no validation, a
+    /// hint for polling only).
+    pub fn has_avail(&self, q: usize) -> bool {
+        self.queues[q]
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|i| i.0 != self.queues[q].next_avail())
+    }
+
     /// Copies from the region (a validated TX buffer) into `dst`.
     pub fn read(&self, addr: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
         self.mem

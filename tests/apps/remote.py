@@ -11,6 +11,13 @@ hang HOST PORT: sends 64 KiB, reads its echo, prints "HANGING" and waits
 forever (the test kills it).
 wait PORT: accepts one connection, reads until EOF or an error within 30 s,
 prints "EOF N", "RESET N" or "TIMEOUT N".
+answer PORT: for each connection: reads a request line (the byte count
+wanted), waits 5 ms, writes that many pattern bytes and closes at once
+(as an HTTP/1.0 server does).
+ask HOST PORT N BYTES [nb]: N connections one after another, each asking
+for BYTES and reading to EOF (nb: a nonblocking socket waited on with
+select.epoll, edge-triggered); prints "OK N" if every answer was whole and
+right, else "WRONG i got G".
 """
 import socket
 import sys
@@ -123,6 +130,74 @@ def wait(port):
         print("TIMEOUT", n, flush=True)
 
 
+def answer(port):
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", port))
+    ls.listen(64)
+    print("LISTENING", flush=True)
+    while True:
+        c, _ = ls.accept()
+        line = b""
+        while not line.endswith(b"\n"):
+            b = c.recv(64)
+            if not b:
+                break
+            line += b
+        if line.endswith(b"\n"):
+            n = int(line)
+            time.sleep(0.005)
+            off = 0
+            while off < n:
+                k = min(CHUNK, n - off)
+                c.sendall(at(off, k))
+                off += k
+        c.close()
+
+
+def read_all_nb(s):
+    """Reads s to EOF with a nonblocking socket and an edge-triggered
+    epoll, as event loops do."""
+    import select
+    s.setblocking(False)
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+    got = bytearray()
+    try:
+        while True:
+            try:
+                b = s.recv(CHUNK)
+            except BlockingIOError:
+                if not ep.poll(30):
+                    raise TimeoutError("no event in 30 s")
+                continue
+            if not b:
+                return got
+            got += b
+    finally:
+        ep.close()
+
+
+def ask(host, port, n, size, nb=False):
+    for i in range(n):
+        s = socket.create_connection((host, port))
+        s.sendall(b"%d\n" % size)
+        got = bytearray()
+        if nb:
+            got = read_all_nb(s)
+        while not nb:
+            b = s.recv(CHUNK)
+            if not b:
+                break
+            got += b
+        s.close()
+        want = b"".join(at(o, min(CHUNK, size - o)) for o in range(0, size, CHUNK))
+        if bytes(got) != want:
+            print("WRONG", i, "got", len(got), flush=True)
+            sys.exit(1)
+    print("OK", n, flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -133,5 +208,10 @@ if __name__ == "__main__":
         hang(sys.argv[2], int(sys.argv[3]))
     elif mode == "wait":
         wait(int(sys.argv[2]))
+    elif mode == "answer":
+        answer(int(sys.argv[2]))
+    elif mode == "ask":
+        ask(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+            sys.argv[6:] == ["nb"])
     else:
         sys.exit("unknown mode " + mode)

@@ -402,3 +402,32 @@ fn a_killed_devd_ends_its_remote_connections_without_a_hang_or_a_wrong_byte() ->
     ensure!(lab.stats(0)?["devd"]["pid"] == lab.devd_pid(0)?);
     Ok(())
 }
+
+#[test]
+fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
+    // The answer's offset comes through the devds, the server's FIN
+    // through the kernel: the client must not take the FIN for the end
+    // before it knows where the answer's bytes went (blocking reads, and
+    // a nonblocking socket on an edge-triggered epoll).
+    let Some(lab) = ready("answer")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, "answer", "6500"]))?;
+    server.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6500)?;
+    for nb in [&[][..], &["nb"][..]] {
+        let mut args = vec!["python3", &py, "ask", &lab.addr[1], "6500", "200", "100000"];
+        args.extend_from_slice(nb);
+        let mut c = Prog::start(lab.under_ssock(0, &args))?;
+        c.expect(&["OK 200"], Duration::from_secs(120))?;
+    }
+    let (a, b) = (totals(&lab, 0)?, totals(&lab, 1)?);
+    ensure!(
+        remote_count(&a) == 400 && remote_count(&b) == 400,
+        "every connection crossed as a remote one: {a}\n{b}"
+    );
+    // The answers went through the region (their first bytes may not).
+    ensure!(queued_bytes(&b) > 200 * 50_000, "host b: {b}");
+    Ok(())
+}

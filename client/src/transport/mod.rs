@@ -169,6 +169,11 @@ pub trait Transport: Send + std::fmt::Debug {
     /// end (Direct: this process gets the acceptor's doorbell now, while it
     /// has a session, rather than when a child may need to ring it).
     fn peer_claimed(&mut self) {}
+    /// The end marks that came through the region (Queued: RX_FLAGS;
+    /// `layout::FLAG_EOS`, `layout::FLAG_RESET`), 0 if none.
+    fn region_mark(&self) -> u32 {
+        0
+    }
     /// This end wrote a hand-over word (READY, CLAIM, SWITCH, END) that
     /// devd relays when the other end is on another host.
     fn words_changed(&mut self) {}

@@ -658,6 +658,10 @@ impl Transport for Queued {
         let _ = self.call.notify();
     }
 
+    fn region_mark(&self) -> u32 {
+        self.rx_flags()
+    }
+
     fn words_changed(&mut self) {
         // devd relays them to the other host when its engine runs.
         if self.remote {

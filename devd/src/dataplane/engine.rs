@@ -651,14 +651,19 @@ impl Engine {
     /// Sends the other host's devd the words each remote side's client
     /// wrote, when they changed.
     fn words_out(&mut self, pair: &mut Pair) {
-        for side in &mut pair.sides {
-            let Some(hov) = side.hov.as_ref().filter(|_| !side.dead) else {
-                continue;
-            };
-            let w = relay::ours(hov, side.end);
-            if side.words_sent != Some(w) && self.backend.send_words(side.ch, w).is_ok() {
-                side.words_sent = Some(w);
-            }
+        for s in 0..pair.sides.len() {
+            self.side_words_out(&mut pair.sides[s]);
+        }
+    }
+
+    /// [`Engine::words_out`] for one side.
+    fn side_words_out(&mut self, side: &mut Side) {
+        let Some(hov) = side.hov.as_ref().filter(|_| !side.dead) else {
+            return;
+        };
+        let w = relay::ours(hov, side.end);
+        if side.words_sent != Some(w) && self.backend.send_words(side.ch, w).is_ok() {
+            side.words_sent = Some(w);
         }
     }
 
@@ -835,8 +840,17 @@ impl Engine {
             } else if flags & FLAG_EOS != 0 {
                 Some(Mark::Eos)
             } else if side.gone {
-                // Died or released without an end mark: abortive close.
-                Some(Mark::Reset)
+                // Died or released without an end mark: abortive close,
+                // unless its writes never moved into the region (a remote
+                // end's: its stream ended on the kernel socket, which says
+                // how; the other host's reader waits for this mark).
+                let never = side.hov.as_ref().is_some_and(|h| {
+                    matches!(
+                        layout::switch_at(h, side.end),
+                        layout::Switch::NotYet | layout::Switch::Never
+                    )
+                });
+                Some(if never { Mark::Eos } else { Mark::Reset })
             } else {
                 None
             };
@@ -848,6 +862,10 @@ impl Engine {
                         return true;
                     }
                     Ok(None) => {
+                        // The words first: a reader on another host that
+                        // saw the kernel socket end learns from them
+                        // whether this end's writes moved before its mark.
+                        self.side_words_out(side);
                         let _ = self.backend.send_mark(ch, m);
                         side.mark_sent = true;
                         progress = true;

@@ -28,7 +28,7 @@ mod wait;
 
 use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
 use ssock_rings::codec::Mode;
-use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL};
+use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL, FLAG_RESET};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::PollFd;
 use std::io;
@@ -330,8 +330,63 @@ impl Handover {
     /// are over too).
     fn kernel_end_ends(&mut self) {
         self.tcp_eof = true;
-        if matches!(self.rx, Rx::Tcp(None)) {
+        if matches!(self.rx, Rx::Tcp(None)) && !self.end_unsure() {
             self.peer_closed = true;
+        }
+    }
+
+    /// Between hosts, the peer's offset comes through the devds and its
+    /// FIN through the kernel, in no set order: a kernel end seen while
+    /// that offset is unknown and the region has not ended says nothing
+    /// yet (the peer's engine sends the words before its end mark, so one
+    /// of them comes).
+    fn end_unsure(&self) -> bool {
+        !self.kernel
+            && matches!(self.rx, Rx::Tcp(None))
+            && layout::is_remote(&self.map)
+            && self.inner.region_mark() == 0
+    }
+
+    /// A remote peer's end came through the region without its offset:
+    /// reset (its writes moved, then the link or its end broke).
+    fn reset_without_offset(&self) -> bool {
+        !self.kernel
+            && matches!(self.rx, Rx::Tcp(None))
+            && layout::is_remote(&self.map)
+            && self.inner.region_mark() & FLAG_RESET != 0
+    }
+
+    /// Sleeps (100 ms at most at a time, and not past the call's deadline)
+    /// until the region's words or end mark may have come; the kernel
+    /// socket is left out (its end is what is known already).
+    fn wait_region(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let now = std::time::Instant::now();
+        if ctx.deadline.is_some_and(|d| now >= d) {
+            return Err(would_block());
+        }
+        let tcp = ctx.tcp.as_raw_fd();
+        let Some(v) = self.inner.arm(&Handover::quiet(ctx), true, false) else {
+            self.inner_broke();
+            return if self.kernel {
+                Ok(())
+            } else {
+                Err(reset_error())
+            };
+        };
+        let mut fds: Vec<PollFd> = v
+            .into_iter()
+            .filter(|&(fd, _)| fd != tcp)
+            .map(|(fd, ev)| PollFd::new(fd, ev))
+            .collect();
+        let cap = now + std::time::Duration::from_millis(100);
+        let until = ctx.deadline.map_or(cap, |d| d.min(cap));
+        let r = ssock_rings::notify::sleep(&mut fds, Some(until));
+        self.inner.disarm(true, false);
+        self.inner.check_devd();
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -423,6 +478,16 @@ impl Handover {
                                 return Err(reset_error());
                             }
                             return Ok(0);
+                        }
+                        _ if self.end_unsure() => {
+                            if ctx.nonblocking {
+                                return Err(would_block());
+                            }
+                            self.wait_region(ctx)?;
+                        }
+                        _ if self.reset_without_offset() => {
+                            self.broken = true;
+                            return Err(reset_error());
                         }
                         _ => {
                             self.kernel_end_ends();
@@ -718,6 +783,18 @@ impl Transport for Handover {
         };
         let rx_ring = !self.kernel && self.rx == Rx::Ring;
         let tx_ring = !self.kernel && self.tx == Tx::Ring;
+        // A remote peer's end with nothing before it, while its offset is
+        // unknown: not an end yet (see `end_unsure`).
+        let unsure = k & libc::POLLRDHUP != 0 && self.end_unsure() && {
+            let mut b = [0u8; 1];
+            let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+            matches!(ssock_rings::sys::recv(ctx.tcp, &mut b, peek), Ok(0))
+        };
+        let k = if unsure {
+            k & !(libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP)
+        } else {
+            k
+        };
         let tcp_in = k & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
         let tcp_out = k & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
         // The socket's end: the stream's end only if its writer never moved.

@@ -254,7 +254,16 @@ impl Devd {
             }),
             peers: None,
             advertised: Vec::new(),
-            remote: remote::RemoteState::default(),
+            remote: remote::RemoteState {
+                salt: {
+                    let mut b = [0u8; 8];
+                    // Without getrandom, channels start at 0 again: a
+                    // peer still holding an old one refuses the new.
+                    let _ = sys::random(&mut b);
+                    u64::from_le_bytes(b)
+                },
+                ..Default::default()
+            },
         }
     }
 
@@ -605,6 +614,7 @@ impl Devd {
         for i in self.reg.expire(Instant::now(), INTENT_TTL_S) {
             self.discard_intent(i);
         }
+        self.expire_remote(Instant::now());
         self.check_listeners(|_| true);
     }
 

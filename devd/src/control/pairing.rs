@@ -54,13 +54,14 @@ impl Devd {
         {
             self.check_listeners(|l| old(l) && l.addr.port() == dst.port());
         }
-        // A listener here, or one a peer host advertised (the connection
-        // is Queued then: the engine carries it over the link).
-        let local = self.reg.listener_inode_for(dst);
-        let remote = match local {
+        // A listener a peer host advertised at its own address (the
+        // connection is Queued then: the engine carries it over the link),
+        // or one here (a wildcard one here matches every address).
+        let remote = self.remote_for(dst);
+        let local = match remote {
             Some(_) => None,
-            None => match self.remote_for(dst) {
-                Some(node) => Some(node),
+            None => match self.reg.listener_inode_for(dst) {
+                Some(l) => Some(l),
                 None => return self.kernel(FallbackReason::PeerNotEnabled, &fd, inode),
             },
         };

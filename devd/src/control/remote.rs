@@ -12,17 +12,18 @@
 
 use super::pairing::{attachment, canon_addr, peer_of, refuse};
 use super::*;
-use crate::peers::wire::Msg;
+use crate::peers::wire::{Answer, Msg};
 use crate::peers::Event;
 use ssock_hwbackends::Peer;
 use std::net::{IpAddr, SocketAddr};
 
 /// The link channel of the connection `id` whose acceptor is on node
 /// `node`: the acceptor's devd picks it from its own range (the top bit,
-/// its node id, then the connection id), so that both ends use one id
-/// and no two devds pick the same.
-pub(super) fn channel_of(node: u32, id: u64) -> u64 {
-    1 << 63 | u64::from(node & 0xFFFF) << 40 | (id & ((1 << 40) - 1))
+/// its node id, then the connection id plus `salt`, drawn at each start so
+/// that a restarted devd does not name a channel its peer may still hold
+/// open), so that both ends use one id and no two devds pick the same.
+pub(super) fn channel_of(node: u32, id: u64, salt: u64) -> u64 {
+    1 << 63 | u64::from(node & 0xFFFF) << 40 | (id.wrapping_add(salt) & ((1 << 40) - 1))
 }
 
 /// Whether `ch` is of node `node`'s range (see [`channel_of`]).
@@ -31,14 +32,28 @@ fn in_range(node: u32, ch: u64) -> bool {
 }
 
 /// What a peer advertised, as this host reaches it: a wildcard listener
-/// is reached at the peer's own address.
-fn as_reached(l: SocketAddr, peer: IpAddr) -> SocketAddr {
-    if l.ip().is_unspecified() {
-        SocketAddr::new(peer, l.port())
+/// at the peer's own address, one on that address as it is. Any other
+/// address is not the peer's to offer (a loopback one is this host's, any
+/// other may be this host's or a third's): left out.
+fn as_reached(l: SocketAddr, peer: IpAddr) -> Option<SocketAddr> {
+    let ip = l.ip().to_canonical();
+    if ip.is_unspecified() {
+        Some(SocketAddr::new(peer, l.port()))
+    } else if canon(ip) == canon(peer) && !ip.is_loopback() {
+        Some(l)
     } else {
-        l
+        None
     }
 }
+
+/// Peers' Claims waiting at most (more are answered NoIntent at once).
+const MAX_PENDING_CLAIMS: usize = 4096;
+
+/// How long an intent for a peer's listener waits for that peer's Claim:
+/// its connector writes on the kernel socket meanwhile, and an acceptor
+/// that does not claim (not under ssock, or held there by its policy)
+/// would otherwise pin the intent's region for `INTENT_TTL_S`.
+pub(super) const REMOTE_INTENT_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Devd {
     /// The fd that says the peers said something.
@@ -139,7 +154,7 @@ impl Devd {
             return Ok((Response::Ok, vec![]));
         }
         let id = self.new_id();
-        let channel = channel_of(self.cfg.node, id);
+        let channel = channel_of(self.cfg.node, id, self.remote.salt);
         let mut res = self.remote_res(id, Some((node, channel)))?;
         let (attachment, fds) = match attachment(&mut res, id, 1, false, None) {
             Ok(a) => a,
@@ -205,7 +220,17 @@ impl Devd {
                         continue;
                     };
                     let ip = ip.address.ip();
-                    let l: Vec<SocketAddr> = addrs.into_iter().map(|a| as_reached(a, ip)).collect();
+                    let total = addrs.len();
+                    let l: Vec<SocketAddr> = addrs
+                        .into_iter()
+                        .filter_map(|a| as_reached(a, ip))
+                        .collect();
+                    if l.len() != total {
+                        log::warn!(
+                            "peer node {node} advertised {} listeners on addresses not its own: left out",
+                            total - l.len()
+                        );
+                    }
                     if l.is_empty() {
                         self.remote.listeners.remove(&node);
                     } else {
@@ -218,6 +243,13 @@ impl Devd {
                         self.remote.up.insert(node);
                     } else {
                         self.remote.up.remove(&node);
+                        // Its answers will not come.
+                        let conns = &self.reg.conns;
+                        self.remote.claims.retain(|_, id| {
+                            conns
+                                .get(id)
+                                .is_some_and(|c| c.remote.is_some_and(|r| r.0 != node))
+                        });
                     }
                 }
                 Event::Claim {
@@ -225,8 +257,20 @@ impl Devd {
                     from,
                     to,
                     channel,
-                } => self.remote.pending.push((node, from, to, channel)),
-                Event::Claimed { node, channel, ok } => self.claimed(node, channel, ok),
+                } => {
+                    if self.remote.pending.len() < MAX_PENDING_CLAIMS {
+                        self.remote.pending.push((node, from, to, channel));
+                    } else if let Some(p) = &self.peers {
+                        log::warn!("peer node {node}: too many Claims waiting; answered none");
+                        let answer = Answer::NoIntent;
+                        p.send(node, Msg::Claimed { channel, answer });
+                    }
+                }
+                Event::Claimed {
+                    node,
+                    channel,
+                    answer,
+                } => self.claimed(node, channel, answer),
             }
         }
         if board {
@@ -235,9 +279,9 @@ impl Devd {
     }
 
     /// Peer `node` answered this host's Claim on `channel`: its connector
-    /// holds the other end (`ok`), or there was no intent for it: CLAIM
-    /// says kernel here and the acceptor stays on the kernel socket.
-    fn claimed(&mut self, node: u32, channel: u64, ok: bool) {
+    /// holds the other end, or there was no intent for it (or no longer):
+    /// CLAIM says kernel here and the acceptor stays on the kernel socket.
+    fn claimed(&mut self, node: u32, channel: u64, answer: Answer) {
         let Some(&id) = self.remote.claims.get(&channel) else {
             return;
         };
@@ -250,7 +294,7 @@ impl Devd {
             return;
         }
         self.remote.claims.remove(&channel);
-        if ok {
+        if answer == Answer::Matched {
             self.totals.created(Mode::Queued);
             self.totals.remote += 1;
             return;
@@ -260,7 +304,9 @@ impl Devd {
             log::warn!("connection {id}: CLAIM word: {e}");
         }
         self.totals.remote_unmatched += 1;
-        if let Some(l) = c.listener {
+        // A connector not under ssock counts towards its listener's
+        // plain-peer streak; one that let go of its intent does not.
+        if let (Answer::NoIntent, Some(l)) = (answer, c.listener) {
             self.judge_plain_peer(l);
         }
     }
@@ -276,17 +322,27 @@ impl Devd {
     /// went to this devd before its connect left the host).
     pub fn answer_peer_claims(&mut self) {
         for (node, from, to, channel) in std::mem::take(&mut self.remote.pending) {
-            let ok = self.peer_claim(node, from, to, channel);
+            let answer = self.peer_claim(node, from, to, channel);
             if let Some(p) = &self.peers {
-                p.send(node, Msg::Claimed { channel, ok });
+                p.send(node, Msg::Claimed { channel, answer });
             }
         }
     }
 
-    fn peer_claim(&mut self, node: u32, from: SocketAddr, to: SocketAddr, channel: u64) -> bool {
+    fn peer_claim(&mut self, node: u32, from: SocketAddr, to: SocketAddr, channel: u64) -> Answer {
         if !in_range(node, channel) {
             log::warn!("peer node {node} claimed on channel {channel:#x}, not of its range");
-            return false;
+            return Answer::NoIntent;
+        }
+        // Only a connection to the peer's own address is the peer's.
+        let theirs = self
+            .cfg
+            .peers
+            .iter()
+            .any(|p| p.node == node && canon(p.address.ip()) == canon(to.ip()));
+        if !theirs {
+            log::warn!("peer node {node} claimed a connection to {to}, not its address");
+            return Answer::NoIntent;
         }
         let here = canon_addr(to);
         let from = canon_addr(from);
@@ -302,7 +358,18 @@ impl Devd {
             local.is_some()
         });
         let Some(mut intent) = intent else {
-            return false;
+            // One its connector let go of before this Claim came.
+            let gone = self.reg.gone.iter().position(|g| {
+                g.key == here
+                    && sys::local_addr(g.sock.as_fd())
+                        .is_ok_and(|l| peer_of(&g.sock, l, here, from))
+            });
+            if let Some(g) = gone {
+                self.reg.gone.remove(g);
+                self.totals.fallback(FallbackReason::ConnectorGone);
+                return Answer::ConnectorGone;
+            }
+            return Answer::NoIntent;
         };
         let held = match &mut intent.res {
             Res::Queued(q) => q.held.take().map(|h| (*h, q.counters.clone())),
@@ -310,7 +377,7 @@ impl Devd {
         };
         let Some(((init, hov), counters)) = held else {
             self.discard_intent(intent);
-            return false;
+            return Answer::NoIntent;
         };
         self.engine.send(Cmd::Add {
             id: intent.id,
@@ -356,13 +423,28 @@ impl Devd {
         );
         self.totals.created(Mode::Queued);
         self.totals.remote += 1;
-        true
+        Answer::Matched
+    }
+
+    /// Forgets what waits on connections gone and on intents for peers
+    /// that did not claim them in time (`REMOTE_INTENT_TTL`).
+    pub(super) fn expire_remote(&mut self, now: Instant) {
+        let conns = &self.reg.conns;
+        self.remote.claims.retain(|_, id| conns.contains_key(id));
+        let stale = self
+            .reg
+            .retain_intents(|i| i.remote.is_none() || now.duration_since(i.at) < REMOTE_INTENT_TTL);
+        for i in stale {
+            self.discard_intent(i);
+        }
     }
 }
 
 /// What this devd knows of its peers' side of connections.
 #[derive(Debug, Default)]
 pub struct RemoteState {
+    /// Added to connection ids in channel ids (`channel_of`).
+    pub salt: u64,
     /// Each peer's listeners, as this host reaches them.
     pub listeners: std::collections::BTreeMap<u32, Vec<SocketAddr>>,
     /// Peers whose control connection is up.
@@ -379,24 +461,35 @@ mod tests {
 
     #[test]
     fn channels_are_of_the_acceptors_range() {
-        let c = channel_of(7, 12345);
+        let c = channel_of(7, 12345, 99);
         assert!(in_range(7, c));
         assert!(!in_range(8, c));
         assert!(!in_range(7, 12345), "a local channel");
-        assert_ne!(channel_of(7, 1), channel_of(8, 1));
-        assert_eq!(channel_of(65535, (1 << 40) + 5), channel_of(65535, 5));
+        assert_ne!(channel_of(7, 1, 0), channel_of(8, 1, 0));
+        assert_ne!(channel_of(7, 1, 0), channel_of(7, 1, 1), "another start");
+        assert_eq!(channel_of(65535, (1 << 40) + 5, 0), channel_of(65535, 5, 0));
+        assert!(in_range(65535, channel_of(65535, u64::MAX, u64::MAX)));
     }
 
     #[test]
     fn a_wildcard_listener_is_reached_at_the_peers_address() {
         let peer: IpAddr = "10.77.0.2".parse().unwrap();
+        let reached = |a: &str| as_reached(a.parse().unwrap(), peer);
         assert_eq!(
-            as_reached("0.0.0.0:6379".parse().unwrap(), peer),
-            "10.77.0.2:6379".parse().unwrap()
+            reached("0.0.0.0:6379"),
+            Some("10.77.0.2:6379".parse().unwrap())
         );
         assert_eq!(
-            as_reached("10.77.0.9:80".parse().unwrap(), peer),
-            "10.77.0.9:80".parse().unwrap()
+            reached("[::]:6379"),
+            Some("10.77.0.2:6379".parse().unwrap())
         );
+        assert_eq!(
+            reached("10.77.0.2:80"),
+            Some("10.77.0.2:80".parse().unwrap())
+        );
+        // Not the peer's to offer: another host's, this host's loopback.
+        assert_eq!(reached("10.77.0.9:80"), None);
+        assert_eq!(reached("127.0.0.1:6379"), None);
+        assert_eq!(reached("[::1]:6379"), None);
     }
 }

@@ -169,6 +169,9 @@ struct Side {
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
+    /// When a side alone here (its peer on another host) went, waiting
+    /// for its last bytes and mark to leave.
+    gone_at: Option<Instant>,
     dead: bool,
 }
 
@@ -189,6 +192,9 @@ const BUDGET: usize = 64;
 /// thread was preempted (another wants the CPU), and none follows a turn
 /// that served no such connection: idle, the engine sleeps.
 const REMOTE_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// How long a side whose client went waits for the other host to take
+/// its last bytes before it is reset and forgotten.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The channel of side `side` of local connection `id`.
 fn chan(id: u64, side: usize) -> ChannelId {
@@ -237,6 +243,8 @@ pub fn spawn(
                 ready: Vec::new(),
                 remote: std::collections::HashSet::new(),
                 spin_until: None,
+                lingering: std::collections::HashSet::new(),
+                lingered: Instant::now(),
                 quiet_backend,
                 violations,
                 links: l,
@@ -267,6 +275,10 @@ struct Engine {
     /// (`spin_for_news`).
     remote: std::collections::HashSet<u64>,
     spin_until: Option<Instant>,
+    /// Connections whose one side here went and waits (`LINGER`), and
+    /// when they were last looked at.
+    lingering: std::collections::HashSet<u64>,
+    lingered: Instant,
     /// The backend is passive (`Capabilities::passive`): nothing changes
     /// in it but through the engine's calls.
     quiet_backend: bool,
@@ -334,8 +346,19 @@ impl Engine {
         true
     }
 
-    /// Serves the busy connections once each, then the backend's news.
+    /// Serves the busy connections once each, then the backend's news;
+    /// every second, the lingering ones too.
     fn turn(&mut self) {
+        if !self.lingering.is_empty()
+            && self.lingered.elapsed() >= std::time::Duration::from_secs(1)
+        {
+            self.lingered = Instant::now();
+            for &id in &self.lingering {
+                if !self.busy.contains(&id) {
+                    self.busy.push_back(id);
+                }
+            }
+        }
         for _ in 0..self.busy.len() {
             let Some(id) = self.busy.pop_front() else {
                 break;
@@ -456,6 +479,7 @@ impl Engine {
                     mark_sent: false,
                     rx_marked: false,
                     gone: false,
+                    gone_at: None,
                     dead: false,
                 };
                 if sides.is_empty() || sides.len() > 2 {
@@ -519,6 +543,10 @@ impl Engine {
                 if let Some(p) = self.pairs.get_mut(&id) {
                     for s in p.sides.iter_mut().filter(|s| s.end == side) {
                         s.gone = true;
+                        s.gone_at = Some(Instant::now());
+                    }
+                    if p.sides.len() == 1 {
+                        self.lingering.insert(id);
                     }
                     if !self.busy.contains(&id) {
                         self.busy.push_back(id);
@@ -604,6 +632,14 @@ impl Engine {
         // A local pair ends when both sides went; a side alone here (its
         // peer on another host) only once its last bytes and its mark left.
         let alone = pair.sides.len() == 1;
+        if alone
+            && pair.sides[0].gone_at.is_some_and(|t| t.elapsed() > LINGER)
+            && !pair.sides[0].dead
+        {
+            // Its last bytes never left (the other host took nothing).
+            log::warn!("connection {id}: the other host took nothing for {LINGER:?}; resetting it");
+            self.reset_side(pair, 0);
+        }
         let finished = pair
             .sides
             .iter()
@@ -715,6 +751,7 @@ impl Engine {
     /// Stops watching a connection and closes its backend channels.
     fn forget(&mut self, id: u64, pair: &Pair) {
         self.remote.remove(&id);
+        self.lingering.remove(&id);
         for side in &pair.sides {
             let fd = side.kick.as_raw_fd();
             let _ = self
@@ -945,6 +982,12 @@ impl Engine {
             if let Err(e) = added {
                 self.violation(id, pair, s, &e);
                 return true;
+            }
+            if side.hov.is_some() {
+                // The other end's bytes: its own engine, on its host,
+                // counts them there.
+                let from = 1 - (side.end & 1);
+                QueuedCounters::add(&pair.counters.bytes[from], n as u64);
             }
             used = true;
             progress = true;

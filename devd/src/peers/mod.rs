@@ -116,8 +116,8 @@ pub enum Event {
         node: u32,
         /// The Claim's channel.
         channel: u64,
-        /// Its connector's intent matched.
-        ok: bool,
+        /// What became of it.
+        answer: wire::Answer,
     },
 }
 
@@ -957,7 +957,11 @@ impl Thread {
                     to,
                     channel,
                 }),
-                Msg::Claimed { channel, ok } => Some(Event::Claimed { node, channel, ok }),
+                Msg::Claimed { channel, answer } => Some(Event::Claimed {
+                    node,
+                    channel,
+                    answer,
+                }),
                 _ => None,
             })
             .collect();

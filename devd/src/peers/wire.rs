@@ -65,14 +65,24 @@ pub enum Msg {
         /// The connection's channel on the link, both ends.
         channel: u64,
     },
-    /// The answer to a Claim: whether a connector's intent matched it (its
-    /// end is open on the channel then).
+    /// The answer to a Claim.
     Claimed {
         /// The Claim's channel.
         channel: u64,
-        /// Matched.
-        ok: bool,
+        /// What became of it.
+        answer: Answer,
     },
+}
+
+/// What a Claim found on the connector's host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A connector's intent: its end is open on the channel now.
+    Matched,
+    /// No intent: a connector not under ssock (or one refused there).
+    NoIntent,
+    /// An intent its connector let go of before the Claim came.
+    ConnectorGone,
 }
 
 /// Most listeners one Listeners message carries (it fits a frame).
@@ -169,10 +179,14 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             put_addr(&mut body, to);
             body.extend_from_slice(&channel.to_le_bytes());
         }
-        Msg::Claimed { channel, ok } => {
+        Msg::Claimed { channel, answer } => {
             body.push(CLAIMED);
             body.extend_from_slice(&channel.to_le_bytes());
-            body.push(u8::from(*ok));
+            body.push(match answer {
+                Answer::Matched => 1,
+                Answer::NoIntent => 0,
+                Answer::ConnectorGone => 2,
+            });
         }
     }
     let mut f = u32::try_from(body.len())
@@ -234,9 +248,13 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
         LISTENERS => Msg::Listeners(listeners(p).ok_or(WireError::Malformed("Listeners"))?),
         CLAIM => claim(p).ok_or(WireError::Malformed("Claim"))?,
         CLAIMED => match *p {
-            [c0, c1, c2, c3, c4, c5, c6, c7, ok @ (0 | 1)] => Msg::Claimed {
+            [c0, c1, c2, c3, c4, c5, c6, c7, a @ 0..=2] => Msg::Claimed {
                 channel: u64::from_le_bytes([c0, c1, c2, c3, c4, c5, c6, c7]),
-                ok: ok == 1,
+                answer: match a {
+                    1 => Answer::Matched,
+                    2 => Answer::ConnectorGone,
+                    _ => Answer::NoIntent,
+                },
             },
             _ => return Err(WireError::Malformed("Claimed")),
         },
@@ -496,11 +514,15 @@ mod tests {
             },
             Msg::Claimed {
                 channel: 5,
-                ok: true,
+                answer: Answer::Matched,
             },
             Msg::Claimed {
                 channel: 6,
-                ok: false,
+                answer: Answer::NoIntent,
+            },
+            Msg::Claimed {
+                channel: 7,
+                answer: Answer::ConnectorGone,
             },
         ] {
             let mut f = encode(&m);
@@ -517,9 +539,9 @@ mod tests {
         }
         let mut bad = encode(&Msg::Claimed {
             channel: 1,
-            ok: true,
+            answer: Answer::Matched,
         });
-        *bad.last_mut().unwrap() = 2;
+        *bad.last_mut().unwrap() = 3;
         assert!(matches!(decode(&mut bad), Err(WireError::Malformed(_))));
         let mut f = encode(&Msg::Listeners(vec![]));
         assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(vec![]))));

@@ -493,7 +493,8 @@ impl Ntb {
                     q.copy_from_slice(&b[8 * i..8 * i + 8]);
                     *x = u64::from_le_bytes(q);
                 }
-                if let Some(c) = self.chans.get_mut(&h.dst) {
+                // Words after its end are of no use to anyone.
+                if let Some(c) = self.chans.get_mut(&h.dst).filter(|c| c.rx_mark.is_none()) {
                     c.words = Some(w);
                 }
             }

@@ -431,3 +431,58 @@ fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
     ensure!(queued_bytes(&b) > 200 * 50_000, "host b: {b}");
     Ok(())
 }
+
+#[test]
+fn a_hostile_window_ends_that_links_connections_and_harms_nothing_else() -> Result<()> {
+    use ssock_hwbackends::ntb::{inbox, IvshmemWindow, Window};
+    let Some(lab) = ready("hostile")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    // A connection across the link, and one within host a.
+    let mut w = Prog::start(lab.under_ssock(1, &["python3", &py, "wait", "6600"]))?;
+    w.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6600)?;
+    let mut c = Prog::start(lab.under_ssock(0, &["python3", &py, "hang", &lab.addr[1], "6600"]))?;
+    c.expect(&["HANGING"], Duration::from_secs(20))?;
+    let mut local = echo_server(&lab, 0, 6601, true)?;
+    // Something on the memory that holds host b's half (as host b's devd
+    // has it) writes garbage into host a's inbox: a producer word beyond
+    // the ring, again and again, with the doorbell.
+    let win = IvshmemWindow::connect(&lab.dir.join("ivshmem.sock"), 1, 0, Duration::from_secs(5))?;
+    let t = Instant::now();
+    while !lab.log(0).contains("hostile inbox") {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "host a never saw its inbox hostile:\n{}",
+            lab.log(0)
+        );
+        win.store(inbox::OFF_PROD, u64::MAX / 2);
+        win.ring();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(win);
+    // That link's connection ends: host a stops its heartbeat, host b
+    // finds the link down and resets it (its reader sees it, no hang) ...
+    lab.wait_peer(0, UP, "saw the link down", |p| p["link"] == "down")?;
+    let end = w.expect(&["EOF", "RESET", "TIMEOUT"], Duration::from_secs(30))?;
+    ensure!(end.starts_with("RESET"), "host b's reader: {end}");
+    c.child.kill().ok();
+    // ... while a connection within host a goes on, and both devds serve.
+    let mut l =
+        Prog::start(lab.under_ssock(0, &["python3", &py, "stream", &lab.addr[0], "6601", "16"]))?;
+    l.expect(&["OK 16777216"], Duration::from_secs(60))?;
+    local.expect(&["ECHOED 16777216"], Duration::from_secs(10))?;
+    for h in 0..2 {
+        ensure!(
+            lab.stats(h)?["devd"]["pid"] == lab.devd_pid(h)?,
+            "host {h}'s devd"
+        );
+    }
+    let a = lab.stats(0)?;
+    ensure!(
+        a["totals"]["connections"]["direct"].as_u64() >= Some(1),
+        "the local connection went Direct: {a}"
+    );
+    Ok(())
+}

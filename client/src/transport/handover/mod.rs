@@ -169,7 +169,9 @@ impl Handover {
         // stayed plain there) must not move the acceptor's writes.
         if side == 0 && !adopted {
             layout::mark_ready(&map);
-        } else if side == 1 && !refused && !adopted {
+        } else if side == 1 && !refused && !adopted && !layout::is_remote(&map) {
+            // (A connector on another host says READY through the devds,
+            // later than this wait is worth.)
             wait_ready(&map);
         }
         let mut sw = layout::switch_at(&map, side);

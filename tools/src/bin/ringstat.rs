@@ -125,7 +125,7 @@ fn print_table(v: &Value) {
         d["live_connections"]
     );
     out!(
-        "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
+        "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10} {:<8}",
         "ID",
         "MODE",
         "STATE",
@@ -136,13 +136,20 @@ fn print_table(v: &Value) {
         "BYTES A>C",
         "FILL C>A/A>C",
         "NOTIFIED",
-        "SUPPRESSED"
+        "SUPPRESSED",
+        "PATH"
     );
     for c in v["connections"].as_array().into_iter().flatten() {
         // serde_json values ignore width: format each cell as a string.
         let n = |k: &str| c[k].to_string();
+        // Queued: the backend, and the peer node of an end on another host.
+        let path = match (c["backend"].as_str(), c["peer_node"].as_u64()) {
+            (Some(b), Some(node)) => format!("{b}:{node}"),
+            (Some(b), None) => b.to_string(),
+            _ => "-".to_string(),
+        };
         out!(
-            "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10}",
+            "{:>6} {:<7} {:<11} {:>15} {:<22} {:<22} {:>12} {:>12} {:>14} {:>10} {:>10} {:<8}",
             n("id"),
             c["mode"].as_str().unwrap_or("?"),
             c["state"].as_str().unwrap_or("?"),
@@ -154,6 +161,7 @@ fn print_table(v: &Value) {
             format!("{}/{}", c["ring_fill"][0], c["ring_fill"][1]),
             n("notify_sent"),
             n("notify_suppressed"),
+            path,
         );
     }
     let t = &v["totals"];
@@ -168,6 +176,15 @@ fn print_table(v: &Value) {
         t["bad_messages"],
         t["sessions"]
     );
+    if t["remote"]["connections"].as_u64().unwrap_or(0) > 0
+        || t["remote"]["unmatched"].as_u64().unwrap_or(0) > 0
+    {
+        out!(
+            "remote: connections {} unmatched {}",
+            t["remote"]["connections"],
+            t["remote"]["unmatched"]
+        );
+    }
     let fb: Vec<String> = t["fallbacks"]
         .as_object()
         .into_iter()

@@ -4,7 +4,7 @@
 //! ```text
 //! ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
 //!             [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
-//!             [--only TEXT] [--transports LIST]
+//!             [--only TEXT] [--transports LIST] [--two-hosts DIR]
 //! ```
 //! - ping-pong, 1 B to 64 KiB in powers of two: the half round trip of
 //!   every message (one clock read per round trip, warm-up excluded), as
@@ -56,6 +56,7 @@ by round, every byte verified. A child process of this binary serves.
 usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
                    [--raw] [--json-out FILE] [--plot FILE.png] [--no-pin]
                    [--devd private|existing] [--only TEXT] [--transports LIST]
+                   [--two-hosts DIR]
   --rounds N      rounds, each runs every test on every transport (default 5)
   --quick         about 1/20 of the work per test (CI)
   --clients N     connections of the hot-spot and multi-stream tests (default 8)
@@ -69,6 +70,10 @@ usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --mark
   --devd WHICH    private (default): start a devd of our own (its short_lived policy off); existing: use the running one
   --only TEXT     run only the tests whose name contains TEXT
   --transports L  only these transports, comma-separated: kernel,unix,direct,queued
+  --two-hosts DIR run on host a of the two-host lab in DIR (tools/two-host-lab.sh),
+                  against a peer on host b: kernel TCP over the veth and Queued
+                  over the ntb link, ping-pong and streaming (run it with
+                  `two-host-lab.sh exec DIR a`: host a's devd, root)
   -h, --help      print this help
   -V, --version   print the version
 
@@ -147,7 +152,13 @@ fn human(n: usize) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = if args.first().map(String::as_str) == Some("serve") {
-        serve()
+        // `serve [--bind IP]`: where its listeners are (default loopback).
+        let bind = match args.get(1..) {
+            Some([flag, ip]) if flag == "--bind" => ip.parse().context("--bind IP"),
+            Some([]) => Ok(std::net::IpAddr::from([127, 0, 0, 1])),
+            _ => Err(anyhow::anyhow!("usage: ssock-bench serve [--bind IP]")),
+        };
+        bind.and_then(serve)
     } else {
         bench(&args)
     };
@@ -205,8 +216,8 @@ fn header(kind: u8, pin: Option<u8>, size: usize, count: u64) -> Result<[u8; 16]
 /// thread per measured connection, until a QUIT arrives. A failure in any
 /// connection (a corrupt byte above all) ends the process with status 1,
 /// which breaks the measuring side's connections and fails the run.
-fn serve() -> Result<()> {
-    let l = Listener::bind_with("127.0.0.1:0", &Options::default())?;
+fn serve(bind: std::net::IpAddr) -> Result<()> {
+    let l = Listener::bind_with(SocketAddr::new(bind, 0), &Options::default())?;
     ensure!(
         l.registered(),
         "the bench peer could not register its listener with devd"
@@ -214,7 +225,7 @@ fn serve() -> Result<()> {
     let path = std::env::temp_dir().join(format!("ssock-bench-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let u = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
-    let plain = TcpListener::bind("127.0.0.1:0").context("plain TCP listener")?;
+    let plain = TcpListener::bind(SocketAddr::new(bind, 0)).context("plain TCP listener")?;
     println!(
         "{} {} {}",
         l.local_addr()?.port(),
@@ -1027,9 +1038,20 @@ impl Plan {
 
 /// The tests whose name contains `text`, their rows renumbered.
 fn only(rows: Vec<Row>, jobs: Vec<Scheduled>, text: &str) -> (Vec<Row>, Vec<Scheduled>) {
+    select(rows, jobs, |t| t.contains(text), true)
+}
+
+/// The jobs whose test `keep` says yes to, with their rows (and their CPU
+/// rows if `cpu`).
+fn select(
+    rows: Vec<Row>,
+    jobs: Vec<Scheduled>,
+    keep: impl Fn(&str) -> bool,
+    cpu: bool,
+) -> (Vec<Row>, Vec<Scheduled>) {
     let wanted: Vec<Scheduled> = jobs
         .into_iter()
-        .filter(|s| rows[s.row].test.contains(text))
+        .filter(|s| keep(&rows[s.row].test))
         .collect();
     let mut slot: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
     let mut kept = Vec::new();
@@ -1041,7 +1063,7 @@ fn only(rows: Vec<Row>, jobs: Vec<Scheduled>, text: &str) -> (Vec<Row>, Vec<Sche
         .into_iter()
         .map(|s| Scheduled {
             row: take(s.row),
-            cpu_row: s.cpu_row.map(&mut take),
+            cpu_row: s.cpu_row.filter(|_| cpu).map(&mut take),
             ..s
         })
         .collect();
@@ -1092,6 +1114,30 @@ struct Args {
     devd: String,
     only: Option<String>,
     transports: Vec<Transport>,
+    /// The two-host lab's directory (`tools/two-host-lab.sh`): this
+    /// process runs on host a, its peer on host b.
+    two_hosts: Option<PathBuf>,
+}
+
+/// Host b of the two-host lab in `dir`: its network namespace, its
+/// address and its devd's socket.
+fn lab_host_b(dir: &Path) -> Result<(String, std::net::IpAddr, PathBuf)> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("{}: not a two-host lab", dir.join(f).display()))
+    };
+    let ns = read("netns")?;
+    let addrs = read("addresses")?;
+    let ns_b = ns.split_whitespace().nth(1).context("no host b in netns")?;
+    let ip_b = addrs
+        .split_whitespace()
+        .nth(1)
+        .context("no host b address")?;
+    Ok((
+        ns_b.to_string(),
+        ip_b.parse()?,
+        dir.join("b").join("devd.sock"),
+    ))
 }
 
 fn parse(args: &[String]) -> Result<Option<Args>> {
@@ -1109,7 +1155,9 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         devd: "private".into(),
         only: None,
         transports: TRANSPORTS.to_vec(),
+        two_hosts: None,
     };
+    let mut transports_given = false;
     let mut it = args.iter();
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -1125,7 +1173,9 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
             "--json-out" => a.json_out = Some(it.next().context("--json-out FILE")?.into()),
             "--devd" => a.devd = it.next().context("--devd private|existing")?.clone(),
             "--only" => a.only = Some(it.next().context("--only TEXT")?.clone()),
+            "--two-hosts" => a.two_hosts = Some(it.next().context("--two-hosts DIR")?.into()),
             "--transports" => {
+                transports_given = true;
                 let list = it.next().context("--transports LIST")?;
                 a.transports = list
                     .split(',')
@@ -1155,6 +1205,17 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         "--json, --csv and --markdown are exclusive"
     );
     ensure!(!a.raw || a.json, "--raw needs --json");
+    if a.two_hosts.is_some() {
+        let two = [Transport::Kernel, Transport::Queued];
+        if !transports_given {
+            a.transports = two.to_vec();
+        }
+        ensure!(
+            a.transports.iter().all(|t| two.contains(t)),
+            "--two-hosts: only kernel and queued go between hosts"
+        );
+        a.devd = "existing".into();
+    }
     Ok(Some(a))
 }
 
@@ -1188,9 +1249,24 @@ fn bench(args: &[String]) -> Result<()> {
     ssock_tools::wait_for(&socket, Duration::from_secs(5))?;
     let devd = devd_pid(&socket)?;
     let clock_ns = clock_read_ns();
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .env(ssock_rings::paths::SOCKET_ENV, &socket)
+    // The peer: beside this process, or on the lab's host b with its devd.
+    let (mut peer_cmd, peer_ip) = match &a.two_hosts {
+        None => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("serve").env(ssock_rings::paths::SOCKET_ENV, &socket);
+            (c, std::net::IpAddr::from([127, 0, 0, 1]))
+        }
+        Some(dir) => {
+            let (ns, ip, b_socket) = lab_host_b(dir)?;
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns])
+                .arg(std::env::current_exe()?)
+                .args(["serve", "--bind", &ip.to_string()])
+                .env(ssock_rings::paths::SOCKET_ENV, b_socket);
+            (c, ip)
+        }
+    };
+    let mut child = peer_cmd
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start the bench peer")?;
@@ -1205,10 +1281,15 @@ fn bench(args: &[String]) -> Result<()> {
         };
         let (port, path, plain) = (next()?, next()?, next()?);
         let peer = Peer {
-            tcp: ([127, 0, 0, 1], port.parse::<u16>()?).into(),
-            plain: ([127, 0, 0, 1], plain.parse::<u16>()?).into(),
+            tcp: (peer_ip, port.parse::<u16>()?).into(),
+            plain: (peer_ip, plain.parse::<u16>()?).into(),
             unix: path.into(),
         };
+        if a.two_hosts.is_some() {
+            // Host a's devd hears of the peer's listener within 200 ms;
+            // until then a connection to it would stay on kernel TCP.
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let _unix = RemoveOnDrop(peer.unix.clone());
         // After spawning the peer: it must not inherit the pinning.
         let place = Placement::new(a.pin)?;
@@ -1224,6 +1305,16 @@ fn bench(args: &[String]) -> Result<()> {
         };
         let plan = Plan::new(a.quick, a.clients);
         let (mut rows, mut jobs) = plan.schedule();
+        if a.two_hosts.is_some() {
+            // Ping-pong and single-stream only; CPU per message would
+            // leave host b's devd out.
+            (rows, jobs) = select(
+                rows,
+                jobs,
+                |t| t.starts_with("ping-pong") || t.starts_with("stream "),
+                false,
+            );
+        }
         if let Some(text) = &a.only {
             (rows, jobs) = only(rows, jobs, text);
             ensure!(
@@ -1431,6 +1522,10 @@ fn num(v: f64) -> String {
 /// median [min-max], and the ratio to kernel TCP for the other transports.
 fn spread_cell(r: &Row, ti: usize) -> String {
     let c = &r.cells[ti];
+    if c.rounds.is_empty() {
+        // A transport this run left out (`--transports`, `--two-hosts`).
+        return "-".to_string();
+    }
     let mut s = format!("{} [{}-{}]", num(c.median()), num(c.min()), num(c.max()));
     if ti > 0 {
         s.push_str(&format!(" {}x", num(r.ratio(ti))));

@@ -46,7 +46,8 @@ pub struct Totals {
     pub requests: u64,
     /// Queued connections with their other end on a peer host (counted
     /// in `queued` too), and Claims of this host's acceptors that the
-    /// peer found no intent for (a connector not under ssock there).
+    /// peer found no intent for (a connector not under ssock there; one
+    /// whose connector let go of it is a `connector_gone` fallback).
     pub remote: u64,
     pub remote_unmatched: u64,
 }

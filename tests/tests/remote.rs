@@ -112,6 +112,22 @@ fn totals(lab: &TwoHosts, h: usize) -> Result<serde_json::Value> {
     Ok(lab.stats(h)?["totals"].clone())
 }
 
+/// Host `h`'s totals once `done` holds of them, or after 5 s as they are.
+fn settled(
+    lab: &TwoHosts,
+    h: usize,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let v = totals(lab, h)?;
+        if done(&v) || t.elapsed() > Duration::from_secs(5) {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn remote_count(t: &serde_json::Value) -> u64 {
     t["remote"]["connections"].as_u64().unwrap_or(0)
 }
@@ -177,7 +193,7 @@ fn echo_of_256_mib_each_way_crosses_the_ntb_link_both_ways_round() -> Result<()>
         ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
         server.expect(&["ECHOED 268435456"], Duration::from_secs(10))?;
         for (h, before) in before.iter().enumerate() {
-            let t = totals(&lab, h)?;
+            let t = settled(&lab, h, |t| remote_count(t) > remote_count(before))?;
             ensure!(
                 remote_count(&t) == remote_count(before) + 1,
                 "host {h}: one more remote connection: {t}"
@@ -281,7 +297,7 @@ fn redis_benchmark_on_one_host_against_redis_on_the_other() -> Result<()> {
         );
     }
     for h in 0..2 {
-        let t = totals(&lab, h)?;
+        let t = settled(&lab, h, |t| remote_count(t) >= 4)?;
         ensure!(
             remote_count(&t) >= 4 && t["violations"] == 0,
             "host {h}: redis-benchmark's 4 connections did not cross as remote ones: {t}"
@@ -422,7 +438,10 @@ fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
         let mut c = Prog::start(lab.under_ssock(0, &args))?;
         c.expect(&["OK 200"], Duration::from_secs(120))?;
     }
-    let (a, b) = (totals(&lab, 0)?, totals(&lab, 1)?);
+    // Host b counts a connection once host a's answer to its Claim came,
+    // which may be after the client is done.
+    let a = totals(&lab, 0)?;
+    let b = settled(&lab, 1, |t| remote_count(t) == 400)?;
     ensure!(
         remote_count(&a) == 400 && remote_count(&b) == 400,
         "every connection crossed as a remote one: {a}\n{b}"

@@ -380,6 +380,9 @@ impl Devd {
                 Ok((Response::Ok, vec![]))
             }
             Request::Stats { after, limit } => {
+                // What the peers said so far is on the board before the
+                // statistics show it.
+                self.peer_events();
                 // Closed connections' bytes count before they are shown.
                 while let Some(c) = self.trash.pop() {
                     self.count_closed(&c);

@@ -303,10 +303,14 @@ impl Devd {
         if let Err(e) = refuse(&c.res) {
             log::warn!("connection {id}: CLAIM word: {e}");
         }
-        self.totals.remote_unmatched += 1;
         // A connector not under ssock counts towards its listener's
         // plain-peer streak; one that let go of its intent does not.
-        if let (Answer::NoIntent, Some(l)) = (answer, c.listener) {
+        if answer == Answer::ConnectorGone {
+            self.totals.fallback(FallbackReason::ConnectorGone);
+            return;
+        }
+        self.totals.remote_unmatched += 1;
+        if let Some(l) = c.listener {
             self.judge_plain_peer(l);
         }
     }

@@ -928,20 +928,24 @@ impl Thread {
     }
 
     /// Peer `i`'s devd advertised `l` (on the slot's own connection).
+    /// The control thread hears of it before the statistics show it (a
+    /// Stats request takes in what was posted first: what it shows, the
+    /// board has).
     fn set_listeners(&mut self, i: usize, l: Vec<SocketAddr>) {
         let changed = {
-            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            match st.lists.get_mut(i) {
-                Some(x) if *x != l => {
-                    x.clone_from(&l);
-                    true
-                }
-                _ => false,
-            }
+            let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.lists.get(i).is_some_and(|x| *x != l)
         };
         if changed {
             let node = self.slots[i].cfg.node;
-            self.post(vec![Event::Listeners { node, addrs: l }]);
+            self.post(vec![Event::Listeners {
+                node,
+                addrs: l.clone(),
+            }]);
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(x) = st.lists.get_mut(i) {
+                *x = l;
+            }
         }
     }
 

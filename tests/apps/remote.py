@@ -9,8 +9,9 @@ back, checks every byte, prints "OK N" (or "CORRUPT at OFFSET", or "SHORT
 N of M" if the echo ended early), closes.
 hang HOST PORT: sends 64 KiB, reads its echo, prints "HANGING" and waits
 forever (the test kills it).
-wait PORT: accepts one connection, reads until EOF or an error within 30 s,
-prints "EOF N", "RESET N" or "TIMEOUT N".
+wait PORT [block]: accepts one connection, reads until EOF or an error
+within 30 s (block: a blocking socket, no time limit), prints "EOF N",
+"RESET N" or "TIMEOUT N".
 answer PORT: for each connection: reads a request line (the byte count
 wanted), waits 5 ms, writes that many pattern bytes and closes at once
 (as an HTTP/1.0 server does).
@@ -106,14 +107,15 @@ def hang(host, port):
     time.sleep(3600)
 
 
-def wait(port):
+def wait(port, block=False):
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("0.0.0.0", port))
     ls.listen(1)
     print("LISTENING", flush=True)
     c, _ = ls.accept()
-    c.settimeout(30)
+    if not block:
+        c.settimeout(30)
     n = 0
     try:
         while True:
@@ -207,7 +209,7 @@ if __name__ == "__main__":
     elif mode == "hang":
         hang(sys.argv[2], int(sys.argv[3]))
     elif mode == "wait":
-        wait(int(sys.argv[2]))
+        wait(int(sys.argv[2]), sys.argv[3:] == ["block"])
     elif mode == "answer":
         answer(int(sys.argv[2]))
     elif mode == "ask":

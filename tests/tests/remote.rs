@@ -505,3 +505,46 @@ fn a_hostile_window_ends_that_links_connections_and_harms_nothing_else() -> Resu
     );
     Ok(())
 }
+
+#[test]
+fn a_client_that_closes_at_once_gives_the_server_its_end_at_once() -> Result<()> {
+    // The server's read sees the kernel socket's end before the devds
+    // settled the connection (a plain client: no intent; one under
+    // ssock-run that lets go at once): it must not wait for an offset that
+    // never comes.
+    let Some(lab) = ready("closer")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let closer = format!(
+        "import socket\nsocket.create_connection(('{}', 6800)).close()\n",
+        lab.addr[1]
+    );
+    for (ssock, block) in [(false, false), (false, true), (true, false), (true, true)] {
+        for _ in 0..5 {
+            let mut args = vec!["python3", py.as_str(), "wait", "6800"];
+            if block {
+                // A blocking read with no time limit of its own.
+                args.push("block");
+            }
+            let mut w = Prog::start(lab.under_ssock(1, &args))?;
+            w.expect(&["LISTENING"], Duration::from_secs(10))?;
+            heard(&lab, 0, 6800)?;
+            let args = ["python3", "-c", closer.as_str()];
+            let c = if ssock {
+                lab.under_ssock(0, &args).output()?
+            } else {
+                lab.plain(0, &args).output()?
+            };
+            ensure!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+            let t = Instant::now();
+            let end = w.expect(&["EOF", "RESET", "TIMEOUT"], Duration::from_secs(40))?;
+            ensure!(
+                end == "EOF 0" && t.elapsed() < Duration::from_secs(5),
+                "client under ssock-run: {ssock}, blocking server: {block}: the server saw {end:?} after {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    Ok(())
+}

@@ -733,7 +733,10 @@ impl Transport for Queued {
                     0,
                 );
                 self.counters[0] += n as u64;
-                self.retained.extend(&buf[off..off + n]);
+                if !self.remote {
+                    // (A remote end is reset, never sent again: no copy.)
+                    self.retained.extend(&buf[off..off + n]);
+                }
                 self.posted += n as u64;
                 self.tx_len[usize::from(id)] = n;
                 self.tx_inflight += n;

@@ -38,6 +38,11 @@ fn in_range(node: u32, ch: u64) -> bool {
 fn as_reached(l: SocketAddr, peer: IpAddr) -> Option<SocketAddr> {
     let ip = l.ip().to_canonical();
     if ip.is_unspecified() {
+        // An IPv4 wildcard takes no IPv6 connection (an IPv6 one may take
+        // IPv4 ones: dual-stack is the default).
+        if ip.is_ipv4() && canon(peer).is_ipv6() {
+            return None;
+        }
         Some(SocketAddr::new(peer, l.port()))
     } else if canon(ip) == canon(peer) && !ip.is_loopback() {
         Some(l)
@@ -194,7 +199,9 @@ impl Devd {
                 remote: Some((node, channel)),
             },
         );
-        self.remote.claims.insert(channel, id);
+        self.remote
+            .claims
+            .insert(channel, (id, node, Instant::now()));
         if let Some(p) = &self.peers {
             p.send(node, Msg::Claim { from, to, channel });
         }
@@ -243,13 +250,18 @@ impl Devd {
                         self.remote.up.insert(node);
                     } else {
                         self.remote.up.remove(&node);
-                        // Its answers will not come.
-                        let conns = &self.reg.conns;
-                        self.remote.claims.retain(|_, id| {
-                            conns
-                                .get(id)
-                                .is_some_and(|c| c.remote.is_some_and(|r| r.0 != node))
-                        });
+                        // Its answers will not come: those acceptors stay
+                        // on the kernel socket.
+                        let lost: Vec<u64> = self
+                            .remote
+                            .claims
+                            .iter()
+                            .filter(|(_, &(_, n, _))| n == node)
+                            .map(|(&ch, _)| ch)
+                            .collect();
+                        for ch in lost {
+                            self.unanswered(ch);
+                        }
                     }
                 }
                 Event::Claim {
@@ -282,27 +294,29 @@ impl Devd {
     /// holds the other end, or there was no intent for it (or no longer):
     /// CLAIM says kernel here and the acceptor stays on the kernel socket.
     fn claimed(&mut self, node: u32, channel: u64, answer: Answer) {
-        let Some(&id) = self.remote.claims.get(&channel) else {
+        let Some(&(id, n, _)) = self.remote.claims.get(&channel) else {
             return;
         };
-        let Some(c) = self.reg.conns.get(&id) else {
-            self.remote.claims.remove(&channel);
-            return;
-        };
-        if c.remote.map(|r| r.0) != Some(node) {
+        if n != node {
             log::warn!("peer node {node} answered a Claim that was not its own");
             return;
         }
         self.remote.claims.remove(&channel);
+        // Counted even when the connection is over already (a short one
+        // can end before the answer comes).
         if answer == Answer::Matched {
             self.totals.created(Mode::Queued);
             self.totals.remote += 1;
             return;
         }
         self.totals.kernel_connection();
-        if let Err(e) = refuse(&c.res) {
-            log::warn!("connection {id}: CLAIM word: {e}");
-        }
+        let Some(c) = self.reg.conns.get(&id) else {
+            if answer == Answer::NoIntent {
+                self.totals.remote_unmatched += 1;
+            }
+            return;
+        };
+        stays_plain(id, c);
         // A connector not under ssock counts towards its listener's
         // plain-peer streak; one that let go of its intent does not.
         if answer == Answer::ConnectorGone {
@@ -320,12 +334,19 @@ impl Devd {
         !self.remote.pending.is_empty()
     }
 
-    /// Answers the peers' Claims, each matched to an intent made for that
-    /// peer whose socket is connected from `from` to `to` (answered after
-    /// every message waiting in any session was read: a connector's Intent
-    /// went to this devd before its connect left the host).
-    pub fn answer_peer_claims(&mut self) {
-        for (node, from, to, channel) in std::mem::take(&mut self.remote.pending) {
+    /// The peers' Claims taken in so far, for [`Devd::answer_peer_claims`]
+    /// once every message waiting in any session now was read.
+    pub fn take_peer_claims(&mut self) -> Vec<(u32, SocketAddr, SocketAddr, u64)> {
+        std::mem::take(&mut self.remote.pending)
+    }
+
+    /// Answers `claims` (from [`Devd::take_peer_claims`]), each matched to
+    /// an intent made for that peer whose socket is connected from `from`
+    /// to `to` (answered after every message that waited in any session
+    /// when they were taken was read: a connector's Intent went to this
+    /// devd before its connect left the host).
+    pub fn answer_peer_claims(&mut self, claims: Vec<(u32, SocketAddr, SocketAddr, u64)>) {
+        for (node, from, to, channel) in claims {
             let answer = self.peer_claim(node, from, to, channel);
             if let Some(p) = &self.peers {
                 p.send(node, Msg::Claimed { channel, answer });
@@ -430,16 +451,57 @@ impl Devd {
         Answer::Matched
     }
 
-    /// Forgets what waits on connections gone and on intents for peers
-    /// that did not claim them in time (`REMOTE_INTENT_TTL`).
+    /// Gives up this host's Claims not answered in time and intents for
+    /// peers that did not claim them in time (`REMOTE_INTENT_TTL`).
     pub(super) fn expire_remote(&mut self, now: Instant) {
-        let conns = &self.reg.conns;
-        self.remote.claims.retain(|_, id| conns.contains_key(id));
+        let late: Vec<u64> = self
+            .remote
+            .claims
+            .iter()
+            .filter(|(_, &(_, _, at))| now.duration_since(at) >= REMOTE_INTENT_TTL)
+            .map(|(&ch, _)| ch)
+            .collect();
+        for ch in late {
+            self.unanswered(ch);
+        }
         let stale = self
             .reg
             .retain_intents(|i| i.remote.is_none() || now.duration_since(i.at) < REMOTE_INTENT_TTL);
         for i in stale {
             self.discard_intent(i);
+        }
+    }
+}
+
+impl Devd {
+    /// This host's Claim on `channel` will not be answered (its peer went
+    /// down, or took too long): its acceptor stays on the kernel socket.
+    fn unanswered(&mut self, channel: u64) {
+        let Some((id, _, _)) = self.remote.claims.remove(&channel) else {
+            return;
+        };
+        self.totals.kernel_connection();
+        if let Some(c) = self.reg.conns.get(&id) {
+            log::info!("connection {id}: its peer never answered the Claim; kernel TCP");
+            stays_plain(id, c);
+        }
+    }
+}
+
+/// CLAIM = kernel in an acceptor's end of connection `id` whose connector
+/// never held its own, and its process woken (a reader that saw the
+/// kernel socket end waits for this or the peer's offset).
+fn stays_plain(id: u64, c: &Conn) {
+    if let Err(e) = refuse(&c.res) {
+        log::warn!("connection {id}: CLAIM word: {e}");
+    }
+    if let Res::Queued(q) = &c.res {
+        let woken = q.call[1]
+            .try_clone()
+            .map(EventFd::from_owned)
+            .and_then(|e| e.notify());
+        if let Err(e) = woken {
+            log::warn!("connection {id}: the acceptor was not woken: {e}");
         }
     }
 }
@@ -453,8 +515,9 @@ pub struct RemoteState {
     pub listeners: std::collections::BTreeMap<u32, Vec<SocketAddr>>,
     /// Peers whose control connection is up.
     pub up: std::collections::BTreeSet<u32>,
-    /// This host's Claims not answered yet: channel -> connection.
-    pub claims: HashMap<u64, u64>,
+    /// This host's Claims not answered yet (kept until answered, or
+    /// `REMOTE_INTENT_TTL`): channel -> connection, the peer, sent when.
+    pub claims: HashMap<u64, (u64, u32, Instant)>,
     /// Peers' Claims waiting for the sessions to be read.
     pub pending: Vec<(u32, SocketAddr, SocketAddr, u64)>,
 }
@@ -490,6 +553,12 @@ mod tests {
         assert_eq!(
             reached("10.77.0.2:80"),
             Some("10.77.0.2:80".parse().unwrap())
+        );
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(as_reached("0.0.0.0:80".parse().unwrap(), v6), None);
+        assert_eq!(
+            as_reached("[::]:80".parse().unwrap(), v6),
+            Some("[fd00::2]:80".parse().unwrap())
         );
         // Not the peer's to offer: another host's, this host's loopback.
         assert_eq!(reached("10.77.0.9:80"), None);

@@ -133,7 +133,7 @@ pub fn serve(
         // Chores (freeing closed connections, refilling the pool) wait
         // for a moment when no request does. Timers (orphaned ends, the
         // watch's generations, the accept pause) are kept.
-        let sleep = if devd.has_chores() {
+        let sleep = if devd.has_chores() || devd.has_peer_claims() {
             Duration::ZERO
         } else {
             [
@@ -311,6 +311,9 @@ fn answer_claims(
     buf: &mut [u8],
     claims: &mut Vec<Held>,
 ) -> io::Result<()> {
+    // The peers' Claims taken in so far: those taken in while the sessions
+    // are read (a Stats request does) wait for the next pass.
+    let peer_claims = devd.take_peer_claims();
     let mut events = vec![EpollEvent::default(); devd.session_count() + 4];
     let n = loop {
         match epoll.wait(0, &mut events) {
@@ -328,7 +331,7 @@ fn answer_claims(
     }
     // A peer's Claim: its connector's Intent was sent here before its
     // connect left the host.
-    devd.answer_peer_claims();
+    devd.answer_peer_claims(peer_claims);
     for (sid, req, fds) in std::mem::take(claims) {
         // The session may have ended meanwhile (then nobody waits).
         if devd.session_sock(sid).is_none() {

@@ -169,8 +169,8 @@ struct Side {
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
-    /// When a side alone here (its peer on another host) went, waiting
-    /// for its last bytes and mark to leave.
+    /// When a side alone here (its peer on another host) that went,
+    /// waiting for its last bytes and mark to leave, last moved any.
     gone_at: Option<Instant>,
     dead: bool,
 }
@@ -594,6 +594,7 @@ impl Engine {
     fn pump_pair(&mut self, id: u64, pair: &mut Pair) -> Option<bool> {
         self.words_in(id, pair);
         let mut again = false;
+        let mut moved = false;
         for round in 0.. {
             if round == BUDGET {
                 again = true;
@@ -606,6 +607,7 @@ impl Engine {
             for s in 0..pair.sides.len() {
                 progress |= self.rx(id, pair, s);
             }
+            moved |= progress;
             if progress {
                 continue;
             }
@@ -636,11 +638,15 @@ impl Engine {
         // A local pair ends when both sides went; a side alone here (its
         // peer on another host) only once its last bytes and its mark left.
         let alone = pair.sides.len() == 1;
+        if alone && moved && pair.sides[0].gone_at.is_some() {
+            // The other host still takes its bytes: it waits on.
+            pair.sides[0].gone_at = Some(Instant::now());
+        }
         if alone
             && pair.sides[0].gone_at.is_some_and(|t| t.elapsed() > LINGER)
             && !pair.sides[0].dead
         {
-            // Its last bytes never left (the other host took nothing).
+            // Its last bytes did not move for that long.
             log::warn!("connection {id}: the other host took nothing for {LINGER:?}; resetting it");
             self.reset_side(pair, 0);
         }

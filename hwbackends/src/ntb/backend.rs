@@ -493,8 +493,14 @@ impl Ntb {
                     q.copy_from_slice(&b[8 * i..8 * i + 8]);
                     *x = u64::from_le_bytes(q);
                 }
-                // Words after its end are of no use to anyone.
-                if let Some(c) = self.chans.get_mut(&h.dst).filter(|c| c.rx_mark.is_none()) {
+                // Words after an abortive end are of no use to anyone
+                // (after an orderly one the reader still reads, and says
+                // so: TAKEN).
+                if let Some(c) = self
+                    .chans
+                    .get_mut(&h.dst)
+                    .filter(|c| c.rx_mark != Some(Mark::Reset) && !c.peer_gone)
+                {
                     c.words = Some(w);
                 }
             }

@@ -246,6 +246,12 @@ impl Handover {
             // The acceptor moves once its connector holds its end; the
             // connector once CLAIM says the acceptor holds its own.
             let go = if self.side == 1 {
+                if layout::claim(&self.map) == CLAIM_KERNEL {
+                    // Its connector's devd (another host's) found no
+                    // intent: the connector never held its end.
+                    self.stay_on_kernel();
+                    return;
+                }
                 layout::connector_ready(&self.map)
             } else {
                 match layout::claim(&self.map) {
@@ -332,7 +338,7 @@ impl Handover {
     /// are over too).
     fn kernel_end_ends(&mut self) {
         self.tcp_eof = true;
-        if matches!(self.rx, Rx::Tcp(None)) && !self.end_unsure() {
+        if matches!(self.rx, Rx::Tcp(None)) && !self.end_unsure(self.inner.region_mark()) {
             self.peer_closed = true;
         }
     }
@@ -341,21 +347,31 @@ impl Handover {
     /// FIN through the kernel, in no set order: a kernel end seen while
     /// that offset is unknown and the region has not ended says nothing
     /// yet (the peer's engine sends the words before its end mark, so one
-    /// of them comes).
-    fn end_unsure(&self) -> bool {
+    /// of them comes). `mark`: the region's end marks, read before the
+    /// offset was looked at (the engine sets them after the words). Not
+    /// while the peer cannot have moved: a connector's acceptor has not
+    /// said it holds its end (it says so before it can move), or devd
+    /// said the connection stays on the kernel socket.
+    fn end_unsure(&self, mark: u32) -> bool {
         !self.kernel
             && matches!(self.rx, Rx::Tcp(None))
             && layout::is_remote(&self.map)
-            && self.inner.region_mark() == 0
+            && mark == 0
+            && match layout::claim(&self.map) {
+                CLAIM_KERNEL => false,
+                CLAIM_ACCEPTED => true,
+                _ => self.side == 1,
+            }
     }
 
     /// A remote peer's end came through the region without its offset:
     /// reset (its writes moved, then the link or its end broke).
-    fn reset_without_offset(&self) -> bool {
+    fn reset_without_offset(&self, mark: u32) -> bool {
         !self.kernel
             && matches!(self.rx, Rx::Tcp(None))
             && layout::is_remote(&self.map)
-            && self.inner.region_mark() & FLAG_RESET != 0
+            && mark & FLAG_RESET != 0
+            && layout::claim(&self.map) != CLAIM_KERNEL
     }
 
     /// Sleeps (100 ms at most at a time, and not past the call's deadline)
@@ -456,7 +472,10 @@ impl Handover {
                     if self.kernel {
                         return Ok(0);
                     }
-                    // The writer may have moved just before it closed.
+                    // The writer may have moved just before it closed. (The
+                    // region's mark first: a remote peer's engine sets it
+                    // after its words, see `end_unsure`.)
+                    let mark = self.inner.region_mark();
                     self.step();
                     match self.rx {
                         Rx::Ring => continue,
@@ -481,13 +500,13 @@ impl Handover {
                             }
                             return Ok(0);
                         }
-                        _ if self.end_unsure() => {
+                        _ if self.end_unsure(mark) => {
                             if ctx.nonblocking {
                                 return Err(would_block());
                             }
                             self.wait_region(ctx)?;
                         }
-                        _ if self.reset_without_offset() => {
+                        _ if self.reset_without_offset(mark) => {
                             self.broken = true;
                             return Err(reset_error());
                         }
@@ -787,7 +806,7 @@ impl Transport for Handover {
         let tx_ring = !self.kernel && self.tx == Tx::Ring;
         // A remote peer's end with nothing before it, while its offset is
         // unknown: not an end yet (see `end_unsure`).
-        let unsure = k & libc::POLLRDHUP != 0 && self.end_unsure() && {
+        let unsure = k & libc::POLLRDHUP != 0 && self.end_unsure(self.inner.region_mark()) && {
             let mut b = [0u8; 1];
             let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
             matches!(ssock_rings::sys::recv(ctx.tcp, &mut b, peek), Ok(0))

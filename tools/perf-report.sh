@@ -2,7 +2,8 @@
 # Regenerates docs/performance.md and docs/performance.png from one run
 # (release build): ssock-bench, then tools/apps-bench.py (redis, sockperf,
 # iperf3 with and without ssock-run, if installed), then the targets table
-# computed from both (tools/perf-targets.py).
+# computed from both (tools/perf-targets.py), then, as root with iproute2,
+# ssock-bench --two-hosts in the two-host lab (tools/two-host-lab.sh).
 # Usage: tools/perf-report.sh [ROUNDS [OUT_DIR [SSOCK-BENCH ARGS...]]]
 #   ROUNDS   ssock-bench --rounds (default 7)
 #   OUT_DIR  where performance.md and performance.png go (default docs);
@@ -22,7 +23,7 @@ bench="$target/release/ssock-bench"
 mkdir -p "$out"
 cargo build --release --quiet --workspace --bins --lib
 tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+trap 'tools/two-host-lab.sh down "$tmp/lab" >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
 # The png next to the page, named as the page links it.
 cmd=("$bench" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown --plot "$out/performance.png" --json-out "$tmp/bench.json")
 report="$("${cmd[@]}")"
@@ -33,6 +34,16 @@ if apps="$(CARGO_TARGET_DIR="$target" "${apps_cmd[@]}")"; then
 else
   apps="(not run: $(tools/apps-bench.py --rounds 0 2>&1 | tail -1))"
   targets="(needs the real programs: apt-get install redis-server redis-tools sockperf iperf3)"
+fi
+# Between two hosts: the lab's host a against host b.
+two_cmd=("$bench" --two-hosts "$tmp/lab" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown)
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null &&
+   tools/two-host-lab.sh up "$tmp/lab" "$target/release" >/dev/null; then
+  sleep 2
+  two="$(tools/two-host-lab.sh exec "$tmp/lab" a "${two_cmd[@]}")" || two="(the run failed)"
+  tools/two-host-lab.sh down "$tmp/lab" >/dev/null
+else
+  two="(not run: the two-host lab needs root and iproute2)"
 fi
 {
   echo "# Performance"
@@ -79,6 +90,16 @@ fi
   echo "![Ping-pong latency against message size and streaming throughput against write size](performance.png)"
   echo
   echo "$report"
+  echo
+  echo "## Two hosts"
+  echo
+  echo "Command: \`ssock-bench --two-hosts LAB --rounds $rounds${extra[*]:+ ${extra[*]}} --markdown\` run on host a of the two-host lab"
+  echo "(\`tools/two-host-lab.sh\`: two network namespaces on this machine joined by a veth pair, a devd in each,"
+  echo "the ntb link emulated by an ivshmem server's memory and eventfd doorbells: no real PCIe hardware),"
+  echo "against its peer on host b. Kernel TCP crosses the veth pair; Queued is a remote connection through"
+  echo "both devds' engines and the emulated window. Both hosts share this machine's CPUs."
+  echo
+  echo "$two"
   echo
   cat docs/performance-limits.md
 } > "$out/performance.md"

@@ -52,12 +52,18 @@ def echo(c):
         c.close()
 
 
-def serve(port):
+def listening(port, backlog=64):
+    """A listener on every address at port, announced with LISTENING."""
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("0.0.0.0", port))
-    ls.listen(64)
+    ls.listen(backlog)
     print("LISTENING", flush=True)
+    return ls
+
+
+def serve(port):
+    ls = listening(port)
     while True:
         c, _ = ls.accept()
         threading.Thread(target=echo, args=(c,), daemon=True).start()
@@ -108,11 +114,7 @@ def hang(host, port):
 
 
 def wait(port, block=False):
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
-    ls.listen(1)
-    print("LISTENING", flush=True)
+    ls = listening(port, 1)
     c, _ = ls.accept()
     if not block:
         c.settimeout(30)
@@ -133,11 +135,7 @@ def wait(port, block=False):
 
 
 def answer(port):
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
-    ls.listen(64)
-    print("LISTENING", flush=True)
+    ls = listening(port)
     while True:
         c, _ = ls.accept()
         line = b""

@@ -337,12 +337,7 @@ impl Devd {
         let Some(mut intent) = intent else {
             // An intent given up before this Claim: the acceptor stays on
             // kernel TCP (counted).
-            let gone = self.reg.gone.iter().position(|g| {
-                g.key == here
-                    && sys::local_addr(g.sock.as_fd())
-                        .is_ok_and(|l| peer_of(&g.sock, l, here, from))
-            });
-            if let Some(g) = gone.and_then(|i| self.reg.gone.remove(i)) {
+            if let Some(g) = self.take_gone(here, from) {
                 return Ok(self.expect_kernel(g.token, FallbackReason::ConnectorGone));
             }
             // No intent here: from a peer host, its devd may hold one.
@@ -568,6 +563,22 @@ impl Devd {
             }
         }
         Ok(reply)
+    }
+}
+
+impl Devd {
+    /// The buried intent (see [`registry::Gone`]) whose connector's socket
+    /// is connected from `from` to `here`, taken out.
+    pub(super) fn take_gone(
+        &mut self,
+        here: (std::net::IpAddr, u16),
+        from: (std::net::IpAddr, u16),
+    ) -> Option<registry::Gone> {
+        let i = self.reg.gone.iter().position(|g| {
+            g.key == here
+                && sys::local_addr(g.sock.as_fd()).is_ok_and(|l| peer_of(&g.sock, l, here, from))
+        })?;
+        self.reg.gone.remove(i)
     }
 }
 

@@ -384,13 +384,7 @@ impl Devd {
         });
         let Some(mut intent) = intent else {
             // One its connector let go of before this Claim came.
-            let gone = self.reg.gone.iter().position(|g| {
-                g.key == here
-                    && sys::local_addr(g.sock.as_fd())
-                        .is_ok_and(|l| peer_of(&g.sock, l, here, from))
-            });
-            if let Some(g) = gone {
-                self.reg.gone.remove(g);
+            if self.take_gone(here, from).is_some() {
                 self.totals.fallback(FallbackReason::ConnectorGone);
                 return Answer::ConnectorGone;
             }

@@ -199,6 +199,18 @@ const REMOTE_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 /// its last bytes before it is reset and forgotten.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// `side` ends with a reset both ways: its client sees it, and the peer
+/// through `backend`; nothing it held waits any more.
+fn reset(backend: &mut dyn Backend, side: &mut Side) {
+    side.dead = true;
+    side.tx_pending = None;
+    side.unacked.clear();
+    let _ = backend.send_mark(side.ch, Mark::Reset);
+    side.mark_sent = true;
+    let _ = side.region.set_rx_flags(FLAG_RESET);
+    let _ = side.call.notify();
+}
+
 /// The channel of side `side` of local connection `id`.
 fn chan(id: u64, side: usize) -> ChannelId {
     id * 2 + side as u64
@@ -715,14 +727,7 @@ impl Engine {
 
     /// Side `s` ends with a reset both ways (its client and the peer).
     fn reset_side(&mut self, pair: &mut Pair, s: usize) {
-        let side = &mut pair.sides[s];
-        side.dead = true;
-        side.tx_pending = None;
-        side.unacked.clear();
-        let _ = self.backend.send_mark(side.ch, Mark::Reset);
-        side.mark_sent = true;
-        let _ = side.region.set_rx_flags(FLAG_RESET);
-        let _ = side.call.notify();
+        reset(self.backend.as_mut(), &mut pair.sides[s]);
     }
 
     /// The link to `node` went down: every side whose channel crossed it
@@ -735,13 +740,7 @@ impl Engine {
                 if side.dead || !matches!(side.peer, Peer::Remote { node: n, .. } if n == node) {
                     continue;
                 }
-                side.dead = true;
-                side.tx_pending = None;
-                side.unacked.clear();
-                let _ = self.backend.send_mark(side.ch, Mark::Reset);
-                side.mark_sent = true;
-                let _ = side.region.set_rx_flags(FLAG_RESET);
-                let _ = side.call.notify();
+                reset(self.backend.as_mut(), side);
                 touched.push(id);
             }
         }

@@ -548,3 +548,50 @@ fn a_client_that_closes_at_once_gives_the_server_its_end_at_once() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn ssock_bench_two_hosts_measures_both_paths_in_the_lab() -> Result<()> {
+    let Some(lab) = ready("bench")? else {
+        return Ok(());
+    };
+    let dir = lab.dir.to_string_lossy().to_string();
+    let bench = ssock_tests::bin("ssock-bench")
+        .to_string_lossy()
+        .to_string();
+    let args = [
+        "--two-hosts",
+        dir.as_str(),
+        "--quick",
+        "--rounds",
+        "1",
+        "--only",
+        "ping-pong 1 B",
+        "--json",
+    ];
+    let out = lab.on(0, &bench).args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "ssock-bench --two-hosts: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let row = &v["results"][0];
+    ensure!(row["test"] == "ping-pong 1 B", "{row}");
+    let median = |t: &str| {
+        row["transports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["transport"] == t))
+            .and_then(|x| x["median"].as_f64())
+            .unwrap_or(0.0)
+    };
+    ensure!(
+        median("kernel") > 0.0 && median("queued") > 0.0,
+        "both kernel TCP over the veth and Queued over the link measured: {row}"
+    );
+    // The bench refuses a connection that is not Queued; host b's devd
+    // counted its connections as remote ones.
+    let b = settled(&lab, 1, |t| remote_count(t) > 0)?;
+    ensure!(remote_count(&b) > 0, "host b: {b}");
+    Ok(())
+}

@@ -1119,6 +1119,32 @@ struct Args {
     two_hosts: Option<PathBuf>,
 }
 
+/// Waits (up to 10 s) until the devd at `socket` heard a peer advertise a
+/// listener on `port` (within 200 ms of its registration).
+fn wait_advertised(socket: &Path, port: u16) -> Result<()> {
+    let s = ssock_client::Session::connect(socket)
+        .map_err(|e| anyhow::anyhow!("devd at {}: {e}", socket.display()))?;
+    let t = Instant::now();
+    let suffix = format!(":{port}");
+    loop {
+        let v = ssock_tools::fetch_stats(&s)?;
+        let heard = v["peers"].as_array().into_iter().flatten().any(|p| {
+            p["listeners"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|a| a.as_str().is_some_and(|a| a.ends_with(&suffix)))
+            })
+        });
+        if heard {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "host a's devd never heard of the peer's listener on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Host b of the two-host lab in `dir`: its network namespace, its
 /// address and its devd's socket.
 fn lab_host_b(dir: &Path) -> Result<(String, std::net::IpAddr, PathBuf)> {
@@ -1286,9 +1312,9 @@ fn bench(args: &[String]) -> Result<()> {
             unix: path.into(),
         };
         if a.two_hosts.is_some() {
-            // Host a's devd hears of the peer's listener within 200 ms;
-            // until then a connection to it would stay on kernel TCP.
-            std::thread::sleep(Duration::from_millis(500));
+            // Until host a's devd heard of the peer's listener, a
+            // connection to it would stay on kernel TCP.
+            wait_advertised(&socket, peer.tcp.port())?;
         }
         let _unix = RemoveOnDrop(peer.unix.clone());
         // After spawning the peer: it must not inherit the pinning.

@@ -169,6 +169,9 @@ struct Side {
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
+    /// Bytes wait in the backend for an RX buffer of this side (the last
+    /// `rx` found none posted): a repost is news.
+    rx_waiting: bool,
     /// When a side alone here (its peer on another host) that went,
     /// waiting for its last bytes and mark to leave, last moved any.
     gone_at: Option<Instant>,
@@ -195,6 +198,8 @@ const BUDGET: usize = 64;
 /// for over 10 us, and none follows a turn that served no such
 /// connection: idle, the engine sleeps.
 const REMOTE_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// Looks for news between two looks at the clock in `spin_for_news`.
+const SPIN_LOOKS: usize = 16;
 /// How long a side whose client went waits for the other host to take
 /// its last bytes before it is reset and forgotten.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
@@ -407,34 +412,52 @@ impl Engine {
         };
         let left = until.saturating_duration_since(Instant::now());
         let mut spin = ssock_rings::notify::Spin::new(left);
-        while spin.again() {
-            if self.backend.news_waiting() {
-                return true;
-            }
-            for &id in &self.remote {
-                let Some(p) = self.pairs.get(&id) else {
-                    continue;
-                };
+        // Looked up once: nothing changes them while the engine spins.
+        let watched: Vec<(u64, &Pair)> = self
+            .remote
+            .iter()
+            .filter_map(|&id| self.pairs.get(&id).map(|p| (id, p)))
+            .collect();
+        let backend = &self.backend;
+        let mut found = None;
+        'spin: while spin.again() {
+            // Several looks per look at the clock (each one a vDSO call).
+            for _ in 0..SPIN_LOOKS {
+                if backend.news_waiting() {
+                    found = Some(None);
+                    break 'spin;
+                }
                 // Bytes to take (unless the last ones still wait for the
                 // window: then only the peer's acknowledgement is news),
-                // or room for bytes that wait.
-                let news = p.sides.iter().any(|s| {
-                    !s.dead
-                        && ((s.tx_pending.is_none() && !s.mark_sent && s.region.has_avail(TX))
-                            || (s.region.has_avail(RX) && self.backend.pending(s.ch) > 0))
+                // or room for bytes that wait for it.
+                let news = watched.iter().find(|(_, p)| {
+                    p.sides.iter().any(|s| {
+                        !s.dead
+                            && ((s.tx_pending.is_none() && !s.mark_sent && s.region.has_avail(TX))
+                                || (s.rx_waiting && s.region.has_avail(RX)))
+                    })
                 });
-                if news {
-                    if !self.busy.contains(&id) {
-                        self.busy.push_back(id);
-                    }
-                    return true;
+                if let Some(&(id, _)) = news {
+                    found = Some(Some(id));
+                    break 'spin;
                 }
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
         }
-        // Spun out (or others want the CPU): sleep.
-        self.spin_until = None;
-        false
+        drop(watched);
+        match found {
+            Some(id) => {
+                if let Some(id) = id.filter(|id| !self.busy.contains(id)) {
+                    self.busy.push_back(id);
+                }
+                true
+            }
+            None => {
+                // Spun out (or others want the CPU): sleep.
+                self.spin_until = None;
+                false
+            }
+        }
     }
 
     /// What the backend says changed: the connections of the channels it
@@ -495,6 +518,7 @@ impl Engine {
                     mark_sent: false,
                     rx_marked: false,
                     gone: false,
+                    rx_waiting: false,
                     gone_at: None,
                     dead: false,
                 };
@@ -956,6 +980,7 @@ impl Engine {
             }
             return progress;
         }
+        side.rx_waiting = false;
         loop {
             if self.backend.pending(ch) == 0 {
                 let side = &mut pair.sides[s];
@@ -970,7 +995,10 @@ impl Engine {
             }
             let buf = match pair.sides[s].region.pop(RX) {
                 Ok(Some(b)) => b,
-                Ok(None) => break,
+                Ok(None) => {
+                    pair.sides[s].rx_waiting = true;
+                    break;
+                }
                 Err(e) => {
                     self.violation(id, pair, s, &e);
                     return true;

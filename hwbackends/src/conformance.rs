@@ -11,7 +11,7 @@
 //!
 //! Never here: a backend's private behaviour, timing.
 
-use crate::{Backend, BackendError, ChannelId, Mark, Recv};
+use crate::{Backend, BackendError, ChannelId, Mark, Peer, Recv};
 
 /// One end of a channel pair: which of the lab's backends, which channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,67 @@ pub trait Lab {
     /// Every channel `Backend::poll` named on backend `at` since the last
     /// call, `settle`'s polls included.
     fn poll(&mut self, at: usize) -> Vec<ChannelId>;
+}
+
+/// Two backends, nodes 1 and 2 (at 0 and 1), joined by a link: the lab of
+/// a backend between hosts. With `local_too`, every other pair is two
+/// local channels on node 1 (a backend that reaches both).
+pub struct Linked<B: Backend> {
+    /// Node 1's backend, node 2's.
+    pub b: [B; 2],
+    named: [Vec<ChannelId>; 2],
+    next: ChannelId,
+    local_too: bool,
+}
+
+impl<B: Backend> Linked<B> {
+    /// The lab over `b`, settled (both sides see each other).
+    pub fn new(b: [B; 2], local_too: bool) -> Linked<B> {
+        let mut n = Linked {
+            b,
+            named: [Vec::new(), Vec::new()],
+            next: 100,
+            local_too,
+        };
+        n.settle();
+        n.named = [Vec::new(), Vec::new()];
+        n
+    }
+}
+
+impl<B: Backend> Lab for Linked<B> {
+    fn pair(&mut self) -> [End; 2] {
+        // The same channel id on both nodes: the suite must not care.
+        let ch = self.next;
+        self.next += 2;
+        if self.local_too && ch.is_multiple_of(4) {
+            self.b[0].open(ch, Peer::Local(ch + 1)).expect("open");
+            self.b[0].open(ch + 1, Peer::Local(ch)).expect("open");
+            return [End { at: 0, ch }, End { at: 0, ch: ch + 1 }];
+        }
+        for (i, node) in [(0, 2), (1, 1)] {
+            let peer = Peer::Remote { node, channel: ch };
+            self.b[i].open(ch, peer).expect("open");
+        }
+        [End { at: 0, ch }, End { at: 1, ch }]
+    }
+
+    fn backend(&mut self, i: usize) -> &mut dyn Backend {
+        &mut self.b[i]
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..6 {
+            for i in 0..2 {
+                self.b[i].poll(&mut self.named[i]);
+            }
+        }
+    }
+
+    fn poll(&mut self, at: usize) -> Vec<ChannelId> {
+        self.b[at].poll(&mut self.named[at]);
+        std::mem::take(&mut self.named[at])
+    }
 }
 
 /// One case of the suite.

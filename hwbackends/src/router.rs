@@ -145,63 +145,13 @@ impl Backend for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{self, End, Lab};
+    use crate::conformance::{self, Linked};
     use crate::loopback::Loopback;
     use crate::ntb::{MemWindow, Ntb};
 
     /// Two nodes, each a router over a loopback and its ntb link to the
-    /// other; pairs alternate between local (on node 0) and remote ones.
-    struct Routed {
-        r: [Router; 2],
-        named: [Vec<ChannelId>; 2],
-        next: ChannelId,
-    }
-
-    impl Lab for Routed {
-        fn pair(&mut self) -> [End; 2] {
-            let ch = self.next;
-            self.next += 2;
-            if ch.is_multiple_of(4) {
-                self.r[0].open(ch, Peer::Local(ch + 1)).unwrap();
-                self.r[0].open(ch + 1, Peer::Local(ch)).unwrap();
-                [End { at: 0, ch }, End { at: 0, ch: ch + 1 }]
-            } else {
-                self.r[0]
-                    .open(
-                        ch,
-                        Peer::Remote {
-                            node: 2,
-                            channel: ch,
-                        },
-                    )
-                    .unwrap();
-                self.r[1]
-                    .open(
-                        ch,
-                        Peer::Remote {
-                            node: 1,
-                            channel: ch,
-                        },
-                    )
-                    .unwrap();
-                [End { at: 0, ch }, End { at: 1, ch }]
-            }
-        }
-        fn backend(&mut self, i: usize) -> &mut dyn Backend {
-            &mut self.r[i]
-        }
-        fn settle(&mut self) {
-            for _ in 0..6 {
-                for i in 0..2 {
-                    self.r[i].poll(&mut self.named[i]);
-                }
-            }
-        }
-        fn poll(&mut self, at: usize) -> Vec<ChannelId> {
-            self.r[at].poll(&mut self.named[at]);
-            std::mem::take(&mut self.named[at])
-        }
-    }
+    /// other; pairs alternate between local (on node 1) and remote ones.
+    type Routed = Linked<Router>;
 
     fn routed() -> Routed {
         let (w1, w2) = MemWindow::pair(1 << 20).unwrap();
@@ -211,14 +161,7 @@ mod tests {
                 Box::new(Ntb::new(peer, Box::new(w), 64 * 1024)),
             ])
         };
-        let mut n = Routed {
-            r: [node(2, w1), node(1, w2)],
-            named: [Vec::new(), Vec::new()],
-            next: 100,
-        };
-        n.settle(); // both epochs seen: frames flow
-        n.named = [Vec::new(), Vec::new()];
-        n
+        Linked::new([node(2, w1), node(1, w2)], true)
     }
 
     #[test]
@@ -229,16 +172,16 @@ mod tests {
     #[test]
     fn channels_go_where_their_peer_is_reached() {
         let mut n = routed();
-        assert_eq!(n.r[0].capabilities().name, "loopback+ntb");
-        assert!(n.r[0].capabilities().remote);
+        assert_eq!(n.b[0].capabilities().name, "loopback+ntb");
+        assert!(n.b[0].capabilities().remote);
         assert!(
-            !n.r[0].capabilities().passive,
+            !n.b[0].capabilities().passive,
             "the link's news come by themselves"
         );
-        assert_eq!(n.r[0].readiness().len(), 1, "the link's doorbell");
-        assert!(n.r[0].deadline().is_some(), "the link's heartbeat");
+        assert_eq!(n.b[0].readiness().len(), 1, "the link's doorbell");
+        assert!(n.b[0].deadline().is_some(), "the link's heartbeat");
         assert_eq!(
-            n.r[0].open(
+            n.b[0].open(
                 1,
                 Peer::Remote {
                     node: 9,
@@ -247,9 +190,9 @@ mod tests {
             ),
             Err(BackendError::Unreachable(1))
         );
-        n.r[0].open(1, Peer::Local(2)).unwrap();
-        assert_eq!(n.r[0].open(1, Peer::Local(3)), Err(BackendError::Busy(1)));
-        n.r[0].close(1);
-        assert_eq!(n.r[0].send(1, b"x"), Err(BackendError::NoChannel(1)));
+        n.b[0].open(1, Peer::Local(2)).unwrap();
+        assert_eq!(n.b[0].open(1, Peer::Local(3)), Err(BackendError::Busy(1)));
+        n.b[0].close(1);
+        assert_eq!(n.b[0].send(1, b"x"), Err(BackendError::NoChannel(1)));
     }
 }

@@ -465,9 +465,7 @@ impl Devd {
             self.discard_intent(i);
         }
     }
-}
 
-impl Devd {
     /// This host's Claim on `channel` will not be answered (its peer went
     /// down, or took too long): its acceptor stays on the kernel socket.
     fn unanswered(&mut self, channel: u64) {

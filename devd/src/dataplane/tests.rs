@@ -210,28 +210,8 @@ fn a_remote_peers_tx_buffer_goes_back_only_once_the_peer_took_its_bytes() {
     let (b, mut cb) = region(3);
     // Two connections, each the one end on "this host" of a remote pair.
     let remote = |channel| Peer::Remote { node: 7, channel };
-    add(
-        &e,
-        2,
-        vec![SideSpec {
-            init: a,
-            ch: 20,
-            peer: remote(30),
-            end: 0,
-            hov: None,
-        }],
-    );
-    add(
-        &e,
-        3,
-        vec![SideSpec {
-            init: b,
-            ch: 30,
-            peer: remote(20),
-            end: 1,
-            hov: None,
-        }],
-    );
+    add(&e, 2, alone(a, 20, remote(30), 0, None));
+    add(&e, 3, alone(b, 30, remote(20), 1, None));
     ca.send(0, b"first");
     ca.send(1, b"second");
     assert!(
@@ -267,16 +247,16 @@ fn a_channel_the_backend_cannot_open_resets_both_sides() {
     add(
         &e,
         4,
-        vec![SideSpec {
-            init: a,
-            ch: 40,
-            peer: Peer::Remote {
+        alone(
+            a,
+            40,
+            Peer::Remote {
                 node: 7,
                 channel: 50,
             },
-            end: 0,
-            hov: None,
-        }],
+            0,
+            None,
+        ),
     );
     let t = Instant::now();
     while ca.rx_flags() & FLAG_RESET == 0 {
@@ -293,28 +273,8 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
     let (a, mut ca) = region(5);
     let (b, cb) = region(6);
     let remote = |channel| Peer::Remote { node: 7, channel };
-    add(
-        &e,
-        5,
-        vec![SideSpec {
-            init: a,
-            ch: 50,
-            peer: remote(60),
-            end: 0,
-            hov: None,
-        }],
-    );
-    add(
-        &e,
-        6,
-        vec![SideSpec {
-            init: b,
-            ch: 60,
-            peer: remote(50),
-            end: 1,
-            hov: None,
-        }],
-    );
+    add(&e, 5, alone(a, 50, remote(60), 0, None));
+    add(&e, 6, alone(b, 60, remote(50), 1, None));
     ca.send(0, b"in flight when the link goes");
     events.lock().unwrap().push(LinkEvent {
         node: 7,
@@ -329,6 +289,23 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The one side on "this host" of a connection whose other end is `peer`.
+fn alone(
+    init: SideInit,
+    ch: ChannelId,
+    peer: Peer,
+    end: usize,
+    hov: Option<Arc<Mapping>>,
+) -> Vec<SideSpec> {
+    vec![SideSpec {
+        init,
+        ch,
+        peer,
+        end,
+        hov,
+    }]
 }
 
 fn hov_page() -> Arc<Mapping> {
@@ -351,28 +328,8 @@ fn the_hand_over_words_of_a_remote_pair_are_relayed_both_ways() {
     let (b, cb) = region(8);
     let (ha, hb) = (hov_page(), hov_page());
     let remote = |channel| Peer::Remote { node: 7, channel };
-    add(
-        &e,
-        7,
-        vec![SideSpec {
-            init: a,
-            ch: 70,
-            peer: remote(80),
-            end: 0,
-            hov: Some(ha.clone()),
-        }],
-    );
-    add(
-        &e,
-        8,
-        vec![SideSpec {
-            init: b,
-            ch: 80,
-            peer: remote(70),
-            end: 1,
-            hov: Some(hb.clone()),
-        }],
-    );
+    add(&e, 7, alone(a, 70, remote(80), 0, Some(ha.clone())));
+    add(&e, 8, alone(b, 80, remote(70), 1, Some(hb.clone())));
     // The acceptor says accepted on its host's page, then kicks.
     assert!(layout::accept_claim(&hb));
     cb.kick.notify().unwrap();
@@ -399,16 +356,16 @@ fn a_remote_channel_that_cannot_open_leaves_the_connection_on_kernel_tcp() {
     add(
         &e,
         9,
-        vec![SideSpec {
-            init: a,
-            ch: 90,
-            peer: Peer::Remote {
+        alone(
+            a,
+            90,
+            Peer::Remote {
                 node: 7,
                 channel: 91,
             },
-            end: 1,
-            hov: Some(h.clone()),
-        }],
+            1,
+            Some(h.clone()),
+        ),
     );
     wait_for("no CLAIM = kernel", || {
         layout::claim(&h) == layout::CLAIM_KERNEL

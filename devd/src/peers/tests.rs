@@ -114,6 +114,16 @@ fn a_peer_with_another_key_is_refused_both_ways() {
 
 /// A stranger's connection to node 2: reads node 2's Hello, then does
 /// `act`; returns what node 2 counted.
+/// Writes a Hello from `node` with `nonce` (in protocol `version`).
+fn say_hello(s: &mut TcpStream, version: u16, node: u32, nonce: [u8; NONCE]) {
+    let m = Msg::Hello {
+        version,
+        node,
+        nonce,
+    };
+    s.write_all(&wire::encode(&m)).unwrap();
+}
+
 fn stranger(act: impl FnOnce(&mut TcpStream, [u8; NONCE])) -> (Handle, TcpStream) {
     let (l2, a2) = listener();
     let n2 = node_2(l2);
@@ -172,12 +182,7 @@ fn closed(s: &mut TcpStream) -> bool {
 #[test]
 fn an_unknown_node_garbage_and_a_ping_before_the_handshake_are_refused() {
     let (h, mut s) = stranger(|s, _| {
-        let m = Msg::Hello {
-            version: wire::VERSION,
-            node: 9,
-            nonce: [1; NONCE],
-        };
-        s.write_all(&wire::encode(&m)).unwrap();
+        say_hello(s, wire::VERSION, 9, [1; NONCE]);
     });
     until_refused(&h, "unknown_node");
     assert!(closed(&mut s));
@@ -188,12 +193,7 @@ fn an_unknown_node_garbage_and_a_ping_before_the_handshake_are_refused() {
     until_refused(&h, "malformed");
     assert!(closed(&mut s));
     let (h, mut s) = stranger(|s, _| {
-        let m = Msg::Hello {
-            version: wire::VERSION + 1,
-            node: 1,
-            nonce: [1; NONCE],
-        };
-        s.write_all(&wire::encode(&m)).unwrap();
+        say_hello(s, wire::VERSION + 1, 1, [1; NONCE]);
     });
     until_refused(&h, "version");
     assert!(closed(&mut s));
@@ -204,12 +204,7 @@ fn a_replayed_or_forged_proof_is_refused() {
     // Node 1's identity without its key: a proof over the wrong nonce.
     let (h, mut s) = stranger(|s, nonce2| {
         let mine = [5u8; NONCE];
-        let m = Msg::Hello {
-            version: wire::VERSION,
-            node: 1,
-            nonce: mine,
-        };
-        s.write_all(&wire::encode(&m)).unwrap();
+        say_hello(s, wire::VERSION, 1, mine);
         let mut wrong = nonce2;
         wrong[0] ^= 1;
         let p = wire::prove(KEY, 1, 2, &wrong, &mine);
@@ -221,12 +216,7 @@ fn a_replayed_or_forged_proof_is_refused() {
     // With the key, the same stranger is node 1.
     let (h, _s) = stranger(|s, nonce2| {
         let mine = [6u8; NONCE];
-        let m = Msg::Hello {
-            version: wire::VERSION,
-            node: 1,
-            nonce: mine,
-        };
-        s.write_all(&wire::encode(&m)).unwrap();
+        say_hello(s, wire::VERSION, 1, mine);
         let p = wire::prove(KEY, 1, 2, &nonce2, &mine);
         s.write_all(&wire::encode(&Msg::Proof(p))).unwrap();
     });
@@ -238,12 +228,7 @@ fn after_the_proofs_an_unsealed_or_replayed_frame_ends_the_connection() {
     for replay in [false, true] {
         let (h, mut s) = stranger(|s, nonce2| {
             let mine = [7u8; NONCE];
-            let m = Msg::Hello {
-                version: wire::VERSION,
-                node: 1,
-                nonce: mine,
-            };
-            s.write_all(&wire::encode(&m)).unwrap();
+            say_hello(s, wire::VERSION, 1, mine);
             let p = wire::prove(KEY, 1, 2, &nonce2, &mine);
             s.write_all(&wire::encode(&Msg::Proof(p))).unwrap();
             let mut sealed = wire::Session::new(KEY, 1, 2, &mine, &nonce2);
@@ -285,12 +270,7 @@ fn a_hello_without_its_proof_replaces_no_live_connection() {
     until(&n2, 1, "came up", |p| p.state == "up");
     // A stranger says it is node 1, and proves nothing.
     let mut s = TcpStream::connect(a2).unwrap();
-    let m = Msg::Hello {
-        version: wire::VERSION,
-        node: 1,
-        nonce: [8; NONCE],
-    };
-    s.write_all(&wire::encode(&m)).unwrap();
+    say_hello(&mut s, wire::VERSION, 1, [8; NONCE]);
     std::thread::sleep(Duration::from_millis(500));
     let p = until(&n2, 1, "stayed up", |p| p.state == "up");
     assert_eq!(p.ups, 1, "the live connection was replaced: {p:?}");

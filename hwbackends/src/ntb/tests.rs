@@ -4,78 +4,22 @@
 
 use super::inbox::{self, RING};
 use super::{MemWindow, Ntb, Window, DEAD};
-use crate::conformance::{self, End, Lab};
+use crate::conformance::{self, End, Lab, Linked};
 use crate::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv};
 use std::time::{Duration, Instant};
 
-/// Two nodes (1 and 2), each an `Ntb` over one end of a `MemWindow`.
-struct TwoNodes {
-    b: [Ntb; 2],
-    named: [Vec<ChannelId>; 2],
-    next: ChannelId,
+/// Two nodes (1 and 2), each an `Ntb` over one end of a window.
+type TwoNodes = Linked<Ntb>;
+
+/// Nodes over the two ends of a `MemWindow` of `half` bytes a side.
+fn two_nodes(half: usize, window: usize) -> TwoNodes {
+    let (w1, w2) = MemWindow::pair(half).unwrap();
+    over(Box::new(w1), Box::new(w2), window)
 }
 
-impl TwoNodes {
-    fn new(half: usize, window: usize) -> TwoNodes {
-        let (w1, w2) = MemWindow::pair(half).unwrap();
-        TwoNodes::over(Box::new(w1), Box::new(w2), window)
-    }
-
-    /// Nodes 1 and 2 over the two ends of a window, started.
-    fn over(w1: Box<dyn Window>, w2: Box<dyn Window>, window: usize) -> TwoNodes {
-        let mut n = TwoNodes {
-            b: [Ntb::new(2, w1, window), Ntb::new(1, w2, window)],
-            named: [Vec::new(), Vec::new()],
-            next: 10,
-        };
-        n.settle(); // both epochs seen: frames flow
-        n.named = [Vec::new(), Vec::new()];
-        n
-    }
-}
-
-impl Lab for TwoNodes {
-    fn pair(&mut self) -> [End; 2] {
-        // The same channel id on both nodes: the suite must not care.
-        let ch = self.next;
-        self.next += 1;
-        self.b[0]
-            .open(
-                ch,
-                Peer::Remote {
-                    node: 2,
-                    channel: ch,
-                },
-            )
-            .unwrap();
-        self.b[1]
-            .open(
-                ch,
-                Peer::Remote {
-                    node: 1,
-                    channel: ch,
-                },
-            )
-            .unwrap();
-        [End { at: 0, ch }, End { at: 1, ch }]
-    }
-
-    fn backend(&mut self, i: usize) -> &mut dyn Backend {
-        &mut self.b[i]
-    }
-
-    fn settle(&mut self) {
-        for _ in 0..6 {
-            for i in 0..2 {
-                self.b[i].poll(&mut self.named[i]);
-            }
-        }
-    }
-
-    fn poll(&mut self, at: usize) -> Vec<ChannelId> {
-        self.b[at].poll(&mut self.named[at]);
-        std::mem::take(&mut self.named[at])
-    }
+/// Nodes 1 and 2 over the two ends of a window, started.
+fn over(w1: Box<dyn Window>, w2: Box<dyn Window>, window: usize) -> TwoNodes {
+    Linked::new([Ntb::new(2, w1, window), Ntb::new(1, w2, window)], false)
 }
 
 #[test]
@@ -85,13 +29,13 @@ fn two_ntb_nodes_pass_the_conformance_suite() {
         (256 * 1024, 128 * 1024),
         (64 * 1024, 16384),
     ] {
-        conformance::run_all(&mut || Box::new(TwoNodes::new(half, window)));
+        conformance::run_all(&mut || Box::new(two_nodes(half, window)));
     }
 }
 
 #[test]
 fn small_payloads_are_copied_at_once_and_large_ones_in_a_batch() {
-    let mut lab = TwoNodes::new(1 << 20, 256 * 1024);
+    let mut lab = two_nodes(1 << 20, 256 * 1024);
     let [a, b] = lab.pair();
     assert_eq!(lab.b[0].send(a.ch, &[1u8; 100]).unwrap(), 100);
     assert_eq!(lab.b[0].send(a.ch, &[2u8; 5000]).unwrap(), 5000);
@@ -108,7 +52,7 @@ fn small_payloads_are_copied_at_once_and_large_ones_in_a_batch() {
 
 #[test]
 fn the_backend_wakes_through_its_doorbell_and_has_a_deadline() {
-    let mut lab = TwoNodes::new(1 << 20, 64 * 1024);
+    let mut lab = two_nodes(1 << 20, 64 * 1024);
     let [a, _] = lab.pair();
     lab.settle();
     let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
@@ -130,7 +74,7 @@ fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
 
 #[test]
 fn the_link_comes_up_with_the_peers_heartbeat_and_goes_down_without_it() {
-    let mut lab = TwoNodes::new(64 * 1024, 16384);
+    let mut lab = two_nodes(64 * 1024, 16384);
     lab.settle();
     // Both wrote a beat at start; each saw the other's.
     let ev = lab.b[0].link_events();
@@ -282,7 +226,7 @@ fn a_frame_for_a_channel_not_open_here_is_counted_and_dropped() {
 
 #[test]
 fn a_local_peer_or_another_node_is_unreachable() {
-    let mut lab = TwoNodes::new(64 * 1024, 16384);
+    let mut lab = two_nodes(64 * 1024, 16384);
     let b = &mut lab.b[0];
     assert_eq!(b.open(1, Peer::Local(2)), Err(BackendError::Unreachable(1)));
     assert_eq!(
@@ -370,7 +314,7 @@ impl Lab for IvNodes {
 
 fn iv_nodes(bytes: usize, window: usize) -> IvNodes {
     let server = IvServer::start(bytes);
-    let nodes = TwoNodes::over(
+    let nodes = over(
         Box::new(server.window(0)),
         Box::new(server.window(1)),
         window,

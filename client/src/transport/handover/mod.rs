@@ -353,9 +353,7 @@ impl Handover {
     /// said it holds its end (it says so before it can move), or devd
     /// said the connection stays on the kernel socket.
     fn end_unsure(&self, mark: u32) -> bool {
-        !self.kernel
-            && matches!(self.rx, Rx::Tcp(None))
-            && layout::is_remote(&self.map)
+        self.remote_offset_unknown()
             && mark == 0
             && match layout::claim(&self.map) {
                 CLAIM_KERNEL => false,
@@ -364,12 +362,16 @@ impl Handover {
             }
     }
 
+    /// The peer is on another host and has not said where its writes
+    /// moved (this end still reads the kernel socket).
+    fn remote_offset_unknown(&self) -> bool {
+        !self.kernel && matches!(self.rx, Rx::Tcp(None)) && layout::is_remote(&self.map)
+    }
+
     /// A remote peer's end came through the region without its offset:
     /// reset (its writes moved, then the link or its end broke).
     fn reset_without_offset(&self, mark: u32) -> bool {
-        !self.kernel
-            && matches!(self.rx, Rx::Tcp(None))
-            && layout::is_remote(&self.map)
+        self.remote_offset_unknown()
             && mark & FLAG_RESET != 0
             && layout::claim(&self.map) != CLAIM_KERNEL
     }

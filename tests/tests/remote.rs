@@ -440,11 +440,19 @@ fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
     }
     // Host b counts a connection once host a's answer to its Claim came,
     // which may be after the client is done.
+    // On a loaded machine a connection can be over (on the kernel
+    // socket, its bytes right) before its Claim reached host a: then both
+    // hosts count it as such (connector_gone, kernel), never silently.
+    let gone = |t: &serde_json::Value| t["fallbacks"]["connector_gone"].as_u64().unwrap_or(0);
+    let kernel = |t: &serde_json::Value| t["connections"]["kernel"].as_u64().unwrap_or(0);
     let a = totals(&lab, 0)?;
-    let b = settled(&lab, 1, |t| remote_count(t) == 400)?;
+    let b = settled(&lab, 1, |t| remote_count(t) + kernel(t) == 400)?;
     ensure!(
-        remote_count(&a) == 400 && remote_count(&b) == 400,
-        "every connection crossed as a remote one: {a}\n{b}"
+        remote_count(&a) + gone(&a) == 400
+            && remote_count(&b) + kernel(&b) == 400
+            && remote_count(&a) == remote_count(&b)
+            && remote_count(&b) >= 390,
+        "every connection crossed as a remote one, or is counted as over before its Claim: {a}\n{b}"
     );
     // The answers went through the region (their first bytes may not).
     ensure!(queued_bytes(&b) > 200 * 50_000, "host b: {b}");

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real programs with and without ssock, interleaved in one run.
 
-usage: tools/apps-bench.py [--rounds N] [--markdown] [--json-out FILE]
+usage: tools/apps-bench.py [--rounds N] [--markdown] [--json-out FILE] [--only NAME,...]
        (after cargo build --release)
 
 Each round runs every benchmark twice, once as plain programs on kernel TCP
@@ -598,6 +598,9 @@ def idle(devd):
 
 
 def main():
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(__doc__)
+        return
     rounds = 3
     markdown = "--markdown" in sys.argv
     if "--rounds" in sys.argv:
@@ -605,6 +608,16 @@ def main():
     json_out = None
     if "--json-out" in sys.argv:
         json_out = sys.argv[sys.argv.index("--json-out") + 1]
+    benches = (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle, ab_close,
+               ab_keepalive, wrk50, wrk500, apache2_close, gunicorn_close, node_close, pgbench,
+               memaslap, openmpi, fds)
+    if "--only" in sys.argv:
+        names = sys.argv[sys.argv.index("--only") + 1].split(",")
+        unknown = set(names) - {b.__name__ for b in benches}
+        if unknown:
+            raise SystemExit(f"--only: no benchmark {sorted(unknown)}; there are "
+                             f"{[b.__name__ for b in benches]}")
+        benches = tuple(b for b in benches if b.__name__ in names)
     if pg_bin() is None or shutil.which("runuser") is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
     for prog in ("redis-server", "redis-benchmark", "sockperf", "iperf3", "nginx", "ab", "wrk",
@@ -620,9 +633,7 @@ def main():
     policy = {}
     try:
         for r in range(rounds):
-            for bench in (redis, sockperf, sockperf_nospin, sockperf_busy, iperf3, idle,
-                          ab_close, ab_keepalive, wrk50, wrk500, apache2_close,
-                          gunicorn_close, node_close, pgbench, memaslap, openmpi, fds):
+            for bench in benches:
                 # Which goes first alternates by round: whatever one run
                 # leaves behind (TIME_WAIT sockets, warm caches) weighs on
                 # both sides alike.

@@ -380,6 +380,19 @@ fn mine(session: Option<&Session>) -> Option<(Bell, Option<&'static Bell>)> {
     Some((bell, common))
 }
 
+/// The calling thread's own doorbell's id, taken from the pool if it has
+/// none yet, else asked of devd on `session` (once per thread: 0 if none
+/// is to be had, as for a thread that shares the common one). Its Intent
+/// names it: the acceptor is given it, and its rings wake this thread even
+/// where it cannot ask devd for doorbells (a forked server's child)
+/// instead of every thread through the common one.
+pub fn own_id(session: &Session) -> u32 {
+    match mine(Some(session)) {
+        Some((bell, Some(_))) => bell.id,
+        _ => 0,
+    }
+}
+
 /// A sleep under way on this thread's doorbell (and the common one); the
 /// thread's last one ends by emptying them.
 #[derive(Debug)]

@@ -249,6 +249,7 @@ fn intent_and_connect(
     let intent = Request::Intent {
         dst,
         pref: opts.mode,
+        bell: crate::bells::own_id(session),
     };
     // A connect that returns at once (to a loopback address, or
     // nonblocking: asked of the kernel only for other addresses) runs

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 9;
+pub const CTL_VERSION: u16 = 10;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -272,6 +272,10 @@ pub enum Request {
         dst: SocketAddr,
         /// What the application asked for.
         pref: ModePref,
+        /// The connecting thread's own doorbell (0: none): the acceptor
+        /// is given it, so that its rings wake this thread without asking
+        /// devd, which a forked server's child cannot.
+        bell: u32,
     },
     /// An accepted socket: is there an intent for it? fds: [accepted socket].
     Claim,
@@ -672,9 +676,9 @@ impl Request {
             }
             Request::Listen => W::new(2).finish(),
             Request::Unlisten => W::new(3).finish(),
-            Request::Intent { dst, pref } => {
+            Request::Intent { dst, pref, bell } => {
                 let mut w = W::new(4);
-                w.addr(dst).u8(*pref as u8);
+                w.addr(dst).u8(*pref as u8).u32(*bell);
                 w.finish()
             }
             Request::Claim => W::new(5).finish(),
@@ -731,6 +735,7 @@ impl Request {
             4 => Request::Intent {
                 dst: r.addr()?,
                 pref: ModePref::from_u8(r.u8()?)?,
+                bell: r.u32()?,
             },
             5 => Request::Claim,
             // 6 was Pair (protocol 2).
@@ -916,10 +921,12 @@ mod tests {
             Request::Intent {
                 dst: "127.0.0.1:80".parse().unwrap(),
                 pref: ModePref::Queued,
+                bell: 0,
             },
             Request::Intent {
                 dst: "[::1]:8080".parse().unwrap(),
                 pref: ModePref::Auto,
+                bell: 77,
             },
             Request::Claim,
             Request::Attach,

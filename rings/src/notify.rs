@@ -98,6 +98,14 @@ impl Spin {
     }
 }
 
+impl Spin {
+    /// Whether this thread was off the CPU for over [`OFF_CPU`] since the
+    /// spin last looked at the clock (quiet spins).
+    fn preempted(&self) -> bool {
+        self.start.elapsed().saturating_sub(self.last) > OFF_CPU
+    }
+}
+
 /// This process's threads spinning in [`spin_until`] now.
 static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -163,8 +171,8 @@ pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> 
         return None;
     }
     let _slot = SpinSlot::take()?;
-    let r = spin_for(budget, ready);
-    GATE.scored(r.is_some());
+    let (r, paid) = spin_for(budget, ready);
+    GATE.scored(paid);
     r
 }
 
@@ -220,24 +228,29 @@ impl Gate {
     }
 }
 
-/// Spins calling `ready` until it returns Some or `budget` passes.
-fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
+/// Spins calling `ready` until it returns Some or `budget` passes; and
+/// whether the spin paid: it was answered without this thread being
+/// preempted meanwhile. An answer that came while this thread was off
+/// the CPU came because it was: the peer needed this CPU (a database
+/// backend and its client on one core), and spinning only delayed it.
+fn spin_for<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> (Option<T>, bool) {
     if let Some(v) = ready() {
-        return Some(v);
+        return (Some(v), true);
     }
     if budget.is_zero() {
-        return None;
+        return (None, false);
     }
     let mut spin = Spin::quiet(budget);
     loop {
         for _ in 0..32 {
             std::hint::spin_loop();
             if let Some(v) = ready() {
-                return Some(v);
+                let paid = !spin.preempted();
+                return (Some(v), paid);
             }
         }
         if !spin.again() {
-            return None;
+            return (None, false);
         }
     }
 }
@@ -291,18 +304,30 @@ mod tests {
     #[test]
     fn spin_returns_value_or_gives_up_after_budget() {
         let mut n = 0;
-        assert_eq!(
-            spin_for(Duration::from_millis(50), || {
-                n += 1;
-                (n > 10).then_some(n)
-            }),
-            Some(11)
-        );
+        let (got, _) = spin_for(Duration::from_millis(50), || {
+            n += 1;
+            (n > 10).then_some(n)
+        });
+        assert_eq!(got, Some(11));
+        // An answer that came while the spinner was off the CPU (here: it
+        // slept) is had, but the spin did not pay.
+        let mut first = true;
+        let (got, paid) = spin_for(Duration::from_millis(50), || {
+            if std::mem::take(&mut first) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+            Some(())
+        });
+        assert_eq!((got, paid), (Some(()), false));
         // A quiet spin ends early when this thread was preempted (other
         // work wants the CPU): of a few tries, one runs its whole budget.
         let full = (0..5).any(|_| {
             let t = Instant::now();
-            assert_eq!(spin_for(Duration::from_micros(200), || None::<()>), None);
+            assert_eq!(
+                spin_for(Duration::from_micros(200), || None::<()>),
+                (None, false)
+            );
             t.elapsed() >= Duration::from_micros(200)
         });
         assert!(full, "no spin ran its budget");

@@ -99,6 +99,14 @@ const REBASE_SPAN: u64 = 16 * 1024;
 /// overflow.
 const MAX_POSITION: u64 = 1 << 62;
 
+/// A large write (read) publishes its head (tail) after each this many
+/// bytes, not only at its end: the consumer (producer) copies the first
+/// part out (frees its room) while the rest is copied, as the kernel's
+/// loopback hands a large send on one segment at a time. One whole-ring
+/// copy published at its end would leave each side waiting while the
+/// other copies (OpenMPI's 1 MiB messages: half the copy rate).
+const PUBLISH_EVERY: usize = 64 * 1024;
+
 /// Publishes a sleep: the doorbell to ring, then the odd epoch (Release:
 /// a waker that sees the epoch sees the id). The caller's SeqCst fence
 /// follows.
@@ -258,19 +266,22 @@ impl Producer {
                     .store(self.base, Ordering::Relaxed);
             }
         }
-        copy_in(
-            &self.map,
-            self.o.data,
-            self.cap,
-            self.head.wrapping_sub(self.base),
-            &buf[..n],
-        );
-        self.head += n as u64;
-        // Release: the bytes copied above become visible before the new head.
-        self.map
-            .u64_at(self.o.head)
-            .store(self.head, Ordering::Release);
-        self.wake_consumer();
+        for part in buf[..n].chunks(PUBLISH_EVERY) {
+            copy_in(
+                &self.map,
+                self.o.data,
+                self.cap,
+                self.head.wrapping_sub(self.base),
+                part,
+            );
+            self.head += part.len() as u64;
+            // Release: the bytes copied above become visible before the
+            // new head.
+            self.map
+                .u64_at(self.o.head)
+                .store(self.head, Ordering::Release);
+            self.wake_consumer();
+        }
         Ok(n)
     }
 
@@ -489,16 +500,27 @@ impl Consumer {
         // Relaxed: base is stored before the head this side loaded with
         // Acquire (Producer::write), and only moves while the ring is empty.
         let base = self.map.u64_at(self.o.base).load(Ordering::Relaxed);
-        copy_out(
-            &self.map,
-            self.o.data,
-            self.cap,
-            self.tail.wrapping_sub(base),
-            &mut buf[..n],
-        );
-        if consume {
-            self.tail += n as u64;
-            // Release: our copies out complete before the producer may reuse the space.
+        if !consume {
+            copy_out(
+                &self.map,
+                self.o.data,
+                self.cap,
+                self.tail.wrapping_sub(base),
+                &mut buf[..n],
+            );
+            return Ok(ReadOutcome::Data(n));
+        }
+        for part in buf[..n].chunks_mut(PUBLISH_EVERY) {
+            copy_out(
+                &self.map,
+                self.o.data,
+                self.cap,
+                self.tail.wrapping_sub(base),
+                part,
+            );
+            self.tail += part.len() as u64;
+            // Release: our copies out complete before the producer may
+            // reuse the space.
             self.map
                 .u64_at(self.o.tail)
                 .store(self.tail, Ordering::Release);
@@ -710,6 +732,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn large_writes_and_reads_go_in_parts_across_the_wrap_and_ring_once() {
+        let (mut p, mut c, m, l) = pair(1 << 20);
+        assert!(l.cap > 4 * PUBLISH_EVERY);
+        // Move the positions off zero so that the big write wraps.
+        let first = vec![9u8; 100_000];
+        assert_eq!(p.write(&first).unwrap(), first.len());
+        let mut sink = vec![0u8; first.len()];
+        assert_eq!(c.read(&mut sink).unwrap(), ReadOutcome::Data(first.len()));
+        assert!(c.arm(7).unwrap());
+        let big: Vec<u8> = (0..l.cap)
+            .map(|i| u8::try_from(i * 131 % 251).unwrap())
+            .collect();
+        assert_eq!(p.write(&big).unwrap(), l.cap);
+        let header = |m: &Mapping| {
+            let mut h = vec![0u8; crate::layout::HEADER_SIZE];
+            m.read_bytes(0, &mut h);
+            h
+        };
+        assert_eq!(
+            snapshot(&header(&m), l, 0).notify_sent,
+            1,
+            "a sleeping reader is rung once for all the write's parts"
+        );
+        c.disarm();
+        let mut got = vec![0u8; l.cap];
+        assert_eq!(c.read(&mut got).unwrap(), ReadOutcome::Data(l.cap));
+        assert!(got == big, "the bytes in order across the wrap");
+        assert_eq!(p.writable().unwrap(), l.cap, "the reader freed it all");
     }
 
     #[test]

@@ -568,7 +568,10 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
                 raise SystemExit(f"corrupt echo at {got}")
             got += len(b)
 
-    echo_until(n)
+    if os.environ.get("ECHO_MODE") == "bigvec":
+        got = sent = big_vectors(s, n)
+    else:
+        echo_until(n)
     if os.environ.get("ECHO_MODE") == "idlepoll":
         # Both directions carried bytes: they are on the rings now.
         idle_pollers(s)
@@ -597,6 +600,50 @@ def client(port, n, vec=False, use_poll=False, use_select=False, use_dup=False, 
     if s.recv(1) != b"":
         raise SystemExit("data after EOF")
     s.close()
+
+
+def big_vectors(s, n):
+    """Sends n bytes of the pattern in vectors larger than the ring
+    (sendmsg and writev in turns, a thread of their own, each vector
+    several iovecs of which one is a single byte), while this thread
+    receives the echo with readv into three buffers of odd sizes and
+    verifies it. Returns n."""
+    import os
+    import threading
+    data = pattern(n)
+    failed = []
+
+    def send():
+        try:
+            off, turn = 0, 0
+            while off < n:
+                blk = data[off:off + 400_000]
+                parts = [blk[:1], blk[1:250_000], blk[250_000:250_003], blk[250_003:]]
+                parts = [p for p in parts if p]
+                turn += 1
+                k = s.sendmsg(parts) if turn % 2 else os.writev(s.fileno(), parts)
+                if k <= 0:
+                    raise SystemExit(f"vector send returned {k}")
+                off += k
+        except BaseException as e:  # reported by the receiving thread
+            failed.append(e)
+
+    t = threading.Thread(target=send)
+    t.start()
+    got = 0
+    bufs = [bytearray(7), bytearray(90_000), bytearray(300_000)]
+    while got < n:
+        k = os.readv(s.fileno(), bufs)
+        if k == 0:
+            raise SystemExit(f"EOF after {got} bytes")
+        b = b"".join(bytes(x) for x in bufs)[:k]
+        if b != data[got:got + k]:
+            raise SystemExit(f"corrupt echo at {got}")
+        got += k
+    t.join()
+    if failed:
+        raise SystemExit(f"send failed: {failed[0]!r}")
+    return n
 
 
 def failed_pass():

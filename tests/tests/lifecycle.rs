@@ -137,6 +137,7 @@ fn an_unused_intent_holds_its_port_so_no_plain_connection_can_be_mistaken_for_it
         &Request::Intent {
             dst: l.local_addr()?,
             pref: ModePref::Direct,
+            bell: 0,
         },
         &[s.as_fd()],
     )?;
@@ -290,6 +291,7 @@ fn a_claim_read_before_its_intent_still_finds_it() -> Result<()> {
         let intent = Request::Intent {
             dst,
             pref: ModePref::Direct,
+            bell: 0,
         };
         c.send(&intent.encode(), &[s.as_fd()])?;
         s.connect(&dst.into())?;
@@ -606,6 +608,7 @@ fn refused_and_repeated_connects_are_not_counted_as_kernel_connections() -> Resu
     let intent = Request::Intent {
         dst,
         pref: ModePref::Direct,
+        bell: 0,
     };
     let not_enabled = Response::Kernel {
         reason: FallbackReason::PeerNotEnabled,

@@ -277,6 +277,22 @@ fn vectored_calls_sendmsg_writev_recvmsg_readv_go_through_the_shim() -> Result<(
 }
 
 #[test]
+fn vectors_larger_than_the_ring_go_whole_without_staging() -> Result<()> {
+    // writev and sendmsg of 400 KB vectors (one iovec a single byte) into
+    // a ring of under 40 KiB, from a thread of their own, while the main
+    // thread reads the echo with readv into three odd-sized buffers: each
+    // vector is written piece after piece across many waits, in order,
+    // every byte verified.
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&["--region-size", "81920"])?;
+    let conn = echo_pair(&d, false, false, &[("ECHO_MODE", "bigvec")])?
+        .context("no accelerated connection")?;
+    direct_with_every_byte(&conn)
+}
+
+#[test]
 fn poll_reports_ring_readiness_of_accelerated_sockets() -> Result<()> {
     // The client waits in poll(2) for POLLOUT before each send and POLLIN
     // before each receive: on an accelerated socket only the shim can say

@@ -11,7 +11,7 @@
 use crate::obj::Obj;
 use crate::outcome::Outcome;
 use crate::sleep;
-use crate::sock::{lock, Entry};
+use crate::sock::{lock, Entry, Sock};
 use crate::wait;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -91,21 +91,27 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Outcom
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
             .into();
     }
+    recv_into(e, fd, &mut [buf], flags)
+}
+
+/// `recv` into the concatenation of `bufs` (MSG_PEEK: one buffer only).
+fn recv_into(e: &Entry, fd: BorrowedFd<'_>, bufs: &mut [&mut [u8]], flags: i32) -> Outcome<usize> {
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut got = 0;
     loop {
         let r = {
             let mut s = lock(e);
             nonblocking |= s.nonblocking;
-            s.recv_now(fd, &mut buf[got..], peek)
+            recv_now_vec(&mut s, fd, bufs, got, peek)
         };
         match r {
             Outcome::Done(0) => return Outcome::Done(got),
             Outcome::Done(n) => {
                 got += n;
-                if !waitall || got == buf.len() {
+                if !waitall || got == total {
                     return Outcome::Done(got);
                 }
             }
@@ -135,6 +141,64 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Outcom
     }
 }
 
+/// One non-blocking receive into the concatenation of `bufs` from byte
+/// `from` on, under the socket's lock: buffer after buffer while each
+/// fills, as one receive into their concatenation (no staging copy).
+fn recv_now_vec(
+    s: &mut Sock,
+    fd: BorrowedFd<'_>,
+    bufs: &mut [&mut [u8]],
+    from: usize,
+    peek: bool,
+) -> Outcome<usize> {
+    let mut skip = from;
+    let mut got = 0;
+    for b in bufs.iter_mut() {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let piece = &mut b[skip..];
+        skip = 0;
+        match s.recv_now(fd, piece, peek) {
+            Outcome::Done(n) => {
+                got += n;
+                if n < piece.len() {
+                    break;
+                }
+            }
+            other => return if got > 0 { Outcome::Done(got) } else { other },
+        }
+    }
+    Outcome::Done(got)
+}
+
+/// One non-blocking send of the concatenation of `bufs` from byte `from`
+/// on, under the socket's lock: buffer after buffer while each goes whole,
+/// as one send of their concatenation (no staging copy).
+fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -> Outcome<usize> {
+    let mut skip = from;
+    let mut sent = 0;
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let piece = &b[skip..];
+        skip = 0;
+        match s.send_now(fd, piece) {
+            Outcome::Done(n) => {
+                sent += n;
+                if n < piece.len() {
+                    break;
+                }
+            }
+            other => return if sent > 0 { Outcome::Done(sent) } else { other },
+        }
+    }
+    Outcome::Done(sent)
+}
+
 /// Marks a socket's send as under way across waits, so that concurrent
 /// sends land whole; cleared when the send ends, however it ends.
 struct SendTurn<'a>(&'a Entry, bool);
@@ -156,6 +220,12 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
     if flags & libc::MSG_OOB != 0 {
         return send_urgent(e, fd, buf, flags);
     }
+    send_from(e, fd, &[buf], flags)
+}
+
+/// `send` of the concatenation of `bufs` (not MSG_OOB).
+fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outcome<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let mut turn = SendTurn(e, false);
     let mut turn_deadline: Option<Option<std::time::Instant>> = None;
@@ -190,10 +260,10 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
                 }
                 continue;
             }
-            let r = s.send_now(fd, &buf[off..]);
+            let r = send_now_vec(&mut s, fd, bufs, off);
             // A send that will have to wait takes the turn in the same
             // critical section as its partial write: nobody slips in.
-            let partial = matches!(r, Outcome::Done(n) if off + n < buf.len())
+            let partial = matches!(r, Outcome::Done(n) if off + n < total)
                 || r == Outcome::Errno(libc::EAGAIN);
             if partial && !nonblocking && !turn.1 {
                 s.send_busy = true;
@@ -204,7 +274,7 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
         match r {
             Outcome::Done(n) => {
                 off += n;
-                if off == buf.len() {
+                if off == total {
                     return Outcome::Done(off);
                 }
             }
@@ -287,6 +357,10 @@ pub fn recv_vec(
         (Some(b), None) => return recv(e, fd, b, flags),
         _ => {}
     }
+    if flags & (libc::MSG_PEEK | libc::MSG_OOB) == 0 {
+        return recv_into(e, fd, bufs, flags);
+    }
+    // A peek looks from the start again for each buffer: staged.
     with_scratch(total, |tmp| {
         let n = match recv(e, fd, tmp, flags) {
             Outcome::Done(n) => n,
@@ -338,6 +412,7 @@ pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Ou
     match bufs {
         [] => Outcome::Done(0),
         [b] => send(e, fd, b, flags),
+        _ if flags & libc::MSG_OOB == 0 => send_from(e, fd, bufs, flags),
         _ => {
             let total: usize = bufs.iter().map(|b| b.len()).sum();
             with_scratch(total, |tmp| {

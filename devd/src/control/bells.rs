@@ -76,6 +76,27 @@ impl Bells {
         Ok(made)
     }
 
+    /// `id` if it is one of session `sid`'s doorbells, else 0.
+    pub fn owned_by(&self, id: u32, sid: u64) -> u32 {
+        match self.owner.get(&id) {
+            Some((s, _)) if *s == sid => id,
+            _ => 0,
+        }
+    }
+
+    /// A new ringers' end of doorbell `id` if session `sid` owns it and
+    /// its owner still holds it.
+    pub fn ringer(&self, id: u32, sid: u64) -> Option<(u32, Fd)> {
+        let (s, name) = self.owner.get(&id)?;
+        if *s != sid {
+            return None;
+        }
+        let w = sys::doorbell_ringer(name)
+            .map_err(|e| log::debug!("doorbell {id}: no ringers' end: {e}"))
+            .ok()?;
+        Some((id, Arc::new(w)))
+    }
+
     /// Whether session `sid` has its own (common) doorbell.
     pub fn has(&self, sid: u64) -> bool {
         self.by_session.get(&sid).is_some_and(|v| !v.is_empty())

@@ -337,7 +337,9 @@ impl Devd {
             Request::Bell { id } => self.bell(sid, id),
             Request::Listen => self.listen(sid, &fds[0]),
             Request::Unlisten => self.unlisten(sid, &fds[0]),
-            Request::Intent { dst, pref } => self.intent(sid, fds.swap_remove(0), dst, pref),
+            Request::Intent { dst, pref, bell } => {
+                self.intent(sid, fds.swap_remove(0), dst, pref, bell)
+            }
             Request::Claim => self.claim(sid, &fds[0]),
             Request::Attach => self.attach(sid, &fds[0]),
             Request::Release {

@@ -15,6 +15,7 @@ impl Devd {
         fd: OwnedFd,
         dst: std::net::SocketAddr,
         pref: ModePref,
+        bell: u32,
     ) -> Result<Reply, RequestError> {
         // No getsockname: it would wait for the socket's lock while the
         // connector's connect() holds it.
@@ -126,6 +127,7 @@ impl Devd {
             reuse_by: c.reuse_by,
             listener: local,
             remote,
+            bell: self.bells.owned_by(bell, sid),
         };
         for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
@@ -380,8 +382,11 @@ impl Devd {
                 .common_id(intent.end.session)
                 .map(|id| (id, None))
         } else {
+            // The connecting thread's own doorbell, else its process's
+            // common one.
             self.bells
-                .of(intent.end.session)
+                .ringer(intent.bell, intent.end.session)
+                .or_else(|| self.bells.of(intent.end.session))
                 .map(|(id, fd)| (id, Some(fd)))
         };
         let own = self.bells.common_id(sid);

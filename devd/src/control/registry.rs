@@ -104,6 +104,9 @@ pub struct Intent {
     pub reuse_by: Option<u64>,
     /// The listener it is for (socket inode), for the `short_lived` policy.
     pub listener: Option<u64>,
+    /// The connecting thread's own doorbell, one of its session's (0:
+    /// none): the acceptor is given it rather than the common one.
+    pub bell: u32,
     /// The peer node whose listener it is for, when that is on another
     /// host (its Claim comes from that peer's devd).
     pub remote: Option<u32>,

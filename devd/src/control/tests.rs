@@ -50,6 +50,7 @@ fn intent(d: &mut Devd, s: &socket2::Socket, dst: SocketAddr) -> Reply {
         Request::Intent {
             dst,
             pref: ModePref::Direct,
+            bell: 0,
         },
         vec![fd],
     )
@@ -292,6 +293,35 @@ fn a_doorbell_goes_to_its_user_and_to_peers_only_and_spares_on_request() {
     assert!(d.bells.get(id).is_none());
 }
 
+#[test]
+fn the_acceptor_is_given_the_connecting_threads_doorbell_if_its_session_owns_it() {
+    let mut d = devd("");
+    session(&mut d, 2);
+    session(&mut d, 3);
+    let l = listener_of(&mut d, 2);
+    let spare = |d: &mut Devd, sid| match d.handle(sid, Request::Bell { id: 0 }, vec![]) {
+        (Response::Bell { id, both: true }, fds) => {
+            // The thread keeps its doorbell (a ringers' end connects to
+            // it only while its owner's end is open).
+            std::mem::forget(fds);
+            id
+        }
+        r => panic!("{r:?}"),
+    };
+    let (thread1, thread3) = (spare(&mut d, 1), spare(&mut d, 3));
+    let common1 = d.bells.of(1).unwrap().0;
+    // A thread of session 1 connects naming its own doorbell: the
+    // acceptor gets that one (with a ringers' end), not the common one.
+    let ((_, _), (a, na), _s) = connect_naming(&mut d, 1, 2, &l, thread1);
+    assert_eq!((a.peer_bell, na), (thread1, 2));
+    // Another session's doorbell, or one that does not exist, is not
+    // given: the connector's common one instead.
+    for other in [thread3, thread3 ^ 0x5a5a, 0] {
+        let ((_, _), (a, na), _s) = connect_naming(&mut d, 1, 2, &l, other);
+        assert_eq!((a.peer_bell, na), (common1, 2), "named {other}");
+    }
+}
+
 /// Adds session `sid` (another process of this user).
 fn session(d: &mut Devd, sid: u64) {
     let (sock, _peer) = sys::SeqPacket::pair().unwrap();
@@ -321,11 +351,23 @@ fn connect_as(
     by: u64,
     l: &TcpListener,
 ) -> ((Attachment, usize), (Attachment, usize), TcpStream) {
+    connect_naming(d, from, by, l, 0)
+}
+
+/// `connect_as`, the Intent naming doorbell `bell` as the connecting
+/// thread's own.
+fn connect_naming(
+    d: &mut Devd,
+    from: u64,
+    by: u64,
+    l: &TcpListener,
+    bell: u32,
+) -> ((Attachment, usize), (Attachment, usize), TcpStream) {
     let dst = l.local_addr().unwrap();
     let s = socket();
     let fd = s.as_fd().try_clone_to_owned().unwrap();
     let pref = ModePref::Direct;
-    let (r, fds) = d.handle(from, Request::Intent { dst, pref }, vec![fd]);
+    let (r, fds) = d.handle(from, Request::Intent { dst, pref, bell }, vec![fd]);
     let Response::Proceed { attachment: c, .. } = r else {
         panic!("intent: {r:?}");
     };
@@ -601,7 +643,7 @@ fn a_region_another_process_attached_to_is_not_kept_and_kept_ones_end_with_their
     let s = socket();
     let fd = s.as_fd().try_clone_to_owned().unwrap();
     let pref = ModePref::Direct;
-    let (r, fds) = d.handle(1, Request::Intent { dst, pref }, vec![fd]);
+    let (r, fds) = d.handle(1, Request::Intent { dst, pref, bell: 0 }, vec![fd]);
     assert!(matches!(r, Response::Proceed { attachment, .. } if attachment.reuse));
     assert!(fds.is_empty());
     s.connect(&dst.into()).unwrap();
@@ -639,7 +681,7 @@ fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
     let s = socket();
     let fd = s.as_fd().try_clone_to_owned().unwrap();
     let pref = ModePref::Direct;
-    let (r, _) = d.handle(1, Request::Intent { dst, pref }, vec![fd]);
+    let (r, _) = d.handle(1, Request::Intent { dst, pref, bell: 0 }, vec![fd]);
     assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
     s.connect(&dst.into()).unwrap();
     let (a, _) = l.accept().unwrap();

@@ -69,9 +69,26 @@ pub fn doorbell_ringer(name: &BellName) -> io::Result<OwnedFd> {
 /// reason than a full queue (which already means "wake up").
 pub fn ring_bell(w: BorrowedFd<'_>) -> bool {
     let one = [1u8];
-    // SAFETY: writes 1 byte from a valid buffer.
-    let r = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), 1) };
+    let r = raw_write(w, &one);
     r == 1 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// write(2) as the system call itself, not libc's `write`: in a process
+/// under the shim that symbol is the shim's own, whose look-up of the fd
+/// (and libc's cancellation point) every ring would pay again.
+fn raw_write(fd: BorrowedFd<'_>, b: &[u8]) -> isize {
+    // SAFETY: writes at most b.len() bytes from a valid, live buffer to an
+    // fd the caller holds; the kernel reads nothing else.
+    let r = unsafe { libc::syscall(libc::SYS_write, fd.as_raw_fd(), b.as_ptr(), b.len()) };
+    isize::try_from(r).unwrap_or(-1)
+}
+
+/// read(2) as the system call itself (see [`raw_write`]).
+fn raw_read(fd: BorrowedFd<'_>, b: &mut [u8]) -> isize {
+    // SAFETY: writes at most b.len() bytes into a valid buffer this call
+    // borrows exclusively; the fd is the caller's.
+    let r = unsafe { libc::syscall(libc::SYS_read, fd.as_raw_fd(), b.as_mut_ptr(), b.len()) };
+    isize::try_from(r).unwrap_or(-1)
 }
 
 /// Rings a doorbell queue holds at most this many at a time for a drain
@@ -83,8 +100,7 @@ pub(super) const DRAIN_MAX: usize = 64;
 /// at once, which takes the next.
 pub fn take_ring(r: BorrowedFd<'_>) -> bool {
     let mut buf = [0u8; 8];
-    // SAFETY: reads at most buf.len() bytes into a valid buffer.
-    unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) >= 0 }
+    raw_read(r, &mut buf) >= 0
 }
 
 /// Empties a doorbell through its owner's end (at most [`DRAIN_MAX`]
@@ -93,8 +109,7 @@ pub fn drain_bell(r: BorrowedFd<'_>) -> bool {
     let mut buf = [0u8; 8];
     let mut any = false;
     for _ in 0..DRAIN_MAX {
-        // SAFETY: reads at most buf.len() bytes into a valid buffer.
-        let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = raw_read(r, &mut buf);
         if n < 0 {
             break;
         }

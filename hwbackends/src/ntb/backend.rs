@@ -27,6 +27,10 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
+/// Batch-copy buffers kept for reuse (each up to a frame of
+/// `MAX_PAYLOAD`).
+const SPARE_FRAMES: usize = 32;
+
 struct Chan {
     /// The peer node's channel.
     dst: ChannelId,
@@ -80,6 +84,9 @@ pub struct Ntb {
     peer_cons: u64,
     /// Reserved frames waiting for the batch copy.
     dma: Vec<(u64, Vec<u8>)>,
+    /// Their buffers once copied, for the next ones (a freed 64 KiB
+    /// buffer may go back to the system: a TLB shootdown on every CPU).
+    spare: Vec<Vec<u8>>,
     /// Frames that found no room yet (marks, acks, closes, words), in
     /// order, with their payload.
     ctl: VecDeque<(Header, [u8; WORDS])>,
@@ -132,6 +139,7 @@ impl Ntb {
             published: 0,
             peer_cons: 0,
             dma: Vec::new(),
+            spare: Vec::new(),
             ctl: VecDeque::new(),
             cons: 0,
             beat: 0,
@@ -286,6 +294,9 @@ impl Ntb {
         for (pos, frame) in std::mem::take(&mut self.dma) {
             self.ring_write(pos, &frame);
             self.counters.dma += 1;
+            if self.spare.len() < SPARE_FRAMES {
+                self.spare.push(frame);
+            }
         }
         while let Some(&(h, payload)) = self.ctl.front() {
             if !self.put(&h, &payload[..h.len]) {
@@ -632,7 +643,8 @@ impl Backend for Ntb {
         } else {
             let pos = self.prod;
             self.prod += inbox::frame_size(n) as u64;
-            let mut frame = Vec::with_capacity(HDR + n);
+            let mut frame = self.spare.pop().unwrap_or_default();
+            frame.clear();
             frame.extend_from_slice(&inbox::encode(&h));
             frame.extend_from_slice(&data[..n]);
             self.dma.push((pos, frame));

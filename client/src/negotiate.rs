@@ -249,7 +249,12 @@ fn intent_and_connect(
     let intent = Request::Intent {
         dst,
         pref: opts.mode,
-        bell: crate::bells::own_id(session),
+        // Queued ends wake through devd's eventfds: no doorbell.
+        bell: if opts.mode == ModePref::Queued {
+            0
+        } else {
+            crate::bells::own_id(session)
+        },
     };
     // A connect that returns at once (to a loopback address, or
     // nonblocking: asked of the kernel only for other addresses) runs

@@ -237,10 +237,15 @@ pub struct Attachment {
     /// Direct only: the region is one this process kept (parked) after an
     /// earlier connection; no fds travel, and devd reset its header.
     pub reuse: bool,
-    /// Direct only: the doorbell of the peer's process when devd knows it
-    /// (0: not yet, as for a connector before its acceptor claims). Its
-    /// write end travels after the region's unless `reuse`.
+    /// Direct only: the common doorbell of the peer's process when devd
+    /// knows it (0: not yet, as for a connector before its acceptor
+    /// claims): what its rings fall back to. Its ringers' end travels after
+    /// the region's unless `reuse`.
     pub peer_bell: u32,
+    /// Direct, Expect only: the connecting thread's own doorbell, which
+    /// its Intent named (0: none). Its ringers' end travels after
+    /// `peer_bell`'s; never without `peer_bell`, never equal to it.
+    pub peer_thread_bell: u32,
 }
 
 impl Attachment {
@@ -248,7 +253,9 @@ impl Attachment {
     pub fn fd_count(&self) -> usize {
         match self.mode {
             _ if self.reuse => 0,
-            Mode::Direct => 1 + usize::from(self.peer_bell != 0),
+            Mode::Direct => {
+                1 + usize::from(self.peer_bell != 0) + usize::from(self.peer_thread_bell != 0)
+            }
             _ => 4,
         }
     }
@@ -476,6 +483,7 @@ impl W {
             .u64(a.region)
             .u8(u8::from(a.reuse))
             .u32(a.peer_bell)
+            .u32(a.peer_thread_bell)
     }
     fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.0.len() - HDR).expect("frame too long");
@@ -591,6 +599,7 @@ impl<'a> R<'a> {
             region: self.u64()?,
             reuse: self.bool("reuse")?,
             peer_bell: self.u32()?,
+            peer_thread_bell: self.u32()?,
         };
         if a.reuse && a.mode != Mode::Direct {
             return Err(DecodeError::Field {
@@ -602,6 +611,14 @@ impl<'a> R<'a> {
             return Err(DecodeError::Field {
                 field: "peer_bell",
                 value: u64::from(a.peer_bell),
+            });
+        }
+        if a.peer_thread_bell != 0
+            && (a.peer_bell == 0 || a.peer_thread_bell == a.peer_bell || a.reuse)
+        {
+            return Err(DecodeError::Field {
+                field: "peer_thread_bell",
+                value: u64::from(a.peer_thread_bell),
             });
         }
         Ok(a)
@@ -975,6 +992,7 @@ mod tests {
             region: 4,
             reuse: false,
             peer_bell: 0,
+            peer_thread_bell: 0,
         };
         let parked = Attachment {
             reuse: true,
@@ -984,9 +1002,29 @@ mod tests {
         assert_eq!(parked.fd_count(), 0);
         let with_bell = Attachment { peer_bell: 9, ..a };
         assert_eq!(with_bell.fd_count(), 2);
+        let with_thread = Attachment {
+            peer_thread_bell: 10,
+            ..with_bell
+        };
+        assert_eq!(with_thread.fd_count(), 3);
+        // A thread's doorbell needs the common one beside it, and differs.
+        for bad in [
+            Attachment {
+                peer_thread_bell: 10,
+                ..a
+            },
+            Attachment {
+                peer_thread_bell: 9,
+                ..with_bell
+            },
+        ] {
+            let f = Response::Attached(bad).encode();
+            assert!(Response::decode(&f, bad.fd_count()).is_err(), "{bad:?}");
+        }
         assert_eq!(a.fd_count(), 1);
         for r in [
             Response::Attached(parked),
+            Response::Attached(with_thread),
             Response::Welcome {
                 spin_us: 30,
                 default_mode: Mode::Direct,

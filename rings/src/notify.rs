@@ -100,7 +100,10 @@ impl Spin {
 
 impl Spin {
     /// Whether this thread was off the CPU for over [`OFF_CPU`] since the
-    /// spin last looked at the clock (quiet spins).
+    /// spin last looked at the clock. Quiet spins only: a yielding spin's
+    /// gaps include its yields. A look at the clock comes every 32 calls
+    /// of the caller's `ready`, so a `ready` that costs over 300 ns reads
+    /// as preempted.
     fn preempted(&self) -> bool {
         self.start.elapsed().saturating_sub(self.last) > OFF_CPU
     }
@@ -181,7 +184,8 @@ pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> 
 static GATE: Gate = Gate::new();
 
 /// Whether spinning pays: one point for a spin that ended with the peer's
-/// answer, two off for one that ran out (its caller slept anyway), within
+/// answer, two off for one that ran out (its caller slept anyway) or
+/// whose answer came only once the spinner had been preempted, within
 /// `-SCORE_MAX..=SCORE_MAX`. When more processes wait than there are CPUs
 /// (four database backends and their client on two cores), spins run out
 /// while taking the CPU from the very peer they wait for: the score goes

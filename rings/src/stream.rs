@@ -738,16 +738,19 @@ mod tests {
     fn large_writes_and_reads_go_in_parts_across_the_wrap_and_ring_once() {
         let (mut p, mut c, m, l) = pair(1 << 20);
         assert!(l.cap > 4 * PUBLISH_EVERY);
-        // Move the positions off zero so that the big write wraps.
+        // 40,000 bytes left unread: the ring is not empty, so the next
+        // write does not rebase, and wraps.
         let first = vec![9u8; 100_000];
         assert_eq!(p.write(&first).unwrap(), first.len());
-        let mut sink = vec![0u8; first.len()];
-        assert_eq!(c.read(&mut sink).unwrap(), ReadOutcome::Data(first.len()));
-        assert!(c.arm(7).unwrap());
-        let big: Vec<u8> = (0..l.cap)
+        let mut sink = vec![0u8; 60_000];
+        assert_eq!(c.read(&mut sink).unwrap(), ReadOutcome::Data(60_000));
+        // Asleep anyway (as a reader waiting in poll for POLLRDHUP would).
+        c.arm_always(7);
+        let room = l.cap - 40_000;
+        let big: Vec<u8> = (0..room)
             .map(|i| u8::try_from(i * 131 % 251).unwrap())
             .collect();
-        assert_eq!(p.write(&big).unwrap(), l.cap);
+        assert_eq!(p.write(&big).unwrap(), room);
         let header = |m: &Mapping| {
             let mut h = vec![0u8; crate::layout::HEADER_SIZE];
             m.read_bytes(0, &mut h);
@@ -760,8 +763,18 @@ mod tests {
         );
         c.disarm();
         let mut got = vec![0u8; l.cap];
-        assert_eq!(c.read(&mut got).unwrap(), ReadOutcome::Data(l.cap));
-        assert!(got == big, "the bytes in order across the wrap");
+        let mut at = 0;
+        while at < l.cap {
+            match c.read(&mut got[at..]).unwrap() {
+                ReadOutcome::Data(n) if n > 0 => at += n,
+                r => panic!("after {at}: {r:?}"),
+            }
+        }
+        assert!(got[..40_000].iter().all(|&b| b == 9));
+        assert!(
+            got[40_000..] == big[..],
+            "the bytes in order across the wrap"
+        );
         assert_eq!(p.writable().unwrap(), l.cap, "the reader freed it all");
     }
 

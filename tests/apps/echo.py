@@ -606,9 +606,10 @@ def big_vectors(s, n):
     """Sends n bytes of the pattern in vectors larger than the ring
     (sendmsg and writev in turns, a thread of their own, each vector
     several iovecs of which one is a single byte), while this thread
-    receives the echo with readv into three buffers of odd sizes and
-    verifies it. Returns n."""
+    receives the echo into three buffers of odd sizes, with readv and with
+    recvmsg_into(MSG_WAITALL) in turns, and verifies it. Returns n."""
     import os
+    import select
     import threading
     data = pattern(n)
     failed = []
@@ -630,10 +631,20 @@ def big_vectors(s, n):
 
     t = threading.Thread(target=send)
     t.start()
-    got = 0
+    got, turn = 0, 0
     bufs = [bytearray(7), bytearray(90_000), bytearray(300_000)]
+    whole = sum(len(b) for b in bufs)
     while got < n:
-        k = os.readv(s.fileno(), bufs)
+        if not select.select([s], [], [], 20)[0]:
+            raise SystemExit(f"nothing to read after {got} bytes (sender: {failed!r})")
+        turn += 1
+        if turn % 2 and n - got >= whole:
+            # All three buffers filled in one call, across many waits.
+            k = s.recvmsg_into(bufs, 0, socket.MSG_WAITALL)[0]
+            if k != whole:
+                raise SystemExit(f"MSG_WAITALL returned {k} of {whole} bytes")
+        else:
+            k = os.readv(s.fileno(), bufs)
         if k == 0:
             raise SystemExit(f"EOF after {got} bytes")
         b = b"".join(bytes(x) for x in bufs)[:k]

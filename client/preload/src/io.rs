@@ -94,8 +94,11 @@ pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Outcom
     recv_into(e, fd, &mut [buf], flags)
 }
 
-/// `recv` into the concatenation of `bufs` (MSG_PEEK: one buffer only).
+/// `recv` into the concatenation of `bufs` (MSG_PEEK: one buffer only: a
+/// peek looks from the start again for each). The peer sees the room it
+/// frees buffer by buffer, as it does for a large buffer part by part.
 fn recv_into(e: &Entry, fd: BorrowedFd<'_>, bufs: &mut [&mut [u8]], flags: i32) -> Outcome<usize> {
+    debug_assert!(flags & libc::MSG_PEEK == 0 || bufs.len() <= 1);
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
     let peek = flags & libc::MSG_PEEK != 0;
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
@@ -151,6 +154,9 @@ fn recv_now_vec(
     from: usize,
     peek: bool,
 ) -> Outcome<usize> {
+    if let Some(e) = s.deferred.take() {
+        return Outcome::Errno(e);
+    }
     let mut skip = from;
     let mut got = 0;
     for b in bufs.iter_mut() {
@@ -167,16 +173,40 @@ fn recv_now_vec(
                     break;
                 }
             }
-            other => return if got > 0 { Outcome::Done(got) } else { other },
+            other => return after_some(s, got, other),
         }
     }
     Outcome::Done(got)
+}
+
+/// How a vector's step ends when a buffer after the first `done` bytes
+/// got `other`: those bytes, the error kept for the socket's next call
+/// (as the kernel keeps a socket error that came after data: an error of
+/// the kernel socket is reported only once); `other` itself if none moved.
+fn after_some(s: &mut Sock, done: usize, other: Outcome<usize>) -> Outcome<usize> {
+    if done == 0 {
+        return other;
+    }
+    if let Outcome::Errno(e) = other {
+        if e != libc::EAGAIN {
+            s.deferred = Some(e);
+        }
+    }
+    Outcome::Done(done)
 }
 
 /// One non-blocking send of the concatenation of `bufs` from byte `from`
 /// on, under the socket's lock: buffer after buffer while each goes whole,
 /// as one send of their concatenation (no staging copy).
 fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -> Outcome<usize> {
+    if let Some(e) = s.deferred.take() {
+        return Outcome::Errno(e);
+    }
+    if bufs.iter().all(|b| b.is_empty()) {
+        // Nothing to send, but what the kernel would say of the socket
+        // (EPIPE after a shutdown or a reset).
+        return s.send_now(fd, &[]);
+    }
     let mut skip = from;
     let mut sent = 0;
     for b in bufs {
@@ -193,7 +223,38 @@ fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -
                     break;
                 }
             }
-            other => return if sent > 0 { Outcome::Done(sent) } else { other },
+            other => return after_some(s, sent, other),
+        }
+    }
+    Outcome::Done(sent)
+}
+
+/// The rest of a blocking send from byte `from` of `bufs`, on the kernel
+/// socket: the connection turned plain while the send was under way (a
+/// blocking send goes whole, as the kernel's). The bytes sent, or the
+/// error if none.
+fn rest_on_kernel(fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize, flags: i32) -> Outcome<usize> {
+    let mut skip = from;
+    let mut sent = 0;
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let mut piece = &b[skip..];
+        skip = 0;
+        while !piece.is_empty() {
+            match ssock_rings::sys::send(fd, piece, flags) {
+                Ok(n) => {
+                    sent += n;
+                    piece = &piece[n..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if sent == 0 => {
+                    return Outcome::Errno(e.raw_os_error().unwrap_or(libc::EIO))
+                }
+                Err(_) => return Outcome::Done(sent),
+            }
         }
     }
     Outcome::Done(sent)
@@ -279,6 +340,12 @@ fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outco
                 }
             }
             Outcome::Errno(libc::EAGAIN) => {}
+            Outcome::Kernel if off > 0 && !nonblocking => {
+                return match rest_on_kernel(fd, bufs, off, flags) {
+                    Outcome::Done(n) => Outcome::Done(off + n),
+                    _ => Outcome::Done(off),
+                };
+            }
             other => {
                 if off > 0 {
                     return Outcome::Done(off);
@@ -342,6 +409,12 @@ fn send_urgent(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome
     }
 }
 
+/// Vectors up to this size are gathered into (scattered from) a staging
+/// buffer and moved with one transport call; larger ones buffer by buffer,
+/// without the copy (OpenMPI's 1 MiB messages: writev of a header and the
+/// data).
+const STAGE_MAX: usize = 64 * 1024;
+
 /// Receive into several buffers (readv, recvmsg): like one recv into their
 /// concatenation (one wait, one MSG_PEEK or MSG_WAITALL across them).
 pub fn recv_vec(
@@ -357,10 +430,12 @@ pub fn recv_vec(
         (Some(b), None) => return recv(e, fd, b, flags),
         _ => {}
     }
-    if flags & (libc::MSG_PEEK | libc::MSG_OOB) == 0 {
+    if flags & (libc::MSG_PEEK | libc::MSG_OOB) == 0 && total > STAGE_MAX {
         return recv_into(e, fd, bufs, flags);
     }
-    // A peek looks from the start again for each buffer: staged.
+    // Staged: a small vector (one transport call: one Queued slot, one
+    // wake-up of the peer), or a peek (which looks from the start again
+    // for each buffer).
     with_scratch(total, |tmp| {
         let n = match recv(e, fd, tmp, flags) {
             Outcome::Done(n) => n,
@@ -409,20 +484,18 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 /// Send several buffers (writev, sendmsg) as one stream write.
 pub fn send_vec(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outcome<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
     match bufs {
         [] => Outcome::Done(0),
         [b] => send(e, fd, b, flags),
-        _ if flags & libc::MSG_OOB == 0 => send_from(e, fd, bufs, flags),
-        _ => {
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            with_scratch(total, |tmp| {
-                let mut off = 0;
-                for b in bufs {
-                    tmp[off..off + b.len()].copy_from_slice(b);
-                    off += b.len();
-                }
-                send(e, fd, tmp, flags)
-            })
-        }
+        _ if flags & libc::MSG_OOB == 0 && total > STAGE_MAX => send_from(e, fd, bufs, flags),
+        _ => with_scratch(total, |tmp| {
+            let mut off = 0;
+            for b in bufs {
+                tmp[off..off + b.len()].copy_from_slice(b);
+                off += b.len();
+            }
+            send(e, fd, tmp, flags)
+        }),
     }
 }

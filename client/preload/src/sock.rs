@@ -52,6 +52,9 @@ pub struct Sock {
     pub nonblocking: bool,
     /// SO_ERROR already reported the reset.
     error_reported: bool,
+    /// An error a vectored call met after it had moved bytes, for the
+    /// next call (see `io::after_some`).
+    pub deferred: Option<i32>,
 }
 
 /// Sockets that turned plain after connect (negotiation ended on kernel
@@ -289,6 +292,7 @@ impl Sock {
             send_busy: false,
             nonblocking,
             error_reported: false,
+            deferred: None,
         }
     }
 

@@ -244,6 +244,9 @@ impl Direct {
                 if let Some(peer) = fds.next() {
                     bells::learn(a.peer_bell, peer);
                 }
+                if let Some(thread) = fds.next() {
+                    bells::learn(a.peer_thread_bell, thread);
+                }
                 check_sealed(region.as_fd(), size).map_err(AttachError::Region)?;
                 let map = Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?;
                 Arc::new(map)

@@ -85,16 +85,13 @@ impl Bells {
     }
 
     /// A new ringers' end of doorbell `id` if session `sid` owns it and
-    /// its owner still holds it.
-    pub fn ringer(&self, id: u32, sid: u64) -> Option<(u32, Fd)> {
-        let (s, name) = self.owner.get(&id)?;
-        if *s != sid {
+    /// its owner still holds it (see `get`: one whose owner closed it is
+    /// forgotten).
+    pub fn ringer(&mut self, id: u32, sid: u64) -> Option<(u32, Fd)> {
+        if self.owner.get(&id).is_none_or(|(s, _)| *s != sid) {
             return None;
         }
-        let w = sys::doorbell_ringer(name)
-            .map_err(|e| log::debug!("doorbell {id}: no ringers' end: {e}"))
-            .ok()?;
-        Some((id, Arc::new(w)))
+        self.get(id).map(|(_, w)| (id, w))
     }
 
     /// Whether session `sid` has its own (common) doorbell.

@@ -180,7 +180,7 @@ impl Devd {
             Res::Direct(_) => self.cfg.region_size / 2,
             Res::Queued(_) => self.cfg.region_size,
         };
-        let (attachment, fds) = match attachment(&mut res, id, 0, reuse_by.is_some(), None) {
+        let (attachment, fds) = match attachment(&mut res, id, 0, reuse_by.is_some(), None, None) {
             Ok(a) => a,
             Err(e) => {
                 self.free_res(id, &res);
@@ -382,12 +382,18 @@ impl Devd {
                 .common_id(intent.end.session)
                 .map(|id| (id, None))
         } else {
-            // The connecting thread's own doorbell, else its process's
-            // common one.
             self.bells
-                .ringer(intent.bell, intent.end.session)
-                .or_else(|| self.bells.of(intent.end.session))
+                .of(intent.end.session)
                 .map(|(id, fd)| (id, Some(fd)))
+        };
+        // The connecting thread's own doorbell too: rung for that thread,
+        // the common one still for the others (and where the acceptor
+        // cannot ask for a doorbell: a forked server's child).
+        let thread_bell = match peer_bell {
+            Some((common, Some(_))) if intent.bell != common => {
+                self.bells.ringer(intent.bell, intent.end.session)
+            }
+            _ => None,
         };
         let own = self.bells.common_id(sid);
         if let (Res::Direct(d), Some(own), false) = (&intent.res, own, reuse) {
@@ -403,7 +409,7 @@ impl Devd {
                 );
             }
         }
-        let given = attachment(&mut intent.res, intent.id, 1, reuse, peer_bell);
+        let given = attachment(&mut intent.res, intent.id, 1, reuse, peer_bell, thread_bell);
         let (attachment, fds) = match given {
             Ok(a) => a,
             Err(e) => {
@@ -533,7 +539,7 @@ impl Devd {
             .ok_or(RequestError::NoConnection(0))?;
         let peer_bell = self.bells.of(conn.ends[1 - e].session);
         let peer_bell = peer_bell.map(|(id, fd)| (id, Some(fd)));
-        let (a, fds) = attachment(&mut conn.res, id, e, false, peer_bell)?;
+        let (a, fds) = attachment(&mut conn.res, id, e, false, peer_bell, None)?;
         // Mapped by one more process: never parked.
         conn.parkable = false;
         Ok((Response::Attached(a), fds))
@@ -552,7 +558,7 @@ impl Devd {
                 .flatten()
                 .find(|i| i.end.inode == inode && i.end.session == sid)
                 .ok_or(RequestError::NoConnection(inode))?;
-            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false, None)?;
+            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false, None, None)?;
             return Ok((Response::Attached(a), fds));
         };
         let reply = self.hand_out(id, e)?;
@@ -619,13 +625,16 @@ pub(super) fn refuse(res: &Res) -> io::Result<()> {
 /// End `e`'s attachment of connection `id` and the fds that go with it.
 /// With `reuse` (Direct), no fds: the process kept the region parked.
 /// `peer_bell`: the doorbell of the other end's session, if known (Direct),
-/// with a ringers' end to send unless the attachment reuses a region.
+/// with a ringers' end to send unless the attachment reuses a region;
+/// `thread_bell`: the connecting thread's own, with its ringers' end
+/// (Expect; only beside `peer_bell`'s end).
 pub(super) fn attachment(
     res: &mut Res,
     id: u64,
     e: usize,
     reuse: bool,
     peer_bell: Option<(u32, Option<Fd>)>,
+    thread_bell: Option<(u32, Fd)>,
 ) -> Result<(Attachment, Vec<Fd>), RequestError> {
     let side = if e == 0 {
         Side::Connector
@@ -634,11 +643,14 @@ pub(super) fn attachment(
     };
     match res {
         Res::Direct(d) => {
+            let common_fd = peer_bell.as_ref().and_then(|(_, fd)| fd.clone());
+            let thread_bell = thread_bell.filter(|_| !reuse && common_fd.is_some());
             let fds = if reuse {
                 vec![]
             } else {
                 std::iter::once(d.memfd.clone())
-                    .chain(peer_bell.iter().filter_map(|(_, fd)| fd.clone()))
+                    .chain(common_fd)
+                    .chain(thread_bell.as_ref().map(|(_, fd)| fd.clone()))
                     .collect()
             };
             let a = Attachment {
@@ -651,6 +663,7 @@ pub(super) fn attachment(
                 region: d.region,
                 reuse,
                 peer_bell: peer_bell.map_or(0, |(id, _)| id),
+                peer_thread_bell: thread_bell.map_or(0, |(id, _)| id),
             };
             Ok((a, fds))
         }
@@ -674,6 +687,7 @@ pub(super) fn attachment(
                 region: id,
                 reuse: false,
                 peer_bell: 0,
+                peer_thread_bell: 0,
             };
             Ok((a, fds))
         }

@@ -161,7 +161,7 @@ impl Devd {
         let id = self.new_id();
         let channel = channel_of(self.cfg.node, id, self.remote.salt);
         let mut res = self.remote_res(id, Some((node, channel)))?;
-        let (attachment, fds) = match attachment(&mut res, id, 1, false, None) {
+        let (attachment, fds) = match attachment(&mut res, id, 1, false, None, None) {
             Ok(a) => a,
             Err(e) => {
                 self.free_res(id, &res);

@@ -299,26 +299,60 @@ fn the_acceptor_is_given_the_connecting_threads_doorbell_if_its_session_owns_it(
     session(&mut d, 2);
     session(&mut d, 3);
     let l = listener_of(&mut d, 2);
+    // A spare doorbell of session `sid`: its id and owner's end (kept: a
+    // ringers' end connects only while the owner's end is open).
     let spare = |d: &mut Devd, sid| match d.handle(sid, Request::Bell { id: 0 }, vec![]) {
-        (Response::Bell { id, both: true }, fds) => {
-            // The thread keeps its doorbell (a ringers' end connects to
-            // it only while its owner's end is open).
-            std::mem::forget(fds);
-            id
-        }
+        (Response::Bell { id, both: true }, fds) => (id, fds[0].clone()),
         r => panic!("{r:?}"),
     };
-    let (thread1, thread3) = (spare(&mut d, 1), spare(&mut d, 3));
+    let ((thread1, own1), (thread3, _own3)) = (spare(&mut d, 1), spare(&mut d, 3));
     let common1 = d.bells.of(1).unwrap().0;
-    // A thread of session 1 connects naming its own doorbell: the
-    // acceptor gets that one (with a ringers' end), not the common one.
-    let ((_, _), (a, na), _s) = connect_naming(&mut d, 1, 2, &l, thread1);
-    assert_eq!((a.peer_bell, na), (thread1, 2));
-    // Another session's doorbell, or one that does not exist, is not
-    // given: the connector's common one instead.
-    for other in [thread3, thread3 ^ 0x5a5a, 0] {
+    // A thread of session 1 connects naming its own doorbell: the acceptor
+    // gets it beside the common one (the fallback), and its ringers' end
+    // (the third fd) rings that thread.
+    let dst = l.local_addr().unwrap();
+    let s = socket();
+    let fd = s.as_fd().try_clone_to_owned().unwrap();
+    let pref = ModePref::Direct;
+    let (r, _) = d.handle(
+        1,
+        Request::Intent {
+            dst,
+            pref,
+            bell: thread1,
+        },
+        vec![fd],
+    );
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+    s.connect(&dst.into()).unwrap();
+    let (acc, _) = l.accept().unwrap();
+    let (r, afds) = d.handle(
+        2,
+        Request::Claim,
+        vec![acc.as_fd().try_clone_to_owned().unwrap()],
+    );
+    let Response::Expect { attachment: a, .. } = r else {
+        panic!("claim: {r:?}")
+    };
+    assert_eq!(
+        (a.peer_bell, a.peer_thread_bell, afds.len()),
+        (common1, thread1, 3)
+    );
+    assert!(!sys::drain_bell(own1.as_fd()));
+    assert!(sys::ring_bell(afds[2].as_fd()));
+    assert!(
+        sys::drain_bell(own1.as_fd()),
+        "the thread's doorbell was rung"
+    );
+    // Another session's doorbell, one that does not exist, the common one
+    // itself, or none: the common one alone.
+    for other in [thread3, thread3 ^ 0x5a5a, common1, 0] {
         let ((_, _), (a, na), _s) = connect_naming(&mut d, 1, 2, &l, other);
-        assert_eq!((a.peer_bell, na), (common1, 2), "named {other}");
+        assert_eq!(
+            (a.peer_bell, a.peer_thread_bell, na),
+            (common1, 0, 2),
+            "named {other}"
+        );
     }
 }
 

@@ -645,6 +645,7 @@ impl Backend for Ntb {
             self.prod += inbox::frame_size(n) as u64;
             let mut frame = self.spare.pop().unwrap_or_default();
             frame.clear();
+            frame.reserve(HDR + n);
             frame.extend_from_slice(&inbox::encode(&h));
             frame.extend_from_slice(&data[..n]);
             self.dma.push((pos, frame));

@@ -23,7 +23,7 @@
 #
 # Layout (ssock-run finds libssock.so in ../lib/ssock beside itself, and
 # devd beside itself):
-#   PREFIX/bin/{devd,ssock-run,ringstat,ssock-bench}
+#   PREFIX/bin/{devd,ssock-run,ringstat,ssock-bench,ssock-ivshmem-server}
 #   PREFIX/lib/ssock/libssock.so
 #   UNITDIR/ssock-devd.service   ExecStart and Documentation rewritten to
 #                                PREFIX/bin/devd, SYSCONFDIR/ssock/devd.toml
@@ -56,7 +56,7 @@ CARGO_PROFILE := $(if $(filter debug dev,$(PROFILE)),,--profile $(PROFILE))
 BUILD_DIR ?= $(CARGO_TARGET_DIR)/$(PROFILE_DIR)
 
 INSTALL ?= install
-BINS := devd ssock-run ringstat ssock-bench
+BINS := devd ssock-run ringstat ssock-bench ssock-ivshmem-server
 SHIM := libssock.so
 UNIT := $(SRC)/packaging/ssock-devd.service
 CONFIG := $(SRC)/packaging/devd.toml

@@ -9,7 +9,7 @@
 # BUILD_DIR, as for `make install`; DEB_MAINTAINER (the control file's
 # Maintainer). Prints the package's path as its last line.
 #
-# Layout: /usr/bin/{devd,ssock-run,ringstat,ssock-bench},
+# Layout: /usr/bin/{devd,ssock-run,ringstat,ssock-bench,ssock-ivshmem-server},
 # /usr/lib/ssock/libssock.so, /usr/lib/systemd/system/ssock-devd.service,
 # /etc/ssock/devd.toml (a conffile), /usr/share/doc/ssock/ (the docs, the
 # example config, copyright, changelog.gz). Binaries are stripped of
@@ -42,7 +42,7 @@ printf 'Source: ssock\n\nPackage: ssock\nArchitecture: any\n' > "$work/debian/co
 make --no-print-directory -C "$src" install DESTDIR="$root" PREFIX=/usr SYSCONFDIR=/etc \
   UNITDIR=/usr/lib/systemd/system ${BUILD_DIR:+BUILD_DIR="$BUILD_DIR"} >&2
 
-bins=("$root"/usr/bin/{devd,ssock-run,ringstat,ssock-bench} "$root/usr/lib/ssock/libssock.so")
+bins=("$root"/usr/bin/{devd,ssock-run,ringstat,ssock-bench,ssock-ivshmem-server} "$root/usr/lib/ssock/libssock.so")
 strip --strip-debug "${bins[@]}"
 
 doc="$root/usr/share/doc/ssock"

@@ -25,7 +25,13 @@ const CLIENTS: u64 = 4;
 const REDIS_TESTS: [&str; 4] = ["PING_INLINE", "PING_MBULK", "SET", "GET"];
 
 /// The binaries installed in a `bin` directory.
-const BINS: [&str; 4] = ["devd", "ssock-run", "ringstat", "ssock-bench"];
+const BINS: [&str; 5] = [
+    "devd",
+    "ssock-run",
+    "ringstat",
+    "ssock-bench",
+    "ssock-ivshmem-server",
+];
 
 /// The documents installed (the unit's Documentation= is operations.md).
 const DOCS: [&str; 6] = [

@@ -196,6 +196,12 @@ pub trait Backend: Send {
     fn news_waiting(&self) -> bool {
         false
     }
+    /// The engine is about to sleep: a backend whose peer rings it only
+    /// while it sleeps says so now. False: news came meanwhile, do not
+    /// sleep. The next `poll` ends the sleep.
+    fn idle(&mut self) -> bool {
+        true
+    }
     /// How long the engine may sleep before it must poll again even if
     /// nothing wakes it (a heartbeat to send, a peer's to check); `None`:
     /// as long as it likes.

@@ -116,6 +116,15 @@ impl Backend for Router {
         self.backends.iter().any(|b| b.news_waiting())
     }
 
+    fn idle(&mut self) -> bool {
+        // Every link is told (each may ring only a sleeper).
+        let mut all = true;
+        for b in &mut self.backends {
+            all &= b.idle();
+        }
+        all
+    }
+
     fn send_words(&mut self, ch: ChannelId, words: Words) -> Result<(), BackendError> {
         self.at_mut(ch)?.send_words(ch, words)
     }

@@ -310,7 +310,7 @@ impl Engine {
     fn run(&mut self, rx: &mpsc::Receiver<Cmd>, wake: &EventFd) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let timeout = if !self.busy.is_empty() || self.spin_for_news() {
+            let timeout = if !self.busy.is_empty() || self.spin_for_news() || !self.backend.idle() {
                 0
             } else {
                 // The backend's next chore (a heartbeat), rounded up to

@@ -58,6 +58,8 @@ pub struct Counters {
     pub dma: u64,
     /// Doorbells rung.
     pub doorbells: u64,
+    /// Doorbells not rung: the peer was awake.
+    pub doorbells_suppressed: u64,
     /// Frames for a channel that is not (or no longer) open here.
     pub stale: u64,
 }
@@ -98,6 +100,8 @@ pub struct Ntb {
     peer_seen: Instant,
     up: bool,
     hostile: bool,
+    /// This side told the peer it sleeps (`idle`).
+    asleep: bool,
     events: Vec<LinkEvent>,
     counters: Counters,
     scratch: Vec<u8>,
@@ -116,6 +120,7 @@ impl Ntb {
         win.store(inbox::OFF_SEEN, 0);
         win.store(inbox::OFF_PROD, 0);
         win.store(inbox::OFF_CONS, 0);
+        win.store(inbox::OFF_ASLEEP, 0);
         win.store(
             inbox::OFF_WINDOW,
             u64::try_from(window.max(1)).unwrap_or(u64::MAX),
@@ -148,6 +153,7 @@ impl Ntb {
             peer_seen: now,
             up: false,
             hostile: false,
+            asleep: false,
             events: Vec::new(),
             counters: Counters::default(),
             scratch: vec![0u8; MAX_PAYLOAD],
@@ -328,13 +334,25 @@ impl Ntb {
         if self.prod != self.published {
             self.published = self.prod;
             self.win.store(inbox::OFF_PROD, self.published);
-            self.ring_bell();
+            self.wake_peer();
         }
     }
 
     fn ring_bell(&mut self) {
         self.win.ring();
         self.counters.doorbells += 1;
+    }
+
+    /// After a word was published: rings the peer only if it sleeps (its
+    /// `asleep` word, read after the publishing store; it sets the word
+    /// before its last look at its inbox: one of the two sees the other).
+    fn wake_peer(&mut self) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.win.load(inbox::OFF_ASLEEP) != 0 {
+            self.ring_bell();
+        } else {
+            self.counters.doorbells_suppressed += 1;
+        }
     }
 
     /// Heartbeats out and in; link events.
@@ -441,7 +459,7 @@ impl Ntb {
         }
         if self.cons != start {
             self.win.store(inbox::OFF_CONS, self.cons);
-            self.ring_bell();
+            self.wake_peer();
         }
     }
 
@@ -544,6 +562,9 @@ impl Backend for Ntb {
     }
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
+        if std::mem::take(&mut self.asleep) {
+            self.win.store(inbox::OFF_ASLEEP, 0);
+        }
         self.win.drain();
         self.sync();
         self.link(Instant::now());
@@ -554,6 +575,18 @@ impl Backend for Ntb {
 
     fn deadline(&self) -> Option<Duration> {
         Some(BEAT.saturating_sub(self.beat_at.elapsed()))
+    }
+
+    fn idle(&mut self) -> bool {
+        if self.hostile || !self.synced {
+            return true;
+        }
+        self.win.store(inbox::OFF_ASLEEP, 1);
+        self.asleep = true;
+        // Pairs with the fence in `wake_peer`: either the peer sees this
+        // word, or this look sees what it published.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        !self.news_waiting()
     }
 
     fn news_waiting(&self) -> bool {

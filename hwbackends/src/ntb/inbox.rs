@@ -15,6 +15,10 @@
 //! - 128 producer: how many ring bytes the peer has published;
 //! - 192 consumer: how many bytes of *its own* inbox the peer has read
 //!   (the owner's frames it took: room for the owner to write again);
+//! - 256 asleep: non-zero while the peer's engine sleeps (set before it
+//!   looks for news a last time): the owner rings the peer's doorbell
+//!   after publishing only then. Only a hint: a false value delays the
+//!   peer's own connections, nobody else's;
 //! - 4096 on: the ring, `size - 4096` bytes, frames back to back and
 //!   wrapping at its end.
 //!
@@ -30,7 +34,7 @@ use crate::ChannelId;
 /// "SSOCKNTB".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SSOCKNTB");
 /// This layout's version.
-pub const VERSION: u64 = 3;
+pub const VERSION: u64 = 4;
 pub const OFF_MAGIC: usize = 0;
 pub const OFF_VERSION: usize = 8;
 pub const OFF_EPOCH: usize = 16;
@@ -39,6 +43,7 @@ pub const OFF_WINDOW: usize = 32;
 pub const OFF_BEAT: usize = 64;
 pub const OFF_PROD: usize = 128;
 pub const OFF_CONS: usize = 192;
+pub const OFF_ASLEEP: usize = 256;
 /// Where the ring starts.
 pub const RING: usize = 4096;
 /// A frame's header.

@@ -51,17 +51,34 @@ fn small_payloads_are_copied_at_once_and_large_ones_in_a_batch() {
 }
 
 #[test]
-fn the_backend_wakes_through_its_doorbell_and_has_a_deadline() {
+fn the_backend_wakes_through_its_doorbell_only_when_asleep_and_has_a_deadline() {
     let mut lab = two_nodes(1 << 20, 64 * 1024);
-    let [a, _] = lab.pair();
+    let [a, b] = lab.pair();
     lab.settle();
     let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(!readable(fd), "quiet before anything was sent");
+    // Node 2 goes to sleep: node 1's publish rings it.
+    assert!(lab.b[1].idle(), "nothing waits: it may sleep");
     lab.b[0].send(a.ch, b"ring").unwrap();
     let mut r = Vec::new();
     lab.b[0].poll(&mut r);
     let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(readable(fd), "the peer's publish rang the doorbell");
+    // Awake again (its poll), node 2 is not rung, yet sees the news.
+    lab.b[1].poll(&mut r);
+    let rung = lab.b[0].counters().doorbells;
+    lab.b[0].send(a.ch, b"quiet").unwrap();
+    lab.b[0].poll(&mut r);
+    let c = lab.b[0].counters();
+    assert_eq!(c.doorbells, rung, "an awake peer is not rung");
+    assert!(c.doorbells_suppressed >= 1);
+    assert!(lab.b[1].news_waiting());
+    // News that came before the sleep: it does not sleep.
+    assert!(!lab.b[1].idle(), "frames wait in its inbox");
+    lab.b[1].poll(&mut r);
+    let mut buf = [0u8; 16];
+    assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(9));
+    assert_eq!(&buf[..9], b"ringquiet");
     assert!(lab.b[0].deadline().is_some_and(|d| d <= super::BEAT));
 }
 

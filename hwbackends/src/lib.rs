@@ -198,7 +198,8 @@ pub trait Backend: Send {
     }
     /// The engine is about to sleep: a backend whose peer rings it only
     /// while it sleeps says so now. False: news came meanwhile, do not
-    /// sleep. The next `poll` ends the sleep.
+    /// sleep. The next `poll` ends the sleep. A backend that wraps others
+    /// must tell each of them (else their peers never ring them).
     fn idle(&mut self) -> bool {
         true
     }

@@ -102,6 +102,9 @@ pub struct Ntb {
     hostile: bool,
     /// This side told the peer it sleeps (`idle`).
     asleep: bool,
+    /// A word was published this turn: the peer is rung at its end if it
+    /// sleeps (`wake_peer`).
+    bell_due: bool,
     events: Vec<LinkEvent>,
     counters: Counters,
     scratch: Vec<u8>,
@@ -154,6 +157,7 @@ impl Ntb {
             up: false,
             hostile: false,
             asleep: false,
+            bell_due: false,
             events: Vec::new(),
             counters: Counters::default(),
             scratch: vec![0u8; MAX_PAYLOAD],
@@ -334,7 +338,7 @@ impl Ntb {
         if self.prod != self.published {
             self.published = self.prod;
             self.win.store(inbox::OFF_PROD, self.published);
-            self.wake_peer();
+            self.bell_due = true;
         }
     }
 
@@ -343,9 +347,12 @@ impl Ntb {
         self.counters.doorbells += 1;
     }
 
-    /// After a word was published: rings the peer only if it sleeps (its
-    /// `asleep` word, read after the publishing store; it sets the word
-    /// before its last look at its inbox: one of the two sees the other).
+    /// After the turn's words were published: rings the peer only if it
+    /// sleeps (its `asleep` word, read after the publishing stores; it sets
+    /// the word before its last look at its inbox: one of the two sees the
+    /// other). Sound on coherent shared memory (the emulated window,
+    /// ivshmem); a window whose writes reach the peer later (a PCIe BAR's
+    /// posted writes) must ring always.
     fn wake_peer(&mut self) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if self.win.load(inbox::OFF_ASLEEP) != 0 {
@@ -459,7 +466,7 @@ impl Ntb {
         }
         if self.cons != start {
             self.win.store(inbox::OFF_CONS, self.cons);
-            self.wake_peer();
+            self.bell_due = true;
         }
     }
 
@@ -570,6 +577,9 @@ impl Backend for Ntb {
         self.link(Instant::now());
         self.take_in();
         self.flush();
+        if std::mem::take(&mut self.bell_due) {
+            self.wake_peer();
+        }
         ready.append(&mut self.ready);
     }
 
@@ -586,7 +596,13 @@ impl Backend for Ntb {
         // Pairs with the fence in `wake_peer`: either the peer sees this
         // word, or this look sees what it published.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        !self.news_waiting()
+        if self.news_waiting() {
+            // Not sleeping after all: not rung for nothing meanwhile.
+            self.win.store(inbox::OFF_ASLEEP, 0);
+            self.asleep = false;
+            return false;
+        }
+        true
     }
 
     fn news_waiting(&self) -> bool {
@@ -594,6 +610,7 @@ impl Backend for Ntb {
         // the peer's (only looked at: `poll` checks them).
         self.synced
             && !self.hostile
+            && self.ring != 0
             && (self.win.load(inbox::OFF_PROD) != self.cons
                 || self.win.load(inbox::OFF_CONS) != self.peer_cons)
     }

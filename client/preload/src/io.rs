@@ -157,19 +157,13 @@ fn recv_now_vec(
     if let Some(e) = s.deferred.take() {
         return Outcome::Errno(e);
     }
-    let mut skip = from;
     let mut got = 0;
-    for b in bufs.iter_mut() {
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let piece = &mut b[skip..];
-        skip = 0;
+    for piece in pieces_mut(bufs, from) {
+        let len = piece.len();
         match s.recv_now(fd, piece, peek) {
             Outcome::Done(n) => {
                 got += n;
-                if n < piece.len() {
+                if n < len {
                     break;
                 }
             }
@@ -177,6 +171,31 @@ fn recv_now_vec(
         }
     }
     Outcome::Done(got)
+}
+
+/// The bytes of the concatenation of `bufs` from byte `from` on, buffer
+/// by buffer (empty ones left out).
+fn pieces<'a>(bufs: &'a [&[u8]], from: usize) -> impl Iterator<Item = &'a [u8]> {
+    let mut skip = from;
+    bufs.iter().filter_map(move |b| {
+        let at = skip.min(b.len());
+        skip -= at;
+        Some(&b[at..]).filter(|p| !p.is_empty())
+    })
+}
+
+/// `pieces` of buffers to fill.
+fn pieces_mut<'a, 'b: 'a>(
+    bufs: &'a mut [&'b mut [u8]],
+    from: usize,
+) -> impl Iterator<Item = &'a mut [u8]> + use<'a, 'b> {
+    let mut skip = from;
+    bufs.iter_mut().filter_map(move |b| {
+        let at = skip.min(b.len());
+        skip -= at;
+        let p = &mut b[at..];
+        (!p.is_empty()).then_some(p)
+    })
 }
 
 /// How a vector's step ends when a buffer after the first `done` bytes
@@ -207,15 +226,8 @@ fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -
         // (EPIPE after a shutdown or a reset).
         return s.send_now(fd, &[]);
     }
-    let mut skip = from;
     let mut sent = 0;
-    for b in bufs {
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let piece = &b[skip..];
-        skip = 0;
+    for piece in pieces(bufs, from) {
         match s.send_now(fd, piece) {
             Outcome::Done(n) => {
                 sent += n;
@@ -234,15 +246,8 @@ fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -
 /// blocking send goes whole, as the kernel's). The bytes sent, or the
 /// error if none.
 fn rest_on_kernel(fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize, flags: i32) -> Outcome<usize> {
-    let mut skip = from;
     let mut sent = 0;
-    for b in bufs {
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let mut piece = &b[skip..];
-        skip = 0;
+    for mut piece in pieces(bufs, from) {
         while !piece.is_empty() {
             match ssock_rings::sys::send(fd, piece, flags) {
                 Ok(n) => {

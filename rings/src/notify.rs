@@ -87,7 +87,7 @@ impl Spin {
             }
             Some(_) => {}
             None => {
-                if spent.saturating_sub(self.last) > OFF_CPU {
+                if self.off_cpu(spent) {
                     self.budget = Duration::ZERO;
                     return false;
                 }
@@ -96,16 +96,20 @@ impl Spin {
         }
         true
     }
-}
 
-impl Spin {
     /// Whether this thread was off the CPU for over [`OFF_CPU`] since the
     /// spin last looked at the clock. Quiet spins only: a yielding spin's
     /// gaps include its yields. A look at the clock comes every 32 calls
     /// of the caller's `ready`, so a `ready` that costs over 300 ns reads
     /// as preempted.
     fn preempted(&self) -> bool {
-        self.start.elapsed().saturating_sub(self.last) > OFF_CPU
+        self.off_cpu(self.start.elapsed())
+    }
+
+    /// Whether `spent` (since the spin's start) is over [`OFF_CPU`] past
+    /// the last look at the clock.
+    fn off_cpu(&self, spent: Duration) -> bool {
+        spent.saturating_sub(self.last) > OFF_CPU
     }
 }
 

@@ -76,14 +76,6 @@ impl Bells {
         Ok(made)
     }
 
-    /// `id` if it is one of session `sid`'s doorbells, else 0.
-    pub fn owned_by(&self, id: u32, sid: u64) -> u32 {
-        match self.owner.get(&id) {
-            Some((s, _)) if *s == sid => id,
-            _ => 0,
-        }
-    }
-
     /// A new ringers' end of doorbell `id` if session `sid` owns it and
     /// its owner still holds it (see `get`: one whose owner closed it is
     /// forgotten).

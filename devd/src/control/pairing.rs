@@ -127,7 +127,7 @@ impl Devd {
             reuse_by: c.reuse_by,
             listener: local,
             remote,
-            bell: self.bells.owned_by(bell, sid),
+            bell,
         };
         for old in self.reg.add_intent(key, intent) {
             self.discard_intent(old);
@@ -644,7 +644,7 @@ pub(super) fn attachment(
     match res {
         Res::Direct(d) => {
             let common_fd = peer_bell.as_ref().and_then(|(_, fd)| fd.clone());
-            let thread_bell = thread_bell.filter(|_| !reuse && common_fd.is_some());
+            debug_assert!(thread_bell.is_none() || (!reuse && common_fd.is_some()));
             let fds = if reuse {
                 vec![]
             } else {

@@ -104,8 +104,9 @@ pub struct Intent {
     pub reuse_by: Option<u64>,
     /// The listener it is for (socket inode), for the `short_lived` policy.
     pub listener: Option<u64>,
-    /// The connecting thread's own doorbell, one of its session's (0:
-    /// none): the acceptor is given it rather than the common one.
+    /// The doorbell the Intent named as the connecting thread's own (0:
+    /// none): the acceptor is given it beside the common one if the
+    /// connector's session owns it (checked at the Claim, `Bells::ringer`).
     pub bell: u32,
     /// The peer node whose listener it is for, when that is on another
     /// host (its Claim comes from that peer's devd).

@@ -310,30 +310,7 @@ fn the_acceptor_is_given_the_connecting_threads_doorbell_if_its_session_owns_it(
     // A thread of session 1 connects naming its own doorbell: the acceptor
     // gets it beside the common one (the fallback), and its ringers' end
     // (the third fd) rings that thread.
-    let dst = l.local_addr().unwrap();
-    let s = socket();
-    let fd = s.as_fd().try_clone_to_owned().unwrap();
-    let pref = ModePref::Direct;
-    let (r, _) = d.handle(
-        1,
-        Request::Intent {
-            dst,
-            pref,
-            bell: thread1,
-        },
-        vec![fd],
-    );
-    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
-    s.connect(&dst.into()).unwrap();
-    let (acc, _) = l.accept().unwrap();
-    let (r, afds) = d.handle(
-        2,
-        Request::Claim,
-        vec![acc.as_fd().try_clone_to_owned().unwrap()],
-    );
-    let Response::Expect { attachment: a, .. } = r else {
-        panic!("claim: {r:?}")
-    };
+    let (_, (a, afds), _s) = connect_naming(&mut d, 1, 2, &l, thread1);
     assert_eq!(
         (a.peer_bell, a.peer_thread_bell, afds.len()),
         (common1, thread1, 3)
@@ -347,9 +324,9 @@ fn the_acceptor_is_given_the_connecting_threads_doorbell_if_its_session_owns_it(
     // Another session's doorbell, one that does not exist, the common one
     // itself, or none: the common one alone.
     for other in [thread3, thread3 ^ 0x5a5a, common1, 0] {
-        let ((_, _), (a, na), _s) = connect_naming(&mut d, 1, 2, &l, other);
+        let (_, (a, afds), _s) = connect_naming(&mut d, 1, 2, &l, other);
         assert_eq!(
-            (a.peer_bell, a.peer_thread_bell, na),
+            (a.peer_bell, a.peer_thread_bell, afds.len()),
             (common1, 0, 2),
             "named {other}"
         );
@@ -385,18 +362,22 @@ fn connect_as(
     by: u64,
     l: &TcpListener,
 ) -> ((Attachment, usize), (Attachment, usize), TcpStream) {
-    connect_naming(d, from, by, l, 0)
+    let ((c, cfds), (a, afds), s) = connect_naming(d, from, by, l, 0);
+    ((c, cfds.len()), (a, afds.len()), s)
 }
 
-/// `connect_as`, the Intent naming doorbell `bell` as the connecting
-/// thread's own.
+/// An end's attachment and the fds that came with it.
+type EndFds = (Attachment, Vec<Fd>);
+
+/// `connect_as` with the ends' fds, the Intent naming doorbell `bell` as
+/// the connecting thread's own.
 fn connect_naming(
     d: &mut Devd,
     from: u64,
     by: u64,
     l: &TcpListener,
     bell: u32,
-) -> ((Attachment, usize), (Attachment, usize), TcpStream) {
+) -> (EndFds, EndFds, TcpStream) {
     let dst = l.local_addr().unwrap();
     let s = socket();
     let fd = s.as_fd().try_clone_to_owned().unwrap();
@@ -412,7 +393,7 @@ fn connect_naming(
     let Response::Expect { attachment: b, .. } = r else {
         panic!("claim: {r:?}");
     };
-    ((c, fds.len()), (b, afds.len()), a)
+    ((c, fds), (b, afds), a)
 }
 
 #[test]

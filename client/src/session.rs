@@ -240,7 +240,8 @@ impl Session {
     /// process that connects no more is not reported.
     pub fn skipped(&self) {
         let waiting = self.skips.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = ssock_rings::sys::monotonic_ns();
+        // The coarse clock: a batch's 50 ms do not need the exact time.
+        let now = ssock_rings::sys::monotonic_coarse_ns();
         let last = self.skips_sent.load(Ordering::Relaxed);
         let every = u64::try_from(SKIPS_EVERY.as_nanos()).unwrap_or(u64::MAX);
         if waiting < SKIPS_BATCH && last != 0 && now.saturating_sub(last) < every {

@@ -234,7 +234,9 @@ fn steady<T>(map: &Mapping, f: impl Fn(&mut dyn Iterator<Item = Option<Entry>>) 
     if v != u64::from(BOARD_VERSION) | ((CAPACITY as u64) << 32) {
         return None;
     }
-    if map.u64_at(OFF_ALIVE).load(Ordering::Relaxed) < now_ns() {
+    // devd's beat, against the coarse clock (at most a tick behind: a board
+    // left by a devd that died counts a few milliseconds longer).
+    if map.u64_at(OFF_ALIVE).load(Ordering::Relaxed) < crate::sys::monotonic_coarse_ns() {
         return None;
     }
     let seq = map.u64_at(OFF_SEQ);

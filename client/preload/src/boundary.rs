@@ -16,26 +16,31 @@ thread_local! {
 /// Runs `shim` for a call from the application, or `direct` for a call the
 /// shim itself made (re-entry) or when the thread is being torn down.
 pub fn enter<T: From<i8>>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) -> T {
-    let Ok(nested) = INSIDE.try_with(|c| c.replace(true)) else {
-        return direct();
-    };
-    if nested {
-        return direct();
-    }
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(shim));
-    INSIDE.with(|c| c.set(false));
-    match r {
-        Ok(v) => v,
-        Err(_) => {
+    // One look-up of the thread-local (each is a call in a shared object).
+    let ran = INSIDE.try_with(|inside| {
+        if inside.replace(true) {
+            return None;
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(shim));
+        inside.set(false);
+        Some(r)
+    });
+    match ran {
+        Ok(Some(Ok(v))) => v,
+        Ok(Some(Err(_))) => {
             set_errno(libc::EIO);
             T::from(-1)
         }
+        // Re-entry, or the thread's locals are being torn down.
+        Ok(None) | Err(_) => direct(),
     }
 }
 
 /// The calling thread's errno.
 pub fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    // SAFETY: __errno_location returns this thread's errno slot, valid for
+    // the thread's life.
+    unsafe { *libc::__errno_location() }
 }
 
 /// Sets the calling thread's errno.

@@ -75,8 +75,23 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
             }
             let fresh = known::take_fresh(fd);
             match sock::connect(b, dst, fresh) {
-                None => connect_plain(fd, real),
-                Some(Ok(Some((s, said)))) => {
+                sock::Connect::Plain => connect_plain(fd, real),
+                sock::Connect::Kept(session) => {
+                    let r = real();
+                    let said = crate::boundary::errno();
+                    if r == 0 || under_way(said) {
+                        known::set_plain(fd);
+                        // Counted once: a connect that found the socket
+                        // connecting or connected already (a stale fresh
+                        // mark) is not a new connection.
+                        if r == 0 || matches!(said, libc::EINPROGRESS | libc::EINTR) {
+                            session.skipped();
+                        }
+                        crate::boundary::set_errno(said);
+                    }
+                    r
+                }
+                sock::Connect::Done(Ok(Some((s, said)))) => {
                     table::insert(fd, s);
                     epoll::became_accelerated(fd);
                     // What the kernel's connect said (EINPROGRESS...).
@@ -86,13 +101,10 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
                         0
                     }
                 }
-                r => {
+                sock::Connect::Done(r) => {
                     // A plain connection: no stale entry may name this fd.
                     drop(table::remove(fd));
-                    let said = match r {
-                        Some(Err(e)) => e,
-                        _ => 0,
-                    };
+                    let said = r.err().unwrap_or(0);
                     if under_way(said) {
                         known::set_plain(fd);
                     }

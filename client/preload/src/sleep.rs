@@ -22,7 +22,7 @@ pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
 /// keeping errno.
 fn reported(set: &[libc::pollfd], r: c_int) {
     if r > 0 {
-        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let e = crate::boundary::errno();
         ssock_client::bells::polled(set.iter().map(|p| (p.fd, p.revents)));
         crate::boundary::set_errno(e);
     }
@@ -32,7 +32,16 @@ fn reported(set: &[libc::pollfd], r: c_int) {
 pub fn millis(d: Option<Duration>) -> c_int {
     match d {
         None => -1,
-        Some(d) => c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(c_int::MAX),
+        // Whole microseconds rounded up to the millisecond, in 64-bit steps
+        // (a division of the u128 microseconds showed in every
+        // epoll_wait's profile).
+        Some(d) => {
+            let ms = d
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(d.subsec_micros().div_ceil(1_000)));
+            c_int::try_from(ms).unwrap_or(c_int::MAX)
+        }
     }
 }
 

@@ -78,7 +78,10 @@ pub fn errno(e: &io::Error) -> i32 {
 
 /// Whether the shim should leave this process alone (`SSOCK_DISABLE=1`).
 pub fn disabled() -> bool {
-    ssock_rings::env::var_os("SSOCK_DISABLE").is_some_and(|v| v == "1")
+    // The shim reads the copy of the environment taken at load, which
+    // never changes: read once.
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| ssock_rings::env::var_os("SSOCK_DISABLE").is_some_and(|v| v == "1"))
 }
 
 /// Makes the process's devd session now if it has none (see
@@ -108,30 +111,45 @@ fn tcp_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
         .flatten()
 }
 
-/// connect(2) on a TCP socket: negotiate; returns Some(result) if the
-/// shim handled it, None to let libc do it (not TCP, no devd). Ok(Some):
-/// the socket is tracked, with what the kernel's connect said (0, or
-/// EINPROGRESS/EINTR while it goes on).
-pub fn connect(
-    fd: BorrowedFd<'_>,
-    dst: SocketAddr,
-    fresh: bool,
-) -> Option<Result<Option<(Sock, i32)>, i32>> {
+/// What the shim does with a connect(2) on a TCP socket.
+pub enum Connect {
+    /// Not ssock's connection (not a fresh TCP socket, no devd, or no
+    /// registered listener serves the address): the kernel's connect as
+    /// it is, nothing more asked of the socket.
+    Plain,
+    /// The listener board keeps the listener's connections on kernel TCP
+    /// for now (`short_lived`): the kernel's connect as it is, counted in
+    /// this session once it is under way. No Intent, no option read.
+    Kept(Arc<Session>),
+    /// Negotiated: Ok(Some) the socket is tracked, with what the kernel's
+    /// connect said (0, or EINPROGRESS/EINTR while it goes on); Ok(None)
+    /// kernel TCP, connected; Err the errno.
+    Done(Result<Option<(Sock, i32)>, i32>),
+}
+
+/// connect(2) on a TCP socket: what the board says first, then the
+/// negotiation (see [`Connect`]).
+pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr, fresh: bool) -> Connect {
     // Only a fresh TCP socket is ssock's; a datagram socket never opens a
     // devd session, and a connect() called again is the kernel's alone.
     // `fresh`: socket(2) made it so (`known`), nothing to ask.
     if !fresh && !fresh_tcp(fd) {
-        return None;
+        return Connect::Plain;
     }
-    let session = session()?;
-    // No registered listener serves dst: not ssock's connection (the
-    // kernel's connect as it is, nothing more asked of the socket).
-    if plain_by_board(&session, dst) == Some(FallbackReason::PeerNotEnabled) {
-        return None;
+    let Some(session) = session() else {
+        return Connect::Plain;
+    };
+    match plain_by_board(&session, dst) {
+        Some(FallbackReason::PeerNotEnabled) => return Connect::Plain,
+        Some(FallbackReason::ShortLived) => {
+            log::info!("connect to {dst}: kernel TCP (short_lived, by the board)");
+            return Connect::Kept(session);
+        }
+        _ => {}
     }
     let opts = Options::with_session(session.clone());
     let spin = opts.spin(Some(&session));
-    Some(match connect_start(fd, dst, &opts, Some(&session)) {
+    Connect::Done(match connect_start(fd, dst, &opts, Some(&session)) {
         Ok(Started::Kernel(r)) => {
             log::info!("connect to {dst}: kernel TCP ({r:?})");
             Ok(None)
@@ -171,10 +189,9 @@ pub fn listened(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
 /// None: plain.
 pub fn accepted(fd: BorrowedFd<'_>, at: SocketAddr) -> Option<Sock> {
     let session = session()?;
-    let opts = Options::with_session(session.clone());
-    let spin = opts.spin(Some(&session));
     match accept_on(&session, fd, Some(at)) {
         Ok(Accepted::Attached(t)) => {
+            let spin = Options::with_session(session.clone()).spin(Some(&session));
             let nb = is_nonblocking(fd);
             log::info!(
                 "accept: {:?}, connection {}",

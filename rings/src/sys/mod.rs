@@ -156,12 +156,24 @@ pub fn check_read_only(fd: BorrowedFd<'_>, size: usize) -> io::Result<()> {
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC as of the last timer tick (never ahead of
+/// [`monotonic_ns`], behind it by a tick at most), in nanoseconds: the
+/// vDSO without reading the time-stamp counter, for the checks on every
+/// connection that a few milliseconds do not change.
+pub fn monotonic_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid, writable timespec for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     u64::try_from(ts.tv_sec)
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)

@@ -29,26 +29,31 @@ pub fn wait_direct(
     kernel_wait: &dyn Fn(&mut [epoll_event], Option<Duration>) -> c_int,
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> c_int {
-    let deadline = crate::sleep::deadline(timeout);
-    let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    // The clock is read once, for a wait with a timeout, and looked at
+    // again only if the wait goes on past the kernel's (rung, or cut
+    // short by the cap): the kernel's wait gets the caller's timeout as
+    // it is.
+    let start = timeout.filter(|t| !t.is_zero()).map(|_| Instant::now());
+    let deadline = start.zip(timeout).and_then(|(s, t)| s.checked_add(t));
+    let mut left = timeout.filter(|_| start.is_none() || deadline.is_some());
     loop {
         // A member added before this count is seen below; one added after
         // it rings the bell (both SeqCst).
         set.sleepers.fetch_add(1, Ordering::SeqCst);
         if set.has_members() {
             set.done_sleeping(false);
-            return wait(epfd, set, out, left(), sleep);
+            return wait(epfd, set, out, left, sleep);
         }
         // Cut while this process has accelerated sockets: a member added
         // while another sleeper drained the bell is seen at the latest then.
         let cap = table::any().then_some(KERNEL_WAIT_CAP);
-        let (cut, ours) = match (left(), cap) {
+        let (cut, ours) = match (left, cap) {
             (Some(l), Some(c)) if c < l => (Some(c), true),
             (None, Some(c)) => (Some(c), true),
             (l, _) => (l, false),
         };
         let r = kernel_wait(out, cut);
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let errno = crate::boundary::errno();
         let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
         set.done_sleeping(rung);
         if r < 0 {
@@ -56,9 +61,21 @@ pub fn wait_direct(
             return -1;
         }
         let capped = ours && r == 0;
-        if n > 0 || (!rung && !capped) || deadline.is_some_and(|d| Instant::now() >= d) {
-            return c_int::try_from(n).unwrap_or(c_int::MAX);
+        let done = c_int::try_from(n).unwrap_or(c_int::MAX);
+        if n > 0 || (!rung && !capped) {
+            return done;
         }
+        // Going on: what is left of the caller's timeout (none left after
+        // a zero timeout; a deadline too far for the clock is none).
+        left = match (timeout, deadline) {
+            (None, _) => None,
+            (Some(_), None) if start.is_some() => None,
+            (Some(_), None) => return done,
+            (Some(_), Some(d)) => match d.checked_duration_since(Instant::now()) {
+                Some(l) if !l.is_zero() => Some(l),
+                _ => return done,
+            },
+        };
     }
 }
 
@@ -142,7 +159,7 @@ pub fn wait(
         let left = crate::sleep::capped(left, &pfds);
         let r = sleep(&mut pfds, left);
         slept = true;
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let errno = crate::boundary::errno();
         set.end_sleep(armed, saw.take());
         if r < 0 {
             crate::boundary::set_errno(errno);

@@ -17,7 +17,6 @@ pub mod codec;
 pub mod detach;
 pub mod env;
 pub mod fdbits;
-pub mod fdseen;
 pub mod layout;
 pub mod notify;
 pub mod ownfds;

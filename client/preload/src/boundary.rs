@@ -38,9 +38,7 @@ pub fn enter<T: From<i8>>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) 
 
 /// The calling thread's errno.
 pub fn errno() -> i32 {
-    // SAFETY: __errno_location returns this thread's errno slot, valid for
-    // the thread's life.
-    unsafe { *libc::__errno_location() }
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 /// Sets the calling thread's errno.

@@ -27,7 +27,7 @@ pub unsafe fn send_holding(msg: *const libc::msghdr, real: impl FnOnce() -> ssiz
     }
     let r = real();
     if r < 0 {
-        let e = crate::boundary::errno();
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         for s in &passed {
             lock(s).drop_hold();
         }

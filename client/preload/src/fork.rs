@@ -146,7 +146,7 @@ fn exec_releasing(exec: impl FnOnce() -> c_int) -> c_int {
         lock(s).drop_hold();
     }
     let r = exec();
-    let e = crate::boundary::errno();
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     for s in &closing {
         lock(s).fork_hold();
     }

@@ -22,7 +22,7 @@ pub fn real_poll(set: &mut [libc::pollfd], timeout_ms: c_int) -> c_int {
 /// keeping errno.
 fn reported(set: &[libc::pollfd], r: c_int) {
     if r > 0 {
-        let e = crate::boundary::errno();
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         ssock_client::bells::polled(set.iter().map(|p| (p.fd, p.revents)));
         crate::boundary::set_errno(e);
     }

@@ -207,7 +207,7 @@ pub fn poll(
         let mut armed: Vec<Armed> = Vec::new();
         let mut ready_meanwhile = false;
         // Accelerated sockets share their process's doorbell: once in the set.
-        let mut seen = ssock_rings::fdseen::Seen::default();
+        let mut seen = std::collections::HashSet::new();
         for (p, s) in pfds.iter().zip(socks) {
             match s {
                 None if p.fd >= 0 => set.push(pollfd {

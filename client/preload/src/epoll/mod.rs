@@ -558,7 +558,7 @@ impl Nested for Set {
         ];
         let mut armed = Vec::with_capacity(i.members.len());
         // Accelerated members share their process's doorbell: once in the set.
-        let mut seen = ssock_rings::fdseen::Seen::default();
+        let mut seen = std::collections::HashSet::new();
         for m in i.members.iter().filter(|m| !m.disabled) {
             // SAFETY: as in `collect`.
             // None: broken for good; nothing will change there, and what it

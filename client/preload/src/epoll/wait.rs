@@ -53,7 +53,7 @@ pub fn wait_direct(
             (l, _) => (l, false),
         };
         let r = kernel_wait(out, cut);
-        let errno = crate::boundary::errno();
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
         set.done_sleeping(rung);
         if r < 0 {
@@ -159,7 +159,7 @@ pub fn wait(
         let left = crate::sleep::capped(left, &pfds);
         let r = sleep(&mut pfds, left);
         slept = true;
-        let errno = crate::boundary::errno();
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         set.end_sleep(armed, saw.take());
         if r < 0 {
             crate::boundary::set_errno(errno);

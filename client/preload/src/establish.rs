@@ -77,16 +77,13 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
             match sock::connect(b, dst, fresh) {
                 sock::Connect::Plain => connect_plain(fd, real),
                 sock::Connect::Kept(session) => {
-                    let r = real();
+                    let r = connect_plain(fd, real);
                     let said = crate::boundary::errno();
-                    if r == 0 || under_way(said) {
-                        known::set_plain(fd);
-                        // Counted once: a connect that found the socket
-                        // connecting or connected already (a stale fresh
-                        // mark) is not a new connection.
-                        if r == 0 || matches!(said, libc::EINPROGRESS | libc::EINTR) {
-                            session.skipped();
-                        }
+                    // Counted once: a connect that found the socket
+                    // connecting or connected already (a stale fresh mark)
+                    // is not a new connection.
+                    if r == 0 || matches!(said, libc::EINPROGRESS | libc::EINTR) {
+                        session.skipped();
                         crate::boundary::set_errno(said);
                     }
                     r

@@ -32,10 +32,9 @@ pub fn wait_direct(
     // The clock is read once, for a wait with a timeout, and looked at
     // again only if the wait goes on past the kernel's (rung, or cut
     // short by the cap): the kernel's wait gets the caller's timeout as
-    // it is.
-    let start = timeout.filter(|t| !t.is_zero()).map(|_| Instant::now());
-    let deadline = start.zip(timeout).and_then(|(s, t)| s.checked_add(t));
-    let mut left = timeout.filter(|_| start.is_none() || deadline.is_some());
+    // it is. No deadline: for ever (none, or too far for the clock).
+    let deadline = crate::sleep::deadline(timeout);
+    let mut left = deadline.and(timeout);
     loop {
         // A member added before this count is seen below; one added after
         // it rings the bell (both SeqCst).
@@ -65,17 +64,13 @@ pub fn wait_direct(
         if n > 0 || (!rung && !capped) {
             return done;
         }
-        // Going on: what is left of the caller's timeout (none left after
-        // a zero timeout; a deadline too far for the clock is none).
-        left = match (timeout, deadline) {
-            (None, _) => None,
-            (Some(_), None) if start.is_some() => None,
-            (Some(_), None) => return done,
-            (Some(_), Some(d)) => match d.checked_duration_since(Instant::now()) {
-                Some(l) if !l.is_zero() => Some(l),
+        // Going on: what is left of the caller's timeout.
+        if let Some(d) = deadline {
+            match d.checked_duration_since(Instant::now()) {
+                Some(l) if !l.is_zero() => left = Some(l),
                 _ => return done,
-            },
-        };
+            }
+        }
     }
 }
 

@@ -379,9 +379,11 @@ impl Devd {
     /// unix socket would too). sock_diag tells: the connection's socket on
     /// this end's side has our inode (held), another one (0 once closed
     /// everywhere while the kernel finishes the connection, or a new
-    /// socket on the same addresses: gone), or none is left while the
-    /// peer's side is in TIME_WAIT (the connection closed both ways; a
-    /// passive closer's socket is gone by then: gone). Otherwise, or
+    /// socket on the same addresses: gone). Not found, it is gone when
+    /// the look-up found it before ([`registry::End::seen`]), or when the
+    /// peer's socket has received our FIN (CLOSE_WAIT, LAST_ACK, CLOSING,
+    /// TIME_WAIT): a closed socket leaves no TIME_WAIT of its own when the
+    /// kernel's table of them is full, or after a reset. Otherwise, or
     /// without sock_diag: unsure.
     pub(super) fn orphan_seen(&mut self, id: u64, e: usize) -> Seen {
         let Some(c) = self.reg.conns.get(&id) else {
@@ -395,22 +397,44 @@ impl Devd {
             self.diag_seq = self.diag_seq.wrapping_add(1);
             crate::sys::tcp_lookup(diag.as_fd(), local, remote, self.diag_seq)
         };
-        let connected = |s: &crate::sys::TcpSeen| s.state != crate::sys::TCP_LISTEN;
-        match look(mine, peer) {
-            Ok(Some(s)) if connected(&s) && u64::from(s.inode) == inode => Seen::Held,
-            Ok(Some(s)) if connected(&s) => Seen::Gone,
+        // A listener on the same local address is what the kernel's
+        // look-up finds once the connection's own socket is gone.
+        let found = |r: io::Result<Option<crate::sys::TcpSeen>>| match r {
+            Ok(Some(s)) if s.state != crate::sys::TCP_LISTEN => Ok(Some(s)),
+            Ok(_) => Ok(None),
+            Err(err) => Err(err),
+        };
+        // The peer's socket too, while this end's is not found or the
+        // peer's was never seen: each one found by its inode proves the
+        // look-up works for it.
+        let here = found(look(mine, peer));
+        let there = match (&here, c.ends[1 - e].seen) {
+            (Ok(Some(_)), true) => None,
+            _ => Some(found(look(peer, mine))),
+        };
+        let seen = match &here {
+            Ok(Some(s)) if u64::from(s.inode) == inode => Seen::Held,
+            Ok(Some(_)) => Seen::Gone,
             // Not found is no proof alone (a socket bound to a device or a
-            // VRF is never found by this lookup): only with the peer in
-            // TIME_WAIT, after both sides' FINs, is the connection over.
-            Ok(_) => match look(peer, mine) {
-                Ok(Some(s)) if s.state == crate::sys::TCP_TIME_WAIT => Seen::Gone,
+            // VRF is never found by this look-up).
+            Ok(None) if c.ends[e].seen => Seen::Gone,
+            Ok(None) => match &there {
+                Some(Ok(Some(s))) if crate::sys::PEER_FIN_SEEN.contains(&s.state) => Seen::Gone,
                 _ => Seen::Unsure,
             },
             Err(err) => {
                 log::debug!("connection {id}: sock_diag: {err}");
                 Seen::Unsure
             }
+        };
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            for (end, r) in [(e, Some(&here)), (1 - e, there.as_ref())] {
+                if let Some(Ok(Some(s))) = r {
+                    c.ends[end].seen |= u64::from(s.inode) == c.ends[end].inode;
+                }
+            }
         }
+        seen
     }
 }
 

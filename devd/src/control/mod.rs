@@ -434,6 +434,7 @@ impl Devd {
             addr,
             released: false,
             orphaned: None,
+            seen: false,
         })
     }
 

@@ -152,6 +152,10 @@ pub struct End {
     /// (an exec'd image takes it over), and is released once none does;
     /// `ORPHAN_GRACE` after this time when sock_diag cannot tell.
     pub orphaned: Option<Instant>,
+    /// sock_diag has found this end's TCP socket by the connection's
+    /// addresses at least once, so the look-up works for it (same network
+    /// namespace, no device binding): not found later, it was closed.
+    pub seen: bool,
 }
 
 /// An fd devd keeps and also sends (replies borrow it: no duplicate).

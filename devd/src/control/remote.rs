@@ -181,6 +181,7 @@ impl Devd {
             addr: from,
             released: true,
             orphaned: None,
+            seen: false,
         };
         self.reg.conns.insert(
             id,
@@ -420,6 +421,7 @@ impl Devd {
             addr: to,
             released: true,
             orphaned: None,
+            seen: false,
         };
         let id = intent.id;
         self.reg.by_inode.insert(intent.end.inode, (id, 0));

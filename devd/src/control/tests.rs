@@ -726,6 +726,45 @@ fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
     assert!(d.reg.usage.is_empty(), "usage left: {:?}", d.reg.usage);
 }
 
+#[test]
+fn an_orphaned_end_seen_before_goes_once_its_connection_is_reset_without_time_wait() {
+    let mut d = devd("");
+    if d.diag.is_none() {
+        eprintln!("SKIP: no sock_diag socket here");
+        return;
+    }
+    session(&mut d, 2);
+    let l = listener_of(&mut d, 2);
+    let dst = l.local_addr().unwrap();
+    let s = socket();
+    let (r, _) = intent(&mut d, &s, dst);
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+    s.connect(&dst.into()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    let fd = a.as_fd().try_clone_to_owned().unwrap();
+    let (r, _) = d.handle(2, Request::Claim, vec![fd]);
+    assert!(matches!(r, Response::Expect { .. }), "{r:?}");
+    // Both sessions end while both sockets live on: seen held.
+    d.end_session(1);
+    d.end_session(2);
+    look_now(&mut d);
+    assert_eq!(
+        d.reg.orphans.len(),
+        2,
+        "released while their sockets are open"
+    );
+    // Both closed with a reset: no TIME_WAIT socket is left to find on
+    // either side, yet both ends go at the next look, not after the grace.
+    s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&a)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop((s, a));
+    look_now(&mut d);
+    assert!(d.reg.orphans.is_empty(), "still orphaned after the reset");
+    assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
+}
+
 /// Makes every orphaned end due for a look-up, and looks.
 fn look_now(d: &mut Devd) {
     for l in d.reg.orphans.values_mut() {

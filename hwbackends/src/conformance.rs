@@ -103,7 +103,7 @@ type Case = fn(&mut dyn Lab);
 /// Runs every case, each on a fresh lab from `make`; a failure names its
 /// case.
 pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
-    let cases: [(&str, Case); 11] = [
+    let cases: [(&str, Case); 12] = [
         ("bytes_in_order_then_the_mark", bytes_in_order_then_the_mark),
         ("words_arrive_latest_first", words_arrive_latest_first),
         (
@@ -131,6 +131,10 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
             poll_names_the_channels_that_changed,
         ),
         ("misuse_gets_errors", misuse_gets_errors),
+        (
+            "a_failed_fill_or_a_partial_take_loses_nothing",
+            a_failed_fill_or_a_partial_take_loses_nothing,
+        ),
         ("many_channels_stay_apart", many_channels_stay_apart),
         (
             "a_long_stream_arrives_exactly",
@@ -191,6 +195,63 @@ fn drain(lab: &mut dyn Lab, e: End) -> (Vec<u8>, Option<Mark>) {
             Recv::Mark(m) => return (got, Some(m)),
         }
     }
+}
+
+/// `send_with` whose source fails queues nothing; `recv_with` takes only
+/// what its caller says it took, the rest stays in order.
+fn a_failed_fill_or_a_partial_take_loses_nothing(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let r = lab
+        .backend(a.at)
+        .send_with(a.ch, data.len(), &mut |_| false);
+    assert_eq!(
+        r.expect("send_with on an open channel"),
+        0,
+        "a failed fill sent bytes"
+    );
+    let sent = lab.backend(a.at).offsets(a.ch).expect("open").sent;
+    assert_eq!(sent, 0, "a failed fill counted as sent");
+    let mut off = 0;
+    while off < data.len() {
+        let mut asked = 0;
+        let n = lab
+            .backend(a.at)
+            .send_with(a.ch, data.len() - off, &mut |dst| {
+                asked = dst.len();
+                dst.copy_from_slice(&data[off..off + dst.len()]);
+                true
+            })
+            .expect("send_with on an open channel");
+        assert!(n > 0 && n == asked, "accepted {n}, filled {asked}");
+        off += n;
+        lab.settle();
+        // Nothing taken: nothing consumed.
+        let r = lab.backend(b.at).recv_with(b.ch, &mut |_, _| 0);
+        assert!(matches!(r, Ok(Recv::Data(0))), "{r:?}");
+    }
+    // Taken 100 bytes at a time, in order, from both pieces.
+    let mut got = Vec::new();
+    loop {
+        let r = lab.backend(b.at).recv_with(b.ch, &mut |x, y| {
+            let k = 100.min(x.len() + y.len());
+            let first = k.min(x.len());
+            got.extend_from_slice(&x[..first]);
+            got.extend_from_slice(&y[..k - first]);
+            k
+        });
+        match r.expect("recv_with on an open channel") {
+            Recv::Data(n) if n > 0 => assert!(n <= 100),
+            _ => break,
+        }
+        lab.settle();
+    }
+    assert!(
+        got == data,
+        "{} bytes back of {}, or not in order",
+        got.len(),
+        data.len()
+    );
 }
 
 fn window(lab: &mut dyn Lab, e: End) -> usize {

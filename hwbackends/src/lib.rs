@@ -40,16 +40,49 @@ pub mod router;
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 
-/// Moves up to `buf.len()` bytes from the front of `q` into `buf`; how
-/// many (a backend's `recv` from its per-channel queue).
-pub(crate) fn copy_out(q: &mut VecDeque<u8>, buf: &mut [u8]) -> usize {
-    let n = buf.len().min(q.len());
+/// Shows `take` what waits in `q` and removes what it took (at most all
+/// of it); how many (a backend's `recv_with` from its per-channel queue).
+pub(crate) fn take_out(q: &mut VecDeque<u8>, take: &mut dyn FnMut(&[u8], &[u8]) -> usize) -> usize {
     let (a, b) = q.as_slices();
-    let first = n.min(a.len());
-    buf[..first].copy_from_slice(&a[..first]);
-    buf[first..n].copy_from_slice(&b[..n - first]);
+    let n = take(a, b).min(q.len());
     q.drain(..n);
     n
+}
+
+/// Appends `n` bytes to `q` that `fill` writes in place (in one or two
+/// pieces: the queue may wrap); false from `fill` leaves `q` as it was.
+pub(crate) fn fill_in(
+    q: &mut VecDeque<u8>,
+    n: usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> bool,
+) -> bool {
+    let old = q.len();
+    q.resize(old + n, 0);
+    let (a, b) = q.as_mut_slices();
+    // The new bytes are the last `n`: the tail of `a` and all of `b`, or
+    // the tail of `b`.
+    let ok = if b.len() >= n {
+        let at = b.len() - n;
+        fill(&mut b[at..])
+    } else if b.is_empty() {
+        let at = a.len() - n;
+        fill(&mut a[at..])
+    } else {
+        // Split: one staging copy (rare: only where the queue wraps).
+        let mut tmp = vec![0u8; n];
+        let ok = fill(&mut tmp);
+        if ok {
+            let in_a = n - b.len();
+            let at = a.len() - in_a;
+            a[at..].copy_from_slice(&tmp[..in_a]);
+            b.copy_from_slice(&tmp[in_a..]);
+        }
+        ok
+    };
+    if !ok {
+        q.truncate(old);
+    }
+    ok
 }
 
 /// devd's name for one end of a backend channel (one Queued endpoint).
@@ -209,12 +242,46 @@ pub trait Backend: Send {
     fn deadline(&self) -> Option<std::time::Duration>;
     /// Opens channel `ch` towards `peer`.
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError>;
+    /// Queues up to `len` bytes on `ch`, written by `fill` straight into
+    /// the slice it is given (the stream's next bytes; its length is how
+    /// many the backend accepts, at least one); returns how many were
+    /// accepted (0: window full, `fill` not called). `fill` returning
+    /// false (its source failed) queues nothing and returns 0.
+    fn send_with(
+        &mut self,
+        ch: ChannelId,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<usize, BackendError>;
     /// Queues bytes on `ch`; returns how many were accepted (0: window full).
-    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError>;
+    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
+        self.send_with(ch, data.len(), &mut |dst| {
+            dst.copy_from_slice(&data[..dst.len()]);
+            true
+        })
+    }
     /// Ends `ch`'s stream after the bytes sent so far.
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError>;
-    /// Takes bytes that arrived for `ch` (which acknowledges them).
-    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError>;
+    /// Takes bytes that arrived for `ch` (which acknowledges them) with no
+    /// copy between: `take` is shown what waits, in order, in two pieces
+    /// (the second may be empty), and says how many bytes from the front
+    /// it took (`Recv::Data` of that many; not called: `Empty` or the
+    /// mark).
+    fn recv_with(
+        &mut self,
+        ch: ChannelId,
+        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+    ) -> Result<Recv, BackendError>;
+    /// Takes bytes that arrived for `ch` into `buf` (which acknowledges them).
+    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
+        self.recv_with(ch, &mut |a, b| {
+            let first = a.len().min(buf.len());
+            let second = b.len().min(buf.len() - first);
+            buf[..first].copy_from_slice(&a[..first]);
+            buf[first..first + second].copy_from_slice(&b[..second]);
+            first + second
+        })
+    }
     /// Bytes waiting to be received on `ch` (0 if none or closed).
     fn pending(&self, ch: ChannelId) -> usize;
     /// How far `ch`'s outgoing stream went; `None` if it is not open.

@@ -855,15 +855,24 @@ impl Engine {
                 },
             };
             let len = buf.len as usize;
-            if self.scratch.len() < len {
-                self.scratch.resize(len, 0);
-            }
-            let chunk = &mut self.scratch[..len - off];
-            if let Err(e) = side.region.read(buf.addr + off as u64, chunk) {
+            // Read from the client's buffer straight into what the backend
+            // sends, as much as it takes.
+            let mut bad = None;
+            let sent = self.backend.send_with(ch, len - off, &mut |dst| match side
+                .region
+                .read(buf.addr + off as u64, dst)
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    bad = Some(e);
+                    false
+                }
+            });
+            if let Some(e) = bad {
                 self.violation(id, pair, s, &e);
                 return true;
             }
-            let n = match self.backend.send(ch, chunk) {
+            let n = match sent {
                 Ok(n) => n,
                 // The peer is gone: the bytes have nowhere to go, like
                 // writing to a closed TCP peer; the writer learns of it
@@ -1004,16 +1013,27 @@ impl Engine {
                     return true;
                 }
             };
+            // From the backend's queue straight into the client's buffer.
             let want = buf.len as usize;
-            if self.scratch.len() < want {
-                self.scratch.resize(want, 0);
-            }
-            let n = match self.backend.recv(ch, &mut self.scratch[..want]) {
+            let side = &mut pair.sides[s];
+            let mut wrote = Ok(());
+            let got = self.backend.recv_with(ch, &mut |a, b| {
+                let first = a.len().min(want);
+                let second = b.len().min(want - first);
+                wrote = side
+                    .region
+                    .write(buf.addr, &a[..first])
+                    .and_then(|_| side.region.write(buf.addr + first as u64, &b[..second]));
+                if wrote.is_ok() {
+                    first + second
+                } else {
+                    0
+                }
+            });
+            let n = match got {
                 Ok(Recv::Data(n)) => n,
                 _ => 0,
             };
-            let side = &mut pair.sides[s];
-            let wrote = side.region.write(buf.addr, &self.scratch[..n]);
             let len = u32::try_from(n).unwrap_or(u32::MAX);
             let added = wrote.and_then(|_| side.region.add_used(RX, buf.head, len));
             if let Err(e) = added {

@@ -48,14 +48,23 @@ impl Backend for AsRemote {
             _ => Err(BackendError::Unreachable(ch)),
         }
     }
-    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
-        self.0.send(ch, data)
+    fn send_with(
+        &mut self,
+        ch: ChannelId,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<usize, BackendError> {
+        self.0.send_with(ch, len, fill)
     }
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError> {
         self.0.send_mark(ch, mark)
     }
-    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
-        self.0.recv(ch, buf)
+    fn recv_with(
+        &mut self,
+        ch: ChannelId,
+        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+    ) -> Result<Recv, BackendError> {
+        self.0.recv_with(ch, take)
     }
     fn pending(&self, ch: ChannelId) -> usize {
         self.0.pending(ch)

@@ -102,7 +102,12 @@ impl Backend for Loopback {
         Ok(())
     }
 
-    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
+    fn send_with(
+        &mut self,
+        ch: ChannelId,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<usize, BackendError> {
         let me = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
         if me.ended {
             return Err(BackendError::Ended(ch));
@@ -114,9 +119,11 @@ impl Backend for Loopback {
             .filter(|p| p.peer == ch)
             .ok_or(BackendError::PeerGone(ch))?;
         let room = self.window.saturating_sub(p.inbox.len());
-        let n = room.min(data.len());
+        let n = room.min(len);
         if n > 0 {
-            p.inbox.extend(&data[..n]);
+            if !crate::fill_in(&mut p.inbox, n, fill) {
+                return Ok(0);
+            }
             self.ready.push(peer);
             if let Some(me) = self.chans.get_mut(&ch) {
                 me.out.sent += n as u64;
@@ -145,7 +152,11 @@ impl Backend for Loopback {
         Ok(())
     }
 
-    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
+    fn recv_with(
+        &mut self,
+        ch: ChannelId,
+        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+    ) -> Result<Recv, BackendError> {
         let me = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
         if me.inbox.is_empty() {
             return Ok(match me.inbox_mark {
@@ -153,7 +164,7 @@ impl Backend for Loopback {
                 None => Recv::Empty,
             });
         }
-        let n = crate::copy_out(&mut me.inbox, buf);
+        let n = crate::take_out(&mut me.inbox, take);
         let peer = me.peer;
         if n > 0 {
             if let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) {

@@ -252,13 +252,7 @@ impl Ntb {
 
     /// Copies from this node's ring at position `pos`, wrapping.
     fn ring_read(&self, pos: u64, b: &mut [u8]) {
-        let at = usize::try_from(pos % self.ring).unwrap_or(0);
-        let ring = usize::try_from(self.ring).unwrap_or(0);
-        let first = b.len().min(ring - at);
-        self.win.read(RING + at, &mut b[..first]);
-        if first < b.len() {
-            self.win.read(RING, &mut b[first..]);
-        }
+        ring_read(&*self.win, self.ring, pos, b);
     }
 
     /// Reserves and writes a frame now if the ring has room.
@@ -489,12 +483,12 @@ impl Ntb {
                         c.rxq.len() + h.len - self.peer_window
                     ));
                 }
-                let mut buf = std::mem::take(&mut self.scratch);
-                self.ring_read(at, &mut buf[..h.len]);
-                if let Some(c) = self.chans.get_mut(&h.dst) {
-                    c.rxq.extend(&buf[..h.len]);
-                }
-                self.scratch = buf;
+                // Straight from the ring into the channel's queue.
+                let (win, ring) = (&*self.win, self.ring);
+                crate::fill_in(&mut c.rxq, h.len, &mut |dst| {
+                    ring_read(win, ring, at, dst);
+                    true
+                });
             }
             Kind::Eos | Kind::Reset => {
                 let m = if h.kind == Kind::Eos {
@@ -643,7 +637,12 @@ impl Backend for Ntb {
         Ok(())
     }
 
-    fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
+    fn send_with(
+        &mut self,
+        ch: ChannelId,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<usize, BackendError> {
         let c = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
         if c.ended {
             return Err(BackendError::Ended(ch));
@@ -651,7 +650,7 @@ impl Backend for Ntb {
         if c.peer_gone {
             return Err(BackendError::PeerGone(ch));
         }
-        if data.is_empty() {
+        if len == 0 {
             return Ok(0);
         }
         if !self.synced {
@@ -668,8 +667,7 @@ impl Backend for Ntb {
         let room = usize::try_from(self.room()).unwrap_or(usize::MAX);
         // Frames before this one wait for room: nothing overtakes them.
         let n = if self.ctl.is_empty() {
-            data.len()
-                .min(credit)
+            len.min(credit)
                 .min(MAX_PAYLOAD)
                 .min(room.saturating_sub(HDR) & !7)
         } else {
@@ -688,16 +686,31 @@ impl Backend for Ntb {
             src: ch,
         };
         if n < DMA_MIN {
-            self.put(&h, &data[..n]);
-            self.counters.pio += 1;
+            let mut buf = std::mem::take(&mut self.scratch);
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let filled = fill(&mut buf[..n]);
+            if filled {
+                self.put(&h, &buf[..n]);
+                self.counters.pio += 1;
+            }
+            self.scratch = buf;
+            if !filled {
+                return Ok(0);
+            }
         } else {
+            // The source is copied into the frame the batch copy takes
+            // (a spare one keeps its length: no zeroing for nothing).
+            let mut frame = self.spare.pop().unwrap_or_default();
+            frame.resize(HDR + n, 0);
+            frame[..HDR].copy_from_slice(&inbox::encode(&h));
+            if !fill(&mut frame[HDR..]) {
+                self.spare.push(frame);
+                return Ok(0);
+            }
             let pos = self.prod;
             self.prod += inbox::frame_size(n) as u64;
-            let mut frame = self.spare.pop().unwrap_or_default();
-            frame.clear();
-            frame.reserve(HDR + n);
-            frame.extend_from_slice(&inbox::encode(&h));
-            frame.extend_from_slice(&data[..n]);
             self.dma.push((pos, frame));
         }
         if let Some(c) = self.chans.get_mut(&ch) {
@@ -734,7 +747,11 @@ impl Backend for Ntb {
         Ok(())
     }
 
-    fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
+    fn recv_with(
+        &mut self,
+        ch: ChannelId,
+        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+    ) -> Result<Recv, BackendError> {
         let c = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
         if c.rxq.is_empty() {
             return Ok(match c.rx_mark {
@@ -742,7 +759,7 @@ impl Backend for Ntb {
                 None => Recv::Empty,
             });
         }
-        let n = crate::copy_out(&mut c.rxq, buf);
+        let n = crate::take_out(&mut c.rxq, take);
         if n > 0 {
             c.taken += n as u64;
             c.ack_due = true;
@@ -810,4 +827,16 @@ fn payload(words: &[u64]) -> [u8; WORDS] {
         b[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
     }
     b
+}
+
+/// Copies from a node's ring in `win` (of `ring` bytes) at position
+/// `pos`, wrapping.
+fn ring_read(win: &dyn Window, ring: u64, pos: u64, b: &mut [u8]) {
+    let at = usize::try_from(pos % ring).unwrap_or(0);
+    let ring = usize::try_from(ring).unwrap_or(0);
+    let first = b.len().min(ring - at);
+    win.read(RING + at, &mut b[..first]);
+    if first < b.len() {
+        win.read(RING, &mut b[first..]);
+    }
 }

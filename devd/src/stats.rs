@@ -130,6 +130,9 @@ pub struct QueuedCounters {
     pub calls_suppressed: [AtomicU64; 2],
     /// Whether a side was reset for a violation.
     pub violation: [AtomicU64; 2],
+    /// Of each side's stream, the bytes the other host acknowledged (its
+    /// engine took them for the reader): remote sides only.
+    pub acked: [AtomicU64; 2],
 }
 
 impl QueuedCounters {
@@ -270,6 +273,11 @@ pub struct ConnJson {
     pub peer_node: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<u64>,
+    /// With its other end on another host: of the stream this host's end
+    /// sent (`bytes_c2a` or `bytes_a2c`), the bytes the other host
+    /// acknowledged; what lies between is in flight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked: Option<u64>,
 }
 
 /// JSON: a stats page.

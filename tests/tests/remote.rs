@@ -189,6 +189,31 @@ fn echo_of_256_mib_each_way_crosses_the_ntb_link_both_ways_round() -> Result<()>
         let (dst, port) = (lab.addr[srv].clone(), port.to_string());
         let mut c =
             Prog::start(lab.under_ssock(cli, &["python3", &py, "stream", &dst, &port, "256"]))?;
+        // While it streams, the client's devd shows what the other host
+        // acknowledged of its end's stream: never more than it sent, and
+        // more than nothing at some point.
+        let t = Instant::now();
+        let mut acked = 0;
+        while acked == 0 && t.elapsed() < Duration::from_secs(60) {
+            for conn in lab.stats(cli)?["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if conn["backend"] != "ntb" {
+                    continue;
+                }
+                let here = conn["local"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&lab.addr[cli]));
+                let sent = conn[if here { "bytes_c2a" } else { "bytes_a2c" }].as_u64();
+                let a = conn["acked"].as_u64().context("acked")?;
+                ensure!(Some(a) <= sent, "acked beyond what was sent: {conn}");
+                acked = acked.max(a);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ensure!(acked > 0, "host {cli} never showed acknowledged bytes");
         c.expect(&["OK 268435456"], Duration::from_secs(120))?;
         ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
         server.expect(&["ECHOED 268435456"], Duration::from_secs(10))?;

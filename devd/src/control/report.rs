@@ -141,6 +141,7 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 backend: None,
                 peer_node: None,
                 channel: None,
+                acked: None,
             }
         }
         Res::Queued(q) => {
@@ -167,6 +168,10 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 }),
                 peer_node: c.remote.map(|r| r.0),
                 channel: c.remote.map(|r| r.1),
+                // The end on this host is the one with a session.
+                acked: c
+                    .remote
+                    .map(|_| g(&k.acked[usize::from(c.ends[0].session == 0)])),
             }
         }
     }

@@ -808,7 +808,11 @@ impl Engine {
     fn give_back(&mut self, id: u64, pair: &mut Pair, s: usize, all: bool) -> bool {
         let acked = match self.backend.offsets(pair.sides[s].ch) {
             _ if all => u64::MAX,
-            Some(o) => o.acked,
+            Some(o) => {
+                let a = &pair.counters.acked[pair.sides[s].end & 1];
+                a.store(o.acked, std::sync::atomic::Ordering::Relaxed);
+                o.acked
+            }
             None => u64::MAX,
         };
         let mut back = false;

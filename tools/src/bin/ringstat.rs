@@ -144,7 +144,10 @@ fn print_table(v: &Value) {
         let n = |k: &str| c[k].to_string();
         // Queued: the backend, and the peer node of an end on another host.
         let path = match (c["backend"].as_str(), c["peer_node"].as_u64()) {
-            (Some(b), Some(node)) => format!("{b}:{node}"),
+            (Some(b), Some(node)) => match c["acked"].as_u64() {
+                Some(a) => format!("{b}:{node} acked {a}"),
+                None => format!("{b}:{node}"),
+            },
             (Some(b), None) => b.to_string(),
             _ => "-".to_string(),
         };

@@ -100,11 +100,6 @@ pub const TCP_TIME_WAIT: u8 = 6;
 /// `TCP_LISTEN` in `TcpSeen::state`.
 pub const TCP_LISTEN: u8 = 10;
 
-/// The states of a socket whose peer has sent its FIN and that has
-/// received it (`TCP_CLOSE_WAIT`, `TCP_LAST_ACK`, `TCP_CLOSING`, and
-/// `TCP_TIME_WAIT`, which follows both FINs).
-pub const PEER_FIN_SEEN: [u8; 4] = [8, 9, 11, TCP_TIME_WAIT];
-
 // Netlink and inet_diag wire constants (linux/netlink.h, linux/sock_diag.h,
 // linux/inet_diag.h).
 const NLMSG_HDR: usize = 16;

@@ -244,9 +244,10 @@ pub trait Backend: Send {
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError>;
     /// Queues up to `len` bytes on `ch`, written by `fill` straight into
     /// the slice it is given (the stream's next bytes; its length is how
-    /// many the backend accepts, at least one); returns how many were
-    /// accepted (0: window full, `fill` not called). `fill` returning
-    /// false (its source failed) queues nothing and returns 0.
+    /// many the backend accepts, at least one; `fill` writes all of it);
+    /// returns how many were accepted (0: window full, `fill` not called).
+    /// `fill` returning false (its source failed) queues nothing and
+    /// returns 0.
     fn send_with(
         &mut self,
         ch: ChannelId,

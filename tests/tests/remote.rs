@@ -205,7 +205,7 @@ fn echo_of_256_mib_each_way_crosses_the_ntb_link_both_ways_round() -> Result<()>
                 }
                 let here = conn["local"]
                     .as_str()
-                    .is_some_and(|a| a.starts_with(&lab.addr[cli]));
+                    .is_some_and(|a| a.starts_with(&format!("{}:", lab.addr[cli])));
                 let sent = conn[if here { "bytes_c2a" } else { "bytes_a2c" }].as_u64();
                 let a = conn["acked"].as_u64().context("acked")?;
                 ensure!(Some(a) <= sent, "acked beyond what was sent: {conn}");

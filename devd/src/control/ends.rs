@@ -373,6 +373,35 @@ impl Devd {
         self.release_end(id, e);
     }
 
+    /// Looks up the TCP sockets of connection `id`'s ends on this host
+    /// once, soon after it was made (a chore): each found by its inode
+    /// is `seen`, so that its end is released at once when it is not
+    /// found later.
+    pub(super) fn sight(&mut self, id: u64) {
+        let Some(diag) = &self.diag else {
+            return;
+        };
+        let Some(c) = self.reg.conns.get(&id) else {
+            return;
+        };
+        let mut found = [false; 2];
+        for (e, f) in found.iter_mut().enumerate() {
+            if c.ends[e].session == 0 || c.ends[e].seen {
+                continue; // an end on another host, or seen already
+            }
+            let (mine, peer) = (c.ends[e].addr, c.ends[1 - e].addr);
+            self.diag_seq = self.diag_seq.wrapping_add(1);
+            let r = crate::sys::tcp_lookup(diag.as_fd(), mine, peer, self.diag_seq);
+            *f = matches!(r, Ok(Some(s)) if s.state != crate::sys::TCP_LISTEN
+                && u64::from(s.inode) == c.ends[e].inode);
+        }
+        if let Some(c) = self.reg.conns.get_mut(&id) {
+            for (e, f) in found.iter().enumerate() {
+                c.ends[e].seen |= *f;
+            }
+        }
+    }
+
     /// Whether some process holds the TCP socket of orphaned end `e` of
     /// connection `id` (an exec'd image that inherited it, a child, a
     /// process it was passed to; a message carrying it still queued on a
@@ -380,11 +409,14 @@ impl Devd {
     /// this end's side has our inode (held), another one (0 once closed
     /// everywhere while the kernel finishes the connection, or a new
     /// socket on the same addresses: gone). Not found, it is gone when
-    /// the look-up found it before ([`registry::End::seen`]), or when the
-    /// peer's socket has received our FIN (CLOSE_WAIT, LAST_ACK, CLOSING,
-    /// TIME_WAIT): a closed socket leaves no TIME_WAIT of its own when the
-    /// kernel's table of them is full, or after a reset. Otherwise, or
-    /// without sock_diag: unsure.
+    /// the look-up found it before ([`registry::End::seen`]: a closed
+    /// socket leaves no TIME_WAIT of its own when the kernel's table of
+    /// them is full, or after a reset), or when the peer's socket is in
+    /// TIME_WAIT (both FINs: a passive closer's socket is gone by then).
+    /// Otherwise, or without sock_diag: unsure. (A peer that has only our
+    /// FIN proves nothing: a socket the look-up cannot find, bound to a
+    /// device or in another network namespace, may have sent it with
+    /// shutdown and still be held.)
     pub(super) fn orphan_seen(&mut self, id: u64, e: usize) -> Seen {
         let Some(c) = self.reg.conns.get(&id) else {
             return Seen::Unsure;
@@ -419,7 +451,7 @@ impl Devd {
             // VRF is never found by this look-up).
             Ok(None) if c.ends[e].seen => Seen::Gone,
             Ok(None) => match &there {
-                Some(Ok(Some(s))) if crate::sys::PEER_FIN_SEEN.contains(&s.state) => Seen::Gone,
+                Some(Ok(Some(s))) if s.state == crate::sys::TCP_TIME_WAIT => Seen::Gone,
                 _ => Seen::Unsure,
             },
             Err(err) => {

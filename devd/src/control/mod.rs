@@ -528,7 +528,12 @@ impl Devd {
 
     /// Whether work waits for a quiet moment ([`Devd::chore`]).
     pub fn has_chores(&self) -> bool {
-        !self.trash.is_empty() || self.pool_wanted()
+        !self.trash.is_empty() || self.pool_wanted() || self.wants_sight()
+    }
+
+    /// A connection waits for its sockets to be looked up once.
+    fn wants_sight(&self) -> bool {
+        self.diag.is_some() && !self.reg.unseen.is_empty()
     }
 
     fn pool_wanted(&self) -> bool {
@@ -541,6 +546,12 @@ impl Devd {
     pub fn chore(&mut self) {
         if let Some(c) = self.trash.pop() {
             self.count_closed(&c);
+            return;
+        }
+        if self.wants_sight() {
+            if let Some(id) = self.reg.unseen.pop_front() {
+                self.sight(id);
+            }
             return;
         }
         if self.pool_wanted() {

@@ -430,6 +430,7 @@ impl Devd {
         self.totals.reused += u64::from(reuse);
         // Dropping the intent's duplicate of the connector's socket: the
         // connection exists; holding it longer would only delay its close.
+        self.reg.unseen.push_back(id);
         self.reg.conns.insert(
             id,
             Conn {

@@ -153,8 +153,10 @@ pub struct End {
     /// `ORPHAN_GRACE` after this time when sock_diag cannot tell.
     pub orphaned: Option<Instant>,
     /// sock_diag has found this end's TCP socket by the connection's
-    /// addresses at least once, so the look-up works for it (same network
-    /// namespace, no device binding): not found later, it was closed.
+    /// addresses at least once (a chore soon after the connection was
+    /// made, or an orphan's look), so the look-up works for it (same
+    /// network namespace, no device binding): not found later, it was
+    /// closed.
     pub seen: bool,
 }
 
@@ -279,6 +281,9 @@ pub struct Registry {
     /// at their socket next: a subset of the ends whose `orphaned` is set
     /// (entries of connections gone since are dropped when found).
     pub orphans: BTreeMap<(u64, usize), Look>,
+    /// Local connections whose sockets sock_diag has not been asked about
+    /// yet (a chore: [`End::seen`]), oldest first.
+    pub unseen: std::collections::VecDeque<u64>,
     /// Intents given up before their Claim, oldest first.
     pub gone: std::collections::VecDeque<Gone>,
     /// Live connections by id (ordered for paging).

@@ -765,6 +765,48 @@ fn an_orphaned_end_seen_before_goes_once_its_connection_is_reset_without_time_wa
     assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
 }
 
+#[test]
+fn ends_whose_sockets_a_chore_saw_go_at_once_when_both_vanish_before_their_sessions_end() {
+    let mut d = devd("");
+    if d.diag.is_none() {
+        eprintln!("SKIP: no sock_diag socket here");
+        return;
+    }
+    session(&mut d, 2);
+    let l = listener_of(&mut d, 2);
+    let dst = l.local_addr().unwrap();
+    let s = socket();
+    let (r, _) = intent(&mut d, &s, dst);
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+    s.connect(&dst.into()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    let fd = a.as_fd().try_clone_to_owned().unwrap();
+    let (r, _) = d.handle(2, Request::Claim, vec![fd]);
+    assert!(matches!(r, Response::Expect { .. }), "{r:?}");
+    // Idle: the chore looks the new connection's sockets up.
+    for _ in 0..16 {
+        if !d.has_chores() {
+            break;
+        }
+        d.chore();
+    }
+    let c = d.reg.conns.values().next().expect("the connection");
+    assert!(c.ends.iter().all(|e| e.seen), "not seen: {:?}", c.ends);
+    // Both processes die at once, their sockets reset (no TIME_WAIT
+    // left) before devd hears of either session's end: both ends go at
+    // their first look, not after the grace.
+    s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&a)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop((s, a));
+    d.end_session(1);
+    d.end_session(2);
+    look_now(&mut d);
+    assert!(d.reg.orphans.is_empty(), "still orphaned after the reset");
+    assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
+}
+
 /// Makes every orphaned end due for a look-up, and looks.
 fn look_now(d: &mut Devd) {
     for l in d.reg.orphans.values_mut() {

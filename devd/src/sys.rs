@@ -94,6 +94,9 @@ pub struct TcpSeen {
     pub inode: u32,
 }
 
+/// `TCP_ESTABLISHED` in `TcpSeen::state`.
+pub const TCP_ESTABLISHED: u8 = 1;
+
 /// `TCP_TIME_WAIT` in `TcpSeen::state`.
 pub const TCP_TIME_WAIT: u8 = 6;
 

@@ -449,7 +449,15 @@ impl Devd {
             Ok(Some(_)) => Seen::Gone,
             // Not found is no proof alone (a socket bound to a device or a
             // VRF is never found by this look-up).
-            Ok(None) if c.ends[e].seen => Seen::Gone,
+            // Found before and not now: closed (with no TIME_WAIT left:
+            // the kernel's table of them full, or a reset), unless the
+            // peer's socket is still established (this one may have been
+            // bound to a device since, which the look-up skips).
+            Ok(None) if c.ends[e].seen => match &there {
+                Some(Ok(Some(s))) if s.state == crate::sys::TCP_ESTABLISHED => Seen::Unsure,
+                Some(Err(_)) => Seen::Unsure,
+                _ => Seen::Gone,
+            },
             Ok(None) => match &there {
                 Some(Ok(Some(s))) if s.state == crate::sys::TCP_TIME_WAIT => Seen::Gone,
                 _ => Seen::Unsure,

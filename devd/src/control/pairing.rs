@@ -428,9 +428,17 @@ impl Devd {
         self.reg.by_inode.insert(end.inode, (id, 1));
         self.totals.created(mode);
         self.totals.reused += u64::from(reuse);
+        // Its sockets looked up once, when devd is idle (`sight`); the
+        // oldest forgotten beyond `MAX_UNSEEN` (their ends only wait
+        // longer for their release).
+        if self.diag.is_some() {
+            if self.reg.unseen.len() >= registry::MAX_UNSEEN {
+                self.reg.unseen.pop_front();
+            }
+            self.reg.unseen.push_back(id);
+        }
         // Dropping the intent's duplicate of the connector's socket: the
         // connection exists; holding it longer would only delay its close.
-        self.reg.unseen.push_back(id);
         self.reg.conns.insert(
             id,
             Conn {

@@ -47,6 +47,9 @@ pub struct Listener {
 /// once it has connected, and Claim reads it from devd's duplicate then.
 pub type IntentKey = (IpAddr, u16);
 
+/// Connections whose sockets wait to be looked up once (`sight`).
+pub const MAX_UNSEEN: usize = 4096;
+
 /// Unclaimed intents one user may have (over all its sessions); more are
 /// refused (limit). Each holds a created connection, and every Claim to
 /// the same destination looks at it.
@@ -282,7 +285,7 @@ pub struct Registry {
     /// (entries of connections gone since are dropped when found).
     pub orphans: BTreeMap<(u64, usize), Look>,
     /// Local connections whose sockets sock_diag has not been asked about
-    /// yet (a chore: [`End::seen`]), oldest first.
+    /// yet (a chore: [`End::seen`]), oldest first, at most `MAX_UNSEEN`.
     pub unseen: std::collections::VecDeque<u64>,
     /// Intents given up before their Claim, oldest first.
     pub gone: std::collections::VecDeque<Gone>,

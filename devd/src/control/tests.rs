@@ -791,10 +791,11 @@ fn ends_whose_sockets_a_chore_saw_go_at_once_when_both_vanish_before_their_sessi
         d.chore();
     }
     let c = d.reg.conns.values().next().expect("the connection");
+    assert_eq!(c.mode, Mode::Direct, "only a Direct end is orphaned");
     assert!(c.ends.iter().all(|e| e.seen), "not seen: {:?}", c.ends);
     // Both processes die at once, their sockets reset (no TIME_WAIT
     // left) before devd hears of either session's end: both ends go at
-    // their first look, not after the grace.
+    // their first look (at the session's end), not after the grace.
     s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
     socket2::SockRef::from(&a)
         .set_linger(Some(std::time::Duration::ZERO))
@@ -802,7 +803,6 @@ fn ends_whose_sockets_a_chore_saw_go_at_once_when_both_vanish_before_their_sessi
     drop((s, a));
     d.end_session(1);
     d.end_session(2);
-    look_now(&mut d);
     assert!(d.reg.orphans.is_empty(), "still orphaned after the reset");
     assert!(d.reg.conns.is_empty() && d.reg.usage.is_empty());
 }

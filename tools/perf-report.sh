@@ -38,7 +38,7 @@ fi
 # Between two hosts: the lab's host a against host b.
 two_cmd=("$bench" --two-hosts "$tmp/lab" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown)
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null &&
-   tools/two-host-lab.sh up "$tmp/lab" "$target/release" >/dev/null; then
+   SSOCK_LAB_PIN=1 tools/two-host-lab.sh up "$tmp/lab" "$target/release" >/dev/null; then
   sleep 2
   two="$(tools/two-host-lab.sh exec "$tmp/lab" a "${two_cmd[@]}")" || two="(the run failed)"
   tools/two-host-lab.sh down "$tmp/lab" >/dev/null
@@ -97,7 +97,8 @@ fi
   echo "(\`tools/two-host-lab.sh\`: two network namespaces on this machine joined by a veth pair, a devd in each,"
   echo "the ntb link emulated by an ivshmem server's memory and eventfd doorbells: no real PCIe hardware),"
   echo "against its peer on host b. Kernel TCP crosses the veth pair; Queued is a remote connection through"
-  echo "both devds' engines and the emulated window. Both hosts share this machine's CPUs."
+  echo "both devds' engines and the emulated window. Each host's devd runs on a CPU of its own (host a's on CPU 0 beside"
+  echo "ssock-bench's client, host b's on CPU 1 beside its server: \`SSOCK_LAB_PIN=1\`), as on two machines."
   echo
   echo "$two"
   echo

@@ -13,16 +13,17 @@
 # beside this script). Needs root (namespaces) and iproute2. Addresses come
 # from 10.77.0.0/16 (a per-lab /24 from DIR's name), only inside the
 # namespaces: host a is .1, host b is .2; devd's peer port is 7455.
-# Each host's devd runs on a CPU of its own (a on CPU 0, b on CPU 1) when
-# there are two or more, as two machines' engines would: left to the
-# scheduler, an engine that lands on the other host's CPU halves streaming
-# and doubles latency for that connection. SSOCK_LAB_NO_PIN=1 leaves them
-# unpinned. (ssock-bench --two-hosts pins its client on CPU 0, its server
-# on CPU 1.)
+# With SSOCK_LAB_PIN=1 (tools/perf-report.sh sets it) each host's devd
+# runs on a CPU of its own (a on CPU 0, b on CPU 1) when there are two or
+# more, as two machines' engines would: left to the scheduler, an engine
+# that lands on the other host's CPU halves streaming and doubles latency
+# for that connection. (ssock-bench --two-hosts pins its client on CPU 0,
+# its server on CPU 1.) The tests leave them to the scheduler: there
+# every process of both hosts may use either CPU.
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,21p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,22p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
@@ -79,7 +80,7 @@ up)
       echo "ivshmem = \"$dir/ivshmem.sock\""
     } > "$dir/$h/devd.toml"
     pin=()
-    if [ "${SSOCK_LAB_NO_PIN:-}" != 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    if [ "${SSOCK_LAB_PIN:-}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
       pin=(taskset -c $((me - 1)))
     fi
     setsid ip netns exec "$ns" ${pin[@]+"${pin[@]}"} "$bin/devd" --config "$dir/$h/devd.toml" --log info \

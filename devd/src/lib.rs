@@ -38,10 +38,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (listener, _lock) = bind(&cfg)?;
     let backend = backends(&cfg)?;
     let name = backend.capabilities().name;
-    let violations = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let engine = dataplane::engine::spawn(backend, violations.clone(), cfg.sandbox)
+    let counts = std::sync::Arc::new(stats::EngineCounts::default());
+    let engine = dataplane::engine::spawn(backend, counts.clone(), cfg.sandbox)
         .context("cannot start the engine thread")?;
-    let mut devd = control::Devd::new(cfg.clone(), engine, name, violations);
+    let mut devd = control::Devd::new(cfg.clone(), engine, name, counts);
     if !cfg.peers.is_empty() {
         let listener = match cfg.peer_listen {
             Some(a) => Some(

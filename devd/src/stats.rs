@@ -29,9 +29,9 @@ pub struct Totals {
     pub bad_messages: u64,
     /// Sessions accepted.
     pub sessions: u64,
-    /// Bytes carried (both directions) by accelerated connections that
-    /// are gone: [direct, queued].
-    pub bytes_closed: [u64; 2],
+    /// Bytes carried (both directions) by Direct connections that are
+    /// gone.
+    pub bytes_closed: u64,
     /// Direct connections that reused a parked region instead of a new one.
     pub reused: u64,
     /// Sessions closed at once because their user had
@@ -112,8 +112,8 @@ impl Totals {
                 unmatched: self.remote_unmatched,
             },
             bytes: BytesByMode {
-                direct: self.bytes_closed[0],
-                queued: self.bytes_closed[1],
+                direct: self.bytes_closed,
+                queued: 0,
             },
         }
     }
@@ -133,6 +133,17 @@ pub struct QueuedCounters {
     /// Of each side's stream, the bytes the other host acknowledged (its
     /// engine took them for the reader): remote sides only.
     pub acked: [AtomicU64; 2],
+}
+
+/// What the Queued engine counts over all connections, live and gone:
+/// it moves a connection's last bytes after devd freed it (a side that
+/// closed right after its writes), so these are not summed per connection.
+#[derive(Debug, Default)]
+pub struct EngineCounts {
+    /// Sides reset for breaking the virtqueue protocol.
+    pub violations: AtomicU64,
+    /// Bytes moved, both directions, every connection.
+    pub bytes: AtomicU64,
 }
 
 impl QueuedCounters {

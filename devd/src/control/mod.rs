@@ -22,7 +22,7 @@ pub mod watch;
 
 use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit, SideSpec};
-use crate::stats::{ConnJson, DevdJson, Page, QueuedCounters, RingJson, Totals};
+use crate::stats::{ConnJson, DevdJson, EngineCounts, Page, QueuedCounters, RingJson, Totals};
 use registry::{canon, Conn, DirectRes, End, Fd, Intent, Parked, QueuedRes, Registry, Res};
 use ssock_rings::codec::{
     Attachment, FallbackReason, Mode, ModePref, Request, Response, Side, MAX_FRAME,
@@ -34,7 +34,6 @@ use ssock_rings::vq::device::DeviceRegion;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -131,7 +130,8 @@ pub struct Devd {
     sessions: HashMap<u64, Session>,
     started: Instant,
     backend: &'static str,
-    violations: Arc<AtomicU64>,
+    /// The engine's own totals (Queued bytes and violations).
+    engine_counts: Arc<EngineCounts>,
     /// The peer thread, when the config lists peers.
     peers: Option<crate::peers::Handle>,
     /// The listeners the peers were last told of.
@@ -218,7 +218,7 @@ impl Devd {
         cfg: Config,
         engine: engine::Handle,
         backend: &'static str,
-        violations: Arc<AtomicU64>,
+        engine_counts: Arc<EngineCounts>,
     ) -> Devd {
         Devd {
             cfg,
@@ -235,7 +235,7 @@ impl Devd {
             sessions: HashMap::new(),
             started: Instant::now(),
             backend,
-            violations,
+            engine_counts,
             sessions_of: HashMap::new(),
             watch: watch::Watch::new()
                 .map_err(|e| log::warn!("kernel connections will not be counted: {e}"))
@@ -569,12 +569,16 @@ impl Devd {
         }
     }
 
+    /// Counts a freed Direct connection's bytes (the engine counts the
+    /// Queued ones itself: [`EngineCounts`]).
     fn count_closed(&mut self, c: &Conn) {
+        if c.mode == Mode::Queued {
+            return;
+        }
         let j = conn_json(c);
-        let k = usize::from(c.mode == Mode::Queued);
         // Head words come from client-writable memory: never overflow.
         let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
-        self.totals.bytes_closed[k] = self.totals.bytes_closed[k].saturating_add(b);
+        self.totals.bytes_closed = self.totals.bytes_closed.saturating_add(b);
     }
 
     /// Whether a session of user `uid` may be added: fewer than

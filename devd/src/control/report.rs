@@ -25,16 +25,13 @@ impl Devd {
             },
             totals: {
                 let mut t = self.totals.json();
-                t.violations += QueuedCounters::get(&self.violations);
-                let b = |j: &ConnJson| j.bytes_c2a.saturating_add(j.bytes_a2c);
-                for c in self.reg.conns.values() {
+                let e = &self.engine_counts;
+                t.violations += QueuedCounters::get(&e.violations);
+                t.bytes.queued = QueuedCounters::get(&e.bytes);
+                for c in self.reg.conns.values().filter(|c| c.mode != Mode::Queued) {
                     let j = conn_json(c);
-                    match c.mode {
-                        Mode::Queued => {
-                            t.bytes.queued = t.bytes.queued.saturating_add(b(&j));
-                        }
-                        _ => t.bytes.direct = t.bytes.direct.saturating_add(b(&j)),
-                    }
+                    let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
+                    t.bytes.direct = t.bytes.direct.saturating_add(b);
                 }
                 t
             },

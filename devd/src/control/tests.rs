@@ -16,9 +16,9 @@ fn devd(policy: &str) -> Devd {
     };
     let toml = format!("[policy]\n{off}{policy}");
     let cfg = Config::from_toml(&toml, Config::user()).unwrap();
-    let violations = Arc::new(AtomicU64::new(0));
-    let engine = engine::spawn(Box::new(Loopback::default()), violations.clone(), None).unwrap();
-    let mut d = Devd::new(cfg, engine, "loopback", violations);
+    let counts = Arc::new(EngineCounts::default());
+    let engine = engine::spawn(Box::new(Loopback::default()), counts.clone(), None).unwrap();
+    let mut d = Devd::new(cfg, engine, "loopback", counts);
     session(&mut d, 1);
     d
 }

@@ -14,7 +14,7 @@
 //! it sees a reset) and never touched again; other connections go on.
 
 use crate::sandbox::ThreadKind;
-use crate::stats::QueuedCounters;
+use crate::stats::{EngineCounts, QueuedCounters};
 use ssock_hwbackends::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv, Words};
 use ssock_rings::layout::{self, FLAG_EOS, FLAG_RESET};
 use ssock_rings::relay;
@@ -24,7 +24,6 @@ use ssock_rings::vq::{RX, TX};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -224,7 +223,7 @@ fn chan(id: u64, side: usize) -> ChannelId {
 /// Starts the engine thread over `backend`.
 pub fn spawn(
     backend: Box<dyn Backend>,
-    violations: Arc<AtomicU64>,
+    counts: Arc<EngineCounts>,
     sandbox: Option<crate::sandbox::Mode>,
 ) -> io::Result<Handle> {
     let (tx, rx) = mpsc::channel();
@@ -266,7 +265,7 @@ pub fn spawn(
                 lingering: std::collections::HashSet::new(),
                 lingered: Instant::now(),
                 quiet_backend,
-                violations,
+                counts,
                 links: l,
             };
             e.run(&rx, &w);
@@ -302,7 +301,7 @@ struct Engine {
     /// The backend is passive (`Capabilities::passive`): nothing changes
     /// in it but through the engine's calls.
     quiet_backend: bool,
-    violations: Arc<AtomicU64>,
+    counts: Arc<EngineCounts>,
     links: Links,
 }
 
@@ -749,6 +748,13 @@ impl Engine {
         }
     }
 
+    /// Counts `n` bytes sent by end `from` of `pair`, there and in the
+    /// engine's totals.
+    fn count_bytes(&self, pair: &Pair, from: usize, n: usize) {
+        QueuedCounters::add(&pair.counters.bytes[from], n as u64);
+        QueuedCounters::add(&self.counts.bytes, n as u64);
+    }
+
     /// Side `s` ends with a reset both ways (its client and the peer).
     fn reset_side(&mut self, pair: &mut Pair, s: usize) {
         reset(self.backend.as_mut(), &mut pair.sides[s]);
@@ -799,7 +805,7 @@ impl Engine {
         log::warn!("connection {id}: side {s} broke the queue protocol ({what}); resetting it");
         self.reset_side(pair, s);
         QueuedCounters::add(&pair.counters.violation[pair.sides[s].end & 1], 1);
-        QueuedCounters::add(&self.violations, 1);
+        QueuedCounters::add(&self.counts.violations, 1);
     }
 
     /// Gives back side `s`'s TX buffers whose bytes the peer side took
@@ -892,7 +898,7 @@ impl Engine {
                 }
                 Err(BackendError::Busy(_)) => 0,
             };
-            QueuedCounters::add(&pair.counters.bytes[pair.sides[s].end & 1], n as u64);
+            self.count_bytes(pair, pair.sides[s].end & 1, n);
             if n > 0 {
                 progress = true;
             }
@@ -1048,7 +1054,7 @@ impl Engine {
                 // The other end's bytes: its own engine, on its host,
                 // counts them there.
                 let from = 1 - (side.end & 1);
-                QueuedCounters::add(&pair.counters.bytes[from], n as u64);
+                self.count_bytes(pair, from, n);
             }
             used = true;
             progress = true;

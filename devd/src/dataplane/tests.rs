@@ -4,20 +4,19 @@
 //! backend that cannot open a channel resetting the connection.
 
 use super::engine::{self, Cmd, SideInit, SideSpec};
-use crate::stats::QueuedCounters;
+use crate::stats::{EngineCounts, QueuedCounters};
 use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
     Words,
 };
-use ssock_rings::layout::{self, QueuedLayout, FLAG_RESET};
+use ssock_rings::layout::{self, QueuedLayout, FLAG_EOS, FLAG_RESET};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
 use ssock_rings::vq::driver::QueueDriver;
 use ssock_rings::vq::{F_WRITE, RX, TX};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -187,7 +186,7 @@ impl Client {
 }
 
 fn start(backend: Box<dyn Backend>) -> engine::Handle {
-    engine::spawn(backend, Arc::new(AtomicU64::new(0)), None).unwrap()
+    engine::spawn(backend, Arc::new(EngineCounts::default()), None).unwrap()
 }
 
 fn add(e: &engine::Handle, id: u64, sides: Vec<SideSpec>) {
@@ -246,6 +245,34 @@ fn a_remote_peers_tx_buffer_goes_back_only_once_the_peer_took_its_bytes() {
         ca.call.drain(),
         "the writer was not told its buffers came back"
     );
+}
+
+#[test]
+fn bytes_a_side_sent_before_it_went_are_counted_once_they_move() {
+    // devd forgets a remote connection as soon as its one end here is
+    // released; the engine moves that end's last bytes later, and its own
+    // totals are what the statistics show for them.
+    let counts = Arc::new(EngineCounts::default());
+    let e = engine::spawn(Box::new(as_remote()), counts.clone(), None).unwrap();
+    let (a, mut ca) = region(2);
+    let (b, mut cb) = region(3);
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    add(&e, 2, alone(a, 20, remote(30), 0, None));
+    add(&e, 3, alone(b, 30, remote(20), 1, None));
+    ca.send(0, b"last words");
+    // Its close: the end mark after its last post, then its Release.
+    ca.map
+        .u32_at(layout::qhdr::TX_FLAGS)
+        .fetch_or(FLAG_EOS, std::sync::atomic::Ordering::Release);
+    ca.kick.notify().unwrap();
+    e.send(Cmd::SideGone { id: 2, side: 0 });
+    cb.post_rx(0);
+    assert_eq!(cb.rx_bytes(), b"last words");
+    // (Counted where they left: the receiving end has no hand-over page
+    // here, which is how its host would know to count them too.)
+    wait_for("the moved bytes counted", || {
+        QueuedCounters::get(&counts.bytes) == 10
+    });
 }
 
 #[test]

@@ -87,9 +87,16 @@ up)
       > "$dir/$h/devd.log" 2>&1 < /dev/null &
     echo $! > "$dir/$h/devd.pid"
   done
+  # Ready once it says so (its control socket exists before its window
+  # and its peer listener do); a devd that exits on the way is reported.
   for h in a b; do
-    for i in $(seq 200); do [ -S "$dir/$h/devd.sock" ] && break; sleep 0.05; done
-    [ -S "$dir/$h/devd.sock" ] || { echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" >&2; exit 1; }
+    for i in $(seq 400); do
+      grep -q "devd ready on" "$dir/$h/devd.log" 2>/dev/null && break
+      kill -0 "$(cat "$dir/$h/devd.pid")" 2>/dev/null || break
+      sleep 0.05
+    done
+    grep -q "devd ready on" "$dir/$h/devd.log" 2>/dev/null || {
+      echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" "$dir/ivshmem.log" >&2; exit 1; }
   done
   echo "two-host-lab: up in $dir (hosts 10.77.$t.1 and 10.77.$t.2)"
   ;;

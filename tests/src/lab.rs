@@ -144,9 +144,11 @@ impl TwoHosts {
             }
             if t.elapsed() > within {
                 bail!(
-                    "host {h}'s peer never {what}: {}\ndevd's log:\n{}",
+                    "host {h}'s peer never {what}: {}\nthe devds' logs:\n{}\n{}\nthe ivshmem server's:\n{}",
                     v["peers"],
-                    self.log(h)
+                    self.log(0),
+                    self.log(1),
+                    std::fs::read_to_string(self.dir.join("ivshmem.log")).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));

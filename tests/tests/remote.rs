@@ -490,10 +490,13 @@ fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
             && remote_count(&b) >= 390,
         "every connection crossed as a remote one, or is counted as over before its Claim: {a}\n{b}"
     );
-    // The answers went through the region (their first bytes may not),
-    // counted alike by the host that sent them and the one that took them.
+    // The answers went through the region, counted alike by the host
+    // that sent them and the one that took them: all of them when the
+    // machine is quiet; on a loaded one a connector's READY may come
+    // after the server's 5 ms pause, and that answer goes on the kernel
+    // socket.
     ensure!(
-        queued_bytes(&b) > 400 * 100_000 / 2 && queued_bytes(&a) == queued_bytes(&b),
+        queued_bytes(&b) > 400 * 100_000 / 4 && queued_bytes(&a) == queued_bytes(&b),
         "the answers should have crossed the link: {a}\n{b}"
     );
     Ok(())

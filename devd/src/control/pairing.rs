@@ -478,7 +478,9 @@ impl Devd {
     /// A Queued connection between two local ends, served by the engine
     /// from now on.
     pub(super) fn queued_res(&mut self, id: u64) -> Result<Res, RequestError> {
-        let (res, [a, b]) = self.queued_parts(id)?;
+        let (res, [Some(a), Some(b)]) = self.queued_parts(id, [true; 2])? else {
+            unreachable!("queued_parts makes the sides asked for")
+        };
         let Res::Queued(q) = &res else {
             unreachable!("queued_parts makes Queued resources")
         };
@@ -490,28 +492,36 @@ impl Devd {
         Ok(res)
     }
 
-    /// A Queued connection's resources (both ends' regions, doorbells and
-    /// the hand-over page) and both ends' engine sides, not yet given to
-    /// the engine.
-    pub(super) fn queued_parts(&mut self, id: u64) -> Result<(Res, [SideInit; 2]), RequestError> {
+    /// A Queued connection's resources (the regions and doorbells of the
+    /// ends `here` says are on this host, and the hand-over page) and
+    /// those ends' engine sides, not yet given to the engine. An end on
+    /// another host has nothing here.
+    pub(super) fn queued_parts(
+        &mut self,
+        id: u64,
+        here: [bool; 2],
+    ) -> Result<(Res, [Option<SideInit>; 2]), RequestError> {
         let layout = QueuedLayout::for_size(self.cfg.region_size)
             .map_err(|e| RequestError::Resources(io::Error::other(e)))?;
-        let mut memfds = Vec::new();
-        let mut kicks = Vec::new();
-        let mut calls = Vec::new();
-        let mut inits = Vec::new();
-        for _ in 0..2 {
-            let memfd =
-                sys::memfd_sealed("queued", layout.size).map_err(RequestError::Resources)?;
+        let mut memfd = [None, None];
+        let mut kick = [None, None];
+        let mut call = [None, None];
+        let mut inits = [None, None];
+        for e in (0..2).filter(|&e| here[e]) {
+            let m = sys::memfd_sealed("queued", layout.size).map_err(RequestError::Resources)?;
             let header = layout.header(id);
-            sys::pwrite_all(memfd.as_fd(), &header, 0).map_err(RequestError::Resources)?;
-            let region = DeviceRegion::new(dup(&memfd)?, layout).map_err(RequestError::Device)?;
-            let kick = EventFd::new().map_err(RequestError::Resources)?;
-            let call = EventFd::new().map_err(RequestError::Resources)?;
-            kicks.push(Arc::new(dup(&kick)?));
-            calls.push(Arc::new(dup(&call)?));
-            memfds.push(Some(memfd));
-            inits.push(SideInit { region, kick, call });
+            sys::pwrite_all(m.as_fd(), &header, 0).map_err(RequestError::Resources)?;
+            let region = DeviceRegion::new(dup(&m)?, layout).map_err(RequestError::Device)?;
+            let k = EventFd::new().map_err(RequestError::Resources)?;
+            let c = EventFd::new().map_err(RequestError::Resources)?;
+            kick[e] = Some(Arc::new(dup(&k)?));
+            call[e] = Some(Arc::new(dup(&c)?));
+            memfd[e] = Some(m);
+            inits[e] = Some(SideInit {
+                region,
+                kick: k,
+                call: c,
+            });
         }
         // The hand-over words both ends map (the regions are each end's own).
         let hov =
@@ -519,19 +529,11 @@ impl Devd {
         let header = layout::header_bytes(RegionKind::Handover, layout::HOV_PAGE, id, 0, 0);
         sys::pwrite_all(hov.as_fd(), &header, 0).map_err(RequestError::Resources)?;
         let counters = Arc::new(QueuedCounters::default());
-        let inits: [SideInit; 2] = inits
-            .try_into()
-            .map_err(|_| RequestError::Resources(io::Error::other("queued sides")))?;
-        let two = |v: Vec<Fd>| -> [Fd; 2] {
-            let mut it = v.into_iter();
-            [it.next().expect("two fds"), it.next().expect("two fds")]
-        };
-        let mut m = memfds.into_iter();
         let res = Res::Queued(QueuedRes {
             hov: Arc::new(hov),
-            memfd: [m.next().flatten(), m.next().flatten()],
-            kick: two(kicks),
-            call: two(calls),
+            memfd,
+            kick,
+            call,
             layout,
             counters,
             held: None,
@@ -677,15 +679,13 @@ pub(super) fn attachment(
             Ok((a, fds))
         }
         Res::Queued(q) => {
-            let memfd = q.memfd[e]
-                .take()
-                .ok_or(RequestError::AlreadyAttached(id, e))?;
-            let fds = vec![
-                Arc::new(memfd),
-                q.kick[e].clone(),
-                q.call[e].clone(),
-                q.hov.clone(),
-            ];
+            // (An end on another host has no region here: never handed out.)
+            let (Some(memfd), Some(kick), Some(call)) =
+                (q.memfd[e].take(), q.kick[e].clone(), q.call[e].clone())
+            else {
+                return Err(RequestError::AlreadyAttached(id, e));
+            };
+            let fds = vec![Arc::new(memfd), kick, call, q.hov.clone()];
             let a = Attachment {
                 conn_id: id,
                 mode: Mode::Queued,

@@ -199,15 +199,17 @@ pub struct Parked {
 /// Resources of a Queued connection.
 #[derive(Debug)]
 pub struct QueuedRes {
-    /// Each side's region (handed out once at attach).
+    /// Each side's region (handed out once at attach; none ever for an
+    /// end on another host).
     pub memfd: [Option<OwnedFd>; 2],
     /// The hand-over page both ends map (`layout::hov`): devd writes the
     /// CLAIM word there.
     pub hov: Fd,
-    /// Client -> devd doorbells (devd's copies are with the engine).
-    pub kick: [Fd; 2],
-    /// devd -> client interrupts.
-    pub call: [Fd; 2],
+    /// Client -> devd doorbells (devd's copies are with the engine); none
+    /// for an end on another host.
+    pub kick: [Option<Fd>; 2],
+    /// devd -> client interrupts, the same way.
+    pub call: [Option<Fd>; 2],
     /// Geometry (same for both sides).
     pub layout: QueuedLayout,
     /// Counters shared with the engine.

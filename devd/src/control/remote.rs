@@ -102,8 +102,8 @@ impl Devd {
             .filter(|&n| self.peer_ready(n))
     }
 
-    /// The resources of a Queued connection with one end here: the
-    /// other's region is never handed out. `to`: this is the acceptor's
+    /// The resources of a Queued connection with one end here: that end's
+    /// region and doorbells (none for the other's). `to`: this is the acceptor's
     /// end, whose channel towards (node, channel) the engine opens now;
     /// none: the connector's, held until the peer's Claim.
     pub(super) fn remote_res(
@@ -111,7 +111,9 @@ impl Devd {
         id: u64,
         to: Option<(u32, u64)>,
     ) -> Result<Res, RequestError> {
-        let (mut res, [connector, acceptor]) = self.queued_parts(id)?;
+        // Only this host's end: the connector's, or the acceptor's.
+        let here = [to.is_none(), to.is_some()];
+        let (mut res, [connector, acceptor]) = self.queued_parts(id, here)?;
         let Res::Queued(q) = &mut res else {
             unreachable!("queued_parts makes Queued resources")
         };
@@ -122,9 +124,9 @@ impl Devd {
             ssock_rings::Mapping::map(q.hov.as_fd(), layout::HOV_PAGE, true)
                 .map_err(RequestError::Resources)?,
         );
-        match to {
-            None => q.held = Some(Box::new((connector, hov))),
-            Some((node, channel)) => self.engine.send(Cmd::Add {
+        match (to, connector, acceptor) {
+            (None, Some(connector), _) => q.held = Some(Box::new((connector, hov))),
+            (Some((node, channel)), _, Some(acceptor)) => self.engine.send(Cmd::Add {
                 id,
                 sides: vec![SideSpec {
                     init: acceptor,
@@ -135,6 +137,7 @@ impl Devd {
                 }],
                 counters: q.counters.clone(),
             }),
+            _ => unreachable!("queued_parts makes the end asked for"),
         }
         Ok(res)
     }
@@ -491,7 +494,9 @@ fn stays_plain(id: u64, c: &Conn) {
     }
     if let Res::Queued(q) = &c.res {
         let woken = q.call[1]
-            .try_clone()
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no acceptor's end here"))
+            .and_then(|c| c.try_clone())
             .map(EventFd::from_owned)
             .and_then(|e| e.notify());
         if let Err(e) = woken {

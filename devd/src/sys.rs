@@ -103,6 +103,10 @@ pub const TCP_TIME_WAIT: u8 = 6;
 /// `TCP_LISTEN` in `TcpSeen::state`.
 pub const TCP_LISTEN: u8 = 10;
 
+/// The states of a TCP socket that sent its FIN (`TcpSeen::state`):
+/// FIN_WAIT1, FIN_WAIT2, TIME_WAIT, LAST_ACK, CLOSING.
+pub const TCP_FIN_SENT: [u8; 5] = [4, 5, 6, 9, 11];
+
 // Netlink and inet_diag wire constants (linux/netlink.h, linux/sock_diag.h,
 // linux/inet_diag.h).
 const NLMSG_HDR: usize = 16;

@@ -4,7 +4,14 @@ per observation. tests/tests/semantics.rs runs it on kernel TCP and under
 ssock-run and requires identical output. Nothing here knows about ssock.
 
 The last line counts the connections that should be accelerated (every one
-but the refused connect)."""
+but the refused connect).
+
+Between two hosts (tests/tests/remote_semantics.rs): `agent PORT CTL` on
+one host listens on PORT and holds the ends it accepts, doing what it is
+told over the unix socket CTL (the hosts share a file system); with
+SEMANTICS_REMOTE=HOST:PORT:CTL on the other, each pair is a connection to
+that agent, the agent's end standing in for the pair's first socket, and
+only the cases of REMOTE_CASES run."""
 
 import errno
 import hashlib
@@ -19,6 +26,8 @@ import threading
 import time
 
 CONNS = 0
+# (host, port, control socket) of the agent on the other host, if any.
+REMOTE = None
 
 
 def say(*a):
@@ -36,9 +45,96 @@ def listener(family=socket.AF_INET, host="127.0.0.1"):
     return ls
 
 
+class RemoteEnd:
+    """The agent's end of a connection (see the module's doc): each call
+    is made there, an error raised here as the same OSError. A forked
+    child's close is its own copy's: the agent's end stays."""
+
+    OPS = ("recv", "send", "sendall", "shutdown", "setsockopt", "getsockopt",
+           "getsockname", "getpeername")
+
+    def __init__(self):
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl.connect(REMOTE[2])
+        self.call("accept")
+
+    def call(self, op, *args):
+        import pickle
+        with self.lock:
+            data = pickle.dumps((op, args))
+            self.ctl.sendall(struct.pack("!I", len(data)) + data)
+            n = struct.unpack("!I", recv_exactly(self.ctl, 4))[0]
+            kind, val = pickle.loads(recv_exactly(self.ctl, n))
+        if kind == "err":
+            raise OSError(*val)
+        return val
+
+    def __getattr__(self, name):
+        if name in RemoteEnd.OPS:
+            return lambda *a: self.call(name, *a)
+        raise AttributeError(name)
+
+    def close(self):
+        if os.getpid() == self.owner:
+            self.call("close")
+            self.ctl.close()
+
+
+def agent(port, ctl):
+    """The other host's ends: one per control connection ("accept"
+    first), each call done on it and answered."""
+    import pickle
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", port))
+    ls.listen(16)
+    us = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    us.bind(ctl)
+    us.listen(16)
+    taking = threading.Lock()
+
+    def serve(k):
+        s = None
+        while True:
+            head = recv_exactly(k, 4)
+            if len(head) < 4:
+                break
+            op, args = pickle.loads(recv_exactly(k, struct.unpack("!I", head)[0]))
+            try:
+                if op == "accept":
+                    with taking:
+                        s, _ = ls.accept()
+                    res = ("ok", None)
+                elif op == "close":
+                    s.close()
+                    res = ("ok", None)
+                elif op in RemoteEnd.OPS:
+                    res = ("ok", getattr(s, op)(*args))
+                else:
+                    res = ("err", (errno.EINVAL, f"no operation {op}"))
+            except OSError as e:
+                res = ("err", (e.errno, e.strerror))
+            data = pickle.dumps(res)
+            k.sendall(struct.pack("!I", len(data)) + data)
+        k.close()
+
+    say("AGENT READY")
+    while True:
+        k, _ = us.accept()
+        threading.Thread(target=serve, args=(k,), daemon=True).start()
+
+
 def pair(family=socket.AF_INET, host="127.0.0.1"):
-    """A connected pair in one thread: connect, then accept."""
+    """A connected pair in one thread: connect, then accept (between two
+    hosts: the agent's end first)."""
     global CONNS
+    if REMOTE:
+        s = socket.create_connection(REMOTE[:2])
+        r = RemoteEnd()
+        CONNS += 1
+        return r, s
     ls = listener(family, host)
     c = socket.socket(family, socket.SOCK_STREAM)
     c.connect(ls.getsockname()[:2])
@@ -183,9 +279,10 @@ def case_epoll_edges():
     ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
     say("oneshot rearmed:", events(ep, 5))
     say("oneshot read:", a.recv(10))
-    ep.register(c.fileno(), select.EPOLLOUT)
-    say("out:", events(ep, 5))
-    ep.unregister(c.fileno())
+    if not REMOTE:
+        ep.register(c.fileno(), select.EPOLLOUT)
+        say("out:", events(ep, 5))
+        ep.unregister(c.fileno())
     ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
     c.shutdown(socket.SHUT_WR)
     say("rdhup:", events(ep, 5))
@@ -736,7 +833,21 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
+# Those whose first socket is only sent to, read, shut down, closed or
+# asked options of: the agent's end can stand in for it. Not case_fork:
+# a Queued end (every remote one) written by a parent and its child loses
+# the parent's bytes (two virtqueue drivers in two processes on one
+# queue), on one host as between two; open, see the issue's note. Not
+# case_reset either: its reader on the other host reads an end of stream
+# instead of ECONNRESET in about one run in six (open too).
+REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
+                case_epoll_edges, case_exit_without_close, case_peer_killed,
+                case_reset_so_error, case_urgent, case_fionread]
+
 if __name__ == "__main__":
+    if len(sys.argv) > 3 and sys.argv[1] == "agent":
+        agent(int(sys.argv[2]), sys.argv[3])
+        sys.exit(0)
     if len(sys.argv) > 3 and sys.argv[1] == "exec-two":
         os.close(int(sys.argv[2]))
         exec_child(int(sys.argv[3]))
@@ -748,6 +859,10 @@ if __name__ == "__main__":
         exec_child(int(sys.argv[2]))
         sys.exit(0)
     only = sys.argv[1:]
+    if os.environ.get("SEMANTICS_REMOTE"):
+        h, p, ctl = os.environ["SEMANTICS_REMOTE"].split(":", 2)
+        REMOTE = (h, int(p), ctl)
+        CASES = REMOTE_CASES
     for case in CASES:
         if only and case.__name__ not in only:
             continue

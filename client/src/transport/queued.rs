@@ -85,6 +85,8 @@ pub struct Queued {
     peer_gone: bool,
     broken: bool,
     shut_wr: bool,
+    /// The last close resets the stream (SO_LINGER 0).
+    abort: bool,
     closed: bool,
     counters: [u64; 4],
 }
@@ -142,6 +144,7 @@ impl Queued {
             peer_gone: false,
             broken: false,
             shut_wr: false,
+            abort: false,
             closed: false,
             counters: [0; 4],
         };
@@ -670,9 +673,14 @@ impl Transport for Queued {
     }
 
     fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
-        // Only the RX buffer being read is known without popping the used
-        // ring; bytes in devd's engine are not visible from here.
-        let unread = self.rx_cur.map_or(0, |(_, len, off)| len - off);
+        // The RX buffers the engine filled (taken off the used ring into
+        // `ready`, which reads take first) and the one being read; bytes
+        // still in devd's engine are not visible from here.
+        let mut unread = self.delivered().unwrap_or(0);
+        if let Some(l) = self.left {
+            unread = unread.min(l);
+        }
+        let unread = usize::try_from(unread).unwrap_or(usize::MAX);
         let slot = self.slot_u32();
         while let Ok(Some((id, _))) = self.tx.pop_used(slot) {
             self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
@@ -685,6 +693,10 @@ impl Transport for Queued {
         if !self.closed {
             layout::hold(&self.map, self.side as usize);
         }
+    }
+
+    fn abort_on_close(&mut self) {
+        self.abort = true;
     }
 
     fn drop_hold(&mut self) {
@@ -795,7 +807,15 @@ impl Transport for Queued {
             }
             return;
         }
-        if !self.shut_wr && !self.broken {
+        if self.abort && !self.broken {
+            // Like the kernel's close after SO_LINGER 0: a reset, not an
+            // end of stream (even after a shutdown).
+            self.shut_wr = true;
+            self.map
+                .u32_at(qhdr::TX_FLAGS)
+                .fetch_or(FLAG_RESET, Ordering::Release);
+            self.kick();
+        } else if !self.shut_wr && !self.broken {
             self.shut_wr = true;
             self.end_writes();
             self.map

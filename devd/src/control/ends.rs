@@ -63,7 +63,16 @@ impl Devd {
         let (uid, inode, bytes) = (conn.ends[e].uid, conn.ends[e].inode, conn.bytes);
         let both = conn.ends.iter().all(|x| x.released);
         if conn.mode == Mode::Queued {
-            self.engine.send(Cmd::SideGone { id, side: e });
+            // An end whose other end is on another host: how its kernel
+            // socket ended is how its stream ends there, when its client
+            // set no mark (it exited without a close).
+            let (mine, peer) = (conn.ends[e].addr, conn.ends[1 - e].addr);
+            let orderly = conn.remote.is_some() && self.closed_in_order(mine, peer);
+            self.engine.send(Cmd::SideGone {
+                id,
+                side: e,
+                orderly,
+            });
         }
         self.reg
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
@@ -362,6 +371,21 @@ impl Devd {
                 look.next = (now + look.every).min(since + ORPHAN_GRACE);
             }
         }
+    }
+
+    /// Whether the TCP socket from `mine` to `peer` was closed in order:
+    /// sock_diag finds it in a state after its FIN (FIN_WAIT1, FIN_WAIT2,
+    /// CLOSING, TIME_WAIT, LAST_ACK). Not found (reset, or gone without a
+    /// TIME_WAIT), still open, or without sock_diag: false.
+    fn closed_in_order(&mut self, mine: std::net::SocketAddr, peer: std::net::SocketAddr) -> bool {
+        let Some(diag) = &self.diag else {
+            return false;
+        };
+        self.diag_seq = self.diag_seq.wrapping_add(1);
+        matches!(
+            crate::sys::tcp_lookup(diag.as_fd(), mine, peer, self.diag_seq),
+            Ok(Some(s)) if crate::sys::TCP_FIN_SENT.contains(&s.state)
+        )
     }
 
     /// Releases orphaned end `e` of connection `id`.

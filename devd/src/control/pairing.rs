@@ -300,7 +300,11 @@ impl Devd {
     pub(super) fn free_res(&self, id: u64, res: &Res) {
         if let Res::Queued(_) = res {
             for side in 0..2 {
-                self.engine.send(Cmd::SideGone { id, side });
+                self.engine.send(Cmd::SideGone {
+                    id,
+                    side,
+                    orderly: false,
+                });
             }
         }
     }

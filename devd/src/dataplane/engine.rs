@@ -100,6 +100,10 @@ pub enum Cmd {
         id: u64,
         /// The side's end (`SideSpec::end`).
         side: usize,
+        /// Its kernel socket was closed in order (a FIN, as the kernel
+        /// closes a socket its last holder let go of without a close):
+        /// the side ends with Eos, not Reset, if its client set no mark.
+        orderly: bool,
     },
     /// Stop the thread.
     Stop,
@@ -168,6 +172,8 @@ struct Side {
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
+    /// It went with its kernel socket closed in order (`Cmd::SideGone`).
+    orderly: bool,
     /// Bytes wait in the backend for an RX buffer of this side (the last
     /// `rx` found none posted): a repost is news.
     rx_waiting: bool,
@@ -517,6 +523,7 @@ impl Engine {
                     mark_sent: false,
                     rx_marked: false,
                     gone: false,
+                    orderly: false,
                     rx_waiting: false,
                     gone_at: None,
                     dead: false,
@@ -578,10 +585,11 @@ impl Engine {
                 self.pairs.insert(id, pair);
                 self.busy.push_back(id);
             }
-            Cmd::SideGone { id, side } => {
+            Cmd::SideGone { id, side, orderly } => {
                 if let Some(p) = self.pairs.get_mut(&id) {
                     for s in p.sides.iter_mut().filter(|s| s.end == side) {
                         s.gone = true;
+                        s.orderly = orderly;
                         s.gone_at = Some(Instant::now());
                     }
                     if p.sides.len() == 1 {
@@ -932,14 +940,20 @@ impl Engine {
                 // Died or released without an end mark: abortive close,
                 // unless its writes never moved into the region (a remote
                 // end's: its stream ended on the kernel socket, which says
-                // how; the other host's reader waits for this mark).
+                // how; the other host's reader waits for this mark), or
+                // its kernel socket was closed in order (its last holder
+                // exited without a close: the kernel sent a FIN).
                 let never = side.hov.as_ref().is_some_and(|h| {
                     matches!(
                         layout::switch_at(h, side.end),
                         layout::Switch::NotYet | layout::Switch::Never
                     )
                 });
-                Some(if never { Mark::Eos } else { Mark::Reset })
+                Some(if never || side.orderly {
+                    Mark::Eos
+                } else {
+                    Mark::Reset
+                })
             } else {
                 None
             };

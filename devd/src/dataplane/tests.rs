@@ -265,7 +265,11 @@ fn bytes_a_side_sent_before_it_went_are_counted_once_they_move() {
         .u32_at(layout::qhdr::TX_FLAGS)
         .fetch_or(FLAG_EOS, std::sync::atomic::Ordering::Release);
     ca.kick.notify().unwrap();
-    e.send(Cmd::SideGone { id: 2, side: 0 });
+    e.send(Cmd::SideGone {
+        id: 2,
+        side: 0,
+        orderly: false,
+    });
     cb.post_rx(0);
     assert_eq!(cb.rx_bytes(), b"last words");
     // (Counted where they left: the receiving end has no hand-over page

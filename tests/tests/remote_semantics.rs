@@ -1,0 +1,152 @@
+//! The differential semantics program between two hosts (the "Two hosts"
+//! issue, item 4): tests/apps/semantics.py on host a, each of its
+//! connections to its agent on host b (the agent's end standing in for
+//! the pair's first socket), run once on kernel TCP over the lab's veth
+//! and once with both programs under ssock-run; the outputs must be
+//! identical, and both devds must have carried the connections across
+//! the ntb link.
+
+use anyhow::{bail, ensure, Context, Result};
+use ssock_tests::lab::{self, TwoHosts};
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn script() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/apps/semantics.py").to_string()
+}
+
+/// The agent on host b, running until dropped.
+struct Agent(Child);
+
+impl Agent {
+    /// Starts `cmd` (the agent) and waits for it to say it listens.
+    fn start(mut cmd: Command) -> Result<Agent> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let agent = Agent(child);
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l == "AGENT READY" => Ok(agent),
+            other => bail!("the agent did not start: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// semantics.py on host a against the agent at `port` (its control
+/// socket `ctl`), as `cmd` runs it; its output.
+fn run(lab: &TwoHosts, mut cmd: Command, port: u16, ctl: &std::path::Path) -> Result<String> {
+    let remote = format!("{}:{port}:{}", lab.addr[1], ctl.display());
+    // The script bounds its own waits.
+    let out = cmd
+        .env("SEMANTICS_REMOTE", remote)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "semantics.py failed ({}):\n{text}",
+        out.status
+    );
+    Ok(text)
+}
+
+#[test]
+fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Result<()> {
+    if !lab::available()? || !ssock_tests::have_app("python3")? {
+        return Ok(());
+    }
+    let lab = TwoHosts::up("semantics")?;
+    lab.wait_linked(Duration::from_secs(15))?;
+    let py = script();
+    // Kernel TCP between the namespaces.
+    let ctl = lab.dir.join("agent-kernel.sock");
+    let agent = Agent::start(lab.plain(
+        1,
+        &[
+            "python3",
+            &py,
+            "agent",
+            "7100",
+            ctl.to_str().context("path")?,
+        ],
+    ))?;
+    let plain = run(&lab, lab.plain(0, &["python3", &py]), 7100, &ctl)?;
+    drop(agent);
+    // Both under ssock-run, once host a's devd knows the listener.
+    let ctl = lab.dir.join("agent-ssock.sock");
+    let _agent = Agent::start(lab.under_ssock(
+        1,
+        &[
+            "python3",
+            &py,
+            "agent",
+            "7101",
+            ctl.to_str().context("path")?,
+        ],
+    ))?;
+    lab.wait_peer(0, Duration::from_secs(15), "heard of the agent", |p| {
+        p["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|a| a == "0.0.0.0:7101"))
+    })?;
+    let accelerated = run(&lab, lab.under_ssock(0, &["python3", &py]), 7101, &ctl)?;
+    if plain != accelerated {
+        let diff: Vec<String> = plain
+            .lines()
+            .zip(accelerated.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("kernel: {a}\nssock:  {b}"))
+            .collect();
+        bail!(
+            "outputs differ:\n{}\n--- kernel:\n{plain}\n--- under ssock-run:\n{accelerated}",
+            diff.join("\n")
+        );
+    }
+    let n: u64 = plain
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("connections "))
+        .context("no connection count")?
+        .parse()?;
+    ensure!(n >= 10, "only {n} connections");
+    // Every connection crossed as a remote one on both hosts, but one
+    // that was over (on the kernel socket, its bytes right) before its
+    // Claim reached host a: both count it as such, never silently.
+    let count = |h: usize, key: &str| -> Result<u64> {
+        let t = lab.stats(h)?["totals"].clone();
+        Ok(match key {
+            "remote" => t["remote"]["connections"].as_u64().unwrap_or(0),
+            "gone" => t["fallbacks"]["connector_gone"].as_u64().unwrap_or(0),
+            _ => t["connections"]["kernel"].as_u64().unwrap_or(0),
+        })
+    };
+    let t = Instant::now();
+    while count(1, "remote")? + count(1, "kernel")? < n && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ra, ga, rb, kb) = (
+        count(0, "remote")?,
+        count(0, "gone")?,
+        count(1, "remote")?,
+        count(1, "kernel")?,
+    );
+    ensure!(
+        ra + ga == n && rb + kb == n && ra == rb && ra + 2 >= n,
+        "{n} connections: host a {ra} remote, {ga} over before their Claim; host b {rb} remote, {kb} kernel"
+    );
+    Ok(())
+}

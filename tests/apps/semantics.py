@@ -837,12 +837,10 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
 # asked options of: the agent's end can stand in for it. Not case_fork:
 # a Queued end (every remote one) written by a parent and its child loses
 # the parent's bytes (two virtqueue drivers in two processes on one
-# queue), on one host as between two; open, see the note. Not
-# case_reset either: its reader on the other host reads an end of stream
-# instead of ECONNRESET in about one run in six (open too).
+# queue), on one host as between two; open, see the note.
 REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
                 case_epoll_edges, case_exit_without_close, case_peer_killed,
-                case_reset_so_error, case_urgent, case_fionread]
+                case_reset, case_reset_so_error, case_urgent, case_fionread]
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "agent":

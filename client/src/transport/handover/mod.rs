@@ -127,6 +127,10 @@ pub struct Handover {
     closed: bool,
     /// In a fork's prepare handler: no request to devd from here.
     forking: bool,
+    /// The kernel socket's error (a reset) that a look at it took while
+    /// the stream's end was unsure: reported by the read that finds the
+    /// socket's end to be the stream's, as the kernel would have.
+    tcp_err: Option<i32>,
 }
 
 /// How long a fresh acceptor end waits for its connector's READY: the
@@ -204,6 +208,7 @@ impl Handover {
             broken: false,
             closed: false,
             forking: false,
+            tcp_err: None,
         };
         if refused {
             h.stay_on_kernel();
@@ -216,8 +221,12 @@ impl Handover {
 
     /// Whether the connection stays on the kernel socket: known, or said
     /// by devd and not acted on yet (the next call lets the end go).
+    /// Not while it keeps an error a look at the socket took: the read
+    /// that reports it comes here first.
     fn turned_kernel(&self) -> bool {
-        self.kernel || (matches!(self.tx, Tx::Tcp(_)) && layout::claim(&self.map) == CLAIM_KERNEL)
+        self.tcp_err.is_none()
+            && (self.kernel
+                || (matches!(self.tx, Tx::Tcp(_)) && layout::claim(&self.map) == CLAIM_KERNEL))
     }
 
     /// Bytes this end's holders read from the kernel socket so far.
@@ -412,6 +421,15 @@ impl Handover {
 
     /// devd said the connection stays on the kernel socket (the acceptor
     /// was refused, or the intent expired): the end is let go of.
+    /// What a read gets at the kernel socket's end when it is the
+    /// stream's: 0, or the error a look at the socket took before (once).
+    fn kernel_end(&mut self) -> io::Result<usize> {
+        match self.tcp_err.take() {
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            None => Ok(0),
+        }
+    }
+
     fn stay_on_kernel(&mut self) {
         self.kernel = true;
         self.inner.discard_region();
@@ -472,7 +490,7 @@ impl Handover {
             match ssock_rings::sys::recv(ctx.tcp, &mut buf[..max], flags) {
                 Ok(0) => {
                     if self.kernel {
-                        return Ok(0);
+                        return self.kernel_end();
                     }
                     // The writer may have moved just before it closed. (The
                     // region's mark first: a remote peer's engine sets it
@@ -514,7 +532,7 @@ impl Handover {
                         }
                         _ => {
                             self.kernel_end_ends();
-                            return Ok(0);
+                            return self.kernel_end();
                         }
                     }
                 }
@@ -811,7 +829,21 @@ impl Transport for Handover {
         let unsure = k & libc::POLLRDHUP != 0 && self.end_unsure(self.inner.region_mark()) && {
             let mut b = [0u8; 1];
             let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-            matches!(ssock_rings::sys::recv(ctx.tcp, &mut b, peek), Ok(0))
+            match ssock_rings::sys::recv(ctx.tcp, &mut b, peek) {
+                Ok(0) => true,
+                // A reset: the kernel reports it once, to this look; kept
+                // for the read that finds the socket's end the stream's.
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.tcp_err = e.raw_os_error();
+                    true
+                }
+                _ => false,
+            }
         };
         let k = if unsure {
             k & !(libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP)

@@ -57,6 +57,8 @@ class RemoteEnd:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A call that hangs there (a lost byte or mark) fails the run.
+        self.ctl.settimeout(60)
         self.ctl.connect(REMOTE[2])
         self.call("accept")
 

@@ -46,21 +46,37 @@ impl Drop for Agent {
 }
 
 /// semantics.py on host a against the agent at `port` (its control
-/// socket `ctl`), as `cmd` runs it; its output.
+/// socket `ctl`), as `cmd` runs it; its output. Killed after 3 minutes
+/// (its remote calls give up after 60 s each).
 fn run(lab: &TwoHosts, mut cmd: Command, port: u16, ctl: &std::path::Path) -> Result<String> {
     let remote = format!("{}:{port}:{}", lab.addr[1], ctl.display());
-    // The script bounds its own waits.
-    let out = cmd
+    let mut child = cmd
         .env("SEMANTICS_REMOTE", remote)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "semantics.py failed ({}):\n{text}",
-        out.status
-    );
+        .spawn()?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let end = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = reader.join().unwrap_or_default();
+            bail!("semantics.py did not end within 3 minutes:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = reader.join().unwrap_or_default();
+    ensure!(status.success(), "semantics.py failed ({status}):\n{text}");
     Ok(text)
 }
 
@@ -123,8 +139,8 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
         .context("no connection count")?
         .parse()?;
     ensure!(n >= 10, "only {n} connections");
-    // Every connection crossed as a remote one on both hosts, but one
-    // that was over (on the kernel socket, its bytes right) before its
+    // Every connection crossed as a remote one on both hosts, but at most
+    // one that was over (on the kernel socket, its bytes right) before its
     // Claim reached host a: both count it as such, never silently.
     let count = |h: usize, key: &str| -> Result<u64> {
         let t = lab.stats(h)?["totals"].clone();
@@ -145,7 +161,7 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
         count(1, "kernel")?,
     );
     ensure!(
-        ra + ga == n && rb + kb == n && ra == rb && ra + 2 >= n,
+        ra + ga == n && rb + kb == n && ra == rb && ra + 1 >= n,
         "{n} connections: host a {ra} remote, {ga} over before their Claim; host b {rb} remote, {kb} kernel"
     );
     Ok(())

@@ -807,9 +807,10 @@ impl Transport for Queued {
             }
             return;
         }
-        if self.abort && !self.broken {
+        if self.abort || self.broken {
             // Like the kernel's close after SO_LINGER 0: a reset, not an
-            // end of stream (even after a shutdown).
+            // end of stream; and a broken end's peer is reset too (devd
+            // must not take its going for an orderly one).
             self.shut_wr = true;
             self.map
                 .u32_at(qhdr::TX_FLAGS)

@@ -375,8 +375,9 @@ impl Devd {
 
     /// Whether the TCP socket from `mine` to `peer` was closed in order:
     /// sock_diag finds it in a state after its FIN (FIN_WAIT1, FIN_WAIT2,
-    /// CLOSING, TIME_WAIT, LAST_ACK). Not found (reset, or gone without a
-    /// TIME_WAIT), still open, or without sock_diag: false.
+    /// CLOSING, TIME_WAIT, LAST_ACK) with no file holding it (a holder's
+    /// shutdown is not a close). Not found (reset, or gone without a
+    /// TIME_WAIT), still held or open, or without sock_diag: false.
     fn closed_in_order(&mut self, mine: std::net::SocketAddr, peer: std::net::SocketAddr) -> bool {
         let Some(diag) = &self.diag else {
             return false;
@@ -384,7 +385,7 @@ impl Devd {
         self.diag_seq = self.diag_seq.wrapping_add(1);
         matches!(
             crate::sys::tcp_lookup(diag.as_fd(), mine, peer, self.diag_seq),
-            Ok(Some(s)) if crate::sys::TCP_FIN_SENT.contains(&s.state)
+            Ok(Some(s)) if crate::sys::TCP_FIN_SENT.contains(&s.state) && s.inode == 0
         )
     }
 

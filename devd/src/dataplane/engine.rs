@@ -942,14 +942,17 @@ impl Engine {
                 // end's: its stream ended on the kernel socket, which says
                 // how; the other host's reader waits for this mark), or
                 // its kernel socket was closed in order (its last holder
-                // exited without a close: the kernel sent a FIN).
+                // exited without a close: the kernel sent a FIN) with no
+                // byte for it still waiting here (unread bytes make the
+                // kernel's close a reset).
                 let never = side.hov.as_ref().is_some_and(|h| {
                     matches!(
                         layout::switch_at(h, side.end),
                         layout::Switch::NotYet | layout::Switch::Never
                     )
                 });
-                Some(if never || side.orderly {
+                let unread = self.backend.pending(side.ch) > 0;
+                Some(if never || (side.orderly && !unread) {
                     Mark::Eos
                 } else {
                     Mark::Reset

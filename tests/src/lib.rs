@@ -417,3 +417,27 @@ pub fn have_app(name: &str) -> Result<bool> {
     eprintln!("SKIP: {name} is not installed");
     Ok(false)
 }
+
+/// The differential semantics test's verdict: `plain` (kernel TCP) and
+/// `accelerated` (under ssock-run) outputs of tests/apps/semantics.py must
+/// be identical; the connection count its last line gives.
+pub fn same_semantics(plain: &str, accelerated: &str) -> anyhow::Result<u64> {
+    if plain != accelerated {
+        let diff: Vec<String> = plain
+            .lines()
+            .zip(accelerated.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("kernel: {a}\nssock:  {b}"))
+            .collect();
+        anyhow::bail!(
+            "outputs differ:\n{}\n--- kernel:\n{plain}\n--- under ssock-run:\n{accelerated}",
+            diff.join("\n")
+        );
+    }
+    Ok(plain
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("connections "))
+        .ok_or_else(|| anyhow::anyhow!("no connection count"))?
+        .parse()?)
+}

@@ -88,60 +88,35 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
     let lab = TwoHosts::up("semantics")?;
     lab.wait_linked(Duration::from_secs(15))?;
     let py = script();
+    // The agent's command on host b, plain or under ssock-run.
+    let agent = |ssock: bool, port: &str, ctl: &std::path::Path| -> Result<Agent> {
+        let args = ["python3", &py, "agent", port, ctl.to_str().context("path")?];
+        Agent::start(if ssock {
+            lab.under_ssock(1, &args)
+        } else {
+            lab.plain(1, &args)
+        })
+    };
     // Kernel TCP between the namespaces.
     let ctl = lab.dir.join("agent-kernel.sock");
-    let agent = Agent::start(lab.plain(
-        1,
-        &[
-            "python3",
-            &py,
-            "agent",
-            "7100",
-            ctl.to_str().context("path")?,
-        ],
-    ))?;
+    let plain_agent = agent(false, "7100", &ctl)?;
     let plain = run(&lab, lab.plain(0, &["python3", &py]), 7100, &ctl)?;
-    drop(agent);
+    drop(plain_agent);
     // Both under ssock-run, once host a's devd knows the listener.
     let ctl = lab.dir.join("agent-ssock.sock");
-    let _agent = Agent::start(lab.under_ssock(
-        1,
-        &[
-            "python3",
-            &py,
-            "agent",
-            "7101",
-            ctl.to_str().context("path")?,
-        ],
-    ))?;
+    let _agent = agent(true, "7101", &ctl)?;
     lab.wait_peer(0, Duration::from_secs(15), "heard of the agent", |p| {
         p["listeners"]
             .as_array()
             .is_some_and(|l| l.iter().any(|a| a == "0.0.0.0:7101"))
     })?;
     let accelerated = run(&lab, lab.under_ssock(0, &["python3", &py]), 7101, &ctl)?;
-    if plain != accelerated {
-        let diff: Vec<String> = plain
-            .lines()
-            .zip(accelerated.lines())
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("kernel: {a}\nssock:  {b}"))
-            .collect();
-        bail!(
-            "outputs differ:\n{}\n--- kernel:\n{plain}\n--- under ssock-run:\n{accelerated}",
-            diff.join("\n")
-        );
-    }
-    let n: u64 = plain
-        .lines()
-        .last()
-        .and_then(|l| l.strip_prefix("connections "))
-        .context("no connection count")?
-        .parse()?;
+    let n = ssock_tests::same_semantics(&plain, &accelerated)?;
     ensure!(n >= 10, "only {n} connections");
     // Every connection crossed as a remote one on both hosts, but at most
-    // one that was over (on the kernel socket, its bytes right) before its
-    // Claim reached host a: both count it as such, never silently.
+    // two that were over (on the kernel socket, its bytes right) before
+    // their Claim reached host a (the cases that close at once: 2 of 11
+    // in about one run in five): both count them as such, never silently.
     let count = |h: usize, key: &str| -> Result<u64> {
         let t = lab.stats(h)?["totals"].clone();
         Ok(match key {
@@ -161,7 +136,7 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
         count(1, "kernel")?,
     );
     ensure!(
-        ra + ga == n && rb + kb == n && ra == rb && ra + 1 >= n,
+        ra + ga == n && rb + kb == n && ra == rb && ra + 2 >= n,
         "{n} connections: host a {ra} remote, {ga} over before their Claim; host b {rb} remote, {kb} kernel"
     );
     Ok(())

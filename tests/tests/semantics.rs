@@ -6,7 +6,7 @@
 //! two outputs must be identical, and devd must have made every one of its
 //! connections Direct (all but the refused connect, which stays plain).
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use ssock_tests::{have_app, Devd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -53,24 +53,7 @@ fn differential_in(env: &[(&str, &str)], args: &[&str], cases: &[&str], mode: &s
     let plain = run(None, env, cases)?;
     let d = Devd::start(args)?;
     let accelerated = run(Some(&d), env, cases)?;
-    if plain != accelerated {
-        let diff: Vec<String> = plain
-            .lines()
-            .zip(accelerated.lines())
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("kernel: {a}\nssock:  {b}"))
-            .collect();
-        anyhow::bail!(
-            "outputs differ:\n{}\n--- kernel:\n{plain}\n--- under ssock-run:\n{accelerated}",
-            diff.join("\n")
-        );
-    }
-    let n: u64 = plain
-        .lines()
-        .last()
-        .and_then(|l| l.strip_prefix("connections "))
-        .context("no connection count")?
-        .parse()?;
+    let n = ssock_tests::same_semantics(&plain, &accelerated)?;
     let t = d.stats()?["totals"].clone();
     ensure!(
         t["connections"][mode] == n,

@@ -79,8 +79,10 @@ fn build(session: &Arc<Session>, p: Pending, adopt: bool) -> io::Result<Box<dyn 
         (Mode::Queued, false, Source::Fds(fds)) => {
             boxed(Queued::attach(&a, fds, s)).map(Handover::wrap)
         }
-        (Mode::Queued, false, Source::Parked(_)) => Err("a Queued end reuses no region".into()),
-        (Mode::Queued, true, _) => Err("only a Direct connection can be taken over".into()),
+        (Mode::Queued, true, Source::Fds(fds)) => {
+            boxed(Queued::adopt(&a, fds, s)).map(Handover::adopt)
+        }
+        (Mode::Queued, _, Source::Parked(_)) => Err("a Queued end reuses no region".into()),
         (Mode::Kernel, ..) => Err("devd attached a kernel-mode connection".into()),
     };
     t.map_err(|why| {

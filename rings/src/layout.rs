@@ -7,7 +7,8 @@
 //!                            base, prod_bell
 //!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters,
 //!                            cons_bell
-//!        Queued: state flags (192, 256), client counters (320..352)
+//!        Queued: state flags (192, 256), client counters (320..352),
+//!          the driver's words per queue (384, 400), RX_READY (416)
 //! 4096   Direct: ring 0 data (cap bytes), ring 1 data (cap bytes)
 //!        Queued: TX and RX virtqueues, then TX slots and RX slots
 //! ```
@@ -20,7 +21,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 7;
+pub const REGION_VERSION: u32 = 8;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -605,6 +606,10 @@ pub struct QueueOffsets {
     pub avail: usize,
     /// Used ring (flags, idx, ring[qsize] of {id, len}, avail_event).
     pub used: usize,
+    /// The driver's own words in the header (`qhdr::TX_DRIVER`,
+    /// `qhdr::RX_DRIVER`): what every process holding the end has
+    /// consumed, so that any of them can go on where another stopped.
+    pub driver: usize,
 }
 
 /// Queued state words in the header.
@@ -613,7 +618,8 @@ pub mod qhdr {
     pub const TX_FLAGS: usize = 192;
     /// u32 written by devd: FLAG_EOS/FLAG_RESET after the last RX buffer.
     pub const RX_FLAGS: usize = 256;
-    /// u64 client counter: bytes queued for TX.
+    /// u64 written by the client: region bytes its holders posted on TX
+    /// (its END is published from it; also a statistic).
     pub const TX_BYTES: usize = 320;
     /// u64 client counter: bytes taken from RX.
     pub const RX_BYTES: usize = 328;
@@ -621,6 +627,15 @@ pub mod qhdr {
     pub const KICKS: usize = 336;
     /// u64 client counter: kicks suppressed by event index.
     pub const KICKS_SUPPRESSED: usize = 344;
+    /// The TX queue's driver words (`vq::driver`): u64 used position
+    /// (used index << 32 | bytes taken of that entry), then u32 the avail
+    /// index at the last kick check. Written and read by clients only.
+    pub const TX_DRIVER: usize = 384;
+    /// The RX queue's driver words, as [`TX_DRIVER`].
+    pub const RX_DRIVER: usize = 400;
+    /// u32 written by the client: 1 once the first process that attached
+    /// the end posted every RX buffer (a later attach posts none).
+    pub const RX_READY: usize = 416;
 }
 
 /// Queue entries per direction for Queued regions.
@@ -637,7 +652,10 @@ impl QueuedLayout {
             desc: 0,
             avail: 0,
             used: 0,
+            driver: 0,
         }; 2];
+        queues[0].driver = qhdr::TX_DRIVER;
+        queues[1].driver = qhdr::RX_DRIVER;
         for qo in &mut queues {
             qo.desc = align(off, 16);
             off = qo.desc + 16 * q;

@@ -79,21 +79,16 @@ fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
     differential(&[("SSOCK_SPIN_US", "0")])
 }
 
-/// The hand-over cases with Queued connections, where devd's engine
-/// relays each side's offset: bytes before the accept, a self-connect, a
-/// full accept queue, a plain acceptor, half-close and a reset.
+/// Every case with Queued connections, where devd's engine moves the
+/// bytes and relays each side's offset, and every process that holds an
+/// end (a forked child, an exec'd program, one it was passed to) drives
+/// the same queues. Not `case_epoll_waits_sleep`: its first wait, right
+/// after a send, finds the bytes readable on loopback TCP (the kernel
+/// delivers within the send) and not yet when devd's engine carries them
+/// (as between two hosts).
 #[test]
-fn queued_connections_hand_over_as_direct_ones_do() -> Result<()> {
-    let cases = [
-        "case_peek_and_basics",
-        "case_half_close",
-        "case_nonblocking_connect",
-        "case_refused",
-        "case_self_connect_before_accept",
-        "case_bytes_before_accept",
-        "case_nonblocking_connect_to_a_full_queue",
-        "case_plain_acceptor_by_exec",
-    ];
+fn queued_connections_keep_the_same_semantics() -> Result<()> {
+    let cases = ["-case_epoll_waits_sleep"];
     differential_in(&[], &["--default-mode", "queued"], &cases, "queued")?;
     differential_in(
         &[("SSOCK_SPIN_US", "0")],

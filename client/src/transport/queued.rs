@@ -3,6 +3,11 @@
 //! to the peer. A blocked call spins on the used ring for its budget, then
 //! sleeps on the call eventfd (devd only rings it when asked: used_event).
 //!
+//! Every process that holds the end (after fork, or a socket passed on)
+//! drives the same queues: their state is in the region (`vq::driver`),
+//! and so is the count of bytes posted (`qhdr::TX_BYTES`), so each goes on
+//! where another stopped.
+//!
 //! The bytes in flight depend on devd: this end keeps a copy of what it
 //! wrote until its reader took it (the TAKEN word of the hand-over page),
 //! so that when devd is gone the hand-over (`handover.rs`) moves both
@@ -52,19 +57,12 @@ pub struct Queued {
     layout: QueuedLayout,
     tx: QueueDriver,
     rx: QueueDriver,
-    free_tx: Vec<u16>,
-    /// Bytes posted in each TX slot, and their sum while in flight.
-    tx_len: Vec<usize>,
-    tx_inflight: usize,
-    rx_cur: Option<(u16, usize, usize)>,
-    /// Region bytes this end wrote since its writes moved to the region.
-    posted: u64,
-    /// Copies of the bytes written and not yet known taken by the reader:
-    /// region offsets `posted - retained.len() .. posted`.
+    /// Copies of the bytes this process wrote and not yet known taken by
+    /// the reader: region offsets `retained_at .. retained_at +
+    /// retained.len()`, which ends at what the end's holders posted unless
+    /// another process wrote since (then they are of no use: `resync`).
     retained: VecDeque<u8>,
-    /// Used RX entries taken off the ring when this end's reads were
-    /// closed; read before anything else.
-    ready: VecDeque<(u16, usize)>,
+    retained_at: u64,
     /// The region carries no more bytes: devd is gone (its session hung
     /// up), or the peer closed a direction's region part.
     lost: bool,
@@ -88,16 +86,38 @@ pub struct Queued {
     /// The last close resets the stream (SO_LINGER 0).
     abort: bool,
     closed: bool,
-    counters: [u64; 4],
 }
 
 impl Queued {
     /// Maps this process's region and the hand-over page, and posts every
-    /// RX buffer. fds: [region, kick eventfd, call eventfd, hand-over page].
+    /// RX buffer if no process did before. fds: [region, kick eventfd,
+    /// call eventfd, hand-over page].
     pub fn attach(
         a: &Attachment,
         fds: Vec<OwnedFd>,
         session: Option<Arc<Session>>,
+    ) -> Result<Queued, AttachError> {
+        Queued::attach_inner(a, fds, session, true)
+    }
+
+    /// Like `attach` for an end this process got without negotiating it
+    /// (inherited across exec, or received over a Unix socket): the hold
+    /// it takes over was counted already (by the exec'd image, or by the
+    /// sender's `fork_hold`), so none is added; it goes on where the
+    /// queues are.
+    pub fn adopt(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+    ) -> Result<Queued, AttachError> {
+        Queued::attach_inner(a, fds, session, false)
+    }
+
+    fn attach_inner(
+        a: &Attachment,
+        fds: Vec<OwnedFd>,
+        session: Option<Arc<Session>>,
+        hold: bool,
     ) -> Result<Queued, AttachError> {
         let [region, kick, call, hov]: [OwnedFd; 4] = fds
             .try_into()
@@ -114,7 +134,9 @@ impl Queued {
         let map = Arc::new(Mapping::map(region.as_fd(), size, true).map_err(AttachError::Region)?);
         check_header(&map, RegionKind::Queued, a.conn_id, a.geom_a, a.geom_b)
             .map_err(AttachError::Layout)?;
-        layout::hold(&map, a.side as usize);
+        if hold {
+            layout::hold(&map, a.side as usize);
+        }
         let remote = layout::is_remote(&hov);
         let q = layout.qsize;
         let mut me = Queued {
@@ -125,13 +147,8 @@ impl Queued {
             map,
             hov,
             layout,
-            free_tx: (0..q).rev().collect(),
-            tx_len: vec![0; usize::from(q)],
-            tx_inflight: 0,
-            rx_cur: None,
-            posted: 0,
             retained: VecDeque::new(),
-            ready: VecDeque::new(),
+            retained_at: 0,
             lost: false,
             left: None,
             writes_closed: false,
@@ -146,16 +163,26 @@ impl Queued {
             shut_wr: false,
             abort: false,
             closed: false,
-            counters: [0; 4],
         };
-        for i in 0..q {
-            me.rx.post(
-                i,
-                me.layout.slot_offset(RX, i) as u64,
-                me.slot_u32(),
-                F_WRITE,
-            );
+        // Relaxed: the region came from devd with the word 0; a later
+        // attach of the same end (an inherited or passed socket) finds the
+        // buffers posted.
+        let first = me
+            .map
+            .u32_at(qhdr::RX_READY)
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if first {
+            for i in 0..q {
+                me.rx.post(
+                    i,
+                    me.layout.slot_offset(RX, i) as u64,
+                    me.slot_u32(),
+                    F_WRITE,
+                );
+            }
         }
+        me.retained_at = me.posted();
         me.kick();
         Ok(me)
     }
@@ -166,7 +193,38 @@ impl Queued {
 
     fn kick(&mut self) {
         let _ = self.kick.notify();
-        self.counters[2] += 1;
+        self.count(qhdr::KICKS, 1);
+    }
+
+    /// Whether another holder of the end shut its writes down (or reset
+    /// it): the socket's, for every process that holds it.
+    fn shut_by_another(&self) -> bool {
+        // Relaxed: this end's holders' own word; the mark's ordering with
+        // the posts is devd's concern (it reads it with Acquire).
+        self.map.u32_at(qhdr::TX_FLAGS).load(Ordering::Relaxed) & (FLAG_EOS | FLAG_RESET) != 0
+    }
+
+    /// Adds to a statistics word of the region (all holders add to it).
+    fn count(&self, word: usize, n: u64) {
+        // Relaxed: statistics for ringstat only.
+        self.map.u64_at(word).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Region bytes the end's holders posted on TX.
+    fn posted(&self) -> u64 {
+        // Relaxed: only this end's holders store it, and they take turns
+        // (fork, exec, a socket passed on order them).
+        self.map.u64_at(qhdr::TX_BYTES).load(Ordering::Relaxed)
+    }
+
+    /// The kept copies cover nothing once another holder posted since this
+    /// process last did: they start again from what was posted.
+    fn resync(&mut self) {
+        let posted = self.posted();
+        if self.retained_at + self.retained.len() as u64 != posted {
+            self.retained.clear();
+            self.retained_at = posted;
+        }
     }
 
     fn kick_if_asked(&mut self, q: usize) {
@@ -178,21 +236,7 @@ impl Queued {
         if want {
             self.kick();
         } else {
-            self.counters[3] += 1;
-        }
-        self.publish_counters();
-    }
-
-    fn publish_counters(&self) {
-        let offs = [
-            qhdr::TX_BYTES,
-            qhdr::RX_BYTES,
-            qhdr::KICKS,
-            qhdr::KICKS_SUPPRESSED,
-        ];
-        for (o, v) in offs.iter().zip(self.counters) {
-            // Relaxed: statistics for ringstat only.
-            self.map.u64_at(*o).store(v, Ordering::Relaxed);
+            self.count(qhdr::KICKS_SUPPRESSED, 1);
         }
     }
 
@@ -324,11 +368,16 @@ impl Queued {
         }
     }
 
-    fn repost(&mut self, id: u16) {
-        let addr = self.layout.slot_offset(RX, id) as u64;
-        let len = self.slot_u32();
-        self.rx.post(id, addr, len, F_WRITE);
-        self.kick_if_asked(RX);
+    /// Posts the RX buffer a consumed entry freed (buffers rotate: the
+    /// next one in turn, which is that entry's unless a holder died before
+    /// posting one).
+    fn repost(&mut self) {
+        if let Ok(Some(id)) = self.rx.next_id() {
+            let addr = self.layout.slot_offset(RX, id) as u64;
+            let len = self.slot_u32();
+            self.rx.post(id, addr, len, F_WRITE);
+            self.kick_if_asked(RX);
+        }
     }
 
     fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, consume: bool) -> io::Result<usize> {
@@ -339,96 +388,83 @@ impl Queued {
             // A writer that now only reads lets go of what was taken.
             self.trim();
         }
+        let slot = self.slot_u32();
         loop {
             if self.broken {
                 return Err(reset_error());
             }
-            if self.left == Some(0) {
-                // The region part is over: the hand-over reads the socket.
+            if self.left == Some(0) || (self.lost && self.left.is_none()) {
+                // The region part is over (or about to be closed): the
+                // hand-over reads the socket.
                 return Err(would_block());
             }
-            if let Some((id, len, off)) = self.rx_cur {
-                let mut n = buf.len().min(len - off);
-                if let Some(l) = self.left {
-                    n = n.min(usize::try_from(l).unwrap_or(usize::MAX));
+            let Some(u) = self.rx.peek_used(slot).map_err(|v| self.violation(v))? else {
+                if self.lost {
+                    return Err(would_block());
                 }
-                if consume {
-                    // Counted before it is taken: a writer that closes the
-                    // region part meanwhile resends from what TAKEN says.
-                    match self.left {
-                        Some(l) => self.left = Some(l - n as u64),
-                        None => {
-                            if layout::add_taken(&self.hov, 1 - self.side as usize, n as u64)
-                                .is_err()
-                            {
-                                self.lose("the peer found devd gone");
-                                if self.broken {
-                                    return Err(reset_error());
-                                }
-                                self.left = Some(0);
-                                return Err(would_block());
-                            }
-                        }
+                let f = self.rx_flags();
+                if f & FLAG_RESET != 0 {
+                    self.broken = true;
+                    return Err(reset_error());
+                }
+                if f & FLAG_EOS != 0 && !self.rx.has_used() {
+                    return Ok(0);
+                }
+                if f & FLAG_EOS == 0 {
+                    self.peer_closed_region();
+                    if !self.lost {
+                        self.wait_rx(ctx)?;
                     }
                 }
-                self.map
-                    .read_bytes(self.layout.slot_offset(RX, id) + off, &mut buf[..n]);
-                if consume {
-                    self.counters[1] += n as u64;
-                    if off + n == len {
-                        self.rx_cur = None;
-                        self.repost(id);
-                    } else {
-                        self.rx_cur = Some((id, len, off + n));
-                    }
-                }
-                return Ok(n);
-            }
-            if let Some((id, len)) = self.ready.pop_front() {
-                self.rx_cur = Some((id, len, 0));
+                continue;
+            };
+            let rest = (u.len - u.off) as usize;
+            if rest == 0 {
+                // An empty entry: its buffer goes back at once.
+                self.rx.consume(u, 0);
+                self.repost();
                 continue;
             }
-            if self.lost {
-                return Err(would_block());
+            let mut n = buf.len().min(rest);
+            if let Some(l) = self.left {
+                n = n.min(usize::try_from(l).unwrap_or(usize::MAX));
             }
-            let slot = self.slot_u32();
-            match self.rx.pop_used(slot).map_err(|v| self.violation(v))? {
-                Some((id, 0)) => self.repost(id),
-                Some((id, len)) => self.rx_cur = Some((id, len as usize, 0)),
-                None => {
-                    let f = self.rx_flags();
-                    if f & FLAG_RESET != 0 {
-                        self.broken = true;
-                        return Err(reset_error());
-                    }
-                    if f & FLAG_EOS != 0 && !self.rx.has_used() {
-                        return Ok(0);
-                    }
-                    if f & FLAG_EOS == 0 {
-                        self.peer_closed_region();
-                        if !self.lost {
-                            self.wait_rx(ctx)?;
+            if consume {
+                // Counted before it is taken: a writer that closes the
+                // region part meanwhile resends from what TAKEN says.
+                match self.left {
+                    Some(l) => self.left = Some(l - n as u64),
+                    None => {
+                        if layout::add_taken(&self.hov, 1 - self.side as usize, n as u64).is_err() {
+                            self.lose("the peer found devd gone");
+                            if self.broken {
+                                return Err(reset_error());
+                            }
+                            self.left = Some(0);
+                            return Err(would_block());
                         }
                     }
                 }
             }
+            self.map.read_bytes(
+                self.layout.slot_offset(RX, u.id) + u.off as usize,
+                &mut buf[..n],
+            );
+            if consume {
+                self.count(qhdr::RX_BYTES, n as u64);
+                if self.rx.consume(u, u32::try_from(n).unwrap_or(u32::MAX)) {
+                    self.repost();
+                }
+            }
+            return Ok(n);
         }
     }
 
-    /// Region bytes still to read here once the peer's writes came back to
-    /// the kernel socket: the entry being read, and the used entries
-    /// waiting (taken off the ring into `ready`; none is taken later).
+    /// Region bytes delivered here and not read yet (the used RX entries
+    /// past the holders' read position).
     fn delivered(&mut self) -> io::Result<u64> {
         let slot = self.slot_u32();
-        while let Some((id, len)) = self.rx.pop_used(slot).map_err(|v| self.violation(v))? {
-            if len == 0 {
-                self.repost(id);
-            } else {
-                self.ready.push_back((id, len as usize));
-            }
-        }
-        let cur = self.rx_cur.map_or(0, |(_, len, off)| len - off);
-        Ok(self.ready.iter().map(|&(_, l)| l as u64).sum::<u64>() + cur as u64)
+        self.rx.unconsumed(slot).map_err(|v| self.violation(v))
     }
 
     /// Drops the copies of written bytes the reader has taken; false if the
@@ -437,11 +473,12 @@ impl Queued {
     fn trim(&mut self) -> bool {
         match layout::taken(&self.hov, self.side as usize) {
             Taken::Open(t) => {
-                let base = self.posted - self.retained.len() as u64;
+                let base = self.retained_at;
                 if t > base {
                     let k =
                         usize::try_from((t - base).min(self.retained.len() as u64)).unwrap_or(0);
                     self.retained.drain(..k);
+                    self.retained_at += k as u64;
                     if self.retained.is_empty() && self.retained.capacity() > RETAIN_KEEP {
                         // A burst's worth is not kept for the connection's life.
                         self.retained.shrink_to(RETAIN_KEEP);
@@ -460,7 +497,7 @@ impl Queued {
     /// they went back to the kernel socket (the hand-over publishes it then).
     fn end_writes(&mut self) {
         if !self.writes_closed {
-            layout::publish_end(&self.hov, self.side as usize, self.posted);
+            layout::publish_end(&self.hov, self.side as usize, self.posted());
             self.words_changed();
         }
     }
@@ -559,12 +596,12 @@ impl Transport for Queued {
         let at = match layout::close_taken(&self.hov, self.side as usize, 0) {
             Ok(at) | Err(at) => at,
         };
-        let base = self.posted - self.retained.len() as u64;
-        if at < base || at > self.posted {
+        self.resync();
+        let (base, posted) = (self.retained_at, self.posted());
+        if at < base || at > posted {
             log::warn!(
-                "connection {}: its reader says it took {at} bytes, this end kept {base}..{}; resetting it",
+                "connection {}: its reader says it took {at} bytes, this end kept {base}..{posted}; resetting it",
                 self.conn_id,
-                self.posted
             );
             self.broken = true;
             return Err(reset_error());
@@ -578,7 +615,7 @@ impl Transport for Queued {
     }
 
     fn region_written(&self) -> u64 {
-        self.posted
+        self.posted()
     }
 
     fn reads_left(&self) -> Option<u64> {
@@ -598,16 +635,16 @@ impl Transport for Queued {
             return Ready::BROKEN;
         }
         self.peer_closed_region();
-        let data = self.left != Some(0)
-            && (self.rx_cur.is_some()
-                || !self.ready.is_empty()
-                || (!self.lost && self.rx.has_used()));
+        let data = match self.left {
+            Some(l) => l > 0,
+            None => !self.lost && self.rx.has_used(),
+        };
         let eos = f & FLAG_EOS != 0;
         Ready {
             readable: data || eos,
             writable: self.shut_wr
                 || self.peer_gone
-                || !self.free_tx.is_empty()
+                || self.tx.in_flight() < self.layout.qsize
                 || self.tx.has_used(),
             rdhup: eos || self.peer_gone,
             hup: (eos || self.peer_gone) && self.shut_wr,
@@ -682,11 +719,9 @@ impl Transport for Queued {
         }
         let unread = usize::try_from(unread).unwrap_or(usize::MAX);
         let slot = self.slot_u32();
-        while let Ok(Some((id, _))) = self.tx.pop_used(slot) {
-            self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
-            self.free_tx.push(id);
-        }
-        (unread, self.tx_inflight)
+        while let Ok(Some(_)) = self.tx.pop_used(slot) {}
+        let unsent = usize::try_from(self.tx.posted_len()).unwrap_or(usize::MAX);
+        (unread, unsent)
     }
 
     fn fork_hold(&mut self) {
@@ -721,20 +756,25 @@ impl Transport for Queued {
                 self.broken = true;
                 return Err(reset_error());
             }
-            if self.shut_wr || self.peer_gone {
+            if self.shut_wr || self.peer_gone || self.shut_by_another() {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };
             }
             if self.lost || !self.trim() {
                 // The hand-over takes the writes to the kernel socket.
                 return if off > 0 { Ok(off) } else { Err(would_block()) };
             }
-            while let Some((id, _)) = self.tx.pop_used(slot).map_err(|v| self.violation(v))? {
-                self.tx_inflight -= std::mem::take(&mut self.tx_len[usize::from(id)]);
-                self.free_tx.push(id);
-            }
+            while self
+                .tx
+                .pop_used(slot)
+                .map_err(|v| self.violation(v))?
+                .is_some()
+            {}
+            self.resync();
             let mut posted = false;
             while off < buf.len() {
-                let Some(id) = self.free_tx.pop() else { break };
+                let Some(id) = self.tx.next_id().map_err(|v| self.violation(v))? else {
+                    break;
+                };
                 let n = (buf.len() - off).min(self.layout.slot);
                 self.map
                     .write_bytes(self.layout.slot_offset(TX, id), &buf[off..off + n]);
@@ -744,14 +784,14 @@ impl Transport for Queued {
                     u32::try_from(n).unwrap_or(slot),
                     0,
                 );
-                self.counters[0] += n as u64;
+                // Relaxed: as in `posted`.
+                self.map
+                    .u64_at(qhdr::TX_BYTES)
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 if !self.remote {
                     // (A remote end is reset, never sent again: no copy.)
                     self.retained.extend(&buf[off..off + n]);
                 }
-                self.posted += n as u64;
-                self.tx_len[usize::from(id)] = n;
-                self.tx_inflight += n;
                 off += n;
                 posted = true;
             }

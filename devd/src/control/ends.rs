@@ -63,11 +63,10 @@ impl Devd {
         let (uid, inode, bytes) = (conn.ends[e].uid, conn.ends[e].inode, conn.bytes);
         let both = conn.ends.iter().all(|x| x.released);
         if conn.mode == Mode::Queued {
-            // An end whose other end is on another host: how its kernel
-            // socket ended is how its stream ends there, when its client
-            // set no mark (it exited without a close).
+            // How its kernel socket ended is how its stream ends, when
+            // its client set no mark (it exited without a close).
             let (mine, peer) = (conn.ends[e].addr, conn.ends[1 - e].addr);
-            let orderly = conn.remote.is_some() && self.closed_in_order(mine, peer);
+            let orderly = self.closed_in_order(mine, peer);
             self.engine.send(Cmd::SideGone {
                 id,
                 side: e,

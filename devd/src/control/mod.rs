@@ -70,9 +70,9 @@ pub enum RequestError {
     /// No doorbell with this id that this session may ring.
     #[error("no doorbell {0} for this session")]
     NoBell(u32),
-    /// A Queued end can be attached once.
-    #[error("queued connection {0} end {1} is already attached")]
-    AlreadyAttached(u64, usize),
+    /// A Queued end on another host has nothing to attach here.
+    #[error("queued connection {0} end {1} is not on this host")]
+    NotHere(u64, usize),
     /// Release of a connection this session does not hold.
     #[error("connection {0} is not held by this session")]
     NotHeld(u64),
@@ -91,7 +91,7 @@ impl RequestError {
                 libc::EINVAL
             }
             RequestError::NoConnection(_) | RequestError::NoBell(_) => libc::ENOENT,
-            RequestError::AlreadyAttached(..) => libc::EBUSY,
+            RequestError::NotHere(..) => libc::EBUSY,
             RequestError::NotHeld(_) => libc::EPERM,
             RequestError::Resources(_) | RequestError::Device(_) => libc::ENOMEM,
         };

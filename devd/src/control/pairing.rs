@@ -520,7 +520,7 @@ impl Devd {
             let c = EventFd::new().map_err(RequestError::Resources)?;
             kick[e] = Some(Arc::new(dup(&k)?));
             call[e] = Some(Arc::new(dup(&c)?));
-            memfd[e] = Some(m);
+            memfd[e] = Some(Arc::new(m));
             inits[e] = Some(SideInit {
                 region,
                 kick: k,
@@ -684,12 +684,14 @@ pub(super) fn attachment(
         }
         Res::Queued(q) => {
             // (An end on another host has no region here: never handed out.)
+            // Every process that attaches the end (an inherited or passed
+            // socket) drives the same queues: their state is in the region.
             let (Some(memfd), Some(kick), Some(call)) =
-                (q.memfd[e].take(), q.kick[e].clone(), q.call[e].clone())
+                (q.memfd[e].clone(), q.kick[e].clone(), q.call[e].clone())
             else {
-                return Err(RequestError::AlreadyAttached(id, e));
+                return Err(RequestError::NotHere(id, e));
             };
-            let fds = vec![Arc::new(memfd), kick, call, q.hov.clone()];
+            let fds = vec![memfd, kick, call, q.hov.clone()];
             let a = Attachment {
                 conn_id: id,
                 mode: Mode::Queued,

@@ -199,9 +199,9 @@ pub struct Parked {
 /// Resources of a Queued connection.
 #[derive(Debug)]
 pub struct QueuedRes {
-    /// Each side's region (handed out once at attach; none ever for an
-    /// end on another host).
-    pub memfd: [Option<OwnedFd>; 2],
+    /// Each side's region (handed out to every process that attaches
+    /// the end; none for an end on another host).
+    pub memfd: [Option<Fd>; 2],
     /// The hand-over page both ends map (`layout::hov`): devd writes the
     /// CLAIM word there.
     pub hov: Fd,

@@ -943,15 +943,15 @@ impl Engine {
                 // how; the other host's reader waits for this mark), or
                 // its kernel socket was closed in order (its last holder
                 // exited without a close: the kernel sent a FIN) with no
-                // byte for it still waiting here (unread bytes make the
-                // kernel's close a reset).
+                // byte for it still waiting here or unread in its region
+                // (unread bytes make the kernel's close a reset).
                 let never = side.hov.as_ref().is_some_and(|h| {
                     matches!(
                         layout::switch_at(h, side.end),
                         layout::Switch::NotYet | layout::Switch::Never
                     )
                 });
-                let unread = self.backend.pending(side.ch) > 0;
+                let unread = self.backend.pending(side.ch) > 0 || side.region.rx_unread();
                 Some(if never || (side.orderly && !unread) {
                     Mark::Eos
                 } else {

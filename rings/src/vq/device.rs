@@ -198,6 +198,18 @@ impl DeviceRegion {
             .map_err(DeviceError::Memory)
     }
 
+    /// Whether the client left RX bytes unread: its holders' read position
+    /// (the driver's words, `qhdr::RX_DRIVER`) is behind the entries this
+    /// device returned. The client writes that word: only its own
+    /// connection's end mark depends on the answer.
+    pub fn rx_unread(&self) -> bool {
+        let p = self
+            .mem
+            .load::<u64>(GuestAddress(qhdr::RX_DRIVER as u64), Ordering::Relaxed)
+            .unwrap_or(0);
+        super::driver::split_position(p).0 != self.queues[RX].next_used()
+    }
+
     /// Reads a client counter word (statistics only).
     pub fn counter(&self, off: usize) -> u64 {
         self.mem

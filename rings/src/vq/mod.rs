@@ -2,8 +2,10 @@
 //! and the device side for devd built on `virtio-queue` over `vm-memory`.
 //!
 //! Each queue uses one-descriptor chains whose descriptor id equals the
-//! buffer slot number, and the EVENT_IDX notification scheme in both
-//! directions (avail_event / used_event).
+//! buffer slot number, posted in rotation and returned in order (the
+//! driver's state is in the region: every holder of an end drives it), and
+//! the EVENT_IDX notification scheme in both directions (avail_event /
+//! used_event).
 
 pub mod device;
 pub mod driver;
@@ -52,13 +54,13 @@ mod tests {
     #[test]
     fn driver_posts_device_pops_and_completes_with_data() {
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
-        m.write_bytes(l.slot_offset(TX, 3), b"hello");
-        tx.post(3, l.slot_offset(TX, 3) as u64, 5, 0);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        m.write_bytes(l.slot_offset(TX, 0), b"hello");
+        tx.post(0, l.slot_offset(TX, 0) as u64, 5, 0);
         rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
         let b = dev.pop(TX).unwrap().unwrap();
-        assert_eq!((b.head, b.len), (3, 5));
+        assert_eq!((b.head, b.len), (0, 5));
         let mut data = [0u8; 5];
         dev.read(b.addr, &mut data).unwrap();
         assert_eq!(&data, b"hello");
@@ -66,7 +68,7 @@ mod tests {
         let r = dev.pop(RX).unwrap().unwrap();
         dev.write(r.addr, b"world!").unwrap();
         dev.add_used(RX, r.head, 6).unwrap();
-        assert_eq!(tx.pop_used(slot32(&l)).unwrap(), Some((3, 0)));
+        assert_eq!(tx.pop_used(slot32(&l)).unwrap(), Some((0, 0)));
         assert_eq!(rx.pop_used(slot32(&l)).unwrap(), Some((0, 6)));
         let mut got = [0u8; 6];
         m.read_bytes(l.slot_offset(RX, 0), &mut got);
@@ -75,9 +77,97 @@ mod tests {
     }
 
     #[test]
+    fn a_second_driver_on_the_same_region_goes_on_where_the_first_stopped() {
+        // Two processes holding one end (after fork) each make their own
+        // driver over the same mapping; they take turns.
+        let (m, l, mut dev) = setup();
+        let slot = slot32(&l);
+        let (tx1, rx1) = (
+            QueueDriver::new(m.clone(), l.queues[TX], l.qsize),
+            QueueDriver::new(m.clone(), l.queues[RX], l.qsize),
+        );
+        for _ in 0..l.qsize {
+            let id = rx1.next_id().unwrap().unwrap();
+            rx1.post(id, l.slot_offset(RX, id) as u64, slot, F_WRITE);
+        }
+        assert_eq!(rx1.next_id().unwrap(), None, "every RX buffer is posted");
+        let id = tx1.next_id().unwrap().unwrap();
+        m.write_bytes(l.slot_offset(TX, id), b"one");
+        tx1.post(id, l.slot_offset(TX, id) as u64, 3, 0);
+        let r = dev.pop(RX).unwrap().unwrap();
+        dev.write(r.addr, b"abcdef").unwrap();
+        dev.add_used(RX, r.head, 6).unwrap();
+        let u = rx1.peek_used(slot).unwrap().unwrap();
+        assert!(!rx1.consume(u, 2), "two of six bytes read");
+
+        let (tx2, rx2) = (
+            QueueDriver::new(m.clone(), l.queues[TX], l.qsize),
+            QueueDriver::new(m.clone(), l.queues[RX], l.qsize),
+        );
+        let id2 = tx2.next_id().unwrap().unwrap();
+        assert_ne!(id2, id, "the first driver's buffer is still in flight");
+        m.write_bytes(l.slot_offset(TX, id2), b"two");
+        tx2.post(id2, l.slot_offset(TX, id2) as u64, 3, 0);
+        assert_eq!(tx2.posted_len(), 6);
+        let mut got = Vec::new();
+        while let Some(b) = dev.pop(TX).unwrap() {
+            let mut d = [0u8; 3];
+            dev.read(b.addr, &mut d).unwrap();
+            got.extend_from_slice(&d);
+            dev.add_used(TX, b.head, 0).unwrap();
+        }
+        assert_eq!(got, b"onetwo", "the device saw both posts, in order");
+        assert_eq!(tx2.pop_used(slot).unwrap(), Some((id, 0)));
+        assert_eq!(tx1.pop_used(slot).unwrap(), Some((id2, 0)));
+        assert_eq!(tx2.in_flight(), 0);
+        let u = rx2.peek_used(slot).unwrap().unwrap();
+        assert_eq!((u.id, u.len, u.off), (r.head, 6, 2));
+        assert_eq!(rx2.unconsumed(slot).unwrap(), 4);
+        assert!(rx2.consume(u, 4), "the rest of the entry");
+        assert_eq!(rx1.unconsumed(slot).unwrap(), 0);
+        assert_eq!(
+            rx1.next_id().unwrap(),
+            Some(r.head),
+            "its buffer is free again"
+        );
+    }
+
+    #[test]
+    fn an_entry_out_of_order_or_a_bad_read_position_is_a_violation() {
+        let (m, l, mut dev) = setup();
+        let slot = slot32(&l);
+        let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        for _ in 0..2 {
+            let id = rx.next_id().unwrap().unwrap();
+            rx.post(id, l.slot_offset(RX, id) as u64, slot, F_WRITE);
+        }
+        let a = dev.pop(RX).unwrap().unwrap();
+        let b = dev.pop(RX).unwrap().unwrap();
+        dev.add_used(RX, b.head, 1).unwrap();
+        dev.add_used(RX, a.head, 1).unwrap();
+        assert!(rx.peek_used(slot).is_err(), "buffer 1 came back before 0");
+        assert!(rx.unconsumed(slot).is_err());
+
+        let (m, l, mut dev) = setup();
+        let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        rx.post(0, l.slot_offset(RX, 0) as u64, slot, F_WRITE);
+        let a = dev.pop(RX).unwrap().unwrap();
+        dev.add_used(RX, a.head, 5).unwrap();
+        // Another holder of the end wrote a read position past the entry.
+        m.u64_at(l.queues[RX].driver)
+            .store(9, std::sync::atomic::Ordering::Relaxed);
+        assert!(rx.peek_used(slot).is_err());
+        // Or an avail index that posts more buffers than there are.
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        m.u16_at(l.queues[TX].avail + 2)
+            .store(l.qsize + 1, std::sync::atomic::Ordering::Relaxed);
+        assert!(tx.next_id().is_err());
+    }
+
+    #[test]
     fn kicks_are_suppressed_until_the_device_asks() {
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         // The device asks for a kick on the next post.
         assert!(!dev.enable_notification(TX).unwrap());
         tx.post(0, l.slot_offset(TX, 0) as u64, 1, 0);
@@ -90,7 +180,7 @@ mod tests {
     #[test]
     fn device_interrupts_only_an_armed_driver() {
         let (m, l, mut dev) = setup();
-        let mut rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
+        let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
         rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
         rx.post(1, l.slot_offset(RX, 1) as u64, slot32(&l), F_WRITE);
         assert!(rx.arm(), "nothing used yet: safe to sleep");
@@ -106,19 +196,19 @@ mod tests {
     #[test]
     fn chained_wrong_direction_or_foreign_slot_descriptors_are_violations() {
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_NEXT);
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_WRITE);
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         tx.post(0, l.slot_offset(TX, 1) as u64, 1, 0);
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
-        let mut tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         tx.post(0, l.slot_offset(TX, 0) as u64, slot32(&l) + 1, 0);
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
     }

@@ -99,9 +99,9 @@ fn build(session: &Arc<Session>, p: Pending, adopt: bool) -> io::Result<Box<dyn 
 /// Takes over the accelerated connection behind `fd`, a TCP socket this
 /// process got without negotiating it: inherited across exec, or received
 /// over a Unix socket. Ok(None): devd knows no connection on that socket
-/// (a plain one), or cannot be asked. Only Direct ends can be taken over
-/// (a Queued end's state lives partly in the process that had it): an
-/// accelerated end that cannot be used here is an error.
+/// (a plain one), or cannot be asked. Direct and Queued ends are taken
+/// over (their state is in their regions); an accelerated end that cannot
+/// be used here is an error.
 pub fn adopt(session: &Arc<Session>, fd: BorrowedFd<'_>) -> io::Result<Option<Box<dyn Transport>>> {
     match session.request(&Request::Attach, &[fd]) {
         Ok(resp) => build(session, Pending::from_reply(resp)?, true).map(Some),

@@ -8,7 +8,7 @@
 //!          64 + 256*d + 128  consumer line: tail, closed, cons_wait, counters,
 //!                            cons_bell
 //!        Queued: state flags (192, 256), client counters (320..352),
-//!          the driver's words per queue (384, 400), RX_READY (416)
+//!          the driver's words per queue (384, 400)
 //! 4096   Direct: ring 0 data (cap bytes), ring 1 data (cap bytes)
 //!        Queued: TX and RX virtqueues, then TX slots and RX slots
 //! ```
@@ -633,9 +633,6 @@ pub mod qhdr {
     pub const TX_DRIVER: usize = 384;
     /// The RX queue's driver words, as [`TX_DRIVER`].
     pub const RX_DRIVER: usize = 400;
-    /// u32 written by the client: 1 once the first process that attached
-    /// the end posted every RX buffer (a later attach posts none).
-    pub const RX_READY: usize = 416;
 }
 
 /// Queue entries per direction for Queued regions.

@@ -623,6 +623,68 @@ def case_fd_passing():
     c.close()
 
 
+def case_passed_by_a_process_that_exits():
+    """The connecting process passes its socket on and exits before the
+    receiver takes it: the end lives on in the receiver."""
+    left, right = socket.socketpair()
+    receiver = os.fork()
+    if receiver == 0:
+        left.close()
+        time.sleep(0.3)  # the sender has exited by now
+        _, fds, _, _ = socket.recv_fds(right, 10, 1)
+        child_side(socket.socket(fileno=fds[0]), b"passed on")
+        os._exit(0)
+    right.close()
+    ls = listener()
+    sender = os.fork()
+    if sender == 0:
+        s = socket.create_connection(ls.getsockname())
+        socket.send_fds(left, [b"x"], [s.fileno()])
+        s.close()
+        os._exit(0)
+    left.close()
+    c, _ = ls.accept()
+    ls.close()
+    global CONNS
+    CONNS += 1
+    os.waitpid(sender, 0)
+    talk_to_child(c, "passed by a process that exits", 9)
+    os.waitpid(receiver, 0)
+    c.close()
+
+
+def case_one_process_reads_another_writes():
+    """A forked child writes much on the shared end while its parent
+    waits in recv on it; a thread reads it all, then answers."""
+    c, a = pair()
+    n = 8 << 20
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        a.sendall(b"w" * n)
+        os._exit(0)
+    got = []
+
+    def drain():
+        left = n
+        while left:
+            k = c.recv(min(left, 1 << 20))
+            if not k or k.strip(b"w"):
+                break
+            left -= len(k)
+        got.append(n - left)
+        c.sendall(b"done")
+
+    t = threading.Thread(target=drain)
+    t.start()
+    answer = recv_exactly(a, 4)
+    t.join()
+    os.waitpid(pid, 0)
+    say("one reads, another writes:", got, answer)
+    a.close()
+    c.close()
+
+
 def case_ipv6():
     c, a = pair(socket.AF_INET6, "::1")
     c.sendall(b"six")
@@ -831,7 +893,8 @@ def plain_echo(fd):
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
-         case_posix_spawn, case_fd_passing, case_ipv6, case_sendfile,
+         case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
+         case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]

@@ -75,13 +75,18 @@ pub fn timespec(d: Duration) -> libc::timespec {
 /// A sleep's timeout when `set` holds this process's doorbell (a Direct
 /// end is armed): no longer than `ssock_client::bells::cap`, after which
 /// the caller looks again (a wake-up that could not be rung costs that
-/// long, no more).
+/// long, no more); when it holds the call eventfd of a Queued end several
+/// processes hold, no longer than `queued::SHARED_SLEEP_CAP`.
 pub fn capped(left: Option<Duration>, set: &[libc::pollfd]) -> Option<Duration> {
+    use ssock_client::transport::queued;
     let bells = ssock_client::bells::doorbell_fds();
-    if !set.iter().any(|p| p.fd >= 0 && bells.contains(&p.fd)) {
+    let cap = if set.iter().any(|p| queued::sleep_is_capped(p.fd)) {
+        queued::SHARED_SLEEP_CAP
+    } else if set.iter().any(|p| p.fd >= 0 && bells.contains(&p.fd)) {
+        ssock_client::bells::cap()
+    } else {
         return left;
-    }
-    let cap = ssock_client::bells::cap();
+    };
     Some(left.map_or(cap, |l| l.min(cap)))
 }
 

@@ -46,6 +46,21 @@ const LOOK_EVERY: Duration = Duration::from_millis(1);
 /// Capacity of the copy of written bytes kept once it is empty again.
 const RETAIN_KEEP: usize = 256 * 1024;
 
+/// The longest sleep on the call eventfd of an end several processes
+/// hold: each drains the one eventfd devd rings, so one may take the
+/// wake-up another waited for, which then looks again after this long.
+pub const SHARED_SLEEP_CAP: Duration = Duration::from_millis(20);
+
+/// The call eventfds of ends that were armed while several processes held
+/// them ([`SHARED_SLEEP_CAP`]; the shim's multiplexed sleeps ask
+/// [`sleep_is_capped`]).
+static SHARED_CALLS: ssock_rings::fdbits::FdBits = ssock_rings::fdbits::FdBits::new();
+
+/// Whether a sleep polling `fd` must end within [`SHARED_SLEEP_CAP`].
+pub fn sleep_is_capped(fd: std::os::fd::RawFd) -> bool {
+    SHARED_CALLS.contains(fd)
+}
+
 /// One end of a Queued connection.
 #[derive(Debug)]
 pub struct Queued {
@@ -164,24 +179,10 @@ impl Queued {
             abort: false,
             closed: false,
         };
-        // Relaxed: the region came from devd with the word 0; a later
-        // attach of the same end (an inherited or passed socket) finds the
-        // buffers posted.
-        let first = me
-            .map
-            .u32_at(qhdr::RX_READY)
-            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
-        if first {
-            for i in 0..q {
-                me.rx.post(
-                    i,
-                    me.layout.slot_offset(RX, i) as u64,
-                    me.slot_u32(),
-                    F_WRITE,
-                );
-            }
-        }
+        // Every free RX buffer: all of them on the end's first attach, none
+        // on a later one (an inherited or passed socket) unless a holder
+        // died between taking an entry and posting its buffer again.
+        me.post_rx_buffers();
         me.retained_at = me.posted();
         me.kick();
         Ok(me)
@@ -221,7 +222,7 @@ impl Queued {
     /// process last did: they start again from what was posted.
     fn resync(&mut self) {
         let posted = self.posted();
-        if self.retained_at + self.retained.len() as u64 != posted {
+        if self.retained_at.saturating_add(self.retained.len() as u64) != posted {
             self.retained.clear();
             self.retained_at = posted;
         }
@@ -255,8 +256,8 @@ impl Queued {
     /// The region carries no more bytes (devd's session hung up, or the
     /// peer closed a direction's region part). The hand-over moves the
     /// connection back to the kernel socket, unless several processes hold
-    /// this end (each has its own copy of what it wrote and its own queue
-    /// state): then it is reset.
+    /// this end (each has its own copy of what it wrote only): then it is
+    /// reset.
     fn lose(&mut self, why: &str) {
         if self.lost || self.broken {
             return;
@@ -309,6 +310,13 @@ impl Queued {
     /// [`Queued::devd_gone`]), or the deadline passes.
     fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         let devd = self.devd_fd();
+        let capped = self.holders() > 1;
+        let deadline = if capped {
+            let cap = std::time::Instant::now() + SHARED_SLEEP_CAP;
+            Some(ctx.deadline.map_or(cap, |d| d.min(cap)))
+        } else {
+            ctx.deadline
+        };
         let mut fds = [
             PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
             // Events 0: only POLLHUP/POLLERR, never another thread's reply.
@@ -316,7 +324,7 @@ impl Queued {
             liveness_poll(ctx.tcp.as_raw_fd()),
         ];
         let n = if self.peer_gone { 2 } else { 3 };
-        let woke = sleep(&mut fds[..n], ctx.deadline)?;
+        let woke = sleep(&mut fds[..n], deadline)?;
         if fds[0].revents != 0 {
             self.call.drain();
         }
@@ -331,7 +339,9 @@ impl Queued {
         if n == 3 && judge(fds[2].revents) != Liveness::Alive {
             self.peer_gone = true;
         }
-        if woke {
+        if woke || (capped && ctx.deadline.is_none_or(|d| std::time::Instant::now() < d)) {
+            // (A cut sleep looks again: another holder may have taken its
+            // wake-up.)
             Ok(())
         } else {
             Err(would_block())
@@ -368,14 +378,21 @@ impl Queued {
         }
     }
 
-    /// Posts the RX buffer a consumed entry freed (buffers rotate: the
-    /// next one in turn, which is that entry's unless a holder died before
-    /// posting one).
+    /// Posts every free RX buffer (they rotate: after a consumed entry,
+    /// that entry's).
+    fn post_rx_buffers(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(Some(n)) = self.rx.next() {
+            let addr = self.layout.slot_offset(RX, n.id) as u64;
+            self.rx.post(n, addr, self.slot_u32(), F_WRITE);
+            any = true;
+        }
+        any
+    }
+
+    /// Posts the RX buffer a consumed entry freed.
     fn repost(&mut self) {
-        if let Ok(Some(id)) = self.rx.next_id() {
-            let addr = self.layout.slot_offset(RX, id) as u64;
-            let len = self.slot_u32();
-            self.rx.post(id, addr, len, F_WRITE);
+        if self.post_rx_buffers() {
             self.kick_if_asked(RX);
         }
     }
@@ -478,7 +495,7 @@ impl Queued {
                     let k =
                         usize::try_from((t - base).min(self.retained.len() as u64)).unwrap_or(0);
                     self.retained.drain(..k);
-                    self.retained_at += k as u64;
+                    self.retained_at = self.retained_at.saturating_add(k as u64);
                     if self.retained.is_empty() && self.retained.capacity() > RETAIN_KEEP {
                         // A burst's worth is not kept for the connection's life.
                         self.retained.shrink_to(RETAIN_KEEP);
@@ -643,6 +660,7 @@ impl Transport for Queued {
         Ready {
             readable: data || eos,
             writable: self.shut_wr
+                || self.shut_by_another()
                 || self.peer_gone
                 || self.tx.in_flight() < self.layout.qsize
                 || self.tx.has_used(),
@@ -675,6 +693,9 @@ impl Transport for Queued {
         }
         if read || write {
             self.sleepers += 1;
+        }
+        if self.holders() > 1 {
+            SHARED_CALLS.insert(self.call.as_raw_fd());
         }
         let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (self.devd_fd(), 0)];
         if !self.peer_gone {
@@ -710,9 +731,8 @@ impl Transport for Queued {
     }
 
     fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {
-        // The RX buffers the engine filled (taken off the used ring into
-        // `ready`, which reads take first) and the one being read; bytes
-        // still in devd's engine are not visible from here.
+        // The RX entries the engine filled past the holders' read
+        // position; bytes still in devd's engine are not visible from here.
         let mut unread = self.delivered().unwrap_or(0);
         if let Some(l) = self.left {
             unread = unread.min(l);
@@ -772,14 +792,15 @@ impl Transport for Queued {
             self.resync();
             let mut posted = false;
             while off < buf.len() {
-                let Some(id) = self.tx.next_id().map_err(|v| self.violation(v))? else {
+                let Some(next) = self.tx.next().map_err(|v| self.violation(v))? else {
                     break;
                 };
+                let id = next.id;
                 let n = (buf.len() - off).min(self.layout.slot);
                 self.map
                     .write_bytes(self.layout.slot_offset(TX, id), &buf[off..off + n]);
                 self.tx.post(
-                    id,
+                    next,
                     self.layout.slot_offset(TX, id) as u64,
                     u32::try_from(n).unwrap_or(slot),
                     0,
@@ -877,5 +898,6 @@ impl Transport for Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         self.close();
+        SHARED_CALLS.remove(self.call.as_raw_fd());
     }
 }

@@ -281,11 +281,13 @@ impl Devd {
             .collect();
         let now = Instant::now();
         for (id, e) in held {
-            // A Direct end may live on in an exec'd image, a child or a
-            // process the socket was passed to: it stays while its TCP
-            // socket is held anywhere, attachable by it.
+            // An end may live on in an exec'd image, a child or a process
+            // the socket was passed to: it stays while its TCP socket is
+            // held anywhere, attachable by it (a process that exits
+            // without a close has its socket closed by the kernel, found
+            // at once or soon after).
             match self.reg.conns.get(&id) {
-                Some(c) if c.mode == Mode::Direct && !c.ends[e].released => {
+                Some(c) if !c.ends[e].released => {
                     self.orphan(id, e, now);
                     self.look_at_orphan(id, e, now);
                 }

@@ -130,18 +130,24 @@ fn region(id: u64) -> (SideInit, Client) {
 }
 
 impl Client {
+    /// Posts `data` in TX buffer `id`, the next one in turn.
     fn send(&mut self, id: u16, data: &[u8]) {
+        let n = self.tx.next().unwrap().unwrap();
+        assert_eq!(n.id, id, "buffers are posted in turn");
         let at = self.layout.slot_offset(TX, id);
         self.map.write_bytes(at, data);
         self.tx
-            .post(id, at as u64, u32::try_from(data.len()).unwrap(), 0);
+            .post(n, at as u64, u32::try_from(data.len()).unwrap(), 0);
         self.kick.notify().unwrap();
     }
 
+    /// Posts RX buffer `id`, the next one in turn.
     fn post_rx(&mut self, id: u16) {
+        let n = self.rx.next().unwrap().unwrap();
+        assert_eq!(n.id, id, "buffers are posted in turn");
         let at = self.layout.slot_offset(RX, id);
         let slot = u32::try_from(self.layout.slot).unwrap();
-        self.rx.post(id, at as u64, slot, F_WRITE);
+        self.rx.post(n, at as u64, slot, F_WRITE);
         self.kick.notify().unwrap();
     }
 

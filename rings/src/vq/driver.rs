@@ -49,6 +49,16 @@ pub struct Used {
     pub off: u32,
 }
 
+/// The next buffer to post: descriptor `id` at avail index `avail` (from
+/// [`QueueDriver::next`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Next {
+    /// The avail index it goes to.
+    pub avail: u16,
+    /// Its descriptor id (= slot): `avail mod size`.
+    pub id: u16,
+}
+
 /// One split virtqueue, driver side.
 #[derive(Debug)]
 pub struct QueueDriver {
@@ -84,22 +94,25 @@ impl QueueDriver {
             .store(u64::from(seen) << 32 | u64::from(off), Ordering::Relaxed);
     }
 
-    /// The descriptor the next post must use, or None while every buffer
-    /// is posted and not yet returned.
-    pub fn next_id(&self) -> Result<Option<u16>, DeviceViolation> {
+    /// The buffer the next post must use, or None while every buffer is
+    /// posted and not yet consumed back.
+    pub fn next(&self) -> Result<Option<Next>, DeviceViolation> {
         let avail = self.avail_idx();
         let flight = avail.wrapping_sub(self.position().0);
         if flight > self.size {
             return Err(DeviceViolation("more buffers posted than the queue has"));
         }
-        Ok((flight < self.size).then_some(avail % self.size))
+        Ok((flight < self.size).then_some(Next {
+            avail,
+            id: avail % self.size,
+        }))
     }
 
-    /// Publishes descriptor `id` (the one [`QueueDriver::next_id`] gave)
-    /// with buffer `addr`/`len`.
-    pub fn post(&self, id: u16, addr: u64, len: u32, flags: u16) {
-        let avail = self.avail_idx();
-        assert_eq!(id, avail % self.size, "buffers are posted in rotation");
+    /// Publishes buffer `n` (from [`QueueDriver::next`], read once: another
+    /// holder posting meanwhile corrupts the queue, which the device's
+    /// checks find, but harms nothing here) with `addr`/`len`.
+    pub fn post(&self, n: Next, addr: u64, len: u32, flags: u16) {
+        let id = n.id % self.size;
         let d = self.o.desc + 16 * usize::from(id);
         // Relaxed: the descriptor is published by the Release store of
         // avail.idx below.
@@ -112,7 +125,7 @@ impl QueueDriver {
         // Release: descriptor and ring entry are visible before the new index.
         self.map
             .u16_at(self.o.avail + 2)
-            .store(avail.wrapping_add(1), Ordering::Release);
+            .store(n.avail.wrapping_add(1), Ordering::Release);
     }
 
     /// Whether devd asked to be kicked for what was posted since the last

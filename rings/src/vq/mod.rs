@@ -57,8 +57,18 @@ mod tests {
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
         m.write_bytes(l.slot_offset(TX, 0), b"hello");
-        tx.post(0, l.slot_offset(TX, 0) as u64, 5, 0);
-        rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 0) as u64,
+            5,
+            0,
+        );
+        rx.post(
+            rx.next().unwrap().unwrap(),
+            l.slot_offset(RX, 0) as u64,
+            slot32(&l),
+            F_WRITE,
+        );
         let b = dev.pop(TX).unwrap().unwrap();
         assert_eq!((b.head, b.len), (0, 5));
         let mut data = [0u8; 5];
@@ -87,13 +97,14 @@ mod tests {
             QueueDriver::new(m.clone(), l.queues[RX], l.qsize),
         );
         for _ in 0..l.qsize {
-            let id = rx1.next_id().unwrap().unwrap();
-            rx1.post(id, l.slot_offset(RX, id) as u64, slot, F_WRITE);
+            let n = rx1.next().unwrap().unwrap();
+            rx1.post(n, l.slot_offset(RX, n.id) as u64, slot, F_WRITE);
         }
-        assert_eq!(rx1.next_id().unwrap(), None, "every RX buffer is posted");
-        let id = tx1.next_id().unwrap().unwrap();
+        assert_eq!(rx1.next().unwrap(), None, "every RX buffer is posted");
+        let n = tx1.next().unwrap().unwrap();
+        let id = n.id;
         m.write_bytes(l.slot_offset(TX, id), b"one");
-        tx1.post(id, l.slot_offset(TX, id) as u64, 3, 0);
+        tx1.post(n, l.slot_offset(TX, id) as u64, 3, 0);
         let r = dev.pop(RX).unwrap().unwrap();
         dev.write(r.addr, b"abcdef").unwrap();
         dev.add_used(RX, r.head, 6).unwrap();
@@ -104,10 +115,11 @@ mod tests {
             QueueDriver::new(m.clone(), l.queues[TX], l.qsize),
             QueueDriver::new(m.clone(), l.queues[RX], l.qsize),
         );
-        let id2 = tx2.next_id().unwrap().unwrap();
+        let n2 = tx2.next().unwrap().unwrap();
+        let id2 = n2.id;
         assert_ne!(id2, id, "the first driver's buffer is still in flight");
         m.write_bytes(l.slot_offset(TX, id2), b"two");
-        tx2.post(id2, l.slot_offset(TX, id2) as u64, 3, 0);
+        tx2.post(n2, l.slot_offset(TX, id2) as u64, 3, 0);
         assert_eq!(tx2.posted_len(), 6);
         let mut got = Vec::new();
         while let Some(b) = dev.pop(TX).unwrap() {
@@ -126,7 +138,7 @@ mod tests {
         assert!(rx2.consume(u, 4), "the rest of the entry");
         assert_eq!(rx1.unconsumed(slot).unwrap(), 0);
         assert_eq!(
-            rx1.next_id().unwrap(),
+            rx1.next().unwrap().map(|n| n.id),
             Some(r.head),
             "its buffer is free again"
         );
@@ -138,8 +150,8 @@ mod tests {
         let slot = slot32(&l);
         let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
         for _ in 0..2 {
-            let id = rx.next_id().unwrap().unwrap();
-            rx.post(id, l.slot_offset(RX, id) as u64, slot, F_WRITE);
+            let n = rx.next().unwrap().unwrap();
+            rx.post(n, l.slot_offset(RX, n.id) as u64, slot, F_WRITE);
         }
         let a = dev.pop(RX).unwrap().unwrap();
         let b = dev.pop(RX).unwrap().unwrap();
@@ -150,7 +162,12 @@ mod tests {
 
         let (m, l, mut dev) = setup();
         let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
-        rx.post(0, l.slot_offset(RX, 0) as u64, slot, F_WRITE);
+        rx.post(
+            rx.next().unwrap().unwrap(),
+            l.slot_offset(RX, 0) as u64,
+            slot,
+            F_WRITE,
+        );
         let a = dev.pop(RX).unwrap().unwrap();
         dev.add_used(RX, a.head, 5).unwrap();
         // Another holder of the end wrote a read position past the entry.
@@ -161,7 +178,7 @@ mod tests {
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         m.u16_at(l.queues[TX].avail + 2)
             .store(l.qsize + 1, std::sync::atomic::Ordering::Relaxed);
-        assert!(tx.next_id().is_err());
+        assert!(tx.next().is_err());
     }
 
     #[test]
@@ -170,10 +187,20 @@ mod tests {
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
         // The device asks for a kick on the next post.
         assert!(!dev.enable_notification(TX).unwrap());
-        tx.post(0, l.slot_offset(TX, 0) as u64, 1, 0);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 0) as u64,
+            1,
+            0,
+        );
         assert!(tx.should_kick());
         // It has not re-armed: further posts need no kick.
-        tx.post(1, l.slot_offset(TX, 1) as u64, 1, 0);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 1) as u64,
+            1,
+            0,
+        );
         assert!(!tx.should_kick());
     }
 
@@ -181,8 +208,18 @@ mod tests {
     fn device_interrupts_only_an_armed_driver() {
         let (m, l, mut dev) = setup();
         let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);
-        rx.post(0, l.slot_offset(RX, 0) as u64, slot32(&l), F_WRITE);
-        rx.post(1, l.slot_offset(RX, 1) as u64, slot32(&l), F_WRITE);
+        rx.post(
+            rx.next().unwrap().unwrap(),
+            l.slot_offset(RX, 0) as u64,
+            slot32(&l),
+            F_WRITE,
+        );
+        rx.post(
+            rx.next().unwrap().unwrap(),
+            l.slot_offset(RX, 1) as u64,
+            slot32(&l),
+            F_WRITE,
+        );
         assert!(rx.arm(), "nothing used yet: safe to sleep");
         let b = dev.pop(RX).unwrap().unwrap();
         dev.add_used(RX, b.head, 0).unwrap();
@@ -197,19 +234,39 @@ mod tests {
     fn chained_wrong_direction_or_foreign_slot_descriptors_are_violations() {
         let (m, l, mut dev) = setup();
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_NEXT);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 0) as u64,
+            1,
+            F_NEXT,
+        );
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        tx.post(0, l.slot_offset(TX, 0) as u64, 1, F_WRITE);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 0) as u64,
+            1,
+            F_WRITE,
+        );
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        tx.post(0, l.slot_offset(TX, 1) as u64, 1, 0);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 1) as u64,
+            1,
+            0,
+        );
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
         let (m, l, mut dev) = setup();
         let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
-        tx.post(0, l.slot_offset(TX, 0) as u64, slot32(&l) + 1, 0);
+        tx.post(
+            tx.next().unwrap().unwrap(),
+            l.slot_offset(TX, 0) as u64,
+            slot32(&l) + 1,
+            0,
+        );
         assert!(matches!(dev.pop(TX), Err(DeviceError::Violation(_))));
     }
 

@@ -900,9 +900,14 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
 # Those whose first socket is only sent to, read, shut down, closed or
-# asked options of: the agent's end can stand in for it.
+# asked options of: the agent's end can stand in for it. (Not those that
+# need its fd (dup2, select from C, sendfile), connect themselves, use
+# IPv6, or expect bytes readable within the send: case_epoll_waits_sleep.)
 REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
-                case_epoll_edges, case_fork, case_exit_without_close, case_peer_killed,
+                case_epoll_edges, case_nested_epoll, case_epoll_member_added_by_another_thread,
+                case_threads, case_fork, case_exit_without_close, case_peer_killed,
+                case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing,
+                case_one_process_reads_another_writes,
                 case_reset, case_reset_so_error, case_urgent, case_fionread]
 
 if __name__ == "__main__":

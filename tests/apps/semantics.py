@@ -726,6 +726,19 @@ def case_reset():
     c.close()
 
 
+def case_close_with_unread_bytes():
+    """A close that leaves received bytes unread resets the connection."""
+    c, a = pair()
+    c.sendall(b"never read")
+    select.select([a], [], [], 5)
+    a.close()
+    try:
+        say("close with unread bytes: peer reads", c.recv(10))
+    except OSError as e:
+        say("close with unread bytes: peer reads", errno.errorcode[e.errno])
+    c.close()
+
+
 def case_reset_so_error():
     c, a = pair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -895,7 +908,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed, case_exec, case_exec_two_fds,
          case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
-         case_reset, case_reset_so_error, case_urgent, case_fionread,
+         case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
@@ -908,7 +921,8 @@ REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtim
                 case_threads, case_fork, case_exit_without_close, case_peer_killed,
                 case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing,
                 case_one_process_reads_another_writes,
-                case_reset, case_reset_so_error, case_urgent, case_fionread]
+                case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent,
+                case_fionread]
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "agent":

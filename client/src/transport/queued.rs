@@ -868,10 +868,13 @@ impl Transport for Queued {
             }
             return;
         }
-        if self.abort || self.broken {
-            // Like the kernel's close after SO_LINGER 0: a reset, not an
-            // end of stream; and a broken end's peer is reset too (devd
-            // must not take its going for an orderly one).
+        // Received bytes left unread make the kernel's close a reset too.
+        let unread = !self.lost && !self.broken && self.delivered().is_ok_and(|n| n > 0);
+        if self.abort || self.broken || unread {
+            // Like the kernel's close after SO_LINGER 0, or with bytes
+            // unread: a reset, not an end of stream; and a broken end's
+            // peer is reset too (devd must not take its going for an
+            // orderly one).
             self.shut_wr = true;
             self.map
                 .u32_at(qhdr::TX_FLAGS)

@@ -169,7 +169,14 @@ impl Handover {
         if self.tx == Tx::Back && self.inner.holders() <= 1 {
             self.close_back(ctx);
         }
-        if self.broken {
+        // Bytes the peer wrote on the kernel socket left unread here make
+        // the kernel's close a reset, which the peer would not see while
+        // it reads this end's writes from the region: the region says so.
+        let unread_on_socket = ctx.is_some_and(|c| {
+            matches!(self.rx, Rx::Tcp(_) | Rx::Forever)
+                && ssock_rings::sys::socket_queues(c.tcp).0 > 0
+        });
+        if self.broken || unread_on_socket {
             self.inner.abort_on_close();
         }
         self.inner.close();

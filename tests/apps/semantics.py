@@ -636,15 +636,21 @@ def case_passed_by_a_process_that_exits():
         os._exit(0)
     right.close()
     ls = listener()
+    accepted_r, accepted_w = os.pipe()
     sender = os.fork()
     if sender == 0:
+        os.close(accepted_w)
         s = socket.create_connection(ls.getsockname())
+        os.read(accepted_r, 1)  # the connection is accepted: a pair
         socket.send_fds(left, [b"x"], [s.fileno()])
         s.close()
         os._exit(0)
+    os.close(accepted_r)
     left.close()
     c, _ = ls.accept()
     ls.close()
+    os.write(accepted_w, b"a")
+    os.close(accepted_w)
     global CONNS
     CONNS += 1
     os.waitpid(sender, 0)

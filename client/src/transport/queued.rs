@@ -384,7 +384,9 @@ impl Queued {
         let mut any = false;
         while let Ok(Some(n)) = self.rx.next() {
             let addr = self.layout.slot_offset(RX, n.id) as u64;
-            self.rx.post(n, addr, self.slot_u32(), F_WRITE);
+            if !self.rx.post(n, addr, self.slot_u32(), F_WRITE) {
+                break; // another holder posted it
+            }
             any = true;
         }
         any
@@ -665,11 +667,13 @@ impl Transport for Queued {
                 || self.tx.in_flight() < self.layout.qsize
                 || self.tx.has_used(),
             rdhup: eos || self.peer_gone,
-            hup: (eos || self.peer_gone) && self.shut_wr,
+            hup: (eos || self.peer_gone) && (self.shut_wr || self.shut_by_another()),
             err: false,
             seq: [
                 u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),
-                u64::from(self.tx.used_idx()) + u64::from(self.peer_gone),
+                u64::from(self.tx.used_idx())
+                    + u64::from(self.peer_gone)
+                    + u64::from(self.shut_by_another()),
             ],
         }
     }
@@ -738,15 +742,18 @@ impl Transport for Queued {
             unread = unread.min(l);
         }
         let unread = usize::try_from(unread).unwrap_or(usize::MAX);
-        let slot = self.slot_u32();
-        while let Ok(Some(_)) = self.tx.pop_used(slot) {}
-        let unsent = usize::try_from(self.tx.posted_len()).unwrap_or(usize::MAX);
+        // (Counted, not consumed: another holder may be writing.)
+        let unsent = usize::try_from(self.tx.unreturned_len()).unwrap_or(usize::MAX);
         (unread, unsent)
     }
 
     fn fork_hold(&mut self) {
         if !self.closed {
             layout::hold(&self.map, self.side as usize);
+            // Shared from now on: a thread already asleep on the call
+            // eventfd wakes and sleeps again with the cut.
+            SHARED_CALLS.insert(self.call.as_raw_fd());
+            let _ = self.call.notify();
         }
     }
 
@@ -799,12 +806,16 @@ impl Transport for Queued {
                 let n = (buf.len() - off).min(self.layout.slot);
                 self.map
                     .write_bytes(self.layout.slot_offset(TX, id), &buf[off..off + n]);
-                self.tx.post(
+                if !self.tx.post(
                     next,
                     self.layout.slot_offset(TX, id) as u64,
                     u32::try_from(n).unwrap_or(slot),
                     0,
-                );
+                ) {
+                    // Another holder posted there meanwhile (holders at the
+                    // same instant are not serialized): look again.
+                    continue;
+                }
                 // Relaxed: as in `posted`.
                 self.map
                     .u64_at(qhdr::TX_BYTES)

@@ -354,8 +354,11 @@ impl Devd {
         match seen {
             Seen::Gone => self.release_orphan(id, e),
             Seen::Held => {
-                look.every = (look.every * 2).min(ORPHAN_CHECK_MAX);
+                // The next look after this one's interval, then twice as
+                // long (an end orphaned as its process exits is looked at
+                // at once, then 50 ms later).
                 look.next = now + look.every;
+                look.every = (look.every * 2).min(ORPHAN_CHECK_MAX);
                 if let Some(c) = self.reg.conns.get_mut(&id) {
                     c.ends[e].orphaned = Some(now);
                 }

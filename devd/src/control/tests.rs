@@ -685,6 +685,14 @@ fn a_region_another_process_attached_to_is_not_kept_and_kept_ones_end_with_their
 
 #[test]
 fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
+    // Direct and Queued ends alike (a Queued end passed on by a process
+    // that then exits must wait for its receiver's Attach).
+    for pref in [ModePref::Direct, ModePref::Queued] {
+        orphaned_end_goes_once_its_socket_is_closed_everywhere(pref);
+    }
+}
+
+fn orphaned_end_goes_once_its_socket_is_closed_everywhere(pref: ModePref) {
     let mut d = devd("");
     if d.diag.is_none() {
         eprintln!("SKIP: no sock_diag socket here");
@@ -695,7 +703,6 @@ fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
     let dst = l.local_addr().unwrap();
     let s = socket();
     let fd = s.as_fd().try_clone_to_owned().unwrap();
-    let pref = ModePref::Direct;
     let (r, _) = d.handle(1, Request::Intent { dst, pref, bell: 0 }, vec![fd]);
     assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
     s.connect(&dst.into()).unwrap();
@@ -703,6 +710,12 @@ fn an_orphaned_end_goes_once_its_socket_is_closed_everywhere_and_not_before() {
     let fd = a.as_fd().try_clone_to_owned().unwrap();
     let (r, _) = d.handle(2, Request::Claim, vec![fd]);
     assert!(matches!(r, Response::Expect { .. }), "{r:?}");
+    let mode = if pref == ModePref::Queued {
+        Mode::Queued
+    } else {
+        Mode::Direct
+    };
+    assert!(d.reg.conns.values().all(|c| c.mode == mode), "{pref:?}");
     assert_eq!(d.reg.usage.get(&sys::uid()).map(|u| u.0), Some(2));
     // The connector's session ends while its socket lives on (an
     // exec'd image, a process it was passed to): still attachable.

@@ -108,10 +108,12 @@ impl QueueDriver {
         }))
     }
 
-    /// Publishes buffer `n` (from [`QueueDriver::next`], read once: another
-    /// holder posting meanwhile corrupts the queue, which the device's
-    /// checks find, but harms nothing here) with `addr`/`len`.
-    pub fn post(&self, n: Next, addr: u64, len: u32, flags: u16) {
+    /// Publishes buffer `n` (from [`QueueDriver::next`]) with `addr`/`len`;
+    /// false if another holder moved the avail index meanwhile (nothing
+    /// published here then: the avail index never goes back). Holders at
+    /// the same instant are not serialized: one may have written the
+    /// same slot and descriptor.
+    pub fn post(&self, n: Next, addr: u64, len: u32, flags: u16) -> bool {
         let id = n.id % self.size;
         let d = self.o.desc + 16 * usize::from(id);
         // Relaxed: the descriptor is published by the Release store of
@@ -122,10 +124,17 @@ impl QueueDriver {
         self.map.u16_at(d + 14).store(0, Ordering::Relaxed);
         let slot = self.o.avail + 4 + 2 * usize::from(id);
         self.map.u16_at(slot).store(id, Ordering::Relaxed);
-        // Release: descriptor and ring entry are visible before the new index.
+        // Release: descriptor and ring entry are visible before the new
+        // index. (Relaxed on failure: nothing was published.)
         self.map
             .u16_at(self.o.avail + 2)
-            .store(n.avail.wrapping_add(1), Ordering::Release);
+            .compare_exchange(
+                n.avail,
+                n.avail.wrapping_add(1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 
     /// Whether devd asked to be kicked for what was posted since the last
@@ -222,10 +231,19 @@ impl QueueDriver {
         Ok(sum - if n > 0 { u64::from(off) } else { 0 })
     }
 
-    /// Bytes in the buffers posted and not yet returned (their descriptors'
-    /// lengths).
+    /// Bytes in the buffers posted and not yet consumed back (their
+    /// descriptors' lengths).
     pub fn posted_len(&self) -> u64 {
-        let (seen, _) = self.position();
+        self.len_from(self.position().0)
+    }
+
+    /// Bytes in the buffers posted and not yet returned by the device
+    /// (nothing consumed: another holder may be using the queue).
+    pub fn unreturned_len(&self) -> u64 {
+        self.len_from(self.used_idx())
+    }
+
+    fn len_from(&self, seen: u16) -> u64 {
         let flight = self.avail_idx().wrapping_sub(seen).min(self.size);
         (0..flight)
             .map(|k| {

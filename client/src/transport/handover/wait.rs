@@ -147,7 +147,14 @@ impl Handover {
                 _ => {
                     let r = ssock_rings::notify::sleep(&mut fds, Some(cap));
                     if matches!(r, Ok(false)) {
-                        self.recheck = (self.recheck * 2).min(RECHECK_MAX);
+                        // (An end several processes hold looks again
+                        // within the cut of their shared wake-ups.)
+                        let max = if self.inner.holders() > 1 {
+                            crate::transport::queued::SHARED_SLEEP_CAP
+                        } else {
+                            RECHECK_MAX
+                        };
+                        self.recheck = (self.recheck * 2).min(max);
                     }
                     // The caller looks again either way.
                     r.map(|_| true)

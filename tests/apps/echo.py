@@ -120,6 +120,35 @@ def echo(c):
     print(f"OK served {total}", flush=True)
 
 
+def userver(portfile):
+    """Accepts, waits for a line on stdin, closes without reading what
+    came meanwhile (a reset, as the kernel's close with bytes unread)."""
+    ls = listen_and_publish(portfile)
+    c, _ = ls.accept()
+    print("ACCEPTED", flush=True)
+    sys.stdin.readline()
+    c.close()
+    ls.close()
+    print("OK userver", flush=True)
+
+
+def uclient(port, n):
+    """Connects, waits for a line on stdin (the server accepted), sends n
+    bytes, waits for another, then reads: the server closed without
+    reading them, so a reset."""
+    s = socket.create_connection(("127.0.0.1", port))
+    sys.stdin.readline()
+    s.sendall(pattern(n))
+    print("SENT", flush=True)
+    sys.stdin.readline()
+    try:
+        got = s.recv(10)
+        print(f"uclient read {got!r}", flush=True)
+    except ConnectionResetError:
+        print("OK uclient ECONNRESET", flush=True)
+    s.close()
+
+
 def server(portfile):
     ls = listen_and_publish(portfile)
     c, _ = ls.accept()
@@ -838,6 +867,12 @@ if __name__ == "__main__":
         source(int(sys.argv[2]), int(sys.argv[3]),
                int(sys.argv[4]) if len(sys.argv) > 4 else None,
                sys.argv[5:] == ["hold"])
+        raise SystemExit(0)
+    if sys.argv[1] == "userver":
+        userver(sys.argv[2])
+        raise SystemExit(0)
+    if sys.argv[1] == "uclient":
+        uclient(int(sys.argv[2]), int(sys.argv[3]))
         raise SystemExit(0)
     if sys.argv[1] == "pserver":
         pserver(sys.argv[2], sys.argv[3:] == ["daemon"])

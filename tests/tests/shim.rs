@@ -754,6 +754,47 @@ fn queued_peers_under_the_shim_move_to_the_kernel_socket_when_devd_dies() -> Res
     Ok(())
 }
 
+/// A reader that closes with region bytes unread after devd died resets
+/// the connection, as the kernel's close does: its peer, reading the
+/// kernel socket by then, gets ECONNRESET, not an end of stream.
+#[test]
+fn a_queued_close_with_bytes_unread_after_devd_died_resets_the_peer() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    let portfile = scratch(&d, "port");
+    let mut s = python(
+        &d,
+        false,
+        &["userver", portfile.to_str().context("path")?],
+        &[],
+    )?;
+    let port = published_port(&portfile)?;
+    let mut c = python(&d, false, &["uclient", port.trim(), "100000"], &[])?;
+    // Sent once accepted: every byte goes through the region.
+    s.expect("ACCEPTED")?;
+    c.say("")?;
+    c.expect("SENT")?;
+    let t = Instant::now();
+    while live_queued_bytes(&d)? < 100_000 {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "the bytes did not go through the region: {}",
+            d.stats()?["totals"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    d.kill();
+    s.say("")?;
+    s.expect("OK userver")?;
+    c.say("")?;
+    c.expect("OK uclient ECONNRESET")?;
+    ends_well(&mut c, "client")?;
+    ends_well(&mut s, "server")?;
+    Ok(())
+}
+
 /// The same with bytes in flight everywhere: a Python source writes 16 MiB
 /// as fast as it can to a sink that reads a chunk per millisecond, and devd
 /// is SIGKILLed on the way: the sink checks every byte, the source ends.

@@ -166,7 +166,18 @@ impl Handover {
             self.publish(Switch::After(w));
             self.inner.discard_region();
         }
-        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+        // Region bytes left unread after the region stopped carrying any
+        // (devd gone): the peer reads the kernel socket now, whose close
+        // must be the reset, with no END that would end its reads first.
+        let reset_back = ctx.is_some_and(|c| {
+            let unread =
+                self.lost && self.rx == Rx::Ring && self.inner.reads_left().is_some_and(|l| l > 0);
+            if unread {
+                let _ = socket2::SockRef::from(&c.tcp).set_linger(Some(std::time::Duration::ZERO));
+            }
+            unread
+        });
+        if self.tx == Tx::Back && self.inner.holders() <= 1 && !reset_back {
             self.close_back(ctx);
         }
         // Bytes the peer wrote on the kernel socket left unread here make

@@ -231,19 +231,10 @@ impl QueueDriver {
         Ok(sum - if n > 0 { u64::from(off) } else { 0 })
     }
 
-    /// Bytes in the buffers posted and not yet consumed back (their
-    /// descriptors' lengths).
-    pub fn posted_len(&self) -> u64 {
-        self.len_from(self.position().0)
-    }
-
     /// Bytes in the buffers posted and not yet returned by the device
     /// (nothing consumed: another holder may be using the queue).
     pub fn unreturned_len(&self) -> u64 {
-        self.len_from(self.used_idx())
-    }
-
-    fn len_from(&self, seen: u16) -> u64 {
+        let seen = self.used_idx();
         let flight = self.avail_idx().wrapping_sub(seen).min(self.size);
         (0..flight)
             .map(|k| {

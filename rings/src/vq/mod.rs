@@ -120,7 +120,7 @@ mod tests {
         assert_ne!(id2, id, "the first driver's buffer is still in flight");
         m.write_bytes(l.slot_offset(TX, id2), b"two");
         tx2.post(n2, l.slot_offset(TX, id2) as u64, 3, 0);
-        assert_eq!(tx2.posted_len(), 6);
+        assert_eq!(tx2.unreturned_len(), 6);
         let mut got = Vec::new();
         while let Some(b) = dev.pop(TX).unwrap() {
             let mut d = [0u8; 3];

@@ -110,6 +110,8 @@ impl Totals {
             remote: RemoteCounts {
                 connections: self.remote,
                 unmatched: self.remote_unmatched,
+                failovers: 0,
+                failover_resets: 0,
             },
             bytes: BytesByMode {
                 direct: self.bytes_closed,
@@ -133,6 +135,9 @@ pub struct QueuedCounters {
     /// Of each side's stream, the bytes the other host acknowledged (its
     /// engine took them for the reader): remote sides only.
     pub acked: [AtomicU64; 2],
+    /// The link under it failed and it moved to its kernel socket (1), or
+    /// is moving (2: the hosts have not agreed yet): remote sides only.
+    pub failover: AtomicU64,
 }
 
 /// What the Queued engine counts over all connections, live and gone:
@@ -144,6 +149,12 @@ pub struct EngineCounts {
     pub violations: AtomicU64,
     /// Bytes moved, both directions, every connection.
     pub bytes: AtomicU64,
+    /// Remote sides moved to their kernel sockets when their link failed
+    /// (docs/protocol.md 8.5), and those reset instead (no agreement with
+    /// the other host).
+    pub failovers: AtomicU64,
+    /// See `failovers`.
+    pub failover_resets: AtomicU64,
 }
 
 impl QueuedCounters {
@@ -213,6 +224,12 @@ pub struct RemoteCounts {
     /// Claims of this host's acceptors no intent on the peer matched:
     /// those connections stayed on kernel TCP.
     pub unmatched: u64,
+    /// This host's ends moved to their kernel sockets when their link
+    /// failed, at offsets both hosts agreed.
+    pub failovers: u64,
+    /// This host's ends reset when their link failed (the other host
+    /// did not agree within 10 s, or there are no peer devds).
+    pub failover_resets: u64,
 }
 
 /// JSON: bytes by accelerated mode.
@@ -289,6 +306,11 @@ pub struct ConnJson {
     /// acknowledged; what lies between is in flight.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acked: Option<u64>,
+    /// With its other end on another host: "link" while its bytes cross
+    /// the link, "moving" while both hosts agree where it moves to its
+    /// kernel socket, "tcp" once it did (its link failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'static str>,
 }
 
 /// JSON: a stats page.

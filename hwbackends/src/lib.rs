@@ -204,6 +204,9 @@ pub enum BackendError {
     /// node on a local-only backend, an unknown node, a link that is down).
     #[error("channel {0}: its peer cannot be reached through this backend")]
     Unreachable(ChannelId),
+    /// No link to this node here.
+    #[error("no link to node {0}")]
+    NoLink(NodeId),
 }
 
 /// An interconnect as devd's engine sees it. No call blocks.
@@ -299,6 +302,13 @@ pub trait Backend: Send {
     fn recv_words(&mut self, ch: ChannelId) -> Option<Words>;
     /// Link events since the last call.
     fn link_events(&mut self) -> Vec<LinkEvent>;
+    /// Takes the link to `node` out of service (`up` false: the link goes
+    /// down here at once, as if the peer were gone, and the peer sees it
+    /// go down too) or back in (it comes up again once both sides hear
+    /// each other). Err(NoLink) if this backend has no link to `node`.
+    fn set_link(&mut self, node: NodeId, _up: bool) -> Result<(), BackendError> {
+        Err(BackendError::NoLink(node))
+    }
     /// The system calls this backend makes in the engine thread that
     /// devd's own list (memory, eventfds, epoll) lacks.
     fn syscalls(&self) -> Vec<Syscall>;

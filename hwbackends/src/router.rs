@@ -7,8 +7,8 @@
 //! Never here: an interconnect of its own, a channel on two backends.
 
 use crate::{
-    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
-    Words,
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, NodeId, Offsets, Peer, Recv,
+    Syscall, Words,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -153,6 +153,17 @@ impl Backend for Router {
             .iter_mut()
             .flat_map(|b| b.link_events())
             .collect()
+    }
+
+    fn set_link(&mut self, node: NodeId, up: bool) -> Result<(), BackendError> {
+        // The first backend with a link to `node` (as `open` picks).
+        for b in &mut self.backends {
+            match b.set_link(node, up) {
+                Err(BackendError::NoLink(_)) => {}
+                r => return r,
+            }
+        }
+        Err(BackendError::NoLink(node))
     }
 
     fn syscalls(&self) -> Vec<Syscall> {

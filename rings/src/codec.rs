@@ -345,6 +345,15 @@ pub enum Request {
         /// Page size (1..=256).
         limit: u16,
     },
+    /// Takes the link to peer `node` out of service (`up` false: this
+    /// side stops its heartbeat and the connections over it move to their
+    /// kernel sockets) or back in. Root or devd's own user only.
+    Link {
+        /// The peer's node id.
+        node: u32,
+        /// In service.
+        up: bool,
+    },
 }
 
 /// devd -> client.
@@ -739,6 +748,11 @@ impl Request {
                 w.u64(*after).u16(*limit);
                 w.finish()
             }
+            Request::Link { node, up } => {
+                let mut w = W::new(15);
+                w.u32(*node).u8(u8::from(*up));
+                w.finish()
+            }
         }
     }
 
@@ -771,6 +785,10 @@ impl Request {
                 reason: r.reason()?,
             },
             14 => Request::Bell { id: r.u32()? },
+            15 => Request::Link {
+                node: r.u32()?,
+                up: r.bool("up")?,
+            },
             13 => Request::Skipped {
                 reason: r.reason()?,
                 count: r.u32()?,
@@ -969,6 +987,8 @@ mod tests {
                 after: 3,
                 limit: 100,
             },
+            Request::Link { node: 2, up: false },
+            Request::Link { node: 7, up: true },
         ]
     }
 

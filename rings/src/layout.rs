@@ -283,6 +283,24 @@ pub fn close_taken(m: &Mapping, d: usize, more: u64) -> Result<u64, u64> {
     }
 }
 
+/// Closes direction `d`'s region part at exactly `at` (devd's engine,
+/// when the link under a connection between two hosts failed: `at` is
+/// what it gave the reader). Err(what the word says) if it was closed
+/// already, or its reader took more than `at` (then nothing changes).
+pub fn close_taken_at(m: &Mapping, d: usize, at: u64) -> Result<(), Taken> {
+    let w = taken_word(m, d);
+    let mut cur = w.load(Ordering::Acquire);
+    loop {
+        if cur & TAKEN_CLOSED != 0 || cur > at || at >= TAKEN_CLOSED {
+            return Err(taken_of(cur));
+        }
+        match w.compare_exchange_weak(cur, at | TAKEN_CLOSED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(now) => cur = now,
+        }
+    }
+}
+
 /// What a direction's END word says (Queued).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -769,6 +787,20 @@ mod tests {
         assert_eq!(close_taken(&m, 1, 30), Ok(40));
         assert_eq!(close_taken(&m, 1, 0), Err(40));
         assert_eq!(add_taken(&m, 1, 1), Err(40));
+    }
+
+    #[test]
+    fn devd_closes_at_what_it_gave_the_reader_never_below_what_it_took() {
+        let m = page();
+        assert_eq!(add_taken(&m, 0, 10), Ok(10));
+        // The reader took more than devd says it gave: refused, unchanged.
+        assert_eq!(close_taken_at(&m, 0, 9), Err(Taken::Open(10)));
+        assert_eq!(close_taken_at(&m, 0, 25), Ok(()));
+        assert_eq!(taken(&m, 0), Taken::Closed(25));
+        // The reader learns where it closed; a second close changes nothing.
+        assert_eq!(add_taken(&m, 0, 1), Err(25));
+        assert_eq!(close_taken_at(&m, 0, 30), Err(Taken::Closed(25)));
+        assert_eq!(close_taken_at(&m, 1, TAKEN_CLOSED), Err(Taken::Open(0)));
     }
 
     #[test]

@@ -5,8 +5,9 @@ serve PORT: listens on every address, prints "LISTENING", echoes each
 connection (a thread each) until EOF, then prints "ECHOED N" for it; a
 connection that ends with a reset prints "RESET N".
 stream HOST PORT MIB: sends MIB MiB of the pattern while reading the echo
-back, checks every byte, prints "OK N" (or "CORRUPT at OFFSET", or "SHORT
-N of M" if the echo ended early), closes.
+back, shuts its writing down, reads the echo to its end, checks every byte,
+prints "OK N" (or "CORRUPT at OFFSET" for a wrong byte or one beyond N, or
+"SHORT N of M" if the echo ended early), closes.
 hang HOST PORT: sends 64 KiB, reads its echo, prints "HANGING" and waits
 forever (the test kills it).
 wait PORT [block]: accepts one connection, reads until EOF or an error
@@ -19,7 +20,20 @@ ask HOST PORT N BYTES [nb]: N connections one after another, each asking
 for BYTES and reading to EOF (nb: a nonblocking socket waited on with
 select.epoll, edge-triggered); prints "OK N" if every answer was whole and
 right, else "WRONG i got G".
+later PORT FLAG: for each connection (a thread each): reads 1 MiB of the
+pattern and echoes it, waits until the file FLAG exists, then sends 16 MiB
+more of the pattern (from offset 1 MiB) and closes.
+idle HOST PORT [nb]: sends 1 MiB (64 KiB every 5 ms), reads its echo, prints "MOVED", then
+reads to EOF in one blocking recv after another (nb: a nonblocking socket
+waited on with an edge-triggered epoll), checks every byte and prints
+"OK N" (N: all it read) or "WRONG N".
+sink PORT FLAG: accepts one connection, reads 1 MiB, prints "SINKING",
+waits until FLAG exists, then reads to EOF, checks every byte, prints
+"SUNK N" or "WRONG N".
+flood HOST PORT MIB: sends MIB MiB of the pattern in one sendall (it
+blocks once the peer stops reading), prints "SENT N" and closes.
 """
+import os
 import socket
 import sys
 import threading
@@ -76,11 +90,12 @@ def stream(host, port, mib):
     bad = []
 
     def reader():
-        while got[0] < n:
+        # To the end of the echo: a byte beyond n is as wrong as one short.
+        while True:
             b = s.recv(CHUNK)
             if not b:
                 break
-            if b != at(got[0], len(b)):
+            if got[0] + len(b) > n or b != at(got[0], len(b)):
                 bad.append(got[0])
                 break
             got[0] += len(b)
@@ -92,6 +107,8 @@ def stream(host, port, mib):
         k = min(CHUNK, n - off)
         s.sendall(at(off, k))
         off += k
+    # The server echoes until this end of stream, then closes.
+    s.shutdown(socket.SHUT_WR)
     t.join()
     if bad:
         print("CORRUPT at", bad[0], flush=True)
@@ -198,6 +215,97 @@ def ask(host, port, n, size, nb=False):
     print("OK", n, flush=True)
 
 
+MIB = 1 << 20
+
+
+def wait_for(flag):
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+
+
+def recv_exact(c, n):
+    got = bytearray()
+    while len(got) < n:
+        b = c.recv(min(CHUNK, n - len(got)))
+        if not b:
+            break
+        got += b
+    return bytes(got)
+
+
+def pattern(off, n):
+    return b"".join(at(o, min(CHUNK, off + n - o)) for o in range(off, off + n, CHUNK))
+
+
+def later_one(c, flag):
+    try:
+        b = recv_exact(c, MIB)
+        c.sendall(b)
+        wait_for(flag)
+        for o in range(MIB, 17 * MIB, CHUNK):
+            c.sendall(at(o, CHUNK))
+    finally:
+        c.close()
+
+
+def later(port, flag):
+    ls = listening(port)
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=later_one, args=(c, flag), daemon=True).start()
+
+
+def idle(host, port, nb=False):
+    s = socket.create_connection((host, port))
+    # In pieces, a moment apart: the first bytes of a connection go on the
+    # kernel socket until its writer moves, the rest through ssock.
+    for o in range(0, MIB, CHUNK):
+        s.sendall(at(o, CHUNK))
+        time.sleep(0.005)
+    first = recv_exact(s, MIB)
+    print("MOVED", flush=True)
+    if nb:
+        rest = bytes(read_all_nb(s))
+    else:
+        rest = bytearray()
+        while True:
+            b = s.recv(CHUNK)
+            if not b:
+                break
+            rest += b
+        rest = bytes(rest)
+    got = first + rest
+    s.close()
+    if got != pattern(0, 17 * MIB):
+        print("WRONG", len(got), flush=True)
+        sys.exit(1)
+    print("OK", len(got), flush=True)
+
+
+def sink(port, flag):
+    ls = listening(port, 1)
+    c, _ = ls.accept()
+    got = bytearray(recv_exact(c, MIB))
+    print("SINKING", flush=True)
+    wait_for(flag)
+    while True:
+        b = c.recv(CHUNK)
+        if not b:
+            break
+        got += b
+    if bytes(got) != pattern(0, len(got)):
+        print("WRONG", len(got), flush=True)
+        sys.exit(1)
+    print("SUNK", len(got), flush=True)
+
+
+def flood(host, port, mib):
+    s = socket.create_connection((host, port))
+    s.sendall(pattern(0, mib * MIB))
+    s.close()
+    print("SENT", mib * MIB, flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -213,5 +321,13 @@ if __name__ == "__main__":
     elif mode == "ask":
         ask(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
             sys.argv[6:] == ["nb"])
+    elif mode == "later":
+        later(int(sys.argv[2]), sys.argv[3])
+    elif mode == "idle":
+        idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["nb"])
+    elif mode == "sink":
+        sink(int(sys.argv[2]), sys.argv[3])
+    elif mode == "flood":
+        flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         sys.exit("unknown mode " + mode)

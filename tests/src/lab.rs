@@ -117,6 +117,26 @@ impl TwoHosts {
         c
     }
 
+    /// Host `h` takes its interconnect link to the other host out of
+    /// service (`up` false) or back in (`ringstat link NODE down|up`; host
+    /// a is node 1, host b node 2).
+    pub fn set_link(&self, h: usize, up: bool) -> Result<()> {
+        let out = self
+            .on(h, &crate::bin("ringstat").to_string_lossy())
+            .arg("link")
+            .arg(["2", "1"][h])
+            .arg(if up { "up" } else { "down" })
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ringstat link on host {h}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until the two devds are peers with their link up.
     pub fn wait_linked(&self, within: Duration) -> Result<()> {
         for h in 0..2 {

@@ -177,6 +177,15 @@ pub trait Transport: Send + std::fmt::Debug {
     /// This end wrote a hand-over word (READY, CLAIM, SWITCH, END) that
     /// devd relays when the other end is on another host.
     fn words_changed(&mut self) {}
+    /// The fd devd rings when the other host's words change after the
+    /// region was lost (a Queued end between hosts whose link failed:
+    /// its writer's END comes that way), None if there is none. `cap`:
+    /// Some(true) drains it and cuts sleeps on it short (the shim's
+    /// shared-sleep cut) while a read waits for that END, so that the
+    /// wait's bound is seen; Some(false) ends the cut.
+    fn words_fd(&mut self, _cap: Option<bool>) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// The mapping whose hand-over words this end uses, and its side
     /// (0 connector, 1 acceptor): Direct's shared region, Queued's shared
     /// hand-over page. None for kernel TCP.

@@ -93,7 +93,9 @@ pub struct Queued {
     sleepers: u32,
     session: Option<Arc<Session>>,
     /// The other end is on another host (`layout::hov::REMOTE`): devd
-    /// relays the hand-over words, and a lost region resets the end.
+    /// relays the hand-over words; the region is lost when devd closed
+    /// both directions' region parts (the link failed, docs/protocol.md
+    /// 8.5), and devd's going resets the end.
     remote: bool,
     peer_gone: bool,
     broken: bool,
@@ -262,7 +264,7 @@ impl Queued {
         if self.lost || self.broken {
             return;
         }
-        if self.remote {
+        if self.remote && !self.failed_over() {
             // What the other host's end took is known to its devd only.
             log::warn!(
                 "connection {}: {why} and the other end is on another host; resetting it",
@@ -294,15 +296,33 @@ impl Queued {
     }
 
     /// Whether the peer closed a direction's region part (it found devd
-    /// gone first): this end then hands over too.
+    /// gone first): this end then hands over too. A remote end's devd
+    /// closes both once the two hosts agreed where (`failed_over`).
     fn peer_closed_region(&mut self) {
         let side = self.side as usize;
-        if !self.lost
-            && (matches!(layout::taken(&self.hov, side), Taken::Closed(_))
-                || matches!(layout::taken(&self.hov, 1 - side), Taken::Closed(_)))
-        {
+        let closed = |d| matches!(layout::taken(&self.hov, d), Taken::Closed(_));
+        if self.lost {
+        } else if self.remote {
+            if self.failed_over() {
+                self.lose("the link to the other host failed");
+            }
+        } else if closed(side) || closed(1 - side) {
             self.lose("the peer found devd gone");
         }
+    }
+
+    /// A remote end whose devd closed one direction's region part and not
+    /// yet the other (the two hosts are agreeing where, after the link
+    /// failed): its reads and writes wait until both are closed.
+    fn agreeing(&self) -> bool {
+        let closed = |d| matches!(layout::taken(&self.hov, d), Taken::Closed(_));
+        self.remote && !self.lost && (closed(0) != closed(1))
+    }
+
+    /// A remote end whose devd closed both directions' region parts where
+    /// the two hosts agreed (the link failed).
+    fn failed_over(&self) -> bool {
+        self.remote && (0..2).all(|d| matches!(layout::taken(&self.hov, d), Taken::Closed(_)))
     }
 
     /// Sleeps until devd rings, the peer's socket changes, devd's session
@@ -323,7 +343,12 @@ impl Queued {
             PollFd::new(devd, 0),
             liveness_poll(ctx.tcp.as_raw_fd()),
         ];
-        let n = if self.peer_gone { 2 } else { 3 };
+        // (While the hosts agree, the socket is no news: see `arm`.)
+        let n = if self.peer_gone || self.agreeing() {
+            2
+        } else {
+            3
+        };
         let woke = sleep(&mut fds[..n], deadline)?;
         if fds[0].revents != 0 {
             self.call.drain();
@@ -412,6 +437,11 @@ impl Queued {
             if self.broken {
                 return Err(reset_error());
             }
+            self.peer_closed_region();
+            if self.agreeing() {
+                self.wait_agreed(ctx)?;
+                continue;
+            }
             if self.left == Some(0) || (self.lost && self.left.is_none()) {
                 // The region part is over (or about to be closed): the
                 // hand-over reads the socket.
@@ -455,6 +485,11 @@ impl Queued {
                     Some(l) => self.left = Some(l - n as u64),
                     None => {
                         if layout::add_taken(&self.hov, 1 - self.side as usize, n as u64).is_err() {
+                            if self.remote {
+                                // devd closed it (the link failed): what it
+                                // gave is read once both directions are.
+                                continue;
+                            }
                             self.lose("the peer found devd gone");
                             if self.broken {
                                 return Err(reset_error());
@@ -506,7 +541,9 @@ impl Queued {
                 true
             }
             Taken::Closed(_) => {
-                self.lose("the peer found devd gone");
+                if !self.remote {
+                    self.lose("the peer found devd gone");
+                }
                 false
             }
         }
@@ -533,6 +570,23 @@ impl Queued {
             self.looked = Some(now);
             self.check_socket_and_devd(-1);
         }
+    }
+
+    /// Waits (on the call eventfd: devd rings it when it closes the other
+    /// direction) while the two hosts agree where the region parts close.
+    fn wait_agreed(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        if ctx.nonblocking {
+            return Err(would_block());
+        }
+        let hov = &self.hov;
+        let agreed = || {
+            let closed = |d| matches!(layout::taken(hov, d), Taken::Closed(_));
+            (closed(0) == closed(1)).then_some(())
+        };
+        if spin_until(ctx.spin, agreed).is_some() {
+            return Ok(());
+        }
+        self.sleep(ctx)
     }
 
     fn wait_rx(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
@@ -600,9 +654,10 @@ impl Transport for Queued {
                 self.left = Some(more);
                 at
             }
-            // The peer closed it first, at what this end had taken.
+            // The peer closed it first, at what this end had taken; or,
+            // between hosts, devd at what it gave this end.
             Err(at) => {
-                self.left = Some(0);
+                self.left = Some(if self.remote { more } else { 0 });
                 at
             }
         };
@@ -646,17 +701,30 @@ impl Transport for Queued {
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
-        if check_peer {
+        self.peer_closed_region();
+        if check_peer && !self.agreeing() {
             self.check_peer_and_devd(ctx);
+        } else if check_peer {
+            // The kernel socket may already carry the other end's bytes
+            // or end (it moved first): not judged here.
+            self.check_socket_and_devd(-1);
         }
         let f = self.rx_flags();
         if self.broken || f & FLAG_RESET != 0 {
             return Ready::BROKEN;
         }
         self.peer_closed_region();
+        if self.agreeing() {
+            // Nothing to do until the hosts agree (devd rings then).
+            return Ready {
+                seq: [u64::from(self.rx.used_idx()), u64::from(self.tx.used_idx())],
+                ..Ready::default()
+            };
+        }
+        let agreeing = self.agreeing();
         let data = match self.left {
             Some(l) => l > 0,
-            None => !self.lost && self.rx.has_used(),
+            None => !self.lost && !agreeing && self.rx.has_used(),
         };
         let eos = f & FLAG_EOS != 0;
         Ready {
@@ -664,8 +732,7 @@ impl Transport for Queued {
             writable: self.shut_wr
                 || self.shut_by_another()
                 || self.peer_gone
-                || self.tx.in_flight() < self.layout.qsize
-                || self.tx.has_used(),
+                || (!agreeing && (self.tx.in_flight() < self.layout.qsize || self.tx.has_used())),
             rdhup: eos || self.peer_gone,
             hup: (eos || self.peer_gone) && (self.shut_wr || self.shut_by_another()),
             err: false,
@@ -702,7 +769,10 @@ impl Transport for Queued {
             SHARED_CALLS.insert(self.call.as_raw_fd());
         }
         let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (self.devd_fd(), 0)];
-        if !self.peer_gone {
+        // While the hosts agree, the other end may already be back on the
+        // kernel socket and write or shut it down: that is no news here
+        // (devd rings the call eventfd when the agreement completes).
+        if !self.peer_gone && !self.agreeing() {
             fds.push((ctx.tcp.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP));
         }
         Some(fds)
@@ -725,6 +795,22 @@ impl Transport for Queued {
 
     fn region_mark(&self) -> u32 {
         self.rx_flags()
+    }
+
+    fn words_fd(&mut self, cap: Option<bool>) -> Option<std::os::fd::RawFd> {
+        if !self.remote {
+            return None;
+        }
+        let fd = self.call.as_raw_fd();
+        match cap {
+            Some(true) => {
+                self.call.drain();
+                SHARED_CALLS.insert(fd);
+            }
+            Some(false) if self.holders() <= 1 => SHARED_CALLS.remove(fd),
+            _ => {}
+        }
+        Some(fd)
     }
 
     fn words_changed(&mut self) {
@@ -786,6 +872,14 @@ impl Transport for Queued {
             if self.shut_wr || self.peer_gone || self.shut_by_another() {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };
             }
+            self.peer_closed_region();
+            if self.agreeing() {
+                if off > 0 {
+                    return Ok(off);
+                }
+                self.wait_agreed(ctx)?;
+                continue;
+            }
             if self.lost || !self.trim() {
                 // The hand-over takes the writes to the kernel socket.
                 return if off > 0 { Ok(off) } else { Err(would_block()) };
@@ -820,10 +914,7 @@ impl Transport for Queued {
                 self.map
                     .u64_at(qhdr::TX_BYTES)
                     .fetch_add(n as u64, Ordering::Relaxed);
-                if !self.remote {
-                    // (A remote end is reset, never sent again: no copy.)
-                    self.retained.extend(&buf[off..off + n]);
-                }
+                self.retained.extend(&buf[off..off + n]);
                 off += n;
                 posted = true;
             }

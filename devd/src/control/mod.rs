@@ -82,6 +82,12 @@ pub enum RequestError {
     /// devd's own region could not be set up for the engine.
     #[error("failed to set up the queued region")]
     Device(#[source] ssock_rings::vq::device::DeviceError),
+    /// A request only root or devd's own user may make.
+    #[error("only root or devd's user may do this")]
+    NotAllowed,
+    /// No such peer in the config.
+    #[error("no peer node {0} in the config")]
+    NoPeer(u32),
 }
 
 impl RequestError {
@@ -92,7 +98,8 @@ impl RequestError {
             }
             RequestError::NoConnection(_) | RequestError::NoBell(_) => libc::ENOENT,
             RequestError::NotHere(..) => libc::EBUSY,
-            RequestError::NotHeld(_) => libc::EPERM,
+            RequestError::NotHeld(_) | RequestError::NotAllowed => libc::EPERM,
+            RequestError::NoPeer(_) => libc::ENOENT,
             RequestError::Resources(_) | RequestError::Device(_) => libc::ENOMEM,
         };
         u32::try_from(c).unwrap_or(0)
@@ -269,6 +276,7 @@ impl Devd {
 
     /// The peer thread whose state the statistics show.
     pub fn set_peers(&mut self, peers: crate::peers::Handle) {
+        self.engine.send(Cmd::Peers(peers.sender()));
         self.peers = Some(peers);
         self.listeners_changed();
     }
@@ -380,6 +388,21 @@ impl Devd {
                     self.totals.skipped(reason, count.min(SKIPS_BATCH_MAX));
                 }
                 Ok((Response::Ok, vec![]))
+            }
+            Request::Link { node, up } => {
+                let uid = self.sessions.get(&sid).map_or(u32::MAX, |s| s.uid);
+                if uid != 0 && uid != sys::uid() {
+                    Err(RequestError::NotAllowed)
+                } else if !self.cfg.peers.iter().any(|p| p.node == node) {
+                    Err(RequestError::NoPeer(node))
+                } else {
+                    log::info!(
+                        "session {sid}: link to node {node} asked {}",
+                        if up { "up" } else { "down" }
+                    );
+                    self.engine.send(Cmd::SetLink { node, up });
+                    Ok((Response::Ok, vec![]))
+                }
             }
             Request::Stats { after, limit } => {
                 // What the peers said so far is on the board before the

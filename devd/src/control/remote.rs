@@ -287,6 +287,19 @@ impl Devd {
                     channel,
                     answer,
                 } => self.claimed(node, channel, answer),
+                Event::Failover {
+                    node,
+                    channel,
+                    words,
+                    closed,
+                } => self
+                    .engine
+                    .send(crate::dataplane::engine::Cmd::PeerFailover {
+                        node,
+                        channel,
+                        words,
+                        closed,
+                    }),
             }
         }
         if board {

@@ -28,6 +28,8 @@ impl Devd {
                 let e = &self.engine_counts;
                 t.violations += QueuedCounters::get(&e.violations);
                 t.bytes.queued = QueuedCounters::get(&e.bytes);
+                t.remote.failovers = QueuedCounters::get(&e.failovers);
+                t.remote.failover_resets = QueuedCounters::get(&e.failover_resets);
                 for c in self.reg.conns.values().filter(|c| c.mode != Mode::Queued) {
                     let j = conn_json(c);
                     let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
@@ -139,6 +141,7 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 peer_node: None,
                 channel: None,
                 acked: None,
+                path: None,
             }
         }
         Res::Queued(q) => {
@@ -169,6 +172,11 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 acked: c
                     .remote
                     .map(|_| g(&k.acked[usize::from(c.ends[0].session == 0)])),
+                path: c.remote.map(|_| match g(&k.failover) {
+                    0 => "link",
+                    1 => "tcp",
+                    _ => "moving",
+                }),
             }
         }
     }

@@ -950,3 +950,35 @@ fn kept_regions_are_bounded_per_pair_of_sessions() {
     let last = &live[live.len() - 1].0 .0;
     assert!(d.reg.parked.iter().any(|p| p.res.region == last.region));
 }
+
+#[test]
+fn only_root_or_devds_user_may_take_a_link_down_and_only_a_configured_peers() {
+    let mut d = devd("");
+    // devd's own user (this test's), a node the config does not list.
+    let (r, _) = d.handle(1, Request::Link { node: 2, up: false }, vec![]);
+    assert!(
+        matches!(r, Response::Error { code, .. } if code == libc::ENOENT as u32),
+        "{r:?}"
+    );
+    // Another user: refused before anything is looked at.
+    let (sock, _peer) = sys::SeqPacket::pair().unwrap();
+    let other = if sys::uid() == 0 {
+        65534
+    } else {
+        sys::uid() + 1
+    };
+    d.add_session(
+        9,
+        Session {
+            sock,
+            pid: 1,
+            uid: other,
+            gid: 0,
+        },
+    );
+    let (r, _) = d.handle(9, Request::Link { node: 2, up: false }, vec![]);
+    assert!(
+        matches!(r, Response::Error { code, .. } if code == libc::EPERM as u32),
+        "{r:?}"
+    );
+}

@@ -119,6 +119,42 @@ pub enum Event {
         /// What became of it.
         answer: wire::Answer,
     },
+    /// Peer `node` moves the connection on `channel` to its kernel socket
+    /// (`Msg::Failover`): for the engine.
+    Failover {
+        /// The peer.
+        node: u32,
+        /// The connection's channel.
+        channel: u64,
+        /// Its end's hand-over words.
+        words: [u64; 4],
+        /// Where it closed the direction it reads, once it did.
+        closed: Option<u64>,
+    },
+}
+
+/// What another thread (the engine) holds to send peers messages.
+#[derive(Clone)]
+pub struct Sender {
+    outbox: Arc<Mutex<Vec<(u32, Msg)>>>,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("peers::Sender")
+    }
+}
+
+impl Sender {
+    /// Sends `m` to peer `node` if it is up (dropped otherwise).
+    pub fn send(&self, node: u32, m: Msg) {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((node, m));
+        let _ = self.wake.write(1);
+    }
 }
 
 /// The control thread's handle on the peer thread.
@@ -160,11 +196,15 @@ impl Handle {
 
     /// Sends `m` to peer `node` if it is up (dropped otherwise).
     pub fn send(&self, node: u32, m: Msg) {
-        self.outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((node, m));
-        let _ = self.wake.write(1);
+        self.sender().send(node, m);
+    }
+
+    /// A sender of messages to peers, for another thread.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            outbox: self.outbox.clone(),
+            wake: self.wake.clone(),
+        }
     }
 
     /// The fd that becomes readable when peers said something
@@ -804,11 +844,15 @@ impl Thread {
                     }
                     Msg::Ping if c.verified => {}
                     Msg::Listeners(l) if c.verified => c.listeners = Some(l),
-                    m @ (Msg::Claim { .. } | Msg::Claimed { .. }) if c.verified => c.got.push(m),
-                    Msg::Claim { .. } | Msg::Claimed { .. } => {
+                    m @ (Msg::Claim { .. } | Msg::Claimed { .. } | Msg::Failover { .. })
+                        if c.verified =>
+                    {
+                        c.got.push(m)
+                    }
+                    Msg::Claim { .. } | Msg::Claimed { .. } | Msg::Failover { .. } => {
                         return Err(End::Refused(
                             "malformed",
-                            "a Claim before the handshake".into(),
+                            "a Claim, Claimed or Failover before the handshake".into(),
                         ));
                     }
                     Msg::Listeners(_) => {
@@ -965,6 +1009,16 @@ impl Thread {
                     node,
                     channel,
                     answer,
+                }),
+                Msg::Failover {
+                    channel,
+                    words,
+                    closed,
+                } => Some(Event::Failover {
+                    node,
+                    channel,
+                    words,
+                    closed,
                 }),
                 _ => None,
             })

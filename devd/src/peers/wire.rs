@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -72,6 +72,20 @@ pub enum Msg {
         /// What became of it.
         answer: Answer,
     },
+    /// The link under the connection on `channel` failed: it goes on over
+    /// its kernel TCP socket (docs/protocol.md 8.5). `words` are the
+    /// sender's end's hand-over words (`relay::Words`, SWITCH final: a
+    /// writer that had not moved never will), and `closed` where the
+    /// sender closed the region part of the direction it reads, once it
+    /// heard the receiver's words (its writer resends from there).
+    Failover {
+        /// The connection's channel on the link, both ends.
+        channel: u64,
+        /// The sender's end's words.
+        words: [u64; 4],
+        /// Where the direction the sender reads closed, once it did.
+        closed: Option<u64>,
+    },
 }
 
 /// What a Claim found on the connector's host.
@@ -108,6 +122,7 @@ const PING: u8 = 3;
 const LISTENERS: u8 = 4;
 const CLAIM: u8 = 5;
 const CLAIMED: u8 = 6;
+const FAILOVER: u8 = 7;
 
 /// Appends address `a`: a family byte (4 or 6), its address bytes and a
 /// u16 port.
@@ -188,6 +203,19 @@ pub fn encode(m: &Msg) -> Vec<u8> {
                 Answer::ConnectorGone => 2,
             });
         }
+        Msg::Failover {
+            channel,
+            words,
+            closed,
+        } => {
+            body.push(FAILOVER);
+            body.extend_from_slice(&channel.to_le_bytes());
+            for w in words {
+                body.extend_from_slice(&w.to_le_bytes());
+            }
+            body.push(u8::from(closed.is_some()));
+            body.extend_from_slice(&closed.unwrap_or(0).to_le_bytes());
+        }
     }
     let mut f = u32::try_from(body.len())
         .unwrap_or(u32::MAX)
@@ -258,6 +286,7 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
             },
             _ => return Err(WireError::Malformed("Claimed")),
         },
+        FAILOVER => failover(p).ok_or(WireError::Malformed("Failover"))?,
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -288,6 +317,26 @@ fn claim(p: &[u8]) -> Option<Msg> {
         from,
         to,
         channel: u64::from_le_bytes(c),
+    })
+}
+
+/// A Failover payload: the channel, four words, a flag byte (0 or 1)
+/// and the closed offset (0 when the flag is 0); nothing after them.
+fn failover(p: &[u8]) -> Option<Msg> {
+    if p.len() != 8 * 5 + 1 + 8 {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(p[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+    let at = u64::from_le_bytes(p[41..49].try_into().ok()?);
+    let closed = match p[40] {
+        0 if at == 0 => None,
+        1 => Some(at),
+        _ => return None,
+    };
+    Some(Msg::Failover {
+        channel: word(0),
+        words: [word(1), word(2), word(3), word(4)],
+        closed,
     })
 }
 
@@ -524,6 +573,16 @@ mod tests {
                 channel: 7,
                 answer: Answer::ConnectorGone,
             },
+            Msg::Failover {
+                channel: 1 << 63 | 9,
+                words: [1, 17, 0, 4096],
+                closed: None,
+            },
+            Msg::Failover {
+                channel: 3,
+                words: [0, u64::MAX, 5, 0],
+                closed: Some(123_456),
+            },
         ] {
             let mut f = encode(&m);
             assert_eq!(decode(&mut f), Ok(Some(m.clone())));
@@ -543,6 +602,18 @@ mod tests {
         });
         *bad.last_mut().unwrap() = 3;
         assert!(matches!(decode(&mut bad), Err(WireError::Malformed(_))));
+        // A Failover's flag byte is 0 or 1, and 0 comes with offset 0.
+        let good = encode(&Msg::Failover {
+            channel: 1,
+            words: [0; 4],
+            closed: None,
+        });
+        let mut two = good.clone();
+        two[4 + 1 + 40] = 2;
+        assert!(matches!(decode(&mut two), Err(WireError::Malformed(_))));
+        let mut stray = good;
+        stray[4 + 1 + 41] = 1;
+        assert!(matches!(decode(&mut stray), Err(WireError::Malformed(_))));
         let mut f = encode(&Msg::Listeners(vec![]));
         assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(vec![]))));
         for bad in [

@@ -100,6 +100,8 @@ pub struct Ntb {
     peer_seen: Instant,
     up: bool,
     hostile: bool,
+    /// Taken out of service (`set_link`): no heartbeat, nothing read.
+    out_of_service: bool,
     /// This side told the peer it sleeps (`idle`).
     asleep: bool,
     /// A word was published this turn: the peer is rung at its end if it
@@ -156,6 +158,7 @@ impl Ntb {
             peer_seen: now,
             up: false,
             hostile: false,
+            out_of_service: false,
             asleep: false,
             bell_due: false,
             events: Vec::new(),
@@ -358,7 +361,7 @@ impl Ntb {
 
     /// Heartbeats out and in; link events.
     fn link(&mut self, now: Instant) {
-        if self.hostile {
+        if self.hostile || self.out_of_service {
             return; // silent: the peer sees the link down too
         }
         if now.duration_since(self.beat_at) >= BEAT {
@@ -407,7 +410,7 @@ impl Ntb {
 
     /// Reads what the peer published in this node's inbox.
     fn take_in(&mut self) {
-        if self.hostile || self.ring == 0 || !self.synced {
+        if self.hostile || self.out_of_service || self.ring == 0 || !self.synced {
             return;
         }
         // Both words read between two looks at `seen`: a peer that starts
@@ -578,11 +581,13 @@ impl Backend for Ntb {
     }
 
     fn deadline(&self) -> Option<Duration> {
-        Some(BEAT.saturating_sub(self.beat_at.elapsed()))
+        // Silent (hostile, or out of service): no heartbeat to send, and
+        // nothing read until it is put back.
+        (!self.hostile && !self.out_of_service).then(|| BEAT.saturating_sub(self.beat_at.elapsed()))
     }
 
     fn idle(&mut self) -> bool {
-        if self.hostile || !self.synced {
+        if self.hostile || self.out_of_service || !self.synced {
             return true;
         }
         self.win.store(inbox::OFF_ASLEEP, 1);
@@ -604,6 +609,7 @@ impl Backend for Ntb {
         // the peer's (only looked at: `poll` checks them).
         self.synced
             && !self.hostile
+            && !self.out_of_service
             && self.ring != 0
             && (self.win.load(inbox::OFF_PROD) != self.cons
                 || self.win.load(inbox::OFF_CONS) != self.peer_cons)
@@ -807,6 +813,28 @@ impl Backend for Ntb {
 
     fn recv_words(&mut self, ch: ChannelId) -> Option<Words> {
         self.chans.get_mut(&ch)?.words.take()
+    }
+
+    fn set_link(&mut self, node: NodeId, up: bool) -> Result<(), BackendError> {
+        if node != self.peer {
+            return Err(BackendError::NoLink(node));
+        }
+        if up != self.out_of_service {
+            return Ok(());
+        }
+        self.out_of_service = !up;
+        if up {
+            // Up again once a heartbeat of the peer's is seen (`link`).
+            self.peer_seen = Instant::now();
+            self.beat_at = self.beat_at.checked_sub(BEAT).unwrap_or(self.beat_at);
+        } else if self.up {
+            self.up = false;
+            self.events.push(LinkEvent {
+                node: self.peer,
+                state: LinkState::Down,
+            });
+        }
+        Ok(())
     }
 
     fn link_events(&mut self) -> Vec<LinkEvent> {

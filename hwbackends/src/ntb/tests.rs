@@ -122,6 +122,60 @@ fn the_link_comes_up_with_the_peers_heartbeat_and_goes_down_without_it() {
     );
 }
 
+#[test]
+fn a_link_taken_out_of_service_goes_down_at_once_here_and_on_the_peer_and_comes_back() {
+    let mut lab = two_nodes(64 * 1024, 16384);
+    lab.settle();
+    for n in 0..2 {
+        assert!(lab.b[n].link_up());
+        lab.b[n].link_events();
+    }
+    assert_eq!(
+        lab.b[0].set_link(7, false),
+        Err(BackendError::NoLink(7)),
+        "no link to node 7 here"
+    );
+    // Node 1 takes its link to node 2 out of service: Down at once there,
+    // no heartbeat after, nothing read.
+    lab.b[0].set_link(2, false).unwrap();
+    let ev = lab.b[0].link_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].node, ev[0].state), (2, LinkState::Down));
+    assert!(!lab.b[0].link_up());
+    assert!(!lab.b[0].news_waiting());
+    assert_eq!(
+        lab.b[0].deadline(),
+        None,
+        "no heartbeat to send: no wake-up"
+    );
+    // Node 2, still polling, misses its heartbeat: Down after DEAD.
+    let t = Instant::now();
+    let mut down = Vec::new();
+    while down.is_empty() {
+        assert!(t.elapsed() < DEAD * 3, "no Down event on node 2");
+        std::thread::sleep(Duration::from_millis(50));
+        lab.settle();
+        down = lab.b[1].link_events();
+    }
+    assert_eq!((down[0].node, down[0].state), (1, LinkState::Down));
+    assert!(
+        lab.b[0].link_events().is_empty(),
+        "node 1 stays down while out of service"
+    );
+    // Back in service: both up once they hear each other.
+    lab.b[0].set_link(2, true).unwrap();
+    let t = Instant::now();
+    while !(lab.b[0].link_up() && lab.b[1].link_up()) {
+        assert!(t.elapsed() < DEAD * 3, "the link never came back");
+        std::thread::sleep(Duration::from_millis(50));
+        lab.settle();
+    }
+    for n in 0..2 {
+        let ev = lab.b[n].link_events();
+        assert_eq!(ev.last().map(|e| e.state), Some(LinkState::Up), "node {n}");
+    }
+}
+
 /// A window end that lets a test write into node 1's own inbox, as a
 /// hostile node 2 would.
 fn hostile_lab() -> (Ntb, MemWindow, ChannelId) {

@@ -39,7 +39,8 @@ fn main() {
     }
 }
 
-const USAGE: &str = "usage: ringstat [--json] | ringstat conn ID [--json]";
+const USAGE: &str =
+    "usage: ringstat [--json] | ringstat conn ID [--json] | ringstat link NODE up|down";
 
 const HELP: &str = "ringstat: what a running devd is doing: its live accelerated connections
 (mode, state, processes, addresses, bytes, ring fill, notifications) and
@@ -49,6 +50,10 @@ their reasons, violations). Fields: docs/ringstat.md.
 usage: ringstat [--json]          every live connection and the totals
        ringstat conn ID [--json]  one connection, with each ring's indexes
                                   and flags
+       ringstat link NODE down    takes the interconnect link to peer NODE
+                                  out of service: the connections over it
+                                  go on over their kernel TCP sockets
+                                  (root or devd's user; `up` puts it back)
 
 options:
   --json         print the JSON document instead of the table
@@ -81,12 +86,26 @@ fn run() -> Result<()> {
         .map(String::as_str)
         .filter(|a| *a != "--json")
         .collect();
-    if !matches!(rest.as_slice(), [] | ["conn", _]) {
+    if !matches!(
+        rest.as_slice(),
+        [] | ["conn", _] | ["link", _, "up" | "down"]
+    ) {
         bail!("{USAGE}");
     }
     let path = ssock_rings::paths::client_socket();
     let s = Session::connect(&path)
         .with_context(|| format!("is devd running? (socket {})", path.display()))?;
+    if let ["link", node, up] = rest.as_slice() {
+        let node: u32 = node.parse().context("the node must be a number")?;
+        let req = ssock_rings::codec::Request::Link {
+            node,
+            up: *up == "up",
+        };
+        match s.request(&req, &[])? {
+            (ssock_rings::codec::Response::Ok, _) => return Ok(()),
+            (r, _) => bail!("devd refused: {r:?}"),
+        }
+    }
     let v = ssock_tools::fetch_stats(&s)?;
     match rest.as_slice() {
         [] => {
@@ -144,9 +163,10 @@ fn print_table(v: &Value) {
         let n = |k: &str| c[k].to_string();
         // Queued: the backend, and the peer node of an end on another host.
         let path = match (c["backend"].as_str(), c["peer_node"].as_u64()) {
-            (Some(b), Some(node)) => match c["acked"].as_u64() {
-                Some(a) => format!("{b}:{node} acked {a}"),
-                None => format!("{b}:{node}"),
+            (Some(b), Some(node)) => match (c["path"].as_str(), c["acked"].as_u64()) {
+                (Some(p @ ("tcp" | "moving")), _) => format!("{p} (was {b}:{node})"),
+                (_, Some(a)) => format!("{b}:{node} acked {a}"),
+                _ => format!("{b}:{node}"),
             },
             (Some(b), None) => b.to_string(),
             _ => "-".to_string(),
@@ -183,9 +203,11 @@ fn print_table(v: &Value) {
         || t["remote"]["unmatched"].as_u64().unwrap_or(0) > 0
     {
         out!(
-            "remote: connections {} unmatched {}",
+            "remote: connections {} unmatched {} failovers {} failover_resets {}",
             t["remote"]["connections"],
-            t["remote"]["unmatched"]
+            t["remote"]["unmatched"],
+            t["remote"]["failovers"],
+            t["remote"]["failover_resets"]
         );
     }
     let fb: Vec<String> = t["fallbacks"]

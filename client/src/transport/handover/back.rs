@@ -42,6 +42,9 @@ impl Handover {
                     self.resent = 0;
                     self.tail = self.inner.region_written();
                     self.tx = Tx::Back;
+                    if self.resend.is_empty() {
+                        self.resent_all();
+                    }
                 }
                 Err(_) => {
                     self.broken = true;
@@ -104,6 +107,7 @@ impl Handover {
         if !self.resend.is_empty() {
             self.resend = Vec::new();
             self.resent = 0;
+            self.resent_all();
         }
         if self.wr_shut && self.tx == Tx::Back && !self.back_shut {
             self.back_shut = true;
@@ -201,6 +205,18 @@ impl Handover {
                 layout::end_at(&self.map, 1 - self.side) == End::At(at.saturating_add(after))
             }
             _ => false,
+        }
+    }
+
+    /// What was sent again is all out: from here on the kernel socket
+    /// carries this end's writes in order, so its end (whenever it comes,
+    /// even at this process's death) is the stream's: END says so at once
+    /// (a reader that finds the socket ended before END came would have
+    /// to take it for bytes missing).
+    fn resent_all(&mut self) {
+        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+            layout::publish_end_at_fin(&self.map, self.side);
+            self.inner.words_changed();
         }
     }
 

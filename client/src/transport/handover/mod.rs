@@ -46,6 +46,10 @@ const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// send what it still owes its reader (then it resets the connection).
 const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a read that moved back waits for its remote writer's END
+/// once the kernel socket ended (see `Handover::back_end_unknown`).
+const BACK_END_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a blocking wait looks before it sleeps while a direction is
 /// on the kernel socket (at most the caller's spin budget).
 const PHASE_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
@@ -131,6 +135,9 @@ pub struct Handover {
     /// the stream's end was unsure: reported by the read that finds the
     /// socket's end to be the stream's, as the kernel would have.
     tcp_err: Option<i32>,
+    /// Since when a read that moved back waits for its remote writer's
+    /// END (the kernel socket ended first), and whether that wait ended.
+    end_wait: Option<(std::time::Instant, bool)>,
 }
 
 /// How long a fresh acceptor end waits for its connector's READY: the
@@ -209,6 +216,7 @@ impl Handover {
             closed: false,
             forking: false,
             tcp_err: None,
+            end_wait: None,
         };
         if refused {
             h.stay_on_kernel();
@@ -385,6 +393,62 @@ impl Handover {
             && layout::claim(&self.map) != CLAIM_KERNEL
     }
 
+    /// Between hosts, after the link failed (docs/protocol.md 8.5), the
+    /// writer's END comes through the devds and its FIN through the
+    /// kernel, in no set order: a kernel end seen by a read that moved
+    /// back before END came says nothing yet, for `BACK_END_WAIT` at most
+    /// (the other host's devd may be gone too: the read then finds the
+    /// stream short and resets).
+    fn back_end_unknown(&self) -> bool {
+        !self.kernel
+            && matches!(self.rx, Rx::Back { .. })
+            && layout::is_remote(&self.map)
+            && layout::end_at(&self.map, 1 - self.side) == End::Open
+            && self
+                .end_wait
+                .is_none_or(|(t, _)| t.elapsed() < BACK_END_WAIT)
+    }
+
+    /// The kernel socket ended while `back_end_unknown`: the wait begins
+    /// (once), its sleeps cut short so that its bound is seen.
+    fn wait_for_end(&mut self) -> Option<RawFd> {
+        if self.end_wait.is_none() {
+            self.end_wait = Some((std::time::Instant::now(), false));
+        }
+        self.inner.words_fd(Some(true))
+    }
+
+    /// The wait for END is over (it came, or its bound passed): sleeps on
+    /// devd's fd are no longer cut short.
+    fn end_wait_over(&mut self) {
+        if let Some((t, false)) = self.end_wait {
+            if !self.back_end_unknown() {
+                self.end_wait = Some((t, true));
+                self.inner.words_fd(Some(false));
+            }
+        }
+    }
+
+    /// A blocking read's sleep until devd may have brought END (20 ms at
+    /// most at a time, not past the call's deadline).
+    fn wait_end(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let now = std::time::Instant::now();
+        if ctx.deadline.is_some_and(|d| now >= d) {
+            return Err(would_block());
+        }
+        let Some(fd) = self.wait_for_end() else {
+            return Ok(());
+        };
+        let cap = now + std::time::Duration::from_millis(20);
+        let until = ctx.deadline.map_or(cap, |d| d.min(cap));
+        let mut fds = [PollFd::new(fd, libc::POLLIN)];
+        match ssock_rings::notify::sleep(&mut fds, Some(until)) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sleeps (100 ms at most at a time, and not past the call's deadline)
     /// until the region's words or end mark may have come; the kernel
     /// socket is left out (its end is what is known already).
@@ -480,6 +544,24 @@ impl Handover {
                 (false, Rx::Tcp(Some(u))) => {
                     usize::try_from(u.saturating_sub(self.done())).unwrap_or(usize::MAX)
                 }
+                (false, Rx::Tcp(None)) if layout::is_remote(&self.map) && !buf.is_empty() => {
+                    // Between hosts, a writer whose link failed sends
+                    // again on the socket once its reader's devd knew its
+                    // SWITCH (docs/protocol.md 8.5): what is there is
+                    // looked at first, then the words again, so that no
+                    // byte past SWITCH is taken for one before it.
+                    let flags = libc::MSG_DONTWAIT | libc::MSG_PEEK;
+                    match ssock_rings::sys::recv(ctx.tcp, buf, flags) {
+                        Ok(n) if n > 0 => {
+                            self.step();
+                            if self.rx != Rx::Tcp(None) {
+                                continue;
+                            }
+                            n
+                        }
+                        _ => buf.len(),
+                    }
+                }
                 _ => buf.len(),
             };
             if buf.is_empty() {
@@ -504,7 +586,15 @@ impl Handover {
                             self.broken = true;
                             return Err(reset_error());
                         }
+                        Rx::Back { .. } if self.back_end_unknown() => {
+                            if ctx.nonblocking {
+                                self.wait_for_end();
+                                return Err(would_block());
+                            }
+                            self.wait_end(ctx)?;
+                        }
                         Rx::Back { at, after } => {
+                            self.end_wait_over();
                             // The stream ends where its writer said it does
                             // (a writer that died, or a resend cut short,
                             // leaves bytes missing).
@@ -826,28 +916,35 @@ impl Transport for Handover {
         let tx_ring = !self.kernel && self.tx == Tx::Ring;
         // A remote peer's end with nothing before it, while its offset is
         // unknown: not an end yet (see `end_unsure`).
-        let unsure = k & libc::POLLRDHUP != 0 && self.end_unsure(self.inner.region_mark()) && {
-            let mut b = [0u8; 1];
-            let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-            match ssock_rings::sys::recv(ctx.tcp, &mut b, peek) {
-                Ok(0) => true,
-                // A reset: the kernel reports it once, to this look; kept
-                // for the read that finds the socket's end the stream's.
-                Err(e)
-                    if !matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    self.tcp_err = e.raw_os_error();
-                    true
+        let back_unsure = self.back_end_unknown();
+        let unsure = k & libc::POLLRDHUP != 0
+            && (back_unsure || self.end_unsure(self.inner.region_mark()))
+            && {
+                let mut b = [0u8; 1];
+                let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+                match ssock_rings::sys::recv(ctx.tcp, &mut b, peek) {
+                    Ok(0) => true,
+                    // A reset: the kernel reports it once, to this look; kept
+                    // for the read that finds the socket's end the stream's.
+                    Err(e)
+                        if !matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        self.tcp_err = e.raw_os_error();
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
-            }
-        };
+            };
         let k = if unsure {
+            if back_unsure {
+                self.wait_for_end();
+            }
             k & !(libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP)
         } else {
+            self.end_wait_over();
             k
         };
         let tcp_in = k & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
@@ -864,8 +961,22 @@ impl Transport for Handover {
                 self.kernel_end_ends();
             }
         }
+        // Progress on the kernel socket counts too (an edge-triggered
+        // waiter is told of a change only): bytes written there before the
+        // move or after moving back, and read after moving back.
         let written = match self.tx {
             Tx::Tcp(w) => w,
+            // (`resent` starts again at 0 once all was sent: then it was
+            // `resend_total`, so the count never goes back.)
+            Tx::Back => self.tail.wrapping_add(if self.resend.is_empty() {
+                self.resend_total
+            } else {
+                self.resent as u64
+            }),
+            _ => 0,
+        };
+        let read_back = match self.rx {
+            Rx::Back { after, .. } => after,
             _ => 0,
         };
         Ready {
@@ -885,6 +996,7 @@ impl Transport for Handover {
             seq: [
                 r.seq[0]
                     .wrapping_add(if self.kernel { 0 } else { self.done() })
+                    .wrapping_add(read_back)
                     .wrapping_add(u64::from(tcp_in)),
                 r.seq[1]
                     .wrapping_add(written)
@@ -903,6 +1015,12 @@ impl Transport for Handover {
         }
         let tcp = ctx.tcp.as_raw_fd();
         let mut fds: Vec<(RawFd, i16)> = Vec::new();
+        if read && self.end_wait.is_some_and(|(_, over)| !over) && self.back_end_unknown() {
+            // devd brings the writer's END (see `back_end_unknown`).
+            if let Some(fd) = self.wait_for_end() {
+                fds.push((fd, libc::POLLIN));
+            }
+        }
         if !self.kernel && !self.lost {
             match self.inner.arm(ctx, read, write) {
                 Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),

@@ -12,6 +12,10 @@
 //!
 //! A side that breaks the queue protocol is reset (its peer sees a reset,
 //! it sees a reset) and never touched again; other connections go on.
+//! When a link fails, the connections that crossed it go on over their
+//! kernel sockets (`failover.rs`).
+
+mod failover;
 
 use crate::sandbox::ThreadKind;
 use crate::stats::{EngineCounts, QueuedCounters};
@@ -105,6 +109,28 @@ pub enum Cmd {
         /// the side ends with Eos, not Reset, if its client set no mark.
         orderly: bool,
     },
+    /// The peer devds' messages go through here (`failover.rs`).
+    Peers(crate::peers::Sender),
+    /// Peer `node` moves the connection on `channel` to its kernel socket
+    /// (`peers::wire::Msg::Failover`).
+    PeerFailover {
+        /// The peer.
+        node: u32,
+        /// The connection's channel.
+        channel: u64,
+        /// Its end's hand-over words.
+        words: [u64; 4],
+        /// Where it closed the direction it reads, once it did.
+        closed: Option<u64>,
+    },
+    /// Take the link to `node` out of service, or back in
+    /// (`Backend::set_link`).
+    SetLink {
+        /// The peer.
+        node: u32,
+        /// In service.
+        up: bool,
+    },
     /// Stop the thread.
     Stop,
 }
@@ -169,6 +195,10 @@ struct Side {
     unacked: VecDeque<(u16, u64)>,
     /// Bytes of this side's stream the backend took.
     sent: u64,
+    /// Bytes of the other end's stream given to this side's client.
+    received: u64,
+    /// The link under it failed: it moves to its kernel socket.
+    failover: Option<failover::Failover>,
     mark_sent: bool,
     rx_marked: bool,
     gone: bool,
@@ -208,6 +238,9 @@ const SPIN_LOOKS: usize = 16;
 /// How long a side whose client went waits for the other host to take
 /// its last bytes before it is reset and forgotten.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often lingering sides (and sides moving to their kernel sockets)
+/// are looked at when nothing else wakes the engine.
+const LINGER_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `side` ends with a reset both ways: its client sees it, and the peer
 /// through `backend`; nothing it held waits any more.
@@ -273,6 +306,7 @@ pub fn spawn(
                 quiet_backend,
                 counts,
                 links: l,
+                peers: None,
             };
             e.run(&rx, &w);
         },
@@ -309,6 +343,8 @@ struct Engine {
     quiet_backend: bool,
     counts: Arc<EngineCounts>,
     links: Links,
+    /// The peer devds, for fail-over (none: a failed link resets).
+    peers: Option<crate::peers::Sender>,
 }
 
 impl Engine {
@@ -319,8 +355,15 @@ impl Engine {
                 0
             } else {
                 // The backend's next chore (a heartbeat), rounded up to
-                // a millisecond; none: sleep until woken.
-                self.backend.deadline().map_or(-1, |d| {
+                // a millisecond, or the next look at lingering sides (a
+                // second at most); none: sleep until woken.
+                let linger = (!self.lingering.is_empty())
+                    .then(|| LINGER_LOOK.saturating_sub(self.lingered.elapsed()));
+                match (self.backend.deadline(), linger) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+                .map_or(-1, |d| {
                     i32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
                 })
             };
@@ -374,9 +417,7 @@ impl Engine {
     /// Serves the busy connections once each, then the backend's news;
     /// every second, the lingering ones too.
     fn turn(&mut self) {
-        if !self.lingering.is_empty()
-            && self.lingered.elapsed() >= std::time::Duration::from_secs(1)
-        {
+        if !self.lingering.is_empty() && self.lingered.elapsed() >= LINGER_LOOK {
             self.lingered = Instant::now();
             for &id in &self.lingering {
                 if !self.busy.contains(&id) {
@@ -438,6 +479,7 @@ impl Engine {
                 let news = watched.iter().find(|(_, p)| {
                     p.sides.iter().any(|s| {
                         !s.dead
+                            && s.failover.is_none()
                             && ((s.tx_pending.is_none() && !s.mark_sent && s.region.has_avail(TX))
                                 || (s.rx_waiting && s.region.has_avail(RX)))
                     })
@@ -502,6 +544,25 @@ impl Engine {
     fn command(&mut self, cmd: Cmd) -> bool {
         match cmd {
             Cmd::Stop => return false,
+            Cmd::Peers(p) => self.peers = Some(p),
+            Cmd::SetLink { node, up } => match self.backend.set_link(node, up) {
+                Ok(()) => {
+                    let state = if up {
+                        "back in service"
+                    } else {
+                        "out of service"
+                    };
+                    log::info!("link to node {node} {state}");
+                    self.backend_news();
+                }
+                Err(e) => log::warn!("link to node {node}: {e}"),
+            },
+            Cmd::PeerFailover {
+                node,
+                channel,
+                words,
+                closed,
+            } => self.peer_failover(node, channel, words, closed),
             Cmd::Add {
                 id,
                 sides,
@@ -520,6 +581,8 @@ impl Engine {
                     tx_pending: None,
                     unacked: VecDeque::new(),
                     sent: 0,
+                    received: 0,
+                    failover: None,
                     mark_sent: false,
                     rx_marked: false,
                     gone: false,
@@ -663,7 +726,9 @@ impl Engine {
             for s in 0..pair.sides.len() {
                 let pending = self.backend.pending(pair.sides[s].ch) > 0;
                 let side = &mut pair.sides[s];
-                if side.dead || side.gone {
+                if side.dead || side.gone || side.failover.is_some() {
+                    // (A side that moved to its kernel socket is no work:
+                    // what its client posted stays where it is.)
                     continue;
                 }
                 if !side.mark_sent && side.tx_pending.is_none() {
@@ -676,6 +741,9 @@ impl Engine {
             if !more {
                 break;
             }
+        }
+        for side in &pair.sides {
+            failover::end_of_gone(side);
         }
         self.words_out(pair);
         // A local pair ends when both sides went; a side alone here (its
@@ -693,10 +761,17 @@ impl Engine {
             log::warn!("connection {id}: the other host took nothing for {LINGER:?}; resetting it");
             self.reset_side(pair, 0);
         }
-        let finished = pair
-            .sides
-            .iter()
-            .all(|s| s.dead || (s.gone && (!alone || (s.mark_sent && s.tx_pending.is_none()))));
+        self.failover_expire(id, pair);
+        let finished = pair.sides.iter().all(|s| {
+            s.dead
+                || (s.gone
+                    && (!alone
+                        || s.failover
+                            .as_ref()
+                            .map_or(s.mark_sent && s.tx_pending.is_none(), |_| {
+                                failover::agreed(s)
+                            })))
+        });
         if finished {
             self.forget(id, pair);
             return None;
@@ -710,7 +785,11 @@ impl Engine {
     fn words_in(&mut self, id: u64, pair: &mut Pair) {
         for s in 0..pair.sides.len() {
             let side = &mut pair.sides[s];
-            let Some(hov) = side.hov.clone().filter(|_| !side.dead) else {
+            let Some(hov) = side
+                .hov
+                .clone()
+                .filter(|_| !side.dead && side.failover.is_none())
+            else {
                 continue;
             };
             let Some(w) = self.backend.recv_words(side.ch) else {
@@ -747,6 +826,10 @@ impl Engine {
 
     /// [`Engine::words_out`] for one side.
     fn side_words_out(&mut self, side: &mut Side) {
+        if side.failover.is_some() {
+            self.failover_words_out(side);
+            return;
+        }
         let Some(hov) = side.hov.as_ref().filter(|_| !side.dead) else {
             return;
         };
@@ -769,29 +852,46 @@ impl Engine {
     }
 
     /// The link to `node` went down: every side whose channel crossed it
-    /// ends with a reset (its client sees ECONNRESET, nothing hangs; moving
-    /// such connections to TCP instead is the fail-over work).
+    /// moves to its kernel socket (`failover.rs`), or, with no peer devds
+    /// to agree the offsets with, ends with a reset (its client sees
+    /// ECONNRESET, nothing hangs).
     fn link_lost(&mut self, node: u32) {
-        let mut touched = Vec::new();
-        for (&id, pair) in &mut self.pairs {
-            for side in &mut pair.sides {
-                if side.dead || !matches!(side.peer, Peer::Remote { node: n, .. } if n == node) {
-                    continue;
+        let ids: Vec<u64> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| {
+                p.sides.iter().any(|s| {
+                    !s.dead
+                        && s.failover.is_none()
+                        && matches!(s.peer, Peer::Remote { node: n, .. } if n == node)
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut moved = 0;
+        for &id in &ids {
+            let Some(mut pair) = self.pairs.remove(&id) else {
+                continue;
+            };
+            for s in 0..pair.sides.len() {
+                if matches!(pair.sides[s].peer, Peer::Remote { node: n, .. } if n == node) {
+                    if self.fail_over(id, &mut pair, s) {
+                        moved += 1;
+                    } else {
+                        self.failover_reset(&mut pair, s);
+                    }
                 }
-                reset(self.backend.as_mut(), side);
-                touched.push(id);
             }
-        }
-        if !touched.is_empty() {
-            log::warn!(
-                "link to node {node} lost: {} connections reset",
-                touched.len()
-            );
-        }
-        for id in touched {
+            self.pairs.insert(id, pair);
             if !self.busy.contains(&id) {
                 self.busy.push_back(id);
             }
+        }
+        if !ids.is_empty() {
+            log::warn!(
+                "link to node {node} lost: {moved} connections move to their kernel sockets, {} reset",
+                ids.len() - moved
+            );
         }
     }
 
@@ -845,7 +945,7 @@ impl Engine {
     }
 
     fn tx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
-        if pair.sides[s].dead {
+        if pair.sides[s].dead || pair.sides[s].failover.is_some() {
             return false;
         }
         let mut used = self.give_back(id, pair, s, false);
@@ -899,7 +999,8 @@ impl Engine {
                     BackendError::PeerGone(_)
                     | BackendError::Ended(_)
                     | BackendError::NoChannel(_)
-                    | BackendError::Unreachable(_),
+                    | BackendError::Unreachable(_)
+                    | BackendError::NoLink(_),
                 ) => {
                     dropped = true;
                     len - off
@@ -1001,7 +1102,7 @@ impl Engine {
     fn rx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
         let ch = pair.sides[s].ch;
         let side = &mut pair.sides[s];
-        if side.dead || side.rx_marked {
+        if side.dead || side.rx_marked || side.failover.is_some() {
             return false;
         }
         let mut progress = false;
@@ -1067,6 +1168,7 @@ impl Engine {
                 self.violation(id, pair, s, &e);
                 return true;
             }
+            side.received += n as u64;
             if side.hov.is_some() {
                 // The other end's bytes: its own engine, on its host,
                 // counts them there.

@@ -1,0 +1,330 @@
+//! Fail-over (docs/protocol.md 8.5): when the link under a connection
+//! with an end on another host fails, the connection goes on over its
+//! kernel TCP socket at the exact offsets of each direction. The two
+//! devds agree on them over their control connection: each stops moving
+//! the side's bytes, pins a writer that had not moved to the kernel socket
+//! (SWITCH = NEVER) and sends its end's words; each, once it has the other
+//! host's words (so the writer's SWITCH is in this host's page before the
+//! writer can send anything again), closes the region part of the
+//! direction its end reads at what it gave the reader, and says where;
+//! the other closes its writer's direction there. With both directions
+//! closed in its page, the client moves back as when devd goes away
+//! (section 2.4): the reader reads what it was given, then the socket;
+//! the writer sends again what it kept from that offset on.
+//!
+//! Never here: a direction closed below what its reader took or above
+//! what its writer sent, a word from the other host used unchecked, or a
+//! connection left waiting for an answer that does not come (`WAIT`).
+
+use super::{Engine, Pair, Side};
+use crate::peers::wire::Msg;
+use crate::stats::QueuedCounters;
+use ssock_hwbackends::Peer;
+use ssock_rings::layout::{self, qhdr, End, Switch, Taken};
+use ssock_rings::relay::{self, Words};
+use ssock_rings::Mapping;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a side waits for the other host's half of the agreement
+/// before it is reset.
+pub(super) const WAIT: Duration = Duration::from_secs(10);
+
+/// A side moving to its kernel socket.
+#[derive(Debug)]
+pub(super) struct Failover {
+    node: u32,
+    channel: u64,
+    /// The other host's words came: the SWITCH of the direction this side
+    /// reads is final in the page, which closed that direction.
+    heard: bool,
+    /// What was last sent to the other host, and when.
+    sent: Option<(Words, Option<u64>)>,
+    sent_at: Instant,
+    began: Instant,
+}
+
+/// How long a side waits for the other host's answer before it says its
+/// part again.
+const AGAIN: Duration = Duration::from_millis(500);
+
+impl Engine {
+    /// Starts moving side `s` of connection `id` to its kernel socket:
+    /// false when it cannot (no peer devds to agree with, not a remote
+    /// side, or over already).
+    pub(super) fn fail_over(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
+        let side = &mut pair.sides[s];
+        let (Some(hov), Peer::Remote { node, channel }) = (side.hov.clone(), side.peer) else {
+            return false;
+        };
+        if side.dead || self.peers.is_none() {
+            return false;
+        }
+        if side.failover.is_some() {
+            return true;
+        }
+        side.failover = Some(Failover {
+            node,
+            channel,
+            heard: false,
+            sent: None,
+            sent_at: Instant::now(),
+            began: Instant::now(),
+        });
+        // Its bytes move no more here; what the client posted stays its
+        // own (unacknowledged TX buffers never go back).
+        side.tx_pending = None;
+        start_page(&hov, side.end);
+        // Relaxed: statistics.
+        pair.counters.failover.store(2, Ordering::Relaxed);
+        let side = &mut pair.sides[s];
+        log::info!(
+            "connection {id}: the link to node {node} failed; moving it to its kernel socket"
+        );
+        self.lingering.insert(id);
+        self.failover_words_out(side);
+        let _ = side.call.notify();
+        true
+    }
+
+    /// Peer `node` sent its half for the connection on `channel`.
+    pub(super) fn peer_failover(
+        &mut self,
+        node: u32,
+        channel: u64,
+        words: Words,
+        closed: Option<u64>,
+    ) {
+        // A remote side's backend channel is the connection's channel.
+        let found = self.by_chan.get(&channel).and_then(|&id| {
+            self.pairs.get(&id).and_then(|p| {
+                p.sides
+                    .iter()
+                    .position(|s| !s.dead && s.peer == Peer::Remote { node, channel })
+                    .map(|s| (id, s))
+            })
+        });
+        let Some((id, s)) = found else {
+            log::debug!("peer node {node}: fail-over of channel {channel:#x}, not served here");
+            return;
+        };
+        let Some(mut pair) = self.pairs.remove(&id) else {
+            return;
+        };
+        if self.fail_over(id, &mut pair, s) {
+            match self.agree(&mut pair.sides[s], &words, closed) {
+                Ok(true) => {
+                    log::info!("connection {id}: on its kernel socket, both hosts agreed where");
+                    pair.counters.failover.store(1, Ordering::Relaxed);
+                    QueuedCounters::add(&self.counts.failovers, 1);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("connection {id}: node {node}'s fail-over: {e}; resetting it");
+                    self.failover_reset(&mut pair, s);
+                }
+            }
+        } else {
+            self.failover_reset(&mut pair, s);
+        }
+        self.pairs.insert(id, pair);
+        if !self.busy.contains(&id) {
+            self.busy.push_back(id);
+        }
+    }
+
+    /// Side `s` ends with a reset where it should have moved, counted.
+    pub(super) fn failover_reset(&mut self, pair: &mut Pair, s: usize) {
+        if !pair.sides[s].dead {
+            QueuedCounters::add(&self.counts.failover_resets, 1);
+        }
+        self.reset_side(pair, s);
+    }
+
+    /// Applies the other host's words and closing offset to `side`'s page:
+    /// Ok(true) when that closed its second direction (the agreement is
+    /// complete).
+    fn agree(&mut self, side: &mut Side, w: &Words, closed: Option<u64>) -> Result<bool, String> {
+        let (Some(hov), Some(fo)) = (side.hov.clone(), side.failover.as_mut()) else {
+            return Ok(false);
+        };
+        let was = both_closed(&hov);
+        let counts = (side.sent, side.received);
+        agree_page(&hov, side.end, counts, &mut fo.heard, w, closed)?;
+        let _ = side.call.notify();
+        self.failover_words_out(side);
+        Ok(!was && both_closed(&hov))
+    }
+
+    /// Sends the other host this side's words (and, once it heard the
+    /// other's, where the direction it reads closed) when they changed.
+    pub(super) fn failover_words_out(&mut self, side: &mut Side) {
+        let (Some(hov), Some(fo), Some(peers)) = (
+            side.hov.as_ref(),
+            side.failover.as_mut(),
+            self.peers.as_ref(),
+        ) else {
+            return;
+        };
+        let (w, closed) = our_part(hov, side.end, fo.heard);
+        if fo.sent != Some((w, closed)) {
+            peers.send(
+                fo.node,
+                Msg::Failover {
+                    channel: fo.channel,
+                    words: w,
+                    closed,
+                },
+            );
+            fo.sent = Some((w, closed));
+            fo.sent_at = Instant::now();
+        }
+    }
+
+    /// Sides of `pair` whose agreement is not complete: the last message
+    /// goes again (the control connection may have dropped it), and after
+    /// `WAIT` the side is reset (the other host never answered: its devd
+    /// or the control connection went too). Called at every pump, and
+    /// once a second at least (the engine's lingering look).
+    pub(super) fn failover_expire(&mut self, id: u64, pair: &mut Pair) {
+        if pair
+            .sides
+            .iter()
+            .all(|s| s.dead || (s.failover.is_some() && !s.gone && agreed(s)))
+        {
+            // Moved and agreed: nothing to look at until its client goes.
+            self.lingering.remove(&id);
+        }
+        for s in 0..pair.sides.len() {
+            let side = &mut pair.sides[s];
+            if side.dead || side.failover.is_none() || agreed(side) {
+                continue;
+            }
+            let Some(fo) = side.failover.as_mut() else {
+                continue;
+            };
+            if fo.began.elapsed() > WAIT {
+                log::warn!(
+                    "connection {id}: node {} did not agree on the fail-over within {WAIT:?}; resetting it",
+                    fo.node
+                );
+                self.failover_reset(pair, s);
+            } else if fo.sent_at.elapsed() >= AGAIN {
+                fo.sent = None;
+                self.failover_words_out(side);
+            }
+        }
+    }
+}
+
+/// Both directions' region parts are closed in `hov` (the agreement is
+/// complete, or the client closed them itself).
+fn both_closed(hov: &ssock_rings::Mapping) -> bool {
+    (0..2).all(|d| matches!(layout::taken(hov, d), Taken::Closed(_)))
+}
+
+/// `side`'s agreement is complete: both directions closed in its page.
+pub(super) fn agreed(side: &Side) -> bool {
+    side.hov.as_deref().is_some_and(both_closed)
+}
+
+/// A side that moved whose client went (exited or closed) with its
+/// kernel socket closed in order: if it owed nothing (its writes into the
+/// region end where the other host's reader was given them), the socket's
+/// end is its stream's, and END says so for it (a client that died could
+/// not; its reader would take the end for bytes missing). A client that
+/// lies about what it wrote harms only its own stream.
+pub(super) fn end_of_gone(side: &Side) {
+    let Some(hov) = side.hov.as_ref() else {
+        return;
+    };
+    if !side.gone || !side.orderly || side.failover.is_none() || side.dead {
+        return;
+    }
+    if side.region.tx_flags() & layout::FLAG_RESET != 0 {
+        // It closed with a reset (SO_LINGER 0, bytes unread): no end.
+        return;
+    }
+    let end = side.end & 1;
+    if layout::end_at(hov, end) != End::Open {
+        return;
+    }
+    if let Taken::Closed(c) = layout::taken(hov, end) {
+        if side.region.counter(qhdr::TX_BYTES) == c {
+            layout::publish_end_at_fin(hov, end);
+        }
+    }
+}
+
+/// The start of a side's move on its page `hov` (end `end`): a writer
+/// that had not moved never will, so the other host learns its final
+/// SWITCH with the words sent next.
+pub(super) fn start_page(hov: &Mapping, end: usize) {
+    layout::publish_switch(hov, end & 1, Switch::Never);
+}
+
+/// What a side tells the other host: its end's words, and, once it
+/// `heard` the other's, where the direction it reads closed.
+pub(super) fn our_part(hov: &Mapping, end: usize, heard: bool) -> (Words, Option<u64>) {
+    let end = end & 1;
+    let closed = match layout::taken(hov, 1 - end) {
+        Taken::Closed(at) if heard => Some(at),
+        _ => None,
+    };
+    (relay::ours(hov, end), closed)
+}
+
+/// Applies the other host's part (`w`, `closed`) to page `hov` of end
+/// `end`, which sent `counts.0` bytes of the direction it writes and gave
+/// its reader `counts.1` of the other: the words (checked as any relayed
+/// ones), then, the first time (`heard`), the close of the direction it
+/// reads at what its reader was given, and the close of the direction it
+/// writes at `closed` once that comes. Err: the other host broke a rule
+/// (the connection is reset).
+pub(super) fn agree_page(
+    hov: &Mapping,
+    end: usize,
+    counts: (u64, u64),
+    heard: &mut bool,
+    w: &Words,
+    closed: Option<u64>,
+) -> Result<(), String> {
+    let end = end & 1;
+    let (sent, received) = counts;
+    if w[1] == 0 {
+        // Its writer's SWITCH is final at its start (moved, or NEVER).
+        return Err("its words carry no SWITCH".into());
+    }
+    relay::apply(hov, end, w, sent).map_err(|e| e.to_string())?;
+    if !*heard {
+        *heard = true;
+        // The direction this side reads: what its client was given is all
+        // the region will carry.
+        match layout::close_taken_at(hov, 1 - end, received) {
+            Ok(()) => {}
+            Err(Taken::Closed(at)) if at == received => {}
+            Err(t) => {
+                return Err(format!(
+                    "its reader's word says {t:?}, {received} bytes were given it"
+                ))
+            }
+        }
+    }
+    if let Some(at) = closed {
+        // The direction this side writes: the other host's reader was
+        // given `at` bytes of it.
+        if at > sent {
+            return Err(format!("closed at {at}, beyond the {sent} bytes sent"));
+        }
+        match layout::close_taken_at(hov, end, at) {
+            Ok(()) => {}
+            Err(Taken::Closed(was)) if was == at => {}
+            Err(t) => return Err(format!("closed at {at}, the page says {t:?}")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "failover_model.rs"]
+mod model;

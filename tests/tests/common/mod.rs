@@ -1,0 +1,173 @@
+//! What the two-host lab's tests share: programs whose output is read as
+//! it comes, the lab's statistics, and tests/apps/remote.py's servers.
+//! (Each test file includes it; not every file uses every item.)
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use ssock_tests::lab::{self, TwoHosts};
+use std::io::BufRead;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const UP: Duration = Duration::from_secs(15);
+
+pub fn remote_py() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py").to_string()
+}
+
+/// A program whose output lines are read as they come.
+pub struct Prog {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Prog {
+    pub fn start(mut c: std::process::Command) -> Result<Prog> {
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().context("stderr")?),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Prog {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits up to `within` for a line that starts with one of `want`.
+    pub fn expect(&mut self, want: &[&str], within: Duration) -> Result<String> {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if want.iter().any(|w| l.starts_with(w)) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => bail!(
+                    "no line starting with {want:?} within {within:?}; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits up to `within` for the program to end; its exit status.
+    pub fn wait(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                bail!(
+                    "still running after {within:?}; it printed:\n{}",
+                    self.all()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it printed so far.
+    pub fn all(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Prog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Host `h`'s `totals` section.
+pub fn totals(lab: &TwoHosts, h: usize) -> Result<serde_json::Value> {
+    Ok(lab.stats(h)?["totals"].clone())
+}
+
+/// Host `h`'s totals once `done` holds of them, or after 5 s as they are.
+pub fn settled(
+    lab: &TwoHosts,
+    h: usize,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let v = totals(lab, h)?;
+        if done(&v) || t.elapsed() > Duration::from_secs(5) {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn remote_count(t: &serde_json::Value) -> u64 {
+    t["remote"]["connections"].as_u64().unwrap_or(0)
+}
+
+pub fn queued_bytes(t: &serde_json::Value) -> u64 {
+    t["bytes"]["queued"].as_u64().unwrap_or(0)
+}
+
+pub fn ready(name: &str) -> Result<Option<TwoHosts>> {
+    if !lab::available()? || !ssock_tests::have_app("python3")? {
+        return Ok(None);
+    }
+    let lab = TwoHosts::up(name)?;
+    lab.wait_linked(UP)?;
+    Ok(Some(lab))
+}
+
+/// An echo server on host `srv`, under ssock-run or not, listening.
+pub fn echo_server(lab: &TwoHosts, srv: usize, port: u16, ssock: bool) -> Result<Prog> {
+    let py = remote_py();
+    let port = port.to_string();
+    let args = ["python3", py.as_str(), "serve", port.as_str()];
+    let mut p = Prog::start(if ssock {
+        lab.under_ssock(srv, &args)
+    } else {
+        lab.plain(srv, &args)
+    })?;
+    p.expect(&["LISTENING"], Duration::from_secs(10))?;
+    if ssock {
+        heard(lab, 1 - srv, port.parse()?)?;
+    }
+    Ok(p)
+}
+
+/// Waits until host `h`'s devd heard its peer advertise a listener on
+/// every address (IPv4 or IPv6) at `port` (within 200 ms of its
+/// registration).
+pub fn heard(lab: &TwoHosts, h: usize, port: u16) -> Result<()> {
+    let want = [format!("0.0.0.0:{port}"), format!("[::]:{port}")];
+    lab.wait_peer(h, UP, "heard of the listener", |p| {
+        p["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|a| want.iter().any(|w| a == w.as_str())))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Fail-over in the two-host lab (docs/protocol.md 8.5): when the ntb link
+//! under remote connections goes down (taken out of service with
+//! `ringstat link NODE down`, as a failing adapter would go), every
+//! connection over it goes on over its kernel TCP socket, each byte
+//! checked by the programs themselves (tests/apps/remote.py: the pattern at
+//! its offset, both directions), and both devds' statistics show each
+//! connection moved (`remote.failovers`, `path` = "tcp") and none reset.
+
+mod common;
+
+use anyhow::{ensure, Result};
+use common::*;
+use ssock_tests::lab::TwoHosts;
+use std::time::{Duration, Instant};
+
+/// Waits until host `h` shows `n` live remote connections on the link, at
+/// least `moved` of which carried bytes across it (acknowledged by the
+/// other host; a connection's first bytes go on its kernel socket until
+/// its writer moves, and a quiet one may have sent nothing since).
+fn moving_on_the_link(lab: &TwoHosts, h: usize, n: usize, moved: usize) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let v = lab.stats(h)?;
+        let live: Vec<&serde_json::Value> = v["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["path"] == "link")
+            .collect();
+        let acked = live
+            .iter()
+            .filter(|c| c["acked"].as_u64() > Some(0))
+            .count();
+        if live.len() >= n && acked >= moved {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "host {h}: {} of {n} connections on the link, {acked} of {moved} moved bytes: {v}",
+            live.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// CPU time (user and system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ensure!(f.len() == 2, "/proc/{pid}/stat: {stat}");
+    Ok(f[0] + f[1])
+}
+
+/// The processes whose command line contains `what`.
+fn pids_running(what: &str) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(what) && !cmd.contains("two-host-lab") && !cmd.contains("ssock-run") {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// Both hosts counted `n` connections moved to their kernel sockets and
+/// none reset, every live remote connection on "tcp".
+fn all_moved(lab: &TwoHosts, n: u64) -> Result<()> {
+    for h in 0..2 {
+        let t = settled(lab, h, |t| t["remote"]["failovers"].as_u64() >= Some(n))?;
+        ensure!(
+            t["remote"]["failovers"].as_u64() == Some(n) && t["remote"]["failover_resets"] == 0,
+            "host {h}: {n} connections should have moved, none reset: {t}\n{}",
+            lab.log(h)
+        );
+        ensure!(t["violations"] == 0, "host {h}: {t}");
+        for c in lab.stats(h)?["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            ensure!(
+                c.get("path").is_none() || c["path"] == "tcp",
+                "host {h}: a connection not on its kernel socket: {c}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_lost() -> Result<()>
+{
+    let Some(lab) = ready("failload")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let mut servers = [
+        echo_server(&lab, 1, 6700, true)?,
+        echo_server(&lab, 0, 6701, true)?,
+    ];
+    // Two streams from host a, one from host b, 512 MiB each way each,
+    // every byte of the echo checked at its offset.
+    let (b, a) = (lab.addr[1].clone(), lab.addr[0].clone());
+    let mut clients = Vec::new();
+    let log = lab.dir.join("shim.log");
+    for (h, dst, port) in [(0, &b, "6700"), (0, &b, "6700"), (1, &a, "6701")] {
+        let mut c = lab.under_ssock(h, &["python3", &py, "stream", dst, port, "512"]);
+        c.env("SSOCK_LOG", &log);
+        clients.push(Prog::start(c)?);
+    }
+    moving_on_the_link(&lab, 0, 3, 3)?;
+    // Host b's link goes down mid-stream: host b at once, host a when it
+    // hears of it (or misses host b's heartbeat).
+    lab.set_link(1, false)?;
+    for c in &mut clients {
+        if let Err(e) = c.expect(&["OK 536870912"], Duration::from_secs(60)) {
+            anyhow::bail!(
+                "{e}\nhost a: {}\n{}\nhost b: {}\n{}\nthe clients' log:\n{}",
+                lab.stats(0)?,
+                lab.log(0),
+                lab.stats(1)?,
+                lab.log(1),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    }
+    servers[0].expect(&["ECHOED 536870912"], Duration::from_secs(10))?;
+    servers[0].expect(&["ECHOED 536870912"], Duration::from_secs(10))?;
+    servers[1].expect(&["ECHOED 536870912"], Duration::from_secs(10))?;
+    all_moved(&lab, 3)?;
+    // Each client moved both directions back (what it sent again depends
+    // on what was in flight: the next test makes sure some was).
+    let text = std::fs::read_to_string(&log)?;
+    let back = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    ensure!(
+        back("reads back on the kernel socket") == 3
+            && back("writes back on the kernel socket") == 3,
+        "each client should have moved both directions back:\n{text}"
+    );
+    // The engines carried only a part: the rest went over the veth.
+    for h in 0..2 {
+        let q = queued_bytes(&totals(&lab, h)?);
+        ensure!(
+            q < 3 * 2 * (512 << 20),
+            "host {h}: {q} bytes through the engine"
+        );
+    }
+    lab.wait_peer(0, UP, "saw the link down", |p| p["link"] == "down")?;
+    // Back in service: new connections cross the link again.
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    let before = [totals(&lab, 0)?, totals(&lab, 1)?];
+    let mut c = Prog::start(lab.under_ssock(0, &["python3", &py, "stream", &b, "6700", "64"]))?;
+    c.expect(&["OK 67108864"], Duration::from_secs(60))?;
+    servers[0].expect(&["ECHOED 67108864"], Duration::from_secs(10))?;
+    for (h, before) in before.iter().enumerate() {
+        let t = settled(&lab, h, |t| remote_count(t) > remote_count(before))?;
+        ensure!(
+            remote_count(&t) == remote_count(before) + 1
+                && queued_bytes(&t) - queued_bytes(before) >= 120 << 20,
+            "host {h}: the new connection should cross the link: {t}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_link_that_goes_down_under_blocked_calls_wakes_each_on_its_kernel_socket() -> Result<()> {
+    let Some(lab) = ready("failblock")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    // On host b: a server that answers 16 MiB only once the flag exists,
+    // and a sink that stops reading after 1 MiB until then.
+    let mut later = Prog::start(lab.under_ssock(1, &["python3", &py, "later", "6710", &flag]))?;
+    later.expect(&["LISTENING"], Duration::from_secs(10))?;
+    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6711", &flag]))?;
+    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6710)?;
+    heard(&lab, 0, 6711)?;
+    // On host a: a reader blocked in recv, one asleep in epoll_wait (both
+    // after 1 MiB each way crossed the link), and a writer blocked in
+    // send (the sink's window full).
+    let mut idle = Prog::start(lab.under_ssock(0, &["python3", &py, "idle", &b, "6710"]))?;
+    let mut idle_nb = Prog::start(lab.under_ssock(0, &["python3", &py, "idle", &b, "6710", "nb"]))?;
+    let log = lab.dir.join("flood.log");
+    let mut flood = lab.under_ssock(0, &["python3", &py, "flood", &b, "6711", "64"]);
+    flood.env("SSOCK_LOG", &log);
+    let mut flood = Prog::start(flood)?;
+    idle.expect(&["MOVED"], Duration::from_secs(20))?;
+    idle_nb.expect(&["MOVED"], Duration::from_secs(20))?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    moving_on_the_link(&lab, 0, 3, 3)?;
+    // Let the writer fill what it can and block.
+    std::thread::sleep(Duration::from_millis(300));
+    lab.set_link(0, false)?;
+    all_moved(&lab, 3)?;
+    // Moved, and all blocked again (on their kernel sockets now, or on the
+    // flag): nothing spins, neither the devds nor the programs.
+    let idle_cmd = format!("remote.py idle {b} 6710");
+    let flood_cmd = format!("remote.py flood {b} 6711");
+    let mut pids = vec![lab.devd_pid(0)?, lab.devd_pid(1)?];
+    pids.extend(pids_running(&idle_cmd));
+    pids.extend(pids_running(&flood_cmd));
+    ensure!(pids.len() == 5, "the devds and three clients: {pids:?}");
+    let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    for (p, t0) in pids.iter().zip(before) {
+        let used = cpu_ticks(*p)? - t0;
+        // Clock ticks (100 a second here): a busy loop takes ~100.
+        ensure!(
+            used < 20,
+            "process {p} used {used} ticks of CPU in 1 s while all wait"
+        );
+    }
+    std::fs::write(&*flag, b"")?;
+    for p in [&mut idle, &mut idle_nb] {
+        p.expect(&["OK 17825792"], Duration::from_secs(30))?;
+        ensure!(p.wait(Duration::from_secs(10))?.success(), "{}", p.all());
+    }
+    flood.expect(&["SENT 67108864"], Duration::from_secs(30))?;
+    sink.expect(&["SUNK 67108864"], Duration::from_secs(30))?;
+    // The writer had bytes in flight (its queue, the engines, the window:
+    // the sink had stopped reading): it sent them again on the socket.
+    let text = std::fs::read_to_string(&log)?;
+    let again: u64 = text
+        .lines()
+        .filter(|l| l.contains("bytes again"))
+        .filter_map(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    ensure!(again > 0, "nothing in flight was sent again:\n{text}");
+    Ok(())
+}
+
+#[test]
+fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> Result<()> {
+    for app in ["redis-server", "redis-benchmark", "iperf3"] {
+        if !ssock_tests::have_app(app)? {
+            return Ok(());
+        }
+    }
+    let Some(lab) = ready("failapps")? else {
+        return Ok(());
+    };
+    let b = lab.addr[1].clone();
+    let _redis = Prog::start(lab.under_ssock(
+        1,
+        &[
+            "redis-server",
+            "--port",
+            "6391",
+            "--bind",
+            "0.0.0.0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    ))?;
+    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5212"]))?;
+    heard(&lab, 0, 6391)?;
+    heard(&lab, 0, 5212)?;
+    // redis-benchmark's 4 connections and iperf3's control and data
+    // connections, all crossing the link, when it goes down.
+    let bench = Prog::start(lab.under_ssock(
+        0,
+        &[
+            "redis-benchmark",
+            "-h",
+            &b,
+            "-p",
+            "6391",
+            "-n",
+            "400000",
+            "-c",
+            "4",
+            "-t",
+            "get",
+            "-q",
+        ],
+    ))?;
+    let iperf = Prog::start(lab.under_ssock(
+        0,
+        &["iperf3", "-c", &b, "-p", "5212", "-t", "4", "-l", "64K"],
+    ))?;
+    moving_on_the_link(&lab, 0, 6, 5)?;
+    lab.set_link(0, false)?;
+    for (mut p, what, ok) in [
+        (bench, "redis-benchmark", "GET: "),
+        (iperf, "iperf3", "receiver"),
+    ] {
+        let status = p.wait(Duration::from_secs(120))?;
+        let out = p.all().replace('\r', "\n");
+        ensure!(
+            status.success()
+                && out.lines().any(|l| l.contains(ok))
+                && !out.to_lowercase().contains("error"),
+            "{what} through the link failure:\n{out}"
+        );
+    }
+    all_moved(&lab, 6)?;
+    Ok(())
+}

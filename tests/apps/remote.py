@@ -29,7 +29,11 @@ waited on with an edge-triggered epoll), checks every byte and prints
 "OK N" (N: all it read) or "WRONG N".
 sink PORT FLAG: accepts one connection, reads 1 MiB, prints "SINKING",
 waits until FLAG exists, then reads to EOF, checks every byte, prints
-"SUNK N" or "WRONG N".
+"SUNK N" or "WRONG N", and answers "SUNK N" ("RESET N" if reset).
+rst HOST PORT KIB: sends KIB KiB of the pattern, closes with SO_LINGER 0
+(a reset), prints "CLOSED" and sleeps.
+half HOST PORT KIB: sends KIB KiB of the pattern, shuts its writing down,
+prints "SHUT", reads the answer to its end and prints "REPLY " and it.
 flood HOST PORT MIB: sends MIB MiB of the pattern in one sendall (it
 blocks once the peer stops reading), prints "SENT N" and closes.
 """
@@ -289,7 +293,11 @@ def sink(port, flag):
     print("SINKING", flush=True)
     wait_for(flag)
     while True:
-        b = c.recv(CHUNK)
+        try:
+            b = c.recv(CHUNK)
+        except ConnectionResetError:
+            print("RESET", len(got), flush=True)
+            return
         if not b:
             break
         got += b
@@ -297,6 +305,35 @@ def sink(port, flag):
         print("WRONG", len(got), flush=True)
         sys.exit(1)
     print("SUNK", len(got), flush=True)
+    try:
+        c.sendall(b"SUNK %d" % len(got))
+        c.close()
+    except OSError:
+        pass  # a writer that closed at once does not read the answer
+
+
+def half(host, port, kib):
+    s = socket.create_connection((host, port))
+    s.sendall(pattern(0, kib << 10))
+    s.shutdown(socket.SHUT_WR)
+    print("SHUT", flush=True)
+    reply = bytearray()
+    while True:
+        b = s.recv(CHUNK)
+        if not b:
+            break
+        reply += b
+    print("REPLY", reply.decode(errors="replace"), flush=True)
+
+
+def rst(host, port, kib):
+    import struct
+    s = socket.create_connection((host, port))
+    s.sendall(pattern(0, kib << 10))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print("CLOSED", flush=True)
+    time.sleep(60)
 
 
 def flood(host, port, mib):
@@ -327,6 +364,10 @@ if __name__ == "__main__":
         idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["nb"])
     elif mode == "sink":
         sink(int(sys.argv[2]), sys.argv[3])
+    elif mode == "rst":
+        rst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "half":
+        half(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "flood":
         flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:

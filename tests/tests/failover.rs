@@ -5,6 +5,9 @@
 //! checked by the programs themselves (tests/apps/remote.py: the pattern at
 //! its offset, both directions), and both devds' statistics show each
 //! connection moved (`remote.failovers`, `path` = "tcp") and none reset.
+//! Where a test needs bytes in flight at the failure (a reader that
+//! stopped reading), the writer's log (`SSOCK_LOG`) shows it sent them
+//! again.
 
 mod common;
 
@@ -240,12 +243,10 @@ fn a_link_that_goes_down_under_blocked_calls_wakes_each_on_its_kernel_socket() -
     // The writer had bytes in flight (its queue, the engines, the window:
     // the sink had stopped reading): it sent them again on the socket.
     let text = std::fs::read_to_string(&log)?;
-    let again: u64 = text
-        .lines()
-        .filter(|l| l.contains("bytes again"))
-        .filter_map(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<u64>().ok())
-        .sum();
-    ensure!(again > 0, "nothing in flight was sent again:\n{text}");
+    ensure!(
+        sent_again(&text) > 0,
+        "nothing in flight was sent again:\n{text}"
+    );
     Ok(())
 }
 
@@ -318,5 +319,116 @@ fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> R
         );
     }
     all_moved(&lab, 6)?;
+    Ok(())
+}
+
+#[test]
+fn an_end_of_stream_in_flight_when_the_link_goes_down_still_ends_the_stream() -> Result<()> {
+    let Some(lab) = ready("faileos")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6720", &flag]))?;
+    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6720)?;
+    // 1.5 MiB and the end of the stream: the sink takes 1 MiB and stops,
+    // so the rest and the end mark are still on their way (the writer's
+    // queue, the engines, the window) when the link goes down.
+    let log = lab.dir.join("half.log");
+    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6720", "2560"]);
+    half.env("SSOCK_LOG", &log);
+    let mut half = Prog::start(half)?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    half.expect(&["SHUT"], Duration::from_secs(20))?;
+    moving_on_the_link(&lab, 0, 1, 1)?;
+    lab.set_link(1, false)?;
+    all_moved(&lab, 1)?;
+    std::fs::write(&*flag, b"")?;
+    // Every byte, then the end, on host b; its answer and its end on host a.
+    sink.expect(&["SUNK 2621440"], Duration::from_secs(30))?;
+    half.expect(&["REPLY SUNK 2621440"], Duration::from_secs(30))?;
+    ensure!(
+        half.wait(Duration::from_secs(10))?.success(),
+        "{}",
+        half.all()
+    );
+    // The end really was behind bytes in flight: those went again.
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(sent_again(&text) > 0, "nothing was in flight:\n{text}");
+    Ok(())
+}
+
+/// The bytes a client's log says it sent again on the kernel socket.
+fn sent_again(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("bytes again"))
+        .filter_map(|l| l.split('(').nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Result<()> {
+    let Some(lab) = ready("failrst")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6730", &flag]))?;
+    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6730)?;
+    // As above, but the writer closes with SO_LINGER 0 (and stays alive):
+    // on kernel TCP its reader is reset.
+    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6730", "2560"]))?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    w.expect(&["CLOSED"], Duration::from_secs(20))?;
+    let t = settled(&lab, 1, |t| remote_count(t) == 1)?;
+    ensure!(
+        remote_count(&t) == 1,
+        "the connection crossed the link: {t}"
+    );
+    lab.set_link(1, false)?;
+    std::fs::write(&*flag, b"")?;
+    let end = sink.expect(&["RESET", "SUNK", "WRONG"], Duration::from_secs(30))?;
+    ensure!(
+        end.starts_with("RESET"),
+        "the reader should be reset: {end}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_connection_whose_other_devd_cannot_agree_is_reset_not_left_hanging() -> Result<()> {
+    let Some(lab) = ready("failalone")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let b = lab.addr[1].clone();
+    let _server = echo_server(&lab, 1, 6740, true)?;
+    let mut c = Prog::start(lab.under_ssock(0, &["python3", &py, "stream", &b, "6740", "100000"]))?;
+    moving_on_the_link(&lab, 0, 1, 1)?;
+    // Host b's devd stops (its clients stay), and host a's link goes down:
+    // host a cannot agree on anything with it.
+    let devd_b = lab.devd_pid(1)?;
+    // SAFETY: kill on the lab's devd of host b, which this test started.
+    ensure!(unsafe { libc::kill(devd_b, libc::SIGSTOP) } == 0);
+    lab.set_link(0, false)?;
+    c.wait(Duration::from_secs(30))?;
+    let out = c.all();
+    // SAFETY: as above.
+    unsafe { libc::kill(devd_b, libc::SIGCONT) };
+    ensure!(
+        out.contains("ConnectionResetError") && !out.contains("OK ") && !out.contains("CORRUPT"),
+        "the client should be reset, with no wrong byte:\n{out}"
+    );
+    let t = totals(&lab, 0)?;
+    ensure!(
+        t["remote"]["failover_resets"] == 1 && t["remote"]["failovers"] == 0,
+        "host a: {t}"
+    );
     Ok(())
 }

@@ -214,7 +214,12 @@ impl Handover {
     /// (a reader that finds the socket ended before END came would have
     /// to take it for bytes missing).
     fn resent_all(&mut self) {
-        if self.tx == Tx::Back && self.inner.holders() <= 1 {
+        // (An END published before, at a shutdown, stays: the first value
+        // does, and the socket's end comes right after it.)
+        if self.tx == Tx::Back
+            && self.inner.holders() <= 1
+            && layout::end_at(&self.map, self.side) == End::Open
+        {
             layout::publish_end_at_fin(&self.map, self.side);
             self.inner.words_changed();
         }

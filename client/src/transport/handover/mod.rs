@@ -559,6 +559,16 @@ impl Handover {
                             }
                             n
                         }
+                        // The kernel reports an error (a reset) once: to
+                        // this look, so it is this read's.
+                        Err(e)
+                            if !matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) =>
+                        {
+                            return Err(e)
+                        }
                         _ => buf.len(),
                     }
                 }

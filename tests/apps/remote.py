@@ -30,9 +30,9 @@ waited on with an edge-triggered epoll), checks every byte and prints
 sink PORT FLAG: accepts one connection, reads 1 MiB, prints "SINKING",
 waits until FLAG exists, then reads to EOF, checks every byte, prints
 "SUNK N" or "WRONG N", and answers "SUNK N" ("RESET N" if reset).
-rst HOST PORT KIB: sends KIB KiB of the pattern, closes with SO_LINGER 0
+rst HOST PORT KIB: sends KIB KiB of the pattern (64 KiB every 5 ms), closes with SO_LINGER 0
 (a reset), prints "CLOSED" and sleeps.
-half HOST PORT KIB: sends KIB KiB of the pattern, shuts its writing down,
+half HOST PORT KIB: sends KIB KiB of the pattern (64 KiB every 5 ms), shuts its writing down,
 prints "SHUT", reads the answer to its end and prints "REPLY " and it.
 flood HOST PORT MIB: sends MIB MiB of the pattern in one sendall (it
 blocks once the peer stops reading), prints "SENT N" and closes.
@@ -259,13 +259,18 @@ def later(port, flag):
         threading.Thread(target=later_one, args=(c, flag), daemon=True).start()
 
 
+def paced(s, n):
+    """Sends n bytes of the pattern in 64 KiB pieces 5 ms apart: the first
+    bytes of a connection go on the kernel socket until its writer moves
+    (its peer's devd answered), the rest through ssock."""
+    for o in range(0, n, CHUNK):
+        s.sendall(at(o, min(CHUNK, n - o)))
+        time.sleep(0.005)
+
+
 def idle(host, port, nb=False):
     s = socket.create_connection((host, port))
-    # In pieces, a moment apart: the first bytes of a connection go on the
-    # kernel socket until its writer moves, the rest through ssock.
-    for o in range(0, MIB, CHUNK):
-        s.sendall(at(o, CHUNK))
-        time.sleep(0.005)
+    paced(s, MIB)
     first = recv_exact(s, MIB)
     print("MOVED", flush=True)
     if nb:
@@ -314,7 +319,7 @@ def sink(port, flag):
 
 def half(host, port, kib):
     s = socket.create_connection((host, port))
-    s.sendall(pattern(0, kib << 10))
+    paced(s, kib << 10)
     s.shutdown(socket.SHUT_WR)
     print("SHUT", flush=True)
     reply = bytearray()
@@ -329,7 +334,7 @@ def half(host, port, kib):
 def rst(host, port, kib):
     import struct
     s = socket.create_connection((host, port))
-    s.sendall(pattern(0, kib << 10))
+    paced(s, kib << 10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     print("CLOSED", flush=True)

@@ -110,15 +110,15 @@ fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_l
         return Ok(());
     };
     let py = remote_py();
+    let log = lab.dir.join("shim.log");
     let mut servers = [
-        echo_server(&lab, 1, 6700, true)?,
-        echo_server(&lab, 0, 6701, true)?,
+        echo_server_logged(&lab, 1, 6700, true, Some(&log))?,
+        echo_server_logged(&lab, 0, 6701, true, Some(&log))?,
     ];
     // Two streams from host a, one from host b, 512 MiB each way each,
     // every byte of the echo checked at its offset.
     let (b, a) = (lab.addr[1].clone(), lab.addr[0].clone());
     let mut clients = Vec::new();
-    let log = lab.dir.join("shim.log");
     for (h, dst, port) in [(0, &b, "6700"), (0, &b, "6700"), (1, &a, "6701")] {
         let mut c = lab.under_ssock(h, &["python3", &py, "stream", dst, port, "512"]);
         c.env("SSOCK_LOG", &log);
@@ -145,14 +145,14 @@ fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_l
     servers[0].expect(&["ECHOED 536870912"], Duration::from_secs(10))?;
     servers[1].expect(&["ECHOED 536870912"], Duration::from_secs(10))?;
     all_moved(&lab, 3)?;
-    // Each client moved both directions back (what it sent again depends
+    // Each end moved both directions back (what it sent again depends
     // on what was in flight: the next test makes sure some was).
     let text = std::fs::read_to_string(&log)?;
     let back = |what: &str| text.lines().filter(|l| l.contains(what)).count();
     ensure!(
-        back("reads back on the kernel socket") == 3
-            && back("writes back on the kernel socket") == 3,
-        "each client should have moved both directions back:\n{text}"
+        back("reads back on the kernel socket") == 6
+            && back("writes back on the kernel socket") == 6,
+        "each end should have moved both directions back:\n{text}"
     );
     // The engines carried only a part: the rest went over the veth.
     for h in 0..2 {
@@ -334,11 +334,11 @@ fn an_end_of_stream_in_flight_when_the_link_goes_down_still_ends_the_stream() ->
     let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6720", &flag]))?;
     sink.expect(&["LISTENING"], Duration::from_secs(10))?;
     heard(&lab, 0, 6720)?;
-    // 1.5 MiB and the end of the stream: the sink takes 1 MiB and stops,
+    // 2.25 MiB and the end of the stream: the sink takes 1 MiB and stops,
     // so the rest and the end mark are still on their way (the writer's
     // queue, the engines, the window) when the link goes down.
     let log = lab.dir.join("half.log");
-    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6720", "2560"]);
+    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6720", "2304"]);
     half.env("SSOCK_LOG", &log);
     let mut half = Prog::start(half)?;
     sink.expect(&["SINKING"], Duration::from_secs(20))?;
@@ -348,8 +348,8 @@ fn an_end_of_stream_in_flight_when_the_link_goes_down_still_ends_the_stream() ->
     all_moved(&lab, 1)?;
     std::fs::write(&*flag, b"")?;
     // Every byte, then the end, on host b; its answer and its end on host a.
-    sink.expect(&["SUNK 2621440"], Duration::from_secs(30))?;
-    half.expect(&["REPLY SUNK 2621440"], Duration::from_secs(30))?;
+    sink.expect(&["SUNK 2359296"], Duration::from_secs(30))?;
+    half.expect(&["REPLY SUNK 2359296"], Duration::from_secs(30))?;
     ensure!(
         half.wait(Duration::from_secs(10))?.success(),
         "{}",
@@ -383,7 +383,7 @@ fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Re
     heard(&lab, 0, 6730)?;
     // As above, but the writer closes with SO_LINGER 0 (and stays alive):
     // on kernel TCP its reader is reset.
-    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6730", "2560"]))?;
+    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6730", "2304"]))?;
     sink.expect(&["SINKING"], Duration::from_secs(20))?;
     w.expect(&["CLOSED"], Duration::from_secs(20))?;
     let t = settled(&lab, 1, |t| remote_count(t) == 1)?;

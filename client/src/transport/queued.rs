@@ -549,6 +549,53 @@ impl Queued {
         }
     }
 
+    /// A remote end's bytes from region offset `at` (where the two hosts
+    /// agreed its reader was given them) to what it posted, read back from
+    /// its TX buffers that devd has not given back: devd gives one back
+    /// only once the other host's engine gave its bytes to the reader, and
+    /// `at` is all that reader was given, so they hold every byte from
+    /// `at` on (docs/protocol.md 8.5).
+    fn unreturned_from(&mut self, at: u64) -> io::Result<Vec<u8>> {
+        let posted = self.posted();
+        let bufs = self.tx.unreturned();
+        let held: u64 = bufs.iter().map(|&(_, n)| u64::from(n)).sum();
+        let base = posted.saturating_sub(held);
+        let slot = self.layout.slot as u64;
+        let first = self.tx.used_idx();
+        let sane = bufs.iter().enumerate().all(|(k, &(addr, n))| {
+            // The k-th buffer not given back is the one at avail index
+            // `first + k`: its slot (`Next::id`).
+            let k = u16::try_from(k).unwrap_or(u16::MAX);
+            let id = first.wrapping_add(k) % self.layout.qsize;
+            addr == self.layout.slot_offset(TX, id) as u64 && u64::from(n) <= slot
+        });
+        if !sane || held > posted || at < base || at > posted {
+            log::warn!(
+                "connection {}: its reader was given {at} bytes, this end holds {base}..{posted}; resetting it",
+                self.conn_id,
+            );
+            self.broken = true;
+            return Err(reset_error());
+        }
+        let mut rest = Vec::with_capacity(usize::try_from(posted - at).unwrap_or(0));
+        let mut skip = at - base;
+        for (addr, n) in bufs {
+            let n = u64::from(n);
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let from = usize::try_from(addr + skip).unwrap_or(usize::MAX);
+            let len = usize::try_from(n - skip).unwrap_or(0);
+            let mut b = vec![0u8; len];
+            self.map.read_bytes(from, &mut b);
+            rest.extend_from_slice(&b);
+            skip = 0;
+        }
+        self.retained.clear();
+        Ok(rest)
+    }
+
     /// Publishes where this end's writes into the region end (END), unless
     /// they went back to the kernel socket (the hand-over publishes it then).
     fn end_writes(&mut self) {
@@ -670,6 +717,9 @@ impl Transport for Queued {
         let at = match layout::close_taken(&self.hov, self.side as usize, 0) {
             Ok(at) | Err(at) => at,
         };
+        if self.remote {
+            return self.unreturned_from(at).map(|rest| (at, rest));
+        }
         self.resync();
         let (base, posted) = (self.retained_at, self.posted());
         if at < base || at > posted {
@@ -780,7 +830,13 @@ impl Transport for Queued {
 
     fn disarm(&mut self, read: bool, write: bool) {
         // One interrupt fd serves both directions: it is drained when the
-        // last sleeper leaves, so no sleeper's wake-up is taken away.
+        // last sleeper leaves, so no sleeper's wake-up is taken away. Once
+        // the region is lost (or the end broke) `arm` counts no sleeper:
+        // a wait that armed nothing must not take another thread's count
+        // and drain the wake-up that thread still sleeps for.
+        if self.lost || self.broken {
+            return;
+        }
         if read || write {
             self.sleepers = self.sleepers.saturating_sub(1);
             if self.sleepers == 0 {
@@ -914,7 +970,12 @@ impl Transport for Queued {
                 self.map
                     .u64_at(qhdr::TX_BYTES)
                     .fetch_add(n as u64, Ordering::Relaxed);
-                self.retained.extend(&buf[off..off + n]);
+                if !self.remote {
+                    // (A remote end's engine gives its TX buffers back
+                    // only once the other host gave their bytes to its
+                    // reader: they are its copies, `unreturned_from`.)
+                    self.retained.extend(&buf[off..off + n]);
+                }
                 off += n;
                 posted = true;
             }

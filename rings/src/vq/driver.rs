@@ -246,6 +246,24 @@ impl QueueDriver {
             .sum()
     }
 
+    /// The buffers posted and not yet returned by the device, in the order
+    /// they were posted: (address, length) as their descriptors say.
+    pub fn unreturned(&self) -> Vec<(u64, u32)> {
+        let seen = self.used_idx();
+        let flight = self.avail_idx().wrapping_sub(seen).min(self.size);
+        (0..flight)
+            .map(|k| {
+                let id = seen.wrapping_add(k) % self.size;
+                let d = self.o.desc + 16 * usize::from(id);
+                // Relaxed: this end's own descriptors (see avail_idx).
+                (
+                    self.map.u64_at(d).load(Ordering::Relaxed),
+                    self.map.u32_at(d + 8).load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Announces interest in the next used entry (used_event) and reports
     /// whether the queue is still empty, i.e. whether sleeping is safe.
     pub fn arm(&self) -> bool {

@@ -144,14 +144,29 @@ pub fn ready(name: &str) -> Result<Option<TwoHosts>> {
 
 /// An echo server on host `srv`, under ssock-run or not, listening.
 pub fn echo_server(lab: &TwoHosts, srv: usize, port: u16, ssock: bool) -> Result<Prog> {
+    echo_server_logged(lab, srv, port, ssock, None)
+}
+
+/// `echo_server`, the shim's decisions logged to `log` (`SSOCK_LOG`).
+pub fn echo_server_logged(
+    lab: &TwoHosts,
+    srv: usize,
+    port: u16,
+    ssock: bool,
+    log: Option<&std::path::Path>,
+) -> Result<Prog> {
     let py = remote_py();
     let port = port.to_string();
     let args = ["python3", py.as_str(), "serve", port.as_str()];
-    let mut p = Prog::start(if ssock {
+    let mut c = if ssock {
         lab.under_ssock(srv, &args)
     } else {
         lab.plain(srv, &args)
-    })?;
+    };
+    if let Some(l) = log {
+        c.env("SSOCK_LOG", l);
+    }
+    let mut p = Prog::start(c)?;
     p.expect(&["LISTENING"], Duration::from_secs(10))?;
     if ssock {
         heard(lab, 1 - srv, port.parse()?)?;

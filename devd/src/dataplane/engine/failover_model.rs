@@ -49,9 +49,13 @@ struct Dir {
     moved_at: Option<u64>,
     /// The writer stays on the kernel socket for good (SWITCH = NEVER).
     pinned: bool,
-    /// Region bytes the writer posted, and its kept copies from `kept`.
+    /// Region bytes the writer posted, and what it still holds from
+    /// `kept` on: its TX buffers not given back, which its engine gives
+    /// back once acknowledged (`acked`: what the reader's engine gave the
+    /// reader, as the writer's host last heard it over the link).
     posted: u64,
     kept: u64,
+    acked: u64,
     /// The writer moved back: its writes go on the kernel socket.
     back: bool,
     /// The writer's engine took this much of the region stream ...
@@ -183,6 +187,10 @@ impl Model {
             Step::Relay => {
                 // The engines' words over the link (8.4).
                 if self.link_up && !self.hosts[0].stopped && !self.hosts[1].stopped {
+                    for dir in &mut self.dirs {
+                        // The reader's engine acknowledges what it gave.
+                        dir.acked = dir.received;
+                    }
                     for h in 0..2 {
                         let w = relay::ours(&self.hosts[1 - h].page, 1 - h);
                         relay::apply(&self.hosts[h].page, h, &w, self.dirs[h].sent)
@@ -367,12 +375,11 @@ impl Model {
         Ok(())
     }
 
-    /// Writers let go of the copies their readers took (relayed TAKEN).
+    /// Writers' engines give back the TX buffers acknowledged.
     fn trim(&mut self) {
-        for d in 0..2 {
-            if let Taken::Open(t) = layout::taken(&self.hosts[d].page, d) {
-                let w = &mut self.dirs[d];
-                w.kept = w.kept.max(t.min(w.posted));
+        for w in &mut self.dirs {
+            if !w.back {
+                w.kept = w.kept.max(w.acked.min(w.posted));
             }
         }
     }

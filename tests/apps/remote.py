@@ -176,6 +176,16 @@ def answer(port):
         c.close()
 
 
+def read_all(s):
+    """Reads s to EOF with blocking recvs."""
+    got = bytearray()
+    while True:
+        b = s.recv(CHUNK)
+        if not b:
+            return got
+        got += b
+
+
 def read_all_nb(s):
     """Reads s to EOF with a nonblocking socket and an edge-triggered
     epoll, as event loops do."""
@@ -273,17 +283,8 @@ def idle(host, port, nb=False):
     paced(s, MIB)
     first = recv_exact(s, MIB)
     print("MOVED", flush=True)
-    if nb:
-        rest = bytes(read_all_nb(s))
-    else:
-        rest = bytearray()
-        while True:
-            b = s.recv(CHUNK)
-            if not b:
-                break
-            rest += b
-        rest = bytes(rest)
-    got = first + rest
+    rest = read_all_nb(s) if nb else read_all(s)
+    got = first + bytes(rest)
     s.close()
     if got != pattern(0, 17 * MIB):
         print("WRONG", len(got), flush=True)
@@ -322,12 +323,7 @@ def half(host, port, kib):
     paced(s, kib << 10)
     s.shutdown(socket.SHUT_WR)
     print("SHUT", flush=True)
-    reply = bytearray()
-    while True:
-        b = s.recv(CHUNK)
-        if not b:
-            break
-        reply += b
+    reply = read_all(s)
     print("REPLY", reply.decode(errors="replace"), flush=True)
 
 

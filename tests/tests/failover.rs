@@ -46,6 +46,17 @@ fn moving_on_the_link(lab: &TwoHosts, h: usize, n: usize, moved: usize) -> Resul
     }
 }
 
+/// A remote.py server (`args` after the script) on host b under
+/// ssock-run, listening.
+fn served_on_b(lab: &TwoHosts, args: &[&str]) -> Result<Prog> {
+    let py = remote_py();
+    let mut argv = vec!["python3", py.as_str()];
+    argv.extend_from_slice(args);
+    let mut p = Prog::start(lab.under_ssock(1, &argv))?;
+    p.expect(&["LISTENING"], Duration::from_secs(10))?;
+    Ok(p)
+}
+
 /// CPU time (user and system, in clock ticks) process `pid` has used.
 fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -192,10 +203,8 @@ fn a_link_that_goes_down_under_blocked_calls_wakes_each_on_its_kernel_socket() -
     let b = lab.addr[1].clone();
     // On host b: a server that answers 16 MiB only once the flag exists,
     // and a sink that stops reading after 1 MiB until then.
-    let mut later = Prog::start(lab.under_ssock(1, &["python3", &py, "later", "6710", &flag]))?;
-    later.expect(&["LISTENING"], Duration::from_secs(10))?;
-    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6711", &flag]))?;
-    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    let _later = served_on_b(&lab, &["later", "6710", &flag])?;
+    let mut sink = served_on_b(&lab, &["sink", "6711", &flag])?;
     heard(&lab, 0, 6710)?;
     heard(&lab, 0, 6711)?;
     // On host a: a reader blocked in recv, one asleep in epoll_wait (both
@@ -261,22 +270,7 @@ fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> R
         return Ok(());
     };
     let b = lab.addr[1].clone();
-    let _redis = Prog::start(lab.under_ssock(
-        1,
-        &[
-            "redis-server",
-            "--port",
-            "6391",
-            "--bind",
-            "0.0.0.0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    ))?;
+    let _redis = redis_server(&lab, 1, "6391")?;
     let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5212"]))?;
     heard(&lab, 0, 6391)?;
     heard(&lab, 0, 5212)?;
@@ -331,8 +325,7 @@ fn an_end_of_stream_in_flight_when_the_link_goes_down_still_ends_the_stream() ->
     let flag = lab.dir.join("go");
     let flag = flag.to_string_lossy();
     let b = lab.addr[1].clone();
-    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6720", &flag]))?;
-    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    let mut sink = served_on_b(&lab, &["sink", "6720", &flag])?;
     heard(&lab, 0, 6720)?;
     // 2.25 MiB and the end of the stream: the sink takes 1 MiB and stops,
     // so the rest and the end mark are still on their way (the writer's
@@ -378,8 +371,7 @@ fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Re
     let flag = lab.dir.join("go");
     let flag = flag.to_string_lossy();
     let b = lab.addr[1].clone();
-    let mut sink = Prog::start(lab.under_ssock(1, &["python3", &py, "sink", "6730", &flag]))?;
-    sink.expect(&["LISTENING"], Duration::from_secs(10))?;
+    let mut sink = served_on_b(&lab, &["sink", "6730", &flag])?;
     heard(&lab, 0, 6730)?;
     // As above, but the writer closes with SO_LINGER 0 (and stays alive):
     // on kernel TCP its reader is reset.

@@ -113,22 +113,7 @@ fn redis_benchmark_on_one_host_against_redis_on_the_other() -> Result<()> {
     let Some(lab) = ready("redis")? else {
         return Ok(());
     };
-    let _srv = Prog::start(lab.under_ssock(
-        1,
-        &[
-            "redis-server",
-            "--port",
-            "6390",
-            "--bind",
-            "0.0.0.0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    ))?;
+    let _srv = redis_server(&lab, 1, "6390")?;
     heard(&lab, 0, 6390)?;
     let out = lab
         .under_ssock(

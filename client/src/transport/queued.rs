@@ -557,7 +557,7 @@ impl Queued {
     /// `at` on (docs/protocol.md 8.5).
     fn unreturned_from(&mut self, at: u64) -> io::Result<Vec<u8>> {
         let posted = self.posted();
-        let bufs = self.tx.unreturned();
+        let bufs: Vec<(u64, u32)> = self.tx.unreturned().collect();
         let held: u64 = bufs.iter().map(|&(_, n)| u64::from(n)).sum();
         let base = posted.saturating_sub(held);
         let slot = self.layout.slot as u64;

@@ -262,21 +262,7 @@ fn a_doorbell_goes_to_its_user_and_to_peers_only_and_spares_on_request() {
     assert_eq!((r, fds.len()), (Response::Bell { id: own1, both }, 1));
     // Another user with no connection to this one: the same answer as
     // for an id that does not exist.
-    let (sock, _peer) = sys::SeqPacket::pair().unwrap();
-    let other = if sys::uid() == 0 {
-        65534
-    } else {
-        sys::uid() + 1
-    };
-    d.add_session(
-        7,
-        Session {
-            sock,
-            pid: 1,
-            uid: other,
-            gid: 0,
-        },
-    );
+    other_user_session(&mut d, 7);
     let (r, fds) = d.handle(7, Request::Bell { id: own1 }, vec![]);
     assert!(matches!(r, Response::Error { code, .. } if code == libc::ENOENT as u32));
     assert!(fds.is_empty());
@@ -331,6 +317,26 @@ fn the_acceptor_is_given_the_connecting_threads_doorbell_if_its_session_owns_it(
             "named {other}"
         );
     }
+}
+
+/// Adds session `sid` of another user than devd's (nobody's, as root).
+fn other_user_session(d: &mut Devd, sid: u64) {
+    let (sock, _peer) = sys::SeqPacket::pair().unwrap();
+    let uid = if sys::uid() == 0 {
+        65534
+    } else {
+        sys::uid() + 1
+    };
+    let gid = 0;
+    d.add_session(
+        sid,
+        Session {
+            sock,
+            pid: 1,
+            uid,
+            gid,
+        },
+    );
 }
 
 /// Adds session `sid` (another process of this user).
@@ -961,21 +967,7 @@ fn only_root_or_devds_user_may_take_a_link_down_and_only_a_configured_peers() {
         "{r:?}"
     );
     // Another user: refused before anything is looked at.
-    let (sock, _peer) = sys::SeqPacket::pair().unwrap();
-    let other = if sys::uid() == 0 {
-        65534
-    } else {
-        sys::uid() + 1
-    };
-    d.add_session(
-        9,
-        Session {
-            sock,
-            pid: 1,
-            uid: other,
-            gid: 0,
-        },
-    );
+    other_user_session(&mut d, 9);
     let (r, _) = d.handle(9, Request::Link { node: 2, up: false }, vec![]);
     assert!(
         matches!(r, Response::Error { code, .. } if code == libc::EPERM as u32),

@@ -234,34 +234,23 @@ impl QueueDriver {
     /// Bytes in the buffers posted and not yet returned by the device
     /// (nothing consumed: another holder may be using the queue).
     pub fn unreturned_len(&self) -> u64 {
-        let seen = self.used_idx();
-        let flight = self.avail_idx().wrapping_sub(seen).min(self.size);
-        (0..flight)
-            .map(|k| {
-                let id = seen.wrapping_add(k) % self.size;
-                let d = self.o.desc + 16 * usize::from(id);
-                // Relaxed: this end's own descriptors (see avail_idx).
-                u64::from(self.map.u32_at(d + 8).load(Ordering::Relaxed))
-            })
-            .sum()
+        self.unreturned().map(|(_, n)| u64::from(n)).sum()
     }
 
     /// The buffers posted and not yet returned by the device, in the order
     /// they were posted: (address, length) as their descriptors say.
-    pub fn unreturned(&self) -> Vec<(u64, u32)> {
+    pub fn unreturned(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         let seen = self.used_idx();
         let flight = self.avail_idx().wrapping_sub(seen).min(self.size);
-        (0..flight)
-            .map(|k| {
-                let id = seen.wrapping_add(k) % self.size;
-                let d = self.o.desc + 16 * usize::from(id);
-                // Relaxed: this end's own descriptors (see avail_idx).
-                (
-                    self.map.u64_at(d).load(Ordering::Relaxed),
-                    self.map.u32_at(d + 8).load(Ordering::Relaxed),
-                )
-            })
-            .collect()
+        (0..flight).map(move |k| {
+            let id = seen.wrapping_add(k) % self.size;
+            let d = self.o.desc + 16 * usize::from(id);
+            // Relaxed: this end's own descriptors (see avail_idx).
+            (
+                self.map.u64_at(d).load(Ordering::Relaxed),
+                self.map.u32_at(d + 8).load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Announces interest in the next used entry (used_event) and reports

@@ -186,3 +186,24 @@ pub fn heard(lab: &TwoHosts, h: usize, port: u16) -> Result<()> {
     })?;
     Ok(())
 }
+
+/// redis-server on host `h` under ssock-run, on every address at `port`,
+/// nothing saved.
+pub fn redis_server(lab: &TwoHosts, h: usize, port: &str) -> Result<Prog> {
+    Prog::start(lab.under_ssock(
+        h,
+        &[
+            "redis-server",
+            "--port",
+            port,
+            "--bind",
+            "0.0.0.0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    ))
+}

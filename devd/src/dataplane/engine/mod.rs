@@ -954,7 +954,7 @@ impl Engine {
         }
         let mut progress = used;
         if pair.sides[s].mark_sent {
-            self.notify_tx(pair, s, used);
+            self.notify_used(pair, s, TX, used);
             return progress;
         }
         let ch = pair.sides[s].ch;
@@ -1029,7 +1029,7 @@ impl Engine {
         if pair.sides[s].dead {
             return true;
         }
-        self.notify_tx(pair, s, used);
+        self.notify_used(pair, s, TX, used);
         let side = &mut pair.sides[s];
         if side.tx_pending.is_none() {
             let flags = side.region.tx_flags();
@@ -1087,11 +1087,11 @@ impl Engine {
         progress
     }
 
-    /// Tells side `s` its TX buffers came back (`used`), unless it asked
-    /// not to be told.
-    fn notify_tx(&mut self, pair: &mut Pair, s: usize, used: bool) {
+    /// Tells side `s` queue `q` has used entries (`used`), unless it
+    /// asked not to be told.
+    fn notify_used(&mut self, pair: &mut Pair, s: usize, q: usize, used: bool) {
         let side = &mut pair.sides[s];
-        if used && side.region.needs_notification(TX).unwrap_or(true) {
+        if used && side.region.needs_notification(q).unwrap_or(true) {
             let _ = side.call.notify();
             QueuedCounters::add(&pair.counters.calls[pair.sides[s].end & 1], 1);
         } else if used {
@@ -1178,13 +1178,7 @@ impl Engine {
             used = true;
             progress = true;
         }
-        let side = &mut pair.sides[s];
-        if used && side.region.needs_notification(RX).unwrap_or(true) {
-            let _ = side.call.notify();
-            QueuedCounters::add(&pair.counters.calls[pair.sides[s].end & 1], 1);
-        } else if used {
-            QueuedCounters::add(&pair.counters.calls_suppressed[pair.sides[s].end & 1], 1);
-        }
+        self.notify_used(pair, s, RX, used);
         progress
     }
 }

@@ -19,11 +19,12 @@
 # that lands on the other host's CPU halves streaming and doubles latency
 # for that connection. (ssock-bench --two-hosts pins its client on CPU 0,
 # its server on CPU 1.) The tests leave them to the scheduler: there
-# every process of both hosts may use either CPU.
+# every process of both hosts may use either CPU. SSOCK_LAB_FAIL_FORWARD_MS
+# sets both devds' fail_forward_ms (docs/config.md; default 3000).
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,22p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,23p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
@@ -71,6 +72,7 @@ up)
       echo "node = $me"
       # The lower node dials: only node 2 listens for its peer.
       [ $me = 2 ] && echo "peer_listen = \"$myip:7455\""
+      [ -n "${SSOCK_LAB_FAIL_FORWARD_MS:-}" ] && echo "fail_forward_ms = $SSOCK_LAB_FAIL_FORWARD_MS"
       echo "[policy]"
       echo "short_lived_ms = 0"
       echo "[[peer]]"

@@ -75,6 +75,7 @@ struct FileConfig {
     policy: Option<FilePolicy>,
     node: Option<u32>,
     peer_listen: Option<String>,
+    fail_forward_ms: Option<u64>,
     peer: Option<Vec<FilePeer>>,
 }
 
@@ -214,7 +215,14 @@ pub struct Config {
     pub peer_listen: Option<SocketAddr>,
     /// The peer devds.
     pub peers: Vec<PeerConfig>,
+    /// How long a peer's link must stay up before connections that moved
+    /// to their kernel sockets when it failed move back onto it (fail-
+    /// forward, docs/protocol.md 8.6); 0: they never do.
+    pub fail_forward_ms: u64,
 }
+
+/// Default `fail_forward_ms`: a link that flaps is not used again at once.
+pub const DEFAULT_FAIL_FORWARD_MS: u64 = 3000;
 
 /// Default region size (2 MiB): a Direct ring of about 1 MiB per
 /// direction. Streaming throughput grows steeply with the ring (measured:
@@ -238,6 +246,7 @@ impl Config {
             node: 0,
             peer_listen: None,
             peers: Vec::new(),
+            fail_forward_ms: DEFAULT_FAIL_FORWARD_MS,
         }
     }
 
@@ -304,6 +313,9 @@ impl Config {
                 key: "peer_listen",
                 why: format!("{a:?} is not an IP address and port"),
             })?);
+        }
+        if let Some(ms) = f.fail_forward_ms {
+            c.fail_forward_ms = ms;
         }
         for p in f.peer.unwrap_or_default() {
             let address = p.address.parse().map_err(|_| ConfigError::Value {

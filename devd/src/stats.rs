@@ -50,6 +50,10 @@ pub struct Totals {
     /// whose connector let go of it is a `connector_gone` fallback).
     pub remote: u64,
     pub remote_unmatched: u64,
+    /// This host's ends that moved forward onto their link again (took
+    /// the new region devd offered them), and those offered one.
+    pub forwards: u64,
+    pub forwards_offered: u64,
 }
 
 impl Totals {
@@ -112,6 +116,8 @@ impl Totals {
                 unmatched: self.remote_unmatched,
                 failovers: 0,
                 failover_resets: 0,
+                forwards: self.forwards,
+                forwards_offered: self.forwards_offered,
             },
             bytes: BytesByMode {
                 direct: self.bytes_closed,
@@ -230,6 +236,12 @@ pub struct RemoteCounts {
     /// This host's ends reset when their link failed (the other host
     /// did not agree within 10 s, or there are no peer devds).
     pub failover_resets: u64,
+    /// This host's ends that moved forward onto the link again
+    /// (docs/protocol.md 8.6), and those offered to (an end whose
+    /// process cannot take it stays on its kernel socket).
+    pub forwards: u64,
+    /// See `forwards`.
+    pub forwards_offered: u64,
 }
 
 /// JSON: bytes by accelerated mode.
@@ -311,6 +323,14 @@ pub struct ConnJson {
     /// kernel socket, "tcp" once it did (its link failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<&'static str>,
+    /// With its other end on another host: how many times it (as the
+    /// connections it took the place of) moved to its kernel socket, and
+    /// back onto the link (docs/protocol.md 8.6).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failovers: Option<u32>,
+    /// See `failovers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwards: Option<u32>,
 }
 
 /// JSON: a stats page.

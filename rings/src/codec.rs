@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 10;
+pub const CTL_VERSION: u16 = 11;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -354,6 +354,20 @@ pub enum Request {
         /// In service.
         up: bool,
     },
+    /// Takes (`take`) the new end devd offered this moved end
+    /// (`hov::FORWARD`, docs/protocol.md 8.6), with its socket (1 fd):
+    /// answered `Attached` with the new end, or `Error` ENOENT (none
+    /// offered, or not to this session); the old end is released after,
+    /// as usual. Without `take`: this end will not take it, devd lets it
+    /// go (answered Ok either way).
+    Forward {
+        /// The moved end's connection id.
+        conn_id: u64,
+        /// Which end.
+        side: Side,
+        /// Take it (else: let it go).
+        take: bool,
+    },
 }
 
 /// devd -> client.
@@ -687,7 +701,7 @@ impl Request {
     pub fn fd_count(&self) -> usize {
         match self {
             Request::Listen | Request::Unlisten | Request::Intent { .. } | Request::Claim => 1,
-            Request::Attach => 1,
+            Request::Attach | Request::Forward { .. } => 1,
             _ => 0,
         }
     }
@@ -753,6 +767,15 @@ impl Request {
                 w.u32(*node).u8(u8::from(*up));
                 w.finish()
             }
+            Request::Forward {
+                conn_id,
+                side,
+                take,
+            } => {
+                let mut w = W::new(16);
+                w.u64(*conn_id).u8(*side as u8).u8(u8::from(*take));
+                w.finish()
+            }
         }
     }
 
@@ -788,6 +811,11 @@ impl Request {
             15 => Request::Link {
                 node: r.u32()?,
                 up: r.bool("up")?,
+            },
+            16 => Request::Forward {
+                conn_id: r.u64()?,
+                side: Side::from_u8(r.u8()?)?,
+                take: r.bool("take")?,
             },
             13 => Request::Skipped {
                 reason: r.reason()?,
@@ -989,6 +1017,16 @@ mod tests {
             },
             Request::Link { node: 2, up: false },
             Request::Link { node: 7, up: true },
+            Request::Forward {
+                conn_id: 12,
+                side: Side::Acceptor,
+                take: true,
+            },
+            Request::Forward {
+                conn_id: 13,
+                side: Side::Connector,
+                take: false,
+            },
         ]
     }
 

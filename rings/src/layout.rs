@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 8;
+pub const REGION_VERSION: u32 = 9;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -95,9 +95,14 @@ pub mod hov {
     /// u32 (Queued): 1 when the other end is on another host (written by
     /// devd before the end is handed out): the words of this page are
     /// relayed between the two hosts' devds (`relay`), and an end whose
-    /// region stops carrying bytes is reset, not moved back to the kernel
-    /// socket (what the other host's end took is not known here).
+    /// region stops carrying bytes moves back to the kernel socket only at
+    /// the offsets the two devds agreed (docs/protocol.md 8.5).
     pub const REMOTE: usize = 1352;
+    /// u32 (Queued, remote): 1 once devd offers the connection a new
+    /// region on the link after it moved to its kernel socket (fail-
+    /// forward, docs/protocol.md 8.6): the end takes it (or lets it go)
+    /// with a Forward request. Written by devd with pwrite.
+    pub const FORWARD: usize = 1356;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -342,6 +347,19 @@ pub fn publish_end(m: &Mapping, d: usize, e: u64) {
 pub fn publish_end_at_fin(m: &Mapping, d: usize) {
     m.u64_at(hov::END + 8 * (d & 1))
         .store(END_AT_FIN, Ordering::Release);
+}
+
+/// Whether devd offers this moved connection a new region on the link
+/// ([`hov::FORWARD`]).
+pub fn forward_offered(m: &Mapping) -> bool {
+    m.u32_at(hov::FORWARD).load(Ordering::Acquire) == 1
+}
+
+/// The bytes devd writes with pwrite to offer a new region
+/// ([`forward_offered`]): the word, 0 before (never torn: only its low
+/// byte changes).
+pub fn forward_bytes() -> (u64, [u8; 4]) {
+    (hov::FORWARD as u64, 1u32.to_le_bytes())
 }
 
 /// Whether the other end is on another host ([`hov::REMOTE`]).

@@ -8,6 +8,8 @@ stream HOST PORT MIB: sends MIB MiB of the pattern while reading the echo
 back, shuts its writing down, reads the echo to its end, checks every byte,
 prints "OK N" (or "CORRUPT at OFFSET" for a wrong byte or one beyond N, or
 "SHORT N of M" if the echo ended early), closes.
+steady HOST PORT FLAG: as stream, 64 KiB every millisecond until the file
+FLAG exists (then N is what it sent).
 hang HOST PORT: sends 64 KiB, reads its echo, prints "HANGING" and waits
 forever (the test kills it).
 wait PORT [block]: accepts one connection, reads until EOF or an error
@@ -87,19 +89,21 @@ def serve(port):
         threading.Thread(target=echo, args=(c,), daemon=True).start()
 
 
-def stream(host, port, mib):
+def stream(host, port, mib, flag=None):
     n = mib << 20
     s = socket.create_connection((host, port))
     got = [0]
+    sent = [0]
     bad = []
 
     def reader():
-        # To the end of the echo: a byte beyond n is as wrong as one short.
+        # To the end of the echo: a byte beyond what was sent is as wrong
+        # as one short.
         while True:
             b = s.recv(CHUNK)
             if not b:
                 break
-            if got[0] + len(b) > n or b != at(got[0], len(b)):
+            if got[0] + len(b) > sent[0] or b != at(got[0], len(b)):
                 bad.append(got[0])
                 break
             got[0] += len(b)
@@ -107,10 +111,14 @@ def stream(host, port, mib):
     t = threading.Thread(target=reader)
     t.start()
     off = 0
-    while off < n:
-        k = min(CHUNK, n - off)
+    while (off < n) if flag is None else not os.path.exists(flag):
+        k = min(CHUNK, n - off) if flag is None else CHUNK
+        sent[0] = off + k
         s.sendall(at(off, k))
         off += k
+        if flag is not None:
+            time.sleep(0.001)
+    n = off
     # The server echoes until this end of stream, then closes.
     s.shutdown(socket.SHUT_WR)
     t.join()
@@ -350,6 +358,8 @@ if __name__ == "__main__":
         serve(int(sys.argv[2]))
     elif mode == "stream":
         stream(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "steady":
+        stream(sys.argv[2], int(sys.argv[3]), 0, sys.argv[4])
     elif mode == "hang":
         hang(sys.argv[2], int(sys.argv[3]))
     elif mode == "wait":

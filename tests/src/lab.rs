@@ -45,6 +45,12 @@ pub fn available() -> Result<bool> {
 impl TwoHosts {
     /// Sets the lab up in a fresh directory named after `name`.
     pub fn up(name: &str) -> Result<TwoHosts> {
+        TwoHosts::up_with(name, &[])
+    }
+
+    /// `up`, with `env` for tools/two-host-lab.sh (its `SSOCK_LAB_*`
+    /// settings).
+    pub fn up_with(name: &str, env: &[(&str, &str)]) -> Result<TwoHosts> {
         let dir = std::env::temp_dir().join(format!("ssock-lab-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -53,6 +59,7 @@ impl TwoHosts {
             addr: [String::new(), String::new()],
         };
         let out = Command::new(script())
+            .envs(env.iter().copied())
             .arg("up")
             .arg(&lab.dir)
             .arg(crate::bin("devd").parent().context("bin dir")?)

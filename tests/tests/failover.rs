@@ -424,3 +424,289 @@ fn a_connection_whose_other_devd_cannot_agree_is_reset_not_left_hanging() -> Res
     );
     Ok(())
 }
+
+/// Waits until both hosts counted `n` of their ends moved forward onto
+/// the link (docs/protocol.md 8.6) and show `conns` live connections on
+/// it, each moved forward `forwards` times and over `forwards` times, and
+/// each with bytes acknowledged across the new link.
+fn forwarded(lab: &TwoHosts, n: u64, conns: usize, forwards: u64) -> Result<()> {
+    for h in 0..2 {
+        let t = Instant::now();
+        loop {
+            let v = lab.stats(h)?;
+            let tot = &v["totals"]["remote"];
+            let on_link: Vec<&serde_json::Value> = v["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| {
+                    c["path"] == "link"
+                        && c["forwards"].as_u64() == Some(forwards)
+                        && c["failovers"].as_u64() == Some(forwards)
+                        && c["acked"].as_u64() > Some(0)
+                })
+                .collect();
+            if tot["forwards"].as_u64() == Some(n) && on_link.len() == conns {
+                ensure!(tot["failover_resets"] == 0, "host {h}: {v}");
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "host {h}: {n} ends should have moved forward, {conns} connections on the link again: {v}\n{}",
+                lab.log(h)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Result<()> {
+    let Some(lab) = ready_with("failforward", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let log = lab.dir.join("shim.log");
+    let flag = lab.dir.join("stop");
+    let flag = flag.to_string_lossy();
+    let mut server = echo_server_logged(&lab, 1, 6702, true, Some(&log))?;
+    // Two streams from host a, 64 KiB a millisecond each way until the
+    // flag, every byte of the echo checked at its offset.
+    let b = lab.addr[1].clone();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = lab.under_ssock(0, &["python3", &py, "steady", &b, "6702", &flag]);
+        c.env("SSOCK_LOG", &log);
+        clients.push(Prog::start(c)?);
+    }
+    moving_on_the_link(&lab, 0, 2, 2)?;
+    const CYCLES: u64 = 20;
+    for cycle in 1..=CYCLES {
+        // Taken out of service on host b, then on host a, in turn.
+        let h_down = usize::from(cycle % 2 == 1);
+        lab.set_link(h_down, false)?;
+        for h in 0..2 {
+            let t = settled(&lab, h, |t| {
+                t["remote"]["failovers"].as_u64() >= Some(2 * cycle)
+            })?;
+            ensure!(
+                t["remote"]["failovers"].as_u64() == Some(2 * cycle)
+                    && t["remote"]["failover_resets"] == 0,
+                "cycle {cycle}, host {h}: both connections should have moved: {t}\n{}",
+                lab.log(h)
+            );
+        }
+        lab.wait_peer(1 - h_down, UP, "saw the link down", |p| p["link"] == "down")?;
+        // On kernel TCP now; back in service, they move forward once the
+        // link stayed up for fail_forward_ms.
+        lab.set_link(h_down, true)?;
+        lab.wait_linked(UP)?;
+        let before = [
+            queued_bytes(&totals(&lab, 0)?),
+            queued_bytes(&totals(&lab, 1)?),
+        ];
+        forwarded(&lab, 2 * cycle, 2, cycle)?;
+        // And their bytes cross the link again (1 MiB at least each way
+        // for each connection).
+        for (h, before) in before.iter().enumerate() {
+            let t = Instant::now();
+            while queued_bytes(&totals(&lab, h)?) < before + (4 << 20) {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "host {h}: no bytes through the engine after moving forward: {}",
+                    lab.stats(h)?
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    std::fs::write(&*flag, b"")?;
+    for c in &mut clients {
+        let out = c.expect(&["OK "], Duration::from_secs(60));
+        if let Err(e) = out {
+            anyhow::bail!(
+                "{e}\nhost a: {}\n{}\nhost b: {}\n{}\nthe shim's log:\n{}",
+                lab.stats(0)?,
+                lab.log(0),
+                lab.stats(1)?,
+                lab.log(1),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    }
+    server.expect(&["ECHOED "], Duration::from_secs(10))?;
+    server.expect(&["ECHOED "], Duration::from_secs(10))?;
+    for h in 0..2 {
+        let t = totals(&lab, h)?;
+        ensure!(
+            t["remote"]["forwards"].as_u64() == Some(2 * CYCLES)
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: {t}"
+        );
+    }
+    // Each of the four ends said where it moved forward, every time.
+    let text = std::fs::read_to_string(&log)?;
+    let n = text
+        .lines()
+        .filter(|l| l.contains("moves forward onto the link"))
+        .count();
+    ensure!(
+        n as u64 == 4 * CYCLES,
+        "each end should have moved forward {CYCLES} times:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_error() -> Result<()> {
+    for app in ["redis-server", "redis-benchmark", "iperf3"] {
+        if !ssock_tests::have_app(app)? {
+            return Ok(());
+        }
+    }
+    let Some(lab) = ready_with("forwardapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let b = lab.addr[1].clone();
+    let _redis = redis_server(&lab, 1, "6392")?;
+    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5213"]))?;
+    heard(&lab, 0, 6392)?;
+    heard(&lab, 0, 5213)?;
+    // redis-benchmark's 4 connections (an event loop on nonblocking
+    // sockets) and iperf3's control and data connections.
+    let bench = Prog::start(lab.under_ssock(
+        0,
+        &[
+            "redis-benchmark",
+            "-h",
+            &b,
+            "-p",
+            "6392",
+            "-n",
+            "400000",
+            "-c",
+            "4",
+            "-t",
+            "get",
+            "-q",
+        ],
+    ))?;
+    let iperf = Prog::start(lab.under_ssock(
+        0,
+        &["iperf3", "-c", &b, "-p", "5213", "-t", "8", "-l", "64K"],
+    ))?;
+    moving_on_the_link(&lab, 0, 6, 5)?;
+    lab.set_link(1, false)?;
+    for h in 0..2 {
+        let t = settled(&lab, h, |t| t["remote"]["failovers"].as_u64() >= Some(6))?;
+        ensure!(
+            t["remote"]["failovers"] == 6 && t["remote"]["failover_resets"] == 0,
+            "host {h}: all six connections should have moved: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    lab.wait_peer(0, UP, "saw the link down", |p| p["link"] == "down")?;
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    // Back onto the link while they run: the data connections at their
+    // next call, iperf3's control connection at its next select.
+    for h in 0..2 {
+        let t = Instant::now();
+        loop {
+            let tot = totals(&lab, h)?;
+            if tot["remote"]["forwards"].as_u64() >= Some(5) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "host {h}: the connections should have moved forward: {}\n{}",
+                lab.stats(h)?,
+                lab.log(h)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let before = [
+        queued_bytes(&totals(&lab, 0)?),
+        queued_bytes(&totals(&lab, 1)?),
+    ];
+    for (mut p, what, ok) in [
+        (bench, "redis-benchmark", "GET: "),
+        (iperf, "iperf3", "receiver"),
+    ] {
+        let status = p.wait(Duration::from_secs(120))?;
+        let out = p.all().replace('\r', "\n");
+        ensure!(
+            status.success()
+                && out.lines().any(|l| l.contains(ok))
+                && !out.to_lowercase().contains("error"),
+            "{what} through the link failure and back:\n{out}"
+        );
+    }
+    // What they sent after moving forward crossed the link.
+    for (h, before) in before.iter().enumerate() {
+        let t = totals(&lab, h)?;
+        ensure!(
+            queued_bytes(&t) > before + (16 << 20)
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: their bytes should cross the link again: {t}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> Result<()> {
+    let Some(lab) = ready_with("forwardeos", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    let mut sink = served_on_b(&lab, &["sink", "6721", &flag])?;
+    heard(&lab, 0, 6721)?;
+    let log = lab.dir.join("half.log");
+    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6721", "2304"]);
+    half.env("SSOCK_LOG", &log);
+    let mut half = Prog::start(half)?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    half.expect(&["SHUT"], Duration::from_secs(20))?;
+    moving_on_the_link(&lab, 0, 1, 1)?;
+    lab.set_link(1, false)?;
+    all_moved(&lab, 1)?;
+    // Back: the connector's devd offers it a new end, which an end whose
+    // writes are shut down cannot take (it says so at its next call);
+    // the sink is offered nothing before its connector took its own.
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    let t = settled(&lab, 0, |t| t["remote"]["forwards_offered"] == 1)?;
+    ensure!(t["remote"]["forwards_offered"] == 1, "host a: {t}");
+    std::fs::write(&*flag, b"")?;
+    sink.expect(&["SUNK 2359296"], Duration::from_secs(30))?;
+    half.expect(&["REPLY SUNK 2359296"], Duration::from_secs(30))?;
+    ensure!(
+        half.wait(Duration::from_secs(10))?.success(),
+        "{}",
+        half.all()
+    );
+    for h in 0..2 {
+        let t = totals(&lab, h)?;
+        ensure!(
+            t["remote"]["forwards"] == 0
+                && t["remote"]["forwards_offered"] == u64::from(h == 0)
+                && t["remote"]["failover_resets"] == 0,
+            "host {h}: {t}"
+        );
+    }
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(
+        text.contains("stays on its kernel socket"),
+        "the client should have let its new end go:\n{text}"
+    );
+    Ok(())
+}

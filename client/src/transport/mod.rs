@@ -231,6 +231,11 @@ pub trait Transport: Send + std::fmt::Debug {
     fn moved_back(&self) -> Option<u64> {
         None
     }
+    /// The session with devd this end came through (Queued), for the
+    /// requests the hand-over makes (a new end, `handover/forward.rs`).
+    fn session(&self) -> Option<Arc<crate::session::Session>> {
+        None
+    }
     /// Looks (one zero-timeout poll) at what the transport depends on
     /// beside its peer, without judging the kernel socket: Queued learns
     /// that devd's session hung up. For a waiter whose kernel

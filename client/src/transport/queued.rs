@@ -684,6 +684,10 @@ impl Transport for Queued {
         Some((self.hov.clone(), self.side as usize))
     }
 
+    fn session(&self) -> Option<Arc<Session>> {
+        self.session.clone()
+    }
+
     fn path_lost(&mut self) -> bool {
         self.peer_closed_region();
         self.lost

@@ -75,7 +75,36 @@ impl Devd {
         }
         self.reg
             .charge(uid, -1, -isize::try_from(bytes).unwrap_or(isize::MAX));
-        self.reg.by_inode.remove(&inode);
+        // (The socket may be another connection's already: the one that
+        // took this one's place on the link.)
+        if self.reg.by_inode.get(&inode) == Some(&(id, e)) {
+            self.reg.by_inode.remove(&inode);
+            // A new end its process took and could not use: the socket is
+            // the moved connection's again.
+            let remote = self.reg.conns.get(&id).is_some_and(|c| c.remote.is_some());
+            let other = remote
+                .then(|| {
+                    self.reg.conns.values().find_map(|c| {
+                        let x = c.ends.iter().position(|x| x.inode == inode && !x.released);
+                        x.filter(|_| c.remote.is_some() && c.id != id)
+                            .map(|x| (c.id, x))
+                    })
+                })
+                .flatten();
+            if let Some(o) = other {
+                self.reg.by_inode.insert(inode, o);
+            }
+        }
+        // A connection offered to take this one's place and not taken goes
+        // with it.
+        if let Some(next) = self
+            .reg
+            .conns
+            .get_mut(&id)
+            .and_then(|c| c.moves.next.take())
+        {
+            self.drop_forward(next);
+        }
         if first {
             // Judged when its first end goes: the other may linger (a
             // forked child that exits without a close is found gone only

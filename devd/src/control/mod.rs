@@ -12,6 +12,7 @@
 pub mod bells;
 pub mod board;
 mod ends;
+mod forward;
 mod listeners;
 mod pairing;
 pub mod registry;
@@ -23,7 +24,7 @@ pub mod watch;
 use crate::config::Config;
 use crate::dataplane::engine::{self, Cmd, SideInit, SideSpec};
 use crate::stats::{ConnJson, DevdJson, EngineCounts, Page, QueuedCounters, RingJson, Totals};
-use registry::{canon, Conn, DirectRes, End, Fd, Intent, Parked, QueuedRes, Registry, Res};
+use registry::{canon, Conn, DirectRes, End, Fd, Intent, Moves, Parked, QueuedRes, Registry, Res};
 use ssock_rings::codec::{
     Attachment, FallbackReason, Mode, ModePref, Request, Response, Side, MAX_FRAME,
 };
@@ -350,6 +351,11 @@ impl Devd {
             }
             Request::Claim => self.claim(sid, &fds[0]),
             Request::Attach => self.attach(sid, &fds[0]),
+            Request::Forward {
+                conn_id,
+                side,
+                take,
+            } => self.take_forward(sid, conn_id, side as usize, take, &fds[0]),
             Request::Release {
                 conn_id,
                 side,
@@ -677,16 +683,17 @@ impl Devd {
             .as_ref()
             .and_then(watch::Watch::next_retire)
             .map(|t| t.saturating_duration_since(now));
-        match (orphans, watch) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [orphans, watch, self.forward_wake_in(now)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Work due on time, whatever woke the control loop: orphaned ends to
     /// release, watch generations to end.
     pub fn timers(&mut self) {
         self.release_orphans();
+        self.forward_look(Instant::now());
         if let Some(w) = &mut self.watch {
             w.retire(Instant::now());
         }

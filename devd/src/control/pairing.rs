@@ -164,7 +164,7 @@ impl Devd {
             (Mode::Queued, _) => {
                 let id = self.new_id();
                 match remote {
-                    Some(_) => (id, self.remote_res(id, None)?),
+                    Some(_) => (id, self.remote_res(id, 0, None)?),
                     None => (id, self.queued_res(id)?),
                 }
             }
@@ -458,6 +458,7 @@ impl Devd {
                 born: intent.at,
                 ended: None,
                 remote: None,
+                moves: Moves::default(),
             },
         );
         Ok((Response::Expect { token, attachment }, fds))

@@ -270,6 +270,33 @@ pub struct Conn {
     /// child that exits without a close is released only once devd finds
     /// its socket gone, up to seconds later).
     pub ended: Option<Instant>,
+    /// Its moves between the link and the kernel socket (remote only).
+    pub moves: Moves,
+}
+
+/// A remote connection's moves between its link and its kernel socket
+/// (docs/protocol.md 8.5, 8.6). A connection that moves forward onto the
+/// link again is a new connection on the same sockets: this host's end
+/// of the new one is offered to the process holding the old one, which
+/// takes it (or lets it go) with a Forward request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moves {
+    /// The connection offered to take this one's place on the link, while
+    /// this host's end of it is not taken (released with this one's end).
+    pub next: Option<u64>,
+    /// The moved connection whose place this one takes, until this host's
+    /// end of it is taken.
+    pub prev: Option<u64>,
+    /// How many times the connections before it (and it) moved to their
+    /// kernel sockets, as of when it was made.
+    pub failovers: u32,
+    /// How many times they moved forward onto the link (this one counts).
+    pub forwards: u32,
+    /// New connections offered for it so far, and when the next may be
+    /// (a peer that refused one may not see the link up yet).
+    pub tries: u8,
+    /// See `tries`.
+    pub retry_at: Option<Instant>,
 }
 
 /// All control-plane tables.

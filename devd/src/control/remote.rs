@@ -27,7 +27,7 @@ pub(super) fn channel_of(node: u32, id: u64, salt: u64) -> u64 {
 }
 
 /// Whether `ch` is of node `node`'s range (see [`channel_of`]).
-fn in_range(node: u32, ch: u64) -> bool {
+pub(super) fn in_range(node: u32, ch: u64) -> bool {
     ch >> 63 == 1 && (ch >> 40) & 0x7F_FFFF == u64::from(node)
 }
 
@@ -68,7 +68,7 @@ impl Devd {
 
     /// Whether peer `node` can carry a connection now: its control
     /// connection is up, and so is its ntb link.
-    fn peer_ready(&self, node: u32) -> bool {
+    pub(super) fn peer_ready(&self, node: u32) -> bool {
         self.remote.up.contains(&node) && self.engine.links().get(&node).is_some_and(|l| l.0)
     }
 
@@ -102,17 +102,18 @@ impl Devd {
             .filter(|&n| self.peer_ready(n))
     }
 
-    /// The resources of a Queued connection with one end here: that end's
-    /// region and doorbells (none for the other's). `to`: this is the acceptor's
-    /// end, whose channel towards (node, channel) the engine opens now;
-    /// none: the connector's, held until the peer's Claim.
+    /// The resources of a Queued connection with one end here, end `e`:
+    /// that end's region and doorbells (none for the other's). `to`: the
+    /// channel towards (node, channel) the engine opens now for it; none
+    /// (a connector's end only): held until the peer's Claim.
     pub(super) fn remote_res(
         &mut self,
         id: u64,
+        e: usize,
         to: Option<(u32, u64)>,
     ) -> Result<Res, RequestError> {
         // Only this host's end: the connector's, or the acceptor's.
-        let here = [to.is_none(), to.is_some()];
+        let here = [e == 0, e == 1];
         let (mut res, [connector, acceptor]) = self.queued_parts(id, here)?;
         let Res::Queued(q) = &mut res else {
             unreachable!("queued_parts makes Queued resources")
@@ -126,13 +127,14 @@ impl Devd {
         );
         match (to, connector, acceptor) {
             (None, Some(connector), _) => q.held = Some(Box::new((connector, hov))),
-            (Some((node, channel)), _, Some(acceptor)) => self.engine.send(Cmd::Add {
+            (Some((node, channel)), Some(init), None)
+            | (Some((node, channel)), None, Some(init)) => self.engine.send(Cmd::Add {
                 id,
                 sides: vec![SideSpec {
-                    init: acceptor,
+                    init,
                     ch: channel,
                     peer: Peer::Remote { node, channel },
-                    end: 1,
+                    end: e,
                     hov: Some(hov),
                 }],
                 counters: q.counters.clone(),
@@ -163,7 +165,7 @@ impl Devd {
         }
         let id = self.new_id();
         let channel = channel_of(self.cfg.node, id, self.remote.salt);
-        let mut res = self.remote_res(id, Some((node, channel)))?;
+        let mut res = self.remote_res(id, 1, Some((node, channel)))?;
         let (attachment, fds) = match attachment(&mut res, id, 1, false, None, None) {
             Ok(a) => a,
             Err(e) => {
@@ -201,6 +203,7 @@ impl Devd {
                 born: Instant::now(),
                 ended: None,
                 remote: Some((node, channel)),
+                moves: Moves::default(),
             },
         );
         self.remote
@@ -254,6 +257,7 @@ impl Devd {
                         self.remote.up.insert(node);
                     } else {
                         self.remote.up.remove(&node);
+                        self.peer_gone_forwards(node);
                         // Its answers will not come: those acceptors stay
                         // on the kernel socket.
                         let lost: Vec<u64> = self
@@ -300,6 +304,8 @@ impl Devd {
                         words,
                         closed,
                     }),
+                Event::Forward { node, old, new } => self.peer_forward(node, old, new),
+                Event::Forwarded { node, channel, ok } => self.forwarded(node, channel, ok),
             }
         }
         if board {
@@ -456,6 +462,7 @@ impl Devd {
                 born: intent.at,
                 ended: None,
                 remote: Some((node, channel)),
+                moves: Moves::default(),
             },
         );
         self.totals.created(Mode::Queued);
@@ -532,6 +539,8 @@ pub struct RemoteState {
     pub claims: HashMap<u64, (u64, u32, Instant)>,
     /// Peers' Claims waiting for the sessions to be read.
     pub pending: Vec<(u32, SocketAddr, SocketAddr, u64)>,
+    /// Fail-forward (`forward.rs`).
+    pub forward: super::forward::ForwardState,
 }
 
 #[cfg(test)]

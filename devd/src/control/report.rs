@@ -142,6 +142,8 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 channel: None,
                 acked: None,
                 path: None,
+                failovers: None,
+                forwards: None,
             }
         }
         Res::Queued(q) => {
@@ -177,6 +179,10 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                     1 => "tcp",
                     _ => "moving",
                 }),
+                failovers: c
+                    .remote
+                    .map(|_| c.moves.failovers + u32::from(g(&k.failover) == 1)),
+                forwards: c.remote.map(|_| c.moves.forwards),
             }
         }
     }

@@ -974,3 +974,40 @@ fn only_root_or_devds_user_may_take_a_link_down_and_only_a_configured_peers() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_forward_request_gets_an_end_only_where_one_was_offered() {
+    let mut d = devd("");
+    session(&mut d, 2);
+    let l = listener_of(&mut d, 2);
+    let ((c, _), _, s) = connect_as(&mut d, 1, 2, &l);
+    let fd = || s.as_fd().try_clone_to_owned().unwrap();
+    let forward = |conn_id, side| Request::Forward {
+        conn_id,
+        side,
+        take: true,
+    };
+    let enoent =
+        |r: &Response| matches!(r, Response::Error { code, .. } if *code == libc::ENOENT as u32);
+    // A live local connection: nothing was offered.
+    let (r, fds) = d.handle(2, forward(c.conn_id, Side::Acceptor), vec![fd()]);
+    assert!(enoent(&r) && fds.is_empty(), "{r:?}");
+    // Another session, another end, an unknown connection: the same.
+    let (r, _) = d.handle(1, forward(c.conn_id, Side::Acceptor), vec![fd()]);
+    assert!(enoent(&r), "{r:?}");
+    let (r, _) = d.handle(2, forward(c.conn_id + 1000, Side::Acceptor), vec![fd()]);
+    assert!(enoent(&r), "{r:?}");
+    // Letting go of an end not offered changes nothing.
+    let (r, _) = d.handle(
+        2,
+        Request::Forward {
+            conn_id: c.conn_id,
+            side: Side::Acceptor,
+            take: false,
+        },
+        vec![fd()],
+    );
+    assert!(matches!(r, Response::Ok), "{r:?}");
+    // And the connection is as it was.
+    assert!(d.reg.conns.contains_key(&c.conn_id));
+}

@@ -131,6 +131,25 @@ pub enum Event {
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
     },
+    /// Peer `node` offers the moved connection on channel `old` a new
+    /// region on channel `new` (`Msg::Forward`).
+    Forward {
+        /// The peer.
+        node: u32,
+        /// The moved connection's channel.
+        old: u64,
+        /// The new channel.
+        new: u64,
+    },
+    /// Peer `node` answered this devd's Forward on channel `channel`.
+    Forwarded {
+        /// The peer.
+        node: u32,
+        /// The new channel.
+        channel: u64,
+        /// Its end is open there.
+        ok: bool,
+    },
 }
 
 /// What another thread (the engine) holds to send peers messages.
@@ -844,15 +863,23 @@ impl Thread {
                     }
                     Msg::Ping if c.verified => {}
                     Msg::Listeners(l) if c.verified => c.listeners = Some(l),
-                    m @ (Msg::Claim { .. } | Msg::Claimed { .. } | Msg::Failover { .. })
+                    m @ (Msg::Claim { .. }
+                    | Msg::Claimed { .. }
+                    | Msg::Failover { .. }
+                    | Msg::Forward { .. }
+                    | Msg::Forwarded { .. })
                         if c.verified =>
                     {
                         c.got.push(m)
                     }
-                    Msg::Claim { .. } | Msg::Claimed { .. } | Msg::Failover { .. } => {
+                    Msg::Claim { .. }
+                    | Msg::Claimed { .. }
+                    | Msg::Failover { .. }
+                    | Msg::Forward { .. }
+                    | Msg::Forwarded { .. } => {
                         return Err(End::Refused(
                             "malformed",
-                            "a Claim, Claimed or Failover before the handshake".into(),
+                            "a Claim, Claimed, Failover or Forward before the handshake".into(),
                         ));
                     }
                     Msg::Listeners(_) => {
@@ -1020,6 +1047,8 @@ impl Thread {
                     words,
                     closed,
                 }),
+                Msg::Forward { old, new } => Some(Event::Forward { node, old, new }),
+                Msg::Forwarded { channel, ok } => Some(Event::Forwarded { node, channel, ok }),
                 _ => None,
             })
             .collect();

@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -86,6 +86,24 @@ pub enum Msg {
         /// Where the direction the sender reads closed, once it did.
         closed: Option<u64>,
     },
+    /// The link is back: the connection on channel `old`, which moved to
+    /// its kernel socket, may move forward to a new region on the link
+    /// (docs/protocol.md 8.6). Sent by the acceptor's devd, whose end
+    /// listens on channel `new` already (of its range).
+    Forward {
+        /// The moved connection's channel.
+        old: u64,
+        /// The new channel, both ends.
+        new: u64,
+    },
+    /// The answer to a Forward: whether the connector's end is open on
+    /// the new channel (its process is offered the new region).
+    Forwarded {
+        /// The Forward's new channel.
+        channel: u64,
+        /// Open there.
+        ok: bool,
+    },
 }
 
 /// What a Claim found on the connector's host.
@@ -123,6 +141,8 @@ const LISTENERS: u8 = 4;
 const CLAIM: u8 = 5;
 const CLAIMED: u8 = 6;
 const FAILOVER: u8 = 7;
+const FORWARD: u8 = 8;
+const FORWARDED: u8 = 9;
 
 /// Appends address `a`: a family byte (4 or 6), its address bytes and a
 /// u16 port.
@@ -216,6 +236,16 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             body.push(u8::from(closed.is_some()));
             body.extend_from_slice(&closed.unwrap_or(0).to_le_bytes());
         }
+        Msg::Forward { old, new } => {
+            body.push(FORWARD);
+            body.extend_from_slice(&old.to_le_bytes());
+            body.extend_from_slice(&new.to_le_bytes());
+        }
+        Msg::Forwarded { channel, ok } => {
+            body.push(FORWARDED);
+            body.extend_from_slice(&channel.to_le_bytes());
+            body.push(u8::from(*ok));
+        }
     }
     let mut f = u32::try_from(body.len())
         .unwrap_or(u32::MAX)
@@ -287,6 +317,20 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
             _ => return Err(WireError::Malformed("Claimed")),
         },
         FAILOVER => failover(p).ok_or(WireError::Malformed("Failover"))?,
+        FORWARD => match <[u8; 16]>::try_from(p) {
+            Ok(b) => Msg::Forward {
+                old: u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
+                new: u64::from_le_bytes(b[8..].try_into().unwrap_or([0; 8])),
+            },
+            Err(_) => return Err(WireError::Malformed("Forward")),
+        },
+        FORWARDED => match *p {
+            [c0, c1, c2, c3, c4, c5, c6, c7, ok @ 0..=1] => Msg::Forwarded {
+                channel: u64::from_le_bytes([c0, c1, c2, c3, c4, c5, c6, c7]),
+                ok: ok == 1,
+            },
+            _ => return Err(WireError::Malformed("Forwarded")),
+        },
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -583,6 +627,18 @@ mod tests {
                 words: [0, u64::MAX, 5, 0],
                 closed: Some(123_456),
             },
+            Msg::Forward {
+                old: 1 << 63 | 9,
+                new: 1 << 63 | 10,
+            },
+            Msg::Forwarded {
+                channel: 1 << 63 | 10,
+                ok: true,
+            },
+            Msg::Forwarded {
+                channel: 4,
+                ok: false,
+            },
         ] {
             let mut f = encode(&m);
             assert_eq!(decode(&mut f), Ok(Some(m.clone())));
@@ -614,6 +670,13 @@ mod tests {
         let mut stray = good;
         stray[4 + 1 + 41] = 1;
         assert!(matches!(decode(&mut stray), Err(WireError::Malformed(_))));
+        // A Forwarded's flag byte is 0 or 1.
+        let mut f = encode(&Msg::Forwarded {
+            channel: 1,
+            ok: true,
+        });
+        *f.last_mut().unwrap() = 2;
+        assert!(matches!(decode(&mut f), Err(WireError::Malformed(_))));
         let mut f = encode(&Msg::Listeners(vec![]));
         assert_eq!(decode(&mut f), Ok(Some(Msg::Listeners(vec![]))));
         for bad in [

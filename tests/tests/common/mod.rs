@@ -134,10 +134,15 @@ pub fn queued_bytes(t: &serde_json::Value) -> u64 {
 }
 
 pub fn ready(name: &str) -> Result<Option<TwoHosts>> {
+    ready_with(name, &[])
+}
+
+/// `ready`, with `env` for the lab's script (`SSOCK_LAB_*`).
+pub fn ready_with(name: &str, env: &[(&str, &str)]) -> Result<Option<TwoHosts>> {
     if !lab::available()? || !ssock_tests::have_app("python3")? {
         return Ok(None);
     }
-    let lab = TwoHosts::up(name)?;
+    let lab = TwoHosts::up_with(name, env)?;
     lab.wait_linked(UP)?;
     Ok(Some(lab))
 }

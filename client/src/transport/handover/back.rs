@@ -86,7 +86,10 @@ impl Handover {
         while self.resent < self.resend.len() {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             match ssock_rings::sys::send(ctx.tcp, &self.resend[self.resent..], flags) {
-                Ok(n) => self.resent += n,
+                Ok(n) => {
+                    self.resent += n;
+                    self.sock_out += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !block {
                         return Ok(false);

@@ -24,6 +24,7 @@
 //! carries the peer's bytes.
 
 mod back;
+mod forward;
 mod wait;
 
 use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
@@ -138,6 +139,22 @@ pub struct Handover {
     /// Since when a read that moved back waits for its remote writer's
     /// END (the kernel socket ended first), and whether that wait ended.
     end_wait: Option<(std::time::Instant, bool)>,
+    /// Bytes this process sent on the kernel socket, all of them: where a
+    /// direction that moves forward moves (`forward.rs`).
+    sock_out: u64,
+    /// This process's counts are the end's: it was never shared (fork,
+    /// fd passing) nor taken over.
+    counted: bool,
+    /// Sleeps armed on this end and not disarmed yet (other threads').
+    waiters: u32,
+    /// This end will not take a new end devd offers (it cannot count its
+    /// socket's bytes, or devd refused).
+    forward_declined: bool,
+    /// Times it moved forward onto the link.
+    forwards: u32,
+    /// A read after moving back found the stream's end: it is over, and
+    /// never moves forward (a new end's reads would wait again).
+    back_eof: bool,
 }
 
 /// How long a fresh acceptor end waits for its connector's READY: the
@@ -217,6 +234,12 @@ impl Handover {
             forking: false,
             tcp_err: None,
             end_wait: None,
+            sock_out: 0,
+            counted: !adopted,
+            waiters: 0,
+            forward_declined: false,
+            forwards: 0,
+            back_eof: false,
         };
         if refused {
             h.stay_on_kernel();
@@ -503,6 +526,7 @@ impl Handover {
     fn take(&mut self, buf: &mut [u8], ctx: &Ctx<'_>, peek: bool) -> io::Result<usize> {
         loop {
             self.step();
+            self.forward(ctx);
             if self.broken {
                 return Err(reset_error());
             }
@@ -514,6 +538,7 @@ impl Handover {
             if self.back_at_end() {
                 // Its writer said its writes end here: the stream's end,
                 // whenever the socket's FIN comes.
+                self.back_eof = true;
                 return Ok(0);
             }
             let max = match (self.kernel, self.rx) {
@@ -618,6 +643,7 @@ impl Handover {
                                 self.broken = true;
                                 return Err(reset_error());
                             }
+                            self.back_eof = true;
                             return Ok(0);
                         }
                         _ if self.end_unsure(mark) => {
@@ -657,6 +683,46 @@ impl Handover {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Handover {
+    /// `Transport::arm`'s work (the count of sleepers is kept around it).
+    fn arm_inner(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
+        self.step();
+        if self.broken {
+            return None;
+        }
+        if self.on_rings() {
+            return self.inner.arm(ctx, read, write);
+        }
+        let tcp = ctx.tcp.as_raw_fd();
+        let mut fds: Vec<(RawFd, i16)> = Vec::new();
+        if read && self.end_wait.is_some_and(|(_, over)| !over) && self.back_end_unknown() {
+            // devd brings the writer's END (see `back_end_unknown`).
+            if let Some(fd) = self.wait_for_end() {
+                fds.push((fd, libc::POLLIN));
+            }
+        }
+        if !self.kernel && !self.lost {
+            match self.inner.arm(ctx, read, write) {
+                Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),
+                // The region stopped carrying bytes: the kernel socket alone.
+                None if self.inner.path_lost() => self.step(),
+                None => {
+                    self.inner_broke();
+                    if !self.kernel {
+                        return None;
+                    }
+                }
+            }
+        }
+        // What is asserted now the caller's look after arming reports.
+        let (entry, _) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
+        if let Some(e) = entry {
+            fds.push((e.fd, e.events));
+        }
+        Some(fds)
     }
 }
 
@@ -700,6 +766,7 @@ impl Transport for Handover {
         let mut off = 0;
         loop {
             self.step();
+            self.forward(ctx);
             if self.broken {
                 return partial(off, reset_error());
             }
@@ -760,6 +827,7 @@ impl Transport for Handover {
                     match ssock_rings::sys::send(ctx.tcp, &buf[off..], flags) {
                         Ok(n) => {
                             off += n;
+                            self.sock_out += n as u64;
                             match &mut self.tx {
                                 Tx::Tcp(w) => *w += n as u64,
                                 Tx::Back => self.tail += n as u64,
@@ -784,6 +852,9 @@ impl Transport for Handover {
 
     fn shutdown_write(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         self.step();
+        // An offer seen now is taken first if it can be (once shut down,
+        // this end would let it go).
+        self.forward(ctx);
         match (self.kernel, self.tx) {
             (false, Tx::Ring) => {
                 self.wr_shut = true;
@@ -824,6 +895,8 @@ impl Transport for Handover {
     }
 
     fn fork_hold(&mut self) {
+        // Two processes' byte counts cannot be added up.
+        self.counted = false;
         self.forking = true;
         self.step();
         self.forking = false;
@@ -878,6 +951,7 @@ impl Transport for Handover {
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
         self.step();
+        self.forward(ctx);
         if self.broken {
             return Ready::BROKEN;
         }
@@ -1016,43 +1090,15 @@ impl Transport for Handover {
     }
 
     fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
-        self.step();
-        if self.broken {
-            return None;
+        let r = self.arm_inner(ctx, read, write);
+        if r.is_some() {
+            self.waiters += 1;
         }
-        if self.on_rings() {
-            return self.inner.arm(ctx, read, write);
-        }
-        let tcp = ctx.tcp.as_raw_fd();
-        let mut fds: Vec<(RawFd, i16)> = Vec::new();
-        if read && self.end_wait.is_some_and(|(_, over)| !over) && self.back_end_unknown() {
-            // devd brings the writer's END (see `back_end_unknown`).
-            if let Some(fd) = self.wait_for_end() {
-                fds.push((fd, libc::POLLIN));
-            }
-        }
-        if !self.kernel && !self.lost {
-            match self.inner.arm(ctx, read, write) {
-                Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),
-                // The region stopped carrying bytes: the kernel socket alone.
-                None if self.inner.path_lost() => self.step(),
-                None => {
-                    self.inner_broke();
-                    if !self.kernel {
-                        return None;
-                    }
-                }
-            }
-        }
-        // What is asserted now the caller's look after arming reports.
-        let (entry, _) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
-        if let Some(e) = entry {
-            fds.push((e.fd, e.events));
-        }
-        Some(fds)
+        r
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
+        self.waiters = self.waiters.saturating_sub(1);
         if !self.kernel {
             self.inner.disarm(read, write);
         }

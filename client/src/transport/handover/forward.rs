@@ -1,0 +1,184 @@
+//! Moving forward (docs/protocol.md section 8.6): an end between two hosts
+//! that moved back to its kernel socket when its link failed takes the new
+//! end devd offers once the link is back, and its hand-over starts anew:
+//! each direction on the kernel socket until its writer moves, at an
+//! offset in the socket's whole stream (every byte this end's process
+//! sent there, every byte it read there), so both ends count alike.
+//!
+//! Never here: taking the new end while this process cannot count its
+//! socket's bytes (an end shared, inherited or passed on), while bytes
+//! are still owed to the peer or unread in the old region, while the
+//! peer may still owe bytes it would send again, after the stream's end
+//! was read, or while another thread of this process sleeps on the end.
+
+use super::*;
+use crate::transport::queued::Queued;
+use ssock_rings::codec::{Request, Response, Side};
+
+impl Handover {
+    /// This end's side as the control protocol names it.
+    fn side_name(&self) -> Side {
+        if self.side == 0 {
+            Side::Connector
+        } else {
+            Side::Acceptor
+        }
+    }
+
+    /// Takes the new end devd offers, if it offers one (FORWARD in the
+    /// moved end's page) and this end is where it can: its resend is out,
+    /// the old region read to its end, its counts its own, its peer's
+    /// resend out too. An end that can never take it lets it go, once
+    /// (`forward_declined`), and stays on its kernel socket.
+    pub(super) fn forward(&mut self, ctx: &Ctx<'_>) {
+        if !self.lost
+            || self.kernel
+            || self.broken
+            || self.closed
+            || self.forking
+            || self.forward_declined
+            || !layout::forward_offered(&self.map)
+        {
+            return;
+        }
+        // The peer's writes: all it owed sent again (END says "at the
+        // socket's end": a writer that dies now leaves a FIN that is its
+        // stream's end), and not ended.
+        let peer_end = layout::end_at(&self.map, 1 - self.side);
+        let for_good = matches!(self.tx, Tx::Pinned | Tx::Shut) || self.rx == Rx::Forever;
+        if !self.counted
+            || self.wr_shut
+            || self.back_eof
+            || matches!(peer_end, End::At(_))
+            || for_good
+            || self.inner.holders() > 1
+        {
+            self.decline(
+                ctx,
+                "its bytes on the kernel socket cannot be counted here, or a direction ended",
+            );
+            return;
+        }
+        let ready = self.tx == Tx::Back
+            && peer_end == End::AtFin
+            && !self.owed()
+            && matches!(self.rx, Rx::Back { .. })
+            && self.end_wait.is_none()
+            && self.tcp_err.is_none()
+            && self.waiters == 0;
+        if !ready {
+            // Later: the next call looks again.
+            return;
+        }
+        let (Some(session), Some(old)) = (self.inner.session(), self.inner.conn_id()) else {
+            self.forward_declined = true;
+            return;
+        };
+        let side = self.side_name();
+        let req = Request::Forward {
+            conn_id: old,
+            side,
+            take: true,
+        };
+        let new = match session.request(&req, &[ctx.tcp]) {
+            Ok((Response::Attached(a), fds)) if a.side == side && a.mode == Mode::Queued => {
+                match Queued::attach(&a, fds, Some(session.clone())) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        let _ = session.post(&Request::Release {
+                            conn_id: a.conn_id,
+                            side,
+                            park: false,
+                        });
+                        self.forward_declined = true;
+                        log::warn!("connection {old}: its new end cannot be used: {e}");
+                        return;
+                    }
+                }
+            }
+            Ok(_) => {
+                self.forward_declined = true;
+                log::warn!("connection {old}: devd answered Forward with something else");
+                return;
+            }
+            Err(e) => {
+                self.forward_declined = true;
+                log::info!("connection {old}: no new end from devd: {e}");
+                return;
+            }
+        };
+        let Some((map, _)) = new.handover_words() else {
+            return;
+        };
+        let Rx::Back { after, .. } = self.rx else {
+            return;
+        };
+        let read = self.done().wrapping_add(after);
+        let mut new: Box<dyn Transport> = Box::new(new);
+        if !layout::is_remote(&map) {
+            new.discard_region();
+            new.close();
+            self.forward_declined = true;
+            log::warn!("connection {old}: its new end is not between two hosts");
+            return;
+        }
+        // The new page counts this end's reads of the kernel socket from
+        // the stream's start, as its peer's SWITCH will.
+        layout::tcp_read(&map, self.side).store(read, Ordering::Release);
+        // This end holds its new end: its peer's writes may move.
+        if self.side == 0 {
+            layout::mark_ready(&map);
+        } else if !layout::accept_claim(&map) {
+            new.discard_region();
+            new.close();
+            self.forward_declined = true;
+            log::info!("connection {old}: devd said its new end stays on the kernel socket");
+            return;
+        }
+        let mut old_end = std::mem::replace(&mut self.inner, new);
+        old_end.close();
+        self.forwards += 1;
+        log::info!(
+            "connection {old}: moves forward onto the link as connection {} (time {}; kernel socket: {} bytes sent, {read} read)",
+            self.inner.conn_id().unwrap_or(0),
+            self.forwards,
+            self.sock_out
+        );
+        self.map = map;
+        self.tx = Tx::Tcp(self.sock_out);
+        self.rx = Rx::Tcp(None);
+        self.lost = false;
+        self.reads_closed = None;
+        self.resend = Vec::new();
+        self.resent = 0;
+        self.tail = 0;
+        self.back_shut = false;
+        self.tcp_eof = false;
+        self.peer_closed = false;
+        self.end_wait = None;
+        self.recheck = RECHECK_MIN;
+        self.inner.words_changed();
+        self.step();
+    }
+
+    /// This end will not take the new end offered: devd lets it go (its
+    /// engine side ends with Eos, which tells a reader on the other host
+    /// that took its own new end that these writes never moved).
+    fn decline(&mut self, ctx: &Ctx<'_>, why: &str) {
+        self.forward_declined = true;
+        let Some(old) = self.inner.conn_id() else {
+            return;
+        };
+        log::info!("connection {old}: stays on its kernel socket: {why}");
+        if let Some(s) = self.inner.session() {
+            let req = Request::Forward {
+                conn_id: old,
+                side: self.side_name(),
+                take: false,
+            };
+            if let Err(e) = s.request(&req, &[ctx.tcp]) {
+                log::debug!("connection {old}: devd was not told: {e}");
+            }
+        }
+    }
+}

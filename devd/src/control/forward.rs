@@ -1,0 +1,467 @@
+//! Fail-forward (docs/protocol.md 8.6): a connection between two hosts
+//! that moved to its kernel sockets when its link failed moves onto the
+//! link again once the link has stayed up for `fail_forward_ms`. The move
+//! is a new remote connection on the same two sockets: the acceptor's
+//! devd makes its end of it (a new channel of its range) and sends the
+//! connector's devd a Forward; that devd makes its own end on the same
+//! channel and offers it to the process that holds the moved connector
+//! end (FORWARD in the moved end's hand-over page, its call eventfd
+//! rung), which takes it with a Forward request when it can count its
+//! kernel socket's bytes (and releases the old end), or lets it go. Only
+//! then does that devd answer Forwarded, and the acceptor's devd offers
+//! its new end the same way: a connector always holds its new end before
+//! its acceptor takes its own, so an acceptor that finds the kernel
+//! socket ended before its connector's new offset came knows that the
+//! words or the end mark will come. The clients' hand-over then moves
+//! each direction as at connect time, at an offset in the kernel
+//! socket's whole stream.
+//!
+//! Never here: a new end handed to any session but the one holding the
+//! moved end on the same socket, a Forward from a peer matched to a
+//! connection of another peer or not moved, a channel not of the
+//! acceptor's range, an offer while the peer or its link is down.
+
+use super::remote::{channel_of, in_range};
+use super::*;
+use crate::peers::wire::Msg;
+use std::time::Duration;
+
+/// How often the acceptor's devd looks for moved connections to offer
+/// (only with peers configured).
+pub(super) const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// How many new connections are offered for one moved connection at most
+/// (each refused: the peer did not see the link up yet, its end went,
+/// its user's caps), and how long after one the next may be.
+const MAX_TRIES: u8 = 8;
+/// `Moves::tries` of a connection whose process let its new end go.
+const DECLINED: u8 = u8::MAX;
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What the forward logic keeps.
+#[derive(Debug, Default)]
+pub struct ForwardState {
+    /// Each peer's link as last seen: how many times it changed state
+    /// (the engine's count) and since when it is up, if it is.
+    link_up: std::collections::BTreeMap<u32, (u64, Option<Instant>)>,
+    /// This devd's Forwards not answered yet (the connector's process
+    /// has not taken or let go of its new end): new channel -> (moved
+    /// connection, new connection, peer). Dropped when the peer's
+    /// control connection goes down.
+    pending: HashMap<u64, (u64, u64, u32)>,
+    /// When to look again.
+    next_look: Option<Instant>,
+}
+
+impl Devd {
+    /// How long the control loop may sleep before [`Devd::forward_look`]
+    /// has work (None: no peers, or fail-forward off).
+    pub(super) fn forward_wake_in(&self, now: Instant) -> Option<Duration> {
+        if self.peers.is_none() || self.cfg.fail_forward_ms == 0 {
+            return None;
+        }
+        Some(
+            self.remote
+                .forward
+                .next_look
+                .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+        )
+    }
+
+    /// The acceptor's side: offers every moved connection whose peer and
+    /// link have been up for `fail_forward_ms` a new one on the link.
+    pub(super) fn forward_look(&mut self, now: Instant) {
+        if self.peers.is_none() || self.cfg.fail_forward_ms == 0 {
+            return;
+        }
+        if self.remote.forward.next_look.is_some_and(|t| now < t) {
+            return;
+        }
+        self.remote.forward.next_look = Some(now + LOOK_EVERY);
+        let hold = Duration::from_millis(self.cfg.fail_forward_ms);
+        let links = self.engine.links();
+        let seen = &mut self.remote.forward.link_up;
+        for (&node, &(up, changes)) in &links {
+            let e = seen.entry(node).or_insert((changes, None));
+            if e.0 != changes || !up {
+                *e = (changes, None);
+            }
+            if up && e.1.is_none() {
+                e.1 = Some(now);
+            }
+        }
+        let held: Vec<u32> = seen
+            .iter()
+            .filter(|(n, (_, since))| {
+                since.is_some_and(|t| now.duration_since(t) >= hold) && self.remote.up.contains(n)
+            })
+            .map(|(&n, _)| n)
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let due: Vec<u64> = self
+            .reg
+            .conns
+            .values()
+            .filter(|c| {
+                c.remote.is_some_and(|(n, _)| held.contains(&n))
+                    && moved(c)
+                    && c.ends[0].inode == 0
+                    && live(&c.ends[1])
+                    && c.moves.next.is_none()
+                    && c.moves.tries < MAX_TRIES
+                    && c.moves.retry_at.is_none_or(|t| now >= t)
+            })
+            .map(|c| c.id)
+            .collect();
+        for id in due {
+            // Counted whatever comes of it: a refusal (caps, policy) is
+            // not tried again at every look.
+            if let Some(c) = self.reg.conns.get_mut(&id) {
+                c.moves.tries = c.moves.tries.saturating_add(1);
+                c.moves.retry_at = Some(now + RETRY_AFTER);
+            }
+            if let Err(e) = self.offer_forward(id) {
+                log::warn!("connection {id}: no new connection on the link: {e}");
+            }
+        }
+    }
+
+    /// Makes the acceptor's end of the connection that takes moved
+    /// connection `old`'s place on the link, and sends the Forward.
+    fn offer_forward(&mut self, old: u64) -> Result<(), RequestError> {
+        let Some(c) = self.reg.conns.get(&old) else {
+            return Ok(());
+        };
+        let Some((node, old_ch)) = c.remote else {
+            return Ok(());
+        };
+        let ends = c.ends.clone();
+        let moves = c.moves;
+        if let Some(why) = self.may_not(&ends[1], ends[1].addr.port()) {
+            log::debug!("connection {old}: stays on its kernel socket ({why:?})");
+            return Ok(());
+        }
+        let id = self.new_id();
+        let ch = channel_of(self.cfg.node, id, self.remote.salt);
+        let res = self.remote_res(id, 1, Some((node, ch)))?;
+        self.new_conn(id, res, ends, 1, (node, ch), old, moves);
+        self.remote.forward.pending.insert(ch, (old, id, node));
+        if let Some(p) = &self.peers {
+            p.send(
+                node,
+                Msg::Forward {
+                    old: old_ch,
+                    new: ch,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Records connection `id` (resources `res`, this host's end `e` a
+    /// copy of the moved connection `old`'s, held by the same session)
+    /// as the one offered to take `old`'s place.
+    #[allow(clippy::too_many_arguments)]
+    fn new_conn(
+        &mut self,
+        id: u64,
+        res: Res,
+        mut ends: [End; 2],
+        e: usize,
+        remote: (u32, u64),
+        old: u64,
+        moves: Moves,
+    ) {
+        ends[e].released = false;
+        ends[e].orphaned = None;
+        let bytes = self.cfg.region_size;
+        self.reg
+            .charge(ends[e].uid, 1, isize::try_from(bytes).unwrap_or(isize::MAX));
+        self.reg.conns.insert(
+            id,
+            Conn {
+                id,
+                mode: Mode::Queued,
+                ends,
+                res,
+                bytes,
+                violated: false,
+                parkable: false,
+                park: [false; 2],
+                listener: None,
+                born: Instant::now(),
+                ended: None,
+                remote: Some(remote),
+                moves: Moves {
+                    next: None,
+                    prev: Some(old),
+                    failovers: moves.failovers + 1,
+                    forwards: moves.forwards + 1,
+                    tries: 0,
+                    retry_at: None,
+                },
+            },
+        );
+        if let Some(c) = self.reg.conns.get_mut(&old) {
+            c.moves.next = Some(id);
+        }
+    }
+
+    /// The connector's side: peer `node` offers its moved connection on
+    /// channel `old` a new one on channel `new`; answered Forwarded once
+    /// the connector's process took its new end or let it go (at once if
+    /// none can be made).
+    pub(super) fn peer_forward(&mut self, node: u32, old: u64, new: u64) {
+        if !self.take_peer_forward(node, old, new) {
+            self.answer_forward(node, new, false);
+        }
+    }
+
+    /// Forwarded to peer `node` for channel `channel`.
+    fn answer_forward(&self, node: u32, channel: u64, ok: bool) {
+        if let Some(p) = &self.peers {
+            p.send(node, Msg::Forwarded { channel, ok });
+        }
+    }
+
+    /// Peer `node`'s control connection went down: its Forwards will not
+    /// be answered (their new ends are let go of).
+    pub(super) fn peer_gone_forwards(&mut self, node: u32) {
+        let lost: Vec<u64> = self
+            .remote
+            .forward
+            .pending
+            .iter()
+            .filter(|(_, &(.., n))| n == node)
+            .map(|(&ch, _)| ch)
+            .collect();
+        for ch in lost {
+            if let Some((_, new, _)) = self.remote.forward.pending.remove(&ch) {
+                self.drop_forward(new);
+            }
+        }
+    }
+
+    fn take_peer_forward(&mut self, node: u32, old: u64, new: u64) -> bool {
+        if !in_range(node, new) {
+            log::warn!("peer node {node} offered channel {new:#x}, not of its range");
+            return false;
+        }
+        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) {
+            log::info!("peer node {node} offered a new connection for channel {old:#x}: not while the link is down here, or fail-forward is off");
+            return false;
+        }
+        if self
+            .reg
+            .conns
+            .values()
+            .any(|c| c.remote == Some((node, new)))
+        {
+            log::warn!("peer node {node} offered channel {new:#x}, in use");
+            return false;
+        }
+        let find = |c: &&Conn| {
+            c.remote == Some((node, old))
+                && moved(c)
+                && c.ends[1].inode == 0
+                && live(&c.ends[0])
+                && c.moves.tries != DECLINED
+        };
+        // An earlier offer its process did not take yet: the peer gave
+        // its side of it up (no answer came in time), so this one replaces
+        // it.
+        let earlier = self
+            .reg
+            .conns
+            .values()
+            .find(find)
+            .and_then(|c| c.moves.next);
+        if let Some(n) = earlier {
+            self.drop_forward(n);
+        }
+        let Some(c) = self
+            .reg
+            .conns
+            .values()
+            .find(find)
+            .filter(|c| c.moves.next.is_none())
+        else {
+            log::info!("peer node {node} offered a new connection for channel {old:#x}: no moved connection of this host's there");
+            return false;
+        };
+        let (old_id, ends, moves) = (c.id, c.ends.clone(), c.moves);
+        if let Some(why) = self.may_not(&ends[0], ends[1].addr.port()) {
+            log::debug!("connection {old_id}: stays on its kernel socket ({why:?})");
+            return false;
+        }
+        let id = self.new_id();
+        let res = match self.remote_res(id, 0, Some((node, new))) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("connection {old_id}: no new connection on the link: {e}");
+                return false;
+            }
+        };
+        self.new_conn(id, res, ends, 0, (node, new), old_id, moves);
+        self.offer(old_id, id, 0)
+    }
+
+    /// Why `end`'s user may not have one more connection's region now (its
+    /// policy and caps for `port`, the acceptor's, as at Intent and
+    /// Claim), if it may not.
+    fn may_not(&mut self, end: &End, port: u16) -> Option<FallbackReason> {
+        if !self.sessions.contains_key(&end.session) {
+            return Some(FallbackReason::DevdError);
+        }
+        self.make_room(end.uid);
+        self.refusal(end.session, port)
+    }
+
+    /// The acceptor's side: peer `node` answered the Forward on `channel`.
+    pub(super) fn forwarded(&mut self, node: u32, channel: u64, ok: bool) {
+        let Some(&(old, new, n)) = self.remote.forward.pending.get(&channel) else {
+            return;
+        };
+        if n != node {
+            log::warn!("peer node {node} answered a Forward that was not its own");
+            return;
+        }
+        self.remote.forward.pending.remove(&channel);
+        let live_old = self
+            .reg
+            .conns
+            .get(&old)
+            .is_some_and(|c| live(&c.ends[1]) && c.moves.next == Some(new));
+        if ok && live_old && self.reg.conns.contains_key(&new) && self.peer_ready(node) {
+            self.offer(old, new, 1);
+        } else {
+            self.drop_forward(new);
+        }
+    }
+
+    /// Offers end `e` of connection `new` to the process holding that end
+    /// of the moved connection `old`: FORWARD in `old`'s hand-over page,
+    /// its call eventfd rung. False if it could not (`new` let go of).
+    fn offer(&mut self, old: u64, new: u64, e: usize) -> bool {
+        let Some(Res::Queued(q)) = self.reg.conns.get(&old).map(|c| &c.res) else {
+            self.drop_forward(new);
+            return false;
+        };
+        let (off, b) = layout::forward_bytes();
+        if let Err(err) = sys::pwrite_all(q.hov.as_fd(), &b, off) {
+            log::warn!("connection {old}: FORWARD word: {err}");
+            self.drop_forward(new);
+            return false;
+        }
+        let woken = q.call[e]
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no end here"))
+            .and_then(|c| c.try_clone())
+            .map(EventFd::from_owned)
+            .and_then(|c| c.notify());
+        if let Err(err) = woken {
+            log::warn!("connection {old}: its process was not woken for its new connection: {err}");
+        }
+        self.totals.forwards_offered += 1;
+        log::info!("connection {old}: connection {new} offered to take its place on the link");
+        true
+    }
+
+    /// Releases this host's end of connection `new`, offered and not
+    /// taken (its engine side ends with Eos: its writes never moved). On
+    /// the connector's side the peer is answered no.
+    pub(super) fn drop_forward(&mut self, new: u64) {
+        let Some(c) = self.reg.conns.get_mut(&new) else {
+            return;
+        };
+        let prev = c.moves.prev.take();
+        let e = usize::from(c.ends[0].inode == 0);
+        if let (Some(_), 0, Some((node, ch))) = (prev, e, c.remote) {
+            self.answer_forward(node, ch, false);
+        }
+        if let Some(old) = prev.and_then(|o| self.reg.conns.get_mut(&o)) {
+            if old.moves.next == Some(new) {
+                old.moves.next = None;
+            }
+        }
+        self.release_end(new, e);
+    }
+
+    /// Request::Forward: session `sid`, holding end `e` of the moved
+    /// connection `old` on socket `fd`, takes the end offered to it, or
+    /// (not `take`) lets it go.
+    pub(super) fn take_forward(
+        &mut self,
+        sid: u64,
+        old: u64,
+        e: usize,
+        take: bool,
+        fd: &OwnedFd,
+    ) -> Result<Reply, RequestError> {
+        let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        let new = self
+            .reg
+            .conns
+            .get(&old)
+            .filter(|c| c.ends[e].session == sid && !c.ends[e].released && c.ends[e].inode == inode)
+            .and_then(|c| c.moves.next)
+            .filter(|n| {
+                self.reg
+                    .conns
+                    .get(n)
+                    .is_some_and(|c| !c.ends[e].released && c.ends[e].inode == inode)
+            })
+            .ok_or(RequestError::NoConnection(inode));
+        if !take {
+            // Its engine side ends with Eos: a reader on the other host
+            // that took its own new end learns that these writes never
+            // moved.
+            if let Ok(n) = new {
+                log::info!("connection {old}: end {e} stays on its kernel socket");
+                self.drop_forward(n);
+                // For good: no new connection is offered for it again.
+                if let Some(c) = self.reg.conns.get_mut(&old) {
+                    c.moves.tries = DECLINED;
+                }
+            }
+            return Ok((Response::Ok, vec![]));
+        }
+        let new = new?;
+        let reply = self.hand_out(new, e)?;
+        let pid = self.session(sid).pid;
+        if let Some(c) = self.reg.conns.get_mut(&new) {
+            c.ends[e].session = sid;
+            c.ends[e].pid = pid;
+            c.moves.prev = None;
+        }
+        if let Some(c) = self.reg.conns.get_mut(&old) {
+            c.moves.next = None;
+        }
+        self.reg.by_inode.insert(inode, (new, e));
+        self.totals.forwards += 1;
+        if e == 0 {
+            // The acceptor's devd offers its own new end now.
+            if let Some((node, ch)) = self.reg.conns.get(&new).and_then(|c| c.remote) {
+                self.answer_forward(node, ch, true);
+            }
+        }
+        log::info!("connection {old}: end {e} moves forward onto the link as connection {new}");
+        Ok(reply)
+    }
+}
+
+/// Whether remote connection `c` moved to its kernel sockets (the two
+/// hosts agreed where).
+fn moved(c: &Conn) -> bool {
+    match &c.res {
+        Res::Queued(q) => QueuedCounters::get(&q.counters.failover) == 1,
+        Res::Direct(_) => false,
+    }
+}
+
+/// Whether an end is held by a live session (not released, not orphaned).
+fn live(e: &End) -> bool {
+    !e.released && e.orphaned.is_none() && e.inode != 0
+}

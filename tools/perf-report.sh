@@ -36,7 +36,7 @@ else
   targets="(needs the real programs: apt-get install redis-server redis-tools sockperf iperf3)"
 fi
 # Between two hosts: the lab's host a against host b.
-two_cmd=("$bench" --two-hosts "$tmp/lab" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown)
+two_cmd=("$bench" --two-hosts "$tmp/lab" --rounds "$rounds" ${extra[@]+"${extra[@]}"} --markdown --switch)
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null &&
    SSOCK_LAB_PIN=1 tools/two-host-lab.sh up "$tmp/lab" "$target/release" >/dev/null; then
   sleep 2

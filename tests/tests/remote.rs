@@ -475,3 +475,61 @@ fn ssock_bench_two_hosts_measures_both_paths_in_the_lab() -> Result<()> {
     ensure!(remote_count(&b) > 0, "host b: {b}");
     Ok(())
 }
+
+#[test]
+fn ssock_bench_switch_measures_a_drop_and_a_restore_of_the_link() -> Result<()> {
+    let Some(lab) = ready("benchswitch")? else {
+        return Ok(());
+    };
+    let dir = lab.dir.to_string_lossy().to_string();
+    let bench = ssock_tests::bin("ssock-bench")
+        .to_string_lossy()
+        .to_string();
+    let args = [
+        "--two-hosts",
+        dir.as_str(),
+        "--quick",
+        "--rounds",
+        "1",
+        "--only",
+        "ping-pong 1 B",
+        "--switch",
+    ];
+    let out = lab.on(0, &bench).args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "ssock-bench --switch: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its section, with a figure in each cell (it fails if its connections
+    // did not move to TCP and back onto the link, as devd's statistics
+    // showed it).
+    let section = text
+        .split("Switching between the link and TCP")
+        .nth(1)
+        .unwrap_or_default();
+    for what in [
+        "on the link ",
+        "link down: worst",
+        "on TCP",
+        "link back: worst",
+    ] {
+        let line = section.lines().find(|l| l.trim_start().starts_with(what));
+        let figure = line
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|x| x.trim_end_matches(')').parse::<f64>().ok());
+        ensure!(
+            figure.is_some_and(|f| f > 0.0),
+            "no figure for {what:?}:\n{text}"
+        );
+    }
+    for h in 0..2 {
+        let t = totals(&lab, h)?;
+        ensure!(
+            t["remote"]["failovers"] == 2 && t["remote"]["forwards"] == 2,
+            "host {h}: both connections moved each way: {t}"
+        );
+    }
+    Ok(())
+}

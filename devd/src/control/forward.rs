@@ -249,7 +249,17 @@ impl Devd {
             log::warn!("peer node {node} offered channel {new:#x}, not of its range");
             return false;
         }
-        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) {
+        // Its own view of the link counts too: one side may have missed
+        // the other's heartbeat for less than it takes to call it down.
+        let hold = Duration::from_millis(self.cfg.fail_forward_ms);
+        let held = self
+            .remote
+            .forward
+            .link_up
+            .get(&node)
+            .and_then(|&(_, since)| since)
+            .is_some_and(|t| t.elapsed() >= hold);
+        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) || !held {
             log::info!("peer node {node} offered a new connection for channel {old:#x}: not while the link is down here, or fail-forward is off");
             return false;
         }

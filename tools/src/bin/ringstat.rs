@@ -162,11 +162,16 @@ fn print_table(v: &Value) {
         // serde_json values ignore width: format each cell as a string.
         let n = |k: &str| c[k].to_string();
         // Queued: the backend, and the peer node of an end on another host.
+        // Its moves between the link and TCP, once it made any.
+        let moves = match (c["failovers"].as_u64(), c["forwards"].as_u64()) {
+            (Some(o), Some(f)) if o + f > 0 => format!(" moves {o}/{f}"),
+            _ => String::new(),
+        };
         let path = match (c["backend"].as_str(), c["peer_node"].as_u64()) {
             (Some(b), Some(node)) => match (c["path"].as_str(), c["acked"].as_u64()) {
-                (Some(p @ ("tcp" | "moving")), _) => format!("{p} (was {b}:{node})"),
-                (_, Some(a)) => format!("{b}:{node} acked {a}"),
-                _ => format!("{b}:{node}"),
+                (Some(p @ ("tcp" | "moving")), _) => format!("{p} (was {b}:{node}){moves}"),
+                (_, Some(a)) => format!("{b}:{node} acked {a}{moves}"),
+                _ => format!("{b}:{node}{moves}"),
             },
             (Some(b), None) => b.to_string(),
             _ => "-".to_string(),
@@ -203,11 +208,12 @@ fn print_table(v: &Value) {
         || t["remote"]["unmatched"].as_u64().unwrap_or(0) > 0
     {
         out!(
-            "remote: connections {} unmatched {} failovers {} failover_resets {}",
+            "remote: connections {} unmatched {} failovers {} failover_resets {} forwards {}",
             t["remote"]["connections"],
             t["remote"]["unmatched"],
             t["remote"]["failovers"],
-            t["remote"]["failover_resets"]
+            t["remote"]["failover_resets"],
+            t["remote"]["forwards"]
         );
     }
     let fb: Vec<String> = t["fallbacks"]

@@ -4,7 +4,7 @@
 //! ```text
 //! ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
 //!             [--raw] [--plot FILE.png] [--no-pin] [--devd private|existing]
-//!             [--only TEXT] [--transports LIST] [--two-hosts DIR]
+//!             [--only TEXT] [--transports LIST] [--two-hosts DIR [--switch]]
 //! ```
 //! - ping-pong, 1 B to 64 KiB in powers of two: the half round trip of
 //!   every message (one clock read per round trip, warm-up excluded), as
@@ -31,6 +31,8 @@
 
 #![forbid(unsafe_code)]
 
+mod switch;
+
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::time::{clock_getcpuclockid, ClockId};
@@ -56,7 +58,7 @@ by round, every byte verified. A child process of this binary serves.
 usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --markdown]
                    [--raw] [--json-out FILE] [--plot FILE.png] [--no-pin]
                    [--devd private|existing] [--only TEXT] [--transports LIST]
-                   [--two-hosts DIR]
+                   [--two-hosts DIR [--switch]]
   --rounds N      rounds, each runs every test on every transport (default 5)
   --quick         about 1/20 of the work per test (CI)
   --clients N     connections of the hot-spot and multi-stream tests (default 8)
@@ -74,6 +76,9 @@ usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --mark
                   against a peer on host b: kernel TCP over the veth and Queued
                   over the ntb link, ping-pong and streaming (run it with
                   `two-host-lab.sh exec DIR a`: host a's devd, root)
+  --switch        with --two-hosts: then one link drop and restore under a
+                  ping-pong and a stream (the stall each switch cost, the
+                  throughput across it; docs/protocol.md 8.5, 8.6)
   -h, --help      print this help
   -V, --version   print the version
 
@@ -277,7 +282,7 @@ fn dispatch<S: Read + Write + Send + 'static>(mut s: S, pat: &Arc<Pattern>) -> R
     match k[0] {
         QUIT => std::process::exit(0),
         PROBE => s.write_all(&[PROBE_REPLY]).context("probe reply")?,
-        PING | STREAM => {
+        PING | STREAM | switch::ECHO | switch::SINK => {
             let mut h = [0u8; 15];
             s.read_exact(&mut h).context("reading the test header")?;
             let size = usize::try_from(u32::from_le_bytes(h[3..7].try_into()?))?;
@@ -286,9 +291,10 @@ fn dispatch<S: Read + Write + Send + 'static>(mut s: S, pat: &Arc<Pattern>) -> R
             let pat = Arc::clone(pat);
             let kind = k[0];
             std::thread::spawn(move || {
-                let r = pin
-                    .map_or(Ok(()), pin_to)
-                    .and_then(|()| handle(&mut s, kind, size, count, &pat));
+                let r = pin.map_or(Ok(()), pin_to).and_then(|()| match kind {
+                    PING | STREAM => handle(&mut s, kind, size, count, &pat),
+                    _ => switch::serve_one(&mut s, kind, size, &pat),
+                });
                 if let Err(e) = r {
                     die(&e);
                 }
@@ -1117,6 +1123,8 @@ struct Args {
     /// The two-host lab's directory (`tools/two-host-lab.sh`): this
     /// process runs on host a, its peer on host b.
     two_hosts: Option<PathBuf>,
+    /// `--switch`.
+    switch: bool,
 }
 
 /// Waits (up to 10 s) until the devd at `socket` heard a peer advertise a
@@ -1182,6 +1190,7 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         only: None,
         transports: TRANSPORTS.to_vec(),
         two_hosts: None,
+        switch: false,
     };
     let mut transports_given = false;
     let mut it = args.iter();
@@ -1200,6 +1209,7 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
             "--devd" => a.devd = it.next().context("--devd private|existing")?.clone(),
             "--only" => a.only = Some(it.next().context("--only TEXT")?.clone()),
             "--two-hosts" => a.two_hosts = Some(it.next().context("--two-hosts DIR")?.into()),
+            "--switch" => a.switch = true,
             "--transports" => {
                 transports_given = true;
                 let list = it.next().context("--transports LIST")?;
@@ -1231,6 +1241,10 @@ fn parse(args: &[String]) -> Result<Option<Args>> {
         "--json, --csv and --markdown are exclusive"
     );
     ensure!(!a.raw || a.json, "--raw needs --json");
+    ensure!(
+        !a.switch || (a.two_hosts.is_some() && !a.json && !a.csv),
+        "--switch needs --two-hosts, and prints text or Markdown"
+    );
     if a.two_hosts.is_some() {
         let two = [Transport::Kernel, Transport::Queued];
         if !transports_given {
@@ -1298,6 +1312,7 @@ fn bench(args: &[String]) -> Result<()> {
         .context("cannot start the bench peer")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("peer stdout")?).read_line(&mut line)?;
+    let mut switch_report = None;
     let result = (|| -> Result<Run> {
         let mut words = line.split_whitespace();
         let mut next = || {
@@ -1364,6 +1379,9 @@ fn bench(args: &[String]) -> Result<()> {
             }
             Ok(())
         })();
+        if r.is_ok() && a.switch {
+            switch_report = Some(switch::measure(&x, &socket, a.markdown)?);
+        }
         // Tell the peer to exit (plain kernel connection, kind QUIT).
         if let Ok(mut c) = connect(&x.peer, Transport::Kernel) {
             let _ = c.write_all(&[QUIT]);
@@ -1398,6 +1416,9 @@ fn bench(args: &[String]) -> Result<()> {
         print!("{}", to_csv(&run));
     } else {
         print!("{}", to_report(&run, a.markdown));
+        if let Some(s) = &switch_report {
+            print!("{s}");
+        }
     }
     if let Some(p) = &a.json_out {
         std::fs::write(p, serde_json::to_string_pretty(&to_json(&run, false))?)

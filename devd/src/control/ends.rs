@@ -57,6 +57,12 @@ impl Devd {
         if conn.ends[e].released {
             return;
         }
+        if conn.moves.prev.is_some() {
+            self.forward_end_released(id, e);
+        }
+        let Some(conn) = self.reg.conns.get_mut(&id) else {
+            return;
+        };
         conn.ends[e].released = true;
         let first = conn.ended.is_none();
         conn.ended.get_or_insert_with(Instant::now);

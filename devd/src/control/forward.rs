@@ -110,6 +110,7 @@ impl Devd {
                     && c.ends[0].inode == 0
                     && live(&c.ends[1])
                     && c.moves.next.is_none()
+                    && c.moves.prev.is_none()
                     && c.moves.tries < MAX_TRIES
                     && c.moves.retry_at.is_none_or(|t| now >= t)
             })
@@ -211,8 +212,8 @@ impl Devd {
 
     /// The connector's side: peer `node` offers its moved connection on
     /// channel `old` a new one on channel `new`; answered Forwarded once
-    /// the connector's process took its new end or let it go (at once if
-    /// none can be made).
+    /// the connector's process took its new end or let it go, or its end
+    /// went (at once if none can be made).
     pub(super) fn peer_forward(&mut self, node: u32, old: u64, new: u64) {
         if !self.take_peer_forward(node, old, new) {
             self.answer_forward(node, new, false);
@@ -244,6 +245,7 @@ impl Devd {
         }
     }
 
+    /// False if it answered nothing (the caller answers no).
     fn take_peer_forward(&mut self, node: u32, old: u64, new: u64) -> bool {
         if !in_range(node, new) {
             log::warn!("peer node {node} offered channel {new:#x}, not of its range");
@@ -278,6 +280,7 @@ impl Devd {
                 && c.ends[1].inode == 0
                 && live(&c.ends[0])
                 && c.moves.tries != DECLINED
+                && c.moves.prev.is_none()
         };
         // An earlier offer its process did not take yet: the peer gave
         // its side of it up (no answer came in time), so this one replaces
@@ -315,7 +318,9 @@ impl Devd {
             }
         };
         self.new_conn(id, res, ends, 0, (node, new), old_id, moves);
-        self.offer(old_id, id, 0)
+        // (Answered no already if the offer failed: its end let go of.)
+        self.offer(old_id, id, 0);
+        true
     }
 
     /// Why `end`'s user may not have one more connection's region now (its
@@ -399,6 +404,28 @@ impl Devd {
         self.release_end(new, e);
     }
 
+    /// End `e` of connection `id` is being released: if it is a new end
+    /// offered and not taken (its process went, its socket was found
+    /// closed), the moved connection forgets it and, on the connector's
+    /// side, the peer is answered no.
+    pub(super) fn forward_end_released(&mut self, id: u64, e: usize) {
+        let Some(c) = self.reg.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(old) = c.moves.prev.take() else {
+            return;
+        };
+        let answer = c.remote.filter(|_| e == 0 && c.ends[1].inode == 0);
+        if let Some(o) = self.reg.conns.get_mut(&old) {
+            if o.moves.next == Some(id) {
+                o.moves.next = None;
+            }
+        }
+        if let Some((node, ch)) = answer {
+            self.answer_forward(node, ch, false);
+        }
+    }
+
     /// Request::Forward: session `sid`, holding end `e` of the moved
     /// connection `old` on socket `fd`, takes the end offered to it, or
     /// (not `take`) lets it go.
@@ -411,30 +438,34 @@ impl Devd {
         fd: &OwnedFd,
     ) -> Result<Reply, RequestError> {
         let inode = sys::socket_inode(fd.as_fd()).map_err(RequestError::NotSocket)?;
-        let new = self
-            .reg
-            .conns
-            .get(&old)
-            .filter(|c| c.ends[e].session == sid && !c.ends[e].released && c.ends[e].inode == inode)
+        let held = self.reg.conns.get(&old).filter(|c| {
+            c.ends[e].session == sid && !c.ends[e].released && c.ends[e].inode == inode
+        });
+        let new = held
             .and_then(|c| c.moves.next)
             .filter(|n| {
-                self.reg
-                    .conns
-                    .get(n)
-                    .is_some_and(|c| !c.ends[e].released && c.ends[e].inode == inode)
+                self.reg.conns.get(n).is_some_and(|c| {
+                    !c.ends[e].released
+                        && c.ends[e].inode == inode
+                        // An acceptor's new end is offered only once its
+                        // connector took its own (the peer answered).
+                        && (e == 0 || c.remote.is_some_and(|(_, ch)| !self.remote.forward.pending.contains_key(&ch)))
+                })
             })
             .ok_or(RequestError::NoConnection(inode));
         if !take {
-            // Its engine side ends with Eos: a reader on the other host
-            // that took its own new end learns that these writes never
-            // moved.
-            if let Ok(n) = new {
+            if held.is_some() {
                 log::info!("connection {old}: end {e} stays on its kernel socket");
-                self.drop_forward(n);
                 // For good: no new connection is offered for it again.
                 if let Some(c) = self.reg.conns.get_mut(&old) {
                     c.moves.tries = DECLINED;
                 }
+            }
+            // Its engine side ends with Eos: a reader on the other host
+            // that took its own new end learns that these writes never
+            // moved.
+            if let Ok(n) = new {
+                self.drop_forward(n);
             }
             return Ok((Response::Ok, vec![]));
         }

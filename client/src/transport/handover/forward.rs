@@ -97,13 +97,13 @@ impl Handover {
                 }
             }
             Ok(_) => {
-                self.forward_declined = true;
-                log::warn!("connection {old}: devd answered Forward with something else");
+                self.decline(ctx, "devd answered Forward with something else");
                 return;
             }
             Err(e) => {
-                self.forward_declined = true;
-                log::info!("connection {old}: no new end from devd: {e}");
+                // (devd may have let that end go meanwhile; it offers this
+                // one no other once told.)
+                self.decline(ctx, &format!("no new end from devd: {e}"));
                 return;
             }
         };

@@ -300,6 +300,18 @@ impl Handover {
                         self.stay_on_kernel();
                         return;
                     }
+                    _ if layout::is_remote(&self.map)
+                        && self.inner.region_mark() & layout::FLAG_EOS != 0 =>
+                    {
+                        // The other host's side ended in order before its
+                        // acceptor said it holds its end (its devd let
+                        // that end go): it never will, and every byte
+                        // either end wrote is on the kernel socket (an
+                        // engine relays its words before its end mark).
+                        // A reset instead stays one (bytes may be lost).
+                        self.stay_on_kernel();
+                        return;
+                    }
                     _ => false,
                 }
             };

@@ -316,30 +316,41 @@ fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> R
     Ok(())
 }
 
+/// A sink on host b (port `port`) that takes 1 MiB and stops, and a writer
+/// on host a that sends it 2.25 MiB and shuts its writes down, so the rest
+/// and the end mark are still on their way (the writer's queue, the
+/// engines, the window) when host b's link goes down; returned once both
+/// hosts moved the connection. Also: the flag that lets the sink read on,
+/// the writer's log.
+fn shut_behind_bytes_then_moved(
+    lab: &TwoHosts,
+    port: u16,
+) -> Result<(Prog, Prog, std::path::PathBuf, std::path::PathBuf)> {
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let b = lab.addr[1].clone();
+    let p = port.to_string();
+    let mut sink = served_on_b(lab, &["sink", &p, &flag.to_string_lossy()])?;
+    heard(lab, 0, port)?;
+    let log = lab.dir.join("half.log");
+    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, &p, "2304"]);
+    half.env("SSOCK_LOG", &log);
+    let mut half = Prog::start(half)?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    half.expect(&["SHUT"], Duration::from_secs(20))?;
+    moving_on_the_link(lab, 0, 1, 1)?;
+    lab.set_link(1, false)?;
+    all_moved(lab, 1)?;
+    Ok((sink, half, flag, log))
+}
+
 #[test]
 fn an_end_of_stream_in_flight_when_the_link_goes_down_still_ends_the_stream() -> Result<()> {
     let Some(lab) = ready("faileos")? else {
         return Ok(());
     };
-    let py = remote_py();
-    let flag = lab.dir.join("go");
-    let flag = flag.to_string_lossy();
-    let b = lab.addr[1].clone();
-    let mut sink = served_on_b(&lab, &["sink", "6720", &flag])?;
-    heard(&lab, 0, 6720)?;
-    // 2.25 MiB and the end of the stream: the sink takes 1 MiB and stops,
-    // so the rest and the end mark are still on their way (the writer's
-    // queue, the engines, the window) when the link goes down.
-    let log = lab.dir.join("half.log");
-    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6720", "2304"]);
-    half.env("SSOCK_LOG", &log);
-    let mut half = Prog::start(half)?;
-    sink.expect(&["SINKING"], Duration::from_secs(20))?;
-    half.expect(&["SHUT"], Duration::from_secs(20))?;
-    moving_on_the_link(&lab, 0, 1, 1)?;
-    lab.set_link(1, false)?;
-    all_moved(&lab, 1)?;
-    std::fs::write(&*flag, b"")?;
+    let (mut sink, mut half, flag, log) = shut_behind_bytes_then_moved(&lab, 6720)?;
+    std::fs::write(&flag, b"")?;
     // Every byte, then the end, on host b; its answer and its end on host a.
     sink.expect(&["SUNK 2359296"], Duration::from_secs(30))?;
     half.expect(&["REPLY SUNK 2359296"], Duration::from_secs(30))?;
@@ -664,21 +675,7 @@ fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> R
     let Some(lab) = ready_with("forwardeos", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
         return Ok(());
     };
-    let py = remote_py();
-    let flag = lab.dir.join("go");
-    let flag = flag.to_string_lossy();
-    let b = lab.addr[1].clone();
-    let mut sink = served_on_b(&lab, &["sink", "6721", &flag])?;
-    heard(&lab, 0, 6721)?;
-    let log = lab.dir.join("half.log");
-    let mut half = lab.under_ssock(0, &["python3", &py, "half", &b, "6721", "2304"]);
-    half.env("SSOCK_LOG", &log);
-    let mut half = Prog::start(half)?;
-    sink.expect(&["SINKING"], Duration::from_secs(20))?;
-    half.expect(&["SHUT"], Duration::from_secs(20))?;
-    moving_on_the_link(&lab, 0, 1, 1)?;
-    lab.set_link(1, false)?;
-    all_moved(&lab, 1)?;
+    let (mut sink, mut half, flag, log) = shut_behind_bytes_then_moved(&lab, 6721)?;
     // Back: the connector's devd offers it a new end, which an end whose
     // writes are shut down cannot take (it says so at its next call);
     // the sink is offered nothing before its connector took its own.
@@ -686,7 +683,7 @@ fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> R
     lab.wait_linked(UP)?;
     let t = settled(&lab, 0, |t| t["remote"]["forwards_offered"] == 1)?;
     ensure!(t["remote"]["forwards_offered"] == 1, "host a: {t}");
-    std::fs::write(&*flag, b"")?;
+    std::fs::write(&flag, b"")?;
     sink.expect(&["SUNK 2359296"], Duration::from_secs(30))?;
     half.expect(&["REPLY SUNK 2359296"], Duration::from_secs(30))?;
     ensure!(

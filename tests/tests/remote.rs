@@ -429,11 +429,9 @@ fn a_client_that_closes_at_once_gives_the_server_its_end_at_once() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn ssock_bench_two_hosts_measures_both_paths_in_the_lab() -> Result<()> {
-    let Some(lab) = ready("bench")? else {
-        return Ok(());
-    };
+/// `ssock-bench --two-hosts` on host a, its ping-pong 1 B test only, one
+/// quick round, with `last` after: what it printed (an error if it failed).
+fn bench_on_a(lab: &ssock_tests::lab::TwoHosts, last: &str) -> Result<String> {
     let dir = lab.dir.to_string_lossy().to_string();
     let bench = ssock_tests::bin("ssock-bench")
         .to_string_lossy()
@@ -446,15 +444,24 @@ fn ssock_bench_two_hosts_measures_both_paths_in_the_lab() -> Result<()> {
         "1",
         "--only",
         "ping-pong 1 B",
-        "--json",
+        last,
     ];
     let out = lab.on(0, &bench).args(args).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
     ensure!(
         out.status.success(),
-        "ssock-bench --two-hosts: {text}{}",
+        "ssock-bench --two-hosts {last}: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(text)
+}
+
+#[test]
+fn ssock_bench_two_hosts_measures_both_paths_in_the_lab() -> Result<()> {
+    let Some(lab) = ready("bench")? else {
+        return Ok(());
+    };
+    let text = bench_on_a(&lab, "--json")?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let row = &v["results"][0];
     ensure!(row["test"] == "ping-pong 1 B", "{row}");
@@ -481,27 +488,7 @@ fn ssock_bench_switch_measures_a_drop_and_a_restore_of_the_link() -> Result<()> 
     let Some(lab) = ready("benchswitch")? else {
         return Ok(());
     };
-    let dir = lab.dir.to_string_lossy().to_string();
-    let bench = ssock_tests::bin("ssock-bench")
-        .to_string_lossy()
-        .to_string();
-    let args = [
-        "--two-hosts",
-        dir.as_str(),
-        "--quick",
-        "--rounds",
-        "1",
-        "--only",
-        "ping-pong 1 B",
-        "--switch",
-    ];
-    let out = lab.on(0, &bench).args(args).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "ssock-bench --switch: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = bench_on_a(&lab, "--switch")?;
     // Its section, with a figure in each cell (it fails if its connections
     // did not move to TCP and back onto the link, as devd's statistics
     // showed it).

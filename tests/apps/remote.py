@@ -56,6 +56,17 @@ def at(off, n):
     return BLOCK[s:s + n]
 
 
+SAY = threading.Lock()
+
+
+def say(*words):
+    """One whole line on stdout, from any thread (print writes the text
+    and its newline apart: two threads' lines would run together)."""
+    with SAY:
+        sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+        sys.stdout.flush()
+
+
 def echo(c):
     n = 0
     try:
@@ -65,9 +76,9 @@ def echo(c):
                 break
             c.sendall(b)
             n += len(b)
-        print("ECHOED", n, flush=True)
+        say("ECHOED", n)
     except ConnectionResetError:
-        print("RESET", n, flush=True)
+        say("RESET", n)
     finally:
         c.close()
 

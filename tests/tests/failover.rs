@@ -439,8 +439,15 @@ fn a_connection_whose_other_devd_cannot_agree_is_reset_not_left_hanging() -> Res
 /// Waits until both hosts counted `n` of their ends moved forward onto
 /// the link (docs/protocol.md 8.6) and show `conns` live connections on
 /// it, each moved forward `forwards` times and over `forwards` times, and
-/// each with bytes acknowledged across the new link.
-fn forwarded(lab: &TwoHosts, n: u64, conns: usize, forwards: u64) -> Result<()> {
+/// each with bytes acknowledged across the new link (else the error shows
+/// host `h`'s devd log and the shim's `log`).
+fn forwarded(
+    lab: &TwoHosts,
+    n: u64,
+    conns: usize,
+    forwards: u64,
+    log: &std::path::Path,
+) -> Result<()> {
     for h in 0..2 {
         let t = Instant::now();
         loop {
@@ -463,8 +470,9 @@ fn forwarded(lab: &TwoHosts, n: u64, conns: usize, forwards: u64) -> Result<()> 
             }
             ensure!(
                 t.elapsed() < Duration::from_secs(20),
-                "host {h}: {n} ends should have moved forward, {conns} connections on the link again: {v}\n{}",
-                lab.log(h)
+                "host {h}: {n} ends should have moved forward, {conns} connections on the link again: {v}\n{}\nthe shim's log:\n{}",
+                lab.log(h),
+                std::fs::read_to_string(log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -517,7 +525,7 @@ fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Res
             queued_bytes(&totals(&lab, 0)?),
             queued_bytes(&totals(&lab, 1)?),
         ];
-        forwarded(&lab, 2 * cycle, 2, cycle)?;
+        forwarded(&lab, 2 * cycle, 2, cycle, &log)?;
         // And their bytes cross the link again (1 MiB at least each way
         // for each connection).
         for (h, before) in before.iter().enumerate() {

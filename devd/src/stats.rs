@@ -116,6 +116,7 @@ impl Totals {
                 unmatched: self.remote_unmatched,
                 failovers: 0,
                 failover_resets: 0,
+                made_while_down: 0,
                 forwards: self.forwards,
                 forwards_offered: self.forwards_offered,
             },
@@ -161,6 +162,10 @@ pub struct EngineCounts {
     pub failovers: AtomicU64,
     /// See `failovers`.
     pub failover_resets: AtomicU64,
+    /// Remote sides made while their link was down that started on their
+    /// kernel sockets once both hosts agreed (docs/protocol.md 8.6; in
+    /// `failovers` too).
+    pub made_while_down: AtomicU64,
 }
 
 impl QueuedCounters {
@@ -236,6 +241,10 @@ pub struct RemoteCounts {
     /// This host's ends reset when their link failed (the other host
     /// did not agree within 10 s, or there are no peer devds).
     pub failover_resets: u64,
+    /// This host's ends of connections made while their link was down,
+    /// started on their kernel sockets once both hosts agreed (also in
+    /// `failovers`).
+    pub made_while_down: u64,
     /// This host's ends that moved forward onto the link again
     /// (docs/protocol.md 8.6), and those offered to (an end whose
     /// process cannot take it stays on its kernel socket).

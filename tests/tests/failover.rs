@@ -715,3 +715,153 @@ fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> R
     );
     Ok(())
 }
+
+#[test]
+fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once_back() -> Result<()>
+{
+    let Some(lab) = ready_with("forwardborn", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let log = lab.dir.join("shim.log");
+    let flag = lab.dir.join("stop");
+    let flag = flag.to_string_lossy();
+    let mut server = echo_server_logged(&lab, 1, 6731, true, Some(&log))?;
+    // Out of service on host b: both devds see the link down, their
+    // control connection stays up.
+    lab.set_link(1, false)?;
+    for h in 0..2 {
+        lab.wait_peer(h, UP, "saw the link down", |p| {
+            p["link"] == "down" && p["state"] == "up"
+        })?;
+    }
+    // A client not under ssock: its connection stays plain, the server
+    // lets the end devd made for its Claim go at once (its Claim found no
+    // intent), and that end's engine side ends without a reset.
+    let py = remote_py();
+    let b = lab.addr[1].clone();
+    let mut plain = Prog::start(lab.plain(0, &["python3", &py, "hang", &b, "6731"]))?;
+    plain.expect(&["HANGING"], Duration::from_secs(30))?;
+    let t = Instant::now();
+    loop {
+        let v = lab.stats(1)?;
+        if v["devd"]["live_connections"] == 0 && v["totals"]["remote"]["unmatched"] == 1 {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "host b: the server should have let the plain connection's end go: {v}\n{}\nthe shim's log:\n{}",
+            lab.log(1),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(plain);
+    server.expect(&["ECHOED 65536", "RESET 65536"], Duration::from_secs(10))?;
+    // A client under ssock: its connection is a remote one, on its kernel
+    // sockets from the start, both ends counting their bytes there.
+    let mut c = lab.under_ssock(0, &["python3", &py, "steady", &b, "6731", &flag]);
+    c.env("SSOCK_LOG", &log);
+    let mut client = Prog::start(c)?;
+    for h in 0..2 {
+        let t = settled(&lab, h, |t| t["remote"]["failovers"] == 1)?;
+        ensure!(
+            t["remote"]["made_while_down"] == 1
+                && t["remote"]["failovers"] == 1
+                && t["remote"]["connections"] == 1
+                && t["remote"]["failover_resets"] == 0,
+            "host {h}: the connection should have started on its kernel socket: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    let on_tcp = |h: usize| -> Result<u64> {
+        let v = lab.stats(h)?;
+        let c = v["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["path"] == "tcp")
+            .cloned()
+            .unwrap_or_default();
+        Ok(c["failovers"].as_u64().unwrap_or(0))
+    };
+    ensure!(on_tcp(0)? == 1 && on_tcp(1)? == 1, "{}", lab.stats(0)?);
+    let before = [
+        queued_bytes(&totals(&lab, 0)?),
+        queued_bytes(&totals(&lab, 1)?),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    for (h, before) in before.iter().enumerate() {
+        ensure!(
+            queued_bytes(&totals(&lab, h)?) == *before,
+            "host {h}: bytes through the engine while the link is down"
+        );
+    }
+    // Back in service: once it stayed up for fail_forward_ms, the
+    // connection moves onto the link, and its bytes cross it.
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    forwarded(&lab, 1, 1, 1, &log)?;
+    // Each host's statistics show the link's last changes, newest first
+    // (up, then down with no channel across it: the connection came
+    // after), and ringstat prints them.
+    for h in 0..2 {
+        let v = lab.stats(h)?;
+        let hist = &v["peers"][0]["link_history"];
+        ensure!(
+            hist[0]["state"] == "up"
+                && hist[1]["state"] == "down"
+                && hist[1]["channels"] == 0
+                && hist[0]["ago_ms"].as_u64() <= hist[1]["ago_ms"].as_u64(),
+            "host {h}: {}",
+            v["peers"]
+        );
+    }
+    let out = lab
+        .on(0, &ssock_tests::bin("ringstat").to_string_lossy())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.lines().any(|l| l.starts_with("link to node 2 (")
+            && l.contains(": up ")
+            && l.contains(", down ")),
+        "ringstat on host a:\n{text}"
+    );
+    for (h, before) in before.iter().enumerate() {
+        let t = Instant::now();
+        while queued_bytes(&totals(&lab, h)?) < before + (4 << 20) {
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "host {h}: no bytes through the engine after moving forward: {}",
+                lab.stats(h)?
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::fs::write(&*flag, b"")?;
+    let out = client.expect(&["OK "], Duration::from_secs(60));
+    if let Err(e) = out {
+        anyhow::bail!(
+            "{e}\n{}\n{}\nthe shim's log:\n{}",
+            lab.log(0),
+            lab.log(1),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    ensure!(
+        client.wait(Duration::from_secs(10))?.success(),
+        "{}",
+        client.all()
+    );
+    server.expect(&["ECHOED "], Duration::from_secs(10))?;
+    for h in 0..2 {
+        let t = totals(&lab, h)?;
+        ensure!(
+            t["remote"]["forwards"] == 1
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    Ok(())
+}

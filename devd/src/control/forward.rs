@@ -147,7 +147,7 @@ impl Devd {
         let id = self.new_id();
         let ch = channel_of(self.cfg.node, id, self.remote.salt);
         let res = self.remote_res(id, 1, Some((node, ch)))?;
-        self.new_conn(id, res, ends, 1, (node, ch), old, moves);
+        self.new_conn(id, res, ends, 1, (node, ch), (old, old_ch), moves);
         self.remote.forward.pending.insert(ch, (old, id, node));
         if let Some(p) = &self.peers {
             p.send(
@@ -163,7 +163,8 @@ impl Devd {
 
     /// Records connection `id` (resources `res`, this host's end `e` a
     /// copy of the moved connection `old`'s, held by the same session)
-    /// as the one offered to take `old`'s place.
+    /// as the one offered to take `old`'s place (the Forward naming
+    /// channel `old_ch`).
     #[allow(clippy::too_many_arguments)]
     fn new_conn(
         &mut self,
@@ -172,7 +173,7 @@ impl Devd {
         mut ends: [End; 2],
         e: usize,
         remote: (u32, u64),
-        old: u64,
+        (old, old_ch): (u64, u64),
         moves: Moves,
     ) {
         ends[e].released = false;
@@ -202,6 +203,7 @@ impl Devd {
                     forwards: moves.forwards + 1,
                     tries: 0,
                     retry_at: None,
+                    replaces: Some(old_ch),
                 },
             },
         );
@@ -274,8 +276,12 @@ impl Devd {
             log::warn!("peer node {node} offered channel {new:#x}, in use");
             return false;
         }
+        // The connection on that channel; or the one that took its place
+        // here, if the acceptor never took its own end of that one (the
+        // link failed first: the acceptor's devd still holds the old one).
         let find = |c: &&Conn| {
-            c.remote == Some((node, old))
+            (c.remote == Some((node, old))
+                || (c.moves.replaces == Some(old) && c.remote.is_some_and(|(n, _)| n == node)))
                 && moved(c)
                 && c.ends[1].inode == 0
                 && live(&c.ends[0])
@@ -317,7 +323,7 @@ impl Devd {
                 return false;
             }
         };
-        self.new_conn(id, res, ends, 0, (node, new), old_id, moves);
+        self.new_conn(id, res, ends, 0, (node, new), (old_id, old), moves);
         // (Answered no already if the offer failed: its end let go of.)
         self.offer(old_id, id, 0);
         true

@@ -297,6 +297,11 @@ pub struct Moves {
     pub tries: u8,
     /// See `tries`.
     pub retry_at: Option<Instant>,
+    /// The channel of the moved connection the peer's Forward named when
+    /// this one was made: until the acceptor's devd takes its own new
+    /// end, it may name that channel again (the link failed before its
+    /// acceptor took it), and on the connector's side it means this one.
+    pub replaces: Option<u64>,
 }
 
 /// All control-plane tables.

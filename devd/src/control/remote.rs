@@ -69,7 +69,27 @@ impl Devd {
     /// Whether peer `node` can carry a connection now: its control
     /// connection is up, and so is its ntb link.
     pub(super) fn peer_ready(&self, node: u32) -> bool {
-        self.remote.up.contains(&node) && self.engine.links().get(&node).is_some_and(|l| l.0)
+        self.remote.up.contains(&node) && self.link_up(node)
+    }
+
+    /// Whether the ntb link to peer `node` is up, as the engine last saw it.
+    fn link_up(&self, node: u32) -> bool {
+        self.engine.links().get(&node).is_some_and(|l| l.0)
+    }
+
+    /// Whether a new connection with peer `node` is made a remote one: its
+    /// control connection is up, and so is its link, or (with
+    /// fail-forward on) the connection starts on its kernel sockets and
+    /// moves onto the link once it is back (docs/protocol.md 8.6).
+    fn peer_reachable(&self, node: u32) -> bool {
+        let has_link = || {
+            self.cfg
+                .peers
+                .iter()
+                .any(|p| p.node == node && p.ivshmem.is_some())
+        };
+        self.remote.up.contains(&node)
+            && (self.link_up(node) || (self.cfg.fail_forward_ms > 0 && has_link()))
     }
 
     /// The listeners peers advertised, as the board shows them.
@@ -87,7 +107,7 @@ impl Devd {
                     .any(|a| ssock_rings::board::reaches(*a, false, dst))
             })
             .map(|(&n, _)| n)
-            .filter(|&n| self.peer_ready(n))
+            .filter(|&n| self.peer_reachable(n))
     }
 
     /// The ready peer whose control address is `ip` (where its host's
@@ -99,7 +119,7 @@ impl Devd {
             .iter()
             .find(|p| canon(p.address.ip()) == ip)
             .map(|p| p.node)
-            .filter(|&n| self.peer_ready(n))
+            .filter(|&n| self.peer_reachable(n))
     }
 
     /// The resources of a Queued connection with one end here, end `e`:
@@ -136,6 +156,7 @@ impl Devd {
                     peer: Peer::Remote { node, channel },
                     end: e,
                     hov: Some(hov),
+                    on_kernel: !self.link_up(node),
                 }],
                 counters: q.counters.clone(),
             }),
@@ -429,6 +450,7 @@ impl Devd {
                 peer: Peer::Remote { node, channel },
                 end: 0,
                 hov: Some(hov),
+                on_kernel: !self.link_up(node),
             }],
             counters,
         });

@@ -30,6 +30,7 @@ impl Devd {
                 t.bytes.queued = QueuedCounters::get(&e.bytes);
                 t.remote.failovers = QueuedCounters::get(&e.failovers);
                 t.remote.failover_resets = QueuedCounters::get(&e.failover_resets);
+                t.remote.made_while_down = QueuedCounters::get(&e.made_while_down);
                 for c in self.reg.conns.values().filter(|c| c.mode != Mode::Queued) {
                     let j = conn_json(c);
                     let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
@@ -43,12 +44,25 @@ impl Devd {
         };
         if let Some(p) = &self.peers {
             (page.peers, page.peers_refused) = p.status();
-            let links = self.engine.links();
+            let links = self.engine.link_history();
+            let now = Instant::now();
+            let state = |up| if up { "up" } else { "down" };
             for (peer, cfg) in page.peers.iter_mut().zip(&self.cfg.peers) {
                 if cfg.ivshmem.is_some() {
-                    let (up, changes) = links.get(&peer.node).copied().unwrap_or((false, 0));
-                    peer.link = Some(if up { "up" } else { "down" });
-                    peer.link_changes = changes;
+                    let l = links.get(&peer.node).cloned().unwrap_or_default();
+                    peer.link = Some(state(l.up));
+                    peer.link_changes = l.changes;
+                    peer.link_history = l
+                        .history
+                        .iter()
+                        .rev()
+                        .map(|&(up, at, channels)| crate::peers::LinkChangeJson {
+                            state: state(up),
+                            ago_ms: u64::try_from(now.duration_since(at).as_millis())
+                                .unwrap_or(u64::MAX),
+                            channels,
+                        })
+                        .collect();
                 }
             }
         }

@@ -351,6 +351,7 @@ fn alone(
         peer,
         end,
         hov,
+        on_kernel: false,
     }]
 }
 

@@ -36,6 +36,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Connections not yet known to be a peer's, at most.
 const MAX_PENDING: usize = 16;
 
+/// One change of a peer's link as the stats show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkChangeJson {
+    /// "up" or "down".
+    pub state: &'static str,
+    /// Milliseconds ago.
+    pub ago_ms: u64,
+    /// How many connection channels crossed the link then.
+    pub channels: usize,
+}
+
 /// One configured peer as the stats show it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PeerJson {
@@ -56,6 +67,9 @@ pub struct PeerJson {
     pub link: Option<&'static str>,
     /// Times that link came up or went down.
     pub link_changes: u64,
+    /// Its last changes, newest first (at most 8).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub link_history: Vec<LinkChangeJson>,
     /// The listeners its devd advertised (while up): the first
     /// `SHOWN_LISTENERS` of them ...
     pub listeners: Vec<String>,
@@ -273,6 +287,7 @@ pub fn spawn(
                 last_error: String::new(),
                 link: None,
                 link_changes: 0,
+                link_history: Vec::new(),
                 listeners: Vec::new(),
                 listeners_total: 0,
             })

@@ -208,11 +208,12 @@ fn print_table(v: &Value) {
         || t["remote"]["unmatched"].as_u64().unwrap_or(0) > 0
     {
         out!(
-            "remote: connections {} unmatched {} failovers {} failover_resets {} forwards {}",
+            "remote: connections {} unmatched {} failovers {} failover_resets {} made_while_down {} forwards {}",
             t["remote"]["connections"],
             t["remote"]["unmatched"],
             t["remote"]["failovers"],
             t["remote"]["failover_resets"],
+            t["remote"]["made_while_down"],
             t["remote"]["forwards"]
         );
     }
@@ -271,6 +272,29 @@ fn print_peers(v: &Value) {
             p["listeners"].as_array().map_or(0, Vec::len),
             p["last_error"].as_str().unwrap_or("")
         );
+    }
+    for p in peers {
+        let changes: Vec<String> = p["link_history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "{} {:.1} s ago ({} channels)",
+                    c["state"].as_str().unwrap_or("?"),
+                    c["ago_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                    c["channels"]
+                )
+            })
+            .collect();
+        if !changes.is_empty() {
+            out!(
+                "link to node {} ({} changes): {}",
+                p["node"],
+                p["link_changes"],
+                changes.join(", ")
+            );
+        }
     }
     let refused: Vec<String> = v["peers_refused"]
         .as_object()

@@ -14,9 +14,18 @@ impl Handover {
     /// kernel socket at the offset where its region part closes.
     pub(super) fn fail_back(&mut self) {
         self.lost = true;
+        let claim = layout::claim(&self.map);
         match self.tx {
-            Tx::Tcp(_) if self.side == 0 && layout::claim(&self.map) != CLAIM_ACCEPTED => {
+            Tx::Tcp(_)
+                if self.side == 0
+                    && (claim == CLAIM_KERNEL
+                        || (claim != CLAIM_ACCEPTED && !layout::is_remote(&self.map))) =>
+            {
                 // Never claimed: a plain connection on the kernel socket.
+                // (Between hosts, devd moved it to the kernel socket: its
+                // acceptor's claim may still come, or never; either way
+                // this end's writes never moved, and it keeps counting
+                // its socket's bytes to move forward later, 8.6.)
                 self.stay_on_kernel();
                 return;
             }

@@ -43,26 +43,42 @@ impl Handover {
         }
         // The peer's writes: all it owed sent again (END says "at the
         // socket's end": a writer that dies now leaves a FIN that is its
-        // stream's end), and not ended.
+        // stream's end), and not ended. A peer whose writes never moved
+        // (this end's reads `Rx::Forever`) owed nothing, and its END says
+        // nothing (its old end's close writes one at region offset 0):
+        // the socket's end is its stream's.
         let peer_end = layout::end_at(&self.map, 1 - self.side);
-        let for_good = matches!(self.tx, Tx::Pinned | Tx::Shut) || self.rx == Rx::Forever;
-        if !self.counted
-            || self.wr_shut
-            || self.back_eof
-            || matches!(peer_end, End::At(_))
-            || for_good
-            || self.inner.holders() > 1
-        {
-            self.decline(
-                ctx,
-                "its bytes on the kernel socket cannot be counted here, or a direction ended",
-            );
+        let ended = match self.rx {
+            Rx::Back { .. } => self.back_eof || matches!(peer_end, End::At(_)),
+            Rx::Forever => self.tcp_eof,
+            _ => false,
+        };
+        let never = if !self.counted || self.inner.holders() > 1 {
+            Some("its bytes on the kernel socket are not all this process's".to_string())
+        } else if self.wr_shut || self.tx == Tx::Shut {
+            Some("its writes were shut down".to_string())
+        } else if ended {
+            Some(format!(
+                "its peer's writes ended (reads {:?}, the peer's END {peer_end:?})",
+                self.rx
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = never {
+            self.decline(ctx, &why);
             return;
         }
-        let ready = self.tx == Tx::Back
-            && peer_end == End::AtFin
+        // This end's writes: every one on the kernel socket (those that
+        // never moved, `Tx::Pinned`, were always counted there too).
+        let peer_done = match self.rx {
+            Rx::Back { .. } => peer_end == End::AtFin,
+            Rx::Forever => true,
+            _ => false,
+        };
+        let ready = matches!(self.tx, Tx::Back | Tx::Pinned)
+            && peer_done
             && !self.owed()
-            && matches!(self.rx, Rx::Back { .. })
             && self.end_wait.is_none()
             && self.tcp_err.is_none()
             && self.waiters == 0;
@@ -110,10 +126,13 @@ impl Handover {
         let Some((map, _)) = new.handover_words() else {
             return;
         };
-        let Rx::Back { after, .. } = self.rx else {
-            return;
+        // Every byte this end read from the kernel socket: counted in
+        // TCP_READ before the move (and all along for reads that never
+        // moved), in `after` since the move back.
+        let read = match self.rx {
+            Rx::Back { after, .. } => self.done().wrapping_add(after),
+            _ => self.done(),
         };
-        let read = self.done().wrapping_add(after);
         let mut new: Box<dyn Transport> = Box::new(new);
         if !layout::is_remote(&map) {
             new.discard_region();

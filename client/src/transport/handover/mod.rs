@@ -257,7 +257,19 @@ impl Handover {
     fn turned_kernel(&self) -> bool {
         self.tcp_err.is_none()
             && (self.kernel
-                || (matches!(self.tx, Tx::Tcp(_)) && layout::claim(&self.map) == CLAIM_KERNEL))
+                || ((matches!(self.tx, Tx::Tcp(_)) || self.pinned_from_start())
+                    && layout::claim(&self.map) == CLAIM_KERNEL))
+    }
+
+    /// Between hosts, a connection made while its link was down has both
+    /// writers pinned by devd before they could move (docs/protocol.md
+    /// 8.6): while neither direction moved, CLAIM = kernel (its acceptor's
+    /// Claim found no intent on the other host, or the two hosts never
+    /// agreed) makes it a plain connection, as for an end not yet moved.
+    fn pinned_from_start(&self) -> bool {
+        self.tx == Tx::Pinned
+            && matches!(self.rx, Rx::Tcp(None) | Rx::Forever)
+            && layout::is_remote(&self.map)
     }
 
     /// Bytes this end's holders read from the kernel socket so far.
@@ -274,6 +286,10 @@ impl Handover {
     /// when this end moves): what devd decided, and where the peer moved.
     fn step(&mut self) {
         if self.kernel || self.broken {
+            return;
+        }
+        if self.pinned_from_start() && layout::claim(&self.map) == CLAIM_KERNEL {
+            self.stay_on_kernel();
             return;
         }
         if !self.lost && self.inner.path_lost() {

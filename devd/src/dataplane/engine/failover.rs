@@ -42,6 +42,8 @@ pub(super) struct Failover {
     sent: Option<(Words, Option<u64>)>,
     sent_at: Instant,
     began: Instant,
+    /// Made while its link was down (`Engine::born_on_kernel`).
+    pub(super) born: bool,
 }
 
 /// How long a side waits for the other host's answer before it says its
@@ -70,6 +72,7 @@ impl Engine {
             sent: None,
             sent_at: Instant::now(),
             began: Instant::now(),
+            born: false,
         });
         // Its bytes move no more here; what the client posted stays its
         // own (unacknowledged TX buffers never go back).
@@ -117,6 +120,9 @@ impl Engine {
                     log::info!("connection {id}: on its kernel socket, both hosts agreed where");
                     pair.counters.failover.store(1, Ordering::Relaxed);
                     QueuedCounters::add(&self.counts.failovers, 1);
+                    if pair.sides[s].failover.as_ref().is_some_and(|f| f.born) {
+                        QueuedCounters::add(&self.counts.made_while_down, 1);
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -135,7 +141,7 @@ impl Engine {
 
     /// Side `s` ends with a reset where it should have moved, counted.
     pub(super) fn failover_reset(&mut self, pair: &mut Pair, s: usize) {
-        if !pair.sides[s].dead {
+        if !pair.sides[s].dead && !never_moved(&pair.sides[s]) {
             QueuedCounters::add(&self.counts.failover_resets, 1);
         }
         self.reset_side(pair, s);
@@ -200,10 +206,35 @@ impl Engine {
             if side.dead || side.failover.is_none() || agreed(side) {
                 continue;
             }
+            if never_moved(side) {
+                // Its connection stays on kernel TCP (a connection made
+                // while the link was down whose peer found no intent, or
+                // that never agreed, below): there is nothing to agree
+                // on, and its client lets its end go at its next call.
+                if side.gone {
+                    self.reset_side(pair, s);
+                }
+                continue;
+            }
             let Some(fo) = side.failover.as_mut() else {
                 continue;
             };
-            if fo.began.elapsed() > WAIT {
+            if fo.began.elapsed() > WAIT && fo.born && side.sent == 0 && side.received == 0 {
+                // Made while the link was down and never agreed (the other
+                // host has no side for it: its backend could not open the
+                // channel, or its devd is gone): nothing of it moved on
+                // either host (both writers pinned from the start), so it
+                // is a plain connection.
+                log::info!(
+                    "connection {id}: node {} never agreed on it; it stays on kernel TCP",
+                    fo.node
+                );
+                if let Some(h) = &side.hov {
+                    h.u32_at(layout::hov::CLAIM)
+                        .store(layout::CLAIM_KERNEL, Ordering::Release);
+                }
+                let _ = side.call.notify();
+            } else if fo.began.elapsed() > WAIT {
                 log::warn!(
                     "connection {id}: node {} did not agree on the fail-over within {WAIT:?}; resetting it",
                     fo.node
@@ -215,6 +246,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// `side`'s connection stays on kernel TCP (CLAIM says so in its page)
+/// and no byte of it crossed the link here, either way.
+fn never_moved(side: &Side) -> bool {
+    side.sent == 0
+        && side.received == 0
+        && side
+            .hov
+            .as_ref()
+            .is_some_and(|h| layout::claim(h) == layout::CLAIM_KERNEL)
 }
 
 /// Both directions' region parts are closed in `hov` (the agreement is

@@ -59,6 +59,9 @@ pub struct SideSpec {
     /// With a remote peer: the connection's hand-over page on this host,
     /// whose words the engine relays to and from the other host's devd.
     pub hov: Option<Arc<ssock_rings::Mapping>>,
+    /// With a remote peer: made while its devd saw the link down, it
+    /// starts on its kernel socket (`Engine::born_on_kernel`).
+    pub on_kernel: bool,
 }
 
 impl SideSpec {
@@ -73,6 +76,7 @@ impl SideSpec {
                 peer: Peer::Local(b),
                 end: 0,
                 hov: None,
+                on_kernel: false,
             },
             SideSpec {
                 init: acceptor,
@@ -80,6 +84,7 @@ impl SideSpec {
                 peer: Peer::Local(a),
                 end: 1,
                 hov: None,
+                on_kernel: false,
             },
         ]
     }
@@ -144,13 +149,37 @@ pub struct Handle {
     links: Links,
 }
 
-/// Each peer node's link as the backend last said: up or not, and how
-/// many times it changed.
-pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (bool, u64)>>>;
+/// How many of a link's last changes are kept for the statistics.
+pub const LINK_HISTORY: usize = 8;
+
+/// A peer node's link as the backend last said.
+#[derive(Debug, Default, Clone)]
+pub struct LinkSeen {
+    /// Up or not.
+    pub up: bool,
+    /// How many times it changed.
+    pub changes: u64,
+    /// Its last `LINK_HISTORY` changes, oldest first: up or not, when,
+    /// and how many channels crossed it then.
+    pub history: VecDeque<(bool, Instant, usize)>,
+}
+
+/// Each peer node's link.
+pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, LinkSeen>>>;
 
 impl Handle {
-    /// The links' states (for the statistics).
+    /// The links' states: up or not, how many times each changed.
     pub fn links(&self) -> std::collections::BTreeMap<u32, (bool, u64)> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&n, l)| (n, (l.up, l.changes)))
+            .collect()
+    }
+
+    /// The links as the statistics show them, with their last changes.
+    pub fn link_history(&self) -> std::collections::BTreeMap<u32, LinkSeen> {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -532,8 +561,13 @@ impl Engine {
             }
             {
                 let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-                let e = l.entry(ev.node).or_insert((false, 0));
-                *e = (ev.state == LinkState::Up, e.1 + 1);
+                let e = l.entry(ev.node).or_default();
+                e.up = ev.state == LinkState::Up;
+                e.changes += 1;
+                if e.history.len() == LINK_HISTORY {
+                    e.history.pop_front();
+                }
+                e.history.push_back((e.up, Instant::now(), on));
             }
             if ev.state == LinkState::Down {
                 self.link_lost(ev.node);
@@ -591,6 +625,7 @@ impl Engine {
                     gone_at: None,
                     dead: false,
                 };
+                let on_kernel: Vec<bool> = sides.iter().map(|s| s.on_kernel).collect();
                 if sides.is_empty() || sides.len() > 2 {
                     log::error!("connection {id}: {} sides", sides.len());
                     return true;
@@ -645,6 +680,8 @@ impl Engine {
                 {
                     self.remote.insert(id);
                 }
+                let mut pair = pair;
+                self.born_on_kernel(id, &mut pair, &on_kernel);
                 self.pairs.insert(id, pair);
                 self.busy.push_back(id);
             }
@@ -892,6 +929,37 @@ impl Engine {
                 "link to node {node} lost: {moved} connections move to their kernel sockets, {} reset",
                 ids.len() - moved
             );
+        }
+    }
+
+    /// A connection made while its link is down (its devds agreed on it
+    /// over their control connection: docs/protocol.md 8.6) starts on its
+    /// kernel sockets, as one whose link failed at once: nothing moved
+    /// yet, so each side pins its writer and the two hosts agree at
+    /// region offset 0. Its sides reset where no peer devds can agree.
+    /// `on_kernel`: per side, whether its devd made it so; a link that
+    /// went down since (its event came before this connection) counts
+    /// too, or no event would ever move it.
+    fn born_on_kernel(&mut self, id: u64, pair: &mut Pair, on_kernel: &[bool]) {
+        for s in 0..pair.sides.len() {
+            let Peer::Remote { node, .. } = pair.sides[s].peer else {
+                continue;
+            };
+            let down = {
+                let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+                l.get(&node).is_some_and(|l| !l.up)
+            };
+            if !on_kernel.get(s).copied().unwrap_or(false) && !down {
+                continue;
+            }
+            log::info!("connection {id}: made while the link to node {node} is down; on its kernel socket until the link is back");
+            if self.fail_over(id, pair, s) {
+                if let Some(f) = pair.sides[s].failover.as_mut() {
+                    f.born = true;
+                }
+            } else {
+                self.failover_reset(pair, s);
+            }
         }
     }
 

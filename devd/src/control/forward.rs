@@ -116,6 +116,12 @@ impl Devd {
             })
             .map(|c| c.id)
             .collect();
+        if !due.is_empty() {
+            log::info!(
+                "offering {} moved connections a new connection on the link",
+                due.len()
+            );
+        }
         for id in due {
             // Counted whatever comes of it: a refusal (caps, policy) is
             // not tried again at every look.
@@ -394,19 +400,11 @@ impl Devd {
     /// taken (its engine side ends with Eos: its writes never moved). On
     /// the connector's side the peer is answered no.
     pub(super) fn drop_forward(&mut self, new: u64) {
-        let Some(c) = self.reg.conns.get_mut(&new) else {
+        let Some(c) = self.reg.conns.get(&new) else {
             return;
         };
-        let prev = c.moves.prev.take();
+        // (Releasing it does the rest: `forward_end_released`.)
         let e = usize::from(c.ends[0].inode == 0);
-        if let (Some(_), 0, Some((node, ch))) = (prev, e, c.remote) {
-            self.answer_forward(node, ch, false);
-        }
-        if let Some(old) = prev.and_then(|o| self.reg.conns.get_mut(&o)) {
-            if old.moves.next == Some(new) {
-                old.moves.next = None;
-            }
-        }
         self.release_end(new, e);
     }
 
@@ -484,7 +482,11 @@ impl Devd {
             c.moves.prev = None;
         }
         if let Some(c) = self.reg.conns.get_mut(&old) {
+            // Done with: its end here is released next (its process
+            // closes it), and no new connection is offered for it
+            // meanwhile.
             c.moves.next = None;
+            c.moves.tries = DECLINED;
         }
         self.reg.by_inode.insert(inode, (new, e));
         self.totals.forwards += 1;

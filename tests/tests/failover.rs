@@ -865,3 +865,111 @@ fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once
     }
     Ok(())
 }
+
+#[test]
+fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_back() -> Result<()>
+{
+    for app in ["redis-server", "redis-benchmark", "iperf3"] {
+        if !ssock_tests::have_app(app)? {
+            return Ok(());
+        }
+    }
+    let Some(lab) = ready_with("bornapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let b = lab.addr[1].clone();
+    let _redis = redis_server(&lab, 1, "6393")?;
+    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5214"]))?;
+    heard(&lab, 0, 6393)?;
+    heard(&lab, 0, 5214)?;
+    lab.set_link(1, false)?;
+    for h in 0..2 {
+        lab.wait_peer(h, UP, "saw the link down", |p| {
+            p["link"] == "down" && p["state"] == "up"
+        })?;
+    }
+    // Their connections are made while the link is down: remote ones on
+    // their kernel sockets from the start (redis-benchmark's 4, and one it
+    // makes first to read the server's config; iperf3's 2).
+    let bench = Prog::start(lab.under_ssock(
+        0,
+        &[
+            "redis-benchmark",
+            "-h",
+            &b,
+            "-p",
+            "6393",
+            "-n",
+            "400000",
+            "-c",
+            "4",
+            "-t",
+            "get",
+            "-q",
+        ],
+    ))?;
+    let iperf = Prog::start(lab.under_ssock(
+        0,
+        &["iperf3", "-c", &b, "-p", "5214", "-t", "8", "-l", "64K"],
+    ))?;
+    for h in 0..2 {
+        let t = settled(&lab, h, |t| {
+            t["remote"]["made_while_down"].as_u64() >= Some(6)
+        })?;
+        ensure!(
+            t["remote"]["made_while_down"].as_u64() >= Some(6)
+                && t["remote"]["failover_resets"] == 0
+                && queued_bytes(&t) == 0,
+            "host {h}: all six connections should have started on their kernel sockets: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    // Onto the link while they run (the data connections at their next
+    // call; iperf3's control connection may be idle until the end).
+    for h in 0..2 {
+        let t = Instant::now();
+        loop {
+            let tot = totals(&lab, h)?;
+            if tot["remote"]["forwards"].as_u64() >= Some(5) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "host {h}: the connections should have moved onto the link: {}\n{}",
+                lab.stats(h)?,
+                lab.log(h)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let before = [
+        queued_bytes(&totals(&lab, 0)?),
+        queued_bytes(&totals(&lab, 1)?),
+    ];
+    for (mut p, what, ok) in [
+        (bench, "redis-benchmark", "GET: "),
+        (iperf, "iperf3", "receiver"),
+    ] {
+        let status = p.wait(Duration::from_secs(120))?;
+        let out = p.all().replace('\r', "\n");
+        ensure!(
+            status.success()
+                && out.lines().any(|l| l.contains(ok))
+                && !out.to_lowercase().contains("error"),
+            "{what}, started while the link was down:\n{out}"
+        );
+    }
+    // What they sent once on the link crossed it.
+    for (h, before) in before.iter().enumerate() {
+        let t = totals(&lab, h)?;
+        ensure!(
+            queued_bytes(&t) > before + (16 << 20)
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: their bytes should cross the link: {t}"
+        );
+    }
+    Ok(())
+}

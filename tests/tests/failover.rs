@@ -142,12 +142,13 @@ fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_l
     for c in &mut clients {
         if let Err(e) = c.expect(&["OK 536870912"], Duration::from_secs(60)) {
             anyhow::bail!(
-                "{e}\nhost a: {}\n{}\nhost b: {}\n{}\nthe clients' log:\n{}",
+                "{e}\nhost a: {}\n{}\nhost b: {}\n{}\nthe clients' log:\n{}\nwhere the programs' threads wait:\n{}",
                 lab.stats(0)?,
                 lab.log(0),
                 lab.stats(1)?,
                 lab.log(1),
-                std::fs::read_to_string(&log).unwrap_or_default()
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                remote_py_threads()
             );
         }
         ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());

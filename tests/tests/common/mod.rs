@@ -212,3 +212,46 @@ pub fn redis_server(lab: &TwoHosts, h: usize, port: &str) -> Result<Prog> {
         ],
     ))
 }
+
+/// Where each thread of every running tests/apps/remote.py process waits
+/// (its state, kernel wait channel and system call), for a failure
+/// message: a stall shows which side waits for what.
+pub fn remote_py_threads() -> String {
+    let mut out = String::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains("remote.py") {
+            continue;
+        }
+        out += &format!("pid {}: {cmd}\n", p.file_name().to_string_lossy());
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            let call: Vec<String> = read("syscall")
+                .split_whitespace()
+                .take(3)
+                .map(str::to_string)
+                .collect();
+            out += &format!(
+                "  thread {} {state} wchan {} syscall {}\n",
+                t.file_name().to_string_lossy(),
+                read("wchan"),
+                call.join(" ")
+            );
+        }
+    }
+    out
+}

@@ -403,10 +403,20 @@ impl Handover {
     /// The kernel socket's end was seen while no offset was published: it
     /// ends the stream (a writer that closes publishes its offset first,
     /// one that shuts down publishes NEVER, so the peer died: its writes
-    /// are over too).
-    fn kernel_end_ends(&mut self) {
+    /// are over too). Between hosts the peer's NEVER comes through the
+    /// devds, possibly after its FIN (a connector whose acceptor's claim
+    /// is not relayed yet takes the FIN for the stream's end at once):
+    /// there the peer died only if its engine's end mark came too (it
+    /// comes after the words). `mark`: the region's end marks, read
+    /// before the offset was looked at.
+    fn kernel_end_ends(&mut self, mark: u32) {
         self.tcp_eof = true;
-        if matches!(self.rx, Rx::Tcp(None)) && !self.end_unsure(self.inner.region_mark()) {
+        let died = if layout::is_remote(&self.map) {
+            mark != 0
+        } else {
+            !self.end_unsure(mark)
+        };
+        if matches!(self.rx, Rx::Tcp(None)) && died {
             self.peer_closed = true;
         }
     }
@@ -685,7 +695,7 @@ impl Handover {
                             return Err(reset_error());
                         }
                         _ => {
-                            self.kernel_end_ends();
+                            self.kernel_end_ends(mark);
                             return self.kernel_end();
                         }
                     }
@@ -1068,9 +1078,10 @@ impl Transport for Handover {
         let tcp_in = tcp_in || at_end;
         let tcp_end = at_end || (k & libc::POLLRDHUP != 0 && !matches!(self.rx, Rx::Tcp(Some(_))));
         if !rx_ring && !self.kernel && k & libc::POLLRDHUP != 0 {
+            let mark = self.inner.region_mark();
             self.step();
             if matches!(self.rx, Rx::Tcp(None)) {
-                self.kernel_end_ends();
+                self.kernel_end_ends(mark);
             }
         }
         // Progress on the kernel socket counts too (an edge-triggered

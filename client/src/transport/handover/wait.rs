@@ -174,9 +174,10 @@ impl Handover {
         }
         if let Some(p) = fds.last() {
             if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {
+                let mark = self.inner.region_mark();
                 self.step();
                 if matches!(self.rx, Rx::Tcp(_) | Rx::Forever) {
-                    self.kernel_end_ends();
+                    self.kernel_end_ends(mark);
                 }
             }
         }

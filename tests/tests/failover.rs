@@ -590,34 +590,13 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
     let Some(lab) = ready_with("forwardapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
         return Ok(());
     };
-    let b = lab.addr[1].clone();
     let _redis = redis_server(&lab, 1, "6392")?;
     let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5213"]))?;
     heard(&lab, 0, 6392)?;
     heard(&lab, 0, 5213)?;
     // redis-benchmark's 4 connections (an event loop on nonblocking
     // sockets) and iperf3's control and data connections.
-    let bench = Prog::start(lab.under_ssock(
-        0,
-        &[
-            "redis-benchmark",
-            "-h",
-            &b,
-            "-p",
-            "6392",
-            "-n",
-            "400000",
-            "-c",
-            "4",
-            "-t",
-            "get",
-            "-q",
-        ],
-    ))?;
-    let iperf = Prog::start(lab.under_ssock(
-        0,
-        &["iperf3", "-c", &b, "-p", "5213", "-t", "8", "-l", "64K"],
-    ))?;
+    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6392", "5213")?;
     moving_on_the_link(&lab, 0, 6, 5)?;
     lab.set_link(1, false)?;
     for h in 0..2 {
@@ -633,50 +612,7 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
     lab.wait_linked(UP)?;
     // Back onto the link while they run: the data connections at their
     // next call, iperf3's control connection at its next select.
-    for h in 0..2 {
-        let t = Instant::now();
-        loop {
-            let tot = totals(&lab, h)?;
-            if tot["remote"]["forwards"].as_u64() >= Some(5) {
-                break;
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(20),
-                "host {h}: the connections should have moved forward: {}\n{}",
-                lab.stats(h)?,
-                lab.log(h)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let before = [
-        queued_bytes(&totals(&lab, 0)?),
-        queued_bytes(&totals(&lab, 1)?),
-    ];
-    for (mut p, what, ok) in [
-        (bench, "redis-benchmark", "GET: "),
-        (iperf, "iperf3", "receiver"),
-    ] {
-        let status = p.wait(Duration::from_secs(120))?;
-        let out = p.all().replace('\r', "\n");
-        ensure!(
-            status.success()
-                && out.lines().any(|l| l.contains(ok))
-                && !out.to_lowercase().contains("error"),
-            "{what} through the link failure and back:\n{out}"
-        );
-    }
-    // What they sent after moving forward crossed the link.
-    for (h, before) in before.iter().enumerate() {
-        let t = totals(&lab, h)?;
-        ensure!(
-            queued_bytes(&t) > before + (16 << 20)
-                && t["remote"]["failover_resets"] == 0
-                && t["violations"] == 0,
-            "host {h}: their bytes should cross the link again: {t}"
-        );
-    }
-    Ok(())
+    moved_forward_and_finished(&lab, bench, iperf, "through the link failure and back")
 }
 
 #[test]
@@ -878,7 +814,6 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
     let Some(lab) = ready_with("bornapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
         return Ok(());
     };
-    let b = lab.addr[1].clone();
     let _redis = redis_server(&lab, 1, "6393")?;
     let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5214"]))?;
     heard(&lab, 0, 6393)?;
@@ -892,27 +827,7 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
     // Their connections are made while the link is down: remote ones on
     // their kernel sockets from the start (redis-benchmark's 4, and one it
     // makes first to read the server's config; iperf3's 2).
-    let bench = Prog::start(lab.under_ssock(
-        0,
-        &[
-            "redis-benchmark",
-            "-h",
-            &b,
-            "-p",
-            "6393",
-            "-n",
-            "400000",
-            "-c",
-            "4",
-            "-t",
-            "get",
-            "-q",
-        ],
-    ))?;
-    let iperf = Prog::start(lab.under_ssock(
-        0,
-        &["iperf3", "-c", &b, "-p", "5214", "-t", "8", "-l", "64K"],
-    ))?;
+    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6393", "5214")?;
     for h in 0..2 {
         let t = settled(&lab, h, |t| {
             t["remote"]["made_while_down"].as_u64() >= Some(6)
@@ -929,10 +844,51 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
     lab.wait_linked(UP)?;
     // Onto the link while they run (the data connections at their next
     // call; iperf3's control connection may be idle until the end).
+    moved_forward_and_finished(&lab, bench, iperf, "started while the link was down")
+}
+
+/// redis-benchmark (4 connections, an event loop on nonblocking sockets)
+/// and iperf3 (a control and a data connection) on host a under ssock-run,
+/// against host b's servers on `redis_port` and `iperf_port`.
+fn redis_benchmark_and_iperf3(
+    lab: &TwoHosts,
+    redis_port: &str,
+    iperf_port: &str,
+) -> Result<(Prog, Prog)> {
+    let b = lab.addr[1].clone();
+    let bench = Prog::start(lab.under_ssock(
+        0,
+        &[
+            "redis-benchmark",
+            "-h",
+            &b,
+            "-p",
+            redis_port,
+            "-n",
+            "400000",
+            "-c",
+            "4",
+            "-t",
+            "get",
+            "-q",
+        ],
+    ))?;
+    let iperf = Prog::start(lab.under_ssock(
+        0,
+        &["iperf3", "-c", &b, "-p", iperf_port, "-t", "8", "-l", "64K"],
+    ))?;
+    Ok((bench, iperf))
+}
+
+/// Once the link is back: at least 5 of their connections move onto it
+/// on both hosts within 20 s, both programs end with their own success
+/// output and no error (`when`: what they ran through, for the message),
+/// and more than 16 MiB then cross the link on each host.
+fn moved_forward_and_finished(lab: &TwoHosts, bench: Prog, iperf: Prog, when: &str) -> Result<()> {
     for h in 0..2 {
         let t = Instant::now();
         loop {
-            let tot = totals(&lab, h)?;
+            let tot = totals(lab, h)?;
             if tot["remote"]["forwards"].as_u64() >= Some(5) {
                 break;
             }
@@ -946,8 +902,8 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
         }
     }
     let before = [
-        queued_bytes(&totals(&lab, 0)?),
-        queued_bytes(&totals(&lab, 1)?),
+        queued_bytes(&totals(lab, 0)?),
+        queued_bytes(&totals(lab, 1)?),
     ];
     for (mut p, what, ok) in [
         (bench, "redis-benchmark", "GET: "),
@@ -959,12 +915,12 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
             status.success()
                 && out.lines().any(|l| l.contains(ok))
                 && !out.to_lowercase().contains("error"),
-            "{what}, started while the link was down:\n{out}"
+            "{what}, {when}:\n{out}"
         );
     }
     // What they sent once on the link crossed it.
     for (h, before) in before.iter().enumerate() {
-        let t = totals(&lab, h)?;
+        let t = totals(lab, h)?;
         ensure!(
             queued_bytes(&t) > before + (16 << 20)
                 && t["remote"]["failover_resets"] == 0

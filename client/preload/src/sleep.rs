@@ -72,15 +72,23 @@ pub fn timespec(d: Duration) -> libc::timespec {
     }
 }
 
-/// A sleep's timeout when `set` holds this process's doorbell (a Direct
-/// end is armed): no longer than `ssock_client::bells::cap`, after which
+/// The longest sleep on an empty set (accelerated sockets whose arming
+/// found nothing to watch: only a signal or the timeout would end it):
+/// the caller looks at them again after it.
+const NOTHING_WATCHED: Duration = Duration::from_secs(1);
+
+/// A sleep's timeout: when `set` is empty, no longer than
+/// [`NOTHING_WATCHED`]; when it holds this process's doorbell (a Direct
+/// end is armed), no longer than `ssock_client::bells::cap`, after which
 /// the caller looks again (a wake-up that could not be rung costs that
 /// long, no more); when it holds the call eventfd of a Queued end several
 /// processes hold, no longer than `queued::SHARED_SLEEP_CAP`.
 pub fn capped(left: Option<Duration>, set: &[libc::pollfd]) -> Option<Duration> {
     use ssock_client::transport::queued;
     let bells = ssock_client::bells::doorbell_fds();
-    let cap = if set.iter().any(|p| queued::sleep_is_capped(p.fd)) {
+    let cap = if set.is_empty() {
+        NOTHING_WATCHED
+    } else if set.iter().any(|p| queued::sleep_is_capped(p.fd)) {
         queued::SHARED_SLEEP_CAP
     } else if set.iter().any(|p| p.fd >= 0 && bells.contains(&p.fd)) {
         ssock_client::bells::cap()

@@ -757,8 +757,15 @@ impl Handover {
         }
         // What is asserted now the caller's look after arming reports.
         let (entry, _) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
-        if let Some(e) = entry {
-            fds.push((e.fd, e.events));
+        // But for room while bytes are owed: that look sends more of them
+        // (`readiness` flushes) and may fill the room it saw, so the sleep
+        // watches for room even when there is some now (a wake-up with
+        // room sends more: no spin).
+        let room = if self.owed() { libc::POLLOUT } else { 0 };
+        match entry {
+            Some(e) => fds.push((e.fd, e.events | room)),
+            None if room != 0 => fds.push((tcp, room)),
+            None => {}
         }
         Some(fds)
     }
@@ -1195,3 +1202,6 @@ impl Drop for Handover {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests;

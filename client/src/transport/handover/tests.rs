@@ -1,0 +1,151 @@
+//! The hand-over around a stand-in transport whose region stops carrying
+//! bytes when the test says so, on a real loopback TCP connection: what a
+//! waiter is told and what it sleeps on once the writes moved back.
+
+use super::*;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+
+/// A region end that carries nothing: its writes went in whole until
+/// `lost`, then the hand-over takes back `owed` bytes to send again.
+#[derive(Debug)]
+struct Region {
+    map: Arc<Mapping>,
+    lost: Arc<AtomicBool>,
+    owed: usize,
+}
+
+impl Transport for Region {
+    fn mode(&self) -> Mode {
+        Mode::Queued
+    }
+    fn conn_id(&self) -> Option<u64> {
+        Some(1)
+    }
+    fn read(&mut self, _: &mut [u8], _: &Ctx<'_>) -> io::Result<usize> {
+        Err(would_block())
+    }
+    fn peek(&mut self, _: &mut [u8], _: &Ctx<'_>) -> io::Result<usize> {
+        Err(would_block())
+    }
+    fn write(&mut self, buf: &[u8], _: &Ctx<'_>) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn shutdown_write(&mut self, _: &Ctx<'_>) -> io::Result<()> {
+        Ok(())
+    }
+    fn close(&mut self) {}
+    fn readiness(&mut self, _: &Ctx<'_>, _: bool) -> Ready {
+        Ready::default()
+    }
+    fn arm(&mut self, _: &Ctx<'_>, _: bool, _: bool) -> Option<Vec<(RawFd, i16)>> {
+        Some(Vec::new())
+    }
+    fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
+        Some((self.map.clone(), 0))
+    }
+    fn path_lost(&mut self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+    fn close_reads(&mut self) -> io::Result<u64> {
+        Ok(0)
+    }
+    fn close_writes(&mut self) -> io::Result<(u64, Vec<u8>)> {
+        Ok((0, vec![7; self.owed]))
+    }
+    fn reads_left(&self) -> Option<u64> {
+        Some(0)
+    }
+}
+
+/// A connected loopback pair with small buffers: (this end, its peer).
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    socket2::SockRef::from(&a)
+        .set_send_buffer_size(16 << 10)
+        .unwrap();
+    socket2::SockRef::from(&b)
+        .set_recv_buffer_size(16 << 10)
+        .unwrap();
+    (a, b)
+}
+
+/// A connector end whose acceptor claimed it, its writes in the region.
+fn moved_end(owed: usize) -> (Box<dyn Transport>, Arc<AtomicBool>) {
+    let fd = ssock_rings::sys::memfd_unsealed("handover-test", layout::HOV_PAGE).unwrap();
+    let map = Arc::new(Mapping::map(fd.as_fd(), layout::HOV_PAGE, true).unwrap());
+    assert!(layout::accept_claim(&map));
+    let lost = Arc::new(AtomicBool::new(false));
+    let region = Region {
+        map,
+        lost: lost.clone(),
+        owed,
+    };
+    (Handover::wrap(Box::new(region)), lost)
+}
+
+fn ctx(tcp: &TcpStream) -> Ctx<'_> {
+    Ctx {
+        tcp: tcp.as_fd(),
+        nonblocking: true,
+        deadline: None,
+        spin: std::time::Duration::ZERO,
+        check_peer: false,
+    }
+}
+
+/// Reads what the peer's socket holds now, without waiting.
+fn drain(peer: &mut TcpStream) -> usize {
+    peer.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0;
+    while let Ok(k) = peer.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    n
+}
+
+#[test]
+fn a_writer_owing_bytes_again_sleeps_on_room_that_its_readiness_look_fills() {
+    let (tcp, mut peer) = pair();
+    let (mut end, lost) = moved_end(16 << 20);
+    let c = ctx(&tcp);
+    assert_eq!(end.write(b"in the region", &c).unwrap(), 13);
+    // The link fails: the end owes 16 MiB again on the kernel socket,
+    // more than it takes at once.
+    lost.store(true, Ordering::Relaxed);
+    assert_eq!(
+        end.write(b"more", &c).unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+    // The peer reads a part: the socket has room again when the waiter
+    // arms, and its look after arming (a poll's scan) fills it again.
+    let room = || {
+        let mut p = [PollFd::new(tcp.as_raw_fd(), libc::POLLOUT)];
+        ssock_rings::sys::poll(&mut p, Some(std::time::Duration::ZERO)).unwrap() == 1
+    };
+    while !room() {
+        drain(&mut peer);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let set = end.arm(&c, false, true).expect("armed");
+    let ready = end.readiness(&c, false);
+    // Either it says writable, or what it sleeps on wakes it when the
+    // socket has room: never a sleep on nothing.
+    let tcp_fd = tcp.as_raw_fd();
+    let watches_room = set
+        .iter()
+        .any(|&(fd, ev)| fd == tcp_fd && ev & libc::POLLOUT != 0);
+    assert!(
+        ready.writable || watches_room,
+        "not writable, and it sleeps on {set:?}"
+    );
+    end.disarm(false, true);
+}

@@ -709,6 +709,10 @@ impl Transport for Direct {
     }
 
     fn close(&mut self) {
+        self.close_or_reset(&|| false);
+    }
+
+    fn close_or_reset(&mut self, reset: &dyn Fn() -> bool) {
         if self.closed {
             return;
         }
@@ -728,7 +732,7 @@ impl Transport for Direct {
         if !self.broken {
             // Like the kernel's close: a reset instead of end-of-stream
             // after SO_LINGER 0, or when received bytes were left unread.
-            if self.abort || self.rx.readable().unwrap_or(0) > 0 {
+            if self.abort || self.rx.readable().unwrap_or(0) > 0 || reset() {
                 self.tx.reset();
             } else {
                 self.tx.close();

@@ -111,6 +111,14 @@ pub trait Transport: Send + std::fmt::Debug {
     /// the stream (orderly unless the connection is broken); an earlier one
     /// only lets go.
     fn close(&mut self);
+    /// [`Transport::close`], which, if it is the last holder's, resets
+    /// the connection instead of ending it when `reset` says so then
+    /// (asked only once every other holder let go: until then another
+    /// holder may still read what `reset` looks at).
+    fn close_or_reset(&mut self, reset: &dyn Fn() -> bool) {
+        let _ = reset;
+        self.close();
+    }
     /// [`Transport::close`] while the kernel socket is still open (the
     /// last fd of it in this process is about to close): a hand-over end
     /// that moved back sends what it still owes there first.

@@ -1019,6 +1019,10 @@ impl Transport for Queued {
     }
 
     fn close(&mut self) {
+        self.close_or_reset(&|| false);
+    }
+
+    fn close_or_reset(&mut self, reset: &dyn Fn() -> bool) {
         if self.closed {
             return;
         }
@@ -1037,7 +1041,7 @@ impl Transport for Queued {
         }
         // Received bytes left unread make the kernel's close a reset too.
         let unread = !self.lost && !self.broken && self.delivered().is_ok_and(|n| n > 0);
-        if self.abort || self.broken || unread {
+        if self.abort || self.broken || unread || reset() {
             // Like the kernel's close after SO_LINGER 0, or with bytes
             // unread: a reset, not an end of stream; and a broken end's
             // peer is reset too (devd must not take its going for an

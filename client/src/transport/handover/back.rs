@@ -196,17 +196,20 @@ impl Handover {
         if self.tx == Tx::Back && self.inner.holders() <= 1 && !reset_back {
             self.close_back(ctx);
         }
+        if self.broken {
+            self.inner.abort_on_close();
+        }
         // Bytes the peer wrote on the kernel socket left unread here make
         // the kernel's close a reset, which the peer would not see while
         // it reads this end's writes from the region: the region says so.
-        let unread_on_socket = ctx.is_some_and(|c| {
-            matches!(self.rx, Rx::Tcp(_) | Rx::Forever)
-                && ssock_rings::sys::socket_queues(c.tcp).0 > 0
-        });
-        if self.broken || unread_on_socket {
-            self.inner.abort_on_close();
+        // (Looked at by the last holder only, once the others let go: a
+        // forked child may be reading them meanwhile.)
+        match ctx {
+            Some(c) if matches!(self.rx, Rx::Tcp(_) | Rx::Forever) => self
+                .inner
+                .close_or_reset(&|| ssock_rings::sys::socket_queues(c.tcp).0 > 0),
+            _ => self.inner.close(),
         }
-        self.inner.close();
     }
 
     /// Reads moved back and reached where the writer's END says its

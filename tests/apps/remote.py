@@ -22,9 +22,10 @@ ask HOST PORT N BYTES [nb]: N connections one after another, each asking
 for BYTES and reading to EOF (nb: a nonblocking socket waited on with
 select.epoll, edge-triggered); prints "OK N" if every answer was whole and
 right, else "WRONG i got G".
-later PORT FLAG: for each connection (a thread each): reads 1 MiB of the
-pattern and echoes it, waits until the file FLAG exists, then sends 16 MiB
-more of the pattern (from offset 1 MiB) and closes.
+later PORT FLAG [reading]: for each connection (a thread each): reads 1 MiB
+of the pattern and echoes it, waits until the file FLAG exists, then sends
+16 MiB more of the pattern (from offset 1 MiB) and closes (reading: another
+thread is blocked in recv meanwhile, to the client's end).
 idle HOST PORT [nb]: sends 1 MiB (64 KiB every 5 ms), reads its echo, prints "MOVED", then
 reads to EOF in one blocking recv after another (nb: a nonblocking socket
 waited on with an edge-triggered epoll), checks every byte and prints
@@ -270,22 +271,28 @@ def pattern(off, n):
     return b"".join(at(o, min(CHUNK, off + n - o)) for o in range(off, off + n, CHUNK))
 
 
-def later_one(c, flag):
+def later_one(c, flag, reading):
     try:
         b = recv_exact(c, MIB)
         c.sendall(b)
+        if reading:
+            r = threading.Thread(target=read_all, args=(c,))
+            r.start()
         wait_for(flag)
         for o in range(MIB, 17 * MIB, CHUNK):
             c.sendall(at(o, CHUNK))
+        if reading:
+            c.shutdown(socket.SHUT_WR)
+            r.join()
     finally:
         c.close()
 
 
-def later(port, flag):
+def later(port, flag, reading=False):
     ls = listening(port)
     while True:
         c, _ = ls.accept()
-        threading.Thread(target=later_one, args=(c, flag), daemon=True).start()
+        threading.Thread(target=later_one, args=(c, flag, reading), daemon=True).start()
 
 
 def paced(s, n):
@@ -381,7 +388,7 @@ if __name__ == "__main__":
         ask(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
             sys.argv[6:] == ["nb"])
     elif mode == "later":
-        later(int(sys.argv[2]), sys.argv[3])
+        later(int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["reading"])
     elif mode == "idle":
         idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["nb"])
     elif mode == "sink":

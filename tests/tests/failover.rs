@@ -440,13 +440,14 @@ fn a_connection_whose_other_devd_cannot_agree_is_reset_not_left_hanging() -> Res
 /// Waits until both hosts counted `n` of their ends moved forward onto
 /// the link (docs/protocol.md 8.6) and show `conns` live connections on
 /// it, each moved forward `forwards` times and over `forwards` times, and
-/// each with bytes acknowledged across the new link (else the error shows
-/// host `h`'s devd log and the shim's `log`).
+/// (`carried`) each with bytes acknowledged across the new link (else the
+/// error shows host `h`'s devd log and the shim's `log`).
 fn forwarded(
     lab: &TwoHosts,
     n: u64,
     conns: usize,
     forwards: u64,
+    carried: bool,
     log: &std::path::Path,
 ) -> Result<()> {
     for h in 0..2 {
@@ -462,7 +463,7 @@ fn forwarded(
                     c["path"] == "link"
                         && c["forwards"].as_u64() == Some(forwards)
                         && c["failovers"].as_u64() == Some(forwards)
-                        && c["acked"].as_u64() > Some(0)
+                        && (!carried || c["acked"].as_u64() > Some(0))
                 })
                 .collect();
             if tot["forwards"].as_u64() == Some(n) && on_link.len() == conns {
@@ -526,7 +527,7 @@ fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Res
             queued_bytes(&totals(&lab, 0)?),
             queued_bytes(&totals(&lab, 1)?),
         ];
-        forwarded(&lab, 2 * cycle, 2, cycle, &log)?;
+        forwarded(&lab, 2 * cycle, 2, cycle, true, &log)?;
         // And their bytes cross the link again (1 MiB at least each way
         // for each connection).
         for (h, before) in before.iter().enumerate() {
@@ -613,6 +614,66 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
     // Back onto the link while they run: the data connections at their
     // next call, iperf3's control connection at its next select.
     moved_forward_and_finished(&lab, bench, iperf, "through the link failure and back")
+}
+
+#[test]
+fn connections_idle_in_recv_and_epoll_wait_move_back_onto_the_link_without_a_call() -> Result<()> {
+    let Some(lab) = ready_with("forwardidle", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let log = lab.dir.join("shim.log");
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    // On host b: a server that echoes 1 MiB, then has one thread blocked
+    // in recv while another waits for the flag to send 16 MiB more.
+    let mut server = lab.under_ssock(1, &["python3", &py, "later", "6741", &flag, "reading"]);
+    server.env("SSOCK_LOG", &log);
+    let mut server = Prog::start(server)?;
+    server.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6741)?;
+    // On host a: a reader blocked in recv, one asleep in epoll_wait.
+    let mut clients = Vec::new();
+    for nb in [None, Some("nb")] {
+        let mut argv = vec!["python3", py.as_str(), "idle", b.as_str(), "6741"];
+        argv.extend(nb);
+        let mut c = lab.under_ssock(0, &argv);
+        c.env("SSOCK_LOG", &log);
+        let mut c = Prog::start(c)?;
+        c.expect(&["MOVED"], Duration::from_secs(20))?;
+        clients.push(c);
+    }
+    moving_on_the_link(&lab, 0, 2, 2)?;
+    lab.set_link(1, false)?;
+    all_moved(&lab, 2)?;
+    // Back: no program makes a call, yet each end wakes to take its new
+    // end, and both connections are on the link again.
+    lab.set_link(1, true)?;
+    lab.wait_linked(UP)?;
+    forwarded(&lab, 2, 2, 1, false, &log)?;
+    // The 16 MiB each then cross the link.
+    let before = [
+        queued_bytes(&totals(&lab, 0)?),
+        queued_bytes(&totals(&lab, 1)?),
+    ];
+    std::fs::write(&*flag, b"")?;
+    for c in &mut clients {
+        c.expect(&["OK 17825792"], Duration::from_secs(30))?;
+        ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    }
+    for (h, before) in before.iter().enumerate() {
+        let t = totals(&lab, h)?;
+        ensure!(
+            queued_bytes(&t) >= before + (32 << 20)
+                && t["remote"]["forwards"] == 2
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: the 32 MiB should have crossed the link: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    Ok(())
 }
 
 #[test]
@@ -737,7 +798,7 @@ fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once
     // connection moves onto the link, and its bytes cross it.
     lab.set_link(1, true)?;
     lab.wait_linked(UP)?;
-    forwarded(&lab, 1, 1, 1, &log)?;
+    forwarded(&lab, 1, 1, 1, true, &log)?;
     // Each host's statistics show the link's last changes, newest first
     // (up, then down with no channel across it: the connection came
     // after), and ringstat prints them.

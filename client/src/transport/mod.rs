@@ -194,6 +194,13 @@ pub trait Transport: Send + std::fmt::Debug {
     fn words_fd(&mut self, _cap: Option<bool>) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The fd devd rings when it offers this moved end a new one (fail-
+    /// forward, docs/protocol.md 8.6), emptied first: what rang before is
+    /// for the caller's look after arming to find (the FORWARD word).
+    /// None if there is none.
+    fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// The mapping whose hand-over words this end uses, and its side
     /// (0 connector, 1 acceptor): Direct's shared region, Queued's shared
     /// hand-over page. None for kernel TCP.

@@ -873,6 +873,14 @@ impl Transport for Queued {
         Some(fd)
     }
 
+    fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        if !self.remote {
+            return None;
+        }
+        self.call.drain();
+        Some(self.call.as_raw_fd())
+    }
+
     fn words_changed(&mut self) {
         // devd relays them to the other host when its engine runs.
         if self.remote {

@@ -25,6 +25,26 @@ impl Handover {
         }
     }
 
+    /// What a sleeper on this moved end watches for devd's offer of a new
+    /// end (emptied: the look after arming finds an offer made before),
+    /// while it may still take one: an idle end moves forward without
+    /// waiting for its program's next call.
+    pub(super) fn offer_fd(&mut self) -> Option<RawFd> {
+        let may = self.lost
+            && !self.kernel
+            && !self.broken
+            && !self.closed
+            && !self.forward_declined
+            && !self.back_eof
+            && self.counted
+            && layout::is_remote(&self.map);
+        if may {
+            self.inner.offer_fd()
+        } else {
+            None
+        }
+    }
+
     /// Takes the new end devd offers, if it offers one (FORWARD in the
     /// moved end's page) and this end is where it can: its resend is out,
     /// the old region read to its end, its counts its own, its peer's

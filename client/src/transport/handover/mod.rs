@@ -742,6 +742,11 @@ impl Handover {
                 fds.push((fd, libc::POLLIN));
             }
         }
+        if let Some(fd) = self.offer_fd() {
+            if !fds.iter().any(|&(f, _)| f == fd) {
+                fds.push((fd, libc::POLLIN));
+            }
+        }
         if !self.kernel && !self.lost {
             match self.inner.arm(ctx, read, write) {
                 Some(v) => fds.extend(v.into_iter().filter(|&(fd, _)| fd != tcp)),

@@ -109,6 +109,9 @@ impl Handover {
                 }
             }
         }
+        if let Some(fd) = self.offer_fd() {
+            fds.push(PollFd::new(fd, libc::POLLIN));
+        }
         let ev = self.tcp_events(read, write);
         let wanted = ev & (libc::POLLIN | libc::POLLOUT);
         // A peer on this host answers within tens of microseconds, less

@@ -135,7 +135,10 @@ fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_l
         c.env("SSOCK_LOG", &log);
         clients.push(Prog::start(c)?);
     }
+    // Every direction moved (each host's devd has taken bytes of each
+    // of its writers across the link).
     moving_on_the_link(&lab, 0, 3, 3)?;
+    moving_on_the_link(&lab, 1, 3, 3)?;
     // Host b's link goes down mid-stream: host b at once, host a when it
     // hears of it (or misses host b's heartbeat).
     lab.set_link(1, false)?;

@@ -482,6 +482,25 @@ impl Server {
         }
     }
 
+    /// Waits until something listens on `port` (as `wait_listening`) and
+    /// devd has a listener registered: the shim registers a listening
+    /// socket just after the kernel's listen, and a client that connects
+    /// in between is rightly left on kernel TCP.
+    fn wait_served(&mut self, port: u16, d: &Devd) -> Result<()> {
+        self.wait_listening(port)?;
+        let t = Instant::now();
+        while d.stats()?["devd"]["listeners"].as_u64() < Some(1) {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "{} listens on {port}, but devd has no listener registered:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     /// Waits until the server has `n` child processes running as `user`.
     fn wait_children_as(&mut self, n: usize, user: &str) -> Result<()> {
         let uid = uid_of(user)?;
@@ -1478,7 +1497,7 @@ fn postgresql_serves_pgbench_and_psql_direct() -> Result<()> {
             "max_connections=20",
         ]);
     let mut launcher = Server::start("runuser postgres", cmd, s.path("postgres.out"))?;
-    launcher.wait_listening(port)?;
+    launcher.wait_served(port, &d)?;
     // The postmaster (runuser's child): stopped with SIGINT (fast shutdown).
     let pidfile = data.join("postmaster.pid");
     let pm: u32 = std::fs::read_to_string(&pidfile)?

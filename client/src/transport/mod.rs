@@ -195,9 +195,9 @@ pub trait Transport: Send + std::fmt::Debug {
         None
     }
     /// The fd devd rings when it offers this moved end a new one (fail-
-    /// forward, docs/protocol.md 8.6), emptied first: what rang before is
-    /// for the caller's look after arming to find (the FORWARD word).
-    /// None if there is none.
+    /// forward, docs/protocol.md 8.6), emptied first: the caller looks at
+    /// the FORWARD word after this, so an offer made before is not
+    /// missed. None if there is none.
     fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
         None
     }

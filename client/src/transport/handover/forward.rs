@@ -26,9 +26,9 @@ impl Handover {
     }
 
     /// What a sleeper on this moved end watches for devd's offer of a new
-    /// end (emptied: the look after arming finds an offer made before),
-    /// while it may still take one: an idle end moves forward without
-    /// waiting for its program's next call.
+    /// end (emptied: the caller then looks at FORWARD itself, before it
+    /// counts among the sleepers), while it may still take one: an idle
+    /// end moves forward without waiting for its program's next call.
     pub(super) fn offer_fd(&mut self) -> Option<RawFd> {
         let may = self.lost
             && !self.kernel

@@ -743,6 +743,13 @@ impl Handover {
             }
         }
         if let Some(fd) = self.offer_fd() {
+            // Emptied: an offer made before is taken here, where this
+            // sleeper does not count yet among those asleep on the end.
+            self.forward(ctx);
+            if self.kernel || !self.lost {
+                // Taken: the new end's sleep.
+                return self.arm_inner(ctx, read, write);
+            }
             if !fds.iter().any(|&(f, _)| f == fd) {
                 fds.push((fd, libc::POLLIN));
             }
@@ -761,12 +768,17 @@ impl Handover {
             }
         }
         // What is asserted now the caller's look after arming reports.
-        let (entry, _) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
+        let (entry, hung_up) = Handover::tcp_entry(tcp, self.tcp_events(read, write), 0);
         // But for room while bytes are owed: that look sends more of them
         // (`readiness` flushes) and may fill the room it saw, so the sleep
         // watches for room even when there is some now (a wake-up with
-        // room sends more: no spin).
-        let room = if self.owed() { libc::POLLOUT } else { 0 };
+        // room sends more: no spin; a socket hung up or in error is
+        // reported instead, and never watched).
+        let room = if self.owed() && !hung_up {
+            libc::POLLOUT
+        } else {
+            0
+        };
         match entry {
             Some(e) => fds.push((e.fd, e.events | room)),
             None if room != 0 => fds.push((tcp, room)),

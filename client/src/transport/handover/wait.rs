@@ -13,7 +13,8 @@ impl Handover {
     /// asserted are left out (they are reported by readiness, and an
     /// edge-triggered waiter wants a change, not a level), and none at all
     /// when it is hung up or in error. None: nothing to sleep on there.
-    /// Also says whether one of `wanted` is asserted now.
+    /// Also says whether one of `wanted` is asserted now, or the socket
+    /// is hung up or in error.
     pub(super) fn tcp_entry(fd: RawFd, ev: i16, wanted: i16) -> (Option<PollFd>, bool) {
         if ev == 0 {
             return (None, false);
@@ -110,6 +111,11 @@ impl Handover {
             }
         }
         if let Some(fd) = self.offer_fd() {
+            // Emptied: an offer made before is taken now.
+            self.forward(ctx);
+            if self.kernel || !self.lost {
+                return Ok(());
+            }
             fds.push(PollFd::new(fd, libc::POLLIN));
         }
         let ev = self.tcp_events(read, write);

@@ -26,10 +26,11 @@ later PORT FLAG [reading]: for each connection (a thread each): reads 1 MiB
 of the pattern and echoes it, waits until the file FLAG exists, then sends
 16 MiB more of the pattern (from offset 1 MiB) and closes (reading: another
 thread is blocked in recv meanwhile, to the client's end).
-idle HOST PORT [nb]: sends 1 MiB (64 KiB every 5 ms), reads its echo, prints "MOVED", then
+idle HOST PORT [nb|two]: sends 1 MiB (64 KiB every 5 ms), reads its echo, prints "MOVED", then
 reads to EOF in one blocking recv after another (nb: a nonblocking socket
-waited on with an edge-triggered epoll), checks every byte and prints
-"OK N" (N: all it read) or "WRONG N".
+waited on with an edge-triggered epoll; two: another thread asleep in
+poll on the socket meanwhile, until it is readable), checks every byte
+and prints "OK N" (N: all it read) or "WRONG N".
 sink PORT FLAG: accepts one connection, reads 1 MiB, prints "SINKING",
 waits until FLAG exists, then reads to EOF, checks every byte, prints
 "SUNK N" or "WRONG N", and answers "SUNK N" ("RESET N" if reset).
@@ -304,10 +305,16 @@ def paced(s, n):
         time.sleep(0.005)
 
 
-def idle(host, port, nb=False):
+def idle(host, port, how=None):
+    import select
     s = socket.create_connection((host, port))
     paced(s, MIB)
     first = recv_exact(s, MIB)
+    nb = how == "nb"
+    if how == "two":
+        p = select.poll()
+        p.register(s.fileno(), select.POLLIN)
+        threading.Thread(target=p.poll, daemon=True).start()
     print("MOVED", flush=True)
     rest = read_all_nb(s) if nb else read_all(s)
     got = first + bytes(rest)
@@ -390,7 +397,7 @@ if __name__ == "__main__":
     elif mode == "later":
         later(int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["reading"])
     elif mode == "idle":
-        idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["nb"])
+        idle(sys.argv[2], int(sys.argv[3]), (sys.argv[4:] or [None])[0])
     elif mode == "sink":
         sink(int(sys.argv[2]), sys.argv[3])
     elif mode == "rst":

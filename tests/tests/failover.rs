@@ -620,7 +620,8 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
 }
 
 #[test]
-fn connections_idle_in_recv_and_epoll_wait_move_back_onto_the_link_without_a_call() -> Result<()> {
+fn connections_idle_in_recv_poll_and_epoll_wait_move_back_onto_the_link_without_a_call(
+) -> Result<()> {
     let Some(lab) = ready_with("forwardidle", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
         return Ok(());
     };
@@ -636,25 +637,26 @@ fn connections_idle_in_recv_and_epoll_wait_move_back_onto_the_link_without_a_cal
     let mut server = Prog::start(server)?;
     server.expect(&["LISTENING"], Duration::from_secs(10))?;
     heard(&lab, 0, 6741)?;
-    // On host a: a reader blocked in recv, one asleep in epoll_wait.
+    // On host a: a reader blocked in recv, one asleep in epoll_wait, and
+    // one blocked in recv while another of its threads sleeps in poll.
     let mut clients = Vec::new();
-    for nb in [None, Some("nb")] {
+    for how in [None, Some("nb"), Some("two")] {
         let mut argv = vec!["python3", py.as_str(), "idle", b.as_str(), "6741"];
-        argv.extend(nb);
+        argv.extend(how);
         let mut c = lab.under_ssock(0, &argv);
         c.env("SSOCK_LOG", &log);
         let mut c = Prog::start(c)?;
         c.expect(&["MOVED"], Duration::from_secs(20))?;
         clients.push(c);
     }
-    moving_on_the_link(&lab, 0, 2, 2)?;
+    moving_on_the_link(&lab, 0, 3, 3)?;
     lab.set_link(1, false)?;
-    all_moved(&lab, 2)?;
+    all_moved(&lab, 3)?;
     // Back: no program makes a call, yet each end wakes to take its new
-    // end, and both connections are on the link again.
+    // end, and the connections are on the link again.
     lab.set_link(1, true)?;
     lab.wait_linked(UP)?;
-    forwarded(&lab, 2, 2, 1, false, &log)?;
+    forwarded(&lab, 3, 3, 1, false, &log)?;
     // The 16 MiB each then cross the link.
     let before = [
         queued_bytes(&totals(&lab, 0)?),
@@ -668,11 +670,11 @@ fn connections_idle_in_recv_and_epoll_wait_move_back_onto_the_link_without_a_cal
     for (h, before) in before.iter().enumerate() {
         let t = totals(&lab, h)?;
         ensure!(
-            queued_bytes(&t) >= before + (32 << 20)
-                && t["remote"]["forwards"] == 2
+            queued_bytes(&t) >= before + (48 << 20)
+                && t["remote"]["forwards"] == 3
                 && t["remote"]["failover_resets"] == 0
                 && t["violations"] == 0,
-            "host {h}: the 32 MiB should have crossed the link: {t}\n{}",
+            "host {h}: the 48 MiB should have crossed the link: {t}\n{}",
             lab.log(h)
         );
     }

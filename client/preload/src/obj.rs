@@ -42,7 +42,8 @@ pub enum Obj {
 /// changed the registrations meanwhile).
 pub enum Armed {
     Nothing,
-    Sock(Entry, bool, bool),
+    /// A socket's transport armed for reading, writing, at a generation.
+    Sock(Entry, bool, bool, u64),
     Set(Arc<dyn Nested>, Vec<Armed>),
 }
 
@@ -51,7 +52,7 @@ impl Armed {
     pub fn disarm(self) {
         match self {
             Armed::Nothing => {}
-            Armed::Sock(s, read, write) => lock(&s).disarm(read, write),
+            Armed::Sock(s, read, write, gen) => lock(&s).disarm(read, write, gen),
             Armed::Set(s, members) => s.disarm(members),
         }
     }
@@ -76,10 +77,9 @@ impl Obj {
         match self {
             Obj::Sock(s) => {
                 let (fds, armed) = lock(s).arm(fd, read, write)?;
-                let undo = if armed {
-                    Armed::Sock(s.clone(), read, write)
-                } else {
-                    Armed::Nothing
+                let undo = match armed {
+                    Some(gen) => Armed::Sock(s.clone(), read, write, gen),
+                    None => Armed::Nothing,
                 };
                 Some((fds, undo))
             }

@@ -38,6 +38,10 @@ enum State {
     Kernel,
 }
 
+/// What `Sock::arm` prepared: the fds to sleep on (and their events), and
+/// the transport's generation if it was armed.
+pub type Arming = (Vec<(i32, i16)>, Option<u64>);
+
 /// An accelerated socket.
 pub struct Sock {
     state: State,
@@ -503,19 +507,16 @@ impl Sock {
         }
     }
 
-    /// Arms for a sleep: the fds to sleep on, and whether the transport's
-    /// rings were armed (then `disarm` must follow); None if broken (ready).
+    /// Arms for a sleep: the fds to sleep on, and the transport's
+    /// generation if it was armed (then `disarm` must follow, with it);
+    /// None if broken (ready).
     /// The caller re-checks readiness after arming, before sleeping.
-    pub fn arm(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        read: bool,
-        write: bool,
-    ) -> Option<(Vec<(i32, i16)>, bool)> {
+    pub fn arm(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> Option<Arming> {
         let ctx = self.ctx(fd);
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         match self.up() {
-            Some(t) => t.arm(&ctx, read, write).map(|f| (f, true)),
+            // (Its generation once armed: arming may have taken a new end.)
+            Some(t) => t.arm(&ctx, read, write).map(|f| (f, Some(t.generation()))),
             None => {
                 let mut ev = 0;
                 if read {
@@ -524,15 +525,16 @@ impl Sock {
                 if write {
                     ev |= libc::POLLOUT;
                 }
-                Some((vec![(raw, ev)], false))
+                Some((vec![(raw, ev)], None))
             }
         }
     }
 
-    /// Ends a sleep prepared by `arm(read, write)`.
-    pub fn disarm(&mut self, read: bool, write: bool) {
+    /// Ends a sleep prepared by `arm(read, write)`, which armed the
+    /// transport at generation `gen`.
+    pub fn disarm(&mut self, read: bool, write: bool, gen: u64) {
         if let State::Up(t) = &mut self.state {
-            t.disarm(read, write);
+            t.disarm_from(read, write, gen);
         }
     }
 }

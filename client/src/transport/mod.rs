@@ -171,6 +171,18 @@ pub trait Transport: Send + std::fmt::Debug {
     fn disarm(&mut self, read: bool, write: bool) {
         let _ = (read, write);
     }
+    /// Which end a sleeper that arms now arms: one more each time a
+    /// hand-over end took a new end (fail-forward). A sleeper armed
+    /// before is disarmed with its own (`disarm_from`), so that nothing
+    /// armed on the old end is undone on the new one.
+    fn generation(&self) -> u64 {
+        0
+    }
+    /// `disarm` for a sleeper that armed at generation `gen`.
+    fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {
+        let _ = gen;
+        self.disarm(read, write);
+    }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
     /// The connector's writes move to the region: its acceptor holds its

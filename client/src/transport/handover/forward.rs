@@ -8,8 +8,9 @@
 //! Never here: taking the new end while this process cannot count its
 //! socket's bytes (an end shared, inherited or passed on), while bytes
 //! are still owed to the peer or unread in the old region, while the
-//! peer may still owe bytes it would send again, after the stream's end
-//! was read, or while another thread of this process sleeps on the end.
+//! peer may still owe bytes it would send again, or after the stream's
+//! end was read; or leaving another thread asleep on the old end (it is
+//! woken, and its disarm undoes nothing on the new end: `generation`).
 
 use super::*;
 use crate::transport::queued::Queued;
@@ -26,9 +27,9 @@ impl Handover {
     }
 
     /// What a sleeper on this moved end watches for devd's offer of a new
-    /// end (emptied: the caller then looks at FORWARD itself, before it
-    /// counts among the sleepers), while it may still take one: an idle
-    /// end moves forward without waiting for its program's next call.
+    /// end (emptied: the caller then looks at FORWARD itself), while it
+    /// may still take one: an idle end moves forward without waiting for
+    /// its program's next call.
     pub(super) fn offer_fd(&mut self) -> Option<RawFd> {
         let may = self.lost
             && !self.kernel
@@ -100,8 +101,7 @@ impl Handover {
             && peer_done
             && !self.owed()
             && self.end_wait.is_none()
-            && self.tcp_err.is_none()
-            && self.waiters == 0;
+            && self.tcp_err.is_none();
         if !ready {
             // Later: the next call looks again.
             return;
@@ -175,6 +175,9 @@ impl Handover {
             return;
         }
         let mut old_end = std::mem::replace(&mut self.inner, new);
+        // Other threads asleep on the old end (its call eventfd is in
+        // each sleep's set) wake and sleep again on the new one.
+        old_end.wake_self();
         old_end.close();
         self.forwards += 1;
         log::info!(

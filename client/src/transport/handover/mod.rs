@@ -145,8 +145,6 @@ pub struct Handover {
     /// This process's counts are the end's: it was never shared (fork,
     /// fd passing) nor taken over.
     counted: bool,
-    /// Sleeps armed on this end and not disarmed yet (other threads').
-    waiters: u32,
     /// This end will not take a new end devd offers (it cannot count its
     /// socket's bytes, or devd refused).
     forward_declined: bool,
@@ -236,7 +234,6 @@ impl Handover {
             end_wait: None,
             sock_out: 0,
             counted: !adopted,
-            waiters: 0,
             forward_declined: false,
             forwards: 0,
             back_eof: false,
@@ -743,8 +740,7 @@ impl Handover {
             }
         }
         if let Some(fd) = self.offer_fd() {
-            // Emptied: an offer made before is taken here, where this
-            // sleeper does not count yet among those asleep on the end.
+            // Emptied: an offer made before is taken now.
             self.forward(ctx);
             if self.kernel || !self.lost {
                 // Taken: the new end's sleep.
@@ -1153,17 +1149,24 @@ impl Transport for Handover {
     }
 
     fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
-        let r = self.arm_inner(ctx, read, write);
-        if r.is_some() {
-            self.waiters += 1;
-        }
-        r
+        self.arm_inner(ctx, read, write)
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
-        self.waiters = self.waiters.saturating_sub(1);
         if !self.kernel {
             self.inner.disarm(read, write);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        u64::from(self.forwards)
+    }
+
+    fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {
+        // A sleeper armed before the end moved forward armed the old end
+        // (or, moved back, nothing in it): nothing to undo here.
+        if gen == self.generation() {
+            self.disarm(read, write);
         }
     }
 

@@ -178,6 +178,14 @@ pub trait Transport: Send + std::fmt::Debug {
     fn generation(&self) -> u64 {
         0
     }
+    /// Hands over this end's call eventfd (its number unchanged; the end
+    /// goes on with a duplicate): sleepers of an older generation may
+    /// still poll that number after the end was replaced, and it must
+    /// not be closed (and reused for another file) under them. None if
+    /// it has none.
+    fn retire_call(&mut self) -> Option<ssock_rings::sys::EventFd> {
+        None
+    }
     /// `disarm` for a sleeper that armed at generation `gen`.
     fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {
         let _ = gen;

@@ -873,6 +873,13 @@ impl Transport for Queued {
         Some(fd)
     }
 
+    fn retire_call(&mut self) -> Option<EventFd> {
+        let dup = EventFd::from_owned(self.call.try_clone_fd().ok()?);
+        let old = std::mem::replace(&mut self.call, dup);
+        SHARED_CALLS.remove(old.as_raw_fd());
+        Some(old)
+    }
+
     fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
         if !self.remote {
             return None;

@@ -175,9 +175,17 @@ impl Handover {
             return;
         }
         let mut old_end = std::mem::replace(&mut self.inner, new);
-        // Other threads asleep on the old end (its call eventfd is in
-        // each sleep's set) wake and sleep again on the new one.
-        old_end.wake_self();
+        // Threads asleep on the old end (its call eventfd is in each
+        // sleep's set; this one too, if a look after arming took it) wake
+        // and sleep again on the new one; that eventfd stays open, rung,
+        // until the last of them is gone.
+        if self.sleepers > 0 {
+            if let Some(call) = old_end.retire_call() {
+                let _ = call.notify();
+                self.retired.push(call);
+            }
+        }
+        self.old_sleepers += std::mem::take(&mut self.sleepers);
         old_end.close();
         self.forwards += 1;
         log::info!(

@@ -148,8 +148,16 @@ pub struct Handover {
     /// This end will not take a new end devd offers (it cannot count its
     /// socket's bytes, or devd refused).
     forward_declined: bool,
-    /// Times it moved forward onto the link.
+    /// Times it moved forward onto the link (the end's `generation`).
     forwards: u32,
+    /// Sleeps armed at this generation and not disarmed yet.
+    sleepers: u32,
+    /// Sleeps armed at an older generation (before a move forward) and not
+    /// disarmed yet: they may still poll the old ends' call eventfds.
+    old_sleepers: u32,
+    /// The old ends' call eventfds, rung and kept open (their numbers not
+    /// reused under a sleeper) until the last older sleeper is gone.
+    retired: Vec<ssock_rings::sys::EventFd>,
     /// A read after moving back found the stream's end: it is over, and
     /// never moves forward (a new end's reads would wait again).
     back_eof: bool,
@@ -236,6 +244,9 @@ impl Handover {
             counted: !adopted,
             forward_declined: false,
             forwards: 0,
+            sleepers: 0,
+            old_sleepers: 0,
+            retired: Vec::new(),
             back_eof: false,
         };
         if refused {
@@ -1149,7 +1160,11 @@ impl Transport for Handover {
     }
 
     fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
-        self.arm_inner(ctx, read, write)
+        let r = self.arm_inner(ctx, read, write);
+        if r.is_some() {
+            self.sleepers += 1;
+        }
+        r
     }
 
     fn disarm(&mut self, read: bool, write: bool) {
@@ -1163,10 +1178,16 @@ impl Transport for Handover {
     }
 
     fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {
+        if gen == self.generation() {
+            self.sleepers = self.sleepers.saturating_sub(1);
+            self.disarm(read, write);
+            return;
+        }
         // A sleeper armed before the end moved forward armed the old end
         // (or, moved back, nothing in it): nothing to undo here.
-        if gen == self.generation() {
-            self.disarm(read, write);
+        self.old_sleepers = self.old_sleepers.saturating_sub(1);
+        if self.old_sleepers == 0 {
+            self.retired.clear();
         }
     }
 

@@ -215,10 +215,12 @@ pub trait Transport: Send + std::fmt::Debug {
         None
     }
     /// The fd devd rings when it offers this moved end a new one (fail-
-    /// forward, docs/protocol.md 8.6), emptied first: the caller looks at
-    /// the FORWARD word after this, so an offer made before is not
-    /// missed. None if there is none.
-    fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
+    /// forward, docs/protocol.md 8.6), emptied first if `drain` (the
+    /// caller looks at the FORWARD word after this, so an offer made
+    /// before is not missed; not while another thread may sleep on it
+    /// for something else). None if there is none.
+    fn offer_fd(&mut self, drain: bool) -> Option<std::os::fd::RawFd> {
+        let _ = drain;
         None
     }
     /// The mapping whose hand-over words this end uses, and its side

@@ -880,11 +880,13 @@ impl Transport for Queued {
         Some(old)
     }
 
-    fn offer_fd(&mut self) -> Option<std::os::fd::RawFd> {
+    fn offer_fd(&mut self, drain: bool) -> Option<std::os::fd::RawFd> {
         if !self.remote {
             return None;
         }
-        self.call.drain();
+        if drain {
+            self.call.drain();
+        }
         Some(self.call.as_raw_fd())
     }
 

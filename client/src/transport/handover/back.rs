@@ -14,6 +14,9 @@ impl Handover {
     /// kernel socket at the offset where its region part closes.
     pub(super) fn fail_back(&mut self) {
         self.lost = true;
+        // Sleepers armed on the region so far wait for devd's ring on the
+        // call eventfd, which must not be emptied under them (`offer_fd`).
+        self.next_generation();
         let claim = layout::claim(&self.map);
         match self.tx {
             Tx::Tcp(_)

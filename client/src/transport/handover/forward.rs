@@ -27,9 +27,11 @@ impl Handover {
     }
 
     /// What a sleeper on this moved end watches for devd's offer of a new
-    /// end (emptied: the caller then looks at FORWARD itself), while it
-    /// may still take one: an idle end moves forward without waiting for
-    /// its program's next call.
+    /// end (emptied, the caller then looking at FORWARD itself, unless a
+    /// sleeper armed on the region before it was lost may still need
+    /// devd's ring to wake: then it stays as it is, and a sleep on it ends
+    /// at once until that sleeper left), while it may still take one: an
+    /// idle end moves forward without waiting for its program's next call.
     pub(super) fn offer_fd(&mut self) -> Option<RawFd> {
         let may = self.lost
             && !self.kernel
@@ -40,7 +42,7 @@ impl Handover {
             && self.counted
             && layout::is_remote(&self.map);
         if may {
-            self.inner.offer_fd()
+            self.inner.offer_fd(self.old_sleepers == 0)
         } else {
             None
         }
@@ -179,13 +181,13 @@ impl Handover {
         // sleep's set; this one too, if a look after arming took it) wake
         // and sleep again on the new one; that eventfd stays open, rung,
         // until the last of them is gone.
-        if self.sleepers > 0 {
+        if self.sleepers + self.old_sleepers > 0 {
             if let Some(call) = old_end.retire_call() {
                 let _ = call.notify();
                 self.retired.push(call);
             }
         }
-        self.old_sleepers += std::mem::take(&mut self.sleepers);
+        self.next_generation();
         old_end.close();
         self.forwards += 1;
         log::info!(

@@ -148,8 +148,11 @@ pub struct Handover {
     /// This end will not take a new end devd offers (it cannot count its
     /// socket's bytes, or devd refused).
     forward_declined: bool,
-    /// Times it moved forward onto the link (the end's `generation`).
+    /// Times it moved forward onto the link.
     forwards: u32,
+    /// The end's `generation`: one more each time its region changes
+    /// (lost: `fail_back`; a new one: `forward`).
+    gen: u64,
     /// Sleeps armed at this generation and not disarmed yet.
     sleepers: u32,
     /// Sleeps armed at an older generation (before a move forward) and not
@@ -244,6 +247,7 @@ impl Handover {
             counted: !adopted,
             forward_declined: false,
             forwards: 0,
+            gen: 0,
             sleepers: 0,
             old_sleepers: 0,
             retired: Vec::new(),
@@ -386,6 +390,12 @@ impl Handover {
         }
     }
 
+    /// The end's region changed: sleepers armed so far are older ones.
+    fn next_generation(&mut self) {
+        self.gen += 1;
+        self.old_sleepers += std::mem::take(&mut self.sleepers);
+    }
+
     /// Publishes where this end's writes move (see
     /// [`layout::publish_switch`]).
     fn publish(&mut self, sw: Switch) -> Switch {
@@ -484,7 +494,10 @@ impl Handover {
         if self.end_wait.is_none() {
             self.end_wait = Some((std::time::Instant::now(), false));
         }
-        self.inner.words_fd(Some(true))
+        // (Not emptied while a sleeper armed on the region before it was
+        // lost may still need devd's ring: `offer_fd`.)
+        let cap = (self.old_sleepers == 0).then_some(true);
+        self.inner.words_fd(cap)
     }
 
     /// The wait for END is over (it came, or its bound passed): sleeps on
@@ -1174,7 +1187,7 @@ impl Transport for Handover {
     }
 
     fn generation(&self) -> u64 {
-        u64::from(self.forwards)
+        self.gen
     }
 
     fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {

@@ -6,7 +6,7 @@ use super::*;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// A region end that carries nothing: its writes went in whole until
 /// `lost`, then the hand-over takes back `owed` bytes to send again.
@@ -15,6 +15,9 @@ struct Region {
     map: Arc<Mapping>,
     lost: Arc<AtomicBool>,
     owed: usize,
+    /// Times its call eventfd (here a pipe's reading end) was emptied.
+    drained: Arc<AtomicUsize>,
+    call: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
 }
 
 impl Transport for Region {
@@ -58,6 +61,12 @@ impl Transport for Region {
     fn reads_left(&self) -> Option<u64> {
         Some(0)
     }
+    fn offer_fd(&mut self, drain: bool) -> Option<RawFd> {
+        if drain {
+            self.drained.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(self.call.0.as_raw_fd())
+    }
 }
 
 /// A connected loopback pair with small buffers: (this end, its peer).
@@ -74,18 +83,27 @@ fn pair() -> (TcpStream, TcpStream) {
     (a, b)
 }
 
-/// A connector end whose acceptor claimed it, its writes in the region.
-fn moved_end(owed: usize) -> (Box<dyn Transport>, Arc<AtomicBool>) {
+/// A connector end whose acceptor claimed it, its writes in the region
+/// (`remote`: its acceptor on another host); and how often its call
+/// eventfd was emptied.
+fn moved_end(owed: usize, remote: bool) -> (Box<dyn Transport>, Arc<AtomicBool>, Arc<AtomicUsize>) {
     let fd = ssock_rings::sys::memfd_unsealed("handover-test", layout::HOV_PAGE).unwrap();
     let map = Arc::new(Mapping::map(fd.as_fd(), layout::HOV_PAGE, true).unwrap());
     assert!(layout::accept_claim(&map));
+    if remote {
+        map.u32_at(layout::hov::REMOTE).store(1, Ordering::Release);
+    }
     let lost = Arc::new(AtomicBool::new(false));
+    let drained = Arc::new(AtomicUsize::new(0));
+    let (r, w) = std::io::pipe().unwrap();
     let region = Region {
         map,
         lost: lost.clone(),
         owed,
+        drained: drained.clone(),
+        call: (r.into(), w.into()),
     };
-    (Handover::wrap(Box::new(region)), lost)
+    (Handover::wrap(Box::new(region)), lost, drained)
 }
 
 fn ctx(tcp: &TcpStream) -> Ctx<'_> {
@@ -115,7 +133,7 @@ fn drain(peer: &mut TcpStream) -> usize {
 #[test]
 fn a_writer_owing_bytes_again_sleeps_on_room_that_its_readiness_look_fills() {
     let (tcp, mut peer) = pair();
-    let (mut end, lost) = moved_end(16 << 20);
+    let (mut end, lost, _) = moved_end(16 << 20, false);
     let c = ctx(&tcp);
     assert_eq!(end.write(b"in the region", &c).unwrap(), 13);
     // The link fails: the end owes 16 MiB again on the kernel socket,
@@ -148,4 +166,30 @@ fn a_writer_owing_bytes_again_sleeps_on_room_that_its_readiness_look_fills() {
         "not writable, and it sleeps on {set:?}"
     );
     end.disarm(false, true);
+}
+
+#[test]
+fn a_sleeper_armed_on_the_region_keeps_its_wake_up_when_another_finds_the_region_lost() {
+    let (tcp, _peer) = pair();
+    let (mut end, lost, drained) = moved_end(0, true);
+    let c = ctx(&tcp);
+    // One thread asleep on the region (devd rings its call eventfd when
+    // the two hosts agreed where the connection goes on).
+    let on_region = end.generation();
+    end.arm(&c, true, false).expect("armed");
+    // Another finds the region lost and sleeps on the kernel socket and
+    // devd's offer: it must not empty the eventfd the first one waits on.
+    lost.store(true, Ordering::Relaxed);
+    let _ = end.readiness(&c, false);
+    assert_ne!(end.generation(), on_region);
+    let after = end.generation();
+    end.arm(&c, true, false).expect("armed");
+    assert_eq!(drained.load(Ordering::Relaxed), 0);
+    end.disarm_from(true, false, after);
+    // Once the first one left, a sleep empties it (and then looks at
+    // FORWARD itself).
+    end.disarm_from(true, false, on_region);
+    end.arm(&c, true, false).expect("armed");
+    assert_eq!(drained.load(Ordering::Relaxed), 1);
+    end.disarm_from(true, false, after);
 }

@@ -50,10 +50,18 @@ pub enum Armed {
 impl Armed {
     /// Ends the sleep this arming prepared.
     pub fn disarm(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Armed {
+    /// Disarms (also when a panic unwinds past a sleep: a count of
+    /// sleepers left behind would stay for good).
+    fn drop(&mut self) {
         match self {
             Armed::Nothing => {}
-            Armed::Sock(s, read, write, gen) => lock(&s).disarm(read, write, gen),
-            Armed::Set(s, members) => s.disarm(members),
+            Armed::Sock(s, read, write, gen) => lock(s).disarm(*read, *write, *gen),
+            Armed::Set(s, members) => s.disarm(std::mem::take(members)),
         }
     }
 }

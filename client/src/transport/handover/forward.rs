@@ -42,7 +42,8 @@ impl Handover {
             && self.counted
             && layout::is_remote(&self.map);
         if may {
-            self.inner.offer_fd(self.old_sleepers == 0)
+            let drain = !self.older_sleepers();
+            self.inner.offer_fd(drain)
         } else {
             None
         }
@@ -182,9 +183,13 @@ impl Handover {
         // and sleep again on the new one; that eventfd stays open, rung,
         // until the last of them is gone.
         if self.sleepers + self.old_sleepers > 0 {
-            if let Some(call) = old_end.retire_call() {
-                let _ = call.notify();
-                self.retired.push(call);
+            match old_end.retire_call() {
+                Some(call) => {
+                    let _ = call.notify();
+                    self.retired.push(call);
+                }
+                // (No duplicate to spare: rung, and closed with the end.)
+                None => old_end.wake_self(),
             }
         }
         self.next_generation();

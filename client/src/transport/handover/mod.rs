@@ -155,9 +155,13 @@ pub struct Handover {
     gen: u64,
     /// Sleeps armed at this generation and not disarmed yet.
     sleepers: u32,
-    /// Sleeps armed at an older generation (before a move forward) and not
-    /// disarmed yet: they may still poll the old ends' call eventfds.
+    /// Sleeps armed at an older generation (before the region was lost,
+    /// or before a move forward) and not disarmed yet: they may still poll
+    /// the call eventfds of the ends they armed.
     old_sleepers: u32,
+    /// The forks this process is a child of when the counts above were
+    /// its own (a forked child forgets its parent's sleepers).
+    fork_gen: u64,
     /// The old ends' call eventfds, rung and kept open (their numbers not
     /// reused under a sleeper) until the last older sleeper is gone.
     retired: Vec<ssock_rings::sys::EventFd>,
@@ -250,6 +254,7 @@ impl Handover {
             gen: 0,
             sleepers: 0,
             old_sleepers: 0,
+            fork_gen: ssock_rings::sys::child_of(),
             retired: Vec::new(),
             back_eof: false,
         };
@@ -390,6 +395,25 @@ impl Handover {
         }
     }
 
+    /// Whether a sleeper armed before the region changed may still be
+    /// asleep in this process (a forked child's are its own only).
+    fn older_sleepers(&mut self) -> bool {
+        self.forget_parents_sleeps();
+        self.old_sleepers > 0
+    }
+
+    /// In a forked child, the sleepers counted are the parent's threads'
+    /// (none of them is here): forgotten.
+    fn forget_parents_sleeps(&mut self) {
+        let now = ssock_rings::sys::child_of();
+        if self.fork_gen != now {
+            self.fork_gen = now;
+            self.sleepers = 0;
+            self.old_sleepers = 0;
+            self.retired.clear();
+        }
+    }
+
     /// The end's region changed: sleepers armed so far are older ones.
     fn next_generation(&mut self) {
         self.gen += 1;
@@ -496,7 +520,7 @@ impl Handover {
         }
         // (Not emptied while a sleeper armed on the region before it was
         // lost may still need devd's ring: `offer_fd`.)
-        let cap = (self.old_sleepers == 0).then_some(true);
+        let cap = (!self.older_sleepers()).then_some(true);
         self.inner.words_fd(cap)
     }
 
@@ -1173,6 +1197,7 @@ impl Transport for Handover {
     }
 
     fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {
+        self.forget_parents_sleeps();
         let r = self.arm_inner(ctx, read, write);
         if r.is_some() {
             self.sleepers += 1;
@@ -1191,6 +1216,7 @@ impl Transport for Handover {
     }
 
     fn disarm_from(&mut self, read: bool, write: bool, gen: u64) {
+        self.forget_parents_sleeps();
         if gen == self.generation() {
             self.sleepers = self.sleepers.saturating_sub(1);
             self.disarm(read, write);

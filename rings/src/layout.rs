@@ -103,6 +103,12 @@ pub mod hov {
     /// forward, docs/protocol.md 8.6): the end takes it (or lets it go)
     /// with a Forward request. Written by devd with pwrite.
     pub const FORWARD: usize = 1356;
+    /// u32 (Queued, remote; the connector's page): 1 once the connector's
+    /// devd matched the acceptor's Claim from the other host, before it
+    /// relays any word of this page there (READY among them): until
+    /// then the acceptor's writes cannot have moved. Written by devd;
+    /// never relayed.
+    pub const MATCHED: usize = 1360;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -360,6 +366,19 @@ pub fn forward_offered(m: &Mapping) -> bool {
 /// byte changes).
 pub fn forward_bytes() -> (u64, [u8; 4]) {
     (hov::FORWARD as u64, 1u32.to_le_bytes())
+}
+
+/// The connector's devd matched the Claim of the acceptor on another host
+/// ([`peer_matched`]). Release: before the words it relays after.
+pub fn mark_matched(m: &Mapping) {
+    m.u32_at(hov::MATCHED).store(1, Ordering::Release);
+}
+
+/// Whether the connector's devd matched the Claim of an acceptor on
+/// another host ([`hov::MATCHED`]): its writes may have moved even while
+/// its CLAIM has not been relayed here yet.
+pub fn peer_matched(m: &Mapping) -> bool {
+    m.u32_at(hov::MATCHED).load(Ordering::Acquire) == 1
 }
 
 /// Whether the other end is on another host ([`hov::REMOTE`]).

@@ -442,6 +442,10 @@ impl Devd {
             self.discard_intent(intent);
             return Answer::NoIntent;
         };
+        // Before any word of the connector's page goes to the acceptor's
+        // host (the engine relays them once it has the side): a kernel end
+        // the connector sees from now on may come after moved bytes.
+        layout::mark_matched(&hov);
         self.engine.send(Cmd::Add {
             id: intent.id,
             sides: vec![SideSpec {

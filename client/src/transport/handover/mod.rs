@@ -446,8 +446,9 @@ impl Handover {
     /// ends the stream (a writer that closes publishes its offset first,
     /// one that shuts down publishes NEVER, so the peer died: its writes
     /// are over too). Between hosts the peer's NEVER comes through the
-    /// devds, possibly after its FIN (a connector whose acceptor's claim
-    /// is not relayed yet takes the FIN for the stream's end at once):
+    /// devds, possibly after its FIN (a connector whose devd has not
+    /// matched its acceptor's Claim takes the FIN for the stream's end at
+    /// once):
     /// there the peer died only if its engine's end mark came too (it
     /// comes after the words). `mark`: the region's end marks, read
     /// before the offset was looked at.
@@ -469,16 +470,18 @@ impl Handover {
     /// yet (the peer's engine sends the words before its end mark, so one
     /// of them comes). `mark`: the region's end marks, read before the
     /// offset was looked at (the engine sets them after the words). Not
-    /// while the peer cannot have moved: a connector's acceptor has not
-    /// said it holds its end (it says so before it can move), or devd
-    /// said the connection stays on the kernel socket.
+    /// while the peer cannot have moved: a connector's devd has not
+    /// matched its acceptor's Claim (it does before this end's READY can
+    /// reach the acceptor, whose writes wait for it; its CLAIM may come
+    /// after the acceptor's FIN), or devd said the connection stays on the
+    /// kernel socket.
     fn end_unsure(&self, mark: u32) -> bool {
         self.remote_offset_unknown()
             && mark == 0
             && match layout::claim(&self.map) {
                 CLAIM_KERNEL => false,
                 CLAIM_ACCEPTED => true,
-                _ => self.side == 1,
+                _ => self.side == 1 || layout::peer_matched(&self.map),
             }
     }
 

@@ -15,9 +15,13 @@ forever (the test kills it).
 wait PORT [block]: accepts one connection, reads until EOF or an error
 within 30 s (block: a blocking socket, no time limit), prints "EOF N",
 "RESET N" or "TIMEOUT N".
-answer PORT: for each connection: reads a request line (the byte count
-wanted), waits 5 ms, writes that many pattern bytes and closes at once
-(as an HTTP/1.0 server does).
+answer PORT [FLAG]: for each connection: reads a request line (the byte
+count wanted), waits 5 ms, writes that many pattern bytes and closes at
+once (as an HTTP/1.0 server does); FLAG: accepts only once the file FLAG
+exists, and prints "ANSWERED" after each answer.
+late HOST PORT BYTES: one connection: prints "CONNECTED", asks for
+BYTES, waits 2 s, then reads to EOF; prints "OK N" if the answer was
+whole and right, else "WRONG got G".
 ask HOST PORT N BYTES [nb]: N connections one after another, each asking
 for BYTES and reading to EOF (nb: a nonblocking socket waited on with
 select.epoll, edge-triggered); prints "OK N" if every answer was whole and
@@ -176,9 +180,11 @@ def wait(port, block=False):
         print("TIMEOUT", n, flush=True)
 
 
-def answer(port):
+def answer(port, flag=None):
     ls = listening(port)
     while True:
+        if flag is not None:
+            wait_for(flag)
         c, _ = ls.accept()
         line = b""
         while not line.endswith(b"\n"):
@@ -195,6 +201,8 @@ def answer(port):
                 c.sendall(at(off, k))
                 off += k
         c.close()
+        if flag is not None:
+            print("ANSWERED", flush=True)
 
 
 def read_all(s):
@@ -228,6 +236,20 @@ def read_all_nb(s):
             got += b
     finally:
         ep.close()
+
+
+def late(host, port, size):
+    s = socket.create_connection((host, port))
+    print("CONNECTED", flush=True)
+    s.sendall(b"%d\n" % size)
+    time.sleep(2)
+    got = read_all(s)
+    s.close()
+    want = b"".join(at(o, min(CHUNK, size - o)) for o in range(0, size, CHUNK))
+    if bytes(got) != want:
+        print("WRONG got", len(got), flush=True)
+        sys.exit(1)
+    print("OK", size, flush=True)
 
 
 def ask(host, port, n, size, nb=False):
@@ -389,8 +411,10 @@ if __name__ == "__main__":
         hang(sys.argv[2], int(sys.argv[3]))
     elif mode == "wait":
         wait(int(sys.argv[2]), sys.argv[3:] == ["block"])
+    elif mode == "late":
+        late(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "answer":
-        answer(int(sys.argv[2]))
+        answer(int(sys.argv[2]), (sys.argv[3:] or [None])[0])
     elif mode == "ask":
         ask(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
             sys.argv[6:] == ["nb"])

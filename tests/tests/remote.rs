@@ -325,6 +325,50 @@ fn a_server_that_closes_right_after_its_answer_loses_no_byte() -> Result<()> {
 }
 
 #[test]
+fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_order() -> Result<()>
+{
+    // The client's devd is stopped while the server accepts, answers (on
+    // its kernel socket: the client's READY cannot reach it) and closes:
+    // the server's side on host b ends before host a's side for it
+    // opens, so host a never hears it. Host a then matches the Claim; the
+    // client, reading only later, finds the FIN with the acceptor's CLAIM
+    // still pending but matched, and waits until host a's engine says
+    // that side's writes never moved: the answer ends in order.
+    let Some(lab) = ready("unheard")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("accept");
+    let flag = flag.to_string_lossy();
+    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, "answer", "6510", &flag]))?;
+    server.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6510)?;
+    let mut c =
+        Prog::start(lab.under_ssock(0, &["python3", &py, "late", &lab.addr[1], "6510", "100000"]))?;
+    c.expect(&["CONNECTED"], Duration::from_secs(10))?;
+    let devd_a = lab.devd_pid(0)?;
+    // SAFETY: kill on the lab's devd of host a, which this test started.
+    ensure!(unsafe { libc::kill(devd_a, libc::SIGSTOP) } == 0);
+    std::fs::write(&*flag, b"")?;
+    let answered = server.expect(&["ANSWERED"], Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    ensure!(unsafe { libc::kill(devd_a, libc::SIGCONT) } == 0);
+    answered?;
+    c.expect(&["OK 100000"], Duration::from_secs(30))?;
+    ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    let log = lab.log(0);
+    ensure!(
+        log.contains("nothing from the other host's side"),
+        "host a's engine should have ended the side it never heard:\n{log}\n{}\n{}",
+        lab.stats(0)?,
+        lab.log(1)
+    );
+    ensure!(totals(&lab, 0)?["violations"] == 0);
+    Ok(())
+}
+
+#[test]
 fn a_hostile_window_takes_its_link_down_and_its_connection_moves_to_tcp_harming_nothing(
 ) -> Result<()> {
     use ssock_hwbackends::ntb::{inbox, IvshmemWindow, Window};

@@ -145,6 +145,11 @@ impl Devd {
             ssock_rings::Mapping::map(q.hov.as_fd(), layout::HOV_PAGE, true)
                 .map_err(RequestError::Resources)?,
         );
+        if to.is_some() && e == 0 {
+            // A connector's end for an acceptor's on the other host that
+            // exists already (a move forward): matched from the start.
+            layout::mark_matched(&hov);
+        }
         match (to, connector, acceptor) {
             (None, Some(connector), _) => q.held = Some(Box::new((connector, hov))),
             (Some((node, channel)), Some(init), None)

@@ -218,6 +218,9 @@ struct Side {
     hov: Option<Arc<ssock_rings::Mapping>>,
     words_sent: Option<Words>,
     heard: bool,
+    /// When it was added (a remote connector's side that hears nothing
+    /// for `UNHEARD` ends: `unheard`).
+    opened: Instant,
     tx_pending: Option<(Buf, usize)>,
     /// TX buffers whose bytes the backend took, with the stream offset
     /// each ends at, given back once acknowledged up to there.
@@ -270,6 +273,11 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often lingering sides (and sides moving to their kernel sockets)
 /// are looked at when nothing else wakes the engine.
 const LINGER_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a remote connector's side waits, its link up, for the first
+/// words of the acceptor's side on the other host (which answers this
+/// side's first words at once while it exists) before taking that side
+/// for one that ended before this one opened (`Engine::unheard`).
+const UNHEARD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `side` ends with a reset both ways: its client sees it, and the peer
 /// through `backend`; nothing it held waits any more.
@@ -332,6 +340,7 @@ pub fn spawn(
                 spin_until: None,
                 lingering: std::collections::HashSet::new(),
                 lingered: Instant::now(),
+                unheard: std::collections::HashSet::new(),
                 quiet_backend,
                 counts,
                 links: l,
@@ -367,6 +376,9 @@ struct Engine {
     /// when they were last looked at.
     lingering: std::collections::HashSet<u64>,
     lingered: Instant,
+    /// Connections with a remote connector's side that has not heard the
+    /// other host's side yet, looked at with the lingering ones.
+    unheard: std::collections::HashSet<u64>,
     /// The backend is passive (`Capabilities::passive`): nothing changes
     /// in it but through the engine's calls.
     quiet_backend: bool,
@@ -446,9 +458,11 @@ impl Engine {
     /// Serves the busy connections once each, then the backend's news;
     /// every second, the lingering ones too.
     fn turn(&mut self) {
-        if !self.lingering.is_empty() && self.lingered.elapsed() >= LINGER_LOOK {
+        if !(self.lingering.is_empty() && self.unheard.is_empty())
+            && self.lingered.elapsed() >= LINGER_LOOK
+        {
             self.lingered = Instant::now();
-            for &id in &self.lingering {
+            for &id in self.lingering.iter().chain(&self.unheard) {
                 if !self.busy.contains(&id) {
                     self.busy.push_back(id);
                 }
@@ -612,6 +626,7 @@ impl Engine {
                     hov: s.hov,
                     words_sent: None,
                     heard: false,
+                    opened: Instant::now(),
                     tx_pending: None,
                     unacked: VecDeque::new(),
                     sent: 0,
@@ -680,6 +695,9 @@ impl Engine {
                 {
                     self.remote.insert(id);
                 }
+                if pair.sides.iter().any(|s| s.hov.is_some() && s.end == 0) {
+                    self.unheard.insert(id);
+                }
                 let mut pair = pair;
                 self.born_on_kernel(id, &mut pair, &on_kernel);
                 self.pairs.insert(id, pair);
@@ -736,6 +754,7 @@ impl Engine {
     /// One turn of pumping; None when the connection is finished and forgotten.
     fn pump_pair(&mut self, id: u64, pair: &mut Pair) -> Option<bool> {
         self.words_in(id, pair);
+        self.unheard(id, pair);
         let mut again = false;
         let mut moved = false;
         for round in 0.. {
@@ -853,6 +872,42 @@ impl Engine {
         }
     }
 
+    /// A remote connector's side that heard nothing of the acceptor's side
+    /// on the other host for `UNHEARD`, its link up all along (else it is
+    /// moving to its kernel socket): that side ended before this one's
+    /// channel opened (its words and end mark went to no channel there),
+    /// so this side's READY never reached it and its writes never moved.
+    /// The end mark Eos says so to the client (a kernel end it saw is the
+    /// stream's), as the other side's own mark would have.
+    fn unheard(&mut self, id: u64, pair: &mut Pair) {
+        if !self.unheard.contains(&id) {
+            return;
+        }
+        let mut waiting = false;
+        for side in pair
+            .sides
+            .iter_mut()
+            .filter(|s| s.hov.is_some() && s.end == 0)
+        {
+            if side.heard || side.dead || side.rx_marked || side.failover.is_some() {
+                continue;
+            }
+            if side.opened.elapsed() < UNHEARD {
+                waiting = true;
+                continue;
+            }
+            log::info!(
+                "connection {id}: nothing from the other host's side in {UNHEARD:?}: it ended before this one opened; its writes never moved"
+            );
+            let _ = side.region.set_rx_flags(FLAG_EOS);
+            let _ = side.call.notify();
+            side.rx_marked = true;
+        }
+        if !waiting {
+            self.unheard.remove(&id);
+        }
+    }
+
     /// Sends the other host's devd the words each remote side's client
     /// wrote, when they changed.
     fn words_out(&mut self, pair: &mut Pair) {
@@ -967,6 +1022,7 @@ impl Engine {
     fn forget(&mut self, id: u64, pair: &Pair) {
         self.remote.remove(&id);
         self.lingering.remove(&id);
+        self.unheard.remove(&id);
         for side in &pair.sides {
             let fd = side.kick.as_raw_fd();
             let _ = self

@@ -358,13 +358,20 @@ fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_or
     c.expect(&["OK 100000"], Duration::from_secs(30))?;
     ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
     let log = lab.log(0);
-    ensure!(
-        log.contains("nothing from the other host's side"),
-        "host a's engine should have ended the side it never heard:\n{log}\n{}\n{}",
-        lab.stats(0)?,
-        lab.log(1)
-    );
-    ensure!(totals(&lab, 0)?["violations"] == 0);
+    let v = lab.stats(0)?;
+    if v["peers"][0]["link_changes"] == 1 {
+        ensure!(
+            log.contains("nothing from the other host's side"),
+            "host a's engine should have ended the side it never heard:\n{log}\n{v}\n{}",
+            lab.log(1)
+        );
+    } else {
+        // Stopped for over 2 s (a loaded machine): host b saw the link
+        // down and moved the connection to its kernel socket instead; the
+        // answer must still be whole, which it was.
+        eprintln!("host a's devd was stopped long enough for the link to go down: {v}");
+    }
+    ensure!(v["totals"]["violations"] == 0, "{v}");
     Ok(())
 }
 

@@ -278,6 +278,11 @@ const LINGER_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 /// side's first words at once while it exists) before taking that side
 /// for one that ended before this one opened (`Engine::unheard`).
 const UNHEARD: std::time::Duration = std::time::Duration::from_secs(5);
+/// The looks at such a side (a second apart at least, each after the
+/// backend's news of the turn before) that found it unheard first: an
+/// engine that was not running for a while (its process stopped) reads
+/// what came meanwhile before it judges.
+const UNHEARD_LOOKS: u32 = 5;
 
 /// `side` ends with a reset both ways: its client sees it, and the peer
 /// through `backend`; nothing it held waits any more.
@@ -340,7 +345,7 @@ pub fn spawn(
                 spin_until: None,
                 lingering: std::collections::HashSet::new(),
                 lingered: Instant::now(),
-                unheard: std::collections::HashSet::new(),
+                unheard: HashMap::new(),
                 quiet_backend,
                 counts,
                 links: l,
@@ -377,8 +382,9 @@ struct Engine {
     lingering: std::collections::HashSet<u64>,
     lingered: Instant,
     /// Connections with a remote connector's side that has not heard the
-    /// other host's side yet, looked at with the lingering ones.
-    unheard: std::collections::HashSet<u64>,
+    /// other host's side yet, looked at with the lingering ones, and how
+    /// many of those looks (a second apart at least) each had.
+    unheard: HashMap<u64, u32>,
     /// The backend is passive (`Capabilities::passive`): nothing changes
     /// in it but through the engine's calls.
     quiet_backend: bool,
@@ -398,8 +404,8 @@ impl Engine {
                 // The backend's next chore (a heartbeat), rounded up to
                 // a millisecond, or the next look at lingering sides (a
                 // second at most); none: sleep until woken.
-                let linger = (!self.lingering.is_empty())
-                    .then(|| LINGER_LOOK.saturating_sub(self.lingered.elapsed()));
+                let linger = !(self.lingering.is_empty() && self.unheard.is_empty());
+                let linger = linger.then(|| LINGER_LOOK.saturating_sub(self.lingered.elapsed()));
                 match (self.backend.deadline(), linger) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -462,7 +468,13 @@ impl Engine {
             && self.lingered.elapsed() >= LINGER_LOOK
         {
             self.lingered = Instant::now();
-            for &id in self.lingering.iter().chain(&self.unheard) {
+            for (id, looks) in self.unheard.iter_mut() {
+                *looks += 1;
+                if !self.lingering.contains(id) && !self.busy.contains(id) {
+                    self.busy.push_back(*id);
+                }
+            }
+            for &id in &self.lingering {
                 if !self.busy.contains(&id) {
                     self.busy.push_back(id);
                 }
@@ -696,7 +708,7 @@ impl Engine {
                     self.remote.insert(id);
                 }
                 if pair.sides.iter().any(|s| s.hov.is_some() && s.end == 0) {
-                    self.unheard.insert(id);
+                    self.unheard.insert(id, 0);
                 }
                 let mut pair = pair;
                 self.born_on_kernel(id, &mut pair, &on_kernel);
@@ -880,9 +892,9 @@ impl Engine {
     /// The end mark Eos says so to the client (a kernel end it saw is the
     /// stream's), as the other side's own mark would have.
     fn unheard(&mut self, id: u64, pair: &mut Pair) {
-        if !self.unheard.contains(&id) {
+        let Some(&looks) = self.unheard.get(&id) else {
             return;
-        }
+        };
         let mut waiting = false;
         for side in pair
             .sides
@@ -892,7 +904,7 @@ impl Engine {
             if side.heard || side.dead || side.rx_marked || side.failover.is_some() {
                 continue;
             }
-            if side.opened.elapsed() < UNHEARD {
+            if side.opened.elapsed() < UNHEARD || looks < UNHEARD_LOOKS {
                 waiting = true;
                 continue;
             }

@@ -57,6 +57,37 @@ fn served_on_b(lab: &TwoHosts, args: &[&str]) -> Result<Prog> {
     Ok(p)
 }
 
+/// The lab's script setting for tests of fail-forward: connections move
+/// back onto the link once it stayed up for 300 ms.
+const FORWARD_SOON: &[(&str, &str)] = &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")];
+
+/// The lab `name` (`env` for its script) with redis-server on `redis` and
+/// a one-shot iperf3 server on `iperf`, both on host b under ssock-run and
+/// heard of on host a; None (skipped) without those programs or the lab.
+fn apps_on_b(
+    name: &str,
+    env: &[(&str, &str)],
+    redis: &str,
+    iperf: &str,
+) -> Result<Option<(TwoHosts, [Prog; 2])>> {
+    for app in ["redis-server", "redis-benchmark", "iperf3"] {
+        if !ssock_tests::have_app(app)? {
+            return Ok(None);
+        }
+    }
+    let Some(lab) = ready_with(name, env)? else {
+        return Ok(None);
+    };
+    let servers = [
+        redis_server(&lab, 1, redis)?,
+        Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", iperf]))?,
+    ];
+    for port in [redis, iperf] {
+        heard(&lab, 0, port.parse()?)?;
+    }
+    Ok(Some((lab, servers)))
+}
+
 /// CPU time (user and system, in clock ticks) process `pid` has used.
 fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -265,19 +296,10 @@ fn a_link_that_goes_down_under_blocked_calls_wakes_each_on_its_kernel_socket() -
 
 #[test]
 fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> Result<()> {
-    for app in ["redis-server", "redis-benchmark", "iperf3"] {
-        if !ssock_tests::have_app(app)? {
-            return Ok(());
-        }
-    }
-    let Some(lab) = ready("failapps")? else {
+    let Some((lab, _servers)) = apps_on_b("failapps", &[], "6391", "5212")? else {
         return Ok(());
     };
     let b = lab.addr[1].clone();
-    let _redis = redis_server(&lab, 1, "6391")?;
-    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5212"]))?;
-    heard(&lab, 0, 6391)?;
-    heard(&lab, 0, 5212)?;
     // redis-benchmark's 4 connections and iperf3's control and data
     // connections, all crossing the link, when it goes down.
     let bench = Prog::start(lab.under_ssock(
@@ -487,7 +509,7 @@ fn forwarded(
 
 #[test]
 fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Result<()> {
-    let Some(lab) = ready_with("failforward", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some(lab) = ready_with("failforward", FORWARD_SOON)? else {
         return Ok(());
     };
     let py = remote_py();
@@ -586,18 +608,9 @@ fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Res
 
 #[test]
 fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_error() -> Result<()> {
-    for app in ["redis-server", "redis-benchmark", "iperf3"] {
-        if !ssock_tests::have_app(app)? {
-            return Ok(());
-        }
-    }
-    let Some(lab) = ready_with("forwardapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some((lab, _servers)) = apps_on_b("forwardapps", FORWARD_SOON, "6392", "5213")? else {
         return Ok(());
     };
-    let _redis = redis_server(&lab, 1, "6392")?;
-    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5213"]))?;
-    heard(&lab, 0, 6392)?;
-    heard(&lab, 0, 5213)?;
     // redis-benchmark's 4 connections (an event loop on nonblocking
     // sockets) and iperf3's control and data connections.
     let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6392", "5213")?;
@@ -622,7 +635,7 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
 #[test]
 fn connections_idle_in_recv_poll_and_epoll_wait_move_back_onto_the_link_without_a_call(
 ) -> Result<()> {
-    let Some(lab) = ready_with("forwardidle", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some(lab) = ready_with("forwardidle", FORWARD_SOON)? else {
         return Ok(());
     };
     let py = remote_py();
@@ -683,7 +696,7 @@ fn connections_idle_in_recv_poll_and_epoll_wait_move_back_onto_the_link_without_
 
 #[test]
 fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> Result<()> {
-    let Some(lab) = ready_with("forwardeos", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some(lab) = ready_with("forwardeos", FORWARD_SOON)? else {
         return Ok(());
     };
     let (mut sink, mut half, flag, log) = shut_behind_bytes_then_moved(&lab, 6721)?;
@@ -722,7 +735,7 @@ fn an_end_that_shut_its_writes_down_stays_on_tcp_when_the_link_comes_back() -> R
 #[test]
 fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once_back() -> Result<()>
 {
-    let Some(lab) = ready_with("forwardborn", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some(lab) = ready_with("forwardborn", FORWARD_SOON)? else {
         return Ok(());
     };
     let log = lab.dir.join("shim.log");
@@ -872,18 +885,9 @@ fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once
 #[test]
 fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_back() -> Result<()>
 {
-    for app in ["redis-server", "redis-benchmark", "iperf3"] {
-        if !ssock_tests::have_app(app)? {
-            return Ok(());
-        }
-    }
-    let Some(lab) = ready_with("bornapps", &[("SSOCK_LAB_FAIL_FORWARD_MS", "300")])? else {
+    let Some((lab, _servers)) = apps_on_b("bornapps", FORWARD_SOON, "6393", "5214")? else {
         return Ok(());
     };
-    let _redis = redis_server(&lab, 1, "6393")?;
-    let _iperf = Prog::start(lab.under_ssock(1, &["iperf3", "-s", "-1", "-p", "5214"]))?;
-    heard(&lab, 0, 6393)?;
-    heard(&lab, 0, 5214)?;
     lab.set_link(1, false)?;
     for h in 0..2 {
         lab.wait_peer(h, UP, "saw the link down", |p| {

@@ -15,7 +15,7 @@ impl Handover {
     pub(super) fn fail_back(&mut self) {
         self.lost = true;
         // Sleepers armed on the region so far wait for devd's ring on the
-        // call eventfd, which must not be emptied under them (`offer_fd`).
+        // call eventfd, which must not be emptied under them (`offer_watch`).
         self.next_generation();
         let claim = layout::claim(&self.map);
         match self.tx {

@@ -16,6 +16,18 @@ use super::*;
 use crate::transport::queued::Queued;
 use ssock_rings::codec::{Request, Response, Side};
 
+/// What a sleeper on a moved end does about devd's offer of a new end
+/// ([`Handover::offer_watch`]).
+pub(super) enum OfferWatch {
+    /// Nothing to watch: no offer can come, or it cannot be taken.
+    Nothing,
+    /// Watch this fd (POLLIN): devd rings it when it offers one.
+    Fd(RawFd),
+    /// An offer was there and this end took it: its sleep is the new
+    /// end's.
+    Taken,
+}
+
 impl Handover {
     /// This end's side as the control protocol names it.
     fn side_name(&self) -> Side {
@@ -26,13 +38,13 @@ impl Handover {
         }
     }
 
-    /// What a sleeper on this moved end watches for devd's offer of a new
-    /// end (emptied, the caller then looking at FORWARD itself, unless a
-    /// sleeper armed on the region before it was lost may still need
-    /// devd's ring to wake: then it stays as it is, and a sleep on it ends
-    /// at once until that sleeper left), while it may still take one: an
-    /// idle end moves forward without waiting for its program's next call.
-    pub(super) fn offer_fd(&mut self) -> Option<RawFd> {
+    /// Before a sleep on this moved end, while it may still take a new
+    /// one: devd's offer, which rings the fd returned (emptied first,
+    /// unless a sleeper armed on the region before it was lost may still
+    /// need that ring to wake: then a sleep on it ends at once until that
+    /// sleeper left), looked at and taken now if made already. An idle
+    /// end so moves forward without waiting for its program's next call.
+    pub(super) fn offer_watch(&mut self, ctx: &Ctx<'_>) -> OfferWatch {
         let may = self.lost
             && !self.kernel
             && !self.broken
@@ -41,11 +53,18 @@ impl Handover {
             && !self.back_eof
             && self.counted
             && layout::is_remote(&self.map);
-        if may {
-            let drain = !self.older_sleepers();
-            self.inner.offer_fd(drain)
+        if !may {
+            return OfferWatch::Nothing;
+        }
+        let drain = !self.older_sleepers();
+        let Some(fd) = self.inner.offer_fd(drain) else {
+            return OfferWatch::Nothing;
+        };
+        self.forward(ctx);
+        if self.kernel || !self.lost {
+            OfferWatch::Taken
         } else {
-            None
+            OfferWatch::Fd(fd)
         }
     }
 

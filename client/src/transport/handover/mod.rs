@@ -28,6 +28,7 @@ mod forward;
 mod wait;
 
 use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
+use forward::OfferWatch;
 use ssock_rings::codec::Mode;
 use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL, FLAG_RESET};
 use ssock_rings::shm::Mapping;
@@ -522,7 +523,7 @@ impl Handover {
             self.end_wait = Some((std::time::Instant::now(), false));
         }
         // (Not emptied while a sleeper armed on the region before it was
-        // lost may still need devd's ring: `offer_fd`.)
+        // lost may still need devd's ring: `offer_watch`.)
         let cap = (!self.older_sleepers()).then_some(true);
         self.inner.words_fd(cap)
     }
@@ -790,16 +791,12 @@ impl Handover {
                 fds.push((fd, libc::POLLIN));
             }
         }
-        if let Some(fd) = self.offer_fd() {
-            // Emptied: an offer made before is taken now.
-            self.forward(ctx);
-            if self.kernel || !self.lost {
-                // Taken: the new end's sleep.
-                return self.arm_inner(ctx, read, write);
-            }
-            if !fds.iter().any(|&(f, _)| f == fd) {
+        match self.offer_watch(ctx) {
+            OfferWatch::Taken => return self.arm_inner(ctx, read, write),
+            OfferWatch::Fd(fd) if !fds.iter().any(|&(f, _)| f == fd) => {
                 fds.push((fd, libc::POLLIN));
             }
+            _ => {}
         }
         if !self.kernel && !self.lost {
             match self.inner.arm(ctx, read, write) {

@@ -194,33 +194,31 @@ fn a_sleeper_armed_on_the_region_keeps_its_wake_up_when_another_finds_the_region
     end.disarm_from(true, false, after);
 }
 
+/// A remote connector's read once its peer's FIN came while the
+/// acceptor's CLAIM was not relayed yet (`matched`: this host's devd
+/// matched the acceptor's Claim).
+fn read_at_fin_with_claim_pending(matched: bool) -> io::Result<usize> {
+    let (tcp, peer) = pair();
+    let (mut end, _, _) = moved_end(0, true);
+    let map = end.handover_words().expect("words").0;
+    map.u32_at(layout::hov::CLAIM)
+        .store(layout::CLAIM_PENDING, Ordering::Release);
+    if matched {
+        layout::mark_matched(&map);
+    }
+    drop(peer);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    end.read(&mut [0u8; 16], &ctx(&tcp))
+}
+
 #[test]
 fn a_connector_whose_acceptor_on_another_host_was_matched_does_not_take_its_fin_for_the_end() {
-    let (tcp, peer) = pair();
-    let (mut end, _, _) = moved_end(0, true);
-    let c = ctx(&tcp);
-    let map = end.handover_words().expect("words").0;
-    // The acceptor's CLAIM not relayed yet; its FIN is here.
-    map.u32_at(layout::hov::CLAIM)
-        .store(layout::CLAIM_PENDING, Ordering::Release);
-    drop(peer);
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    let mut buf = [0u8; 16];
     // Not matched by this host's devd: the acceptor's writes never moved,
     // and its FIN is the stream's end.
-    assert_eq!(end.read(&mut buf, &c).unwrap(), 0);
-    let (tcp, peer) = pair();
-    let (mut end, _, _) = moved_end(0, true);
-    let c = ctx(&tcp);
-    let map = end.handover_words().expect("words").0;
-    map.u32_at(layout::hov::CLAIM)
-        .store(layout::CLAIM_PENDING, Ordering::Release);
-    layout::mark_matched(&map);
-    drop(peer);
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(read_at_fin_with_claim_pending(false).unwrap(), 0);
     // Matched: its writes may have moved, their offset on its way.
     assert_eq!(
-        end.read(&mut buf, &c).unwrap_err().kind(),
+        read_at_fin_with_claim_pending(true).unwrap_err().kind(),
         io::ErrorKind::WouldBlock
     );
 }

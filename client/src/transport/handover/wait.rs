@@ -110,13 +110,10 @@ impl Handover {
                 }
             }
         }
-        if let Some(fd) = self.offer_fd() {
-            // Emptied: an offer made before is taken now.
-            self.forward(ctx);
-            if self.kernel || !self.lost {
-                return Ok(());
-            }
-            fds.push(PollFd::new(fd, libc::POLLIN));
+        match self.offer_watch(ctx) {
+            OfferWatch::Taken => return Ok(()),
+            OfferWatch::Fd(fd) => fds.push(PollFd::new(fd, libc::POLLIN)),
+            OfferWatch::Nothing => {}
         }
         let ev = self.tcp_events(read, write);
         let wanted = ev & (libc::POLLIN | libc::POLLOUT);

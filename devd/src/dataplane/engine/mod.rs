@@ -892,6 +892,10 @@ impl Engine {
     /// The end mark Eos says so to the client (a kernel end it saw is the
     /// stream's), as the other side's own mark would have.
     fn unheard(&mut self, id: u64, pair: &mut Pair) {
+        // (No hashing on the busy path when no side waits to be heard.)
+        if self.unheard.is_empty() {
+            return;
+        }
         let Some(&looks) = self.unheard.get(&id) else {
             return;
         };

@@ -299,45 +299,12 @@ fn redis_benchmark_and_iperf3_run_through_a_link_failure_without_an_error() -> R
     let Some((lab, _servers)) = apps_on_b("failapps", &[], "6391", "5212")? else {
         return Ok(());
     };
-    let b = lab.addr[1].clone();
     // redis-benchmark's 4 connections and iperf3's control and data
     // connections, all crossing the link, when it goes down.
-    let bench = Prog::start(lab.under_ssock(
-        0,
-        &[
-            "redis-benchmark",
-            "-h",
-            &b,
-            "-p",
-            "6391",
-            "-n",
-            "400000",
-            "-c",
-            "4",
-            "-t",
-            "get",
-            "-q",
-        ],
-    ))?;
-    let iperf = Prog::start(lab.under_ssock(
-        0,
-        &["iperf3", "-c", &b, "-p", "5212", "-t", "4", "-l", "64K"],
-    ))?;
+    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6391", "5212", "4")?;
     moving_on_the_link(&lab, 0, 6, 5)?;
     lab.set_link(0, false)?;
-    for (mut p, what, ok) in [
-        (bench, "redis-benchmark", "GET: "),
-        (iperf, "iperf3", "receiver"),
-    ] {
-        let status = p.wait(Duration::from_secs(120))?;
-        let out = p.all().replace('\r', "\n");
-        ensure!(
-            status.success()
-                && out.lines().any(|l| l.contains(ok))
-                && !out.to_lowercase().contains("error"),
-            "{what} through the link failure:\n{out}"
-        );
-    }
+    finished_without_error(bench, iperf, "through the link failure")?;
     all_moved(&lab, 6)?;
     Ok(())
 }
@@ -613,7 +580,7 @@ fn redis_benchmark_and_iperf3_go_back_onto_a_link_that_comes_back_without_an_err
     };
     // redis-benchmark's 4 connections (an event loop on nonblocking
     // sockets) and iperf3's control and data connections.
-    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6392", "5213")?;
+    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6392", "5213", "8")?;
     moving_on_the_link(&lab, 0, 6, 5)?;
     lab.set_link(1, false)?;
     for h in 0..2 {
@@ -897,7 +864,7 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
     // Their connections are made while the link is down: remote ones on
     // their kernel sockets from the start (redis-benchmark's 4, and one it
     // makes first to read the server's config; iperf3's 2).
-    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6393", "5214")?;
+    let (bench, iperf) = redis_benchmark_and_iperf3(&lab, "6393", "5214", "8")?;
     for h in 0..2 {
         let t = settled(&lab, h, |t| {
             t["remote"]["made_while_down"].as_u64() >= Some(6)
@@ -919,11 +886,13 @@ fn redis_benchmark_and_iperf3_started_while_the_link_is_down_move_onto_it_once_b
 
 /// redis-benchmark (4 connections, an event loop on nonblocking sockets)
 /// and iperf3 (a control and a data connection) on host a under ssock-run,
-/// against host b's servers on `redis_port` and `iperf_port`.
+/// against host b's servers on `redis_port` and `iperf_port` (iperf3 for
+/// `iperf_secs` seconds).
 fn redis_benchmark_and_iperf3(
     lab: &TwoHosts,
     redis_port: &str,
     iperf_port: &str,
+    iperf_secs: &str,
 ) -> Result<(Prog, Prog)> {
     let b = lab.addr[1].clone();
     let bench = Prog::start(lab.under_ssock(
@@ -945,7 +914,9 @@ fn redis_benchmark_and_iperf3(
     ))?;
     let iperf = Prog::start(lab.under_ssock(
         0,
-        &["iperf3", "-c", &b, "-p", iperf_port, "-t", "8", "-l", "64K"],
+        &[
+            "iperf3", "-c", &b, "-p", iperf_port, "-t", iperf_secs, "-l", "64K",
+        ],
     ))?;
     Ok((bench, iperf))
 }
@@ -975,6 +946,23 @@ fn moved_forward_and_finished(lab: &TwoHosts, bench: Prog, iperf: Prog, when: &s
         queued_bytes(&totals(lab, 0)?),
         queued_bytes(&totals(lab, 1)?),
     ];
+    finished_without_error(bench, iperf, when)?;
+    // What they sent once on the link crossed it.
+    for (h, before) in before.iter().enumerate() {
+        let t = totals(lab, h)?;
+        ensure!(
+            queued_bytes(&t) > before + (16 << 20)
+                && t["remote"]["failover_resets"] == 0
+                && t["violations"] == 0,
+            "host {h}: their bytes should cross the link: {t}"
+        );
+    }
+    Ok(())
+}
+
+/// redis-benchmark and iperf3 end with their own success output and no
+/// error (`when`: what they ran through, for the message).
+fn finished_without_error(bench: Prog, iperf: Prog, when: &str) -> Result<()> {
     for (mut p, what, ok) in [
         (bench, "redis-benchmark", "GET: "),
         (iperf, "iperf3", "receiver"),
@@ -985,17 +973,7 @@ fn moved_forward_and_finished(lab: &TwoHosts, bench: Prog, iperf: Prog, when: &s
             status.success()
                 && out.lines().any(|l| l.contains(ok))
                 && !out.to_lowercase().contains("error"),
-            "{what}, {when}:\n{out}"
-        );
-    }
-    // What they sent once on the link crossed it.
-    for (h, before) in before.iter().enumerate() {
-        let t = totals(lab, h)?;
-        ensure!(
-            queued_bytes(&t) > before + (16 << 20)
-                && t["remote"]["failover_resets"] == 0
-                && t["violations"] == 0,
-            "host {h}: their bytes should cross the link: {t}"
+            "{what} {when}:\n{out}"
         );
     }
     Ok(())

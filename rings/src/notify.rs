@@ -167,36 +167,47 @@ impl Drop for SpinSlot {
 }
 
 /// Spins calling `ready` until it returns Some or `budget` passes, with
-/// no system call ([`Spin::quiet`]). No spinning at all while as many
-/// threads of this process as there are CPUs spin already, or on a
-/// machine with one CPU.
-pub fn spin_until<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
+/// no system call ([`Spin::quiet`]), if `gate` says spinning pays. No
+/// spinning at all while as many threads of this process as there are
+/// CPUs spin already, or on a machine with one CPU.
+pub fn spin_until<T>(
+    budget: Duration,
+    gate: &Gate,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
     if let Some(v) = ready() {
         return Some(v);
     }
-    if budget.is_zero() || !GATE.pays() {
+    if budget.is_zero() || !gate.pays() {
         return None;
     }
     let _slot = SpinSlot::take()?;
     let (r, paid) = spin_for(budget, ready);
-    GATE.scored(paid);
+    gate.scored(paid);
     r
 }
 
-/// Whether spinning paid in this process lately (one [`Gate`] for all
-/// its waits).
-static GATE: Gate = Gate::new();
+/// The gate of waits that span several connections (a poll or epoll set
+/// with more than one): whether spinning paid in this process lately.
+pub fn process_gate() -> &'static Gate {
+    static GATE: Gate = Gate::new();
+    &GATE
+}
 
-/// Whether spinning pays: one point for a spin that ended with the peer's
-/// answer, two off for one that ran out (its caller slept anyway) or
-/// whose answer came only once the spinner had been preempted, within
-/// `-SCORE_MAX..=SCORE_MAX`. When more processes wait than there are CPUs
-/// (four database backends and their client on two cores), spins run out
-/// while taking the CPU from the very peer they wait for: the score goes
-/// below zero and waits sleep at once, but one in `PROBE_EVERY` spins
-/// still, to see whether it pays again. A ping-pong between two processes
-/// answers within a spin and keeps spinning.
-struct Gate {
+/// Whether spinning pays, for the waits of one connection (each end has
+/// its own: a slow peer on one connection does not stop another's spins)
+/// or of a whole process ([`process_gate`]): one point for a spin that
+/// ended with the peer's answer, two off for one that ran out (its caller
+/// slept anyway) or whose answer came only once the spinner had been
+/// preempted, within `-SCORE_MAX..=SCORE_MAX`. When more processes wait
+/// than there are CPUs (four database backends and their client on two
+/// cores), spins run out while taking the CPU from the very peer they
+/// wait for: the score goes below zero and waits sleep at once, but one
+/// in `PROBE_EVERY` spins still, to see whether it pays again. A
+/// ping-pong between two processes answers within a spin and keeps
+/// spinning.
+#[derive(Debug, Default)]
+pub struct Gate {
     score: AtomicI32,
     /// Waits that asked while the score was below zero (for the probes).
     skipped: AtomicU32,
@@ -206,7 +217,8 @@ const SCORE_MAX: i32 = 16;
 const PROBE_EVERY: u32 = 16;
 
 impl Gate {
-    const fn new() -> Gate {
+    /// A gate that lets the first waits spin.
+    pub const fn new() -> Gate {
         Gate {
             score: AtomicI32::new(0),
             skipped: AtomicU32::new(0),
@@ -308,6 +320,33 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_wait_asks_the_gate_it_is_given_and_no_other() {
+        // One connection's spins ran out (a slow peer): its gate is closed.
+        let slow = Gate::new();
+        for _ in 0..3 {
+            slow.scored(false);
+        }
+        // (The first wait after closing is a probe.)
+        assert!(slow.pays());
+        let looks = |gate: &Gate| {
+            let mut n = 0;
+            let got = spin_until(Duration::from_secs(5), gate, || {
+                n += 1;
+                (n == 5).then_some(())
+            });
+            (got, n)
+        };
+        // A wait on it looks once and sleeps ...
+        assert_eq!(looks(&slow), (None, 1));
+        // ... while a wait on another connection spins until its answer.
+        // (Unless this machine has one CPU, where nothing spins.)
+        let fresh = Gate::new();
+        let expect = if cpus() < 2 { (None, 1) } else { (Some(()), 5) };
+        assert_eq!(looks(&fresh), expect);
+        assert!(fresh.pays() && !slow.pays());
+    }
 
     #[test]
     fn spin_returns_value_or_gives_up_after_budget() {

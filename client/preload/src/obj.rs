@@ -10,6 +10,7 @@
 use crate::sock::{lock, Entry};
 use libc::c_int;
 use ssock_client::transport::Ready;
+use ssock_rings::notify::Gate;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +105,15 @@ impl Obj {
         match self {
             Obj::Sock(s) => lock(s).spin(),
             Obj::Set(..) => ssock_rings::notify::DEFAULT_SPIN,
+        }
+    }
+
+    /// The spin gate of a wait on this alone: the connection's own (None:
+    /// an epoll instance or a plain socket, whose waits ask the process's).
+    pub fn gate(&self) -> Option<Arc<Gate>> {
+        match self {
+            Obj::Sock(s) => lock(s).gate(),
+            Obj::Set(..) => None,
         }
     }
 

@@ -13,6 +13,7 @@ use ssock_client::negotiate::{
 use ssock_client::transport::{Ctx, Ready, Transport};
 use ssock_client::{Mode, Options, Session};
 use ssock_rings::codec::FallbackReason;
+use ssock_rings::notify::Gate;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
@@ -477,6 +478,14 @@ impl Sock {
         match &self.state {
             State::Up(t) if t.settled() => self.spin,
             _ => Duration::ZERO,
+        }
+    }
+
+    /// The connection's own spin gate (a wait on it alone asks it).
+    pub fn gate(&self) -> Option<Arc<Gate>> {
+        match &self.state {
+            State::Up(t) => t.gate(),
+            _ => None,
         }
     }
 

@@ -10,10 +10,11 @@
 
 use crate::boundary::{borrow, errno};
 use crate::epoll;
+use crate::fdmap::FdHasher;
 use crate::obj::{Armed, Obj};
 use crate::table;
 use libc::{c_int, pollfd};
-use ssock_rings::notify::spin_until;
+use ssock_rings::notify::{process_gate, spin_until};
 use std::time::{Duration, Instant};
 
 /// The shim's object behind `fd`, if any: an accelerated socket, or an
@@ -183,6 +184,14 @@ pub fn poll(
                 .next()
                 .map(Obj::spin)
                 .unwrap_or_default();
+            // A wait on one connection asks that connection's gate (another
+            // connection's slow peer does not stop its spins); on several,
+            // the process's.
+            let mut accelerated = socks.iter().flatten();
+            let gate = match (accelerated.next(), accelerated.next()) {
+                (Some(s), None) => s.gate(),
+                _ => None,
+            };
             let ready = || {
                 let any = pfds.iter().zip(socks).any(|(p, s)| {
                     s.as_ref().is_some_and(|s| {
@@ -193,7 +202,8 @@ pub fn poll(
                 });
                 any.then_some(())
             };
-            if spin_until(spin, ready).is_some() {
+            let gate = gate.as_deref().unwrap_or(process_gate());
+            if spin_until(spin, gate, ready).is_some() {
                 continue;
             }
         }
@@ -207,7 +217,7 @@ pub fn poll(
         let mut armed: Vec<Armed> = Vec::new();
         let mut ready_meanwhile = false;
         // Accelerated sockets share their process's doorbell: once in the set.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: std::collections::HashSet<(c_int, i16), FdHasher> = Default::default();
         for (p, s) in pfds.iter().zip(socks) {
             match s {
                 None if p.fd >= 0 => set.push(pollfd {

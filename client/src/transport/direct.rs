@@ -8,7 +8,7 @@ use crate::bells;
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{self, check_header, DirectLayout, RegionKind};
-use ssock_rings::notify::{sleep, spin_until};
+use ssock_rings::notify::{sleep, spin_until, Gate};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
 use ssock_rings::sys::{check_sealed, PollFd};
@@ -196,6 +196,8 @@ pub struct Direct {
     /// poll one socket): the wait word is cleared only when the last one
     /// leaves, so nobody's wake-up is taken away.
     sleepers: [u32; 2],
+    /// Whether spinning paid lately on this end's waits.
+    gate: Arc<Gate>,
 }
 
 impl Direct {
@@ -292,6 +294,7 @@ impl Direct {
             closed: false,
             sleepers: [0; 2],
             abort: false,
+            gate: Arc::default(),
         })
     }
 
@@ -377,7 +380,11 @@ impl Direct {
             };
         }
         let rx = &mut self.rx;
-        if spin_until(ctx.spin, || rx.ready().unwrap_or(true).then_some(())).is_some() {
+        if spin_until(ctx.spin, &self.gate, || {
+            rx.ready().unwrap_or(true).then_some(())
+        })
+        .is_some()
+        {
             return Ok(());
         }
         // Counted as a sleeper before the wait word names the doorbell.
@@ -394,7 +401,7 @@ impl Direct {
 
     fn wait_writable(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         let tx = &mut self.tx;
-        if spin_until(ctx.spin, || {
+        if spin_until(ctx.spin, &self.gate, || {
             (tx.writable().unwrap_or(1) > 0 || tx.peer_closed()).then_some(())
         })
         .is_some()
@@ -479,6 +486,10 @@ impl Direct {
 }
 
 impl Transport for Direct {
+    fn gate(&self) -> Option<Arc<Gate>> {
+        Some(self.gate.clone())
+    }
+
     fn mode(&self) -> Mode {
         Mode::Direct
     }

@@ -283,6 +283,12 @@ pub trait Transport: Send + std::fmt::Debug {
     fn settled(&self) -> bool {
         true
     }
+    /// Whether spinning paid lately on this connection's waits (None: it
+    /// never spins); a wait on it alone asks this gate, a wait on several
+    /// the process's.
+    fn gate(&self) -> Option<Arc<ssock_rings::notify::Gate>> {
+        None
+    }
     /// (bytes ready to read, bytes written but not yet taken by the peer),
     /// as far as this side can tell: FIONREAD and SIOCOUTQ.
     fn pending(&mut self, _ctx: &Ctx<'_>) -> (usize, usize) {

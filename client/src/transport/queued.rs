@@ -27,7 +27,7 @@ use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{
     self, check_header, qhdr, QueuedLayout, RegionKind, Taken, FLAG_EOS, FLAG_RESET,
 };
-use ssock_rings::notify::{sleep, spin_until};
+use ssock_rings::notify::{sleep, spin_until, Gate};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{check_sealed, EventFd, PollFd};
 use ssock_rings::vq::driver::{DeviceViolation, QueueDriver};
@@ -103,6 +103,8 @@ pub struct Queued {
     /// The last close resets the stream (SO_LINGER 0).
     abort: bool,
     closed: bool,
+    /// Whether spinning paid lately on this end's waits.
+    gate: Arc<Gate>,
 }
 
 impl Queued {
@@ -180,6 +182,7 @@ impl Queued {
             shut_wr: false,
             abort: false,
             closed: false,
+            gate: Arc::default(),
         };
         // Every free RX buffer: all of them on the end's first attach, none
         // on a later one (an inherited or passed socket) unless a holder
@@ -630,7 +633,7 @@ impl Queued {
             let closed = |d| matches!(layout::taken(hov, d), Taken::Closed(_));
             (closed(0) == closed(1)).then_some(())
         };
-        if spin_until(ctx.spin, agreed).is_some() {
+        if spin_until(ctx.spin, &self.gate, agreed).is_some() {
             return Ok(());
         }
         self.sleep(ctx)
@@ -646,7 +649,7 @@ impl Queued {
         let ready = || {
             (rx.has_used() || map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire) != 0).then_some(())
         };
-        if spin_until(ctx.spin, ready).is_some() {
+        if spin_until(ctx.spin, &self.gate, ready).is_some() {
             return Ok(());
         }
         if !self.rx.arm() || self.rx_flags() != 0 {
@@ -657,7 +660,7 @@ impl Queued {
 
     fn wait_tx(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         let tx = &self.tx;
-        if spin_until(ctx.spin, || tx.has_used().then_some(())).is_some() {
+        if spin_until(ctx.spin, &self.gate, || tx.has_used().then_some(())).is_some() {
             return Ok(());
         }
         if !self.tx.arm() {
@@ -668,6 +671,10 @@ impl Queued {
 }
 
 impl Transport for Queued {
+    fn gate(&self) -> Option<Arc<Gate>> {
+        Some(self.gate.clone())
+    }
+
     fn mode(&self) -> Mode {
         Mode::Queued
     }

@@ -518,10 +518,17 @@ impl Set {
             .all(|m| m.obj.watched_by_sleep())
     }
 
-    /// The spin budget of the first member (the instance's budget).
-    fn spin(&self) -> Duration {
+    /// The spin budget of the first member (the instance's budget), and
+    /// the gate its waits ask: a sole member's own, else (None) the
+    /// process's.
+    fn spin(&self) -> (Duration, Option<Arc<ssock_rings::notify::Gate>>) {
         let i = self.lock();
-        i.members.first().map(|m| m.obj.spin()).unwrap_or_default()
+        let spin = i.members.first().map(|m| m.obj.spin()).unwrap_or_default();
+        let gate = match &i.members[..] {
+            [m] => m.obj.gate(),
+            _ => None,
+        };
+        (spin, gate)
     }
 }
 

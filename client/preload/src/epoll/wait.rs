@@ -122,8 +122,11 @@ pub fn wait(
             spun = true;
             // Looked up only here: a wait answered by the first collect
             // takes no further lock for it.
-            let spin = set.spin();
-            if ssock_rings::notify::spin_until(spin, || set.any_ready(false).then_some(()))
+            let (spin, gate) = set.spin();
+            let gate = gate
+                .as_deref()
+                .unwrap_or(ssock_rings::notify::process_gate());
+            if ssock_rings::notify::spin_until(spin, gate, || set.any_ready(false).then_some(()))
                 .is_some()
             {
                 continue;

@@ -1275,6 +1275,10 @@ impl Transport for Handover {
     fn settled(&self) -> bool {
         self.on_rings()
     }
+
+    fn gate(&self) -> Option<Arc<ssock_rings::notify::Gate>> {
+        self.inner.gate()
+    }
 }
 
 impl Drop for Handover {

@@ -1574,7 +1574,8 @@ fn spread_cell(r: &Row, ti: usize) -> String {
         return "-".to_string();
     }
     let mut s = format!("{} [{}-{}]", num(c.median()), num(c.min()), num(c.max()));
-    if ti > 0 {
+    // No ratio when kernel TCP was left out of the run.
+    if ti > 0 && !r.cells[0].rounds.is_empty() {
         s.push_str(&format!(" {}x", num(r.ratio(ti))));
     }
     s

@@ -21,10 +21,13 @@
 # its server on CPU 1.) The tests leave them to the scheduler: there
 # every process of both hosts may use either CPU. SSOCK_LAB_FAIL_FORWARD_MS
 # sets both devds' fail_forward_ms (docs/config.md; default 3000).
+# SSOCK_LAB_LINKS=N (1 to 8, default 1) joins the hosts by N ntb links,
+# each a window of its own from its own ivshmem server (link 0's socket
+# is DIR/ivshmem.sock, link i's DIR/ivshmem$i.sock).
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,23p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,26p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
@@ -59,11 +62,18 @@ up)
   # The link's key, the same file for both hosts, owner-only.
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/link.key"
   chmod 600 "$dir/link.key"
-  # The window: one shared memory, each devd's inbox a half of it.
-  setsid "$bin/ssock-ivshmem-server" --socket "$dir/ivshmem.sock" --size 8388608 \
-    > "$dir/ivshmem.log" 2>&1 < /dev/null &
-  echo $! > "$dir/ivshmem.pid"
-  for i in $(seq 100); do [ -S "$dir/ivshmem.sock" ] && break; sleep 0.05; done
+  # Each link's window: one shared memory, each devd's inbox a half of it.
+  links=${SSOCK_LAB_LINKS:-1}
+  case "$links" in [1-8]) ;; *) echo "two-host-lab: SSOCK_LAB_LINKS is 1 to 8" >&2; exit 2 ;; esac
+  windows=()
+  for l in $(seq 0 $((links - 1))); do
+    n=$([ "$l" = 0 ] || echo "$l")
+    setsid "$bin/ssock-ivshmem-server" --socket "$dir/ivshmem$n.sock" --size 8388608 \
+      > "$dir/ivshmem$n.log" 2>&1 < /dev/null &
+    echo $! > "$dir/ivshmem$n.pid"
+    for i in $(seq 100); do [ -S "$dir/ivshmem$n.sock" ] && break; sleep 0.05; done
+    windows+=("\"$dir/ivshmem$n.sock\"")
+  done
   for h in a b; do
     if [ $h = a ]; then me=1; other=2; ns=$na; oip=10.77.$t.2; myip=10.77.$t.1
     else me=2; other=1; ns=$nb; oip=10.77.$t.1; myip=10.77.$t.2; fi
@@ -79,7 +89,7 @@ up)
       echo "node = $other"
       echo "address = \"$oip:7455\""
       echo "key_file = \"$dir/link.key\""
-      echo "ivshmem = \"$dir/ivshmem.sock\""
+      echo "ivshmem = [$(IFS=,; echo "${windows[*]}")]"
     } > "$dir/$h/devd.toml"
     pin=()
     if [ "${SSOCK_LAB_PIN:-}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
@@ -98,16 +108,16 @@ up)
       sleep 0.05
     done
     grep -q "devd ready on" "$dir/$h/devd.log" 2>/dev/null || {
-      echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" "$dir/ivshmem.log" >&2; exit 1; }
+      echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" "$dir"/ivshmem*.log >&2; exit 1; }
   done
   echo "two-host-lab: up in $dir (hosts 10.77.$t.1 and 10.77.$t.2)"
   ;;
 down)
-  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir/ivshmem.pid"; do
+  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir"/ivshmem*.pid; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
   sleep 0.2
-  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir/ivshmem.pid"; do
+  for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir"/ivshmem*.pid; do
     [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done

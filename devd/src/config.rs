@@ -85,7 +85,15 @@ struct FilePeer {
     node: u32,
     address: String,
     key_file: PathBuf,
-    ivshmem: Option<PathBuf>,
+    ivshmem: Option<OneOrMore>,
+}
+
+/// One path, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMore {
+    One(PathBuf),
+    More(Vec<PathBuf>),
 }
 
 /// A peer devd: its node id, its control address, the key both prove
@@ -98,9 +106,11 @@ pub struct PeerConfig {
     pub address: SocketAddr,
     /// The link's key (from `key_file`).
     pub key: Vec<u8>,
-    /// The ivshmem server that hands out the ntb link's window (none: no
-    /// interconnect to this peer yet, the control connection only).
-    pub ivshmem: Option<PathBuf>,
+    /// The ivshmem servers that hand out the windows of the ntb links to
+    /// it, link 0 first (both hosts list their links to each other in one
+    /// order); none: no interconnect to this peer yet, the control
+    /// connection only.
+    pub ivshmem: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -326,7 +336,11 @@ impl Config {
                 node: p.node,
                 address,
                 key: read_key(&p.key_file)?,
-                ivshmem: p.ivshmem,
+                ivshmem: match p.ivshmem {
+                    None => Vec::new(),
+                    Some(OneOrMore::One(p)) => vec![p],
+                    Some(OneOrMore::More(v)) => v,
+                },
             });
         }
         if let Some(p) = f.policy {
@@ -447,6 +461,17 @@ impl Config {
                 return Err(ConfigError::Value {
                     key: "peer.node",
                     why: format!("node {} is listed twice", p.node),
+                });
+            }
+            if p.ivshmem.len() > ssock_hwbackends::MAX_LINKS {
+                return Err(ConfigError::Value {
+                    key: "peer.ivshmem",
+                    why: format!(
+                        "node {}: {} links, at most {}",
+                        p.node,
+                        p.ivshmem.len(),
+                        ssock_hwbackends::MAX_LINKS
+                    ),
                 });
             }
             if p.node < self.node && self.peer_listen.is_none() {
@@ -612,6 +637,29 @@ mod tests {
         .unwrap();
         assert_eq!(c.peer_listen, Some("10.0.0.3:7455".parse().unwrap()));
         assert!(err(format!("node = 1\n{}{}", peer(2), peer(2))).contains("twice"));
+        // One window, or a list: link 0 first.
+        let c = Config::from_toml(
+            &format!("node = 1\n{}ivshmem = \"/run/a.sock\"\n", peer(2)),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].ivshmem, [PathBuf::from("/run/a.sock")]);
+        let c = Config::from_toml(
+            &format!(
+                "node = 1\n{}ivshmem = [\"/run/a.sock\", \"/run/b.sock\"]\n",
+                peer(2)
+            ),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].ivshmem.len(), 2);
+        let nine: Vec<String> = (0..9).map(|i| format!("\"/run/{i}.sock\"")).collect();
+        assert!(err(format!(
+            "node = 1\n{}ivshmem = [{}]\n",
+            peer(2),
+            nine.join(", ")
+        ))
+        .contains("at most 8"));
         assert!(err(format!("node = 2\n{}", peer(2))).contains("peer.node"));
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(err(format!("node = 1\n{}", peer(2))).contains("chmod 600"));

@@ -66,29 +66,38 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     r.context("control loop failed")
 }
 
-/// The engine's backend: the loopback for local pairs, and an ntb link to
-/// each peer whose window an ivshmem server hands out (this devd's inbox
-/// is the window's first half when its node id is the lower).
+/// The engine's backend: the loopback for local pairs, and an ntb link for
+/// each window an ivshmem server hands out for a peer (link 0 first; this
+/// devd's inbox is each window's first half when its node id is the
+/// lower).
 fn backends(cfg: &Config) -> anyhow::Result<Box<dyn Backend>> {
     let mut all: Vec<Box<dyn Backend>> = vec![Box::new(Loopback::default())];
     for p in &cfg.peers {
-        let Some(path) = &p.ivshmem else { continue };
         let half = usize::from(cfg.node > p.node);
-        let w =
-            IvshmemWindow::connect(path, half, 0, Duration::from_secs(5)).with_context(|| {
-                format!(
-                    "peer node {}: no window from the ivshmem server at {}",
-                    p.node,
-                    path.display()
-                )
-            })?;
-        log::info!(
-            "peer node {}: ntb link over {} (inbox half {half}, ivshmem id {})",
-            p.node,
-            path.display(),
-            w.id()
-        );
-        all.push(Box::new(Ntb::new(p.node, Box::new(w), ntb::DEFAULT_WINDOW)));
+        for (link, path) in p.ivshmem.iter().enumerate() {
+            let link = u8::try_from(link).context("too many links")?;
+            let w = IvshmemWindow::connect(path, half, 0, Duration::from_secs(5)).with_context(
+                || {
+                    format!(
+                        "peer node {} link {link}: no window from the ivshmem server at {}",
+                        p.node,
+                        path.display()
+                    )
+                },
+            )?;
+            log::info!(
+                "peer node {} link {link}: ntb over {} (inbox half {half}, ivshmem id {})",
+                p.node,
+                path.display(),
+                w.id()
+            );
+            all.push(Box::new(Ntb::new(
+                p.node,
+                link,
+                Box::new(w),
+                ntb::DEFAULT_WINDOW,
+            )));
+        }
     }
     Ok(if all.len() == 1 {
         all.remove(0)

@@ -322,6 +322,10 @@ pub struct ConnJson {
     pub peer_node: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<u64>,
+    /// With its other end on another host: which of the links to that
+    /// peer its channel crosses (0 first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<u8>,
     /// With its other end on another host: of the stream this host's end
     /// sent (`bytes_c2a` or `bytes_a2c`), the bytes the other host
     /// acknowledged; what lies between is in flight.

@@ -91,6 +91,26 @@ pub type ChannelId = u64;
 /// A peer devd's node id, as devd's config names it.
 pub type NodeId = u32;
 
+/// Which of the links to one peer node: their order in the config of
+/// both hosts (the first is 0).
+pub type LinkId = u8;
+
+/// How many links one peer node may have.
+pub const MAX_LINKS: usize = 8;
+
+/// The link a remote channel crosses: bits 56..=62 of its id (the devd
+/// that names the channel picks its link too, so that both ends open it
+/// on the same one). Local channels' ids, and any without those bits,
+/// say link 0.
+pub fn link_of(ch: ChannelId) -> LinkId {
+    u8::try_from((ch >> 56) & 0x7F).unwrap_or(0)
+}
+
+/// `ch` with its link bits set to `link` (see [`link_of`]).
+pub fn on_link(ch: ChannelId, link: LinkId) -> ChannelId {
+    (ch & !(0x7F << 56)) | (u64::from(link & 0x7F) << 56)
+}
+
 /// Words sent beside a channel's bytes ([`Backend::send_words`]).
 pub type Words = [u64; 4];
 
@@ -163,11 +183,13 @@ pub enum LinkState {
     Down,
 }
 
-/// A change of the link to one peer node.
+/// A change of one link to a peer node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkEvent {
     /// The peer devd's node.
     pub node: NodeId,
+    /// Which of its links.
+    pub link: LinkId,
     /// What the link does now.
     pub state: LinkState,
 }
@@ -302,11 +324,17 @@ pub trait Backend: Send {
     fn recv_words(&mut self, ch: ChannelId) -> Option<Words>;
     /// Link events since the last call.
     fn link_events(&mut self) -> Vec<LinkEvent>;
-    /// Takes the link to `node` out of service (`up` false: the link goes
-    /// down here at once, as if the peer were gone, and the peer sees it
-    /// go down too) or back in (it comes up again once both sides hear
-    /// each other). Err(NoLink) if this backend has no link to `node`.
-    fn set_link(&mut self, node: NodeId, _up: bool) -> Result<(), BackendError> {
+    /// Takes link `link` to `node` (None: every link to it) out of
+    /// service (`up` false: the link goes down here at once, as if the
+    /// peer were gone, and the peer sees it go down too) or back in (it
+    /// comes up again once both sides hear each other). Err(NoLink) if
+    /// this backend has no such link.
+    fn set_link(
+        &mut self,
+        node: NodeId,
+        _link: Option<LinkId>,
+        _up: bool,
+    ) -> Result<(), BackendError> {
         Err(BackendError::NoLink(node))
     }
     /// The system calls this backend makes in the engine thread that

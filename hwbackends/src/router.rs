@@ -1,14 +1,14 @@
 //! [`Router`]: several backends as one, for devd's engine: a channel is
 //! opened on the first backend that reaches its peer (the loopback for a
-//! local peer, the link to that node for a remote one) and every later
-//! call on it goes there. Readiness fds, deadlines, polls, link events and
+//! local peer, for a remote one the link to that node its id names:
+//! [`crate::link_of`]) and every later call on it goes there. Readiness fds, deadlines, polls, link events and
 //! system calls are the union of the backends'.
 //!
 //! Never here: an interconnect of its own, a channel on two backends.
 
 use crate::{
-    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, NodeId, Offsets, Peer, Recv,
-    Syscall, Words,
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, Mark, NodeId, Offsets, Peer,
+    Recv, Syscall, Words,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -155,15 +155,26 @@ impl Backend for Router {
             .collect()
     }
 
-    fn set_link(&mut self, node: NodeId, up: bool) -> Result<(), BackendError> {
-        // The first backend with a link to `node` (as `open` picks).
+    fn set_link(
+        &mut self,
+        node: NodeId,
+        link: Option<LinkId>,
+        up: bool,
+    ) -> Result<(), BackendError> {
+        // Every backend with such a link (None: each link to `node`).
+        let mut any = false;
         for b in &mut self.backends {
-            match b.set_link(node, up) {
+            match b.set_link(node, link, up) {
                 Err(BackendError::NoLink(_)) => {}
-                r => return r,
+                Ok(()) => any = true,
+                Err(e) => return Err(e),
             }
         }
-        Err(BackendError::NoLink(node))
+        if any {
+            Ok(())
+        } else {
+            Err(BackendError::NoLink(node))
+        }
     }
 
     fn syscalls(&self) -> Vec<Syscall> {
@@ -174,7 +185,7 @@ impl Backend for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{self, Linked};
+    use crate::conformance::{self, Lab, Linked};
     use crate::loopback::Loopback;
     use crate::ntb::{MemWindow, Ntb};
 
@@ -187,10 +198,68 @@ mod tests {
         let node = |peer, w: MemWindow| -> Router {
             Router::new(vec![
                 Box::new(Loopback::new(64 * 1024)),
-                Box::new(Ntb::new(peer, Box::new(w), 64 * 1024)),
+                Box::new(Ntb::new(peer, 0, Box::new(w), 64 * 1024)),
             ])
         };
         Linked::new([node(2, w1), node(1, w2)], true)
+    }
+
+    #[test]
+    fn a_channel_goes_on_the_link_its_id_names_and_one_link_out_of_service_leaves_the_other() {
+        // Two links between nodes 1 and 2.
+        let (a1, a2) = MemWindow::pair(1 << 20).unwrap();
+        let (b1, b2) = MemWindow::pair(1 << 20).unwrap();
+        let node = |peer, wa: MemWindow, wb: MemWindow| -> Router {
+            Router::new(vec![
+                Box::new(Loopback::new(64 * 1024)),
+                Box::new(Ntb::new(peer, 0, Box::new(wa), 64 * 1024)),
+                Box::new(Ntb::new(peer, 1, Box::new(wb), 64 * 1024)),
+            ])
+        };
+        let mut n = Linked::new([node(2, a1, b1), node(1, a2, b2)], false);
+        let chans: Vec<ChannelId> = (0..2).map(|l| crate::on_link(1 << 63 | 7, l)).collect();
+        for &ch in &chans {
+            n.b[0]
+                .open(
+                    ch,
+                    Peer::Remote {
+                        node: 2,
+                        channel: ch,
+                    },
+                )
+                .unwrap();
+            n.b[1]
+                .open(
+                    ch,
+                    Peer::Remote {
+                        node: 1,
+                        channel: ch,
+                    },
+                )
+                .unwrap();
+        }
+        let moves = |n: &mut Routed, ch| {
+            assert_eq!(n.b[0].send(ch, b"abc"), Ok(3));
+            n.settle();
+            let mut buf = [0u8; 8];
+            n.b[1].recv(ch, &mut buf) == Ok(Recv::Data(3)) && &buf[..3] == b"abc"
+        };
+        assert!(chans.iter().all(|&ch| moves(&mut n, ch)));
+        n.b[0].link_events();
+        // Link 0 out of service on node 1: its event names it; link 1 goes on.
+        n.b[0].set_link(2, Some(0), false).unwrap();
+        let ev = n.b[0].link_events();
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].node, ev[0].link), (2, 0));
+        assert!(moves(&mut n, chans[1]));
+        assert_eq!(
+            n.b[0].set_link(2, Some(5), false),
+            Err(BackendError::NoLink(2))
+        );
+        // None: every link to the node.
+        n.b[0].set_link(2, None, false).unwrap();
+        let ev = n.b[0].link_events();
+        assert_eq!(ev.iter().map(|e| e.link).collect::<Vec<_>>(), [1]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 11;
+pub const CTL_VERSION: u16 = 12;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -345,12 +345,15 @@ pub enum Request {
         /// Page size (1..=256).
         limit: u16,
     },
-    /// Takes the link to peer `node` out of service (`up` false: this
-    /// side stops its heartbeat and the connections over it move to their
-    /// kernel sockets) or back in. Root or devd's own user only.
+    /// Takes link `link` to peer `node` (None: every link to it) out of
+    /// service (`up` false: this side stops its heartbeat and the
+    /// connections over it move to their kernel sockets) or back in. Root
+    /// or devd's own user only.
     Link {
         /// The peer's node id.
         node: u32,
+        /// Which of its links (0 first, as devd's config lists them).
+        link: Option<u8>,
         /// In service.
         up: bool,
     },
@@ -762,9 +765,9 @@ impl Request {
                 w.u64(*after).u16(*limit);
                 w.finish()
             }
-            Request::Link { node, up } => {
+            Request::Link { node, link, up } => {
                 let mut w = W::new(15);
-                w.u32(*node).u8(u8::from(*up));
+                w.u32(*node).u8(u8::from(*up)).u8(link.unwrap_or(u8::MAX));
                 w.finish()
             }
             Request::Forward {
@@ -811,6 +814,7 @@ impl Request {
             15 => Request::Link {
                 node: r.u32()?,
                 up: r.bool("up")?,
+                link: Some(r.u8()?).filter(|&l| l != u8::MAX),
             },
             16 => Request::Forward {
                 conn_id: r.u64()?,
@@ -1015,8 +1019,16 @@ mod tests {
                 after: 3,
                 limit: 100,
             },
-            Request::Link { node: 2, up: false },
-            Request::Link { node: 7, up: true },
+            Request::Link {
+                node: 2,
+                link: None,
+                up: false,
+            },
+            Request::Link {
+                node: 7,
+                link: Some(1),
+                up: true,
+            },
             Request::Forward {
                 conn_id: 12,
                 side: Side::Acceptor,

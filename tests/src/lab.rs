@@ -124,15 +124,22 @@ impl TwoHosts {
         c
     }
 
-    /// Host `h` takes its interconnect link to the other host out of
+    /// Host `h` takes its interconnect links to the other host out of
     /// service (`up` false) or back in (`ringstat link NODE down|up`; host
     /// a is node 1, host b node 2).
     pub fn set_link(&self, h: usize, up: bool) -> Result<()> {
+        self.set_links(h, None, up)
+    }
+
+    /// `set_link` for one link (`Some(l)`: `ringstat link NODE down|up
+    /// l`) or all of them.
+    pub fn set_links(&self, h: usize, link: Option<u8>, up: bool) -> Result<()> {
         let out = self
             .on(h, &crate::bin("ringstat").to_string_lossy())
             .arg("link")
             .arg(["2", "1"][h])
             .arg(if up { "up" } else { "down" })
+            .args(link.map(|l| l.to_string()))
             .output()?;
         if !out.status.success() {
             bail!(

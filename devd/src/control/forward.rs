@@ -24,6 +24,7 @@
 use super::remote::{channel_of, in_range};
 use super::*;
 use crate::peers::wire::Msg;
+use ssock_hwbackends::on_link;
 use std::time::Duration;
 
 /// How often the acceptor's devd looks for moved connections to offer
@@ -151,7 +152,10 @@ impl Devd {
             return Ok(());
         }
         let id = self.new_id();
-        let ch = channel_of(self.cfg.node, id, self.remote.salt);
+        let ch = on_link(
+            channel_of(self.cfg.node, id, self.remote.salt),
+            self.pick_link(node),
+        );
         let res = self.remote_res(id, 1, Some((node, ch)))?;
         self.new_conn(id, res, ends, 1, (node, ch), (old, old_ch), moves);
         self.remote.forward.pending.insert(ch, (old, id, node));
@@ -255,8 +259,8 @@ impl Devd {
 
     /// False if it answered nothing (the caller answers no).
     fn take_peer_forward(&mut self, node: u32, old: u64, new: u64) -> bool {
-        if !in_range(node, new) {
-            log::warn!("peer node {node} offered channel {new:#x}, not of its range");
+        if !in_range(node, new) || !self.link_known(node, new) {
+            log::warn!("peer node {node} offered channel {new:#x}, not of its range or links");
             return false;
         }
         // Its own view of the link counts too: one side may have missed
@@ -269,7 +273,10 @@ impl Devd {
             .get(&node)
             .and_then(|&(_, since)| since)
             .is_some_and(|t| t.elapsed() >= hold);
-        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) || !held {
+        // (And the link its channel crosses: the peer may not have seen it
+        // go down yet, which it does within `ntb::DEAD`.)
+        let link_up = self.engine.link_up(node, ssock_hwbackends::link_of(new));
+        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) || !held || !link_up {
             log::info!("peer node {node} offered a new connection for channel {old:#x}: not while the link is down here, or fail-forward is off");
             return false;
         }

@@ -395,18 +395,25 @@ impl Devd {
                 }
                 Ok((Response::Ok, vec![]))
             }
-            Request::Link { node, up } => {
+            Request::Link { node, link, up } => {
                 let uid = self.sessions.get(&sid).map_or(u32::MAX, |s| s.uid);
+                let links = self
+                    .cfg
+                    .peers
+                    .iter()
+                    .find(|p| p.node == node)
+                    .map(|p| p.ivshmem.len());
                 if uid != 0 && uid != sys::uid() {
                     Err(RequestError::NotAllowed)
-                } else if !self.cfg.peers.iter().any(|p| p.node == node) {
+                } else if links.is_none_or(|n| link.is_some_and(|l| usize::from(l) >= n)) {
                     Err(RequestError::NoPeer(node))
                 } else {
                     log::info!(
-                        "session {sid}: link to node {node} asked {}",
+                        "session {sid}: link to node {node} ({}) asked {}",
+                        link.map_or("every link".to_string(), |l| format!("link {l}")),
                         if up { "up" } else { "down" }
                     );
-                    self.engine.send(Cmd::SetLink { node, up });
+                    self.engine.send(Cmd::SetLink { node, link, up });
                     Ok((Response::Ok, vec![]))
                 }
             }

@@ -14,7 +14,7 @@ use super::pairing::{attachment, canon_addr, peer_of, refuse};
 use super::*;
 use crate::peers::wire::{Answer, Msg};
 use crate::peers::Event;
-use ssock_hwbackends::Peer;
+use ssock_hwbackends::{link_of, on_link, LinkId, Peer};
 use std::net::{IpAddr, SocketAddr};
 
 /// The link channel of the connection `id` whose acceptor is on node
@@ -26,9 +26,10 @@ pub(super) fn channel_of(node: u32, id: u64, salt: u64) -> u64 {
     1 << 63 | u64::from(node & 0xFFFF) << 40 | (id.wrapping_add(salt) & ((1 << 40) - 1))
 }
 
-/// Whether `ch` is of node `node`'s range (see [`channel_of`]).
+/// Whether `ch` is of node `node`'s range (see [`channel_of`]; its link
+/// bits, [`ssock_hwbackends::link_of`], apart).
 pub(super) fn in_range(node: u32, ch: u64) -> bool {
-    ch >> 63 == 1 && (ch >> 40) & 0x7F_FFFF == u64::from(node)
+    ch >> 63 == 1 && (ch >> 40) & 0xFFFF == u64::from(node)
 }
 
 /// What a peer advertised, as this host reaches it: a wildcard listener
@@ -72,9 +73,35 @@ impl Devd {
         self.remote.up.contains(&node) && self.link_up(node)
     }
 
-    /// Whether the ntb link to peer `node` is up, as the engine last saw it.
+    /// Whether an ntb link to peer `node` is up, as the engine last saw it.
     fn link_up(&self, node: u32) -> bool {
         self.engine.links().get(&node).is_some_and(|l| l.0)
+    }
+
+    /// The links configured to peer `node`.
+    fn links_to(&self, node: u32) -> usize {
+        self.cfg
+            .peers
+            .iter()
+            .find(|p| p.node == node)
+            .map_or(0, |p| p.ivshmem.len())
+    }
+
+    /// The link a new connection with peer `node` crosses (this devd
+    /// names its channel, link included): the first one up (active-backup;
+    /// docs/protocol.md 8.4), or link 0 when none is (it starts on its
+    /// kernel sockets).
+    pub(super) fn pick_link(&self, node: u32) -> LinkId {
+        (0..self.links_to(node))
+            .filter_map(|l| LinkId::try_from(l).ok())
+            .find(|&l| self.engine.link_up(node, l))
+            .unwrap_or(0)
+    }
+
+    /// Whether channel `ch`, which a peer named, crosses a link this devd
+    /// has to peer `node`.
+    pub(super) fn link_known(&self, node: u32, ch: u64) -> bool {
+        usize::from(link_of(ch)) < self.links_to(node)
     }
 
     /// Whether a new connection with peer `node` is made a remote one: its
@@ -86,7 +113,7 @@ impl Devd {
             self.cfg
                 .peers
                 .iter()
-                .any(|p| p.node == node && p.ivshmem.is_some())
+                .any(|p| p.node == node && !p.ivshmem.is_empty())
         };
         self.remote.up.contains(&node)
             && (self.link_up(node) || (self.cfg.fail_forward_ms > 0 && has_link()))
@@ -161,7 +188,7 @@ impl Devd {
                     peer: Peer::Remote { node, channel },
                     end: e,
                     hov: Some(hov),
-                    on_kernel: !self.link_up(node),
+                    on_kernel: !self.engine.link_up(node, link_of(channel)),
                 }],
                 counters: q.counters.clone(),
             }),
@@ -190,7 +217,10 @@ impl Devd {
             return Ok((Response::Ok, vec![]));
         }
         let id = self.new_id();
-        let channel = channel_of(self.cfg.node, id, self.remote.salt);
+        let channel = on_link(
+            channel_of(self.cfg.node, id, self.remote.salt),
+            self.pick_link(node),
+        );
         let mut res = self.remote_res(id, 1, Some((node, channel)))?;
         let (attachment, fds) = match attachment(&mut res, id, 1, false, None, None) {
             Ok(a) => a,
@@ -408,6 +438,14 @@ impl Devd {
             log::warn!("peer node {node} claimed on channel {channel:#x}, not of its range");
             return Answer::NoIntent;
         }
+        if !self.link_known(node, channel) {
+            log::warn!(
+                "peer node {node} claimed on link {} (channel {channel:#x}): this devd has {} links to it",
+                link_of(channel),
+                self.links_to(node)
+            );
+            return Answer::NoIntent;
+        }
         // Only a connection to the peer's own address is the peer's.
         let theirs = self
             .cfg
@@ -459,7 +497,7 @@ impl Devd {
                 peer: Peer::Remote { node, channel },
                 end: 0,
                 hov: Some(hov),
-                on_kernel: !self.link_up(node),
+                on_kernel: !self.engine.link_up(node, link_of(channel)),
             }],
             counters,
         });
@@ -588,6 +626,11 @@ mod tests {
         assert_ne!(channel_of(7, 1, 0), channel_of(7, 1, 1), "another start");
         assert_eq!(channel_of(65535, (1 << 40) + 5, 0), channel_of(65535, 5, 0));
         assert!(in_range(65535, channel_of(65535, u64::MAX, u64::MAX)));
+        // The link a channel crosses changes neither its node nor its id.
+        let l3 = ssock_hwbackends::on_link(c, 3);
+        assert!(in_range(7, l3) && !in_range(8, l3));
+        assert_eq!(ssock_hwbackends::link_of(l3), 3);
+        assert_eq!(ssock_hwbackends::on_link(l3, 0), c);
     }
 
     #[test]

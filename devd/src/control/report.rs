@@ -48,22 +48,37 @@ impl Devd {
             let now = Instant::now();
             let state = |up| if up { "up" } else { "down" };
             for (peer, cfg) in page.peers.iter_mut().zip(&self.cfg.peers) {
-                if cfg.ivshmem.is_some() {
-                    let l = links.get(&peer.node).cloned().unwrap_or_default();
-                    peer.link = Some(state(l.up));
-                    peer.link_changes = l.changes;
-                    peer.link_history = l
-                        .history
-                        .iter()
-                        .rev()
-                        .map(|&(up, at, channels)| crate::peers::LinkChangeJson {
-                            state: state(up),
-                            ago_ms: u64::try_from(now.duration_since(at).as_millis())
-                                .unwrap_or(u64::MAX),
-                            channels,
-                        })
-                        .collect();
+                if cfg.ivshmem.is_empty() {
+                    continue;
                 }
+                let mut history = Vec::new();
+                for i in 0..cfg.ivshmem.len() {
+                    let link = u8::try_from(i).unwrap_or(u8::MAX);
+                    let l = links.get(&(peer.node, link)).cloned().unwrap_or_default();
+                    peer.links.push(crate::peers::LinkJson {
+                        link,
+                        state: state(l.up),
+                        changes: l.changes,
+                    });
+                    peer.link_changes += l.changes;
+                    history.extend(
+                        l.history
+                            .iter()
+                            .map(|&(up, at, channels)| (at, link, up, channels)),
+                    );
+                }
+                peer.link = Some(state(peer.links.iter().any(|l| l.state == "up")));
+                history.sort_by_key(|h| std::cmp::Reverse(h.0));
+                peer.link_history = history
+                    .into_iter()
+                    .map(|(at, link, up, channels)| crate::peers::LinkChangeJson {
+                        link,
+                        state: state(up),
+                        ago_ms: u64::try_from(now.duration_since(at).as_millis())
+                            .unwrap_or(u64::MAX),
+                        channels,
+                    })
+                    .collect();
             }
         }
         // A page must fit one control frame: stop adding connections
@@ -154,6 +169,7 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 backend: None,
                 peer_node: None,
                 channel: None,
+                link: None,
                 acked: None,
                 path: None,
                 failovers: None,
@@ -184,6 +200,7 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 }),
                 peer_node: c.remote.map(|r| r.0),
                 channel: c.remote.map(|r| r.1),
+                link: c.remote.map(|r| ssock_hwbackends::link_of(r.1)),
                 // The end on this host is the one with a session.
                 acked: c
                     .remote

@@ -961,14 +961,30 @@ fn kept_regions_are_bounded_per_pair_of_sessions() {
 fn only_root_or_devds_user_may_take_a_link_down_and_only_a_configured_peers() {
     let mut d = devd("");
     // devd's own user (this test's), a node the config does not list.
-    let (r, _) = d.handle(1, Request::Link { node: 2, up: false }, vec![]);
+    let (r, _) = d.handle(
+        1,
+        Request::Link {
+            node: 2,
+            link: None,
+            up: false,
+        },
+        vec![],
+    );
     assert!(
         matches!(r, Response::Error { code, .. } if code == libc::ENOENT as u32),
         "{r:?}"
     );
     // Another user: refused before anything is looked at.
     other_user_session(&mut d, 9);
-    let (r, _) = d.handle(9, Request::Link { node: 2, up: false }, vec![]);
+    let (r, _) = d.handle(
+        9,
+        Request::Link {
+            node: 2,
+            link: None,
+            up: false,
+        },
+        vec![],
+    );
     assert!(
         matches!(r, Response::Error { code, .. } if code == libc::EPERM as u32),
         "{r:?}"

@@ -324,6 +324,7 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
     ca.send(0, b"in flight when the link goes");
     events.lock().unwrap().push(LinkEvent {
         node: 7,
+        link: 0,
         state: ssock_hwbackends::LinkState::Down,
     });
     ca.kick.notify().unwrap(); // wakes the engine, which then hears of it

@@ -39,12 +39,25 @@ const MAX_PENDING: usize = 16;
 /// One change of a peer's link as the stats show it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LinkChangeJson {
+    /// Which of the links to the peer.
+    pub link: u8,
     /// "up" or "down".
     pub state: &'static str,
     /// Milliseconds ago.
     pub ago_ms: u64,
     /// How many connection channels crossed the link then.
     pub channels: usize,
+}
+
+/// One link to a peer as the stats show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkJson {
+    /// Which (0 first).
+    pub link: u8,
+    /// "up" or "down".
+    pub state: &'static str,
+    /// Times it came up or went down.
+    pub changes: u64,
 }
 
 /// One configured peer as the stats show it.
@@ -62,12 +75,16 @@ pub struct PeerJson {
     pub ups: u64,
     /// The last reason it went down or could not be reached.
     pub last_error: String,
-    /// Its interconnect link (ntb): "up", "down", or none configured.
+    /// Its interconnect (ntb): "up" while a link to it is, "down", or
+    /// none configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link: Option<&'static str>,
-    /// Times that link came up or went down.
+    /// Times its links came up or went down, in all.
     pub link_changes: u64,
-    /// Its last changes, newest first (at most 8).
+    /// Each link, in the config's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkJson>,
+    /// Their last changes, newest first (at most 8 per link).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub link_history: Vec<LinkChangeJson>,
     /// The listeners its devd advertised (while up): the first
@@ -287,6 +304,7 @@ pub fn spawn(
                 last_error: String::new(),
                 link: None,
                 link_changes: 0,
+                links: Vec::new(),
                 link_history: Vec::new(),
                 listeners: Vec::new(),
                 listeners_total: 0,

@@ -21,7 +21,7 @@ fn peer(node: u32, address: SocketAddr, key: &[u8]) -> PeerConfig {
         node,
         address,
         key: key.to_vec(),
-        ivshmem: None,
+        ivshmem: Vec::new(),
     }
 }
 

@@ -20,8 +20,8 @@ use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING, WORDS};
 use super::window::Window;
 use super::{BEAT, DEAD, DMA_MIN};
 use crate::{
-    Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkState, Mark, NodeId, Offsets,
-    Peer, Recv, Syscall, Words,
+    link_of, Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, LinkState, Mark,
+    NodeId, Offsets, Peer, Recv, Syscall, Words,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
@@ -67,6 +67,9 @@ pub struct Counters {
 /// An ntb link to one peer node.
 pub struct Ntb {
     peer: NodeId,
+    /// Which of the links to that node (channels whose id names another
+    /// are not this link's).
+    link: LinkId,
     win: Box<dyn Window>,
     ring: u64,
     window: usize,
@@ -113,9 +116,9 @@ pub struct Ntb {
 }
 
 impl Ntb {
-    /// The link to node `peer` through `win`, each channel with `window`
-    /// bytes in flight at most (the ring must hold more).
-    pub fn new(peer: NodeId, win: Box<dyn Window>, window: usize) -> Ntb {
+    /// Link `link` to node `peer` through `win`, each channel with
+    /// `window` bytes in flight at most (the ring must hold more).
+    pub fn new(peer: NodeId, link: LinkId, win: Box<dyn Window>, window: usize) -> Ntb {
         let ring = u64::try_from(win.size().saturating_sub(RING)).unwrap_or(0);
         let mut e = [0u8; 8];
         let _ = ssock_rings::sys::random(&mut e);
@@ -130,12 +133,14 @@ impl Ntb {
             inbox::OFF_WINDOW,
             u64::try_from(window.max(1)).unwrap_or(u64::MAX),
         );
+        win.store(inbox::OFF_LINK, u64::from(link));
         win.store(inbox::OFF_EPOCH, epoch);
         win.store(inbox::OFF_VERSION, inbox::VERSION);
         win.store(inbox::OFF_MAGIC, inbox::MAGIC);
         let now = Instant::now();
         Ntb {
             peer,
+            link,
             win,
             ring,
             window: window.max(1),
@@ -195,6 +200,16 @@ impl Ntb {
             let w = self.win.load(inbox::OFF_WINDOW);
             if !(1..=inbox::MAX_WINDOW).contains(&w) {
                 return self.hostile(&format_args!("a window of {w} bytes"));
+            }
+            let l = self.win.load(inbox::OFF_LINK);
+            if l != u64::from(self.link) {
+                // Both configs list their links to each other in one order.
+                let why = format!(
+                    "the peer calls this window its link {l}, this devd its link {}: \
+                     the two configs list their links in another order",
+                    self.link
+                );
+                return self.hostile(&why);
             }
             if self.peer_epoch != 0 {
                 log::info!("ntb link to node {}: the peer started again", self.peer);
@@ -378,6 +393,7 @@ impl Ntb {
                 self.up = true;
                 self.events.push(LinkEvent {
                     node: self.peer,
+                    link: self.link,
                     state: LinkState::Up,
                 });
             }
@@ -385,6 +401,7 @@ impl Ntb {
             self.up = false;
             self.events.push(LinkEvent {
                 node: self.peer,
+                link: self.link,
                 state: LinkState::Down,
             });
         }
@@ -402,6 +419,7 @@ impl Ntb {
             self.up = false;
             self.events.push(LinkEvent {
                 node: self.peer,
+                link: self.link,
                 state: LinkState::Down,
             });
         }
@@ -619,7 +637,7 @@ impl Backend for Ntb {
         let Peer::Remote { node, channel } = peer else {
             return Err(BackendError::Unreachable(ch));
         };
-        if node != self.peer || self.hostile {
+        if node != self.peer || link_of(ch) != self.link || self.hostile {
             return Err(BackendError::Unreachable(ch));
         }
         if self.chans.contains_key(&ch) {
@@ -815,8 +833,13 @@ impl Backend for Ntb {
         self.chans.get_mut(&ch)?.words.take()
     }
 
-    fn set_link(&mut self, node: NodeId, up: bool) -> Result<(), BackendError> {
-        if node != self.peer {
+    fn set_link(
+        &mut self,
+        node: NodeId,
+        link: Option<LinkId>,
+        up: bool,
+    ) -> Result<(), BackendError> {
+        if node != self.peer || link.is_some_and(|l| l != self.link) {
             return Err(BackendError::NoLink(node));
         }
         if up != self.out_of_service {
@@ -831,6 +854,7 @@ impl Backend for Ntb {
             self.up = false;
             self.events.push(LinkEvent {
                 node: self.peer,
+                link: self.link,
                 state: LinkState::Down,
             });
         }

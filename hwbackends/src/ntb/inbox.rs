@@ -11,6 +11,8 @@
 //!   producer and consumer words reset); the owner reads its ring only
 //!   while this is its own epoch;
 //! - 32 window: the bytes per channel the peer sends at most in flight;
+//! - 40 link: which of the links between the two nodes the peer takes
+//!   this window for (both must say the same);
 //! - 64 heartbeat: the peer's counter, bumped every `BEAT`;
 //! - 128 producer: how many ring bytes the peer has published;
 //! - 192 consumer: how many bytes of *its own* inbox the peer has read
@@ -34,12 +36,13 @@ use crate::ChannelId;
 /// "SSOCKNTB".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SSOCKNTB");
 /// This layout's version.
-pub const VERSION: u64 = 4;
+pub const VERSION: u64 = 5;
 pub const OFF_MAGIC: usize = 0;
 pub const OFF_VERSION: usize = 8;
 pub const OFF_EPOCH: usize = 16;
 pub const OFF_SEEN: usize = 24;
 pub const OFF_WINDOW: usize = 32;
+pub const OFF_LINK: usize = 40;
 pub const OFF_BEAT: usize = 64;
 pub const OFF_PROD: usize = 128;
 pub const OFF_CONS: usize = 192;

@@ -19,7 +19,10 @@ fn two_nodes(half: usize, window: usize) -> TwoNodes {
 
 /// Nodes 1 and 2 over the two ends of a window, started.
 fn over(w1: Box<dyn Window>, w2: Box<dyn Window>, window: usize) -> TwoNodes {
-    Linked::new([Ntb::new(2, w1, window), Ntb::new(1, w2, window)], false)
+    Linked::new(
+        [Ntb::new(2, 0, w1, window), Ntb::new(1, 0, w2, window)],
+        false,
+    )
 }
 
 #[test]
@@ -131,13 +134,13 @@ fn a_link_taken_out_of_service_goes_down_at_once_here_and_on_the_peer_and_comes_
         lab.b[n].link_events();
     }
     assert_eq!(
-        lab.b[0].set_link(7, false),
+        lab.b[0].set_link(7, None, false),
         Err(BackendError::NoLink(7)),
         "no link to node 7 here"
     );
     // Node 1 takes its link to node 2 out of service: Down at once there,
     // no heartbeat after, nothing read.
-    lab.b[0].set_link(2, false).unwrap();
+    lab.b[0].set_link(2, None, false).unwrap();
     let ev = lab.b[0].link_events();
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].node, ev[0].state), (2, LinkState::Down));
@@ -163,7 +166,7 @@ fn a_link_taken_out_of_service_goes_down_at_once_here_and_on_the_peer_and_comes_
         "node 1 stays down while out of service"
     );
     // Back in service: both up once they hear each other.
-    lab.b[0].set_link(2, true).unwrap();
+    lab.b[0].set_link(2, None, true).unwrap();
     let t = Instant::now();
     while !(lab.b[0].link_up() && lab.b[1].link_up()) {
         assert!(t.elapsed() < DEAD * 3, "the link never came back");
@@ -180,7 +183,7 @@ fn a_link_taken_out_of_service_goes_down_at_once_here_and_on_the_peer_and_comes_
 /// hostile node 2 would.
 fn hostile_lab() -> (Ntb, MemWindow, ChannelId) {
     let (w1, evil) = MemWindow::pair(64 * 1024).unwrap();
-    let mut n1 = Ntb::new(2, Box::new(w1), 16384);
+    let mut n1 = Ntb::new(2, 0, Box::new(w1), 16384);
     n1.open(
         5,
         Peer::Remote {
@@ -312,6 +315,47 @@ fn a_local_peer_or_another_node_is_unreachable() {
     );
     assert!(b.capabilities().remote);
     assert!(b.syscalls().is_empty());
+}
+
+#[test]
+fn a_channel_of_another_link_is_not_this_ones_and_two_configs_that_disagree_get_no_link() {
+    let (w1, w2) = MemWindow::pair(64 * 1024).unwrap();
+    let mut lab = Linked::new(
+        [
+            Ntb::new(2, 1, Box::new(w1), 16384),
+            Ntb::new(1, 1, Box::new(w2), 16384),
+        ],
+        false,
+    );
+    assert!(lab.b[0].link_up() && lab.b[1].link_up());
+    let to = |channel| Peer::Remote { node: 2, channel };
+    // A channel whose id names link 0 goes elsewhere; link 1's opens here.
+    let other = crate::on_link(1 << 63 | 5, 0);
+    assert_eq!(
+        lab.b[0].open(other, to(other)),
+        Err(BackendError::Unreachable(other))
+    );
+    let ours = crate::on_link(1 << 63 | 5, 1);
+    assert_eq!(crate::link_of(ours), 1);
+    lab.b[0].open(ours, to(ours)).unwrap();
+    // Taking link 0 to node 2 out of service is not this link's business.
+    assert_eq!(
+        lab.b[0].set_link(2, Some(0), false),
+        Err(BackendError::NoLink(2))
+    );
+    assert!(lab.b[0].link_up());
+
+    // Node 2's config takes this window for its link 0: no link at all.
+    let (w1, w2) = MemWindow::pair(64 * 1024).unwrap();
+    let mut lab = Linked::new(
+        [
+            Ntb::new(2, 1, Box::new(w1), 16384),
+            Ntb::new(1, 0, Box::new(w2), 16384),
+        ],
+        false,
+    );
+    lab.settle();
+    assert!(!lab.b[0].link_up() && !lab.b[1].link_up());
 }
 
 /// An ivshmem server on a fresh socket, in a thread, stopped on drop.
@@ -527,8 +571,8 @@ fn a_server_that_breaks_the_protocol_gets_a_clear_error() {
 #[test]
 fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_goes_on() {
     let server = IvServer::start(1 << 20);
-    let mut n1 = Ntb::new(2, Box::new(server.window(0)), 16384);
-    let mut n2 = Ntb::new(1, Box::new(server.window(1)), 16384);
+    let mut n1 = Ntb::new(2, 0, Box::new(server.window(0)), 16384);
+    let mut n2 = Ntb::new(1, 0, Box::new(server.window(1)), 16384);
     let settle = |a: &mut Ntb, b: &mut Ntb| {
         let mut r = Vec::new();
         for _ in 0..6 {
@@ -546,7 +590,7 @@ fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_
     // Node 2's devd dies and starts again: the same memory, its words
     // still of the old epoch, positions far along.
     drop(n2);
-    let mut n2 = Ntb::new(1, Box::new(server.window(1)), 16384);
+    let mut n2 = Ntb::new(1, 0, Box::new(server.window(1)), 16384);
     settle(&mut n1, &mut n2);
     assert_eq!(
         n1.recv(7, &mut [0u8; 8]).unwrap(),

@@ -40,7 +40,7 @@ fn main() {
 }
 
 const USAGE: &str =
-    "usage: ringstat [--json] | ringstat conn ID [--json] | ringstat link NODE up|down";
+    "usage: ringstat [--json] | ringstat conn ID [--json] | ringstat link NODE up|down [LINK]";
 
 const HELP: &str = "ringstat: what a running devd is doing: its live accelerated connections
 (mode, state, processes, addresses, bytes, ring fill, notifications) and
@@ -50,10 +50,13 @@ their reasons, violations). Fields: docs/ringstat.md.
 usage: ringstat [--json]          every live connection and the totals
        ringstat conn ID [--json]  one connection, with each ring's indexes
                                   and flags
-       ringstat link NODE down    takes the interconnect link to peer NODE
-                                  out of service: the connections over it
-                                  go on over their kernel TCP sockets
-                                  (root or devd's user; `up` puts it back)
+       ringstat link NODE down [LINK]
+                                  takes the interconnect links to peer NODE
+                                  (or only link LINK, 0 first, as devd's
+                                  config lists them) out of service: the
+                                  connections over them go on over their
+                                  kernel TCP sockets (root or devd's user;
+                                  `up` puts them back)
 
 options:
   --json         print the JSON document instead of the table
@@ -88,17 +91,22 @@ fn run() -> Result<()> {
         .collect();
     if !matches!(
         rest.as_slice(),
-        [] | ["conn", _] | ["link", _, "up" | "down"]
+        [] | ["conn", _] | ["link", _, "up" | "down"] | ["link", _, "up" | "down", _]
     ) {
         bail!("{USAGE}");
     }
     let path = ssock_rings::paths::client_socket();
     let s = Session::connect(&path)
         .with_context(|| format!("is devd running? (socket {})", path.display()))?;
-    if let ["link", node, up] = rest.as_slice() {
+    if let ["link", node, up, link @ ..] = rest.as_slice() {
         let node: u32 = node.parse().context("the node must be a number")?;
+        let link = match link {
+            [l] => Some(l.parse::<u8>().context("the link must be a number")?),
+            _ => None,
+        };
         let req = ssock_rings::codec::Request::Link {
             node,
+            link,
             up: *up == "up",
         };
         match s.request(&req, &[])? {
@@ -168,11 +176,22 @@ fn print_table(v: &Value) {
             _ => String::new(),
         };
         let path = match (c["backend"].as_str(), c["peer_node"].as_u64()) {
-            (Some(b), Some(node)) => match (c["path"].as_str(), c["acked"].as_u64()) {
-                (Some(p @ ("tcp" | "moving")), _) => format!("{p} (was {b}:{node}){moves}"),
-                (_, Some(a)) => format!("{b}:{node} acked {a}{moves}"),
-                _ => format!("{b}:{node}{moves}"),
-            },
+            (Some(b), Some(node)) => {
+                // Which link, where the peer has several.
+                let several = v["peers"].as_array().into_iter().flatten().any(|p| {
+                    p["node"].as_u64() == Some(node)
+                        && p["links"].as_array().is_some_and(|l| l.len() > 1)
+                });
+                let node = match c["link"].as_u64() {
+                    Some(l) if several => format!("{node}/{l}"),
+                    _ => node.to_string(),
+                };
+                match (c["path"].as_str(), c["acked"].as_u64()) {
+                    (Some(p @ ("tcp" | "moving")), _) => format!("{p} (was {b}:{node}){moves}"),
+                    (_, Some(a)) => format!("{b}:{node} acked {a}{moves}"),
+                    _ => format!("{b}:{node}{moves}"),
+                }
+            }
             (Some(b), None) => b.to_string(),
             _ => "-".to_string(),
         };
@@ -279,8 +298,14 @@ fn print_peers(v: &Value) {
             .into_iter()
             .flatten()
             .map(|c| {
+                let several = p["links"].as_array().is_some_and(|l| l.len() > 1);
                 format!(
-                    "{} {:.1} s ago ({} channels)",
+                    "{}{} {:.1} s ago ({} channels)",
+                    if several {
+                        format!("link {} ", c["link"])
+                    } else {
+                        String::new()
+                    },
                     c["state"].as_str().unwrap_or("?"),
                     c["ago_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
                     c["channels"]

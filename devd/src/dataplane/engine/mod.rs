@@ -19,7 +19,9 @@ mod failover;
 
 use crate::sandbox::ThreadKind;
 use crate::stats::{EngineCounts, QueuedCounters};
-use ssock_hwbackends::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv, Words};
+use ssock_hwbackends::{
+    link_of, Backend, BackendError, ChannelId, LinkId, LinkState, Mark, Peer, Recv, Words,
+};
 use ssock_rings::layout::{self, FLAG_EOS, FLAG_RESET};
 use ssock_rings::relay;
 use ssock_rings::sys::EventFd;
@@ -128,11 +130,13 @@ pub enum Cmd {
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
     },
-    /// Take the link to `node` out of service, or back in
-    /// (`Backend::set_link`).
+    /// Take link `link` to `node` (None: each of them) out of service,
+    /// or back in (`Backend::set_link`).
     SetLink {
         /// The peer.
         node: u32,
+        /// Which of its links.
+        link: Option<LinkId>,
         /// In service.
         up: bool,
     },
@@ -152,7 +156,7 @@ pub struct Handle {
 /// How many of a link's last changes are kept for the statistics.
 pub const LINK_HISTORY: usize = 8;
 
-/// A peer node's link as the backend last said.
+/// One link to a peer node as the backend last said.
 #[derive(Debug, Default, Clone)]
 pub struct LinkSeen {
     /// Up or not.
@@ -164,22 +168,33 @@ pub struct LinkSeen {
     pub history: VecDeque<(bool, Instant, usize)>,
 }
 
-/// Each peer node's link.
-pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, LinkSeen>>>;
+/// Each link to each peer node: (node, link).
+pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<(u32, LinkId), LinkSeen>>>;
 
 impl Handle {
-    /// The links' states: up or not, how many times each changed.
+    /// Each peer node's links together: whether any is up, how many
+    /// times they changed in all.
     pub fn links(&self) -> std::collections::BTreeMap<u32, (bool, u64)> {
+        let mut by_node = std::collections::BTreeMap::new();
+        for (&(n, _), l) in self.links.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let e: &mut (bool, u64) = by_node.entry(n).or_default();
+            e.0 |= l.up;
+            e.1 += l.changes;
+        }
+        by_node
+    }
+
+    /// Whether link `link` to `node` is up.
+    pub fn link_up(&self, node: u32, link: LinkId) -> bool {
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(&n, l)| (n, (l.up, l.changes)))
-            .collect()
+            .get(&(node, link))
+            .is_some_and(|l| l.up)
     }
 
     /// The links as the statistics show them, with their last changes.
-    pub fn link_history(&self) -> std::collections::BTreeMap<u32, LinkSeen> {
+    pub fn link_history(&self) -> std::collections::BTreeMap<(u32, LinkId), LinkSeen> {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -297,6 +312,11 @@ fn reset(backend: &mut dyn Backend, side: &mut Side) {
 }
 
 /// The channel of side `side` of local connection `id`.
+/// Whether `side`'s channel crosses link `link` to `node`.
+fn crosses(side: &Side, node: u32, link: LinkId) -> bool {
+    matches!(side.peer, Peer::Remote { node: n, .. } if n == node) && link_of(side.ch) == link
+}
+
 fn chan(id: u64, side: usize) -> ChannelId {
     id * 2 + side as u64
 }
@@ -579,15 +599,18 @@ impl Engine {
                 .pairs
                 .values()
                 .flat_map(|p| &p.sides)
-                .filter(|s| matches!(s.peer, Peer::Remote { node, .. } if node == ev.node))
+                .filter(|s| crosses(s, ev.node, ev.link))
                 .count();
+            let (node, link) = (ev.node, ev.link);
             match ev.state {
-                LinkState::Up => log::info!("link to node {} up ({on} channels)", ev.node),
-                LinkState::Down => log::warn!("link to node {} down ({on} channels)", ev.node),
+                LinkState::Up => log::info!("link to node {node} up (link {link}, {on} channels)"),
+                LinkState::Down => {
+                    log::warn!("link to node {node} down (link {link}, {on} channels)")
+                }
             }
             {
                 let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-                let e = l.entry(ev.node).or_default();
+                let e = l.entry((node, link)).or_default();
                 e.up = ev.state == LinkState::Up;
                 e.changes += 1;
                 if e.history.len() == LINK_HISTORY {
@@ -596,7 +619,7 @@ impl Engine {
                 e.history.push_back((e.up, Instant::now(), on));
             }
             if ev.state == LinkState::Down {
-                self.link_lost(ev.node);
+                self.link_lost(node, link);
             }
         }
     }
@@ -605,7 +628,7 @@ impl Engine {
         match cmd {
             Cmd::Stop => return false,
             Cmd::Peers(p) => self.peers = Some(p),
-            Cmd::SetLink { node, up } => match self.backend.set_link(node, up) {
+            Cmd::SetLink { node, link, up } => match self.backend.set_link(node, link, up) {
                 Ok(()) => {
                     let state = if up {
                         "back in service"
@@ -963,16 +986,14 @@ impl Engine {
     /// moves to its kernel socket (`failover.rs`), or, with no peer devds
     /// to agree the offsets with, ends with a reset (its client sees
     /// ECONNRESET, nothing hangs).
-    fn link_lost(&mut self, node: u32) {
+    fn link_lost(&mut self, node: u32, link: LinkId) {
         let ids: Vec<u64> = self
             .pairs
             .iter()
             .filter(|(_, p)| {
-                p.sides.iter().any(|s| {
-                    !s.dead
-                        && s.failover.is_none()
-                        && matches!(s.peer, Peer::Remote { node: n, .. } if n == node)
-                })
+                p.sides
+                    .iter()
+                    .any(|s| !s.dead && s.failover.is_none() && crosses(s, node, link))
             })
             .map(|(&id, _)| id)
             .collect();
@@ -982,7 +1003,7 @@ impl Engine {
                 continue;
             };
             for s in 0..pair.sides.len() {
-                if matches!(pair.sides[s].peer, Peer::Remote { node: n, .. } if n == node) {
+                if crosses(&pair.sides[s], node, link) {
                     if self.fail_over(id, &mut pair, s) {
                         moved += 1;
                     } else {
@@ -997,7 +1018,7 @@ impl Engine {
         }
         if !ids.is_empty() {
             log::warn!(
-                "link to node {node} lost: {moved} connections move to their kernel sockets, {} reset",
+                "link to node {node} lost (link {link}): {moved} connections move to their kernel sockets, {} reset",
                 ids.len() - moved
             );
         }
@@ -1018,7 +1039,8 @@ impl Engine {
             };
             let down = {
                 let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-                l.get(&node).is_some_and(|l| !l.up)
+                l.get(&(node, link_of(pair.sides[s].ch)))
+                    .is_some_and(|l| !l.up)
             };
             if !on_kernel.get(s).copied().unwrap_or(false) && !down {
                 continue;

@@ -133,9 +133,16 @@ pub(crate) fn measure(x: &Ctx, socket: &Path, markdown: bool) -> Result<String> 
         .and_then(|n| u32::try_from(n).ok())
         .context("host a's devd has no peer")?;
     let link = |up: bool| -> Result<()> {
-        s.request(&Request::Link { node, up }, &[])
-            .map(|_| ())
-            .map_err(|e| anyhow!("ringstat link {node}: {e} (root only)"))
+        s.request(
+            &Request::Link {
+                node,
+                link: None,
+                up,
+            },
+            &[],
+        )
+        .map(|_| ())
+        .map_err(|e| anyhow!("ringstat link {node}: {e} (root only)"))
     };
     let mut ping = open(&x.peer, Transport::Queued, ECHO, None, PING_SIZE, 0)?;
     let mut sink = open(&x.peer, Transport::Queued, SINK, None, CHUNK, 0)?;

@@ -117,6 +117,7 @@ impl Totals {
                 failovers: 0,
                 failover_resets: 0,
                 made_while_down: 0,
+                migrations: 0,
                 forwards: self.forwards,
                 forwards_offered: self.forwards_offered,
             },
@@ -145,6 +146,12 @@ pub struct QueuedCounters {
     /// The link under it failed and it moved to its kernel socket (1), or
     /// is moving (2: the hosts have not agreed yet): remote sides only.
     pub failover: AtomicU64,
+    /// Remote sides: the link its channel crosses now (it moves to
+    /// another when its link fails and another is up), and how many times
+    /// it moved so.
+    pub link: AtomicU64,
+    /// See `link`.
+    pub migrations: AtomicU64,
 }
 
 /// What the Queued engine counts over all connections, live and gone:
@@ -166,6 +173,9 @@ pub struct EngineCounts {
     /// kernel sockets once both hosts agreed (docs/protocol.md 8.6; in
     /// `failovers` too).
     pub made_while_down: AtomicU64,
+    /// Remote sides moved from a link that failed onto another link to
+    /// the same peer, with no byte on TCP (docs/protocol.md 8.7).
+    pub migrations: AtomicU64,
 }
 
 impl QueuedCounters {
@@ -245,6 +255,9 @@ pub struct RemoteCounts {
     /// started on their kernel sockets once both hosts agreed (also in
     /// `failovers`).
     pub made_while_down: u64,
+    /// This host's ends moved from a link that failed onto another link
+    /// to the same peer, TCP untouched (docs/protocol.md 8.7).
+    pub migrations: u64,
     /// This host's ends that moved forward onto the link again
     /// (docs/protocol.md 8.6), and those offered to (an end whose
     /// process cannot take it stays on its kernel socket).
@@ -323,9 +336,13 @@ pub struct ConnJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<u64>,
     /// With its other end on another host: which of the links to that
-    /// peer its channel crosses (0 first).
+    /// peer its channel crosses (0 first), and how many times it moved
+    /// from a failed link onto another (docs/protocol.md 8.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link: Option<u8>,
+    /// See `link`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<u64>,
     /// With its other end on another host: of the stream this host's end
     /// sent (`bytes_c2a` or `bytes_a2c`), the bytes the other host
     /// acknowledged; what lies between is in flight.

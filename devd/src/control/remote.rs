@@ -360,6 +360,21 @@ impl Devd {
                         words,
                         closed,
                     }),
+                Event::Migrate {
+                    node,
+                    channel,
+                    link,
+                    received,
+                    marked,
+                } => self
+                    .engine
+                    .send(crate::dataplane::engine::Cmd::PeerMigrate {
+                        node,
+                        channel,
+                        link,
+                        received,
+                        marked,
+                    }),
                 Event::Forward { node, old, new } => self.peer_forward(node, old, new),
                 Event::Forwarded { node, channel, ok } => self.forwarded(node, channel, ok),
             }

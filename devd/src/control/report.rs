@@ -31,6 +31,7 @@ impl Devd {
                 t.remote.failovers = QueuedCounters::get(&e.failovers);
                 t.remote.failover_resets = QueuedCounters::get(&e.failover_resets);
                 t.remote.made_while_down = QueuedCounters::get(&e.made_while_down);
+                t.remote.migrations = QueuedCounters::get(&e.migrations);
                 for c in self.reg.conns.values().filter(|c| c.mode != Mode::Queued) {
                     let j = conn_json(c);
                     let b = j.bytes_c2a.saturating_add(j.bytes_a2c);
@@ -170,6 +171,7 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 peer_node: None,
                 channel: None,
                 link: None,
+                migrations: None,
                 acked: None,
                 path: None,
                 failovers: None,
@@ -200,7 +202,10 @@ pub(super) fn conn_json(c: &Conn) -> ConnJson {
                 }),
                 peer_node: c.remote.map(|r| r.0),
                 channel: c.remote.map(|r| r.1),
-                link: c.remote.map(|r| ssock_hwbackends::link_of(r.1)),
+                link: c
+                    .remote
+                    .map(|_| u8::try_from(g(&k.link)).unwrap_or(u8::MAX)),
+                migrations: c.remote.map(|_| g(&k.migrations)),
                 // The end on this host is the one with a session.
                 acked: c
                     .remote

@@ -162,6 +162,20 @@ pub enum Event {
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
     },
+    /// Peer `node` moves the connection on `channel` onto another link
+    /// (`Msg::Migrate`): for the engine.
+    Migrate {
+        /// The peer.
+        node: u32,
+        /// The connection's channel on the failed link.
+        channel: u64,
+        /// The link it moves to, once the peer has it.
+        link: Option<u8>,
+        /// What the peer's end was given of this end's stream.
+        received: u64,
+        /// With this end's mark.
+        marked: bool,
+    },
     /// Peer `node` offers the moved connection on channel `old` a new
     /// region on channel `new` (`Msg::Forward`).
     Forward {
@@ -899,6 +913,7 @@ impl Thread {
                     m @ (Msg::Claim { .. }
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
+                    | Msg::Migrate { .. }
                     | Msg::Forward { .. }
                     | Msg::Forwarded { .. })
                         if c.verified =>
@@ -908,11 +923,13 @@ impl Thread {
                     Msg::Claim { .. }
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
+                    | Msg::Migrate { .. }
                     | Msg::Forward { .. }
                     | Msg::Forwarded { .. } => {
                         return Err(End::Refused(
                             "malformed",
-                            "a Claim, Claimed, Failover or Forward before the handshake".into(),
+                            "a Claim, Claimed, Failover, Migrate or Forward before the handshake"
+                                .into(),
                         ));
                     }
                     Msg::Listeners(_) => {
@@ -1082,6 +1099,18 @@ impl Thread {
                 }),
                 Msg::Forward { old, new } => Some(Event::Forward { node, old, new }),
                 Msg::Forwarded { channel, ok } => Some(Event::Forwarded { node, channel, ok }),
+                Msg::Migrate {
+                    channel,
+                    link,
+                    received,
+                    marked,
+                } => Some(Event::Migrate {
+                    node,
+                    channel,
+                    link,
+                    received,
+                    marked,
+                }),
                 _ => None,
             })
             .collect();

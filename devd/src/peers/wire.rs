@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -104,6 +104,24 @@ pub enum Msg {
         /// Open there.
         ok: bool,
     },
+    /// The link under the connection on `channel` failed and another
+    /// link to the same peer is up: the connection moves onto that one
+    /// with no byte on TCP (docs/protocol.md 8.7). `received` is what the
+    /// sender's end was given of the other end's stream when it stopped
+    /// (the other end sends again from there), `marked` whether that
+    /// included the other end's mark. `link`: the link it moves to, which
+    /// the devd that named the channel picks and opens first; from the
+    /// other devd, the link it has opened too (None: not yet).
+    Migrate {
+        /// The connection's channel on the failed link.
+        channel: u64,
+        /// The link it moves to.
+        link: Option<u8>,
+        /// Bytes of the other end's stream the sender's end was given.
+        received: u64,
+        /// Its end mark among them.
+        marked: bool,
+    },
 }
 
 /// What a Claim found on the connector's host.
@@ -143,6 +161,7 @@ const CLAIMED: u8 = 6;
 const FAILOVER: u8 = 7;
 const FORWARD: u8 = 8;
 const FORWARDED: u8 = 9;
+const MIGRATE: u8 = 10;
 
 /// Appends address `a`: a family byte (4 or 6), its address bytes and a
 /// u16 port.
@@ -246,6 +265,18 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             body.extend_from_slice(&channel.to_le_bytes());
             body.push(u8::from(*ok));
         }
+        Msg::Migrate {
+            channel,
+            link,
+            received,
+            marked,
+        } => {
+            body.push(MIGRATE);
+            body.extend_from_slice(&channel.to_le_bytes());
+            body.push(link.unwrap_or(u8::MAX));
+            body.extend_from_slice(&received.to_le_bytes());
+            body.push(u8::from(*marked));
+        }
     }
     let mut f = u32::try_from(body.len())
         .unwrap_or(u32::MAX)
@@ -331,6 +362,7 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
             },
             _ => return Err(WireError::Malformed("Forwarded")),
         },
+        MIGRATE => migrate(p).ok_or(WireError::Malformed("Migrate"))?,
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -381,6 +413,31 @@ fn failover(p: &[u8]) -> Option<Msg> {
         channel: word(0),
         words: [word(1), word(2), word(3), word(4)],
         closed,
+    })
+}
+
+/// A Migrate payload: the channel, the link (255: none; else below
+/// `ssock_hwbackends::MAX_LINKS`), what was received, a flag byte (0 or
+/// 1); nothing after them.
+fn migrate(p: &[u8]) -> Option<Msg> {
+    if p.len() != 8 + 1 + 8 + 1 {
+        return None;
+    }
+    let link = match p[8] {
+        u8::MAX => None,
+        l if usize::from(l) < ssock_hwbackends::MAX_LINKS => Some(l),
+        _ => return None,
+    };
+    let marked = match p[17] {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    Some(Msg::Migrate {
+        channel: u64::from_le_bytes(p[..8].try_into().ok()?),
+        link,
+        received: u64::from_le_bytes(p[9..17].try_into().ok()?),
+        marked,
     })
 }
 
@@ -639,6 +696,18 @@ mod tests {
                 channel: 4,
                 ok: false,
             },
+            Msg::Migrate {
+                channel: 1 << 63 | 11,
+                link: Some(1),
+                received: 1 << 40,
+                marked: false,
+            },
+            Msg::Migrate {
+                channel: 12,
+                link: None,
+                received: 0,
+                marked: true,
+            },
         ] {
             let mut f = encode(&m);
             assert_eq!(decode(&mut f), Ok(Some(m.clone())));
@@ -658,6 +727,22 @@ mod tests {
         });
         *bad.last_mut().unwrap() = 3;
         assert!(matches!(decode(&mut bad), Err(WireError::Malformed(_))));
+        // A Migrate names a link below 8 (or none) and a flag of 0 or 1.
+        let m = |link, flag| {
+            let mut f = encode(&Msg::Migrate {
+                channel: 1,
+                link: Some(0),
+                received: 2,
+                marked: false,
+            });
+            let n = f.len();
+            f[4 + 1 + 8] = link;
+            f[n - 1] = flag;
+            decode(&mut f)
+        };
+        assert!(m(7, 1).is_ok() && m(255, 0).is_ok());
+        assert!(matches!(m(8, 0), Err(WireError::Malformed(_))));
+        assert!(matches!(m(0, 2), Err(WireError::Malformed(_))));
         // A Failover's flag byte is 0 or 1, and 0 comes with offset 0.
         let good = encode(&Msg::Failover {
             channel: 1,

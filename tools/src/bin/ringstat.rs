@@ -227,13 +227,14 @@ fn print_table(v: &Value) {
         || t["remote"]["unmatched"].as_u64().unwrap_or(0) > 0
     {
         out!(
-            "remote: connections {} unmatched {} failovers {} failover_resets {} made_while_down {} forwards {}",
+            "remote: connections {} unmatched {} failovers {} failover_resets {} made_while_down {} forwards {} migrations {}",
             t["remote"]["connections"],
             t["remote"]["unmatched"],
             t["remote"]["failovers"],
             t["remote"]["failover_resets"],
             t["remote"]["made_while_down"],
-            t["remote"]["forwards"]
+            t["remote"]["forwards"],
+            t["remote"]["migrations"]
         );
     }
     let fb: Vec<String> = t["fallbacks"]

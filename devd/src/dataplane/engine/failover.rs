@@ -65,6 +65,11 @@ impl Engine {
         if side.failover.is_some() {
             return true;
         }
+        // A move onto another link gives way (its other half goes with
+        // the other host's own fail-over, which names either channel).
+        self.abandon_migration(&mut pair.sides[s]);
+        let side = &mut pair.sides[s];
+        side.resend.clear();
         side.failover = Some(Failover {
             node,
             channel,
@@ -98,16 +103,9 @@ impl Engine {
         words: Words,
         closed: Option<u64>,
     ) {
-        // A remote side's backend channel is the connection's channel.
-        let found = self.by_chan.get(&channel).and_then(|&id| {
-            self.pairs.get(&id).and_then(|p| {
-                p.sides
-                    .iter()
-                    .position(|s| !s.dead && s.peer == Peer::Remote { node, channel })
-                    .map(|s| (id, s))
-            })
-        });
-        let Some((id, s)) = found else {
+        // A remote side's backend channel is the connection's channel (or
+        // was, or is to be, around a move onto another link).
+        let Some((id, s)) = self.side_for(node, channel) else {
             log::debug!("peer node {node}: fail-over of channel {channel:#x}, not served here");
             return;
         };

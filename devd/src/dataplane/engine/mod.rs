@@ -16,6 +16,7 @@
 //! kernel sockets (`failover.rs`).
 
 mod failover;
+mod migrate;
 
 use crate::sandbox::ThreadKind;
 use crate::stats::{EngineCounts, QueuedCounters};
@@ -130,6 +131,20 @@ pub enum Cmd {
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
     },
+    /// Peer `node` moves the connection on `channel` onto another link
+    /// (`peers::wire::Msg::Migrate`, `migrate.rs`).
+    PeerMigrate {
+        /// The peer.
+        node: u32,
+        /// The connection's channel on the failed link.
+        channel: u64,
+        /// The link it moves to, once the peer has it.
+        link: Option<LinkId>,
+        /// What the peer's end was given of this end's stream.
+        received: u64,
+        /// With this end's mark.
+        marked: bool,
+    },
     /// Take link `link` to `node` (None: each of them) out of service,
     /// or back in (`Backend::set_link`).
     SetLink {
@@ -239,9 +254,23 @@ struct Side {
     tx_pending: Option<(Buf, usize)>,
     /// TX buffers whose bytes the backend took, with the stream offset
     /// each ends at, given back once acknowledged up to there.
-    unacked: VecDeque<(u16, u64)>,
+    unacked: VecDeque<(Buf, u64)>,
     /// Bytes of this side's stream the backend took.
     sent: u64,
+    /// Where this side's stream stood when its channel opened (not 0
+    /// once it moved onto another link: the channel's offsets count from
+    /// there).
+    base: u64,
+    /// Unacknowledged TX buffers to send again from the given offset in
+    /// each (after a move onto another link), before anything else.
+    resend: VecDeque<(Buf, usize)>,
+    /// Moving onto another link (`migrate.rs`).
+    migrating: Option<migrate::Migrating>,
+    /// The channel it crossed before its last move onto another link
+    /// (the other host's late messages may still name it), and what this
+    /// side said of it then (received, marked).
+    prev_ch: Option<ChannelId>,
+    migrate_said: (u64, bool),
     /// Bytes of the other end's stream given to this side's client.
     received: u64,
     /// The link under it failed: it moves to its kernel socket.
@@ -555,6 +584,7 @@ impl Engine {
                     p.sides.iter().any(|s| {
                         !s.dead
                             && s.failover.is_none()
+                            && s.migrating.is_none()
                             && ((s.tx_pending.is_none() && !s.mark_sent && s.region.has_avail(TX))
                                 || (s.rx_waiting && s.region.has_avail(RX)))
                     })
@@ -646,6 +676,13 @@ impl Engine {
                 words,
                 closed,
             } => self.peer_failover(node, channel, words, closed),
+            Cmd::PeerMigrate {
+                node,
+                channel,
+                link,
+                received,
+                marked,
+            } => self.peer_migrate(node, channel, link, received, marked),
             Cmd::Add {
                 id,
                 sides,
@@ -665,6 +702,11 @@ impl Engine {
                     tx_pending: None,
                     unacked: VecDeque::new(),
                     sent: 0,
+                    base: 0,
+                    resend: VecDeque::new(),
+                    migrating: None,
+                    prev_ch: None,
+                    migrate_said: (0, false),
                     received: 0,
                     failover: None,
                     mark_sent: false,
@@ -732,6 +774,12 @@ impl Engine {
                 }
                 if pair.sides.iter().any(|s| s.hov.is_some() && s.end == 0) {
                     self.unheard.insert(id, 0);
+                }
+                if let Some(s) = pair.sides.iter().find(|s| s.hov.is_some()) {
+                    // Relaxed: statistics.
+                    pair.counters
+                        .link
+                        .store(u64::from(link_of(s.ch)), Ordering::Relaxed);
                 }
                 let mut pair = pair;
                 self.born_on_kernel(id, &mut pair, &on_kernel);
@@ -817,7 +865,7 @@ impl Engine {
             for s in 0..pair.sides.len() {
                 let pending = self.backend.pending(pair.sides[s].ch) > 0;
                 let side = &mut pair.sides[s];
-                if side.dead || side.gone || side.failover.is_some() {
+                if side.dead || side.gone || side.failover.is_some() || side.migrating.is_some() {
                     // (A side that moved to its kernel socket is no work:
                     // what its client posted stays where it is.)
                     continue;
@@ -853,15 +901,18 @@ impl Engine {
             self.reset_side(pair, 0);
         }
         self.failover_expire(id, pair);
+        self.migrate_expire(id, pair);
         let finished = pair.sides.iter().all(|s| {
             s.dead
                 || (s.gone
                     && (!alone
-                        || s.failover
-                            .as_ref()
-                            .map_or(s.mark_sent && s.tx_pending.is_none(), |_| {
-                                failover::agreed(s)
-                            })))
+                        || s.failover.as_ref().map_or(
+                            s.mark_sent
+                                && s.tx_pending.is_none()
+                                && s.migrating.is_none()
+                                && s.resend.is_empty(),
+                            |_| failover::agreed(s),
+                        )))
         });
         if finished {
             self.forget(id, pair);
@@ -928,7 +979,12 @@ impl Engine {
             .iter_mut()
             .filter(|s| s.hov.is_some() && s.end == 0)
         {
-            if side.heard || side.dead || side.rx_marked || side.failover.is_some() {
+            if side.heard
+                || side.dead
+                || side.rx_marked
+                || side.failover.is_some()
+                || side.migrating.is_some()
+            {
                 continue;
             }
             if side.opened.elapsed() < UNHEARD || looks < UNHEARD_LOOKS {
@@ -961,6 +1017,10 @@ impl Engine {
             self.failover_words_out(side);
             return;
         }
+        if side.migrating.is_some() {
+            // Said on the new link once there.
+            return;
+        }
         let Some(hov) = side.hov.as_ref().filter(|_| !side.dead) else {
             return;
         };
@@ -991,20 +1051,28 @@ impl Engine {
             .pairs
             .iter()
             .filter(|(_, p)| {
-                p.sides
-                    .iter()
-                    .any(|s| !s.dead && s.failover.is_none() && crosses(s, node, link))
+                p.sides.iter().any(|s| {
+                    !s.dead
+                        && s.failover.is_none()
+                        && s.migrating.is_none()
+                        && crosses(s, node, link)
+                })
             })
             .map(|(&id, _)| id)
             .collect();
-        let mut moved = 0;
+        let (mut moved, mut migrated) = (0, 0);
         for &id in &ids {
             let Some(mut pair) = self.pairs.remove(&id) else {
                 continue;
             };
             for s in 0..pair.sides.len() {
                 if crosses(&pair.sides[s], node, link) {
-                    if self.fail_over(id, &mut pair, s) {
+                    if pair.sides[s].migrating.is_some() {
+                        continue;
+                    }
+                    if self.migrate(id, &mut pair, s, None) {
+                        migrated += 1;
+                    } else if self.fail_over(id, &mut pair, s) {
                         moved += 1;
                     } else {
                         self.failover_reset(&mut pair, s);
@@ -1018,8 +1086,8 @@ impl Engine {
         }
         if !ids.is_empty() {
             log::warn!(
-                "link to node {node} lost (link {link}): {moved} connections move to their kernel sockets, {} reset",
-                ids.len() - moved
+                "link to node {node} lost (link {link}): {migrated} connections move onto another link, {moved} to their kernel sockets, {} reset",
+                ids.len() - moved - migrated
             );
         }
     }
@@ -1068,6 +1136,10 @@ impl Engine {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.backend.close(side.ch);
             self.by_chan.remove(&side.ch);
+            if let Some(twin) = migrate::open_twin(side) {
+                self.backend.close(twin);
+                self.by_chan.remove(&twin);
+            }
         }
     }
 
@@ -1084,20 +1156,24 @@ impl Engine {
     fn give_back(&mut self, id: u64, pair: &mut Pair, s: usize, all: bool) -> bool {
         let acked = match self.backend.offsets(pair.sides[s].ch) {
             _ if all => u64::MAX,
+            // (Not while it moves onto another link: what the old one
+            // acknowledges now counts no more.)
+            _ if pair.sides[s].migrating.is_some() => 0,
             Some(o) => {
+                let acked = pair.sides[s].base + o.acked;
                 let a = &pair.counters.acked[pair.sides[s].end & 1];
-                a.store(o.acked, std::sync::atomic::Ordering::Relaxed);
-                o.acked
+                a.store(acked, std::sync::atomic::Ordering::Relaxed);
+                acked
             }
             None => u64::MAX,
         };
         let mut back = false;
-        while let Some(&(head, end)) = pair.sides[s].unacked.front() {
+        while let Some(&(buf, end)) = pair.sides[s].unacked.front() {
             if end > acked {
                 break;
             }
             pair.sides[s].unacked.pop_front();
-            if let Err(e) = pair.sides[s].region.add_used(TX, head, 0) {
+            if let Err(e) = pair.sides[s].region.add_used(TX, buf.head, 0) {
                 self.violation(id, pair, s, &e);
                 return true;
             }
@@ -1107,7 +1183,10 @@ impl Engine {
     }
 
     fn tx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
-        if pair.sides[s].dead || pair.sides[s].failover.is_some() {
+        if pair.sides[s].dead
+            || pair.sides[s].failover.is_some()
+            || pair.sides[s].migrating.is_some()
+        {
             return false;
         }
         let mut used = self.give_back(id, pair, s, false);
@@ -1121,6 +1200,11 @@ impl Engine {
         }
         let ch = pair.sides[s].ch;
         let mut dropped = false;
+        match self.resend(id, pair, s) {
+            Some(moved) => progress |= moved,
+            // Still sending again what the old link lost: nothing new.
+            None => return true,
+        }
         loop {
             let side = &mut pair.sides[s];
             let (buf, off) = match side.tx_pending.take() {
@@ -1179,7 +1263,7 @@ impl Engine {
                 side.tx_pending = Some((buf, off + n));
                 break;
             }
-            side.unacked.push_back((buf.head, side.sent));
+            side.unacked.push_back((buf, side.sent));
             progress = true;
         }
         // A local peer's bytes need no holding here: the client keeps a
@@ -1264,7 +1348,7 @@ impl Engine {
     fn rx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
         let ch = pair.sides[s].ch;
         let side = &mut pair.sides[s];
-        if side.dead || side.rx_marked || side.failover.is_some() {
+        if side.dead || side.rx_marked || side.failover.is_some() || side.migrating.is_some() {
             return false;
         }
         let mut progress = false;

@@ -1,0 +1,536 @@
+//! Moving a connection from a link that failed onto another link to the
+//! same peer, with no byte on TCP and nothing for its clients to do
+//! (docs/protocol.md 8.7). The devd that named the connection's channel
+//! (its acceptor's) picks the link, opens the channel's twin on it and
+//! says so (`Msg::Migrate`, over the peer control connection) with what
+//! its end was given of the other end's stream when it stopped; the other
+//! devd stops its side too, opens the twin and answers the same way. Each
+//! then sends its stream again from what the other said it was given, out
+//! of the TX buffers not yet acknowledged (the engine gives a buffer back
+//! only once the other host took its bytes), and reads on from where it
+//! stopped. No new link up, no answer within `WAIT`, or a value that
+//! breaks the rules: the side moves to its kernel socket instead
+//! (`failover.rs`).
+//!
+//! Never here: a byte delivered twice or skipped (each direction resumes
+//! exactly at what its reader was given, checked against what its writer
+//! sent and had acknowledged), a word from the other host used unchecked,
+//! a side left waiting without a bound.
+
+use super::{link_of, Engine, Pair, Side};
+use crate::peers::wire::Msg;
+use crate::stats::QueuedCounters;
+use ssock_hwbackends::{on_link, BackendError, ChannelId, LinkId, Peer};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a side waits for the other host's half before it moves to
+/// its kernel socket instead.
+const WAIT: Duration = Duration::from_secs(3);
+/// How long before it says its half again.
+const AGAIN: Duration = Duration::from_millis(500);
+
+/// A side moving onto another link.
+#[derive(Debug)]
+pub(super) struct Migrating {
+    node: u32,
+    /// The channel on the failed link.
+    old: ChannelId,
+    /// The link it moves to (the namer's pick; at the other devd, once
+    /// the namer said).
+    link: Option<LinkId>,
+    /// The channel's twin on that link is open here.
+    opened: bool,
+    /// This devd named the channel (it picks the link).
+    namer: bool,
+    /// What this side was given of the other end's stream when it
+    /// stopped, and whether its mark too.
+    ours: (u64, bool),
+    /// The other host's, once heard.
+    theirs: Option<(u64, bool)>,
+    /// The other devd said it has the twin open (the namer waits for it
+    /// before it sends there: a frame for a channel not open is dropped).
+    confirmed: bool,
+    /// This side's stream when it stopped: acknowledged, sent.
+    acked: u64,
+    sent: u64,
+    said_at: Instant,
+    began: Instant,
+}
+
+impl Migrating {
+    fn twin(&self) -> Option<ChannelId> {
+        self.link.map(|l| on_link(self.old, l))
+    }
+}
+
+/// Whether this devd named `ch`, a channel with peer `node` (the acceptor's
+/// devd names a connection's channel from its own range; the connector's
+/// has the peer's node there).
+fn named_here(node: u32, ch: ChannelId) -> bool {
+    (ch >> 40) & 0xFFFF != u64::from(node)
+}
+
+impl Engine {
+    /// The first link to `node` that is up other than `but`.
+    fn other_link_up(&self, node: u32, but: LinkId) -> Option<LinkId> {
+        let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter()
+            .find(|(&(n, link), seen)| n == node && link != but && seen.up)
+            .map(|(&(_, link), _)| link)
+    }
+
+    /// Starts moving remote side `s` of `pair` off its failed link onto
+    /// another (`link`: the namer's pick, when the other devd starts on
+    /// the namer's word): false when it cannot (no other link up here, no
+    /// peer devds, not a remote side, the twin cannot open), and the
+    /// caller moves it to its kernel socket instead.
+    pub(super) fn migrate(
+        &mut self,
+        id: u64,
+        pair: &mut Pair,
+        s: usize,
+        link: Option<LinkId>,
+    ) -> bool {
+        let side = &pair.sides[s];
+        let Peer::Remote { node, channel } = side.peer else {
+            return false;
+        };
+        if side.dead || side.hov.is_none() || self.peers.is_none() || side.failover.is_some() {
+            return false;
+        }
+        if side.migrating.is_some() {
+            return true;
+        }
+        let old_link = link_of(channel);
+        let namer = named_here(node, channel);
+        let pick = if namer {
+            self.other_link_up(node, old_link)
+        } else {
+            // The namer picks; this side only goes along while a link
+            // other than the failed one is up here too.
+            if self.other_link_up(node, old_link).is_none() {
+                return false;
+            }
+            link
+        };
+        let pick = match pick {
+            Some(l) if l == old_link => return false,
+            Some(l) => Some(l),
+            None if namer => return false,
+            None => None,
+        };
+        let acked = side.base
+            + self
+                .backend
+                .offsets(side.ch)
+                .map_or(0, |o| o.acked.min(side.sent - side.base));
+        let side = &mut pair.sides[s];
+        side.migrating = Some(Migrating {
+            node,
+            old: channel,
+            link: pick,
+            opened: false,
+            namer,
+            ours: (side.received, side.rx_marked),
+            theirs: None,
+            confirmed: false,
+            acked,
+            sent: side.sent,
+            said_at: Instant::now(),
+            began: Instant::now(),
+        });
+        // Relaxed: statistics ("moving").
+        pair.counters.failover.store(2, Ordering::Relaxed);
+        if pick.is_some() && !self.open_twin(id, &mut pair.sides[s]) {
+            pair.sides[s].migrating = None;
+            pair.counters.failover.store(0, Ordering::Relaxed);
+            return false;
+        }
+        log::info!(
+            "connection {id}: the link to node {node} failed (link {old_link}); moving it onto {}",
+            pick.map_or("another link".to_string(), |l| format!("link {l}"))
+        );
+        self.lingering.insert(id);
+        self.say_migrate(&mut pair.sides[s]);
+        true
+    }
+
+    /// Opens the channel's twin on the link picked; false if the backend
+    /// cannot.
+    fn open_twin(&mut self, id: u64, side: &mut Side) -> bool {
+        let Some(m) = side.migrating.as_mut() else {
+            return false;
+        };
+        let Some(twin) = m.twin().filter(|_| !m.opened) else {
+            return m.opened;
+        };
+        let peer = Peer::Remote {
+            node: m.node,
+            channel: twin,
+        };
+        match self.backend.open(twin, peer) {
+            Ok(()) => {
+                m.opened = true;
+                self.by_chan.insert(twin, id);
+                true
+            }
+            Err(e) => {
+                log::warn!("connection {id}: the channel on the new link: {e}");
+                false
+            }
+        }
+    }
+
+    /// Tells the other host this side's half (again).
+    fn say_migrate(&mut self, side: &mut Side) {
+        let (Some(m), Some(peers)) = (side.migrating.as_mut(), self.peers.as_ref()) else {
+            return;
+        };
+        peers.send(
+            m.node,
+            Msg::Migrate {
+                channel: m.old,
+                link: m.link.filter(|_| m.opened),
+                received: m.ours.0,
+                marked: m.ours.1,
+            },
+        );
+        m.said_at = Instant::now();
+    }
+
+    /// Peer `node` said its half for the connection on `channel`.
+    pub(super) fn peer_migrate(
+        &mut self,
+        node: u32,
+        channel: u64,
+        link: Option<LinkId>,
+        received: u64,
+        marked: bool,
+    ) {
+        let Some((id, s)) = self.side_for(node, channel) else {
+            log::debug!("peer node {node}: a move of channel {channel:#x}, not served here");
+            return;
+        };
+        let Some(mut pair) = self.pairs.remove(&id) else {
+            return;
+        };
+        self.peer_half(id, &mut pair, s, channel, link, (received, marked));
+        self.pairs.insert(id, pair);
+        if !self.busy.contains(&id) {
+            self.busy.push_back(id);
+        }
+    }
+
+    fn peer_half(
+        &mut self,
+        id: u64,
+        pair: &mut Pair,
+        s: usize,
+        channel: u64,
+        link: Option<LinkId>,
+        theirs: (u64, bool),
+    ) {
+        let side = &mut pair.sides[s];
+        if side.dead || side.failover.is_some() {
+            // Moving to its kernel socket: the other host follows once it
+            // hears so.
+            return;
+        }
+        if side.migrating.is_none() {
+            if side.prev_ch == Some(channel) {
+                // Moved here already: the namer missed this side's answer.
+                if !named_here(theirs_node(side), channel) {
+                    let m = Msg::Migrate {
+                        channel,
+                        link: Some(link_of(side.ch)),
+                        received: side.migrate_said.0,
+                        marked: side.migrate_said.1,
+                    };
+                    if let Some(p) = &self.peers {
+                        p.send(theirs_node(side), m);
+                    }
+                }
+                return;
+            }
+            if !self.migrate(id, pair, s, link) {
+                self.migration_failed(id, pair, s);
+                return;
+            }
+        }
+        let Some(m) = pair.sides[s].migrating.as_mut() else {
+            return;
+        };
+        if m.old != channel {
+            // Of a move before this one.
+            return;
+        }
+        if m.theirs.is_some_and(|t| t != theirs) {
+            log::warn!(
+                "connection {id}: node {} changed its half of the move; resetting it",
+                m.node
+            );
+            self.migrate_reset(pair, s);
+            return;
+        }
+        m.theirs = Some(theirs);
+        match (m.namer, link) {
+            (true, Some(l)) if Some(l) == m.link => m.confirmed = true,
+            (true, Some(_)) | (false, None) => {}
+            (true, None) => {}
+            (false, Some(l)) => {
+                if m.link.is_some_and(|have| have != l) {
+                    log::warn!(
+                        "connection {id}: node {} named two links for its move; resetting it",
+                        m.node
+                    );
+                    self.migrate_reset(pair, s);
+                    return;
+                }
+                m.link = Some(l);
+            }
+        }
+        let side = &mut pair.sides[s];
+        if !side.migrating.as_ref().is_some_and(|m| m.opened) && !self.open_twin(id, side) {
+            self.migration_failed(id, pair, s);
+            return;
+        }
+        self.try_complete(id, pair, s);
+    }
+
+    /// Completes side `s`'s move once both halves are in.
+    fn try_complete(&mut self, id: u64, pair: &mut Pair, s: usize) {
+        let side = &mut pair.sides[s];
+        let Some(m) = side.migrating.as_ref() else {
+            return;
+        };
+        let (Some(theirs), Some(link), Some(twin)) = (m.theirs, m.link, m.twin()) else {
+            return;
+        };
+        if m.namer && !m.confirmed {
+            return;
+        }
+        if !m.namer && !self.link_seen_up(m.node, link) {
+            // The namer's pick is down here: no byte would cross it.
+            log::info!("connection {id}: link {link} is down here too");
+            self.migration_failed(id, pair, s);
+            return;
+        }
+        // What the other host was given of this side's stream: at least
+        // what it acknowledged, at most what was sent; the mark only
+        // after every byte.
+        let (r, marked) = theirs;
+        let ok = r >= m.acked && r <= m.sent && (!marked || (side.mark_sent && r == m.sent));
+        if !ok {
+            log::warn!(
+                "connection {id}: node {} says it was given {r} bytes (mark: {marked}) of a stream acknowledged to {} and sent to {}; resetting it",
+                m.node, m.acked, m.sent
+            );
+            self.migrate_reset(pair, s);
+            return;
+        }
+        let (node, old, ours, namer) = (m.node, m.old, m.ours, m.namer);
+        // The old channel goes (its link is down: nothing crosses it).
+        self.backend.close(old);
+        self.by_chan.remove(&old);
+        let side = &mut pair.sides[s];
+        side.migrating = None;
+        side.prev_ch = Some(old);
+        side.migrate_said = ours;
+        side.ch = twin;
+        side.peer = Peer::Remote {
+            node,
+            channel: twin,
+        };
+        // This side's stream again from `r`: the unacknowledged buffers
+        // from there, then the one partly sent, from where `r` falls.
+        side.resend.clear();
+        let pending_start = side.sent - side.tx_pending.map_or(0, |(_, off)| off as u64);
+        for &(buf, end) in &side.unacked {
+            let start = end - u64::from(buf.len);
+            if end > r {
+                let off = usize::try_from(r.saturating_sub(start)).unwrap_or(0);
+                side.resend.push_back((buf, off));
+            }
+        }
+        if let Some((buf, _)) = side.tx_pending {
+            let off = usize::try_from(r.saturating_sub(pending_start)).unwrap_or(0);
+            side.tx_pending = Some((buf, off));
+        }
+        side.sent = r;
+        side.base = r;
+        if side.mark_sent && !marked {
+            side.mark_sent = false;
+        }
+        side.words_sent = None;
+        pair.counters.link.store(u64::from(link), Ordering::Relaxed);
+        pair.counters.failover.store(0, Ordering::Relaxed);
+        QueuedCounters::add(&pair.counters.migrations, 1);
+        QueuedCounters::add(&self.counts.migrations, 1);
+        log::info!(
+            "connection {id}: on link {link} to node {node}, both hosts agreed where (this side's stream again from byte {r}, the other's from {})",
+            ours.0
+        );
+        if !pair.sides.iter().any(|s| s.gone || s.failover.is_some()) {
+            self.lingering.remove(&id);
+        }
+        if !namer {
+            // Says it has the twin open: the namer sends there from now.
+            if let Some(p) = &self.peers {
+                p.send(
+                    node,
+                    Msg::Migrate {
+                        channel: old,
+                        link: Some(link),
+                        received: ours.0,
+                        marked: ours.1,
+                    },
+                );
+            }
+        }
+        if !self.busy.contains(&id) {
+            self.busy.push_back(id);
+        }
+    }
+
+    /// Whether link `link` to `node` is up here.
+    fn link_seen_up(&self, node: u32, link: LinkId) -> bool {
+        let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        l.get(&(node, link)).is_some_and(|seen| seen.up)
+    }
+
+    /// The move cannot happen: side `s` moves to its kernel socket (or,
+    /// without peer devds to agree with, is reset).
+    pub(super) fn migration_failed(&mut self, id: u64, pair: &mut Pair, s: usize) {
+        self.abandon_migration(&mut pair.sides[s]);
+        if !self.fail_over(id, pair, s) {
+            self.failover_reset(pair, s);
+        }
+    }
+
+    fn migrate_reset(&mut self, pair: &mut Pair, s: usize) {
+        self.abandon_migration(&mut pair.sides[s]);
+        self.failover_reset(pair, s);
+    }
+
+    /// Forgets side's move, closing the twin it opened.
+    pub(super) fn abandon_migration(&mut self, side: &mut Side) {
+        if let Some(m) = side.migrating.take() {
+            if let Some(twin) = m.twin().filter(|_| m.opened) {
+                self.backend.close(twin);
+                self.by_chan.remove(&twin);
+            }
+        }
+    }
+
+    /// Sides of `pair` still moving: their half said again, and after
+    /// `WAIT` moved to their kernel sockets instead.
+    pub(super) fn migrate_expire(&mut self, id: u64, pair: &mut Pair) {
+        for s in 0..pair.sides.len() {
+            let Some(m) = pair.sides[s].migrating.as_ref() else {
+                continue;
+            };
+            if m.began.elapsed() > WAIT {
+                log::warn!(
+                    "connection {id}: node {} did not agree on a move onto another link within {WAIT:?}; moving it to its kernel socket",
+                    m.node
+                );
+                self.migration_failed(id, pair, s);
+            } else if m.said_at.elapsed() >= AGAIN {
+                self.say_migrate(&mut pair.sides[s]);
+            }
+        }
+    }
+
+    /// Sends again what the old link lost, before anything new: Some
+    /// (whether bytes moved) once all of it went, None while some waits
+    /// for room.
+    pub(super) fn resend(&mut self, id: u64, pair: &mut Pair, s: usize) -> Option<bool> {
+        let mut moved = false;
+        loop {
+            let side = &mut pair.sides[s];
+            let Some(&(buf, off)) = side.resend.front() else {
+                return Some(moved);
+            };
+            let len = buf.len as usize;
+            let mut bad = None;
+            let sent = self
+                .backend
+                .send_with(side.ch, len - off, &mut |dst| match side
+                    .region
+                    .read(buf.addr + off as u64, dst)
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        bad = Some(e);
+                        false
+                    }
+                });
+            if let Some(e) = bad {
+                self.violation(id, pair, s, &e);
+                return None;
+            }
+            let side = &mut pair.sides[s];
+            match sent {
+                Ok(0) | Err(BackendError::Busy(_)) => return None,
+                Ok(n) => {
+                    moved = true;
+                    side.sent += n as u64;
+                    if off + n < len {
+                        if let Some(f) = side.resend.front_mut() {
+                            f.1 = off + n;
+                        }
+                    } else {
+                        side.resend.pop_front();
+                    }
+                }
+                // The peer went meanwhile: as for new bytes, they have
+                // nowhere to go.
+                Err(_) => {
+                    side.resend.clear();
+                    return Some(moved);
+                }
+            }
+        }
+    }
+
+    /// The connection and side that use (or used, or are moving to)
+    /// channel `channel` with peer `node`.
+    pub(super) fn side_for(&self, node: u32, channel: u64) -> Option<(u64, usize)> {
+        let matches = |side: &Side| {
+            !side.dead
+                && matches!(side.peer, Peer::Remote { node: n, .. } if n == node)
+                && (side.ch == channel
+                    || side.prev_ch == Some(channel)
+                    || side
+                        .migrating
+                        .as_ref()
+                        .is_some_and(|m| m.twin() == Some(channel)))
+        };
+        let look = |id: u64| {
+            self.pairs
+                .get(&id)
+                .and_then(|p| p.sides.iter().position(matches).map(|s| (id, s)))
+        };
+        self.by_chan
+            .get(&channel)
+            .and_then(|&id| look(id))
+            .or_else(|| self.pairs.keys().find_map(|&id| look(id)))
+    }
+}
+
+/// The channel's twin a moving side opened, if any.
+pub(super) fn open_twin(side: &Side) -> Option<ChannelId> {
+    side.migrating
+        .as_ref()
+        .filter(|m| m.opened)
+        .and_then(Migrating::twin)
+}
+
+/// The peer node of a remote side.
+fn theirs_node(side: &Side) -> u32 {
+    match side.peer {
+        Peer::Remote { node, .. } => node,
+        Peer::Local(_) => 0,
+    }
+}

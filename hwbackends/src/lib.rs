@@ -98,17 +98,33 @@ pub type LinkId = u8;
 /// How many links one peer node may have.
 pub const MAX_LINKS: usize = 8;
 
-/// The link a remote channel crosses: bits 56..=62 of its id (the devd
+/// The link a remote channel crosses: bits 56..=58 of its id (the devd
 /// that names the channel picks its link too, so that both ends open it
 /// on the same one). Local channels' ids, and any without those bits,
-/// say link 0.
+/// say link 0. Bits 59..=62 count the connection's moves onto another
+/// link ([`moved_onto`]), modulo 16.
 pub fn link_of(ch: ChannelId) -> LinkId {
-    u8::try_from((ch >> 56) & 0x7F).unwrap_or(0)
+    u8::try_from((ch >> 56) & 0x7).unwrap_or(0)
 }
 
-/// `ch` with its link bits set to `link` (see [`link_of`]).
+/// `ch` with its link bits set to `link` (below [`MAX_LINKS`]; see
+/// [`link_of`]).
 pub fn on_link(ch: ChannelId, link: LinkId) -> ChannelId {
-    (ch & !(0x7F << 56)) | (u64::from(link & 0x7F) << 56)
+    (ch & !(0x7 << 56)) | (u64::from(link & 0x7) << 56)
+}
+
+/// The channel a connection on `ch` takes when it moves onto link `link`:
+/// its link bits set, its count of moves one more (so that a move back
+/// onto a link it crossed before does not reuse that channel).
+pub fn moved_onto(ch: ChannelId, link: LinkId) -> ChannelId {
+    let moves = ((ch >> 59) + 1) & 0xF;
+    on_link((ch & !(0xF << 59)) | (moves << 59), link)
+}
+
+/// The connection a remote channel is of, whatever link it crosses and
+/// however often it moved.
+pub fn connection_of(ch: ChannelId) -> ChannelId {
+    ch & !(0x7F << 56)
 }
 
 /// Words sent beside a channel's bytes ([`Backend::send_words`]).
@@ -340,4 +356,29 @@ pub trait Backend: Send {
     /// The system calls this backend makes in the engine thread that
     /// devd's own list (memory, eventfds, epoll) lacks.
     fn syscalls(&self) -> Vec<Syscall>;
+}
+
+#[cfg(test)]
+mod ids {
+    use super::*;
+
+    #[test]
+    fn a_channel_id_names_its_link_and_its_moves_apart_from_its_connection() {
+        let ch = 1 << 63 | 7 << 40 | 12345;
+        assert_eq!(link_of(ch), 0);
+        let on1 = on_link(ch, 1);
+        assert_eq!((link_of(on1), connection_of(on1)), (1, ch));
+        // Moving onto link 1 and back onto link 0 gives new ids each time.
+        let a = moved_onto(ch, 1);
+        let b = moved_onto(a, 0);
+        assert!(a != on1 && b != ch && b != a);
+        assert_eq!((link_of(a), link_of(b)), (1, 0));
+        assert_eq!((connection_of(a), connection_of(b)), (ch, ch));
+        // 16 moves come round; the link bits stay within 3.
+        let mut c = ch;
+        for _ in 0..16 {
+            c = moved_onto(c, 7);
+        }
+        assert_eq!((c, link_of(c)), (on_link(ch, 7), 7));
+    }
 }

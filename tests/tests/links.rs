@@ -2,12 +2,14 @@
 //! links (`SSOCK_LAB_LINKS=2`: two windows, each from its own ivshmem
 //! server): a new connection crosses the first link that is up (both
 //! devds agree: its channel id names the link, docs/protocol.md 8.4);
-//! when that link goes down, the connections over it move to their kernel
-//! sockets and, once the other host's devd agrees, onto the other link
-//! (fail-forward, 8.6), while new connections cross the other link at
-//! once; only when no link is left do new connections start on TCP. Every
-//! byte is checked by the programs themselves (tests/apps/remote.py), and
-//! devd's statistics show which link each connection crosses.
+//! when that link goes down, the connections over it move onto the other
+//! link with no byte on TCP (8.7), whichever host saw it go down first;
+//! when no other link is up they move to their kernel sockets (8.5) and
+//! back onto a link once one is (8.6); with no link left, new connections
+//! start on TCP. Every byte is checked by the programs themselves
+//! (tests/apps/remote.py, redis-benchmark and iperf3 by their own output),
+//! and devd's statistics show which link each connection crosses and how
+//! it moved.
 
 mod common;
 
@@ -283,5 +285,72 @@ fn redis_benchmark_and_iperf3_run_through_a_link_failure_onto_the_other_link_wit
             lab.log(h)
         );
     }
+    Ok(())
+}
+
+#[test]
+fn when_the_last_link_up_fails_connections_go_to_tcp_and_onto_another_link_once_one_is_back(
+) -> Result<()> {
+    let Some(lab) = ready_with("linklast", TWO_LINKS)? else {
+        return Ok(());
+    };
+    both_links_up(&lab)?;
+    // Link 1 is out of service from the start (both hosts see it down).
+    lab.set_links(0, Some(1), false)?;
+    lab.wait_peer(1, UP, "saw link 1 down", |p| {
+        p["links"][1]["state"] == "down"
+    })?;
+    let py = remote_py();
+    let mut server = echo_server(&lab, 1, 6820, true)?;
+    heard(&lab, 0, 6820)?;
+    let b = lab.addr[1].clone();
+    let flag = lab.dir.join("flag").to_string_lossy().into_owned();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(Prog::start(
+            lab.under_ssock(0, &["python3", &py, "steady", &b, "6820", &flag]),
+        )?);
+    }
+    on_link(&lab, 0, 0, 2)?;
+    // Link 0 goes too: no link left, so both connections move to TCP.
+    lab.set_links(0, Some(0), false)?;
+    for h in 0..2 {
+        let t = settled(&lab, h, |t| t["remote"]["failovers"].as_u64() >= Some(2))?;
+        ensure!(
+            t["remote"]["failovers"] == 2
+                && t["remote"]["migrations"] == 0
+                && t["remote"]["failover_resets"] == 0,
+            "host {h}: both to TCP: {t}\n{}",
+            lab.log(h)
+        );
+    }
+    // Link 1 back: they move forward onto it.
+    lab.set_links(0, Some(1), true)?;
+    for h in 0..2 {
+        for c in on_link(&lab, h, 1, 2)? {
+            ensure!(
+                c["forwards"].as_u64() >= Some(1),
+                "host {h}: moved forward onto link 1: {c}"
+            );
+        }
+    }
+    std::fs::write(&flag, b"")?;
+    let mut sent = Vec::new();
+    for c in &mut clients {
+        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
+        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
+        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
+    }
+    let mut echoed = Vec::new();
+    for _ in 0..2 {
+        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
+        echoed.push(line.trim().to_string());
+    }
+    sent.sort();
+    echoed.sort();
+    ensure!(
+        sent == echoed,
+        "the clients had {sent:?}, the server said {echoed:?}"
+    );
     Ok(())
 }

@@ -20,7 +20,7 @@
 use super::{link_of, Engine, Pair, Side};
 use crate::peers::wire::Msg;
 use crate::stats::QueuedCounters;
-use ssock_hwbackends::{on_link, BackendError, ChannelId, LinkId, Peer};
+use ssock_hwbackends::{connection_of, moved_onto, BackendError, ChannelId, LinkId, Peer};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -60,7 +60,7 @@ pub(super) struct Migrating {
 
 impl Migrating {
     fn twin(&self) -> Option<ChannelId> {
-        self.link.map(|l| on_link(self.old, l))
+        self.link.map(|l| moved_onto(self.old, l))
     }
 }
 
@@ -96,7 +96,14 @@ impl Engine {
         let Peer::Remote { node, channel } = side.peer else {
             return false;
         };
-        if side.dead || side.hov.is_none() || self.peers.is_none() || side.failover.is_some() {
+        // (A side that sent a reset ends: the other host learns of it on
+        // its kernel socket, as fail-over agrees, 8.5.)
+        if side.dead
+            || side.hov.is_none()
+            || self.peers.is_none()
+            || side.failover.is_some()
+            || side.reset_sent
+        {
             return false;
         }
         if side.migrating.is_some() {
@@ -132,7 +139,8 @@ impl Engine {
             link: pick,
             opened: false,
             namer,
-            ours: (side.received, side.rx_marked),
+            // (What its gone client's side discarded was taken too.)
+            ours: (side.received + side.discarded, side.rx_marked),
             theirs: None,
             confirmed: false,
             acked,
@@ -187,11 +195,13 @@ impl Engine {
         let (Some(m), Some(peers)) = (side.migrating.as_mut(), self.peers.as_ref()) else {
             return;
         };
+        // The namer names the link it opened; the other devd names one only
+        // once its move completed (its confirmation, `try_complete`).
         peers.send(
             m.node,
             Msg::Migrate {
                 channel: m.old,
-                link: m.link.filter(|_| m.opened),
+                link: m.link.filter(|_| m.namer && m.opened),
                 received: m.ours.0,
                 marked: m.ours.1,
             },
@@ -237,34 +247,37 @@ impl Engine {
             // hears so.
             return;
         }
-        if side.migrating.is_none() {
-            if side.prev_ch == Some(channel) {
-                // Moved here already: the namer missed this side's answer.
-                if !named_here(theirs_node(side), channel) {
-                    let m = Msg::Migrate {
-                        channel,
-                        link: Some(link_of(side.ch)),
-                        received: side.migrate_said.0,
-                        marked: side.migrate_said.1,
-                    };
-                    if let Some(p) = &self.peers {
-                        p.send(theirs_node(side), m);
-                    }
+        if side.prev_ch == Some(channel) {
+            // Its last move (this side completed it): the namer missed
+            // this side's confirmation, which goes again.
+            if !named_here(theirs_node(side), channel) {
+                let m = Msg::Migrate {
+                    channel,
+                    link: Some(link_of(side.prev_twin)),
+                    received: side.migrate_said.0,
+                    marked: side.migrate_said.1,
+                };
+                if let Some(p) = &self.peers {
+                    p.send(theirs_node(side), m);
                 }
-                return;
             }
-            if !self.migrate(id, pair, s, link) {
-                self.migration_failed(id, pair, s);
-                return;
-            }
+            return;
+        }
+        let current = match &side.migrating {
+            Some(m) => m.old == channel,
+            None => side.ch == channel,
+        };
+        if !current {
+            // Of an older move.
+            return;
+        }
+        if side.migrating.is_none() && !self.migrate(id, pair, s, link) {
+            self.migration_failed(id, pair, s);
+            return;
         }
         let Some(m) = pair.sides[s].migrating.as_mut() else {
             return;
         };
-        if m.old != channel {
-            // Of a move before this one.
-            return;
-        }
         if m.theirs.is_some_and(|t| t != theirs) {
             log::warn!(
                 "connection {id}: node {} changed its half of the move; resetting it",
@@ -310,8 +323,8 @@ impl Engine {
         if m.namer && !m.confirmed {
             return;
         }
-        if !m.namer && !self.link_seen_up(m.node, link) {
-            // The namer's pick is down here: no byte would cross it.
+        if !self.link_seen_up(m.node, link) {
+            // The link picked is down here: no byte would cross it.
             log::info!("connection {id}: link {link} is down here too");
             self.migration_failed(id, pair, s);
             return;
@@ -336,6 +349,7 @@ impl Engine {
         let side = &mut pair.sides[s];
         side.migrating = None;
         side.prev_ch = Some(old);
+        side.prev_twin = twin;
         side.migrate_said = ours;
         side.ch = twin;
         side.peer = Peer::Remote {
@@ -413,12 +427,12 @@ impl Engine {
         self.failover_reset(pair, s);
     }
 
-    /// Forgets side's move, closing the twin it opened.
+    /// Forgets side's move; the twin it opened stays open (the other
+    /// host may send there already) until the connection goes.
     pub(super) fn abandon_migration(&mut self, side: &mut Side) {
         if let Some(m) = side.migrating.take() {
             if let Some(twin) = m.twin().filter(|_| m.opened) {
-                self.backend.close(twin);
-                self.by_chan.remove(&twin);
+                side.given_up.push(twin);
             }
         }
     }
@@ -442,17 +456,21 @@ impl Engine {
         }
     }
 
-    /// Sends again what the old link lost, before anything new: Some
-    /// (whether bytes moved) once all of it went, None while some waits
-    /// for room.
-    pub(super) fn resend(&mut self, id: u64, pair: &mut Pair, s: usize) -> Option<bool> {
+    /// Sends again what the old link lost, before anything new: whether
+    /// all of it went (else some waits for room), and whether bytes moved.
+    pub(super) fn resend(&mut self, id: u64, pair: &mut Pair, s: usize) -> (bool, bool) {
         let mut moved = false;
         loop {
             let side = &mut pair.sides[s];
             let Some(&(buf, off)) = side.resend.front() else {
-                return Some(moved);
+                return (true, moved);
             };
             let len = buf.len as usize;
+            if off >= len {
+                // (An empty buffer: nothing to send again.)
+                side.resend.pop_front();
+                continue;
+            }
             let mut bad = None;
             let sent = self
                 .backend
@@ -468,11 +486,11 @@ impl Engine {
                 });
             if let Some(e) = bad {
                 self.violation(id, pair, s, &e);
-                return None;
+                return (false, true);
             }
             let side = &mut pair.sides[s];
             match sent {
-                Ok(0) | Err(BackendError::Busy(_)) => return None,
+                Ok(0) | Err(BackendError::Busy(_)) => return (false, moved),
                 Ok(n) => {
                     moved = true;
                     side.sent += n as u64;
@@ -488,7 +506,7 @@ impl Engine {
                 // nowhere to go.
                 Err(_) => {
                     side.resend.clear();
-                    return Some(moved);
+                    return (true, moved);
                 }
             }
         }
@@ -497,15 +515,13 @@ impl Engine {
     /// The connection and side that use (or used, or are moving to)
     /// channel `channel` with peer `node`.
     pub(super) fn side_for(&self, node: u32, channel: u64) -> Option<(u64, usize)> {
+        // A channel's connection bits stay through its moves (a Failover
+        // may name the channel before a move the sender gave up, or after
+        // one this host gave up).
         let matches = |side: &Side| {
             !side.dead
                 && matches!(side.peer, Peer::Remote { node: n, .. } if n == node)
-                && (side.ch == channel
-                    || side.prev_ch == Some(channel)
-                    || side
-                        .migrating
-                        .as_ref()
-                        .is_some_and(|m| m.twin() == Some(channel)))
+                && connection_of(side.ch) == connection_of(channel)
         };
         let look = |id: u64| {
             self.pairs
@@ -517,6 +533,12 @@ impl Engine {
             .and_then(|&id| look(id))
             .or_else(|| self.pairs.keys().find_map(|&id| look(id)))
     }
+}
+
+/// The peer node and link a side is moving onto, once picked.
+pub(super) fn toward(side: &Side) -> Option<(u32, LinkId)> {
+    let m = side.migrating.as_ref()?;
+    Some((m.node, m.link?))
 }
 
 /// The channel's twin a moving side opened, if any.

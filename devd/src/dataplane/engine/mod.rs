@@ -270,7 +270,17 @@ struct Side {
     /// (the other host's late messages may still name it), and what this
     /// side said of it then (received, marked).
     prev_ch: Option<ChannelId>,
+    prev_twin: ChannelId,
     migrate_said: (u64, bool),
+    /// Twins of moves given up (fail-over took over): kept open until the
+    /// connection goes, since the other host may already send there (a
+    /// close would tell it Gone: a reset).
+    given_up: Vec<ChannelId>,
+    /// Bytes of the other end's stream discarded because this side's
+    /// client went (taken from the channel, so acknowledged).
+    discarded: u64,
+    /// The end mark sent was a reset.
+    reset_sent: bool,
     /// Bytes of the other end's stream given to this side's client.
     received: u64,
     /// The link under it failed: it moves to its kernel socket.
@@ -706,7 +716,11 @@ impl Engine {
                     resend: VecDeque::new(),
                     migrating: None,
                     prev_ch: None,
+                    prev_twin: 0,
                     migrate_said: (0, false),
+                    given_up: Vec::new(),
+                    discarded: 0,
+                    reset_sent: false,
                     received: 0,
                     failover: None,
                     mark_sent: false,
@@ -1047,6 +1061,32 @@ impl Engine {
     /// to agree the offsets with, ends with a reset (its client sees
     /// ECONNRESET, nothing hangs).
     fn link_lost(&mut self, node: u32, link: LinkId) {
+        // Moves onto that very link cannot complete: to TCP instead.
+        let toward: Vec<u64> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| {
+                p.sides
+                    .iter()
+                    .any(|s| migrate::toward(s) == Some((node, link)))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in toward {
+            let Some(mut pair) = self.pairs.remove(&id) else {
+                continue;
+            };
+            for s in 0..pair.sides.len() {
+                if migrate::toward(&pair.sides[s]) == Some((node, link)) {
+                    log::info!("connection {id}: the link it was moving onto went down too");
+                    self.migration_failed(id, &mut pair, s);
+                }
+            }
+            self.pairs.insert(id, pair);
+            if !self.busy.contains(&id) {
+                self.busy.push_back(id);
+            }
+        }
         let ids: Vec<u64> = self
             .pairs
             .iter()
@@ -1136,9 +1176,10 @@ impl Engine {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.backend.close(side.ch);
             self.by_chan.remove(&side.ch);
-            if let Some(twin) = migrate::open_twin(side) {
-                self.backend.close(twin);
-                self.by_chan.remove(&twin);
+            let twin = migrate::open_twin(side);
+            for &ch in side.given_up.iter().chain(twin.iter()) {
+                self.backend.close(ch);
+                self.by_chan.remove(&ch);
             }
         }
     }
@@ -1200,10 +1241,16 @@ impl Engine {
         }
         let ch = pair.sides[s].ch;
         let mut dropped = false;
-        match self.resend(id, pair, s) {
-            Some(moved) => progress |= moved,
-            // Still sending again what the old link lost: nothing new.
-            None => return true,
+        let (all_out, moved) = self.resend(id, pair, s);
+        progress |= moved;
+        if pair.sides[s].dead {
+            return true;
+        }
+        if !all_out {
+            // Still sending again what the old link lost (the window is
+            // full): nothing new yet; an acknowledgement names the channel.
+            self.notify_used(pair, s, TX, used);
+            return progress;
         }
         loop {
             let side = &mut pair.sides[s];
@@ -1321,6 +1368,7 @@ impl Engine {
                         self.side_words_out(side);
                         let _ = self.backend.send_mark(ch, m);
                         side.mark_sent = true;
+                        side.reset_sent = m == Mark::Reset;
                         progress = true;
                     }
                     Err(e) => {
@@ -1359,6 +1407,7 @@ impl Engine {
                 if n == 0 {
                     break;
                 }
+                side.discarded += n as u64;
                 progress = true;
             }
             return progress;

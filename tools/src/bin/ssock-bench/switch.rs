@@ -7,7 +7,10 @@
 //! onto the link again. Reported: the longest round trip a message saw
 //! across each switch (the stall the program saw), the median round trip
 //! before, on TCP and after, and the stream's throughput before, across
-//! the cycle and after, with its worst 100 ms.
+//! the cycle and after, with its worst 100 ms. When host a has two links
+//! or more to its peer, a move between links comes first: link 0 out of
+//! service until both connections cross another link (TCP untouched,
+//! docs/protocol.md 8.7), then back in service, with the same figures.
 //!
 //! Never here: a figure from a connection that did not take the path it
 //! is labelled with (the statistics of host a's devd say which path each
@@ -74,6 +77,10 @@ pub(crate) fn serve_one(
 /// When each switch happened, seconds from the start.
 #[derive(Debug, Clone, Copy, Default)]
 struct Times {
+    /// With two links or more: link 0 out of service, both connections on
+    /// another link (start 0: no such move).
+    link0_down: f64,
+    other_link: f64,
     down: f64,
     moved: f64,
     up: f64,
@@ -81,8 +88,9 @@ struct Times {
     end: f64,
 }
 
-/// Host a's devd's remote connections: (path, forwards) of each live one.
-fn paths(s: &ssock_client::Session) -> Result<Vec<(String, u64)>> {
+/// Host a's devd's remote connections: (path, forwards, moves between
+/// links) of each live one.
+fn paths(s: &ssock_client::Session) -> Result<Vec<(String, u64, u64)>> {
     let v = ssock_tools::fetch_stats(s)?;
     Ok(v["connections"]
         .as_array()
@@ -92,6 +100,7 @@ fn paths(s: &ssock_client::Session) -> Result<Vec<(String, u64)>> {
             Some((
                 c["path"].as_str()?.to_string(),
                 c["forwards"].as_u64().unwrap_or(0),
+                c["migrations"].as_u64().unwrap_or(0),
             ))
         })
         .collect())
@@ -102,7 +111,7 @@ fn until(
     s: &ssock_client::Session,
     within: Duration,
     what: &str,
-    done: impl Fn(&[(String, u64)]) -> bool,
+    done: impl Fn(&[(String, u64, u64)]) -> bool,
 ) -> Result<()> {
     let t = Instant::now();
     loop {
@@ -132,22 +141,17 @@ pub(crate) fn measure(x: &Ctx, socket: &Path, markdown: bool) -> Result<String> 
         .as_u64()
         .and_then(|n| u32::try_from(n).ok())
         .context("host a's devd has no peer")?;
-    let link = |up: bool| -> Result<()> {
-        s.request(
-            &Request::Link {
-                node,
-                link: None,
-                up,
-            },
-            &[],
-        )
-        .map(|_| ())
-        .map_err(|e| anyhow!("ringstat link {node}: {e} (root only)"))
+    let links = v["peers"][0]["links"].as_array().map_or(0, Vec::len);
+    let one = |link: Option<u8>, up: bool| -> Result<()> {
+        s.request(&Request::Link { node, link, up }, &[])
+            .map(|_| ())
+            .map_err(|e| anyhow!("ringstat link {node}: {e} (root only)"))
     };
+    let link = |up: bool| one(None, up);
     let mut ping = open(&x.peer, Transport::Queued, ECHO, None, PING_SIZE, 0)?;
     let mut sink = open(&x.peer, Transport::Queued, SINK, None, CHUNK, 0)?;
     until(&s, Duration::from_secs(10), "both on the link", |p| {
-        p.iter().filter(|(path, _)| path == "link").count() >= 2
+        p.iter().filter(|(path, _, _)| path == "link").count() >= 2
     })?;
     let stop = AtomicBool::new(false);
     let start = Instant::now();
@@ -196,10 +200,26 @@ pub(crate) fn measure(x: &Ctx, socket: &Path, markdown: bool) -> Result<String> 
         let r = (|| -> Result<Times> {
             let mut t = Times::default();
             std::thread::sleep(PHASE);
+            if links >= 2 {
+                t.link0_down = secs();
+                one(Some(0), false)?;
+                until(&s, Duration::from_secs(15), "both on another link", |p| {
+                    p.iter()
+                        .filter(|(path, _, m)| path == "link" && *m >= 1)
+                        .count()
+                        >= 2
+                })?;
+                t.other_link = secs();
+                std::thread::sleep(PHASE);
+                one(Some(0), true)?;
+                // (Link 0 comes up again once both hosts hear it; the
+                // connections stay where they are.)
+                std::thread::sleep(PHASE);
+            }
             t.down = secs();
             link(false)?;
             until(&s, Duration::from_secs(15), "both moved to TCP", |p| {
-                p.iter().filter(|(path, _)| path == "tcp").count() >= 2
+                p.iter().filter(|(path, _, _)| path == "tcp").count() >= 2
             })?;
             t.moved = secs();
             std::thread::sleep(PHASE);
@@ -207,7 +227,7 @@ pub(crate) fn measure(x: &Ctx, socket: &Path, markdown: bool) -> Result<String> 
             link(true)?;
             until(&s, Duration::from_secs(60), "both moved forward", |p| {
                 p.iter()
-                    .filter(|(path, f)| path == "link" && *f >= 1)
+                    .filter(|(path, f, _)| path == "link" && *f >= 1)
                     .count()
                     >= 2
             })?;
@@ -277,11 +297,53 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
             .map(|&n| n as f64 / bin / 1e9)
             .fold(f64::INFINITY, f64::min)
     };
+    let moved_links = t.link0_down > 0.0;
+    // The first phase on the link ends where the first switch begins.
+    let first = if moved_links { t.link0_down } else { t.down };
+    let mut out = String::new();
+    if moved_links {
+        let rows = [
+            (
+                "round trip, 64 B (us)".to_string(),
+                [
+                    format!("{:.1}", median(within(0.2, t.link0_down))),
+                    format!("{:.0}", worst(t.link0_down, t.other_link)),
+                    format!("{:.1}", median(within(t.other_link + 0.2, t.down))),
+                ],
+            ),
+            (
+                "stream, 64 KiB writes (GB/s)".to_string(),
+                [
+                    format!("{:.2}", gbps(0.2, t.link0_down)),
+                    format!(
+                        "{:.2} (worst 100 ms {:.2})",
+                        gbps(t.link0_down, t.other_link + 0.5),
+                        worst_bin(t.link0_down, t.other_link + 0.5)
+                    ),
+                    format!("{:.2}", gbps(t.other_link + 0.5, t.down)),
+                ],
+            ),
+        ];
+        let note = format!(
+            "Host a's link 0 taken out of service at {:.2} s; both connections on another link {:.0} ms later, TCP untouched (docs/protocol.md 8.7); link 0 back in service {:.1} s later (the connections stay where they are). \"worst\" as below.",
+            t.link0_down,
+            (t.other_link - t.link0_down) * 1e3,
+            PHASE.as_secs_f64()
+        );
+        table(
+            &mut out,
+            "Moving between two links (link 0 out of service)",
+            &note,
+            &["", "on link 0", "link 0 down: worst", "on another link"],
+            &rows,
+            markdown,
+        );
+    }
     let rows = [
         (
             "round trip, 64 B (us)".to_string(),
             [
-                format!("{:.1}", median(within(0.2, t.down))),
+                format!("{:.1}", median(within(first + 0.2, t.down))),
                 format!("{:.0}", worst(t.down, t.moved)),
                 format!("{:.1}", median(within(t.moved + 0.2, t.up))),
                 format!("{:.0}", worst(t.up, t.forward)),
@@ -291,7 +353,7 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
         (
             "stream, 64 KiB writes (GB/s)".to_string(),
             [
-                format!("{:.2}", gbps(0.2, t.down)),
+                format!("{:.2}", gbps(first + 0.2, t.down)),
                 format!(
                     "{:.2} (worst 100 ms {:.2})",
                     gbps(t.down, t.moved + 0.5),
@@ -315,8 +377,11 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
         "link back: worst",
         "on the link again",
     ];
-    let mut out = String::new();
-    let title = "Switching between the link and TCP (one drop and restore)";
+    let title = if moved_links {
+        "Switching between the links and TCP (every link dropped and restored)"
+    } else {
+        "Switching between the link and TCP (one drop and restore)"
+    };
     let note = format!(
         "Host a's link taken out of service at {:.2} s; both connections on their kernel sockets {:.0} ms later; back in service at {:.2} s; both on the link again {:.0} ms later (devd's fail_forward_ms hold included). \"worst\": for the round trip, the longest one that began between the switch and 0.5 s after it completed (the stall the program saw); for the stream, its throughput over that time and its worst 100 ms.",
         t.down,
@@ -324,6 +389,20 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
         t.up,
         (t.forward - t.up) * 1e3
     );
+    table(&mut out, title, &note, &head, &rows, markdown);
+    out
+}
+
+/// One table of the report: `head` names the columns (the first is the
+/// rows' names), each row a name and its cells.
+fn table<const N: usize>(
+    out: &mut String,
+    title: &str,
+    note: &str,
+    head: &[&str],
+    rows: &[(String, [String; N])],
+    markdown: bool,
+) {
     if markdown {
         out.push_str(&format!("\n### {title}\n\n{note}\n\n|"));
         for h in head {
@@ -334,17 +413,16 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
             out.push_str("---|");
         }
         out.push('\n');
-        for (name, cells) in &rows {
+        for (name, cells) in rows {
             out.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
         }
     } else {
         out.push_str(&format!("\n{title}\n{note}\n"));
-        for (name, cells) in &rows {
+        for (name, cells) in rows {
             out.push_str(&format!("  {name}\n"));
             for (h, c) in head[1..].iter().zip(cells) {
                 out.push_str(&format!("    {h:<20} {c}\n"));
             }
         }
     }
-    out
 }

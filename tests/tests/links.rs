@@ -114,6 +114,18 @@ fn a_link_that_goes_down_moves_its_connections_onto_the_other_with_no_byte_on_tc
         }
     }
     moved_without_tcp(&lab, 2)?;
+    // Their bytes cross link 1 now (host a's only link up).
+    for h in 0..2 {
+        let before = queued_bytes(&totals(&lab, h)?);
+        let t = Instant::now();
+        while queued_bytes(&totals(&lab, h)?) < before + (16 << 20) {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "host {h}: no bytes cross link 1"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     // A new connection, once host b (whose devd picks a new connection's
     // link) has seen link 0 go down too (within its 2 s heartbeat bound),
     // crosses link 1 from the start: not made on TCP, not moved.
@@ -333,6 +345,77 @@ fn when_the_last_link_up_fails_connections_go_to_tcp_and_onto_another_link_once_
                 "host {h}: moved forward onto link 1: {c}"
             );
         }
+    }
+    std::fs::write(&flag, b"")?;
+    let mut sent = Vec::new();
+    for c in &mut clients {
+        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
+        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
+        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
+    }
+    let mut echoed = Vec::new();
+    for _ in 0..2 {
+        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
+        echoed.push(line.trim().to_string());
+    }
+    sent.sort();
+    echoed.sort();
+    ensure!(
+        sent == echoed,
+        "the clients had {sent:?}, the server said {echoed:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_move_the_other_devd_does_not_answer_in_time_goes_to_tcp_and_loses_no_byte() -> Result<()> {
+    let Some(lab) = ready_with("linkstop", TWO_LINKS)? else {
+        return Ok(());
+    };
+    both_links_up(&lab)?;
+    let py = remote_py();
+    let mut server = echo_server(&lab, 1, 6830, true)?;
+    heard(&lab, 0, 6830)?;
+    let b = lab.addr[1].clone();
+    let flag = lab.dir.join("flag").to_string_lossy().into_owned();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(Prog::start(
+            lab.under_ssock(0, &["python3", &py, "steady", &b, "6830", &flag]),
+        )?);
+    }
+    on_link(&lab, 0, 0, 2)?;
+    on_link(&lab, 1, 0, 2)?;
+    // Host b's devd stops answering; host a's link 0 goes down: host a
+    // stops both connections for a move and says so, hears nothing, and
+    // after its bound moves them to TCP instead.
+    let devd_b = lab.devd_pid(1)?;
+    // SAFETY: kill on the lab's devd of host b, which this test started.
+    ensure!(unsafe { libc::kill(devd_b, libc::SIGSTOP) } == 0);
+    lab.set_links(0, Some(0), false)?;
+    let t = Instant::now();
+    while !lab
+        .log(0)
+        .contains("did not agree on a move onto another link")
+    {
+        if t.elapsed() > Duration::from_secs(10) {
+            // SAFETY: as above.
+            unsafe { libc::kill(devd_b, libc::SIGCONT) };
+            anyhow::bail!("host a never gave the move up:\n{}", lab.log(0));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Host b's devd resumes within the fail-over's own bound: both hosts
+    // agree where each direction goes on over TCP.
+    // SAFETY: as above.
+    ensure!(unsafe { libc::kill(devd_b, libc::SIGCONT) } == 0);
+    for h in 0..2 {
+        let t = settled(&lab, h, |t| t["remote"]["failovers"].as_u64() >= Some(2))?;
+        ensure!(
+            t["remote"]["failovers"] == 2 && t["remote"]["failover_resets"] == 0,
+            "host {h}: both to TCP, none reset: {t}\n{}",
+            lab.log(h)
+        );
     }
     std::fs::write(&flag, b"")?;
     let mut sent = Vec::new();

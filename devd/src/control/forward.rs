@@ -280,12 +280,12 @@ impl Devd {
             log::info!("peer node {node} offered a new connection for channel {old:#x}: not while the link is down here, or fail-forward is off");
             return false;
         }
-        if self
-            .reg
-            .conns
-            .values()
-            .any(|c| c.remote == Some((node, new)))
-        {
+        if self.reg.conns.values().any(|c| {
+            c.remote.is_some_and(|(n, ch)| {
+                n == node
+                    && ssock_hwbackends::connection_of(ch) == ssock_hwbackends::connection_of(new)
+            })
+        }) {
             log::warn!("peer node {node} offered channel {new:#x}, in use");
             return false;
         }

@@ -98,10 +98,12 @@ impl Devd {
             .unwrap_or(0)
     }
 
-    /// Whether channel `ch`, which a peer named, crosses a link this devd
-    /// has to peer `node`.
+    /// Whether channel `ch`, which a peer named for a new connection,
+    /// crosses a link this devd has to peer `node`, and has not moved
+    /// between links (docs/protocol.md 8.7: only a move gives it moves).
     pub(super) fn link_known(&self, node: u32, ch: u64) -> bool {
         usize::from(link_of(ch)) < self.links_to(node)
+            && ssock_hwbackends::connection_of(ch) | u64::from(link_of(ch)) << 56 == ch
     }
 
     /// Whether a new connection with peer `node` is made a remote one: its

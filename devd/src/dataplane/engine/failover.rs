@@ -191,6 +191,16 @@ impl Engine {
     /// or the control connection went too). Called at every pump, and
     /// once a second at least (the engine's lingering look).
     pub(super) fn failover_expire(&mut self, id: u64, pair: &mut Pair) {
+        // Twins of moves given up for this fail-over: once it is agreed,
+        // neither host reads them.
+        for side in pair.sides.iter_mut() {
+            if !side.given_up.is_empty() && side.failover.is_some() && agreed(side) {
+                for ch in std::mem::take(&mut side.given_up) {
+                    self.backend.close(ch);
+                    self.by_chan.remove(&ch);
+                }
+            }
+        }
         if pair
             .sides
             .iter()

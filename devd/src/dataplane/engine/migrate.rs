@@ -127,11 +127,8 @@ impl Engine {
             None if namer => return false,
             None => None,
         };
-        let acked = side.base
-            + self
-                .backend
-                .offsets(side.ch)
-                .map_or(0, |o| o.acked.min(side.sent - side.base));
+        // (What the engine acted on: it holds every buffer from there.)
+        let acked = side.acked.min(side.sent);
         let side = &mut pair.sides[s];
         side.migrating = Some(Migrating {
             node,
@@ -528,10 +525,9 @@ impl Engine {
                 .get(&id)
                 .and_then(|p| p.sides.iter().position(matches).map(|s| (id, s)))
         };
-        self.by_chan
-            .get(&channel)
+        self.by_conn
+            .get(&connection_of(channel))
             .and_then(|&id| look(id))
-            .or_else(|| self.pairs.keys().find_map(|&id| look(id)))
     }
 }
 

@@ -281,6 +281,10 @@ struct Side {
     discarded: u64,
     /// The end mark sent was a reset.
     reset_sent: bool,
+    /// What of this side's stream the engine last saw acknowledged (it
+    /// holds every TX buffer from there): a link that fails may say more
+    /// of its own (a hostile inbox counts all sent as acknowledged).
+    acked: u64,
     /// Bytes of the other end's stream given to this side's client.
     received: u64,
     /// The link under it failed: it moves to its kernel socket.
@@ -396,6 +400,7 @@ pub fn spawn(
                 backend,
                 pairs: HashMap::new(),
                 by_chan: HashMap::new(),
+                by_conn: HashMap::new(),
                 epoll,
                 scratch: vec![0u8; 256 * 1024],
                 busy: VecDeque::new(),
@@ -426,6 +431,9 @@ struct Engine {
     pairs: HashMap<u64, Pair>,
     /// The connection each open backend channel serves.
     by_chan: HashMap<ChannelId, u64>,
+    /// The connection of each remote channel's connection bits
+    /// (`connection_of`: the same through its moves onto other links).
+    by_conn: HashMap<ChannelId, u64>,
     epoll: Epoll,
     scratch: Vec<u8>,
     busy: VecDeque<u64>,
@@ -595,7 +603,10 @@ impl Engine {
                         !s.dead
                             && s.failover.is_none()
                             && s.migrating.is_none()
-                            && ((s.tx_pending.is_none() && !s.mark_sent && s.region.has_avail(TX))
+                            && ((s.tx_pending.is_none()
+                                && s.resend.is_empty()
+                                && !s.mark_sent
+                                && s.region.has_avail(TX))
                                 || (s.rx_waiting && s.region.has_avail(RX)))
                     })
                 });
@@ -721,6 +732,7 @@ impl Engine {
                     given_up: Vec::new(),
                     discarded: 0,
                     reset_sent: false,
+                    acked: 0,
                     received: 0,
                     failover: None,
                     mark_sent: false,
@@ -742,7 +754,18 @@ impl Engine {
                 };
                 let mut opened = Vec::new();
                 for side in &pair.sides {
-                    match self.backend.open(side.ch, side.peer) {
+                    // A remote channel's connection bits name one live
+                    // connection (its moves keep them).
+                    let taken = side.hov.is_some()
+                        && self
+                            .by_conn
+                            .contains_key(&ssock_hwbackends::connection_of(side.ch));
+                    let opened_now = if taken {
+                        Err(BackendError::Busy(side.ch))
+                    } else {
+                        self.backend.open(side.ch, side.peer)
+                    };
+                    match opened_now {
                         Ok(()) => opened.push(side.ch),
                         Err(e) => {
                             // Bytes must never go where no channel is: the
@@ -778,6 +801,10 @@ impl Engine {
                         log::error!("connection {id}: cannot watch kick fd: {e}");
                     }
                     self.by_chan.insert(side.ch, id);
+                    if side.hov.is_some() {
+                        self.by_conn
+                            .insert(ssock_hwbackends::connection_of(side.ch), id);
+                    }
                 }
                 if pair
                     .sides
@@ -884,7 +911,8 @@ impl Engine {
                     // what its client posted stays where it is.)
                     continue;
                 }
-                if !side.mark_sent && side.tx_pending.is_none() {
+                // (Bytes to send again first: their room is the news.)
+                if !side.mark_sent && side.tx_pending.is_none() && side.resend.is_empty() {
                     more |= side.region.enable_notification(TX).unwrap_or(false);
                 }
                 if !side.rx_marked && pending {
@@ -1181,6 +1209,12 @@ impl Engine {
                 self.backend.close(ch);
                 self.by_chan.remove(&ch);
             }
+            if side.hov.is_some()
+                && self.by_conn.get(&ssock_hwbackends::connection_of(side.ch)) == Some(&id)
+            {
+                self.by_conn
+                    .remove(&ssock_hwbackends::connection_of(side.ch));
+            }
         }
     }
 
@@ -1204,6 +1238,7 @@ impl Engine {
                 let acked = pair.sides[s].base + o.acked;
                 let a = &pair.counters.acked[pair.sides[s].end & 1];
                 a.store(acked, std::sync::atomic::Ordering::Relaxed);
+                pair.sides[s].acked = acked;
                 acked
             }
             None => u64::MAX,
@@ -1247,8 +1282,9 @@ impl Engine {
             return true;
         }
         if !all_out {
-            // Still sending again what the old link lost (the window is
-            // full): nothing new yet; an acknowledgement names the channel.
+            // Still sending again what the old link lost (the new link's
+            // ring had no room): nothing new yet; the backend names the
+            // channel when room comes back.
             self.notify_used(pair, s, TX, used);
             return progress;
         }

@@ -64,6 +64,53 @@ fn on_link(lab: &TwoHosts, h: usize, link: u64, n: usize) -> Result<Vec<serde_js
     }
 }
 
+/// An echo server on host b (on `port`, under ssock-run, heard of on
+/// host a) and `n` clients on host a streaming to it (64 KiB a
+/// millisecond each way, every byte of the echo checked) until the flag
+/// file (returned) exists.
+fn steady_streams(lab: &TwoHosts, port: u16, n: usize) -> Result<(Prog, Vec<Prog>, String)> {
+    let py = remote_py();
+    let server = echo_server(lab, 1, port, true)?;
+    heard(lab, 0, port)?;
+    let flag = lab
+        .dir
+        .join(format!("flag{port}"))
+        .to_string_lossy()
+        .into_owned();
+    let (b, port) = (lab.addr[1].clone(), port.to_string());
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(Prog::start(
+            lab.under_ssock(0, &["python3", &py, "steady", &b, &port, &flag]),
+        )?);
+    }
+    Ok((server, clients, flag))
+}
+
+/// Sets the flag: each stream ends whole ("OK N") and the server echoed
+/// exactly what each sent (its lines come in either order).
+fn ended_whole(server: &mut Prog, clients: &mut [Prog], flag: &str) -> Result<()> {
+    std::fs::write(flag, b"")?;
+    let mut sent = Vec::new();
+    for c in clients.iter_mut() {
+        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
+        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
+        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
+    }
+    let mut echoed = Vec::new();
+    for _ in 0..clients.len() {
+        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
+        echoed.push(line.trim().to_string());
+    }
+    sent.sort();
+    echoed.sort();
+    ensure!(
+        sent == echoed,
+        "the clients had {sent:?}, the server said {echoed:?}"
+    );
+    Ok(())
+}
+
 /// Both hosts count `n` moves onto another link and no connection on TCP.
 fn moved_without_tcp(lab: &TwoHosts, n: u64) -> Result<()> {
     for h in 0..2 {
@@ -86,19 +133,8 @@ fn a_link_that_goes_down_moves_its_connections_onto_the_other_with_no_byte_on_tc
         return Ok(());
     };
     both_links_up(&lab)?;
-    let py = remote_py();
-    let mut server = echo_server(&lab, 1, 6800, true)?;
-    heard(&lab, 0, 6800)?;
-    let b = lab.addr[1].clone();
-    // Two connections streaming (64 KiB a millisecond each way) until the
-    // flag, every byte of the echo checked.
-    let flag = lab.dir.join("flag").to_string_lossy().into_owned();
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        clients.push(Prog::start(
-            lab.under_ssock(0, &["python3", &py, "steady", &b, "6800", &flag]),
-        )?);
-    }
+    let (mut server, mut clients, flag) = steady_streams(&lab, 6800, 2)?;
+    let (py, b) = (remote_py(), lab.addr[1].clone());
     // Both cross link 0, the first one up.
     on_link(&lab, 0, 0, 2)?;
     on_link(&lab, 1, 0, 2)?;
@@ -159,25 +195,7 @@ fn a_link_that_goes_down_moves_its_connections_onto_the_other_with_no_byte_on_tc
     }
     moved_without_tcp(&lab, 4)?;
     // The streams end whole.
-    std::fs::write(&flag, b"")?;
-    let mut sent = Vec::new();
-    for c in &mut clients {
-        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
-        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
-        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
-    }
-    // (The server's two lines come in either order.)
-    let mut echoed = Vec::new();
-    for _ in 0..2 {
-        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
-        echoed.push(line.trim().to_string());
-    }
-    sent.sort();
-    echoed.sort();
-    ensure!(
-        sent == echoed,
-        "the clients had {sent:?}, the server said {echoed:?}"
-    );
+    ended_whole(&mut server, &mut clients, &flag)?;
     // With no link left, a new connection starts on its kernel socket.
     lab.set_links(1, Some(0), false)?;
     lab.wait_peer(0, UP, "saw both links down", |p| p["link"] == "down")?;
@@ -312,17 +330,7 @@ fn when_the_last_link_up_fails_connections_go_to_tcp_and_onto_another_link_once_
     lab.wait_peer(1, UP, "saw link 1 down", |p| {
         p["links"][1]["state"] == "down"
     })?;
-    let py = remote_py();
-    let mut server = echo_server(&lab, 1, 6820, true)?;
-    heard(&lab, 0, 6820)?;
-    let b = lab.addr[1].clone();
-    let flag = lab.dir.join("flag").to_string_lossy().into_owned();
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        clients.push(Prog::start(
-            lab.under_ssock(0, &["python3", &py, "steady", &b, "6820", &flag]),
-        )?);
-    }
+    let (mut server, mut clients, flag) = steady_streams(&lab, 6820, 2)?;
     on_link(&lab, 0, 0, 2)?;
     // Link 0 goes too: no link left, so both connections move to TCP.
     lab.set_links(0, Some(0), false)?;
@@ -346,24 +354,7 @@ fn when_the_last_link_up_fails_connections_go_to_tcp_and_onto_another_link_once_
             );
         }
     }
-    std::fs::write(&flag, b"")?;
-    let mut sent = Vec::new();
-    for c in &mut clients {
-        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
-        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
-        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
-    }
-    let mut echoed = Vec::new();
-    for _ in 0..2 {
-        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
-        echoed.push(line.trim().to_string());
-    }
-    sent.sort();
-    echoed.sort();
-    ensure!(
-        sent == echoed,
-        "the clients had {sent:?}, the server said {echoed:?}"
-    );
+    ended_whole(&mut server, &mut clients, &flag)?;
     Ok(())
 }
 
@@ -373,17 +364,7 @@ fn a_move_the_other_devd_does_not_answer_in_time_goes_to_tcp_and_loses_no_byte()
         return Ok(());
     };
     both_links_up(&lab)?;
-    let py = remote_py();
-    let mut server = echo_server(&lab, 1, 6830, true)?;
-    heard(&lab, 0, 6830)?;
-    let b = lab.addr[1].clone();
-    let flag = lab.dir.join("flag").to_string_lossy().into_owned();
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        clients.push(Prog::start(
-            lab.under_ssock(0, &["python3", &py, "steady", &b, "6830", &flag]),
-        )?);
-    }
+    let (mut server, mut clients, flag) = steady_streams(&lab, 6830, 2)?;
     on_link(&lab, 0, 0, 2)?;
     on_link(&lab, 1, 0, 2)?;
     // Host b's devd stops answering; host a's link 0 goes down: host a
@@ -417,23 +398,6 @@ fn a_move_the_other_devd_does_not_answer_in_time_goes_to_tcp_and_loses_no_byte()
             lab.log(h)
         );
     }
-    std::fs::write(&flag, b"")?;
-    let mut sent = Vec::new();
-    for c in &mut clients {
-        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
-        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
-        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
-    }
-    let mut echoed = Vec::new();
-    for _ in 0..2 {
-        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
-        echoed.push(line.trim().to_string());
-    }
-    sent.sort();
-    echoed.sort();
-    ensure!(
-        sent == echoed,
-        "the clients had {sent:?}, the server said {echoed:?}"
-    );
+    ended_whole(&mut server, &mut clients, &flag)?;
     Ok(())
 }

@@ -468,19 +468,8 @@ impl Engine {
                 side.resend.pop_front();
                 continue;
             }
-            let mut bad = None;
-            let sent = self
-                .backend
-                .send_with(side.ch, len - off, &mut |dst| match side
-                    .region
-                    .read(buf.addr + off as u64, dst)
-                {
-                    Ok(()) => true,
-                    Err(e) => {
-                        bad = Some(e);
-                        false
-                    }
-                });
+            let (sent, bad) =
+                super::send_buf(self.backend.as_mut(), side.ch, side, buf, off, len - off);
             if let Some(e) = bad {
                 self.violation(id, pair, s, &e);
                 return (false, true);

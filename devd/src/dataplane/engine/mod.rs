@@ -355,6 +355,35 @@ fn reset(backend: &mut dyn Backend, side: &mut Side) {
 }
 
 /// The channel of side `side` of local connection `id`.
+/// Sends up to `max` bytes of `side`'s client buffer `buf` from `off` on
+/// channel `ch`, read from the client's buffer straight into what the
+/// backend sends, as much as it takes; and the buffer's read error, if
+/// reading it failed (a client that broke the queue protocol).
+fn send_buf(
+    backend: &mut dyn Backend,
+    ch: ChannelId,
+    side: &Side,
+    buf: Buf,
+    off: usize,
+    max: usize,
+) -> (
+    Result<usize, BackendError>,
+    Option<ssock_rings::vq::device::DeviceError>,
+) {
+    let mut bad = None;
+    let sent = backend.send_with(ch, max, &mut |dst| match side
+        .region
+        .read(buf.addr + off as u64, dst)
+    {
+        Ok(()) => true,
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    });
+    (sent, bad)
+}
+
 /// Whether `side`'s channel crosses link `link` to `node`.
 fn crosses(side: &Side, node: u32, link: LinkId) -> bool {
     matches!(side.peer, Peer::Remote { node: n, .. } if n == node) && link_of(side.ch) == link
@@ -1302,19 +1331,7 @@ impl Engine {
                 },
             };
             let len = buf.len as usize;
-            // Read from the client's buffer straight into what the backend
-            // sends, as much as it takes.
-            let mut bad = None;
-            let sent = self.backend.send_with(ch, len - off, &mut |dst| match side
-                .region
-                .read(buf.addr + off as u64, dst)
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    bad = Some(e);
-                    false
-                }
-            });
+            let (sent, bad) = send_buf(self.backend.as_mut(), ch, side, buf, off, len - off);
             if let Some(e) = bad {
                 self.violation(id, pair, s, &e);
                 return true;

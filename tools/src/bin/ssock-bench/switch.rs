@@ -298,8 +298,9 @@ fn report(t: &Times, rtts: &[(f64, f64)], bins: &[u64], markdown: bool) -> Strin
             .fold(f64::INFINITY, f64::min)
     };
     let moved_links = t.link0_down > 0.0;
-    // The first phase on the link ends where the first switch begins.
-    let first = if moved_links { t.link0_down } else { t.down };
+    // The phase on the link before the drop of every link starts after
+    // the move between links, if there was one.
+    let first = if moved_links { t.other_link + 0.5 } else { 0.0 };
     let mut out = String::new();
     if moved_links {
         let rows = [

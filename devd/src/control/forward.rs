@@ -24,7 +24,7 @@
 use super::remote::{channel_of, in_range};
 use super::*;
 use crate::peers::wire::Msg;
-use ssock_hwbackends::on_link;
+use ssock_hwbackends::{on_link, LinkId};
 use std::time::Duration;
 
 /// How often the acceptor's devd looks for moved connections to offer
@@ -42,9 +42,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// What the forward logic keeps.
 #[derive(Debug, Default)]
 pub struct ForwardState {
-    /// Each peer's link as last seen: how many times it changed state
-    /// (the engine's count) and since when it is up, if it is.
-    link_up: std::collections::BTreeMap<u32, (u64, Option<Instant>)>,
+    /// Each link to each peer as last seen: how many times it changed
+    /// state (the engine's count) and since when it is up, if it is.
+    link_up: std::collections::BTreeMap<(u32, LinkId), (u64, Option<Instant>)>,
     /// This devd's Forwards not answered yet (the connector's process
     /// has not taken or let go of its new end): new channel -> (moved
     /// connection, new connection, peer). Dropped when the peer's
@@ -69,6 +69,31 @@ impl Devd {
         )
     }
 
+    /// Whether link `link` to `node` has been up here for
+    /// `fail_forward_ms` (as `forward_look` last saw it).
+    fn link_held(&self, node: u32, link: LinkId) -> bool {
+        let hold = Duration::from_millis(self.cfg.fail_forward_ms);
+        self.remote
+            .forward
+            .link_up
+            .get(&(node, link))
+            .and_then(|&(_, since)| since)
+            .is_some_and(|t| t.elapsed() >= hold)
+    }
+
+    /// The first link to `node` that has been up for `fail_forward_ms`:
+    /// where a moved connection moves forward (a link that flaps while
+    /// another stays up holds back no move onto the other).
+    fn held_link(&self, node: u32) -> Option<LinkId> {
+        self.remote
+            .forward
+            .link_up
+            .keys()
+            .filter(|&&(n, _)| n == node)
+            .map(|&(_, l)| l)
+            .find(|&l| self.link_held(node, l))
+    }
+
     /// The acceptor's side: offers every moved connection whose peer and
     /// link have been up for `fail_forward_ms` a new one on the link.
     pub(super) fn forward_look(&mut self, now: Instant) {
@@ -79,11 +104,10 @@ impl Devd {
             return;
         }
         self.remote.forward.next_look = Some(now + LOOK_EVERY);
-        let hold = Duration::from_millis(self.cfg.fail_forward_ms);
-        let links = self.engine.links();
+        let links = self.engine.link_states();
         let seen = &mut self.remote.forward.link_up;
-        for (&node, &(up, changes)) in &links {
-            let e = seen.entry(node).or_insert((changes, None));
+        for (&key, &(up, changes)) in &links {
+            let e = seen.entry(key).or_insert((changes, None));
             if e.0 != changes || !up {
                 *e = (changes, None);
             }
@@ -91,12 +115,11 @@ impl Devd {
                 e.1 = Some(now);
             }
         }
-        let held: Vec<u32> = seen
-            .iter()
-            .filter(|(n, (_, since))| {
-                since.is_some_and(|t| now.duration_since(t) >= hold) && self.remote.up.contains(n)
-            })
-            .map(|(&n, _)| n)
+        let mut nodes: Vec<u32> = seen.keys().map(|&(n, _)| n).collect();
+        nodes.dedup();
+        let held: Vec<u32> = nodes
+            .into_iter()
+            .filter(|&n| self.held_link(n).is_some() && self.remote.up.contains(&n))
             .collect();
         if held.is_empty() {
             return;
@@ -151,11 +174,12 @@ impl Devd {
             log::debug!("connection {old}: stays on its kernel socket ({why:?})");
             return Ok(());
         }
+        // (A link that stayed up for the hold; `forward_look` found one.)
+        let Some(link) = self.held_link(node) else {
+            return Ok(());
+        };
         let id = self.new_id();
-        let ch = on_link(
-            channel_of(self.cfg.node, id, self.remote.salt),
-            self.pick_link(node),
-        );
+        let ch = on_link(channel_of(self.cfg.node, id, self.remote.salt), link);
         let res = self.remote_res(id, 1, Some((node, ch)))?;
         self.new_conn(id, res, ends, 1, (node, ch), (old, old_ch), moves);
         self.remote.forward.pending.insert(ch, (old, id, node));
@@ -263,20 +287,12 @@ impl Devd {
             log::warn!("peer node {node} offered channel {new:#x}, not of its range or links");
             return false;
         }
-        // Its own view of the link counts too: one side may have missed
-        // the other's heartbeat for less than it takes to call it down.
-        let hold = Duration::from_millis(self.cfg.fail_forward_ms);
-        let held = self
-            .remote
-            .forward
-            .link_up
-            .get(&node)
-            .and_then(|&(_, since)| since)
-            .is_some_and(|t| t.elapsed() >= hold);
-        // (And the link its channel crosses: the peer may not have seen it
-        // go down yet, which it does within `ntb::DEAD`.)
-        let link_up = self.engine.link_up(node, ssock_hwbackends::link_of(new));
-        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) || !held || !link_up {
+        // Its own view of the link the channel crosses counts too: one
+        // side may have missed the other's heartbeat for less than it
+        // takes to call it down (within `ntb::DEAD`).
+        let link = ssock_hwbackends::link_of(new);
+        let held = self.link_held(node, link) && self.engine.link_up(node, link);
+        if self.cfg.fail_forward_ms == 0 || !self.peer_ready(node) || !held {
             log::info!("peer node {node} offered a new connection for channel {old:#x}: not while the link is down here, or fail-forward is off");
             return false;
         }

@@ -199,6 +199,16 @@ impl Handle {
         by_node
     }
 
+    /// Each link's state: up or not, how many times it changed.
+    pub fn link_states(&self) -> std::collections::BTreeMap<(u32, LinkId), (bool, u64)> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&k, l)| (k, (l.up, l.changes)))
+            .collect()
+    }
+
     /// Whether link `link` to `node` is up.
     pub fn link_up(&self, node: u32, link: LinkId) -> bool {
         self.links

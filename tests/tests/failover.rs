@@ -523,15 +523,8 @@ fn a_link_dropped_and_restored_20_times_under_two_streams_loses_no_byte() -> Res
         // And their bytes cross the link again (1 MiB at least each way
         // for each connection).
         for (h, before) in before.iter().enumerate() {
-            let t = Instant::now();
-            while queued_bytes(&totals(&lab, h)?) < before + (4 << 20) {
-                ensure!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "host {h}: no bytes through the engine after moving forward: {}",
-                    lab.stats(h)?
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let what = "no bytes through the engine after moving forward";
+            queued_past(&lab, h, before + (4 << 20), Duration::from_secs(20), what)?;
         }
     }
     std::fs::write(&*flag, b"")?;
@@ -810,15 +803,8 @@ fn a_connection_made_while_the_link_is_down_starts_on_tcp_and_moves_onto_it_once
         "ringstat on host a:\n{text}"
     );
     for (h, before) in before.iter().enumerate() {
-        let t = Instant::now();
-        while queued_bytes(&totals(&lab, h)?) < before + (4 << 20) {
-            ensure!(
-                t.elapsed() < Duration::from_secs(20),
-                "host {h}: no bytes through the engine after moving forward: {}",
-                lab.stats(h)?
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = "no bytes through the engine after moving forward";
+        queued_past(&lab, h, before + (4 << 20), Duration::from_secs(20), what)?;
     }
     std::fs::write(&*flag, b"")?;
     let out = client.expect(&["OK "], Duration::from_secs(60));

@@ -153,14 +153,13 @@ fn a_link_that_goes_down_moves_its_connections_onto_the_other_with_no_byte_on_tc
     // Their bytes cross link 1 now (host a's only link up).
     for h in 0..2 {
         let before = queued_bytes(&totals(&lab, h)?);
-        let t = Instant::now();
-        while queued_bytes(&totals(&lab, h)?) < before + (16 << 20) {
-            ensure!(
-                t.elapsed() < Duration::from_secs(10),
-                "host {h}: no bytes cross link 1"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        queued_past(
+            &lab,
+            h,
+            before + (16 << 20),
+            Duration::from_secs(10),
+            "no bytes cross link 1",
+        )?;
     }
     // A new connection, once host b (whose devd picks a new connection's
     // link) has seen link 0 go down too (within its 2 s heartbeat bound),

@@ -133,6 +133,23 @@ pub fn queued_bytes(t: &serde_json::Value) -> u64 {
     t["bytes"]["queued"].as_u64().unwrap_or(0)
 }
 
+/// Waits (up to `within`) until host `h`'s engine has moved more than
+/// `at_least` bytes in all; `what` names them in the failure.
+pub fn queued_past(
+    lab: &TwoHosts,
+    h: usize,
+    at_least: u64,
+    within: Duration,
+    what: &str,
+) -> Result<()> {
+    let t = Instant::now();
+    while queued_bytes(&totals(lab, h)?) < at_least {
+        anyhow::ensure!(t.elapsed() < within, "host {h}: {what}: {}", lab.stats(h)?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 pub fn ready(name: &str) -> Result<Option<TwoHosts>> {
     ready_with(name, &[])
 }

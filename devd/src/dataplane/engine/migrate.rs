@@ -250,7 +250,9 @@ impl Engine {
             if !named_here(theirs_node(side), channel) {
                 let m = Msg::Migrate {
                     channel,
-                    link: Some(link_of(side.prev_twin)),
+                    // (Its channel is that move's twin until the next
+                    // move completes.)
+                    link: Some(link_of(side.ch)),
                     received: side.migrate_said.0,
                     marked: side.migrate_said.1,
                 };
@@ -346,7 +348,6 @@ impl Engine {
         let side = &mut pair.sides[s];
         side.migrating = None;
         side.prev_ch = Some(old);
-        side.prev_twin = twin;
         side.migrate_said = ours;
         side.ch = twin;
         side.peer = Peer::Remote {

@@ -280,7 +280,6 @@ struct Side {
     /// (the other host's late messages may still name it), and what this
     /// side said of it then (received, marked).
     prev_ch: Option<ChannelId>,
-    prev_twin: ChannelId,
     migrate_said: (u64, bool),
     /// Twins of moves given up (fail-over took over): kept open until the
     /// connection goes, since the other host may already send there (a
@@ -766,7 +765,6 @@ impl Engine {
                     resend: VecDeque::new(),
                     migrating: None,
                     prev_ch: None,
-                    prev_twin: 0,
                     migrate_said: (0, false),
                     given_up: Vec::new(),
                     discarded: 0,

@@ -23,11 +23,13 @@
 # sets both devds' fail_forward_ms (docs/config.md; default 3000).
 # SSOCK_LAB_LINKS=N (1 to 8, default 1) joins the hosts by N ntb links,
 # each a window of its own from its own ivshmem server (link 0's socket
-# is DIR/ivshmem.sock, link i's DIR/ivshmem$i.sock).
+# is DIR/ivshmem.sock, link i's DIR/ivshmem$i.sock);
+# SSOCK_LAB_LINK_POLICY=spread deals connections over them in turn
+# (docs/config.md, link_policy; default active-backup).
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,26p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,28p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
@@ -90,6 +92,7 @@ up)
       echo "address = \"$oip:7455\""
       echo "key_file = \"$dir/link.key\""
       echo "ivshmem = [$(IFS=,; echo "${windows[*]}")]"
+      [ -n "${SSOCK_LAB_LINK_POLICY:-}" ] && echo "link_policy = \"$SSOCK_LAB_LINK_POLICY\""
     } > "$dir/$h/devd.toml"
     pin=()
     if [ "${SSOCK_LAB_PIN:-}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then

@@ -2,6 +2,7 @@
 //! service, a TOML file (every key is documented in docs/config.md).
 //! Unknown keys and out-of-range values are errors that name the key.
 
+use crate::dataplane::engine::LinkPolicy;
 use serde::Deserialize;
 use ssock_rings::codec::Mode;
 use ssock_rings::layout::{MAX_REGION, MIN_REGION};
@@ -86,6 +87,7 @@ struct FilePeer {
     address: String,
     key_file: PathBuf,
     ivshmem: Option<OneOrMore>,
+    link_policy: Option<String>,
 }
 
 /// One path, or a list of them.
@@ -111,6 +113,10 @@ pub struct PeerConfig {
     /// order); none: no interconnect to this peer yet, the control
     /// connection only.
     pub ivshmem: Vec<PathBuf>,
+    /// How new connections with it are put on its links, and where a
+    /// connection whose link failed moves (when this devd names their
+    /// channels).
+    pub link_policy: LinkPolicy,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -120,6 +126,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("address", &self.address)
             .field("key", &format_args!("({} bytes)", self.key.len()))
             .field("ivshmem", &self.ivshmem)
+            .field("link_policy", &self.link_policy)
             .finish()
     }
 }
@@ -340,6 +347,16 @@ impl Config {
                     None => Vec::new(),
                     Some(OneOrMore::One(p)) => vec![p],
                     Some(OneOrMore::More(v)) => v,
+                },
+                link_policy: match p.link_policy.as_deref() {
+                    None | Some("active-backup") => LinkPolicy::ActiveBackup,
+                    Some("spread") => LinkPolicy::Spread,
+                    Some(other) => {
+                        return Err(ConfigError::Value {
+                            key: "peer.link_policy",
+                            why: format!("{other:?} is neither \"active-backup\" nor \"spread\""),
+                        })
+                    }
                 },
             });
         }
@@ -653,6 +670,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.peers[0].ivshmem.len(), 2);
+        assert_eq!(c.peers[0].link_policy, LinkPolicy::ActiveBackup);
+        let c = Config::from_toml(
+            &format!("node = 1\n{}link_policy = \"spread\"\n", peer(2)),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].link_policy, LinkPolicy::Spread);
+        assert!(
+            err(format!("node = 1\n{}link_policy = \"both\"\n", peer(2)))
+                .contains("peer.link_policy")
+        );
         let nine: Vec<String> = (0..9).map(|i| format!("\"/run/{i}.sock\"")).collect();
         assert!(err(format!(
             "node = 1\n{}ivshmem = [{}]\n",

@@ -41,6 +41,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let counts = std::sync::Arc::new(stats::EngineCounts::default());
     let engine = dataplane::engine::spawn(backend, counts.clone(), cfg.sandbox)
         .context("cannot start the engine thread")?;
+    for p in &cfg.peers {
+        engine.set_link_policy(p.node, p.link_policy);
+    }
     let mut devd = control::Devd::new(cfg.clone(), engine, name, counts);
     if !cfg.peers.is_empty() {
         let listener = match cfg.peer_listen {

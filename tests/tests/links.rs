@@ -1,9 +1,10 @@
 //! More than one link between two hosts, in the two-host lab with two ntb
 //! links (`SSOCK_LAB_LINKS=2`: two windows, each from its own ivshmem
-//! server): a new connection crosses the first link that is up (both
-//! devds agree: its channel id names the link, docs/protocol.md 8.4);
-//! when that link goes down, the connections over it move onto the other
-//! link with no byte on TCP (8.7), whichever host saw it go down first;
+//! server): a new connection crosses the first link that is up, or with
+//! `link_policy = "spread"` the next in turn (both devds agree: its
+//! channel id names the link, docs/protocol.md 8.4); when a link goes
+//! down, the connections over it move onto the other link with no byte
+//! on TCP (8.7), whichever host saw it go down first;
 //! when no other link is up they move to their kernel sockets (8.5) and
 //! back onto a link once one is (8.6); with no link left, new connections
 //! start on TCP. Every byte is checked by the programs themselves
@@ -397,6 +398,64 @@ fn a_move_the_other_devd_does_not_answer_in_time_goes_to_tcp_and_loses_no_byte()
             lab.log(h)
         );
     }
+    ended_whole(&mut server, &mut clients, &flag)?;
+    Ok(())
+}
+
+#[test]
+fn spread_deals_connections_over_both_links_and_a_failed_one_moves_its_share_onto_the_other(
+) -> Result<()> {
+    let spread = [TWO_LINKS, &[("SSOCK_LAB_LINK_POLICY", "spread")][..]].concat();
+    let Some(lab) = ready_with("linkspread", &spread)? else {
+        return Ok(());
+    };
+    both_links_up(&lab)?;
+    let (mut server, mut clients, flag) = steady_streams(&lab, 6840, 4)?;
+    // Host b's devd names each channel, and deals them in turn: two
+    // cross link 0, two link 1, and both hosts say so.
+    for h in 0..2 {
+        for link in 0..2 {
+            let on = on_link(&lab, h, link, 2)?;
+            ensure!(
+                on.len() == 2 && on.iter().all(|c| c["migrations"] == 0),
+                "host {h}: two connections on link {link} from the start: {on:?}"
+            );
+        }
+    }
+    // Both links carry bytes at once: each link's connections moved
+    // more than what they had acknowledged when first seen.
+    let acked = |h: usize, link: u64| -> Result<u64> {
+        Ok(lab.stats(h)?["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["path"] == "link" && c["link"] == link)
+            .filter_map(|c| c["acked"].as_u64())
+            .sum())
+    };
+    let before = [acked(0, 0)?, acked(0, 1)?];
+    let t = Instant::now();
+    while acked(0, 0)? < before[0] + (4 << 20) || acked(0, 1)? < before[1] + (4 << 20) {
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "both links should carry bytes: {before:?} then {} {}",
+            acked(0, 0)?,
+            acked(0, 1)?
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Host a takes link 1 out of service: its two connections move onto
+    // link 0, TCP untouched; the streams end whole.
+    lab.set_links(0, Some(1), false)?;
+    for h in 0..2 {
+        let on = on_link(&lab, h, 0, 4)?;
+        ensure!(
+            on.iter().filter(|c| c["migrations"] == 1).count() == 2
+                && on.iter().all(|c| c["failovers"] == 0),
+            "host {h}: link 1's two moved onto link 0: {on:?}"
+        );
+    }
+    moved_without_tcp(&lab, 2)?;
     ended_whole(&mut server, &mut clients, &flag)?;
     Ok(())
 }

@@ -81,17 +81,22 @@ impl Devd {
             .is_some_and(|t| t.elapsed() >= hold)
     }
 
-    /// The first link to `node` that has been up for `fail_forward_ms`:
-    /// where a moved connection moves forward (a link that flaps while
-    /// another stays up holds back no move onto the other).
-    fn held_link(&self, node: u32) -> Option<LinkId> {
+    /// Whether a link to `node` has been up for `fail_forward_ms` (a
+    /// link that flaps while another stays up holds back no move onto
+    /// the other).
+    fn any_link_held(&self, node: u32) -> bool {
         self.remote
             .forward
             .link_up
             .keys()
-            .filter(|&&(n, _)| n == node)
-            .map(|&(_, l)| l)
-            .find(|&l| self.link_held(node, l))
+            .any(|&(n, l)| n == node && self.link_held(node, l))
+    }
+
+    /// Where a moved connection moves forward: a link to `node` that has
+    /// been up for `fail_forward_ms`, by the peer's link policy.
+    fn held_link(&self, node: u32) -> Option<LinkId> {
+        self.engine
+            .choose_link(node, self.links_to(node), |_, l| self.link_held(node, l))
     }
 
     /// The acceptor's side: offers every moved connection whose peer and
@@ -119,7 +124,7 @@ impl Devd {
         nodes.dedup();
         let held: Vec<u32> = nodes
             .into_iter()
-            .filter(|&n| self.held_link(n).is_some() && self.remote.up.contains(&n))
+            .filter(|&n| self.any_link_held(n) && self.remote.up.contains(&n))
             .collect();
         if held.is_empty() {
             return;

@@ -79,7 +79,7 @@ impl Devd {
     }
 
     /// The links configured to peer `node`.
-    fn links_to(&self, node: u32) -> usize {
+    pub(super) fn links_to(&self, node: u32) -> usize {
         self.cfg
             .peers
             .iter()
@@ -88,13 +88,13 @@ impl Devd {
     }
 
     /// The link a new connection with peer `node` crosses (this devd
-    /// names its channel, link included): the first one up (active-backup;
+    /// names its channel, link included): one that is up, by the peer's
+    /// link policy (active-backup: the first; spread: the next in turn;
     /// docs/protocol.md 8.4), or link 0 when none is (it starts on its
     /// kernel sockets).
     pub(super) fn pick_link(&self, node: u32) -> LinkId {
-        (0..self.links_to(node))
-            .filter_map(|l| LinkId::try_from(l).ok())
-            .find(|&l| self.engine.link_up(node, l))
+        self.engine
+            .choose_link(node, self.links_to(node), |t, l| t.up(node, l))
             .unwrap_or(0)
     }
 

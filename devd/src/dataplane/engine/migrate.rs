@@ -72,12 +72,17 @@ fn named_here(node: u32, ch: ChannelId) -> bool {
 }
 
 impl Engine {
-    /// The first link to `node` that is up other than `but`.
+    /// The link to `node`, up and other than `but`, that a connection
+    /// moves onto (by the peer's link policy).
     fn other_link_up(&self, node: u32, but: LinkId) -> Option<LinkId> {
-        let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        l.iter()
-            .find(|(&(n, link), seen)| n == node && link != but && seen.up)
+        let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let up: Vec<LinkId> = l
+            .seen
+            .iter()
+            .filter(|(&(n, link), seen)| n == node && link != but && seen.up)
             .map(|(&(_, link), _)| link)
+            .collect();
+        l.choose(node, ssock_hwbackends::MAX_LINKS, |link| up.contains(&link))
     }
 
     /// Starts moving remote side `s` of `pair` off its failed link onto
@@ -408,7 +413,7 @@ impl Engine {
     /// Whether link `link` to `node` is up here.
     fn link_seen_up(&self, node: u32, link: LinkId) -> bool {
         let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        l.get(&(node, link)).is_some_and(|seen| seen.up)
+        l.up(node, link)
     }
 
     /// The move cannot happen: side `s` moves to its kernel socket (or,

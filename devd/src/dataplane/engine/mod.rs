@@ -16,7 +16,10 @@
 //! kernel sockets (`failover.rs`).
 
 mod failover;
+mod links;
 mod migrate;
+
+pub use links::{LinkPolicy, LinkSeen, LinkTable, Links, LINK_HISTORY};
 
 use crate::sandbox::ThreadKind;
 use crate::stats::{EngineCounts, QueuedCounters};
@@ -168,30 +171,12 @@ pub struct Handle {
     links: Links,
 }
 
-/// How many of a link's last changes are kept for the statistics.
-pub const LINK_HISTORY: usize = 8;
-
-/// One link to a peer node as the backend last said.
-#[derive(Debug, Default, Clone)]
-pub struct LinkSeen {
-    /// Up or not.
-    pub up: bool,
-    /// How many times it changed.
-    pub changes: u64,
-    /// Its last `LINK_HISTORY` changes, oldest first: up or not, when,
-    /// and how many channels crossed it then.
-    pub history: VecDeque<(bool, Instant, usize)>,
-}
-
-/// Each link to each peer node: (node, link).
-pub type Links = Arc<std::sync::Mutex<std::collections::BTreeMap<(u32, LinkId), LinkSeen>>>;
-
 impl Handle {
     /// Each peer node's links together: whether any is up, how many
     /// times they changed in all.
     pub fn links(&self) -> std::collections::BTreeMap<u32, (bool, u64)> {
         let mut by_node = std::collections::BTreeMap::new();
-        for (&(n, _), l) in self.links.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (&(n, _), l) in &self.links.lock().unwrap_or_else(|p| p.into_inner()).seen {
             let e: &mut (bool, u64) = by_node.entry(n).or_default();
             e.0 |= l.up;
             e.1 += l.changes;
@@ -204,6 +189,7 @@ impl Handle {
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .seen
             .iter()
             .map(|(&k, l)| (k, (l.up, l.changes)))
             .collect()
@@ -214,13 +200,41 @@ impl Handle {
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(node, link))
-            .is_some_and(|l| l.up)
+            .up(node, link)
+    }
+
+    /// Sets how connections with peer `node` are put on its links.
+    pub fn set_link_policy(&self, node: u32, policy: LinkPolicy) {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_policy(node, policy);
+    }
+
+    /// The link a new connection with peer `node` (which has `links`
+    /// links) takes among those `fits` allows, by the peer's policy.
+    pub fn choose_link(
+        &self,
+        node: u32,
+        links: usize,
+        fits: impl Fn(&LinkTable, LinkId) -> bool,
+    ) -> Option<LinkId> {
+        let mut t = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let fit: Vec<bool> = (0..links)
+            .map(|l| LinkId::try_from(l).is_ok_and(|l| fits(&t, l)))
+            .collect();
+        t.choose(node, links, |l| {
+            fit.get(usize::from(l)).copied().unwrap_or(false)
+        })
     }
 
     /// The links as the statistics show them, with their last changes.
     pub fn link_history(&self) -> std::collections::BTreeMap<(u32, LinkId), LinkSeen> {
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .clone()
     }
 
     /// Whether the engine thread is still running.
@@ -699,7 +713,7 @@ impl Engine {
             }
             {
                 let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-                let e = l.entry((node, link)).or_default();
+                let e = l.seen.entry((node, link)).or_default();
                 e.up = ev.state == LinkState::Up;
                 e.changes += 1;
                 if e.history.len() == LINK_HISTORY {
@@ -1212,7 +1226,8 @@ impl Engine {
             };
             let down = {
                 let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-                l.get(&(node, link_of(pair.sides[s].ch)))
+                l.seen
+                    .get(&(node, link_of(pair.sides[s].ch)))
                     .is_some_and(|l| !l.up)
             };
             if !on_kernel.get(s).copied().unwrap_or(false) && !down {

@@ -74,7 +74,8 @@ usage: ssock-bench [--rounds N] [--quick] [--clients N] [--json | --csv | --mark
   --transports L  only these transports, comma-separated: kernel,unix,direct,queued
   --two-hosts DIR run on host a of the two-host lab in DIR (tools/two-host-lab.sh),
                   against a peer on host b: kernel TCP over the veth and Queued
-                  over the ntb link, ping-pong and streaming (run it with
+                  over the ntb link, ping-pong, streaming and --clients streams
+                  at once (run it with
                   `two-host-lab.sh exec DIR a`: host a's devd, root)
   --switch        with --two-hosts: then one link drop and restore under a
                   ping-pong and a stream (the stall each switch cost, the
@@ -1347,12 +1348,17 @@ fn bench(args: &[String]) -> Result<()> {
         let plan = Plan::new(a.quick, a.clients);
         let (mut rows, mut jobs) = plan.schedule();
         if a.two_hosts.is_some() {
-            // Ping-pong and single-stream only; CPU per message would
-            // leave host b's devd out.
+            // Ping-pong, one stream and several (over several links,
+            // spread: their aggregate); CPU per message would leave host
+            // b's devd out.
             (rows, jobs) = select(
                 rows,
                 jobs,
-                |t| t.starts_with("ping-pong") || t.starts_with("stream "),
+                |t| {
+                    t.starts_with("ping-pong")
+                        || t.starts_with("stream ")
+                        || t.contains(" streams, ")
+                },
                 false,
             );
         }

@@ -21,6 +21,7 @@ use super::{link_of, Engine, Pair, Side};
 use crate::peers::wire::Msg;
 use crate::stats::QueuedCounters;
 use ssock_hwbackends::{connection_of, moved_onto, BackendError, ChannelId, LinkId, Peer};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,43 @@ impl Migrating {
     fn twin(&self) -> Option<ChannelId> {
         self.link.map(|l| moved_onto(self.old, l))
     }
+}
+
+/// Whether the other host's half of a move can be true: what it says it
+/// was given of this side's stream (`theirs`: bytes, and whether the end
+/// mark too) is at least what it acknowledged and at most what was sent,
+/// and the mark only after every byte of a stream whose mark was sent.
+pub(super) fn half_valid(theirs: (u64, bool), acked: u64, sent: u64, mark_sent: bool) -> bool {
+    let (r, marked) = theirs;
+    r >= acked && r <= sent && (!marked || (mark_sent && r == sent))
+}
+
+/// What goes again, in order, each from an offset in it: the buffers
+/// not acknowledged, then the one partly sent.
+pub(super) type ResendPlan<B> = (VecDeque<(B, usize)>, Option<(B, usize)>);
+
+/// Where a stream goes again from byte `r` (what the other host was
+/// given): each buffer not acknowledged (`unacked`: a buffer and the
+/// stream offset where it ends, in order; `len` its length) that ends
+/// past `r`, from where `r` falls in it (0 for the later ones), and the
+/// buffer partly sent (`pending`: it and how much of it went, at stream
+/// offset `sent`) from where `r` falls in it. `r` at least the first
+/// buffer's start (what was acknowledged; `half_valid`).
+pub(super) fn resend_from<B: Copy>(
+    unacked: &VecDeque<(B, u64)>,
+    len: impl Fn(&B) -> u64,
+    pending: Option<(B, usize)>,
+    sent: u64,
+    r: u64,
+) -> ResendPlan<B> {
+    let offset = |start: u64| usize::try_from(r.saturating_sub(start)).unwrap_or(usize::MAX);
+    let resend = unacked
+        .iter()
+        .filter(|&&(_, end)| end > r)
+        .map(|&(b, end)| (b, offset(end - len(&b))))
+        .collect();
+    let pending = pending.map(|(b, off)| (b, offset(sent - off as u64)));
+    (resend, pending)
 }
 
 /// Whether this devd named `ch`, a channel with peer `node` (the acceptor's
@@ -337,8 +375,7 @@ impl Engine {
         // what it acknowledged, at most what was sent; the mark only
         // after every byte.
         let (r, marked) = theirs;
-        let ok = r >= m.acked && r <= m.sent && (!marked || (side.mark_sent && r == m.sent));
-        if !ok {
+        if !half_valid(theirs, m.acked, m.sent, side.mark_sent) {
             log::warn!(
                 "connection {id}: node {} says it was given {r} bytes (mark: {marked}) of a stream acknowledged to {} and sent to {}; resetting it",
                 m.node, m.acked, m.sent
@@ -361,19 +398,15 @@ impl Engine {
         };
         // This side's stream again from `r`: the unacknowledged buffers
         // from there, then the one partly sent, from where `r` falls.
-        side.resend.clear();
-        let pending_start = side.sent - side.tx_pending.map_or(0, |(_, off)| off as u64);
-        for &(buf, end) in &side.unacked {
-            let start = end - u64::from(buf.len);
-            if end > r {
-                let off = usize::try_from(r.saturating_sub(start)).unwrap_or(0);
-                side.resend.push_back((buf, off));
-            }
-        }
-        if let Some((buf, _)) = side.tx_pending {
-            let off = usize::try_from(r.saturating_sub(pending_start)).unwrap_or(0);
-            side.tx_pending = Some((buf, off));
-        }
+        let (resend, pending) = resend_from(
+            &side.unacked,
+            |b| u64::from(b.len),
+            side.tx_pending,
+            side.sent,
+            r,
+        );
+        side.resend = resend;
+        side.tx_pending = pending;
         side.sent = r;
         side.base = r;
         if side.mark_sent && !marked {
@@ -547,3 +580,7 @@ fn theirs_node(side: &Side) -> u32 {
         Peer::Local(_) => 0,
     }
 }
+
+#[cfg(test)]
+#[path = "migrate_model.rs"]
+mod model;

@@ -6,6 +6,8 @@
 #
 #   tools/two-host-lab.sh up DIR [BIN]   set it up; state and logs in DIR
 #   tools/two-host-lab.sh down DIR       tear it down (whatever is left)
+#   tools/two-host-lab.sh restart DIR a|b   start host a's or b's devd again
+#                                        (after it was killed)
 #   tools/two-host-lab.sh exec DIR a|b CMD...   run CMD on host a or b,
 #                                        SSOCK_DEVD_SOCKET set to its devd
 #
@@ -29,10 +31,19 @@
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,28p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,30p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
+
+# Starts host $1's devd (as `up` set it up), its log appended to.
+start_devd() {
+  local h=$1 ns pin
+  ns=$(cat "$dir/$h/ns"); read -r -a pin < "$dir/$h/pin" || true
+  setsid ip netns exec "$ns" ${pin[@]+"${pin[@]}"} "$(cat "$dir/bin")/devd" \
+    --config "$dir/$h/devd.toml" --log info >> "$dir/$h/devd.log" 2>&1 < /dev/null &
+  echo $! > "$dir/$h/devd.pid"
+}
 
 case "$cmd" in
 up)
@@ -98,9 +109,10 @@ up)
     if [ "${SSOCK_LAB_PIN:-}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
       pin=(taskset -c $((me - 1)))
     fi
-    setsid ip netns exec "$ns" ${pin[@]+"${pin[@]}"} "$bin/devd" --config "$dir/$h/devd.toml" --log info \
-      > "$dir/$h/devd.log" 2>&1 < /dev/null &
-    echo $! > "$dir/$h/devd.pid"
+    echo "$ns" > "$dir/$h/ns"
+    echo "${pin[*]}" > "$dir/$h/pin"
+    echo "$bin" > "$dir/bin"
+    start_devd "$h"
   done
   # Ready once it says so (its control socket exists before its window
   # and its peer listener do); a devd that exits on the way is reported.
@@ -114,6 +126,20 @@ up)
       echo "two-host-lab: devd on $h did not start:" >&2; cat "$dir/$h/devd.log" "$dir"/ivshmem*.log >&2; exit 1; }
   done
   echo "two-host-lab: up in $dir (hosts 10.77.$t.1 and 10.77.$t.2)"
+  ;;
+restart)
+  # Host a's or b's devd started again (after it was killed), once it
+  # says it is ready.
+  h=${3:-}
+  [ "$h" = a ] || [ "$h" = b ] || { echo "two-host-lab: host a or b" >&2; exit 2; }
+  before=$(grep -c "devd ready on" "$dir/$h/devd.log" || true)
+  start_devd "$h"
+  for i in $(seq 400); do
+    [ "$(grep -c "devd ready on" "$dir/$h/devd.log" || true)" -gt "$before" ] && break
+    sleep 0.05
+  done
+  [ "$(grep -c "devd ready on" "$dir/$h/devd.log" || true)" -gt "$before" ] || {
+    echo "two-host-lab: devd on $h did not start again:" >&2; tail -20 "$dir/$h/devd.log" >&2; exit 1; }
   ;;
 down)
   for f in "$dir/a/devd.pid" "$dir/b/devd.pid" "$dir"/ivshmem*.pid; do
@@ -140,5 +166,5 @@ exec)
   SSOCK_DEVD_SOCKET="$dir/$h/devd.sock" exec ip netns exec "ssock-lab$t-$h" "$@"
   ;;
 *)
-  sed -n '2,15p' "$0" >&2; exit 2 ;;
+  sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac

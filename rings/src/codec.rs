@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 12;
+pub const CTL_VERSION: u16 = 13;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -371,6 +371,29 @@ pub enum Request {
         /// Take it (else: let it go).
         take: bool,
     },
+    /// An end whose other end is on another host, on a session with a
+    /// devd started after the one that served it died, with its socket (1
+    /// fd): ask the other host's devd where each direction goes on over
+    /// the kernel socket (docs/protocol.md 8.8). `words`: this end's
+    /// hand-over words ([`crate::relay::ours`]); `received`: what the
+    /// dead devd gave its reader (the direction it reads is closed there).
+    /// Answered `Rejoined`, or `Error` EAGAIN (the other host's devd is
+    /// not connected yet: ask again) or another code (give up: reset),
+    /// when the other host's devd answered, within seconds: not in turn.
+    Rejoin {
+        /// This end's words.
+        words: [u64; 4],
+        /// What its reader was given of the other end's stream.
+        received: u64,
+    },
+    /// A rejoined end's words changed (its END, once its writes are on
+    /// the kernel socket in order): devd relays them to the other host, on
+    /// the session that rejoined it. No fds, no reply; the other host's
+    /// changes come on that session as `Rejoined`, unasked.
+    Words {
+        /// This end's words.
+        words: [u64; 4],
+    },
 }
 
 /// devd -> client.
@@ -450,6 +473,14 @@ pub enum Response {
         code: u32,
         /// Human-readable sentence.
         message: String,
+    },
+    /// The other host's part for a `Rejoin`: its end's words and what
+    /// its reader was given of this end's stream.
+    Rejoined {
+        /// The other end's words.
+        words: [u64; 4],
+        /// Where the direction this end writes closes.
+        closed: u64,
     },
 }
 
@@ -690,13 +721,19 @@ fn check_fds(msg: &'static str, got: usize, want: usize) -> Result<(), DecodeErr
 }
 
 impl Request {
-    /// Whether devd answers this request. Release and Leave go unanswered: a
-    /// process closing a connection waits for nothing, and its next
-    /// request's reply is the next message it reads.
+    /// Whether devd answers this request in turn. Release and Leave go
+    /// unanswered: a process closing a connection waits for nothing, and
+    /// its next request's reply is the next message it reads. Rejoin is
+    /// answered later, once another host's devd answered (its session
+    /// asks nothing else meanwhile).
     pub fn expects_reply(&self) -> bool {
         !matches!(
             self,
-            Request::Release { .. } | Request::Leave { .. } | Request::Skipped { .. }
+            Request::Release { .. }
+                | Request::Leave { .. }
+                | Request::Skipped { .. }
+                | Request::Rejoin { .. }
+                | Request::Words { .. }
         )
     }
 
@@ -704,7 +741,7 @@ impl Request {
     pub fn fd_count(&self) -> usize {
         match self {
             Request::Listen | Request::Unlisten | Request::Intent { .. } | Request::Claim => 1,
-            Request::Attach | Request::Forward { .. } => 1,
+            Request::Attach | Request::Forward { .. } | Request::Rejoin { .. } => 1,
             _ => 0,
         }
     }
@@ -779,6 +816,21 @@ impl Request {
                 w.u64(*conn_id).u8(*side as u8).u8(u8::from(*take));
                 w.finish()
             }
+            Request::Rejoin { words, received } => {
+                let mut w = W::new(17);
+                for x in words {
+                    w.u64(*x);
+                }
+                w.u64(*received);
+                w.finish()
+            }
+            Request::Words { words } => {
+                let mut w = W::new(18);
+                for x in words {
+                    w.u64(*x);
+                }
+                w.finish()
+            }
         }
     }
 
@@ -820,6 +872,13 @@ impl Request {
                 conn_id: r.u64()?,
                 side: Side::from_u8(r.u8()?)?,
                 take: r.bool("take")?,
+            },
+            17 => Request::Rejoin {
+                words: [r.u64()?, r.u64()?, r.u64()?, r.u64()?],
+                received: r.u64()?,
+            },
+            18 => Request::Words {
+                words: [r.u64()?, r.u64()?, r.u64()?, r.u64()?],
             },
             13 => Request::Skipped {
                 reason: r.reason()?,
@@ -918,6 +977,14 @@ impl Response {
                 w.u32(*code).bytes(message.as_bytes());
                 w.finish()
             }
+            Response::Rejoined { words, closed } => {
+                let mut w = W::new(111);
+                for x in words {
+                    w.u64(*x);
+                }
+                w.u64(*closed);
+                w.finish()
+            }
         }
     }
 
@@ -968,6 +1035,10 @@ impl Response {
                 let message = r.string("message")?;
                 Response::Error { code, message }
             }
+            111 => Response::Rejoined {
+                words: [r.u64()?, r.u64()?, r.u64()?, r.u64()?],
+                closed: r.u64()?,
+            },
             t => return Err(DecodeError::Type(t)),
         };
         r.end()?;
@@ -1038,6 +1109,13 @@ mod tests {
                 conn_id: 13,
                 side: Side::Connector,
                 take: false,
+            },
+            Request::Rejoin {
+                words: [1, 2, u64::MAX, 4],
+                received: 1 << 40,
+            },
+            Request::Words {
+                words: [0, 1, 2, 3],
             },
         ]
     }
@@ -1129,6 +1207,10 @@ mod tests {
             Response::Error {
                 code: 22,
                 message: "no".into(),
+            },
+            Response::Rejoined {
+                words: [0, 9, 8, 7],
+                closed: 12345,
             },
         ] {
             let b = r.encode();

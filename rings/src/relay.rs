@@ -10,7 +10,7 @@
 //! the other host used before it is checked against what this page allows
 //! (a first value stays; TAKEN only grows, never past the bytes sent).
 
-use crate::layout::{self, hov, CLAIM_ACCEPTED, CLAIM_PENDING, TAKEN_CLOSED};
+use crate::layout::{self, hov, Switch, Taken, CLAIM_ACCEPTED, CLAIM_PENDING, TAKEN_CLOSED};
 use crate::shm::Mapping;
 use std::sync::atomic::Ordering;
 
@@ -104,6 +104,75 @@ pub fn apply(m: &Mapping, end: usize, w: &Words, sent: u64) -> Result<bool, BadW
         }
     }
     Ok(changed)
+}
+
+/// The start of a side's move on its page `hov` (end `end`): a writer
+/// that had not moved never will, so the other host learns its final
+/// SWITCH with the words sent next.
+pub fn start_page(hov: &Mapping, end: usize) {
+    layout::publish_switch(hov, end & 1, Switch::Never);
+}
+
+/// What a side tells the other host: its end's words, and, once it
+/// `heard` the other's, where the direction it reads closed.
+pub fn our_part(hov: &Mapping, end: usize, heard: bool) -> (Words, Option<u64>) {
+    let end = end & 1;
+    let closed = match layout::taken(hov, 1 - end) {
+        Taken::Closed(at) if heard => Some(at),
+        _ => None,
+    };
+    (ours(hov, end), closed)
+}
+
+/// Applies the other host's part (`w`, `closed`) to page `hov` of end
+/// `end`, which sent `counts.0` bytes of the direction it writes and gave
+/// its reader `counts.1` of the other: the words (checked as any relayed
+/// ones), then, the first time (`heard`), the close of the direction it
+/// reads at what its reader was given, and the close of the direction it
+/// writes at `closed` once that comes. Err: the other host broke a rule
+/// (the connection is reset).
+pub fn agree_page(
+    hov: &Mapping,
+    end: usize,
+    counts: (u64, u64),
+    heard: &mut bool,
+    w: &Words,
+    closed: Option<u64>,
+) -> Result<(), String> {
+    let end = end & 1;
+    let (sent, received) = counts;
+    if w[1] == 0 {
+        // Its writer's SWITCH is final at its start (moved, or NEVER).
+        return Err("its words carry no SWITCH".into());
+    }
+    apply(hov, end, w, sent).map_err(|e| e.to_string())?;
+    if !*heard {
+        *heard = true;
+        // The direction this side reads: what its client was given is all
+        // the region will carry.
+        match layout::close_taken_at(hov, 1 - end, received) {
+            Ok(()) => {}
+            Err(Taken::Closed(at)) if at == received => {}
+            Err(t) => {
+                return Err(format!(
+                    "its reader's word says {t:?}, {received} bytes were given it"
+                ))
+            }
+        }
+    }
+    if let Some(at) = closed {
+        // The direction this side writes: the other host's reader was
+        // given `at` bytes of it.
+        if at > sent {
+            return Err(format!("closed at {at}, beyond the {sent} bytes sent"));
+        }
+        match layout::close_taken_at(hov, end, at) {
+            Ok(()) => {}
+            Err(Taken::Closed(was)) if was == at => {}
+            Err(t) => return Err(format!("closed at {at}, the page says {t:?}")),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -151,6 +151,24 @@ impl TwoHosts {
         Ok(())
     }
 
+    /// Starts host `h`'s devd again (after a test killed it), once it
+    /// says it is ready.
+    pub fn restart_devd(&self, h: usize) -> Result<()> {
+        let out = Command::new(script())
+            .arg("restart")
+            .arg(&self.dir)
+            .arg(["a", "b"][h])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "two-host-lab restart failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until the two devds are peers with their link up.
     pub fn wait_linked(&self, within: Duration) -> Result<()> {
         for h in 0..2 {

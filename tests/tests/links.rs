@@ -65,53 +65,6 @@ fn on_link(lab: &TwoHosts, h: usize, link: u64, n: usize) -> Result<Vec<serde_js
     }
 }
 
-/// An echo server on host b (on `port`, under ssock-run, heard of on
-/// host a) and `n` clients on host a streaming to it (64 KiB a
-/// millisecond each way, every byte of the echo checked) until the flag
-/// file (returned) exists.
-fn steady_streams(lab: &TwoHosts, port: u16, n: usize) -> Result<(Prog, Vec<Prog>, String)> {
-    let py = remote_py();
-    let server = echo_server(lab, 1, port, true)?;
-    heard(lab, 0, port)?;
-    let flag = lab
-        .dir
-        .join(format!("flag{port}"))
-        .to_string_lossy()
-        .into_owned();
-    let (b, port) = (lab.addr[1].clone(), port.to_string());
-    let mut clients = Vec::new();
-    for _ in 0..n {
-        clients.push(Prog::start(
-            lab.under_ssock(0, &["python3", &py, "steady", &b, &port, &flag]),
-        )?);
-    }
-    Ok((server, clients, flag))
-}
-
-/// Sets the flag: each stream ends whole ("OK N") and the server echoed
-/// exactly what each sent (its lines come in either order).
-fn ended_whole(server: &mut Prog, clients: &mut [Prog], flag: &str) -> Result<()> {
-    std::fs::write(flag, b"")?;
-    let mut sent = Vec::new();
-    for c in clients.iter_mut() {
-        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
-        ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
-        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
-    }
-    let mut echoed = Vec::new();
-    for _ in 0..clients.len() {
-        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
-        echoed.push(line.trim().to_string());
-    }
-    sent.sort();
-    echoed.sort();
-    ensure!(
-        sent == echoed,
-        "the clients had {sent:?}, the server said {echoed:?}"
-    );
-    Ok(())
-}
-
 /// Both hosts count `n` moves onto another link and no connection on TCP.
 fn moved_without_tcp(lab: &TwoHosts, n: u64) -> Result<()> {
     for h in 0..2 {

@@ -39,6 +39,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "queued_rejoin.rs"]
+mod rejoin;
+
 /// How often a nonblocking call that found nothing to do asks whether
 /// devd is still there (`Queued::look_now_and_then`).
 const LOOK_EVERY: Duration = Duration::from_millis(1);
@@ -105,6 +108,11 @@ pub struct Queued {
     closed: bool,
     /// Whether spinning paid lately on this end's waits.
     gate: Arc<Gate>,
+    /// A remote end whose devd died waits for one started again
+    /// (`queued_rejoin.rs`).
+    rejoin: Option<rejoin::Rejoin>,
+    /// Once it rejoined: the session that relays its words.
+    relay: Option<Arc<Session>>,
 }
 
 impl Queued {
@@ -183,6 +191,8 @@ impl Queued {
             abort: false,
             closed: false,
             gate: Arc::default(),
+            rejoin: None,
+            relay: None,
         };
         // Every free RX buffer: all of them on the end's first attach, none
         // on a later one (an inherited or passed socket) unless a holder
@@ -268,7 +278,11 @@ impl Queued {
             return;
         }
         if self.remote && !self.failed_over() {
-            // What the other host's end took is known to its devd only.
+            // What the other host's end took is known to its devd only:
+            // a devd started again asks it (`queued_rejoin.rs`).
+            if self.holders() <= 1 && self.start_rejoin() {
+                return;
+            }
             log::warn!(
                 "connection {}: {why} and the other end is on another host; resetting it",
                 self.conn_id
@@ -333,7 +347,7 @@ impl Queued {
     /// [`Queued::devd_gone`]), or the deadline passes.
     fn sleep(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         let devd = self.devd_fd();
-        let capped = self.holders() > 1;
+        let capped = self.holders() > 1 || self.rejoining();
         let deadline = if capped {
             let cap = std::time::Instant::now() + SHARED_SLEEP_CAP;
             Some(ctx.deadline.map_or(cap, |d| d.min(cap)))
@@ -437,6 +451,7 @@ impl Queued {
         }
         let slot = self.slot_u32();
         loop {
+            self.rejoin_step(ctx.tcp);
             if self.broken {
                 return Err(reset_error());
             }
@@ -762,6 +777,7 @@ impl Transport for Queued {
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
+        self.rejoin_step(ctx.tcp);
         self.peer_closed_region();
         if check_peer && !self.agreeing() {
             self.check_peer_and_devd(ctx);
@@ -868,13 +884,18 @@ impl Transport for Queued {
         if !self.remote {
             return None;
         }
-        let fd = self.call.as_raw_fd();
+        // A rejoined end's words come on its relay session.
+        let fd = self.relay_news().unwrap_or(self.call.as_raw_fd());
         match cap {
             Some(true) => {
-                self.call.drain();
+                if fd == self.call.as_raw_fd() {
+                    self.call.drain();
+                }
                 SHARED_CALLS.insert(fd);
             }
-            Some(false) if self.holders() <= 1 => SHARED_CALLS.remove(fd),
+            Some(false) if self.holders() <= 1 || fd != self.call.as_raw_fd() => {
+                SHARED_CALLS.remove(fd)
+            }
             _ => {}
         }
         Some(fd)
@@ -898,9 +919,11 @@ impl Transport for Queued {
     }
 
     fn words_changed(&mut self) {
-        // devd relays them to the other host when its engine runs.
+        // devd relays them to the other host when its engine runs (or,
+        // for an end that rejoined a devd started again, its session).
         if self.remote {
             self.kick();
+            self.relay_words();
         }
     }
 
@@ -949,6 +972,7 @@ impl Transport for Queued {
         let mut off = 0;
         let slot = self.slot_u32();
         loop {
+            self.rejoin_step(ctx.tcp);
             if self.broken || self.rx_flags() & FLAG_RESET != 0 {
                 self.broken = true;
                 return Err(reset_error());
@@ -1065,7 +1089,9 @@ impl Transport for Queued {
         }
         // Received bytes left unread make the kernel's close a reset too.
         let unread = !self.lost && !self.broken && self.delivered().is_ok_and(|n| n > 0);
-        if self.abort || self.broken || unread || reset() {
+        // (An end that waits for a devd started again cannot hand what it
+        // owes over any more: a reset, not an end of stream.)
+        if self.abort || self.broken || unread || self.rejoining() || reset() {
             // Like the kernel's close after SO_LINGER 0, or with bytes
             // unread: a reset, not an end of stream; and a broken end's
             // peer is reset too (devd must not take its going for an
@@ -1097,5 +1123,8 @@ impl Drop for Queued {
     fn drop(&mut self) {
         self.close();
         SHARED_CALLS.remove(self.call.as_raw_fd());
+        if let Some(r) = &self.relay {
+            SHARED_CALLS.remove(r.raw_fd());
+        }
     }
 }

@@ -278,6 +278,7 @@ impl Devd {
     /// Forgets everything a session held (its process closed the socket or died).
     pub fn end_session(&mut self, sid: u64) {
         self.bells.forget(sid);
+        self.rejoin_session_ended(sid);
         if let Some(s) = self.sessions.remove(&sid) {
             if let Some(n) = self.sessions_of.get_mut(&s.uid) {
                 *n = n.saturating_sub(1);

@@ -16,6 +16,7 @@ mod forward;
 mod listeners;
 mod pairing;
 pub mod registry;
+mod rejoin;
 mod remote;
 mod report;
 pub mod server;
@@ -356,6 +357,15 @@ impl Devd {
                 side,
                 take,
             } => self.take_forward(sid, conn_id, side as usize, take, &fds[0]),
+            Request::Rejoin { words, received } => {
+                // (Answered later, by `answer_later`.)
+                self.rejoin(sid, &fds[0], words, received);
+                Ok((Response::Ok, vec![]))
+            }
+            Request::Words { words } => {
+                self.rejoined_words(sid, words);
+                Ok((Response::Ok, vec![]))
+            }
             Request::Release {
                 conn_id,
                 side,
@@ -690,10 +700,15 @@ impl Devd {
             .as_ref()
             .and_then(watch::Watch::next_retire)
             .map(|t| t.saturating_duration_since(now));
-        [orphans, watch, self.forward_wake_in(now)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            orphans,
+            watch,
+            self.forward_wake_in(now),
+            self.rejoin_wake_in(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Work due on time, whatever woke the control loop: orphaned ends to
@@ -701,6 +716,7 @@ impl Devd {
     pub fn timers(&mut self) {
         self.release_orphans();
         self.forward_look(Instant::now());
+        self.rejoins_expire(Instant::now());
         if let Some(w) = &mut self.watch {
             w.retire(Instant::now());
         }

@@ -316,6 +316,7 @@ impl Devd {
                     } else {
                         self.remote.up.remove(&node);
                         self.peer_gone_forwards(node);
+                        self.rejoin_peer_down(node);
                         // Its answers will not come: those acceptors stay
                         // on the kernel socket.
                         let lost: Vec<u64> = self
@@ -354,14 +355,30 @@ impl Devd {
                     channel,
                     words,
                     closed,
-                } => self
-                    .engine
-                    .send(crate::dataplane::engine::Cmd::PeerFailover {
-                        node,
-                        channel,
-                        words,
-                        closed,
-                    }),
+                } => {
+                    if !self.rejoin_failover(node, channel, words, closed) {
+                        self.engine
+                            .send(crate::dataplane::engine::Cmd::PeerFailover {
+                                node,
+                                channel,
+                                words,
+                                closed,
+                            });
+                    }
+                }
+                Event::Rejoin {
+                    node,
+                    sender,
+                    receiver,
+                    words,
+                    received,
+                } => self.peer_rejoin(node, sender, receiver, words, received),
+                Event::Rejoined {
+                    node,
+                    sender,
+                    receiver,
+                    channel,
+                } => self.peer_rejoined(node, sender, receiver, channel),
                 Event::Migrate {
                     node,
                     channel,
@@ -627,6 +644,8 @@ pub struct RemoteState {
     pub pending: Vec<(u32, SocketAddr, SocketAddr, u64)>,
     /// Fail-forward (`forward.rs`).
     pub forward: super::forward::ForwardState,
+    /// Rejoins asked of peers (`rejoin.rs`).
+    pub rejoins: super::rejoin::RejoinState,
 }
 
 #[cfg(test)]

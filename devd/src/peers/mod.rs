@@ -195,6 +195,32 @@ pub enum Event {
         /// Its end is open there.
         ok: bool,
     },
+    /// Peer `node`'s devd, started again, asks for the connection between
+    /// `sender` (its end's address) and `receiver` (this host's end's)
+    /// on behalf of its end's process (`Msg::Rejoin`).
+    Rejoin {
+        /// The peer.
+        node: u32,
+        /// Its end's local address.
+        sender: std::net::SocketAddr,
+        /// This host's end's local address.
+        receiver: std::net::SocketAddr,
+        /// Its end's words.
+        words: [u64; 4],
+        /// What its reader was given.
+        received: u64,
+    },
+    /// Peer `node` answered this devd's Rejoin.
+    Rejoined {
+        /// The peer.
+        node: u32,
+        /// The Rejoin's sender address (this host's end's).
+        sender: std::net::SocketAddr,
+        /// Its receiver address (the peer's end's).
+        receiver: std::net::SocketAddr,
+        /// The connection's channel, if the peer has it.
+        channel: Option<u64>,
+    },
 }
 
 /// What another thread (the engine) holds to send peers messages.
@@ -914,6 +940,8 @@ impl Thread {
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
                     | Msg::Migrate { .. }
+                    | Msg::Rejoin { .. }
+                    | Msg::Rejoined { .. }
                     | Msg::Forward { .. }
                     | Msg::Forwarded { .. })
                         if c.verified =>
@@ -924,11 +952,13 @@ impl Thread {
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
                     | Msg::Migrate { .. }
+                    | Msg::Rejoin { .. }
+                    | Msg::Rejoined { .. }
                     | Msg::Forward { .. }
                     | Msg::Forwarded { .. } => {
                         return Err(End::Refused(
                             "malformed",
-                            "a Claim, Claimed, Failover, Migrate or Forward before the handshake"
+                            "a Claim, Claimed, Failover, Migrate, Rejoin or Forward before the handshake"
                                 .into(),
                         ));
                     }
@@ -1110,6 +1140,28 @@ impl Thread {
                     link,
                     received,
                     marked,
+                }),
+                Msg::Rejoin {
+                    sender,
+                    receiver,
+                    words,
+                    received,
+                } => Some(Event::Rejoin {
+                    node,
+                    sender,
+                    receiver,
+                    words,
+                    received,
+                }),
+                Msg::Rejoined {
+                    sender,
+                    receiver,
+                    channel,
+                } => Some(Event::Rejoined {
+                    node,
+                    sender,
+                    receiver,
+                    channel,
                 }),
                 _ => None,
             })

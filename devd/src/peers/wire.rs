@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -122,6 +122,34 @@ pub enum Msg {
         /// Its end mark among them.
         marked: bool,
     },
+    /// The sender's devd was started again after the one that served an
+    /// end of a connection with the receiver died, and that end's process
+    /// asks where each direction goes on over the kernel socket
+    /// (docs/protocol.md 8.8): the connection whose two ends' addresses
+    /// are `sender` (the sender's host's end) and `receiver`; `words` that
+    /// end's hand-over words, `received` what its reader was given (the
+    /// direction it reads is closed there). Answered `Rejoined`, then, for
+    /// a connection found, the receiver's Failover on its channel.
+    Rejoin {
+        /// The local address of the sender's host's end.
+        sender: std::net::SocketAddr,
+        /// The local address of the receiver's host's end.
+        receiver: std::net::SocketAddr,
+        /// The sender's end's words.
+        words: [u64; 4],
+        /// What its reader was given.
+        received: u64,
+    },
+    /// The answer to a Rejoin: the connection's channel (None: no such
+    /// connection here).
+    Rejoined {
+        /// The Rejoin's sender address.
+        sender: std::net::SocketAddr,
+        /// The Rejoin's receiver address.
+        receiver: std::net::SocketAddr,
+        /// The connection's channel, if found.
+        channel: Option<u64>,
+    },
 }
 
 /// What a Claim found on the connector's host.
@@ -162,6 +190,8 @@ const FAILOVER: u8 = 7;
 const FORWARD: u8 = 8;
 const FORWARDED: u8 = 9;
 const MIGRATE: u8 = 10;
+const REJOIN: u8 = 11;
+const REJOINED: u8 = 12;
 
 /// Appends address `a`: a family byte (4 or 6), its address bytes and a
 /// u16 port.
@@ -277,6 +307,31 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             body.extend_from_slice(&received.to_le_bytes());
             body.push(u8::from(*marked));
         }
+        Msg::Rejoin {
+            sender,
+            receiver,
+            words,
+            received,
+        } => {
+            body.push(REJOIN);
+            put_addr(&mut body, sender);
+            put_addr(&mut body, receiver);
+            for w in words {
+                body.extend_from_slice(&w.to_le_bytes());
+            }
+            body.extend_from_slice(&received.to_le_bytes());
+        }
+        Msg::Rejoined {
+            sender,
+            receiver,
+            channel,
+        } => {
+            body.push(REJOINED);
+            put_addr(&mut body, sender);
+            put_addr(&mut body, receiver);
+            body.push(u8::from(channel.is_some()));
+            body.extend_from_slice(&channel.unwrap_or(0).to_le_bytes());
+        }
     }
     let mut f = u32::try_from(body.len())
         .unwrap_or(u32::MAX)
@@ -363,6 +418,8 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
             _ => return Err(WireError::Malformed("Forwarded")),
         },
         MIGRATE => migrate(p).ok_or(WireError::Malformed("Migrate"))?,
+        REJOIN => rejoin(p).ok_or(WireError::Malformed("Rejoin"))?,
+        REJOINED => rejoined(p).ok_or(WireError::Malformed("Rejoined"))?,
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -438,6 +495,53 @@ fn migrate(p: &[u8]) -> Option<Msg> {
         link,
         received: u64::from_le_bytes(p[9..17].try_into().ok()?),
         marked,
+    })
+}
+
+/// A u64 at `p[*at..]`, moving `at` past it.
+fn get_u64(p: &[u8], at: &mut usize) -> Option<u64> {
+    let b: [u8; 8] = p.get(*at..*at + 8)?.try_into().ok()?;
+    *at += 8;
+    Some(u64::from_le_bytes(b))
+}
+
+/// A Rejoin payload: two addresses, four words, what was received;
+/// nothing after them.
+fn rejoin(p: &[u8]) -> Option<Msg> {
+    let mut at = 0;
+    let sender = get_addr(p, &mut at)?;
+    let receiver = get_addr(p, &mut at)?;
+    let mut words = [0u64; 4];
+    for w in &mut words {
+        *w = get_u64(p, &mut at)?;
+    }
+    let received = get_u64(p, &mut at)?;
+    (at == p.len()).then_some(Msg::Rejoin {
+        sender,
+        receiver,
+        words,
+        received,
+    })
+}
+
+/// A Rejoined payload: two addresses, a flag byte (0 or 1) and the
+/// channel (0 when the flag is 0); nothing after them.
+fn rejoined(p: &[u8]) -> Option<Msg> {
+    let mut at = 0;
+    let sender = get_addr(p, &mut at)?;
+    let receiver = get_addr(p, &mut at)?;
+    let flag = *p.get(at)?;
+    at += 1;
+    let ch = get_u64(p, &mut at)?;
+    let channel = match flag {
+        0 if ch == 0 => None,
+        1 => Some(ch),
+        _ => return None,
+    };
+    (at == p.len()).then_some(Msg::Rejoined {
+        sender,
+        receiver,
+        channel,
     })
 }
 
@@ -707,6 +811,22 @@ mod tests {
                 link: None,
                 received: 0,
                 marked: true,
+            },
+            Msg::Rejoin {
+                sender: "10.0.0.2:6379".parse().unwrap(),
+                receiver: "[fd00::1]:41000".parse().unwrap(),
+                words: [1, 2, 3, u64::MAX],
+                received: 1 << 33,
+            },
+            Msg::Rejoined {
+                sender: "10.0.0.2:6379".parse().unwrap(),
+                receiver: "10.0.0.1:41000".parse().unwrap(),
+                channel: Some(1 << 63 | 5),
+            },
+            Msg::Rejoined {
+                sender: "10.0.0.2:6379".parse().unwrap(),
+                receiver: "10.0.0.1:41000".parse().unwrap(),
+                channel: None,
             },
         ] {
             let mut f = encode(&m);

@@ -213,6 +213,17 @@ impl Ntb {
             }
             if self.peer_epoch != 0 {
                 log::info!("ntb link to node {}: the peer started again", self.peer);
+                // Its channels went with it: the link is down until both
+                // sides synced again (the connections that crossed it move
+                // to their kernel sockets; their ends there may rejoin).
+                if self.up {
+                    self.up = false;
+                    self.events.push(LinkEvent {
+                        node: self.peer,
+                        link: self.link,
+                        state: LinkState::Down,
+                    });
+                }
                 self.reset_all();
                 // What waited was for the old epoch's channels.
                 self.ctl.clear();

@@ -272,3 +272,50 @@ pub fn remote_py_threads() -> String {
     }
     out
 }
+
+/// An echo server on host b (on `port`, under ssock-run, heard of on
+/// host a) and `n` clients on host a streaming to it (64 KiB a
+/// millisecond each way, every byte of the echo checked) until the flag
+/// file (returned) exists.
+pub fn steady_streams(lab: &TwoHosts, port: u16, n: usize) -> Result<(Prog, Vec<Prog>, String)> {
+    let py = remote_py();
+    let server = echo_server(lab, 1, port, true)?;
+    heard(lab, 0, port)?;
+    let flag = lab
+        .dir
+        .join(format!("flag{port}"))
+        .to_string_lossy()
+        .into_owned();
+    let (b, port) = (lab.addr[1].clone(), port.to_string());
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(Prog::start(
+            lab.under_ssock(0, &["python3", &py, "steady", &b, &port, &flag]),
+        )?);
+    }
+    Ok((server, clients, flag))
+}
+
+/// Sets the flag: each stream ends whole ("OK N") and the server echoed
+/// exactly what each sent (its lines come in either order).
+pub fn ended_whole(server: &mut Prog, clients: &mut [Prog], flag: &str) -> Result<()> {
+    std::fs::write(flag, b"")?;
+    let mut sent = Vec::new();
+    for c in clients.iter_mut() {
+        let line = c.expect(&["OK ", "CORRUPT", "SHORT"], Duration::from_secs(60))?;
+        anyhow::ensure!(line.starts_with("OK "), "{line}\n{}", c.all());
+        sent.push(format!("ECHOED {}", line["OK ".len()..].trim()));
+    }
+    let mut echoed = Vec::new();
+    for _ in 0..clients.len() {
+        let line = server.expect(&["ECHOED ", "RESET "], Duration::from_secs(10))?;
+        echoed.push(line.trim().to_string());
+    }
+    sent.sort();
+    echoed.sort();
+    anyhow::ensure!(
+        sent == echoed,
+        "the clients had {sent:?}, the server said {echoed:?}"
+    );
+    Ok(())
+}

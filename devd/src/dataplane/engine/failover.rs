@@ -20,9 +20,9 @@ use super::{Engine, Pair, Side};
 use crate::peers::wire::Msg;
 use crate::stats::QueuedCounters;
 use ssock_hwbackends::Peer;
-use ssock_rings::layout::{self, qhdr, End, Switch, Taken};
-use ssock_rings::relay::{self, Words};
-use ssock_rings::Mapping;
+use ssock_rings::layout::{self, qhdr, End, Taken};
+use ssock_rings::relay::Words;
+use ssock_rings::relay::{agree_page, our_part, start_page};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -304,75 +304,6 @@ pub(super) fn end_of_gone(side: &Side) {
             layout::publish_end_at_fin(hov, end);
         }
     }
-}
-
-/// The start of a side's move on its page `hov` (end `end`): a writer
-/// that had not moved never will, so the other host learns its final
-/// SWITCH with the words sent next.
-pub(super) fn start_page(hov: &Mapping, end: usize) {
-    layout::publish_switch(hov, end & 1, Switch::Never);
-}
-
-/// What a side tells the other host: its end's words, and, once it
-/// `heard` the other's, where the direction it reads closed.
-pub(super) fn our_part(hov: &Mapping, end: usize, heard: bool) -> (Words, Option<u64>) {
-    let end = end & 1;
-    let closed = match layout::taken(hov, 1 - end) {
-        Taken::Closed(at) if heard => Some(at),
-        _ => None,
-    };
-    (relay::ours(hov, end), closed)
-}
-
-/// Applies the other host's part (`w`, `closed`) to page `hov` of end
-/// `end`, which sent `counts.0` bytes of the direction it writes and gave
-/// its reader `counts.1` of the other: the words (checked as any relayed
-/// ones), then, the first time (`heard`), the close of the direction it
-/// reads at what its reader was given, and the close of the direction it
-/// writes at `closed` once that comes. Err: the other host broke a rule
-/// (the connection is reset).
-pub(super) fn agree_page(
-    hov: &Mapping,
-    end: usize,
-    counts: (u64, u64),
-    heard: &mut bool,
-    w: &Words,
-    closed: Option<u64>,
-) -> Result<(), String> {
-    let end = end & 1;
-    let (sent, received) = counts;
-    if w[1] == 0 {
-        // Its writer's SWITCH is final at its start (moved, or NEVER).
-        return Err("its words carry no SWITCH".into());
-    }
-    relay::apply(hov, end, w, sent).map_err(|e| e.to_string())?;
-    if !*heard {
-        *heard = true;
-        // The direction this side reads: what its client was given is all
-        // the region will carry.
-        match layout::close_taken_at(hov, 1 - end, received) {
-            Ok(()) => {}
-            Err(Taken::Closed(at)) if at == received => {}
-            Err(t) => {
-                return Err(format!(
-                    "its reader's word says {t:?}, {received} bytes were given it"
-                ))
-            }
-        }
-    }
-    if let Some(at) = closed {
-        // The direction this side writes: the other host's reader was
-        // given `at` bytes of it.
-        if at > sent {
-            return Err(format!("closed at {at}, beyond the {sent} bytes sent"));
-        }
-        match layout::close_taken_at(hov, end, at) {
-            Ok(()) => {}
-            Err(Taken::Closed(was)) if was == at => {}
-            Err(t) => return Err(format!("closed at {at}, the page says {t:?}")),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -20,11 +20,11 @@
 //! `PROPTEST_CASES=20000 cargo test -p ssock-devd failover::model`
 //! (and `PROPTEST_RNG_SEED=N` for another seed).
 
-use super::{agree_page, our_part, start_page};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 use ssock_rings::layout::{self, Switch, Taken};
 use ssock_rings::relay::{self, Words};
+use ssock_rings::relay::{agree_page, our_part, start_page};
 use ssock_rings::Mapping;
 use std::collections::VecDeque;
 

@@ -4,7 +4,10 @@
 //! applies to its page what the other devd sent ([`apply`]): the
 //! connector's READY and the acceptor's CLAIM, each end's SWITCH and END
 //! for the direction it writes, and its TAKEN for the direction it reads
-//! (docs/protocol.md section 8.4).
+//! (docs/protocol.md section 8.4). And the fail-over's page logic
+//! (8.5: `start_page`, `our_part`, `agree_page`), which devd's engine runs
+//! for its side, and an end whose devd died runs itself when it rejoins a
+//! devd started again (8.8).
 //!
 //! Never here: a word of this host's own end overwritten, or a value from
 //! the other host used before it is checked against what this page allows

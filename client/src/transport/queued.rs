@@ -111,8 +111,8 @@ pub struct Queued {
     /// A remote end whose devd died waits for one started again
     /// (`queued_rejoin.rs`).
     rejoin: Option<rejoin::Rejoin>,
-    /// Once it rejoined: the session that relays its words.
-    relay: Option<Arc<Session>>,
+    /// Once it rejoined: the connection to devd that relays its words.
+    relay: Option<ssock_rings::sys::SeqPacket>,
 }
 
 impl Queued {
@@ -307,6 +307,9 @@ impl Queued {
     fn devd_fd(&self) -> std::os::fd::RawFd {
         if self.lost {
             -1
+        } else if let Some(r) = &self.rejoin {
+            // (Readable when the answer to its Rejoin comes.)
+            r.fd()
         } else {
             self.session.as_ref().map_or(-1, |s| s.raw_fd())
         }
@@ -356,8 +359,9 @@ impl Queued {
         };
         let mut fds = [
             PollFd::new(self.call.as_raw_fd(), libc::POLLIN),
-            // Events 0: only POLLHUP/POLLERR, never another thread's reply.
-            PollFd::new(devd, 0),
+            // Events 0: only POLLHUP/POLLERR, never another thread's reply
+            // (but the answer a rejoining end waits for).
+            PollFd::new(devd, if self.rejoining() { libc::POLLIN } else { 0 }),
             liveness_poll(ctx.tcp.as_raw_fd()),
         ];
         // (While the hosts agree, the socket is no news: see `arm`.)
@@ -369,6 +373,10 @@ impl Queued {
         let woke = sleep(&mut fds[..n], deadline)?;
         if fds[0].revents != 0 {
             self.call.drain();
+        }
+        if fds[1].revents != 0 && self.rejoining() {
+            // Its answer came (or that devd went): looked at next.
+            return Ok(());
         }
         if fds[1].revents != 0 {
             self.lose("devd is gone");
@@ -845,7 +853,11 @@ impl Transport for Queued {
         if self.holders() > 1 {
             SHARED_CALLS.insert(self.call.as_raw_fd());
         }
-        let mut fds = vec![(self.call.as_raw_fd(), libc::POLLIN), (self.devd_fd(), 0)];
+        let devd_events = if self.rejoining() { libc::POLLIN } else { 0 };
+        let mut fds = vec![
+            (self.call.as_raw_fd(), libc::POLLIN),
+            (self.devd_fd(), devd_events),
+        ];
         // While the hosts agree, the other end may already be back on the
         // kernel socket and write or shut it down: that is no news here
         // (devd rings the call eventfd when the agreement completes).
@@ -1124,7 +1136,7 @@ impl Drop for Queued {
         self.close();
         SHARED_CALLS.remove(self.call.as_raw_fd());
         if let Some(r) = &self.relay {
-            SHARED_CALLS.remove(r.raw_fd());
+            SHARED_CALLS.remove(std::os::fd::AsRawFd::as_raw_fd(r));
         }
     }
 }

@@ -128,6 +128,7 @@ impl Devd {
             let Some(c) = self.reg.conns.remove(&id) else {
                 return;
             };
+            self.remote_conn_gone(&c);
             if self.parkable(&c) {
                 self.park(c);
                 return;

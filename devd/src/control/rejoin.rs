@@ -40,11 +40,20 @@ pub const REJOIN_WAIT: Duration = Duration::from_secs(3);
 const EAGAIN: u32 = 11;
 const ENOENT: u32 = 2;
 const ECONNRESET: u32 = 104;
+const EBUSY: u32 = 16;
 const ETIMEDOUT: u32 = 110;
 const EINVAL: u32 = 22;
 
 /// A (peer node, this host's end's address, the peer's end's address).
 type Key = (u32, (std::net::IpAddr, u16), (std::net::IpAddr, u16));
+
+/// How long a remote connection whose ends here were released is still
+/// found for a peer's Rejoin (its engine side may still be agreeing, or
+/// holding its last bytes: its process wrote them and closed while the
+/// peer's devd was down).
+const GONE_KEPT: Duration = Duration::from_secs(30);
+/// At most this many of them.
+const GONE_MAX: usize = 4096;
 
 /// A Rejoin asked of a peer on a session's behalf.
 #[derive(Debug)]
@@ -64,6 +73,9 @@ pub struct RejoinState {
     waiting: HashMap<Key, Waiting>,
     /// Session -> (peer node, channel, what its end's reader was given).
     rejoined: HashMap<u64, (u32, u64, u64)>,
+    /// Remote connections released here lately: (peer node, their two
+    /// ends' addresses, canonical, in order) -> (channel, when).
+    gone: HashMap<Key, (u64, Instant)>,
 }
 
 impl Devd {
@@ -75,6 +87,15 @@ impl Devd {
         let Ok((here, there)) = addrs else {
             return self.answer_later(sid, error(EINVAL, "not a connected socket"));
         };
+        // An end of a connection this devd serves found its session hung up
+        // while devd lives on (its process dropped the session): its
+        // engine side still moves bytes, so no agreement may be made for
+        // it behind that side's back.
+        let served =
+            sys::socket_inode(fd.as_fd()).is_ok_and(|i| self.reg.by_inode.contains_key(&i));
+        if served {
+            return self.answer_later(sid, error(EBUSY, "this devd serves that connection"));
+        }
         let Some(node) = self
             .cfg
             .peers
@@ -96,7 +117,6 @@ impl Devd {
                 sender: here,
                 receiver: there,
                 words,
-                received,
             },
         );
         log::info!(
@@ -116,14 +136,13 @@ impl Devd {
 
     /// Peer `node` asks for the connection between `sender` (its end) and
     /// `receiver` (this host's): its channel, then this host's part in
-    /// the fail-over, with that end's words and what its reader was given.
+    /// the fail-over, given that end's words.
     pub(super) fn peer_rejoin(
         &mut self,
         node: u32,
         sender: SocketAddr,
         receiver: SocketAddr,
         words: [u64; 4],
-        received: u64,
     ) {
         let want = [canon_addr(sender), canon_addr(receiver)];
         // The newest connection on those two sockets (a move forward makes
@@ -141,7 +160,15 @@ impl Devd {
                 (e == want || e == [want[1], want[0]]) && e[stand_in] == want[0]
             })
             .max_by_key(|c| c.id)
-            .and_then(|c| c.remote.map(|(_, ch)| ch));
+            .and_then(|c| c.remote.map(|(_, ch)| ch))
+            .or_else(|| {
+                // Released here meanwhile: its engine side may live on.
+                let key = (node, want[0].min(want[1]), want[0].max(want[1]));
+                let r = &self.remote.rejoins.gone;
+                r.get(&key)
+                    .filter(|(_, at)| at.elapsed() < GONE_KEPT)
+                    .map(|&(ch, _)| ch)
+            });
         let Some(p) = &self.peers else { return };
         p.send(
             node,
@@ -154,12 +181,19 @@ impl Devd {
         match channel {
             Some(channel) => {
                 log::info!("node {node}'s devd was started again; agreeing where the connection on channel {channel:#x} goes on");
+                // Its words first: this side's part (its words, where the
+                // direction it reads closed) goes back, and the end closes
+                // the direction it reads only once this host's page has
+                // its writer's SWITCH (`rejoined_words` brings that next),
+                // as two engines agree (8.5). Said again even if unchanged:
+                // an end may ask anew.
                 self.engine
                     .send(crate::dataplane::engine::Cmd::PeerFailover {
                         node,
                         channel,
                         words,
-                        closed: Some(received),
+                        closed: None,
+                        again: true,
                     });
             }
             None => log::info!(
@@ -255,6 +289,20 @@ impl Devd {
                 closed: Some(received),
             },
         );
+    }
+
+    /// Remote connection `c` was released here: a peer's Rejoin may
+    /// still name it for a while.
+    pub(super) fn remote_conn_gone(&mut self, c: &super::Conn) {
+        let Some((node, channel)) = c.remote else {
+            return;
+        };
+        let (a, b) = (canon_addr(c.ends[0].addr), canon_addr(c.ends[1].addr));
+        let gone = &mut self.remote.rejoins.gone;
+        gone.retain(|_, (_, at)| at.elapsed() < GONE_KEPT);
+        if gone.len() < GONE_MAX {
+            gone.insert((node, a.min(b), a.max(b)), (channel, Instant::now()));
+        }
     }
 
     /// Session `sid` ended: its Rejoin and its relay go.

@@ -363,6 +363,7 @@ impl Devd {
                                 channel,
                                 words,
                                 closed,
+                                again: false,
                             });
                     }
                 }
@@ -371,8 +372,7 @@ impl Devd {
                     sender,
                     receiver,
                     words,
-                    received,
-                } => self.peer_rejoin(node, sender, receiver, words, received),
+                } => self.peer_rejoin(node, sender, receiver, words),
                 Event::Rejoined {
                     node,
                     sender,

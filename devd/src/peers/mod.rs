@@ -207,8 +207,6 @@ pub enum Event {
         receiver: std::net::SocketAddr,
         /// Its end's words.
         words: [u64; 4],
-        /// What its reader was given.
-        received: u64,
     },
     /// Peer `node` answered this devd's Rejoin.
     Rejoined {
@@ -1145,13 +1143,11 @@ impl Thread {
                     sender,
                     receiver,
                     words,
-                    received,
                 } => Some(Event::Rejoin {
                     node,
                     sender,
                     receiver,
                     words,
-                    received,
                 }),
                 Msg::Rejoined {
                     sender,

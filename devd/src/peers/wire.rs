@@ -127,9 +127,9 @@ pub enum Msg {
     /// asks where each direction goes on over the kernel socket
     /// (docs/protocol.md 8.8): the connection whose two ends' addresses
     /// are `sender` (the sender's host's end) and `receiver`; `words` that
-    /// end's hand-over words, `received` what its reader was given (the
-    /// direction it reads is closed there). Answered `Rejoined`, then, for
-    /// a connection found, the receiver's Failover on its channel.
+    /// end's hand-over words. Answered `Rejoined`, then, for a connection
+    /// found, the receiver's Failover on its channel (its part), to which
+    /// the sender's Failover with its closing offset follows.
     Rejoin {
         /// The local address of the sender's host's end.
         sender: std::net::SocketAddr,
@@ -137,8 +137,6 @@ pub enum Msg {
         receiver: std::net::SocketAddr,
         /// The sender's end's words.
         words: [u64; 4],
-        /// What its reader was given.
-        received: u64,
     },
     /// The answer to a Rejoin: the connection's channel (None: no such
     /// connection here).
@@ -311,7 +309,6 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             sender,
             receiver,
             words,
-            received,
         } => {
             body.push(REJOIN);
             put_addr(&mut body, sender);
@@ -319,7 +316,6 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             for w in words {
                 body.extend_from_slice(&w.to_le_bytes());
             }
-            body.extend_from_slice(&received.to_le_bytes());
         }
         Msg::Rejoined {
             sender,
@@ -505,8 +501,7 @@ fn get_u64(p: &[u8], at: &mut usize) -> Option<u64> {
     Some(u64::from_le_bytes(b))
 }
 
-/// A Rejoin payload: two addresses, four words, what was received;
-/// nothing after them.
+/// A Rejoin payload: two addresses, four words; nothing after them.
 fn rejoin(p: &[u8]) -> Option<Msg> {
     let mut at = 0;
     let sender = get_addr(p, &mut at)?;
@@ -515,12 +510,10 @@ fn rejoin(p: &[u8]) -> Option<Msg> {
     for w in &mut words {
         *w = get_u64(p, &mut at)?;
     }
-    let received = get_u64(p, &mut at)?;
     (at == p.len()).then_some(Msg::Rejoin {
         sender,
         receiver,
         words,
-        received,
     })
 }
 
@@ -816,7 +809,6 @@ mod tests {
                 sender: "10.0.0.2:6379".parse().unwrap(),
                 receiver: "[fd00::1]:41000".parse().unwrap(),
                 words: [1, 2, 3, u64::MAX],
-                received: 1 << 33,
             },
             Msg::Rejoined {
                 sender: "10.0.0.2:6379".parse().unwrap(),

@@ -224,6 +224,8 @@ impl Ntb {
                         state: LinkState::Down,
                     });
                 }
+                // (Its heartbeat counts from the start again.)
+                self.peer_beat = 0;
                 self.reset_all();
                 // What waited was for the old epoch's channels.
                 self.ctl.clear();

@@ -102,6 +102,7 @@ impl Engine {
         channel: u64,
         words: Words,
         closed: Option<u64>,
+        again: bool,
     ) {
         // A remote side's backend channel is the connection's channel (or
         // was, or is to be, around a move onto another link).
@@ -113,6 +114,12 @@ impl Engine {
             return;
         };
         if self.fail_over(id, &mut pair, s) {
+            if again {
+                // (Its part goes again even if unchanged.)
+                if let Some(fo) = pair.sides[s].failover.as_mut() {
+                    fo.sent = None;
+                }
+            }
             match self.agree(&mut pair.sides[s], &words, closed) {
                 Ok(true) => {
                     log::info!("connection {id}: on its kernel socket, both hosts agreed where");

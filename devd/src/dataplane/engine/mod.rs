@@ -133,6 +133,9 @@ pub enum Cmd {
         words: [u64; 4],
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
+        /// Say this side's part again even if unchanged (an end that
+        /// rejoined a devd started again asks anew: docs/protocol.md 8.8).
+        again: bool,
     },
     /// Peer `node` moves the connection on `channel` onto another link
     /// (`peers::wire::Msg::Migrate`, `migrate.rs`).
@@ -748,7 +751,8 @@ impl Engine {
                 channel,
                 words,
                 closed,
-            } => self.peer_failover(node, channel, words, closed),
+                again,
+            } => self.peer_failover(node, channel, words, closed, again),
             Cmd::PeerMigrate {
                 node,
                 channel,

@@ -296,44 +296,6 @@ impl Session {
         })
     }
 
-    /// The responses devd sent this session unasked (a rejoined end's
-    /// relay, `Request::Rejoin`), as many as are waiting; never blocks.
-    /// Err once the session ended.
-    pub fn news(&self) -> Result<Vec<Response>, SessionError> {
-        if self.is_broken() {
-            return Err(SessionError::Closed);
-        }
-        let Ok(mut chan) = self.sock.try_lock() else {
-            // (A request is under way: its reply is read first.)
-            return Ok(Vec::new());
-        };
-        let chan = &mut *chan;
-        let mut out = Vec::new();
-        loop {
-            match chan
-                .sock
-                .recv_flags(&mut chan.buf, MAX_FDS, libc::MSG_DONTWAIT)
-            {
-                Ok((0, _)) => {
-                    self.fail(chan);
-                    return Err(SessionError::Closed);
-                }
-                Ok((n, fds)) => match Response::decode(&chan.buf[..n], fds.len()) {
-                    Ok(r) => out.push(r),
-                    Err(e) => {
-                        self.fail(chan);
-                        return Err(SessionError::Decode(e));
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(out),
-                Err(e) => {
-                    self.fail(chan);
-                    return Err(SessionError::Io(e));
-                }
-            }
-        }
-    }
-
     /// Sends a request devd does not answer (Release, Leave, see
     /// [`Request::expects_reply`]): nothing waits, on the path that closes
     /// a connection. Also on a session this process stopped using (a

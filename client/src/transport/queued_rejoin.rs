@@ -122,6 +122,10 @@ impl Queued {
     /// Never waits. `tcp`: the end's kernel socket, which names the
     /// connection.
     pub(super) fn rejoin_step(&mut self, tcp: BorrowedFd<'_>) {
+        // (An answer that came is taken, even one read late.)
+        if let Some(answer) = self.rejoin_answer() {
+            return self.rejoin_answered(answer);
+        }
         let Some(r) = self.rejoin.as_ref() else {
             return;
         };
@@ -141,9 +145,6 @@ impl Queued {
             );
             return self.rejoin_over(false);
         }
-        if let Some(answer) = self.rejoin_answer() {
-            return self.rejoin_answered(answer);
-        }
         let Some(r) = self.rejoin.as_mut() else {
             return;
         };
@@ -153,9 +154,10 @@ impl Queued {
         }
         r.next_try = now + TRY_EVERY;
         if r.chan.is_none() {
-            // (Not there yet: the next look tries again.)
-            r.chan = SeqPacket::connect(&r.path)
-                .and_then(|c| c.set_nonblocking(true).map(|()| c))
+            // (Not there yet, or its backlog full: the next look tries
+            // again. Kept off fds 0-2, as every fd ssock holds.)
+            r.chan = SeqPacket::connect_nonblocking(&r.path)
+                .map(SeqPacket::into_high)
                 .ok();
         }
         let words = relay::ours(&self.hov, self.side as usize);

@@ -71,11 +71,26 @@ struct Waiting {
 #[derive(Debug, Default)]
 pub struct RejoinState {
     waiting: HashMap<Key, Waiting>,
-    /// Session -> (peer node, channel, what its end's reader was given).
-    rejoined: HashMap<u64, (u32, u64, u64)>,
+    /// Session -> the end it rejoined.
+    rejoined: HashMap<u64, Rejoined>,
     /// Remote connections released here lately: (peer node, their two
-    /// ends' addresses, canonical, in order) -> (channel, when).
+    /// ends' addresses, canonical, in order) -> (channel, when); and the
+    /// same keys oldest first, to forget them in order.
     gone: HashMap<Key, (u64, Instant)>,
+    gone_order: std::collections::VecDeque<(Key, Instant)>,
+}
+
+/// An end that rejoined through a session.
+#[derive(Debug)]
+struct Rejoined {
+    node: u32,
+    channel: u64,
+    /// What its reader was given: where the direction it writes closes
+    /// at the peer.
+    received: u64,
+    /// Its words as it last sent them (`Request::Words`): none before
+    /// its first, which it sends once its page has the peer's part.
+    words: Option<[u64; 4]>,
 }
 
 impl Devd {
@@ -239,11 +254,22 @@ impl Devd {
     ) -> bool {
         let conn = ssock_hwbackends::connection_of(channel);
         let relay = (self.remote.rejoins.rejoined.iter())
-            .find(|(_, &(n, ch, _))| n == node && ssock_hwbackends::connection_of(ch) == conn)
-            .map(|(&sid, _)| sid);
-        if let (Some(sid), Some(closed)) = (relay, closed) {
+            .find(|(_, r)| r.node == node && ssock_hwbackends::connection_of(r.channel) == conn)
+            .map(|(&sid, r)| (sid, r.words.map(|w| (w, r.received))));
+        if let (Some((sid, ours)), Some(closed)) = (relay, closed) {
             // A rejoined end's relay: the other end's words as they change.
             self.answer_later(sid, Response::Rejoined { words, closed });
+            // The peer says its part again until its agreement completes
+            // (a Failover of the end's may have been lost): the end's
+            // part goes again, once the end sent it.
+            if let (Some((w, received)), Some(p)) = (ours, &self.peers) {
+                let m = Msg::Failover {
+                    channel,
+                    words: w,
+                    closed: Some(received),
+                };
+                p.send(node, m);
+            }
             return true;
         }
         let Some(key) = self
@@ -268,7 +294,13 @@ impl Devd {
                 w.sid
             );
             self.answer_later(w.sid, Response::Rejoined { words, closed });
-            (self.remote.rejoins.rejoined).insert(w.sid, (node, channel, w.received));
+            let r = Rejoined {
+                node,
+                channel,
+                received: w.received,
+                words: None,
+            };
+            self.remote.rejoins.rejoined.insert(w.sid, r);
         }
         true
     }
@@ -276,19 +308,21 @@ impl Devd {
     /// A rejoined end's words changed: to the other host, as its part of
     /// the fail-over said again (its closing offset unchanged).
     pub(super) fn rejoined_words(&mut self, sid: u64, words: [u64; 4]) {
-        let (Some(&(node, channel, received)), Some(p)) =
-            (self.remote.rejoins.rejoined.get(&sid), &self.peers)
-        else {
+        let Some(r) = self.remote.rejoins.rejoined.get_mut(&sid) else {
             return;
         };
-        p.send(
-            node,
-            Msg::Failover {
-                channel,
-                words,
-                closed: Some(received),
-            },
-        );
+        r.words = Some(words);
+        let (node, channel, received) = (r.node, r.channel, r.received);
+        if let Some(p) = &self.peers {
+            p.send(
+                node,
+                Msg::Failover {
+                    channel,
+                    words,
+                    closed: Some(received),
+                },
+            );
+        }
     }
 
     /// Remote connection `c` was released here: a peer's Rejoin may
@@ -298,11 +332,22 @@ impl Devd {
             return;
         };
         let (a, b) = (canon_addr(c.ends[0].addr), canon_addr(c.ends[1].addr));
-        let gone = &mut self.remote.rejoins.gone;
-        gone.retain(|_, (_, at)| at.elapsed() < GONE_KEPT);
-        if gone.len() < GONE_MAX {
-            gone.insert((node, a.min(b), a.max(b)), (channel, Instant::now()));
+        let r = &mut self.remote.rejoins;
+        let now = Instant::now();
+        // The oldest go first: those past `GONE_KEPT`, then any to make
+        // room (a key released again since is kept under its newer time).
+        while let Some(&(k, at)) = r.gone_order.front() {
+            if now.duration_since(at) < GONE_KEPT && r.gone_order.len() < GONE_MAX {
+                break;
+            }
+            r.gone_order.pop_front();
+            if r.gone.get(&k).is_some_and(|&(_, t)| t == at) {
+                r.gone.remove(&k);
+            }
         }
+        let key = (node, a.min(b), a.max(b));
+        r.gone.insert(key, (channel, now));
+        r.gone_order.push_back((key, now));
     }
 
     /// Session `sid` ended: its Rejoin and its relay go.

@@ -51,6 +51,22 @@ impl SeqPacket {
         SeqPacket(move_high(self.0))
     }
 
+    /// Connects to a listening control socket at `path` without waiting:
+    /// a nonblocking socket (WouldBlock when the listener's backlog is
+    /// full: try again later).
+    pub fn connect_nonblocking(path: &Path) -> io::Result<SeqPacket> {
+        // SAFETY: plain syscall.
+        let fd = owned(unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        })?;
+        unix_call(fd.as_fd(), path, false)?;
+        Ok(SeqPacket(fd))
+    }
+
     /// Connects to a listening control socket at `path`.
     pub fn connect(path: &Path) -> io::Result<SeqPacket> {
         // SAFETY: plain syscall.

@@ -115,9 +115,11 @@ impl Engine {
         };
         if self.fail_over(id, &mut pair, s) {
             if again {
-                // (Its part goes again even if unchanged.)
+                // (Its part goes again even if unchanged, and the other
+                // side, back, has the whole bound again to agree.)
                 if let Some(fo) = pair.sides[s].failover.as_mut() {
                     fo.sent = None;
+                    fo.began = Instant::now();
                 }
             }
             match self.agree(&mut pair.sides[s], &words, closed) {

@@ -27,11 +27,13 @@
 # each a window of its own from its own ivshmem server (link 0's socket
 # is DIR/ivshmem.sock, link i's DIR/ivshmem$i.sock);
 # SSOCK_LAB_LINK_POLICY=spread deals connections over them in turn
-# (docs/config.md, link_policy; default active-backup).
+# (docs/config.md, link_policy; default active-backup). SSOCK_LAB_WINDOW
+# is each window's size in bytes (default 8 MiB; each devd's inbox is
+# half of it), as a device's BAR size would set it.
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,30p' "$0" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { sed -n '2,33p' "$0" >&2; exit 2; }
 
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
@@ -81,7 +83,7 @@ up)
   windows=()
   for l in $(seq 0 $((links - 1))); do
     n=$([ "$l" = 0 ] || echo "$l")
-    setsid "$bin/ssock-ivshmem-server" --socket "$dir/ivshmem$n.sock" --size 8388608 \
+    setsid "$bin/ssock-ivshmem-server" --socket "$dir/ivshmem$n.sock" --size "${SSOCK_LAB_WINDOW:-8388608}" \
       > "$dir/ivshmem$n.log" 2>&1 < /dev/null &
     echo $! > "$dir/ivshmem$n.pid"
     for i in $(seq 100); do [ -S "$dir/ivshmem$n.sock" ] && break; sleep 0.05; done

@@ -113,10 +113,13 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
     let accelerated = run(&lab, lab.under_ssock(0, &["python3", &py]), 7101, &ctl)?;
     let n = ssock_tests::same_semantics(&plain, &accelerated)?;
     ensure!(n >= 10, "only {n} connections");
-    // Every connection crossed as a remote one on both hosts, but at most
-    // two that were over (on the kernel socket, its bytes right) before
-    // their Claim reached host a (the cases that close at once: 2 of 11
-    // in about one run in five): both count them as such, never silently.
+    // Every connection crossed as a remote one on both hosts, but for
+    // those over (on the kernel socket, its bytes right) before their
+    // Claim reached host a: at most the four cases that end at once
+    // (reset, reset_so_error, close_with_unread_bytes, exit_without_close;
+    // 3 of 21 seen in a debug CI run, 2 of 11 in one run in five when the
+    // program had 11 cases), and both hosts count them as such, never
+    // silently.
     let count = |h: usize, key: &str| -> Result<u64> {
         let t = lab.stats(h)?["totals"].clone();
         Ok(match key {
@@ -136,7 +139,7 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
         count(1, "kernel")?,
     );
     ensure!(
-        ra + ga == n && rb + kb == n && ra == rb && ra + 2 >= n,
+        ra + ga == n && rb + kb == n && ra == rb && ra + 4 >= n,
         "{n} connections: host a {ra} remote, {ga} over before their Claim; host b {rb} remote, {kb} kernel"
     );
     Ok(())

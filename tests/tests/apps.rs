@@ -427,3 +427,43 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
     d.wait_none_live(Duration::from_secs(10))?;
     Ok(())
 }
+
+/// A server under ssock-run whose devd died and was started again serves
+/// a plain client (sockperf, not under ssock) as the kernel would: its
+/// Claim, sent to the dead devd, fails inside the shim, and that failure
+/// must not show through the accept that succeeded (sockperf reads errno
+/// after calls that succeeded, and closed the connection on the EPIPE the
+/// shim's own failed send left there).
+#[test]
+fn sockperf_server_whose_devd_was_started_again_serves_a_plain_client() -> Result<()> {
+    if !have_app("sockperf")? {
+        return Ok(());
+    }
+    let mut d = Devd::start(&[])?;
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(
+        &d,
+        "sockperf",
+        &["server", "--tcp", "-i", "127.0.0.1", "-p", &port],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    d.kill();
+    let _d2 = Devd::start_at(&d.socket, &[])?;
+    let mut client = Command::new("sockperf");
+    client.args([
+        "ping-pong",
+        "--tcp",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        "1",
+    ]);
+    let out = run(client)?;
+    ensure!(
+        out.contains("Summary: Latency is") && !out.contains("ERROR"),
+        "the plain client should be served:\n{out}"
+    );
+    Ok(())
+}

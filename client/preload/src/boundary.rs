@@ -1,6 +1,9 @@
 //! The boundary between C callers and the shim's Rust code: a panic never
-//! crosses into C (it becomes -1 with errno EIO), and calls the shim makes
-//! itself (through libc functions it also interposes) go straight to libc.
+//! crosses into C (it becomes -1 with errno EIO), calls the shim makes
+//! itself (through libc functions it also interposes) go straight to libc,
+//! and a call that succeeds leaves errno as the caller had it (as libc's
+//! wrappers do: the shim's own calls that failed on the way, a request to
+//! a devd that died, must not show through).
 //! Also the C arguments turned into Rust values (buffers, iovecs, pollfds,
 //! a borrowed fd, a socket address) and errno.
 //!
@@ -15,7 +18,8 @@ thread_local! {
 
 /// Runs `shim` for a call from the application, or `direct` for a call the
 /// shim itself made (re-entry) or when the thread is being torn down.
-pub fn enter<T: From<i8>>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) -> T {
+pub fn enter<T: From<i8> + PartialOrd>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) -> T {
+    let caller_errno = errno();
     // One look-up of the thread-local (each is a call in a shared object).
     let ran = INSIDE.try_with(|inside| {
         if inside.replace(true) {
@@ -26,7 +30,12 @@ pub fn enter<T: From<i8>>(shim: impl FnOnce() -> T, direct: impl FnOnce() -> T) 
         Some(r)
     });
     match ran {
-        Ok(Some(Ok(v))) => v,
+        Ok(Some(Ok(v))) => {
+            if v >= T::from(0) {
+                set_errno(caller_errno);
+            }
+            v
+        }
         Ok(Some(Err(_))) => {
             set_errno(libc::EIO);
             T::from(-1)

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 static GLOBAL: Mutex<Option<Arc<Session>>> = Mutex::new(None);
+/// How many times the process-wide session was replaced after it broke
+/// ([`Session::replaced`]).
+static REPLACED: AtomicU64 = AtomicU64::new(0);
 use std::time::Duration;
 
 /// Why talking to devd failed. Every variant means "this connection stays
@@ -176,15 +179,28 @@ impl Session {
     /// again after it broke (devd restarted); None if no devd answers.
     pub fn global() -> Option<Arc<Session>> {
         let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref().is_some_and(|s| s.is_broken()) {
+        let broke = g.as_ref().is_some_and(|s| s.is_broken());
+        if broke {
             *g = None;
         }
         if g.is_none() {
             *g = ssock_rings::paths::client_sockets()
                 .iter()
                 .find_map(|p| Session::connect_as(p, true).ok());
+            if broke && g.is_some() {
+                // Relaxed: a count the shim compares, nothing ordered by it.
+                REPLACED.fetch_add(1, Ordering::Relaxed);
+            }
         }
         g.clone()
+    }
+
+    /// How many times the process-wide session was replaced by a new one
+    /// after it broke (its devd died and one was started again): what was
+    /// registered with the old one (listeners) is to be registered anew.
+    /// Not counted: a forked child's first session.
+    pub fn replaced() -> u64 {
+        REPLACED.load(Ordering::Relaxed)
     }
 
     /// The process-wide session if there is one that works; never connects.

@@ -17,6 +17,7 @@ use ssock_rings::notify::Gate;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -97,10 +98,23 @@ pub fn connect_session() {
 
 fn session() -> Option<Arc<Session>> {
     if disabled() {
-        None
-    } else {
-        Session::global()
+        return None;
     }
+    let s = Session::global()?;
+    // A devd started again does not know this process's listeners: they
+    // are registered with it, once per new session.
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let n = Session::replaced();
+    if SEEN.swap(n, Ordering::Relaxed) != n {
+        for fd in crate::table::listeners() {
+            // SAFETY: a listener the table holds is the application's open
+            // socket (its close removes it); a number reused behind the
+            // shim's back is refused by devd unless it is listening.
+            let ok = register_listener(&s, unsafe { crate::boundary::borrow(fd) });
+            log::info!("listener fd {fd} registered again with devd started again: {ok}");
+        }
+    }
+    Some(s)
 }
 
 pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {

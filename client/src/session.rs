@@ -16,6 +16,9 @@ static GLOBAL: Mutex<Option<Arc<Session>>> = Mutex::new(None);
 /// How many times the process-wide session was replaced after it broke
 /// ([`Session::replaced`]).
 static REPLACED: AtomicU64 = AtomicU64::new(0);
+/// A broken process-wide session was dropped and no new one made since
+/// (the next one made counts in `REPLACED`, however many tries it takes).
+static BROKE: AtomicBool = AtomicBool::new(false);
 use std::time::Duration;
 
 /// Why talking to devd failed. Every variant means "this connection stays
@@ -179,16 +182,16 @@ impl Session {
     /// again after it broke (devd restarted); None if no devd answers.
     pub fn global() -> Option<Arc<Session>> {
         let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
-        let broke = g.as_ref().is_some_and(|s| s.is_broken());
-        if broke {
+        if g.as_ref().is_some_and(|s| s.is_broken()) {
             *g = None;
+            // Relaxed: both are read and written under `GLOBAL`'s lock.
+            BROKE.store(true, Ordering::Relaxed);
         }
         if g.is_none() {
             *g = ssock_rings::paths::client_sockets()
                 .iter()
                 .find_map(|p| Session::connect_as(p, true).ok());
-            if broke && g.is_some() {
-                // Relaxed: a count the shim compares, nothing ordered by it.
+            if g.is_some() && BROKE.swap(false, Ordering::Relaxed) {
                 REPLACED.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -219,6 +222,8 @@ impl Session {
                 s.broken.store(true, Ordering::Relaxed);
             }
         }
+        // (A child's first session replaces nothing of its own.)
+        BROKE.store(false, Ordering::Relaxed);
     }
 
     /// A request failed mid-way (no reply within the timeout, a send or

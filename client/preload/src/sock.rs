@@ -102,16 +102,35 @@ fn session() -> Option<Arc<Session>> {
     }
     let s = Session::global()?;
     // A devd started again does not know this process's listeners: they
-    // are registered with it, once per new session.
+    // are registered with it, once per new session (by the thread that
+    // first sees the new count; again later if that session broke on the
+    // way).
     static SEEN: AtomicU64 = AtomicU64::new(0);
-    let n = Session::replaced();
-    if SEEN.swap(n, Ordering::Relaxed) != n {
+    let (seen, n) = (SEEN.load(Ordering::Relaxed), Session::replaced());
+    if seen != n
+        && SEEN
+            .compare_exchange(seen, n, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
         for fd in crate::table::listeners() {
             // SAFETY: a listener the table holds is the application's open
-            // socket (its close removes it); a number reused behind the
-            // shim's back is refused by devd unless it is listening.
-            let ok = register_listener(&s, unsafe { crate::boundary::borrow(fd) });
-            log::info!("listener fd {fd} registered again with devd started again: {ok}");
+            // socket (its close removes it); one closed behind the shim's
+            // back is found so below (and forgotten), one reused is
+            // registered only if it listens (devd checks).
+            let b = unsafe { crate::boundary::borrow(fd) };
+            let listening = ssock_rings::sys::sockopt_int(b, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+                .is_ok_and(|v| v == 1);
+            if !listening {
+                crate::table::remove_listener(fd);
+                continue;
+            }
+            let ok = register_listener(&s, b);
+            log::info!("listener fd {fd} registered with devd started again: {ok}");
+        }
+        if s.is_broken() {
+            // (Registered with a session that broke meanwhile: the next
+            // one does it again.)
+            let _ = SEEN.compare_exchange(n, seen, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
     Some(s)

@@ -216,14 +216,7 @@ impl Ntb {
                 // Its channels went with it: the link is down until both
                 // sides synced again (the connections that crossed it move
                 // to their kernel sockets; their ends there may rejoin).
-                if self.up {
-                    self.up = false;
-                    self.events.push(LinkEvent {
-                        node: self.peer,
-                        link: self.link,
-                        state: LinkState::Down,
-                    });
-                }
+                self.went_down();
                 // (Its heartbeat counts from the start again.)
                 self.peer_beat = 0;
                 self.reset_all();
@@ -411,7 +404,13 @@ impl Ntb {
                 });
             }
         } else if self.up && now.duration_since(self.peer_seen) > DEAD {
-            self.up = false;
+            self.went_down();
+        }
+    }
+
+    /// The link is down (if it was up): said once, as a link event.
+    fn went_down(&mut self) {
+        if std::mem::take(&mut self.up) {
             self.events.push(LinkEvent {
                 node: self.peer,
                 link: self.link,
@@ -428,14 +427,7 @@ impl Ntb {
             self.peer
         );
         self.hostile = true;
-        if self.up {
-            self.up = false;
-            self.events.push(LinkEvent {
-                node: self.peer,
-                link: self.link,
-                state: LinkState::Down,
-            });
-        }
+        self.went_down();
         self.reset_all();
     }
 
@@ -864,12 +856,7 @@ impl Backend for Ntb {
             self.peer_seen = Instant::now();
             self.beat_at = self.beat_at.checked_sub(BEAT).unwrap_or(self.beat_at);
         } else if self.up {
-            self.up = false;
-            self.events.push(LinkEvent {
-                node: self.peer,
-                link: self.link,
-                state: LinkState::Down,
-            });
+            self.went_down();
         }
         Ok(())
     }

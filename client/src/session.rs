@@ -19,6 +19,19 @@ static REPLACED: AtomicU64 = AtomicU64::new(0);
 /// A broken process-wide session was dropped and no new one made since
 /// (the next one made counts in `REPLACED`, however many tries it takes).
 static BROKE: AtomicBool = AtomicBool::new(false);
+/// When (`monotonic_coarse_ns`) the process-wide session may be tried
+/// again after no devd answered, and how long the next failure waits:
+/// [`RETRY_FIRST`], doubled at each failure up to [`RETRY_MAX`]. Without
+/// it a program with no devd (or `ssock-run --devd none`) would try every
+/// devd socket at every connect, three system calls each. Both under
+/// `GLOBAL`'s lock.
+static RETRY_AT: AtomicU64 = AtomicU64::new(0);
+static RETRY_WAIT: AtomicU64 = AtomicU64::new(0);
+/// The wait after a first failure: a devd started again (a restart takes
+/// tens of milliseconds) is found soon.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(1);
 use std::time::Duration;
 
 /// Why talking to devd failed. Every variant means "this connection stays
@@ -180,17 +193,31 @@ impl Session {
     /// The process-wide session to the default devd (see
     /// `ssock_rings::paths::client_sockets`), connected on first use and
     /// again after it broke (devd restarted); None if no devd answers.
+    /// After a try that found none, the next waits (10 ms, doubling up to
+    /// 1 s; a success starts over).
     pub fn global() -> Option<Arc<Session>> {
         let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_some_and(|s| s.is_broken()) {
             *g = None;
-            // Relaxed: both are read and written under `GLOBAL`'s lock.
+            // Relaxed: these are read and written under `GLOBAL`'s lock.
             BROKE.store(true, Ordering::Relaxed);
         }
         if g.is_none() {
+            let now = ssock_rings::sys::monotonic_coarse_ns();
+            if now < RETRY_AT.load(Ordering::Relaxed) {
+                return None;
+            }
             *g = ssock_rings::paths::client_sockets()
                 .iter()
                 .find_map(|p| Session::connect_as(p, true).ok());
+            let wait = if g.is_some() {
+                0
+            } else {
+                let last = RETRY_WAIT.load(Ordering::Relaxed);
+                (last * 2).clamp(nanos(RETRY_FIRST), nanos(RETRY_MAX))
+            };
+            RETRY_WAIT.store(wait, Ordering::Relaxed);
+            RETRY_AT.store(now.saturating_add(wait), Ordering::Relaxed);
             if g.is_some() && BROKE.swap(false, Ordering::Relaxed) {
                 REPLACED.fetch_add(1, Ordering::Relaxed);
             }
@@ -341,6 +368,11 @@ impl Session {
             SessionError::Io(e)
         })
     }
+}
+
+/// `d` in nanoseconds, as the monotonic clock counts.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Maps the board devd sent with Welcome, read-only, once it is checked

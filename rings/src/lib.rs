@@ -17,6 +17,7 @@ pub mod codec;
 pub mod detach;
 pub mod env;
 pub mod fdbits;
+pub mod fdflags;
 pub mod layout;
 pub mod notify;
 pub mod ownfds;

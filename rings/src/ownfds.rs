@@ -5,18 +5,19 @@
 //! would otherwise close them, and the next fd it opens would get the
 //! number while ssock still writes to it.
 //!
-//! An [`FdBits`] set, a bit set when an fd is created or
+//! Bit 0 of the fd flags ([`crate::fdflags`]), set when an fd is created or
 //! received through [`crate::sys`] and cleared when ssock closes it (the
 //! shim's `close` sees its own calls).
 //!
 //! Never here: closing, duplicating or moving an fd (see
 //! [`crate::sys::move_high`]).
 
-use crate::fdbits::FdBits;
-pub use crate::fdbits::LIMIT;
+use crate::fdflags::Flag;
+pub use crate::fdflags::LIMIT;
 use std::os::fd::RawFd;
 
-static OWN: FdBits = FdBits::new();
+/// Bit 0: the fd flags' other bits are the shim's.
+pub static OWN: Flag = Flag::new(0);
 
 /// `fd` is ssock's from now on.
 pub fn own(fd: RawFd) {

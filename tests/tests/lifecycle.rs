@@ -757,3 +757,69 @@ fn a_listener_whose_acceptor_never_claims_goes_on_kernel_tcp_after_a_streak() ->
     ensure!(asked <= 5, "{asked} requests for 12 connections kept plain");
     Ok(())
 }
+
+/// A program with no devd answering asks for one now and then, not at
+/// every connect: after a try that finds none the shim waits (10 ms,
+/// doubling up to 1 s) before the next. Here the "devd" accepts each try
+/// and hangs up at once (the session cannot start), counting them, while
+/// an unmodified Python program makes 300 connections under ssock-run.
+/// Before the wait, each connect (and the listen) tried: over 300 tries.
+#[test]
+fn a_program_without_devd_asks_for_one_only_now_and_then() -> Result<()> {
+    if !ssock_tests::have_app("python3")? {
+        return Ok(());
+    }
+    use ssock_rings::sys::SeqPacket;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!("ssock-nodevd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("devd.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = SeqPacket::listen(&path, 128)?;
+    l.set_nonblocking(true)?;
+    let (tries, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (t2, s2) = (tries.clone(), stop.clone());
+    let counter = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            match l.accept() {
+                // Dropped at once: the shim's Hello finds the session gone.
+                Ok(_) => {
+                    t2.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    let prog = "import socket\n\
+                l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(64)\n\
+                for _ in range(300):\n\
+                \x20   c = socket.create_connection(l.getsockname()); a, _ = l.accept()\n\
+                \x20   c.sendall(b'x'); assert a.recv(1) == b'x'\n\
+                \x20   a.close(); c.close()\n\
+                print('done')\n";
+    let out = std::process::Command::new(ssock_tests::bin("ssock-run"))
+        .arg("--devd")
+        .arg(&path)
+        .args(["--", "python3", "-c", prog])
+        .output()?;
+    stop.store(true, Ordering::Relaxed);
+    counter.join().expect("counter thread");
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "done",
+        "the program failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = tries.load(Ordering::Relaxed);
+    // At least the first try; then at most one per wait of 10, 20, 40 ms...
+    // (the program runs well under the 10 s that 14 waits would take).
+    ensure!(
+        (1..=14).contains(&n),
+        "{n} tries of a devd for 300 connections"
+    );
+    Ok(())
+}

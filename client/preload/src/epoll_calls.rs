@@ -58,6 +58,12 @@ pub unsafe fn epoll_create1(flags: c_int) -> c_int {
 pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().epoll_ctl)(epfd, op, fd, ev) };
+    // A socket left to the kernel for good, in no instance the shim
+    // tracks (and not an instance itself, whatever a stale flag says): the
+    // kernel's registration is all there is (`epoll::ctl`).
+    if crate::fdstate::kernel_member(fd) {
+        return real();
+    }
     enter(
         || match epoll::ctl(epfd, op, fd, ev, &real) {
             Ok(r) => r,

@@ -13,27 +13,19 @@ use crate::{epoll, known, real, sock, table};
 use libc::{c_int, sockaddr as SockAddr, socklen_t};
 
 /// socket(2): an IPv4 or IPv6 TCP socket is remembered as fresh (`known`),
-/// so that its connect need not ask the kernel what it is.
+/// so that its connect need not ask the kernel what it is. Without
+/// entering the shim: the shim's own sockets (a devd session) are made
+/// here too and are no TCP sockets, which `known` forgets as it should.
 ///
 /// # Safety
 /// The C contract of socket(2).
 pub unsafe fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
-    let real = || unsafe { (real::get().socket)(domain, ty, protocol) };
-    enter(
-        || {
-            let fd = real();
-            if fd >= 0 {
-                known::made(fd, domain, ty, protocol);
-            }
-            fd
-        },
-        || {
-            let fd = real();
-            known::forget(fd);
-            fd
-        },
-    )
+    let fd = unsafe { (real::get().socket)(domain, ty, protocol) };
+    if fd >= 0 {
+        known::made(fd, domain, ty, protocol);
+    }
+    fd
 }
 
 /// Whether what a connect said leaves the socket connecting or connected

@@ -20,30 +20,26 @@
 //!
 //! Never here: a decision that moves bytes; only which question to skip.
 
+use crate::fdstate::{FRESH, PLAIN};
 use libc::c_int;
-use ssock_rings::fdbits::FdBits;
-
-static FRESH: FdBits = FdBits::new();
-static PLAIN: FdBits = FdBits::new();
 
 /// socket(2) made `fd`: fresh if it is an IPv4 or IPv6 TCP socket.
 pub fn made(fd: c_int, domain: c_int, ty: c_int, protocol: c_int) {
-    PLAIN.remove(fd);
     let tcp = matches!(domain, libc::AF_INET | libc::AF_INET6)
         && ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) == libc::SOCK_STREAM
         && matches!(protocol, 0 | libc::IPPROTO_TCP);
     if tcp {
+        PLAIN.remove(fd);
         FRESH.insert(fd);
     } else {
-        FRESH.remove(fd);
+        forget(fd);
     }
 }
 
 /// `fd` names another object from now on, or none (closed, accepted,
 /// duplicated onto, received): nothing is known of it.
 pub fn forget(fd: c_int) {
-    FRESH.remove(fd);
-    PLAIN.remove(fd);
+    ssock_rings::fdflags::clear(fd, FRESH.bit() | PLAIN.bit());
 }
 
 /// The same for every fd from `first` to `last`.

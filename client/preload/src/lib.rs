@@ -23,6 +23,7 @@ mod establish;
 mod fdmap;
 mod fdpass;
 mod fds;
+mod fdstate;
 mod fork;
 mod inherit;
 mod io;

@@ -28,6 +28,10 @@ use libc::{c_int, c_void, size_t, socklen_t, ssize_t};
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc's fcntl.
     let real = || unsafe { (real::get().fcntl)(fd, cmd, arg) };
+    // Neither a new fd number nor an accelerated socket: libc's alone.
+    if cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC && crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             let r = real();
@@ -69,6 +73,10 @@ pub unsafe fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_long) -> c_int {
 pub unsafe fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc's ioctl.
     let real = || unsafe { (real::get().ioctl)(fd, req, arg) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             let which = match req {
@@ -116,6 +124,10 @@ pub unsafe fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) -> c_int {
 pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().shutdown)(fd, how) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch(
@@ -144,6 +156,10 @@ pub unsafe fn getsockopt(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().getsockopt)(fd, level, name, val, len) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             if level != libc::SOL_SOCKET || name != libc::SO_ERROR {

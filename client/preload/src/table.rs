@@ -1,8 +1,9 @@
 //! Which fds are accelerated sockets and which are registered listeners.
 //! The fd table is lock-free: chunks of 4096 slots, allocated once and
-//! never freed, each slot an `ArcSwapOption` (a lookup is a few atomic
-//! loads and one reference count, no lock; arc-swap keeps a slot's old
-//! socket alive while a concurrent lookup still uses it), with a count of
+//! never freed, each slot an `ArcSwapOption` (a lookup is the fd's
+//! `ACCEL` flag, which every filled slot has, then a few atomic loads and
+//! one reference count, no lock; arc-swap keeps a slot's old socket alive
+//! while a concurrent lookup still uses it), with a count of
 //! the sockets in each group of 64 slots (a scan of the table, at every
 //! fork, skips the empty groups). Around fork: every socket held and
 //! locked, then released in both processes.
@@ -46,7 +47,7 @@ type Listeners = Option<HashMap<i32, SocketAddr>>;
 static LISTENERS: Mutex<Listeners> = Mutex::new(None);
 /// The keys of `LISTENERS`, so that the look-up of any other fd (every
 /// accept and close asks) takes no lock.
-static LISTENING: ssock_rings::fdbits::FdBits = ssock_rings::fdbits::FdBits::new();
+use crate::fdstate::{ACCEL, LISTENING};
 
 /// The slot of `fd` and its group's count, allocating its chunk if
 /// `create`.
@@ -64,11 +65,25 @@ fn slot(fd: i32, create: bool) -> Option<(&'static Slot, &'static AtomicIsize)> 
     Some((c.slots.get(i % CHUNK)?, c.used.get(i % CHUNK / GROUP)?))
 }
 
-/// Puts `e` in `slot`, counted first (given back if the slot was full).
-fn fill(slot: (&Slot, &AtomicIsize), e: Entry) {
+/// Puts `e` in `fd`'s `slot`, counted first (given back if the slot was
+/// full), then flagged (`ACCEL`, after: see `unflag`).
+fn fill(fd: i32, slot: (&Slot, &AtomicIsize), e: Entry) {
     slot.1.fetch_add(1, Ordering::Relaxed);
     if slot.0.swap(Some(e)).is_some() {
         slot.1.fetch_sub(1, Ordering::Relaxed);
+    }
+    ACCEL.insert(fd);
+}
+
+/// `fd`'s slot was just emptied: its `ACCEL` flag goes, and comes back if
+/// the slot is full again meanwhile. A fill that raced with this flags
+/// after it filled; if that flag came before this clearing, this look
+/// (after the clearing, both sequentially consistent) sees the fill. So a
+/// full slot always has its flag, and an fd without it has no socket.
+fn unflag(fd: i32, slot: &Slot) {
+    ACCEL.remove(fd);
+    if slot.load().is_some() {
+        ACCEL.insert(fd);
     }
 }
 
@@ -95,18 +110,12 @@ fn all() -> impl Iterator<Item = (i32, Entry)> {
 
 /// The accelerated socket behind `fd`, if any.
 pub fn get(fd: i32) -> Option<Entry> {
-    // Relaxed: a stale false only means "not accelerated yet", which is
-    // what any call racing with the fd's own connect/accept sees anyway.
-    if !ANY.load(Ordering::Relaxed) {
+    // An fd without the flag has no socket (the common case: most fds
+    // were never accelerated); one load.
+    if !ACCEL.contains(fd) {
         return None;
     }
-    let (slot, used) = slot(fd, false)?;
-    // A group with no socket has nothing to load (the common case: most
-    // fds were never accelerated). A count is never behind its slots.
-    if used.load(Ordering::Relaxed) == 0 {
-        return None;
-    }
-    slot.load_full()
+    slot(fd, false)?.0.load_full()
 }
 
 /// Taken (shared) by every insertion and (exclusive) across a fork, so that
@@ -123,7 +132,7 @@ pub fn any() -> bool {
 pub fn insert(fd: i32, s: Sock) {
     let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let Some(slot) = slot(fd, true) {
-        fill(slot, Arc::new(Mutex::new(s)));
+        fill(fd, slot, Arc::new(Mutex::new(s)));
         ANY.store(true, Ordering::Relaxed);
     }
 }
@@ -133,7 +142,7 @@ pub fn insert(fd: i32, s: Sock) {
 pub fn duplicate(old: i32, new: i32) {
     let _gate = FORK_GATE.read().unwrap_or_else(|p| p.into_inner());
     if let (Some(e), Some(slot)) = (get(old), slot(new, true)) {
-        fill(slot, e);
+        fill(new, slot, e);
     }
 }
 
@@ -147,6 +156,7 @@ pub fn forget_kernel(fd: i32, s: &Entry) {
         });
         if was.is_some_and(|e| Arc::ptr_eq(&e, s)) {
             used.fetch_sub(1, Ordering::Relaxed);
+            unflag(fd, slot);
         }
     }
 }
@@ -154,19 +164,16 @@ pub fn forget_kernel(fd: i32, s: &Entry) {
 /// Forgets `fd` (it is being closed, or its number was just made again);
 /// returns its socket.
 pub fn remove(fd: i32) -> Option<Entry> {
-    if !ANY.load(Ordering::Relaxed) {
+    // Most fds were never accelerated: one flag costs less than a swap.
+    if !ACCEL.contains(fd) {
         return None;
     }
     let (slot, used) = slot(fd, false)?;
-    // Most fds were never accelerated: a count or a look costs less than a
-    // swap.
-    if used.load(Ordering::Relaxed) == 0 || slot.load().is_none() {
-        return None;
-    }
     let was = slot.swap(None);
     if was.is_some() {
         used.fetch_sub(1, Ordering::Relaxed);
     }
+    unflag(fd, slot);
     was
 }
 

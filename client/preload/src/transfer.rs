@@ -28,6 +28,10 @@ pub unsafe fn recvfrom(
 ) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvfrom)(fd, b, n, flags, addr, alen) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -57,6 +61,10 @@ pub unsafe fn recv(fd: c_int, b: *mut c_void, n: size_t, flags: c_int) -> ssize_
 pub unsafe fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().read)(fd, b, n) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -77,6 +85,10 @@ pub unsafe fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
 pub unsafe fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().readv)(fd, v, n) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -195,6 +207,10 @@ pub unsafe fn __recvfrom_chk(
 pub unsafe fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().writev)(fd, v, n) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -263,6 +279,10 @@ pub unsafe fn sendto(
 ) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().sendto)(fd, b, n, flags, addr, alen) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -292,6 +312,10 @@ pub unsafe fn send(fd: c_int, b: *const c_void, n: size_t, flags: c_int) -> ssiz
 pub unsafe fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_t {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().write)(fd, b, n) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -325,6 +349,10 @@ unsafe fn mmsgs<'a>(v: *mut libc::mmsghdr, n: libc::c_uint) -> &'a mut [libc::mm
 pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: libc::c_uint, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().sendmmsg)(fd, v, n, flags) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch(
@@ -376,6 +404,10 @@ pub unsafe fn recvmmsg(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvmmsg)(fd, v, n, flags, tmo) };
+    // No accelerated socket: libc's alone, without entering the shim.
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
     enter(
         || {
             dispatch(

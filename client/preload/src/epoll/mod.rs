@@ -21,12 +21,12 @@
 
 use crate::boundary::borrow;
 use crate::fdmap::FdMap;
+use crate::fdstate::{REGISTERED, SET as SET_FDS};
 use crate::obj::{Armed, Nested, Obj};
 use crate::sleep;
 use crate::table;
 use libc::{c_int, epoll_event};
 use ssock_client::transport::Ready;
-use ssock_rings::fdbits::FdBits;
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -136,12 +136,11 @@ static SETS: RwLock<Sets> = RwLock::new(None);
 
 type Sets = Option<FdMap<Arc<Set>>>;
 
-/// The fds of the instances in `SETS`: a look-up of any other fd (every
-/// epoll_ctl asks of its fd) takes no lock.
-static SET_FDS: FdBits = FdBits::new();
-/// fds ever added to an instance the shim tracks, until closed: a close of
-/// any other fd (most of them) looks into no instance.
-static REGISTERED: FdBits = FdBits::new();
+// `SET_FDS` (`fdstate::SET`): the fds of the instances in `SETS`, so that
+// a look-up of any other fd (every epoll_ctl asks of its fd) takes no
+// lock. `REGISTERED`: fds ever added to an instance the shim tracks, until
+// closed, so that a close of any other fd (most of them) looks into no
+// instance.
 
 /// The locks held across a fork (see `before_fork`).
 type ForkHeld = (
@@ -617,7 +616,11 @@ fn is_epoll(fd: c_int) -> bool {
         .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventpoll]")
 }
 
-/// epoll_ctl(2). `real` performs the call on the kernel instance.
+/// epoll_ctl(2). `real` performs the call on the kernel instance. (The
+/// caller sent a socket left to the kernel for good, in no instance the
+/// shim knows of and not an instance itself, straight to the kernel:
+/// `fdstate::kernel_member`. It never moves to the shim, so the kernel's
+/// registration is all there is: no lock, no record.)
 pub fn ctl(
     epfd: c_int,
     op: c_int,
@@ -625,13 +628,6 @@ pub fn ctl(
     ev: *mut epoll_event,
     real: &dyn Fn() -> c_int,
 ) -> Result<c_int, i32> {
-    if crate::known::plain(fd) && !REGISTERED.contains(fd) && !SET_FDS.contains(fd) {
-        // A socket the shim left to the kernel for good, in no instance
-        // the shim knows of (and not an instance itself, whatever a stale
-        // bit says): it never moves to the shim, so the kernel's
-        // registration is all there is (no lock, no record).
-        return Ok(real());
-    }
     let obj = table::get(fd)
         .map(Obj::Sock)
         .or_else(|| get(fd).map(|s| Obj::Set(fd, s)));

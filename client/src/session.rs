@@ -196,6 +196,17 @@ impl Session {
     /// After a try that found none, the next waits (10 ms, doubling up to
     /// 1 s; a success starts over).
     pub fn global() -> Option<Arc<Session>> {
+        Self::global_with(false)
+    }
+
+    /// [`Session::global`], tried even while the wait after a failed try
+    /// lasts: for a call whose miss would last (a listener registered only
+    /// when it listens).
+    pub fn global_now() -> Option<Arc<Session>> {
+        Self::global_with(true)
+    }
+
+    fn global_with(now: bool) -> Option<Arc<Session>> {
         let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_some_and(|s| s.is_broken()) {
             *g = None;
@@ -203,8 +214,7 @@ impl Session {
             BROKE.store(true, Ordering::Relaxed);
         }
         if g.is_none() {
-            let now = ssock_rings::sys::monotonic_coarse_ns();
-            if now < RETRY_AT.load(Ordering::Relaxed) {
+            if !now && ssock_rings::sys::monotonic_coarse_ns() < RETRY_AT.load(Ordering::Relaxed) {
                 return None;
             }
             *g = ssock_rings::paths::client_sockets()
@@ -216,8 +226,11 @@ impl Session {
                 let last = RETRY_WAIT.load(Ordering::Relaxed);
                 (last * 2).clamp(nanos(RETRY_FIRST), nanos(RETRY_MAX))
             };
+            // From the try's end: one that waited for an answer (a devd
+            // stopped) is not tried again at once.
+            let end = ssock_rings::sys::monotonic_coarse_ns();
             RETRY_WAIT.store(wait, Ordering::Relaxed);
-            RETRY_AT.store(now.saturating_add(wait), Ordering::Relaxed);
+            RETRY_AT.store(end.saturating_add(wait), Ordering::Relaxed);
             if g.is_some() && BROKE.swap(false, Ordering::Relaxed) {
                 REPLACED.fetch_add(1, Ordering::Relaxed);
             }
@@ -241,8 +254,11 @@ impl Session {
 
     /// In a child after fork: the inherited control socket is the parent's
     /// (a request from here could read the parent's reply), so this process
-    /// stops using it; the next `global()` connects anew. Uses try_lock: a
-    /// lock held by a parent thread at fork time is never released here.
+    /// stops using it; the next `global()` connects anew (once the wait
+    /// after the parent's last failed try is over, if it was: the child
+    /// inherits it, so that the children of a server with no devd do not
+    /// each try). Uses try_lock: a lock held by a parent thread at fork
+    /// time is never released here.
     pub fn after_fork_in_child() {
         if let Ok(mut g) = GLOBAL.try_lock() {
             if let Some(s) = g.take() {

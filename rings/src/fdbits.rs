@@ -1,7 +1,8 @@
 //! One bit per fd number below [`LIMIT`], lock-free: a set of fds that a
 //! look-up tests with one atomic load, from any thread, in fork handlers
-//! and in signal handlers. `ownfds` (the fds ssock opened) and the shim's
-//! knowledge of fresh and plain sockets are such sets.
+//! and in signal handlers (the Queued transport's fds under a shared call
+//! are such a set). Marks that one call looks at together live in
+//! [`crate::fdflags`] instead, one byte per fd.
 //!
 //! Never here: what a bit means, or any call on the fds themselves.
 

@@ -16,12 +16,16 @@
 //! Never here: what a flag means, or any call on the fds themselves.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::fdbits::LIMIT;
 
 /// The flags of every fd: fd `i` is byte `i % 8` of word `i / 8`.
 static WORDS: [AtomicU64; LIMIT / 8] = [const { AtomicU64::new(0) }; LIMIT / 8];
+/// How many words from the first a flag was ever set in: a scan stops
+/// there (a process's fds are mostly low numbers; `close_range(3, ~0U)`
+/// would otherwise read all 1 MiB, several times).
+static HIGH: AtomicUsize = AtomicUsize::new(0);
 
 /// The word of `fd` and the shift of its byte in it.
 #[inline]
@@ -72,6 +76,11 @@ impl Flag {
     #[inline]
     pub fn insert(&self, fd: RawFd) {
         if let Some((w, s)) = at(fd) {
+            // `at` took the fd: a valid index, below LIMIT.
+            let words = fd.unsigned_abs() as usize / 8 + 1;
+            if HIGH.load(Ordering::Relaxed) < words {
+                HIGH.fetch_max(words, Ordering::SeqCst);
+            }
             w.fetch_or(u64::from(self.0) << s, Ordering::SeqCst);
         }
     }
@@ -100,10 +109,12 @@ impl Flag {
     /// The fds of the set from `first` to `last` (both included), in order.
     pub fn within(&self, first: u32, last: u32) -> Vec<RawFd> {
         let mut v = Vec::new();
+        let high = HIGH.load(Ordering::SeqCst) * 8;
         let (lo, hi) = (first as usize, (last as usize).min(LIMIT - 1));
-        if lo > hi {
+        if lo > hi || lo >= high {
             return v;
         }
+        let hi = hi.min(high - 1);
         // This flag's bit in each of a word's eight bytes.
         let mask = u64::from_ne_bytes([self.0; 8]);
         for (wi, w) in WORDS.iter().enumerate().take(hi / 8 + 1).skip(lo / 8) {

@@ -93,14 +93,27 @@ pub fn disabled() -> bool {
 /// Makes the process's devd session now if it has none (see
 /// `rawcalls::chroot`).
 pub fn connect_session() {
-    let _ = session();
+    let _ = session_with(true);
 }
 
+/// The process-wide session (None while the wait after a try that found
+/// no devd lasts: `Session::global`).
 fn session() -> Option<Arc<Session>> {
+    session_with(false)
+}
+
+/// The process-wide session; `now`: tried even during that wait, for a
+/// call whose miss would last (a listener is registered only at listen, a
+/// session outlives a chroot that hides devd's socket).
+fn session_with(now: bool) -> Option<Arc<Session>> {
     if disabled() {
         return None;
     }
-    let s = Session::global()?;
+    let s = if now {
+        Session::global_now()
+    } else {
+        Session::global()
+    }?;
     // A devd started again does not know this process's listeners: they
     // are registered with it, once per new session (by the thread that
     // first sees the new count; again later if that session broke on the
@@ -218,7 +231,7 @@ pub fn connect(fd: BorrowedFd<'_>, dst: SocketAddr, fresh: bool) -> Connect {
 /// it now.
 pub fn listened(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
     let at = tcp_addr(fd)?;
-    session()
+    session_with(true)
         .is_some_and(|s| register_listener(&s, fd))
         .then_some(at)
 }

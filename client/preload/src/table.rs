@@ -11,6 +11,7 @@
 //! Never here: a call on a socket's transport beyond its fork holds, or a
 //! lock held past the call that took it (except across a fork).
 
+use crate::fdstate::{ACCEL, LISTENING};
 use crate::sock::{Entry, Sock};
 use arc_swap::ArcSwapOption;
 use std::cell::RefCell;
@@ -44,10 +45,9 @@ static SOCKS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
 /// Registered listeners by fd, with the address each is bound to.
 type Listeners = Option<HashMap<i32, SocketAddr>>;
 
+/// Their fds are also flagged (`LISTENING`), so that the look-up of any
+/// other fd (every accept and close asks) takes no lock.
 static LISTENERS: Mutex<Listeners> = Mutex::new(None);
-/// The keys of `LISTENERS`, so that the look-up of any other fd (every
-/// accept and close asks) takes no lock.
-use crate::fdstate::{ACCEL, LISTENING};
 
 /// The slot of `fd` and its group's count, allocating its chunk if
 /// `create`.

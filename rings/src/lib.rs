@@ -16,7 +16,6 @@ pub mod board;
 pub mod codec;
 pub mod detach;
 pub mod env;
-pub mod fdbits;
 pub mod fdflags;
 pub mod layout;
 pub mod notify;

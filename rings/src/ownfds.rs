@@ -16,8 +16,8 @@ use crate::fdflags::Flag;
 pub use crate::fdflags::LIMIT;
 use std::os::fd::RawFd;
 
-/// Bit 0: the fd flags' other bits are the shim's.
-pub static OWN: Flag = Flag::new(0);
+/// Its bit of the fd flags.
+pub static OWN: Flag = Flag::new(crate::fdflags::OWN_BIT);
 
 /// `fd` is ssock's from now on.
 pub fn own(fd: RawFd) {

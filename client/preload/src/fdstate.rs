@@ -1,6 +1,6 @@
-//! The shim's flags per fd, bits 1 to 7 of `ssock_rings::fdflags` (bit 0
-//! is `ownfds`'s), and the questions an interposed call asks of them
-//! before anything else: whether the shim knows nothing of the fd that
+//! The shim's flags per fd (its bits of `ssock_rings::fdflags`), and the
+//! questions an interposed call asks of them before anything else:
+//! whether the shim knows nothing of the fd that
 //! the call could need or change, so that the call goes straight to libc
 //! (one load, without entering the shim: most calls of a program are on
 //! fds that are no accelerated socket, and each cache line the shim
@@ -47,11 +47,10 @@ pub fn kernel_member(fd: libc::c_int) -> bool {
     fdflags::of(fd) & (PLAIN.bit() | REGISTERED.bit() | SET.bit()) == PLAIN.bit()
 }
 
-// Each flag its own bit, and none of them `ownfds`'s (checked when the
-// shim is built: its unit tests never run, see its Cargo.toml).
+// Each flag its own bit, all within the shim's (checked when the shim is
+// built: its unit tests never run, see its Cargo.toml).
 const _: () = {
     let bits = [
-        ssock_rings::ownfds::OWN.bit(),
         FRESH.bit(),
         PLAIN.bit(),
         LISTENING.bit(),
@@ -59,9 +58,12 @@ const _: () = {
         REGISTERED.bit(),
         ACCEL.bit(),
     ];
+    let shim = fdflags::Flag::new(*fdflags::SHIM_BITS.end()).bit() * 2
+        - fdflags::Flag::new(*fdflags::SHIM_BITS.start()).bit();
     let (mut all, mut i) = (0u8, 0);
     while i < bits.len() {
         assert!(all & bits[i] == 0, "an fd flag used twice");
+        assert!(bits[i] & !shim == 0, "an fd flag outside the shim's bits");
         all |= bits[i];
         i += 1;
     }

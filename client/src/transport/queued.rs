@@ -57,7 +57,8 @@ pub const SHARED_SLEEP_CAP: Duration = Duration::from_millis(20);
 /// The call eventfds of ends that were armed while several processes held
 /// them ([`SHARED_SLEEP_CAP`]; the shim's multiplexed sleeps ask
 /// [`sleep_is_capped`]).
-static SHARED_CALLS: ssock_rings::fdbits::FdBits = ssock_rings::fdbits::FdBits::new();
+static SHARED_CALLS: ssock_rings::fdflags::Flag =
+    ssock_rings::fdflags::Flag::new(ssock_rings::fdflags::SHARED_CALL_BIT);
 
 /// Whether a sleep polling `fd` must end within [`SHARED_SLEEP_CAP`].
 pub fn sleep_is_capped(fd: std::os::fd::RawFd) -> bool {

@@ -38,11 +38,16 @@ cmd=${1:-}; dir=${2:-}
 # The lab's /24 and namespace names start from a number made of DIR.
 tag() { printf '%s' "$(realpath -m "$dir")" | cksum | awk '{print $1 % 250 + 1}'; }
 
-# Starts host $1's devd (as `up` set it up), its log appended to.
+# Starts host $1's devd (as `up` set it up), its log appended to; $2 is
+# where devd is (`up` says; `restart` reads what `up` wrote down).
 start_devd() {
-  local h=$1 ns pin
+  local h=$1 bin=${2:-} ns pin
+  [ -n "$bin" ] || bin=$(cat "$dir/bin")
+  # (Once, in CI, a start found this file empty right after `up` wrote
+  # it; cause not known: say what the directory holds if it happens.)
+  [ -n "$bin" ] || { echo "two-host-lab: $dir/bin is empty" >&2; ls -la "$dir" >&2; exit 1; }
   ns=$(cat "$dir/$h/ns"); read -r -a pin < "$dir/$h/pin" || true
-  setsid ip netns exec "$ns" ${pin[@]+"${pin[@]}"} "$(cat "$dir/bin")/devd" \
+  setsid ip netns exec "$ns" ${pin[@]+"${pin[@]}"} "$bin/devd" \
     --config "$dir/$h/devd.toml" --log info >> "$dir/$h/devd.log" 2>&1 < /dev/null &
   echo $! > "$dir/$h/devd.pid"
 }
@@ -114,7 +119,7 @@ up)
     echo "$ns" > "$dir/$h/ns"
     echo "${pin[*]}" > "$dir/$h/pin"
     echo "$bin" > "$dir/bin"
-    start_devd "$h"
+    start_devd "$h" "$bin"
   done
   # Ready once it says so (its control socket exists before its window
   # and its peer listener do); a devd that exits on the way is reported.

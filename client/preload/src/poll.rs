@@ -17,6 +17,11 @@ use std::time::Duration;
 pub unsafe fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().poll)(fds, n, timeout) };
+    // Only kernel fds: libc's alone, without entering the shim.
+    // SAFETY: fds/n is the caller's pollfd array (poll(2)).
+    if crate::fdstate::kernel_poll(unsafe { pollfds(fds, n) }) {
+        return real();
+    }
     enter(
         || {
             // SAFETY: fds/n is the caller's pollfd array (poll(2)).
@@ -80,6 +85,11 @@ pub unsafe fn ppoll(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().ppoll)(fds, n, tmo, mask) };
+    // Only kernel fds: libc's alone, without entering the shim.
+    // SAFETY: fds/n is the caller's pollfd array (poll(2)).
+    if crate::fdstate::kernel_poll(unsafe { pollfds(fds, n) }) {
+        return real();
+    }
     enter(
         || {
             // SAFETY: fds/n is the caller's pollfd array (ppoll(2)).

@@ -112,6 +112,11 @@ pub unsafe fn select(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().select)(nfds, r, w, e, tv) };
+    // Only kernel fds: libc's alone, without entering the shim.
+    // SAFETY: each set is null or the caller's, valid for nfds fds.
+    if unsafe { crate::fdstate::kernel_select(nfds, r, w, e) } {
+        return real();
+    }
     enter(
         || {
             // SAFETY: tv is null or the caller's timeval (select(2)).
@@ -160,6 +165,11 @@ pub unsafe fn pselect(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().pselect)(nfds, r, w, e, tmo, mask) };
+    // Only kernel fds: libc's alone, without entering the shim.
+    // SAFETY: each set is null or the caller's, valid for nfds fds.
+    if unsafe { crate::fdstate::kernel_select(nfds, r, w, e) } {
+        return real();
+    }
     enter(
         || {
             // SAFETY: tmo is null or the caller's timespec (pselect(2)).

@@ -251,19 +251,25 @@ fn iperf3_goes_direct_and_carries_its_bytes() -> Result<()> {
     Ok(())
 }
 
+/// A sockperf server under ssock-run on a free port, listening; and the port.
+fn sockperf_server(d: &Devd) -> Result<(Peer, String)> {
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(
+        d,
+        "sockperf",
+        &["server", "--tcp", "-i", "127.0.0.1", "-p", &port],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    Ok((server, port))
+}
+
 #[test]
 fn sockperf_tcp_ping_pong_goes_direct() -> Result<()> {
     if !have_app("sockperf")? {
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let port = free_port()?.to_string();
-    let mut server = Peer::command(under_ssock(
-        &d,
-        "sockperf",
-        &["server", "--tcp", "-i", "127.0.0.1", "-p", &port],
-    )?)?;
-    wait_listening(&mut server, &port)?;
+    let (_server, port) = sockperf_server(&d)?;
     // sockperf sizes its table of samples from --mps (its own default
     // stops at 600,000 round trips a second, below what Direct does).
     let out = run(under_ssock(
@@ -440,13 +446,7 @@ fn sockperf_server_whose_devd_was_started_again_serves_a_plain_client() -> Resul
         return Ok(());
     }
     let mut d = Devd::start(&[])?;
-    let port = free_port()?.to_string();
-    let mut server = Peer::command(under_ssock(
-        &d,
-        "sockperf",
-        &["server", "--tcp", "-i", "127.0.0.1", "-p", &port],
-    )?)?;
-    wait_listening(&mut server, &port)?;
+    let (_server, port) = sockperf_server(&d)?;
     d.kill();
     let _d2 = Devd::start_at(&d.socket, &[])?;
     let mut client = Command::new("sockperf");

@@ -60,24 +60,6 @@ pub fn kernel_poll(pfds: &[libc::pollfd]) -> bool {
     pfds.iter().all(|p| kernel_wait(p.fd))
 }
 
-/// Whether a select of the fds below `nfds` in the sets `r`, `w` and `e`
-/// (each null or the caller's) is the kernel's alone.
-///
-/// # Safety
-/// Each set is null or valid for `nfds` fds (select(2)).
-pub unsafe fn kernel_select(
-    nfds: libc::c_int,
-    r: *const libc::fd_set,
-    w: *const libc::fd_set,
-    e: *const libc::fd_set,
-) -> bool {
-    let nfds = nfds.clamp(0, libc::c_int::try_from(libc::FD_SETSIZE).unwrap_or(1024));
-    // SAFETY: each set is null or valid for nfds fds (the caller's
-    // contract); FD_ISSET reads the set only.
-    let isset = |set: *const libc::fd_set, fd| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
-    (0..nfds).all(|fd| !(isset(r, fd) || isset(w, fd) || isset(e, fd)) || kernel_wait(fd))
-}
-
 // Each flag its own bit, all within the shim's (checked when the shim is
 // built: its unit tests never run, see its Cargo.toml).
 const _: () = {

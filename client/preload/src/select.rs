@@ -12,6 +12,51 @@ use crate::{real, sleep, wait};
 use libc::c_int;
 use std::time::Duration;
 
+/// `nfds` as select looks at it: 0 to FD_SETSIZE.
+fn clamped(nfds: c_int) -> c_int {
+    nfds.clamp(0, c_int::try_from(libc::FD_SETSIZE).unwrap_or(1024))
+}
+
+/// The fds below `nfds` (at most FD_SETSIZE) in any of the sets, each with
+/// the poll events its sets ask for.
+///
+/// # Safety
+/// The fd_set pointers are null or the caller's sets, valid for `nfds` fds,
+/// for as long as the iterator is used.
+unsafe fn wanted(
+    nfds: c_int,
+    r: *const libc::fd_set,
+    w: *const libc::fd_set,
+    e: *const libc::fd_set,
+) -> impl Iterator<Item = (c_int, i16)> {
+    let nfds = clamped(nfds);
+    // SAFETY: each set is null or valid for nfds fds (caller).
+    let isset =
+        move |set: *const libc::fd_set, fd| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
+    (0..nfds).filter_map(move |fd| {
+        let ev = [(r, libc::POLLIN), (w, libc::POLLOUT), (e, libc::POLLPRI)]
+            .iter()
+            .filter(|(set, _)| isset(*set, fd))
+            .fold(0, |ev, (_, bit)| ev | bit);
+        (ev != 0).then_some((fd, ev))
+    })
+}
+
+/// Whether select/pselect on these sets is libc's alone: every fd in them
+/// is a kernel fd (`fdstate::kernel_wait`).
+///
+/// # Safety
+/// As `wanted`.
+unsafe fn kernel_only(
+    nfds: c_int,
+    r: *const libc::fd_set,
+    w: *const libc::fd_set,
+    e: *const libc::fd_set,
+) -> bool {
+    // SAFETY: the caller's contract is `wanted`'s.
+    unsafe { wanted(nfds, r, w, e) }.all(|(fd, _)| crate::fdstate::kernel_wait(fd))
+}
+
 /// Runs select/pselect through the poll path when an accelerated socket is
 /// among the sets; None: hand the call to libc.
 ///
@@ -25,30 +70,14 @@ unsafe fn select_via_poll(
     timeout: Option<Duration>,
     sleep: &dyn Fn(&mut [libc::pollfd], Option<Duration>) -> c_int,
 ) -> Option<c_int> {
-    let nfds = nfds.clamp(0, c_int::try_from(libc::FD_SETSIZE).unwrap_or(1024));
-    // SAFETY: each set is null or valid for nfds fds (caller).
-    let isset =
-        |set: *mut libc::fd_set, fd: c_int| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
-    let mut pfds = Vec::new();
-    for fd in 0..nfds {
-        let mut ev = 0;
-        if isset(r, fd) {
-            ev |= libc::POLLIN;
-        }
-        if isset(w, fd) {
-            ev |= libc::POLLOUT;
-        }
-        if isset(e, fd) {
-            ev |= libc::POLLPRI;
-        }
-        if ev != 0 {
-            pfds.push(libc::pollfd {
-                fd,
-                events: ev,
-                revents: 0,
-            });
-        }
-    }
+    // SAFETY: the sets are the caller's (this function's contract).
+    let mut pfds: Vec<libc::pollfd> = unsafe { wanted(nfds, r, w, e) }
+        .map(|(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
     let socks = wait::accelerated(&pfds)?;
     let n = wait::poll(&mut pfds, &socks, timeout, true, &sleep::real_poll, sleep);
     if n < 0 {
@@ -61,6 +90,7 @@ unsafe fn select_via_poll(
     }
     // Clear the caller's bits below nfds only: its fd_set may be sized for
     // nfds, not for FD_SETSIZE.
+    let nfds = clamped(nfds);
     for set in [r, w, e] {
         if set.is_null() {
             continue;
@@ -114,7 +144,7 @@ pub unsafe fn select(
     let real = || unsafe { (real::get().select)(nfds, r, w, e, tv) };
     // Only kernel fds: libc's alone, without entering the shim.
     // SAFETY: each set is null or the caller's, valid for nfds fds.
-    if unsafe { crate::fdstate::kernel_select(nfds, r, w, e) } {
+    if unsafe { kernel_only(nfds, r, w, e) } {
         return real();
     }
     enter(
@@ -167,7 +197,7 @@ pub unsafe fn pselect(
     let real = || unsafe { (real::get().pselect)(nfds, r, w, e, tmo, mask) };
     // Only kernel fds: libc's alone, without entering the shim.
     // SAFETY: each set is null or the caller's, valid for nfds fds.
-    if unsafe { crate::fdstate::kernel_select(nfds, r, w, e) } {
+    if unsafe { kernel_only(nfds, r, w, e) } {
         return real();
     }
     enter(

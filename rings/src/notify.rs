@@ -202,19 +202,33 @@ pub fn process_gate() -> &'static Gate {
 /// preempted, within `-SCORE_MAX..=SCORE_MAX`. When more processes wait
 /// than there are CPUs (four database backends and their client on two
 /// cores), spins run out while taking the CPU from the very peer they
-/// wait for: the score goes below zero and waits sleep at once, but one
-/// in `PROBE_EVERY` spins still, to see whether it pays again. A
-/// ping-pong between two processes answers within a spin and keeps
-/// spinning.
-#[derive(Debug, Default)]
+/// wait for: the score goes below zero and waits sleep at once, but a
+/// probe still spins now and then, to see whether it pays again: one
+/// wait in 16 at first, each probe that runs out halving how often (down
+/// to one in 256: with the CPUs saturated a probe in 16 took 3% of each
+/// waiter's CPU, its whole budget every time), one that is answered
+/// starting over. A ping-pong between two processes answers within a
+/// spin and keeps spinning.
+#[derive(Debug)]
 pub struct Gate {
     score: AtomicI32,
     /// Waits that asked while the score was below zero (for the probes).
     skipped: AtomicU32,
+    /// One wait in 2^`probe_shift` probes while the score is below zero.
+    probe_shift: AtomicU32,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new()
+    }
 }
 
 const SCORE_MAX: i32 = 16;
-const PROBE_EVERY: u32 = 16;
+/// Probes at first: one wait in 16.
+const PROBE_SHIFT_FIRST: u32 = 4;
+/// Probes at the rarest: one wait in 256.
+const PROBE_SHIFT_LAST: u32 = 8;
 
 impl Gate {
     /// A gate that lets the first waits spin.
@@ -222,21 +236,28 @@ impl Gate {
         Gate {
             score: AtomicI32::new(0),
             skipped: AtomicU32::new(0),
+            probe_shift: AtomicU32::new(PROBE_SHIFT_FIRST),
         }
     }
 
     /// Whether this wait spins.
     fn pays(&self) -> bool {
-        self.score.load(Ordering::Relaxed) >= 0
-            || self
-                .skipped
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(PROBE_EVERY)
+        if self.score.load(Ordering::Relaxed) >= 0 {
+            return true;
+        }
+        let every = 1u32
+            << self
+                .probe_shift
+                .load(Ordering::Relaxed)
+                .min(PROBE_SHIFT_LAST);
+        self.skipped
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(every)
     }
 
     /// Counts how a spin ended.
     fn scored(&self, answered: bool) {
-        let _ = self
+        let before = self
             .score
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
                 Some(if answered {
@@ -244,7 +265,18 @@ impl Gate {
                 } else {
                     (s - 2).max(-SCORE_MAX)
                 })
-            });
+            })
+            .unwrap_or(0);
+        if answered {
+            self.probe_shift.store(PROBE_SHIFT_FIRST, Ordering::Relaxed);
+        } else if before < 0 {
+            // A probe that ran out: the next comes half as often.
+            let _ = self
+                .probe_shift
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some((n + 1).min(PROBE_SHIFT_LAST))
+                });
+        }
     }
 }
 
@@ -296,24 +328,33 @@ mod tests {
 
     #[test]
     fn spins_that_run_out_stop_spinning_but_for_probes_and_answered_ones_resume() {
-        let g = Gate::new();
+        let g = Gate::default();
         assert!(g.pays());
-        // One answered spin; then two that ran out push it below zero.
+        // One answered spin; then one that ran out pushes it below zero.
         g.scored(true);
         g.scored(false);
+        assert_eq!(g.score.load(Ordering::Relaxed), -1);
+        // Waits sleep at once then, but for one probe in 16: the gaps
+        // between the waits that spin.
+        let gaps = |n: usize| -> Vec<usize> {
+            let at: Vec<usize> = (0..n).filter(|_| g.pays()).collect();
+            at.windows(2).map(|w| w[1] - w[0]).collect()
+        };
+        assert_eq!(gaps(64), [16, 16, 16]);
+        // Each probe that runs out makes the next come half as often, down
+        // to one wait in 256.
         g.scored(false);
-        assert_eq!(g.score.load(Ordering::Relaxed), -3);
-        // Waits sleep at once then, but for one probe in 16.
-        let asked: Vec<bool> = (0..32).map(|_| g.pays()).collect();
-        assert_eq!(asked.iter().filter(|&&p| p).count(), 2, "{asked:?}");
-        assert!(asked[0] && asked[16]);
-        // The score is bounded: as many answered probes as the floor is
-        // deep bring spinning back.
-        for _ in 0..20 {
+        assert_eq!(gaps(128), [32, 32, 32]);
+        for _ in 0..10 {
             g.scored(false);
         }
+        assert_eq!(gaps(1024), [256, 256, 256]);
+        // The score is bounded: as many answered probes as the floor is
+        // deep bring spinning back; the first makes probes one in 16 again.
         assert_eq!(g.score.load(Ordering::Relaxed), -SCORE_MAX);
-        for _ in 0..SCORE_MAX {
+        g.scored(true);
+        assert_eq!(gaps(64), [16, 16, 16]);
+        for _ in 1..SCORE_MAX {
             g.scored(true);
         }
         assert!(g.pays());

@@ -187,6 +187,19 @@ pub fn spin_until<T>(
     r
 }
 
+/// [`spin_until`] for a caller that has just looked itself and found
+/// nothing: no first look, and none at all when the gate says spinning
+/// does not pay (the caller arms and looks again before it sleeps).
+pub fn spin_more<T>(budget: Duration, gate: &Gate, ready: impl FnMut() -> Option<T>) -> Option<T> {
+    if budget.is_zero() || !gate.pays() {
+        return None;
+    }
+    let _slot = SpinSlot::take()?;
+    let (r, paid) = spin_for(budget, ready);
+    gate.scored(paid);
+    r
+}
+
 /// The gate of waits that span several connections (a poll or epoll set
 /// with more than one): whether spinning paid in this process lately.
 pub fn process_gate() -> &'static Gate {

@@ -1,7 +1,6 @@
 //! `FdMap`: a hash map keyed by fd number with a hash that costs one
-//! multiplication, and `FdHasher` for sets keyed by fds (the default
-//! SipHash guards against keys an attacker picks; fd numbers are the
-//! kernel's, the lowest free one each time).
+//! multiplication (the default SipHash guards against keys an attacker
+//! picks; fd numbers are the kernel's, the lowest free one each time).
 //!
 //! Never here: anything but the map type.
 
@@ -11,9 +10,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 /// A map from fd numbers.
 pub type FdMap<V> = HashMap<c_int, V, BuildHasherDefault<FdHash>>;
-
-/// The hasher of sets keyed by fd numbers (with what goes with each).
-pub type FdHasher = BuildHasherDefault<FdHash>;
 
 /// Fibonacci hashing of the one integer a key writes.
 #[derive(Default)]

@@ -10,11 +10,10 @@
 
 use crate::boundary::{borrow, errno};
 use crate::epoll;
-use crate::fdmap::FdHasher;
 use crate::obj::{Armed, Obj};
 use crate::table;
 use libc::{c_int, pollfd};
-use ssock_rings::notify::{process_gate, spin_until};
+use ssock_rings::notify::{process_gate, spin_more};
 use std::time::{Duration, Instant};
 
 /// The shim's object behind `fd`, if any: an accelerated socket, or an
@@ -203,7 +202,8 @@ pub fn poll(
                 any.then_some(())
             };
             let gate = gate.as_deref().unwrap_or(process_gate());
-            if spin_until(spin, gate, ready).is_some() {
+            // The scan above looked already.
+            if spin_more(spin, gate, ready).is_some() {
                 continue;
             }
         }
@@ -216,8 +216,9 @@ pub fn poll(
         let mut set: Vec<pollfd> = Vec::new();
         let mut armed: Vec<Armed> = Vec::new();
         let mut ready_meanwhile = false;
-        // Accelerated sockets share their process's doorbell: once in the set.
-        let mut seen: std::collections::HashSet<(c_int, i16), FdHasher> = Default::default();
+        // What arming asks to watch: accelerated sockets share their
+        // process's doorbell, once in the set (sorted, not hashed).
+        let mut watched: Vec<(c_int, i16)> = Vec::new();
         for (p, s) in pfds.iter().zip(socks) {
             match s {
                 None if p.fd >= 0 => set.push(pollfd {
@@ -233,13 +234,7 @@ pub fn poll(
                     match s.arm(unsafe { borrow(p.fd) }, read, write) {
                         Some((fds, undo)) => {
                             armed.push(undo);
-                            set.extend(fds.into_iter().filter(|p| seen.insert(*p)).map(
-                                |(fd, events)| pollfd {
-                                    fd,
-                                    events,
-                                    revents: 0,
-                                },
-                            ));
+                            watched.extend(fds);
                             if p.events & libc::POLLPRI != 0 {
                                 set.push(pollfd {
                                     fd: p.fd,
@@ -256,6 +251,13 @@ pub fn poll(
                 }
             }
         }
+        watched.sort_unstable();
+        watched.dedup();
+        set.extend(watched.into_iter().map(|(fd, events)| pollfd {
+            fd,
+            events,
+            revents: 0,
+        }));
         // Armed: what was reportable already, or arrived before the wait
         // words were set, is seen here (the ring side is no syscall).
         let r = if ready_meanwhile || scan(pfds, socks, false, real_poll) > 0 {

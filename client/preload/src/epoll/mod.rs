@@ -563,17 +563,21 @@ impl Nested for Set {
             (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
         ];
         let mut armed = Vec::with_capacity(i.members.len());
-        // Accelerated members share their process's doorbell: once in the set.
-        let mut seen = std::collections::HashSet::new();
+        let mut watched = Vec::new();
         for m in i.members.iter().filter(|m| !m.disabled) {
             // SAFETY: as in `collect`.
             // None: broken for good; nothing will change there, and what it
             // reports was (or is being) collected.
             if let Some((f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
-                fds.extend(f.into_iter().filter(|p| seen.insert(*p)));
+                watched.extend(f);
                 armed.push(undo);
             }
         }
+        // Accelerated members share their process's doorbell: once in the
+        // set (sorted, not hashed: no hashing per sleep).
+        watched.sort_unstable();
+        watched.dedup();
+        fds.extend(watched);
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         (fds, armed)
     }

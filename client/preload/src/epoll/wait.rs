@@ -126,7 +126,8 @@ pub fn wait(
             let gate = gate
                 .as_deref()
                 .unwrap_or(ssock_rings::notify::process_gate());
-            if ssock_rings::notify::spin_until(spin, gate, || set.any_ready(false).then_some(()))
+            // The collect above looked already.
+            if ssock_rings::notify::spin_more(spin, gate, || set.any_ready(false).then_some(()))
                 .is_some()
             {
                 continue;

@@ -68,9 +68,11 @@ printf 'ssock (%s) unstable; urgency=medium\n\n  * Built from the ssock reposito
   "$version" "$commit" "$maintainer" "$when" | gzip -9n > "$doc/changelog.gz"
 chmod 0644 "$doc/copyright" "$doc/changelog.gz"
 
-# Depends: the shared libraries the binaries need (libc6, libgcc-s1).
+# Depends: the shared libraries the binaries need (libc6, libgcc-s1), and
+# adduser, which postinst uses to make the ssock user.
 depends="$(cd "$work" && dpkg-shlibdeps -O "${bins[@]/#/-e}" | sed -n 's/^shlibs:Depends=//p')"
 [ -n "$depends" ] || { echo "build-deb: dpkg-shlibdeps found no dependencies" >&2; exit 1; }
+depends="$depends, adduser"
 
 (cd "$root" && find etc usr -type f -print0 | sort -z | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
 (cd "$root" && find etc -type f -printf '/%p\n' | sort) > "$root/DEBIAN/conffiles"

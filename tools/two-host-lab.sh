@@ -29,7 +29,9 @@
 # SSOCK_LAB_LINK_POLICY=spread deals connections over them in turn
 # (docs/config.md, link_policy; default active-backup). SSOCK_LAB_WINDOW
 # is each window's size in bytes (default 8 MiB; each devd's inbox is
-# half of it), as a device's BAR size would set it.
+# half of it), as a device's BAR size would set it. SSOCK_LAB_RUN_AS=USER
+# has both devds become USER with no capabilities once their windows are
+# open (docs/config.md, run_as).
 set -euo pipefail
 
 cmd=${1:-}; dir=${2:-}
@@ -103,6 +105,7 @@ up)
       # The lower node dials: only node 2 listens for its peer.
       [ $me = 2 ] && echo "peer_listen = \"$myip:7455\""
       [ -n "${SSOCK_LAB_FAIL_FORWARD_MS:-}" ] && echo "fail_forward_ms = $SSOCK_LAB_FAIL_FORWARD_MS"
+      [ -n "${SSOCK_LAB_RUN_AS:-}" ] && echo "run_as = \"$SSOCK_LAB_RUN_AS\""
       echo "[policy]"
       echo "short_lived_ms = 0"
       echo "[[peer]]"

@@ -77,6 +77,7 @@ struct FileConfig {
     node: Option<u32>,
     peer_listen: Option<String>,
     fail_forward_ms: Option<u64>,
+    run_as: Option<String>,
     peer: Option<Vec<FilePeer>>,
 }
 
@@ -236,6 +237,9 @@ pub struct Config {
     /// to their kernel sockets when it failed move back onto it (fail-
     /// forward, docs/protocol.md 8.6); 0: they never do.
     pub fail_forward_ms: u64,
+    /// The user devd becomes, with no capabilities, once it holds what
+    /// only root may open (None: it stays who started it).
+    pub run_as: Option<String>,
 }
 
 /// Default `fail_forward_ms`: a link that flaps is not used again at once.
@@ -264,6 +268,7 @@ impl Config {
             peer_listen: None,
             peers: Vec::new(),
             fail_forward_ms: DEFAULT_FAIL_FORWARD_MS,
+            run_as: None,
         }
     }
 
@@ -330,6 +335,9 @@ impl Config {
                 key: "peer_listen",
                 why: format!("{a:?} is not an IP address and port"),
             })?);
+        }
+        if let Some(u) = f.run_as {
+            c.run_as = Some(u);
         }
         if let Some(ms) = f.fail_forward_ms {
             c.fail_forward_ms = ms;
@@ -415,6 +423,18 @@ impl Config {
                     self.region_size
                 ),
             });
+        }
+        if let Some(u) = &self.run_as {
+            if u.is_empty()
+                || u.len() > 64
+                || u.contains(['\0', '/', ':'])
+                || u.contains(char::is_whitespace)
+            {
+                return Err(ConfigError::Value {
+                    key: "run_as",
+                    why: format!("{u:?} is not a user name"),
+                });
+            }
         }
         if self.socket_mode > 0o777 {
             return Err(ConfigError::Value {
@@ -608,6 +628,13 @@ mod tests {
         assert!(e.to_string().contains("region_size"), "{e}");
         let e = Config::from_toml("backend = \"ntb\"", Config::system()).unwrap_err();
         assert!(e.to_string().contains("backend"), "{e}");
+        for bad in ["", "a b", "x/y", "root:0"] {
+            let e = Config::from_toml(&format!("run_as = {bad:?}"), Config::system()).unwrap_err();
+            assert!(e.to_string().contains("run_as"), "{e}");
+        }
+        let c = Config::from_toml("run_as = \"ssock\"", Config::system()).unwrap();
+        assert_eq!(c.run_as.as_deref(), Some("ssock"));
+        assert_eq!(Config::system().run_as, None);
         let e =
             Config::from_toml("[policy]\nallow_ports = [\"9-1\"]", Config::system()).unwrap_err();
         assert!(e.to_string().contains("allow_ports"), "{e}");

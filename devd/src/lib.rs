@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod peers;
+mod privileges;
 pub mod sandbox;
 pub mod stats;
 #[allow(unsafe_code)]
@@ -37,6 +38,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let signals = sys::termination_signalfd().context("cannot set up signal handling")?;
     let (listener, _lock) = bind(&cfg)?;
     let backend = backends(&cfg)?;
+    let peer_listener = match cfg.peer_listen.filter(|_| !cfg.peers.is_empty()) {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .with_context(|| format!("cannot listen for peers on {a}"))?,
+        ),
+        None => None,
+    };
+    // Everything only root may open is open: no thread but this one yet.
+    if let Some(user) = &cfg.run_as {
+        match privileges::run_as(user)? {
+            Some(d) => log::info!(
+                "running as {user} (uid {}, gid {}) with no capabilities",
+                d.uid,
+                d.gid
+            ),
+            None => log::info!("run_as {user}: devd runs as that user already"),
+        }
+    }
     let name = backend.capabilities().name;
     let counts = std::sync::Arc::new(stats::EngineCounts::default());
     let engine = dataplane::engine::spawn(backend, counts.clone(), cfg.sandbox)
@@ -46,14 +65,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let mut devd = control::Devd::new(cfg.clone(), engine, name, counts);
     if !cfg.peers.is_empty() {
-        let listener = match cfg.peer_listen {
-            Some(a) => Some(
-                std::net::TcpListener::bind(a)
-                    .with_context(|| format!("cannot listen for peers on {a}"))?,
-            ),
-            None => None,
-        };
-        let peers = peers::spawn(cfg.node, cfg.peers.clone(), listener, cfg.sandbox)
+        let peers = peers::spawn(cfg.node, cfg.peers.clone(), peer_listener, cfg.sandbox)
             .context("cannot start the peer thread")?;
         devd.set_peers(peers);
         log::info!("node {}: {} peers", cfg.node, cfg.peers.len());

@@ -7,7 +7,7 @@ use ssock_devd::config::{Config, DefaultMode};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: devd (--user | --system | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--short-lived-ms N] [--no-sandbox | --seccomp-log] [--log error|warn|info|debug] [--detach]";
+const USAGE: &str = "usage: devd (--user | --system | --config FILE) [--socket PATH] [--default-mode direct|queued|kernel] [--region-size BYTES] [--spin-us N] [--short-lived-ms N] [--run-as USER] [--no-sandbox | --seccomp-log] [--log error|warn|info|debug] [--detach]";
 
 const HELP: &str = "devd: the ssock daemon. It brokers accelerated TCP connections between
 processes of this host (Direct: shared-memory rings between the two
@@ -35,6 +35,10 @@ options:
   --short-lived-ms N   connections that end within N ms are short: after a
                        streak of them a listener's stay on kernel TCP for a
                        while (default 10; 0 turns the policy off)
+  --run-as USER        once the socket, its lock, the links' windows and
+                       the peer port are open, devd started as root
+                       becomes USER with no capabilities (config run_as;
+                       default: it stays who started it)
   --no-sandbox         no seccomp filters (debugging only)
   --seccomp-log        seccomp filters that log a denied call instead of
                        killing devd
@@ -91,9 +95,8 @@ fn real_main() -> anyhow::Result<()> {
             "--user" => cfg = Some(Config::user()),
             "--system" => cfg = Some(Config::system()),
             "--config" => cfg = Some(Config::from_file(&PathBuf::from(val()?))?),
-            "--socket" | "--default-mode" | "--region-size" | "--spin-us" | "--short-lived-ms" => {
-                overrides.push((a.clone(), val()?))
-            }
+            "--socket" | "--default-mode" | "--region-size" | "--spin-us" | "--short-lived-ms"
+            | "--run-as" => overrides.push((a.clone(), val()?)),
             "--no-sandbox" | "--seccomp-log" => overrides.push((a.clone(), String::new())),
             "--log" => {
                 level = val()?
@@ -145,6 +148,7 @@ fn real_main() -> anyhow::Result<()> {
                     .parse()
                     .map_err(|_| anyhow::anyhow!("--short-lived-ms {v}: not a number"))?
             }
+            "--run-as" => cfg.run_as = Some(v),
             "--no-sandbox" => cfg.sandbox = None,
             "--seccomp-log" => cfg.sandbox = Some(ssock_devd::sandbox::Mode::Log),
             _ => unreachable!("every flag pushed above is handled here"),

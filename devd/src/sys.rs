@@ -1,5 +1,6 @@
 //! FFI devd needs beyond ssock-rings::sys: signals as an fd, sd_notify,
-//! and sock_diag lookups of TCP sockets.
+//! sock_diag lookups of TCP sockets, and giving up root (a user's ids,
+//! the capabilities, the ids themselves).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -317,4 +318,138 @@ fn nl_recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(r)
         .map_err(|_| io::Error::last_os_error())
         .map(|n| n.min(buf.len()))
+}
+
+/// A user's (uid, gid) from the password database; None: no such user.
+pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the user name"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: passwd is plain data (integers and pointers), filled by
+        // getpwnam_r before it is read.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: cname is NUL-terminated; pw, buf (of buf.len() bytes) and
+        // found live across the call; getpwnam_r writes only into them.
+        let r = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if r == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        return Ok((!found.is_null()).then_some((pw.pw_uid, pw.pw_gid)));
+    }
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Empties the capability bounding set (as root: CAP_SETPCAP), capability
+/// by capability until the kernel knows no more (EINVAL).
+pub fn drop_bounding_set() -> io::Result<()> {
+    for cap in 0..64 as libc::c_ulong {
+        // SAFETY: PR_CAPBSET_DROP takes one integer; the unused arguments
+        // are 0 as prctl(2) asks.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                cap,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) && cap > 0 {
+                return Ok(());
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Becomes `uid`/`gid` in every thread (glibc's set*id reach them all), for
+/// good: no supplementary groups, and real, effective and saved ids alike,
+/// so that nothing can switch back. From root to another uid the kernel
+/// clears the permitted, effective and ambient capabilities.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a count of 0 makes setgroups read no list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Clears the inheritable capabilities too (setuid leaves them), and sets
+/// no_new_privs: no exec can give any back.
+pub fn no_capabilities() -> io::Result<()> {
+    /// `struct __user_cap_header_struct` (linux/capability.h).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    /// `struct __user_cap_data_struct`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// _LINUX_CAPABILITY_VERSION_3: two data structs (64 capabilities).
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let d = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads the header and, for version 3, two data structs,
+    // both alive across the call; lowering every set needs no privilege.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes 1 and zeros, as prctl(2) asks.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -461,6 +461,7 @@ fn debian_package_has_the_layout_and_runs_redis_direct() -> Result<()> {
         );
     }
     ensure!(fields.contains("libc6"), "Depends: {fields}");
+    ensure!(fields.contains("adduser"), "Depends: {fields}");
     let conffiles = dpkg_deb(&["--info", deb_s, "conffiles"])?;
     ensure!(
         conffiles.lines().collect::<Vec<_>>() == ["/etc/ssock/devd.toml"],

@@ -36,6 +36,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
     let _ = ssock_rings::sys::raise_nofile_limit();
     let signals = sys::termination_signalfd().context("cannot set up signal handling")?;
+    // Who to become is settled before anything is opened: a wrong run_as
+    // leaves no socket behind.
+    let switch = match &cfg.run_as {
+        Some(user) => privileges::plan(user)?,
+        None => None,
+    };
     let (listener, _lock) = bind(&cfg)?;
     let backend = backends(&cfg)?;
     let peer_listener = match cfg.peer_listen.filter(|_| !cfg.peers.is_empty()) {
@@ -46,15 +52,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     // Everything only root may open is open: no thread but this one yet.
-    if let Some(user) = &cfg.run_as {
-        match privileges::run_as(user)? {
-            Some(d) => log::info!(
-                "running as {user} (uid {}, gid {}) with no capabilities",
-                d.uid,
-                d.gid
-            ),
-            None => log::info!("run_as {user}: devd runs as that user already"),
-        }
+    if let Some(s) = &switch {
+        privileges::apply(s)?;
+        log::info!(
+            "running as {} (uid {}, gid {}) with no capabilities",
+            cfg.run_as.as_deref().unwrap_or("?"),
+            s.uid,
+            s.gid
+        );
     }
     let name = backend.capabilities().name;
     let counts = std::sync::Arc::new(stats::EngineCounts::default());

@@ -90,6 +90,11 @@ fn a_devd_started_as_root_serves_as_its_user_with_no_capabilities() -> Result<()
     if !can_run()? || !have_app("python3")? {
         return Ok(());
     }
+    // no_new_privs comes from the switch itself, not only from the
+    // seccomp filters (which set it too): a devd without them has it.
+    let bare = Devd::start(&["--run-as", USER, "--no-sandbox"])?;
+    ensure!(dropped(bare.pid())? >= 2, "devd has one thread");
+    drop(bare);
     let d = Devd::start(&["--run-as", USER])?;
     // The control thread and the engine's at least.
     ensure!(dropped(d.pid())? >= 2, "devd has one thread");
@@ -177,7 +182,8 @@ fn dropped(pid: u32) -> Result<usize> {
 
 #[test]
 fn run_as_a_user_that_is_not_there_stops_devd_with_a_clear_error() -> Result<()> {
-    // The look-up comes first: any devd, root or not, says so and stops.
+    // The look-up comes first: any devd, root or not, says so and stops,
+    // before it made its socket.
     let dir = tempdir()?;
     let out = Command::new(bin("devd"))
         .args(["--user", "--socket"])
@@ -190,6 +196,7 @@ fn run_as_a_user_that_is_not_there_stops_devd_with_a_clear_error() -> Result<()>
         err.contains("there is no user \"no-such-user-for-ssock\""),
         "{err}"
     );
+    ensure!(!dir.join("devd.sock").exists(), "devd left its socket");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

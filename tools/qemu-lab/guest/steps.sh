@@ -1,0 +1,87 @@
+# The QEMU lab's steps (sourced by init): step_NAME runs what the kernel
+# command line's ql=NAME asks and returns 0 only if what it checks holds.
+# Each prints what it saw, prefixed "QL:" where a test reads it.
+
+DEVD_SOCK=/run/ssock/devd.sock
+export SSOCK_DEVD_SOCKET="$DEVD_SOCK"
+
+# Waits up to 10 s for "$@" to succeed.
+within_10s() {
+  i=0
+  while ! "$@" 2>/dev/null; do
+    i=$((i + 1))
+    [ "$i" -lt 100 ] || return 1
+    sleep 0.1
+  done
+}
+
+# Whether a /proc status file shows every id 999 (the ssock user), no
+# supplementary group, every capability set empty and no_new_privs.
+dropped() {
+  awk '
+    /^(Uid|Gid):/ { for (i = 2; i <= 5; i++) if ($i != 999) bad = bad " [" $0 "]" }
+    /^Groups:/ { if (NF > 1) bad = bad " [" $0 "]" }
+    /^Cap(Inh|Prm|Eff|Bnd|Amb):/ { if ($2 != "0000000000000000") bad = bad " [" $0 "]" }
+    /^NoNewPrivs:/ { nnp = $2 }
+    END {
+      if (nnp != 1) bad = bad " [NoNewPrivs " nnp "]"
+      if (bad != "") { print "QL: not dropped:" bad; exit 1 }
+    }' "$1"
+}
+
+# devd started as the system service is (root, run_as ssock): it serves,
+# and every thread of it is the ssock user with no capabilities.
+step_devd() {
+  mkdir -p /run/ssock
+  devd --system --socket "$DEVD_SOCK" --run-as ssock --log info > /tmp/devd.log 2>&1 &
+  # ringstat answers once devd serves, which is after the switch.
+  if ! within_10s ringstat > /dev/null; then
+    cat /tmp/devd.log
+    return 1
+  fi
+  pid=$(pidof devd)
+  n=0
+  for t in /proc/"$pid"/task/*; do
+    dropped "$t/status" || return 1
+    n=$((n + 1))
+  done
+  echo "QL: devd $pid serves as ssock with no capabilities, $n threads"
+  grep -E '^(Uid|Gid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/"$pid"/status
+  [ "$n" -ge 2 ]
+}
+
+# The connection counts of devd's totals: "direct kernel".
+counts() {
+  ringstat --json | tr -d ' \n' | grep -o '"connections":{[^}]*}' | head -1 |
+    sed 's/.*"direct":\([0-9]*\).*"kernel":\([0-9]*\).*/\1 \2/'
+}
+
+# Whether something listens on TCP port $1 (from /proc, no probe).
+listening() {
+  hex=$(printf ':%04X' "$1")
+  awk -v p="$hex" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }' /proc/net/tcp
+}
+
+# sockperf's ping-pong on the guest's kernel TCP, then both ends under
+# ssock-run through devd (step_devd first): the second goes Direct (devd's
+# totals say so, nothing fell back) and both print their latency.
+step_sockperf() {
+  sockperf server --tcp -i 127.0.0.1 -p 11112 > /tmp/sp-kernel-server.log 2>&1 &
+  k=$!
+  within_10s listening 11112 || { cat /tmp/sp-kernel-server.log; return 1; }
+  sockperf ping-pong --tcp -i 127.0.0.1 -p 11112 -t 3 > /tmp/sp-kernel.log 2>&1 || { cat /tmp/sp-kernel.log; return 1; }
+  kill "$k"
+  echo "QL: kernel TCP: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-kernel.log)"
+  before=$(counts)
+  ssock-run -- sockperf server --tcp -i 127.0.0.1 -p 11111 > /tmp/sp-server.log 2>&1 &
+  s=$!
+  within_10s listening 11111 || { cat /tmp/sp-server.log; return 1; }
+  ssock-run -- sockperf ping-pong --tcp -i 127.0.0.1 -p 11111 -t 3 --mps 1500000 > /tmp/sp.log 2>&1 ||
+    { cat /tmp/sp.log; return 1; }
+  kill "$s"
+  echo "QL: ssock-run: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp.log)"
+  after=$(counts)
+  echo "QL: devd's connections (direct kernel): before $before, after $after"
+  set -- $before $after
+  [ "$#" = 4 ] && [ "$3" -gt "$1" ] && [ "$4" = "$2" ]
+}

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The QEMU lab (issue 14): ssock on Debian's own kernel, in QEMU guests
+# (TCG; an emulated Intel IOMMU), booted from a small initramfs that holds
+# busybox, ssock's binaries and the test programs with their libraries.
+# What a container cannot show (a devd that gives up root on a stock
+# kernel; later VFIO on ivshmem and soft-RoCE) is tested there.
+#
+# usage: tools/qemu-lab/lab.sh setup DIR
+#          download and unpack QEMU, the kernel and busybox-static (apt-get
+#          download: nothing is installed but QEMU's libraries; root)
+#        tools/qemu-lab/lab.sh build DIR BIN
+#          DIR/initramfs.cpio.gz from BIN (devd, ssock-run, libssock.so,
+#          ringstat), sockperf, the guest's scripts (guest/) and modules
+#        tools/qemu-lab/lab.sh run DIR STEPS LOG [QEMU ARGS...]
+#          one guest running STEPS (comma-separated, guest/steps.sh) and
+#          powering off; its console in LOG; exit 0 only if the guest said
+#          "QL: done ok"
+# Environment: SSOCK_QEMU_SMP (default 2) and SSOCK_QEMU_MEM (default 1G)
+# for the guest, SSOCK_QEMU_TIMEOUT (seconds, default 600) for a run.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+what="${1:-}"
+dir="${2:-}"
+[ -n "$what" ] && [ -n "$dir" ] || { sed -n '2,19p' "$0" >&2; exit 2; }
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+root="$dir/root"
+
+# The kernel release unpacked under DIR/root.
+kernel_release() {
+  ls "$root/lib/modules" 2>/dev/null | head -1
+}
+
+setup() {
+  export DEBIAN_FRONTEND=noninteractive
+  local t0=$SECONDS debs="$dir/debs"
+  rm -rf "$debs" "$root"
+  mkdir -p "$debs" "$root"
+  apt-get update -qq
+  # The kernel package linux-image-amd64 points at.
+  local kpkg
+  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+  [ -n "$kpkg" ] || { echo "qemu-lab: no linux-image package found by apt" >&2; exit 1; }
+  # Downloaded and unpacked, not installed: no kernel hook runs on this
+  # host, and QEMU's packages cannot conflict with what the host has.
+  (cd "$debs" && apt-get download -qq qemu-system-x86 qemu-system-common qemu-system-data \
+    seabios ipxe-qemu "$kpkg" busybox-static)
+  local d
+  for d in "$debs"/*.deb; do dpkg-deb -x "$d" "$root"; done
+  # What QEMU's binary needs from the host: its packages' Depends.
+  local deps
+  deps=$( (dpkg-deb -f "$debs"/qemu-system-x86_*.deb Depends; echo ,
+           dpkg-deb -f "$debs"/qemu-system-common_*.deb Depends) |
+          tr ',' '\n' | sed 's/(.*)//; s/|.*//; s/ //g' |
+          grep -v -E '^$|^qemu-|^seabios|^ipxe' | sort -u)
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $deps cpio kmod >/dev/null
+  "$root/usr/bin/qemu-system-x86_64" --version | head -1
+  echo "qemu-lab: kernel $(kernel_release), set up in $((SECONDS - t0)) s"
+}
+
+# Copies file $1 into the staging tree $2 at the same path, with every
+# shared library it needs (ldd), once.
+with_libs() {
+  local f="$1" st="$2" l
+  mkdir -p "$st$(dirname "$f")"
+  cp -L "$f" "$st$f"
+  for l in $(ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | sort -u); do
+    [ -e "$st$l" ] && continue
+    mkdir -p "$st$(dirname "$l")"
+    cp -L "$l" "$st$l"
+  done
+}
+
+build() {
+  local bin="${3:-}"
+  [ -n "$bin" ] || { echo "usage: lab.sh build DIR BIN" >&2; exit 2; }
+  local kv st="$dir/staging" b m ko
+  kv=$(kernel_release)
+  [ -n "$kv" ] || { echo "qemu-lab: run 'lab.sh setup $dir' first" >&2; exit 1; }
+  rm -rf "$st"
+  mkdir -p "$st"/{bin,sbin,etc,proc,sys,dev,run,tmp}
+  cp "$root/bin/busybox" "$st/bin/busybox"
+  cp "$here/guest/init" "$st/init"
+  cp "$here/guest/steps.sh" "$st/steps.sh"
+  chmod 0755 "$st/init"
+  # ssock: ssock-run finds libssock.so beside itself.
+  for b in devd ssock-run ringstat; do
+    [ -x "$bin/$b" ] || { echo "qemu-lab: $bin/$b is missing (cargo build --release)" >&2; exit 1; }
+    with_libs "$bin/$b" "$st"
+  done
+  with_libs "$bin/libssock.so" "$st"
+  # Their debug info is most of their size (a debug build's especially):
+  # a smaller initramfs boots sooner.
+  if command -v strip >/dev/null; then
+    for b in devd ssock-run ringstat libssock.so; do strip --strip-debug "$st$bin/$b"; done
+  fi
+  # The real programs the steps run.
+  with_libs "$(command -v sockperf)" "$st"
+  # Modules: sock_diag for TCP (devd's look-ups of sockets), with what
+  # they depend on, as the guest's kernel has them.
+  depmod -b "$root" "$kv"
+  for m in inet_diag tcp_diag; do
+    modprobe -d "$root" -S "$kv" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+  done | sort -u | while read -r ko; do
+    mkdir -p "$st$(dirname "${ko#"$root"}")"
+    cp "$ko" "$st${ko#"$root"}"
+  done
+  cp "$root/lib/modules/$kv"/modules.{order,builtin,builtin.modinfo} "$st/lib/modules/$kv/" 2>/dev/null || true
+  depmod -b "$st" "$kv"
+  # The users: root, and ssock for devd's run_as.
+  printf 'root:x:0:0:root:/root:/bin/sh\nssock:x:999:999:ssock:/nonexistent:/bin/false\n' > "$st/etc/passwd"
+  printf 'root:x:0:\nssock:x:999:\n' > "$st/etc/group"
+  echo "$bin" > "$st/etc/ssock-bin"
+  (cd "$st" && find . | cpio -o -H newc --quiet | gzip -1) > "$dir/initramfs.cpio.gz"
+  echo "qemu-lab: initramfs $(du -sh "$st" | cut -f1) unpacked, $(stat -c %s "$dir/initramfs.cpio.gz") bytes"
+}
+
+run() {
+  local steps="${3:-}" log="${4:-}"
+  [ -n "$steps" ] && [ -n "$log" ] || { echo "usage: lab.sh run DIR STEPS LOG [QEMU ARGS...]" >&2; exit 2; }
+  shift 4
+  local kv q t0=$SECONDS
+  kv=$(kernel_release)
+  q="$root/usr/bin/qemu-system-x86_64"
+  [ -x "$q" ] && [ -f "$dir/initramfs.cpio.gz" ] || { echo "qemu-lab: run setup and build first" >&2; exit 1; }
+  timeout "${SSOCK_QEMU_TIMEOUT:-600}" "$q" \
+    -L "$root/usr/share/qemu" -L "$root/usr/share/seabios" -L "$root/usr/lib/ipxe/qemu" \
+    -machine q35,accel=tcg -cpu max -smp "${SSOCK_QEMU_SMP:-2}" -m "${SSOCK_QEMU_MEM:-1G}" \
+    -nographic -no-reboot -nodefaults -serial stdio \
+    -device intel-iommu,intremap=on,caching-mode=on \
+    -kernel "$root/boot/vmlinuz-$kv" -initrd "$dir/initramfs.cpio.gz" \
+    -append "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4 ql=$steps" \
+    "$@" < /dev/null > "$log" 2>&1 || true
+  echo "qemu-lab: guest ran $((SECONDS - t0)) s ($steps)" | tee -a "$log"
+  grep -q '^QL: done ok' "$log"
+}
+
+case "$what" in
+  setup) setup ;;
+  build) build "$@" ;;
+  run) run "$@" ;;
+  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+esac

@@ -3,14 +3,21 @@
 //! devd starts as root with `run_as ssock` and serves with every thread
 //! that user's and no capabilities, and sockperf's ping-pong under
 //! ssock-run goes Direct (devd's totals in the guest say so, nothing fell
-//! back), beside the same ping-pong on the guest's kernel TCP. The lab
-//! comes from `lab.sh setup DIR` (.ci/run does it, DIR in
-//! `SSOCK_QEMU_LAB`): without it the test says SKIP, and fails under
-//! `SSOCK_REQUIRE_APPS=1`.
+//! back), beside the same ping-pong on the guest's kernel TCP. Two guests
+//! joined by an emulated wire: their devds (root, `run_as ssock`) become
+//! authenticated peers over it, and sockperf crosses it on kernel TCP and
+//! under ssock-run (no ntb link between them yet: kernel TCP again). The
+//! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
+//! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
+//! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
 
 use anyhow::{bail, ensure, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One test's guests at a time (TCG guests share this host's CPUs).
+static GUESTS: Mutex<()> = Mutex::new(());
 
 fn script() -> PathBuf {
     PathBuf::from(concat!(
@@ -39,11 +46,8 @@ fn lab() -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-#[test]
-fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
-    let Some(dir) = lab()? else {
-        return Ok(());
-    };
+/// The initramfs from the tests' binaries (`lab.sh build`).
+fn build(dir: &Path) -> Result<()> {
     let bin = ssock_tests::bin("devd")
         .parent()
         .context("binary dir")?
@@ -51,7 +55,7 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
     let out = Command::new("bash")
         .arg(script())
         .arg("build")
-        .args([&dir, &bin])
+        .args([dir, &bin])
         .output()?;
     ensure!(
         out.status.success(),
@@ -59,6 +63,39 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// A guest's console, its `QL:` lines echoed into the test's output (the
+/// figures among them); fails unless every one of `steps` passed there.
+fn passed(log: &Path, steps: &[&str]) -> Result<String> {
+    let text = std::fs::read_to_string(log)?;
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("QL:") || l.starts_with("qemu-lab:"))
+    {
+        eprintln!("{l}");
+    }
+    for step in steps {
+        ensure!(
+            text.contains(&format!("QL: step {step} rc=0")),
+            "step {step} failed in the guest:\n{text}"
+        );
+    }
+    ensure!(
+        text.contains("QL: done ok"),
+        "the guest did not end well:\n{text}"
+    );
+    Ok(text)
+}
+
+#[test]
+fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
+    let Some(dir) = lab()? else {
+        return Ok(());
+    };
+    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    build(&dir)?;
     let log = dir.join(format!("guest-{}.log", std::process::id()));
     let st = Command::new("bash")
         .arg(script())
@@ -67,21 +104,33 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
         .arg("devd,sockperf")
         .arg(&log)
         .status()?;
-    let text = std::fs::read_to_string(&log)?;
-    // What the guest saw, in the test's output (the latencies among it).
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("QL:") || l.starts_with("qemu-lab:"))
-    {
-        eprintln!("{l}");
-    }
-    for step in ["devd", "sockperf"] {
-        ensure!(
-            text.contains(&format!("QL: step {step} rc=0")),
-            "step {step} failed in the guest:\n{text}"
-        );
-    }
-    ensure!(st.success(), "the guest did not end well:\n{text}");
+    passed(&log, &["devd", "sockperf"])?;
+    ensure!(st.success(), "lab.sh run: {st}");
     let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+#[test]
+fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Result<()> {
+    let Some(dir) = lab()? else {
+        return Ok(());
+    };
+    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    build(&dir)?;
+    let logs = ["a", "b"].map(|h| dir.join(format!("pair-{h}-{}.log", std::process::id())));
+    let st = Command::new("bash")
+        .arg(script())
+        .arg("pair")
+        .arg(&dir)
+        .arg("net,peers,across")
+        .args(&logs)
+        .status()?;
+    for log in &logs {
+        passed(log, &["net", "peers", "across"])?;
+    }
+    ensure!(st.success(), "lab.sh pair: {st}");
+    for log in &logs {
+        let _ = std::fs::remove_file(log);
+    }
     Ok(())
 }

@@ -15,6 +15,10 @@
 #          one guest running STEPS (comma-separated, guest/steps.sh) and
 #          powering off; its console in LOG; exit 0 only if the guest said
 #          "QL: done ok"
+#        tools/qemu-lab/lab.sh pair DIR STEPS LOG_A LOG_B
+#          two guests, a and b, at once, joined by an emulated Ethernet wire
+#          (virtio-net over a UDP socket pair on 127.0.0.1): both run STEPS;
+#          exit 0 only if both said "QL: done ok"
 # Environment: SSOCK_QEMU_SMP (default 2) and SSOCK_QEMU_MEM (default 1G)
 # for the guest, SSOCK_QEMU_TIMEOUT (seconds, default 600) for a run.
 set -euo pipefail
@@ -22,7 +26,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 what="${1:-}"
 dir="${2:-}"
-[ -n "$what" ] && [ -n "$dir" ] || { sed -n '2,19p' "$0" >&2; exit 2; }
+[ -n "$what" ] && [ -n "$dir" ] || { sed -n '2,23p' "$0" >&2; exit 2; }
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 root="$dir/root"
@@ -101,7 +105,7 @@ build() {
   # Modules: sock_diag for TCP (devd's look-ups of sockets), with what
   # they depend on, as the guest's kernel has them.
   depmod -b "$root" "$kv"
-  for m in inet_diag tcp_diag; do
+  for m in inet_diag tcp_diag virtio_pci virtio_net; do
     modprobe -d "$root" -S "$kv" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
   done | sort -u | while read -r ko; do
     mkdir -p "$st$(dirname "${ko#"$root"}")"
@@ -117,10 +121,10 @@ build() {
   echo "qemu-lab: initramfs $(du -sh "$st" | cut -f1) unpacked, $(stat -c %s "$dir/initramfs.cpio.gz") bytes"
 }
 
-run() {
-  local steps="${3:-}" log="${4:-}"
-  [ -n "$steps" ] && [ -n "$log" ] || { echo "usage: lab.sh run DIR STEPS LOG [QEMU ARGS...]" >&2; exit 2; }
-  shift 4
+# One guest: boot_guest NAME STEPS LOG [QEMU ARGS...]; its verdict.
+boot_guest() {
+  local name="$1" steps="$2" log="$3"
+  shift 3
   local kv q t0=$SECONDS
   kv=$(kernel_release)
   q="$root/usr/bin/qemu-system-x86_64"
@@ -131,15 +135,42 @@ run() {
     -nographic -no-reboot -nodefaults -serial stdio \
     -device intel-iommu,intremap=on,caching-mode=on \
     -kernel "$root/boot/vmlinuz-$kv" -initrd "$dir/initramfs.cpio.gz" \
-    -append "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4 ql=$steps" \
+    -append "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4 ql=$steps qlname=$name" \
     "$@" < /dev/null > "$log" 2>&1 || true
-  echo "qemu-lab: guest ran $((SECONDS - t0)) s ($steps)" | tee -a "$log"
+  echo "qemu-lab: guest $name ran $((SECONDS - t0)) s ($steps)" | tee -a "$log"
   grep -q '^QL: done ok' "$log"
+}
+
+run() {
+  local steps="${3:-}" log="${4:-}"
+  [ -n "$steps" ] && [ -n "$log" ] || { echo "usage: lab.sh run DIR STEPS LOG [QEMU ARGS...]" >&2; exit 2; }
+  shift 4
+  boot_guest a "$steps" "$log" "$@"
+}
+
+pair() {
+  local steps="${3:-}" log_a="${4:-}" log_b="${5:-}"
+  [ -n "$steps" ] && [ -n "$log_a" ] && [ -n "$log_b" ] ||
+    { echo "usage: lab.sh pair DIR STEPS LOG_A LOG_B" >&2; exit 2; }
+  # The wire: each guest's virtio-net sends UDP to the other's port
+  # (ports from this script's pid, so two labs at once do not cross).
+  local pa=$((20000 + ($$ % 20000) * 2)) pb
+  pb=$((pa + 1))
+  boot_guest a "$steps" "$log_a" -netdev "socket,id=n0,udp=127.0.0.1:$pb,localaddr=127.0.0.1:$pa" \
+    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0a &
+  local a=$!
+  boot_guest b "$steps" "$log_b" -netdev "socket,id=n0,udp=127.0.0.1:$pa,localaddr=127.0.0.1:$pb" \
+    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0b &
+  local b=$! ok=0
+  wait "$a" || ok=1
+  wait "$b" || ok=1
+  return "$ok"
 }
 
 case "$what" in
   setup) setup ;;
   build) build "$@" ;;
   run) run "$@" ;;
-  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+  pair) pair "$@" ;;
+  *) sed -n '2,23p' "$0" >&2; exit 2 ;;
 esac

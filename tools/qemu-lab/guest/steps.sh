@@ -85,3 +85,87 @@ step_sockperf() {
   set -- $before $after
   [ "$#" = 4 ] && [ "$3" -gt "$1" ] && [ "$4" = "$2" ]
 }
+
+# Two guests (lab.sh pair): a is 10.78.0.1, b is 10.78.0.2 on the wire.
+me() { if [ "$QL_NAME" = a ]; then echo 1; else echo 2; fi; }
+other() { if [ "$QL_NAME" = a ]; then echo 2; else echo 1; fi; }
+
+# The wire up: this guest's address on its virtio-net, the other answers.
+step_net() {
+  dev=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+  [ -n "$dev" ] || { echo "QL: no network device"; return 1; }
+  ip addr add "10.78.0.$(me)/24" dev "$dev"
+  ip link set "$dev" up
+  i=0
+  until ping -c 1 -W 1 "10.78.0.$(other)" > /dev/null 2>&1; do
+    i=$((i + 1))
+    [ "$i" -lt 60 ] || { echo "QL: 10.78.0.$(other) does not answer"; return 1; }
+  done
+  echo "QL: $dev 10.78.0.$(me) reaches 10.78.0.$(other)"
+}
+
+# Whether devd's peer (the other guest) is up: its control connection,
+# the key proved. (The JSON's keys are sorted: a peer's state follows its
+# node.)
+peer_up() {
+  ringstat --json | tr -d ' \n' | grep -q "\"node\":$(other),\"state\":\"up\""
+}
+
+# Each guest's devd (root, run_as ssock) lists the other as its peer,
+# with a key both hold: their control connection comes up over the wire.
+step_peers() {
+  mkdir -p /etc/ssock /run/ssock
+  printf 'qemu-lab-link-key-0123456789abcdef\n' > /etc/ssock/link.key
+  chmod 0600 /etc/ssock/link.key
+  {
+    echo "socket = \"$DEVD_SOCK\""
+    echo "node = $(me)"
+    echo "run_as = \"ssock\""
+    # The lower node dials: only node 2 listens for its peer.
+    [ "$(me)" = 2 ] && echo "peer_listen = \"10.78.0.2:7455\""
+    echo "[[peer]]"
+    echo "node = $(other)"
+    echo "address = \"10.78.0.$(other):7455\""
+    echo "key_file = \"/etc/ssock/link.key\""
+  } > /etc/ssock/devd.toml
+  devd --config /etc/ssock/devd.toml --log info > /tmp/devd.log 2>&1 &
+  within_10s ringstat > /dev/null || { cat /tmp/devd.log; return 1; }
+  i=0
+  until peer_up; do
+    i=$((i + 1))
+    [ "$i" -lt 300 ] || { echo "QL: no peer"; ringstat; cat /tmp/devd.log; return 1; }
+    sleep 0.1
+  done
+  for t in /proc/"$(pidof devd)"/task/*; do dropped "$t/status" || return 1; done
+  echo "QL: devd node $(me) has node $(other) up as its peer, serving as ssock"
+  ringstat | head -4
+}
+
+# sockperf from a (client) to b (server) across the wire, on kernel TCP
+# and then both under ssock-run (no ntb link yet: kernel TCP again, the
+# bytes the program's own); b serves until a says it is done.
+step_across() {
+  if [ "$QL_NAME" = b ]; then
+    sockperf server --tcp -i 0.0.0.0 -p 11114 > /tmp/sp-kernel-server.log 2>&1 &
+    k=$!
+    ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11113 > /tmp/sp-server.log 2>&1 &
+    s=$!
+    msg=$(nc -l -p 9999)
+    kill "$k" "$s"
+    echo "QL: a said: $msg"
+    [ "$msg" = done ]
+    return
+  fi
+  for port in 11114 11113; do
+    run=
+    [ "$port" = 11113 ] && run="ssock-run --"
+    i=0
+    until $run sockperf ping-pong --tcp -i 10.78.0.2 -p "$port" -t 3 --mps 1500000 > /tmp/sp-across.log 2>&1; do
+      i=$((i + 1))
+      [ "$i" -lt 30 ] || { cat /tmp/sp-across.log; echo done | nc 10.78.0.2 9999; return 1; }
+      sleep 1
+    done
+    echo "QL: across, ${run:-kernel TCP}: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-across.log)"
+  done
+  echo done | nc 10.78.0.2 9999
+}

@@ -6,7 +6,8 @@
 //! back), beside the same ping-pong on the guest's kernel TCP. Two guests
 //! joined by an emulated wire: their devds (root, `run_as ssock`) become
 //! authenticated peers over it, and sockperf crosses it on kernel TCP and
-//! under ssock-run (no ntb link between them yet: kernel TCP again). The
+//! under ssock-run (no ntb link between them yet: kernel TCP again); each
+//! binds the ivshmem-doorbell device they share to vfio-pci. The
 //! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
 //! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
 //! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
@@ -112,6 +113,8 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
 
 #[test]
 fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Result<()> {
+    // And each binds its ivshmem-doorbell device (the window the host's
+    // ssock-ivshmem-server hands both) to vfio-pci behind the IOMMU.
     let Some(dir) = lab()? else {
         return Ok(());
     };
@@ -122,11 +125,11 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
         .arg(script())
         .arg("pair")
         .arg(&dir)
-        .arg("net,peers,across")
+        .arg("net,peers,across,vfio")
         .args(&logs)
         .status()?;
     for log in &logs {
-        passed(log, &["net", "peers", "across"])?;
+        passed(log, &["net", "peers", "across", "vfio"])?;
     }
     ensure!(st.success(), "lab.sh pair: {st}");
     for log in &logs {

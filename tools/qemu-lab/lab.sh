@@ -17,8 +17,10 @@
 #          "QL: done ok"
 #        tools/qemu-lab/lab.sh pair DIR STEPS LOG_A LOG_B
 #          two guests, a and b, at once, joined by an emulated Ethernet wire
-#          (virtio-net over a UDP socket pair on 127.0.0.1): both run STEPS;
-#          exit 0 only if both said "QL: done ok"
+#          (virtio-net over a UDP socket pair on 127.0.0.1) and sharing an
+#          ivshmem-doorbell device served by BIN/ssock-ivshmem-server on
+#          this host (the NTB-style window): both run STEPS; exit 0 only if
+#          both said "QL: done ok"
 # Environment: SSOCK_QEMU_SMP (default 2) and SSOCK_QEMU_MEM (default 1G)
 # for the guest, SSOCK_QEMU_TIMEOUT (seconds, default 600) for a run.
 set -euo pipefail
@@ -26,7 +28,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 what="${1:-}"
 dir="${2:-}"
-[ -n "$what" ] && [ -n "$dir" ] || { sed -n '2,23p' "$0" >&2; exit 2; }
+[ -n "$what" ] && [ -n "$dir" ] || { sed -n '2,25p' "$0" >&2; exit 2; }
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 root="$dir/root"
@@ -105,7 +107,7 @@ build() {
   # Modules: sock_diag for TCP (devd's look-ups of sockets), with what
   # they depend on, as the guest's kernel has them.
   depmod -b "$root" "$kv"
-  for m in inet_diag tcp_diag virtio_pci virtio_net; do
+  for m in inet_diag tcp_diag virtio_pci virtio_net vfio-pci vfio_iommu_type1; do
     modprobe -d "$root" -S "$kv" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
   done | sort -u | while read -r ko; do
     mkdir -p "$st$(dirname "${ko#"$root"}")"
@@ -117,6 +119,7 @@ build() {
   printf 'root:x:0:0:root:/root:/bin/sh\nssock:x:999:999:ssock:/nonexistent:/bin/false\n' > "$st/etc/passwd"
   printf 'root:x:0:\nssock:x:999:\n' > "$st/etc/group"
   echo "$bin" > "$st/etc/ssock-bin"
+  echo "$bin" > "$dir/bin"
   (cd "$st" && find . | cpio -o -H newc --quiet | gzip -1) > "$dir/initramfs.cpio.gz"
   echo "qemu-lab: initramfs $(du -sh "$st" | cut -f1) unpacked, $(stat -c %s "$dir/initramfs.cpio.gz") bytes"
 }
@@ -156,14 +159,31 @@ pair() {
   # (ports from this script's pid, so two labs at once do not cross).
   local pa=$((20000 + ($$ % 20000) * 2)) pb
   pb=$((pa + 1))
+  # The window: an ivshmem server on this host hands both guests' devices
+  # one shared memory and each other's doorbells (2 vectors each).
+  local bin sock="$dir/ivshmem-$$.sock" srv
+  bin=$(cat "$dir/bin")
+  rm -f "$sock"
+  "$bin/ssock-ivshmem-server" --socket "$sock" --size 8388608 --vectors 2 > "$dir/ivshmem-$$.log" 2>&1 < /dev/null &
+  srv=$!
+  local i=0
+  while [ ! -S "$sock" ]; do
+    i=$((i + 1))
+    [ "$i" -lt 100 ] || { cat "$dir/ivshmem-$$.log" >&2; kill "$srv"; return 1; }
+    sleep 0.05
+  done
+  local window=(-chardev "socket,path=$sock,id=ivsh" -device ivshmem-doorbell,chardev=ivsh,vectors=2)
   boot_guest a "$steps" "$log_a" -netdev "socket,id=n0,udp=127.0.0.1:$pb,localaddr=127.0.0.1:$pa" \
-    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0a &
+    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0a "${window[@]}" &
   local a=$!
   boot_guest b "$steps" "$log_b" -netdev "socket,id=n0,udp=127.0.0.1:$pa,localaddr=127.0.0.1:$pb" \
-    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0b &
+    -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:00:00:0b "${window[@]}" &
   local b=$! ok=0
   wait "$a" || ok=1
   wait "$b" || ok=1
+  kill "$srv" 2>/dev/null || true
+  wait "$srv" 2>/dev/null || true
+  rm -f "$sock" "$dir/ivshmem-$$.log"
   return "$ok"
 }
 
@@ -172,5 +192,5 @@ case "$what" in
   build) build "$@" ;;
   run) run "$@" ;;
   pair) pair "$@" ;;
-  *) sed -n '2,23p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,25p' "$0" >&2; exit 2 ;;
 esac

@@ -169,3 +169,22 @@ step_across() {
   done
   echo done | nc 10.78.0.2 9999
 }
+
+# The window's device (lab.sh pair: QEMU's ivshmem-doorbell) bound to
+# vfio-pci behind the emulated IOMMU, as devd's VFIO provider will own it:
+# its IOMMU group's /dev/vfio node is there.
+step_vfio() {
+  modprobe vfio-pci && modprobe vfio_iommu_type1 || return 1
+  bdf=
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1110 ] && bdf=$(basename "$d")
+  done
+  [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
+  d=/sys/bus/pci/devices/$bdf
+  group=$(basename "$(readlink "$d/iommu_group")")
+  echo vfio-pci > "$d/driver_override"
+  echo "$bdf" > /sys/bus/pci/drivers_probe
+  drv=$(basename "$(readlink "$d/driver")")
+  echo "QL: ivshmem-doorbell at $bdf, IOMMU group $group, driver $drv, BAR2 $(sed -n 3p "$d/resource")"
+  [ "$drv" = vfio-pci ] && [ -c "/dev/vfio/$group" ]
+}

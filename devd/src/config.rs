@@ -88,7 +88,16 @@ struct FilePeer {
     address: String,
     key_file: PathBuf,
     ivshmem: Option<OneOrMore>,
+    vfio: Option<Names>,
     link_policy: Option<String>,
+}
+
+/// One name, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Names {
+    One(String),
+    More(Vec<String>),
 }
 
 /// One path, or a list of them.
@@ -114,10 +123,22 @@ pub struct PeerConfig {
     /// order); none: no interconnect to this peer yet, the control
     /// connection only.
     pub ivshmem: Vec<PathBuf>,
+    /// PCI addresses (`0000:00:02.0`) of devices bound to vfio-pci whose
+    /// windows are the ntb links to it after the `ivshmem` ones: QEMU's
+    /// ivshmem-doorbell device in a guest (docs/hardware.md).
+    pub vfio: Vec<String>,
     /// How new connections with it are put on its links, and where a
     /// connection whose link failed moves (when this devd names their
     /// channels).
     pub link_policy: LinkPolicy,
+}
+
+impl PeerConfig {
+    /// How many ntb links to it are configured (ivshmem windows, then VFIO
+    /// devices).
+    pub fn links(&self) -> usize {
+        self.ivshmem.len() + self.vfio.len()
+    }
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -127,6 +148,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("address", &self.address)
             .field("key", &format_args!("({} bytes)", self.key.len()))
             .field("ivshmem", &self.ivshmem)
+            .field("vfio", &self.vfio)
             .field("link_policy", &self.link_policy)
             .finish()
     }
@@ -242,6 +264,16 @@ pub struct Config {
     pub run_as: Option<String>,
 }
 
+/// Whether `a` is a PCI address as sysfs names devices: `dddd:bb:ss.f`.
+fn pci_address(a: &str) -> bool {
+    a.len() == 12
+        && a.bytes().enumerate().all(|(i, c)| match i {
+            4 | 7 => c == b':',
+            10 => c == b'.',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// Default `fail_forward_ms`: a link that flaps is not used again at once.
 pub const DEFAULT_FAIL_FORWARD_MS: u64 = 3000;
 
@@ -355,6 +387,11 @@ impl Config {
                     None => Vec::new(),
                     Some(OneOrMore::One(p)) => vec![p],
                     Some(OneOrMore::More(v)) => v,
+                },
+                vfio: match p.vfio {
+                    None => Vec::new(),
+                    Some(Names::One(n)) => vec![n],
+                    Some(Names::More(v)) => v,
                 },
                 link_policy: match p.link_policy.as_deref() {
                     None | Some("active-backup") => LinkPolicy::ActiveBackup,
@@ -500,15 +537,21 @@ impl Config {
                     why: format!("node {} is listed twice", p.node),
                 });
             }
-            if p.ivshmem.len() > ssock_hwbackends::MAX_LINKS {
+            if p.ivshmem.len() + p.vfio.len() > ssock_hwbackends::MAX_LINKS {
                 return Err(ConfigError::Value {
                     key: "peer.ivshmem",
                     why: format!(
                         "node {}: {} links, at most {}",
                         p.node,
-                        p.ivshmem.len(),
+                        p.ivshmem.len() + p.vfio.len(),
                         ssock_hwbackends::MAX_LINKS
                     ),
+                });
+            }
+            if let Some(bad) = p.vfio.iter().find(|a| !pci_address(a)) {
+                return Err(ConfigError::Value {
+                    key: "peer.vfio",
+                    why: format!("node {}: {bad:?} is no PCI address (0000:00:02.0)", p.node),
                 });
             }
             if p.node < self.node && self.peer_listen.is_none() {
@@ -697,6 +740,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.peers[0].ivshmem.len(), 2);
+        let c = Config::from_toml(
+            &format!("node = 1\n{}vfio = \"0000:00:02.0\"\n", peer(2)),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].vfio, ["0000:00:02.0"]);
+        assert_eq!(c.peers[0].links(), 1);
+        for bad in ["00:02.0", "0000:00:02.0/..", "0000:00:02:0", "zzzz:00:02.0"] {
+            let e = Config::from_toml(
+                &format!("node = 1\n{}vfio = {bad:?}\n", peer(2)),
+                Config::system(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("peer.vfio"), "{bad}: {e}");
+        }
         assert_eq!(c.peers[0].link_policy, LinkPolicy::ActiveBackup);
         let c = Config::from_toml(
             &format!("node = 1\n{}link_policy = \"spread\"\n", peer(2)),

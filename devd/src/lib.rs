@@ -118,6 +118,22 @@ fn backends(cfg: &Config) -> anyhow::Result<Box<dyn Backend>> {
                 ntb::DEFAULT_WINDOW,
             )));
         }
+        // Then the devices owned through VFIO, in the config's order.
+        for (k, bdf) in p.vfio.iter().enumerate() {
+            let link = u8::try_from(p.ivshmem.len() + k).context("too many links")?;
+            let w = ntb::VfioWindow::open(bdf, half, Box::new(ntb::ivshmem_pci::Ivshmem))
+                .with_context(|| format!("peer node {} link {link}: no window on {bdf}", p.node))?;
+            log::info!(
+                "peer node {} link {link}: ntb over VFIO device {bdf} (inbox half {half})",
+                p.node
+            );
+            all.push(Box::new(Ntb::new(
+                p.node,
+                link,
+                Box::new(w),
+                ntb::DEFAULT_WINDOW,
+            )));
+        }
     }
     Ok(if all.len() == 1 {
         all.remove(0)

@@ -36,6 +36,20 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, shared, read-write or read-only.
     pub fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
+        Mapping::map_at(fd, 0, len, writable)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (a multiple of the page
+    /// size), shared: a device's memory region (a VFIO region's offset in
+    /// its device fd), as `map` does a file's start.
+    pub fn map_at(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> io::Result<Mapping> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
@@ -54,7 +68,7 @@ impl Mapping {
                 prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {

@@ -6,8 +6,11 @@
 //! back), beside the same ping-pong on the guest's kernel TCP. Two guests
 //! joined by an emulated wire: their devds (root, `run_as ssock`) become
 //! authenticated peers over it, and sockperf crosses it on kernel TCP and
-//! under ssock-run (no ntb link between them yet: kernel TCP again); each
-//! binds the ivshmem-doorbell device they share to vfio-pci. The
+//! under ssock-run (no ntb link between them: kernel TCP again); then each
+//! binds the ivshmem-doorbell device they share to vfio-pci, their devds
+//! take it as their ntb link's window through VFIO (`ntb::VfioWindow`),
+//! and sockperf under ssock-run crosses that link as a remote Queued
+//! connection, counted by both devds. The
 //! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
 //! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
 //! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
@@ -113,8 +116,10 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
 
 #[test]
 fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Result<()> {
-    // And each binds its ivshmem-doorbell device (the window the host's
-    // ssock-ivshmem-server hands both) to vfio-pci behind the IOMMU.
+    // Then each binds its ivshmem-doorbell device (the window the host's
+    // ssock-ivshmem-server hands both) to vfio-pci behind the IOMMU, and
+    // their devds, on it through VFIO, bring their ntb link up and carry
+    // sockperf across it as a remote Queued connection.
     let Some(dir) = lab()? else {
         return Ok(());
     };
@@ -125,11 +130,11 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
         .arg(script())
         .arg("pair")
         .arg(&dir)
-        .arg("net,peers,across,vfio")
+        .arg("net,peers,across,vfio,ntb")
         .args(&logs)
         .status()?;
     for log in &logs {
-        passed(log, &["net", "peers", "across", "vfio"])?;
+        passed(log, &["net", "peers", "across", "vfio", "ntb"])?;
     }
     ensure!(st.success(), "lab.sh pair: {st}");
     for log in &logs {

@@ -412,7 +412,7 @@ impl Devd {
                     .peers
                     .iter()
                     .find(|p| p.node == node)
-                    .map(|p| p.ivshmem.len());
+                    .map(|p| p.links());
                 if uid != 0 && uid != sys::uid() {
                     Err(RequestError::NotAllowed)
                 } else if links.is_none_or(|n| link.is_some_and(|l| usize::from(l) >= n)) {

@@ -84,7 +84,7 @@ impl Devd {
             .peers
             .iter()
             .find(|p| p.node == node)
-            .map_or(0, |p| p.ivshmem.len())
+            .map_or(0, |p| p.links())
     }
 
     /// The link a new connection with peer `node` crosses (this devd
@@ -115,7 +115,7 @@ impl Devd {
             self.cfg
                 .peers
                 .iter()
-                .any(|p| p.node == node && !p.ivshmem.is_empty())
+                .any(|p| p.node == node && p.links() > 0)
         };
         self.remote.up.contains(&node)
             && (self.link_up(node) || (self.cfg.fail_forward_ms > 0 && has_link()))

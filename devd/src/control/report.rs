@@ -49,11 +49,11 @@ impl Devd {
             let now = Instant::now();
             let state = |up| if up { "up" } else { "down" };
             for (peer, cfg) in page.peers.iter_mut().zip(&self.cfg.peers) {
-                if cfg.ivshmem.is_empty() {
+                if cfg.links() == 0 {
                     continue;
                 }
                 let mut history = Vec::new();
-                for i in 0..cfg.ivshmem.len() {
+                for i in 0..cfg.links() {
                     let link = u8::try_from(i).unwrap_or(u8::MAX);
                     let l = links.get(&(peer.node, link)).cloned().unwrap_or_default();
                     peer.links.push(crate::peers::LinkJson {

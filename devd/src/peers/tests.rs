@@ -22,6 +22,7 @@ fn peer(node: u32, address: SocketAddr, key: &[u8]) -> PeerConfig {
         address,
         key: key.to_vec(),
         ivshmem: Vec::new(),
+        vfio: Vec::new(),
         link_policy: Default::default(),
     }
 }

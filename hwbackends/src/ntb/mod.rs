@@ -7,8 +7,9 @@
 //! heartbeat word plus the doorbells. Windows come from a provider
 //! (`window.rs`): a shared memory file with eventfd doorbells, in one
 //! process (`MemWindow`) or handed out by an ivshmem server as QEMU's
-//! ivshmem-doorbell device gets them (`ivshmem.rs`); a VFIO-mapped PCI BAR
-//! with MSI-X doorbells later.
+//! ivshmem-doorbell device gets them (`ivshmem.rs`), or a PCI device's BAR
+//! mapped through VFIO with MSI-X doorbells (`vfio/`; the device's own
+//! registers in `ivshmem_pci.rs`).
 //!
 //! Never here: a read of the peer's inbox, a value from the inbox used
 //! before it was checked, a blocking call.
@@ -16,12 +17,15 @@
 mod backend;
 pub mod inbox;
 pub mod ivshmem;
+pub mod ivshmem_pci;
 #[cfg(test)]
 mod tests;
+pub mod vfio;
 pub mod window;
 
 pub use backend::{Counters, Ntb};
 pub use ivshmem::IvshmemWindow;
+pub use vfio::VfioWindow;
 pub use window::{MemWindow, Window};
 
 use std::time::Duration;

@@ -29,7 +29,13 @@ impl Halves {
     /// `map` holds two inboxes of `size` bytes; this node's is `half`
     /// (0: the first).
     pub fn new(map: Mapping, half: usize, size: usize) -> io::Result<Halves> {
-        if half > 1 || map.len() < 2 * size {
+        Halves::at(map, 0, half, size)
+    }
+
+    /// `map` holds two inboxes of `size` bytes from byte `base` on (what is
+    /// before it is the provider's own); this node's is `half`.
+    pub fn at(map: Mapping, base: usize, half: usize, size: usize) -> io::Result<Halves> {
+        if half > 1 || map.len() < base.saturating_add(size.saturating_mul(2)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "no two inboxes there",
@@ -37,10 +43,15 @@ impl Halves {
         }
         Ok(Halves {
             map,
-            mine: half * size,
-            theirs: (1 - half) * size,
+            mine: base + half * size,
+            theirs: base + (1 - half) * size,
             size,
         })
+    }
+
+    /// The whole mapping (a provider's own words before `base`).
+    pub fn mapping(&self) -> &Mapping {
+        &self.map
     }
 }
 

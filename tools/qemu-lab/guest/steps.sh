@@ -173,12 +173,16 @@ step_across() {
 # The window's device (lab.sh pair: QEMU's ivshmem-doorbell) bound to
 # vfio-pci behind the emulated IOMMU, as devd's VFIO provider will own it:
 # its IOMMU group's /dev/vfio node is there.
+# The PCI address of the ivshmem device, if there is one.
+ivshmem_bdf() {
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1110 ] && basename "$d"
+  done
+}
+
 step_vfio() {
   modprobe vfio-pci && modprobe vfio_iommu_type1 || return 1
-  bdf=
-  for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1110 ] && bdf=$(basename "$d")
-  done
+  bdf=$(ivshmem_bdf)
   [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
   d=/sys/bus/pci/devices/$bdf
   group=$(basename "$(readlink "$d/iommu_group")")
@@ -187,4 +191,49 @@ step_vfio() {
   drv=$(basename "$(readlink "$d/driver")")
   echo "QL: ivshmem-doorbell at $bdf, IOMMU group $group, driver $drv, BAR2 $(sed -n 3p "$d/resource")"
   [ "$drv" = vfio-pci ] && [ -c "/dev/vfio/$group" ]
+}
+
+# devd on the window through VFIO (after step vfio): each guest's devd
+# (root, run_as ssock) has the other as its peer with the ivshmem-doorbell
+# device as their ntb link; the link comes up (heartbeats through the
+# window, MSI-X doorbells), and sockperf from a to b under ssock-run
+# crosses it as a remote Queued connection, which both devds count.
+step_ntb() {
+  bdf=$(ivshmem_bdf)
+  [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
+  if pidof devd > /dev/null; then
+    kill "$(pidof devd)"
+    within_10s sh -c '! pidof devd > /dev/null' || return 1
+  fi
+  sed -i '/^vfio = /d' /etc/ssock/devd.toml
+  echo "vfio = \"$bdf\"" >> /etc/ssock/devd.toml
+  devd --config /etc/ssock/devd.toml --log info > /tmp/devd-ntb.log 2>&1 &
+  within_10s ringstat > /dev/null || { cat /tmp/devd-ntb.log; return 1; }
+  i=0
+  until peer_up && ringstat --json | tr -d ' \n' | grep -q '"link":"up"'; do
+    i=$((i + 1))
+    [ "$i" -lt 300 ] || { echo "QL: no link"; ringstat; cat /tmp/devd-ntb.log; return 1; }
+    sleep 0.1
+  done
+  echo "QL: devd node $(me): its ntb link over VFIO device $bdf is up"
+  if [ "$QL_NAME" = b ]; then
+    ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11115 > /tmp/sp-ntb-server.log 2>&1 &
+    s=$!
+    msg=$(nc -l -p 9998)
+    kill "$s"
+  else
+    i=0
+    until ringstat --json | tr -d ' \n' | grep -q '"0.0.0.0:11115"'; do
+      i=$((i + 1))
+      [ "$i" -lt 300 ] || { echo "QL: b's listener not heard of"; echo done | nc 10.78.0.2 9998; return 1; }
+      sleep 0.1
+    done
+    ssock-run -- sockperf ping-pong --tcp -i 10.78.0.2 -p 11115 -t 3 --mps 1500000 > /tmp/sp-ntb.log 2>&1 ||
+      { cat /tmp/sp-ntb.log; echo done | nc 10.78.0.2 9998; return 1; }
+    echo "QL: across the ntb link over VFIO: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-ntb.log)"
+    echo done | nc 10.78.0.2 9998
+  fi
+  remote=$(ringstat --json | tr -d ' \n' | grep -o '"remote":{[^}]*}' | head -1)
+  echo "QL: devd node $(me): $remote"
+  echo "$remote" | grep -q '"connections":[1-9]'
 }

@@ -120,8 +120,8 @@ pub struct PeerConfig {
     pub key: Vec<u8>,
     /// The ivshmem servers that hand out the windows of the ntb links to
     /// it, link 0 first (both hosts list their links to each other in one
-    /// order); none: no interconnect to this peer yet, the control
-    /// connection only.
+    /// order); with no `vfio` either, no interconnect to this peer: the
+    /// control connection only.
     pub ivshmem: Vec<PathBuf>,
     /// PCI addresses (`0000:00:02.0`) of devices bound to vfio-pci whose
     /// windows are the ntb links to it after the `ivshmem` ones: QEMU's
@@ -270,7 +270,7 @@ fn pci_address(a: &str) -> bool {
         && a.bytes().enumerate().all(|(i, c)| match i {
             4 | 7 => c == b':',
             10 => c == b'.',
-            _ => c.is_ascii_hexdigit(),
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
         })
 }
 
@@ -539,7 +539,7 @@ impl Config {
             }
             if p.ivshmem.len() + p.vfio.len() > ssock_hwbackends::MAX_LINKS {
                 return Err(ConfigError::Value {
-                    key: "peer.ivshmem",
+                    key: "peer.ivshmem, peer.vfio",
                     why: format!(
                         "node {}: {} links, at most {}",
                         p.node,
@@ -551,7 +551,21 @@ impl Config {
             if let Some(bad) = p.vfio.iter().find(|a| !pci_address(a)) {
                 return Err(ConfigError::Value {
                     key: "peer.vfio",
-                    why: format!("node {}: {bad:?} is no PCI address (0000:00:02.0)", p.node),
+                    why: format!(
+                        "node {}: {bad:?} is no PCI address (0000:00:02.0, lower case)",
+                        p.node
+                    ),
+                });
+            }
+            if let Some((k, a)) = p
+                .vfio
+                .iter()
+                .enumerate()
+                .find(|(k, a)| p.vfio[..*k].contains(a))
+            {
+                return Err(ConfigError::Value {
+                    key: "peer.vfio",
+                    why: format!("node {}: {a} is listed twice (entry {k})", p.node),
                 });
             }
             if p.node < self.node && self.peer_listen.is_none() {

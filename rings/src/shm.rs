@@ -1,7 +1,8 @@
 //! Shared-memory mappings: the one place of the data path that touches raw
 //! memory shared with another, untrusted process.
 //!
-//! A [`Mapping`] is an `mmap` of a (sealed) memfd. Every accessor takes an
+//! A [`Mapping`] is an `mmap` of a (sealed) memfd, or of a device's memory
+//! region (a VFIO BAR: `map_at`). Every accessor takes an
 //! offset, checks it against the mapping's length and alignment, and only
 //! then forms a reference or copies. Callers pass offsets computed from
 //! their own validated layout; values *read* from the mapping are returned
@@ -17,7 +18,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
 
-/// A shared mapping of the first `len` bytes of a file.
+/// A shared mapping of `len` bytes of a file or device.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,

@@ -82,6 +82,8 @@ with_libs() {
 build() {
   local bin="${3:-}"
   [ -n "$bin" ] || { echo "usage: lab.sh build DIR BIN" >&2; exit 2; }
+  bin="$(cd "$bin" && pwd)"
+  [ -x "$bin/ssock-ivshmem-server" ] || { echo "qemu-lab: $bin/ssock-ivshmem-server is missing" >&2; exit 1; }
   local kv st="$dir/staging" b m ko
   kv=$(kernel_release)
   [ -n "$kv" ] || { echo "qemu-lab: run 'lab.sh setup $dir' first" >&2; exit 1; }
@@ -156,8 +158,9 @@ pair() {
   [ -n "$steps" ] && [ -n "$log_a" ] && [ -n "$log_b" ] ||
     { echo "usage: lab.sh pair DIR STEPS LOG_A LOG_B" >&2; exit 2; }
   # The wire: each guest's virtio-net sends UDP to the other's port
-  # (ports from this script's pid, so two labs at once do not cross).
-  local pa=$((20000 + ($$ % 20000) * 2)) pb
+  # (ports below the ephemeral range, from this script's pid, so two labs
+  # at once do not cross).
+  local pa=$((10000 + ($$ % 10000) * 2)) pb
   pb=$((pa + 1))
   # The window: an ivshmem server on this host hands both guests' devices
   # one shared memory and each other's doorbells (2 vectors each).
@@ -166,6 +169,9 @@ pair() {
   rm -f "$sock"
   "$bin/ssock-ivshmem-server" --socket "$sock" --size 8388608 --vectors 2 > "$dir/ivshmem-$$.log" 2>&1 < /dev/null &
   srv=$!
+  # Whatever ends this (a failure, a signal), the server and the guests go.
+  trap "kill \$(jobs -p) 2>/dev/null || true; rm -f '$sock' '$dir/ivshmem-$$.log'" EXIT
+  trap 'exit 130' INT TERM
   local i=0
   while [ ! -S "$sock" ]; do
     i=$((i + 1))

@@ -6,9 +6,7 @@
 //! once in the integration tests, which run devd sandboxed. The engine
 //! thread's list also has what its backend says it calls
 //! (`Backend::syscalls`), and nothing else of the backend's.
-//!
-//! Not here yet: dropping privileges (devd opens no device today; the
-//! loopback backend needs none).
+//! Dropping privileges is `privileges.rs` (run_as), before any filter.
 
 use seccompiler::{
     apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,

@@ -1,8 +1,7 @@
 //! What is QEMU's ivshmem-doorbell PCI device's own (QEMU
 //! docs/specs/ivshmem-spec.rst): which BAR holds what, its registers, and
-//! how a doorbell is rung. The VFIO provider (`vfio.rs`) is generic over a
-//! device's [`Registers`]; a real NTB adapter's would be a sibling of
-//! this file.
+//! how a doorbell is rung. The VFIO provider (`vfio/`) is generic over a
+//! device's [`Registers`].
 //!
 //! Never here: VFIO, or the window's layout.
 

@@ -4,8 +4,9 @@
 //! reads across the link), plus a doorbell each way.
 //!
 //! [`MemWindow`] is the emulation: one shared memory file split in two
-//! halves and an eventfd per direction. A VFIO-mapped PCI BAR with MSI-X
-//! doorbells will be a sibling provider.
+//! halves and an eventfd per direction. Siblings: `ivshmem.rs` (a window
+//! from an ivshmem server) and `vfio/` (a PCI device's BAR through VFIO,
+//! MSI-X doorbells).
 //!
 //! Never here: a read of the peer's inbox, a write to this node's own.
 

@@ -150,7 +150,7 @@ step_across() {
     k=$!
     ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11113 > /tmp/sp-server.log 2>&1 &
     s=$!
-    msg=$(nc -l -p 9999)
+    msg=$(timeout 120 nc -l -p 9999)
     kill "$k" "$s"
     echo "QL: a said: $msg"
     [ "$msg" = done ]
@@ -162,7 +162,7 @@ step_across() {
     i=0
     until $run sockperf ping-pong --tcp -i 10.78.0.2 -p "$port" -t 3 --mps 1500000 > /tmp/sp-across.log 2>&1; do
       i=$((i + 1))
-      [ "$i" -lt 30 ] || { cat /tmp/sp-across.log; echo done | nc 10.78.0.2 9999; return 1; }
+      [ "$i" -lt 30 ] || { cat /tmp/sp-across.log; echo failed | nc 10.78.0.2 9999; return 1; }
       sleep 1
     done
     echo "QL: across, ${run:-kernel TCP}: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-across.log)"
@@ -208,6 +208,7 @@ step_ntb() {
   sed -i '/^vfio = /d' /etc/ssock/devd.toml
   echo "vfio = \"$bdf\"" >> /etc/ssock/devd.toml
   devd --config /etc/ssock/devd.toml --log info > /tmp/devd-ntb.log 2>&1 &
+  devd_pid=$!
   within_10s ringstat > /dev/null || { cat /tmp/devd-ntb.log; return 1; }
   i=0
   until peer_up && ringstat --json | tr -d ' \n' | grep -q '"link":"up"'; do
@@ -219,21 +220,37 @@ step_ntb() {
   if [ "$QL_NAME" = b ]; then
     ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11115 > /tmp/sp-ntb-server.log 2>&1 &
     s=$!
-    msg=$(nc -l -p 9998)
+    msg=$(timeout 120 nc -l -p 9998)
     kill "$s"
+    echo "QL: a said: $msg"
+    [ "$msg" = done ] || return 1
   else
     i=0
     until ringstat --json | tr -d ' \n' | grep -q '"0.0.0.0:11115"'; do
       i=$((i + 1))
-      [ "$i" -lt 300 ] || { echo "QL: b's listener not heard of"; echo done | nc 10.78.0.2 9998; return 1; }
+      [ "$i" -lt 300 ] || { echo "QL: b's listener not heard of"; echo failed | nc 10.78.0.2 9998; return 1; }
       sleep 0.1
     done
     ssock-run -- sockperf ping-pong --tcp -i 10.78.0.2 -p 11115 -t 3 --mps 1500000 > /tmp/sp-ntb.log 2>&1 ||
-      { cat /tmp/sp-ntb.log; echo done | nc 10.78.0.2 9998; return 1; }
+      { cat /tmp/sp-ntb.log; echo failed | nc 10.78.0.2 9998; return 1; }
     echo "QL: across the ntb link over VFIO: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-ntb.log)"
     echo done | nc 10.78.0.2 9998
   fi
-  remote=$(ringstat --json | tr -d ' \n' | grep -o '"remote":{[^}]*}' | head -1)
-  echo "QL: devd node $(me): $remote"
-  echo "$remote" | grep -q '"connections":[1-9]'
+  # The connection crossed as a remote one and its bytes went through the
+  # engine (queued), and the doorbells came as MSI-X interrupts.
+  json=$(ringstat --json | tr -d ' \n')
+  remote=$(echo "$json" | grep -o '"remote":{[^}]*}' | head -1)
+  bytes=$(echo "$json" | grep -o '"bytes":{[^}]*}' | head -1)
+  msix=$(awk '/vfio-msix/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' /proc/interrupts)
+  echo "QL: devd node $(me): $remote $bytes, $msix MSI-X interrupts"
+  echo "$remote" | grep -q '"connections":[1-9]' || return 1
+  echo "$bytes" | grep -q '"queued":[1-9]' || return 1
+  [ "$msix" -gt 0 ] || return 1
+  # devd stops cleanly with its VFIO link (its seccomp filter would kill it
+  # for a system call the link's teardown made).
+  kill "$devd_pid"
+  wait "$devd_pid"
+  rc=$?
+  echo "QL: devd node $(me) stopped: exit status $rc"
+  [ "$rc" = 0 ]
 }

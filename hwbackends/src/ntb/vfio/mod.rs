@@ -4,7 +4,10 @@
 //! the link's two inboxes, its MSI-X vector 0 is this node's bell (an
 //! eventfd), and the peer is rung through the device's doorbell register.
 //! What is the device's own (which BAR, which register) comes from its
-//! [`Registers`] (`ivshmem_pci.rs`: QEMU's ivshmem-doorbell).
+//! [`Registers`] (`ivshmem_pci.rs`: QEMU's ivshmem-doorbell). Both nodes
+//! see one memory here (ivshmem's BAR is one shared memory); a real NTB
+//! adapter's inbound window is local memory and its ids come through
+//! scratchpad registers, so it would need more than its registers.
 //!
 //! The window's first page is the provider's: the 64-bit word at 8 x h
 //! holds the doorbell id, plus one, of the node that writes into half h
@@ -21,13 +24,15 @@ mod sys;
 use super::ivshmem_pci::Registers;
 use super::window::{Halves, Window};
 use ssock_rings::shm::Mapping;
+use ssock_rings::sys::{pread_exact, pwrite_all};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// The provider's page before the inboxes.
 pub const PAGE: usize = 4096;
@@ -43,14 +48,21 @@ fn bad(what: impl std::fmt::Display) -> io::Error {
 
 /// A link's window on a VFIO-owned PCI device.
 pub struct VfioWindow {
-    /// Dropped last of what uses it: the mapping and the bell go first.
     halves: Halves,
     bell: EventFd,
-    device: VfioDevice,
-    _container: Arc<VfioContainer>,
+    /// Never dropped: the window lives in the engine thread, and
+    /// vfio-ioctls' Drop reads sysfs and unsets the group's container,
+    /// system calls the engine's seccomp filter kills devd for. A window
+    /// lasts as long as devd, and exit closes the fds.
+    device: ManuallyDrop<VfioDevice>,
+    _container: ManuallyDrop<Arc<VfioContainer>>,
     regs: Box<dyn Registers>,
+    /// Where the doorbell register is in the device fd.
+    doorbell_at: u64,
     half: usize,
     own_id: u16,
+    /// The peer's id was seen to be this node's own (logged once).
+    said: AtomicBool,
 }
 
 impl VfioWindow {
@@ -89,8 +101,11 @@ impl VfioWindow {
             true,
         )?;
         let halves = Halves::at(map, PAGE, half, size)?;
+        let fd = sys::device_fd(&device);
+        let registers = device.get_region_offset(regs.register_bar());
         let mut b = [0u8; 4];
-        device.region_read(regs.register_bar(), &mut b, regs.own_id());
+        pread_exact(fd, &mut b, registers + regs.own_id())
+            .map_err(|e| bad(format!("{bdf}: its doorbell id: {e}")))?;
         let own = u32::from_le_bytes(b);
         let own_id = u16::try_from(own)
             .ok()
@@ -103,24 +118,31 @@ impl VfioWindow {
             .store(u64::from(own_id) + 1, Ordering::Release);
         // MSI-X messages are memory writes of the device's: it must be a
         // bus master.
-        let config = vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+        let config = device
+            .get_region_offset(vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX)
+            + PCI_COMMAND;
         let mut cmd = [0u8; 2];
-        device.region_read(config, &mut cmd, PCI_COMMAND);
+        pread_exact(fd, &mut cmd, config).map_err(|e| bad(format!("{bdf}: its command: {e}")))?;
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MASTER;
-        device.region_write(config, &cmd.to_le_bytes(), PCI_COMMAND);
-        let bell = EventFd::new(EFD_NONBLOCK)?;
+        pwrite_all(fd, &cmd.to_le_bytes(), config)
+            .map_err(|e| bad(format!("{bdf}: bus mastering: {e}")))?;
+        let bell = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         device.enable_msix(vec![&bell]).map_err(bad)?;
+        let (doorbell, _) = regs.doorbell(0, 0);
+        let doorbell_at = registers + doorbell;
         log::info!(
             "vfio: {bdf}: window of {len} bytes (inboxes of {size}), doorbell id {own_id}, half {half}"
         );
         Ok(VfioWindow {
             halves,
             bell,
-            device,
-            _container: container,
+            device: ManuallyDrop::new(device),
+            _container: ManuallyDrop::new(container),
             regs,
+            doorbell_at,
             half,
             own_id,
+            said: AtomicBool::new(false),
         })
     }
 
@@ -135,6 +157,21 @@ impl VfioWindow {
         let id = u16::try_from(v.checked_sub(1)?).ok()?;
         (u32::from(id) <= self.regs.max_id() && id != self.own_id).then_some(id)
     }
+
+    /// Logs, once, a peer that names this node's own doorbell id.
+    fn note_peer(&self) {
+        let v = self
+            .halves
+            .mapping()
+            .u64_at(8 * self.half)
+            .load(Ordering::Acquire);
+        if v == u64::from(self.own_id) + 1 && !self.said.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vfio: the peer says its doorbell id is ours ({}): it is not rung",
+                self.own_id
+            );
+        }
+    }
 }
 
 impl Window for VfioWindow {
@@ -145,10 +182,18 @@ impl Window for VfioWindow {
     fn ring(&self) {
         // A peer that has not said where it is gets no doorbell: its
         // heartbeat has not come either.
-        if let Some(peer) = self.peer_id() {
-            let (off, v) = self.regs.doorbell(peer, 0);
-            self.device
-                .region_write(self.regs.register_bar(), &v.to_le_bytes(), off);
+        match self.peer_id() {
+            Some(peer) => {
+                let (_, v) = self.regs.doorbell(peer, 0);
+                // A failed write (the device gone or reset) is not retried
+                // here: the peer's heartbeat tells the link's state.
+                let _ = pwrite_all(
+                    sys::device_fd(&self.device),
+                    &v.to_le_bytes(),
+                    self.doorbell_at,
+                );
+            }
+            None => self.note_peer(),
         }
     }
 

@@ -216,7 +216,13 @@ step_ntb() {
     [ "$i" -lt 300 ] || { echo "QL: no link"; ringstat; cat /tmp/devd-ntb.log; return 1; }
     sleep 0.1
   done
-  echo "QL: devd node $(me): its ntb link over VFIO device $bdf is up"
+  # It opened the device as root, and serves as ssock with no capabilities.
+  n=0
+  for t in /proc/"$devd_pid"/task/*; do
+    dropped "$t/status" || return 1
+    n=$((n + 1))
+  done
+  echo "QL: devd node $(me): its ntb link over VFIO device $bdf is up; $n threads, as ssock with no capabilities"
   if [ "$QL_NAME" = b ]; then
     ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11115 > /tmp/sp-ntb-server.log 2>&1 &
     s=$!

@@ -264,16 +264,6 @@ pub struct Config {
     pub run_as: Option<String>,
 }
 
-/// Whether `a` is a PCI address as sysfs names devices: `dddd:bb:ss.f`.
-fn pci_address(a: &str) -> bool {
-    a.len() == 12
-        && a.bytes().enumerate().all(|(i, c)| match i {
-            4 | 7 => c == b':',
-            10 => c == b'.',
-            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
-        })
-}
-
 /// Default `fail_forward_ms`: a link that flaps is not used again at once.
 pub const DEFAULT_FAIL_FORWARD_MS: u64 = 3000;
 
@@ -548,7 +538,11 @@ impl Config {
                     ),
                 });
             }
-            if let Some(bad) = p.vfio.iter().find(|a| !pci_address(a)) {
+            if let Some(bad) = p
+                .vfio
+                .iter()
+                .find(|a| !ssock_hwbackends::ntb::vfio::pci_address(a))
+            {
                 return Err(ConfigError::Value {
                     key: "peer.vfio",
                     why: format!(

@@ -70,6 +70,17 @@ fn build(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `lab.sh WHAT DIR STEPS LOGS...`: the guests' verdict.
+fn lab_sh(what: &str, dir: &Path, steps: &str, logs: &[&Path]) -> Result<std::process::ExitStatus> {
+    Ok(Command::new("bash")
+        .arg(script())
+        .arg(what)
+        .arg(dir)
+        .arg(steps)
+        .args(logs)
+        .status()?)
+}
+
 /// A guest's console, its `QL:` lines echoed into the test's output (the
 /// figures among them); fails unless every one of `steps` passed there.
 fn passed(log: &Path, steps: &[&str]) -> Result<String> {
@@ -101,13 +112,7 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
     let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
     build(&dir)?;
     let log = dir.join(format!("guest-{}.log", std::process::id()));
-    let st = Command::new("bash")
-        .arg(script())
-        .arg("run")
-        .arg(&dir)
-        .arg("devd,sockperf")
-        .arg(&log)
-        .status()?;
+    let st = lab_sh("run", &dir, "devd,sockperf", &[&log])?;
     passed(&log, &["devd", "sockperf"])?;
     ensure!(st.success(), "lab.sh run: {st}");
     let _ = std::fs::remove_file(&log);
@@ -126,13 +131,12 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
     build(&dir)?;
     let logs = ["a", "b"].map(|h| dir.join(format!("pair-{h}-{}.log", std::process::id())));
-    let st = Command::new("bash")
-        .arg(script())
-        .arg("pair")
-        .arg(&dir)
-        .arg("net,peers,across,vfio,ntb")
-        .args(&logs)
-        .status()?;
+    let st = lab_sh(
+        "pair",
+        &dir,
+        "net,peers,across,vfio,ntb",
+        &[&logs[0], &logs[1]],
+    )?;
     for log in &logs {
         passed(log, &["net", "peers", "across", "vfio", "ntb"])?;
     }

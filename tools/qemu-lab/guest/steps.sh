@@ -29,6 +29,16 @@ dropped() {
     }' "$1"
 }
 
+# Whether every thread of process $1 is dropped; prints how many there are.
+all_dropped() {
+  n=0
+  for t in /proc/"$1"/task/*; do
+    dropped "$t/status" || return 1
+    n=$((n + 1))
+  done
+  echo "$n"
+}
+
 # devd started as the system service is (root, run_as ssock): it serves,
 # and every thread of it is the ssock user with no capabilities.
 step_devd() {
@@ -40,11 +50,7 @@ step_devd() {
     return 1
   fi
   pid=$(pidof devd)
-  n=0
-  for t in /proc/"$pid"/task/*; do
-    dropped "$t/status" || return 1
-    n=$((n + 1))
-  done
+  n=$(all_dropped "$pid") || { echo "$n"; return 1; }
   echo "QL: devd $pid serves as ssock with no capabilities, $n threads"
   grep -E '^(Uid|Gid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/"$pid"/status
   [ "$n" -ge 2 ]
@@ -136,7 +142,7 @@ step_peers() {
     [ "$i" -lt 300 ] || { echo "QL: no peer"; ringstat; cat /tmp/devd.log; return 1; }
     sleep 0.1
   done
-  for t in /proc/"$(pidof devd)"/task/*; do dropped "$t/status" || return 1; done
+  n=$(all_dropped "$(pidof devd)") || { echo "$n"; return 1; }
   echo "QL: devd node $(me) has node $(other) up as its peer, serving as ssock"
   ringstat | head -4
 }
@@ -217,11 +223,7 @@ step_ntb() {
     sleep 0.1
   done
   # It opened the device as root, and serves as ssock with no capabilities.
-  n=0
-  for t in /proc/"$devd_pid"/task/*; do
-    dropped "$t/status" || return 1
-    n=$((n + 1))
-  done
+  n=$(all_dropped "$devd_pid") || { echo "$n"; return 1; }
   echo "QL: devd node $(me): its ntb link over VFIO device $bdf is up; $n threads, as ssock with no capabilities"
   if [ "$QL_NAME" = b ]; then
     ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11115 > /tmp/sp-ntb-server.log 2>&1 &

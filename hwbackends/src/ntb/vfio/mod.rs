@@ -46,6 +46,17 @@ fn bad(what: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("vfio: {what}"))
 }
 
+/// Whether `a` is a PCI address as sysfs names devices: `dddd:bb:ss.f`,
+/// lower-case hexadecimal.
+pub fn pci_address(a: &str) -> bool {
+    a.len() == 12
+        && a.bytes().enumerate().all(|(i, c)| match i {
+            4 | 7 => c == b':',
+            10 => c == b'.',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+        })
+}
+
 /// A link's window on a VFIO-owned PCI device.
 pub struct VfioWindow {
     halves: Halves,
@@ -69,13 +80,7 @@ impl VfioWindow {
     /// Opens the PCI device `bdf` (as `0000:00:02.0`; bound to vfio-pci),
     /// this node's inbox being half `half` (0 or 1) of its window.
     pub fn open(bdf: &str, half: usize, regs: Box<dyn Registers>) -> io::Result<VfioWindow> {
-        let well_formed = bdf.len() == 12
-            && bdf.bytes().enumerate().all(|(i, c)| match i {
-                4 | 7 => c == b':',
-                10 => c == b'.',
-                _ => c.is_ascii_hexdigit(),
-            });
-        if !well_formed || half > 1 {
+        if !pci_address(bdf) || half > 1 {
             return Err(bad(format!("no PCI address {bdf:?} (half {half})")));
         }
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);

@@ -204,7 +204,7 @@ fn a_failed_fill_or_a_partial_take_loses_nothing(lab: &mut dyn Lab) {
     let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     // Small and large (a backend may copy them differently).
     for len in [100, data.len()] {
-        let r = lab.backend(a.at).send_with(a.ch, len, &mut |_| false);
+        let r = lab.backend(a.at).send_with(a.ch, len, &mut |_, _| false);
         assert_eq!(
             r.expect("send_with on an open channel"),
             0,
@@ -218,9 +218,10 @@ fn a_failed_fill_or_a_partial_take_loses_nothing(lab: &mut dyn Lab) {
         let mut asked = 0;
         let n = lab
             .backend(a.at)
-            .send_with(a.ch, data.len() - off, &mut |dst| {
-                asked = dst.len();
-                dst.copy_from_slice(&data[off..off + dst.len()]);
+            .send_with(a.ch, data.len() - off, &mut |at, dst| {
+                assert_eq!(at, asked, "pieces out of order");
+                asked += dst.len();
+                dst.copy_from(&data[off + at..off + at + dst.len()]);
                 true
             })
             .expect("send_with on an open channel");
@@ -228,17 +229,18 @@ fn a_failed_fill_or_a_partial_take_loses_nothing(lab: &mut dyn Lab) {
         off += n;
         lab.settle();
         // Nothing taken: nothing consumed.
-        let r = lab.backend(b.at).recv_with(b.ch, &mut |_, _| 0);
+        let r = lab.backend(b.at).recv_with(b.ch, &mut |_| 0);
         assert!(matches!(r, Ok(Recv::Data(0))), "{r:?}");
     }
     // Taken 100 bytes at a time, in order, from both pieces.
     let mut got = Vec::new();
     loop {
-        let r = lab.backend(b.at).recv_with(b.ch, &mut |x, y| {
-            let k = 100.min(x.len() + y.len());
-            let first = k.min(x.len());
-            got.extend_from_slice(&x[..first]);
-            got.extend_from_slice(&y[..k - first]);
+        let mut left = 100;
+        let r = lab.backend(b.at).recv_with(b.ch, &mut |p| {
+            let mut part = vec![0u8; left.min(p.len())];
+            let k = p.copy_to(&mut part[..]);
+            got.extend_from_slice(&part[..k]);
+            left -= k;
             k
         });
         match r.expect("recv_with on an open channel") {

@@ -41,21 +41,43 @@ pub mod router;
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 
-/// Shows `take` what waits in `q` and removes what it took (at most all
-/// of it); how many (a backend's `recv_with` from its per-channel queue).
-pub(crate) fn take_out(q: &mut VecDeque<u8>, take: &mut dyn FnMut(&[u8], &[u8]) -> usize) -> usize {
-    let (a, b) = q.as_slices();
-    let n = take(a, b).min(q.len());
+/// A stretch of bytes a copy goes to or comes from without a Rust
+/// reference to it: shared memory (a client's buffer, a link's window) or
+/// a backend's own (`VolatileSlice::from(&mut [u8])`).
+pub use vm_memory::VolatileSlice as Piece;
+
+/// Shows `take` what waits in `q`, piece by piece, and removes what it
+/// took (at most all of it); how many (a backend's `recv_with` from its
+/// per-channel queue).
+pub(crate) fn take_out(q: &mut VecDeque<u8>, take: &mut dyn FnMut(Piece<'_>) -> usize) -> usize {
+    let (a, b) = q.as_mut_slices();
+    let n = offer(&mut [a, b], take);
     q.drain(..n);
     n
 }
 
-/// Appends `n` bytes to `q` that `fill` writes in place (in one or two
-/// pieces: the queue may wrap); false from `fill` leaves `q` as it was.
+/// Shows `take` each of `pieces` in order until it takes less than one
+/// (or all are shown); how many bytes it took in all.
+pub(crate) fn offer(pieces: &mut [&mut [u8]], take: &mut dyn FnMut(Piece<'_>) -> usize) -> usize {
+    let mut n = 0;
+    for p in pieces.iter_mut().filter(|p| !p.is_empty()) {
+        let len = p.len();
+        let k = take(Piece::from(&mut **p)).min(len);
+        n += k;
+        if k < len {
+            break;
+        }
+    }
+    n
+}
+
+/// Appends `n` bytes to `q` that `fill` writes in place (called once per
+/// contiguous piece, with its offset among the `n`: the queue may wrap);
+/// false from `fill` leaves `q` as it was.
 pub(crate) fn fill_in(
     q: &mut VecDeque<u8>,
     n: usize,
-    fill: &mut dyn FnMut(&mut [u8]) -> bool,
+    fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
 ) -> bool {
     let old = q.len();
     q.resize(old + n, 0);
@@ -64,21 +86,11 @@ pub(crate) fn fill_in(
     // the tail of `b`.
     let ok = if b.len() >= n {
         let at = b.len() - n;
-        fill(&mut b[at..])
-    } else if b.is_empty() {
-        let at = a.len() - n;
-        fill(&mut a[at..])
+        fill(0, Piece::from(&mut b[at..]))
     } else {
-        // Split: one staging copy (rare: only where the queue wraps).
-        let mut tmp = vec![0u8; n];
-        let ok = fill(&mut tmp);
-        if ok {
-            let in_a = n - b.len();
-            let at = a.len() - in_a;
-            a[at..].copy_from_slice(&tmp[..in_a]);
-            b.copy_from_slice(&tmp[in_a..]);
-        }
-        ok
+        let in_a = n - b.len();
+        let at = a.len() - in_a;
+        fill(0, Piece::from(&mut a[at..])) && (b.is_empty() || fill(in_a, Piece::from(b)))
     };
     if !ok {
         q.truncate(old);
@@ -284,45 +296,46 @@ pub trait Backend: Send {
     fn deadline(&self) -> Option<std::time::Duration>;
     /// Opens channel `ch` towards `peer`.
     fn open(&mut self, ch: ChannelId, peer: Peer) -> Result<(), BackendError>;
-    /// Queues up to `len` bytes on `ch`, written by `fill` straight into
-    /// the slice it is given (the stream's next bytes; its length is how
-    /// many the backend accepts, at least one; `fill` writes all of it);
-    /// returns how many were accepted (0: window full, `fill` not called).
-    /// `fill` returning false (its source failed) queues nothing and
-    /// returns 0.
+    /// Queues up to `len` bytes on `ch`, written by `fill` straight where
+    /// the backend sends them from (a link's window, its own queue): the
+    /// backend accepts `k` of them (at least one) and calls `fill(at,
+    /// piece)` for each contiguous piece of those `k`, in order, `at` the
+    /// piece's offset among them; `fill` writes all of the piece. Returns
+    /// `k` (0: window full, `fill` not called). `fill` returning false
+    /// (its source failed) queues nothing and returns 0.
     fn send_with(
         &mut self,
         ch: ChannelId,
         len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError>;
     /// Queues bytes on `ch`; returns how many were accepted (0: window full).
     fn send(&mut self, ch: ChannelId, data: &[u8]) -> Result<usize, BackendError> {
-        self.send_with(ch, data.len(), &mut |dst| {
-            dst.copy_from_slice(&data[..dst.len()]);
+        self.send_with(ch, data.len(), &mut |at, dst| {
+            dst.copy_from(&data[at..at + dst.len()]);
             true
         })
     }
     /// Ends `ch`'s stream after the bytes sent so far.
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError>;
     /// Takes bytes that arrived for `ch` (which acknowledges them) with no
-    /// copy between: `take` is shown what waits, in order, in two pieces
-    /// (the second may be empty), and says how many bytes from the front
-    /// it took (`Recv::Data` of that many; not called: `Empty` or the
-    /// mark).
+    /// copy between: `take` is shown what waits, in order, piece by piece
+    /// (where the backend holds them: a link's window, its own queue), and
+    /// says how many bytes from the front of each it took; a piece not
+    /// taken whole is the last shown. `Recv::Data` of all it took (not
+    /// called: `Empty` or the mark).
     fn recv_with(
         &mut self,
         ch: ChannelId,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+        take: &mut dyn FnMut(Piece<'_>) -> usize,
     ) -> Result<Recv, BackendError>;
     /// Takes bytes that arrived for `ch` into `buf` (which acknowledges them).
     fn recv(&mut self, ch: ChannelId, buf: &mut [u8]) -> Result<Recv, BackendError> {
-        self.recv_with(ch, &mut |a, b| {
-            let first = a.len().min(buf.len());
-            let second = b.len().min(buf.len() - first);
-            buf[..first].copy_from_slice(&a[..first]);
-            buf[first..first + second].copy_from_slice(&b[..second]);
-            first + second
+        let mut got = 0;
+        self.recv_with(ch, &mut |p| {
+            let k = p.copy_to(&mut buf[got..]);
+            got += k;
+            k
         })
     }
     /// Bytes waiting to be received on `ch` (0 if none or closed).

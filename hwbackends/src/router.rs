@@ -8,7 +8,7 @@
 
 use crate::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, Mark, NodeId, Offsets, Peer,
-    Recv, Syscall, Words,
+    Piece, Recv, Syscall, Words,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -96,7 +96,7 @@ impl Backend for Router {
         &mut self,
         ch: ChannelId,
         len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         self.at_mut(ch)?.send_with(ch, len, fill)
     }
@@ -108,7 +108,7 @@ impl Backend for Router {
     fn recv_with(
         &mut self,
         ch: ChannelId,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+        take: &mut dyn FnMut(Piece<'_>) -> usize,
     ) -> Result<Recv, BackendError> {
         self.at_mut(ch)?.recv_with(ch, take)
     }

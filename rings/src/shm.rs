@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+use vm_memory::VolatileSlice;
 
 /// A shared mapping of `len` bytes of a file or device.
 #[derive(Debug)]
@@ -160,6 +161,22 @@ impl Mapping {
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len());
         }
+    }
+
+    /// The bytes at `off..off + len` as a [`VolatileSlice`]: a copy's
+    /// source or destination straight in the mapping (shared memory to
+    /// shared memory: `copy_to_volatile_slice`), never a Rust reference to
+    /// it. Only on a writable mapping (the slice can be written).
+    pub fn volatile(&self, off: usize, len: usize) -> VolatileSlice<'_> {
+        assert!(self.writable, "a slice of a read-only mapping");
+        self.check(off, len, 1);
+        // SAFETY: the range lies inside the mapping (checked) and the
+        // mapping is writable (asserted), so any access through the slice
+        // stays in mapped, writable memory; the slice borrows `self`, so
+        // the mapping outlives it; VolatileSlice only copies through raw
+        // pointers, which memory another process writes at any time needs
+        // (a racing peer changes which bytes are copied, never where).
+        unsafe { VolatileSlice::new(self.ptr.as_ptr().add(off), len) }
     }
 
     /// Copies from the mapping at `off` into `dst`.

@@ -7,8 +7,8 @@ use super::engine::{self, Cmd, SideInit, SideSpec};
 use crate::stats::{EngineCounts, QueuedCounters};
 use ssock_hwbackends::loopback::Loopback;
 use ssock_hwbackends::{
-    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
-    Words,
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Piece, Recv,
+    Syscall, Words,
 };
 use ssock_rings::layout::{self, QueuedLayout, FLAG_EOS, FLAG_RESET};
 use ssock_rings::shm::Mapping;
@@ -51,7 +51,7 @@ impl Backend for AsRemote {
         &mut self,
         ch: ChannelId,
         len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         self.0.send_with(ch, len, fill)
     }
@@ -61,7 +61,7 @@ impl Backend for AsRemote {
     fn recv_with(
         &mut self,
         ch: ChannelId,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+        take: &mut dyn FnMut(Piece<'_>) -> usize,
     ) -> Result<Recv, BackendError> {
         self.0.recv_with(ch, take)
     }

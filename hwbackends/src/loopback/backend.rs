@@ -3,8 +3,8 @@
 
 use super::DEFAULT_WINDOW;
 use crate::{
-    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Recv, Syscall,
-    Words,
+    Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Piece, Recv,
+    Syscall, Words,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
@@ -106,7 +106,7 @@ impl Backend for Loopback {
         &mut self,
         ch: ChannelId,
         len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         let me = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
         if me.ended {
@@ -155,7 +155,7 @@ impl Backend for Loopback {
     fn recv_with(
         &mut self,
         ch: ChannelId,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+        take: &mut dyn FnMut(Piece<'_>) -> usize,
     ) -> Result<Recv, BackendError> {
         let me = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
         if me.inbox.is_empty() {

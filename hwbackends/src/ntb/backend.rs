@@ -1,12 +1,14 @@
 //! [`Ntb`]: channels to one peer node through a [`Window`]. Frames go
-//! into the peer's inbox and are published with its producer word and a
-//! doorbell at the end of the engine's turn (`poll`); small payloads are
-//! copied at `send` (PIO), larger ones reserved then and copied in one
-//! batch before publishing (the stand-in for a DMA engine). What arrives
-//! in this node's inbox is checked, copied into per-channel queues (at
-//! most a window each, which the peer may not exceed) and its room given
-//! back through the peer's consumer word; a channel's receiver
-//! acknowledges what its `recv` took with an Ack frame.
+//! into the peer's inbox, each payload copied there straight from the
+//! sender's source (a client's TX buffer: one copy), and are published
+//! in a batch with the producer word and a doorbell at the end of the
+//! engine's turn (`poll`). What arrives in this node's inbox is checked
+//! and held there per channel (at most a window each, which the peer may
+//! not exceed: `rxq.rs`): a reader takes it straight from the inbox, and
+//! what a turn left untaken is copied out at the next poll, so that the
+//! room goes back through the peer's consumer word a turn later at most;
+//! a channel's receiver acknowledges what its `recv` took with an Ack
+//! frame.
 //!
 //! Each start is a new epoch: a side reads its inbox only once the peer
 //! started over for its epoch (reset its words there), and a peer seen with
@@ -17,25 +19,27 @@
 //! the heartbeat stops, so that the peer sees the link down too.
 
 use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING, WORDS};
+use super::rxq::RxQueue;
 use super::window::Window;
-use super::{BEAT, DEAD, DMA_MIN};
+use super::{BEAT, DEAD};
+
+/// Payloads below this size are copied out of the inbox as they are taken
+/// in (unless some of their channel's are held): the room they take goes
+/// back to the peer in the same poll, as a ping-pong's reply is awaited.
+const HOLD_MIN: usize = 4096;
 use crate::{
     link_of, Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, LinkState, Mark,
-    NodeId, Offsets, Peer, Recv, Syscall, Words,
+    NodeId, Offsets, Peer, Piece, Recv, Syscall, Words,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-/// Batch-copy buffers kept for reuse (each up to a frame of
-/// `MAX_PAYLOAD`).
-const SPARE_FRAMES: usize = 32;
-
 struct Chan {
     /// The peer node's channel.
     dst: ChannelId,
     /// Bytes that arrived, not yet received.
-    rxq: VecDeque<u8>,
+    rxq: RxQueue,
     rx_mark: Option<Mark>,
     /// Bytes `recv` took (what an Ack says).
     taken: u64,
@@ -52,10 +56,13 @@ struct Chan {
 /// What the backend counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Data frames copied at `send`.
-    pub pio: u64,
-    /// Data frames copied in a batch at the end of a turn.
-    pub dma: u64,
+    /// Data frames written into the peer's inbox.
+    pub data: u64,
+    /// Receives that took bytes straight from this node's inbox.
+    pub taken_in_place: u64,
+    /// Copies out of this node's inbox (a channel's held payloads, once
+    /// per poll at most), their reader slow.
+    pub copied_out: u64,
     /// Doorbells rung.
     pub doorbells: u64,
     /// Doorbells not rung: the peer was awake.
@@ -87,16 +94,18 @@ pub struct Ntb {
     published: u64,
     /// How far the peer read its inbox (from this node's inbox, checked).
     peer_cons: u64,
-    /// Reserved frames waiting for the batch copy.
-    dma: Vec<(u64, Vec<u8>)>,
-    /// Their buffers once copied, for the next ones (a freed 64 KiB
-    /// buffer may go back to the system: a TLB shootdown on every CPU).
-    spare: Vec<Vec<u8>>,
     /// Frames that found no room yet (marks, acks, closes, words), in
     /// order, with their payload.
     ctl: VecDeque<(Header, [u8; WORDS])>,
     /// This node's read position in its inbox.
     cons: u64,
+    /// Where the first payload still held in the inbox starts (its
+    /// frame), if one is.
+    held_from: Option<u64>,
+    /// The channels holding payloads in the inbox.
+    holding: Vec<ChannelId>,
+    /// The consumer word this node gave the peer last.
+    freed: u64,
     beat: u64,
     beat_at: Instant,
     peer_beat: u64,
@@ -112,14 +121,15 @@ pub struct Ntb {
     bell_due: bool,
     events: Vec<LinkEvent>,
     counters: Counters,
-    scratch: Vec<u8>,
 }
 
 impl Ntb {
     /// Link `link` to node `peer` through `win`, each channel with
-    /// `window` bytes in flight at most (the ring must hold more).
+    /// `window` bytes in flight at most (no more than half the ring: one
+    /// channel never fills it).
     pub fn new(peer: NodeId, link: LinkId, win: Box<dyn Window>, window: usize) -> Ntb {
         let ring = u64::try_from(win.size().saturating_sub(RING)).unwrap_or(0);
+        let window = window.min(usize::try_from(ring / 2).unwrap_or(usize::MAX));
         let mut e = [0u8; 8];
         let _ = ssock_rings::sys::random(&mut e);
         let epoch = u64::from_le_bytes(e).max(1);
@@ -153,10 +163,11 @@ impl Ntb {
             prod: 0,
             published: 0,
             peer_cons: 0,
-            dma: Vec::new(),
-            spare: Vec::new(),
             ctl: VecDeque::new(),
             cons: 0,
+            held_from: None,
+            holding: Vec::new(),
+            freed: 0,
             beat: 0,
             beat_at: now.checked_sub(BEAT).unwrap_or(now),
             peer_beat: 0,
@@ -168,7 +179,6 @@ impl Ntb {
             bell_due: false,
             events: Vec::new(),
             counters: Counters::default(),
-            scratch: vec![0u8; MAX_PAYLOAD],
         }
     }
 
@@ -228,7 +238,9 @@ impl Ntb {
             self.published = 0;
             self.peer_cons = 0;
             self.cons = 0;
-            self.dma.clear();
+            self.held_from = None;
+            self.holding.clear();
+            self.freed = 0;
             self.win.store(inbox::OFF_PROD, 0);
             self.win.store(inbox::OFF_CONS, 0);
             self.win.store(inbox::OFF_SEEN, e);
@@ -274,6 +286,21 @@ impl Ntb {
         }
     }
 
+    /// Has `fill` write `n` bytes straight into the peer's ring at
+    /// position `pos`, wrapping: one or two pieces.
+    fn ring_fill(
+        &self,
+        pos: u64,
+        n: usize,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
+    ) -> bool {
+        let at = usize::try_from(pos % self.ring).unwrap_or(0);
+        let ring = usize::try_from(self.ring).unwrap_or(0);
+        let first = n.min(ring - at);
+        fill(0, self.win.peer_piece(RING + at, first))
+            && (first == n || fill(first, self.win.peer_piece(RING, n - first)))
+    }
+
     /// Copies from this node's ring at position `pos`, wrapping.
     fn ring_read(&self, pos: u64, b: &mut [u8]) {
         ring_read(&*self.win, self.ring, pos, b);
@@ -313,18 +340,11 @@ impl Ntb {
         }
     }
 
-    /// The batch copy, the control frames that wait, the acks due; then
+    /// The control frames that wait, the acks due; then
     /// the producer word and one doorbell.
     fn flush(&mut self) {
         if !self.synced {
             return;
-        }
-        for (pos, frame) in std::mem::take(&mut self.dma) {
-            self.ring_write(pos, &frame);
-            self.counters.dma += 1;
-            if self.spare.len() < SPARE_FRAMES {
-                self.spare.push(frame);
-            }
         }
         while let Some(&(h, payload)) = self.ctl.front() {
             if !self.put(&h, &payload[..h.len]) {
@@ -469,7 +489,6 @@ impl Ntb {
             );
             return self.hostile(&why);
         }
-        let start = self.cons;
         while self.cons < prod {
             let avail = usize::try_from(prod - self.cons).unwrap_or(usize::MAX);
             let mut hb = [0u8; HDR];
@@ -484,8 +503,30 @@ impl Ntb {
                 return self.hostile(&why);
             }
         }
-        if self.cons != start {
-            self.win.store(inbox::OFF_CONS, self.cons);
+    }
+
+    /// Copies every payload still held in the inbox out of it (their
+    /// readers took none in the turn since they came).
+    fn copy_out(&mut self) {
+        for ch in std::mem::take(&mut self.holding) {
+            if let Some(c) = self.chans.get_mut(&ch).filter(|c| c.rxq.holds()) {
+                c.rxq.copy_out(&*self.win, self.ring);
+                self.counters.copied_out += 1;
+            }
+        }
+        self.held_from = None;
+    }
+
+    /// Gives the peer back the inbox's room up to the first payload still
+    /// held (all it read when none is).
+    fn give_room(&mut self) {
+        if self.hostile || self.out_of_service || !self.synced {
+            return;
+        }
+        let to = self.held_from.unwrap_or(self.cons);
+        if to != self.freed {
+            self.freed = to;
+            self.win.store(inbox::OFF_CONS, to);
             self.bell_due = true;
         }
     }
@@ -509,12 +550,17 @@ impl Ntb {
                         c.rxq.len() + h.len - self.peer_window
                     ));
                 }
-                // Straight from the ring into the channel's queue.
-                let (win, ring) = (&*self.win, self.ring);
-                crate::fill_in(&mut c.rxq, h.len, &mut |dst| {
-                    ring_read(win, ring, at, dst);
-                    true
-                });
+                if h.len < HOLD_MIN && !c.rxq.holds() {
+                    // Small: copied out now, its room given back at once.
+                    c.rxq.copy(&*self.win, self.ring, at, h.len);
+                } else {
+                    // Held where it is until the reader takes it.
+                    if !c.rxq.holds() {
+                        self.holding.push(h.dst);
+                    }
+                    c.rxq.hold(at, h.len);
+                    self.held_from.get_or_insert(at - HDR as u64);
+                }
             }
             Kind::Eos | Kind::Reset => {
                 let m = if h.kind == Kind::Eos {
@@ -593,9 +639,11 @@ impl Backend for Ntb {
             self.win.store(inbox::OFF_ASLEEP, 0);
         }
         self.win.drain();
+        self.copy_out();
         self.sync();
         self.link(Instant::now());
         self.take_in();
+        self.give_room();
         self.flush();
         if std::mem::take(&mut self.bell_due) {
             self.wake_peer();
@@ -652,7 +700,7 @@ impl Backend for Ntb {
             ch,
             Chan {
                 dst: channel,
-                rxq: VecDeque::new(),
+                rxq: RxQueue::default(),
                 rx_mark: None,
                 taken: 0,
                 ack_due: false,
@@ -670,7 +718,7 @@ impl Backend for Ntb {
         &mut self,
         ch: ChannelId,
         len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> bool,
+        fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         let c = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
         if c.ended {
@@ -714,34 +762,15 @@ impl Backend for Ntb {
             dst: c.dst,
             src: ch,
         };
-        if n < DMA_MIN {
-            let mut buf = std::mem::take(&mut self.scratch);
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            let filled = fill(&mut buf[..n]);
-            if filled {
-                self.put(&h, &buf[..n]);
-                self.counters.pio += 1;
-            }
-            self.scratch = buf;
-            if !filled {
-                return Ok(0);
-            }
-        } else {
-            // The source is copied into the frame the batch copy takes
-            // (a spare one keeps its length: no zeroing for nothing).
-            let mut frame = self.spare.pop().unwrap_or_default();
-            frame.resize(HDR + n, 0);
-            frame[..HDR].copy_from_slice(&inbox::encode(&h));
-            if !fill(&mut frame[HDR..]) {
-                self.spare.push(frame);
-                return Ok(0);
-            }
-            let pos = self.prod;
-            self.prod += inbox::frame_size(n) as u64;
-            self.dma.push((pos, frame));
+        // Straight from the source into the frame's place in the peer's
+        // ring; published (the producer word) at the end of the turn.
+        let pos = self.prod;
+        if !self.ring_fill(pos + HDR as u64, n, fill) {
+            return Ok(0); // beyond the producer: never published
         }
+        self.ring_write(pos, &inbox::encode(&h));
+        self.prod += inbox::frame_size(n) as u64;
+        self.counters.data += 1;
         if let Some(c) = self.chans.get_mut(&ch) {
             c.out.sent += n as u64;
         }
@@ -779,7 +808,7 @@ impl Backend for Ntb {
     fn recv_with(
         &mut self,
         ch: ChannelId,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> usize,
+        take: &mut dyn FnMut(Piece<'_>) -> usize,
     ) -> Result<Recv, BackendError> {
         let c = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
         if c.rxq.is_empty() {
@@ -788,7 +817,11 @@ impl Backend for Ntb {
                 None => Recv::Empty,
             });
         }
-        let n = crate::take_out(&mut c.rxq, take);
+        let in_place = c.rxq.holds();
+        let n = c.rxq.take(&*self.win, self.ring, take);
+        if in_place && n > 0 {
+            self.counters.taken_in_place += 1;
+        }
         if n > 0 {
             c.taken += n as u64;
             c.ack_due = true;

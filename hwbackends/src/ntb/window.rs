@@ -99,6 +99,22 @@ pub trait Window: Send {
         h.map.write_bytes(h.theirs + off, src);
     }
 
+    /// `len` bytes of this node's inbox at `off`, to copy from (a
+    /// payload straight into a reader's buffer).
+    fn inbox_piece(&self, off: usize, len: usize) -> crate::Piece<'_> {
+        let h = self.halves();
+        assert!(off + len <= h.size, "read beyond the inbox");
+        h.map.volatile(h.mine + off, len)
+    }
+
+    /// `len` bytes of the peer's inbox at `off`, to copy into (a payload
+    /// straight from a writer's buffer).
+    fn peer_piece(&self, off: usize, len: usize) -> crate::Piece<'_> {
+        let h = self.halves();
+        assert!(off + len <= h.size, "write beyond the peer's inbox");
+        h.map.volatile(h.theirs + off, len)
+    }
+
     /// Stores the 64-bit word at `off` of the peer's inbox (release).
     fn store(&self, off: usize, v: u64) {
         let h = self.halves();

@@ -11,7 +11,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
 
 /// Why a device-side operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,28 @@ impl DeviceRegion {
         self.mem
             .read_slice(dst, GuestAddress(addr))
             .map_err(DeviceError::Memory)
+    }
+
+    /// Copies the region's bytes at `addr` into all of `dst` (a validated
+    /// TX buffer straight into where a backend sends from).
+    pub fn read_into(&self, addr: u64, dst: VolatileSlice<'_>) -> Result<(), DeviceError> {
+        let src = self
+            .mem
+            .get_slice(GuestAddress(addr), dst.len())
+            .map_err(DeviceError::Memory)?;
+        src.copy_to_volatile_slice(dst);
+        Ok(())
+    }
+
+    /// Copies all of `src` into the region at `addr` (a validated RX
+    /// buffer, straight from where a backend received it).
+    pub fn write_from(&self, addr: u64, src: VolatileSlice<'_>) -> Result<(), DeviceError> {
+        let dst = self
+            .mem
+            .get_slice(GuestAddress(addr), src.len())
+            .map_err(DeviceError::Memory)?;
+        src.copy_to_volatile_slice(dst);
+        Ok(())
     }
 
     /// Copies `src` into the region (a validated RX buffer).

@@ -397,9 +397,10 @@ fn send_buf(
     Option<ssock_rings::vq::device::DeviceError>,
 ) {
     let mut bad = None;
-    let sent = backend.send_with(ch, max, &mut |dst| match side
+    let from = buf.addr + off as u64;
+    let sent = backend.send_with(ch, max, &mut |at, dst| match side
         .region
-        .read(buf.addr + off as u64, dst)
+        .read_into(from + at as u64, dst)
     {
         Ok(()) => true,
         Err(e) => {
@@ -462,6 +463,7 @@ pub fn spawn(
                 ready: Vec::new(),
                 remote: std::collections::HashSet::new(),
                 spin_until: None,
+                called: false,
                 lingering: std::collections::HashSet::new(),
                 lingered: Instant::now(),
                 unheard: HashMap::new(),
@@ -499,6 +501,8 @@ struct Engine {
     /// (`spin_for_news`).
     remote: std::collections::HashSet<u64>,
     spin_until: Option<Instant>,
+    /// This turn woke a client (its call eventfd).
+    called: bool,
     /// Connections whose one side here went and waits (`LINGER`), and
     /// when they were last looked at.
     lingering: std::collections::HashSet<u64>,
@@ -633,6 +637,9 @@ impl Engine {
         let Some(until) = self.spin_until else {
             return false;
         };
+        if std::mem::take(&mut self.called) {
+            std::thread::yield_now();
+        }
         let left = until.saturating_duration_since(Instant::now());
         let mut spin = ssock_rings::notify::Spin::new(left);
         // Looked up once: nothing changes them while the engine spins.
@@ -1467,6 +1474,7 @@ impl Engine {
         let side = &mut pair.sides[s];
         if used && side.region.needs_notification(q).unwrap_or(true) {
             let _ = side.call.notify();
+            self.called = true;
             QueuedCounters::add(&pair.counters.calls[pair.sides[s].end & 1], 1);
         } else if used {
             QueuedCounters::add(&pair.counters.calls_suppressed[pair.sides[s].end & 1], 1);
@@ -1520,18 +1528,21 @@ impl Engine {
             let want = buf.len as usize;
             let side = &mut pair.sides[s];
             let mut wrote = Ok(());
-            let got = self.backend.recv_with(ch, &mut |a, b| {
-                let first = a.len().min(want);
-                let second = b.len().min(want - first);
-                wrote = side
-                    .region
-                    .write(buf.addr, &a[..first])
-                    .and_then(|_| side.region.write(buf.addr + first as u64, &b[..second]));
-                if wrote.is_ok() {
-                    first + second
-                } else {
-                    0
+            let mut at = 0;
+            let got = self.backend.recv_with(ch, &mut |piece| {
+                let k = piece.len().min(want - at);
+                if wrote.is_err() || k == 0 {
+                    return 0;
                 }
+                let Ok(part) = piece.subslice(0, k) else {
+                    return 0;
+                };
+                wrote = side.region.write_from(buf.addr + at as u64, part);
+                if wrote.is_err() {
+                    return 0;
+                }
+                at += k;
+                k
             });
             let n = match got {
                 Ok(Recv::Data(n)) => n,

@@ -9,7 +9,8 @@
 //! by copy, so a peer changing them later cannot change a checked value.
 //!
 //! Concurrency: the control words are accessed only through atomics. Ring
-//! payload bytes are copied with `ptr::copy_nonoverlapping` while the ring
+//! payload bytes are copied with `ptr::copy_nonoverlapping` (or through a
+//! `VolatileSlice`, `volatile`: the same raw copies) while the ring
 //! protocol says the other side does not touch that range; a peer that
 //! breaks the protocol can only garble the bytes it is itself sending.
 
@@ -173,9 +174,12 @@ impl Mapping {
         // SAFETY: the range lies inside the mapping (checked) and the
         // mapping is writable (asserted), so any access through the slice
         // stays in mapped, writable memory; the slice borrows `self`, so
-        // the mapping outlives it; VolatileSlice only copies through raw
-        // pointers, which memory another process writes at any time needs
-        // (a racing peer changes which bytes are copied, never where).
+        // the mapping outlives it. VolatileSlice wants every other access
+        // to be volatile: none here forms a Rust reference to these bytes
+        // (this process copies them with raw-pointer copies, `read_bytes`,
+        // `write_bytes` and vm-memory's own, the other process as it
+        // likes), so a racing writer changes which bytes a copy gets,
+        // never where it reads or writes.
         unsafe { VolatileSlice::new(self.ptr.as_ptr().add(off), len) }
     }
 

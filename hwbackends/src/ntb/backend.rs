@@ -22,11 +22,6 @@ use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING, WORDS};
 use super::rxq::RxQueue;
 use super::window::Window;
 use super::{BEAT, DEAD};
-
-/// Payloads below this size are copied out of the inbox as they are taken
-/// in (unless some of their channel's are held): the room they take goes
-/// back to the peer in the same poll, as a ping-pong's reply is awaited.
-const HOLD_MIN: usize = 4096;
 use crate::{
     link_of, Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, LinkState, Mark,
     NodeId, Offsets, Peer, Piece, Recv, Syscall, Words,
@@ -34,6 +29,12 @@ use crate::{
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
+
+/// Payloads below this size are copied out of the inbox as they are taken
+/// in, unless some of their channel's are held (then they are held behind
+/// them): with nothing else held in that poll, the room goes back to the
+/// peer in the same poll, as a ping-pong's reply is awaited.
+const HOLD_MIN: usize = 4096;
 
 struct Chan {
     /// The peer node's channel.
@@ -125,8 +126,8 @@ pub struct Ntb {
 
 impl Ntb {
     /// Link `link` to node `peer` through `win`, each channel with
-    /// `window` bytes in flight at most (no more than half the ring: one
-    /// channel never fills it).
+    /// `window` bytes in flight at most (no more than half the ring's
+    /// payload: one channel does not fill it).
     pub fn new(peer: NodeId, link: LinkId, win: Box<dyn Window>, window: usize) -> Ntb {
         let ring = u64::try_from(win.size().saturating_sub(RING)).unwrap_or(0);
         let window = window.min(usize::try_from(ring / 2).unwrap_or(usize::MAX));
@@ -481,11 +482,13 @@ impl Ntb {
                 }
             }
         }
-        if prod < self.cons || prod - self.cons > self.ring {
+        // The peer writes only into the room given back (`freed`, at most
+        // `cons`): a producer beyond it overwrote what is held here.
+        if prod < self.cons || prod - self.freed > self.ring {
             let why = format!(
                 "producer word {prod} outside {}..={}",
                 self.cons,
-                self.cons + self.ring
+                self.freed + self.ring
             );
             return self.hostile(&why);
         }
@@ -817,9 +820,9 @@ impl Backend for Ntb {
                 None => Recv::Empty,
             });
         }
-        let in_place = c.rxq.holds();
+        let held = c.rxq.held();
         let n = c.rxq.take(&*self.win, self.ring, take);
-        if in_place && n > 0 {
+        if c.rxq.held() < held {
             self.counters.taken_in_place += 1;
         }
         if n > 0 {

@@ -15,8 +15,10 @@
 //!   this window for (both must say the same);
 //! - 64 heartbeat: the peer's counter, bumped every `BEAT`;
 //! - 128 producer: how many ring bytes the peer has published;
-//! - 192 consumer: how many bytes of *its own* inbox the peer has read
-//!   (the owner's frames it took: room for the owner to write again);
+//! - 192 consumer: how many bytes of *its own* inbox the peer is done
+//!   with (the owner's frames it read and no longer holds: room for the
+//!   owner to write again; behind what it read while it holds payloads
+//!   for its readers);
 //! - 256 asleep: non-zero while the peer's engine sleeps (set before it
 //!   looks for news a last time): the owner rings the peer's doorbell
 //!   after publishing only then. Only a hint: a false value delays the

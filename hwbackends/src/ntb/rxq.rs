@@ -56,6 +56,11 @@ impl RxQueue {
         self.held_len > 0
     }
 
+    /// How many of its bytes are still in the inbox.
+    pub(super) fn held(&self) -> usize {
+        self.held_len
+    }
+
     /// Copies what is held out of the inbox (`win`'s ring of `ring` bytes)
     /// into the channel's own queue: its room may go back to the peer.
     pub(super) fn copy_out(&mut self, win: &dyn Window, ring: u64) {

@@ -1,6 +1,6 @@
 //! The conformance suite on two ntb nodes joined by an emulated window,
 //! then what only a link between hosts does: heartbeats and link events,
-//! a hostile inbox, both copy paths.
+//! a hostile inbox, payloads read in place or copied out.
 
 use super::inbox::{self, RING};
 use super::{MemWindow, Ntb, Window, DEAD};

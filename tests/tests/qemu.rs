@@ -10,7 +10,7 @@
 //! binds the ivshmem-doorbell device they share to vfio-pci, their devds
 //! take it as their ntb link's window through VFIO (`ntb::VfioWindow`),
 //! and sockperf under ssock-run crosses that link as a remote Queued
-//! connection, counted by both devds. The
+//! connection, counted by both devds, which then stop with status 0. The
 //! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
 //! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
 //! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
@@ -134,11 +134,11 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     let st = lab_sh(
         "pair",
         &dir,
-        "net,peers,across,vfio,ntb",
+        "net,peers,across,vfio,ntb,stop",
         &[&logs[0], &logs[1]],
     )?;
     for log in &logs {
-        passed(log, &["net", "peers", "across", "vfio", "ntb"])?;
+        passed(log, &["net", "peers", "across", "vfio", "ntb", "stop"])?;
     }
     ensure!(st.success(), "lab.sh pair: {st}");
     for log in &logs {

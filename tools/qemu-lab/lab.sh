@@ -10,7 +10,7 @@
 #          download: nothing is installed but QEMU's libraries; root)
 #        tools/qemu-lab/lab.sh build DIR BIN
 #          DIR/initramfs.cpio.gz from BIN (devd, ssock-run, libssock.so,
-#          ringstat), sockperf, the guest's scripts (guest/) and modules
+#          ringstat), sockperf, socat, the guest's scripts (guest/) and modules
 #        tools/qemu-lab/lab.sh run DIR STEPS LOG [QEMU ARGS...]
 #          one guest running STEPS (comma-separated, guest/steps.sh) and
 #          powering off; its console in LOG; exit 0 only if the guest said
@@ -105,7 +105,10 @@ build() {
     for b in devd ssock-run ringstat libssock.so; do strip --strip-debug "$st$bin/$b"; done
   fi
   # The real programs the steps run.
-  with_libs "$(command -v sockperf)" "$st"
+  for b in sockperf socat; do
+    command -v "$b" >/dev/null || { echo "qemu-lab: $b is not installed" >&2; exit 1; }
+    with_libs "$(command -v "$b")" "$st"
+  done
   # Modules: sock_diag for TCP (devd's look-ups of sockets), with what
   # they depend on, as the guest's kernel has them.
   depmod -b "$root" "$kv"

@@ -253,12 +253,99 @@ step_ntb() {
   echo "QL: devd node $(me): $remote $bytes, $msix MSI-X interrupts"
   echo "$remote" | grep -q '"connections":[1-9]' || return 1
   echo "$bytes" | grep -q '"queued":[1-9]' || return 1
-  [ "$msix" -gt 0 ] || return 1
-  # devd stops cleanly with its VFIO link (its seccomp filter would kill it
-  # for a system call the link's teardown made).
+  [ "$msix" -gt 0 ]
+}
+
+# Bytes this host's devd moved through its engine (Queued, its own end's
+# writes: the other host's engine counts the other end's).
+queued_bytes() {
+  ringstat --json | tr -d ' \n' | grep -o '"bytes":{[^}]*}' | head -1 |
+    grep -o '"queued":[0-9]*' | cut -d: -f2
+}
+
+# BULK_BYTES the same on both guests, never the same 1 MiB twice: devd's
+# binary again and again, each copy after a line that numbers it ($1
+# tells the two directions apart).
+bulk_data() {
+  i=0
+  while [ "$i" -lt 128 ]; do
+    echo "$1 $i"
+    cat "$(command -v devd)"
+    i=$((i + 1))
+  done | head -c "$BULK_BYTES"
+}
+
+BULK_BYTES=${BULK_BYTES:-4194304}
+# What a failed transfer leaves to look at; a tells b.
+bulk_failed() {
+  echo "QL: bulk failed: $(cat "$1")"
+  ringstat
+  ringstat --json | tr -d ' \n' | grep -o '"connections":\[.*' | cut -c1-3000
+  tail -20 /tmp/devd-ntb.log
+  [ "$QL_NAME" = a ] && echo failed | nc 10.78.0.2 9997
+}
+
+# NOT YET PASSING, so not among the steps tests/tests/qemu.rs runs: a
+# reproducer. In the guests (TCG, the ntb link over VFIO) the first
+# transfer never ends (4 MiB: the bytes go through a's engine, yet socat
+# on a does not finish within 120 s), with the code before 2026-12-05's
+# change too; the same socat transfer of 64 MiB in the two-host lab
+# (tools/two-host-lab.sh, the link over a shared file) ends in 0.2 s,
+# every byte right. Run it with `lab.sh pair DIR
+# net,peers,vfio,ntb,bulk,stop LOGA LOGB`.
+#
+# After step ntb, its devd still serving: BULK_BYTES (64 MiB once it
+# passes) each way across the ntb
+# link over VFIO with socat under ssock-run (a to b on port 11116, then b
+# to a on 11117), each received file checked against what its sender
+# wrote (`bulk_data`, made on both sides), and each host's devd's
+# engine counted its own BULK_BYTES at least.
+step_bulk() {
+  pidof devd > /dev/null || { echo "QL: no devd (step ntb first)"; return 1; }
+  bulk_data a-to-b > /tmp/a-to-b
+  bulk_data b-to-a > /tmp/b-to-a
+  before=$(queued_bytes)
+  t0=$(date +%s)
+  if [ "$QL_NAME" = b ]; then
+    ssock-run -- socat -u TCP-LISTEN:11116,reuseaddr CREATE:/tmp/got-a > /tmp/bulk-in.log 2>&1 &
+    r=$!
+    ssock-run -- socat -u TCP-LISTEN:11117,reuseaddr OPEN:/tmp/b-to-a > /tmp/bulk-out.log 2>&1 &
+    w=$!
+    msg=$(timeout 300 nc -l -p 9997)
+    echo "QL: a said: $msg"
+    [ "$msg" = done ] || { bulk_failed /tmp/bulk-in.log; kill "$r" "$w"; return 1; }
+    wait "$r" && wait "$w" || { echo "QL: socat failed"; cat /tmp/bulk-*.log; return 1; }
+    got=/tmp/got-a want=/tmp/a-to-b
+  else
+    for port in 11116 11117; do
+      i=0
+      until ringstat --json | tr -d ' \n' | grep -q "\"0.0.0.0:$port\""; do
+        i=$((i + 1))
+        [ "$i" -lt 300 ] || { echo "QL: b's listener $port not heard of"; echo failed | nc 10.78.0.2 9997; return 1; }
+        sleep 0.1
+      done
+    done
+    timeout 120 ssock-run -- socat -u OPEN:/tmp/a-to-b TCP:10.78.0.2:11116 > /tmp/bulk-out.log 2>&1 ||
+      { bulk_failed /tmp/bulk-out.log; return 1; }
+    timeout 120 ssock-run -- socat -u TCP:10.78.0.2:11117 CREATE:/tmp/got-b > /tmp/bulk-in.log 2>&1 ||
+      { bulk_failed /tmp/bulk-in.log; return 1; }
+    echo done | nc 10.78.0.2 9997
+    got=/tmp/got-b want=/tmp/b-to-a
+  fi
+  moved=$(($(queued_bytes) - before))
+  echo "QL: bulk: $(wc -c < "$got") bytes in, $moved bytes out through the engine, $(($(date +%s) - t0)) s"
+  cmp "$got" "$want" || { echo "QL: the bytes received are not the bytes sent"; return 1; }
+  [ "$moved" -ge "$BULK_BYTES" ] || { echo "QL: under $BULK_BYTES bytes went through the engine: not over the link"; return 1; }
+}
+
+# devd stops cleanly with its VFIO link (its seccomp filter would kill it
+# for a system call the link's teardown made): the devd step ntb started.
+step_stop() {
+  [ -n "${devd_pid:-}" ] || { echo "QL: no devd of step ntb's"; return 1; }
   kill "$devd_pid"
   wait "$devd_pid"
   rc=$?
   echo "QL: devd node $(me) stopped: exit status $rc"
   [ "$rc" = 0 ]
 }
+

@@ -10,7 +10,9 @@
 //! binds the ivshmem-doorbell device they share to vfio-pci, their devds
 //! take it as their ntb link's window through VFIO (`ntb::VfioWindow`),
 //! and sockperf under ssock-run crosses that link as a remote Queued
-//! connection, counted by both devds, which then stop with status 0. The
+//! connection, counted by both devds; then 64 MiB each way with socat
+//! under ssock-run, checked byte for byte, through both engines; then
+//! both devds stop with status 0. The
 //! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
 //! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
 //! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
@@ -124,7 +126,8 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     // Then each binds its ivshmem-doorbell device (the window the host's
     // ssock-ivshmem-server hands both) to vfio-pci behind the IOMMU, and
     // their devds, on it through VFIO, bring their ntb link up and carry
-    // sockperf across it as a remote Queued connection.
+    // sockperf across it as a remote Queued connection, then 64 MiB each
+    // way with socat.
     let Some(dir) = lab()? else {
         return Ok(());
     };
@@ -134,11 +137,14 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     let st = lab_sh(
         "pair",
         &dir,
-        "net,peers,across,vfio,ntb,stop",
+        "net,peers,across,vfio,ntb,bulk,stop",
         &[&logs[0], &logs[1]],
     )?;
     for log in &logs {
-        passed(log, &["net", "peers", "across", "vfio", "ntb", "stop"])?;
+        passed(
+            log,
+            &["net", "peers", "across", "vfio", "ntb", "bulk", "stop"],
+        )?;
     }
     ensure!(st.success(), "lab.sh pair: {st}");
     for log in &logs {

@@ -276,6 +276,9 @@ bulk_data() {
 }
 
 BULK_BYTES=${BULK_BYTES:-67108864}
+# This guest's uptime in hundredths of a second.
+uptime_cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+
 # What a failed transfer leaves to look at; a tells b.
 bulk_failed() {
   echo "QL: bulk failed: $(cat "$1")"
@@ -287,7 +290,8 @@ bulk_failed() {
 
 # After step ntb, its devd still serving: BULK_BYTES (64 MiB) each way
 # across the ntb link over VFIO with socat under ssock-run (a to b on
-# port 11116; then b to a on 11117, b's socat writing first, as a server
+# port 11116, timed beside the same file over kernel TCP between the
+# guests, plain socat on 11118; then b to a on 11117, b's socat writing first, as a server
 # that sends a file), each received file checked byte for byte against
 # what its sender wrote (`bulk_data`, made on both sides), and each
 # host's engine moved both directions' bytes (it counts what its end
@@ -300,14 +304,17 @@ step_bulk() {
   before=$(queued_bytes)
   t0=$(date +%s)
   if [ "$QL_NAME" = b ]; then
+    socat -u TCP-LISTEN:11118,reuseaddr CREATE:/tmp/got-k > /tmp/bulk-k.log 2>&1 &
+    k=$!
     ssock-run -- socat -u TCP-LISTEN:11116,reuseaddr CREATE:/tmp/got-a > /tmp/bulk-in.log 2>&1 &
     r=$!
     ssock-run -- socat -u OPEN:/tmp/b-to-a TCP-LISTEN:11117,reuseaddr > /tmp/bulk-out.log 2>&1 &
     w=$!
     msg=$(timeout 300 nc -l -p 9997)
     echo "QL: a said: $msg"
-    [ "$msg" = done ] || { bulk_failed /tmp/bulk-in.log; kill "$r" "$w"; return 1; }
-    wait "$r" && wait "$w" || { echo "QL: socat failed"; cat /tmp/bulk-*.log; return 1; }
+    [ "$msg" = done ] || { bulk_failed /tmp/bulk-in.log; kill "$r" "$w" "$k"; return 1; }
+    wait "$r" && wait "$w" && wait "$k" || { echo "QL: socat failed"; cat /tmp/bulk-*.log; return 1; }
+    cmp /tmp/got-k /tmp/a-to-b || { echo "QL: kernel TCP's bytes are not the bytes sent"; return 1; }
     got=/tmp/got-a want=/tmp/a-to-b
   else
     for port in 11116 11117; do
@@ -318,8 +325,17 @@ step_bulk() {
         sleep 0.1
       done
     done
+    # The same file over kernel TCP between the guests first (plain
+    # socat, over the emulated wire), for the time it takes there.
+    t=$(uptime_cs)
+    timeout 120 socat -u OPEN:/tmp/a-to-b TCP:10.78.0.2:11118 > /tmp/bulk-k.log 2>&1 ||
+      { bulk_failed /tmp/bulk-k.log; return 1; }
+    kt=$(($(uptime_cs) - t))
+    t=$(uptime_cs)
     timeout 120 ssock-run -- socat -u OPEN:/tmp/a-to-b TCP:10.78.0.2:11116 > /tmp/bulk-out.log 2>&1 ||
       { bulk_failed /tmp/bulk-out.log; return 1; }
+    st=$(($(uptime_cs) - t))
+    echo "QL: bulk a to b, $BULK_BYTES bytes: kernel TCP over the wire $kt cs, ssock-run over the ntb link $st cs"
     timeout 120 ssock-run -- socat -u TCP:10.78.0.2:11117 CREATE:/tmp/got-b > /tmp/bulk-in.log 2>&1 ||
       { bulk_failed /tmp/bulk-in.log; return 1; }
     echo done | nc 10.78.0.2 9997

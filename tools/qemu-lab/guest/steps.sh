@@ -199,6 +199,17 @@ step_vfio() {
   [ "$drv" = vfio-pci ] && [ -c "/dev/vfio/$group" ]
 }
 
+# Whether this host's devd heard of b's listener on port $1 (advertised
+# over the peers' control connection) within 30 s.
+heard_of() {
+  i=0
+  until ringstat --json | tr -d ' \n' | grep -q "\"0.0.0.0:$1\""; do
+    i=$((i + 1))
+    [ "$i" -lt 300 ] || { echo "QL: b's listener $1 not heard of"; return 1; }
+    sleep 0.1
+  done
+}
+
 # devd on the window through VFIO (after step vfio): each guest's devd
 # (root, run_as ssock) has the other as its peer with the ivshmem-doorbell
 # device as their ntb link; the link comes up (heartbeats through the
@@ -233,12 +244,7 @@ step_ntb() {
     echo "QL: a said: $msg"
     [ "$msg" = done ] || return 1
   else
-    i=0
-    until ringstat --json | tr -d ' \n' | grep -q '"0.0.0.0:11115"'; do
-      i=$((i + 1))
-      [ "$i" -lt 300 ] || { echo "QL: b's listener not heard of"; echo failed | nc 10.78.0.2 9998; return 1; }
-      sleep 0.1
-    done
+    heard_of 11115 || { echo failed | nc 10.78.0.2 9998; return 1; }
     ssock-run -- sockperf ping-pong --tcp -i 10.78.0.2 -p 11115 -t 3 --mps 1500000 > /tmp/sp-ntb.log 2>&1 ||
       { cat /tmp/sp-ntb.log; echo failed | nc 10.78.0.2 9998; return 1; }
     echo "QL: across the ntb link over VFIO: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-ntb.log)"
@@ -317,14 +323,7 @@ step_bulk() {
     cmp /tmp/got-k /tmp/a-to-b || { echo "QL: kernel TCP's bytes are not the bytes sent"; return 1; }
     got=/tmp/got-a want=/tmp/a-to-b
   else
-    for port in 11116 11117; do
-      i=0
-      until ringstat --json | tr -d ' \n' | grep -q "\"0.0.0.0:$port\""; do
-        i=$((i + 1))
-        [ "$i" -lt 300 ] || { echo "QL: b's listener $port not heard of"; echo failed | nc 10.78.0.2 9997; return 1; }
-        sleep 0.1
-      done
-    done
+    heard_of 11116 && heard_of 11117 || { echo failed | nc 10.78.0.2 9997; return 1; }
     # The same file over kernel TCP between the guests first (plain
     # socat, over the emulated wire), for the time it takes there.
     t=$(uptime_cs)

@@ -1542,8 +1542,10 @@ impl Engine {
             let mut wrote = Ok(());
             let mut at = 0;
             let got = self.backend.recv_with(ch, &mut |piece| {
+                // (A piece not taken whole, 0 after a failed write too,
+                // is the last one shown.)
                 let k = piece.len().min(want - at);
-                if wrote.is_err() || k == 0 {
+                if k == 0 {
                     return 0;
                 }
                 let Ok(part) = piece.subslice(0, k) else {

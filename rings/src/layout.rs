@@ -109,6 +109,12 @@ pub mod hov {
     /// then the acceptor's writes cannot have moved. Written by devd;
     /// never relayed.
     pub const MATCHED: usize = 1360;
+    /// u64 per direction d at `POSTED + 8 d` (Queued, both ends on this
+    /// host): the region bytes d's writer posted so far, stored after
+    /// each write. A reader that closes after devd died, having taken
+    /// fewer, resets the connection as the kernel's close with bytes
+    /// unread does. Never relayed; only a reset hangs on it.
+    pub const POSTED: usize = 1408;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -346,6 +352,20 @@ pub fn publish_end(m: &Mapping, d: usize, e: u64) {
         Ordering::AcqRel,
         Ordering::Relaxed,
     );
+}
+
+/// Direction `d`'s writer has posted `n` region bytes in all.
+pub fn publish_posted(m: &Mapping, d: usize, n: u64) {
+    // Release: with the posts before it (only a reader's close reads it).
+    m.u64_at(hov::POSTED + 8 * (d & 1))
+        .store(n, Ordering::Release);
+}
+
+/// The region bytes direction `d`'s writer says it posted. Untrusted: a
+/// wrong value only turns the reader's close into a reset, which the
+/// writer could have caused anyway.
+pub fn posted(m: &Mapping, d: usize) -> u64 {
+    m.u64_at(hov::POSTED + 8 * (d & 1)).load(Ordering::Acquire)
 }
 
 /// Direction `d`'s writes end where the kernel socket's stream ends: a

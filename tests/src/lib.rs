@@ -333,14 +333,22 @@ impl Peer {
     /// Reads lines until one starts with `prefix`; returns it. A line
     /// starting with "ERR" fails at once.
     pub fn expect(&mut self, prefix: &str) -> Result<String> {
+        // What came before it, for the error (the last few lines).
+        let mut skipped: std::collections::VecDeque<String> = Default::default();
         loop {
-            let l = self.line()?;
+            let l = self
+                .line()
+                .with_context(|| format!("waiting for {prefix:?} after {skipped:?}"))?;
             if l.starts_with(prefix) {
                 return Ok(l);
             }
             if l.starts_with("ERR") {
                 bail!("peer failed: {l}");
             }
+            if skipped.len() == 8 {
+                skipped.pop_front();
+            }
+            skipped.push_back(l);
         }
     }
 

@@ -759,10 +759,22 @@ fn queued_peers_under_the_shim_move_to_the_kernel_socket_when_devd_dies() -> Res
 /// kernel socket by then, gets ECONNRESET, not an end of stream.
 #[test]
 fn a_queued_close_with_bytes_unread_after_devd_died_resets_the_peer() -> Result<()> {
+    unread_at_close_after_devd_died(false)
+}
+
+/// The same when devd died before it moved any byte (stopped, then
+/// killed): the bytes are still the writer's, never the reader's, and the
+/// reader's close is a reset all the same.
+#[test]
+fn a_queued_close_after_devd_died_before_moving_the_bytes_resets_the_peer() -> Result<()> {
+    unread_at_close_after_devd_died(true)
+}
+
+fn unread_at_close_after_devd_died(stalled: bool) -> Result<()> {
     if !have_app("python3")? {
         return Ok(());
     }
-    let mut d = Devd::start(&["--default-mode", "queued"])?;
+    let mut d = Devd::start_stoppable(&["--default-mode", "queued"])?;
     let portfile = scratch(&d, "port");
     let mut s = python(
         &d,
@@ -774,10 +786,16 @@ fn a_queued_close_with_bytes_unread_after_devd_died_resets_the_peer() -> Result<
     let mut c = python(&d, false, &["uclient", port.trim(), "100000"], &[])?;
     // Sent once accepted: every byte goes through the region.
     s.expect("ACCEPTED")?;
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["queued"] == 1, "totals {t}");
+    if stalled {
+        // SAFETY: kill on devd's pid, a child of this test.
+        ensure!(unsafe { libc::kill(d.pid() as i32, libc::SIGSTOP) } == 0);
+    }
     c.say("")?;
     c.expect("SENT")?;
     let t = Instant::now();
-    while live_queued_bytes(&d)? < 100_000 {
+    while !stalled && live_queued_bytes(&d)? < 100_000 {
         ensure!(
             t.elapsed() < Duration::from_secs(10),
             "the bytes did not go through the region: {}",

@@ -1045,6 +1045,9 @@ impl Transport for Queued {
                 posted = true;
             }
             if posted {
+                if !self.remote {
+                    layout::publish_posted(&self.hov, self.side as usize, self.posted());
+                }
                 self.kick_if_asked(TX);
             }
             if off == buf.len() {

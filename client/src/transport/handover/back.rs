@@ -91,6 +91,24 @@ impl Handover {
         self.lost
     }
 
+    /// [`Handover::flush`] without blocking, for a call that reports
+    /// something else (a read, a readiness look, a wait): an error the
+    /// send took from the kernel socket, which reports a reset once, is
+    /// kept for the read that finds the socket's end (`tcp_err`), as the
+    /// kernel would have given it that read. (EPIPE is not one: a read
+    /// after the peer's FIN and reset ends the stream.)
+    pub(super) fn flush_aside(&mut self, ctx: &Ctx<'_>) {
+        if let Err(e) = self.flush(ctx, false) {
+            let kept = !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) && e.raw_os_error() != Some(libc::EPIPE);
+            if kept && self.tcp_err.is_none() {
+                self.tcp_err = e.raw_os_error();
+            }
+        }
+    }
+
     /// Sends what `resend` still holds; Ok(true) once it is all out (and the
     /// kernel socket shut down if that was asked meanwhile). `block`: waits
     /// for room until the deadline.
@@ -188,9 +206,18 @@ impl Handover {
         // Region bytes left unread after the region stopped carrying any
         // (devd gone): the peer reads the kernel socket now, whose close
         // must be the reset, with no END that would end its reads first.
+        // Unread are those delivered here and not read, and those its
+        // writer posted beyond where this end closed the region part (it
+        // sends them again on the kernel socket, to a closed socket).
         let reset_back = ctx.is_some_and(|c| {
-            let unread =
-                self.lost && self.rx == Rx::Ring && self.inner.reads_left().is_some_and(|l| l > 0);
+            let unread = self.lost
+                && match self.rx {
+                    Rx::Ring | Rx::Tcp(Some(_)) => {
+                        self.inner.reads_left().is_some_and(|l| l > 0) || self.peer_posted_beyond(0)
+                    }
+                    Rx::Back { after, .. } => self.peer_posted_beyond(after),
+                    _ => false,
+                };
             if unread {
                 let _ = socket2::SockRef::from(&c.tcp).set_linger(Some(std::time::Duration::ZERO));
             }
@@ -213,6 +240,16 @@ impl Handover {
                 .close_or_reset(&|| ssock_rings::sys::socket_queues(c.tcp).0 > 0),
             _ => self.inner.close(),
         }
+    }
+
+    /// The writer of the direction this end reads, on this host, posted
+    /// region bytes beyond where that direction's region part closed and
+    /// the `read` bytes this end read of them on the kernel socket since.
+    fn peer_posted_beyond(&self, read: u64) -> bool {
+        let d = 1 - self.side;
+        !layout::is_remote(&self.map)
+            && matches!(layout::taken(&self.map, d),
+                layout::Taken::Closed(at) if layout::posted(&self.map, d) > at.saturating_add(read))
     }
 
     /// Reads moved back and reached where the writer's END says its

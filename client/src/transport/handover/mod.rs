@@ -593,10 +593,8 @@ impl Handover {
         }
     }
 
-    /// devd said the connection stays on the kernel socket (the acceptor
-    /// was refused, or the intent expired): the end is let go of.
-    /// What a read gets at the kernel socket's end when it is the
-    /// stream's: 0, or the error a look at the socket took before (once).
+    /// What a read gets at the stream's end: 0, or the error a look at
+    /// the kernel socket (or a send on it) took before (once).
     fn kernel_end(&mut self) -> io::Result<usize> {
         match self.tcp_err.take() {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
@@ -604,6 +602,8 @@ impl Handover {
         }
     }
 
+    /// devd said the connection stays on the kernel socket (the acceptor
+    /// was refused, or the intent expired): the end is let go of.
     fn stay_on_kernel(&mut self) {
         self.kernel = true;
         self.inner.discard_region();
@@ -618,15 +618,14 @@ impl Handover {
                 return Err(reset_error());
             }
             if self.owed() {
-                // Bytes the peer waits for before it answers (a failure
-                // is the writes' to report).
-                let _ = self.flush(ctx, false);
+                // Bytes the peer waits for before it answers.
+                self.flush_aside(ctx);
             }
             if self.back_at_end() {
                 // Its writer said its writes end here: the stream's end,
                 // whenever the socket's FIN comes.
                 self.back_eof = true;
-                return Ok(0);
+                return self.kernel_end();
             }
             let max = match (self.kernel, self.rx) {
                 (false, Rx::Ring) => {
@@ -731,7 +730,7 @@ impl Handover {
                                 return Err(reset_error());
                             }
                             self.back_eof = true;
-                            return Ok(0);
+                            return self.kernel_end();
                         }
                         _ if self.end_unsure(mark) => {
                             if ctx.nonblocking {
@@ -1070,8 +1069,8 @@ impl Transport for Handover {
             self.step();
         }
         if self.owed() {
-            // A failed send shows in the socket's state below.
-            let _ = self.flush(ctx, false);
+            // (A reset it meets is kept for the read.)
+            self.flush_aside(ctx);
         }
         // Once the peer's bytes come through the region, the kernel socket
         // tells of its close, as for a settled end.

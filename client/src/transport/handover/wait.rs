@@ -176,7 +176,7 @@ impl Handover {
             self.inner.check_devd();
         }
         if self.owed() {
-            let _ = self.flush(ctx, false);
+            self.flush_aside(ctx);
         }
         if let Some(p) = fds.last() {
             if p.fd == tcp && !read && p.revents & libc::POLLRDHUP != 0 && self.rx != Rx::Ring {

@@ -62,8 +62,10 @@ import socket, threading
 N = 1 << 20
 data = bytes((i * 131 + 7) & 0xFF for i in range(N))
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+accepted = threading.Event()
 def serve():
     c, _ = s.accept()
+    accepted.set()
     while True:
         b = c.recv(65536)
         if not b:
@@ -72,6 +74,10 @@ def serve():
     c.close()
 t = threading.Thread(target=serve); t.start()
 c = socket.create_connection(s.getsockname())
+# Once accepted, the connector's writes go through the region from the
+# first byte (before, they may all go on the kernel socket, as the
+# hand-over allows).
+accepted.wait()
 got = bytearray()
 sender = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
 sender.start()
@@ -106,8 +112,9 @@ fn a_devd_started_as_root_serves_as_its_user_with_no_capabilities() -> Result<()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // devd counts an end's bytes at its Release, which gets no reply: the
-    // second end's may come in just after the program exited.
+    // devd counts a Direct connection's bytes when it frees it, between
+    // requests once both ends went (the second end, closed by the
+    // program's exit, a moment after it).
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let t = loop {
         let t = d.stats()?["totals"].clone();

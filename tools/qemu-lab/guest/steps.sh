@@ -347,6 +347,97 @@ step_bulk() {
     { echo "QL: too few bytes went through the engine: the transfers did not cross the link"; return 1; }
 }
 
+# A field of the remote counts in devd's totals ("connections",
+# "unmatched", ...).
+remote_count() {
+  ringstat --json | tr -d ' \n' | grep -o '"remote":{[^}]*}' | head -1 |
+    grep -o "\"$1\":[0-9]*" | cut -d: -f2
+}
+
+# After step ntb, its devd still serving: a plain peer on either side,
+# across the hosts. a's plain socat sends 1 MiB to b's socat under
+# ssock-run (port 11122), and a's socat under ssock-run sends another to
+# b's plain socat (11123). Each file arrives unchanged on kernel TCP: no
+# byte went through either engine, no remote connection was made, and b's
+# devd counts its acceptor's Claim that found no intent on a (unmatched).
+step_plain() {
+  pidof devd > /dev/null || { echo "QL: no devd (step ntb first)"; return 1; }
+  BULK_BYTES=1048576 bulk_data plain-to-ssock > /tmp/plain-in
+  BULK_BYTES=1048576 bulk_data ssock-to-plain > /tmp/plain-out
+  bytes0=$(queued_bytes) conns0=$(remote_count connections) unmatched0=$(remote_count unmatched)
+  if [ "$QL_NAME" = b ]; then
+    # The plain listener first: once a heard of the other, it is there.
+    socat -u TCP-LISTEN:11123,reuseaddr CREATE:/tmp/got-plain-out > /tmp/plain-p.log 2>&1 &
+    p=$!
+    within_10s listening 11123 || { cat /tmp/plain-p.log; kill "$p"; return 1; }
+    ssock-run -- socat -u TCP-LISTEN:11122,reuseaddr CREATE:/tmp/got-plain-in > /tmp/plain-s.log 2>&1 &
+    s=$!
+    msg=$(timeout 300 nc -l -p 9995)
+    echo "QL: a said: $msg"
+    [ "$msg" = done ] || { kill "$s" "$p"; cat /tmp/plain-*.log; return 1; }
+    wait "$s" && wait "$p" || { echo "QL: socat failed"; cat /tmp/plain-*.log; return 1; }
+    cmp /tmp/got-plain-in /tmp/plain-in && cmp /tmp/got-plain-out /tmp/plain-out ||
+      { echo "QL: the bytes received are not the bytes sent"; return 1; }
+  else
+    heard_of 11122 || { echo failed | nc 10.78.0.2 9995; return 1; }
+    timeout 120 socat -u OPEN:/tmp/plain-in TCP:10.78.0.2:11122 > /tmp/plain-c.log 2>&1 &&
+      timeout 120 ssock-run -- socat -u OPEN:/tmp/plain-out TCP:10.78.0.2:11123 >> /tmp/plain-c.log 2>&1 ||
+      { cat /tmp/plain-c.log; echo failed | nc 10.78.0.2 9995; return 1; }
+    echo done | nc 10.78.0.2 9995
+  fi
+  bytes=$(($(queued_bytes) - bytes0)) conns=$(($(remote_count connections) - conns0))
+  unmatched=$(($(remote_count unmatched) - unmatched0))
+  echo "QL: plain peers: files unchanged; through this host's engine $bytes bytes, remote connections $conns, unmatched Claims $unmatched"
+  [ "$bytes" = 0 ] && [ "$conns" = 0 ] || return 1
+  if [ "$QL_NAME" = b ]; then [ "$unmatched" = 1 ]; fi
+}
+
+# After step ntb, its devd still serving: a's socat under ssock-run
+# streams to b's under ssock-run across the link (port 11121) and is
+# SIGKILLed once 4 MiB went through a's engine. b's reader ends (end of
+# stream or reset) within 30 s, what it got is a prefix of what a sent,
+# and both devds still serve.
+step_killed() {
+  pidof devd > /dev/null || { echo "QL: no devd (step ntb first)"; return 1; }
+  [ -s /tmp/a-to-b ] || bulk_data a-to-b > /tmp/a-to-b
+  if [ "$QL_NAME" = b ]; then
+    ssock-run -- socat -u TCP-LISTEN:11121,reuseaddr CREATE:/tmp/got-killed > /tmp/killed.log 2>&1 &
+    r=$!
+    msg=$(timeout 300 nc -l -p 9996)
+    echo "QL: a said: $msg"
+    [ "$msg" = killed ] || { kill "$r"; return 1; }
+    i=0
+    while kill -0 "$r" 2> /dev/null; do
+      i=$((i + 1))
+      [ "$i" -lt 300 ] || { echo "QL: b's reader still waits 30 s after its writer died"; kill "$r"; return 1; }
+      sleep 0.1
+    done
+    wait "$r"
+    rc=$?
+    n=$(wc -c < /tmp/got-killed)
+    echo "QL: b's reader ended (socat exit $rc: $(tail -1 /tmp/killed.log)) after $n bytes, $((i / 10)) s after a said"
+    cmp -n "$n" /tmp/got-killed /tmp/a-to-b || { echo "QL: what b got is not what a sent"; return 1; }
+    [ "$n" -gt 0 ] || return 1
+  else
+    heard_of 11121 || { echo failed | nc 10.78.0.2 9996; return 1; }
+    before=$(queued_bytes)
+    ssock-run -- socat -u OPEN:/tmp/a-to-b TCP:10.78.0.2:11121 > /tmp/killed.log 2>&1 &
+    w=$!
+    i=0
+    until [ $(($(queued_bytes) - before)) -ge 4194304 ]; do
+      i=$((i + 1))
+      [ "$i" -lt 600 ] && kill -0 "$w" 2> /dev/null ||
+        { echo "QL: the writer did not cross the link"; cat /tmp/killed.log; echo failed | nc 10.78.0.2 9996; return 1; }
+      sleep 0.1
+    done
+    kill -9 "$w"
+    echo killed | nc 10.78.0.2 9996
+    echo "QL: a's writer SIGKILLed after $(($(queued_bytes) - before)) bytes through this host's engine"
+  fi
+  ringstat > /dev/null || { echo "QL: devd does not answer"; return 1; }
+  pidof devd > /dev/null
+}
+
 # devd stops cleanly with its VFIO link (its seccomp filter would kill it
 # for a system call the link's teardown made): the devd step ntb started.
 step_stop() {

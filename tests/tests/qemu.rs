@@ -127,7 +127,8 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     // ssock-ivshmem-server hands both) to vfio-pci behind the IOMMU, and
     // their devds, on it through VFIO, bring their ntb link up and carry
     // sockperf across it as a remote Queued connection, then 64 MiB each
-    // way with socat.
+    // way with socat, a plain peer on either side (kernel TCP, the bytes
+    // unchanged) and a writer SIGKILLed mid-stream (its reader ends).
     let Some(dir) = lab()? else {
         return Ok(());
     };
@@ -137,13 +138,15 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     let st = lab_sh(
         "pair",
         &dir,
-        "net,peers,across,vfio,ntb,bulk,stop",
+        "net,peers,across,vfio,ntb,bulk,plain,killed,stop",
         &[&logs[0], &logs[1]],
     )?;
     for log in &logs {
         passed(
             log,
-            &["net", "peers", "across", "vfio", "ntb", "bulk", "stop"],
+            &[
+                "net", "peers", "across", "vfio", "ntb", "bulk", "plain", "killed", "stop",
+            ],
         )?;
     }
     ensure!(st.success(), "lab.sh pair: {st}");

@@ -21,7 +21,7 @@
 use super::inbox::{self, Header, Kind, HDR, MAX_PAYLOAD, RING, WORDS};
 use super::rxq::RxQueue;
 use super::window::Window;
-use super::{BEAT, DEAD};
+use super::{BEAT, DEAD, SHARED_FOR, SHARED_WINDOW};
 use crate::{
     link_of, Backend, BackendError, Capabilities, ChannelId, LinkEvent, LinkId, LinkState, Mark,
     NodeId, Offsets, Peer, Piece, Recv, Syscall, Words,
@@ -113,6 +113,13 @@ pub struct Ntb {
     peer_seen: Instant,
     up: bool,
     hostile: bool,
+    /// The channel that sent last, when, and until when the link counts
+    /// as shared by several (`window_for`).
+    last_sender: Option<ChannelId>,
+    last_send: Instant,
+    shared_until: Option<Instant>,
+    /// `SHARED_FOR` (a test sets another).
+    pub(super) shared_for: Duration,
     /// Taken out of service (`set_link`): no heartbeat, nothing read.
     out_of_service: bool,
     /// This side told the peer it sleeps (`idle`).
@@ -180,6 +187,32 @@ impl Ntb {
             bell_due: false,
             events: Vec::new(),
             counters: Counters::default(),
+            last_sender: None,
+            last_send: now,
+            shared_until: None,
+            shared_for: SHARED_FOR,
+        }
+    }
+
+    /// What channel `ch` may have in flight now: the whole window while
+    /// it is the link's only sender, `SHARED_WINDOW` at most for
+    /// `shared_for` after a send of one channel followed one of another
+    /// within that time.
+    fn window_for(&mut self, ch: ChannelId) -> usize {
+        let now = Instant::now();
+        if self.last_sender != Some(ch) {
+            if self.last_sender.is_some() && now < self.last_send + self.shared_for {
+                self.shared_until = Some(now + self.shared_for);
+            }
+            self.last_sender = Some(ch);
+        }
+        self.last_send = now;
+        match self.shared_until {
+            Some(t) if now < t => self.window.min(SHARED_WINDOW),
+            _ => {
+                self.shared_until = None;
+                self.window
+            }
         }
     }
 
@@ -740,7 +773,8 @@ impl Backend for Ntb {
             return Ok(0);
         }
         let in_flight = usize::try_from(c.out.sent - c.out.acked).unwrap_or(usize::MAX);
-        let credit = self.window.saturating_sub(in_flight);
+        let dst = c.dst;
+        let credit = self.window_for(ch).saturating_sub(in_flight);
         if credit == 0 {
             return Ok(0); // the peer's ack names this channel
         }
@@ -762,7 +796,7 @@ impl Backend for Ntb {
         let h = Header {
             kind: Kind::Data,
             len: n,
-            dst: c.dst,
+            dst,
             src: ch,
         };
         // Straight from the source into the frame's place in the peer's

@@ -2,8 +2,9 @@
 //! then what only a link between hosts does: heartbeats and link events,
 //! a hostile inbox, payloads read in place or copied out.
 
+use super::inbox::MAX_PAYLOAD;
 use super::inbox::{self, RING};
-use super::{MemWindow, Ntb, Window, DEAD};
+use super::{MemWindow, Ntb, Window, DEAD, SHARED_WINDOW};
 use crate::conformance::{self, End, Lab, Linked};
 use crate::{Backend, BackendError, ChannelId, LinkState, Mark, Peer, Recv};
 use std::time::{Duration, Instant};
@@ -51,6 +52,50 @@ fn payloads_go_straight_into_the_peers_inbox_and_are_published_at_the_turns_end(
     let mut buf = vec![0u8; 6000];
     assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(5100));
     assert!(buf[..100].iter().all(|&x| x == 1) && buf[100..5100].iter().all(|&x| x == 2));
+}
+
+/// Bytes `ch` of node 1 takes in sends until it takes none.
+fn fill(lab: &mut TwoNodes, ch: ChannelId) -> usize {
+    let data = vec![5u8; MAX_PAYLOAD];
+    let mut n = 0;
+    loop {
+        match lab.b[0].send(ch, &data).unwrap() {
+            0 => return n,
+            k => n += k,
+        }
+    }
+}
+
+#[test]
+fn a_channel_has_the_whole_window_alone_and_the_shared_one_beside_another() {
+    // Alone: the whole window in flight.
+    let mut lab = two_nodes(4 << 20, 1 << 20);
+    let [a, _] = lab.pair();
+    assert_eq!(fill(&mut lab, a.ch), 1 << 20);
+    // Beside another channel that sent just now: the shared window.
+    let mut lab = two_nodes(4 << 20, 1 << 20);
+    let ([a, ra], [p, rp]) = (lab.pair(), lab.pair());
+    // (However slow this thread: shared until the test says otherwise.)
+    lab.b[0].shared_for = Duration::from_secs(3600);
+    assert_eq!(lab.b[0].send(p.ch, b"ping").unwrap(), 4);
+    assert_eq!(fill(&mut lab, a.ch), SHARED_WINDOW);
+    // Once the other has been quiet for the time it counts: the whole
+    // again.
+    lab.b[0].shared_for = Duration::from_millis(1);
+    assert_eq!(lab.b[0].send(p.ch, b"ping").unwrap(), 4);
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(fill(&mut lab, a.ch), (1 << 20) - SHARED_WINDOW);
+    // Both arrive whole.
+    lab.settle();
+    let mut buf = vec![0u8; 2 << 20];
+    assert_eq!(lab.b[1].recv(rp.ch, &mut buf).unwrap(), Recv::Data(8));
+    assert_eq!(&buf[..8], b"pingping");
+    let mut got = 0;
+    while let Recv::Data(n) = lab.b[1].recv(ra.ch, &mut buf).unwrap() {
+        assert!(buf[..n].iter().all(|&x| x == 5));
+        got += n;
+    }
+    assert_eq!(got, 1 << 20);
 }
 
 #[test]

@@ -28,7 +28,7 @@
 //! siblings.
 //!
 //! Never here: control-plane policy, client memory, sockets; unsafe code
-//! outside `ntb/vfio/sys.rs`.
+//! outside `ntb/vfio/sys.rs`, `verbs/sys.rs` and `verbs/device.rs`.
 
 #![deny(unsafe_code)]
 
@@ -37,6 +37,7 @@ mod conformance;
 pub mod loopback;
 pub mod ntb;
 pub mod router;
+pub mod verbs;
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;

@@ -100,6 +100,12 @@ impl Mapping {
         Ok(())
     }
 
+    /// Where the mapping starts in this process (for a device that is
+    /// handed the memory to read or write: an RDMA memory region).
+    pub fn addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// Length of the mapping in bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -12,7 +12,9 @@
 //! and sockperf under ssock-run crosses that link as a remote Queued
 //! connection, counted by both devds; then 64 MiB each way with socat
 //! under ssock-run, checked byte for byte, through both engines; then
-//! both devds stop with status 0. The
+//! both devds stop with status 0. In one guest with a soft-RoCE device
+//! (rdma_rxe), two queue pairs of the verbs backend's handles RDMA-write
+//! into each other's region and ring with the immediate. The
 //! lab comes from `lab.sh setup DIR` (.ci/run does it, DIR in
 //! `SSOCK_QEMU_LAB`): without it the tests say SKIP, and fail under
 //! `SSOCK_REQUIRE_APPS=1`. The guests run one test at a time.
@@ -52,6 +54,34 @@ fn lab() -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// The hwbackends crate's unit tests, built as this test is (debug or
+/// release): their binary, for the guest's verbs step.
+fn hwbackends_tests() -> Result<PathBuf> {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.args([
+        "test",
+        "-p",
+        "ssock-hwbackends",
+        "--lib",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    if !cfg!(debug_assertions) {
+        c.arg("--release");
+    }
+    let out = c.output()?;
+    ensure!(
+        out.status.success(),
+        "cargo test --no-run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("no hwbackends test binary")
+}
+
 /// The initramfs from the tests' binaries (`lab.sh build`).
 fn build(dir: &Path) -> Result<()> {
     let bin = ssock_tests::bin("devd")
@@ -61,7 +91,7 @@ fn build(dir: &Path) -> Result<()> {
     let out = Command::new("bash")
         .arg(script())
         .arg("build")
-        .args([dir, &bin])
+        .args([dir, &bin, &hwbackends_tests()?])
         .output()?;
     ensure!(
         out.status.success(),
@@ -116,6 +146,24 @@ fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
     let log = dir.join(format!("guest-{}.log", std::process::id()));
     let st = lab_sh("run", &dir, "devd,sockperf", &[&log])?;
     passed(&log, &["devd", "sockperf"])?;
+    ensure!(st.success(), "lab.sh run: {st}");
+    let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+#[test]
+fn in_a_guest_two_queue_pairs_on_soft_roce_write_into_each_others_region_and_ring() -> Result<()> {
+    // The verbs backend's handles (hwbackends::verbs) on the guest
+    // kernel's rdma_rxe device, through libibverbs loaded at run time:
+    // the hwbackends unit tests that need a device, run there.
+    let Some(dir) = lab()? else {
+        return Ok(());
+    };
+    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    build(&dir)?;
+    let log = dir.join(format!("verbs-{}.log", std::process::id()));
+    let st = lab_sh("run", &dir, "verbs", &[&log])?;
+    passed(&log, &["verbs"])?;
     ensure!(st.success(), "lab.sh run: {st}");
     let _ = std::fs::remove_file(&log);
     Ok(())

@@ -80,8 +80,8 @@ with_libs() {
 }
 
 build() {
-  local bin="${3:-}"
-  [ -n "$bin" ] || { echo "usage: lab.sh build DIR BIN" >&2; exit 2; }
+  local bin="${3:-}" tests="${4:-}"
+  [ -n "$bin" ] || { echo "usage: lab.sh build DIR BIN [TESTS]" >&2; exit 2; }
   bin="$(cd "$bin" && pwd)"
   [ -x "$bin/ssock-ivshmem-server" ] || { echo "qemu-lab: $bin/ssock-ivshmem-server is missing" >&2; exit 1; }
   local kv st="$dir/staging" b m ko
@@ -109,11 +109,32 @@ build() {
     command -v "$b" >/dev/null || { echo "qemu-lab: $b is not installed" >&2; exit 1; }
     with_libs "$(command -v "$b")" "$st"
   done
-  # Modules: sock_diag for TCP (devd's look-ups of sockets), with what
-  # they depend on, as the guest's kernel has them.
+  # The hwbackends unit tests (TESTS: their binary), which the verbs step
+  # runs against the guest's soft-RoCE device.
+  if [ -n "$tests" ]; then
+    with_libs "$tests" "$st"
+    cp "$tests" "$st/bin/ssock-hwbackends-tests"
+    command -v strip >/dev/null && strip --strip-debug "$st/bin/ssock-hwbackends-tests"
+  fi
+  # RDMA: iproute2's rdma (to make an rxe device), libibverbs (which devd
+  # loads when a config asks for verbs) and the rxe provider, as the host
+  # has them (Debian: iproute2, libibverbs1, ibverbs-providers).
+  local ib=/usr/lib/x86_64-linux-gnu
+  if [ -e "$ib/libibverbs.so.1" ] && command -v rdma >/dev/null; then
+    with_libs "$(command -v rdma)" "$st"
+    # (iproute2's ip too: busybox's makes no dummy interface.)
+    with_libs "$(command -v ip)" "$st"
+    with_libs "$ib/libibverbs.so.1" "$st"
+    for l in "$ib"/libibverbs/librxe-rdmav*.so; do with_libs "$l" "$st"; done
+    mkdir -p "$st/etc/libibverbs.d"
+    cp /etc/libibverbs.d/rxe.driver "$st/etc/libibverbs.d/"
+  fi
+  # Modules: sock_diag for TCP (devd's look-ups of sockets), soft-RoCE,
+  # with what they depend on, as the guest's kernel has them.
   depmod -b "$root" "$kv"
-  for m in inet_diag tcp_diag virtio_pci virtio_net vfio-pci vfio_iommu_type1; do
-    modprobe -d "$root" -S "$kv" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+  for m in inet_diag tcp_diag virtio_pci virtio_net vfio-pci vfio_iommu_type1 \
+    crc32_generic crc32-pclmul rdma_rxe ib_uverbs dummy; do
+    modprobe -d "$root" -S "$kv" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}'
   done | sort -u | while read -r ko; do
     mkdir -p "$st$(dirname "${ko#"$root"}")"
     cp "$ko" "$st${ko#"$root"}"

@@ -92,6 +92,26 @@ step_sockperf() {
   [ "$#" = 4 ] && [ "$3" -gt "$1" ] && [ "$4" = "$2" ]
 }
 
+# Soft-RoCE: an rxe device on a dummy interface (198.18.0.1), then the
+# hwbackends unit tests whose names say verbs (lab.sh build's TESTS):
+# the structures against verbs.h where it can be compiled (not here: it
+# says SKIP), and two queue pairs on the device that RDMA-write into each
+# other's region and ring with the immediate, which must find a device
+# (SSOCK_VERBS_REQUIRED=1).
+step_verbs() {
+  [ -x /bin/ssock-hwbackends-tests ] || { echo "QL: no hwbackends tests in the initramfs"; return 1; }
+  for m in crc32_generic crc32-pclmul rdma_rxe ib_uverbs; do modprobe "$m" 2>/dev/null; done
+  modprobe dummy numdummies=0
+  ip link add dummy0 type dummy && ip link set dummy0 up && ip addr add 198.18.0.1/24 dev dummy0 ||
+    return 1
+  rdma link add rxe0 type rxe netdev dummy0 || { echo "QL: no rxe device"; return 1; }
+  echo "QL: rxe0 on dummy0, GID 1 $(cat /sys/class/infiniband/rxe0/ports/1/gids/1)"
+  SSOCK_VERBS_REQUIRED=1 SSOCK_VERBS_DEVICE=rxe0 /bin/ssock-hwbackends-tests verbs:: --test-threads 1 > /tmp/verbs.log 2>&1
+  rc=$?
+  sed 's/^/QL: /' /tmp/verbs.log | grep -E 'test |SKIP|result|panicked|assert'
+  grep -q 'test result: ok. 2 passed' /tmp/verbs.log && [ "$rc" = 0 ]
+}
+
 # Two guests (lab.sh pair): a is 10.78.0.1, b is 10.78.0.2 on the wire.
 me() { if [ "$QL_NAME" = a ]; then echo 1; else echo 2; fi; }
 other() { if [ "$QL_NAME" = a ]; then echo 2; else echo 1; fi; }

@@ -1,0 +1,30 @@
+//! The verbs backend's foundation: RDMA devices through libibverbs, loaded
+//! at run time (`sys.rs`: a host without rdma-core builds and runs devd;
+//! a config that asks for verbs there gets a clear error), and the handles
+//! a link between two devds is made of (`device.rs`): a device's context,
+//! registered regions of our own memory, a completion queue whose channel
+//! is an fd to sleep on, and reliable-connected queue pairs that
+//! RDMA-write, with an immediate as the doorbell.
+//!
+//! The link itself (a window provider for the ntb protocol whose peer
+//! inbox is the other host's registered region, written by RDMA WRITE and
+//! rung by RDMA WRITE WITH IMM, set up over the peers' control
+//! connection) is not built yet.
+//!
+//! Never here: policy; unsafe code outside `sys.rs` and `device.rs`.
+
+pub mod device;
+#[allow(unsafe_code)]
+pub mod sys;
+#[cfg(test)]
+mod tests;
+
+pub use device::{devices, Context, Cq, Endpoint, Qp, Region};
+
+/// A region of `len` bytes of our own memory (a sealed memfd mapped),
+/// registered with `ctx` (`remote`: the peer may write it).
+pub fn region(ctx: &std::sync::Arc<Context>, len: usize, remote: bool) -> std::io::Result<Region> {
+    let fd = ssock_rings::sys::memfd_sealed("ssock-verbs", len)?;
+    let map = ssock_rings::shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), len, true)?;
+    Region::new(ctx, map, remote)
+}

@@ -8,9 +8,11 @@
 # usage: tools/qemu-lab/lab.sh setup DIR
 #          download and unpack QEMU, the kernel and busybox-static (apt-get
 #          download: nothing is installed but QEMU's libraries; root)
-#        tools/qemu-lab/lab.sh build DIR BIN
+#        tools/qemu-lab/lab.sh build DIR BIN [TESTS]
 #          DIR/initramfs.cpio.gz from BIN (devd, ssock-run, libssock.so,
-#          ringstat), sockperf, socat, the guest's scripts (guest/) and modules
+#          ringstat), sockperf, socat, the guest's scripts (guest/) and modules,
+#          iproute2's ip and rdma, libibverbs with the rxe provider, and
+#          TESTS (the hwbackends unit tests' binary, for the verbs step)
 #        tools/qemu-lab/lab.sh run DIR STEPS LOG [QEMU ARGS...]
 #          one guest running STEPS (comma-separated, guest/steps.sh) and
 #          powering off; its console in LOG; exit 0 only if the guest said

@@ -427,7 +427,7 @@ impl Ntb {
     /// posted writes) must ring always.
     fn wake_peer(&mut self) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        if self.win.load(inbox::OFF_ASLEEP) != 0 {
+        if !self.win.coherent() || self.win.load(inbox::OFF_ASLEEP) != 0 {
             self.ring_bell();
         } else {
             self.counters.doorbells_suppressed += 1;
@@ -681,6 +681,7 @@ impl Backend for Ntb {
         self.take_in();
         self.give_room();
         self.flush();
+        self.win.publish();
         if std::mem::take(&mut self.bell_due) {
             self.wake_peer();
         }
@@ -698,6 +699,7 @@ impl Backend for Ntb {
             return true;
         }
         self.win.store(inbox::OFF_ASLEEP, 1);
+        self.win.publish();
         self.asleep = true;
         // Pairs with the fence in `wake_peer`: either the peer sees this
         // word, or this look sees what it published.
@@ -705,6 +707,7 @@ impl Backend for Ntb {
         if self.news_waiting() {
             // Not sleeping after all: not rung for nothing meanwhile.
             self.win.store(inbox::OFF_ASLEEP, 0);
+            self.win.publish();
             self.asleep = false;
             return false;
         }

@@ -72,6 +72,17 @@ pub trait Window: Send {
     fn syscalls(&self) -> Vec<crate::Syscall> {
         Vec::new()
     }
+    /// Makes what was written into the peer's inbox since the last call
+    /// reach it, in order, the inbox's words last (a window whose stores
+    /// are the peer's memory already has nothing to do).
+    fn publish(&mut self) {}
+    /// Whether this node's stores reach the peer's memory as they are
+    /// made (shared memory): then the peer is rung only while it sleeps.
+    /// A window whose writes arrive later (RDMA writes, a PCIe BAR's
+    /// posted writes) rings after every publish that woke nothing yet.
+    fn coherent(&self) -> bool {
+        true
+    }
 
     /// Bytes in each inbox.
     fn size(&self) -> usize {

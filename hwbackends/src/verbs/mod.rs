@@ -6,10 +6,11 @@
 //! is an fd to sleep on, and reliable-connected queue pairs that
 //! RDMA-write, with an immediate as the doorbell.
 //!
-//! The link itself (a window provider for the ntb protocol whose peer
-//! inbox is the other host's registered region, written by RDMA WRITE and
-//! rung by RDMA WRITE WITH IMM, set up over the peers' control
-//! connection) is not built yet.
+//! A link is the ntb backend's protocol over [`VerbsWindow`] (`window.rs`):
+//! the peer's inbox is the other host's registered region, written by
+//! RDMA WRITE and rung by RDMA WRITE WITH IMM. devd does not make such
+//! links yet: the endpoints' exchange over the peers' control connection
+//! and the config that names the device are still to come.
 //!
 //! Never here: policy; unsafe code outside `sys.rs` and `device.rs`.
 
@@ -18,8 +19,10 @@ pub mod device;
 pub mod sys;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub use device::{devices, Context, Cq, Endpoint, Qp, Region};
+pub use window::VerbsWindow;
 
 /// A region of `len` bytes of our own memory (a sealed memfd mapped),
 /// registered with `ctx` (`remote`: the peer may write it).

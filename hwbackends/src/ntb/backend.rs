@@ -117,7 +117,7 @@ pub struct Ntb {
     /// as shared by several (`window_for`).
     last_sender: Option<ChannelId>,
     last_send: Instant,
-    shared_until: Option<Instant>,
+    pub(super) shared_until: Option<Instant>,
     /// `SHARED_FOR` (a test sets another).
     pub(super) shared_for: Duration,
     /// Taken out of service (`set_link`): no heartbeat, nothing read.
@@ -415,6 +415,9 @@ impl Ntb {
     }
 
     fn ring_bell(&mut self) {
+        // What was written goes before the doorbell (a window whose
+        // writes are not the peer's memory at once).
+        self.win.publish();
         self.win.ring();
         self.counters.doorbells += 1;
     }

@@ -350,7 +350,12 @@ pub struct Endpoint {
     pub len: u64,
 }
 
-/// A reliable-connected queue pair on `cq` (sends and receives).
+/// Bytes a write may carry inline (copied into the request when it is
+/// posted, so the source may change at once after).
+pub const MAX_INLINE: usize = 320;
+
+/// A reliable-connected queue pair on `cq` (sends and receives). It must
+/// be dropped before its `Cq`.
 pub struct Qp {
     ctx: Arc<Context>,
     qp: *mut sys::IbvQp,
@@ -385,7 +390,7 @@ impl Qp {
                 max_recv_wr: depth,
                 max_send_sge: 1,
                 max_recv_sge: 1,
-                max_inline_data: 0,
+                max_inline_data: u32::try_from(MAX_INLINE).unwrap_or(0),
             },
             qp_type: sys::IBV_QPT_RC,
             sq_sig_all: 0,
@@ -456,7 +461,7 @@ impl Qp {
         a.ah_attr.is_global = 1;
         a.ah_attr.grh.dgid = IbvGid { raw: peer.gid };
         a.ah_attr.grh.sgid_index = self.ctx.gid_index;
-        a.ah_attr.grh.hop_limit = 1;
+        a.ah_attr.grh.hop_limit = 64;
         a.ah_attr.port_num = self.ctx.port;
         self.modify(
             &mut a,
@@ -493,7 +498,10 @@ impl Qp {
     /// RDMA-writes `len` bytes of `src` from `off` into the peer's region
     /// at `at` (checked against `peer.len`), with `imm` (Some: the peer's
     /// receive completes with it, its doorbell). `wr_id` names it in this
-    /// side's completion if `signaled`.
+    /// side's completion if `signaled`. The device reads the source when
+    /// it runs the request, later: those bytes must not change until a
+    /// completion at or after it came, unless `inline` (at most
+    /// `MAX_INLINE` bytes, copied at once).
     #[allow(clippy::too_many_arguments)]
     pub fn write(
         &self,
@@ -504,8 +512,15 @@ impl Qp {
         at: u64,
         imm: Option<u32>,
         signaled: bool,
+        inline: bool,
         wr_id: u64,
     ) -> io::Result<()> {
+        if inline && len > MAX_INLINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "verbs: too long to go inline",
+            ));
+        }
         let end = off.checked_add(len).filter(|&e| e <= src.map().len());
         let pend = at.checked_add(len as u64).filter(|&e| e <= peer.len);
         if end.is_none() || pend.is_none() {
@@ -529,7 +544,8 @@ impl Qp {
             } else {
                 sys::IBV_WR_RDMA_WRITE
             },
-            send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 },
+            send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 }
+                | if inline { sys::IBV_SEND_INLINE } else { 0 },
             imm_data: imm.unwrap_or(0).to_be(),
             remote_addr: peer.addr + at,
             rkey: peer.rkey,
@@ -538,8 +554,10 @@ impl Qp {
         };
         let mut bad = ptr::null_mut();
         // SAFETY: qp is this handle's; wr and sge live across the call
-        // (the provider copies the request before it returns); the bytes
-        // are src's, registered, and in its bounds (checked above).
+        // (the provider copies the request, and an inline one's bytes,
+        // before it returns); the bytes are src's, registered, in its
+        // bounds (checked above), and src outlives the request (its owner
+        // drops the queue pair first).
         let r = unsafe { (self.post_send)(self.qp, &mut wr, &mut bad) };
         if r != 0 {
             return Err(io::Error::other(format!(

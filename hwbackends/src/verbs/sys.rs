@@ -283,6 +283,7 @@ pub const IBV_QP_DEST_QPN: c_int = 1 << 20;
 pub const IBV_WR_RDMA_WRITE: c_uint = 0;
 pub const IBV_WR_RDMA_WRITE_WITH_IMM: c_uint = 1;
 pub const IBV_SEND_SIGNALED: c_uint = 1 << 1;
+pub const IBV_SEND_INLINE: c_uint = 1 << 3;
 pub const IBV_WC_SUCCESS: c_uint = 0;
 pub const IBV_WC_RDMA_WRITE: c_uint = 1;
 pub const IBV_WC_RECV_RDMA_WITH_IMM: c_uint = 1 << 7 | 1;

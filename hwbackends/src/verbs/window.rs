@@ -25,13 +25,21 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-/// Receives kept posted for the peer's doorbells.
-const RECVS: u32 = 64;
-/// Send queue depth: a publish posts a few writes and a doorbell.
+/// Receives kept posted for the peer's doorbells (a doorbell that finds
+/// none waits: the adapter retries it, and the writes behind it wait).
+const RECVS: u32 = 256;
+/// Send queue depth. Requests out (posted, no completion at or after
+/// them yet) stay below it: a publish that would pass `SENDS - 8` waits
+/// for the next turn, its ranges kept.
 const SENDS: u32 = 256;
-/// Work request ids: receives (re-posted), doorbells (signaled).
-const WR_RECV: u64 = 1;
-const WR_BELL: u64 = 2;
+/// Every this many requests one is signaled: a send queue's entries come
+/// back only with a completion at or after them.
+const SIGNAL_EVERY: u64 = 32;
+/// A request's id: its kind in the top byte, its number below.
+const WR_RECV: u64 = 1 << 56;
+const WR_BELL: u64 = 2 << 56;
+const WR_WRITE: u64 = 3 << 56;
+const WR_SEQ: u64 = (1 << 56) - 1;
 
 /// What was written into the local copy of the peer's inbox since the
 /// last publish: the words (a span of the inbox's first page) and ranges
@@ -43,6 +51,21 @@ struct Dirty {
 }
 
 impl Dirty {
+    /// The ranges after the words, in order, those that touch or overlap
+    /// made one (a frame's payload is written before its header, the
+    /// ring wraps): one write each.
+    fn coalesced(&mut self) -> Vec<(usize, usize)> {
+        self.ranges.sort_unstable();
+        let mut out: Vec<(usize, usize)> = Vec::with_capacity(self.ranges.len());
+        for &(a, b) in &self.ranges {
+            match out.last_mut() {
+                Some(l) if a <= l.1 => l.1 = l.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
     fn mark(&mut self, off: usize, len: usize) {
         let end = off + len;
         if off < crate::ntb::inbox::RING {
@@ -67,8 +90,12 @@ pub struct VerbsWindow {
     size: usize,
     peer: Option<Endpoint>,
     dirty: RefCell<Dirty>,
-    /// Doorbells posted and not completed yet.
-    bells_out: Cell<u32>,
+    /// Requests posted, and the number of the last one completed (every
+    /// one before it is done too: a queue completes in order).
+    posted: Cell<u64>,
+    retired: Cell<u64>,
+    /// A doorbell asked for and not posted yet (no room).
+    bell_owed: Cell<bool>,
     /// A send or completion failed: nothing more is sent (the peer's
     /// heartbeat stops arriving, the link goes down).
     broken: Cell<bool>,
@@ -95,7 +122,9 @@ impl VerbsWindow {
             size,
             peer: None,
             dirty: RefCell::new(Dirty::default()),
-            bells_out: Cell::new(0),
+            posted: Cell::new(0),
+            retired: Cell::new(0),
+            bell_owed: Cell::new(false),
             broken: Cell::new(false),
         })
     }
@@ -130,19 +159,79 @@ impl VerbsWindow {
         Ok(())
     }
 
-    /// Writes `[from, to)` of the peer's copy to the peer.
-    fn send_range(&mut self, peer: &Endpoint, from: usize, to: usize) -> io::Result<()> {
-        // The copy follows this node's inbox in the registered memory.
-        self.qp.write(
-            &self.region,
-            self.size + from,
-            to - from,
-            peer,
-            from as u64,
-            None,
-            false,
-            0,
-        )
+    /// Requests posted and not known done.
+    fn out(&self) -> u64 {
+        self.posted.get() - self.retired.get()
+    }
+
+    /// Posts one write (`imm`: the doorbell) as request number `posted +
+    /// 1`, signaled every `SIGNAL_EVERY` and when `signal`.
+    fn post(&self, peer: &Endpoint, what: Post, signal: bool) -> io::Result<()> {
+        let seq = self.posted.get() + 1;
+        let signaled = signal || seq.is_multiple_of(SIGNAL_EVERY);
+        let r = match what {
+            // The copy follows this node's inbox in the registered memory.
+            // Ring bytes are not written again until the peer gave their
+            // room back, after it read them: the device may read them late.
+            Post::Range(from, to) => {
+                let (off, len) = (self.size + from, to - from);
+                self.qp.write(
+                    &self.region,
+                    off,
+                    len,
+                    peer,
+                    from as u64,
+                    None,
+                    signaled,
+                    false,
+                    WR_WRITE | seq,
+                )
+            }
+            // The words change every turn: inline, copied as posted.
+            Post::Words(from, to) => {
+                let (off, len) = (self.size + from, to - from);
+                self.qp.write(
+                    &self.region,
+                    off,
+                    len,
+                    peer,
+                    from as u64,
+                    None,
+                    signaled,
+                    true,
+                    WR_WRITE | seq,
+                )
+            }
+            Post::Bell => self.qp.write(
+                &self.region,
+                0,
+                0,
+                peer,
+                0,
+                Some(0),
+                signaled,
+                false,
+                WR_BELL | seq,
+            ),
+        };
+        if r.is_ok() {
+            self.posted.set(seq);
+        }
+        r
+    }
+
+    /// Posts the doorbell owed, if there is room.
+    fn ring_owed(&self) {
+        let Some(peer) = self.peer else {
+            return;
+        };
+        if !self.bell_owed.get() || self.broken.get() || self.out() + 1 >= u64::from(SENDS) {
+            return;
+        }
+        match self.post(&peer, Post::Bell, true) {
+            Ok(()) => self.bell_owed.set(false),
+            Err(e) => self.fail(&e),
+        }
     }
 
     fn fail(&self, e: &dyn std::fmt::Display) {
@@ -152,7 +241,8 @@ impl VerbsWindow {
     }
 
     /// One completion: a doorbell that came (its receive posted again),
-    /// one of this node's that went, or a failure.
+    /// one of this node's requests done (and every one before it), or a
+    /// failure.
     fn completed(&self, c: &IbvWc) {
         if c.status != IBV_WC_SUCCESS {
             self.fail(&format!("a work request failed (status {})", c.status));
@@ -160,10 +250,21 @@ impl VerbsWindow {
             if let Err(e) = self.qp.post_recv(WR_RECV) {
                 self.fail(&e);
             }
-        } else if c.wr_id == WR_BELL {
-            self.bells_out.set(self.bells_out.get().saturating_sub(1));
+        } else if c.wr_id & !WR_SEQ == WR_BELL || c.wr_id & !WR_SEQ == WR_WRITE {
+            let seq = c.wr_id & WR_SEQ;
+            if seq > self.retired.get() && seq <= self.posted.get() {
+                self.retired.set(seq);
+            }
         }
     }
+}
+
+/// What one request sends.
+#[derive(Clone, Copy)]
+enum Post {
+    Range(usize, usize),
+    Words(usize, usize),
+    Bell,
 }
 
 impl Window for VerbsWindow {
@@ -201,16 +302,33 @@ impl Window for VerbsWindow {
             return; // kept until connected
         };
         if self.broken.get() {
+            // (Nothing will go: nothing kept.)
+            *self.dirty.borrow_mut() = Dirty::default();
             return;
         }
-        let d = std::mem::take(&mut *self.dirty.borrow_mut());
+        let mut d = std::mem::take(&mut *self.dirty.borrow_mut());
+        let ranges = d.coalesced();
+        let need = ranges.len() as u64 + 2;
+        if self.out() + need + 8 > u64::from(SENDS) {
+            // No room: all of it at a later publish (drain calls it once
+            // completions gave room back).
+            d.ranges = ranges;
+            *self.dirty.borrow_mut() = d;
+            return;
+        }
         // Ring bytes first, the words (the producer among them) last: one
         // queue pair executes its writes in order.
-        for (from, to) in d.ranges.iter().copied().chain(d.words) {
-            if let Err(e) = self.send_range(&peer, from, to) {
+        for (from, to) in ranges {
+            if let Err(e) = self.post(&peer, Post::Range(from, to), false) {
                 return self.fail(&e);
             }
         }
+        if let Some((from, to)) = d.words {
+            if let Err(e) = self.post(&peer, Post::Words(from, to), false) {
+                return self.fail(&e);
+            }
+        }
+        self.ring_owed();
     }
 
     fn coherent(&self) -> bool {
@@ -218,18 +336,11 @@ impl Window for VerbsWindow {
     }
 
     fn ring(&self) {
-        let Some(peer) = self.peer else {
-            return;
-        };
-        if self.broken.get() || self.bells_out.get() >= SENDS / 2 {
-            return; // (the ones still out ring the peer anyway)
-        }
-        match self
-            .qp
-            .write(&self.region, 0, 0, &peer, 0, Some(0), true, WR_BELL)
-        {
-            Ok(()) => self.bells_out.set(self.bells_out.get() + 1),
-            Err(e) => self.fail(&e),
+        // After what was published (a publish kept for want of room takes
+        // the doorbell with it).
+        self.bell_owed.set(true);
+        if self.dirty.borrow().ranges.is_empty() && self.dirty.borrow().words.is_none() {
+            self.ring_owed();
         }
     }
 
@@ -257,7 +368,7 @@ impl Window for VerbsWindow {
                 return self.fail(&e);
             }
             match self.cq.poll(&mut wc) {
-                Ok(0) => return,
+                Ok(0) => break,
                 Ok(n) => {
                     for c in &wc[..n] {
                         self.completed(c);
@@ -266,5 +377,7 @@ impl Window for VerbsWindow {
                 Err(e) => return self.fail(&e),
             }
         }
+        // What waited for room goes now.
+        self.publish();
     }
 }

@@ -109,7 +109,7 @@ step_verbs() {
   SSOCK_VERBS_REQUIRED=1 SSOCK_VERBS_DEVICE=rxe0 /bin/ssock-hwbackends-tests verbs:: --test-threads 1 > /tmp/verbs.log 2>&1
   rc=$?
   grep -v -E '^ +([0-9]+: | at )' /tmp/verbs.log | grep -A2 -E 'test |SKIP|result|panicked' | sed 's/^/QL: /'
-  grep -q 'test result: ok. 5 passed' /tmp/verbs.log && [ "$rc" = 0 ]
+  grep -q 'test result: ok. 6 passed' /tmp/verbs.log && [ "$rc" = 0 ]
 }
 
 # Two guests (lab.sh pair): a is 10.78.0.1, b is 10.78.0.2 on the wire.

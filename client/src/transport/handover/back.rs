@@ -96,13 +96,21 @@ impl Handover {
     /// send took from the kernel socket, which reports a reset once, is
     /// kept for the read that finds the socket's end (`tcp_err`), as the
     /// kernel would have given it that read. (EPIPE is not one: a read
-    /// after the peer's FIN and reset ends the stream.)
+    /// after the peer's FIN and reset ends the stream; nor is an error of
+    /// the call itself, as ENOBUFS.)
     pub(super) fn flush_aside(&mut self, ctx: &Ctx<'_>) {
         if let Err(e) = self.flush(ctx, false) {
-            let kept = !matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) && e.raw_os_error() != Some(libc::EPIPE);
+            // A socket's own errors, which a read would have reported.
+            let kept = matches!(
+                e.raw_os_error(),
+                Some(
+                    libc::ECONNRESET
+                        | libc::ETIMEDOUT
+                        | libc::EHOSTUNREACH
+                        | libc::ENETUNREACH
+                        | libc::ECONNREFUSED
+                )
+            );
             if kept && self.tcp_err.is_none() {
                 self.tcp_err = e.raw_os_error();
             }
@@ -209,8 +217,11 @@ impl Handover {
         // Unread are those delivered here and not read, and those its
         // writer posted beyond where this end closed the region part (it
         // sends them again on the kernel socket, to a closed socket).
+        // (The last holder's close only: another process holding the end
+        // may read them still, and each counts only its own reads.)
         let reset_back = ctx.is_some_and(|c| {
             let unread = self.lost
+                && self.inner.holders() <= 1
                 && match self.rx {
                     Rx::Ring | Rx::Tcp(Some(_)) => {
                         self.inner.reads_left().is_some_and(|l| l > 0) || self.peer_posted_beyond(0)

@@ -109,7 +109,8 @@ pub mod hov {
     /// then the acceptor's writes cannot have moved. Written by devd;
     /// never relayed.
     pub const MATCHED: usize = 1360;
-    /// u64 per direction d at `POSTED + 8 d` (Queued, both ends on this
+    /// u64 per direction d at `POSTED + 64 d`, a cache line each (two
+    /// writers store them as they write) (Queued, both ends on this
     /// host): the region bytes d's writer posted so far, stored after
     /// each write. A reader that closes after devd died, having taken
     /// fewer, resets the connection as the kernel's close with bytes
@@ -357,7 +358,7 @@ pub fn publish_end(m: &Mapping, d: usize, e: u64) {
 /// Direction `d`'s writer has posted `n` region bytes in all.
 pub fn publish_posted(m: &Mapping, d: usize, n: u64) {
     // Release: with the posts before it (only a reader's close reads it).
-    m.u64_at(hov::POSTED + 8 * (d & 1))
+    m.u64_at(hov::POSTED + 64 * (d & 1))
         .store(n, Ordering::Release);
 }
 
@@ -365,7 +366,7 @@ pub fn publish_posted(m: &Mapping, d: usize, n: u64) {
 /// wrong value only turns the reader's close into a reset, which the
 /// writer could have caused anyway.
 pub fn posted(m: &Mapping, d: usize) -> u64 {
-    m.u64_at(hov::POSTED + 8 * (d & 1)).load(Ordering::Acquire)
+    m.u64_at(hov::POSTED + 64 * (d & 1)).load(Ordering::Acquire)
 }
 
 /// Direction `d`'s writes end where the kernel socket's stream ends: a

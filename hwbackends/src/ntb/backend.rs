@@ -114,7 +114,7 @@ pub struct Ntb {
     up: bool,
     hostile: bool,
     /// The channel that sent last, when, and until when the link counts
-    /// as shared by several (`window_for`).
+    /// as shared by several (`shared_if`), as of its last send.
     last_sender: Option<ChannelId>,
     last_send: Instant,
     pub(super) shared_until: Option<Instant>,
@@ -194,25 +194,16 @@ impl Ntb {
         }
     }
 
-    /// What channel `ch` may have in flight now: the whole window while
-    /// it is the link's only sender, `SHARED_WINDOW` at most for
+    /// Until when the link counts as shared by several channels if `ch`
+    /// sends at `now` (None: `ch` may have the whole window in flight):
     /// `shared_for` after a send of one channel followed one of another
     /// within that time.
-    fn window_for(&mut self, ch: ChannelId) -> usize {
-        let now = Instant::now();
-        if self.last_sender != Some(ch) {
-            if self.last_sender.is_some() && now < self.last_send + self.shared_for {
-                self.shared_until = Some(now + self.shared_for);
-            }
-            self.last_sender = Some(ch);
-        }
-        self.last_send = now;
-        match self.shared_until {
-            Some(t) if now < t => self.window.min(SHARED_WINDOW),
-            _ => {
-                self.shared_until = None;
-                self.window
-            }
+    fn shared_if(&self, ch: ChannelId, now: Instant) -> Option<Instant> {
+        let switched = self.last_sender.is_some_and(|l| l != ch);
+        if switched && now < self.last_send + self.shared_for {
+            Some(now + self.shared_for)
+        } else {
+            self.shared_until.filter(|&t| now < t)
         }
     }
 
@@ -780,7 +771,13 @@ impl Backend for Ntb {
         }
         let in_flight = usize::try_from(c.out.sent - c.out.acked).unwrap_or(usize::MAX);
         let dst = c.dst;
-        let credit = self.window_for(ch).saturating_sub(in_flight);
+        let now = Instant::now();
+        let shared = self.shared_if(ch, now);
+        let window = match shared {
+            Some(_) => self.window.min(SHARED_WINDOW),
+            None => self.window,
+        };
+        let credit = window.saturating_sub(in_flight);
         if credit == 0 {
             return Ok(0); // the peer's ack names this channel
         }
@@ -814,6 +811,8 @@ impl Backend for Ntb {
         self.ring_write(pos, &inbox::encode(&h));
         self.prod += inbox::frame_size(n) as u64;
         self.counters.data += 1;
+        // A send: the link's sharing as it said.
+        (self.shared_until, self.last_sender, self.last_send) = (shared, Some(ch), now);
         if let Some(c) = self.chans.get_mut(&ch) {
             c.out.sent += n as u64;
         }

@@ -45,8 +45,8 @@ pub const DEFAULT_WINDOW: usize = 1024 * 1024;
 /// sent within `SHARED_FOR`: a small message of that other channel waits
 /// behind at most this much of it at each copy on its way (the sender's
 /// turn, the receiver's copy out and its delivery). A 64 B ping-pong
-/// beside a stream of 64 KiB writes in the lab: 100-170 us round trips
-/// with 1 MiB, 62-64 us with 256 KiB, the stream as fast.
+/// beside a stream of 64 KiB writes in the lab: a median round trip of
+/// 163 us with 1 MiB, 70 us with this (docs/performance-limits.md).
 pub const SHARED_WINDOW: usize = 256 * 1024;
 /// How long after a send of another channel the link counts as shared.
 pub const SHARED_FOR: Duration = Duration::from_millis(2);

@@ -23,27 +23,44 @@ fn err(what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("verbs: {what}: {e}"))
 }
 
-/// The names of the RDMA devices this host has (none without
-/// libibverbs).
-pub fn devices() -> io::Result<Vec<String>> {
-    let lib = sys::lib()?;
+/// Calls `f` with each RDMA device this host has and its name, until it
+/// returns Some (the list is freed after).
+fn each_device<T>(
+    lib: &'static Lib,
+    mut f: impl FnMut(*mut sys::IbvDevice, &CStr) -> Option<T>,
+) -> io::Result<Option<T>> {
     let mut n: c_int = 0;
     // SAFETY: n is a valid out-pointer; the list is freed below.
     let list = unsafe { (lib.get_device_list)(&mut n) };
     if list.is_null() {
         return Err(err("ibv_get_device_list"));
     }
-    let mut names = Vec::new();
+    let mut found = None;
     for i in 0..usize::try_from(n).unwrap_or(0) {
         // SAFETY: list holds n device pointers (ibv_get_device_list).
         let d = unsafe { *list.add(i) };
-        // SAFETY: d is a device of the list, alive until it is freed;
-        // its name is a NUL-terminated string in it.
+        // SAFETY: d is a device of the list, alive until it is freed; its
+        // name is a NUL-terminated string in it.
         let name = unsafe { CStr::from_ptr((lib.get_device_name)(d)) };
-        names.push(name.to_string_lossy().into_owned());
+        found = f(d, name);
+        if found.is_some() {
+            break;
+        }
     }
-    // SAFETY: list came from ibv_get_device_list and is freed once.
+    // SAFETY: list came from ibv_get_device_list and is freed once; `f`
+    // kept no device pointer (an opened context does not need the list).
     unsafe { (lib.free_device_list)(list) };
+    Ok(found)
+}
+
+/// The names of the RDMA devices this host has (none without
+/// libibverbs).
+pub fn devices() -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    each_device::<()>(sys::lib()?, |_, name| {
+        names.push(name.to_string_lossy().into_owned());
+        None
+    })?;
     Ok(names)
 }
 
@@ -72,43 +89,27 @@ impl Context {
     /// index `gid_index` (RoCE: the one of the interface's address).
     pub fn open(name: Option<&str>, port: u8, gid_index: u8) -> io::Result<Arc<Context>> {
         let lib = sys::lib()?;
-        let mut n: c_int = 0;
-        // SAFETY: n is a valid out-pointer; the list is freed below.
-        let list = unsafe { (lib.get_device_list)(&mut n) };
-        if list.is_null() {
-            return Err(err("ibv_get_device_list"));
-        }
-        let mut found = ptr::null_mut();
-        for i in 0..usize::try_from(n).unwrap_or(0) {
-            // SAFETY: list holds n device pointers.
-            let d = unsafe { *list.add(i) };
-            // SAFETY: d is alive until the list is freed; its name is a
-            // NUL-terminated string.
-            let dn = unsafe { CStr::from_ptr((lib.get_device_name)(d)) };
-            if name.is_none_or(|w| dn.to_bytes() == w.as_bytes()) {
-                found = d;
-                break;
+        let opened = each_device(lib, |d, dn| {
+            if name.is_some_and(|w| dn.to_bytes() != w.as_bytes()) {
+                return None;
             }
-        }
-        let ctx = if found.is_null() {
-            ptr::null_mut()
-        } else {
-            // SAFETY: found is a device of the list, still alive.
-            unsafe { (lib.open_device)(found) }
+            // SAFETY: d is a device of the list, still alive.
+            let ctx = unsafe { (lib.open_device)(d) };
+            Some(if ctx.is_null() {
+                Err(err("ibv_open_device"))
+            } else {
+                Ok(ctx)
+            })
+        })?;
+        let ctx = match opened {
+            Some(r) => r?,
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("verbs: no RDMA device {}", name.unwrap_or("at all")),
+                ))
+            }
         };
-        let open_err = err("ibv_open_device");
-        // SAFETY: list came from ibv_get_device_list; an opened context
-        // does not need it.
-        unsafe { (lib.free_device_list)(list) };
-        if found.is_null() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("verbs: no RDMA device {}", name.unwrap_or("at all")),
-            ));
-        }
-        if ctx.is_null() {
-            return Err(open_err);
-        }
         let mut c = Context {
             lib,
             ctx,

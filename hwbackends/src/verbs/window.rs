@@ -173,46 +173,20 @@ impl VerbsWindow {
             // The copy follows this node's inbox in the registered memory.
             // Ring bytes are not written again until the peer gave their
             // room back, after it read them: the device may read them late.
-            Post::Range(from, to) => {
-                let (off, len) = (self.size + from, to - from);
-                self.qp.write(
-                    &self.region,
-                    off,
-                    len,
-                    peer,
-                    from as u64,
-                    None,
-                    signaled,
-                    false,
-                    WR_WRITE | seq,
-                )
-            }
             // The words change every turn: inline, copied as posted.
-            Post::Words(from, to) => {
+            Post::Range(from, to) | Post::Words(from, to) => {
+                let inline = matches!(what, Post::Words(..));
                 let (off, len) = (self.size + from, to - from);
-                self.qp.write(
-                    &self.region,
-                    off,
-                    len,
-                    peer,
-                    from as u64,
-                    None,
-                    signaled,
-                    true,
-                    WR_WRITE | seq,
-                )
+                let at = from as u64;
+                let id = WR_WRITE | seq;
+                self.qp
+                    .write(&self.region, off, len, peer, at, None, signaled, inline, id)
             }
-            Post::Bell => self.qp.write(
-                &self.region,
-                0,
-                0,
-                peer,
-                0,
-                Some(0),
-                signaled,
-                false,
-                WR_BELL | seq,
-            ),
+            Post::Bell => {
+                let id = WR_BELL | seq;
+                self.qp
+                    .write(&self.region, 0, 0, peer, 0, Some(0), signaled, false, id)
+            }
         };
         if r.is_ok() {
             self.posted.set(seq);

@@ -23,6 +23,15 @@ fn err(what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("verbs: {what}: {e}"))
 }
 
+/// A call that returns its error number (the ops table's posts).
+fn returned(r: c_int, what: &str) -> io::Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::from_raw_os_error(r);
+    Err(io::Error::new(e.kind(), format!("verbs: {what}: {e}")))
+}
+
 /// Calls `f` with each RDMA device this host has and its name, until it
 /// returns Some (the list is freed after).
 fn each_device<T>(
@@ -560,13 +569,7 @@ impl Qp {
         // bounds (checked above), and src outlives the request (its owner
         // drops the queue pair first).
         let r = unsafe { (self.post_send)(self.qp, &mut wr, &mut bad) };
-        if r != 0 {
-            return Err(io::Error::other(format!(
-                "verbs: ibv_post_send: {}",
-                io::Error::from_raw_os_error(r)
-            )));
-        }
-        Ok(())
+        returned(r, "ibv_post_send")
     }
 
     /// Posts a receive with no buffer (what an RDMA write with immediate
@@ -581,13 +584,7 @@ impl Qp {
         let mut bad = ptr::null_mut();
         // SAFETY: qp is this handle's; wr lives across the call.
         let r = unsafe { (self.post_recv)(self.qp, &mut wr, &mut bad) };
-        if r != 0 {
-            return Err(io::Error::other(format!(
-                "verbs: ibv_post_recv: {}",
-                io::Error::from_raw_os_error(r)
-            )));
-        }
-        Ok(())
+        returned(r, "ibv_post_recv")
     }
 }
 

@@ -23,11 +23,3 @@ mod window;
 
 pub use device::{devices, Context, Cq, Endpoint, Qp, Region};
 pub use window::VerbsWindow;
-
-/// A region of `len` bytes of our own memory (a sealed memfd mapped),
-/// registered with `ctx` (`remote`: the peer may write it).
-pub fn region(ctx: &std::sync::Arc<Context>, len: usize, remote: bool) -> std::io::Result<Region> {
-    let fd = ssock_rings::sys::memfd_sealed("ssock-verbs", len)?;
-    let map = ssock_rings::shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), len, true)?;
-    Region::new(ctx, map, remote)
-}

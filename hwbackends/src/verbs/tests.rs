@@ -185,6 +185,14 @@ fn device() -> Option<Arc<Context>> {
 
 use std::sync::Arc;
 
+/// A region of `len` bytes of our own memory (a sealed memfd mapped),
+/// registered with `ctx` (`remote`: the peer may write it).
+fn region(ctx: &Arc<Context>, len: usize, remote: bool) -> std::io::Result<Region> {
+    let fd = ssock_rings::sys::memfd_sealed("ssock-verbs-test", len)?;
+    let map = ssock_rings::shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), len, true)?;
+    Region::new(ctx, map, remote)
+}
+
 /// Waits up to 10 s for `n` completions on `cq`.
 fn completions(cq: &Cq, n: usize) -> Vec<IbvWc> {
     let t = Instant::now();

@@ -89,6 +89,8 @@ struct FilePeer {
     key_file: PathBuf,
     ivshmem: Option<OneOrMore>,
     vfio: Option<Names>,
+    verbs: Option<Names>,
+    verbs_gid_index: Option<u8>,
     link_policy: Option<String>,
 }
 
@@ -127,6 +129,13 @@ pub struct PeerConfig {
     /// windows are the ntb links to it after the `ivshmem` ones: QEMU's
     /// ivshmem-doorbell device in a guest (docs/hardware.md).
     pub vfio: Vec<String>,
+    /// RDMA devices (`rxe0`, `mlx5_0`: port 1) whose reliable-connected
+    /// queue pairs are the ntb links to it after the VFIO ones, set up
+    /// over the control connection (docs/hardware.md).
+    pub verbs: Vec<String>,
+    /// The GID index those devices' links use (RoCE v2 over IPv4 on
+    /// rxe: 1, the default).
+    pub verbs_gid_index: u8,
     /// How new connections with it are put on its links, and where a
     /// connection whose link failed moves (when this devd names their
     /// channels).
@@ -135,9 +144,23 @@ pub struct PeerConfig {
 
 impl PeerConfig {
     /// How many ntb links to it are configured (ivshmem windows, then VFIO
-    /// devices).
+    /// devices, then RDMA devices).
     pub fn links(&self) -> usize {
-        self.ivshmem.len() + self.vfio.len()
+        self.ivshmem.len() + self.vfio.len() + self.verbs.len()
+    }
+
+    /// What link `i` goes over, for the statistics: "ivshmem PATH",
+    /// "vfio PCI-ADDRESS" or "verbs DEVICE".
+    pub fn link_name(&self, i: usize) -> String {
+        let (v, f) = (self.vfio.len(), self.ivshmem.len());
+        match i {
+            i if i < f => format!("ivshmem {}", self.ivshmem[i].display()),
+            i if i < f + v => format!("vfio {}", self.vfio[i - f]),
+            i => match self.verbs.get(i - f - v) {
+                Some(d) => format!("verbs {d}"),
+                None => String::new(),
+            },
+        }
     }
 }
 
@@ -149,6 +172,8 @@ impl std::fmt::Debug for PeerConfig {
             .field("key", &format_args!("({} bytes)", self.key.len()))
             .field("ivshmem", &self.ivshmem)
             .field("vfio", &self.vfio)
+            .field("verbs", &self.verbs)
+            .field("verbs_gid_index", &self.verbs_gid_index)
             .field("link_policy", &self.link_policy)
             .finish()
     }
@@ -383,6 +408,12 @@ impl Config {
                     Some(Names::One(n)) => vec![n],
                     Some(Names::More(v)) => v,
                 },
+                verbs: match p.verbs {
+                    None => Vec::new(),
+                    Some(Names::One(n)) => vec![n],
+                    Some(Names::More(v)) => v,
+                },
+                verbs_gid_index: p.verbs_gid_index.unwrap_or(1),
                 link_policy: match p.link_policy.as_deref() {
                     None | Some("active-backup") => LinkPolicy::ActiveBackup,
                     Some("spread") => LinkPolicy::Spread,
@@ -527,15 +558,38 @@ impl Config {
                     why: format!("node {} is listed twice", p.node),
                 });
             }
-            if p.ivshmem.len() + p.vfio.len() > ssock_hwbackends::MAX_LINKS {
+            if p.links() > ssock_hwbackends::MAX_LINKS {
                 return Err(ConfigError::Value {
-                    key: "peer.ivshmem, peer.vfio",
+                    key: "peer.ivshmem, peer.vfio, peer.verbs",
                     why: format!(
                         "node {}: {} links, at most {}",
                         p.node,
-                        p.ivshmem.len() + p.vfio.len(),
+                        p.links(),
                         ssock_hwbackends::MAX_LINKS
                     ),
+                });
+            }
+            if let Some(bad) = p.verbs.iter().find(|d| {
+                d.is_empty()
+                    || d.len() > 63
+                    || !d
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            }) {
+                return Err(ConfigError::Value {
+                    key: "peer.verbs",
+                    why: format!("node {}: {bad:?} is no RDMA device name", p.node),
+                });
+            }
+            if let Some((k, d)) = p
+                .verbs
+                .iter()
+                .enumerate()
+                .find(|(k, d)| p.verbs[..*k].contains(d))
+            {
+                return Err(ConfigError::Value {
+                    key: "peer.verbs",
+                    why: format!("node {}: {d} is listed twice (entry {k})", p.node),
                 });
             }
             if let Some(bad) = p
@@ -764,6 +818,35 @@ mod tests {
             assert!(e.to_string().contains("peer.vfio"), "{bad}: {e}");
         }
         assert_eq!(c.peers[0].link_policy, LinkPolicy::ActiveBackup);
+        // RDMA devices: after the windows, GID index 1 unless said.
+        let c = Config::from_toml(
+            &format!(
+                "node = 1\n{}vfio = \"0000:00:02.0\"\nverbs = \"rxe0\"\n",
+                peer(2)
+            ),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!(c.peers[0].verbs, ["rxe0"]);
+        assert_eq!(c.peers[0].link_name(0), "vfio 0000:00:02.0");
+        assert_eq!(c.peers[0].link_name(1), "verbs rxe0");
+        assert_eq!(c.peers[0].verbs_gid_index, 1);
+        assert_eq!(c.peers[0].links(), 2);
+        let c = Config::from_toml(
+            &format!(
+                "node = 1\n{}verbs = [\"rxe0\", \"mlx5_1\"]\nverbs_gid_index = 3\n",
+                peer(2)
+            ),
+            Config::system(),
+        )
+        .unwrap();
+        assert_eq!((c.peers[0].verbs.len(), c.peers[0].verbs_gid_index), (2, 3));
+        for bad in ["\"\"", "\"../rxe0\"", "\"rxe 0\"", "[\"rxe0\", \"rxe0\"]"] {
+            assert!(
+                err(format!("node = 1\n{}verbs = {bad}\n", peer(2))).contains("peer.verbs"),
+                "{bad}"
+            );
+        }
         let c = Config::from_toml(
             &format!("node = 1\n{}link_policy = \"spread\"\n", peer(2)),
             Config::system(),

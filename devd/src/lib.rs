@@ -43,7 +43,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let (listener, _lock) = bind(&cfg)?;
-    let backend = backends(&cfg)?;
+    let mut links = backends(&cfg)?;
+    // The memory RDMA devices will pin, allowed while devd may still
+    // raise its limit.
+    let pinned = verbs_pinned(&cfg);
+    if pinned > 0 {
+        let need = (pinned + (16 << 20)) as u64;
+        if let Err(e) = sys::raise_memlock_limit(need) {
+            log::warn!("cannot raise the locked memory limit to {need} bytes for RDMA: {e}");
+        }
+    }
     let peer_listener = match cfg.peer_listen.filter(|_| !cfg.peers.is_empty()) {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -61,6 +70,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             s.gid
         );
     }
+    // RDMA devices are opened as the user that serves: the kernel refuses
+    // commands on a uverbs file from a process whose credentials changed
+    // since it was opened (its nodes are open to every user).
+    links.extend(verbs_backends(&cfg)?);
+    let backend: Box<dyn Backend> = if links.len() == 1 {
+        links.remove(0)
+    } else {
+        Box::new(Router::new(links))
+    };
     let name = backend.capabilities().name;
     let counts = std::sync::Arc::new(stats::EngineCounts::default());
     let engine = dataplane::engine::spawn(backend, counts.clone(), cfg.sandbox)
@@ -86,11 +104,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     r.context("control loop failed")
 }
 
-/// The engine's backend: the loopback for local pairs, and an ntb link for
-/// each window an ivshmem server hands out for a peer (link 0 first; this
-/// devd's inbox is each window's first half when its node id is the
-/// lower).
-fn backends(cfg: &Config) -> anyhow::Result<Box<dyn Backend>> {
+/// The engine's backends opened before devd gives up root: the loopback
+/// for local pairs, and an ntb link for each window an ivshmem server
+/// hands out for a peer (link 0 first; this devd's inbox is each window's
+/// first half when its node id is the lower), then each VFIO device.
+fn backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
     let mut all: Vec<Box<dyn Backend>> = vec![Box::new(Loopback::default())];
     for p in &cfg.peers {
         let half = usize::from(cfg.node > p.node);
@@ -135,11 +153,64 @@ fn backends(cfg: &Config) -> anyhow::Result<Box<dyn Backend>> {
             )));
         }
     }
-    Ok(if all.len() == 1 {
-        all.remove(0)
-    } else {
-        Box::new(Router::new(all))
-    })
+    Ok(all)
+}
+
+/// The ntb links over RDMA devices, after each peer's windows: a queue
+/// pair each and its memory registered, connected once the peer's
+/// endpoint comes over the control connection (`Backend::setup`).
+/// Bytes the RDMA devices' links register (each its inbox and the copy
+/// of the peer's).
+#[cfg(feature = "verbs")]
+fn verbs_pinned(cfg: &Config) -> usize {
+    let links: usize = cfg.peers.iter().map(|p| p.verbs.len()).sum();
+    links * 2 * ssock_hwbackends::verbs::INBOX
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_pinned(_: &Config) -> usize {
+    0
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
+    if let Some(p) = cfg.peers.iter().find(|p| !p.verbs.is_empty()) {
+        anyhow::bail!(
+            "peer node {}: verbs = {:?}, but this devd was built without RDMA links \
+             (cargo feature `verbs`)",
+            p.node,
+            p.verbs
+        );
+    }
+    Ok(Vec::new())
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
+    use ssock_hwbackends::verbs;
+    let mut all: Vec<Box<dyn Backend>> = Vec::new();
+    for p in &cfg.peers {
+        for (k, dev) in p.verbs.iter().enumerate() {
+            let link = u8::try_from(p.links() - p.verbs.len() + k).context("too many links")?;
+            let ctx = verbs::Context::open(Some(dev), 1, p.verbs_gid_index).with_context(|| {
+                format!("peer node {} link {link}: no RDMA device {dev}", p.node)
+            })?;
+            let w = verbs::VerbsWindow::new(&ctx, verbs::INBOX, cfg.node < p.node)
+                .with_context(|| format!("peer node {} link {link}: {dev}", p.node))?;
+            log::info!(
+                "peer node {} link {link}: ntb over RDMA device {dev} (GID index {})",
+                p.node,
+                p.verbs_gid_index
+            );
+            all.push(Box::new(Ntb::new(
+                p.node,
+                link,
+                Box::new(w),
+                ntb::DEFAULT_WINDOW,
+            )));
+        }
+    }
+    Ok(all)
 }
 
 /// The file a detached devd (`--detach`) logs to, beside its socket.

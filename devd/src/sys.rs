@@ -352,6 +352,32 @@ pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
     }
 }
 
+/// Raises the limit of locked memory to at least `bytes` (soft and hard:
+/// root may raise the hard limit, which the privileges' drop keeps), for
+/// memory an RDMA device pins. Returns the soft limit now.
+pub fn raise_memlock_limit(bytes: u64) -> io::Result<u64> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-pointer for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rl.rlim_cur >= bytes {
+        return Ok(rl.rlim_cur);
+    }
+    let want = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: rl.rlim_max.max(bytes),
+    };
+    // SAFETY: want is a valid in-pointer for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &want) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes)
+}
+
 /// This process's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid takes nothing and cannot fail.

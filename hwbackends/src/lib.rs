@@ -37,6 +37,7 @@ mod conformance;
 pub mod loopback;
 pub mod ntb;
 pub mod router;
+#[cfg(feature = "verbs")]
 pub mod verbs;
 
 use std::collections::VecDeque;
@@ -367,6 +368,20 @@ pub trait Backend: Send {
         _up: bool,
     ) -> Result<(), BackendError> {
         Err(BackendError::NoLink(node))
+    }
+    /// Link setup with peer `node` over the peer devds' control
+    /// connection (a verbs link's queue pair endpoints, docs/protocol.md
+    /// 8.9): `msg` is the peer's setup message for one link (None: the
+    /// control connection to `node` just came up). Returns the messages
+    /// to send `node`, per link. A message this backend cannot use is
+    /// logged and dropped.
+    fn setup(&mut self, _node: NodeId, _msg: Option<(LinkId, &[u8])>) -> Vec<(LinkId, Vec<u8>)> {
+        Vec::new()
+    }
+    /// Setup messages links want sent on their own (a link that broke
+    /// asks to be set up again), each once: (node, link, message).
+    fn setup_due(&mut self) -> Vec<(NodeId, LinkId, Vec<u8>)> {
+        Vec::new()
     }
     /// The system calls this backend makes in the engine thread that
     /// devd's own list (memory, eventfds, epoll) lacks.

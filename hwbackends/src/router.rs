@@ -177,6 +177,20 @@ impl Backend for Router {
         }
     }
 
+    fn setup(&mut self, node: NodeId, msg: Option<(LinkId, &[u8])>) -> Vec<(LinkId, Vec<u8>)> {
+        self.backends
+            .iter_mut()
+            .flat_map(|b| b.setup(node, msg))
+            .collect()
+    }
+
+    fn setup_due(&mut self) -> Vec<(NodeId, LinkId, Vec<u8>)> {
+        self.backends
+            .iter_mut()
+            .flat_map(|b| b.setup_due())
+            .collect()
+    }
+
     fn syscalls(&self) -> Vec<Syscall> {
         self.backends.iter().flat_map(|b| b.syscalls()).collect()
     }

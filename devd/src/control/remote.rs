@@ -312,6 +312,9 @@ impl Devd {
                 }
                 Event::Link { node, up } => {
                     if up {
+                        // Links that need setting up (verbs) start anew.
+                        self.engine
+                            .send(crate::dataplane::engine::Cmd::Setup { node, msg: None });
                         self.remote.up.insert(node);
                     } else {
                         self.remote.up.remove(&node);
@@ -366,6 +369,12 @@ impl Devd {
                                 again: false,
                             });
                     }
+                }
+                Event::Setup { node, link, data } => {
+                    self.engine.send(crate::dataplane::engine::Cmd::Setup {
+                        node,
+                        msg: Some((link, data)),
+                    })
                 }
                 Event::Rejoin {
                     node,

@@ -58,6 +58,7 @@ impl Devd {
                     let l = links.get(&(peer.node, link)).cloned().unwrap_or_default();
                     peer.links.push(crate::peers::LinkJson {
                         link,
+                        over: cfg.link_name(i),
                         state: state(l.up),
                         changes: l.changes,
                     });

@@ -54,6 +54,9 @@ pub struct LinkChangeJson {
 pub struct LinkJson {
     /// Which (0 first).
     pub link: u8,
+    /// What it goes over: "ivshmem PATH", "vfio PCI-ADDRESS" or "verbs
+    /// DEVICE".
+    pub over: String,
     /// "up" or "down".
     pub state: &'static str,
     /// Times it came up or went down.
@@ -161,6 +164,16 @@ pub enum Event {
         words: [u64; 4],
         /// Where it closed the direction it reads, once it did.
         closed: Option<u64>,
+    },
+    /// Peer `node`'s setup message for link `link` (`Msg::Setup`): for
+    /// the engine's backend.
+    Setup {
+        /// The peer.
+        node: u32,
+        /// The link.
+        link: u8,
+        /// The backend's message.
+        data: Vec<u8>,
     },
     /// Peer `node` moves the connection on `channel` onto another link
     /// (`Msg::Migrate`): for the engine.
@@ -938,6 +951,7 @@ impl Thread {
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
                     | Msg::Migrate { .. }
+                    | Msg::Setup { .. }
                     | Msg::Rejoin { .. }
                     | Msg::Rejoined { .. }
                     | Msg::Forward { .. }
@@ -950,13 +964,14 @@ impl Thread {
                     | Msg::Claimed { .. }
                     | Msg::Failover { .. }
                     | Msg::Migrate { .. }
+                    | Msg::Setup { .. }
                     | Msg::Rejoin { .. }
                     | Msg::Rejoined { .. }
                     | Msg::Forward { .. }
                     | Msg::Forwarded { .. } => {
                         return Err(End::Refused(
                             "malformed",
-                            "a Claim, Claimed, Failover, Migrate, Rejoin or Forward before the handshake"
+                            "a Claim, Claimed, Failover, Migrate, Setup, Rejoin or Forward before the handshake"
                                 .into(),
                         ));
                     }
@@ -1126,6 +1141,7 @@ impl Thread {
                     closed,
                 }),
                 Msg::Forward { old, new } => Some(Event::Forward { node, old, new }),
+                Msg::Setup { link, data } => Some(Event::Setup { node, link, data }),
                 Msg::Forwarded { channel, ok } => Some(Event::Forwarded { node, channel, ok }),
                 Msg::Migrate {
                     channel,

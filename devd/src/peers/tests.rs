@@ -23,6 +23,8 @@ fn peer(node: u32, address: SocketAddr, key: &[u8]) -> PeerConfig {
         key: key.to_vec(),
         ivshmem: Vec::new(),
         vfio: Vec::new(),
+        verbs: Vec::new(),
+        verbs_gid_index: 1,
         link_policy: Default::default(),
     }
 }

@@ -23,7 +23,7 @@ use sha2::Sha256;
 /// "SSOCKPER".
 pub const MAGIC: [u8; 8] = *b"SSOCKPER";
 /// The peer protocol's version.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// The longest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Bytes of a Hello's nonce.
@@ -122,6 +122,15 @@ pub enum Msg {
         /// Its end mark among them.
         marked: bool,
     },
+    /// Link `link`'s setup (a verbs link's queue pair endpoint:
+    /// docs/protocol.md 8.9), opaque here, for the receiver's backend; at
+    /// most `MAX_SETUP` bytes.
+    Setup {
+        /// The link.
+        link: u8,
+        /// The backend's message.
+        data: Vec<u8>,
+    },
     /// The sender's devd was started again after the one that served an
     /// end of a connection with the receiver died, and that end's process
     /// asks where each direction goes on over the kernel socket
@@ -149,6 +158,9 @@ pub enum Msg {
         channel: Option<u64>,
     },
 }
+
+/// The longest link setup message a Setup carries.
+pub const MAX_SETUP: usize = 1024;
 
 /// What a Claim found on the connector's host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +202,7 @@ const FORWARDED: u8 = 9;
 const MIGRATE: u8 = 10;
 const REJOIN: u8 = 11;
 const REJOINED: u8 = 12;
+const SETUP: u8 = 13;
 
 /// Appends address `a`: a family byte (4 or 6), its address bytes and a
 /// u16 port.
@@ -317,6 +330,15 @@ pub fn encode(m: &Msg) -> Vec<u8> {
                 body.extend_from_slice(&w.to_le_bytes());
             }
         }
+        Msg::Setup { link, data } => {
+            body.push(SETUP);
+            body.push(*link);
+            // (Backends' messages are far shorter; a longer one is cut,
+            // and the peer's backend refuses it.)
+            let n = data.len().min(MAX_SETUP);
+            body.extend_from_slice(&u16::try_from(n).unwrap_or(0).to_le_bytes());
+            body.extend_from_slice(&data[..n]);
+        }
         Msg::Rejoined {
             sender,
             receiver,
@@ -416,6 +438,7 @@ pub fn parse(body: &[u8]) -> Result<Msg, WireError> {
         MIGRATE => migrate(p).ok_or(WireError::Malformed("Migrate"))?,
         REJOIN => rejoin(p).ok_or(WireError::Malformed("Rejoin"))?,
         REJOINED => rejoined(p).ok_or(WireError::Malformed("Rejoined"))?,
+        SETUP => setup(p).ok_or(WireError::Malformed("Setup"))?,
         t => return Err(WireError::Type(t)),
     };
     Ok(m)
@@ -491,6 +514,20 @@ fn migrate(p: &[u8]) -> Option<Msg> {
         link,
         received: u64::from_le_bytes(p[9..17].try_into().ok()?),
         marked,
+    })
+}
+
+/// A Setup payload: the link, a u16 length, that many bytes (at most
+/// `MAX_SETUP`); nothing after them.
+fn setup(p: &[u8]) -> Option<Msg> {
+    let link = *p.first()?;
+    let n = usize::from(u16::from_le_bytes([*p.get(1)?, *p.get(2)?]));
+    if usize::from(link) >= ssock_hwbackends::MAX_LINKS || n > MAX_SETUP || p.len() != 3 + n {
+        return None;
+    }
+    Some(Msg::Setup {
+        link,
+        data: p[3..].to_vec(),
     })
 }
 
@@ -819,6 +856,14 @@ mod tests {
                 sender: "10.0.0.2:6379".parse().unwrap(),
                 receiver: "10.0.0.1:41000".parse().unwrap(),
                 channel: None,
+            },
+            Msg::Setup {
+                link: 2,
+                data: vec![1, 2, 3],
+            },
+            Msg::Setup {
+                link: 0,
+                data: vec![7; MAX_SETUP],
             },
         ] {
             let mut f = encode(&m);

@@ -675,6 +675,13 @@ impl Backend for Ntb {
         self.take_in();
         self.give_room();
         self.flush();
+        if self.bell_due && !self.win.coherent() {
+            // Rung always: asked before the publish, the doorbell goes
+            // with the turn's last write (one message fewer).
+            self.bell_due = false;
+            self.win.ring();
+            self.counters.doorbells += 1;
+        }
         self.win.publish();
         if std::mem::take(&mut self.bell_due) {
             self.wake_peer();
@@ -689,7 +696,9 @@ impl Backend for Ntb {
     }
 
     fn idle(&mut self) -> bool {
-        if self.hostile || self.out_of_service || !self.synced {
+        // (A window that is not coherent is rung after every turn that
+        // published: its `asleep` word would only cost two writes.)
+        if self.hostile || self.out_of_service || !self.synced || !self.win.coherent() {
             return true;
         }
         self.win.store(inbox::OFF_ASLEEP, 1);
@@ -938,6 +947,24 @@ impl Backend for Ntb {
 
     fn link_events(&mut self) -> Vec<LinkEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    fn setup(&mut self, node: NodeId, msg: Option<(LinkId, &[u8])>) -> Vec<(LinkId, Vec<u8>)> {
+        if node != self.peer || msg.is_some_and(|(l, _)| l != self.link) {
+            return Vec::new();
+        }
+        match self.win.setup(msg.map(|(_, m)| m)) {
+            Ok(m) => m.map(|m| (self.link, m)).into_iter().collect(),
+            Err(e) => {
+                log::warn!("link {} to node {node}: {e}", self.link);
+                Vec::new()
+            }
+        }
+    }
+
+    fn setup_due(&mut self) -> Vec<(NodeId, LinkId, Vec<u8>)> {
+        let due = self.win.setup_due();
+        due.map(|m| (self.peer, self.link, m)).into_iter().collect()
     }
 
     fn syscalls(&self) -> Vec<Syscall> {

@@ -83,6 +83,18 @@ pub trait Window: Send {
     fn coherent(&self) -> bool {
         true
     }
+    /// The link's setup with the peer over the peer devds' control
+    /// connection (a queue pair's endpoint): `msg` is the peer's setup
+    /// message (None: that connection just came up); returns the one to
+    /// send it. A window with nothing to set up has none.
+    fn setup(&mut self, _msg: Option<&[u8]>) -> io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// A setup message the window wants sent on its own (its link broke
+    /// and asks to be set up again), once.
+    fn setup_due(&mut self) -> Option<Vec<u8>> {
+        None
+    }
 
     /// Bytes in each inbox.
     fn size(&self) -> usize {

@@ -443,6 +443,22 @@ impl Qp {
         Ok(())
     }
 
+    /// Takes the queue pair back to its reset state (what was posted is
+    /// dropped; completions already made stay on the queue) with a new
+    /// starting packet number: `connect` again with the peer's new
+    /// endpoint, after the peer reset its own.
+    pub fn reset(&mut self) -> io::Result<()> {
+        let mut a = IbvQpAttr {
+            qp_state: sys::IBV_QPS_RESET,
+            ..Default::default()
+        };
+        self.modify(&mut a, sys::IBV_QP_STATE, "ibv_modify_qp to RESET")?;
+        let mut b = [0u8; 4];
+        ssock_rings::sys::random(&mut b)?;
+        self.psn = u32::from_le_bytes(b) & 0x00ff_ffff;
+        Ok(())
+    }
+
     /// Connects to the peer's queue pair: INIT, RTR, RTS.
     pub fn connect(&self, peer: &Endpoint) -> io::Result<()> {
         let mut a = IbvQpAttr {
@@ -488,7 +504,9 @@ impl Qp {
             qp_state: sys::IBV_QPS_RTS,
             sq_psn: self.psn,
             timeout: 14,
-            retry_cnt: 7,
+            // (7 would be retried for ever on rxe: a peer whose queue pair is
+            // gone must fail the link.)
+            retry_cnt: 6,
             rnr_retry: 7,
             max_rd_atomic: 1,
             ..Default::default()

@@ -8,9 +8,10 @@
 //!
 //! A link is the ntb backend's protocol over [`VerbsWindow`] (`window.rs`):
 //! the peer's inbox is the other host's registered region, written by
-//! RDMA WRITE and rung by RDMA WRITE WITH IMM. devd does not make such
-//! links yet: the endpoints' exchange over the peers' control connection
-//! and the config that names the device are still to come.
+//! RDMA WRITE and rung by RDMA WRITE WITH IMM. devd makes one per RDMA
+//! device a `[[peer]]` names (`verbs`); the queue pairs' endpoints are
+//! exchanged over the peer devds' control connection (the window's
+//! `setup`, docs/protocol.md 8.9).
 //!
 //! Never here: policy; unsafe code outside `sys.rs` and `device.rs`.
 
@@ -23,3 +24,7 @@ mod window;
 
 pub use device::{devices, Context, Cq, Endpoint, Qp, Region};
 pub use window::VerbsWindow;
+
+/// Bytes of each inbox of a link over verbs (both sides use this size:
+/// the setup refuses another).
+pub const INBOX: usize = 4 << 20;

@@ -23,15 +23,18 @@ pub struct IbvPd {
     _private: [u8; 0],
 }
 
-/// The prefix of `struct ibv_context`: the device, then the ops table, of
-/// which `OPS_*` index the entries used here.
+/// The prefix of `struct ibv_context`: the device, the ops table (of
+/// which `OPS_*` index the entries used here), then the command fd the
+/// provider writes its commands to.
 #[repr(C)]
 pub struct IbvContext {
     pub device: *mut IbvDevice,
-    pub ops: [*const c_void; OPS_LEN],
+    pub ops: [*const c_void; OPS_ALL],
+    pub cmd_fd: c_int,
 }
-/// Entries of `struct ibv_context_ops` before and including post_recv.
-pub const OPS_LEN: usize = 27;
+/// Entries of `struct ibv_context_ops` (the probe test checks where
+/// `cmd_fd` follows them).
+pub const OPS_ALL: usize = 32;
 pub const OPS_POLL_CQ: usize = 11;
 pub const OPS_REQ_NOTIFY_CQ: usize = 12;
 pub const OPS_POST_SEND: usize = 25;
@@ -262,6 +265,7 @@ pub struct IbvPortAttr {
 pub const IBV_ACCESS_LOCAL_WRITE: c_int = 1;
 pub const IBV_ACCESS_REMOTE_WRITE: c_int = 1 << 1;
 pub const IBV_QPT_RC: c_uint = 2;
+pub const IBV_QPS_RESET: c_uint = 0;
 pub const IBV_QPS_INIT: c_uint = 1;
 pub const IBV_QPS_RTR: c_uint = 2;
 pub const IBV_QPS_RTS: c_uint = 3;
@@ -413,6 +417,10 @@ fn load() -> Result<Lib, String> {
     })
 }
 
+/// RDMA_VERBS_IOCTL: `_IOWR(0x1b, 1, struct ib_uverbs_ioctl_hdr)`, the
+/// ioctl through which newer providers send some commands.
+pub const RDMA_VERBS_IOCTL: u64 = 0xc018_1b01;
+
 /// The ops-table entry `i` of `ctx`, as a function of type `T`.
 ///
 /// # Safety
@@ -420,7 +428,8 @@ fn load() -> Result<Lib, String> {
 /// `OPS_*` indices and `T` the function type verbs.h gives that entry.
 pub unsafe fn op<T: Copy>(ctx: *mut IbvContext, i: usize) -> Option<T> {
     // SAFETY: by the caller, ctx points to a live ibv_context, whose ops
-    // table has at least OPS_LEN entries after the device pointer.
+    // table has OPS_ALL entries after the device pointer, and i is one
+    // of the OPS_* indices, below it.
     let p = unsafe { (*ctx).ops[i] };
     if p.is_null() {
         return None;

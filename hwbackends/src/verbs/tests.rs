@@ -4,6 +4,7 @@
 //! `SSOCK_VERBS_REQUIRED=1`, where a missing device fails).
 
 use super::sys::*;
+use super::window::{Setup, OFFER, SETUP_LEN};
 use super::*;
 use crate::ntb::window::Window as _;
 use crate::Backend as _;
@@ -20,6 +21,7 @@ fn ours() -> Vec<(&'static str, usize)> {
         ("ctx.req_notify_cq", ops + 8 * OPS_REQ_NOTIFY_CQ),
         ("ctx.post_send", ops + 8 * OPS_POST_SEND),
         ("ctx.post_recv", ops + 8 * OPS_POST_RECV),
+        ("ctx.cmd_fd", offset_of!(IbvContext, cmd_fd)),
         ("mr.lkey", offset_of!(IbvMr, lkey)),
         ("mr.rkey", offset_of!(IbvMr, rkey)),
         ("channel.fd", offset_of!(IbvCompChannel, fd)),
@@ -76,6 +78,7 @@ int main(void) {
   O("ctx.req_notify_cq", ibv_context, ops.req_notify_cq);
   O("ctx.post_send", ibv_context, ops.post_send);
   O("ctx.post_recv", ibv_context, ops.post_recv);
+  O("ctx.cmd_fd", ibv_context, cmd_fd);
   O("mr.lkey", ibv_mr, lkey);
   O("mr.rkey", ibv_mr, rkey);
   O("channel.fd", ibv_comp_channel, fd);
@@ -290,14 +293,146 @@ impl crate::conformance::Lab for VerbsLab {
     }
 }
 
+/// The setup's round, as the peers' control connection carries it:
+/// `offers` offers when the connection comes up, `answers` answers.
+fn set_up(offers: &mut VerbsWindow, answers: &mut VerbsWindow) {
+    assert_eq!(
+        answers.setup(None).unwrap(),
+        None,
+        "the answering side spoke first"
+    );
+    let offer = offers.setup(None).unwrap().expect("no offer");
+    let answer = answers.setup(Some(&offer)).unwrap().expect("no answer");
+    assert_eq!(offers.setup(Some(&answer)).unwrap(), None);
+}
+
+/// Waits up to 10 s for word `off` of `to`'s inbox to be `v`, taking
+/// both windows' completions meanwhile.
+fn arrives(from: &mut VerbsWindow, to: &mut VerbsWindow, off: usize, v: u64) {
+    let t = Instant::now();
+    while to.load(off) != v {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "word {off}: {} where {v} was written",
+            to.load(off)
+        );
+        from.drain();
+        to.drain();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn setup_messages_connect_two_windows_again_after_one_is_made_anew_and_garbage_is_refused() {
+    let Some(ctx) = device() else {
+        return;
+    };
+    let size = 64 * 1024;
+    let (mut w1, mut w2) = (
+        VerbsWindow::new(&ctx, size, true).unwrap(),
+        VerbsWindow::new(&ctx, size, false).unwrap(),
+    );
+    // Written before the link is set up: sent once it is.
+    w1.store(64, 1);
+    w1.write(8192, b"before");
+    set_up(&mut w1, &mut w2);
+    arrives(&mut w1, &mut w2, 64, 1);
+    let mut b = [0u8; 6];
+    w2.read(8192, &mut b);
+    assert_eq!(&b, b"before");
+    w2.store(64, 2);
+    w2.publish();
+    arrives(&mut w2, &mut w1, 64, 2);
+
+    // An offer said again to a side already connected to it: answered,
+    // the link kept.
+    let offer = Setup {
+        kind: OFFER,
+        from: w1.endpoint(),
+        answers: (0, 0),
+    }
+    .encode();
+    assert!(w2.setup(Some(&offer)).unwrap().is_some());
+    w1.store(64, 3);
+    w1.publish();
+    arrives(&mut w1, &mut w2, 64, 3);
+
+    // Garbage, the wrong kind for a side, a wrong size: refused, nothing
+    // changed.
+    for junk in [&b"junk"[..], &[0u8; SETUP_LEN], &[9u8; SETUP_LEN]] {
+        assert!(w1.setup(Some(junk)).is_err());
+        assert!(w2.setup(Some(junk)).is_err());
+    }
+    assert!(
+        w1.setup(Some(&offer)).is_err(),
+        "an offer to the offering side"
+    );
+    let mut other = Setup::decode(&offer).unwrap();
+    other.from.len = 2 * size as u64;
+    assert!(w2.setup(Some(&other.encode())).is_err(), "another size");
+    let mut wide = offer.clone();
+    wide[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(
+        w2.setup(Some(&wide)).is_err(),
+        "a queue pair number past 24 bits"
+    );
+    w1.store(64, 4);
+    w1.publish();
+    arrives(&mut w1, &mut w2, 64, 4);
+
+    // The answering side's devd started again: a new window, the old
+    // one gone. The offering side's writes find no queue pair there and
+    // fail; its link asks for a new setup once.
+    let answer_before = w2.setup(Some(&offer)).unwrap().unwrap();
+    drop(w2);
+    let mut w3 = VerbsWindow::new(&ctx, size, false).unwrap();
+    let t = Instant::now();
+    let due = loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the link never broke"
+        );
+        w1.store(64, 5);
+        w1.publish();
+        w1.ring();
+        w1.drain();
+        if let Some(m) = w1.setup_due() {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(w1.setup_due(), None, "asked twice");
+    // The old answer, come late, changes nothing.
+    assert_eq!(w1.setup(Some(&answer_before)).unwrap(), None);
+    // The new offer answered by the new window: the whole inbox is sent
+    // again, both ways.
+    let answer = w3.setup(Some(&due)).unwrap().expect("no answer");
+    assert_eq!(w1.setup(Some(&answer)).unwrap(), None);
+    arrives(&mut w1, &mut w3, 64, 5);
+    let mut b = [0u8; 6];
+    w3.read(8192, &mut b);
+    assert_eq!(&b, b"before", "the inbox was not sent again whole");
+    w3.store(64, 6);
+    w3.publish();
+    arrives(&mut w3, &mut w1, 64, 6);
+
+    // The control connection came up again: a new round on both live
+    // queue pairs, and the link carries on.
+    set_up(&mut w1, &mut w3);
+    w1.store(64, 7);
+    w1.publish();
+    arrives(&mut w1, &mut w3, 64, 7);
+    w3.store(64, 8);
+    w3.publish();
+    arrives(&mut w3, &mut w1, 64, 8);
+}
+
 fn verbs_lab(ctx: &Arc<Context>, half: usize, window: usize) -> VerbsLab {
     let (mut w1, mut w2) = (
-        VerbsWindow::new(ctx, half).unwrap(),
-        VerbsWindow::new(ctx, half).unwrap(),
+        VerbsWindow::new(ctx, half, true).unwrap(),
+        VerbsWindow::new(ctx, half, false).unwrap(),
     );
-    let (e1, e2) = (w1.endpoint(), w2.endpoint());
-    w1.connect(e2).unwrap();
-    w2.connect(e1).unwrap();
+    set_up(&mut w1, &mut w2);
     let mut lab = VerbsLab(crate::conformance::Linked::new(
         [
             crate::ntb::Ntb::new(2, 0, Box::new(w1), window),
@@ -333,8 +468,8 @@ fn a_verbs_window_sends_nothing_before_it_is_connected_and_refuses_another_size(
         return;
     };
     let (mut a, b) = (
-        VerbsWindow::new(&ctx, 1 << 20).unwrap(),
-        VerbsWindow::new(&ctx, 64 * 1024).unwrap(),
+        VerbsWindow::new(&ctx, 1 << 20, true).unwrap(),
+        VerbsWindow::new(&ctx, 64 * 1024, false).unwrap(),
     );
     // Written and published before any connect: nothing posted, no error.
     crate::ntb::window::Window::store(&a, 128, 7);
@@ -385,8 +520,8 @@ fn a_window_that_only_publishes_words_keeps_its_send_queue_and_many_frames_fit_a
         return;
     };
     let (mut w1, mut w2) = (
-        VerbsWindow::new(&ctx, 1 << 20).unwrap(),
-        VerbsWindow::new(&ctx, 1 << 20).unwrap(),
+        VerbsWindow::new(&ctx, 1 << 20, true).unwrap(),
+        VerbsWindow::new(&ctx, 1 << 20, false).unwrap(),
     );
     let (e1, e2) = (w1.endpoint(), w2.endpoint());
     w1.connect(e2).unwrap();

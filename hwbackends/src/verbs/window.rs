@@ -16,7 +16,7 @@
 //! declared), a value from the inbox used unchecked (the ntb backend
 //! checks all it reads).
 
-use super::device::{Context, Cq, Endpoint, Qp, Region};
+use super::device::{Context, Cq, Endpoint, Qp, Region, MAX_INLINE};
 use super::sys::{IbvWc, IBV_WC_RECV_RDMA_WITH_IMM, IBV_WC_SUCCESS};
 use crate::ntb::window::{Halves, Window};
 use ssock_rings::shm::Mapping;
@@ -66,6 +66,13 @@ impl Dirty {
         out
     }
 
+    /// Everything: the ring bytes as one range, the words after.
+    fn all(&mut self, size: usize) {
+        let ring = crate::ntb::inbox::RING;
+        self.words = Some((0, ring));
+        self.ranges = vec![(ring, size)];
+    }
+
     fn mark(&mut self, off: usize, len: usize) {
         let end = off + len;
         if off < crate::ntb::inbox::RING {
@@ -97,14 +104,118 @@ pub struct VerbsWindow {
     /// A doorbell asked for and not posted yet (no room).
     bell_owed: Cell<bool>,
     /// A send or completion failed: nothing more is sent (the peer's
-    /// heartbeat stops arriving, the link goes down).
+    /// heartbeat stops arriving, the link goes down) until the link is
+    /// set up again (`setup`).
     broken: Cell<bool>,
+    /// Where the setup with the peer stands.
+    stage: Stage,
+    /// This node offers (the lower node id); the other answers.
+    offers: bool,
+    /// The queue pair left its reset state since it was last reset.
+    used: bool,
+    /// A setup was asked for since the link last broke (`setup_due`).
+    asked: bool,
+}
+
+/// Where a link's setup stands (docs/protocol.md 8.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Nothing offered or taken since the queue pair was made or reset.
+    Fresh,
+    /// This node offered its endpoint and waits for the answer.
+    Offered,
+    /// Connected to this endpoint of the peer's.
+    Joined(Endpoint),
+}
+
+/// A setup message's kinds: an Offer of the offering side's endpoint,
+/// the Answer with the other's (and the offer it answers), an Ask for a
+/// new Offer (the answering side's link broke).
+pub(super) const OFFER: u8 = 1;
+const ANSWER: u8 = 2;
+const ASK: u8 = 3;
+/// A setup message's bytes: kind, version, 2 zero bytes, the sender's
+/// endpoint (48 bytes), the endpoint it answers (qpn, psn; zeros if none).
+pub(super) const SETUP_LEN: usize = 4 + 48 + 8;
+const SETUP_VERSION: u8 = 1;
+
+/// One setup message, checked: what it says of the peer's queue pair is
+/// used only to connect to it (a wrong value makes the link fail to come
+/// up, nothing else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Setup {
+    pub(super) kind: u8,
+    pub(super) from: Endpoint,
+    pub(super) answers: (u32, u32),
+}
+
+impl Setup {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SETUP_LEN);
+        b.extend_from_slice(&[self.kind, SETUP_VERSION, 0, 0]);
+        let e = &self.from;
+        b.extend_from_slice(&e.qpn.to_le_bytes());
+        b.extend_from_slice(&e.psn.to_le_bytes());
+        b.extend_from_slice(&e.gid);
+        b.extend_from_slice(&e.addr.to_le_bytes());
+        b.extend_from_slice(&e.rkey.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&e.len.to_le_bytes());
+        b.extend_from_slice(&self.answers.0.to_le_bytes());
+        b.extend_from_slice(&self.answers.1.to_le_bytes());
+        b
+    }
+
+    pub(super) fn decode(b: &[u8]) -> io::Result<Setup> {
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("verbs: a setup message with {what}"),
+            )
+        };
+        if b.len() != SETUP_LEN {
+            return Err(bad(&format!("{} bytes", b.len())));
+        }
+        if b[1] != SETUP_VERSION || b[2..4] != [0, 0] || b[40..44] != [0; 4] {
+            return Err(bad("another version"));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let kind = b[0];
+        if !(OFFER..=ASK).contains(&kind) {
+            return Err(bad(&format!("kind {kind}")));
+        }
+        let mut gid = [0u8; 16];
+        gid.copy_from_slice(&b[12..28]);
+        let from = Endpoint {
+            qpn: u32_at(4),
+            psn: u32_at(8),
+            gid,
+            addr: u64_at(28),
+            rkey: u32_at(36),
+            len: u64_at(44),
+        };
+        let answers = (u32_at(52), u32_at(56));
+        // Queue pair and packet numbers are 24 bits.
+        if [from.qpn, from.psn, answers.0, answers.1]
+            .iter()
+            .any(|&v| v > 0x00ff_ffff)
+        {
+            return Err(bad("a number past 24 bits"));
+        }
+        Ok(Setup {
+            kind,
+            from,
+            answers,
+        })
+    }
 }
 
 impl VerbsWindow {
     /// A window of two inboxes of `size` bytes each on device `ctx`, not
-    /// connected yet.
-    pub fn new(ctx: &Arc<Context>, size: usize) -> io::Result<VerbsWindow> {
+    /// connected yet; `offers`: this node offers its endpoint when the
+    /// link is set up (the lower node id of the two), the peer answers.
+    pub fn new(ctx: &Arc<Context>, size: usize, offers: bool) -> io::Result<VerbsWindow> {
         let size = size.max(2 * crate::ntb::inbox::RING).next_multiple_of(4096);
         // One memory, mapped twice: the registered mapping (this node's
         // inbox first, the peer's copy after it) and the halves' view.
@@ -126,6 +237,10 @@ impl VerbsWindow {
             retired: Cell::new(0),
             bell_owed: Cell::new(false),
             broken: Cell::new(false),
+            stage: Stage::Fresh,
+            offers,
+            used: false,
+            asked: false,
         })
     }
 
@@ -137,7 +252,8 @@ impl VerbsWindow {
     }
 
     /// Connects to the peer's queue pair and inbox (`peer`, from its
-    /// `endpoint`), then sends what was written meanwhile.
+    /// `endpoint`), then sends the whole copy of the peer's inbox (what
+    /// was written meanwhile, and what a reset may have lost) and rings.
     pub fn connect(&mut self, peer: Endpoint) -> io::Result<()> {
         if peer.len != self.size as u64 {
             return Err(io::Error::new(
@@ -148,6 +264,7 @@ impl VerbsWindow {
                 ),
             ));
         }
+        self.used = true;
         self.qp.connect(&peer)?;
         // (Receives are posted once the queue pair is past its reset
         // state; a doorbell that comes before finds the peer retrying.)
@@ -155,8 +272,122 @@ impl VerbsWindow {
             self.qp.post_recv(WR_RECV)?;
         }
         self.peer = Some(peer);
+        self.stage = Stage::Joined(peer);
+        self.asked = false;
+        self.dirty.borrow_mut().all(self.size);
+        self.bell_owed.set(true);
         self.publish();
         Ok(())
+    }
+
+    /// Back to a fresh queue pair (if this one was used): what was posted
+    /// is dropped, the completions left are taken and ignored, a new
+    /// starting packet number; nothing is sent until `connect`.
+    fn restart(&mut self) -> io::Result<()> {
+        self.peer = None;
+        self.stage = Stage::Fresh;
+        if !self.used {
+            return Ok(());
+        }
+        self.qp.reset()?;
+        self.used = false;
+        let mut wc = [IbvWc::default(); 32];
+        while self.cq.poll(&mut wc)? == wc.len() {}
+        self.retired.set(self.posted.get());
+        self.bell_owed.set(false);
+        self.broken.set(false);
+        Ok(())
+    }
+
+    fn offer(&mut self) -> io::Result<Option<Vec<u8>>> {
+        self.restart()?;
+        self.stage = Stage::Offered;
+        Ok(Some(self.message(OFFER, (0, 0))))
+    }
+
+    fn message(&self, kind: u8, answers: (u32, u32)) -> Vec<u8> {
+        Setup {
+            kind,
+            from: self.endpoint(),
+            answers,
+        }
+        .encode()
+    }
+
+    /// The link's setup with the peer (docs/protocol.md 8.9): `msg` is
+    /// the peer's setup message (None: the peers' control connection just
+    /// came up). Returns the message to send the peer, if any. The
+    /// offering side resets its queue pair and offers its endpoint; the
+    /// other resets its own (unless it is already connected to that very
+    /// endpoint), connects and answers with its endpoint; the offering
+    /// side connects once the answer names its offer. Either side's link
+    /// that breaks asks for a new round (`setup_owed`).
+    fn setup_step(&mut self, msg: Option<&[u8]>) -> io::Result<Option<Vec<u8>>> {
+        let Some(msg) = msg else {
+            return if self.offers { self.offer() } else { Ok(None) };
+        };
+        let m = Setup::decode(msg)?;
+        let wrong = |what: &str| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("verbs: {what}"),
+            ))
+        };
+        match (m.kind, self.offers) {
+            (OFFER, false) => {
+                if m.from.len != self.size as u64 {
+                    return wrong(&format!(
+                        "the peer's inbox has {} bytes, this node's {}",
+                        m.from.len, self.size
+                    ));
+                }
+                if self.stage != Stage::Joined(m.from) || self.broken.get() {
+                    self.restart()?;
+                    self.connect(m.from)?;
+                }
+                Ok(Some(self.message(ANSWER, (m.from.qpn, m.from.psn))))
+            }
+            (ANSWER, true) => {
+                let mine = self.endpoint();
+                if self.stage == Stage::Offered && m.answers == (mine.qpn, mine.psn) {
+                    self.connect(m.from)?;
+                }
+                // (Else an answer to an older offer: the newer one's comes.)
+                Ok(None)
+            }
+            (ASK, true) => self.offer(),
+            (k, _) => wrong(&format!(
+                "a setup message of kind {k} where this side {}",
+                if self.offers { "offers" } else { "answers" }
+            )),
+        }
+    }
+
+    /// A setup message the link wants sent on its own: once after it
+    /// broke, a new offer (or, from the answering side, an ask for one).
+    fn setup_owed(&mut self) -> Option<Vec<u8>> {
+        if !self.broken.get() || self.asked {
+            return None;
+        }
+        self.asked = true;
+        if !self.offers {
+            return Some(self.message(ASK, (0, 0)));
+        }
+        match self.offer() {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("verbs window: {e}");
+                None
+            }
+        }
+    }
+
+    /// Notes a change of the peer's inbox for the next publish (none
+    /// while not connected: `connect` sends all of it).
+    fn mark(&self, off: usize, len: usize) {
+        if self.peer.is_some() {
+            self.dirty.borrow_mut().mark(off, len);
+        }
     }
 
     /// Requests posted and not known done.
@@ -174,13 +405,17 @@ impl VerbsWindow {
             // Ring bytes are not written again until the peer gave their
             // room back, after it read them: the device may read them late.
             // The words change every turn: inline, copied as posted.
-            Post::Range(from, to) | Post::Words(from, to) => {
+            Post::Range(from, to) | Post::Words(from, to, _) => {
                 let inline = matches!(what, Post::Words(..));
+                // The turn's last words carry the doorbell owed.
+                let (imm, id) = match what {
+                    Post::Words(_, _, true) => (Some(0), WR_BELL | seq),
+                    _ => (None, WR_WRITE | seq),
+                };
                 let (off, len) = (self.size + from, to - from);
                 let at = from as u64;
-                let id = WR_WRITE | seq;
                 self.qp
-                    .write(&self.region, off, len, peer, at, None, signaled, inline, id)
+                    .write(&self.region, off, len, peer, at, imm, signaled, inline, id)
             }
             Post::Bell => {
                 let id = WR_BELL | seq;
@@ -237,7 +472,8 @@ impl VerbsWindow {
 #[derive(Clone, Copy)]
 enum Post {
     Range(usize, usize),
-    Words(usize, usize),
+    /// Words, with the doorbell (`true`: an RDMA write with immediate).
+    Words(usize, usize, bool),
     Bell,
 }
 
@@ -252,13 +488,13 @@ impl Window for VerbsWindow {
             "write beyond the peer's inbox"
         );
         self.halves.mapping().write_bytes(self.size + off, src);
-        self.dirty.borrow_mut().mark(off, src.len());
+        self.mark(off, src.len());
     }
 
     fn peer_piece(&self, off: usize, len: usize) -> crate::Piece<'_> {
         assert!(off + len <= self.size, "write beyond the peer's inbox");
         // Marked now: the caller fills it before the next publish.
-        self.dirty.borrow_mut().mark(off, len);
+        self.mark(off, len);
         self.halves.mapping().volatile(self.size + off, len)
     }
 
@@ -268,7 +504,7 @@ impl Window for VerbsWindow {
             .mapping()
             .u64_at(self.size + off)
             .store(v, std::sync::atomic::Ordering::Release);
-        self.dirty.borrow_mut().mark(off, 8);
+        self.mark(off, 8);
     }
 
     fn publish(&mut self) {
@@ -282,7 +518,17 @@ impl Window for VerbsWindow {
         }
         let mut d = std::mem::take(&mut *self.dirty.borrow_mut());
         let ranges = d.coalesced();
-        let need = ranges.len() as u64 + 2;
+        // The words go inline, in pieces of at most MAX_INLINE bytes.
+        let words: Vec<(usize, usize)> = d
+            .words
+            .map(|(from, to)| {
+                (from..to)
+                    .step_by(MAX_INLINE)
+                    .map(|a| (a, to.min(a + MAX_INLINE)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let need = (ranges.len() + words.len()) as u64 + 1;
         if self.out() + need + 8 > u64::from(SENDS) {
             // No room: all of it at a later publish (drain calls it once
             // completions gave room back).
@@ -297,9 +543,14 @@ impl Window for VerbsWindow {
                 return self.fail(&e);
             }
         }
-        if let Some((from, to)) = d.words {
-            if let Err(e) = self.post(&peer, Post::Words(from, to), false) {
+        let last = words.len();
+        for (k, (from, to)) in words.into_iter().enumerate() {
+            let bell = k + 1 == last && self.bell_owed.get();
+            if let Err(e) = self.post(&peer, Post::Words(from, to, bell), bell) {
                 return self.fail(&e);
+            }
+            if bell {
+                self.bell_owed.set(false);
             }
         }
         self.ring_owed();
@@ -307,6 +558,24 @@ impl Window for VerbsWindow {
 
     fn coherent(&self) -> bool {
         false
+    }
+
+    fn setup(&mut self, msg: Option<&[u8]>) -> io::Result<Option<Vec<u8>>> {
+        self.setup_step(msg)
+    }
+
+    fn syscalls(&self) -> Vec<crate::Syscall> {
+        // Commands go to the device's fd by write (devd allows writes), or
+        // by this ioctl in newer providers.
+        vec![crate::Syscall {
+            nr: libc::SYS_ioctl,
+            arg: Some((1, vec![super::sys::RDMA_VERBS_IOCTL])),
+            why: "verbs: the provider's commands to the device (RDMA_VERBS_IOCTL)",
+        }]
+    }
+
+    fn setup_due(&mut self) -> Option<Vec<u8>> {
+        self.setup_owed()
     }
 
     fn ring(&self) {

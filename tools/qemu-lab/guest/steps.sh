@@ -109,7 +109,7 @@ step_verbs() {
   SSOCK_VERBS_REQUIRED=1 SSOCK_VERBS_DEVICE=rxe0 /bin/ssock-hwbackends-tests verbs:: --test-threads 1 > /tmp/verbs.log 2>&1
   rc=$?
   grep -v -E '^ +([0-9]+: | at )' /tmp/verbs.log | grep -A2 -E 'test |SKIP|result|panicked' | sed 's/^/QL: /'
-  grep -q 'test result: ok. 6 passed' /tmp/verbs.log && [ "$rc" = 0 ]
+  grep -q 'test result: ok. 7 passed' /tmp/verbs.log && [ "$rc" = 0 ]
 }
 
 # Two guests (lab.sh pair): a is 10.78.0.1, b is 10.78.0.2 on the wire.
@@ -238,48 +238,123 @@ heard_of() {
 step_ntb() {
   bdf=$(ivshmem_bdf)
   [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
+  link_devd "vfio = \"$bdf\"" "vfio $bdf" || return 1
+  # The doorbells came as MSI-X interrupts.
+  msix=$(awk '/vfio-msix/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' /proc/interrupts)
+  echo "QL: devd node $(me): $msix MSI-X interrupts"
+  [ "$msix" -gt 0 ]
+}
+
+# devd (started again, root, run_as ssock) with the other guest as its
+# peer over one ntb link, the config's line $1 ("vfio = ..." or "verbs =
+# ..."), which ringstat shows as over $2: the link comes up (heartbeats
+# through the window, doorbells), and sockperf from a to b under
+# ssock-run crosses it as a remote Queued connection, which both devds
+# count.
+link_devd() {
   if pidof devd > /dev/null; then
     kill "$(pidof devd)"
     within_10s sh -c '! pidof devd > /dev/null' || return 1
   fi
-  sed -i '/^vfio = /d' /etc/ssock/devd.toml
-  echo "vfio = \"$bdf\"" >> /etc/ssock/devd.toml
+  sed -i '/^vfio = /d; /^verbs = /d' /etc/ssock/devd.toml
+  echo "$1" >> /etc/ssock/devd.toml
   devd --config /etc/ssock/devd.toml --log info > /tmp/devd-ntb.log 2>&1 &
   devd_pid=$!
   within_10s ringstat > /dev/null || { cat /tmp/devd-ntb.log; return 1; }
   i=0
-  until peer_up && ringstat --json | tr -d ' \n' | grep -q '"link":"up"'; do
+  over=$(echo "$2" | tr -d ' ')
+  until peer_up && ringstat --json | tr -d ' \n' | grep -q "\"over\":\"$over\",\"state\":\"up\""; do
     i=$((i + 1))
     [ "$i" -lt 300 ] || { echo "QL: no link"; ringstat; cat /tmp/devd-ntb.log; return 1; }
     sleep 0.1
   done
   # It opened the device as root, and serves as ssock with no capabilities.
   n=$(all_dropped "$devd_pid") || { echo "$n"; return 1; }
-  echo "QL: devd node $(me): its ntb link over VFIO device $bdf is up; $n threads, as ssock with no capabilities"
+  echo "QL: devd node $(me): its ntb link over $2 is up; $n threads, as ssock with no capabilities"
+  ringstat | grep '^links to'
+  cross_link "$2"
+}
+
+# sockperf from a to b under ssock-run across the link (over $1; b's
+# server on port $2, 11115 by default): a remote Queued connection, which
+# both devds count.
+cross_link() {
+  port=${2:-11115}
+  c0=$(remote_count connections)
   if [ "$QL_NAME" = b ]; then
-    ssock-run -- sockperf server --tcp -i 0.0.0.0 -p 11115 > /tmp/sp-ntb-server.log 2>&1 &
+    ssock-run -- sockperf server --tcp -i 0.0.0.0 -p "$port" > /tmp/sp-ntb-server.log 2>&1 &
     s=$!
     msg=$(timeout 120 nc -l -p 9998)
-    kill "$s"
+    kill "$s" || { echo "QL: b's sockperf server had ended:"; cat /tmp/sp-ntb-server.log; }
     echo "QL: a said: $msg"
     [ "$msg" = done ] || return 1
   else
-    heard_of 11115 || { echo failed | nc 10.78.0.2 9998; return 1; }
-    ssock-run -- sockperf ping-pong --tcp -i 10.78.0.2 -p 11115 -t 3 --mps 1500000 > /tmp/sp-ntb.log 2>&1 ||
+    heard_of "$port" || { echo failed | nc 10.78.0.2 9998; return 1; }
+    ssock-run -- sockperf ping-pong --tcp -i 10.78.0.2 -p "$port" -t 3 --mps 1500000 > /tmp/sp-ntb.log 2>&1 ||
       { cat /tmp/sp-ntb.log; echo failed | nc 10.78.0.2 9998; return 1; }
-    echo "QL: across the ntb link over VFIO: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-ntb.log)"
+    echo "QL: across the ntb link over $1: $(grep -o 'avg-latency=[0-9.]*' /tmp/sp-ntb.log)"
     echo done | nc 10.78.0.2 9998
   fi
   # The connection crossed as a remote one and its bytes went through the
-  # engine (queued), and the doorbells came as MSI-X interrupts.
+  # engine (queued).
   json=$(ringstat --json | tr -d ' \n')
   remote=$(echo "$json" | grep -o '"remote":{[^}]*}' | head -1)
   bytes=$(echo "$json" | grep -o '"bytes":{[^}]*}' | head -1)
-  msix=$(awk '/vfio-msix/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' /proc/interrupts)
-  echo "QL: devd node $(me): $remote $bytes, $msix MSI-X interrupts"
-  echo "$remote" | grep -q '"connections":[1-9]' || return 1
-  echo "$bytes" | grep -q '"queued":[1-9]' || return 1
-  [ "$msix" -gt 0 ]
+  echo "QL: devd node $(me): $remote $bytes"
+  [ "$(remote_count connections)" -gt "$c0" ] || return 1
+  echo "$bytes" | grep -q '"queued":[1-9]'
+}
+
+# After step rdma: b's devd SIGKILLed and started again. Its new queue
+# pair is set up with a's over the control connection (a's, which the
+# dead one's no longer answers, reset), the link comes up again, and
+# sockperf crosses it again.
+step_relink() {
+  if [ "$QL_NAME" = b ]; then
+    kill -9 "$(pidof devd)"
+    within_10s sh -c '! pidof devd > /dev/null' || return 1
+    devd --config /etc/ssock/devd.toml --log info > /tmp/devd-ntb.log 2>&1 &
+    devd_pid=$!
+    within_10s ringstat > /dev/null || { cat /tmp/devd-ntb.log; return 1; }
+  fi
+  # a: the peer's control connection came up a second time.
+  i=0
+  until ringstat --json | tr -d ' \n' | grep -q '"ups":[2-9]' || [ "$QL_NAME" = b ]; do
+    i=$((i + 1))
+    [ "$i" -lt 300 ] || { echo "QL: b's devd never came back"; ringstat; return 1; }
+    sleep 0.1
+  done
+  i=0
+  until peer_up && ringstat --json | tr -d ' \n' | grep -q '"over":"verbsrxe1","state":"up"'; do
+    i=$((i + 1))
+    [ "$i" -lt 300 ] || { echo "QL: the link did not come back"; ringstat; cat /tmp/devd-ntb.log; return 1; }
+    sleep 0.1
+  done
+  echo "QL: devd node $(me): the link over rxe1 is up again after b's devd was SIGKILLed and started again"
+  ringstat | grep '^link'
+  grep -a 'setting up\|verbs' /tmp/devd-ntb.log | tail -4 | sed 's/^/QL: /'
+  cross_link "verbs rxe1" 11119
+}
+
+# Soft-RoCE on the wire: an rxe device on this guest's virtio-net (after
+# step net), RoCE v2 over 10.78.0.x (GID index 1).
+step_rxe() {
+  for m in crc32_generic crc32-pclmul rdma_rxe ib_uverbs; do modprobe "$m" 2>/dev/null; done
+  dev=$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)
+  rdma link add rxe1 type rxe netdev "$dev" || { echo "QL: no rxe device on $dev"; return 1; }
+  i=0
+  until grep -q "ffff:0a4e:000$(me)" /sys/class/infiniband/rxe1/ports/1/gids/1 2> /dev/null; do
+    i=$((i + 1))
+    [ "$i" -lt 100 ] || { echo "QL: rxe1 has no GID for 10.78.0.$(me)"; return 1; }
+    sleep 0.1
+  done
+  echo "QL: rxe1 on $dev, GID 1 $(cat /sys/class/infiniband/rxe1/ports/1/gids/1)"
+}
+
+# devd over RDMA verbs (after step rxe): the link is a queue pair on rxe1
+# to the other guest's, set up over the peers' control connection.
+step_rdma() {
+  link_devd 'verbs = "rxe1"' "verbs rxe1"
 }
 
 # Bytes this host's devd moved through its engine (Queued: for a remote

@@ -294,6 +294,25 @@ fn print_peers(v: &Value) {
         );
     }
     for p in peers {
+        // What each link goes over, and its state.
+        let links: Vec<String> = p["links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                format!(
+                    "{} {} {}",
+                    l["link"],
+                    l["over"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !links.is_empty() {
+            out!("links to node {}: {}", p["node"], links.join(", "));
+        }
+    }
+    for p in peers {
         let changes: Vec<String> = p["link_history"]
             .as_array()
             .into_iter()

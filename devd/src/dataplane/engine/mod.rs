@@ -137,6 +137,14 @@ pub enum Cmd {
         /// rejoined a devd started again asks anew: docs/protocol.md 8.8).
         again: bool,
     },
+    /// Link setup with peer `node` (`Backend::setup`): its message for
+    /// one link, or None when the peers' control connection came up.
+    Setup {
+        /// The peer.
+        node: u32,
+        /// The link and the peer's message.
+        msg: Option<(LinkId, Vec<u8>)>,
+    },
     /// Peer `node` moves the connection on `channel` onto another link
     /// (`peers::wire::Msg::Migrate`, `migrate.rs`).
     PeerMigrate {
@@ -719,6 +727,9 @@ impl Engine {
                 }
             }
         }
+        for (node, link, data) in self.backend.setup_due() {
+            self.send_setup(node, link, data);
+        }
         for ev in self.backend.link_events() {
             let on = self
                 .pairs
@@ -749,6 +760,17 @@ impl Engine {
         }
     }
 
+    /// A link setup message to peer `node` (dropped without peers).
+    fn send_setup(&mut self, node: u32, link: LinkId, data: Vec<u8>) {
+        log::info!(
+            "link {link} to node {node}: setting up ({} bytes)",
+            data.len()
+        );
+        if let Some(p) = &self.peers {
+            p.send(node, crate::peers::wire::Msg::Setup { link, data });
+        }
+    }
+
     fn command(&mut self, cmd: Cmd) -> bool {
         match cmd {
             Cmd::Stop => return false,
@@ -772,6 +794,15 @@ impl Engine {
                 closed,
                 again,
             } => self.peer_failover(node, channel, words, closed, again),
+            Cmd::Setup { node, msg } => {
+                let out = self
+                    .backend
+                    .setup(node, msg.as_ref().map(|(l, m)| (*l, &m[..])));
+                for (link, data) in out {
+                    self.send_setup(node, link, data);
+                }
+                self.backend_news();
+            }
             Cmd::PeerMigrate {
                 node,
                 channel,

@@ -156,9 +156,6 @@ fn backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
     Ok(all)
 }
 
-/// The ntb links over RDMA devices, after each peer's windows: a queue
-/// pair each and its memory registered, connected once the peer's
-/// endpoint comes over the control connection (`Backend::setup`).
 /// Bytes the RDMA devices' links register (each its inbox and the copy
 /// of the peer's).
 #[cfg(feature = "verbs")]
@@ -185,6 +182,9 @@ fn verbs_backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
     Ok(Vec::new())
 }
 
+/// The ntb links over RDMA devices, after each peer's windows: a queue
+/// pair each and its memory registered, connected once the peer's
+/// endpoint comes over the control connection (`Backend::setup`).
 #[cfg(feature = "verbs")]
 fn verbs_backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
     use ssock_hwbackends::verbs;

@@ -373,8 +373,8 @@ pub trait Backend: Send {
     /// connection (a verbs link's queue pair endpoints, docs/protocol.md
     /// 8.9): `msg` is the peer's setup message for one link (None: the
     /// control connection to `node` just came up). Returns the messages
-    /// to send `node`, per link. A message this backend cannot use is
-    /// logged and dropped.
+    /// to send `node`, per link. A message for a link this backend does
+    /// not have is dropped; one its link refuses is logged and dropped.
     fn setup(&mut self, _node: NodeId, _msg: Option<(LinkId, &[u8])>) -> Vec<(LinkId, Vec<u8>)> {
         Vec::new()
     }

@@ -210,7 +210,8 @@ fn two_guests_devds_link_over_soft_roce_and_programs_cross_it() -> Result<()> {
     // then ssock with no capabilities) name it as their link (`verbs`),
     // set their queue pairs up over the peers' control connection, and
     // carry sockperf across it as a remote Queued connection, then 64 MiB
-    // each way with socat, every byte checked, and a writer SIGKILLed
+    // each way with socat, every byte checked, a plain peer on either side
+    // (kernel TCP, the bytes unchanged), and a writer SIGKILLed
     // mid-stream (its reader ends); then b's devd is SIGKILLed and started
     // again, the queue pairs are set up anew and sockperf crosses again;
     // devd stops cleanly. (sockperf over kernel TCP between the guests
@@ -222,7 +223,7 @@ fn two_guests_devds_link_over_soft_roce_and_programs_cross_it() -> Result<()> {
     build(&dir)?;
     let logs = ["a", "b"].map(|h| dir.join(format!("rdma-{h}-{}.log", std::process::id())));
     let steps = [
-        "net", "peers", "across", "rxe", "rdma", "bulk", "killed", "relink", "stop",
+        "net", "peers", "across", "rxe", "rdma", "bulk", "plain", "killed", "relink", "stop",
     ];
     let st = lab_sh("pair", &dir, &steps.join(","), &[&logs[0], &logs[1]])?;
     for log in &logs {

@@ -24,6 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Receives kept posted for the peer's doorbells (a doorbell that finds
 /// none waits: the adapter retries it, and the writes behind it wait).
@@ -89,10 +90,13 @@ impl Dirty {
 
 /// A link's window over a queue pair to the peer's devd.
 pub struct VerbsWindow {
-    // (Dropped in this order: the queue pair before its queue and region.)
+    // (Dropped in this order: the queue pair before its queue and regions.)
     qp: Qp,
     cq: Cq,
-    region: Region,
+    /// This node's inbox, which the peer may write, and the copy of the
+    /// peer's, which only this node's requests read.
+    inbox: Region,
+    copy: Region,
     halves: Halves,
     size: usize,
     peer: Option<Endpoint>,
@@ -115,7 +119,21 @@ pub struct VerbsWindow {
     used: bool,
     /// A setup was asked for since the link last broke (`setup_due`).
     asked: bool,
+    /// The answering side sends nothing after it connected until the
+    /// offering side's first doorbell came: before, that side's queue
+    /// pair may not be ready yet (its answer is on the way).
+    hold: Cell<bool>,
+    /// Rounds of setup that did not end in a doorbell from the peer are
+    /// asked for again no sooner than this (doubling, `RETRY_FIRST` to
+    /// `RETRY_MAX`), and `retry_at` the next time one may be.
+    retry: Cell<Duration>,
+    retry_at: Instant,
 }
+
+/// The first wait before a broken link's setup is asked for again, and
+/// the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Where a link's setup stands (docs/protocol.md 8.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,10 +235,16 @@ impl VerbsWindow {
     /// link is set up (the lower node id of the two), the peer answers.
     pub fn new(ctx: &Arc<Context>, size: usize, offers: bool) -> io::Result<VerbsWindow> {
         let size = size.max(2 * crate::ntb::inbox::RING).next_multiple_of(4096);
-        // One memory, mapped twice: the registered mapping (this node's
-        // inbox first, the peer's copy after it) and the halves' view.
+        // One memory (this node's inbox first, the peer's copy after it),
+        // mapped three times: each half registered (only the inbox for the
+        // peer's writes) and the halves' view.
         let fd = ssock_rings::sys::memfd_sealed("ssock-verbs-window", 2 * size)?;
-        let region = Region::new(ctx, Mapping::map(fd.as_fd(), 2 * size, true)?, true)?;
+        let inbox = Region::new(ctx, Mapping::map_at(fd.as_fd(), 0, size, true)?, true)?;
+        let copy = Region::new(
+            ctx,
+            Mapping::map_at(fd.as_fd(), size as u64, size, true)?,
+            false,
+        )?;
         let halves = Halves::new(Mapping::map(fd.as_fd(), 2 * size, true)?, 0, size)?;
         let cq = Cq::new(ctx, RECVS + SENDS)?;
         let qp = Qp::new(ctx, &cq, SENDS.max(RECVS))?;
@@ -228,7 +252,8 @@ impl VerbsWindow {
         Ok(VerbsWindow {
             qp,
             cq,
-            region,
+            inbox,
+            copy,
             halves,
             size,
             peer: None,
@@ -241,12 +266,15 @@ impl VerbsWindow {
             offers,
             used: false,
             asked: false,
+            hold: Cell::new(false),
+            retry: Cell::new(RETRY_FIRST),
+            retry_at: Instant::now(),
         })
     }
 
     /// Where the peer writes this node's inbox (for its `connect`).
     pub fn endpoint(&self) -> Endpoint {
-        let mut e = self.qp.endpoint(&self.region);
+        let mut e = self.qp.endpoint(&self.inbox);
         e.len = self.size as u64;
         e
     }
@@ -274,10 +302,19 @@ impl VerbsWindow {
         self.peer = Some(peer);
         self.stage = Stage::Joined(peer);
         self.asked = false;
+        self.hold.set(!self.offers);
         self.dirty.borrow_mut().all(self.size);
         self.bell_owed.set(true);
         self.publish();
         Ok(())
+    }
+
+    /// A setup step failed (a device call): the link counts as broken, so
+    /// that a new round is asked for, after the wait.
+    fn failed_setup(&mut self, e: io::Error) -> io::Error {
+        self.broken.set(true);
+        self.asked = false;
+        e
     }
 
     /// Back to a fresh queue pair (if this one was used): what was posted
@@ -296,13 +333,8 @@ impl VerbsWindow {
         self.retired.set(self.posted.get());
         self.bell_owed.set(false);
         self.broken.set(false);
+        self.hold.set(false);
         Ok(())
-    }
-
-    fn offer(&mut self) -> io::Result<Option<Vec<u8>>> {
-        self.restart()?;
-        self.stage = Stage::Offered;
-        Ok(Some(self.message(OFFER, (0, 0))))
     }
 
     fn message(&self, kind: u8, answers: (u32, u32)) -> Vec<u8> {
@@ -341,16 +373,21 @@ impl VerbsWindow {
                         m.from.len, self.size
                     ));
                 }
-                if self.stage != Stage::Joined(m.from) || self.broken.get() {
-                    self.restart()?;
-                    self.connect(m.from)?;
+                if self.stage == Stage::Joined(m.from) {
+                    // The offer said again: answered as it was; but a link
+                    // that broke on it waits for the new offer its Ask
+                    // brings (the old one's packet numbers are spent).
+                    return Ok((!self.broken.get())
+                        .then(|| self.message(ANSWER, (m.from.qpn, m.from.psn))));
                 }
+                self.restart().map_err(|e| self.failed_setup(e))?;
+                self.connect(m.from).map_err(|e| self.failed_setup(e))?;
                 Ok(Some(self.message(ANSWER, (m.from.qpn, m.from.psn))))
             }
             (ANSWER, true) => {
                 let mine = self.endpoint();
                 if self.stage == Stage::Offered && m.answers == (mine.qpn, mine.psn) {
-                    self.connect(m.from)?;
+                    self.connect(m.from).map_err(|e| self.failed_setup(e))?;
                 }
                 // (Else an answer to an older offer: the newer one's comes.)
                 Ok(None)
@@ -363,13 +400,25 @@ impl VerbsWindow {
         }
     }
 
+    fn offer(&mut self) -> io::Result<Option<Vec<u8>>> {
+        self.restart().map_err(|e| self.failed_setup(e))?;
+        self.stage = Stage::Offered;
+        Ok(Some(self.message(OFFER, (0, 0))))
+    }
+
     /// A setup message the link wants sent on its own: once after it
-    /// broke, a new offer (or, from the answering side, an ask for one).
+    /// broke (a request failed, or a setup step), a new offer (or, from
+    /// the answering side, an ask for one), no sooner than `retry_at`;
+    /// the wait doubles until a doorbell of the peer's comes.
     fn setup_owed(&mut self) -> Option<Vec<u8>> {
-        if !self.broken.get() || self.asked {
+        let now = Instant::now();
+        if !self.broken.get() || self.asked || now < self.retry_at {
             return None;
         }
         self.asked = true;
+        let wait = self.retry.get();
+        self.retry_at = now + wait;
+        self.retry.set((wait * 2).min(RETRY_MAX));
         if !self.offers {
             return Some(self.message(ASK, (0, 0)));
         }
@@ -401,7 +450,7 @@ impl VerbsWindow {
         let seq = self.posted.get() + 1;
         let signaled = signal || seq.is_multiple_of(SIGNAL_EVERY);
         let r = match what {
-            // The copy follows this node's inbox in the registered memory.
+            // From the copy of the peer's inbox, at the same offset there.
             // Ring bytes are not written again until the peer gave their
             // room back, after it read them: the device may read them late.
             // The words change every turn: inline, copied as posted.
@@ -412,15 +461,15 @@ impl VerbsWindow {
                     Post::Words(_, _, true) => (Some(0), WR_BELL | seq),
                     _ => (None, WR_WRITE | seq),
                 };
-                let (off, len) = (self.size + from, to - from);
+                let (off, len) = (from, to - from);
                 let at = from as u64;
                 self.qp
-                    .write(&self.region, off, len, peer, at, imm, signaled, inline, id)
+                    .write(&self.copy, off, len, peer, at, imm, signaled, inline, id)
             }
             Post::Bell => {
                 let id = WR_BELL | seq;
                 self.qp
-                    .write(&self.region, 0, 0, peer, 0, Some(0), signaled, false, id)
+                    .write(&self.copy, 0, 0, peer, 0, Some(0), signaled, false, id)
             }
         };
         if r.is_ok() {
@@ -434,7 +483,11 @@ impl VerbsWindow {
         let Some(peer) = self.peer else {
             return;
         };
-        if !self.bell_owed.get() || self.broken.get() || self.out() + 1 >= u64::from(SENDS) {
+        if !self.bell_owed.get()
+            || self.broken.get()
+            || self.hold.get()
+            || self.out() + 1 >= u64::from(SENDS)
+        {
             return;
         }
         match self.post(&peer, Post::Bell, true) {
@@ -456,6 +509,10 @@ impl VerbsWindow {
         if c.status != IBV_WC_SUCCESS {
             self.fail(&format!("a work request failed (status {})", c.status));
         } else if c.opcode == IBV_WC_RECV_RDMA_WITH_IMM {
+            // The peer's doorbell: its queue pair is connected to this
+            // one, which may send now, and the link's setup worked.
+            self.hold.set(false);
+            self.retry.set(RETRY_FIRST);
             if let Err(e) = self.qp.post_recv(WR_RECV) {
                 self.fail(&e);
             }
@@ -511,6 +568,9 @@ impl Window for VerbsWindow {
         let Some(peer) = self.peer else {
             return; // kept until connected
         };
+        if self.hold.get() {
+            return; // kept until the peer's first doorbell
+        }
         if self.broken.get() {
             // (Nothing will go: nothing kept.)
             *self.dirty.borrow_mut() = Dirty::default();

@@ -280,7 +280,7 @@ link_devd() {
 # both devds count.
 cross_link() {
   port=${2:-11115}
-  c0=$(remote_count connections)
+  c0=$(remote_count connections) q0=$(queued_bytes)
   if [ "$QL_NAME" = b ]; then
     ssock-run -- sockperf server --tcp -i 0.0.0.0 -p "$port" > /tmp/sp-ntb-server.log 2>&1 &
     s=$!
@@ -300,9 +300,11 @@ cross_link() {
   json=$(ringstat --json | tr -d ' \n')
   remote=$(echo "$json" | grep -o '"remote":{[^}]*}' | head -1)
   bytes=$(echo "$json" | grep -o '"bytes":{[^}]*}' | head -1)
-  echo "QL: devd node $(me): $remote $bytes"
+  q=$(($(queued_bytes) - q0))
+  echo "QL: devd node $(me): $remote $bytes ($q bytes through the engine in this run)"
   [ "$(remote_count connections)" -gt "$c0" ] || return 1
-  echo "$bytes" | grep -q '"queued":[1-9]'
+  # sockperf's 14-byte messages for 3 s, both ways: a hundred at least.
+  [ "$q" -ge 1024 ] || { echo "QL: sockperf's bytes did not go through the engine"; return 1; }
 }
 
 # After step rdma: b's devd SIGKILLed and started again. Its new queue
@@ -317,9 +319,11 @@ step_relink() {
     devd_pid=$!
     within_10s ringstat > /dev/null || { cat /tmp/devd-ntb.log; return 1; }
   fi
-  # a: the peer's control connection came up a second time.
+  # a: the peer's control connection came up once more.
+  [ -n "${ups_before:-}" ] || { echo "QL: no step rdma before"; return 1; }
   i=0
-  until ringstat --json | tr -d ' \n' | grep -q '"ups":[2-9]' || [ "$QL_NAME" = b ]; do
+  until [ "$QL_NAME" = b ] ||
+    [ "$(ringstat --json | tr -d ' \n' | grep -o '"ups":[0-9]*' | head -1 | cut -d: -f2)" -gt "$ups_before" ]; do
     i=$((i + 1))
     [ "$i" -lt 300 ] || { echo "QL: b's devd never came back"; ringstat; return 1; }
     sleep 0.1
@@ -354,7 +358,10 @@ step_rxe() {
 # devd over RDMA verbs (after step rxe): the link is a queue pair on rxe1
 # to the other guest's, set up over the peers' control connection.
 step_rdma() {
-  link_devd 'verbs = "rxe1"' "verbs rxe1"
+  link_devd 'verbs = "rxe1"' "verbs rxe1" || return 1
+  # How often the peer's control connection came up so far (relink waits
+  # for one more).
+  ups_before=$(ringstat --json | tr -d ' \n' | grep -o '"ups":[0-9]*' | head -1 | cut -d: -f2)
 }
 
 # Bytes this host's devd moved through its engine (Queued: for a remote

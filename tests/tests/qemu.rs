@@ -235,3 +235,30 @@ fn two_guests_devds_link_over_soft_roce_and_programs_cross_it() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn two_guests_move_connections_off_a_cut_rdma_link_onto_the_vfio_one() -> Result<()> {
+    // Both links between two guests' devds, VFIO (ivshmem-doorbell) and
+    // verbs (rxe over a second address of the wire), connections spread
+    // over both. RoCE is cut mid-transfer (a's neighbour entry for b's RoCE
+    // address pointed at a MAC no one has), the
+    // control connection untouched: the RDMA link's connections move onto
+    // the VFIO link with both streams whole, and the RDMA link comes back
+    // once the entry goes.
+    let Some(dir) = lab()? else {
+        return Ok(());
+    };
+    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    build(&dir)?;
+    let logs = ["a", "b"].map(|h| dir.join(format!("drop-{h}-{}.log", std::process::id())));
+    let steps = ["net", "peers", "vfio", "rxe", "both", "drop", "stop"];
+    let st = lab_sh("pair", &dir, &steps.join(","), &[&logs[0], &logs[1]])?;
+    for log in &logs {
+        passed(log, &steps)?;
+    }
+    ensure!(st.success(), "lab.sh pair: {st}");
+    for log in &logs {
+        let _ = std::fs::remove_file(log);
+    }
+    Ok(())
+}

@@ -307,6 +307,110 @@ cross_link() {
   [ "$q" -ge 1024 ] || { echo "QL: sockperf's bytes did not go through the engine"; return 1; }
 }
 
+# Both links at once (after steps vfio and rxe): link 0 over the
+# ivshmem-doorbell device through VFIO, link 1 over rxe1 with RoCE on a
+# second address of the wire (10.79.0.x: its GID index found in sysfs),
+# so that RoCE can be cut while the control connection (10.78.0.x) stays;
+# new connections spread over both.
+step_both() {
+  bdf=$(ivshmem_bdf)
+  [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
+  dev=$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)
+  ip addr add "10.79.0.$(me)/24" dev "$dev" || return 1
+  gids=/sys/class/infiniband/rxe1/ports/1/gids
+  i=0 idx=
+  while [ -z "$idx" ]; do
+    for g in $(ls "$gids"); do
+      grep -q "ffff:0a4f:000$(me)" "$gids/$g" 2> /dev/null && idx=$g
+    done
+    i=$((i + 1))
+    [ -n "$idx" ] || [ "$i" -lt 100 ] || { echo "QL: rxe1 has no GID for 10.79.0.$(me)"; return 1; }
+    [ -n "$idx" ] || sleep 0.1
+  done
+  echo "QL: rxe1 GID $idx is 10.79.0.$(me)"
+  sed -i '/^link_policy = /d; /^verbs_gid_index = /d' /etc/ssock/devd.toml
+  printf 'link_policy = "spread"\nverbs_gid_index = %s\n' "$idx" >> /etc/ssock/devd.toml
+  link_devd "$(printf 'vfio = "%s"\nverbs = "rxe1"' "$bdf")" "verbs rxe1" || return 1
+  ringstat --json | tr -d ' \n' | grep -q "\"over\":\"vfio$bdf\",\"state\":\"up\"" ||
+    { echo "QL: the VFIO link is not up"; ringstat; return 1; }
+}
+
+# After step both: two 32 MiB streams from a to b under ssock-run (ports
+# 11131 and 11132), one on each link; once 4 MiB went through a's engine,
+# a's neighbour entry for b's RoCE address (10.79.0.2) is made a MAC no
+# one has, which cuts RoCE to b, the control connection untouched. The RDMA link fails (its queue pairs' retries run
+# out), its connections move onto the VFIO link, TCP untouched, and both
+# files arrive whole; each devd counts a moved connection. The entry
+# goes; the RDMA link is set up again and comes back up.
+step_drop() {
+  BULK_BYTES=33554432 bulk_data drop-1 > /tmp/drop-1
+  BULK_BYTES=33554432 bulk_data drop-2 > /tmp/drop-2
+  m0=$(remote_count migrations)
+  if [ "$QL_NAME" = b ]; then
+    ssock-run -- socat -u TCP-LISTEN:11131,reuseaddr CREATE:/tmp/got-drop-1 > /tmp/drop-r1.log 2>&1 &
+    r1=$!
+    ssock-run -- socat -u TCP-LISTEN:11132,reuseaddr CREATE:/tmp/got-drop-2 > /tmp/drop-r2.log 2>&1 &
+    r2=$!
+    msg=$(timeout 300 nc -l -p 9994)
+    echo "QL: a said: $msg"
+    [ "$msg" = done ] || { kill "$r1" "$r2"; cat /tmp/drop-r*.log; return 1; }
+    wait "$r1" && wait "$r2" || { echo "QL: socat failed"; cat /tmp/drop-r*.log; return 1; }
+    cmp /tmp/got-drop-1 /tmp/drop-1 && cmp /tmp/got-drop-2 /tmp/drop-2 ||
+      { echo "QL: the bytes received are not the bytes sent"; return 1; }
+  else
+    heard_of 11131 && heard_of 11132 || { echo failed | nc 10.78.0.2 9994; return 1; }
+    before=$(queued_bytes)
+    ssock-run -- socat -u OPEN:/tmp/drop-1 TCP:10.78.0.2:11131 > /tmp/drop-w1.log 2>&1 &
+    w1=$!
+    ssock-run -- socat -u OPEN:/tmp/drop-2 TCP:10.78.0.2:11132 > /tmp/drop-w2.log 2>&1 &
+    w2=$!
+    i=0
+    until [ $(($(queued_bytes) - before)) -ge 4194304 ]; do
+      i=$((i + 1))
+      [ "$i" -lt 600 ] || { echo "QL: the streams did not cross"; echo failed | nc 10.78.0.2 9994; return 1; }
+      sleep 0.05
+    done
+    # b's RoCE address at a MAC no one has (iproute2's ip: busybox's, which
+    # the shell prefers, has no `neigh replace`): a's RoCE packets to it go
+    # nowhere (the control connection's address keeps its own entry).
+    ringstat | grep -E 'ntb:' | sed 's/^/QL: /'
+    /usr/sbin/ip neigh replace 10.79.0.2 lladdr 02:00:00:00:00:99 dev "$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)" nud permanent ||
+      { echo failed | nc 10.78.0.2 9994; return 1; }
+    echo "QL: RoCE to b cut after $(($(queued_bytes) - before)) bytes through a's engine"
+    ok=1
+    wait "$w1" && wait "$w2" || ok=0
+    ringstat | grep '^link' | sed 's/^/QL: /'
+    /usr/sbin/ip neigh del 10.79.0.2 dev "$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)"
+    if [ "$ok" = 1 ]; then echo done | nc 10.78.0.2 9994; else
+      echo "QL: a writer failed"; cat /tmp/drop-w*.log; echo failed | nc 10.78.0.2 9994; return 1; fi
+  fi
+  m=$(($(remote_count migrations) - m0))
+  echo "QL: devd node $(me): $m connections moved between links, files whole"
+  [ "$m" -ge 1 ] || return 1
+  # The RDMA link comes back once RoCE does.
+  i=0
+  until ringstat --json | tr -d ' \n' | grep -q '"over":"verbsrxe1","state":"up"'; do
+    i=$((i + 1))
+    [ "$i" -lt 600 ] || { echo "QL: the RDMA link did not come back"; ringstat; tail -20 /tmp/devd-ntb.log; return 1; }
+    sleep 0.1
+  done
+  echo "QL: devd node $(me): the RDMA link is up again, $((i / 10)) s after RoCE came back"
+  grep -a 'verbs' /tmp/devd-ntb.log | tail -3 | sed 's/^/QL: /'
+  # Neither guest ends the step before the other saw the link back.
+  if [ "$QL_NAME" = b ]; then
+    i=0
+    until echo up | nc 10.78.0.1 9993 2> /dev/null; do
+      i=$((i + 1))
+      [ "$i" -lt 300 ] || { echo "QL: a does not listen"; return 1; }
+      sleep 0.1
+    done
+  else
+    msg=$(timeout 120 nc -l -p 9993)
+    echo "QL: b said: $msg"
+    [ "$msg" = up ] && ringstat --json | tr -d ' \n' | grep -q '"over":"verbsrxe1","state":"up"'
+  fi
+}
+
 # After step rdma: b's devd SIGKILLed and started again. Its new queue
 # pair is set up with a's over the control connection (a's, which the
 # dead one's no longer answers, reset), the link comes up again, and

@@ -444,8 +444,8 @@ impl Qp {
     }
 
     /// Takes the queue pair back to its reset state (what was posted is
-    /// dropped; completions already made stay on the queue) with a new
-    /// starting packet number: `connect` again with the peer's new
+    /// dropped; a provider may leave completions already made on the
+    /// queue: the caller takes them) with a new starting packet number: `connect` again with the peer's new
     /// endpoint, after the peer reset its own.
     pub fn reset(&mut self) -> io::Result<()> {
         let mut a = IbvQpAttr {

@@ -115,8 +115,12 @@ pub struct VerbsWindow {
     stage: Stage,
     /// This node offers (the lower node id); the other answers.
     offers: bool,
-    /// The queue pair left its reset state since it was last reset.
-    used: bool,
+    /// Since the last `connect`: a doorbell of the peer's came, and one
+    /// of this node's requests completed. Both: the link works both
+    /// ways, and the wait between setup rounds starts again from
+    /// `RETRY_FIRST`.
+    heard: Cell<bool>,
+    acked: Cell<bool>,
     /// A setup was asked for since the link last broke (`setup_due`).
     asked: bool,
     /// The answering side sends nothing after it connected until the
@@ -125,7 +129,8 @@ pub struct VerbsWindow {
     hold: Cell<bool>,
     /// Rounds of setup that did not end in a doorbell from the peer are
     /// asked for again no sooner than this (doubling, `RETRY_FIRST` to
-    /// `RETRY_MAX`), and `retry_at` the next time one may be.
+    /// `RETRY_MAX`; back to the first once a round's link worked both
+    /// ways), and `retry_at` the next time one may be.
     retry: Cell<Duration>,
     retry_at: Instant,
 }
@@ -264,7 +269,8 @@ impl VerbsWindow {
             broken: Cell::new(false),
             stage: Stage::Fresh,
             offers,
-            used: false,
+            heard: Cell::new(false),
+            acked: Cell::new(false),
             asked: false,
             hold: Cell::new(false),
             retry: Cell::new(RETRY_FIRST),
@@ -292,7 +298,8 @@ impl VerbsWindow {
                 ),
             ));
         }
-        self.used = true;
+        self.heard.set(false);
+        self.acked.set(false);
         self.qp.connect(&peer)?;
         // (Receives are posted once the queue pair is past its reset
         // state; a doorbell that comes before finds the peer retrying.)
@@ -317,23 +324,20 @@ impl VerbsWindow {
         e
     }
 
-    /// Back to a fresh queue pair (if this one was used): what was posted
-    /// is dropped, the completions left are taken and ignored, a new
-    /// starting packet number; nothing is sent until `connect`.
+    /// Back to a fresh queue pair: what was posted is dropped, the
+    /// completions left are taken and ignored, a new starting packet
+    /// number (each offer names a new one); nothing is sent until
+    /// `connect`.
     fn restart(&mut self) -> io::Result<()> {
         self.peer = None;
         self.stage = Stage::Fresh;
-        if !self.used {
-            return Ok(());
-        }
-        self.qp.reset()?;
-        self.used = false;
-        let mut wc = [IbvWc::default(); 32];
-        while self.cq.poll(&mut wc)? == wc.len() {}
-        self.retired.set(self.posted.get());
         self.bell_owed.set(false);
         self.broken.set(false);
         self.hold.set(false);
+        self.qp.reset()?;
+        let mut wc = [IbvWc::default(); 32];
+        while self.cq.poll(&mut wc)? == wc.len() {}
+        self.retired.set(self.posted.get());
         Ok(())
     }
 
@@ -496,6 +500,14 @@ impl VerbsWindow {
         }
     }
 
+    /// Once the link works both ways since it was set up, the next
+    /// round's wait starts again from the first.
+    fn proven(&self) {
+        if self.heard.get() && self.acked.get() {
+            self.retry.set(RETRY_FIRST);
+        }
+    }
+
     fn fail(&self, e: &dyn std::fmt::Display) {
         if !self.broken.replace(true) {
             log::warn!("verbs window: {e}; nothing more is sent on this link");
@@ -510,9 +522,10 @@ impl VerbsWindow {
             self.fail(&format!("a work request failed (status {})", c.status));
         } else if c.opcode == IBV_WC_RECV_RDMA_WITH_IMM {
             // The peer's doorbell: its queue pair is connected to this
-            // one, which may send now, and the link's setup worked.
+            // one, which may send now.
             self.hold.set(false);
-            self.retry.set(RETRY_FIRST);
+            self.heard.set(true);
+            self.proven();
             if let Err(e) = self.qp.post_recv(WR_RECV) {
                 self.fail(&e);
             }
@@ -520,6 +533,8 @@ impl VerbsWindow {
             let seq = c.wr_id & WR_SEQ;
             if seq > self.retired.get() && seq <= self.posted.get() {
                 self.retired.set(seq);
+                self.acked.set(true);
+                self.proven();
             }
         }
     }

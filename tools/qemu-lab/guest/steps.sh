@@ -331,9 +331,25 @@ step_both() {
   sed -i '/^link_policy = /d; /^verbs_gid_index = /d' /etc/ssock/devd.toml
   printf 'link_policy = "spread"\nverbs_gid_index = %s\n' "$idx" >> /etc/ssock/devd.toml
   link_devd "$(printf 'vfio = "%s"\nverbs = "rxe1"' "$bdf")" "verbs rxe1" || return 1
-  ringstat --json | tr -d ' \n' | grep -q "\"over\":\"vfio$bdf\",\"state\":\"up\"" ||
-    { echo "QL: the VFIO link is not up"; ringstat; return 1; }
+  # Both links up, in one look.
+  json=$(ringstat --json | tr -d ' \n')
+  echo "$json" | grep -q "\"over\":\"vfio$bdf\",\"state\":\"up\"" &&
+    echo "$json" | grep -q '"over":"verbsrxe1","state":"up"' ||
+    { echo "QL: not both links are up"; ringstat; return 1; }
 }
+
+# iproute2's ip, wherever lab.sh put it (the shell prefers busybox's
+# applet, which has no `neigh replace`).
+iproute2() {
+  for p in /usr/sbin/ip /usr/bin/ip /sbin/ip; do
+    [ -x "$p" ] && [ ! -L "$p" ] && { "$p" "$@"; return; }
+  done
+  echo "QL: no iproute2 ip"
+  return 1
+}
+
+# This guest's network device on the wire.
+wire_dev() { ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1; }
 
 # After step both: two 32 MiB streams from a to b under ssock-run (ports
 # 11131 and 11132), one on each link; once 4 MiB went through a's engine,
@@ -345,7 +361,7 @@ step_both() {
 step_drop() {
   BULK_BYTES=33554432 bulk_data drop-1 > /tmp/drop-1
   BULK_BYTES=33554432 bulk_data drop-2 > /tmp/drop-2
-  m0=$(remote_count migrations)
+  m0=$(remote_count migrations) f0=$(remote_count failovers)
   if [ "$QL_NAME" = b ]; then
     ssock-run -- socat -u TCP-LISTEN:11131,reuseaddr CREATE:/tmp/got-drop-1 > /tmp/drop-r1.log 2>&1 &
     r1=$!
@@ -360,9 +376,9 @@ step_drop() {
   else
     heard_of 11131 && heard_of 11132 || { echo failed | nc 10.78.0.2 9994; return 1; }
     before=$(queued_bytes)
-    ssock-run -- socat -u OPEN:/tmp/drop-1 TCP:10.78.0.2:11131 > /tmp/drop-w1.log 2>&1 &
+    timeout 120 ssock-run -- socat -u OPEN:/tmp/drop-1 TCP:10.78.0.2:11131 > /tmp/drop-w1.log 2>&1 &
     w1=$!
-    ssock-run -- socat -u OPEN:/tmp/drop-2 TCP:10.78.0.2:11132 > /tmp/drop-w2.log 2>&1 &
+    timeout 120 ssock-run -- socat -u OPEN:/tmp/drop-2 TCP:10.78.0.2:11132 > /tmp/drop-w2.log 2>&1 &
     w2=$!
     i=0
     until [ $(($(queued_bytes) - before)) -ge 4194304 ]; do
@@ -370,23 +386,29 @@ step_drop() {
       [ "$i" -lt 600 ] || { echo "QL: the streams did not cross"; echo failed | nc 10.78.0.2 9994; return 1; }
       sleep 0.05
     done
-    # b's RoCE address at a MAC no one has (iproute2's ip: busybox's, which
-    # the shell prefers, has no `neigh replace`): a's RoCE packets to it go
+    # b's RoCE address at a MAC no one has: a's RoCE packets to it go
     # nowhere (the control connection's address keeps its own entry).
+    # One stream on each link first.
+    on=$(ringstat | grep -o 'ntb:2/[01]' | sort -u | tr '\n' ' ')
     ringstat | grep -E 'ntb:' | sed 's/^/QL: /'
-    /usr/sbin/ip neigh replace 10.79.0.2 lladdr 02:00:00:00:00:99 dev "$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)" nud permanent ||
+    [ "$on" = "ntb:2/0 ntb:2/1 " ] || { echo "QL: the streams are not one on each link ($on)"; echo failed | nc 10.78.0.2 9994; return 1; }
+    iproute2 neigh replace 10.79.0.2 lladdr 02:00:00:00:00:99 dev "$(wire_dev)" nud permanent ||
       { echo failed | nc 10.78.0.2 9994; return 1; }
     echo "QL: RoCE to b cut after $(($(queued_bytes) - before)) bytes through a's engine"
-    ok=1
-    wait "$w1" && wait "$w2" || ok=0
+    drop_ok=1
+    wait "$w1" && wait "$w2" || drop_ok=0
     ringstat | grep '^link' | sed 's/^/QL: /'
-    /usr/sbin/ip neigh del 10.79.0.2 dev "$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)"
-    if [ "$ok" = 1 ]; then echo done | nc 10.78.0.2 9994; else
+    # The RDMA link (link 1) went down, the VFIO one did not.
+    ringstat --json | tr -d ' \n' | grep -q '"link":1,"over":"verbsrxe1","state":"down"' ||
+      ringstat | grep -q 'link 1 down' || { echo "QL: the RDMA link never went down"; drop_ok=0; }
+    ringstat | grep '^link to' | grep -q 'link 0 down' && { echo "QL: the VFIO link went down too"; drop_ok=0; }
+    iproute2 neigh del 10.79.0.2 dev "$(wire_dev)"
+    if [ "$drop_ok" = 1 ]; then echo done | nc 10.78.0.2 9994; else
       echo "QL: a writer failed"; cat /tmp/drop-w*.log; echo failed | nc 10.78.0.2 9994; return 1; fi
   fi
-  m=$(($(remote_count migrations) - m0))
-  echo "QL: devd node $(me): $m connections moved between links, files whole"
-  [ "$m" -ge 1 ] || return 1
+  m=$(($(remote_count migrations) - m0)) f=$(($(remote_count failovers) - f0))
+  echo "QL: devd node $(me): $m connections moved between links, $f to their kernel sockets, files whole"
+  [ "$m" -ge 1 ] && [ "$f" = 0 ] || return 1
   # The RDMA link comes back once RoCE does.
   i=0
   until ringstat --json | tr -d ' \n' | grep -q '"over":"verbsrxe1","state":"up"'; do
@@ -401,7 +423,7 @@ step_drop() {
     i=0
     until echo up | nc 10.78.0.1 9993 2> /dev/null; do
       i=$((i + 1))
-      [ "$i" -lt 300 ] || { echo "QL: a does not listen"; return 1; }
+      [ "$i" -lt 900 ] || { echo "QL: a does not listen"; return 1; }
       sleep 0.1
     done
   else

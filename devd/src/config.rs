@@ -581,17 +581,7 @@ impl Config {
                     why: format!("node {}: {bad:?} is no RDMA device name", p.node),
                 });
             }
-            if let Some((k, d)) = p
-                .verbs
-                .iter()
-                .enumerate()
-                .find(|(k, d)| p.verbs[..*k].contains(d))
-            {
-                return Err(ConfigError::Value {
-                    key: "peer.verbs",
-                    why: format!("node {}: {d} is listed twice (entry {k})", p.node),
-                });
-            }
+            listed_once("peer.verbs", p.node, &p.verbs)?;
             if let Some(bad) = p
                 .vfio
                 .iter()
@@ -605,17 +595,7 @@ impl Config {
                     ),
                 });
             }
-            if let Some((k, a)) = p
-                .vfio
-                .iter()
-                .enumerate()
-                .find(|(k, a)| p.vfio[..*k].contains(a))
-            {
-                return Err(ConfigError::Value {
-                    key: "peer.vfio",
-                    why: format!("node {}: {a} is listed twice (entry {k})", p.node),
-                });
-            }
+            listed_once("peer.vfio", p.node, &p.vfio)?;
             if p.node < self.node && self.peer_listen.is_none() {
                 return Err(ConfigError::Value {
                     key: "peer_listen",
@@ -641,6 +621,18 @@ impl Config {
 
 /// A link's key: the file's bytes, surrounding whitespace trimmed, at
 /// least `MIN_KEY`; the file readable by its owner only.
+/// Refuses a list (a peer's `vfio` or `verbs`) naming the same thing
+/// twice: two links over one device.
+fn listed_once(key: &'static str, node: u32, list: &[String]) -> Result<(), ConfigError> {
+    match (1..list.len()).find(|&k| list[..k].contains(&list[k])) {
+        Some(k) => Err(ConfigError::Value {
+            key,
+            why: format!("node {node}: {} is listed twice (entry {k})", list[k]),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     use std::os::unix::fs::PermissionsExt;
     let bad = |why: String| ConfigError::Value {
@@ -817,6 +809,9 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().contains("peer.vfio"), "{bad}: {e}");
         }
+        let twice = "vfio = [\"0000:00:02.0\", \"0000:00:03.0\", \"0000:00:02.0\"]\n";
+        let e = err(format!("node = 1\n{}{twice}", peer(2)));
+        assert!(e.contains("peer.vfio") && e.contains("(entry 2)"), "{e}");
         assert_eq!(c.peers[0].link_policy, LinkPolicy::ActiveBackup);
         // RDMA devices: after the windows, GID index 1 unless said.
         let c = Config::from_toml(

@@ -129,12 +129,7 @@ fn backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
                 path.display(),
                 w.id()
             );
-            all.push(Box::new(Ntb::new(
-                p.node,
-                link,
-                Box::new(w),
-                ntb::DEFAULT_WINDOW,
-            )));
+            all.push(ntb_link(p.node, link, Box::new(w)));
         }
         // Then the devices owned through VFIO, in the config's order.
         for (k, bdf) in p.vfio.iter().enumerate() {
@@ -145,15 +140,16 @@ fn backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
                 "peer node {} link {link}: ntb over VFIO device {bdf} (inbox half {half})",
                 p.node
             );
-            all.push(Box::new(Ntb::new(
-                p.node,
-                link,
-                Box::new(w),
-                ntb::DEFAULT_WINDOW,
-            )));
+            all.push(ntb_link(p.node, link, Box::new(w)));
         }
     }
     Ok(all)
+}
+
+/// One ntb link to peer `node` over window `w`, with the default
+/// per-channel window.
+fn ntb_link(node: u32, link: u8, w: Box<dyn ntb::Window>) -> Box<dyn Backend> {
+    Box::new(Ntb::new(node, link, w, ntb::DEFAULT_WINDOW))
 }
 
 /// Bytes the RDMA devices' links register (each its inbox and the copy
@@ -202,12 +198,7 @@ fn verbs_backends(cfg: &Config) -> anyhow::Result<Vec<Box<dyn Backend>>> {
                 p.node,
                 p.verbs_gid_index
             );
-            all.push(Box::new(Ntb::new(
-                p.node,
-                link,
-                Box::new(w),
-                ntb::DEFAULT_WINDOW,
-            )));
+            all.push(ntb_link(p.node, link, Box::new(w)));
         }
     }
     Ok(all)

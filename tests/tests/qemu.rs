@@ -136,19 +136,47 @@ fn passed(log: &Path, steps: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-#[test]
-fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
+/// One guest through `lab.sh run` with these steps, its log
+/// (`<name>-<pid>.log`) showing every step passed; kept only when
+/// something failed.
+fn guest_test(name: &str, steps: &[&str]) -> Result<()> {
     let Some(dir) = lab()? else {
         return Ok(());
     };
     let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
     build(&dir)?;
-    let log = dir.join(format!("guest-{}.log", std::process::id()));
-    let st = lab_sh("run", &dir, "devd,sockperf", &[&log])?;
-    passed(&log, &["devd", "sockperf"])?;
+    let log = dir.join(format!("{name}-{}.log", std::process::id()));
+    let st = lab_sh("run", &dir, &steps.join(","), &[&log])?;
+    passed(&log, steps)?;
     ensure!(st.success(), "lab.sh run: {st}");
     let _ = std::fs::remove_file(&log);
     Ok(())
+}
+
+/// Two guests through `lab.sh pair` with these steps, each guest's log
+/// (`<name>-a`, `<name>-b`) showing every step passed; the logs are kept
+/// only when something failed.
+fn pair_test(name: &str, steps: &[&str]) -> Result<()> {
+    let Some(dir) = lab()? else {
+        return Ok(());
+    };
+    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    build(&dir)?;
+    let logs = ["a", "b"].map(|h| dir.join(format!("{name}-{h}-{}.log", std::process::id())));
+    let st = lab_sh("pair", &dir, &steps.join(","), &[&logs[0], &logs[1]])?;
+    for log in &logs {
+        passed(log, steps)?;
+    }
+    ensure!(st.success(), "lab.sh pair: {st}");
+    for log in &logs {
+        let _ = std::fs::remove_file(log);
+    }
+    Ok(())
+}
+
+#[test]
+fn in_a_guest_devd_gives_up_root_and_sockperf_goes_direct() -> Result<()> {
+    guest_test("guest", &["devd", "sockperf"])
 }
 
 #[test]
@@ -156,17 +184,7 @@ fn in_a_guest_two_queue_pairs_on_soft_roce_write_into_each_others_region_and_rin
     // The verbs backend's handles (hwbackends::verbs) on the guest
     // kernel's rdma_rxe device, through libibverbs loaded at run time:
     // the hwbackends unit tests that need a device, run there.
-    let Some(dir) = lab()? else {
-        return Ok(());
-    };
-    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
-    build(&dir)?;
-    let log = dir.join(format!("verbs-{}.log", std::process::id()));
-    let st = lab_sh("run", &dir, "verbs", &[&log])?;
-    passed(&log, &["verbs"])?;
-    ensure!(st.success(), "lab.sh run: {st}");
-    let _ = std::fs::remove_file(&log);
-    Ok(())
+    guest_test("verbs", &["verbs"])
 }
 
 #[test]
@@ -177,31 +195,12 @@ fn two_guests_devds_become_peers_over_their_wire_and_sockperf_crosses_it() -> Re
     // sockperf across it as a remote Queued connection, then 64 MiB each
     // way with socat, a plain peer on either side (kernel TCP, the bytes
     // unchanged) and a writer SIGKILLed mid-stream (its reader ends).
-    let Some(dir) = lab()? else {
-        return Ok(());
-    };
-    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
-    build(&dir)?;
-    let logs = ["a", "b"].map(|h| dir.join(format!("pair-{h}-{}.log", std::process::id())));
-    let st = lab_sh(
+    pair_test(
         "pair",
-        &dir,
-        "net,peers,across,vfio,ntb,bulk,plain,killed,stop",
-        &[&logs[0], &logs[1]],
-    )?;
-    for log in &logs {
-        passed(
-            log,
-            &[
-                "net", "peers", "across", "vfio", "ntb", "bulk", "plain", "killed", "stop",
-            ],
-        )?;
-    }
-    ensure!(st.success(), "lab.sh pair: {st}");
-    for log in &logs {
-        let _ = std::fs::remove_file(log);
-    }
-    Ok(())
+        &[
+            "net", "peers", "across", "vfio", "ntb", "bulk", "plain", "killed", "stop",
+        ],
+    )
 }
 
 #[test]
@@ -216,24 +215,12 @@ fn two_guests_devds_link_over_soft_roce_and_programs_cross_it() -> Result<()> {
     // again, the queue pairs are set up anew and sockperf crosses again;
     // devd stops cleanly. (sockperf over kernel TCP between the guests
     // first: the figure to compare with.)
-    let Some(dir) = lab()? else {
-        return Ok(());
-    };
-    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
-    build(&dir)?;
-    let logs = ["a", "b"].map(|h| dir.join(format!("rdma-{h}-{}.log", std::process::id())));
-    let steps = [
-        "net", "peers", "across", "rxe", "rdma", "bulk", "plain", "killed", "relink", "stop",
-    ];
-    let st = lab_sh("pair", &dir, &steps.join(","), &[&logs[0], &logs[1]])?;
-    for log in &logs {
-        passed(log, &steps)?;
-    }
-    ensure!(st.success(), "lab.sh pair: {st}");
-    for log in &logs {
-        let _ = std::fs::remove_file(log);
-    }
-    Ok(())
+    pair_test(
+        "rdma",
+        &[
+            "net", "peers", "across", "rxe", "rdma", "bulk", "plain", "killed", "relink", "stop",
+        ],
+    )
 }
 
 #[test]
@@ -245,20 +232,8 @@ fn two_guests_move_connections_off_a_cut_rdma_link_onto_the_vfio_one() -> Result
     // control connection untouched: the RDMA link's connections move onto
     // the VFIO link with both streams whole, and the RDMA link comes back
     // once the entry goes.
-    let Some(dir) = lab()? else {
-        return Ok(());
-    };
-    let _one = GUESTS.lock().unwrap_or_else(|p| p.into_inner());
-    build(&dir)?;
-    let logs = ["a", "b"].map(|h| dir.join(format!("drop-{h}-{}.log", std::process::id())));
-    let steps = ["net", "peers", "vfio", "rxe", "both", "drop", "stop"];
-    let st = lab_sh("pair", &dir, &steps.join(","), &[&logs[0], &logs[1]])?;
-    for log in &logs {
-        passed(log, &steps)?;
-    }
-    ensure!(st.success(), "lab.sh pair: {st}");
-    for log in &logs {
-        let _ = std::fs::remove_file(log);
-    }
-    Ok(())
+    pair_test(
+        "drop",
+        &["net", "peers", "vfio", "rxe", "both", "drop", "stop"],
+    )
 }

@@ -115,10 +115,12 @@ step_verbs() {
 # Two guests (lab.sh pair): a is 10.78.0.1, b is 10.78.0.2 on the wire.
 me() { if [ "$QL_NAME" = a ]; then echo 1; else echo 2; fi; }
 other() { if [ "$QL_NAME" = a ]; then echo 2; else echo 1; fi; }
+# This guest's network device on the wire.
+wire_dev() { ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1; }
 
 # The wire up: this guest's address on its virtio-net, the other answers.
 step_net() {
-  dev=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+  dev=$(wire_dev)
   [ -n "$dev" ] || { echo "QL: no network device"; return 1; }
   ip addr add "10.78.0.$(me)/24" dev "$dev"
   ip link set "$dev" up
@@ -315,7 +317,7 @@ cross_link() {
 step_both() {
   bdf=$(ivshmem_bdf)
   [ -n "$bdf" ] || { echo "QL: no ivshmem device"; return 1; }
-  dev=$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)
+  dev=$(wire_dev)
   ip addr add "10.79.0.$(me)/24" dev "$dev" || return 1
   gids=/sys/class/infiniband/rxe1/ports/1/gids
   i=0 idx=
@@ -347,9 +349,6 @@ iproute2() {
   echo "QL: no iproute2 ip"
   return 1
 }
-
-# This guest's network device on the wire.
-wire_dev() { ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1; }
 
 # After step both: two 32 MiB streams from a to b under ssock-run (ports
 # 11131 and 11132), one on each link; once 4 MiB went through a's engine,
@@ -470,7 +469,7 @@ step_relink() {
 # step net), RoCE v2 over 10.78.0.x (GID index 1).
 step_rxe() {
   for m in crc32_generic crc32-pclmul rdma_rxe ib_uverbs; do modprobe "$m" 2>/dev/null; done
-  dev=$(ls /sys/class/net | grep -v -E '^(lo|dummy)' | head -1)
+  dev=$(wire_dev)
   rdma link add rxe1 type rxe netdev "$dev" || { echo "QL: no rxe device on $dev"; return 1; }
   i=0
   until grep -q "ffff:0a4e:000$(me)" /sys/class/infiniband/rxe1/ports/1/gids/1 2> /dev/null; do

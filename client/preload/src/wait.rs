@@ -13,6 +13,7 @@ use crate::epoll;
 use crate::obj::{Armed, Obj};
 use crate::table;
 use libc::{c_int, pollfd};
+use ssock_client::transport::{liveness_poll, Polled};
 use ssock_rings::notify::{process_gate, spin_more};
 use std::time::{Duration, Instant};
 
@@ -35,56 +36,86 @@ pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Obj>>> {
 }
 
 /// Fills revents; returns the number of entries with something to report.
+/// One real poll asks the kernel fds and, with `check_peer`, the kernel
+/// sockets of the accelerated ones (whether a peer is gone, urgent data)
+/// at once, not one poll per socket (`Polled`).
 fn scan(
     pfds: &mut [pollfd],
     socks: &[Option<Obj>],
     check_peer: bool,
     real_poll: &dyn Fn(&mut [pollfd], c_int) -> c_int,
 ) -> c_int {
-    let mut kernel: Vec<pollfd> = Vec::new();
+    let asked = |with_socks: bool| -> (Vec<pollfd>, Vec<Option<usize>>) {
+        let mut kernel = Vec::new();
+        let at = pfds
+            .iter()
+            .zip(socks)
+            .map(|(p, s)| {
+                let events = match s {
+                    None if p.fd >= 0 => p.events,
+                    Some(Obj::Sock(_)) if with_socks => {
+                        // Urgent data travels on the kernel socket (io::send).
+                        liveness_poll(p.fd).events | (p.events & libc::POLLPRI)
+                    }
+                    _ => return None,
+                };
+                kernel.push(pollfd {
+                    fd: p.fd,
+                    events,
+                    revents: 0,
+                });
+                Some(kernel.len() - 1)
+            })
+            .collect();
+        (kernel, at)
+    };
+    let (mut kernel, mut at) = asked(check_peer);
+    let mut polled = check_peer;
+    if !kernel.is_empty() && real_poll(&mut kernel, 0) < 0 && check_peer {
+        // (EINVAL: more fds than RLIMIT_NOFILE, sshd's sandboxed child.)
+        // The kernel fds alone; each socket asks on its own.
+        (kernel, at) = asked(false);
+        polled = false;
+        if !kernel.is_empty() {
+            real_poll(&mut kernel, 0);
+        }
+    }
+    let _polled = polled.then(|| {
+        Polled::scope(
+            at.iter()
+                .zip(socks)
+                .filter(|(_, s)| s.is_some())
+                .filter_map(|(k, _)| k.map(|k| (kernel[k].fd, kernel[k].revents)))
+                .collect(),
+        )
+    });
     let mut n = 0;
-    for (p, s) in pfds.iter_mut().zip(socks) {
-        p.revents = 0;
-        match s {
-            Some(s) => {
+    for ((p, s), k) in pfds.iter_mut().zip(socks).zip(&at) {
+        p.revents = match (s, k) {
+            (Some(s), _) => {
                 // SAFETY: p.fd is an fd the application is polling, open for
                 // the duration of its poll call.
                 let r = s.readiness(unsafe { borrow(p.fd) }, check_peer);
-                p.revents = r.revents(p.events);
-                if p.events & libc::POLLPRI != 0 && check_peer && matches!(s, Obj::Sock(_)) {
-                    // Urgent data travels on the kernel socket (io::send).
-                    let mut k = [pollfd {
+                let mut revents = r.revents(p.events);
+                if let (Obj::Sock(_), Some(k)) = (s, k) {
+                    revents |= kernel[*k].revents & p.events & libc::POLLPRI;
+                } else if p.events & libc::POLLPRI != 0 && check_peer && matches!(s, Obj::Sock(_)) {
+                    let mut u = [pollfd {
                         fd: p.fd,
                         events: libc::POLLPRI,
                         revents: 0,
                     }];
-                    if real_poll(&mut k, 0) > 0 {
-                        p.revents |= k[0].revents & libc::POLLPRI;
+                    if real_poll(&mut u, 0) > 0 {
+                        revents |= u[0].revents & libc::POLLPRI;
                     }
                 }
-                if p.revents != 0 {
-                    n += 1;
-                }
+                revents
             }
-            None if p.fd >= 0 => kernel.push(pollfd {
-                fd: p.fd,
-                events: p.events,
-                revents: 0,
-            }),
-            None => {}
-        }
-    }
-    if !kernel.is_empty() && real_poll(&mut kernel, 0) > 0 {
-        let mut k = kernel.iter();
-        for (p, s) in pfds.iter_mut().zip(socks) {
-            if s.is_none() && p.fd >= 0 {
-                if let Some(kp) = k.next() {
-                    p.revents = kp.revents;
-                    if kp.revents != 0 {
-                        n += 1;
-                    }
-                }
-            }
+            (None, Some(k)) => kernel[*k].revents,
+            (None, None) => 0,
+        };
+        if p.revents != 0 {
+            n += 1;
         }
     }
     n
@@ -154,8 +185,8 @@ pub fn poll(
     let deadline = crate::sleep::deadline(timeout);
     let mut spun = !spin;
     // Whether this call slept already. The kernel sockets of Direct ends
-    // in the region are asked whether a peer is gone (one syscall each)
-    // only after a sleep: the sleep watches them (a gone peer, or bytes
+    // in the region are asked whether a peer is gone (one poll for all of
+    // them and the kernel fds) only after a sleep: the sleep watches them (a gone peer, or bytes
     // where none belong, end it at once), so the first sleep needs no
     // look before it, and one that a doorbell ended finds its answer in
     // the rings without any. Other members are looked at before every
@@ -163,9 +194,9 @@ pub fn poll(
     let mut slept = false;
     loop {
         // The rings first: no syscall on the path where data is there or
-        // arrives while spinning. The kernel socket is asked whether a peer
-        // is gone (one syscall per socket) only before sleeping, or at
-        // once when the caller will not wait.
+        // arrives while spinning. The kernel sockets are asked whether a
+        // peer is gone (one poll for all) only before sleeping, or at once
+        // when the caller will not wait.
         let n = scan(pfds, socks, false, real_poll);
         if n > 0 {
             return n;

@@ -323,12 +323,16 @@ pub(crate) enum Liveness {
 }
 
 /// Asks the kernel socket, with one `poll` and a zero timeout, what
-/// became of it. A poll and not a peeking recv: the application may run
+/// became of it (or takes what the poll of a [`Polled`] scope said of it).
+/// A poll and not a peeking recv: the application may run
 /// under a seccomp filter that allows only the calls its own socket calls
 /// make (sshd's sandboxed child allows poll, read and write but no recv).
 /// Bytes followed by the end of the stream read as Gone, not Stray.
 pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
     use std::os::fd::AsRawFd;
+    if let Some(revents) = Polled::revents(tcp.as_raw_fd()) {
+        return judge(revents);
+    }
     let mut fds = [liveness_poll(tcp.as_raw_fd())];
     match ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)) {
         Ok(0) | Err(_) => Liveness::Alive,
@@ -338,8 +342,52 @@ pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
 
 /// The poll entry [`liveness`] asks the kernel socket `tcp` with (for a
 /// caller that polls it together with other fds, then [`judge`]s it).
-pub(crate) fn liveness_poll(tcp: std::os::fd::RawFd) -> ssock_rings::sys::PollFd {
+pub fn liveness_poll(tcp: std::os::fd::RawFd) -> ssock_rings::sys::PollFd {
     ssock_rings::sys::PollFd::new(tcp, libc::POLLIN | libc::POLLRDHUP)
+}
+
+thread_local! {
+    /// The kernel sockets a [`Polled`] scope of this thread polled, with
+    /// what the poll said of each.
+    static POLLED: std::cell::RefCell<Vec<(std::os::fd::RawFd, i16)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// While it lives, [`liveness`] of the kernel sockets it names takes what
+/// one poll of all of them said (their [`liveness_poll`] entries, polled
+/// together just before): a scan of many connections asks the kernel once,
+/// not once per connection. Scopes nest (the outer one's answers come
+/// back when the inner ends, also by unwinding).
+pub struct Polled {
+    outer: Vec<(std::os::fd::RawFd, i16)>,
+}
+
+impl Polled {
+    /// `polled`: (fd, revents) of [`liveness_poll`] entries (more events
+    /// asked, such as POLLPRI, change nothing: [`judge`] ignores them).
+    pub fn scope(mut polled: Vec<(std::os::fd::RawFd, i16)>) -> Polled {
+        // Sorted: each look-up a binary search (a scan of thousands).
+        polled.sort_unstable_by_key(|&(fd, _)| fd);
+        Polled {
+            outer: POLLED.with(|p| std::mem::replace(&mut *p.borrow_mut(), polled)),
+        }
+    }
+
+    fn revents(fd: std::os::fd::RawFd) -> Option<i16> {
+        POLLED.with(|p| {
+            let p = p.borrow();
+            // (An fd listed twice was polled twice: either answer.)
+            let k = p.binary_search_by_key(&fd, |&(f, _)| f).ok()?;
+            Some(p[k].1)
+        })
+    }
+}
+
+impl Drop for Polled {
+    fn drop(&mut self) {
+        let outer = std::mem::take(&mut self.outer);
+        POLLED.with(|p| *p.borrow_mut() = outer);
+    }
 }
 
 /// What the revents of a [`liveness_poll`] entry say.
@@ -352,5 +400,42 @@ pub(crate) fn judge(revents: i16) -> Liveness {
         Liveness::Stray
     } else {
         Liveness::Alive
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    #[test]
+    fn a_polled_scope_answers_for_the_sockets_it_names_and_ends_with_its_outer_one() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let fd = c.as_fd();
+        assert_eq!(liveness(fd), Liveness::Alive);
+        {
+            // What the scope says, not what the socket says.
+            let _gone = Polled::scope(vec![(999_999, 0), (fd.as_raw_fd(), libc::POLLRDHUP)]);
+            assert_eq!(liveness(fd), Liveness::Gone);
+            {
+                let _reset = Polled::scope(vec![(fd.as_raw_fd(), libc::POLLERR)]);
+                assert_eq!(liveness(fd), Liveness::Reset);
+            }
+            assert_eq!(liveness(fd), Liveness::Gone);
+            let _none = Polled::scope(Vec::new());
+            // Not named: asked of the kernel (still open).
+            assert_eq!(liveness(fd), Liveness::Alive);
+        }
+        assert_eq!(liveness(fd), Liveness::Alive);
+        drop(a);
+        // The peer's close, seen by the poll each look makes outside a scope.
+        let t = Instant::now();
+        while liveness(fd) != Liveness::Gone {
+            assert!(t.elapsed() < Duration::from_secs(5), "no FIN seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -26,7 +26,7 @@ use crate::obj::{Armed, Nested, Obj};
 use crate::sleep;
 use crate::table;
 use libc::{c_int, epoll_event};
-use ssock_client::transport::Ready;
+use ssock_client::transport::{liveness_poll, Polled, Ready};
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -442,6 +442,7 @@ impl Set {
     fn collect(&self, epfd: c_int, out: &mut [epoll_event], check_peer: bool) -> (usize, bool) {
         let mut i = self.lock();
         self.return_plain(epfd, &mut i);
+        let _polled = polled(&i, check_peer);
         let len = i.members.len();
         let mut n = 0;
         let start = if len == 0 { 0 } else { i.next % len };
@@ -479,6 +480,7 @@ impl Set {
     /// Whether some member would report something now (no state change).
     fn any_ready(&self, check_peer: bool) -> bool {
         let i = self.lock();
+        let _polled = polled(&i, check_peer);
         i.members.iter().any(|m| {
             // SAFETY: as in `collect`.
             m.report(m.obj.readiness(unsafe { borrow(m.fd) }, check_peer)) != 0
@@ -529,6 +531,32 @@ impl Set {
         };
         (spin, gate)
     }
+}
+
+/// With `check_peer`, one zero-timeout poll of the kernel sockets of the
+/// members that are accelerated sockets, standing for the poll each one's
+/// readiness would make (`Polled`): one system call, not one per member.
+/// None: nothing to ask, or the poll failed (each asks on its own then).
+fn polled(i: &Inner, check_peer: bool) -> Option<Polled> {
+    if !check_peer {
+        return None;
+    }
+    let mut fds: Vec<libc::pollfd> = i
+        .members
+        .iter()
+        .filter(|m| !m.disabled && matches!(m.obj, Obj::Sock(_)))
+        .map(|m| libc::pollfd {
+            fd: m.fd,
+            events: liveness_poll(m.fd).events,
+            revents: 0,
+        })
+        .collect();
+    if fds.is_empty() || sleep::real_poll(&mut fds, 0) < 0 {
+        return None;
+    }
+    Some(Polled::scope(
+        fds.iter().map(|p| (p.fd, p.revents)).collect(),
+    ))
 }
 
 /// The instance as a member of a wait: in poll, or nested in another

@@ -106,17 +106,19 @@ pub fn wait(
     let mut slept = false;
     loop {
         // The rings first, without a syscall; the kernel's events when the
-        // rings have none, and every fourth time anyway.
-        let (mut n, tick) = set.collect(epfd, out, false);
+        // rings have none, and every fourth time anyway. A last look (the
+        // time is up: at once for a zero timeout) also asks the members'
+        // kernel sockets whether a peer is gone.
+        let last = deadline.is_some_and(|d| Instant::now() >= d);
+        let (mut n, mut tick) = set.collect(epfd, out, false);
+        if n == 0 && last {
+            (n, tick) = set.collect(epfd, out, true);
+        }
         if n == 0 || tick {
             n += kernel(&mut out[n..]);
         }
-        if n > 0 {
+        if n > 0 || last {
             return count(n);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            let (n, _) = set.collect(epfd, out, true);
-            return count(n + kernel(&mut out[n..]));
         }
         if !spun {
             spun = true;

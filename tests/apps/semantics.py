@@ -578,19 +578,28 @@ def case_peers_killed_seen_by_zero_timeouts():
     # it: the kernel's loopback delivers within the kill.)
     time.sleep(0.2)
     cs = [c for c, _ in pairs]
+    # Kernel fds among them: a pipe with a byte in it and a quiet one.
+    full_r, full_w = os.pipe()
+    os.write(full_w, b"p")
+    quiet_r, quiet_w = os.pipe()
+    fds = [cs[0], full_r] + cs[1:5] + [quiet_r] + cs[5:]
     name = {c.fileno(): i for i, c in enumerate(cs)}
+    name.update({full_r: "pipe with a byte", quiet_r: "quiet pipe"})
     p = select.poll()
-    for c in cs:
+    for c in fds:
         p.register(c, select.POLLIN | select.POLLRDHUP)
-    say("killed peers: poll(0)", sorted((name[fd], ev) for fd, ev in p.poll(0)))
+    say("killed peers: poll(0)", sorted((str(name[fd]), ev) for fd, ev in p.poll(0)))
     ep = select.epoll()
-    for c in cs:
+    for c in fds:
         ep.register(c, select.EPOLLIN | select.EPOLLRDHUP)
-    say("killed peers: epoll(0)", sorted((name[fd], ev) for fd, ev in ep.poll(0)))
-    rd, _, _ = select.select(cs, [], [], 0)
-    say("killed peers: select(0)", sorted(name[c.fileno()] for c in rd))
+    say("killed peers: epoll(0)", sorted((str(name[fd]), ev) for fd, ev in ep.poll(0)))
+    rd, _, _ = select.select(fds, [], [], 0)
+    fileno = lambda x: x if isinstance(x, int) else x.fileno()
+    say("killed peers: select(0)", sorted(str(name[fileno(c)]) for c in rd))
     say("killed peers: recv", [cs[i].recv(10) for i in gone])
     ep.close()
+    for fd in (full_r, full_w, quiet_r, quiet_w):
+        os.close(fd)
     for i, (c, a) in enumerate(pairs):
         c.close()
         if i not in gone:

@@ -192,11 +192,21 @@ pub fn poll(
     // the rings without any. Other members are looked at before every
     // sleep (their sleep leaves out what is already asserted).
     let mut slept = false;
+    // With kernel fds, every scan polls: asking the kernel sockets of the
+    // accelerated ones too costs nothing more.
+    let kernel_fds = pfds
+        .iter()
+        .zip(socks)
+        .any(|(p, s)| s.is_none() && p.fd >= 0);
     loop {
         // The rings first: no syscall on the path where data is there or
         // arrives while spinning. The kernel sockets are asked whether a
         // peer is gone (one poll for all) only before sleeping, or at once
-        // when the caller will not wait.
+        // when the caller will not wait (then all that is ready is
+        // reported, as the kernel would).
+        if kernel_fds && deadline.is_some_and(|d| Instant::now() >= d) {
+            return scan(pfds, socks, true, real_poll);
+        }
         let n = scan(pfds, socks, false, real_poll);
         if n > 0 {
             return n;

@@ -331,7 +331,12 @@ pub(crate) enum Liveness {
 pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
     use std::os::fd::AsRawFd;
     if let Some(revents) = Polled::revents(tcp.as_raw_fd()) {
-        return judge(revents);
+        // An end and a reset stay; bytes may have been read since (by
+        // another thread, or the hand-over's own reads): asked again.
+        match judge(revents) {
+            Liveness::Stray => {}
+            other => return other,
+        }
     }
     let mut fds = [liveness_poll(tcp.as_raw_fd())];
     match ssock_rings::sys::poll(&mut fds, Some(Duration::ZERO)) {
@@ -354,12 +359,14 @@ thread_local! {
 }
 
 /// While it lives, [`liveness`] of the kernel sockets it names takes what
-/// one poll of all of them said (their [`liveness_poll`] entries, polled
+/// one poll of all of them said (an end or a reset; bytes there are asked
+/// about again, since they may have been read meanwhile) (their [`liveness_poll`] entries, polled
 /// together just before): a scan of many connections asks the kernel once,
 /// not once per connection. Scopes nest (the outer one's answers come
 /// back when the inner ends, also by unwinding).
 pub struct Polled {
-    outer: Vec<(std::os::fd::RawFd, i16)>,
+    /// None: the thread's storage is gone (its exit): no scope.
+    outer: Option<Vec<(std::os::fd::RawFd, i16)>>,
 }
 
 impl Polled {
@@ -368,25 +375,33 @@ impl Polled {
     pub fn scope(mut polled: Vec<(std::os::fd::RawFd, i16)>) -> Polled {
         // Sorted: each look-up a binary search (a scan of thousands).
         polled.sort_unstable_by_key(|&(fd, _)| fd);
+        // (`try_with`: a call from a thread's or the process's last
+        // destructors, after the thread's storage went, asks each socket.)
         Polled {
-            outer: POLLED.with(|p| std::mem::replace(&mut *p.borrow_mut(), polled)),
+            outer: POLLED
+                .try_with(|p| std::mem::replace(&mut *p.borrow_mut(), polled))
+                .ok(),
         }
     }
 
     fn revents(fd: std::os::fd::RawFd) -> Option<i16> {
-        POLLED.with(|p| {
-            let p = p.borrow();
-            // (An fd listed twice was polled twice: either answer.)
-            let k = p.binary_search_by_key(&fd, |&(f, _)| f).ok()?;
-            Some(p[k].1)
-        })
+        POLLED
+            .try_with(|p| {
+                let p = p.borrow();
+                // (An fd listed twice was polled twice: either answer.)
+                let k = p.binary_search_by_key(&fd, |&(f, _)| f).ok()?;
+                Some(p[k].1)
+            })
+            .ok()
+            .flatten()
     }
 }
 
 impl Drop for Polled {
     fn drop(&mut self) {
-        let outer = std::mem::take(&mut self.outer);
-        POLLED.with(|p| *p.borrow_mut() = outer);
+        if let Some(outer) = self.outer.take() {
+            let _ = POLLED.try_with(|p| *p.borrow_mut() = outer);
+        }
     }
 }
 
@@ -425,6 +440,11 @@ mod tests {
                 assert_eq!(liveness(fd), Liveness::Reset);
             }
             assert_eq!(liveness(fd), Liveness::Gone);
+            {
+                // Bytes said there: asked again (the socket has none).
+                let _stray = Polled::scope(vec![(fd.as_raw_fd(), libc::POLLIN)]);
+                assert_eq!(liveness(fd), Liveness::Alive);
+            }
             let _none = Polled::scope(Vec::new());
             // Not named: asked of the kernel (still open).
             assert_eq!(liveness(fd), Liveness::Alive);

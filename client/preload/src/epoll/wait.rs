@@ -108,13 +108,14 @@ pub fn wait(
         // The rings first, without a syscall; the kernel's events when the
         // rings have none, and every fourth time anyway. A last look (the
         // time is up: at once for a zero timeout) also asks the members'
-        // kernel sockets whether a peer is gone.
+        // kernel sockets whether a peer is gone, and the kernel's events
+        // always: all that is ready, as the kernel's would.
         let last = deadline.is_some_and(|d| Instant::now() >= d);
         let (mut n, mut tick) = set.collect(epfd, out, false);
         if n == 0 && last {
             (n, tick) = set.collect(epfd, out, true);
         }
-        if n == 0 || tick {
+        if n == 0 || tick || last {
             n += kernel(&mut out[n..]);
         }
         if n > 0 || last {

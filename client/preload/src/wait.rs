@@ -35,6 +35,22 @@ pub fn accelerated(pfds: &[pollfd]) -> Option<Vec<Option<Obj>>> {
     socks.iter().any(Option::is_some).then_some(socks)
 }
 
+/// The entry that asks an accelerated socket's kernel socket whether its
+/// peer is gone (`liveness_poll`), with `also` asked beside it.
+pub fn liveness_entry(fd: c_int, also: i16) -> pollfd {
+    pollfd {
+        fd,
+        events: liveness_poll(fd).events | also,
+        revents: 0,
+    }
+}
+
+/// The answers of a poll of `liveness_entry`s, standing for the poll each
+/// socket's readiness would make while the scope lives.
+pub fn polled_scope<'a>(entries: impl Iterator<Item = &'a pollfd>) -> Polled {
+    Polled::scope(entries.map(|p| (p.fd, p.revents)).collect())
+}
+
 /// Fills revents; returns the number of entries with something to report.
 /// One real poll asks the kernel fds and, with `check_peer`, the kernel
 /// sockets of the accelerated ones (whether a peer is gone, urgent data)
@@ -51,18 +67,17 @@ fn scan(
             .iter()
             .zip(socks)
             .map(|(p, s)| {
-                let events = match s {
-                    None if p.fd >= 0 => p.events,
+                kernel.push(match s {
+                    None if p.fd >= 0 => pollfd {
+                        fd: p.fd,
+                        events: p.events,
+                        revents: 0,
+                    },
+                    // Urgent data travels on the kernel socket (io::send).
                     Some(Obj::Sock(_)) if with_socks => {
-                        // Urgent data travels on the kernel socket (io::send).
-                        liveness_poll(p.fd).events | (p.events & libc::POLLPRI)
+                        liveness_entry(p.fd, p.events & libc::POLLPRI)
                     }
                     _ => return None,
-                };
-                kernel.push(pollfd {
-                    fd: p.fd,
-                    events,
-                    revents: 0,
                 });
                 Some(kernel.len() - 1)
             })
@@ -81,12 +96,11 @@ fn scan(
         }
     }
     let _polled = polled.then(|| {
-        Polled::scope(
+        polled_scope(
             at.iter()
                 .zip(socks)
-                .filter(|(_, s)| s.is_some())
-                .filter_map(|(k, _)| k.map(|k| (kernel[k].fd, kernel[k].revents)))
-                .collect(),
+                .filter_map(|(k, s)| s.as_ref().and(*k))
+                .map(|k| &kernel[k]),
         )
     });
     let mut n = 0;
@@ -186,8 +200,9 @@ pub fn poll(
     let mut spun = !spin;
     // Whether this call slept already. The kernel sockets of Direct ends
     // in the region are asked whether a peer is gone (one poll for all of
-    // them and the kernel fds) only after a sleep: the sleep watches them (a gone peer, or bytes
-    // where none belong, end it at once), so the first sleep needs no
+    // them and the kernel fds) only after a sleep: the sleep watches them
+    // (a gone peer, or bytes where none belong, end it at once), so the
+    // first sleep needs no
     // look before it, and one that a doorbell ended finds its answer in
     // the rings without any. Other members are looked at before every
     // sleep (their sleep leaves out what is already asserted).

@@ -359,11 +359,12 @@ thread_local! {
 }
 
 /// While it lives, [`liveness`] of the kernel sockets it names takes what
-/// one poll of all of them said (an end or a reset; bytes there are asked
-/// about again, since they may have been read meanwhile) (their [`liveness_poll`] entries, polled
-/// together just before): a scan of many connections asks the kernel once,
-/// not once per connection. Scopes nest (the outer one's answers come
-/// back when the inner ends, also by unwinding).
+/// one poll of all of them (their [`liveness_poll`] entries, polled
+/// together just before) said: an end or a reset (bytes there are asked
+/// about again, since they may have been read meanwhile). A scan of many
+/// connections asks the kernel once, not once per connection. Scopes
+/// nest (the outer one's answers come back when the inner ends, also by
+/// unwinding).
 pub struct Polled {
     /// None: the thread's storage is gone (its exit): no scope.
     outer: Option<Vec<(std::os::fd::RawFd, i16)>>,

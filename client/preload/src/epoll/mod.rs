@@ -25,8 +25,9 @@ use crate::fdstate::{REGISTERED, SET as SET_FDS};
 use crate::obj::{Armed, Nested, Obj};
 use crate::sleep;
 use crate::table;
+use crate::wait::{liveness_entry, polled_scope};
 use libc::{c_int, epoll_event};
-use ssock_client::transport::{liveness_poll, Polled, Ready};
+use ssock_client::transport::{Polled, Ready};
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -545,18 +546,12 @@ fn polled(i: &Inner, check_peer: bool) -> Option<Polled> {
         .members
         .iter()
         .filter(|m| !m.disabled && matches!(m.obj, Obj::Sock(_)))
-        .map(|m| libc::pollfd {
-            fd: m.fd,
-            events: liveness_poll(m.fd).events,
-            revents: 0,
-        })
+        .map(|m| liveness_entry(m.fd, 0))
         .collect();
     if fds.is_empty() || sleep::real_poll(&mut fds, 0) < 0 {
         return None;
     }
-    Some(Polled::scope(
-        fds.iter().map(|p| (p.fd, p.revents)).collect(),
-    ))
+    Some(polled_scope(fds.iter()))
 }
 
 /// The instance as a member of a wait: in poll, or nested in another

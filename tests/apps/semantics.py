@@ -325,6 +325,27 @@ def case_epoll_waits_sleep():
     a.close()
 
 
+def case_oneshot_fired_then_peer_closed():
+    """A one-shot registration that fired, then its peer closes: the next
+    wait must sleep through its timeout (the registration is disabled
+    until EPOLL_CTL_MOD), not wake again and again; after the MOD it
+    reports the end."""
+    c, a = pair()
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
+    c.sendall(b"x")
+    say("oneshot first:", events(ep, 5))
+    c.close()
+    time.sleep(0.2)
+    t = cpu_seconds()
+    say("oneshot fired, peer closed:", events(ep, 0.5), "slept:", cpu_seconds() - t < 0.1)
+    ep.modify(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    say("oneshot rearmed:", events(ep, 5))
+    say("oneshot reads:", a.recv(10), a.recv(10))
+    ep.close()
+    a.close()
+
+
 def case_nested_epoll():
     c, a = pair()
     inner = select.epoll()
@@ -600,6 +621,54 @@ def case_peers_killed_seen_by_zero_timeouts():
     ep.close()
     for fd in (full_r, full_w, quiet_r, quiet_w):
         os.close(fd)
+    for i, (c, a) in enumerate(pairs):
+        c.close()
+        if i not in gone:
+            a.close()
+
+
+def case_peers_killed_wake_an_epoll_sleeper():
+    """Eight connections in one epoll set, watched by a wait that sleeps;
+    the process holding the far end of two of them sends a byte on one,
+    then is SIGKILLed: the first wait wakes for the byte, the second for
+    the dead peers, each well before its timeout (a sleep that did not
+    watch the members' kernel sockets would sleep it out)."""
+    import signal
+    pairs = [pair() for _ in range(8)]
+    gone = (3, 5)
+    pid = os.fork()
+    if pid == 0:
+        for i, (c, a) in enumerate(pairs):
+            c.close()
+            if i not in gone:
+                a.close()
+        time.sleep(0.3)
+        pairs[3][1].sendall(b"x")
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    for i in gone:
+        pairs[i][1].close()
+    cs = [c for c, _ in pairs]
+    name = {c.fileno(): i for i, c in enumerate(cs)}
+    ep = select.epoll()
+    for c in cs:
+        ep.register(c, select.EPOLLIN | select.EPOLLRDHUP)
+    t = time.time()
+    got = sorted((name[fd], ev) for fd, ev in ep.poll(5))
+    say("sleeper: first wake", got, "soon:", time.time() - t < 3)
+    say("sleeper: reads", cs[3].recv(1))
+    t = time.time()
+    woke = ep.poll(5)
+    say("sleeper: second wake has a dead peer:", any(name[fd] in gone for fd, _ in woke),
+        "soon:", time.time() - t < 3)
+    os.waitpid(pid, 0)
+    # (Time for the ends' closes to arrive where an engine carries them:
+    # devd learns that an end left to a process that died is gone by
+    # looking its socket up at intervals, the 750 ms look here.)
+    time.sleep(1.5)
+    say("sleeper: then", sorted((name[fd], ev) for fd, ev in ep.poll(0)))
+    say("sleeper: recv", [cs[i].recv(10) for i in gone])
+    ep.close()
     for i, (c, a) in enumerate(pairs):
         c.close()
         if i not in gone:
@@ -968,10 +1037,11 @@ def plain_echo(fd):
 
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
-         case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep, case_nested_epoll,
+         case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep,
+         case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,
-         case_peers_killed_seen_by_zero_timeouts, case_exec, case_exec_two_fds,
-         case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
+         case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,
+         case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -213,6 +213,9 @@ fn dup_onto(old: c_int, new: c_int, real: &dyn Fn() -> c_int) -> c_int {
             h.ok()
         })
         .flatten();
+    if new >= 0 && new != old {
+        epoll::unwatch(new);
+    }
     // As the program left it: the shim's own calls failing (EMFILE) are not
     // the dup's.
     boundary::set_errno(caller_errno);

@@ -14,7 +14,11 @@
 //!
 //! A socket registered before it turned accelerated (nonblocking connect)
 //! moves from the kernel instance to the shim's when it does, and back if
-//! its negotiation ends on kernel TCP.
+//! its negotiation ends on kernel TCP. An accelerated member's kernel
+//! socket (which tells whether its peer is gone) is registered in the
+//! kernel instance too, under a data word of the shim's (`live`): a sleep
+//! watches them all through the epoll fd, and a wait learns which one had
+//! an event from the kernel's answer.
 //!
 //! Never here: the C arguments of the epoll calls (`epoll_calls`), or a
 //! sleep with a set's lock held.
@@ -34,7 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
+mod ctl;
+mod live;
 mod wait;
+pub use ctl::ctl;
 pub use wait::{wait, wait_direct};
 
 const EPOLLIN: u32 = libc::EPOLLIN as u32;
@@ -45,6 +52,10 @@ const EPOLLERR: u32 = libc::EPOLLERR as u32;
 const EPOLLET: u32 = libc::EPOLLET as u32;
 const EPOLLONESHOT: u32 = libc::EPOLLONESHOT as u32;
 const EPOLLEXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
+
+/// What a member's kernel socket is watched for from its registration on
+/// (an arming may ask for more).
+const WATCH: i16 = libc::POLLIN | libc::POLLRDHUP;
 
 /// The longest a wait in the kernel's epoll_wait lasts, in a process with
 /// accelerated sockets, before it looks whether the shim has members now.
@@ -61,6 +72,8 @@ struct Member {
     seen: Option<[u64; 2]>,
     /// EPOLLONESHOT fired: nothing more until EPOLL_CTL_MOD.
     disabled: bool,
+    /// Its kernel socket had an event (`live`): its next look asks it.
+    check: bool,
 }
 
 impl Member {
@@ -113,6 +126,11 @@ struct Inner {
     /// `sock::turned_plain()` when members were last checked for sockets
     /// that turned plain (None: a member came in since, check again).
     plain_seen: Option<u64>,
+    /// The members' kernel sockets watched through the kernel instance.
+    live: live::Live,
+    /// Whether the last arming left a member's kernel socket to the
+    /// sleep's own poll (a look after that sleep asks them all).
+    polled_socks: bool,
 }
 
 /// The shim's side of one epoll instance.
@@ -124,6 +142,9 @@ pub struct Set {
     /// The bell's event data in the kernel instance: random, so that no
     /// registration of the application's carries it (one chance in 2^64).
     tag: u64,
+    /// The key of the members' liveness registrations (`live`): their
+    /// data word is `live_key ^ fd`, random in the same way.
+    live_key: u64,
     sleepers: AtomicU32,
     /// Set after each ring, taken by the last sleeper, who then drains the
     /// bell: a wait that nobody rang makes no system call for it.
@@ -161,18 +182,25 @@ thread_local! {
 pub fn before_fork() {
     let table = SETS.write().unwrap_or_else(|p| p.into_inner());
     let mut sets: Vec<Arc<Set>> = Vec::new();
-    for s in table.as_ref().into_iter().flat_map(FdMap::values) {
+    let mut fds: Vec<c_int> = Vec::new();
+    for (&epfd, s) in table.as_ref().into_iter().flat_map(|t| t.iter()) {
         if !sets.iter().any(|x| Arc::ptr_eq(x, s)) {
             sets.push(s.clone());
+            fds.push(epfd);
         }
     }
     let guards = sets
         .iter()
-        .map(|s| {
+        .zip(&fds)
+        .map(|(s, &epfd)| {
             // SAFETY: the set lives in `sets`, kept in the same thread-local
             // until after its guard is dropped (`after_fork`).
             let m: &'static Mutex<Inner> = unsafe { &*std::ptr::from_ref(&s.inner) };
-            m.lock().unwrap_or_else(|p| p.into_inner())
+            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            // The child will hold the instance too: no liveness
+            // registrations in it from now on (`live`).
+            g.live.fork(epfd, s.live_key);
+            g
         })
         .collect();
     let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = (Some(table), guards, sets));
@@ -183,7 +211,12 @@ pub fn before_fork() {
 /// last one could close a socket the parent still uses).
 pub fn after_fork(child: bool) {
     let _ = FORK_HELD.try_with(|h| {
-        let (table, guards, sets) = std::mem::take(&mut *h.borrow_mut());
+        let (table, mut guards, sets) = std::mem::take(&mut *h.borrow_mut());
+        if child {
+            for g in &mut guards {
+                g.live.shared();
+            }
+        }
         drop(guards);
         if child {
             std::mem::forget(sets);
@@ -270,6 +303,7 @@ pub fn created(epfd: c_int) {
                 inner: Mutex::new(Inner::default()),
                 bell,
                 tag,
+                live_key: bell_tag(epfd),
                 sleepers: AtomicU32::new(0),
                 rung: AtomicBool::new(false),
                 any: AtomicBool::new(false),
@@ -324,9 +358,10 @@ pub fn closed(fd: c_int) {
     if !REGISTERED.take(fd) {
         return;
     }
-    for (_, s) in all() {
+    for (epfd, s) in all() {
         let mut i = s.lock();
         i.kernel.remove(&fd);
+        i.live.drop_fd(epfd, s.live_key, fd);
         let before = i.members.len();
         i.members.retain(|m| m.fd != fd);
         if i.members.len() != before {
@@ -334,6 +369,19 @@ pub fn closed(fd: c_int) {
             drop(i);
             s.ring();
         }
+    }
+}
+
+/// `fd` is about to name another file (a dup2 or dup3 onto it): its
+/// liveness registrations go while it still names its socket (after, a
+/// removal would name the new file, and the old registration would stay
+/// while that socket has another holder).
+pub fn unwatch(fd: c_int) {
+    if !ANY.load(Ordering::Relaxed) || !REGISTERED.contains(fd) {
+        return;
+    }
+    for (epfd, s) in all() {
+        s.lock().live.drop_fd(epfd, s.live_key, fd);
     }
 }
 
@@ -350,6 +398,7 @@ pub fn became_accelerated(fd: c_int) {
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
         i.plain_seen = None;
+        i.live.want(epfd, s.live_key, fd, WATCH);
         i.members.push(Member {
             fd,
             obj: Obj::Sock(sock.clone()),
@@ -357,6 +406,7 @@ pub fn became_accelerated(fd: c_int) {
             data,
             seen: None,
             disabled: false,
+            check: false,
         });
         s.any.store(true, Ordering::SeqCst);
         drop(i);
@@ -385,20 +435,45 @@ impl Set {
         self.any.load(Ordering::SeqCst)
     }
 
-    /// Takes the bell's events out of the `n` events the kernel instance
-    /// reported in `out` (keeping the others' order); returns how many are
-    /// left and whether the bell was among them.
-    fn strip_bell(&self, out: &mut [epoll_event], n: usize) -> (usize, bool) {
+    /// Takes the bell's events and the members' liveness events (`live`)
+    /// out of the `n` events the kernel instance `epfd` reported in `out`
+    /// (keeping the others' order): how many are left, whether the bell
+    /// was among them, and whether a member's kernel socket was (its next
+    /// look asks it; the wait goes on, as for the bell).
+    fn strip_bell(&self, out: &mut [epoll_event], n: usize) -> (usize, bool, bool) {
         let n = n.min(out.len());
         let mut kept = 0;
+        let mut rung = false;
+        let mut flagged = false;
+        // Locked at the first word of the liveness key's form.
+        let mut inner: Option<MutexGuard<'_, Inner>> = None;
         for k in 0..n {
             let ev = out[k];
-            if ev.u64 != self.tag {
-                out[kept] = ev;
-                kept += 1;
+            if ev.u64 == self.tag {
+                rung = true;
+                continue;
             }
+            if let Some(fd) = live::named(self.live_key, ev.u64) {
+                let i = inner.get_or_insert_with(|| self.lock());
+                if i.live.watched(fd) {
+                    for m in i.members.iter_mut().filter(|m| m.fd == fd) {
+                        m.check = true;
+                    }
+                    flagged = true;
+                    continue;
+                }
+                // One that outlived its record (its fd now names another
+                // file): taken out too, unless the application registered
+                // that very word (the shim keeps its registrations).
+                if !i.kernel.values().any(|&(_, data)| data == ev.u64) {
+                    flagged = true;
+                    continue;
+                }
+            }
+            out[kept] = ev;
+            kept += 1;
         }
-        (kept, kept < n)
+        (kept, rung, flagged)
     }
 
     /// Members whose negotiation ended on kernel TCP go back to the kernel
@@ -419,6 +494,7 @@ impl Set {
                 continue;
             }
             let m = i.members.remove(k);
+            i.live.drop_fd(epfd, self.live_key, m.fd);
             if let Obj::Sock(s) = &m.obj {
                 table::forget_kernel(m.fd, s);
             }
@@ -436,19 +512,33 @@ impl Set {
         self.any.store(!i.members.is_empty(), Ordering::SeqCst);
     }
 
-    /// Fills `out` with the shim's members' events (updating edge and
-    /// one-shot state); returns how many, and whether this call is one of
-    /// the every fourth where the kernel's events are fetched even though
-    /// the rings had some.
-    fn collect(&self, epfd: c_int, out: &mut [epoll_event], check_peer: bool) -> (usize, bool) {
-        let mut i = self.lock();
-        self.return_plain(epfd, &mut i);
-        let _polled = polled(&i, check_peer);
+    /// Fills `out` from `at` with the shim's members' events (updating
+    /// edge and one-shot state), looking at them as `look` says; returns
+    /// how many it wrote, and whether this call is one of the every fourth
+    /// where the kernel's events are fetched even though the rings had
+    /// some. A look from 0 starts a new answer (`reported`: the members'
+    /// fds in it); one from further on adds to it, never a member already
+    /// in it.
+    fn collect(
+        &self,
+        epfd: c_int,
+        out: &mut [epoll_event],
+        at: usize,
+        look: Look,
+        reported: &mut Vec<c_int>,
+    ) -> (usize, bool) {
+        let mut guard = self.lock();
+        self.return_plain(epfd, &mut guard);
+        let i = &mut *guard;
+        if at == 0 {
+            reported.clear();
+        }
+        let _polled = polled(i, look);
         let len = i.members.len();
-        let mut n = 0;
+        let mut n = at;
         let start = if len == 0 { 0 } else { i.next % len };
         for k in 0..len {
-            if n == out.len() {
+            if n >= out.len() {
                 break;
             }
             let j = (start + k) % len;
@@ -456,9 +546,18 @@ impl Set {
             if m.disabled {
                 continue;
             }
+            let ask = match look {
+                Look::Rings | Look::Flagged => m.check,
+                Look::Peers => true,
+                Look::Last => m.check || !i.live.watched(m.fd),
+            };
+            if look == Look::Flagged && (!ask || reported.contains(&m.fd)) {
+                continue;
+            }
             // SAFETY: m.fd is registered in this instance and still open
             // (close() drops it from every instance first).
-            let r = m.obj.readiness(unsafe { borrow(m.fd) }, check_peer);
+            let r = m.obj.readiness(unsafe { borrow(m.fd) }, ask);
+            m.check = false;
             let ev = m.report(r);
             if ev == 0 {
                 continue;
@@ -468,23 +567,32 @@ impl Set {
                 u64: m.data,
             };
             n += 1;
+            reported.push(m.fd);
             m.seen = Some(r.seq);
             if m.events & EPOLLONESHOT != 0 {
                 m.disabled = true;
+                // Nothing to watch until EPOLL_CTL_MOD (its sleeps leave it
+                // out, and its socket's events would only wake them).
+                i.live.drop_fd(epfd, self.live_key, m.fd);
             }
             i.next = j + 1;
         }
-        i.calls = i.calls.wrapping_add(1);
-        (n, i.calls.is_multiple_of(4))
+        if look != Look::Flagged {
+            i.calls = i.calls.wrapping_add(1);
+        }
+        (n - at, i.calls.is_multiple_of(4))
     }
 
     /// Whether some member would report something now (no state change).
     fn any_ready(&self, check_peer: bool) -> bool {
         let i = self.lock();
-        let _polled = polled(&i, check_peer);
+        let _polled = polled(&i, if check_peer { Look::Peers } else { Look::Rings });
         i.members.iter().any(|m| {
             // SAFETY: as in `collect`.
-            m.report(m.obj.readiness(unsafe { borrow(m.fd) }, check_peer)) != 0
+            m.report(
+                m.obj
+                    .readiness(unsafe { borrow(m.fd) }, check_peer || m.check),
+            ) != 0
         })
     }
 
@@ -520,6 +628,12 @@ impl Set {
             .all(|m| m.obj.watched_by_sleep())
     }
 
+    /// Whether the last arming left a member's kernel socket to the sleep's
+    /// own poll (then a look after the sleep asks every member's).
+    fn polled_socks(&self) -> bool {
+        self.lock().polled_socks
+    }
+
     /// The spin budget of the first member (the instance's budget), and
     /// the gate its waits ask: a sole member's own, else (None) the
     /// process's.
@@ -534,18 +648,38 @@ impl Set {
     }
 }
 
-/// With `check_peer`, one zero-timeout poll of the kernel sockets of the
-/// members that are accelerated sockets, standing for the poll each one's
-/// readiness would make (`Polled`): one system call, not one per member.
-/// None: nothing to ask, or the poll failed (each asks on its own then).
-fn polled(i: &Inner, check_peer: bool) -> Option<Polled> {
-    if !check_peer {
-        return None;
-    }
+/// How a collection looks at the members.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Their rings (and the kernel sockets of those flagged by an event
+    /// of theirs, `Member::check`).
+    Rings,
+    /// Every member's kernel socket too: is the peer gone?
+    Peers,
+    /// Only the flagged members, with their kernel sockets.
+    Flagged,
+    /// The rings, and the kernel sockets of the flagged members and of
+    /// those the kernel instance does not watch (`live`): with the
+    /// kernel's events, a look that must see every peer that is gone.
+    Last,
+}
+
+/// One zero-timeout poll of the kernel sockets of the members that are
+/// accelerated sockets and that `look` asks about, standing for the poll
+/// each one's readiness would make (`Polled`): one system call, not one
+/// per member. None: nothing to ask, or the poll failed (each asks on
+/// its own then).
+fn polled(i: &Inner, look: Look) -> Option<Polled> {
+    let asked = |m: &&Member| match look {
+        Look::Peers => true,
+        Look::Last => !i.live.watched(m.fd),
+        Look::Rings | Look::Flagged => false,
+    };
     let mut fds: Vec<libc::pollfd> = i
         .members
         .iter()
         .filter(|m| !m.disabled && matches!(m.obj, Obj::Sock(_)))
+        .filter(asked)
         .map(|m| liveness_entry(m.fd, 0))
         .collect();
     if fds.is_empty() || sleep::real_poll(&mut fds, 0) < 0 {
@@ -580,22 +714,40 @@ impl Nested for Set {
     /// caller re-checks what would be reported after arming, before
     /// sleeping.
     fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
-        let i = self.lock();
+        let mut guard = self.lock();
+        let i = &mut *guard;
         let mut fds = vec![
             (epfd, libc::POLLIN),
             (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
         ];
         let mut armed = Vec::with_capacity(i.members.len());
         let mut watched = Vec::new();
+        let mut polled_socks = false;
         for m in i.members.iter().filter(|m| !m.disabled) {
             // SAFETY: as in `collect`.
             // None: broken for good; nothing will change there, and what it
             // reports was (or is being) collected.
-            if let Some((f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write()) {
-                watched.extend(f);
-                armed.push(undo);
+            let Some((mut f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write())
+            else {
+                i.live.drop_fd(epfd, self.live_key, m.fd);
+                continue;
+            };
+            if matches!(m.obj, Obj::Sock(_)) {
+                // Its kernel socket, if its arming asks for it: watched
+                // through the kernel instance, else by the sleep's poll.
+                let own = f.iter().filter(|e| e.0 == m.fd).fold(0, |a, e| a | e.1);
+                if own == 0 {
+                    i.live.drop_fd(epfd, self.live_key, m.fd);
+                } else if i.live.want(epfd, self.live_key, m.fd, own) {
+                    f.retain(|e| e.0 != m.fd);
+                } else {
+                    polled_socks = true;
+                }
             }
+            watched.extend(f);
+            armed.push(undo);
         }
+        i.polled_socks = polled_socks;
         // Accelerated members share their process's doorbell: once in the
         // set (sorted, not hashed: no hashing per sleep).
         watched.sort_unstable();
@@ -623,120 +775,4 @@ impl Nested for Set {
             })
             .collect()
     }
-}
-
-/// Whether `target` can be reached from `from` through nested members
-/// (or the nesting is too deep, as the kernel's limit of 5 levels).
-fn reaches(from: &dyn Nested, target: &Set, depth: usize) -> bool {
-    if std::ptr::addr_eq(from, target) || depth > 4 {
-        return true;
-    }
-    let nested = from.nested();
-    nested
-        .iter()
-        .any(|s| reaches(s.as_ref(), target, depth + 1))
-}
-
-/// Whether `fd` is an epoll instance (for one created before the shim saw it).
-fn is_epoll(fd: c_int) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventpoll]")
-}
-
-/// epoll_ctl(2). `real` performs the call on the kernel instance. (The
-/// caller sent a socket left to the kernel for good, in no instance the
-/// shim knows of and not an instance itself, straight to the kernel:
-/// `fdstate::kernel_member`. It never moves to the shim, so the kernel's
-/// registration is all there is: no lock, no record.)
-pub fn ctl(
-    epfd: c_int,
-    op: c_int,
-    fd: c_int,
-    ev: *mut epoll_event,
-    real: &dyn Fn() -> c_int,
-) -> Result<c_int, i32> {
-    let obj = table::get(fd)
-        .map(Obj::Sock)
-        .or_else(|| get(fd).map(|s| Obj::Set(fd, s)));
-    let set = match get(epfd) {
-        Some(s) => s,
-        None if obj.is_some() && is_epoll(epfd) => {
-            created(epfd);
-            get(epfd).ok_or(libc::ENOMEM)?
-        }
-        None => return Ok(real()),
-    };
-    // Loop check first, without holding this set's lock (it locks the
-    // nested sets; holding ours meanwhile could deadlock against a waiter).
-    if let Some(Obj::Set(_, inner)) = &obj {
-        if op == libc::EPOLL_CTL_ADD && fd != epfd && reaches(inner.as_ref(), &set, 0) {
-            return Err(libc::ELOOP);
-        }
-    }
-    let mut i = set.lock();
-    let shim_member = i.members.iter().position(|m| m.fd == fd);
-    let Some(obj) = obj else {
-        // A kernel fd: the kernel decides; the shim remembers.
-        let r = real();
-        if r == 0 {
-            REGISTERED.insert(fd);
-            // SAFETY: for ADD/MOD, ev is the caller's valid epoll_event.
-            let e = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
-            match (op, e) {
-                (libc::EPOLL_CTL_DEL, _) => {
-                    i.kernel.remove(&fd);
-                }
-                (_, Some(e)) => {
-                    i.kernel.insert(fd, e);
-                }
-                _ => {}
-            }
-        }
-        return Ok(r);
-    };
-    if fd == epfd {
-        return Err(libc::EINVAL);
-    }
-
-    // SAFETY: for ADD/MOD, ev is the caller's epoll_event (epoll_ctl(2)).
-    let want = unsafe { ev.as_ref() }.map(|e| (e.events, e.u64));
-    match op {
-        libc::EPOLL_CTL_ADD => {
-            let (events, data) = want.ok_or(libc::EFAULT)?;
-            if shim_member.is_some() || i.kernel.contains_key(&fd) {
-                return Err(libc::EEXIST);
-            }
-            i.plain_seen = None;
-            REGISTERED.insert(fd);
-            i.members.push(Member {
-                fd,
-                obj,
-                events,
-                data,
-                seen: None,
-                disabled: false,
-            });
-        }
-        libc::EPOLL_CTL_MOD => {
-            let (events, data) = want.ok_or(libc::EFAULT)?;
-            let k = shim_member.ok_or(libc::ENOENT)?;
-            if events & EPOLLEXCLUSIVE != 0 || i.members[k].events & EPOLLEXCLUSIVE != 0 {
-                return Err(libc::EINVAL);
-            }
-            let m = &mut i.members[k];
-            m.events = events;
-            m.data = data;
-            m.seen = None;
-            m.disabled = false;
-        }
-        libc::EPOLL_CTL_DEL => {
-            let k = shim_member.ok_or(libc::ENOENT)?;
-            i.members.remove(k);
-        }
-        _ => return Err(libc::EINVAL),
-    }
-    set.any.store(!i.members.is_empty(), Ordering::SeqCst);
-    drop(i);
-    set.ring();
-    Ok(0)
 }

@@ -7,7 +7,7 @@
 //! Never here: a sleep with the set's lock held, or a look at the
 //! kernel's events that keeps the bell's event.
 
-use super::{Set, KERNEL_WAIT_CAP};
+use super::{Look, Set, KERNEL_WAIT_CAP};
 use crate::obj::Nested;
 use crate::table;
 use libc::{c_int, epoll_event};
@@ -53,7 +53,9 @@ pub fn wait_direct(
         };
         let r = kernel_wait(out, cut);
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
+        // A liveness event (`live`: a member added meanwhile, whose kernel
+        // socket had one already) wakes it as the bell does: it goes on.
+        let (n, rung, flagged) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
         set.done_sleeping(rung);
         if r < 0 {
             crate::boundary::set_errno(errno);
@@ -61,7 +63,7 @@ pub fn wait_direct(
         }
         let capped = ours && r == 0;
         let done = c_int::try_from(n).unwrap_or(c_int::MAX);
-        if n > 0 || (!rung && !capped) {
+        if n > 0 || (!rung && !flagged && !capped) {
             return done;
         }
         // Going on: what is left of the caller's timeout.
@@ -87,16 +89,32 @@ pub fn wait(
     // Whether a look at the kernel's events found the bell since the last
     // sleep (the sleep's end drains it then, as `done_sleeping` says).
     let saw = std::cell::Cell::new(false);
-    let kernel = |out: &mut [epoll_event]| -> usize {
-        if out.is_empty() {
-            return 0;
+    // The kernel's events: how many, and whether a member's kernel socket
+    // had one (that member's next look asks it). A full batch that had
+    // some of the shim's own is fetched again into the room they left
+    // (the kernel sends a level-triggered event to the back of its list),
+    // a few times at most: they do not crowd out the application's.
+    let kernel = |out: &mut [epoll_event]| -> (usize, bool) {
+        let (mut got, mut flagged) = (0, false);
+        for _ in 0..3 {
+            let room = &mut out[got..];
+            if room.is_empty() {
+                break;
+            }
+            let max = c_int::try_from(room.len()).unwrap_or(c_int::MAX);
+            // SAFETY: room is a valid, exclusively borrowed array of max
+            // events.
+            let r = unsafe { (crate::real::get().epoll_wait)(epfd, room.as_mut_ptr(), max, 0) };
+            let r = usize::try_from(r).unwrap_or(0);
+            let (n, rung, f) = set.strip_bell(room, r);
+            saw.set(saw.get() | rung);
+            flagged |= f;
+            got += n;
+            if r < room.len() || n == r {
+                break;
+            }
         }
-        let max = c_int::try_from(out.len()).unwrap_or(c_int::MAX);
-        // SAFETY: out is a valid, exclusively borrowed array of max events.
-        let r = unsafe { (crate::real::get().epoll_wait)(epfd, out.as_mut_ptr(), max, 0) };
-        let (n, rung) = set.strip_bell(out, usize::try_from(r).unwrap_or(0));
-        saw.set(saw.get() | rung);
-        n
+        (got, flagged)
     };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;
@@ -104,19 +122,28 @@ pub fn wait(
     // are Direct ends in the region are asked whether a peer is gone only
     // after a sleep, which watches them (as in `wait::poll`).
     let mut slept = false;
+    // The members' fds in the answer being made (`Set::collect`): this
+    // thread's vector, kept between calls (no allocation per wait).
+    let mut kept = Reported::take();
+    let reported = &mut kept.0;
     loop {
         // The rings first, without a syscall; the kernel's events when the
         // rings have none, and every fourth time anyway. A last look (the
-        // time is up: at once for a zero timeout) also asks the members'
-        // kernel sockets whether a peer is gone, and the kernel's events
-        // always: all that is ready, as the kernel's would.
+        // time is up: at once for a zero timeout) takes the kernel's
+        // events always, and asks the members' kernel sockets whether a
+        // peer is gone: those with an event there (the kernel instance
+        // watches them, `live`), and those it does not watch. All that is
+        // ready, as the kernel's would be.
         let last = deadline.is_some_and(|d| Instant::now() >= d);
-        let (mut n, mut tick) = set.collect(epfd, out, false);
-        if n == 0 && last {
-            (n, tick) = set.collect(epfd, out, true);
-        }
+        let look = if last { Look::Last } else { Look::Rings };
+        let (mut n, tick) = set.collect(epfd, out, 0, look, reported);
         if n == 0 || tick || last {
-            n += kernel(&mut out[n..]);
+            let (k, flagged) = kernel(&mut out[n..]);
+            n += k;
+            if flagged && (n == 0 || last) {
+                // Members whose kernel socket had an event, looked at now.
+                n += set.collect(epfd, out, n, Look::Flagged, reported).0;
+            }
         }
         if n > 0 || last {
             return count(n);
@@ -136,8 +163,11 @@ pub fn wait(
                 continue;
             }
         }
-        if slept || !set.watched_by_sleep() {
-            let (n, _) = set.collect(epfd, out, true);
+        // After a sleep: every member's kernel socket if the sleep's poll
+        // watched some (it says nothing of which); those the kernel
+        // instance watched are flagged by their events.
+        if (slept && set.polled_socks()) || !set.watched_by_sleep() {
+            let (n, _) = set.collect(epfd, out, 0, Look::Peers, reported);
             if n > 0 {
                 return count(n);
             }
@@ -167,5 +197,30 @@ pub fn wait(
             crate::boundary::set_errno(errno);
             return -1;
         }
+    }
+}
+
+thread_local! {
+    static REPORTED: std::cell::RefCell<Vec<c_int>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's vector of the members in an answer, given back when the
+/// wait ends (by any of its returns).
+struct Reported(Vec<c_int>);
+
+impl Reported {
+    fn take() -> Reported {
+        Reported(
+            REPORTED
+                .try_with(|r| std::mem::take(&mut *r.borrow_mut()))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let _ = REPORTED.try_with(|r| *r.borrow_mut() = v);
     }
 }

@@ -8,7 +8,7 @@
 //! Never here: a wait, or a registration of the application's made
 //! anywhere but where the kernel would keep it.
 
-use super::{created, get, Member, Set, EPOLLEXCLUSIVE, REGISTERED, WATCH};
+use super::{created, get, Member, Set, EPOLLEXCLUSIVE, REGISTERED};
 use crate::obj::{Nested, Obj};
 use crate::table;
 use libc::{c_int, epoll_event};
@@ -100,7 +100,7 @@ pub fn ctl(
             if matches!(obj, Obj::Sock(_)) {
                 // Watched from now on: a last look learns of its peer's end
                 // from the kernel's events, not a poll of every member.
-                i.live.want(epfd, set.live_key, fd, WATCH);
+                i.live.watch(epfd, set.live_key, fd);
             }
             i.members.push(Member {
                 fd,
@@ -125,7 +125,7 @@ pub fn ctl(
             m.disabled = false;
             if matches!(m.obj, Obj::Sock(_)) && !i.live.watched(fd) {
                 // (Its registration went when it fired as one-shot.)
-                i.live.want(epfd, set.live_key, fd, WATCH);
+                i.live.watch(epfd, set.live_key, fd);
             }
         }
         libc::EPOLL_CTL_DEL => {

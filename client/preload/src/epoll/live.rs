@@ -105,6 +105,13 @@ impl Live {
         done
     }
 
+    /// Watch member `fd` from its registration on for what a liveness
+    /// check asks of its kernel socket (`wait::liveness_entry`; an arming
+    /// may ask for more).
+    pub fn watch(&mut self, epfd: c_int, key: u64, fd: c_int) -> bool {
+        self.want(epfd, key, fd, crate::wait::liveness_entry(fd, 0).events)
+    }
+
     /// `fd` no longer watched this way (its member left, or its arming no
     /// longer asks for its kernel socket).
     pub fn drop_fd(&mut self, epfd: c_int, key: u64, fd: c_int) {

@@ -53,10 +53,6 @@ const EPOLLET: u32 = libc::EPOLLET as u32;
 const EPOLLONESHOT: u32 = libc::EPOLLONESHOT as u32;
 const EPOLLEXCLUSIVE: u32 = libc::EPOLLEXCLUSIVE as u32;
 
-/// What a member's kernel socket is watched for from its registration on
-/// (an arming may ask for more).
-const WATCH: i16 = libc::POLLIN | libc::POLLRDHUP;
-
 /// The longest a wait in the kernel's epoll_wait lasts, in a process with
 /// accelerated sockets, before it looks whether the shim has members now.
 const KERNEL_WAIT_CAP: Duration = Duration::from_secs(1);
@@ -398,7 +394,7 @@ pub fn became_accelerated(fd: c_int) {
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
         i.plain_seen = None;
-        i.live.want(epfd, s.live_key, fd, WATCH);
+        i.live.watch(epfd, s.live_key, fd);
         i.members.push(Member {
             fd,
             obj: Obj::Sock(sock.clone()),

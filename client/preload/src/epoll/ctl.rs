@@ -97,11 +97,6 @@ pub fn ctl(
             }
             i.plain_seen = None;
             REGISTERED.insert(fd);
-            if matches!(obj, Obj::Sock(_)) {
-                // Watched from now on: a last look learns of its peer's end
-                // from the kernel's events, not a poll of every member.
-                i.live.watch(epfd, set.live_key, fd);
-            }
             i.members.push(Member {
                 fd,
                 obj,
@@ -123,10 +118,6 @@ pub fn ctl(
             m.data = data;
             m.seen = None;
             m.disabled = false;
-            if matches!(m.obj, Obj::Sock(_)) && !i.live.watched(fd) {
-                // (Its registration went when it fired as one-shot.)
-                i.live.watch(epfd, set.live_key, fd);
-            }
         }
         libc::EPOLL_CTL_DEL => {
             let k = shim_member.ok_or(libc::ENOENT)?;

@@ -4,8 +4,10 @@
 //! watch it. Rather than putting every member's socket into each sleep's
 //! poll (a cost in the kernel that grows with the members, at every
 //! sleep), the instance registers it once in the kernel instance,
-//! level-triggered, under the data word `key ^ fd`, and keeps it there
-//! while the member's arming asks for it: the sleep's poll then watches
+//! level-triggered, under the data word `key ^ fd`, at the first sleep
+//! that arms the member (not at EPOLL_CTL_ADD: a program that adds and
+//! removes a socket at every request would pay two system calls more
+//! each time), and keeps it there while the member's arming asks for it: the sleep's poll then watches
 //! the epoll fd alone for all of them. An event with such a word is taken
 //! out of what the kernel reports and makes that member's next look ask
 //! its kernel socket.
@@ -103,13 +105,6 @@ impl Live {
             self.drop_fd(epfd, key, fd);
         }
         done
-    }
-
-    /// Watch member `fd` from its registration on for what a liveness
-    /// check asks of its kernel socket (`wait::liveness_entry`; an arming
-    /// may ask for more).
-    pub fn watch(&mut self, epfd: c_int, key: u64, fd: c_int) -> bool {
-        self.want(epfd, key, fd, crate::wait::liveness_entry(fd, 0).events)
     }
 
     /// `fd` no longer watched this way (its member left, or its arming no

@@ -394,7 +394,6 @@ pub fn became_accelerated(fd: c_int) {
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
         i.plain_seen = None;
-        i.live.watch(epfd, s.live_key, fd);
         i.members.push(Member {
             fd,
             obj: Obj::Sock(sock.clone()),

@@ -191,13 +191,42 @@ pub fn spin_until<T>(
 /// nothing: no first look, and none at all when the gate says spinning
 /// does not pay (the caller arms and looks again before it sleeps).
 pub fn spin_more<T>(budget: Duration, gate: &Gate, ready: impl FnMut() -> Option<T>) -> Option<T> {
+    spin_permit(budget, gate)?.spin(ready)
+}
+
+/// Leave to spin, asked before the spin itself: the caller learns
+/// whether a spin will run before it looks at anything more (an epoll
+/// wait asks the kernel's instance before a spin, and not before a
+/// sleep, whose poll watches the epoll fd anyway). None, as in
+/// [`spin_more`]: no budget, the gate closed, or as many spinners as
+/// CPUs.
+pub fn spin_permit(budget: Duration, gate: &Gate) -> Option<SpinPermit<'_>> {
     if budget.is_zero() || !gate.pays() {
         return None;
     }
-    let _slot = SpinSlot::take()?;
-    let (r, paid) = spin_for(budget, ready);
-    gate.scored(paid);
-    r
+    let slot = SpinSlot::take()?;
+    Some(SpinPermit {
+        budget,
+        gate,
+        _slot: slot,
+    })
+}
+
+/// A spin [`spin_permit`] allowed: the place among the spinners is held
+/// until it is spent or dropped.
+pub struct SpinPermit<'a> {
+    budget: Duration,
+    gate: &'a Gate,
+    _slot: SpinSlot,
+}
+
+impl SpinPermit<'_> {
+    /// Spins as [`spin_more`] does (no first look), scoring the gate.
+    pub fn spin<T>(self, ready: impl FnMut() -> Option<T>) -> Option<T> {
+        let (r, paid) = spin_for(self.budget, ready);
+        self.gate.scored(paid);
+        r
+    }
 }
 
 /// The gate of waits that span several connections (a poll or epoll set

@@ -675,6 +675,70 @@ def case_peers_killed_wake_an_epoll_sleeper():
             a.close()
 
 
+def case_epoll_pipe_beside_a_connection():
+    """A pipe and a connection in one epoll set. After waits the
+    connection's bytes answered (a wait then asks the kernel's instance
+    before it sleeps only if it had events lately), a byte on the pipe is
+    reported, whether it was there before the wait or written while the
+    wait sleeps; a byte on each is reported once each, in one wait or the
+    next."""
+    c, a = pair()
+    r, w = os.pipe()
+    name = {a.fileno(): "conn", r: "pipe"}
+
+    def wait(t):
+        got = sorted((name[fd], ev_names(ev)) for fd, ev in ep.poll(t))
+        return got or "none"
+
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    ep.register(r, select.EPOLLIN)
+    for i in range(6):
+        c.sendall(b"m%d" % i)
+        say("pipe beside: bytes answer", wait(5))
+        a.recv(10)
+    say("pipe beside: nothing", wait(0.05))
+    os.write(w, b"p")
+    say("pipe beside: pipe before the wait", wait(5))
+    os.read(r, 1)
+    say("pipe beside: nothing again", wait(0.05))
+    timer = threading.Timer(0.1, lambda: os.write(w, b"q"))
+    timer.start()
+    t = time.time()
+    say("pipe beside: pipe during the sleep", wait(5), "soon:", time.time() - t < 3)
+    timer.join()
+    os.read(r, 1)
+    os.write(w, b"z")
+    c.sendall(b"y")
+    time.sleep(0.1)
+    seen = []
+    for _ in range(3):
+        got = wait(0.2)
+        if got == "none":
+            break
+        for who, _ in got:
+            seen.append(who)
+            if who == "pipe":
+                os.read(r, 1)
+            else:
+                a.recv(10)
+    say("pipe beside: both, once each:", sorted(seen))
+    # Both left ready, the waits asking for one event at a time: each is
+    # reported within a few waits (the kernel takes turns), with a
+    # timeout and with none.
+    os.write(w, b"z")
+    c.sendall(b"y")
+    time.sleep(0.1)
+    for t in (5, 0):
+        got = [name[fd] for _ in range(8) for fd, _ in ep.poll(t, 1)]
+        say("pipe beside: one at a time, timeout", t, "both seen:", sorted(set(got)))
+    ep.close()
+    os.close(r)
+    os.close(w)
+    c.close()
+    a.close()
+
+
 def case_exec():
     c, a = pair()
     child = subprocess.Popen([sys.executable, __file__, "exec-child", str(a.fileno())],
@@ -1041,7 +1105,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,
          case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,
-         case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
+         case_epoll_pipe_beside_a_connection, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -4,13 +4,13 @@
 //! of nested shim epoll instances. epoll_wait reports ring readiness with
 //! the kernel's rules (level-triggered, EPOLLET, EPOLLONESHOT, EPOLLRDHUP,
 //! EPOLLHUP and EPOLLERR always), takes the kernel fds' events from the
-//! real epoll_wait, and sleeps in one real poll over the epoll fd itself,
-//! the members' doorbells and a control bell (so epoll_ctl from another
-//! thread wakes a sleeper). The bell is also registered in the kernel
-//! instance, under a random data word that the shim takes out of what the
-//! kernel reports: a thread asleep in the kernel's own epoll_wait (no
-//! accelerated member yet) wakes when another thread adds one, and goes on
-//! through the shim.
+//! real epoll_wait, and sleeps in one real poll over the epoll fd itself
+//! and the members' doorbells. A control bell (so epoll_ctl from another
+//! thread wakes a sleeper) is registered in the kernel instance, under a
+//! random data word that the shim takes out of what the kernel reports:
+//! the sleep's poll sees it through the epoll fd, and a thread asleep in
+//! the kernel's own epoll_wait (no accelerated member yet) wakes when
+//! another thread adds one, and goes on through the shim.
 //!
 //! A socket registered before it turned accelerated (nonblocking connect)
 //! moves from the kernel instance to the shim's when it does, and back if
@@ -147,6 +147,10 @@ pub struct Set {
     rung: AtomicBool,
     /// Whether any member is the shim's (else epoll_wait goes to libc).
     any: AtomicBool,
+    /// Whether the kernel instance had events of the application's the
+    /// last time a wait asked (`wait::wait`: a wait asks it before its
+    /// first sleep only then, or before a spin).
+    kernel_busy: AtomicBool,
 }
 
 static ANY: AtomicBool = AtomicBool::new(false);
@@ -303,6 +307,7 @@ pub fn created(epfd: c_int) {
                 sleepers: AtomicU32::new(0),
                 rung: AtomicBool::new(false),
                 any: AtomicBool::new(false),
+                kernel_busy: AtomicBool::new(true),
             })),
         ),
         // Without a bell the instance stays the kernel's alone: its
@@ -511,9 +516,11 @@ impl Set {
     /// edge and one-shot state), looking at them as `look` says; returns
     /// how many it wrote, and whether this call is one of the every fourth
     /// where the kernel's events are fetched even though the rings had
-    /// some. A look from 0 starts a new answer (`reported`: the members'
-    /// fds in it); one from further on adds to it, never a member already
-    /// in it.
+    /// some: that one leaves the answer's last place to them (members
+    /// always ready would otherwise take every place of a wait for one
+    /// event, and the kernel fds would never be reported). A look from 0
+    /// starts a new answer (`reported`: the members' fds in it); one from
+    /// further on adds to it, never a member already in it.
     fn collect(
         &self,
         epfd: c_int,
@@ -529,11 +536,20 @@ impl Set {
             reported.clear();
         }
         let _polled = polled(i, look);
+        // Counted (and one place left to the kernel's events every fourth
+        // time) only as the start of an answer.
+        let counted = at == 0 && look != Look::Flagged;
+        let tick = counted && i.calls.wrapping_add(1).is_multiple_of(4);
+        let room = if tick && out.len() > at {
+            out.len() - 1
+        } else {
+            out.len()
+        };
         let len = i.members.len();
         let mut n = at;
         let start = if len == 0 { 0 } else { i.next % len };
         for k in 0..len {
-            if n >= out.len() {
+            if n >= room {
                 break;
             }
             let j = (start + k) % len;
@@ -572,10 +588,10 @@ impl Set {
             }
             i.next = j + 1;
         }
-        if look != Look::Flagged {
+        if counted {
             i.calls = i.calls.wrapping_add(1);
         }
-        (n - at, i.calls.is_multiple_of(4))
+        (n - at, tick)
     }
 
     /// Whether some member would report something now (no state change).
@@ -705,16 +721,14 @@ impl Nested for Set {
     }
 
     /// Arms every member for a sleep: the fds to sleep on (the epoll fd
-    /// and the control bell first) and what was armed, for `disarm`. The
-    /// caller re-checks what would be reported after arming, before
-    /// sleeping.
+    /// first, which also watches the control bell, the members' kernel
+    /// sockets it registered and the application's kernel fds) and what was
+    /// armed, for `disarm`. The caller re-checks what would be reported
+    /// after arming, before sleeping.
     fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
         let mut guard = self.lock();
         let i = &mut *guard;
-        let mut fds = vec![
-            (epfd, libc::POLLIN),
-            (std::os::fd::AsRawFd::as_raw_fd(&self.bell), libc::POLLIN),
-        ];
+        let mut fds = vec![(epfd, libc::POLLIN)];
         let mut armed = Vec::with_capacity(i.members.len());
         let mut watched = Vec::new();
         let mut polled_socks = false;

@@ -1,8 +1,9 @@
 //! The blocking part of epoll_wait on an instance the shim knows: with
 //! no accelerated member yet, the kernel's own wait, counted as a sleeper
-//! (`wait_direct`); with members, the rings first, then a bounded spin,
-//! then one real poll over the epoll fd, the members' doorbells and the
-//! instance's bell (`wait`).
+//! (`wait_direct`); with members, the rings first (and the kernel's
+//! events, when the instance had some lately or a spin follows), then a
+//! bounded spin, then one real poll over the epoll fd (which watches the
+//! instance's bell) and the members' doorbells (`wait`).
 //!
 //! Never here: a sleep with the set's lock held, or a look at the
 //! kernel's events that keeps the bell's event.
@@ -116,6 +117,24 @@ pub fn wait(
         }
         (got, flagged)
     };
+    // The kernel's events into `out` after the `at` the answer has: how
+    // many, with the members its liveness events flagged looked at when
+    // nothing else is there or on a last look; remembered for the next
+    // wait's first look.
+    let kernel_look =
+        |out: &mut [epoll_event], at: usize, last: bool, reported: &mut Vec<c_int>| {
+            let (k, flagged) = kernel(&mut out[at..]);
+            if at < out.len() {
+                // (A full answer left no room to look.)
+                set.kernel_busy.store(k > 0, Ordering::Relaxed);
+            }
+            let mut n = at + k;
+            if flagged && (n == 0 || last) {
+                // Members whose kernel socket had an event, looked at now.
+                n += set.collect(epfd, out, n, Look::Flagged, reported).0;
+            }
+            n - at
+        };
     let count = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     let mut spun = false;
     // Whether this call slept already: the kernel sockets of members that
@@ -133,17 +152,24 @@ pub fn wait(
         // events always, and asks the members' kernel sockets whether a
         // peer is gone: those with an event there (the kernel instance
         // watches them, `live`), and those it does not watch. All that is
-        // ready, as the kernel's would be.
+        // ready, as the kernel's would be. Before this call's first sleep,
+        // the kernel's events are asked for only if its instance had some
+        // for the last wait that asked, or just before a spin: a sleep's
+        // poll watches the epoll fd, and wakes at once for them (a
+        // database backend whose only kernel fds are quiet saves a system
+        // call per wait).
         let last = deadline.is_some_and(|d| Instant::now() >= d);
         let look = if last { Look::Last } else { Look::Rings };
-        let (mut n, tick) = set.collect(epfd, out, 0, look, reported);
-        if n == 0 || tick || last {
-            let (k, flagged) = kernel(&mut out[n..]);
-            n += k;
-            if flagged && (n == 0 || last) {
-                // Members whose kernel socket had an event, looked at now.
-                n += set.collect(epfd, out, n, Look::Flagged, reported).0;
-            }
+        let (rings, tick) = set.collect(epfd, out, 0, look, reported);
+        let mut n = rings;
+        let ask = slept || last || tick || set.kernel_busy.load(Ordering::Relaxed);
+        if ask && (n == 0 || tick || last) {
+            n += kernel_look(out, n, last, reported);
+        }
+        if tick && rings + 1 == out.len() && n < out.len() {
+            // The place the rings left to the kernel's events (they filled
+            // the rest), unused: theirs again.
+            n += set.collect(epfd, out, n, look, reported).0;
         }
         if n > 0 || last {
             return count(n);
@@ -156,11 +182,18 @@ pub fn wait(
             let gate = gate
                 .as_deref()
                 .unwrap_or(ssock_rings::notify::process_gate());
-            // The collect above looked already.
-            if ssock_rings::notify::spin_more(spin, gate, || set.any_ready(false).then_some(()))
-                .is_some()
-            {
-                continue;
+            if let Some(permit) = ssock_rings::notify::spin_permit(spin, gate) {
+                if !ask {
+                    // Not asked above: a spin looks at the rings alone.
+                    let k = kernel_look(out, 0, false, reported);
+                    if k > 0 {
+                        return count(k);
+                    }
+                }
+                // The collect above looked already.
+                if permit.spin(|| set.any_ready(false).then_some(())).is_some() {
+                    continue;
+                }
             }
         }
         // After a sleep: every member's kernel socket if the sleep's poll

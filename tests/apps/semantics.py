@@ -732,6 +732,12 @@ def case_epoll_pipe_beside_a_connection():
     for t in (5, 0):
         got = [name[fd] for _ in range(8) for fd, _ in ep.poll(t, 1)]
         say("pipe beside: one at a time, timeout", t, "both seen:", sorted(set(got)))
+    # Only the connection ready, two places per answer: never named twice.
+    os.read(r, 1)
+    for t in (5, 0):
+        answers = [[fd for fd, _ in ep.poll(t, 2)] for _ in range(8)]
+        say("pipe beside: two places, timeout", t, "answers:", sorted(set(len(a) for a in answers)),
+            "each once:", all(len(a) == len(set(a)) for a in answers))
     ep.close()
     os.close(r)
     os.close(w)

@@ -562,7 +562,11 @@ impl Set {
                 Look::Peers => true,
                 Look::Last => m.check || !i.live.watched(m.fd),
             };
-            if look == Look::Flagged && (!ask || reported.contains(&m.fd)) {
+            if look == Look::Flagged && !ask {
+                continue;
+            }
+            // An answer being added to never names a member twice.
+            if at > 0 && reported.contains(&m.fd) {
                 continue;
             }
             // SAFETY: m.fd is registered in this instance and still open

@@ -178,13 +178,7 @@ pub fn spin_until<T>(
     if let Some(v) = ready() {
         return Some(v);
     }
-    if budget.is_zero() || !gate.pays() {
-        return None;
-    }
-    let _slot = SpinSlot::take()?;
-    let (r, paid) = spin_for(budget, ready);
-    gate.scored(paid);
-    r
+    spin_permit(budget, gate)?.spin(ready)
 }
 
 /// [`spin_until`] for a caller that has just looked itself and found

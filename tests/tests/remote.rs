@@ -60,11 +60,12 @@ fn echo_of_256_mib_each_way_crosses_the_ntb_link_both_ways_round() -> Result<()>
                 remote_count(&t) == remote_count(before) + 1,
                 "host {h}: one more remote connection: {t}"
             );
-            // Each devd's engine moved its own end's bytes: 256 MiB each
-            // way but the first ones, written on the kernel socket before
-            // the writer moved (usually one write; on a loaded machine
-            // the claim may take a few tens of milliseconds to come
-            // through the peers, so half is asked for).
+            // Each devd's engine moved the connection's bytes, both
+            // directions counted (512 MiB in all), but the first ones,
+            // written on the kernel socket before the writer moved:
+            // usually one write, but on a loaded machine the claim may
+            // take tens of milliseconds to come through the peers, so
+            // half is asked for.
             ensure!(
                 queued_bytes(&t) - queued_bytes(before) >= 256 << 20,
                 "host {h}: the bytes did not go through its engine: {t}"

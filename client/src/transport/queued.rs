@@ -819,8 +819,13 @@ impl Transport for Queued {
                 || self.shut_by_another()
                 || self.peer_gone
                 || (!agreeing && (self.tx.in_flight() < self.layout.qsize || self.tx.has_used())),
-            rdhup: eos || self.peer_gone,
-            hup: (eos || self.peer_gone) && (self.shut_wr || self.shut_by_another()),
+            // The end of the stream as tcp_poll tells it: with EPOLLIN
+            // (readable), once the engine's end mark is there. A peer seen
+            // gone on the kernel socket before it is not an end yet: a
+            // read would wait for the mark (the kernel's FIN and the
+            // engine's mark race).
+            rdhup: eos,
+            hup: eos && (self.shut_wr || self.shut_by_another()),
             err: false,
             seq: [
                 u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),

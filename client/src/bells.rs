@@ -393,6 +393,90 @@ pub fn own_id(session: &Session) -> u32 {
     }
 }
 
+/// The key of a parked sleep (no thread's: `Sleep::on_this_thread` is
+/// false for it).
+const PARK_KEY: u64 = u64::MAX;
+
+/// A doorbell of an epoll set's own, which its parked ends name (taken
+/// from the pool, or asked of devd on `session`); given back, emptied,
+/// when dropped. Registered among the threads', so that a drain of the
+/// common doorbell rings it too.
+#[derive(Debug)]
+pub struct ParkBell {
+    bell: Bell,
+    gen: u64,
+}
+
+/// A doorbell for an epoll set's parked ends.
+pub fn park_bell(session: Option<&Session>) -> Option<ParkBell> {
+    let taken = with(|b| {
+        let t = b.pool.pop();
+        if b.pool.is_empty() {
+            b.need = true;
+        }
+        t
+    });
+    let bell = taken.or_else(|| more(session?))?;
+    sleeping().get_or_insert_with(HashMap::new).insert(
+        PARK_KEY - u64::from(bell.id),
+        (bell.ring.clone(), Arc::new(AtomicU32::new(1))),
+    );
+    Some(ParkBell {
+        bell,
+        gen: sys::child_of(),
+    })
+}
+
+impl ParkBell {
+    /// A sleep on it that lasts until its end is unparked.
+    pub fn sleep(&self) -> Sleep {
+        Sleep {
+            bell: self.bell.clone(),
+            common: None,
+            gen: self.gen,
+            key: PARK_KEY,
+            asleep: Arc::new(AtomicU32::new(1)),
+        }
+    }
+
+    /// Its id, as the wait words name it.
+    pub fn id(&self) -> u32 {
+        self.bell.id
+    }
+
+    /// The owner's end, to poll.
+    pub fn fd(&self) -> RawFd {
+        self.bell.own.as_raw_fd()
+    }
+
+    /// Empties it; whether it was rung.
+    pub fn drain(&self) -> bool {
+        sys::drain_bell(self.bell.own.as_fd())
+    }
+
+    /// Whether it was taken in this process (not inherited across fork).
+    pub fn here(&self) -> bool {
+        self.gen == sys::child_of()
+    }
+}
+
+impl Drop for ParkBell {
+    fn drop(&mut self) {
+        if !self.here() {
+            return;
+        }
+        // Out of the sleepers first: a drain of the common doorbell after
+        // this rings it no more, and the drain below empties it for its
+        // next owner.
+        if let Some(s) = sleeping().as_mut() {
+            s.remove(&(PARK_KEY - u64::from(self.bell.id)));
+        }
+        sys::drain_bell(self.bell.own.as_fd());
+        let bell = self.bell.clone();
+        with(|b| b.pool.push(bell));
+    }
+}
+
 /// A sleep under way on this thread's doorbell (and the common one); the
 /// thread's last one ends by emptying them.
 #[derive(Debug)]
@@ -441,6 +525,11 @@ impl Sleep {
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         std::iter::once(self.bell.own.as_raw_fd())
             .chain(self.common.as_ref().map(|c| c.own.as_raw_fd()))
+    }
+
+    /// Whether this is a parked end's sleep (`ParkBell::sleep`).
+    pub fn parked(&self) -> bool {
+        self.key == PARK_KEY
     }
 
     /// Whether the calling thread started this sleep.
@@ -512,6 +601,17 @@ pub fn doorbell_fds() -> [RawFd; 2] {
         .flatten()
         .unwrap_or(-1);
     [own, common]
+}
+
+/// Whether the process's common doorbell is rung now (one zero-timeout
+/// poll; nothing taken off it).
+pub fn common_rung() -> bool {
+    let fd = COMMON_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd < 0 {
+        return false;
+    }
+    let mut p = [sys::PollFd::new(fd, libc::POLLIN)];
+    matches!(sys::poll(&mut p, Some(std::time::Duration::ZERO)), Ok(n) if n > 0)
 }
 
 /// The longest a Direct sleep of the calling thread may last before

@@ -745,6 +745,153 @@ def case_epoll_pipe_beside_a_connection():
     a.close()
 
 
+def case_epoll_many_idle_members():
+    """Forty connections in one epoll set, one of them busy: after many
+    waits the idle ones have had nothing to report for long (ssock then
+    stops looking at them until a peer rings). Each is still reported
+    when its peer sends, closes, or when a write is asked for (MOD), a
+    blocking recv on one from another thread still wakes, one removed
+    (DEL) is not reported, and a forked child's waits see them too."""
+    pairs = [pair() for _ in range(40)]
+    cs = [c for c, _ in pairs]
+    names = {a.fileno(): i for i, (_, a) in enumerate(pairs)}
+    ep = select.epoll()
+    for _, a in pairs:
+        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def wait(t=5):
+        return sorted((names[fd], ev_names(ev)) for fd, ev in ep.poll(t)) or "none"
+
+    def busy(n):
+        for _ in range(n):
+            cs[0].sendall(b"b")
+            got = wait()
+            pairs[0][1].recv(10)
+            if got != [(0, "IN")]:
+                return got
+        return "ok"
+
+    say("many idle: busy", busy(150))
+    cs[7].sendall(b"seven")
+    t = time.time()
+    say("many idle: one wakes", wait(), "soon:", time.time() - t < 0.5)
+    say("many idle: reads", pairs[7][1].recv(10))
+    say("many idle: busy again", busy(150))
+    cs[11].close()
+    t = time.time()
+    say("many idle: a peer closes", wait(), "soon:", time.time() - t < 0.5)
+    ep.unregister(pairs[11][1].fileno())
+    say("many idle: busy again", busy(150))
+    got = []
+    reader = threading.Thread(target=lambda: got.append((pairs[9][1].recv(10), time.time())))
+    reader.start()
+    time.sleep(0.1)
+    t = time.time()
+    cs[9].sendall(b"nine")
+    reader.join(5)
+    say("many idle: a blocking recv wakes", got[0][0] if got else None,
+        "soon:", bool(got) and got[0][1] - t < 0.5)
+    say("many idle: then", wait(0.1))
+    say("many idle: busy again", busy(150))
+    ep.modify(pairs[13][1].fileno(), select.EPOLLIN | select.EPOLLOUT)
+    say("many idle: asked to write", wait())
+    ep.modify(pairs[13][1].fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    say("many idle: busy again", busy(150))
+    ep.unregister(pairs[15][1].fileno())
+    cs[15].sendall(b"x")
+    say("many idle: removed one sends", wait(0.2))
+    say("many idle: busy again", busy(150))
+    pid = os.fork()
+    if pid == 0:
+        cs[17].sendall(b"child")
+        r = wait()
+        os._exit(0 if r == [(17, "IN")] else 1)
+    _, st = os.waitpid(pid, 0)
+    say("many idle: a forked child sees one", os.WEXITSTATUS(st) == 0)
+    say("many idle: the parent too", wait(), pairs[17][1].recv(10))
+    ep.close()
+    for c, a in pairs:
+        c.close()
+        a.close()
+
+
+def case_epoll_idle_members_of_another_process():
+    """Forty connections in one epoll set, their peers in another process,
+    all idle for many waits (ssock then waits for them on one doorbell of
+    the set's alone): a wait sleeps without using the CPU, and each peer's
+    send or close is reported as soon as it comes."""
+    global CONNS
+    ls = listener()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        cs = [socket.create_connection(ls.getsockname()[:2]) for _ in range(40)]
+        for c in cs:
+            c.sendall(b"hi")
+        for line in os.fdopen(r):
+            cmd, i = line.split()
+            if cmd == "greet":
+                for c in cs:
+                    c.sendall(b"ho")
+            elif cmd == "send":
+                cs[int(i)].sendall(b"x" * 3)
+            elif cmd == "close":
+                cs[int(i)].close()
+        os._exit(0)
+    os.close(r)
+    ends = [ls.accept()[0] for _ in range(40)]
+    CONNS += 40
+    ls.close()
+    # Two requests on each, one after the other (the second one's bytes
+    # come as the connection's later ones do).
+    say("idle of another: greeted", all(recv_exactly(a, 2) == b"hi" for a in ends))
+    tell_first = lambda *words: os.write(w, (" ".join(str(x) for x in words) + "\n").encode())
+    tell_first("greet", 0)
+    say("idle of another: again", all(recv_exactly(a, 2) == b"ho" for a in ends))
+    names = {a.fileno(): i for i, a in enumerate(ends)}
+    ep = select.epoll()
+    for a in ends:
+        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def tell(*words):
+        os.write(w, (" ".join(str(x) for x in words) + "\n").encode())
+
+    def wait(t=5):
+        return sorted((names[fd], ev_names(ev)) for fd, ev in ep.poll(t)) or "none"
+
+    def later(*words):
+        # Told once the wait below is asleep.
+        threading.Timer(0.3, tell, words).start()
+
+    for _ in range(100):
+        ep.poll(0)
+    say("idle of another: nothing", wait(0.05))
+    for what, i in (("send", 5), ("close", 9), ("send", 30)):
+        later(what, i)
+        t, cpu = time.time(), time.process_time()
+        got = wait()
+        say(f"idle of another: {what}", got, "soon:", time.time() - t < 0.8,
+            "idle:", time.process_time() - cpu < 0.1)
+        if what == "send":
+            say("idle of another: reads", ends[i].recv(10))
+        else:
+            ep.unregister(ends[i].fileno())
+        for _ in range(100):
+            ep.poll(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    # The peers closed with the child's exit: every one reported.
+    t = time.time()
+    seen = set()
+    while len(seen) < 39 and time.time() - t < 5:
+        seen |= {names[fd] for fd, _ in ep.poll(1)}
+    say("idle of another: all closed", len(seen))
+    ep.close()
+    for a in ends:
+        a.close()
+
+
 def case_exec():
     c, a = pair()
     child = subprocess.Popen([sys.executable, __file__, "exec-child", str(a.fileno())],
@@ -1111,7 +1258,8 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,
          case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,
-         case_epoll_pipe_beside_a_connection, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
+         case_epoll_pipe_beside_a_connection, case_epoll_many_idle_members,
+         case_epoll_idle_members_of_another_process, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -1047,3 +1047,42 @@ fn a_program_with_1024_fds_holds_at_least_half_as_many_accelerated_connections()
     );
     Ok(())
 }
+
+/// Issue 11: an epoll set of forty idle connections parks them on one
+/// doorbell of its own (the kernel instance then holds that doorbell, a
+/// socket that is no member's, beside the members' sockets), sleeps
+/// without using the CPU, and still reports a byte a peer in another
+/// process sends meanwhile. The same program on kernel TCP has no such
+/// doorbell (the probe counts none).
+#[test]
+fn an_epoll_set_of_idle_connections_parks_them_on_one_doorbell() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/parking.py"));
+    for accelerated in [false, true] {
+        let mut cmd = if accelerated {
+            d.ssock_run("python3")
+        } else {
+            Command::new("python3")
+        };
+        cmd.arg(&script);
+        let mut p = Peer::command(cmd)?;
+        let mut line = || p.line_within(Duration::from_secs(30));
+        let before = line()?;
+        let asleep = line()?;
+        let woke = line()?;
+        let idle = line()?;
+        let parked = if accelerated { "ASLEEP 1" } else { "ASLEEP 0" };
+        ensure!(before == "BEFORE 0", "{accelerated}: {before}");
+        ensure!(asleep == parked, "{accelerated}: {asleep}");
+        ensure!(woke == "WOKE 7 1", "{accelerated}: {woke}");
+        let cpu: f64 = idle.strip_prefix("IDLE ").context("IDLE")?.parse()?;
+        ensure!(cpu < 0.2, "{accelerated}: the sleep used {cpu} s of CPU");
+        ensure!(p.wait_success()?, "parking.py failed");
+    }
+    let t = d.stats()?["totals"].clone();
+    ensure!(t["connections"]["direct"] == 40, "totals {t}");
+    Ok(())
+}

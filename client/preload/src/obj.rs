@@ -46,6 +46,9 @@ pub enum Armed {
     /// A socket's transport armed for reading, writing, at a generation.
     Sock(Entry, bool, bool, u64),
     Set(Arc<dyn Nested>, Vec<Armed>),
+    /// The calling thread's doorbell sleep (an epoll set whose parked
+    /// members are woken through it): ended when dropped.
+    Bell(#[allow(dead_code, reason = "held for its drop")] ssock_client::bells::Sleep),
 }
 
 impl Armed {
@@ -60,7 +63,7 @@ impl Drop for Armed {
     /// sleepers left behind would stay for good).
     fn drop(&mut self) {
         match self {
-            Armed::Nothing => {}
+            Armed::Nothing | Armed::Bell(_) => {}
             Armed::Sock(s, read, write, gen) => lock(s).disarm(*read, *write, *gen),
             Armed::Set(s, members) => s.disarm(std::mem::take(members)),
         }
@@ -98,6 +101,21 @@ impl Obj {
             }
             // An epoll instance is never writable: nothing to wait for.
             Obj::Set(..) => Some((Vec::new(), Armed::Nothing)),
+        }
+    }
+
+    /// Parks an accelerated socket (see `Sock::park`).
+    pub fn park(&self, sleep: ssock_client::bells::Sleep, read: bool, write: bool) -> Option<u64> {
+        match self {
+            Obj::Sock(s) => lock(s).park(sleep, read, write),
+            Obj::Set(..) => None,
+        }
+    }
+
+    /// Ends a parking (see `Sock::unpark`).
+    pub fn unpark(&self, id: u32, gen: u64) {
+        if let Obj::Sock(s) = self {
+            lock(s).unpark(id, gen);
         }
     }
 

@@ -98,7 +98,7 @@ pub fn connect_session() {
 
 /// The process-wide session (None while the wait after a try that found
 /// no devd lasts: `Session::global`).
-fn session() -> Option<Arc<Session>> {
+pub fn session() -> Option<Arc<Session>> {
     session_with(false)
 }
 
@@ -590,6 +590,25 @@ impl Sock {
     pub fn disarm(&mut self, read: bool, write: bool, gen: u64) {
         if let State::Up(t) = &mut self.state {
             t.disarm_from(read, write, gen);
+        }
+    }
+
+    /// Parks a settled Direct end on `sleep` (an epoll set's doorbell):
+    /// its generation if parked.
+    pub fn park(
+        &mut self,
+        sleep: ssock_client::bells::Sleep,
+        read: bool,
+        write: bool,
+    ) -> Option<u64> {
+        let t = self.up()?;
+        t.park(sleep, read, write).then(|| t.generation())
+    }
+
+    /// Ends a parking of generation `gen` on doorbell `id`.
+    pub fn unpark(&mut self, id: u32, gen: u64) {
+        if let State::Up(t) = &mut self.state {
+            t.unpark_from(id, gen);
         }
     }
 }

@@ -469,6 +469,59 @@ impl Direct {
         }
     }
 
+    /// Ends one sleep on directions `read`/`write`, whose doorbell was
+    /// `gone` (taken out of `sleeps` already): a direction's last sleeper
+    /// resets its wait word; otherwise a word that named it names another.
+    fn leave(&mut self, gone: Option<u32>, read: bool, write: bool) {
+        let mut moved = false;
+        for (d, on) in [read, write].into_iter().enumerate() {
+            if !on || self.sleepers[d] == 0 {
+                continue;
+            }
+            self.sleepers[d] -= 1;
+            if self.sleepers[d] == 0 {
+                if d == 0 {
+                    self.rx.disarm();
+                } else {
+                    self.tx.disarm();
+                }
+                self.named[d] = 0;
+            } else if gone.is_some_and(|g| g == self.named[d]) {
+                // The word named this thread's doorbell: name another
+                // sleeper of this direction (any other, if none says so).
+                let next = self
+                    .sleeps
+                    .iter()
+                    .find(|(s, dirs)| dirs[d] && !s.parked())
+                    .or_else(|| self.sleeps.iter().find(|(_, dirs)| dirs[d]))
+                    .or(self.sleeps.first())
+                    .map_or(0, |(s, _)| s.id());
+                if d == 0 {
+                    self.rx.arm_always(next);
+                } else {
+                    self.tx.arm_always(next);
+                }
+                self.named[d] = next;
+                // A ring meant for every sleeper here may have gone to this
+                // thread's doorbell alone. After the new name is out
+                // (arm_always ends with a SeqCst fence: a peer publishing
+                // from now on rings the new name), the others are woken if
+                // the direction moved since its named sleeper armed; never
+                // for a timeout, a wake-up from elsewhere, or readiness a
+                // sleeper does not want (EPOLLET, RDHUP only): two sleepers
+                // would wake each other for ever.
+                let now = self.progress(d);
+                moved |= now != self.named_at[d];
+                self.named_at[d] = now;
+            }
+        }
+        if moved {
+            for (s, _) in &self.sleeps {
+                s.ring();
+            }
+        }
+    }
+
     /// In a forked child, the sleeps this end knew are the parent's
     /// threads' (none of them is here): forgotten, and the wait words left
     /// to the parent's sleepers. True if there were any.
@@ -552,13 +605,40 @@ impl Transport for Direct {
             None
         };
         let id = bell.as_ref().map_or(0, bells::Sleep::id);
-        // A direction already armed by another sleeper stays armed.
-        if read && self.sleepers[0] == 0 {
+        // A direction already armed by another sleeper stays armed, unless
+        // it names a parked end's doorbell: nobody may be waiting on that
+        // one, and this thread's wake-up must reach it.
+        let parked_name = |d: usize| {
+            self.named[d] != 0
+                && self
+                    .sleeps
+                    .iter()
+                    .any(|(s, _)| s.parked() && s.id() == self.named[d])
+        };
+        let (rename_r, rename_w) = (parked_name(0), parked_name(1));
+        // A name taken from a parked end's doorbell keeps the progress seen
+        // when that was named: a publish that rang this thread alone, and
+        // that it does not consume, is passed on when it leaves (`leave`).
+        if read && (self.sleepers[0] == 0 || rename_r) && id != 0 {
+            self.rx.arm_always(id);
+            self.named[0] = id;
+            if !rename_r {
+                self.named_at[0] = self.progress(0);
+            }
+        }
+        if write && (self.sleepers[1] == 0 || rename_w) && id != 0 {
+            self.tx.arm_always(id);
+            self.named[1] = id;
+            if !rename_w {
+                self.named_at[1] = self.progress(1);
+            }
+        }
+        if read && self.sleepers[0] == 0 && id == 0 {
             self.rx.arm_always(id);
             self.named[0] = id;
             self.named_at[0] = self.progress(0);
         }
-        if write && self.sleepers[1] == 0 {
+        if write && self.sleepers[1] == 0 && id == 0 {
             self.tx.arm_always(id);
             self.named[1] = id;
             self.named_at[1] = self.progress(1);
@@ -607,52 +687,54 @@ impl Transport for Direct {
             .iter()
             .rposition(|(s, _)| s.on_this_thread())
             .map(|i| self.sleeps.remove(i).0.id());
-        let mut moved = false;
-        for (d, on) in [read, write].into_iter().enumerate() {
-            if !on || self.sleepers[d] == 0 {
-                continue;
-            }
-            self.sleepers[d] -= 1;
-            if self.sleepers[d] == 0 {
-                if d == 0 {
-                    self.rx.disarm();
-                } else {
-                    self.tx.disarm();
-                }
-                self.named[d] = 0;
-            } else if gone.is_some_and(|g| g == self.named[d]) {
-                // The word named this thread's doorbell: name another
-                // sleeper of this direction (any other, if none says so).
-                let next = self
-                    .sleeps
-                    .iter()
-                    .find(|(_, dirs)| dirs[d])
-                    .or(self.sleeps.first())
-                    .map_or(0, |(s, _)| s.id());
-                if d == 0 {
-                    self.rx.arm_always(next);
-                } else {
-                    self.tx.arm_always(next);
-                }
-                self.named[d] = next;
-                // A ring meant for every sleeper here may have gone to this
-                // thread's doorbell alone. After the new name is out
-                // (arm_always ends with a SeqCst fence: a peer publishing
-                // from now on rings the new name), the others are woken if
-                // the direction moved since its named sleeper armed; never
-                // for a timeout, a wake-up from elsewhere, or readiness a
-                // sleeper does not want (EPOLLET, RDHUP only): two sleepers
-                // would wake each other for ever.
-                let now = self.progress(d);
-                moved |= now != self.named_at[d];
-                self.named_at[d] = now;
-            }
+        self.leave(gone, read, write);
+    }
+
+    fn park(&mut self, sleep: bells::Sleep, read: bool, write: bool) -> bool {
+        if self.broken || !(read || write) {
+            return false;
         }
-        if moved {
-            for (s, _) in &self.sleeps {
-                s.ring();
-            }
+        self.forget_parents_sleeps();
+        // One parking per direction: a second set's would find the word
+        // naming the first set's doorbell, whose set may never wait again.
+        if self
+            .sleeps
+            .iter()
+            .any(|(s, d)| s.parked() && ((read && d[0]) || (write && d[1])))
+        {
+            return false;
         }
+        let id = sleep.id();
+        if read && self.sleepers[0] == 0 {
+            self.rx.arm_always(id);
+            self.named[0] = id;
+            self.named_at[0] = self.progress(0);
+        }
+        if write && self.sleepers[1] == 0 {
+            self.tx.arm_always(id);
+            self.named[1] = id;
+            self.named_at[1] = self.progress(1);
+        }
+        self.sleepers[0] += u32::from(read);
+        self.sleepers[1] += u32::from(write);
+        self.sleeps.push((sleep, [read, write]));
+        true
+    }
+
+    fn unpark(&mut self, id: u32) -> bool {
+        if self.forget_parents_sleeps() {
+            return false;
+        }
+        let Some(i) = self
+            .sleeps
+            .iter()
+            .position(|(s, _)| s.parked() && s.id() == id)
+        else {
+            return false;
+        };
+        let (s, [read, write]) = self.sleeps.remove(i);
+        self.leave(Some(s.id()), read, write);
+        true
     }
 
     fn fork_hold(&mut self) {

@@ -171,6 +171,27 @@ pub trait Transport: Send + std::fmt::Debug {
     fn disarm(&mut self, read: bool, write: bool) {
         let _ = (read, write);
     }
+    /// Parks this end: `sleep` (a parked sleep, `bells::ParkBell::sleep`)
+    /// becomes one of its sleepers for the directions asked, until
+    /// `unpark` with its id. False: not parked (not a settled Direct end).
+    /// The caller looks at its readiness again afterwards.
+    fn park(&mut self, sleep: crate::bells::Sleep, read: bool, write: bool) -> bool {
+        let _ = (sleep, read, write);
+        false
+    }
+    /// Ends a parking made by `park` with that doorbell id: whether one
+    /// was there to end (none in a forked child, whose end forgot its
+    /// parent's sleeps).
+    fn unpark(&mut self, id: u32) -> bool {
+        let _ = id;
+        false
+    }
+    /// `unpark` for a parking made at generation `gen`.
+    fn unpark_from(&mut self, id: u32, gen: u64) {
+        if gen == self.generation() {
+            self.unpark(id);
+        }
+    }
     /// Which end a sleeper that arms now arms: one more each time a
     /// hand-over end took a new end (fail-forward). A sleeper armed
     /// before is disarmed with its own (`disarm_from`), so that nothing

@@ -98,6 +98,8 @@ pub fn ctl(
             i.plain_seen = None;
             REGISTERED.insert(fd);
             i.members.push(Member {
+                idle: 0,
+                parked: None,
                 fd,
                 obj,
                 events,
@@ -114,6 +116,7 @@ pub fn ctl(
                 return Err(libc::EINVAL);
             }
             let m = &mut i.members[k];
+            m.unpark();
             m.events = events;
             m.data = data;
             m.seen = None;
@@ -123,6 +126,7 @@ pub fn ctl(
             let k = shim_member.ok_or(libc::ENOENT)?;
             i.members.remove(k);
             i.live.drop_fd(epfd, set.live_key, fd);
+            i.member_left(epfd, set.park_tag);
         }
         _ => return Err(libc::EINVAL),
     }

@@ -115,6 +115,11 @@ impl Live {
         }
     }
 
+    /// Whether a fork shares the instance (no registrations any more).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// Whether the kernel instance watches `fd`'s socket.
     pub fn watched(&self, fd: c_int) -> bool {
         self.regs.contains_key(&fd)

@@ -31,6 +31,7 @@ use crate::sleep;
 use crate::table;
 use crate::wait::{liveness_entry, polled_scope};
 use libc::{c_int, epoll_event};
+use park::PARK_AFTER;
 use ssock_client::transport::{Polled, Ready};
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
@@ -39,9 +40,15 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 mod ctl;
+mod instances;
 mod live;
+mod park;
 mod wait;
 pub use ctl::ctl;
+pub use instances::{
+    after_fork, became_accelerated, before_fork, closed, created, duplicated, get, instances,
+    registered_within, unwatch,
+};
 pub use wait::{wait, wait_direct};
 
 const EPOLLIN: u32 = libc::EPOLLIN as u32;
@@ -70,6 +77,17 @@ struct Member {
     disabled: bool,
     /// Its kernel socket had an event (`live`): its next look asks it.
     check: bool,
+    /// Looks in a row that found nothing to report (for parking).
+    idle: u32,
+    /// Parked (the doorbell id and the socket's generation): armed on the
+    /// set's doorbell for good, left out of the looks until unparked.
+    parked: Option<(u32, u64)>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.unpark();
+    }
 }
 
 impl Member {
@@ -127,6 +145,20 @@ struct Inner {
     /// Whether the last arming left a member's kernel socket to the
     /// sleep's own poll (a look after that sleep asks them all).
     polled_socks: bool,
+    /// The doorbell parked members name.
+    park: Option<ssock_client::bells::ParkBell>,
+    /// Never park (the set is watched by poll or another set).
+    no_park: bool,
+    /// When a doorbell for parking could last not be had (tried again a
+    /// second later).
+    park_missed: Option<std::time::Instant>,
+    /// When the parked members' rings were last looked at without a ring
+    /// of the set's doorbell (`Set::net`).
+    net_at: Option<std::time::Instant>,
+    /// Collects since `net_at` was last compared with the clock.
+    net_looks: u32,
+    /// A member became due for parking since the last parking pass.
+    park_due: bool,
 }
 
 /// The shim's side of one epoll instance.
@@ -151,267 +183,21 @@ pub struct Set {
     /// last time a wait asked (`wait::wait`: a wait asks it before its
     /// first sleep only then, or before a spin).
     kernel_busy: AtomicBool,
-}
-
-static ANY: AtomicBool = AtomicBool::new(false);
-static SETS: RwLock<Sets> = RwLock::new(None);
-
-type Sets = Option<FdMap<Arc<Set>>>;
-
-// `SET_FDS` (`fdstate::SET`): the fds of the instances in `SETS`, so that
-// a look-up of any other fd (every epoll_ctl asks of its fd) takes no
-// lock. `REGISTERED`: fds ever added to an instance the shim tracks, until
-// closed, so that a close of any other fd (most of them) looks into no
-// instance.
-
-/// The locks held across a fork (see `before_fork`).
-type ForkHeld = (
-    Option<RwLockWriteGuard<'static, Sets>>,
-    Vec<MutexGuard<'static, Inner>>,
-    Vec<Arc<Set>>,
-);
-
-thread_local! {
-    static FORK_HELD: RefCell<ForkHeld> = const { RefCell::new((None, Vec::new(), Vec::new())) };
-}
-
-/// In the prepare handler, before the sockets are locked (the order every
-/// path takes: sets table, a set, its sockets): the table of sets and
-/// every set stay locked across the fork, so the child inherits none of
-/// them held by a thread it does not have.
-pub fn before_fork() {
-    let table = SETS.write().unwrap_or_else(|p| p.into_inner());
-    let mut sets: Vec<Arc<Set>> = Vec::new();
-    let mut fds: Vec<c_int> = Vec::new();
-    for (&epfd, s) in table.as_ref().into_iter().flat_map(|t| t.iter()) {
-        if !sets.iter().any(|x| Arc::ptr_eq(x, s)) {
-            sets.push(s.clone());
-            fds.push(epfd);
-        }
-    }
-    let guards = sets
-        .iter()
-        .zip(&fds)
-        .map(|(s, &epfd)| {
-            // SAFETY: the set lives in `sets`, kept in the same thread-local
-            // until after its guard is dropped (`after_fork`).
-            let m: &'static Mutex<Inner> = unsafe { &*std::ptr::from_ref(&s.inner) };
-            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
-            // The child will hold the instance too: no liveness
-            // registrations in it from now on (`live`).
-            g.live.fork(epfd, s.live_key);
-            g
-        })
-        .collect();
-    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = (Some(table), guards, sets));
-}
-
-/// After fork, in both processes: unlocks what `before_fork` locked. In the
-/// child the set references are let go of without dropping (dropping the
-/// last one could close a socket the parent still uses).
-pub fn after_fork(child: bool) {
-    let _ = FORK_HELD.try_with(|h| {
-        let (table, mut guards, sets) = std::mem::take(&mut *h.borrow_mut());
-        if child {
-            for g in &mut guards {
-                g.live.shared();
-            }
-        }
-        drop(guards);
-        if child {
-            std::mem::forget(sets);
-        } else {
-            drop(sets);
-        }
-        drop(table);
-    });
-}
-
-/// The shim's state of epoll instance `epfd`, if it knows it.
-pub fn get(epfd: c_int) -> Option<Arc<Set>> {
-    if !ANY.load(Ordering::Relaxed) || !SET_FDS.contains(epfd) {
-        return None;
-    }
-    let t = SETS.read().unwrap_or_else(|p| p.into_inner());
-    t.as_ref()?.get(&epfd).cloned()
-}
-
-fn all() -> Vec<(c_int, Arc<Set>)> {
-    if !ANY.load(Ordering::Relaxed) {
-        return Vec::new();
-    }
-    let t = SETS.read().unwrap_or_else(|p| p.into_inner());
-    t.as_ref()
-        .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
-        .unwrap_or_default()
-}
-
-fn put(epfd: c_int, s: Option<Arc<Set>>) {
-    let mut t = SETS.write().unwrap_or_else(|p| p.into_inner());
-    let m = t.get_or_insert_with(FdMap::default);
-    match s {
-        Some(s) => {
-            m.insert(epfd, s);
-            SET_FDS.insert(epfd);
-            ANY.store(true, Ordering::Relaxed);
-        }
-        None => {
-            m.remove(&epfd);
-            SET_FDS.remove(epfd);
-        }
-    }
-}
-
-/// The fds from `first` to `last` ever added to an instance the shim
-/// tracks and not closed since (a close of one drops it from them).
-pub fn registered_within(first: u32, last: u32) -> Vec<c_int> {
-    if !ANY.load(Ordering::Relaxed) {
-        return Vec::new();
-    }
-    REGISTERED.within(first, last)
-}
-
-/// The fds of the epoll instances the shim tracks.
-pub fn instances() -> Vec<c_int> {
-    all().into_iter().map(|(fd, _)| fd).collect()
-}
-
-/// A new epoll instance `epfd` (epoll_create, epoll_create1).
-pub fn created(epfd: c_int) {
-    if epfd < 0 {
-        return;
-    }
-    let made = EventFd::new().and_then(|bell| {
-        let tag = bell_tag(epfd);
-        let mut ev = epoll_event {
-            events: EPOLLIN,
-            u64: tag,
-        };
-        let bfd = std::os::fd::AsRawFd::as_raw_fd(&bell);
-        // SAFETY: epfd is the instance just created; bfd is the bell, open;
-        // ev is a valid event for the call.
-        let r = unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, bfd, &mut ev) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((bell, tag))
-    });
-    match made {
-        Ok((bell, tag)) => put(
-            epfd,
-            Some(Arc::new(Set {
-                inner: Mutex::new(Inner::default()),
-                bell,
-                tag,
-                live_key: bell_tag(epfd),
-                sleepers: AtomicU32::new(0),
-                rung: AtomicBool::new(false),
-                any: AtomicBool::new(false),
-                kernel_busy: AtomicBool::new(true),
-            })),
-        ),
-        // Without a bell the instance stays the kernel's alone: its
-        // accelerated members would never be seen, so say so.
-        Err(e) => log::warn!("epoll instance {epfd} not tracked: {e}"),
-    }
-}
-
-/// A data word for an instance's bell that no application registration
-/// carries by accident (pointers, fd numbers and small counters are what
-/// applications put there): a mix of the clock, an address and a counter,
-/// without a system call (epoll_create may come inside a sandbox).
-fn bell_tag(epfd: c_int) -> u64 {
-    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| {
-            u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(30)
-        });
-    let addr = u64::try_from(std::ptr::addr_of!(COUNT) as usize).unwrap_or(0);
-    let mut z = nanos
-        ^ addr.rotate_left(32)
-        ^ u64::from(epfd.unsigned_abs()).rotate_left(17)
-        ^ COUNT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-    // splitmix64's finalizer.
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// `new` names the same epoll instance as `old` (dup).
-pub fn duplicated(old: c_int, new: c_int) {
-    if let Some(s) = get(old) {
-        put(new, Some(s));
-    } else if get(new).is_some() {
-        put(new, None);
-    }
-}
-
-/// `fd` is being closed: an epoll instance is forgotten, and a member is
-/// dropped from every instance (the kernel does that for its own).
-pub fn closed(fd: c_int) {
-    if !ANY.load(Ordering::Relaxed) {
-        return;
-    }
-    if SET_FDS.contains(fd) {
-        put(fd, None);
-    }
-    if !REGISTERED.take(fd) {
-        return;
-    }
-    for (epfd, s) in all() {
-        let mut i = s.lock();
-        i.kernel.remove(&fd);
-        i.live.drop_fd(epfd, s.live_key, fd);
-        let before = i.members.len();
-        i.members.retain(|m| m.fd != fd);
-        if i.members.len() != before {
-            s.any.store(!i.members.is_empty(), Ordering::SeqCst);
-            drop(i);
-            s.ring();
-        }
-    }
-}
-
-/// `fd` is about to name another file (a dup2 or dup3 onto it): its
-/// liveness registrations go while it still names its socket (after, a
-/// removal would name the new file, and the old registration would stay
-/// while that socket has another holder).
-pub fn unwatch(fd: c_int) {
-    if !ANY.load(Ordering::Relaxed) || !REGISTERED.contains(fd) {
-        return;
-    }
-    for (epfd, s) in all() {
-        s.lock().live.drop_fd(epfd, s.live_key, fd);
-    }
-}
-
-/// `fd` just became an accelerated socket: registrations the kernel
-/// instances hold for it move to the shim.
-pub fn became_accelerated(fd: c_int) {
-    let Some(sock) = table::get(fd) else { return };
-    for (epfd, s) in all() {
-        let mut i = s.lock();
-        let Some((events, data)) = i.kernel.remove(&fd) else {
-            continue;
-        };
-        let mut ev = epoll_event { events, u64: data };
-        // SAFETY: plain epoll_ctl on the application's instance; ev is live.
-        unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
-        i.plain_seen = None;
-        i.members.push(Member {
-            fd,
-            obj: Obj::Sock(sock.clone()),
-            events,
-            data,
-            seen: None,
-            disabled: false,
-            check: false,
-        });
-        s.any.store(true, Ordering::SeqCst);
-        drop(i);
-        s.ring();
-    }
+    /// The data word of the parking doorbell's registration in the kernel
+    /// instance (random as `tag`).
+    park_tag: u64,
+    /// Set when the parking doorbell's event unparked the members: the
+    /// wait that took it looks at them again.
+    unparked: AtomicBool,
+    /// A member became due for parking (`Inner::park_due`, seen without the
+    /// lock): a wait answered at once parks it before it returns.
+    park_wanted: AtomicBool,
+    /// The set has had a parking doorbell (a hint, never cleared: a set
+    /// that never parked skips `park_idle` without its lock).
+    park_held: AtomicBool,
+    /// The set parks no member any more (`never_park`; `Inner::no_park`
+    /// seen without the lock).
+    parking_off: AtomicBool,
 }
 
 impl Set {
@@ -447,10 +233,15 @@ impl Set {
         let mut flagged = false;
         // Locked at the first word of the liveness key's form.
         let mut inner: Option<MutexGuard<'_, Inner>> = None;
+        let mut park_rung = false;
         for k in 0..n {
             let ev = out[k];
             if ev.u64 == self.tag {
                 rung = true;
+                continue;
+            }
+            if ev.u64 == self.park_tag {
+                park_rung = true;
                 continue;
             }
             if let Some(fd) = live::named(self.live_key, ev.u64) {
@@ -472,6 +263,20 @@ impl Set {
             }
             out[kept] = ev;
             kept += 1;
+        }
+        if park_rung {
+            // A peer published to a parked member: all are looked at again.
+            let i = inner.get_or_insert_with(|| self.lock());
+            if let Some(p) = i.park.as_ref().filter(|p| p.here()) {
+                p.drain();
+            }
+            if i.unpark_all() {
+                // This wait looks at them (`unparked`); a thread asleep on
+                // the set arms them again.
+                self.ring();
+            }
+            self.unparked.store(true, Ordering::SeqCst);
+            flagged = true;
         }
         (kept, rung, flagged)
     }
@@ -532,6 +337,7 @@ impl Set {
         let mut guard = self.lock();
         self.return_plain(epfd, &mut guard);
         let i = &mut *guard;
+        i.forget_parent_parking();
         if at == 0 {
             reported.clear();
         }
@@ -540,6 +346,10 @@ impl Set {
         // time) only as the start of an answer.
         let counted = at == 0 && look != Look::Flagged;
         let tick = counted && i.calls.wrapping_add(1).is_multiple_of(4);
+        if counted && i.park.is_some() {
+            // (A set that never sleeps: `park_idle` casts the net too.)
+            self.net_now_and_then(i);
+        }
         let room = if tick && out.len() > at {
             out.len() - 1
         } else {
@@ -547,14 +357,25 @@ impl Set {
         };
         let len = i.members.len();
         let mut n = at;
-        let start = if len == 0 { 0 } else { i.next % len };
-        for k in 0..len {
+        let mut next = if len == 0 { 0 } else { i.next % len };
+        let mut park_due = false;
+        let mut unparked = false;
+        for _ in 0..len {
             if n >= room {
                 break;
             }
-            let j = (start + k) % len;
+            // Round from `i.next` (a division per member showed with
+            // hundreds of them).
+            let j = next;
+            next = if j + 1 == len { 0 } else { j + 1 };
             let m = &mut i.members[j];
             if m.disabled {
+                continue;
+            }
+            // A parked member is looked at only when its kernel socket had
+            // an event, or by a look at every peer.
+            let rings = matches!(look, Look::Rings | Look::Last);
+            if m.parked.is_some() && rings && !m.check {
                 continue;
             }
             let ask = match look {
@@ -574,9 +395,16 @@ impl Set {
             let r = m.obj.readiness(unsafe { borrow(m.fd) }, ask);
             m.check = false;
             let ev = m.report(r);
+            if rings {
+                m.idle = if ev == 0 { m.idle.saturating_add(1) } else { 0 };
+                // Due now, or still (every PARK_AFTER looks more).
+                park_due |= m.idle >= PARK_AFTER && m.idle.is_multiple_of(PARK_AFTER);
+            }
             if ev == 0 {
                 continue;
             }
+            unparked |= m.parked.is_some();
+            m.unpark();
             out[n] = epoll_event {
                 events: ev,
                 u64: m.data,
@@ -595,6 +423,15 @@ impl Set {
         if counted {
             i.calls = i.calls.wrapping_add(1);
         }
+        if park_due && !i.park_due {
+            i.park_due = true;
+            self.park_wanted.store(true, Ordering::Relaxed);
+        }
+        if unparked {
+            // Its wait word no longer names the set's doorbell: a thread
+            // asleep on the set meanwhile arms it again.
+            self.ring();
+        }
         (n - at, tick)
     }
 
@@ -602,13 +439,84 @@ impl Set {
     fn any_ready(&self, check_peer: bool) -> bool {
         let i = self.lock();
         let _polled = polled(&i, if check_peer { Look::Peers } else { Look::Rings });
-        i.members.iter().any(|m| {
+        i.members
+            .iter()
+            .filter(|m| m.parked.is_none() || m.check)
+            .any(|m| {
+                // SAFETY: as in `collect`.
+                m.report(
+                    m.obj
+                        .readiness(unsafe { borrow(m.fd) }, check_peer || m.check),
+                ) != 0
+            })
+    }
+
+    /// Arms every member that is not parked for a sleep (the fds to sleep
+    /// on, the epoll fd first, and the set's doorbell if it parked some)
+    /// and what was armed, for `disarm`.
+    fn arm_members(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
+        let mut guard = self.lock();
+        let i = &mut *guard;
+        let mut fds = vec![(epfd, libc::POLLIN)];
+        let mut armed = Vec::with_capacity(i.members.len() + 1);
+        let mut watched = Vec::new();
+        if i.members.iter().any(|m| m.parked.is_some()) {
+            // The parked members' doorbell is in the kernel instance; a
+            // peer that cannot ring it rings the common doorbell, whose
+            // drain (after the poll, by this thread's sleep) rings it. The
+            // sleep is capped, as every sleep on a doorbell.
+            let session = ssock_client::session::Session::existing();
+            match ssock_client::bells::enter(session.as_deref()) {
+                Some(sleep) => {
+                    watched.extend(sleep.fds().map(|fd| (fd, libc::POLLIN)));
+                    armed.push(Armed::Bell(sleep));
+                }
+                // No doorbell to sleep on (none in this process any
+                // more): they are armed below as the others.
+                None => {
+                    if i.unpark_all() {
+                        self.ring();
+                    }
+                }
+            }
+        }
+        let mut polled_socks = false;
+        for m in i
+            .members
+            .iter()
+            .filter(|m| !m.disabled && m.parked.is_none())
+        {
             // SAFETY: as in `collect`.
-            m.report(
-                m.obj
-                    .readiness(unsafe { borrow(m.fd) }, check_peer || m.check),
-            ) != 0
-        })
+            // None: broken for good; nothing will change there, and what it
+            // reports was (or is being) collected.
+            let Some((mut f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write())
+            else {
+                i.live.drop_fd(epfd, self.live_key, m.fd);
+                continue;
+            };
+            if matches!(m.obj, Obj::Sock(_)) {
+                // Its kernel socket, if its arming asks for it: watched
+                // through the kernel instance, else by the sleep's poll.
+                let own = f.iter().filter(|e| e.0 == m.fd).fold(0, |a, e| a | e.1);
+                if own == 0 {
+                    i.live.drop_fd(epfd, self.live_key, m.fd);
+                } else if i.live.want(epfd, self.live_key, m.fd, own) {
+                    f.retain(|e| e.0 != m.fd);
+                } else {
+                    polled_socks = true;
+                }
+            }
+            watched.extend(f);
+            armed.push(undo);
+        }
+        i.polled_socks = polled_socks;
+        // Accelerated members share their process's doorbell: once in the
+        // set (sorted, not hashed: no hashing per sleep).
+        watched.sort_unstable();
+        watched.dedup();
+        fds.extend(watched);
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        (fds, armed)
     }
 
     /// `disarm`, for a wait that may have found the bell rung (`saw`).
@@ -637,9 +545,12 @@ impl Set {
     /// (`Obj::watched_by_sleep`).
     fn watched_by_sleep(&self) -> bool {
         let i = self.lock();
+        // A parked member's kernel socket is watched through the kernel
+        // instance (it was when it was parked, and stays so until it is
+        // unparked): not asked.
         i.members
             .iter()
-            .filter(|m| !m.disabled)
+            .filter(|m| !m.disabled && m.parked.is_none())
             .all(|m| m.obj.watched_by_sleep())
     }
 
@@ -685,6 +596,9 @@ enum Look {
 /// per member. None: nothing to ask, or the poll failed (each asks on
 /// its own then).
 fn polled(i: &Inner, look: Look) -> Option<Polled> {
+    if matches!(look, Look::Rings | Look::Flagged) {
+        return None;
+    }
     let asked = |m: &&Member| match look {
         Look::Peers => true,
         Look::Last => !i.live.watched(m.fd),
@@ -709,6 +623,9 @@ impl Nested for Set {
     /// Readiness of the instance itself (for poll, or a nested epoll):
     /// readable when a wait would report something.
     fn readiness(&self, epfd: c_int, check_peer: bool) -> Ready {
+        // Watched by poll or another set: parked members would be left out
+        // of what it sees until a wait of this set's own.
+        self.never_park(epfd);
         let mut readable = self.any_ready(check_peer);
         if !readable && check_peer {
             let mut p = [libc::pollfd {
@@ -730,44 +647,10 @@ impl Nested for Set {
     /// armed, for `disarm`. The caller re-checks what would be reported
     /// after arming, before sleeping.
     fn arm(&self, epfd: c_int) -> (Vec<(c_int, i16)>, Vec<Armed>) {
-        let mut guard = self.lock();
-        let i = &mut *guard;
-        let mut fds = vec![(epfd, libc::POLLIN)];
-        let mut armed = Vec::with_capacity(i.members.len());
-        let mut watched = Vec::new();
-        let mut polled_socks = false;
-        for m in i.members.iter().filter(|m| !m.disabled) {
-            // SAFETY: as in `collect`.
-            // None: broken for good; nothing will change there, and what it
-            // reports was (or is being) collected.
-            let Some((mut f, undo)) = m.obj.arm(unsafe { borrow(m.fd) }, m.read(), m.write())
-            else {
-                i.live.drop_fd(epfd, self.live_key, m.fd);
-                continue;
-            };
-            if matches!(m.obj, Obj::Sock(_)) {
-                // Its kernel socket, if its arming asks for it: watched
-                // through the kernel instance, else by the sleep's poll.
-                let own = f.iter().filter(|e| e.0 == m.fd).fold(0, |a, e| a | e.1);
-                if own == 0 {
-                    i.live.drop_fd(epfd, self.live_key, m.fd);
-                } else if i.live.want(epfd, self.live_key, m.fd, own) {
-                    f.retain(|e| e.0 != m.fd);
-                } else {
-                    polled_socks = true;
-                }
-            }
-            watched.extend(f);
-            armed.push(undo);
-        }
-        i.polled_socks = polled_socks;
-        // Accelerated members share their process's doorbell: once in the
-        // set (sorted, not hashed: no hashing per sleep).
-        watched.sort_unstable();
-        watched.dedup();
-        fds.extend(watched);
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        (fds, armed)
+        // Watched by poll or another set: nothing parked (their sleeps do
+        // not look at the set's doorbell).
+        self.never_park(epfd);
+        self.arm_members(epfd)
     }
 
     /// Ends a sleep prepared by `arm`: undoes exactly what it armed (the

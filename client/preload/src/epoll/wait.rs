@@ -9,7 +9,6 @@
 //! kernel's events that keeps the bell's event.
 
 use super::{Look, Set, KERNEL_WAIT_CAP};
-use crate::obj::Nested;
 use crate::table;
 use libc::{c_int, epoll_event};
 use std::sync::atomic::Ordering;
@@ -123,10 +122,15 @@ pub fn wait(
     // wait's first look.
     let kernel_look =
         |out: &mut [epoll_event], at: usize, last: bool, reported: &mut Vec<c_int>| {
-            let (k, flagged) = kernel(&mut out[at..]);
+            let (mut k, flagged) = kernel(&mut out[at..]);
             if at < out.len() {
                 // (A full answer left no room to look.)
                 set.kernel_busy.store(k > 0, Ordering::Relaxed);
+            }
+            if set.unparked.swap(false, Ordering::SeqCst) && at + k < out.len() {
+                // Unparked by the kernel's answer: their rings looked at.
+                let look = if last { Look::Last } else { Look::Rings };
+                k += set.collect(epfd, out, at + k, look, reported).0;
             }
             let mut n = at + k;
             if flagged && (n == 0 || last) {
@@ -172,10 +176,16 @@ pub fn wait(
             n += set.collect(epfd, out, n, look, reported).0;
         }
         if n > 0 || last {
+            if set.park_wanted.load(Ordering::Relaxed) {
+                // A wait that never finds nothing parks its idle members
+                // here (else before its spin or sleep).
+                set.park_idle(epfd);
+            }
             return count(n);
         }
         if !spun {
             spun = true;
+            set.park_idle(epfd);
             // Looked up only here: a wait answered by the first collect
             // takes no further lock for it.
             let (spin, gate) = set.spin();
@@ -205,7 +215,7 @@ pub fn wait(
                 return count(n);
             }
         }
-        let (fds, armed) = set.arm(epfd);
+        let (fds, armed) = set.arm_for_wait(epfd);
         // Armed: anything reportable that was there already, or arrived
         // before the wait words were set, is seen here (no syscall).
         if set.any_ready(false) {
@@ -223,6 +233,7 @@ pub fn wait(
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let left = crate::sleep::capped(left, &pfds);
         let r = sleep(&mut pfds, left);
+        set.after_sleep(r);
         slept = true;
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         set.end_sleep(armed, saw.take());

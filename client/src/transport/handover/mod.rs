@@ -1210,6 +1210,47 @@ impl Transport for Handover {
         }
     }
 
+    fn park(&mut self, sleep: crate::bells::Sleep, read: bool, write: bool) -> bool {
+        self.forget_parents_sleeps();
+        self.step();
+        if self.broken || !self.on_rings() {
+            return false;
+        }
+        let parked = self.inner.park(sleep, read, write);
+        if parked {
+            self.sleepers += 1;
+        }
+        parked
+    }
+
+    fn unpark(&mut self, id: u32) -> bool {
+        self.forget_parents_sleeps();
+        let done = !self.kernel && self.inner.unpark(id);
+        if done {
+            self.sleepers = self.sleepers.saturating_sub(1);
+        }
+        done
+    }
+
+    fn unpark_from(&mut self, id: u32, gen: u64) {
+        self.forget_parents_sleeps();
+        if gen == self.generation() {
+            self.unpark(id);
+            return;
+        }
+        // Parked at an older generation: the end is the same one if it
+        // moved back since (its parking is ended there as any), a new one
+        // if it moved forward (the old one, parked, is closed; the new one
+        // has no parking of this doorbell: this member was parked already).
+        if !self.kernel {
+            self.inner.unpark(id);
+        }
+        self.old_sleepers = self.old_sleepers.saturating_sub(1);
+        if self.old_sleepers == 0 {
+            self.retired.clear();
+        }
+    }
+
     fn generation(&self) -> u64 {
         self.gen
     }

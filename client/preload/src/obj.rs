@@ -112,6 +112,14 @@ impl Obj {
         }
     }
 
+    /// Arms a parking again (see `Sock::repark`).
+    pub fn repark(&self, id: u32, gen: u64) -> bool {
+        match self {
+            Obj::Sock(s) => lock(s).repark(id, gen),
+            Obj::Set(..) => false,
+        }
+    }
+
     /// Ends a parking (see `Sock::unpark`).
     pub fn unpark(&self, id: u32, gen: u64) {
         if let Obj::Sock(s) = self {

@@ -605,6 +605,15 @@ impl Sock {
         t.park(sleep, read, write).then(|| t.generation())
     }
 
+    /// Arms a parking of generation `gen` on doorbell `id` again (see
+    /// `Transport::repark`): whether it is still there.
+    pub fn repark(&mut self, id: u32, gen: u64) -> bool {
+        match &mut self.state {
+            State::Up(t) => t.repark_from(id, gen),
+            _ => false,
+        }
+    }
+
     /// Ends a parking of generation `gen` on doorbell `id`.
     pub fn unpark(&mut self, id: u32, gen: u64) {
         if let State::Up(t) = &mut self.state {

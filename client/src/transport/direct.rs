@@ -721,6 +721,26 @@ impl Transport for Direct {
         true
     }
 
+    fn repark(&mut self, id: u32) -> bool {
+        if self.forget_parents_sleeps() || self.broken {
+            return false;
+        }
+        let Some(&(_, dirs)) = self.sleeps.iter().find(|(s, _)| s.parked() && s.id() == id) else {
+            return false;
+        };
+        // (A direction a thread's sleep names now is armed by it: its
+        // leave names the parking again, with a fresh wait.)
+        if dirs[0] && self.named[0] == id {
+            self.rx.arm_always(id);
+            self.named_at[0] = self.progress(0);
+        }
+        if dirs[1] && self.named[1] == id {
+            self.tx.arm_always(id);
+            self.named_at[1] = self.progress(1);
+        }
+        true
+    }
+
     fn unpark(&mut self, id: u32) -> bool {
         if self.forget_parents_sleeps() {
             return false;

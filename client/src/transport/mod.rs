@@ -186,6 +186,20 @@ pub trait Transport: Send + std::fmt::Debug {
         let _ = id;
         false
     }
+    /// Arms again, with a fresh wait, the directions whose wait word names
+    /// the parking made by `park` with doorbell `id` (a ring of that
+    /// doorbell may have been this end's, its news taken by another reader
+    /// since: its peer rings once per wait): whether that parking is still
+    /// there. The caller looks at its readiness again afterwards.
+    fn repark(&mut self, id: u32) -> bool {
+        let _ = id;
+        false
+    }
+    /// `repark` for a parking made at generation `gen` (false for one made
+    /// at another).
+    fn repark_from(&mut self, id: u32, gen: u64) -> bool {
+        gen == self.generation() && self.repark(id)
+    }
     /// `unpark` for a parking made at generation `gen`.
     fn unpark_from(&mut self, id: u32, gen: u64) {
         if gen == self.generation() {

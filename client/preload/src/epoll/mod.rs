@@ -265,17 +265,22 @@ impl Set {
             kept += 1;
         }
         if park_rung {
-            // A peer published to a parked member: all are looked at again.
+            // A peer published to a parked member (or the common doorbell
+            // was emptied): those with news are unparked, after the
+            // doorbell was emptied (a ring after that stays).
             let i = inner.get_or_insert_with(|| self.lock());
-            if let Some(p) = i.park.as_ref().filter(|p| p.here()) {
+            i.forget_parent_parking();
+            if let Some(p) = i.park.as_ref() {
                 p.drain();
             }
-            if i.unpark_all() {
+            if self.rescan_parked(i) {
                 // This wait looks at them (`unparked`); a thread asleep on
                 // the set arms them again.
                 self.ring();
+                self.unparked.store(true, Ordering::SeqCst);
             }
-            self.unparked.store(true, Ordering::SeqCst);
+            // (The wait goes on, as for a liveness event: `wait_direct`
+            // must not take the doorbell's event for an answer.)
             flagged = true;
         }
         (kept, rung, flagged)

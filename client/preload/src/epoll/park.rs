@@ -6,8 +6,9 @@
 //! armed once, for good, naming the set's doorbell (`bells::ParkBell`,
 //! registered level-triggered in the kernel instance under `park_tag`),
 //! and left out of the looks and of each sleep's arming. It comes back
-//! (unparked) when that doorbell rings (`Set::strip_bell`: every parked
-//! member is looked at again), when its kernel socket has an event (its
+//! (unparked) when that doorbell rings and its rings have news
+//! (`Set::rescan_parked`: every parked member is looked at, those without
+//! news armed again), when its kernel socket has an event (its
 //! look reports it), when `Set::net` finds its rings ready (a ring that
 //! went to the process's common doorbell, or none), when the application
 //! changes or removes its registration, and when parking stops: the set
@@ -56,10 +57,9 @@ impl Member {
 }
 
 impl Inner {
-    /// Unparks every parked member (the set's doorbell rang, or parking
-    /// stops): whether any was. Their wait words no longer name the set's
-    /// doorbell: a thread asleep on the set meanwhile must be woken to arm
-    /// them (`Set::ring`), unless the caller looks at them itself.
+    /// Unparks every parked member (parking stops): whether any was. Their
+    /// wait words no longer name the set's doorbell: a thread asleep on the
+    /// set meanwhile must be woken to arm them (`Set::ring`).
     pub(super) fn unpark_all(&mut self) -> bool {
         let mut any = false;
         for m in self.members.iter_mut().filter(|m| m.parked.is_some()) {
@@ -211,6 +211,30 @@ impl Set {
                 m.idle = 0;
             }
         }
+    }
+
+    /// The set's doorbell rang: each parked member whose rings have news
+    /// is unparked; the others are armed again with a fresh wait (the ring
+    /// may have been one of theirs, its news taken by another reader since:
+    /// a peer rings once per wait) and looked at once more. Whether any was
+    /// unparked (the caller rings the set and has them looked at).
+    pub(super) fn rescan_parked(&self, i: &mut Inner) -> bool {
+        let mut any = false;
+        for m in i.members.iter_mut() {
+            let Some((id, gen)) = m.parked else {
+                continue;
+            };
+            // SAFETY: as in `collect`.
+            let fd = unsafe { borrow(m.fd) };
+            let news = m.report(m.obj.readiness(fd, false)) != 0
+                || !m.obj.repark(id, gen)
+                || m.report(m.obj.readiness(fd, false)) != 0;
+            if news {
+                m.unpark();
+                any = true;
+            }
+        }
+        any
     }
 
     /// The set is watched by poll or another set: it parks no member from

@@ -1232,6 +1232,11 @@ impl Transport for Handover {
         done
     }
 
+    fn repark(&mut self, id: u32) -> bool {
+        self.forget_parents_sleeps();
+        !self.kernel && !self.broken && self.on_rings() && self.inner.repark(id)
+    }
+
     fn unpark_from(&mut self, id: u32, gen: u64) {
         self.forget_parents_sleeps();
         if gen == self.generation() {

@@ -7,7 +7,8 @@ datagram socket that is no member's).
 
 Forty connections (their peers in a child process, two requests each),
 all in one epoll set; prints "BEFORE n" (doorbell sockets in the kernel
-instance after a first wait), then, after a hundred zero-timeout waits,
+instance after a first wait), then, after two hundred zero-timeout waits
+and 0.3 s,
 "ASLEEP n" (the same, read by another thread while a wait sleeps), then
 "WOKE fd-index events" for a byte the child sends meanwhile, then
 "IDLE cpu-seconds" spent by that sleep."""
@@ -70,6 +71,10 @@ def main():
         ep.register(a.fileno(), select.EPOLLIN)
     ep.poll(0.05)
     print("BEFORE", doorbells(ep.fileno(), members), flush=True)
+    # Idle for many looks, and for longer than ssock's 200 ms.
+    for _ in range(100):
+        ep.poll(0)
+    time.sleep(0.3)
     for _ in range(100):
         ep.poll(0)
     seen = []

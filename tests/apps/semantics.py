@@ -771,6 +771,8 @@ def case_epoll_many_idle_members():
                 return got
         return "ok"
 
+    busy(70)
+    time.sleep(0.25)
     say("many idle: busy", busy(150))
     cs[7].sendall(b"seven")
     t = time.time()
@@ -864,8 +866,15 @@ def case_epoll_idle_members_of_another_process():
         # Told once the wait below is asleep.
         threading.Timer(0.3, tell, words).start()
 
-    for _ in range(100):
-        ep.poll(0)
+    def idle_long():
+        # Many looks and longer than ssock's 200 ms without news.
+        for _ in range(100):
+            ep.poll(0)
+        time.sleep(0.25)
+        for _ in range(100):
+            ep.poll(0)
+
+    idle_long()
     say("idle of another: nothing", wait(0.05))
     for what, i in (("send", 5), ("close", 9), ("send", 30)):
         later(what, i)
@@ -877,8 +886,7 @@ def case_epoll_idle_members_of_another_process():
             say("idle of another: reads", ends[i].recv(10))
         else:
             ep.unregister(ends[i].fileno())
-        for _ in range(100):
-            ep.poll(0)
+        idle_long()
     os.close(w)
     os.waitpid(pid, 0)
     # The peers closed with the child's exit: every one reported.

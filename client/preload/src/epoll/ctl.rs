@@ -99,6 +99,7 @@ pub fn ctl(
             REGISTERED.insert(fd);
             i.members.push(Member {
                 idle: 0,
+                idle_since: 0,
                 parked: None,
                 fd,
                 obj,

@@ -266,6 +266,7 @@ pub fn became_accelerated(fd: c_int) {
         i.plain_seen = None;
         i.members.push(Member {
             idle: 0,
+            idle_since: 0,
             parked: None,
             fd,
             obj: Obj::Sock(sock.clone()),

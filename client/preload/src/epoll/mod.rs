@@ -31,7 +31,7 @@ use crate::sleep;
 use crate::table;
 use crate::wait::{liveness_entry, polled_scope};
 use libc::{c_int, epoll_event};
-use park::PARK_AFTER;
+use park::{PARK_AFTER, PARK_IDLE_MS};
 use ssock_client::transport::{Polled, Ready};
 use ssock_rings::sys::EventFd;
 use std::cell::RefCell;
@@ -79,6 +79,8 @@ struct Member {
     check: bool,
     /// Looks in a row that found nothing to report (for parking).
     idle: u32,
+    /// When (`park::coarse_ms`) its idle looks reached `PARK_AFTER`.
+    idle_since: u64,
     /// Parked (the doorbell id and the socket's generation): armed on the
     /// set's doorbell for good, left out of the looks until unparked.
     parked: Option<(u32, u64)>,
@@ -364,6 +366,7 @@ impl Set {
         let mut n = at;
         let mut next = if len == 0 { 0 } else { i.next % len };
         let mut park_due = false;
+        let mut now = None;
         let mut unparked = false;
         for _ in 0..len {
             if n >= room {
@@ -402,8 +405,17 @@ impl Set {
             let ev = m.report(r);
             if rings {
                 m.idle = if ev == 0 { m.idle.saturating_add(1) } else { 0 };
-                // Due now, or still (every PARK_AFTER looks more).
-                park_due |= m.idle >= PARK_AFTER && m.idle.is_multiple_of(PARK_AFTER);
+                // Idle for PARK_AFTER looks (the time noted), then due once
+                // PARK_IDLE_MS passed without news (checked every
+                // PARK_AFTER looks more: no clock read per look).
+                if m.idle >= PARK_AFTER && m.idle.is_multiple_of(PARK_AFTER) {
+                    let t = *now.get_or_insert_with(park::coarse_ms);
+                    if m.idle == PARK_AFTER {
+                        m.idle_since = t;
+                    } else {
+                        park_due |= t.saturating_sub(m.idle_since) >= PARK_IDLE_MS;
+                    }
+                }
             }
             if ev == 0 {
                 continue;

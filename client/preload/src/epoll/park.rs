@@ -26,8 +26,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Looks in a row with nothing to report before a member is parked.
+/// Looks in a row with nothing to report before a member may be parked.
 pub(super) const PARK_AFTER: u32 = 64;
+/// Milliseconds without news after those looks before it is parked: a
+/// busy server's connections (nginx with 500 keep-alive clients) go quiet
+/// for many looks between two requests, and parking them costs more than
+/// it saves.
+pub(super) const PARK_IDLE_MS: u64 = 200;
 /// Members a set needs before any is parked.
 pub(super) const PARK_MIN: usize = 32;
 /// Answers between two looks at the clock and at the common doorbell for
@@ -45,12 +50,14 @@ impl Member {
         self.idle = 0;
     }
 
-    /// Whether it may be parked now (if its kernel socket can be watched
-    /// through the kernel instance: `park_idle` asks).
-    fn due(&self, live: &live::Live) -> bool {
+    /// Whether it may be parked at `now` (`coarse_ms`; if its kernel
+    /// socket can be watched through the kernel instance: `park_idle`
+    /// asks).
+    fn due(&self, live: &live::Live, now: u64) -> bool {
         self.parked.is_none()
             && !self.disabled
-            && self.idle >= PARK_AFTER
+            && self.idle > PARK_AFTER
+            && now.saturating_sub(self.idle_since) >= PARK_IDLE_MS
             && matches!(self.obj, Obj::Sock(_))
             && !live.is_shared()
     }
@@ -134,13 +141,15 @@ impl Set {
         let i = &mut *guard;
         i.forget_parent_parking();
         self.net(i, false);
+        let now = coarse_ms();
         if i.park.is_some() && i.members.len() < PARK_MIN && i.stop_parking(epfd, self.park_tag) {
             self.ring();
         }
         if !i.park_due {
             return;
         }
-        if i.no_park || i.members.len() < PARK_MIN || !i.members.iter().any(|m| m.due(&i.live)) {
+        if i.no_park || i.members.len() < PARK_MIN || !i.members.iter().any(|m| m.due(&i.live, now))
+        {
             i.nothing_due(self);
             return;
         }
@@ -167,7 +176,7 @@ impl Set {
                 && !i.no_park
                 && i.park.is_none()
                 && i.members.len() >= PARK_MIN
-                && i.members.iter().any(|m| m.due(&i.live));
+                && i.members.iter().any(|m| m.due(&i.live, now));
             match pb {
                 Some(pb) if still => {
                     if live_ctl(epfd, libc::EPOLL_CTL_ADD, pb.fd(), self.park_tag).is_ok() {
@@ -187,7 +196,7 @@ impl Set {
             return;
         };
         for m in i.members.iter_mut() {
-            if !m.due(&i.live) {
+            if !m.due(&i.live, now) {
                 continue;
             }
             // Its kernel socket watched as its sleeps would (a wait that
@@ -321,4 +330,16 @@ fn live_ctl(epfd: c_int, op: c_int, fd: c_int, data: u64) -> Result<(), i32> {
             .raw_os_error()
             .unwrap_or(libc::EIO))
     }
+}
+
+/// The monotonic clock's coarse reading in milliseconds (the vDSO's, a few
+/// nanoseconds; its ticks of some milliseconds are fine for `PARK_IDLE_MS`).
+pub(super) fn coarse_ms() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: t is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000_000
 }

@@ -1,7 +1,8 @@
 //! Parking: the idle members of a large epoll set wait on one doorbell of
 //! the set's own, so that a wait looks at and arms only the members that
 //! were busy lately. A member that had nothing to report for `PARK_AFTER`
-//! looks in a row, in a set of at least `PARK_MIN`, and that is a settled
+//! looks in a row and then `PARK_IDLE_MS` more, in a set of at least
+//! `PARK_MIN`, and that is a settled
 //! Direct end whose kernel socket the kernel instance watches (`live`), is
 //! armed once, for good, naming the set's doorbell (`bells::ParkBell`,
 //! registered level-triggered in the kernel instance under `park_tag`),

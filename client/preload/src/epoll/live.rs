@@ -59,13 +59,22 @@ fn mask(events: i16) -> u32 {
 }
 
 fn ctl(epfd: c_int, op: c_int, fd: c_int, events: u32, key: u64) -> Result<(), i32> {
-    let mut ev = epoll_event {
-        events,
-        u64: key ^ u64::from(fd.unsigned_abs()),
-    };
-    // SAFETY: plain epoll_ctl on the instance and a member's fd, both open
-    // (a member is dropped from its instances before its fd is closed);
-    // ev is a valid event for the call.
+    raw_ctl(epfd, op, fd, events, key ^ u64::from(fd.unsigned_abs()))
+}
+
+/// epoll_ctl of one of the shim's registrations (a member's socket, the
+/// parking doorbell) in instance `epfd`, with data word `data`.
+pub(super) fn raw_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    events: u32,
+    data: u64,
+) -> Result<(), i32> {
+    let mut ev = epoll_event { events, u64: data };
+    // SAFETY: plain epoll_ctl on the instance and an fd that is open (a
+    // member is dropped from its instances before its fd is closed; the
+    // doorbell is the shim's own); ev is a valid event for the call.
     let r = unsafe { (crate::real::get().epoll_ctl)(epfd, op, fd, &mut ev) };
     if r == 0 {
         Ok(())

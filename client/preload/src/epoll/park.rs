@@ -22,7 +22,7 @@
 //! the set's lock held.
 
 use super::{borrow, live, liveness_entry, Armed, Inner, Member, Obj, Set, EPOLLIN};
-use libc::{c_int, epoll_event};
+use libc::c_int;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,7 +88,7 @@ impl Inner {
             // DEL fails only when the registration is not there (ENOENT:
             // never added; EBADF: the instance is closed): then nothing
             // names the doorbell, which may go back to the pool.
-            let _ = live_ctl(epfd, libc::EPOLL_CTL_DEL, p.fd(), park_tag);
+            let _ = live::raw_ctl(epfd, libc::EPOLL_CTL_DEL, p.fd(), 0, park_tag);
         }
         any
     }
@@ -180,7 +180,9 @@ impl Set {
                 && i.members.iter().any(|m| m.due(&i.live, now));
             match pb {
                 Some(pb) if still => {
-                    if live_ctl(epfd, libc::EPOLL_CTL_ADD, pb.fd(), self.park_tag).is_ok() {
+                    if live::raw_ctl(epfd, libc::EPOLL_CTL_ADD, pb.fd(), EPOLLIN, self.park_tag)
+                        .is_ok()
+                    {
                         i.park = Some(pb);
                         self.park_held.store(true, Ordering::Relaxed);
                     } else {
@@ -311,25 +313,6 @@ impl Set {
             self.unparked.store(true, Ordering::SeqCst);
             self.ring();
         }
-    }
-}
-
-/// epoll_ctl of one of the shim's own fds in instance `epfd`
-/// (level-triggered EPOLLIN, data word `data`): the parking doorbell.
-fn live_ctl(epfd: c_int, op: c_int, fd: c_int, data: u64) -> Result<(), i32> {
-    let mut ev = epoll_event {
-        events: EPOLLIN,
-        u64: data,
-    };
-    // SAFETY: plain epoll_ctl on the instance and an fd of the shim's own,
-    // both open; ev is a valid event for the call.
-    let r = unsafe { (crate::real::get().epoll_ctl)(epfd, op, fd, &mut ev) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO))
     }
 }
 

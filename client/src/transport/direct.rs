@@ -469,6 +469,17 @@ impl Direct {
         }
     }
 
+    /// Has direction `d`'s wait word name doorbell `id`, whatever the ring
+    /// holds, with a fence after it (`arm_always`).
+    fn name(&mut self, d: usize, id: u32) {
+        if d == 0 {
+            self.rx.arm_always(id);
+        } else {
+            self.tx.arm_always(id);
+        }
+        self.named[d] = id;
+    }
+
     /// Ends one sleep on directions `read`/`write`, whose doorbell was
     /// `gone` (taken out of `sleeps` already): a direction's last sleeper
     /// resets its wait word; otherwise a word that named it names another.
@@ -496,12 +507,7 @@ impl Direct {
                     .or_else(|| self.sleeps.iter().find(|(_, dirs)| dirs[d]))
                     .or(self.sleeps.first())
                     .map_or(0, |(s, _)| s.id());
-                if d == 0 {
-                    self.rx.arm_always(next);
-                } else {
-                    self.tx.arm_always(next);
-                }
-                self.named[d] = next;
+                self.name(d, next);
                 // A ring meant for every sleeper here may have gone to this
                 // thread's doorbell alone. After the new name is out
                 // (arm_always ends with a SeqCst fence: a peer publishing
@@ -615,33 +621,18 @@ impl Transport for Direct {
                     .iter()
                     .any(|(s, _)| s.parked() && s.id() == self.named[d])
         };
-        let (rename_r, rename_w) = (parked_name(0), parked_name(1));
-        // A name taken from a parked end's doorbell keeps the progress seen
-        // when that was named: a publish that rang this thread alone, and
-        // that it does not consume, is passed on when it leaves (`leave`).
-        if read && (self.sleepers[0] == 0 || rename_r) && id != 0 {
-            self.rx.arm_always(id);
-            self.named[0] = id;
-            if !rename_r {
-                self.named_at[0] = self.progress(0);
+        let rename = [0, 1].map(|d| id != 0 && parked_name(d));
+        for (d, on) in [read, write].into_iter().enumerate() {
+            if on && (self.sleepers[d] == 0 || rename[d]) {
+                self.name(d, id);
+                // A name taken from a parked end's doorbell keeps the
+                // progress seen when that was named: a publish that rang
+                // this thread alone, and that it does not consume, is
+                // passed on when it leaves (`leave`).
+                if !rename[d] {
+                    self.named_at[d] = self.progress(d);
+                }
             }
-        }
-        if write && (self.sleepers[1] == 0 || rename_w) && id != 0 {
-            self.tx.arm_always(id);
-            self.named[1] = id;
-            if !rename_w {
-                self.named_at[1] = self.progress(1);
-            }
-        }
-        if read && self.sleepers[0] == 0 && id == 0 {
-            self.rx.arm_always(id);
-            self.named[0] = id;
-            self.named_at[0] = self.progress(0);
-        }
-        if write && self.sleepers[1] == 0 && id == 0 {
-            self.tx.arm_always(id);
-            self.named[1] = id;
-            self.named_at[1] = self.progress(1);
         }
         self.sleepers[0] += u32::from(read);
         self.sleepers[1] += u32::from(write);
@@ -705,15 +696,11 @@ impl Transport for Direct {
             return false;
         }
         let id = sleep.id();
-        if read && self.sleepers[0] == 0 {
-            self.rx.arm_always(id);
-            self.named[0] = id;
-            self.named_at[0] = self.progress(0);
-        }
-        if write && self.sleepers[1] == 0 {
-            self.tx.arm_always(id);
-            self.named[1] = id;
-            self.named_at[1] = self.progress(1);
+        for (d, on) in [read, write].into_iter().enumerate() {
+            if on && self.sleepers[d] == 0 {
+                self.name(d, id);
+                self.named_at[d] = self.progress(d);
+            }
         }
         self.sleepers[0] += u32::from(read);
         self.sleepers[1] += u32::from(write);
@@ -730,13 +717,11 @@ impl Transport for Direct {
         };
         // (A direction a thread's sleep names now is armed by it: its
         // leave names the parking again, with a fresh wait.)
-        if dirs[0] && self.named[0] == id {
-            self.rx.arm_always(id);
-            self.named_at[0] = self.progress(0);
-        }
-        if dirs[1] && self.named[1] == id {
-            self.tx.arm_always(id);
-            self.named_at[1] = self.progress(1);
+        for (d, on) in dirs.into_iter().enumerate() {
+            if on && self.named[d] == id {
+                self.name(d, id);
+                self.named_at[d] = self.progress(d);
+            }
         }
         true
     }

@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
+mod awake;
 mod ctl;
 mod instances;
 mod live;
@@ -161,6 +162,8 @@ struct Inner {
     net_looks: u32,
     /// A member became due for parking since the last parking pass.
     park_due: bool,
+    /// The members a look at the rings must see (`awake`).
+    awake: awake::Awake,
 }
 
 /// The shim's side of one epoll instance.
@@ -251,6 +254,9 @@ impl Set {
                 if i.live.watched(fd) {
                     for m in i.members.iter_mut().filter(|m| m.fd == fd) {
                         m.check = true;
+                        if m.parked.is_some() {
+                            awake::changed();
+                        }
                     }
                     flagged = true;
                     continue;
@@ -306,6 +312,7 @@ impl Set {
                 continue;
             }
             let m = i.members.remove(k);
+            awake::changed();
             i.live.drop_fd(epfd, self.live_key, m.fd);
             if let Obj::Sock(s) = &m.obj {
                 table::forget_kernel(m.fd, s);
@@ -364,25 +371,34 @@ impl Set {
         };
         let len = i.members.len();
         let mut n = at;
-        let mut next = if len == 0 { 0 } else { i.next % len };
+        let start = if len == 0 { 0 } else { i.next % len };
         let mut park_due = false;
         let mut now = None;
         let mut unparked = false;
-        for _ in 0..len {
+        // A parked member is looked at only when its kernel socket had an
+        // event, or by a look at every peer: a look at the rings goes over
+        // the index of the others (`awake`), from the first at or after
+        // `start`.
+        let rings = matches!(look, Look::Rings | Look::Last);
+        i.awake.update(&i.members);
+        let index = rings.then(|| i.awake.positions());
+        let count = index.map_or(len, <[usize]>::len);
+        let mut p = index.map_or(start, |a| a.partition_point(|&k| k < start));
+        for _ in 0..count {
             if n >= room {
                 break;
             }
             // Round from `i.next` (a division per member showed with
             // hundreds of them).
-            let j = next;
-            next = if j + 1 == len { 0 } else { j + 1 };
+            if p >= count {
+                p = 0;
+            }
+            let j = index.map_or(p, |a| a[p]);
+            p += 1;
             let m = &mut i.members[j];
             if m.disabled {
                 continue;
             }
-            // A parked member is looked at only when its kernel socket had
-            // an event, or by a look at every peer.
-            let rings = matches!(look, Look::Rings | Look::Last);
             if m.parked.is_some() && rings && !m.check {
                 continue;
             }
@@ -454,10 +470,14 @@ impl Set {
 
     /// Whether some member would report something now (no state change).
     fn any_ready(&self, check_peer: bool) -> bool {
-        let i = self.lock();
-        let _polled = polled(&i, if check_peer { Look::Peers } else { Look::Rings });
-        i.members
+        let mut guard = self.lock();
+        let i = &mut *guard;
+        let _polled = polled(i, if check_peer { Look::Peers } else { Look::Rings });
+        i.awake.update(&i.members);
+        i.awake
+            .positions()
             .iter()
+            .map(|&k| &i.members[k])
             .filter(|m| m.parked.is_none() || m.check)
             .any(|m| {
                 // SAFETY: as in `collect`.
@@ -477,7 +497,8 @@ impl Set {
         let mut fds = vec![(epfd, libc::POLLIN)];
         let mut armed = Vec::with_capacity(i.members.len() + 1);
         let mut watched = Vec::new();
-        if i.members.iter().any(|m| m.parked.is_some()) {
+        i.awake.update(&i.members);
+        if i.awake.any_parked() {
             // The parked members' doorbell is in the kernel instance; a
             // peer that cannot ring it rings the common doorbell, whose
             // drain (after the poll, by this thread's sleep) rings it. The
@@ -498,9 +519,13 @@ impl Set {
             }
         }
         let mut polled_socks = false;
+        // (Again: `unpark_all` above may have changed it.)
+        i.awake.update(&i.members);
         for m in i
-            .members
+            .awake
+            .positions()
             .iter()
+            .map(|&k| &i.members[k])
             .filter(|m| !m.disabled && m.parked.is_none())
         {
             // SAFETY: as in `collect`.
@@ -561,12 +586,16 @@ impl Set {
     /// Whether a sleep watches all a peer check of the members would find
     /// (`Obj::watched_by_sleep`).
     fn watched_by_sleep(&self) -> bool {
-        let i = self.lock();
+        let mut guard = self.lock();
+        let i = &mut *guard;
         // A parked member's kernel socket is watched through the kernel
         // instance (it was when it was parked, and stays so until it is
         // unparked): not asked.
-        i.members
+        i.awake.update(&i.members);
+        i.awake
+            .positions()
             .iter()
+            .map(|&k| &i.members[k])
             .filter(|m| !m.disabled && m.parked.is_none())
             .all(|m| m.obj.watched_by_sleep())
     }

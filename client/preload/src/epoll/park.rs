@@ -21,7 +21,7 @@
 //! that another thread's sleep relies on rings the set), or a sleep with
 //! the set's lock held.
 
-use super::{borrow, live, liveness_entry, Armed, Inner, Member, Obj, Set, EPOLLIN};
+use super::{awake, borrow, live, liveness_entry, Armed, Inner, Member, Obj, Set, EPOLLIN};
 use libc::c_int;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,6 +46,7 @@ impl Member {
     /// Ends its parking, if it is parked.
     pub(super) fn unpark(&mut self) {
         if let Some((id, gen)) = self.parked.take() {
+            awake::changed();
             self.obj.unpark(id, gen);
         }
         self.idle = 0;
@@ -110,6 +111,7 @@ impl Inner {
                 m.parked = None;
                 m.idle = 0;
             }
+            awake::changed();
             self.park = None;
         }
     }
@@ -212,6 +214,7 @@ impl Set {
             }
             if let Some(gen) = m.obj.park(pb.sleep(), m.read(), m.write()) {
                 m.parked = Some((pb.id(), gen));
+                awake::changed();
                 // Parked: a publish from now on rings the set's doorbell;
                 // one before is seen here.
                 // SAFETY: as in `collect`.

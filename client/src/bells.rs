@@ -405,6 +405,8 @@ const PARK_KEY: u64 = u64::MAX;
 pub struct ParkBell {
     bell: Bell,
     gen: u64,
+    /// How many rings its queue takes (`sys::probe_queue`, when taken).
+    limit: usize,
 }
 
 /// A doorbell for an epoll set's parked ends.
@@ -417,6 +419,8 @@ pub fn park_bell(session: Option<&Session>) -> Option<ParkBell> {
         t
     });
     let bell = taken.or_else(|| more(session?))?;
+    // Before any drain of the common doorbell may ring it.
+    let limit = sys::probe_queue(bell.own.as_fd(), bell.ring.as_fd());
     sleeping().get_or_insert_with(HashMap::new).insert(
         PARK_KEY - u64::from(bell.id),
         (bell.ring.clone(), Arc::new(AtomicU32::new(1))),
@@ -424,6 +428,7 @@ pub fn park_bell(session: Option<&Session>) -> Option<ParkBell> {
     Some(ParkBell {
         bell,
         gen: sys::child_of(),
+        limit,
     })
 }
 
@@ -449,9 +454,11 @@ impl ParkBell {
         self.bell.own.as_raw_fd()
     }
 
-    /// Empties it; whether it was rung.
-    pub fn drain(&self) -> bool {
-        sys::drain_bell(self.bell.own.as_fd())
+    /// Empties it: whether it was rung, and whether every ring named its
+    /// connection (then `tokens` has their ids, as the ringers said them:
+    /// see `sys::drain_tokens`).
+    pub fn drain_named(&self, tokens: &mut Vec<u64>) -> sys::Drained {
+        sys::drain_tokens(self.bell.own.as_fd(), tokens, self.limit)
     }
 
     /// Whether it was taken in this process (not inherited across fork).
@@ -731,18 +738,33 @@ pub struct ProcessBells {
     last: Mutex<Option<(u32, Arc<OwnedFd>)>>,
     /// When this end last asked devd for a doorbell.
     fetched: Mutex<Option<Instant>>,
+    /// What each ring says (the connection's id: an epoll set whose
+    /// parked ends share a doorbell looks at the one that rang,
+    /// `ParkBell::drain_named`); 0: a one-byte ring.
+    token: u64,
 }
 
 impl ProcessBells {
     /// Rings through `session` (None: the process-wide session); `common`:
-    /// the peer's common doorbell if known (0: not yet).
-    pub fn new(session: Option<Arc<Session>>, common: u32) -> ProcessBells {
+    /// the peer's common doorbell if known (0: not yet); `token`: what
+    /// each ring says (the connection's id; 0 for none).
+    pub fn new(session: Option<Arc<Session>>, common: u32, token: u64) -> ProcessBells {
         ProcessBells {
             session,
             common: common.into(),
             last: Mutex::new(None),
             fetched: Mutex::new(None),
+            token,
         }
+    }
+
+    fn ring_fd(&self, w: &OwnedFd) -> bool {
+        if self.token == 0 {
+            return sys::ring_bell(w.as_fd());
+        }
+        // A full queue is a rung doorbell; its owner knows from the count
+        // that a token may be lost (`sys::drain_tokens`).
+        sys::ring_bell_with(w.as_fd(), self.token) != sys::Rang::Failed
     }
 
     /// Whether this end may ask devd for a doorbell now (counted as asked).
@@ -766,12 +788,12 @@ impl ProcessBells {
     fn ring_known(&self, id: u32) -> Option<bool> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((l, w)) = last.as_ref() {
-            if *l == id && sys::ring_bell(w.as_fd()) {
+            if *l == id && self.ring_fd(w) {
                 return Some(true);
             }
         }
         let w = with(|b| b.known.get(&id).cloned())?;
-        let rung = sys::ring_bell(w.as_fd());
+        let rung = self.ring_fd(&w);
         *last = Some((id, w));
         // A doorbell that fails: the caller tries devd and the common one.
         rung.then_some(true)
@@ -788,7 +810,7 @@ impl Doorbells for ProcessBells {
         }
         if !with(|b| b.refused_lately(id)) && self.may_fetch() {
             if let Some(w) = fetch(id, self.session.as_deref()) {
-                return sys::ring_bell(w.as_fd());
+                return self.ring_fd(&w);
             }
         }
         // Not to be had: the peer's common doorbell wakes all its threads.
@@ -884,8 +906,17 @@ mod tests {
         assert!(none.ring(21));
         assert!(sys::drain_bell(po.as_fd()));
         assert!(!none.ring(22));
-        assert!(ProcessBells::new(None, 21).ring(22));
+        assert!(ProcessBells::new(None, 21, 0).ring(22));
         assert!(sys::drain_bell(po.as_fd()));
+
+        // A ring carries the end's token.
+        let (_, qo, qr) = pair(23);
+        learn(23, qr);
+        let tokened = ProcessBells::new(None, 21, 77);
+        assert!(tokened.ring(23));
+        let mut t = Vec::new();
+        sys::drain_tokens(qo.as_fd(), &mut t, 64);
+        assert_eq!(t, [77]);
 
         // The common doorbell rung: the thread that empties it wakes the
         // other sleeping threads through their own.
@@ -896,7 +927,7 @@ mod tests {
             .get_or_insert_with(HashMap::new)
             .insert(999, (theirs.ring.clone(), Arc::new(AtomicU32::new(1))));
         let a = enter(None).unwrap();
-        assert!(ProcessBells::new(None, 11).ring(777));
+        assert!(ProcessBells::new(None, 11, 0).ring(777));
         let mut set: Vec<sys::PollFd> = a
             .fds()
             .map(|fd| sys::PollFd::new(fd, libc::POLLIN))

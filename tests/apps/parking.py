@@ -71,7 +71,7 @@ def main():
         ep.register(a.fileno(), select.EPOLLIN)
     ep.poll(0.05)
     print("BEFORE", doorbells(ep.fileno(), members), flush=True)
-    # Idle for many looks, and for longer than ssock's 200 ms.
+    # Idle for many looks, and for longer than ssock's 20 ms.
     for _ in range(100):
         ep.poll(0)
     time.sleep(0.3)

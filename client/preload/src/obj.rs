@@ -105,7 +105,12 @@ impl Obj {
     }
 
     /// Parks an accelerated socket (see `Sock::park`).
-    pub fn park(&self, sleep: ssock_client::bells::Sleep, read: bool, write: bool) -> Option<u64> {
+    pub fn park(
+        &self,
+        sleep: ssock_client::bells::Sleep,
+        read: bool,
+        write: bool,
+    ) -> Option<(u64, u64)> {
         match self {
             Obj::Sock(s) => lock(s).park(sleep, read, write),
             Obj::Set(..) => None,

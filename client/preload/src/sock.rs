@@ -594,15 +594,17 @@ impl Sock {
     }
 
     /// Parks a settled Direct end on `sleep` (an epoll set's doorbell):
-    /// its generation if parked.
+    /// if parked, its generation and the token its peer's rings carry
+    /// (the connection's id, 0 if none).
     pub fn park(
         &mut self,
         sleep: ssock_client::bells::Sleep,
         read: bool,
         write: bool,
-    ) -> Option<u64> {
+    ) -> Option<(u64, u64)> {
         let t = self.up()?;
-        t.park(sleep, read, write).then(|| t.generation())
+        t.park(sleep, read, write)
+            .then(|| (t.generation(), t.conn_id().unwrap_or(0)))
     }
 
     /// Arms a parking of generation `gen` on doorbell `id` again (see

@@ -269,7 +269,11 @@ impl Direct {
         }
         // Our producer wakes the peer's readers, our consumer its writers,
         // by the doorbell each names in its wait word.
-        let rings = Arc::new(bells::ProcessBells::new(session.clone(), a.peer_bell));
+        let rings = Arc::new(bells::ProcessBells::new(
+            session.clone(),
+            a.peer_bell,
+            a.conn_id,
+        ));
         let (out, inn) = match a.side {
             Side::Connector => (0, 1),
             Side::Acceptor => (1, 0),

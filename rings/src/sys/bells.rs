@@ -1,5 +1,7 @@
 //! Doorbells: unix datagram sockets bound to abstract addresses. The
-//! owner's end reads rings, a ringers' end (connected) writes one byte.
+//! owner's end reads rings, a ringers' end (connected) writes one byte,
+//! or eight: a token that says which connection rang (the connection's
+//! id), which an owner may use as a hint ([`drain_tokens`]).
 //!
 //! Never here: who may hold which doorbell (devd decides).
 
@@ -73,6 +75,31 @@ pub fn ring_bell(w: BorrowedFd<'_>) -> bool {
     r == 1 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
+/// What a ring with a token did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rang {
+    /// Queued, token and all.
+    Sent,
+    /// Refused for a full queue (the owner's, or this ringers' end's send
+    /// buffer): a rung doorbell all the same, but the token is lost.
+    Full,
+    /// Not rung (the owner is gone, or the end is broken).
+    Failed,
+}
+
+/// Rings a doorbell as [`ring_bell`] does, with `token` (eight bytes,
+/// little-endian) as the ring's datagram.
+pub fn ring_bell_with(w: BorrowedFd<'_>, token: u64) -> Rang {
+    let b = token.to_le_bytes();
+    if raw_write(w, &b) == 8 {
+        Rang::Sent
+    } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+        Rang::Full
+    } else {
+        Rang::Failed
+    }
+}
+
 /// write(2) as the system call itself, not libc's `write`: in a process
 /// under the shim that symbol is the shim's own, whose look-up of the fd
 /// (and libc's cancellation point) every ring would pay again.
@@ -116,4 +143,64 @@ pub fn drain_bell(r: BorrowedFd<'_>) -> bool {
         any = true;
     }
     any
+}
+
+/// What [`drain_tokens`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// The doorbell held at least one ring.
+    pub any: bool,
+    /// Every ring it held carried a token (now in the caller's vector),
+    /// and none can have been refused for a full queue since the last
+    /// drain: the tokens name every ringer. False: some rings are unknown.
+    pub whole: bool,
+}
+
+/// How many rings a doorbell takes before one is refused (at most
+/// [`DRAIN_MAX`] + 1): rung through `w` until refused, then emptied
+/// through its owner's end `r`. Its queue's own limit (devd made the
+/// socket, in its namespace, with `net.unix.max_dgram_qlen` as it was
+/// then), which no setting read here would give. Rings others make
+/// meanwhile only make it smaller (an owner that judges drains by it then
+/// judges more of them not whole).
+pub fn probe_queue(r: BorrowedFd<'_>, w: BorrowedFd<'_>) -> usize {
+    let mut n = 0;
+    while n <= DRAIN_MAX && raw_write(w, &[1]) == 1 {
+        n += 1;
+    }
+    let mut buf = [0u8; 8];
+    while raw_read(r, &mut buf) >= 0 {}
+    n
+}
+
+/// Empties a doorbell through its owner's end (at most [`DRAIN_MAX`]
+/// rings) as [`drain_bell`] does, adding each ring's token to `tokens`.
+/// The tokens are the ringers' word, not checked by anyone: a hint of
+/// where to look, never a reason to look less than the rings require
+/// (see [`Drained::whole`]). `limit`: how many rings its queue takes
+/// ([`probe_queue`]); a drain of that many may have followed a refusal.
+pub fn drain_tokens(r: BorrowedFd<'_>, tokens: &mut Vec<u64>, limit: usize) -> Drained {
+    let mut buf = [0u8; 9];
+    let mut d = Drained {
+        any: false,
+        whole: true,
+    };
+    let mut n = 0;
+    for _ in 0..DRAIN_MAX {
+        let got = raw_read(r, &mut buf);
+        if got < 0 {
+            break;
+        }
+        d.any = true;
+        n += 1;
+        match <[u8; 8]>::try_from(&buf[..8]) {
+            Ok(t) if got == 8 => tokens.push(u64::from_le_bytes(t)),
+            _ => d.whole = false,
+        }
+    }
+    // As many rings as the queue holds: one may have been refused.
+    if n >= limit || n == DRAIN_MAX {
+        d.whole = false;
+    }
+    d
 }

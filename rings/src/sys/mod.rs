@@ -488,6 +488,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_drain_names_the_ringers_tokens_and_says_when_some_are_unknown() {
+        let (own, name) = doorbell_owner().unwrap();
+        let (a, b) = (
+            doorbell_ringer(&name).unwrap(),
+            doorbell_ringer(&name).unwrap(),
+        );
+        // The queue's limit, found by filling it (emptied after).
+        let limit = probe_queue(own.as_fd(), a.as_fd());
+        assert!(limit >= 1);
+        let mut t = Vec::new();
+        assert!(!drain_tokens(own.as_fd(), &mut t, limit).any);
+        assert_eq!(ring_bell_with(a.as_fd(), 7), Rang::Sent);
+        assert_eq!(ring_bell_with(b.as_fd(), 1 << 40), Rang::Sent);
+        let d = drain_tokens(own.as_fd(), &mut t, limit);
+        assert!(d.any);
+        assert_eq!(t, [7, 1 << 40]);
+        assert_eq!(d.whole, limit > 2);
+        // A ring without a token (one byte) leaves the drain not whole.
+        t.clear();
+        assert_eq!(ring_bell_with(a.as_fd(), 9), Rang::Sent);
+        assert!(ring_bell(b.as_fd()));
+        let d = drain_tokens(own.as_fd(), &mut t, limit);
+        assert!(d.any && !d.whole);
+        assert_eq!(t, [9]);
+        // The queue filled to its limit, one more refused (its token lost,
+        // and said so): not whole.
+        t.clear();
+        for k in 0..limit.min(DRAIN_MAX) as u64 {
+            assert_eq!(ring_bell_with(a.as_fd(), k), Rang::Sent);
+        }
+        if limit <= DRAIN_MAX {
+            assert_eq!(ring_bell_with(a.as_fd(), 99), Rang::Full);
+        }
+        let d = drain_tokens(own.as_fd(), &mut t, limit);
+        assert!(d.any && !d.whole);
+        // With the owner gone, a ring fails.
+        drop(own);
+        assert_eq!(ring_bell_with(a.as_fd(), 1), Rang::Failed);
+    }
+
+    #[test]
     fn sealed_memfd_passes_its_own_check_and_fails_a_wrong_size() {
         let fd = memfd_sealed("t", 12288).unwrap();
         check_sealed(fd.as_fd(), 12288).unwrap();

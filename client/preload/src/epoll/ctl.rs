@@ -97,7 +97,7 @@ pub fn ctl(
             }
             i.plain_seen = None;
             REGISTERED.insert(fd);
-            super::awake::changed();
+            i.awake.touch();
             i.members.push(Member {
                 idle: 0,
                 idle_since: 0,
@@ -127,7 +127,7 @@ pub fn ctl(
         libc::EPOLL_CTL_DEL => {
             let k = shim_member.ok_or(libc::ENOENT)?;
             i.members.remove(k);
-            super::awake::changed();
+            i.awake.touch();
             i.live.drop_fd(epfd, set.live_key, fd);
             i.member_left(epfd, set.park_tag);
         }

@@ -230,7 +230,7 @@ pub fn closed(fd: c_int) {
         let before = i.members.len();
         i.members.retain(|m| m.fd != fd);
         if i.members.len() != before {
-            super::awake::changed();
+            i.awake.touch();
             i.member_left(epfd, s.park_tag);
             s.any.store(!i.members.is_empty(), Ordering::SeqCst);
             drop(i);
@@ -265,7 +265,7 @@ pub fn became_accelerated(fd: c_int) {
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
         i.plain_seen = None;
-        super::awake::changed();
+        i.awake.touch();
         i.members.push(Member {
             idle: 0,
             idle_since: 0,

@@ -82,9 +82,10 @@ struct Member {
     idle: u32,
     /// When (`park::coarse_ms`) its idle looks reached `PARK_AFTER`.
     idle_since: u64,
-    /// Parked (the doorbell id and the socket's generation): armed on the
+    /// Parked (the doorbell id, the socket's generation, and the token its
+    /// peer's rings carry: the connection's id, 0 if none): armed on the
     /// set's doorbell for good, left out of the looks until unparked.
-    parked: Option<(u32, u64)>,
+    parked: Option<(u32, u64, u64)>,
 }
 
 impl Drop for Member {
@@ -252,11 +253,14 @@ impl Set {
             if let Some(fd) = live::named(self.live_key, ev.u64) {
                 let i = inner.get_or_insert_with(|| self.lock());
                 if i.live.watched(fd) {
+                    let mut parked = false;
                     for m in i.members.iter_mut().filter(|m| m.fd == fd) {
                         m.check = true;
-                        if m.parked.is_some() {
-                            awake::changed();
-                        }
+                        parked |= m.parked.is_some();
+                    }
+                    if parked {
+                        // (A parked one flagged joins the index.)
+                        i.awake.touch();
                     }
                     flagged = true;
                     continue;
@@ -278,10 +282,14 @@ impl Set {
             // doorbell was emptied (a ring after that stays).
             let i = inner.get_or_insert_with(|| self.lock());
             i.forget_parent_parking();
-            if let Some(p) = i.park.as_ref() {
-                p.drain();
-            }
-            if self.rescan_parked(i) {
+            // Each ring names its connection (`ProcessBells`): when every
+            // ring did, only those are looked at.
+            let mut rang = Vec::new();
+            let whole = i
+                .park
+                .as_ref()
+                .is_some_and(|p| p.drain_named(&mut rang).whole);
+            if self.rescan_parked(i, whole.then_some(&rang[..])) {
                 // This wait looks at them (`unparked`); a thread asleep on
                 // the set arms them again.
                 self.ring();
@@ -312,7 +320,7 @@ impl Set {
                 continue;
             }
             let m = i.members.remove(k);
-            awake::changed();
+            i.awake.touch();
             i.live.drop_fd(epfd, self.live_key, m.fd);
             if let Obj::Sock(s) = &m.obj {
                 table::forget_kernel(m.fd, s);

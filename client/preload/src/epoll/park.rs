@@ -8,8 +8,10 @@
 //! registered level-triggered in the kernel instance under `park_tag`),
 //! and left out of the looks and of each sleep's arming. It comes back
 //! (unparked) when that doorbell rings and its rings have news
-//! (`Set::rescan_parked`: every parked member is looked at, those without
-//! news armed again), when its kernel socket has an event (its
+//! (`Set::rescan_parked`: the parked members the rings name, by the
+//! connection id each ring carries, or all of them when a ring named
+//! none or may have been lost; those without news armed again), when its
+//! kernel socket has an event (its
 //! look reports it), when `Set::net` finds its rings ready (a ring that
 //! went to the process's common doorbell, or none), when the application
 //! changes or removes its registration, and when parking stops: the set
@@ -30,10 +32,12 @@ use std::time::Instant;
 /// Looks in a row with nothing to report before a member may be parked.
 pub(super) const PARK_AFTER: u32 = 64;
 /// Milliseconds without news after those looks before it is parked: a
-/// busy server's connections (nginx with 500 keep-alive clients) go quiet
-/// for many looks between two requests, and parking them costs more than
-/// it saves.
-pub(super) const PARK_IDLE_MS: u64 = 200;
+/// busy server's connections (nginx with 500 keep-alive clients, a
+/// request on each every few milliseconds) go quiet for many looks
+/// between two requests, and parking them costs more than it saves. (An
+/// unparking costs one look at the member its peer's ring names, and a
+/// pass over the parked members' tokens: `rescan_parked`.)
+pub(super) const PARK_IDLE_MS: u64 = 20;
 /// Members a set needs before any is parked.
 pub(super) const PARK_MIN: usize = 32;
 /// Answers between two looks at the clock and at the common doorbell for
@@ -45,7 +49,7 @@ const MISSED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 impl Member {
     /// Ends its parking, if it is parked.
     pub(super) fn unpark(&mut self) {
-        if let Some((id, gen)) = self.parked.take() {
+        if let Some((id, gen, _)) = self.parked.take() {
             awake::changed();
             self.obj.unpark(id, gen);
         }
@@ -111,7 +115,7 @@ impl Inner {
                 m.parked = None;
                 m.idle = 0;
             }
-            awake::changed();
+            self.awake.touch();
             self.park = None;
         }
     }
@@ -200,6 +204,7 @@ impl Set {
         let Some(pb) = &i.park else {
             return;
         };
+        let mut parked = false;
         for m in i.members.iter_mut() {
             if !m.due(&i.live, now) {
                 continue;
@@ -212,9 +217,9 @@ impl Set {
                 m.idle = 0;
                 continue;
             }
-            if let Some(gen) = m.obj.park(pb.sleep(), m.read(), m.write()) {
-                m.parked = Some((pb.id(), gen));
-                awake::changed();
+            if let Some((gen, token)) = m.obj.park(pb.sleep(), m.read(), m.write()) {
+                m.parked = Some((pb.id(), gen, token));
+                parked = true;
                 // Parked: a publish from now on rings the set's doorbell;
                 // one before is seen here.
                 // SAFETY: as in `collect`.
@@ -226,19 +231,32 @@ impl Set {
                 m.idle = 0;
             }
         }
+        if parked {
+            // (Parked ones leave the index.)
+            i.awake.touch();
+        }
     }
 
-    /// The set's doorbell rang: each parked member whose rings have news
-    /// is unparked; the others are armed again with a fresh wait (the ring
-    /// may have been one of theirs, its news taken by another reader since:
-    /// a peer rings once per wait) and looked at once more. Whether any was
-    /// unparked (the caller rings the set and has them looked at).
-    pub(super) fn rescan_parked(&self, i: &mut Inner) -> bool {
+    /// The set's doorbell rang: each parked member looked at whose rings
+    /// have news is unparked; the others looked at are armed again with a
+    /// fresh wait (the ring may have been one of theirs, its news taken by
+    /// another reader since: a peer rings once per wait) and looked at once
+    /// more. `only`: the
+    /// tokens of every ring the doorbell held, when each named its
+    /// connection and none can have been lost (`bells::ParkBell::
+    /// drain_named`): only the members they name are looked at (a member
+    /// whose peer did not ring still has its wait armed; a wrong token
+    /// costs a look). Whether any was unparked (the caller rings the set
+    /// and has them looked at).
+    pub(super) fn rescan_parked(&self, i: &mut Inner, only: Option<&[u64]>) -> bool {
         let mut any = false;
         for m in i.members.iter_mut() {
-            let Some((id, gen)) = m.parked else {
+            let Some((id, gen, token)) = m.parked else {
                 continue;
             };
+            if only.is_some_and(|o| token != 0 && !o.contains(&token)) {
+                continue;
+            }
             // SAFETY: as in `collect`.
             let fd = unsafe { borrow(m.fd) };
             let news = m.report(m.obj.readiness(fd, false)) != 0
@@ -320,7 +338,8 @@ impl Set {
 }
 
 /// The monotonic clock's coarse reading in milliseconds (the vDSO's, a few
-/// nanoseconds; its ticks of some milliseconds are fine for `PARK_IDLE_MS`).
+/// nanoseconds; a tick of 1 to 10 ms leaves `PARK_IDLE_MS` at least half
+/// of what it says).
 pub(super) fn coarse_ms() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,

@@ -70,9 +70,7 @@ pub fn doorbell_ringer(name: &BellName) -> io::Result<OwnedFd> {
 /// that lets a program write allows): false if that failed for another
 /// reason than a full queue (which already means "wake up").
 pub fn ring_bell(w: BorrowedFd<'_>) -> bool {
-    let one = [1u8];
-    let r = raw_write(w, &one);
-    r == 1 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    ring_bytes(w, &[1]) != Rang::Failed
 }
 
 /// What a ring with a token did.
@@ -90,8 +88,12 @@ pub enum Rang {
 /// Rings a doorbell as [`ring_bell`] does, with `token` (eight bytes,
 /// little-endian) as the ring's datagram.
 pub fn ring_bell_with(w: BorrowedFd<'_>, token: u64) -> Rang {
-    let b = token.to_le_bytes();
-    if raw_write(w, &b) == 8 {
+    ring_bytes(w, &token.to_le_bytes())
+}
+
+/// One ring of datagram `b`.
+fn ring_bytes(w: BorrowedFd<'_>, b: &[u8]) -> Rang {
+    if usize::try_from(raw_write(w, b)).is_ok_and(|n| n == b.len()) {
         Rang::Sent
     } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
         Rang::Full
@@ -146,7 +148,7 @@ pub fn drain_bell(r: BorrowedFd<'_>) -> bool {
 }
 
 /// What [`drain_tokens`] found.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Drained {
     /// The doorbell held at least one ring.
     pub any: bool,
@@ -165,11 +167,14 @@ pub struct Drained {
 /// judges more of them not whole).
 pub fn probe_queue(r: BorrowedFd<'_>, w: BorrowedFd<'_>) -> usize {
     let mut n = 0;
-    while n <= DRAIN_MAX && raw_write(w, &[1]) == 1 {
+    while n <= DRAIN_MAX && ring_bytes(w, &[1]) == Rang::Sent {
         n += 1;
     }
-    let mut buf = [0u8; 8];
-    while raw_read(r, &mut buf) >= 0 {}
+    // Bounded (a ringer may keep ringing): a ring left only wakes its
+    // owner once for nothing.
+    for _ in 0..2 {
+        drain_bell(r);
+    }
     n
 }
 

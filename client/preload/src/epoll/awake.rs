@@ -83,6 +83,15 @@ impl Awake {
         &self.at
     }
 
+    /// Brought up to date, then the members it names, in order.
+    pub(super) fn over<'a>(
+        &'a mut self,
+        members: &'a [Member],
+    ) -> impl Iterator<Item = &'a Member> {
+        self.update(members);
+        self.at.iter().map(move |&k| &members[k])
+    }
+
     /// Whether some member was parked at the last `update`.
     pub(super) fn any_parked(&self) -> bool {
         self.any_parked

@@ -8,7 +8,7 @@
 //! Never here: a wait, or a registration of the application's made
 //! anywhere but where the kernel would keep it.
 
-use super::{created, get, Member, Set, EPOLLEXCLUSIVE, REGISTERED};
+use super::{created, get, Set, EPOLLEXCLUSIVE, REGISTERED};
 use crate::obj::{Nested, Obj};
 use crate::table;
 use libc::{c_int, epoll_event};
@@ -95,21 +95,8 @@ pub fn ctl(
             if shim_member.is_some() || i.kernel.contains_key(&fd) {
                 return Err(libc::EEXIST);
             }
-            i.plain_seen = None;
             REGISTERED.insert(fd);
-            i.awake.touch();
-            i.members.push(Member {
-                idle: 0,
-                idle_since: 0,
-                parked: None,
-                fd,
-                obj,
-                events,
-                data,
-                seen: None,
-                disabled: false,
-                check: false,
-            });
+            i.add(fd, obj, events, data);
         }
         libc::EPOLL_CTL_MOD => {
             let (events, data) = want.ok_or(libc::EFAULT)?;
@@ -126,8 +113,7 @@ pub fn ctl(
         }
         libc::EPOLL_CTL_DEL => {
             let k = shim_member.ok_or(libc::ENOENT)?;
-            i.members.remove(k);
-            i.awake.touch();
+            i.remove_at(k);
             i.live.drop_fd(epfd, set.live_key, fd);
             i.member_left(epfd, set.park_tag);
         }

@@ -227,10 +227,7 @@ pub fn closed(fd: c_int) {
         let mut i = s.lock();
         i.kernel.remove(&fd);
         i.live.drop_fd(epfd, s.live_key, fd);
-        let before = i.members.len();
-        i.members.retain(|m| m.fd != fd);
-        if i.members.len() != before {
-            i.awake.touch();
+        if i.remove_fd(fd) {
             i.member_left(epfd, s.park_tag);
             s.any.store(!i.members.is_empty(), Ordering::SeqCst);
             drop(i);
@@ -264,20 +261,7 @@ pub fn became_accelerated(fd: c_int) {
         let mut ev = epoll_event { events, u64: data };
         // SAFETY: plain epoll_ctl on the application's instance; ev is live.
         unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
-        i.plain_seen = None;
-        i.awake.touch();
-        i.members.push(Member {
-            idle: 0,
-            idle_since: 0,
-            parked: None,
-            fd,
-            obj: Obj::Sock(sock.clone()),
-            events,
-            data,
-            seen: None,
-            disabled: false,
-            check: false,
-        });
+        i.add(fd, Obj::Sock(sock.clone()), events, data);
         s.any.store(true, Ordering::SeqCst);
         drop(i);
         s.ring();

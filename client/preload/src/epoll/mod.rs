@@ -167,6 +167,44 @@ struct Inner {
     awake: awake::Awake,
 }
 
+impl Inner {
+    /// A new member (not parked, nothing seen yet); it is looked at from
+    /// the next wait on (its socket's plainness checked, the index rebuilt).
+    fn add(&mut self, fd: c_int, obj: Obj, events: u32, data: u64) {
+        self.plain_seen = None;
+        self.awake.touch();
+        self.members.push(Member {
+            idle: 0,
+            idle_since: 0,
+            parked: None,
+            fd,
+            obj,
+            events,
+            data,
+            seen: None,
+            disabled: false,
+            check: false,
+        });
+    }
+
+    /// Takes out the member at position `k` (the index rebuilt).
+    fn remove_at(&mut self, k: usize) -> Member {
+        self.awake.touch();
+        self.members.remove(k)
+    }
+
+    /// Takes out the members registered under `fd`: whether there were any.
+    fn remove_fd(&mut self, fd: c_int) -> bool {
+        let before = self.members.len();
+        self.members.retain(|m| m.fd != fd);
+        let gone = self.members.len() != before;
+        if gone {
+            self.awake.touch();
+        }
+        gone
+    }
+}
+
 /// The shim's side of one epoll instance.
 pub struct Set {
     inner: Mutex<Inner>,
@@ -319,8 +357,7 @@ impl Set {
                 k += 1;
                 continue;
             }
-            let m = i.members.remove(k);
-            i.awake.touch();
+            let m = i.remove_at(k);
             i.live.drop_fd(epfd, self.live_key, m.fd);
             if let Obj::Sock(s) = &m.obj {
                 table::forget_kernel(m.fd, s);
@@ -481,11 +518,9 @@ impl Set {
         let mut guard = self.lock();
         let i = &mut *guard;
         let _polled = polled(i, if check_peer { Look::Peers } else { Look::Rings });
-        i.awake.update(&i.members);
-        i.awake
-            .positions()
-            .iter()
-            .map(|&k| &i.members[k])
+        let any = i
+            .awake
+            .over(&i.members)
             .filter(|m| m.parked.is_none() || m.check)
             .any(|m| {
                 // SAFETY: as in `collect`.
@@ -493,7 +528,8 @@ impl Set {
                     m.obj
                         .readiness(unsafe { borrow(m.fd) }, check_peer || m.check),
                 ) != 0
-            })
+            });
+        any
     }
 
     /// Arms every member that is not parked for a sleep (the fds to sleep
@@ -527,13 +563,11 @@ impl Set {
             }
         }
         let mut polled_socks = false;
-        // (Again: `unpark_all` above may have changed it.)
-        i.awake.update(&i.members);
+        // (Brought up to date again: `unpark_all` above may have changed
+        // it.)
         for m in i
             .awake
-            .positions()
-            .iter()
-            .map(|&k| &i.members[k])
+            .over(&i.members)
             .filter(|m| !m.disabled && m.parked.is_none())
         {
             // SAFETY: as in `collect`.
@@ -599,13 +633,12 @@ impl Set {
         // A parked member's kernel socket is watched through the kernel
         // instance (it was when it was parked, and stays so until it is
         // unparked): not asked.
-        i.awake.update(&i.members);
-        i.awake
-            .positions()
-            .iter()
-            .map(|&k| &i.members[k])
+        let all = i
+            .awake
+            .over(&i.members)
             .filter(|m| !m.disabled && m.parked.is_none())
-            .all(|m| m.obj.watched_by_sleep())
+            .all(|m| m.obj.watched_by_sleep());
+        all
     }
 
     /// Whether the last arming left a member's kernel socket to the sleep's

@@ -241,13 +241,12 @@ impl Set {
     /// have news is unparked; the others looked at are armed again with a
     /// fresh wait (the ring may have been one of theirs, its news taken by
     /// another reader since: a peer rings once per wait) and looked at once
-    /// more. `only`: the
-    /// tokens of every ring the doorbell held, when each named its
-    /// connection and none can have been lost (`bells::ParkBell::
-    /// drain_named`): only the members they name are looked at (a member
-    /// whose peer did not ring still has its wait armed; a wrong token
-    /// costs a look). Whether any was unparked (the caller rings the set
-    /// and has them looked at).
+    /// more. `only`: the tokens of every ring the doorbell held, when each
+    /// named its connection and none can have been lost
+    /// (`bells::ParkBell::drain_named`): only the members they name are
+    /// looked at (a member whose peer did not ring still has its wait
+    /// armed; a wrong token costs a look). Whether any was unparked (the
+    /// caller rings the set and has them looked at).
     pub(super) fn rescan_parked(&self, i: &mut Inner, only: Option<&[u64]>) -> bool {
         let mut any = false;
         for m in i.members.iter_mut() {

@@ -44,6 +44,15 @@ half HOST PORT KIB: sends KIB KiB of the pattern (64 KiB every 5 ms), shuts its 
 prints "SHUT", reads the answer to its end and prints "REPLY " and it.
 flood HOST PORT MIB: sends MIB MiB of the pattern in one sendall (it
 blocks once the peer stops reading), prints "SENT N" and closes.
+greet PORT FLAG: prints "PORT P" (P: the port, PORT 0 picks one), accepts
+one connection once the file FLAG exists, reads
+"hello", answers "ping", reads "pong", prints "GREETED" (or "WRONG" and
+what it read) and closes.
+handoff HOST PORT: connects, hands the socket at once to a new program
+(this file's "handed", started with the socket as an inherited fd),
+closes its own and waits for it; the new program sends "hello", reads
+"ping", answers "pong" and prints "HANDED OK" (or "HANDED WRONG" and what
+it read); it prints "HANDED UP" first.
 """
 import os
 import socket
@@ -399,6 +408,41 @@ def flood(host, port, mib):
     print("SENT", mib * MIB, flush=True)
 
 
+def greet(port, flag):
+    ls = listening(port)
+    print("PORT", ls.getsockname()[1], flush=True)
+    wait_for(flag)
+    c, _ = ls.accept()
+    got = recv_exact(c, 5)
+    if got == b"hello":
+        c.sendall(b"ping")
+        got = recv_exact(c, 4)
+    print("GREETED" if got == b"pong" else f"WRONG {got!r}", flush=True)
+    c.close()
+
+
+def handoff(host, port):
+    import subprocess
+    s = socket.create_connection((host, port))
+    child = subprocess.Popen([sys.executable, __file__, "handed", str(s.fileno())],
+                             pass_fds=[s.fileno()])
+    s.close()
+    child.wait()
+
+
+def handed(fd):
+    # (Under ssock-run the shim took the socket over, or left it plain,
+    # before this program's first line.)
+    print("HANDED UP", flush=True)
+    s = socket.socket(fileno=fd)
+    s.sendall(b"hello")
+    got = recv_exact(s, 4)
+    if got == b"ping":
+        s.sendall(b"pong")
+    print("HANDED OK" if got == b"ping" else f"HANDED WRONG {got!r}", flush=True)
+    s.close()
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -430,5 +474,11 @@ if __name__ == "__main__":
         half(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "flood":
         flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "greet":
+        greet(int(sys.argv[2]), sys.argv[3])
+    elif mode == "handoff":
+        handoff(sys.argv[2], int(sys.argv[3]))
+    elif mode == "handed":
+        handed(int(sys.argv[2]))
     else:
         sys.exit("unknown mode " + mode)

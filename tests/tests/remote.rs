@@ -388,6 +388,52 @@ fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_or
 }
 
 #[test]
+fn a_socket_handed_to_a_new_program_before_its_peer_accepted_keeps_every_byte() -> Result<()> {
+    // The client hands its socket to a program it starts (an inherited
+    // fd) right after the connect, while the server on host b has not
+    // accepted yet: devd cannot tell the new program what the connection
+    // is until host b's Claim comes, and the new program takes the socket
+    // for a plain one. Its "hello" went on TCP while the server's "ping"
+    // went into the link, where nobody read it (a hang). Now devd keeps
+    // such a connection on kernel TCP, all of it.
+    let Some(lab) = ready("handoff")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("accept");
+    let flag = flag.to_string_lossy();
+    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, "greet", "6520", &flag]))?;
+    server.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(&lab, 0, 6520)?;
+    let mut c =
+        Prog::start(lab.under_ssock(0, &["python3", &py, "handoff", &lab.addr[1], "6520"]))?;
+    // The new program has asked devd (its shim did at load, before its
+    // first line); then the server accepts.
+    c.expect(&["HANDED UP"], Duration::from_secs(30))?;
+    std::fs::write(&*flag, b"")?;
+    c.expect(&["HANDED OK"], Duration::from_secs(30))?;
+    server.expect(&["GREETED"], Duration::from_secs(10))?;
+    ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    // Handed over before the Claim: kernel TCP, counted on both hosts
+    // (connector_gone), never silently.
+    let gone = |t: &serde_json::Value| t["fallbacks"]["connector_gone"].as_u64().unwrap_or(0);
+    let a = totals(&lab, 0)?;
+    let b = settled(&lab, 1, |t| gone(t) == 1)?;
+    ensure!(
+        gone(&a) == 1
+            && gone(&b) == 1
+            && b["connections"]["kernel"] == 1
+            && remote_count(&a) + remote_count(&b) == 0
+            && queued_bytes(&a) + queued_bytes(&b) == 0,
+        "the connection should have stayed on kernel TCP, counted on both hosts: {a}\n{b}"
+    );
+    ensure!(lab
+        .log(0)
+        .contains("went to another process before a Claim"));
+    Ok(())
+}
+
+#[test]
 fn a_hostile_window_takes_its_link_down_and_its_connection_moves_to_tcp_harming_nothing(
 ) -> Result<()> {
     use ssock_hwbackends::ntb::{inbox, IvshmemWindow, Window};

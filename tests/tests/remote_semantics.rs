@@ -50,32 +50,49 @@ impl Drop for Agent {
 /// (its remote calls give up after 60 s each).
 fn run(lab: &TwoHosts, mut cmd: Command, port: u16, ctl: &std::path::Path) -> Result<String> {
     let remote = format!("{}:{port}:{}", lab.addr[1], ctl.display());
-    let mut child = cmd
+    // A group of its own: what it leaves behind is killed with it.
+    let mut child = std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
         .env("SEMANTICS_REMOTE", remote)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let mut out = child.stdout.take().context("stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
+    let out = child.stdout.take().context("stdout")?;
+    // Its output line by line: a child it left behind may hold the pipe
+    // open after it ended (its output is read until then, not to EOF).
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
     });
+    let mut text = String::new();
+    let take = |text: &mut String, wait: Duration| {
+        while let Ok(l) = lines.recv_timeout(wait) {
+            text.push_str(&l);
+            text.push('\n');
+        }
+    };
     let end = Instant::now() + Duration::from_secs(180);
     let status = loop {
+        take(&mut text, Duration::ZERO);
         if let Some(st) = child.try_wait()? {
             break st;
         }
         if Instant::now() > end {
             let _ = child.kill();
             let _ = child.wait();
-            let text = reader.join().unwrap_or_default();
+            take(&mut text, Duration::from_millis(500));
             bail!("semantics.py did not end within 3 minutes:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let text = reader.join().unwrap_or_default();
+    take(&mut text, Duration::from_millis(500));
+    let group = i32::try_from(child.id()).context("pid")?;
+    // SAFETY: kill on the process group this test made for the program
+    // (its pid is the group's id), which has ended: only what it left
+    // behind is still in it.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
     ensure!(status.success(), "semantics.py failed ({status}):\n{text}");
     Ok(text)
 }

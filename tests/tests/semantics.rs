@@ -7,7 +7,7 @@
 //! connections Direct (all but the refused connect, which stays plain).
 
 use anyhow::{ensure, Result};
-use ssock_tests::{have_app, Devd};
+use ssock_tests::{have_app, Devd, Peer};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -137,5 +137,44 @@ fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
     );
     let t = d.stats()?["totals"].clone();
     ensure!(t["connections"]["direct"] == 2, "totals {t}");
+    Ok(())
+}
+
+/// A socket handed to a new program (an inherited fd) right after its
+/// connect, before the server accepted: devd cannot tell the new program
+/// what the connection will be, and the new program takes it for a plain
+/// socket. Its "hello" went on TCP while the server's "ping" went into the
+/// region, where nobody read it (a hang). devd now keeps such a connection
+/// on kernel TCP, all of it, and counts it (connector_gone).
+#[test]
+fn a_socket_handed_to_a_new_program_before_its_acceptor_claimed_it_stays_on_kernel_tcp(
+) -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
+    let flag = d.socket.with_file_name("accept-flag");
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "greet", "0"]).arg(&flag);
+    let mut server = Peer::command(cmd)?;
+    let (port, _) = server.expect_port()?;
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "handoff", "127.0.0.1", &port]);
+    let mut client = Peer::command(cmd)?;
+    // The new program has asked devd (its shim did at load, before its
+    // first line); then the server accepts.
+    client.expect("HANDED UP")?;
+    std::fs::write(&flag, b"")?;
+    client.expect("HANDED OK")?;
+    server.expect("GREETED")?;
+    ensure!(client.wait_success()? && server.wait_success()?);
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["fallbacks"]["connector_gone"] == 1
+            && t["connections"]["kernel"] == 1
+            && t["connections"]["direct"] == 0,
+        "the connection should have stayed on kernel TCP, counted: {t}"
+    );
     Ok(())
 }

@@ -259,6 +259,26 @@ impl Devd {
         {}
     }
 
+    /// Another session's intent on socket `inode` (its connector handed
+    /// the socket to another process before an acceptor claimed it): what
+    /// the connection will be cannot be told to the new holder, which
+    /// takes it for a plain socket. So it stays on kernel TCP: the
+    /// connector is told (CLAIM = kernel), a later Claim is answered
+    /// ExpectKernel `connector_gone`. Else the new holder's bytes would
+    /// go on TCP while the acceptor's went into the region.
+    fn handed_before_claim(&mut self, inode: u64) {
+        for i in self.reg.retain_intents(|i| i.end.inode != inode) {
+            log::info!(
+                "connection {}: its connector's socket went to another process before a Claim; kernel TCP",
+                i.id
+            );
+            if let Err(e) = refuse(&i.res) {
+                log::debug!("connection {}: CLAIM word: {e}", i.id);
+            }
+            self.bury(i);
+        }
+    }
+
     /// Frees an intent nobody will claim: refunds its connector's charge
     /// and drops its resources (their fds close with it).
     pub(super) fn discard_intent(&mut self, i: Intent) {
@@ -567,15 +587,18 @@ impl Devd {
             // Not paired yet: the connector's own intent, asked for again
             // by the session that made it (its Proceed named a reused
             // region this process no longer keeps). The same end, with fds.
-            let intent = self
+            let own = self
                 .reg
                 .intents
                 .values_mut()
                 .flatten()
-                .find(|i| i.end.inode == inode && i.end.session == sid)
-                .ok_or(RequestError::NoConnection(inode))?;
-            let (a, fds) = attachment(&mut intent.res, intent.id, 0, false, None, None)?;
-            return Ok((Response::Attached(a), fds));
+                .find(|i| i.end.inode == inode && i.end.session == sid);
+            if let Some(intent) = own {
+                let (a, fds) = attachment(&mut intent.res, intent.id, 0, false, None, None)?;
+                return Ok((Response::Attached(a), fds));
+            }
+            self.handed_before_claim(inode);
+            return Err(RequestError::NoConnection(inode));
         };
         let reply = self.hand_out(id, e)?;
         let (pid, local) = (self.session(sid).pid, sys::local_addr(fd.as_fd()).ok());

@@ -432,6 +432,9 @@ impl Devd {
             return;
         }
         self.totals.kernel_connection();
+        if answer == Answer::ConnectorGone {
+            self.totals.fallback(FallbackReason::ConnectorGone);
+        }
         let Some(c) = self.reg.conns.get(&id) else {
             if answer == Answer::NoIntent {
                 self.totals.remote_unmatched += 1;
@@ -442,7 +445,6 @@ impl Devd {
         // A connector not under ssock counts towards its listener's
         // plain-peer streak; one that let go of its intent does not.
         if answer == Answer::ConnectorGone {
-            self.totals.fallback(FallbackReason::ConnectorGone);
             return;
         }
         self.totals.remote_unmatched += 1;

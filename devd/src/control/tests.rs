@@ -1027,3 +1027,56 @@ fn a_forward_request_gets_an_end_only_where_one_was_offered() {
     // And the connection is as it was.
     assert!(d.reg.conns.contains_key(&c.conn_id));
 }
+
+#[test]
+fn a_socket_another_process_attaches_before_the_claim_keeps_its_connection_on_kernel_tcp() {
+    let mut d = devd("");
+    session(&mut d, 3);
+    let l = listener(&mut d);
+    let dst = l.local_addr().unwrap();
+    let s = socket();
+    let (r, fds) = intent(&mut d, &s, dst);
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+    let claim_word = || {
+        let mut w = [0u8; 4];
+        sys::pread_exact(fds[0].as_fd(), &mut w, layout::hov::CLAIM as u64).unwrap();
+        u32::from_le_bytes(w)
+    };
+    assert_ne!(claim_word(), layout::CLAIM_KERNEL);
+    s.connect(&dst.into()).unwrap();
+    // Session 3 (a program the connector handed its socket to) asks
+    // before the acceptor claimed: nothing it could use yet, so the
+    // connection is decided now, kernel TCP.
+    let fd = s.as_fd().try_clone_to_owned().unwrap();
+    let (r, _) = d.handle(3, Request::Attach, vec![fd]);
+    assert!(
+        matches!(r, Response::Error { code, .. } if code == libc::ENOENT as u32),
+        "{r:?}"
+    );
+    assert!(d.reg.intents.is_empty());
+    assert!(d.reg.intents_of.is_empty() && d.reg.usage.is_empty());
+    assert_eq!(claim_word(), layout::CLAIM_KERNEL);
+    // The acceptor's Claim: kernel, counted.
+    let (a, _) = l.accept().unwrap();
+    let (r, _) = claim(&mut d, &a);
+    assert!(
+        matches!(
+            r,
+            Response::ExpectKernel {
+                reason: FallbackReason::ConnectorGone,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(d.reg.conns.is_empty());
+    // The connector's own session still gets its end again.
+    let s = socket();
+    let (r, _) = intent(&mut d, &s, dst);
+    assert!(matches!(r, Response::Proceed { .. }), "{r:?}");
+    let fd = s.as_fd().try_clone_to_owned().unwrap();
+    assert!(matches!(
+        d.handle(1, Request::Attach, vec![fd]).0,
+        Response::Attached(_)
+    ));
+}

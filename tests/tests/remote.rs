@@ -341,18 +341,14 @@ fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_or
         return Ok(());
     };
     let py = remote_py();
-    let flag = lab.dir.join("accept");
-    let flag = flag.to_string_lossy();
-    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, "answer", "6510", &flag]))?;
-    server.expect(&["LISTENING"], Duration::from_secs(10))?;
-    heard(&lab, 0, 6510)?;
+    let (mut server, flag) = gated_server(&lab, "answer", 6510)?;
     let mut c =
         Prog::start(lab.under_ssock(0, &["python3", &py, "late", &lab.addr[1], "6510", "100000"]))?;
     c.expect(&["CONNECTED"], Duration::from_secs(10))?;
     let devd_a = lab.devd_pid(0)?;
     // SAFETY: kill on the lab's devd of host a, which this test started.
     ensure!(unsafe { libc::kill(devd_a, libc::SIGSTOP) } == 0);
-    std::fs::write(&*flag, b"")?;
+    std::fs::write(&flag, b"")?;
     let answered = server.expect(&["ANSWERED"], Duration::from_secs(10));
     // Host b's side gone (its end released) before host a's opens: only
     // then is it never heard. Within 1.5 s, before host b would take the
@@ -400,17 +396,13 @@ fn a_socket_handed_to_a_new_program_before_its_peer_accepted_keeps_every_byte() 
         return Ok(());
     };
     let py = remote_py();
-    let flag = lab.dir.join("accept");
-    let flag = flag.to_string_lossy();
-    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, "greet", "6520", &flag]))?;
-    server.expect(&["LISTENING"], Duration::from_secs(10))?;
-    heard(&lab, 0, 6520)?;
+    let (mut server, flag) = gated_server(&lab, "greet", 6520)?;
     let mut c =
         Prog::start(lab.under_ssock(0, &["python3", &py, "handoff", &lab.addr[1], "6520"]))?;
     // The new program has asked devd (its shim did at load, before its
     // first line); then the server accepts.
     c.expect(&["HANDED UP"], Duration::from_secs(30))?;
-    std::fs::write(&*flag, b"")?;
+    std::fs::write(&flag, b"")?;
     c.expect(&["HANDED OK"], Duration::from_secs(30))?;
     server.expect(&["GREETED"], Duration::from_secs(10))?;
     ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
@@ -628,4 +620,19 @@ fn ssock_bench_switch_measures_a_drop_and_a_restore_of_the_link() -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// remote.py `mode` on host b under ssock-run at `port`, accepting only
+/// once the returned file exists, and heard of by host a's devd.
+fn gated_server(
+    lab: &ssock_tests::lab::TwoHosts,
+    mode: &str,
+    port: u16,
+) -> Result<(Prog, std::path::PathBuf)> {
+    let (py, flag) = (remote_py(), lab.dir.join("accept"));
+    let (p, f) = (port.to_string(), flag.to_string_lossy().into_owned());
+    let mut server = Prog::start(lab.under_ssock(1, &["python3", &py, mode, &p, &f]))?;
+    server.expect(&["LISTENING"], Duration::from_secs(10))?;
+    heard(lab, 0, port)?;
+    Ok((server, flag))
 }

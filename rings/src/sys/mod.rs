@@ -460,14 +460,21 @@ pub fn child_of() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A doorbell and two ringers' ends of it.
+    fn bell_with_two_ringers() -> (OwnedFd, OwnedFd, OwnedFd) {
+        let (own, name) = doorbell_owner().unwrap();
+        (
+            own,
+            doorbell_ringer(&name).unwrap(),
+            doorbell_ringer(&name).unwrap(),
+        )
+    }
 
     #[test]
     fn a_ringer_that_disconnects_its_end_changes_nobody_elses_rings() {
-        let (own, name) = doorbell_owner().unwrap();
-        let (a, b) = (
-            doorbell_ringer(&name).unwrap(),
-            doorbell_ringer(&name).unwrap(),
-        );
+        let (own, a, b) = bell_with_two_ringers();
         // A hostile holder of `a` disconnects it (connect with AF_UNSPEC).
         let sa = libc::sockaddr {
             sa_family: libc::sa_family_t::try_from(libc::AF_UNSPEC).unwrap(),
@@ -485,15 +492,9 @@ mod tests {
         assert!(!ring_bell(b.as_fd()));
     }
 
-    use super::*;
-
     #[test]
     fn a_drain_names_the_ringers_tokens_and_says_when_some_are_unknown() {
-        let (own, name) = doorbell_owner().unwrap();
-        let (a, b) = (
-            doorbell_ringer(&name).unwrap(),
-            doorbell_ringer(&name).unwrap(),
-        );
+        let (own, a, b) = bell_with_two_ringers();
         // The queue's limit, found by filling it (emptied after).
         let limit = probe_queue(own.as_fd(), a.as_fd());
         assert!(limit >= 1);

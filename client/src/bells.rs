@@ -777,6 +777,13 @@ impl ProcessBells {
         true
     }
 
+    /// Rings the peer's common doorbell, which wakes every sleeping thread
+    /// of its process (false if it is not known or cannot be rung).
+    pub fn ring_common(&self) -> bool {
+        let common = self.common.load(std::sync::atomic::Ordering::Relaxed);
+        common != 0 && self.ring_known(common).unwrap_or(false)
+    }
+
     /// The peer's common doorbell, learnt later (the acceptor's, written
     /// by devd at the Claim).
     pub fn set_common(&self, id: u32) {

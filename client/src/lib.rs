@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bells;
+pub mod exec_target;
 pub mod negotiate;
 pub mod options;
 pub mod session;

@@ -392,6 +392,43 @@ impl Producer {
         self.refresh_tail()?;
         Ok(self.head - self.tail_seen)
     }
+
+    /// Bytes written so far by every holder of this end (caught up with
+    /// writes another process holding it made).
+    pub fn position_now(&mut self) -> Result<u64, Violation> {
+        self.resync()?;
+        Ok(self.head)
+    }
+
+    /// A copy of the bytes written from stream position `from` on, which
+    /// the consumer has not taken (it stopped at `from`: the move back to
+    /// the kernel socket, docs/protocol.md section 2.4). `from` is the
+    /// other end's word: checked against what this end wrote and what
+    /// the ring still holds.
+    pub fn unconsumed_from(&mut self, from: u64) -> Result<Vec<u8>, Violation> {
+        self.resync()?;
+        self.refresh_tail()?;
+        // Relaxed: only this side moves base.
+        let base = self.map.u64_at(self.o.base).load(Ordering::Relaxed);
+        if from > self.head || self.head - from > self.cap || from < base || from < self.tail_seen {
+            return Err(Violation("closing offset outside what the ring holds"));
+        }
+        let mut out = vec![0; idx(self.head - from)];
+        copy_out(
+            &self.map,
+            self.o.data,
+            self.cap,
+            from.wrapping_sub(base),
+            &mut out,
+        );
+        Ok(out)
+    }
+
+    /// Wakes the consumer if it sleeps (after a hand-over word changed
+    /// that it must look at).
+    pub fn nudge(&mut self) {
+        self.wake_consumer();
+    }
 }
 
 impl Consumer {
@@ -621,6 +658,23 @@ impl Consumer {
         self.tail
     }
 
+    /// Bytes consumed so far by every holder of this end (caught up with
+    /// reads another process holding it made).
+    pub fn position_now(&mut self) -> Result<u64, Violation> {
+        self.resync()?;
+        Ok(self.tail)
+    }
+
+    /// The ring's capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// Wakes the producer if it sleeps (see `Producer::nudge`).
+    pub fn nudge(&mut self) {
+        self.wake_producer();
+    }
+
     /// Bytes the producer had published when last looked at.
     pub fn produced_seen(&self) -> u64 {
         self.head_seen
@@ -796,6 +850,28 @@ mod tests {
         p.reset();
         let mut b = [0u8; 8];
         assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Reset);
+    }
+
+    #[test]
+    fn what_the_consumer_did_not_take_is_copied_back_from_where_it_stopped() {
+        let (mut p, mut c, _m, l) = pair(16384);
+        let data: Vec<u8> = (0..l.cap).map(|i| i.to_le_bytes()[0] ^ 0x5a).collect();
+        assert_eq!(p.write(&data[..1000]).unwrap(), 1000);
+        let mut b = vec![0u8; 300];
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(300));
+        // The rest of the ring, then 200 bytes across its end.
+        assert_eq!(p.write(&data[1000..]).unwrap(), l.cap - 1000);
+        assert_eq!(p.write(&[9; 200]).unwrap(), 200);
+        let end = l.cap as u64 + 200;
+        assert_eq!(c.position_now().unwrap(), 300);
+        let mut want = data[300..].to_vec();
+        want.extend([9; 200]);
+        assert_eq!(p.unconsumed_from(300).unwrap(), want);
+        assert_eq!(p.unconsumed_from(end).unwrap(), []);
+        // Before what the consumer took, or past what was written: refused.
+        assert!(p.unconsumed_from(299).is_err());
+        assert!(p.unconsumed_from(end + 1).is_err());
+        assert_eq!(p.position_now().unwrap(), end);
     }
 
     #[test]

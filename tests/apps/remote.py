@@ -48,11 +48,23 @@ greet PORT FLAG: prints "PORT P" (P: the port, PORT 0 picks one), accepts
 one connection once the file FLAG exists, reads
 "hello", answers "ping", reads "pong", prints "GREETED" (or "WRONG" and
 what it read) and closes.
-handoff HOST PORT: connects, hands the socket at once to a new program
-(this file's "handed", started with the socket as an inherited fd),
+handoff HOST PORT [plain]: connects, hands the socket at once to a new
+program (this file's "handed", started with the socket as an inherited fd;
+plain: with its environment cleared but for PATH, so without ssock),
 closes its own and waits for it; the new program sends "hello", reads
 "ping", answers "pong" and prints "HANDED OK" (or "HANDED WRONG" and what
 it read); it prints "HANDED UP" first.
+moving PORT [close]: prints "PORT P", accepts one connection, reads "1",
+writes "2", reads "3", writes "hello", reads "ping", writes "pong", reads
+to EOF, prints "SERVED OK" (or "SERVED WRONG" and what it read) and
+closes (close: closes right after "hello", prints "SERVED CLOSED").
+moved HOST PORT exec|spawn [FLAG]: connects, writes "1", reads "2", writes
+"3", waits until the socket is readable (the server's "hello") without
+reading (and until the file FLAG exists), then hands the socket to a plain program (this file's "handed_moved", its
+environment cleared but for PATH): exec replaces this process with it;
+spawn starts it, closes its own socket and waits for it. The plain
+program reads "hello", writes "ping", reads "pong", prints "HANDED OK" (or
+"HANDED WRONG" and what it read, "HANDED RESET" if reset) and closes.
 """
 import os
 import socket
@@ -421,13 +433,79 @@ def greet(port, flag):
     c.close()
 
 
-def handoff(host, port):
+def plain_env():
+    """An environment without ssock (LD_PRELOAD and SSOCK_* gone)."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+def handoff(host, port, plain=False):
     import subprocess
     s = socket.create_connection((host, port))
     child = subprocess.Popen([sys.executable, __file__, "handed", str(s.fileno())],
-                             pass_fds=[s.fileno()])
+                             pass_fds=[s.fileno()], env=plain_env() if plain else None)
     s.close()
     child.wait()
+
+
+def moving(port, close=False):
+    ls = listening(port)
+    print("PORT", ls.getsockname()[1], flush=True)
+    c, _ = ls.accept()
+    if close:
+        ok = recv_exact(c, 1) == b"1"
+        c.sendall(b"2")
+        ok = ok and recv_exact(c, 1) == b"3"
+        c.sendall(b"hello")
+        c.close()
+        print("SERVED CLOSED" if ok else "SERVED WRONG", flush=True)
+        return
+    got = []
+    for want, answer in ((b"1", b"2"), (b"3", b"hello"), (b"ping", b"pong")):
+        b = recv_exact(c, len(want))
+        got.append(b)
+        if b != want:
+            break
+        c.sendall(answer)
+    rest = read_all(c)
+    ok = got == [b"1", b"3", b"ping"] and rest == b""
+    print("SERVED OK" if ok else f"SERVED WRONG {got!r} {rest!r}", flush=True)
+    c.close()
+
+
+def moved(host, port, how, flag=None):
+    import select
+    import subprocess
+    s = socket.create_connection((host, port))
+    s.sendall(b"1")
+    got = recv_exact(s, 1)
+    s.sendall(b"3")
+    select.select([s], [], [], 10)
+    if flag:
+        wait_for(flag)
+    if got != b"2":
+        print("MOVED WRONG", repr(got), flush=True)
+        return
+    argv = [sys.executable, __file__, "handed_moved", str(s.fileno())]
+    if how == "exec":
+        os.set_inheritable(s.fileno(), True)
+        os.execve(sys.executable, argv, plain_env())
+    child = subprocess.Popen(argv, pass_fds=[s.fileno()], env=plain_env())
+    s.close()
+    child.wait()
+
+
+def handed_moved(fd):
+    s = socket.socket(fileno=fd)
+    try:
+        got = recv_exact(s, 5)
+        if got == b"hello":
+            s.sendall(b"ping")
+            got = recv_exact(s, 4)
+    except ConnectionResetError:
+        print("HANDED RESET", flush=True)
+        return
+    print("HANDED OK" if got == b"pong" else f"HANDED WRONG {got!r}", flush=True)
+    s.close()
 
 
 def handed(fd):
@@ -477,7 +555,13 @@ if __name__ == "__main__":
     elif mode == "greet":
         greet(int(sys.argv[2]), sys.argv[3])
     elif mode == "handoff":
-        handoff(sys.argv[2], int(sys.argv[3]))
+        handoff(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["plain"])
+    elif mode == "moving":
+        moving(int(sys.argv[2]), sys.argv[3:] == ["close"])
+    elif mode == "moved":
+        moved(sys.argv[2], int(sys.argv[3]), sys.argv[4], (sys.argv[5:] or [None])[0])
+    elif mode == "handed_moved":
+        handed_moved(int(sys.argv[2]))
     elif mode == "handed":
         handed(int(sys.argv[2]))
     else:

@@ -178,3 +178,130 @@ fn a_socket_handed_to_a_new_program_before_its_acceptor_claimed_it_stays_on_kern
     );
     Ok(())
 }
+
+/// A connected socket handed to a plain program (its environment cleared:
+/// no ssock there) before its acceptor claimed it. The new program reads
+/// and writes the kernel socket only; its connector's shim, in the forked
+/// child before the exec, pins both directions there, so the server's
+/// answer, which would have gone into the region where nobody reads it,
+/// goes on TCP.
+#[test]
+fn a_socket_handed_to_a_plain_program_before_its_acceptor_claimed_it_keeps_every_byte() -> Result<()>
+{
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
+    let flag = d.socket.with_file_name("accept-flag");
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "greet", "0"]).arg(&flag);
+    let mut server = Peer::command(cmd)?;
+    let (port, _) = server.expect_port()?;
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "handoff", "127.0.0.1", &port, "plain"]);
+    let mut client = Peer::command(cmd)?;
+    client.expect("HANDED UP")?;
+    std::fs::write(&flag, b"")?;
+    client.expect("HANDED OK")?;
+    server.expect("GREETED")?;
+    ensure!(client.wait_success()? && server.wait_success()?);
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["connections"]["direct"] == 1,
+        "the connection should have been paired (then kept on TCP by its ends): {t}"
+    );
+    Ok(())
+}
+
+/// A Direct connection whose bytes moved to the region, handed to a plain
+/// program (exec in place, or a spawned child with its environment
+/// cleared) while the server's "hello" waits unread in the region: the
+/// client's shim closes the region before the exec, at what it read and
+/// wrote; the server's shim sends "hello" again on the kernel socket and
+/// reads the plain program's "ping" there. Both logs say so.
+#[test]
+fn a_direct_connection_handed_to_a_plain_program_moves_back_to_the_kernel_socket() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
+    for (i, how) in ["exec", "spawn"].into_iter().enumerate() {
+        let slog = d.socket.with_file_name(format!("server-{how}.log"));
+        let clog = d.socket.with_file_name(format!("client-{how}.log"));
+        let mut cmd = d.ssock_run("python3");
+        cmd.args([py, "moving", "0"]).env("SSOCK_LOG", &slog);
+        let mut server = Peer::command(cmd)?;
+        let (port, _) = server.expect_port()?;
+        let mut cmd = d.ssock_run("python3");
+        cmd.args([py, "moved", "127.0.0.1", &port, how])
+            .env("SSOCK_LOG", &clog);
+        let mut client = Peer::command(cmd)?;
+        client.expect("HANDED OK")?;
+        server.expect("SERVED OK")?;
+        ensure!(client.wait_success()? && server.wait_success()?);
+        let t = d.stats()?["totals"].clone();
+        ensure!(
+            t["connections"]["direct"] == i + 1 && t["connections"]["kernel"] == 0,
+            "{how}: the connection should have been Direct: {t}"
+        );
+        let s = std::fs::read_to_string(&slog)?;
+        let c = std::fs::read_to_string(&clog)?;
+        ensure!(
+            s.lines().any(
+                |l| l.contains("writes back on the kernel socket at region offset")
+                    && l.ends_with("(5 bytes again)")
+            ),
+            "{how}: the server should have sent \"hello\" again on the kernel socket:\n{s}"
+        );
+        ensure!(
+            c.contains("leaves the region for a program without ssock"),
+            "{how}: the client should have left the region before the exec:\n{c}"
+        );
+    }
+    Ok(())
+}
+
+/// As above, but the server closed right after its "hello", before the
+/// client handed the socket on: those bytes are only in the region, and
+/// nobody can send them again. The plain program gets a reset (the
+/// client's shim aborts the connection before the exec), never a stream
+/// that ends cleanly without them. (Kernel TCP would have delivered them:
+/// a limit of docs/protocol.md 2.6.)
+#[test]
+fn a_plain_program_gets_a_reset_not_a_short_stream_when_its_peer_left_bytes_only_in_the_region(
+) -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
+    let clog = d.socket.with_file_name("client.log");
+    let flag = d.socket.with_file_name("closed-flag");
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "moving", "0", "close"]);
+    let mut server = Peer::command(cmd)?;
+    let (port, _) = server.expect_port()?;
+    let mut cmd = d.ssock_run("python3");
+    cmd.args([py, "moved", "127.0.0.1", &port, "exec"])
+        .arg(&flag)
+        .env("SSOCK_LOG", &clog);
+    let mut client = Peer::command(cmd)?;
+    server.expect("SERVED CLOSED")?;
+    // The client hands the socket on only once the server closed.
+    std::fs::write(&flag, b"")?;
+    client.expect("HANDED RESET")?;
+    ensure!(client.wait_success()? && server.wait_success()?);
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["connections"]["direct"] == 1,
+        "the connection should have been Direct: {t}"
+    );
+    let c = std::fs::read_to_string(&clog)?;
+    ensure!(
+        c.contains("reset before an exec: its peer left with bytes only the region had"),
+        "the client should have reset the connection before the exec:\n{c}"
+    );
+    Ok(())
+}

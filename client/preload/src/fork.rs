@@ -5,7 +5,9 @@
 //! session), vfork served as fork (so that the handlers run), posix_spawn
 //! and posix_spawnp (a hold for each socket the new program inherits),
 //! and the exec family (the holds of sockets that close at exec go with
-//! this image, and come back if the exec fails).
+//! this image, and come back if the exec fails). Before an exec or spawn
+//! whose new program will not take the sockets over, those it inherits
+//! leave their regions (`takeover`).
 //!
 //! Never here: a lock a handler cannot take in a forking process (every
 //! lock taken before the fork is released after it, in both processes),
@@ -13,6 +15,7 @@
 
 use crate::boundary::{self, enter, set_errno};
 use crate::sock::{self, lock};
+use crate::takeover::{leave_unless_taken, Env};
 use crate::{epoll, real, table};
 use libc::c_int;
 
@@ -88,7 +91,9 @@ pub unsafe fn vfork() -> libc::pid_t {
 /// shim), so each gets a hold first, as at fork; taken back if the spawn
 /// fails. (A file action that closes one leaves an extra hold: the stream
 /// then ends through the kernel socket's FIN, still an end of stream.)
-fn spawn_holding(spawn: impl FnOnce() -> c_int) -> c_int {
+/// (`leave` first: as for an exec.)
+fn spawn_holding(leave: impl FnOnce(), spawn: impl FnOnce() -> c_int) -> c_int {
+    leave();
     let held = table::inheritable();
     for s in &held {
         lock(s).fork_hold();
@@ -116,7 +121,9 @@ pub unsafe fn posix_spawn(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().posix_spawn)(pid, path, acts, attr, argv, envp) };
-    enter(|| spawn_holding(real), real)
+    // SAFETY: posix_spawn's own contract on path and envp.
+    let leave = || unsafe { leave_unless_taken(path, false, Env::Given(envp.cast())) };
+    enter(|| spawn_holding(leave, real), real)
 }
 
 /// posix_spawnp(3).
@@ -133,14 +140,28 @@ pub unsafe fn posix_spawnp(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().posix_spawnp)(pid, file, acts, attr, argv, envp) };
-    enter(|| spawn_holding(real), real)
+    // SAFETY: posix_spawnp's own contract on file and envp.
+    let leave = || unsafe { leave_unless_taken(file, true, Env::Given(envp.cast())) };
+    enter(|| spawn_holding(leave, real), real)
 }
 
-/// Runs an exec: the holds of accelerated sockets whose every fd closes at
+/// Runs an exec of `prog` (searched in PATH if `search`) with `env` after
+/// the sockets the new program inherits but will not take over left
+/// their regions (`takeover`): the holds of accelerated sockets whose every fd closes at
 /// exec (FD_CLOEXEC) go with this image (the new one will not have them),
 /// and come back if the exec fails. Sockets that survive exec keep their
 /// hold: the new image takes them over without adding one.
-fn exec_releasing(exec: impl FnOnce() -> c_int) -> c_int {
+///
+/// # Safety
+/// As `takeover::leave_unless_taken` on `prog` and `env`.
+unsafe fn exec_releasing(
+    prog: *const libc::c_char,
+    search: bool,
+    env: Env,
+    exec: impl FnOnce() -> c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { leave_unless_taken(prog, search, env) };
     let closing = table::closing_at_exec();
     for s in &closing {
         lock(s).drop_hold();
@@ -165,7 +186,12 @@ pub unsafe fn execve(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().execve)(path, argv, envp) };
-    enter(|| exec_releasing(real), real)
+    // SAFETY: exec's own contract on path and its environment
+    // (the caller's).
+    enter(
+        || unsafe { exec_releasing(path, false, Env::Given(envp), real) },
+        real,
+    )
 }
 
 /// execv(3).
@@ -175,7 +201,12 @@ pub unsafe fn execve(
 pub unsafe fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().execv)(path, argv) };
-    enter(|| exec_releasing(real), real)
+    // SAFETY: exec's own contract on path and its environment
+    // (the caller's).
+    enter(
+        || unsafe { exec_releasing(path, false, Env::Current, real) },
+        real,
+    )
 }
 
 /// execvp(3).
@@ -185,7 +216,12 @@ pub unsafe fn execv(path: *const libc::c_char, argv: *const *const libc::c_char)
 pub unsafe fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().execvp)(file, argv) };
-    enter(|| exec_releasing(real), real)
+    // SAFETY: exec's own contract on file and its environment
+    // (the caller's).
+    enter(
+        || unsafe { exec_releasing(file, true, Env::Current, real) },
+        real,
+    )
 }
 
 /// execvpe(3).
@@ -199,5 +235,10 @@ pub unsafe fn execvpe(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().execvpe)(file, argv, envp) };
-    enter(|| exec_releasing(real), real)
+    // SAFETY: exec's own contract on file and its environment
+    // (the caller's).
+    enter(
+        || unsafe { exec_releasing(file, true, Env::Given(envp), real) },
+        real,
+    )
 }

@@ -41,6 +41,7 @@ mod sleep;
 mod sock;
 mod sockctl;
 mod table;
+mod takeover;
 mod transfer;
 mod wait;
 

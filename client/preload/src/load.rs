@@ -7,7 +7,7 @@
 //!
 //! Never here: anything that may run after load.
 
-use crate::{fork, inherit, real};
+use crate::{fork, inherit, real, takeover};
 
 extern "C" fn init() {
     // What the shim needs from the environment and the system, taken now:
@@ -18,6 +18,7 @@ extern "C" fn init() {
     // Fork counting from the start (see `watch_forks`).
     ssock_client::negotiate::watch_forks();
     real::get();
+    takeover::remember_self();
     inherit::inherit_at_load();
     // SAFETY: registering handlers that live for the whole program (plain
     // functions); pthread_atfork has no other preconditions.

@@ -10,9 +10,10 @@
 //! that fails the program's call.
 
 use std::io::Write;
-use std::sync::Mutex;
 
-struct FileLog(Mutex<std::fs::File>);
+/// No lock: each line is one `write` (a lock held by another thread at a
+/// fork would stay held in the child, which may log before its exec).
+struct FileLog(std::fs::File);
 
 impl log::Log for FileLog {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
@@ -29,10 +30,9 @@ impl log::Log for FileLog {
                 r.level(),
                 r.args()
             );
-            let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
             // A log line that cannot be written is dropped: never an error
             // in the application's call.
-            let _ = f.write(line.as_bytes());
+            let _ = (&self.0).write(line.as_bytes());
         }
     }
 
@@ -59,7 +59,7 @@ pub fn init() {
         Some("debug") => log::LevelFilter::Debug,
         _ => log::LevelFilter::Info,
     };
-    if log::set_logger(Box::leak(Box::new(FileLog(Mutex::new(f))))).is_ok() {
+    if log::set_logger(Box::leak(Box::new(FileLog(f)))).is_ok() {
         log::set_max_level(level);
     }
 }

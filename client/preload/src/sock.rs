@@ -500,6 +500,16 @@ impl Sock {
         t.close_on(&ctx);
     }
 
+    /// This process is about to exec a program that will not take the
+    /// socket over: its connection leaves the region for the kernel
+    /// socket (`Transport::before_plain_exec`).
+    pub fn before_plain_exec(&mut self, fd: BorrowedFd<'_>) {
+        let ctx = self.ctx(fd);
+        if let State::Up(t) = &mut self.state {
+            t.before_plain_exec(&ctx);
+        }
+    }
+
     /// Takes back a `fork_hold` (the fd passing failed).
     pub fn drop_hold(&mut self) {
         if let State::Up(t) = &mut self.state {

@@ -327,6 +327,21 @@ pub fn inheritable() -> Vec<Entry> {
     held
 }
 
+/// The accelerated sockets whose fds survive exec, each once with one of
+/// its fds that does.
+pub fn surviving_exec() -> Vec<(i32, Entry)> {
+    if !ANY.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let mut out: Vec<(i32, Entry)> = Vec::new();
+    for (fd, e) in all().filter(|(fd, _)| survives_exec(*fd)) {
+        if !out.iter().any(|(_, h)| std::sync::Arc::ptr_eq(h, &e)) {
+            out.push((fd, e));
+        }
+    }
+    out
+}
+
 /// The fds of accelerated sockets.
 pub fn fds() -> Vec<i32> {
     all().map(|(fd, _)| fd).collect()

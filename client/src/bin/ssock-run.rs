@@ -10,6 +10,7 @@
 //! none` runs with the shim but no devd (everything stays on kernel TCP).
 //! A devd is started only once PROGRAM was found.
 
+use ssock_client::exec_target::{not_interceptable, resolve};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -138,52 +139,6 @@ fn auto_socket() -> Result<PathBuf, String> {
     Ok(socket)
 }
 
-/// PROGRAM as exec would find it (PATH search for a bare name): an
-/// executable file, or None.
-fn resolve(prog: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let runnable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if prog.contains('/') {
-        return Some(PathBuf::from(prog)).filter(|p| runnable(p));
-    }
-    // Unset PATH: the C library's default search path.
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| runnable(p))
-}
-
-/// Why the preload cannot reach `path`, if it cannot: a setuid/setgid
-/// program (the loader ignores LD_PRELOAD there), a static or 32-bit ELF.
-fn not_interceptable(path: &Path) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode();
-    if mode & 0o6000 != 0 {
-        return Some("it is setuid/setgid: the loader ignores LD_PRELOAD".into());
-    }
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut elf = Vec::new();
-    f.by_ref().take(64 * 1024).read_to_end(&mut elf).ok()?;
-    if elf.get(..4)? != b"\x7fELF" {
-        return None; // a script: its interpreter is what runs
-    }
-    if elf.get(4) != Some(&2) {
-        return Some("it is a 32-bit program (libssock.so is 64-bit)".into());
-    }
-    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
-    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
-    let (size, count) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
-    let interp = (0..count).any(|i| {
-        let o = phoff + i * size;
-        elf.get(o..o + 4) == Some(&3u32.to_le_bytes()[..]) // PT_INTERP
-    });
-    (!interp).then(|| "it is statically linked: there is no loader to preload into".into())
-}
-
 /// Runs PROGRAM (exec: returns only on failure): the exit status and why.
 fn run() -> (i32, String) {
     let mut args = std::env::args().skip(1);
@@ -233,7 +188,7 @@ fn run() -> (i32, String) {
         );
     };
     // Before any devd is started: a program that cannot run needs none.
-    let Some(path) = resolve(prog) else {
+    let Some(path) = resolve(prog.as_ref(), std::env::var_os("PATH").as_deref()) else {
         let where_ = if prog.contains('/') { "" } else { " in PATH" };
         return (NOT_RUN, format!("{prog}: no such executable file{where_}"));
     };

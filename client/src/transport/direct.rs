@@ -2,12 +2,19 @@
 //! ring per direction. No syscall on a busy path; a blocked call spins for
 //! its budget, then sleeps on its process's doorbell (`crate::bells`) and
 //! the kernel socket (liveness).
+//!
+//! The region part of a direction can be closed (docs/protocol.md 2.4):
+//! by an end whose process execs a program that will not take the end
+//! over (`Handover::before_plain_exec`), at what it read and what it
+//! wrote; the other end then reads up to the closed offset and sends
+//! again, from the ring, what was not taken. Must never: take a byte past
+//! a closed offset, or judge the kernel socket of a closed connection.
 
 use super::{liveness, pipe_error, reset_error, would_block, Ctx, Liveness, Ready, Transport};
 use crate::bells;
 use crate::session::Session;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
-use ssock_rings::layout::{self, check_header, DirectLayout, RegionKind};
+use ssock_rings::layout::{self, check_header, DirectLayout, RegionKind, Taken};
 use ssock_rings::notify::{sleep, spin_until, Gate};
 use ssock_rings::shm::Mapping;
 use ssock_rings::stream::{Consumer, Producer, ReadOutcome, Violation};
@@ -324,12 +331,37 @@ impl Direct {
         }
     }
 
+    /// Where direction `d`'s region part was closed, if it was.
+    fn closed_at(&self, d: usize) -> Option<u64> {
+        match layout::taken(&self.map, d) {
+            Taken::Closed(at) => Some(at),
+            Taken::Open(_) => None,
+        }
+    }
+
+    /// Wakes the peer after a region part closed: both its wait words,
+    /// and its process's common doorbell (a thread of it may be asleep on
+    /// its kernel socket only, with this word unarmed).
+    fn wake_peer(&mut self) {
+        self.rx.nudge();
+        self.tx.nudge();
+        self.rings.ring_common();
+    }
+
+    /// The direction this end reads.
+    fn d_in(&self) -> usize {
+        1 - self.side as usize
+    }
+
     fn check_peer(&mut self, ctx: &Ctx<'_>) {
         if self.peer_gone {
             return;
         }
         match liveness(ctx.tcp) {
             Liveness::Alive => {}
+            // A closed region part: the kernel socket carries the
+            // hand-over's bytes again, not stray ones.
+            Liveness::Stray if self.closed_at(0).is_some() || self.closed_at(1).is_some() => {}
             Liveness::Gone => self.peer_gone = true,
             Liveness::Reset => {
                 self.peer_gone = true;
@@ -384,6 +416,7 @@ impl Direct {
             };
         }
         let rx = &mut self.rx;
+        // (A close is seen once the spin ends: after `arm` below.)
         if spin_until(ctx.spin, &self.gate, || {
             rx.ready().unwrap_or(true).then_some(())
         })
@@ -394,6 +427,12 @@ impl Direct {
         // Counted as a sleeper before the wait word names the doorbell.
         let bell = bells::enter(self.session.as_deref()).ok_or_else(would_block)?;
         match self.rx.arm(bell.id()) {
+            // (Its fence orders the wait word before this look at the
+            // words, as the closing end's nudge after its close.)
+            Ok(true) if self.closed_at(self.d_in()).is_some() => {
+                self.rx.disarm();
+                return Ok(());
+            }
             Ok(true) => {}
             Ok(false) => return Ok(()),
             Err(v) => return Err(self.violation(v)),
@@ -405,6 +444,8 @@ impl Direct {
 
     fn wait_writable(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
         let tx = &mut self.tx;
+        let out = self.side as usize;
+        // (A close is seen once the spin ends: after `arm` below.)
         if spin_until(ctx.spin, &self.gate, || {
             (tx.writable().unwrap_or(1) > 0 || tx.peer_closed()).then_some(())
         })
@@ -414,6 +455,11 @@ impl Direct {
         }
         let bell = bells::enter(self.session.as_deref()).ok_or_else(would_block)?;
         match self.tx.arm(bell.id()) {
+            // (As in `wait_readable`.)
+            Ok(true) if self.closed_at(out).is_some() => {
+                self.tx.disarm();
+                return Ok(());
+            }
             Ok(true) => {}
             Ok(false) => return Ok(()),
             Err(v) => return Err(self.violation(v)),
@@ -441,6 +487,13 @@ impl Direct {
                     return Err(reset_error());
                 }
                 ReadOutcome::Empty => {}
+            }
+            // A closed region part ends where its writer stopped writing
+            // into the ring (its head, or this end's tail when this end
+            // closed it, after which it never reads here again): once the
+            // ring is empty, the hand-over reads the kernel socket.
+            if self.closed_at(self.d_in()).is_some() {
+                return Err(would_block());
             }
             if self.peer_gone {
                 // The peer's socket closed without an end-of-stream mark:
@@ -563,6 +616,77 @@ impl Transport for Direct {
 
     fn handover_words(&self) -> Option<(Arc<Mapping>, usize)> {
         Some((self.map.clone(), self.side as usize))
+    }
+
+    fn path_lost(&mut self) -> bool {
+        self.closed_at(0).is_some() || self.closed_at(1).is_some()
+    }
+
+    fn close_reads(&mut self) -> io::Result<u64> {
+        let d = self.d_in();
+        if self.closed_at(d).is_none() && self.closed_at(self.side as usize).is_some() {
+            // The peer is leaving the region (it closed what it reads): it
+            // closes what it writes itself, at all it wrote, in a moment.
+            // Closing it here at this end's tail would make it send the
+            // rest on the kernel socket before its exec.
+            return Err(would_block());
+        }
+        self.close_reads_here()
+    }
+
+    fn close_reads_here(&mut self) -> io::Result<u64> {
+        let d = self.d_in();
+        let tail = self.rx.position_now().map_err(|v| self.violation(v))?;
+        let at = match layout::close_taken_at(&self.map, d, tail) {
+            Ok(()) => {
+                // The writer sends again from here: wake it.
+                self.wake_peer();
+                tail
+            }
+            // Its writer closed it first, at what it wrote: this end reads
+            // the rest from the ring.
+            Err(Taken::Closed(at)) if at >= tail && at - tail <= self.rx.capacity() => at,
+            Err(_) => {
+                let v = ssock_rings::stream::Violation("region part closed at a wrong offset");
+                return Err(self.violation(v));
+            }
+        };
+        Ok(at)
+    }
+
+    fn close_writes(&mut self) -> io::Result<(u64, Vec<u8>)> {
+        let d = self.side as usize;
+        let head = self.tx.position_now().map_err(|v| self.violation(v))?;
+        match layout::close_taken_at(&self.map, d, head) {
+            Ok(()) => {
+                // The reader takes the rest from the ring: wake it.
+                self.wake_peer();
+                Ok((head, Vec::new()))
+            }
+            // Its reader closed it first, at what it took: the rest goes
+            // again on the kernel socket (checked against the ring).
+            Err(Taken::Closed(at)) => match self.tx.unconsumed_from(at) {
+                Ok(rest) => Ok((at, rest)),
+                Err(v) => Err(self.violation(v)),
+            },
+            Err(Taken::Open(_)) => {
+                let v = ssock_rings::stream::Violation("region part closed at a wrong offset");
+                Err(self.violation(v))
+            }
+        }
+    }
+
+    fn region_written(&self) -> u64 {
+        self.tx.position()
+    }
+
+    fn holders(&self) -> u32 {
+        layout::holders(&self.map, self.side as usize).load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reads_left(&self) -> Option<u64> {
+        self.closed_at(self.d_in())
+            .map(|at| at.saturating_sub(self.rx.position()))
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
@@ -787,6 +911,13 @@ impl Transport for Direct {
             if off == buf.len() {
                 return Ok(off);
             }
+            if self.closed_at(self.side as usize).is_some() {
+                // The reader stopped taking from the region (the hand-over
+                // looked before this call): the rest goes on the kernel
+                // socket, and what went into the ring after the close is
+                // sent again there (`fail_back`).
+                return if off > 0 { Ok(off) } else { Err(would_block()) };
+            }
             if ctx.nonblocking {
                 if ctx.check_peer {
                     self.check_peer(ctx);
@@ -834,7 +965,11 @@ impl Transport for Direct {
         if !self.broken {
             // Like the kernel's close: a reset instead of end-of-stream
             // after SO_LINGER 0, or when received bytes were left unread.
-            if self.abort || self.rx.readable().unwrap_or(0) > 0 || reset() {
+            // (Bytes past a closed reads' offset are the peer's to send
+            // again on the kernel socket, not unread here.)
+            let unread =
+                self.closed_at(self.d_in()).is_none() && self.rx.readable().unwrap_or(0) > 0;
+            if self.abort || unread || reset() {
                 self.tx.reset();
             } else {
                 self.tx.close();
@@ -846,14 +981,20 @@ impl Transport for Direct {
             // may map it) before devd hears of it: a reply reusing it may
             // come to another thread as soon as devd has.
             let park = match self.keep {
-                Some(at) if !self.broken => self::park(
-                    Parked {
-                        region: self.region,
-                        side: self.side,
-                        map: self.map.clone(),
-                    },
-                    at,
-                ),
+                Some(at)
+                    if !self.broken
+                        && self.closed_at(0).is_none()
+                        && self.closed_at(1).is_none() =>
+                {
+                    self::park(
+                        Parked {
+                            region: self.region,
+                            side: self.side,
+                            map: self.map.clone(),
+                        },
+                        at,
+                    )
+                }
                 _ => false,
             };
             let _ = s.post(&Request::Release {

@@ -278,6 +278,11 @@ pub trait Transport: Send + std::fmt::Debug {
     fn close_reads(&mut self) -> io::Result<u64> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+    /// Closes this end's reads from the region at what it read, whatever
+    /// the peer did (an end leaving the region: `before_plain_exec`).
+    fn close_reads_here(&mut self) -> io::Result<u64> {
+        self.close_reads()
+    }
     /// Closes this end's writes into the region: the region offset where
     /// its reader stopped taking, and the bytes written from there on,
     /// which the hand-over writes on the kernel socket.
@@ -303,6 +308,12 @@ pub trait Transport: Send + std::fmt::Debug {
     fn moved_back(&self) -> Option<u64> {
         None
     }
+    /// This process is about to exec a program that will not take the end
+    /// over (no shim there, or one that cannot reach this devd): the
+    /// connection leaves the region for its kernel socket now, whatever
+    /// the peer does (docs/protocol.md section 2.6). Blocks up to 2 s for
+    /// room for bytes it owes.
+    fn before_plain_exec(&mut self, _ctx: &Ctx<'_>) {}
     /// The session with devd this end came through (Queued), for the
     /// requests the hand-over makes (a new end, `handover/forward.rs`).
     fn session(&self) -> Option<Arc<crate::session::Session>> {

@@ -358,6 +358,43 @@ pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> 
     Ok(usize::try_from(r).unwrap_or(0))
 }
 
+/// Aborts a TCP connection now (connect with AF_UNSPEC: the kernel sends
+/// a reset and the socket is no longer connected), whoever else holds it.
+pub fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let sa = libc::sockaddr {
+        sa_family: libc::sa_family_t::try_from(libc::AF_UNSPEC).unwrap_or(0),
+        sa_data: [0; 14],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr>()).unwrap_or(16);
+    // SAFETY: fd is open (borrowed); sa and len describe one sockaddr
+    // that lives across the call, which only reads it.
+    cvt(unsafe { libc::connect(fd.as_raw_fd(), &sa, len) }).map(drop)
+}
+
+/// Whether this process may execute the file at `path` (access X_OK, as
+/// exec's PATH search asks).
+pub fn executable(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is NUL-terminated and outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Whether the file at `path` has the extended attribute `name` with a
+/// value (false when it cannot be read).
+pub fn has_xattr(path: &std::path::Path, name: &std::ffi::CStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated and outlive the call; a null
+    // buffer of size 0 only asks for the value's size, nothing is written.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    n > 0
+}
+
 /// The real user id of this process.
 pub fn uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.

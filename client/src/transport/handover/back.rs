@@ -43,6 +43,17 @@ impl Handover {
         }
         if self.tx == Tx::Ring {
             match self.inner.close_writes() {
+                Ok((_, rest)) if !rest.is_empty() && self.inner.holders() > 1 => {
+                    // Each process holding this end would send them again.
+                    log::warn!(
+                        "connection {}: {} bytes to send again, and the end is held by several processes; resetting it",
+                        self.inner.conn_id().unwrap_or(0),
+                        rest.len()
+                    );
+                    self.inner.abort_on_close();
+                    self.broken = true;
+                    return;
+                }
                 Ok((at, rest)) => {
                     log::info!(
                         "connection {}: writes back on the kernel socket at region offset {at} ({} bytes again)",
@@ -69,6 +80,165 @@ impl Handover {
         }
     }
 
+    /// The process is about to exec a program that will not take this end
+    /// over (docs/protocol.md section 2.6): a Direct end leaves the region
+    /// now. Reads first, at exactly what this end read (its peer sends the
+    /// rest again on the kernel socket, where the new program reads); then
+    /// writes, at what it wrote (its peer reads the ring up to there, then
+    /// the socket, where the new program writes); a direction that has not
+    /// moved never will. What it owes goes out before the exec; bytes the
+    /// new program could not get (owed and unsendable, region bytes the
+    /// peer will never send again) reset the connection now. A Queued end
+    /// is left as it is (a limit, written down there).
+    pub(super) fn leave_for_plain(&mut self, ctx: &Ctx<'_>) {
+        self.step();
+        if self.kernel || self.broken || self.closed || self.inner.mode() != Mode::Direct {
+            return;
+        }
+        if !self.lost {
+            self.lost = true;
+            self.next_generation();
+            if !self.close_for_plain() {
+                return;
+            }
+        } else if matches!(self.rx, Rx::Ring | Rx::Tcp(Some(_)))
+            && self.inner.reads_left().is_some_and(|l| l > 0)
+        {
+            // The peer left the region first, and this end had not read
+            // all it left there: nobody can hand those bytes on.
+            self.abort_now(ctx, "region bytes this process had not read");
+            return;
+        }
+        if matches!(self.rx, Rx::Ring | Rx::Tcp(Some(_)))
+            && self.inner.reads_left().is_some_and(|l| l > 0)
+        {
+            // The peer closed what this end reads first, at all it wrote
+            // (it is leaving too): it will not send those bytes again.
+            self.abort_now(ctx, "region bytes this process had not read");
+            return;
+        }
+        // This end's close won, with bytes in the ring it did not read:
+        // its peer sends them again.
+        let unread = self.reads_closed.is_some() && self.inner.pending(ctx).0 > 0;
+        if self.tx == Tx::Back {
+            let c = Ctx {
+                tcp: ctx.tcp,
+                nonblocking: false,
+                deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
+                spin: std::time::Duration::ZERO,
+                check_peer: false,
+            };
+            if !matches!(self.flush(&c, true), Ok(true)) {
+                self.abort_now(ctx, "bytes it owed could not go out");
+                return;
+            }
+            // From here the kernel socket carries every write, the new
+            // program's too, whoever else holds the end: its end is the
+            // stream's.
+            if layout::end_at(&self.map, self.side) == End::Open {
+                layout::publish_end_at_fin(&self.map, self.side);
+            }
+        }
+        if unread {
+            self.await_peer_resend(ctx);
+        }
+    }
+
+    /// `leave_for_plain`'s closes: false if the end broke.
+    fn close_for_plain(&mut self) -> bool {
+        if self.rx == Rx::Tcp(None) {
+            self.rx = match layout::publish_switch(&self.map, 1 - self.side, Switch::Never) {
+                Switch::After(u) => Rx::Tcp(Some(u)),
+                _ => Rx::Forever,
+            };
+        }
+        if matches!(self.rx, Rx::Tcp(Some(_)) | Rx::Ring) {
+            // At this end's own tail, even if the peer is leaving too: it
+            // then sends the rest again before its own exec.
+            match self.inner.close_reads_here() {
+                Ok(at) => self.reads_closed = Some(at),
+                Err(_) => {
+                    self.broken = true;
+                    return false;
+                }
+            }
+            if self.rx == Rx::Ring && self.inner.reads_left() == Some(0) {
+                if let Some(at) = self.reads_closed {
+                    self.rx = Rx::Back { at, after: 0 };
+                }
+            }
+        }
+        if let Tx::Tcp(_) = self.tx {
+            self.tx = match self.publish(Switch::Never) {
+                Switch::Never => Tx::Pinned,
+                _ => Tx::Ring,
+            };
+        }
+        if self.tx == Tx::Ring {
+            match self.inner.close_writes() {
+                Ok((at, rest)) => {
+                    log::info!(
+                        "connection {}: leaves the region for a program without ssock: writes back on the kernel socket at region offset {at} ({} bytes again)",
+                        self.inner.conn_id().unwrap_or(0),
+                        rest.len()
+                    );
+                    self.resend_total = rest.len() as u64;
+                    self.resend = rest;
+                    self.resent = 0;
+                    self.tail = self.inner.region_written();
+                    self.tx = Tx::Back;
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The ring still held bytes this end did not read when it closed its
+    /// reads: its peer sends them again on the kernel socket once it
+    /// looks (woken by the close). Waits up to `CLOSE_FLUSH` for its END
+    /// (published once they are out); a peer whose socket ended meanwhile
+    /// without it (it closed or died before the close, with those bytes
+    /// in the ring only) resets the connection, rather than let the new
+    /// program read a stream with a hole. A peer that does not look in
+    /// time sends them when it next does.
+    fn await_peer_resend(&mut self, ctx: &Ctx<'_>) {
+        let d = 1 - self.side;
+        let until = std::time::Instant::now() + CLOSE_FLUSH;
+        while layout::end_at(&self.map, d) == End::Open {
+            let mut p = [PollFd::new(ctx.tcp.as_raw_fd(), libc::POLLRDHUP)];
+            let ended = matches!(ssock_rings::sys::poll(&mut p, Some(std::time::Duration::ZERO)), Ok(n) if n > 0);
+            // (END is published before the peer's socket can end.)
+            if ended && layout::end_at(&self.map, d) == End::Open {
+                self.abort_now(ctx, "its peer left with bytes only the region had");
+                return;
+            }
+            if std::time::Instant::now() >= until {
+                log::warn!(
+                    "connection {}: its peer has not sent the bytes this process did not read again yet; the new program gets them when it does",
+                    self.inner.conn_id().unwrap_or(0)
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Resets the connection now (its socket survives the exec, so a
+    /// close's SO_LINGER would come too late): the new program and the
+    /// peer get an error instead of a stream with a hole.
+    fn abort_now(&mut self, ctx: &Ctx<'_>, why: &str) {
+        log::warn!(
+            "connection {}: reset before an exec: {why}",
+            self.inner.conn_id().unwrap_or(0)
+        );
+        let _ = ssock_rings::sys::disconnect(ctx.tcp);
+        self.broken = true;
+    }
+
     /// Closes this end's reads from the region (see [`Handover::fail_back`]).
     pub(super) fn close_reads(&mut self) {
         match self.inner.close_reads() {
@@ -80,6 +250,9 @@ impl Handover {
                 );
                 self.reads_closed = Some(at);
             }
+            // The peer closes it itself in a moment (Direct: it is leaving
+            // the region): `step` asks again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.broken = true,
         }
     }

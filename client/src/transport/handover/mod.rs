@@ -303,6 +303,10 @@ impl Handover {
     /// Looks at the hand-over words (loads only, and a compare-exchange
     /// when this end moves): what devd decided, and where the peer moved.
     fn step(&mut self) {
+        if self.on_rings() && !self.inner.path_lost() {
+            // Settled, and still: nothing here can change (the hot path).
+            return;
+        }
         if self.kernel || self.broken {
             return;
         }
@@ -388,6 +392,10 @@ impl Handover {
                 );
                 self.broken = true;
             }
+        }
+        if self.lost && self.rx == Rx::Ring && self.reads_closed.is_none() {
+            // Not closed yet when the region was lost (see `close_reads`).
+            self.close_reads();
         }
         if self.rx == Rx::Ring && self.inner.reads_left() == Some(0) {
             if let Some(at) = self.reads_closed {
@@ -643,6 +651,11 @@ impl Handover {
                                 return Err(e);
                             }
                             if was && self.rx == Rx::Ring {
+                                if self.reads_closed.is_none() {
+                                    // Its writer closes it in a moment
+                                    // (a Direct peer leaving the region).
+                                    return Err(e);
+                                }
                                 // Closed with bytes left, and none there.
                                 self.broken = true;
                                 return Err(reset_error());
@@ -1077,7 +1090,10 @@ impl Transport for Handover {
         let r = if self.kernel {
             Ready::default()
         } else {
-            let judge = check_peer && self.rx == Rx::Ring && !self.lost;
+            // (Also while a peer that was leaving the region has not
+            // closed what this end reads: it may have died meanwhile.)
+            let judge =
+                check_peer && self.rx == Rx::Ring && (!self.lost || self.reads_closed.is_none());
             if check_peer && !judge {
                 self.inner.check_devd();
             }
@@ -1311,6 +1327,10 @@ impl Transport for Handover {
 
     fn moved_back(&self) -> Option<u64> {
         self.lost.then_some(self.resend_total)
+    }
+
+    fn before_plain_exec(&mut self, ctx: &Ctx<'_>) {
+        self.leave_for_plain(ctx);
     }
 
     fn holders(&self) -> u32 {

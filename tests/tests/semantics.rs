@@ -6,7 +6,7 @@
 //! two outputs must be identical, and devd must have made every one of its
 //! connections Direct (all but the refused connect, which stays plain).
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use ssock_tests::{have_app, Devd, Peer};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -140,6 +140,38 @@ fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
     Ok(())
 }
 
+/// tests/apps/remote.py with `args`, under ssock-run with `d`'s devd.
+fn remote(d: &Devd, args: &[&str]) -> Command {
+    let mut cmd = d.ssock_run("python3");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py"))
+        .args(args);
+    cmd
+}
+
+/// remote.py's greet server, accepting once its flag file exists, and a
+/// client that hands its socket to a new program (a plain one, its
+/// environment cleared, if `plain`) right after its connect; the server
+/// accepts once the new program is up. Both must end well; devd's totals.
+fn handed_before_accept(d: &Devd, plain: bool) -> Result<serde_json::Value> {
+    let flag = d.socket.with_file_name("accept-flag");
+    let flag_arg = flag.to_str().context("flag path")?;
+    let mut server = Peer::command(remote(d, &["greet", "0", flag_arg]))?;
+    let (port, _) = server.expect_port()?;
+    let mut args = vec!["handoff", "127.0.0.1", &port];
+    if plain {
+        args.push("plain");
+    }
+    let mut client = Peer::command(remote(d, &args))?;
+    // The new program is up (under ssock, its shim asked devd at load,
+    // before its first line); then the server accepts.
+    client.expect("HANDED UP")?;
+    std::fs::write(&flag, b"")?;
+    client.expect("HANDED OK")?;
+    server.expect("GREETED")?;
+    ensure!(client.wait_success()? && server.wait_success()?);
+    Ok(d.stats()?["totals"].clone())
+}
+
 /// A socket handed to a new program (an inherited fd) right after its
 /// connect, before the server accepted: devd cannot tell the new program
 /// what the connection will be, and the new program takes it for a plain
@@ -153,23 +185,7 @@ fn a_socket_handed_to_a_new_program_before_its_acceptor_claimed_it_stays_on_kern
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
-    let flag = d.socket.with_file_name("accept-flag");
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "greet", "0"]).arg(&flag);
-    let mut server = Peer::command(cmd)?;
-    let (port, _) = server.expect_port()?;
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "handoff", "127.0.0.1", &port]);
-    let mut client = Peer::command(cmd)?;
-    // The new program has asked devd (its shim did at load, before its
-    // first line); then the server accepts.
-    client.expect("HANDED UP")?;
-    std::fs::write(&flag, b"")?;
-    client.expect("HANDED OK")?;
-    server.expect("GREETED")?;
-    ensure!(client.wait_success()? && server.wait_success()?);
-    let t = d.stats()?["totals"].clone();
+    let t = handed_before_accept(&d, false)?;
     ensure!(
         t["fallbacks"]["connector_gone"] == 1
             && t["connections"]["kernel"] == 1
@@ -192,21 +208,7 @@ fn a_socket_handed_to_a_plain_program_before_its_acceptor_claimed_it_keeps_every
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
-    let flag = d.socket.with_file_name("accept-flag");
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "greet", "0"]).arg(&flag);
-    let mut server = Peer::command(cmd)?;
-    let (port, _) = server.expect_port()?;
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "handoff", "127.0.0.1", &port, "plain"]);
-    let mut client = Peer::command(cmd)?;
-    client.expect("HANDED UP")?;
-    std::fs::write(&flag, b"")?;
-    client.expect("HANDED OK")?;
-    server.expect("GREETED")?;
-    ensure!(client.wait_success()? && server.wait_success()?);
-    let t = d.stats()?["totals"].clone();
+    let t = handed_before_accept(&d, true)?;
     ensure!(
         t["connections"]["direct"] == 1,
         "the connection should have been paired (then kept on TCP by its ends): {t}"
@@ -226,17 +228,15 @@ fn a_direct_connection_handed_to_a_plain_program_moves_back_to_the_kernel_socket
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
     for (i, how) in ["exec", "spawn"].into_iter().enumerate() {
         let slog = d.socket.with_file_name(format!("server-{how}.log"));
         let clog = d.socket.with_file_name(format!("client-{how}.log"));
-        let mut cmd = d.ssock_run("python3");
-        cmd.args([py, "moving", "0"]).env("SSOCK_LOG", &slog);
+        let mut cmd = remote(&d, &["moving", "0"]);
+        cmd.env("SSOCK_LOG", &slog);
         let mut server = Peer::command(cmd)?;
         let (port, _) = server.expect_port()?;
-        let mut cmd = d.ssock_run("python3");
-        cmd.args([py, "moved", "127.0.0.1", &port, how])
-            .env("SSOCK_LOG", &clog);
+        let mut cmd = remote(&d, &["moved", "127.0.0.1", &port, how]);
+        cmd.env("SSOCK_LOG", &clog);
         let mut client = Peer::command(cmd)?;
         client.expect("HANDED OK")?;
         server.expect("SERVED OK")?;
@@ -276,17 +276,13 @@ fn a_plain_program_gets_a_reset_not_a_short_stream_when_its_peer_left_bytes_only
         return Ok(());
     }
     let d = Devd::start(&[])?;
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/apps/remote.py");
     let clog = d.socket.with_file_name("client.log");
     let flag = d.socket.with_file_name("closed-flag");
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "moving", "0", "close"]);
-    let mut server = Peer::command(cmd)?;
+    let mut server = Peer::command(remote(&d, &["moving", "0", "close"]))?;
     let (port, _) = server.expect_port()?;
-    let mut cmd = d.ssock_run("python3");
-    cmd.args([py, "moved", "127.0.0.1", &port, "exec"])
-        .arg(&flag)
-        .env("SSOCK_LOG", &clog);
+    let flag_arg = flag.to_str().context("flag path")?;
+    let mut cmd = remote(&d, &["moved", "127.0.0.1", &port, "exec", flag_arg]);
+    cmd.env("SSOCK_LOG", &clog);
     let mut client = Peer::command(cmd)?;
     server.expect("SERVED CLOSED")?;
     // The client hands the socket on only once the server closed.

@@ -513,13 +513,7 @@ mod tests {
     fn a_ringer_that_disconnects_its_end_changes_nobody_elses_rings() {
         let (own, a, b) = bell_with_two_ringers();
         // A hostile holder of `a` disconnects it (connect with AF_UNSPEC).
-        let sa = libc::sockaddr {
-            sa_family: libc::sa_family_t::try_from(libc::AF_UNSPEC).unwrap(),
-            sa_data: [0; 14],
-        };
-        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr>()).unwrap();
-        // SAFETY: a is open; sa/len describe a valid sockaddr.
-        unsafe { libc::connect(a.as_raw_fd(), &sa, len) };
+        disconnect(a.as_fd()).unwrap();
         assert!(!ring_bell(a.as_fd()), "its own end no longer rings");
         assert!(ring_bell(b.as_fd()), "another ringer's still does");
         assert!(take_ring(own.as_fd()));

@@ -32,13 +32,8 @@ impl Handover {
                 self.stay_on_kernel();
                 return;
             }
-            Tx::Tcp(_) => {
-                // Not moved yet: it never will (the region is dead).
-                self.tx = match self.publish(Switch::Never) {
-                    Switch::Never => Tx::Pinned,
-                    _ => Tx::Ring,
-                };
-            }
+            // Not moved yet: it never will (the region is dead).
+            Tx::Tcp(_) => self.pin_writes(),
             _ => {}
         }
         if self.tx == Tx::Ring {
@@ -60,11 +55,7 @@ impl Handover {
                         self.inner.conn_id().unwrap_or(0),
                         rest.len()
                     );
-                    self.resend_total = rest.len() as u64;
-                    self.resend = rest;
-                    self.resent = 0;
-                    self.tail = self.inner.region_written();
-                    self.tx = Tx::Back;
+                    self.writes_back(rest);
                     if self.resend.is_empty() {
                         self.resent_all();
                     }
@@ -169,10 +160,7 @@ impl Handover {
             }
         }
         if let Tx::Tcp(_) = self.tx {
-            self.tx = match self.publish(Switch::Never) {
-                Switch::Never => Tx::Pinned,
-                _ => Tx::Ring,
-            };
+            self.pin_writes();
         }
         if self.tx == Tx::Ring {
             match self.inner.close_writes() {
@@ -182,11 +170,7 @@ impl Handover {
                         self.inner.conn_id().unwrap_or(0),
                         rest.len()
                     );
-                    self.resend_total = rest.len() as u64;
-                    self.resend = rest;
-                    self.resent = 0;
-                    self.tail = self.inner.region_written();
-                    self.tx = Tx::Back;
+                    self.writes_back(rest);
                 }
                 Err(_) => {
                     self.broken = true;
@@ -237,6 +221,16 @@ impl Handover {
         );
         let _ = ssock_rings::sys::disconnect(ctx.tcp);
         self.broken = true;
+    }
+
+    /// This end's writes go on the kernel socket for good: first `rest`
+    /// (written into the region and not taken), then the rest.
+    fn writes_back(&mut self, rest: Vec<u8>) {
+        self.resend_total = rest.len() as u64;
+        self.resend = rest;
+        self.resent = 0;
+        self.tail = self.inner.region_written();
+        self.tx = Tx::Back;
     }
 
     /// Closes this end's reads from the region (see [`Handover::fail_back`]).

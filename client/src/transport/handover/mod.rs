@@ -429,6 +429,15 @@ impl Handover {
         self.old_sleepers += std::mem::take(&mut self.sleepers);
     }
 
+    /// Writes that have not moved never will (SWITCH = NEVER); only a
+    /// broken region says they moved already (another holder was first).
+    fn pin_writes(&mut self) {
+        self.tx = match self.publish(Switch::Never) {
+            Switch::Never => Tx::Pinned,
+            _ => Tx::Ring,
+        };
+    }
+
     /// Publishes where this end's writes move (see
     /// [`layout::publish_switch`]).
     fn publish(&mut self, sw: Switch) -> Switch {
@@ -1039,10 +1048,7 @@ impl Transport for Handover {
         if let Tx::Tcp(_) = self.tx {
             // Two processes' kernel byte counts cannot be added up: this
             // direction stays on the kernel socket.
-            self.tx = match self.publish(Switch::Never) {
-                Switch::Never => Tx::Pinned,
-                _ => Tx::Ring,
-            };
+            self.pin_writes();
         }
         if !self.kernel {
             self.inner.fork_hold();

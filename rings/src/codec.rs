@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 13;
+pub const CTL_VERSION: u16 = 14;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -185,6 +185,10 @@ reasons! {
     /// for a while (decided by the connector from devd's listener board,
     /// reported in batches).
     ShortLived = 14, "short_lived";
+    /// The socket is (or became) one the C library's stdio may read or
+    /// write behind the shim's back: named by fd 0, 1 or 2, or handed to
+    /// fdopen. Its connection moved to its kernel socket.
+    Stdio = 15, "stdio";
 }
 
 /// Which end of a connection a process holds.

@@ -12,14 +12,16 @@ use std::ffi::OsString;
 use std::sync::OnceLock;
 
 /// The variables ssock reads: the control socket, the per-user runtime
-/// directory, the spin budget, the shim's switch and its log.
-pub const NAMES: [&str; 6] = [
+/// directory, the spin budget, the shim's switch, its log, and whether
+/// sockets on fds 0 to 2 are accelerated.
+pub const NAMES: [&str; 7] = [
     crate::paths::SOCKET_ENV,
     "XDG_RUNTIME_DIR",
     "SSOCK_SPIN_US",
     "SSOCK_DISABLE",
     "SSOCK_LOG",
     "SSOCK_LOG_LEVEL",
+    "SSOCK_STD_FDS",
 ];
 
 static AT_LOAD: OnceLock<Vec<(&'static str, OsString)>> = OnceLock::new();

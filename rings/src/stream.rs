@@ -163,7 +163,9 @@ fn wake(
 
 impl Producer {
     /// The producer end of direction `d` of a mapped Direct region. Starts
-    /// from the positions currently published (zero for a fresh region).
+    /// from the positions currently published (zero for a fresh region;
+    /// an end taken over from another process may hold bytes its consumer
+    /// has not taken yet).
     pub fn new(
         map: Arc<Mapping>,
         layout: DirectLayout,
@@ -171,14 +173,24 @@ impl Producer {
         bells: Arc<dyn Doorbells>,
     ) -> Self {
         let o = layout.dir(d);
+        let cap = layout.cap as u64;
         // Relaxed: at attach time nobody else writes our own head.
         let head = map.u64_at(o.head).load(Ordering::Relaxed);
         let base = map.u64_at(o.base).load(Ordering::Relaxed);
+        // Acquire: as in `refresh_tail`. A tail out of bounds is the
+        // consumer's violation, found at the first look (it is then below
+        // or above `head`).
+        let tail = map.u64_at(o.tail).load(Ordering::Acquire);
+        let tail_seen = if tail <= head && head - tail <= cap {
+            tail
+        } else {
+            head
+        };
         Producer {
             o,
-            cap: layout.cap as u64,
+            cap,
             head,
-            tail_seen: head,
+            tail_seen,
             base,
             rebase_at: head,
             bells,
@@ -930,5 +942,29 @@ mod tests {
         assert!(!p.peer_closed());
         c.close();
         assert!(p.peer_closed());
+    }
+
+    #[test]
+    fn a_producer_taken_over_with_bytes_unread_goes_on_writing() {
+        // Another process wrote bytes the consumer has not taken, then
+        // handed the end on (an exec that takes it over): the new
+        // producer starts from the published positions, unread bytes and
+        // all, and the consumer's later takes are no violation.
+        let (mut p, mut c, m, l) = pair(16384);
+        p.write(b"before").unwrap();
+        let bells: Arc<dyn Doorbells> = Arc::new(OneBell::default());
+        let mut q = Producer::new(m.clone(), l, 0, bells);
+        assert_eq!(q.unconsumed().unwrap(), 6);
+        let mut b = [0u8; 16];
+        assert!(matches!(c.read(&mut b).unwrap(), ReadOutcome::Data(6)));
+        assert_eq!(q.unconsumed().unwrap(), 0);
+        q.write(b"after").unwrap();
+        assert!(matches!(c.read(&mut b).unwrap(), ReadOutcome::Data(5)));
+        assert_eq!(&b[..5], b"after");
+        // A consumer tail out of bounds at attach is still refused.
+        m.u64_at(l.dir(0).tail).store(1 << 40, Ordering::Relaxed);
+        let bells: Arc<dyn Doorbells> = Arc::new(OneBell::default());
+        let mut r = Producer::new(m.clone(), l, 0, bells);
+        assert!(r.unconsumed().is_err());
     }
 }

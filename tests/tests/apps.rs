@@ -352,7 +352,11 @@ impl Drop for TempDir {
 /// connection, closes every fd it does not know with close_range, and its
 /// privilege-separated child runs under a seccomp filter with a file limit
 /// of 1 while it talks to the client): `ssh HOST echo ok` and scp of 10 MiB
-/// with a checksum, every connection Direct.
+/// with a checksum. sshd re-execs itself with each connection on fds 0 and
+/// 1, where stdio could reach it: by default the connection leaves the
+/// region there (counted `stdio`) and the copy crosses kernel TCP; with
+/// `SSOCK_STD_FDS=accelerate` (sshd moves the socket off them before it
+/// uses it) every connection and the copy's bytes are Direct.
 #[test]
 fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
     if !have_app("ssh")? || !have_app("scp")? || !have_app("ssh-keygen")? {
@@ -388,13 +392,40 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
             p("sshd.pid")
         ),
     )?;
-    let d = Devd::start(&[])?;
-    let mut server = Peer::command(under_ssock(
-        &d,
-        "/usr/sbin/sshd",
-        &["-D", "-e", "-f", &p("sshd_config")],
-    )?)?;
-    wait_listening(&mut server, &port)?;
+    for trusted in [false, true] {
+        let d = Devd::start(&[])?;
+        let mut cmd = under_ssock(&d, "/usr/sbin/sshd", &["-D", "-e", "-f", &p("sshd_config")])?;
+        if trusted {
+            cmd.env("SSOCK_STD_FDS", "accelerate");
+        }
+        let mut server = Peer::command(cmd)?;
+        wait_listening(&mut server, &port)?;
+        ssh_and_scp(&d, &port, &p)?;
+        let (direct, kernel, bytes) = totals(&d)?;
+        let stdio = d.stats()?["totals"]["fallbacks"]["stdio"].clone();
+        ensure!(direct >= 2, "only {direct} Direct connections");
+        ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+        if trusted {
+            ensure!(stdio == 0, "{stdio} connections left for stdio");
+            ensure!(
+                bytes >= 10 << 20,
+                "{bytes} bytes over Direct for a 10 MiB copy"
+            );
+        } else {
+            ensure!(
+                stdio == direct,
+                "{stdio} of {direct} connections left for stdio"
+            );
+        }
+        d.wait_none_live(Duration::from_secs(10))?;
+        server.kill();
+    }
+    Ok(())
+}
+
+/// `ssh root@127.0.0.1 echo ok` and an scp of 10 MiB to sshd on `port`
+/// (`p`: a file of the test's directory), both checked.
+fn ssh_and_scp(d: &Devd, port: &str, p: &dyn Fn(&str) -> String) -> Result<()> {
     let client_opts = |c: &mut Command| {
         c.args(["-i", &p("userkey"), "-o", "BatchMode=yes"]);
         c.args([
@@ -404,7 +435,7 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
             "UserKnownHostsFile=/dev/null",
         ]);
     };
-    let mut ssh = under_ssock(&d, "ssh", &["-p", &port])?;
+    let mut ssh = under_ssock(d, "ssh", &["-p", port])?;
     client_opts(&mut ssh);
     ssh.args(["root@127.0.0.1", "echo", "ok"]);
     let out = run(ssh)?;
@@ -415,7 +446,7 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
     let mut payload = vec![0u8; 10 << 20];
     ssock_tools::pattern::Pattern::new(7).fill(0, &mut payload);
     std::fs::write(p("payload"), &payload)?;
-    let mut scp = under_ssock(&d, "scp", &["-P", &port])?;
+    let mut scp = under_ssock(d, "scp", &["-P", port])?;
     client_opts(&mut scp);
     scp.args([p("payload"), format!("root@127.0.0.1:{}", p("copy"))]);
     run(scp)?;
@@ -423,14 +454,86 @@ fn sshd_serves_ssh_and_scp_direct() -> Result<()> {
         std::fs::read(p("copy"))? == payload,
         "scp's copy differs from the 10 MiB it sent"
     );
-    let (direct, kernel, bytes) = totals(&d)?;
-    ensure!(direct >= 2, "only {direct} Direct connections");
-    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    std::fs::remove_file(p("copy"))?;
+    Ok(())
+}
+
+/// git's own server: per connection, git daemon execs `git daemon --serve`
+/// with the socket on fds 0 and 1, which execs `git upload-pack`, which
+/// writes its answer through stdio (bytes the shim never saw: the client
+/// took them for stray ones and reset the connection). Three clones under
+/// ssock-run, each with the repository's commit and file; each connection
+/// paired is Direct until its socket lands on fd 0 and leaves the region
+/// there (counted `stdio`).
+#[test]
+fn git_daemon_serves_clones_whose_connections_leave_the_region_for_stdio() -> Result<()> {
+    if !have_app("git")? {
+        return Ok(());
+    }
+    let dir = TempDir::new("git")?;
+    let base = dir.0.display().to_string();
+    let repo = format!("{base}/repo");
+    let git = |args: &[&str]| -> Result<String> {
+        let mut c = Command::new("git");
+        c.args(["-c", "user.name=ssock", "-c", "user.email=ssock@localhost"]);
+        c.args(args);
+        run(c)
+    };
+    git(&["init", "-q", &repo])?;
+    std::fs::write(format!("{repo}/file"), "the file's bytes\n")?;
+    git(&["-C", &repo, "add", "file"])?;
+    git(&["-C", &repo, "commit", "-q", "-m", "one"])?;
+    let head = git(&["-C", &repo, "rev-parse", "HEAD"])?;
+    // git-daemon itself, not `git daemon` (whose git would leave it
+    // behind when killed).
+    let exec_path = git(&["--exec-path"])?;
+    let daemon = format!("{}/git-daemon", exec_path.trim());
+    let d = Devd::start(&[])?;
+    let port = free_port()?.to_string();
+    let mut server = Peer::command(under_ssock(
+        &d,
+        &daemon,
+        &[
+            "--reuseaddr",
+            "--listen=127.0.0.1",
+            &format!("--port={port}"),
+            &format!("--base-path={base}"),
+            "--export-all",
+            &base,
+        ],
+    )?)?;
+    wait_listening(&mut server, &port)?;
+    for i in 0..3 {
+        let clone = format!("{base}/clone{i}");
+        run(under_ssock(
+            &d,
+            "git",
+            &[
+                "clone",
+                "-q",
+                &format!("git://127.0.0.1:{port}/repo"),
+                &clone,
+            ],
+        )?)?;
+        ensure!(
+            git(&["-C", &clone, "rev-parse", "HEAD"])? == head,
+            "clone {i} has another commit"
+        );
+        ensure!(std::fs::read_to_string(format!("{clone}/file"))? == "the file's bytes\n");
+    }
+    let (direct, kernel, _) = totals(&d)?;
+    let stdio = d.stats()?["totals"]["fallbacks"]["stdio"].clone();
+    // (devd's short_lived policy may keep a connection of a listener
+    // whose connections were short on kernel TCP.)
     ensure!(
-        bytes >= 10 << 20,
-        "{bytes} bytes over Direct for a 10 MiB copy"
+        direct >= 1 && direct + kernel == 3,
+        "{direct} Direct, {kernel} kernel"
     );
-    d.wait_none_live(Duration::from_secs(10))?;
+    ensure!(
+        stdio == direct,
+        "{stdio} of {direct} Direct connections left for stdio"
+    );
+    server.kill();
     Ok(())
 }
 

@@ -98,6 +98,20 @@ fn queued_connections_keep_the_same_semantics() -> Result<()> {
     )
 }
 
+/// tests/apps/NAME.c built into devd's directory, which goes when the
+/// test ends.
+fn built(d: &Devd, name: &str) -> Result<PathBuf> {
+    let exe = d.socket.with_file_name(name);
+    let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps")).join(format!("{name}.c"));
+    let st = Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()?;
+    ensure!(st.success(), "gcc failed on {name}.c");
+    Ok(exe)
+}
+
 #[test]
 fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
     // A C program (Python retries EINTR itself, hiding the difference): a
@@ -106,16 +120,8 @@ fn sa_restart_restarts_an_interrupted_recv_as_the_kernel_does() -> Result<()> {
     if !have_app("gcc")? {
         return Ok(());
     }
-    // Built into devd's directory, which goes when the test ends.
     let d = Devd::start(&[])?;
-    let exe = d.socket.with_file_name("sarestart");
-    let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/apps/sarestart.c"));
-    let st = Command::new("gcc")
-        .args(["-O1", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .status()?;
-    ensure!(st.success(), "gcc failed");
+    let exe = built(&d, "sarestart")?;
     let go = |d: Option<&Devd>| -> Result<String> {
         let mut cmd = match d {
             None => Command::new(&exe),
@@ -256,7 +262,7 @@ fn a_direct_connection_handed_to_a_plain_program_moves_back_to_the_kernel_socket
             "{how}: the server should have sent \"hello\" again on the kernel socket:\n{s}"
         );
         ensure!(
-            c.contains("leaves the region for a program without ssock"),
+            c.contains("survives an exec of a program without ssock: it left the region"),
             "{how}: the client should have left the region before the exec:\n{c}"
         );
     }
@@ -299,5 +305,59 @@ fn a_plain_program_gets_a_reset_not_a_short_stream_when_its_peer_left_bytes_only
         c.contains("reset before an exec: its peer left with bytes only the region had"),
         "the client should have reset the connection before the exec:\n{c}"
     );
+    Ok(())
+}
+
+/// A C server that serves a connection through stdio, whose FILE streams
+/// read and write the socket through the C library's internal calls, which
+/// no preloaded library sees (tests/apps/stdio.c): the socket on fds 0 and
+/// 1 of a forked child (dup2), of a child exec'ing a program (exec) or
+/// spawned with the socket put there by posix_spawn's own file actions
+/// (spawn, found at the new program's load), and fdopen on the accepted
+/// socket. The client's "hello" waits in the region when the server turns
+/// to stdio: its connection leaves the region first, the client sends
+/// "hello" again on the kernel socket, and stdio reads it there. Before,
+/// stdio waited on the kernel socket for bytes that were in the region.
+#[test]
+fn a_socket_that_stdio_may_reach_leaves_the_region_first() -> Result<()> {
+    if !have_app("gcc")? {
+        return Ok(());
+    }
+    let d = Devd::start(&[])?;
+    let exe = built(&d, "stdio")?;
+    for (i, mode) in ["dup2", "exec", "spawn", "fdopen"].into_iter().enumerate() {
+        let slog = d.socket.with_file_name(format!("server-{mode}.log"));
+        let clog = d.socket.with_file_name(format!("client-{mode}.log"));
+        let mut cmd = d.ssock_run(&exe);
+        cmd.args(["serve", mode]).env("SSOCK_LOG", &slog);
+        let mut server = Peer::command(cmd)?;
+        let (port, _) = server.expect_port()?;
+        let mut cmd = d.ssock_run(&exe);
+        cmd.args(["client", &port]).env("SSOCK_LOG", &clog);
+        let mut client = Peer::command(cmd)?;
+        client.expect("CLIENT OK").context(mode)?;
+        server.expect("SERVED OK").context(mode)?;
+        ensure!(client.wait_success()? && server.wait_success()?);
+        let t = d.stats()?["totals"].clone();
+        ensure!(
+            t["connections"]["direct"] == i + 1 && t["fallbacks"]["stdio"] == i + 1,
+            "{mode}: the connection should have been Direct, then left for stdio: {t}"
+        );
+        let s = std::fs::read_to_string(&slog)?;
+        let c = std::fs::read_to_string(&clog)?;
+        ensure!(
+            s.contains(
+                "which stdio reads and writes behind the shim: on its kernel socket from here"
+            ),
+            "{mode}: the server's end should have left the region:\n{s}"
+        );
+        ensure!(
+            c.lines().any(
+                |l| l.contains("writes back on the kernel socket at region offset")
+                    && l.ends_with("(6 bytes again)")
+            ),
+            "{mode}: the client should have sent \"hello\" again on the kernel socket:\n{c}"
+        );
+    }
     Ok(())
 }

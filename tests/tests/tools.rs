@@ -418,6 +418,7 @@ fn every_binary_has_help_and_version() -> Result<()> {
                 "SSOCK_LOG_LEVEL",
                 "SSOCK_DISABLE",
                 "SSOCK_SPIN_US",
+                "SSOCK_STD_FDS",
                 "XDG_RUNTIME_DIR",
                 "LD_PRELOAD",
             ],

@@ -83,6 +83,7 @@ pub unsafe fn connect(fd: c_int, addr: *const SockAddr, len: socklen_t) -> c_int
                 sock::Connect::Done(Ok(Some((s, said)))) => {
                     table::insert(fd, s);
                     epoll::became_accelerated(fd);
+                    crate::stdio::check(fd);
                     // What the kernel's connect said (EINPROGRESS...).
                     if said != 0 {
                         fail(said)
@@ -152,7 +153,10 @@ pub unsafe fn accept4(fd: c_int, addr: *mut SockAddr, len: *mut socklen_t, flags
                 // SAFETY: m was just returned by accept4 and is open; fd is
                 // the caller's listener, open during this call.
                 match sock::accepted(unsafe { borrow(m) }, at) {
-                    Some(s) => table::insert(m, s),
+                    Some(s) => {
+                        table::insert(m, s);
+                        crate::stdio::check(m);
+                    }
                     None => known::set_plain(m),
                 }
             } else {

@@ -118,7 +118,10 @@ pub fn adopt(fd: c_int) {
     crate::known::forget(fd);
     // SAFETY: fd was just received or inherited, and is open.
     match sock::inherited(unsafe { borrow(fd) }) {
-        sock::Inherited::Conn(s) => table::insert(fd, s),
+        sock::Inherited::Conn(s) => {
+            table::insert(fd, s);
+            crate::stdio::check(fd);
+        }
         sock::Inherited::Listener(at) => {
             table::add_listener(fd, at);
             drop(table::remove(fd));

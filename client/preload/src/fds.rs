@@ -174,6 +174,7 @@ pub fn duplicated(old: c_int, new: c_int) -> c_int {
             None => drop(table::remove(new)),
         }
         epoll::duplicated(old, new);
+        crate::stdio::check(new);
     }
     new
 }

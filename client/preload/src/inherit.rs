@@ -41,7 +41,10 @@ pub fn inherit_at_load() {
                 // style) are one socket here too: taken over once.
                 let inode = ssock_rings::sys::socket_inode(b).ok();
                 match seen.iter().find(|(i, _)| inode.is_some() && *i == inode) {
-                    Some((_, first)) => table::duplicate(*first, fd),
+                    Some((_, first)) => {
+                        table::duplicate(*first, fd);
+                        crate::stdio::check(fd);
+                    }
                     None => {
                         fdpass::adopt(fd);
                         seen.push((inode, fd));

@@ -40,6 +40,7 @@ mod sendfile;
 mod sleep;
 mod sock;
 mod sockctl;
+mod stdio;
 mod table;
 mod takeover;
 mod transfer;
@@ -130,6 +131,9 @@ interpose! {
         => sockctl::ioctl, real as unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
     splice(fd_in: c_int, off_in: *mut libc::loff_t, fd_out: c_int, off_out: *mut libc::loff_t,
         len: size_t, flags: c_uint) -> ssize_t => sockctl::splice;
+
+    // Streams (stdio reads and writes an fd through calls no preload sees).
+    fdopen(fd: c_int, mode: *const c_char) -> *mut libc::FILE => stdio::fdopen;
 
     // fd numbers.
     dup(fd: c_int) -> c_int => fds::dup;

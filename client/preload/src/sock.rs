@@ -10,7 +10,7 @@ use crate::outcome::Outcome;
 use ssock_client::negotiate::{
     accept_on, connect_start, fresh_tcp, plain_by_board, register_listener, Accepted, Started,
 };
-use ssock_client::transport::{Ctx, Ready, Transport};
+use ssock_client::transport::{Ctx, Leave, Ready, Transport};
 use ssock_client::{Mode, Options, Session};
 use ssock_rings::codec::FallbackReason;
 use ssock_rings::notify::Gate;
@@ -502,12 +502,44 @@ impl Sock {
 
     /// This process is about to exec a program that will not take the
     /// socket over: its connection leaves the region for the kernel
-    /// socket (`Transport::before_plain_exec`).
-    pub fn before_plain_exec(&mut self, fd: BorrowedFd<'_>) {
+    /// socket (`Transport::before_plain_exec`); what it did.
+    pub fn before_plain_exec(&mut self, fd: BorrowedFd<'_>) -> Leave {
         let ctx = self.ctx(fd);
-        if let State::Up(t) = &mut self.state {
-            t.before_plain_exec(&ctx);
+        match &mut self.state {
+            State::Up(t) => t.before_plain_exec(&ctx),
+            State::Kernel => Leave::Kernel,
         }
+    }
+
+    /// The connection's id, while it is accelerated.
+    pub fn conn_id(&self) -> Option<u64> {
+        match &self.state {
+            State::Up(t) => t.conn_id(),
+            State::Kernel => None,
+        }
+    }
+
+    /// The socket may be read or written through the C library's stdio
+    /// (`stdio.rs`): its connection leaves the region as for a plain exec,
+    /// and, once it did, the socket is this process's kernel socket alone
+    /// (every later call goes to libc, epoll sets give it back to the
+    /// kernel's instance). What it did (`Kernel` also for a socket
+    /// already let go of).
+    pub fn leave_for_stdio(&mut self, fd: BorrowedFd<'_>) -> Leave {
+        if matches!(self.state, State::Kernel) {
+            return Leave::Kernel;
+        }
+        let left = self.before_plain_exec(fd);
+        if left == Leave::Stays {
+            return left;
+        }
+        // (Nothing is owed: what was is out, or the connection was reset.)
+        if let State::Up(t) = &mut self.state {
+            t.let_go_keeping_socket();
+        }
+        self.state = State::Kernel;
+        TURNED_PLAIN.fetch_add(1, std::sync::atomic::Ordering::Release);
+        left
     }
 
     /// Takes back a `fork_hold` (the fd passing failed).

@@ -205,6 +205,12 @@ pub unsafe fn leave_unless_taken(prog: *const c_char, search: bool, env: Env) {
         if !table::get(fd).is_some_and(|e| std::sync::Arc::ptr_eq(&e, &s)) {
             continue;
         }
-        g.before_plain_exec(dup.as_fd());
+        let id = g.conn_id();
+        if g.before_plain_exec(dup.as_fd()) == ssock_client::transport::Leave::Left {
+            log::info!(
+                "connection {}: fd {fd} survives an exec of a program without ssock: it left the region",
+                id.unwrap_or(0)
+            );
+        }
     }
 }

@@ -55,6 +55,9 @@ environment read by libssock.so in PROGRAM:
   SSOCK_LOG_LEVEL    error, warn, info (default) or debug
   SSOCK_SPIN_US=N    microseconds a wait spins before it sleeps
                      (default: devd's spin_us, 30)
+  SSOCK_STD_FDS=accelerate
+                     keep connections on fds 0-2 accelerated (the program
+                     uses no stdio on them); else they go to kernel TCP
 
 exit status: PROGRAM's; 127 if PROGRAM cannot be found or run; 2 for a
 usage error.";

@@ -890,6 +890,20 @@ impl Transport for Direct {
         }
     }
 
+    fn let_go_keeping_socket(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if let Some(s) = &self.session {
+            let _ = s.post(&Request::Release {
+                conn_id: self.conn_id,
+                side: self.side,
+                park: false,
+            });
+        }
+    }
+
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
         self.take(buf, ctx, true)
     }

@@ -34,6 +34,19 @@ pub struct Ctx<'a> {
     pub check_peer: bool,
 }
 
+/// What [`Transport::before_plain_exec`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leave {
+    /// The end left the region now (or the connection was reset): the
+    /// kernel socket carries the connection from here.
+    Left,
+    /// It never carried anything in the region: on its kernel socket
+    /// already.
+    Kernel,
+    /// It stays in the region (a Queued end: a limit).
+    Stays,
+}
+
 /// Readiness of a connection in poll(2) terms.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Ready {
@@ -131,6 +144,14 @@ pub trait Transport: Send + std::fmt::Debug {
     fn fork_hold(&mut self) {}
     /// Takes back a `fork_hold` whose fork or passing failed.
     fn drop_hold(&mut self) {}
+    /// The end left the region (`before_plain_exec`) and this process goes
+    /// on with the kernel socket alone: devd lets the end go (Release: an
+    /// Attach of the socket finds none from now on, so whoever gets it
+    /// next takes it for a plain socket), while the end's count of holders
+    /// keeps this process (it still holds the socket: another holder's
+    /// close must not take itself for the last one, whose close says
+    /// where the stream ends). The transport does nothing more after.
+    fn let_go_keeping_socket(&mut self) {}
     /// The last holder's close will reset the connection instead of ending
     /// the stream (SO_LINGER with a zero timeout).
     fn abort_on_close(&mut self) {}
@@ -309,11 +330,16 @@ pub trait Transport: Send + std::fmt::Debug {
         None
     }
     /// This process is about to exec a program that will not take the end
-    /// over (no shim there, or one that cannot reach this devd): the
-    /// connection leaves the region for its kernel socket now, whatever
-    /// the peer does (docs/protocol.md section 2.6). Blocks up to 2 s for
-    /// room for bytes it owes.
-    fn before_plain_exec(&mut self, _ctx: &Ctx<'_>) {}
+    /// over (no shim there, or one that cannot reach this devd), or hands
+    /// the socket to the C library's stdio: the connection leaves the
+    /// region for its kernel socket now, whatever the peer does
+    /// (docs/protocol.md section 2.6). Blocks up to 2 s for room for bytes
+    /// it owes. Unless it says `Stays`, the kernel socket is the
+    /// connection's for good from here, and this process may read and
+    /// write it directly.
+    fn before_plain_exec(&mut self, _ctx: &Ctx<'_>) -> Leave {
+        Leave::Stays
+    }
     /// The session with devd this end came through (Queued), for the
     /// requests the hand-over makes (a new end, `handover/forward.rs`).
     fn session(&self) -> Option<Arc<crate::session::Session>> {

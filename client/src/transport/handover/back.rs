@@ -36,6 +36,18 @@ impl Handover {
             Tx::Tcp(_) => self.pin_writes(),
             _ => {}
         }
+        if self.tx == Tx::Ring
+            && layout::end_at(&self.map, self.side) == End::AtFin
+            && self.adopted_at == Some(self.inner.region_written())
+        {
+            // A process this end came from (by exec or fd passing) moved
+            // its writes back and sent all it owed (END says so only
+            // then), and this one wrote nothing into the region since:
+            // the kernel socket carries them in order from here. (Bytes
+            // another holder wrote into the region after that are its
+            // own to send, or its reset.)
+            self.writes_back(Vec::new());
+        }
         if self.tx == Tx::Ring {
             match self.inner.close_writes() {
                 Ok((_, rest)) if !rest.is_empty() && self.inner.holders() > 1 => {
@@ -72,41 +84,46 @@ impl Handover {
     }
 
     /// The process is about to exec a program that will not take this end
-    /// over (docs/protocol.md section 2.6): a Direct end leaves the region
-    /// now. Reads first, at exactly what this end read (its peer sends the
-    /// rest again on the kernel socket, where the new program reads); then
-    /// writes, at what it wrote (its peer reads the ring up to there, then
-    /// the socket, where the new program writes); a direction that has not
-    /// moved never will. What it owes goes out before the exec; bytes the
-    /// new program could not get (owed and unsendable, region bytes the
-    /// peer will never send again) reset the connection now. A Queued end
-    /// is left as it is (a limit, written down there).
-    pub(super) fn leave_for_plain(&mut self, ctx: &Ctx<'_>) {
+    /// over, or hands it to the C library's stdio (docs/protocol.md
+    /// section 2.6): a Direct end leaves the region now. Reads first, at
+    /// exactly what this end read (its peer sends the rest again on the
+    /// kernel socket, where the new program reads); then writes, at what
+    /// it wrote (its peer reads the ring up to there, then the socket,
+    /// where the new program writes); a direction that has not moved never
+    /// will. What it owes goes out before the exec; bytes the new program
+    /// could not get (owed and unsendable, region bytes the peer will
+    /// never send again), or a connection already broken, reset it now.
+    /// What it did (see [`Transport::before_plain_exec`]); a Queued end is
+    /// left as it is (a limit, written down there).
+    pub(super) fn leave_for_plain(&mut self, ctx: &Ctx<'_>) -> Leave {
         self.step();
-        if self.kernel || self.broken || self.closed || self.inner.mode() != Mode::Direct {
-            return;
+        if self.kernel {
+            return Leave::Kernel;
+        }
+        if self.closed || self.inner.mode() != Mode::Direct {
+            return Leave::Stays;
+        }
+        if self.broken {
+            self.abort_now(ctx, "the connection was broken");
+            return Leave::Left;
         }
         if !self.lost {
             self.lost = true;
             self.next_generation();
             if !self.close_for_plain() {
-                return;
+                self.abort_now(ctx, "the region broke the hand-over's rules");
+                return Leave::Left;
             }
-        } else if matches!(self.rx, Rx::Ring | Rx::Tcp(Some(_)))
-            && self.inner.reads_left().is_some_and(|l| l > 0)
-        {
-            // The peer left the region first, and this end had not read
-            // all it left there: nobody can hand those bytes on.
-            self.abort_now(ctx, "region bytes this process had not read");
-            return;
         }
         if matches!(self.rx, Rx::Ring | Rx::Tcp(Some(_)))
             && self.inner.reads_left().is_some_and(|l| l > 0)
         {
-            // The peer closed what this end reads first, at all it wrote
-            // (it is leaving too): it will not send those bytes again.
+            // The peer left the region first (it exec'd a plain program
+            // too, or is leaving now), closing what this end reads at all
+            // it wrote, with bytes this end had not read: it will not send
+            // them again, and nobody else can hand them on.
             self.abort_now(ctx, "region bytes this process had not read");
-            return;
+            return Leave::Left;
         }
         // This end's close won, with bytes in the ring it did not read:
         // its peer sends them again.
@@ -121,7 +138,7 @@ impl Handover {
             };
             if !matches!(self.flush(&c, true), Ok(true)) {
                 self.abort_now(ctx, "bytes it owed could not go out");
-                return;
+                return Leave::Left;
             }
             // From here the kernel socket carries every write, the new
             // program's too, whoever else holds the end: its end is the
@@ -133,6 +150,7 @@ impl Handover {
         if unread {
             self.await_peer_resend(ctx);
         }
+        Leave::Left
     }
 
     /// `leave_for_plain`'s closes: false if the end broke.
@@ -166,7 +184,7 @@ impl Handover {
             match self.inner.close_writes() {
                 Ok((at, rest)) => {
                     log::info!(
-                        "connection {}: leaves the region for a program without ssock: writes back on the kernel socket at region offset {at} ({} bytes again)",
+                        "connection {}: leaves the region: writes back on the kernel socket at region offset {at} ({} bytes again)",
                         self.inner.conn_id().unwrap_or(0),
                         rest.len()
                     );
@@ -220,6 +238,7 @@ impl Handover {
             self.inner.conn_id().unwrap_or(0)
         );
         let _ = ssock_rings::sys::disconnect(ctx.tcp);
+        self.disconnected = true;
         self.broken = true;
     }
 
@@ -406,6 +425,9 @@ impl Handover {
         }
         if self.broken {
             self.inner.abort_on_close();
+            if let Some(c) = ctx {
+                self.broken_with(c);
+            }
         }
         // Bytes the peer wrote on the kernel socket left unread here make
         // the kernel's close a reset, which the peer would not see while

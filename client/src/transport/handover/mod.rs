@@ -27,7 +27,7 @@ mod back;
 mod forward;
 mod wait;
 
-use super::{pipe_error, reset_error, would_block, Ctx, Ready, Transport};
+use super::{pipe_error, reset_error, would_block, Ctx, Leave, Ready, Transport};
 use forward::OfferWatch;
 use ssock_rings::codec::Mode;
 use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL, FLAG_RESET};
@@ -169,6 +169,14 @@ pub struct Handover {
     /// A read after moving back found the stream's end: it is over, and
     /// never moves forward (a new end's reads would wait again).
     back_eof: bool,
+    /// This process took the end over (an exec, an fd received), with its
+    /// region writes at this offset then: while it has written nothing
+    /// into the region itself, a write direction a process it came from
+    /// moved back already (END at the socket's end) owes nothing here.
+    adopted_at: Option<u64>,
+    /// The kernel connection was reset (a broken connection that had moved
+    /// back: no other holder's close may end it cleanly).
+    disconnected: bool,
 }
 
 /// How long a fresh acceptor end waits for its connector's READY: the
@@ -258,7 +266,12 @@ impl Handover {
             fork_gen: ssock_rings::sys::child_of(),
             retired: Vec::new(),
             back_eof: false,
+            adopted_at: None,
+            disconnected: false,
         };
+        if adopted {
+            h.adopted_at = Some(h.inner.region_written());
+        }
         if refused {
             h.stay_on_kernel();
         } else {
@@ -302,6 +315,19 @@ impl Handover {
 
     /// Looks at the hand-over words (loads only, and a compare-exchange
     /// when this end moves): what devd decided, and where the peer moved.
+    /// Whether the connection broke; one that broke after it moved back
+    /// is reset on its kernel socket now (AF_UNSPEC connect), since
+    /// another process may hold that socket past this one's close (a
+    /// holder gone to stdio, a program exec'd without ssock) and end it
+    /// with a FIN its reader would take for the stream's end.
+    fn broken_with(&mut self, ctx: &Ctx<'_>) -> bool {
+        if self.broken && self.lost && !self.disconnected {
+            self.disconnected = true;
+            let _ = ssock_rings::sys::disconnect(ctx.tcp);
+        }
+        self.broken
+    }
+
     fn step(&mut self) {
         if self.on_rings() && !self.inner.path_lost() {
             // Settled, and still: nothing here can change (the hot path).
@@ -631,7 +657,7 @@ impl Handover {
         loop {
             self.step();
             self.forward(ctx);
-            if self.broken {
+            if self.broken_with(ctx) {
                 return Err(reset_error());
             }
             if self.owed() {
@@ -894,7 +920,7 @@ impl Transport for Handover {
         loop {
             self.step();
             self.forward(ctx);
-            if self.broken {
+            if self.broken_with(ctx) {
                 return partial(off, reset_error());
             }
             if off == buf.len() {
@@ -1061,6 +1087,13 @@ impl Transport for Handover {
         }
     }
 
+    fn let_go_keeping_socket(&mut self) {
+        if !self.kernel && !self.closed {
+            self.closed = true;
+            self.inner.let_go_keeping_socket();
+        }
+    }
+
     fn abort_on_close(&mut self) {
         if !self.kernel {
             self.inner.abort_on_close();
@@ -1076,7 +1109,7 @@ impl Transport for Handover {
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
         self.step();
         self.forward(ctx);
-        if self.broken {
+        if self.broken_with(ctx) {
             return Ready::BROKEN;
         }
         if self.on_rings() {
@@ -1335,8 +1368,8 @@ impl Transport for Handover {
         self.lost.then_some(self.resend_total)
     }
 
-    fn before_plain_exec(&mut self, ctx: &Ctx<'_>) {
-        self.leave_for_plain(ctx);
+    fn before_plain_exec(&mut self, ctx: &Ctx<'_>) -> Leave {
+        self.leave_for_plain(ctx)
     }
 
     fn holders(&self) -> u32 {

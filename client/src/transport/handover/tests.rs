@@ -15,6 +15,8 @@ struct Region {
     map: Arc<Mapping>,
     lost: Arc<AtomicBool>,
     owed: usize,
+    /// Processes holding the end.
+    holders: u32,
     /// Times its call eventfd (here a pipe's reading end) was emptied.
     drained: Arc<AtomicUsize>,
     call: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
@@ -61,6 +63,9 @@ impl Transport for Region {
     fn reads_left(&self) -> Option<u64> {
         Some(0)
     }
+    fn holders(&self) -> u32 {
+        self.holders
+    }
     fn offer_fd(&mut self, drain: bool) -> Option<RawFd> {
         if drain {
             self.drained.fetch_add(1, Ordering::Relaxed);
@@ -87,6 +92,17 @@ fn pair() -> (TcpStream, TcpStream) {
 /// (`remote`: its acceptor on another host); and how often its call
 /// eventfd was emptied.
 fn moved_end(owed: usize, remote: bool) -> (Box<dyn Transport>, Arc<AtomicBool>, Arc<AtomicUsize>) {
+    end_with(owed, remote, 1, false)
+}
+
+/// `moved_end` held by `holders` processes, taken over from another
+/// process if `adopted`.
+fn end_with(
+    owed: usize,
+    remote: bool,
+    holders: u32,
+    adopted: bool,
+) -> (Box<dyn Transport>, Arc<AtomicBool>, Arc<AtomicUsize>) {
     let fd = ssock_rings::sys::memfd_unsealed("handover-test", layout::HOV_PAGE).unwrap();
     let map = Arc::new(Mapping::map(fd.as_fd(), layout::HOV_PAGE, true).unwrap());
     assert!(layout::accept_claim(&map));
@@ -100,10 +116,18 @@ fn moved_end(owed: usize, remote: bool) -> (Box<dyn Transport>, Arc<AtomicBool>,
         map,
         lost: lost.clone(),
         owed,
+        holders,
         drained: drained.clone(),
         call: (r.into(), w.into()),
     };
-    (Handover::wrap(Box::new(region)), lost, drained)
+    let end = if adopted {
+        // (Its first holder moved its writes to the region.)
+        layout::publish_switch(&region.map, 0, Switch::After(0));
+        Handover::adopt(Box::new(region))
+    } else {
+        Handover::wrap(Box::new(region))
+    };
+    (end, lost, drained)
 }
 
 fn ctx(tcp: &TcpStream) -> Ctx<'_> {
@@ -220,5 +244,50 @@ fn a_connector_whose_acceptor_on_another_host_was_matched_does_not_take_its_fin_
     assert_eq!(
         read_at_fin_with_claim_pending(true).unwrap_err().kind(),
         io::ErrorKind::WouldBlock
+    );
+}
+
+#[test]
+fn an_end_taken_over_after_its_writes_moved_back_sends_nothing_again() {
+    // The process this end came from moved its writes back and sent all it
+    // owed (END at the socket's end); the region still holds those bytes
+    // past where the reader closed. Taken over with nothing written into
+    // the region since, the end sends none of them again; an end that
+    // did not come that way (its own writes) sends them.
+    for (adopted, sent) in [(true, 1), (false, 101)] {
+        let (tcp, mut peer) = pair();
+        let (mut end, lost, _) = end_with(100, false, 1, adopted);
+        let c = ctx(&tcp);
+        if !adopted {
+            assert_eq!(end.write(b"in the region", &c).unwrap(), 13);
+        }
+        let map = end.handover_words().expect("words").0;
+        layout::publish_end_at_fin(&map, 0);
+        lost.store(true, Ordering::Relaxed);
+        // Then one byte on the kernel socket, after what it owes.
+        assert_eq!(end.write(b"y", &c).unwrap(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(drain(&mut peer), sent, "taken over: {adopted}");
+    }
+}
+
+#[test]
+fn a_shared_end_that_cannot_move_back_resets_its_kernel_connection_at_once() {
+    // Two processes hold the end and it owes bytes again: nobody can tell
+    // which of them sends them, so the connection is reset, on the kernel
+    // socket now (another holder, gone to stdio, may keep that socket open
+    // past this one's close and end it with a FIN).
+    let (tcp, mut peer) = pair();
+    let (mut end, lost, _) = end_with(100, false, 2, false);
+    lost.store(true, Ordering::Relaxed);
+    let r = end.write(b"x", &ctx(&tcp));
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ECONNRESET));
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let got = peer.read(&mut [0u8; 16]);
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset),
+        "the peer should see a reset"
     );
 }

@@ -107,6 +107,23 @@ const MAX_POSITION: u64 = 1 << 62;
 /// other copies (OpenMPI's 1 MiB messages: half the copy rate).
 const PUBLISH_EVERY: usize = 64 * 1024;
 
+/// The odd epoch of a new sleep on `wait_word`: after the newer of this
+/// holder's last one (`own`) and the word's (another process holding the
+/// same end, or one it came from, may have slept there since, or before
+/// this one started counting at 0): a value the waker rang for already
+/// would not be rung again, and the sleep would last its whole cap.
+fn next_epoch(map: &Mapping, wait_word: usize, own: u32) -> u32 {
+    // Relaxed: only this side's holders store it; the value only has to
+    // differ from those stored before.
+    let cur = map.u32_at(wait_word).load(Ordering::Relaxed);
+    let newer = if cur.wrapping_sub(own) < 1 << 31 {
+        cur
+    } else {
+        own
+    };
+    newer.wrapping_add(2) | 1
+}
+
 /// Publishes a sleep: the doorbell to ring, then the odd epoch (Release:
 /// a waker that sees the epoch sees the id). The caller's SeqCst fence
 /// follows.
@@ -348,7 +365,7 @@ impl Producer {
     /// whatever the ring holds now (the caller re-checks what it waits for
     /// afterwards).
     pub fn arm_always(&mut self, bell: u32) {
-        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.epoch = next_epoch(&self.map, self.o.prod_wait, self.epoch);
         sleep_on(
             &self.map,
             self.o.prod_wait,
@@ -363,7 +380,7 @@ impl Producer {
     /// Announces that this side will sleep on doorbell `bell` until space
     /// frees up. Returns false (and stays awake) if space is already there.
     pub fn arm(&mut self, bell: u32) -> Result<bool, Violation> {
-        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.epoch = next_epoch(&self.map, self.o.prod_wait, self.epoch);
         sleep_on(
             &self.map,
             self.o.prod_wait,
@@ -614,7 +631,7 @@ impl Consumer {
     /// arrives, whatever the ring holds now (the caller re-checks what it
     /// waits for afterwards).
     pub fn arm_always(&mut self, bell: u32) {
-        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.epoch = next_epoch(&self.map, self.o.cons_wait, self.epoch);
         sleep_on(
             &self.map,
             self.o.cons_wait,
@@ -630,7 +647,7 @@ impl Consumer {
     /// or a mark arrives. Returns false (and stays awake) if something is
     /// already there.
     pub fn arm(&mut self, bell: u32) -> Result<bool, Violation> {
-        self.epoch = self.epoch.wrapping_add(2) | 1;
+        self.epoch = next_epoch(&self.map, self.o.cons_wait, self.epoch);
         sleep_on(
             &self.map,
             self.o.cons_wait,
@@ -966,5 +983,33 @@ mod tests {
         let bells: Arc<dyn Doorbells> = Arc::new(OneBell::default());
         let mut r = Producer::new(m.clone(), l, 0, bells);
         assert!(r.unconsumed().is_err());
+    }
+
+    #[test]
+    fn a_consumer_taken_over_is_woken_at_its_first_sleep() {
+        // The end's first holder slept once and was rung; a process that
+        // takes the end over (its own count of sleeps starting again) must
+        // not announce a sleep the producer takes for the one it rang.
+        let (mut p, mut c, m, l) = pair(16384);
+        let header = |m: &Mapping| {
+            let mut h = vec![0u8; crate::layout::HEADER_SIZE];
+            m.read_bytes(0, &mut h);
+            h
+        };
+        assert!(c.arm(7).unwrap());
+        p.write(b"a").unwrap();
+        assert_eq!(snapshot(&header(&m), l, 0).notify_sent, 1);
+        let mut b = [0u8; 4];
+        c.read(&mut b).unwrap();
+        c.disarm();
+        let bells: Arc<dyn Doorbells> = Arc::new(OneBell::default());
+        let mut taken = Consumer::new(m.clone(), l, 0, bells);
+        assert!(taken.arm(7).unwrap());
+        p.write(b"b").unwrap();
+        assert_eq!(
+            snapshot(&header(&m), l, 0).notify_sent,
+            2,
+            "the new holder's sleep was not rung"
+        );
     }
 }

@@ -47,10 +47,14 @@ const KNOWN_MAX: usize = 256;
 const REFUSED_MAX: usize = 64;
 /// A doorbell devd would not give is not asked for again this soon.
 const REFUSED_FOR: Duration = Duration::from_secs(1);
-/// An end asks devd for a doorbell at most this often: the ids come from
-/// the peer, who could name a new one before every ring (the peer's
-/// common doorbell serves meanwhile).
+/// An end asks devd for at most `FETCH_BURST` doorbells in this long: the
+/// ids come from the peer, who could name a new one before every ring (the
+/// peer's common doorbell serves meanwhile). A burst, not one: a peer end
+/// taken over by a new process, which forks, names a new doorbell each
+/// time (sshd: its re-exec, its preauth child, then its own new one), and
+/// the common doorbell known is the first process's.
 const FETCH_EVERY: Duration = Duration::from_secs(1);
+const FETCH_BURST: usize = 4;
 /// The longest Direct sleep: the net under a wake-up that could not be
 /// rung (a doorbell devd would not or could not give).
 const CAP: Duration = Duration::from_secs(1);
@@ -736,8 +740,9 @@ pub struct ProcessBells {
     /// The doorbell rung last, kept here (a peer thread sleeps on the same
     /// one again and again: no look into the book).
     last: Mutex<Option<(u32, Arc<OwnedFd>)>>,
-    /// When this end last asked devd for a doorbell.
-    fetched: Mutex<Option<Instant>>,
+    /// When this end last asked devd for doorbells (at most
+    /// `FETCH_BURST`, the oldest first).
+    fetched: Mutex<VecDeque<Instant>>,
     /// What each ring says (the connection's id: an epoll set whose
     /// parked ends share a doorbell looks at the one that rang,
     /// `ParkBell::drain_named`); 0: a one-byte ring.
@@ -753,7 +758,7 @@ impl ProcessBells {
             session,
             common: common.into(),
             last: Mutex::new(None),
-            fetched: Mutex::new(None),
+            fetched: Mutex::new(VecDeque::new()),
             token,
         }
     }
@@ -767,13 +772,17 @@ impl ProcessBells {
         sys::ring_bell_with(w.as_fd(), self.token) != sys::Rang::Failed
     }
 
-    /// Whether this end may ask devd for a doorbell now (counted as asked).
+    /// Whether this end may ask devd for a doorbell now (counted as asked):
+    /// fewer than `FETCH_BURST` asks in the last `FETCH_EVERY`.
     fn may_fetch(&self) -> bool {
         let mut f = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_some_and(|t| t.elapsed() < FETCH_EVERY) {
-            return false;
+        if f.len() >= FETCH_BURST {
+            if f.front().is_some_and(|t| t.elapsed() < FETCH_EVERY) {
+                return false;
+            }
+            f.pop_front();
         }
-        *f = Some(Instant::now());
+        f.push_back(Instant::now());
         true
     }
 
@@ -875,6 +884,24 @@ mod tests {
     fn readable(fd: RawFd) -> bool {
         let mut p = [sys::PollFd::new(fd, libc::POLLIN)];
         sys::poll(&mut p, Some(Duration::ZERO)).unwrap() == 1
+    }
+
+    /// An end may ask devd for a few doorbells in a row (a peer end taken
+    /// over and forked names a new one each time), never for one per ring.
+    #[test]
+    fn an_end_asks_devd_for_a_burst_of_doorbells_then_one_a_second() {
+        let b = ProcessBells::default();
+        for n in 0..FETCH_BURST {
+            assert!(b.may_fetch(), "ask {n} of the burst refused");
+        }
+        assert!(
+            !b.may_fetch(),
+            "a peer naming new ids could make every ring ask"
+        );
+        // The oldest ask a second old: one more.
+        b.fetched.lock().unwrap()[0] -= FETCH_EVERY;
+        assert!(b.may_fetch());
+        assert!(!b.may_fetch());
     }
 
     /// One process's book, driven through its public calls (the book is

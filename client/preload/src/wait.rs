@@ -143,9 +143,11 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(250);
 /// allows (sshd's sandboxed child has a limit of 1, and an accelerated
 /// socket adds its doorbell to the kernel socket). Sleeps on the program's
 /// kernel fds and the doorbells only (no larger than the program's own
-/// set), for at most [`LIVENESS_EVERY`]: the caller's next round asks the
-/// kernel sockets whether a peer is gone. The peer's writes and closes
-/// ring the doorbell; only its death is seen that late.
+/// set; the thread's own doorbell without the common one if need be), for
+/// at most [`LIVENESS_EVERY`]: the caller's next round asks the kernel
+/// sockets whether a peer is gone. The peer's writes and closes ring the
+/// doorbell; only its death, or a ring of the common doorbell, is seen
+/// that late.
 fn sleep_within_limit(
     pfds: &[pollfd],
     socks: &[Option<Obj>],
@@ -168,6 +170,15 @@ fn sleep_within_limit(
         return -1;
     }
     let t = left.map_or(LIVENESS_EVERY, |l| l.min(LIVENESS_EVERY));
+    if set.len() > pfds.len() {
+        // Still too many: the thread's own doorbell, which its wait words
+        // name, without the process's common one (rung only for a thread
+        // a peer could not name: seen at the next round).
+        let [own, common] = ssock_client::bells::doorbell_fds();
+        if own >= 0 && own != common {
+            set.retain(|p| p.fd != common);
+        }
+    }
     if set.len() > pfds.len() {
         // Still more than the program's own set (a socket waiting to read
         // and to write has two doorbells): short sleeps on nothing, each

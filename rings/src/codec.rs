@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 /// "SSCK".
 pub const CTL_MAGIC: u32 = u32::from_le_bytes(*b"SSCK");
 /// Control protocol version.
-pub const CTL_VERSION: u16 = 14;
+pub const CTL_VERSION: u16 = 15;
 /// Largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest number of fds one message carries.
@@ -189,6 +189,11 @@ reasons! {
     /// write behind the shim's back: named by fd 0, 1 or 2, or handed to
     /// fdopen. Its connection moved to its kernel socket.
     Stdio = 15, "stdio";
+    /// The acceptor served the connection on its kernel socket without
+    /// taking its end (its process could not reach devd, or accepted it
+    /// where the shim does not see): the connector read its bytes there
+    /// while the claim was still pending, and let its own end go.
+    Unclaimed = 16, "unclaimed";
 }
 
 /// Which end of a connection a process holds.

@@ -217,6 +217,22 @@ pub fn accept_claim(m: &Mapping) -> bool {
     }
 }
 
+/// The acceptor serves the connection without its end (the connector read
+/// its bytes on the kernel socket while CLAIM was pending): CLAIM says
+/// kernel, so that a claim answered after all never moves anybody. True
+/// if CLAIM says kernel now; false if the acceptor said accepted first.
+pub fn refuse_claim(m: &Mapping) -> bool {
+    match m.u32_at(hov::CLAIM).compare_exchange(
+        CLAIM_PENDING,
+        CLAIM_KERNEL,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => true,
+        Err(cur) => cur == CLAIM_KERNEL,
+    }
+}
+
 /// The connector holds its end (it will read the region once the
 /// acceptor's writes move there).
 pub fn mark_ready(m: &Mapping) {

@@ -313,6 +313,16 @@ impl Devd {
             at,
             ..
         } = i;
+        let addrs = sys::local_addr(sock.as_fd())
+            .ok()
+            .zip(sys::peer_addr(sock.as_fd()).ok());
+        let sock = match addrs {
+            Some((l, p)) => registry::GoneSock::Addrs {
+                local: canon_addr(l),
+                peer: canon_addr(p),
+            },
+            None => registry::GoneSock::Held(sock),
+        };
         self.reg.bury(key, token, sock, at);
     }
 
@@ -626,7 +636,12 @@ impl Devd {
     ) -> Option<registry::Gone> {
         let i = self.reg.gone.iter().position(|g| {
             g.key == here
-                && sys::local_addr(g.sock.as_fd()).is_ok_and(|l| peer_of(&g.sock, l, here, from))
+                && match &g.sock {
+                    registry::GoneSock::Addrs { local, peer } => *local == from && *peer == here,
+                    registry::GoneSock::Held(s) => {
+                        sys::local_addr(s.as_fd()).is_ok_and(|l| peer_of(s, l, here, from))
+                    }
+                }
         })?;
         self.reg.gone.remove(i)
     }

@@ -125,10 +125,30 @@ pub struct Gone {
     pub key: IntentKey,
     /// Its token.
     pub token: u64,
-    /// devd's duplicate of the connector's socket, to match the Claim.
-    pub sock: OwnedFd,
+    /// What a Claim is matched against.
+    pub sock: GoneSock,
     /// When it was made (it expires like an intent).
     pub at: Instant,
+}
+
+/// How a buried intent's connection is recognized at a Claim.
+#[derive(Debug)]
+pub enum GoneSock {
+    /// Its addresses, read when it was buried; devd's duplicate of the
+    /// connector's socket is closed then. Holding it would keep the
+    /// connection open past its program's close (no FIN, no reset for its
+    /// peer) and keep the program's epoll registrations of it reporting
+    /// events for an fd number it may have reused (haproxy, whose
+    /// backend's acceptor could not claim, lost its client connections).
+    Addrs {
+        /// The connector's address.
+        local: (std::net::IpAddr, u16),
+        /// Where it is connected to.
+        peer: (std::net::IpAddr, u16),
+    },
+    /// devd's duplicate of the connector's socket, not connected yet when
+    /// it was buried.
+    Held(OwnedFd),
 }
 
 /// One end of a connection.
@@ -447,7 +467,7 @@ impl Registry {
     }
 
     /// Remembers an intent given up before its Claim (see [`Gone`]).
-    pub fn bury(&mut self, key: IntentKey, token: u64, sock: OwnedFd, at: Instant) {
+    pub fn bury(&mut self, key: IntentKey, token: u64, sock: GoneSock, at: Instant) {
         if self.gone.len() >= MAX_GONE {
             self.gone.pop_front();
         }

@@ -645,6 +645,39 @@ impl Handover {
         }
     }
 
+    /// A connector reading its acceptor's bytes on the kernel socket while
+    /// CLAIM is still pending (on this host, where the acceptor says
+    /// accepted before its program can write): the acceptor serves the
+    /// connection without its end (it could not reach devd, or accepted
+    /// where the shim does not see), and never will take it. Neither
+    /// writer ever moved, so every byte is on the kernel socket: CLAIM
+    /// says kernel (a claim answered late moves nobody), the end is let go
+    /// of, and the fallback is counted (`unclaimed`). Without this the
+    /// connector would pay the hand-over's looks on every call until devd
+    /// dropped the intent (`INTENT_TTL_S`, 2 minutes).
+    fn acceptor_serves_plain(&mut self) -> bool {
+        if self.side != 0
+            || self.kernel
+            || self.rx != Rx::Tcp(None)
+            || !matches!(self.tx, Tx::Tcp(_) | Tx::Pinned | Tx::Shut)
+            || layout::is_remote(&self.map)
+            || layout::claim(&self.map) != layout::CLAIM_PENDING
+            || !layout::refuse_claim(&self.map)
+        {
+            return false;
+        }
+        log::info!(
+            "connection {}: the acceptor answered on the kernel socket without taking its end: kernel TCP",
+            self.inner.conn_id().unwrap_or(0)
+        );
+        crate::negotiate::report(
+            crate::session::Session::existing().as_ref(),
+            ssock_rings::codec::FallbackReason::Unclaimed,
+        );
+        self.stay_on_kernel();
+        true
+    }
+
     /// devd said the connection stays on the kernel socket (the acceptor
     /// was refused, or the intent expired): the end is let go of.
     fn stay_on_kernel(&mut self) {
@@ -797,6 +830,11 @@ impl Handover {
                     }
                 }
                 Ok(n) => {
+                    if n > 0 && self.acceptor_serves_plain() {
+                        // Nothing of the connection was ever in the region:
+                        // these bytes are the stream's, as every later one.
+                        return Ok(n);
+                    }
                     if let Rx::Back { after, .. } = &mut self.rx {
                         if !peek {
                             *after += n as u64;

@@ -3,7 +3,7 @@
 //! waiter is told and what it sleeps on once the writes moved back.
 
 use super::*;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -92,20 +92,21 @@ fn pair() -> (TcpStream, TcpStream) {
 /// (`remote`: its acceptor on another host); and how often its call
 /// eventfd was emptied.
 fn moved_end(owed: usize, remote: bool) -> (Box<dyn Transport>, Arc<AtomicBool>, Arc<AtomicUsize>) {
-    end_with(owed, remote, 1, false)
+    end_with(owed, remote, 1, false, true)
 }
 
 /// `moved_end` held by `holders` processes, taken over from another
-/// process if `adopted`.
+/// process if `adopted`, its acceptor's claim pending unless `claimed`.
 fn end_with(
     owed: usize,
     remote: bool,
     holders: u32,
     adopted: bool,
+    claimed: bool,
 ) -> (Box<dyn Transport>, Arc<AtomicBool>, Arc<AtomicUsize>) {
     let fd = ssock_rings::sys::memfd_unsealed("handover-test", layout::HOV_PAGE).unwrap();
     let map = Arc::new(Mapping::map(fd.as_fd(), layout::HOV_PAGE, true).unwrap());
-    assert!(layout::accept_claim(&map));
+    assert!(!claimed || layout::accept_claim(&map));
     if remote {
         map.u32_at(layout::hov::REMOTE).store(1, Ordering::Release);
     }
@@ -256,7 +257,7 @@ fn an_end_taken_over_after_its_writes_moved_back_sends_nothing_again() {
     // did not come that way (its own writes) sends them.
     for (adopted, sent) in [(true, 1), (false, 101)] {
         let (tcp, mut peer) = pair();
-        let (mut end, lost, _) = end_with(100, false, 1, adopted);
+        let (mut end, lost, _) = end_with(100, false, 1, adopted, true);
         let c = ctx(&tcp);
         if !adopted {
             assert_eq!(end.write(b"in the region", &c).unwrap(), 13);
@@ -278,7 +279,7 @@ fn a_shared_end_that_cannot_move_back_resets_its_kernel_connection_at_once() {
     // socket now (another holder, gone to stdio, may keep that socket open
     // past this one's close and end it with a FIN).
     let (tcp, mut peer) = pair();
-    let (mut end, lost, _) = end_with(100, false, 2, false);
+    let (mut end, lost, _) = end_with(100, false, 2, false, true);
     lost.store(true, Ordering::Relaxed);
     let r = end.write(b"x", &ctx(&tcp));
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ECONNRESET));
@@ -290,4 +291,38 @@ fn a_shared_end_that_cannot_move_back_resets_its_kernel_connection_at_once() {
         Err(io::ErrorKind::ConnectionReset),
         "the peer should see a reset"
     );
+}
+
+#[test]
+fn a_connector_whose_acceptor_answers_on_the_kernel_socket_without_its_end_turns_plain() {
+    // The acceptor accepted without taking its end (CLAIM still pending)
+    // and answered on the kernel socket: the connector reads the answer,
+    // says kernel in CLAIM (a claim answered late then moves nobody) and
+    // lets its end go; its later writes are the kernel socket's.
+    let (tcp, mut peer) = pair();
+    let (mut end, _, _) = end_with(0, false, 1, false, false);
+    let map = end.handover_words().expect("words").0;
+    let c = ctx(&tcp);
+    assert_eq!(end.write(b"request", &c).unwrap(), 7);
+    assert_eq!(drain(&mut peer), 7);
+    assert_eq!(end.mode(), Mode::Queued, "pending: still the region's");
+    peer.write_all(b"answer").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut buf = [0u8; 16];
+    assert_eq!(end.read(&mut buf, &c).unwrap(), 6);
+    assert_eq!(&buf[..6], b"answer");
+    assert_eq!(end.mode(), Mode::Kernel);
+    assert_eq!(layout::claim(&map), layout::CLAIM_KERNEL);
+    assert!(!layout::accept_claim(&map), "a late claim must not move");
+
+    // On another host CLAIM comes through the devds, later than the bytes:
+    // the connector waits for it.
+    let (tcp, mut peer) = pair();
+    let (mut end, _, _) = end_with(0, true, 1, false, false);
+    let map = end.handover_words().expect("words").0;
+    peer.write_all(b"answer").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let got = end.read(&mut buf, &ctx(&tcp));
+    assert_ne!(end.mode(), Mode::Kernel, "{got:?}");
+    assert_eq!(layout::claim(&map), layout::CLAIM_PENDING);
 }

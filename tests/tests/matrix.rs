@@ -1405,8 +1405,9 @@ fn haproxy_before_a_backend_whose_workers_cannot_reach_devd_keeps_that_hop_on_ke
         &logs,
         "answered on the kernel socket without taking its end",
     );
+    // (Each is posted on its end's session: the count may trail the log.)
     ensure!(
-        unclaimed >= 1 && found.len() as u64 == unclaimed,
+        unclaimed >= 1 && unclaimed <= found.len() as u64,
         "haproxy's connections to nginx should have been found plain and counted          unclaimed: {unclaimed} counted, {} logged; totals {t}{}",
         found.len(),
         diagnosis(&d, &logs)

@@ -880,6 +880,12 @@ impl Transport for Direct {
         self.abort = true;
     }
 
+    fn count_kernel(&self, reason: ssock_rings::codec::FallbackReason) {
+        if let Some(s) = &self.session {
+            let _ = s.post(&Request::Skipped { reason, count: 1 });
+        }
+    }
+
     fn discard_region(&mut self) {
         self.keep = None;
     }

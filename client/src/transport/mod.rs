@@ -345,6 +345,10 @@ pub trait Transport: Send + std::fmt::Debug {
     fn session(&self) -> Option<Arc<crate::session::Session>> {
         None
     }
+    /// Counts, on the session this end came through, this connection as
+    /// one left on kernel TCP for `reason` (Skipped: posted, no reply, so
+    /// a program's call never waits on devd for it).
+    fn count_kernel(&self, _reason: ssock_rings::codec::FallbackReason) {}
     /// Looks (one zero-timeout poll) at what the transport depends on
     /// beside its peer, without judging the kernel socket: Queued learns
     /// that devd's session hung up. For a waiter whose kernel

@@ -719,6 +719,12 @@ impl Transport for Queued {
         self.session.clone()
     }
 
+    fn count_kernel(&self, reason: ssock_rings::codec::FallbackReason) {
+        if let Some(s) = &self.session {
+            let _ = s.post(&Request::Skipped { reason, count: 1 });
+        }
+    }
+
     fn path_lost(&mut self) -> bool {
         self.peer_closed_region();
         self.lost

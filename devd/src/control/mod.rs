@@ -397,10 +397,14 @@ impl Devd {
             }
             Request::Skipped { reason, count } => {
                 // Connections a client left on kernel TCP without asking
-                // (the board said so). Only statistics: a session could
-                // inflate them (by at most a batch per message), never
-                // change a decision.
-                if reason == FallbackReason::ShortLived {
+                // (the board said so), or found its acceptor serving
+                // without its end (`unclaimed`). Only statistics: a session
+                // could inflate them (by at most a batch per message),
+                // never change a decision.
+                if matches!(
+                    reason,
+                    FallbackReason::ShortLived | FallbackReason::Unclaimed
+                ) {
                     self.totals.skipped(reason, count.min(SKIPS_BATCH_MAX));
                 }
                 Ok((Response::Ok, vec![]))

@@ -313,17 +313,17 @@ impl Devd {
             at,
             ..
         } = i;
-        let addrs = sys::local_addr(sock.as_fd())
+        // Its address is bound once its connect started (the port the
+        // Claim's peer address shows); a socket never connected has none,
+        // and no Claim to match.
+        let local = sys::local_addr(sock.as_fd())
             .ok()
-            .zip(sys::peer_addr(sock.as_fd()).ok());
-        let sock = match addrs {
-            Some((l, p)) => registry::GoneSock::Addrs {
-                local: canon_addr(l),
-                peer: canon_addr(p),
-            },
-            None => registry::GoneSock::Held(sock),
-        };
-        self.reg.bury(key, token, sock, at);
+            .filter(|l| l.port() != 0)
+            .map(canon_addr);
+        drop(sock);
+        if let Some(local) = local {
+            self.reg.bury(key, token, local, at);
+        }
     }
 
     /// Tells the engine to forget a Queued connection's resources.
@@ -634,15 +634,11 @@ impl Devd {
         here: (std::net::IpAddr, u16),
         from: (std::net::IpAddr, u16),
     ) -> Option<registry::Gone> {
-        let i = self.reg.gone.iter().position(|g| {
-            g.key == here
-                && match &g.sock {
-                    registry::GoneSock::Addrs { local, peer } => *local == from && *peer == here,
-                    registry::GoneSock::Held(s) => {
-                        sys::local_addr(s.as_fd()).is_ok_and(|l| peer_of(s, l, here, from))
-                    }
-                }
-        })?;
+        let i = self
+            .reg
+            .gone
+            .iter()
+            .position(|g| g.key == here && g.local == from)?;
         self.reg.gone.remove(i)
     }
 }

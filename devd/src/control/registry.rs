@@ -125,30 +125,17 @@ pub struct Gone {
     pub key: IntentKey,
     /// Its token.
     pub token: u64,
-    /// What a Claim is matched against.
-    pub sock: GoneSock,
+    /// The connector socket's own address, read when it was buried (a
+    /// Claim matches it with its peer's, and `key` with its own). devd's
+    /// duplicate of the socket is closed then: held, it kept the connection
+    /// open past its program's close (no FIN, no reset for the peer; a
+    /// connect under way completed after it) and kept the program's epoll
+    /// registrations of it reporting events under an fd number the program
+    /// may have reused (haproxy, whose backend's workers could not claim,
+    /// reset its clients).
+    pub local: IntentKey,
     /// When it was made (it expires like an intent).
     pub at: Instant,
-}
-
-/// How a buried intent's connection is recognized at a Claim.
-#[derive(Debug)]
-pub enum GoneSock {
-    /// Its addresses, read when it was buried; devd's duplicate of the
-    /// connector's socket is closed then. Holding it would keep the
-    /// connection open past its program's close (no FIN, no reset for its
-    /// peer) and keep the program's epoll registrations of it reporting
-    /// events for an fd number it may have reused (haproxy, whose
-    /// backend's acceptor could not claim, lost its client connections).
-    Addrs {
-        /// The connector's address.
-        local: (std::net::IpAddr, u16),
-        /// Where it is connected to.
-        peer: (std::net::IpAddr, u16),
-    },
-    /// devd's duplicate of the connector's socket, not connected yet when
-    /// it was buried.
-    Held(OwnedFd),
 }
 
 /// One end of a connection.
@@ -467,14 +454,14 @@ impl Registry {
     }
 
     /// Remembers an intent given up before its Claim (see [`Gone`]).
-    pub fn bury(&mut self, key: IntentKey, token: u64, sock: GoneSock, at: Instant) {
+    pub fn bury(&mut self, key: IntentKey, token: u64, local: IntentKey, at: Instant) {
         if self.gone.len() >= MAX_GONE {
             self.gone.pop_front();
         }
         self.gone.push_back(Gone {
             key,
             token,
-            sock,
+            local,
             at,
         });
     }

@@ -292,15 +292,16 @@ impl Handover {
                     && layout::claim(&self.map) == CLAIM_KERNEL))
     }
 
-    /// Between hosts, a connection made while its link was down has both
-    /// writers pinned by devd before they could move (docs/protocol.md
-    /// 8.6): while neither direction moved, CLAIM = kernel (its acceptor's
+    /// Neither direction moved and this end's writes are pinned on the
+    /// kernel socket: between hosts, a connection made while its link was
+    /// down has both writers pinned by devd before they could move
+    /// (docs/protocol.md 8.6); on one host, a connector end shared (a fork)
+    /// before its acceptor claimed it. CLAIM = kernel then (its acceptor's
     /// Claim found no intent on the other host, or the two hosts never
-    /// agreed) makes it a plain connection, as for an end not yet moved.
+    /// agreed; or another holder found the acceptor serving without its
+    /// end) makes it a plain connection, as for an end not yet moved.
     fn pinned_from_start(&self) -> bool {
-        self.tx == Tx::Pinned
-            && matches!(self.rx, Rx::Tcp(None) | Rx::Forever)
-            && layout::is_remote(&self.map)
+        self.tx == Tx::Pinned && matches!(self.rx, Rx::Tcp(None) | Rx::Forever)
     }
 
     /// Bytes this end's holders read from the kernel socket so far.
@@ -652,7 +653,8 @@ impl Handover {
     /// where the shim does not see), and never will take it. Neither
     /// writer ever moved, so every byte is on the kernel socket: CLAIM
     /// says kernel (a claim answered late moves nobody), the end is let go
-    /// of, and the fallback is counted (`unclaimed`). Without this the
+    /// of, and the connection is counted on kernel TCP (`unclaimed`,
+    /// posted on the end's session: the read waits on nobody). Without this the
     /// connector would pay the hand-over's looks on every call until devd
     /// dropped the intent (`INTENT_TTL_S`, 2 minutes).
     fn acceptor_serves_plain(&mut self) -> bool {
@@ -670,10 +672,8 @@ impl Handover {
             "connection {}: the acceptor answered on the kernel socket without taking its end: kernel TCP",
             self.inner.conn_id().unwrap_or(0)
         );
-        crate::negotiate::report(
-            crate::session::Session::existing().as_ref(),
-            ssock_rings::codec::FallbackReason::Unclaimed,
-        );
+        self.inner
+            .count_kernel(ssock_rings::codec::FallbackReason::Unclaimed);
         self.stay_on_kernel();
         true
     }

@@ -1,9 +1,10 @@
 //! Real programs from Debian, unmodified, with server and client both under
-//! `ssock-run` (issue 3, item 5): redis-server with redis-benchmark,
-//! iperf3, and sockperf. Each test checks the program's own success
-//! output, and through devd's statistics that its connections went Direct
-//! (none fell back to kernel TCP) and carried at least the program's own
-//! bytes. The asyncio echo server and client are in shim.rs.
+//! `ssock-run` (issue 3, item 5): redis-server with redis-benchmark, a
+//! redis replica and its master, iperf3, sockperf, sshd, git daemon. Each
+//! test checks the program's own success output, and through devd's
+//! statistics that its connections went Direct (none fell back to kernel
+//! TCP) and carried at least the program's own bytes. The asyncio echo
+//! server and client are in shim.rs.
 
 use anyhow::{bail, ensure, Context, Result};
 use ssock_tests::{have_app, Devd, Peer};
@@ -31,10 +32,15 @@ fn free_port() -> Result<u16> {
 
 /// Runs `cmd` to its end (killed after `RUN_LIMIT`); fails unless it exits
 /// with success. Returns stdout followed by stderr.
-fn run(mut cmd: Command) -> Result<String> {
+fn run(cmd: Command) -> Result<String> {
+    run_fed(cmd, Stdio::null())
+}
+
+/// `run`, with `stdin` as the program's standard input.
+fn run_fed(mut cmd: Command, stdin: Stdio) -> Result<String> {
     let desc = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -248,6 +254,155 @@ fn iperf3_goes_direct_and_carries_its_bytes() -> Result<()> {
         bytes >= received,
         "{bytes} bytes over Direct, iperf3 received {received}"
     );
+    Ok(())
+}
+
+/// The 64 hex digits of key `i`'s value (splitmix64: the RDB's LZF
+/// compression gains nothing on them).
+fn redis_value(i: u64) -> String {
+    (0..4u64)
+        .map(|k| {
+            let mut z = (i * 4 + k)
+                .wrapping_add(1)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("{:016x}", z ^ (z >> 31))
+        })
+        .collect()
+}
+
+/// Redis replication, both servers under ssock-run: the replica's full
+/// sync (the master's diskless RDB, which a forked child makes) and then
+/// the stream of the master's writes, over one Direct connection that
+/// stays open; afterwards both datasets have the same DEBUG DIGEST, and
+/// every connection was Direct.
+#[test]
+fn redis_replica_syncs_from_its_master_and_follows_its_writes_over_direct() -> Result<()> {
+    if !have_app("redis-server")? || !have_app("redis-cli")? {
+        return Ok(());
+    }
+    let dir = TempDir::new("redis-replication")?;
+    let d = Devd::start(&[])?;
+    let server = |port: &str, sub: &str, extra: &[&str]| -> Result<Peer> {
+        let data = dir.0.join(sub);
+        std::fs::create_dir_all(&data)?;
+        let data = data.display().to_string();
+        let mut args = vec![
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &data,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+        ];
+        args.extend(extra);
+        let mut p = Peer::command(under_ssock(&d, "redis-server", &args)?)?;
+        wait_listening(&mut p, port)?;
+        Ok(p)
+    };
+    let cli = |port: &str, args: &[&str]| -> Result<String> {
+        let mut a = vec!["-p", port];
+        a.extend(args);
+        run(under_ssock(&d, "redis-cli", &a)?)
+    };
+    // SET commands for keys `from..to`, through redis-cli --pipe.
+    let load = |port: &str, from: u64, to: u64| -> Result<()> {
+        let file = dir.0.join(format!("load-{from}"));
+        let text: String = (from..to)
+            .map(|i| format!("SET key:{i} {}\r\n", redis_value(i)))
+            .collect();
+        std::fs::write(&file, text)?;
+        let out = run_fed(
+            under_ssock(&d, "redis-cli", &["-p", port, "--pipe"])?,
+            Stdio::from(std::fs::File::open(&file)?),
+        )?;
+        let want = format!("errors: 0, replies: {}", to - from);
+        ensure!(out.contains(&want), "redis-cli --pipe said:\n{out}");
+        Ok(())
+    };
+    // Waits until the replica has `keys` keys, its link up and no sync
+    // under way.
+    let caught_up = |port: &str, keys: u64| -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let info = cli(port, &["INFO", "replication"])?;
+            let size = cli(port, &["DBSIZE"])?;
+            if info.contains("master_link_status:up")
+                && info.contains("master_sync_in_progress:0")
+                && size.trim() == keys.to_string()
+            {
+                return Ok(());
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "the replica did not catch up ({} keys of {keys}):\n{info}",
+                size.trim()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let master_port = free_port()?.to_string();
+    let mut master = server(
+        &master_port,
+        "master",
+        &[
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ],
+    )?;
+    let keys = 40_000u64;
+    load(&master_port, 0, keys)?;
+    let replica_port = free_port()?.to_string();
+    let mut replica = server(
+        &replica_port,
+        "replica",
+        &["--replicaof", "127.0.0.1", &master_port],
+    )?;
+    caught_up(&replica_port, keys)?;
+    // The master's writes after the sync reach the replica through the
+    // replication stream.
+    load(&master_port, keys, keys + 2_000)?;
+    caught_up(&replica_port, keys + 2_000)?;
+    let digest =
+        |port: &str| -> Result<String> { Ok(cli(port, &["DEBUG", "DIGEST"])?.trim().to_string()) };
+    let (m, r) = (digest(&master_port)?, digest(&replica_port)?);
+    ensure!(
+        m == r && m.len() == 40 && m.bytes().any(|b| b != b'0'),
+        "master digest {m}, replica digest {r}"
+    );
+    // The replication link: the replica's connection to the master, open,
+    // Direct, and it carried at least the values of the full sync.
+    let stats = d.stats()?;
+    let master_addr = format!("127.0.0.1:{master_port}");
+    let conns = stats["connections"].as_array().context("connections")?;
+    let link = conns
+        .iter()
+        .find(|c| c["remote"] == master_addr.as_str() && c["state"] == "open")
+        .with_context(|| format!("no open connection to the master in {conns:?}"))?;
+    ensure!(
+        link["mode"] == "direct",
+        "the replication link is {}",
+        link["mode"]
+    );
+    let carried = link["bytes_a2c"].as_u64().context("bytes_a2c")?;
+    ensure!(
+        carried >= keys * 64,
+        "the replication link carried {carried} bytes for {keys} values of 64 bytes"
+    );
+    let (direct, kernel, _) = totals(&d)?;
+    ensure!(kernel == 0, "{kernel} connections fell back to kernel TCP");
+    ensure!(direct >= 2, "only {direct} Direct connections");
+    replica.kill();
+    master.kill();
     Ok(())
 }
 

@@ -263,6 +263,12 @@ pub enum Taken {
     Closed(u64),
 }
 
+/// The TAKEN word of direction `d` as it is (for a comparison with an
+/// earlier reading only: `taken` says what it means).
+pub fn taken_raw(m: &Mapping, d: usize) -> u64 {
+    taken_word(m, d).load(Ordering::Acquire)
+}
+
 fn taken_word(m: &Mapping, d: usize) -> &std::sync::atomic::AtomicU64 {
     m.u64_at(hov::TAKEN + 8 * (d & 1))
 }

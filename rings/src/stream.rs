@@ -339,6 +339,19 @@ impl Producer {
             .store(self.n.suppressed, Ordering::Relaxed);
     }
 
+    /// The shared words a writer's readiness depends on, as they are now
+    /// (`Transport::quiet_sig`): the consumer's tail and closed mark, and
+    /// this direction's head and marks (any holder's writes and closes).
+    pub fn quiet_sig(&self) -> [u64; 4] {
+        // Acquire: as the readiness these stand for reads them.
+        [
+            self.map.u64_at(self.o.tail).load(Ordering::Acquire),
+            u64::from(self.map.u32_at(self.o.cons_closed).load(Ordering::Acquire)),
+            self.map.u64_at(self.o.head).load(Ordering::Acquire),
+            u64::from(self.map.u32_at(self.o.flags).load(Ordering::Acquire)),
+        ]
+    }
+
     /// Marks end of stream after the last byte written (shutdown(SHUT_WR)).
     pub fn close(&mut self) {
         self.set_flag(FLAG_EOS);
@@ -348,6 +361,13 @@ impl Producer {
     /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
         self.eos
+    }
+
+    /// Whether any holder of this end closed the direction (its end of
+    /// stream mark, which every holder's `close` publishes).
+    pub fn closed_by_any(&self) -> bool {
+        // Acquire: as the consumer reads the mark.
+        self.eos || self.map.u32_at(self.o.flags).load(Ordering::Acquire) & FLAG_EOS != 0
     }
 
     /// Marks the stream reset (abortive close, or a protocol violation seen).
@@ -502,6 +522,17 @@ impl Consumer {
         self.resync()?;
         self.refresh_head()?;
         Ok(idx(self.head_seen - self.tail))
+    }
+
+    /// The shared words a reader's readiness depends on, as they are now
+    /// (`Transport::quiet_sig`): the producer's head and marks, and this
+    /// direction's tail (any holder's reads).
+    pub fn quiet_sig(&self) -> [u64; 3] {
+        [
+            self.map.u64_at(self.o.head).load(Ordering::Acquire),
+            u64::from(self.flags()),
+            self.map.u64_at(self.o.tail).load(Ordering::Acquire),
+        ]
     }
 
     fn flags(&self) -> u32 {

@@ -297,6 +297,52 @@ def case_epoll_edges():
     a.close()
 
 
+def case_epoll_local_shutdown():
+    """Readiness after this end's own shutdowns, level- and edge-
+    triggered: SHUT_RD makes it readable (the end of the stream) with
+    RDHUP, both ways shut add HUP. The waits before found nothing, and a
+    shutdown moves no byte."""
+    c, a = pair()
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    say("lt idle:", events(ep, 0.05))
+    say("lt idle again:", events(ep, 0))
+    c.sendall(b"x")
+    say("lt data:", events(ep, 5))
+    say("lt read:", a.recv(1))
+    say("lt nothing left:", events(ep, 0))
+    a.shutdown(socket.SHUT_RD)
+    say("lt shut_rd:", events(ep, 5))
+    say("lt shut_rd read:", a.recv(10))
+    a.shutdown(socket.SHUT_WR)
+    say("lt both shut:", events(ep, 5))
+    ep.close()
+    d, b = pair()
+    ep = select.epoll()
+    ep.register(b.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+    say("et idle:", events(ep, 0.05))
+    d.sendall(b"y")
+    say("et data:", events(ep, 5))
+    say("et read:", b.recv(1))
+    b.shutdown(socket.SHUT_RD)
+    say("et shut_rd:", events(ep, 5))
+    say("et shut_rd again:", events(ep, 0.05))
+    b.shutdown(socket.SHUT_WR)
+    # (Only the first wait: the kernel may report the FIN's ACK again.)
+    say("et both shut:", events(ep, 5))
+    ep.close()
+    e, f = pair()
+    ep = select.epoll()
+    ep.register(f.fileno(), select.EPOLLOUT | select.EPOLLET)
+    say("et out:", events(ep, 5))
+    say("et out again:", events(ep, 0.05))
+    f.shutdown(socket.SHUT_WR)
+    say("et out shut_wr:", events(ep, 5))
+    ep.close()
+    for s in (c, a, d, b, e, f):
+        s.close()
+
+
 def cpu_seconds():
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -1262,7 +1308,8 @@ def plain_echo(fd):
 
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
-         case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_waits_sleep,
+         case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_local_shutdown,
+         case_epoll_waits_sleep,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,
          case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,

@@ -9,7 +9,7 @@
 
 use crate::sock::{lock, Entry};
 use libc::c_int;
-use ssock_client::transport::Ready;
+use ssock_client::transport::{QuietSig, Ready};
 use ssock_rings::notify::Gate;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -129,6 +129,34 @@ impl Obj {
     pub fn unpark(&self, id: u32, gen: u64) {
         if let Obj::Sock(s) = self {
             lock(s).unpark(id, gen);
+        }
+    }
+
+    /// `readiness`, unless `quiet` is what a look at the rings alone
+    /// (`sig`) reads now: None then (nothing changed since a look found
+    /// nothing). With `sig`, what it read, before the look: what a look
+    /// that finds nothing records as its `quiet`. One lock of the socket.
+    pub fn look(
+        &self,
+        fd: BorrowedFd<'_>,
+        check_peer: bool,
+        sig: bool,
+        quiet: Option<&QuietSig>,
+    ) -> Option<(Ready, Option<QuietSig>)> {
+        match self {
+            Obj::Sock(s) => {
+                let mut s = lock(s);
+                let now = if sig && !check_peer {
+                    s.quiet_sig()
+                } else {
+                    None
+                };
+                if now.is_some() && now.as_ref() == quiet {
+                    return None;
+                }
+                Some((s.readiness(fd, check_peer), now))
+            }
+            Obj::Set(epfd, s) => Some((s.readiness(*epfd, check_peer), None)),
         }
     }
 

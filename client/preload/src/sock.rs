@@ -49,6 +49,13 @@ pub struct Sock {
     state: State,
     spin: Duration,
     read_shut: bool,
+    /// shutdown(SHUT_WR) or SHUT_RDWR was called here (with SHUT_RD:
+    /// POLLHUP, as the kernel's socket shut down both ways; the transport
+    /// also says so for a shutdown by another holder).
+    write_shut: bool,
+    /// shutdown(SHUT_RD) or SHUT_RDWR was called (`read_shut` is also set
+    /// once a reset was reported).
+    rd_shutdown: bool,
     /// A send is waiting half done (see `io::send`): other sends wait.
     pub send_busy: bool,
     /// O_NONBLOCK of the socket, kept here so that no call needs F_GETFL:
@@ -357,6 +364,8 @@ impl Sock {
             state,
             spin,
             read_shut: false,
+            write_shut: false,
+            rd_shutdown: false,
             send_busy: false,
             nonblocking,
             error_reported: false,
@@ -473,8 +482,12 @@ impl Sock {
         }
         // A thread blocked on this socket re-checks, and sees the change.
         t.wake_self();
+        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+            self.write_shut = true;
+        }
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
             self.read_shut = true;
+            self.rd_shutdown = true;
         }
         Outcome::Done(())
     }
@@ -586,17 +599,36 @@ impl Sock {
         matches!(self.up(), Some(t) if t.settled() && t.mode() == Mode::Direct)
     }
 
+    /// `Transport::quiet_sig` (None after SHUT_RD, or once plain).
+    pub fn quiet_sig(&mut self) -> Option<ssock_client::transport::QuietSig> {
+        if self.read_shut {
+            return None;
+        }
+        self.up().and_then(|t| t.quiet_sig())
+    }
+
     /// Readiness for poll and friends (the kernel socket's, once the
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
-        let read_shut = self.read_shut;
+        let (read_shut, write_shut, rd_shutdown) =
+            (self.read_shut, self.write_shut, self.rd_shutdown);
         match self.up() {
             Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
                 if read_shut {
-                    // After SHUT_RD a read returns 0 at once.
+                    // After SHUT_RD a read returns 0 at once; the kernel's
+                    // tcp_poll says POLLIN and POLLRDHUP then, and POLLHUP
+                    // once the writes are shut down too.
                     r.readable = true;
+                    r.rdhup = true;
+                    r.hup |= write_shut || t.writes_shut();
+                }
+                if rd_shutdown {
+                    // News for edge-triggered epoll once, as the kernel's
+                    // wake-up at the shutdown (not a reset's report, which
+                    // was news already).
+                    r.seq[0] ^= 1 << 63;
                 }
                 r
             }

@@ -699,12 +699,14 @@ impl Transport for Direct {
         let rx_ready = self.rx.ready().unwrap_or(true);
         let (eos, reset) = self.rx.marks();
         let reader_gone = self.tx.peer_closed();
-        let writable = self.tx.is_closed()
-            || self.peer_gone
-            || reader_gone
-            || self.tx.writable().unwrap_or(1) > 0;
+        // Writes shut down by any holder of this end (a forked child's
+        // shutdown is the socket's, as in the kernel).
+        let shut = self.tx.closed_by_any();
+        let writable = shut || self.peer_gone || reader_gone || self.tx.writable().unwrap_or(1) > 0;
         let marks = u64::from(eos) + u64::from(reset) + u64::from(self.peer_gone);
-        let tx_marks = u64::from(reader_gone) + u64::from(self.peer_gone);
+        // (The shutdown counts as news for edge-triggered epoll, as the
+        // kernel's wake-up at every shutdown.)
+        let tx_marks = u64::from(reader_gone) + u64::from(self.peer_gone) + u64::from(shut);
         Ready {
             readable: rx_ready || self.peer_gone,
             writable,
@@ -712,7 +714,7 @@ impl Transport for Direct {
             // (even with bytes still to read), HUP once both directions
             // are shut (its FIN and our shutdown) or the connection reset.
             rdhup: eos || self.peer_gone,
-            hup: reset || self.peer_reset || ((eos || self.peer_gone) && self.tx.is_closed()),
+            hup: reset || self.peer_reset || ((eos || self.peer_gone) && shut),
             err: reset || self.peer_reset,
             // Sums of counters that only grow: they change when any does.
             seq: [
@@ -720,6 +722,31 @@ impl Transport for Direct {
                 self.tx.consumed_seen() + tx_marks,
             ],
         }
+    }
+
+    fn writes_shut(&self) -> bool {
+        self.tx.closed_by_any()
+    }
+
+    fn quiet_sig(&self) -> Option<super::QuietSig> {
+        // (Its own state: a local close or shutdown of writes shows in
+        // the tx marks, which are shared words.)
+        if self.broken || self.peer_gone || self.peer_reset || self.closed {
+            return None;
+        }
+        let [r0, r1, r2] = self.rx.quiet_sig();
+        let [t0, t1, t2, t3] = self.tx.quiet_sig();
+        Some([
+            r0,
+            r1,
+            r2,
+            t0,
+            t1,
+            t2,
+            t3,
+            layout::taken_raw(&self.map, 0),
+            layout::taken_raw(&self.map, 1),
+        ])
     }
 
     fn arm(

@@ -158,6 +158,20 @@ pub trait Transport: Send + std::fmt::Debug {
     /// Its region is not to be kept for a next connection on close (the
     /// connection was never used: devd freed it).
     fn discard_region(&mut self) {}
+    /// The shared words this end's readiness without a look at its
+    /// kernel socket depends on, read now: while they read the same, that
+    /// readiness is the same, so a look that found nothing to report need
+    /// not be made again (an epoll set's looks at its members). None when
+    /// the end's own state may change it too (broken, its peer gone, on
+    /// its kernel socket, Queued): then every look asks.
+    fn quiet_sig(&self) -> Option<QuietSig> {
+        None
+    }
+    /// Whether this end's writes are shut down (by any of its holders,
+    /// where the end can tell).
+    fn writes_shut(&self) -> bool {
+        false
+    }
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).
@@ -420,6 +434,9 @@ pub(crate) fn liveness(tcp: BorrowedFd<'_>) -> Liveness {
         Ok(_) => judge(fds[0].revents),
     }
 }
+
+/// What [`Transport::quiet_sig`] reads.
+pub type QuietSig = [u64; 9];
 
 /// The poll entry [`liveness`] asks the kernel socket `tcp` with (for a
 /// caller that polls it together with other fds, then [`judge`]s it).

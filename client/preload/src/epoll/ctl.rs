@@ -110,6 +110,7 @@ pub fn ctl(
             m.data = data;
             m.seen = None;
             m.disabled = false;
+            m.quiet = None;
         }
         libc::EPOLL_CTL_DEL => {
             let k = shim_member.ok_or(libc::ENOENT)?;

@@ -86,6 +86,11 @@ struct Member {
     /// peer's rings carry: the connection's id, 0 if none): armed on the
     /// set's doorbell for good, left out of the looks until unparked.
     parked: Option<(u32, u64, u64)>,
+    /// What its words read (`Sock::quiet_sig`) when a look at its rings
+    /// last found nothing to report: while they read the same, a look at
+    /// the rings skips it (`Obj::look`; forgotten when its registration
+    /// changes).
+    quiet: Option<ssock_client::transport::QuietSig>,
 }
 
 impl Drop for Member {
@@ -177,6 +182,7 @@ impl Inner {
             idle: 0,
             idle_since: 0,
             parked: None,
+            quiet: None,
             fd,
             obj,
             events,
@@ -459,11 +465,26 @@ impl Set {
             if at > 0 && reported.contains(&m.fd) {
                 continue;
             }
+            // A look at the rings alone skips a member whose words read as
+            // when a look found nothing (`Obj::look`).
+            let rings_only = look == Look::Rings && !ask;
             // SAFETY: m.fd is registered in this instance and still open
             // (close() drops it from every instance first).
-            let r = m.obj.readiness(unsafe { borrow(m.fd) }, ask);
-            m.check = false;
-            let ev = m.report(r);
+            let looked = m.obj.look(
+                unsafe { borrow(m.fd) },
+                ask,
+                rings_only,
+                m.quiet.as_ref().filter(|_| rings_only),
+            );
+            let (ev, seq) = match looked {
+                None => (0, [0, 0]),
+                Some((r, sig)) => {
+                    m.check = false;
+                    let ev = m.report(r);
+                    m.quiet = if ev == 0 { sig } else { None };
+                    (ev, r.seq)
+                }
+            };
             if rings {
                 m.idle = if ev == 0 { m.idle.saturating_add(1) } else { 0 };
                 // Idle for PARK_AFTER looks (the time noted), then due once
@@ -489,7 +510,7 @@ impl Set {
             };
             n += 1;
             reported.push(m.fd);
-            m.seen = Some(r.seq);
+            m.seen = Some(seq);
             if m.events & EPOLLONESHOT != 0 {
                 m.disabled = true;
                 // Nothing to watch until EPOLL_CTL_MOD (its sleeps leave it
@@ -523,11 +544,18 @@ impl Set {
             .over(&i.members)
             .filter(|m| m.parked.is_none() || m.check)
             .any(|m| {
+                let ask = check_peer || m.check;
+                // (As in `collect`: skipped while its words read as when a
+                // look found nothing.)
                 // SAFETY: as in `collect`.
-                m.report(
-                    m.obj
-                        .readiness(unsafe { borrow(m.fd) }, check_peer || m.check),
-                ) != 0
+                m.obj
+                    .look(
+                        unsafe { borrow(m.fd) },
+                        ask,
+                        !ask && m.quiet.is_some(),
+                        m.quiet.as_ref(),
+                    )
+                    .is_some_and(|(r, _)| m.report(r) != 0)
             });
         any
     }

@@ -1144,6 +1144,20 @@ impl Transport for Handover {
         }
     }
 
+    fn writes_shut(&self) -> bool {
+        self.wr_shut || self.tx == Tx::Shut || (!self.kernel && self.inner.writes_shut())
+    }
+
+    fn quiet_sig(&self) -> Option<super::QuietSig> {
+        // Settled: its readiness is the wrapped end's (whose region words
+        // say when the region stops carrying bytes: `path_lost`).
+        if self.on_rings() && !self.broken {
+            self.inner.quiet_sig()
+        } else {
+            None
+        }
+    }
+
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
         self.step();
         self.forward(ctx);

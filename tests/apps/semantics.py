@@ -343,6 +343,24 @@ def case_epoll_local_shutdown():
         s.close()
 
 
+def case_shut_rd_keeps_receiving():
+    """After this end's shutdown(SHUT_RD), Linux's TCP still hands out
+    the bytes that were there and those that come after, and says 0 (not
+    a wait) when there are none."""
+    c, a = pair()
+    c.sendall(b"hello")
+    say("readable:", bool(select.select([a], [], [], 5)[0]))
+    a.shutdown(socket.SHUT_RD)
+    say("recv queued:", recv_exactly(a, 5))
+    say("recv none:", a.recv(10))
+    c.sendall(b"later")
+    time.sleep(0.2)
+    say("recv later:", recv_exactly(a, 5))
+    say("recv none again:", a.recv(10))
+    c.close()
+    a.close()
+
+
 def cpu_seconds():
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -1309,6 +1327,7 @@ def plain_echo(fd):
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_local_shutdown,
+         case_shut_rd_keeps_receiving,
          case_epoll_waits_sleep,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,

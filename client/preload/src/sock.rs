@@ -439,10 +439,14 @@ impl Sock {
     pub fn recv_now(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], peek: bool) -> Outcome<usize> {
         let ctx = self.ctx(fd);
         let read_shut = self.read_shut;
+        // After the program's own SHUT_RD (not a reset's report), the
+        // kernel still hands out what arrives, and says 0 instead of
+        // blocking when nothing is there.
+        let shut_by_program = self.rd_shutdown && !self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
         };
-        if read_shut || buf.is_empty() {
+        if (read_shut && !shut_by_program) || buf.is_empty() {
             return Outcome::Done(0);
         }
         let r = if peek {
@@ -450,7 +454,12 @@ impl Sock {
         } else {
             t.read(buf, &ctx)
         };
-        r.map_err(|e| errno(&e)).into()
+        match r {
+            Err(e) if shut_by_program && e.kind() == std::io::ErrorKind::WouldBlock => {
+                Outcome::Done(0)
+            }
+            r => r.map_err(|e| errno(&e)).into(),
+        }
     }
 
     /// One non-blocking send: how much went, or Errno(EAGAIN) if none

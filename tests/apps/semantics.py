@@ -343,6 +343,30 @@ def case_epoll_local_shutdown():
         s.close()
 
 
+def case_epoll_reset_edges():
+    """A reset seen by edge- and level-triggered epoll: one edge with
+    all of IN, RDHUP, HUP and ERR, none more after a look from another
+    instance; once SO_ERROR was read, no ERR."""
+    c, a = pair()
+    et = select.epoll()
+    et.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+    lt = select.epoll()
+    lt.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    say("et idle:", events(et, 0.05))
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    say("et reset:", events(et, 5))
+    say("lt reset:", events(lt, 0))
+    say("et again:", events(et, 0.05))
+    e = a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    say("so_error:", errno.errorcode.get(e, e))
+    say("et after so_error:", events(et, 0.05))
+    say("lt after so_error:", events(lt, 0))
+    et.close()
+    lt.close()
+    a.close()
+
+
 def case_shut_rd_keeps_receiving():
     """After this end's shutdown(SHUT_RD), Linux's TCP still hands out
     the bytes that were there and those that come after, and says 0 (not
@@ -1327,7 +1351,7 @@ def plain_echo(fd):
 
 CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_nonblocking_connect, case_refused, case_epoll_edges, case_epoll_local_shutdown,
-         case_shut_rd_keeps_receiving,
+         case_shut_rd_keeps_receiving, case_epoll_reset_edges,
          case_epoll_waits_sleep,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
          case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,

@@ -56,6 +56,10 @@ pub struct Sock {
     /// shutdown(SHUT_RD) or SHUT_RDWR was called (`read_shut` is also set
     /// once a reset was reported).
     rd_shutdown: bool,
+    /// The progress counters of the first readiness that said reset: one
+    /// that finds the connection broken later says them again (no second
+    /// edge for edge-triggered epoll, as the kernel's single wake-up).
+    reset_seq: Option<[u64; 2]>,
     /// A send is waiting half done (see `io::send`): other sends wait.
     pub send_busy: bool,
     /// O_NONBLOCK of the socket, kept here so that no call needs F_GETFL:
@@ -366,6 +370,7 @@ impl Sock {
             read_shut: false,
             write_shut: false,
             rd_shutdown: false,
+            reset_seq: None,
             send_busy: false,
             nonblocking,
             error_reported: false,
@@ -620,11 +625,22 @@ impl Sock {
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
-        let (read_shut, write_shut, rd_shutdown) =
-            (self.read_shut, self.write_shut, self.rd_shutdown);
-        match self.up() {
+        let (read_shut, write_shut, rd_shutdown, error_taken) = (
+            self.read_shut,
+            self.write_shut,
+            self.rd_shutdown,
+            self.error_reported,
+        );
+        let reset_seq = self.reset_seq;
+        let r = match self.up() {
             Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
+                if r.err {
+                    match reset_seq {
+                        Some(s) if r.seq == Ready::BROKEN.seq => r.seq = s,
+                        _ => {}
+                    }
+                }
                 if read_shut {
                     // After SHUT_RD a read returns 0 at once; the kernel's
                     // tcp_poll says POLLIN and POLLRDHUP then, and POLLHUP
@@ -639,10 +655,19 @@ impl Sock {
                     // was news already).
                     r.seq[0] ^= 1 << 63;
                 }
+                if error_taken {
+                    // SO_ERROR took the error: the kernel's POLLERR ends
+                    // with it.
+                    r.err = false;
+                }
                 r
             }
-            None => kernel_readiness(fd),
+            None => return kernel_readiness(fd),
+        };
+        if r.err && reset_seq.is_none() {
+            self.reset_seq = Some(r.seq);
         }
+        r
     }
 
     /// Arms for a sleep: the fds to sleep on, and the transport's

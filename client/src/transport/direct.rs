@@ -703,19 +703,33 @@ impl Transport for Direct {
         // shutdown is the socket's, as in the kernel).
         let shut = self.tx.closed_by_any();
         let writable = shut || self.peer_gone || reader_gone || self.tx.writable().unwrap_or(1) > 0;
-        let marks = u64::from(eos) + u64::from(reset) + u64::from(self.peer_gone);
+        // News for edge-triggered epoll: the end of the peer's stream (its
+        // mark, or its kernel socket's end), then a reset, which ends
+        // everything at once, as the kernel's tcp_done (its socket's
+        // reset seen later is no more news).
+        let reset_any = reset || self.peer_reset;
+        let marks = if reset_any {
+            2
+        } else {
+            u64::from(eos || self.peer_gone)
+        };
         // (The shutdown counts as news for edge-triggered epoll, as the
-        // kernel's wake-up at every shutdown.)
-        let tx_marks = u64::from(reader_gone) + u64::from(self.peer_gone) + u64::from(shut);
+        // kernel's wake-up at every shutdown; after a reset nothing does.)
+        let tx_marks = if reset_any {
+            3
+        } else {
+            u64::from(reader_gone || self.peer_gone) + u64::from(shut)
+        };
         Ready {
             readable: rx_ready || self.peer_gone,
             writable,
             // As the kernel's tcp_poll: RDHUP once the peer's FIN is in
             // (even with bytes still to read), HUP once both directions
             // are shut (its FIN and our shutdown) or the connection reset.
-            rdhup: eos || self.peer_gone,
-            hup: reset || self.peer_reset || ((eos || self.peer_gone) && shut),
-            err: reset || self.peer_reset,
+            // (A reset shuts both directions: RDHUP too.)
+            rdhup: eos || self.peer_gone || reset_any,
+            hup: reset_any || ((eos || self.peer_gone) && shut),
+            err: reset_any,
             // Sums of counters that only grow: they change when any does.
             seq: [
                 self.rx.produced_seen() + marks,

@@ -575,10 +575,17 @@ impl Consumer {
             return Ok(ReadOutcome::Data(0));
         }
         self.resync()?;
-        // A reset discards what was not yet read, like a TCP RST. The flags
-        // share the producer's cache line with head: no extra miss.
+        // A reset comes after the bytes written before it, as a TCP RST
+        // after the segments before it: Linux keeps what was received
+        // (a reader takes it, then ECONNRESET). The flags share the
+        // producer's cache line with head: no extra miss.
         if self.flags() & FLAG_RESET != 0 {
-            return Ok(ReadOutcome::Reset);
+            // (Acquire of the flag: every byte written before the reset is
+            // in the head read now.)
+            self.refresh_head()?;
+            if self.head_seen == self.tail {
+                return Ok(ReadOutcome::Reset);
+            }
         }
         if self.head_seen == self.tail {
             self.refresh_head()?;
@@ -904,11 +911,15 @@ mod tests {
     }
 
     #[test]
-    fn reset_discards_unread_data_like_a_tcp_rst() {
+    fn a_reset_comes_after_the_bytes_written_before_it_like_a_tcp_rst() {
         let (mut p, mut c, _m, _) = pair(16384);
         p.write(b"abc").unwrap();
         p.reset();
-        let mut b = [0u8; 8];
+        let mut b = [0u8; 2];
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(2));
+        assert_eq!(&b, b"ab");
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Data(1));
+        assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Reset);
         assert_eq!(c.read(&mut b).unwrap(), ReadOutcome::Reset);
     }
 

@@ -1185,6 +1185,27 @@ def case_close_with_unread_bytes():
     c.close()
 
 
+def case_response_then_close_with_unread_bytes():
+    """A server answers and closes with the request's rest unread: its
+    close resets the connection, and the client still reads the answer
+    first (Linux keeps what it received before a reset), then the reset
+    once, then the end."""
+    c, a = pair()
+    c.sendall(b"request and a body the server never reads")
+    select.select([a], [], [], 5)
+    a.recv(7)
+    a.sendall(b"response")
+    a.close()
+    select.select([c], [], [], 5)
+    time.sleep(0.1)
+    for i in range(3):
+        try:
+            say("client reads", c.recv(100))
+        except OSError as e:
+            say("client reads", errno.errorcode[e.errno])
+    c.close()
+
+
 def case_reset_so_error():
     c, a = pair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1359,7 +1380,8 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_epoll_pipe_beside_a_connection, case_epoll_many_idle_members,
          case_epoll_idle_members_of_another_process, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
-         case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent, case_fionread,
+         case_reset, case_reset_so_error, case_close_with_unread_bytes,
+         case_response_then_close_with_unread_bytes, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 

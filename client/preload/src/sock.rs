@@ -443,15 +443,15 @@ impl Sock {
     /// turned out plain.
     pub fn recv_now(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], peek: bool) -> Outcome<usize> {
         let ctx = self.ctx(fd);
-        let read_shut = self.read_shut;
-        // After the program's own SHUT_RD (not a reset's report), the
-        // kernel still hands out what arrives, and says 0 instead of
-        // blocking when nothing is there.
-        let shut_by_program = self.rd_shutdown && !self.error_reported;
+        // After the program's own SHUT_RD, or once a reset's error was
+        // taken (SO_ERROR, or a receive), the kernel still hands out what
+        // it received, and says 0 instead of waiting when nothing is there.
+        let no_wait = self.read_shut;
+        let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
         };
-        if (read_shut && !shut_by_program) || buf.is_empty() {
+        if buf.is_empty() {
             return Outcome::Done(0);
         }
         let r = if peek {
@@ -460,8 +460,16 @@ impl Sock {
             t.read(buf, &ctx)
         };
         match r {
-            Err(e) if shut_by_program && e.kind() == std::io::ErrorKind::WouldBlock => {
-                Outcome::Done(0)
+            Err(e) if no_wait && e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Done(0),
+            // (Taken already: the end.)
+            Err(e) if taken && e.raw_os_error() == Some(libc::ECONNRESET) => Outcome::Done(0),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) && !peek => {
+                // The receive takes the error, as the kernel's sock_error:
+                // reads see the end from now on, SO_ERROR and POLLERR no
+                // more.
+                self.error_reported = true;
+                self.read_shut = true;
+                Outcome::Errno(libc::ECONNRESET)
             }
             r => r.map_err(|e| errno(&e)).into(),
         }
@@ -477,7 +485,16 @@ impl Sock {
         let Some(t) = self.up() else {
             return Outcome::Kernel;
         };
-        t.write(buf, &ctx).map_err(|e| errno(&e)).into()
+        match t.write(buf, &ctx) {
+            // A reset not taken yet: this send takes it, as the kernel's
+            // (ECONNRESET once, EPIPE after).
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) && t.readiness(&ctx, false).err => {
+                self.error_reported = true;
+                self.read_shut = true;
+                Outcome::Errno(libc::ECONNRESET)
+            }
+            r => r.map_err(|e| errno(&e)).into(),
+        }
     }
 
     /// shutdown(2): Kernel once the socket turned out plain.
@@ -632,19 +649,24 @@ impl Sock {
             self.error_reported,
         );
         let reset_seq = self.reset_seq;
+        let mut first_reset = None;
         let r = match self.up() {
             Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
+                // (The transport's own counters, before this socket's
+                // marks below.)
                 if r.err {
                     match reset_seq {
                         Some(s) if r.seq == Ready::BROKEN.seq => r.seq = s,
-                        _ => {}
+                        Some(_) => {}
+                        None => first_reset = Some(r.seq),
                     }
                 }
                 if read_shut {
-                    // After SHUT_RD a read returns 0 at once; the kernel's
-                    // tcp_poll says POLLIN and POLLRDHUP then, and POLLHUP
-                    // once the writes are shut down too.
+                    // After SHUT_RD a read never waits (it takes what is
+                    // there, else 0); the kernel's tcp_poll says POLLIN
+                    // and POLLRDHUP then, and POLLHUP once the writes are
+                    // shut down too.
                     r.readable = true;
                     r.rdhup = true;
                     r.hup |= write_shut || t.writes_shut();
@@ -664,8 +686,8 @@ impl Sock {
             }
             None => return kernel_readiness(fd),
         };
-        if r.err && reset_seq.is_none() {
-            self.reset_seq = Some(r.seq);
+        if first_reset.is_some() {
+            self.reset_seq = first_reset;
         }
         r
     }

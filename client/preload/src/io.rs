@@ -119,7 +119,9 @@ fn recv_into(e: &Entry, fd: BorrowedFd<'_>, bufs: &mut [&mut [u8]], flags: i32) 
                 }
             }
             Outcome::Errno(libc::EAGAIN) => {}
-            other => return if got > 0 { Outcome::Done(got) } else { other },
+            // (An error after some bytes comes with the socket's next call,
+            // as the kernel keeps sk_err when it returns data.)
+            other => return after_some(&mut lock(e), got, other),
         }
         if nonblocking {
             // An application polling without poll(2) must still learn that
@@ -353,6 +355,11 @@ fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outco
             }
             other => {
                 if off > 0 {
+                    // A reset this send took comes with the next call, as
+                    // the kernel's sk_err after a partial send.
+                    if other == Outcome::Errno(libc::ECONNRESET) {
+                        lock(e).deferred = Some(libc::ECONNRESET);
+                    }
                     return Outcome::Done(off);
                 }
                 if other == Outcome::Errno(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {

@@ -463,7 +463,7 @@ impl Sock {
             Err(e) if no_wait && e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Done(0),
             // (Taken already: the end.)
             Err(e) if taken && e.raw_os_error() == Some(libc::ECONNRESET) => Outcome::Done(0),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) && !peek => {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
                 // The receive takes the error, as the kernel's sock_error:
                 // reads see the end from now on, SO_ERROR and POLLERR no
                 // more.
@@ -488,7 +488,13 @@ impl Sock {
         match t.write(buf, &ctx) {
             // A reset not taken yet: this send takes it, as the kernel's
             // (ECONNRESET once, EPIPE after).
-            Err(e) if e.raw_os_error() == Some(libc::EPIPE) && t.readiness(&ctx, false).err => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ECONNRESET)
+                    || (e.raw_os_error() == Some(libc::EPIPE)
+                        && t.mode() == ssock_rings::codec::Mode::Direct
+                        && t.settled()
+                        && t.readiness(&ctx, false).err) =>
+            {
                 self.error_reported = true;
                 self.read_shut = true;
                 Outcome::Errno(libc::ECONNRESET)

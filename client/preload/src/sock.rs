@@ -48,13 +48,12 @@ pub type Arming = (Vec<(i32, i16)>, Option<u64>);
 pub struct Sock {
     state: State,
     spin: Duration,
-    read_shut: bool,
     /// shutdown(SHUT_WR) or SHUT_RDWR was called here (with SHUT_RD:
     /// POLLHUP, as the kernel's socket shut down both ways; the transport
     /// also says so for a shutdown by another holder).
     write_shut: bool,
-    /// shutdown(SHUT_RD) or SHUT_RDWR was called (`read_shut` is also set
-    /// once a reset was reported).
+    /// shutdown(SHUT_RD) or SHUT_RDWR was called (reads are over for it,
+    /// as once a reset's error was taken: `read_shut`).
     rd_shutdown: bool,
     /// The progress counters of the first readiness that said reset: one
     /// that finds the connection broken later says them again (no second
@@ -367,7 +366,6 @@ impl Sock {
         Sock {
             state,
             spin,
-            read_shut: false,
             write_shut: false,
             rd_shutdown: false,
             reset_seq: None,
@@ -414,7 +412,6 @@ impl Sock {
             // As the kernel once its error is taken: reads see the end,
             // writes EPIPE.
             self.error_reported = true;
-            self.read_shut = true;
             return Some(libc::ECONNRESET);
         }
         None
@@ -446,7 +443,7 @@ impl Sock {
         // After the program's own SHUT_RD, or once a reset's error was
         // taken (SO_ERROR, or a receive), the kernel still hands out what
         // it received, and says 0 instead of waiting when nothing is there.
-        let no_wait = self.read_shut;
+        let no_wait = self.read_shut();
         let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
@@ -468,7 +465,6 @@ impl Sock {
                 // reads see the end from now on, SO_ERROR and POLLERR no
                 // more.
                 self.error_reported = true;
-                self.read_shut = true;
                 Outcome::Errno(libc::ECONNRESET)
             }
             r => r.map_err(|e| errno(&e)).into(),
@@ -496,7 +492,6 @@ impl Sock {
                         && t.readiness(&ctx, false).err) =>
             {
                 self.error_reported = true;
-                self.read_shut = true;
                 Outcome::Errno(libc::ECONNRESET)
             }
             r => r.map_err(|e| errno(&e)).into(),
@@ -523,7 +518,6 @@ impl Sock {
             self.write_shut = true;
         }
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
-            self.read_shut = true;
             self.rd_shutdown = true;
         }
         Outcome::Done(())
@@ -638,10 +632,15 @@ impl Sock {
 
     /// `Transport::quiet_sig` (None after SHUT_RD, or once plain).
     pub fn quiet_sig(&mut self) -> Option<ssock_client::transport::QuietSig> {
-        if self.read_shut {
+        if self.read_shut() {
             return None;
         }
         self.up().and_then(|t| t.quiet_sig())
+    }
+
+    /// Reads never wait: after SHUT_RD, or once a reset's error was taken.
+    fn read_shut(&self) -> bool {
+        self.rd_shutdown || self.error_reported
     }
 
     /// Readiness for poll and friends (the kernel socket's, once the
@@ -649,7 +648,7 @@ impl Sock {
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
         let (read_shut, write_shut, rd_shutdown, error_taken) = (
-            self.read_shut,
+            self.read_shut(),
             self.write_shut,
             self.rd_shutdown,
             self.error_reported,

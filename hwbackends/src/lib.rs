@@ -179,7 +179,8 @@ pub enum Peer {
 pub enum Mark {
     /// Orderly end of stream (FIN).
     Eos,
-    /// Abortive end (RST): bytes not yet received are discarded.
+    /// Abortive end (RST): after the bytes sent before it, like Eos; the
+    /// sender counts them all acknowledged at once.
     Reset,
 }
 

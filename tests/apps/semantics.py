@@ -1196,13 +1196,35 @@ def case_response_then_close_with_unread_bytes():
     a.recv(7)
     a.sendall(b"response")
     a.close()
-    select.select([c], [], [], 5)
+    if not REMOTE:
+        select.select([c], [], [], 5)
     time.sleep(0.1)
     for i in range(3):
         try:
             say("client reads", c.recv(100))
         except OSError as e:
             say("client reads", errno.errorcode[e.errno])
+    c.close()
+
+
+def case_send_after_a_reset_then_read():
+    """A send after the peer's reset gets the reset; the bytes received
+    before it are still read, then the end (Linux keeps its receive queue
+    after an RST); a send after that gets EPIPE."""
+    c, a = pair()
+    c.sendall(b"request and a body")
+    select.select([a], [], [], 5)
+    a.recv(7)
+    a.sendall(b"response")
+    a.close()
+    if not REMOTE:
+        select.select([c], [], [], 5)
+    time.sleep(0.1)
+    for op in ("send", "recv", "recv", "send", "recv"):
+        try:
+            say(op, c.send(b"x") if op == "send" else c.recv(100))
+        except OSError as e:
+            say(op, errno.errorcode[e.errno])
     c.close()
 
 
@@ -1381,7 +1403,8 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_epoll_idle_members_of_another_process, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
-         case_response_then_close_with_unread_bytes, case_urgent, case_fionread,
+         case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
+         case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
@@ -1394,8 +1417,9 @@ REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtim
                 case_threads, case_fork, case_exit_without_close, case_peer_killed,
                 case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing,
                 case_one_process_reads_another_writes,
-                case_reset, case_reset_so_error, case_close_with_unread_bytes, case_urgent,
-                case_fionread]
+                case_reset, case_reset_so_error, case_close_with_unread_bytes,
+                case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
+                case_urgent, case_fionread]
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "agent":

@@ -115,12 +115,7 @@ fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
 /// (as between two hosts).
 #[test]
 fn queued_connections_keep_the_same_semantics() -> Result<()> {
-    // (Not yet for Queued: a reset there still discards the bytes not
-    // read, where Linux and Direct hand them out first.)
-    let cases = [
-        "-case_epoll_waits_sleep",
-        "-case_response_then_close_with_unread_bytes",
-    ];
+    let cases = ["-case_epoll_waits_sleep"];
     differential_in(&[], &["--default-mode", "queued"], &cases, "queued")?;
     differential_in(
         &[("SSOCK_SPIN_US", "0")],

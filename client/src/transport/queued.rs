@@ -997,9 +997,10 @@ impl Transport for Queued {
         let slot = self.slot_u32();
         loop {
             self.rejoin_step(ctx.tcp);
+            // (The peer's reset leaves what it delivered before it to be
+            // read, as the kernel's receive queue after an RST.)
             if self.broken || self.rx_flags() & FLAG_RESET != 0 {
-                self.broken = true;
-                return Err(reset_error());
+                return if off > 0 { Ok(off) } else { Err(reset_error()) };
             }
             if self.shut_wr || self.peer_gone || self.shut_by_another() {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };

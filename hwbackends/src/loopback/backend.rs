@@ -145,8 +145,9 @@ impl Backend for Loopback {
         p.inbox_mark.get_or_insert(mark);
         self.ready.push(peer);
         if mark == Mark::Reset {
-            // What the peer had not taken is discarded, never to be taken.
-            p.inbox.clear();
+            // The peer takes what it had received first, then the reset
+            // (as a TCP receiver keeps what came before an RST); nothing
+            // sent waits for its acknowledgement any more.
             self.settle(ch);
         }
         Ok(())
@@ -168,7 +169,8 @@ impl Backend for Loopback {
         let peer = me.peer;
         if n > 0 {
             if let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) {
-                p.out.acked += n as u64;
+                // (Already all of it after the peer's reset.)
+                p.out.acked = (p.out.acked + n as u64).min(p.out.sent);
                 self.ready.push(peer);
             }
         }

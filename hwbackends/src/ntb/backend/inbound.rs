@@ -125,10 +125,11 @@ impl Ntb {
                 }
             }
             Kind::Eos | Kind::Reset => {
+                // After the bytes sent before it, as a TCP receiver keeps
+                // what came before an RST.
                 let m = if h.kind == Kind::Eos {
                     Mark::Eos
                 } else {
-                    c.rxq.clear();
                     Mark::Reset
                 };
                 c.rx_mark.get_or_insert(m);

@@ -523,7 +523,8 @@ impl Backend for Ntb {
         let kind = if mark == Mark::Eos {
             Kind::Eos
         } else {
-            // What the peer had not taken is discarded there.
+            // Nothing sent waits for its acknowledgement any more (the
+            // peer still takes what it received, then the mark).
             c.out.acked = c.out.sent;
             self.ready.push(ch);
             Kind::Reset

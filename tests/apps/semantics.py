@@ -1228,6 +1228,42 @@ def case_send_after_a_reset_then_read():
     c.close()
 
 
+def case_shutdown_once_the_connection_is_over():
+    """shutdown(2) on a connection that is over (reset, or shut down both
+    ways) says ENOTCONN, as the kernel's TCP_CLOSE; the reset's bytes and
+    error are still read after it."""
+    def attempt(f):
+        try:
+            r = f()
+            return "ok" if r is None else r
+        except OSError as e:
+            return err_name(e)
+    c, a = pair()
+    a.send(b"x")
+    time.sleep(0.05)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+    time.sleep(0.1)
+    say("after a reset:", attempt(lambda: c.shutdown(socket.SHUT_WR)),
+        attempt(lambda: c.recv(10)), attempt(lambda: c.recv(10)),
+        attempt(lambda: c.shutdown(socket.SHUT_RDWR)))
+    c.close()
+    c, a = pair()
+    c.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    a.close()
+    time.sleep(0.1)
+    say("shut both ways:", attempt(lambda: c.shutdown(socket.SHUT_RD)),
+        attempt(lambda: c.recv(10)))
+    c.close()
+    c, a = pair()
+    a.close()
+    time.sleep(0.1)
+    say("peer closed:", attempt(lambda: c.shutdown(socket.SHUT_WR)),
+        attempt(lambda: c.shutdown(socket.SHUT_WR)))
+    c.close()
+
+
 def case_reset_so_error():
     c, a = pair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1404,7 +1440,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
          case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
-         case_urgent, case_fionread,
+         case_shutdown_once_the_connection_is_over, case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 

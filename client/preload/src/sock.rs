@@ -504,10 +504,17 @@ impl Sock {
             return Outcome::Errno(libc::EINVAL);
         }
         let ctx = self.ctx(fd);
+        let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
         };
-        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+        // A connection over (reset, or shut down both ways: the peer's end
+        // of stream and this end's) is the kernel's TCP_CLOSE: shutdown
+        // says ENOTCONN, and still records what it was asked.
+        // (The look first: it is what settles an end whose peer moved.)
+        let r = t.readiness(&ctx, true);
+        let over = t.settled() && (taken || r.err || r.hup);
+        if !over && (how == libc::SHUT_WR || how == libc::SHUT_RDWR) {
             if let Err(e) = t.shutdown_write(&ctx) {
                 return Outcome::Errno(errno(&e));
             }
@@ -519,6 +526,9 @@ impl Sock {
         }
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
             self.rd_shutdown = true;
+        }
+        if over {
+            return Outcome::Errno(libc::ENOTCONN);
         }
         Outcome::Done(())
     }

@@ -398,6 +398,12 @@ fn a_reset_comes_after_the_bytes_sent_before_it(lab: &mut dyn Lab) {
         "a reset's sender waits for no acknowledgement"
     );
     lab.settle();
+    // Known before the bytes are taken (as the kernel's error on an RST).
+    let be = lab.backend(b.at);
+    assert_eq!(
+        (be.pending(b.ch), be.mark_arrived(b.ch)),
+        (500, Some(Mark::Reset))
+    );
     // As a TCP receiver keeps what came before an RST: the bytes, then
     // the mark.
     assert_eq!(drain(lab, b), (vec![9u8; 500], Some(Mark::Reset)));

@@ -343,6 +343,10 @@ pub trait Backend: Send {
     }
     /// Bytes waiting to be received on `ch` (0 if none or closed).
     fn pending(&self, ch: ChannelId) -> usize;
+    /// The mark that arrived for `ch`, if any: `recv` gives it after the
+    /// bytes still pending (a receiver learns of a reset at once, as the
+    /// kernel's error on an RST, and still reads what came before it).
+    fn mark_arrived(&self, ch: ChannelId) -> Option<Mark>;
     /// How far `ch`'s outgoing stream went; `None` if it is not open.
     fn offsets(&self, ch: ChannelId) -> Option<Offsets>;
     /// Closes `ch`; a peer still open sees Reset if no mark was sent.

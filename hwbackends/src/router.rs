@@ -117,6 +117,10 @@ impl Backend for Router {
         self.at(ch).map_or(0, |b| b.pending(ch))
     }
 
+    fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
+        self.at(ch).ok()?.mark_arrived(ch)
+    }
+
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.at(ch).ok()?.offsets(ch)
     }

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 /// "SSOCKRG1" in little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"SSOCKRG1");
 /// Layout version; bumped on any incompatible change.
-pub const REGION_VERSION: u32 = 9;
+pub const REGION_VERSION: u32 = 10;
 /// Bytes reserved for the header page.
 pub const HEADER_SIZE: usize = 4096;
 /// Smallest region the layouts accept (devd's config also requires the
@@ -633,6 +633,11 @@ pub struct DirOffsets {
 pub const FLAG_EOS: u32 = 1;
 /// Stream flag: the producer reset the connection.
 pub const FLAG_RESET: u32 = 2;
+/// Queued RX flag: the peer reset the connection and devd still holds
+/// bytes it sent before (`FLAG_RESET` follows them): writes, readiness
+/// and SO_ERROR report the reset now, reads take those bytes first, as
+/// the kernel's error on an RST beside its receive queue.
+pub const FLAG_PEER_RESET: u32 = 4;
 
 impl DirectLayout {
     /// Geometry for a region of `size` bytes.

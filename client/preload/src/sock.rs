@@ -509,11 +509,12 @@ impl Sock {
             return Outcome::Kernel;
         };
         // A connection over (reset, or shut down both ways: the peer's end
-        // of stream and this end's) is the kernel's TCP_CLOSE: shutdown
-        // says ENOTCONN, and still records what it was asked.
+        // of stream, and this end's with every byte before it taken) is
+        // the kernel's TCP_CLOSE: shutdown says ENOTCONN, and still
+        // records what it was asked.
         // (The look first: it is what settles an end whose peer moved.)
         let r = t.readiness(&ctx, true);
-        let over = t.settled() && (taken || r.err || r.hup);
+        let over = t.settled() && (taken || r.err || (r.hup && t.pending(&ctx).1 == 0));
         if !over && (how == libc::SHUT_WR || how == libc::SHUT_RDWR) {
             if let Err(e) = t.shutdown_write(&ctx) {
                 return Outcome::Errno(errno(&e));

@@ -25,7 +25,8 @@ use crate::session::Session;
 use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{
-    self, check_header, qhdr, QueuedLayout, RegionKind, Taken, FLAG_EOS, FLAG_RESET,
+    self, check_header, qhdr, QueuedLayout, RegionKind, Taken, FLAG_EOS, FLAG_PEER_RESET,
+    FLAG_RESET,
 };
 use ssock_rings::notify::{sleep, spin_until, Gate};
 use ssock_rings::shm::Mapping;
@@ -671,12 +672,16 @@ impl Queued {
         let map = &self.map;
         let rx = &self.rx;
         let ready = || {
-            (rx.has_used() || map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire) != 0).then_some(())
+            // (The peer's reset before the bytes it sent is no news for
+            // a reader: those bytes are.)
+            let marks =
+                map.u32_at(qhdr::RX_FLAGS).load(Ordering::Acquire) & (FLAG_EOS | FLAG_RESET);
+            (rx.has_used() || marks != 0).then_some(())
         };
         if spin_until(ctx.spin, &self.gate, ready).is_some() {
             return Ok(());
         }
-        if !self.rx.arm() || self.rx_flags() != 0 {
+        if !self.rx.arm() || self.rx_flags() & (FLAG_EOS | FLAG_RESET) != 0 {
             return Ok(());
         }
         self.sleep(ctx)
@@ -687,10 +692,16 @@ impl Queued {
         if spin_until(ctx.spin, &self.gate, || tx.has_used().then_some(())).is_some() {
             return Ok(());
         }
-        if !self.tx.arm() {
+        if !self.tx.arm() || self.peer_reset() {
             return Ok(());
         }
         self.sleep(ctx)
+    }
+
+    /// The peer reset the connection (the bytes it sent before may still
+    /// be on their way to this end's reads).
+    fn peer_reset(&self) -> bool {
+        self.rx_flags() & (FLAG_RESET | FLAG_PEER_RESET) != 0
     }
 }
 
@@ -802,7 +813,7 @@ impl Transport for Queued {
             self.check_socket_and_devd(-1);
         }
         let f = self.rx_flags();
-        if self.broken || f & FLAG_RESET != 0 {
+        if self.broken || self.peer_reset() {
             return Ready::BROKEN;
         }
         self.peer_closed_region();
@@ -999,7 +1010,7 @@ impl Transport for Queued {
             self.rejoin_step(ctx.tcp);
             // (The peer's reset leaves what it delivered before it to be
             // read, as the kernel's receive queue after an RST.)
-            if self.broken || self.rx_flags() & FLAG_RESET != 0 {
+            if self.broken || self.peer_reset() {
                 return if off > 0 { Ok(off) } else { Err(reset_error()) };
             }
             if self.shut_wr || self.peer_gone || self.shut_by_another() {

@@ -10,7 +10,7 @@ use ssock_hwbackends::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Piece, Recv,
     Syscall, Words,
 };
-use ssock_rings::layout::{self, QueuedLayout, FLAG_EOS, FLAG_RESET};
+use ssock_rings::layout::{self, QueuedLayout, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
@@ -67,6 +67,9 @@ impl Backend for AsRemote {
     }
     fn pending(&self, ch: ChannelId) -> usize {
         self.0.pending(ch)
+    }
+    fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
+        self.0.mark_arrived(ch)
     }
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.0.offsets(ch)
@@ -215,6 +218,32 @@ fn a_local_peers_tx_buffer_goes_back_once_the_backend_has_its_bytes() {
     assert_eq!(ca.tx_back(Duration::from_secs(5)), vec![0]);
     cb.post_rx(0);
     assert_eq!(cb.rx_bytes(), b"local bytes");
+}
+
+/// As a TCP receiver on an RST: the reset is known at once (writes,
+/// readiness), the bytes sent before it are still read, then the end.
+#[test]
+fn a_peers_reset_is_told_at_once_and_the_bytes_before_it_still_come() {
+    let e = start(Box::new(Loopback::default()));
+    let (a, mut ca) = region(3);
+    let (b, mut cb) = region(3);
+    add(&e, 3, SideSpec::local_pair(3, a, b));
+    // b has no RX buffer posted: the answer waits in the engine.
+    ca.send(0, b"the answer");
+    assert_eq!(ca.tx_back(Duration::from_secs(5)), vec![0]);
+    ca.map
+        .u32_at(layout::qhdr::TX_FLAGS)
+        .fetch_or(FLAG_RESET, std::sync::atomic::Ordering::Release);
+    ca.kick.notify().unwrap();
+    wait_for("the peer's reset told", || {
+        cb.rx_flags() & FLAG_PEER_RESET != 0
+    });
+    assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "the end before the bytes");
+    cb.post_rx(0);
+    assert_eq!(cb.rx_bytes(), b"the answer");
+    wait_for("the reset after the bytes", || {
+        cb.rx_flags() & FLAG_RESET != 0
+    });
 }
 
 #[test]

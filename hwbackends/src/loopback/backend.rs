@@ -181,6 +181,10 @@ impl Backend for Loopback {
         self.chans.get(&ch).map_or(0, |c| c.inbox.len())
     }
 
+    fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
+        self.chans.get(&ch).and_then(|c| c.inbox_mark)
+    }
+
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.chans.get(&ch).map(|c| c.out)
     }

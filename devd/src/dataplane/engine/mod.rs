@@ -26,7 +26,7 @@ use crate::stats::{EngineCounts, QueuedCounters};
 use ssock_hwbackends::{
     link_of, Backend, BackendError, ChannelId, LinkId, LinkState, Mark, Peer, Recv, Words,
 };
-use ssock_rings::layout::{self, FLAG_EOS, FLAG_RESET};
+use ssock_rings::layout::{self, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET};
 use ssock_rings::relay;
 use ssock_rings::sys::EventFd;
 use ssock_rings::vq::device::{Buf, DeviceRegion};
@@ -325,6 +325,9 @@ struct Side {
     failover: Option<failover::Failover>,
     mark_sent: bool,
     rx_marked: bool,
+    /// The peer's reset was told to the client (`FLAG_PEER_RESET`) while
+    /// bytes it sent before still wait for room in the client's RX queue.
+    reset_told: bool,
     gone: bool,
     /// It went with its kernel socket closed in order (`Cmd::SideGone`).
     orderly: bool,
@@ -842,6 +845,7 @@ impl Engine {
                     failover: None,
                     mark_sent: false,
                     rx_marked: false,
+                    reset_told: false,
                     gone: false,
                     orderly: false,
                     rx_waiting: false,
@@ -1607,6 +1611,19 @@ impl Engine {
                 self.count_bytes(pair, from, n);
             }
             used = true;
+            progress = true;
+        }
+        let side = &mut pair.sides[s];
+        if !side.rx_marked
+            && !side.reset_told
+            && self.backend.pending(ch) > 0
+            && self.backend.mark_arrived(ch) == Some(Mark::Reset)
+        {
+            // Its reader learns of the reset now (a writer must not go on
+            // as if the peer were there), and still reads what came first.
+            let _ = side.region.set_rx_flags(FLAG_PEER_RESET);
+            let _ = side.call.notify();
+            side.reset_told = true;
             progress = true;
         }
         self.notify_used(pair, s, RX, used);

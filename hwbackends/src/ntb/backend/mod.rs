@@ -567,6 +567,10 @@ impl Backend for Ntb {
         self.chans.get(&ch).map_or(0, |c| c.rxq.len())
     }
 
+    fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
+        self.chans.get(&ch).and_then(|c| c.rx_mark)
+    }
+
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.chans.get(&ch).map(|c| c.out)
     }

@@ -116,6 +116,12 @@ pub mod hov {
     /// fewer, resets the connection as the kernel's close with bytes
     /// unread does. Never relayed; only a reset hangs on it.
     pub const POSTED: usize = 1408;
+    /// u32 per side s at `RD_SHUT + 4 s`: 1 once a holder of side s's end
+    /// shut its reads down (`shutdown(SHUT_RD)`): every holder's reads
+    /// then return 0 instead of waiting, as the kernel's RCV_SHUTDOWN
+    /// belongs to the socket, not to a process. Written by the end's
+    /// holders; never relayed (the peer is not told).
+    pub const RD_SHUT: usize = 1536;
 }
 
 /// Size of a Queued connection's hand-over page.
@@ -163,6 +169,20 @@ impl Switch {
             n => Switch::After(n - 1),
         }
     }
+}
+
+/// Records that a holder of side `side`'s end shut its reads down
+/// (Release; the holder then wakes the end's sleeping readers).
+pub fn shut_reads(m: &Mapping, side: usize) {
+    m.u32_at(hov::RD_SHUT + 4 * (side & 1))
+        .store(1, Ordering::Release);
+}
+
+/// Whether a holder of side `side`'s end shut its reads down.
+pub fn reads_shut(m: &Mapping, side: usize) -> bool {
+    m.u32_at(hov::RD_SHUT + 4 * (side & 1))
+        .load(Ordering::Acquire)
+        != 0
 }
 
 /// The CLAIM word (Acquire: what devd wrote before it is visible too).

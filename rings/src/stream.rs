@@ -579,12 +579,21 @@ impl Consumer {
         // after the segments before it: Linux keeps what was received
         // (a reader takes it, then ECONNRESET). The flags share the
         // producer's cache line with head: no extra miss.
-        if self.flags() & FLAG_RESET != 0 {
+        let f = self.flags();
+        if f & FLAG_RESET != 0 {
             // (Acquire of the flag: every byte written before the reset is
             // in the head read now.)
             self.refresh_head()?;
             if self.head_seen == self.tail {
-                return Ok(ReadOutcome::Reset);
+                // A reset after the end of stream (the peer shut its
+                // writes down, then closed abortively): reads see the end,
+                // as the kernel's after a FIN (its error is EPIPE, for
+                // writes and SO_ERROR).
+                return Ok(if f & FLAG_EOS != 0 {
+                    ReadOutcome::Eos
+                } else {
+                    ReadOutcome::Reset
+                });
             }
         }
         if self.head_seen == self.tail {
@@ -740,6 +749,25 @@ impl Consumer {
     /// Wakes the producer if it sleeps (see `Producer::nudge`).
     pub fn nudge(&mut self) {
         self.wake_producer();
+    }
+
+    /// Wakes this consumer's sleeper, whichever holder of the end it is
+    /// (another holder changed a word its reads depend on: their shutdown).
+    /// Call after publishing that word.
+    pub fn wake_sleeper(&mut self) {
+        // SeqCst fence: orders the caller's store before the load of the
+        // wait word (pairs with the fence in `arm`, after which the
+        // sleeper looks at that word again).
+        fence(Ordering::SeqCst);
+        let mut last = 0;
+        wake(
+            &self.map,
+            self.o.cons_wait,
+            self.o.cons_bell,
+            &mut last,
+            &*self.bells,
+            &mut Counters::default(),
+        );
     }
 
     /// Bytes the producer had published when last looked at.

@@ -403,7 +403,10 @@ impl Sock {
             return Some(0);
         }
         let r = self.readiness(fd, true);
-        if !matches!(&self.state, State::Up(t) if t.settled()) {
+        let State::Up(t) = &self.state else {
+            return None;
+        };
+        if !t.settled() {
             // Still on the kernel socket (a connect under way, or refused):
             // its own error is the connection's.
             return None;
@@ -411,8 +414,9 @@ impl Sock {
         if r.err {
             // As the kernel once its error is taken: reads see the end,
             // writes EPIPE.
+            let e = t.reset_errno();
             self.error_reported = true;
-            return Some(libc::ECONNRESET);
+            return Some(e);
         }
         None
     }
@@ -483,7 +487,7 @@ impl Sock {
         };
         match t.write(buf, &ctx) {
             // A reset not taken yet: this send takes it, as the kernel's
-            // (ECONNRESET once, EPIPE after).
+            // (its error once, EPIPE after).
             Err(e)
                 if e.raw_os_error() == Some(libc::ECONNRESET)
                     || (e.raw_os_error() == Some(libc::EPIPE)
@@ -491,8 +495,10 @@ impl Sock {
                         && t.settled()
                         && t.readiness(&ctx, false).err) =>
             {
+                // (EPIPE for a reset after the peer's end of stream.)
+                let e = t.reset_errno();
                 self.error_reported = true;
-                Outcome::Errno(libc::ECONNRESET)
+                Outcome::Errno(e)
             }
             r => r.map_err(|e| errno(&e)).into(),
         }
@@ -527,6 +533,9 @@ impl Sock {
         }
         if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
             self.rd_shutdown = true;
+            if let State::Up(t) = &mut self.state {
+                t.shut_reads();
+            }
         }
         if over {
             return Outcome::Errno(libc::ENOTCONN);
@@ -649,9 +658,15 @@ impl Sock {
         self.up().and_then(|t| t.quiet_sig())
     }
 
-    /// Reads never wait: after SHUT_RD, or once a reset's error was taken.
+    /// Reads never wait: after SHUT_RD (by any holder of the socket), or
+    /// once a reset's error was taken.
     fn read_shut(&self) -> bool {
-        self.rd_shutdown || self.error_reported
+        self.rd_shutdown || self.error_reported || self.rd_shut_by_any()
+    }
+
+    /// shutdown(SHUT_RD) by this process or another holder of the socket.
+    fn rd_shut_by_any(&self) -> bool {
+        self.rd_shutdown || matches!(&self.state, State::Up(t) if t.reads_shut())
     }
 
     /// Readiness for poll and friends (the kernel socket's, once the
@@ -661,7 +676,7 @@ impl Sock {
         let (read_shut, write_shut, rd_shutdown, error_taken) = (
             self.read_shut(),
             self.write_shut,
-            self.rd_shutdown,
+            self.rd_shut_by_any(),
             self.error_reported,
         );
         let reset_seq = self.reset_seq;

@@ -742,6 +742,17 @@ impl Transport for Direct {
         self.tx.closed_by_any()
     }
 
+    fn wake_readers(&mut self) {
+        self.rx.wake_sleeper();
+    }
+
+    fn reset_errno(&self) -> i32 {
+        match self.rx.marks() {
+            (true, true) => libc::EPIPE,
+            _ => libc::ECONNRESET,
+        }
+    }
+
     fn quiet_sig(&self) -> Option<super::QuietSig> {
         // (Its own state: a local close or shutdown of writes shows in
         // the tx marks, which are shared words.)

@@ -263,6 +263,22 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// Wakes this end's own sleepers (another thread shut the socket down).
     fn wake_self(&self) {}
+    /// Shuts this end's reads down for all its holders, as the kernel's
+    /// `shutdown(SHUT_RD)` is the socket's: a shared word, then the
+    /// holders asleep on its reads woken, in any process.
+    fn shut_reads(&mut self) {}
+    /// Whether a holder of this end shut its reads down.
+    fn reads_shut(&self) -> bool {
+        false
+    }
+    /// The error a reset this end's readiness reports stands for (SO_ERROR):
+    /// ECONNRESET, or EPIPE when it came after the peer's end of stream
+    /// (the kernel's, for an RST in CLOSE_WAIT).
+    fn reset_errno(&self) -> i32 {
+        libc::ECONNRESET
+    }
+    /// Wakes the holders of this end asleep on its reads, in any process.
+    fn wake_readers(&mut self) {}
     /// The connector's writes move to the region: its acceptor holds its
     /// end (Direct: this process gets the acceptor's doorbell now, while it
     /// has a session, rather than when a child may need to ring it).

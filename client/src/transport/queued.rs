@@ -862,13 +862,15 @@ impl Transport for Queued {
         if self.broken || self.lost {
             return None;
         }
-        // used_event set in both queues; what is there already is the
-        // caller's to re-check.
+        // used_event set in both queues past what the device returned so
+        // far, unconsumed or not (an edge-triggered waiter sleeps on
+        // entries it was told about, and is woken by the next); what is
+        // there already is the caller's to re-check.
         if read {
-            self.rx.arm();
+            self.rx.arm_always();
         }
         if write {
-            self.tx.arm();
+            self.tx.arm_always();
         }
         if read || write {
             self.sleepers += 1;
@@ -908,6 +910,11 @@ impl Transport for Queued {
     }
 
     fn wake_self(&self) {
+        let _ = self.call.notify();
+    }
+
+    fn wake_readers(&mut self) {
+        // (Every holder's sleep polls the same call eventfd.)
         let _ = self.call.notify();
     }
 

@@ -253,6 +253,21 @@ impl QueueDriver {
         })
     }
 
+    /// Announces interest in the next used entry the device adds, whatever
+    /// this end has not consumed yet (an edge-triggered waiter sleeps on
+    /// entries it was told about): used_event is the device's used index
+    /// now. The caller looks at the used index again afterwards (an entry
+    /// added between the two loads was not announced).
+    pub fn arm_always(&self) {
+        let ev = self.o.avail + 4 + 2 * usize::from(self.size);
+        // Acquire: as in peek_used.
+        let now = self.map.u16_at(self.o.used + 2).load(Ordering::Acquire);
+        self.map.u16_at(ev).store(now, Ordering::Relaxed);
+        // SeqCst fence: used_event is ordered before the caller's re-read
+        // of used.idx, pairing with the device's needs_notification.
+        fence(Ordering::SeqCst);
+    }
+
     /// Announces interest in the next used entry (used_event) and reports
     /// whether the queue is still empty, i.e. whether sleeping is safe.
     pub fn arm(&self) -> bool {

@@ -1148,6 +1148,25 @@ impl Transport for Handover {
         self.wr_shut || self.tx == Tx::Shut || (!self.kernel && self.inner.writes_shut())
     }
 
+    fn shut_reads(&mut self) {
+        layout::shut_reads(&self.map, self.side);
+        if !self.kernel {
+            self.inner.wake_readers();
+        }
+    }
+
+    fn reads_shut(&self) -> bool {
+        layout::reads_shut(&self.map, self.side)
+    }
+
+    fn reset_errno(&self) -> i32 {
+        if self.on_rings() {
+            self.inner.reset_errno()
+        } else {
+            libc::ECONNRESET
+        }
+    }
+
     fn quiet_sig(&self) -> Option<super::QuietSig> {
         // Settled: its readiness is the wrapped end's (whose region words
         // say when the region stops carrying bytes: `path_lost`).

@@ -955,11 +955,14 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
     );
     // At least one hold began, a streak of Direct connections before it;
     // ab reported all the others, once each, but its last batch (under 64).
+    // (ab counts a connection as started once its nonblocking connect
+    // completes: the connects under way near the end each began while
+    // fewer than n had, so up to `-c` - 1 = 3 more than n come to exist.)
     ensure!(
         num(&t["short_lived_periods"]) >= 1
             && direct >= 8
             && direct + kept + 64 > n
-            && direct + kept <= n,
+            && direct + kept <= n + 3,
         "short_lived: direct {direct}, kept {kept} of {n}: totals {t}{}",
         diagnosis(&d, &logs)
     );

@@ -661,7 +661,7 @@ impl Sock {
     /// Reads never wait: after SHUT_RD (by any holder of the socket), or
     /// once a reset's error was taken.
     fn read_shut(&self) -> bool {
-        self.rd_shutdown || self.error_reported || self.rd_shut_by_any()
+        self.error_reported || self.rd_shut_by_any()
     }
 
     /// shutdown(SHUT_RD) by this process or another holder of the socket.
@@ -673,10 +673,10 @@ impl Sock {
     /// socket turned out plain).
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
-        let (read_shut, write_shut, rd_shutdown, error_taken) = (
-            self.read_shut(),
+        let rd_shutdown = self.rd_shut_by_any();
+        let (read_shut, write_shut, error_taken) = (
+            rd_shutdown || self.error_reported,
             self.write_shut,
-            self.rd_shut_by_any(),
             self.error_reported,
         );
         let reset_seq = self.reset_seq;

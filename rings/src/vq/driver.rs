@@ -261,11 +261,22 @@ impl QueueDriver {
     pub fn arm_always(&self) {
         let ev = self.o.avail + 4 + 2 * usize::from(self.size);
         // Acquire: as in peek_used.
-        let now = self.map.u16_at(self.o.used + 2).load(Ordering::Acquire);
-        self.map.u16_at(ev).store(now, Ordering::Relaxed);
-        // SeqCst fence: used_event is ordered before the caller's re-read
-        // of used.idx, pairing with the device's needs_notification.
-        fence(Ordering::SeqCst);
+        let mut now = self.map.u16_at(self.o.used + 2).load(Ordering::Acquire);
+        // Stored again while the index moves: another holder of the end
+        // (another process) arming at once must not leave used_event
+        // behind what it stored (the device would not call for the next
+        // entry). Bounded: the device adds at most a queue's entries.
+        for _ in 0..=self.size {
+            self.map.u16_at(ev).store(now, Ordering::Relaxed);
+            // SeqCst fence: used_event is ordered before the re-read of
+            // used.idx, pairing with the device's needs_notification.
+            fence(Ordering::SeqCst);
+            let again = self.map.u16_at(self.o.used + 2).load(Ordering::Acquire);
+            if again == now {
+                break;
+            }
+            now = again;
+        }
     }
 
     /// Announces interest in the next used entry (used_event) and reports

@@ -186,6 +186,10 @@ impl Handover {
         // The new page counts this end's reads of the kernel socket from
         // the stream's start, as its peer's SWITCH will.
         layout::tcp_read(&map, self.side).store(read, Ordering::Release);
+        // A SHUT_RD of the socket's holders stays the socket's.
+        if layout::reads_shut(&self.map, self.side) {
+            layout::shut_reads(&map, self.side);
+        }
         // This end holds its new end: its peer's writes may move.
         if self.side == 0 {
             layout::mark_ready(&map);

@@ -447,7 +447,9 @@ impl Sock {
         // After the program's own SHUT_RD, or once a reset's error was
         // taken (SO_ERROR, or a receive), the kernel still hands out what
         // it received, and says 0 instead of waiting when nothing is there.
-        let no_wait = self.read_shut();
+        // (Another holder's SHUT_RD, a shared word, is looked at only when
+        // the read would wait: not on the path that moves bytes.)
+        let no_wait = self.rd_shutdown || self.error_reported;
         let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
@@ -460,6 +462,9 @@ impl Sock {
         } else {
             t.read(buf, &ctx)
         };
+        let no_wait = no_wait
+            || (matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                && t.reads_shut());
         match r {
             Err(e) if no_wait && e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Done(0),
             // (Taken already: the end.)

@@ -1194,11 +1194,10 @@ def case_close_with_unread_bytes():
     c.close()
 
 
-def case_response_then_close_with_unread_bytes():
-    """A server answers and closes with the request's rest unread: its
-    close resets the connection, and the client still reads the answer
-    first (Linux keeps what it received before a reset), then the reset
-    once, then the end."""
+def answered_then_reset():
+    """A client's request, which its server answers and then closes with
+    the request's rest unread (a reset); the client's socket, once the
+    answer and the reset are there."""
     c, a = pair()
     c.sendall(b"request and a body the server never reads")
     select.select([a], [], [], 5)
@@ -1208,6 +1207,15 @@ def case_response_then_close_with_unread_bytes():
     if not REMOTE:
         select.select([c], [], [], 5)
     time.sleep(0.1)
+    return c
+
+
+def case_response_then_close_with_unread_bytes():
+    """A server answers and closes with the request's rest unread: its
+    close resets the connection, and the client still reads the answer
+    first (Linux keeps what it received before a reset), then the reset
+    once, then the end."""
+    c = answered_then_reset()
     for i in range(3):
         try:
             say("client reads", c.recv(100))
@@ -1220,15 +1228,7 @@ def case_send_after_a_reset_then_read():
     """A send after the peer's reset gets the reset; the bytes received
     before it are still read, then the end (Linux keeps its receive queue
     after an RST); a send after that gets EPIPE."""
-    c, a = pair()
-    c.sendall(b"request and a body")
-    select.select([a], [], [], 5)
-    a.recv(7)
-    a.sendall(b"response")
-    a.close()
-    if not REMOTE:
-        select.select([c], [], [], 5)
-    time.sleep(0.1)
+    c = answered_then_reset()
     for op in ("send", "recv", "recv", "send", "recv"):
         try:
             say(op, c.send(b"x") if op == "send" else c.recv(100))

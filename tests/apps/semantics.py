@@ -39,6 +39,15 @@ def err_name(e):
     return errno.errorcode.get(e.errno, str(e.errno)) if isinstance(e, OSError) else type(e).__name__
 
 
+def attempt(f):
+    """f's result ("ok" for none), or the name of the error it raised."""
+    try:
+        r = f()
+        return "ok" if r is None else r
+    except OSError as e:
+        return err_name(e)
+
+
 def listener(family=socket.AF_INET, host="127.0.0.1"):
     ls = socket.socket(family, socket.SOCK_STREAM)
     ls.bind((host, 0))
@@ -1217,10 +1226,7 @@ def case_response_then_close_with_unread_bytes():
     once, then the end."""
     c = answered_then_reset()
     for i in range(3):
-        try:
-            say("client reads", c.recv(100))
-        except OSError as e:
-            say("client reads", errno.errorcode[e.errno])
+        say("client reads", attempt(lambda: c.recv(100)))
     c.close()
 
 
@@ -1230,10 +1236,7 @@ def case_send_after_a_reset_then_read():
     after an RST); a send after that gets EPIPE."""
     c = answered_then_reset()
     for op in ("send", "recv", "recv", "send", "recv"):
-        try:
-            say(op, c.send(b"x") if op == "send" else c.recv(100))
-        except OSError as e:
-            say(op, errno.errorcode[e.errno])
+        say(op, attempt(lambda: c.send(b"x") if op == "send" else c.recv(100)))
     c.close()
 
 
@@ -1241,12 +1244,6 @@ def case_shutdown_once_the_connection_is_over():
     """shutdown(2) on a connection that is over (reset, or shut down both
     ways) says ENOTCONN, as the kernel's TCP_CLOSE; the reset's bytes and
     error are still read after it."""
-    def attempt(f):
-        try:
-            r = f()
-            return "ok" if r is None else r
-        except OSError as e:
-            return err_name(e)
     c, a = pair()
     a.send(b"x")
     time.sleep(0.05)
@@ -1319,11 +1316,6 @@ def case_reset_after_the_end_of_stream():
     """A peer that shut its writes down, then closed abortively: Linux's
     error for an RST after the FIN is EPIPE (SO_ERROR or a send takes
     it, once); reads see the end, never the error."""
-    def attempt(f):
-        try:
-            return f()
-        except OSError as e:
-            return err_name(e)
     def soerr(s):
         e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         return errno.errorcode.get(e, e)

@@ -368,11 +368,20 @@ def idle(host, port, how=None):
     print("OK", len(got), flush=True)
 
 
-def sink(port, flag):
+def sink(port, flag, until_reset=False):
+    """Takes 1 MiB, then (until_reset: once poll says the peer reset, no
+    byte read meanwhile) waits for `flag` and reads the rest."""
+    import select
     ls = listening(port, 1)
     c, _ = ls.accept()
     got = bytearray(recv_exact(c, MIB))
     print("SINKING", flush=True)
+    if until_reset:
+        p = select.poll()
+        p.register(c, select.POLLIN)
+        while not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(30000)):
+            time.sleep(0.01)
+        print("RESET-SEEN", flush=True)
     wait_for(flag)
     while True:
         try:
@@ -545,7 +554,7 @@ if __name__ == "__main__":
     elif mode == "idle":
         idle(sys.argv[2], int(sys.argv[3]), (sys.argv[4:] or [None])[0])
     elif mode == "sink":
-        sink(int(sys.argv[2]), sys.argv[3])
+        sink(int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["until-reset"])
     elif mode == "rst":
         rst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "half":

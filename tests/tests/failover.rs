@@ -397,6 +397,41 @@ fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Re
     Ok(())
 }
 
+/// A writer that resets after its last bytes reached the reader's host
+/// (the reader told of the reset, none of those bytes read yet): the
+/// link's failure then takes nothing from the reader, which reads every
+/// byte and then the reset, as a TCP receiver keeps what came before an
+/// RST. 2 MiB: past the reader's RX queue, so bytes wait on host b.
+#[test]
+fn a_link_that_goes_down_after_a_reset_came_leaves_the_reader_every_byte_before_it() -> Result<()> {
+    let Some(lab) = ready("failrstin")? else {
+        return Ok(());
+    };
+    let py = remote_py();
+    let flag = lab.dir.join("go");
+    let flag = flag.to_string_lossy();
+    let b = lab.addr[1].clone();
+    let mut sink = served_on_b(&lab, &["sink", "6731", &flag, "until-reset"])?;
+    heard(&lab, 0, 6731)?;
+    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6731", "2048"]))?;
+    sink.expect(&["SINKING"], Duration::from_secs(20))?;
+    w.expect(&["CLOSED"], Duration::from_secs(20))?;
+    sink.expect(&["RESET-SEEN"], Duration::from_secs(20))?;
+    let t = settled(&lab, 1, |t| remote_count(t) == 1)?;
+    ensure!(
+        remote_count(&t) == 1,
+        "the connection crossed the link: {t}"
+    );
+    lab.set_link(1, false)?;
+    std::fs::write(&*flag, b"")?;
+    let end = sink.expect(&["RESET", "SUNK", "WRONG"], Duration::from_secs(30))?;
+    ensure!(
+        end.trim() == format!("RESET {}", 2048 << 10),
+        "the reader should read every byte, then the reset: {end}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_connection_whose_other_devd_cannot_agree_is_reset_not_left_hanging() -> Result<()> {
     let Some(lab) = ready("failalone")? else {

@@ -367,6 +367,48 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
     }
 }
 
+/// A reader whose peer's reset came behind bytes it has not read yet needs
+/// no link for them: the link's failure neither moves nor resets it.
+#[test]
+fn a_link_that_goes_down_after_a_reset_came_leaves_the_bytes_before_it() {
+    let backend = as_remote();
+    let events = backend.1.clone();
+    let e = start(Box::new(backend));
+    let (a, mut ca) = region(10);
+    let (b, mut cb) = region(11);
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    add(&e, 10, alone(a, 100, remote(110), 0, None));
+    add(&e, 11, alone(b, 110, remote(100), 1, None));
+    // A third connection over the same link, with nothing pending: reset
+    // when the link goes (no peer devds to agree a move with), which
+    // says the engine heard of it.
+    let (c, cc) = region(12);
+    add(&e, 12, alone(c, 120, remote(130), 0, None));
+    ca.send(0, b"the answer");
+    ca.map
+        .u32_at(layout::qhdr::TX_FLAGS)
+        .fetch_or(FLAG_RESET, std::sync::atomic::Ordering::Release);
+    ca.kick.notify().unwrap();
+    wait_for("the peer's reset told", || {
+        cb.rx_flags() & FLAG_PEER_RESET != 0
+    });
+    events.lock().unwrap().push(LinkEvent {
+        node: 7,
+        link: 0,
+        state: ssock_hwbackends::LinkState::Down,
+    });
+    cc.kick.notify().unwrap();
+    wait_for("the link's loss heard", || cc.rx_flags() & FLAG_RESET != 0);
+    // (The engine deals with every side of the link in one go.)
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "reset before its bytes");
+    cb.post_rx(0);
+    assert_eq!(cb.rx_bytes(), b"the answer");
+    wait_for("the reset after the bytes", || {
+        cb.rx_flags() & FLAG_RESET != 0
+    });
+}
+
 /// The one side on "this host" of a connection whose other end is `peer`.
 fn alone(
     init: SideInit,

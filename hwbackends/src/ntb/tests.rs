@@ -669,8 +669,14 @@ fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_
     n1.open(7, to(2, 7)).unwrap();
     n2.open(7, to(1, 7)).unwrap();
     assert_eq!(n1.send(7, &[1u8; 5000]).unwrap(), 5000);
+    // On channel 9, node 2's writer says its last words and resets.
+    n1.open(9, to(2, 9)).unwrap();
+    n2.open(9, to(1, 9)).unwrap();
+    assert_eq!(n2.send(9, b"last words").unwrap(), 10);
+    n2.send_mark(9, Mark::Reset).unwrap();
     settle(&mut n1, &mut n2);
     assert_eq!(n2.recv(7, &mut [0u8; 10]).unwrap(), Recv::Data(10));
+    assert_eq!(n1.mark_arrived(9), Some(Mark::Reset));
     // Node 2's devd dies and starts again: the same memory, its words
     // still of the old epoch, positions far along.
     drop(n2);
@@ -681,6 +687,11 @@ fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_
         Recv::Mark(Mark::Reset),
         "the old channel ended"
     );
+    // What came before a reset stays readable, as on a TCP receiver.
+    let mut b = [0u8; 16];
+    assert_eq!(n1.recv(9, &mut b).unwrap(), Recv::Data(10));
+    assert_eq!(&b[..10], b"last words");
+    assert_eq!(n1.recv(9, &mut b).unwrap(), Recv::Mark(Mark::Reset));
     // The link went down with the peer's channels (their connections
     // move to their kernel sockets), and comes up again at the next
     // heartbeats: no hostility, a restart is not an attack.

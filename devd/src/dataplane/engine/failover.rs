@@ -113,6 +113,13 @@ impl Engine {
         let Some(mut pair) = self.pairs.remove(&id) else {
             return;
         };
+        if self.drains_a_reset(&pair.sides[s]) {
+            // Its stream's rest is here already; the other host's side,
+            // which reset, gives up its half of the agreement in time.
+            log::debug!("connection {id}: fail-over from node {node} after its reset came; its reader reads on");
+            self.pairs.insert(id, pair);
+            return;
+        }
         if self.fail_over(id, &mut pair, s) {
             if again {
                 // (Its part goes again even if unchanged, and the other
@@ -146,9 +153,11 @@ impl Engine {
         }
     }
 
-    /// Side `s` ends with a reset where it should have moved, counted.
+    /// Side `s` ends with a reset where it should have moved, counted
+    /// (not when its own client had reset it before: nothing was to move).
     pub(super) fn failover_reset(&mut self, pair: &mut Pair, s: usize) {
-        if !pair.sides[s].dead && !never_moved(&pair.sides[s]) {
+        let side = &pair.sides[s];
+        if !side.dead && !side.reset_sent && !never_moved(side) {
             QueuedCounters::add(&self.counts.failover_resets, 1);
         }
         self.reset_side(pair, s);

@@ -1224,36 +1224,41 @@ impl Engine {
                 self.busy.push_back(id);
             }
         }
-        let ids: Vec<u64> = self
+        // Which sides, decided before any is touched (a side reset here
+        // must not change another's lot).
+        let ids: Vec<(u64, Vec<usize>)> = self
             .pairs
             .iter()
-            .filter(|(_, p)| {
-                p.sides.iter().any(|s| {
-                    !s.dead
-                        && s.failover.is_none()
-                        && s.migrating.is_none()
-                        && crosses(s, node, link)
-                })
+            .filter_map(|(&id, p)| {
+                let sides: Vec<usize> = (0..p.sides.len())
+                    .filter(|&s| {
+                        let s = &p.sides[s];
+                        !s.dead
+                            && s.failover.is_none()
+                            && s.migrating.is_none()
+                            && crosses(s, node, link)
+                            && !self.drains_a_reset(s)
+                    })
+                    .collect();
+                (!sides.is_empty()).then_some((id, sides))
             })
-            .map(|(&id, _)| id)
             .collect();
         let (mut moved, mut migrated) = (0, 0);
-        for &id in &ids {
+        for (id, sides) in &ids {
+            let id = *id;
             let Some(mut pair) = self.pairs.remove(&id) else {
                 continue;
             };
-            for s in 0..pair.sides.len() {
-                if crosses(&pair.sides[s], node, link) {
-                    if pair.sides[s].migrating.is_some() {
-                        continue;
-                    }
-                    if self.migrate(id, &mut pair, s, None) {
-                        migrated += 1;
-                    } else if self.fail_over(id, &mut pair, s) {
-                        moved += 1;
-                    } else {
-                        self.failover_reset(&mut pair, s);
-                    }
+            for &s in sides {
+                if pair.sides[s].migrating.is_some() {
+                    continue;
+                }
+                if self.migrate(id, &mut pair, s, None) {
+                    migrated += 1;
+                } else if self.fail_over(id, &mut pair, s) {
+                    moved += 1;
+                } else {
+                    self.failover_reset(&mut pair, s);
                 }
             }
             self.pairs.insert(id, pair);
@@ -1261,12 +1266,28 @@ impl Engine {
                 self.busy.push_back(id);
             }
         }
-        if !ids.is_empty() {
+        let all: usize = ids.iter().map(|(_, sides)| sides.len()).sum();
+        if all > 0 {
             log::warn!(
                 "link to node {node} lost (link {link}): {migrated} connections move onto another link, {moved} to their kernel sockets, {} reset",
-                ids.len() - moved - migrated
+                all.saturating_sub(moved + migrated)
             );
         }
+    }
+
+    /// Whether the other end's reset already came to `side`, behind bytes
+    /// its reader has not taken yet: what is left of that stream is all on
+    /// this host (its writer, gone, will send nothing again), so the side
+    /// needs no link. It neither moves nor resets when its link fails: its
+    /// reader takes those bytes, then the reset, as a TCP receiver keeps
+    /// what came before an RST whatever the network does afterwards.
+    /// (A reset the backend made up for channels that lost their peer
+    /// comes with no bytes before it: those sides move.)
+    fn drains_a_reset(&self, side: &Side) -> bool {
+        !side.rx_marked
+            && matches!(side.peer, Peer::Remote { .. })
+            && self.backend.pending(side.ch) > 0
+            && self.backend.mark_arrived(side.ch) == Some(Mark::Reset)
     }
 
     /// A connection made while its link is down (its devds agreed on it

@@ -78,10 +78,14 @@ impl Ntb {
         }
     }
 
-    /// Every channel ends with Reset (its peer went away with the link).
+    /// Every channel ends with Reset (its peer went away with the link);
+    /// one whose peer's reset came already keeps the bytes it had before
+    /// it (checked when they came), as a TCP receiver does.
     pub(super) fn reset_all(&mut self) {
         for (&ch, c) in &mut self.chans {
-            c.rxq.clear();
+            if c.rx_mark != Some(Mark::Reset) {
+                c.rxq.clear();
+            }
             c.rx_mark.get_or_insert(Mark::Reset);
             c.peer_gone = true;
             c.out.acked = c.out.sent;

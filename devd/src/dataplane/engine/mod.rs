@@ -1635,9 +1635,12 @@ impl Engine {
             progress = true;
         }
         let side = &mut pair.sides[s];
-        if !side.rx_marked
+        // (Bytes are left only when its reader has no buffer posted:
+        // `rx_waiting`; a pass that took everything asks the backend
+        // nothing more.)
+        if side.rx_waiting
+            && !side.rx_marked
             && !side.reset_told
-            && self.backend.pending(ch) > 0
             && self.backend.mark_arrived(ch) == Some(Mark::Reset)
         {
             // Its reader learns of the reset now (a writer must not go on

@@ -103,7 +103,7 @@ type Case = fn(&mut dyn Lab);
 /// Runs every case, each on a fresh lab from `make`; a failure names its
 /// case.
 pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
-    let cases: [(&str, Case); 12] = [
+    let cases: [(&str, Case); 13] = [
         ("bytes_in_order_then_the_mark", bytes_in_order_then_the_mark),
         ("words_arrive_latest_first", words_arrive_latest_first),
         (
@@ -125,6 +125,10 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Lab>) {
         (
             "a_reset_after_a_partial_receive_harms_nothing_else",
             a_reset_after_a_partial_receive_harms_nothing_else,
+        ),
+        (
+            "a_reset_after_the_end_of_stream_is_told_and_the_end_stays",
+            a_reset_after_the_end_of_stream_is_told_and_the_end_stays,
         ),
         (
             "poll_names_the_channels_that_changed",
@@ -414,6 +418,35 @@ fn a_reset_comes_after_the_bytes_sent_before_it(lab: &mut dyn Lab) {
     lab.backend(c.at).close(c.ch);
     lab.settle();
     assert_eq!(drain(lab, d), (vec![3u8; 500], Some(Mark::Eos)));
+}
+
+/// An abortive close after shutdown(SHUT_WR): the reset is known (the
+/// kernel's EPIPE for an RST after the FIN), the reader still reads the
+/// bytes and then the end of stream; nothing follows but that one reset.
+fn a_reset_after_the_end_of_stream_is_told_and_the_end_stays(lab: &mut dyn Lab) {
+    let [a, b] = lab.pair();
+    send(lab, a, &[5u8; 300]).unwrap();
+    lab.backend(a.at).send_mark(a.ch, Mark::Eos).unwrap();
+    lab.settle();
+    assert_eq!(lab.backend(b.at).mark_arrived(b.ch), Some(Mark::Eos));
+    assert_eq!(drain(lab, b), (vec![5u8; 300], Some(Mark::Eos)));
+    lab.backend(a.at).send_mark(a.ch, Mark::Reset).unwrap();
+    // A second end of stream, or anything after the reset, is nothing.
+    lab.backend(a.at).send_mark(a.ch, Mark::Eos).unwrap();
+    lab.settle();
+    let be = lab.backend(b.at);
+    assert_eq!(be.mark_arrived(b.ch), Some(Mark::Reset), "the reset told");
+    assert_eq!(recv(lab, b, &mut [0u8; 8]), Recv::Mark(Mark::Eos));
+    // Both came before the reader took anything: the same.
+    let [c, d] = lab.pair();
+    send(lab, c, &[6u8; 200]).unwrap();
+    lab.backend(c.at).send_mark(c.ch, Mark::Eos).unwrap();
+    lab.backend(c.at).send_mark(c.ch, Mark::Reset).unwrap();
+    let o = lab.backend(c.at).offsets(c.ch).unwrap();
+    assert_eq!(o.acked, o.sent, "a reset's sender waits for nothing");
+    lab.settle();
+    assert_eq!(lab.backend(d.at).mark_arrived(d.ch), Some(Mark::Reset));
+    assert_eq!(drain(lab, d), (vec![6u8; 200], Some(Mark::Eos)));
 }
 
 fn a_reset_after_a_partial_receive_harms_nothing_else(lab: &mut dyn Lab) {

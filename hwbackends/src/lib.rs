@@ -319,7 +319,9 @@ pub trait Backend: Send {
             true
         })
     }
-    /// Ends `ch`'s stream after the bytes sent so far.
+    /// Ends `ch`'s stream after the bytes sent so far. A mark is sent
+    /// once, but for a Reset after an Eos (an abortive close after
+    /// shutdown(SHUT_WR)), which is told too.
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError>;
     /// Takes bytes that arrived for `ch` (which acknowledges them) with no
     /// copy between: `take` is shown what waits, in order, piece by piece
@@ -346,6 +348,8 @@ pub trait Backend: Send {
     /// The mark that arrived for `ch`, if any: `recv` gives it after the
     /// bytes still pending (a receiver learns of a reset at once, as the
     /// kernel's error on an RST, and still reads what came before it).
+    /// Reset also when one came after the end of stream, which `recv`
+    /// still gives as Eos (a TCP reader sees the end, not the error).
     fn mark_arrived(&self, ch: ChannelId) -> Option<Mark>;
     /// How far `ch`'s outgoing stream went; `None` if it is not open.
     fn offsets(&self, ch: ChannelId) -> Option<Offsets>;

@@ -1534,6 +1534,7 @@ REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtim
                 case_one_process_reads_another_writes,
                 case_reset, case_reset_so_error, case_close_with_unread_bytes,
                 case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
+                case_reset_after_the_end_of_stream,
                 case_urgent, case_fionread]
 
 if __name__ == "__main__":

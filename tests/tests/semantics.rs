@@ -115,13 +115,7 @@ fn the_same_semantics_hold_when_every_wait_sleeps() -> Result<()> {
 /// (as between two hosts).
 #[test]
 fn queued_connections_keep_the_same_semantics() -> Result<()> {
-    // (Nor `case_reset_after_the_end_of_stream`: a backend channel keeps
-    // its first mark only, so a Queued reader never hears of a reset that
-    // follows the end of stream, and its writes see neither.)
-    let cases = [
-        "-case_epoll_waits_sleep",
-        "-case_reset_after_the_end_of_stream",
-    ];
+    let cases = ["-case_epoll_waits_sleep"];
     differential_in(&[], &["--default-mode", "queued"], &cases, "queued")?;
     differential_in(
         &[("SSOCK_SPIN_US", "0")],

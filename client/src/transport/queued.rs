@@ -918,6 +918,17 @@ impl Transport for Queued {
         let _ = self.call.notify();
     }
 
+    fn reset_errno(&self) -> i32 {
+        // The end of stream came first (FLAG_EOS stays; devd tells a later
+        // reset with FLAG_PEER_RESET): the kernel's EPIPE, for an RST in
+        // CLOSE_WAIT.
+        if self.rx_flags() & FLAG_EOS != 0 {
+            libc::EPIPE
+        } else {
+            libc::ECONNRESET
+        }
+    }
+
     fn region_mark(&self) -> u32 {
         self.rx_flags()
     }

@@ -16,8 +16,10 @@ struct Channel {
     inbox: VecDeque<u8>,
     /// Mark that follows the inbox bytes.
     inbox_mark: Option<Mark>,
-    /// Whether this end already sent its mark.
-    ended: bool,
+    /// A reset that came after the end of stream (`inbox_mark` Eos).
+    reset_after_end: bool,
+    /// The mark this end sent, if it did.
+    ended: Option<Mark>,
     /// This channel's outgoing stream.
     out: Offsets,
     /// The latest words sent to this channel, not yet taken.
@@ -94,7 +96,8 @@ impl Backend for Loopback {
                 peer,
                 inbox: VecDeque::new(),
                 inbox_mark: None,
-                ended: false,
+                reset_after_end: false,
+                ended: None,
                 out: Offsets::default(),
                 words: None,
             },
@@ -109,7 +112,7 @@ impl Backend for Loopback {
         fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         let me = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
-        if me.ended {
+        if me.ended.is_some() {
             return Err(BackendError::Ended(ch));
         }
         let peer = me.peer;
@@ -134,15 +137,22 @@ impl Backend for Loopback {
 
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError> {
         let me = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
-        if me.ended {
+        // After its end of stream, a reset still goes (an abortive close
+        // after shutdown(SHUT_WR)); nothing else follows a mark.
+        let late = me.ended == Some(Mark::Eos) && mark == Mark::Reset;
+        if me.ended.is_some() && !late {
             return Ok(());
         }
-        me.ended = true;
+        me.ended = Some(mark);
         let peer = me.peer;
         let Some(p) = self.chans.get_mut(&peer).filter(|p| p.peer == ch) else {
             return Ok(());
         };
-        p.inbox_mark.get_or_insert(mark);
+        if late {
+            p.reset_after_end = true;
+        } else {
+            p.inbox_mark.get_or_insert(mark);
+        }
         self.ready.push(peer);
         if mark == Mark::Reset {
             // The peer takes what it had received first, then the reset
@@ -182,7 +192,11 @@ impl Backend for Loopback {
     }
 
     fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
-        self.chans.get(&ch).and_then(|c| c.inbox_mark)
+        let c = self.chans.get(&ch)?;
+        if c.reset_after_end {
+            return Some(Mark::Reset);
+        }
+        c.inbox_mark
     }
 
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
@@ -196,7 +210,7 @@ impl Backend for Loopback {
         let Some(p) = self.chans.get_mut(&me.peer).filter(|p| p.peer == ch) else {
             return;
         };
-        if !me.ended {
+        if me.ended.is_none() {
             p.inbox.clear();
             p.inbox_mark = Some(Mark::Reset);
         }

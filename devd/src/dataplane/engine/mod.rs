@@ -325,8 +325,10 @@ struct Side {
     failover: Option<failover::Failover>,
     mark_sent: bool,
     rx_marked: bool,
-    /// The peer's reset was told to the client (`FLAG_PEER_RESET`) while
-    /// bytes it sent before still wait for room in the client's RX queue.
+    /// The peer's reset was told to the client: `FLAG_PEER_RESET` while
+    /// bytes it sent before still wait for room in the client's RX queue,
+    /// or after the end of stream its client has; or `FLAG_RESET`, the
+    /// end itself.
     reset_told: bool,
     gone: bool,
     /// It went with its kernel socket closed in order (`Cmd::SideGone`).
@@ -1402,6 +1404,7 @@ impl Engine {
         }
         let mut progress = used;
         if pair.sides[s].mark_sent {
+            progress |= self.reset_after_end(pair, s);
             self.notify_used(pair, s, TX, used);
             return progress;
         }
@@ -1536,6 +1539,20 @@ impl Engine {
         progress
     }
 
+    /// A side that sent its end of stream and then closed abortively (its
+    /// client set the reset flag: SO_LINGER 0, or bytes unread, where the
+    /// kernel's close sends an RST after its FIN) sends that reset too,
+    /// once.
+    fn reset_after_end(&mut self, pair: &mut Pair, s: usize) -> bool {
+        let side = &mut pair.sides[s];
+        if side.reset_sent || side.region.tx_flags() & FLAG_RESET == 0 {
+            return false;
+        }
+        side.reset_sent = true;
+        let _ = self.backend.send_mark(side.ch, Mark::Reset);
+        true
+    }
+
     /// Tells side `s` queue `q` has used entries (`used`), unless it
     /// asked not to be told.
     fn notify_used(&mut self, pair: &mut Pair, s: usize, q: usize, used: bool) {
@@ -1552,8 +1569,13 @@ impl Engine {
     fn rx(&mut self, id: u64, pair: &mut Pair, s: usize) -> bool {
         let ch = pair.sides[s].ch;
         let side = &mut pair.sides[s];
-        if side.dead || side.rx_marked || side.failover.is_some() || side.migrating.is_some() {
+        if side.dead || side.failover.is_some() || side.migrating.is_some() {
             return false;
+        }
+        if side.rx_marked {
+            // A reset after the end of stream its reader has (the end
+            // stays; writes and SO_ERROR take EPIPE, as the kernel's).
+            return self.tell_peer_reset(pair, s);
         }
         let mut progress = false;
         let mut used = false;
@@ -1577,6 +1599,8 @@ impl Engine {
                     let _ = side.region.set_rx_flags(f);
                     let _ = side.call.notify();
                     side.rx_marked = true;
+                    // (A reset that is the end itself is told by it.)
+                    side.reset_told |= m == Mark::Reset;
                     progress = true;
                 }
                 break;
@@ -1634,23 +1658,27 @@ impl Engine {
             used = true;
             progress = true;
         }
-        let side = &mut pair.sides[s];
         // (Bytes are left only when its reader has no buffer posted:
         // `rx_waiting`; a pass that took everything asks the backend
         // nothing more.)
-        if side.rx_waiting
-            && !side.rx_marked
-            && !side.reset_told
-            && self.backend.mark_arrived(ch) == Some(Mark::Reset)
-        {
-            // Its reader learns of the reset now (a writer must not go on
-            // as if the peer were there), and still reads what came first.
-            let _ = side.region.set_rx_flags(FLAG_PEER_RESET);
-            let _ = side.call.notify();
-            side.reset_told = true;
-            progress = true;
+        if pair.sides[s].rx_waiting || pair.sides[s].rx_marked {
+            progress |= self.tell_peer_reset(pair, s);
         }
         self.notify_used(pair, s, RX, used);
         progress
+    }
+
+    /// Side `s`'s reader learns of its peer's reset as soon as it came (a
+    /// writer must not go on as if the peer were there), before the
+    /// bytes that came first, or after the end of stream it read: once.
+    fn tell_peer_reset(&mut self, pair: &mut Pair, s: usize) -> bool {
+        let side = &mut pair.sides[s];
+        if side.reset_told || self.backend.mark_arrived(side.ch) != Some(Mark::Reset) {
+            return false;
+        }
+        let _ = side.region.set_rx_flags(FLAG_PEER_RESET);
+        let _ = side.call.notify();
+        side.reset_told = true;
+        true
     }
 }

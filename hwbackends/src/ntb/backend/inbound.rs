@@ -132,6 +132,11 @@ impl Ntb {
                 } else {
                     Mark::Reset
                 };
+                if c.rx_mark == Some(Mark::Eos) && m == Mark::Reset {
+                    // An abortive close after shutdown(SHUT_WR): told,
+                    // and the end of stream stays where it was.
+                    c.reset_after_end = true;
+                }
                 c.rx_mark.get_or_insert(m);
             }
             Kind::Ack => {

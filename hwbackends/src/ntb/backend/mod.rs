@@ -47,11 +47,14 @@ struct Chan {
     /// Bytes that arrived, not yet received.
     rxq: RxQueue,
     rx_mark: Option<Mark>,
+    /// A reset that came after the end of stream (`rx_mark` Eos).
+    reset_after_end: bool,
     /// Bytes `recv` took (what an Ack says).
     taken: u64,
     ack_due: bool,
     out: Offsets,
-    ended: bool,
+    /// The mark this end sent, if it did.
+    ended: Option<Mark>,
     peer_gone: bool,
     /// A send found no room in the ring: named when room comes back.
     starved: bool,
@@ -426,10 +429,11 @@ impl Backend for Ntb {
                 dst: channel,
                 rxq: RxQueue::default(),
                 rx_mark: None,
+                reset_after_end: false,
                 taken: 0,
                 ack_due: false,
                 out: Offsets::default(),
-                ended: false,
+                ended: None,
                 peer_gone: false,
                 starved: false,
                 words: None,
@@ -445,7 +449,7 @@ impl Backend for Ntb {
         fill: &mut dyn FnMut(usize, Piece<'_>) -> bool,
     ) -> Result<usize, BackendError> {
         let c = self.chans.get(&ch).ok_or(BackendError::NoChannel(ch))?;
-        if c.ended {
+        if c.ended.is_some() {
             return Err(BackendError::Ended(ch));
         }
         if c.peer_gone {
@@ -512,10 +516,13 @@ impl Backend for Ntb {
 
     fn send_mark(&mut self, ch: ChannelId, mark: Mark) -> Result<(), BackendError> {
         let c = self.chans.get_mut(&ch).ok_or(BackendError::NoChannel(ch))?;
-        if c.ended {
+        // After its end of stream, a reset still goes (an abortive close
+        // after shutdown(SHUT_WR)); nothing else follows a mark.
+        let late = c.ended == Some(Mark::Eos) && mark == Mark::Reset;
+        if c.ended.is_some() && !late {
             return Ok(());
         }
-        c.ended = true;
+        c.ended = Some(mark);
         let dst = c.dst;
         if c.peer_gone {
             return Ok(());
@@ -568,7 +575,11 @@ impl Backend for Ntb {
     }
 
     fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
-        self.chans.get(&ch).and_then(|c| c.rx_mark)
+        let c = self.chans.get(&ch)?;
+        if c.reset_after_end {
+            return Some(Mark::Reset);
+        }
+        c.rx_mark
     }
 
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {

@@ -1270,6 +1270,39 @@ def case_shutdown_once_the_connection_is_over():
     c.close()
 
 
+def case_peer_name_once_the_connection_is_over():
+    """getpeername(2) says ENOTCONN once the connection is over (shut down
+    both ways, bytes unread or not, or reset), as the kernel's socket in
+    TCP_CLOSE; with a direction still open, the peer's address."""
+    def peer(s):
+        return attempt(lambda: "connected" if s.getpeername() else "none")
+    c, a = pair()
+    c.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    say("one way shut:", peer(c), peer(a))
+    a.sendall(b"unread")
+    a.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    say("both ways, bytes unread:", peer(c), peer(a))
+    say("then read:", attempt(lambda: c.recv(10)), attempt(lambda: c.recv(10)), peer(c))
+    c.close()
+    a.close()
+    c, a = pair()
+    a.close()
+    time.sleep(0.1)
+    say("peer closed:", peer(c))
+    c.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    say("then this end shut:", peer(c))
+    c.close()
+    c, a = pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+    time.sleep(0.1)
+    say("reset:", peer(c), attempt(lambda: c.recv(10)), peer(c))
+    c.close()
+
+
 def case_shut_rd_by_a_forked_child():
     """shutdown(SHUT_RD) is the socket's, not the process's: a forked
     child's ends the parent's blocking receive (0) and reaches its
@@ -1518,7 +1551,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
          case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
          case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
-         case_reset_after_the_end_of_stream,
+         case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
@@ -1534,7 +1567,7 @@ REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtim
                 case_one_process_reads_another_writes,
                 case_reset, case_reset_so_error, case_close_with_unread_bytes,
                 case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
-                case_reset_after_the_end_of_stream,
+                case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
                 case_urgent, case_fionread]
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ pub static REGISTERED: Flag = Flag::new(5);
 /// cleared only while its slot is empty, so an fd without it has none.
 pub static ACCEL: Flag = Flag::new(6);
 
-/// Whether a receive, a send, an ioctl, a shutdown, a getsockopt or an
-/// fcntl other than a duplication on `fd` is libc's alone: `fd` is no
+/// Whether a receive, a send, an ioctl, a shutdown, a getsockopt, a
+/// getpeername or an fcntl other than a duplication on `fd` is libc's alone: `fd` is no
 /// accelerated socket.
 pub fn kernel_io(fd: libc::c_int) -> bool {
     fdflags::of(fd) & ACCEL.bit() == 0

@@ -124,6 +124,8 @@ interpose! {
     shutdown(fd: c_int, how: c_int) -> c_int => sockctl::shutdown;
     getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t)
         -> c_int => sockctl::getsockopt;
+    getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int
+        => sockctl::getpeername;
     fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int
         => sockctl::fcntl, real as unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
     fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int => sockctl::fcntl64, no real;

@@ -514,18 +514,16 @@ impl Sock {
         if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
             return Outcome::Errno(libc::EINVAL);
         }
+        if self.up().is_none() {
+            return Outcome::Kernel;
+        }
+        // A connection over is the kernel's TCP_CLOSE: shutdown says
+        // ENOTCONN, and still records what it was asked.
+        let over = self.over(fd);
         let ctx = self.ctx(fd);
-        let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
         };
-        // A connection over (reset, or shut down both ways: the peer's end
-        // of stream, and this end's with every byte before it taken) is
-        // the kernel's TCP_CLOSE: shutdown says ENOTCONN, and still
-        // records what it was asked.
-        // (The look first: it is what settles an end whose peer moved.)
-        let r = t.readiness(&ctx, true);
-        let over = t.settled() && (taken || r.err || (r.hup && t.pending(&ctx).1 == 0));
         if !over && (how == libc::SHUT_WR || how == libc::SHUT_RDWR) {
             if let Err(e) = t.shutdown_write(&ctx) {
                 return Outcome::Errno(errno(&e));
@@ -546,6 +544,31 @@ impl Sock {
             return Outcome::Errno(libc::ENOTCONN);
         }
         Outcome::Done(())
+    }
+
+    /// Whether the connection is over, as the kernel's socket in
+    /// TCP_CLOSE: reset (its error taken or not), or shut down both ways
+    /// (the peer's end of stream, and this end's with every byte before
+    /// it taken), on whichever path each direction is. False on the
+    /// kernel socket, or while a direction may still move and this end
+    /// never shut its writes down (a connect may be under way).
+    pub fn over(&mut self, fd: BorrowedFd<'_>) -> bool {
+        let ctx = self.ctx(fd);
+        let taken = self.error_reported;
+        let shut = self.write_shut;
+        let Some(t) = self.up() else {
+            return false;
+        };
+        // (The look first: it is what settles an end whose peer moved.)
+        let r = t.readiness(&ctx, true);
+        // A Direct end's bytes in the ring are in its peer's receive
+        // queue, which the kernel would have acknowledged; a Queued end's
+        // TX buffers come back once the peer side has their bytes.
+        let acked = t.mode() == ssock_rings::codec::Mode::Direct || t.pending(&ctx).1 == 0;
+        // (The peer's end on one path and this end's on another: the
+        // kernel socket alone does not know.)
+        let both = r.hup || (r.rdhup && shut);
+        (t.settled() || shut) && (taken || r.err || (both && acked))
     }
 
     /// Another process will hold the socket too (fork, or fd passing).

@@ -1,5 +1,6 @@
 //! The calls that ask about or change a socket without moving its bytes:
-//! shutdown, getsockopt (SO_ERROR), fcntl (F_DUPFD, F_SETFL), ioctl
+//! shutdown, getsockopt (SO_ERROR), getpeername (ENOTCONN once the
+//! connection is over), fcntl (F_DUPFD, F_SETFL), ioctl
 //! (FIONREAD, SIOCOUTQ, FIONBIO), and splice (refused on an accelerated
 //! socket). Everything they do not answer from the rings goes to the
 //! kernel socket.
@@ -183,6 +184,35 @@ pub unsafe fn getsockopt(
                 *len = socklen_t::try_from(std::mem::size_of::<c_int>()).unwrap_or(4);
             }
             0
+        },
+        real,
+    )
+}
+
+/// getpeername(2): an accelerated connection that is over (reset, or shut
+/// down both ways with this end's bytes all taken) has no peer, as the
+/// kernel's socket in TCP_CLOSE: ENOTCONN; otherwise the kernel socket's
+/// answer (its kernel socket, whose bytes moved to the rings, stays
+/// connected).
+///
+/// # Safety
+/// The C contract of getpeername(2).
+pub unsafe fn getpeername(fd: c_int, addr: *mut libc::sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's own arguments to libc.
+    let real = || unsafe { (real::get().getpeername)(fd, addr, len) };
+    if crate::fdstate::kernel_io(fd) {
+        return real();
+    }
+    enter(
+        || {
+            let Some(s) = table::get(fd) else {
+                return real();
+            };
+            // SAFETY: fd is open during this call.
+            if lock(&s).over(unsafe { borrow(fd) }) {
+                return fail(libc::ENOTCONN);
+            }
+            real()
         },
         real,
     )

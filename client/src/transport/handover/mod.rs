@@ -691,6 +691,7 @@ impl Handover {
             self.step();
             self.forward(ctx);
             if self.broken_with(ctx) {
+                log::warn!("DBG mod.rs:694");
                 return Err(reset_error());
             }
             if self.owed() {
@@ -726,6 +727,7 @@ impl Handover {
                                 }
                                 // Closed with bytes left, and none there.
                                 self.broken = true;
+                                log::warn!("DBG mod.rs:729");
                                 return Err(reset_error());
                             }
                         }
@@ -786,6 +788,7 @@ impl Handover {
                         Rx::Tcp(Some(_)) => {
                             // Fewer bytes on the socket than it announced.
                             self.broken = true;
+                            log::warn!("DBG mod.rs:789");
                             return Err(reset_error());
                         }
                         Rx::Back { .. } if self.back_end_unknown() => {
@@ -808,6 +811,7 @@ impl Handover {
                                     at.saturating_add(after)
                                 );
                                 self.broken = true;
+                                log::warn!("DBG mod.rs:811");
                                 return Err(reset_error());
                             }
                             self.back_eof = true;
@@ -821,6 +825,7 @@ impl Handover {
                         }
                         _ if self.reset_without_offset(mark) => {
                             self.broken = true;
+                            log::warn!("DBG mod.rs:824");
                             return Err(reset_error());
                         }
                         _ => {
@@ -1160,8 +1165,14 @@ impl Transport for Handover {
     }
 
     fn reset_errno(&self) -> i32 {
-        if self.on_rings() {
-            self.inner.reset_errno()
+        // EPIPE once the peer's end of stream came first, on whichever
+        // path its reads were.
+        let ended = match self.rx {
+            Rx::Ring => return self.inner.reset_errno(),
+            _ => self.tcp_eof || self.back_eof,
+        };
+        if ended {
+            libc::EPIPE
         } else {
             libc::ECONNRESET
         }
@@ -1209,7 +1220,11 @@ impl Transport for Handover {
             }
             self.inner.readiness(&Handover::quiet(ctx), judge)
         };
-        if r.err {
+        // (Not while this end reads the kernel socket with its writer's
+        // offset unknown, or for good: the socket carries that writer's
+        // end and its reset, which a region mark may come ahead of.)
+        let reads_socket = matches!(self.rx, Rx::Tcp(None) | Rx::Forever);
+        if r.err && !reads_socket {
             // The region was reset (by the peer, or devd went away under a
             // Queued end): the connection is (unless it never left the
             // kernel socket).

@@ -1484,10 +1484,13 @@ impl Engine {
         let side = &mut pair.sides[s];
         if side.tx_pending.is_none() {
             let flags = side.region.tx_flags();
-            let mark = if flags & FLAG_RESET != 0 {
-                Some(Mark::Reset)
-            } else if flags & FLAG_EOS != 0 {
+            // (Both: its client shut its writes down, then closed
+            // abortively, an abortive close sets no EOS: the end of stream
+            // goes first, its reset after it, as the kernel's FIN and RST.)
+            let mark = if flags & FLAG_EOS != 0 {
                 Some(Mark::Eos)
+            } else if flags & FLAG_RESET != 0 {
+                Some(Mark::Reset)
             } else if side.gone {
                 // Died or released without an end mark: abortive close,
                 // unless its writes never moved into the region (a remote
@@ -1528,6 +1531,7 @@ impl Engine {
                         side.mark_sent = true;
                         side.reset_sent = m == Mark::Reset;
                         progress = true;
+                        self.reset_after_end(pair, s);
                     }
                     Err(e) => {
                         self.violation(id, pair, s, &e);

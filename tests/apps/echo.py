@@ -847,7 +847,38 @@ def close_all(path):
     print("OK close-all", flush=True)
 
 
+def reset_before_accept():
+    """A connector that writes and resets before its server accepts: the
+    server reads the bytes, then the reset (as on kernel TCP)."""
+    import struct
+    import time
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(4)
+    c = socket.create_connection(ls.getsockname())
+    c.sendall(b"early bytes")
+    time.sleep(0.1)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    time.sleep(0.2)
+    a, _ = ls.accept()
+    got = b""
+    try:
+        while True:
+            b = a.recv(100)
+            if not b:
+                got += b" EOF"
+                break
+            got += b
+    except ConnectionResetError:
+        got += b" ECONNRESET"
+    print(got.decode(), flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "reset-before-accept":
+        reset_before_accept()
+        raise SystemExit(0)
     if sys.argv[1] == "close-all":
         close_all(sys.argv[2])
         raise SystemExit(0)

@@ -141,6 +141,35 @@ fn unmodified_python_echo_goes_direct_under_ssock_run() -> Result<()> {
     direct_with_every_byte(&conn)
 }
 
+/// A connection its connector reset before the server accepted it: the
+/// server reads the bytes sent before the reset, then the reset, as on
+/// kernel TCP, and devd counts the connection (on kernel TCP, its
+/// connector gone) although the accepted socket has no peer address left.
+#[test]
+fn a_connection_reset_before_its_accept_is_read_right_and_counted() -> Result<()> {
+    if !have_app("python3")? {
+        return Ok(());
+    }
+    let kernel = std::process::Command::new("python3")
+        .arg(echo_py())
+        .arg("reset-before-accept")
+        .output()?;
+    let kernel = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
+    ensure!(
+        kernel == "early bytes ECONNRESET",
+        "on kernel TCP: {kernel}"
+    );
+    let d = Devd::start(&[])?;
+    let out = echo_run(&d, &["reset-before-accept"])?;
+    ensure!(out == kernel, "under ssock-run: {out}");
+    let t = d.stats()?["totals"].clone();
+    ensure!(
+        t["fallbacks"]["connector_gone"] == 1 && t["connections"]["kernel"] == 1,
+        "the connection is counted: {t}"
+    );
+    Ok(())
+}
+
 #[test]
 fn plain_python_peers_on_either_side_stay_on_kernel_tcp() -> Result<()> {
     if !have_app("python3")? {

@@ -349,7 +349,22 @@ impl Devd {
 
     pub(super) fn claim(&mut self, sid: u64, fd: &OwnedFd) -> Result<Reply, RequestError> {
         let end = self.end(sid, fd)?;
-        let peer = sys::peer_addr(fd.as_fd()).map_err(RequestError::NotSocket)?;
+        let peer = match sys::peer_addr(fd.as_fd()) {
+            Ok(p) => p,
+            // Over before its Claim (reset, or closed both ways: an
+            // accepted socket with no peer any more). A connector under
+            // ssock gave its intent up before that (its socket's RST or
+            // FIN went when devd let go of it): one buried for this
+            // address is this one's, or one like it, and is counted.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                let here = canon_addr(end.addr);
+                return Ok(match self.take_gone_to(here) {
+                    Some(g) => self.expect_kernel(g.token, FallbackReason::ConnectorGone),
+                    None => (Response::Ok, vec![]),
+                });
+            }
+            Err(e) => return Err(RequestError::NotSocket(e)),
+        };
         let here = canon_addr(end.addr);
         let from = canon_addr(peer);
         // The intent's own socket must be this accepted socket's peer (see
@@ -639,6 +654,13 @@ impl Devd {
             .gone
             .iter()
             .position(|g| g.key == here && g.local == from)?;
+        self.reg.gone.remove(i)
+    }
+
+    /// The oldest buried intent announced to `here`, taken out (its
+    /// connection's peer address is gone with it).
+    fn take_gone_to(&mut self, here: (std::net::IpAddr, u16)) -> Option<registry::Gone> {
+        let i = self.reg.gone.iter().position(|g| g.key == here)?;
         self.reg.gone.remove(i)
     }
 }

@@ -1307,18 +1307,23 @@ def case_shut_rd_by_a_forked_child():
     """shutdown(SHUT_RD) is the socket's, not the process's: a forked
     child's ends the parent's blocking receive (0) and reaches its
     edge-triggered epoll once; bytes that come later are still read.
-    ("woken": before the 5 s timeout. Under ssock a Direct parent asleep
-    in recv is woken by its sleep's 1 s bound, not at once: a forked child
-    cannot ring its parent's thread doorbell.)"""
+    ("woken": within half a second of the child's shutdown, which its
+    sleep's bound of a second would not be.)"""
     c, a = pair()
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         time.sleep(0.3)
         c.shutdown(socket.SHUT_RD)
+        os.write(w, struct.pack("d", time.monotonic()))
         os._exit(0)
     c.settimeout(5)
-    t = time.time()
-    say("parent's blocking recv:", c.recv(10), "woken" if time.time() - t < 2 else "only at the timeout")
+    got = c.recv(10)
+    woke = time.monotonic()
+    shut = struct.unpack("d", os.read(r, 8))[0]
+    os.close(r)
+    os.close(w)
+    say("parent's blocking recv:", got, "woken" if woke - shut < 0.5 else "only later")
     os.waitpid(pid, 0)
     a.send(b"later")
     time.sleep(0.05)

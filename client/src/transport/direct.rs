@@ -743,6 +743,13 @@ impl Transport for Direct {
     }
 
     fn wake_readers(&mut self) {
+        if self.session.as_ref().is_none_or(|s| s.is_broken()) {
+            // A forked child (its inherited session is its parent's): one
+            // of its own, on which devd gives it the ringer of the
+            // doorbell its parent's sleeping reader named (the same user's).
+            // A rare call (shutdown(SHUT_RD)); a ring asks on no new one.
+            let _ = Session::global();
+        }
         self.rx.wake_sleeper();
     }
 

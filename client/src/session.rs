@@ -206,8 +206,26 @@ impl Session {
         Self::global_with(true)
     }
 
+    /// [`Session::global`], or None at once while another thread holds
+    /// the process-wide session's lock (in a forked child, a thread of the
+    /// parent may have held it at the fork: it is never released here).
+    pub fn global_unless_busy() -> Option<Arc<Session>> {
+        let g = match GLOBAL.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Self::global_in(g, false)
+    }
+
     fn global_with(now: bool) -> Option<Arc<Session>> {
-        let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+        Self::global_in(GLOBAL.lock().unwrap_or_else(|p| p.into_inner()), now)
+    }
+
+    fn global_in(
+        mut g: std::sync::MutexGuard<'_, Option<Arc<Session>>>,
+        now: bool,
+    ) -> Option<Arc<Session>> {
         if g.as_ref().is_some_and(|s| s.is_broken()) {
             *g = None;
             // Relaxed: these are read and written under `GLOBAL`'s lock.

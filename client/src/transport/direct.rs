@@ -748,7 +748,7 @@ impl Transport for Direct {
             // of its own, on which devd gives it the ringer of the
             // doorbell its parent's sleeping reader named (the same user's).
             // A rare call (shutdown(SHUT_RD)); a ring asks on no new one.
-            let _ = Session::global();
+            let _ = Session::global_unless_busy();
         }
         self.rx.wake_sleeper();
     }

@@ -674,6 +674,12 @@ fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_
     n2.open(9, to(1, 9)).unwrap();
     assert_eq!(n2.send(9, b"last words").unwrap(), 10);
     n2.send_mark(9, Mark::Reset).unwrap();
+    // On channel 10, an end of stream, then a reset.
+    n1.open(10, to(2, 10)).unwrap();
+    n2.open(10, to(1, 10)).unwrap();
+    assert_eq!(n2.send(10, b"all said").unwrap(), 8);
+    n2.send_mark(10, Mark::Eos).unwrap();
+    n2.send_mark(10, Mark::Reset).unwrap();
     settle(&mut n1, &mut n2);
     assert_eq!(n2.recv(7, &mut [0u8; 10]).unwrap(), Recv::Data(10));
     assert_eq!(n1.mark_arrived(9), Some(Mark::Reset));
@@ -692,6 +698,10 @@ fn a_peer_that_starts_again_on_the_same_window_resets_its_channels_and_the_link_
     assert_eq!(n1.recv(9, &mut b).unwrap(), Recv::Data(10));
     assert_eq!(&b[..10], b"last words");
     assert_eq!(n1.recv(9, &mut b).unwrap(), Recv::Mark(Mark::Reset));
+    assert_eq!(n1.recv(10, &mut b).unwrap(), Recv::Data(8));
+    assert_eq!(&b[..8], b"all said");
+    assert_eq!(n1.recv(10, &mut b).unwrap(), Recv::Mark(Mark::Eos));
+    assert_eq!(n1.mark_arrived(10), Some(Mark::Reset));
     // The link went down with the peer's channels (their connections
     // move to their kernel sockets), and comes up again at the next
     // heartbeats: no hostility, a restart is not an attack.

@@ -30,7 +30,9 @@ mod wait;
 use super::{pipe_error, reset_error, would_block, Ctx, Leave, Ready, Transport};
 use forward::OfferWatch;
 use ssock_rings::codec::Mode;
-use ssock_rings::layout::{self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL, FLAG_RESET};
+use ssock_rings::layout::{
+    self, End, Switch, CLAIM_ACCEPTED, CLAIM_KERNEL, FLAG_PEER_RESET, FLAG_RESET,
+};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::PollFd;
 use std::io;
@@ -691,7 +693,6 @@ impl Handover {
             self.step();
             self.forward(ctx);
             if self.broken_with(ctx) {
-                log::warn!("DBG mod.rs:694");
                 return Err(reset_error());
             }
             if self.owed() {
@@ -727,7 +728,6 @@ impl Handover {
                                 }
                                 // Closed with bytes left, and none there.
                                 self.broken = true;
-                                log::warn!("DBG mod.rs:729");
                                 return Err(reset_error());
                             }
                         }
@@ -788,7 +788,6 @@ impl Handover {
                         Rx::Tcp(Some(_)) => {
                             // Fewer bytes on the socket than it announced.
                             self.broken = true;
-                            log::warn!("DBG mod.rs:789");
                             return Err(reset_error());
                         }
                         Rx::Back { .. } if self.back_end_unknown() => {
@@ -811,7 +810,6 @@ impl Handover {
                                     at.saturating_add(after)
                                 );
                                 self.broken = true;
-                                log::warn!("DBG mod.rs:811");
                                 return Err(reset_error());
                             }
                             self.back_eof = true;
@@ -825,7 +823,6 @@ impl Handover {
                         }
                         _ if self.reset_without_offset(mark) => {
                             self.broken = true;
-                            log::warn!("DBG mod.rs:824");
                             return Err(reset_error());
                         }
                         _ => {
@@ -1220,11 +1217,19 @@ impl Transport for Handover {
             }
             self.inner.readiness(&Handover::quiet(ctx), judge)
         };
-        // (Not while this end reads the kernel socket with its writer's
-        // offset unknown, or for good: the socket carries that writer's
-        // end and its reset, which a region mark may come ahead of.)
-        let reads_socket = matches!(self.rx, Rx::Tcp(None) | Rx::Forever);
-        if r.err && !reads_socket {
+        // The peer's own reset while this end reads the kernel socket
+        // (its writer's offset unknown, or for good) is left to that
+        // socket, which carries the writer's end and its reset (a region
+        // mark may come ahead of them): neither a break nor an error here.
+        // A region lost under this end (devd gone, a violation) still is.
+        let peer_reset = self.inner.region_mark() & (FLAG_RESET | FLAG_PEER_RESET) != 0;
+        let left_to_socket = r.err && peer_reset && matches!(self.rx, Rx::Tcp(None) | Rx::Forever);
+        let r = if left_to_socket {
+            Ready { err: false, ..r }
+        } else {
+            r
+        };
+        if r.err {
             // The region was reset (by the peer, or devd went away under a
             // Queued end): the connection is (unless it never left the
             // kernel socket).

@@ -113,7 +113,8 @@ impl Engine {
         let Some(mut pair) = self.pairs.remove(&id) else {
             return;
         };
-        if self.drains_a_reset(&pair.sides[s]) {
+        let side = &pair.sides[s];
+        if side.failover.is_none() && side.migrating.is_none() && self.drains_a_reset(side) {
             // Its stream's rest is here already; the other host's side,
             // which reset, gives up its half of the agreement in time.
             log::debug!("connection {id}: fail-over from node {node} after its reset came; its reader reads on");

@@ -83,7 +83,7 @@ impl Ntb {
     /// it (checked when they came), as a TCP receiver does.
     pub(super) fn reset_all(&mut self) {
         for (&ch, c) in &mut self.chans {
-            if c.rx_mark != Some(Mark::Reset) {
+            if c.rx_mark != Some(Mark::Reset) && !c.reset_after_end {
                 c.rxq.clear();
             }
             c.rx_mark.get_or_insert(Mark::Reset);

@@ -1518,8 +1518,19 @@ def case_plain_acceptor_by_exec():
     c = socket.socket()
     c.connect(ls.getsockname())
     ls.close()
+    ep = select.epoll()
+    ep.register(c.fileno(), select.EPOLLIN)
     c.sendall(b"first words")
     say("plain acceptor echoes:", recv_exactly(c, 11))
+    c.setblocking(False)
+    say("nothing more yet:", attempt(lambda: c.recv(10)))
+    c.setblocking(True)
+    # Registered before the connection turned out plain (its acceptor
+    # holds no end), with no wait since: still a registration to change
+    # and remove.
+    say("epoll modify, remove:", attempt(lambda: ep.modify(c.fileno(), select.EPOLLIN | select.EPOLLOUT)),
+        attempt(lambda: ep.unregister(c.fileno())))
+    ep.close()
     c.sendall(b"and more")
     say("plain acceptor echoes:", recv_exactly(c, 8))
     c.shutdown(socket.SHUT_WR)

@@ -64,6 +64,14 @@ pub fn ctl(
     }
     let mut i = set.lock();
     let shim_member = i.members.iter().position(|m| m.fd == fd);
+    if let (None, Some(k)) = (&obj, shim_member) {
+        // A member whose socket turned plain (a call on it was sent to the
+        // kernel: `dispatch`) since the last wait, which would have given
+        // it back to the kernel instance: given back now, so that the
+        // kernel's answer to this call is about its registration there.
+        set.give_back(epfd, &mut i, k);
+        set.any.store(!i.members.is_empty(), Ordering::SeqCst);
+    }
     let Some(obj) = obj else {
         // A kernel fd: the kernel decides; the shim remembers.
         let r = real();

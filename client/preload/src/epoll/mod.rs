@@ -363,23 +363,29 @@ impl Set {
                 k += 1;
                 continue;
             }
-            let m = i.remove_at(k);
-            i.live.drop_fd(epfd, self.live_key, m.fd);
-            if let Obj::Sock(s) = &m.obj {
-                table::forget_kernel(m.fd, s);
-            }
-            let mut ev = epoll_event {
-                events: m.events,
-                u64: m.data,
-            };
-            // SAFETY: plain epoll_ctl on the application's instance and fd.
-            let r =
-                unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, m.fd, &mut ev) };
-            if r == 0 {
-                i.kernel.insert(m.fd, (m.events, m.data));
-            }
+            self.give_back(epfd, i, k);
         }
         self.any.store(!i.members.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Member `k`, whose negotiation ended on kernel TCP, goes back to the
+    /// kernel instance `epfd` with its events and data (and out of the
+    /// socket table, if its fd still names it there).
+    fn give_back(&self, epfd: c_int, i: &mut Inner, k: usize) {
+        let m = i.remove_at(k);
+        i.live.drop_fd(epfd, self.live_key, m.fd);
+        if let Obj::Sock(s) = &m.obj {
+            table::forget_kernel(m.fd, s);
+        }
+        let mut ev = epoll_event {
+            events: m.events,
+            u64: m.data,
+        };
+        // SAFETY: plain epoll_ctl on the application's instance and fd.
+        let r = unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, m.fd, &mut ev) };
+        if r == 0 {
+            i.kernel.insert(m.fd, (m.events, m.data));
+        }
     }
 
     /// Fills `out` from `at` with the shim's members' events (updating

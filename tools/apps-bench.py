@@ -719,8 +719,8 @@ def main():
     for name, by in policy.items():
         print()
         print(f"{name} under ssock-run, per round: Direct {by['direct']}, kept on kernel TCP "
-              f"by the short_lived policy {by['short_lived']} (as the clients reported them; "
-              "a last batch of under 64 is not)")
+              f"by the short_lived policy {by['short_lived']} (as the clients reported them, "
+              "each at least once a second and at its exit)")
 
 
 if __name__ == "__main__":

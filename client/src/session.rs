@@ -110,9 +110,11 @@ pub struct Session {
 }
 
 /// A batch of skipped connections goes to devd once it holds this many ...
-const SKIPS_BATCH: u32 = 64;
-/// ... or at the next one this long after the last report.
-const SKIPS_EVERY: Duration = Duration::from_millis(50);
+const SKIPS_BATCH: u32 = 1 << 16;
+/// ... or at the next one this long after the last report (and what is
+/// left when the process exits: `flush_skipped`). Each report wakes devd,
+/// on a machine whose CPUs such a program keeps busy: a statistic waits.
+const SKIPS_EVERY: Duration = Duration::from_secs(1);
 
 /// The control channel: the socket and a reply buffer kept between requests.
 #[derive(Debug)]
@@ -318,8 +320,9 @@ impl Session {
     /// Counts a connection this process left on kernel TCP because the
     /// board said its listener's connections stay there (`short_lived`):
     /// devd hears of them in batches (posted, no reply), at the next one
-    /// after `SKIPS_EVERY` or once `SKIPS_BATCH` wait; the last batch of a
-    /// process that connects no more is not reported.
+    /// after `SKIPS_EVERY` or once `SKIPS_BATCH` wait, and the last one
+    /// when the process exits (`flush_skipped`; not a process killed, or
+    /// one that connects no more and lives on).
     pub fn skipped(&self) {
         let waiting = self.skips.fetch_add(1, Ordering::Relaxed) + 1;
         // The coarse clock: a batch's 50 ms do not need the exact time.
@@ -336,6 +339,23 @@ impl Session {
                 reason: FallbackReason::ShortLived,
                 count,
             });
+        }
+    }
+
+    /// Reports what `skipped` counted and did not report yet, on the
+    /// process-wide session if one is at hand (never waits for a lock or
+    /// connects): for a process that exits.
+    pub fn flush_skipped() {
+        let Some(s) = Session::existing() else {
+            return;
+        };
+        let count = s.skips.swap(0, Ordering::Relaxed);
+        if count > 0 {
+            let req = Request::Skipped {
+                reason: FallbackReason::ShortLived,
+                count,
+            };
+            let _ = s.post_with(&req, false);
         }
     }
 
@@ -387,8 +407,14 @@ impl Session {
     /// releases it on the session that holds it in devd. The lock is only
     /// tried then (a parent thread may have held it at the fork).
     pub fn post(&self, req: &Request) -> Result<(), SessionError> {
+        self.post_with(req, true)
+    }
+
+    /// `post`; `wait`: for the session's lock if another thread holds it
+    /// (else the request is not sent).
+    fn post_with(&self, req: &Request, wait: bool) -> Result<(), SessionError> {
         debug_assert!(!req.expects_reply());
-        let chan = if self.is_broken() {
+        let chan = if self.is_broken() || !wait {
             match self.sock.try_lock() {
                 Ok(c) => c,
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),

@@ -947,21 +947,31 @@ fn ab_without_keep_alive_against_nginx_stays_on_kernel_tcp_by_policy_and_wrk_the
     ensure!(field("Complete requests:")? == n, "ab:\n{out}");
     ensure!(field("Failed requests:")? == 0, "ab:\n{out}");
     expect_none_live(&d, &logs)?;
-    let t = d.stats()?["totals"].clone();
     let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    // (ab's last report, posted as it exited, may reach devd a moment
+    // after the stats are asked for.)
+    let t0 = Instant::now();
+    let t = loop {
+        let t = d.stats()?["totals"].clone();
+        let counted = num(&t["connections"]["direct"]) + num(&t["fallbacks"]["short_lived"]);
+        if counted >= n || t0.elapsed() > Duration::from_secs(5) {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let (direct, kept) = (
         num(&t["connections"]["direct"]),
         num(&t["fallbacks"]["short_lived"]),
     );
     // At least one hold began, a streak of Direct connections before it;
-    // ab reported all the others, once each, but its last batch (under 64).
+    // ab reported all the others, once each (its last batch at its exit).
     // (ab counts a connection as started once its nonblocking connect
     // completes: the connects under way near the end each began while
     // fewer than n had, so up to `-c` - 1 = 3 more than n come to exist.)
     ensure!(
         num(&t["short_lived_periods"]) >= 1
             && direct >= 8
-            && direct + kept + 64 > n
+            && direct + kept >= n
             && direct + kept <= n + 3,
         "short_lived: direct {direct}, kept {kept} of {n}: totals {t}{}",
         diagnosis(&d, &logs)

@@ -2,10 +2,11 @@
 //! before the program's `main`: the environment copy and the CPU count
 //! (the program may clear its environment or install a seccomp filter
 //! later), fork counting, the real functions resolved, inherited sockets
-//! taken over (`inherit`), and the shim's `pthread_atfork` handlers
-//! registered (`fork`).
+//! taken over (`inherit`), the shim's `pthread_atfork` handlers
+//! registered (`fork`), and at exit the last skipped connections reported.
 //!
-//! Never here: anything that may run after load.
+//! Never here: anything that may run after load, but for the exit
+//! handler (one call into the client library, which never blocks).
 
 use crate::{fork, inherit, real, takeover};
 
@@ -29,6 +30,18 @@ extern "C" fn init() {
             Some(fork::after_fork_in_child),
         );
     }
+    // SAFETY: registering a plain function that lives for the whole
+    // program; atexit has no other preconditions (a failure to register
+    // only leaves the last skipped connections unreported).
+    unsafe {
+        libc::atexit(at_exit);
+    }
+}
+
+/// At the program's exit: the connections the board kept on kernel TCP
+/// that devd has not heard of yet (a statistic).
+extern "C" fn at_exit() {
+    ssock_client::Session::flush_skipped();
 }
 
 /// Runs `init` when the library is loaded.

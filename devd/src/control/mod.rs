@@ -113,8 +113,8 @@ impl RequestError {
 const POOL: usize = 4;
 
 /// The largest batch a client reports in one Skipped (its batches hold
-/// 64 connections at most).
-const SKIPS_BATCH_MAX: u32 = 64;
+/// 65,536 connections at most: a report a second, or at its exit).
+const SKIPS_BATCH_MAX: u32 = 1 << 16;
 
 /// Closed connections waiting to be freed at most; past that they are
 /// freed at once (a steady stream of requests leaves no quiet moment).

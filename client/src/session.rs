@@ -325,7 +325,7 @@ impl Session {
     /// one that connects no more and lives on).
     pub fn skipped(&self) {
         let waiting = self.skips.fetch_add(1, Ordering::Relaxed) + 1;
-        // The coarse clock: a batch's 50 ms do not need the exact time.
+        // The coarse clock: a batch's second does not need the exact time.
         let now = ssock_rings::sys::monotonic_coarse_ns();
         let last = self.skips_sent.load(Ordering::Relaxed);
         let every = u64::try_from(SKIPS_EVERY.as_nanos()).unwrap_or(u64::MAX);
@@ -410,8 +410,8 @@ impl Session {
         self.post_with(req, true)
     }
 
-    /// `post`; `wait`: for the session's lock if another thread holds it
-    /// (else the request is not sent).
+    /// `post`; `wait`: for the session's lock if another thread holds it,
+    /// and for room in the socket (else the request is not sent).
     fn post_with(&self, req: &Request, wait: bool) -> Result<(), SessionError> {
         debug_assert!(!req.expects_reply());
         let chan = if self.is_broken() || !wait {
@@ -423,7 +423,12 @@ impl Session {
         } else {
             self.sock.lock().unwrap_or_else(|p| p.into_inner())
         };
-        chan.sock.send(&req.encode(), &[]).map_err(|e| {
+        let sent = if wait {
+            chan.sock.send(&req.encode(), &[])
+        } else {
+            chan.sock.send_now(&req.encode())
+        };
+        sent.map_err(|e| {
             self.broken.store(true, Ordering::Relaxed);
             SessionError::Io(e)
         })

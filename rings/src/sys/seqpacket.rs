@@ -170,6 +170,12 @@ impl SeqPacket {
         send_with_fds(self.0.as_fd(), data, fds).map(|_| ())
     }
 
+    /// [`SeqPacket::send`] without fds that never waits for room
+    /// (WouldBlock when the peer's queue is full).
+    pub fn send_now(&self, data: &[u8]) -> io::Result<()> {
+        send_with_fds_flags(self.0.as_fd(), data, &[], libc::MSG_DONTWAIT).map(|_| ())
+    }
+
     /// Receives one message into `buf`, returning its length and the fds
     /// that came with it (at most `max_fds`; extra fds are closed and make
     /// the call fail). Length 0 means the peer hung up.
@@ -208,6 +214,17 @@ pub fn send_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_fds_flags(sock, data, fds, 0)
+}
+
+/// [`send_with_fds`] with sendmsg `flags` added to MSG_NOSIGNAL
+/// (MSG_DONTWAIT: WouldBlock rather than a wait for room).
+pub fn send_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: i32,
+) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -241,7 +258,7 @@ pub fn send_with_fds(
     }
     loop {
         // SAFETY: msg and everything it points to are live for the call.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
         if r >= 0 {
             return Ok(usize::try_from(r).unwrap_or(0));
         }

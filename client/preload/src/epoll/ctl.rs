@@ -64,13 +64,19 @@ pub fn ctl(
     }
     let mut i = set.lock();
     let shim_member = i.members.iter().position(|m| m.fd == fd);
+    // (Looked up again under the set's lock: a socket that became
+    // accelerated meanwhile is in the table before it moves into a set.)
+    let obj = obj.or_else(|| table::get(fd).map(Obj::Sock));
     if let (None, Some(k)) = (&obj, shim_member) {
-        // A member whose socket turned plain (a call on it was sent to the
-        // kernel: `dispatch`) since the last wait, which would have given
-        // it back to the kernel instance: given back now, so that the
-        // kernel's answer to this call is about its registration there.
-        set.give_back(epfd, &mut i, k);
-        set.any.store(!i.members.is_empty(), Ordering::SeqCst);
+        if i.members[k].obj.is_kernel() {
+            // A member whose socket turned plain (a call on it was sent to
+            // the kernel: `dispatch`) since the last wait, which would have
+            // given it back to the kernel instance: given back now, so that
+            // the kernel's answer to this call is about its registration
+            // there.
+            set.give_back(epfd, &mut i, k);
+            set.any.store(!i.members.is_empty(), Ordering::SeqCst);
+        }
     }
     let Some(obj) = obj else {
         // A kernel fd: the kernel decides; the shim remembers.

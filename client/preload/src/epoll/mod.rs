@@ -377,14 +377,21 @@ impl Set {
         if let Obj::Sock(s) = &m.obj {
             table::forget_kernel(m.fd, s);
         }
+        // A one-shot member that fired stays registered and silent until
+        // it is modified, as the kernel keeps one.
+        let events = if m.disabled {
+            m.events & (libc::EPOLLONESHOT as u32)
+        } else {
+            m.events
+        };
         let mut ev = epoll_event {
-            events: m.events,
+            events,
             u64: m.data,
         };
         // SAFETY: plain epoll_ctl on the application's instance and fd.
         let r = unsafe { (crate::real::get().epoll_ctl)(epfd, libc::EPOLL_CTL_ADD, m.fd, &mut ev) };
         if r == 0 {
-            i.kernel.insert(m.fd, (m.events, m.data));
+            i.kernel.insert(m.fd, (events, m.data));
         }
     }
 

@@ -366,22 +366,37 @@ fn sent_again(log: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Result<()> {
-    let Some(lab) = ready("failrst")? else {
-        return Ok(());
+/// A sink on host b (port `port`; `until_reset`: it waits until poll
+/// says its peer reset, reading nothing more) and a writer on host a that
+/// sends it `kib` KiB and closes with SO_LINGER 0 (and stays alive: on
+/// kernel TCP its reader is reset); host b's link goes down once the
+/// writer closed, then the sink reads on: its last line.
+fn reset_then_link_down(
+    name: &str,
+    port: u16,
+    kib: &str,
+    until_reset: bool,
+) -> Result<Option<String>> {
+    let Some(lab) = ready(name)? else {
+        return Ok(None);
     };
     let py = remote_py();
     let flag = lab.dir.join("go");
     let flag = flag.to_string_lossy();
     let b = lab.addr[1].clone();
-    let mut sink = served_on_b(&lab, &["sink", "6730", &flag])?;
-    heard(&lab, 0, 6730)?;
-    // As above, but the writer closes with SO_LINGER 0 (and stays alive):
-    // on kernel TCP its reader is reset.
-    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6730", "2304"]))?;
+    let p = port.to_string();
+    let mut args = vec!["sink", &p, &flag];
+    if until_reset {
+        args.push("until-reset");
+    }
+    let mut sink = served_on_b(&lab, &args)?;
+    heard(&lab, 0, port)?;
+    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, &p, kib]))?;
     sink.expect(&["SINKING"], Duration::from_secs(20))?;
     w.expect(&["CLOSED"], Duration::from_secs(20))?;
+    if until_reset {
+        sink.expect(&["RESET-SEEN"], Duration::from_secs(20))?;
+    }
     let t = settled(&lab, 1, |t| remote_count(t) == 1)?;
     ensure!(
         remote_count(&t) == 1,
@@ -389,7 +404,17 @@ fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Re
     );
     lab.set_link(1, false)?;
     std::fs::write(&*flag, b"")?;
-    let end = sink.expect(&["RESET", "SUNK", "WRONG"], Duration::from_secs(30))?;
+    Ok(Some(sink.expect(
+        &["RESET", "SUNK", "WRONG"],
+        Duration::from_secs(30),
+    )?))
+}
+
+#[test]
+fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Result<()> {
+    let Some(end) = reset_then_link_down("failrst", 6730, "2304", false)? else {
+        return Ok(());
+    };
     ensure!(
         end.starts_with("RESET"),
         "the reader should be reset: {end}"
@@ -404,27 +429,9 @@ fn a_writer_that_resets_just_before_the_link_goes_down_resets_its_reader() -> Re
 /// RST. 2 MiB: past the reader's RX queue, so bytes wait on host b.
 #[test]
 fn a_link_that_goes_down_after_a_reset_came_leaves_the_reader_every_byte_before_it() -> Result<()> {
-    let Some(lab) = ready("failrstin")? else {
+    let Some(end) = reset_then_link_down("failrstin", 6731, "2048", true)? else {
         return Ok(());
     };
-    let py = remote_py();
-    let flag = lab.dir.join("go");
-    let flag = flag.to_string_lossy();
-    let b = lab.addr[1].clone();
-    let mut sink = served_on_b(&lab, &["sink", "6731", &flag, "until-reset"])?;
-    heard(&lab, 0, 6731)?;
-    let mut w = Prog::start(lab.under_ssock(0, &["python3", &py, "rst", &b, "6731", "2048"]))?;
-    sink.expect(&["SINKING"], Duration::from_secs(20))?;
-    w.expect(&["CLOSED"], Duration::from_secs(20))?;
-    sink.expect(&["RESET-SEEN"], Duration::from_secs(20))?;
-    let t = settled(&lab, 1, |t| remote_count(t) == 1)?;
-    ensure!(
-        remote_count(&t) == 1,
-        "the connection crossed the link: {t}"
-    );
-    lab.set_link(1, false)?;
-    std::fs::write(&*flag, b"")?;
-    let end = sink.expect(&["RESET", "SUNK", "WRONG"], Duration::from_secs(30))?;
     ensure!(
         end.trim() == format!("RESET {}", 2048 << 10),
         "the reader should read every byte, then the reset: {end}"

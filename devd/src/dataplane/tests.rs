@@ -342,20 +342,9 @@ fn a_channel_the_backend_cannot_open_resets_both_sides() {
 
 #[test]
 fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
-    let backend = as_remote();
-    let events = backend.1.clone();
-    let e = start(Box::new(backend));
-    let (a, mut ca) = region(5);
-    let (b, cb) = region(6);
-    let remote = |channel| Peer::Remote { node: 7, channel };
-    add(&e, 5, alone(a, 50, remote(60), 0, None));
-    add(&e, 6, alone(b, 60, remote(50), 1, None));
+    let (_e, events, mut ca, cb) = remote_pair(5, 6);
     ca.send(0, b"in flight when the link goes");
-    events.lock().unwrap().push(LinkEvent {
-        node: 7,
-        link: 0,
-        state: ssock_hwbackends::LinkState::Down,
-    });
+    link_down(&events);
     ca.kick.notify().unwrap(); // wakes the engine, which then hears of it
     let t = Instant::now();
     while ca.rx_flags() & FLAG_RESET == 0 || cb.rx_flags() & FLAG_RESET == 0 {
@@ -371,14 +360,8 @@ fn a_link_that_goes_down_resets_the_connections_that_crossed_it() {
 /// no link for them: the link's failure neither moves nor resets it.
 #[test]
 fn a_link_that_goes_down_after_a_reset_came_leaves_the_bytes_before_it() {
-    let backend = as_remote();
-    let events = backend.1.clone();
-    let e = start(Box::new(backend));
-    let (a, mut ca) = region(10);
-    let (b, mut cb) = region(11);
+    let (e, events, mut ca, mut cb) = remote_pair(10, 11);
     let remote = |channel| Peer::Remote { node: 7, channel };
-    add(&e, 10, alone(a, 100, remote(110), 0, None));
-    add(&e, 11, alone(b, 110, remote(100), 1, None));
     // A third connection over the same link, with nothing pending: reset
     // when the link goes (no peer devds to agree a move with), which
     // says the engine heard of it.
@@ -392,11 +375,7 @@ fn a_link_that_goes_down_after_a_reset_came_leaves_the_bytes_before_it() {
     wait_for("the peer's reset told", || {
         cb.rx_flags() & FLAG_PEER_RESET != 0
     });
-    events.lock().unwrap().push(LinkEvent {
-        node: 7,
-        link: 0,
-        state: ssock_hwbackends::LinkState::Down,
-    });
+    link_down(&events);
     cc.kick.notify().unwrap();
     wait_for("the link's loss heard", || cc.rx_flags() & FLAG_RESET != 0);
     // (The engine deals with every side of the link in one go.)
@@ -406,6 +385,40 @@ fn a_link_that_goes_down_after_a_reset_came_leaves_the_bytes_before_it() {
     assert_eq!(cb.rx_bytes(), b"the answer");
     wait_for("the reset after the bytes", || {
         cb.rx_flags() & FLAG_RESET != 0
+    });
+}
+
+/// An engine over a stand-in remote backend, with connections `a` and
+/// `b` each the one side on "this host" of a pair across node 7's link 0
+/// (channels `a * 10` and `b * 10`): the engine, the backend's link
+/// events to report, and the two clients.
+fn remote_pair(
+    a: u64,
+    b: u64,
+) -> (
+    engine::Handle,
+    Arc<std::sync::Mutex<Vec<LinkEvent>>>,
+    Client,
+    Client,
+) {
+    let backend = as_remote();
+    let events = backend.1.clone();
+    let e = start(Box::new(backend));
+    let (ra, ca) = region(a);
+    let (rb, cb) = region(b);
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    add(&e, a, alone(ra, a * 10, remote(b * 10), 0, None));
+    add(&e, b, alone(rb, b * 10, remote(a * 10), 1, None));
+    (e, events, ca, cb)
+}
+
+/// The test backend reports node 7's link 0 down (at the engine's next
+/// look: a kick).
+fn link_down(events: &std::sync::Mutex<Vec<LinkEvent>>) {
+    events.lock().unwrap().push(LinkEvent {
+        node: 7,
+        link: 0,
+        state: ssock_hwbackends::LinkState::Down,
     });
 }
 

@@ -514,11 +514,9 @@ impl Sock {
         if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
             return Outcome::Errno(libc::EINVAL);
         }
-        if self.up().is_none() {
-            return Outcome::Kernel;
-        }
         // A connection over is the kernel's TCP_CLOSE: shutdown says
-        // ENOTCONN, and still records what it was asked.
+        // ENOTCONN, and still records what it was asked. (On the kernel
+        // socket `over` says false and the look below says so.)
         let over = self.over(fd);
         let ctx = self.ctx(fd);
         let Some(t) = self.up() else {

@@ -358,7 +358,7 @@ impl Devd {
             // address is this one's, or one like it, and is counted.
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
                 let here = canon_addr(end.addr);
-                return Ok(match self.take_gone_to(here) {
+                return Ok(match self.take_gone_where(|g| g.key == here) {
                     Some(g) => self.expect_kernel(g.token, FallbackReason::ConnectorGone),
                     None => (Response::Ok, vec![]),
                 });
@@ -388,7 +388,7 @@ impl Devd {
         let Some(mut intent) = intent else {
             // An intent given up before this Claim: the acceptor stays on
             // kernel TCP (counted).
-            if let Some(g) = self.take_gone(here, from) {
+            if let Some(g) = self.take_gone_where(|g| g.key == here && g.local == from) {
                 return Ok(self.expect_kernel(g.token, FallbackReason::ConnectorGone));
             }
             // No intent here: from a peer host, its devd may hold one.
@@ -642,25 +642,13 @@ impl Devd {
 }
 
 impl Devd {
-    /// The buried intent (see [`registry::Gone`]) whose connector's socket
-    /// is connected from `from` to `here`, taken out.
-    pub(super) fn take_gone(
+    /// The oldest buried intent (see [`registry::Gone`]) that `which`
+    /// picks, taken out.
+    pub(super) fn take_gone_where(
         &mut self,
-        here: (std::net::IpAddr, u16),
-        from: (std::net::IpAddr, u16),
+        which: impl Fn(&registry::Gone) -> bool,
     ) -> Option<registry::Gone> {
-        let i = self
-            .reg
-            .gone
-            .iter()
-            .position(|g| g.key == here && g.local == from)?;
-        self.reg.gone.remove(i)
-    }
-
-    /// The oldest buried intent announced to `here`, taken out (its
-    /// connection's peer address is gone with it).
-    fn take_gone_to(&mut self, here: (std::net::IpAddr, u16)) -> Option<registry::Gone> {
-        let i = self.reg.gone.iter().position(|g| g.key == here)?;
+        let i = self.reg.gone.iter().position(which)?;
         self.reg.gone.remove(i)
     }
 }

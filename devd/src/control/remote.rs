@@ -516,7 +516,10 @@ impl Devd {
         });
         let Some(mut intent) = intent else {
             // One its connector let go of before this Claim came.
-            if self.take_gone(here, from).is_some() {
+            if self
+                .take_gone_where(|g| g.key == here && g.local == from)
+                .is_some()
+            {
                 self.totals.fallback(FallbackReason::ConnectorGone);
                 return Answer::ConnectorGone;
             }

@@ -221,7 +221,8 @@ fn a_link_that_goes_down_under_load_moves_every_connection_to_tcp_with_no_byte_l
         ensure!(
             remote_count(&t) == remote_count(before) + 1
                 && queued_bytes(&t) - queued_bytes(before) >= 120 << 20,
-            "host {h}: the new connection should cross the link: {t}"
+            "host {h}: the new connection should cross the link: {t}\nbefore it: {before}\n{}",
+            lab.log(h)
         );
     }
     Ok(())
@@ -501,7 +502,13 @@ fn forwarded(
                 })
                 .collect();
             if tot["forwards"].as_u64() == Some(n) && on_link.len() == conns {
-                ensure!(tot["failover_resets"] == 0, "host {h}: {v}");
+                ensure!(
+                    tot["failover_resets"] == 0,
+                    "host {h}: {v}\nhost a's log:\n{}\nhost b's log:\n{}\nthe shim's log:\n{}",
+                    lab.log(0),
+                    lab.log(1),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
                 break;
             }
             ensure!(

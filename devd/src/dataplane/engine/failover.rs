@@ -243,14 +243,22 @@ impl Engine {
                 }
                 continue;
             }
+            let held = held_here(side);
             let Some(fo) = side.failover.as_mut() else {
                 continue;
             };
-            if fo.began.elapsed() > WAIT && fo.born && side.sent == 0 && side.received == 0 {
-                // Made while the link was down and never agreed (the other
-                // host has no side for it: its backend could not open the
-                // channel, or its devd is gone): nothing of it moved on
-                // either host (both writers pinned from the start), so it
+            if fo.began.elapsed() > WAIT
+                && (fo.born || !held)
+                && side.sent == 0
+                && side.received == 0
+            {
+                // Never agreed (the other host has no side for it: its
+                // backend could not open the channel, its devd refused
+                // the new connection a fail-forward offered, or is gone),
+                // and nothing of it moved on either host: made while the
+                // link was down (both writers pinned from the start), or
+                // never taken by its client here (the other end's writes
+                // move only once this one says it holds its end), so it
                 // is a plain connection.
                 log::info!(
                     "connection {id}: node {} never agreed on it; it stays on kernel TCP",
@@ -284,6 +292,19 @@ fn never_moved(side: &Side) -> bool {
             .hov
             .as_ref()
             .is_some_and(|h| layout::claim(h) == layout::CLAIM_KERNEL)
+}
+
+/// Whether `side`'s client said it holds its end (READY for a connector,
+/// CLAIM accepted for an acceptor, each in its own host's page): until
+/// then the other end's writes cannot have moved to the region.
+fn held_here(side: &Side) -> bool {
+    side.hov.as_ref().is_some_and(|h| {
+        if side.end == 0 {
+            layout::connector_ready(h)
+        } else {
+            layout::claim(h) == layout::CLAIM_ACCEPTED
+        }
+    })
 }
 
 /// Both directions' region parts are closed in `hov` (the agreement is

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// How long a side waits for the other host's half of the agreement
-/// before it is reset.
+/// before it is reset (or, if nothing of it moved, left plain).
 pub(super) const WAIT: Duration = Duration::from_secs(10);
 
 /// A side moving to its kernel socket.
@@ -207,7 +207,8 @@ impl Engine {
     /// Sides of `pair` whose agreement is not complete: the last message
     /// goes again (the control connection may have dropped it), and after
     /// `WAIT` the side is reset (the other host never answered: its devd
-    /// or the control connection went too). Called at every pump, and
+    /// or the control connection went too), or left on kernel TCP if
+    /// nothing of it moved on either host. Called at every pump, and
     /// once a second at least (the engine's lingering look).
     pub(super) fn failover_expire(&mut self, id: u64, pair: &mut Pair) {
         // Twins of moves given up for this fail-over: once it is agreed,
@@ -244,39 +245,38 @@ impl Engine {
                 continue;
             }
             let held = held_here(side);
-            let Some(fo) = side.failover.as_mut() else {
+            let Some(fo) = side.failover.as_ref() else {
                 continue;
             };
-            if fo.began.elapsed() > WAIT
-                && (fo.born || !held)
+            let (born, node) = (fo.born, fo.node);
+            let expired = fo.began.elapsed() > WAIT;
+            let again = fo.sent_at.elapsed() >= AGAIN;
+            // Never agreed (the other host has no side for it: its backend
+            // could not open the channel, its devd refused the new
+            // connection a fail-forward offered, or is gone), and nothing
+            // of it moved on either host: made while the link was down
+            // (both writers pinned from the start), or never taken by its
+            // client here (the other end's writes move only once this one
+            // says it holds its end), so it is a plain connection.
+            if expired
+                && (born || !held)
                 && side.sent == 0
                 && side.received == 0
+                && make_plain(side, born)
             {
-                // Never agreed (the other host has no side for it: its
-                // backend could not open the channel, its devd refused
-                // the new connection a fail-forward offered, or is gone),
-                // and nothing of it moved on either host: made while the
-                // link was down (both writers pinned from the start), or
-                // never taken by its client here (the other end's writes
-                // move only once this one says it holds its end), so it
-                // is a plain connection.
                 log::info!(
-                    "connection {id}: node {} never agreed on it; it stays on kernel TCP",
-                    fo.node
+                    "connection {id}: node {node} never agreed on it; it stays on kernel TCP"
                 );
-                if let Some(h) = &side.hov {
-                    h.u32_at(layout::hov::CLAIM)
-                        .store(layout::CLAIM_KERNEL, Ordering::Release);
-                }
                 let _ = side.call.notify();
-            } else if fo.began.elapsed() > WAIT {
+            } else if expired {
                 log::warn!(
-                    "connection {id}: node {} did not agree on the fail-over within {WAIT:?}; resetting it",
-                    fo.node
+                    "connection {id}: node {node} did not agree on the fail-over within {WAIT:?}; resetting it"
                 );
                 self.failover_reset(pair, s);
-            } else if fo.sent_at.elapsed() >= AGAIN {
-                fo.sent = None;
+            } else if again {
+                if let Some(fo) = side.failover.as_mut() {
+                    fo.sent = None;
+                }
                 self.failover_words_out(side);
             }
         }
@@ -292,6 +292,29 @@ fn never_moved(side: &Side) -> bool {
             .hov
             .as_ref()
             .is_some_and(|h| layout::claim(h) == layout::CLAIM_KERNEL)
+}
+
+/// CLAIM = kernel in `side`'s page: its client lets its end go (or, not
+/// holding it yet, never takes it). False if an acceptor's client not
+/// `born` pinned said accepted meanwhile: it holds its end. (Made while
+/// the link was down, both writers are pinned: kernel only lets it go.)
+fn make_plain(side: &Side, born: bool) -> bool {
+    side.hov.as_ref().is_some_and(|h| {
+        let claim = h.u32_at(layout::hov::CLAIM);
+        if born || side.end == 0 {
+            claim.store(layout::CLAIM_KERNEL, Ordering::Release);
+            true
+        } else {
+            claim
+                .compare_exchange(
+                    layout::CLAIM_PENDING,
+                    layout::CLAIM_KERNEL,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        }
+    })
 }
 
 /// Whether `side`'s client said it holds its end (READY for a connector,

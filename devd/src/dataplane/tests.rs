@@ -1,7 +1,8 @@
 //! The engine against real Queued regions driven as a client drives them:
 //! when a TX buffer goes back (at once for a local peer, only once the
-//! peer side took its bytes for a remote one), bytes in order, and a
-//! backend that cannot open a channel resetting the connection.
+//! peer side took its bytes for a remote one), bytes in order, a backend
+//! that cannot open a channel resetting the connection, and what a side
+//! whose link failed becomes when the other host never agrees.
 
 use super::engine::{self, Cmd, SideInit, SideSpec};
 use crate::stats::{EngineCounts, QueuedCounters};
@@ -503,4 +504,49 @@ fn a_remote_channel_that_cannot_open_leaves_the_connection_on_kernel_tcp() {
         layout::claim(&h) == layout::CLAIM_KERNEL
     });
     assert_eq!(ca.rx_flags() & FLAG_RESET, 0, "reset instead");
+}
+
+/// A link fails under a connection whose other host never answers the
+/// fail-over (its devd gone): after the wait, the side whose client holds
+/// its end is reset and counted; the side whose client never said it
+/// holds its end (nothing of it moved on either host) stays on kernel TCP,
+/// not counted.
+#[test]
+fn a_side_whose_client_never_held_its_end_stays_plain_when_no_agreement_comes() {
+    let backend = as_remote();
+    let events = backend.1.clone();
+    let counts = Arc::new(EngineCounts::default());
+    let e = engine::spawn(Box::new(backend), counts.clone(), None).unwrap();
+    e.send(Cmd::Peers(crate::peers::Sender::unheard()));
+    let (ra, ca) = region(30);
+    let (rb, cb) = region(31);
+    let (ha, hb) = (hov_page(), hov_page());
+    let remote = |channel| Peer::Remote { node: 7, channel };
+    // The connector holds its end; the acceptor never took its own.
+    layout::mark_ready(&ha);
+    add(&e, 30, alone(ra, 300, remote(310), 0, Some(ha.clone())));
+    add(&e, 31, alone(rb, 310, remote(300), 1, Some(hb.clone())));
+    ca.kick.notify().unwrap();
+    wait_for("READY relayed", || layout::connector_ready(&hb));
+    link_down(&events);
+    ca.kick.notify().unwrap();
+    let t = Instant::now();
+    while ca.rx_flags() & FLAG_RESET == 0 || layout::claim(&hb) != layout::CLAIM_KERNEL {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "after the wait: connector reset {}, acceptor's CLAIM {}",
+            ca.rx_flags() & FLAG_RESET != 0,
+            layout::claim(&hb)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(9),
+        "decided before the wait"
+    );
+    assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "the acceptor's side reset");
+    let resets = counts
+        .failover_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(resets, 1, "only the connector's side counts");
 }

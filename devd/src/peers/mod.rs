@@ -258,6 +258,18 @@ impl Sender {
     }
 }
 
+#[cfg(test)]
+impl Sender {
+    /// A sender whose messages nobody takes: the engine's side of a
+    /// fail-over whose other host never answers.
+    pub(crate) fn unheard() -> Sender {
+        Sender {
+            outbox: Arc::default(),
+            wake: Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        }
+    }
+}
+
 /// The control thread's handle on the peer thread.
 pub struct Handle {
     status: Arc<Mutex<Status>>,

@@ -333,12 +333,19 @@ impl Session {
             return;
         }
         self.skips_sent.store(now, Ordering::Relaxed);
+        self.report_skips(true);
+    }
+
+    /// Posts what `skipped` counted and did not report yet (`wait`: see
+    /// `post_with`).
+    fn report_skips(&self, wait: bool) {
         let count = self.skips.swap(0, Ordering::Relaxed);
         if count > 0 {
-            let _ = self.post(&Request::Skipped {
+            let req = Request::Skipped {
                 reason: FallbackReason::ShortLived,
                 count,
-            });
+            };
+            let _ = self.post_with(&req, wait);
         }
     }
 
@@ -346,16 +353,8 @@ impl Session {
     /// process-wide session if one is at hand (never waits for a lock or
     /// connects): for a process that exits.
     pub fn flush_skipped() {
-        let Some(s) = Session::existing() else {
-            return;
-        };
-        let count = s.skips.swap(0, Ordering::Relaxed);
-        if count > 0 {
-            let req = Request::Skipped {
-                reason: FallbackReason::ShortLived,
-                count,
-            };
-            let _ = s.post_with(&req, false);
+        if let Some(s) = Session::existing() {
+            s.report_skips(false);
         }
     }
 

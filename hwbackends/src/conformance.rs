@@ -408,6 +408,7 @@ fn a_reset_comes_after_the_bytes_sent_before_it(lab: &mut dyn Lab) {
         (be.pending(b.ch), be.mark_arrived(b.ch)),
         (500, Some(Mark::Reset))
     );
+    assert!(!be.end_before_reset(b.ch), "a reset with no end before it");
     // As a TCP receiver keeps what came before an RST: the bytes, then
     // the mark.
     assert_eq!(drain(lab, b), (vec![9u8; 500], Some(Mark::Reset)));
@@ -436,6 +437,7 @@ fn a_reset_after_the_end_of_stream_is_told_and_the_end_stays(lab: &mut dyn Lab) 
     lab.settle();
     let be = lab.backend(b.at);
     assert_eq!(be.mark_arrived(b.ch), Some(Mark::Reset), "the reset told");
+    assert!(be.end_before_reset(b.ch), "after the end of stream");
     assert_eq!(recv(lab, b, &mut [0u8; 8]), Recv::Mark(Mark::Eos));
     // Both came before the reader took anything: the same.
     let [c, d] = lab.pair();
@@ -446,6 +448,7 @@ fn a_reset_after_the_end_of_stream_is_told_and_the_end_stays(lab: &mut dyn Lab) 
     assert_eq!(o.acked, o.sent, "a reset's sender waits for nothing");
     lab.settle();
     assert_eq!(lab.backend(d.at).mark_arrived(d.ch), Some(Mark::Reset));
+    assert!(lab.backend(d.at).end_before_reset(d.ch));
     assert_eq!(drain(lab, d), (vec![6u8; 200], Some(Mark::Eos)));
 }
 

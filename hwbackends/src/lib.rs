@@ -351,6 +351,11 @@ pub trait Backend: Send {
     /// Reset also when one came after the end of stream, which `recv`
     /// still gives as Eos (a TCP reader sees the end, not the error).
     fn mark_arrived(&self, ch: ChannelId) -> Option<Mark>;
+    /// Whether the Reset `mark_arrived` tells for `ch` came after the end
+    /// of stream (an abortive close after shutdown(SHUT_WR), which `recv`
+    /// gives as Eos): the kernel's writer then takes EPIPE, its socket in
+    /// CLOSE_WAIT, where an RST alone gives ECONNRESET.
+    fn end_before_reset(&self, ch: ChannelId) -> bool;
     /// How far `ch`'s outgoing stream went; `None` if it is not open.
     fn offsets(&self, ch: ChannelId) -> Option<Offsets>;
     /// Closes `ch`; a peer still open sees Reset if no mark was sent.

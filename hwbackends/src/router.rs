@@ -121,6 +121,10 @@ impl Backend for Router {
         self.at(ch).ok()?.mark_arrived(ch)
     }
 
+    fn end_before_reset(&self, ch: ChannelId) -> bool {
+        self.at(ch).is_ok_and(|b| b.end_before_reset(ch))
+    }
+
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.at(ch).ok()?.offsets(ch)
     }

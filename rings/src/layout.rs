@@ -658,6 +658,12 @@ pub const FLAG_RESET: u32 = 2;
 /// and SO_ERROR report the reset now, reads take those bytes first, as
 /// the kernel's error on an RST beside its receive queue.
 pub const FLAG_PEER_RESET: u32 = 4;
+/// Queued stream flag (RX only, set by devd with `FLAG_PEER_RESET`): that
+/// reset came after the peer's end of stream, which waits behind the
+/// bytes too (an abortive close after shutdown(SHUT_WR)): writes and
+/// SO_ERROR take EPIPE, as the kernel's for an RST in CLOSE_WAIT. A
+/// client that does not know it reports ECONNRESET.
+pub const FLAG_RESET_AFTER_EOS: u32 = 8;
 
 impl DirectLayout {
     /// Geometry for a region of `size` bytes.

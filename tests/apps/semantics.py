@@ -1353,7 +1353,8 @@ def case_shut_rd_by_a_forked_child():
 def case_reset_after_the_end_of_stream():
     """A peer that shut its writes down, then closed abortively: Linux's
     error for an RST after the FIN is EPIPE (SO_ERROR or a send takes
-    it, once); reads see the end, never the error."""
+    it, once), whether the bytes sent before the FIN were read yet or
+    not; reads see those bytes, then the end, never the error."""
     def soerr(s):
         e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         return errno.errorcode.get(e, e)
@@ -1376,6 +1377,36 @@ def case_reset_after_the_end_of_stream():
     time.sleep(0.1)
     say("reads first:", attempt(lambda: c.recv(100)), attempt(lambda: c.recv(10)),
         attempt(lambda: c.send(b"y")), soerr(c), attempt(lambda: c.send(b"y")))
+    c.close()
+    # A send while the bytes sent before the FIN still wait unread.
+    c, a = pair()
+    a.sendall(b"last words")
+    a.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    abort(a)
+    time.sleep(0.1)
+    say("sends first:", attempt(lambda: c.send(b"y")), attempt(lambda: c.send(b"y")),
+        soerr(c), attempt(lambda: c.recv(100)), attempt(lambda: c.recv(10)))
+    c.close()
+    # The same with more bytes waiting than a reader's buffers hold
+    # (Queued: the rest still in the engine's backend when the reset
+    # comes); fewer than the kernel's receive window takes at once.
+    c, a = pair()
+    words = bytes(range(256)) * 160
+    a.sendall(words)
+    a.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    abort(a)
+    time.sleep(0.1)
+    first = attempt(lambda: c.send(b"y"))
+    got = b""
+    while len(got) < len(words):
+        k = c.recv(65536)
+        if not k:
+            break
+        got += k
+    say("sends first, 40 KB wait:", first, got == words, attempt(lambda: c.recv(10)), soerr(c),
+        attempt(lambda: c.send(b"y")))
     c.close()
 
 

@@ -125,6 +125,34 @@ fn queued_connections_keep_the_same_semantics() -> Result<()> {
     )
 }
 
+/// Queued regions so small that a peer's last 40 KB (the script's
+/// `case_reset_after_the_end_of_stream`) do not all fit in the reader's
+/// RX buffers: its reset after its end of stream comes while some still
+/// wait in devd's engine. A send then takes EPIPE, as the kernel's in
+/// CLOSE_WAIT, and the reads still get every byte, then the end (a read
+/// after the send had taken the reset used to end the stream at what the
+/// region held).
+#[test]
+fn a_reset_after_the_end_of_stream_leaves_every_waiting_byte_to_read() -> Result<()> {
+    let size = 81920;
+    let l = ssock_rings::layout::QueuedLayout::for_size(size)?;
+    ensure!(
+        usize::from(l.qsize) * l.slot < 40 * 1024,
+        "{size}-byte regions hold the script's 40 KB: nothing would wait in the engine"
+    );
+    differential_in(
+        &[],
+        &[
+            "--default-mode",
+            "queued",
+            "--region-size",
+            &size.to_string(),
+        ],
+        &["case_reset_after_the_end_of_stream"],
+        "queued",
+    )
+}
+
 /// tests/apps/NAME.c built into devd's directory, which goes when the
 /// test ends.
 fn built(d: &Devd, name: &str) -> Result<PathBuf> {

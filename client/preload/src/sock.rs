@@ -403,6 +403,7 @@ impl Sock {
             return Some(0);
         }
         let r = self.readiness(fd, true);
+        let ctx = self.ctx(fd);
         let State::Up(t) = &self.state else {
             return None;
         };
@@ -414,7 +415,7 @@ impl Sock {
         if r.err {
             // As the kernel once its error is taken: reads see the end,
             // writes EPIPE.
-            let e = t.reset_errno();
+            let e = t.reset_errno(&ctx);
             self.error_reported = true;
             return Some(e);
         }
@@ -462,9 +463,10 @@ impl Sock {
         } else {
             t.read(buf, &ctx)
         };
-        let no_wait = no_wait
-            || (matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                && t.reads_shut());
+        let would_block = matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        // (Bytes the peer sent before its reset still coming are no end:
+        // the kernel would hold them already.)
+        let no_wait = (no_wait || (would_block && t.reads_shut())) && !t.rest_coming();
         match r {
             Err(e) if no_wait && e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Done(0),
             // (Taken already: the end.)
@@ -501,7 +503,7 @@ impl Sock {
                         && t.readiness(&ctx, false).err) =>
             {
                 // (EPIPE for a reset after the peer's end of stream.)
-                let e = t.reset_errno();
+                let e = t.reset_errno(&ctx);
                 self.error_reported = true;
                 Outcome::Errno(e)
             }

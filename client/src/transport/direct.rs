@@ -753,7 +753,7 @@ impl Transport for Direct {
         self.rx.wake_sleeper();
     }
 
-    fn reset_errno(&self) -> i32 {
+    fn reset_errno(&self, _ctx: &Ctx<'_>) -> i32 {
         match self.rx.marks() {
             (true, true) => libc::EPIPE,
             _ => libc::ECONNRESET,

@@ -273,9 +273,18 @@ pub trait Transport: Send + std::fmt::Debug {
     }
     /// The error a reset this end's readiness reports stands for (SO_ERROR):
     /// ECONNRESET, or EPIPE when it came after the peer's end of stream
-    /// (the kernel's, for an RST in CLOSE_WAIT).
-    fn reset_errno(&self) -> i32 {
+    /// (the kernel's, for an RST in CLOSE_WAIT). Asked once, when the
+    /// reset is reported: an end whose peer's bytes came on the kernel
+    /// socket takes that socket's own pending error then.
+    fn reset_errno(&self, _ctx: &Ctx<'_>) -> i32 {
         libc::ECONNRESET
+    }
+    /// The peer reset the connection and bytes it sent before it are still
+    /// on their way to this end's reads (Queued: devd is posting them): a
+    /// read that finds none now is not at the end, even once the reset's
+    /// error was taken.
+    fn rest_coming(&self) -> bool {
+        false
     }
     /// Wakes the holders of this end asleep on its reads, in any process.
     fn wake_readers(&mut self) {}

@@ -26,7 +26,7 @@ use crate::transport::direct::AttachError;
 use ssock_rings::codec::{Attachment, Mode, Request, Side};
 use ssock_rings::layout::{
     self, check_header, qhdr, QueuedLayout, RegionKind, Taken, FLAG_EOS, FLAG_PEER_RESET,
-    FLAG_RESET,
+    FLAG_RESET, FLAG_RESET_AFTER_EOS,
 };
 use ssock_rings::notify::{sleep, spin_until, Gate};
 use ssock_rings::shm::Mapping;
@@ -54,6 +54,11 @@ const RETAIN_KEEP: usize = 256 * 1024;
 /// hold: each drains the one eventfd devd rings, so one may take the
 /// wake-up another waited for, which then looks again after this long.
 pub const SHARED_SLEEP_CAP: Duration = Duration::from_millis(20);
+
+/// How long one nonblocking read waits for the bytes a peer sent before
+/// its reset (`rest_coming`), which devd is still posting; after it the
+/// read says EWOULDBLOCK (never the end) and the next one waits again.
+const REST_WAIT: Duration = Duration::from_millis(100);
 
 /// The call eventfds of ends that were armed while several processes held
 /// them ([`SHARED_SLEEP_CAP`]; the shim's multiplexed sleeps ask
@@ -489,7 +494,20 @@ impl Queued {
                 }
                 if f & FLAG_EOS == 0 {
                     self.peer_closed_region();
-                    if !self.lost {
+                    if ctx.nonblocking && self.rest_coming() {
+                        // The bytes the peer sent before its reset are this
+                        // host's already (the kernel's receive queue would
+                        // hold them): even a nonblocking read waits for the
+                        // engine to post them, a while at a time.
+                        let c = Ctx {
+                            tcp: ctx.tcp,
+                            nonblocking: false,
+                            deadline: Some(std::time::Instant::now() + REST_WAIT),
+                            spin: ctx.spin,
+                            check_peer: false,
+                        };
+                        self.wait_rx(&c)?;
+                    } else if !self.lost {
                         self.wait_rx(ctx)?;
                     }
                 }
@@ -918,11 +936,12 @@ impl Transport for Queued {
         let _ = self.call.notify();
     }
 
-    fn reset_errno(&self) -> i32 {
+    fn reset_errno(&self, _ctx: &Ctx<'_>) -> i32 {
         // The end of stream came first (FLAG_EOS stays; devd tells a later
-        // reset with FLAG_PEER_RESET): the kernel's EPIPE, for an RST in
-        // CLOSE_WAIT.
-        if self.rx_flags() & FLAG_EOS != 0 {
+        // reset with FLAG_PEER_RESET, and one that came behind an end still
+        // waiting behind bytes with FLAG_RESET_AFTER_EOS too): the kernel's
+        // EPIPE, for an RST in CLOSE_WAIT.
+        if self.rx_flags() & (FLAG_EOS | FLAG_RESET_AFTER_EOS) != 0 {
             libc::EPIPE
         } else {
             libc::ECONNRESET
@@ -931,6 +950,16 @@ impl Transport for Queued {
 
     fn region_mark(&self) -> u32 {
         self.rx_flags()
+    }
+
+    fn rest_coming(&self) -> bool {
+        // (devd posts them, then its last mark.)
+        let f = self.rx_flags();
+        f & FLAG_PEER_RESET != 0
+            && f & (FLAG_EOS | FLAG_RESET) == 0
+            && !self.broken
+            && !self.lost
+            && self.left.is_none()
     }
 
     fn words_fd(&mut self, cap: Option<bool>) -> Option<std::os::fd::RawFd> {

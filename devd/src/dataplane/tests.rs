@@ -11,7 +11,9 @@ use ssock_hwbackends::{
     Backend, BackendError, Capabilities, ChannelId, LinkEvent, Mark, Offsets, Peer, Piece, Recv,
     Syscall, Words,
 };
-use ssock_rings::layout::{self, QueuedLayout, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET};
+use ssock_rings::layout::{
+    self, QueuedLayout, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET, FLAG_RESET_AFTER_EOS,
+};
 use ssock_rings::shm::Mapping;
 use ssock_rings::sys::{self, EventFd};
 use ssock_rings::vq::device::DeviceRegion;
@@ -71,6 +73,9 @@ impl Backend for AsRemote {
     }
     fn mark_arrived(&self, ch: ChannelId) -> Option<Mark> {
         self.0.mark_arrived(ch)
+    }
+    fn end_before_reset(&self, ch: ChannelId) -> bool {
+        self.0.end_before_reset(ch)
     }
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.0.offsets(ch)
@@ -240,11 +245,40 @@ fn a_peers_reset_is_told_at_once_and_the_bytes_before_it_still_come() {
         cb.rx_flags() & FLAG_PEER_RESET != 0
     });
     assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "the end before the bytes");
+    assert_eq!(cb.rx_flags() & FLAG_RESET_AFTER_EOS, 0, "no end of stream came");
     cb.post_rx(0);
     assert_eq!(cb.rx_bytes(), b"the answer");
     wait_for("the reset after the bytes", || {
         cb.rx_flags() & FLAG_RESET != 0
     });
+}
+
+/// An abortive close after shutdown(SHUT_WR) while the bytes before the
+/// end still wait for the reader's buffers: the reset is told at once,
+/// as one after the end (a writer's EPIPE), and the reader still gets the
+/// bytes, then the end of stream, not the reset.
+#[test]
+fn a_reset_after_the_end_is_told_as_such_while_the_bytes_before_it_wait() {
+    let e = start(Box::new(Loopback::default()));
+    let (a, mut ca) = region(4);
+    let (b, mut cb) = region(4);
+    add(&e, 4, SideSpec::local_pair(4, a, b));
+    ca.send(0, b"last words");
+    assert_eq!(ca.tx_back(Duration::from_secs(5)), vec![0]);
+    let flags = ca.map.u32_at(layout::qhdr::TX_FLAGS);
+    flags.fetch_or(FLAG_EOS, std::sync::atomic::Ordering::Release);
+    ca.kick.notify().unwrap();
+    flags.fetch_or(FLAG_RESET, std::sync::atomic::Ordering::Release);
+    ca.kick.notify().unwrap();
+    wait_for("the peer's reset told", || {
+        cb.rx_flags() & FLAG_PEER_RESET != 0
+    });
+    assert_ne!(cb.rx_flags() & FLAG_RESET_AFTER_EOS, 0, "after the end");
+    assert_eq!(cb.rx_flags() & (FLAG_EOS | FLAG_RESET), 0, "the bytes first");
+    cb.post_rx(0);
+    assert_eq!(cb.rx_bytes(), b"last words");
+    wait_for("the end after the bytes", || cb.rx_flags() & FLAG_EOS != 0);
+    assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "the end, not the reset");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::stats::{EngineCounts, QueuedCounters};
 use ssock_hwbackends::{
     link_of, Backend, BackendError, ChannelId, LinkId, LinkState, Mark, Peer, Recv, Words,
 };
-use ssock_rings::layout::{self, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET};
+use ssock_rings::layout::{self, FLAG_EOS, FLAG_PEER_RESET, FLAG_RESET, FLAG_RESET_AFTER_EOS};
 use ssock_rings::relay;
 use ssock_rings::sys::EventFd;
 use ssock_rings::vq::device::{Buf, DeviceRegion};
@@ -1680,7 +1680,12 @@ impl Engine {
         if side.reset_told || self.backend.mark_arrived(side.ch) != Some(Mark::Reset) {
             return false;
         }
-        let _ = side.region.set_rx_flags(FLAG_PEER_RESET);
+        let after_end = if self.backend.end_before_reset(side.ch) {
+            FLAG_RESET_AFTER_EOS
+        } else {
+            0
+        };
+        let _ = side.region.set_rx_flags(FLAG_PEER_RESET | after_end);
         let _ = side.call.notify();
         side.reset_told = true;
         true

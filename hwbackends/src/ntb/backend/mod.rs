@@ -582,6 +582,10 @@ impl Backend for Ntb {
         c.rx_mark
     }
 
+    fn end_before_reset(&self, ch: ChannelId) -> bool {
+        self.chans.get(&ch).is_some_and(|c| c.reset_after_end)
+    }
+
     fn offsets(&self, ch: ChannelId) -> Option<Offsets> {
         self.chans.get(&ch).map(|c| c.out)
     }

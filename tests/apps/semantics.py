@@ -1203,7 +1203,7 @@ def case_close_with_unread_bytes():
     c.close()
 
 
-def answered_then_reset():
+def answered_then_reset(response=b"response"):
     """A client's request, which its server answers and then closes with
     the request's rest unread (a reset); the client's socket, once the
     answer and the reset are there."""
@@ -1211,7 +1211,7 @@ def answered_then_reset():
     c.sendall(b"request and a body the server never reads")
     select.select([a], [], [], 5)
     a.recv(7)
-    a.sendall(b"response")
+    a.sendall(response)
     a.close()
     if not REMOTE:
         select.select([c], [], [], 5)
@@ -1237,6 +1237,21 @@ def case_send_after_a_reset_then_read():
     c = answered_then_reset()
     for op in ("send", "recv", "recv", "send", "recv"):
         say(op, attempt(lambda: c.send(b"x") if op == "send" else c.recv(100)))
+    c.close()
+    # An answer of 40 KB: more than a small Queued region's RX buffers
+    # hold (the rest still in devd's engine when the reset comes), fewer
+    # than the kernel's receive window takes at once.
+    answer = bytes(range(256)) * 160
+    c = answered_then_reset(answer)
+    first = attempt(lambda: c.send(b"x"))
+    got = b""
+    while len(got) < len(answer):
+        k = c.recv(65536)
+        if not k:
+            break
+        got += k
+    say("40 KB answer: send", first, "then every byte:", got == answer,
+        "then", attempt(lambda: c.recv(100)), attempt(lambda: c.send(b"x")))
     c.close()
 
 

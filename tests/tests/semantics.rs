@@ -126,12 +126,13 @@ fn queued_connections_keep_the_same_semantics() -> Result<()> {
 }
 
 /// Queued regions so small that a peer's last 40 KB (the script's
-/// `case_reset_after_the_end_of_stream`) do not all fit in the reader's
-/// RX buffers: its reset after its end of stream comes while some still
-/// wait in devd's engine. A send then takes EPIPE, as the kernel's in
-/// CLOSE_WAIT, and the reads still get every byte, then the end (a read
-/// after the send had taken the reset used to end the stream at what the
-/// region held).
+/// `case_reset_after_the_end_of_stream` and
+/// `case_send_after_a_reset_then_read`) do not all fit in the reader's
+/// RX buffers: its reset, after its end of stream or not, comes while
+/// some still wait in devd's engine. A send then takes EPIPE or
+/// ECONNRESET, as the kernel's, and the reads still get every byte, then
+/// the end (a read after the send had taken the reset used to end the
+/// stream at what the region held).
 #[test]
 fn a_reset_after_the_end_of_stream_leaves_every_waiting_byte_to_read() -> Result<()> {
     let size = 81920;
@@ -148,7 +149,10 @@ fn a_reset_after_the_end_of_stream_leaves_every_waiting_byte_to_read() -> Result
             "--region-size",
             &size.to_string(),
         ],
-        &["case_reset_after_the_end_of_stream"],
+        &[
+            "case_reset_after_the_end_of_stream",
+            "case_send_after_a_reset_then_read",
+        ],
         "queued",
     )
 }

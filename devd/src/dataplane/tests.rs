@@ -245,7 +245,11 @@ fn a_peers_reset_is_told_at_once_and_the_bytes_before_it_still_come() {
         cb.rx_flags() & FLAG_PEER_RESET != 0
     });
     assert_eq!(cb.rx_flags() & FLAG_RESET, 0, "the end before the bytes");
-    assert_eq!(cb.rx_flags() & FLAG_RESET_AFTER_EOS, 0, "no end of stream came");
+    assert_eq!(
+        cb.rx_flags() & FLAG_RESET_AFTER_EOS,
+        0,
+        "no end of stream came"
+    );
     cb.post_rx(0);
     assert_eq!(cb.rx_bytes(), b"the answer");
     wait_for("the reset after the bytes", || {
@@ -274,7 +278,11 @@ fn a_reset_after_the_end_is_told_as_such_while_the_bytes_before_it_wait() {
         cb.rx_flags() & FLAG_PEER_RESET != 0
     });
     assert_ne!(cb.rx_flags() & FLAG_RESET_AFTER_EOS, 0, "after the end");
-    assert_eq!(cb.rx_flags() & (FLAG_EOS | FLAG_RESET), 0, "the bytes first");
+    assert_eq!(
+        cb.rx_flags() & (FLAG_EOS | FLAG_RESET),
+        0,
+        "the bytes first"
+    );
     cb.post_rx(0);
     assert_eq!(cb.rx_bytes(), b"last words");
     wait_for("the end after the bytes", || cb.rx_flags() & FLAG_EOS != 0);

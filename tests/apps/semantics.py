@@ -1255,6 +1255,39 @@ def case_send_after_a_reset_then_read():
     c.close()
 
 
+def case_reset_read_by_an_event_loop():
+    """A 40 KB answer, then a reset, read by a nonblocking epoll loop
+    (level- and edge-triggered) after a send took the reset's error:
+    every byte, then the end."""
+    answer = bytes(range(256)) * 160
+    for et in (False, True):
+        c = answered_then_reset(answer)
+        first = attempt(lambda: c.send(b"x"))
+        c.setblocking(False)
+        ep = select.epoll()
+        ep.register(c.fileno(), select.EPOLLIN | (select.EPOLLET if et else 0))
+        got, end = b"", None
+        while end is None:
+            if not ep.poll(5):
+                end = "no event in 5 s"
+                break
+            while end is None:
+                try:
+                    k = c.recv(65536)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    end = err_name(e)
+                    break
+                if not k:
+                    end = "the end"
+                got += k
+        say("edge" if et else "level", "loop: send", first, "every byte:", got == answer,
+            "then", end)
+        ep.close()
+        c.close()
+
+
 def case_shutdown_once_the_connection_is_over():
     """shutdown(2) on a connection that is over (reset, or shut down both
     ways) says ENOTCONN, as the kernel's TCP_CLOSE; the reset's bytes and
@@ -1612,7 +1645,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
          case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
-         case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
+         case_reset_read_by_an_event_loop, case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,

@@ -126,15 +126,15 @@ fn queued_connections_keep_the_same_semantics() -> Result<()> {
 }
 
 /// Queued regions so small that a peer's last 40 KB (the script's
-/// `case_reset_after_the_end_of_stream` and
-/// `case_send_after_a_reset_then_read`) do not all fit in the reader's
+/// `case_reset_after_the_end_of_stream`, `case_send_after_a_reset_then_read`
+/// and `case_reset_read_by_an_event_loop`) do not all fit in the reader's
 /// RX buffers: its reset, after its end of stream or not, comes while
 /// some still wait in devd's engine. A send then takes EPIPE or
 /// ECONNRESET, as the kernel's, and the reads still get every byte, then
-/// the end (a read after the send had taken the reset used to end the
-/// stream at what the region held).
+/// the end, blocking or from an epoll loop (a read after the send had
+/// taken the reset used to end the stream at what the region held).
 #[test]
-fn a_reset_after_the_end_of_stream_leaves_every_waiting_byte_to_read() -> Result<()> {
+fn a_reset_leaves_every_byte_still_in_the_engine_to_read() -> Result<()> {
     let size = 81920;
     let l = ssock_rings::layout::QueuedLayout::for_size(size)?;
     ensure!(
@@ -152,6 +152,7 @@ fn a_reset_after_the_end_of_stream_leaves_every_waiting_byte_to_read() -> Result
         &[
             "case_reset_after_the_end_of_stream",
             "case_send_after_a_reset_then_read",
+            "case_reset_read_by_an_event_loop",
         ],
         "queued",
     )

@@ -412,9 +412,11 @@ impl Sock {
             // its own error is the connection's.
             return None;
         }
-        if r.err {
+        if r.err || t.rest_coming() {
             // As the kernel once its error is taken: reads see the end,
-            // writes EPIPE.
+            // writes EPIPE. (With the bytes before the reset still coming,
+            // readiness tells no error yet; the reset is known all the
+            // same, as the kernel's on an RST beside its receive queue.)
             let e = t.reset_errno(&ctx);
             self.error_reported = true;
             return Some(e);
@@ -450,7 +452,7 @@ impl Sock {
         // it received, and says 0 instead of waiting when nothing is there.
         // (Another holder's SHUT_RD, a shared word, is looked at only when
         // the read would wait: not on the path that moves bytes.)
-        let no_wait = self.rd_shutdown || self.error_reported;
+        let rd_shutdown = self.rd_shutdown;
         let taken = self.error_reported;
         let Some(t) = self.up() else {
             return Outcome::Kernel;
@@ -463,12 +465,12 @@ impl Sock {
         } else {
             t.read(buf, &ctx)
         };
-        let would_block = matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-        // (Bytes the peer sent before its reset still coming are no end:
-        // the kernel would hold them already.)
-        let no_wait = (no_wait || (would_block && t.reads_shut())) && !t.rest_coming();
+        // (Bytes the peer sent before its reset still coming are no end
+        // after the reset's error was taken: the kernel would hold them.)
+        let no_wait = matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            && (rd_shutdown || t.reads_shut() || (taken && !t.rest_coming()));
         match r {
-            Err(e) if no_wait && e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Done(0),
+            Err(_) if no_wait => Outcome::Done(0),
             // (Taken already: the end.)
             Err(e) if taken && e.raw_os_error() == Some(libc::ECONNRESET) => Outcome::Done(0),
             Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
@@ -702,16 +704,15 @@ impl Sock {
     pub fn readiness(&mut self, fd: BorrowedFd<'_>, check_peer: bool) -> Ready {
         let ctx = self.ctx(fd);
         let rd_shutdown = self.rd_shut_by_any();
-        let (read_shut, write_shut, error_taken) = (
-            rd_shutdown || self.error_reported,
-            self.write_shut,
-            self.error_reported,
-        );
+        let (write_shut, error_taken) = (self.write_shut, self.error_reported);
         let reset_seq = self.reset_seq;
         let mut first_reset = None;
         let r = match self.up() {
             Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
+                // (Not while the bytes before the reset are still coming:
+                // reads wait for them.)
+                let read_shut = rd_shutdown || (error_taken && !t.rest_coming());
                 // (The transport's own counters, before this socket's
                 // marks below.)
                 if r.err {

@@ -55,11 +55,6 @@ const RETAIN_KEEP: usize = 256 * 1024;
 /// wake-up another waited for, which then looks again after this long.
 pub const SHARED_SLEEP_CAP: Duration = Duration::from_millis(20);
 
-/// How long one nonblocking read waits for the bytes a peer sent before
-/// its reset (`rest_coming`), which devd is still posting; after it the
-/// read says EWOULDBLOCK (never the end) and the next one waits again.
-const REST_WAIT: Duration = Duration::from_millis(100);
-
 /// The call eventfds of ends that were armed while several processes held
 /// them ([`SHARED_SLEEP_CAP`]; the shim's multiplexed sleeps ask
 /// [`sleep_is_capped`]).
@@ -494,20 +489,7 @@ impl Queued {
                 }
                 if f & FLAG_EOS == 0 {
                     self.peer_closed_region();
-                    if ctx.nonblocking && self.rest_coming() {
-                        // The bytes the peer sent before its reset are this
-                        // host's already (the kernel's receive queue would
-                        // hold them): even a nonblocking read waits for the
-                        // engine to post them, a while at a time.
-                        let c = Ctx {
-                            tcp: ctx.tcp,
-                            nonblocking: false,
-                            deadline: Some(std::time::Instant::now() + REST_WAIT),
-                            spin: ctx.spin,
-                            check_peer: false,
-                        };
-                        self.wait_rx(&c)?;
-                    } else if !self.lost {
+                    if !self.lost {
                         self.wait_rx(ctx)?;
                     }
                 }
@@ -831,7 +813,12 @@ impl Transport for Queued {
             self.check_socket_and_devd(-1);
         }
         let f = self.rx_flags();
-        if self.broken || self.peer_reset() {
+        // While the bytes sent before the peer's reset are still coming,
+        // its reset is news for writers only (they take it at once):
+        // reads wait for those bytes as for any (the reset came after
+        // them, as it may on any network), then the last mark's readiness.
+        let rest = self.rest_coming();
+        if self.broken || (self.peer_reset() && !rest) {
             return Ready::BROKEN;
         }
         self.peer_closed_region();
@@ -850,7 +837,8 @@ impl Transport for Queued {
         let eos = f & FLAG_EOS != 0;
         Ready {
             readable: data || eos,
-            writable: self.shut_wr
+            writable: rest
+                || self.shut_wr
                 || self.shut_by_another()
                 || self.peer_gone
                 || (!agreeing && (self.tx.in_flight() < self.layout.qsize || self.tx.has_used())),
@@ -866,7 +854,8 @@ impl Transport for Queued {
                 u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),
                 u64::from(self.tx.used_idx())
                     + u64::from(self.peer_gone)
-                    + u64::from(self.shut_by_another()),
+                    + u64::from(self.shut_by_another())
+                    + u64::from(rest),
             ],
         }
     }

@@ -919,23 +919,17 @@ impl Handover {
     }
 }
 
-/// A partial count wins over an error, as in the kernel.
-/// Whether the kernel socket's peer ended its stream before any reset:
-/// its pending error is EPIPE (an RST in CLOSE_WAIT; taken), or none and
-/// its state says the FIN came.
+/// Whether the kernel socket's pending error is EPIPE: an RST after its
+/// peer's FIN (taken: the reset is being reported). (Not its state: a
+/// peer whose close resets the region may have sent a FIN on it.)
 fn fin_came(tcp: std::os::fd::BorrowedFd<'_>) -> bool {
-    use ssock_rings::sys::{sockopt_int, tcp_state};
-    /// `tcpi_state` values: the peer's FIN came, this end's not sent
-    /// (CLOSE_WAIT) or not acknowledged yet (LAST_ACK).
-    const CLOSE_WAIT: u8 = 8;
-    const LAST_ACK: u8 = 9;
-    match sockopt_int(tcp, libc::SOL_SOCKET, libc::SO_ERROR) {
-        Ok(libc::EPIPE) => true,
-        Ok(0) => matches!(tcp_state(tcp), Ok(CLOSE_WAIT | LAST_ACK)),
-        _ => false,
-    }
+    matches!(
+        ssock_rings::sys::sockopt_int(tcp, libc::SOL_SOCKET, libc::SO_ERROR),
+        Ok(libc::EPIPE)
+    )
 }
 
+/// A partial count wins over an error, as in the kernel.
 fn partial(off: usize, e: io::Error) -> io::Result<usize> {
     if off > 0 {
         Ok(off)
@@ -1179,16 +1173,17 @@ impl Transport for Handover {
 
     fn reset_errno(&self, ctx: &Ctx<'_>) -> i32 {
         // EPIPE once the peer's end of stream came first, on whichever
-        // path it came, read or not: on the kernel socket (the kernel's
-        // own pending error says, taken now as this report's; with none
-        // yet, its state), or in the region after the bytes this end has
-        // yet to read on the socket (its writer moved, then shut down).
+        // path it came, read or not: on the kernel socket (its error, kept
+        // from a read or pending there, taken now as this report's), or in
+        // the region after the bytes this end has yet to read on the
+        // socket (its writer moved, then shut down).
+        let on_socket = self.tcp_eof || self.tcp_err == Some(libc::EPIPE);
         let ended = match self.rx {
             Rx::Ring => return self.inner.reset_errno(ctx),
             Rx::Tcp(_) => {
-                self.tcp_eof || self.inner.reset_errno(ctx) == libc::EPIPE || fin_came(ctx.tcp)
+                on_socket || self.inner.reset_errno(ctx) == libc::EPIPE || fin_came(ctx.tcp)
             }
-            _ => self.tcp_eof || self.back_eof || fin_came(ctx.tcp),
+            _ => on_socket || self.back_eof || fin_came(ctx.tcp),
         };
         if ended {
             libc::EPIPE

@@ -570,7 +570,9 @@ impl Sock {
         // (The peer's end on one path and this end's on another: the
         // kernel socket alone does not know.)
         let both = r.hup || (r.rdhup && shut);
-        (t.settled() || shut) && (taken || r.err || (both && acked))
+        // (A reset whose bytes before it are still coming is there all
+        // the same: the kernel's socket is in TCP_CLOSE.)
+        (t.settled() || shut) && (taken || r.err || t.rest_coming() || (both && acked))
     }
 
     /// Another process will hold the socket too (fork, or fd passing).
@@ -712,10 +714,13 @@ impl Sock {
                 let mut r = t.readiness(&ctx, check_peer);
                 // (Not while the bytes before the reset are still coming:
                 // reads wait for them.)
-                let read_shut = rd_shutdown || (error_taken && !t.rest_coming());
+                let rest = t.rest_coming();
+                let read_shut = rd_shutdown || (error_taken && !rest);
                 // (The transport's own counters, before this socket's
-                // marks below.)
-                if r.err {
+                // marks below. While the bytes before a reset still come,
+                // their counters are news as on the kernel's queue: the
+                // reset's own report is its last mark's.)
+                if r.err && !rest {
                     match reset_seq {
                         Some(s) if r.seq == Ready::BROKEN.seq => r.seq = s,
                         Some(_) => {}

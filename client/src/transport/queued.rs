@@ -814,12 +814,27 @@ impl Transport for Queued {
         }
         let f = self.rx_flags();
         // While the bytes sent before the peer's reset are still coming,
-        // its reset is news for writers only (they take it at once):
-        // reads wait for those bytes as for any (the reset came after
-        // them, as it may on any network), then the last mark's readiness.
+        // the reset shows (as the kernel's POLLERR and POLLHUP beside its
+        // receive queue) only while some of them are here to read: a
+        // wait for them sleeps until devd posts more (as for bytes still
+        // on their way), never spins on an error it cannot act on yet.
         let rest = self.rest_coming();
         if self.broken || (self.peer_reset() && !rest) {
             return Ready::BROKEN;
+        }
+        if rest && !self.agreeing() {
+            let data = self.rx.has_used();
+            return Ready {
+                readable: data,
+                writable: true,
+                rdhup: data,
+                hup: data,
+                err: data,
+                seq: [
+                    u64::from(self.rx.used_idx()),
+                    u64::from(self.tx.used_idx()) + 1,
+                ],
+            };
         }
         self.peer_closed_region();
         if self.agreeing() {
@@ -837,8 +852,7 @@ impl Transport for Queued {
         let eos = f & FLAG_EOS != 0;
         Ready {
             readable: data || eos,
-            writable: rest
-                || self.shut_wr
+            writable: self.shut_wr
                 || self.shut_by_another()
                 || self.peer_gone
                 || (!agreeing && (self.tx.in_flight() < self.layout.qsize || self.tx.has_used())),
@@ -854,8 +868,7 @@ impl Transport for Queued {
                 u64::from(self.rx.used_idx()) + u64::from(eos) + u64::from(self.peer_gone),
                 u64::from(self.tx.used_idx())
                     + u64::from(self.peer_gone)
-                    + u64::from(self.shut_by_another())
-                    + u64::from(rest),
+                    + u64::from(self.shut_by_another()),
             ],
         }
     }

@@ -1255,6 +1255,29 @@ def case_send_after_a_reset_then_read():
     c.close()
 
 
+def case_send_after_the_peer_closed():
+    """A peer that closed its socket, nothing of ours unread: the kernel's
+    first send goes (the peer answers it with an RST; a Direct end knows
+    at once and says EPIPE), the next ones take EPIPE; a large sendall
+    stops with EPIPE too."""
+    c, a = pair()
+    a.close()
+    time.sleep(0.2)
+    sent = []
+    for _ in range(3):
+        sent.append(attempt(lambda: c.send(b"x")))
+        time.sleep(0.1)
+    say("sends after the peer closed: first sent or EPIPE:", sent[0] in (1, "EPIPE"),
+        "then", sent[1:], "and reads", attempt(lambda: c.recv(10)))
+    c.close()
+    c, a = pair()
+    a.close()
+    time.sleep(0.2)
+    say("1 MB sendall after the peer closed:", attempt(lambda: c.sendall(b"z" * (1 << 20))),
+        "then", attempt(lambda: c.send(b"x")))
+    c.close()
+
+
 def case_reset_read_by_an_event_loop():
     """A 40 KB answer, then a reset, read by a nonblocking epoll loop
     (level- and edge-triggered) after a send took the reset's error:
@@ -1645,7 +1668,8 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
          case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
-         case_reset_read_by_an_event_loop, case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
+         case_reset_read_by_an_event_loop, case_send_after_the_peer_closed,
+         case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
@@ -1662,6 +1686,7 @@ REMOTE_CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtim
                 case_one_process_reads_another_writes,
                 case_reset, case_reset_so_error, case_close_with_unread_bytes,
                 case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
+                case_send_after_the_peer_closed,
                 case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
                 case_urgent, case_fionread]
 

@@ -92,6 +92,10 @@ pub struct Queued {
     writes_closed: bool,
     /// When a nonblocking call last asked whether devd is there.
     looked: Option<std::time::Instant>,
+    /// When a write after the peer's end of stream last asked its kernel
+    /// socket whether the peer's process closed it; whether it had.
+    closed_looked: Option<std::time::Instant>,
+    closed_seen: bool,
     kick: EventFd,
     call: EventFd,
     /// Threads asleep through `arm` (see `disarm`).
@@ -182,6 +186,8 @@ impl Queued {
             left: None,
             writes_closed: false,
             looked: None,
+            closed_looked: None,
+            closed_seen: false,
             kick: EventFd::from_owned(kick),
             call: EventFd::from_owned(call),
             sleepers: 0,
@@ -636,6 +642,31 @@ impl Queued {
     /// A nonblocking call found nothing to do: whether devd is still
     /// there is asked at most once per millisecond (a program that only
     /// polls by calling must notice too, at the cost of one system call).
+    /// A write after the peer's end of stream came in the region: has its
+    /// process closed the socket (a shutdown(SHUT_WR) ends only the region
+    /// part; a close ends the kernel socket too)? Then the kernel's answer
+    /// to this write would be a reset: it goes (devd discards it, as the
+    /// kernel's peer does), and the next ones take EPIPE. Asked of the
+    /// kernel socket at most once a millisecond, and only after that end
+    /// of stream: never on a path that moves bytes both ways.
+    fn peer_closed_its_socket(&mut self, ctx: &Ctx<'_>) {
+        if self.closed_seen {
+            self.peer_gone = true;
+            return;
+        }
+        if self.rx_flags() & FLAG_EOS == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .closed_looked
+            .is_none_or(|t| now.duration_since(t) >= LOOK_EVERY)
+        {
+            self.closed_looked = Some(now);
+            self.closed_seen = matches!(liveness(ctx.tcp), Liveness::Gone | Liveness::Reset);
+        }
+    }
+
     fn look_now_and_then(&mut self) {
         let now = std::time::Instant::now();
         if self
@@ -1061,6 +1092,9 @@ impl Transport for Queued {
             // read, as the kernel's receive queue after an RST.)
             if self.broken || self.peer_reset() {
                 return if off > 0 { Ok(off) } else { Err(reset_error()) };
+            }
+            if !self.peer_gone {
+                self.peer_closed_its_socket(ctx);
             }
             if self.shut_wr || self.peer_gone || self.shut_by_another() {
                 return if off > 0 { Ok(off) } else { Err(pipe_error()) };

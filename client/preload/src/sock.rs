@@ -714,7 +714,8 @@ impl Sock {
                 let mut r = t.readiness(&ctx, check_peer);
                 // (Not while the bytes before the reset are still coming:
                 // reads wait for them.)
-                let rest = t.rest_coming();
+                // (Asked only where it can matter: not on a quiet path.)
+                let rest = (r.err || error_taken) && t.rest_coming();
                 let read_shut = rd_shutdown || (error_taken && !rest);
                 // (The transport's own counters, before this socket's
                 // marks below. While the bytes before a reset still come,

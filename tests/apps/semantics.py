@@ -1255,6 +1255,29 @@ def case_send_after_a_reset_then_read():
     c.close()
 
 
+def case_error_queue_and_sendfile_from_a_pipe():
+    """recvmsg(MSG_ERRQUEUE) reads the socket's error queue (empty here:
+    EAGAIN), never the stream's bytes; sendfile from a pipe or a socket
+    says EINVAL, as this kernel's, and takes nothing from the pipe."""
+    c, a = pair()
+    a.sendall(b"hello")
+    time.sleep(0.05)
+    say("error queue:",
+        attempt(lambda: c.recvmsg(100, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)),
+        "then", attempt(lambda: c.recv(100)))
+    r, w = os.pipe()
+    os.write(w, b"p" * 1000)
+    say("sendfile from a pipe:", attempt(lambda: os.sendfile(a.fileno(), r, None, 1000)),
+        "the pipe keeps", len(os.read(r, 2000)))
+    say("sendfile from a socket:", attempt(lambda: os.sendfile(a.fileno(), c.fileno(), None, 10)))
+    a.sendall(b"after")
+    say("then", attempt(lambda: c.recv(100)))
+    for f in (r, w):
+        os.close(f)
+    c.close()
+    a.close()
+
+
 def case_send_after_the_peer_closed():
     """A peer that closed its socket, nothing of ours unread: the kernel's
     first send goes (the peer answers it with an RST; a Direct end knows
@@ -1669,6 +1692,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_reset, case_reset_so_error, case_close_with_unread_bytes,
          case_response_then_close_with_unread_bytes, case_send_after_a_reset_then_read,
          case_reset_read_by_an_event_loop, case_send_after_the_peer_closed,
+         case_error_queue_and_sendfile_from_a_pipe,
          case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread,

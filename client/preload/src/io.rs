@@ -85,8 +85,9 @@ fn restartable() -> bool {
 /// syscall while data is there. Kernel: the socket turned out plain and
 /// nothing was received (the call goes to libc).
 pub fn recv(e: &Entry, fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> Outcome<usize> {
-    if flags & libc::MSG_OOB != 0 {
-        // Urgent data travels on the kernel socket (see `send`).
+    if flags & (libc::MSG_OOB | libc::MSG_ERRQUEUE) != 0 {
+        // Urgent data travels on the kernel socket (see `send`), and the
+        // error queue is the kernel socket's (never the stream's bytes).
         return ssock_rings::sys::recv(fd, buf, flags)
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
             .into();

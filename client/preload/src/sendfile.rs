@@ -26,6 +26,21 @@ fn sendfile_via_ring(
     offset: *mut libc::off_t,
     count: usize,
 ) -> Outcome<usize> {
+    // A pipe or a socket to read from: this kernel's sendfile says EINVAL
+    // (it reads only what can be spliced from a file), before taking
+    // anything from it.
+    if input < 0 {
+        return Outcome::Errno(libc::EBADF);
+    }
+    // SAFETY: input is the fd number the caller passed, not -1 (checked);
+    // one it never opened or closed meanwhile fails fstat with EBADF.
+    match ssock_rings::sys::fstat(unsafe { borrow(input) }) {
+        Ok(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK) => {
+            return Outcome::Errno(libc::EINVAL);
+        }
+        Err(e) => return Outcome::Errno(e.raw_os_error().unwrap_or(libc::EBADF)),
+        Ok(_) => {}
+    }
     let mut buf = vec![0u8; count.min(256 * 1024)];
     let mut total = 0;
     // SAFETY: offset is null or the caller's off_t (sendfile(2)).

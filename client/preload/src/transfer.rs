@@ -118,6 +118,10 @@ pub unsafe fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_
     let real = || unsafe { (real::get().recvmsg)(fd, msg, flags) };
     // SAFETY: msg is the caller's msghdr (recvmsg(2)).
     let real_then_adopt = || unsafe { fdpass::recv_adopting(msg, real) };
+    if flags & libc::MSG_ERRQUEUE != 0 {
+        // The kernel socket's error queue, never the stream's bytes.
+        return real();
+    }
     enter(
         || {
             dispatch_n(
@@ -404,6 +408,10 @@ pub unsafe fn recvmmsg(
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments to libc.
     let real = || unsafe { (real::get().recvmmsg)(fd, v, n, flags, tmo) };
+    if flags & libc::MSG_ERRQUEUE != 0 {
+        // The kernel socket's error queue, never the stream's bytes.
+        return real();
+    }
     // No accelerated socket: libc's alone, without entering the shim.
     if crate::fdstate::kernel_io(fd) {
         return real();

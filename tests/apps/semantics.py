@@ -1545,6 +1545,12 @@ def case_fionread():
     n = array.array("i", [0])
     fcntl.ioctl(a.fileno(), termios.FIONREAD, n, True)
     say("fionread:", n[0])
+    # Bytes its peer has not read are in the peer's receive queue, which
+    # acknowledged them: none outstanding (SIOCOUTQ, termios's TIOCOUTQ).
+    a.sendall(b"not read yet")
+    time.sleep(0.05)
+    fcntl.ioctl(a.fileno(), termios.TIOCOUTQ, n, True)
+    say("outq once the peer has them:", n[0])
     c.close()
     a.close()
 

@@ -1244,12 +1244,7 @@ def case_send_after_a_reset_then_read():
     answer = bytes(range(256)) * 160
     c = answered_then_reset(answer)
     first = attempt(lambda: c.send(b"x"))
-    got = b""
-    while len(got) < len(answer):
-        k = c.recv(65536)
-        if not k:
-            break
-        got += k
+    got = recv_exactly(c, len(answer))
     say("40 KB answer: send", first, "then every byte:", got == answer,
         "then", attempt(lambda: c.recv(100)), attempt(lambda: c.send(b"x")))
     c.close()
@@ -1463,42 +1458,31 @@ def case_reset_after_the_end_of_stream():
     say("SO_ERROR first:", soerr(c), attempt(lambda: c.recv(10)), attempt(lambda: c.recv(10)),
         attempt(lambda: c.send(b"y")), soerr(c))
     c.close()
-    c, a = pair()
-    a.sendall(b"last words")
-    a.shutdown(socket.SHUT_WR)
-    time.sleep(0.05)
-    abort(a)
-    time.sleep(0.1)
+    def ended_then_aborted(words):
+        # The peer's end of stream after `words`, then its abortive close.
+        c, a = pair()
+        a.sendall(words)
+        a.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)
+        abort(a)
+        time.sleep(0.1)
+        return c
+    c = ended_then_aborted(b"last words")
     say("reads first:", attempt(lambda: c.recv(100)), attempt(lambda: c.recv(10)),
         attempt(lambda: c.send(b"y")), soerr(c), attempt(lambda: c.send(b"y")))
     c.close()
     # A send while the bytes sent before the FIN still wait unread.
-    c, a = pair()
-    a.sendall(b"last words")
-    a.shutdown(socket.SHUT_WR)
-    time.sleep(0.05)
-    abort(a)
-    time.sleep(0.1)
+    c = ended_then_aborted(b"last words")
     say("sends first:", attempt(lambda: c.send(b"y")), attempt(lambda: c.send(b"y")),
         soerr(c), attempt(lambda: c.recv(100)), attempt(lambda: c.recv(10)))
     c.close()
     # The same with more bytes waiting than a reader's buffers hold
     # (Queued: the rest still in the engine's backend when the reset
     # comes); fewer than the kernel's receive window takes at once.
-    c, a = pair()
     words = bytes(range(256)) * 160
-    a.sendall(words)
-    a.shutdown(socket.SHUT_WR)
-    time.sleep(0.05)
-    abort(a)
-    time.sleep(0.1)
+    c = ended_then_aborted(words)
     first = attempt(lambda: c.send(b"y"))
-    got = b""
-    while len(got) < len(words):
-        k = c.recv(65536)
-        if not k:
-            break
-        got += k
+    got = recv_exactly(c, len(words))
     say("sends first, 40 KB wait:", first, got == words, attempt(lambda: c.recv(10)), soerr(c),
         attempt(lambda: c.send(b"y")))
     c.close()

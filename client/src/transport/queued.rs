@@ -487,6 +487,11 @@ impl Queued {
                 }
                 let f = self.rx_flags();
                 if f & FLAG_RESET != 0 {
+                    if self.rx.has_used() {
+                        // Posted before the mark (which came after this
+                        // look found none): the bytes first.
+                        continue;
+                    }
                     self.broken = true;
                     return Err(reset_error());
                 }

@@ -1591,6 +1591,53 @@ def case_bytes_before_accept():
     c.close()
 
 
+def case_edge_triggered_end_after_a_request_sent_before_accept():
+    """A client's request goes out before its server accepts; the server
+    reads it, answers, and waits with edge-triggered epoll; the client
+    leaves without reading the answer (closes, or exits without close:
+    the kernel resets the connection for the unread answer either way).
+    The server's wait reports it at once, as the kernel's: under ssock
+    the request came on the kernel socket and the answer went into the
+    region, and the end's progress counters once both directions were in
+    the region read as they did while the request waited (nginx kept
+    wrk's connections open for its keep-alive timeout)."""
+    global CONNS
+    for how in ("close", "exit"):
+        ls = listener()
+        go_r, go_w = os.pipe()
+        addr = ls.getsockname()
+        pid = os.fork()
+        if pid == 0:
+            ls.close()
+            os.close(go_w)
+            c = socket.socket()
+            c.connect(addr)
+            c.sendall(b"GET / HTTP/1.1")
+            os.read(go_r, 1)
+            # A look at the socket, as an event loop's (its end moves then).
+            select.select([c], [], [], 0.05)
+            if how == "close":
+                c.close()
+            os._exit(0)
+        os.close(go_r)
+        time.sleep(0.1)
+        a, _ = ls.accept()
+        ls.close()
+        CONNS += 1
+        a.setblocking(False)
+        ep = select.epoll()
+        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        say(how, "request:", events_soon(ep), recv_exactly(a, 14))
+        a.sendall(b"HTTP/1.1 200 OK")
+        say(how, "nothing more:", attempt(lambda: a.recv(10)), events(ep, 0.1))
+        os.write(go_w, b"x")
+        os.close(go_w)
+        os.waitpid(pid, 0)
+        say(how, "client gone:", events_soon(ep), attempt(lambda: a.recv(10)))
+        ep.close()
+        a.close()
+
+
 def case_nonblocking_connect_to_a_full_queue():
     """The listener's accept queue is full: a nonblocking connect returns
     at once, not yet connected (the kernel retransmits its SYN later)."""
@@ -1687,6 +1734,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
+         case_edge_triggered_end_after_a_request_sent_before_accept,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
 # Those whose first socket is only sent to, read, shut down, closed or

@@ -362,7 +362,23 @@ impl Direct {
             // A closed region part: the kernel socket carries the
             // hand-over's bytes again, not stray ones.
             Liveness::Stray if self.closed_at(0).is_some() || self.closed_at(1).is_some() => {}
-            Liveness::Gone => self.peer_gone = true,
+            Liveness::Gone => {
+                self.peer_gone = true;
+                // With no mark in the region, its last holder exited
+                // without close(). The kernel resets a connection closed
+                // with bytes unread, and this end's bytes the peer never
+                // took are that (a closed region part: the hand-over's).
+                let (eos, reset) = self.rx.marks();
+                if !eos
+                    && !reset
+                    && !self.tx.peer_closed()
+                    && self.closed_at(0).is_none()
+                    && self.closed_at(1).is_none()
+                    && self.tx.unconsumed().is_ok_and(|n| n > 0)
+                {
+                    self.peer_reset = true;
+                }
+            }
             Liveness::Reset => {
                 self.peer_gone = true;
                 self.peer_reset = true;

@@ -151,7 +151,11 @@ pub fn wait(
     let reported = &mut kept.0;
     loop {
         // The rings first, without a syscall; the kernel's events when the
-        // rings have none, and every fourth time anyway. A last look (the
+        // rings have none, when the kernel's instance had some at the last
+        // look (busy: a listener whose queue holds connections is served at
+        // each wait, as by the kernel's; asked every fourth wait, nginx's
+        // workers took seconds to accept wrk's 500 connections, which timed
+        // out), and every fourth time anyway. A last look (the
         // time is up: at once for a zero timeout) takes the kernel's
         // events always, and asks the members' kernel sockets whether a
         // peer is gone: those with an event there (the kernel instance
@@ -166,8 +170,9 @@ pub fn wait(
         let look = if last { Look::Last } else { Look::Rings };
         let (rings, tick) = set.collect(epfd, out, 0, look, reported);
         let mut n = rings;
-        let ask = slept || last || tick || set.kernel_busy.load(Ordering::Relaxed);
-        if ask && (n == 0 || tick || last) {
+        let busy = set.kernel_busy.load(Ordering::Relaxed);
+        let ask = slept || last || tick || busy;
+        if ask && (n == 0 || tick || last || busy) {
             n += kernel_look(out, n, last, reported);
         }
         if tick && rings + 1 == out.len() && n < out.len() {

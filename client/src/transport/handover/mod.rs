@@ -311,6 +311,37 @@ impl Handover {
         layout::tcp_read(&self.map, self.side).load(Ordering::Acquire)
     }
 
+    /// The bytes this end wrote on the kernel socket before its writes
+    /// moved (as its holders published them).
+    fn tcp_written(&self) -> u64 {
+        match layout::switch_at(&self.map, self.side) {
+            Switch::After(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// `r` with its progress counters moved to this end's stage: on the
+    /// kernel socket (their sums count its bytes and its level, which
+    /// falls as it is read), in the region, or back on the kernel socket,
+    /// of each region the end had. Edge-triggered epoll reports a member
+    /// when they change: without the stage, a settled end's counters (the
+    /// region's alone) could come back to the sums reported while its
+    /// reads were on the kernel socket, and its peer's end found then was
+    /// never reported (nginx kept a keep-alive connection wrk had left
+    /// for the whole of its timeout). A stage holds 2^48 of counting.
+    fn staged(&self, mut r: Ready) -> Ready {
+        let phase = if self.on_rings() {
+            1
+        } else if self.lost || matches!(self.rx, Rx::Back { .. }) || self.tx == Tx::Back {
+            2
+        } else {
+            0
+        };
+        let stage = self.gen.wrapping_mul(3).wrapping_add(phase) << 48;
+        r.seq = r.seq.map(|s| s.wrapping_add(stage));
+        r
+    }
+
     /// Both directions in the region: every call is the wrapped end's.
     fn on_rings(&self) -> bool {
         !self.kernel && !self.lost && self.rx == Rx::Ring && self.tx == Tx::Ring
@@ -1215,7 +1246,7 @@ impl Transport for Handover {
         if self.on_rings() {
             let r = self.inner.readiness(ctx, check_peer);
             if !self.inner.path_lost() {
-                return r;
+                return self.staged(r);
             }
             // Found just now: the region stopped carrying bytes.
             self.step();
@@ -1323,6 +1354,7 @@ impl Transport for Handover {
         // move or after moving back, and read after moving back.
         let written = match self.tx {
             Tx::Tcp(w) => w,
+            Tx::Ring => self.tcp_written(),
             // (`resent` starts again at 0 once all was sent: then it was
             // `resend_total`, so the count never goes back.)
             Tx::Back => self.tail.wrapping_add(if self.resend.is_empty() {
@@ -1336,7 +1368,7 @@ impl Transport for Handover {
             Rx::Back { after, .. } => after,
             _ => 0,
         };
-        Ready {
+        self.staged(Ready {
             readable: if rx_ring { r.readable } else { tcp_in },
             writable: if tx_ring {
                 r.writable || self.peer_closed
@@ -1359,7 +1391,7 @@ impl Transport for Handover {
                     .wrapping_add(written)
                     .wrapping_add(u64::from(tcp_out)),
             ],
-        }
+        })
     }
 
     fn arm(&mut self, ctx: &Ctx<'_>, read: bool, write: bool) -> Option<Vec<(RawFd, i16)>> {

@@ -220,6 +220,7 @@ fn ctx(tcp: &TcpStream, nonblocking: bool, timeout: Option<Duration>, spin: Dura
         deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
         spin,
         check_peer: true,
+        plain: false,
     }
 }
 

@@ -1638,6 +1638,74 @@ def case_edge_triggered_end_after_a_request_sent_before_accept():
         a.close()
 
 
+def refuse_socket_calls():
+    """Installs, in this process for good, a seccomp filter under which
+    sendto, recvfrom, sendmsg and recvmsg fail with EPERM (sshd's network
+    child allows read and write, not these); x86-64 only (elsewhere it
+    refuses nothing). Says whether it is in place."""
+    import ctypes
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    allow, eperm = 0x7FFF0000, 0x00050000 | errno.EPERM
+    insns = [(0x20, 0, 0, 4), (0x15, 0, 5, 0xC000003E), (0x20, 0, 0, 0),
+             (0x15, 4, 0, 44), (0x15, 3, 0, 45), (0x15, 2, 0, 46), (0x15, 1, 0, 47),
+             (0x06, 0, 0, allow), (0x06, 0, 0, eperm)]
+    code = b"".join(struct.pack("HBBI", *i) for i in insns)
+    buf = ctypes.create_string_buffer(code, len(code))
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = Prog(len(insns), ctypes.addressof(buf))
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        return "no_new_privs refused"
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        return "filter refused"
+    return "in place"
+
+
+def case_sandboxed_reads_and_writes():
+    """A process whose seccomp filter refuses send(2) and recv(2) (sshd's
+    network child: read and write only) reads what came before the accept
+    and answers with read(2) and write(2) on a nonblocking socket shared
+    with its parent, as on the kernel's (under ssock the bytes on the
+    kernel socket moved with recvfrom and sendto: sshd's child died of
+    SIGSYS, its client saw the connection closed)."""
+    global CONNS
+    ls = listener()
+    c = socket.socket()
+    c.connect(ls.getsockname())
+    c.sendall(b"hello before accept")
+    a, _ = ls.accept()
+    ls.close()
+    CONNS += 1
+    a.setblocking(False)
+    pid = os.fork()
+    if pid == 0:
+        how = refuse_socket_calls()
+        got = b""
+        deadline = time.monotonic() + 5
+        while len(got) < 19 and time.monotonic() < deadline:
+            select.select([a], [], [], 1)
+            try:
+                got += os.read(a.fileno(), 100)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                got += ("<%s>" % err_name(e)).encode()
+                break
+        try:
+            sent = os.write(a.fileno(), b"answer from the sandbox")
+        except OSError as e:
+            sent = err_name(e)
+        say("sandboxed:", how, got, sent)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    say("client reads:", recv_exactly(c, 23))
+    a.close()
+    c.close()
+
+
 def case_nonblocking_connect_to_a_full_queue():
     """The listener's accept queue is full: a nonblocking connect returns
     at once, not yet connected (the kernel retransmits its SYN later)."""
@@ -1735,6 +1803,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_urgent, case_fionread,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_edge_triggered_end_after_a_request_sent_before_accept,
+         case_sandboxed_reads_and_writes,
          case_nonblocking_connect_to_a_full_queue, case_plain_acceptor_by_exec]
 
 # Those whose first socket is only sent to, read, shut down, closed or

@@ -333,10 +333,11 @@ fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_or
     // The client's devd is stopped while the server accepts, answers (on
     // its kernel socket: the client's READY cannot reach it) and closes:
     // the server's side on host b ends before host a's side for it
-    // opens, so host a never hears it. Host a then matches the Claim; the
-    // client, reading only later, finds the FIN with the acceptor's CLAIM
-    // still pending but matched, and waits until host a's engine says
-    // that side's writes never moved: the answer ends in order.
+    // opens, so host a may never hear it. Host a then matches the Claim;
+    // the client, reading only later, finds the FIN with the acceptor's
+    // CLAIM still pending but matched, and waits until host a's engine
+    // says that side's writes never moved (or its words come): the
+    // answer ends in order.
     let Some(lab) = ready("unheard")? else {
         return Ok(());
     };
@@ -364,20 +365,25 @@ fn an_answer_whose_server_end_went_before_the_clients_devd_matched_it_ends_in_or
     answered?;
     c.expect(&["OK 100000"], Duration::from_secs(30))?;
     ensure!(c.wait(Duration::from_secs(10))?.success(), "{}", c.all());
+    // The answer is whole and ended in order whichever way host a learnt
+    // that the server's writes never moved (a hang or a short answer
+    // failed above). Which way is timing: host b's side ended before
+    // host a's opened, but once host a runs again its engine may open the
+    // side (the Claim, over the peers' TCP connection) before it reads
+    // what host b's side left in its inbox, and hears it the usual way;
+    // only when it reads the inbox first does it hear nothing.
     let log = lab.log(0);
     let v = lab.stats(0)?;
-    if b_gone && v["peers"][0]["link_changes"] == 1 {
-        ensure!(
-            log.contains("nothing from the other host's side"),
-            "host a's engine should have ended the side it never heard:\n{log}\n{v}\n{}",
-            lab.log(1)
-        );
+    ensure!(
+        v["totals"]["remote"]["connections"] == 1,
+        "the client's connection should have been a remote one: {v}"
+    );
+    if log.contains("nothing from the other host's side") {
+        eprintln!("host a's engine ended the side it never heard");
     } else {
-        // Host b's side was still there when host a's opened (it heard
-        // it: the answer's offset came the usual way), or host a's devd
-        // was stopped long enough for the link to go down (a loaded
-        // machine): the answer must still be whole, which it was.
-        eprintln!("the side on host b was heard, or the link went down: {v}");
+        eprintln!(
+            "host a heard the side on host b (b gone first: {b_gone}), or the link went down: {v}"
+        );
     }
     ensure!(v["totals"]["violations"] == 0, "{v}");
     Ok(())

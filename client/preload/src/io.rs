@@ -268,6 +268,34 @@ fn rest_on_kernel(fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize, flags: i32) -
     Outcome::Done(sent)
 }
 
+thread_local! {
+    /// This thread's call is the program's read(2), readv(2), write(2) or
+    /// writev(2) (`PlainCall`).
+    static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While it lives, this thread's call is the program's own read(2),
+/// readv(2), write(2) or writev(2): bytes on the kernel socket of a
+/// nonblocking socket move with read(2) and write(2) (`Ctx::plain`).
+pub struct PlainCall(bool);
+
+impl PlainCall {
+    pub fn enter() -> PlainCall {
+        PlainCall(PLAIN.with(|p| p.replace(true)))
+    }
+}
+
+impl Drop for PlainCall {
+    fn drop(&mut self) {
+        PLAIN.with(|p| p.set(self.0));
+    }
+}
+
+/// Whether this thread's call is one of `PlainCall`'s.
+pub fn plain_call() -> bool {
+    PLAIN.with(std::cell::Cell::get)
+}
+
 /// Marks a socket's send as under way across waits, so that concurrent
 /// sends land whole; cleared when the send ends, however it ends.
 struct SendTurn<'a>(&'a Entry, bool);
@@ -296,6 +324,8 @@ pub fn send(e: &Entry, fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> Outcome<us
 fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outcome<usize> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     let mut nonblocking = flags & libc::MSG_DONTWAIT != 0;
+    // (A write(2) of an earlier call's that raised SIGPIPE is no news.)
+    ssock_rings::sys::take_sigpipe_raised();
     let mut turn = SendTurn(e, false);
     let mut turn_deadline: Option<Option<std::time::Instant>> = None;
     let mut off = 0;
@@ -363,7 +393,11 @@ fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outco
                     }
                     return Outcome::Done(off);
                 }
-                if other == Outcome::Errno(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {
+                // (A write(2) on the kernel socket raised it already.)
+                if other == Outcome::Errno(libc::EPIPE)
+                    && flags & libc::MSG_NOSIGNAL == 0
+                    && !ssock_rings::sys::take_sigpipe_raised()
+                {
                     ssock_rings::sys::raise_sigpipe();
                 }
                 return other;

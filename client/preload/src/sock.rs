@@ -439,6 +439,7 @@ impl Sock {
             deadline: None,
             spin: self.spin,
             check_peer: false,
+            plain: self.nonblocking && crate::io::plain_call(),
         }
     }
 

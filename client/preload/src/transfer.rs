@@ -69,8 +69,11 @@ pub unsafe fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
         || {
             dispatch_n(
                 fd,
-                // SAFETY: b/n is the caller's buffer; fd is open.
-                |s| io::recv(s, unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0),
+                |s| {
+                    let _plain = io::PlainCall::enter();
+                    // SAFETY: b/n is the caller's buffer; fd is open.
+                    io::recv(s, unsafe { borrow(fd) }, unsafe { buf_mut(b, n) }, 0)
+                },
                 real,
             )
         },
@@ -100,6 +103,7 @@ pub unsafe fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
                     // SAFETY: v/n are the caller's iovecs (readv(2)); fd is
                     // open during this call.
                     let (fd_b, mut bufs) = unsafe { (borrow(fd), iov_mut(v, n)) };
+                    let _plain = io::PlainCall::enter();
                     io::recv_vec(s, fd_b, &mut bufs, 0)
                 },
                 real,
@@ -223,6 +227,7 @@ pub unsafe fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
                     if n < 0 {
                         return Outcome::Errno(libc::EINVAL);
                     }
+                    let _plain = io::PlainCall::enter();
                     // SAFETY: v/n are the caller's iovecs; fd is open.
                     io::send_vec(s, unsafe { borrow(fd) }, &unsafe { iov(v, n) }, 0)
                 },
@@ -324,8 +329,11 @@ pub unsafe fn write(fd: c_int, b: *const c_void, n: size_t) -> ssize_t {
         || {
             dispatch_n(
                 fd,
-                // SAFETY: b/n is the caller's data; fd is open.
-                |s| io::send(s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0),
+                |s| {
+                    let _plain = io::PlainCall::enter();
+                    // SAFETY: b/n is the caller's data; fd is open.
+                    io::send(s, unsafe { borrow(fd) }, unsafe { buf(b, n) }, 0)
+                },
                 real,
             )
         },

@@ -33,6 +33,50 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> io::Result<usize> {
     Ok(n.unsigned_abs())
 }
 
+thread_local! {
+    /// A [`write_plain`] of this thread met a closed connection since the
+    /// last [`take_sigpipe_raised`]: the kernel raised SIGPIPE for it.
+    static SIGPIPE_RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// read(2) on a socket whose file is O_NONBLOCK, for a program's own
+/// read(): the system call itself (the process's `read` symbol may be the
+/// shim's), the one a sandbox that lets the program read allows (recv(2)
+/// is recvfrom, which sshd's does not).
+pub fn read_plain(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: writes at most buf.len() bytes into a buffer this call
+    // borrows exclusively; the fd is the caller's.
+    let n = unsafe { libc::syscall(libc::SYS_read, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n.unsigned_abs()).unwrap_or(0))
+}
+
+/// write(2) on a socket whose file is O_NONBLOCK, for a program's own
+/// write() (see [`read_plain`]; send(2) is sendto). On a closed connection
+/// the kernel raises SIGPIPE itself, as for the program's own call, and
+/// [`take_sigpipe_raised`] says so (the caller must not raise another).
+pub fn write_plain(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: reads at most buf.len() bytes from a valid, live buffer; the
+    // fd is the caller's.
+    let n = unsafe { libc::syscall(libc::SYS_write, fd.as_raw_fd(), buf.as_ptr(), buf.len()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPIPE) {
+            SIGPIPE_RAISED.with(|r| r.set(true));
+        }
+        return Err(e);
+    }
+    Ok(usize::try_from(n.unsigned_abs()).unwrap_or(0))
+}
+
+/// Whether a [`write_plain`] of this thread raised SIGPIPE since the last
+/// call (and forgets it).
+pub fn take_sigpipe_raised() -> bool {
+    SIGPIPE_RAISED.with(|r| r.replace(false))
+}
+
 /// (bytes waiting to be read, bytes sent but not yet acknowledged) on a
 /// TCP socket: FIONREAD and SIOCOUTQ; 0 where the kernel says no.
 pub fn socket_queues(fd: BorrowedFd<'_>) -> (usize, usize) {

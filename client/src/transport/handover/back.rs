@@ -135,6 +135,7 @@ impl Handover {
                 deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
                 spin: std::time::Duration::ZERO,
                 check_peer: false,
+                plain: false,
             };
             if !matches!(self.flush(&c, true), Ok(true)) {
                 self.abort_now(ctx, "bytes it owed could not go out");
@@ -358,6 +359,7 @@ impl Handover {
                         deadline: Some(std::time::Instant::now() + CLOSE_FLUSH),
                         spin: std::time::Duration::ZERO,
                         check_peer: false,
+                        plain: false,
                     };
                     let done = matches!(self.flush(&c, true), Ok(true));
                     if !done {

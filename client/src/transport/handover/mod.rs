@@ -803,8 +803,13 @@ impl Handover {
                 return Ok(0);
             }
             let max = max.min(buf.len());
-            let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
-            match ssock_rings::sys::recv(ctx.tcp, &mut buf[..max], flags) {
+            let got = if ctx.plain && !peek {
+                ssock_rings::sys::read_plain(ctx.tcp, &mut buf[..max])
+            } else {
+                let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+                ssock_rings::sys::recv(ctx.tcp, &mut buf[..max], flags)
+            };
+            match got {
                 Ok(0) => {
                     if self.kernel {
                         return self.kernel_end();
@@ -1018,6 +1023,7 @@ impl Transport for Handover {
                         deadline: ctx.deadline,
                         spin: ctx.spin,
                         check_peer: ctx.check_peer && self.rx == Rx::Ring,
+                        plain: ctx.plain,
                     };
                     match self.inner.write(&buf[off..], &c) {
                         Ok(n) => {
@@ -1057,8 +1063,13 @@ impl Transport for Handover {
                     }
                 }
                 _ => {
-                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-                    match ssock_rings::sys::send(ctx.tcp, &buf[off..], flags) {
+                    let sent = if ctx.plain {
+                        ssock_rings::sys::write_plain(ctx.tcp, &buf[off..])
+                    } else {
+                        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                        ssock_rings::sys::send(ctx.tcp, &buf[off..], flags)
+                    };
+                    match sent {
                         Ok(n) => {
                             off += n;
                             self.sock_out += n as u64;

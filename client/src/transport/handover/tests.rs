@@ -138,6 +138,7 @@ fn ctx(tcp: &TcpStream) -> Ctx<'_> {
         deadline: None,
         spin: std::time::Duration::ZERO,
         check_peer: false,
+        plain: false,
     }
 }
 

@@ -42,6 +42,7 @@ impl Handover {
             deadline: None,
             spin: ctx.spin,
             check_peer: false,
+            plain: ctx.plain,
         }
     }
 

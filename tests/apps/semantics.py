@@ -383,6 +383,19 @@ def case_epoll_reset_edges():
     et.close()
     lt.close()
     a.close()
+    # A receive takes the reset's error: still no edge after it.
+    c, a = pair()
+    et = select.epoll()
+    et.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    say("et reset:", events(et, 5))
+    say("recv:", attempt(lambda: a.recv(10)))
+    say("et after recv:", events(et, 0.05))
+    say("recv again:", attempt(lambda: a.recv(10)))
+    say("et after the second recv:", events(et, 0.05))
+    et.close()
+    a.close()
 
 
 def case_shut_rd_keeps_receiving():
@@ -1593,49 +1606,53 @@ def case_bytes_before_accept():
 
 def case_edge_triggered_end_after_a_request_sent_before_accept():
     """A client's request goes out before its server accepts; the server
-    reads it, answers, and waits with edge-triggered epoll; the client
-    leaves without reading the answer (closes, or exits without close:
-    the kernel resets the connection for the unread answer either way).
-    The server's wait reports it at once, as the kernel's: under ssock
-    the request came on the kernel socket and the answer went into the
-    region, and the end's progress counters once both directions were in
-    the region read as they did while the request waited (nginx kept
-    wrk's connections open for its keep-alive timeout)."""
+    reads it, answers or not, and waits with edge-triggered epoll; the
+    client leaves without reading any answer (closes, or exits without
+    close: with an answer unread, the kernel resets the connection). The
+    server's wait reports it at once, as the kernel's: under ssock the
+    request came on the kernel socket, and the end's progress counters
+    once both directions were in the region read as they did while the
+    request waited (nginx kept wrk's connections open for its keep-alive
+    timeout)."""
     global CONNS
-    for how in ("close", "exit"):
-        ls = listener()
-        go_r, go_w = os.pipe()
-        addr = ls.getsockname()
-        pid = os.fork()
-        if pid == 0:
+    for answer in (False, True):
+        for how in ("close", "exit"):
+            ls = listener()
+            go_r, go_w = os.pipe()
+            addr = ls.getsockname()
+            pid = os.fork()
+            if pid == 0:
+                ls.close()
+                os.close(go_w)
+                c = socket.socket()
+                c.connect(addr)
+                c.sendall(b"GET / HTTP/1.1")
+                os.read(go_r, 1)
+                # A look at the socket, as an event loop's (its end moves
+                # then).
+                select.select([c], [], [], 0.05)
+                if how == "close":
+                    c.close()
+                os._exit(0)
+            os.close(go_r)
+            time.sleep(0.1)
+            a, _ = ls.accept()
             ls.close()
+            CONNS += 1
+            a.setblocking(False)
+            ep = select.epoll()
+            ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+            tag = (how, "answered" if answer else "silent")
+            say(*tag, "request:", events_soon(ep), recv_exactly(a, 14))
+            if answer:
+                a.sendall(b"HTTP/1.1 200 OK")
+            say(*tag, "nothing more:", attempt(lambda: a.recv(10)), events(ep, 0.1))
+            os.write(go_w, b"x")
             os.close(go_w)
-            c = socket.socket()
-            c.connect(addr)
-            c.sendall(b"GET / HTTP/1.1")
-            os.read(go_r, 1)
-            # A look at the socket, as an event loop's (its end moves then).
-            select.select([c], [], [], 0.05)
-            if how == "close":
-                c.close()
-            os._exit(0)
-        os.close(go_r)
-        time.sleep(0.1)
-        a, _ = ls.accept()
-        ls.close()
-        CONNS += 1
-        a.setblocking(False)
-        ep = select.epoll()
-        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-        say(how, "request:", events_soon(ep), recv_exactly(a, 14))
-        a.sendall(b"HTTP/1.1 200 OK")
-        say(how, "nothing more:", attempt(lambda: a.recv(10)), events(ep, 0.1))
-        os.write(go_w, b"x")
-        os.close(go_w)
-        os.waitpid(pid, 0)
-        say(how, "client gone:", events_soon(ep), attempt(lambda: a.recv(10)))
-        ep.close()
-        a.close()
+            os.waitpid(pid, 0)
+            say(*tag, "client gone:", events_soon(ep), attempt(lambda: a.recv(10)))
+            ep.close()
+            a.close()
 
 
 def refuse_socket_calls():
@@ -1702,6 +1719,47 @@ def case_sandboxed_reads_and_writes():
         os._exit(0)
     os.waitpid(pid, 0)
     say("client reads:", recv_exactly(c, 23))
+    a.close()
+    c.close()
+    # A connector shared before its writes moved (they stay on the kernel
+    # socket for good) writes from the sandbox.
+    ls = listener()
+    c = socket.socket()
+    c.connect(ls.getsockname())
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ls.close()
+        os.close(go_w)
+        how = refuse_socket_calls()
+        c.setblocking(False)
+        try:
+            sent = os.write(c.fileno(), b"from a sandboxed connector")
+        except OSError as e:
+            sent = err_name(e)
+        os.read(go_r, 1)
+        got = b""
+        deadline = time.monotonic() + 5
+        while len(got) < 6 and time.monotonic() < deadline:
+            select.select([c], [], [], 1)
+            try:
+                got += os.read(c.fileno(), 100)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                got += ("<%s>" % err_name(e)).encode()
+                break
+        say("sandboxed connector:", how, sent, got)
+        os._exit(0)
+    os.close(go_r)
+    a, _ = ls.accept()
+    ls.close()
+    CONNS += 1
+    say("acceptor reads:", recv_exactly(a, 26))
+    a.sendall(b"thanks")
+    os.write(go_w, b"x")
+    os.close(go_w)
+    os.waitpid(pid, 0)
     a.close()
     c.close()
 

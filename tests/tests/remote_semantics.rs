@@ -132,11 +132,13 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
     ensure!(n >= 10, "only {n} connections");
     // Every connection crossed as a remote one on both hosts, but for
     // those over (on the kernel socket, its bytes right) before their
-    // Claim reached host a: at most the four cases that end at once
-    // (reset, reset_so_error, close_with_unread_bytes, exit_without_close;
+    // Claim reached host a: the cases that end within a few calls (reset,
+    // reset_so_error, close_with_unread_bytes, exit_without_close,
+    // send_after_the_peer_closed, peer_name_once_the_connection_is_over...;
     // 3 of 21 seen in a debug CI run, 2 of 11 in one run in five when the
-    // program had 11 cases), and both hosts count them as such, never
-    // silently.
+    // program had 11 cases, 5 to 7 of 33 in runs today, as many with the
+    // last session's shim), never more than a quarter of them, and both
+    // hosts count them as such, never silently.
     let count = |h: usize, key: &str| -> Result<u64> {
         let t = lab.stats(h)?["totals"].clone();
         Ok(match key {
@@ -156,7 +158,7 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
         count(1, "kernel")?,
     );
     ensure!(
-        ra + ga == n && rb + kb == n && ra == rb && ra + 4 >= n,
+        ra + ga == n && rb + kb == n && ra == rb && 4 * ra >= 3 * n,
         "{n} connections: host a {ra} remote, {ga} over before their Claim; host b {rb} remote, {kb} kernel"
     );
     Ok(())

@@ -32,8 +32,9 @@ pub struct Ctx<'a> {
     /// (one syscall) whether the peer is gone. Off for callers that wait
     /// through `readiness(.., true)` next anyway (the preload shim).
     pub check_peer: bool,
-    /// The kernel socket's file is O_NONBLOCK and the call is the
-    /// program's own read(2) or write(2) family, without flags: bytes
+    /// The kernel socket's file is O_NONBLOCK as far as the caller knows
+    /// (the shim's record of the program's own setting) and the call is
+    /// the program's own read(2) or write(2) family, without flags: bytes
     /// that go on the kernel socket go with read(2) and write(2), the calls
     /// a sandbox that lets the program read and write allows (sshd's
     /// network child dies of a send(2), which is sendto).

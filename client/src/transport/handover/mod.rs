@@ -330,6 +330,11 @@ impl Handover {
     /// never reported (nginx kept a keep-alive connection wrk had left
     /// for the whole of its timeout). A stage holds 2^48 of counting.
     fn staged(&self, mut r: Ready) -> Ready {
+        if r.err && r.seq == Ready::BROKEN.seq {
+            // A reset taken (its edge was reported before, with the
+            // counters the shim keeps for it): no news, at any stage.
+            return r;
+        }
         let phase = if self.on_rings() {
             1
         } else if self.lost || matches!(self.rx, Rx::Back { .. }) || self.tx == Tx::Back {
@@ -804,7 +809,18 @@ impl Handover {
             }
             let max = max.min(buf.len());
             let got = if ctx.plain && !peek {
-                ssock_rings::sys::read_plain(ctx.tcp, &mut buf[..max])
+                // The program's socket is nonblocking as far as the shim
+                // knows (another process sharing its file may have changed
+                // that): while the writer may still move, a read(2) must not
+                // wait there for bytes the region would carry instead.
+                let fd = ctx.tcp.as_raw_fd();
+                if matches!(self.rx, Rx::Tcp(None))
+                    && !Handover::tcp_entry(fd, libc::POLLIN, libc::POLLIN).1
+                {
+                    Err(would_block())
+                } else {
+                    ssock_rings::sys::read_plain(ctx.tcp, &mut buf[..max])
+                }
             } else {
                 let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
                 ssock_rings::sys::recv(ctx.tcp, &mut buf[..max], flags)

@@ -93,7 +93,18 @@ fn run(lab: &TwoHosts, mut cmd: Command, port: u16, ctl: &std::path::Path) -> Re
     // (its pid is the group's id), which has ended: only what it left
     // behind is still in it.
     unsafe { libc::kill(-group, libc::SIGKILL) };
-    ensure!(status.success(), "semantics.py failed ({status}):\n{text}");
+    if !status.success() {
+        // What both devds said and counted, for a failure that comes one
+        // run in ten (an orderly close read as a reset, 2026-12-07).
+        let stats = |h: usize| lab.stats(h).map(|v| v.to_string()).unwrap_or_default();
+        bail!(
+            "semantics.py failed ({status}):\n{text}\n--- host a's devd\n{}\n--- host b's devd\n{}\n--- host a's stats\n{}\n--- host b's stats\n{}",
+            lab.log(0),
+            lab.log(1),
+            stats(0),
+            stats(1)
+        );
+    }
     Ok(text)
 }
 

@@ -95,11 +95,12 @@ def source(port, n, pause_at=None, hold=False):
 
 
 def listen_and_publish(portfile):
-    """A listening socket on an ephemeral port, written (atomically) to portfile."""
+    """A listening socket on an ephemeral port (or on $ECHO_PORT), written
+    (atomically) to portfile."""
     import os
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", 0))
+    ls.bind(("127.0.0.1", int(os.environ.get("ECHO_PORT", "0"))))
     ls.listen(8)
     with open(portfile + ".tmp", "w") as f:
         f.write(str(ls.getsockname()[1]))

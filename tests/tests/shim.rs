@@ -69,12 +69,31 @@ fn echo_served(
     env: &[(&str, &str)],
     extra: u64,
 ) -> Result<Option<serde_json::Value>> {
+    let (conn, _) = echo_on(d, server, plain_server, plain_client, env, extra, None)?;
+    Ok(conn)
+}
+
+/// `echo_served` with the server listening on port `at` (None: one the
+/// kernel picks); also returns the port.
+fn echo_on(
+    d: &Devd,
+    server: &str,
+    plain_server: bool,
+    plain_client: bool,
+    env: &[(&str, &str)],
+    extra: u64,
+    at: Option<&str>,
+) -> Result<(Option<serde_json::Value>, String)> {
     let portfile = scratch(d, "port");
+    let mut senv = env.to_vec();
+    if let Some(p) = at {
+        senv.push(("ECHO_PORT", p));
+    }
     let mut s = python(
         d,
         plain_server,
         &[server, portfile.to_str().context("path")?],
-        env,
+        &senv,
     )?;
     let port = published_port(&portfile)?;
     let n = "1000000";
@@ -93,7 +112,7 @@ fn echo_served(
         c.wait_success()? && s.wait_success()?,
         "a python process failed"
     );
-    Ok(conn)
+    Ok((conn, port.trim().to_string()))
 }
 
 /// The connection went Direct and carried the echo's 1,000,000 bytes each way.
@@ -178,10 +197,14 @@ fn plain_python_peers_on_either_side_stay_on_kernel_tcp() -> Result<()> {
     let d = Devd::start(&[])?;
     // Plain client, accelerated server: the echo is verified byte for byte,
     // so no ssock byte reached the plain side.
-    ensure!(echo_pair(&d, false, true, &[])?.is_none());
-    // Accelerated client, plain server: devd's listener board lists no
-    // listener there, so the client does not even ask (nothing counted).
-    ensure!(echo_pair(&d, true, false, &[])?.is_none());
+    let (conn, port) = echo_on(&d, "server", false, true, &[], 0, None)?;
+    ensure!(conn.is_none());
+    // Accelerated client, plain server, on the port the accelerated server
+    // has just left: devd's listener board lists no listener there any
+    // more (devd looks its registration up when the server's session
+    // ends), so the client does not even ask (nothing counted).
+    let (conn, _) = echo_on(&d, "server", true, false, &[], 0, Some(&port))?;
+    ensure!(conn.is_none());
     let t = d.stats()?["totals"].clone();
     ensure!(t["connections"]["direct"] == 0, "totals {t}");
     ensure!(
@@ -546,12 +569,15 @@ fn server_speaks_first_protocols_work_with_plain_and_accelerated_peers() -> Resu
     // devd's board and does not ask; a plain connector's acceptor finds
     // no intent.
     ensure!(t["fallbacks"]["peer_not_enabled"] == 0, "totals {t}");
-    // Both accelerated: the greeting travels over Direct.
+    // Both accelerated: the exchange travels over Direct. The greeting
+    // too, unless the server wrote it before its end of the region was
+    // ready (a loaded machine): then it went on the kernel socket ahead of
+    // the hand-over, and only the echo's 10 bytes each way are the ring's.
     let (_, conn) = greeting(&d, false, false)?;
     let conn = conn.context("no accelerated connection")?;
     ensure!(conn["mode"] == "direct", "mode {}", conn["mode"]);
     ensure!(
-        conn["bytes_a2c"] == 20 && conn["bytes_c2a"] == 10,
+        (conn["bytes_a2c"] == 20 || conn["bytes_a2c"] == 10) && conn["bytes_c2a"] == 10,
         "bytes {conn}"
     );
     Ok(())

@@ -299,6 +299,15 @@ impl Devd {
         for inode in listened {
             self.let_go_of_listener(inode);
         }
+        // A process that ended has closed its listeners, those it still
+        // had and those it unregistered (Unlisten comes before the close):
+        // the registrations let go of since the last look are looked up at
+        // once (one sock_diag dump, none if there are none), so that a
+        // listener nobody holds leaves the board now, not at the next
+        // expiry round, and a plain server given its port meanwhile costs
+        // its connectors nothing. One still held (a daemon's child,
+        // pre-fork workers) stays, seen now.
+        self.check_listeners(|l| l.seen.is_none());
         // Its own intents, and those reusing a region only it could claim.
         for i in self
             .reg

@@ -671,6 +671,42 @@ def case_exit_without_close():
     c.close()
 
 
+def case_shut_wr_then_exit_with_bytes_unread():
+    """The far end sends, shuts its writes down, takes nothing of what
+    this end sends it, and its process exits without close(): the
+    kernel's close of a socket with bytes unread is a reset, which this
+    end (its reads at their end already) sees in its events and calls."""
+    c, a = pair()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        os.close(w)
+        a.sendall(b"bye")
+        a.shutdown(socket.SHUT_WR)
+        os.read(r, 1)
+        os._exit(0)  # no close(): the kernel closes the socket
+    os.close(r)
+    a.close()
+    say("shut_wr then exit: client reads", recv_exactly(c, 3), "then", c.recv(10))
+    c.sendall(b"unread")
+    os.write(w, b"x")
+    os.close(w)
+    os.waitpid(pid, 0)
+    # (Time for the reset to arrive where an engine carries it, as over a
+    # network: the kernel's loopback delivers it within the exit.)
+    time.sleep(0.2)
+    ep = select.epoll()
+    ep.register(c.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP)
+    say("shut_wr then exit: events", events_soon(ep))
+    ep.close()
+    say("shut_wr then exit: recv", attempt(lambda: c.recv(10)),
+        "send", attempt(lambda: c.send(b"more")),
+        "send again", attempt(lambda: c.send(b"more")),
+        "recv", attempt(lambda: c.recv(10)))
+    c.close()
+
+
 def case_peer_killed():
     import signal
     c, a = pair()
@@ -1847,8 +1883,8 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_shut_rd_keeps_receiving, case_epoll_reset_edges,
          case_epoll_waits_sleep,
          case_oneshot_fired_then_peer_closed, case_nested_epoll,
-         case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_peer_killed,
-         case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,
+         case_dup2_onto_a_member, case_select_from_c, case_epoll_member_added_by_another_thread, case_threads, case_fork, case_exit_without_close, case_shut_wr_then_exit_with_bytes_unread,
+         case_peer_killed, case_peers_killed_seen_by_zero_timeouts, case_peers_killed_wake_an_epoll_sleeper,
          case_epoll_pipe_beside_a_connection, case_epoll_many_idle_members,
          case_epoll_idle_members_of_another_process, case_exec, case_exec_two_fds, case_posix_spawn, case_fd_passing, case_passed_by_a_process_that_exits,
          case_one_process_reads_another_writes, case_ipv6, case_sendfile,

@@ -94,18 +94,22 @@ fn run(lab: &TwoHosts, mut cmd: Command, port: u16, ctl: &std::path::Path) -> Re
     // behind is still in it.
     unsafe { libc::kill(-group, libc::SIGKILL) };
     if !status.success() {
-        // What both devds said and counted, for a failure that comes one
-        // run in ten (an orderly close read as a reset, 2026-12-07).
-        let stats = |h: usize| lab.stats(h).map(|v| v.to_string()).unwrap_or_default();
-        bail!(
-            "semantics.py failed ({status}):\n{text}\n--- host a's devd\n{}\n--- host b's devd\n{}\n--- host a's stats\n{}\n--- host b's stats\n{}",
-            lab.log(0),
-            lab.log(1),
-            stats(0),
-            stats(1)
-        );
+        bail!("semantics.py failed ({status}):\n{text}{}", devds(lab));
     }
     Ok(text)
+}
+
+/// What both devds said and counted, for a failure that comes one run in
+/// ten (an orderly close read as a reset, 2026-12-07).
+fn devds(lab: &TwoHosts) -> String {
+    let stats = |h: usize| lab.stats(h).map(|v| v.to_string()).unwrap_or_default();
+    format!(
+        "\n--- host a's devd\n{}\n--- host b's devd\n{}\n--- host a's stats\n{}\n--- host b's stats\n{}",
+        lab.log(0),
+        lab.log(1),
+        stats(0),
+        stats(1)
+    )
 }
 
 #[test]
@@ -139,7 +143,8 @@ fn the_semantics_program_sees_across_the_link_what_it_sees_on_kernel_tcp() -> Re
             .is_some_and(|l| l.iter().any(|a| a == "0.0.0.0:7101"))
     })?;
     let accelerated = run(&lab, lab.under_ssock(0, &["python3", &py]), 7101, &ctl)?;
-    let n = ssock_tests::same_semantics(&plain, &accelerated)?;
+    let n = ssock_tests::same_semantics(&plain, &accelerated)
+        .map_err(|e| anyhow::anyhow!("{e}{}", devds(&lab)))?;
     ensure!(n >= 10, "only {n} connections");
     // Every connection crossed as a remote one on both hosts, but for
     // those over (on the kernel socket, its bytes right) before their

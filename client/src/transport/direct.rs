@@ -364,13 +364,13 @@ impl Direct {
             Liveness::Stray if self.closed_at(0).is_some() || self.closed_at(1).is_some() => {}
             Liveness::Gone => {
                 self.peer_gone = true;
-                // With no mark in the region, its last holder exited
-                // without close(). The kernel resets a connection closed
-                // with bytes unread, and this end's bytes the peer never
-                // took are that (a closed region part: the hand-over's).
-                let (eos, reset) = self.rx.marks();
-                if !eos
-                    && !reset
+                // Its reads not closed, its last holder exited without
+                // close() (its writes may have ended with a shutdown
+                // first). The kernel resets a connection closed with
+                // bytes unread, and this end's bytes the peer never took
+                // are that (a closed region part: the hand-over's).
+                let (_, reset) = self.rx.marks();
+                if !reset
                     && !self.tx.peer_closed()
                     && self.closed_at(0).is_none()
                     && self.closed_at(1).is_none()
@@ -389,6 +389,22 @@ impl Direct {
                 self.break_conn();
             }
         }
+    }
+
+    /// Whether the peer's writes ended while bytes of this end wait in
+    /// the ring for it: a peer that then exits without close() resets
+    /// the connection (the kernel's close with bytes unread), which
+    /// only its kernel socket tells, and a look at readiness that did
+    /// not ask it would report the end alone, never the reset (its
+    /// events are ready already: an epoll wait asks no further). Such a
+    /// look asks the kernel socket (one poll), on a connection in that
+    /// state only.
+    fn peer_may_have_left(&mut self) -> bool {
+        !self.peer_gone
+            && !self.broken
+            && self.rx.marks() == (true, false)
+            && !self.tx.peer_closed()
+            && self.tx.unconsumed().is_ok_and(|n| n > 0)
     }
 
     /// Sleeps (`bell`, started before the wait word was armed) until the
@@ -706,7 +722,7 @@ impl Transport for Direct {
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
-        if check_peer {
+        if check_peer || self.peer_may_have_left() {
             self.check_peer(ctx);
         }
         if self.broken {
@@ -770,8 +786,11 @@ impl Transport for Direct {
     }
 
     fn reset_errno(&self, _ctx: &Ctx<'_>) -> i32 {
+        // A reset after the peer's end of stream: EPIPE, as the kernel's
+        // for a reset in CLOSE_WAIT.
         match self.rx.marks() {
             (true, true) => libc::EPIPE,
+            (true, false) if self.peer_reset => libc::EPIPE,
             _ => libc::ECONNRESET,
         }
     }

@@ -1546,10 +1546,20 @@ impl Engine {
     /// A side that sent its end of stream and then closed abortively (its
     /// client set the reset flag: SO_LINGER 0, or bytes unread, where the
     /// kernel's close sends an RST after its FIN) sends that reset too,
-    /// once.
+    /// once. So does a side that went without a close after its end of stream
+    /// (its writes shut down, then its last holder exited) while bytes for
+    /// it wait here or unread in its region: the kernel's close of a
+    /// socket with bytes unread is a reset.
     fn reset_after_end(&mut self, pair: &mut Pair, s: usize) -> bool {
         let side = &mut pair.sides[s];
-        if side.reset_sent || side.region.tx_flags() & FLAG_RESET == 0 {
+        if side.reset_sent {
+            return false;
+        }
+        let abortive = side.region.tx_flags() & FLAG_RESET != 0;
+        let left_unread = side.gone
+            && !side.dead
+            && (self.backend.pending(side.ch) > 0 || side.region.rx_unread());
+        if !abortive && !left_unread {
             return false;
         }
         side.reset_sent = true;

@@ -1717,6 +1717,23 @@ def refuse_socket_calls():
     return "in place"
 
 
+def read_plainly(s, n):
+    """Up to n bytes from nonblocking socket s with read(2), waiting with
+    select (5 s at most); an error ends it, named in what it returns."""
+    got = b""
+    deadline = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
+        select.select([s], [], [], 1)
+        try:
+            got += os.read(s.fileno(), 100)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            got += ("<%s>" % err_name(e)).encode()
+            break
+    return got
+
+
 def case_sandboxed_reads_and_writes():
     """A process whose seccomp filter refuses send(2) and recv(2) (sshd's
     network child: read and write only) reads what came before the accept
@@ -1736,17 +1753,7 @@ def case_sandboxed_reads_and_writes():
     pid = os.fork()
     if pid == 0:
         how = refuse_socket_calls()
-        got = b""
-        deadline = time.monotonic() + 5
-        while len(got) < 19 and time.monotonic() < deadline:
-            select.select([a], [], [], 1)
-            try:
-                got += os.read(a.fileno(), 100)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                got += ("<%s>" % err_name(e)).encode()
-                break
+        got = read_plainly(a, 19)
         try:
             sent = os.write(a.fileno(), b"answer from the sandbox")
         except OSError as e:
@@ -1774,17 +1781,7 @@ def case_sandboxed_reads_and_writes():
         except OSError as e:
             sent = err_name(e)
         os.read(go_r, 1)
-        got = b""
-        deadline = time.monotonic() + 5
-        while len(got) < 6 and time.monotonic() < deadline:
-            select.select([c], [], [], 1)
-            try:
-                got += os.read(c.fileno(), 100)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                got += ("<%s>" % err_name(e)).encode()
-                break
+        got = read_plainly(c, 6)
         say("sandboxed connector:", how, sent, got)
         os._exit(0)
     os.close(go_r)

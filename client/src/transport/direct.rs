@@ -391,22 +391,6 @@ impl Direct {
         }
     }
 
-    /// Whether the peer's writes ended while bytes of this end wait in
-    /// the ring for it: a peer that then exits without close() resets
-    /// the connection (the kernel's close with bytes unread), which
-    /// only its kernel socket tells, and a look at readiness that did
-    /// not ask it would report the end alone, never the reset (its
-    /// events are ready already: an epoll wait asks no further). Such a
-    /// look asks the kernel socket (one poll), on a connection in that
-    /// state only.
-    fn peer_may_have_left(&mut self) -> bool {
-        !self.peer_gone
-            && !self.broken
-            && self.rx.marks() == (true, false)
-            && !self.tx.peer_closed()
-            && self.tx.unconsumed().is_ok_and(|n| n > 0)
-    }
-
     /// Sleeps (`bell`, started before the wait word was armed) until the
     /// doorbell rings, the peer's socket changes, `bells::cap` passes (a
     /// spurious wake-up: the caller looks again), or the deadline passes
@@ -721,8 +705,16 @@ impl Transport for Direct {
             .map(|at| at.saturating_sub(self.rx.position()))
     }
 
+    fn peer_may_have_left(&mut self) -> bool {
+        !self.peer_gone
+            && !self.broken
+            && self.rx.marks() == (true, false)
+            && !self.tx.peer_closed()
+            && self.tx.unconsumed().is_ok_and(|n| n > 0)
+    }
+
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {
-        if check_peer || self.peer_may_have_left() {
+        if check_peer {
             self.check_peer(ctx);
         }
         if self.broken {

@@ -179,6 +179,17 @@ pub trait Transport: Send + std::fmt::Debug {
     fn writes_shut(&self) -> bool {
         false
     }
+    /// Whether a look at readiness should ask the kernel socket even
+    /// though its caller does not: the peer's writes ended while bytes of
+    /// this end wait unread for it in the region, so its readiness is
+    /// there at once (the end), and only the kernel socket tells that the
+    /// peer then exited without a close, which the kernel makes a reset
+    /// (a close with bytes unread). Asked only of an end whose two
+    /// directions are in the region (the hand-over's own bytes are not on
+    /// the socket then); Direct ends answer, from their shared words.
+    fn peer_may_have_left(&mut self) -> bool {
+        false
+    }
     /// Readiness now, from the rings alone (no syscall): what poll and
     /// friends report. `check_peer` also asks the kernel socket, without
     /// blocking, whether the peer is gone (one syscall).

@@ -1271,7 +1271,8 @@ impl Transport for Handover {
             return Ready::BROKEN;
         }
         if self.on_rings() {
-            let r = self.inner.readiness(ctx, check_peer);
+            let judge = check_peer || self.inner.peer_may_have_left();
+            let r = self.inner.readiness(ctx, judge);
             if !self.inner.path_lost() {
                 return self.staged(r);
             }

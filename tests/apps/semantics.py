@@ -1567,6 +1567,32 @@ def case_urgent():
     a.close()
 
 
+def case_sends_of_nothing_and_a_read_of_all_there():
+    """A send of no bytes says what the socket would (0, EPIPE once its
+    writes are shut down), with send(2) and write(2); a read takes all
+    the bytes there, up to its length, however many sends brought them
+    (a Queued end used to give one buffer's worth per read)."""
+    import array
+    import fcntl
+    import termios
+    c, a = pair()
+    say("send of nothing:", attempt(lambda: c.send(b"")), attempt(lambda: os.write(c.fileno(), b"")))
+    a.sendall(b"abc")
+    time.sleep(0.02)
+    a.sendall(b"de")
+    n = array.array("i", [0])
+    deadline = time.monotonic() + 5
+    while n[0] < 5 and time.monotonic() < deadline:
+        select.select([c], [], [], 1)
+        fcntl.ioctl(c.fileno(), termios.FIONREAD, n, True)
+    say("one read of both sends:", c.recv(10))
+    c.shutdown(socket.SHUT_WR)
+    say("send of nothing after SHUT_WR:", attempt(lambda: c.send(b"")),
+        attempt(lambda: os.write(c.fileno(), b"")))
+    a.close()
+    c.close()
+
+
 def case_fionread():
     import array
     import fcntl
@@ -1891,7 +1917,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_error_queue_and_sendfile_from_a_pipe,
          case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
-         case_urgent, case_fionread,
+         case_urgent, case_fionread, case_sends_of_nothing_and_a_read_of_all_there,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_edge_triggered_end_after_a_request_sent_before_accept,
          case_sandboxed_reads_and_writes,

@@ -1081,7 +1081,31 @@ impl Transport for Queued {
     }
 
     fn read(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {
-        self.take(buf, ctx, true)
+        let mut got = self.take(buf, ctx, true)?;
+        // As the kernel's: a read takes all that is there, up to its
+        // length, not one RX buffer's worth (two sends read as one recv
+        // on kernel TCP once both arrived). Only entries there now; an
+        // end or an error found on the way is the next call's.
+        let slot = self.slot_u32();
+        while got > 0 && got < buf.len() && !self.lost && self.left != Some(0) {
+            match self.rx.peek_used(slot) {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+            let quiet = Ctx {
+                tcp: ctx.tcp,
+                nonblocking: true,
+                deadline: None,
+                spin: ctx.spin,
+                check_peer: false,
+                plain: ctx.plain,
+            };
+            match self.take(&mut buf[got..], &quiet, true) {
+                Ok(n) if n > 0 => got += n,
+                _ => break,
+            }
+        }
+        Ok(got)
     }
 
     fn peek(&mut self, buf: &mut [u8], ctx: &Ctx<'_>) -> io::Result<usize> {

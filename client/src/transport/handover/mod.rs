@@ -347,6 +347,21 @@ impl Handover {
         r
     }
 
+    /// A send of nothing: 0, or what the kernel would say of the socket
+    /// (EPIPE once this end's writes are shut down or its reader is gone),
+    /// from where the writes are: the region's end, or the kernel socket
+    /// itself (a send of no bytes there, which moves none).
+    fn write_nothing(&mut self, ctx: &Ctx<'_>) -> io::Result<usize> {
+        match (self.kernel, self.tx) {
+            (false, Tx::Shut) => Err(pipe_error()),
+            (false, Tx::Back) if self.wr_shut => Err(pipe_error()),
+            (false, Tx::Ring) if self.peer_closed || self.wr_shut => Err(pipe_error()),
+            (false, Tx::Ring) => self.inner.write(&[], &Handover::quiet(ctx)),
+            _ if ctx.plain => ssock_rings::sys::write_plain(ctx.tcp, &[]),
+            _ => ssock_rings::sys::send(ctx.tcp, &[], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
+        }
+    }
+
     /// Both directions in the region: every call is the wrapped end's.
     fn on_rings(&self) -> bool {
         !self.kernel && !self.lost && self.rx == Rx::Ring && self.tx == Tx::Ring
@@ -1024,6 +1039,9 @@ impl Transport for Handover {
             self.forward(ctx);
             if self.broken_with(ctx) {
                 return partial(off, reset_error());
+            }
+            if buf.is_empty() {
+                return self.write_nothing(ctx);
             }
             if off == buf.len() {
                 return Ok(off);

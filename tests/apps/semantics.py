@@ -1593,6 +1593,55 @@ def case_sends_of_nothing_and_a_read_of_all_there():
     c.close()
 
 
+def case_vector_limits_and_recvmmsg_at_the_end():
+    """readv and writev of more iovecs than the kernel takes (1024) fail
+    with EINVAL, and a message with more with EMSGSIZE, moving nothing
+    (through ctypes, as a C program calls them); at the end of the stream
+    recvmmsg gives every message its 0 (the shim's stopped at the first)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Iovec(ctypes.Structure):
+        _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+    class Msghdr(ctypes.Structure):
+        _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                    ("msg_iov", ctypes.POINTER(Iovec)), ("msg_iovlen", ctypes.c_size_t),
+                    ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                    ("msg_flags", ctypes.c_int)]
+
+    class Mmsghdr(ctypes.Structure):
+        _fields_ = [("msg_hdr", Msghdr), ("msg_len", ctypes.c_uint)]
+
+    def call(name, *args):
+        ctypes.set_errno(0)
+        r = getattr(libc, name)(*args)
+        return r if r >= 0 else errno.errorcode.get(ctypes.get_errno())
+
+    c, a = pair()
+    data = ctypes.create_string_buffer(b"v" * 1100)
+    iov = (Iovec * 1100)(*[Iovec(ctypes.addressof(data) + i, 1) for i in range(1100)])
+    say("writev of 1025 iovecs:", call("writev", c.fileno(), iov, 1025),
+        "of 1024:", call("writev", c.fileno(), iov, 1024))
+    m = Msghdr(None, 0, iov, 1025, None, 0, 0)
+    say("sendmsg of 1025:", call("sendmsg", c.fileno(), ctypes.byref(m), 0))
+    say("read:", len(recv_exactly(a, 1024)))
+    say("readv of 1025:", call("readv", a.fileno(), iov, 1025),
+        "recvmsg of 1025:", call("recvmsg", a.fileno(), ctypes.byref(m), 0))
+    c.close()
+    select.select([a], [], [], 5)
+    bufs = [ctypes.create_string_buffer(8) for _ in range(3)]
+    msgs = (Mmsghdr * 3)()
+    small = (Iovec * 3)(*[Iovec(ctypes.addressof(b), 8) for b in bufs])
+    for k in range(3):
+        msgs[k].msg_hdr.msg_iov = ctypes.pointer(small[k])
+        msgs[k].msg_hdr.msg_iovlen = 1
+        msgs[k].msg_len = 99
+    say("recvmmsg at the end:", call("recvmmsg", a.fileno(), msgs, 3, 0, None),
+        [msgs[k].msg_len for k in range(3)])
+    a.close()
+
+
 def case_fionread():
     import array
     import fcntl
@@ -1918,6 +1967,7 @@ CASES = [case_peek_and_basics, case_waitall, case_half_close, case_rcvtimeo,
          case_shutdown_once_the_connection_is_over, case_shut_rd_by_a_forked_child,
          case_reset_after_the_end_of_stream, case_peer_name_once_the_connection_is_over,
          case_urgent, case_fionread, case_sends_of_nothing_and_a_read_of_all_there,
+         case_vector_limits_and_recvmmsg_at_the_end,
          case_self_connect_before_accept, case_bytes_before_accept,
          case_edge_triggered_end_after_a_request_sent_before_accept,
          case_sandboxed_reads_and_writes,

@@ -81,6 +81,16 @@ pub unsafe fn read(fd: c_int, b: *mut c_void, n: size_t) -> ssize_t {
     )
 }
 
+/// The kernel's most iovecs in one call (`UIO_MAXIOV`, `IOV_MAX`):
+/// readv and writev with more fail with EINVAL, a message with more with
+/// EMSGSIZE.
+const UIO_MAXIOV: c_int = 1024;
+
+/// A message's iovec count, if the kernel takes it.
+fn msg_iovs(len: usize) -> Option<c_int> {
+    c_int::try_from(len).ok().filter(|&n| n <= UIO_MAXIOV)
+}
+
 /// readv(2).
 ///
 /// # Safety
@@ -97,7 +107,7 @@ pub unsafe fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
             dispatch_n(
                 fd,
                 |s| {
-                    if n < 0 {
+                    if !(0..=UIO_MAXIOV).contains(&n) {
                         return Outcome::Errno(libc::EINVAL);
                     }
                     // SAFETY: v/n are the caller's iovecs (readv(2)); fd is
@@ -136,7 +146,9 @@ pub unsafe fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> ssize_
                     }
                     // SAFETY: msg is the caller's valid msghdr (recvmsg(2)).
                     let m = unsafe { &mut *msg };
-                    let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                    let Some(n) = msg_iovs(m.msg_iovlen) else {
+                        return Outcome::Errno(libc::EMSGSIZE);
+                    };
                     // SAFETY: its iovecs are the caller's buffers; fd is open.
                     let r = io::recv_vec(
                         s,
@@ -224,7 +236,7 @@ pub unsafe fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
             dispatch_n(
                 fd,
                 |s| {
-                    if n < 0 {
+                    if !(0..=UIO_MAXIOV).contains(&n) {
                         return Outcome::Errno(libc::EINVAL);
                     }
                     let _plain = io::PlainCall::enter();
@@ -258,7 +270,9 @@ pub unsafe fn sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> ssiz
                     }
                     // SAFETY: msg is the caller's valid msghdr (sendmsg(2)).
                     let m = unsafe { &*msg };
-                    let n = c_int::try_from(m.msg_iovlen).unwrap_or(c_int::MAX);
+                    let Some(n) = msg_iovs(m.msg_iovlen) else {
+                        return Outcome::Errno(libc::EMSGSIZE);
+                    };
                     // SAFETY: its iovecs are the caller's buffers; fd is open.
                     io::send_vec(
                         s,
@@ -374,7 +388,12 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: libc::c_uint, flags:
                     let msgs = unsafe { mmsgs(v, n) };
                     let mut done: c_int = 0;
                     for m in msgs.iter_mut() {
-                        let k = c_int::try_from(m.msg_hdr.msg_iovlen).unwrap_or(c_int::MAX);
+                        let Some(k) = msg_iovs(m.msg_hdr.msg_iovlen) else {
+                            if done == 0 {
+                                return Outcome::Errno(libc::EMSGSIZE);
+                            }
+                            break;
+                        };
                         // SAFETY: the message's iovecs are the caller's buffers.
                         let bufs = unsafe { iov(m.msg_hdr.msg_iov, k) };
                         let want: usize = bufs.iter().map(|b| b.len()).sum();
@@ -439,7 +458,12 @@ pub unsafe fn recvmmsg(
                         } else {
                             base
                         };
-                        let k = c_int::try_from(m.msg_hdr.msg_iovlen).unwrap_or(c_int::MAX);
+                        let Some(k) = msg_iovs(m.msg_hdr.msg_iovlen) else {
+                            if done == 0 {
+                                return Outcome::Errno(libc::EMSGSIZE);
+                            }
+                            break;
+                        };
                         // SAFETY: the message's iovecs are the caller's buffers.
                         let mut bufs = unsafe { iov_mut(m.msg_hdr.msg_iov, k) };
                         // SAFETY: fd is open during this call.
@@ -449,10 +473,9 @@ pub unsafe fn recvmmsg(
                                 m.msg_hdr.msg_namelen = 0;
                                 m.msg_hdr.msg_controllen = 0;
                                 m.msg_hdr.msg_flags = 0;
+                                // (At the end of the stream every message
+                                // gets its 0, as the kernel's.)
                                 done += 1;
-                                if got == 0 {
-                                    break;
-                                }
                             }
                             Outcome::Kernel if done == 0 => return Outcome::Kernel,
                             Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),

@@ -384,8 +384,9 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: libc::c_uint, flags:
             dispatch(
                 fd,
                 |s| {
-                    // SAFETY: v/n is the caller's array (sendmmsg(2)).
-                    let msgs = unsafe { mmsgs(v, n) };
+                    // SAFETY: v/n is the caller's array (sendmmsg(2)); the
+                    // kernel's takes at most UIO_MAXIOV messages a call.
+                    let msgs = unsafe { mmsgs(v, n.min(UIO_MAXIOV as libc::c_uint)) };
                     let mut done: c_int = 0;
                     for m in msgs.iter_mut() {
                         let Some(k) = msg_iovs(m.msg_hdr.msg_iovlen) else {

@@ -165,6 +165,12 @@ pub enum Source {
     Parked(Parked),
 }
 
+/// How often a look at readiness asks the kernel socket of an end whose
+/// peer may have left with this end's bytes unread
+/// ([`Transport::peer_may_have_left`]): at most once a millisecond (the
+/// coarse clock's tick, a few milliseconds, in practice).
+const PROBE_EVERY_NS: u64 = 1_000_000;
+
 /// One end of a Direct connection.
 #[derive(Debug)]
 pub struct Direct {
@@ -195,6 +201,9 @@ pub struct Direct {
     peer_gone: bool,
     /// The kernel socket was reset (not closed with a FIN).
     peer_reset: bool,
+    /// When (coarse CLOCK_MONOTONIC ns) `peer_may_have_left` last sent a
+    /// look to the kernel socket.
+    probed_at: u64,
     broken: bool,
     closed: bool,
     /// Close with a reset (SO_LINGER 0).
@@ -301,6 +310,7 @@ impl Direct {
             session,
             peer_gone: false,
             peer_reset: false,
+            probed_at: 0,
             broken: false,
             closed: false,
             sleepers: [0; 2],
@@ -706,11 +716,20 @@ impl Transport for Direct {
     }
 
     fn peer_may_have_left(&mut self) -> bool {
-        !self.peer_gone
+        let may = !self.peer_gone
             && !self.broken
             && self.rx.marks() == (true, false)
             && !self.tx.peer_closed()
-            && self.tx.unconsumed().is_ok_and(|n| n > 0)
+            && self.tx.unconsumed().is_ok_and(|n| n > 0);
+        // At most one look per clock tick: a server that streams its answer
+        // after its client's shutdown (the ring never empty) makes no
+        // system call per epoll wait for it.
+        let now = ssock_rings::sys::monotonic_coarse_ns();
+        if !may || now.saturating_sub(self.probed_at) < PROBE_EVERY_NS {
+            return false;
+        }
+        self.probed_at = now;
+        true
     }
 
     fn readiness(&mut self, ctx: &Ctx<'_>, check_peer: bool) -> Ready {

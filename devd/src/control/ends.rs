@@ -306,8 +306,24 @@ impl Devd {
         // listener nobody holds leaves the board now, not at the next
         // expiry round, and a plain server given its port meanwhile costs
         // its connectors nothing. One still held (a daemon's child,
-        // pre-fork workers) stays, seen now.
-        self.check_listeners(|l| l.seen.is_none());
+        // pre-fork workers, or its close not finished yet: the exiting
+        // kernel may release the session's socket first) stays, and is
+        // still looked up at the next Intent to it (not marked seen).
+        let unseen: Vec<u64> = self
+            .reg
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.session.is_none() && l.seen.is_none())
+            .map(|(&inode, _)| inode)
+            .collect();
+        if !unseen.is_empty() {
+            self.check_listeners(|l| l.seen.is_none());
+            for inode in unseen {
+                if let Some(l) = self.reg.listeners.get_mut(&inode) {
+                    l.seen = None;
+                }
+            }
+        }
         // Its own intents, and those reusing a region only it could claim.
         for i in self
             .reg

@@ -347,16 +347,21 @@ impl Handover {
         r
     }
 
-    /// A send of nothing: 0, or what the kernel would say of the socket
-    /// (EPIPE once this end's writes are shut down or its reader is gone),
-    /// from where the writes are: the region's end, or the kernel socket
-    /// itself (a send of no bytes there, which moves none).
+    /// A send of nothing: what the kernel's says of the socket, from where
+    /// the writes are. In the region: EPIPE once this end's writes are
+    /// shut down (by any holder), the reset's error once the connection
+    /// was reset, else 0, also when the peer closed in order (the kernel's
+    /// in CLOSE_WAIT: a send of nothing provokes no RST). On the kernel
+    /// socket: a send of no bytes there, which moves none.
     fn write_nothing(&mut self, ctx: &Ctx<'_>) -> io::Result<usize> {
         match (self.kernel, self.tx) {
             (false, Tx::Shut) => Err(pipe_error()),
             (false, Tx::Back) if self.wr_shut => Err(pipe_error()),
-            (false, Tx::Ring) if self.peer_closed || self.wr_shut => Err(pipe_error()),
-            (false, Tx::Ring) => self.inner.write(&[], &Handover::quiet(ctx)),
+            (false, Tx::Ring) if self.writes_shut() => Err(pipe_error()),
+            (false, Tx::Ring) if self.inner.readiness(&Handover::quiet(ctx), false).err => {
+                Err(reset_error())
+            }
+            (false, Tx::Ring | Tx::Back) => Ok(0),
             _ if ctx.plain => ssock_rings::sys::write_plain(ctx.tcp, &[]),
             _ => ssock_rings::sys::send(ctx.tcp, &[], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
         }

@@ -1555,9 +1555,13 @@ impl Engine {
         if side.reset_sent {
             return false;
         }
-        let abortive = side.region.tx_flags() & FLAG_RESET != 0;
+        let flags = side.region.tx_flags();
+        let abortive = flags & FLAG_RESET != 0;
+        // (Its client's own end of stream: not the Eos this engine gives a
+        // side whose writes never moved, whose stream the kernel socket ends.)
         let left_unread = side.gone
             && !side.dead
+            && flags & FLAG_EOS != 0
             && (self.backend.pending(side.ch) > 0 || side.region.rx_unread());
         if !abortive && !left_unread {
             return false;

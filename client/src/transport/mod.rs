@@ -41,6 +41,20 @@ pub struct Ctx<'a> {
     pub plain: bool,
 }
 
+impl<'a> Ctx<'a> {
+    /// The same call context, without waiting or asking the kernel socket.
+    pub fn quiet(&self) -> Ctx<'a> {
+        Ctx {
+            tcp: self.tcp,
+            nonblocking: true,
+            deadline: None,
+            spin: self.spin,
+            check_peer: false,
+            plain: self.plain,
+        }
+    }
+}
+
 /// What [`Transport::before_plain_exec`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leave {

@@ -1092,15 +1092,7 @@ impl Transport for Queued {
                 Ok(Some(_)) => {}
                 _ => break,
             }
-            let quiet = Ctx {
-                tcp: ctx.tcp,
-                nonblocking: true,
-                deadline: None,
-                spin: ctx.spin,
-                check_peer: false,
-                plain: ctx.plain,
-            };
-            match self.take(&mut buf[got..], &quiet, true) {
+            match self.take(&mut buf[got..], &ctx.quiet(), true) {
                 Ok(n) if n > 0 => got += n,
                 _ => break,
             }

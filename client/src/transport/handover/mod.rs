@@ -358,7 +358,7 @@ impl Handover {
             (false, Tx::Shut) => Err(pipe_error()),
             (false, Tx::Back) if self.wr_shut => Err(pipe_error()),
             (false, Tx::Ring) if self.writes_shut() => Err(pipe_error()),
-            (false, Tx::Ring) if self.inner.readiness(&Handover::quiet(ctx), false).err => {
+            (false, Tx::Ring) if self.inner.readiness(&ctx.quiet(), false).err => {
                 Err(reset_error())
             }
             (false, Tx::Ring | Tx::Back) => Ok(0),
@@ -670,7 +670,7 @@ impl Handover {
             return Err(would_block());
         }
         let tcp = ctx.tcp.as_raw_fd();
-        let Some(v) = self.inner.arm(&Handover::quiet(ctx), true, false) else {
+        let Some(v) = self.inner.arm(&ctx.quiet(), true, false) else {
             self.inner_broke();
             return if self.kernel {
                 Ok(())
@@ -1080,7 +1080,7 @@ impl Transport for Handover {
                 (false, Tx::Ring) => {
                     // Blocking while the kernel socket still carries the
                     // peer's bytes: the region's writes, this side's waits.
-                    match self.inner.write(&buf[off..], &Handover::quiet(ctx)) {
+                    match self.inner.write(&buf[off..], &ctx.quiet()) {
                         Ok(n) => off += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return partial(off, e),
@@ -1318,7 +1318,7 @@ impl Transport for Handover {
             if check_peer && !judge {
                 self.inner.check_devd();
             }
-            self.inner.readiness(&Handover::quiet(ctx), judge)
+            self.inner.readiness(&ctx.quiet(), judge)
         };
         // The peer's own reset while this end reads the kernel socket
         // (its writer's offset unknown, or for good) is left to that

@@ -34,18 +34,6 @@ impl Handover {
         )
     }
 
-    /// The same call context, without waiting or asking the kernel socket.
-    pub(super) fn quiet<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
-        Ctx {
-            tcp: ctx.tcp,
-            nonblocking: true,
-            deadline: None,
-            spin: ctx.spin,
-            check_peer: false,
-            plain: ctx.plain,
-        }
-    }
-
     /// Poll events of the kernel socket a waiter for `read`/`write` sleeps on.
     pub(super) fn tcp_events(&self, read: bool, write: bool) -> i16 {
         let mut ev = 0;
@@ -80,7 +68,7 @@ impl Handover {
         if self.kernel {
             return false;
         }
-        let r = self.inner.readiness(&Handover::quiet(ctx), false);
+        let r = self.inner.readiness(&ctx.quiet(), false);
         (read && self.rx == Rx::Ring && r.readable) || (write && self.tx == Tx::Ring && r.writable)
     }
 
@@ -92,7 +80,7 @@ impl Handover {
         self.step();
         let armed = !self.kernel && !self.lost;
         if armed {
-            match self.inner.arm(&Handover::quiet(ctx), read, write) {
+            match self.inner.arm(&ctx.quiet(), read, write) {
                 Some(v) => fds.extend(
                     v.into_iter()
                         .filter(|&(fd, _)| fd != tcp)

@@ -142,12 +142,16 @@ fn the_backend_wakes_through_its_doorbell_only_when_asleep_and_has_a_deadline() 
     let mut lab = two_nodes(1 << 20, 64 * 1024);
     let [a, b] = lab.pair();
     lab.settle();
+    let mut r = Vec::new();
+    // (The rings of the link's start, taken in after a sleep: an awake
+    // side leaves its doorbell alone.)
+    assert!(lab.b[1].idle(), "nothing waits: it may sleep");
+    lab.b[1].poll(&mut r);
     let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(!readable(fd), "quiet before anything was sent");
     // Node 2 goes to sleep: node 1's publish rings it.
     assert!(lab.b[1].idle(), "nothing waits: it may sleep");
     lab.b[0].send(a.ch, b"ring").unwrap();
-    let mut r = Vec::new();
     lab.b[0].poll(&mut r);
     let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
     assert!(readable(fd), "the peer's publish rang the doorbell");
@@ -167,6 +171,76 @@ fn the_backend_wakes_through_its_doorbell_only_when_asleep_and_has_a_deadline() 
     assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(9));
     assert_eq!(&buf[..9], b"ringquiet");
     assert!(lab.b[0].deadline().is_some_and(|d| d <= super::BEAT));
+}
+
+/// A `MemWindow` that counts the calls to `drain` (system calls: the
+/// doorbell's read, an ivshmem server's news).
+struct CountingWindow(MemWindow, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Window for CountingWindow {
+    fn halves(&self) -> &super::window::Halves {
+        self.0.halves()
+    }
+    fn ring(&self) {
+        self.0.ring();
+    }
+    fn bell(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.bell()
+    }
+    fn drain(&mut self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.drain();
+    }
+}
+
+#[test]
+fn an_awake_backend_takes_its_doorbell_in_only_after_a_sleep_or_now_and_then() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (w1, w2) = MemWindow::pair(1 << 20).unwrap();
+    let drains = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut lab = over(
+        Box::new(w1),
+        Box::new(CountingWindow(w2, drains.clone())),
+        64 * 1024,
+    );
+    let [a, b] = lab.pair();
+    lab.settle();
+    let mut r = Vec::new();
+    // Awake, node 2's turns make no system call for its doorbell (at
+    // most one per `DRAIN_AWAKE`: the test's turns take far less).
+    let before = drains.load(Ordering::Relaxed);
+    let t = Instant::now();
+    for _ in 0..100 {
+        lab.b[0].send(a.ch, b"x").unwrap();
+        lab.b[0].poll(&mut r);
+        lab.b[1].poll(&mut r);
+    }
+    let awake = drains.load(Ordering::Relaxed) - before;
+    let bound = 1 + t.elapsed().as_millis() / super::backend::DRAIN_AWAKE.as_millis();
+    assert!(awake as u128 <= bound, "{awake} drains in 100 awake turns");
+    let mut buf = [0u8; 256];
+    assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(100));
+    // Asleep, it is rung; its next turn takes the ring in.
+    assert!(lab.b[1].idle());
+    lab.b[0].send(a.ch, b"y").unwrap();
+    lab.b[0].poll(&mut r);
+    let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
+    assert!(readable(fd), "the peer's publish rang the doorbell");
+    let before = drains.load(Ordering::Relaxed);
+    lab.b[1].poll(&mut r);
+    assert_eq!(
+        drains.load(Ordering::Relaxed),
+        before + 1,
+        "the turn after a sleep drains"
+    );
+    let fd = lab.b[1].readiness().pop().expect("a doorbell fd");
+    assert!(!readable(fd), "the ring was taken in");
+    assert_eq!(lab.b[1].recv(b.ch, &mut buf).unwrap(), Recv::Data(1));
+    // Awake for longer than `DRAIN_AWAKE`: the next turn drains.
+    std::thread::sleep(super::backend::DRAIN_AWAKE);
+    let before = drains.load(Ordering::Relaxed);
+    lab.b[1].poll(&mut r);
+    assert_eq!(drains.load(Ordering::Relaxed), before + 1);
 }
 
 /// Whether a zero-timeout poll finds `fd` readable.

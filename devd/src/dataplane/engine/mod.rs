@@ -612,8 +612,9 @@ impl Engine {
         true
     }
 
-    /// Serves the busy connections once each, then the backend's news;
-    /// every second, the lingering ones too.
+    /// Serves the busy connections once each, then the backend's news,
+    /// and once more the connections the news named; every second, the
+    /// lingering ones too.
     fn turn(&mut self) {
         if !(self.lingering.is_empty() && self.unheard.is_empty())
             && self.lingered.elapsed() >= LINGER_LOOK
@@ -631,6 +632,19 @@ impl Engine {
                 }
             }
         }
+        self.pump_busy();
+        self.backend_news();
+        if !self.busy.is_empty() {
+            // What the backend just named (a peer's frame for a client,
+            // an acknowledgement) is served in this turn: the next one
+            // would begin with a wait that only finds it again.
+            self.pump_busy();
+            self.backend_news();
+        }
+    }
+
+    /// Pumps each busy connection once; those with more to do stay busy.
+    fn pump_busy(&mut self) {
         for _ in 0..self.busy.len() {
             let Some(id) = self.busy.pop_front() else {
                 break;
@@ -649,7 +663,6 @@ impl Engine {
                 self.ready.retain(|ch| by_chan.get(ch) != Some(&id));
             }
         }
-        self.backend_news();
     }
 
     /// Until `REMOTE_SPIN` after the engine last served a connection with

@@ -40,6 +40,10 @@ use std::time::{Duration, Instant};
 /// them): with nothing else held in that poll, the room goes back to the
 /// peer in the same poll, as a ping-pong's reply is awaited.
 const HOLD_MIN: usize = 4096;
+/// How often an engine that has not slept takes in the doorbell and the
+/// window provider's news (peers that come and go): two system calls,
+/// not made on every turn.
+pub(super) const DRAIN_AWAKE: Duration = Duration::from_millis(10);
 
 struct Chan {
     /// The peer node's channel.
@@ -132,6 +136,9 @@ pub struct Ntb {
     out_of_service: bool,
     /// This side told the peer it sleeps (`idle`).
     asleep: bool,
+    /// When the window's doorbell and provider news were last taken in
+    /// (`Window::drain`).
+    drained_at: Instant,
     /// A word was published this turn: the peer is rung at its end if it
     /// sleeps (`wake_peer`).
     bell_due: bool,
@@ -192,6 +199,7 @@ impl Ntb {
             hostile: false,
             out_of_service: false,
             asleep: false,
+            drained_at: now,
             bell_due: false,
             events: Vec::new(),
             counters: Counters::default(),
@@ -350,13 +358,22 @@ impl Backend for Ntb {
     }
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
-        if std::mem::take(&mut self.asleep) {
+        let now = Instant::now();
+        let slept = std::mem::take(&mut self.asleep);
+        if slept {
             self.win.store(inbox::OFF_ASLEEP, 0);
         }
-        self.win.drain();
+        // A coherent window's peer rings only while this side says it
+        // sleeps: an awake engine's turns make no system call for the
+        // bell (a ring that raced with the wake-up keeps the bell
+        // readable, and the next sleep's wait returns at once to take it).
+        if slept || !self.win.coherent() || now.duration_since(self.drained_at) >= DRAIN_AWAKE {
+            self.drained_at = now;
+            self.win.drain();
+        }
         self.copy_out();
         self.sync();
-        self.link(Instant::now());
+        self.link(now);
         self.take_in();
         self.give_room();
         self.flush();

@@ -1649,6 +1649,20 @@ def case_vector_limits_and_recvmmsg_at_the_end():
     say("recvmmsg at the end:", call("recvmmsg", a.fileno(), msgs, 3, 0, None),
         [msgs[k].msg_len for k in range(3)])
     a.close()
+    # A reset behind the bytes: the first message takes them, the second
+    # meets the reset, whose error the kernel keeps for the next call.
+    c, a = pair()
+    c.sendall(b"abc")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    select.select([a], [], [], 5)
+    time.sleep(0.2)  # the reset, behind the bytes, across an engine too
+    for k in range(3):
+        msgs[k].msg_len = 99
+    say("recvmmsg with a reset behind the bytes:",
+        call("recvmmsg", a.fileno(), msgs, 3, 0, None), [msgs[k].msg_len for k in range(3)])
+    say("then recv:", attempt(lambda: a.recv(10)), "and:", attempt(lambda: a.recv(10)))
+    a.close()
 
 
 def case_fionread():

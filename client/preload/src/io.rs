@@ -217,6 +217,25 @@ fn after_some(s: &mut Sock, done: usize, other: Outcome<usize>) -> Outcome<usize
     Outcome::Done(done)
 }
 
+/// Keeps `err` for the socket's next call, as the kernel keeps an error a
+/// call met after it had moved something (sk_err); not EAGAIN.
+pub fn defer_error(e: &Entry, err: i32) {
+    if err != libc::EAGAIN {
+        lock(e).deferred = Some(err);
+    }
+}
+
+/// The socket's pending error, taken, as the kernel's `sock_error` that
+/// recvmmsg(2) asks before any message: one an earlier call kept, or a
+/// reset not reported yet (the bytes before it are read afterwards).
+pub fn take_pending_error(e: &Entry, fd: BorrowedFd<'_>) -> Option<i32> {
+    let mut s = lock(e);
+    if let Some(err) = s.deferred.take() {
+        return Some(err);
+    }
+    s.so_error(fd).filter(|&err| err != 0)
+}
+
 /// One non-blocking send of the concatenation of `bufs` from byte `from`
 /// on, under the socket's lock: buffer after buffer while each goes whole,
 /// as one send of their concatenation (no staging copy).

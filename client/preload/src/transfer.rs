@@ -409,7 +409,13 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: libc::c_uint, flags:
                             }
                             Outcome::Kernel if done == 0 => return Outcome::Kernel,
                             Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),
-                            Outcome::Kernel | Outcome::Errno(_) => break,
+                            Outcome::Errno(e) => {
+                                // The kernel keeps a later message's error
+                                // for the socket's next call (sk_err).
+                                io::defer_error(s, e);
+                                break;
+                            }
+                            Outcome::Kernel => break,
                         }
                     }
                     Outcome::Done(done)
@@ -451,6 +457,10 @@ pub unsafe fn recvmmsg(
                 |s| {
                     // SAFETY: v/n is the caller's array (recvmmsg(2)).
                     let msgs = unsafe { mmsgs(v, n) };
+                    // SAFETY: fd is open during this call.
+                    if let Some(e) = io::take_pending_error(s, unsafe { borrow(fd) }) {
+                        return Outcome::Errno(e);
+                    }
                     let mut done: c_int = 0;
                     let base = flags & !libc::MSG_WAITFORONE;
                     for m in msgs.iter_mut() {
@@ -480,7 +490,13 @@ pub unsafe fn recvmmsg(
                             }
                             Outcome::Kernel if done == 0 => return Outcome::Kernel,
                             Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),
-                            Outcome::Kernel | Outcome::Errno(_) => break,
+                            Outcome::Errno(e) => {
+                                // The kernel keeps a later message's error
+                                // for the socket's next call (sk_err).
+                                io::defer_error(s, e);
+                                break;
+                            }
+                            Outcome::Kernel => break,
                         }
                     }
                     Outcome::Done(done)

@@ -1649,8 +1649,8 @@ def case_vector_limits_and_recvmmsg_at_the_end():
     say("recvmmsg at the end:", call("recvmmsg", a.fileno(), msgs, 3, 0, None),
         [msgs[k].msg_len for k in range(3)])
     a.close()
-    # A reset behind the bytes: the first message takes them, the second
-    # meets the reset, whose error the kernel keeps for the next call.
+    # A reset behind the bytes: recvmmsg reports the socket's pending error
+    # before any message (the kernel's sock_error), the bytes come after.
     c, a = pair()
     c.sendall(b"abc")
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -227,13 +227,15 @@ pub fn defer_error(e: &Entry, err: i32) {
 
 /// The socket's pending error, taken, as the kernel's `sock_error` that
 /// recvmmsg(2) asks before any message: one an earlier call kept, or a
-/// reset not reported yet (the bytes before it are read afterwards).
+/// reset the region shows and nobody took yet (the bytes before it are
+/// read afterwards). No system call: a peer gone without a mark is found
+/// by the messages' own reads.
 pub fn take_pending_error(e: &Entry, fd: BorrowedFd<'_>) -> Option<i32> {
     let mut s = lock(e);
     if let Some(err) = s.deferred.take() {
         return Some(err);
     }
-    s.so_error(fd).filter(|&err| err != 0)
+    s.take_error(fd, false).filter(|&err| err != 0)
 }
 
 /// One non-blocking send of the concatenation of `bufs` from byte `from`

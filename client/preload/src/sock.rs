@@ -396,13 +396,19 @@ impl Sock {
     /// 0), as the kernel's sk_err: ECONNRESET after a reset. None: ask the
     /// kernel socket (no error here).
     pub fn so_error(&mut self, fd: BorrowedFd<'_>) -> Option<i32> {
+        self.take_error(fd, true)
+    }
+
+    /// `so_error`, asking the kernel socket whether the peer is gone
+    /// (`ask_socket`: a system call) or looking at the region alone.
+    pub fn take_error(&mut self, fd: BorrowedFd<'_>, ask_socket: bool) -> Option<i32> {
         if self.error_reported {
             // Taken already. The kernel socket may still hold the same
             // reset as its own pending error (the liveness check polls
             // and does not take it): it is not reported twice.
             return Some(0);
         }
-        let r = self.readiness(fd, true);
+        let r = self.readiness(fd, ask_socket);
         let ctx = self.ctx(fd);
         let State::Up(t) = &self.state else {
             return None;

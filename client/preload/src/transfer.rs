@@ -409,13 +409,9 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: libc::c_uint, flags:
                             }
                             Outcome::Kernel if done == 0 => return Outcome::Kernel,
                             Outcome::Errno(e) if done == 0 => return Outcome::Errno(e),
-                            Outcome::Errno(e) => {
-                                // The kernel keeps a later message's error
-                                // for the socket's next call (sk_err).
-                                io::defer_error(s, e);
-                                break;
-                            }
-                            Outcome::Kernel => break,
+                            // (A later message's error is lost, as the
+                            // kernel's sendmmsg drops it.)
+                            Outcome::Kernel | Outcome::Errno(_) => break,
                         }
                     }
                     Outcome::Done(done)
@@ -473,6 +469,7 @@ pub unsafe fn recvmmsg(
                             if done == 0 {
                                 return Outcome::Errno(libc::EMSGSIZE);
                             }
+                            io::defer_error(s, libc::EMSGSIZE);
                             break;
                         };
                         // SAFETY: the message's iovecs are the caller's buffers.

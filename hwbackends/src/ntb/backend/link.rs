@@ -64,6 +64,9 @@ impl Ntb {
             self.win.store(inbox::OFF_CONS, 0);
             self.win.store(inbox::OFF_SEEN, e);
             self.peer_epoch = e;
+            // The provider's news first (an ivshmem server names a peer
+            // that came before it starts): the ring must reach it.
+            self.win.drain();
             self.ring_bell();
         }
         let was = self.synced;

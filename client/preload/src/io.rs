@@ -210,9 +210,7 @@ fn after_some(s: &mut Sock, done: usize, other: Outcome<usize>) -> Outcome<usize
         return other;
     }
     if let Outcome::Errno(e) = other {
-        if e != libc::EAGAIN {
-            s.deferred = Some(e);
-        }
+        s.defer(e);
     }
     Outcome::Done(done)
 }
@@ -220,9 +218,7 @@ fn after_some(s: &mut Sock, done: usize, other: Outcome<usize>) -> Outcome<usize
 /// Keeps `err` for the socket's next call, as the kernel keeps an error a
 /// call met after it had moved something (sk_err); not EAGAIN.
 pub fn defer_error(e: &Entry, err: i32) {
-    if err != libc::EAGAIN {
-        lock(e).deferred = Some(err);
-    }
+    lock(e).defer(err);
 }
 
 /// The socket's pending error, taken, as the kernel's `sock_error` that

@@ -399,6 +399,14 @@ impl Sock {
         self.take_error(fd, true)
     }
 
+    /// Keeps `err` for the next call (`deferred`), as the kernel keeps an
+    /// error a call met after it had moved bytes (sk_err); not EAGAIN.
+    pub fn defer(&mut self, err: i32) {
+        if err != libc::EAGAIN {
+            self.deferred = Some(err);
+        }
+    }
+
     /// `so_error`, asking the kernel socket whether the peer is gone
     /// (`ask_socket`: a system call) or looking at the region alone.
     pub fn take_error(&mut self, fd: BorrowedFd<'_>, ask_socket: bool) -> Option<i32> {

@@ -139,8 +139,6 @@ pub struct Ntb {
     /// When the window's doorbell and provider news were last taken in
     /// (`Window::drain`).
     drained_at: Instant,
-    /// `idle` said the engine may sleep: the next turn drains.
-    dozed: bool,
     /// A word was published this turn: the peer is rung at its end if it
     /// sleeps (`wake_peer`).
     bell_due: bool,
@@ -202,7 +200,6 @@ impl Ntb {
             out_of_service: false,
             asleep: false,
             drained_at: now,
-            dozed: false,
             bell_due: false,
             events: Vec::new(),
             counters: Counters::default(),
@@ -362,20 +359,19 @@ impl Backend for Ntb {
 
     fn poll(&mut self, ready: &mut Vec<ChannelId>) {
         let now = Instant::now();
-        if std::mem::take(&mut self.asleep) {
+        let slept = std::mem::take(&mut self.asleep);
+        if slept {
             self.win.store(inbox::OFF_ASLEEP, 0);
         }
         // A synced peer on a coherent window rings only while this side
         // says it sleeps: an awake engine's turns make no system call for
         // the bell (a ring that raced with the wake-up keeps the bell
         // readable, and the next sleep's wait returns at once to take it).
-        // After any sleep, and on a link not synced or silenced (whose
-        // peer rings as it likes), the bell is taken in at every turn.
+        // After a sleep, and at every turn on a link not synced, silenced
+        // or not coherent (whose peer rings as it likes, and whose `idle`
+        // says no sleep in the window), the bell is taken in.
         let quiet = self.synced && !self.hostile && !self.out_of_service && self.win.coherent();
-        if std::mem::take(&mut self.dozed)
-            || !quiet
-            || now.duration_since(self.drained_at) >= DRAIN_AWAKE
-        {
+        if slept || !quiet || now.duration_since(self.drained_at) >= DRAIN_AWAKE {
             self.drained_at = now;
             self.win.drain();
         }
@@ -406,8 +402,6 @@ impl Backend for Ntb {
     }
 
     fn idle(&mut self) -> bool {
-        // (Whatever follows, the engine may sleep: its next turn drains.)
-        self.dozed = true;
         // (A window that is not coherent is rung after every turn that
         // published: its `asleep` word would only cost two writes.)
         if self.hostile || self.out_of_service || !self.synced || !self.win.coherent() {
@@ -424,7 +418,6 @@ impl Backend for Ntb {
             self.win.store(inbox::OFF_ASLEEP, 0);
             self.win.publish();
             self.asleep = false;
-            self.dozed = false;
             return false;
         }
         true

@@ -1663,6 +1663,51 @@ def case_vector_limits_and_recvmmsg_at_the_end():
         call("recvmmsg", a.fileno(), msgs, 3, 0, None), [msgs[k].msg_len for k in range(3)])
     say("then recv:", attempt(lambda: a.recv(10)), "and:", attempt(lambda: a.recv(10)))
     a.close()
+    # A reset met by a later buffer of one read: the bytes before it, the
+    # error kept as the socket's (the kernel's sk_err): POLLERR, SO_ERROR
+    # takes it once, then the end.
+    c, a = pair()
+    c.sendall(b"abc")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    select.select([a], [], [], 5)
+    time.sleep(0.2)
+    first, second = bytearray(3), bytearray(10)
+    say("recvmsg_into 3 + 10 before a reset:",
+        attempt(lambda: a.recvmsg_into([first, second])[0]), bytes(first))
+    p = select.poll()
+    p.register(a, select.POLLIN)
+    err = lambda: bool(p.poll(0) and p.poll(0)[0][1] & select.POLLERR)
+    say("POLLERR:", err(), "SO_ERROR:",
+        errno.errorcode.get(a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"),
+        "POLLERR after:", err(), "SO_ERROR again:",
+        a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    say("then recv:", attempt(lambda: a.recv(10)))
+    a.close()
+    # A later message's error (too many iovecs) after a first message:
+    # recvmmsg returns 1 and the error is the socket's (sk_err): POLLERR
+    # and SO_ERROR's, once.
+    c, a = pair()
+    c.sendall(b"abcdef")
+    select.select([a], [], [], 5)
+    time.sleep(0.05)
+    for k in range(3):
+        msgs[k].msg_len = 99
+    msgs[1].msg_hdr.msg_iov = iov
+    msgs[1].msg_hdr.msg_iovlen = 1025
+    say("recvmmsg, the second message with 1025 iovecs:",
+        call("recvmmsg", a.fileno(), msgs, 3, 0, None), msgs[0].msg_len, bufs[0].raw[:6])
+    p = select.poll()
+    p.register(a, select.POLLIN)
+    say("POLLERR:", err(), "SO_ERROR:",
+        errno.errorcode.get(a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"),
+        "POLLERR after:", err(), "SO_ERROR again:",
+        a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    c.sendall(b"gh")
+    select.select([a], [], [], 5)
+    say("then recv:", attempt(lambda: a.recv(10)))
+    c.close()
+    a.close()
 
 
 def case_fionread():

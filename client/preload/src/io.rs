@@ -210,15 +210,30 @@ fn after_some(s: &mut Sock, done: usize, other: Outcome<usize>) -> Outcome<usize
         return other;
     }
     if let Outcome::Errno(e) = other {
-        s.defer(e);
+        s.defer(e, connection_failed(e));
     }
     Outcome::Done(done)
 }
 
-/// Keeps `err` for the socket's next call, as the kernel keeps an error a
-/// call met after it had moved something (sk_err); not EAGAIN.
+/// Whether `err` says the connection failed (a reset, a timeout): the
+/// kernel keeps those as the socket's error (sk_err).
+fn connection_failed(err: i32) -> bool {
+    matches!(
+        err,
+        libc::ECONNRESET
+            | libc::ETIMEDOUT
+            | libc::ECONNABORTED
+            | libc::ECONNREFUSED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+    )
+}
+
+/// Keeps a later message's `err` for the socket's next call, as the
+/// kernel's recvmmsg(2) keeps it as the socket's error (sk_err); not
+/// EAGAIN.
 pub fn defer_error(e: &Entry, err: i32) {
-    lock(e).defer(err);
+    lock(e).defer(err, true);
 }
 
 /// The socket's pending error, taken, as the kernel's `sock_error` that
@@ -406,7 +421,7 @@ fn send_from(e: &Entry, fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> Outco
                     // A reset this send took comes with the next call, as
                     // the kernel's sk_err after a partial send.
                     if other == Outcome::Errno(libc::ECONNRESET) {
-                        lock(e).deferred = Some(libc::ECONNRESET);
+                        lock(e).defer(libc::ECONNRESET, true);
                     }
                     return Outcome::Done(off);
                 }

@@ -71,6 +71,10 @@ pub struct Sock {
     /// An error a vectored call met after it had moved bytes, for the
     /// next call (see `io::after_some`).
     pub deferred: Option<i32>,
+    /// Whether `deferred` is one the kernel keeps as the socket's sk_err
+    /// (a reset, a later message's error in recvmmsg), which POLLERR and
+    /// SO_ERROR show; not an EPIPE a partial send met.
+    deferred_sk: bool,
 }
 
 /// Sockets that turned plain after connect (negotiation ended on kernel
@@ -373,6 +377,7 @@ impl Sock {
             nonblocking,
             error_reported: false,
             deferred: None,
+            deferred_sk: false,
         }
     }
 
@@ -395,15 +400,25 @@ impl Sock {
     /// SO_ERROR: the pending error of the connection, reported once (then
     /// 0), as the kernel's sk_err: ECONNRESET after a reset. None: ask the
     /// kernel socket (no error here).
+    /// An error an earlier call kept as the kernel's sk_err (`defer`)
+    /// comes first.
     pub fn so_error(&mut self, fd: BorrowedFd<'_>) -> Option<i32> {
+        if self.deferred_sk {
+            if let Some(e) = self.deferred.take() {
+                return Some(e);
+            }
+        }
         self.take_error(fd, true)
     }
 
     /// Keeps `err` for the next call (`deferred`), as the kernel keeps an
-    /// error a call met after it had moved bytes (sk_err); not EAGAIN.
-    pub fn defer(&mut self, err: i32) {
+    /// error a call met after it had moved bytes; not EAGAIN. `sk_err`:
+    /// the kernel keeps it as the socket's error (POLLERR, SO_ERROR), as
+    /// it does a connection's failure; not, say, an EPIPE.
+    pub fn defer(&mut self, err: i32, sk_err: bool) {
         if err != libc::EAGAIN {
             self.deferred = Some(err);
+            self.deferred_sk = sk_err;
         }
     }
 
@@ -724,7 +739,7 @@ impl Sock {
         let (write_shut, error_taken) = (self.write_shut, self.error_reported);
         let reset_seq = self.reset_seq;
         let mut first_reset = None;
-        let r = match self.up() {
+        let mut r = match self.up() {
             Some(t) => {
                 let mut r = t.readiness(&ctx, check_peer);
                 // (Not while the bytes before the reset are still coming:
@@ -769,6 +784,11 @@ impl Sock {
         };
         if first_reset.is_some() {
             self.reset_seq = first_reset;
+        }
+        if self.deferred.is_some() && self.deferred_sk {
+            // An error kept for the next call as the kernel's sk_err:
+            // POLLERR until a call or SO_ERROR takes it.
+            r.err = true;
         }
         r
     }

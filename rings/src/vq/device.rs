@@ -200,6 +200,23 @@ impl DeviceRegion {
             .map_err(DeviceError::Queue)
     }
 
+    /// Asks the client not to kick for queue `q`'s posts while devd looks
+    /// at the avail ring itself (EVENT_IDX: the avail event half the index
+    /// space past devd's position, which no post reaches);
+    /// `enable_notification` asks for kicks again and says whether posts
+    /// came meanwhile.
+    pub fn suppress_kicks(&self, q: usize) -> Result<(), DeviceError> {
+        let o = self.layout.queues[q];
+        let at = GuestAddress(o.used as u64 + 4 + 8 * u64::from(self.layout.qsize));
+        let far = self.queues[q].next_avail().wrapping_add(0x8000);
+        // Relaxed: a kick the client decides on before it sees this store
+        // only costs a wake-up; enable_notification's fence orders the
+        // store that ends the suppression.
+        self.mem
+            .store(u16::to_le(far), at, Ordering::Relaxed)
+            .map_err(DeviceError::Memory)
+    }
+
     /// The client's TX marks (EOS/RESET after its last TX buffer).
     pub fn tx_flags(&self) -> u32 {
         // Acquire: pairs with the client's Release when setting the mark

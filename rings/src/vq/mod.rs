@@ -205,6 +205,38 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_looks_itself_takes_no_kick_until_it_asks_again() {
+        let (m, l, mut dev) = setup();
+        let tx = QueueDriver::new(m.clone(), l.queues[TX], l.qsize);
+        let post = |n: u16| {
+            assert!(tx.post(
+                tx.next().unwrap().unwrap(),
+                l.slot_offset(TX, n) as u64,
+                1,
+                0,
+            ))
+        };
+        assert!(!dev.enable_notification(TX).unwrap());
+        dev.suppress_kicks(TX).unwrap();
+        // Posts while the device looks: no kick, whatever their number.
+        for n in 0..l.qsize {
+            post(n);
+            assert!(!tx.should_kick(), "kicked for post {n}");
+        }
+        // Asking again says posts came (the device must not sleep).
+        assert!(dev.enable_notification(TX).unwrap());
+        for _ in 0..l.qsize {
+            let b = dev.pop(TX).unwrap().unwrap();
+            dev.add_used(TX, b.head, 1).unwrap();
+        }
+        assert!(!dev.enable_notification(TX).unwrap());
+        while tx.pop_used(1).unwrap().is_some() {}
+        // Asked again and idle: the next post kicks.
+        post(0);
+        assert!(tx.should_kick());
+    }
+
+    #[test]
     fn device_interrupts_only_an_armed_driver() {
         let (m, l, mut dev) = setup();
         let rx = QueueDriver::new(m.clone(), l.queues[RX], l.qsize);

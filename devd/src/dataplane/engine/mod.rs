@@ -424,6 +424,14 @@ fn send_buf(
     (sent, bad)
 }
 
+/// Whether the engine takes `side`'s client posts when they come (its
+/// kicks wanted): a side still served here, with no TX buffer waiting for
+/// the window, nothing to send again and no end mark sent.
+fn wants_tx_kicks(side: &Side) -> bool {
+    let off = side.dead || side.gone || side.failover.is_some() || side.migrating.is_some();
+    !off && !side.mark_sent && side.tx_pending.is_none() && side.resend.is_empty()
+}
+
 /// Whether `side`'s channel crosses link `link` to `node`.
 fn crosses(side: &Side, node: u32, link: LinkId) -> bool {
     matches!(side.peer, Peer::Remote { node: n, .. } if n == node) && link_of(side.ch) == link
@@ -675,17 +683,26 @@ impl Engine {
         let Some(until) = self.spin_until else {
             return false;
         };
-        if std::mem::take(&mut self.called) {
-            std::thread::yield_now();
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        let mut spin = ssock_rings::notify::Spin::new(left);
         // Looked up once: nothing changes them while the engine spins.
         let watched: Vec<(u64, &Pair)> = self
             .remote
             .iter()
             .filter_map(|&id| self.pairs.get(&id).map(|p| (id, p)))
             .collect();
+        // Their clients' posts are seen by the look: no kick (a system
+        // call on the client's side, an epoll wake-up on this one) until
+        // the look ends and asks for kicks again. (Before the yield: the
+        // client it lets run answers then.)
+        for (_, p) in &watched {
+            for s in p.sides.iter().filter(|s| wants_tx_kicks(s)) {
+                let _ = s.region.suppress_kicks(TX);
+            }
+        }
+        if std::mem::take(&mut self.called) {
+            std::thread::yield_now();
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let mut spin = ssock_rings::notify::Spin::new(left);
         let backend = &self.backend;
         let mut found = None;
         'spin: while spin.again() {
@@ -718,6 +735,22 @@ impl Engine {
             }
         }
         drop(watched);
+        // Kicks asked for again, and a post that came before the ask is
+        // served (no kick comes for it).
+        let mut posted = false;
+        for &id in &self.remote {
+            let Some(p) = self.pairs.get_mut(&id) else {
+                continue;
+            };
+            let mut any = false;
+            for s in p.sides.iter_mut().filter(|s| wants_tx_kicks(s)) {
+                any |= s.region.enable_notification(TX).unwrap_or(true);
+            }
+            if any && !self.busy.contains(&id) {
+                self.busy.push_back(id);
+                posted = true;
+            }
+        }
         match found {
             Some(id) => {
                 if let Some(id) = id.filter(|id| !self.busy.contains(id)) {
@@ -726,9 +759,10 @@ impl Engine {
                 true
             }
             None => {
-                // Spun out (or others want the CPU): sleep.
+                // Spun out (or others want the CPU): sleep, unless a post
+                // came as the look ended.
                 self.spin_until = None;
-                false
+                posted
             }
         }
     }
@@ -1036,7 +1070,7 @@ impl Engine {
                     continue;
                 }
                 // (Bytes to send again first: their room is the news.)
-                if !side.mark_sent && side.tx_pending.is_none() && side.resend.is_empty() {
+                if wants_tx_kicks(side) {
                     more |= side.region.enable_notification(TX).unwrap_or(false);
                 }
                 if !side.rx_marked && pending {

@@ -401,6 +401,41 @@ impl Drop for Peer {
     }
 }
 
+/// A port on 127.0.0.1 for a server a test starts, free when asked. Below
+/// the kernel's ephemeral range (`ip_local_port_range`), so that no
+/// connection a test running beside this one makes takes it as its own
+/// source port before the server binds it (a port the kernel handed out
+/// for `bind(0)` and freed again can be: "Address already in use"). Falls
+/// back to `bind(0)` when the range leaves no room below it.
+pub fn free_port() -> Result<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const FIRST: u32 = 10_000;
+    if low > FIRST + 1_000 {
+        // A start that differs between test processes (pid and clock),
+        // then port after port.
+        let seed = std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        let span = low - FIRST;
+        for _ in 0..span.min(2_000) {
+            let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = FIRST + seed.wrapping_add(k.wrapping_mul(131)) % span;
+            let port = u16::try_from(port).context("port")?;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// CPU time (user + system) a process has used, in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

@@ -7,7 +7,7 @@
 //! server and client are in shim.rs.
 
 use anyhow::{bail, ensure, Context, Result};
-use ssock_tests::{have_app, Devd, Peer};
+use ssock_tests::{free_port, have_app, Devd, Peer};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
@@ -21,13 +21,6 @@ fn under_ssock(d: &Devd, program: &str, args: &[&str]) -> Result<Command> {
     let mut c = d.ssock_run(program);
     c.args(args);
     Ok(c)
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Runs `cmd` to its end (killed after `RUN_LIMIT`); fails unless it exits

@@ -9,7 +9,7 @@
 //! `dpkg -i`).
 
 use anyhow::{bail, ensure, Context, Result};
-use ssock_tests::{bin, have_app, Devd, Peer};
+use ssock_tests::{bin, free_port, have_app, Devd, Peer};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -138,13 +138,6 @@ fn make(args: &[String]) -> Result<String> {
         .env_remove("BUILD_DIR")
         .env_remove("DESTDIR");
     Ok(run(c)?.0)
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The "TEST: N requests per second" figure of `redis-benchmark -q`.

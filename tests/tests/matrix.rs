@@ -20,7 +20,7 @@
 //! and shows the symptom, the shims' logs and ringstat's table.
 
 use anyhow::{bail, ensure, Context, Result};
-use ssock_tests::{bin, have_app, Devd};
+use ssock_tests::{bin, free_port, have_app, Devd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -72,13 +72,6 @@ fn root_or_skip(why: &str) -> Result<bool> {
     }
     skip_unless_required(&format!("{why}: needs root"))?;
     Ok(false)
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The test's own directory (mode 0755, so that other users reach what the

@@ -4,7 +4,7 @@
 //! devd that does not hold the link's key.
 
 use anyhow::{ensure, Context, Result};
-use ssock_tests::Devd;
+use ssock_tests::{free_port, Devd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,12 +32,6 @@ impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// devd as node `node`, peer of `other` at `other_port` (listening on

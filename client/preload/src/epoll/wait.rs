@@ -145,6 +145,11 @@ pub fn wait(
     // are Direct ends in the region are asked whether a peer is gone only
     // after a sleep, which watches them (as in `wait::poll`).
     let mut slept = false;
+    // Whether the last sleep's poll found the epoll fd quiet (no kernel
+    // event in the instance when it woke): the look after it need not
+    // ask the kernel again (its tick and its busy flag neither: there
+    // was nothing to be fair to).
+    let mut kernel_quiet = false;
     // The members' fds in the answer being made (`Set::collect`): this
     // thread's vector, kept between calls (no allocation per wait).
     let mut kept = Reported::take();
@@ -171,7 +176,8 @@ pub fn wait(
         let (rings, tick) = set.collect(epfd, out, 0, look, reported);
         let mut n = rings;
         let busy = set.kernel_busy.load(Ordering::Relaxed);
-        let ask = slept || last || tick || busy;
+        let quiet = std::mem::take(&mut kernel_quiet);
+        let ask = last || (!quiet && (slept || tick || busy));
         if ask && (n == 0 || tick || last || busy) {
             n += kernel_look(out, n, last, reported);
         }
@@ -240,6 +246,15 @@ pub fn wait(
         let r = sleep(&mut pfds, left);
         set.after_sleep(r);
         slept = true;
+        // (pfds[0] is the epoll fd itself, `arm_members`. Not with parked
+        // members: the sleep's end may ring their doorbell, which is in
+        // the kernel instance, after the poll.)
+        kernel_quiet = r >= 0
+            && pfds.first().is_some_and(|p| p.revents == 0)
+            && !set.park_held.load(Ordering::Relaxed);
+        if kernel_quiet {
+            set.kernel_busy.store(false, Ordering::Relaxed);
+        }
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         set.end_sleep(armed, saw.take());
         if r < 0 {

@@ -157,7 +157,7 @@ fn recv_now_vec(
     from: usize,
     peek: bool,
 ) -> Outcome<usize> {
-    if let Some(e) = s.deferred.take() {
+    if let Some(e) = s.take_deferred() {
         return Outcome::Errno(e);
     }
     let mut got = 0;
@@ -243,7 +243,7 @@ pub fn defer_error(e: &Entry, err: i32) {
 /// by the messages' own reads.
 pub fn take_pending_error(e: &Entry, fd: BorrowedFd<'_>) -> Option<i32> {
     let mut s = lock(e);
-    if let Some(err) = s.deferred.take() {
+    if let Some(err) = s.take_deferred() {
         return Some(err);
     }
     s.take_error(fd, false).filter(|&err| err != 0)
@@ -253,7 +253,7 @@ pub fn take_pending_error(e: &Entry, fd: BorrowedFd<'_>) -> Option<i32> {
 /// on, under the socket's lock: buffer after buffer while each goes whole,
 /// as one send of their concatenation (no staging copy).
 fn send_now_vec(s: &mut Sock, fd: BorrowedFd<'_>, bufs: &[&[u8]], from: usize) -> Outcome<usize> {
-    if let Some(e) = s.deferred.take() {
+    if let Some(e) = s.take_deferred() {
         return Outcome::Errno(e);
     }
     if bufs.iter().all(|b| b.is_empty()) {

@@ -69,12 +69,11 @@ pub struct Sock {
     /// SO_ERROR already reported the reset.
     error_reported: bool,
     /// An error a vectored call met after it had moved bytes, for the
-    /// next call (see `io::after_some`).
-    pub deferred: Option<i32>,
-    /// Whether `deferred` is one the kernel keeps as the socket's sk_err
-    /// (a reset, a later message's error in recvmmsg), which POLLERR and
-    /// SO_ERROR show; not an EPIPE a partial send met.
-    deferred_sk: bool,
+    /// next call (see `io::after_some`), and whether it is one the kernel
+    /// keeps as the socket's sk_err (a reset, a later message's error in
+    /// recvmmsg), which POLLERR and SO_ERROR show; not an EPIPE a partial
+    /// send met.
+    deferred: Option<(i32, bool)>,
 }
 
 /// Sockets that turned plain after connect (negotiation ended on kernel
@@ -377,7 +376,6 @@ impl Sock {
             nonblocking,
             error_reported: false,
             deferred: None,
-            deferred_sk: false,
         }
     }
 
@@ -398,17 +396,20 @@ impl Sock {
     }
 
     /// SO_ERROR: the pending error of the connection, reported once (then
-    /// 0), as the kernel's sk_err: ECONNRESET after a reset. None: ask the
-    /// kernel socket (no error here).
-    /// An error an earlier call kept as the kernel's sk_err (`defer`)
-    /// comes first.
+    /// 0), as the kernel's sk_err: one an earlier call kept as sk_err
+    /// (`defer`) first, ECONNRESET after a reset. None: ask the kernel
+    /// socket (no error here).
     pub fn so_error(&mut self, fd: BorrowedFd<'_>) -> Option<i32> {
-        if self.deferred_sk {
-            if let Some(e) = self.deferred.take() {
-                return Some(e);
-            }
+        if let Some((e, true)) = self.deferred {
+            self.deferred = None;
+            return Some(e);
         }
         self.take_error(fd, true)
+    }
+
+    /// The error an earlier call kept for this one, taken.
+    pub fn take_deferred(&mut self) -> Option<i32> {
+        self.deferred.take().map(|(e, _)| e)
     }
 
     /// Keeps `err` for the next call (`deferred`), as the kernel keeps an
@@ -417,8 +418,7 @@ impl Sock {
     /// it does a connection's failure; not, say, an EPIPE.
     pub fn defer(&mut self, err: i32, sk_err: bool) {
         if err != libc::EAGAIN {
-            self.deferred = Some(err);
-            self.deferred_sk = sk_err;
+            self.deferred = Some((err, sk_err));
         }
     }
 
@@ -785,7 +785,7 @@ impl Sock {
         if first_reset.is_some() {
             self.reset_seq = first_reset;
         }
-        if self.deferred.is_some() && self.deferred_sk {
+        if matches!(self.deferred, Some((_, true))) {
             // An error kept for the next call as the kernel's sk_err:
             // POLLERR until a call or SO_ERROR takes it.
             r.err = true;
